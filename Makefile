@@ -1,0 +1,60 @@
+# curvd build. `make` builds, `make test` runs every test, `make run` serves the demo.
+CC      ?= cc
+PKGS    := openblas check libcjson libmicrohttpd
+CFLAGS  ?= -O2 -g
+CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-parameter -pthread \
+           -I. $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+LDLIBS  := $(shell pkg-config --libs openblas libcjson libmicrohttpd 2>/dev/null) -llapacke -lm -pthread
+CHECKLIBS := $(shell pkg-config --libs check 2>/dev/null)
+PY      := /usr/bin/python3
+B       := build
+
+LIB_SRC  := $(wildcard engine/*.c) $(wildcard api/*.c) $(filter-out server/main.c,$(wildcard server/*.c))
+LIB_OBJ  := $(LIB_SRC:%.c=$(B)/%.o)
+TEST_SRC := $(wildcard tests/test_*.c)
+TEST_BIN := $(TEST_SRC:tests/%.c=$(B)/tests/%)
+HDRS     := $(wildcard engine/*.h api/*.h server/*.h tests/*.h)
+
+.PHONY: all deps test unit e2e run bench clean
+all: deps $(B)/curvd
+
+deps:
+	@scripts/deps.sh build
+
+$(B)/%.o: %.c $(HDRS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(B)/libcurvd.a: $(LIB_OBJ)
+	ar rcs $@ $^
+
+$(B)/curvd: $(B)/server/main.o $(B)/libcurvd.a
+	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+
+$(B)/tests/%: tests/%.c tests/testutil.h $(B)/libcurvd.a $(HDRS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(B)/libcurvd.a $(CHECKLIBS) $(LDLIBS)
+
+unit: $(TEST_BIN)
+	@set -e; for t in $(TEST_BIN); do echo "== $$t"; CK_DEFAULT_TIMEOUT=600 $$t; done
+
+e2e: $(B)/curvd
+	@set -e; for t in tests/e2e_*.sh; do [ -e "$$t" ] || continue; echo "== $$t"; sh $$t $(B)/curvd; done
+	@set -e; for t in tests/e2e_*.py; do [ -e "$$t" ] || continue; echo "== $$t"; $(PY) $$t $(B)/curvd; done
+
+test:
+	@scripts/deps.sh test
+	@$(MAKE) --no-print-directory all unit e2e
+
+run:
+	@scripts/deps.sh run
+	@$(MAKE) --no-print-directory all
+	$(B)/curvd serve $(ARGS)
+
+bench:
+	@scripts/deps.sh bench
+	@$(MAKE) --no-print-directory all
+	$(PY) bench/bench.py --curvd $(B)/curvd
+
+clean:
+	rm -rf $(B)

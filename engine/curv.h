@@ -1,0 +1,111 @@
+/* curv.h - curvature operators of a model's loss on one batch.
+ *
+ * A cv_curv holds a model, a batch and the cached forward pass (activations,
+ * loss derivatives, gradient), so every product of a job reuses one forward
+ * pass.  All products take and return double vectors (estimators reduce in
+ * double) while the network math runs in float32, as in PyTorch.
+ *
+ * Vectors live in a *block* of the parameter vector: a subset of parameter
+ * tensors, laid out in state_dict order.  Blocks of several vectors are
+ * column-major (column j of X is X + j*dim).
+ *
+ * Scaling: the loss is exactly PyTorch's, L = sum_n L_n with
+ * L_n = c * l_n, where l_n is the unreduced per-sample loss (summed over
+ * output entries) and c = 1 for reduction "sum", 1/N for CrossEntropy "mean",
+ * 1/(N*C) for MSELoss/BCEWithLogitsLoss "mean" (they average over entries).
+ *   hessian    H  = d^2 L / d theta^2
+ *   ggn        G  = sum_n J_n^T (d^2 L_n / dh^2) J_n
+ *   fisher_mc  F  = c * sum_n J_n^T (1/M sum_m s_nm s_nm^T) J_n,
+ *                   s_nm = d l(h_n, yhat_m)/dh, yhat_m ~ p(y | h_n) (M = mc_samples,
+ *                   drawn once per cv_curv from the seed, so F is one fixed matrix)
+ *   ef         EF = c * sum_n (d l_n/d theta)(d l_n/d theta)^T
+ * so that E[F] = G, and for N = 1 with sum reduction EF = g g^T.
+ */
+#ifndef CV_CURV_H
+#define CV_CURV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "dataset.h"
+#include "err.h"
+#include "linop.h"
+#include "model.h"
+
+typedef enum {
+    CV_CURV_HESSIAN = 0,
+    CV_CURV_GGN,
+    CV_CURV_FISHER_MC,
+    CV_CURV_EF,
+    CV_CURV_COUNT
+} cv_curvature;
+
+const char *cv_curvature_name(cv_curvature c);
+int cv_curvature_from_name(const char *name); /* -1 if unknown */
+
+/* A subset of parameter tensors (indices into the state_dict order, ascending). */
+typedef struct {
+    int count;
+    int idx[2 * CV_MAX_LAYERS];
+    size_t dim;               /* total numel */
+} cv_block;
+
+/* The block of all parameters / of the parameters of one layer. */
+void cv_block_full(const cv_model *m, cv_block *b);
+/* Builds a block from tensor indices (sorted, deduplicated, dim computed). */
+int cv_block_from_indices(const cv_model *m, const int *idx, int count, cv_block *b, cv_err *e);
+/* One block per layer that has parameters; returns the number of blocks. */
+int cv_blocks_per_layer(const cv_model *m, cv_block *out, int max);
+
+typedef struct cv_curv cv_curv;
+
+typedef struct {
+    int mc_samples;           /* fisher_mc samples per data point (default 1) */
+    uint64_t seed;            /* fisher_mc sampling seed */
+    int threads;              /* BLAS threads for this engine (0 = leave as is) */
+} cv_curv_options;
+
+/* Runs the forward pass of model m on batch b (both borrowed; must outlive
+ * the cv_curv).  Returns NULL with e filled on failure (e.g. out of memory). */
+cv_curv *cv_curv_new(const cv_model *m, const cv_batch *b, const cv_curv_options *opt,
+                     cv_err *e);
+void cv_curv_free(cv_curv *c);
+
+const cv_model *cv_curv_model(const cv_curv *c);
+size_t cv_curv_batch_size(const cv_curv *c);
+
+/* Network outputs h for the batch, N x C row-major (borrowed). */
+const float *cv_curv_outputs(const cv_curv *c);
+
+/* The batch loss (PyTorch's value, computed in float32, accumulated in double). */
+double cv_curv_loss(cv_curv *c);
+
+/* Gradient of the batch loss restricted to block b (b->dim doubles). */
+int cv_curv_gradient(cv_curv *c, const cv_block *b, double *g, cv_err *e);
+
+/* Y = A X for k vectors in block b, A the curvature restricted to b x b. */
+int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
+                   double *Y, cv_err *e);
+
+/* Per-sample gradients d L_n / d theta (contributions to the batch loss, so
+ * they sum to the gradient), N x b->dim, row n at G + n*b->dim. */
+int cv_curv_per_sample_gradients(cv_curv *c, const cv_block *b, double *G, cv_err *e);
+
+/* The full b->dim x b->dim matrix (column-major, symmetric) built from matvecs;
+ * refused above max_dim. */
+int cv_curv_dense(cv_curv *c, cv_curvature kind, const cv_block *b, size_t max_dim, double *A,
+                  cv_err *e);
+
+/* Loss of the model with parameters theta + step on block b (same batch). */
+double cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, cv_err *e);
+
+/* A cv_linop view of (curvature kind) on block b; ctx storage is caller's. */
+typedef struct {
+    cv_curv *curv;
+    cv_curvature kind;
+    const cv_block *block;
+} cv_curv_linop_ctx;
+void cv_curv_linop(cv_linop *op, cv_curv_linop_ctx *ctx, cv_curv *c, cv_curvature kind,
+                   const cv_block *b, cv_progress *p);
+
+#endif

@@ -1,0 +1,315 @@
+/* estimators.h - matrix-free numerical estimators over a symmetric operator.
+ *
+ * The estimators see a curvature matrix A only as a cv_linop (n, and
+ * Y = A X on n x k column-major blocks), so the same code serves the Hessian,
+ * GGN, Fisher, a Kronecker factor or a dense test matrix.
+ *
+ *   trace    Hutchinson (PyHessian stopping rule), Hutch++        trace.c
+ *   diag     Hutchinson diagonal, exact diagonal (identity columns) diag.c
+ *   eigen    Lanczos (full reorthogonalization) top/bottom/|.|-k  lanczos.c
+ *            power iteration with deflation (PyHessian)           power.c
+ *   density  stochastic Lanczos quadrature (PyHessian density)    slq.c
+ *   solve    CG, MINRES on (A + damping I) x = b                  solve.c
+ *   newton   s = -(A + damping I)^-1 g and its predicted change   newton.c
+ *
+ * Conventions shared by every function below:
+ *  - Products: every product goes through cv_linop_apply(), which checks the
+ *    job's cancel flag and deadline before each apply (the estimator then
+ *    fails with CV_ECANCELLED / CV_ETIMEOUT) and counts one matvec per
+ *    column in op->progress.  Each estimator first announces its planned
+ *    matvecs with cv_progress_plan() (an upper bound: early stops leave
+ *    done < planned).  A result's `matvecs` is exactly what the call added
+ *    to op->progress->done.
+ *  - Randomness: only from the caller's cv_rng (seed it from the job seed),
+ *    drawn in a fixed order, so a fixed seed gives the same numbers; the
+ *    numbers do not depend on `block` (probes per apply).
+ *  - Options: fill with cv_X_options_default() and override; passing NULL
+ *    options means the defaults.  Bad options fail with CV_EINVAL and
+ *    e->field set to the contract's option name ("max_probes", "k", ...).
+ *  - Results: each function zeroes *out first.  It returns 0 on success
+ *    (free with cv_X_result_free), or -1 with *e filled and nothing left to
+ *    free.  Allocation failures give CV_ENOMEM.  n must be in [1, INT_MAX].
+ *  - Memory: "vectors" below means n doubles each.  `block` columns cost two
+ *    n x block buffers; block = 0 picks min(16, max(1, 2^24 / n)) columns
+ *    (at most ~256 MiB for the two buffers).
+ *  - All math in double; dense work in BLAS (OpenBLAS) and LAPACKE.
+ */
+#ifndef CV_ESTIMATORS_H
+#define CV_ESTIMATORS_H
+
+#include <stddef.h>
+
+#include "err.h"
+#include "linop.h"
+#include "rng.h"
+
+/* ------------------------------------------------------------------ probes */
+
+typedef enum { CV_PROBE_RADEMACHER = 0, CV_PROBE_GAUSSIAN } cv_probe_dist;
+
+/* "rademacher" | "gaussian" -> cv_probe_dist, -1 if unknown. */
+int cv_probe_dist_from_name(const char *name);
+const char *cv_probe_dist_name(cv_probe_dist d);
+
+/* ------------------------------------------------------------------- trace */
+
+typedef struct {
+    int max_probes;         /* >= 1 (default 100); Hutch++: the matvec budget, >= 3 */
+    double tol;             /* default 1e-3; <= 0: use all max_probes */
+    cv_probe_dist distribution; /* default rademacher */
+    int block;              /* probes per apply, 0 = auto (see above) */
+    int return_samples;     /* non-zero: fill samples */
+} cv_trace_options;
+
+typedef struct {
+    double trace;           /* estimate of tr(A) */
+    double std_err;         /* sample std (ddof 1) / sqrt(probes); 0 if probes < 2 */
+    int probes;             /* Hutchinson probes used */
+    int sketch;             /* Hutch++: columns of the sketch Q (0 for Hutchinson) */
+    long matvecs;           /* includes computed-but-discarded probes (see below) */
+    double *samples;        /* `probes` per-probe estimates (mean = trace), or NULL */
+} cv_trace_result;
+
+void cv_trace_options_default(cv_trace_options *o);
+void cv_trace_result_free(cv_trace_result *r);
+
+/* Hutchinson: tr(A) ~ mean_s v_s^T A v_s.  Stopping rule of PyHessian's
+ * trace(): after each probe, with m_S the mean of the first S samples and
+ * m_0 = 0, stop when |m_S - m_{S-1}| / (|m_{S-1}| + 1e-6) < tol.  The rule is
+ * evaluated probe by probe, so the result equals the sequential one for any
+ * `block`; probes of the last block beyond the stop are computed (counted in
+ * matvecs, at most block-1 of them) but discarded.  Memory: 2*block vectors. */
+int cv_trace_hutchinson(const cv_linop *op, const cv_trace_options *opt, cv_rng *rng,
+                        cv_trace_result *out, cv_err *e);
+
+/* Hutch++ (Meyer, Musco, Musco, Woodruff 2021) with budget m = max_probes
+ * matvecs: s = m/3 sketch columns S (capped at n), Q = orth(A S) (Householder
+ * QR: dgeqrf/dorgqr), tr(Q^T A Q) exactly (s matvecs), plus Hutchinson with
+ * p = m - 2s probes on (I - QQ^T) A (I - QQ^T) (skipped when s = n).  The
+ * stopping rule above runs on the total estimate over the p probes; samples
+ * are per-probe totals tr(Q^T A Q) + g^T P A P g and std_err is the
+ * Hutchinson part's.  Memory: 2*s + 2*block vectors. */
+int cv_trace_hutchpp(const cv_linop *op, const cv_trace_options *opt, cv_rng *rng,
+                     cv_trace_result *out, cv_err *e);
+
+/* -------------------------------------------------------------------- diag */
+
+typedef struct {
+    int max_probes;         /* Hutchinson probes, >= 1 (default 100) */
+    cv_probe_dist distribution; /* default rademacher */
+    int block;              /* probes (or identity columns) per apply, 0 = auto */
+} cv_diag_options;
+
+typedef struct {
+    size_t n;
+    double *diag;           /* n */
+    double *std_err;        /* n: per-entry sample std (ddof 1) / sqrt(probes); 0 for exact */
+    int probes;             /* Hutchinson probes (0 for exact) */
+    long matvecs;
+} cv_diag_result;
+
+void cv_diag_options_default(cv_diag_options *o);
+void cv_diag_result_free(cv_diag_result *r);
+
+/* diag(A) ~ mean_s (A v_s) .* v_s over max_probes probes (no early stop).
+ * Exact for Rademacher probes on a diagonal A.  Memory: 2*block + 2 vectors. */
+int cv_diag_hutchinson(const cv_linop *op, const cv_diag_options *opt, cv_rng *rng,
+                       cv_diag_result *out, cv_err *e);
+
+/* Exact diagonal: A applied to identity columns, block at a time: n matvecs.
+ * Only `block` is used from opt.  Memory: 2*block + 2 vectors. */
+int cv_diag_exact(const cv_linop *op, const cv_diag_options *opt, cv_diag_result *out,
+                  cv_err *e);
+
+/* ----------------------------------------------------------------- Lanczos */
+
+typedef struct {
+    int steps;              /* Lanczos steps m >= 1 (default 100); capped at n */
+    int keep_basis;         /* non-zero: return the n x steps basis */
+} cv_lanczos_options;
+
+typedef struct {
+    size_t n;
+    int steps;              /* steps done = min(asked, n) */
+    /* T = tridiag(beta[0..steps-2], alpha, beta[0..steps-2]) = V^T A V and
+     * A V = V T + beta[steps-1] r e_m^T (r a unit vector orthogonal to V).
+     * beta[i] = 0 marks an invariant subspace after step i, where the next
+     * vector was a random one orthogonal to the basis (`restarts`). */
+    double *alpha;          /* steps */
+    double *beta;           /* steps */
+    double *basis;          /* n x steps orthonormal columns, or NULL */
+    int restarts;
+    long matvecs;           /* = steps */
+} cv_lanczos_result;
+
+void cv_lanczos_options_default(cv_lanczos_options *o);
+void cv_lanczos_result_free(cv_lanczos_result *r);
+
+/* m steps of Lanczos from v0 (normalized here; NULL: a Rademacher vector
+ * from rng) with full reorthogonalization: classical Gram-Schmidt, twice,
+ * against all previous Lanczos vectors.  rng also draws restart vectors
+ * (may be NULL if v0 is given; a needed restart then ends the run early).
+ * Memory: steps + 1 vectors (the basis is kept for reorthogonalization). */
+int cv_lanczos(const cv_linop *op, const double *v0, const cv_lanczos_options *opt,
+               cv_rng *rng, cv_lanczos_result *out, cv_err *e);
+
+/* ------------------------------------------------------------------- eigen */
+
+typedef enum {
+    CV_WHICH_LARGEST = 0,   /* algebraic; sorted descending */
+    CV_WHICH_SMALLEST,      /* algebraic; sorted ascending */
+    CV_WHICH_MAGNITUDE      /* largest |lambda|; sorted by descending |lambda| */
+} cv_which;
+
+/* "largest" | "smallest" | "magnitude" -> cv_which, -1 if unknown. */
+int cv_which_from_name(const char *name);
+const char *cv_which_name(cv_which w);
+
+typedef struct {
+    int k;                  /* eigenpairs, 1 <= k <= n (default 1) */
+    cv_which which;         /* default largest */
+    int max_iter;           /* Lanczos: steps (0 = min(n, max(100, 10k)); always capped
+                               at n; >= k).  Power: iterations per eigenpair (0 = 100). */
+    double tol;             /* Lanczos default 1e-6, power default 1e-3 (see below) */
+    int return_vectors;     /* non-zero: fill eigenvectors */
+} cv_eigen_options;
+
+typedef struct {
+    size_t n;
+    int k;
+    double *eigenvalues;    /* k, sorted as `which` asks */
+    double *residuals;      /* k: ||A x_i - lambda_i x_i|| (Lanczos: |beta_m s_{m,i}|) */
+    double *eigenvectors;   /* n x k orthonormal columns, or NULL */
+    int iterations;         /* Lanczos steps / total power iterations */
+    int converged;          /* how many of the k met tol */
+    long matvecs;
+} cv_eigen_result;
+
+void cv_eigen_options_default(cv_eigen_options *o);   /* Lanczos defaults */
+void cv_power_options_default(cv_eigen_options *o);   /* PyHessian: 100 iter, tol 1e-3 */
+void cv_eigen_result_free(cv_eigen_result *r);
+
+/* Lanczos with full reorthogonalization from a Rademacher start vector drawn
+ * from rng.  Runs until the k wanted Ritz pairs (by `which`) have residual
+ * |beta_m s_{m,i}| <= tol * max(|theta_i|, 1e-6 max_j |theta_j|) (or below
+ * 1e3 eps ||T||, where nothing better is possible), or max_iter steps.
+ * Ritz values from LAPACK dstev on T, checked every step up to 64 steps and
+ * every ~m/32 steps after.  An invariant subspace (beta ~ 0) restarts with a
+ * random vector orthogonal to the basis, which is how repeated eigenvalues
+ * get their copies; a single-vector Krylov method can otherwise miss copies
+ * of a multiple eigenvalue.  Not converging within max_iter is not an error:
+ * check `converged` and `residuals`.  Memory: about max_iter + 1 vectors
+ * (the basis grows as needed) + k for vectors. */
+int cv_eigen_lanczos(const cv_linop *op, const cv_eigen_options *opt, cv_rng *rng,
+                     cv_eigen_result *out, cv_err *e);
+
+/* Power iteration with deflation as PyHessian's eigenvalues(): for each of
+ * k pairs, a normalized Gaussian start; iterate: orthogonalize v against the
+ * pairs found (Gram-Schmidt, twice), normalize, y = A v, lambda = v^T y,
+ * stop when |lambda - lambda_prev| / (|lambda_prev| + 1e-6) < tol or after
+ * max_iter, else v = y / ||y||.  It finds the dominant (largest |lambda|)
+ * eigenvalues: which = largest sorts them descending, magnitude by
+ * descending |lambda|; smallest is refused (use Lanczos).  The returned
+ * vector is the last iterate v (lambda is exactly its Rayleigh quotient), so
+ * the residual ||A v - lambda v|| costs no extra matvec.  Memory: k + 2. */
+int cv_eigen_power(const cv_linop *op, const cv_eigen_options *opt, cv_rng *rng,
+                   cv_eigen_result *out, cv_err *e);
+
+/* ----------------------------------------------------------------- density */
+
+typedef struct {
+    int lanczos_steps;      /* per run, >= 1 (default 100, PyHessian iter); capped at n */
+    int runs;               /* >= 1 (default 1, PyHessian n_v) */
+    int grid_points;        /* >= 2 (default 10000) */
+    double sigma2;          /* > 0 (default 1e-5) */
+    double margin;          /* >= 0 (default 0.01, PyHessian's absolute overhead) */
+} cv_density_options;
+
+typedef struct {
+    int runs;
+    int steps;              /* nodes per run = min(lanczos_steps, n) */
+    double *nodes;          /* runs x steps: run r at nodes + r*steps, ascending */
+    double *weights;        /* same layout; each run's weights sum to 1 */
+    int grid_points;
+    double *grid;           /* grid_points, equally spaced */
+    double *values;         /* grid_points, sum(values) * (grid[1]-grid[0]) = 1 */
+    double sigma2_used;     /* the Gaussian variance used */
+    long matvecs;           /* = runs * steps */
+} cv_density_result;
+
+void cv_density_options_default(cv_density_options *o);
+void cv_density_result_free(cv_density_result *r);
+
+/* Stochastic Lanczos quadrature with PyHessian density() conventions: each
+ * run does `steps` Lanczos steps (full reorthogonalization) from a
+ * normalized Rademacher vector; nodes = eigenvalues of T (dstev), weights =
+ * squared first components of T's eigenvectors, so sum_i w_i f(theta_i)
+ * ~ v^T f(A) v and E[...] = tr(f(A)) / n (exact for polynomials of degree
+ * < 2*steps).  The grid spans [mean_r min theta - margin, mean_r max theta
+ * + margin]; each node is a Gaussian of variance
+ * sigma2_used = sigma2 * max(1, grid span); the runs are averaged and the
+ * density normalized so that sum(values) * spacing = 1 (PyHessian's
+ * normalization; the trapezoid rule gives 1 up to the end points).
+ * Memory: steps + 2 vectors. */
+int cv_density_slq(const cv_linop *op, const cv_density_options *opt, cv_rng *rng,
+                   cv_density_result *out, cv_err *e);
+
+/* ------------------------------------------------------------ solve/newton */
+
+typedef enum { CV_SOLVE_CG = 0, CV_SOLVE_MINRES } cv_solve_method;
+
+/* "cg" | "minres" -> cv_solve_method, -1 if unknown. */
+int cv_solve_method_from_name(const char *name);
+const char *cv_solve_method_name(cv_solve_method m);
+
+typedef struct {
+    cv_solve_method method; /* default cg */
+    double damping;         /* delta, finite (default 0) */
+    double tol;             /* relative residual ||r|| / ||b||, >= 0 (default 1e-6) */
+    int max_iter;           /* >= 0, 0 = 10 n */
+} cv_solve_options;
+
+typedef struct {
+    size_t n;
+    double *x;              /* n */
+    double residual;        /* true ||b - (A + delta I) x|| / ||b|| (0 if b = 0) */
+    int iterations;
+    int converged;          /* the solver's residual met tol */
+    long matvecs;           /* iterations + 1 (the final true residual) */
+} cv_solve_result;
+
+void cv_solve_options_default(cv_solve_options *o);
+void cv_solve_result_free(cv_solve_result *r);
+
+/* Solves (A + delta I) x = b from x0 = 0.
+ * CG: for positive definite A + delta I; a direction with
+ * p^T (A + delta I) p <= 0 fails with CV_EINVAL, field "damping", code
+ * "not_positive_definite" and a message naming a damping that would have
+ * helped (a lower bound) or method minres.
+ * MINRES (Paige-Saunders): any symmetric A + delta I; for a singular
+ * inconsistent system it stops at max_iter with converged = 0.
+ * Not converging within max_iter is not an error (see converged/residual).
+ * If Ax is non-NULL it receives A x (undamped, n doubles) from the final
+ * residual product.  Memory: CG 4 vectors, MINRES 8 vectors. */
+int cv_solve(const cv_linop *op, const double *b, const cv_solve_options *opt,
+             cv_solve_result *out, double *Ax, cv_err *e);
+
+typedef struct {
+    size_t n;
+    double *step;           /* s = -(A + delta I)^-1 g, n */
+    double predicted_change; /* 1/2 s^T A s + g^T s (undamped A) */
+    double residual;        /* as cv_solve_result */
+    int iterations;
+    int converged;
+    long matvecs;
+} cv_newton_result;
+
+void cv_newton_result_free(cv_newton_result *r);
+
+/* Damped Newton step through cv_solve (CG or MINRES per opt->method); the
+ * predicted change uses A s from the solver's final residual product, so it
+ * costs no extra matvec. */
+int cv_newton_step(const cv_linop *op, const double *g, const cv_solve_options *opt,
+                   cv_newton_result *out, cv_err *e);
+
+#endif

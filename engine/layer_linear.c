@@ -1,0 +1,116 @@
+/* layer_linear.c - kernels of torch.nn.Linear: y = x W^T + b, W [out, in]. */
+#include "layer.h"
+
+#include <cblas.h>
+#include <string.h>
+
+#define IN(c) ((int)(c)->L->in_features)
+#define OUT(c) ((int)(c)->L->out_features)
+
+static size_t linear_work(const cv_layer_ctx *c, int k) { return 0; }
+
+static void add_bias(int n, int out, const float *b, float *y)
+{
+    for (int i = 0; i < n; i++)
+        for (int o = 0; o < out; o++)
+            y[(size_t)i * out + o] += b[o];
+}
+
+static int linear_forward(cv_layer_ctx *c, float *y, cv_err *e)
+{
+    const float *W = c->theta;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c->n, OUT(c), IN(c), 1.0f, c->x, IN(c),
+                W, IN(c), 0.0f, y, OUT(c));
+    if (c->L->has_bias)
+        add_bias(c->n, OUT(c), W + (size_t)OUT(c) * IN(c), y);
+    return 0;
+}
+
+/* gtheta_j = [gy_j^T x, colsum(gy_j)] for one cotangent block gy_j (n x out). */
+static void weight_grad(const cv_layer_ctx *c, const float *gy, const float *x, float beta,
+                        float *gt)
+{
+    int n = c->n, in = IN(c), out = OUT(c);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0f, gy, out, x, in, beta,
+                gt, in);
+}
+
+static void bias_grad(const cv_layer_ctx *c, const float *gy, float *gb)
+{
+    int n = c->n, out = OUT(c);
+    memset(gb, 0, sizeof(float) * (size_t)out);
+    for (int i = 0; i < n; i++)
+        for (int o = 0; o < out; o++)
+            gb[o] += gy[(size_t)i * out + o];
+}
+
+static void linear_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, float *gtheta)
+{
+    int n = c->n, in = IN(c), out = OUT(c);
+    if (gx)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, k * n, in, out, 1.0f, gy, out,
+                    c->theta, in, 0.0f, gx, in);
+    if (!gtheta)
+        return;
+    for (int j = 0; j < k; j++) {
+        const float *g = gy + (size_t)j * n * out;
+        float *gt = gtheta + (size_t)j * c->nparam;
+        weight_grad(c, g, c->x, 0.0f, gt);
+        if (c->L->has_bias)
+            bias_grad(c, g, gt + (size_t)out * in);
+    }
+}
+
+static void linear_jvp(const cv_layer_ctx *c, int k, const float *rx, const float *vtheta,
+                       float *ry)
+{
+    int n = c->n, in = IN(c), out = OUT(c);
+    if (rx)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, k * n, out, in, 1.0f, rx, in,
+                    c->theta, in, 0.0f, ry, out);
+    else
+        memset(ry, 0, sizeof(float) * (size_t)k * n * out);
+    if (!vtheta)
+        return;
+    for (int j = 0; j < k; j++) {
+        const float *V = vtheta + (size_t)j * c->nparam;
+        float *r = ry + (size_t)j * n * out;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, c->x, in, V, in,
+                    1.0f, r, out);
+        if (c->L->has_bias)
+            add_bias(n, out, V + (size_t)out * in, r);
+    }
+}
+
+/* R-op terms: gx += gy V_j (weight direction), dW += gy^T rx_j. */
+static void linear_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
+                             const float *vtheta, float *gx_add, float *gtheta_add)
+{
+    int n = c->n, in = IN(c), out = OUT(c);
+    for (int j = 0; j < k; j++) {
+        if (gx_add && vtheta)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, out, 1.0f, gy, out,
+                        vtheta + (size_t)j * c->nparam, in, 1.0f, gx_add + (size_t)j * n * in,
+                        in);
+        if (gtheta_add && rx)
+            weight_grad(c, gy, rx + (size_t)j * n * in, 1.0f,
+                        gtheta_add + (size_t)j * c->nparam);
+    }
+}
+
+static void linear_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
+{
+    int in = IN(c), out = OUT(c);
+    for (int i = 0; i < c->n; i++) {
+        float *g = G + (size_t)i * c->nparam;
+        const float *gi = gy + (size_t)i * out, *xi = c->x + (size_t)i * in;
+        for (int o = 0; o < out; o++)
+            for (int a = 0; a < in; a++)
+                g[(size_t)o * in + a] = gi[o] * xi[a];
+        if (c->L->has_bias)
+            memcpy(g + (size_t)out * in, gi, sizeof(float) * (size_t)out);
+    }
+}
+
+const cv_layer_ops cv_linear_ops = {linear_work, linear_forward, linear_vjp, linear_jvp,
+                                    linear_hvp_extra, linear_per_sample};

@@ -1,0 +1,75 @@
+/* linop.c - applying cv_linops with progress, cancellation and deadlines. */
+#include "linop.h"
+
+#include <cblas.h>
+#include <time.h>
+
+double cv_now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void cv_progress_init(cv_progress *p)
+{
+    atomic_init(&p->done, 0);
+    atomic_init(&p->planned, 0);
+    p->cancel = NULL;
+    p->deadline = 0;
+    p->on_progress = NULL;
+    p->user = NULL;
+}
+
+int cv_progress_check(cv_progress *p, cv_err *e)
+{
+    if (!p)
+        return 0;
+    if (p->cancel && atomic_load(p->cancel))
+        return cv_err_set(e, CV_ECANCELLED, "cancelled", "", "job was cancelled"), 1;
+    if (p->deadline > 0 && cv_now_s() > p->deadline)
+        return cv_err_set(e, CV_ETIMEOUT, "job_timeout", "",
+                          "job exceeded its time limit"), 1;
+    return 0;
+}
+
+void cv_progress_plan(cv_progress *p, long more)
+{
+    if (p)
+        atomic_fetch_add(&p->planned, more);
+}
+
+int cv_linop_apply(const cv_linop *op, int k, const double *X, double *Y, cv_err *e)
+{
+    if (cv_progress_check(op->progress, e))
+        return -1;
+    if (op->apply(op->ctx, k, X, Y, e))
+        return -1;
+    if (op->progress) {
+        long done = atomic_fetch_add(&op->progress->done, k) + k;
+        if (done > atomic_load(&op->progress->planned))
+            atomic_store(&op->progress->planned, done);
+        if (op->progress->on_progress)
+            op->progress->on_progress(op->progress, op->progress->user);
+    }
+    return 0;
+}
+
+static int dense_apply(void *ctx, int k, const double *X, double *Y, cv_err *e)
+{
+    (void)e;
+    const cv_dense_op *d = ctx;
+    cblas_dgemm(CblasColMajor, CblasNoTrans, CblasNoTrans, (int)d->n, k, (int)d->n, 1.0,
+                d->a, (int)d->n, X, (int)d->n, 0.0, Y, (int)d->n);
+    return 0;
+}
+
+void cv_linop_from_dense(cv_linop *op, cv_dense_op *ctx, size_t n, const double *a)
+{
+    ctx->n = n;
+    ctx->a = a;
+    op->n = n;
+    op->apply = dense_apply;
+    op->ctx = ctx;
+    op->progress = NULL;
+}

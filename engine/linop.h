@@ -1,0 +1,54 @@
+/* linop.h - a symmetric linear operator as estimators see it, plus progress.
+ *
+ * Estimators (trace, diag, eigen, density, solve) never see a network: they
+ * see n, and a function that multiplies an n x k block of vectors.  Blocks are
+ * column-major with each column contiguous: column j of X is X + j*n.
+ * Every apply counts k matvecs towards the progress record and the estimator
+ * checks the cancel flag before each apply.
+ */
+#ifndef CV_LINOP_H
+#define CV_LINOP_H
+
+#include <stddef.h>
+#include <stdatomic.h>
+
+#include "err.h"
+
+typedef struct cv_progress {
+    atomic_long done;           /* matvecs done */
+    atomic_long planned;        /* matvecs planned (an upper bound; may grow) */
+    atomic_int *cancel;         /* non-zero: stop at the next check (may be NULL) */
+    double deadline;            /* cv_now_s() time after which the job stops; 0 = none */
+    /* Called after each apply (from the computing thread); may be NULL. */
+    void (*on_progress)(struct cv_progress *p, void *user);
+    void *user;
+} cv_progress;
+
+typedef struct cv_linop {
+    size_t n;
+    /* Y = A X for k columns; returns 0 or -1 with e filled. */
+    int (*apply)(void *ctx, int k, const double *X, double *Y, cv_err *e);
+    void *ctx;
+    cv_progress *progress;      /* may be NULL */
+} cv_linop;
+
+/* Applies op to k columns: checks cancel/deadline first (CV_ECANCELLED /
+ * CV_ETIMEOUT), then calls apply and counts k matvecs. */
+int cv_linop_apply(const cv_linop *op, int k, const double *X, double *Y, cv_err *e);
+/* Non-zero if the job was cancelled or ran past its deadline (fills e). */
+int cv_progress_check(cv_progress *p, cv_err *e);
+void cv_progress_plan(cv_progress *p, long more_matvecs);
+void cv_progress_init(cv_progress *p);
+
+/* Wall-clock seconds (CLOCK_MONOTONIC). */
+double cv_now_s(void);
+
+/* A dense symmetric n x n matrix (column-major) as a cv_linop, for tests and
+ * for the exact paths; the matrix is borrowed. */
+typedef struct {
+    size_t n;
+    const double *a;
+} cv_dense_op;
+void cv_linop_from_dense(cv_linop *op, cv_dense_op *ctx, size_t n, const double *a);
+
+#endif
