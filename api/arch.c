@@ -13,12 +13,16 @@
 
 /* ---- paths and messages ------------------------------------------------ */
 
+/* buf = "obj.key" (or "key"), truncated to len. */
 static void join(char *buf, size_t len, const char *obj, const char *key)
 {
-    if (obj && *obj)
-        snprintf(buf, len, "%s.%s", obj, key);
-    else
-        snprintf(buf, len, "%s", key);
+    size_t used = 0;
+    const char *parts[3] = {obj && *obj ? obj : "", obj && *obj ? "." : "", key};
+    for (int i = 0; i < 3; i++)
+        for (const char *p = parts[i]; *p && used + 1 < len; p++)
+            buf[used++] = *p;
+    if (len)
+        buf[used] = 0;
 }
 
 static const char *json_kind(const cJSON *v, char *buf, size_t len)
@@ -122,19 +126,20 @@ static int check_keys(const cJSON *o, const char *obj, const char *what,
 static int as_int(const cJSON *v, const char *path, int min, int *out, cv_err *e)
 {
     char what[96];
-    if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) ||
-        fabs(v->valuedouble) > INT_LIMIT) {
-        snprintf(what, sizeof what, "must be an integer%s", min > INT_MIN / 2 ? "" : "");
-        if (min > -INT_LIMIT)
-            snprintf(what, sizeof what, "must be an integer >= %d", min);
-        return bad(e, "invalid_type", path, what, v);
-    }
-    int x = (int)v->valuedouble;
-    if (x < min) {
+    if (min > -INT_LIMIT)
         snprintf(what, sizeof what, "must be an integer >= %d", min);
+    else
+        snprintf(what, sizeof what, "must be an integer");
+    if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble))
+        return bad(e, "invalid_type", path, what, v);
+    double d = v->valuedouble;
+    if (d < min)
+        return bad(e, "invalid_value", path, what, v);
+    if (fabs(d) > INT_LIMIT) {
+        snprintf(what, sizeof what, "is too large (limit %d)", INT_LIMIT);
         return bad(e, "invalid_value", path, what, v);
     }
-    *out = x;
+    *out = (int)d;
     return 0;
 }
 
@@ -372,13 +377,13 @@ static int parse_layer_fields(const cJSON *o, const char *obj, cv_layer *L, cv_e
                            &L->negative_slope, e);
         if (L->type == CV_ELU)
             return get_num(o, obj, "alpha", 1.0, -INFINITY, 0, INFINITY, &L->alpha, e);
-        if (L->type == CV_DROPOUT)
-            return get_num(o, obj, "p", 0.5, 0.0, 0, 1.0, &L->p, e) ||
-                           get_fixed_bool(o, obj, "training", 0,
-                                          "curvd evaluates models in evaluation mode, where "
-                                          "Dropout is the identity", e)
-                       ? -1
-                       : 0;
+        if (L->type == CV_DROPOUT) {
+            if (get_num(o, obj, "p", 0.5, 0.0, 0, 1.0, &L->p, e) ||
+                get_fixed_bool(o, obj, "training", 0,
+                               "curvd evaluates models in evaluation mode, where Dropout is "
+                               "the identity", e))
+                return -1;
+        }
         return 0;
     }
     case CV_GELU:
@@ -439,11 +444,11 @@ static int parse_layer_fields(const cJSON *o, const char *obj, cv_layer *L, cv_e
             }
         if (L->type == CV_MAXPOOL2D) {
             L->count_include_pad = 0;
-            return get_pair(o, obj, "dilation", 1, 1, L->dilation, e) ||
-                           get_fixed_bool(o, obj, "return_indices", 0,
-                                          "a layer in Sequential must return one tensor", e)
-                       ? -1
-                       : 0;
+            if (get_pair(o, obj, "dilation", 1, 1, L->dilation, e) ||
+                get_fixed_bool(o, obj, "return_indices", 0,
+                               "a layer in Sequential must return one tensor", e))
+                return -1;
+            return 0;
         }
         L->dilation[0] = L->dilation[1] = 1;
         if (get_bool(o, obj, "count_include_pad", 1, &L->count_include_pad, e))
@@ -635,7 +640,8 @@ int cv_arch_from_json(const cJSON *doc, const char *prefix, cv_model *m, cv_err 
                           "%s: need between 1 and %d layers, got %d", path, CV_MAX_LAYERS, n);
     i = 0;
     for (const cJSON *c = ls->child; c; c = c->next, i++) {
-        snprintf(obj, sizeof obj, "%s[%d]", path, i);
+        if (snprintf(obj, sizeof obj, "%s[%d]", path, i) >= (int)sizeof obj)
+            obj[sizeof obj - 1] = 0;
         if (parse_layer(c, obj, &m->layers[i], e))
             return -1;
     }

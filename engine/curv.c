@@ -558,6 +558,98 @@ double cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, cv_err
     return loss;
 }
 
+/* ---- building blocks for factor-based methods ------------------------------ */
+
+const cv_loss_state *cv_curv_loss_state(const cv_curv *c) { return &c->ls; }
+
+static int chunk_of(int k) { return k < CV_MAX_CHUNK ? k : CV_MAX_CHUNK; }
+
+int cv_curv_jvp(cv_curv *c, const cv_block *b, int k, const double *X, float *out, cv_err *e)
+{
+    int chunk = chunk_of(k);
+    if (k < 1 || ensure_workspace(c, chunk, e))
+        return k < 1 ? 0 : -1;
+    char active[CV_MAX_LAYERS];
+    int lo = active_layers(c, b, active);
+    size_t olen = (size_t)c->n * c->C;
+    for (int j = 0; j < k; j += chunk) {
+        int kk = k - j < chunk ? k - j : chunk;
+        scatter_dirs(c, b, active, kk, X + (size_t)j * b->dim);
+        forward_tangents(c, active, lo, kk);
+        memcpy(out + (size_t)j * olen, c->rx[c->L], sizeof(float) * olen * (size_t)kk);
+    }
+    return 0;
+}
+
+int cv_curv_vjp(cv_curv *c, const cv_block *b, int k, const float *cot, double *Y, cv_err *e)
+{
+    int chunk = chunk_of(k);
+    if (k < 1 || ensure_workspace(c, chunk, e))
+        return k < 1 ? 0 : -1;
+    char active[CV_MAX_LAYERS];
+    int lo = active_layers(c, b, active);
+    size_t olen = (size_t)c->n * c->C;
+    for (int j = 0; j < k; j += chunk) {
+        int kk = k - j < chunk ? k - j : chunk;
+        memcpy(c->ping, cot + (size_t)j * olen, sizeof(float) * olen * (size_t)kk);
+        backward_products(c, CV_CURV_GGN, active, lo, kk);
+        gather_products(c, b, kk, Y + (size_t)j * b->dim);
+    }
+    return 0;
+}
+
+/* Bit t set when the t-th tensor of layer l is in block b. */
+static unsigned layer_mask(const cv_curv *c, const cv_block *b, int l)
+{
+    unsigned mask = 0;
+    int first = 0;
+    for (int i = 0; i < l; i++)
+        first += c->m->layers[i].nparams;
+    for (int i = 0; i < b->count; i++)
+        if (b->idx[i] >= first && b->idx[i] < first + c->m->layers[l].nparams)
+            mask |= 1u << (b->idx[i] - first);
+    return mask;
+}
+
+int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double *G,
+                 cv_err *e)
+{
+    char active[CV_MAX_LAYERS];
+    int lo = active_layers(c, b, active);
+    for (int l = lo; l < c->L; l++)
+        if (active[l] && !c->ops[l]->gram_add)
+            return cv_err_set(e, CV_EINVAL, "unsupported", "blocks",
+                              "layers[%d] (%s) has no Gram kernel", l,
+                              cv_layer_type_name(c->m->layers[l].type));
+    size_t R = (size_t)k * c->n, olen = (size_t)c->n * c->C;
+    float *cur = malloc(sizeof(float) * R * c->max_numel);
+    float *next = malloc(sizeof(float) * R * c->max_numel);
+    if (!cur || !next) {
+        free(cur);
+        free(next);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Gram cotangents");
+    }
+    memset(G, 0, sizeof(double) * R * R);
+    memcpy(cur, cot, sizeof(float) * olen * (size_t)k);
+    int rc = 0;
+    for (int l = c->L - 1; l >= lo && !rc; l--) {
+        rc = ensure_layer_work(c, l, k, e);
+        if (rc)
+            break;
+        if (active[l])
+            c->ops[l]->gram_add(&c->ctx[l], k, cur, layer_mask(c, b, l), G);
+        if (l > lo) {
+            c->ops[l]->vjp(&c->ctx[l], k, cur, next, NULL);
+            float *t = cur;
+            cur = next;
+            next = t;
+        }
+    }
+    free(cur);
+    free(next);
+    return rc;
+}
+
 /* ---- cv_linop view --------------------------------------------------------- */
 
 static int curv_linop_apply(void *ctx, int k, const double *X, double *Y, cv_err *e)

@@ -99,6 +99,28 @@ int cv_curv_dense(cv_curv *c, cv_curvature kind, const cv_block *b, size_t max_d
 /* Loss of the model with parameters theta + step on block b (same batch). */
 double cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, cv_err *e);
 
+/* ---- building blocks for factor-based methods (ViViT, Kronecker factors) ----
+ * Cotangent/tangent blocks at the network output are float, k x N x C
+ * (vector j, sample n at + (j*N + n)*C). */
+
+/* Output tangents J X: out = J_n x_j for k block vectors X (double, k x dim). */
+int cv_curv_jvp(cv_curv *c, const cv_block *b, int k, const double *X, float *out, cv_err *e);
+
+/* Parameter cotangents Y_j = sum_n J_n^T cot_j(n) restricted to block b. */
+int cv_curv_vjp(cv_curv *c, const cv_block *b, int k, const float *cot, double *Y, cv_err *e);
+
+/* Gram matrix of the per-(vector, sample) parameter gradients on block b:
+ * G[r, r'] = <J_n^T cot_j(n), J_n'^T cot_j'(n')> with r = j*N + n, computed
+ * layer by layer without forming the gradients (Linear: (a a^T) .* (s s^T)).
+ * G is (k*N) x (k*N) row-major; refused if a layer in b has no Gram kernel. */
+int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double *G,
+                 cv_err *e);
+
+/* The loss state of the batch (output probabilities, scale, labels), for
+ * loss-Hessian square roots and per-sample output gradients (loss.h). */
+#include "loss.h"
+const cv_loss_state *cv_curv_loss_state(const cv_curv *c);
+
 /* A cv_linop view of (curvature kind) on block b; ctx storage is caller's. */
 typedef struct {
     cv_curv *curv;

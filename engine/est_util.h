@@ -45,6 +45,10 @@ int cv_est_tridiag_eig(int m, const double *alpha, const double *beta, double *t
  * order `which` sorts them. */
 void cv_est_select(const double *theta, int m, int k, cv_which which, int *idx);
 
+/* cv_lanczos; plan = 0 leaves the progress plan to the caller. */
+int cv_est_lanczos(const cv_linop *op, const double *v0, const cv_lanczos_options *opt,
+                   cv_rng *rng, int plan, cv_lanczos_result *out, cv_err *e);
+
 /* Validates a `which` value (field "which"). */
 int cv_est_which_check(int which, cv_err *e);
 

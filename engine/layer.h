@@ -48,8 +48,13 @@ typedef struct {
                       const float *vtheta, float *gx_add, float *gtheta_add);
     /* G: n x nparam, row i = gradient of sample i's contribution. */
     void (*per_sample)(const cv_layer_ctx *c, const float *gy, float *G);
-    /* Piecewise linear in x and theta jointly?  (ReLU, pooling: hvp_extra
-     * for x vanishes; used by identity tests only) */
+    /* Gram matrix of per-sample parameter gradients (may be NULL for
+     * layers without parameters): for k stacked cotangents gy, with row
+     * r = j*n + i the gradient of theta produced by gy_j(sample i) alone,
+     * G[r, r'] += <grad_r, grad_r'> restricted to the parameter tensors in
+     * `mask` (bit t = t-th tensor of the layer).  G is (k*n) x (k*n),
+     * row-major, double. */
+    void (*gram_add)(const cv_layer_ctx *c, int k, const float *gy, unsigned mask, double *G);
 } cv_layer_ops;
 
 /* The kernels of a layer type (NULL for unsupported types). */

@@ -2,6 +2,7 @@
 #include "layer.h"
 
 #include <cblas.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define IN(c) ((int)(c)->L->in_features)
@@ -112,5 +113,33 @@ static void linear_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
     }
 }
 
-const cv_layer_ops cv_linear_ops = {linear_work, linear_forward, linear_vjp, linear_jvp,
-                                    linear_hvp_extra, linear_per_sample};
+/* <gy_r x_i^T, gy_r' x_i'^T> = (gy_r . gy_r') (x_i . x_i'); bias: gy_r . gy_r' */
+static void linear_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned mask,
+                            double *G)
+{
+    int n = c->n, in = IN(c), out = OUT(c), R = k * n;
+    int use_b = c->L->has_bias && (mask & 2u), use_w = (mask & 1u) != 0;
+    float *S = malloc(sizeof(float) * (size_t)R * R), *X = malloc(sizeof(float) * (size_t)n * n);
+    if (!S || !X) {
+        free(S);
+        free(X);
+        return;
+    }
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, R, out, 1.0f, gy, out, 0.0f, S, R);
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, n, in, 1.0f, c->x, in, 0.0f, X, n);
+    for (int r = 0; r < R; r++)
+        for (int q = r; q < R; q++) {
+            int i = r % n, i2 = q % n;
+            double xx = i <= i2 ? X[(size_t)i * n + i2] : X[(size_t)i2 * n + i];
+            double v = (double)S[(size_t)r * R + q] * ((use_w ? xx : 0.0) + (use_b ? 1.0 : 0.0));
+            G[(size_t)r * R + q] += v;
+            if (q != r)
+                G[(size_t)q * R + r] += v;
+        }
+    free(S);
+    free(X);
+}
+
+const cv_layer_ops cv_linear_ops = {linear_work,       linear_forward,    linear_vjp,
+                                    linear_jvp,        linear_hvp_extra,  linear_per_sample,
+                                    linear_gram_add};

@@ -1,0 +1,24 @@
+/* datafile.h - datasets stored as safetensors (contract §2).
+ *
+ * Exactly two tensors: "x" (floating point, [N, *input_shape], converted to
+ * float32) and "y": integer class indices [N] (labels) or floating-point
+ * targets [N, ...].  Fitting a particular model is checked separately by
+ * cv_dataset_check() (engine/dataset.h).
+ */
+#ifndef CV_DATAFILE_H
+#define CV_DATAFILE_H
+
+#include <stddef.h>
+
+#include "api/safetensors.h"
+#include "engine/dataset.h"
+#include "engine/err.h"
+
+int cv_datafile_load(const cv_st_file *f, cv_dataset *out, cv_err *e);
+int cv_datafile_parse(const void *buf, size_t len, cv_dataset *out, cv_err *e);
+int cv_datafile_read(const char *path, cv_dataset *out, cv_err *e);
+
+/* The dataset as safetensors: x F32, y I64 (labels) or F32 (targets). */
+int cv_datafile_export(const cv_dataset *d, void **out, size_t *outlen, cv_err *e);
+
+#endif

@@ -1,0 +1,142 @@
+/* ops_core.c - the engine-core ops: loss, gradient, matvec, dense and
+ * per-sample gradients. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/ops.h"
+#include "engine/rng.h"
+
+#define MC_OPT {"mc_samples", CV_OPT_INT, 1, 1e6, NULL}
+
+static const cv_opt_spec no_opts[] = {{NULL, 0, 0, 0, NULL}};
+static const cv_opt_spec curv_opts[] = {MC_OPT, {NULL, 0, 0, 0, NULL}};
+static const cv_opt_spec matvec_opts[] = {
+    {"vector", CV_OPT_LIST, 0, 0, NULL}, {"probe_seed", CV_OPT_INT, 0, 9.007e15, NULL}, MC_OPT,
+    {NULL, 0, 0, 0, NULL}};
+
+static int run_loss(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    cJSON_AddNumberToObject(out, "loss", cv_curv_loss(c->curv));
+    return 0;
+}
+
+static int run_gradient(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    double *g = malloc(sizeof(double) * (b->dim ? b->dim : 1));
+    if (!g)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient of %zu entries", b->dim);
+    int rc = cv_curv_gradient(c->curv, b, g, e);
+    if (!rc) {
+        cJSON_AddItemToObject(out, "gradient", cv_json_doubles(g, b->dim));
+        double n2 = 0;
+        for (size_t i = 0; i < b->dim; i++)
+            n2 += g[i] * g[i];
+        cJSON_AddNumberToObject(out, "gradient_norm", sqrt(n2));
+        cJSON_AddNumberToObject(out, "loss", cv_curv_loss(c->curv));
+    }
+    free(g);
+    return rc;
+}
+
+static int check_matvec(const cJSON *o, cv_err *e)
+{
+    int has_v = cv_opt_get(o, "vector") != NULL, has_s = cv_opt_get(o, "probe_seed") != NULL;
+    if (has_v == has_s)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.vector",
+                          "matvec needs exactly one of options.vector (a list) or "
+                          "options.probe_seed (a seeded Rademacher vector)");
+    return 0;
+}
+
+static int run_matvec(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    double *v = malloc(sizeof(double) * b->dim), *y = malloc(sizeof(double) * b->dim);
+    int rc = -1;
+    if (!v || !y) {
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "vectors of %zu entries", b->dim);
+        goto done;
+    }
+    const cJSON *vec = cv_opt_get(c->options, "vector");
+    if (vec) {
+        if (cv_json_to_doubles(vec, b->dim, v, "options.vector", e))
+            goto done;
+    } else {
+        cv_rng r;
+        cv_rng_seed(&r, (uint64_t)cv_opt_num(c->options, "probe_seed", 0));
+        cv_rng_rademacher(&r, v, b->dim);
+    }
+    cv_linop op;
+    cv_curv_linop_ctx lc;
+    cv_op_linop(c, b, &op, &lc);
+    cv_progress_plan(c->progress, 1);
+    if (cv_linop_apply(&op, 1, v, y, e))
+        goto done;
+    cJSON_AddItemToObject(out, "product", cv_json_doubles(y, b->dim));
+    double vav = 0;
+    for (size_t i = 0; i < b->dim; i++)
+        vav += v[i] * y[i];
+    cJSON_AddNumberToObject(out, "quadratic_form", vav);
+    rc = 0;
+done:
+    free(v);
+    free(y);
+    return rc;
+}
+
+static int run_dense(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    if (b->dim > c->lim->dense_max)
+        return cv_err_set(e, CV_ETOOLARGE, "too_large", "op",
+                          "dense matrix of dimension %zu exceeds the dense limit %zu "
+                          "(it would need %.1f MB)",
+                          b->dim, c->lim->dense_max, 8e-6 * (double)b->dim * (double)b->dim);
+    double *A = malloc(sizeof(double) * b->dim * b->dim);
+    if (!A)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "dense %zu x %zu matrix", b->dim,
+                          b->dim);
+    cv_linop op;
+    cv_curv_linop_ctx lc;
+    cv_op_linop(c, b, &op, &lc);
+    cv_progress_plan(c->progress, (long)b->dim);
+    /* identity columns in chunks through the linop (progress, cancellation) */
+    size_t D = b->dim, chunk = D < 64 ? D : 64;
+    double *X = calloc(chunk * D, sizeof(double));
+    int rc = X ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "dense basis");
+    for (size_t j = 0; j < D && !rc; j += chunk) {
+        size_t kk = D - j < chunk ? D - j : chunk;
+        memset(X, 0, sizeof(double) * chunk * D);
+        for (size_t q = 0; q < kk; q++)
+            X[q * D + j + q] = 1.0;
+        rc = cv_linop_apply(&op, (int)kk, X, A + j * D, e);
+    }
+    if (!rc)
+        cJSON_AddItemToObject(out, "matrix", cv_json_columns(A, D, (int)D));
+    free(X);
+    free(A);
+    return rc;
+}
+
+static int run_per_sample(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    size_t N = cv_curv_batch_size(c->curv);
+    if ((double)N * (double)b->dim > 5e8)
+        return cv_err_set(e, CV_ETOOLARGE, "too_large", "batch",
+                          "per-sample gradients would need %.1f GB; use a smaller batch or "
+                          "a block", 8e-9 * (double)N * (double)b->dim);
+    double *G = malloc(sizeof(double) * N * b->dim);
+    if (!G)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "per-sample gradients");
+    int rc = cv_curv_per_sample_gradients(c->curv, b, G, e);
+    if (!rc)
+        cJSON_AddItemToObject(out, "per_sample_gradients", cv_json_columns(G, b->dim, (int)N));
+    free(G);
+    return rc;
+}
+
+const cv_op_def cv_op_loss = {"loss", no_opts, 0, 0, NULL, run_loss};
+const cv_op_def cv_op_gradient = {"gradient", no_opts, 0, 1, NULL, run_gradient};
+const cv_op_def cv_op_matvec = {"matvec", matvec_opts, 1, 0, check_matvec, run_matvec};
+const cv_op_def cv_op_dense = {"dense", curv_opts, 1, 1, NULL, run_dense};
+const cv_op_def cv_op_per_sample = {"per_sample_gradients", no_opts, 0, 1, NULL,
+                                    run_per_sample};

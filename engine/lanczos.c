@@ -1,0 +1,426 @@
+/* lanczos.c - the Lanczos process with full reorthogonalization (fixed
+ * number of steps: cv_lanczos) and Lanczos top-k / bottom-k / magnitude-k
+ * eigenpairs with a Ritz-residual stopping test (cv_eigen_lanczos). */
+#include <cblas.h>
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "est_util.h"
+
+int cv_which_from_name(const char *name)
+{
+    if (!name)
+        return -1;
+    if (!strcmp(name, "largest"))
+        return CV_WHICH_LARGEST;
+    if (!strcmp(name, "smallest"))
+        return CV_WHICH_SMALLEST;
+    if (!strcmp(name, "magnitude"))
+        return CV_WHICH_MAGNITUDE;
+    return -1;
+}
+
+const char *cv_which_name(cv_which w)
+{
+    return w == CV_WHICH_SMALLEST ? "smallest" : w == CV_WHICH_MAGNITUDE ? "magnitude" : "largest";
+}
+
+void cv_lanczos_options_default(cv_lanczos_options *o)
+{
+    memset(o, 0, sizeof *o);
+    o->steps = 100;
+}
+
+void cv_lanczos_result_free(cv_lanczos_result *r)
+{
+    if (!r)
+        return;
+    free(r->alpha);
+    free(r->beta);
+    free(r->basis);
+    memset(r, 0, sizeof *r);
+}
+
+void cv_eigen_options_default(cv_eigen_options *o)
+{
+    memset(o, 0, sizeof *o);
+    o->k = 1;
+    o->which = CV_WHICH_LARGEST;
+    o->tol = 1e-6;
+}
+
+void cv_eigen_result_free(cv_eigen_result *r)
+{
+    if (!r)
+        return;
+    free(r->eigenvalues);
+    free(r->residuals);
+    free(r->eigenvectors);
+    memset(r, 0, sizeof *r);
+}
+
+/* ------------------------------------------------------- Lanczos process */
+
+/* A Lanczos run: basis V (n x cap, grown up to max_cap columns), T's
+ * diagonal alpha and off-diagonal beta, and the last residual w with
+ * ||w|| = beta[steps-1]. */
+typedef struct {
+    const cv_linop *op;
+    size_t n;
+    cv_rng *rng;
+    int cap, max_cap, steps, restarts;
+    double *V, *alpha, *beta, *w, *h, *tmp;
+    double tnorm;           /* running estimate of ||T|| */
+    long matvecs;
+} lz_state;
+
+static void lz_free(lz_state *s)
+{
+    free(s->V);
+    free(s->alpha);
+    free(s->beta);
+    free(s->w);
+    free(s->h);
+    free(s->tmp);
+    memset(s, 0, sizeof *s);
+}
+
+static int lz_init(lz_state *s, const cv_linop *op, int cap, int max_cap, cv_rng *rng,
+                   cv_err *e)
+{
+    memset(s, 0, sizeof *s);
+    s->op = op;
+    s->n = op->n;
+    s->rng = rng;
+    s->cap = cap;
+    s->max_cap = max_cap;
+    s->V = CV_EST_ALLOC(s->n * (size_t)cap, double, e);
+    s->alpha = s->V ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
+    s->beta = s->alpha ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
+    s->h = s->beta ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
+    s->tmp = s->h ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
+    s->w = s->tmp ? CV_EST_ALLOC(s->n, double, e) : NULL;
+    if (!s->w) {
+        lz_free(s);
+        return -1;
+    }
+    return 0;
+}
+
+/* Makes room for `need` basis vectors. */
+static int lz_grow(lz_state *s, int need, cv_err *e)
+{
+    if (need <= s->cap)
+        return 0;
+    int cap = 2 * s->cap > need ? 2 * s->cap : need;
+    cap = cap > s->max_cap ? s->max_cap : cap;
+    double *V = realloc(s->V, sizeof(double) * s->n * (size_t)cap);
+    if (!V)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                          "Lanczos basis of %d vectors of %zu doubles: out of memory", cap,
+                          s->n);
+    s->V = V;
+    s->cap = cap;
+    return 0;
+}
+
+/* First basis vector: v0 normalized, or a Rademacher vector from rng. */
+static int lz_start(lz_state *s, const double *v0, cv_err *e)
+{
+    double *v = s->V;
+    if (v0)
+        memcpy(v, v0, sizeof(double) * s->n);
+    else if (s->rng)
+        cv_rng_rademacher(s->rng, v, s->n);
+    else
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "v0",
+                          "Lanczos needs a start vector or a random generator");
+    double nv = cv_est_norm(s->n, v);
+    if (!(nv > 0) || !isfinite(nv))
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "v0",
+                          "Lanczos start vector must be finite and non-zero");
+    cblas_dscal((int)s->n, 1.0 / nv, v, 1);
+    return 0;
+}
+
+/* A random unit vector orthogonal to the j basis vectors into v; 1 if the
+ * basis (numerically) spans the space or there is no generator. */
+static int lz_restart_vector(lz_state *s, int j, double *v)
+{
+    if (!s->rng)
+        return 1;
+    for (int attempt = 0; attempt < 3; attempt++) {
+        cv_rng_gaussian(s->rng, v, s->n);
+        double before = cv_est_norm(s->n, v);
+        double after = cv_est_cgs2(s->n, j, s->V, v, NULL, s->tmp);
+        if (after > 1e-6 * before) {
+            cblas_dscal((int)s->n, 1.0 / after, v, 1);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Basis vector `steps` from the last residual, or a restart when the
+ * Krylov space became invariant (beta ~ 0).  1: no further vector. */
+static int lz_next_vector(lz_state *s, cv_err *e)
+{
+    int j = s->steps;
+    if ((size_t)j >= s->n)
+        return 1;
+    if (lz_grow(s, j + 1, e))
+        return -1;
+    double *v = s->V + (size_t)j * s->n;
+    if (s->beta[j - 1] > 1e-10 * s->tnorm) {
+        for (size_t i = 0; i < s->n; i++)
+            v[i] = s->w[i] / s->beta[j - 1];
+        return 0;
+    }
+    if (lz_restart_vector(s, j, v))
+        return 1;
+    s->beta[j - 1] = 0.0;
+    s->restarts++;
+    return 0;
+}
+
+/* One Lanczos step: -1 error, 0 done, 1 no step possible (basis complete). */
+static int lz_step(lz_state *s, cv_err *e)
+{
+    if (s->steps > 0) {
+        int r = lz_next_vector(s, e);
+        if (r)
+            return r;
+    }
+    int j = s->steps;
+    const double *v = s->V + (size_t)j * s->n;
+    if (cv_linop_apply(s->op, 1, v, s->w, e))
+        return -1;
+    s->matvecs++;
+    double b = cv_est_cgs2(s->n, j + 1, s->V, s->w, s->h, s->tmp);
+    if (!isfinite(b) || !isfinite(s->h[j]))
+        return cv_err_set(e, CV_EINVAL, "non_finite", "",
+                          "the operator produced non-finite values (Lanczos step %d)", j + 1);
+    s->alpha[j] = s->h[j];
+    s->beta[j] = b;
+    double t = fabs(s->alpha[j]) + b + (j > 0 ? s->beta[j - 1] : 0.0);
+    s->tnorm = t > s->tnorm ? t : s->tnorm;
+    s->steps++;
+    return 0;
+}
+
+int cv_lanczos(const cv_linop *op, const double *v0, const cv_lanczos_options *opt,
+               cv_rng *rng, cv_lanczos_result *out, cv_err *e)
+{
+    return cv_est_lanczos(op, v0, opt, rng, 1, out, e);
+}
+
+int cv_est_lanczos(const cv_linop *op, const double *v0, const cv_lanczos_options *opt,
+                   cv_rng *rng, int plan, cv_lanczos_result *out, cv_err *e)
+{
+    cv_lanczos_options def;
+    if (!opt) {
+        cv_lanczos_options_default(&def);
+        opt = &def;
+    }
+    memset(out, 0, sizeof *out);
+    if (cv_est_check_op(op, e))
+        return -1;
+    if (opt->steps < 1)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "lanczos_steps",
+                          "lanczos_steps must be >= 1, got %d", opt->steps);
+    int m = (size_t)opt->steps > op->n ? (int)op->n : opt->steps;
+    lz_state s;
+    if (lz_init(&s, op, m, m, rng, e))
+        return -1;
+    if (lz_start(&s, v0, e))
+        goto fail;
+    if (plan)
+        cv_progress_plan(op->progress, m);
+    while (s.steps < m) {
+        int r = lz_step(&s, e);
+        if (r < 0)
+            goto fail;
+        if (r > 0)
+            break;
+    }
+    out->n = op->n;
+    out->steps = s.steps;
+    out->restarts = s.restarts;
+    out->matvecs = s.matvecs;
+    out->alpha = s.alpha;
+    out->beta = s.beta;
+    s.alpha = s.beta = NULL;
+    if (opt->keep_basis) {
+        out->basis = s.V;
+        s.V = NULL;
+    }
+    lz_free(&s);
+    return 0;
+fail:
+    lz_free(&s);
+    return -1;
+}
+
+/* ------------------------------------------------------------- eigenpairs */
+
+/* Ritz values of the current T, the wanted ones and their residuals. */
+typedef struct {
+    int m;
+    double *theta;          /* m, ascending */
+    double *S;              /* m x m eigenvectors of T */
+    int *idx;               /* k wanted, in output order */
+    double *res;            /* k */
+    int converged;
+} ritz_t;
+
+static int ritz_compute(const lz_state *s, int k, cv_which which, double tol, ritz_t *r,
+                        cv_err *e)
+{
+    int m = s->steps;
+    free(r->S);
+    r->S = CV_EST_ALLOC((size_t)m * (size_t)m, double, e);
+    if (!r->S || cv_est_tridiag_eig(m, s->alpha, s->beta, r->theta, r->S, e))
+        return -1;
+    r->m = m;
+    cv_est_select(r->theta, m, k, which, r->idx);
+    double thmax = fmax(fabs(r->theta[0]), fabs(r->theta[m - 1]));
+    double floor_abs = 1e3 * DBL_EPSILON * s->tnorm;
+    r->converged = 0;
+    for (int i = 0; i < k; i++) {
+        double th = r->theta[r->idx[i]];
+        r->res[i] = fabs(s->beta[m - 1] * r->S[(size_t)(m - 1) + (size_t)r->idx[i] * m]);
+        double scale = fmax(fabs(th), 1e-6 * thmax);
+        if (r->res[i] <= tol * scale || r->res[i] <= floor_abs)
+            r->converged++;
+    }
+    return 0;
+}
+
+static int eigen_check(const cv_linop *op, const cv_eigen_options *o, cv_err *e)
+{
+    if (cv_est_check_op(op, e))
+        return -1;
+    if (o->k < 1 || (size_t)o->k > op->n)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "k",
+                          "k must be in [1, %zu] (the dimension), got %d", op->n, o->k);
+    if (cv_est_which_check((int)o->which, e))
+        return -1;
+    if (o->max_iter < 0)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "max_iter",
+                          "max_iter must be >= 0 (0 = automatic), got %d", o->max_iter);
+    if (!(o->tol >= 0) || !isfinite(o->tol))
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "tol",
+                          "tol must be a finite number >= 0");
+    return 0;
+}
+
+/* Eigenvectors V_m S[:, idx] (n x k). */
+static int ritz_vectors(const lz_state *s, const ritz_t *r, int k, double **out, cv_err *e)
+{
+    int m = r->m;
+    double *Sk = CV_EST_ALLOC((size_t)m * k, double, e);
+    double *X = Sk ? CV_EST_ALLOC(s->n * (size_t)k, double, e) : NULL;
+    if (!X) {
+        free(Sk);
+        return -1;
+    }
+    for (int i = 0; i < k; i++)
+        memcpy(Sk + (size_t)i * m, r->S + (size_t)r->idx[i] * m, sizeof(double) * m);
+    cblas_dgemm(CblasColMajor, CblasNoTrans, CblasNoTrans, (int)s->n, k, m, 1.0, s->V,
+                (int)s->n, Sk, m, 0.0, X, (int)s->n);
+    free(Sk);
+    *out = X;
+    return 0;
+}
+
+/* Runs Lanczos steps until the k wanted Ritz pairs converge or m_max. */
+static int eigen_iterate(lz_state *s, const cv_eigen_options *o, int m_max, ritz_t *r,
+                         cv_err *e)
+{
+    int last_check = 0;
+    for (;;) {
+        int rc = lz_step(s, e);
+        if (rc < 0)
+            return -1;
+        int m = s->steps, end = rc > 0 || m >= m_max;
+        int every = m / 32 > 1 ? m / 32 : 1;
+        if (m >= o->k && (end || m <= 64 || m - last_check >= every)) {
+            if (ritz_compute(s, o->k, o->which, o->tol, r, e))
+                return -1;
+            last_check = m;
+            if (r->converged == o->k)
+                return 0;
+        }
+        if (end)
+            break;
+    }
+    if (s->steps < o->k)
+        return cv_err_set(e, CV_EINTERNAL, "lanczos_breakdown", "",
+                          "Lanczos found only %d directions, fewer than k = %d", s->steps,
+                          o->k);
+    return 0;
+}
+
+static void ritz_free(ritz_t *r)
+{
+    free(r->theta);
+    free(r->S);
+    free(r->idx);
+    free(r->res);
+}
+
+int cv_eigen_lanczos(const cv_linop *op, const cv_eigen_options *opt, cv_rng *rng,
+                     cv_eigen_result *out, cv_err *e)
+{
+    cv_eigen_options def;
+    if (!opt) {
+        cv_eigen_options_default(&def);
+        opt = &def;
+    }
+    memset(out, 0, sizeof *out);
+    if (eigen_check(op, opt, e))
+        return -1;
+    if (opt->max_iter > 0 && opt->max_iter < opt->k)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "max_iter",
+                          "max_iter (%d Lanczos steps) must be >= k (%d)", opt->max_iter,
+                          opt->k);
+    long want = opt->max_iter > 0 ? opt->max_iter : (10L * opt->k > 100 ? 10L * opt->k : 100);
+    int m_max = (size_t)want > op->n ? (int)op->n : (int)want;
+    int k = opt->k, cap0 = 2 * k > 32 ? 2 * k : 32;
+    lz_state s;
+    ritz_t r = {0};
+    if (lz_init(&s, op, cap0 < m_max ? cap0 : m_max, m_max, rng, e))
+        return -1;
+    r.theta = CV_EST_ALLOC((size_t)m_max, double, e);
+    r.idx = r.theta ? CV_EST_ALLOC((size_t)k, int, e) : NULL;
+    r.res = r.idx ? CV_EST_ALLOC((size_t)k, double, e) : NULL;
+    if (!r.res || lz_start(&s, NULL, e))
+        goto fail;
+    cv_progress_plan(op->progress, m_max);
+    if (eigen_iterate(&s, opt, m_max, &r, e))
+        goto fail;
+    if (opt->return_vectors && ritz_vectors(&s, &r, k, &out->eigenvectors, e))
+        goto fail;
+    out->eigenvalues = CV_EST_ALLOC((size_t)k, double, e);
+    if (!out->eigenvalues)
+        goto fail;
+    for (int i = 0; i < k; i++)
+        out->eigenvalues[i] = r.theta[r.idx[i]];
+    out->n = op->n;
+    out->k = k;
+    out->residuals = r.res;
+    r.res = NULL;
+    out->iterations = s.steps;
+    out->converged = r.converged;
+    out->matvecs = s.matvecs;
+    ritz_free(&r);
+    lz_free(&s);
+    return 0;
+fail:
+    ritz_free(&r);
+    lz_free(&s);
+    cv_eigen_result_free(out);
+    return -1;
+}

@@ -1,0 +1,234 @@
+/* trace.c - trace estimators: Hutchinson with PyHessian's stopping rule and
+ * Hutch++ (sketch + exact projected trace + Hutchinson on the remainder). */
+#include <cblas.h>
+#include <lapacke.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "est_util.h"
+
+int cv_probe_dist_from_name(const char *name)
+{
+    if (!name)
+        return -1;
+    if (!strcmp(name, "rademacher"))
+        return CV_PROBE_RADEMACHER;
+    if (!strcmp(name, "gaussian"))
+        return CV_PROBE_GAUSSIAN;
+    return -1;
+}
+
+const char *cv_probe_dist_name(cv_probe_dist d)
+{
+    return d == CV_PROBE_GAUSSIAN ? "gaussian" : "rademacher";
+}
+
+void cv_trace_options_default(cv_trace_options *o)
+{
+    memset(o, 0, sizeof *o);
+    o->max_probes = 100;
+    o->tol = 1e-3;
+    o->distribution = CV_PROBE_RADEMACHER;
+}
+
+void cv_trace_result_free(cv_trace_result *r)
+{
+    if (!r)
+        return;
+    free(r->samples);
+    memset(r, 0, sizeof *r);
+}
+
+static int check_options(const cv_linop *op, const cv_trace_options *o, int min_probes,
+                         cv_err *e)
+{
+    if (cv_est_check_op(op, e))
+        return -1;
+    if (o->max_probes < min_probes)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "max_probes",
+                          "max_probes must be >= %d, got %d", min_probes, o->max_probes);
+    if (isnan(o->tol))
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "tol", "tol must be a number");
+    if (o->distribution != CV_PROBE_RADEMACHER && o->distribution != CV_PROBE_GAUSSIAN)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "distribution",
+                          "distribution must be rademacher or gaussian");
+    return cv_est_block_check(o->block, e);
+}
+
+/* State of a Hutchinson run on P A P (P = I - QQ^T, or I without Q). */
+typedef struct {
+    const cv_linop *op;
+    const double *Q;        /* n x q or NULL */
+    int q;
+    double offset;          /* added to every sample */
+    cv_est_stats st;
+    double prev_mean;
+    int stopped;
+} hutch_run;
+
+/* V <- (I - QQ^T) V for `cols` columns; tmp holds q x cols. */
+static void project_out(const hutch_run *h, int cols, double *V, double *tmp)
+{
+    int n = (int)h->op->n;
+    cblas_dgemm(CblasColMajor, CblasTrans, CblasNoTrans, h->q, cols, n, 1.0, h->Q, n, V, n,
+                0.0, tmp, h->q);
+    cblas_dgemm(CblasColMajor, CblasNoTrans, CblasNoTrans, n, cols, h->q, -1.0, h->Q, n, tmp,
+                h->q, 1.0, V, n);
+}
+
+/* Adds one sample; returns non-zero when the stopping rule fires. */
+static int add_sample(hutch_run *h, double x, double tol)
+{
+    cv_est_stats_add(&h->st, x);
+    double mean = h->st.mean;
+    int stop = tol > 0 && fabs(mean - h->prev_mean) / (fabs(h->prev_mean) + 1e-6) < tol;
+    h->prev_mean = mean;
+    return stop;
+}
+
+/* Runs up to nprobes probes of h, filling out (trace, std_err, probes,
+ * matvecs, samples). */
+static int hutch_probes(hutch_run *h, const cv_trace_options *o, int nprobes, cv_rng *rng,
+                        cv_trace_result *out, cv_err *e)
+{
+    size_t n = h->op->n;
+    int b = cv_est_block_size(n, o->block, nprobes);
+    double *V = CV_EST_ALLOC(n * (size_t)b, double, e);
+    double *Y = V ? CV_EST_ALLOC(n * (size_t)b, double, e) : NULL;
+    double *tmp = Y ? CV_EST_ALLOC((size_t)(h->q > 0 ? h->q : 1) * b, double, e) : NULL;
+    double *samples = tmp && o->return_samples ? CV_EST_ALLOC((size_t)nprobes, double, e)
+                                                : NULL;
+    int rc = -1;
+    if (!tmp || (o->return_samples && !samples))
+        goto done;
+    int used = 0;
+    while (!h->stopped && used < nprobes) {
+        int cols = nprobes - used < b ? nprobes - used : b;
+        for (int c = 0; c < cols; c++)
+            cv_est_probe(rng, o->distribution, V + (size_t)c * n, n);
+        if (h->Q)
+            project_out(h, cols, V, tmp);
+        if (cv_linop_apply(h->op, cols, V, Y, e))
+            goto done;
+        out->matvecs += cols;
+        for (int c = 0; c < cols && !h->stopped; c++) {
+            double x = h->offset + cv_est_dot(n, V + (size_t)c * n, Y + (size_t)c * n);
+            if (samples)
+                samples[used] = x;
+            used++;
+            h->stopped = add_sample(h, x, o->tol);
+        }
+    }
+    out->trace = h->st.mean;
+    out->std_err = cv_est_stats_stderr(&h->st);
+    out->probes = used;
+    out->samples = samples;
+    samples = NULL;
+    rc = 0;
+done:
+    free(V);
+    free(Y);
+    free(tmp);
+    free(samples);
+    return rc;
+}
+
+int cv_trace_hutchinson(const cv_linop *op, const cv_trace_options *opt, cv_rng *rng,
+                        cv_trace_result *out, cv_err *e)
+{
+    cv_trace_options def;
+    if (!opt) {
+        cv_trace_options_default(&def);
+        opt = &def;
+    }
+    memset(out, 0, sizeof *out);
+    if (check_options(op, opt, 1, e))
+        return -1;
+    cv_progress_plan(op->progress, opt->max_probes);
+    hutch_run h = {.op = op};
+    if (hutch_probes(&h, opt, opt->max_probes, rng, out, e)) {
+        memset(out, 0, sizeof *out);
+        return -1;
+    }
+    return 0;
+}
+
+/* Overwrites Y (n x s) with an orthonormal basis of its range. */
+static int orthonormalize(size_t n, int s, double *Y, cv_err *e)
+{
+    double *tau = CV_EST_ALLOC((size_t)s, double, e);
+    if (!tau)
+        return -1;
+    lapack_int info = LAPACKE_dgeqrf(LAPACK_COL_MAJOR, (int)n, s, Y, (int)n, tau);
+    if (info == 0)
+        info = LAPACKE_dorgqr(LAPACK_COL_MAJOR, (int)n, s, s, Y, (int)n, tau);
+    free(tau);
+    if (info == LAPACK_WORK_MEMORY_ERROR)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "QR workspace: out of memory");
+    if (info != 0)
+        return cv_err_set(e, CV_EINTERNAL, "lapack_failed", "", "QR failed (info %d)",
+                          (int)info);
+    return 0;
+}
+
+/* Q = orth(A S) for s probe columns S; sets *tq = tr(Q^T A Q).  Q is n x s. */
+static int hutchpp_sketch(const cv_linop *op, const cv_trace_options *o, int s, cv_rng *rng,
+                          double *Q, double *tq, cv_err *e)
+{
+    size_t n = op->n;
+    int b = cv_est_block_size(n, o->block, s);
+    double *S = CV_EST_ALLOC(n * (size_t)s, double, e);
+    if (!S)
+        return -1;
+    int rc = -1;
+    for (int c = 0; c < s; c++)
+        cv_est_probe(rng, o->distribution, S + (size_t)c * n, n);
+    if (cv_est_apply_chunked(op, s, S, Q, b, e) || orthonormalize(n, s, Q, e))
+        goto done;
+    if (cv_est_apply_chunked(op, s, Q, S, b, e)) /* S <- A Q */
+        goto done;
+    *tq = 0;
+    for (int c = 0; c < s; c++)
+        *tq += cv_est_dot(n, Q + (size_t)c * n, S + (size_t)c * n);
+    rc = 0;
+done:
+    free(S);
+    return rc;
+}
+
+int cv_trace_hutchpp(const cv_linop *op, const cv_trace_options *opt, cv_rng *rng,
+                     cv_trace_result *out, cv_err *e)
+{
+    cv_trace_options def;
+    if (!opt) {
+        cv_trace_options_default(&def);
+        opt = &def;
+    }
+    memset(out, 0, sizeof *out);
+    if (check_options(op, opt, 3, e))
+        return -1;
+    size_t n = op->n;
+    int s = opt->max_probes / 3;
+    if ((size_t)s > n)
+        s = (int)n;
+    int p = (size_t)s == n ? 0 : opt->max_probes - 2 * s;
+    cv_progress_plan(op->progress, 2L * s + p);
+    double *Q = CV_EST_ALLOC(n * (size_t)s, double, e);
+    double tq = 0;
+    if (!Q || hutchpp_sketch(op, opt, s, rng, Q, &tq, e))
+        goto fail;
+    hutch_run h = {.op = op, .Q = Q, .q = s, .offset = tq};
+    if (p > 0 && hutch_probes(&h, opt, p, rng, out, e))
+        goto fail;
+    if (p == 0)
+        out->trace = tq;
+    out->sketch = s;
+    out->matvecs += 2L * s;
+    free(Q);
+    return 0;
+fail:
+    free(Q);
+    cv_trace_result_free(out);
+    return -1;
+}

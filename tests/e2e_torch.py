@@ -1,0 +1,229 @@
+"""e2e_torch.py - `curvd run` against torch.autograd on the same weights and batch.
+
+Usage: /usr/bin/python3 tests/e2e_torch.py build/curvd
+For MLPs with every supported activation and loss: loss, gradient, Hessian-
+and GGN-vector products, dense Hessian/GGN, and the estimators (trace, diag,
+eigen, density, solve, newton, per-layer blocks) against dense references
+computed by torch in float64.  Ends with 'N passed, M failed'.
+"""
+import math
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torchref as tr  # noqa: E402
+
+CURVD = sys.argv[1] if len(sys.argv) > 1 else "build/curvd"
+RESULTS = {"passed": 0, "failed": 0}
+
+
+def check(name, ok, detail=""):
+    if ok:
+        RESULTS["passed"] += 1
+    else:
+        RESULTS["failed"] += 1
+        print("FAIL", name, detail)
+
+
+def rel(a, b):
+    a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
+    b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+    return float((a - b).norm() / max(float(b.norm()), 1e-12))
+
+
+def make_case(acts, loss, n=12, din=5, hidden=(7, 6), C=3, seed=0):
+    torch.manual_seed(seed)
+    layers, cur = [], din
+    for h in hidden:
+        layers += [torch.nn.Linear(cur, h), acts()]
+        cur = h
+    layers.append(torch.nn.Linear(cur, C))
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(n, din)
+    name = type(loss).__name__
+    if name == "CrossEntropyLoss":
+        y = torch.randint(0, C, (n,))
+    elif name == "BCEWithLogitsLoss":
+        y = torch.rand(n, C)
+    else:
+        y = torch.randn(n, C)
+    return model, x, y
+
+
+def double_model(model):
+    import copy
+    m = copy.deepcopy(model).double()
+    return m
+
+
+def y_double(y):
+    return y if y.dtype == torch.int64 else y.double()
+
+
+def check_core(tag, model, loss_fn, x, y, d):
+    m64 = double_model(model)
+    x64, y64 = x.double(), y_double(y)
+    D = sum(p.numel() for p in model.parameters())
+    _, res = tr.curvd_run(CURVD, d, {"op": "loss"})
+    want = float(loss_fn(m64(x64), y64))
+    check(tag + " loss", abs(res["loss"] - want) <= 1e-5 * abs(want) + 1e-7,
+          f"{res['loss']} vs {want}")
+    _, res = tr.curvd_run(CURVD, d, {"op": "gradient"})
+    _, g, _ = tr.loss_and_grad(m64, loss_fn, x64, y64)
+    g = torch.cat([t.reshape(-1) for t in g]).detach()
+    e = rel(res["gradient"], g)
+    check(tag + " gradient", e < 1e-4, f"rel err {e}")
+    torch.manual_seed(1)
+    v = torch.randn(D, dtype=torch.float64)
+    _, res = tr.curvd_run(CURVD, d, {"op": "matvec", "curvature": "hessian",
+                                     "options": {"vector": v.tolist()}})
+    hv = tr.hvp(m64, loss_fn, x64, y64, v)
+    e = rel(res["product"], hv)
+    check(tag + " Hv", e < 1e-4, f"rel err {e}")
+    H = tr.dense_hessian(m64, loss_fn, x64, y64)
+    G = tr.dense_ggn(m64, loss_fn, x64, y64)
+    _, res = tr.curvd_run(CURVD, d, {"op": "matvec", "curvature": "ggn",
+                                     "options": {"vector": v.tolist()}})
+    e = rel(res["product"], G @ v)
+    check(tag + " Gv", e < 1e-4, f"rel err {e}")
+    _, res = tr.curvd_run(CURVD, d, {"op": "dense", "curvature": "hessian"})
+    e = rel(torch.tensor(res["matrix"]).T, H)
+    check(tag + " dense H", e < 1e-4, f"rel err {e}")
+    _, res = tr.curvd_run(CURVD, d, {"op": "dense", "curvature": "ggn"})
+    e = rel(torch.tensor(res["matrix"]).T, G)
+    check(tag + " dense G", e < 1e-4, f"rel err {e}")
+    return H, G, g
+
+
+def check_estimators(tag, model, loss_fn, x, y, d, H, G, g):
+    D = H.shape[0]
+    evals = torch.linalg.eigvalsh(H)
+    # trace: Hutchinson within 4 standard errors, Hutch++ with the full budget exact-ish
+    _, res = tr.curvd_run(CURVD, d, {"op": "trace", "seed": 3,
+                                     "options": {"max_probes": 200, "tol": 0}})
+    t = float(torch.trace(H))
+    check(tag + " trace within error bars", abs(res["trace"] - t) <= 4 * res["stderr"] + 1e-6,
+          f"{res['trace']} +- {res['stderr']} vs {t}")
+    _, res = tr.curvd_run(CURVD, d, {"op": "trace", "options": {"method": "hutch++",
+                                                                "max_probes": 3 * D}})
+    check(tag + " hutch++ full budget", abs(res["trace"] - t) <= 1e-4 * abs(t) + 1e-5,
+          f"{res['trace']} vs {t}")
+    _, res = tr.curvd_run(CURVD, d, {"op": "diag", "options": {"method": "exact"}})
+    e = rel(res["diag"], torch.diagonal(H))
+    check(tag + " exact diag", e < 1e-4, f"rel err {e}")
+    # eigen: top-3 / bottom-2 by Lanczos vs LAPACK on torch's dense Hessian
+    _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "options": {"k": 3, "which": "largest"}})
+    want = evals.flip(0)[:3]
+    e = rel(res["eigenvalues"], want)
+    check(tag + " top-3 eigenvalues", e < 1e-4, f"{res['eigenvalues']} vs {want.tolist()}")
+    _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "options": {"k": 2, "which": "smallest",
+                                                                "return_vectors": True}})
+    want = evals[:2]
+    e = rel(res["eigenvalues"], want)
+    check(tag + " bottom-2 eigenvalues", e < 1e-4, f"{res['eigenvalues']} vs {want.tolist()}")
+    vec = torch.tensor(res["eigenvectors"][0], dtype=torch.float64)
+    r = float((H @ vec - res["eigenvalues"][0] * vec).norm() / evals.abs().max())
+    check(tag + " eigenvector residual", r < 1e-3, f"{r}")
+    # density: with D steps the nodes of one run are H's eigenvalues; over many
+    # runs the quadrature moments estimate tr(H^j)/D within their error bars
+    _, res = tr.curvd_run(CURVD, d, {"op": "density", "seed": 5,
+                                     "options": {"lanczos_steps": D, "runs": 30,
+                                                 "grid_points": 200}})
+    nodes0 = torch.tensor(sorted(res["nodes"][0]), dtype=torch.float64)
+    e = rel(nodes0, evals)
+    check(tag + " SLQ nodes = spectrum", e < 1e-4, f"rel err {e}")
+    for j in (1, 2):
+        per_run = []
+        for nr, wr in zip(res["nodes"], res["weights"]):
+            nr = torch.tensor(nr, dtype=torch.float64)
+            wr = torch.tensor(wr, dtype=torch.float64)
+            per_run.append(float((wr * nr ** j).sum()))
+        pr = torch.tensor(per_run)
+        mean, se = float(pr.mean()), float(pr.std() / math.sqrt(len(per_run)))
+        m_true = float(torch.trace(torch.linalg.matrix_power(H, j)) / D)
+        check(tag + f" SLQ moment {j}", abs(mean - m_true) <= 4 * se + 1e-6 * abs(m_true),
+              f"{mean} +- {se} vs {m_true}")
+    vals = res["density"]["values"]
+    grid = res["density"]["grid"]
+    area = sum(vals) * (grid[1] - grid[0])
+    check(tag + " density area 1", abs(area - 1) < 1e-6, f"{area}")
+    # solve / newton on the PSD GGN with damping
+    delta = 1e-1
+    Gd = G + delta * torch.eye(D, dtype=torch.float64)
+    _, res = tr.curvd_run(CURVD, d, {"op": "solve", "curvature": "ggn",
+                                     "options": {"damping": delta, "tol": 1e-8,
+                                                 "max_iter": 4 * D}})
+    want = torch.linalg.solve(Gd, g)
+    e = rel(res["solution"], want)
+    check(tag + " CG solve", e < 1e-3, f"rel err {e}")
+    _, res = tr.curvd_run(CURVD, d, {"op": "newton", "curvature": "ggn",
+                                     "options": {"damping": delta, "tol": 1e-8,
+                                                 "max_iter": 4 * D, "actual_change": True}})
+    s = -want
+    pred = float(0.5 * s @ G @ s + g @ s)
+    e = rel(res["step"], s)
+    check(tag + " newton step", e < 1e-3, f"rel err {e}")
+    check(tag + " newton predicted change",
+          abs(res["predicted_change"] - pred) <= 1e-3 * abs(pred) + 1e-7,
+          f"{res['predicted_change']} vs {pred}")
+    check(tag + " newton actual change present", "actual_change" in res)
+    # per-layer blocks: traces equal the traces of the diagonal blocks
+    _, res = tr.curvd_run(CURVD, d, {"op": "diag", "blocks": "layer",
+                                     "options": {"method": "exact"}})
+    off = 0
+    ok = True
+    for b in res["blocks"]:
+        n = b["dim"]
+        want = float(torch.trace(H[off:off + n, off:off + n]))
+        ok &= abs(b["trace"] - want) <= 1e-4 * abs(want) + 1e-6
+        off += n
+    check(tag + " per-layer traces", ok and off == D)
+
+
+def check_errors(d):
+    rc, err = tr.curvd_run(CURVD, d, {"op": "trace", "options": {"max_probs": 3}},
+                           expect_ok=False)
+    check("unknown option rejected", rc != 0 and err.get("error", {}).get("field") ==
+          "options.max_probs", str(err))
+    rc, err = tr.curvd_run(CURVD, d, {"op": "eigen", "options": {"k": 0}}, expect_ok=False)
+    check("k=0 rejected", rc != 0 and "k" in err.get("error", {}).get("field", ""), str(err))
+    rc, err = tr.curvd_run(CURVD, d, {"op": "matvec", "options": {"vector": [1, 2]}},
+                           expect_ok=False)
+    check("short vector rejected", rc != 0 and "dimension" in
+          err.get("error", {}).get("message", ""), str(err))
+    rc, err = tr.curvd_run(CURVD, d, {"op": "loss", "batch": {"offset": 10 ** 6}},
+                           expect_ok=False)
+    check("batch beyond data rejected", rc != 0 and "batch" in
+          err.get("error", {}).get("field", ""), str(err))
+
+
+def main():
+    cases = [
+        ("tanh-ce-mean", torch.nn.Tanh, torch.nn.CrossEntropyLoss()),
+        ("relu-ce-sum", torch.nn.ReLU, torch.nn.CrossEntropyLoss(reduction="sum")),
+        ("sigmoid-mse-mean", torch.nn.Sigmoid, torch.nn.MSELoss()),
+        ("elu-mse-sum", torch.nn.ELU, torch.nn.MSELoss(reduction="sum")),
+        ("gelu-bce-mean", torch.nn.GELU, torch.nn.BCEWithLogitsLoss()),
+        ("gelutanh-ce", lambda: torch.nn.GELU(approximate="tanh"), torch.nn.CrossEntropyLoss()),
+        ("softplus-bce-sum", lambda: torch.nn.Softplus(beta=2.0),
+         torch.nn.BCEWithLogitsLoss(reduction="sum")),
+        ("leaky-mse", lambda: torch.nn.LeakyReLU(0.2), torch.nn.MSELoss()),
+    ]
+    for i, (tag, act, loss_fn) in enumerate(cases):
+        model, x, y = make_case(act, loss_fn, seed=i)
+        with tempfile.TemporaryDirectory() as d:
+            tr.write_case(d, model, [x.shape[1]], loss_fn, x, y)
+            H, G, g = check_core(tag, model, loss_fn, x, y, d)
+            if i < 3:
+                check_estimators(tag, model, loss_fn, x, y, d, H, G, g)
+            if i == 0:
+                check_errors(d)
+    print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
+    return 1 if RESULTS["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1221 @@
+/* test_estimators.c - the numerical estimators (engine/estimators.h) on
+ * dense test matrices, checked against LAPACK. */
+#include <check.h>
+#include <lapacke.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/estimators.h"
+
+/* ------------------------------------------------------------ helpers */
+
+/* A dense symmetric matrix with its operator and progress record. */
+typedef struct {
+    int n;
+    double *a;
+    cv_dense_op ctx;
+    cv_linop op;
+    cv_progress prog;
+} dmat;
+
+static void dmat_init(dmat *m, int n)
+{
+    m->n = n;
+    m->a = calloc((size_t)n * n, sizeof(double));
+    ck_assert_ptr_nonnull(m->a);
+    cv_linop_from_dense(&m->op, &m->ctx, (size_t)n, m->a);
+    cv_progress_init(&m->prog);
+    m->op.progress = &m->prog;
+}
+
+static void dmat_free(dmat *m) { free(m->a); }
+
+static double *A_(dmat *m, int i, int j) { return &m->a[i + (size_t)j * m->n]; }
+
+/* Symmetric with N(0,1) entries scaled by 1/sqrt(n). */
+static void dmat_random(dmat *m, int n, uint64_t seed)
+{
+    dmat_init(m, n);
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i <= j; i++)
+            *A_(m, i, j) = *A_(m, j, i) = cv_rng_normal(&r) / sqrt((double)n);
+}
+
+/* Random orthogonal n x n (QR of a Gaussian matrix). */
+static double *random_orthogonal(int n, uint64_t seed)
+{
+    double *q = malloc(sizeof(double) * n * n), *tau = malloc(sizeof(double) * n);
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    cv_rng_gaussian(&r, q, (size_t)n * n);
+    ck_assert_int_eq(LAPACKE_dgeqrf(LAPACK_COL_MAJOR, n, n, q, n, tau), 0);
+    ck_assert_int_eq(LAPACKE_dorgqr(LAPACK_COL_MAJOR, n, n, n, q, n, tau), 0);
+    free(tau);
+    return q;
+}
+
+/* A = Q diag(lam) Q^T with a random orthogonal Q. */
+static void dmat_spectrum(dmat *m, int n, const double *lam, uint64_t seed)
+{
+    dmat_init(m, n);
+    double *q = random_orthogonal(n, seed);
+    for (int j = 0; j < n; j++)
+        for (int i = 0; i < n; i++) {
+            double s = 0;
+            for (int l = 0; l < n; l++)
+                s += q[i + (size_t)l * n] * lam[l] * q[j + (size_t)l * n];
+            *A_(m, i, j) = s;
+        }
+    for (int j = 0; j < n; j++) /* exact symmetry */
+        for (int i = 0; i < j; i++)
+            *A_(m, i, j) = *A_(m, j, i);
+    free(q);
+}
+
+static double dmat_trace(dmat *m)
+{
+    double t = 0;
+    for (int i = 0; i < m->n; i++)
+        t += *A_(m, i, i);
+    return t;
+}
+
+/* Eigenvalues, ascending (dsyev). */
+static double *eigvals(dmat *m)
+{
+    int n = m->n;
+    double *a = malloc(sizeof(double) * n * n), *w = malloc(sizeof(double) * n);
+    memcpy(a, m->a, sizeof(double) * n * n);
+    ck_assert_int_eq(LAPACKE_dsyev(LAPACK_COL_MAJOR, 'N', 'U', n, a, n, w), 0);
+    free(a);
+    return w;
+}
+
+static double norm2(const double *x, int n)
+{
+    double s = 0;
+    for (int i = 0; i < n; i++)
+        s += x[i] * x[i];
+    return sqrt(s);
+}
+
+static double opnorm(dmat *m)
+{
+    double *w = eigvals(m);
+    double s = fmax(fabs(w[0]), fabs(w[m->n - 1]));
+    free(w);
+    return s;
+}
+
+/* ||A v - lam v|| for column v. */
+static double residual_of(dmat *m, const double *v, double lam)
+{
+    int n = m->n;
+    double s = 0;
+    for (int i = 0; i < n; i++) {
+        double t = -lam * v[i];
+        for (int j = 0; j < n; j++)
+            t += *A_(m, i, j) * v[j];
+        s += t * t;
+    }
+    return sqrt(s);
+}
+
+/* max |V^T V - I| for n x k. */
+static double orth_error(const double *V, int n, int k)
+{
+    double worst = 0;
+    for (int a = 0; a < k; a++)
+        for (int b = 0; b < k; b++) {
+            double s = 0;
+            for (int i = 0; i < n; i++)
+                s += V[i + (size_t)a * n] * V[i + (size_t)b * n];
+            worst = fmax(worst, fabs(s - (a == b)));
+        }
+    return worst;
+}
+
+static long done_of(dmat *m) { return atomic_load(&m->prog.done); }
+
+/* ------------------------------------------------------------ trace */
+
+START_TEST(trace_rademacher_diagonal_exact)
+{
+    dmat m;
+    dmat_init(&m, 30);
+    for (int i = 0; i < 30; i++)
+        *A_(&m, i, i) = i - 7.5;
+    cv_trace_options o;
+    cv_trace_options_default(&o);
+    o.tol = 0;
+    o.max_probes = 20;
+    o.return_samples = 1;
+    cv_rng r;
+    cv_rng_seed(&r, 3);
+    cv_trace_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_trace_hutchinson(&m.op, &o, &r, &res, &e), 0);
+    ck_assert_int_eq(res.probes, 20);
+    for (int s = 0; s < 20; s++)
+        ck_assert_double_eq_tol(res.samples[s], dmat_trace(&m), 1e-12);
+    ck_assert_double_eq_tol(res.trace, dmat_trace(&m), 1e-12);
+    ck_assert_double_eq_tol(res.std_err, 0, 1e-12);
+    ck_assert_int_eq(res.matvecs, 20);
+    ck_assert_int_eq(done_of(&m), 20);
+    cv_trace_result_free(&res);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(trace_random_within_3_stderr)
+{
+    for (int dist = 0; dist < 2; dist++)
+        for (uint64_t seed = 1; seed <= 4; seed++) {
+            dmat m;
+            dmat_random(&m, 50, 100 + seed);
+            cv_trace_options o;
+            cv_trace_options_default(&o);
+            o.tol = 0;
+            o.distribution = dist;
+            cv_rng r;
+            cv_rng_seed(&r, seed);
+            cv_trace_result res;
+            cv_err e;
+            ck_assert_int_eq(cv_trace_hutchinson(&m.op, &o, &r, &res, &e), 0);
+            ck_assert_int_eq(res.probes, 100);
+            ck_assert(res.std_err > 0);
+            ck_assert_msg(fabs(res.trace - dmat_trace(&m)) <= 3 * res.std_err,
+                          "dist %d seed %d: %g vs %g (se %g)", dist, (int)seed, res.trace,
+                          dmat_trace(&m), res.std_err);
+            cv_trace_result_free(&res);
+            dmat_free(&m);
+        }
+}
+END_TEST
+
+START_TEST(trace_block_size_does_not_change_result)
+{
+    dmat m;
+    dmat_random(&m, 40, 7);
+    for (int i = 0; i < 40; i++)
+        *A_(&m, i, i) += 2.0;
+    cv_trace_options o;
+    cv_trace_options_default(&o);
+    o.tol = 1e-2;
+    o.return_samples = 1;
+    cv_trace_result ref;
+    cv_err e;
+    for (int block = 1; block <= 16; block += 5) {
+        o.block = block;
+        cv_rng r;
+        cv_rng_seed(&r, 11);
+        cv_trace_result res;
+        ck_assert_int_eq(cv_trace_hutchinson(&m.op, &o, &r, &res, &e), 0);
+        ck_assert_int_ge(res.matvecs, res.probes);
+        ck_assert_int_lt(res.matvecs, res.probes + block);
+        if (block == 1) {
+            ref = res;
+            ck_assert_int_eq(res.matvecs, res.probes);
+            continue;
+        }
+        ck_assert_int_eq(res.probes, ref.probes);
+        ck_assert(res.trace == ref.trace && res.std_err == ref.std_err);
+        ck_assert_mem_eq(res.samples, ref.samples, sizeof(double) * res.probes);
+        cv_trace_result_free(&res);
+    }
+    cv_trace_result_free(&ref);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(trace_tol_stops_early)
+{
+    dmat m;
+    dmat_init(&m, 20);
+    for (int i = 0; i < 20; i++)
+        *A_(&m, i, i) = 1.0 + i;
+    cv_trace_options o;
+    cv_trace_options_default(&o); /* tol 1e-3 */
+    o.block = 1;
+    cv_rng r;
+    cv_rng_seed(&r, 1);
+    cv_trace_result res;
+    cv_err e;
+    /* diagonal: second sample equals the first, |dmean| = 0 */
+    ck_assert_int_eq(cv_trace_hutchinson(&m.op, &o, &r, &res, &e), 0);
+    ck_assert_int_eq(res.probes, 2);
+    ck_assert_double_eq_tol(res.trace, 210.0, 1e-12);
+    cv_trace_result_free(&res);
+    dmat_free(&m);
+
+    /* dominant diagonal plus noise: stops before max_probes; tol 0 does not */
+    dmat_random(&m, 60, 5);
+    for (int i = 0; i < 60; i++)
+        *A_(&m, i, i) += 10.0;
+    o.tol = 1e-2;
+    ck_assert_int_eq(cv_trace_hutchinson(&m.op, &o, &r, &res, &e), 0);
+    ck_assert_int_lt(res.probes, 100);
+    ck_assert_int_gt(res.probes, 1);
+    ck_assert_double_eq_tol(res.trace, dmat_trace(&m), 0.05 * dmat_trace(&m));
+    cv_trace_result_free(&res);
+    o.tol = 0;
+    ck_assert_int_eq(cv_trace_hutchinson(&m.op, &o, &r, &res, &e), 0);
+    ck_assert_int_eq(res.probes, 100);
+    cv_trace_result_free(&res);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(hutchpp_beats_hutchinson)
+{
+    int n = 100, rank = 8;
+    double lam[100];
+    cv_rng r;
+    cv_rng_seed(&r, 99);
+    for (int i = 0; i < n; i++)
+        lam[i] = i < rank ? 50.0 + 10 * i : 0.05 * cv_rng_normal(&r);
+    dmat m;
+    dmat_spectrum(&m, n, lam, 4);
+    double exact = dmat_trace(&m), err_h = 0, err_pp = 0;
+    cv_trace_options o;
+    cv_trace_options_default(&o);
+    o.tol = 0;
+    o.max_probes = 45;
+    for (uint64_t seed = 0; seed < 10; seed++) {
+        cv_trace_result a, b;
+        cv_err e;
+        cv_rng_seed(&r, seed);
+        ck_assert_int_eq(cv_trace_hutchinson(&m.op, &o, &r, &a, &e), 0);
+        cv_rng_seed(&r, seed);
+        long before = done_of(&m);
+        ck_assert_int_eq(cv_trace_hutchpp(&m.op, &o, &r, &b, &e), 0);
+        ck_assert_int_eq(b.matvecs, 45);
+        ck_assert_int_eq(done_of(&m) - before, 45);
+        ck_assert_int_eq(b.sketch, 15);
+        ck_assert_int_eq(b.probes, 15);
+        err_h += fabs(a.trace - exact);
+        err_pp += fabs(b.trace - exact);
+        cv_trace_result_free(&a);
+        cv_trace_result_free(&b);
+    }
+    ck_assert_msg(err_pp < 0.1 * err_h, "hutch++ %g vs hutchinson %g", err_pp, err_h);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(hutchpp_full_sketch_is_exact)
+{
+    dmat m;
+    dmat_random(&m, 10, 3);
+    cv_trace_options o;
+    cv_trace_options_default(&o);
+    o.max_probes = 40; /* s = 13 > n: Q spans everything */
+    cv_rng r;
+    cv_rng_seed(&r, 1);
+    cv_trace_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_trace_hutchpp(&m.op, &o, &r, &res, &e), 0);
+    ck_assert_int_eq(res.sketch, 10);
+    ck_assert_int_eq(res.probes, 0);
+    ck_assert_int_eq(res.matvecs, 20);
+    ck_assert_double_eq_tol(res.trace, dmat_trace(&m), 1e-10);
+    cv_trace_result_free(&res);
+    dmat_free(&m);
+}
+END_TEST
+
+/* ------------------------------------------------------------ diag */
+
+START_TEST(diag_exact_equals_diagonal)
+{
+    dmat m;
+    dmat_random(&m, 37, 8);
+    cv_diag_options o;
+    cv_diag_options_default(&o);
+    o.block = 5;
+    cv_diag_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_diag_exact(&m.op, &o, &res, &e), 0);
+    ck_assert_int_eq(res.matvecs, 37);
+    ck_assert_int_eq(done_of(&m), 37);
+    for (int i = 0; i < 37; i++) {
+        ck_assert_double_eq_tol(res.diag[i], *A_(&m, i, i), 1e-14);
+        ck_assert(res.std_err[i] == 0);
+    }
+    cv_diag_result_free(&res);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(diag_hutchinson)
+{
+    dmat m;
+    dmat_init(&m, 25);
+    for (int i = 0; i < 25; i++)
+        *A_(&m, i, i) = sin(i + 1.0);
+    cv_diag_options o;
+    cv_diag_options_default(&o);
+    o.max_probes = 7;
+    cv_rng r;
+    cv_rng_seed(&r, 2);
+    cv_diag_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_diag_hutchinson(&m.op, &o, &r, &res, &e), 0);
+    ck_assert_int_eq(res.probes, 7);
+    for (int i = 0; i < 25; i++) {
+        ck_assert_double_eq_tol(res.diag[i], *A_(&m, i, i), 1e-14);
+        ck_assert_double_eq_tol(res.std_err[i], 0, 1e-14);
+    }
+    cv_diag_result_free(&res);
+    dmat_free(&m);
+
+    /* random matrix: entries within 4 standard errors, and errors non-zero */
+    dmat_random(&m, 30, 9);
+    o.max_probes = 200;
+    ck_assert_int_eq(cv_diag_hutchinson(&m.op, &o, &r, &res, &e), 0);
+    int outside = 0;
+    for (int i = 0; i < 30; i++) {
+        ck_assert(res.std_err[i] > 0);
+        outside += fabs(res.diag[i] - *A_(&m, i, i)) > 4 * res.std_err[i];
+    }
+    ck_assert_int_eq(outside, 0);
+    cv_diag_result_free(&res);
+    dmat_free(&m);
+}
+END_TEST
+
+/* ------------------------------------------------------------ Lanczos */
+
+/* Expected eigenvalues of `which` from ascending w. */
+static void expected(const double *w, int n, int k, cv_which which, double *out)
+{
+    int idx[256];
+    int lo = 0, hi = n - 1;
+    for (int i = 0; i < k; i++) {
+        if (which == CV_WHICH_SMALLEST)
+            idx[i] = lo++;
+        else if (which == CV_WHICH_LARGEST || fabs(w[hi]) >= fabs(w[lo]))
+            idx[i] = hi--;
+        else
+            idx[i] = lo++;
+        out[i] = w[idx[i]];
+    }
+}
+
+static void check_eigen(dmat *m, const cv_eigen_result *res, const double *want, int k,
+                        double rel)
+{
+    double nrm = opnorm(m);
+    ck_assert_int_eq(res->k, k);
+    for (int i = 0; i < k; i++)
+        ck_assert_msg(fabs(res->eigenvalues[i] - want[i]) <= rel * fmax(fabs(want[i]), 1e-3 * nrm),
+                      "eig %d: %.12g vs %.12g", i, res->eigenvalues[i], want[i]);
+    if (res->eigenvectors) {
+        ck_assert(orth_error(res->eigenvectors, m->n, k) < 1e-8);
+        for (int i = 0; i < k; i++) {
+            double r = residual_of(m, res->eigenvectors + (size_t)i * m->n,
+                                   res->eigenvalues[i]);
+            ck_assert_msg(r < 1e-4 * nrm, "residual %d: %g", i, r);
+            ck_assert_msg(fabs(r - res->residuals[i]) < 1e-6 * nrm, "reported %g, true %g",
+                          res->residuals[i], r);
+        }
+    }
+}
+
+START_TEST(lanczos_vs_dsyev)
+{
+    int sizes[] = {60, 120, 200};
+    cv_which whichs[] = {CV_WHICH_LARGEST, CV_WHICH_SMALLEST, CV_WHICH_MAGNITUDE};
+    for (int s = 0; s < 3; s++)
+        for (int q = 0; q < 3; q++) {
+            dmat m;
+            dmat_random(&m, sizes[s], 20 + s);
+            double *w = eigvals(&m), want[6];
+            cv_eigen_options o;
+            cv_eigen_options_default(&o);
+            o.k = 6;
+            o.which = whichs[q];
+            o.return_vectors = 1;
+            expected(w, m.n, o.k, o.which, want);
+            cv_rng r;
+            cv_rng_seed(&r, 5);
+            cv_eigen_result res;
+            cv_err e;
+            ck_assert_msg(cv_eigen_lanczos(&m.op, &o, &r, &res, &e) == 0, "%s", e.message);
+            ck_assert_int_eq(res.converged, 6);
+            ck_assert_int_eq(res.matvecs, res.iterations);
+            ck_assert_int_eq(done_of(&m), res.matvecs);
+            check_eigen(&m, &res, want, 6, 1e-5);
+            cv_eigen_result_free(&res);
+            free(w);
+            dmat_free(&m);
+        }
+}
+END_TEST
+
+START_TEST(lanczos_repeated_and_rank_deficient)
+{
+    int n = 80;
+    double lam[80];
+    for (int i = 0; i < n; i++)
+        lam[i] = i < 3 ? 5.0 : i < 5 ? 2.0 : i < 6 ? -1.0 : 0.0;
+    dmat m;
+    dmat_spectrum(&m, n, lam, 6);
+    cv_eigen_options o;
+    cv_eigen_options_default(&o);
+    o.k = 6;
+    o.return_vectors = 1;
+    cv_rng r;
+    cv_rng_seed(&r, 1);
+    cv_eigen_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_eigen_lanczos(&m.op, &o, &r, &res, &e), 0);
+    double want[6] = {5, 5, 5, 2, 2, 0};
+    ck_assert_int_eq(res.converged, 6);
+    check_eigen(&m, &res, want, 6, 1e-5);
+    cv_eigen_result_free(&res);
+
+    o.which = CV_WHICH_SMALLEST;
+    o.k = 3;
+    double want_s[3] = {-1, 0, 0};
+    ck_assert_int_eq(cv_eigen_lanczos(&m.op, &o, &r, &res, &e), 0);
+    check_eigen(&m, &res, want_s, 3, 1e-5);
+    cv_eigen_result_free(&res);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(lanczos_repeated_top_in_random_spectrum)
+{
+    int n = 100;
+    double lam[100];
+    cv_rng r;
+    cv_rng_seed(&r, 17);
+    for (int i = 0; i < n; i++)
+        lam[i] = i < 2 ? 4.0 : 2 * cv_rng_uniform(&r) - 1;
+    dmat m;
+    dmat_spectrum(&m, n, lam, 8);
+    double *w = eigvals(&m), want[3];
+    expected(w, n, 3, CV_WHICH_LARGEST, want);
+    cv_eigen_options o;
+    cv_eigen_options_default(&o);
+    o.k = 3;
+    cv_rng_seed(&r, 2);
+    cv_eigen_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_eigen_lanczos(&m.op, &o, &r, &res, &e), 0);
+    check_eigen(&m, &res, want, 3, 1e-5);
+    cv_eigen_result_free(&res);
+    free(w);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(lanczos_k_equals_n)
+{
+    dmat m;
+    dmat_random(&m, 40, 31);
+    double *w = eigvals(&m), want[40];
+    for (int q = 0; q < 3; q++) {
+        cv_eigen_options o;
+        cv_eigen_options_default(&o);
+        o.k = 40;
+        o.which = (cv_which)q;
+        o.return_vectors = 1;
+        expected(w, 40, 40, o.which, want);
+        cv_rng r;
+        cv_rng_seed(&r, 3);
+        cv_eigen_result res;
+        cv_err e;
+        ck_assert_int_eq(cv_eigen_lanczos(&m.op, &o, &r, &res, &e), 0);
+        ck_assert_int_eq(res.iterations, 40);
+        check_eigen(&m, &res, want, 40, 1e-8);
+        cv_eigen_result_free(&res);
+    }
+    free(w);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(lanczos_tridiagonal_relation)
+{
+    dmat m;
+    dmat_random(&m, 30, 12);
+    cv_lanczos_options o = {.steps = 12, .keep_basis = 1};
+    double v0[30];
+    for (int i = 0; i < 30; i++)
+        v0[i] = 1.0 + i;
+    cv_lanczos_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_lanczos(&m.op, v0, &o, NULL, &res, &e), 0);
+    ck_assert_int_eq(res.steps, 12);
+    ck_assert(orth_error(res.basis, 30, 12) < 1e-12);
+    /* V^T A V = T */
+    for (int a = 0; a < 12; a++)
+        for (int b = 0; b < 12; b++) {
+            double s = 0;
+            for (int i = 0; i < 30; i++)
+                for (int j = 0; j < 30; j++)
+                    s += res.basis[i + a * 30] * *A_(&m, i, j) * res.basis[j + b * 30];
+            double t = a == b ? res.alpha[a] : abs(a - b) == 1 ? res.beta[a < b ? a : b] : 0;
+            ck_assert_double_eq_tol(s, t, 1e-12);
+        }
+    cv_lanczos_result_free(&res);
+    dmat_free(&m);
+}
+END_TEST
+
+/* ------------------------------------------------------------ power */
+
+START_TEST(power_vs_dsyev)
+{
+    int n = 80;
+    double lam[80];
+    cv_rng r;
+    cv_rng_seed(&r, 3);
+    for (int i = 0; i < n; i++)
+        lam[i] = i == 0 ? 10.0 : i == 1 ? -7.0 : i == 2 ? 4.0 : 2 * cv_rng_uniform(&r) - 1;
+    dmat m;
+    dmat_spectrum(&m, n, lam, 10);
+    cv_eigen_options o;
+    cv_power_options_default(&o);
+    o.k = 3;
+    o.which = CV_WHICH_MAGNITUDE;
+    o.tol = 1e-10;
+    o.max_iter = 1000;
+    o.return_vectors = 1;
+    cv_eigen_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_eigen_power(&m.op, &o, &r, &res, &e), 0);
+    double want[3] = {10, -7, 4};
+    ck_assert_int_eq(res.converged, 3);
+    ck_assert_int_eq(res.matvecs, res.iterations);
+    ck_assert_int_eq(done_of(&m), res.matvecs);
+    check_eigen(&m, &res, want, 3, 1e-6);
+    cv_eigen_result_free(&res);
+
+    /* PyHessian defaults (tol 1e-3, 100 iterations), sorted descending */
+    cv_power_options_default(&o);
+    o.k = 3;
+    ck_assert_int_eq(cv_eigen_power(&m.op, &o, &r, &res, &e), 0);
+    double want_l[3] = {10, 4, -7};
+    for (int i = 0; i < 3; i++)
+        ck_assert_double_eq_tol(res.eigenvalues[i], want_l[i], 0.01 * fabs(want_l[i]));
+    ck_assert_int_le(res.iterations, 300);
+    cv_eigen_result_free(&res);
+
+    o.which = CV_WHICH_SMALLEST;
+    ck_assert_int_eq(cv_eigen_power(&m.op, &o, &r, &res, &e), -1);
+    ck_assert_int_eq(e.status, CV_EINVAL);
+    ck_assert_str_eq(e.field, "which");
+    dmat_free(&m);
+}
+END_TEST
+
+/* ------------------------------------------------------------ SLQ */
+
+START_TEST(slq_moments_and_normalization)
+{
+    int n = 50;
+    dmat m;
+    dmat_random(&m, n, 41);
+    for (int i = 0; i < n; i++)
+        *A_(&m, i, i) += 0.3;
+    double tr1 = dmat_trace(&m) / n, tr2 = 0;
+    for (int i = 0; i < n * n; i++)
+        tr2 += m.a[i] * m.a[i];
+    tr2 /= n;
+    cv_density_options o;
+    cv_density_options_default(&o);
+    o.runs = 400;
+    o.lanczos_steps = 8;
+    o.grid_points = 2000;
+    cv_rng r;
+    cv_rng_seed(&r, 6);
+    cv_density_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_density_slq(&m.op, &o, &r, &res, &e), 0);
+    ck_assert_int_eq(res.matvecs, 400 * 8);
+    ck_assert_int_eq(done_of(&m), 400 * 8);
+    ck_assert_int_eq(atomic_load(&m.prog.planned), 400 * 8);
+    double *w = eigvals(&m);
+    double exact[3] = {1, tr1, tr2};
+    for (int j = 0; j < 3; j++) {
+        double mean = 0, m2 = 0;
+        for (int k = 0; k < o.runs; k++) {
+            double mom = 0;
+            for (int i = 0; i < res.steps; i++) {
+                double th = res.nodes[k * res.steps + i];
+                mom += res.weights[k * res.steps + i] * pow(th, j);
+                if (j == 0) {
+                    ck_assert(th >= w[0] - 1e-9 && th <= w[n - 1] + 1e-9);
+                    ck_assert(i == 0 || th >= res.nodes[k * res.steps + i - 1]);
+                }
+            }
+            double d = mom - mean;
+            mean += d / (k + 1);
+            m2 += d * (mom - mean);
+        }
+        double se = sqrt(m2 / (o.runs - 1) / o.runs);
+        if (j == 0)
+            ck_assert_double_eq_tol(mean, 1.0, 1e-12);
+        else
+            ck_assert_msg(fabs(mean - exact[j]) <= 4 * se && se < 0.05 * fabs(exact[j]),
+                          "moment %d: %g vs %g (se %g)", j, mean, exact[j], se);
+    }
+    double dx = res.grid[1] - res.grid[0], sum = 0, trap = 0;
+    for (int g = 0; g < res.grid_points; g++) {
+        ck_assert(res.values[g] >= 0);
+        sum += res.values[g];
+        trap += (g == 0 || g == res.grid_points - 1 ? 0.5 : 1.0) * res.values[g];
+    }
+    ck_assert_double_eq_tol(sum * dx, 1.0, 1e-12);
+    ck_assert_double_eq_tol(trap * dx, 1.0, 1e-3);
+    ck_assert(res.grid[0] < w[0] && res.grid[res.grid_points - 1] > w[n - 1]);
+    ck_assert_double_eq_tol(res.sigma2_used, 1e-5 * fmax(1.0, res.grid[res.grid_points - 1] - res.grid[0]), 1e-15);
+    free(w);
+    cv_density_result_free(&res);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(slq_exact_for_small_matrix)
+{
+    /* steps = n: the quadrature is exact for every polynomial; nodes are
+     * the eigenvalues for a start vector with all components non-zero */
+    int n = 12;
+    dmat m;
+    dmat_random(&m, n, 2);
+    cv_density_options o;
+    cv_density_options_default(&o);
+    o.lanczos_steps = 50; /* capped at n */
+    o.grid_points = 500;
+    cv_rng r;
+    cv_rng_seed(&r, 1);
+    cv_density_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_density_slq(&m.op, &o, &r, &res, &e), 0);
+    ck_assert_int_eq(res.steps, n);
+    double *w = eigvals(&m);
+    for (int i = 0; i < n; i++)
+        ck_assert_double_eq_tol(res.nodes[i], w[i], 1e-10);
+    free(w);
+    cv_density_result_free(&res);
+    dmat_free(&m);
+}
+END_TEST
+
+/* ------------------------------------------------------------ solve */
+
+static void spd(dmat *m, int n, uint64_t seed)
+{
+    dmat b;
+    dmat_random(&b, n, seed);
+    dmat_init(m, n);
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++) {
+            double s = 0;
+            for (int l = 0; l < n; l++)
+                s += *A_(&b, l, i) * *A_(&b, l, j);
+            *A_(m, i, j) = s + (i == j ? 0.1 : 0);
+        }
+    dmat_free(&b);
+}
+
+static double *rhs(int n, uint64_t seed)
+{
+    double *b = malloc(sizeof(double) * n);
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    cv_rng_gaussian(&r, b, n);
+    return b;
+}
+
+/* x = (A + delta I)^-1 b by dposv (spd) or dgesv. */
+static double *dense_solve(dmat *m, const double *b, double delta, int spd_)
+{
+    int n = m->n;
+    double *a = malloc(sizeof(double) * n * n), *x = malloc(sizeof(double) * n);
+    memcpy(a, m->a, sizeof(double) * n * n);
+    memcpy(x, b, sizeof(double) * n);
+    for (int i = 0; i < n; i++)
+        a[i + (size_t)i * n] += delta;
+    if (spd_) {
+        ck_assert_int_eq(LAPACKE_dposv(LAPACK_COL_MAJOR, 'U', n, 1, a, n, x, n), 0);
+    } else {
+        lapack_int *piv = malloc(sizeof(lapack_int) * n);
+        ck_assert_int_eq(LAPACKE_dgesv(LAPACK_COL_MAJOR, n, 1, a, n, piv, x, n), 0);
+        free(piv);
+    }
+    free(a);
+    return x;
+}
+
+static double relerr(const double *a, const double *b, int n)
+{
+    double d = 0, s = 0;
+    for (int i = 0; i < n; i++) {
+        d += (a[i] - b[i]) * (a[i] - b[i]);
+        s += b[i] * b[i];
+    }
+    return sqrt(d / s);
+}
+
+START_TEST(cg_vs_dposv)
+{
+    int n = 60;
+    dmat m;
+    spd(&m, n, 3);
+    double *b = rhs(n, 4);
+    double deltas[2] = {0.0, 0.5};
+    for (int d = 0; d < 2; d++) {
+        cv_solve_options o;
+        cv_solve_options_default(&o);
+        o.tol = 1e-10;
+        o.damping = deltas[d];
+        cv_solve_result res;
+        cv_err e;
+        long before = done_of(&m);
+        ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), 0);
+        double *x = dense_solve(&m, b, deltas[d], 1);
+        ck_assert(res.converged);
+        ck_assert(res.residual < 1e-9);
+        ck_assert_msg(relerr(res.x, x, n) < 1e-7, "err %g", relerr(res.x, x, n));
+        ck_assert_int_eq(res.matvecs, res.iterations + 1);
+        ck_assert_int_eq(done_of(&m) - before, res.matvecs);
+        free(x);
+        cv_solve_result_free(&res);
+    }
+    free(b);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(cg_refuses_indefinite)
+{
+    int n = 40;
+    dmat m;
+    dmat_random(&m, n, 8);
+    double *b = rhs(n, 1);
+    cv_solve_options o;
+    cv_solve_options_default(&o);
+    cv_solve_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), -1);
+    ck_assert_int_eq(e.status, CV_EINVAL);
+    ck_assert_str_eq(e.code, "not_positive_definite");
+    ck_assert_str_eq(e.field, "damping");
+    ck_assert_ptr_nonnull(strstr(e.message, "minres"));
+    ck_assert_ptr_null(res.x);
+    /* enough damping makes it positive definite */
+    double *w = eigvals(&m);
+    o.damping = -w[0] + 0.5;
+    o.tol = 1e-10;
+    ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), 0);
+    double *x = dense_solve(&m, b, o.damping, 1);
+    ck_assert(relerr(res.x, x, n) < 1e-7);
+    free(x);
+    free(w);
+    cv_solve_result_free(&res);
+    free(b);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(minres_indefinite_vs_dgesv)
+{
+    int n = 70;
+    double lam[70];
+    for (int i = 0; i < n; i++)
+        lam[i] = (i % 2 ? -1.0 : 1.0) * (0.2 + 0.05 * i);
+    dmat m;
+    dmat_spectrum(&m, n, lam, 12);
+    double *b = rhs(n, 2);
+    cv_solve_options o;
+    cv_solve_options_default(&o);
+    o.method = CV_SOLVE_MINRES;
+    o.tol = 1e-10;
+    for (int d = 0; d < 2; d++) {
+        o.damping = d ? 0.1 : 0.0;
+        cv_solve_result res;
+        cv_err e;
+        ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), 0);
+        double *x = dense_solve(&m, b, o.damping, 0);
+        ck_assert(res.converged);
+        ck_assert_msg(res.residual < 1e-9, "residual %g", res.residual);
+        ck_assert_msg(relerr(res.x, x, n) < 1e-7, "err %g", relerr(res.x, x, n));
+        free(x);
+        cv_solve_result_free(&res);
+    }
+    /* CG refuses the same system */
+    o.method = CV_SOLVE_CG;
+    o.damping = 0;
+    cv_solve_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), -1);
+    ck_assert_str_eq(e.code, "not_positive_definite");
+    free(b);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(newton_step_and_prediction)
+{
+    int n = 30;
+    dmat m;
+    spd(&m, n, 21);
+    double *g = rhs(n, 5), *mg = malloc(sizeof(double) * n);
+    for (int i = 0; i < n; i++)
+        mg[i] = -g[i];
+    for (int meth = 0; meth < 2; meth++) {
+        cv_solve_options o;
+        cv_solve_options_default(&o);
+        o.method = meth;
+        o.damping = 0.3;
+        o.tol = 1e-12;
+        cv_newton_result res;
+        cv_err e;
+        ck_assert_int_eq(cv_newton_step(&m.op, g, &o, &res, &e), 0);
+        double *s = dense_solve(&m, mg, 0.3, 1);
+        ck_assert(relerr(res.step, s, n) < 1e-8);
+        double pred = 0;
+        for (int i = 0; i < n; i++) {
+            double as = 0;
+            for (int j = 0; j < n; j++)
+                as += *A_(&m, i, j) * s[j];
+            pred += 0.5 * s[i] * as + g[i] * s[i];
+        }
+        ck_assert_double_eq_tol(res.predicted_change, pred, 1e-8 * fabs(pred));
+        ck_assert(res.predicted_change < 0);
+        free(s);
+        cv_newton_result_free(&res);
+    }
+    free(g);
+    free(mg);
+    dmat_free(&m);
+}
+END_TEST
+
+/* ------------------------------------------------------------ cancellation */
+
+static void cancel_after(cv_progress *p, void *user)
+{
+    if (atomic_load(&p->done) >= *(long *)user)
+        atomic_store(p->cancel, 1);
+}
+
+/* Runs estimator `which_est` on m; returns its return code. */
+static int run_estimator(int which_est, dmat *m, cv_err *e)
+{
+    cv_rng r;
+    cv_rng_seed(&r, 1);
+    double b[64];
+    for (int i = 0; i < m->n; i++)
+        b[i] = 1.0 + i;
+    int rc = -1;
+    switch (which_est) {
+    case 0: {
+        cv_trace_options o;
+        cv_trace_options_default(&o);
+        o.tol = 0;
+        cv_trace_result res;
+        rc = cv_trace_hutchinson(&m->op, &o, &r, &res, e);
+        if (!rc)
+            cv_trace_result_free(&res);
+        break;
+    }
+    case 1: {
+        cv_trace_options o;
+        cv_trace_options_default(&o);
+        o.tol = 0;
+        cv_trace_result res;
+        rc = cv_trace_hutchpp(&m->op, &o, &r, &res, e);
+        if (!rc)
+            cv_trace_result_free(&res);
+        break;
+    }
+    case 2: {
+        cv_diag_result res;
+        rc = cv_diag_hutchinson(&m->op, NULL, &r, &res, e);
+        if (!rc)
+            cv_diag_result_free(&res);
+        break;
+    }
+    case 3: {
+        cv_diag_result res;
+        rc = cv_diag_exact(&m->op, NULL, &res, e);
+        if (!rc)
+            cv_diag_result_free(&res);
+        break;
+    }
+    case 4: {
+        cv_eigen_options o;
+        cv_eigen_options_default(&o);
+        o.k = 3;
+        o.tol = 1e-14;
+        cv_eigen_result res;
+        rc = cv_eigen_lanczos(&m->op, &o, &r, &res, e);
+        if (!rc)
+            cv_eigen_result_free(&res);
+        break;
+    }
+    case 5: {
+        cv_eigen_options o;
+        cv_power_options_default(&o);
+        o.k = 2;
+        o.tol = 0;
+        cv_eigen_result res;
+        rc = cv_eigen_power(&m->op, &o, &r, &res, e);
+        if (!rc)
+            cv_eigen_result_free(&res);
+        break;
+    }
+    case 6: {
+        cv_density_options o;
+        cv_density_options_default(&o);
+        o.runs = 3;
+        o.lanczos_steps = 20;
+        cv_density_result res;
+        rc = cv_density_slq(&m->op, &o, &r, &res, e);
+        if (!rc)
+            cv_density_result_free(&res);
+        break;
+    }
+    default: {
+        cv_solve_options o;
+        cv_solve_options_default(&o);
+        o.method = which_est == 7 ? CV_SOLVE_CG : CV_SOLVE_MINRES;
+        o.tol = 0;
+        o.max_iter = 50;
+        cv_solve_result res;
+        rc = cv_solve(&m->op, b, &o, &res, NULL, e);
+        if (!rc)
+            cv_solve_result_free(&res);
+        break;
+    }
+    }
+    return rc;
+}
+
+START_TEST(cancellation)
+{
+    for (int est = 0; est < 9; est++) {
+        dmat m;
+        spd(&m, 40, 77);
+        atomic_int cancel = 1;
+        m.prog.cancel = &cancel;
+        cv_err e;
+        ck_assert_int_eq(run_estimator(est, &m, &e), -1);
+        ck_assert_int_eq(e.status, CV_ECANCELLED);
+        ck_assert_int_eq(done_of(&m), 0);
+
+        /* cancelled mid-run after about 7 matvecs */
+        cv_progress_init(&m.prog);
+        atomic_store(&cancel, 0);
+        long after = 7;
+        m.prog.cancel = &cancel;
+        m.prog.on_progress = cancel_after;
+        m.prog.user = &after;
+        ck_assert_int_eq(run_estimator(est, &m, &e), -1);
+        ck_assert_int_eq(e.status, CV_ECANCELLED);
+        ck_assert_int_ge(done_of(&m), 7);
+        ck_assert_int_le(done_of(&m), 7 + 16);
+
+        /* a deadline in the past */
+        cv_progress_init(&m.prog);
+        m.prog.deadline = cv_now_s() - 1;
+        ck_assert_int_eq(run_estimator(est, &m, &e), -1);
+        ck_assert_int_eq(e.status, CV_ETIMEOUT);
+        dmat_free(&m);
+    }
+}
+END_TEST
+
+START_TEST(progress_counts_match_matvecs)
+{
+    dmat m;
+    spd(&m, 30, 5);
+    cv_rng r;
+    cv_rng_seed(&r, 4);
+    cv_err e;
+    cv_trace_result t;
+    ck_assert_int_eq(cv_trace_hutchpp(&m.op, NULL, &r, &t, &e), 0);
+    ck_assert_int_eq(done_of(&m), t.matvecs);
+    long base = done_of(&m);
+    cv_eigen_result ev;
+    ck_assert_int_eq(cv_eigen_power(&m.op, NULL, &r, &ev, &e), 0);
+    ck_assert_int_eq(done_of(&m) - base, ev.matvecs);
+    ck_assert_int_le(done_of(&m), atomic_load(&m.prog.planned));
+    base = done_of(&m);
+    cv_diag_result d;
+    ck_assert_int_eq(cv_diag_hutchinson(&m.op, NULL, &r, &d, &e), 0);
+    ck_assert_int_eq(done_of(&m) - base, d.matvecs);
+    ck_assert_int_eq(d.matvecs, 100);
+    cv_trace_result_free(&t);
+    cv_eigen_result_free(&ev);
+    cv_diag_result_free(&d);
+    dmat_free(&m);
+}
+END_TEST
+
+/* ------------------------------------------------------------ options */
+
+START_TEST(bad_options)
+{
+    dmat m;
+    dmat_random(&m, 10, 1);
+    cv_rng r;
+    cv_rng_seed(&r, 1);
+    cv_err e;
+
+    cv_trace_options to;
+    cv_trace_options_default(&to);
+    to.max_probes = 0;
+    cv_trace_result tr;
+    ck_assert_int_eq(cv_trace_hutchinson(&m.op, &to, &r, &tr, &e), -1);
+    ck_assert_int_eq(e.status, CV_EINVAL);
+    ck_assert_str_eq(e.field, "max_probes");
+    to.max_probes = 2;
+    ck_assert_int_eq(cv_trace_hutchpp(&m.op, &to, &r, &tr, &e), -1);
+    ck_assert_str_eq(e.field, "max_probes");
+    to.max_probes = 10;
+    to.distribution = 7;
+    ck_assert_int_eq(cv_trace_hutchinson(&m.op, &to, &r, &tr, &e), -1);
+    ck_assert_str_eq(e.field, "distribution");
+
+    cv_diag_options dopt;
+    cv_diag_options_default(&dopt);
+    dopt.max_probes = -1;
+    cv_diag_result dr;
+    ck_assert_int_eq(cv_diag_hutchinson(&m.op, &dopt, &r, &dr, &e), -1);
+    ck_assert_str_eq(e.field, "max_probes");
+
+    cv_eigen_options eo;
+    cv_eigen_options_default(&eo);
+    cv_eigen_result er;
+    int ks[2] = {0, 11};
+    for (int i = 0; i < 2; i++) {
+        eo.k = ks[i];
+        ck_assert_int_eq(cv_eigen_lanczos(&m.op, &eo, &r, &er, &e), -1);
+        ck_assert_int_eq(e.status, CV_EINVAL);
+        ck_assert_str_eq(e.field, "k");
+        ck_assert_int_eq(cv_eigen_power(&m.op, &eo, &r, &er, &e), -1);
+        ck_assert_str_eq(e.field, "k");
+    }
+    eo.k = 4;
+    eo.max_iter = 3;
+    ck_assert_int_eq(cv_eigen_lanczos(&m.op, &eo, &r, &er, &e), -1);
+    ck_assert_str_eq(e.field, "max_iter");
+    eo.max_iter = 0;
+    eo.which = 9;
+    ck_assert_int_eq(cv_eigen_lanczos(&m.op, &eo, &r, &er, &e), -1);
+    ck_assert_str_eq(e.field, "which");
+
+    cv_density_options so;
+    cv_density_options_default(&so);
+    cv_density_result sr;
+    so.grid_points = 1;
+    ck_assert_int_eq(cv_density_slq(&m.op, &so, &r, &sr, &e), -1);
+    ck_assert_str_eq(e.field, "grid_points");
+    so.grid_points = 10;
+    so.lanczos_steps = 0;
+    ck_assert_int_eq(cv_density_slq(&m.op, &so, &r, &sr, &e), -1);
+    ck_assert_str_eq(e.field, "lanczos_steps");
+    so.lanczos_steps = 5;
+    so.runs = 0;
+    ck_assert_int_eq(cv_density_slq(&m.op, &so, &r, &sr, &e), -1);
+    ck_assert_str_eq(e.field, "runs");
+    so.runs = 1;
+    so.sigma2 = 0;
+    ck_assert_int_eq(cv_density_slq(&m.op, &so, &r, &sr, &e), -1);
+    ck_assert_str_eq(e.field, "sigma2");
+
+    cv_solve_options vo;
+    cv_solve_options_default(&vo);
+    cv_solve_result vr;
+    double b[10] = {1};
+    vo.damping = NAN;
+    ck_assert_int_eq(cv_solve(&m.op, b, &vo, &vr, NULL, &e), -1);
+    ck_assert_str_eq(e.field, "damping");
+    vo.damping = 0;
+    vo.max_iter = -2;
+    ck_assert_int_eq(cv_solve(&m.op, b, &vo, &vr, NULL, &e), -1);
+    ck_assert_str_eq(e.field, "max_iter");
+
+    ck_assert_int_eq(done_of(&m), 0);
+    ck_assert_int_eq(cv_which_from_name("magnitude"), CV_WHICH_MAGNITUDE);
+    ck_assert_int_eq(cv_which_from_name("top"), -1);
+    ck_assert_int_eq(cv_probe_dist_from_name("gaussian"), CV_PROBE_GAUSSIAN);
+    ck_assert_int_eq(cv_solve_method_from_name("minres"), CV_SOLVE_MINRES);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(same_seed_same_numbers)
+{
+    dmat m;
+    dmat_random(&m, 50, 2);
+    cv_eigen_options o;
+    cv_eigen_options_default(&o);
+    o.k = 2;
+    cv_eigen_result a, b;
+    cv_rng r;
+    cv_err e;
+    cv_rng_seed(&r, 42);
+    ck_assert_int_eq(cv_eigen_lanczos(&m.op, &o, &r, &a, &e), 0);
+    cv_rng_seed(&r, 42);
+    ck_assert_int_eq(cv_eigen_lanczos(&m.op, &o, &r, &b, &e), 0);
+    ck_assert_mem_eq(a.eigenvalues, b.eigenvalues, 2 * sizeof(double));
+    ck_assert_int_eq(a.iterations, b.iterations);
+    cv_eigen_result_free(&a);
+    cv_eigen_result_free(&b);
+    dmat_free(&m);
+}
+END_TEST
+
+static Suite *suite(void)
+{
+    Suite *s = suite_create("estimators");
+    TCase *t = tcase_create("core");
+    tcase_set_timeout(t, 60);
+    tcase_add_test(t, trace_rademacher_diagonal_exact);
+    tcase_add_test(t, trace_random_within_3_stderr);
+    tcase_add_test(t, trace_block_size_does_not_change_result);
+    tcase_add_test(t, trace_tol_stops_early);
+    tcase_add_test(t, hutchpp_beats_hutchinson);
+    tcase_add_test(t, hutchpp_full_sketch_is_exact);
+    tcase_add_test(t, diag_exact_equals_diagonal);
+    tcase_add_test(t, diag_hutchinson);
+    tcase_add_test(t, lanczos_vs_dsyev);
+    tcase_add_test(t, lanczos_repeated_and_rank_deficient);
+    tcase_add_test(t, lanczos_repeated_top_in_random_spectrum);
+    tcase_add_test(t, lanczos_k_equals_n);
+    tcase_add_test(t, lanczos_tridiagonal_relation);
+    tcase_add_test(t, power_vs_dsyev);
+    tcase_add_test(t, slq_moments_and_normalization);
+    tcase_add_test(t, slq_exact_for_small_matrix);
+    tcase_add_test(t, cg_vs_dposv);
+    tcase_add_test(t, cg_refuses_indefinite);
+    tcase_add_test(t, minres_indefinite_vs_dgesv);
+    tcase_add_test(t, newton_step_and_prediction);
+    tcase_add_test(t, cancellation);
+    tcase_add_test(t, progress_counts_match_matvecs);
+    tcase_add_test(t, bad_options);
+    tcase_add_test(t, same_seed_same_numbers);
+    suite_add_tcase(s, t);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed < 255 ? failed : 255;
+}

@@ -1,0 +1,153 @@
+"""torchref.py - PyTorch reference helpers for curvd's end-to-end tests.
+
+Writes safetensors by hand (Debian has no `safetensors` module), exports an
+nn.Sequential + loss to curvd's architecture JSON, and computes reference
+quantities with torch.autograd (double-backward HVPs, dense Hessians/GGNs).
+"""
+import json
+import struct
+import subprocess
+import tempfile
+import os
+
+import torch
+
+DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
+          torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def safetensors_bytes(tensors):
+    """Serialize {name: tensor} like the reference safetensors writer."""
+    header, blobs, off = {}, [], 0
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        if t.dtype == torch.bfloat16:
+            raw = t.view(torch.int16).numpy().tobytes()
+        else:
+            raw = t.numpy().tobytes()
+        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    return struct.pack("<Q", len(h)) + h + b"".join(blobs)
+
+
+def layer_json(m):
+    """Architecture JSON of one torch module (the types curvd supports)."""
+    n = type(m).__name__
+    if n == "Linear":
+        return {"type": n, "in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None}
+    if n == "Conv2d":
+        return {"type": n, "in_channels": m.in_channels, "out_channels": m.out_channels,
+                "kernel_size": list(m.kernel_size), "stride": list(m.stride),
+                "padding": list(m.padding), "dilation": list(m.dilation),
+                "groups": m.groups, "bias": m.bias is not None}
+    if n in ("MaxPool2d", "AvgPool2d"):
+        d = {"type": n, "kernel_size": m.kernel_size, "stride": m.stride,
+             "padding": m.padding, "ceil_mode": m.ceil_mode}
+        if n == "MaxPool2d":
+            d["dilation"] = m.dilation
+        else:
+            d["count_include_pad"] = m.count_include_pad
+        return d
+    if n == "AdaptiveAvgPool2d":
+        return {"type": n, "output_size": m.output_size}
+    if n in ("BatchNorm1d", "BatchNorm2d"):
+        return {"type": n, "num_features": m.num_features, "eps": m.eps, "affine": m.affine}
+    if n == "LeakyReLU":
+        return {"type": n, "negative_slope": m.negative_slope}
+    if n == "ELU":
+        return {"type": n, "alpha": m.alpha}
+    if n == "GELU":
+        return {"type": n, "approximate": m.approximate}
+    if n == "Softplus":
+        return {"type": n, "beta": m.beta, "threshold": m.threshold}
+    if n == "Flatten":
+        return {"type": n, "start_dim": m.start_dim, "end_dim": m.end_dim}
+    if n == "Dropout":
+        return {"type": n, "p": m.p}
+    if n in ("ReLU", "Tanh", "Sigmoid", "Identity"):
+        return {"type": n}
+    raise ValueError("unsupported module " + n)
+
+
+def arch_json(model, input_shape, loss):
+    return {"input_shape": list(input_shape),
+            "layers": [layer_json(m) for m in model],
+            "loss": {"type": type(loss).__name__, "reduction": loss.reduction}}
+
+
+def write_case(d, model, input_shape, loss, x, y):
+    """Writes arch.json, params.safetensors and data.safetensors into d."""
+    with open(os.path.join(d, "arch.json"), "w") as f:
+        json.dump(arch_json(model, input_shape, loss), f)
+    with open(os.path.join(d, "params.safetensors"), "wb") as f:
+        f.write(safetensors_bytes(model.state_dict()))
+    with open(os.path.join(d, "data.safetensors"), "wb") as f:
+        f.write(safetensors_bytes({"x": x, "y": y}))
+
+
+def curvd_run(curvd, d, job, expect_ok=True):
+    """Runs `curvd run` on the case in d; returns (rc, parsed stdout or stderr JSON)."""
+    jp = os.path.join(d, "job.json")
+    with open(jp, "w") as f:
+        json.dump(job, f)
+    p = subprocess.run([curvd, "run", "--arch", os.path.join(d, "arch.json"),
+                        "--params", os.path.join(d, "params.safetensors"),
+                        "--data", os.path.join(d, "data.safetensors"), "--job", jp],
+                       capture_output=True, text=True, timeout=600)
+    if expect_ok and p.returncode != 0:
+        raise RuntimeError("curvd run failed: " + p.stderr[-2000:])
+    out = p.stdout if p.returncode == 0 else p.stderr
+    try:
+        return p.returncode, json.loads(out)
+    except json.JSONDecodeError:
+        return p.returncode, {"raw": out}
+
+
+def flat_params(model):
+    return [p for p in model.parameters()]
+
+
+def loss_and_grad(model, loss_fn, x, y):
+    params = flat_params(model)
+    loss = loss_fn(model(x), y)
+    g = torch.autograd.grad(loss, params, create_graph=True)
+    return loss, g, params
+
+
+def hvp(model, loss_fn, x, y, v):
+    """Hessian-vector product by double backward, as PyHessian does."""
+    loss, g, params = loss_and_grad(model, loss_fn, x, y)
+    vs, off = [], 0
+    for p in params:
+        vs.append(v[off:off + p.numel()].view_as(p))
+        off += p.numel()
+    hv = torch.autograd.grad(g, params, grad_outputs=vs)
+    return torch.cat([h.reshape(-1) for h in hv])
+
+
+def dense_hessian(model, loss_fn, x, y):
+    D = sum(p.numel() for p in model.parameters())
+    cols = [hvp(model, loss_fn, x, y, torch.eye(D, dtype=x.dtype)[i]) for i in range(D)]
+    return torch.stack(cols, 1)
+
+
+def dense_ggn(model, loss_fn, x, y):
+    """G = J^T (d2 loss / dh2) J with J from autograd (double precision friendly)."""
+    params = flat_params(model)
+    out = model(x)
+    C = out.numel()
+    J = []
+    for i in range(C):
+        gi = torch.autograd.grad(out.reshape(-1)[i], params, retain_graph=True)
+        J.append(torch.cat([g.reshape(-1) for g in gi]))
+    J = torch.stack(J)                       # (N*C) x D
+    o = out.detach().reshape(-1).requires_grad_(True)
+    l = loss_fn(o.view_as(out), y)
+    g = torch.autograd.grad(l, o, create_graph=True)[0]
+    Lam = torch.stack([torch.autograd.grad(g[i], o, retain_graph=True)[0] for i in range(C)])
+    return J.T @ Lam @ J
