@@ -35,6 +35,15 @@ $(B)/tests/%: tests/%.c tests/testutil.h $(B)/libcurvd.a $(HDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(B)/libcurvd.a $(CHECKLIBS) $(LDLIBS)
 
+# server/demo.c embeds scikit-learn's digits (python3-sklearn's data file),
+# converted at build time; an empty table (synthetic fallback) when absent.
+DIGITS_CSV := /usr/lib/python3/dist-packages/sklearn/datasets/data/digits.csv.gz
+$(B)/gen/digits.inc: server/gen_digits.sh $(wildcard $(DIGITS_CSV))
+	@mkdir -p $(dir $@)
+	sh server/gen_digits.sh $(DIGITS_CSV) > $@.tmp && mv $@.tmp $@
+$(B)/server/demo.o: $(B)/gen/digits.inc
+$(B)/server/demo.o: CFLAGS += -I$(B)/gen
+
 unit: $(TEST_BIN)
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; CK_DEFAULT_TIMEOUT=600 $$t; done
 
@@ -51,10 +60,13 @@ run:
 	@$(MAKE) --no-print-directory all
 	$(B)/curvd serve $(ARGS)
 
+$(B)/bench_ops: bench/bench_ops.c $(B)/libcurvd.a $(HDRS)
+	$(CC) $(CFLAGS) -o $@ $< $(B)/libcurvd.a $(LDLIBS)
+
 bench:
 	@scripts/deps.sh bench
-	@$(MAKE) --no-print-directory all
-	$(PY) bench/bench.py --curvd $(B)/curvd
+	@$(MAKE) --no-print-directory all $(B)/bench_ops
+	$(PY) bench/bench.py --bench-ops $(B)/bench_ops $(BENCH_ARGS)
 
 clean:
 	rm -rf $(B)

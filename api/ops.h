@@ -47,5 +47,10 @@ extern const cv_op_def cv_op_loss, cv_op_gradient, cv_op_matvec, cv_op_dense,
     cv_op_per_sample;
 extern const cv_op_def cv_op_trace, cv_op_diag, cv_op_eigen, cv_op_density, cv_op_solve,
     cv_op_newton;
+extern const cv_op_def cv_op_snr;
+
+/* ViViT (api/ops_vivit.c): eigen with method "gram", newton with method "vivit". */
+int cv_op_eigen_gram(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e);
+int cv_op_newton_vivit(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e);
 
 #endif

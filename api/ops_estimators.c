@@ -140,9 +140,6 @@ static int check_eigen(const cJSON *o, cv_err *e)
     return 0;
 }
 
-int cv_op_eigen_gram(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
-    __attribute__((weak));
-
 static void eigen_json(const cv_eigen_result *r, const char *method, cv_which which,
                        cJSON *out)
 {
@@ -159,12 +156,8 @@ static void eigen_json(const cv_eigen_result *r, const char *method, cv_which wh
 static int run_eigen(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const char *method = cv_opt_str(c->options, "method", "lanczos");
-    if (strcmp(method, "gram") == 0) {
-        if (!cv_op_eigen_gram)
-            return cv_err_set(e, CV_EINVAL, "unsupported", "options.method",
-                              "method gram is not available in this build");
+    if (strcmp(method, "gram") == 0)
         return cv_op_eigen_gram(c, b, out, e);
-    }
     int power = strcmp(method, "power") == 0;
     cv_eigen_options o;
     if (power)
@@ -303,9 +296,6 @@ static const cv_opt_spec newton_opts[] = {
     MC_OPT,
     END};
 
-int cv_op_newton_vivit(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
-    __attribute__((weak));
-
 static int check_newton(const cJSON *o, cv_err *e)
 {
     int vivit = strcmp(cv_opt_str(o, "method", "cg"), "vivit") == 0;
@@ -336,12 +326,8 @@ static int add_actual_change(cv_op_ctx *c, const cv_block *b, const double *step
 
 static int run_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
-    if (strcmp(cv_opt_str(c->options, "method", "cg"), "vivit") == 0) {
-        if (!cv_op_newton_vivit)
-            return cv_err_set(e, CV_EINVAL, "unsupported", "options.method",
-                              "method vivit is not available in this build");
+    if (strcmp(cv_opt_str(c->options, "method", "cg"), "vivit") == 0)
         return cv_op_newton_vivit(c, b, out, e);
-    }
     double *g = malloc(sizeof(double) * b->dim);
     if (!g)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient");

@@ -611,7 +611,8 @@ int cv_st_write(const cv_st_entry *t, size_t n, const char *const *meta, size_t 
     *out = NULL;
     *outlen = 0;
     if ((n && !t) || (nmeta && !meta))
-        return cv_err_set(e, CV_EINVAL, "bad_tensor", "", "cv_st_write: NULL tensor or metadata list");
+        return cv_err_set(e, CV_EINVAL, "bad_tensor", "",
+                          "cv_st_write: NULL tensor or metadata list");
     size_t *nbytes = malloc((n ? n : 1) * sizeof *nbytes);
     if (!nbytes)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");

@@ -194,12 +194,17 @@ void cv_eigen_result_free(cv_eigen_result *r);
  * |beta_m s_{m,i}| <= tol * max(|theta_i|, 1e-6 max_j |theta_j|) (or below
  * 1e3 eps ||T||, where nothing better is possible), or max_iter steps.
  * Ritz values from LAPACK dstev on T, checked every step up to 64 steps and
- * every ~m/32 steps after.  An invariant subspace (beta ~ 0) restarts with a
- * random vector orthogonal to the basis, which is how repeated eigenvalues
- * get their copies; a single-vector Krylov method can otherwise miss copies
- * of a multiple eigenvalue.  Not converging within max_iter is not an error:
- * check `converged` and `residuals`.  Memory: about max_iter + 1 vectors
- * (the basis grows as needed) + k for vectors. */
+ * every ~m/32 steps after.  An invariant subspace (beta ~ 0, e.g. a
+ * low-rank GGN or repeated eigenvalues) restarts with a random vector
+ * orthogonal to the basis; each such Krylov block sees one more copy of
+ * every multiple eigenvalue, so after a restart the result is final only
+ * once the current block is invariant too and adds no wanted value beyond
+ * the earlier blocks' (e.g. {5,5,5,3,0,...}, k = 3 gives 5,5,5).  Without
+ * invariant subspaces a single-vector Krylov method can still miss copies
+ * of an exactly multiple eigenvalue (rounding usually brings them in).
+ * Not converging within max_iter is not an error: check `converged` and
+ * `residuals`.  Memory: about max_iter + 1 vectors (the basis grows as
+ * needed) + k for vectors. */
 int cv_eigen_lanczos(const cv_linop *op, const cv_eigen_options *opt, cv_rng *rng,
                      cv_eigen_result *out, cv_err *e);
 

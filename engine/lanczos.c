@@ -71,6 +71,7 @@ typedef struct {
     size_t n;
     cv_rng *rng;
     int cap, max_cap, steps, restarts;
+    int block_start;        /* first vector of the current Krylov block (last restart) */
     double *V, *alpha, *beta, *w, *h, *tmp;
     double tnorm;           /* running estimate of ||T|| */
     long matvecs;
@@ -163,6 +164,12 @@ static int lz_restart_vector(lz_state *s, int j, double *v)
     return 1;
 }
 
+/* Non-zero if the last step ended in an invariant subspace (beta ~ 0). */
+static int lz_invariant(const lz_state *s)
+{
+    return s->steps > 0 && s->beta[s->steps - 1] <= 1e-10 * s->tnorm;
+}
+
 /* Basis vector `steps` from the last residual, or a restart when the
  * Krylov space became invariant (beta ~ 0).  1: no further vector. */
 static int lz_next_vector(lz_state *s, cv_err *e)
@@ -173,7 +180,7 @@ static int lz_next_vector(lz_state *s, cv_err *e)
     if (lz_grow(s, j + 1, e))
         return -1;
     double *v = s->V + (size_t)j * s->n;
-    if (s->beta[j - 1] > 1e-10 * s->tnorm) {
+    if (!lz_invariant(s)) {
         for (size_t i = 0; i < s->n; i++)
             v[i] = s->w[i] / s->beta[j - 1];
         return 0;
@@ -182,6 +189,7 @@ static int lz_next_vector(lz_state *s, cv_err *e)
         return 1;
     s->beta[j - 1] = 0.0;
     s->restarts++;
+    s->block_start = j;
     return 0;
 }
 
@@ -335,6 +343,49 @@ static int ritz_vectors(const lz_state *s, const ritz_t *r, int k, double **out,
     return 0;
 }
 
+/* Does Ritz value th of the current block beat tau, the k-th wanted value
+ * of the earlier blocks, by more than the tolerance? */
+static int beats(double th, double tau, cv_which which, double delta)
+{
+    if (which == CV_WHICH_LARGEST)
+        return th > tau + delta;
+    if (which == CV_WHICH_SMALLEST)
+        return th < tau - delta;
+    return fabs(th) > fabs(tau) + delta;
+}
+
+/* A converged wanted set is final unless Krylov blocks are involved: after
+ * an invariant subspace each new block sees one more copy of every multiple
+ * eigenvalue, so the set is final only once the current block is invariant
+ * too and adds no wanted value beyond those of the earlier blocks (blocks
+ * are no longer than the first one, so this costs little). */
+static int blocks_settled(const lz_state *s, const cv_eigen_options *o, int *settled,
+                          cv_err *e)
+{
+    int inv = lz_invariant(s), b0 = s->block_start, m = s->steps;
+    *settled = s->restarts == 0 && !inv;
+    if (*settled || !inv || b0 < o->k)
+        return 0;
+    double *th = CV_EST_ALLOC((size_t)m, double, e);
+    int *idx = th ? CV_EST_ALLOC((size_t)o->k, int, e) : NULL;
+    if (!idx || cv_est_tridiag_eig(b0, s->alpha, s->beta, th, NULL, e) ||
+        cv_est_tridiag_eig(m - b0, s->alpha + b0, s->beta + b0, th + b0, NULL, e)) {
+        free(th);
+        free(idx);
+        return -1;
+    }
+    cv_est_select(th, b0, o->k, o->which, idx);
+    double tau = th[idx[o->k - 1]], thmax = fmax(fabs(th[0]), fabs(th[b0 - 1]));
+    double delta = fmax(o->tol * fmax(fabs(tau), 1e-6 * thmax), 1e3 * DBL_EPSILON * s->tnorm);
+    *settled = 1;
+    for (int i = b0; i < m; i++)
+        if (beats(th[i], tau, o->which, delta))
+            *settled = 0;
+    free(th);
+    free(idx);
+    return 0;
+}
+
 /* Runs Lanczos steps until the k wanted Ritz pairs converge or m_max. */
 static int eigen_iterate(lz_state *s, const cv_eigen_options *o, int m_max, ritz_t *r,
                          cv_err *e)
@@ -350,7 +401,10 @@ static int eigen_iterate(lz_state *s, const cv_eigen_options *o, int m_max, ritz
             if (ritz_compute(s, o->k, o->which, o->tol, r, e))
                 return -1;
             last_check = m;
-            if (r->converged == o->k)
+            int settled = 0;
+            if (r->converged == o->k && blocks_settled(s, o, &settled, e))
+                return -1;
+            if (settled)
                 return 0;
         }
         if (end)

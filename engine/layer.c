@@ -12,6 +12,10 @@ const cv_layer_ops *cv_layer_ops_for(cv_layer_type t)
         return &cv_activation_ops;
     case CV_IDENTITY: case CV_FLATTEN: case CV_DROPOUT:
         return &cv_passthrough_ops;
+    case CV_CONV2D: return &cv_conv2d_ops;
+    case CV_MAXPOOL2D: return &cv_maxpool2d_ops;
+    case CV_AVGPOOL2D: case CV_ADAPTIVEAVGPOOL2D: return &cv_avgpool2d_ops;
+    case CV_BATCHNORM1D: case CV_BATCHNORM2D: return &cv_batchnorm_ops;
     default:
         return NULL;
     }

@@ -131,7 +131,8 @@ START_TEST(st_roundtrip)
     float s = 42;
     int64_t sa[] = {2, 3}, sb[] = {4}, sz[] = {0, 3};
     cv_st_entry t[4] = {ent("a", CV_ST_F32, 2, sa, a), ent("b\"q", CV_ST_I64, 1, sb, b),
-                        ent("scalar", CV_ST_F32, 0, NULL, &s), ent("empty", CV_ST_F32, 2, sz, NULL)};
+                        ent("scalar", CV_ST_F32, 0, NULL, &s),
+                        ent("empty", CV_ST_F32, 2, sz, NULL)};
     const char *meta[] = {"format", "pt", "note", "a\\b"};
     void *buf;
     size_t len;

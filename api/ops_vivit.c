@@ -1,0 +1,448 @@
+/* ops_vivit.c - the ViViT ops on engine/vivit.h: eigen with method "gram"
+ * (cv_op_eigen_gram), newton with method "vivit" (cv_op_newton_vivit) and
+ * the "snr" op (directional gradient/curvature SNR, per-layer gradient SNR).
+ *
+ * Curvature: "ggn" uses the exact loss-Hessian roots (C columns per sample),
+ * "fisher_mc" (or options.mc with "ggn") mc_samples Monte Carlo columns per
+ * sample drawn exactly as the engine draws fisher_mc; hessian and ef have no
+ * such factor and are refused.  options.subsample keeps a seeded fraction of
+ * the batch for the curvature (the gradients always use the whole batch);
+ * the op has no sub-batch engine, so that sub-sampling shrinks the
+ * eigenproblem but not the backpropagation.  Non-finite numbers (an SNR
+ * with zero variance) are written as null.
+ *
+ * Defaults: eigen gram returns every eigenvalue above the threshold (k caps
+ * it; residuals |G e - lambda e| come with return_vectors); snr uses the top
+ * k = C directions; newton vivit: mode directional, k "all", damping 1.0 (or
+ * "bootstrap": 100 resamples, 200-point log grid 1e-4..1e2, 5th percentile,
+ * seeded from the job seed). */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/ops.h"
+#include "engine/vivit.h"
+
+#define END {NULL, 0, 0, 0, NULL}
+#define BIG 1e9
+/* cv_job_run seeds the engine (fisher_mc draws) with seed ^ this; the MC
+ * columns use the same seed so they are the engine's fisher_mc exactly. */
+#define CV_VIVIT_CURV_SEED(s) ((s) ^ 0x5eedF15Cull)
+#define CV_VIVIT_SUB_SALT 0x5b5a3c1d2e4f6071ull
+#define CV_VIVIT_BOOT_SALT 0xb0075a3917ull
+
+/* ---- shared -------------------------------------------------------------- */
+
+static void add_num(cJSON *o, const char *name, double x)
+{
+    if (isfinite(x))
+        cJSON_AddNumberToObject(o, name, x);
+    else
+        cJSON_AddNullToObject(o, name);
+}
+
+static cJSON *json_nums(const double *v, size_t n)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (size_t i = 0; i < n; i++)
+        cJSON_AddItemToArray(a, isfinite(v[i]) ? cJSON_CreateNumber(v[i]) : cJSON_CreateNull());
+    return a;
+}
+
+/* rows x cols matrix stored column-major as a list of rows. */
+static cJSON *json_rows(const double *v, int rows, int cols)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (int r = 0; r < rows; r++) {
+        cJSON *row = cJSON_CreateArray();
+        for (int c = 0; c < cols; c++)
+            cJSON_AddItemToArray(row, cJSON_CreateNumber(v[(size_t)c * rows + r]));
+        cJSON_AddItemToArray(a, row);
+    }
+    return a;
+}
+
+static cJSON *block_names(const cv_model *m, const cv_block *b)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; i < b->count; i++)
+        cJSON_AddItemToArray(a, cJSON_CreateString(cv_model_param(m, b->idx[i])->name));
+    return a;
+}
+
+static int check_curvature(const cv_op_ctx *c, cv_err *e)
+{
+    if (c->kind == CV_CURV_GGN || c->kind == CV_CURV_FISHER_MC)
+        return 0;
+    return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature",
+                      "ViViT works on the GGN's low-rank factor: curvature must be \"ggn\" "
+                      "(exact) or \"fisher_mc\" (Monte Carlo columns), got \"%s\"%s",
+                      cv_curvature_name(c->kind),
+                      c->kind == CV_CURV_HESSIAN ? " (the default when the job gives none)" : "");
+}
+
+/* Factor and Gram of block b with the op's options (subset is the caller's
+ * buffer of batch-size ints, kept alive while v is used). */
+static int build(cv_op_ctx *c, const cv_block *b, int *subset, cv_vivit *v, cv_err *e)
+{
+    if (check_curvature(c, e))
+        return -1;
+    cv_vivit_options o;
+    cv_vivit_options_default(&o);
+    int mc = c->kind == CV_CURV_FISHER_MC || cv_opt_bool(c->options, "mc", 0);
+    o.mc = mc ? cv_opt_int(c->options, "mc_samples", 1) : 0;
+    o.mc_seed = CV_VIVIT_CURV_SEED(c->seed);
+    o.threshold = cv_opt_num(c->options, "threshold", -1);
+    o.progress = c->progress;
+    double frac = cv_opt_num(c->options, "subsample", 1.0);
+    if (frac < 1.0) {
+        int n = (int)cv_curv_batch_size(c->curv);
+        o.n_subset = cv_vivit_subsample(n, frac, c->seed ^ CV_VIVIT_SUB_SALT, subset);
+        o.subset = subset;
+    }
+    return cv_vivit_init(v, c->curv, b, &o, e);
+}
+
+static int *subset_buffer(cv_op_ctx *c, cv_err *e)
+{
+    int *s = malloc(sizeof(int) * cv_curv_batch_size(c->curv));
+    if (!s)
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "sample subset");
+    return s;
+}
+
+/* Size of the factor (and the sub-sampled batch indices, the rows of the raw
+ * lambda); after cv_vivit_eigh also the rank and threshold. */
+static void factor_json(const cv_vivit *v, cJSON *out)
+{
+    cJSON_AddNumberToObject(out, "columns", v->R);
+    cJSON_AddNumberToObject(out, "curvature_samples", v->ns);
+    cJSON_AddNumberToObject(out, "mc_columns", v->mc);
+    if (v->ns < v->n) {
+        cJSON *idx = cJSON_AddArrayToObject(out, "curvature_indices");
+        for (int i = 0; i < v->ns; i++)
+            cJSON_AddItemToArray(idx, cJSON_CreateNumber(v->sub[i]));
+    }
+    if (v->gram)
+        return;
+    cJSON_AddNumberToObject(out, "rank", v->rank);
+    cJSON_AddNumberToObject(out, "threshold", v->threshold_used);
+    cJSON_AddNumberToObject(out, "lambda_max", v->lambda_max);
+}
+
+/* ---- eigen (method gram) --------------------------------------------------- */
+
+/* residual_q = |G e_q - lambda_q e_q| with G e = V V^T e. */
+static int gram_residuals(cv_vivit *v, int k, const double *E, double *res, cv_err *e)
+{
+    double *Y = malloc(sizeof(double) * (size_t)k * v->R);
+    double *GE = malloc(sizeof(double) * (size_t)k * v->dim);
+    int rc = Y && GE ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "residuals");
+    if (!rc)
+        rc = cv_vivit_apply_vt(v, k, E, Y, e);
+    if (!rc)
+        rc = cv_vivit_apply_v(v, k, Y, GE, e);
+    for (int q = 0; q < k && !rc; q++) {
+        double s = 0;
+        for (size_t i = 0; i < v->dim; i++) {
+            double d = GE[(size_t)q * v->dim + i] - v->eigenvalues[q] * E[(size_t)q * v->dim + i];
+            s += d * d;
+        }
+        res[q] = sqrt(s);
+    }
+    free(Y);
+    free(GE);
+    return rc;
+}
+
+static int eigen_vectors_json(cv_vivit *v, int k, cJSON *out, cv_err *e)
+{
+    double *E = malloc(sizeof(double) * (size_t)(k ? k : 1) * v->dim);
+    double *res = malloc(sizeof(double) * (size_t)(k ? k : 1));
+    int rc = E && res ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "eigenvectors");
+    if (!rc)
+        rc = cv_vivit_eigenvectors(v, k, E, e);
+    if (!rc)
+        rc = gram_residuals(v, k, E, res, e);
+    if (!rc) {
+        cJSON_AddItemToObject(out, "residuals", cv_json_doubles(res, (size_t)k));
+        cJSON_AddItemToObject(out, "eigenvectors", cv_json_columns(E, v->dim, k));
+    }
+    free(E);
+    free(res);
+    return rc;
+}
+
+int cv_op_eigen_gram(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    if (strcmp(cv_opt_str(c->options, "which", "largest"), "smallest") == 0)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.which",
+                          "method gram gives the GGN's nonzero (largest) eigenvalues; use "
+                          "method lanczos for which=smallest");
+    int *subset = subset_buffer(c, e);
+    cv_vivit v;
+    if (!subset || build(c, b, subset, &v, e)) {
+        free(subset);
+        return -1;
+    }
+    int rc = cv_vivit_eigh(&v, e);
+    int k = cv_opt_int(c->options, "k", v.rank);
+    k = k < v.rank ? k : v.rank;
+    if (!rc) {
+        cJSON_AddStringToObject(out, "method", "gram");
+        cJSON_AddStringToObject(out, "which", cv_opt_str(c->options, "which", "largest"));
+        cJSON_AddItemToObject(out, "eigenvalues", cv_json_doubles(v.eigenvalues, (size_t)k));
+        factor_json(&v, out);
+        cJSON_AddNumberToObject(out, "converged", k);
+        cJSON_AddNumberToObject(out, "iterations", 0);
+    }
+    if (!rc && cv_opt_bool(c->options, "return_vectors", 0))
+        rc = eigen_vectors_json(&v, k, out, e);
+    cv_vivit_free(&v);
+    free(subset);
+    return rc;
+}
+
+/* ---- snr ------------------------------------------------------------------- */
+
+static const cv_opt_spec snr_opts[] = {
+    {"k", CV_OPT_INT, 1, 1e6, NULL},
+    {"return_raw", CV_OPT_BOOL, 0, 0, NULL},
+    {"mc", CV_OPT_BOOL, 0, 0, NULL},
+    {"mc_samples", CV_OPT_INT, 1, 1e6, NULL},
+    {"subsample", CV_OPT_NUM, 1e-9, 1, NULL},
+    {"threshold", CV_OPT_NUM, 0, BIG, NULL},
+    END};
+
+static cJSON *direction_json(const cv_vivit_derivs *d, int q, double lambda, double gdot,
+                             double gnorm)
+{
+    cJSON *o = cJSON_CreateObject();
+    cv_vivit_stat sg, sl;
+    cv_vivit_stats(d->gamma + (size_t)q * d->n, d->n, &sg);
+    cv_vivit_stats(d->lambda + (size_t)q * d->ns, d->ns, &sl);
+    cJSON_AddNumberToObject(o, "eigenvalue", lambda);
+    add_num(o, "gamma_mean", sg.mean);
+    add_num(o, "gamma_var", sg.var);
+    add_num(o, "gamma_snr", sg.snr);
+    add_num(o, "lambda_mean", sl.mean);
+    add_num(o, "lambda_var", sl.var);
+    add_num(o, "lambda_snr", sl.snr);
+    add_num(o, "alignment", gnorm > 0 ? fabs(gdot) / gnorm : NAN);
+    return o;
+}
+
+static int gsnr_json(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    cv_vivit_gsnr *g = malloc(sizeof(cv_vivit_gsnr) * CV_MAX_LAYERS);
+    int count = 0;
+    if (!g)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient SNR");
+    int rc = cv_vivit_gsnr_layers(c->curv, b, g, CV_MAX_LAYERS, &count, c->progress, e);
+    cJSON *arr = rc ? NULL : cJSON_AddArrayToObject(out, "gsnr");
+    for (int i = 0; i < count && !rc; i++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddItemToObject(o, "params", block_names(c->m, &g[i].block));
+        add_num(o, "gsnr", g[i].gsnr);
+        cJSON_AddNumberToObject(o, "zero_variance", (double)g[i].zero_variance);
+        cJSON_AddItemToArray(arr, o);
+    }
+    free(g);
+    return rc;
+}
+
+static int directions_json(cv_op_ctx *c, cv_vivit *v, int k, cJSON *out, cv_err *e)
+{
+    double *E = malloc(sizeof(double) * (size_t)(k ? k : 1) * v->dim);
+    double *g = malloc(sizeof(double) * v->dim);
+    cv_vivit_derivs d = {0};
+    int rc = E && g ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "eigenvectors");
+    if (!rc)
+        rc = cv_vivit_eigenvectors(v, k, E, e);
+    if (!rc)
+        rc = cv_vivit_directional(v, k, E, &d, e);
+    if (!rc)
+        rc = cv_curv_gradient(c->curv, &v->block, g, e);
+    if (!rc) {
+        double gn = 0;
+        for (size_t i = 0; i < v->dim; i++)
+            gn += g[i] * g[i];
+        cJSON *arr = cJSON_AddArrayToObject(out, "directions");
+        for (int q = 0; q < k; q++) {
+            double dot = 0;
+            for (size_t i = 0; i < v->dim; i++)
+                dot += E[(size_t)q * v->dim + i] * g[i];
+            cJSON_AddItemToArray(arr, direction_json(&d, q, v->eigenvalues[q], dot, sqrt(gn)));
+        }
+        cJSON_AddNumberToObject(out, "gradient_norm", sqrt(gn));
+    }
+    if (!rc && cv_opt_bool(c->options, "return_raw", 0)) {
+        cJSON_AddItemToObject(out, "gamma", json_rows(d.gamma, d.n, k));
+        cJSON_AddItemToObject(out, "lambda", json_rows(d.lambda, d.ns, k));
+    }
+    cv_vivit_derivs_free(&d);
+    free(E);
+    free(g);
+    return rc;
+}
+
+static int run_snr(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    int *subset = subset_buffer(c, e);
+    cv_vivit v;
+    if (!subset || build(c, b, subset, &v, e)) {
+        free(subset);
+        return -1;
+    }
+    int rc = cv_vivit_eigh(&v, e);
+    int k = cv_opt_int(c->options, "k", v.C);
+    k = k < v.rank ? k : v.rank;
+    if (!rc) {
+        factor_json(&v, out);
+        rc = directions_json(c, &v, k, out, e);
+    }
+    if (!rc)
+        rc = gsnr_json(c, b, out, e);
+    cv_vivit_free(&v);
+    free(subset);
+    return rc;
+}
+
+/* ---- newton (method vivit) --------------------------------------------------- */
+
+static int check_newton_vivit(const cv_op_ctx *c, int full, int boot, cv_err *e)
+{
+    const cJSON *o = c->options;
+    if (full && boot)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.damping",
+                          "damping \"bootstrap\" is directional: it needs mode directional");
+    if (full && cv_opt_get(o, "k"))
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
+                          "k applies to mode directional (mode full uses the whole GGN)");
+    if (!boot && (cv_opt_get(o, "grid") || cv_opt_get(o, "bootstrap_samples")))
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.grid",
+                          "grid and bootstrap_samples apply to damping \"bootstrap\" only");
+    const cJSON *grid = cv_opt_get(o, "grid"), *x;
+    if (grid && cJSON_GetArraySize(grid) < 1)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.grid",
+                          "grid must list at least one damping value");
+    cJSON_ArrayForEach(x, grid) if (!(x->valuedouble > 0)) return cv_err_set(
+        e, CV_EINVAL, "invalid_option", "options.grid", "grid values must be positive");
+    return 0;
+}
+
+static int add_actual(cv_op_ctx *c, const cv_block *b, const double *step, cJSON *out,
+                      cv_err *e)
+{
+    if (!cv_opt_bool(c->options, "actual_change", 0))
+        return 0;
+    cv_err_clear(e);
+    double after = cv_curv_loss_at(c->curv, b, step, e);
+    if (e->status != CV_OK)
+        return -1;
+    cJSON_AddNumberToObject(out, "actual_change", after - cv_curv_loss(c->curv));
+    return 0;
+}
+
+static int newton_full(cv_op_ctx *c, const cv_block *b, cv_vivit *v, double delta, cJSON *out,
+                       cv_err *e)
+{
+    double *step = malloc(sizeof(double) * (b->dim ? b->dim : 1)), pred = 0;
+    if (!step)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "step");
+    int rc = cv_vivit_newton_full(v, delta, step, &pred, e);
+    if (!rc) {
+        cJSON_AddItemToObject(out, "step", cv_json_doubles(step, b->dim));
+        cJSON_AddNumberToObject(out, "predicted_change", pred);
+        rc = add_actual(c, b, step, out, e);
+    }
+    free(step);
+    return rc;
+}
+
+static void damping_grid(const cv_op_ctx *c, cv_vivit_damping *d, double *buf)
+{
+    const cJSON *grid = cv_opt_get(c->options, "grid"), *x;
+    if (!grid)
+        return;
+    cJSON_ArrayForEach(x, grid) buf[d->grid_n++] = x->valuedouble;
+    d->grid = buf;
+}
+
+static void newton_dirs_json(const cv_vivit_newton *r, cJSON *out)
+{
+    cJSON *arr = cJSON_AddArrayToObject(out, "directions");
+    for (int j = 0; j < r->k; j++) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddNumberToObject(o, "eigenvalue", r->eigenvalues[j]);
+        cJSON_AddNumberToObject(o, "gamma_mean", r->gamma_mean[j]);
+        add_num(o, "damping", r->damping[j]);
+        cJSON_AddNumberToObject(o, "coefficient", r->coeff[j]);
+        cJSON_AddItemToArray(arr, o);
+    }
+    cJSON_AddItemToObject(out, "dampings", json_nums(r->damping, (size_t)r->k));
+}
+
+static int newton_directional(cv_op_ctx *c, const cv_block *b, cv_vivit *v, int boot,
+                              double delta, cJSON *out, cv_err *e)
+{
+    if (cv_vivit_eigh(v, e))
+        return -1;
+    const cJSON *kv = cv_opt_get(c->options, "k");
+    int k = kv && cJSON_IsNumber(kv) ? (int)kv->valuedouble : v->rank;
+    k = k < v->rank ? k : v->rank;
+    cv_vivit_damping d;
+    cv_vivit_damping_default(&d);
+    d.damping = delta;
+    d.bootstrap = boot;
+    d.samples = cv_opt_int(c->options, "bootstrap_samples", 0);
+    d.seed = c->seed ^ CV_VIVIT_BOOT_SALT;
+    const cJSON *grid = cv_opt_get(c->options, "grid");
+    double *buf = malloc(sizeof(double) * (size_t)(grid ? cJSON_GetArraySize(grid) + 1 : 1));
+    if (!buf)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "grid");
+    damping_grid(c, &d, buf);
+    cv_vivit_newton r;
+    int rc = cv_vivit_newton_directional(v, k, &d, &r, e);
+    free(buf);
+    if (rc)
+        return -1;
+    cJSON_AddItemToObject(out, "step", cv_json_doubles(r.step, r.dim));
+    cJSON_AddNumberToObject(out, "predicted_change", r.predicted_change);
+    cJSON_AddNumberToObject(out, "k", k);
+    factor_json(v, out);
+    newton_dirs_json(&r, out);
+    rc = add_actual(c, b, r.step, out, e);
+    cv_vivit_newton_free(&r);
+    return rc;
+}
+
+int cv_op_newton_vivit(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    int full = strcmp(cv_opt_str(c->options, "mode", "directional"), "full") == 0;
+    int boot = cJSON_IsString(cv_opt_get(c->options, "damping"));
+    double delta = cv_opt_num(c->options, "damping", 1.0);
+    if (check_newton_vivit(c, full, boot, e))
+        return -1;
+    int *subset = subset_buffer(c, e);
+    cv_vivit v;
+    if (!subset || build(c, b, subset, &v, e)) {
+        free(subset);
+        return -1;
+    }
+    cJSON_AddStringToObject(out, "method", "vivit");
+    cJSON_AddStringToObject(out, "mode", full ? "full" : "directional");
+    if (boot)
+        cJSON_AddStringToObject(out, "damping", "bootstrap");
+    else
+        cJSON_AddNumberToObject(out, "damping", delta);
+    if (full)
+        factor_json(&v, out);
+    int rc = full ? newton_full(c, b, &v, delta, out, e)
+                  : newton_directional(c, b, &v, boot, delta, out, e);
+    cv_vivit_free(&v);
+    free(subset);
+    return rc;
+}
+
+const cv_op_def cv_op_snr = {"snr", snr_opts, 1, 1, NULL, run_snr};

@@ -1,0 +1,114 @@
+"""bench.py - curvd vs PyTorch, side by side, as ratios (`make bench`).
+
+For each model (an MLP 784-512-512-10 at batch 512, a DeepOBS 2c2d-like CNN at
+batch 128, a tiny MLP where overheads dominate) it writes the same weights
+and batch for both sides, runs build/bench_ops (curvd, in process) and
+bench/bench_torch.py (Debian's torch) with the same thread count, and prints
+a table: curvd seconds, torch seconds, speedup (torch / curvd), and curvd's
+achieved GFLOP/s on the dense-layer work against the measured sgemm peak.
+Usage: python3 bench/bench.py [--threads T] [--cases mlp,cnn,tiny] [--quick]
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+import torchref as tr  # noqa: E402
+
+# FLOPs per batch as multiples of the dense layers' forward MACs (2 flops/MAC):
+# gradient = forward + backward (2 + 4); GGN-vp = J (2+2) + J^T (2+2) = 8;
+# HVP = GGN-vp + Pearlmutter's extra terms (4) = 12.
+FLOP_FACTOR = {"gradient": 6, "ggnvp": 8, "hvp": 12, "ggnvp16": 8, "hvp16": 12}
+
+
+def make_cases(names, quick):
+    torch.manual_seed(0)
+    cases = {}
+    if "mlp" in names:
+        n = 128 if quick else 512
+        m = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 10))
+        cases["mlp"] = (m, torch.nn.CrossEntropyLoss(), torch.randn(n, 784),
+                        torch.randint(0, 10, (n,)), [784])
+    if "cnn" in names:
+        n = 32 if quick else 128
+        m = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 32, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(3136, 1024), torch.nn.ReLU(),
+            torch.nn.Linear(1024, 10))
+        cases["cnn"] = (m, torch.nn.CrossEntropyLoss(), torch.randn(n, 1, 28, 28),
+                        torch.randint(0, 10, (n,)), [1, 28, 28])
+    if "tiny" in names:
+        m = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 3))
+        cases["tiny"] = (m, torch.nn.CrossEntropyLoss(), torch.randn(32, 10),
+                         torch.randint(0, 3, (32,)), [10])
+    return cases
+
+
+def run_json(cmd):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(" ".join(cmd) + " failed:\n" + p.stderr[-3000:])
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bench-ops", default="build/bench_ops")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--cases", default="mlp,cnn,tiny")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="smaller batches (smoke test)")
+    a = ap.parse_args()
+    peak = run_json([a.bench_ops, "--sgemm", "--threads", str(a.threads)])["sgemm_gflops"]
+    print(f"# curvd vs torch {torch.__version__} | {platform.processor() or platform.machine()}"
+          f" | threads {a.threads} | sgemm peak {peak:.1f} GFLOP/s")
+    print(f"{'model':6} {'op':9} {'curvd s':>10} {'torch s':>10} {'speedup':>8} "
+          f"{'GFLOP/s':>8} {'%peak':>6}")
+    rows = []
+    for name, (model, loss, x, y, shape) in make_cases(a.cases.split(","), a.quick).items():
+        with tempfile.TemporaryDirectory() as d:
+            tr.write_case(d, model, shape, loss, x, y)
+            torch.save({"model": model, "loss": loss, "x": x, "y": y}, os.path.join(d, "case.pt"))
+            cv = run_json([a.bench_ops, "--arch", f"{d}/arch.json", "--params",
+                           f"{d}/params.safetensors", "--data", f"{d}/data.safetensors",
+                           "--threads", str(a.threads), "--reps", str(a.reps)])
+            th = run_json([sys.executable, os.path.join(HERE, "bench_torch.py"), "--case",
+                           f"{d}/case.pt", "--threads", str(a.threads), "--reps", str(a.reps)])
+        for op in ["gradient", "hvp", "ggnvp", "hvp16", "ggnvp16", "trace", "eigen5",
+                   "power5", "density"]:
+            if op not in cv:
+                continue
+            ref = {"hvp16": "hvp", "ggnvp16": "ggnvp", "eigen5": "power5"}.get(op, op)
+            t_c, t_t = cv[op], th.get(ref)
+            gf = pct = ""
+            if op in FLOP_FACTOR:
+                g = FLOP_FACTOR[op] * cv["dense_macs"] / t_c * 1e-9
+                gf, pct = f"{g:8.1f}", f"{100 * g / peak:5.0f}%"
+            sp = f"{t_t / t_c:7.1f}x" if t_t else "       -"
+            label = op + ("*" if ref != op else "")
+            print(f"{name:6} {label:9} {t_c:10.4g} {t_t if t_t else float('nan'):10.4g} {sp:>8} "
+                  f"{gf:>8} {pct:>6}")
+            rows.append({"model": name, "op": op, "curvd_s": t_c, "torch_s": t_t})
+        print(f"{name:6} {'(ratios)':9} hvp/grad {cv['hvp'] / cv['gradient']:.2f}  "
+              f"ggnvp/grad {cv['ggnvp'] / cv['gradient']:.2f}  "
+              f"matvecs: trace {cv.get('trace_matvecs')} eigen5 {cv.get('eigen5_matvecs')} "
+              f"power5 {cv.get('power5_matvecs')} density {cv.get('density_matvecs')}")
+    print("# * hvp16/ggnvp16: 16 vectors per pass, time per vector, vs torch's single-vector"
+          " product; eigen5: curvd Lanczos (tol 1e-3) vs torch power iteration (PyHessian)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+/* bench_ops.c - times curvd's engine on one model and batch, in process.
+ *
+ *   bench_ops --arch A.json --params P.safetensors --data D.safetensors
+ *             [--threads T] [--reps R] [--only op,op]
+ *   bench_ops --sgemm [--threads T]      measured sgemm peak (GFLOP/s)
+ *
+ * Prints one JSON object: seconds per op (best of R), matvecs, and the
+ * FLOP count of the dense-layer work for the GEMM-bound products.
+ * Ops: gradient (forward + backward, as a training step does), hvp, ggnvp
+ * (one vector, forward cached), hvp16/ggnvp16 (16 vectors at once, per
+ * vector), trace (Hutchinson, 100 probes), eigen5 (Lanczos top-5), power5
+ * (PyHessian-style power iteration, top-5), density (SLQ, 100 steps).
+ */
+#include <cblas.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/arch.h"
+#include "api/datafile.h"
+#include "api/params.h"
+#include "engine/curv.h"
+#include "engine/estimators.h"
+
+void openblas_set_num_threads(int);
+
+typedef struct {
+    const char *arch, *params, *data, *only;
+    int threads, reps, sgemm;
+} bench_args;
+
+static double best_of(int reps, double (*fn)(void *), void *ctx)
+{
+    double best = 1e300;
+    for (int r = 0; r < reps; r++) {
+        double t = fn(ctx);
+        if (t < best)
+            best = t;
+    }
+    return best;
+}
+
+typedef struct {
+    const cv_model *m;
+    const cv_dataset *d;
+    cv_curv *c;
+    cv_block full;
+    cv_curvature kind;
+    int k;
+    double *X, *Y;
+    long matvecs;
+    const char *which;
+} op_ctx;
+
+static void die(const cv_err *e)
+{
+    fprintf(stderr, "bench_ops: %s (%s)\n", e->message, e->field);
+    exit(1);
+}
+
+static double t_gradient(void *p)
+{
+    op_ctx *o = p;
+    cv_err e;
+    double t0 = cv_now_s();
+    cv_curv *c = cv_curv_new(o->m, o->d, NULL, &e);
+    if (!c || cv_curv_gradient(c, &o->full, o->Y, &e))
+        die(&e);
+    double t = cv_now_s() - t0;
+    cv_curv_free(c);
+    return t;
+}
+
+static double t_matvec(void *p)
+{
+    op_ctx *o = p;
+    cv_err e;
+    double t0 = cv_now_s();
+    if (cv_curv_matvec(o->c, o->kind, &o->full, o->k, o->X, o->Y, &e))
+        die(&e);
+    return (cv_now_s() - t0) / o->k;
+}
+
+static double t_estimator(void *p)
+{
+    op_ctx *o = p;
+    cv_err e;
+    cv_linop op;
+    cv_curv_linop_ctx lc;
+    cv_progress prog;
+    cv_progress_init(&prog);
+    cv_curv_linop(&op, &lc, o->c, CV_CURV_HESSIAN, &o->full, &prog);
+    cv_rng r;
+    cv_rng_seed(&r, 0);
+    double t0 = cv_now_s();
+    int rc = 0;
+    if (strcmp(o->which, "trace") == 0) {
+        cv_trace_options to;
+        cv_trace_options_default(&to);
+        to.max_probes = 100;
+        to.tol = 0;
+        cv_trace_result tr;
+        rc = cv_trace_hutchinson(&op, &to, &r, &tr, &e);
+        if (!rc)
+            cv_trace_result_free(&tr);
+    } else if (strcmp(o->which, "eigen5") == 0 || strcmp(o->which, "power5") == 0) {
+        int power = o->which[0] == 'p';
+        cv_eigen_options eo;
+        if (power)
+            cv_power_options_default(&eo);
+        else
+            cv_eigen_options_default(&eo);
+        eo.k = 5;
+        if (!power)
+            eo.tol = 1e-3; /* PyHessian's tolerance, for like-for-like accuracy */
+        cv_eigen_result er;
+        rc = power ? cv_eigen_power(&op, &eo, &r, &er, &e) : cv_eigen_lanczos(&op, &eo, &r, &er, &e);
+        if (!rc)
+            cv_eigen_result_free(&er);
+    } else {
+        cv_density_options dop;
+        cv_density_options_default(&dop);
+        dop.lanczos_steps = 100;
+        dop.runs = 1;
+        cv_density_result dr;
+        rc = cv_density_slq(&op, &dop, &r, &dr, &e);
+        if (!rc)
+            cv_density_result_free(&dr);
+    }
+    if (rc)
+        die(&e);
+    o->matvecs = atomic_load(&prog.done);
+    return cv_now_s() - t0;
+}
+
+static double sgemm_peak(void)
+{
+    int n = 1024;
+    float *a = malloc(sizeof(float) * n * n), *b = malloc(sizeof(float) * n * n);
+    float *c = malloc(sizeof(float) * n * n);
+    for (int i = 0; i < n * n; i++)
+        a[i] = b[i] = (float)(i % 7) * 0.1f;
+    double best = 1e300;
+    for (int r = 0; r < 5; r++) {
+        double t0 = cv_now_s();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1, a, n, b, n, 0, c, n);
+        double t = cv_now_s() - t0;
+        if (t < best)
+            best = t;
+    }
+    free(a);
+    free(b);
+    free(c);
+    return 2.0 * n * n * (double)n / best * 1e-9;
+}
+
+/* Multiply-adds of the dense layers for one sample's forward pass. */
+static double dense_macs(const cv_model *m)
+{
+    double macs = 0;
+    for (int l = 0; l < m->nlayers; l++) {
+        const cv_layer *L = &m->layers[l];
+        if (L->type == CV_LINEAR)
+            macs += (double)L->in_features * L->out_features;
+        else if (L->type == CV_CONV2D)
+            macs += (double)L->out_shape.dim[0] * L->out_shape.dim[1] * L->out_shape.dim[2] *
+                    (L->in_channels / L->groups) * L->kernel[0] * L->kernel[1];
+    }
+    return macs;
+}
+
+static int wanted(const bench_args *a, const char *op)
+{
+    if (!a->only)
+        return 1;
+    const char *p = strstr(a->only, op);
+    size_t n = strlen(op);
+    return p && (p[n] == 0 || p[n] == ',') && (p == a->only || p[-1] == ',');
+}
+
+static void parse_args(int argc, char **argv, bench_args *a)
+{
+    memset(a, 0, sizeof *a);
+    a->threads = 1;
+    a->reps = 3;
+    for (int i = 1; i < argc; i++) {
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(argv[i], "--sgemm") == 0)
+            a->sgemm = 1;
+        else if (v && strcmp(argv[i], "--arch") == 0)
+            a->arch = argv[++i];
+        else if (v && strcmp(argv[i], "--params") == 0)
+            a->params = argv[++i];
+        else if (v && strcmp(argv[i], "--data") == 0)
+            a->data = argv[++i];
+        else if (v && strcmp(argv[i], "--threads") == 0)
+            a->threads = atoi(argv[++i]);
+        else if (v && strcmp(argv[i], "--reps") == 0)
+            a->reps = atoi(argv[++i]);
+        else if (v && strcmp(argv[i], "--only") == 0)
+            a->only = argv[++i];
+        else {
+            fprintf(stderr, "bench_ops: unknown argument %s\n", argv[i]);
+            exit(2);
+        }
+    }
+}
+
+int main(int argc, char **argv)
+{
+    bench_args a;
+    parse_args(argc, argv, &a);
+    openblas_set_num_threads(a.threads);
+    if (a.sgemm) {
+        printf("{\"sgemm_gflops\": %.2f, \"threads\": %d}\n", sgemm_peak(), a.threads);
+        return 0;
+    }
+    cv_model m;
+    cv_dataset d;
+    cv_err e;
+    if (cv_arch_load(a.arch, &m, &e) || cv_params_read(&m, a.params, &e) ||
+        cv_datafile_read(a.data, &d, &e) || cv_dataset_check(&d, &m, &e))
+        die(&e);
+    op_ctx o = {&m, &d, NULL, {0}, CV_CURV_HESSIAN, 1, NULL, NULL, 0, NULL};
+    cv_block_full(&m, &o.full);
+    size_t D = o.full.dim;
+    o.X = malloc(sizeof(double) * D * 16);
+    o.Y = malloc(sizeof(double) * D * 16);
+    cv_rng r;
+    cv_rng_seed(&r, 1);
+    cv_rng_rademacher(&r, o.X, D * 16);
+    double macs = dense_macs(&m) * (double)d.n;
+    printf("{\"params\": %zu, \"batch\": %zu, \"threads\": %d, \"dense_macs\": %.0f", D, d.n,
+           a.threads, macs);
+    if (wanted(&a, "gradient"))
+        printf(", \"gradient\": %.6g", best_of(a.reps, t_gradient, &o));
+    o.c = cv_curv_new(&m, &d, NULL, &e);
+    if (!o.c)
+        die(&e);
+    static const struct {
+        const char *name;
+        cv_curvature kind;
+        int k;
+    } mv[] = {{"hvp", CV_CURV_HESSIAN, 1},
+              {"ggnvp", CV_CURV_GGN, 1},
+              {"hvp16", CV_CURV_HESSIAN, 16},
+              {"ggnvp16", CV_CURV_GGN, 16}};
+    for (size_t i = 0; i < sizeof mv / sizeof mv[0]; i++) {
+        if (!wanted(&a, mv[i].name))
+            continue;
+        o.kind = mv[i].kind;
+        o.k = mv[i].k;
+        t_matvec(&o); /* warm-up: workspace allocation */
+        printf(", \"%s\": %.6g", mv[i].name, best_of(a.reps, t_matvec, &o));
+    }
+    const char *est[] = {"trace", "eigen5", "power5", "density"};
+    for (int i = 0; i < 4; i++) {
+        if (!wanted(&a, est[i]))
+            continue;
+        o.which = est[i];
+        double t = best_of(a.reps > 1 ? 1 : 1, t_estimator, &o);
+        printf(", \"%s\": %.6g, \"%s_matvecs\": %ld", est[i], t, est[i], o.matvecs);
+    }
+    printf("}\n");
+    cv_curv_free(o.c);
+    free(o.X);
+    free(o.Y);
+    cv_model_free(&m);
+    cv_dataset_free(&d);
+    return 0;
+}

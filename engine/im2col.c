@@ -1,0 +1,92 @@
+/* im2col.c - unfold/fold of conv samples (im2col, col2im) and the Gram
+ * accumulation G += B B^T used by the Conv2d and BatchNorm Gram kernels. */
+#include "im2col.h"
+
+#include <cblas.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Output positions o in [*lo, *hi) whose input index o*s - p + t*d lies in [0, n). */
+static void valid_range(int n, int out, int s, int p, int t, int d, int *lo, int *hi)
+{
+    int off = t * d - p; /* input index of output 0 */
+    int a = off >= 0 ? 0 : (-off + s - 1) / s;
+    int last = n - 1 - off; /* o*s <= last */
+    int b = last < 0 ? 0 : last / s + 1;
+    *lo = a;
+    *hi = b < out ? b : out;
+    if (*hi < *lo)
+        *hi = *lo;
+}
+
+void cv_im2col(const cv_conv_geom *g, const float *x, int r0, int r1, float *cols)
+{
+    int P = g->oh * g->ow;
+    for (int r = r0; r < r1; r++) {
+        int c = r / (g->kh * g->kw), i = (r / g->kw) % g->kh, j = r % g->kw;
+        float *dst = cols + (size_t)(r - r0) * P;
+        const float *xc = x + (size_t)c * g->H * g->W;
+        int y0, y1, x0, x1;
+        valid_range(g->H, g->oh, g->sh, g->ph, i, g->dh, &y0, &y1);
+        valid_range(g->W, g->ow, g->sw, g->pw, j, g->dw, &x0, &x1);
+        if (y0 > 0 || y1 < g->oh || x0 > 0 || x1 < g->ow)
+            memset(dst, 0, sizeof(float) * (size_t)P);
+        for (int oy = y0; oy < y1; oy++) {
+            const float *src = xc + (size_t)(oy * g->sh - g->ph + i * g->dh) * g->W;
+            float *d = dst + (size_t)oy * g->ow;
+            int ix = x0 * g->sw - g->pw + j * g->dw;
+            if (g->sw == 1)
+                memcpy(d + x0, src + ix, sizeof(float) * (size_t)(x1 - x0));
+            else
+                for (int ox = x0; ox < x1; ox++, ix += g->sw)
+                    d[ox] = src[ix];
+        }
+    }
+}
+
+void cv_col2im_add(const cv_conv_geom *g, const float *cols, float *x)
+{
+    int P = g->oh * g->ow, rows = g->C * g->kh * g->kw;
+    for (int r = 0; r < rows; r++) {
+        int c = r / (g->kh * g->kw), i = (r / g->kw) % g->kh, j = r % g->kw;
+        const float *src = cols + (size_t)r * P;
+        float *xc = x + (size_t)c * g->H * g->W;
+        int y0, y1, x0, x1;
+        valid_range(g->H, g->oh, g->sh, g->ph, i, g->dh, &y0, &y1);
+        valid_range(g->W, g->ow, g->sw, g->pw, j, g->dw, &x0, &x1);
+        for (int oy = y0; oy < y1; oy++) {
+            float *d = xc + (size_t)(oy * g->sh - g->ph + i * g->dh) * g->W;
+            const float *s = src + (size_t)oy * g->ow;
+            int ix = x0 * g->sw - g->pw + j * g->dw;
+            for (int ox = x0; ox < x1; ox++, ix += g->sw)
+                d[ix] += s[ox];
+        }
+    }
+}
+
+int cv_gram_add_rows(int R, int w, const float *B, double *G)
+{
+    if (R < 1 || w < 1)
+        return 0;
+    float *S = malloc(sizeof(float) * (size_t)R * R);
+    if (!S) {
+        for (int r = 0; r < R; r++)
+            for (int q = r; q < R; q++) {
+                double v = cblas_sdot(w, B + (size_t)r * w, 1, B + (size_t)q * w, 1);
+                G[(size_t)r * R + q] += v;
+                if (q != r)
+                    G[(size_t)q * R + r] += v;
+            }
+        return -1;
+    }
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, R, w, 1.0f, B, w, 0.0f, S, R);
+    for (int r = 0; r < R; r++)
+        for (int q = r; q < R; q++) {
+            double v = S[(size_t)r * R + q];
+            G[(size_t)r * R + q] += v;
+            if (q != r)
+                G[(size_t)q * R + r] += v;
+        }
+    free(S);
+    return 0;
+}

@@ -1,0 +1,50 @@
+/* http.h - the HTTP API (contract §5) on libmicrohttpd.
+ *
+ * MHD runs one thread per connection (MHD_USE_THREAD_PER_CONNECTION with
+ * its internal polling thread), so a request that waits for a job
+ * (?wait=SECONDS, capped by max_wait) blocks only its own connection.  HTTP
+ * threads parse and validate uploads but never run numerics: jobs go to the
+ * worker pool of jobs.c.  Request bodies are accumulated up to max_body
+ * bytes; a larger body (by Content-Length or as it streams) is answered 413.
+ * Every error is the contract's {"error": {"code", "message", "field"}} with
+ * the HTTP status of cv_err_http_status(); unknown paths are 404 and known
+ * paths with the wrong method 405 with an Allow header.
+ */
+#ifndef CV_HTTP_H
+#define CV_HTTP_H
+
+#include <stddef.h>
+
+#include "engine/err.h"
+#include "server/jobs.h"
+#include "server/registry.h"
+
+typedef struct {
+    const char *bind;         /* IPv4 or IPv6 address, default "127.0.0.1" */
+    int port;                 /* 0: pick a free port */
+    size_t max_body;          /* bytes */
+    unsigned max_connections;
+    double max_wait;          /* cap on ?wait= seconds */
+    int log_requests;         /* one stderr line per request */
+} cv_http_config;
+
+typedef struct cv_http cv_http;
+
+cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs, cv_err *e);
+/* The port actually bound. */
+int cv_http_port(const cv_http *h);
+/* Stops accepting, closes connections and joins the HTTP threads. */
+void cv_http_stop(cv_http *h);
+
+/* The route table: every (method, path template) the server answers, with
+ * templates in OpenAPI form ("/v1/models/{name}"). */
+typedef struct {
+    const char *method;
+    const char *path;
+    const char *summary;
+} cv_route_info;
+
+int cv_http_route_count(void);
+const cv_route_info *cv_http_route(int i);
+
+#endif

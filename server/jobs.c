@@ -1,0 +1,785 @@
+/* jobs.c - job table, bounded FIFO queue, worker threads, janitor and job
+ * metrics (see jobs.h for the life of a job). */
+#include "server/jobs.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine/linop.h"
+#include "server/util.h"
+
+const double cv_job_hist_bounds[CV_HIST_BUCKETS] = {0.01, 0.05, 0.1, 0.25, 0.5, 1,
+                                                    2.5,  5,    10,  30,   60,  300};
+
+struct cv_job {
+    atomic_int refs;
+    char id[24];
+    cJSON *doc;
+    char op[32];
+    char model[CV_REG_NAME_MAX + 1], dataset[CV_REG_NAME_MAX + 1];
+    cv_snap *msnap, *dsnap;          /* pinned until the job finishes */
+    unsigned long model_version, dataset_version;
+    double timeout;                  /* seconds of running time, 0 = none */
+    double created_at, started_at, finished_at;   /* wall clock */
+    double t_start, t_end;                          /* monotonic */
+    cv_job_status status;            /* guarded by J->mu */
+    cv_progress progress;
+    atomic_int cancel;
+    const char *cancel_code, *cancel_msg; /* why the cancel flag was set */
+    char *result_text;               /* compact JSON of the result (succeeded) */
+    size_t result_len;
+    cv_err err;                      /* failed / cancelled */
+    struct cv_job *qnext;            /* queue link */
+    struct cv_job *prev, *next;      /* table links, creation order */
+};
+
+struct cv_jobs {
+    cv_jobs_config cfg;
+    cv_registry *reg;
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv;          /* queue became non-empty / stop */
+    pthread_cond_t done_cv;          /* some job finished */
+    pthread_cond_t jan_cv;           /* janitor wake-up */
+    cv_job *qhead, *qtail;
+    size_t qlen;
+    cv_job *head, *tail;             /* all kept jobs */
+    size_t njobs;
+    int draining, stop, stop_waiters;
+    int busy;
+    uint64_t counter, salt;
+    pthread_t *threads;
+    int nthreads;
+    pthread_t janitor;
+    int have_janitor;
+    /* metrics */
+    long finished_total[CV_JOB_NSTATUS];
+    long submitted_total, rejected_total;
+    long matvecs_finished;
+    unsigned long hist[CV_HIST_BUCKETS + 1];
+    double hist_sum;
+    unsigned long hist_count;
+};
+
+static const char *status_names[CV_JOB_NSTATUS] = {"queued", "running", "succeeded", "failed",
+                                                   "cancelled"};
+
+const char *cv_job_status_name(cv_job_status s)
+{
+    return (unsigned)s < CV_JOB_NSTATUS ? status_names[s] : "unknown";
+}
+
+int cv_job_status_from_name(const char *s)
+{
+    for (int i = 0; s && i < CV_JOB_NSTATUS; i++)
+        if (strcmp(s, status_names[i]) == 0)
+            return i;
+    return -1;
+}
+
+static int is_finished(cv_job_status s) { return s >= CV_JOB_SUCCEEDED; }
+
+const char *cv_job_id(const cv_job *j) { return j->id; }
+
+static void job_ref(cv_job *j) { atomic_fetch_add(&j->refs, 1); }
+
+void cv_job_unref(cv_job *j)
+{
+    if (!j || atomic_fetch_sub(&j->refs, 1) != 1)
+        return;
+    cJSON_Delete(j->doc);
+    free(j->result_text);
+    /* pins are released when the job finishes; this is a safety net */
+    cv_snap_unref(j->msnap);
+    cv_snap_unref(j->dsnap);
+    free(j);
+}
+
+/* ---- time helpers ---------------------------------------------------------- */
+
+static void abs_deadline(struct timespec *ts, double seconds)
+{
+    clock_gettime(CLOCK_MONOTONIC, ts);
+    if (seconds < 0)
+        seconds = 0;
+    if (seconds > 1e6)
+        seconds = 1e6;
+    long sec = (long)seconds;
+    long nsec = (long)((seconds - (double)sec) * 1e9);
+    ts->tv_sec += sec;
+    ts->tv_nsec += nsec;
+    if (ts->tv_nsec >= 1000000000L) {
+        ts->tv_sec++;
+        ts->tv_nsec -= 1000000000L;
+    }
+}
+
+static int init_cond(pthread_cond_t *c)
+{
+    pthread_condattr_t a;
+    if (pthread_condattr_init(&a))
+        return -1;
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    int rc = pthread_cond_init(c, &a);
+    pthread_condattr_destroy(&a);
+    return rc;
+}
+
+/* ---- finishing ------------------------------------------------------------- */
+
+/* Under J->mu: marks j finished with status st, releases its pins, updates
+ * metrics and wakes waiters. */
+static void finish_locked(cv_jobs *J, cv_job *j, cv_job_status st)
+{
+    int ran = j->status == CV_JOB_RUNNING;
+    j->status = st;
+    j->finished_at = cv_wall_s();
+    j->t_end = cv_now_s();
+    cv_registry_release(J->reg, j->msnap);
+    cv_registry_release(J->reg, j->dsnap);
+    j->msnap = j->dsnap = NULL;
+    J->finished_total[st]++;
+    if (ran) {
+        J->busy--;
+        J->matvecs_finished += atomic_load(&j->progress.done);
+        double d = j->t_end - j->t_start;
+        for (int b = 0; b < CV_HIST_BUCKETS; b++)
+            if (d <= cv_job_hist_bounds[b])
+                J->hist[b]++;
+        J->hist[CV_HIST_BUCKETS]++;
+        J->hist_sum += d;
+        J->hist_count++;
+    }
+    pthread_cond_broadcast(&J->done_cv);
+}
+
+/* Under J->mu: asks a running job to stop at its next matvec. */
+static void set_cancel_locked(cv_job *j, const char *code, const char *msg)
+{
+    if (!j->cancel_code) {
+        j->cancel_code = code;
+        j->cancel_msg = msg;
+    }
+    atomic_store(&j->cancel, 1);
+}
+
+/* Under J->mu: removes a queued job from the queue and cancels it; returns
+ * the queue's reference for the caller to drop after unlocking. */
+static cv_job *cancel_queued_locked(cv_jobs *J, cv_job *j, const char *code, const char *msg)
+{
+    cv_job **pp = &J->qhead, *prev = NULL;
+    while (*pp && *pp != j) {
+        prev = *pp;
+        pp = &(*pp)->qnext;
+    }
+    if (!*pp)
+        return NULL;
+    *pp = j->qnext;
+    if (J->qtail == j)
+        J->qtail = prev;
+    j->qnext = NULL;
+    J->qlen--;
+    cv_err_set(&j->err, CV_ECANCELLED, code, "", "%s", msg);
+    finish_locked(J, j, CV_JOB_CANCELLED);
+    return j;
+}
+
+/* ---- workers --------------------------------------------------------------- */
+
+static void *worker_main(void *arg)
+{
+    cv_jobs *J = arg;
+    for (;;) {
+        pthread_mutex_lock(&J->mu);
+        while (!J->qhead && !J->stop)
+            pthread_cond_wait(&J->work_cv, &J->mu);
+        if (!J->qhead) {
+            pthread_mutex_unlock(&J->mu);
+            break;
+        }
+        cv_job *j = J->qhead;
+        J->qhead = j->qnext;
+        if (!J->qhead)
+            J->qtail = NULL;
+        j->qnext = NULL;
+        J->qlen--;
+        j->status = CV_JOB_RUNNING;
+        j->started_at = cv_wall_s();
+        j->t_start = cv_now_s();
+        j->progress.deadline = j->timeout > 0 ? j->t_start + j->timeout : 0;
+        J->busy++;
+        const cv_model *m = j->msnap->model;
+        const cv_dataset *d = j->dsnap->data;
+        pthread_mutex_unlock(&J->mu);
+
+        cv_err err;
+        cv_err_clear(&err);
+        cJSON *res = cv_job_run(j->doc, m, d, &J->cfg.limits, &j->progress, &err);
+        char *text = NULL;
+        if (res) {
+            text = cJSON_PrintUnformatted(res);
+            cJSON_Delete(res);
+            if (!text)
+                cv_err_set(&err, CV_ENOMEM, "out_of_memory", "",
+                           "out of memory printing the result");
+        } else if (err.status == CV_OK) {
+            cv_err_set(&err, CV_EINTERNAL, "internal", "", "job failed without an error");
+        }
+
+        pthread_mutex_lock(&J->mu);
+        cv_job_status st;
+        if (text) {
+            j->result_text = text;
+            j->result_len = strlen(text);
+            st = CV_JOB_SUCCEEDED;
+        } else if (err.status == CV_ECANCELLED) {
+            st = CV_JOB_CANCELLED;
+            if (j->cancel_code)
+                cv_err_set(&err, CV_ECANCELLED, j->cancel_code, "", "%s after %ld matvecs",
+                           j->cancel_msg, atomic_load(&j->progress.done));
+        } else {
+            if (err.status == CV_ETIMEOUT)
+                cv_err_set(&err, CV_ETIMEOUT, "job_timeout", "",
+                           "job exceeded its time limit of %g s after %ld matvecs", j->timeout,
+                           atomic_load(&j->progress.done));
+            st = CV_JOB_FAILED;
+        }
+        cv_utf8_sanitize(err.message); /* may quote the client's job document */
+        cv_utf8_sanitize(err.field);
+        j->err = err;
+        finish_locked(J, j, st);
+        pthread_mutex_unlock(&J->mu);
+        cv_job_unref(j); /* the queue's reference */
+    }
+    return NULL;
+}
+
+static void purge(cv_jobs *J)
+{
+    cv_job *dead = NULL;
+    double now = cv_now_s();
+    pthread_mutex_lock(&J->mu);
+    size_t finished = 0;
+    for (cv_job *j = J->head; j; j = j->next)
+        finished += is_finished(j->status);
+    cv_job *j = J->head;
+    while (j) {
+        cv_job *next = j->next;
+        if (is_finished(j->status) &&
+            (now - j->t_end > J->cfg.keep_s || finished > J->cfg.max_kept)) {
+            if (j->prev)
+                j->prev->next = j->next;
+            else
+                J->head = j->next;
+            if (j->next)
+                j->next->prev = j->prev;
+            else
+                J->tail = j->prev;
+            J->njobs--;
+            finished--;
+            j->next = dead;
+            dead = j;
+        }
+        j = next;
+    }
+    pthread_mutex_unlock(&J->mu);
+    while (dead) {
+        cv_job *n = dead->next;
+        cv_job_unref(dead);
+        dead = n;
+    }
+}
+
+static void *janitor_main(void *arg)
+{
+    cv_jobs *J = arg;
+    pthread_mutex_lock(&J->mu);
+    while (!J->stop) {
+        struct timespec ts;
+        abs_deadline(&ts, 1.0);
+        pthread_cond_timedwait(&J->jan_cv, &J->mu, &ts);
+        if (J->stop)
+            break;
+        pthread_mutex_unlock(&J->mu);
+        purge(J);
+        pthread_mutex_lock(&J->mu);
+    }
+    pthread_mutex_unlock(&J->mu);
+    return NULL;
+}
+
+/* ---- life cycle ------------------------------------------------------------ */
+
+cv_jobs *cv_jobs_new(const cv_jobs_config *c, cv_registry *reg, cv_err *e)
+{
+    cv_jobs *J = calloc(1, sizeof *J);
+    if (!J) {
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+        return NULL;
+    }
+    J->cfg = *c;
+    if (J->cfg.workers < 1)
+        J->cfg.workers = 1;
+    if (J->cfg.max_queue < 1)
+        J->cfg.max_queue = 1;
+    J->reg = reg;
+    J->salt = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull ^ (uint64_t)(uintptr_t)J;
+    if (pthread_mutex_init(&J->mu, NULL) || init_cond(&J->work_cv) || init_cond(&J->done_cv) ||
+        init_cond(&J->jan_cv)) {
+        free(J);
+        cv_err_set(e, CV_EINTERNAL, "internal", "", "cannot initialise locks");
+        return NULL;
+    }
+    J->threads = calloc((size_t)J->cfg.workers, sizeof *J->threads);
+    if (!J->threads) {
+        cv_jobs_free(J);
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+        return NULL;
+    }
+    for (int i = 0; i < J->cfg.workers; i++) {
+        if (pthread_create(&J->threads[i], NULL, worker_main, J)) {
+            cv_jobs_free(J);
+            cv_err_set(e, CV_EINTERNAL, "internal", "", "cannot start worker thread %d", i);
+            return NULL;
+        }
+        J->nthreads++;
+    }
+    if (pthread_create(&J->janitor, NULL, janitor_main, J)) {
+        cv_jobs_free(J);
+        cv_err_set(e, CV_EINTERNAL, "internal", "", "cannot start the janitor thread");
+        return NULL;
+    }
+    J->have_janitor = 1;
+    return J;
+}
+
+void cv_jobs_free(cv_jobs *J)
+{
+    if (!J)
+        return;
+    cv_job *dropped = NULL;
+    pthread_mutex_lock(&J->mu);
+    J->stop = J->stop_waiters = J->draining = 1;
+    while (J->qhead) {
+        cv_job *j = cancel_queued_locked(J, J->qhead, "shutting_down",
+                                         "cancelled: the service is shutting down");
+        j->qnext = dropped;
+        dropped = j;
+    }
+    for (cv_job *j = J->head; j; j = j->next)
+        if (j->status == CV_JOB_RUNNING)
+            set_cancel_locked(j, "shutting_down", "cancelled: the service is shutting down");
+    pthread_cond_broadcast(&J->work_cv);
+    pthread_cond_broadcast(&J->done_cv);
+    pthread_cond_broadcast(&J->jan_cv);
+    pthread_mutex_unlock(&J->mu);
+    while (dropped) {
+        cv_job *n = dropped->qnext;
+        cv_job_unref(dropped);
+        dropped = n;
+    }
+    for (int i = 0; i < J->nthreads; i++)
+        pthread_join(J->threads[i], NULL);
+    if (J->have_janitor)
+        pthread_join(J->janitor, NULL);
+    cv_job *j = J->head;
+    while (j) {
+        cv_job *n = j->next;
+        cv_job_unref(j);
+        j = n;
+    }
+    free(J->threads);
+    pthread_cond_destroy(&J->work_cv);
+    pthread_cond_destroy(&J->done_cv);
+    pthread_cond_destroy(&J->jan_cv);
+    pthread_mutex_destroy(&J->mu);
+    free(J);
+}
+
+/* ---- submission ------------------------------------------------------------ */
+
+static uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 30;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27;
+    x *= 0x94D049BB133111EBull;
+    x ^= x >> 31;
+    return x;
+}
+
+int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, cv_err *e)
+{
+    *out = NULL;
+    if (cv_jobs_draining(J))
+        return cv_err_set(e, CV_ESHUTDOWN, "shutting_down", "",
+                          "the service is shutting down and accepts no new jobs");
+    if (cv_job_validate(doc, e))
+        return -1;
+    const char *mname = cv_job_model_name(doc), *dname = cv_job_dataset_name(doc);
+    if (!mname)
+        return cv_err_set(e, CV_EINVAL, "missing_field", "model",
+                          "job needs \"model\": the name of a registered model");
+    if (!dname)
+        return cv_err_set(e, CV_EINVAL, "missing_field", "dataset",
+                          "job needs \"dataset\": the name of a registered dataset");
+    cv_snap *ms = cv_registry_acquire(J->reg, CV_REG_MODEL, mname, e);
+    if (!ms)
+        return -1;
+    cv_snap *ds = cv_registry_acquire(J->reg, CV_REG_DATASET, dname, e);
+    if (!ds) {
+        cv_registry_release(J->reg, ms);
+        return -1;
+    }
+    cv_job *j = NULL;
+    if (cv_dataset_check(ds->data, ms->model, e))
+        goto fail;
+    j = calloc(1, sizeof *j);
+    if (!j || !(j->doc = cJSON_Duplicate(doc, 1))) {
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+        goto fail;
+    }
+    atomic_init(&j->refs, 1);
+    atomic_init(&j->cancel, 0);
+    cv_progress_init(&j->progress);
+    j->progress.cancel = &j->cancel;
+    snprintf(j->op, sizeof j->op, "%s", cv_job_op_name(doc));
+    snprintf(j->model, sizeof j->model, "%s", mname);
+    snprintf(j->dataset, sizeof j->dataset, "%s", dname);
+    j->msnap = ms;
+    j->dsnap = ds;
+    j->model_version = ms->version;
+    j->dataset_version = ds->version;
+    j->timeout = J->cfg.job_timeout;
+    if (timeout > 0 && (j->timeout <= 0 || timeout < j->timeout))
+        j->timeout = timeout;
+    j->created_at = cv_wall_s();
+    j->status = CV_JOB_QUEUED;
+
+    pthread_mutex_lock(&J->mu);
+    if (J->draining) {
+        pthread_mutex_unlock(&J->mu);
+        cv_err_set(e, CV_ESHUTDOWN, "shutting_down", "",
+                   "the service is shutting down and accepts no new jobs");
+        goto fail;
+    }
+    if (J->qlen >= J->cfg.max_queue) {
+        J->rejected_total++;
+        size_t q = J->qlen;
+        pthread_mutex_unlock(&J->mu);
+        cv_err_set(e, CV_EBUSY, "queue_full", "",
+                   "the job queue is full (%zu queued, --max-queue %zu); retry later", q,
+                   J->cfg.max_queue);
+        goto fail;
+    }
+    snprintf(j->id, sizeof j->id, "%016llx",
+             (unsigned long long)mix64(J->salt + ++J->counter));
+    /* table reference (j's own), queue reference, caller reference */
+    atomic_store(&j->refs, 3);
+    j->prev = J->tail;
+    if (J->tail)
+        J->tail->next = j;
+    else
+        J->head = j;
+    J->tail = j;
+    J->njobs++;
+    if (J->qtail)
+        J->qtail->qnext = j;
+    else
+        J->qhead = j;
+    J->qtail = j;
+    J->qlen++;
+    J->submitted_total++;
+    pthread_cond_signal(&J->work_cv);
+    pthread_mutex_unlock(&J->mu);
+    *out = j;
+    return 0;
+fail:
+    if (j) {
+        j->msnap = j->dsnap = NULL;
+        cJSON_Delete(j->doc);
+        free(j);
+    }
+    cv_registry_release(J->reg, ms);
+    cv_registry_release(J->reg, ds);
+    return -1;
+}
+
+cv_job *cv_jobs_get(cv_jobs *J, const char *id, cv_err *e)
+{
+    pthread_mutex_lock(&J->mu);
+    for (cv_job *j = J->tail; j; j = j->prev)
+        if (strcmp(j->id, id) == 0) {
+            job_ref(j);
+            pthread_mutex_unlock(&J->mu);
+            return j;
+        }
+    pthread_mutex_unlock(&J->mu);
+    cv_err_set(e, CV_ENOTFOUND, "not_found", "id",
+               "job '%.64s' not found (finished jobs are kept for a limited time)", id);
+    return NULL;
+}
+
+int cv_jobs_wait(cv_jobs *J, cv_job *j, double seconds)
+{
+    struct timespec ts;
+    abs_deadline(&ts, seconds);
+    pthread_mutex_lock(&J->mu);
+    while (!is_finished(j->status) && !J->stop_waiters) {
+        if (pthread_cond_timedwait(&J->done_cv, &J->mu, &ts) == ETIMEDOUT)
+            break;
+    }
+    int done = is_finished(j->status);
+    pthread_mutex_unlock(&J->mu);
+    return done;
+}
+
+void cv_jobs_cancel(cv_jobs *J, cv_job *j, double wait)
+{
+    pthread_mutex_lock(&J->mu);
+    cv_job *dropped = NULL;
+    int running = 0;
+    if (j->status == CV_JOB_QUEUED)
+        dropped = cancel_queued_locked(J, j, "cancelled", "cancelled by request");
+    else if (j->status == CV_JOB_RUNNING) {
+        set_cancel_locked(j, "cancelled", "cancelled by request");
+        running = 1;
+    }
+    pthread_mutex_unlock(&J->mu);
+    cv_job_unref(dropped);
+    if (running && wait > 0)
+        cv_jobs_wait(J, j, wait);
+}
+
+/* ---- status documents ------------------------------------------------------ */
+
+static cJSON *status_json_locked(cv_job *j)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (!o)
+        return NULL;
+    long done = atomic_load(&j->progress.done), planned = atomic_load(&j->progress.planned);
+    double frac = planned > 0 ? (double)done / (double)planned : 0.0;
+    if (j->status == CV_JOB_SUCCEEDED)
+        frac = 1.0;
+    if (frac > 1)
+        frac = 1;
+    cJSON *p;
+    if (!cJSON_AddStringToObject(o, "id", j->id) ||
+        !cJSON_AddStringToObject(o, "status", cv_job_status_name(j->status)) ||
+        !cJSON_AddStringToObject(o, "op", j->op) ||
+        !cJSON_AddStringToObject(o, "model", j->model) ||
+        !cJSON_AddNumberToObject(o, "model_version", (double)j->model_version) ||
+        !cJSON_AddStringToObject(o, "dataset", j->dataset) ||
+        !cJSON_AddNumberToObject(o, "dataset_version", (double)j->dataset_version) ||
+        cv_json_add_time(o, "created_at", j->created_at) ||
+        cv_json_add_time(o, "started_at", j->started_at) ||
+        cv_json_add_time(o, "finished_at", j->finished_at))
+        goto fail;
+    if (j->status >= CV_JOB_RUNNING && j->t_start > 0) {
+        double run = (is_finished(j->status) ? j->t_end : cv_now_s()) - j->t_start;
+        if (!cJSON_AddNumberToObject(o, "run_s", run))
+            goto fail;
+    } else if (!cJSON_AddNullToObject(o, "run_s")) {
+        goto fail;
+    }
+    if (!(j->timeout > 0 ? cJSON_AddNumberToObject(o, "timeout_s", j->timeout)
+                         : cJSON_AddNullToObject(o, "timeout_s")))
+        goto fail;
+    if (!(p = cJSON_AddObjectToObject(o, "progress")) ||
+        !cJSON_AddNumberToObject(p, "matvecs_done", (double)done) ||
+        !cJSON_AddNumberToObject(p, "matvecs_planned", (double)planned) ||
+        !cJSON_AddNumberToObject(p, "fraction", frac))
+        goto fail;
+    if (j->status == CV_JOB_FAILED || j->status == CV_JOB_CANCELLED) {
+        cJSON *ej = cv_err_to_json(&j->err);
+        cJSON *inner = ej ? cJSON_DetachItemFromObject(ej, "error") : NULL;
+        cJSON_Delete(ej);
+        if (!inner || !cJSON_AddItemToObject(o, "error", inner)) {
+            cJSON_Delete(inner);
+            goto fail;
+        }
+    }
+    return o;
+fail:
+    cJSON_Delete(o);
+    return NULL;
+}
+
+cJSON *cv_job_to_json(cv_jobs *J, cv_job *j)
+{
+    pthread_mutex_lock(&J->mu);
+    cJSON *o = status_json_locked(j);
+    pthread_mutex_unlock(&J->mu);
+    return o;
+}
+
+char *cv_job_status_text(cv_jobs *J, cv_job *j, size_t *len)
+{
+    pthread_mutex_lock(&J->mu);
+    cJSON *o = status_json_locked(j);
+    /* result_text is immutable once set; the caller's reference keeps it */
+    const char *res = j->status == CV_JOB_SUCCEEDED ? j->result_text : NULL;
+    size_t rlen = res ? j->result_len : 0;
+    pthread_mutex_unlock(&J->mu);
+    if (!o)
+        return NULL;
+    char *head = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    if (!head)
+        return NULL;
+    size_t hl = strlen(head);
+    if (!res) {
+        *len = hl;
+        return head;
+    }
+    static const char key[] = ",\"result\":";
+    size_t total = hl - 1 + (sizeof key - 1) + rlen + 1;
+    char *txt = malloc(total + 1);
+    if (!txt) {
+        free(head);
+        return NULL;
+    }
+    memcpy(txt, head, hl - 1); /* drop the closing brace */
+    memcpy(txt + hl - 1, key, sizeof key - 1);
+    memcpy(txt + hl - 1 + sizeof key - 1, res, rlen);
+    txt[total - 1] = '}';
+    txt[total] = 0;
+    free(head);
+    *len = total;
+    return txt;
+}
+
+cJSON *cv_jobs_list(cv_jobs *J, int status, const char *model, const char *dataset,
+                    const char *op, size_t limit)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON *arr = root ? cJSON_AddArrayToObject(root, "jobs") : NULL;
+    if (!arr) {
+        cJSON_Delete(root);
+        return NULL;
+    }
+    pthread_mutex_lock(&J->mu);
+    /* newest `limit` matches, listed oldest first */
+    size_t matched = 0;
+    cv_job *start = NULL;
+    for (cv_job *j = J->tail; j; j = j->prev) {
+        if ((status >= 0 && (int)j->status != status) || (model && strcmp(model, j->model)) ||
+            (dataset && strcmp(dataset, j->dataset)) || (op && strcmp(op, j->op)))
+            continue;
+        if (matched == limit)
+            break;
+        matched++;
+        start = j;
+    }
+    size_t added = 0;
+    for (cv_job *j = start; j && added < matched; j = j->next) {
+        if ((status >= 0 && (int)j->status != status) || (model && strcmp(model, j->model)) ||
+            (dataset && strcmp(dataset, j->dataset)) || (op && strcmp(op, j->op)))
+            continue;
+        cJSON *o = status_json_locked(j);
+        if (!o || !cJSON_AddItemToArray(arr, o)) {
+            cJSON_Delete(o);
+            pthread_mutex_unlock(&J->mu);
+            cJSON_Delete(root);
+            return NULL;
+        }
+        added++;
+    }
+    pthread_mutex_unlock(&J->mu);
+    if (!cJSON_AddNumberToObject(root, "count", (double)added)) {
+        cJSON_Delete(root);
+        return NULL;
+    }
+    return root;
+}
+
+/* ---- shutdown -------------------------------------------------------------- */
+
+void cv_jobs_drain(cv_jobs *J)
+{
+    cv_job *dropped = NULL;
+    pthread_mutex_lock(&J->mu);
+    J->draining = 1;
+    while (J->qhead) {
+        cv_job *j = cancel_queued_locked(J, J->qhead, "shutting_down",
+                                         "cancelled: the service is shutting down");
+        j->qnext = dropped;
+        dropped = j;
+    }
+    pthread_mutex_unlock(&J->mu);
+    while (dropped) {
+        cv_job *n = dropped->qnext;
+        cv_job_unref(dropped);
+        dropped = n;
+    }
+}
+
+int cv_jobs_draining(cv_jobs *J)
+{
+    pthread_mutex_lock(&J->mu);
+    int d = J->draining;
+    pthread_mutex_unlock(&J->mu);
+    return d;
+}
+
+int cv_jobs_wait_idle(cv_jobs *J, double seconds)
+{
+    struct timespec ts;
+    abs_deadline(&ts, seconds);
+    pthread_mutex_lock(&J->mu);
+    while (J->busy > 0) {
+        if (pthread_cond_timedwait(&J->done_cv, &J->mu, &ts) == ETIMEDOUT)
+            break;
+    }
+    int busy = J->busy;
+    pthread_mutex_unlock(&J->mu);
+    return busy;
+}
+
+void cv_jobs_cancel_running(cv_jobs *J)
+{
+    pthread_mutex_lock(&J->mu);
+    for (cv_job *j = J->head; j; j = j->next)
+        if (j->status == CV_JOB_RUNNING)
+            set_cancel_locked(j, "shutting_down",
+                              "cancelled: the service is shutting down (grace period over)");
+    pthread_mutex_unlock(&J->mu);
+}
+
+void cv_jobs_stop_waiters(cv_jobs *J)
+{
+    pthread_mutex_lock(&J->mu);
+    J->stop_waiters = 1;
+    pthread_cond_broadcast(&J->done_cv);
+    pthread_mutex_unlock(&J->mu);
+}
+
+void cv_jobs_stats_get(cv_jobs *J, cv_jobs_stats *st)
+{
+    memset(st, 0, sizeof *st);
+    pthread_mutex_lock(&J->mu);
+    st->queue_depth = J->qlen;
+    st->max_queue = J->cfg.max_queue;
+    st->workers = J->cfg.workers;
+    st->busy_workers = J->busy;
+    long running_mv = 0;
+    for (cv_job *j = J->head; j; j = j->next) {
+        st->by_status[j->status]++;
+        if (j->status == CV_JOB_RUNNING)
+            running_mv += atomic_load(&j->progress.done);
+    }
+    memcpy(st->finished_total, J->finished_total, sizeof st->finished_total);
+    st->submitted_total = J->submitted_total;
+    st->rejected_total = J->rejected_total;
+    st->matvecs_total = J->matvecs_finished + running_mv;
+    memcpy(st->hist, J->hist, sizeof st->hist);
+    st->hist_sum = J->hist_sum;
+    st->hist_count = J->hist_count;
+    pthread_mutex_unlock(&J->mu);
+}

@@ -1,0 +1,117 @@
+/* jobs.h - the job table, the bounded queue and the worker pool.
+ *
+ * POST /v1/jobs lands in cv_jobs_submit(): the document is validated
+ * (cv_job_validate), the model and dataset are pinned in the registry (the
+ * exact versions current at submission: later PUTs do not affect the job),
+ * the dataset is checked against the model, and the job is queued; a full
+ * queue is 429, a draining service 503.  `workers` threads take jobs in FIFO
+ * order and run cv_job_run() with a cv_progress whose cancel flag is the
+ * job's and whose deadline is start + job_timeout (a job that runs past it
+ * fails with code "job_timeout").  HTTP threads never run numerics.
+ *
+ * Finished jobs (succeeded, failed, cancelled) stay readable for keep_s
+ * seconds (and at most max_kept of them), then a janitor thread drops them.
+ *
+ * Shutdown: cv_jobs_drain() refuses new jobs (503) and cancels every queued
+ * job; cv_jobs_wait_idle() lets running jobs finish up to a grace period;
+ * cv_jobs_cancel_running() cancels what is still running (each stops at its
+ * next matvec); cv_jobs_free() joins the threads.
+ */
+#ifndef CV_JOBS_H
+#define CV_JOBS_H
+
+#include <cJSON.h>
+#include <stddef.h>
+
+#include "api/job.h"
+#include "engine/err.h"
+#include "server/registry.h"
+
+typedef enum {
+    CV_JOB_QUEUED = 0,
+    CV_JOB_RUNNING,
+    CV_JOB_SUCCEEDED,
+    CV_JOB_FAILED,
+    CV_JOB_CANCELLED,
+    CV_JOB_NSTATUS
+} cv_job_status;
+
+const char *cv_job_status_name(cv_job_status s);
+int cv_job_status_from_name(const char *s); /* -1 if unknown */
+
+typedef struct {
+    int workers;              /* worker threads (>= 1) */
+    size_t max_queue;         /* queued (not yet running) jobs (>= 1) */
+    double job_timeout;       /* seconds of running time per job; 0 = none */
+    double keep_s;            /* finished jobs are kept this long */
+    size_t max_kept;          /* and at most this many */
+    cv_job_limits limits;
+} cv_jobs_config;
+
+typedef struct cv_jobs cv_jobs;
+typedef struct cv_job cv_job;
+
+/* Starts the workers and the janitor.  NULL with e filled on failure. */
+cv_jobs *cv_jobs_new(const cv_jobs_config *c, cv_registry *reg, cv_err *e);
+/* Stops and joins all threads (cancelling anything left) and frees all. */
+void cv_jobs_free(cv_jobs *J);
+
+/* Validates and queues doc (borrowed: copied).  timeout > 0 lowers the
+ * job's time limit below the configured one.  On success *out holds a
+ * reference to the job (cv_job_unref it). */
+int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, cv_err *e);
+
+/* A reference to the job with this id, or NULL (404 in e). */
+cv_job *cv_jobs_get(cv_jobs *J, const char *id, cv_err *e);
+void cv_job_unref(cv_job *j);
+const char *cv_job_id(const cv_job *j);
+
+/* Waits up to seconds for the job to finish; returns 1 if it is finished. */
+int cv_jobs_wait(cv_jobs *J, cv_job *j, double seconds);
+/* Cancels: a queued job becomes cancelled at once; a running job gets its
+ * cancel flag and stops at its next matvec (this waits up to `wait`
+ * seconds for that).  Finished jobs are left as they are. */
+void cv_jobs_cancel(cv_jobs *J, cv_job *j, double wait);
+
+/* The status document without the result: {"id","status","op","model",
+ * "model_version","dataset","dataset_version","created_at","started_at",
+ * "finished_at","timeout_s","progress":{...}} plus "error" when failed or
+ * cancelled (listings). */
+cJSON *cv_job_to_json(cv_jobs *J, cv_job *j);
+/* The full status document as compact JSON text (malloc()ed, *len bytes),
+ * with "result" for a succeeded job.  Results are kept as printed text, so
+ * large results are not copied into a JSON tree again. */
+char *cv_job_status_text(cv_jobs *J, cv_job *j, size_t *len);
+
+/* {"jobs": [...]} filtered by status/model/dataset/op (NULL = any), oldest
+ * first, at most limit entries (the newest ones). */
+cJSON *cv_jobs_list(cv_jobs *J, int status, const char *model, const char *dataset,
+                    const char *op, size_t limit);
+
+/* Shutdown steps (see above). */
+void cv_jobs_drain(cv_jobs *J);
+int cv_jobs_draining(cv_jobs *J);
+/* Waits up to seconds for no job to be running; returns running jobs left. */
+int cv_jobs_wait_idle(cv_jobs *J, double seconds);
+void cv_jobs_cancel_running(cv_jobs *J);
+/* Makes every cv_jobs_wait return at once (before stopping HTTP). */
+void cv_jobs_stop_waiters(cv_jobs *J);
+
+#define CV_HIST_BUCKETS 12
+extern const double cv_job_hist_bounds[CV_HIST_BUCKETS]; /* seconds; +Inf implied */
+
+typedef struct {
+    size_t queue_depth, max_queue;
+    int workers, busy_workers;
+    long by_status[CV_JOB_NSTATUS];     /* jobs currently held, by status */
+    long finished_total[CV_JOB_NSTATUS]; /* jobs that ended in this status, ever */
+    long submitted_total, rejected_total;
+    long matvecs_total;                 /* finished jobs plus running ones so far */
+    unsigned long hist[CV_HIST_BUCKETS + 1]; /* cumulative counts, last = +Inf */
+    double hist_sum;
+    unsigned long hist_count;
+} cv_jobs_stats;
+
+void cv_jobs_stats_get(cv_jobs *J, cv_jobs_stats *st);
+
+#endif

@@ -1,0 +1,117 @@
+/* metrics.c - Prometheus text rendering of registry, job and HTTP metrics. */
+#include "server/metrics.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "server/util.h"
+
+typedef struct {
+    char *buf;
+    size_t len, cap;
+    int oom;
+} sbuf;
+
+static void sb_printf(sbuf *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void sb_printf(sbuf *s, const char *fmt, ...)
+{
+    if (s->oom)
+        return;
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(s->buf + s->len, s->cap - s->len, fmt, ap);
+        va_end(ap);
+        if (n < 0) {
+            s->oom = 1;
+            return;
+        }
+        if ((size_t)n < s->cap - s->len) {
+            s->len += (size_t)n;
+            return;
+        }
+        size_t ncap = 2 * s->cap + (size_t)n + 1;
+        char *nb = realloc(s->buf, ncap);
+        if (!nb) {
+            s->oom = 1;
+            return;
+        }
+        s->buf = nb;
+        s->cap = ncap;
+    }
+}
+
+static void gauge(sbuf *s, const char *name, const char *help, double v)
+{
+    sb_printf(s, "# HELP %s %s\n# TYPE %s gauge\n%s %.17g\n", name, help, name, name, v);
+}
+
+static void counter(sbuf *s, const char *name, const char *help, double v)
+{
+    sb_printf(s, "# HELP %s %s\n# TYPE %s counter\n%s %.17g\n", name, help, name, name, v);
+}
+
+char *cv_metrics_render(cv_registry *reg, cv_jobs *jobs, const cv_http_counters *hc,
+                        double uptime_s)
+{
+    cv_registry_stats rs;
+    cv_jobs_stats js;
+    cv_registry_stats_get(reg, &rs);
+    cv_jobs_stats_get(jobs, &js);
+    sbuf s = {malloc(4096), 0, 4096, 0};
+    if (!s.buf)
+        return NULL;
+    s.buf[0] = 0;
+    gauge(&s, "curvd_up", "1 while the service runs.", 1);
+    sb_printf(&s, "# HELP curvd_info Build information.\n# TYPE curvd_info gauge\n"
+                  "curvd_info{version=\"%s\"} 1\n", CV_SERVER_VERSION);
+    gauge(&s, "curvd_uptime_seconds", "Seconds since the service started.", uptime_s);
+    gauge(&s, "curvd_queue_depth", "Jobs waiting in the queue.", (double)js.queue_depth);
+    gauge(&s, "curvd_queue_capacity", "Maximum queued jobs (--max-queue).",
+          (double)js.max_queue);
+    gauge(&s, "curvd_workers", "Worker threads (--workers).", js.workers);
+    gauge(&s, "curvd_workers_busy", "Workers running a job now.", js.busy_workers);
+    sb_printf(&s, "# HELP curvd_jobs Jobs held by the service, by status.\n"
+                  "# TYPE curvd_jobs gauge\n");
+    for (int i = 0; i < CV_JOB_NSTATUS; i++)
+        sb_printf(&s, "curvd_jobs{status=\"%s\"} %ld\n", cv_job_status_name(i),
+                  js.by_status[i]);
+    sb_printf(&s, "# HELP curvd_jobs_finished_total Jobs that ended, by final status.\n"
+                  "# TYPE curvd_jobs_finished_total counter\n");
+    for (int i = CV_JOB_SUCCEEDED; i < CV_JOB_NSTATUS; i++)
+        sb_printf(&s, "curvd_jobs_finished_total{status=\"%s\"} %ld\n",
+                  cv_job_status_name(i), js.finished_total[i]);
+    counter(&s, "curvd_jobs_submitted_total", "Jobs accepted into the queue.",
+            (double)js.submitted_total);
+    counter(&s, "curvd_jobs_rejected_total", "Jobs refused because the queue was full.",
+            (double)js.rejected_total);
+    sb_printf(&s, "# HELP curvd_job_duration_seconds Running time of jobs that ran.\n"
+                  "# TYPE curvd_job_duration_seconds histogram\n");
+    for (int b = 0; b < CV_HIST_BUCKETS; b++)
+        sb_printf(&s, "curvd_job_duration_seconds_bucket{le=\"%g\"} %lu\n",
+                  cv_job_hist_bounds[b], js.hist[b]);
+    sb_printf(&s, "curvd_job_duration_seconds_bucket{le=\"+Inf\"} %lu\n",
+              js.hist[CV_HIST_BUCKETS]);
+    sb_printf(&s, "curvd_job_duration_seconds_sum %.17g\n", js.hist_sum);
+    sb_printf(&s, "curvd_job_duration_seconds_count %lu\n", js.hist_count);
+    counter(&s, "curvd_matvecs_total", "Curvature-vector products computed by jobs.",
+            (double)js.matvecs_total);
+    gauge(&s, "curvd_registry_bytes", "Bytes held by registered models and datasets.",
+          (double)rs.bytes);
+    gauge(&s, "curvd_registry_budget_bytes", "Registry memory budget (--max-registry-bytes).",
+          (double)rs.max_bytes);
+    gauge(&s, "curvd_models", "Registered models.", rs.models);
+    gauge(&s, "curvd_datasets", "Registered datasets.", rs.datasets);
+    sb_printf(&s, "# HELP curvd_http_requests_total HTTP requests answered, by status class.\n"
+                  "# TYPE curvd_http_requests_total counter\n");
+    for (int c = 1; c <= 5; c++)
+        sb_printf(&s, "curvd_http_requests_total{code_class=\"%dxx\"} %lu\n", c,
+                  hc ? hc->requests[c] : 0ul);
+    if (s.oom) {
+        free(s.buf);
+        return NULL;
+    }
+    return s.buf;
+}

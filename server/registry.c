@@ -1,0 +1,547 @@
+/* registry.c - named, versioned, reference-counted models and datasets with
+ * a memory budget (see registry.h for the rules). */
+#include "server/registry.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/arch.h"
+#include "api/params.h"
+#include "server/util.h"
+
+typedef struct {
+    cv_reg_kind kind;
+    char name[CV_REG_NAME_MAX + 1];
+    cv_snap *cur;
+    int jobs;                 /* queued or running jobs counted against this name */
+} slot;
+
+struct cv_registry {
+    pthread_mutex_t mu;
+    size_t max_bytes, bytes;
+    slot *slots;
+    int nslots, cap;
+};
+
+int cv_name_valid(const char *name)
+{
+    if (!name)
+        return 0;
+    size_t n = 0;
+    for (const char *p = name; *p; p++, n++) {
+        char c = *p;
+        if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+              c == '_' || c == '.' || c == '-'))
+            return 0;
+        if (n >= CV_REG_NAME_MAX)
+            return 0;
+    }
+    return n >= 1;
+}
+
+int cv_name_check(const char *name, const char *field, cv_err *e)
+{
+    if (cv_name_valid(name))
+        return 0;
+    return cv_err_set(e, CV_EINVAL, "invalid_name", field,
+                      "%s must be 1 to %d characters from [A-Za-z0-9_.-]", field,
+                      CV_REG_NAME_MAX);
+}
+
+cv_registry *cv_registry_new(size_t max_bytes)
+{
+    cv_registry *r = calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    if (pthread_mutex_init(&r->mu, NULL)) {
+        free(r);
+        return NULL;
+    }
+    r->max_bytes = max_bytes;
+    return r;
+}
+
+void cv_registry_free(cv_registry *r)
+{
+    if (!r)
+        return;
+    for (int i = 0; i < r->nslots; i++)
+        cv_snap_unref(r->slots[i].cur);
+    free(r->slots);
+    pthread_mutex_destroy(&r->mu);
+    free(r);
+}
+
+size_t cv_model_bytes(const cv_model *m)
+{
+    return sizeof *m + sizeof(float) * (m->nparams_total + m->nbuffers_total);
+}
+
+size_t cv_dataset_bytes(const cv_dataset *d)
+{
+    size_t b = sizeof *d + sizeof(float) * d->n * cv_shape_numel(&d->x_shape);
+    if (d->y_is_index)
+        b += sizeof(int64_t) * d->n;
+    else
+        b += sizeof(float) * d->n * cv_shape_numel(&d->y_shape);
+    return b;
+}
+
+static void free_model(cv_model *m)
+{
+    if (m) {
+        cv_model_free(m);
+        free(m);
+    }
+}
+
+static void free_dataset(cv_dataset *d)
+{
+    if (d) {
+        cv_dataset_free(d);
+        free(d);
+    }
+}
+
+void cv_snap_ref(cv_snap *s)
+{
+    if (s)
+        atomic_fetch_add(&s->refs, 1);
+}
+
+void cv_snap_unref(cv_snap *s)
+{
+    if (!s || atomic_fetch_sub(&s->refs, 1) != 1)
+        return;
+    free_model(s->model);
+    free_dataset(s->data);
+    free(s);
+}
+
+static cv_snap *snap_new(cv_reg_kind kind, const char *name, cv_model *m, cv_dataset *d,
+                         const char *source)
+{
+    cv_snap *s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    atomic_init(&s->refs, 1);
+    s->kind = kind;
+    snprintf(s->name, sizeof s->name, "%s", name);
+    snprintf(s->source, sizeof s->source, "%s", source ? source : "http");
+    s->model = m;
+    s->data = d;
+    s->bytes = m ? cv_model_bytes(m) : cv_dataset_bytes(d);
+    s->version = 1;
+    s->created_at = s->updated_at = cv_wall_s();
+    return s;
+}
+
+static slot *find_slot(cv_registry *r, cv_reg_kind kind, const char *name)
+{
+    for (int i = 0; i < r->nslots; i++)
+        if (r->slots[i].kind == kind && strcmp(r->slots[i].name, name) == 0)
+            return &r->slots[i];
+    return NULL;
+}
+
+static const char *kind_word(cv_reg_kind k) { return k == CV_REG_MODEL ? "model" : "dataset"; }
+
+static int budget_error(cv_registry *r, size_t need, size_t freed, const char *name, cv_err *e)
+{
+    return cv_err_set(e, CV_ETOOLARGE, "registry_full", "",
+                      "'%s' needs %zu bytes but the registry memory budget "
+                      "(--max-registry-bytes) is %zu bytes with %zu in use; delete "
+                      "something or raise the budget", name, need, r->max_bytes,
+                      r->bytes - freed);
+}
+
+/* Inserts or replaces s under the lock.  replace: 0 = must not exist,
+ * 1 = must exist, 2 = either.  On success the registry owns s's
+ * reference; the replaced snapshot is returned in *old (unref outside). */
+static int install(cv_registry *r, cv_snap *s, int replace, int *created, cv_snap **old,
+                   cv_err *e)
+{
+    *old = NULL;
+    slot *sl = find_slot(r, s->kind, s->name);
+    if (sl && replace == 0)
+        return cv_err_set(e, CV_ECONFLICT, "already_exists", "name",
+                          "%s '%s' already exists (version %lu); %s", kind_word(s->kind),
+                          s->name, sl->cur->version,
+                          s->kind == CV_REG_MODEL
+                              ? "PUT /v1/models/{name}/parameters updates its weights, or "
+                                "DELETE it first"
+                              : "PUT /v1/datasets/{name} replaces it");
+    if (!sl && replace == 1)
+        return cv_err_set(e, CV_ENOTFOUND, "not_found", "name", "%s '%s' not found",
+                          kind_word(s->kind), s->name);
+    size_t freed = sl ? sl->cur->bytes : 0;
+    if (r->bytes - freed + s->bytes > r->max_bytes || s->bytes > r->max_bytes)
+        return budget_error(r, s->bytes, freed, s->name, e);
+    if (sl) {
+        s->version = sl->cur->version + 1;
+        s->created_at = sl->cur->created_at;
+        *old = sl->cur;
+        sl->cur = s;
+        r->bytes = r->bytes - freed + s->bytes;
+        if (created)
+            *created = 0;
+        return 0;
+    }
+    if (r->nslots == r->cap) {
+        int ncap = r->cap ? 2 * r->cap : 16;
+        slot *ns = realloc(r->slots, sizeof *ns * (size_t)ncap);
+        if (!ns)
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+        r->slots = ns;
+        r->cap = ncap;
+    }
+    sl = &r->slots[r->nslots++];
+    memset(sl, 0, sizeof *sl);
+    sl->kind = s->kind;
+    snprintf(sl->name, sizeof sl->name, "%s", s->name);
+    sl->cur = s;
+    r->bytes += s->bytes;
+    if (created)
+        *created = 1;
+    return 0;
+}
+
+static int add_snap(cv_registry *r, cv_reg_kind kind, const char *name, cv_model *m,
+                    cv_dataset *d, const char *source, int replace, int *created,
+                    cv_snap **out, cv_err *e)
+{
+    if (out)
+        *out = NULL;
+    if (cv_name_check(name, "name", e)) {
+        free_model(m);
+        free_dataset(d);
+        return -1;
+    }
+    cv_snap *s = snap_new(kind, name, m, d, source);
+    if (!s) {
+        free_model(m);
+        free_dataset(d);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    }
+    cv_snap *old = NULL;
+    pthread_mutex_lock(&r->mu);
+    int rc = install(r, s, replace, created, &old, e);
+    if (rc == 0 && out) {
+        cv_snap_ref(s);
+        *out = s;
+    }
+    pthread_mutex_unlock(&r->mu);
+    cv_snap_unref(old);
+    if (rc)
+        cv_snap_unref(s);
+    return rc;
+}
+
+int cv_registry_add_model(cv_registry *r, const char *name, cv_model *m, const char *source,
+                          cv_snap **out, cv_err *e)
+{
+    return add_snap(r, CV_REG_MODEL, name, m, NULL, source, 0, NULL, out, e);
+}
+
+int cv_registry_add_dataset(cv_registry *r, const char *name, cv_dataset *d,
+                            const char *source, cv_snap **out, cv_err *e)
+{
+    return add_snap(r, CV_REG_DATASET, name, NULL, d, source, 0, NULL, out, e);
+}
+
+int cv_registry_put_dataset(cv_registry *r, const char *name, cv_dataset *d, const char *source,
+                            int *created, cv_snap **out, cv_err *e)
+{
+    return add_snap(r, CV_REG_DATASET, name, NULL, d, source, 2, created, out, e);
+}
+
+int cv_registry_put_params(cv_registry *r, const char *name, const void *buf, size_t len,
+                           cv_snap **out, cv_err *e)
+{
+    if (out)
+        *out = NULL;
+    cv_snap *cur = cv_registry_get(r, CV_REG_MODEL, name, e);
+    if (!cur)
+        return -1;
+    cv_model *m = malloc(sizeof *m);
+    if (!m) {
+        cv_snap_unref(cur);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    }
+    if (cv_model_clone(cur->model, m)) {
+        free(m);
+        cv_snap_unref(cur);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory copying model");
+    }
+    char source[160];
+    snprintf(source, sizeof source, "%s", cur->source);
+    cv_snap_unref(cur);
+    if (cv_params_parse(m, buf, len, e)) {
+        free_model(m);
+        return -1;
+    }
+    return add_snap(r, CV_REG_MODEL, name, m, NULL, source, 1, NULL, out, e);
+}
+
+static cv_snap *get_locked(cv_registry *r, cv_reg_kind kind, const char *name, int job,
+                           cv_err *e)
+{
+    slot *sl = name ? find_slot(r, kind, name) : NULL;
+    if (!sl) {
+        cv_err_set(e, CV_ENOTFOUND, "not_found", kind == CV_REG_MODEL ? "model" : "dataset",
+                   "%s '%s' not found", kind_word(kind), name ? name : "");
+        return NULL;
+    }
+    cv_snap_ref(sl->cur);
+    if (job)
+        sl->jobs++;
+    return sl->cur;
+}
+
+cv_snap *cv_registry_get(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e)
+{
+    pthread_mutex_lock(&r->mu);
+    cv_snap *s = get_locked(r, kind, name, 0, e);
+    pthread_mutex_unlock(&r->mu);
+    return s;
+}
+
+cv_snap *cv_registry_acquire(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e)
+{
+    pthread_mutex_lock(&r->mu);
+    cv_snap *s = get_locked(r, kind, name, 1, e);
+    pthread_mutex_unlock(&r->mu);
+    return s;
+}
+
+void cv_registry_release(cv_registry *r, cv_snap *s)
+{
+    if (!s)
+        return;
+    pthread_mutex_lock(&r->mu);
+    slot *sl = find_slot(r, s->kind, s->name);
+    if (sl && sl->jobs > 0)
+        sl->jobs--;
+    pthread_mutex_unlock(&r->mu);
+    cv_snap_unref(s);
+}
+
+int cv_registry_delete(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e)
+{
+    pthread_mutex_lock(&r->mu);
+    slot *sl = find_slot(r, kind, name);
+    if (!sl) {
+        pthread_mutex_unlock(&r->mu);
+        return cv_err_set(e, CV_ENOTFOUND, "not_found", "name", "%s '%s' not found",
+                          kind_word(kind), name);
+    }
+    if (sl->jobs > 0) {
+        int n = sl->jobs;
+        pthread_mutex_unlock(&r->mu);
+        return cv_err_set(e, CV_ECONFLICT, "in_use", "name",
+                          "%s '%s' is used by %d queued or running job%s; cancel or wait for "
+                          "them, then delete", kind_word(kind), name, n, n == 1 ? "" : "s");
+    }
+    cv_snap *s = sl->cur;
+    r->bytes -= s->bytes;
+    *sl = r->slots[--r->nslots];
+    pthread_mutex_unlock(&r->mu);
+    cv_snap_unref(s);
+    return 0;
+}
+
+static int cmp_snap(const void *a, const void *b)
+{
+    return strcmp((*(cv_snap *const *)a)->name, (*(cv_snap *const *)b)->name);
+}
+
+int cv_registry_list(cv_registry *r, cv_reg_kind kind, cv_snap ***out)
+{
+    *out = NULL;
+    pthread_mutex_lock(&r->mu);
+    int n = 0;
+    for (int i = 0; i < r->nslots; i++)
+        n += r->slots[i].kind == kind;
+    cv_snap **v = malloc(sizeof *v * (size_t)(n ? n : 1));
+    if (!v) {
+        pthread_mutex_unlock(&r->mu);
+        return -1;
+    }
+    int k = 0;
+    for (int i = 0; i < r->nslots; i++)
+        if (r->slots[i].kind == kind) {
+            cv_snap_ref(r->slots[i].cur);
+            v[k++] = r->slots[i].cur;
+        }
+    pthread_mutex_unlock(&r->mu);
+    qsort(v, (size_t)n, sizeof *v, cmp_snap);
+    *out = v;
+    return n;
+}
+
+void cv_snaps_release(cv_snap **v, int n)
+{
+    for (int i = 0; i < n; i++)
+        cv_snap_unref(v[i]);
+    free(v);
+}
+
+void cv_registry_stats_get(cv_registry *r, cv_registry_stats *st)
+{
+    memset(st, 0, sizeof *st);
+    pthread_mutex_lock(&r->mu);
+    st->bytes = r->bytes;
+    st->max_bytes = r->max_bytes;
+    for (int i = 0; i < r->nslots; i++) {
+        if (r->slots[i].kind == CV_REG_MODEL)
+            st->models++;
+        else
+            st->datasets++;
+    }
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* ---- JSON descriptions ------------------------------------------------- */
+
+static cJSON *shape_json(size_t lead, const cv_shape *s)
+{
+    size_t v[CV_MAX_RANK + 1];
+    int n = 0;
+    v[n++] = lead;
+    for (int i = 0; i < s->rank && i < CV_MAX_RANK; i++)
+        v[n++] = (size_t)s->dim[i];
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; a && i < n; i++) {
+        cJSON *x = cJSON_CreateNumber((double)v[i]);
+        if (!x || !cJSON_AddItemToArray(a, x)) {
+            cJSON_Delete(x);
+            cJSON_Delete(a);
+            return NULL;
+        }
+    }
+    return a;
+}
+
+static cJSON *tensors_json(const cv_tensor_info *t, int n, cJSON *arr)
+{
+    for (int i = 0; i < n; i++) {
+        cJSON *o = cJSON_CreateObject();
+        if (!o || !cJSON_AddItemToArray(arr, o)) {
+            cJSON_Delete(o);
+            return NULL;
+        }
+        cJSON *sh = cJSON_CreateIntArray(t[i].dim, t[i].rank);
+        if (!cJSON_AddStringToObject(o, "name", t[i].name) || !sh ||
+            !cJSON_AddItemToObject(o, "shape", sh) ||
+            !cJSON_AddNumberToObject(o, "numel", (double)t[i].numel)) {
+            if (sh && !cJSON_GetObjectItemCaseSensitive(o, "shape"))
+                cJSON_Delete(sh);
+            return NULL;
+        }
+    }
+    return arr;
+}
+
+static int model_json(const cv_snap *s, cJSON *o, int full)
+{
+    const cv_model *m = s->model;
+    if (!cJSON_AddNumberToObject(o, "parameter_count", (double)m->nparams_total) ||
+        !cJSON_AddNumberToObject(o, "parameter_tensors", cv_model_param_count(m)) ||
+        !cJSON_AddNumberToObject(o, "layers", m->nlayers))
+        return -1;
+    cJSON *is = shape_json(0, &m->input_shape);
+    if (!is)
+        return -1;
+    cJSON_DeleteItemFromArray(is, 0);
+    if (!cJSON_AddItemToObject(o, "input_shape", is)) {
+        cJSON_Delete(is);
+        return -1;
+    }
+    if (!cJSON_AddNumberToObject(o, "output_dim", cv_model_output_dim(m)))
+        return -1;
+    if (!full)
+        return 0;
+    cJSON *arch = cv_arch_to_json(m);
+    if (!arch || !cJSON_AddItemToObject(o, "architecture", arch)) {
+        cJSON_Delete(arch);
+        return -1;
+    }
+    cJSON *ps = cJSON_AddArrayToObject(o, "parameters");
+    cJSON *bs = cJSON_AddArrayToObject(o, "buffers");
+    if (!ps || !bs)
+        return -1;
+    for (int l = 0; l < m->nlayers; l++) {
+        if (!tensors_json(m->layers[l].params, m->layers[l].nparams, ps) ||
+            !tensors_json(m->layers[l].buffers, m->layers[l].nbuffers, bs))
+            return -1;
+    }
+    return 0;
+}
+
+static int dataset_json(const cv_snap *s, cJSON *o)
+{
+    const cv_dataset *d = s->data;
+    if (!cJSON_AddNumberToObject(o, "n", (double)d->n))
+        return -1;
+    cJSON *xs = shape_json(d->n, &d->x_shape);
+    if (!xs || !cJSON_AddItemToObject(o, "x_shape", xs)) {
+        cJSON_Delete(xs);
+        return -1;
+    }
+    cJSON *y = cJSON_AddObjectToObject(o, "y");
+    if (!y)
+        return -1;
+    cJSON *ys;
+    if (d->y_is_index) {
+        int64_t lo = 0, hi = -1;
+        for (size_t i = 0; i < d->n; i++) {
+            if (i == 0 || d->labels[i] < lo)
+                lo = d->labels[i];
+            if (i == 0 || d->labels[i] > hi)
+                hi = d->labels[i];
+        }
+        cv_shape none = {0, {0}};
+        ys = shape_json(d->n, &none);
+        if (!cJSON_AddStringToObject(y, "kind", "labels") ||
+            !cJSON_AddStringToObject(y, "dtype", "I64") ||
+            !cJSON_AddNumberToObject(y, "min_label", (double)lo) ||
+            !cJSON_AddNumberToObject(y, "max_label", (double)hi)) {
+            cJSON_Delete(ys);
+            return -1;
+        }
+    } else {
+        ys = shape_json(d->n, &d->y_shape);
+        if (!cJSON_AddStringToObject(y, "kind", "targets") ||
+            !cJSON_AddStringToObject(y, "dtype", "F32")) {
+            cJSON_Delete(ys);
+            return -1;
+        }
+    }
+    if (!ys || !cJSON_AddItemToObject(y, "shape", ys)) {
+        cJSON_Delete(ys);
+        return -1;
+    }
+    return 0;
+}
+
+cJSON *cv_snap_to_json(const cv_snap *s, int full)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (!o)
+        return NULL;
+    if (!cJSON_AddStringToObject(o, "name", s->name) ||
+        !cJSON_AddNumberToObject(o, "version", (double)s->version) ||
+        !cJSON_AddNumberToObject(o, "bytes", (double)s->bytes) ||
+        !cJSON_AddStringToObject(o, "source", s->source) ||
+        cv_json_add_time(o, "created_at", s->created_at) ||
+        cv_json_add_time(o, "updated_at", s->updated_at))
+        goto fail;
+    if (s->kind == CV_REG_MODEL ? model_json(s, o, full) : dataset_json(s, o))
+        goto fail;
+    return o;
+fail:
+    cJSON_Delete(o);
+    return NULL;
+}

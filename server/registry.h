@@ -1,0 +1,110 @@
+/* registry.h - the in-memory registry of models and datasets.
+ *
+ * Each name maps to a *snapshot*: an immutable, reference-counted entry
+ * (a model with its parameters, or a dataset).  Replacing a model's
+ * parameters (PUT) or a dataset builds a new snapshot with version + 1 and
+ * swaps it in; whoever holds a reference to the old one (a queued or running
+ * job) keeps reading exactly the version it pinned, which is freed when the
+ * last reference goes.
+ *
+ * Jobs pin with cv_registry_acquire(), which also counts the job against
+ * the name; DELETE of a name with queued or running jobs is refused with
+ * 409 conflict (not deferred), so a name never disappears under a job that
+ * a client is watching.
+ *
+ * Memory budget: the bytes of the current snapshots (model structure plus
+ * parameters and buffers; dataset arrays) may not exceed max_bytes; an
+ * upload that would exceed it fails with 413 naming the budget.  Older
+ * snapshots pinned by jobs are not counted (they go away with the job).
+ *
+ * Thread-safe: one mutex guards the table; snapshots are immutable.
+ */
+#ifndef CV_REGISTRY_H
+#define CV_REGISTRY_H
+
+#include <cJSON.h>
+#include <stdatomic.h>
+#include <stddef.h>
+
+#include "engine/dataset.h"
+#include "engine/err.h"
+#include "engine/model.h"
+
+#define CV_REG_NAME_MAX 64
+
+typedef enum { CV_REG_MODEL = 0, CV_REG_DATASET = 1 } cv_reg_kind;
+
+typedef struct cv_snap {
+    atomic_int refs;
+    cv_reg_kind kind;
+    char name[CV_REG_NAME_MAX + 1];
+    unsigned long version;    /* 1 on registration, +1 per replacement */
+    size_t bytes;             /* memory held by this snapshot */
+    double created_at;        /* epoch seconds the name was registered */
+    double updated_at;        /* epoch seconds of this version */
+    char source[160];         /* where it came from: "http", "file ...", "demo: ..." */
+    cv_model *model;          /* CV_REG_MODEL: finalized, parameters allocated */
+    cv_dataset *data;         /* CV_REG_DATASET */
+} cv_snap;
+
+typedef struct cv_registry cv_registry;
+
+typedef struct {
+    size_t bytes, max_bytes;
+    int models, datasets;
+} cv_registry_stats;
+
+/* [A-Za-z0-9_.-]{1,64} */
+int cv_name_valid(const char *name);
+/* Fills e (400, field) if name is not valid. */
+int cv_name_check(const char *name, const char *field, cv_err *e);
+
+cv_registry *cv_registry_new(size_t max_bytes);
+/* Frees the registry; snapshots still referenced elsewhere stay alive. */
+void cv_registry_free(cv_registry *r);
+
+/* Memory footprint of a model / dataset as the registry counts it. */
+size_t cv_model_bytes(const cv_model *m);
+size_t cv_dataset_bytes(const cv_dataset *d);
+
+/* Registers a new name.  Takes ownership of m / d (heap-allocated with
+ * malloc, contents owned) in every case: on failure they are freed.
+ * 409 if the name exists, 413 over budget.  *out (if non-NULL) gets a
+ * reference to the new snapshot. */
+int cv_registry_add_model(cv_registry *r, const char *name, cv_model *m, const char *source,
+                          cv_snap **out, cv_err *e);
+int cv_registry_add_dataset(cv_registry *r, const char *name, cv_dataset *d,
+                            const char *source, cv_snap **out, cv_err *e);
+/* Creates or replaces a dataset (PUT); *created tells which. */
+int cv_registry_put_dataset(cv_registry *r, const char *name, cv_dataset *d, const char *source,
+                            int *created, cv_snap **out, cv_err *e);
+/* Replaces a model's parameters from a safetensors buffer: a new snapshot
+ * with version + 1.  404 if unknown, 400 if the tensors do not fit. */
+int cv_registry_put_params(cv_registry *r, const char *name, const void *buf, size_t len,
+                           cv_snap **out, cv_err *e);
+
+/* A reference to the current snapshot (cv_snap_unref it), or NULL with e
+ * filled (404). */
+cv_snap *cv_registry_get(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e);
+/* Like get, and counts a job against the name until cv_registry_release. */
+cv_snap *cv_registry_acquire(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e);
+void cv_registry_release(cv_registry *r, cv_snap *s);
+
+/* 404 unknown, 409 while jobs use it. */
+int cv_registry_delete(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e);
+
+/* References to all current snapshots of a kind, sorted by name; returns
+ * the count (or -1 on allocation failure).  Free with cv_snaps_release. */
+int cv_registry_list(cv_registry *r, cv_reg_kind kind, cv_snap ***out);
+void cv_snaps_release(cv_snap **v, int n);
+
+void cv_registry_stats_get(cv_registry *r, cv_registry_stats *st);
+
+void cv_snap_ref(cv_snap *s);
+void cv_snap_unref(cv_snap *s);
+
+/* JSON descriptions (NULL on allocation failure).  full: architecture and
+ * tensor shapes for a model; list entries are shorter. */
+cJSON *cv_snap_to_json(const cv_snap *s, int full);
+
+#endif

@@ -1,0 +1,550 @@
+#!/bin/sh
+# e2e_service.sh - end-to-end tests of `curvd serve` over HTTP (issue 5).
+#
+# Usage: sh tests/e2e_service.sh build/curvd
+# Starts daemons on free loopback ports (--port 0, the port is read from the
+# "listening on" line), drives them with curl, checks JSON with
+# /usr/bin/python3 (standard library only), compares numbers with
+# `curvd run` on the same files, and ends with "N passed, M failed".
+# Every loop is bounded; the daemons are killed on exit.  VERBOSE=1 lists
+# every check that passes; E2E_KEEP=1 keeps the temporary directory (logs).
+set -u
+CURVD=${1:-build/curvd}
+case "$CURVD" in /*) ;; *) CURVD="$(pwd)/$CURVD" ;; esac
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=python3
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+T=$(mktemp -d "${TMPDIR:-/tmp}/curvd-e2e.XXXXXX")
+PASS=0
+FAIL=0
+PIDS=""
+
+cleanup() {
+  for p in $PIDS; do kill -9 "$p" 2>/dev/null; done
+  if [ -n "${E2E_KEEP:-}" ]; then echo "kept $T" >&2; else rm -rf "$T"; fi
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+
+ok() { PASS=$((PASS + 1)); [ -z "${VERBOSE:-}" ] || echo "ok: ${name:-}" >&2; }
+bad() { FAIL=$((FAIL + 1)); echo "FAIL: $*" >&2; }
+# check NAME CMD...: passes if CMD succeeds
+check() {
+  name=$1; shift
+  if "$@"; then ok; else bad "$name"; fi
+}
+
+# ---- helpers ---------------------------------------------------------------
+
+# JSON query: jq FILE 'python expression over d' -> prints the value
+cat > "$T/jq.py" <<'EOF'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("<invalid json: %s>" % e); sys.exit(1)
+try:
+    v = eval(sys.argv[2], {"d": d})
+except Exception as e:
+    print("<error: %r>" % e); sys.exit(1)
+print(json.dumps(v) if not isinstance(v, str) else v)
+EOF
+jq() { "$PY" "$T/jq.py" "$@"; }
+# jtrue FILE EXPR: expression is true
+jtrue() { [ "$(jq "$1" "bool($2)")" = "true" ]; }
+
+# Compares the result of a job status document with a `curvd run` output
+# (all fields except timings; numbers to a relative 1e-9).
+cat > "$T/cmp.py" <<'EOF'
+import json, math, sys
+a = json.load(open(sys.argv[1]))
+b = json.load(open(sys.argv[2]))
+if "result" in a: a = a["result"]
+SKIP = {"elapsed_s"}
+def same(x, y, path):
+    if isinstance(x, dict) and isinstance(y, dict):
+        kx = set(x) - SKIP; ky = set(y) - SKIP
+        if kx != ky: return "%s: keys %s vs %s" % (path, sorted(kx), sorted(ky))
+        for k in kx:
+            r = same(x[k], y[k], path + "." + k)
+            if r: return r
+        return None
+    if isinstance(x, list) and isinstance(y, list):
+        if len(x) != len(y): return "%s: lengths %d vs %d" % (path, len(x), len(y))
+        for i, (p, q) in enumerate(zip(x, y)):
+            r = same(p, q, "%s[%d]" % (path, i))
+            if r: return r
+        return None
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool):
+        if x == y or abs(x - y) <= 1e-9 * max(abs(x), abs(y), 1e-300): return None
+        return "%s: %r vs %r" % (path, x, y)
+    return None if x == y else "%s: %r vs %r" % (path, x, y)
+r = same(a, b, "result")
+if r: print(r); sys.exit(1)
+EOF
+same_result() {
+  if "$PY" "$T/cmp.py" "$1" "$2" > "$T/cmp.out" 2>&1; then return 0; fi
+  echo "  differs: $(cat "$T/cmp.out")" >&2
+  return 1
+}
+
+# req METHOD URL [curl args]: body -> $T/body, headers -> $T/hdr, prints status
+req() {
+  m=$1; u=$2; shift 2
+  curl -s -S --max-time 60 -X "$m" -o "$T/body" -D "$T/hdr" -w '%{http_code}' "$@" "$BASE$u" \
+    2>"$T/curl.err" || echo "000"
+}
+# expect NAME STATUS CODE METHOD URL [curl args]: status and error code
+expect_err() {
+  name=$1; st=$2; code=$3; shift 3
+  got=$(req "$@")
+  if [ "$got" = "$st" ] && jtrue "$T/body" "d['error']['code'] == '$code' and isinstance(d['error']['message'], str) and len(d['error']['message']) > 0 and isinstance(d['error']['field'], str)"; then
+    ok
+  else
+    bad "$name: expected $st/$code, got $got $(head -c 300 "$T/body")"
+  fi
+}
+
+# start_daemon LOG ARGS...: sets DPID, DPORT, BASE
+start_daemon() {
+  log=$1; shift
+  "$CURVD" serve --port 0 "$@" 2>"$log" &
+  DPID=$!
+  PIDS="$PIDS $DPID"
+  DPORT=""
+  i=0
+  while [ $i -lt 100 ]; do
+    DPORT=$(sed -n 's/^curvd: listening on http:\/\/127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$log")
+    [ -n "$DPORT" ] && break
+    kill -0 "$DPID" 2>/dev/null || break
+    sleep 0.1
+    i=$((i + 1))
+  done
+  BASE="http://127.0.0.1:$DPORT"
+  [ -n "$DPORT" ]
+}
+
+# wait_exit PID SECONDS: waits for the daemon to exit; sets RC (124 if not)
+wait_exit() {
+  i=0
+  n=$(($2 * 10))
+  while [ $i -lt $n ] && kill -0 "$1" 2>/dev/null; do sleep 0.1; i=$((i + 1)); done
+  if kill -0 "$1" 2>/dev/null; then RC=124; return; fi
+  wait "$1"
+  RC=$?
+}
+
+# poll_status ID WANT SECONDS: polls GET /v1/jobs/ID until its status is in
+# WANT (space separated) and, with WANT=running, matvecs_done > 0
+poll_status() {
+  i=0
+  n=$(($3 * 10))
+  while [ $i -lt $n ]; do
+    req GET "/v1/jobs/$1" > /dev/null
+    s=$(jq "$T/body" "d['status']")
+    case " $2 " in
+      *" $s "*)
+        if [ "$s" != running ] || jtrue "$T/body" "d['progress']['matvecs_done'] > 0"; then
+          return 0
+        fi ;;
+    esac
+    sleep 0.1
+    i=$((i + 1))
+  done
+  return 1
+}
+
+# ---- test files: an MLP in PyTorch layout, parameters, datasets ------------
+cat > "$T/gen.py" <<'EOF'
+import json, struct, sys
+out = sys.argv[1]
+def lcg(seed):
+    s = seed
+    while True:
+        s = (s * 6364136223846793005 + 1442695040888963407) % 2**64
+        yield ((s >> 11) / 2**53) * 2 - 1
+def st_write(path, tensors):
+    hdr, data = {}, b""
+    for name, dtype, shape, vals in tensors:
+        fmt = {"F32": "<%df", "I64": "<%dq"}[dtype] % len(vals)
+        b = struct.pack(fmt, *vals)
+        hdr[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(b)]}
+        data += b
+    h = json.dumps(hdr).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(h)) + h + data)
+arch = {"input_shape": [6], "layers": [
+    {"type": "Linear", "in_features": 6, "out_features": 8, "bias": True},
+    {"type": "Tanh"},
+    {"type": "Linear", "in_features": 8, "out_features": 3, "bias": True}],
+    "loss": {"type": "CrossEntropyLoss", "reduction": "mean"}}
+json.dump(arch, open(out + "/arch.json", "w"))
+shapes = [("0.weight", [8, 6]), ("0.bias", [8]), ("2.weight", [3, 8]), ("2.bias", [3])]
+for k, seed in ((1, 11), (2, 22)):
+    g = lcg(seed)
+    st_write(out + "/params%d.safetensors" % k,
+             [(n, "F32", s, [0.5 * next(g) for _ in range(eval("*".join(map(str, s))))]) for n, s in shapes])
+# wrong shapes for the same names
+st_write(out + "/params_bad.safetensors",
+         [(n, "F32", [s[0] + 1] + s[1:], [0.1] * ((s[0] + 1) * (s[1] if len(s) > 1 else 1))) for n, s in shapes])
+g = lcg(5)
+N = 40
+x = [next(g) for _ in range(N * 6)]
+y = [i % 3 for i in range(N)]
+st_write(out + "/data.safetensors", [("x", "F32", [N, 6], x), ("y", "I64", [N], y)])
+st_write(out + "/data_reg.safetensors", [("x", "F32", [N, 6], x), ("y", "F32", [N, 3], [0.5 * next(g) for _ in range(N * 3)])])
+big = [0.0] * (20000)
+st_write(out + "/big.safetensors", [("x", "F32", [2000, 10], big), ("y", "I64", [2000], [0] * 2000)])
+import base64
+open(out + "/model.json", "w").write(json.dumps({"name": "m1", "architecture": arch,
+    "parameters": base64.b64encode(open(out + "/params1.safetensors", "rb").read()).decode()}))
+open(out + "/data.json", "w").write(json.dumps({"name": "d1",
+    "data": base64.b64encode(open(out + "/data.safetensors", "rb").read()).decode()}))
+EOF
+if ! "$PY" "$T/gen.py" "$T"; then echo "cannot generate test files" >&2; echo "0 passed, 1 failed"; exit 1; fi
+
+# ---- daemon A: demo + defaults ---------------------------------------------
+check "daemon starts on a free port" start_daemon "$T/a.log" --workers 2 --keep-jobs 120 --shutdown-grace 1
+APID=$DPID
+A=$BASE
+if [ -z "$DPORT" ]; then cat "$T/a.log" >&2; echo "$PASS passed, $((FAIL + 1)) failed"; exit 1; fi
+
+check "demo training logged" grep -q "demo: model demo-mlp .* loss .* -> " "$T/a.log"
+check "health 200" [ "$(req GET /v1/health)" = 200 ]
+check "health ok" jtrue "$T/body" "d['status'] == 'ok' and d['workers'] == 2"
+check "ops" [ "$(req GET /v1/ops)" = 200 ]
+jq "$T/body" "' '.join(d['ops'])" > "$T/ops"
+check "ops listed" grep -q "trace" "$T/ops"
+check "demo model listed" [ "$(req GET /v1/models)" = 200 ]
+check "demo-mlp registered" jtrue "$T/body" "'demo-mlp' in [m['name'] for m in d['models']]"
+check "demo datasets" [ "$(req GET /v1/datasets/digits)" = 200 ]
+check "digits shape" jtrue "$T/body" "d['x_shape'] == [1797, 64] and d['y']['kind'] == 'labels'"
+check "demo-mlp described" [ "$(req GET /v1/models/demo-mlp)" = 200 ]
+check "demo-mlp shapes" jtrue "$T/body" "d['parameter_count'] == 2410 and d['parameters'][0] == {'name': '0.weight', 'shape': [32, 64], 'numel': 2048} and d['architecture']['layers'][1]['type'] == 'Tanh'"
+req POST "/v1/jobs?wait=30" -d '{"op":"loss","model":"demo-mlp","dataset":"digits"}' > /dev/null
+check "demo model is trained (loss < 0.5)" jtrue "$T/body" "d['status'] == 'succeeded' and d['result']['loss'] < 0.5"
+
+# routes <-> openapi.yaml
+"$CURVD" routes | sort > "$T/routes"
+"$PY" - "$ROOT/api/openapi.yaml" > "$T/spec_routes" <<'EOF'
+import re, sys
+path = None
+out = []
+for line in open(sys.argv[1]):
+    m = re.match(r"^  (/\S*):\s*$", line)
+    if m: path = m.group(1); continue
+    if re.match(r"^\S", line): path = None
+    m = re.match(r"^    (get|put|post|delete|patch|head|options):\s*$", line)
+    if m and path: out.append("%s %s" % (m.group(1).upper(), path))
+print("\n".join(sorted(out)))
+EOF
+name="routes == api/openapi.yaml paths"
+if diff "$T/routes" "$T/spec_routes" > "$T/routes.diff"; then ok; else bad "routes and api/openapi.yaml differ: $(cat "$T/routes.diff")"; fi
+check "route table not empty" [ "$(wc -l < "$T/routes")" -ge 19 ]
+
+# ---- registration ---------------------------------------------------------
+st=$(req POST /v1/models -H 'Content-Type: application/json' --data-binary @"$T/model.json")
+check "model JSON+base64 201" [ "$st" = 201 ]
+check "model Location" grep -qi '^Location: /v1/models/m1' "$T/hdr"
+check "model m1 described" jtrue "$T/body" "d['name'] == 'm1' and d['version'] == 1 and d['parameter_count'] == 83 and [p['shape'] for p in d['parameters']] == [[8, 6], [8], [3, 8], [3]]"
+st=$(req POST /v1/models -F name=m2 -F architecture=@"$T/arch.json" -F parameters=@"$T/params1.safetensors")
+check "model multipart 201" [ "$st" = 201 ]
+check "model m2 version 1" jtrue "$T/body" "d['name'] == 'm2' and d['version'] == 1"
+st=$(req POST /v1/datasets -H 'Content-Type: application/json' --data-binary @"$T/data.json")
+check "dataset JSON+base64 201" [ "$st" = 201 ]
+check "dataset d1 described" jtrue "$T/body" "d['n'] == 40 and d['x_shape'] == [40, 6] and d['y']['kind'] == 'labels' and d['y']['shape'] == [40]"
+st=$(req POST /v1/datasets -F name=dreg -F data=@"$T/data_reg.safetensors")
+check "dataset multipart 201" [ "$st" = 201 ]
+check "dataset targets" jtrue "$T/body" "d['y']['kind'] == 'targets' and d['y']['shape'] == [40, 3]"
+st=$(req PUT /v1/datasets/d3 --data-binary @"$T/data.safetensors")
+check "dataset PUT creates 201" [ "$st" = 201 ]
+st=$(req PUT /v1/datasets/d3 --data-binary @"$T/data.safetensors")
+check "dataset PUT replaces 200" [ "$st" = 200 ]
+check "dataset version 2" jtrue "$T/body" "d['version'] == 2"
+st=$(req PUT /v1/models/m1/parameters --data-binary @"$T/params2.safetensors")
+check "parameters PUT 200" [ "$st" = 200 ]
+check "model version increments" jtrue "$T/body" "d['version'] == 2"
+check "model GET shows version 2" [ "$(req GET /v1/models/m1)" = 200 ]
+check "model version 2" jtrue "$T/body" "d['version'] == 2"
+check "parameters download" [ "$(req GET /v1/models/m1/parameters)" = 200 ]
+cp "$T/body" "$T/m1_params.safetensors"
+check "dataset download" [ "$(req GET /v1/datasets/digits/data)" = 200 ]
+cp "$T/body" "$T/digits.safetensors"
+
+# ---- every op, compared with `curvd run` on the same files ------------------
+job_for() { # op -> job JSON on m1/d1
+  case "$1" in
+    loss|gradient|per_sample_gradients) o='{}' ;;
+    matvec) o='{"probe_seed":3}' ;;
+    dense) o='{}' ;;
+    trace) o='{"max_probes":30}' ;;
+    diag) o='{"max_probes":10}' ;;
+    eigen) o='{"k":2}' ;;
+    density) o='{"lanczos_steps":8,"runs":2}' ;;
+    solve|newton) o='{"damping":1.0}' ;;
+    *) o='{}' ;;
+  esac
+  printf '{"op":"%s","model":"m1","dataset":"d1","curvature":"ggn","seed":7,"options":%s}' "$1" "$o"
+}
+for op in $(cat "$T/ops"); do
+  job_for "$op" > "$T/job_$op.json"
+  st=$(req POST "/v1/jobs?wait=60" --data-binary @"$T/job_$op.json")
+  cp "$T/body" "$T/res_$op.json"
+  case "$op" in
+    loss|gradient|matvec|dense|per_sample_gradients|trace|diag|eigen|density|solve|newton)
+      name="op $op over HTTP"
+      if [ "$st" = 200 ] && jtrue "$T/res_$op.json" "d['status'] == 'succeeded' and d['result']['op'] == '$op' and d['model_version'] == 2"; then
+        ok
+      else
+        bad "op $op over HTTP: $st $(head -c 300 "$T/res_$op.json")"; continue
+      fi
+      if "$CURVD" run --arch "$T/arch.json" --params "$T/params2.safetensors" --data "$T/data.safetensors" \
+           --job "$T/job_$op.json" > "$T/cli_$op.json" 2> "$T/cli_$op.err"; then
+        check "op $op: HTTP result == curvd run" same_result "$T/res_$op.json" "$T/cli_$op.json"
+      else
+        bad "curvd run op $op: $(head -c 300 "$T/cli_$op.err")"
+      fi ;;
+    *) # ops added later: they must at least finish (succeeded or a clean failure)
+      check "op $op finishes" jtrue "$T/res_$op.json" "d['status'] in ('succeeded', 'failed')" ;;
+  esac
+done
+check "downloaded parameters reproduce the job" sh -c "'$CURVD' run --arch '$T/arch.json' --params '$T/m1_params.safetensors' --data '$T/data.safetensors' --job '$T/job_loss.json' > '$T/cli_dl.json'"
+check "downloaded parameters: same loss" same_result "$T/res_loss.json" "$T/cli_dl.json"
+# multipart-registered m2 (params1) matches curvd run with params1
+sed 's/"model":"m1"/"model":"m2"/' "$T/job_trace.json" > "$T/job_m2.json"
+req POST "/v1/jobs?wait=60" --data-binary @"$T/job_m2.json" > /dev/null
+cp "$T/body" "$T/res_m2.json"
+"$CURVD" run --arch "$T/arch.json" --params "$T/params1.safetensors" --data "$T/data.safetensors" --job "$T/job_m2.json" > "$T/cli_m2.json" 2>&1
+check "multipart model == curvd run" same_result "$T/res_m2.json" "$T/cli_m2.json"
+# the demo model over HTTP equals curvd run on its downloaded files
+printf '{"op":"trace","model":"demo-mlp","dataset":"digits","curvature":"hessian","batch":{"offset":100,"size":300},"seed":3,"options":{"max_probes":20}}' > "$T/job_demo.json"
+req POST "/v1/jobs?wait=60" --data-binary @"$T/job_demo.json" > /dev/null
+cp "$T/body" "$T/res_demo.json"
+req GET /v1/models/demo-mlp > /dev/null
+jq "$T/body" "d['architecture']" > "$T/demo_arch.json"
+req GET /v1/models/demo-mlp/parameters > /dev/null
+cp "$T/body" "$T/demo_params.safetensors"
+"$CURVD" run --arch "$T/demo_arch.json" --params "$T/demo_params.safetensors" --data "$T/digits.safetensors" --job "$T/job_demo.json" > "$T/cli_demo.json" 2>&1
+check "demo model == curvd run on downloaded files" same_result "$T/res_demo.json" "$T/cli_demo.json"
+
+# ---- version pinning: a PUT after submission does not touch the job --------
+req POST /v1/jobs --data-binary @"$T/job_trace.json" > /dev/null
+JID=$(jq "$T/body" "d['id']")
+req PUT /v1/models/m1/parameters --data-binary @"$T/params1.safetensors" > /dev/null
+check "model version 3 after PUT" jtrue "$T/body" "d['version'] == 3"
+check "GET ?wait returns the finished job" [ "$(req GET "/v1/jobs/$JID?wait=60")" = 200 ]
+check "job pinned version 2" jtrue "$T/body" "d['status'] == 'succeeded' and d['model_version'] == 2"
+check "pinned job == curvd run with the old weights" same_result "$T/body" "$T/cli_trace.json"
+req PUT /v1/models/m1/parameters --data-binary @"$T/params2.safetensors" > /dev/null
+check "model version 4" jtrue "$T/body" "d['version'] == 4"
+
+# ---- 202 + Location, polling ------------------------------------------------
+st=$(req POST /v1/jobs --data-binary @"$T/job_eigen.json")
+check "POST job 202" [ "$st" = 202 ]
+check "202 body id+status" jtrue "$T/body" "len(d['id']) > 0 and d['status'] in ('queued', 'running', 'succeeded')"
+JID=$(jq "$T/body" "d['id']")
+check "Location header" grep -qi "^Location: /v1/jobs/$JID" "$T/hdr"
+check "poll until succeeded" poll_status "$JID" "succeeded" 30
+check "polled result" jtrue "$T/body" "d['result']['op'] == 'eigen' and d['progress']['fraction'] == 1 and d['finished_at'] is not None"
+
+# ---- long job: progress, 409 while in use, cancel ---------------------------
+LONG='{"op":"trace","model":"demo-mlp","dataset":"digits","curvature":"hessian","options":{"max_probes":1000000,"tol":0}}'
+req POST /v1/jobs -d "$LONG" > /dev/null
+LID=$(jq "$T/body" "d['id']")
+check "long job runs" poll_status "$LID" "running" 30
+check "progress counts" jtrue "$T/body" "0 < d['progress']['matvecs_done'] <= d['progress']['matvecs_planned'] and 0 < d['progress']['fraction'] < 1"
+expect_err "delete model in use 409" 409 in_use DELETE /v1/models/demo-mlp
+expect_err "delete dataset in use 409" 409 in_use DELETE /v1/datasets/digits
+st=$(req GET "/v1/jobs?status=running&model=demo-mlp&op=trace")
+check "list filter running" jtrue "$T/body" "'$LID' in [j['id'] for j in d['jobs']] and all(j['status'] == 'running' for j in d['jobs'])"
+st=$(req DELETE "/v1/jobs/$LID")
+check "cancel 200" [ "$st" = 200 ]
+check "cancelled" jtrue "$T/body" "d['status'] == 'cancelled' and d['error']['code'] == 'cancelled'"
+req GET "/v1/jobs?status=cancelled&op=trace" > /dev/null
+check "list filter cancelled" jtrue "$T/body" "'$LID' in [j['id'] for j in d['jobs']] and 'result' not in d['jobs'][0]"
+req GET "/v1/jobs?model=m2" > /dev/null
+check "list filter model" jtrue "$T/body" "d['count'] >= 1 and all(j['model'] == 'm2' for j in d['jobs'])"
+st=$(req DELETE /v1/models/m2)
+check "delete unused model 200" [ "$st" = 200 ]
+check "deleted model 404" [ "$(req GET /v1/models/m2)" = 404 ]
+st=$(req DELETE /v1/datasets/d3)
+check "delete unused dataset 200" [ "$st" = 200 ]
+
+# ---- error cases: status and JSON error shape -------------------------------
+expect_err "bad JSON" 400 invalid_json POST /v1/jobs -d '{"op": "loss",'
+expect_err "empty body" 400 invalid_json POST /v1/jobs
+expect_err "JSON array body" 400 invalid_json POST /v1/jobs -d '[1,2]'
+expect_err "unknown job field" 400 unknown_field POST /v1/jobs -d '{"op":"loss","model":"m1","dataset":"d1","bogus":1}'
+check "unknown field named" jtrue "$T/body" "d['error']['field'] == 'bogus'"
+expect_err "unknown op" 400 unknown_op POST /v1/jobs -d '{"op":"nope","model":"m1","dataset":"d1"}'
+st=$(req POST /v1/jobs -d '{"op":"trace","model":"m1","dataset":"d1","options":{"max_probes":-1}}')
+check "bad option 400" [ "$st" = 400 ]
+check "bad option field" jtrue "$T/body" "d['error']['field'] == 'options.max_probes'"
+expect_err "missing model" 400 missing_field POST /v1/jobs -d '{"op":"loss","dataset":"d1"}'
+expect_err "unknown model 404" 404 not_found POST /v1/jobs -d '{"op":"loss","model":"nope","dataset":"d1"}'
+check "404 names the model field" jtrue "$T/body" "d['error']['field'] == 'model'"
+expect_err "unknown dataset 404" 404 not_found POST /v1/jobs -d '{"op":"loss","model":"m1","dataset":"nope"}'
+st=$(req POST /v1/jobs -d '{"op":"loss","model":"m1","dataset":"dreg"}')
+check "dataset that does not fit 400" sh -c "[ '$st' = 400 ] && '$PY' '$T/jq.py' '$T/body' \"d['error']['code']\" >/dev/null"
+st=$(req POST /v1/jobs -d '{"op":"loss","model":"demo-mlp","dataset":"d1"}')
+check "input shape mismatch 400" [ "$st" = 400 ]
+expect_err "bad base64" 400 bad_base64 POST /v1/models -d '{"name":"bb","architecture":{},"parameters":"@@@@"}'
+head -c 60 "$T/params1.safetensors" > "$T/trunc.safetensors"
+st=$(req PUT /v1/models/m1/parameters --data-binary @"$T/trunc.safetensors")
+check "truncated safetensors 400" [ "$st" = 400 ]
+st=$(req POST /v1/models -F name=tr -F architecture=@"$T/arch.json" -F parameters=@"$T/trunc.safetensors")
+check "truncated safetensors multipart 400" [ "$st" = 400 ]
+st=$(req PUT /v1/models/m1/parameters --data-binary @"$T/params_bad.safetensors")
+check "wrong tensor shapes 400" [ "$st" = 400 ]
+check "shape error names the tensor" jtrue "$T/body" "'weight' in d['error']['message'] or 'bias' in d['error']['message']"
+check "model unchanged after bad PUT" [ "$(req GET /v1/models/m1)" = 200 ]
+check "still version 4" jtrue "$T/body" "d['version'] == 4"
+expect_err "PUT params unknown model" 404 not_found PUT /v1/models/nope/parameters --data-binary @"$T/params1.safetensors"
+expect_err "duplicate model 409" 409 already_exists POST /v1/models --data-binary @"$T/model.json"
+expect_err "model unknown field" 400 unknown_field POST /v1/models -d '{"name":"x","architecture":{},"parameters":"","extra":1}'
+expect_err "model missing parameters" 400 missing_field POST /v1/models -d '{"name":"x","architecture":{}}'
+st=$(req POST /v1/models -F name=bad1 -F 'architecture={"input_shape":[6],"layers":[{"type":"Linear","in_features":5,"out_features":3}],"loss":{"type":"MSELoss"}}' -F parameters=@"$T/params1.safetensors")
+check "bad architecture 400" [ "$st" = 400 ]
+check "architecture error field" jtrue "$T/body" "d['error']['field'].startswith('architecture')"
+expect_err "architecture not JSON" 400 invalid_json POST /v1/models -F name=bad2 -F 'architecture={oops' -F parameters=@"$T/params1.safetensors"
+expect_err "multipart missing part" 400 missing_field POST /v1/datasets -F name=dd
+expect_err "multipart unknown part" 400 unknown_field POST /v1/models -F name=x -F foo=bar
+expect_err "bad multipart" 400 bad_multipart POST /v1/datasets -H 'Content-Type: multipart/form-data; boundary=zzz' -d 'garbage'
+expect_err "invalid name 400" 400 invalid_name PUT "/v1/datasets/bad%20name" --data-binary @"$T/data.safetensors"
+expect_err "invalid name in body" 400 invalid_name POST /v1/datasets -d '{"name":"../x","data":""}'
+expect_err "dataset not safetensors" 400 bad_safetensors PUT /v1/datasets/junk --data-binary 'hello world, not a file'
+expect_err "unknown model 404" 404 not_found GET /v1/models/nope
+expect_err "unknown dataset 404" 404 not_found DELETE /v1/datasets/nope
+expect_err "unknown job 404" 404 not_found GET /v1/jobs/ffffffffffffffff
+expect_err "cancel unknown job 404" 404 not_found DELETE /v1/jobs/nope
+expect_err "unknown path 404" 404 not_found GET /v1/nothing
+expect_err "wrong method 405" 405 method_not_allowed PATCH /v1/models
+check "405 Allow header" grep -qi '^Allow: GET, POST' "$T/hdr"
+expect_err "wrong method 405 on item" 405 method_not_allowed POST /v1/models/m1
+expect_err "bad wait 400" 400 invalid_query GET "/v1/jobs/$JID?wait=abc"
+expect_err "bad status filter 400" 400 invalid_query GET "/v1/jobs?status=bogus"
+check "daemon A still alive" kill -0 "$APID"
+
+# ---- 50 concurrent jobs from 5 clients --------------------------------------
+i=0
+for spec in 'trace|{"max_probes":20}|1' 'trace|{"max_probes":20}|2' 'trace|{"max_probes":25,"method":"hutch++"}|3' \
+            'loss|{}|0' 'gradient|{}|0' 'diag|{"max_probes":8}|4' 'eigen|{"k":3}|5' \
+            'matvec|{"probe_seed":9}|0' 'density|{"lanczos_steps":6,"runs":1}|6' 'solve|{"damping":0.5}|0'; do
+  op=${spec%%|*}; rest=${spec#*|}; o=${rest%|*}; seed=${rest##*|}
+  printf '{"op":"%s","model":"m1","dataset":"d1","curvature":"hessian","batch":{"offset":%d,"size":30},"seed":%s,"options":%s}' \
+    "$op" "$i" "$seed" "$o" > "$T/cj_$i.json"
+  "$CURVD" run --arch "$T/arch.json" --params "$T/params2.safetensors" --data "$T/data.safetensors" \
+    --job "$T/cj_$i.json" > "$T/cc_$i.json" 2> "$T/cc_$i.err" || bad "curvd run cj_$i: $(head -c 200 "$T/cc_$i.err")"
+  i=$((i + 1))
+done
+CPIDS=""
+for c in 1 2 3 4 5; do
+  (
+    k=0
+    while [ $k -lt 10 ]; do
+      n=$(((k + c) % 10))
+      curl -s --max-time 90 -X POST -o "$T/cr_${c}_$k.json" -w '%{http_code}' \
+        --data-binary @"$T/cj_$n.json" "$A/v1/jobs?wait=80" > "$T/cs_${c}_$k" 2>/dev/null
+      echo "$n" > "$T/cn_${c}_$k"
+      k=$((k + 1))
+    done
+  ) &
+  CPIDS="$CPIDS $!"
+done
+for p in $CPIDS; do wait "$p"; done
+nok=0
+for c in 1 2 3 4 5; do
+  k=0
+  while [ $k -lt 10 ]; do
+    n=$(cat "$T/cn_${c}_$k" 2>/dev/null)
+    if [ "$(cat "$T/cs_${c}_$k" 2>/dev/null)" = 200 ] && jtrue "$T/cr_${c}_$k.json" "d['status'] == 'succeeded'" \
+       && "$PY" "$T/cmp.py" "$T/cr_${c}_$k.json" "$T/cc_$n.json" > /dev/null 2>&1; then
+      nok=$((nok + 1))
+    else
+      echo "  concurrent job client $c #$k (doc $n): $(head -c 200 "$T/cr_${c}_$k.json")" >&2
+    fi
+    k=$((k + 1))
+  done
+done
+check "50 concurrent jobs all correct ($nok/50)" [ "$nok" = 50 ]
+
+# ---- metrics ------------------------------------------------------------------
+req GET /metrics > /dev/null
+for m in curvd_queue_depth 'curvd_jobs{status="succeeded"}' 'curvd_jobs{status="cancelled"}' \
+         'curvd_job_duration_seconds_bucket{le="+Inf"}' curvd_job_duration_seconds_count \
+         curvd_matvecs_total curvd_registry_bytes curvd_models curvd_datasets; do
+  check "metric $m" grep -q "^$m [0-9]" "$T/body"
+done
+check "metrics content type" grep -qi '^Content-Type: text/plain; version=0.0.4' "$T/hdr"
+check "metrics count jobs" "$PY" -c "
+import sys
+v = {l.split(' ')[0]: float(l.split(' ')[1]) for l in open('$T/body') if l[0] != '#'}
+assert v['curvd_job_duration_seconds_count'] >= 60, v
+assert v['curvd_matvecs_total'] > 100
+assert v['curvd_models'] >= 3 and v['curvd_datasets'] >= 3
+assert v['curvd_jobs{status=\"succeeded\"}'] >= 60
+"
+
+# ---- daemon B: tiny queue, job time limit, body and registry limits ---------
+check "daemon B starts" start_daemon "$T/b.log" --workers 1 --max-queue 1 --job-timeout 3 \
+  --max-body 200000 --max-registry-bytes 1500000 --shutdown-grace 10
+BPID=$DPID
+req POST /v1/jobs -d "$LONG" > /dev/null
+J1=$(jq "$T/body" "d['id']")
+check "B: first long job runs" poll_status "$J1" "running" 30
+st=$(req POST /v1/jobs -d "$LONG")
+check "B: second job queued 202" [ "$st" = 202 ]
+J2=$(jq "$T/body" "d['id']")
+expect_err "B: queue full 429" 429 queue_full POST /v1/jobs -d "$LONG"
+req GET /metrics > /dev/null
+check "B: metrics queue depth 1" grep -q '^curvd_queue_depth 1$' "$T/body"
+st=$(req DELETE "/v1/jobs/$J2")
+check "B: cancel queued job" jtrue "$T/body" "d['status'] == 'cancelled' and d['started_at'] is None"
+check "B: job time limit" poll_status "$J1" "failed" 15
+check "B: job_timeout error" jtrue "$T/body" "d['error']['code'] == 'job_timeout' and d['timeout_s'] == 3 and 2.5 < d['run_s'] < 6"
+req POST "/v1/jobs?timeout=0.5" -d "$LONG" > /dev/null
+J3=$(jq "$T/body" "d['id']")
+req GET "/v1/jobs/$J3?wait=20" > /dev/null
+check "B: ?timeout lowers the limit" jtrue "$T/body" "d['status'] == 'failed' and d['error']['code'] == 'job_timeout' and d['timeout_s'] == 0.5"
+head -c 300000 /dev/zero > "$T/big.bin"
+expect_err "B: body over --max-body 413" 413 body_too_large PUT /v1/datasets/big --data-binary @"$T/big.bin"
+expect_err "B: chunked body over --max-body 413" 413 body_too_large PUT /v1/datasets/big -H 'Transfer-Encoding: chunked' --data-binary @"$T/big.bin"
+expect_err "B: base64 body over --max-body 413" 413 body_too_large POST /v1/models -H 'Content-Type: application/json' --data-binary @"$T/big.bin"
+got413=""
+k=1
+while [ $k -le 12 ]; do
+  st=$(req POST /v1/models -F "name=b$k" -F architecture=@"$T/arch.json" -F parameters=@"$T/params1.safetensors")
+  if [ "$st" = 413 ]; then got413=$k; break; fi
+  [ "$st" = 201 ] || { bad "B: registering b$k: $st $(head -c 200 "$T/body")"; break; }
+  k=$((k + 1))
+done
+check "B: registry budget 413" [ -n "$got413" ]
+check "B: budget named in the error" jtrue "$T/body" "d['error']['code'] == 'registry_full' and '1500000' in d['error']['message']"
+req GET /v1/health > /dev/null
+check "B: registry within budget" jtrue "$T/body" "d['registry_bytes'] <= 1500000"
+
+# graceful shutdown: SIGTERM while a job runs -> 503 for new jobs, exit 0
+req POST /v1/jobs -d "$LONG" > /dev/null
+J4=$(jq "$T/body" "d['id']")
+poll_status "$J4" "running" 30 || true
+kill -TERM "$BPID"
+sleep 0.5
+expect_err "B: draining refuses jobs 503" 503 shutting_down POST /v1/jobs -d '{"op":"loss","model":"demo-mlp","dataset":"digits"}'
+check "B: health says draining" sh -c "[ \"\$(curl -s -o '$T/h.json' -w '%{http_code}' '$BASE/v1/health')\" = 503 ] && grep -q draining '$T/h.json'"
+check "B: status still readable while draining" [ "$(req GET "/v1/jobs/$J4")" = 200 ]
+wait_exit "$BPID" 20
+check "B: SIGTERM exits 0 (rc $RC)" [ "$RC" = 0 ]
+check "B: shutdown logged" grep -q "curvd: stopped" "$T/b.log"
+
+# ---- daemon A: graceful exit ---------------------------------------------------
+BASE=$A
+req POST /v1/jobs -d "$LONG" > /dev/null
+J5=$(jq "$T/body" "d['id']")
+poll_status "$J5" "running" 30 || true
+kill -TERM "$APID"
+wait_exit "$APID" 30
+check "A: SIGTERM with a running job exits 0 (rc $RC)" [ "$RC" = 0 ]
+check "A: running job cancelled at shutdown" grep -q "cancelling 1 running job" "$T/a.log"
+
+echo "$PASS passed, $FAIL failed"
+[ "$FAIL" = 0 ]

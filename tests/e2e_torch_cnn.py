@@ -1,0 +1,399 @@
+"""e2e_torch_cnn.py - `curvd run` on CNNs against torch.autograd (float64).
+
+Usage: /usr/bin/python3 tests/e2e_torch_cnn.py build/curvd
+(a) a small CNN with every layer type (Conv2d, BatchNorm2d in eval mode with
+    non-trivial running statistics, ReLU, MaxPool2d, grouped/dilated Conv2d,
+    AvgPool2d, AdaptiveAvgPool2d, Flatten, Dropout, Linear): loss, gradient,
+    Hessian/GGN products, dense Hessian/GGN, trace, top-2 eigenvalues (Lanczos,
+    and the GGN's by the Conv2d Gram kernels), per-sample gradients; and a
+    second one with strided/padded/ceil-mode pooling, a rectangular grouped
+    dilated conv without bias and BatchNorm1d (MSELoss, sum);
+(b) the DeepOBS 2c2d net (Conv2d(1,32,5)-ReLU-MaxPool-Conv2d(32,64,5)-ReLU-
+    MaxPool-Linear(3136,1024)-ReLU-Linear(1024,10), D = 3.27M) on 28x28 inputs,
+    CrossEntropyLoss, batch 8: every op.  Loss, gradient, Hessian and GGN
+    products on the full parameter vector, dense GGN/EF/MC-Fisher and
+    per-sample gradients on conv blocks are compared with torch (1e-4); the
+    estimators (on a block without the 3.2M Linear weight, to keep the JSON
+    small) are checked through torch products (eigen residuals, CG residuals)
+    or exact torch values (GGN trace).
+Set CNN_WIDTH=k to divide the 2c2d channel/hidden widths by k (default 1),
+VERBOSE=1 to print every check with its error.
+Ends with 'N passed, M failed'.
+"""
+import copy
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torchref as tr  # noqa: E402
+
+CURVD = sys.argv[1] if len(sys.argv) > 1 else "build/curvd"
+RESULTS = {"passed": 0, "failed": 0}
+VERBOSE = os.environ.get("VERBOSE") == "1"
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def check(name, ok, detail=""):
+    if VERBOSE:
+        print("ok  " if ok else "FAIL", name, detail)
+    if ok:
+        RESULTS["passed"] += 1
+    else:
+        RESULTS["failed"] += 1
+        if not VERBOSE:
+            print("FAIL", name, detail)
+
+
+def rel(a, b):
+    a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
+    b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+    return float((a - b).norm() / max(float(b.norm()), 1e-12))
+
+
+def run(d, job):
+    _, res = tr.curvd_run(CURVD, d, job)
+    return res
+
+
+def flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def split_like(v, params):
+    out, off = [], 0
+    for p in params:
+        out.append(v[off:off + p.numel()].view_as(p))
+        off += p.numel()
+    return out
+
+
+def gradient(model, loss_fn, x, y):
+    params = list(model.parameters())
+    return flat(torch.autograd.grad(loss_fn(model(x), y), params))
+
+
+def ggn_vp(model, loss_fn, x, y, v):
+    """G v = J^T (d2 loss/dh2) J v; J v by the double-backward trick."""
+    params = list(model.parameters())
+    out = model(x)
+    u = torch.zeros_like(out, requires_grad=True)
+    g = torch.autograd.grad(out, params, grad_outputs=u, create_graph=True)
+    jv = torch.autograd.grad(g, u, grad_outputs=split_like(v, params))[0]
+    o = out.detach().requires_grad_(True)
+    go = torch.autograd.grad(loss_fn(o, y), o, create_graph=True)[0]
+    ljv = torch.autograd.grad(go, o, grad_outputs=jv)[0]
+    return flat(torch.autograd.grad(out, params, grad_outputs=ljv))
+
+
+def ef_vp(model, loss_fn, x, y, v):
+    """EF v = c sum_n g_n (g_n . v), g_n the gradient of the unreduced loss l_n."""
+    n = x.shape[0]
+    c = 1.0 / n if loss_fn.reduction == "mean" else 1.0
+    per = torch.nn.CrossEntropyLoss(reduction="sum")
+    acc = torch.zeros_like(v)
+    for i in range(n):
+        gi = gradient(model, per, x[i:i + 1], y[i:i + 1])
+        acc += gi * float(gi @ v)
+    return c * acc
+
+
+def per_sample_grads(model, x, y, names=None):
+    """Per-sample contributions to the gradient of the CE (mean) loss, N x dim."""
+    params = [p for n, p in model.named_parameters() if names is None or n in names]
+    per = torch.nn.CrossEntropyLoss(reduction="sum")
+    n = x.shape[0]
+    return torch.stack([flat(torch.autograd.grad(per(model(x[i:i + 1]), y[i:i + 1]), params))
+                        for i in range(n)]) / n
+
+
+# ---- (a) a small CNN with every layer type ---------------------------------------------
+
+def small_cnn():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(4, 4, 2, padding=1, dilation=2, groups=2),
+        torch.nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False),
+        torch.nn.AdaptiveAvgPool2d((3, 2)),
+        torch.nn.Flatten(),
+        torch.nn.Dropout(0.3),
+        torch.nn.Linear(24, 3),
+    )
+    bn = model[1]
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.num_batches_tracked.fill_(7)
+    model.eval()
+    x = torch.randn(5, 2, 6, 6)
+    y = torch.randint(0, 3, (5,))
+    return model, x, y
+
+
+def pooling_cnn():
+    """Strided/padded/ceil-mode variants, grouped rectangular dilated conv, BatchNorm1d."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False),
+        torch.nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+        torch.nn.Tanh(),
+        torch.nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True),
+        torch.nn.Conv2d(4, 6, (2, 3), stride=(1, 2), padding=(1, 1), dilation=(2, 1), groups=2),
+        torch.nn.Sigmoid(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(36, 8),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.Tanh(),
+        torch.nn.Linear(8, 4),
+    )
+    bn = model[8]
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    return model, torch.randn(4, 3, 11, 11), torch.randn(4, 4)
+
+
+def check_small(tag, make, loss_fn, full):
+    model, x, y = make()
+    m64 = copy.deepcopy(model).double().eval()
+    x64 = x.double()
+    D = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as d:
+        tr.write_case(d, model, list(x.shape[1:]), loss_fn, x, y)
+        y64 = y if y.dtype == torch.int64 else y.double()
+        res = run(d, {"op": "loss"})
+        want = float(loss_fn(m64(x64), y64))
+        check(tag + " loss", abs(res["loss"] - want) <= 1e-5 * abs(want), f"{res['loss']} {want}")
+        res = run(d, {"op": "gradient"})
+        e = rel(res["gradient"], gradient(m64, loss_fn, x64, y64))
+        check(tag + " gradient", e < 1e-4, f"rel err {e}")
+        torch.manual_seed(1)
+        v = torch.randn(D, dtype=torch.float64)
+        res = run(d, {"op": "matvec", "curvature": "hessian", "options": {"vector": v.tolist()}})
+        e = rel(res["product"], tr.hvp(m64, loss_fn, x64, y64, v))
+        check(tag + " Hv", e < 1e-4, f"rel err {e}")
+        res = run(d, {"op": "matvec", "curvature": "ggn", "options": {"vector": v.tolist()}})
+        e = rel(res["product"], ggn_vp(m64, loss_fn, x64, y64, v))
+        check(tag + " Gv", e < 1e-4, f"rel err {e}")
+        H = tr.dense_hessian(m64, loss_fn, x64, y64)
+        res = run(d, {"op": "dense", "curvature": "hessian"})
+        e = rel(torch.tensor(res["matrix"]).T, H)
+        check(tag + " dense H", e < 1e-4, f"rel err {e}")
+        if not full:
+            return
+        G = tr.dense_ggn(m64, loss_fn, x64, y)
+        res = run(d, {"op": "dense", "curvature": "ggn"})
+        e = rel(torch.tensor(res["matrix"]).T, G)
+        check("small dense G", e < 1e-4, f"rel err {e}")
+        t = float(torch.trace(H))
+        res = run(d, {"op": "trace", "options": {"method": "hutch++", "max_probes": 3 * D}})
+        check("small trace (hutch++, full budget)", abs(res["trace"] - t) <= 1e-4 * abs(t),
+              f"{res['trace']} vs {t}")
+        res = run(d, {"op": "eigen", "options": {"k": 2, "which": "largest"}})
+        want = torch.linalg.eigvalsh(H).flip(0)[:2]
+        e = rel(res["eigenvalues"], want)
+        check("small top-2 eigenvalues", e < 1e-4, f"{res['eigenvalues']} vs {want.tolist()}")
+        res = run(d, {"op": "eigen", "curvature": "ggn", "options": {"k": 2, "method": "gram"}})
+        want = torch.linalg.eigvalsh(G).flip(0)[:2]
+        e = rel(res["eigenvalues"], want)
+        check("small top-2 GGN eigenvalues (Gram)", e < 1e-4,
+              f"{res['eigenvalues']} vs {want.tolist()}")
+        res = run(d, {"op": "per_sample_gradients"})
+        e = rel(res["per_sample_gradients"], per_sample_grads(m64, x64, y))
+        check("small per-sample gradients", e < 1e-4, f"rel err {e}")
+
+
+# ---- (b) the DeepOBS 2c2d net ------------------------------------------------------------
+
+# vector-heavy ops run on every parameter but the 3.2M-entry "7.weight" (JSON I/O)
+BLOCK = ["0.weight", "0.bias", "3.weight", "3.bias", "7.bias", "9.weight", "9.bias"]
+
+
+def net_2c2d(width):
+    c1, c2, h = 32 // width, 64 // width, 1024 // width
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, c1, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(c1, c2, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(c2 * 49, h), torch.nn.ReLU(), torch.nn.Linear(h, 10))
+    model.eval()
+    x = torch.rand(8, 1, 28, 28)
+    y = torch.randint(0, 10, (8,))
+    return model, x, y
+
+
+def block_run(d, job):
+    """Runs job on the block BLOCK; returns that block's result."""
+    job = dict(job, blocks=[BLOCK])
+    return run(d, job)["blocks"][0]
+
+
+def embed(vb, mask):
+    v = torch.zeros(mask.numel(), dtype=torch.float64)
+    v[mask] = vb
+    return v
+
+
+def ggn_trace(model, x, y):
+    """tr G = sum_n sum_c |J_n^T s_nc|^2 with Lambda_n = sum_c s_nc s_nc^T (CE, mean)."""
+    params = list(model.parameters())
+    n, t = x.shape[0], 0.0
+    for i in range(n):
+        out = model(x[i:i + 1])[0]
+        p = torch.softmax(out.detach(), 0)
+        for c in range(p.numel()):
+            s = (torch.eye(p.numel(), dtype=p.dtype)[c] - p) * math.sqrt(float(p[c]) / n)
+            g = torch.autograd.grad(out, params, grad_outputs=s, retain_graph=True)
+            t += float(sum((gi * gi).sum() for gi in g))
+    return t
+
+
+def small_block_refs(model, x, y, name):
+    """Dense GGN and EF of the loss (CE, mean) on one parameter tensor, in torch."""
+    p = dict(model.named_parameters())[name]
+    n = x.shape[0]
+    out = model(x)
+    C = out.shape[1]
+    J = torch.stack([torch.autograd.grad(out.reshape(-1)[i], p, retain_graph=True)[0].reshape(-1)
+                     for i in range(out.numel())]).view(n, C, -1)
+    prob = torch.softmax(out.detach(), 1)
+    G = sum(J[i].T @ ((torch.diag(prob[i]) - torch.outer(prob[i], prob[i])) / n) @ J[i]
+            for i in range(n))
+    gs = per_sample_grads(model, x, y, [name]) * n
+    EF = gs.T @ gs / n
+    return G, EF
+
+
+def check_2c2d_products(d, m64, loss_fn, x64, y, D):
+    res = run(d, {"op": "loss"})
+    want = float(loss_fn(m64(x64), y))
+    check("2c2d loss", abs(res["loss"] - want) <= 1e-5 * abs(want), f"{res['loss']} {want}")
+    res = run(d, {"op": "gradient"})
+    g = gradient(m64, loss_fn, x64, y)
+    e = rel(res["gradient"], g)
+    check("2c2d gradient", e < 1e-4, f"rel err {e}")
+    # products on the full parameter vector (small integers: cheap JSON)
+    torch.manual_seed(3)
+    v = torch.randint(-3, 4, (D,)).double()
+    refs = {"hessian": lambda: tr.hvp(m64, loss_fn, x64, y, v),
+            "ggn": lambda: ggn_vp(m64, loss_fn, x64, y, v)}
+    for kind, ref in refs.items():
+        res = run(d, {"op": "matvec", "curvature": kind,
+                      "options": {"vector": v.long().tolist()}})
+        e = rel(res["product"], ref())
+        check(f"2c2d {kind} product", e < 1e-4, f"rel err {e}")
+    # GGN, EF and MC Fisher as dense matrices on the first conv's bias: their
+    # tangents and cotangents cross every layer of the net
+    name = "0.bias"
+    G, EF = small_block_refs(m64, x64, y, name)
+    for kind, want, tol in (("ggn", G, 1e-4), ("ef", EF, 1e-4), ("fisher_mc", G, 0.1)):
+        opts = {"mc_samples": 2000} if kind == "fisher_mc" else {}
+        res = run(d, {"op": "dense", "curvature": kind, "blocks": [[name]], "options": opts})
+        e = rel(torch.tensor(res["blocks"][0]["matrix"]).T, want)
+        check(f"2c2d dense {kind} on {name}", e < tol, f"rel err {e}")
+    convs = ["0.weight", "0.bias", "3.weight", "3.bias"]
+    res = run(d, {"op": "per_sample_gradients", "blocks": [convs]})
+    e = rel(res["blocks"][0]["per_sample_gradients"], per_sample_grads(m64, x64, y, convs))
+    check("2c2d per-sample gradients (conv layers)", e < 1e-4, f"rel err {e}")
+    return g
+
+
+def check_2c2d_estimators(d, m64, loss_fn, x64, y, g, mask):
+    hv = lambda u: tr.hvp(m64, loss_fn, x64, y, embed(u, mask))[mask]  # noqa: E731
+    res = run(d, {"op": "trace", "curvature": "hessian", "seed": 1, "options": {"max_probes": 5}})
+    check("2c2d hessian trace runs", math.isfinite(res["trace"]) and res["probes"] == 5, str(res))
+    t = ggn_trace(m64, x64, y)
+    res = run(d, {"op": "trace", "curvature": "ggn", "seed": 1,
+                  "options": {"max_probes": 60, "tol": 0}})
+    check("2c2d GGN trace vs exact (torch)", abs(res["trace"] - t) <= 4 * res["stderr"],
+          f"{res['trace']} +- {res['stderr']} vs {t}")
+    nb = int(mask.sum())
+    res = block_run(d, {"op": "diag", "seed": 1,
+                        "options": {"method": "hutchinson", "max_probes": 4}})
+    dg = torch.tensor(res["diag"], dtype=torch.float64)
+    check("2c2d diag hutchinson (block)", dg.numel() == nb and bool(torch.isfinite(dg).all()),
+          f"{dg.numel()} entries")
+    res = block_run(d, {"op": "eigen", "options": {"k": 2, "which": "largest", "max_iter": 60,
+                                                   "return_vectors": True}})
+    ok = len(res["eigenvalues"]) == 2 and res["eigenvalues"][0] >= res["eigenvalues"][1]
+    for lam, u in zip(res["eigenvalues"], res["eigenvectors"]):
+        u = torch.tensor(u, dtype=torch.float64)
+        hu = hv(u)
+        rq = float(u @ hu / (u @ u))
+        r = float((hu - lam * u).norm() / abs(lam))
+        ok &= abs(rq - lam) <= 1e-4 * abs(lam) and r < 1e-3
+    check("2c2d top-2 eigenpairs (block; torch Rayleigh quotients, residuals)", ok,
+          f"{res['eigenvalues']} residuals {res.get('residuals')}")
+    lam_max = res["eigenvalues"][0]
+    # the GGN's top eigenvalues from the ViViT Gram matrix (Conv2d Gram kernels) and Lanczos
+    gram = run(d, {"op": "eigen", "curvature": "ggn", "options": {"k": 3, "method": "gram"}})
+    lcz = run(d, {"op": "eigen", "curvature": "ggn", "options": {"k": 3, "tol": 1e-8}})
+    e = rel(gram["eigenvalues"], lcz["eigenvalues"])
+    check("2c2d top-3 GGN eigenvalues: Gram = Lanczos", e < 1e-4,
+          f"{gram['eigenvalues']} vs {lcz['eigenvalues']}")
+    res = block_run(d, {"op": "density", "seed": 2,
+                        "options": {"lanczos_steps": 8, "runs": 2, "grid_points": 100}})
+    vals, grid = res["density"]["values"], res["density"]["grid"]
+    area = sum(vals) * (grid[1] - grid[0])
+    wsum = [sum(w) for w in res["weights"]]
+    top = max(max(n) for n in res["nodes"])
+    check("2c2d density (block)", abs(area - 1) < 1e-3 and all(abs(w - 1) < 1e-6 for w in wsum)
+          and top <= lam_max * (1 + 1e-3), f"area {area} weights {wsum} top {top}")
+    delta, gb = 0.1, g[mask]
+    gv = lambda u: ggn_vp(m64, loss_fn, x64, y, embed(u, mask))[mask] + delta * u  # noqa: E731
+    res = block_run(d, {"op": "solve", "curvature": "ggn",
+                        "options": {"damping": delta, "tol": 1e-6, "max_iter": 300}})
+    s = torch.tensor(res["solution"], dtype=torch.float64)
+    r = rel(gv(s), gb)
+    check("2c2d CG solve residual (block; torch GGN)", r < 1e-4, f"rel residual {r}")
+    res = block_run(d, {"op": "newton", "curvature": "ggn",
+                        "options": {"damping": delta, "tol": 1e-6, "max_iter": 300}})
+    st = torch.tensor(res["step"], dtype=torch.float64)
+    gst = gv(st)
+    r = rel(gst, -gb)
+    pred = float(0.5 * st @ (gst - delta * st) + gb @ st)
+    check("2c2d newton step (block)", r < 1e-4 and abs(res["predicted_change"] - pred) <=
+          1e-3 * abs(pred), f"residual {r}, predicted {res['predicted_change']} vs {pred}")
+
+
+def check_2c2d(width):
+    model, x, y = net_2c2d(width)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    m64 = copy.deepcopy(model).double().eval()
+    x64 = x.double()
+    D = sum(p.numel() for p in model.parameters())
+    mask = torch.cat([torch.full((p.numel(),), name in BLOCK, dtype=torch.bool)
+                      for name, p in model.named_parameters()])
+    with tempfile.TemporaryDirectory() as d:
+        tr.write_case(d, model, [1, 28, 28], loss_fn, x, y)
+        g = check_2c2d_products(d, m64, loss_fn, x64, y, D)
+        check_2c2d_estimators(d, m64, loss_fn, x64, y, g, mask)
+
+
+def main():
+    t0 = time.time()
+    check_small("small", small_cnn, torch.nn.CrossEntropyLoss(), True)
+    check_small("pooling", pooling_cnn, torch.nn.MSELoss(reduction="sum"), False)
+    t1 = time.time()
+    check_2c2d(int(os.environ.get("CNN_WIDTH", "1")))
+    t2 = time.time()
+    print(f"small CNN {t1 - t0:.1f} s, 2c2d {t2 - t1:.1f} s")
+    print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
+    return 1 if RESULTS["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

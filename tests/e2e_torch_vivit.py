@@ -1,0 +1,326 @@
+"""e2e_torch_vivit.py - `curvd run` snr / eigen (gram) / newton (vivit) against torch.
+
+Usage: /usr/bin/python3 tests/e2e_torch_vivit.py build/curvd
+References in float64 with torch.autograd: the dense GGN (torchref.dense_ggn)
+and its eigh, per-sample gradients by a loop over samples, per-sample GGNs
+J_n^T Lambda_n J_n, dense damped Newton steps.  Per-sample quantities follow
+curvd's scaling: gamma_nk = N e_k^T grad L_n, lambda_nk = N e_k^T G_n e_k with
+L_n the sample's contribution to the batch loss (so their means are e_k^T g
+and lambda_k).  Ends with a timing line (gram vs Lanczos for the top GGN
+eigenpairs at small N*C) and 'N passed, M failed'.
+"""
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torchref as tr  # noqa: E402
+
+CURVD = sys.argv[1] if len(sys.argv) > 1 else "build/curvd"
+RESULTS = {"passed": 0, "failed": 0}
+
+
+def check(name, ok, detail=""):
+    if ok:
+        RESULTS["passed"] += 1
+    else:
+        RESULTS["failed"] += 1
+        print("FAIL", name, detail)
+
+
+def rel(a, b):
+    a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
+    b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+    return float((a - b).norm() / max(float(b.norm()), 1e-300))
+
+
+def close(a, b, rtol, atol=0.0):
+    return a is not None and abs(a - b) <= rtol * abs(b) + atol
+
+
+def make_case(act, loss, n=12, din=5, hidden=(7, 6), C=3, seed=0):
+    torch.manual_seed(seed)
+    layers, cur = [], din
+    for h in hidden:
+        layers += [torch.nn.Linear(cur, h), act()]
+        cur = h
+    layers.append(torch.nn.Linear(cur, C))
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(n, din)
+    name = type(loss).__name__
+    if name == "CrossEntropyLoss":
+        y = torch.randint(0, C, (n,))
+    elif name == "BCEWithLogitsLoss":
+        y = torch.rand(n, C)
+    else:
+        y = torch.randn(n, C)
+    return model, x, y
+
+
+def to64(model, x, y):
+    import copy
+    return copy.deepcopy(model).double(), x.double(), (y if y.dtype == torch.int64 else y.double())
+
+
+def sample_weight(loss_fn, N):
+    """L_n = weight * loss_fn(one sample) is sample n's share of the batch loss."""
+    return 1.0 / N if loss_fn.reduction == "mean" else 1.0
+
+
+def per_sample_refs(m, loss_fn, x, y):
+    """Per-sample gradients of L_n (N x D), Jacobians (N x C x D), Lambda_n (N x C x C)."""
+    N, params = x.shape[0], list(m.parameters())
+    w = sample_weight(loss_fn, N)
+    grads, jacs, lams = [], [], []
+    for n in range(N):
+        xn, yn = x[n:n + 1], y[n:n + 1]
+        out = m(xn)
+        gn = torch.autograd.grad(w * loss_fn(out, yn), params, retain_graph=True)
+        grads.append(torch.cat([t.reshape(-1) for t in gn]))
+        rows = []
+        for c in range(out.shape[1]):
+            jc = torch.autograd.grad(out[0, c], params, retain_graph=True)
+            rows.append(torch.cat([t.reshape(-1) for t in jc]))
+        jacs.append(torch.stack(rows))
+        h0 = out.detach()[0]
+        lams.append(torch.autograd.functional.hessian(
+            lambda h: w * loss_fn(h.unsqueeze(0), yn), h0))
+    return torch.stack(grads), torch.stack(jacs), torch.stack(lams)
+
+
+def stats(v):
+    mean = float(v.mean())
+    var = float(v.var(unbiased=True))
+    return mean, var, (mean * mean / var if var > 0 else None)
+
+
+def layer_slices(model):
+    """[(names, start, stop)] per layer with parameters, in state_dict order."""
+    out, off, cur = [], 0, None
+    for name, p in model.named_parameters():
+        layer = name.split(".")[0]
+        if cur is None or cur[0] != layer:
+            cur = [layer, [], off]
+            out.append(cur)
+        cur[1].append(name)
+        off += p.numel()
+        cur.append(off)
+    return [(c[1], c[2], c[-1]) for c in out]
+
+
+def check_eigen(tag, d, G, evals, evecs, model):
+    D = G.shape[0]
+    _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "ggn",
+                                     "options": {"method": "gram"}})
+    K = res["rank"]
+    want = evals[:K]
+    e = rel(res["eigenvalues"], want)
+    check(tag + " gram = nonzero GGN eigenvalues", e < 1e-5 and K <= D,
+          f"rel err {e}, rank {K}")
+    above = int((evals > 10 * res["threshold"]).sum())
+    check(tag + " gram keeps every eigenvalue above the threshold", K >= above,
+          f"rank {K} vs {above}")
+    _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "ggn",
+                                     "options": {"method": "gram", "k": 3,
+                                                 "return_vectors": True}})
+    ok = True
+    for k in range(3):
+        gap = min(abs(evals[k] - evals[j]) for j in range(4) if j != k)
+        if gap < 1e-3 * evals[0]:
+            continue
+        v = torch.tensor(res["eigenvectors"][k], dtype=torch.float64)
+        ok &= abs(abs(float(v @ evecs[:, k])) - 1) < 1e-4
+        ok &= float((G @ v - res["eigenvalues"][k] * v).norm()) < 1e-4 * float(evals[0])
+    check(tag + " gram eigenvectors", ok)
+    _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "ggn", "blocks": "layer",
+                                     "options": {"method": "gram"}})
+    ok = True
+    for b, (names, a, z) in zip(res["blocks"], layer_slices(model)):
+        w = torch.linalg.eigvalsh(G[a:z, a:z]).flip(0)
+        ok &= b["params"] == names and rel(b["eigenvalues"], w[:b["rank"]]) < 1e-5
+    check(tag + " per-layer gram = diagonal blocks", ok)
+
+
+def check_mc_and_subsample(tag, d, model, loss_fn, x, y):
+    _, den = tr.curvd_run(CURVD, d, {"op": "dense", "curvature": "fisher_mc", "seed": 4})
+    F = torch.tensor(den["matrix"], dtype=torch.float64)
+    wf = torch.linalg.eigvalsh(0.5 * (F + F.T)).flip(0)
+    _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "fisher_mc", "seed": 4,
+                                     "options": {"method": "gram"}})
+    e = rel(res["eigenvalues"], wf[:res["rank"]])
+    check(tag + " MC gram = engine's fisher_mc", e < 1e-5 and res["columns"] == x.shape[0],
+          f"rel err {e}")
+    _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "ggn", "seed": 9,
+                                     "options": {"method": "gram", "subsample": 0.5}})
+    idx = res["curvature_indices"]
+    N, ns = x.shape[0], len(idx)
+    m64, x64, y64 = to64(model, x, y)
+    Gs = tr.dense_ggn(m64, loss_fn, x64[idx], y64[idx]).detach()
+    if loss_fn.reduction == "sum":
+        Gs = Gs * N / ns
+    ws = torch.linalg.eigvalsh(Gs).flip(0)
+    e = rel(res["eigenvalues"], ws[:res["rank"]])
+    check(tag + " sub-sampled gram = sub-batch GGN", e < 1e-5 and ns == N // 2,
+          f"rel err {e}, ns {ns}")
+
+
+def check_snr(tag, d, model, loss_fn, x, y, evals, evecs, g):
+    m64, x64, y64 = to64(model, x, y)
+    PG, J, Lam = per_sample_refs(m64, loss_fn, x64, y64)
+    N = x.shape[0]
+    _, res = tr.curvd_run(CURVD, d, {"op": "snr", "curvature": "ggn",
+                                     "options": {"return_raw": True}})
+    dirs = res["directions"]
+    check(tag + " snr: k defaults to C", len(dirs) == 3)
+    ok_g, ok_l, ok_a, ok_raw = True, True, True, True
+    for k, dk in enumerate(dirs):
+        gap = min(abs(evals[k] - evals[j]) for j in range(4) if j != k)
+        if gap < 1e-3 * evals[0]:
+            continue
+        e = evecs[:, k]
+        gam = N * PG @ e
+        je = J @ e
+        lam = N * torch.einsum("nc,ncd,nd->n", je, Lam, je)
+        gm, gv, gs = stats(gam)
+        lm, lv, ls = stats(lam)
+        ok_g &= close(abs(dk["gamma_mean"]), abs(gm), 1e-3, 1e-4 * float(gam.abs().max()))
+        ok_g &= close(dk["gamma_var"], gv, 1e-3) and close(dk["gamma_snr"], gs, 1e-3, 1e-6)
+        ok_l &= close(dk["lambda_mean"], lm, 1e-3) and close(dk["lambda_var"], lv, 1e-3)
+        ok_l &= close(dk["lambda_snr"], ls, 1e-3) and close(dk["eigenvalue"], float(evals[k]), 1e-4)
+        ok_a &= close(dk["alignment"], abs(float(e @ g)) / float(g.norm()), 1e-3, 1e-6)
+        sign = 1.0 if float(gam @ torch.tensor([r[k] for r in res["gamma"]],
+                                               dtype=torch.float64)) >= 0 else -1.0
+        ok_raw &= rel([sign * r[k] for r in res["gamma"]], gam) < 1e-3
+        ok_raw &= rel([r[k] for r in res["lambda"]], lam) < 1e-3
+    check(tag + " gamma mean/var/snr", ok_g)
+    check(tag + " lambda mean/var/snr", ok_l)
+    check(tag + " gradient-eigenvector alignment", ok_a)
+    check(tag + " raw gamma/lambda", ok_raw)
+    ok = True
+    for gl, (names, a, z) in zip(res["gsnr"], layer_slices(model)):
+        mean, var = PG[:, a:z].mean(0), PG[:, a:z].var(0, unbiased=True)
+        keep = var > 1e-30 * float(var.max())
+        want = float((mean[keep] ** 2 / var[keep]).mean())
+        ok &= gl["params"] == names and close(gl["gsnr"], want, 1e-3)
+    check(tag + " per-layer gradient SNR", ok and len(res["gsnr"]) == 3)
+
+
+def check_newton(tag, d, G, evals, evecs, g):
+    D = G.shape[0]
+    delta = 0.1 * float(evals[0])
+    _, res = tr.curvd_run(CURVD, d, {"op": "newton", "curvature": "ggn",
+                                     "options": {"method": "vivit", "mode": "full",
+                                                 "damping": delta, "actual_change": True}})
+    s = -torch.linalg.solve(G + delta * torch.eye(D, dtype=torch.float64), g)
+    e = rel(res["step"], s)
+    check(tag + " full damped Newton = dense solve", e < 1e-4, f"rel err {e}")
+    pred = float(g @ s + 0.5 * s @ G @ s)
+    check(tag + " full Newton predicted change", close(res["predicted_change"], pred, 1e-4),
+          f"{res['predicted_change']} vs {pred}")
+    check(tag + " actual change present", "actual_change" in res)
+    _, res = tr.curvd_run(CURVD, d, {"op": "newton", "curvature": "ggn",
+                                     "options": {"method": "vivit", "k": "all",
+                                                 "damping": delta}})
+    K = res["k"]
+    U, lam = evecs[:, :K], evals[:K]
+    s = -U @ ((U.T @ g) / (lam + delta))
+    e = rel(res["step"], s)
+    check(tag + " directional Newton (k all) = eigenspace formula", e < 1e-3, f"rel err {e}")
+    job = {"op": "newton", "curvature": "ggn", "seed": 11,
+           "options": {"method": "vivit", "k": 3, "damping": "bootstrap",
+                       "grid": [1e-3, 1e-2, 1e-1, 1.0], "bootstrap_samples": 64}}
+    _, r1 = tr.curvd_run(CURVD, d, job)
+    _, r2 = tr.curvd_run(CURVD, d, job)
+    ok = r1["step"] == r2["step"] and r1["dampings"] == r2["dampings"]
+    ok &= all(x is None or x in job["options"]["grid"] for x in r1["dampings"])
+    check(tag + " bootstrap damping deterministic, on the grid", ok, str(r1["dampings"]))
+
+
+def check_errors(d, big):
+    rc, err = tr.curvd_run(CURVD, d, {"op": "snr", "curvature": "hessian"}, expect_ok=False)
+    check("snr refuses hessian", rc != 0 and err.get("error", {}).get("field") == "curvature",
+          str(err))
+    rc, err = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "ef",
+                                      "options": {"method": "gram"}}, expect_ok=False)
+    check("gram refuses ef", rc != 0 and "ggn" in err.get("error", {}).get("message", ""),
+          str(err))
+    rc, err = tr.curvd_run(CURVD, d, {"op": "newton", "curvature": "ggn",
+                                      "options": {"method": "vivit", "mode": "full",
+                                                  "damping": "bootstrap"}}, expect_ok=False)
+    check("full mode refuses bootstrap", rc != 0, str(err))
+    rc, err = tr.curvd_run(CURVD, big, {"op": "eigen", "curvature": "ggn",
+                                        "options": {"method": "gram"}}, expect_ok=False)
+    check("N*C above the column limit refused",
+          rc != 0 and err.get("error", {}).get("code") == "too_large" and
+          "options.mc" in err.get("error", {}).get("message", ""), str(err))
+    rc, res = tr.curvd_run(CURVD, big, {"op": "eigen", "curvature": "ggn",
+                                        "options": {"method": "gram", "mc": True, "k": 5}})
+    check("MC gram fits the limit", rc == 0 and len(res["eigenvalues"]) == 5, str(res)[:200])
+
+
+def best_elapsed(d, options, repeats=3):
+    """Fastest of `repeats` runs by the job's own elapsed_s (no process start, no JSON)."""
+    runs = []
+    for _ in range(repeats):
+        _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "ggn", "options": options})
+        runs.append((res["elapsed_s"], res))
+    return min(runs, key=lambda r: r[0])
+
+
+def timing():
+    model, x, y = make_case(torch.nn.Tanh, torch.nn.CrossEntropyLoss(), n=16, din=64,
+                            hidden=(256, 256), C=10, seed=42)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    D = sum(p.numel() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as d:
+        tr.write_case(d, model, [64], loss_fn, x, y)
+        for vectors in (False, True):
+            opts = {"k": 10, "return_vectors": vectors}
+            tg, rg = best_elapsed(d, dict(opts, method="gram"))
+            tl, rl = best_elapsed(d, dict(opts, method="lanczos"))
+            e = rel(rg["eigenvalues"], rl["eigenvalues"])
+            what = "eigenpairs" if vectors else "eigenvalues"
+            check(f"timing case: gram = lanczos top-10 {what}", e < 1e-4, f"rel err {e}")
+            print(f"timing (D={D}, N*C=160, top-10 GGN {what}): gram {tg * 1e3:.1f} ms "
+                  f"({rg['matvecs']} passes), lanczos {tl * 1e3:.1f} ms ({rl['matvecs']} "
+                  f"matvecs), speed-up {tl / max(tg, 1e-9):.1f}x")
+            check(f"gram faster than lanczos ({what})", tg < tl, f"{tg} vs {tl}")
+
+
+def main():
+    cases = [
+        ("tanh-ce-mean", torch.nn.Tanh, torch.nn.CrossEntropyLoss()),
+        ("relu-mse-sum", torch.nn.ReLU, torch.nn.MSELoss(reduction="sum")),
+        ("sigmoid-bce-mean", torch.nn.Sigmoid, torch.nn.BCEWithLogitsLoss()),
+        ("elu-mse-mean", torch.nn.ELU, torch.nn.MSELoss()),
+    ]
+    for i, (tag, act, loss_fn) in enumerate(cases):
+        model, x, y = make_case(act, loss_fn, seed=10 + i)
+        m64, x64, y64 = to64(model, x, y)
+        G = tr.dense_ggn(m64, loss_fn, x64, y64).detach()
+        G = 0.5 * (G + G.T)
+        evals, evecs = torch.linalg.eigh(G)
+        evals, evecs = evals.flip(0), evecs.flip(1)
+        _, g, _ = tr.loss_and_grad(m64, loss_fn, x64, y64)
+        g = torch.cat([t.reshape(-1) for t in g]).detach()
+        with tempfile.TemporaryDirectory() as d:
+            tr.write_case(d, model, [x.shape[1]], loss_fn, x, y)
+            check_eigen(tag, d, G, evals, evecs, model)
+            check_snr(tag, d, model, loss_fn, x, y, evals, evecs, g)
+            check_newton(tag, d, G, evals, evecs, g)
+            if i < 2:
+                check_mc_and_subsample(tag, d, model, loss_fn, x, y)
+            if i == 0:
+                bm, bx, by = make_case(torch.nn.Tanh, loss_fn, n=900, C=10, seed=1)
+                with tempfile.TemporaryDirectory() as big:
+                    tr.write_case(big, bm, [bx.shape[1]], loss_fn, bx, by)
+                    check_errors(d, big)
+    timing()
+    print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
+    return 1 if RESULTS["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

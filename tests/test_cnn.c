@@ -1,0 +1,950 @@
+/* test_cnn.c - Conv2d, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d/2d
+ * (eval) and Dropout: forward semantics against naive PyTorch-rule loops, and
+ * for small CNNs built in code every curvature product against independent
+ * oracles (finite differences of loss, gradient and outputs, dense
+ * J^T Lambda J, symmetry/PSD, per-sample gradients, Gram, adjointness). */
+#include "testutil.h"
+
+#include "engine/im2col.h"
+#include "engine/layer.h"
+#include "engine/loss.h"
+
+/* ---- building models in code ------------------------------------------------ */
+
+static cv_layer conv(int cin, int cout, int kh, int kw, int s0, int s1, int p0, int p1, int d0,
+                     int d1, int groups, int bias)
+{
+    cv_layer L;
+    memset(&L, 0, sizeof L);
+    L.type = CV_CONV2D;
+    L.in_channels = cin;
+    L.out_channels = cout;
+    L.kernel[0] = kh, L.kernel[1] = kw;
+    L.stride[0] = s0, L.stride[1] = s1;
+    L.padding[0] = p0, L.padding[1] = p1;
+    L.dilation[0] = d0, L.dilation[1] = d1;
+    L.groups = groups;
+    L.has_bias = bias;
+    return L;
+}
+
+static cv_layer conv3(int cin, int cout) { return conv(cin, cout, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1); }
+
+static cv_layer pool(cv_layer_type t, int k, int s, int p, int d, int ceil_mode, int cip)
+{
+    cv_layer L;
+    memset(&L, 0, sizeof L);
+    L.type = t;
+    L.kernel[0] = L.kernel[1] = k;
+    L.stride[0] = L.stride[1] = s;
+    L.padding[0] = L.padding[1] = p;
+    L.dilation[0] = L.dilation[1] = d;
+    L.ceil_mode = ceil_mode;
+    L.count_include_pad = cip;
+    return L;
+}
+
+static cv_layer adaptive(int oh, int ow)
+{
+    cv_layer L;
+    memset(&L, 0, sizeof L);
+    L.type = CV_ADAPTIVEAVGPOOL2D;
+    L.output_size[0] = oh;
+    L.output_size[1] = ow;
+    return L;
+}
+
+static cv_layer bnorm(cv_layer_type t, int C, int affine)
+{
+    cv_layer L;
+    memset(&L, 0, sizeof L);
+    L.type = t;
+    L.num_features = C;
+    L.eps = 1e-5;
+    L.affine = affine;
+    L.track_running_stats = 1;
+    return L;
+}
+
+static cv_layer simple(cv_layer_type t)
+{
+    cv_layer L;
+    memset(&L, 0, sizeof L);
+    L.type = t;
+    L.start_dim = 1;
+    L.end_dim = -1;
+    L.p = 0.5;
+    return L;
+}
+
+/* Linear with in_features inferred from the previous layer (0 here). */
+static cv_layer linear(int out)
+{
+    cv_layer L = simple(CV_LINEAR);
+    L.out_features = out;
+    L.has_bias = 1;
+    return L;
+}
+
+static float urand(cv_rng *r, float lo, float hi)
+{
+    return lo + (hi - lo) * (float)cv_rng_uniform(r);
+}
+
+static void init_layer(cv_model *m, const cv_layer *L, cv_rng *r)
+{
+    float *p = L->nparams ? m->params + L->params[0].offset : NULL;
+    if (L->type == CV_CONV2D || L->type == CV_LINEAR) {
+        int fan = L->type == CV_LINEAR ? L->in_features
+                                       : L->in_channels / L->groups * L->kernel[0] * L->kernel[1];
+        float s = 1.5f / sqrtf((float)fan);
+        for (size_t q = 0; q < L->params[0].numel; q++)
+            p[q] = urand(r, -s, s);
+        if (L->has_bias)
+            for (size_t q = 0; q < L->params[1].numel; q++)
+                m->params[L->params[1].offset + q] = urand(r, -0.5f, 0.5f);
+    }
+    if (L->type == CV_BATCHNORM1D || L->type == CV_BATCHNORM2D) {
+        int C = L->num_features;
+        float *b = m->buffers + L->buffers[0].offset;
+        for (int c = 0; c < C; c++) {
+            b[c] = urand(r, -0.5f, 0.5f);         /* running_mean */
+            b[C + c] = urand(r, 0.3f, 2.0f);      /* running_var */
+            if (L->affine) {
+                p[c] = urand(r, 0.5f, 1.5f);      /* gamma */
+                p[C + c] = urand(r, -0.5f, 0.5f); /* beta */
+            }
+        }
+        b[2 * C] = 10;                            /* num_batches_tracked */
+    }
+}
+
+/* Builds, finalizes and randomly initializes a model on input [C, H, W]. */
+static void cnn_model(cv_model *m, int C, int H, int W, const cv_layer *layers, int nl,
+                      cv_loss_type loss, cv_reduction red, uint64_t seed)
+{
+    memset(m, 0, sizeof *m);
+    m->input_shape.rank = 3;
+    m->input_shape.dim[0] = C;
+    m->input_shape.dim[1] = H;
+    m->input_shape.dim[2] = W;
+    m->loss = loss;
+    m->reduction = red;
+    char err[256];
+    for (int i = 0; i < nl; i++) {
+        m->layers[i] = layers[i];
+        if (layers[i].type == CV_LINEAR && layers[i].in_features == 0) {
+            m->nlayers = i; /* shapes of the prefix; it may have no parameters yet */
+            if (i && cv_model_finalize(m, err, sizeof err) && !strstr(err, "no parameters"))
+                ck_abort_msg("finalize prefix: %s", err);
+            m->layers[i].in_features =
+                i ? (int)cv_shape_numel(&m->layers[i - 1].out_shape) : C * H * W;
+        }
+    }
+    m->nlayers = nl;
+    if (cv_model_finalize(m, err, sizeof err))
+        ck_abort_msg("finalize: %s", err);
+    ck_assert_int_eq(cv_model_alloc(m), 0);
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    for (int i = 0; i < nl; i++)
+        init_layer(m, &m->layers[i], &r);
+}
+
+/* ---- the variants ------------------------------------------------------------ */
+
+typedef struct {
+    cv_model m;
+    cv_dataset d;
+    cv_curv *c;
+    cv_block full;
+    int kinks; /* ReLU / max pooling: finite differences may cross a kink */
+} fixture;
+
+#define MAXL 16
+#define NVARIANTS 16
+
+/* Variant i: a parametrized layer before the layer under test, so that its
+ * second-order terms in x and theta both reach the products. */
+static int variant_layers(int i, cv_layer *Ls, int *C, int *H, int *W, cv_loss_type *loss,
+                          cv_reduction *red, int *kinks)
+{
+    int n = 0;
+    *C = 2, *H = 6, *W = 6;
+    *loss = CV_LOSS_CE;
+    *red = CV_RED_MEAN;
+    *kinks = 0;
+    switch (i) {
+    case 0: /* plain 3x3 conv */
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH), Ls[n++] = conv3(3, 3);
+        break;
+    case 1: /* stride 2, padding 1 */
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = conv(3, 4, 3, 3, 2, 2, 1, 1, 1, 1, 1, 1);
+        *loss = CV_LOSS_MSE, *red = CV_RED_SUM;
+        break;
+    case 2: /* rectangular kernel, per-axis stride/padding/dilation */
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = conv(3, 2, 2, 3, 1, 2, 1, 0, 2, 1, 1, 1);
+        *W = 7;
+        break;
+    case 3: /* groups, no bias */
+        Ls[n++] = conv3(2, 4), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = conv(4, 4, 3, 3, 1, 1, 1, 1, 1, 1, 2, 0);
+        *loss = CV_LOSS_BCE;
+        break;
+    case 4: /* depthwise, dilation 2, padding 2 */
+        Ls[n++] = conv(2, 4, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = conv(4, 4, 3, 3, 1, 1, 2, 2, 2, 2, 4, 1);
+        *red = CV_RED_SUM;
+        break;
+    case 5: /* MaxPool2d(2) */
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = pool(CV_MAXPOOL2D, 2, 2, 0, 1, 0, 0), Ls[n++] = conv3(3, 3);
+        *kinks = 1;
+        break;
+    case 6: /* MaxPool2d(3, 2, padding 1, ceil_mode) */
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = pool(CV_MAXPOOL2D, 3, 2, 1, 1, 1, 0), Ls[n++] = conv3(3, 2);
+        *kinks = 1;
+        break;
+    case 7: /* MaxPool2d(2, stride 1, dilation 2) */
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = pool(CV_MAXPOOL2D, 2, 1, 0, 2, 0, 0);
+        *kinks = 1;
+        *loss = CV_LOSS_MSE;
+        break;
+    case 8: /* AvgPool2d(3, 2, padding 1, ceil_mode, count_include_pad=False) */
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = pool(CV_AVGPOOL2D, 3, 2, 1, 1, 1, 0), Ls[n++] = conv3(3, 3);
+        break;
+    case 9: /* AvgPool2d(2, 2, padding 1), count_include_pad */
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = pool(CV_AVGPOOL2D, 2, 2, 1, 1, 0, 1), Ls[n++] = conv3(3, 3);
+        *W = 5;
+        break;
+    case 10: /* AdaptiveAvgPool2d with overlapping windows */
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = adaptive(3, 4), Ls[n++] = conv3(3, 3);
+        *H = 5, *W = 7;
+        break;
+    case 11: /* BatchNorm2d */
+        Ls[n++] = conv3(2, 3), Ls[n++] = bnorm(CV_BATCHNORM2D, 3, 1);
+        Ls[n++] = simple(CV_TANH), Ls[n++] = conv3(3, 2);
+        break;
+    case 12: /* BatchNorm2d, affine=False */
+        Ls[n++] = conv3(2, 3), Ls[n++] = bnorm(CV_BATCHNORM2D, 3, 0);
+        Ls[n++] = simple(CV_TANH), Ls[n++] = conv3(3, 2);
+        *loss = CV_LOSS_MSE;
+        break;
+    case 13: /* BatchNorm1d after Linear */
+        Ls[n++] = conv(2, 2, 3, 3, 2, 2, 0, 0, 1, 1, 1, 1), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = simple(CV_FLATTEN), Ls[n++] = linear(5);
+        Ls[n++] = bnorm(CV_BATCHNORM1D, 5, 1);
+        break;
+    case 14: /* Dropout (identity) */
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH), Ls[n++] = simple(CV_DROPOUT);
+        Ls[n++] = conv3(3, 2);
+        break;
+    default: /* the tiny CNN with every layer type */
+        Ls[n++] = conv3(2, 4), Ls[n++] = bnorm(CV_BATCHNORM2D, 4, 1);
+        Ls[n++] = simple(CV_RELU), Ls[n++] = pool(CV_MAXPOOL2D, 2, 2, 0, 1, 0, 0);
+        Ls[n++] = conv(4, 4, 2, 2, 1, 1, 1, 1, 2, 2, 2, 1), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = pool(CV_AVGPOOL2D, 2, 1, 0, 1, 0, 1), Ls[n++] = adaptive(2, 2);
+        *kinks = 1;
+        break;
+    }
+    Ls[n++] = simple(CV_TANH);
+    Ls[n++] = simple(CV_FLATTEN);
+    Ls[n++] = simple(CV_DROPOUT);
+    Ls[n++] = linear(3);
+    return n;
+}
+
+static void make_variant(fixture *f, int i)
+{
+    cv_layer Ls[MAXL];
+    int C, H, W;
+    cv_loss_type loss;
+    cv_reduction red;
+    int nl = variant_layers(i, Ls, &C, &H, &W, &loss, &red, &f->kinks);
+    cnn_model(&f->m, C, H, W, Ls, nl, loss, red, 300 + (uint64_t)i);
+    tu_data(&f->d, &f->m, 3, 400 + (uint64_t)i);
+    cv_err e;
+    f->c = cv_curv_new(&f->m, &f->d, NULL, &e);
+    ck_assert_msg(f->c != NULL, "variant %d: cv_curv_new: %s", i, e.message);
+    cv_block_full(&f->m, &f->full);
+}
+
+static void fx_free(fixture *f)
+{
+    cv_curv_free(f->c);
+    cv_model_free(&f->m);
+    tu_data_free(&f->d);
+}
+
+static double fd_tol(const fixture *f, double smooth) { return f->kinks ? 2e-2 : smooth; }
+
+static void grad_at(const fixture *f, const double *step, double *g)
+{
+    cv_model t;
+    ck_assert_int_eq(cv_model_clone(&f->m, &t), 0);
+    for (size_t i = 0; i < t.nparams_total; i++)
+        t.params[i] += (float)step[i];
+    cv_err e;
+    cv_curv *c = cv_curv_new(&t, &f->d, NULL, &e);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(cv_curv_gradient(c, &f->full, g, &e), 0);
+    cv_curv_free(c);
+    cv_model_free(&t);
+}
+
+static double *dense(fixture *f, cv_curvature kind)
+{
+    size_t D = f->full.dim;
+    double *A = malloc(sizeof(double) * D * D);
+    cv_err e;
+    ck_assert_int_eq(cv_curv_dense(f->c, kind, &f->full, 4096, A, &e), 0);
+    return A;
+}
+
+static void unit_random(double *v, size_t D, uint64_t seed)
+{
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    cv_rng_gaussian(&r, v, D);
+    double nv = tu_norm(v, D);
+    for (size_t q = 0; q < D; q++)
+        v[q] /= nv;
+}
+
+/* ---- finite differences ---------------------------------------------------- */
+
+START_TEST(gradient_matches_finite_differences)
+{
+    fixture f;
+    make_variant(&f, _i);
+    size_t D = f.full.dim;
+    double *g = malloc(sizeof(double) * D), *fd = malloc(sizeof(double) * D);
+    double *step = calloc(D, sizeof(double));
+    cv_err e;
+    ck_assert_int_eq(cv_curv_gradient(f.c, &f.full, g, &e), 0);
+    const double eps = 3e-3;
+    for (size_t q = 0; q < D; q++) {
+        step[q] = eps;
+        double lp = cv_curv_loss_at(f.c, &f.full, step, &e);
+        step[q] = -eps;
+        double lm = cv_curv_loss_at(f.c, &f.full, step, &e);
+        step[q] = 0;
+        fd[q] = (lp - lm) / (2 * eps);
+    }
+    double err = tu_relerr(g, fd, D, 1e-3);
+    ck_assert_msg(err < fd_tol(&f, 3e-3), "variant %d: gradient vs FD rel err %g", _i, err);
+    free(g);
+    free(fd);
+    free(step);
+    fx_free(&f);
+}
+END_TEST
+
+START_TEST(hessian_matches_fd_of_gradient)
+{
+    fixture f;
+    make_variant(&f, _i);
+    size_t D = f.full.dim;
+    double *v = malloc(sizeof(double) * D), *hv = malloc(sizeof(double) * D);
+    double *gp = malloc(sizeof(double) * D), *gm = malloc(sizeof(double) * D);
+    double *s = calloc(D, sizeof(double)), *fd = calloc(D, sizeof(double));
+    unit_random(v, D, 3 + (uint64_t)_i);
+    cv_err e;
+    ck_assert_int_eq(cv_curv_matvec(f.c, CV_CURV_HESSIAN, &f.full, 1, v, hv, &e), 0);
+    const double eps = 3e-3;
+    for (size_t q = 0; q < D; q++)
+        s[q] = eps * v[q];
+    grad_at(&f, s, gp);
+    for (size_t q = 0; q < D; q++)
+        s[q] = -eps * v[q];
+    grad_at(&f, s, gm);
+    for (size_t q = 0; q < D; q++)
+        fd[q] = (gp[q] - gm[q]) / (2 * eps);
+    double err = tu_relerr(hv, fd, D, 1e-3);
+    ck_assert_msg(err < fd_tol(&f, 3e-3), "variant %d: Hv vs FD rel err %g", _i, err);
+    free(v); free(hv); free(gp); free(gm); free(s); free(fd);
+    fx_free(&f);
+}
+END_TEST
+
+/* Lambda_n = d^2 L_n / dh^2 from the outputs, in double. */
+static void oracle_lambda(const fixture *f, const float *h, int n, double *Lam)
+{
+    int C = cv_model_output_dim(&f->m);
+    double c = cv_loss_scale(f->m.loss, f->m.reduction, f->d.n, C);
+    const float *hn = h + (size_t)n * C;
+    memset(Lam, 0, sizeof(double) * C * C);
+    if (f->m.loss == CV_LOSS_MSE) {
+        for (int a = 0; a < C; a++)
+            Lam[a * C + a] = 2 * c;
+        return;
+    }
+    double p[16], z = 0;
+    for (int a = 0; a < C; a++)
+        z += exp(hn[a]);
+    for (int a = 0; a < C; a++)
+        p[a] = f->m.loss == CV_LOSS_CE ? exp(hn[a]) / z : 1 / (1 + exp(-hn[a]));
+    for (int a = 0; a < C; a++)
+        for (int b = 0; b < C; b++)
+            Lam[a * C + b] = f->m.loss == CV_LOSS_CE ? c * ((a == b) * p[a] - p[a] * p[b])
+                                                     : c * (a == b) * p[a] * (1 - p[a]);
+}
+
+/* J[n][c][q] by central differences of the outputs. */
+static double *fd_jacobian(const fixture *f)
+{
+    size_t D = f->full.dim, N = f->d.n;
+    int C = cv_model_output_dim(&f->m);
+    double *J = calloc(N * C * D, sizeof(double));
+    const double eps = 3e-3;
+    for (size_t q = 0; q < D; q++) {
+        const float *hs[2];
+        cv_model t[2];
+        cv_curv *cc[2];
+        cv_err e;
+        for (int s = 0; s < 2; s++) {
+            ck_assert_int_eq(cv_model_clone(&f->m, &t[s]), 0);
+            t[s].params[q] += (float)(s ? -eps : eps);
+            cc[s] = cv_curv_new(&t[s], &f->d, NULL, &e);
+            ck_assert_ptr_nonnull(cc[s]);
+            hs[s] = cv_curv_outputs(cc[s]);
+        }
+        for (size_t n = 0; n < N; n++)
+            for (int c = 0; c < C; c++)
+                J[(n * C + c) * D + q] = (hs[0][n * C + c] - hs[1][n * C + c]) / (2 * eps);
+        for (int s = 0; s < 2; s++) {
+            cv_curv_free(cc[s]);
+            cv_model_free(&t[s]);
+        }
+    }
+    return J;
+}
+
+START_TEST(ggn_equals_dense_jt_lambda_j)
+{
+    fixture f;
+    make_variant(&f, _i);
+    size_t D = f.full.dim, N = f.d.n;
+    int C = cv_model_output_dim(&f.m);
+    double *J = fd_jacobian(&f);
+    double *G = calloc(D * D, sizeof(double)), *LJ = malloc(sizeof(double) * C * D), Lam[9];
+    for (size_t n = 0; n < N; n++) {
+        const double *Jn = J + n * C * D;
+        oracle_lambda(&f, cv_curv_outputs(f.c), (int)n, Lam);
+        for (int a = 0; a < C; a++)
+            for (size_t j = 0; j < D; j++) {
+                double s = 0;
+                for (int b = 0; b < C; b++)
+                    s += Lam[a * C + b] * Jn[b * D + j];
+                LJ[a * D + j] = s;
+            }
+        for (size_t i = 0; i < D; i++)
+            for (int a = 0; a < C; a++)
+                for (size_t j = 0; j < D; j++)
+                    G[i + j * D] += Jn[a * D + i] * LJ[a * D + j];
+    }
+    double *A = dense(&f, CV_CURV_GGN);
+    double err = tu_relerr(A, G, D * D, 1e-6);
+    ck_assert_msg(err < fd_tol(&f, 3e-3), "variant %d: GGN vs J^T Lambda J rel err %g", _i, err);
+    free(J); free(G); free(LJ); free(A);
+    fx_free(&f);
+}
+END_TEST
+
+/* ---- identities -------------------------------------------------------------- */
+
+START_TEST(curvatures_symmetric_and_psd)
+{
+    fixture f;
+    make_variant(&f, _i);
+    size_t D = f.full.dim;
+    for (int kind = 0; kind < CV_CURV_COUNT; kind++) {
+        double *A = dense(&f, (cv_curvature)kind);
+        double mx = 0, asym = 0;
+        for (size_t i = 0; i < D; i++)
+            for (size_t j = 0; j < D; j++) {
+                mx = fmax(mx, fabs(A[i + j * D]));
+                asym = fmax(asym, fabs(A[i + j * D] - A[j + i * D]));
+            }
+        ck_assert_msg(mx > 0, "variant %d: %s is zero", _i, cv_curvature_name(kind));
+        ck_assert_msg(asym <= 1e-5 * mx, "variant %d: %s asymmetry %g of %g", _i,
+                      cv_curvature_name(kind), asym, mx);
+        if (kind != CV_CURV_HESSIAN) {
+            double *w = malloc(sizeof(double) * D);
+            tu_eigvalsh(A, (int)D, w);
+            ck_assert_msg(w[0] >= -1e-5 * w[D - 1], "variant %d: %s not PSD: %g (max %g)", _i,
+                          cv_curvature_name(kind), w[0], w[D - 1]);
+            free(w);
+        }
+        free(A);
+    }
+    fx_free(&f);
+}
+END_TEST
+
+START_TEST(per_sample_gradients_sum_and_ef)
+{
+    fixture f;
+    make_variant(&f, _i);
+    size_t D = f.full.dim, N = f.d.n;
+    double *Gs = malloc(sizeof(double) * N * D), *g = malloc(sizeof(double) * D);
+    cv_err e;
+    ck_assert_int_eq(cv_curv_per_sample_gradients(f.c, &f.full, Gs, &e), 0);
+    ck_assert_int_eq(cv_curv_gradient(f.c, &f.full, g, &e), 0);
+    double *sum = calloc(D, sizeof(double));
+    for (size_t n = 0; n < N; n++)
+        for (size_t q = 0; q < D; q++)
+            sum[q] += Gs[n * D + q];
+    double err = tu_relerr(sum, g, D, 1e-6);
+    ck_assert_msg(err < 1e-5, "variant %d: per-sample gradients sum: %g", _i, err);
+    /* EF = (1/c) sum_n g_n g_n^T */
+    double c = cv_loss_scale(f.m.loss, f.m.reduction, N, cv_model_output_dim(&f.m));
+    double *EF = calloc(D * D, sizeof(double));
+    for (size_t n = 0; n < N; n++)
+        for (size_t i = 0; i < D; i++)
+            for (size_t j = 0; j < D; j++)
+                EF[i + j * D] += Gs[n * D + i] * Gs[n * D + j] / c;
+    double *A = dense(&f, CV_CURV_EF);
+    err = tu_relerr(A, EF, D * D, 1e-9);
+    ck_assert_msg(err < 1e-5, "variant %d: EF vs per-sample outer products: %g", _i, err);
+    free(Gs); free(g); free(sum); free(EF); free(A);
+    fx_free(&f);
+}
+END_TEST
+
+/* Blocks of variant f: full, the tested layer's first tensor, the last tensor. */
+static int test_blocks(const fixture *f, cv_block *b)
+{
+    int T = cv_model_param_count(&f->m), idx[2] = {2, T - 1};
+    cv_err e;
+    b[0] = f->full;
+    ck_assert_int_eq(cv_block_from_indices(&f->m, idx, 1, &b[1], &e), 0);
+    ck_assert_int_eq(cv_block_from_indices(&f->m, idx + 1, 1, &b[2], &e), 0);
+    return 3;
+}
+
+static void check_gram(fixture *f, const cv_block *b, int k, const char *tag)
+{
+    size_t N = f->d.n, D = b->dim, R = (size_t)k * N;
+    int C = cv_model_output_dim(&f->m);
+    size_t olen = N * (size_t)C;
+    float *cot = malloc(sizeof(float) * R * C), *one = calloc(olen, sizeof(float));
+    double *grads = malloc(sizeof(double) * R * D), *G = malloc(sizeof(double) * R * R);
+    cv_rng r;
+    cv_rng_seed(&r, 9);
+    for (size_t i = 0; i < R * C; i++)
+        cot[i] = (float)cv_rng_normal(&r);
+    cv_err e;
+    for (size_t rr = 0; rr < R; rr++) {
+        size_t j = rr / N, n = rr % N;
+        memset(one, 0, sizeof(float) * olen);
+        memcpy(one + n * C, cot + j * olen + n * C, sizeof(float) * C);
+        ck_assert_int_eq(cv_curv_vjp(f->c, b, 1, one, grads + rr * D, &e), 0);
+    }
+    ck_assert_int_eq(cv_curv_gram(f->c, b, k, cot, G, &e), 0);
+    for (size_t a = 0; a < R; a++)
+        for (size_t q = 0; q < R; q++) {
+            double want = tu_dot(grads + a * D, grads + q * D, D);
+            ck_assert_msg(fabs(G[a * R + q] - want) <= 1e-4 * (fabs(want) + 1e-3),
+                          "%s Gram[%zu,%zu] %g vs %g", tag, a, q, G[a * R + q], want);
+        }
+    free(cot); free(one); free(grads); free(G);
+}
+
+START_TEST(gram_and_jvp_vjp_adjoint)
+{
+    fixture f;
+    make_variant(&f, _i);
+    size_t N = f.d.n;
+    int C = cv_model_output_dim(&f.m), k = 2;
+    cv_block blocks[3];
+    int nb = test_blocks(&f, blocks);
+    for (int bi = 0; bi < nb; bi++) {
+        const cv_block *b = &blocks[bi];
+        size_t D = b->dim, olen = N * (size_t)C;
+        float *cot = malloc(sizeof(float) * k * olen), *jx = malloc(sizeof(float) * k * olen);
+        double *x = malloc(sizeof(double) * D * k), *y = malloc(sizeof(double) * D * k);
+        cv_rng r;
+        cv_rng_seed(&r, 19);
+        for (size_t i = 0; i < k * olen; i++)
+            cot[i] = (float)cv_rng_normal(&r);
+        cv_rng_gaussian(&r, x, D * k);
+        cv_err e;
+        ck_assert_int_eq(cv_curv_jvp(f.c, b, k, x, jx, &e), 0);
+        ck_assert_int_eq(cv_curv_vjp(f.c, b, k, cot, y, &e), 0);
+        for (int j = 0; j < k; j++) {
+            double lhs = 0, rhs = tu_dot(y + j * D, x + j * D, D);
+            for (size_t i = 0; i < olen; i++)
+                lhs += (double)cot[j * olen + i] * jx[j * olen + i];
+            ck_assert_msg(fabs(lhs - rhs) <= 1e-5 * (fabs(rhs) + 1),
+                          "variant %d block %d: adjoint %g vs %g", _i, bi, lhs, rhs);
+        }
+        char tag[64];
+        snprintf(tag, sizeof tag, "variant %d block %d", _i, bi);
+        check_gram(&f, b, k, tag);
+        free(cot); free(jx); free(x); free(y);
+    }
+    fx_free(&f);
+}
+END_TEST
+
+START_TEST(batched_products_equal_single)
+{
+    fixture f;
+    make_variant(&f, _i);
+    size_t D = f.full.dim;
+    int k = 40; /* more than one internal chunk */
+    double *X = malloc(sizeof(double) * D * k), *Y = malloc(sizeof(double) * D * k);
+    double *y1 = malloc(sizeof(double) * D);
+    cv_rng r;
+    cv_rng_seed(&r, 1);
+    cv_rng_gaussian(&r, X, D * k);
+    cv_err e;
+    cv_curvature kinds[2] = {CV_CURV_HESSIAN, CV_CURV_GGN};
+    for (int t = 0; t < 2; t++) {
+        ck_assert_int_eq(cv_curv_matvec(f.c, kinds[t], &f.full, k, X, Y, &e), 0);
+        for (int j = 0; j < k; j += 7) {
+            ck_assert_int_eq(cv_curv_matvec(f.c, kinds[t], &f.full, 1, X + j * D, y1, &e), 0);
+            ck_assert_msg(tu_relerr(Y + j * D, y1, D, 1e-9) < 1e-5, "variant %d %s column %d",
+                          _i, cv_curvature_name(kinds[t]), j);
+        }
+    }
+    free(X); free(Y); free(y1);
+    fx_free(&f);
+}
+END_TEST
+
+START_TEST(conv_gram_chunking)
+{
+    /* a budget below one output channel forces column chunks; then a few channels */
+    size_t saved = cv_conv_gram_budget, budgets[3] = {1, 40, 500};
+    fixture f;
+    make_variant(&f, 3); /* groups=2, no bias */
+    cv_block b[3];
+    test_blocks(&f, b);
+    for (int t = 0; t < 3; t++) {
+        cv_conv_gram_budget = budgets[t];
+        check_gram(&f, &b[0], 3, "chunked full");
+        check_gram(&f, &b[1], 2, "chunked conv");
+    }
+    cv_conv_gram_budget = saved;
+    fx_free(&f);
+}
+END_TEST
+
+/* ---- forward semantics against naive loops --------------------------------- */
+
+/* Outputs of layer 0 of the model [layer, Flatten, Linear] on random x,
+ * straight from its forward kernel. */
+static float *single_layer_outputs(cv_layer L, int C, int H, int W, int n, cv_model *m,
+                                   cv_dataset *d, uint64_t seed)
+{
+    cv_layer Ls[3] = {L, simple(CV_FLATTEN), linear(2)};
+    cnn_model(m, C, H, W, Ls, 3, CV_LOSS_MSE, CV_RED_MEAN, seed);
+    tu_data(d, m, (size_t)n, seed + 1);
+    const cv_layer *L0 = &m->layers[0];
+    cv_layer_ctx c;
+    memset(&c, 0, sizeof c);
+    c.L = L0;
+    c.n = n;
+    c.in_numel = cv_shape_numel(&L0->in_shape);
+    c.out_numel = cv_shape_numel(&L0->out_shape);
+    c.nparam = L0->nparams ? L0->params[0].numel + (L0->nparams > 1 ? L0->params[1].numel : 0) : 0;
+    c.theta = L0->nparams ? m->params + L0->params[0].offset : NULL;
+    c.buffers = L0->nbuffers ? m->buffers + L0->buffers[0].offset : NULL;
+    c.x = d->x;
+    float *y = malloc(sizeof(float) * (size_t)n * c.out_numel);
+    cv_err e;
+    ck_assert_msg(cv_layer_ops_for(L0->type)->forward(&c, y, &e) == 0, "%s", e.message);
+    cv_layer_ctx_release(&c);
+    return y;
+}
+
+static void naive_conv(const cv_layer *L, const float *theta, const float *x, double *y)
+{
+    int C = L->in_shape.dim[0], H = L->in_shape.dim[1], W = L->in_shape.dim[2];
+    int O = L->out_shape.dim[0], OH = L->out_shape.dim[1], OW = L->out_shape.dim[2];
+    int cg = C / L->groups, og = O / L->groups, kh = L->kernel[0], kw = L->kernel[1];
+    for (int o = 0; o < O; o++)
+        for (int oy = 0; oy < OH; oy++)
+            for (int ox = 0; ox < OW; ox++) {
+                double s = L->has_bias ? theta[(size_t)O * cg * kh * kw + o] : 0;
+                for (int ci = 0; ci < cg; ci++)
+                    for (int i = 0; i < kh; i++)
+                        for (int j = 0; j < kw; j++) {
+                            int iy = oy * L->stride[0] - L->padding[0] + i * L->dilation[0];
+                            int ix = ox * L->stride[1] - L->padding[1] + j * L->dilation[1];
+                            if (iy < 0 || iy >= H || ix < 0 || ix >= W)
+                                continue;
+                            int c = o / og * cg + ci;
+                            s += (double)theta[((o * cg + ci) * kh + i) * kw + j] *
+                                 x[(c * H + iy) * W + ix];
+                        }
+                y[(o * OH + oy) * OW + ox] = s;
+            }
+}
+
+START_TEST(conv_forward_matches_naive)
+{
+    cv_layer cases[] = {conv3(3, 4), conv(3, 6, 3, 2, 2, 1, 1, 2, 1, 2, 3, 1),
+                        conv(4, 2, 1, 1, 2, 3, 0, 1, 1, 1, 2, 0),
+                        conv(2, 4, 5, 5, 1, 1, 2, 2, 1, 1, 1, 1),
+                        conv(4, 4, 3, 3, 3, 2, 3, 0, 2, 3, 4, 1)};
+    int chans[] = {3, 3, 4, 2, 4};
+    for (int t = 0; t < 5; t++) {
+        cv_model m;
+        cv_dataset d;
+        int n = 2;
+        float *y = single_layer_outputs(cases[t], chans[t], 7, 8, n, &m, &d, 50 + (uint64_t)t);
+        const cv_layer *L = &m.layers[0];
+        size_t in = L->in_shape.dim[0] * 56, out = cv_shape_numel(&L->out_shape);
+        double *ref = malloc(sizeof(double) * out);
+        for (int s = 0; s < n; s++) {
+            naive_conv(L, m.params, d.x + s * in, ref);
+            for (size_t q = 0; q < out; q++)
+                ck_assert_msg(fabs(y[s * out + q] - ref[q]) <= 1e-5 * (1 + fabs(ref[q])),
+                              "case %d sample %d entry %zu: %g vs %g", t, s, q, y[s * out + q],
+                              ref[q]);
+        }
+        free(ref);
+        free(y);
+        cv_model_free(&m);
+        tu_data_free(&d);
+    }
+}
+END_TEST
+
+/* Pooling by PyTorch's rules; returns the output value, *arg the argmax (max). */
+static double naive_pool(const cv_layer *L, const float *x, int H, int W, int oy, int ox,
+                         int *arg)
+{
+    if (L->type == CV_ADAPTIVEAVGPOOL2D) {
+        int OH = L->output_size[0], OW = L->output_size[1];
+        int y0 = oy * H / OH, y1 = ((oy + 1) * H + OH - 1) / OH;
+        int x0 = ox * W / OW, x1 = ((ox + 1) * W + OW - 1) / OW;
+        double s = 0;
+        for (int iy = y0; iy < y1; iy++)
+            for (int ix = x0; ix < x1; ix++)
+                s += x[iy * W + ix];
+        return s / ((y1 - y0) * (x1 - x0));
+    }
+    double best = -INFINITY, s = 0;
+    int cnt = 0, padded = 0;
+    *arg = -1;
+    for (int i = 0; i < L->kernel[0]; i++)
+        for (int j = 0; j < L->kernel[1]; j++) {
+            int iy = oy * L->stride[0] - L->padding[0] + i * L->dilation[0];
+            int ix = ox * L->stride[1] - L->padding[1] + j * L->dilation[1];
+            /* count_include_pad counts padding but not the ceil_mode overhang */
+            if (iy < H + L->padding[0] && ix < W + L->padding[1])
+                padded++;
+            if (iy < 0 || iy >= H || ix < 0 || ix >= W)
+                continue;
+            double v = x[iy * W + ix];
+            if (v > best) {
+                best = v;
+                *arg = iy * W + ix;
+            }
+            s += v;
+            cnt++;
+        }
+    if (L->type == CV_MAXPOOL2D)
+        return best;
+    return s / (L->count_include_pad ? padded : cnt);
+}
+
+START_TEST(pooling_forward_matches_naive)
+{
+    cv_layer cases[] = {pool(CV_MAXPOOL2D, 2, 2, 0, 1, 0, 0), pool(CV_MAXPOOL2D, 3, 2, 1, 1, 1, 0),
+                        pool(CV_MAXPOOL2D, 3, 1, 1, 2, 0, 0), pool(CV_MAXPOOL2D, 2, 3, 1, 1, 1, 0),
+                        pool(CV_AVGPOOL2D, 3, 2, 1, 1, 1, 1), pool(CV_AVGPOOL2D, 3, 2, 1, 1, 1, 0),
+                        pool(CV_AVGPOOL2D, 2, 1, 0, 1, 0, 1), pool(CV_AVGPOOL2D, 4, 3, 2, 1, 1, 1),
+                        adaptive(3, 4), adaptive(7, 8), adaptive(1, 1), adaptive(4, 3),
+                        adaptive(9, 11)};
+    int nc = (int)(sizeof cases / sizeof cases[0]);
+    for (int t = 0; t < nc; t++) {
+        cv_model m;
+        cv_dataset d;
+        int n = 2, C = 2, H = 7, W = 8;
+        float *y = single_layer_outputs(cases[t], C, H, W, n, &m, &d, 70 + (uint64_t)t);
+        const cv_layer *L = &m.layers[0];
+        int OH = L->out_shape.dim[1], OW = L->out_shape.dim[2];
+        for (int pl = 0; pl < n * C; pl++)
+            for (int oy = 0; oy < OH; oy++)
+                for (int ox = 0; ox < OW; ox++) {
+                    int arg;
+                    double want = naive_pool(L, d.x + (size_t)pl * H * W, H, W, oy, ox, &arg);
+                    double got = y[((size_t)pl * OH + oy) * OW + ox];
+                    ck_assert_msg(fabs(got - want) <= 1e-5 * (1 + fabs(want)),
+                                  "case %d (%s) plane %d (%d,%d): %g vs %g", t,
+                                  cv_layer_type_name(L->type), pl, oy, ox, got, want);
+                }
+        free(y);
+        cv_model_free(&m);
+        tu_data_free(&d);
+    }
+}
+END_TEST
+
+START_TEST(pooling_output_shapes_follow_pytorch)
+{
+    /* (H, kernel, stride, padding, dilation, ceil_mode) -> PyTorch's size */
+    int cases[][7] = {{6, 3, 2, 1, 1, 1, 4}, {5, 2, 2, 0, 1, 1, 3}, {5, 2, 2, 0, 1, 0, 2},
+                      {7, 3, 3, 1, 1, 1, 3}, {6, 2, 2, 1, 1, 1, 4}, {8, 3, 1, 1, 2, 0, 6}};
+    for (int t = 0; t < 6; t++) {
+        cv_model m;
+        cv_layer Ls[3] = {pool(CV_MAXPOOL2D, cases[t][1], cases[t][2], cases[t][3], cases[t][4],
+                               cases[t][5], 0),
+                          simple(CV_FLATTEN), linear(2)};
+        cnn_model(&m, 1, cases[t][0], cases[t][0], Ls, 3, CV_LOSS_MSE, CV_RED_MEAN, 1);
+        ck_assert_msg(m.layers[0].out_shape.dim[1] == cases[t][6], "case %d: %d vs %d", t,
+                      m.layers[0].out_shape.dim[1], cases[t][6]);
+        cv_model_free(&m);
+    }
+}
+END_TEST
+
+START_TEST(maxpool_ties_and_nan_follow_pytorch)
+{
+    cv_model m;
+    cv_layer Ls[3] = {pool(CV_MAXPOOL2D, 2, 2, 1, 1, 0, 0), simple(CV_FLATTEN), linear(2)};
+    cnn_model(&m, 1, 4, 4, Ls, 3, CV_LOSS_MSE, CV_RED_MEAN, 1);
+    const cv_layer *L = &m.layers[0]; /* 4x4 -> 3x3 with padding 1 */
+    float x[16], y[9], gy[9], gx[16];
+    for (int i = 0; i < 16; i++)
+        x[i] = 1.0f; /* all ties: the first in-window element wins */
+    x[10] = NAN;     /* a NaN wins its window */
+    cv_layer_ctx c;
+    memset(&c, 0, sizeof c);
+    c.L = L;
+    c.n = 1;
+    c.in_numel = 16;
+    c.out_numel = 9;
+    c.x = x;
+    const cv_layer_ops *ops = cv_layer_ops_for(CV_MAXPOOL2D);
+    cv_err e;
+    ck_assert_int_eq(ops->forward(&c, y, &e), 0);
+    /* window (oy, ox) covers rows 2oy-1..2oy, cols 2ox-1..2ox */
+    int want[9] = {0, 1, 3, 4, 5, 7, 12, 13, 15};
+    want[4] = 10;
+    for (int q = 0; q < 9; q++)
+        ck_assert_msg(c.idx[q] == want[q], "output %d: argmax %d, want %d", q, c.idx[q], want[q]);
+    ck_assert(isnan(y[4]));
+    for (int q = 0; q < 9; q++)
+        gy[q] = (float)(q + 1);
+    ops->vjp(&c, 1, gy, gx, NULL);
+    for (int q = 0; q < 9; q++)
+        ck_assert_float_eq(gx[want[q]], (float)(q + 1));
+    cv_layer_ctx_release(&c);
+    cv_model_free(&m);
+}
+END_TEST
+
+START_TEST(batchnorm_forward_matches_formula)
+{
+    cv_layer cases[2] = {bnorm(CV_BATCHNORM2D, 3, 1), bnorm(CV_BATCHNORM2D, 3, 0)};
+    for (int t = 0; t < 2; t++) {
+        cv_model m;
+        cv_dataset d;
+        int n = 2;
+        float *y = single_layer_outputs(cases[t], 3, 4, 5, n, &m, &d, 90 + (uint64_t)t);
+        const cv_layer *L = &m.layers[0];
+        const float *mean = m.buffers + L->buffers[0].offset;
+        const float *var = m.buffers + L->buffers[1].offset;
+        for (int s = 0; s < n; s++)
+            for (int c = 0; c < 3; c++)
+                for (int p = 0; p < 20; p++) {
+                    size_t q = ((size_t)s * 3 + c) * 20 + p;
+                    double g = L->affine ? m.params[L->params[0].offset + c] : 1;
+                    double b = L->affine ? m.params[L->params[1].offset + c] : 0;
+                    double want = (d.x[q] - mean[c]) / sqrt(var[c] + L->eps) * g + b;
+                    ck_assert_msg(fabs(y[q] - want) <= 1e-5 * (1 + fabs(want)),
+                                  "case %d entry %zu: %g vs %g", t, q, y[q], want);
+                }
+        free(y);
+        cv_model_free(&m);
+        tu_data_free(&d);
+    }
+}
+END_TEST
+
+/* ---- malformed configurations ------------------------------------------------- */
+
+static void expect_finalize_error(cv_layer *Ls, int nl, int C, int H, int W, const char *a,
+                                  const char *b)
+{
+    cv_model m;
+    memset(&m, 0, sizeof m);
+    m.input_shape.rank = 3;
+    m.input_shape.dim[0] = C;
+    m.input_shape.dim[1] = H;
+    m.input_shape.dim[2] = W;
+    m.nlayers = nl;
+    memcpy(m.layers, Ls, sizeof(cv_layer) * nl);
+    char err[256] = "";
+    ck_assert_int_eq(cv_model_finalize(&m, err, sizeof err), -1);
+    ck_assert_msg(strstr(err, a) && strstr(err, b), "message '%s' lacks '%s' / '%s'", err, a, b);
+}
+
+START_TEST(malformed_configurations_rejected)
+{
+    cv_layer big[2] = {conv3(2, 2), conv(2, 2, 9, 9, 1, 1, 1, 1, 1, 1, 1, 1)};
+    expect_finalize_error(big, 2, 2, 6, 6, "layers[1] (Conv2d)", "kernel larger");
+    cv_layer grp[1] = {conv(3, 4, 3, 3, 1, 1, 1, 1, 1, 1, 2, 1)};
+    expect_finalize_error(grp, 1, 3, 6, 6, "layers[0] (Conv2d)", "divisible by groups");
+    cv_layer chans[2] = {conv3(2, 4), conv3(3, 2)};
+    expect_finalize_error(chans, 2, 2, 6, 6, "layers[1] (Conv2d)", "[3, H, W]");
+    cv_layer bn[2] = {conv3(2, 4), bnorm(CV_BATCHNORM2D, 3, 1)};
+    expect_finalize_error(bn, 2, 2, 6, 6, "layers[1] (BatchNorm2d)", "[3, H, W]");
+    cv_layer bn1[3] = {conv3(2, 4), simple(CV_FLATTEN), bnorm(CV_BATCHNORM1D, 4, 1)};
+    expect_finalize_error(bn1, 3, 2, 6, 6, "layers[2] (BatchNorm1d)", "expects");
+    cv_layer mp[1] = {pool(CV_MAXPOOL2D, 8, 1, 0, 1, 0, 0)};
+    expect_finalize_error(mp, 1, 2, 6, 6, "layers[0] (MaxPool2d)", "kernel larger");
+    cv_layer pad[1] = {pool(CV_AVGPOOL2D, 2, 2, 2, 1, 0, 1)};
+    expect_finalize_error(pad, 1, 2, 6, 6, "layers[0] (AvgPool2d)", "half of kernel_size");
+}
+END_TEST
+
+static Suite *cnn_suite(void)
+{
+    Suite *s = suite_create("cnn");
+    TCase *fd = tcase_create("finite_differences");
+    tcase_set_timeout(fd, 300);
+    tcase_add_loop_test(fd, gradient_matches_finite_differences, 0, NVARIANTS);
+    tcase_add_loop_test(fd, hessian_matches_fd_of_gradient, 0, NVARIANTS);
+    tcase_add_loop_test(fd, ggn_equals_dense_jt_lambda_j, 0, NVARIANTS);
+    suite_add_tcase(s, fd);
+    TCase *id = tcase_create("identities");
+    tcase_set_timeout(id, 300);
+    tcase_add_loop_test(id, curvatures_symmetric_and_psd, 0, NVARIANTS);
+    tcase_add_loop_test(id, per_sample_gradients_sum_and_ef, 0, NVARIANTS);
+    tcase_add_loop_test(id, gram_and_jvp_vjp_adjoint, 0, NVARIANTS);
+    tcase_add_loop_test(id, batched_products_equal_single, 0, NVARIANTS);
+    tcase_add_test(id, conv_gram_chunking);
+    suite_add_tcase(s, id);
+    TCase *sem = tcase_create("semantics");
+    tcase_add_test(sem, conv_forward_matches_naive);
+    tcase_add_test(sem, pooling_forward_matches_naive);
+    tcase_add_test(sem, pooling_output_shapes_follow_pytorch);
+    tcase_add_test(sem, maxpool_ties_and_nan_follow_pytorch);
+    tcase_add_test(sem, batchnorm_forward_matches_formula);
+    tcase_add_test(sem, malformed_configurations_rejected);
+    suite_add_tcase(s, sem);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(cnn_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

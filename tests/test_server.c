@@ -1,0 +1,660 @@
+/* test_server.c - the service's building blocks without HTTP: base64 and
+ * multipart decoding, names, the registry (versions, pinned snapshots, 409
+ * while in use, memory budget), the job queue (results, 429, cancel, time
+ * limit, drain), metrics text, the demo, and the route table against
+ * api/openapi.yaml (run from the repository root, as `make unit` does). */
+#include "testutil.h"
+
+#include <regex.h>
+#include <time.h>
+
+#include "api/params.h"
+#include "server/b64.h"
+#include "server/demo.h"
+#include "server/http.h"
+#include "server/jobs.h"
+#include "server/metrics.h"
+#include "server/multipart.h"
+#include "server/registry.h"
+
+/* ---- base64 ------------------------------------------------------------------ */
+
+static void b64_ok(const char *in, const char *want, size_t wantlen)
+{
+    void *out;
+    size_t n;
+    cv_err e;
+    ck_assert_msg(cv_b64_decode(in, strlen(in), &out, &n, "f", &e) == 0, "%s: %s", in,
+                  e.message);
+    ck_assert_uint_eq(n, wantlen);
+    ck_assert(memcmp(out, want, n) == 0);
+    free(out);
+}
+
+static void b64_bad(const char *in)
+{
+    void *out = (void *)1;
+    size_t n;
+    cv_err e;
+    cv_err_clear(&e);
+    ck_assert_msg(cv_b64_decode(in, strlen(in), &out, &n, "field", &e) == -1, "%s", in);
+    ck_assert_int_eq(e.status, CV_EINVAL);
+    ck_assert_str_eq(e.code, "bad_base64");
+    ck_assert_str_eq(e.field, "field");
+    ck_assert_ptr_null(out);
+}
+
+START_TEST(base64_decodes_and_rejects)
+{
+    b64_ok("", "", 0);
+    b64_ok("Zg==", "f", 1);
+    b64_ok("Zm8=", "fo", 2);
+    b64_ok("Zm9v", "foo", 3);
+    b64_ok("Zm9vYmFy", "foobar", 6);
+    b64_ok("Zm9v\r\nYmFy\n", "foobar", 6);
+    b64_ok("Zm8", "fo", 2);          /* unpadded */
+    b64_ok("-_8=", "\xfb\xff", 2);   /* URL-safe alphabet */
+    b64_bad("Zm9v!");
+    b64_bad("Z");
+    b64_bad("Zg=");
+    b64_bad("Zg==Zg==");
+    b64_bad("Zg===");
+    /* round trip of all byte values */
+    unsigned char all[256];
+    for (int i = 0; i < 256; i++)
+        all[i] = (unsigned char)i;
+    for (size_t len = 0; len <= 256; len += 37) {
+        char *enc = cv_b64_encode(all, len);
+        ck_assert_ptr_nonnull(enc);
+        void *dec;
+        size_t n;
+        cv_err e;
+        ck_assert_int_eq(cv_b64_decode(enc, strlen(enc), &dec, &n, "f", &e), 0);
+        ck_assert_uint_eq(n, len);
+        ck_assert(memcmp(dec, all, len) == 0);
+        free(dec);
+        free(enc);
+    }
+}
+END_TEST
+
+/* ---- multipart --------------------------------------------------------------- */
+
+START_TEST(multipart_parses_parts)
+{
+    static const char body[] =
+        "preamble\r\n"
+        "--XyZ\r\n"
+        "Content-Disposition: form-data; name=\"name\"\r\n\r\n"
+        "m1\r\n"
+        "--XyZ\r\n"
+        "Content-Disposition: form-data; name=\"parameters\"; filename=\"p.safetensors\"\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
+        "\x01\x00\r\n--X\r\nbinary\r\n"
+        "--XyZ--\r\n";
+    cv_multipart mp;
+    cv_err e;
+    ck_assert_int_eq(cv_mp_is_multipart("multipart/form-data; boundary=XyZ"), 1);
+    ck_assert_int_eq(cv_mp_is_multipart("application/json"), 0);
+    ck_assert_int_eq(cv_mp_is_multipart(NULL), 0);
+    ck_assert_msg(cv_mp_parse("multipart/form-data; boundary=XyZ", body, sizeof body - 1, &mp,
+                              &e) == 0,
+                  "%s", e.message);
+    ck_assert_int_eq(mp.nparts, 2);
+    const cv_mp_part *n = cv_mp_find(&mp, "name"), *p = cv_mp_find(&mp, "parameters");
+    ck_assert_ptr_nonnull(n);
+    ck_assert_ptr_nonnull(p);
+    ck_assert_uint_eq(n->len, 2);
+    ck_assert(memcmp(n->data, "m1", 2) == 0);
+    ck_assert_str_eq(p->filename, "p.safetensors");
+    ck_assert_uint_eq(p->len, 15);
+    ck_assert(memcmp(p->data, "\x01\x00\r\n--X\r\nbinary", 15) == 0);
+    ck_assert_ptr_null(cv_mp_find(&mp, "other"));
+    /* quoted boundary */
+    ck_assert_int_eq(
+        cv_mp_parse("multipart/form-data; boundary=\"XyZ\"", body, sizeof body - 1, &mp, &e), 0);
+}
+END_TEST
+
+START_TEST(multipart_rejects_malformed)
+{
+    cv_multipart mp;
+    cv_err e;
+    const char *ct = "multipart/form-data; boundary=B";
+    static const char *const bad[] = {
+        "no boundary here",
+        "--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nunterminated",
+        "--B\r\nContent-Disposition: form-data; name=\"a\"\r\nno blank line",
+        "--B\r\nContent-Type: text/plain\r\n\r\nx\r\n--B--",
+        "--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--B\r\n"
+        "Content-Disposition: form-data; name=\"a\"\r\n\r\n2\r\n--B--",
+        "--Bjunk",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cv_err_clear(&e);
+        ck_assert_msg(cv_mp_parse(ct, bad[i], strlen(bad[i]), &mp, &e) == -1, "case %zu", i);
+        ck_assert_int_eq(e.status, CV_EINVAL);
+    }
+    ck_assert_int_eq(cv_mp_parse("multipart/form-data", "--B--", 5, &mp, &e), -1);
+    /* a truncated body never reads outside the buffer */
+    static const char ok[] = "--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nv\r\n--B--";
+    for (size_t len = 0; len < sizeof ok - 1; len++)
+        cv_mp_parse(ct, ok, len, &mp, &e);
+    ck_assert_int_eq(cv_mp_parse(ct, ok, sizeof ok - 1, &mp, &e), 0);
+}
+END_TEST
+
+/* ---- names and registry -------------------------------------------------------- */
+
+START_TEST(names)
+{
+    ck_assert(cv_name_valid("demo-mlp"));
+    ck_assert(cv_name_valid("a.b_C-9"));
+    ck_assert(!cv_name_valid(""));
+    ck_assert(!cv_name_valid(NULL));
+    ck_assert(!cv_name_valid("a b"));
+    ck_assert(!cv_name_valid("../x"));
+    ck_assert(!cv_name_valid("a/b"));
+    char s[80];
+    memset(s, 'a', 64);
+    s[64] = 0;
+    ck_assert(cv_name_valid(s));
+    s[64] = 'a';
+    s[65] = 0;
+    ck_assert(!cv_name_valid(s));
+}
+END_TEST
+
+static const tu_layer mlp[] = {{CV_LINEAR, 5}, {CV_TANH, 0}, {CV_LINEAR, 3}};
+
+static cv_model *heap_model(uint64_t seed)
+{
+    cv_model *m = malloc(sizeof *m);
+    ck_assert_ptr_nonnull(m);
+    tu_model(m, 4, mlp, 3, CV_LOSS_CE, CV_RED_MEAN, seed);
+    return m;
+}
+
+static cv_dataset *heap_data(const cv_model *m, size_t n)
+{
+    cv_dataset *d = malloc(sizeof *d);
+    ck_assert_ptr_nonnull(d);
+    tu_data(d, m, n, 9);
+    return d;
+}
+
+START_TEST(registry_versions_pins_conflicts_budget)
+{
+    cv_registry *r = cv_registry_new((size_t)1 << 30);
+    cv_err e;
+    cv_model *m = heap_model(1);
+    cv_dataset *d = heap_data(m, 20);
+    ck_assert_int_eq(cv_registry_add_model(r, "m", m, "test", NULL, &e), 0);
+    ck_assert_int_eq(cv_registry_add_dataset(r, "d", d, "test", NULL, &e), 0);
+    cv_registry_stats st;
+    cv_registry_stats_get(r, &st);
+    ck_assert_int_eq(st.models, 1);
+    ck_assert_int_eq(st.datasets, 1);
+
+    /* duplicate name */
+    ck_assert_int_eq(cv_registry_add_model(r, "m", heap_model(2), "test", NULL, &e), -1);
+    ck_assert_int_eq(e.status, CV_ECONFLICT);
+    /* invalid name */
+    ck_assert_int_eq(cv_registry_add_model(r, "bad name", heap_model(2), "test", NULL, &e), -1);
+    ck_assert_int_eq(e.status, CV_EINVAL);
+
+    /* a job pins version 1 */
+    cv_snap *pin = cv_registry_acquire(r, CV_REG_MODEL, "m", &e);
+    ck_assert_ptr_nonnull(pin);
+    ck_assert_uint_eq(pin->version, 1);
+    float first = pin->model->params[0];
+
+    /* new weights: version 2, the pinned snapshot is untouched */
+    cv_model *m2 = heap_model(7);
+    void *buf;
+    size_t len;
+    ck_assert_int_eq(cv_params_export(m2, &buf, &len, &e), 0);
+    cv_snap *s2;
+    ck_assert_msg(cv_registry_put_params(r, "m", buf, len, &s2, &e) == 0, "%s", e.message);
+    ck_assert_uint_eq(s2->version, 2);
+    ck_assert(s2->model->params[0] == m2->params[0]);
+    ck_assert(pin->model->params[0] == first);
+    ck_assert(first != m2->params[0]);
+    cv_snap_unref(s2);
+    /* bad parameters leave version 2 in place */
+    ck_assert_int_eq(cv_registry_put_params(r, "m", buf, len / 2, NULL, &e), -1);
+    ck_assert_int_eq(e.status, CV_EINVAL);
+    ck_assert_int_eq(cv_registry_put_params(r, "nope", buf, len, NULL, &e), -1);
+    ck_assert_int_eq(e.status, CV_ENOTFOUND);
+    free(buf);
+    cv_model_free(m2);
+    free(m2);
+    cv_snap *cur = cv_registry_get(r, CV_REG_MODEL, "m", &e);
+    ck_assert_uint_eq(cur->version, 2);
+    cv_snap_unref(cur);
+
+    /* in use: 409; released: deleted */
+    ck_assert_int_eq(cv_registry_delete(r, CV_REG_MODEL, "m", &e), -1);
+    ck_assert_int_eq(e.status, CV_ECONFLICT);
+    ck_assert_str_eq(e.code, "in_use");
+    cv_registry_release(r, pin);
+    ck_assert_int_eq(cv_registry_delete(r, CV_REG_MODEL, "m", &e), 0);
+    ck_assert_ptr_null(cv_registry_get(r, CV_REG_MODEL, "m", &e));
+    ck_assert_int_eq(e.status, CV_ENOTFOUND);
+    ck_assert_int_eq(cv_registry_delete(r, CV_REG_MODEL, "m", &e), -1);
+    ck_assert_int_eq(e.status, CV_ENOTFOUND);
+
+    /* datasets: PUT creates then replaces */
+    cv_model *mm = heap_model(3);
+    int created = -1;
+    cv_snap *ds;
+    ck_assert_int_eq(cv_registry_put_dataset(r, "d", heap_data(mm, 10), "t", &created, &ds, &e), 0);
+    ck_assert_int_eq(created, 0);
+    ck_assert_uint_eq(ds->version, 2);
+    ck_assert_uint_eq(ds->data->n, 10);
+    cv_snap_unref(ds);
+    ck_assert_int_eq(cv_registry_put_dataset(r, "d2", heap_data(mm, 10), "t", &created, NULL, &e), 0);
+    ck_assert_int_eq(created, 1);
+    cv_snap **v;
+    int n = cv_registry_list(r, CV_REG_DATASET, &v);
+    ck_assert_int_eq(n, 2);
+    ck_assert_str_eq(v[0]->name, "d");
+    ck_assert_str_eq(v[1]->name, "d2");
+    cJSON *j = cv_snap_to_json(v[0], 1);
+    ck_assert_ptr_nonnull(j);
+    ck_assert_int_eq(cJSON_GetObjectItem(j, "n")->valueint, 10);
+    cJSON_Delete(j);
+    cv_snaps_release(v, n);
+    cv_model_free(mm);
+    free(mm);
+    cv_registry_free(r);
+
+    /* memory budget: 413 naming the budget; nothing changes */
+    cv_model *b1 = heap_model(1);
+    size_t one = cv_model_bytes(b1);
+    r = cv_registry_new(one + one / 2);
+    ck_assert_int_eq(cv_registry_add_model(r, "b1", b1, "t", NULL, &e), 0);
+    ck_assert_int_eq(cv_registry_add_model(r, "b2", heap_model(2), "t", NULL, &e), -1);
+    ck_assert_int_eq(e.status, CV_ETOOLARGE);
+    ck_assert_str_eq(e.code, "registry_full");
+    char budget[32];
+    snprintf(budget, sizeof budget, "%zu", one + one / 2);
+    ck_assert_msg(strstr(e.message, budget) != NULL, "%s", e.message);
+    cv_registry_stats_get(r, &st);
+    ck_assert_uint_eq(st.bytes, one);
+    ck_assert_int_eq(st.models, 1);
+    cv_registry_free(r);
+}
+END_TEST
+
+/* ---- jobs -------------------------------------------------------------------- */
+
+typedef struct {
+    cv_registry *reg;
+    cv_jobs *jobs;
+} jfx;
+
+static void jfx_make_keep(jfx *f, int workers, size_t max_queue, double timeout, double keep)
+{
+    cv_err e;
+    f->reg = cv_registry_new((size_t)1 << 30);
+    cv_model *m = heap_model(1);
+    ck_assert_int_eq(cv_registry_add_dataset(f->reg, "d", heap_data(m, 300), "t", NULL, &e), 0);
+    ck_assert_int_eq(cv_registry_add_model(f->reg, "m", m, "t", NULL, &e), 0);
+    cv_jobs_config c;
+    memset(&c, 0, sizeof c);
+    c.workers = workers;
+    c.max_queue = max_queue;
+    c.job_timeout = timeout;
+    c.keep_s = keep;
+    c.max_kept = 1000;
+    cv_job_limits_default(&c.limits);
+    f->jobs = cv_jobs_new(&c, f->reg, &e);
+    ck_assert_ptr_nonnull(f->jobs);
+}
+
+static void jfx_make(jfx *f, int workers, size_t max_queue, double timeout)
+{
+    jfx_make_keep(f, workers, max_queue, timeout, 600);
+}
+
+static void jfx_free(jfx *f)
+{
+    cv_jobs_free(f->jobs);
+    cv_registry_free(f->reg);
+}
+
+static int submit(jfx *f, const char *text, cv_job **j, cv_err *e)
+{
+    cJSON *doc = cJSON_Parse(text);
+    ck_assert_ptr_nonnull(doc);
+    int rc = cv_jobs_submit(f->jobs, doc, 0, j, e);
+    cJSON_Delete(doc);
+    return rc;
+}
+
+static cJSON *status_of(jfx *f, cv_job *j)
+{
+    size_t len;
+    char *t = cv_job_status_text(f->jobs, j, &len);
+    ck_assert_ptr_nonnull(t);
+    ck_assert_uint_eq(strlen(t), len);
+    cJSON *s = cJSON_Parse(t);
+    ck_assert_msg(s != NULL, "status text is not JSON: %.200s", t);
+    free(t);
+    return s;
+}
+
+static const char *sfield(cJSON *o, const char *a, const char *b)
+{
+    cJSON *v = cJSON_GetObjectItem(o, a);
+    if (b)
+        v = cJSON_GetObjectItem(v, b);
+    return cJSON_IsString(v) ? v->valuestring : "";
+}
+
+#define LONG_JOB                                                                                 \
+    "{\"op\":\"trace\",\"model\":\"m\",\"dataset\":\"d\",\"curvature\":\"hessian\","           \
+    "\"options\":{\"max_probes\":1000000,\"tol\":0}}"
+
+static void wait_running(jfx *f, cv_job *j)
+{
+    for (int i = 0; i < 1000; i++) {
+        cJSON *s = status_of(f, j);
+        int running = strcmp(sfield(s, "status", NULL), "running") == 0 &&
+                      cJSON_GetObjectItem(cJSON_GetObjectItem(s, "progress"), "matvecs_done")
+                              ->valuedouble > 0;
+        cJSON_Delete(s);
+        if (running)
+            return;
+        struct timespec ts = {0, 10000000};
+        nanosleep(&ts, NULL);
+    }
+    ck_abort_msg("job never ran");
+}
+
+START_TEST(jobs_run_and_report)
+{
+    jfx f;
+    jfx_make(&f, 2, 8, 0);
+    cv_job *j;
+    cv_err e;
+    ck_assert_int_eq(submit(&f, "{\"op\":\"loss\",\"model\":\"m\",\"dataset\":\"d\"}", &j, &e), 0);
+    ck_assert_int_eq(cv_jobs_wait(f.jobs, j, 30), 1);
+    cJSON *s = status_of(&f, j);
+    ck_assert_str_eq(sfield(s, "status", NULL), "succeeded");
+    ck_assert_str_eq(sfield(s, "result", "op"), "loss");
+    ck_assert(cJSON_IsNumber(cJSON_GetObjectItem(cJSON_GetObjectItem(s, "result"), "loss")));
+    ck_assert_int_eq(cJSON_GetObjectItem(s, "model_version")->valueint, 1);
+    ck_assert_str_eq(sfield(s, "id", NULL), cv_job_id(j));
+    cJSON_Delete(s);
+    cv_job *g = cv_jobs_get(f.jobs, cv_job_id(j), &e);
+    ck_assert_ptr_eq(g, j);
+    cv_job_unref(g);
+    ck_assert_ptr_null(cv_jobs_get(f.jobs, "nope", &e));
+    ck_assert_int_eq(e.status, CV_ENOTFOUND);
+    cv_job_unref(j);
+
+    /* validation and lookups before queueing */
+    ck_assert_int_eq(submit(&f, "{\"op\":\"nope\",\"model\":\"m\",\"dataset\":\"d\"}", &j, &e), -1);
+    ck_assert_int_eq(e.status, CV_EINVAL);
+    ck_assert_int_eq(submit(&f, "{\"op\":\"loss\",\"model\":\"x\",\"dataset\":\"d\"}", &j, &e), -1);
+    ck_assert_int_eq(e.status, CV_ENOTFOUND);
+    ck_assert_str_eq(e.field, "model");
+    ck_assert_int_eq(submit(&f, "{\"op\":\"loss\",\"model\":\"m\",\"dataset\":\"x\"}", &j, &e), -1);
+    ck_assert_int_eq(e.status, CV_ENOTFOUND);
+    ck_assert_int_eq(submit(&f, "{\"op\":\"loss\",\"dataset\":\"d\"}", &j, &e), -1);
+    ck_assert_int_eq(e.status, CV_EINVAL);
+
+    cJSON *l = cv_jobs_list(f.jobs, CV_JOB_SUCCEEDED, "m", NULL, "loss", 10);
+    ck_assert_int_eq(cJSON_GetObjectItem(l, "count")->valueint, 1);
+    cJSON_Delete(l);
+    l = cv_jobs_list(f.jobs, CV_JOB_FAILED, NULL, NULL, NULL, 10);
+    ck_assert_int_eq(cJSON_GetObjectItem(l, "count")->valueint, 0);
+    cJSON_Delete(l);
+    /* finished jobs no longer hold the model */
+    ck_assert_int_eq(cv_registry_delete(f.reg, CV_REG_MODEL, "m", &e), 0);
+    jfx_free(&f);
+}
+END_TEST
+
+START_TEST(jobs_queue_full_cancel_and_drain)
+{
+    jfx f;
+    jfx_make(&f, 1, 1, 0);
+    cv_job *a, *b, *c;
+    cv_err e;
+    ck_assert_int_eq(submit(&f, LONG_JOB, &a, &e), 0);
+    wait_running(&f, a);
+    ck_assert_int_eq(submit(&f, LONG_JOB, &b, &e), 0);
+    ck_assert_int_eq(submit(&f, LONG_JOB, &c, &e), -1);
+    ck_assert_int_eq(e.status, CV_EBUSY);
+    ck_assert_str_eq(e.code, "queue_full");
+    cv_jobs_stats st;
+    cv_jobs_stats_get(f.jobs, &st);
+    ck_assert_uint_eq(st.queue_depth, 1);
+    ck_assert_int_eq(st.busy_workers, 1);
+    ck_assert_int_eq(st.rejected_total, 1);
+    /* model in use while jobs hold it */
+    ck_assert_int_eq(cv_registry_delete(f.reg, CV_REG_DATASET, "d", &e), -1);
+    ck_assert_int_eq(e.status, CV_ECONFLICT);
+    /* cancel the queued one, then the running one */
+    cv_jobs_cancel(f.jobs, b, 0);
+    cJSON *s = status_of(&f, b);
+    ck_assert_str_eq(sfield(s, "status", NULL), "cancelled");
+    ck_assert_str_eq(sfield(s, "error", "code"), "cancelled");
+    cJSON_Delete(s);
+    cv_jobs_cancel(f.jobs, a, 10);
+    s = status_of(&f, a);
+    ck_assert_str_eq(sfield(s, "status", NULL), "cancelled");
+    cJSON_Delete(s);
+    cv_job_unref(a);
+    cv_job_unref(b);
+    ck_assert_int_eq(cv_registry_delete(f.reg, CV_REG_DATASET, "d", &e), 0);
+    /* metrics text */
+    char *t = cv_metrics_render(f.reg, f.jobs, NULL, 1.0);
+    ck_assert_ptr_nonnull(t);
+    ck_assert_ptr_nonnull(strstr(t, "curvd_jobs{status=\"cancelled\"} 2\n"));
+    ck_assert_ptr_nonnull(strstr(t, "curvd_job_duration_seconds_count 1\n"));
+    ck_assert_ptr_nonnull(strstr(t, "curvd_queue_depth 0\n"));
+    ck_assert_ptr_nonnull(strstr(t, "curvd_datasets 0\n"));
+    free(t);
+    /* draining refuses new jobs */
+    cv_jobs_drain(f.jobs);
+    ck_assert_int_eq(submit(&f, LONG_JOB, &c, &e), -1);
+    ck_assert_int_eq(e.status, CV_ESHUTDOWN);
+    jfx_free(&f);
+}
+END_TEST
+
+START_TEST(jobs_time_limit_and_shutdown_cancel)
+{
+    jfx f;
+    jfx_make(&f, 1, 4, 0.3);
+    cv_job *a, *b, *c;
+    cv_err e;
+    ck_assert_int_eq(submit(&f, LONG_JOB, &a, &e), 0);
+    ck_assert_int_eq(cv_jobs_wait(f.jobs, a, 30), 1);
+    cJSON *s = status_of(&f, a);
+    ck_assert_str_eq(sfield(s, "status", NULL), "failed");
+    ck_assert_str_eq(sfield(s, "error", "code"), "job_timeout");
+    cJSON_Delete(s);
+    cv_job_unref(a);
+    /* drain cancels the queued job; cancel_running stops the running one */
+    cv_jobs_free(f.jobs);
+    cv_jobs_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.workers = 1;
+    cfg.max_queue = 4;
+    cfg.keep_s = 600;
+    cfg.max_kept = 100;
+    cv_job_limits_default(&cfg.limits);
+    f.jobs = cv_jobs_new(&cfg, f.reg, &e);
+    ck_assert_int_eq(submit(&f, LONG_JOB, &b, &e), 0);
+    wait_running(&f, b);
+    ck_assert_int_eq(submit(&f, LONG_JOB, &c, &e), 0);
+    cv_jobs_drain(f.jobs);
+    s = status_of(&f, c);
+    ck_assert_str_eq(sfield(s, "status", NULL), "cancelled");
+    ck_assert_str_eq(sfield(s, "error", "code"), "shutting_down");
+    cJSON_Delete(s);
+    ck_assert_int_eq(cv_jobs_wait_idle(f.jobs, 0.05), 1);
+    cv_jobs_cancel_running(f.jobs);
+    ck_assert_int_eq(cv_jobs_wait_idle(f.jobs, 30), 0);
+    s = status_of(&f, b);
+    ck_assert_str_eq(sfield(s, "status", NULL), "cancelled");
+    ck_assert_str_eq(sfield(s, "error", "code"), "shutting_down");
+    cJSON_Delete(s);
+    cv_job_unref(b);
+    cv_job_unref(c);
+    jfx_free(&f);
+}
+END_TEST
+
+START_TEST(finished_jobs_are_purged)
+{
+    jfx f;
+    jfx_make_keep(&f, 1, 4, 0, 0.2);
+    cv_job *j;
+    cv_err e;
+    ck_assert_int_eq(submit(&f, "{\"op\":\"loss\",\"model\":\"m\",\"dataset\":\"d\"}", &j, &e), 0);
+    ck_assert_int_eq(cv_jobs_wait(f.jobs, j, 30), 1);
+    char id[64];
+    snprintf(id, sizeof id, "%s", cv_job_id(j));
+    cv_job_unref(j);
+    cv_job *g = NULL;
+    for (int i = 0; i < 60; i++) { /* the janitor runs once a second */
+        g = cv_jobs_get(f.jobs, id, &e);
+        if (!g)
+            break;
+        cv_job_unref(g);
+        struct timespec ts = {0, 100000000};
+        nanosleep(&ts, NULL);
+    }
+    ck_assert_ptr_null(g);
+    ck_assert_int_eq(e.status, CV_ENOTFOUND);
+    jfx_free(&f);
+}
+END_TEST
+
+/* ---- demo -------------------------------------------------------------------- */
+
+START_TEST(demo_registers_trained_models)
+{
+    cv_dataset d;
+    int real;
+    cv_err e;
+    ck_assert_int_eq(cv_demo_digits(&d, &real, &e), 0);
+    ck_assert_uint_eq(d.n, 1797);
+    ck_assert_int_eq(d.x_shape.dim[0], 64);
+    int seen[10] = {0};
+    for (size_t i = 0; i < d.n; i++) {
+        ck_assert(d.labels[i] >= 0 && d.labels[i] <= 9);
+        seen[d.labels[i]] = 1;
+    }
+    for (int k = 0; k < 10; k++)
+        ck_assert(seen[k]);
+    for (size_t i = 0; i < d.n * 64; i++)
+        ck_assert(d.x[i] >= 0 && d.x[i] <= 1);
+    cv_dataset_free(&d);
+
+    cv_registry *r = cv_registry_new((size_t)1 << 30);
+    ck_assert_msg(cv_demo_register(r, NULL, &e) == 0, "%s", e.message);
+    cv_snap *m = cv_registry_get(r, CV_REG_MODEL, "demo-mlp", &e);
+    cv_snap *ds = cv_registry_get(r, CV_REG_DATASET, "digits", &e);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_ptr_nonnull(ds);
+    ck_assert_uint_eq(m->model->nparams_total, 64 * 32 + 32 + 32 * 10 + 10);
+    cv_curv *c = cv_curv_new(m->model, ds->data, NULL, &e);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_msg(cv_curv_loss(c) < 0.5, "demo-mlp loss %g: not trained", cv_curv_loss(c));
+    cv_curv_free(c);
+    cv_snap_unref(m);
+    cv_snap_unref(ds);
+    ck_assert_ptr_nonnull(m = cv_registry_get(r, CV_REG_MODEL, "demo-regression", &e));
+    ck_assert_ptr_nonnull(ds = cv_registry_get(r, CV_REG_DATASET, "regression", &e));
+    ck_assert_int_eq(cv_dataset_check(ds->data, m->model, &e), 0);
+    cv_snap_unref(m);
+    cv_snap_unref(ds);
+    cv_registry_free(r);
+}
+END_TEST
+
+/* ---- routes <-> api/openapi.yaml ---------------------------------------------- */
+
+START_TEST(routes_match_openapi)
+{
+    FILE *f = fopen("api/openapi.yaml", "r");
+    ck_assert_msg(f != NULL, "api/openapi.yaml not found (run from the repository root)");
+    char spec[128][96];
+    int ns = 0;
+    char line[512], path[256] = "";
+    regex_t rp, rm;
+    ck_assert_int_eq(regcomp(&rp, "^  (/[^ :]*):[ ]*$", REG_EXTENDED), 0);
+    ck_assert_int_eq(regcomp(&rm, "^    (get|put|post|delete|patch):[ ]*$", REG_EXTENDED), 0);
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        regmatch_t g[2];
+        if (regexec(&rp, line, 2, g, 0) == 0) {
+            snprintf(path, sizeof path, "%.*s", (int)(g[1].rm_eo - g[1].rm_so), line + g[1].rm_so);
+            continue;
+        }
+        if (line[0] && line[0] != ' ')
+            path[0] = 0;
+        if (path[0] && regexec(&rm, line, 2, g, 0) == 0 && ns < 128) {
+            char m[16];
+            int k = 0;
+            for (int i = g[1].rm_so; i < g[1].rm_eo && k < 15; i++)
+                m[k++] = (char)(line[i] - 'a' + 'A');
+            m[k] = 0;
+            snprintf(spec[ns++], sizeof spec[0], "%s %s", m, path);
+        }
+    }
+    fclose(f);
+    regfree(&rp);
+    regfree(&rm);
+    int n = cv_http_route_count();
+    ck_assert_int_eq(ns, n);
+    for (int i = 0; i < n; i++) {
+        char want[96];
+        snprintf(want, sizeof want, "%s %s", cv_http_route(i)->method, cv_http_route(i)->path);
+        int found = 0;
+        for (int k = 0; k < ns; k++)
+            found |= strcmp(spec[k], want) == 0;
+        ck_assert_msg(found, "route %s is not in api/openapi.yaml", want);
+    }
+}
+END_TEST
+
+static Suite *server_suite(void)
+{
+    Suite *s = suite_create("server");
+    TCase *codec = tcase_create("codec");
+    tcase_add_test(codec, base64_decodes_and_rejects);
+    tcase_add_test(codec, multipart_parses_parts);
+    tcase_add_test(codec, multipart_rejects_malformed);
+    tcase_add_test(codec, names);
+    tcase_add_test(codec, routes_match_openapi);
+    suite_add_tcase(s, codec);
+    TCase *reg = tcase_create("registry");
+    tcase_add_test(reg, registry_versions_pins_conflicts_budget);
+    tcase_add_test(reg, demo_registers_trained_models);
+    suite_add_tcase(s, reg);
+    TCase *jobs = tcase_create("jobs");
+    tcase_set_timeout(jobs, 120);
+    tcase_add_test(jobs, jobs_run_and_report);
+    tcase_add_test(jobs, jobs_queue_full_cancel_and_drain);
+    tcase_add_test(jobs, jobs_time_limit_and_shutdown_cancel);
+    tcase_add_test(jobs, finished_jobs_are_purged);
+    suite_add_tcase(s, jobs);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(server_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
