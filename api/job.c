@@ -199,6 +199,14 @@ int cv_job_validate(const cJSON *job, cv_err *e)
                           "seed must be a non-negative integer");
     if (validate_batch(field(job, "batch"), e) || validate_blocks(field(job, "blocks"), e))
         return -1;
+    const cJSON *bl = field(job, "blocks");
+    if (!def->blockwise && bl &&
+        !(cJSON_IsString(bl) && strcmp(bl->valuestring, "full") == 0) &&
+        !(cJSON_IsArray(bl) && cJSON_GetArraySize(bl) == 1 && def->uses_curvature))
+        return cv_err_set(e, CV_EINVAL, "invalid_blocks", "blocks",
+                          "op %s gives one result: blocks must be \"full\"%s", def->name,
+                          def->uses_curvature ? " or a list holding one group of parameter names"
+                                              : "");
     const cJSON *opts = field(job, "options");
     if (cv_opts_validate(opts, def->options, e))
         return -1;
@@ -290,14 +298,13 @@ static int run_blocks(const cv_op_def *def, cv_op_ctx *c, const cJSON *spec, cJS
 {
     cv_block *blocks = NULL;
     int nb = 0;
-    int full = !spec || (cJSON_IsString(spec) && strcmp(spec->valuestring, "full") == 0) ||
-               !def->blockwise;
+    int full = !spec || (cJSON_IsString(spec) && strcmp(spec->valuestring, "full") == 0);
     if (resolve_blocks(full ? NULL : spec, c->m, &blocks, &nb, e)) {
         free(blocks);
         return -1;
     }
     int rc = 0;
-    if (full) {
+    if (full || !def->blockwise) { /* one result: the whole vector or the one group */
         rc = def->run(c, &blocks[0], res, e);
     } else {
         cJSON *arr = cJSON_AddArrayToObject(res, "blocks");
@@ -309,6 +316,44 @@ static int run_blocks(const cv_op_def *def, cv_op_ctx *c, const cJSON *spec, cJS
             rc = def->run(c, &blocks[i], o, e);
         }
     }
+    free(blocks);
+    return rc;
+}
+
+int cv_job_check(const cJSON *job, const cv_model *m, const cv_dataset *d, cv_err *e)
+{
+    if (cv_job_validate(job, e) || cv_dataset_check(d, m, e))
+        return -1;
+    const cJSON *b = field(job, "batch");
+    if (b && cJSON_IsObject(b)) {
+        const cJSON *idx = field(b, "indices"), *off = field(b, "offset"), *size = field(b, "size");
+        if (idx) {
+            int i = 0;
+            const cJSON *x;
+            cJSON_ArrayForEach(x, idx)
+            {
+                if (x->valuedouble >= (double)d->n) {
+                    char f[48];
+                    snprintf(f, sizeof f, "batch.indices[%d]", i);
+                    return cv_err_set(e, CV_EINVAL, "invalid_batch", f,
+                                      "sample index %.0f is beyond the dataset's %zu samples",
+                                      x->valuedouble, d->n);
+                }
+                i++;
+            }
+        } else {
+            double o = off ? off->valuedouble : 0, s = size ? size->valuedouble : 1;
+            if (o >= (double)d->n || o + s > (double)d->n)
+                return cv_err_set(e, CV_EINVAL, "invalid_batch", off ? "batch.offset" : "batch.size",
+                                  "batch [%.0f, %.0f) is not inside the dataset's %zu samples", o,
+                                  o + s, d->n);
+        }
+    }
+    const cJSON *spec = field(job, "blocks");
+    cv_block *blocks = NULL;
+    int nb = 0, rc = 0;
+    if (spec && cJSON_IsArray(spec))
+        rc = resolve_blocks(spec, m, &blocks, &nb, e);
     free(blocks);
     return rc;
 }

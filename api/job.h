@@ -29,6 +29,11 @@ void cv_job_limits_default(cv_job_limits *l);
 /* Full validation of a job document; fills e (field = JSON path). */
 int cv_job_validate(const cJSON *job, cv_err *e);
 
+/* cv_job_validate plus everything that can be checked against the model
+ * and dataset without running: the dataset fits the model, the batch lies
+ * inside the dataset, block parameter names exist.  Cheap. */
+int cv_job_check(const cJSON *job, const cv_model *m, const cv_dataset *d, cv_err *e);
+
 /* Names of the model and dataset the job refers to (NULL if absent). */
 const char *cv_job_model_name(const cJSON *job);
 const char *cv_job_dataset_name(const cJSON *job);

@@ -95,12 +95,31 @@ static int build(cv_op_ctx *c, const cv_block *b, int *subset, cv_vivit *v, cv_e
     o.threshold = cv_opt_num(c->options, "threshold", -1);
     o.progress = c->progress;
     double frac = cv_opt_num(c->options, "subsample", 1.0);
-    if (frac < 1.0) {
-        int n = (int)cv_curv_batch_size(c->curv);
-        o.n_subset = cv_vivit_subsample(n, frac, c->seed ^ CV_VIVIT_SUB_SALT, subset);
-        o.subset = subset;
+    if (frac >= 1.0)
+        return cv_vivit_init(v, c->curv, b, &o, e);
+    int n = (int)cv_curv_batch_size(c->curv);
+    o.n_subset = cv_vivit_subsample(n, frac, c->seed ^ CV_VIVIT_SUB_SALT, subset);
+    o.subset = subset;
+    /* an engine on just the sub-sampled samples: sub-sampling then saves
+     * backpropagation too, not only the eigenproblem */
+    cv_batch sb;
+    size_t *idx = malloc(sizeof(size_t) * (size_t)o.n_subset);
+    if (!idx)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "sample subset");
+    for (int i = 0; i < o.n_subset; i++)
+        idx[i] = (size_t)subset[i];
+    int rc = cv_batch_gather(cv_curv_batch(c->curv), idx, (size_t)o.n_subset, &sb, e);
+    free(idx);
+    if (rc)
+        return -1;
+    o.subset_curv = cv_curv_new(c->m, &sb, NULL, e);
+    if (!o.subset_curv || cv_vivit_init(v, c->curv, b, &o, e)) {
+        cv_curv_free(o.subset_curv);
+        cv_dataset_free(&sb);
+        return -1;
     }
-    return cv_vivit_init(v, c->curv, b, &o, e);
+    cv_vivit_adopt_subset(v, o.subset_curv, &sb);
+    return 0;
 }
 
 static int *subset_buffer(cv_op_ctx *c, cv_err *e)

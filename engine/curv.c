@@ -241,6 +241,13 @@ const cv_model *cv_curv_model(const cv_curv *c) { return c->m; }
 size_t cv_curv_batch_size(const cv_curv *c) { return (size_t)c->n; }
 double cv_curv_loss(cv_curv *c) { return c->loss; }
 const float *cv_curv_outputs(const cv_curv *c) { return c->act[c->L]; }
+const cv_batch *cv_curv_batch(const cv_curv *c) { return c->b; }
+
+void cv_curv_set_gram_budget(cv_curv *c, size_t floats)
+{
+    for (int l = 0; l < c->L; l++)
+        c->ctx[l].gram_budget = floats;
+}
 
 /* ---- gradient ------------------------------------------------------------ */
 

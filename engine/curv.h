@@ -74,6 +74,13 @@ void cv_curv_free(cv_curv *c);
 const cv_model *cv_curv_model(const cv_curv *c);
 size_t cv_curv_batch_size(const cv_curv *c);
 
+/* Caps the floats a layer's Gram kernel buffers at once (0: the kernel's
+ * default, 4M for Conv2d); smaller budgets mean more, smaller chunks. */
+void cv_curv_set_gram_budget(cv_curv *c, size_t floats);
+
+/* The batch the engine was built on (borrowed). */
+const cv_batch *cv_curv_batch(const cv_curv *c);
+
 /* Network outputs h for the batch, N x C row-major (borrowed). */
 const float *cv_curv_outputs(const cv_curv *c);
 

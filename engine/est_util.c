@@ -8,6 +8,7 @@
 #include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 void *cv_est_alloc(size_t count, size_t size, cv_err *e)
@@ -90,13 +91,21 @@ double cv_est_cgs2(size_t n, int j, const double *V, double *w, double *h, doubl
 {
     if (h)
         memset(h, 0, sizeof(double) * (size_t)j);
+    /* Classical Gram-Schmidt with the DGKS criterion: a second pass only
+     * when the first removed more than 1 - 1/sqrt(2) of w's norm (each pass
+     * streams the whole basis from memory, the dominant cost for large n). */
+    double before = cv_est_norm(n, w), after = before;
     for (int pass = 0; pass < 2 && j > 0; pass++) {
         cblas_dgemv(CblasColMajor, CblasTrans, (int)n, j, 1.0, V, (int)n, w, 1, 0.0, tmp, 1);
         cblas_dgemv(CblasColMajor, CblasNoTrans, (int)n, j, -1.0, V, (int)n, tmp, 1, 1.0, w, 1);
         if (h)
             cblas_daxpy(j, 1.0, tmp, 1, h, 1);
+        after = cv_est_norm(n, w);
+        if (after >= M_SQRT1_2 * before)
+            break;
+        before = after;
     }
-    return cv_est_norm(n, w);
+    return after;
 }
 
 int cv_est_tridiag_eig(int m, const double *alpha, const double *beta, double *theta,

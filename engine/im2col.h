@@ -23,10 +23,6 @@ void cv_im2col(const cv_conv_geom *g, const float *x, int r0, int r1, float *col
 /* The adjoint of cv_im2col over all C*kh*kw rows: x += fold(cols). */
 void cv_col2im_add(const cv_conv_geom *g, const float *cols, float *x);
 
-/* Floats of per-sample gradients the Conv2d Gram kernel holds at once
- * (default 4M); lowered by tests to exercise the chunking. */
-extern size_t cv_conv_gram_budget;
-
 /* G += B B^T for B (R x w floats, row-major), G (R x R doubles, symmetric,
  * row-major).  Returns 0, or -1 if it could not allocate its R x R float
  * scratch, in which case it falls back to dot products (still correct). */

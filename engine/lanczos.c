@@ -400,6 +400,7 @@ static int eigen_iterate(lz_state *s, const cv_eigen_options *o, int m_max, ritz
         if (m >= o->k && (end || m <= 64 || m - last_check >= every)) {
             if (ritz_compute(s, o->k, o->which, o->tol, r, e))
                 return -1;
+            cv_progress_partial(s->op->progress, r->theta[r->idx[0]], r->res[0], m);
             last_check = m;
             int settled = 0;
             if (r->converged == o->k && blocks_settled(s, o, &settled, e))

@@ -33,6 +33,7 @@ typedef struct {
     const float *y;            /* forward output, n * out_numel */
     float *d1, *d2;            /* cached first/second derivatives (activations) */
     int *idx;                  /* cached argmax (MaxPool2d) */
+    size_t gram_budget;        /* floats a Gram kernel may buffer (0: its default) */
     float *work;               /* scratch owned by the caller, work_floats long */
     size_t work_floats;
 } cv_layer_ctx;

@@ -11,7 +11,7 @@
 
 #include "im2col.h"
 
-size_t cv_conv_gram_budget = (size_t)1 << 22;
+#define CV_CONV_GRAM_BUDGET ((size_t)1 << 22) /* floats, default per chunk */
 
 typedef struct {
     cv_conv_geom g;
@@ -291,9 +291,11 @@ static void gram_fill(const cv_layer_ctx *c, const conv_dims *d, int k, const fl
 }
 
 /* Allocates the chunk buffer: up to the budget, halving on failure, at least R floats. */
-static float *gram_buffer(size_t R, size_t want, size_t *got)
+static float *gram_buffer(size_t R, size_t want, size_t budget, size_t *got)
 {
-    size_t cap = want < cv_conv_gram_budget ? want : cv_conv_gram_budget;
+    if (!budget)
+        budget = CV_CONV_GRAM_BUDGET;
+    size_t cap = want < budget ? want : budget;
     if (cap < R)
         cap = R;
     for (;;) {
@@ -311,7 +313,7 @@ static int gram_weight(const cv_layer_ctx *c, const conv_dims *d, int k, const f
 {
     size_t R = (size_t)k * c->n, cap;
     float *U = scratch(c, conv_work(c, k));
-    float *B = gram_buffer(R, R * d->wnumel, &cap);
+    float *B = gram_buffer(R, R * d->wnumel, c->gram_budget, &cap);
     if (!U || !B) {
         free(B);
         return -1;

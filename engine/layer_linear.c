@@ -2,6 +2,7 @@
 #include "layer.h"
 
 #include <cblas.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -120,7 +121,9 @@ static void linear_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsig
     int n = c->n, in = IN(c), out = OUT(c), R = k * n;
     int use_b = c->L->has_bias && (mask & 2u), use_w = (mask & 1u) != 0;
     float *S = malloc(sizeof(float) * (size_t)R * R), *X = malloc(sizeof(float) * (size_t)n * n);
-    if (!S || !X) {
+    if (!S || !X) { /* make the failure visible rather than leave G short */
+        for (size_t i = 0; i < (size_t)R * R; i++)
+            G[i] = NAN;
         free(S);
         free(X);
         return;

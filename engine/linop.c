@@ -17,6 +17,9 @@ void cv_progress_init(cv_progress *p)
     atomic_init(&p->planned, 0);
     p->cancel = NULL;
     p->deadline = 0;
+    atomic_init(&p->partial_value, 0.0);
+    atomic_init(&p->partial_stderr, 0.0);
+    atomic_init(&p->partial_samples, 0);
     p->on_progress = NULL;
     p->user = NULL;
 }
@@ -31,6 +34,23 @@ int cv_progress_check(cv_progress *p, cv_err *e)
         return cv_err_set(e, CV_ETIMEOUT, "job_timeout", "",
                           "job exceeded its time limit"), 1;
     return 0;
+}
+
+void cv_progress_partial(cv_progress *p, double value, double std_err, long samples)
+{
+    if (!p)
+        return;
+    atomic_store(&p->partial_value, value);
+    atomic_store(&p->partial_stderr, std_err);
+    atomic_store(&p->partial_samples, samples);
+}
+
+long cv_progress_get_partial(cv_progress *p, double *value, double *std_err)
+{
+    long n = atomic_load(&p->partial_samples);
+    *value = atomic_load(&p->partial_value);
+    *std_err = atomic_load(&p->partial_stderr);
+    return n;
 }
 
 void cv_progress_plan(cv_progress *p, long more)

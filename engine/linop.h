@@ -19,6 +19,11 @@ typedef struct cv_progress {
     atomic_long planned;        /* matvecs planned (an upper bound; may grow) */
     atomic_int *cancel;         /* non-zero: stop at the next check (may be NULL) */
     double deadline;            /* cv_now_s() time after which the job stops; 0 = none */
+    /* Latest running estimate of a long estimator (Hutchinson: the trace so
+     * far and its standard error; Lanczos: the leading wanted Ritz value),
+     * published with cv_progress_partial, read with cv_progress_get_partial. */
+    _Atomic double partial_value, partial_stderr;
+    atomic_long partial_samples;   /* probes/steps behind it; 0: none yet */
     /* Called after each apply (from the computing thread); may be NULL. */
     void (*on_progress)(struct cv_progress *p, void *user);
     void *user;
@@ -39,6 +44,9 @@ int cv_linop_apply(const cv_linop *op, int k, const double *X, double *Y, cv_err
 int cv_progress_check(cv_progress *p, cv_err *e);
 void cv_progress_plan(cv_progress *p, long more_matvecs);
 void cv_progress_init(cv_progress *p);
+void cv_progress_partial(cv_progress *p, double value, double std_err, long samples);
+/* Returns the samples behind the partial estimate (0: none) and fills value/std_err. */
+long cv_progress_get_partial(cv_progress *p, double *value, double *std_err);
 
 /* Wall-clock seconds (CLOCK_MONOTONIC). */
 double cv_now_s(void);

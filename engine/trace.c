@@ -119,6 +119,7 @@ static int hutch_probes(hutch_run *h, const cv_trace_options *o, int nprobes, cv
             used++;
             h->stopped = add_sample(h, x, o->tol);
         }
+        cv_progress_partial(h->op->progress, h->st.mean, cv_est_stats_stderr(&h->st), used);
     }
     out->trace = h->st.mean;
     out->std_err = cv_est_stats_stderr(&h->st);

@@ -309,6 +309,12 @@ int cv_vivit_init(cv_vivit *v, cv_curv *c, const cv_block *b, const cv_vivit_opt
     return rc ? -1 : 0;
 }
 
+void cv_vivit_adopt_subset(cv_vivit *v, cv_curv *jac, cv_batch *batch)
+{
+    v->own_jac = jac;
+    v->own_batch = *batch;
+}
+
 void cv_vivit_free(cv_vivit *v)
 {
     if (!v)
@@ -319,6 +325,9 @@ void cv_vivit_free(cv_vivit *v)
     free(v->gram);
     free(v->eigenvalues);
     free(v->gram_vectors);
+    cv_curv_free(v->own_jac);
+    if (v->own_jac)
+        cv_dataset_free(&v->own_batch);
     memset(v, 0, sizeof *v);
 }
 

@@ -97,7 +97,14 @@ typedef struct {
     double threshold_used;  /* eigenvalues kept are > this */
     double threshold;       /* as asked (options) */
     cv_progress *progress;
+    /* A sub-batch engine handed over with cv_vivit_adopt_subset (freed with v). */
+    cv_curv *own_jac;
+    cv_batch own_batch;
 } cv_vivit;
+
+/* Hands ownership of the sub-batch engine `jac` and its batch to v (both are
+ * freed by cv_vivit_free). */
+void cv_vivit_adopt_subset(cv_vivit *v, cv_curv *jac, cv_batch *batch);
 
 /* Builds the factor columns and the Gram matrix of block b.  Refuses (CV_EINVAL)
  * a batch/subset mismatch and (CV_ETOOLARGE, field "options") more than

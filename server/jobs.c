@@ -437,7 +437,7 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
         return -1;
     }
     cv_job *j = NULL;
-    if (cv_dataset_check(ds->data, ms->model, e))
+    if (cv_job_check(doc, ms->model, ds->data, e))
         goto fail;
     j = calloc(1, sizeof *j);
     if (!j || !(j->doc = cJSON_Duplicate(doc, 1))) {
@@ -596,6 +596,15 @@ static cJSON *status_json_locked(cv_job *j)
         !cJSON_AddNumberToObject(p, "matvecs_planned", (double)planned) ||
         !cJSON_AddNumberToObject(p, "fraction", frac))
         goto fail;
+    double pv, pe;
+    long ps = cv_progress_get_partial(&j->progress, &pv, &pe);
+    if (ps > 0 && !is_finished(j->status)) {
+        cJSON *part = cJSON_AddObjectToObject(o, "partial");
+        if (!part || !cJSON_AddNumberToObject(part, "estimate", pv) ||
+            !cJSON_AddNumberToObject(part, "stderr", pe) ||
+            !cJSON_AddNumberToObject(part, "samples", (double)ps))
+            goto fail;
+    }
     if (j->status == CV_JOB_FAILED || j->status == CV_JOB_CANCELLED) {
         cJSON *ej = cv_err_to_json(&j->err);
         cJSON *inner = ej ? cJSON_DetachItemFromObject(ej, "error") : NULL;

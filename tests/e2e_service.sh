@@ -353,6 +353,8 @@ req POST /v1/jobs -d "$LONG" > /dev/null
 LID=$(jq "$T/body" "d['id']")
 check "long job runs" poll_status "$LID" "running" 30
 check "progress counts" jtrue "$T/body" "0 < d['progress']['matvecs_done'] <= d['progress']['matvecs_planned'] and 0 < d['progress']['fraction'] < 1"
+sleep 1; req GET "/v1/jobs/$LID" > /dev/null
+check "partial trace estimate" jtrue "$T/body" "d['partial']['samples'] > 0 and d['partial']['stderr'] >= 0 and isinstance(d['partial']['estimate'], float)"
 expect_err "delete model in use 409" 409 in_use DELETE /v1/models/demo-mlp
 expect_err "delete dataset in use 409" 409 in_use DELETE /v1/datasets/digits
 st=$(req GET "/v1/jobs?status=running&model=demo-mlp&op=trace")
@@ -377,6 +379,9 @@ expect_err "JSON array body" 400 invalid_json POST /v1/jobs -d '[1,2]'
 expect_err "unknown job field" 400 unknown_field POST /v1/jobs -d '{"op":"loss","model":"m1","dataset":"d1","bogus":1}'
 check "unknown field named" jtrue "$T/body" "d['error']['field'] == 'bogus'"
 expect_err "unknown op" 400 unknown_op POST /v1/jobs -d '{"op":"nope","model":"m1","dataset":"d1"}'
+expect_err "batch beyond data at POST" 400 invalid_batch POST /v1/jobs -d '{"op":"loss","model":"demo-mlp","dataset":"digits","batch":{"offset":5000,"size":2}}'
+expect_err "unknown block param at POST" 400 unknown_parameter POST /v1/jobs -d '{"op":"trace","model":"demo-mlp","dataset":"digits","blocks":[["0.weight","9.bias"]]}'
+expect_err "layer blocks for matvec" 400 invalid_blocks POST /v1/jobs -d '{"op":"matvec","model":"demo-mlp","dataset":"digits","blocks":"layer","options":{"probe_seed":1}}'
 st=$(req POST /v1/jobs -d '{"op":"trace","model":"m1","dataset":"d1","options":{"max_probes":-1}}')
 check "bad option 400" [ "$st" = 400 ]
 check "bad option field" jtrue "$T/body" "d['error']['field'] == 'options.max_probes'"

@@ -170,6 +170,16 @@ def check_estimators(tag, model, loss_fn, x, y, d, H, G, g):
           abs(res["predicted_change"] - pred) <= 1e-3 * abs(pred) + 1e-7,
           f"{res['predicted_change']} vs {pred}")
     check(tag + " newton actual change present", "actual_change" in res)
+    # a matvec restricted to one group of tensors is the submatrix product
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    lo = sum(sizes[:2])
+    hi = lo + sizes[2]
+    u = torch.linspace(-1, 1, sizes[2], dtype=torch.float64)
+    _, res = tr.curvd_run(CURVD, d, {"op": "matvec", "blocks": [[names[2]]],
+                                     "options": {"vector": u.tolist()}})
+    e = rel(res["product"], H[lo:hi, lo:hi] @ u)
+    check(tag + " block matvec", e < 1e-4, f"rel err {e}")
     # per-layer blocks: traces equal the traces of the diagonal blocks
     _, res = tr.curvd_run(CURVD, d, {"op": "diag", "blocks": "layer",
                                      "options": {"method": "exact"}})

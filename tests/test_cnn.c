@@ -624,17 +624,16 @@ END_TEST
 START_TEST(conv_gram_chunking)
 {
     /* a budget below one output channel forces column chunks; then a few channels */
-    size_t saved = cv_conv_gram_budget, budgets[3] = {1, 40, 500};
+    size_t budgets[3] = {1, 40, 500};
     fixture f;
     make_variant(&f, 3); /* groups=2, no bias */
     cv_block b[3];
     test_blocks(&f, b);
     for (int t = 0; t < 3; t++) {
-        cv_conv_gram_budget = budgets[t];
+        cv_curv_set_gram_budget(f.c, budgets[t]);
         check_gram(&f, &b[0], 3, "chunked full");
         check_gram(&f, &b[1], 2, "chunked conv");
     }
-    cv_conv_gram_budget = saved;
     fx_free(&f);
 }
 END_TEST

@@ -1,0 +1,289 @@
+"""PyTorch → curvd: architecture JSON and safetensors bytes from ``nn.Sequential``.
+
+curvd's architecture document mirrors ``torch.nn.Sequential`` (contract §1):
+layer ``i`` owns the parameters ``state_dict()`` names ``"i.weight"``,
+``"i.bias"``, ..., with PyTorch's type and attribute names, so a model
+exported here is evaluated by curvd exactly as PyTorch evaluates it (in
+evaluation mode: Dropout is the identity, BatchNorm uses running statistics).
+
+    import torch
+    from curvd_client import Client
+    from curvd_client.torch_export import export_model, export_dataset, state_dict_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    arch, params = export_model(model, torch.nn.CrossEntropyLoss(), input_shape=[64])
+    c = Client("http://127.0.0.1:8080")
+    c.register_model("mlp", arch, params)
+    c.register_dataset("train", export_dataset(x, y))
+    ...                                   # a training step later:
+    c.push_parameters("mlp", state_dict_bytes(model))
+
+torch is imported when this module is imported; without it the import fails
+with an :class:`ImportError` that says how to get it.  Supported modules:
+Linear, Conv2d, ReLU, Tanh, Sigmoid, LeakyReLU, ELU, GELU, Softplus, Identity,
+Flatten, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d,
+Dropout; losses MSELoss, CrossEntropyLoss, BCEWithLogitsLoss (reduction
+"mean" or "sum").  Anything else raises :class:`UnsupportedModuleError`
+naming the module and its index.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+try:
+    import torch
+    from torch import nn
+except ImportError as _e:  # pragma: no cover - depends on the machine
+    raise ImportError(
+        "curvd_client.torch_export needs PyTorch, which is not installed for this Python "
+        "(%s). Install it (Debian: apt-get install python3-torch, and run /usr/bin/python3; "
+        "or: pip install torch). The rest of curvd_client works without it." % _e) from _e
+
+__all__ = ["UnsupportedModuleError", "SUPPORTED_MODULES", "SUPPORTED_LOSSES", "export_model",
+           "export_architecture", "layer_json", "loss_json", "state_dict_bytes",
+           "export_dataset", "safetensors_bytes", "write_files"]
+
+#: Module class names curvd evaluates (contract §1).
+SUPPORTED_MODULES: Tuple[str, ...] = (
+    "Linear", "Conv2d", "ReLU", "Tanh", "Sigmoid", "LeakyReLU", "ELU", "GELU", "Softplus",
+    "Identity", "Flatten", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "BatchNorm1d",
+    "BatchNorm2d", "Dropout")
+#: Loss class names curvd evaluates.
+SUPPORTED_LOSSES: Tuple[str, ...] = ("MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss")
+
+_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16",
+           torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}
+
+
+class UnsupportedModuleError(ValueError):
+    """A module (or loss, or setting) curvd cannot evaluate.
+
+    Attributes:
+        index: The module's index in the Sequential (None for the loss or the model itself).
+        module_type: Its class name, e.g. ``"LSTM"``.
+        reason: Why it is refused.
+    """
+
+    def __init__(self, index: Any, module: Any, reason: str, what: str = "module") -> None:
+        cls = module if isinstance(module, type) else type(module)
+        self.index = index
+        self.module_type: str = cls.__name__
+        self.reason = reason
+        mod = cls.__module__ or ""
+        shown = ("nn." + cls.__name__ if mod.startswith("torch.nn")
+                 else "%s.%s" % (mod, cls.__qualname__) if mod and mod != "builtins"
+                 else cls.__name__)
+        if index is not None:
+            msg = "unsupported module %s at index %s: %s" % (shown, index, reason)
+        else:
+            msg = "unsupported %s %s: %s" % (what, shown, reason)
+        super().__init__(msg)
+
+
+def _exact(m: Any, name: str) -> bool:
+    """True if m is exactly torch.nn.<name> (subclasses may change forward())."""
+    cls = getattr(nn, name, None)
+    return cls is not None and type(m) is cls
+
+
+def _pair(v: Any) -> Any:
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def layer_json(m: "nn.Module", index: Any = None) -> Dict[str, Any]:
+    """The architecture JSON of one module (raises :class:`UnsupportedModuleError`)."""
+    n = type(m).__name__
+    if not any(_exact(m, s) for s in SUPPORTED_MODULES):
+        if isinstance(m, nn.Sequential):
+            reason = ("nested nn.Sequential is not supported (state_dict names would not be "
+                      "'i.weight'); flatten it into one Sequential")
+        elif n in SUPPORTED_MODULES:
+            reason = ("a subclass of nn.%s (%s.%s) may change forward(); curvd evaluates "
+                      "only the torch.nn classes" % (n, type(m).__module__, n))
+        else:
+            reason = "curvd supports " + ", ".join(SUPPORTED_MODULES)
+        raise UnsupportedModuleError(index, m, reason)
+    if n == "Linear":
+        return {"type": n, "in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None}
+    if n == "Conv2d":
+        if m.padding_mode != "zeros":
+            raise UnsupportedModuleError(index, m, "padding_mode %r (only 'zeros')" % m.padding_mode)
+        return {"type": n, "in_channels": m.in_channels, "out_channels": m.out_channels,
+                "kernel_size": _pair(m.kernel_size), "stride": _pair(m.stride),
+                "padding": _pair(m.padding), "dilation": _pair(m.dilation),
+                "groups": m.groups, "bias": m.bias is not None}
+    if n in ("MaxPool2d", "AvgPool2d"):
+        d: Dict[str, Any] = {"type": n, "kernel_size": _pair(m.kernel_size),
+                             "stride": _pair(m.stride), "padding": _pair(m.padding),
+                             "ceil_mode": m.ceil_mode}
+        if n == "MaxPool2d":
+            if m.return_indices:
+                raise UnsupportedModuleError(index, m, "return_indices=True (a Sequential layer "
+                                             "must return one tensor)")
+            d["dilation"] = _pair(m.dilation)
+        else:
+            if m.divisor_override is not None:
+                raise UnsupportedModuleError(index, m, "divisor_override is not supported")
+            d["count_include_pad"] = m.count_include_pad
+        return d
+    if n == "AdaptiveAvgPool2d":
+        os_ = m.output_size
+        sizes = list(os_) if isinstance(os_, (tuple, list)) else [os_, os_]
+        if any(s is None for s in sizes):
+            raise UnsupportedModuleError(index, m, "output_size with None entries; give both sizes")
+        return {"type": n, "output_size": sizes}
+    if n in ("BatchNorm1d", "BatchNorm2d"):
+        if not m.track_running_stats or m.running_mean is None:
+            raise UnsupportedModuleError(index, m, "track_running_stats=False (curvd evaluates "
+                                         "BatchNorm in evaluation mode with running statistics)")
+        return {"type": n, "num_features": m.num_features, "eps": m.eps, "affine": m.affine}
+    if n == "LeakyReLU":
+        return {"type": n, "negative_slope": m.negative_slope}
+    if n == "ELU":
+        return {"type": n, "alpha": m.alpha}
+    if n == "GELU":
+        return {"type": n, "approximate": getattr(m, "approximate", "none")}
+    if n == "Softplus":
+        return {"type": n, "beta": m.beta, "threshold": m.threshold}
+    if n == "Flatten":
+        if m.start_dim == 0:
+            raise UnsupportedModuleError(index, m, "start_dim=0 would flatten the batch dimension")
+        return {"type": n, "start_dim": m.start_dim, "end_dim": m.end_dim}
+    if n == "Dropout":
+        return {"type": n, "p": m.p}
+    return {"type": n}  # ReLU, Tanh, Sigmoid, Identity
+
+
+def loss_json(loss: "nn.Module") -> Dict[str, Any]:
+    """The ``loss`` object of the architecture (raises :class:`UnsupportedModuleError`)."""
+    n = type(loss).__name__
+    if not any(_exact(loss, s) for s in SUPPORTED_LOSSES):
+        raise UnsupportedModuleError(None, loss, "curvd supports " + ", ".join(SUPPORTED_LOSSES),
+                                     "loss")
+    if loss.reduction not in ("mean", "sum"):
+        raise UnsupportedModuleError(None, loss, "reduction %r (curvd supports 'mean' and 'sum')"
+                                     % loss.reduction, "loss")
+    if getattr(loss, "weight", None) is not None:
+        raise UnsupportedModuleError(None, loss, "class/element weights are not supported", "loss")
+    if getattr(loss, "pos_weight", None) is not None:
+        raise UnsupportedModuleError(None, loss, "pos_weight is not supported", "loss")
+    if float(getattr(loss, "label_smoothing", 0.0) or 0.0) != 0.0:
+        raise UnsupportedModuleError(None, loss, "label_smoothing is not supported", "loss")
+    return {"type": n, "reduction": loss.reduction}
+
+
+def export_architecture(model: "nn.Module", loss: "nn.Module",
+                        input_shape: Sequence[int]) -> Dict[str, Any]:
+    """The architecture document of ``model`` (an ``nn.Sequential``) with ``loss``.
+
+    ``input_shape`` is one sample's shape without the batch dimension, e.g.
+    ``[64]`` or ``[1, 28, 28]``.
+    """
+    if not isinstance(model, nn.Sequential) or type(model) is not nn.Sequential:
+        raise UnsupportedModuleError(None, model,
+                                     "the model must be a torch.nn.Sequential, got %s"
+                                     % type(model).__name__, "model")
+    shape = [int(s) for s in input_shape]
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError("input_shape must be a non-empty list of positive sizes (no batch "
+                         "dimension), got %r" % (list(input_shape),))
+    layers: List[Dict[str, Any]] = []
+    for i, (key, m) in enumerate(model.named_children()):
+        if key != str(i):
+            raise UnsupportedModuleError(i, m,
+                                         "named submodule %r: curvd's parameter names are "
+                                         "'%d.weight' etc., so build the Sequential from a list, "
+                                         "not an OrderedDict" % (key, i))
+        layers.append(layer_json(m, i))
+    return {"input_shape": shape, "layers": layers, "loss": loss_json(loss)}
+
+
+def safetensors_bytes(tensors: Mapping[str, "torch.Tensor"]) -> bytes:
+    """Serializes ``{name: tensor}`` as a safetensors file (dtypes kept; curvd converts floats to F32)."""
+    header: Dict[str, Any] = {}
+    blobs: List[bytes] = []
+    off = 0
+    for name, t in tensors.items():
+        t = t.detach().contiguous().cpu()
+        if t.dtype not in _DTYPES:
+            raise ValueError("tensor %r has dtype %s; safetensors export supports %s"
+                             % (name, t.dtype, ", ".join(str(d) for d in _DTYPES)))
+        if t.dtype == torch.bfloat16:
+            raw = t.view(torch.int16).numpy().tobytes()
+        else:
+            raw = t.numpy().tobytes()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    return struct.pack("<Q", len(h)) + h + b"".join(blobs)
+
+
+def state_dict_bytes(model: "nn.Module") -> bytes:
+    """The model's ``state_dict()`` (weights, biases, BatchNorm buffers) as safetensors bytes.
+
+    This is the body for :meth:`curvd_client.Client.push_parameters` after a training step.
+    """
+    return safetensors_bytes(model.state_dict())
+
+
+def export_model(model: "nn.Module", loss: "nn.Module",
+                 input_shape: Sequence[int]) -> Tuple[Dict[str, Any], bytes]:
+    """``(architecture dict, parameters safetensors bytes)`` for :meth:`Client.register_model`.
+
+    Raises:
+        UnsupportedModuleError: names the first module (type and index) or
+            loss setting curvd cannot evaluate, e.g. ``nn.LSTM at index 3``.
+    """
+    return export_architecture(model, loss, input_shape), state_dict_bytes(model)
+
+
+def export_dataset(x: Any, y: Any) -> bytes:
+    """A dataset safetensors file (contract §2) from inputs ``x`` [N, *input_shape] and targets ``y``.
+
+    ``x`` becomes F32.  Integer ``y`` (class indices [N], for CrossEntropyLoss)
+    becomes I64; floating ``y`` (targets shaped like the model output, for
+    MSELoss / BCEWithLogitsLoss) becomes F32.  Tensors, numpy arrays and lists
+    are accepted.
+    """
+    xt = torch.as_tensor(x).detach().cpu()
+    yt = torch.as_tensor(y).detach().cpu()
+    if xt.dim() < 2:
+        raise ValueError("x must be [N, *input_shape] (at least 2-D), got shape %s" % list(xt.shape))
+    if yt.shape[0] != xt.shape[0]:
+        raise ValueError("x has %d samples but y has %d" % (xt.shape[0], yt.shape[0]))
+    xt = xt.to(torch.float32)
+    if yt.dtype.is_floating_point:
+        yt = yt.to(torch.float32)
+    elif yt.dtype == torch.bool:
+        raise ValueError("y is boolean: give class indices (integers) or float targets")
+    else:
+        yt = yt.to(torch.int64)
+    return safetensors_bytes({"x": xt, "y": yt})
+
+
+def write_files(directory: str, model: "nn.Module", loss: "nn.Module",
+                input_shape: Sequence[int], x: Any = None, y: Any = None) -> Dict[str, str]:
+    """Writes ``arch.json``, ``params.safetensors`` (and ``data.safetensors`` if x, y are given).
+
+    The files `curvd run`, ``curvctl`` and :meth:`Client.register_model_files`
+    take.  Returns ``{"arch": path, "params": path[, "data": path]}``.
+    """
+    import os
+    arch, params = export_model(model, loss, input_shape)
+    out = {"arch": os.path.join(directory, "arch.json"),
+           "params": os.path.join(directory, "params.safetensors")}
+    with open(out["arch"], "w", encoding="utf-8") as f:
+        json.dump(arch, f, indent=1)
+    with open(out["params"], "wb") as f:
+        f.write(params)
+    if x is not None and y is not None:
+        out["data"] = os.path.join(directory, "data.safetensors")
+        with open(out["data"], "wb") as f:
+            f.write(export_dataset(x, y))
+    return out
