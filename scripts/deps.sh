@@ -7,7 +7,7 @@ set -e
 BUILD="build-essential pkg-config libopenblas-dev liblapacke-dev libcjson-dev libmicrohttpd-dev check"
 case "${1:-build}" in
   build) PKGS="$BUILD" ;;
-  run)   PKGS="$BUILD curl" ;;
+  run)   PKGS="$BUILD curl python3-sklearn" ;;
   test)  PKGS="$BUILD curl python3 python3-numpy python3-torch python3-sklearn python3-matplotlib" ;;
   bench) PKGS="$BUILD python3 python3-numpy python3-torch" ;;
   *) echo "deps.sh: unknown set '$1'" >&2; exit 2 ;;

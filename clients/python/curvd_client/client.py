@@ -489,6 +489,8 @@ class Job:
         return self._result()
 
     def _result(self) -> Dict[str, Any]:
+        if "result" not in self.info and "error" not in self.info:
+            self.refresh()  # the 202 answer to a submission carries no result
         if self.info.get("status") != "succeeded":
             raise JobFailed(self.info)
         return self.info["result"]

@@ -83,9 +83,12 @@ class UnsupportedModuleError(ValueError):
 
 
 def _exact(m: Any, name: str) -> bool:
-    """True if m is exactly torch.nn.<name> (subclasses may change forward())."""
+    """True if m is a torch.nn.<name> computing what the torch class computes.
+
+    Subclasses are accepted only when they keep the torch class's forward().
+    """
     cls = getattr(nn, name, None)
-    return cls is not None and type(m) is cls
+    return cls is not None and isinstance(m, cls) and type(m).forward is cls.forward
 
 
 def _pair(v: Any) -> Any:
@@ -94,14 +97,14 @@ def _pair(v: Any) -> Any:
 
 def layer_json(m: "nn.Module", index: Any = None) -> Dict[str, Any]:
     """The architecture JSON of one module (raises :class:`UnsupportedModuleError`)."""
-    n = type(m).__name__
-    if not any(_exact(m, s) for s in SUPPORTED_MODULES):
+    n = next((s for s in SUPPORTED_MODULES if _exact(m, s)), None)
+    if n is None:
+        n = type(m).__name__
         if isinstance(m, nn.Sequential):
             reason = ("nested nn.Sequential is not supported (state_dict names would not be "
                       "'i.weight'); flatten it into one Sequential")
-        elif n in SUPPORTED_MODULES:
-            reason = ("a subclass of nn.%s (%s.%s) may change forward(); curvd evaluates "
-                      "only the torch.nn classes" % (n, type(m).__module__, n))
+        elif any(isinstance(m, getattr(nn, s)) for s in SUPPORTED_MODULES):
+            reason = "it overrides forward(), so curvd cannot know what it computes"
         else:
             reason = "curvd supports " + ", ".join(SUPPORTED_MODULES)
         raise UnsupportedModuleError(index, m, reason)
@@ -159,8 +162,8 @@ def layer_json(m: "nn.Module", index: Any = None) -> Dict[str, Any]:
 
 def loss_json(loss: "nn.Module") -> Dict[str, Any]:
     """The ``loss`` object of the architecture (raises :class:`UnsupportedModuleError`)."""
-    n = type(loss).__name__
-    if not any(_exact(loss, s) for s in SUPPORTED_LOSSES):
+    n = next((s for s in SUPPORTED_LOSSES if _exact(loss, s)), None)
+    if n is None:
         raise UnsupportedModuleError(None, loss, "curvd supports " + ", ".join(SUPPORTED_LOSSES),
                                      "loss")
     if loss.reduction not in ("mean", "sum"):
@@ -182,10 +185,10 @@ def export_architecture(model: "nn.Module", loss: "nn.Module",
     ``input_shape`` is one sample's shape without the batch dimension, e.g.
     ``[64]`` or ``[1, 28, 28]``.
     """
-    if not isinstance(model, nn.Sequential) or type(model) is not nn.Sequential:
+    if not _exact(model, "Sequential"):
         raise UnsupportedModuleError(None, model,
-                                     "the model must be a torch.nn.Sequential, got %s"
-                                     % type(model).__name__, "model")
+                                     "the model must be a torch.nn.Sequential (keeping its "
+                                     "forward()), got %s" % type(model).__name__, "model")
     shape = [int(s) for s in input_shape]
     if not shape or any(s <= 0 for s in shape):
         raise ValueError("input_shape must be a non-empty list of positive sizes (no batch "
