@@ -32,15 +32,6 @@ static slot *state_dict(const cv_model *m, size_t *n)
     return s;
 }
 
-static void info_shape_str(const cv_tensor_info *t, char *buf, size_t len)
-{
-    size_t used = (size_t)snprintf(buf, len, "[");
-    for (int i = 0; i < t->rank && used < len; i++)
-        used += (size_t)snprintf(buf + used, len - used, i ? ", %d" : "%d", t->dim[i]);
-    if (used < len)
-        snprintf(buf + used, len - used, "]");
-}
-
 static int ends_with(const char *s, const char *suffix)
 {
     size_t a = strlen(s), b = strlen(suffix);
@@ -89,7 +80,7 @@ static int check_names(const slot *sd, size_t n, const cv_st_file *f, cv_err *e)
         for (size_t i = 0; i < n && !ti; i++)
             if (sd[i].ti->name == missing[0])
                 ti = sd[i].ti;
-        info_shape_str(ti, shape, sizeof shape);
+        cv_dims_str(ti->dim, ti->rank, shape, sizeof shape);
         char more[360] = "";
         if (nmissing > 1) {
             name_list(list, sizeof list, missing + 1, nmissing - 1);
@@ -144,7 +135,7 @@ static int check_tensor(const slot *s, const cv_st_tensor *t, cv_err *e)
         same = t->shape[d] == ti->dim[d];
     if (!same) {
         char want[96], got[160];
-        info_shape_str(ti, want, sizeof want);
+        cv_dims_str(ti->dim, ti->rank, want, sizeof want);
         cv_st_shape_str(t, got, sizeof got);
         return cv_err_set(e, CV_EINVAL, "shape_mismatch", ti->name, "%s: expected %s, got %s",
                           ti->name, want, got);

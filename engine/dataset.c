@@ -16,15 +16,6 @@ void cv_dataset_free(cv_dataset *d)
     memset(d, 0, sizeof *d);
 }
 
-static void shape_str(const cv_shape *s, char *buf, size_t len)
-{
-    size_t used = (size_t)snprintf(buf, len, "[");
-    for (int i = 0; i < s->rank && used < len; i++)
-        used += (size_t)snprintf(buf + used, len - used, i ? ", %d" : "%d", s->dim[i]);
-    if (used < len)
-        snprintf(buf + used, len - used, "]");
-}
-
 static int same_shape(const cv_shape *a, const cv_shape *b)
 {
     if (a->rank != b->rank)
@@ -128,14 +119,14 @@ int cv_dataset_check(const cv_dataset *d, const cv_model *m, cv_err *e)
     if (!d->n || !d->x)
         return cv_err_set(e, CV_EINVAL, "empty_dataset", "x", "the dataset has no samples");
     if (!same_shape(&d->x_shape, &m->input_shape)) {
-        shape_str(&d->x_shape, a, sizeof a);
-        shape_str(&m->input_shape, b, sizeof b);
+        cv_shape_str(&d->x_shape, a, sizeof a);
+        cv_shape_str(&m->input_shape, b, sizeof b);
         return cv_err_set(e, CV_EINVAL, "shape_mismatch", "x",
                           "x: per-sample shape %s does not match the model's input_shape %s", a,
                           b);
     }
     const cv_shape *out = m->nlayers ? &m->layers[m->nlayers - 1].out_shape : &m->input_shape;
-    shape_str(out, b, sizeof b);
+    cv_shape_str(out, b, sizeof b);
     size_t sx = cv_shape_numel(&d->x_shape);
     for (size_t k = 0; k < d->n * sx; k++)
         if (!isfinite(d->x[k]))
@@ -145,7 +136,7 @@ int cv_dataset_check(const cv_dataset *d, const cv_model *m, cv_err *e)
 
     if (m->loss == CV_LOSS_CE) {
         if (!d->y_is_index) {
-            shape_str(&d->y_shape, a, sizeof a);
+            cv_shape_str(&d->y_shape, a, sizeof a);
             return cv_err_set(e, CV_EINVAL, "target_mismatch", "y",
                               "y: CrossEntropyLoss needs integer class indices [N] (I64 or I32); "
                               "the dataset has float targets of per-sample shape %s", a);
@@ -169,7 +160,7 @@ int cv_dataset_check(const cv_dataset *d, const cv_model *m, cv_err *e)
                           "the dataset has integer class indices (store y as F32 [N, ...])",
                           loss, b);
     if (!same_shape(&d->y_shape, out)) {
-        shape_str(&d->y_shape, a, sizeof a);
+        cv_shape_str(&d->y_shape, a, sizeof a);
         return cv_err_set(e, CV_EINVAL, "shape_mismatch", "y",
                           "y: per-sample target shape %s does not match the model output %s "
                           "(%s)", a, b, loss);

@@ -43,13 +43,18 @@ size_t cv_shape_numel(const cv_shape *s)
     return n;
 }
 
-static void shape_str(const cv_shape *s, char *buf, size_t len)
+void cv_dims_str(const int *dim, int rank, char *buf, size_t len)
 {
     size_t used = (size_t)snprintf(buf, len, "[");
-    for (int i = 0; i < s->rank && used < len; i++)
-        used += (size_t)snprintf(buf + used, len - used, i ? ", %d" : "%d", s->dim[i]);
+    for (int i = 0; i < rank && used < len; i++)
+        used += (size_t)snprintf(buf + used, len - used, i ? ", %d" : "%d", dim[i]);
     if (used < len)
         snprintf(buf + used, len - used, "]");
+}
+
+void cv_shape_str(const cv_shape *s, char *buf, size_t len)
+{
+    cv_dims_str(s->dim, s->rank, buf, len);
 }
 
 static int fail(char *err, size_t errlen, int li, const cv_layer *L, const char *fmt,
@@ -92,7 +97,7 @@ static int conv_out(int in, int k, int s, int p, int d, int ceil_mode)
 static int infer_linear(cv_layer *L, int li, const cv_shape *in, char *err, size_t errlen)
 {
     char s[64];
-    shape_str(in, s, sizeof s);
+    cv_shape_str(in, s, sizeof s);
     if (L->in_features < 1 || L->out_features < 1)
         return fail(err, errlen, li, L, "in_features and out_features must be positive", NULL);
     if (in->rank != 1 || in->dim[0] != L->in_features) {
@@ -114,7 +119,7 @@ static int check_pos2(const int *v, int min)
 static int infer_conv(cv_layer *L, int li, const cv_shape *in, char *err, size_t errlen)
 {
     char s[64], msg[200];
-    shape_str(in, s, sizeof s);
+    cv_shape_str(in, s, sizeof s);
     if (L->in_channels < 1 || L->out_channels < 1 || L->groups < 1)
         return fail(err, errlen, li, L, "in_channels, out_channels and groups must be positive",
                     NULL);
@@ -146,7 +151,7 @@ static int infer_conv(cv_layer *L, int li, const cv_shape *in, char *err, size_t
 static int infer_pool(cv_layer *L, int li, const cv_shape *in, char *err, size_t errlen)
 {
     char s[64], msg[200];
-    shape_str(in, s, sizeof s);
+    cv_shape_str(in, s, sizeof s);
     if (in->rank != 3) {
         snprintf(msg, sizeof msg, "expects per-sample input [C, H, W], got %s", s);
         return fail(err, errlen, li, L, msg, NULL);
@@ -182,7 +187,7 @@ static int infer_pool(cv_layer *L, int li, const cv_shape *in, char *err, size_t
 static int infer_batchnorm(cv_layer *L, int li, const cv_shape *in, char *err, size_t errlen)
 {
     char s[64], msg[200];
-    shape_str(in, s, sizeof s);
+    cv_shape_str(in, s, sizeof s);
     int want_rank = L->type == CV_BATCHNORM2D ? 3 : 1;
     if (L->num_features < 1)
         return fail(err, errlen, li, L, "num_features must be positive", NULL);
@@ -304,7 +309,7 @@ int cv_model_finalize(cv_model *m, char *err, size_t errlen)
     }
     if (cur.rank != 1) {
         char s[64];
-        shape_str(&cur, s, sizeof s);
+        cv_shape_str(&cur, s, sizeof s);
         snprintf(err, errlen, "the network output must be flat [C] per sample, got %s "
                  "(add Flatten)", s);
         return -1;

@@ -103,6 +103,9 @@ typedef struct {
 
 /* Shape helpers. */
 size_t cv_shape_numel(const cv_shape *s);
+/* "[d0, d1, ...]" into buf (truncated to len). */
+void cv_dims_str(const int *dim, int rank, char *buf, size_t len);
+void cv_shape_str(const cv_shape *s, char *buf, size_t len);
 
 /* Fills in_shape/out_shape, parameter/buffer layout (names, offsets) of
  * every layer and checks that consecutive layers fit together.  Does not
