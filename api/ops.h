@@ -38,6 +38,10 @@ const cv_op_def *cv_op_find(const char *name);
 /* A linop for the op's curvature on block b (ctx storage is the caller's). */
 void cv_op_linop(cv_op_ctx *c, const cv_block *b, cv_linop *op, cv_curv_linop_ctx *lctx);
 
+/* With options.actual_change, adds "actual_change": L(theta + step) - L(theta). */
+int cv_op_add_actual_change(cv_op_ctx *c, const cv_block *b, const double *step, cJSON *out,
+                            cv_err *e);
+
 /* JSON helpers for results. */
 cJSON *cv_json_doubles(const double *v, size_t n);
 /* k columns of n doubles (column-major) as a list of k lists. */

@@ -311,7 +311,7 @@ static int check_newton(const cJSON *o, cv_err *e)
     return 0;
 }
 
-static int add_actual_change(cv_op_ctx *c, const cv_block *b, const double *step, cJSON *out,
+int cv_op_add_actual_change(cv_op_ctx *c, const cv_block *b, const double *step, cJSON *out,
                              cv_err *e)
 {
     if (!cv_opt_bool(c->options, "actual_change", 0))
@@ -350,7 +350,7 @@ static int run_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cJSON_AddNumberToObject(out, "residual", res.residual);
     cJSON_AddNumberToObject(out, "iterations", res.iterations);
     cJSON_AddBoolToObject(out, "converged", res.converged);
-    rc = add_actual_change(c, b, res.step, out, e);
+    rc = cv_op_add_actual_change(c, b, res.step, out, e);
     cv_newton_result_free(&res);
     return rc;
 }

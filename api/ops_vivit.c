@@ -350,19 +350,6 @@ static int check_newton_vivit(const cv_op_ctx *c, int full, int boot, cv_err *e)
     return 0;
 }
 
-static int add_actual(cv_op_ctx *c, const cv_block *b, const double *step, cJSON *out,
-                      cv_err *e)
-{
-    if (!cv_opt_bool(c->options, "actual_change", 0))
-        return 0;
-    cv_err_clear(e);
-    double after = cv_curv_loss_at(c->curv, b, step, e);
-    if (e->status != CV_OK)
-        return -1;
-    cJSON_AddNumberToObject(out, "actual_change", after - cv_curv_loss(c->curv));
-    return 0;
-}
-
 static int newton_full(cv_op_ctx *c, const cv_block *b, cv_vivit *v, double delta, cJSON *out,
                        cv_err *e)
 {
@@ -373,7 +360,7 @@ static int newton_full(cv_op_ctx *c, const cv_block *b, cv_vivit *v, double delt
     if (!rc) {
         cJSON_AddItemToObject(out, "step", cv_json_doubles(step, b->dim));
         cJSON_AddNumberToObject(out, "predicted_change", pred);
-        rc = add_actual(c, b, step, out, e);
+        rc = cv_op_add_actual_change(c, b, step, out, e);
     }
     free(step);
     return rc;
@@ -431,7 +418,7 @@ static int newton_directional(cv_op_ctx *c, const cv_block *b, cv_vivit *v, int 
     cJSON_AddNumberToObject(out, "k", k);
     factor_json(v, out);
     newton_dirs_json(&r, out);
-    rc = add_actual(c, b, r.step, out, e);
+    rc = cv_op_add_actual_change(c, b, r.step, out, e);
     cv_vivit_newton_free(&r);
     return rc;
 }

@@ -15,23 +15,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchref as tr  # noqa: E402
+from torchref import check, rel  # noqa: E402
 
 CURVD = sys.argv[1] if len(sys.argv) > 1 else "build/curvd"
-RESULTS = {"passed": 0, "failed": 0}
 
 
-def check(name, ok, detail=""):
-    if ok:
-        RESULTS["passed"] += 1
-    else:
-        RESULTS["failed"] += 1
-        print("FAIL", name, detail)
-
-
-def rel(a, b):
-    a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
-    b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
-    return float((a - b).norm() / max(float(b.norm()), 1e-12))
 
 
 def make_case(acts, loss, n=12, din=5, hidden=(7, 6), C=3, seed=0):
@@ -231,8 +219,7 @@ def main():
                 check_estimators(tag, model, loss_fn, x, y, d, H, G, g)
             if i == 0:
                 check_errors(d)
-    print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
-    return 1 if RESULTS["failed"] else 0
+    return tr.summary()
 
 
 if __name__ == "__main__":

@@ -31,28 +31,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchref as tr  # noqa: E402
+from torchref import check, rel  # noqa: E402
 
 CURVD = sys.argv[1] if len(sys.argv) > 1 else "build/curvd"
-RESULTS = {"passed": 0, "failed": 0}
-VERBOSE = os.environ.get("VERBOSE") == "1"
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
-def check(name, ok, detail=""):
-    if VERBOSE:
-        print("ok  " if ok else "FAIL", name, detail)
-    if ok:
-        RESULTS["passed"] += 1
-    else:
-        RESULTS["failed"] += 1
-        if not VERBOSE:
-            print("FAIL", name, detail)
-
-
-def rel(a, b):
-    a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
-    b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
-    return float((a - b).norm() / max(float(b.norm()), 1e-12))
 
 
 def run(d, job):
@@ -391,8 +375,7 @@ def main():
     check_2c2d(int(os.environ.get("CNN_WIDTH", "1")))
     t2 = time.time()
     print(f"small CNN {t1 - t0:.1f} s, 2c2d {t2 - t1:.1f} s")
-    print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
-    return 1 if RESULTS["failed"] else 0
+    return tr.summary()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,32 @@ import os
 
 import torch
 
+RESULTS = {"passed": 0, "failed": 0}
+VERBOSE = os.environ.get("VERBOSE") == "1"
+
+
+def check(name, ok, detail=""):
+    """Counts one check; prints failures (and passes with VERBOSE=1)."""
+    if VERBOSE:
+        print("ok  " if ok else "FAIL", name, detail)
+    RESULTS["passed" if ok else "failed"] += 1
+    if not ok and not VERBOSE:
+        print("FAIL", name, detail)
+
+
+def rel(a, b, floor=1e-12):
+    """||a - b|| / max(||b||, floor) in float64."""
+    a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
+    b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+    return float((a - b).norm() / max(float(b.norm()), floor))
+
+
+def summary():
+    """Prints the closing 'N passed, M failed' line; returns the exit code."""
+    print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
+    return 1 if RESULTS["failed"] else 0
+
+
 DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
           torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
