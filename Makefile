@@ -44,6 +44,15 @@ $(B)/gen/digits.inc: server/gen_digits.sh $(wildcard $(DIGITS_CSV))
 $(B)/server/demo.o: $(B)/gen/digits.inc
 $(B)/server/demo.o: CFLAGS += -I$(B)/gen
 
+# The web dashboard (clients/dashboard), embedded into the binary by
+# server/dashboard.c; served at GET / and GET /dashboard/{file}.
+DASH_FILES := $(sort $(wildcard clients/dashboard/*.html clients/dashboard/*.css clients/dashboard/*.js))
+$(B)/gen/dashboard_assets.inc: clients/dashboard/embed.sh $(DASH_FILES)
+	@mkdir -p $(dir $@)
+	sh clients/dashboard/embed.sh $(DASH_FILES) > $@.tmp && mv $@.tmp $@
+$(B)/server/dashboard.o: $(B)/gen/dashboard_assets.inc
+$(B)/server/dashboard.o: CFLAGS += -I$(B)/gen
+
 unit: $(TEST_BIN)
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; CK_DEFAULT_TIMEOUT=600 $$t; done
 

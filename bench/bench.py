@@ -22,10 +22,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import torchref as tr  # noqa: E402
 
-# FLOPs per batch as multiples of the dense layers' forward MACs (2 flops/MAC):
-# gradient = forward + backward (2 + 4); GGN-vp = J (2+2) + J^T (2+2) = 8;
-# HVP = GGN-vp + Pearlmutter's extra terms (4) = 12.
-FLOP_FACTOR = {"gradient": 6, "ggnvp": 8, "hvp": 12, "ggnvp16": 8, "hvp16": 12}
+# GEMM FLOPs per product come from bench_ops (exact count of the engine's
+# Linear/Conv2d GEMMs); the 16-vector variants do 16x the work per pass.
+FLOP_OP = {"gradient": "gradient", "ggnvp": "ggnvp", "hvp": "hvp", "ggnvp16": "ggnvp",
+           "hvp16": "hvp"}
 
 
 def make_cases(names, quick):
@@ -93,8 +93,8 @@ def main():
             ref = {"hvp16": "hvp", "ggnvp16": "ggnvp", "eigen5": "power5"}.get(op, op)
             t_c, t_t = cv[op], th.get(ref)
             gf = pct = ""
-            if op in FLOP_FACTOR:
-                g = FLOP_FACTOR[op] * cv["dense_macs"] / t_c * 1e-9
+            if op in FLOP_OP:
+                g = cv["flops"][FLOP_OP[op]] / t_c * 1e-9
                 gf, pct = f"{g:8.1f}", f"{100 * g / peak:5.0f}%"
             sp = f"{t_t / t_c:7.1f}x" if t_t else "       -"
             label = op + ("*" if ref != op else "")

@@ -126,7 +126,17 @@ def slq(pb, steps=100):
     T = torch.diag(torch.tensor(alpha)) + torch.diag(torch.tensor(beta[:-1]), 1) + \
         torch.diag(torch.tensor(beta[:-1]), -1)
     evals, evecs = torch.linalg.eigh(T.double())
-    return evals, evecs[0] ** 2
+    return broaden(evals, evecs[0] ** 2)
+
+
+def broaden(nodes, weights, bins=10000, sigma2=1e-5, overhead=0.01):
+    """PyHessian's density_generate(), vectorized: Gaussian broadening on a grid."""
+    lmax, lmin = float(nodes.max()) + overhead, float(nodes.min()) - overhead
+    grid = torch.linspace(lmin, lmax, bins, dtype=torch.float64)
+    s2 = sigma2 * max(1.0, lmax - lmin)
+    dens = (torch.exp(-(grid[:, None] - nodes[None, :]) ** 2 / (2 * s2)) /
+            (2 * torch.pi * s2) ** 0.5 * weights[None, :]).sum(1)
+    return grid, dens / (dens.sum() * (grid[1] - grid[0]))
 
 
 def main():

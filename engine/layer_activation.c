@@ -99,6 +99,16 @@ static int act_forward(cv_layer_ctx *c, float *y, cv_err *e)
     if (!c->d1 || !c->d2)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "activation cache (%zu floats)",
                           2 * len);
+    if (c->L->type == CV_RELU || c->L->type == CV_LEAKYRELU) { /* hot, piecewise linear */
+        float s = c->L->type == CV_RELU ? 0.0f : (float)c->L->negative_slope;
+        for (size_t i = 0; i < len; i++) {
+            float x = c->x[i], d = x > 0 ? 1.0f : s;
+            y[i] = x * d;
+            c->d1[i] = d;
+            c->d2[i] = 0.0f;
+        }
+        return 0;
+    }
     for (size_t i = 0; i < len; i++) {
         act_val v = act_eval(c->L, c->x[i]);
         y[i] = (float)v.f;

@@ -96,7 +96,8 @@ static void broaden(const cv_density_options *o, cv_density_result *r)
         r->grid[j] = lo + dx * j;
     for (size_t i = 0; i < (size_t)r->runs * m; i++) {
         double x0 = r->nodes[i], w = r->weights[i] * c / r->runs;
-        long j0 = (long)floor((x0 - 40 * sd - lo) / dx), j1 = (long)ceil((x0 + 40 * sd - lo) / dx);
+        /* beyond 12 standard deviations a Gaussian is below 1e-31 of its peak */
+        long j0 = (long)floor((x0 - 12 * sd - lo) / dx), j1 = (long)ceil((x0 + 12 * sd - lo) / dx);
         for (long j = j0 < 0 ? 0 : j0; j <= j1 && j < G; j++) {
             double d = r->grid[j] - x0;
             r->values[j] += w * exp(-d * d / (2 * r->sigma2_used));

@@ -20,6 +20,7 @@
 #include "engine/curv.h"
 #include "engine/linop.h"
 #include "server/b64.h"
+#include "server/dashboard.h"
 #include "server/metrics.h"
 #include "server/multipart.h"
 #include "server/util.h"
@@ -814,6 +815,29 @@ static void h_metrics(req *r)
         set_text(r, 200, t, strlen(t), "text/plain; version=0.0.4; charset=utf-8");
 }
 
+/* ---- dashboard (clients/dashboard, embedded by server/dashboard.c) ----------- */
+
+static void serve_dashboard_file(req *r, const char *name)
+{
+    cv_dashboard_file f;
+    if (!cv_dashboard_find(name, &f)) {
+        reply_errf(r, CV_ENOTFOUND, "not_found", "", "no dashboard file '%.100s'", name);
+        return;
+    }
+    char *copy = malloc(f.len + 1);
+    if (!copy) {
+        reply_oom(r);
+        return;
+    }
+    memcpy(copy, f.data, f.len + 1);
+    set_text(r, 200, copy, f.len, f.content_type);
+    snprintf(r->extra_name, sizeof r->extra_name, "Cache-Control");
+    snprintf(r->extra_value, sizeof r->extra_value, "no-cache");
+}
+
+static void h_dashboard_index(req *r) { serve_dashboard_file(r, "index.html"); }
+static void h_dashboard_file(req *r) { serve_dashboard_file(r, r->param); }
+
 /* ---- routing --------------------------------------------------------------- */
 
 typedef struct {
@@ -848,6 +872,8 @@ static const route routes[] = {
     {{"POST", "/v1/jobs", "Submit a job"}, h_jobs_post},
     {{"GET", "/v1/jobs/{id}", "Job status and result"}, h_job_get},
     {{"DELETE", "/v1/jobs/{id}", "Cancel a job"}, h_job_delete},
+    {{"GET", "/", "Web dashboard (HTML page)"}, h_dashboard_index},
+    {{"GET", "/dashboard/{file}", "Web dashboard static files (JS, CSS)"}, h_dashboard_file},
 };
 #define NROUTES ((int)(sizeof routes / sizeof routes[0]))
 

@@ -7,7 +7,6 @@ quantities with torch.autograd (double-backward HVPs, dense Hessians/GGNs).
 import json
 import struct
 import subprocess
-import tempfile
 import os
 
 import torch
