@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/vectors_out.h"
 #include "api/arch.h"
 #include "api/datafile.h"
 #include "api/job.h"
@@ -19,10 +20,12 @@ static const char usage[] =
     "usage:\n"
     "  curvd serve [options]      run the HTTP daemon (contract §5)\n"
     "  curvd run --arch A.json --params P.safetensors --data D.safetensors --job J.json\n"
-    "             [--blas-threads N] [--dense-max D]\n"
+    "             [--blas-threads N] [--dense-max D] [--vectors-out V.safetensors]\n"
     "                             run one job in-process; --job - reads stdin; prints the\n"
     "                             result JSON (exit 0) or a JSON error on stderr (exit 1,\n"
-    "                             2 for usage errors)\n"
+    "                             2 for usage errors); --vectors-out writes eigenvectors,\n"
+    "                             gradients, steps, ... to a safetensors file (F64) and\n"
+    "                             puts {file, tensor, shape} in the JSON instead\n"
     "  curvd routes               print the HTTP routes (METHOD PATH)\n"
     "  curvd --help | --version\n"
     "\n"
@@ -115,7 +118,7 @@ static char *read_all(const char *path, size_t *len, cv_err *e)
 
 static int cmd_run(int argc, char **argv)
 {
-    const char *arch = NULL, *params = NULL, *data = NULL, *jobp = NULL;
+    const char *arch = NULL, *params = NULL, *data = NULL, *jobp = NULL, *vout = NULL;
     int blas = 0;
     cv_job_limits lim;
     cv_job_limits_default(&lim);
@@ -125,6 +128,7 @@ static int cmd_run(int argc, char **argv)
                            : strcmp(a, "--params") == 0 ? &params
                            : strcmp(a, "--data") == 0   ? &data
                            : strcmp(a, "--job") == 0    ? &jobp
+                           : strcmp(a, "--vectors-out") == 0 ? &vout
                                                         : NULL;
         int is_num = strcmp(a, "--blas-threads") == 0 || strcmp(a, "--dense-max") == 0;
         if (!dst && !is_num)
@@ -178,6 +182,10 @@ static int cmd_run(int argc, char **argv)
     cJSON *res = cv_job_run(job, m, &d, &lim, NULL, &e);
     if (!res)
         goto out;
+    if (vout && cv_result_vectors_out(res, vout, &e) < 0) {
+        cJSON_Delete(res);
+        goto out;
+    }
     char *t = cJSON_PrintUnformatted(res);
     cJSON_Delete(res);
     if (!t) {

@@ -115,6 +115,16 @@ def check_estimators(tag, model, loss_fn, x, y, d, H, G, g):
     vec = torch.tensor(res["eigenvectors"][0], dtype=torch.float64)
     r = float((H @ vec - res["eigenvalues"][0] * vec).norm() / evals.abs().max())
     check(tag + " eigenvector residual", r < 1e-3, f"{r}")
+    # the same vectors through --vectors-out (safetensors, [k, D] F64)
+    vf = os.path.join(d, "vectors.safetensors")
+    _, res2 = tr.curvd_run(CURVD, d, {"op": "eigen", "options": {"k": 2, "which": "smallest",
+                                                                 "return_vectors": True}},
+                           extra=("--vectors-out", vf))
+    ref = res2["eigenvectors"]
+    saved = tr.read_safetensors(vf)[ref["tensor"]]
+    check(tag + " vectors-out file", ref["shape"] == [2, D] and
+          rel(saved, torch.tensor(res["eigenvectors"], dtype=torch.float64)) < 1e-12,
+          str(ref))
     # density: with D steps the nodes of one run are H's eigenvalues; over many
     # runs the quadrature moments estimate tr(H^j)/D within their error bars
     _, res = tr.curvd_run(CURVD, d, {"op": "density", "seed": 5,

@@ -59,6 +59,24 @@ def safetensors_bytes(tensors):
     return struct.pack("<Q", len(h)) + h + b"".join(blobs)
 
 
+def read_safetensors(path):
+    """{name: float64/int64 tensor} from a safetensors file (F64, F32, I64)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    base = 8 + n
+    kinds = {"F64": torch.float64, "F32": torch.float32, "I64": torch.int64}
+    out = {}
+    for name, h in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = h["data_offsets"]
+        t = torch.frombuffer(bytearray(raw[base + b:base + e]), dtype=kinds[h["dtype"]])
+        out[name] = t.reshape(h["shape"])
+    return out
+
+
 def layer_json(m):
     """Architecture JSON of one torch module (the types curvd supports)."""
     n = type(m).__name__
@@ -115,14 +133,15 @@ def write_case(d, model, input_shape, loss, x, y):
         f.write(safetensors_bytes({"x": x, "y": y}))
 
 
-def curvd_run(curvd, d, job, expect_ok=True):
+def curvd_run(curvd, d, job, expect_ok=True, extra=()):
     """Runs `curvd run` on the case in d; returns (rc, parsed stdout or stderr JSON)."""
     jp = os.path.join(d, "job.json")
     with open(jp, "w") as f:
         json.dump(job, f)
     p = subprocess.run([curvd, "run", "--arch", os.path.join(d, "arch.json"),
                         "--params", os.path.join(d, "params.safetensors"),
-                        "--data", os.path.join(d, "data.safetensors"), "--job", jp],
+                        "--data", os.path.join(d, "data.safetensors"), "--job", jp,
+                        *extra],
                        capture_output=True, text=True, timeout=600)
     if expect_ok and p.returncode != 0:
         raise RuntimeError("curvd run failed: " + p.stderr[-2000:])

@@ -1,1 +1,843 @@
-// app
+/* curvd dashboard - plain JavaScript, no build step, no external resources.
+ *
+ * Polls the daemon's /v1 API (same origin): health, models, datasets and the
+ * job list with live progress; submits jobs from the form; draws results as
+ * SVG (spectral density, eigenvalues, per-layer traces, SNR per direction,
+ * vectors) or canvas (dense matrices). */
+'use strict';
+
+(function () {
+  // ---- small helpers --------------------------------------------------------
+
+  const $ = (sel, el) => (el || document).querySelector(sel);
+  const SVGNS = 'http://www.w3.org/2000/svg';
+
+  function el(tag, attrs, ...kids) {
+    const e = document.createElement(tag);
+    setAttrs(e, attrs);
+    append(e, kids);
+    return e;
+  }
+  function sv(tag, attrs, ...kids) {
+    const e = document.createElementNS(SVGNS, tag);
+    setAttrs(e, attrs);
+    append(e, kids);
+    return e;
+  }
+  function setAttrs(e, attrs) {
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === undefined || v === null || v === false) continue;
+      if (k === 'text') e.textContent = v;
+      else if (k === 'onclick') e.addEventListener('click', v);
+      else e.setAttribute(k, v === true ? '' : String(v));
+    }
+  }
+  function append(e, kids) {
+    for (const k of kids.flat()) {
+      if (k === null || k === undefined || k === false) continue;
+      e.appendChild(typeof k === 'string' || typeof k === 'number' ? document.createTextNode(String(k)) : k);
+    }
+  }
+  const isNum = (v) => typeof v === 'number' && isFinite(v);
+
+  function fmt(v, digits) {
+    if (v === null || v === undefined) return '–';
+    if (typeof v !== 'number') return String(v);
+    if (!isFinite(v)) return String(v);
+    if (Number.isInteger(v) && Math.abs(v) < 1e7) return String(v);
+    const a = Math.abs(v);
+    if (a !== 0 && (a >= 1e5 || a < 1e-3)) return v.toExponential((digits || 4) - 1).replace('e+', 'e');
+    return String(+v.toPrecision(digits || 4));
+  }
+  function tick(v) {
+    if (v === 0) return '0';
+    const a = Math.abs(v);
+    if (a >= 1e4 || a < 1e-3) return v.toExponential(0).replace('e+', 'e');
+    return String(+v.toPrecision(4));
+  }
+  function shape(s) { return Array.isArray(s) ? s.join('×') : fmt(s); }
+
+  async function api(method, path, body) {
+    const init = { method, headers: { Accept: 'application/json' } };
+    if (body !== undefined) {
+      init.headers['Content-Type'] = 'application/json';
+      init.body = JSON.stringify(body);
+    }
+    let r;
+    try {
+      r = await fetch(path, init);
+    } catch (e) {
+      const err = new Error('cannot reach curvd: ' + e.message);
+      err.code = 'connection_failed';
+      throw err;
+    }
+    const text = await r.text();
+    let data = null;
+    try { data = text ? JSON.parse(text) : null; } catch (e) { data = null; }
+    if (!r.ok) {
+      const e = (data && data.error) || {};
+      const err = new Error(e.message || ('HTTP ' + r.status));
+      err.status = r.status;
+      err.code = e.code || 'http_' + r.status;
+      err.field = e.field || '';
+      throw err;
+    }
+    return data;
+  }
+
+  // ---- state ----------------------------------------------------------------
+
+  const state = {
+    ops: [], curvatures: [], models: [], datasets: [], jobs: [],
+    selected: null,          // job id shown in the result card
+    full: {},                // id -> finished job document (with result)
+    optionsEdited: false,
+    logScale: true,
+    firstJobs: true,
+    online: null,
+  };
+
+  const TERMINAL = ['succeeded', 'failed', 'cancelled'];
+  const DEFAULT_OPTIONS = {
+    density: { lanczos_steps: 80, runs: 1, grid_points: 200 },
+    eigen: { k: 10 },
+    trace: { method: 'hutchinson', max_probes: 50 },
+    diag: { max_probes: 30 },
+    snr: { k: 5 },
+    solve: { damping: 0.1 },
+    newton: { damping: 0.1 },
+    matvec: { probe_seed: 1 },
+  };
+  const HINTS = {
+    loss: 'The loss on the batch.',
+    gradient: 'The gradient (state_dict order).',
+    matvec: 'One curvature-vector product (vector or probe_seed).',
+    dense: 'The dense curvature matrix (small models only).',
+    per_sample_gradients: 'One gradient per sample.',
+    trace: 'Hutchinson / Hutch++ trace estimate; with blocks "layer", one per layer.',
+    diag: 'Diagonal estimate (hutchinson or exact).',
+    eigen: 'Extreme eigenvalues by Lanczos (k, which, tol).',
+    density: 'Spectral density by stochastic Lanczos quadrature (lanczos_steps, runs, grid_points).',
+    solve: 'Damped curvature solve with CG (damping, rhs).',
+    newton: 'Damped Newton step (cg or vivit).',
+    snr: 'Gradient/curvature SNR along the top GGN directions (curvature ggn or fisher_mc).',
+  };
+  const PRESETS = {
+    density: { op: 'density', blocks: 'full', curvature: '', options: { lanczos_steps: 80, runs: 1, grid_points: 200 } },
+    eigen: { op: 'eigen', blocks: 'full', curvature: '', options: { k: 10 } },
+    'trace-layer': { op: 'trace', blocks: 'layer', curvature: '', options: { max_probes: 50 } },
+    snr: { op: 'snr', blocks: 'full', curvature: 'fisher_mc', options: { k: 5 } },
+  };
+
+  // ---- header: health ------------------------------------------------------
+
+  async function refreshHealth() {
+    const box = $('#health');
+    try {
+      const h = await api('GET', '/v1/health');
+      state.online = true;
+      box.replaceChildren(
+        el('span', { class: 'chip ' + (h.status === 'ok' ? 'ok' : 'bad'), text: h.status + ' · v' + h.version }),
+        el('span', { class: 'chip', text: 'workers ' + h.busy_workers + '/' + h.workers + ' busy' }),
+        el('span', { class: 'chip', text: 'queue ' + h.queue_depth + '/' + h.max_queue }),
+        el('span', { class: 'chip', text: h.models + ' models · ' + h.datasets + ' datasets' }),
+        el('span', { class: 'chip', text: 'registry ' + (h.registry_bytes / 1048576).toFixed(1) + ' MiB' }),
+        el('span', { class: 'chip', text: 'up ' + uptime(h.uptime_s) }));
+    } catch (e) {
+      state.online = false;
+      box.replaceChildren(el('span', { class: 'chip bad', text: e.status ? 'draining' : 'offline: ' + e.message }));
+    }
+  }
+  function uptime(s) {
+    if (s < 120) return Math.round(s) + ' s';
+    if (s < 7200) return Math.round(s / 60) + ' min';
+    return (s / 3600).toFixed(1) + ' h';
+  }
+
+  // ---- models and datasets -------------------------------------------------
+
+  async function refreshRegistry() {
+    try {
+      const [m, d] = await Promise.all([api('GET', '/v1/models'), api('GET', '/v1/datasets')]);
+      state.models = m.models || [];
+      state.datasets = d.datasets || [];
+    } catch (e) {
+      return;
+    }
+    const mt = $('#models tbody');
+    mt.replaceChildren(...(state.models.length ? state.models.map((x) => el('tr', {},
+      el('td', { class: 'mono', title: x.source || '', text: x.name }),
+      el('td', { class: 'num', text: x.version }),
+      el('td', { class: 'num', text: fmt(x.parameter_count) }),
+      el('td', { text: shape(x.input_shape) + ' → ' + x.output_dim }))) :
+      [el('tr', { class: 'empty' }, el('td', { colspan: 4, text: 'no models' }))]));
+    $('#models-count').textContent = '(' + state.models.length + ')';
+    const dt = $('#datasets tbody');
+    dt.replaceChildren(...(state.datasets.length ? state.datasets.map((x) => el('tr', {},
+      el('td', { class: 'mono', title: x.source || '', text: x.name }),
+      el('td', { class: 'num', text: x.version }),
+      el('td', { class: 'num', text: fmt(x.n) }),
+      el('td', { text: shape((x.x_shape || []).slice(1)) }),
+      el('td', { text: x.y ? (x.y.kind + (x.y.kind === 'labels' ? ' ' + x.y.min_label + '…' + x.y.max_label : ' ' + shape((x.y.shape || []).slice(1)))) : '' }))) :
+      [el('tr', { class: 'empty' }, el('td', { colspan: 5, text: 'no datasets' }))]));
+    $('#datasets-count').textContent = '(' + state.datasets.length + ')';
+    fillSelect($('#model'), state.models.map((x) => x.name));
+    fillSelect($('#dataset'), state.datasets.map((x) => x.name));
+    matchDataset();
+  }
+
+  function fillSelect(sel, names, labels) {
+    const cur = sel.value;
+    const same = sel.options.length === names.length && names.every((n, i) => sel.options[i].value === n);
+    if (same) return;
+    sel.replaceChildren(...names.map((n, i) => el('option', { value: n, text: labels ? labels[i] : n })));
+    if (names.includes(cur)) sel.value = cur;
+  }
+
+  // Picks a dataset whose sample shape fits the model's input, if the chosen one does not.
+  function matchDataset() {
+    const m = state.models.find((x) => x.name === $('#model').value);
+    if (!m) return;
+    const fits = (d) => JSON.stringify((d.x_shape || []).slice(1)) === JSON.stringify(m.input_shape);
+    const cur = state.datasets.find((x) => x.name === $('#dataset').value);
+    if (cur && fits(cur)) return;
+    const d = state.datasets.find(fits);
+    if (d) $('#dataset').value = d.name;
+  }
+
+  // ---- jobs ------------------------------------------------------------------
+
+  async function refreshJobs() {
+    let list;
+    try {
+      list = await api('GET', '/v1/jobs?limit=100');
+    } catch (e) {
+      return;
+    }
+    state.jobs = (list.jobs || []).slice().reverse(); // newest first
+    if (state.firstJobs) {
+      state.firstJobs = false;
+      if (!state.selected) {
+        const j = state.jobs.find((x) => x.status === 'succeeded');
+        if (j) select(j.id);
+      }
+    }
+    renderJobs();
+    const sel = state.selected && state.jobs.find((x) => x.id === state.selected);
+    if (sel) {
+      if (TERMINAL.includes(sel.status)) {
+        if (!state.full[sel.id]) await loadResult(sel.id);
+      } else {
+        renderPending(sel);
+      }
+    }
+  }
+
+  function renderJobs() {
+    const tb = $('#jobs tbody');
+    $('#jobs-count').textContent = '(' + state.jobs.length + ')';
+    if (!state.jobs.length) {
+      tb.replaceChildren(el('tr', { class: 'empty' }, el('td', { colspan: 8, text: 'no jobs yet' })));
+      return;
+    }
+    tb.replaceChildren(...state.jobs.map((j) => {
+      const p = j.progress || {};
+      const frac = Math.max(0, Math.min(1, p.fraction || 0));
+      const active = !TERMINAL.includes(j.status);
+      return el('tr', { 'data-id': j.id, 'data-status': j.status, class: j.id === state.selected ? 'selected' : '',
+        onclick: () => select(j.id) },
+        el('td', { class: 'mono', title: j.id, text: j.id.slice(0, 8) }),
+        el('td', { text: j.op }),
+        el('td', { class: 'mono', text: j.model + ':v' + j.model_version }),
+        el('td', { class: 'mono', text: j.dataset }),
+        el('td', {}, el('span', { class: 'pill ' + j.status, text: j.status })),
+        el('td', { title: (p.matvecs_done || 0) + ' of at most ' + (p.matvecs_planned || 0) + ' matvecs' },
+          el('div', { class: 'bar ' + j.status },
+            el('i', { style: 'width:' + (100 * frac).toFixed(1) + '%' }),
+            el('span', { text: Math.round(100 * frac) + '% · ' + (p.matvecs_done || 0) + '/' + (p.matvecs_planned || 0) }))),
+        el('td', { class: 'num', text: isNum(j.run_s) ? j.run_s.toFixed(2) : '' }),
+        el('td', {}, active ? el('button', { class: 'link', type: 'button', title: 'cancel this job', text: 'cancel',
+          onclick: (ev) => { ev.stopPropagation(); cancel(j.id); } }) : null));
+    }));
+  }
+
+  async function cancel(id) {
+    try {
+      await api('DELETE', '/v1/jobs/' + encodeURIComponent(id));
+    } catch (e) {
+      showError(e);
+    }
+    refreshJobs();
+  }
+
+  function select(id) {
+    state.selected = id;
+    for (const tr of document.querySelectorAll('#jobs tbody tr')) {
+      tr.classList.toggle('selected', tr.getAttribute('data-id') === id);
+    }
+    if (state.full[id]) renderResult(state.full[id]);
+    else loadResult(id);
+  }
+
+  async function loadResult(id) {
+    let j;
+    try {
+      j = await api('GET', '/v1/jobs/' + encodeURIComponent(id));
+    } catch (e) {
+      renderMessage('Job ' + id, 'cannot load: ' + e.message);
+      return;
+    }
+    if (TERMINAL.includes(j.status)) state.full[id] = j;
+    if (state.selected !== id) return;
+    if (TERMINAL.includes(j.status)) renderResult(j);
+    else renderPending(j);
+  }
+
+  // ---- the form --------------------------------------------------------------
+
+  async function loadOps() {
+    try {
+      const o = await api('GET', '/v1/ops');
+      state.ops = o.ops || [];
+      state.curvatures = o.curvatures || [];
+    } catch (e) {
+      state.ops = ['density', 'eigen', 'trace', 'snr'];
+      state.curvatures = ['hessian', 'ggn', 'fisher_mc', 'ef'];
+    }
+    fillSelect($('#op'), state.ops);
+    fillSelect($('#curvature'), [''].concat(state.curvatures), ['(default: hessian)'].concat(state.curvatures));
+    if (state.ops.includes('density')) $('#op').value = 'density';
+    onOpChange();
+  }
+
+  function onOpChange() {
+    const op = $('#op').value;
+    if (!state.optionsEdited) $('#options').value = JSON.stringify(DEFAULT_OPTIONS[op] || {});
+    const c = $('#curvature');
+    if (op === 'snr' && (c.value === '' || c.value === 'hessian' || c.value === 'ef')) c.value = 'fisher_mc';
+    $('#op-hint').textContent = HINTS[op] || '';
+  }
+
+  function applyPreset(name) {
+    const p = PRESETS[name];
+    if (!p) return;
+    $('#op').value = p.op;
+    $('#blocks').value = p.blocks;
+    $('#curvature').value = p.curvature;
+    $('#options').value = JSON.stringify(p.options);
+    state.optionsEdited = false;
+    $('#op-hint').textContent = HINTS[p.op] || '';
+    clearError();
+  }
+
+  function parseBatch(s) {
+    s = s.trim();
+    if (!s) return undefined;
+    if (s === 'all') return 'all';
+    if (/^\d+$/.test(s)) return { offset: 0, size: +s };
+    const m = /^(\d+)\s*:\s*(\d+)$/.exec(s);
+    if (m) return { offset: +m[1], size: +m[2] };
+    try {
+      const v = JSON.parse(s);
+      return Array.isArray(v) ? { indices: v } : v;
+    } catch (e) {
+      throw fieldError('batch', 'batch must be all, SIZE, OFFSET:SIZE or JSON');
+    }
+  }
+  function fieldError(field, msg) {
+    const e = new Error(msg);
+    e.field = field;
+    e.code = 'invalid_input';
+    return e;
+  }
+
+  function buildJob() {
+    const job = { op: $('#op').value, model: $('#model').value, dataset: $('#dataset').value };
+    if (!job.model) throw fieldError('model', 'no model registered');
+    if (!job.dataset) throw fieldError('dataset', 'no dataset registered');
+    if ($('#curvature').value) job.curvature = $('#curvature').value;
+    if ($('#blocks').value !== 'full') job.blocks = $('#blocks').value;
+    const b = parseBatch($('#batch').value);
+    if (b !== undefined) job.batch = b;
+    const seed = $('#seed').value.trim();
+    if (seed !== '') job.seed = +seed;
+    const o = $('#options').value.trim();
+    if (o && o !== '{}') {
+      let opts;
+      try { opts = JSON.parse(o); } catch (e) { throw fieldError('options', 'options is not valid JSON: ' + e.message); }
+      if (!opts || typeof opts !== 'object' || Array.isArray(opts)) throw fieldError('options', 'options must be a JSON object');
+      job.options = opts;
+    }
+    return job;
+  }
+
+  async function onSubmit(ev) {
+    ev.preventDefault();
+    clearError();
+    let job;
+    try {
+      job = buildJob();
+    } catch (e) {
+      showError(e);
+      return;
+    }
+    const btn = $('#submit');
+    btn.disabled = true;
+    $('#form-status').textContent = 'submitting…';
+    try {
+      const st = await api('POST', '/v1/jobs', job);
+      $('#form-status').textContent = 'submitted ' + st.id.slice(0, 8) + ' (' + job.op + ')';
+      state.selected = st.id;
+      renderPending(Object.assign({ id: st.id, op: job.op, model: job.model, dataset: job.dataset }, st));
+      await refreshJobs();
+    } catch (e) {
+      $('#form-status').textContent = '';
+      showError(e);
+    } finally {
+      btn.disabled = false;
+    }
+  }
+
+  const FIELD_INPUT = { op: 'op', model: 'model', dataset: 'dataset', curvature: 'curvature', blocks: 'blocks', batch: 'batch', seed: 'seed', options: 'options' };
+  function showError(e) {
+    const box = $('#form-error');
+    box.hidden = false;
+    box.textContent = e.message + (e.code ? '  [' + e.code + (e.field ? ', field ' + e.field : '') + ']' : '');
+    const top = (e.field || '').split(/[.[]/)[0];
+    const id = FIELD_INPUT[top];
+    if (id) $('#' + id).classList.add('invalid');
+  }
+  function clearError() {
+    $('#form-error').hidden = true;
+    for (const x of document.querySelectorAll('.invalid')) x.classList.remove('invalid');
+  }
+
+  // ---- result card -------------------------------------------------------------
+
+  function title(j) {
+    const t = $('#result-title');
+    t.replaceChildren(j.op + ' ', el('span', { class: 'sub',
+      text: '· ' + j.model + (j.model_version ? ' v' + j.model_version : '') + ' · ' + j.dataset +
+        (j.result && j.result.curvature ? ' · ' + j.result.curvature : '') + ' · job ' + j.id.slice(0, 8) }));
+  }
+
+  function renderMessage(t, msg) {
+    $('#result-title').textContent = t;
+    $('#plot-controls').replaceChildren();
+    $('#plot').replaceChildren(el('p', { class: 'muted', text: msg }));
+    $('#summary').replaceChildren();
+    $('#raw').textContent = '';
+  }
+
+  function renderPending(j) {
+    title(j);
+    const p = j.progress || {};
+    $('#plot-controls').replaceChildren();
+    $('#plot').replaceChildren(el('div', { class: 'pending' },
+      el('p', {}, el('span', { class: 'pill ' + j.status, text: j.status }), ' ',
+        (p.matvecs_done || 0) + ' of at most ' + (p.matvecs_planned || 0) + ' matvecs'),
+      el('div', { class: 'bar ' + j.status }, el('i', { style: 'width:' + (100 * (p.fraction || 0)).toFixed(1) + '%' }),
+        el('span', { text: Math.round(100 * (p.fraction || 0)) + '%' }))));
+    $('#summary').replaceChildren();
+    $('#raw').textContent = '';
+  }
+
+  function renderResult(j) {
+    title(j);
+    const ctl = $('#plot-controls');
+    ctl.replaceChildren();
+    const plot = $('#plot');
+    if (j.status !== 'succeeded') {
+      const e = j.error || {};
+      plot.replaceChildren(el('div', { class: 'error', text: j.status + ': ' + (e.message || '') + (e.code ? '  [' + e.code + (e.field ? ', field ' + e.field : '') + ']' : '') }));
+      $('#summary').replaceChildren();
+      $('#raw').textContent = JSON.stringify(j, null, 2);
+      return;
+    }
+    const r = j.result || {};
+    let node = null;
+    try {
+      node = plotFor(r, ctl, () => renderResult(j));
+    } catch (e) {
+      node = el('div', { class: 'error', text: 'cannot plot: ' + e.message });
+    }
+    plot.replaceChildren(...(node ? [].concat(node) : [el('p', { class: 'muted', text: 'nothing to plot for ' + r.op })]));
+    $('#summary').replaceChildren(...summary(r));
+    $('#raw').textContent = JSON.stringify(r, truncateArrays, 1);
+  }
+
+  function truncateArrays(key, v) {
+    if (Array.isArray(v) && v.length > 24) return v.slice(0, 24).concat(['… ' + (v.length - 24) + ' more']);
+    return v;
+  }
+
+  function logToggle(ctl, redraw) {
+    const box = el('input', { type: 'checkbox', id: 'logscale' });
+    box.checked = state.logScale;
+    box.addEventListener('change', () => { state.logScale = box.checked; redraw(); });
+    ctl.appendChild(el('label', {}, box, 'log scale'));
+  }
+
+  function blockLabel(params, i) {
+    if (!params || !params.length) return 'block ' + i;
+    const pre = Array.from(new Set(params.map((p) => p.split('.')[0])));
+    return (pre.length === 1 ? 'layer ' : 'layers ') + pre.join(',');
+  }
+
+  // Chooses the plot for an op's result.
+  function plotFor(r, ctl, redraw) {
+    const blocks = Array.isArray(r.blocks) ? r.blocks : null;
+    switch (r.op) {
+      case 'density': {
+        const d = r.density || (blocks && blocks[0] && blocks[0].density);
+        if (!d) return null;
+        logToggle(ctl, redraw);
+        const nodes = r.nodes || (blocks && blocks[0] && blocks[0].nodes) || [];
+        const weights = r.weights || (blocks && blocks[0] && blocks[0].weights) || [];
+        return densityPlot(d, nodes, weights, r);
+      }
+      case 'eigen': {
+        const series = blocks ? blocks.map((b, i) => ({ label: blockLabel(b.params, i), ys: b.eigenvalues || [] }))
+          : [{ label: 'eigenvalue', ys: r.eigenvalues || [] }];
+        return eigenPlot(series, r);
+      }
+      case 'trace': {
+        const bs = blocks || [r];
+        return barPlot({
+          op: 'trace', title: blocks ? 'Trace per layer (± stderr)' : 'Trace (± stderr)',
+          cats: bs.map((b, i) => blocks ? blockLabel(b.params, i) : 'full'),
+          series: [{ label: 'trace', ys: bs.map((b) => b.trace), err: bs.map((b) => b.stderr), color: '#3461c9' }],
+          ylabel: 'trace',
+        });
+      }
+      case 'diag': {
+        const v = r.diag || (blocks && [].concat(...blocks.map((b) => b.diag || [])));
+        return v ? vectorPlot(v, 'Curvature diagonal', 'diag', 'diag') : null;
+      }
+      case 'snr': {
+        const dirs = r.directions || (blocks && blocks[0] && blocks[0].directions) || [];
+        logToggle(ctl, redraw);
+        const out = [barPlot({
+          op: 'snr', title: 'SNR along the top directions', log: state.logScale,
+          cats: dirs.map((d, i) => 'λ' + (i + 1) + ' = ' + fmt(d.eigenvalue, 3)),
+          series: [
+            { label: 'gradient SNR (γ)', ys: dirs.map((d) => d.gamma_snr), color: '#7b4fc9' },
+            { label: 'curvature SNR (λ)', ys: dirs.map((d) => d.lambda_snr), color: '#e08a1e' },
+          ],
+          ylabel: 'SNR',
+        })];
+        if (Array.isArray(r.gsnr) && r.gsnr.length) {
+          out.push(barPlot({
+            op: 'gsnr', cls: 'secondary', title: 'Gradient SNR per layer (GSNR)', log: state.logScale, height: 220,
+            cats: r.gsnr.map((b, i) => blockLabel(b.params, i)),
+            series: [{ label: 'gsnr', ys: r.gsnr.map((b) => b.gsnr), color: '#1f8a4c' }],
+            ylabel: 'GSNR',
+          }));
+        }
+        return out;
+      }
+      case 'dense':
+        return r.matrix ? heatmap(r.matrix) : null;
+      case 'loss':
+        return el('div', { class: 'big', text: 'loss ' + fmt(r.loss, 6) });
+      case 'gradient':
+        return r.gradient ? vectorPlot(r.gradient, 'Gradient', 'gradient', 'gradient') : null;
+      case 'matvec':
+        return r.product ? vectorPlot(r.product, 'Curvature-vector product', 'product', 'matvec') : null;
+      case 'solve':
+        return r.solution ? vectorPlot(r.solution, 'Solution of (C + damping I) x = b', 'solution', 'solve') : null;
+      case 'newton':
+        return r.step ? vectorPlot(r.step, 'Newton step', 'step', 'newton') : null;
+      default:
+        return null;
+    }
+  }
+
+  // Key facts of a result as a definition list, plus per-block tables.
+  function summary(r) {
+    const out = [];
+    const dl = el('dl', { class: 'kv' });
+    for (const [k, v] of Object.entries(r)) {
+      if (v === null || typeof v !== 'object') dl.append(el('dt', { text: k }), el('dd', { text: fmt(v, 6) }));
+    }
+    out.push(dl);
+    if (Array.isArray(r.eigenvalues) && r.eigenvalues.length) {
+      out.push(el('h3', { text: 'eigenvalues' }), table(['#', 'eigenvalue', 'residual'],
+        r.eigenvalues.map((v, i) => [i + 1, fmt(v, 6), fmt((r.residuals || [])[i], 3)])));
+    }
+    if (Array.isArray(r.directions) && r.directions.length) {
+      const cols = ['eigenvalue', 'gamma_snr', 'lambda_snr', 'alignment'];
+      out.push(el('h3', { text: 'directions' }), table(['#'].concat(cols),
+        r.directions.map((d, i) => [i + 1].concat(cols.map((c) => fmt(d[c], 4))))));
+    }
+    if (Array.isArray(r.blocks)) {
+      const cols = [];
+      for (const b of r.blocks) for (const [k, v] of Object.entries(b)) if (k !== 'params' && (v === null || typeof v !== 'object') && !cols.includes(k)) cols.push(k);
+      out.push(el('h3', { text: 'blocks' }), table(['block', 'params'].concat(cols),
+        r.blocks.map((b, i) => [blockLabel(b.params, i), (b.params || []).join(', ')].concat(cols.map((c) => fmt(b[c], 5))))));
+    }
+    return out;
+  }
+
+  function table(head, rows) {
+    return el('table', { class: 'grid compact' },
+      el('thead', {}, el('tr', {}, head.map((h) => el('th', { text: h })))),
+      el('tbody', {}, rows.map((r) => el('tr', {}, r.map((c, i) => el('td', { class: i && /^[-\d.e+–]+$/.test(String(c)) ? 'num' : '', text: c }))))));
+  }
+
+  // ---- plotting (SVG) ------------------------------------------------------------
+
+  function niceStep(span, n) {
+    const raw = span / n;
+    const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+    const f = raw / mag;
+    return (f < 1.5 ? 1 : f < 3 ? 2 : f < 7 ? 5 : 10) * mag;
+  }
+  function linTicks(lo, hi, n) {
+    const st = niceStep(hi - lo, n || 6);
+    const out = [];
+    for (let v = Math.ceil(lo / st - 1e-9) * st; v <= hi + st * 1e-9; v += st) out.push(Math.abs(v) < st * 1e-9 ? 0 : +v.toPrecision(12));
+    return out;
+  }
+  function logTicks(lo, hi) {
+    const a = Math.floor(Math.log10(lo) + 1e-9), b = Math.ceil(Math.log10(hi) - 1e-9);
+    const k = Math.max(1, Math.ceil((b - a) / 7));
+    const out = [];
+    for (let e = a; e <= b; e += k) out.push(Math.pow(10, e));
+    return out;
+  }
+  function range(vals, pad, withZero) {
+    let lo = Infinity, hi = -Infinity;
+    for (const v of vals) if (isNum(v)) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+    if (!isFinite(lo)) { lo = 0; hi = 1; }
+    if (withZero) { lo = Math.min(lo, 0); hi = Math.max(hi, 0); }
+    if (lo === hi) { const d = Math.abs(lo) || 1; lo -= d / 2; hi += d / 2; }
+    const p = (hi - lo) * (pad || 0);
+    return [withZero && lo === 0 ? 0 : lo - p, withZero && hi === 0 ? 0 : hi + p];
+  }
+
+  /* A frame with axes.  opts: {op, cls, title, width, height, x: {lo, hi, log, label, cats},
+   * y: {lo, hi, log, label}}.  Returns {svg, sx, sy, plot: <g>, ...}. */
+  function frame(opts) {
+    const W = opts.width || 760, H = opts.height || 330;
+    const m = { l: 66, r: 18, t: opts.title ? 30 : 12, b: opts.x.cats ? 58 : 44 };
+    const svg = sv('svg', { class: 'plot ' + (opts.cls || ''), 'data-op': opts.op, viewBox: '0 0 ' + W + ' ' + H,
+      role: 'img', 'aria-label': opts.title || opts.op, preserveAspectRatio: 'xMidYMid meet' });
+    const x = opts.x, y = opts.y;
+    const tx = (v) => x.log ? Math.log10(v) : v;
+    const ty = (v) => y.log ? Math.log10(v) : v;
+    const x0 = tx(x.lo), x1 = tx(x.hi), y0 = ty(y.lo), y1 = ty(y.hi);
+    const sx = (v) => m.l + (tx(v) - x0) / (x1 - x0 || 1) * (W - m.l - m.r);
+    const sy = (v) => H - m.b - (ty(v) - y0) / (y1 - y0 || 1) * (H - m.t - m.b);
+    if (opts.title) svg.appendChild(sv('text', { class: 'title', x: m.l, y: 18, text: opts.title }));
+    const axes = sv('g', { class: 'axis' });
+    // y grid and ticks
+    const yt = y.log ? logTicks(y.lo, y.hi) : linTicks(y.lo, y.hi, 6);
+    for (const v of yt) {
+      if (v < y.lo * (1 - 1e-9) || v > y.hi * (1 + 1e-9) + (y.log ? 0 : 1e-12)) continue;
+      const py = sy(v);
+      axes.appendChild(sv('line', { class: 'gridline', x1: m.l, x2: W - m.r, y1: py, y2: py }));
+      axes.appendChild(sv('text', { x: m.l - 6, y: py + 3.5, 'text-anchor': 'end', text: tick(v) }));
+    }
+    if (!y.log && y.lo < 0 && y.hi > 0) axes.appendChild(sv('line', { class: 'zero', x1: m.l, x2: W - m.r, y1: sy(0), y2: sy(0) }));
+    // x ticks
+    if (x.cats) {
+      x.cats.forEach((c, i) => {
+        axes.appendChild(sv('text', { x: sx(i), y: H - m.b + 16, 'text-anchor': 'middle', text: c }));
+      });
+    } else {
+      const xt = x.log ? logTicks(x.lo, x.hi) : linTicks(x.lo, x.hi, 8);
+      for (const v of xt) {
+        if (v < x.lo - 1e-12 || v > x.hi + 1e-12) continue;
+        const px = sx(v);
+        axes.appendChild(sv('line', { x1: px, x2: px, y1: H - m.b, y2: H - m.b + 4 }));
+        axes.appendChild(sv('text', { x: px, y: H - m.b + 16, 'text-anchor': 'middle', text: tick(v) }));
+      }
+    }
+    axes.appendChild(sv('path', { d: 'M' + m.l + ',' + m.t + 'V' + (H - m.b) + 'H' + (W - m.r), fill: 'none' }));
+    if (x.label) axes.appendChild(sv('text', { x: (m.l + W - m.r) / 2, y: H - 8, 'text-anchor': 'middle', text: x.label }));
+    if (y.label) axes.appendChild(sv('text', { x: 14, y: (m.t + H - m.b) / 2, 'text-anchor': 'middle', transform: 'rotate(-90 14 ' + (m.t + H - m.b) / 2 + ')', text: y.label }));
+    svg.appendChild(axes);
+    const plot = sv('g', { class: 'data' });
+    svg.appendChild(plot);
+    return { svg, sx, sy, plot, m, W, H };
+  }
+
+  function legend(f, items) {
+    let x = f.W - f.m.r;
+    const g = sv('g', { class: 'legend' });
+    for (const it of items.slice().reverse()) {
+      const w = 18 + 6.2 * it.label.length;
+      x -= w + 10;
+      g.appendChild(sv('rect', { x, y: 8, width: 10, height: 10, rx: 2, fill: it.color }));
+      g.appendChild(sv('text', { x: x + 14, y: 17, text: it.label }));
+    }
+    f.svg.appendChild(g);
+  }
+
+  function pathOf(pts) {
+    let d = '';
+    for (const [x, y] of pts) d += (d ? 'L' : 'M') + x.toFixed(2) + ',' + y.toFixed(2);
+    return d;
+  }
+
+  function densityPlot(d, nodes, weights, r) {
+    const xs = d.grid || [], ys = d.values || [];
+    const log = state.logScale;
+    const peak = Math.max(...ys.filter(isNum), 0);
+    const floor = log ? Math.max(peak * 1e-8, 1e-300) : 0;
+    const yv = ys.map((v) => log ? Math.max(isNum(v) ? v : 0, floor) : (isNum(v) ? v : 0));
+    const [ylo, yhi] = log ? [floor, peak > 0 ? peak * 2 : 1] : [0, (peak || 1) * 1.05];
+    const f = frame({ op: 'density', title: 'Spectral density (SLQ, ' + (r.lanczos_steps || '?') + ' Lanczos steps, σ² = ' + fmt(r.sigma2, 3) + ')',
+      x: { lo: xs[0], hi: xs[xs.length - 1], label: 'eigenvalue' },
+      y: { lo: ylo, hi: yhi, log, label: log ? 'density (log)' : 'density' } });
+    const pts = xs.map((x, i) => [f.sx(x), f.sy(yv[i])]);
+    const base = f.sy(ylo);
+    if (pts.length) {
+      f.plot.appendChild(sv('path', { class: 'area', d: pathOf(pts) + 'L' + pts[pts.length - 1][0].toFixed(2) + ',' + base + 'L' + pts[0][0].toFixed(2) + ',' + base + 'Z',
+        fill: '#3461c9', 'fill-opacity': 0.12, stroke: 'none' }));
+      f.plot.appendChild(sv('path', { class: 'series', d: pathOf(pts), fill: 'none', stroke: '#3461c9', 'stroke-width': 1.8,
+        'data-points': pts.length }));
+    }
+    // Ritz values of the Lanczos runs as a rug (their weights as opacity)
+    const rug = sv('g', { class: 'rug' });
+    (nodes || []).forEach((run, k) => (run || []).forEach((x, i) => {
+      if (!isNum(x) || x < xs[0] || x > xs[xs.length - 1]) return;
+      const w = ((weights || [])[k] || [])[i];
+      const op = isNum(w) ? Math.min(1, 0.25 + 3 * Math.sqrt(Math.max(w, 0))) : 0.5;
+      rug.appendChild(sv('line', { x1: f.sx(x), x2: f.sx(x), y1: base, y2: base - 8, stroke: '#c23a3a', 'stroke-opacity': op.toFixed(2) }));
+    }));
+    f.plot.appendChild(rug);
+    legend(f, [{ label: 'density', color: '#3461c9' }, { label: 'Ritz values', color: '#c23a3a' }]);
+    return f.svg;
+  }
+
+  const PALETTE = ['#3461c9', '#e08a1e', '#1f8a4c', '#c23a3a', '#7b4fc9', '#2a9db0', '#8a6d3b'];
+
+  function eigenPlot(series, r) {
+    const n = Math.max(1, ...series.map((s) => s.ys.length));
+    const all = [].concat(...series.map((s) => s.ys));
+    const [lo, hi] = range(all, 0.08, true);
+    const f = frame({ op: 'eigen', title: 'Eigenvalues (' + (r.which || 'largest') + ', ' + (r.method || 'lanczos') + ')',
+      x: { lo: 0.4, hi: n + 0.6, label: 'index' }, y: { lo, hi, label: 'eigenvalue' } });
+    const k = series.length;
+    series.forEach((s, si) => {
+      const color = PALETTE[si % PALETTE.length];
+      const off = k > 1 ? (si - (k - 1) / 2) * Math.min(0.5 / k, 0.15) : 0;
+      const g = sv('g', { class: 'series stems', 'data-label': s.label });
+      s.ys.forEach((v, i) => {
+        if (!isNum(v)) return;
+        const px = f.sx(i + 1 + off);
+        g.appendChild(sv('line', { x1: px, x2: px, y1: f.sy(0), y2: f.sy(v), stroke: color, 'stroke-width': 2 }));
+        g.appendChild(sv('circle', { class: 'point', cx: px, cy: f.sy(v), r: 4, fill: color }, sv('title', { text: s.label + ' #' + (i + 1) + ': ' + fmt(v, 6) })));
+      });
+      f.plot.appendChild(g);
+    });
+    if (k > 1) legend(f, series.map((s, i) => ({ label: s.label, color: PALETTE[i % PALETTE.length] })));
+    return f.svg;
+  }
+
+  /* Grouped bars over categories; opts: {op, cls, title, cats, series: [{label, ys, err, color}], log, ylabel, height}. */
+  function barPlot(opts) {
+    const n = opts.cats.length;
+    const vals = [];
+    for (const s of opts.series) s.ys.forEach((v, i) => { if (isNum(v)) vals.push(v + (s.err && isNum(s.err[i]) ? s.err[i] : 0)); });
+    let lo, hi;
+    if (opts.log) {
+      const pos = vals.filter((v) => v > 0);
+      lo = pos.length ? Math.min(...pos) / 3 : 1e-3;
+      hi = pos.length ? Math.max(...pos) * 3 : 1;
+    } else {
+      [lo, hi] = range(vals, 0.08, true);
+    }
+    const f = frame({ op: opts.op, cls: opts.cls, title: opts.title, height: opts.height,
+      x: { lo: -0.5, hi: n - 0.5, cats: opts.cats }, y: { lo, hi, log: opts.log, label: opts.ylabel + (opts.log ? ' (log)' : '') } });
+    const k = opts.series.length;
+    const slot = (f.sx(1) - f.sx(0)) * 0.7;
+    const bw = Math.min(60, slot / k);
+    opts.series.forEach((s, si) => {
+      const g = sv('g', { class: 'series bars', 'data-label': s.label });
+      s.ys.forEach((v, i) => {
+        if (!isNum(v) || (opts.log && v <= 0)) return;
+        const cx = f.sx(i) + (si - (k - 1) / 2) * bw;
+        const y0 = opts.log ? f.sy(lo) : f.sy(0), y1 = f.sy(v);
+        g.appendChild(sv('rect', { class: 'bar', x: cx - bw / 2 + 1, width: Math.max(1, bw - 2), y: Math.min(y0, y1), height: Math.max(1, Math.abs(y0 - y1)),
+          fill: s.color, rx: 2 }, sv('title', { text: s.label + ' · ' + opts.cats[i] + ': ' + fmt(v, 6) + (s.err && isNum(s.err[i]) ? ' ± ' + fmt(s.err[i], 3) : '') })));
+        if (s.err && isNum(s.err[i]) && s.err[i] > 0) {
+          const a = f.sy(Math.max(opts.log ? lo : -Infinity, v - s.err[i])), b = f.sy(v + s.err[i]);
+          g.appendChild(sv('path', { class: 'errorbar', d: 'M' + (cx - 6) + ',' + a + 'H' + (cx + 6) + 'M' + cx + ',' + a + 'V' + b + 'M' + (cx - 6) + ',' + b + 'H' + (cx + 6),
+            stroke: '#1d2433', 'stroke-width': 1.3, fill: 'none' }));
+        }
+        if (n <= 12) g.appendChild(sv('text', { x: cx, y: Math.min(y0, y1) - 4 - (s.err && isNum(s.err[i]) ? Math.abs(f.sy(v + s.err[i]) - y1) : 0), 'text-anchor': 'middle', text: fmt(v, 3) }));
+      });
+      f.plot.appendChild(g);
+    });
+    if (k > 1) legend(f, opts.series.map((s) => ({ label: s.label, color: s.color })));
+    return f.svg;
+  }
+
+  function vectorPlot(v, ttl, ylabel, op) {
+    const n = v.length;
+    const stride = Math.max(1, Math.ceil(n / 2000));
+    const pts = [];
+    for (let i = 0; i < n; i += stride) {
+      // keep the extreme of each stride so spikes stay visible
+      let best = v[i];
+      for (let j = i; j < Math.min(n, i + stride); j++) if (isNum(v[j]) && Math.abs(v[j]) > Math.abs(best)) best = v[j];
+      pts.push([i, best]);
+    }
+    const [lo, hi] = range(pts.map((p) => p[1]), 0.05, true);
+    const f = frame({ op, title: ttl + ' (' + n + ' entries)', x: { lo: 0, hi: Math.max(1, n - 1), label: 'parameter index (state_dict order)' }, y: { lo, hi, label: ylabel } });
+    f.plot.appendChild(sv('path', { class: 'series', d: pathOf(pts.map(([i, y]) => [f.sx(i), f.sy(isNum(y) ? y : 0)])), fill: 'none', stroke: '#3461c9', 'stroke-width': 1 }));
+    return f.svg;
+  }
+
+  function heatmap(M) {
+    const n = M.length, m = (M[0] || []).length;
+    const c = el('canvas', { width: m, height: n, class: 'plot', 'data-op': 'dense', title: 'dense matrix ' + n + '×' + m });
+    c.style.width = Math.min(520, Math.max(260, m * 3)) + 'px';
+    const ctx = c.getContext('2d');
+    const img = ctx.createImageData(m, n);
+    let amax = 0;
+    for (const row of M) for (const v of row) if (isNum(v)) amax = Math.max(amax, Math.abs(v));
+    amax = amax || 1;
+    for (let i = 0; i < n; i++) for (let j = 0; j < m; j++) {
+      const t = Math.sign(M[i][j]) * Math.sqrt(Math.abs(M[i][j]) / amax); // diverging, sqrt-compressed
+      const k = 4 * (i * m + j);
+      img.data[k] = t > 0 ? 255 : Math.round(255 * (1 + t));
+      img.data[k + 1] = Math.round(255 * (1 - Math.abs(t)));
+      img.data[k + 2] = t < 0 ? 255 : Math.round(255 * (1 - t));
+      img.data[k + 3] = 255;
+    }
+    ctx.putImageData(img, 0, 0);
+    return el('div', {}, el('p', { class: 'muted', text: 'Dense curvature matrix, ' + n + '×' + m + ' (red > 0, blue < 0, |max| = ' + fmt(amax, 4) + ')' }), c);
+  }
+
+  // ---- start -----------------------------------------------------------------------
+
+  function loop(fn, ms) {
+    const run = async () => {
+      try { await fn(); } catch (e) { /* shown where it matters */ }
+      setTimeout(run, document.hidden ? ms * 4 : ms);
+    };
+    run();
+  }
+
+  document.addEventListener('DOMContentLoaded', async () => {
+    $('#job-form').addEventListener('submit', onSubmit);
+    $('#op').addEventListener('change', onOpChange);
+    $('#model').addEventListener('change', matchDataset);
+    $('#options').addEventListener('input', () => { state.optionsEdited = true; });
+    for (const b of document.querySelectorAll('[data-preset]')) b.addEventListener('click', () => applyPreset(b.getAttribute('data-preset')));
+    for (const id of Object.values(FIELD_INPUT)) $('#' + id).addEventListener('input', () => $('#' + id).classList.remove('invalid'));
+    await loadOps();
+    await refreshRegistry();
+    loop(refreshHealth, 2000);
+    loop(refreshRegistry, 5000);
+    loop(refreshJobs, 1000);
+    document.body.setAttribute('data-ready', '1');
+  });
+
+  // for tests and the console
+  window.curvd = { state, api, select };
+})();

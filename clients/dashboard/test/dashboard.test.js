@@ -1,0 +1,160 @@
+// dashboard.test.js - drives the curvd dashboard in headless Chromium.
+//
+// Usage: node dashboard.test.js BASE_URL SCREENSHOT.png
+// (run by tests/e2e_dashboard.sh, which starts the daemon and installs
+// playwright-core; NODE_PATH points at its node_modules.)  Uses Debian's
+// chromium ($CHROMIUM, default /usr/bin/chromium).  Opens the page, checks
+// the models/datasets tables, submits a density job from the form, waits
+// for the SVG plot and checks that it has drawn content, takes a screenshot,
+// then does the same for the eigenvalue, per-layer trace and SNR presets and
+// an invalid job (the server's error is shown).  Every request must go to the
+// daemon (the page works offline).  Ends with 'N passed, M failed'.
+'use strict';
+const path = require('path');
+const { chromium } = require('playwright-core');
+
+const BASE = process.argv[2];
+const SHOT = process.argv[3] || 'dashboard.png';
+const results = { passed: 0, failed: 0 };
+function check(name, ok, detail) {
+  if (ok) results.passed++;
+  else { results.failed++; console.log('FAIL', name, detail === undefined ? '' : detail); }
+  if (process.env.VERBOSE && ok) console.log('ok  ', name);
+}
+
+async function submitPreset(page, preset, extra) {
+  await page.click(`[data-preset="${preset}"]`);
+  await page.selectOption('#model', 'demo-mlp');
+  await page.selectOption('#dataset', 'digits');
+  if (extra) await extra(page);
+  const before = await page.$$eval('#jobs tbody tr[data-id]', (r) => r.length);
+  await page.click('#submit');
+  await page.waitForFunction((n) => document.querySelectorAll('#jobs tbody tr[data-id]').length > n, before, { timeout: 10000 });
+}
+
+(async () => {
+  const browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      '--disable-dev-shm-usage'],
+  });
+  const page = await browser.newPage({ viewport: { width: 1360, height: 1000 } });
+  const foreign = [], consoleErrors = [], pageErrors = [];
+  page.on('request', (r) => {
+    const u = r.url();
+    if (!u.startsWith(BASE) && !u.startsWith('data:')) foreign.push(u);
+  });
+  page.on('console', (m) => {
+    // the refused job's 400 answer is logged by Chromium as a failed resource: expected
+    if (m.type() === 'error' && !/status of 4\d\d/.test(m.text())) consoleErrors.push(m.text());
+  });
+  page.on('pageerror', (e) => pageErrors.push(String(e)));
+  try {
+    const resp = await page.goto(BASE + '/', { waitUntil: 'load', timeout: 15000 });
+    check('GET / is 200 text/html', resp.status() === 200 && /text\/html/.test(resp.headers()['content-type']),
+      resp.status() + ' ' + resp.headers()['content-type']);
+    await page.waitForSelector('body[data-ready="1"]', { timeout: 15000 });
+    check('title', (await page.title()).includes('curvd'));
+    const models = await page.$$eval('#models tbody td.mono', (t) => t.map((x) => x.textContent));
+    check('models table lists demo-mlp', models.includes('demo-mlp'), models);
+    const datasets = await page.$$eval('#datasets tbody td.mono', (t) => t.map((x) => x.textContent));
+    check('datasets table lists digits', datasets.includes('digits'), datasets);
+    const ops = await page.$$eval('#op option', (o) => o.map((x) => x.value));
+    check('op list from /v1/ops', ['density', 'eigen', 'trace', 'snr'].every((o) => ops.includes(o)), ops);
+    await page.waitForSelector('#health .chip.ok', { timeout: 10000 });
+    check('health chip ok', true);
+
+    // ---- a density job from the form
+    await page.selectOption('#op', 'density');
+    await page.selectOption('#model', 'demo-mlp');
+    await page.selectOption('#dataset', 'digits');
+    await page.selectOption('#curvature', 'hessian');
+    await page.fill('#options', '{"lanczos_steps": 60, "runs": 1, "grid_points": 160}');
+    await page.click('#submit');
+    const plot = await page.waitForSelector('#plot svg.plot[data-op="density"] path.series', { timeout: 30000 });
+    check('density plot appears', !!plot);
+    const info = await page.$eval('#plot svg.plot[data-op="density"] path.series', (p) => {
+      const b = p.getBBox();
+      return { d: p.getAttribute('d'), points: +p.getAttribute('data-points'), len: p.getTotalLength(), w: b.width, h: b.height };
+    });
+    const segs = (info.d.match(/L/g) || []).length;
+    check('density path has the grid points', info.points === 160 && segs === 159, info.points + ' points, ' + segs + ' segments');
+    check('density path has drawn content', info.len > 200 && info.w > 300 && info.h > 50, JSON.stringify({ len: info.len, w: info.w, h: info.h }));
+    const rug = await page.$$eval('#plot svg .rug line', (l) => l.length);
+    check('Ritz values drawn', rug > 10, rug);
+    const ticks = await page.$$eval('#plot svg .axis text', (t) => t.length);
+    check('axes have tick labels', ticks > 8, ticks);
+    const row = await page.$eval('#jobs tbody tr.selected', (r) => ({ st: r.getAttribute('data-status'), text: r.textContent }));
+    check('submitted job selected and succeeded in the job list', row.st === 'succeeded' && /density/.test(row.text), JSON.stringify(row));
+    const sum = await page.$eval('#summary', (s) => s.textContent);
+    check('summary shows the result fields', /lanczos_steps/.test(sum) && /matvecs/.test(sum), sum.slice(0, 200));
+    // the log-scale toggle redraws the plot
+    await page.click('#logscale');
+    await page.waitForSelector('#plot svg.plot[data-op="density"] path.series');
+    const ylabel = await page.$$eval('#plot svg .axis text', (t) => t.map((x) => x.textContent).join('|'));
+    check('log toggle switches to a linear axis', /\|density\|?/.test(ylabel + '|') && !/density \(log\)/.test(ylabel), ylabel.slice(-80));
+    await page.click('#logscale');
+    await page.waitForSelector('#plot svg.plot[data-op="density"] path.series');
+    await page.screenshot({ path: SHOT, fullPage: true });
+    check('screenshot written', require('fs').statSync(SHOT).size > 10000);
+
+    // ---- eigenvalues preset
+    await submitPreset(page, 'eigen', (p) => p.fill('#options', '{"k": 8}'));
+    await page.waitForSelector('#plot svg.plot[data-op="eigen"] circle.point', { timeout: 30000 });
+    const stems = await page.$$eval('#plot svg.plot[data-op="eigen"] circle.point', (c) => c.length);
+    check('eigenvalue stems (k=8)', stems === 8, stems);
+    await page.screenshot({ path: SHOT.replace(/\.png$/, '-eigen.png'), fullPage: false });
+
+    // ---- per-layer trace preset
+    await submitPreset(page, 'trace-layer', (p) => p.fill('#options', '{"max_probes": 20}'));
+    await page.waitForSelector('#plot svg.plot[data-op="trace"] rect.bar', { timeout: 30000 });
+    const bars = await page.$$eval('#plot svg.plot[data-op="trace"] rect.bar', (r) => r.map((x) => +x.getAttribute('height')));
+    check('per-layer trace bars (2 layers with parameters)', bars.length === 2 && bars.every((h) => h > 1), JSON.stringify(bars));
+    const errbars = await page.$$eval('#plot svg.plot[data-op="trace"] path.errorbar', (r) => r.length);
+    check('trace error bars', errbars === 2, errbars);
+    const cats = await page.$$eval('#plot svg.plot[data-op="trace"] .axis text', (t) => t.map((x) => x.textContent));
+    check('trace bars labelled by layer', cats.includes('layer 0') && cats.includes('layer 2'), cats.join('|'));
+    await page.screenshot({ path: SHOT.replace(/\.png$/, '-trace.png'), fullPage: false });
+
+    // ---- SNR preset (fisher_mc curvature chosen by the preset)
+    await submitPreset(page, 'snr', (p) => p.fill('#options', '{"k": 4}'));
+    await page.waitForSelector('#plot svg.plot[data-op="snr"] rect.bar', { timeout: 40000 });
+    const snrBars = await page.$$eval('#plot svg.plot[data-op="snr"] g.series', (g) => g.map((x) => x.querySelectorAll('rect.bar').length));
+    check('SNR bars: 2 series x 4 directions', snrBars.length === 2 && snrBars[1] === 4 && snrBars[0] >= 1, JSON.stringify(snrBars));
+    const gsnr = await page.$$('#plot svg.plot[data-op="gsnr"] rect.bar');
+    check('GSNR per layer plot', gsnr.length === 2, gsnr.length);
+    await page.screenshot({ path: SHOT.replace(/\.png$/, '-snr.png'), fullPage: false });
+
+    // ---- a job the server refuses: its error message and field are shown
+    await page.selectOption('#op', 'eigen');
+    await page.fill('#options', '{"k": 3, "bogus_option": 1}');
+    await page.click('#submit');
+    await page.waitForSelector('#form-error:not([hidden])', { timeout: 10000 });
+    const err = await page.$eval('#form-error', (e) => e.textContent);
+    check('server error shown with code and field', /bogus_option/.test(err) && /unknown_option/.test(err), err);
+    check('options input marked invalid', await page.$eval('#options', (e) => e.classList.contains('invalid')));
+
+    // ---- cancel a long job from the list
+    await page.fill('#options', '{"max_probes": 1000000, "tol": 0}');
+    await page.selectOption('#op', 'trace');
+    await page.selectOption('#blocks', 'full');
+    await page.click('#submit');
+    await page.waitForSelector('#jobs tbody tr[data-status="running"] button.link', { timeout: 15000 });
+    await page.click('#jobs tbody tr[data-status="running"] button.link');
+    await page.waitForSelector('#jobs tbody tr[data-status="cancelled"]', { timeout: 15000 });
+    check('running job cancelled from the page', true);
+
+    check('no requests outside the daemon (works offline)', foreign.length === 0, foreign.join(' '));
+    check('no page errors', pageErrors.length === 0, pageErrors.join(' | '));
+    check('no console errors', consoleErrors.length === 0, consoleErrors.join(' | '));
+  } catch (e) {
+    check('dashboard run', false, e && e.stack ? e.stack : String(e));
+    try { await page.screenshot({ path: SHOT.replace(/\.png$/, '-failure.png'), fullPage: true }); } catch (e2) { /* ignore */ }
+  } finally {
+    await browser.close();
+  }
+  console.log(`${results.passed} passed, ${results.failed} failed`);
+  process.exit(results.failed ? 1 : 0);
+})();
