@@ -93,19 +93,19 @@ static size_t act_work(const cv_layer_ctx *c, int k) { return 0; }
 static int act_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     size_t len = (size_t)c->n * c->in_numel;
+    int piecewise_linear = c->L->type == CV_RELU || c->L->type == CV_LEAKYRELU;
     cv_layer_ctx_release(c);
     c->d1 = malloc(sizeof(float) * len);
-    c->d2 = malloc(sizeof(float) * len);
-    if (!c->d1 || !c->d2)
+    c->d2 = piecewise_linear ? NULL : malloc(sizeof(float) * len); /* NULL: phi'' = 0 */
+    if (!c->d1 || (!piecewise_linear && !c->d2))
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "activation cache (%zu floats)",
                           2 * len);
-    if (c->L->type == CV_RELU || c->L->type == CV_LEAKYRELU) { /* hot, piecewise linear */
+    if (piecewise_linear) { /* hot path */
         float s = c->L->type == CV_RELU ? 0.0f : (float)c->L->negative_slope;
         for (size_t i = 0; i < len; i++) {
             float x = c->x[i], d = x > 0 ? 1.0f : s;
             y[i] = x * d;
             c->d1[i] = d;
-            c->d2[i] = 0.0f;
         }
         return 0;
     }
@@ -156,7 +156,7 @@ static void act_jvp(const cv_layer_ctx *c, int k, const float *rx, const float *
 static void act_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
                           const float *vtheta, float *gx_add, float *gtheta_add)
 {
-    if (!gx_add || !rx)
+    if (!gx_add || !rx || !c->d2)
         return;
     size_t len = (size_t)c->n * c->in_numel;
     for (int j = 0; j < k; j++) {

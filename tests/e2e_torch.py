@@ -191,6 +191,19 @@ def check_estimators(tag, model, loss_fn, x, y, d, H, G, g):
     check(tag + " per-layer traces", ok and off == D)
 
 
+def check_determinism(d):
+    """Same job, same seed, same thread count: bit-identical numbers."""
+    job = {"op": "trace", "seed": 11, "curvature": "fisher_mc",
+           "options": {"max_probes": 30, "tol": 0, "return_samples": True}}
+    for threads in ("1", "2"):
+        outs = [tr.curvd_run(CURVD, d, job, extra=("--blas-threads", threads))[1]
+                for _ in range(2)]
+        check(f"deterministic at {threads} threads",
+              outs[0]["samples"] == outs[1]["samples"] and outs[0]["trace"] == outs[1]["trace"])
+    other = tr.curvd_run(CURVD, d, dict(job, seed=12))[1]
+    check("another seed, other probes", other["samples"] != outs[0]["samples"])
+
+
 def check_errors(d):
     rc, err = tr.curvd_run(CURVD, d, {"op": "trace", "options": {"max_probs": 3}},
                            expect_ok=False)
@@ -229,6 +242,7 @@ def main():
                 check_estimators(tag, model, loss_fn, x, y, d, H, G, g)
             if i == 0:
                 check_errors(d)
+                check_determinism(d)
     return tr.summary()
 
 
