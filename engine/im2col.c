@@ -21,10 +21,16 @@ static void valid_range(int n, int out, int s, int p, int t, int d, int *lo, int
 
 void cv_im2col(const cv_conv_geom *g, const float *x, int r0, int r1, float *cols)
 {
+    cv_im2col_ld(g, x, r0, r1, cols, (size_t)g->oh * g->ow);
+}
+
+void cv_im2col_ld(const cv_conv_geom *g, const float *x, int r0, int r1, float *cols,
+                  size_t ld)
+{
     int P = g->oh * g->ow;
     for (int r = r0; r < r1; r++) {
         int c = r / (g->kh * g->kw), i = (r / g->kw) % g->kh, j = r % g->kw;
-        float *dst = cols + (size_t)(r - r0) * P;
+        float *dst = cols + (size_t)(r - r0) * ld;
         const float *xc = x + (size_t)c * g->H * g->W;
         int y0, y1, x0, x1;
         valid_range(g->H, g->oh, g->sh, g->ph, i, g->dh, &y0, &y1);
@@ -46,10 +52,15 @@ void cv_im2col(const cv_conv_geom *g, const float *x, int r0, int r1, float *col
 
 void cv_col2im_add(const cv_conv_geom *g, const float *cols, float *x)
 {
-    int P = g->oh * g->ow, rows = g->C * g->kh * g->kw;
+    cv_col2im_add_ld(g, cols, (size_t)g->oh * g->ow, x);
+}
+
+void cv_col2im_add_ld(const cv_conv_geom *g, const float *cols, size_t ld, float *x)
+{
+    int rows = g->C * g->kh * g->kw;
     for (int r = 0; r < rows; r++) {
         int c = r / (g->kh * g->kw), i = (r / g->kw) % g->kh, j = r % g->kw;
-        const float *src = cols + (size_t)r * P;
+        const float *src = cols + (size_t)r * ld;
         float *xc = x + (size_t)c * g->H * g->W;
         int y0, y1, x0, x1;
         valid_range(g->H, g->oh, g->sh, g->ph, i, g->dh, &y0, &y1);

@@ -20,8 +20,16 @@ typedef struct {
  * tap (i, j) (0 in the padding).  cols is (r1 - r0) x (oh*ow), row-major. */
 void cv_im2col(const cv_conv_geom *g, const float *x, int r0, int r1, float *cols);
 
+/* cv_im2col with row stride ld >= oh*ow (row r at cols + (r - r0)*ld), so
+ * that the columns of several samples can sit side by side in one matrix. */
+void cv_im2col_ld(const cv_conv_geom *g, const float *x, int r0, int r1, float *cols,
+                  size_t ld);
+
 /* The adjoint of cv_im2col over all C*kh*kw rows: x += fold(cols). */
 void cv_col2im_add(const cv_conv_geom *g, const float *cols, float *x);
+
+/* cv_col2im_add reading rows of stride ld. */
+void cv_col2im_add_ld(const cv_conv_geom *g, const float *cols, size_t ld, float *x);
 
 /* G += B B^T for B (R x w floats, row-major), G (R x R doubles, symmetric,
  * row-major).  Returns 0, or -1 if it could not allocate its R x R float

@@ -8,7 +8,7 @@ BUILD="build-essential pkg-config libopenblas-dev liblapacke-dev libcjson-dev li
 case "${1:-build}" in
   build) PKGS="$BUILD" ;;
   run)   PKGS="$BUILD curl python3-sklearn" ;;
-  test)  PKGS="$BUILD curl python3 python3-numpy python3-torch python3-sklearn python3-matplotlib" ;;
+  test)  PKGS="$BUILD curl python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-pip python3-setuptools mypy chromium" ;;
   bench) PKGS="$BUILD python3 python3-numpy python3-torch" ;;
   *) echo "deps.sh: unknown set '$1'" >&2; exit 2 ;;
 esac

@@ -489,12 +489,15 @@
     const blocks = Array.isArray(r.blocks) ? r.blocks : null;
     switch (r.op) {
       case 'density': {
-        const d = r.density || (blocks && blocks[0] && blocks[0].density);
-        if (!d) return null;
+        // one curve for the full vector, one per block otherwise
+        const src = blocks || [r];
+        const series = src.filter((b) => b.density).map((b, i) => ({
+          label: blocks ? blockLabel(b.params, i) : 'density', grid: b.density.grid || [], values: b.density.values || [],
+          nodes: b.nodes || [], weights: b.weights || [],
+        }));
+        if (!series.length) return null;
         logToggle(ctl, redraw);
-        const nodes = r.nodes || (blocks && blocks[0] && blocks[0].nodes) || [];
-        const weights = r.weights || (blocks && blocks[0] && blocks[0].weights) || [];
-        return densityPlot(d, nodes, weights, r);
+        return densityPlot(series, r, blocks ? blocks[0] : r);
       }
       case 'eigen': {
         const series = blocks ? blocks.map((b, i) => ({ label: blockLabel(b.params, i), ys: b.eigenvalues || [] }))
@@ -681,38 +684,57 @@
     return d;
   }
 
-  function densityPlot(d, nodes, weights, r) {
-    const xs = d.grid || [], ys = d.values || [];
+  const PALETTE = ['#3461c9', '#e08a1e', '#1f8a4c', '#c23a3a', '#7b4fc9', '#2a9db0', '#8a6d3b'];
+
+  /* Spectral densities: series [{label, grid, values, nodes, weights}] (one per block). */
+  function densityPlot(series, r, first) {
     const log = state.logScale;
-    const peak = Math.max(...ys.filter(isNum), 0);
-    const floor = log ? Math.max(peak * 1e-8, 1e-300) : 0;
-    const yv = ys.map((v) => log ? Math.max(isNum(v) ? v : 0, floor) : (isNum(v) ? v : 0));
-    const [ylo, yhi] = log ? [floor, peak > 0 ? peak * 2 : 1] : [0, (peak || 1) * 1.05];
-    const f = frame({ op: 'density', title: 'Spectral density (SLQ, ' + (r.lanczos_steps || '?') + ' Lanczos steps, σ² = ' + fmt(r.sigma2, 3) + ')',
-      x: { lo: xs[0], hi: xs[xs.length - 1], label: 'eigenvalue' },
-      y: { lo: ylo, hi: yhi, log, label: log ? 'density (log)' : 'density' } });
-    const pts = xs.map((x, i) => [f.sx(x), f.sy(yv[i])]);
-    const base = f.sy(ylo);
-    if (pts.length) {
-      f.plot.appendChild(sv('path', { class: 'area', d: pathOf(pts) + 'L' + pts[pts.length - 1][0].toFixed(2) + ',' + base + 'L' + pts[0][0].toFixed(2) + ',' + base + 'Z',
-        fill: '#3461c9', 'fill-opacity': 0.12, stroke: 'none' }));
-      f.plot.appendChild(sv('path', { class: 'series', d: pathOf(pts), fill: 'none', stroke: '#3461c9', 'stroke-width': 1.8,
-        'data-points': pts.length }));
+    let peak = 0, xlo = Infinity, xhi = -Infinity;
+    for (const s of series) {
+      for (const v of s.values) if (isNum(v)) peak = Math.max(peak, v);
+      if (s.grid.length) { xlo = Math.min(xlo, s.grid[0]); xhi = Math.max(xhi, s.grid[s.grid.length - 1]); }
     }
-    // Ritz values of the Lanczos runs as a rug (their weights as opacity)
-    const rug = sv('g', { class: 'rug' });
-    (nodes || []).forEach((run, k) => (run || []).forEach((x, i) => {
-      if (!isNum(x) || x < xs[0] || x > xs[xs.length - 1]) return;
-      const w = ((weights || [])[k] || [])[i];
-      const op = isNum(w) ? Math.min(1, 0.25 + 3 * Math.sqrt(Math.max(w, 0))) : 0.5;
-      rug.appendChild(sv('line', { x1: f.sx(x), x2: f.sx(x), y1: base, y2: base - 8, stroke: '#c23a3a', 'stroke-opacity': op.toFixed(2) }));
-    }));
-    f.plot.appendChild(rug);
-    legend(f, [{ label: 'density', color: '#3461c9' }, { label: 'Ritz values', color: '#c23a3a' }]);
+    if (!isFinite(xlo) || xlo === xhi) { xlo = isFinite(xlo) ? xlo - 1 : 0; xhi = xlo + 2; }
+    const floor = log ? Math.max(peak * 1e-8, 1e-300) : 0;
+    const [ylo, yhi] = log ? [floor, peak > 0 ? peak * 2 : 1] : [0, (peak || 1) * 1.05];
+    const steps = (first && first.lanczos_steps) || r.lanczos_steps;
+    const s2 = (first && first.sigma2) || r.sigma2;
+    const f = frame({ op: 'density', title: 'Spectral density (SLQ' + (steps ? ', ' + steps + ' Lanczos steps' : '') + (isNum(s2) ? ', σ² = ' + fmt(s2, 3) : '') + ')',
+      x: { lo: xlo, hi: xhi, label: 'eigenvalue' },
+      y: { lo: ylo, hi: yhi, log, label: log ? 'density (log)' : 'density' } });
+    const base = f.sy(ylo);
+    const single = series.length === 1;
+    series.forEach((s, si) => {
+      const color = PALETTE[si % PALETTE.length];
+      const pts = s.grid.map((x, i) => {
+        const v = isNum(s.values[i]) ? s.values[i] : 0;
+        return [f.sx(x), f.sy(log ? Math.max(v, floor) : v)];
+      });
+      if (!pts.length) return;
+      if (single) {
+        f.plot.appendChild(sv('path', { class: 'area', d: pathOf(pts) + 'L' + pts[pts.length - 1][0].toFixed(2) + ',' + base + 'L' + pts[0][0].toFixed(2) + ',' + base + 'Z',
+          fill: color, 'fill-opacity': 0.12, stroke: 'none' }));
+      }
+      f.plot.appendChild(sv('path', { class: 'series', d: pathOf(pts), fill: 'none', stroke: color, 'stroke-width': single ? 1.8 : 1.4,
+        'data-points': pts.length, 'data-label': s.label }));
+    });
+    if (single) {
+      // the Ritz values of the Lanczos runs as a rug (their weights as opacity)
+      const s = series[0];
+      const rug = sv('g', { class: 'rug' });
+      s.nodes.forEach((run, k) => (run || []).forEach((x, i) => {
+        if (!isNum(x) || x < xlo || x > xhi) return;
+        const w = (s.weights[k] || [])[i];
+        const op = isNum(w) ? Math.min(1, 0.25 + 3 * Math.sqrt(Math.max(w, 0))) : 0.5;
+        rug.appendChild(sv('line', { x1: f.sx(x), x2: f.sx(x), y1: base, y2: base - 8, stroke: '#c23a3a', 'stroke-opacity': op.toFixed(2) }));
+      }));
+      f.plot.appendChild(rug);
+      legend(f, [{ label: s.label, color: PALETTE[0] }, { label: 'Ritz values', color: '#c23a3a' }]);
+    } else {
+      legend(f, series.map((s, i) => ({ label: s.label, color: PALETTE[i % PALETTE.length] })));
+    }
     return f.svg;
   }
-
-  const PALETTE = ['#3461c9', '#e08a1e', '#1f8a4c', '#c23a3a', '#7b4fc9', '#2a9db0', '#8a6d3b'];
 
   function eigenPlot(series, r) {
     const n = Math.max(1, ...series.map((s) => s.ys.length));

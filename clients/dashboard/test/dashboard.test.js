@@ -127,6 +127,41 @@ async function submitPreset(page, preset, extra) {
     check('GSNR per layer plot', gsnr.length === 2, gsnr.length);
     await page.screenshot({ path: SHOT.replace(/\.png$/, '-snr.png'), fullPage: false });
 
+    // ---- per-layer densities: one curve per layer
+    await page.selectOption('#op', 'density');
+    await page.selectOption('#blocks', 'layer');
+    await page.selectOption('#curvature', '');
+    await page.fill('#options', '{"lanczos_steps": 30, "grid_points": 80}');
+    await page.click('#submit');
+    await page.waitForFunction(() => document.querySelectorAll('#plot svg.plot[data-op="density"] path.series').length === 2
+      && /blocks/.test(document.querySelector('#summary').textContent), null, { timeout: 30000 });
+    const labels = await page.$$eval('#plot svg.plot[data-op="density"] path.series', (p) => p.map((x) => x.getAttribute('data-label')));
+    check('per-layer densities: one curve per layer', labels.join() === 'layer 0,layer 2', labels.join());
+    await page.screenshot({ path: SHOT.replace(/\.png$/, '-layers.png'), fullPage: false });
+
+    // ---- a dense matrix (canvas heat map) and a vector (gradient) on the small demo model
+    await page.selectOption('#blocks', 'full');
+    await page.selectOption('#model', 'demo-regression');
+    await page.selectOption('#dataset', 'regression');
+    await page.selectOption('#op', 'dense');
+    await page.fill('#options', '{}');
+    await page.click('#submit');
+    await page.waitForSelector('#plot canvas[data-op="dense"]', { timeout: 30000 });
+    const px = await page.$eval('#plot canvas[data-op="dense"]', (c) => {
+      const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+      let colored = 0;
+      for (let i = 0; i < d.length; i += 4) if (d[i] !== 255 || d[i + 1] !== 255 || d[i + 2] !== 255) colored++;
+      return { w: c.width, h: c.height, colored };
+    });
+    check('dense heat map drawn (114x114)', px.w === 114 && px.h === 114 && px.colored > 1000, JSON.stringify(px));
+    await page.screenshot({ path: SHOT.replace(/\.png$/, '-dense.png'), fullPage: false });
+    await page.selectOption('#op', 'gradient');
+    await page.click('#submit');
+    await page.waitForSelector('#plot svg.plot[data-op="gradient"] path.series', { timeout: 30000 });
+    check('gradient vector plot', true);
+    await page.selectOption('#model', 'demo-mlp');
+    await page.selectOption('#dataset', 'digits');
+
     // ---- a job the server refuses: its error message and field are shown
     await page.selectOption('#op', 'eigen');
     await page.fill('#options', '{"k": 3, "bogus_option": 1}');

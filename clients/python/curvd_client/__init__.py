@@ -10,7 +10,7 @@ Standard library only.  The PyTorch helpers live in
                    options={"max_probes": 30})
     print(job.wait(timeout=60)["trace"])
 
-See clients/README.md for the full tour.
+See the "Clients" section of the top-level README for the full tour.
 """
 from .client import (TERMINAL_STATUSES, Client, CurvdError, Job, JobFailed, JobTimeout,
                      Progress)

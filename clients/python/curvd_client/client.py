@@ -22,7 +22,7 @@ import urllib.request
 import uuid
 from pathlib import PurePath
 from typing import (Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional,
-                    Tuple, Union)
+                    Tuple, Union, cast)
 
 __all__ = ["Client", "Job", "Progress", "CurvdError", "JobFailed", "JobTimeout",
            "TERMINAL_STATUSES"]
@@ -138,7 +138,7 @@ def _architecture_text(arch: ArchitectureLike) -> str:
     if isinstance(arch, str) and arch.lstrip().startswith("{"):
         return arch
     if isinstance(arch, (str, PurePath)) or hasattr(arch, "__fspath__"):
-        with open(os.fspath(arch), "r", encoding="utf-8") as f:  # type: ignore[arg-type]
+        with open(os.fspath(arch), "r", encoding="utf-8") as f:
             return f.read()
     raise TypeError("architecture must be a dict, JSON text or a file path, not %s"
                     % type(arch).__name__)
@@ -232,7 +232,8 @@ class Client:
             text = raw.decode("utf-8", "replace").strip()[:500]
             return CurvdError(status, "http_%d" % status, text or "HTTP %d" % status)
 
-    def _json(self, method: str, path: str, payload: Any = None, **kw: Any) -> Any:
+    def _json(self, method: str, path: str, payload: Any = None, **kw: Any) -> Dict[str, Any]:
+        """Sends a request (a JSON ``payload`` or a raw ``body=``); the answer's JSON object."""
         body = None
         ctype = kw.pop("content_type", None)
         if payload is not None:
@@ -240,8 +241,15 @@ class Client:
             ctype = "application/json"
         elif "body" in kw:
             body = kw.pop("body")
-        _, _, raw = self.request(method, path, body=body, content_type=ctype, **kw)
-        return json.loads(raw.decode("utf-8")) if raw else {}
+        status, _, raw = self.request(method, path, body=body, content_type=ctype, **kw)
+        try:
+            doc = json.loads(raw.decode("utf-8")) if raw else {}
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise CurvdError(status, "invalid_response", "%s %s: the answer is not a JSON object: %r"
+                             % (method, path, raw[:200]))
+        return doc
 
     @staticmethod
     def _name(name: str) -> str:
@@ -258,7 +266,7 @@ class Client:
 
     def ops(self) -> Dict[str, List[str]]:
         """``GET /v1/ops``: ``{"ops": [...], "curvatures": [...]}`` the server supports."""
-        return self._json("GET", "/v1/ops")
+        return cast(Dict[str, List[str]], self._json("GET", "/v1/ops"))
 
     def metrics(self) -> str:
         """``GET /metrics``: the Prometheus text exposition."""
@@ -268,7 +276,7 @@ class Client:
 
     def list_models(self) -> List[Dict[str, Any]]:
         """Registered models (short descriptions), sorted by name."""
-        return self._json("GET", "/v1/models")["models"]
+        return cast(List[Dict[str, Any]], self._json("GET", "/v1/models")["models"])
 
     def get_model(self, name: str) -> Dict[str, Any]:
         """A model's description: architecture, parameter names/shapes, version, ..."""
@@ -324,7 +332,7 @@ class Client:
 
     def list_datasets(self) -> List[Dict[str, Any]]:
         """Registered datasets, sorted by name."""
-        return self._json("GET", "/v1/datasets")["datasets"]
+        return cast(List[Dict[str, Any]], self._json("GET", "/v1/datasets")["datasets"])
 
     def get_dataset(self, name: str) -> Dict[str, Any]:
         """A dataset's description: n, x shape, y kind/dtype/shape, version."""
@@ -408,9 +416,9 @@ class Client:
                   dataset: Optional[str] = None, op: Optional[str] = None,
                   limit: Optional[int] = None) -> List[Dict[str, Any]]:
         """Jobs (oldest first, without results), optionally filtered."""
-        return self._json("GET", "/v1/jobs", query={"status": status, "model": model,
-                                                    "dataset": dataset, "op": op,
-                                                    "limit": limit})["jobs"]
+        doc = self._json("GET", "/v1/jobs", query={"status": status, "model": model,
+                                                   "dataset": dataset, "op": op, "limit": limit})
+        return cast(List[Dict[str, Any]], doc["jobs"])
 
     def run(self, job: Optional[Mapping[str, Any]] = None, *, timeout: Optional[float] = None,
             poll: float = 1.0, on_progress: Optional[Callable[["Job"], None]] = None,
@@ -493,7 +501,7 @@ class Job:
             self.refresh()  # the 202 answer to a submission carries no result
         if self.info.get("status") != "succeeded":
             raise JobFailed(self.info)
-        return self.info["result"]
+        return cast(Dict[str, Any], self.info["result"])
 
     @property
     def result(self) -> Dict[str, Any]:

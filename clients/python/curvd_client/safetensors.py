@@ -112,7 +112,7 @@ class Tensor:
             a = array.array({"F32": "f", "F64": "d", "I64": "q", "I32": "i"}[self.dtype])
             if a.itemsize == DTYPE_SIZES[self.dtype]:
                 a.frombytes(self.data)
-                return a.tolist()
+                return list(a.tolist())
         return list(struct.unpack("<%d%s" % (n, _STRUCT[self.dtype]), self.data))
 
     def tolist(self) -> Any:

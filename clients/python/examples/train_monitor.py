@@ -263,15 +263,16 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
 
     print("\n step   lambda_max      trace (± stderr)      gamma_snr   lambda_snr")
+    nan = float("nan")
     for step in sorted(versions):
-        e = res.get("eigen", {}).get(step)
-        t = res.get("trace", {}).get(step)
-        n = res.get("snr", {}).get(step)
-        d = (n or {}).get("directions") or [{}]
+        eig = res.get("eigen", {}).get(step)
+        tr = res.get("trace", {}).get(step)
+        snr = res.get("snr", {}).get(step)
+        top = ((snr or {}).get("directions") or [{}])[0]
         print("%5d  %11.5g  %11.5g ± %-8.3g  %10.4g  %10.4g" % (
-            step, e["eigenvalues"][0] if e else float("nan"), t["trace"] if t else float("nan"),
-            t.get("stderr", float("nan")) if t else float("nan"),
-            d[0].get("gamma_snr") or float("nan"), d[0].get("lambda_snr") or float("nan")))
+            step, eig["eigenvalues"][0] if eig else nan, tr["trace"] if tr else nan,
+            tr.get("stderr", nan) if tr else nan,
+            top.get("gamma_snr") or nan, top.get("lambda_snr") or nan))
     plot(args.out, loss_steps, losses, res, acc)
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,149 @@
+#!/bin/sh
+# e2e_dashboard.sh - the web dashboard served by curvd at / (clients/dashboard).
+#
+# Usage: sh tests/e2e_dashboard.sh build/curvd
+# Starts `curvd serve --port 0` on 127.0.0.1; checks the static routes with
+# curl (GET /, GET /dashboard/{file}, content types, 404/405) and the README's
+# dashboard block; then drives the page in headless Chromium with
+# playwright-core (clients/dashboard/test/dashboard.test.js): submit a density
+# job from the form, wait for the SVG plot, check that it drew the curve,
+# screenshot to build/dashboard.png; then the eigen, per-layer trace and SNR
+# presets, a refused job and a cancel.
+#
+# Needs Debian's chromium (installed here with apt-get when missing and run as
+# root) and npm's playwright-core (installed into build/npm from
+# clients/dashboard/test/package.json + package-lock.json).  Only when chromium
+# cannot be installed is the browser part skipped, with a message saying so.
+# $CHROMIUM overrides /usr/bin/chromium.  Ends with "N passed, M failed".
+set -u
+CURVD=${1:-build/curvd}
+case "$CURVD" in /*) ;; *) CURVD="$(pwd)/$CURVD" ;; esac
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+T=$(mktemp -d "${TMPDIR:-/tmp}/curvd-dash.XXXXXX")
+PASS=0
+FAIL=0
+DPID=""
+cleanup() {
+  [ -n "$DPID" ] && kill -9 "$DPID" 2>/dev/null
+  if [ -n "${E2E_KEEP:-}" ]; then echo "kept $T" >&2; else rm -rf "$T"; fi
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+ok() { PASS=$((PASS + 1)); [ -z "${VERBOSE:-}" ] || echo "ok: $1" >&2; }
+bad() { FAIL=$((FAIL + 1)); echo "FAIL: $*" >&2; }
+check() { n=$1; shift; if "$@"; then ok "$n"; else bad "$n"; fi; }
+finish() { echo "$PASS passed, $FAIL failed"; [ "$FAIL" = 0 ]; exit $?; }
+
+# ---- daemon ---------------------------------------------------------------------
+"$CURVD" serve --port 0 --bind 127.0.0.1 2> "$T/daemon.log" &
+DPID=$!
+i=0
+PORT=""
+while [ $i -lt 200 ] && [ -z "$PORT" ]; do
+  PORT=$(sed -n 's/^curvd: listening on http:\/\/127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$T/daemon.log")
+  kill -0 "$DPID" 2>/dev/null || break
+  [ -n "$PORT" ] || sleep 0.1
+  i=$((i + 1))
+done
+if [ -z "$PORT" ]; then bad "daemon did not start: $(cat "$T/daemon.log")"; finish; fi
+BASE="http://127.0.0.1:$PORT"
+
+# ---- the static routes (curl) ----------------------------------------------------------
+# get METHOD PATH: status -> stdout, body -> $T/body, headers -> $T/hdr
+get() { curl -s -S --max-time 20 -X "$1" -o "$T/body" -D "$T/hdr" -w '%{http_code}' "$BASE$2" 2>"$T/curl.err" || echo 000; }
+hdr() { tr -d '\r' < "$T/hdr" | grep -i "^$1:" | head -1 | sed 's/^[^:]*: *//'; }
+check "GET / is 200" [ "$(get GET /)" = 200 ]
+check "GET / is text/html" sh -c "echo '$(hdr content-type)' | grep -q '^text/html'"
+check "GET / references the script and the stylesheet" sh -c "grep -q '/dashboard/app.js' '$T/body' && grep -q '/dashboard/style.css' '$T/body'"
+check "GET / has no external resources" sh -c "! grep -Eiq '(src|href)=\"(https?:)?//' '$T/body'"
+check "GET / Cache-Control no-cache" [ "$(hdr cache-control)" = no-cache ]
+for f in app.js style.css index.html; do
+  check "GET /dashboard/$f is 200" [ "$(get GET "/dashboard/$f")" = 200 ]
+  cmp -s "$T/body" "$ROOT/clients/dashboard/$f" && ok "/dashboard/$f is the file in clients/dashboard" \
+    || bad "/dashboard/$f differs from clients/dashboard/$f (rebuild build/curvd?)"
+done
+get GET /dashboard/app.js > /dev/null
+check "app.js is text/javascript" sh -c "echo '$(hdr content-type)' | grep -q '^text/javascript'"
+check "app.js uses no external URL" sh -c "! grep -Eq '(fetch|src|href)[ (=]*.(https?:)?//' '$ROOT/clients/dashboard/app.js'"
+get GET /dashboard/style.css > /dev/null
+check "style.css is text/css" sh -c "echo '$(hdr content-type)' | grep -q '^text/css'"
+check "unknown dashboard file is 404" [ "$(get GET /dashboard/nope.js)" = 404 ]
+check "404 is the JSON error" grep -q '"code":"not_found"' "$T/body"
+check "HEAD / is 200" [ "$(curl -s -o /dev/null -I -w '%{http_code}' "$BASE/")" = 200 ]
+check "POST / is 405" [ "$(get POST /)" = 405 ]
+check "405 Allow: GET" [ "$(hdr allow)" = GET ]
+check "no traversal out of the embedded files" [ "$(get GET /dashboard/..%2Fhttp.c)" = 404 ]
+
+# the README's dashboard block, as written (URL replaced)
+awk '$0 == "<!-- test: dashboard -->" { s = 1; next } s == 1 && /^```/ { s = 2; next }
+     s == 2 && /^```/ { exit } s == 2 { print }' "$ROOT/README.md" \
+  | sed "s#http://127.0.0.1:8080#$BASE#g" > "$T/readme.sh"
+if [ -s "$T/readme.sh" ] && [ "$(sh -e "$T/readme.sh" 2>&1)" = 1 ]; then ok "README dashboard block"; else
+  bad "README dashboard block: $(cat "$T/readme.sh")"
+fi
+
+# ---- chromium ---------------------------------------------------------------------------
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+if [ ! -x "$CHROMIUM" ] && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then
+  echo "e2e_dashboard: installing Debian's chromium (apt-get install chromium)" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; } > "$T/apt.log" 2>&1 \
+    || echo "e2e_dashboard: apt-get failed: $(tail -3 "$T/apt.log")" >&2
+fi
+if [ ! -x "$CHROMIUM" ]; then
+  echo "SKIP: browser part of the dashboard test: chromium is not installed and could not be installed" >&2
+  echo "      (as root: apt-get install chromium; or set CHROMIUM=/path/to/chromium)" >&2
+  finish
+fi
+ok "chromium available ($("$CHROMIUM" --version 2>/dev/null | head -1))"
+
+# ---- playwright-core (npm) into build/npm ------------------------------------------------------
+NODE=$(command -v node || true)
+NPM=$(command -v npm || true)
+if [ -z "$NODE" ] || [ -z "$NPM" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then
+    echo "e2e_dashboard: installing nodejs and npm" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm > "$T/apt2.log" 2>&1 || true
+  fi
+  NODE=$(command -v node || true)
+  NPM=$(command -v npm || true)
+fi
+if [ -z "$NODE" ]; then bad "node is missing (apt-get install nodejs npm)"; finish; fi
+NPMDIR="$ROOT/build/npm"
+if [ ! -f "$NPMDIR/node_modules/playwright-core/package.json" ] \
+   || ! cmp -s "$ROOT/clients/dashboard/test/package.json" "$NPMDIR/package.json"; then
+  if [ -z "$NPM" ]; then bad "npm is missing (apt-get install npm)"; finish; fi
+  mkdir -p "$NPMDIR"
+  cp "$ROOT/clients/dashboard/test/package.json" "$ROOT/clients/dashboard/test/package-lock.json" "$NPMDIR/"
+  echo "e2e_dashboard: npm ci playwright-core into build/npm" >&2
+  if ! ( cd "$NPMDIR" && timeout 240 "$NPM" ci --no-audit --no-fund --loglevel=error ) > "$T/npm.log" 2>&1; then
+    ( cd "$NPMDIR" && timeout 240 "$NPM" install --no-audit --no-fund --loglevel=error ) >> "$T/npm.log" 2>&1
+  fi
+fi
+if [ -f "$NPMDIR/node_modules/playwright-core/package.json" ]; then ok "playwright-core installed"; else
+  bad "playwright-core could not be installed: $(tail -5 "$T/npm.log" 2>/dev/null)"
+  finish
+fi
+
+# ---- the browser test ---------------------------------------------------------------------------
+mkdir -p "$ROOT/build"
+SHOT="$ROOT/build/dashboard.png"
+rm -f "$SHOT"
+CHROMIUM="$CHROMIUM" NODE_PATH="$NPMDIR/node_modules" timeout 120 "$NODE" \
+  "$ROOT/clients/dashboard/test/dashboard.test.js" "$BASE" "$SHOT" > "$T/node.out" 2>&1
+rc=$?
+grep -v ' passed, [0-9]* failed$' "$T/node.out" >&2
+line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$T/node.out" | tail -1)
+if [ -n "$line" ]; then
+  np=${line%% passed*}
+  nf=${line#* passed, }
+  nf=${nf%% failed*}
+  PASS=$((PASS + np))
+  FAIL=$((FAIL + nf))
+  [ "$rc" = 0 ] || [ "$nf" != 0 ] || bad "browser test exited $rc"
+else
+  bad "browser test crashed (exit $rc): $(tail -c 1500 "$T/node.out")"
+fi
+check "screenshot build/dashboard.png is a PNG" sh -c "head -c 8 '$SHOT' | od -An -c | grep -q 'P   N   G'"
+kill -0 "$DPID" 2>/dev/null && ok "daemon alive" || bad "daemon died: $(tail -5 "$T/daemon.log")"
+finish
