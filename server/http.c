@@ -381,16 +381,17 @@ out:
     cJSON_Delete(j);
 }
 
-static void h_models_list(req *r)
+/* List, describe and delete work the same for models and datasets. */
+static void list_snaps(req *r, cv_reg_kind kind, const char *key)
 {
     cv_snap **v;
-    int n = cv_registry_list(r->h->reg, CV_REG_MODEL, &v);
+    int n = cv_registry_list(r->h->reg, kind, &v);
     if (n < 0) {
         reply_oom(r);
         return;
     }
     cJSON *root = cJSON_CreateObject();
-    cJSON *arr = root ? cJSON_AddArrayToObject(root, "models") : NULL;
+    cJSON *arr = root ? cJSON_AddArrayToObject(root, key) : NULL;
     int ok = arr != NULL;
     for (int i = 0; ok && i < n; i++) {
         cJSON *o = cv_snap_to_json(v[i], 0);
@@ -406,10 +407,10 @@ static void h_models_list(req *r)
     reply_json(r, 200, root);
 }
 
-static void h_model_get(req *r)
+static void get_snap(req *r, cv_reg_kind kind)
 {
     cv_err e;
-    cv_snap *s = cv_registry_get(r->h->reg, CV_REG_MODEL, r->param, &e);
+    cv_snap *s = cv_registry_get(r->h->reg, kind, r->param, &e);
     if (!s) {
         reply_err(r, &e);
         return;
@@ -417,21 +418,28 @@ static void h_model_get(req *r)
     reply_snap(r, 200, s, 1, NULL);
 }
 
-static void h_model_delete(req *r)
+static void delete_snap(req *r, cv_reg_kind kind, const char *what)
 {
     cv_err e;
-    if (cv_registry_delete(r->h->reg, CV_REG_MODEL, r->param, &e)) {
+    if (cv_registry_delete(r->h->reg, kind, r->param, &e)) {
         reply_err(r, &e);
         return;
     }
     cJSON *j = cJSON_CreateObject();
     if (j && (!cJSON_AddStringToObject(j, "deleted", r->param) ||
-              !cJSON_AddStringToObject(j, "kind", "model"))) {
+              !cJSON_AddStringToObject(j, "kind", what))) {
         cJSON_Delete(j);
         j = NULL;
     }
     reply_json(r, 200, j);
 }
+
+static void h_models_list(req *r) { list_snaps(r, CV_REG_MODEL, "models"); }
+static void h_model_get(req *r) { get_snap(r, CV_REG_MODEL); }
+static void h_model_delete(req *r) { delete_snap(r, CV_REG_MODEL, "model"); }
+static void h_datasets_list(req *r) { list_snaps(r, CV_REG_DATASET, "datasets"); }
+static void h_dataset_get(req *r) { get_snap(r, CV_REG_DATASET); }
+static void h_dataset_delete(req *r) { delete_snap(r, CV_REG_DATASET, "dataset"); }
 
 static void h_model_params_put(req *r)
 {
@@ -573,42 +581,6 @@ static void h_datasets_post(req *r)
     cJSON_Delete(j);
 }
 
-static void h_datasets_list(req *r)
-{
-    cv_snap **v;
-    int n = cv_registry_list(r->h->reg, CV_REG_DATASET, &v);
-    if (n < 0) {
-        reply_oom(r);
-        return;
-    }
-    cJSON *root = cJSON_CreateObject();
-    cJSON *arr = root ? cJSON_AddArrayToObject(root, "datasets") : NULL;
-    int ok = arr != NULL;
-    for (int i = 0; ok && i < n; i++) {
-        cJSON *o = cv_snap_to_json(v[i], 0);
-        ok = o && cJSON_AddItemToArray(arr, o);
-        if (!ok)
-            cJSON_Delete(o);
-    }
-    cv_snaps_release(v, n);
-    if (!ok) {
-        cJSON_Delete(root);
-        root = NULL;
-    }
-    reply_json(r, 200, root);
-}
-
-static void h_dataset_get(req *r)
-{
-    cv_err e;
-    cv_snap *s = cv_registry_get(r->h->reg, CV_REG_DATASET, r->param, &e);
-    if (!s) {
-        reply_err(r, &e);
-        return;
-    }
-    reply_snap(r, 200, s, 1, NULL);
-}
-
 static void h_dataset_put(req *r)
 {
     cv_err e;
@@ -626,22 +598,6 @@ static void h_dataset_put(req *r)
         return;
     }
     reply_snap(r, created ? 201 : 200, s, 1, "/v1/datasets");
-}
-
-static void h_dataset_delete(req *r)
-{
-    cv_err e;
-    if (cv_registry_delete(r->h->reg, CV_REG_DATASET, r->param, &e)) {
-        reply_err(r, &e);
-        return;
-    }
-    cJSON *j = cJSON_CreateObject();
-    if (j && (!cJSON_AddStringToObject(j, "deleted", r->param) ||
-              !cJSON_AddStringToObject(j, "kind", "dataset"))) {
-        cJSON_Delete(j);
-        j = NULL;
-    }
-    reply_json(r, 200, j);
 }
 
 static void h_dataset_data_get(req *r)
