@@ -208,16 +208,6 @@ def test_torch_models(c, tmp):
     r = c.run(op="loss", model="py-cnn", dataset="py-cnn-data", timeout=30)
     check("CNN loss == torch (eval mode)", abs(r["loss"] - float(nn.CrossEntropyLoss()(cnn(xc), yc))) < 1e-4, r)
 
-    # the exporter agrees with the tests' own reference exporter
-    try:
-        import torchref
-        same = all(export_architecture(m, l, s) == torchref.arch_json(m, s, l)
-                   for m, l, s in ((model, loss_fn, [6]), (cnn, nn.CrossEntropyLoss(), [1, 8, 8])))
-        check("export_architecture == tests/torchref.arch_json", same)
-        check("state_dict_bytes == tests/torchref.safetensors_bytes",
-              state_dict_bytes(cnn) == torchref.safetensors_bytes(cnn.state_dict()))
-    except ImportError as e:
-        print("note: tests/torchref.py not importable (%s); comparison skipped" % e)
 
 
 def test_export_errors():
@@ -570,7 +560,7 @@ def main():
             t = time.time()
             try:
                 fn()
-            except Exception as e:  # a crash in one group is one failure, the rest still run
+            except Exception:  # a crash in one group is one failure, the rest still run
                 import traceback
                 check("%s (no exception)" % name, False, traceback.format_exc()[-1500:])
             if VERBOSE:

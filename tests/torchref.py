@@ -1,7 +1,8 @@
 """torchref.py - PyTorch reference helpers for curvd's end-to-end tests.
 
-Writes safetensors by hand (Debian has no `safetensors` module), exports an
-nn.Sequential + loss to curvd's architecture JSON, and computes reference
+Exports an nn.Sequential + loss with the Python client's exporter
+(clients/python/curvd_client/torch_export.py, so every e2e test exercises it),
+reads safetensors by hand (Debian has no `safetensors` module), and computes reference
 quantities with torch.autograd (double-backward HVPs, dense Hessians/GGNs).
 """
 import json
@@ -9,7 +10,13 @@ import struct
 import subprocess
 import os
 
+import sys
+
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "clients",
+                                "python"))
+from curvd_client.torch_export import export_architecture, safetensors_bytes  # noqa: E402,F401
 
 RESULTS = {"passed": 0, "failed": 0}
 VERBOSE = os.environ.get("VERBOSE") == "1"
@@ -37,28 +44,6 @@ def summary():
     return 1 if RESULTS["failed"] else 0
 
 
-DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
-          torch.int32: "I32", torch.float16: "F16", torch.bfloat16: "BF16"}
-
-
-def safetensors_bytes(tensors):
-    """Serialize {name: tensor} like the reference safetensors writer."""
-    header, blobs, off = {}, [], 0
-    for name, t in tensors.items():
-        t = t.detach().contiguous().cpu()
-        if t.dtype == torch.bfloat16:
-            raw = t.view(torch.int16).numpy().tobytes()
-        else:
-            raw = t.numpy().tobytes()
-        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [off, off + len(raw)]}
-        blobs.append(raw)
-        off += len(raw)
-    h = json.dumps(header, separators=(",", ":")).encode()
-    h += b" " * ((8 - len(h) % 8) % 8)
-    return struct.pack("<Q", len(h)) + h + b"".join(blobs)
-
-
 def read_safetensors(path):
     """{name: float64/int64 tensor} from a safetensors file (F64, F32, I64)."""
     with open(path, "rb") as f:
@@ -77,50 +62,8 @@ def read_safetensors(path):
     return out
 
 
-def layer_json(m):
-    """Architecture JSON of one torch module (the types curvd supports)."""
-    n = type(m).__name__
-    if n == "Linear":
-        return {"type": n, "in_features": m.in_features, "out_features": m.out_features,
-                "bias": m.bias is not None}
-    if n == "Conv2d":
-        return {"type": n, "in_channels": m.in_channels, "out_channels": m.out_channels,
-                "kernel_size": list(m.kernel_size), "stride": list(m.stride),
-                "padding": list(m.padding), "dilation": list(m.dilation),
-                "groups": m.groups, "bias": m.bias is not None}
-    if n in ("MaxPool2d", "AvgPool2d"):
-        d = {"type": n, "kernel_size": m.kernel_size, "stride": m.stride,
-             "padding": m.padding, "ceil_mode": m.ceil_mode}
-        if n == "MaxPool2d":
-            d["dilation"] = m.dilation
-        else:
-            d["count_include_pad"] = m.count_include_pad
-        return d
-    if n == "AdaptiveAvgPool2d":
-        return {"type": n, "output_size": m.output_size}
-    if n in ("BatchNorm1d", "BatchNorm2d"):
-        return {"type": n, "num_features": m.num_features, "eps": m.eps, "affine": m.affine}
-    if n == "LeakyReLU":
-        return {"type": n, "negative_slope": m.negative_slope}
-    if n == "ELU":
-        return {"type": n, "alpha": m.alpha}
-    if n == "GELU":
-        return {"type": n, "approximate": m.approximate}
-    if n == "Softplus":
-        return {"type": n, "beta": m.beta, "threshold": m.threshold}
-    if n == "Flatten":
-        return {"type": n, "start_dim": m.start_dim, "end_dim": m.end_dim}
-    if n == "Dropout":
-        return {"type": n, "p": m.p}
-    if n in ("ReLU", "Tanh", "Sigmoid", "Identity"):
-        return {"type": n}
-    raise ValueError("unsupported module " + n)
-
-
 def arch_json(model, input_shape, loss):
-    return {"input_shape": list(input_shape),
-            "layers": [layer_json(m) for m in model],
-            "loss": {"type": type(loss).__name__, "reduction": loss.reduction}}
+    return export_architecture(model, loss, list(input_shape))
 
 
 def write_case(d, model, input_shape, loss, x, y):
