@@ -109,7 +109,6 @@ def slq(pb, steps=100):
     v /= v.norm()
     V = [v]
     alpha, beta = [], []
-    w_prev = None
     for i in range(steps):
         w = pb.hvp(V[-1])
         a = float(w @ V[-1])
