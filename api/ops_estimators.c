@@ -316,9 +316,8 @@ int cv_op_add_actual_change(cv_op_ctx *c, const cv_block *b, const double *step,
 {
     if (!cv_opt_bool(c->options, "actual_change", 0))
         return 0;
-    cv_err_clear(e);
-    double after = cv_curv_loss_at(c->curv, b, step, e);
-    if (e->status != CV_OK)
+    double after;
+    if (cv_curv_loss_at(c->curv, b, step, &after, e))
         return -1;
     cJSON_AddNumberToObject(out, "actual_change", after - cv_curv_loss(c->curv));
     return 0;

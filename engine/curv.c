@@ -545,13 +545,12 @@ int cv_curv_dense(cv_curv *c, cv_curvature kind, const cv_block *b, size_t max_d
     return rc;
 }
 
-double cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, cv_err *e)
+int cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, double *loss,
+                    cv_err *e)
 {
     cv_model tmp;
-    if (cv_model_clone(c->m, &tmp)) {
-        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "model copy");
-        return 0;
-    }
+    if (cv_model_clone(c->m, &tmp))
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "model copy");
     size_t o = 0;
     for (int i = 0; i < b->count; i++) {
         const cv_tensor_info *t = cv_model_param(&tmp, b->idx[i]);
@@ -559,10 +558,12 @@ double cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, cv_err
             tmp.params[t->offset + q] += (float)step[o++];
     }
     cv_curv *c2 = cv_curv_new(&tmp, c->b, &c->opt, e);
-    double loss = c2 ? c2->loss : 0;
+    int rc = c2 ? 0 : -1;
+    if (c2)
+        *loss = c2->loss;
     cv_curv_free(c2);
     cv_model_free(&tmp);
-    return loss;
+    return rc;
 }
 
 /* ---- building blocks for factor-based methods ------------------------------ */

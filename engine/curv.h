@@ -103,8 +103,10 @@ int cv_curv_per_sample_gradients(cv_curv *c, const cv_block *b, double *G, cv_er
 int cv_curv_dense(cv_curv *c, cv_curvature kind, const cv_block *b, size_t max_dim, double *A,
                   cv_err *e);
 
-/* Loss of the model with parameters theta + step on block b (same batch). */
-double cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, cv_err *e);
+/* *loss = loss of the model with parameters theta + step on block b (same
+ * batch).  Returns 0, or -1 with e filled. */
+int cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, double *loss,
+                    cv_err *e);
 
 /* ---- building blocks for factor-based methods (ViViT, Kronecker factors) ----
  * Cotangent/tangent blocks at the network output are float, k x N x C

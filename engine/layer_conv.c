@@ -1,7 +1,9 @@
 /* layer_conv.c - kernels of torch.nn.Conv2d (stride, padding, dilation,
- * groups, bias): y = W * x + b with W [out, in/groups, kh, kw].  Every kernel
- * unfolds one sample at a time (im2col, K x P) and runs per-group sgemm;
- * input cotangents go back through col2im. */
+ * groups, bias): y = W * x + b with W [out, in/groups, kh, kw].  Kernels work
+ * on chunks of S samples unfolded (im2col) side by side into one K x S*P
+ * matrix, and the k vectors' weight terms share one GEMM (k*cout rows), so
+ * every product is a few large sgemm calls; outputs are scattered back to
+ * NCHW, cotangents gathered channel-major and folded back through col2im. */
 #include "layer.h"
 
 #include <cblas.h>
@@ -11,7 +13,9 @@
 
 #include "im2col.h"
 
-#define CV_CONV_GRAM_BUDGET ((size_t)1 << 22) /* floats, default per chunk */
+#define CV_CONV_GRAM_BUDGET ((size_t)1 << 22)  /* floats, default per chunk */
+#define CV_CONV_CHUNK_COLS 2048                /* target S*P columns of a chunk */
+#define CV_CONV_CHUNK_FLOATS ((size_t)1 << 22) /* cap of one chunk matrix */
 
 typedef struct {
     cv_conv_geom g;
@@ -48,10 +52,34 @@ static conv_dims dims_of(const cv_layer_ctx *c)
     return d;
 }
 
+/* Samples per chunk for k vectors: about CV_CONV_CHUNK_COLS columns, with the
+ * unfolded chunk (K x S*P) and the k*cout x S*P outputs within the cap. */
+static int chunk_samples(const conv_dims *d, int n, int k)
+{
+    size_t P = (size_t)d->P, rows = (size_t)k * d->cout;
+    size_t s = CV_CONV_CHUNK_COLS / P;
+    if (rows < (size_t)d->K)
+        rows = (size_t)d->K;
+    if (s * rows * P > CV_CONV_CHUNK_FLOATS)
+        s = CV_CONV_CHUNK_FLOATS / (rows * P);
+    if (s < 1)
+        s = 1;
+    return s < (size_t)n ? (int)s : n;
+}
+
+/* Scratch of a chunk of S samples: the unfolded chunk, the k*cout x S*P
+ * outputs or cotangents, and k stacked weight matrices. */
+static size_t chunk_need(const conv_dims *d, int k, int S)
+{
+    size_t m = (size_t)S * d->P;
+    return m * d->K + m * k * d->cout + (size_t)k * d->wnumel;
+}
+
 static size_t conv_work(const cv_layer_ctx *c, int k)
 {
     conv_dims d = dims_of(c);
-    return (size_t)d.K * d.P;
+    size_t a = chunk_need(&d, k, chunk_samples(&d, c->n, k)), b = (size_t)d.K * d.P;
+    return a > b ? a : b;
 }
 
 /* Scratch of `need` floats: the driver's work buffer, NULL if it is too small. */
@@ -60,205 +88,307 @@ static float *scratch(const cv_layer_ctx *c, size_t need)
     return c->work && c->work_floats >= need ? c->work : NULL;
 }
 
+typedef struct {
+    int S;      /* samples per chunk */
+    float *u;   /* K x S*P: an unfolded chunk */
+    float *t;   /* k*cout x S*P: outputs or cotangents, row (j, o), column (s, p) */
+    float *ws;  /* k x wnumel: stacked weight directions or gradients */
+} conv_chunk;
+
+/* Splits the work buffer for k vectors; -1 if it is too small. */
+static int chunk_scratch(const cv_layer_ctx *c, const conv_dims *d, int k, conv_chunk *ch)
+{
+    int S = chunk_samples(d, c->n, k);
+    while (S > 1 && chunk_need(d, k, S) > c->work_floats)
+        S--;
+    ch->u = scratch(c, chunk_need(d, k, S));
+    if (!ch->u)
+        return -1;
+    ch->S = S;
+    ch->t = ch->u + (size_t)S * d->P * d->K;
+    ch->ws = ch->t + (size_t)S * d->P * k * d->cout;
+    return 0;
+}
+
 static void fill_nan(float *p, size_t len)
 {
     for (size_t i = 0; i < len; i++)
         p[i] = NAN;
 }
 
-/* y (cout x P) = W cols (+ beta y), per group. */
-static void gemm_w_cols(const conv_dims *d, const float *W, const float *cols, float beta,
-                        float *y)
+/* T (cout x m, ld lt) = W cols (+ beta T) per group; cols K x m with ld lc. */
+static void gemm_w_cols(const conv_dims *d, const float *W, const float *cols, size_t lc, int m,
+                        float beta, float *T, size_t lt)
 {
     for (int g = 0; g < d->groups; g++)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, d->og, d->P, d->kg, 1.0f,
-                    W + (size_t)g * d->og * d->kg, d->kg, cols + (size_t)g * d->kg * d->P, d->P,
-                    beta, y + (size_t)g * d->og * d->P, d->P);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, d->og, m, d->kg, 1.0f,
+                    W + (size_t)g * d->og * d->kg, d->kg, cols + (size_t)g * d->kg * lc,
+                    (int)lc, beta, T + (size_t)g * d->og * lt, (int)lt);
 }
 
-/* cols (K x P) = W^T gy, per group: the unfolded input cotangent. */
-static void gemm_wt_gy(const conv_dims *d, const float *W, const float *gy, float *cols)
+/* cols (K x m, ld lc) = W^T T per group: unfolded input cotangents. */
+static void gemm_wt_t(const conv_dims *d, const float *W, const float *T, size_t lt, int m,
+                      float *cols, size_t lc)
 {
     for (int g = 0; g < d->groups; g++)
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d->kg, d->P, d->og, 1.0f,
-                    W + (size_t)g * d->og * d->kg, d->kg, gy + (size_t)g * d->og * d->P, d->P,
-                    0.0f, cols + (size_t)g * d->kg * d->P, d->P);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d->kg, m, d->og, 1.0f,
+                    W + (size_t)g * d->og * d->kg, d->kg, T + (size_t)g * d->og * lt, (int)lt,
+                    0.0f, cols + (size_t)g * d->kg * lc, (int)lc);
 }
 
-/* gW (cout x kg) = gy cols^T (+ beta gW), per group: the weight gradient. */
-static void gemm_gy_colst(const conv_dims *d, const float *gy, const float *cols, float beta,
-                          float *gW)
+/* gW (cout x kg) = T cols^T (+ beta gW) per group: the weight gradient. */
+static void gemm_t_colst(const conv_dims *d, const float *T, size_t lt, const float *cols,
+                         size_t lc, int m, float beta, float *gW)
 {
     for (int g = 0; g < d->groups; g++)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, d->og, d->kg, d->P, 1.0f,
-                    gy + (size_t)g * d->og * d->P, d->P, cols + (size_t)g * d->kg * d->P, d->P,
-                    beta, gW + (size_t)g * d->og * d->kg, d->kg);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, d->og, d->kg, m, 1.0f,
+                    T + (size_t)g * d->og * lt, (int)lt, cols + (size_t)g * d->kg * lc,
+                    (int)lc, beta, gW + (size_t)g * d->og * d->kg, d->kg);
 }
 
-static void add_bias(const conv_dims *d, const float *b, float *y)
-{
-    for (int o = 0; o < d->cout; o++)
-        for (int p = 0; p < d->P; p++)
-            y[(size_t)o * d->P + p] += b[o];
-}
-
-/* gb[o] += sum_p gy[o, p] */
-static void bias_sums(const conv_dims *d, const float *gy, float *gb)
+/* gb[o] += sum of row o of T (cout x m, ld lt). */
+static void row_sums(const conv_dims *d, const float *T, size_t lt, size_t m, float *gb)
 {
     for (int o = 0; o < d->cout; o++) {
-        const float *r = gy + (size_t)o * d->P;
+        const float *r = T + (size_t)o * lt;
         float s = 0;
-        for (int p = 0; p < d->P; p++)
+        for (size_t p = 0; p < m; p++)
             s += r[p];
         gb[o] += s;
     }
 }
 
+/* u (K x S*P) = the unfolded S samples at x (stride in_numel). */
+static void unfold_chunk(const cv_layer_ctx *c, const conv_dims *d, const float *x, int S,
+                         float *u)
+{
+    size_t ld = (size_t)S * d->P;
+    for (int s = 0; s < S; s++)
+        cv_im2col_ld(&d->g, x + (size_t)s * c->in_numel, 0, d->K, u + (size_t)s * d->P, ld);
+}
+
+/* x = (x +) the fold of S samples' unfolded cotangents u (K x S*P). */
+static void fold_chunk(const cv_layer_ctx *c, const conv_dims *d, const float *u, int S, int add,
+                       float *x)
+{
+    size_t ld = (size_t)S * d->P;
+    if (!add)
+        memset(x, 0, sizeof(float) * S * c->in_numel);
+    for (int s = 0; s < S; s++)
+        cv_col2im_add_ld(&d->g, u + (size_t)s * d->P, ld, x + (size_t)s * c->in_numel);
+}
+
+/* y_(j, n0+s) = T rows (j, .), columns of s (+ b_j) for k vectors and the S
+ * samples [n0, n0 + S); b_j = b + j*bstride (b NULL: no bias). */
+static void scatter_chunk(const cv_layer_ctx *c, const conv_dims *d, int k, int n0, int S,
+                          const float *T, const float *b, size_t bstride, float *y)
+{
+    size_t lt = (size_t)S * d->P;
+    for (int j = 0; j < k; j++)
+        for (int s = 0; s < S; s++)
+            for (int o = 0; o < d->cout; o++) {
+                const float *src = T + ((size_t)j * d->cout + o) * lt + (size_t)s * d->P;
+                float *dst = y + ((size_t)j * c->n + n0 + s) * c->out_numel + (size_t)o * d->P;
+                float bo = b ? b[(size_t)j * bstride + o] : 0.0f;
+                for (int p = 0; p < d->P; p++)
+                    dst[p] = src[p] + bo;
+            }
+}
+
+/* T rows (j, .) = the cotangents gy_(j, n0+s), channel-major: the adjoint
+ * layout of scatter_chunk. */
+static void gather_chunk(const cv_layer_ctx *c, const conv_dims *d, int k, int n0, int S,
+                         const float *gy, float *T)
+{
+    size_t lt = (size_t)S * d->P;
+    for (int j = 0; j < k; j++)
+        for (int s = 0; s < S; s++)
+            for (int o = 0; o < d->cout; o++)
+                memcpy(T + ((size_t)j * d->cout + o) * lt + (size_t)s * d->P,
+                       gy + ((size_t)j * c->n + n0 + s) * c->out_numel + (size_t)o * d->P,
+                       sizeof(float) * d->P);
+}
+
 static int conv_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     conv_dims d = dims_of(c);
-    float *cols = malloc(sizeof(float) * (size_t)d.K * d.P);
-    if (!cols)
+    int S = chunk_samples(&d, c->n, 1);
+    size_t m = (size_t)S * d.P;
+    float *u = malloc(sizeof(float) * m * (d.K + (size_t)d.cout));
+    if (!u)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Conv2d unfold (%zu floats)",
-                          (size_t)d.K * d.P);
-    for (int n = 0; n < c->n; n++) {
-        float *yn = y + (size_t)n * c->out_numel;
-        cv_im2col(&d.g, c->x + (size_t)n * c->in_numel, 0, d.K, cols);
-        gemm_w_cols(&d, c->theta, cols, 0.0f, yn);
-        if (d.has_bias)
-            add_bias(&d, c->theta + d.wnumel, yn);
+                          m * (d.K + (size_t)d.cout));
+    float *T = u + m * d.K;
+    for (int n0 = 0; n0 < c->n; n0 += S) {
+        int s = c->n - n0 < S ? c->n - n0 : S;
+        unfold_chunk(c, &d, c->x + (size_t)n0 * c->in_numel, s, u);
+        gemm_w_cols(&d, c->theta, u, (size_t)s * d.P, s * d.P, 0.0f, T, (size_t)s * d.P);
+        scatter_chunk(c, &d, 1, n0, s, T, d.has_bias ? c->theta + d.wnumel : NULL, 0, y);
     }
-    free(cols);
+    free(u);
     return 0;
 }
 
-/* gx_s = conv_transpose(gy_s, W) for `count` samples s (gx += if add). */
-static void input_cotangent(const cv_layer_ctx *c, const conv_dims *d, int count,
-                            const float *W, const float *gy, size_t gy_stride, float *gx,
-                            float *cols, int add)
+/* Copies the weight parts of k parameter vectors into Ws (k x wnumel). */
+static void stack_weights(const cv_layer_ctx *c, const conv_dims *d, int k, const float *v,
+                          float *Ws)
 {
-    for (int s = 0; s < count; s++) {
-        float *g = gx + (size_t)s * c->in_numel;
-        if (!add)
-            memset(g, 0, sizeof(float) * c->in_numel);
-        gemm_wt_gy(d, W, gy + (size_t)s * gy_stride, cols);
-        cv_col2im_add(&d->g, cols, g);
+    for (int j = 0; j < k; j++)
+        memcpy(Ws + (size_t)j * d->wnumel, v + (size_t)j * c->nparam,
+               sizeof(float) * d->wnumel);
+}
+
+/* Weight gradients of a chunk for all k cotangents T (rows (j, o)) against
+ * the unfolded inputs u: one GEMM into the stacked Ws when groups == 1. */
+static void weight_grads(const cv_layer_ctx *c, const conv_dims *d, int k, const float *T,
+                         const float *u, int m, float beta, float *Ws, float *gtheta)
+{
+    if (d->groups == 1) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, k * d->cout, d->K, m, 1.0f, T, m,
+                    u, m, beta, Ws, d->K);
+        return;
     }
+    for (int j = 0; j < k; j++)
+        gemm_t_colst(d, T + (size_t)j * d->cout * m, m, u, m, m, beta,
+                     gtheta + (size_t)j * c->nparam);
 }
 
 static void conv_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, float *gtheta)
 {
     conv_dims d = dims_of(c);
     int n = c->n;
-    float *cols = scratch(c, conv_work(c, k));
-    if (!cols) {
+    conv_chunk ch;
+    if (chunk_scratch(c, &d, k, &ch)) {
         if (gx)
             fill_nan(gx, (size_t)k * n * c->in_numel);
         if (gtheta)
             fill_nan(gtheta, (size_t)k * c->nparam);
         return;
     }
-    if (gx)
-        input_cotangent(c, &d, k * n, c->theta, gy, c->out_numel, gx, cols, 0);
-    if (!gtheta)
-        return;
-    for (int i = 0; i < n; i++) {
-        cv_im2col(&d.g, c->x + (size_t)i * c->in_numel, 0, d.K, cols);
-        for (int j = 0; j < k; j++)
-            gemm_gy_colst(&d, gy + ((size_t)j * n + i) * c->out_numel, cols, i ? 1.0f : 0.0f,
-                          gtheta + (size_t)j * c->nparam);
-    }
-    if (d.has_bias)
-        for (int j = 0; j < k; j++) {
-            float *gb = gtheta + (size_t)j * c->nparam + d.wnumel;
-            memset(gb, 0, sizeof(float) * (size_t)d.cout);
-            for (int i = 0; i < n; i++)
-                bias_sums(&d, gy + ((size_t)j * n + i) * c->out_numel, gb);
+    for (int j = 0; gtheta && d.has_bias && j < k; j++)
+        memset(gtheta + (size_t)j * c->nparam + d.wnumel, 0, sizeof(float) * d.cout);
+    for (int n0 = 0; n0 < n; n0 += ch.S) {
+        int S = n - n0 < ch.S ? n - n0 : ch.S, m = S * d.P;
+        gather_chunk(c, &d, k, n0, S, gy, ch.t);
+        for (int j = 0; gx && j < k; j++) {
+            gemm_wt_t(&d, c->theta, ch.t + (size_t)j * d.cout * m, m, m, ch.u, m);
+            fold_chunk(c, &d, ch.u, S, 0, gx + ((size_t)j * n + n0) * c->in_numel);
         }
+        if (!gtheta)
+            continue;
+        unfold_chunk(c, &d, c->x + (size_t)n0 * c->in_numel, S, ch.u);
+        weight_grads(c, &d, k, ch.t, ch.u, m, n0 ? 1.0f : 0.0f, ch.ws, gtheta);
+        for (int j = 0; d.has_bias && j < k; j++)
+            row_sums(&d, ch.t + (size_t)j * d.cout * m, m, m,
+                     gtheta + (size_t)j * c->nparam + d.wnumel);
+    }
+    for (int j = 0; gtheta && d.groups == 1 && j < k; j++)
+        memcpy(gtheta + (size_t)j * c->nparam, ch.ws + (size_t)j * d.wnumel,
+               sizeof(float) * d.wnumel);
 }
 
-/* ry_j += conv(x, V_j) + b_j: the parameter direction's tangent. */
-static void param_tangent(const cv_layer_ctx *c, const conv_dims *d, int k, const float *vtheta,
-                          float beta, float *ry, float *cols)
+/* T rows (j, .) = conv(x, V_j) over a chunk: one GEMM with the stacked Ws
+ * when groups == 1. */
+static void weight_tangents(const cv_layer_ctx *c, const conv_dims *d, int k, const float *Ws,
+                            const float *vtheta, const float *u, int m, float *T)
 {
-    int n = c->n;
-    for (int i = 0; i < n; i++) {
-        cv_im2col(&d->g, c->x + (size_t)i * c->in_numel, 0, d->K, cols);
-        for (int j = 0; j < k; j++) {
-            const float *V = vtheta + (size_t)j * c->nparam;
-            float *r = ry + ((size_t)j * n + i) * c->out_numel;
-            gemm_w_cols(d, V, cols, beta, r);
-            if (d->has_bias)
-                add_bias(d, V + d->wnumel, r);
-        }
+    if (d->groups == 1) {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, k * d->cout, m, d->K, 1.0f, Ws,
+                    d->K, u, m, 0.0f, T, m);
+        return;
     }
+    for (int j = 0; j < k; j++)
+        gemm_w_cols(d, vtheta + (size_t)j * c->nparam, u, m, m, 0.0f,
+                    T + (size_t)j * d->cout * m, m);
 }
 
+/* ry_j = conv(rx_j, W) + conv(x, V_j) + b_j. */
 static void conv_jvp(const cv_layer_ctx *c, int k, const float *rx, const float *vtheta,
                      float *ry)
 {
     conv_dims d = dims_of(c);
-    size_t len = (size_t)k * c->n * c->out_numel;
-    float *cols = scratch(c, conv_work(c, k));
-    if (!cols) {
+    int n = c->n;
+    size_t len = (size_t)k * n * c->out_numel;
+    conv_chunk ch;
+    if (!rx && !vtheta) {
+        memset(ry, 0, sizeof(float) * len);
+        return;
+    }
+    if (chunk_scratch(c, &d, k, &ch)) {
         fill_nan(ry, len);
         return;
     }
-    if (rx)
-        for (int s = 0; s < k * c->n; s++) {
-            cv_im2col(&d.g, rx + (size_t)s * c->in_numel, 0, d.K, cols);
-            gemm_w_cols(&d, c->theta, cols, 0.0f, ry + (size_t)s * c->out_numel);
+    if (vtheta && d.groups == 1)
+        stack_weights(c, &d, k, vtheta, ch.ws);
+    for (int n0 = 0; n0 < n; n0 += ch.S) {
+        int S = n - n0 < ch.S ? n - n0 : ch.S, m = S * d.P;
+        if (vtheta) {
+            unfold_chunk(c, &d, c->x + (size_t)n0 * c->in_numel, S, ch.u);
+            weight_tangents(c, &d, k, ch.ws, vtheta, ch.u, m, ch.t);
         }
-    if (vtheta)
-        param_tangent(c, &d, k, vtheta, rx ? 1.0f : 0.0f, ry, cols);
-    if (!rx && !vtheta)
-        memset(ry, 0, sizeof(float) * len);
+        for (int j = 0; rx && j < k; j++) {
+            unfold_chunk(c, &d, rx + ((size_t)j * n + n0) * c->in_numel, S, ch.u);
+            gemm_w_cols(&d, c->theta, ch.u, m, m, vtheta ? 1.0f : 0.0f,
+                        ch.t + (size_t)j * d.cout * m, m);
+        }
+        scatter_chunk(c, &d, k, n0, S, ch.t, vtheta && d.has_bias ? vtheta + d.wnumel : NULL,
+                      c->nparam, ry);
+    }
 }
 
 /* R-op terms of the bilinear map (x, W) -> W * x:
- * gx_j += conv_transpose(gy, V_j), gW_j += sum_n gy_n unfold(rx_jn)^T. */
+ * gx_j += conv_transpose(gy, V_j), gW_j += sum_n gy_n unfold(rx_jn)^T.
+ * The gradient cotangent gy of a chunk is gathered once for all j. */
 static void conv_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
                            const float *vtheta, float *gx_add, float *gtheta_add)
 {
     conv_dims d = dims_of(c);
     int n = c->n;
-    float *cols = scratch(c, conv_work(c, k));
-    if (!cols) {
+    conv_chunk ch;
+    int do_gx = gx_add && vtheta, do_gt = gtheta_add && rx;
+    if (!do_gx && !do_gt)
+        return;
+    if (chunk_scratch(c, &d, 1, &ch)) {
         if (gx_add)
             fill_nan(gx_add, (size_t)k * n * c->in_numel);
         if (gtheta_add)
             fill_nan(gtheta_add, (size_t)k * c->nparam);
         return;
     }
-    for (int j = 0; j < k; j++) {
-        if (gx_add && vtheta)
-            input_cotangent(c, &d, n, vtheta + (size_t)j * c->nparam, gy, c->out_numel,
-                            gx_add + (size_t)j * n * c->in_numel, cols, 1);
-        if (gtheta_add && rx)
-            for (int i = 0; i < n; i++) {
-                cv_im2col(&d.g, rx + ((size_t)j * n + i) * c->in_numel, 0, d.K, cols);
-                gemm_gy_colst(&d, gy + (size_t)i * c->out_numel, cols, 1.0f,
-                              gtheta_add + (size_t)j * c->nparam);
+    for (int n0 = 0; n0 < n; n0 += ch.S) {
+        int S = n - n0 < ch.S ? n - n0 : ch.S, m = S * d.P;
+        gather_chunk(c, &d, 1, n0, S, gy, ch.t);
+        for (int j = 0; j < k; j++) {
+            size_t q = (size_t)j * n + n0;
+            if (do_gx) {
+                gemm_wt_t(&d, vtheta + (size_t)j * c->nparam, ch.t, m, m, ch.u, m);
+                fold_chunk(c, &d, ch.u, S, 1, gx_add + q * c->in_numel);
             }
+            if (do_gt) {
+                unfold_chunk(c, &d, rx + q * c->in_numel, S, ch.u);
+                gemm_t_colst(&d, ch.t, m, ch.u, m, m, 1.0f, gtheta_add + (size_t)j * c->nparam);
+            }
+        }
     }
 }
 
 static void conv_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
 {
     conv_dims d = dims_of(c);
-    float *cols = scratch(c, conv_work(c, 1));
-    if (!cols) {
+    float *buf = scratch(c, (size_t)d.K * d.P);
+    if (!buf) {
         fill_nan(G, (size_t)c->n * c->nparam);
         return;
     }
     for (int i = 0; i < c->n; i++) {
         const float *g = gy + (size_t)i * c->out_numel;
         float *out = G + (size_t)i * c->nparam;
-        cv_im2col(&d.g, c->x + (size_t)i * c->in_numel, 0, d.K, cols);
-        gemm_gy_colst(&d, g, cols, 0.0f, out);
+        size_t ld;
+        const float *cols = x_cols(c, &d, i, 1, buf, &ld);
+        gemm_t_colst(&d, g, d.P, cols, ld, d.P, 0.0f, out);
         if (d.has_bias) {
             memset(out + d.wnumel, 0, sizeof(float) * (size_t)d.cout);
-            bias_sums(&d, g, out + d.wnumel);
+            row_sums(&d, g, d.P, d.P, out + d.wnumel);
         }
     }
 }
@@ -278,14 +408,19 @@ static void gram_fill(const cv_layer_ctx *c, const conv_dims *d, int k, const fl
                       const gram_chunk *ch, float *U, float *B)
 {
     int n = c->n, wr = ch->b - ch->a, width = (ch->o1 - ch->o0) * wr;
-    int row0 = ch->g * d->kg;
+    int row0 = ch->g * d->kg + ch->a;
+    size_t ld = c->d1 ? (size_t)n * d->P : (size_t)d->P;
     for (int i = 0; i < n; i++) {
-        cv_im2col(&d->g, c->x + (size_t)i * c->in_numel, row0 + ch->a, row0 + ch->b, U);
+        const float *u = U;
+        if (c->d1)
+            u = c->d1 + (size_t)row0 * ld + (size_t)i * d->P;
+        else
+            cv_im2col(&d->g, c->x + (size_t)i * c->in_numel, row0, row0 + wr, U);
         for (int j = 0; j < k; j++) {
             size_t r = (size_t)j * n + i;
             const float *g = gy + r * c->out_numel + (size_t)(ch->g * d->og + ch->o0) * d->P;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ch->o1 - ch->o0, wr, d->P,
-                        1.0f, g, d->P, U, d->P, 0.0f, B + r * width, wr);
+                        1.0f, g, d->P, u, (int)ld, 0.0f, B + r * width, wr);
         }
     }
 }
@@ -312,7 +447,7 @@ static int gram_weight(const cv_layer_ctx *c, const conv_dims *d, int k, const f
                        double *G)
 {
     size_t R = (size_t)k * c->n, cap;
-    float *U = scratch(c, conv_work(c, k));
+    float *U = scratch(c, (size_t)d->K * d->P);
     float *B = gram_buffer(R, R * d->wnumel, c->gram_budget, &cap);
     if (!U || !B) {
         free(B);
@@ -344,7 +479,7 @@ static int gram_bias(const cv_layer_ctx *c, const conv_dims *d, int k, const flo
     if (!S)
         return -1;
     for (size_t r = 0; r < R; r++)
-        bias_sums(d, gy + r * c->out_numel, S + r * d->cout);
+        row_sums(d, gy + r * c->out_numel, d->P, d->P, S + r * d->cout);
     cv_gram_add_rows((int)R, d->cout, S, G);
     free(S);
     return 0;
