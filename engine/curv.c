@@ -266,25 +266,37 @@ static int ensure_layer_work(cv_curv *c, int l, int k, cv_err *e)
     return 0;
 }
 
+static void drop_grad(cv_curv *c)
+{
+    free(c->grad);
+    c->grad = NULL;
+    for (int l = 0; l < c->L; l++) {
+        free(c->gy[l]);
+        c->gy[l] = NULL;
+    }
+}
+
+/* The backward pass of the loss: dL/dtheta and the cotangent of every
+ * layer's output (the Hessian's R-op terms need them).  Once per engine. */
 static int ensure_grad(cv_curv *c, cv_err *e)
 {
     if (c->have_grad)
         return 0;
+    int ok = 1;
     c->grad = calloc(c->m->nparams_total, sizeof(float));
-    c->gy[c->L - 1] = malloc(sizeof(float) * (size_t)c->n * c->C);
-    if (!c->grad || !c->gy[c->L - 1])
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient");
+    for (int l = 0; l < c->L; l++)
+        ok &= (c->gy[l] = malloc(sizeof(float) * (size_t)c->n * c->numel[l + 1])) != NULL;
+    if (!ok || !c->grad) {
+        drop_grad(c);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient and cotangents");
+    }
     memcpy(c->gy[c->L - 1], c->gh, sizeof(float) * (size_t)c->n * c->C);
     for (int l = c->L - 1; l >= 0; l--) {
-        float *gx = NULL;
-        if (l > 0) {
-            gx = c->gy[l - 1] = malloc(sizeof(float) * (size_t)c->n * c->numel[l]);
-            if (!gx)
-                return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient cotangents");
-        }
-        if (ensure_layer_work(c, l, 1, e))
+        if (ensure_layer_work(c, l, 1, e)) {
+            drop_grad(c);
             return -1;
-        c->ops[l]->vjp(&c->ctx[l], 1, c->gy[l], gx,
+        }
+        c->ops[l]->vjp(&c->ctx[l], 1, c->gy[l], l > 0 ? c->gy[l - 1] : NULL,
                        c->ctx[l].nparam ? c->grad + c->poff[l] : NULL);
     }
     c->have_grad = 1;

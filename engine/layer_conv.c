@@ -383,9 +383,8 @@ static void conv_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
     for (int i = 0; i < c->n; i++) {
         const float *g = gy + (size_t)i * c->out_numel;
         float *out = G + (size_t)i * c->nparam;
-        size_t ld;
-        const float *cols = x_cols(c, &d, i, 1, buf, &ld);
-        gemm_t_colst(&d, g, d.P, cols, ld, d.P, 0.0f, out);
+        cv_im2col(&d.g, c->x + (size_t)i * c->in_numel, 0, d.K, buf);
+        gemm_t_colst(&d, g, d.P, buf, d.P, d.P, 0.0f, out);
         if (d.has_bias) {
             memset(out + d.wnumel, 0, sizeof(float) * (size_t)d.cout);
             row_sums(&d, g, d.P, d.P, out + d.wnumel);
@@ -408,19 +407,14 @@ static void gram_fill(const cv_layer_ctx *c, const conv_dims *d, int k, const fl
                       const gram_chunk *ch, float *U, float *B)
 {
     int n = c->n, wr = ch->b - ch->a, width = (ch->o1 - ch->o0) * wr;
-    int row0 = ch->g * d->kg + ch->a;
-    size_t ld = c->d1 ? (size_t)n * d->P : (size_t)d->P;
+    int row0 = ch->g * d->kg;
     for (int i = 0; i < n; i++) {
-        const float *u = U;
-        if (c->d1)
-            u = c->d1 + (size_t)row0 * ld + (size_t)i * d->P;
-        else
-            cv_im2col(&d->g, c->x + (size_t)i * c->in_numel, row0, row0 + wr, U);
+        cv_im2col(&d->g, c->x + (size_t)i * c->in_numel, row0 + ch->a, row0 + ch->b, U);
         for (int j = 0; j < k; j++) {
             size_t r = (size_t)j * n + i;
             const float *g = gy + r * c->out_numel + (size_t)(ch->g * d->og + ch->o0) * d->P;
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, ch->o1 - ch->o0, wr, d->P,
-                        1.0f, g, d->P, u, (int)ld, 0.0f, B + r * width, wr);
+                        1.0f, g, d->P, U, d->P, 0.0f, B + r * width, wr);
         }
     }
 }
