@@ -14,8 +14,7 @@
 #include "im2col.h"
 
 #define CV_CONV_GRAM_BUDGET ((size_t)1 << 22)  /* floats, default per chunk */
-#define CV_CONV_CHUNK_COLS 2048                /* target S*P columns of a chunk */
-#define CV_CONV_CHUNK_FLOATS ((size_t)1 << 22) /* cap of one chunk matrix */
+#define CV_CONV_CHUNK_FLOATS ((size_t)1 << 21) /* unfolded chunk + its outputs */
 
 typedef struct {
     cv_conv_geom g;
@@ -52,16 +51,12 @@ static conv_dims dims_of(const cv_layer_ctx *c)
     return d;
 }
 
-/* Samples per chunk for k vectors: about CV_CONV_CHUNK_COLS columns, with the
- * unfolded chunk (K x S*P) and the k*cout x S*P outputs within the cap. */
+/* Samples per chunk for k vectors: the unfolded chunk (K x S*P) and the
+ * k*cout x S*P outputs together within CV_CONV_CHUNK_FLOATS. */
 static int chunk_samples(const conv_dims *d, int n, int k)
 {
-    size_t P = (size_t)d->P, rows = (size_t)k * d->cout;
-    size_t s = CV_CONV_CHUNK_COLS / P;
-    if (rows < (size_t)d->K)
-        rows = (size_t)d->K;
-    if (s * rows * P > CV_CONV_CHUNK_FLOATS)
-        s = CV_CONV_CHUNK_FLOATS / (rows * P);
+    size_t per = (size_t)d->P * (d->K + (size_t)k * d->cout);
+    size_t s = CV_CONV_CHUNK_FLOATS / per;
     if (s < 1)
         s = 1;
     return s < (size_t)n ? (int)s : n;

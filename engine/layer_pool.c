@@ -58,6 +58,34 @@ static void maxpool_plane(const cv_layer *L, int H, int W, int OH, int OW, const
     }
 }
 
+/* maxpool_plane for the common 2x2 window, stride 2, no padding or dilation,
+ * every window inside the plane: the same scan order and NaN rule. */
+static void maxpool_plane_2x2(int W, int OH, int OW, const float *x, float *y, int *idx)
+{
+    for (int oy = 0; oy < OH; oy++)
+        for (int ox = 0; ox < OW; ox++) {
+            int b = 2 * oy * W + 2 * ox, cand[3] = {b + 1, b + W, b + W + 1}, best = b;
+            float mv = x[b];
+            for (int t = 0; t < 3; t++) {
+                float v = x[cand[t]];
+                if (v > mv || isnan(v)) {
+                    mv = v;
+                    best = cand[t];
+                }
+            }
+            y[oy * OW + ox] = mv;
+            idx[oy * OW + ox] = best;
+        }
+}
+
+static int is_plain_2x2(const cv_layer_ctx *c)
+{
+    const cv_layer *L = c->L;
+    return L->kernel[0] == 2 && L->kernel[1] == 2 && L->stride[0] == 2 && L->stride[1] == 2 &&
+           L->padding[0] == 0 && L->padding[1] == 0 && L->dilation[0] == 1 &&
+           L->dilation[1] == 1 && 2 * OH_(c) <= H_(c) && 2 * OW_(c) <= W_(c);
+}
+
 static int maxpool_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     size_t planes = (size_t)c->n * C_(c), op = (size_t)OH_(c) * OW_(c),
@@ -67,9 +95,13 @@ static int maxpool_forward(cv_layer_ctx *c, float *y, cv_err *e)
     if (!c->idx)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "MaxPool2d indices (%zu)",
                           planes * op);
+    int fast = is_plain_2x2(c);
     for (size_t q = 0; q < planes; q++)
-        maxpool_plane(c->L, H_(c), W_(c), OH_(c), OW_(c), c->x + q * ip, y + q * op,
-                      c->idx + q * op);
+        if (fast)
+            maxpool_plane_2x2(W_(c), OH_(c), OW_(c), c->x + q * ip, y + q * op, c->idx + q * op);
+        else
+            maxpool_plane(c->L, H_(c), W_(c), OH_(c), OW_(c), c->x + q * ip, y + q * op,
+                          c->idx + q * op);
     return 0;
 }
 
