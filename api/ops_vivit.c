@@ -11,8 +11,12 @@
  * eigenproblem but not the backpropagation.  Non-finite numbers (an SNR
  * with zero variance) are written as null.
  *
+ * Every result carrying the factor says how its Gram was built: gram_path
+ * "kernel" (per-layer kernels, V never formed) or "explicit" (V column by
+ * column, for blocks with a layer that has no Gram kernel).
  * Defaults: eigen gram returns every eigenvalue above the threshold (k caps
- * it; residuals |G e - lambda e| come with return_vectors); snr uses the top
+ * it) and always the residuals |G e - lambda e| (the eigenvectors are formed
+ * for them: 3k Jacobian passes; returned with return_vectors); snr uses the top
  * k = C directions; newton vivit: mode directional, k "all", damping 1.0 (or
  * "bootstrap": 100 resamples, 200-point log grid 1e-4..1e2, 5th percentile,
  * seeded from the job seed). */
@@ -137,6 +141,7 @@ static void factor_json(const cv_vivit *v, cJSON *out)
     cJSON_AddNumberToObject(out, "columns", v->R);
     cJSON_AddNumberToObject(out, "curvature_samples", v->ns);
     cJSON_AddNumberToObject(out, "mc_columns", v->mc);
+    cJSON_AddStringToObject(out, "gram_path", cv_vivit_gram_path_name(v->gram_path));
     if (v->ns < v->n) {
         cJSON *idx = cJSON_AddArrayToObject(out, "curvature_indices");
         for (int i = 0; i < v->ns; i++)
@@ -174,7 +179,7 @@ static int gram_residuals(cv_vivit *v, int k, const double *E, double *res, cv_e
     return rc;
 }
 
-static int eigen_vectors_json(cv_vivit *v, int k, cJSON *out, cv_err *e)
+static int eigen_vectors_json(cv_vivit *v, int k, int vectors, cJSON *out, cv_err *e)
 {
     double *E = malloc(sizeof(double) * (size_t)(k ? k : 1) * v->dim);
     double *res = malloc(sizeof(double) * (size_t)(k ? k : 1));
@@ -185,7 +190,8 @@ static int eigen_vectors_json(cv_vivit *v, int k, cJSON *out, cv_err *e)
         rc = gram_residuals(v, k, E, res, e);
     if (!rc) {
         cJSON_AddItemToObject(out, "residuals", cv_json_doubles(res, (size_t)k));
-        cJSON_AddItemToObject(out, "eigenvectors", cv_json_columns(E, v->dim, k));
+        if (vectors)
+            cJSON_AddItemToObject(out, "eigenvectors", cv_json_columns(E, v->dim, k));
     }
     free(E);
     free(res);
@@ -215,8 +221,8 @@ int cv_op_eigen_gram(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
         cJSON_AddNumberToObject(out, "converged", k);
         cJSON_AddNumberToObject(out, "iterations", 0);
     }
-    if (!rc && cv_opt_bool(c->options, "return_vectors", 0))
-        rc = eigen_vectors_json(&v, k, out, e);
+    if (!rc) /* residuals always (contract), the vectors only when asked */
+        rc = eigen_vectors_json(&v, k, cv_opt_bool(c->options, "return_vectors", 0), out, e);
     cv_vivit_free(&v);
     free(subset);
     return rc;

@@ -62,6 +62,12 @@ void cv_vivit_damping_default(cv_vivit_damping *d)
     d->damping = 1.0;
 }
 
+const char *cv_vivit_gram_path_name(int path)
+{
+    return path == CV_VIVIT_GRAM_KERNEL ? "kernel" : path == CV_VIVIT_GRAM_EXPLICIT ? "explicit"
+                                                                                : "none";
+}
+
 static int cmp_int(const void *a, const void *b)
 {
     int x = *(const int *)a, y = *(const int *)b;
@@ -209,6 +215,7 @@ static int gram_kernel(cv_vivit *v, cv_err *e)
         return -1;
     }
     vv_count(v->progress, m);
+    v->gram_path = CV_VIVIT_GRAM_KERNEL;
     if (nj == v->ns) {
         v->gram = G;
         return 0;
@@ -254,6 +261,7 @@ static int gram_explicit(cv_vivit *v, cv_err *e)
         vv_count(v->progress, kk);
     }
     if (!rc) {
+        v->gram_path = CV_VIVIT_GRAM_EXPLICIT;
         cblas_dsyrk(CblasColMajor, CblasUpper, CblasTrans, (int)R, (int)D, 1.0, V, (int)D, 0.0,
                     v->gram, (int)R);
         for (size_t a = 0; a < R; a++)

@@ -19,6 +19,7 @@
  * columns, index r = j*ns + i) is built by cv_curv_gram from per-layer
  * (a^T a) .* (s^T s) kernels without forming V; blocks with a layer lacking a
  * Gram kernel fall back to building V column by column (dim*R doubles).
+ * cv_vivit.gram_path records which of the two built it.
  * Nonzero eigenvalues of G are those of G~; e_k = V g~_k / sqrt(lambda_k).
  *
  * Directional derivatives along e_k (per-sample quantities are scaled by N so
@@ -55,6 +56,10 @@
 #define CV_VIVIT_MAX_COLUMNS 8192      /* default Gram size limit (~1.5 GiB at the limit) */
 #define CV_VIVIT_REL_THRESHOLD 1e-6    /* default clip: lambda <= 1e-6 * lambda_max */
 #define CV_VIVIT_EXPLICIT_MAX ((size_t)1 << 26) /* doubles of an explicit V (512 MiB) */
+
+enum { CV_VIVIT_GRAM_KERNEL = 1, CV_VIVIT_GRAM_EXPLICIT = 2 };
+/* "kernel" / "explicit" (JSON field gram_path) */
+const char *cv_vivit_gram_path_name(int path);
 
 typedef struct {
     int mc;                 /* 0: exact S (C columns per sample); M >= 1: M MC columns */
@@ -97,6 +102,10 @@ typedef struct {
     double threshold_used;  /* eigenvalues kept are > this */
     double threshold;       /* as asked (options) */
     cv_progress *progress;
+    int gram_path;          /* how the Gram was built: CV_VIVIT_GRAM_KERNEL (per-layer
+                               (a^T a) .* (s^T s) kernels, V never formed) or
+                               CV_VIVIT_GRAM_EXPLICIT (V column by column: a layer
+                               without a kernel, or options.explicit_factor) */
     /* A sub-batch engine handed over with cv_vivit_adopt_subset (freed with v). */
     cv_curv *own_jac;
     cv_batch own_batch;
