@@ -23,6 +23,14 @@ struct cv_registry {
     size_t max_bytes, bytes;
     slot *slots;
     int nslots, cap;
+    /* Retired snapshots (replaced or deleted) that someone else still held
+     * when they left their slot: the registry keeps one reference to each
+     * and counts their bytes against the budget until only that reference
+     * is left (the last job pinning them finished); sweep() drops them. */
+    cv_snap **retired;
+    int nretired, retired_cap;
+    size_t retired_bytes;
+    unsigned long lineages;   /* registrations so far (cv_snap.lineage) */
 };
 
 int cv_name_valid(const char *name)
@@ -69,6 +77,9 @@ void cv_registry_free(cv_registry *r)
         return;
     for (int i = 0; i < r->nslots; i++)
         cv_snap_unref(r->slots[i].cur);
+    for (int i = 0; i < r->nretired; i++)
+        cv_snap_unref(r->retired[i]);
+    free(r->retired);
     free(r->slots);
     pthread_mutex_destroy(&r->mu);
     free(r);
@@ -148,6 +159,56 @@ static slot *find_slot(cv_registry *r, cv_reg_kind kind, const char *name)
 
 static const char *kind_word(cv_reg_kind k) { return k == CV_REG_MODEL ? "model" : "dataset"; }
 
+/* Under r->mu: moves the registry's reference to s (just taken out of its
+ * slot) to the retired list if anyone besides the registry and `held` known
+ * callers still references it.  Returns s if the caller should drop the
+ * reference itself (after unlocking), NULL if the retired list kept it.  If
+ * the list cannot grow, the snapshot is simply not counted. */
+static cv_snap *retire_locked(cv_registry *r, cv_snap *s, int held)
+{
+    if (atomic_load(&s->refs) <= 1 + held)
+        return s;
+    if (r->nretired == r->retired_cap) {
+        int ncap = r->retired_cap ? 2 * r->retired_cap : 16;
+        cv_snap **nv = realloc(r->retired, sizeof *nv * (size_t)ncap);
+        if (!nv)
+            return s;
+        r->retired = nv;
+        r->retired_cap = ncap;
+    }
+    r->retired[r->nretired++] = s;
+    r->retired_bytes += s->bytes;
+    return NULL;
+}
+
+/* Under r->mu: takes out of the retired list one snapshot that only the
+ * list still references (the caller unrefs it after unlocking), or NULL. */
+static cv_snap *sweep_one_locked(cv_registry *r)
+{
+    for (int i = 0; i < r->nretired; i++) {
+        cv_snap *s = r->retired[i];
+        if (atomic_load(&s->refs) == 1) {
+            r->retired_bytes -= s->bytes;
+            r->retired[i] = r->retired[--r->nretired];
+            return s;
+        }
+    }
+    return NULL;
+}
+
+/* Frees every retired snapshot no job holds any more (takes the lock). */
+static void sweep(cv_registry *r)
+{
+    for (;;) {
+        pthread_mutex_lock(&r->mu);
+        cv_snap *s = sweep_one_locked(r);
+        pthread_mutex_unlock(&r->mu);
+        if (!s)
+            return;
+        cv_snap_unref(s);
+    }
+}
+
 static int budget_error(cv_registry *r, size_t need, size_t freed, const char *name, cv_err *e)
 {
     return cv_err_set(e, CV_ETOOLARGE, "registry_full", "",
@@ -158,13 +219,23 @@ static int budget_error(cv_registry *r, size_t need, size_t freed, const char *n
 }
 
 /* Inserts or replaces s under the lock.  replace: 0 = must not exist,
- * 1 = must exist, 2 = either.  On success the registry owns s's
- * reference; the replaced snapshot is returned in *old (unref outside). */
-static int install(cv_registry *r, cv_snap *s, int replace, int *created, cv_snap **old,
-                   cv_err *e)
+ * 1 = must exist, 2 = either.  expect (replace 1, may be NULL): the snapshot
+ * s was built from, which the caller holds a reference to; if the slot holds
+ * another one by now (DELETE and a new registration, or another PUT, came in
+ * between), 409 conflict.  On success the registry owns s's reference; the
+ * replaced snapshot is returned in *old (unref outside) unless it went to
+ * the retired list. */
+static int install(cv_registry *r, cv_snap *s, int replace, const cv_snap *expect,
+                   int *created, cv_snap **old, cv_err *e)
 {
     *old = NULL;
     slot *sl = find_slot(r, s->kind, s->name);
+    if (sl && replace == 1 && expect && sl->cur->lineage != expect->lineage)
+        return cv_err_set(e, CV_ECONFLICT, "conflict", "name",
+                          "%s '%s' was deleted and registered again while the request was "
+                          "processed (it now holds version %lu of the new registration); "
+                          "nothing was changed: check the %s and retry", kind_word(s->kind), s->name,
+                          sl->cur->version, kind_word(s->kind));
     if (sl && replace == 0)
         return cv_err_set(e, CV_ECONFLICT, "already_exists", "name",
                           "%s '%s' already exists (version %lu); %s", kind_word(s->kind),
@@ -176,13 +247,33 @@ static int install(cv_registry *r, cv_snap *s, int replace, int *created, cv_sna
     if (!sl && replace == 1)
         return cv_err_set(e, CV_ENOTFOUND, "not_found", "name", "%s '%s' not found",
                           kind_word(s->kind), s->name);
+    if (!sl && expect)
+        return cv_err_set(e, CV_ENOTFOUND, "not_found", "name",
+                          "%s '%s' was deleted while the request was processed",
+                          kind_word(s->kind), s->name);
     size_t freed = sl ? sl->cur->bytes : 0;
-    if (r->bytes - freed + s->bytes > r->max_bytes || s->bytes > r->max_bytes)
+    /* the current snapshot is only freed if no job (nor anyone but the
+     * caller) still holds it; otherwise it is retired and stays counted */
+    int held = expect && sl->cur == expect;
+    size_t really_freed = sl && atomic_load(&sl->cur->refs) <= 1 + held ? freed : 0;
+    if (s->bytes > r->max_bytes || r->bytes - freed + s->bytes > r->max_bytes)
         return budget_error(r, s->bytes, freed, s->name, e);
+    if (r->bytes + r->retired_bytes - really_freed + s->bytes > r->max_bytes)
+        return cv_err_set(e, CV_EBUSY, "registry_full", "",
+                          "'%s' needs %zu bytes: the registry memory budget "
+                          "(--max-registry-bytes) is %zu bytes, %zu are in current versions "
+                          "and %zu in %d older version%s still pinned by queued or running "
+                          "jobs%s; retry when those jobs finish, or raise the budget",
+                          s->name, s->bytes, r->max_bytes, r->bytes - freed + really_freed,
+                          r->retired_bytes + (freed - really_freed),
+                          r->nretired + (freed != really_freed),
+                          r->nretired + (freed != really_freed) == 1 ? "" : "s",
+                          freed != really_freed ? " (the version being replaced included)" : "");
     if (sl) {
         s->version = sl->cur->version + 1;
         s->created_at = sl->cur->created_at;
-        *old = sl->cur;
+        s->lineage = sl->cur->lineage;
+        *old = retire_locked(r, sl->cur, held);
         sl->cur = s;
         r->bytes = r->bytes - freed + s->bytes;
         if (created)
@@ -202,6 +293,7 @@ static int install(cv_registry *r, cv_snap *s, int replace, int *created, cv_sna
     sl->kind = s->kind;
     snprintf(sl->name, sizeof sl->name, "%s", s->name);
     sl->cur = s;
+    s->lineage = ++r->lineages;
     r->bytes += s->bytes;
     if (created)
         *created = 1;
@@ -209,9 +301,10 @@ static int install(cv_registry *r, cv_snap *s, int replace, int *created, cv_sna
 }
 
 static int add_snap(cv_registry *r, cv_reg_kind kind, const char *name, cv_model *m,
-                    cv_dataset *d, const char *source, int replace, int *created,
-                    cv_snap **out, cv_err *e)
+                    cv_dataset *d, const char *source, int replace, const cv_snap *expect,
+                    int *created, cv_snap **out, cv_err *e)
 {
+    sweep(r);
     if (out)
         *out = NULL;
     if (cv_name_check(name, "name", e)) {
@@ -227,7 +320,7 @@ static int add_snap(cv_registry *r, cv_reg_kind kind, const char *name, cv_model
     }
     cv_snap *old = NULL;
     pthread_mutex_lock(&r->mu);
-    int rc = install(r, s, replace, created, &old, e);
+    int rc = install(r, s, replace, expect, created, &old, e);
     if (rc == 0 && out) {
         cv_snap_ref(s);
         *out = s;
@@ -242,20 +335,23 @@ static int add_snap(cv_registry *r, cv_reg_kind kind, const char *name, cv_model
 int cv_registry_add_model(cv_registry *r, const char *name, cv_model *m, const char *source,
                           cv_snap **out, cv_err *e)
 {
-    return add_snap(r, CV_REG_MODEL, name, m, NULL, source, 0, NULL, out, e);
+    return add_snap(r, CV_REG_MODEL, name, m, NULL, source, 0, NULL, NULL, out, e);
 }
 
 int cv_registry_add_dataset(cv_registry *r, const char *name, cv_dataset *d,
                             const char *source, cv_snap **out, cv_err *e)
 {
-    return add_snap(r, CV_REG_DATASET, name, NULL, d, source, 0, NULL, out, e);
+    return add_snap(r, CV_REG_DATASET, name, NULL, d, source, 0, NULL, NULL, out, e);
 }
 
 int cv_registry_put_dataset(cv_registry *r, const char *name, cv_dataset *d, const char *source,
                             int *created, cv_snap **out, cv_err *e)
 {
-    return add_snap(r, CV_REG_DATASET, name, NULL, d, source, 2, created, out, e);
+    return add_snap(r, CV_REG_DATASET, name, NULL, d, source, 2, NULL, created, out, e);
 }
+
+void (*cv_registry_put_params_hook)(cv_registry *r, const char *name, void *arg);
+void *cv_registry_put_params_hook_arg;
 
 int cv_registry_put_params(cv_registry *r, const char *name, const void *buf, size_t len,
                            cv_snap **out, cv_err *e)
@@ -277,12 +373,19 @@ int cv_registry_put_params(cv_registry *r, const char *name, const void *buf, si
     }
     char source[160];
     snprintf(source, sizeof source, "%s", cur->source);
-    cv_snap_unref(cur);
     if (cv_params_parse(m, buf, len, e)) {
         free_model(m);
+        cv_snap_unref(cur);
         return -1;
     }
-    return add_snap(r, CV_REG_MODEL, name, m, NULL, source, 1, NULL, out, e);
+    /* install refuses (409) if the name was deleted and registered again
+     * (maybe with another architecture) since cur was read; another PUT in
+     * between is fine: same architecture, this one becomes the newer version */
+    if (cv_registry_put_params_hook)
+        cv_registry_put_params_hook(r, name, cv_registry_put_params_hook_arg);
+    int rc = add_snap(r, CV_REG_MODEL, name, m, NULL, source, 1, cur, NULL, out, e);
+    cv_snap_unref(cur);
+    return rc;
 }
 
 static cv_snap *get_locked(cv_registry *r, cv_reg_kind kind, const char *name, int job,
@@ -326,6 +429,7 @@ void cv_registry_release(cv_registry *r, cv_snap *s)
         sl->jobs--;
     pthread_mutex_unlock(&r->mu);
     cv_snap_unref(s);
+    sweep(r);
 }
 
 int cv_registry_delete(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e)
@@ -347,6 +451,7 @@ int cv_registry_delete(cv_registry *r, cv_reg_kind kind, const char *name, cv_er
     cv_snap *s = sl->cur;
     r->bytes -= s->bytes;
     *sl = r->slots[--r->nslots];
+    s = retire_locked(r, s, 0);
     pthread_mutex_unlock(&r->mu);
     cv_snap_unref(s);
     return 0;
@@ -391,9 +496,12 @@ void cv_snaps_release(cv_snap **v, int n)
 void cv_registry_stats_get(cv_registry *r, cv_registry_stats *st)
 {
     memset(st, 0, sizeof *st);
+    sweep(r);
     pthread_mutex_lock(&r->mu);
     st->bytes = r->bytes;
     st->max_bytes = r->max_bytes;
+    st->retired_bytes = r->retired_bytes;
+    st->retired = r->nretired;
     for (int i = 0; i < r->nslots; i++) {
         if (r->slots[i].kind == CV_REG_MODEL)
             st->models++;

@@ -13,9 +13,20 @@
  * a client is watching.
  *
  * Memory budget: the bytes of the current snapshots (model structure plus
- * parameters and buffers; dataset arrays) may not exceed max_bytes; an
- * upload that would exceed it fails with 413 naming the budget.  Older
- * snapshots pinned by jobs are not counted (they go away with the job).
+ * parameters and buffers; dataset arrays) plus the bytes of older (replaced
+ * or deleted) snapshots still pinned by queued or running jobs may not
+ * exceed max_bytes.  An upload too large for the budget by itself (current
+ * versions only) fails with 413 registry_full; one that fits only once the
+ * pinned old versions are freed (their jobs finish) fails with 429
+ * registry_full, retryable.  Old versions leave the count as soon as the
+ * last job holding them finishes.
+ *
+ * Parameter replacement (PUT) parses the new weights outside the lock
+ * against a copy of the current snapshot and installs them only if the
+ * name still holds the same registration (lineage); if a DELETE and a new
+ * registration (perhaps of another architecture) came in between, it fails
+ * with 409 conflict (404 if just deleted).  Concurrent PUTs of the same
+ * registration both succeed; the one installed last is the newer version.
  *
  * Thread-safe: one mutex guards the table; snapshots are immutable.
  */
@@ -39,6 +50,7 @@ typedef struct cv_snap {
     cv_reg_kind kind;
     char name[CV_REG_NAME_MAX + 1];
     unsigned long version;    /* 1 on registration, +1 per replacement */
+    unsigned long lineage;    /* which registration of the name (shared by its versions) */
     size_t bytes;             /* memory held by this snapshot */
     double created_at;        /* epoch seconds the name was registered */
     double updated_at;        /* epoch seconds of this version */
@@ -51,6 +63,8 @@ typedef struct cv_registry cv_registry;
 
 typedef struct {
     size_t bytes, max_bytes;
+    size_t retired_bytes;     /* older versions still pinned by jobs */
+    int retired;              /* how many */
     int models, datasets;
 } cv_registry_stats;
 
@@ -79,9 +93,16 @@ int cv_registry_add_dataset(cv_registry *r, const char *name, cv_dataset *d,
 int cv_registry_put_dataset(cv_registry *r, const char *name, cv_dataset *d, const char *source,
                             int *created, cv_snap **out, cv_err *e);
 /* Replaces a model's parameters from a safetensors buffer: a new snapshot
- * with version + 1.  404 if unknown, 400 if the tensors do not fit. */
+ * with version + 1.  404 if unknown, 400 if the tensors do not fit, 409
+ * conflict if the name was re-registered while the buffer was parsed, 413/429
+ * over the budget (see above). */
 int cv_registry_put_params(cv_registry *r, const char *name, const void *buf, size_t len,
                            cv_snap **out, cv_err *e);
+
+/* Tests only: called by cv_registry_put_params between parsing the new
+ * weights (outside the lock) and installing them, to provoke races. */
+extern void (*cv_registry_put_params_hook)(cv_registry *r, const char *name, void *arg);
+extern void *cv_registry_put_params_hook_arg;
 
 /* A reference to the current snapshot (cv_snap_unref it), or NULL with e
  * filled (404). */

@@ -287,6 +287,108 @@ START_TEST(registry_versions_pins_conflicts_budget)
 }
 END_TEST
 
+/* DELETE + a new registration (another architecture) while a PUT of new
+ * weights is parsed outside the lock: the PUT must fail with 409 and leave
+ * the new registration alone.  A second PUT in between is fine. */
+static const tu_layer mlp_wide[] = {{CV_LINEAR, 7}, {CV_TANH, 0}, {CV_LINEAR, 3}};
+static int hook_mode;
+static void race_hook(cv_registry *r, const char *name, void *arg)
+{
+    (void)arg;
+    cv_err e;
+    if (hook_mode == 1) {
+        ck_assert_int_eq(cv_registry_delete(r, CV_REG_MODEL, name, &e), 0);
+        cv_model *w = malloc(sizeof *w);
+        ck_assert_ptr_nonnull(w);
+        tu_model(w, 4, mlp_wide, 3, CV_LOSS_CE, CV_RED_MEAN, 5);
+        ck_assert_int_eq(cv_registry_add_model(r, name, w, "race", NULL, &e), 0);
+    } else if (hook_mode == 2) {
+        ck_assert_int_eq(cv_registry_delete(r, CV_REG_MODEL, name, &e), 0);
+    } else if (hook_mode == 3) {
+        /* another PUT of the same registration */
+        hook_mode = 0;
+        cv_model *m3 = heap_model(9);
+        void *b;
+        size_t bl;
+        ck_assert_int_eq(cv_params_export(m3, &b, &bl, &e), 0);
+        ck_assert_int_eq(cv_registry_put_params(r, name, b, bl, NULL, &e), 0);
+        free(b);
+        cv_model_free(m3);
+        free(m3);
+    }
+}
+
+START_TEST(registry_put_params_race_and_pinned_budget)
+{
+    cv_registry *r = cv_registry_new((size_t)1 << 30);
+    cv_err e;
+    ck_assert_int_eq(cv_registry_add_model(r, "m", heap_model(1), "test", NULL, &e), 0);
+    cv_model *m2 = heap_model(7);
+    void *buf;
+    size_t len;
+    ck_assert_int_eq(cv_params_export(m2, &buf, &len, &e), 0);
+    cv_registry_put_params_hook = race_hook;
+
+    hook_mode = 1;
+    ck_assert_int_eq(cv_registry_put_params(r, "m", buf, len, NULL, &e), -1);
+    ck_assert_int_eq(e.status, CV_ECONFLICT);
+    ck_assert_str_eq(e.code, "conflict");
+    cv_snap *cur = cv_registry_get(r, CV_REG_MODEL, "m", &e);
+    ck_assert_ptr_nonnull(cur);
+    ck_assert_uint_eq(cur->version, 1);
+    ck_assert_str_eq(cur->source, "race");
+    ck_assert_int_eq((int)cur->model->layers[0].params[0].dim[0], 7); /* still the wide one */
+    cv_snap_unref(cur);
+
+    hook_mode = 2;
+    ck_assert_int_eq(cv_registry_delete(r, CV_REG_MODEL, "m", &e), 0);
+    ck_assert_int_eq(cv_registry_add_model(r, "m", heap_model(1), "test", NULL, &e), 0);
+    ck_assert_int_eq(cv_registry_put_params(r, "m", buf, len, NULL, &e), -1);
+    ck_assert_int_eq(e.status, CV_ENOTFOUND);
+
+    hook_mode = 3;
+    ck_assert_int_eq(cv_registry_add_model(r, "m", heap_model(1), "test", NULL, &e), 0);
+    cv_snap *s;
+    ck_assert_msg(cv_registry_put_params(r, "m", buf, len, &s, &e) == 0, "%s", e.message);
+    ck_assert_uint_eq(s->version, 3);
+    ck_assert(s->model->params[0] == m2->params[0]);
+    cv_snap_unref(s);
+    cv_registry_put_params_hook = NULL;
+    cv_registry_free(r);
+
+    /* old versions pinned by jobs count against the budget */
+    size_t one = cv_model_bytes(m2);
+    r = cv_registry_new(2 * one + one / 2);
+    ck_assert_int_eq(cv_registry_add_model(r, "p", heap_model(1), "t", NULL, &e), 0);
+    cv_snap *pin = cv_registry_acquire(r, CV_REG_MODEL, "p", &e);
+    ck_assert_msg(cv_registry_put_params(r, "p", buf, len, NULL, &e) == 0, "%s", e.message);
+    cv_registry_stats st;
+    cv_registry_stats_get(r, &st);
+    ck_assert_uint_eq(st.bytes, one);
+    ck_assert_uint_eq(st.retired_bytes, one);
+    ck_assert_int_eq(st.retired, 1);
+    /* a second model fits the budget only without the pinned version: 429 */
+    ck_assert_int_eq(cv_registry_add_model(r, "q", heap_model(2), "t", NULL, &e), -1);
+    ck_assert_int_eq(e.status, CV_EBUSY);
+    ck_assert_str_eq(e.code, "registry_full");
+    ck_assert_msg(strstr(e.message, "pinned") != NULL, "%s", e.message);
+    /* and replacing p again while v2 is pinned too would hold 3 copies */
+    cv_snap *pin2 = cv_registry_acquire(r, CV_REG_MODEL, "p", &e);
+    ck_assert_int_eq(cv_registry_put_params(r, "p", buf, len, NULL, &e), -1);
+    ck_assert_int_eq(e.status, CV_EBUSY);
+    cv_registry_release(r, pin2);
+    /* the job finishes: its old version is freed and no longer counted */
+    cv_registry_release(r, pin);
+    cv_registry_stats_get(r, &st);
+    ck_assert_uint_eq(st.retired_bytes, 0);
+    ck_assert_int_eq(cv_registry_add_model(r, "q", heap_model(2), "t", NULL, &e), 0);
+    cv_registry_free(r);
+    free(buf);
+    cv_model_free(m2);
+    free(m2);
+}
+END_TEST
+
 /* ---- jobs -------------------------------------------------------------------- */
 
 typedef struct {
@@ -638,6 +740,7 @@ static Suite *server_suite(void)
     suite_add_tcase(s, codec);
     TCase *reg = tcase_create("registry");
     tcase_add_test(reg, registry_versions_pins_conflicts_budget);
+    tcase_add_test(reg, registry_put_params_race_and_pinned_budget);
     tcase_add_test(reg, demo_registers_trained_models);
     suite_add_tcase(s, reg);
     TCase *jobs = tcase_create("jobs");
