@@ -75,10 +75,10 @@ int cv_diag_hutchinson(const cv_linop *op, const cv_diag_options *opt, cv_rng *r
     if (check_common(op, opt, e))
         return -1;
     if (opt->max_probes < 1)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "max_probes",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_probes",
                           "max_probes must be >= 1, got %d", opt->max_probes);
     if (opt->distribution != CV_PROBE_RADEMACHER && opt->distribution != CV_PROBE_GAUSSIAN)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "distribution",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.distribution",
                           "distribution must be rademacher or gaussian");
     size_t n = op->n;
     int b = cv_est_block_size(n, opt->block, opt->max_probes);

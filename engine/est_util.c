@@ -40,7 +40,7 @@ int cv_est_check_op(const cv_linop *op, cv_err *e)
 int cv_est_block_check(int requested, cv_err *e)
 {
     if (requested < 0)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "block",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.block",
                           "block must be >= 0 (0 = automatic), got %d", requested);
     return 0;
 }
@@ -145,7 +145,7 @@ void cv_est_select(const double *theta, int m, int k, cv_which which, int *idx)
 int cv_est_which_check(int which, cv_err *e)
 {
     if (which < CV_WHICH_LARGEST || which > CV_WHICH_MAGNITUDE)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "which",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.which",
                           "which must be largest, smallest or magnitude");
     return 0;
 }

@@ -15,7 +15,7 @@ void *cv_est_alloc(size_t count, size_t size, cv_err *e);
 /* op is usable: non-NULL, has apply, 1 <= n <= INT_MAX (else CV_EINVAL). */
 int cv_est_check_op(const cv_linop *op, cv_err *e);
 
-/* Checks `block` (>= 0, field "block") and returns the columns per apply:
+/* Checks `block` (>= 0, field "options.block") and returns the columns per apply:
  * requested, or auto for 0, never more than `needed` nor less than 1. */
 int cv_est_block_check(int requested, cv_err *e);
 int cv_est_block_size(size_t n, int requested, long needed);
@@ -49,7 +49,7 @@ void cv_est_select(const double *theta, int m, int k, cv_which which, int *idx);
 int cv_est_lanczos(const cv_linop *op, const double *v0, const cv_lanczos_options *opt,
                    cv_rng *rng, int plan, cv_lanczos_result *out, cv_err *e);
 
-/* Validates a `which` value (field "which"). */
+/* Validates a `which` value (field "options.which"). */
 int cv_est_which_check(int which, cv_err *e);
 
 /* Running mean and variance (Welford). */

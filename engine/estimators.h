@@ -25,7 +25,8 @@
  *    numbers do not depend on `block` (probes per apply).
  *  - Options: fill with cv_X_options_default() and override; passing NULL
  *    options means the defaults.  Bad options fail with CV_EINVAL and
- *    e->field set to the contract's option name ("max_probes", "k", ...).
+ *    e->field set to the job document's path of the option
+ *    ("options.max_probes", "options.k", ...), as the job validation does.
  *  - Results: each function zeroes *out first.  It returns 0 on success
  *    (free with cv_X_result_free), or -1 with *e filled and nothing left to
  *    free.  Allocation failures give CV_ENOMEM.  n must be in [1, INT_MAX].
@@ -55,7 +56,8 @@ const char *cv_probe_dist_name(cv_probe_dist d);
 
 typedef struct {
     int max_probes;         /* >= 1 (default 100); Hutch++: the matvec budget, >= 3 */
-    double tol;             /* default 1e-3; <= 0: use all max_probes */
+    double tol;             /* Hutchinson: default 1e-3; <= 0: use all max_probes.
+                               Not used by Hutch++ (always spends its budget). */
     cv_probe_dist distribution; /* default rademacher */
     int block;              /* probes per apply, 0 = auto (see above) */
     int return_samples;     /* non-zero: fill samples */
@@ -85,10 +87,12 @@ int cv_trace_hutchinson(const cv_linop *op, const cv_trace_options *opt, cv_rng 
 /* Hutch++ (Meyer, Musco, Musco, Woodruff 2021) with budget m = max_probes
  * matvecs: s = m/3 sketch columns S (capped at n), Q = orth(A S) (Householder
  * QR: dgeqrf/dorgqr), tr(Q^T A Q) exactly (s matvecs), plus Hutchinson with
- * p = m - 2s probes on (I - QQ^T) A (I - QQ^T) (skipped when s = n).  The
- * stopping rule above runs on the total estimate over the p probes; samples
- * are per-probe totals tr(Q^T A Q) + g^T P A P g and std_err is the
- * Hutchinson part's.  Memory: 2*s + 2*block vectors. */
+ * p = m - 2s probes on (I - QQ^T) A (I - QQ^T) (skipped when s = n).  There
+ * is no stopping rule (opt->tol is ignored): all m matvecs are spent, as in
+ * curvlinops (a rule on the running total would see the exact tr(Q^T A Q)
+ * dominate and stop after a couple of probes).  probes = p; samples are
+ * per-probe totals tr(Q^T A Q) + g^T P A P g and std_err is the residual
+ * samples' (the exact part adds no variance).  Memory: 2*s + 2*block vectors. */
 int cv_trace_hutchpp(const cv_linop *op, const cv_trace_options *opt, cv_rng *rng,
                      cv_trace_result *out, cv_err *e);
 
@@ -203,8 +207,10 @@ void cv_eigen_result_free(cv_eigen_result *r);
  * invariant subspaces a single-vector Krylov method can still miss copies
  * of an exactly multiple eigenvalue (rounding usually brings them in).
  * Not converging within max_iter is not an error: check `converged` and
- * `residuals`.  Memory: about max_iter + 1 vectors (the basis grows as
- * needed) + k for vectors. */
+ * `residuals`.  Progress: the partial estimate is the leading wanted Ritz
+ * value with std_err 0 (a Ritz residual is no standard error).
+ * Memory: about max_iter + 1 vectors (the basis grows as needed) + k for
+ * vectors. */
 int cv_eigen_lanczos(const cv_linop *op, const cv_eigen_options *opt, cv_rng *rng,
                      cv_eigen_result *out, cv_err *e);
 
@@ -288,13 +294,15 @@ void cv_solve_result_free(cv_solve_result *r);
 
 /* Solves (A + delta I) x = b from x0 = 0.
  * CG: for positive definite A + delta I; a direction with
- * p^T (A + delta I) p <= 0 fails with CV_EINVAL, field "damping", code
+ * p^T (A + delta I) p <= 0 fails with CV_EINVAL, field "options.damping", code
  * "not_positive_definite" and a message naming a damping that would have
  * helped (a lower bound) or method minres.
  * MINRES (Paige-Saunders): any symmetric A + delta I; for a singular
  * inconsistent system it stops at max_iter with converged = 0.
  * Not converging within max_iter is not an error (see converged/residual).
- * If Ax is non-NULL it receives A x (undamped, n doubles) from the final
+ * Progress plan: min(max_iter, n) + 1 matvecs (in exact arithmetic both
+ * methods finish within n iterations; rounding can take more, and the plan
+ * then grows with the matvecs done).  If Ax is non-NULL it receives A x (undamped, n doubles) from the final
  * residual product.  Memory: CG 4 vectors, MINRES 8 vectors. */
 int cv_solve(const cv_linop *op, const double *b, const cv_solve_options *opt,
              cv_solve_result *out, double *Ax, cv_err *e);

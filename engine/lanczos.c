@@ -236,7 +236,7 @@ int cv_est_lanczos(const cv_linop *op, const double *v0, const cv_lanczos_option
     if (cv_est_check_op(op, e))
         return -1;
     if (opt->steps < 1)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "lanczos_steps",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.lanczos_steps",
                           "lanczos_steps must be >= 1, got %d", opt->steps);
     int m = (size_t)opt->steps > op->n ? (int)op->n : opt->steps;
     lz_state s;
@@ -311,15 +311,15 @@ static int eigen_check(const cv_linop *op, const cv_eigen_options *o, cv_err *e)
     if (cv_est_check_op(op, e))
         return -1;
     if (o->k < 1 || (size_t)o->k > op->n)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "k",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
                           "k must be in [1, %zu] (the dimension), got %d", op->n, o->k);
     if (cv_est_which_check((int)o->which, e))
         return -1;
     if (o->max_iter < 0)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "max_iter",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_iter",
                           "max_iter must be >= 0 (0 = automatic), got %d", o->max_iter);
     if (!(o->tol >= 0) || !isfinite(o->tol))
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "tol",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.tol",
                           "tol must be a finite number >= 0");
     return 0;
 }
@@ -400,7 +400,8 @@ static int eigen_iterate(lz_state *s, const cv_eigen_options *o, int m_max, ritz
         if (m >= o->k && (end || m <= 64 || m - last_check >= every)) {
             if (ritz_compute(s, o->k, o->which, o->tol, r, e))
                 return -1;
-            cv_progress_partial(s->op->progress, r->theta[r->idx[0]], r->res[0], m);
+            /* the Ritz residual is no standard error: publish none */
+            cv_progress_partial(s->op->progress, r->theta[r->idx[0]], 0.0, m);
             last_check = m;
             int settled = 0;
             if (r->converged == o->k && blocks_settled(s, o, &settled, e))
@@ -438,7 +439,7 @@ int cv_eigen_lanczos(const cv_linop *op, const cv_eigen_options *opt, cv_rng *rn
     if (eigen_check(op, opt, e))
         return -1;
     if (opt->max_iter > 0 && opt->max_iter < opt->k)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "max_iter",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_iter",
                           "max_iter (%d Lanczos steps) must be >= k (%d)", opt->max_iter,
                           opt->k);
     long want = opt->max_iter > 0 ? opt->max_iter : (10L * opt->k > 100 ? 10L * opt->k : 100);

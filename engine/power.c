@@ -21,19 +21,19 @@ static int power_check(const cv_linop *op, const cv_eigen_options *o, cv_err *e)
     if (cv_est_check_op(op, e))
         return -1;
     if (o->k < 1 || (size_t)o->k > op->n)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "k",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
                           "k must be in [1, %zu] (the dimension), got %d", op->n, o->k);
     if (cv_est_which_check((int)o->which, e))
         return -1;
     if (o->which == CV_WHICH_SMALLEST)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "which",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.which",
                           "method power finds the dominant (largest |eigenvalue|) "
                           "eigenvalues; use method lanczos for which = smallest");
     if (o->max_iter < 0)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "max_iter",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_iter",
                           "max_iter must be >= 0 (0 = 100), got %d", o->max_iter);
     if (!(o->tol >= 0) || !isfinite(o->tol))
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "tol",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.tol",
                           "tol must be a finite number >= 0");
     return 0;
 }

@@ -33,19 +33,19 @@ static int density_check(const cv_linop *op, const cv_density_options *o, cv_err
     if (cv_est_check_op(op, e))
         return -1;
     if (o->lanczos_steps < 1)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "lanczos_steps",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.lanczos_steps",
                           "lanczos_steps must be >= 1, got %d", o->lanczos_steps);
     if (o->runs < 1)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "runs",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.runs",
                           "runs must be >= 1, got %d", o->runs);
     if (o->grid_points < 2)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "grid_points",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.grid_points",
                           "grid_points must be >= 2, got %d", o->grid_points);
     if (!(o->sigma2 > 0) || !isfinite(o->sigma2))
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "sigma2",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.sigma2",
                           "sigma2 must be a finite number > 0");
     if (!(o->margin >= 0) || !isfinite(o->margin))
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "margin",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.margin",
                           "margin must be a finite number >= 0");
     return 0;
 }

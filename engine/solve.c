@@ -47,19 +47,19 @@ static int solve_check(const cv_linop *op, const double *b, const cv_solve_optio
     if (cv_est_check_op(op, e))
         return -1;
     if (o->method != CV_SOLVE_CG && o->method != CV_SOLVE_MINRES)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "method",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.method",
                           "method must be cg or minres");
     if (!isfinite(o->damping))
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "damping",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.damping",
                           "damping must be a finite number");
     if (!(o->tol >= 0) || !isfinite(o->tol))
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "tol",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.tol",
                           "tol must be a finite number >= 0");
     if (o->max_iter < 0)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "max_iter",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_iter",
                           "max_iter must be >= 0 (0 = 10 n), got %d", o->max_iter);
     if (!b)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "rhs", "no right-hand side given");
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.rhs", "no right-hand side given");
     return 0;
 }
 
@@ -90,7 +90,7 @@ static int non_finite(cv_err *e, const char *method, int it)
 static int not_pd(cv_err *e, double delta, double pq, double pp, int it)
 {
     double rayleigh = pq / pp - delta; /* p^T A p / p^T p >= lambda_min(A) */
-    return cv_err_set(e, CV_EINVAL, "not_positive_definite", "damping",
+    return cv_err_set(e, CV_EINVAL, "not_positive_definite", "options.damping",
                       "matrix is not positive definite: p^T (A + %g I) p = %.6g <= 0 at CG "
                       "iteration %d; use damping larger than %.6g (a lower bound: the "
                       "smallest eigenvalue may be lower still) or method minres",
@@ -270,7 +270,7 @@ int cv_solve(const cv_linop *op, const double *b, const cv_solve_options *opt,
     size_t n = op->n;
     double bnorm = cv_est_norm(n, b);
     if (!isfinite(bnorm))
-        return cv_err_set(e, CV_EINVAL, "non_finite", "rhs",
+        return cv_err_set(e, CV_EINVAL, "non_finite", "options.rhs",
                           "the right-hand side has non-finite entries");
     long mi = opt->max_iter > 0 ? opt->max_iter : 10L * (long)n;
     int max_iter = mi > INT_MAX - 1 ? INT_MAX - 1 : (int)mi;
@@ -286,7 +286,10 @@ int cv_solve(const cv_linop *op, const double *b, const cv_solve_options *opt,
             free(ax);
         return 0;
     }
-    cv_progress_plan(op->progress, (long)max_iter + 1);
+    /* Both methods finish within n iterations in exact arithmetic; plan
+     * that (the plan grows by itself if rounding needs more). */
+    long plan_iter = (size_t)max_iter < n ? (long)max_iter : (long)n;
+    cv_progress_plan(op->progress, plan_iter + 1);
     damped_op A = {.op = op, .n = n, .delta = opt->damping};
     int rc = opt->method == CV_SOLVE_CG ? cg(&A, b, bnorm, opt, max_iter, out, e)
                                         : minres(&A, b, bnorm, opt, max_iter, out, e);

@@ -46,12 +46,12 @@ static int check_options(const cv_linop *op, const cv_trace_options *o, int min_
     if (cv_est_check_op(op, e))
         return -1;
     if (o->max_probes < min_probes)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "max_probes",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_probes",
                           "max_probes must be >= %d, got %d", min_probes, o->max_probes);
     if (isnan(o->tol))
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "tol", "tol must be a number");
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.tol", "tol must be a number");
     if (o->distribution != CV_PROBE_RADEMACHER && o->distribution != CV_PROBE_GAUSSIAN)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "distribution",
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.distribution",
                           "distribution must be rademacher or gaussian");
     return cv_est_block_check(o->block, e);
 }
@@ -87,10 +87,10 @@ static int add_sample(hutch_run *h, double x, double tol)
     return stop;
 }
 
-/* Runs up to nprobes probes of h, filling out (trace, std_err, probes,
- * matvecs, samples). */
-static int hutch_probes(hutch_run *h, const cv_trace_options *o, int nprobes, cv_rng *rng,
-                        cv_trace_result *out, cv_err *e)
+/* Runs up to nprobes probes of h (all of them when tol <= 0), filling out
+ * (trace, std_err, probes, matvecs, samples). */
+static int hutch_probes(hutch_run *h, const cv_trace_options *o, int nprobes, double tol,
+                        cv_rng *rng, cv_trace_result *out, cv_err *e)
 {
     size_t n = h->op->n;
     int b = cv_est_block_size(n, o->block, nprobes);
@@ -117,7 +117,7 @@ static int hutch_probes(hutch_run *h, const cv_trace_options *o, int nprobes, cv
             if (samples)
                 samples[used] = x;
             used++;
-            h->stopped = add_sample(h, x, o->tol);
+            h->stopped = add_sample(h, x, tol);
         }
         cv_progress_partial(h->op->progress, h->st.mean, cv_est_stats_stderr(&h->st), used);
     }
@@ -148,7 +148,7 @@ int cv_trace_hutchinson(const cv_linop *op, const cv_trace_options *opt, cv_rng 
         return -1;
     cv_progress_plan(op->progress, opt->max_probes);
     hutch_run h = {.op = op};
-    if (hutch_probes(&h, opt, opt->max_probes, rng, out, e)) {
+    if (hutch_probes(&h, opt, opt->max_probes, opt->tol, rng, out, e)) {
         memset(out, 0, sizeof *out);
         return -1;
     }
@@ -219,8 +219,11 @@ int cv_trace_hutchpp(const cv_linop *op, const cv_trace_options *opt, cv_rng *rn
     double tq = 0;
     if (!Q || hutchpp_sketch(op, opt, s, rng, Q, &tq, e))
         goto fail;
+    /* No stopping rule: the running mean includes the exact tr(Q^T A Q),
+     * which dwarfs the residual's fluctuations and would stop the rule after
+     * a couple of probes; Hutch++ spends its whole budget (as curvlinops). */
     hutch_run h = {.op = op, .Q = Q, .q = s, .offset = tq};
-    if (p > 0 && hutch_probes(&h, opt, p, rng, out, e))
+    if (p > 0 && hutch_probes(&h, opt, p, 0.0, rng, out, e))
         goto fail;
     if (p == 0)
         out->trace = tq;

@@ -321,6 +321,57 @@ START_TEST(hutchpp_full_sketch_is_exact)
 }
 END_TEST
 
+/* Default options (tol 1e-3): Hutch++ has no stopping rule.  The exact
+ * sketch part tr(Q^T A Q) dominates every sample here, so a rule on the
+ * running total would stop after ~2 residual probes (the old behaviour). */
+START_TEST(hutchpp_default_options_spend_budget)
+{
+    int n = 120;
+    double lam[120];
+    cv_rng r;
+    cv_rng_seed(&r, 5);
+    for (int i = 0; i < n; i++)
+        lam[i] = i < 10 ? 100.0 + 10 * i : 1.0 + 0.5 * cv_rng_normal(&r);
+    dmat m;
+    dmat_spectrum(&m, n, lam, 6);
+    double exact = dmat_trace(&m);
+    for (int pass = 0; pass < 2; pass++) {
+        cv_trace_options o;
+        cv_trace_options_default(&o);
+        ck_assert_double_eq(o.tol, 1e-3);
+        o.return_samples = 1;
+        if (pass)
+            o.tol = 0.5; /* ignored as well */
+        cv_trace_result res;
+        cv_err e;
+        long before = done_of(&m);
+        cv_rng_seed(&r, 8 + (uint64_t)pass);
+        ck_assert_int_eq(cv_trace_hutchpp(&m.op, &o, &r, &res, &e), 0);
+        ck_assert_int_eq(res.sketch, 33);
+        ck_assert_int_eq(res.probes, 100 - 2 * 33);
+        ck_assert_int_eq(res.matvecs, 100);
+        ck_assert_int_eq(done_of(&m) - before, 100);
+        /* std_err: of the residual samples, recomputed from them (ddof 1) */
+        double mean = 0, ss = 0;
+        for (int i = 0; i < res.probes; i++)
+            mean += res.samples[i] / res.probes;
+        for (int i = 0; i < res.probes; i++)
+            ss += (res.samples[i] - mean) * (res.samples[i] - mean);
+        double se = sqrt(ss / (res.probes - 1) / res.probes);
+        ck_assert_double_eq_tol(res.trace, mean, 1e-9 * fabs(mean));
+        ck_assert(se > 0);
+        ck_assert_double_eq_tol(res.std_err, se, 1e-9 * se);
+        /* the residual has spectrum ~1 +- 0.5 on 110 dims: its Hutchinson
+         * error is a few units, far below the dominant part's ~1000 */
+        ck_assert_double_lt(res.std_err, 10.0);
+        ck_assert_msg(fabs(res.trace - exact) <= 4 * res.std_err, "%g vs %g (se %g)",
+                      res.trace, exact, res.std_err);
+        cv_trace_result_free(&res);
+    }
+    dmat_free(&m);
+}
+END_TEST
+
 /* ------------------------------------------------------------ diag */
 
 START_TEST(diag_exact_equals_diagonal)
@@ -628,7 +679,7 @@ START_TEST(power_vs_dsyev)
     o.which = CV_WHICH_SMALLEST;
     ck_assert_int_eq(cv_eigen_power(&m.op, &o, &r, &res, &e), -1);
     ck_assert_int_eq(e.status, CV_EINVAL);
-    ck_assert_str_eq(e.field, "which");
+    ck_assert_str_eq(e.field, "options.which");
     dmat_free(&m);
 }
 END_TEST
@@ -831,7 +882,7 @@ START_TEST(cg_refuses_indefinite)
     ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), -1);
     ck_assert_int_eq(e.status, CV_EINVAL);
     ck_assert_str_eq(e.code, "not_positive_definite");
-    ck_assert_str_eq(e.field, "damping");
+    ck_assert_str_eq(e.field, "options.damping");
     ck_assert_ptr_nonnull(strstr(e.message, "minres"));
     ck_assert_ptr_null(res.x);
     /* enough damping makes it positive definite */
@@ -1085,6 +1136,55 @@ START_TEST(progress_counts_match_matvecs)
 }
 END_TEST
 
+/* Honest progress plans: CG/MINRES plan min(max_iter, n) + 1 matvecs (not
+ * 10 n + 1 for the default max_iter); Lanczos publishes its leading Ritz
+ * value with no standard error (the Ritz residual is none). */
+START_TEST(progress_plans_and_partials)
+{
+    int n = 30;
+    double *b = rhs(n, 3);
+    for (int method = 0; method < 2; method++)
+        for (int mi = 0; mi <= 5; mi += 5) {
+            dmat m;
+            spd(&m, n, 9);
+            cv_solve_options o;
+            cv_solve_options_default(&o);
+            o.method = method;
+            o.max_iter = mi;
+            cv_solve_result res;
+            cv_err e;
+            ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), 0);
+            long planned = atomic_load(&m.prog.planned);
+            ck_assert_int_eq(planned, (mi ? mi : n) + 1);
+            ck_assert_int_le(done_of(&m), planned);
+            ck_assert_int_eq(done_of(&m), res.matvecs);
+            if (!mi)
+                ck_assert(res.converged);
+            cv_solve_result_free(&res);
+            dmat_free(&m);
+        }
+    free(b);
+
+    dmat m;
+    dmat_random(&m, 40, 12);
+    cv_eigen_options eo;
+    cv_eigen_options_default(&eo);
+    eo.k = 2;
+    cv_rng r;
+    cv_rng_seed(&r, 2);
+    cv_eigen_result er;
+    cv_err e;
+    atomic_store(&m.prog.partial_stderr, 123.0);
+    ck_assert_int_eq(cv_eigen_lanczos(&m.op, &eo, &r, &er, &e), 0);
+    double v, se;
+    ck_assert_int_eq(cv_progress_get_partial(&m.prog, &v, &se), er.iterations);
+    ck_assert(v == er.eigenvalues[0]);
+    ck_assert(se == 0.0);
+    cv_eigen_result_free(&er);
+    dmat_free(&m);
+}
+END_TEST
+
 /* ------------------------------------------------------------ options */
 
 START_TEST(bad_options)
@@ -1101,21 +1201,21 @@ START_TEST(bad_options)
     cv_trace_result tr;
     ck_assert_int_eq(cv_trace_hutchinson(&m.op, &to, &r, &tr, &e), -1);
     ck_assert_int_eq(e.status, CV_EINVAL);
-    ck_assert_str_eq(e.field, "max_probes");
+    ck_assert_str_eq(e.field, "options.max_probes");
     to.max_probes = 2;
     ck_assert_int_eq(cv_trace_hutchpp(&m.op, &to, &r, &tr, &e), -1);
-    ck_assert_str_eq(e.field, "max_probes");
+    ck_assert_str_eq(e.field, "options.max_probes");
     to.max_probes = 10;
     to.distribution = 7;
     ck_assert_int_eq(cv_trace_hutchinson(&m.op, &to, &r, &tr, &e), -1);
-    ck_assert_str_eq(e.field, "distribution");
+    ck_assert_str_eq(e.field, "options.distribution");
 
     cv_diag_options dopt;
     cv_diag_options_default(&dopt);
     dopt.max_probes = -1;
     cv_diag_result dr;
     ck_assert_int_eq(cv_diag_hutchinson(&m.op, &dopt, &r, &dr, &e), -1);
-    ck_assert_str_eq(e.field, "max_probes");
+    ck_assert_str_eq(e.field, "options.max_probes");
 
     cv_eigen_options eo;
     cv_eigen_options_default(&eo);
@@ -1125,37 +1225,37 @@ START_TEST(bad_options)
         eo.k = ks[i];
         ck_assert_int_eq(cv_eigen_lanczos(&m.op, &eo, &r, &er, &e), -1);
         ck_assert_int_eq(e.status, CV_EINVAL);
-        ck_assert_str_eq(e.field, "k");
+        ck_assert_str_eq(e.field, "options.k");
         ck_assert_int_eq(cv_eigen_power(&m.op, &eo, &r, &er, &e), -1);
-        ck_assert_str_eq(e.field, "k");
+        ck_assert_str_eq(e.field, "options.k");
     }
     eo.k = 4;
     eo.max_iter = 3;
     ck_assert_int_eq(cv_eigen_lanczos(&m.op, &eo, &r, &er, &e), -1);
-    ck_assert_str_eq(e.field, "max_iter");
+    ck_assert_str_eq(e.field, "options.max_iter");
     eo.max_iter = 0;
     eo.which = 9;
     ck_assert_int_eq(cv_eigen_lanczos(&m.op, &eo, &r, &er, &e), -1);
-    ck_assert_str_eq(e.field, "which");
+    ck_assert_str_eq(e.field, "options.which");
 
     cv_density_options so;
     cv_density_options_default(&so);
     cv_density_result sr;
     so.grid_points = 1;
     ck_assert_int_eq(cv_density_slq(&m.op, &so, &r, &sr, &e), -1);
-    ck_assert_str_eq(e.field, "grid_points");
+    ck_assert_str_eq(e.field, "options.grid_points");
     so.grid_points = 10;
     so.lanczos_steps = 0;
     ck_assert_int_eq(cv_density_slq(&m.op, &so, &r, &sr, &e), -1);
-    ck_assert_str_eq(e.field, "lanczos_steps");
+    ck_assert_str_eq(e.field, "options.lanczos_steps");
     so.lanczos_steps = 5;
     so.runs = 0;
     ck_assert_int_eq(cv_density_slq(&m.op, &so, &r, &sr, &e), -1);
-    ck_assert_str_eq(e.field, "runs");
+    ck_assert_str_eq(e.field, "options.runs");
     so.runs = 1;
     so.sigma2 = 0;
     ck_assert_int_eq(cv_density_slq(&m.op, &so, &r, &sr, &e), -1);
-    ck_assert_str_eq(e.field, "sigma2");
+    ck_assert_str_eq(e.field, "options.sigma2");
 
     cv_solve_options vo;
     cv_solve_options_default(&vo);
@@ -1163,11 +1263,11 @@ START_TEST(bad_options)
     double b[10] = {1};
     vo.damping = NAN;
     ck_assert_int_eq(cv_solve(&m.op, b, &vo, &vr, NULL, &e), -1);
-    ck_assert_str_eq(e.field, "damping");
+    ck_assert_str_eq(e.field, "options.damping");
     vo.damping = 0;
     vo.max_iter = -2;
     ck_assert_int_eq(cv_solve(&m.op, b, &vo, &vr, NULL, &e), -1);
-    ck_assert_str_eq(e.field, "max_iter");
+    ck_assert_str_eq(e.field, "options.max_iter");
 
     ck_assert_int_eq(done_of(&m), 0);
     ck_assert_int_eq(cv_which_from_name("magnitude"), CV_WHICH_MAGNITUDE);
@@ -1238,6 +1338,7 @@ static Suite *suite(void)
     tcase_add_test(t, trace_tol_stops_early);
     tcase_add_test(t, hutchpp_beats_hutchinson);
     tcase_add_test(t, hutchpp_full_sketch_is_exact);
+    tcase_add_test(t, hutchpp_default_options_spend_budget);
     tcase_add_test(t, diag_exact_equals_diagonal);
     tcase_add_test(t, diag_hutchinson);
     tcase_add_test(t, lanczos_vs_dsyev);
@@ -1254,6 +1355,7 @@ static Suite *suite(void)
     tcase_add_test(t, newton_step_and_prediction);
     tcase_add_test(t, cancellation);
     tcase_add_test(t, progress_counts_match_matvecs);
+    tcase_add_test(t, progress_plans_and_partials);
     tcase_add_test(t, bad_options);
     tcase_add_test(t, huge_dimension_is_out_of_memory);
     tcase_add_test(t, same_seed_same_numbers);
