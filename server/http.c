@@ -39,9 +39,15 @@ struct cv_http {
 typedef struct {
     char *body;
     size_t len, cap;
+    size_t limit;              /* --max-body, or --max-job-bytes for POST /v1/jobs */
     int too_large;
+    int oom;                   /* the body buffer could not grow */
     int dispatched;
 } conn_state;
+
+/* Stands in for a conn_state that could not be allocated: the request was
+ * answered 503 at once; never written to, never freed. */
+static conn_state oom_state = {.dispatched = 1};
 
 #define MAX_PARAM 160
 
@@ -51,6 +57,7 @@ typedef struct {
     const char *method;        /* as routed (HEAD is served as GET) */
     const char *url;
     char param[MAX_PARAM];     /* the {name} / {id} path segment */
+    int param_too_long;        /* the segment was longer (param holds its start) */
     const char *body;
     size_t body_len;
     /* reply */
@@ -151,7 +158,8 @@ static const char *header(req *r, const char *key)
     return MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, key);
 }
 
-/* ?wait= / ?timeout= seconds; returns -1 after replying 400. */
+/* ?wait= / ?timeout= seconds, capped at cap (cap < 0: no cap); returns -1
+ * after replying 400. */
 static int query_seconds(req *r, const char *key, double cap, double *out)
 {
     *out = 0;
@@ -164,7 +172,7 @@ static int query_seconds(req *r, const char *key, double cap, double *out)
                    "%s must be a number of seconds >= 0, got '%.40s'", key, v);
         return -1;
     }
-    *out = cap > 0 && s > cap ? cap : s;
+    *out = cap >= 0 && s > cap ? cap : s;
     return 0;
 }
 
@@ -633,7 +641,7 @@ static void h_jobs_post(req *r)
 {
     double wait, timeout;
     if (query_seconds(r, "wait", r->h->cfg.max_wait, &wait) ||
-        query_seconds(r, "timeout", 0, &timeout))
+        query_seconds(r, "timeout", -1, &timeout))
         return;
     cJSON *doc = body_object(r);
     if (!doc)
@@ -726,7 +734,10 @@ static void h_health(req *r)
               !cJSON_AddNumberToObject(j, "models", rs.models) ||
               !cJSON_AddNumberToObject(j, "datasets", rs.datasets) ||
               !cJSON_AddNumberToObject(j, "registry_bytes", (double)rs.bytes) ||
-              !cJSON_AddNumberToObject(j, "max_registry_bytes", (double)rs.max_bytes))) {
+              !cJSON_AddNumberToObject(j, "max_registry_bytes", (double)rs.max_bytes) ||
+              !cJSON_AddNumberToObject(j, "registry_retired_bytes", (double)rs.retired_bytes) ||
+              !cJSON_AddNumberToObject(j, "kept_job_bytes", (double)js.kept_bytes) ||
+              !cJSON_AddNumberToObject(j, "max_kept_bytes", (double)js.max_kept_bytes))) {
         cJSON_Delete(j);
         j = NULL;
     }
@@ -842,8 +853,9 @@ const cv_route_info *cv_http_route(int i)
 
 /* Matches path against a template; a {x} segment captures one non-empty
  * segment into param. */
-static int match(const char *tmpl, const char *path, char *param, size_t plen)
+static int match(const char *tmpl, const char *path, char *param, size_t plen, int *too_long)
 {
+    *too_long = 0;
     const char *t = tmpl, *p = path;
     while (*t && *p) {
         if (*t == '{') {
@@ -852,10 +864,13 @@ static int match(const char *tmpl, const char *path, char *param, size_t plen)
             if (!te)
                 return 0;
             size_t n = pe ? (size_t)(pe - p) : strlen(p);
-            if (n == 0 || n >= plen)
+            if (n == 0)
                 return 0;
-            memcpy(param, p, n);
-            param[n] = 0;
+            size_t c = n < plen ? n : plen - 1; /* longer: truncated, *too_long set */
+            memcpy(param, p, c);
+            param[c] = 0;
+            if (n >= plen)
+                *too_long = 1;
             t = te + 1;
             p += n;
             continue;
@@ -882,10 +897,30 @@ static void dispatch(req *r)
     char allow[64] = "";
     for (int i = 0; i < NROUTES; i++) {
         char param[MAX_PARAM];
-        if (!match(routes[i].info.path, path, param, sizeof param))
+        int too_long;
+        if (!match(routes[i].info.path, path, param, sizeof param, &too_long))
             continue;
         if (strcmp(routes[i].info.method, r->method) == 0) {
             memcpy(r->param, param, sizeof param);
+            r->param_too_long = too_long;
+            /* a {name} segment that cannot be a name is a bad request, not an
+             * unknown name (ids and file names just are not found) */
+            if (strstr(routes[i].info.path, "{name}") && (too_long || !cv_name_valid(param))) {
+                cv_err e;
+                cv_name_check(too_long ? "" : param, "name", &e);
+                if (too_long)
+                    snprintf(e.message, sizeof e.message,
+                             "name must be 1 to %d characters from [A-Za-z0-9_.-] (the path "
+                             "segment has %zu or more)", CV_REG_NAME_MAX, sizeof param);
+                reply_err(r, &e);
+                return;
+            }
+            if (too_long) {
+                reply_errf(r, CV_ENOTFOUND, "not_found", "", "no %s '%.40s...' (%zu or more "
+                           "characters)", strstr(routes[i].info.path, "{id}") ? "job" : "file",
+                           param, sizeof param);
+                return;
+            }
             routes[i].fn(r);
             return;
         }
@@ -937,9 +972,11 @@ static enum MHD_Result send_reply(cv_http *h, struct MHD_Connection *conn, req *
     return rc;
 }
 
+/* http_status 0: the status that fits st. */
 static enum MHD_Result reply_simple_error(cv_http *h, struct MHD_Connection *conn,
                                           const char *method, const char *url, cv_status st,
-                                          const char *code, const char *msg)
+                                          unsigned http_status, const char *code,
+                                          const char *msg)
 {
     req r;
     memset(&r, 0, sizeof r);
@@ -948,7 +985,30 @@ static enum MHD_Result reply_simple_error(cv_http *h, struct MHD_Connection *con
     r.method = method;
     r.url = url;
     reply_errf(&r, st, code, "", "%s", msg);
+    if (http_status && r.out && r.status != 500)
+        r.status = http_status;
     return send_reply(h, conn, &r);
+}
+
+static int is_job_post(const char *method, const char *url)
+{
+    return strcmp(method, "POST") == 0 &&
+           (strcmp(url, "/v1/jobs") == 0 || strcmp(url, "/v1/jobs/") == 0);
+}
+
+static void body_limit_msg(cv_http *h, const conn_state *cs, char *msg, size_t len,
+                           size_t declared)
+{
+    const char *opt = cs->limit == h->cfg.max_body && cs->limit != h->cfg.max_job_body
+                          ? "--max-body"
+                          : cs->limit == h->cfg.max_job_body && cs->limit != h->cfg.max_body
+                                ? "--max-job-bytes"
+                                : "--max-body / --max-job-bytes";
+    if (declared)
+        snprintf(msg, len, "request body of %zu bytes exceeds the limit of %zu bytes (%s)",
+                 declared, cs->limit, opt);
+    else
+        snprintf(msg, len, "request body exceeds the limit of %zu bytes (%s)", cs->limit, opt);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
@@ -961,28 +1021,31 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     conn_state *cs = *con_cls;
     if (!cs) {
         cs = calloc(1, sizeof *cs);
-        if (!cs)
-            return MHD_NO;
+        if (!cs) {
+            *con_cls = &oom_state;
+            return reply_simple_error(h, conn, method, url, CV_ENOMEM, 503, "out_of_memory",
+                                      "the server is out of memory; retry later");
+        }
         *con_cls = cs;
+        cs->limit = is_job_post(method, url) ? h->cfg.max_job_body : h->cfg.max_body;
         const char *cl =
             MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         size_t declared;
-        if (cl && cv_parse_size(cl, 0, (size_t)-1, &declared) == 0 && declared > h->cfg.max_body) {
+        if (cl && cv_parse_size(cl, 0, (size_t)-1, &declared) == 0 && declared > cs->limit) {
             char msg[200];
-            snprintf(msg, sizeof msg,
-                     "request body of %zu bytes exceeds the limit of %zu bytes (--max-body)",
-                     declared, h->cfg.max_body);
+            body_limit_msg(h, cs, msg, sizeof msg, declared);
             cs->dispatched = 1;
-            return reply_simple_error(h, conn, method, url, CV_ETOOLARGE, "body_too_large", msg);
+            return reply_simple_error(h, conn, method, url, CV_ETOOLARGE, 0, "body_too_large",
+                                      msg);
         }
         return MHD_YES;
     }
     if (*upload_data_size) {
         size_t n = *upload_data_size;
         *upload_data_size = 0;
-        if (cs->dispatched || cs->too_large)
+        if (cs->dispatched || cs->too_large || cs->oom)
             return MHD_YES;
-        if (n > h->cfg.max_body - cs->len) {
+        if (n > cs->limit - cs->len) {
             cs->too_large = 1;
             free(cs->body);
             cs->body = NULL;
@@ -992,10 +1055,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         if (cs->len + n > cs->cap) {
             size_t ncap = cs->cap ? cs->cap : 65536;
             while (ncap < cs->len + n)
-                ncap = ncap > h->cfg.max_body / 2 ? h->cfg.max_body : 2 * ncap;
+                ncap = ncap > cs->limit / 2 ? cs->limit : 2 * ncap;
             char *nb = realloc(cs->body, ncap + 1);
             if (!nb) {
-                cs->too_large = 1; /* answered below as out of memory */
+                cs->oom = 1; /* answered below as out of memory */
                 free(cs->body);
                 cs->body = NULL;
                 cs->len = cs->cap = 0;
@@ -1011,11 +1074,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (cs->dispatched)
         return MHD_YES;
     cs->dispatched = 1;
+    if (cs->oom) {
+        char msg[200];
+        snprintf(msg, sizeof msg, "out of memory receiving the request body (%zu bytes so far); "
+                 "retry later", cs->len);
+        return reply_simple_error(h, conn, method, url, CV_ENOMEM, 503, "out_of_memory", msg);
+    }
     if (cs->too_large) {
         char msg[200];
-        snprintf(msg, sizeof msg, "request body exceeds the limit of %zu bytes (--max-body)",
-                 h->cfg.max_body);
-        return reply_simple_error(h, conn, method, url, CV_ETOOLARGE, "body_too_large", msg);
+        body_limit_msg(h, cs, msg, sizeof msg, 0);
+        return reply_simple_error(h, conn, method, url, CV_ETOOLARGE, 0, "body_too_large", msg);
     }
     req r;
     memset(&r, 0, sizeof r);
@@ -1036,7 +1104,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     (void)conn;
     (void)toe;
     conn_state *cs = *con_cls;
-    if (cs) {
+    if (cs && cs != &oom_state) {
         free(cs->body);
         free(cs);
         *con_cls = NULL;
@@ -1062,6 +1130,14 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
         h->cfg.bind = "127.0.0.1";
     if (!h->cfg.max_connections)
         h->cfg.max_connections = 512;
+    if (!h->cfg.max_job_body)
+        h->cfg.max_job_body = (size_t)16 << 20;
+    if (h->cfg.max_wait < 0)
+        h->cfg.max_wait = 0;
+    /* A connection idle longer than this is closed; a request blocked in
+     * ?wait= is idle for up to max_wait seconds, so leave a minute more. */
+    double cto = h->cfg.max_wait + 60;
+    unsigned conn_timeout = cto > 86400 * 30 ? 0 /* none */ : (unsigned)cto + 1;
     h->reg = reg;
     h->jobs = jobs;
     h->started = cv_now_s();
@@ -1099,7 +1175,7 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
                             MHD_OPTION_EXTERNAL_LOGGER, mhd_log, h,
                             MHD_OPTION_SOCK_ADDR, sa,
                             MHD_OPTION_CONNECTION_LIMIT, h->cfg.max_connections,
-                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
+                            MHD_OPTION_CONNECTION_TIMEOUT, conn_timeout,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
                             MHD_OPTION_END);
     if (!h->d) {

@@ -5,7 +5,11 @@
  * (?wait=SECONDS, capped by max_wait) blocks only its own connection.  HTTP
  * threads parse and validate uploads but never run numerics: jobs go to the
  * worker pool of jobs.c.  Request bodies are accumulated up to max_body
- * bytes; a larger body (by Content-Length or as it streams) is answered 413.
+ * bytes (max_job_body for POST /v1/jobs); a larger body (by Content-Length
+ * or as it streams) is answered 413 body_too_large, a body that cannot be
+ * buffered for lack of memory 503 out_of_memory.  Idle connections are
+ * closed after max_wait + 60 seconds, so a request blocked in ?wait= is
+ * never cut off.
  * Every error is the contract's {"error": {"code", "message", "field"}} with
  * the HTTP status of cv_err_http_status(); unknown paths are 404 and known
  * paths with the wrong method 405 with an Allow header.
@@ -23,8 +27,9 @@ typedef struct {
     const char *bind;         /* IPv4 or IPv6 address, default "127.0.0.1" */
     int port;                 /* 0: pick a free port */
     size_t max_body;          /* bytes */
+    size_t max_job_body;      /* bytes of a POST /v1/jobs body (0: 16 MiB) */
     unsigned max_connections;
-    double max_wait;          /* cap on ?wait= seconds */
+    double max_wait;          /* cap on ?wait= seconds; 0: ?wait= never waits */
     int log_requests;         /* one stderr line per request */
 } cv_http_config;
 

@@ -27,13 +27,14 @@ struct cv_job {
     unsigned long model_version, dataset_version;
     double timeout;                  /* seconds of running time, 0 = none */
     double created_at, started_at, finished_at;   /* wall clock */
-    double t_start, t_end;                          /* monotonic */
+    double t_submit, t_start, t_end;                /* monotonic */
     cv_job_status status;            /* guarded by J->mu */
     cv_progress progress;
     atomic_int cancel;
     const char *cancel_code, *cancel_msg; /* why the cancel flag was set */
     char *result_text;               /* compact JSON of the result (succeeded) */
     size_t result_len;
+    size_t kept_bytes;               /* counted in J->kept_bytes while finished */
     cv_err err;                      /* failed / cancelled */
     struct cv_job *qnext;            /* queue link */
     struct cv_job *prev, *next;      /* table links, creation order */
@@ -50,6 +51,8 @@ struct cv_jobs {
     size_t qlen;
     cv_job *head, *tail;             /* all kept jobs */
     size_t njobs;
+    size_t kept_bytes;               /* memory of finished jobs (results) */
+    long evicted_total;              /* finished jobs dropped for max_kept_bytes */
     int draining, stop, stop_waiters;
     int busy;
     uint64_t counter, salt;
@@ -64,7 +67,23 @@ struct cv_jobs {
     unsigned long hist[CV_HIST_BUCKETS + 1];
     double hist_sum;
     unsigned long hist_count;
+    unsigned long qhist[CV_HIST_BUCKETS + 1]; /* submit -> start (or -> cancel while queued) */
+    double qhist_sum;
+    unsigned long qhist_count;
 };
+
+/* What a finished job costs to keep: its result text plus the record. */
+static size_t job_kept_bytes(const cv_job *j) { return sizeof *j + j->result_len; }
+
+static void hist_add(unsigned long *h, double *sum, unsigned long *count, double d)
+{
+    for (int b = 0; b < CV_HIST_BUCKETS; b++)
+        if (d <= cv_job_hist_bounds[b])
+            h[b]++;
+    h[CV_HIST_BUCKETS]++;
+    *sum += d;
+    (*count)++;
+}
 
 static const char *status_names[CV_JOB_NSTATUS] = {"queued", "running", "succeeded", "failed",
                                                    "cancelled"};
@@ -143,17 +162,19 @@ static void finish_locked(cv_jobs *J, cv_job *j, cv_job_status st)
     cv_registry_release(J->reg, j->msnap);
     cv_registry_release(J->reg, j->dsnap);
     j->msnap = j->dsnap = NULL;
+    /* the document is only needed to run the job */
+    cJSON_Delete(j->doc);
+    j->doc = NULL;
+    j->kept_bytes = job_kept_bytes(j);
+    J->kept_bytes += j->kept_bytes;
     J->finished_total[st]++;
     if (ran) {
         J->busy--;
         J->matvecs_finished += atomic_load(&j->progress.done);
-        double d = j->t_end - j->t_start;
-        for (int b = 0; b < CV_HIST_BUCKETS; b++)
-            if (d <= cv_job_hist_bounds[b])
-                J->hist[b]++;
-        J->hist[CV_HIST_BUCKETS]++;
-        J->hist_sum += d;
-        J->hist_count++;
+        hist_add(J->hist, &J->hist_sum, &J->hist_count, j->t_end - j->t_start);
+    } else {
+        /* cancelled while queued: its whole life was queue time */
+        hist_add(J->qhist, &J->qhist_sum, &J->qhist_count, j->t_end - j->t_submit);
     }
     pthread_cond_broadcast(&J->done_cv);
 }
@@ -191,6 +212,8 @@ static cv_job *cancel_queued_locked(cv_jobs *J, cv_job *j, const char *code, con
 
 /* ---- workers --------------------------------------------------------------- */
 
+static void purge(cv_jobs *J);
+
 static void *worker_main(void *arg)
 {
     cv_jobs *J = arg;
@@ -211,6 +234,7 @@ static void *worker_main(void *arg)
         j->status = CV_JOB_RUNNING;
         j->started_at = cv_wall_s();
         j->t_start = cv_now_s();
+        hist_add(J->qhist, &J->qhist_sum, &J->qhist_count, j->t_start - j->t_submit);
         j->progress.deadline = j->timeout > 0 ? j->t_start + j->timeout : 0;
         J->busy++;
         const cv_model *m = j->msnap->model;
@@ -253,25 +277,46 @@ static void *worker_main(void *arg)
         cv_utf8_sanitize(err.field);
         j->err = err;
         finish_locked(J, j, st);
+        if (J->draining)
+            fprintf(stderr, "curvd: draining: running job %s (%s) ended %s%s%s\n", j->id, j->op,
+                    cv_job_status_name(st), st == CV_JOB_SUCCEEDED ? "" : ": ",
+                    st == CV_JOB_SUCCEEDED ? "" : j->err.code);
+        int over = J->cfg.max_kept_bytes && J->kept_bytes > J->cfg.max_kept_bytes;
         pthread_mutex_unlock(&J->mu);
         cv_job_unref(j); /* the queue's reference */
+        if (over)
+            purge(J);
     }
     return NULL;
 }
 
+/* Drops finished jobs older than keep_s, then the oldest finished ones
+ * while more than max_kept are kept or they hold more than max_kept_bytes
+ * (the most recently finished job is never dropped for bytes, so a client
+ * can always read the last result). */
 static void purge(cv_jobs *J)
 {
     cv_job *dead = NULL;
     double now = cv_now_s();
     pthread_mutex_lock(&J->mu);
     size_t finished = 0;
+    cv_job *newest = NULL;
     for (cv_job *j = J->head; j; j = j->next)
-        finished += is_finished(j->status);
+        if (is_finished(j->status)) {
+            finished++;
+            if (!newest || j->t_end >= newest->t_end)
+                newest = j;
+        }
     cv_job *j = J->head;
     while (j) {
         cv_job *next = j->next;
+        int over_bytes = J->cfg.max_kept_bytes && J->kept_bytes > J->cfg.max_kept_bytes &&
+                         j != newest;
         if (is_finished(j->status) &&
-            (now - j->t_end > J->cfg.keep_s || finished > J->cfg.max_kept)) {
+            (now - j->t_end > J->cfg.keep_s || finished > J->cfg.max_kept || over_bytes)) {
+            if (over_bytes && !(now - j->t_end > J->cfg.keep_s || finished > J->cfg.max_kept))
+                J->evicted_total++;
+            J->kept_bytes -= j->kept_bytes;
             if (j->prev)
                 j->prev->next = j->next;
             else
@@ -459,6 +504,7 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
     if (timeout > 0 && (j->timeout <= 0 || timeout < j->timeout))
         j->timeout = timeout;
     j->created_at = cv_wall_s();
+    j->t_submit = cv_now_s();
     j->status = CV_JOB_QUEUED;
 
     pthread_mutex_lock(&J->mu);
@@ -713,6 +759,7 @@ cJSON *cv_jobs_list(cv_jobs *J, int status, const char *model, const char *datas
 void cv_jobs_drain(cv_jobs *J)
 {
     cv_job *dropped = NULL;
+    int n = 0;
     pthread_mutex_lock(&J->mu);
     J->draining = 1;
     while (J->qhead) {
@@ -720,12 +767,16 @@ void cv_jobs_drain(cv_jobs *J)
                                          "cancelled: the service is shutting down");
         j->qnext = dropped;
         dropped = j;
+        n++;
     }
+    int busy = J->busy;
     pthread_mutex_unlock(&J->mu);
+    fprintf(stderr, "curvd: draining: %d queued job%s cancelled (shutting_down), %d running\n",
+            n, n == 1 ? "" : "s", busy);
     while (dropped) {
-        cv_job *n = dropped->qnext;
+        cv_job *nx = dropped->qnext;
         cv_job_unref(dropped);
-        dropped = n;
+        dropped = nx;
     }
 }
 
@@ -790,5 +841,11 @@ void cv_jobs_stats_get(cv_jobs *J, cv_jobs_stats *st)
     memcpy(st->hist, J->hist, sizeof st->hist);
     st->hist_sum = J->hist_sum;
     st->hist_count = J->hist_count;
+    memcpy(st->qhist, J->qhist, sizeof st->qhist);
+    st->qhist_sum = J->qhist_sum;
+    st->qhist_count = J->qhist_count;
+    st->kept_bytes = J->kept_bytes;
+    st->max_kept_bytes = J->cfg.max_kept_bytes;
+    st->evicted_total = J->evicted_total;
     pthread_mutex_unlock(&J->mu);
 }

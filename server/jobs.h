@@ -10,7 +10,10 @@
  * fails with code "job_timeout").  HTTP threads never run numerics.
  *
  * Finished jobs (succeeded, failed, cancelled) stay readable for keep_s
- * seconds (and at most max_kept of them), then a janitor thread drops them.
+ * seconds, then a janitor thread drops them; at most max_kept of them are
+ * kept, holding at most max_kept_bytes (result text plus a small record):
+ * beyond either cap the oldest finished jobs go first (the most recently
+ * finished one always stays, whatever its size).
  *
  * Shutdown: cv_jobs_drain() refuses new jobs (503) and cancels every queued
  * job; cv_jobs_wait_idle() lets running jobs finish up to a grace period;
@@ -45,6 +48,7 @@ typedef struct {
     double job_timeout;       /* seconds of running time per job; 0 = none */
     double keep_s;            /* finished jobs are kept this long */
     size_t max_kept;          /* and at most this many */
+    size_t max_kept_bytes;    /* and holding at most this many bytes (results); 0 = no cap */
     cv_job_limits limits;
 } cv_jobs_config;
 
@@ -110,6 +114,12 @@ typedef struct {
     unsigned long hist[CV_HIST_BUCKETS + 1]; /* cumulative counts, last = +Inf */
     double hist_sum;
     unsigned long hist_count;
+    /* time from submission to start (or to cancellation while queued) */
+    unsigned long qhist[CV_HIST_BUCKETS + 1];
+    double qhist_sum;
+    unsigned long qhist_count;
+    size_t kept_bytes, max_kept_bytes;  /* finished jobs' memory and its cap */
+    long evicted_total;                 /* finished jobs dropped for the byte cap */
 } cv_jobs_stats;
 
 void cv_jobs_stats_get(cv_jobs *J, cv_jobs_stats *st);

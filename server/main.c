@@ -36,11 +36,20 @@ static const char usage[] =
     "  --blas-threads N           OpenBLAS threads (process-wide, shared by all\n"
     "                             workers: workers x N should not exceed the cores) [1]\n"
     "  --max-body BYTES           largest request body; suffixes K, M, G [256M]\n"
-    "  --max-registry-bytes BYTES memory budget of registered models+datasets [1G]\n"
+    "  --max-job-bytes BYTES      largest POST /v1/jobs body (the job JSON), 413\n"
+    "                             body_too_large above it [16M]\n"
+    "  --max-registry-bytes BYTES memory budget of registered models+datasets, old\n"
+    "                             versions still pinned by queued/running jobs\n"
+    "                             included: an upload over it is 413 registry_full,\n"
+    "                             429 registry_full if it fits once those jobs end [1G]\n"
     "  --max-queue N              queued jobs before POST /v1/jobs answers 429 [256]\n"
     "  --job-timeout SECONDS      running-time limit per job; 0 = none [3600]\n"
     "  --keep-jobs SECONDS        finished jobs stay readable this long [600]\n"
-    "  --max-wait SECONDS         cap on ?wait= [300]\n"
+    "  --max-kept-bytes BYTES     memory for finished jobs' results; beyond it the\n"
+    "                             oldest finished jobs are dropped first (the newest\n"
+    "                             always stays); 0 = no cap [256M]\n"
+    "  --max-wait SECONDS         cap on ?wait=; 0 = ?wait= never waits (answers at\n"
+    "                             once); idle connections close after this + 60 s [300]\n"
     "  --shutdown-grace SECONDS   running jobs get this long on SIGTERM before they\n"
     "                             are cancelled [10]\n"
     "  --max-connections N        concurrent HTTP connections [512]\n"
@@ -271,6 +280,10 @@ static int cmd_serve(int argc, char **argv)
             c.blas_threads = (int)n;
         } else if (strcmp(a, "--max-body") == 0) {
             bad = cv_parse_size(v, 1, (size_t)1 << 40, &c.http.max_body);
+        } else if (strcmp(a, "--max-job-bytes") == 0) {
+            bad = cv_parse_size(v, 1, (size_t)1 << 40, &c.http.max_job_body);
+        } else if (strcmp(a, "--max-kept-bytes") == 0) {
+            bad = cv_parse_size(v, 0, (size_t)1 << 50, &c.jobs.max_kept_bytes);
         } else if (strcmp(a, "--max-registry-bytes") == 0) {
             bad = cv_parse_size(v, 1, (size_t)1 << 50, &c.max_registry_bytes);
         } else if (strcmp(a, "--max-queue") == 0) {

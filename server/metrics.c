@@ -53,6 +53,18 @@ static void counter(sbuf *s, const char *name, const char *help, double v)
     sb_printf(s, "# HELP %s %s\n# TYPE %s counter\n%s %.17g\n", name, help, name, name, v);
 }
 
+/* hist: cumulative bucket counts for cv_job_hist_bounds, then +Inf. */
+static void histogram(sbuf *s, const char *name, const char *help, const unsigned long *hist,
+                      double sum, unsigned long count)
+{
+    sb_printf(s, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    for (int b = 0; b < CV_HIST_BUCKETS; b++)
+        sb_printf(s, "%s_bucket{le=\"%g\"} %lu\n", name, cv_job_hist_bounds[b], hist[b]);
+    sb_printf(s, "%s_bucket{le=\"+Inf\"} %lu\n", name, hist[CV_HIST_BUCKETS]);
+    sb_printf(s, "%s_sum %.17g\n", name, sum);
+    sb_printf(s, "%s_count %lu\n", name, count);
+}
+
 char *cv_metrics_render(cv_registry *reg, cv_jobs *jobs, const cv_http_counters *hc,
                         double uptime_s)
 {
@@ -87,19 +99,24 @@ char *cv_metrics_render(cv_registry *reg, cv_jobs *jobs, const cv_http_counters 
             (double)js.submitted_total);
     counter(&s, "curvd_jobs_rejected_total", "Jobs refused because the queue was full.",
             (double)js.rejected_total);
-    sb_printf(&s, "# HELP curvd_job_duration_seconds Running time of jobs that ran.\n"
-                  "# TYPE curvd_job_duration_seconds histogram\n");
-    for (int b = 0; b < CV_HIST_BUCKETS; b++)
-        sb_printf(&s, "curvd_job_duration_seconds_bucket{le=\"%g\"} %lu\n",
-                  cv_job_hist_bounds[b], js.hist[b]);
-    sb_printf(&s, "curvd_job_duration_seconds_bucket{le=\"+Inf\"} %lu\n",
-              js.hist[CV_HIST_BUCKETS]);
-    sb_printf(&s, "curvd_job_duration_seconds_sum %.17g\n", js.hist_sum);
-    sb_printf(&s, "curvd_job_duration_seconds_count %lu\n", js.hist_count);
+    histogram(&s, "curvd_job_duration_seconds", "Running time of jobs that ran.", js.hist,
+              js.hist_sum, js.hist_count);
+    histogram(&s, "curvd_job_queue_seconds",
+              "Time jobs waited in the queue: submission to start (or to cancellation while "
+              "queued).", js.qhist, js.qhist_sum, js.qhist_count);
+    gauge(&s, "curvd_jobs_kept_bytes", "Bytes held by finished jobs (results) kept readable.",
+          (double)js.kept_bytes);
+    gauge(&s, "curvd_jobs_kept_budget_bytes", "Cap on curvd_jobs_kept_bytes (--max-kept-bytes; "
+          "0 = none).", (double)js.max_kept_bytes);
+    counter(&s, "curvd_jobs_evicted_total", "Finished jobs dropped early to stay within "
+            "--max-kept-bytes.", (double)js.evicted_total);
     counter(&s, "curvd_matvecs_total", "Curvature-vector products computed by jobs.",
             (double)js.matvecs_total);
     gauge(&s, "curvd_registry_bytes", "Bytes held by registered models and datasets.",
           (double)rs.bytes);
+    gauge(&s, "curvd_registry_retired_bytes", "Bytes of replaced or deleted versions still "
+          "pinned by queued or running jobs (counted against the budget).",
+          (double)rs.retired_bytes);
     gauge(&s, "curvd_registry_budget_bytes", "Registry memory budget (--max-registry-bytes).",
           (double)rs.max_bytes);
     gauge(&s, "curvd_models", "Registered models.", rs.models);

@@ -7,8 +7,11 @@
  *   curvd_jobs_finished_total{status=...}           counter
  *   curvd_jobs_submitted_total, curvd_jobs_rejected_total (queue full)
  *   curvd_job_duration_seconds                      histogram of running time
+ *   curvd_job_queue_seconds                         histogram of submit -> start
+ *   curvd_jobs_kept_bytes, curvd_jobs_kept_budget_bytes, curvd_jobs_evicted_total
  *   curvd_matvecs_total                             counter (running jobs included)
- *   curvd_registry_bytes, curvd_registry_budget_bytes, curvd_models, curvd_datasets
+ *   curvd_registry_bytes, curvd_registry_retired_bytes, curvd_registry_budget_bytes,
+ *   curvd_models, curvd_datasets
  *   curvd_http_requests_total{code_class="2xx"...}  counter
  */
 #ifndef CV_METRICS_H

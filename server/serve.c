@@ -34,6 +34,7 @@ void cv_serve_config_default(cv_serve_config *c)
     c->http.bind = "127.0.0.1";
     c->http.port = 8080;
     c->http.max_body = (size_t)256 << 20;
+    c->http.max_job_body = (size_t)16 << 20;
     c->http.max_connections = 512;
     c->http.max_wait = 300;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -42,6 +43,7 @@ void cv_serve_config_default(cv_serve_config *c)
     c->jobs.job_timeout = 3600;
     c->jobs.keep_s = 600;
     c->jobs.max_kept = 10000;
+    c->jobs.max_kept_bytes = (size_t)256 << 20;
     cv_job_limits_default(&c->jobs.limits);
     c->blas_threads = 1;
     c->max_registry_bytes = (size_t)1 << 30;
@@ -168,9 +170,11 @@ int cv_serve(const cv_serve_config *c)
     int v6 = strchr(bind, ':') != NULL;
     fprintf(stderr,
             "curvd: %d workers, %d BLAS thread%s each, queue %zu, job timeout %g s, "
-            "registry budget %zu bytes, body limit %zu bytes\n",
+            "registry budget %zu bytes, body limit %zu bytes (jobs %zu), kept results "
+            "%zu bytes, max wait %g s\n",
             c->jobs.workers, c->blas_threads, c->blas_threads == 1 ? "" : "s",
-            c->jobs.max_queue, c->jobs.job_timeout, c->max_registry_bytes, c->http.max_body);
+            c->jobs.max_queue, c->jobs.job_timeout, c->max_registry_bytes, c->http.max_body,
+            c->http.max_job_body, c->jobs.max_kept_bytes, c->http.max_wait);
     fprintf(stderr, "curvd: listening on http://%s%s%s:%d\n", v6 ? "[" : "", bind,
             v6 ? "]" : "", cv_http_port(http));
     fflush(stderr);
