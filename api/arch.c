@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -317,14 +318,17 @@ static int parse_conv_padding(const cJSON *o, const char *obj, cv_layer *L, cv_e
         return cv_err_set(e, CV_EINVAL, "invalid_value", path,
                           "%s: padding='same' is not supported for strided convolutions "
                           "(as in PyTorch)", path);
+    /* PyTorch: total padding d*(k-1), total//2 on the top/left and the rest
+     * (one more for an even effective kernel) on the bottom/right */
     for (int a = 0; a < 2; a++) {
-        int total = L->dilation[a] * (L->kernel[a] - 1);
-        if (total % 2)
-            return cv_err_set(e, CV_EINVAL, "unsupported", path,
+        int64_t total = (int64_t)L->dilation[a] * (L->kernel[a] - 1);
+        if (total - total / 2 > INT_LIMIT)
+            return cv_err_set(e, CV_EINVAL, "invalid_value", path,
                               "%s: padding='same' with kernel_size %d and dilation %d needs "
-                              "asymmetric padding, which curvd does not support; give explicit "
-                              "padding", path, L->kernel[a], L->dilation[a]);
-        L->padding[a] = total / 2;
+                              "padding %lld, too large (limit %d)", path, L->kernel[a],
+                              L->dilation[a], (long long)(total - total / 2), INT_LIMIT);
+        L->padding[a] = (int)(total / 2);
+        L->pad_extra[a] = (int)(total % 2);
     }
     return 0;
 }
@@ -578,18 +582,44 @@ static int parse_loss(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
     return bad(e, "invalid_value", path, "must be \"mean\" or \"sum\"", r);
 }
 
-/* "layers[2] (Linear): ..." -> "layers[2]"; "input_shape[0]: ..." -> "input_shape[0]". */
+/* The attribute a finalize message names after its layer: "layers[2] (Conv2d):
+ * kernel_size[0]: ..." -> "kernel_size"; "" if none. */
+static void finalize_attr(const char *rest, char *attr, size_t len)
+{
+    *attr = 0;
+    if (strncmp(rest, " (", 2) == 0) {
+        const char *close = strchr(rest, ')');
+        if (!close)
+            return;
+        rest = close + 1;
+    }
+    if (strncmp(rest, ": ", 2) != 0)
+        return;
+    rest += 2;
+    size_t n = strspn(rest, "abcdefghijklmnopqrstuvwxyz_");
+    if (n == 0 || n >= len || (rest[n] != ':' && rest[n] != '['))
+        return;
+    memcpy(attr, rest, n);
+    attr[n] = 0;
+}
+
+/* "layers[2] (Linear): ..." -> "layers[2]"; "input_shape[0]: ..." -> "input_shape[0]";
+ * "layers[1] (Conv2d): kernel_size[0]: ..." -> "layers[1].kernel_size". */
 static void finalize_field(const char *msg, const char *prefix, char *out, size_t len)
 {
     size_t n = strcspn(msg, " :(");
-    char head[96];
-    if (n == 0 || n >= sizeof head || (strncmp(msg, "layers", 6) != 0 &&
-                                       strncmp(msg, "input_shape", 11) != 0 &&
-                                       strncmp(msg, "loss", 4) != 0)) {
+    char head[160], attr[40] = "";
+    if (n == 0 || n >= 96 || (strncmp(msg, "layers", 6) != 0 &&
+                              strncmp(msg, "input_shape", 11) != 0 &&
+                              strncmp(msg, "loss", 4) != 0)) {
         snprintf(head, sizeof head, "layers");
     } else {
         memcpy(head, msg, n);
         head[n] = 0;
+        if (strncmp(msg, "layers[", 7) == 0)
+            finalize_attr(msg + n, attr, sizeof attr);
+        if (*attr)
+            snprintf(head + n, sizeof head - n, ".%s", attr);
     }
     join(out, len, prefix, head);
 }
@@ -744,6 +774,14 @@ static int add_bool(cJSON *o, const char *key, int v)
     return cJSON_AddBoolToObject(o, key, v ? 1 : 0) ? 0 : -1;
 }
 
+/* Conv2d padding: [ph, pw], or "same" where it is asymmetric (only "same" makes it so). */
+static int conv_padding_json(const cv_layer *L, cJSON *o)
+{
+    if (L->pad_extra[0] || L->pad_extra[1])
+        return cJSON_AddStringToObject(o, "padding", "same") ? 0 : -1;
+    return add_pair(o, "padding", L->padding);
+}
+
 static int layer_to_json(const cv_layer *L, cJSON *o)
 {
     if (!cJSON_AddStringToObject(o, "type", cv_layer_type_name(L->type)))
@@ -756,7 +794,7 @@ static int layer_to_json(const cv_layer *L, cJSON *o)
         return add_num(o, "in_channels", L->in_channels) ||
                add_num(o, "out_channels", L->out_channels) ||
                add_pair(o, "kernel_size", L->kernel) || add_pair(o, "stride", L->stride) ||
-               add_pair(o, "padding", L->padding) || add_pair(o, "dilation", L->dilation) ||
+               conv_padding_json(L, o) || add_pair(o, "dilation", L->dilation) ||
                add_num(o, "groups", L->groups) || add_bool(o, "bias", L->has_bias) ||
                !cJSON_AddStringToObject(o, "padding_mode", "zeros");
     case CV_LEAKYRELU: return add_num(o, "negative_slope", L->negative_slope);

@@ -1,6 +1,7 @@
 /* model.c - shape inference and parameter layout of sequential models. */
 #include "model.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +34,19 @@ int cv_layer_is_elementwise(cv_layer_type t)
     default:
         return 0;
     }
+}
+
+/* 1 if the product of dim[0..rank) (each >= 0) exceeds limit (<= INT64_MAX / INT_MAX),
+ * computed without overflow. */
+static int dims_exceed(const int *dim, int rank, int64_t limit)
+{
+    int64_t p = 1;
+    for (int i = 0; i < rank; i++) {
+        p *= dim[i] > 0 ? dim[i] : 0; /* p <= limit before the step: no overflow */
+        if (p > limit)
+            return 1;
+    }
+    return 0;
 }
 
 size_t cv_shape_numel(const cv_shape *s)
@@ -81,17 +95,49 @@ static void add_tensor(cv_tensor_info *t, int *count, int layer, const char *suf
     *offset += ti->numel;
 }
 
-static int conv_out(int in, int k, int s, int p, int d, int ceil_mode)
+/* Output length of a window (kernel k, stride s, dilation d) sliding over an
+ * axis of `in` entries with padding lo before and hi after, as PyTorch
+ * computes it, in 64-bit so that no configuration the parser accepts can
+ * wrap around; -1 if the effective kernel d*(k-1)+1 exceeds the padded input. */
+static int64_t window_out(int64_t in, int64_t k, int64_t s, int64_t lo, int64_t hi, int64_t d,
+                          int ceil_mode)
 {
-    int eff = d * (k - 1) + 1;
-    int num = in + 2 * p - eff;
+    int64_t num = in + lo + hi - (d * (k - 1) + 1);
     if (num < 0)
-        return 0;
-    int out = (ceil_mode ? (num + s - 1) / s : num / s) + 1;
+        return -1;
+    int64_t out = (ceil_mode ? (num + s - 1) / s : num / s) + 1;
     /* PyTorch: the last window must start inside the (left-padded) input */
-    if (ceil_mode && (out - 1) * s >= in + p)
+    if (ceil_mode && (out - 1) * s >= in + lo)
         out--;
     return out;
+}
+
+/* Output size along axis a (0: height, 1: width) into *out, or a message
+ * naming the field: the effective kernel larger than the padded input, or an
+ * output that does not fit an int. */
+static int axis_out(cv_layer *L, int li, const cv_shape *in, int a, int ceil_mode, int *out,
+                    char *err, size_t errlen)
+{
+    static const char *const axis[2] = {"height", "width"};
+    char msg[300];
+    int64_t n = in->dim[1 + a], lo = L->padding[a], hi = (int64_t)L->padding[a] + L->pad_extra[a];
+    int64_t eff = (int64_t)L->dilation[a] * (L->kernel[a] - 1) + 1;
+    int64_t o = window_out(n, L->kernel[a], L->stride[a], lo, hi, L->dilation[a], ceil_mode);
+    if (o < 1) {
+        snprintf(msg, sizeof msg,
+                 "kernel_size[%d]: kernel larger than the padded input: kernel_size %d with "
+                 "dilation %d spans %lld, the input %s is %lld with padding %lld+%lld",
+                 a, L->kernel[a], L->dilation[a], (long long)eff, axis[a], (long long)n,
+                 (long long)lo, (long long)hi);
+        return fail(err, errlen, li, L, msg, NULL);
+    }
+    if (o > INT_MAX) {
+        snprintf(msg, sizeof msg, "stride[%d]: output %s %lld does not fit an int", a, axis[a],
+                 (long long)o);
+        return fail(err, errlen, li, L, msg, NULL);
+    }
+    *out = (int)o;
+    return 0;
 }
 
 static int infer_linear(cv_layer *L, int li, const cv_shape *in, char *err, size_t errlen)
@@ -135,12 +181,18 @@ static int infer_conv(cv_layer *L, int li, const cv_shape *in, char *err, size_t
                  s);
         return fail(err, errlen, li, L, msg, NULL);
     }
-    int oh = conv_out(in->dim[1], L->kernel[0], L->stride[0], L->padding[0], L->dilation[0], 0);
-    int ow = conv_out(in->dim[2], L->kernel[1], L->stride[1], L->padding[1], L->dilation[1], 0);
-    if (oh < 1 || ow < 1) {
-        snprintf(msg, sizeof msg, "kernel larger than the padded input %s", s);
+    if (L->pad_extra[0] < 0 || L->pad_extra[1] < 0)
+        return fail(err, errlen, li, L, "padding: bottom/right padding must be >= 0", NULL);
+    int wdims[4] = {L->out_channels, L->in_channels / L->groups, L->kernel[0], L->kernel[1]};
+    if (dims_exceed(wdims, 4, INT_MAX)) { /* also bounds the unfolded rows C*kh*kw */
+        snprintf(msg, sizeof msg,
+                 "kernel_size: the weight [%d, %d, %d, %d] has more than %d entries", wdims[0],
+                 wdims[1], wdims[2], wdims[3], INT_MAX);
         return fail(err, errlen, li, L, msg, NULL);
     }
+    int oh, ow;
+    if (axis_out(L, li, in, 0, 0, &oh, err, errlen) || axis_out(L, li, in, 1, 0, &ow, err, errlen))
+        return -1;
     L->out_shape.rank = 3;
     L->out_shape.dim[0] = L->out_channels;
     L->out_shape.dim[1] = oh;
@@ -170,17 +222,12 @@ static int infer_pool(cv_layer *L, int li, const cv_shape *in, char *err, size_t
         !check_pos2(L->padding, 0))
         return fail(err, errlen, li, L,
                     "kernel_size, stride, dilation must be >= 1 and padding >= 0", NULL);
-    if (2 * L->padding[0] > L->kernel[0] || 2 * L->padding[1] > L->kernel[1])
+    if (2 * (int64_t)L->padding[0] > L->kernel[0] || 2 * (int64_t)L->padding[1] > L->kernel[1])
         return fail(err, errlen, li, L, "padding must be at most half of kernel_size", NULL);
-    for (int a = 0; a < 2; a++) {
-        int o = conv_out(in->dim[1 + a], L->kernel[a], L->stride[a], L->padding[a],
-                         L->dilation[a], L->ceil_mode);
-        if (o < 1) {
-            snprintf(msg, sizeof msg, "kernel larger than the padded input %s", s);
-            return fail(err, errlen, li, L, msg, NULL);
-        }
-        L->out_shape.dim[1 + a] = o;
-    }
+    L->pad_extra[0] = L->pad_extra[1] = 0;
+    for (int a = 0; a < 2; a++)
+        if (axis_out(L, li, in, a, L->ceil_mode, &L->out_shape.dim[1 + a], err, errlen))
+            return -1;
     return 0;
 }
 
@@ -188,7 +235,8 @@ static int infer_batchnorm(cv_layer *L, int li, const cv_shape *in, char *err, s
 {
     char s[64], msg[200];
     cv_shape_str(in, s, sizeof s);
-    int want_rank = L->type == CV_BATCHNORM2D ? 3 : 1;
+    /* BatchNorm1d: [C] or [C, L] (PyTorch's (N, C) and (N, C, L)); BatchNorm2d: [C, H, W] */
+    int want_rank = L->type == CV_BATCHNORM2D ? 3 : in->rank == 2 ? 2 : 1;
     if (L->num_features < 1)
         return fail(err, errlen, li, L, "num_features must be positive", NULL);
     if (!L->track_running_stats)
@@ -197,8 +245,12 @@ static int infer_batchnorm(cv_layer *L, int li, const cv_shape *in, char *err, s
                     "curvd supports evaluation mode only",
                     NULL);
     if (in->rank != want_rank || in->dim[0] != L->num_features) {
-        snprintf(msg, sizeof msg, "expects per-sample input [%d%s], got %s", L->num_features,
-                 want_rank == 3 ? ", H, W" : "", s);
+        if (want_rank == 3)
+            snprintf(msg, sizeof msg, "expects per-sample input [%d, H, W], got %s",
+                     L->num_features, s);
+        else
+            snprintf(msg, sizeof msg, "expects per-sample input [%d] or [%d, L], got %s",
+                     L->num_features, L->num_features, s);
         return fail(err, errlen, li, L, msg, NULL);
     }
     L->out_shape = *in;
@@ -284,8 +336,8 @@ int cv_model_finalize(cv_model *m, char *err, size_t errlen)
         return -1;
     }
     if (m->input_shape.rank < 1 || m->input_shape.rank > 3) {
-        snprintf(err, errlen, "input_shape: rank must be 1 ([F]) or 3 ([C, H, W]), got %d",
-                 m->input_shape.rank);
+        snprintf(err, errlen, "input_shape: rank must be 1 ([F]), 2 ([C, L]) or 3 ([C, H, W]), "
+                 "got %d", m->input_shape.rank);
         return -1;
     }
     for (int i = 0; i < m->input_shape.rank; i++)
@@ -294,17 +346,33 @@ int cv_model_finalize(cv_model *m, char *err, size_t errlen)
                      m->input_shape.dim[i]);
             return -1;
         }
+    if (dims_exceed(m->input_shape.dim, m->input_shape.rank, CV_MAX_SAMPLE_NUMEL)) {
+        snprintf(err, errlen, "input_shape: more than %d entries per sample",
+                 CV_MAX_SAMPLE_NUMEL);
+        return -1;
+    }
     cv_shape cur = m->input_shape;
     size_t poff = 0, boff = 0;
     for (int i = 0; i < m->nlayers; i++) {
         cv_layer *L = &m->layers[i];
         if (infer_shape(L, i, &cur, err, errlen))
             return -1;
-        if (cv_shape_numel(&L->out_shape) > (size_t)1 << 28) {
-            snprintf(err, errlen, "layers[%d]: output too large", i);
+        if (dims_exceed(L->out_shape.dim, L->out_shape.rank, CV_MAX_SAMPLE_NUMEL)) {
+            char s[64];
+            cv_shape_str(&L->out_shape, s, sizeof s);
+            snprintf(err, errlen, "layers[%d] (%s): output %s too large (more than %d entries "
+                     "per sample)", i, cv_layer_type_name(L->type), s, CV_MAX_SAMPLE_NUMEL);
             return -1;
         }
         layout_tensors(L, i, &poff, &boff);
+        for (int t = 0; t < L->nparams; t++)
+            if (dims_exceed(L->params[t].dim, L->params[t].rank, INT_MAX) ||
+                poff > (size_t)INT_MAX) {
+                snprintf(err, errlen, "layers[%d] (%s): parameter %s makes the model larger "
+                         "than %d parameters", i, cv_layer_type_name(L->type),
+                         L->params[t].name, INT_MAX);
+                return -1;
+            }
         cur = L->out_shape;
     }
     if (cur.rank != 1) {

@@ -18,6 +18,7 @@
 #define CV_MAX_LAYER_PARAMS 2   /* weight, bias */
 #define CV_MAX_LAYER_BUFFERS 3  /* running_mean, running_var, num_batches_tracked */
 #define CV_NAME_MAX 64
+#define CV_MAX_SAMPLE_NUMEL (1 << 28) /* entries of one sample's input or activation */
 
 typedef enum {
     CV_LINEAR = 0,
@@ -43,7 +44,7 @@ typedef enum {
 typedef enum { CV_LOSS_MSE = 0, CV_LOSS_CE, CV_LOSS_BCE } cv_loss_type;
 typedef enum { CV_RED_MEAN = 0, CV_RED_SUM } cv_reduction;
 
-/* Per-sample shape of an activation: rank 1 [F] or rank 3 [C, H, W]. */
+/* Per-sample shape of an activation: rank 1 [F], 2 [C, L] or 3 [C, H, W]. */
 typedef struct {
     int rank;
     int dim[CV_MAX_RANK];
@@ -64,6 +65,10 @@ typedef struct {
     /* Conv2d / pooling */
     int in_channels, out_channels;
     int kernel[2], stride[2], padding[2], dilation[2], groups;
+    /* Conv2d: padding[a] is the top/left padding; the bottom/right padding is
+     * padding[a] + pad_extra[a] (pad_extra is 1 where padding="same" meets an
+     * even effective kernel, as PyTorch pads; 0 otherwise) */
+    int pad_extra[2];
     int ceil_mode, count_include_pad;
     int output_size[2];       /* AdaptiveAvgPool2d */
     int has_bias;

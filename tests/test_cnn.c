@@ -119,12 +119,13 @@ static void init_layer(cv_model *m, const cv_layer *L, cv_rng *r)
     }
 }
 
-/* Builds, finalizes and randomly initializes a model on input [C, H, W]. */
+/* Builds, finalizes and randomly initializes a model on input [C, H, W]
+ * ([C, H] if W is 0). */
 static void cnn_model(cv_model *m, int C, int H, int W, const cv_layer *layers, int nl,
                       cv_loss_type loss, cv_reduction red, uint64_t seed)
 {
     memset(m, 0, sizeof *m);
-    m->input_shape.rank = 3;
+    m->input_shape.rank = W ? 3 : 2;
     m->input_shape.dim[0] = C;
     m->input_shape.dim[1] = H;
     m->input_shape.dim[2] = W;
@@ -138,7 +139,7 @@ static void cnn_model(cv_model *m, int C, int H, int W, const cv_layer *layers, 
             if (i && cv_model_finalize(m, err, sizeof err) && !strstr(err, "no parameters"))
                 ck_abort_msg("finalize prefix: %s", err);
             m->layers[i].in_features =
-                i ? (int)cv_shape_numel(&m->layers[i - 1].out_shape) : C * H * W;
+                i ? (int)cv_shape_numel(&m->layers[i - 1].out_shape) : C * H * (W ? W : 1);
         }
     }
     m->nlayers = nl;
@@ -162,7 +163,7 @@ typedef struct {
 } fixture;
 
 #define MAXL 16
-#define NVARIANTS 16
+#define NVARIANTS 18
 
 /* Variant i: a parametrized layer before the layer under test, so that its
  * second-order terms in x and theta both reach the products. */
@@ -246,7 +247,19 @@ static int variant_layers(int i, cv_layer *Ls, int *C, int *H, int *W, cv_loss_t
         Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH), Ls[n++] = simple(CV_DROPOUT);
         Ls[n++] = conv3(3, 2);
         break;
-    default: /* the tiny CNN with every layer type */
+    case 16: /* padding="same" with even effective kernels: one more row/column of
+              * padding on the bottom/right, as PyTorch pads */
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n] = conv(3, 3, 2, 4, 1, 1, 1, 1, 3, 1, 1, 1);
+        Ls[n].pad_extra[0] = Ls[n].pad_extra[1] = 1, n++;
+        *W = 5;
+        break;
+    case 17: /* BatchNorm1d on per-sample [C, L] (PyTorch's (N, C, L)) */
+        Ls[n++] = conv3(2, 3), Ls[n] = simple(CV_FLATTEN), Ls[n++].start_dim = 2;
+        Ls[n++] = bnorm(CV_BATCHNORM1D, 3, 1);
+        *loss = CV_LOSS_MSE;
+        break;
+    default: /* 15: the tiny CNN with every layer type */
         Ls[n++] = conv3(2, 4), Ls[n++] = bnorm(CV_BATCHNORM2D, 4, 1);
         Ls[n++] = simple(CV_RELU), Ls[n++] = pool(CV_MAXPOOL2D, 2, 2, 0, 1, 0, 0);
         Ls[n++] = conv(4, 4, 2, 2, 1, 1, 1, 1, 2, 2, 2, 1), Ls[n++] = simple(CV_TANH);
@@ -554,8 +567,12 @@ static void check_gram(fixture *f, const cv_block *b, int k, const char *tag)
     for (size_t a = 0; a < R; a++)
         for (size_t q = 0; q < R; q++) {
             double want = tu_dot(grads + a * D, grads + q * D, D);
-            ck_assert_msg(fabs(G[a * R + q] - want) <= 1e-4 * (fabs(want) + 1e-3),
-                          "%s Gram[%zu,%zu] %g vs %g", tag, a, q, G[a * R + q], want);
+            /* float rounding scales with |g_a| |g_q| (nearly orthogonal rows cancel) */
+            double scale = sqrt(tu_dot(grads + a * D, grads + a * D, D) *
+                                tu_dot(grads + q * D, grads + q * D, D));
+            ck_assert_msg(fabs(G[a * R + q] - want) <= 1e-4 * (fabs(want) + 1e-3) + 1e-6 * scale,
+                          "%s Gram[%zu,%zu] %g vs %g (diagonal %g, %g)", tag, a, q,
+                          G[a * R + q], want, G[a * R + a], G[q * R + q]);
         }
     free(cot); free(one); free(grads); free(G);
 }
@@ -697,14 +714,20 @@ START_TEST(conv_forward_matches_naive)
     cv_layer cases[] = {conv3(3, 4), conv(3, 6, 3, 2, 2, 1, 1, 2, 1, 2, 3, 1),
                         conv(4, 2, 1, 1, 2, 3, 0, 1, 1, 1, 2, 0),
                         conv(2, 4, 5, 5, 1, 1, 2, 2, 1, 1, 1, 1),
-                        conv(4, 4, 3, 3, 3, 2, 3, 0, 2, 3, 4, 1)};
-    int chans[] = {3, 3, 4, 2, 4};
-    for (int t = 0; t < 5; t++) {
+                        conv(4, 4, 3, 3, 3, 2, 3, 0, 2, 3, 4, 1),
+                        conv(3, 2, 2, 4, 1, 1, 0, 1, 1, 1, 1, 1), /* "same", even kernels */
+                        conv(2, 2, 2, 3, 1, 1, 1, 1, 3, 1, 2, 0)};
+    cases[5].pad_extra[0] = cases[5].pad_extra[1] = 1;
+    cases[6].pad_extra[0] = 1; /* dilated even kernel: (1, 2) rows of padding */
+    int chans[] = {3, 3, 4, 2, 4, 3, 2};
+    for (int t = 0; t < 7; t++) {
         cv_model m;
         cv_dataset d;
         int n = 2;
         float *y = single_layer_outputs(cases[t], chans[t], 7, 8, n, &m, &d, 50 + (uint64_t)t);
         const cv_layer *L = &m.layers[0];
+        if (t >= 5) /* "same": the output plane is the input plane */
+            ck_assert(L->out_shape.dim[1] == 7 && L->out_shape.dim[2] == 8);
         size_t in = L->in_shape.dim[0] * 56, out = cv_shape_numel(&L->out_shape);
         double *ref = malloc(sizeof(double) * out);
         for (int s = 0; s < n; s++) {
@@ -848,21 +871,195 @@ START_TEST(maxpool_ties_and_nan_follow_pytorch)
 }
 END_TEST
 
+/* MaxPool2d(2) on one H x W plane through the 2x2/stride-2 fast path; y, idx
+ * hold the OH x OW outputs and argmaxes.  */
+static void maxpool2_plane(const float *x, int H, int W, float *y, int *idx, float *gx)
+{
+    cv_model m;
+    cv_layer Ls[3] = {pool(CV_MAXPOOL2D, 2, 2, 0, 1, 0, 0), simple(CV_FLATTEN), linear(2)};
+    cnn_model(&m, 1, H, W, Ls, 3, CV_LOSS_MSE, CV_RED_MEAN, 1);
+    const cv_layer *L = &m.layers[0];
+    int OH = L->out_shape.dim[1], OW = L->out_shape.dim[2];
+    ck_assert(OH == H / 2 && OW == W / 2);
+    cv_layer_ctx c;
+    memset(&c, 0, sizeof c);
+    c.L = L;
+    c.n = 1;
+    c.in_numel = (size_t)H * W;
+    c.out_numel = (size_t)OH * OW;
+    c.x = x;
+    const cv_layer_ops *ops = cv_layer_ops_for(CV_MAXPOOL2D);
+    cv_err e;
+    ck_assert_int_eq(ops->forward(&c, y, &e), 0);
+    memcpy(idx, c.idx, sizeof(int) * (size_t)OH * OW);
+    float gy[64];
+    for (int q = 0; q < OH * OW; q++)
+        gy[q] = (float)(q + 1);
+    ops->vjp(&c, 1, gy, gx, NULL);
+    cv_layer_ctx_release(&c);
+    cv_model_free(&m);
+}
+
+START_TEST(maxpool_2x2_fast_path_ties_and_nan)
+{
+    /* 5 x 5 plane: 2 x 2 outputs, the last row and column in no window.  The
+     * window of (oy, ox) scans x[2oy][2ox], x[2oy][2ox+1], x[2oy+1][2ox],
+     * x[2oy+1][2ox+1]; PyTorch's CPU rule: a later element wins if it is
+     * greater or NaN (so the first of equal maxima, the last of NaNs). */
+    enum { H = 5, W = 5 };
+    float x[H * W], y[4], gx[H * W];
+    int idx[4];
+    for (int q = 0; q < H * W; q++)
+        x[q] = 2.0f; /* all ties everywhere */
+    x[0] = NAN;      /* window 0: NaN in the first slot beats the later 2s */
+    x[3] = NAN;      /* window 1: NaN in the second slot (first slot 2) */
+    x[8] = NAN;      /* window 1: a NaN in the last slot beats the earlier NaN */
+    x[11] = 7.0f;    /* window 2: the last-but-one slot is the maximum ... */
+    x[15] = 7.0f;    /* ... tied by the last slot: the first one wins */
+    /* window 3 (rows 2-3, cols 2-3): all ties -> its first slot */
+    maxpool2_plane(x, H, W, y, idx, gx);
+    int want[4] = {0, 8, 11, 12};
+    for (int q = 0; q < 4; q++)
+        ck_assert_msg(idx[q] == want[q], "output %d: argmax %d, want %d", q, idx[q], want[q]);
+    ck_assert(isnan(y[0]) && isnan(y[1]));
+    ck_assert_float_eq(y[2], 7.0f);
+    ck_assert_float_eq(y[3], 2.0f);
+    for (int q = 0; q < H * W; q++) { /* the cotangent goes to the argmax only */
+        float g = 0;
+        for (int o = 0; o < 4; o++)
+            g += want[o] == q ? (float)(o + 1) : 0.0f;
+        ck_assert_msg(gx[q] == g, "gx[%d] = %g, want %g", q, gx[q], g);
+    }
+    /* -inf everywhere: nothing beats the first slot, whose value is -inf */
+    for (int q = 0; q < H * W; q++)
+        x[q] = -INFINITY;
+    maxpool2_plane(x, H, W, y, idx, gx);
+    for (int q = 0; q < 4; q++) {
+        ck_assert_msg(idx[q] == (q / 2) * 2 * W + (q % 2) * 2, "-inf output %d: argmax %d", q,
+                      idx[q]);
+        ck_assert(isinf(y[q]) && y[q] < 0);
+    }
+    /* all ties on an even plane: every window's first slot */
+    float x4[16], y4[4], g4[16];
+    for (int q = 0; q < 16; q++)
+        x4[q] = -1.5f;
+    maxpool2_plane(x4, 4, 4, y4, idx, g4);
+    for (int q = 0; q < 4; q++)
+        ck_assert_int_eq(idx[q], (q / 2) * 8 + (q % 2) * 2);
+}
+END_TEST
+
+/* Unfolded sample by the definition: row (c*kh + i)*kw + j, column oy*ow + ox
+ * holds x[c][oy*sh - ph + i*dh][ox*sw - pw + j*dw], 0 outside the input. */
+static void naive_im2col(const cv_conv_geom *g, const float *x, float *cols)
+{
+    int P = g->oh * g->ow;
+    for (int c = 0; c < g->C; c++)
+        for (int i = 0; i < g->kh; i++)
+            for (int j = 0; j < g->kw; j++)
+                for (int oy = 0; oy < g->oh; oy++)
+                    for (int ox = 0; ox < g->ow; ox++) {
+                        int iy = oy * g->sh - g->ph + i * g->dh;
+                        int ix = ox * g->sw - g->pw + j * g->dw;
+                        int in = iy >= 0 && iy < g->H && ix >= 0 && ix < g->W;
+                        cols[(size_t)((c * g->kh + i) * g->kw + j) * P + oy * g->ow + ox] =
+                            in ? x[(c * g->H + iy) * g->W + ix] : 0.0f;
+                    }
+}
+
+START_TEST(im2col_matches_naive)
+{
+    /* {C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, extra_h, extra_w}; the output
+     * plane from PyTorch's formula with padding ph (+ extra) */
+    static const int cases[][13] = {
+        {2, 3, 2, 1, 5, 1, 1, 0, 2, 1, 1, 0, 0}, /* flat: taps j = 0, 4 wholly in padding */
+        {1, 1, 1, 3, 3, 1, 1, 1, 1, 1, 1, 0, 0}, /* flat, 1 x 1 plane */
+        {2, 5, 4, 3, 3, 1, 1, 2, 1, 2, 1, 0, 0}, /* flat: dilation, rectangular padding */
+        {1, 6, 5, 2, 3, 1, 1, 1, 2, 3, 2, 0, 0}, /* flat: dilation (3, 2), padding (1, 2) */
+        {3, 4, 6, 2, 4, 1, 1, 0, 1, 1, 1, 1, 1}, /* flat: "same" with even kernels */
+        {2, 5, 7, 2, 2, 1, 1, 1, 1, 3, 3, 1, 1}, /* flat: "same", dilation 3 (3 = 1 + 2) */
+        {2, 4, 3, 5, 3, 1, 1, 3, 1, 1, 1, 0, 0}, /* flat: rows wholly in padding */
+        {2, 5, 6, 3, 3, 1, 1, 0, 0, 1, 1, 0, 0}, /* stride 1, ow < W: general path */
+        {2, 6, 7, 3, 2, 2, 3, 1, 1, 2, 1, 0, 0}, /* strided, general path */
+        {1, 5, 5, 3, 3, 2, 1, 1, 1, 1, 2, 0, 0}, /* sw = 1, sh = 2, ow < W */
+    };
+    int nc = (int)(sizeof cases / sizeof cases[0]);
+    cv_rng r;
+    cv_rng_seed(&r, 5);
+    for (int t = 0; t < nc; t++) {
+        const int *q = cases[t];
+        cv_conv_geom g = {q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], q[8], q[9], q[10], 0, 0};
+        g.oh = (g.H + 2 * g.ph + q[11] - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+        g.ow = (g.W + 2 * g.pw + q[12] - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+        ck_assert_msg(g.oh >= 1 && g.ow >= 1, "case %d: empty output", t);
+        ck_assert_msg((t < 7) == (g.ow == g.W), "case %d: flat path %s", t,
+                      g.ow == g.W ? "taken" : "not taken");
+        int K = g.C * g.kh * g.kw, P = g.oh * g.ow;
+        size_t xn = (size_t)g.C * g.H * g.W;
+        float *x = malloc(sizeof(float) * xn), *want = malloc(sizeof(float) * K * P);
+        float *got = malloc(sizeof(float) * (K * P + 3 * P));
+        for (size_t i = 0; i < xn; i++)
+            x[i] = (float)cv_rng_normal(&r) + 3.0f; /* nonzero: no accidental zeros */
+        naive_im2col(&g, x, want);
+        for (int i = 0; i < K * P + 3 * P; i++)
+            got[i] = NAN; /* every entry must be written */
+        cv_im2col(&g, x, 0, K, got);
+        for (int i = 0; i < K * P; i++)
+            ck_assert_msg(got[i] == want[i], "case %d row %d col %d: %g vs %g", t, i / P, i % P,
+                          got[i], want[i]);
+        /* a row range with a leading dimension wider than the plane */
+        size_t ld = (size_t)P + 3;
+        int r0 = K / 3, r1 = K;
+        cv_im2col_ld(&g, x, r0, r1, got, ld);
+        for (int row = r0; row < r1; row++)
+            for (int p = 0; p < P; p++)
+                ck_assert_msg(got[(row - r0) * ld + p] == want[row * P + p],
+                              "case %d ld row %d col %d", t, row, p);
+        /* col2im is the adjoint: fold(cols)[x] sums the entries that read x */
+        float *cols = malloc(sizeof(float) * K * P), *fold = calloc(xn, sizeof(float));
+        double *fwant = calloc(xn, sizeof(double));
+        for (int i = 0; i < K * P; i++)
+            cols[i] = (float)cv_rng_normal(&r);
+        cv_col2im_add(&g, cols, fold);
+        for (int c = 0; c < g.C; c++)
+            for (int i = 0; i < g.kh; i++)
+                for (int j = 0; j < g.kw; j++)
+                    for (int oy = 0; oy < g.oh; oy++)
+                        for (int ox = 0; ox < g.ow; ox++) {
+                            int iy = oy * g.sh - g.ph + i * g.dh, ix = ox * g.sw - g.pw + j * g.dw;
+                            if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W)
+                                fwant[(c * g.H + iy) * g.W + ix] +=
+                                    cols[((c * g.kh + i) * g.kw + j) * P + oy * g.ow + ox];
+                        }
+        for (size_t i = 0; i < xn; i++)
+            ck_assert_msg(fabs(fold[i] - fwant[i]) <= 1e-5 * (1 + fabs(fwant[i])),
+                          "case %d col2im entry %zu: %g vs %g", t, i, fold[i], fwant[i]);
+        free(x); free(want); free(got); free(cols); free(fold); free(fwant);
+    }
+}
+END_TEST
+
 START_TEST(batchnorm_forward_matches_formula)
 {
-    cv_layer cases[2] = {bnorm(CV_BATCHNORM2D, 3, 1), bnorm(CV_BATCHNORM2D, 3, 0)};
-    for (int t = 0; t < 2; t++) {
+    /* BatchNorm2d on [3, 4, 5]; BatchNorm1d on [3, 7] (PyTorch's (N, C, L) input) */
+    cv_layer cases[3] = {bnorm(CV_BATCHNORM2D, 3, 1), bnorm(CV_BATCHNORM2D, 3, 0),
+                         bnorm(CV_BATCHNORM1D, 3, 1)};
+    int shapes[3][2] = {{4, 5}, {4, 5}, {7, 0}};
+    for (int t = 0; t < 3; t++) {
         cv_model m;
         cv_dataset d;
         int n = 2;
-        float *y = single_layer_outputs(cases[t], 3, 4, 5, n, &m, &d, 90 + (uint64_t)t);
+        float *y = single_layer_outputs(cases[t], 3, shapes[t][0], shapes[t][1], n, &m, &d,
+                                        90 + (uint64_t)t);
         const cv_layer *L = &m.layers[0];
+        ck_assert_int_eq(L->in_shape.rank, t < 2 ? 3 : 2);
+        int P = (int)(cv_shape_numel(&L->in_shape) / 3);
         const float *mean = m.buffers + L->buffers[0].offset;
         const float *var = m.buffers + L->buffers[1].offset;
         for (int s = 0; s < n; s++)
             for (int c = 0; c < 3; c++)
-                for (int p = 0; p < 20; p++) {
-                    size_t q = ((size_t)s * 3 + c) * 20 + p;
+                for (int p = 0; p < P; p++) {
+                    size_t q = ((size_t)s * 3 + c) * P + p;
                     double g = L->affine ? m.params[L->params[0].offset + c] : 1;
                     double b = L->affine ? m.params[L->params[1].offset + c] : 0;
                     double want = (d.x[q] - mean[c]) / sqrt(var[c] + L->eps) * g + b;
@@ -883,7 +1080,7 @@ static void expect_finalize_error(cv_layer *Ls, int nl, int C, int H, int W, con
 {
     cv_model m;
     memset(&m, 0, sizeof m);
-    m.input_shape.rank = 3;
+    m.input_shape.rank = W ? 3 : H ? 2 : 1;
     m.input_shape.dim[0] = C;
     m.input_shape.dim[1] = H;
     m.input_shape.dim[2] = W;
@@ -910,6 +1107,40 @@ START_TEST(malformed_configurations_rejected)
     expect_finalize_error(mp, 1, 2, 6, 6, "layers[0] (MaxPool2d)", "kernel larger");
     cv_layer pad[1] = {pool(CV_AVGPOOL2D, 2, 2, 2, 1, 0, 1)};
     expect_finalize_error(pad, 1, 2, 6, 6, "layers[0] (AvgPool2d)", "half of kernel_size");
+    /* dilation*(kernel-1)+1 = 2^32 + 1 wraps to 1 in 32-bit arithmetic */
+    cv_layer wrap[1] = {conv(1, 2, 257, 3, 1, 1, 0, 1, 1 << 24, 1, 1, 1)};
+    expect_finalize_error(wrap, 1, 1, 28, 28, "layers[0] (Conv2d): kernel_size[0]",
+                          "kernel larger than the padded input");
+    expect_finalize_error(wrap, 1, 1, 28, 28, "spans 4294967297", "height is 28");
+    cv_layer wrapw[2] = {conv3(1, 2), conv(2, 2, 3, 257, 1, 1, 1, 1, 1, 1 << 24, 1, 1)};
+    expect_finalize_error(wrapw, 2, 1, 28, 28, "layers[1] (Conv2d): kernel_size[1]", "width");
+    cv_layer mwrap[1] = {pool(CV_MAXPOOL2D, 257, 1, 0, 1 << 24, 0, 0)};
+    expect_finalize_error(mwrap, 1, 1, 28, 28, "layers[0] (MaxPool2d): kernel_size[0]",
+                          "kernel larger than the padded input");
+    cv_layer mwrap2[1] = {pool(CV_MAXPOOL2D, 3, 1, 1, 1 << 24, 1, 0)}; /* ceil_mode */
+    expect_finalize_error(mwrap2, 1, 1, 28, 28, "layers[0] (MaxPool2d)", "kernel larger");
+    /* effective kernel just over the padded input: 2*(3-1)+1 = 5 > 3 + 2*0 */
+    cv_layer edge[1] = {conv(1, 1, 3, 1, 1, 1, 0, 0, 2, 1, 1, 1)};
+    expect_finalize_error(edge, 1, 1, 3, 3, "layers[0] (Conv2d): kernel_size[0]", "spans 5");
+    cv_layer sameh[1] = {conv(1, 1, 4, 1, 1, 1, 1, 0, 1, 1, 1, 1)}; /* 1 + 1 pad, not 3 */
+    expect_finalize_error(sameh, 1, 1, 1, 3, "layers[0] (Conv2d)", "padding 1+1");
+    /* sizes whose products overflow int */
+    cv_layer wbig[1] = {conv(1, 1 << 20, 1 << 12, 1 << 12, 1, 1, 1 << 11, 1 << 11, 1, 1, 1, 1)};
+    expect_finalize_error(wbig, 1, 1, 1, 1, "layers[0] (Conv2d): kernel_size", "more than");
+    cv_layer obig[1] = {conv(1, 1 << 24, 1, 1, 1, 1, 1 << 24, 1 << 24, 1, 1, 1, 1)};
+    expect_finalize_error(obig, 1, 1, 1, 1, "layers[0] (Conv2d)", "too large");
+    cv_layer abig[2] = {adaptive(1 << 24, 1 << 24), simple(CV_FLATTEN)};
+    expect_finalize_error(abig, 2, 4, 6, 6, "layers[0] (AdaptiveAvgPool2d)", "too large");
+    cv_layer lbig[1] = {linear(1 << 24)};
+    lbig[0].in_features = 1 << 24;
+    expect_finalize_error(lbig, 1, 1 << 24, 0, 0, "layers[0] (Linear)", "parameters");
+    cv_layer ibig[1] = {simple(CV_FLATTEN)};
+    expect_finalize_error(ibig, 1, 1 << 24, 1 << 24, 1 << 24, "input_shape", "more than");
+    /* BatchNorm1d takes [C] or [C, L], not [C, H, W] nor a mismatched C */
+    cv_layer bn3[1] = {bnorm(CV_BATCHNORM1D, 2, 1)};
+    expect_finalize_error(bn3, 1, 2, 6, 6, "layers[0] (BatchNorm1d)", "[2] or [2, L]");
+    cv_layer bnl[1] = {bnorm(CV_BATCHNORM1D, 3, 1)};
+    expect_finalize_error(bnl, 1, 2, 6, 0, "layers[0] (BatchNorm1d)", "got [2, 6]");
 }
 END_TEST
 
@@ -935,6 +1166,8 @@ static Suite *cnn_suite(void)
     tcase_add_test(sem, pooling_forward_matches_naive);
     tcase_add_test(sem, pooling_output_shapes_follow_pytorch);
     tcase_add_test(sem, maxpool_ties_and_nan_follow_pytorch);
+    tcase_add_test(sem, maxpool_2x2_fast_path_ties_and_nan);
+    tcase_add_test(sem, im2col_matches_naive);
     tcase_add_test(sem, batchnorm_forward_matches_formula);
     tcase_add_test(sem, malformed_configurations_rejected);
     suite_add_tcase(s, sem);

@@ -554,6 +554,51 @@ START_TEST(arch_defaults)
 }
 END_TEST
 
+/* padding="same" as PyTorch pads it: d*(k-1) in all, the odd one on the
+ * bottom/right; exported as "same" when asymmetric, numbers otherwise. */
+START_TEST(arch_same_padding_and_bn1d_cl)
+{
+    cv_model *m = new_model("[2, 5, 7]",
+                            "{'type': 'Conv2d', 'in_channels': 2, 'out_channels': 2,"
+                            " 'kernel_size': [2, 4], 'dilation': [3, 1], 'padding': 'same'},"
+                            "{'type': 'Conv2d', 'in_channels': 2, 'out_channels': 3,"
+                            " 'kernel_size': 3, 'dilation': 2, 'padding': 'same'},"
+                            "{'type': 'Flatten', 'start_dim': 2},"
+                            "{'type': 'BatchNorm1d', 'num_features': 3},"
+                            "{'type': 'Flatten'},"
+                            "{'type': 'Linear', 'in_features': 105, 'out_features': 2}",
+                            "MSELoss");
+    const cv_layer *L = m->layers;
+    ck_assert(L[0].padding[0] == 1 && L[0].pad_extra[0] == 1); /* 3 = 1 + 2 */
+    ck_assert(L[0].padding[1] == 1 && L[0].pad_extra[1] == 1); /* 3 = 1 + 2 */
+    ck_assert(L[1].padding[0] == 2 && L[1].pad_extra[0] == 0 && L[1].pad_extra[1] == 0);
+    for (int i = 0; i < 2; i++)
+        ck_assert(L[i].out_shape.dim[1] == 5 && L[i].out_shape.dim[2] == 7);
+    ck_assert(L[3].in_shape.rank == 2 && L[3].in_shape.dim[0] == 3 && L[3].in_shape.dim[1] == 35);
+    ck_assert_int_eq(L[3].nparams, 2);
+    cJSON *j = cv_arch_to_json(m);
+    char *text = cJSON_PrintUnformatted(j);
+    ck_assert_msg(strstr(text, "\"padding\":\"same\"") != NULL, "%s", text);
+    ck_assert_msg(strstr(text, "\"padding\":[2,2]") != NULL, "%s", text);
+    cv_model *m2 = calloc(1, sizeof *m2);
+    cv_err e;
+    ck_assert_msg(cv_arch_parse(text, strlen(text), m2, &e) == 0, "%s", e.message);
+    for (int i = 0; i < 2; i++)
+        for (int a = 0; a < 2; a++)
+            ck_assert(m2->layers[i].padding[a] == L[i].padding[a] &&
+                      m2->layers[i].pad_extra[a] == L[i].pad_extra[a]);
+    free(text);
+    cJSON_Delete(j);
+    free_model(m2);
+    free_model(m);
+    /* rank-2 input straight in: [C, L] */
+    m = new_model("[3, 4]", "{'type': 'BatchNorm1d', 'num_features': 3}, {'type': 'Flatten'},"
+                  "{'type': 'Linear', 'in_features': 12, 'out_features': 2}", "MSELoss");
+    ck_assert_int_eq(m->layers[0].out_shape.rank, 2);
+    free_model(m);
+}
+END_TEST
+
 START_TEST(arch_rejects_fields)
 {
     const char *lin = "{'type': 'Linear', 'in_features': 4, 'out_features': 2}";
@@ -593,10 +638,39 @@ START_TEST(arch_rejects_fields)
                 "{'type': 'Conv2d', 'in_channels': 1, 'out_channels': 1, 'kernel_size': 3,"
                 " 'stride': 2, 'padding': 'same'}",
                 "invalid_value", "layers[0].padding", "not supported for strided");
+    /* kernel 257 with dilation 2^24 spans 2^32 + 1, which wraps to 1 in int */
+    arch_expect("[1, 28, 28]",
+                "{'type': 'Conv2d', 'in_channels': 1, 'out_channels': 1, 'kernel_size': 257,"
+                " 'dilation': 16777216}",
+                "invalid_model", "layers[0].kernel_size", "kernel larger than the padded input");
+    arch_expect("[1, 28, 28]",
+                "{'type': 'Conv2d', 'in_channels': 1, 'out_channels': 1, 'kernel_size': [3, 257],"
+                " 'padding': 1, 'dilation': [1, 16777216]}",
+                "invalid_model", "layers[0].kernel_size", "kernel_size[1]");
+    arch_expect("[1, 28, 28]",
+                "{'type': 'MaxPool2d', 'kernel_size': 257, 'stride': 1,"
+                " 'dilation': 16777216}",
+                "invalid_model", "layers[0].kernel_size", "spans 4294967297");
+    arch_expect("[1, 28, 28]",
+                "{'type': 'MaxPool2d', 'kernel_size': 3, 'stride': 1, 'padding': 1,"
+                " 'dilation': 16777216, 'ceil_mode': true}",
+                "invalid_model", "layers[0].kernel_size", "kernel larger");
+    arch_expect("[1, 1, 1]",
+                "{'type': 'Conv2d', 'in_channels': 1, 'out_channels': 16777216,"
+                " 'kernel_size': 1, 'padding': 16777216}",
+                "invalid_model", "layers[0]", "too large");
+    arch_expect("[1, 1, 1]",
+                "{'type': 'Conv2d', 'in_channels': 1, 'out_channels': 1048576,"
+                " 'kernel_size': 4096, 'padding': 2048}",
+                "invalid_model", "layers[0].kernel_size", "more than 2147483647 entries");
     arch_expect("[1, 4, 4]",
-                "{'type': 'Conv2d', 'in_channels': 1, 'out_channels': 1, 'kernel_size': 2,"
-                " 'padding': 'same'}",
-                "unsupported", "layers[0].padding", "asymmetric padding");
+                "{'type': 'Conv2d', 'in_channels': 1, 'out_channels': 1, 'kernel_size': 257,"
+                " 'dilation': 16777216, 'padding': 'same'}",
+                "invalid_value", "layers[0].padding", "too large");
+    arch_expect("[16777216, 16777216, 16777216]", "{'type': 'Flatten'}", "invalid_model",
+                "input_shape", "more than");
+    arch_expect("[3, 6]", "{'type': 'BatchNorm1d', 'num_features': 4}", "invalid_model",
+                "layers[0]", "[4] or [4, L], got [3, 6]");
     arch_expect("[1, 4, 4]",
                 "{'type': 'Conv2d', 'in_channels': 1, 'out_channels': 1, 'kernel_size': 3,"
                 " 'padding': 'full'}",
@@ -1218,6 +1292,7 @@ static Suite *suite(void)
     tcase_add_test(ar, arch_roundtrip);
     tcase_add_test(ar, arch_defaults);
     tcase_add_test(ar, arch_rejects_fields);
+    tcase_add_test(ar, arch_same_padding_and_bn1d_cl);
     tcase_add_test(ar, arch_rejects_document);
     tcase_add_test(ar, arch_file);
     suite_add_tcase(s, ar);
