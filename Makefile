@@ -56,7 +56,7 @@ $(B)/server/dashboard.o: CFLAGS += -I$(B)/gen
 unit: $(TEST_BIN)
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; CK_DEFAULT_TIMEOUT=600 $$t; done
 
-e2e: $(B)/curvd
+e2e: $(B)/curvd $(B)/bench_ops
 	@set -e; for t in tests/e2e_*.sh; do [ -e "$$t" ] || continue; echo "== $$t"; sh $$t $(B)/curvd; done
 	@set -e; for t in tests/e2e_*.py; do [ -e "$$t" ] || continue; echo "== $$t"; $(PY) $$t $(B)/curvd; done
 

@@ -70,6 +70,7 @@ def main():
     ap.add_argument("--cases", default="mlp,cnn,tiny")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller batches (smoke test)")
+    ap.add_argument("--markdown", help="also write the table as Markdown to this file")
     a = ap.parse_args()
     peak = run_json([a.bench_ops, "--sgemm", "--threads", str(a.threads)])["sgemm_gflops"]
     print(f"# curvd vs torch {torch.__version__} | {platform.processor() or platform.machine()}"
@@ -100,14 +101,38 @@ def main():
             label = op + ("*" if ref != op else "")
             print(f"{name:6} {label:9} {t_c:10.4g} {t_t if t_t else float('nan'):10.4g} {sp:>8} "
                   f"{gf:>8} {pct:>6}")
-            rows.append({"model": name, "op": op, "curvd_s": t_c, "torch_s": t_t})
+            rows.append({"model": name, "op": label, "curvd_s": t_c, "torch_s": t_t,
+                         "gflops": gf.strip(), "pct": pct.strip()})
         print(f"{name:6} {'(ratios)':9} hvp/grad {cv['hvp'] / cv['gradient']:.2f}  "
               f"ggnvp/grad {cv['ggnvp'] / cv['gradient']:.2f}  "
               f"matvecs: trace {cv.get('trace_matvecs')} eigen5 {cv.get('eigen5_matvecs')} "
               f"power5 {cv.get('power5_matvecs')} density {cv.get('density_matvecs')}")
     print("# * hvp16/ggnvp16: 16 vectors per pass, time per vector, vs torch's single-vector"
           " product; eigen5: curvd Lanczos (tol 1e-3) vs torch power iteration (PyHessian)")
+    if a.markdown:
+        write_markdown(a.markdown, rows, a.threads, peak)
     return 0
+
+
+def write_markdown(path, rows, threads, peak):
+    """The table for README.md: one row per (model, op), ratios from this run."""
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    lines = [f"{cpu}, {threads} threads, torch {torch.__version__}, "
+             f"measured sgemm peak {peak:.0f} GFLOP/s.", "",
+             "| model | op | curvd s | torch s | speed-up | GFLOP/s | % sgemm peak |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        sp = f"{r['torch_s'] / r['curvd_s']:.1f}x" if r["torch_s"] else "-"
+        ts = f"{r['torch_s']:.4g}" if r["torch_s"] else "-"
+        lines.append(f"| {r['model']} | {r['op']} | {r['curvd_s']:.4g} | {ts} | {sp} | "
+                     f"{r['gflops'] or '-'} | {r['pct'] or '-'} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
