@@ -7,7 +7,9 @@ J_n^T Lambda_n J_n, dense damped Newton steps.  Per-sample quantities follow
 curvd's scaling: gamma_nk = N e_k^T grad L_n, lambda_nk = N e_k^T G_n e_k with
 L_n the sample's contribution to the batch loss (so their means are e_k^T g
 and lambda_k).  Ends with a timing line (gram vs Lanczos for the top GGN
-eigenpairs at small N*C) and 'N passed, M failed'.
+eigenpairs at small N*C, with its speed and pass-count floors) and 'N passed, M failed'.
+Also: per-layer block Newton vs diagonal-block solves, a CNN whose Gram comes from
+the Conv2d/Linear kernels (gram_path), residuals without return_vectors.
 """
 import os
 import sys
@@ -103,6 +105,21 @@ def check_eigen(tag, d, G, evals, evecs, model):
     _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "ggn",
                                      "options": {"method": "gram"}})
     K = res["rank"]
+    check(tag + " gram built by the Linear kernels (V never formed)",
+          res.get("gram_path") == "kernel", str(res.get("gram_path")))
+    resid = res.get("residuals")
+    # residuals without return_vectors (contract).  float32 products: a floor
+    # ~1e-6 lambda_max plus 1e-5 relative where lambda_k > 1e-3 lambda_max (as in
+    # test_vivit.c); below that e_k = V g_k / sqrt(lambda_k) amplifies the
+    # float32 error by sqrt(lambda_max / lambda_k) (measured 1.5e-5 lambda_max at
+    # lambda_k ~ 1e-6 lambda_max), so only 1e-4 lambda_max holds there
+    l0 = float(evals[0])
+    check(tag + " gram residuals without return_vectors",
+          resid is not None and len(resid) == len(res["eigenvalues"]) and
+          "eigenvectors" not in res and
+          all(r <= (1e-5 * lam + 2e-6 * l0 if lam > 1e-3 * l0 else 1e-4 * l0)
+              for r, lam in zip(resid, res["eigenvalues"])),
+          str(resid)[:200])
     want = evals[:K]
     e = rel(res["eigenvalues"], want)
     check(tag + " gram = nonzero GGN eigenvalues", e < 1e-5 and K <= D,
@@ -113,21 +130,23 @@ def check_eigen(tag, d, G, evals, evecs, model):
     _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "ggn",
                                      "options": {"method": "gram", "k": 3,
                                                  "return_vectors": True}})
-    ok = True
+    ok, checked = True, 0
     for k in range(3):
         gap = min(abs(evals[k] - evals[j]) for j in range(4) if j != k)
         if gap < 1e-3 * evals[0]:
             continue
+        checked += 1
         v = torch.tensor(res["eigenvectors"][k], dtype=torch.float64)
         ok &= abs(abs(float(v @ evecs[:, k])) - 1) < 1e-4
         ok &= float((G @ v - res["eigenvalues"][k] * v).norm()) < 1e-4 * float(evals[0])
-    check(tag + " gram eigenvectors", ok)
+    check(tag + " gram eigenvectors", ok and checked >= 1, f"{checked} of 3 checked")
     _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "ggn", "blocks": "layer",
                                      "options": {"method": "gram"}})
-    ok = True
+    ok = len(res["blocks"]) == len(layer_slices(model))
     for b, (names, a, z) in zip(res["blocks"], layer_slices(model)):
         w = torch.linalg.eigvalsh(G[a:z, a:z]).flip(0)
         ok &= b["params"] == names and rel(b["eigenvalues"], w[:b["rank"]]) < 1e-5
+        ok &= b.get("gram_path") == "kernel"
     check(tag + " per-layer gram = diagonal blocks", ok)
 
 
@@ -162,11 +181,12 @@ def check_snr(tag, d, model, loss_fn, x, y, evals, evecs, g):
                                      "options": {"return_raw": True}})
     dirs = res["directions"]
     check(tag + " snr: k defaults to C", len(dirs) == 3)
-    ok_g, ok_l, ok_a, ok_raw = True, True, True, True
+    ok_g, ok_l, ok_a, ok_raw, checked = True, True, True, True, 0
     for k, dk in enumerate(dirs):
         gap = min(abs(evals[k] - evals[j]) for j in range(4) if j != k)
         if gap < 1e-3 * evals[0]:
             continue
+        checked += 1
         e = evecs[:, k]
         gam = N * PG @ e
         je = J @ e
@@ -182,6 +202,8 @@ def check_snr(tag, d, model, loss_fn, x, y, evals, evecs, g):
                                                dtype=torch.float64)) >= 0 else -1.0
         ok_raw &= rel([sign * r[k] for r in res["gamma"]], gam) < 1e-3
         ok_raw &= rel([r[k] for r in res["lambda"]], lam) < 1e-3
+    check(tag + " snr: at least one separated direction checked", checked >= 1,
+          f"{checked} of {len(dirs)}")
     check(tag + " gamma mean/var/snr", ok_g)
     check(tag + " lambda mean/var/snr", ok_l)
     check(tag + " gradient-eigenvector alignment", ok_a)
@@ -195,7 +217,7 @@ def check_snr(tag, d, model, loss_fn, x, y, evals, evecs, g):
     check(tag + " per-layer gradient SNR", ok and len(res["gsnr"]) == 3)
 
 
-def check_newton(tag, d, G, evals, evecs, g):
+def check_newton(tag, d, G, evals, evecs, g, model):
     D = G.shape[0]
     delta = 0.1 * float(evals[0])
     _, res = tr.curvd_run(CURVD, d, {"op": "newton", "curvature": "ggn",
@@ -216,6 +238,29 @@ def check_newton(tag, d, G, evals, evecs, g):
     s = -U @ ((U.T @ g) / (lam + delta))
     e = rel(res["step"], s)
     check(tag + " directional Newton (k all) = eigenspace formula", e < 1e-3, f"rel err {e}")
+    # per-layer block Newton: blocks "layer" runs one vivit Newton per block,
+    # against torch solves on the GGN's diagonal blocks with the block gradient
+    _, res = tr.curvd_run(CURVD, d, {"op": "newton", "curvature": "ggn", "blocks": "layer",
+                                     "options": {"method": "vivit", "mode": "full",
+                                                 "damping": delta}})
+    _, resd = tr.curvd_run(CURVD, d, {"op": "newton", "curvature": "ggn", "blocks": "layer",
+                                      "options": {"method": "vivit", "k": "all",
+                                                  "damping": delta}})
+    slices = layer_slices(model)
+    ok_f = ok_d = len(res["blocks"]) == len(slices) == len(resd["blocks"])
+    errs = []
+    for bf, bd, (names, a, z) in zip(res["blocks"], resd["blocks"], slices):
+        Gb, gb = G[a:z, a:z], g[a:z]
+        sb = -torch.linalg.solve(Gb + delta * torch.eye(z - a, dtype=torch.float64), gb)
+        ef = rel(bf["step"], sb)
+        wb, Ub = torch.linalg.eigh(Gb)
+        wb, Ub = wb.flip(0)[:bd["k"]], Ub.flip(1)[:, :bd["k"]]
+        ed = rel(bd["step"], -Ub @ ((Ub.T @ gb) / (wb + delta)))
+        errs.append((round(ef, 8), round(ed, 8)))
+        ok_f &= bf["params"] == names and ef < 1e-4
+        ok_d &= bd["params"] == names and bd["k"] == bd["rank"] and ed < 1e-3
+    check(tag + " per-layer full Newton = diagonal-block solves", ok_f, str(errs))
+    check(tag + " per-layer directional Newton = diagonal-block eigenspace", ok_d, str(errs))
     job = {"op": "newton", "curvature": "ggn", "seed": 11,
            "options": {"method": "vivit", "k": 3, "damping": "bootstrap",
                        "grid": [1e-3, 1e-2, 1e-1, 1.0], "bootstrap_samples": 64}}
@@ -249,32 +294,82 @@ def check_errors(d, big):
 
 
 def best_elapsed(d, options, repeats=3):
-    """Fastest of `repeats` runs by the job's own elapsed_s (no process start, no JSON)."""
+    """Fastest of `repeats` runs by the job's own elapsed_s (no process start, no JSON
+    output), and every run's pass count (`matvecs`: deterministic for a fixed seed)."""
     runs = []
     for _ in range(repeats):
         _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "ggn", "options": options})
         runs.append((res["elapsed_s"], res))
-    return min(runs, key=lambda r: r[0])
+    best = min(runs, key=lambda r: r[0])
+    return best[0], best[1], [r[1]["matvecs"] for r in runs]
 
 
 def timing():
+    """The speed claim: top-10 GGN eigenpairs at D = 85002, N*C = 160.  Work is
+    counted deterministically: the gram method spends C = 10 passes on the Gram
+    (one per factor column of every sample) and 3k = 30 on the eigenvector
+    residuals (V y, V^T e, V V^T e); one Lanczos GGN matvec is a jvp plus a vjp
+    (2 passes).  Wall time: the best of 3 runs, asserted >= 3x for eigenvalues
+    (measured ~14x on 2 shared cores) and >= 1.5x with the 10 x 85002 eigenvectors
+    in the result (measured ~4x; building their JSON costs as much as the gram)."""
+    C, k = 10, 10
     model, x, y = make_case(torch.nn.Tanh, torch.nn.CrossEntropyLoss(), n=16, din=64,
-                            hidden=(256, 256), C=10, seed=42)
+                            hidden=(256, 256), C=C, seed=42)
     loss_fn = torch.nn.CrossEntropyLoss()
     D = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as d:
         tr.write_case(d, model, [64], loss_fn, x, y)
-        for vectors in (False, True):
-            opts = {"k": 10, "return_vectors": vectors}
-            tg, rg = best_elapsed(d, dict(opts, method="gram"))
-            tl, rl = best_elapsed(d, dict(opts, method="lanczos"))
+        for vectors, floor in ((False, 3.0), (True, 1.5)):
+            opts = {"k": k, "return_vectors": vectors}
+            tg, rg, pg = best_elapsed(d, dict(opts, method="gram"))
+            tl, rl, pl = best_elapsed(d, dict(opts, method="lanczos"))
             e = rel(rg["eigenvalues"], rl["eigenvalues"])
             what = "eigenpairs" if vectors else "eigenvalues"
             check(f"timing case: gram = lanczos top-10 {what}", e < 1e-4, f"rel err {e}")
-            print(f"timing (D={D}, N*C=160, top-10 GGN {what}): gram {tg * 1e3:.1f} ms "
-                  f"({rg['matvecs']} passes), lanczos {tl * 1e3:.1f} ms ({rl['matvecs']} "
-                  f"matvecs), speed-up {tl / max(tg, 1e-9):.1f}x")
-            check(f"gram faster than lanczos ({what})", tg < tl, f"{tg} vs {tl}")
+            check(f"timing case: gram built by kernels ({what})", rg["gram_path"] == "kernel")
+            ratio, work = tl / max(tg, 1e-9), 2 * pl[0] / max(pg[0], 1)
+            print(f"timing (D={D}, N*C={16 * C}, top-{k} GGN {what}): gram {tg * 1e3:.1f} ms "
+                  f"({pg[0]} passes), lanczos {tl * 1e3:.1f} ms ({pl[0]} matvecs = "
+                  f"{2 * pl[0]} passes), speed-up {ratio:.1f}x (floor {floor}x), "
+                  f"pass ratio {work:.1f}x")
+            check(f"gram passes deterministic = C + 3k ({what})",
+                  pg == [C + 3 * k] * 3, str(pg))
+            check(f"lanczos matvecs deterministic ({what})", len(set(pl)) == 1, str(pl))
+            check(f"gram needs >= 3x fewer passes than lanczos ({what})", work >= 3.0,
+                  f"{2 * pl[0]} vs {pg[0]}")
+            check(f"gram >= {floor}x faster than lanczos ({what})", ratio >= floor,
+                  f"{tg} vs {tl}: {ratio:.2f}x")
+
+
+def check_cnn():
+    """Conv2d (and Linear) layers build the Gram through their kernels: the
+    eigenvalues equal the torch GGN's, per block too, with gram_path "kernel"."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 4 * 4, 3))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    x, y = torch.randn(10, 2, 8, 8), torch.randint(0, 3, (10,))
+    m64, x64, y64 = to64(model, x, y)
+    G = tr.dense_ggn(m64, loss_fn, x64, y64).detach()
+    G = 0.5 * (G + G.T)
+    with tempfile.TemporaryDirectory() as d:
+        tr.write_case(d, model, list(x.shape[1:]), loss_fn, x, y)
+        _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "ggn",
+                                         "options": {"method": "gram"}})
+        w = torch.linalg.eigvalsh(G).flip(0)
+        e = rel(res["eigenvalues"], w[:res["rank"]])
+        check("cnn gram = nonzero GGN eigenvalues, by the kernels",
+              e < 1e-5 and res["gram_path"] == "kernel", f"rel err {e}, {res['gram_path']}")
+        _, res = tr.curvd_run(CURVD, d, {"op": "eigen", "curvature": "ggn", "blocks": "layer",
+                                         "options": {"method": "gram"}})
+        ok, sizes, off = len(res["blocks"]) == 2, [], 0
+        for b in res["blocks"]:
+            a, off = off, off + b["dim"]
+            wb = torch.linalg.eigvalsh(G[a:off, a:off]).flip(0)
+            ok &= b["gram_path"] == "kernel" and rel(b["eigenvalues"], wb[:b["rank"]]) < 1e-5
+            sizes.append((b["params"], b["gram_path"]))
+        check("cnn per-layer gram (Conv2d, Linear) by the kernels", ok, str(sizes))
 
 
 def main():
@@ -297,7 +392,7 @@ def main():
             tr.write_case(d, model, [x.shape[1]], loss_fn, x, y)
             check_eigen(tag, d, G, evals, evecs, model)
             check_snr(tag, d, model, loss_fn, x, y, evals, evecs, g)
-            check_newton(tag, d, G, evals, evecs, g)
+            check_newton(tag, d, G, evals, evecs, g, model)
             if i < 2:
                 check_mc_and_subsample(tag, d, model, loss_fn, x, y)
             if i == 0:
@@ -305,6 +400,7 @@ def main():
                 with tempfile.TemporaryDirectory() as big:
                     tr.write_case(big, bm, [bx.shape[1]], loss_fn, bx, by)
                     check_errors(d, big)
+    check_cnn()
     timing()
     return tr.summary()
 
