@@ -11,9 +11,27 @@
 #define MC_OPT {"mc_samples", CV_OPT_INT, 1, 1e6, NULL}
 #define BIG 1e9
 
-static void seed_rng(const cv_op_ctx *c, cv_rng *r, uint64_t salt)
+/* Stream key of block b: 0 for the whole parameter vector (the streams of
+ * "full" jobs stay as they were), else 1 + an FNV-1a hash of its tensor
+ * indices, so that the blocks of a job draw independent probes (their
+ * errors are uncorrelated) and a block's numbers do not depend on which
+ * other blocks the job lists. */
+static uint64_t block_key(const cv_op_ctx *c, const cv_block *b)
 {
-    cv_rng_seed_stream(r, c->seed, salt);
+    if (b->dim == c->m->nparams_total)
+        return 0;
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (int i = 0; i < b->count; i++) {
+        h ^= (uint64_t)(unsigned)b->idx[i];
+        h *= 0x100000001b3ull;
+    }
+    return 1 + (h >> 8);
+}
+
+/* The random stream of an op (salt: one per op) on block b. */
+static void seed_rng(const cv_op_ctx *c, const cv_block *b, cv_rng *r, uint64_t salt)
+{
+    cv_rng_seed_stream(r, c->seed, salt | block_key(c, b) << 8);
 }
 
 /* ---- trace ---------------------------------------------------------------- */
@@ -29,10 +47,16 @@ static const cv_opt_spec trace_opts[] = {
 
 static int check_trace(const cJSON *o, cv_err *e)
 {
-    if (strcmp(cv_opt_str(o, "method", "hutchinson"), "hutch++") == 0 &&
-        cv_opt_int(o, "max_probes", 100) < 3)
+    if (strcmp(cv_opt_str(o, "method", "hutchinson"), "hutch++") != 0)
+        return 0;
+    if (cv_opt_int(o, "max_probes", 100) < 3)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_probes",
                           "hutch++ needs a budget of at least 3 matvecs (options.max_probes)");
+    /* Hutch++ has no stopping rule (it spends max_probes); tol 0 says that. */
+    if (cv_opt_num(o, "tol", 0) > 0)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.tol",
+                          "hutch++ always spends its budget of max_probes matvecs: tol applies "
+                          "to method hutchinson only (omit it, or give 0)");
     return 0;
 }
 
@@ -41,19 +65,20 @@ static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_trace_options o;
     cv_trace_options_default(&o);
     o.max_probes = cv_opt_int(c->options, "max_probes", o.max_probes);
-    o.tol = cv_opt_num(c->options, "tol", o.tol);
+    const char *method = cv_opt_str(c->options, "method", "hutchinson");
+    int pp = strcmp(method, "hutch++") == 0;
+    o.tol = pp ? 0.0 : cv_opt_num(c->options, "tol", o.tol); /* 1e-3 for hutchinson only */
     o.distribution = cv_probe_dist_from_name(cv_opt_str(c->options, "distribution",
                                                         "rademacher"));
     o.return_samples = cv_opt_bool(c->options, "return_samples", 0);
-    const char *method = cv_opt_str(c->options, "method", "hutchinson");
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
     cv_rng r;
-    seed_rng(c, &r, 1);
+    seed_rng(c, b, &r, 1);
     cv_trace_result res;
-    int rc = strcmp(method, "hutch++") == 0 ? cv_trace_hutchpp(&op, &o, &r, &res, e)
-                                            : cv_trace_hutchinson(&op, &o, &r, &res, e);
+    int rc = pp ? cv_trace_hutchpp(&op, &o, &r, &res, e)
+                : cv_trace_hutchinson(&op, &o, &r, &res, e);
     if (rc)
         return -1;
     cJSON_AddStringToObject(out, "method", method);
@@ -95,7 +120,7 @@ static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
     cv_rng r;
-    seed_rng(c, &r, 2);
+    seed_rng(c, b, &r, 2);
     cv_diag_result res;
     if (exact ? cv_diag_exact(&op, &o, &res, e) : cv_diag_hutchinson(&op, &o, &r, &res, e))
         return -1;
@@ -176,7 +201,7 @@ static int run_eigen(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
     cv_rng r;
-    seed_rng(c, &r, 3);
+    seed_rng(c, b, &r, 3);
     cv_eigen_result res;
     if (power ? cv_eigen_power(&op, &o, &r, &res, e) : cv_eigen_lanczos(&op, &o, &r, &res, e))
         return -1;
@@ -209,7 +234,7 @@ static int run_density(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
     cv_rng r;
-    seed_rng(c, &r, 4);
+    seed_rng(c, b, &r, 4);
     cv_density_result res;
     if (cv_density_slq(&op, &o, &r, &res, e))
         return -1;
