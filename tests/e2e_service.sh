@@ -88,6 +88,79 @@ same_result() {
   return 1
 }
 
+# Strict check of a Prometheus text exposition (format 0.0.4): every sample
+# belongs to a family announced by HELP and TYPE before its samples, values
+# are numbers, label sets are well formed, counters end in _total, histogram
+# buckets are cumulative with increasing le, and le="+Inf" == _count.
+# Extra arguments NAME=TYPE require those families.
+cat > "$T/promcheck.py" <<'EOF'
+import math, re, sys
+text = open(sys.argv[1], encoding="utf-8").read()
+want = dict(a.split("=", 1) for a in sys.argv[2:])
+assert text.endswith("\n"), "exposition must end with a newline"
+help_, type_, seen, samples = {}, {}, set(), []
+name_re = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+lab_re = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
+line_re = re.compile(r"^(%s)(\{(?:%s(?:,%s)*)?\})? (\S+)$" % (name_re, lab_re, lab_re))
+def family(n):
+    for suf in ("_bucket", "_sum", "_count"):
+        if n.endswith(suf) and type_.get(n[: -len(suf)]) == "histogram":
+            return n[: -len(suf)]
+    return n
+for i, l in enumerate(text.split("\n")[:-1], 1):
+    if l.startswith("# HELP "):
+        p = l.split(" ", 3)
+        assert len(p) == 4 and p[3].strip(), "line %d: empty HELP" % i
+        assert p[2] not in help_, "line %d: second HELP for %s" % (i, p[2])
+        assert p[2] not in seen, "line %d: HELP after samples of %s" % (i, p[2])
+        help_[p[2]] = i
+        continue
+    if l.startswith("# TYPE "):
+        p = l.split(" ")
+        assert len(p) == 4 and p[3] in ("counter", "gauge", "histogram", "summary", "untyped"), "line %d: %r" % (i, l)
+        assert p[2] not in type_, "line %d: second TYPE for %s" % (i, p[2])
+        assert p[2] not in seen, "line %d: TYPE after samples of %s" % (i, p[2])
+        type_[p[2]] = p[3]
+        continue
+    assert l and not l.startswith("#"), "line %d: unexpected %r" % (i, l)
+    m = line_re.match(l)
+    assert m, "line %d: not a sample line: %r" % (i, l)
+    n, labels, v = m.group(1), m.group(2) or "", m.group(3)
+    f = family(n)
+    assert f in help_ and f in type_, "line %d: %s has no HELP/TYPE before it (family %s)" % (i, n, f)
+    seen.add(f)
+    x = float(v)
+    assert not math.isnan(x), "line %d: NaN" % i
+    if type_[f] == "counter":
+        assert n.endswith("_total") and x >= 0, "line %d: counter %s" % (i, n)
+    samples.append((f, n, labels, x))
+for f, t in type_.items():
+    assert f in help_, "TYPE without HELP: %s" % f
+    assert f in seen, "family without samples: %s" % f
+    if t != "histogram":
+        continue
+    b = [(lab, x) for ff, n, lab, x in samples if ff == f and n == f + "_bucket"]
+    les = [re.match(r'^\{le="([^"]+)"\}$', lab).group(1) for lab, _ in b]
+    assert les and les[-1] == "+Inf", "%s: last bucket must be +Inf: %s" % (f, les)
+    bounds = [float(x) for x in les]
+    assert all(p < q for p, q in zip(bounds, bounds[1:])), "%s: le not increasing: %s" % (f, les)
+    counts = [x for _, x in b]
+    assert all(p <= q for p, q in zip(counts, counts[1:])), "%s: buckets not cumulative: %s" % (f, counts)
+    cnt = [x for ff, n, _, x in samples if ff == f and n == f + "_count"]
+    sm = [x for ff, n, _, x in samples if ff == f and n == f + "_sum"]
+    assert len(cnt) == 1 and len(sm) == 1, "%s: needs one _sum and one _count" % f
+    assert counts[-1] == cnt[0], "%s: +Inf bucket %s != count %s" % (f, counts[-1], cnt[0])
+    assert sm[0] >= 0, "%s: negative sum" % f
+for n, t in want.items():
+    assert type_.get(n) == t, "family %s: type %s, expected %s" % (n, type_.get(n), t)
+print("%d families, %d samples" % (len(type_), len(samples)))
+EOF
+promcheck() {
+  if "$PY" "$T/promcheck.py" "$@" > "$T/prom.out" 2>&1; then return 0; fi
+  echo "  metrics: $(tail -3 "$T/prom.out")" >&2
+  return 1
+}
+
 # req METHOD URL [curl args]: body -> $T/body, headers -> $T/hdr, prints status
 req() {
   m=$1; u=$2; shift 2
@@ -434,6 +507,11 @@ expect_err "wrong method 405" 405 method_not_allowed PATCH /v1/models
 check "405 Allow header" grep -qi '^Allow: GET, POST' "$T/hdr"
 expect_err "wrong method 405 on item" 405 method_not_allowed POST /v1/models/m1
 expect_err "bad wait 400" 400 invalid_query GET "/v1/jobs/$JID?wait=abc"
+LONGNAME=$("$PY" -c "print('n' * 200)")
+expect_err "name of 200 chars 400" 400 invalid_name GET "/v1/models/$LONGNAME"
+expect_err "name of 200 chars in PUT 400" 400 invalid_name PUT "/v1/datasets/$LONGNAME" --data-binary @"$T/data.safetensors"
+expect_err "name of 100 chars 400" 400 invalid_name DELETE "/v1/models/$("$PY" -c "print('n' * 100)")"
+expect_err "job id of 200 chars 404" 404 not_found GET "/v1/jobs/$LONGNAME"
 expect_err "bad status filter 400" 400 invalid_query GET "/v1/jobs?status=bogus"
 check "daemon A still alive" kill -0 "$APID"
 
@@ -537,21 +615,30 @@ check "queue depth exceeded the $NWORKERS workers while they ran (max ${QMAX:-no
 req GET /metrics > /dev/null
 for m in curvd_queue_depth 'curvd_jobs{status="succeeded"}' 'curvd_jobs{status="cancelled"}' \
          'curvd_job_duration_seconds_bucket{le="+Inf"}' curvd_job_duration_seconds_count \
-         curvd_matvecs_total curvd_registry_bytes curvd_models curvd_datasets; do
+         'curvd_job_queue_seconds_bucket{le="+Inf"}' curvd_job_queue_seconds_count \
+         curvd_matvecs_total curvd_registry_bytes curvd_registry_retired_bytes curvd_models curvd_datasets \
+         curvd_jobs_kept_bytes curvd_jobs_kept_budget_bytes curvd_jobs_evicted_total; do
   check "metric $m" grep -q "^$m [0-9]" "$T/body"
 done
 check "metrics content type" grep -qi '^Content-Type: text/plain; version=0.0.4' "$T/hdr"
+check "metrics parse strictly (HELP+TYPE, cumulative buckets, +Inf == count)" promcheck "$T/body" \
+  curvd_job_duration_seconds=histogram curvd_job_queue_seconds=histogram curvd_queue_depth=gauge \
+  curvd_jobs_submitted_total=counter curvd_registry_bytes=gauge
 check "metrics count jobs" "$PY" -c "
 import sys
 v = {l.split(' ')[0]: float(l.split(' ')[1]) for l in open('$T/body') if l[0] != '#'}
 assert v['curvd_job_duration_seconds_count'] >= 60, v
+assert v['curvd_job_queue_seconds_count'] >= 60, v
+# the 50 jobs queued behind 2 workers: some waited more than 50 ms
+assert v['curvd_job_queue_seconds_bucket{le=\"0.05\"}'] < v['curvd_job_queue_seconds_count'], v
+assert v['curvd_jobs_kept_budget_bytes'] == 256 * 2**20 and 0 < v['curvd_jobs_kept_bytes'] <= v['curvd_jobs_kept_budget_bytes'], v
 assert v['curvd_matvecs_total'] > 100
 assert v['curvd_models'] >= 3 and v['curvd_datasets'] >= 3
 assert v['curvd_jobs{status=\"succeeded\"}'] >= 60
 "
 
 # ---- daemon B: tiny queue, job time limit, body and registry limits ---------
-check "daemon B starts" start_daemon "$T/b.log" --workers 1 --max-queue 1 --job-timeout 3 \
+check "daemon B starts" start_daemon "$T/b.log" --workers 1 --max-queue 1 --job-timeout 3 --max-job-bytes 4096 \
   --max-body 200000 --max-registry-bytes 1500000 --shutdown-grace 10
 BPID=$DPID
 req POST /v1/jobs -d "$LONG" > /dev/null
@@ -575,6 +662,20 @@ head -c 300000 /dev/zero > "$T/big.bin"
 expect_err "B: body over --max-body 413" 413 body_too_large PUT /v1/datasets/big --data-binary @"$T/big.bin"
 expect_err "B: chunked body over --max-body 413" 413 body_too_large PUT /v1/datasets/big -H 'Transfer-Encoding: chunked' --data-binary @"$T/big.bin"
 expect_err "B: base64 body over --max-body 413" 413 body_too_large POST /v1/models -H 'Content-Type: application/json' --data-binary @"$T/big.bin"
+# --max-job-bytes 4096: job documents have their own, smaller limit
+"$PY" -c "
+import sys
+for n, f in ((3000, 'job_3k.json'), (5000, 'job_5k.json')):
+    j = '{\"op\":\"loss\",\"model\":\"demo-mlp\",\"dataset\":\"digits\"}'
+    open(sys.argv[1] + '/' + f, 'w').write(j[:-1] + ' ' * (n - len(j)) + '}')
+" "$T"
+check "B: job body under --max-job-bytes accepted" [ "$(req POST "/v1/jobs?wait=30" --data-binary @"$T/job_3k.json")" = 200 ]
+expect_err "B: job body over --max-job-bytes 413" 413 body_too_large POST /v1/jobs --data-binary @"$T/job_5k.json"
+check "B: 413 names --max-job-bytes" jtrue "$T/body" "'--max-job-bytes' in d['error']['message'] and '4096' in d['error']['message']"
+expect_err "B: chunked job body over --max-job-bytes 413" 413 body_too_large POST /v1/jobs -H 'Transfer-Encoding: chunked' --data-binary @"$T/job_5k.json"
+st=$(req PUT /v1/datasets/bigok --data-binary @"$T/big.safetensors")
+check "B: other bodies still get --max-body (96 KB dataset 201)" [ "$st" = 201 ]
+req DELETE /v1/datasets/bigok > /dev/null
 got413=""
 k=1
 while [ $k -le 12 ]; do
@@ -600,6 +701,91 @@ check "B: status still readable while draining" [ "$(req GET "/v1/jobs/$J4")" = 
 wait_exit "$BPID" 20
 check "B: SIGTERM exits 0 (rc $RC)" [ "$RC" = 0 ]
 check "B: shutdown logged" grep -q "curvd: stopped" "$T/b.log"
+
+# ---- daemon C: --max-wait 0, --max-kept-bytes, pinned versions in the budget,
+# and a shutdown that lets the running job finish ------------------------------
+BASE=$A
+req GET /v1/models/m1 > /dev/null
+MB=$(jq "$T/body" "d['bytes']")
+req GET /v1/datasets/d1 > /dev/null
+DB=$(jq "$T/body" "d['bytes']")
+# room for 2 models + the dataset + half a model: a third model copy does not fit
+CBUDGET=$((2 * MB + DB + MB / 2))
+check "daemon C starts" start_daemon "$T/c.log" --no-demo --workers 1 --max-wait 0 --max-kept-bytes 400000 \
+  --max-registry-bytes "$CBUDGET" --shutdown-grace 60 --model "m=$T/arch.json:$T/params1.safetensors" \
+  --dataset "d=$T/data.safetensors"
+CPID=$DPID
+CLONG='{"op":"trace","model":"m","dataset":"d","curvature":"hessian","options":{"max_probes":1000000,"tol":0}}'
+# --max-wait 0: ?wait= answers at once
+t0=$("$PY" -c 'import time; print(time.time())')
+st=$(req POST "/v1/jobs?wait=30" -d "$CLONG")
+CJ1=$(jq "$T/body" "d['id']")
+check "C: --max-wait 0: POST ?wait=30 answers 202 at once" [ "$st" = 202 ]
+poll_status "$CJ1" "running" 30 || true
+st=$(req GET "/v1/jobs/$CJ1?wait=30")
+check "C: --max-wait 0: GET ?wait=30 does not wait" sh -c "[ '$st' = 200 ] && '$PY' -c 'import time, sys; sys.exit(time.time() - $t0 > 10)'"
+check "C: job still running" jtrue "$T/body" "d['status'] == 'running'"
+# the running job pins m version 1; after a PUT that version is retired but counted
+st=$(req PUT /v1/models/m/parameters --data-binary @"$T/params2.safetensors")
+check "C: PUT while version 1 is pinned 200" [ "$st" = 200 ]
+req GET /v1/health > /dev/null
+check "C: pinned old version counted" jtrue "$T/body" "d['registry_retired_bytes'] == $MB and d['registry_bytes'] == $MB + $DB"
+expect_err "C: registration over budget with pinned versions 429" 429 registry_full POST /v1/models -F name=m2 -F architecture=@"$T/arch.json" -F parameters=@"$T/params1.safetensors"
+check "C: 429 explains the pinned versions" jtrue "$T/body" "'pinned' in d['error']['message'] and '$CBUDGET' in d['error']['message']"
+req GET /metrics > /dev/null
+check "C: metric curvd_registry_retired_bytes" grep -q "^curvd_registry_retired_bytes $MB\$" "$T/body"
+check "C: metrics parse strictly" promcheck "$T/body"
+req DELETE "/v1/jobs/$CJ1" > /dev/null
+check "C: pinned version freed when its job ends" jtrue "$T/body" "d['status'] == 'cancelled'"
+req GET /v1/health > /dev/null
+check "C: retired bytes back to 0" jtrue "$T/body" "d['registry_retired_bytes'] == 0"
+st=$(req POST /v1/models -F name=m2 -F architecture=@"$T/arch.json" -F parameters=@"$T/params1.safetensors")
+check "C: the same registration fits now 201" [ "$st" = 201 ]
+req DELETE /v1/models/m2 > /dev/null
+# --max-kept-bytes 400000: dense results are ~150 KB each, so of 5 only the
+# newest 2 stay; the oldest are dropped first
+CIDS=""
+k=0
+while [ $k -lt 5 ]; do
+  req POST /v1/jobs -d '{"op":"dense","model":"m","dataset":"d","curvature":"ggn"}' > /dev/null
+  CIDS="$CIDS $(jq "$T/body" "d['id']")"
+  k=$((k + 1))
+done
+CLAST=${CIDS##* }
+CFIRST=$(echo $CIDS | cut -d' ' -f1)
+check "C: last dense job succeeds" poll_status "$CLAST" "succeeded" 60
+check "C: its result is readable" jtrue "$T/body" "len(d['result']['matrix']) == 83"
+sleep 0.3
+nkept=0
+for id in $CIDS; do [ "$(req GET "/v1/jobs/$id")" = 200 ] && nkept=$((nkept + 1)); done
+check "C: only the newest results kept under --max-kept-bytes ($nkept of 5)" sh -c "[ $nkept -ge 1 ] && [ $nkept -le 3 ]"
+check "C: oldest result dropped first" [ "$(req GET "/v1/jobs/$CFIRST")" = 404 ]
+req GET /v1/health > /dev/null
+check "C: kept bytes within the cap" jtrue "$T/body" "0 < d['kept_job_bytes'] <= 400000 and d['max_kept_bytes'] == 400000"
+req GET /metrics > /dev/null
+check "C: evictions counted" "$PY" -c "
+v = {l.split(' ')[0]: float(l.split(' ')[1]) for l in open('$T/body') if l[0] != '#'}
+assert v['curvd_jobs_evicted_total'] >= 2 and v['curvd_jobs_kept_budget_bytes'] == 400000, v
+"
+# shutdown: the running job finishes within the grace period, the queued one
+# is cancelled with shutting_down
+req POST /v1/jobs -d '{"op":"trace","model":"m","dataset":"d","curvature":"hessian","seed":4,"options":{"max_probes":400000,"tol":0}}' > /dev/null
+CR=$(jq "$T/body" "d['id']")
+req POST /v1/jobs -d '{"op":"loss","model":"m","dataset":"d"}' > /dev/null
+CQ=$(jq "$T/body" "d['id']")
+check "C: job runs before SIGTERM" poll_status "$CR" "running" 30
+req GET "/v1/jobs/$CQ" > /dev/null
+check "C: second job queued behind it" jtrue "$T/body" "d['status'] == 'queued'"
+kill -TERM "$CPID"
+sleep 0.3
+st=$(req GET "/v1/jobs/$CQ")
+check "C: queued job cancelled at shutdown (shutting_down)" sh -c "[ '$st' = 200 ] && '$PY' '$T/jq.py' '$T/body' \"d['status'] == 'cancelled' and d['error']['code'] == 'shutting_down' and d['started_at'] is None\" | grep -qx true"
+wait_exit "$CPID" 90
+check "C: SIGTERM exits 0 (rc $RC)" [ "$RC" = 0 ]
+check "C: running job finished during the grace period (log)" grep -q "draining: running job $CR (trace) ended succeeded" "$T/c.log"
+check "C: drain log counts the cancelled queued job" grep -q "draining: 1 queued job cancelled (shutting_down), 1 running" "$T/c.log"
+check "C: no job cancelled for the grace period" sh -c "! grep -q 'cancelling .* running job' '$T/c.log'"
+check "C: shutdown logged" grep -q "curvd: stopped" "$T/c.log"
 
 # ---- daemon A: graceful exit ---------------------------------------------------
 BASE=$A
