@@ -4,7 +4,12 @@
  * cv_curv_matvec), gamma/lambda vs dense per-sample gradients and per-sample
  * GGNs, full damped Newton vs dposv on G + delta I, directional Newton vs the
  * dense eigenspace formula, SNRs on the noisy quadratic of 002 B.4/B.5,
- * bootstrap damping, per-layer gradient SNR, and the ops through cv_job_run. */
+ * bootstrap damping (and against an independent re-derivation of its
+ * resampling), per-layer gradient SNR, and the ops through cv_job_run: per-layer
+ * block Newton vs dense solves on the GGN's diagonal blocks, newton vivit with
+ * mc / subsample vs the dense MC Fisher / sub-batch GGN, gram_path, residuals.
+ * make_variant covers N*C < D and N*C > D (clipped Gram eigenvalues), mean and
+ * sum reductions, for the spectrum, gamma/lambda/SNR and both Newton modes. */
 #include "testutil.h"
 
 #include <cJSON.h>
@@ -1140,6 +1145,18 @@ START_TEST(ops_eigen_gram_snr_newton)
                             1e-4 * b + 1e-9);
     }
     ck_assert_int_eq(cJSON_GetArraySize(cJSON_GetObjectItem(g, "eigenvectors")), 4);
+    ck_assert_str_eq(cJSON_GetObjectItem(g, "gram_path")->valuestring, "kernel");
+    /* residuals come without return_vectors too (contract), the same numbers */
+    cJSON *g2 = run_job(&f, "{\"op\":\"eigen\",\"curvature\":\"ggn\",\"options\":{\"method\":"
+                            "\"gram\",\"k\":4}}", &e);
+    ck_assert_msg(g2 != NULL, "%s", e.message);
+    ck_assert_ptr_null(cJSON_GetObjectItem(g2, "eigenvectors"));
+    const cJSON *r1 = cJSON_GetObjectItem(g, "residuals"), *r2 = cJSON_GetObjectItem(g2, "residuals");
+    ck_assert_int_eq(cJSON_GetArraySize(r2), 4);
+    for (int k = 0; k < 4; k++)
+        ck_assert_double_eq(cJSON_GetArrayItem(r1, k)->valuedouble,
+                            cJSON_GetArrayItem(r2, k)->valuedouble);
+    cJSON_Delete(g2);
     cJSON_Delete(g);
     cJSON_Delete(l);
 
