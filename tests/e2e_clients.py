@@ -48,6 +48,15 @@ def check(name, ok, detail=""):
     return ok
 
 
+def skip(name, why):
+    """A check that cannot run here: a failure unless CURVD_ALLOW_SKIP=1 (CI installs
+    every tool, so a skip there would hide a missing check)."""
+    if os.environ.get("CURVD_ALLOW_SKIP") == "1":
+        print("note: %s skipped (CURVD_ALLOW_SKIP=1): %s" % (name, why))
+        return
+    check(name, False, why + " (set CURVD_ALLOW_SKIP=1 to skip)")
+
+
 def rel(a, b):
     a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
     b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
@@ -208,6 +217,82 @@ def test_torch_models(c, tmp):
     r = c.run(op="loss", model="py-cnn", dataset="py-cnn-data", timeout=30)
     check("CNN loss == torch (eval mode)", abs(r["loss"] - float(nn.CrossEntropyLoss()(cnn(xc), yc))) < 1e-4, r)
 
+
+
+def same_numbers(a, b, path="result"):
+    """None if a and b agree (all fields but elapsed_s; numbers to 1e-9 relative), else where they differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        ka, kb = set(a) - {"elapsed_s"}, set(b) - {"elapsed_s"}
+        if ka != kb:
+            return "%s: keys %s vs %s" % (path, sorted(ka ^ kb), "")
+        for k in sorted(ka):
+            r = same_numbers(a[k], b[k], path + "." + k)
+            if r:
+                return r
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return "%s: lengths %d vs %d" % (path, len(a), len(b))
+        for i, (p, q) in enumerate(zip(a, b)):
+            r = same_numbers(p, q, "%s[%d]" % (path, i))
+            if r:
+                return r
+        return None
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        if a == b or abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1e-300):
+            return None
+    elif a == b:
+        return None
+    return "%s: %r vs %r" % (path, a, b)
+
+
+def test_torch_files_vs_run(c, tmp):
+    """A PyTorch model exported with write_files, registered over HTTP from those
+    files, gives the same numbers as `curvd run` on the very same files."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 10), nn.Tanh(), nn.Linear(10, 4))
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.randn(48, 1, 8, 8)
+    y = torch.randint(0, 4, (48,))
+    work = os.path.join(tmp, "torchfiles")
+    os.makedirs(work)
+    files = write_files(work, model, loss_fn, [1, 8, 8], x, y)
+    check("write_files wrote arch, params, data",
+          sorted(files) == ["arch", "data", "params"] and all(os.path.getsize(f) > 0 for f in files.values()), files)
+    info = c.register_model_files("tf-cnn", files["arch"], files["params"])
+    check("register_model_files from write_files output", info["version"] == 1 and
+          info["parameter_count"] == sum(p.numel() for p in model.parameters()), info)
+    d = c.register_dataset_file("tf-data", files["data"])
+    check("register_dataset_file from write_files output", d["n"] == 48, d)
+    r = c.run(op="loss", model="tf-cnn", dataset="tf-data", timeout=60)
+    check("torch files: loss == torch", abs(r["loss"] - float(loss_fn(model(x), y))) < 1e-5, r)
+    jobs = {
+        "trace": {"curvature": "hessian", "seed": 3, "options": {"max_probes": 40, "tol": 0}},
+        "eigen": {"curvature": "ggn", "seed": 4, "options": {"k": 3}},
+        "density": {"curvature": "ggn", "seed": 5, "options": {"lanczos_steps": 12, "runs": 2}},
+        "snr": {"curvature": "ggn", "seed": 6, "options": {"k": 3}},
+        "solve": {"curvature": "ggn", "seed": 7, "options": {"damping": 0.5}},
+    }
+    for op, extra in jobs.items():
+        doc = dict(op=op, model="tf-cnn", dataset="tf-data", batch={"offset": 4, "size": 40}, **extra)
+        try:
+            http = c.run(doc, timeout=90)
+        except (CurvdError, JobFailed, JobTimeout) as e:
+            check("torch files: %s over HTTP" % op, False, repr(e))
+            continue
+        jpath = os.path.join(work, "job_%s.json" % op)
+        with open(jpath, "w") as f:
+            json.dump(dict(doc, model="m", dataset="d"), f)  # names are not used by curvd run
+        p = subprocess.run([CURVD, "run", "--blas-threads", "1", "--arch", files["arch"], "--params", files["params"],
+                            "--data", files["data"], "--job", jpath], capture_output=True, text=True, timeout=90)
+        if not check("torch files: curvd run %s" % op, p.returncode == 0, p.stderr[-800:]):
+            continue
+        cli = json.loads(p.stdout)
+        diff = same_numbers(http, cli)
+        check("torch files: %s over HTTP == curvd run on the same files" % op, diff is None and http["op"] == op, diff)
+        if op == "snr":
+            check("torch files: snr gives 3 directions", len(http.get("directions", [])) == 3, http.get("directions"))
 
 
 def test_export_errors():
@@ -410,11 +495,11 @@ def test_pip_install(tmp):
     target = os.path.join(tmp, "site")
     p = subprocess.run([PY, "-m", "pip", "--version"], capture_output=True, text=True, timeout=30)
     if p.returncode != 0:
-        print("note: pip is not available for %s (Debian: python3-pip); install check skipped" % PY)
+        skip("pip install clients/python", "pip is not available for %s (Debian: python3-pip)" % PY)
         return
     p = subprocess.run([PY, "-c", "import setuptools"], capture_output=True, text=True, timeout=30)
     if p.returncode != 0:
-        print("note: setuptools is not available for %s (Debian: python3-setuptools); install check skipped" % PY)
+        skip("pip install clients/python", "setuptools is not available for %s (Debian: python3-setuptools)" % PY)
         return
     src = os.path.join(tmp, "src")
     shutil.copytree(os.path.join(ROOT, "clients", "python"), src,
@@ -434,7 +519,7 @@ def test_types(tmp):
     """mypy --strict on the standard-library part of the client, when mypy is installed."""
     p = subprocess.run([PY, "-m", "mypy", "--version"], capture_output=True, text=True, timeout=30)
     if p.returncode != 0:
-        print("note: mypy is not installed (Debian: mypy); type check skipped")
+        skip("mypy --strict on curvd_client", "mypy is not installed for %s (Debian: mypy)" % PY)
         return
     pkg = os.path.join(ROOT, "clients", "python", "curvd_client")
     p = subprocess.run([PY, "-m", "mypy", "--strict", "--ignore-missing-imports", "--no-incremental",
@@ -548,6 +633,7 @@ def main():
         c = Client(d.url, timeout=30)
         ops = test_service(c)
         for name, fn in (("torch models", lambda: test_torch_models(c, tmp)),
+                         ("torch files vs curvd run", lambda: test_torch_files_vs_run(c, tmp)),
                          ("export errors", test_export_errors),
                          ("stdlib safetensors", lambda: test_stdlib_safetensors(c)),
                          ("ops", lambda: test_ops(c, ops)),

@@ -287,7 +287,8 @@ class Client:
         """Registers a model (``POST /v1/models``, multipart); returns its description.
 
         Args:
-            name: ``[A-Za-z0-9_.-]{1,64}``; 409 ``conflict`` if it exists.
+            name: ``[A-Za-z0-9_.-]{1,64}``; 409 ``already_exists`` if it exists
+                (400 ``invalid_name`` if it is not a valid name).
             architecture: The architecture document (contract §1) as a dict, JSON
                 text, or the path of a JSON file.
             parameters: The safetensors bytes, or the path of a safetensors file.
