@@ -64,7 +64,10 @@ async function submitPreset(page, preset, extra) {
     const ops = await page.$$eval('#op option', (o) => o.map((x) => x.value));
     check('op list from /v1/ops', ['density', 'eigen', 'trace', 'snr'].every((o) => ops.includes(o)), ops);
     await page.waitForSelector('#health .chip.ok', { timeout: 10000 });
-    check('health chip ok', true);
+    const chip = await page.$eval('#health .chip.ok', (e) => e.textContent);
+    const health = await page.evaluate(async () => (await fetch('/v1/health')).json());
+    check('health chip shows the daemon\'s status and version', health.status === 'ok' &&
+      chip === 'ok · v' + health.version, chip + ' vs ' + JSON.stringify(health));
 
     // ---- a density job from the form
     await page.selectOption('#op', 'density');
@@ -158,7 +161,13 @@ async function submitPreset(page, preset, extra) {
     await page.selectOption('#op', 'gradient');
     await page.click('#submit');
     await page.waitForSelector('#plot svg.plot[data-op="gradient"] path.series', { timeout: 30000 });
-    check('gradient vector plot', true);
+    const grad = await page.$eval('#plot svg.plot[data-op="gradient"]', (svg) => ({
+      vertices: (svg.querySelector('path.series').getAttribute('d').match(/[ML]/g) || []).length,
+      text: svg.textContent,
+    }));
+    // demo-regression: Linear(4,16) Tanh Linear(16,2) = 114 parameters, one vertex each
+    check('gradient vector plot: one point per parameter (114)', grad.vertices === 114 && /114 entries/.test(grad.text),
+      JSON.stringify(grad).slice(0, 300));
     await page.selectOption('#model', 'demo-mlp');
     await page.selectOption('#dataset', 'digits');
 
@@ -177,9 +186,12 @@ async function submitPreset(page, preset, extra) {
     await page.selectOption('#blocks', 'full');
     await page.click('#submit');
     await page.waitForSelector('#jobs tbody tr[data-status="running"] button.link', { timeout: 15000 });
-    await page.click('#jobs tbody tr[data-status="running"] button.link');
-    await page.waitForSelector('#jobs tbody tr[data-status="cancelled"]', { timeout: 15000 });
-    check('running job cancelled from the page', true);
+    const runningId = await page.$eval('#jobs tbody tr[data-status="running"]', (r) => r.getAttribute('data-id'));
+    await page.click(`#jobs tbody tr[data-id="${runningId}"] button.link`);
+    await page.waitForSelector(`#jobs tbody tr[data-id="${runningId}"][data-status="cancelled"]`, { timeout: 15000 });
+    const cancelled = await page.evaluate(async (id) => (await fetch('/v1/jobs/' + id)).json(), runningId);
+    check('running job cancelled from the page (server says cancelled)', cancelled.status === 'cancelled' &&
+      cancelled.error && cancelled.error.code === 'cancelled' && cancelled.op === 'trace', JSON.stringify(cancelled).slice(0, 300));
 
     check('no requests outside the daemon (works offline)', foreign.length === 0, foreign.join(' '));
     check('no page errors', pageErrors.length === 0, pageErrors.join(' | '));
