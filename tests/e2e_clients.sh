@@ -8,7 +8,9 @@
 # from a job file, --follow with plain lines when not a terminal and a
 # progress bar on one (via script(1)), table and JSON output, status, cancel,
 # jobs, and the exit codes and messages of errors; then runs the README's
-# curvctl block as written.  Bounded; ends with "N passed, M failed".
+# curvctl block as written, and its "Your own model" curl block and
+# `curvd run` block on the files the python-torch block wrote (same trace).
+# Bounded; ends with "N passed, M failed".
 # VERBOSE=1 lists passing checks; E2E_KEEP=1 keeps the temporary directory.
 set -u
 CURVD=${1:-build/curvd}
