@@ -302,8 +302,9 @@ void cv_solve_result_free(cv_solve_result *r);
  * Not converging within max_iter is not an error (see converged/residual).
  * Progress plan: min(max_iter, n) + 1 matvecs (in exact arithmetic both
  * methods finish within n iterations; rounding can take more, and the plan
- * then grows with the matvecs done).  If Ax is non-NULL it receives A x (undamped, n doubles) from the final
- * residual product.  Memory: CG 4 vectors, MINRES 8 vectors. */
+ * then grows with the matvecs done).  If Ax is non-NULL it receives A x
+ * (undamped, n doubles) from the final residual product.
+ * Memory: CG 4 vectors, MINRES 8 vectors. */
 int cv_solve(const cv_linop *op, const double *b, const cv_solve_options *opt,
              cv_solve_result *out, double *Ax, cv_err *e);
 

@@ -59,7 +59,8 @@ static int solve_check(const cv_linop *op, const double *b, const cv_solve_optio
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_iter",
                           "max_iter must be >= 0 (0 = 10 n), got %d", o->max_iter);
     if (!b)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.rhs", "no right-hand side given");
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.rhs",
+                          "no right-hand side given");
     return 0;
 }
 

@@ -372,12 +372,14 @@ START_TEST(slq_moments_vs_trace_of_powers)
     cJSON *r = run(&f, "{\"op\":\"density\",\"curvature\":\"%s\",\"seed\":3,\"options\":"
                        "{\"lanczos_steps\":%d,\"runs\":%d,\"grid_points\":50}}",
                    f.kind, STEPS, RUNS);
-    const cJSON *nodes = cJSON_GetObjectItem(r, "nodes"), *weights = cJSON_GetObjectItem(r, "weights");
+    const cJSON *nodes = cJSON_GetObjectItem(r, "nodes");
+    const cJSON *weights = cJSON_GetObjectItem(r, "weights");
     ck_assert_int_eq(cJSON_GetArraySize(nodes), RUNS);
     ck_assert_int_eq(cJSON_GetArraySize(weights), RUNS);
     double mom[RUNS][KMAX + 1];
     for (int run_i = 0; run_i < RUNS; run_i++) {
-        const cJSON *nr = cJSON_GetArrayItem(nodes, run_i), *wr = cJSON_GetArrayItem(weights, run_i);
+        const cJSON *nr = cJSON_GetArrayItem(nodes, run_i);
+        const cJSON *wr = cJSON_GetArrayItem(weights, run_i);
         ck_assert_int_eq(cJSON_GetArraySize(nr), STEPS);
         for (int k = 0; k <= KMAX; k++) {
             double m = 0;
