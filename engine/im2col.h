@@ -10,7 +10,9 @@ typedef struct {
     int C, H, W;      /* input sample */
     int kh, kw;       /* kernel */
     int sh, sw;       /* stride */
-    int ph, pw;       /* zero padding */
+    int ph, pw;       /* zero padding on the top / left; the bottom / right padding
+                       * is implied by oh, ow (more than ph, pw where padding="same"
+                       * meets an even effective kernel) */
     int dh, dw;       /* dilation */
     int oh, ow;       /* output plane */
 } cv_conv_geom;
