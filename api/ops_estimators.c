@@ -331,10 +331,11 @@ static int check_newton(const cJSON *o, cv_err *e)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.damping",
                           "damping \"bootstrap\" needs method vivit");
     if (!vivit && (cv_opt_get(o, "k") || cv_opt_get(o, "mode") || cv_opt_get(o, "grid") ||
-                   cv_opt_get(o, "bootstrap_samples") || cv_opt_get(o, "threshold")))
+                   cv_opt_get(o, "bootstrap_samples") || cv_opt_get(o, "threshold") ||
+                   cv_opt_get(o, "mc") || cv_opt_get(o, "subsample")))
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.method",
-                          "k, mode, grid, bootstrap_samples and threshold apply to method "
-                          "vivit only");
+                          "k, mode, grid, bootstrap_samples, threshold, mc and subsample "
+                          "apply to method vivit only");
     return 0;
 }
 

@@ -1214,6 +1214,8 @@ START_TEST(ops_refuse_bad_requests)
         "{\"op\":\"newton\",\"curvature\":\"ggn\",\"options\":{\"method\":\"vivit\",\"grid\":[1,2]}}",
         "{\"op\":\"newton\",\"curvature\":\"ggn\",\"options\":{\"method\":\"vivit\",\"damping\":\"bootstrap\",\"grid\":[-1]}}",
         "{\"op\":\"snr\",\"curvature\":\"ggn\",\"options\":{\"bogus\":1}}",
+        "{\"op\":\"newton\",\"curvature\":\"ggn\",\"options\":{\"damping\":1,\"mc\":true}}",
+        "{\"op\":\"newton\",\"curvature\":\"ggn\",\"options\":{\"damping\":1,\"subsample\":0.5}}",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         cv_err e;
