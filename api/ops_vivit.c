@@ -126,12 +126,20 @@ static int build(cv_op_ctx *c, const cv_block *b, int *subset, cv_vivit *v, cv_e
     return 0;
 }
 
-static int *subset_buffer(cv_op_ctx *c, cv_err *e)
+/* build() with a subset buffer of its own: returns the buffer (free it after
+ * cv_vivit_free(v)), or NULL with e set and nothing to free. */
+static int *build_factor(cv_op_ctx *c, const cv_block *b, cv_vivit *v, cv_err *e)
 {
-    int *s = malloc(sizeof(int) * cv_curv_batch_size(c->curv));
-    if (!s)
+    int *subset = malloc(sizeof(int) * cv_curv_batch_size(c->curv));
+    if (!subset) {
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "sample subset");
-    return s;
+        return NULL;
+    }
+    if (build(c, b, subset, v, e)) {
+        free(subset);
+        return NULL;
+    }
+    return subset;
 }
 
 /* Size of the factor (and the sub-sampled batch indices, the rows of the raw
@@ -204,12 +212,10 @@ int cv_op_eigen_gram(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.which",
                           "method gram gives the GGN's nonzero (largest) eigenvalues; use "
                           "method lanczos for which=smallest");
-    int *subset = subset_buffer(c, e);
     cv_vivit v;
-    if (!subset || build(c, b, subset, &v, e)) {
-        free(subset);
+    int *subset = build_factor(c, b, &v, e);
+    if (!subset)
         return -1;
-    }
     int rc = cv_vivit_eigh(&v, e);
     int k = cv_opt_int(c->options, "k", v.rank);
     k = k < v.rank ? k : v.rank;
@@ -313,12 +319,10 @@ static int directions_json(cv_op_ctx *c, cv_vivit *v, int k, cJSON *out, cv_err 
 
 static int run_snr(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
-    int *subset = subset_buffer(c, e);
     cv_vivit v;
-    if (!subset || build(c, b, subset, &v, e)) {
-        free(subset);
+    int *subset = build_factor(c, b, &v, e);
+    if (!subset)
         return -1;
-    }
     int rc = cv_vivit_eigh(&v, e);
     int k = cv_opt_int(c->options, "k", v.C);
     k = k < v.rank ? k : v.rank;
@@ -436,12 +440,10 @@ int cv_op_newton_vivit(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     double delta = cv_opt_num(c->options, "damping", 1.0);
     if (check_newton_vivit(c, full, boot, e))
         return -1;
-    int *subset = subset_buffer(c, e);
     cv_vivit v;
-    if (!subset || build(c, b, subset, &v, e)) {
-        free(subset);
+    int *subset = build_factor(c, b, &v, e);
+    if (!subset)
         return -1;
-    }
     cJSON_AddStringToObject(out, "method", "vivit");
     cJSON_AddStringToObject(out, "mode", full ? "full" : "directional");
     if (boot)

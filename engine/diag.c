@@ -56,23 +56,27 @@ static void finish_stderr(size_t n, long count, double *m2)
     }
 }
 
-static int check_common(const cv_linop *op, const cv_diag_options *o, cv_err *e)
+/* Start of an estimator run: clears out and returns the options in force
+ * (opt, or the defaults written to *def) after checking op and
+ * options.block; NULL with e set when they are invalid. */
+static const cv_diag_options *diag_begin(const cv_linop *op, const cv_diag_options *opt,
+                                         cv_diag_options *def, cv_diag_result *out, cv_err *e)
 {
-    if (cv_est_check_op(op, e))
-        return -1;
-    return cv_est_block_check(o->block, e);
+    if (!opt) {
+        cv_diag_options_default(def);
+        opt = def;
+    }
+    memset(out, 0, sizeof *out);
+    if (cv_est_check_op(op, e) || cv_est_block_check(opt->block, e))
+        return NULL;
+    return opt;
 }
 
 int cv_diag_hutchinson(const cv_linop *op, const cv_diag_options *opt, cv_rng *rng,
                        cv_diag_result *out, cv_err *e)
 {
     cv_diag_options def;
-    if (!opt) {
-        cv_diag_options_default(&def);
-        opt = &def;
-    }
-    memset(out, 0, sizeof *out);
-    if (check_common(op, opt, e))
+    if (!(opt = diag_begin(op, opt, &def, out, e)))
         return -1;
     if (opt->max_probes < 1)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_probes",
@@ -115,12 +119,7 @@ int cv_diag_exact(const cv_linop *op, const cv_diag_options *opt, cv_diag_result
                   cv_err *e)
 {
     cv_diag_options def;
-    if (!opt) {
-        cv_diag_options_default(&def);
-        opt = &def;
-    }
-    memset(out, 0, sizeof *out);
-    if (check_common(op, opt, e))
+    if (!(opt = diag_begin(op, opt, &def, out, e)))
         return -1;
     size_t n = op->n;
     int b = cv_est_block_size(n, opt->block, (long)n);

@@ -1,6 +1,7 @@
 /* est_util.c - helpers shared by the estimator modules: checked allocation,
- * operator and block checks, probe vectors, chunked applies, Gram-Schmidt,
- * the symmetric tridiagonal eigensolver and Ritz-value selection. */
+ * operator, block and eigensolver-option checks, probe vectors, chunked
+ * applies, Gram-Schmidt, the symmetric tridiagonal eigensolver and Ritz-value
+ * selection. */
 #include "est_util.h"
 
 #include <cblas.h>
@@ -142,9 +143,14 @@ void cv_est_select(const double *theta, int m, int k, cv_which which, int *idx)
     }
 }
 
-int cv_est_which_check(int which, cv_err *e)
+int cv_est_eigen_check(const cv_linop *op, const cv_eigen_options *o, cv_err *e)
 {
-    if (which < CV_WHICH_LARGEST || which > CV_WHICH_MAGNITUDE)
+    if (cv_est_check_op(op, e))
+        return -1;
+    if (o->k < 1 || (size_t)o->k > op->n)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
+                          "k must be in [1, %zu] (the dimension), got %d", op->n, o->k);
+    if ((int)o->which < CV_WHICH_LARGEST || (int)o->which > CV_WHICH_MAGNITUDE)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.which",
                           "which must be largest, smallest or magnitude");
     return 0;

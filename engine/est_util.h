@@ -49,8 +49,9 @@ void cv_est_select(const double *theta, int m, int k, cv_which which, int *idx);
 int cv_est_lanczos(const cv_linop *op, const double *v0, const cv_lanczos_options *opt,
                    cv_rng *rng, int plan, cv_lanczos_result *out, cv_err *e);
 
-/* Validates a `which` value (field "options.which"). */
-int cv_est_which_check(int which, cv_err *e);
+/* The checks every eigensolver makes first: op usable (cv_est_check_op),
+ * 1 <= k <= n ("options.k") and a valid `which` ("options.which"). */
+int cv_est_eigen_check(const cv_linop *op, const cv_eigen_options *o, cv_err *e);
 
 /* Running mean and variance (Welford). */
 typedef struct {

@@ -323,12 +323,7 @@ static int ritz_compute(const lz_state *s, int k, cv_which which, double tol, ri
 
 static int eigen_check(const cv_linop *op, const cv_eigen_options *o, cv_err *e)
 {
-    if (cv_est_check_op(op, e))
-        return -1;
-    if (o->k < 1 || (size_t)o->k > op->n)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
-                          "k must be in [1, %zu] (the dimension), got %d", op->n, o->k);
-    if (cv_est_which_check((int)o->which, e))
+    if (cv_est_eigen_check(op, o, e))
         return -1;
     if (o->max_iter < 0)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_iter",

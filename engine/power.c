@@ -18,12 +18,7 @@ void cv_power_options_default(cv_eigen_options *o)
 
 static int power_check(const cv_linop *op, const cv_eigen_options *o, cv_err *e)
 {
-    if (cv_est_check_op(op, e))
-        return -1;
-    if (o->k < 1 || (size_t)o->k > op->n)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
-                          "k must be in [1, %zu] (the dimension), got %d", op->n, o->k);
-    if (cv_est_which_check((int)o->which, e))
+    if (cv_est_eigen_check(op, o, e))
         return -1;
     if (o->which == CV_WHICH_SMALLEST)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.which",

@@ -56,6 +56,21 @@ static int check_options(const cv_linop *op, const cv_trace_options *o, int min_
     return cv_est_block_check(o->block, e);
 }
 
+/* Start of an estimator run: clears out and returns the options in force
+ * (opt, or the defaults written to *def), checked against op and min_probes;
+ * NULL with e set when they are invalid. */
+static const cv_trace_options *trace_begin(const cv_linop *op, const cv_trace_options *opt,
+                                           cv_trace_options *def, int min_probes,
+                                           cv_trace_result *out, cv_err *e)
+{
+    if (!opt) {
+        cv_trace_options_default(def);
+        opt = def;
+    }
+    memset(out, 0, sizeof *out);
+    return check_options(op, opt, min_probes, e) ? NULL : opt;
+}
+
 /* State of a Hutchinson run on P A P (P = I - QQ^T, or I without Q). */
 typedef struct {
     const cv_linop *op;
@@ -139,12 +154,7 @@ int cv_trace_hutchinson(const cv_linop *op, const cv_trace_options *opt, cv_rng 
                         cv_trace_result *out, cv_err *e)
 {
     cv_trace_options def;
-    if (!opt) {
-        cv_trace_options_default(&def);
-        opt = &def;
-    }
-    memset(out, 0, sizeof *out);
-    if (check_options(op, opt, 1, e))
+    if (!(opt = trace_begin(op, opt, &def, 1, out, e)))
         return -1;
     cv_progress_plan(op->progress, opt->max_probes);
     hutch_run h = {.op = op};
@@ -202,12 +212,7 @@ int cv_trace_hutchpp(const cv_linop *op, const cv_trace_options *opt, cv_rng *rn
                      cv_trace_result *out, cv_err *e)
 {
     cv_trace_options def;
-    if (!opt) {
-        cv_trace_options_default(&def);
-        opt = &def;
-    }
-    memset(out, 0, sizeof *out);
-    if (check_options(op, opt, 3, e))
+    if (!(opt = trace_begin(op, opt, &def, 3, out, e)))
         return -1;
     size_t n = op->n;
     int s = opt->max_probes / 3;

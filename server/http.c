@@ -263,6 +263,21 @@ static void reply_snap(req *r, unsigned status, cv_snap *s, int full, const char
     reply_json(r, status, j);
 }
 
+/* The text of form part p as a registry name in name: trailing newlines,
+ * carriage returns and spaces dropped; "" (invalid) when the part holds a NUL
+ * or is longer than CV_REG_NAME_MAX + 2 bytes. */
+static void part_name(const cv_mp_part *p, char name[CV_REG_NAME_MAX + 2])
+{
+    size_t cap = CV_REG_NAME_MAX + 2;
+    size_t nl = p->len < cap - 1 ? p->len : cap - 1;
+    memcpy(name, p->data, nl);
+    name[nl] = 0;
+    while (nl && (name[nl - 1] == '\n' || name[nl - 1] == '\r' || name[nl - 1] == ' '))
+        name[--nl] = 0;
+    if (memchr(name, 0, nl) || p->len > cap)
+        name[0] = 0;
+}
+
 /* Builds a model from an architecture (JSON object or JSON text) and a
  * safetensors buffer, and registers it under name. */
 static void register_model(req *r, const char *name, const cJSON *arch_obj,
@@ -338,15 +353,8 @@ static void h_models_post(req *r)
                            parts[k]);
                 return;
             }
-        const cv_mp_part *pn = cv_mp_find(&mp, "name");
         char name[CV_REG_NAME_MAX + 2];
-        size_t nl = pn->len < sizeof name - 1 ? pn->len : sizeof name - 1;
-        memcpy(name, pn->data, nl);
-        name[nl] = 0;
-        while (nl && (name[nl - 1] == '\n' || name[nl - 1] == '\r' || name[nl - 1] == ' '))
-            name[--nl] = 0;
-        if (memchr(name, 0, nl) || pn->len > CV_REG_NAME_MAX + 2)
-            name[0] = 0; /* embedded NUL or too long: invalid */
+        part_name(cv_mp_find(&mp, "name"), name);
         const cv_mp_part *pa = cv_mp_find(&mp, "architecture");
         const cv_mp_part *pp = cv_mp_find(&mp, "parameters");
         register_model(r, name, NULL, pa->data, pa->len, pp->data, pp->len);
@@ -557,13 +565,7 @@ static void h_datasets_post(req *r)
             return;
         }
         char name[CV_REG_NAME_MAX + 2];
-        size_t nl = pn->len < sizeof name - 1 ? pn->len : sizeof name - 1;
-        memcpy(name, pn->data, nl);
-        name[nl] = 0;
-        while (nl && (name[nl - 1] == '\n' || name[nl - 1] == '\r' || name[nl - 1] == ' '))
-            name[--nl] = 0;
-        if (memchr(name, 0, nl) || pn->len > CV_REG_NAME_MAX + 2)
-            name[0] = 0;
+        part_name(pn, name);
         add_dataset(r, name, pd->data, pd->len, "data");
         return;
     }
