@@ -272,6 +272,24 @@ static void check_eigs(const net *f, const double *got, const double *w, int n, 
     }
 }
 
+/* Loss of the model with parameters theta + step on [s, s + n) (the rest
+ * unchanged), from a fresh cv_curv on a clone: independent of the op's
+ * cv_curv_loss_at. */
+static double loss_after(const net *f, int s, int n, const double *step)
+{
+    cv_model m2;
+    ck_assert_int_eq(cv_model_clone(&f->m, &m2), 0);
+    for (int i = 0; i < n; i++)
+        m2.params[s + i] += (float)step[i];
+    cv_err e;
+    cv_curv *c2 = cv_curv_new(&m2, &f->d, NULL, &e);
+    ck_assert_msg(c2 != NULL, "cv_curv_new: %s", e.message);
+    double l = cv_curv_loss(c2);
+    cv_curv_free(c2);
+    cv_model_free(&m2);
+    return l;
+}
+
 /* ---- trace and diag ------------------------------------------------------- */
 
 START_TEST(trace_exact_hutchinson_hutchpp)
@@ -458,8 +476,13 @@ START_TEST(solve_and_newton_vs_dense)
     cJSON_Delete(r);
 
     r = run(&f, "{\"op\":\"newton\",\"curvature\":\"%s\",\"options\":{\"method\":\"%s\","
-                "\"damping\":%g,\"tol\":1e-10,\"max_iter\":1000}}", f.kind, method, delta);
+                "\"damping\":%g,\"tol\":1e-10,\"max_iter\":1000,\"actual_change\":true}}",
+            f.kind, method, delta);
     list(r, "step", x, D);
+    double l0 = cv_curv_loss(f.c), actual = loss_after(&f, 0, D, x) - l0;
+    ck_assert_msg(fabs(num(r, "actual_change") - actual) <= 1e-6 * fabs(l0) + 1e-7,
+                  "%s actual change %.9g vs re-evaluated %.9g", f.kind, num(r, "actual_change"),
+                  actual);
     double tol = check_solution(&f, f.A, D, delta, f.g, x, -1.0, "newton step");
     double pred = num(r, "predicted_change"), want = dense_predicted(f.A, D, x, f.g);
     ck_assert_double_lt(pred, 0);
@@ -473,6 +496,42 @@ START_TEST(solve_and_newton_vs_dense)
         ck_assert_str_eq(e.code, "not_positive_definite");
         ck_assert_str_eq(e.field, "options.damping");
     }
+    net_free(&f);
+}
+END_TEST
+
+/* ---- matvec with a seeded probe ------------------------------------------ */
+
+START_TEST(matvec_probe_seed_vs_dense)
+{
+    net f;
+    net_make(&f, _i);
+    int D = f.D;
+    double v[MAXD], want[MAXD], got[MAXD], other[MAXD];
+    cv_rng r;
+    cv_rng_seed(&r, 5);
+    cv_rng_rademacher(&r, v, (size_t)D);
+    double q = 0;
+    for (int i = 0; i < D; i++) {
+        want[i] = 0;
+        for (int j = 0; j < D; j++)
+            want[i] += f.A[i + (size_t)j * D] * v[j];
+        q += v[i] * want[i];
+    }
+    cJSON *res = run(&f, "{\"op\":\"matvec\",\"curvature\":\"%s\",\"options\":"
+                         "{\"probe_seed\":5}}", f.kind);
+    list(res, "product", got, D);
+    double tol = f.noise * tu_norm(v, (size_t)D) + 1e-6 * tu_norm(want, (size_t)D);
+    for (int i = 0; i < D; i++)
+        ck_assert_msg(fabs(got[i] - want[i]) <= tol, "%s product[%d] %g vs A v %g", f.kind, i,
+                      got[i], want[i]);
+    ck_assert_double_le(fabs(num(res, "quadratic_form") - q), tol * tu_norm(v, (size_t)D));
+    cJSON_Delete(res);
+    res = run(&f, "{\"op\":\"matvec\",\"curvature\":\"%s\",\"options\":{\"probe_seed\":6}}",
+              f.kind);
+    list(res, "product", other, D);
+    ck_assert_double_gt(tu_relerr(other, got, (size_t)D, 1e-30), 1e-3);
+    cJSON_Delete(res);
     net_free(&f);
 }
 END_TEST
@@ -494,7 +553,7 @@ START_TEST(layer_blocks_equal_diagonal_blocks)
                         "\"seed\":4,\"options\":{\"k\":1}}", f.kind);
     cJSON *nt = run(&f, "{\"op\":\"newton\",\"curvature\":\"%s\",\"blocks\":\"layer\","
                         "\"options\":{\"method\":\"%s\",\"damping\":%g,\"tol\":1e-10,"
-                        "\"max_iter\":1000}}", f.kind, method, delta);
+                        "\"max_iter\":1000,\"actual_change\":true}}", f.kind, method, delta);
     for (int l = 0; l < f.nl; l++) {
         int s = f.start[l], n = f.dim[l];
         double *B = sub(&f, s, n), w[MAXD], x[MAXD];
@@ -513,6 +572,10 @@ START_TEST(layer_blocks_equal_diagonal_blocks)
         ck_assert_double_gt(fabs(top - f.w[f.D - 1]), 1e-3);
         list(block(nt, l), "step", x, n);
         double tol = check_solution(&f, B, n, delta, f.g + s, x, -1.0, "layer newton step");
+        double l0 = cv_curv_loss(f.c), actual = loss_after(&f, s, n, x) - l0;
+        ck_assert_msg(fabs(num(block(nt, l), "actual_change") - actual) <= 1e-6 * fabs(l0) + 1e-7,
+                      "layer %d actual change %.9g vs re-evaluated %.9g (only this block moves)",
+                      l, num(block(nt, l), "actual_change"), actual);
         double pred = num(block(nt, l), "predicted_change");
         double want = dense_predicted(B, n, x, f.g + s);
         ck_assert_msg(fabs(pred - want) <= tol * fabs(want), "layer %d predicted %g vs %g", l,
@@ -611,6 +674,7 @@ static Suite *suite(void)
     tcase_add_loop_test(t, slq_moments_vs_trace_of_powers, 0, NKIND);
     tcase_add_loop_test(t, solve_and_newton_vs_dense, 0, NKIND);
     tcase_add_loop_test(t, layer_blocks_equal_diagonal_blocks, 0, NKIND);
+    tcase_add_loop_test(t, matvec_probe_seed_vs_dense, 0, NKIND);
     tcase_add_test(t, blocks_draw_independent_probes);
     suite_add_tcase(s, t);
     return s;
