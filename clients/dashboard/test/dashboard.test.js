@@ -187,6 +187,14 @@ async function submitPreset(page, preset, extra) {
     await page.click('#submit');
     await page.waitForSelector('#jobs tbody tr[data-status="running"] button.link', { timeout: 15000 });
     const runningId = await page.$eval('#jobs tbody tr[data-status="running"]', (r) => r.getAttribute('data-id'));
+    // live progress: the row's "N% · done/planned" is redrawn from the server's polls
+    const doneOnPage = () => page.$eval(`#jobs tbody tr[data-id="${runningId}"] .bar span`,
+      (sp) => parseInt(sp.textContent.split('\u00b7')[1], 10));
+    const done1 = await doneOnPage();
+    await new Promise((res) => setTimeout(res, 3000));
+    const done2 = await doneOnPage();
+    check('live progress on the page: matvecs done grows while the job runs', done1 >= 0 && done2 > done1,
+      `${done1} -> ${done2}`);
     await page.click(`#jobs tbody tr[data-id="${runningId}"] button.link`);
     await page.waitForSelector(`#jobs tbody tr[data-id="${runningId}"][data-status="cancelled"]`, { timeout: 15000 });
     const cancelled = await page.evaluate(async (id) => (await fetch('/v1/jobs/' + id)).json(), runningId);
