@@ -95,8 +95,8 @@ def main():
     a = ap.parse_args()
     peak = run_json([a.bench_ops, "--sgemm", "--threads", str(a.threads)])["sgemm_gflops"]
     print(f"# curvd vs torch {torch.__version__} | {platform.processor() or platform.machine()}"
-          f" | threads {a.threads} | sgemm peak {peak:.1f} GFLOP/s | torch: best of intra-op"
-          f" {a.threads} and 1, OpenBLAS {a.threads}")
+          f" | threads {a.threads} | sgemm peak {peak:.1f} GFLOP/s | torch: OpenBLAS {a.threads}, "
+          + (f"best of intra-op {a.threads} and 1" if a.threads > 1 else "intra-op 1"))
     print(f"{'model':6} {'op':9} {'curvd s':>10} {'torch s':>10} {'speedup':>8} "
           f"{'GFLOP/s':>8} {'%peak':>6}")
     rows = []
