@@ -997,11 +997,11 @@ START_TEST(im2col_matches_naive)
         int K = g.C * g.kh * g.kw, P = g.oh * g.ow;
         size_t xn = (size_t)g.C * g.H * g.W;
         float *x = malloc(sizeof(float) * xn), *want = malloc(sizeof(float) * K * P);
-        float *got = malloc(sizeof(float) * (K * P + 3 * P));
+        float *got = malloc(sizeof(float) * K * (P + 3)); /* also the ld = P + 3 rows */
         for (size_t i = 0; i < xn; i++)
             x[i] = (float)cv_rng_normal(&r) + 3.0f; /* nonzero: no accidental zeros */
         naive_im2col(&g, x, want);
-        for (int i = 0; i < K * P + 3 * P; i++)
+        for (int i = 0; i < K * (P + 3); i++)
             got[i] = NAN; /* every entry must be written */
         cv_im2col(&g, x, 0, K, got);
         for (int i = 0; i < K * P; i++)
