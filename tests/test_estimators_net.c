@@ -429,6 +429,53 @@ START_TEST(slq_moments_vs_trace_of_powers)
 }
 END_TEST
 
+/* The density curve is the Gaussian mixture of the returned nodes and
+ * weights, averaged over runs, on a grid from the mean extreme nodes minus /
+ * plus the margin, normalized to sum * spacing = 1 (recomputed here). */
+START_TEST(slq_density_is_the_broadened_mixture)
+{
+    net f;
+    net_make(&f, _i);
+    enum { RUNS = 3, STEPS = 12, G = 200 };
+    cJSON *r = run(&f, "{\"op\":\"density\",\"curvature\":\"%s\",\"seed\":9,\"options\":"
+                       "{\"lanczos_steps\":%d,\"runs\":%d,\"grid_points\":%d,\"sigma2\":0.01,"
+                       "\"margin\":0.05}}", f.kind, STEPS, RUNS, G);
+    const cJSON *den = cJSON_GetObjectItem(r, "density");
+    double grid[G], val[G], th[RUNS][STEPS], w[RUNS][STEPS], lo = 0, hi = 0;
+    list(den, "grid", grid, G);
+    list(den, "values", val, G);
+    for (int k = 0; k < RUNS; k++) {
+        const cJSON *nr = cJSON_GetArrayItem(cJSON_GetObjectItem(r, "nodes"), k);
+        const cJSON *wr = cJSON_GetArrayItem(cJSON_GetObjectItem(r, "weights"), k);
+        for (int i = 0; i < STEPS; i++) {
+            th[k][i] = cJSON_GetArrayItem(nr, i)->valuedouble;
+            w[k][i] = cJSON_GetArrayItem(wr, i)->valuedouble;
+        }
+        lo += th[k][0] / RUNS;
+        hi += th[k][STEPS - 1] / RUNS;
+    }
+    lo -= 0.05;
+    hi += 0.05;
+    double s2 = 0.01 * fmax(1.0, hi - lo), dx = (hi - lo) / (G - 1), want[G], sum = 0, peak = 0;
+    ck_assert_double_le(fabs(num(r, "sigma2") - s2), 1e-12 * s2);
+    for (int j = 0; j < G; j++) {
+        ck_assert_double_le(fabs(grid[j] - (lo + j * dx)), 1e-9 * (hi - lo));
+        want[j] = 0;
+        for (int k = 0; k < RUNS; k++)
+            for (int i = 0; i < STEPS; i++)
+                want[j] += w[k][i] * exp(-(grid[j] - th[k][i]) * (grid[j] - th[k][i]) / (2 * s2));
+        sum += want[j];
+    }
+    for (int j = 0; j < G; j++)
+        peak = fmax(peak, want[j] /= sum * dx);
+    for (int j = 0; j < G; j++)
+        ck_assert_msg(fabs(val[j] - want[j]) <= 1e-9 * peak, "%s density[%d] %g vs mixture %g",
+                      f.kind, j, val[j], want[j]);
+    cJSON_Delete(r);
+    net_free(&f);
+}
+END_TEST
+
 /* ---- solve and newton ----------------------------------------------------- */
 
 /* ggn: CG with damping 0.1 (PSD + delta I); hessian: MINRES with damping
@@ -672,6 +719,7 @@ static Suite *suite(void)
     tcase_add_loop_test(t, trace_exact_hutchinson_hutchpp, 0, NKIND);
     tcase_add_loop_test(t, lanczos_and_power_vs_dsyev, 0, NKIND);
     tcase_add_loop_test(t, slq_moments_vs_trace_of_powers, 0, NKIND);
+    tcase_add_loop_test(t, slq_density_is_the_broadened_mixture, 0, NKIND);
     tcase_add_loop_test(t, solve_and_newton_vs_dense, 0, NKIND);
     tcase_add_loop_test(t, layer_blocks_equal_diagonal_blocks, 0, NKIND);
     tcase_add_loop_test(t, matvec_probe_seed_vs_dense, 0, NKIND);
