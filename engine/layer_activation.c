@@ -7,6 +7,8 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "parallel.h"
+
 typedef struct {
     double f, d1, d2;
 } act_val;
@@ -90,6 +92,55 @@ static act_val act_eval(const cv_layer *L, double x)
 
 static size_t act_work(const cv_layer_ctx *c, int k) { return 0; }
 
+/* Elementwise loops run on cv_parallel_for ranges of one vector. */
+#define CV_ACT_GRAIN ((size_t)1 << 15)
+
+typedef struct {
+    cv_layer_ctx *c;
+    const float *d, *a, *b; /* factors */
+    float *out;
+    int add;
+} act_job;
+
+static void forward_pl_range(void *p, size_t lo, size_t hi) /* ReLU, LeakyReLU: hot path */
+{
+    const act_job *q = p;
+    cv_layer_ctx *c = q->c;
+    float s = c->L->type == CV_RELU ? 0.0f : (float)c->L->negative_slope;
+    for (size_t i = lo; i < hi; i++) {
+        float x = c->x[i], d = x > 0 ? 1.0f : s;
+        q->out[i] = x * d;
+        c->d1[i] = d;
+    }
+}
+
+static void forward_range(void *p, size_t lo, size_t hi)
+{
+    const act_job *q = p;
+    cv_layer_ctx *c = q->c;
+    for (size_t i = lo; i < hi; i++) {
+        act_val v = act_eval(c->L, c->x[i]);
+        q->out[i] = (float)v.f;
+        c->d1[i] = (float)v.d1;
+        c->d2[i] = (float)v.d2;
+    }
+}
+
+/* out = (out +) d ⊙ a (⊙ b when b is set) */
+static void scale_range(void *p, size_t lo, size_t hi)
+{
+    const act_job *q = p;
+    if (q->b)
+        for (size_t i = lo; i < hi; i++)
+            q->out[i] += q->d[i] * q->a[i] * q->b[i];
+    else if (q->add)
+        for (size_t i = lo; i < hi; i++)
+            q->out[i] += q->d[i] * q->a[i];
+    else
+        for (size_t i = lo; i < hi; i++)
+            q->out[i] = q->d[i] * q->a[i];
+}
+
 static int act_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     size_t len = (size_t)c->n * c->in_numel;
@@ -100,21 +151,8 @@ static int act_forward(cv_layer_ctx *c, float *y, cv_err *e)
     if (!c->d1 || (!piecewise_linear && !c->d2))
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "activation cache (%zu floats)",
                           2 * len);
-    if (piecewise_linear) { /* hot path */
-        float s = c->L->type == CV_RELU ? 0.0f : (float)c->L->negative_slope;
-        for (size_t i = 0; i < len; i++) {
-            float x = c->x[i], d = x > 0 ? 1.0f : s;
-            y[i] = x * d;
-            c->d1[i] = d;
-        }
-        return 0;
-    }
-    for (size_t i = 0; i < len; i++) {
-        act_val v = act_eval(c->L, c->x[i]);
-        y[i] = (float)v.f;
-        c->d1[i] = (float)v.d1;
-        c->d2[i] = (float)v.d2;
-    }
+    act_job q = {c, NULL, NULL, NULL, y, 0};
+    cv_parallel_for(len, CV_ACT_GRAIN, piecewise_linear ? forward_pl_range : forward_range, &q);
     return 0;
 }
 
@@ -124,14 +162,8 @@ static void scale_stack(const cv_layer_ctx *c, int k, const float *d, const floa
 {
     size_t len = (size_t)c->n * c->in_numel;
     for (int j = 0; j < k; j++) {
-        const float *a = in + (size_t)j * len;
-        float *o = out + (size_t)j * len;
-        if (add)
-            for (size_t i = 0; i < len; i++)
-                o[i] += d[i] * a[i];
-        else
-            for (size_t i = 0; i < len; i++)
-                o[i] = d[i] * a[i];
+        act_job q = {NULL, d, in + (size_t)j * len, NULL, out + (size_t)j * len, add};
+        cv_parallel_for(len, CV_ACT_GRAIN, scale_range, &q);
     }
 }
 
@@ -160,10 +192,8 @@ static void act_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const f
         return;
     size_t len = (size_t)c->n * c->in_numel;
     for (int j = 0; j < k; j++) {
-        const float *r = rx + (size_t)j * len;
-        float *o = gx_add + (size_t)j * len;
-        for (size_t i = 0; i < len; i++)
-            o[i] += c->d2[i] * r[i] * gy[i];
+        act_job q = {NULL, c->d2, rx + (size_t)j * len, gy, gx_add + (size_t)j * len, 1};
+        cv_parallel_for(len, CV_ACT_GRAIN, scale_range, &q);
     }
 }
 

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "im2col.h"
+#include "parallel.h"
 
 #define CV_CONV_GRAM_BUDGET ((size_t)1 << 22)  /* floats, default per chunk */
 #define CV_CONV_CHUNK_FLOATS ((size_t)1 << 21) /* unfolded chunk + its outputs */
@@ -153,55 +154,108 @@ static void row_sums(const conv_dims *d, const float *T, size_t lt, size_t m, fl
     }
 }
 
+/* The samples of a chunk are unfolded, folded and copied in parallel
+ * (cv_parallel_for over samples or (vector, sample) pairs): each writes its
+ * own columns or planes, so the result does not depend on the threads. */
+typedef struct {
+    const cv_layer_ctx *c;
+    const conv_dims *d;
+    int k, n0, S, add;
+    const float *src, *b;
+    size_t bstride;
+    float *dst;
+} chunk_job;
+
+#define CV_CONV_GRAIN_FLOATS ((size_t)1 << 15) /* below this, one thread */
+
+static size_t grain_of(size_t floats_per_item)
+{
+    return floats_per_item >= CV_CONV_GRAIN_FLOATS ? 1
+                                                   : CV_CONV_GRAIN_FLOATS / floats_per_item + 1;
+}
+
+static void unfold_range(void *p, size_t lo, size_t hi)
+{
+    const chunk_job *q = p;
+    size_t ld = (size_t)q->S * q->d->P;
+    for (size_t s = lo; s < hi; s++)
+        cv_im2col_ld(&q->d->g, q->src + s * q->c->in_numel, 0, q->d->K, q->dst + s * q->d->P,
+                     ld);
+}
+
 /* u (K x S*P) = the unfolded S samples at x (stride in_numel). */
 static void unfold_chunk(const cv_layer_ctx *c, const conv_dims *d, const float *x, int S,
                          float *u)
 {
-    size_t ld = (size_t)S * d->P;
-    for (int s = 0; s < S; s++)
-        cv_im2col_ld(&d->g, x + (size_t)s * c->in_numel, 0, d->K, u + (size_t)s * d->P, ld);
+    chunk_job q = {c, d, 1, 0, S, 0, x, NULL, 0, u};
+    cv_parallel_for((size_t)S, grain_of((size_t)d->K * d->P), unfold_range, &q);
+}
+
+static void fold_range(void *p, size_t lo, size_t hi)
+{
+    const chunk_job *q = p;
+    size_t ld = (size_t)q->S * q->d->P, in = q->c->in_numel;
+    if (!q->add)
+        memset(q->dst + lo * in, 0, sizeof(float) * (hi - lo) * in);
+    for (size_t s = lo; s < hi; s++)
+        cv_col2im_add_ld(&q->d->g, q->src + s * q->d->P, ld, q->dst + s * in);
 }
 
 /* x = (x +) the fold of S samples' unfolded cotangents u (K x S*P). */
 static void fold_chunk(const cv_layer_ctx *c, const conv_dims *d, const float *u, int S, int add,
                        float *x)
 {
-    size_t ld = (size_t)S * d->P;
-    if (!add)
-        memset(x, 0, sizeof(float) * S * c->in_numel);
-    for (int s = 0; s < S; s++)
-        cv_col2im_add_ld(&d->g, u + (size_t)s * d->P, ld, x + (size_t)s * c->in_numel);
+    chunk_job q = {c, d, 1, 0, S, add, u, NULL, 0, x};
+    cv_parallel_for((size_t)S, grain_of((size_t)d->K * d->P), fold_range, &q);
 }
 
 /* y_(j, n0+s) = T rows (j, .), columns of s (+ b_j) for k vectors and the S
  * samples [n0, n0 + S); b_j = b + j*bstride (b NULL: no bias). */
+static void scatter_range(void *p, size_t lo, size_t hi)
+{
+    const chunk_job *q = p;
+    const conv_dims *d = q->d;
+    size_t lt = (size_t)q->S * d->P;
+    for (size_t js = lo; js < hi; js++) {
+        size_t j = js / (size_t)q->S, s = js % (size_t)q->S;
+        for (int o = 0; o < d->cout; o++) {
+            const float *src = q->src + (j * d->cout + o) * lt + s * d->P;
+            float *dst = q->dst + (j * q->c->n + q->n0 + s) * q->c->out_numel + (size_t)o * d->P;
+            float bo = q->b ? q->b[j * q->bstride + o] : 0.0f;
+            for (int t = 0; t < d->P; t++)
+                dst[t] = src[t] + bo;
+        }
+    }
+}
+
 static void scatter_chunk(const cv_layer_ctx *c, const conv_dims *d, int k, int n0, int S,
                           const float *T, const float *b, size_t bstride, float *y)
 {
-    size_t lt = (size_t)S * d->P;
-    for (int j = 0; j < k; j++)
-        for (int s = 0; s < S; s++)
-            for (int o = 0; o < d->cout; o++) {
-                const float *src = T + ((size_t)j * d->cout + o) * lt + (size_t)s * d->P;
-                float *dst = y + ((size_t)j * c->n + n0 + s) * c->out_numel + (size_t)o * d->P;
-                float bo = b ? b[(size_t)j * bstride + o] : 0.0f;
-                for (int p = 0; p < d->P; p++)
-                    dst[p] = src[p] + bo;
-            }
+    chunk_job q = {c, d, k, n0, S, 0, T, b, bstride, y};
+    cv_parallel_for((size_t)k * S, grain_of(c->out_numel), scatter_range, &q);
 }
 
 /* T rows (j, .) = the cotangents gy_(j, n0+s), channel-major: the adjoint
  * layout of scatter_chunk. */
+static void gather_range(void *p, size_t lo, size_t hi)
+{
+    const chunk_job *q = p;
+    const conv_dims *d = q->d;
+    size_t lt = (size_t)q->S * d->P;
+    for (size_t js = lo; js < hi; js++) {
+        size_t j = js / (size_t)q->S, s = js % (size_t)q->S;
+        for (int o = 0; o < d->cout; o++)
+            memcpy(q->dst + (j * d->cout + o) * lt + s * d->P,
+                   q->src + (j * q->c->n + q->n0 + s) * q->c->out_numel + (size_t)o * d->P,
+                   sizeof(float) * d->P);
+    }
+}
+
 static void gather_chunk(const cv_layer_ctx *c, const conv_dims *d, int k, int n0, int S,
                          const float *gy, float *T)
 {
-    size_t lt = (size_t)S * d->P;
-    for (int j = 0; j < k; j++)
-        for (int s = 0; s < S; s++)
-            for (int o = 0; o < d->cout; o++)
-                memcpy(T + ((size_t)j * d->cout + o) * lt + (size_t)s * d->P,
-                       gy + ((size_t)j * c->n + n0 + s) * c->out_numel + (size_t)o * d->P,
-                       sizeof(float) * d->P);
+    chunk_job q = {c, d, k, n0, S, 0, gy, NULL, 0, T};
+    cv_parallel_for((size_t)k * S, grain_of(c->out_numel), gather_range, &q);
 }
 
 static int conv_forward(cv_layer_ctx *c, float *y, cv_err *e)
