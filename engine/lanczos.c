@@ -8,6 +8,13 @@
 #include <string.h>
 
 #include "est_util.h"
+#include "reorth.h"
+
+/* From this dimension on, the full reorthogonalization reads a float32
+ * shadow of the basis (reorth.h): half the memory traffic of the dominant
+ * cost, orthogonality at the float32 operator's own precision.  Smaller
+ * problems keep the double pass (exact-arithmetic tests, no memory bound). */
+#define CV_LANCZOS_SHADOW_MIN ((size_t)1 << 16)
 
 int cv_which_from_name(const char *name)
 {
@@ -73,6 +80,8 @@ typedef struct {
     int cap, max_cap, steps, restarts;
     int block_start;        /* first vector of the current Krylov block (last restart) */
     double *V, *alpha, *beta, *w, *h, *tmp;
+    float *Vf;              /* float32 shadow of V for the reorthogonalization, or NULL */
+    float *fwork;           /* cv_reorth_cgs workspace */
     double tnorm;           /* running estimate of ||T|| */
     long matvecs;
 } lz_state;
@@ -85,6 +94,8 @@ static void lz_free(lz_state *s)
     free(s->w);
     free(s->h);
     free(s->tmp);
+    free(s->Vf);
+    free(s->fwork);
     memset(s, 0, sizeof *s);
 }
 
@@ -103,7 +114,13 @@ static int lz_init(lz_state *s, const cv_linop *op, int cap, int max_cap, cv_rng
     s->h = s->beta ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
     s->tmp = s->h ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
     s->w = s->tmp ? CV_EST_ALLOC(s->n, double, e) : NULL;
-    if (!s->w) {
+    int ok = s->w != NULL;
+    if (ok && s->n >= CV_LANCZOS_SHADOW_MIN) {
+        s->Vf = CV_EST_ALLOC(s->n * (size_t)cap, float, e);
+        s->fwork = s->Vf ? CV_EST_ALLOC(CV_REORTH_WORK(s->n, max_cap), float, e) : NULL;
+        ok = s->fwork != NULL;
+    }
+    if (!ok) {
         lz_free(s);
         return -1;
     }
@@ -123,6 +140,14 @@ static int lz_grow(lz_state *s, int need, cv_err *e)
                           "Lanczos basis of %d vectors of %zu doubles: out of memory", cap,
                           s->n);
     s->V = V;
+    if (s->Vf) {
+        float *Vf = realloc(s->Vf, sizeof(float) * s->n * (size_t)cap);
+        if (!Vf)
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                              "Lanczos basis shadow of %d vectors of %zu floats: out of memory",
+                              cap, s->n);
+        s->Vf = Vf;
+    }
     s->cap = cap;
     return 0;
 }
@@ -221,7 +246,13 @@ static int lz_step(lz_state *s, cv_err *e)
         return -1;
     s->matvecs++;
     double a = lz_three_term(s, j);
-    double b = cv_est_cgs2(s->n, j + 1, s->V, s->w, s->h, s->tmp);
+    double b;
+    if (s->Vf) {
+        cv_reorth_shadow(s->n, v, s->Vf + (size_t)j * s->n);
+        b = cv_reorth_cgs(s->n, j + 1, s->Vf, s->w, s->h, s->fwork);
+    } else {
+        b = cv_est_cgs2(s->n, j + 1, s->V, s->w, s->h, s->tmp);
+    }
     if (!isfinite(b) || !isfinite(a + s->h[j]))
         return cv_err_set(e, CV_EINVAL, "non_finite", "",
                           "the operator produced non-finite values (Lanczos step %d)", j + 1);

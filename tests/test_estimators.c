@@ -637,6 +637,80 @@ START_TEST(lanczos_tridiagonal_relation)
 }
 END_TEST
 
+/* Large n: the reorthogonalization reads the float32 shadow of the basis
+ * (reorth.h, n >= 2^16).  A diagonal operator with known spectrum (top five
+ * 10, 9, 8, 7, 6; the rest in [0, 1)): the eigenvalues still converge to the
+ * default tolerance, the basis stays orthogonal to float32 precision (not
+ * the 1e-12 of the double path) and V^T A V = T to the same level. */
+typedef struct {
+    size_t n;
+    double *d;
+} diag_op;
+
+static int diag_apply(void *ctx, int k, const double *X, double *Y, cv_err *e)
+{
+    const diag_op *q = ctx;
+    for (int j = 0; j < k; j++)
+        for (size_t i = 0; i < q->n; i++)
+            Y[i + j * q->n] = q->d[i] * X[i + j * q->n];
+    return 0;
+}
+
+START_TEST(lanczos_large_n_float_shadow)
+{
+    enum { N = 70000, STEPS = 40 };
+    diag_op q = {N, malloc(sizeof(double) * N)};
+    for (size_t i = 0; i < N; i++)
+        q.d[i] = (double)((i * 7919) % N) / N; /* a permutation of [0, 1) */
+    for (int t = 0; t < 5; t++)
+        q.d[1000 * t + 17] = 10.0 - t;
+    cv_linop op = {.n = N, .apply = diag_apply, .ctx = &q};
+    cv_eigen_options o;
+    cv_eigen_options_default(&o);
+    o.k = 5;
+    o.return_vectors = 1;
+    cv_rng r;
+    cv_rng_seed(&r, 3);
+    cv_eigen_result res;
+    cv_err e;
+    ck_assert_msg(cv_eigen_lanczos(&op, &o, &r, &res, &e) == 0, "%s", e.message);
+    ck_assert_int_eq(res.converged, 5);
+    double *y = malloc(sizeof(double) * N);
+    for (int t = 0; t < 5; t++) {
+        ck_assert_msg(fabs(res.eigenvalues[t] - (10.0 - t)) <= 1e-6 * (10.0 - t), "eig %d: %.12g",
+                      t, res.eigenvalues[t]);
+        const double *v = res.eigenvectors + (size_t)t * N;
+        diag_apply(&q, 1, v, y, &e);
+        double rr = 0;
+        for (size_t i = 0; i < N; i++)
+            rr += (y[i] - res.eigenvalues[t] * v[i]) * (y[i] - res.eigenvalues[t] * v[i]);
+        ck_assert_msg(sqrt(rr) < 1e-4 * 10, "residual %d: %g", t, sqrt(rr));
+    }
+    ck_assert_double_lt(orth_error(res.eigenvectors, N, 5), 1e-5);
+    cv_eigen_result_free(&res);
+
+    cv_lanczos_options lo = {.steps = STEPS, .keep_basis = 1};
+    cv_lanczos_result lr;
+    ck_assert_int_eq(cv_lanczos(&op, NULL, &lo, &r, &lr, &e), 0);
+    ck_assert_int_eq(lr.steps, STEPS);
+    double oe = orth_error(lr.basis, N, STEPS);
+    ck_assert_msg(oe < 1e-5, "basis orthogonality %g", oe);
+    for (int a = 0; a < STEPS; a++) {
+        diag_apply(&q, 1, lr.basis + (size_t)a * N, y, &e);
+        for (int b = 0; b < STEPS; b++) {
+            double s = 0;
+            for (size_t i = 0; i < N; i++)
+                s += lr.basis[i + (size_t)b * N] * y[i];
+            double t = a == b ? lr.alpha[a] : abs(a - b) == 1 ? lr.beta[a < b ? a : b] : 0;
+            ck_assert_msg(fabs(s - t) < 1e-5 * 10, "(V^T A V - T)[%d,%d] = %g", a, b, s - t);
+        }
+    }
+    cv_lanczos_result_free(&lr);
+    free(y);
+    free(q.d);
+}
+END_TEST
+
 /* ------------------------------------------------------------ power */
 
 START_TEST(power_vs_dsyev)
@@ -1346,6 +1420,7 @@ static Suite *suite(void)
     tcase_add_test(t, lanczos_repeated_top_in_random_spectrum);
     tcase_add_test(t, lanczos_k_equals_n);
     tcase_add_test(t, lanczos_tridiagonal_relation);
+    tcase_add_test(t, lanczos_large_n_float_shadow);
     tcase_add_test(t, power_vs_dsyev);
     tcase_add_test(t, slq_moments_and_normalization);
     tcase_add_test(t, slq_exact_for_small_matrix);
