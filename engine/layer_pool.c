@@ -4,6 +4,7 @@
  * (max pooling for its fixed argmax), so they have no second-order terms and
  * no parameters; every kernel works plane by plane over k*N*C planes. */
 #include "layer.h"
+#include "parallel.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -86,6 +87,66 @@ static int is_plain_2x2(const cv_layer_ctx *c)
            L->dilation[1] == 1 && 2 * OH_(c) <= H_(c) && 2 * OW_(c) <= W_(c);
 }
 
+/* Planes (sample, channel, vector) are independent: cv_parallel_for over
+ * them, each writing only its own output plane. */
+typedef struct {
+    const cv_layer_ctx *c;
+    const float *in;
+    float *out;
+    int fast;
+} plane_job;
+
+static size_t plane_grain(size_t floats_per_plane)
+{
+    return ((size_t)1 << 15) / (floats_per_plane + 1) + 1;
+}
+
+static void forward_planes(void *p, size_t lo, size_t hi)
+{
+    const plane_job *j = p;
+    const cv_layer_ctx *c = j->c;
+    size_t op = (size_t)OH_(c) * OW_(c), ip = (size_t)H_(c) * W_(c);
+    for (size_t q = lo; q < hi; q++)
+        if (j->fast)
+            maxpool_plane_2x2(W_(c), OH_(c), OW_(c), j->in + q * ip, j->out + q * op,
+                              c->idx + q * op);
+        else
+            maxpool_plane(c->L, H_(c), W_(c), OH_(c), OW_(c), j->in + q * ip, j->out + q * op,
+                          c->idx + q * op);
+}
+
+static void vjp_planes(void *p, size_t lo, size_t hi)
+{
+    const plane_job *j = p;
+    const cv_layer_ctx *c = j->c;
+    size_t planes = (size_t)c->n * C_(c), op = (size_t)OH_(c) * OW_(c),
+           ip = (size_t)H_(c) * W_(c);
+    memset(j->out + lo * ip, 0, sizeof(float) * (hi - lo) * ip);
+    for (size_t q = lo; q < hi; q++) {
+        const int *id = c->idx + (q % planes) * op;
+        const float *g = j->in + q * op;
+        float *o = j->out + q * ip;
+        for (size_t t = 0; t < op; t++)
+            if (id[t] >= 0)
+                o[id[t]] += g[t];
+    }
+}
+
+static void jvp_planes(void *p, size_t lo, size_t hi)
+{
+    const plane_job *j = p;
+    const cv_layer_ctx *c = j->c;
+    size_t planes = (size_t)c->n * C_(c), op = (size_t)OH_(c) * OW_(c),
+           ip = (size_t)H_(c) * W_(c);
+    for (size_t q = lo; q < hi; q++) {
+        const int *id = c->idx + (q % planes) * op;
+        const float *r = j->in + q * ip;
+        float *o = j->out + q * op;
+        for (size_t t = 0; t < op; t++)
+            o[t] = id[t] >= 0 ? r[id[t]] : 0.0f;
+    }
+}
+
 static int maxpool_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     size_t planes = (size_t)c->n * C_(c), op = (size_t)OH_(c) * OW_(c),
@@ -95,13 +156,8 @@ static int maxpool_forward(cv_layer_ctx *c, float *y, cv_err *e)
     if (!c->idx)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "MaxPool2d indices (%zu)",
                           planes * op);
-    int fast = is_plain_2x2(c);
-    for (size_t q = 0; q < planes; q++)
-        if (fast)
-            maxpool_plane_2x2(W_(c), OH_(c), OW_(c), c->x + q * ip, y + q * op, c->idx + q * op);
-        else
-            maxpool_plane(c->L, H_(c), W_(c), OH_(c), OW_(c), c->x + q * ip, y + q * op,
-                          c->idx + q * op);
+    plane_job j = {c, c->x, y, is_plain_2x2(c)};
+    cv_parallel_for(planes, plane_grain(ip + op), forward_planes, &j);
     return 0;
 }
 
@@ -112,15 +168,8 @@ static void maxpool_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx
         return;
     size_t planes = (size_t)c->n * C_(c), op = (size_t)OH_(c) * OW_(c),
            ip = (size_t)H_(c) * W_(c);
-    memset(gx, 0, sizeof(float) * (size_t)k * c->n * c->in_numel);
-    for (size_t q = 0; q < (size_t)k * planes; q++) {
-        const int *id = c->idx + (q % planes) * op;
-        const float *g = gy + q * op;
-        float *o = gx + q * ip;
-        for (size_t p = 0; p < op; p++)
-            if (id[p] >= 0)
-                o[id[p]] += g[p];
-    }
+    plane_job j = {c, gy, gx, 0};
+    cv_parallel_for((size_t)k * planes, plane_grain(ip + op), vjp_planes, &j);
 }
 
 static void maxpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const float *vtheta,
@@ -132,13 +181,8 @@ static void maxpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const flo
         memset(ry, 0, sizeof(float) * (size_t)k * c->n * c->out_numel);
         return;
     }
-    for (size_t q = 0; q < (size_t)k * planes; q++) {
-        const int *id = c->idx + (q % planes) * op;
-        const float *r = rx + q * ip;
-        float *o = ry + q * op;
-        for (size_t p = 0; p < op; p++)
-            o[p] = id[p] >= 0 ? r[id[p]] : 0.0f;
-    }
+    plane_job j = {c, rx, ry, 0};
+    cv_parallel_for((size_t)k * planes, plane_grain(ip + op), jvp_planes, &j);
 }
 
 const cv_layer_ops cv_maxpool2d_ops = {pool_work,      maxpool_forward, maxpool_vjp,
