@@ -67,7 +67,7 @@ static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     o.max_probes = cv_opt_int(c->options, "max_probes", o.max_probes);
     const char *method = cv_opt_str(c->options, "method", "hutchinson");
     int pp = strcmp(method, "hutch++") == 0;
-    o.tol = pp ? 0.0 : cv_opt_num(c->options, "tol", o.tol); /* 1e-3 for hutchinson only */
+    o.tol = cv_opt_num(c->options, "tol", o.tol); /* Hutch++ has no stopping rule */
     o.distribution = cv_probe_dist_from_name(cv_opt_str(c->options, "distribution",
                                                         "rademacher"));
     o.return_samples = cv_opt_bool(c->options, "return_samples", 0);

@@ -187,7 +187,9 @@ static int gram_residuals(cv_vivit *v, int k, const double *E, double *res, cv_e
     return rc;
 }
 
-static int eigen_vectors_json(cv_vivit *v, int k, int vectors, cJSON *out, cv_err *e)
+/* out.residuals = |G e_k - lambda_k e_k| of the top k pairs (the vectors are
+ * formed for them), and out.eigenvectors when `vectors` is set. */
+static int residuals_vectors_json(cv_vivit *v, int k, int vectors, cJSON *out, cv_err *e)
 {
     double *E = malloc(sizeof(double) * (size_t)(k ? k : 1) * v->dim);
     double *res = malloc(sizeof(double) * (size_t)(k ? k : 1));
@@ -228,7 +230,7 @@ int cv_op_eigen_gram(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
         cJSON_AddNumberToObject(out, "iterations", 0);
     }
     if (!rc) /* residuals always (contract), the vectors only when asked */
-        rc = eigen_vectors_json(&v, k, cv_opt_bool(c->options, "return_vectors", 0), out, e);
+        rc = residuals_vectors_json(&v, k, cv_opt_bool(c->options, "return_vectors", 0), out, e);
     cv_vivit_free(&v);
     free(subset);
     return rc;

@@ -93,7 +93,7 @@ static act_val act_eval(const cv_layer *L, double x)
 static size_t act_work(const cv_layer_ctx *c, int k) { return 0; }
 
 /* Elementwise loops run on cv_parallel_for ranges of one vector. */
-#define CV_ACT_GRAIN ((size_t)1 << 15)
+#define CV_ACT_GRAIN cv_parallel_grain(1)
 
 typedef struct {
     cv_layer_ctx *c;

@@ -160,19 +160,11 @@ static void row_sums(const conv_dims *d, const float *T, size_t lt, size_t m, fl
 typedef struct {
     const cv_layer_ctx *c;
     const conv_dims *d;
-    int k, n0, S, add;
+    int n0, S, add;
     const float *src, *b;
     size_t bstride;
     float *dst;
 } chunk_job;
-
-#define CV_CONV_GRAIN_FLOATS ((size_t)1 << 15) /* below this, one thread */
-
-static size_t grain_of(size_t floats_per_item)
-{
-    return floats_per_item >= CV_CONV_GRAIN_FLOATS ? 1
-                                                   : CV_CONV_GRAIN_FLOATS / floats_per_item + 1;
-}
 
 static void unfold_range(void *p, size_t lo, size_t hi)
 {
@@ -187,8 +179,8 @@ static void unfold_range(void *p, size_t lo, size_t hi)
 static void unfold_chunk(const cv_layer_ctx *c, const conv_dims *d, const float *x, int S,
                          float *u)
 {
-    chunk_job q = {c, d, 1, 0, S, 0, x, NULL, 0, u};
-    cv_parallel_for((size_t)S, grain_of((size_t)d->K * d->P), unfold_range, &q);
+    chunk_job q = {c, d, 0, S, 0, x, NULL, 0, u};
+    cv_parallel_for((size_t)S, cv_parallel_grain((size_t)d->K * d->P), unfold_range, &q);
 }
 
 static void fold_range(void *p, size_t lo, size_t hi)
@@ -205,8 +197,23 @@ static void fold_range(void *p, size_t lo, size_t hi)
 static void fold_chunk(const cv_layer_ctx *c, const conv_dims *d, const float *u, int S, int add,
                        float *x)
 {
-    chunk_job q = {c, d, 1, 0, S, add, u, NULL, 0, x};
-    cv_parallel_for((size_t)S, grain_of((size_t)d->K * d->P), fold_range, &q);
+    chunk_job q = {c, d, 0, S, add, u, NULL, 0, x};
+    cv_parallel_for((size_t)S, cv_parallel_grain((size_t)d->K * d->P), fold_range, &q);
+}
+
+/* The two layouts scatter_chunk and gather_chunk convert between, for item
+ * js = (vector j, chunk sample s) and channel o: the chunk matrix T (rows
+ * (j, o), S*P columns) and the batch activations (sample n0 + s of vector j). */
+static size_t chunk_off(const chunk_job *q, size_t js, int o)
+{
+    size_t j = js / (size_t)q->S, s = js % (size_t)q->S;
+    return (j * q->d->cout + (size_t)o) * (size_t)q->S * q->d->P + s * q->d->P;
+}
+
+static size_t batch_off(const chunk_job *q, size_t js, int o)
+{
+    size_t j = js / (size_t)q->S, s = js % (size_t)q->S;
+    return (j * q->c->n + q->n0 + s) * q->c->out_numel + (size_t)o * q->d->P;
 }
 
 /* y_(j, n0+s) = T rows (j, .), columns of s (+ b_j) for k vectors and the S
@@ -215,12 +222,11 @@ static void scatter_range(void *p, size_t lo, size_t hi)
 {
     const chunk_job *q = p;
     const conv_dims *d = q->d;
-    size_t lt = (size_t)q->S * d->P;
     for (size_t js = lo; js < hi; js++) {
-        size_t j = js / (size_t)q->S, s = js % (size_t)q->S;
+        size_t j = js / (size_t)q->S;
         for (int o = 0; o < d->cout; o++) {
-            const float *src = q->src + (j * d->cout + o) * lt + s * d->P;
-            float *dst = q->dst + (j * q->c->n + q->n0 + s) * q->c->out_numel + (size_t)o * d->P;
+            const float *src = q->src + chunk_off(q, js, o);
+            float *dst = q->dst + batch_off(q, js, o);
             float bo = q->b ? q->b[j * q->bstride + o] : 0.0f;
             for (int t = 0; t < d->P; t++)
                 dst[t] = src[t] + bo;
@@ -231,8 +237,8 @@ static void scatter_range(void *p, size_t lo, size_t hi)
 static void scatter_chunk(const cv_layer_ctx *c, const conv_dims *d, int k, int n0, int S,
                           const float *T, const float *b, size_t bstride, float *y)
 {
-    chunk_job q = {c, d, k, n0, S, 0, T, b, bstride, y};
-    cv_parallel_for((size_t)k * S, grain_of(c->out_numel), scatter_range, &q);
+    chunk_job q = {c, d, n0, S, 0, T, b, bstride, y};
+    cv_parallel_for((size_t)k * S, cv_parallel_grain(c->out_numel), scatter_range, &q);
 }
 
 /* T rows (j, .) = the cotangents gy_(j, n0+s), channel-major: the adjoint
@@ -240,22 +246,17 @@ static void scatter_chunk(const cv_layer_ctx *c, const conv_dims *d, int k, int 
 static void gather_range(void *p, size_t lo, size_t hi)
 {
     const chunk_job *q = p;
-    const conv_dims *d = q->d;
-    size_t lt = (size_t)q->S * d->P;
-    for (size_t js = lo; js < hi; js++) {
-        size_t j = js / (size_t)q->S, s = js % (size_t)q->S;
-        for (int o = 0; o < d->cout; o++)
-            memcpy(q->dst + (j * d->cout + o) * lt + s * d->P,
-                   q->src + (j * q->c->n + q->n0 + s) * q->c->out_numel + (size_t)o * d->P,
-                   sizeof(float) * d->P);
-    }
+    for (size_t js = lo; js < hi; js++)
+        for (int o = 0; o < q->d->cout; o++)
+            memcpy(q->dst + chunk_off(q, js, o), q->src + batch_off(q, js, o),
+                   sizeof(float) * q->d->P);
 }
 
 static void gather_chunk(const cv_layer_ctx *c, const conv_dims *d, int k, int n0, int S,
                          const float *gy, float *T)
 {
-    chunk_job q = {c, d, k, n0, S, 0, gy, NULL, 0, T};
-    cv_parallel_for((size_t)k * S, grain_of(c->out_numel), gather_range, &q);
+    chunk_job q = {c, d, n0, S, 0, gy, NULL, 0, T};
+    cv_parallel_for((size_t)k * S, cv_parallel_grain(c->out_numel), gather_range, &q);
 }
 
 static int conv_forward(cv_layer_ctx *c, float *y, cv_err *e)

@@ -96,11 +96,6 @@ typedef struct {
     int fast;
 } plane_job;
 
-static size_t plane_grain(size_t floats_per_plane)
-{
-    return ((size_t)1 << 15) / (floats_per_plane + 1) + 1;
-}
-
 static void forward_planes(void *p, size_t lo, size_t hi)
 {
     const plane_job *j = p;
@@ -157,7 +152,7 @@ static int maxpool_forward(cv_layer_ctx *c, float *y, cv_err *e)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "MaxPool2d indices (%zu)",
                           planes * op);
     plane_job j = {c, c->x, y, is_plain_2x2(c)};
-    cv_parallel_for(planes, plane_grain(ip + op), forward_planes, &j);
+    cv_parallel_for(planes, cv_parallel_grain(ip + op), forward_planes, &j);
     return 0;
 }
 
@@ -169,7 +164,7 @@ static void maxpool_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx
     size_t planes = (size_t)c->n * C_(c), op = (size_t)OH_(c) * OW_(c),
            ip = (size_t)H_(c) * W_(c);
     plane_job j = {c, gy, gx, 0};
-    cv_parallel_for((size_t)k * planes, plane_grain(ip + op), vjp_planes, &j);
+    cv_parallel_for((size_t)k * planes, cv_parallel_grain(ip + op), vjp_planes, &j);
 }
 
 static void maxpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const float *vtheta,
@@ -182,7 +177,7 @@ static void maxpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const flo
         return;
     }
     plane_job j = {c, rx, ry, 0};
-    cv_parallel_for((size_t)k * planes, plane_grain(ip + op), jvp_planes, &j);
+    cv_parallel_for((size_t)k * planes, cv_parallel_grain(ip + op), jvp_planes, &j);
 }
 
 const cv_layer_ops cv_maxpool2d_ops = {pool_work,      maxpool_forward, maxpool_vjp,

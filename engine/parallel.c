@@ -30,6 +30,13 @@ int cv_parallel_threads(size_t n, size_t grain)
     return nt < 1 ? 1 : nt;
 }
 
+size_t cv_parallel_grain(size_t floats_per_item)
+{
+    if (floats_per_item >= CV_PARALLEL_MIN_FLOATS)
+        return 1;
+    return CV_PARALLEL_MIN_FLOATS / (floats_per_item ? floats_per_item : 1) + 1;
+}
+
 void cv_parallel_for(size_t n, size_t grain, cv_range_fn fn, void *ctx)
 {
     int nt = cv_parallel_threads(n, grain);

@@ -24,4 +24,11 @@ void cv_parallel_for(size_t n, size_t grain, cv_range_fn fn, void *ctx);
 /* The number of threads cv_parallel_for would use for n items of `grain`. */
 int cv_parallel_threads(size_t n, size_t grain);
 
+/* Below this many floats of work a range is not worth a thread. */
+#define CV_PARALLEL_MIN_FLOATS ((size_t)1 << 15)
+
+/* The grain for items of floats_per_item floats each: ranges of at least
+ * CV_PARALLEL_MIN_FLOATS floats (one item when an item alone is that big). */
+size_t cv_parallel_grain(size_t floats_per_item);
+
 #endif

@@ -40,6 +40,7 @@ typedef struct {
     char *body;
     size_t len, cap;
     size_t limit;              /* --max-body, or --max-job-bytes for POST /v1/jobs */
+    const char *limit_opt;     /* the option that set limit, for messages */
     int too_large;
     int oom;                   /* the body buffer could not grow */
     int dispatched;
@@ -57,7 +58,6 @@ typedef struct {
     const char *method;        /* as routed (HEAD is served as GET) */
     const char *url;
     char param[MAX_PARAM];     /* the {name} / {id} path segment */
-    int param_too_long;        /* the segment was longer (param holds its start) */
     const char *body;
     size_t body_len;
     /* reply */
@@ -904,7 +904,6 @@ static void dispatch(req *r)
             continue;
         if (strcmp(routes[i].info.method, r->method) == 0) {
             memcpy(r->param, param, sizeof param);
-            r->param_too_long = too_long;
             /* a {name} segment that cannot be a name is a bad request, not an
              * unknown name (ids and file names just are not found) */
             if (strstr(routes[i].info.path, "{name}") && (too_long || !cv_name_valid(param))) {
@@ -998,19 +997,14 @@ static int is_job_post(const char *method, const char *url)
            (strcmp(url, "/v1/jobs") == 0 || strcmp(url, "/v1/jobs/") == 0);
 }
 
-static void body_limit_msg(cv_http *h, const conn_state *cs, char *msg, size_t len,
-                           size_t declared)
+static void body_limit_msg(const conn_state *cs, char *msg, size_t len, size_t declared)
 {
-    const char *opt = cs->limit == h->cfg.max_body && cs->limit != h->cfg.max_job_body
-                          ? "--max-body"
-                          : cs->limit == h->cfg.max_job_body && cs->limit != h->cfg.max_body
-                                ? "--max-job-bytes"
-                                : "--max-body / --max-job-bytes";
     if (declared)
         snprintf(msg, len, "request body of %zu bytes exceeds the limit of %zu bytes (%s)",
-                 declared, cs->limit, opt);
+                 declared, cs->limit, cs->limit_opt);
     else
-        snprintf(msg, len, "request body exceeds the limit of %zu bytes (%s)", cs->limit, opt);
+        snprintf(msg, len, "request body exceeds the limit of %zu bytes (%s)", cs->limit,
+                 cs->limit_opt);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
@@ -1029,13 +1023,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                                       "the server is out of memory; retry later");
         }
         *con_cls = cs;
-        cs->limit = is_job_post(method, url) ? h->cfg.max_job_body : h->cfg.max_body;
+        int job = is_job_post(method, url);
+        cs->limit = job ? h->cfg.max_job_body : h->cfg.max_body;
+        cs->limit_opt = job ? "--max-job-bytes" : "--max-body";
         const char *cl =
             MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         size_t declared;
         if (cl && cv_parse_size(cl, 0, (size_t)-1, &declared) == 0 && declared > cs->limit) {
             char msg[200];
-            body_limit_msg(h, cs, msg, sizeof msg, declared);
+            body_limit_msg(cs, msg, sizeof msg, declared);
             cs->dispatched = 1;
             return reply_simple_error(h, conn, method, url, CV_ETOOLARGE, 0, "body_too_large",
                                       msg);
@@ -1084,7 +1080,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (cs->too_large) {
         char msg[200];
-        body_limit_msg(h, cs, msg, sizeof msg, 0);
+        body_limit_msg(cs, msg, sizeof msg, 0);
         return reply_simple_error(h, conn, method, url, CV_ETOOLARGE, 0, "body_too_large", msg);
     }
     req r;

@@ -34,7 +34,6 @@ struct cv_job {
     const char *cancel_code, *cancel_msg; /* why the cancel flag was set */
     char *result_text;               /* compact JSON of the result (succeeded) */
     size_t result_len;
-    size_t kept_bytes;               /* counted in J->kept_bytes while finished */
     cv_err err;                      /* failed / cancelled */
     struct cv_job *qnext;            /* queue link */
     struct cv_job *prev, *next;      /* table links, creation order */
@@ -72,8 +71,15 @@ struct cv_jobs {
     unsigned long qhist_count;
 };
 
-/* What a finished job costs to keep: its result text plus the record. */
+/* What a finished job costs to keep: its result text plus the record
+ * (counted in J->kept_bytes from finish_locked until purge drops it). */
 static size_t job_kept_bytes(const cv_job *j) { return sizeof *j + j->result_len; }
+
+/* Under J->mu: the finished jobs hold more than --max-kept-bytes. */
+static int over_kept_bytes(const cv_jobs *J)
+{
+    return J->cfg.max_kept_bytes && J->kept_bytes > J->cfg.max_kept_bytes;
+}
 
 static void hist_add(unsigned long *h, double *sum, unsigned long *count, double d)
 {
@@ -165,8 +171,7 @@ static void finish_locked(cv_jobs *J, cv_job *j, cv_job_status st)
     /* the document is only needed to run the job */
     cJSON_Delete(j->doc);
     j->doc = NULL;
-    j->kept_bytes = job_kept_bytes(j);
-    J->kept_bytes += j->kept_bytes;
+    J->kept_bytes += job_kept_bytes(j);
     J->finished_total[st]++;
     if (ran) {
         J->busy--;
@@ -281,7 +286,7 @@ static void *worker_main(void *arg)
             fprintf(stderr, "curvd: draining: running job %s (%s) ended %s%s%s\n", j->id, j->op,
                     cv_job_status_name(st), st == CV_JOB_SUCCEEDED ? "" : ": ",
                     st == CV_JOB_SUCCEEDED ? "" : j->err.code);
-        int over = J->cfg.max_kept_bytes && J->kept_bytes > J->cfg.max_kept_bytes;
+        int over = over_kept_bytes(J);
         pthread_mutex_unlock(&J->mu);
         cv_job_unref(j); /* the queue's reference */
         if (over)
@@ -310,13 +315,12 @@ static void purge(cv_jobs *J)
     cv_job *j = J->head;
     while (j) {
         cv_job *next = j->next;
-        int over_bytes = J->cfg.max_kept_bytes && J->kept_bytes > J->cfg.max_kept_bytes &&
-                         j != newest;
-        if (is_finished(j->status) &&
-            (now - j->t_end > J->cfg.keep_s || finished > J->cfg.max_kept || over_bytes)) {
-            if (over_bytes && !(now - j->t_end > J->cfg.keep_s || finished > J->cfg.max_kept))
+        int aged = now - j->t_end > J->cfg.keep_s || finished > J->cfg.max_kept;
+        int over_bytes = over_kept_bytes(J) && j != newest;
+        if (is_finished(j->status) && (aged || over_bytes)) {
+            if (!aged)
                 J->evicted_total++;
-            J->kept_bytes -= j->kept_bytes;
+            J->kept_bytes -= job_kept_bytes(j);
             if (j->prev)
                 j->prev->next = j->next;
             else

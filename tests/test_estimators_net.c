@@ -379,6 +379,25 @@ END_TEST
 
 /* ---- SLQ ------------------------------------------------------------------ */
 
+/* The per-run quadratures of a density result: th / w (runs x steps,
+ * run-major) = nodes / weights, each run of exactly `steps` entries. */
+static void quadrature(const cJSON *r, int runs, int steps, double *th, double *w)
+{
+    const cJSON *nodes = cJSON_GetObjectItem(r, "nodes");
+    const cJSON *weights = cJSON_GetObjectItem(r, "weights");
+    ck_assert_int_eq(cJSON_GetArraySize(nodes), runs);
+    ck_assert_int_eq(cJSON_GetArraySize(weights), runs);
+    for (int k = 0; k < runs; k++) {
+        const cJSON *nr = cJSON_GetArrayItem(nodes, k), *wr = cJSON_GetArrayItem(weights, k);
+        ck_assert_int_eq(cJSON_GetArraySize(nr), steps);
+        ck_assert_int_eq(cJSON_GetArraySize(wr), steps);
+        for (int i = 0; i < steps; i++) {
+            th[(size_t)k * steps + i] = cJSON_GetArrayItem(nr, i)->valuedouble;
+            w[(size_t)k * steps + i] = cJSON_GetArrayItem(wr, i)->valuedouble;
+        }
+    }
+}
+
 /* Each run's quadrature gives u^T A^k u (u the normalized Rademacher start)
  * exactly for k < 2 * lanczos_steps, and E[u^T A^k u] = tr(A^k) / D: the
  * mean over runs must be within 4 standard errors of tr(A^k)/D. */
@@ -390,21 +409,13 @@ START_TEST(slq_moments_vs_trace_of_powers)
     cJSON *r = run(&f, "{\"op\":\"density\",\"curvature\":\"%s\",\"seed\":3,\"options\":"
                        "{\"lanczos_steps\":%d,\"runs\":%d,\"grid_points\":50}}",
                    f.kind, STEPS, RUNS);
-    const cJSON *nodes = cJSON_GetObjectItem(r, "nodes");
-    const cJSON *weights = cJSON_GetObjectItem(r, "weights");
-    ck_assert_int_eq(cJSON_GetArraySize(nodes), RUNS);
-    ck_assert_int_eq(cJSON_GetArraySize(weights), RUNS);
-    double mom[RUNS][KMAX + 1];
+    double th[RUNS][STEPS], w[RUNS][STEPS], mom[RUNS][KMAX + 1];
+    quadrature(r, RUNS, STEPS, &th[0][0], &w[0][0]);
     for (int run_i = 0; run_i < RUNS; run_i++) {
-        const cJSON *nr = cJSON_GetArrayItem(nodes, run_i);
-        const cJSON *wr = cJSON_GetArrayItem(weights, run_i);
-        ck_assert_int_eq(cJSON_GetArraySize(nr), STEPS);
         for (int k = 0; k <= KMAX; k++) {
             double m = 0;
-            for (int i = 0; i < STEPS; i++) {
-                double th = cJSON_GetArrayItem(nr, i)->valuedouble;
-                m += cJSON_GetArrayItem(wr, i)->valuedouble * pow(th, k);
-            }
+            for (int i = 0; i < STEPS; i++)
+                m += w[run_i][i] * pow(th[run_i][i], k);
             mom[run_i][k] = m;
         }
         ck_assert_double_le(fabs(mom[run_i][0] - 1.0), 1e-12);
@@ -444,13 +455,8 @@ START_TEST(slq_density_is_the_broadened_mixture)
     double grid[G], val[G], th[RUNS][STEPS], w[RUNS][STEPS], lo = 0, hi = 0;
     list(den, "grid", grid, G);
     list(den, "values", val, G);
+    quadrature(r, RUNS, STEPS, &th[0][0], &w[0][0]);
     for (int k = 0; k < RUNS; k++) {
-        const cJSON *nr = cJSON_GetArrayItem(cJSON_GetObjectItem(r, "nodes"), k);
-        const cJSON *wr = cJSON_GetArrayItem(cJSON_GetObjectItem(r, "weights"), k);
-        for (int i = 0; i < STEPS; i++) {
-            th[k][i] = cJSON_GetArrayItem(nr, i)->valuedouble;
-            w[k][i] = cJSON_GetArrayItem(wr, i)->valuedouble;
-        }
         lo += th[k][0] / RUNS;
         hi += th[k][STEPS - 1] / RUNS;
     }
