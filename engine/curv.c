@@ -499,6 +499,81 @@ int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, cons
     return 0;
 }
 
+/* ---- quadratic forms ---------------------------------------------------------
+ * x^T A x without the backward pass: with r_l the forward tangents and
+ * s_l = R(g_l) the backward products, sum_l v_l . J_theta,l^T s_l telescopes
+ * into r_L . M r_L + sum_l r_(l-1) . R(J_x,l^T) g_l, so
+ *   x^T A x = r_L^T M r_L (+ sum_l [rx_l . R(J_x^T) gy_l + v_l . R(J_theta^T) gy_l]
+ *             for the Hessian),
+ * one forward-mode pass plus each layer's second-order terms dotted in place. */
+
+static double dot_f(size_t n, const float *a, const float *b)
+{
+    double s = 0;
+    for (size_t i = 0; i < n; i++)
+        s += (double)a[i] * b[i];
+    return s;
+}
+
+/* Layer l's second-order terms dotted with the direction, added to q: its
+ * quad_extra kernel, or hvp_extra formed in scratch (pong, gth[l]) and dotted. */
+static void layer_quad_terms(cv_curv *c, int l, const char *active, int lo, int k, double *q)
+{
+    const float *rx = l == lo ? NULL : c->rx[l];
+    const float *v = active[l] ? c->vth[l] : NULL;
+    if (c->ops[l]->quad_extra) {
+        c->ops[l]->quad_extra(&c->ctx[l], k, c->gy[l], rx, v, q);
+        return;
+    }
+    size_t xlen = (size_t)c->n * c->numel[l], P = c->ctx[l].nparam;
+    float *gx = rx ? c->pong : NULL, *gt = v ? c->gth[l] : NULL;
+    if (gx)
+        memset(gx, 0, sizeof(float) * (size_t)k * xlen);
+    if (gt)
+        memset(gt, 0, sizeof(float) * (size_t)k * P);
+    c->ops[l]->hvp_extra(&c->ctx[l], k, c->gy[l], rx, v, gx, gt);
+    for (int j = 0; j < k; j++) {
+        if (gx)
+            q[j] += dot_f(xlen, rx + (size_t)j * xlen, gx + (size_t)j * xlen);
+        if (gt)
+            q[j] += dot_f(P, v + (size_t)j * P, gt + (size_t)j * P);
+    }
+}
+
+static void quad_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
+                       const double *X, double *q)
+{
+    char active[CV_MAX_LAYERS];
+    int lo = active_layers(c, b, active);
+    size_t olen = (size_t)c->n * c->C;
+    scatter_dirs(c, b, active, k, X);
+    forward_tangents(c, active, lo, k);
+    apply_output_matrix(c, kind, k, c->rx[c->L], c->ping);
+    for (int j = 0; j < k; j++)
+        q[j] = dot_f(olen, c->rx[c->L] + (size_t)j * olen, c->ping + (size_t)j * olen);
+    for (int l = lo; kind == CV_CURV_HESSIAN && l < c->L; l++)
+        layer_quad_terms(c, l, active, lo, k, q);
+}
+
+int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
+                     double *q, cv_err *e)
+{
+    if ((unsigned)kind >= CV_CURV_COUNT)
+        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "unknown curvature");
+    if (k < 1)
+        return 0;
+    if ((kind == CV_CURV_HESSIAN && ensure_grad(c, e)) || ensure_output_samples(c, kind, e))
+        return -1;
+    int chunk = k < CV_MAX_CHUNK ? k : CV_MAX_CHUNK;
+    if (ensure_workspace(c, chunk, e))
+        return -1;
+    for (int j = 0; j < k; j += chunk) {
+        int kk = k - j < chunk ? k - j : chunk;
+        quad_chunk(c, kind, b, kk, X + (size_t)j * b->dim, q + j);
+    }
+    return 0;
+}
+
 /* ---- per-sample gradients, dense matrices, loss at a step ------------------ */
 
 int cv_curv_per_sample_gradients(cv_curv *c, const cv_block *b, double *G, cv_err *e)
@@ -678,9 +753,16 @@ static int curv_linop_apply(void *ctx, int k, const double *X, double *Y, cv_err
     return cv_curv_matvec(x->curv, x->kind, x->block, k, X, Y, e);
 }
 
+static int curv_linop_quad(void *ctx, int k, const double *X, double *q, cv_err *e)
+{
+    cv_curv_linop_ctx *x = ctx;
+    return cv_curv_quadform(x->curv, x->kind, x->block, k, X, q, e);
+}
+
 void cv_curv_linop(cv_linop *op, cv_curv_linop_ctx *ctx, cv_curv *c, cv_curvature kind,
                    const cv_block *b, cv_progress *p)
 {
+    op->quad = curv_linop_quad;
     ctx->curv = c;
     ctx->kind = kind;
     ctx->block = b;

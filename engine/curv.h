@@ -94,6 +94,14 @@ int cv_curv_gradient(cv_curv *c, const cv_block *b, double *g, cv_err *e);
 int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
                    double *Y, cv_err *e);
 
+/* q_j = x_j^T A x_j for k vectors in block b, without forming A x_j: one
+ * forward-mode pass (plus, for the Hessian, each layer's second-order terms
+ * dotted in place), about half the work of cv_curv_matvec on GEMM-bound
+ * nets.  Equal to the dot of x_j with cv_curv_matvec's product up to float32
+ * rounding. */
+int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
+                     double *q, cv_err *e);
+
 /* Per-sample gradients d L_n / d theta (contributions to the batch loss, so
  * they sum to the gradient), N x b->dim, row n at G + n*b->dim. */
 int cv_curv_per_sample_gradients(cv_curv *c, const cv_block *b, double *G, cv_err *e);

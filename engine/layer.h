@@ -9,6 +9,8 @@
  *             added to gx / gtheta: R(J_x^T) gy and R(J_theta^T) gy for the
  *             fixed gradient cotangent gy, direction (rx, vtheta)
  *   per_sample parameter gradient of each sample separately
+ *   quad_extra the hvp_extra terms dotted with the direction (rx, vtheta),
+ *             for quadratic forms v^T H v without a backward pass
  * Kernels take k stacked vectors: sample n of vector j at ptr + (j*N + n)*numel.
  * A NULL input means zero; a NULL output means "not needed".
  * Parameter vectors of a layer are all its parameter tensors concatenated in
@@ -56,6 +58,11 @@ typedef struct {
      * `mask` (bit t = t-th tensor of the layer).  G is (k*n) x (k*n),
      * row-major, double. */
     void (*gram_add)(const cv_layer_ctx *c, int k, const float *gy, unsigned mask, double *G);
+    /* q[j] += rx_j . R(J_x^T) gy + vtheta_j . R(J_theta^T) gy for k
+     * directions (the hvp_extra terms dotted with the direction), without
+     * forming the terms.  NULL: the driver forms hvp_extra and dots it. */
+    void (*quad_extra)(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
+                       const float *vtheta, double *q);
 } cv_layer_ops;
 
 /* The kernels of a layer type (NULL for unsupported types). */

@@ -75,7 +75,9 @@ static size_t conv_work(const cv_layer_ctx *c, int k)
 {
     conv_dims d = dims_of(c);
     size_t a = chunk_need(&d, k, chunk_samples(&d, c->n, k)), b = (size_t)d.K * d.P;
-    return a > b ? a : b;
+    size_t quad = chunk_need(&d, 2, 1); /* conv_quad_extra: gy and one product */
+    a = a > b ? a : b;
+    return a > quad ? a : quad;
 }
 
 /* Scratch of `need` floats: the driver's work buffer, NULL if it is too small. */
@@ -422,6 +424,34 @@ static void conv_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const 
     }
 }
 
+/* Both R-op terms dotted with the direction are <gy, conv(rx_j, V_j)> (no
+ * bias): q_j += 2 <gy, conv(rx_j, V_j)>, one GEMM per chunk and vector
+ * against the chunk's gathered gy (rows of ch.t) in the same layout. */
+static void conv_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
+                            const float *vtheta, double *q)
+{
+    conv_dims d = dims_of(c);
+    int n = c->n;
+    conv_chunk ch;
+    if (!rx || !vtheta)
+        return;
+    if (chunk_scratch(c, &d, 2, &ch)) {
+        for (int j = 0; j < k; j++)
+            q[j] = NAN;
+        return;
+    }
+    for (int n0 = 0; n0 < n; n0 += ch.S) {
+        int S = n - n0 < ch.S ? n - n0 : ch.S, m = S * d.P;
+        float *ty = ch.t + (size_t)d.cout * m;
+        gather_chunk(c, &d, 1, n0, S, gy, ch.t);
+        for (int j = 0; j < k; j++) {
+            unfold_chunk(c, &d, rx + ((size_t)j * n + n0) * c->in_numel, S, ch.u);
+            gemm_w_cols(&d, vtheta + (size_t)j * c->nparam, ch.u, m, m, 0.0f, ty, m);
+            q[j] += 2.0 * cblas_dsdot(d.cout * m, ch.t, 1, ty, 1);
+        }
+    }
+}
+
 static void conv_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
 {
     conv_dims d = dims_of(c);
@@ -546,4 +576,4 @@ static void conv_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigne
 
 const cv_layer_ops cv_conv2d_ops = {conv_work,      conv_forward,    conv_vjp,
                                     conv_jvp,       conv_hvp_extra,  conv_per_sample,
-                                    conv_gram_add};
+                                    conv_gram_add,  conv_quad_extra};

@@ -9,7 +9,8 @@
 #define IN(c) ((int)(c)->L->in_features)
 #define OUT(c) ((int)(c)->L->out_features)
 
-static size_t linear_work(const cv_layer_ctx *c, int k) { return 0; }
+/* One n x out product for quad_extra. */
+static size_t linear_work(const cv_layer_ctx *c, int k) { return (size_t)c->n * OUT(c); }
 
 static void add_bias(int n, int out, const float *b, float *y)
 {
@@ -100,6 +101,27 @@ static void linear_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, cons
     }
 }
 
+/* Both R-op terms dotted with the direction are <gy, rx_j V_j^T> (the bias
+ * enters linearly and has none): q_j += 2 <gy, rx_j V_j^T>, one GEMM. */
+static void linear_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
+                              const float *vtheta, double *q)
+{
+    int n = c->n, in = IN(c), out = OUT(c);
+    if (!rx || !vtheta)
+        return;
+    float *t = c->work_floats >= (size_t)n * out ? c->work : NULL;
+    for (int j = 0; j < k; j++) {
+        if (!t) {
+            q[j] = NAN;
+            continue;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f,
+                    rx + (size_t)j * n * in, in, vtheta + (size_t)j * c->nparam, in, 0.0f, t,
+                    out);
+        q[j] += 2.0 * cblas_dsdot(n * out, gy, 1, t, 1);
+    }
+}
+
 static void linear_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
 {
     int in = IN(c), out = OUT(c);
@@ -145,4 +167,4 @@ static void linear_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsig
 
 const cv_layer_ops cv_linear_ops = {linear_work,       linear_forward,    linear_vjp,
                                     linear_jvp,        linear_hvp_extra,  linear_per_sample,
-                                    linear_gram_add};
+                                    linear_gram_add,   linear_quad_extra};

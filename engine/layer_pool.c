@@ -25,6 +25,12 @@ static void pool_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const 
 {
 }
 
+/* Piecewise linear (max) or linear (average) in x, no parameters: no terms. */
+static void pool_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
+                            const float *vtheta, double *q)
+{
+}
+
 /* ---- MaxPool2d ------------------------------------------------------------ */
 
 /* y and in-plane argmax of one plane, as PyTorch's CPU kernel: the first
@@ -182,7 +188,7 @@ static void maxpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const flo
 
 const cv_layer_ops cv_maxpool2d_ops = {pool_work,      maxpool_forward, maxpool_vjp,
                                        maxpool_jvp,    pool_hvp_extra,  pool_per_sample,
-                                       NULL};
+                                       NULL,           pool_quad_extra};
 
 /* ---- AvgPool2d / AdaptiveAvgPool2d ----------------------------------------
  * Windows are separable: per axis a start, an end (clipped to the input) and
@@ -288,4 +294,4 @@ static void avgpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const flo
 
 const cv_layer_ops cv_avgpool2d_ops = {pool_work,      avgpool_forward, avgpool_vjp,
                                        avgpool_jvp,    pool_hvp_extra,  pool_per_sample,
-                                       NULL};
+                                       NULL,           pool_quad_extra};

@@ -59,12 +59,9 @@ void cv_progress_plan(cv_progress *p, long more)
         atomic_fetch_add(&p->planned, more);
 }
 
-int cv_linop_apply(const cv_linop *op, int k, const double *X, double *Y, cv_err *e)
+/* Counts k matvecs done and calls the progress hook. */
+static void count_matvecs(const cv_linop *op, int k)
 {
-    if (cv_progress_check(op->progress, e))
-        return -1;
-    if (op->apply(op->ctx, k, X, Y, e))
-        return -1;
     if (op->progress) {
         long done = atomic_fetch_add(&op->progress->done, k) + k;
         if (done > atomic_load(&op->progress->planned))
@@ -72,6 +69,31 @@ int cv_linop_apply(const cv_linop *op, int k, const double *X, double *Y, cv_err
         if (op->progress->on_progress)
             op->progress->on_progress(op->progress, op->progress->user);
     }
+}
+
+int cv_linop_apply(const cv_linop *op, int k, const double *X, double *Y, cv_err *e)
+{
+    if (cv_progress_check(op->progress, e))
+        return -1;
+    if (op->apply(op->ctx, k, X, Y, e))
+        return -1;
+    count_matvecs(op, k);
+    return 0;
+}
+
+int cv_linop_quad(const cv_linop *op, int k, const double *X, double *q, double *Y,
+                  cv_err *e)
+{
+    if (!op->quad) {
+        if (cv_linop_apply(op, k, X, Y, e))
+            return -1;
+        for (int j = 0; j < k; j++)
+            q[j] = cblas_ddot((int)op->n, X + (size_t)j * op->n, 1, Y + (size_t)j * op->n, 1);
+        return 0;
+    }
+    if (cv_progress_check(op->progress, e) || op->quad(op->ctx, k, X, q, e))
+        return -1;
+    count_matvecs(op, k);
     return 0;
 }
 
@@ -90,6 +112,7 @@ void cv_linop_from_dense(cv_linop *op, cv_dense_op *ctx, size_t n, const double 
     ctx->a = a;
     op->n = n;
     op->apply = dense_apply;
+    op->quad = NULL;
     op->ctx = ctx;
     op->progress = NULL;
 }

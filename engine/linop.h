@@ -33,6 +33,9 @@ typedef struct cv_linop {
     size_t n;
     /* Y = A X for k columns; returns 0 or -1 with e filled. */
     int (*apply)(void *ctx, int k, const double *X, double *Y, cv_err *e);
+    /* Optional: q_j = x_j^T A x_j for k columns, cheaper than apply + dot
+     * (NULL: cv_linop_quad multiplies and dots). */
+    int (*quad)(void *ctx, int k, const double *X, double *q, cv_err *e);
     void *ctx;
     cv_progress *progress;      /* may be NULL */
 } cv_linop;
@@ -40,6 +43,10 @@ typedef struct cv_linop {
 /* Applies op to k columns: checks cancel/deadline first (CV_ECANCELLED /
  * CV_ETIMEOUT), then calls apply and counts k matvecs. */
 int cv_linop_apply(const cv_linop *op, int k, const double *X, double *Y, cv_err *e);
+/* q_j = x_j^T A x_j for k columns, with op->quad when the operator has one,
+ * else apply into Y (n x k scratch) and dot; checks and counts as apply. */
+int cv_linop_quad(const cv_linop *op, int k, const double *X, double *q, double *Y,
+                  cv_err *e);
 /* Non-zero if the job was cancelled or ran past its deadline (fills e). */
 int cv_progress_check(cv_progress *p, cv_err *e);
 void cv_progress_plan(cv_progress *p, long more_matvecs);

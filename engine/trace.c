@@ -110,12 +110,16 @@ static int hutch_probes(hutch_run *h, const cv_trace_options *o, int nprobes, do
     size_t n = h->op->n;
     int b = cv_est_block_size(n, o->block, nprobes);
     double *V = CV_EST_ALLOC(n * (size_t)b, double, e);
-    double *Y = V ? CV_EST_ALLOC(n * (size_t)b, double, e) : NULL;
-    double *tmp = Y ? CV_EST_ALLOC((size_t)(h->q > 0 ? h->q : 1) * b, double, e) : NULL;
-    double *samples = tmp && o->return_samples ? CV_EST_ALLOC((size_t)nprobes, double, e)
-                                                : NULL;
+    int need_y = !h->op->quad; /* products are only formed without quad */
+    double *Y = V && need_y ? CV_EST_ALLOC(n * (size_t)b, double, e) : NULL;
+    double *tmp = V && (Y || !need_y)
+                      ? CV_EST_ALLOC((size_t)(h->q > 0 ? h->q : 1) * b, double, e)
+                      : NULL;
+    double *quad = tmp ? CV_EST_ALLOC((size_t)b, double, e) : NULL;
+    double *samples = quad && o->return_samples ? CV_EST_ALLOC((size_t)nprobes, double, e)
+                                                 : NULL;
     int rc = -1;
-    if (!tmp || (o->return_samples && !samples))
+    if (!quad || (o->return_samples && !samples))
         goto done;
     int used = 0;
     while (!h->stopped && used < nprobes) {
@@ -124,11 +128,11 @@ static int hutch_probes(hutch_run *h, const cv_trace_options *o, int nprobes, do
             cv_est_probe(rng, o->distribution, V + (size_t)c * n, n);
         if (h->Q)
             project_out(h, cols, V, tmp);
-        if (cv_linop_apply(h->op, cols, V, Y, e))
+        if (cv_linop_quad(h->op, cols, V, quad, Y, e)) /* v^T A v, no product needed */
             goto done;
         out->matvecs += cols;
         for (int c = 0; c < cols && !h->stopped; c++) {
-            double x = h->offset + cv_est_dot(n, V + (size_t)c * n, Y + (size_t)c * n);
+            double x = h->offset + quad[c];
             if (samples)
                 samples[used] = x;
             used++;
@@ -146,6 +150,7 @@ done:
     free(V);
     free(Y);
     free(tmp);
+    free(quad);
     free(samples);
     return rc;
 }

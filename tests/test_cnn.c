@@ -640,6 +640,23 @@ START_TEST(batched_products_equal_single)
 }
 END_TEST
 
+/* x^T A x from one forward-mode pass equals x . (A x) for every curvature
+ * on every CNN variant (full net and single-tensor blocks). */
+START_TEST(quadform_equals_dot_of_product)
+{
+    fixture f;
+    make_variant(&f, _i);
+    cv_block b[3];
+    int nb = test_blocks(&f, b);
+    char tag[64];
+    for (int i = 0; i < nb; i++) {
+        snprintf(tag, sizeof tag, "variant %d block %d", _i, i);
+        tu_check_quadforms(f.c, &b[i], i == 0 ? 36 : 3, 9 + (uint64_t)i, tag);
+    }
+    fx_free(&f);
+}
+END_TEST
+
 START_TEST(conv_gram_chunking)
 {
     /* a budget below one output channel forces column chunks; then a few channels */
@@ -1159,6 +1176,7 @@ static Suite *cnn_suite(void)
     tcase_add_loop_test(id, per_sample_gradients_sum_and_ef, 0, NVARIANTS);
     tcase_add_loop_test(id, gram_and_jvp_vjp_adjoint, 0, NVARIANTS);
     tcase_add_loop_test(id, batched_products_equal_single, 0, NVARIANTS);
+    tcase_add_loop_test(id, quadform_equals_dot_of_product, 0, NVARIANTS);
     tcase_add_test(id, conv_gram_chunking);
     suite_add_tcase(s, id);
     TCase *sem = tcase_create("semantics");

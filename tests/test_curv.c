@@ -402,6 +402,30 @@ START_TEST(blocks_are_submatrices_and_batched_equals_single)
 }
 END_TEST
 
+/* x^T A x from one forward-mode pass equals x . (A x) for every curvature,
+ * on the full net, each layer's block and a block spanning two layers. */
+START_TEST(quadform_equals_dot_of_product)
+{
+    fixture f;
+    make_variant(&f, _i);
+    cv_block b[CV_MAX_LAYERS + 2];
+    int nb = cv_blocks_per_layer(&f.m, b, CV_MAX_LAYERS);
+    int idx[2] = {2, 1};
+    cv_err e;
+    ck_assert_int_eq(cv_block_from_indices(&f.m, idx, 2, &b[nb++], &e), 0);
+    b[nb++] = f.full;
+    char tag[64];
+    for (int i = 0; i < nb; i++) {
+        snprintf(tag, sizeof tag, "variant %d block %d", _i, i);
+        double d = tu_check_quadforms(f.c, &b[i], i == nb - 1 ? 40 : 3, 5 + (uint64_t)i, tag);
+        /* the full net's Hessian has bilinear cross-layer terms the GGN lacks */
+        if (i == nb - 1)
+            ck_assert_msg(d > 1e-4, "variant %d: Hessian form equals the GGN's (%g)", _i, d);
+    }
+    fx_free(&f);
+}
+END_TEST
+
 START_TEST(dense_refused_above_limit)
 {
     fixture f;
@@ -524,6 +548,7 @@ static Suite *curv_suite(void)
     tcase_add_test(id, mc_fisher_mse_and_bce_converge);
     tcase_add_test(id, blocks_are_submatrices_and_batched_equals_single);
     tcase_add_test(id, dense_refused_above_limit);
+    tcase_add_loop_test(id, quadform_equals_dot_of_product, 0, nvar);
     tcase_add_test(id, loss_values_match_closed_forms);
     tcase_add_test(id, jvp_vjp_adjoint_and_gram);
     suite_add_tcase(s, id);

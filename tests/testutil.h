@@ -124,6 +124,40 @@ static inline double tu_relerr(const double *a, const double *b, size_t n, doubl
     return sqrt(d) / (nb > floor ? nb : floor);
 }
 
+/* Checks cv_curv_quadform against the dot of x with cv_curv_matvec's product
+ * for every curvature on block b (k random directions, several internal
+ * chunks when k > 32); returns the Hessian's minus the GGN's first form,
+ * relative, so callers can assert the second-order terms were exercised. */
+static inline double tu_check_quadforms(cv_curv *c, const cv_block *b, int k, uint64_t seed,
+                                        const char *tag)
+{
+    size_t D = b->dim;
+    double *X = malloc(sizeof(double) * D * k), *Y = malloc(sizeof(double) * D * k);
+    double *q = malloc(sizeof(double) * k), first[CV_CURV_COUNT];
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    cv_rng_gaussian(&r, X, D * k);
+    cv_err e;
+    for (int kind = 0; kind < CV_CURV_COUNT; kind++) {
+        ck_assert_int_eq(cv_curv_matvec(c, (cv_curvature)kind, b, k, X, Y, &e), 0);
+        ck_assert_msg(cv_curv_quadform(c, (cv_curvature)kind, b, k, X, q, &e) == 0, "%s: %s",
+                      tag, e.message);
+        for (int j = 0; j < k; j++) {
+            double ref = tu_dot(X + j * D, Y + j * D, D);
+            double scale = tu_norm(X + j * D, D) * tu_norm(Y + j * D, D);
+            ck_assert_msg(fabs(q[j] - ref) <= 2e-5 * scale + 1e-12,
+                          "%s %s vector %d: quadform %.9g, x.Ax %.9g (scale %g)", tag,
+                          cv_curvature_name(kind), j, q[j], ref, scale);
+        }
+        first[kind] = q[0];
+    }
+    free(X);
+    free(Y);
+    free(q);
+    return fabs(first[CV_CURV_HESSIAN] - first[CV_CURV_GGN]) /
+           (fabs(first[CV_CURV_GGN]) + 1e-30);
+}
+
 /* Eigenvalues (ascending) of a symmetric n x n column-major matrix (copied). */
 static inline void tu_eigvalsh(const double *A, int n, double *w)
 {
