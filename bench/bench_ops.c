@@ -49,7 +49,7 @@ typedef struct {
     cv_curvature kind;
     int k;
     double *X, *Y;
-    long matvecs;
+    long matvecs, reorths;
     const char *which;
 } op_ctx;
 
@@ -125,6 +125,7 @@ static double t_estimator(void *p)
         dop.runs = 1;
         cv_density_result dr;
         rc = cv_density_slq(&op, &dop, &r, &dr, &e);
+        o->reorths = dr.reorths;
         if (!rc)
             cv_density_result_free(&dr);
     }
@@ -244,7 +245,7 @@ int main(int argc, char **argv)
     if (cv_arch_load(a.arch, &m, &e) || cv_params_read(&m, a.params, &e) ||
         cv_datafile_read(a.data, &d, &e) || cv_dataset_check(&d, &m, &e))
         die(&e);
-    op_ctx o = {&m, &d, NULL, {0}, CV_CURV_HESSIAN, 1, NULL, NULL, 0, NULL};
+    op_ctx o = {&m, &d, NULL, {0}, CV_CURV_HESSIAN, 1, NULL, NULL, 0, 0, NULL};
     cv_block_full(&m, &o.full);
     size_t D = o.full.dim;
     o.X = malloc(sizeof(double) * D * 16);
@@ -286,6 +287,8 @@ int main(int argc, char **argv)
         if (t < 1.0 && a.reps > 1)
             t = fmin(t, best_of(a.reps, t_estimator, &o));
         printf(", \"%s\": %.6g, \"%s_matvecs\": %ld", est[i], t, est[i], o.matvecs);
+        if (!strcmp(est[i], "density"))
+            printf(", \"density_reorths\": %ld", o.reorths);
     }
     printf("}\n");
     cv_curv_free(o.c);

@@ -130,6 +130,12 @@ int cv_diag_exact(const cv_linop *op, const cv_diag_options *opt, cv_diag_result
 typedef struct {
     int steps;              /* Lanczos steps m >= 1 (default 100); capped at n */
     int keep_basis;         /* non-zero: return the n x steps basis */
+    /* Non-zero: partial reorthogonalization (Simon's omega recurrence):
+     * reorthogonalize only on the steps where the estimated loss of
+     * orthogonality reaches sqrt(FLT_EPSILON), and the step after, keeping
+     * the basis semi-orthogonal; T then equals the projection of A on the
+     * Krylov space to float32 precision.  For spectra (SLQ), not vectors. */
+    int partial_reorth;
 } cv_lanczos_options;
 
 typedef struct {
@@ -144,6 +150,7 @@ typedef struct {
     double *basis;          /* n x steps orthonormal columns, or NULL */
     int restarts;
     long matvecs;           /* = steps */
+    int reorths;            /* steps that reorthogonalized against the basis */
 } cv_lanczos_result;
 
 void cv_lanczos_options_default(cv_lanczos_options *o);
@@ -246,6 +253,7 @@ typedef struct {
     double *values;         /* grid_points, sum(values) * (grid[1]-grid[0]) = 1 */
     double sigma2_used;     /* the Gaussian variance used */
     long matvecs;           /* = runs * steps */
+    long reorths;           /* Lanczos steps that reorthogonalized, all runs */
 } cv_density_result;
 
 void cv_density_options_default(cv_density_options *o);

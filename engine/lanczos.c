@@ -84,6 +84,11 @@ typedef struct {
     float *fwork;           /* cv_reorth_cgs workspace */
     double tnorm;           /* running estimate of ||T|| */
     long matvecs;
+    /* partial reorthogonalization: omega[k] ~ v_j . v_k, omega_prev[k] ~
+     * v_(j-1) . v_k (k <= j), force: reorthogonalize the next step too */
+    int partial, force, reorths;
+    int ring;               /* V holds only the last two vectors (basis in Vf) */
+    double *omega, *omega_prev, *omega_next;
 } lz_state;
 
 static void lz_free(lz_state *s)
@@ -96,10 +101,16 @@ static void lz_free(lz_state *s)
     free(s->tmp);
     free(s->Vf);
     free(s->fwork);
+    free(s->omega);
+    free(s->omega_prev);
+    free(s->omega_next);
     memset(s, 0, sizeof *s);
 }
 
-static int lz_init(lz_state *s, const cv_linop *op, int cap, int max_cap, cv_rng *rng,
+/* ring (only with the float32 shadow, when the basis is not returned): V
+ * keeps the two vectors the recurrence needs and the basis lives in Vf
+ * alone, a third of the memory (and of the first-touch page faults). */
+static int lz_init(lz_state *s, const cv_linop *op, int cap, int max_cap, int ring, cv_rng *rng,
                    cv_err *e)
 {
     memset(s, 0, sizeof *s);
@@ -108,7 +119,8 @@ static int lz_init(lz_state *s, const cv_linop *op, int cap, int max_cap, cv_rng
     s->rng = rng;
     s->cap = cap;
     s->max_cap = max_cap;
-    s->V = CV_EST_ALLOC(s->n * (size_t)cap, double, e);
+    s->ring = ring && s->n >= CV_LANCZOS_SHADOW_MIN;
+    s->V = CV_EST_ALLOC(s->n * (size_t)(s->ring ? 2 : cap), double, e);
     s->alpha = s->V ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
     s->beta = s->alpha ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
     s->h = s->beta ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
@@ -134,7 +146,7 @@ static int lz_grow(lz_state *s, int need, cv_err *e)
         return 0;
     int cap = 2 * s->cap > need ? 2 * s->cap : need;
     cap = cap > s->max_cap ? s->max_cap : cap;
-    double *V = realloc(s->V, sizeof(double) * s->n * (size_t)cap);
+    double *V = s->ring ? s->V : realloc(s->V, sizeof(double) * s->n * (size_t)cap);
     if (!V)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                           "Lanczos basis of %d vectors of %zu doubles: out of memory", cap,
@@ -171,6 +183,12 @@ static int lz_start(lz_state *s, const double *v0, cv_err *e)
     return 0;
 }
 
+/* Basis vector j in double (in ring mode only the last two are kept). */
+static double *lz_vec(const lz_state *s, int j)
+{
+    return s->V + (size_t)(s->ring ? j % 2 : j) * s->n;
+}
+
 /* A random unit vector orthogonal to the j basis vectors into v; 1 if the
  * basis (numerically) spans the space or there is no generator. */
 static int lz_restart_vector(lz_state *s, int j, double *v)
@@ -180,7 +198,8 @@ static int lz_restart_vector(lz_state *s, int j, double *v)
     for (int attempt = 0; attempt < 3; attempt++) {
         cv_rng_gaussian(s->rng, v, s->n);
         double before = cv_est_norm(s->n, v);
-        double after = cv_est_cgs2(s->n, j, s->V, v, NULL, s->tmp);
+        double after = s->ring ? cv_reorth_cgs(s->n, j, s->Vf, v, NULL, s->fwork)
+                               : cv_est_cgs2(s->n, j, s->V, v, NULL, s->tmp);
         if (after > 1e-6 * before) {
             cblas_dscal((int)s->n, 1.0 / after, v, 1);
             return 0;
@@ -204,7 +223,7 @@ static int lz_next_vector(lz_state *s, cv_err *e)
         return 1;
     if (lz_grow(s, j + 1, e))
         return -1;
-    double *v = s->V + (size_t)j * s->n;
+    double *v = lz_vec(s, j);
     if (!lz_invariant(s)) {
         for (size_t i = 0; i < s->n; i++)
             v[i] = s->w[i] / s->beta[j - 1];
@@ -224,12 +243,101 @@ static int lz_next_vector(lz_state *s, cv_err *e)
  * the basis (the dominant memory traffic for large n). */
 static double lz_three_term(lz_state *s, int j)
 {
-    const double *v = s->V + (size_t)j * s->n;
+    const double *v = lz_vec(s, j);
     double a = cv_est_dot(s->n, v, s->w);
     cblas_daxpy((int)s->n, -a, v, 1, s->w, 1);
     if (j > s->block_start && s->beta[j - 1] != 0.0)
-        cblas_daxpy((int)s->n, -s->beta[j - 1], v - s->n, 1, s->w, 1);
+        cblas_daxpy((int)s->n, -s->beta[j - 1], lz_vec(s, j - 1), 1, s->w, 1);
     return a;
+}
+
+/* Reorthogonalizes w against basis vectors 0..j (h gets the coefficients);
+ * returns ||w||. */
+static double lz_reorth(lz_state *s, int j)
+{
+    s->reorths++;
+    if (s->Vf)
+        return cv_reorth_cgs(s->n, j + 1, s->Vf, s->w, s->h, s->fwork);
+    return cv_est_cgs2(s->n, j + 1, s->V, s->w, s->h, s->tmp);
+}
+
+/* Precision of the products (float32 networks) behind the omega model. */
+#define CV_PRO_EPS ((double)FLT_EPSILON)
+
+static int lz_partial_init(lz_state *s, cv_err *e)
+{
+    s->partial = 1;
+    size_t len = (size_t)s->max_cap + 2;
+    s->omega = CV_EST_ALLOC(len, double, e);
+    s->omega_prev = s->omega ? CV_EST_ALLOC(len, double, e) : NULL;
+    s->omega_next = s->omega_prev ? CV_EST_ALLOC(len, double, e) : NULL;
+    if (!s->omega_next)
+        return -1;
+    s->omega[0] = 1.0;
+    return 0;
+}
+
+/* Simon's recurrence for omega_(j+1,k) ~ v_(j+1) . v_k from the step's
+ * alpha a and beta b, with a rounding term of the products' precision
+ * pushing each estimate away from zero; rotates the estimates so omega
+ * describes v_(j+1).  Returns max_k<=j |omega_(j+1,k)|. */
+static double lz_omega_update(lz_state *s, int j, double a, double b)
+{
+    double *cur = s->omega, *prev = s->omega_prev, *next = s->omega_next, mx = 0;
+    double noise = 2.0 * CV_PRO_EPS * fmax(s->tnorm, fabs(a) + b);
+    for (int k = 0; k < j; k++) {
+        double t = s->beta[k] * cur[k + 1] + (s->alpha[k] - a) * cur[k] -
+                   (j > 0 ? s->beta[j - 1] * prev[k] : 0.0);
+        if (k > 0)
+            t += s->beta[k - 1] * cur[k - 1];
+        t = (t + copysign(noise, t)) / b;
+        next[k] = t;
+        mx = fmax(mx, fabs(t));
+    }
+    next[j] = CV_PRO_EPS;
+    next[j + 1] = 1.0;
+    memcpy(prev, cur, sizeof(double) * (size_t)(j + 1));
+    memcpy(cur, next, sizeof(double) * (size_t)(j + 2));
+    return fmax(mx, CV_PRO_EPS);
+}
+
+/* Vector `top` is orthogonal to vectors 0..top-1 to the products'
+ * precision (after a reorthogonalization or a restart); with `both`, its
+ * predecessor is too. */
+static void lz_omega_fresh(lz_state *s, int top, int both)
+{
+    for (int k = 0; k < top; k++) {
+        s->omega[k] = CV_PRO_EPS;
+        if (both)
+            s->omega_prev[k] = CV_PRO_EPS;
+    }
+    s->omega[top] = 1.0;
+}
+
+/* Orthogonality of w against the basis after the three-term recurrence:
+ * a full pass every step, or (partial) only when the omega estimates reach
+ * sqrt(eps), plus the step after; a restart starts orthogonal.  h[j] gets
+ * the correction to alpha; returns ||w||. */
+static double lz_orthogonalize(lz_state *s, int j, double a)
+{
+    if (!s->partial)
+        return lz_reorth(s, j);
+    s->h[j] = 0.0;
+    if (j > 0 && j == s->block_start) { /* restart vector: orthogonal to the basis */
+        lz_omega_fresh(s, j, 1);
+        s->force = 1;
+    }
+    double b = cv_est_norm(s->n, s->w);
+    if (!(b > 1e-10 * s->tnorm) || !isfinite(b)) { /* near breakdown: a full pass decides */
+        lz_omega_fresh(s, j + 1, 1);
+        return lz_reorth(s, j);
+    }
+    double worst = lz_omega_update(s, j, a, b);
+    if (!s->force && worst < sqrt(CV_PRO_EPS))
+        return b;
+    s->force = !s->force; /* a triggered pass forces the next step's too */
+    lz_omega_fresh(s, j + 1, 0);
+    return lz_reorth(s, j);
 }
 
 /* One Lanczos step: -1 error, 0 done, 1 no step possible (basis complete). */
@@ -241,18 +349,14 @@ static int lz_step(lz_state *s, cv_err *e)
             return r;
     }
     int j = s->steps;
-    const double *v = s->V + (size_t)j * s->n;
+    const double *v = lz_vec(s, j);
     if (cv_linop_apply(s->op, 1, v, s->w, e))
         return -1;
     s->matvecs++;
     double a = lz_three_term(s, j);
-    double b;
-    if (s->Vf) {
+    if (s->Vf)
         cv_reorth_shadow(s->n, v, s->Vf + (size_t)j * s->n);
-        b = cv_reorth_cgs(s->n, j + 1, s->Vf, s->w, s->h, s->fwork);
-    } else {
-        b = cv_est_cgs2(s->n, j + 1, s->V, s->w, s->h, s->tmp);
-    }
+    double b = lz_orthogonalize(s, j, a);
     if (!isfinite(b) || !isfinite(a + s->h[j]))
         return cv_err_set(e, CV_EINVAL, "non_finite", "",
                           "the operator produced non-finite values (Lanczos step %d)", j + 1);
@@ -286,9 +390,9 @@ int cv_est_lanczos(const cv_linop *op, const double *v0, const cv_lanczos_option
                           "lanczos_steps must be >= 1, got %d", opt->steps);
     int m = (size_t)opt->steps > op->n ? (int)op->n : opt->steps;
     lz_state s;
-    if (lz_init(&s, op, m, m, rng, e))
+    if (lz_init(&s, op, m, m, !opt->keep_basis, rng, e))
         return -1;
-    if (lz_start(&s, v0, e))
+    if ((opt->partial_reorth && lz_partial_init(&s, e)) || lz_start(&s, v0, e))
         goto fail;
     if (plan)
         cv_progress_plan(op->progress, m);
@@ -303,6 +407,7 @@ int cv_est_lanczos(const cv_linop *op, const double *v0, const cv_lanczos_option
     out->steps = s.steps;
     out->restarts = s.restarts;
     out->matvecs = s.matvecs;
+    out->reorths = s.reorths;
     out->alpha = s.alpha;
     out->beta = s.beta;
     s.alpha = s.beta = NULL;
@@ -488,7 +593,7 @@ int cv_eigen_lanczos(const cv_linop *op, const cv_eigen_options *opt, cv_rng *rn
     int k = opt->k, cap0 = 2 * k > 32 ? 2 * k : 32;
     lz_state s;
     ritz_t r = {0};
-    if (lz_init(&s, op, cap0 < m_max ? cap0 : m_max, m_max, rng, e))
+    if (lz_init(&s, op, cap0 < m_max ? cap0 : m_max, m_max, 0, rng, e))
         return -1;
     r.theta = CV_EST_ALLOC((size_t)m_max, double, e);
     r.idx = r.theta ? CV_EST_ALLOC((size_t)k, int, e) : NULL;

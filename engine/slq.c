@@ -7,6 +7,10 @@
 
 #include "est_util.h"
 
+/* Dimension from which SLQ reorthogonalizes partially (lanczos.c's float32
+ * shadow size). */
+#define CV_SLQ_PARTIAL_MIN ((size_t)1 << 16)
+
 void cv_density_options_default(cv_density_options *o)
 {
     memset(o, 0, sizeof *o);
@@ -53,14 +57,19 @@ static int density_check(const cv_linop *op, const cv_density_options *o, cv_err
 /* One run: Lanczos from a normalized Rademacher vector; nodes = eig(T),
  * weights = squared first components of T's eigenvectors. */
 static int slq_run(const cv_linop *op, int m, cv_rng *rng, double *v0, double *S,
-                   double *nodes, double *weights, long *matvecs, cv_err *e)
+                   double *nodes, double *weights, long *matvecs, long *reorths, cv_err *e)
 {
     cv_rng_rademacher(rng, v0, op->n);
-    cv_lanczos_options lo = {.steps = m, .keep_basis = 0};
+    /* From the float32-shadow size on the basis is only float32-orthogonal
+     * anyway: reorthogonalize partially (semi-orthogonality keeps T's
+     * nodes and weights at float32 precision) instead of on every step. */
+    cv_lanczos_options lo = {.steps = m, .keep_basis = 0,
+                             .partial_reorth = op->n >= CV_SLQ_PARTIAL_MIN};
     cv_lanczos_result lr;
     if (cv_est_lanczos(op, v0, &lo, rng, 0, &lr, e))
         return -1;
     *matvecs += lr.matvecs;
+    *reorths += lr.reorths;
     int rc = 0;
     if (lr.steps != m)
         rc = cv_err_set(e, CV_EINTERNAL, "lanczos_breakdown", "",
@@ -138,7 +147,7 @@ int cv_density_slq(const cv_linop *op, const cv_density_options *opt, cv_rng *rn
     cv_progress_plan(op->progress, (long)total);
     for (int k = 0; k < opt->runs; k++) {
         if (slq_run(op, m, rng, v0, S, out->nodes + (size_t)k * m,
-                    out->weights + (size_t)k * m, &out->matvecs, e))
+                    out->weights + (size_t)k * m, &out->matvecs, &out->reorths, e))
             goto fail;
     }
     broaden(opt, out);

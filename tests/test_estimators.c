@@ -711,6 +711,85 @@ START_TEST(lanczos_large_n_float_shadow)
 }
 END_TEST
 
+/* Partial reorthogonalization (SLQ's mode from 2^16 on) against full, from
+ * the same start on a diagonal operator whose outliers 10..6 converge early
+ * (so orthogonality is lost and must be restored): the basis stays
+ * semi-orthogonal, far fewer steps reorthogonalize, T has no ghost copies of
+ * the outliers, its eigenvalues equal the full run's, and its quadrature
+ * reproduces the moments v^T A^k v exactly computed on the diagonal. */
+static void tridiag_quadrature(const cv_lanczos_result *lr, double *nodes, double *w)
+{
+    int m = lr->steps;
+    double *S = malloc(sizeof(double) * (size_t)m * m), *off = malloc(sizeof(double) * m);
+    memcpy(nodes, lr->alpha, sizeof(double) * m);
+    memcpy(off, lr->beta, sizeof(double) * m);
+    ck_assert_int_eq(LAPACKE_dstev(LAPACK_COL_MAJOR, 'V', m, nodes, off, S, m), 0);
+    free(off);
+    for (int i = 0; i < m; i++)
+        w[i] = S[(size_t)i * m] * S[(size_t)i * m];
+    free(S);
+}
+
+START_TEST(lanczos_partial_reorth_semi_orthogonal)
+{
+    enum { N = 70000, STEPS = 100 };
+    diag_op q = {N, malloc(sizeof(double) * N)};
+    for (size_t i = 0; i < N; i++)
+        q.d[i] = (double)((i * 7919) % N) / N;
+    for (int t = 0; t < 5; t++)
+        q.d[1000 * t + 17] = 10.0 - t;
+    cv_linop op = {.n = N, .apply = diag_apply, .ctx = &q};
+    double *v0 = malloc(sizeof(double) * N);
+    cv_rng r;
+    cv_rng_seed(&r, 11);
+    cv_rng_rademacher(&r, v0, N);
+    cv_lanczos_result full, part;
+    cv_lanczos_options fo = {.steps = STEPS}, po = {.steps = STEPS, .keep_basis = 1,
+                                                     .partial_reorth = 1};
+    cv_err e;
+    ck_assert_int_eq(cv_lanczos(&op, v0, &fo, NULL, &full, &e), 0);
+    ck_assert_int_eq(cv_lanczos(&op, v0, &po, NULL, &part, &e), 0);
+    ck_assert_int_eq(part.steps, STEPS);
+    ck_assert_int_eq(full.reorths, STEPS);
+    /* without keep_basis only the float32 basis and two double vectors are
+     * kept (SLQ's mode): the same arithmetic, the same T */
+    cv_lanczos_result ring;
+    po.keep_basis = 0;
+    ck_assert_int_eq(cv_lanczos(&op, v0, &po, NULL, &ring, &e), 0);
+    ck_assert_ptr_null(ring.basis);
+    for (int i = 0; i < STEPS; i++)
+        ck_assert_msg(ring.alpha[i] == part.alpha[i] && ring.beta[i] == part.beta[i],
+                      "step %d differs without the double basis", i);
+    cv_lanczos_result_free(&ring);
+    ck_assert_msg(part.reorths > 0 && part.reorths <= STEPS * 4 / 5, "reorths %d", part.reorths);
+    double oe = orth_error(part.basis, N, STEPS);
+    ck_assert_msg(oe < 2e-3, "semi-orthogonality lost: %g", oe);
+    double nf[STEPS], wf[STEPS], np[STEPS], wp[STEPS];
+    tridiag_quadrature(&full, nf, wf);
+    tridiag_quadrature(&part, np, wp);
+    int near10 = 0;
+    for (int i = 0; i < STEPS; i++) {
+        ck_assert_msg(fabs(np[i] - nf[i]) <= 1e-5 * 10, "node %d: %.10g vs %.10g", i, np[i],
+                      nf[i]);
+        near10 += fabs(np[i] - 10.0) < 1e-3;
+    }
+    ck_assert_int_eq(near10, 1);
+    for (int k = 1; k <= 8; k++) {
+        double exact = 0, quad = 0;
+        for (size_t i = 0; i < N; i++)
+            exact += pow(q.d[i], k) / N; /* v0 is +-1: v^T A^k v / ||v||^2 */
+        for (int i = 0; i < STEPS; i++)
+            quad += wp[i] * pow(np[i], k);
+        ck_assert_msg(fabs(quad - exact) <= 1e-5 * pow(10.0, k), "moment %d: %.10g vs %.10g",
+                      k, quad, exact);
+    }
+    cv_lanczos_result_free(&full);
+    cv_lanczos_result_free(&part);
+    free(v0);
+    free(q.d);
+}
+END_TEST
+
 /* ------------------------------------------------------------ power */
 
 START_TEST(power_vs_dsyev)
@@ -1421,6 +1500,7 @@ static Suite *suite(void)
     tcase_add_test(t, lanczos_k_equals_n);
     tcase_add_test(t, lanczos_tridiagonal_relation);
     tcase_add_test(t, lanczos_large_n_float_shadow);
+    tcase_add_test(t, lanczos_partial_reorth_semi_orthogonal);
     tcase_add_test(t, power_vs_dsyev);
     tcase_add_test(t, slq_moments_and_normalization);
     tcase_add_test(t, slq_exact_for_small_matrix);
