@@ -29,6 +29,14 @@ FLOP_OP = {"gradient": "gradient", "ggnvp": "ggnvp", "hvp": "hvp", "ggnvp16": "g
            "hvp16": "hvp"}
 
 
+# The torch op each curvd op is compared with, and the groups timed side by
+# side (curvd, then torch, group after group): on a shared VM the machine's
+# speed drifts over minutes, so each ratio comes from back-to-back runs.
+TORCH_OP = {"hvp16": "hvp", "ggnvp16": "ggnvp", "eigen5": "power5"}
+OP_GROUPS = [["gradient", "hvp", "ggnvp", "hvp16", "ggnvp16"], ["trace"], ["eigen5", "power5"],
+             ["density"]]
+
+
 def make_cases(names, quick):
     torch.manual_seed(0)
     cases = {}
@@ -65,7 +73,7 @@ def run_json(cmd, env=None):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def torch_best(case, threads, reps):
+def torch_best(case, threads, reps, only):
     """Torch's best use of `threads` cores, op by op.  Debian's torch runs its
     GEMMs in OpenBLAS, whose pool ignores torch.set_num_threads (by default
     it takes every core), so both pools are pinned to the thread budget.  On
@@ -77,7 +85,8 @@ def torch_best(case, threads, reps):
     for intra, blas in configs:
         env = {"OMP_NUM_THREADS": str(intra), "OPENBLAS_NUM_THREADS": str(blas)}
         r = run_json([sys.executable, os.path.join(HERE, "bench_torch.py"), "--case", case,
-                      "--threads", str(intra), "--reps", str(reps)], env)
+                      "--threads", str(intra), "--reps", str(reps), "--only", ",".join(only)],
+                     env)
         for k, v in r.items():
             if isinstance(v, float) and (k not in best or v < best[k]):
                 best[k] = v
@@ -104,15 +113,19 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             tr.write_case(d, model, shape, loss, x, y)
             torch.save({"model": model, "loss": loss, "x": x, "y": y}, os.path.join(d, "case.pt"))
-            cv = run_json([a.bench_ops, "--arch", f"{d}/arch.json", "--params",
-                           f"{d}/params.safetensors", "--data", f"{d}/data.safetensors",
-                           "--threads", str(a.threads), "--reps", str(a.reps)])
-            th = torch_best(f"{d}/case.pt", a.threads, a.reps)
+            cv, th = {}, {}
+            for group in OP_GROUPS:  # side by side per group: the VM's speed drifts
+                cv.update(run_json([a.bench_ops, "--arch", f"{d}/arch.json", "--params",
+                                    f"{d}/params.safetensors", "--data",
+                                    f"{d}/data.safetensors", "--threads", str(a.threads),
+                                    "--reps", str(a.reps), "--only", ",".join(group)]))
+                th.update(torch_best(f"{d}/case.pt", a.threads, a.reps,
+                                     sorted({TORCH_OP.get(op, op) for op in group})))
         for op in ["gradient", "hvp", "ggnvp", "hvp16", "ggnvp16", "trace", "eigen5",
                    "power5", "density"]:
             if op not in cv:
                 continue
-            ref = {"hvp16": "hvp", "ggnvp16": "ggnvp", "eigen5": "power5"}.get(op, op)
+            ref = TORCH_OP.get(op, op)
             t_c, t_t = cv[op], th.get(ref)
             gf = pct = ""
             if op in FLOP_OP:
@@ -127,7 +140,8 @@ def main():
         print(f"{name:6} {'(ratios)':9} hvp/grad {cv['hvp'] / cv['gradient']:.2f}  "
               f"ggnvp/grad {cv['ggnvp'] / cv['gradient']:.2f}  "
               f"matvecs: trace {cv.get('trace_matvecs')} eigen5 {cv.get('eigen5_matvecs')} "
-              f"power5 {cv.get('power5_matvecs')} density {cv.get('density_matvecs')}")
+              f"power5 {cv.get('power5_matvecs')} density {cv.get('density_matvecs')}"
+              f" (reorthogonalized {cv.get('density_reorths')})")
     print("# * hvp16/ggnvp16: 16 vectors per pass, time per vector, vs torch's single-vector"
           " product; eigen5: curvd Lanczos (tol 1e-3) vs torch power iteration (PyHessian)")
     if a.markdown:
