@@ -57,7 +57,9 @@ static void orthonormalize(power_ws *w, int i, cv_rng *rng)
     }
 }
 
-/* Finds pair i: eigenvalue in *lam, residual in *res, vector in U[:, i]. */
+/* Finds pair i: eigenvalue in *lam, residual in *res, vector in U[:, i].
+ * Each iteration streams the vectors as few times as it can: the residual
+ * and the copy into U are only formed for the iterate that is returned. */
 static int power_one(power_ws *w, int i, const cv_eigen_options *o, int max_iter, cv_rng *rng,
                      double *lam, double *res, int *conv, cv_err *e)
 {
@@ -75,20 +77,18 @@ static int power_one(power_ws *w, int i, const cv_eigen_options *o, int max_iter
         if (!isfinite(l))
             return cv_err_set(e, CV_EINVAL, "non_finite", "",
                               "the operator produced non-finite values (power iteration)");
-        memcpy(u, w->v, sizeof(double) * n);
-        *lam = l;
-        cblas_daxpy((int)n, -l, w->v, 1, w->y, 1); /* y <- A v - l v, briefly */
-        *res = cv_est_norm(n, w->y);
-        cblas_daxpy((int)n, l, w->v, 1, w->y, 1);
-        *conv = it > 0 && fabs(l - prev) / (fabs(prev) + 1e-6) < o->tol;
         double ny = cv_est_norm(n, w->y);
-        if (*conv || ny == 0) {
-            *conv = 1;
+        *conv = (it > 0 && fabs(l - prev) / (fabs(prev) + 1e-6) < o->tol) || ny == 0;
+        if (*conv || it == max_iter - 1) {
+            memcpy(u, w->v, sizeof(double) * n);
+            *lam = l;
+            cblas_daxpy((int)n, -l, w->v, 1, w->y, 1); /* y <- A v - l v */
+            *res = cv_est_norm(n, w->y);
             return 0;
         }
         prev = l;
-        for (size_t j = 0; j < n; j++)
-            w->v[j] = w->y[j] / ny;
+        memcpy(w->v, w->y, sizeof(double) * n);
+        cblas_dscal((int)n, 1.0 / ny, w->v, 1);
     }
     return 0;
 }
