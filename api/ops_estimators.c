@@ -246,6 +246,7 @@ static int run_density(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
                           cv_json_columns(res.weights, (size_t)res.steps, res.runs));
     cJSON_AddNumberToObject(out, "sigma2", res.sigma2_used);
     cJSON_AddNumberToObject(out, "lanczos_steps", res.steps);
+    cJSON_AddNumberToObject(out, "reorthogonalized_steps", (double)res.reorths);
     cv_density_result_free(&res);
     return 0;
 }

@@ -22,6 +22,7 @@
 #include "api/params.h"
 #include "engine/curv.h"
 #include "engine/estimators.h"
+#include "server/util.h"
 
 void openblas_set_num_threads(int);
 
@@ -234,6 +235,7 @@ int main(int argc, char **argv)
 {
     bench_args a;
     parse_args(argc, argv, &a);
+    cv_tune_allocator(); /* as curvd serve/run do */
     openblas_set_num_threads(a.threads);
     if (a.sgemm) {
         printf("{\"sgemm_gflops\": %.2f, \"threads\": %d}\n", sgemm_peak(), a.threads);

@@ -87,8 +87,9 @@ static int power_one(power_ws *w, int i, const cv_eigen_options *o, int max_iter
             return 0;
         }
         prev = l;
-        memcpy(w->v, w->y, sizeof(double) * n);
-        cblas_dscal((int)n, 1.0 / ny, w->v, 1);
+        double *t = w->v; /* next iterate: A v, normalized by orthonormalize */
+        w->v = w->y;
+        w->y = t;
     }
     return 0;
 }

@@ -366,6 +366,7 @@ int main(int argc, char **argv)
         printf("curvd %s\n", CV_SERVER_VERSION);
         return 0;
     }
+    cv_tune_allocator();
     if (strcmp(argv[1], "serve") == 0)
         return cmd_serve(argc - 2, argv + 2);
     if (strcmp(argv[1], "run") == 0)

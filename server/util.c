@@ -1,7 +1,9 @@
-/* util.c - wall-clock time, JSON timestamps and number parsing for server/. */
+/* util.c - wall-clock time, JSON timestamps, number parsing and the
+ * allocator policy for server/. */
 #include "server/util.h"
 
 #include <errno.h>
+#include <malloc.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -112,4 +114,10 @@ void cv_utf8_sanitize(char *str)
         }
         s += n + 1;
     }
+}
+
+void cv_tune_allocator(void)
+{
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 512 << 20);
 }

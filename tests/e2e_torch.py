@@ -148,6 +148,9 @@ def check_estimators(tag, model, loss_fn, x, y, d, H, G, g):
     grid = res["density"]["grid"]
     area = sum(vals) * (grid[1] - grid[0])
     check(tag + " density area 1", abs(area - 1) < 1e-6, f"{area}")
+    # below 2^16 parameters every Lanczos step reorthogonalizes (in double)
+    check(tag + " SLQ full reorthogonalization", res["reorthogonalized_steps"] == 30 * D,
+          str(res.get("reorthogonalized_steps")))
     # solve / newton on the PSD GGN with damping
     delta = 1e-1
     Gd = G + delta * torch.eye(D, dtype=torch.float64)
