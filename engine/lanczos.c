@@ -112,9 +112,9 @@ static void lz_free(lz_state *s)
     memset(s, 0, sizeof *s);
 }
 
-/* The ring mode's whole float32 basis (its size is known up front), mapped
- * with its pages populated in one call: on virtual machines, faulting in
- * hundreds of MB page by page as the basis grows costs seconds. */
+/* The ring mode's float32 basis, mapped with its pages populated in one
+ * call: on virtual machines, faulting in hundreds of MB page by page as the
+ * basis grows costs seconds.  Grown with lz_remap. */
 static float *lz_prefaulted(lz_state *s, size_t cols, cv_err *e)
 {
     size_t bytes = sizeof(float) * s->n * cols;
@@ -162,6 +162,20 @@ static int lz_init(lz_state *s, const cv_linop *op, int cap, int max_cap, int ri
     return 0;
 }
 
+/* Grows the mapped float32 basis to `bytes` (the kernel moves the pages;
+ * the new ones are populated too); NULL if it cannot. */
+static float *lz_remap(lz_state *s, size_t bytes)
+{
+    void *p = mremap(s->Vf, s->vf_mapped, bytes, MREMAP_MAYMOVE);
+    if (p == MAP_FAILED)
+        return NULL;
+#ifdef MADV_POPULATE_WRITE
+    madvise((char *)p + s->vf_mapped, bytes - s->vf_mapped, MADV_POPULATE_WRITE);
+#endif
+    s->vf_mapped = bytes;
+    return p;
+}
+
 /* Makes room for `need` basis vectors. */
 static int lz_grow(lz_state *s, int need, cv_err *e)
 {
@@ -176,7 +190,8 @@ static int lz_grow(lz_state *s, int need, cv_err *e)
                           s->n);
     s->V = V;
     if (s->Vf) {
-        float *Vf = realloc(s->Vf, sizeof(float) * s->n * (size_t)cap);
+        size_t bytes = sizeof(float) * s->n * (size_t)cap;
+        float *Vf = s->vf_mapped ? lz_remap(s, bytes) : realloc(s->Vf, bytes);
         if (!Vf)
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                               "Lanczos basis shadow of %d vectors of %zu floats: out of memory",
@@ -617,7 +632,8 @@ int cv_eigen_lanczos(const cv_linop *op, const cv_eigen_options *opt, cv_rng *rn
     int k = opt->k, cap0 = 2 * k > 32 ? 2 * k : 32;
     lz_state s;
     ritz_t r = {0};
-    if (lz_init(&s, op, cap0 < m_max ? cap0 : m_max, m_max, 0, rng, e))
+    /* Without eigenvectors to form, the double basis is not needed (ring mode). */
+    if (lz_init(&s, op, cap0 < m_max ? cap0 : m_max, m_max, !opt->return_vectors, rng, e))
         return -1;
     r.theta = CV_EST_ALLOC((size_t)m_max, double, e);
     r.idx = r.theta ? CV_EST_ALLOC((size_t)k, int, e) : NULL;

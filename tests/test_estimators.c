@@ -687,7 +687,29 @@ START_TEST(lanczos_large_n_float_shadow)
         ck_assert_msg(sqrt(rr) < 1e-4 * 10, "residual %d: %g", t, sqrt(rr));
     }
     ck_assert_double_lt(orth_error(res.eigenvectors, N, 5), 1e-5);
+    /* without eigenvectors only the float32 basis is kept (and grown past its
+     * first 32 columns): the same steps, the same eigenvalues */
+    cv_eigen_result nov;
+    o.return_vectors = 0;
+    o.k = 20;      /* bulk eigenvalues: far more steps than the first 40 columns */
+    o.tol = 1e-10;
+    cv_rng_seed(&r, 3);
     cv_eigen_result_free(&res);
+    o.return_vectors = 1;
+    ck_assert_int_eq(cv_eigen_lanczos(&op, &o, &r, &res, &e), 0);
+    o.return_vectors = 0;
+    cv_rng_seed(&r, 3);
+    ck_assert_msg(cv_eigen_lanczos(&op, &o, &r, &nov, &e) == 0, "%s", e.message);
+    ck_assert_ptr_null(nov.eigenvectors);
+    ck_assert_msg(nov.iterations == res.iterations && nov.iterations > 40, "steps %d vs %d",
+                  nov.iterations, res.iterations);
+    for (int t = 0; t < 20; t++)
+        ck_assert_msg(nov.eigenvalues[t] == res.eigenvalues[t] &&
+                          nov.residuals[t] == res.residuals[t],
+                      "pair %d differs without the double basis", t);
+    cv_eigen_result_free(&nov);
+    cv_eigen_result_free(&res);
+    cv_rng_seed(&r, 3);
 
     cv_lanczos_options lo = {.steps = STEPS, .keep_basis = 1};
     cv_lanczos_result lr;
