@@ -479,8 +479,9 @@ static int matvec_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
 
 #define CV_MAX_CHUNK 32
 
-int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
-                   double *Y, cv_err *e)
+/* Checks kind and sizes the state for k vectors in chunks of *chunk:
+ * 1 ready, 0 nothing to do (k < 1), -1 error. */
+static int begin_products(cv_curv *c, cv_curvature kind, int k, int *chunk, cv_err *e)
 {
     if ((unsigned)kind >= CV_CURV_COUNT)
         return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "unknown curvature");
@@ -488,9 +489,17 @@ int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, cons
         return 0;
     if ((kind == CV_CURV_HESSIAN && ensure_grad(c, e)) || ensure_output_samples(c, kind, e))
         return -1;
-    int chunk = k < CV_MAX_CHUNK ? k : CV_MAX_CHUNK;
-    if (ensure_workspace(c, chunk, e))
-        return -1;
+    *chunk = k < CV_MAX_CHUNK ? k : CV_MAX_CHUNK;
+    return ensure_workspace(c, *chunk, e) ? -1 : 1;
+}
+
+int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
+                   double *Y, cv_err *e)
+{
+    int chunk;
+    int rc = begin_products(c, kind, k, &chunk, e);
+    if (rc <= 0)
+        return rc;
     for (int j = 0; j < k; j += chunk) {
         int kk = k - j < chunk ? k - j : chunk;
         if (matvec_chunk(c, kind, b, kk, X + (size_t)j * b->dim, Y + (size_t)j * b->dim, e))
@@ -558,15 +567,10 @@ static void quad_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
 int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
                      double *q, cv_err *e)
 {
-    if ((unsigned)kind >= CV_CURV_COUNT)
-        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "unknown curvature");
-    if (k < 1)
-        return 0;
-    if ((kind == CV_CURV_HESSIAN && ensure_grad(c, e)) || ensure_output_samples(c, kind, e))
-        return -1;
-    int chunk = k < CV_MAX_CHUNK ? k : CV_MAX_CHUNK;
-    if (ensure_workspace(c, chunk, e))
-        return -1;
+    int chunk;
+    int rc = begin_products(c, kind, k, &chunk, e);
+    if (rc <= 0)
+        return rc;
     for (int j = 0; j < k; j += chunk) {
         int kk = k - j < chunk ? k - j : chunk;
         quad_chunk(c, kind, b, kk, X + (size_t)j * b->dim, q + j);
