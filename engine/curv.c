@@ -4,6 +4,7 @@
  * loss's output matrix, reverse-mode products, Pearlmutter's extra terms). */
 #include "curv.h"
 
+#include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -516,14 +517,6 @@ int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, cons
  *             for the Hessian),
  * one forward-mode pass plus each layer's second-order terms dotted in place. */
 
-static double dot_f(size_t n, const float *a, const float *b)
-{
-    double s = 0;
-    for (size_t i = 0; i < n; i++)
-        s += (double)a[i] * b[i];
-    return s;
-}
-
 /* Layer l's second-order terms dotted with the direction, added to q: its
  * quad_extra kernel, or hvp_extra formed in scratch (pong, gth[l]) and dotted. */
 static void layer_quad_terms(cv_curv *c, int l, const char *active, int lo, int k, double *q)
@@ -543,9 +536,9 @@ static void layer_quad_terms(cv_curv *c, int l, const char *active, int lo, int 
     c->ops[l]->hvp_extra(&c->ctx[l], k, c->gy[l], rx, v, gx, gt);
     for (int j = 0; j < k; j++) {
         if (gx)
-            q[j] += dot_f(xlen, rx + (size_t)j * xlen, gx + (size_t)j * xlen);
+            q[j] += cblas_dsdot((int)xlen, rx + (size_t)j * xlen, 1, gx + (size_t)j * xlen, 1);
         if (gt)
-            q[j] += dot_f(P, v + (size_t)j * P, gt + (size_t)j * P);
+            q[j] += cblas_dsdot((int)P, v + (size_t)j * P, 1, gt + (size_t)j * P, 1);
     }
 }
 
@@ -558,8 +551,9 @@ static void quad_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
     scatter_dirs(c, b, active, k, X);
     forward_tangents(c, active, lo, k);
     apply_output_matrix(c, kind, k, c->rx[c->L], c->ping);
+    const float *r = c->rx[c->L];
     for (int j = 0; j < k; j++)
-        q[j] = dot_f(olen, c->rx[c->L] + (size_t)j * olen, c->ping + (size_t)j * olen);
+        q[j] = cblas_dsdot((int)olen, r + (size_t)j * olen, 1, c->ping + (size_t)j * olen, 1);
     for (int l = lo; kind == CV_CURV_HESSIAN && l < c->L; l++)
         layer_quad_terms(c, l, active, lo, k, q);
 }

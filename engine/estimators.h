@@ -130,11 +130,13 @@ int cv_diag_exact(const cv_linop *op, const cv_diag_options *opt, cv_diag_result
 typedef struct {
     int steps;              /* Lanczos steps m >= 1 (default 100); capped at n */
     int keep_basis;         /* non-zero: return the n x steps basis */
-    /* Non-zero: partial reorthogonalization (Simon's omega recurrence):
-     * reorthogonalize only on the steps where the estimated loss of
-     * orthogonality reaches sqrt(FLT_EPSILON), and the step after, keeping
-     * the basis semi-orthogonal; T then equals the projection of A on the
-     * Krylov space to float32 precision.  For spectra (SLQ), not vectors. */
+    /* Non-zero: partial reorthogonalization (Simon's omega recurrence) from
+     * n >= 2^16 on, where the basis is kept in float32 (below, it is
+     * ignored: full reorthogonalization in double): reorthogonalize only on
+     * the steps where the estimated loss of orthogonality reaches
+     * sqrt(FLT_EPSILON), and the step after, keeping the basis
+     * semi-orthogonal; T then equals the projection of A on the Krylov
+     * space to float32 precision.  For spectra (SLQ), not vectors. */
     int partial_reorth;
 } cv_lanczos_options;
 
@@ -157,10 +159,12 @@ void cv_lanczos_options_default(cv_lanczos_options *o);
 void cv_lanczos_result_free(cv_lanczos_result *r);
 
 /* m steps of Lanczos from v0 (normalized here; NULL: a Rademacher vector
- * from rng) with full reorthogonalization: classical Gram-Schmidt, twice,
- * against all previous Lanczos vectors.  rng also draws restart vectors
- * (may be NULL if v0 is given; a needed restart then ends the run early).
- * Memory: steps + 1 vectors (the basis is kept for reorthogonalization). */
+ * from rng) with full reorthogonalization (classical Gram-Schmidt, twice,
+ * against all previous Lanczos vectors) or partial (opt->partial_reorth).
+ * rng also draws restart vectors (may be NULL if v0 is given; a needed
+ * restart then ends the run early).  Memory: steps + 1 vectors (the basis
+ * is kept for reorthogonalization); from n >= 2^16 without keep_basis, the
+ * basis is kept in float32 only: about steps/2 + 4 vectors. */
 int cv_lanczos(const cv_linop *op, const double *v0, const cv_lanczos_options *opt,
                cv_rng *rng, cv_lanczos_result *out, cv_err *e);
 
@@ -217,7 +221,8 @@ void cv_eigen_result_free(cv_eigen_result *r);
  * `residuals`.  Progress: the partial estimate is the leading wanted Ritz
  * value with std_err 0 (a Ritz residual is no standard error).
  * Memory: about max_iter + 1 vectors (the basis grows as needed) + k for
- * vectors. */
+ * vectors; without return_vectors and from n >= 2^16, the basis is kept in
+ * float32 only (about max_iter/2 + 4 vectors). */
 int cv_eigen_lanczos(const cv_linop *op, const cv_eigen_options *opt, cv_rng *rng,
                      cv_eigen_result *out, cv_err *e);
 
@@ -260,7 +265,8 @@ void cv_density_options_default(cv_density_options *o);
 void cv_density_result_free(cv_density_result *r);
 
 /* Stochastic Lanczos quadrature with PyHessian density() conventions: each
- * run does `steps` Lanczos steps (full reorthogonalization) from a
+ * run does `steps` Lanczos steps (full reorthogonalization; partial from
+ * n >= 2^16, see cv_lanczos_options) from a
  * normalized Rademacher vector; nodes = eigenvalues of T (dstev), weights =
  * squared first components of T's eigenvectors, so sum_i w_i f(theta_i)
  * ~ v^T f(A) v and E[...] = tr(f(A)) / n (exact for polynomials of degree
@@ -269,7 +275,8 @@ void cv_density_result_free(cv_density_result *r);
  * sigma2_used = sigma2 * max(1, grid span); the runs are averaged and the
  * density normalized so that sum(values) * spacing = 1 (PyHessian's
  * normalization; the trapezoid rule gives 1 up to the end points).
- * Memory: steps + 2 vectors. */
+ * Memory: steps + 2 vectors (float32 basis from n >= 2^16: about steps/2 + 5).
+ * reorths counts the steps that reorthogonalized. */
 int cv_density_slq(const cv_linop *op, const cv_density_options *opt, cv_rng *rng,
                    cv_density_result *out, cv_err *e);
 

@@ -1,6 +1,7 @@
-/* lanczos.c - the Lanczos process with full reorthogonalization (fixed
- * number of steps: cv_lanczos) and Lanczos top-k / bottom-k / magnitude-k
- * eigenpairs with a Ritz-residual stopping test (cv_eigen_lanczos). */
+/* lanczos.c - the Lanczos process with full or partial reorthogonalization
+ * (fixed number of steps: cv_lanczos) and Lanczos top-k / bottom-k /
+ * magnitude-k eigenpairs with a Ritz-residual stopping test
+ * (cv_eigen_lanczos). */
 #include <cblas.h>
 #include <float.h>
 #include <math.h>
@@ -85,13 +86,21 @@ typedef struct {
     float *fwork;           /* cv_reorth_cgs workspace */
     double tnorm;           /* running estimate of ||T|| */
     long matvecs;
+    int reorths;            /* steps that reorthogonalized */
+    /* V holds only the last two vectors and the basis lives in Vf alone, a
+     * mapping of cap columns (lz_prefaulted, lz_remap) */
+    int ring;
     /* partial reorthogonalization: omega[k] ~ v_j . v_k, omega_prev[k] ~
-     * v_(j-1) . v_k (k <= j), force: reorthogonalize the next step too */
-    int partial, force, reorths;
-    int ring;               /* V holds only the last two vectors (basis in Vf) */
-    size_t vf_mapped;       /* bytes of Vf when it is a prefaulted mapping, else 0 */
+     * v_(j-1) . v_k (k <= j), omega_next the update's output; force:
+     * reorthogonalize the next step too */
+    int partial, force;
     double *omega, *omega_prev, *omega_next;
 } lz_state;
+
+static size_t lz_vf_bytes(const lz_state *s, int cols)
+{
+    return sizeof(float) * s->n * (size_t)cols;
+}
 
 static void lz_free(lz_state *s)
 {
@@ -101,8 +110,8 @@ static void lz_free(lz_state *s)
     free(s->w);
     free(s->h);
     free(s->tmp);
-    if (s->vf_mapped)
-        munmap(s->Vf, s->vf_mapped);
+    if (s->ring && s->Vf)
+        munmap(s->Vf, lz_vf_bytes(s, s->cap));
     else
         free(s->Vf);
     free(s->fwork);
@@ -115,17 +124,15 @@ static void lz_free(lz_state *s)
 /* The ring mode's float32 basis, mapped with its pages populated in one
  * call: on virtual machines, faulting in hundreds of MB page by page as the
  * basis grows costs seconds.  Grown with lz_remap. */
-static float *lz_prefaulted(lz_state *s, size_t cols, cv_err *e)
+static float *lz_prefaulted(lz_state *s, int cols, cv_err *e)
 {
-    size_t bytes = sizeof(float) * s->n * cols;
-    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE,
-                   -1, 0);
+    void *p = mmap(NULL, lz_vf_bytes(s, cols), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
     if (p == MAP_FAILED) {
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
-                   "Lanczos basis of %zu vectors of %zu floats: out of memory", cols, s->n);
+                   "Lanczos basis of %d vectors of %zu floats: out of memory", cols, s->n);
         return NULL;
     }
-    s->vf_mapped = bytes;
     return p;
 }
 
@@ -150,8 +157,7 @@ static int lz_init(lz_state *s, const cv_linop *op, int cap, int max_cap, int ri
     s->w = s->tmp ? CV_EST_ALLOC(s->n, double, e) : NULL;
     int ok = s->w != NULL;
     if (ok && s->n >= CV_LANCZOS_SHADOW_MIN) {
-        s->Vf = s->ring ? lz_prefaulted(s, (size_t)cap, e)
-                        : CV_EST_ALLOC(s->n * (size_t)cap, float, e);
+        s->Vf = s->ring ? lz_prefaulted(s, cap, e) : CV_EST_ALLOC(s->n * (size_t)cap, float, e);
         s->fwork = s->Vf ? CV_EST_ALLOC(CV_REORTH_WORK(s->n, max_cap), float, e) : NULL;
         ok = s->fwork != NULL;
     }
@@ -162,17 +168,17 @@ static int lz_init(lz_state *s, const cv_linop *op, int cap, int max_cap, int ri
     return 0;
 }
 
-/* Grows the mapped float32 basis to `bytes` (the kernel moves the pages;
- * the new ones are populated too); NULL if it cannot. */
-static float *lz_remap(lz_state *s, size_t bytes)
+/* Grows the mapped float32 basis from s->cap to cap columns (the kernel
+ * moves the pages; the new ones are populated too); NULL if it cannot. */
+static float *lz_remap(lz_state *s, int cap)
 {
-    void *p = mremap(s->Vf, s->vf_mapped, bytes, MREMAP_MAYMOVE);
+    size_t old = lz_vf_bytes(s, s->cap), bytes = lz_vf_bytes(s, cap);
+    void *p = mremap(s->Vf, old, bytes, MREMAP_MAYMOVE);
     if (p == MAP_FAILED)
         return NULL;
 #ifdef MADV_POPULATE_WRITE
-    madvise((char *)p + s->vf_mapped, bytes - s->vf_mapped, MADV_POPULATE_WRITE);
+    madvise((char *)p + old, bytes - old, MADV_POPULATE_WRITE);
 #endif
-    s->vf_mapped = bytes;
     return p;
 }
 
@@ -190,8 +196,7 @@ static int lz_grow(lz_state *s, int need, cv_err *e)
                           s->n);
     s->V = V;
     if (s->Vf) {
-        size_t bytes = sizeof(float) * s->n * (size_t)cap;
-        float *Vf = s->vf_mapped ? lz_remap(s, bytes) : realloc(s->Vf, bytes);
+        float *Vf = s->ring ? lz_remap(s, cap) : realloc(s->Vf, lz_vf_bytes(s, cap));
         if (!Vf)
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                               "Lanczos basis shadow of %d vectors of %zu floats: out of memory",
@@ -302,8 +307,12 @@ static double lz_reorth(lz_state *s, int j)
 /* Precision of the products (float32 networks) behind the omega model. */
 #define CV_PRO_EPS ((double)FLT_EPSILON)
 
+/* Partial mode only where the basis is float32 anyway (the float32 shadow
+ * size); smaller problems keep full reorthogonalization in double. */
 static int lz_partial_init(lz_state *s, cv_err *e)
 {
+    if (!s->Vf)
+        return 0;
     s->partial = 1;
     size_t len = (size_t)s->max_cap + 2;
     s->omega = CV_EST_ALLOC(len, double, e);
@@ -326,7 +335,7 @@ static double lz_omega_update(lz_state *s, int j, double a, double b)
     double *cur = s->omega, *prev = s->omega_prev, *next = s->omega_next, mx = 0;
     for (int k = 0; k < j; k++) {
         double t = s->beta[k] * cur[k + 1] + (s->alpha[k] - a) * cur[k] -
-                   (j > 0 ? s->beta[j - 1] * prev[k] : 0.0);
+                   s->beta[j - 1] * prev[k];
         if (k > 0)
             t += s->beta[k - 1] * cur[k - 1];
         t = (t + copysign(CV_PRO_EPS * (s->beta[k] + b), t)) / b;

@@ -110,11 +110,9 @@ static void linear_quad_extra(const cv_layer_ctx *c, int k, const float *gy, con
     if (!rx || !vtheta)
         return;
     float *t = c->work_floats >= (size_t)n * out ? c->work : NULL;
-    for (int j = 0; j < k; j++) {
-        if (!t) {
-            q[j] = NAN;
-            continue;
-        }
+    for (int j = 0; j < k && !t; j++)
+        q[j] = NAN;
+    for (int j = 0; j < k && t; j++) {
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f,
                     rx + (size_t)j * n * in, in, vtheta + (size_t)j * c->nparam, in, 0.0f, t,
                     out);

@@ -7,10 +7,6 @@
 
 #include "est_util.h"
 
-/* Dimension from which SLQ reorthogonalizes partially (lanczos.c's float32
- * shadow size). */
-#define CV_SLQ_PARTIAL_MIN ((size_t)1 << 16)
-
 void cv_density_options_default(cv_density_options *o)
 {
     memset(o, 0, sizeof *o);
@@ -60,11 +56,10 @@ static int slq_run(const cv_linop *op, int m, cv_rng *rng, double *v0, double *S
                    double *nodes, double *weights, long *matvecs, long *reorths, cv_err *e)
 {
     cv_rng_rademacher(rng, v0, op->n);
-    /* From the float32-shadow size on the basis is only float32-orthogonal
-     * anyway: reorthogonalize partially (semi-orthogonality keeps T's
-     * nodes and weights at float32 precision) instead of on every step. */
-    cv_lanczos_options lo = {.steps = m, .keep_basis = 0,
-                             .partial_reorth = op->n >= CV_SLQ_PARTIAL_MIN};
+    /* Partial reorthogonalization (from 2^16 on, where the basis is float32
+     * anyway): semi-orthogonality keeps T's nodes and weights at float32
+     * precision without a pass over the basis on every step. */
+    cv_lanczos_options lo = {.steps = m, .keep_basis = 0, .partial_reorth = 1};
     cv_lanczos_result lr;
     if (cv_est_lanczos(op, v0, &lo, rng, 0, &lr, e))
         return -1;

@@ -112,9 +112,8 @@ static int hutch_probes(hutch_run *h, const cv_trace_options *o, int nprobes, do
     double *V = CV_EST_ALLOC(n * (size_t)b, double, e);
     int need_y = !h->op->quad; /* products are only formed without quad */
     double *Y = V && need_y ? CV_EST_ALLOC(n * (size_t)b, double, e) : NULL;
-    double *tmp = V && (Y || !need_y)
-                      ? CV_EST_ALLOC((size_t)(h->q > 0 ? h->q : 1) * b, double, e)
-                      : NULL;
+    int ok = V && (Y || !need_y);
+    double *tmp = ok ? CV_EST_ALLOC((size_t)(h->q > 0 ? h->q : 1) * b, double, e) : NULL;
     double *quad = tmp ? CV_EST_ALLOC((size_t)b, double, e) : NULL;
     double *samples = quad && o->return_samples ? CV_EST_ALLOC((size_t)nprobes, double, e)
                                                  : NULL;
