@@ -134,6 +134,34 @@ static double orth_error(const double *V, int n, int k)
 
 static long done_of(dmat *m) { return atomic_load(&m->prog.done); }
 
+/* ------------------------------------------------------------ probes */
+
+/* Rademacher signs are the bits of successive 64-bit draws, bit b of a draw
+ * giving +1 when set (the stream seeded jobs reproduce), including a tail
+ * shorter than a draw; and both signs come out about equally often. */
+START_TEST(rademacher_signs_are_the_draws_bits)
+{
+    enum { N = 64 * 3 + 17 };
+    double v[N];
+    cv_rng r, q;
+    cv_rng_seed(&r, 42);
+    cv_rng_seed(&q, 42);
+    cv_rng_rademacher(&r, v, N);
+    int plus = 0;
+    for (int i = 0; i < N; i += 64) {
+        uint64_t bits = cv_rng_u64(&q);
+        for (int b = 0; b < 64 && i + b < N; b++) {
+            double want = (bits >> b) & 1 ? 1.0 : -1.0;
+            ck_assert_msg(v[i + b] == want, "entry %d: %g, want %g", i + b, v[i + b], want);
+            plus += v[i + b] > 0;
+        }
+    }
+    ck_assert_msg(plus > N / 4 && plus < 3 * N / 4, "%d of %d positive", plus, N);
+    /* the next draw continues the stream after the tail's draw */
+    ck_assert(cv_rng_u64(&r) == cv_rng_u64(&q));
+}
+END_TEST
+
 /* ------------------------------------------------------------ trace */
 
 START_TEST(trace_rademacher_diagonal_exact)
@@ -1507,6 +1535,7 @@ static Suite *suite(void)
     Suite *s = suite_create("estimators");
     TCase *t = tcase_create("core");
     tcase_set_timeout(t, 60);
+    tcase_add_test(t, rademacher_signs_are_the_draws_bits);
     tcase_add_test(t, trace_rademacher_diagonal_exact);
     tcase_add_test(t, trace_random_within_3_stderr);
     tcase_add_test(t, trace_block_size_does_not_change_result);
