@@ -2,6 +2,11 @@
 CC      ?= cc
 PKGS    := openblas check libcjson libmicrohttpd
 CFLAGS  ?= -O2 -g
+# Elementwise kernels (activations, pooling, im2col) vectorize only with these:
+# GCC's -O2 cost model refuses loops of unknown length, and with trapping math
+# it will not turn a float compare into a select.  Results are bit-identical
+# (no reassociation, no FMA contraction without -march); we never read FP flags.
+CFLAGS  += -fvect-cost-model=dynamic -fno-trapping-math
 CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-parameter -pthread \
            -I. $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDLIBS  := $(shell pkg-config --libs openblas libcjson libmicrohttpd 2>/dev/null) -llapacke -lm -pthread
