@@ -83,8 +83,13 @@ double cv_est_dot(size_t n, const double *x, const double *y)
     return cblas_ddot((int)n, x, 1, y, 1);
 }
 
+/* sqrt(x.x) streams x once at ddot speed (OpenBLAS's scaled dnrm2 runs about
+ * 3x slower); dnrm2 only where the sum of squares under- or overflowed. */
 double cv_est_norm(size_t n, const double *x)
 {
+    double s = cblas_ddot((int)n, x, 1, x, 1);
+    if (s > 1e-280 && s < 1e280)
+        return sqrt(s);
     return cblas_dnrm2((int)n, x, 1);
 }
 
