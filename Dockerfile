@@ -10,4 +10,6 @@ WORKDIR /opt/curvd
 COPY . .
 RUN make clean && make all
 EXPOSE 8080
+# Idle OpenBLAS workers sleep at once (matters with --blas-threads > 1; README, Threads)
+ENV OPENBLAS_THREAD_TIMEOUT=4
 CMD ["/opt/curvd/build/curvd", "serve", "--bind", "0.0.0.0", "--port", "8080"]
