@@ -2,7 +2,7 @@
 CC      ?= cc
 PKGS    := openblas check libcjson libmicrohttpd
 CFLAGS  ?= -O2 -g
-# Elementwise kernels (activations, pooling, im2col) vectorize only with these:
+# Elementwise kernels (activations, max pooling) vectorize only with these:
 # GCC's -O2 cost model refuses loops of unknown length, and with trapping math
 # it will not turn a float compare into a select.  Results are bit-identical
 # (no reassociation, no FMA contraction without -march); we never read FP flags.

@@ -33,6 +33,15 @@ static void pool_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const
 
 /* ---- MaxPool2d ------------------------------------------------------------ */
 
+/* One step of the first-max-wins, NaN-wins scan (PyTorch's rule), as selects:
+ * the signs of the values are random, so a branch here mispredicts. */
+static inline void maxpool_take(float v, int i, float *mv, int *best)
+{
+    int take = (v > *mv) | (v != v);
+    *mv = take ? v : *mv;
+    *best = take ? i : *best;
+}
+
 /* y and in-plane argmax of one plane, as PyTorch's CPU kernel: the first
  * maximum wins, a NaN always wins; an empty window gives -inf and index -1. */
 static void maxpool_plane(const cv_layer *L, int H, int W, int OH, int OW, const float *x,
@@ -52,27 +61,13 @@ static void maxpool_plane(const cv_layer *L, int H, int W, int OH, int OW, const
             int best = y0 < y1 && x0 < x1 ? y0 * W + x0 : -1;
             float mv = -INFINITY;
             for (int iy = y0; iy < y1; iy += dh)
-                for (int ix = x0; ix < x1; ix += dw) {
-                    float v = x[iy * W + ix];
-                    if (v > mv || isnan(v)) {
-                        mv = v;
-                        best = iy * W + ix;
-                    }
-                }
+                for (int ix = x0; ix < x1; ix += dw)
+                    maxpool_take(x[iy * W + ix], iy * W + ix, &mv, &best);
             y[oy * OW + ox] = mv;
             idx[oy * OW + ox] = best;
         }
     }
 }
-
-/* One step of the first-max-wins, NaN-wins scan, as selects (the signs of
- * the values are random, so a branch here mispredicts half the time). */
-#define CV_MAXPOOL_TAKE(v, i)                                                                  \
-    do {                                                                                       \
-        int take_ = ((v) > mv) | ((v) != (v));                                                 \
-        mv = take_ ? (v) : mv;                                                                 \
-        best = take_ ? (i) : best;                                                             \
-    } while (0)
 
 /* maxpool_plane for the common 2x2 window, stride 2, no padding or dilation,
  * every window inside the plane: the same scan order and NaN rule, one
@@ -84,9 +79,9 @@ static void maxpool_row_2x2(int W, int OW, int b0, const float *restrict x, floa
     for (int ox = 0; ox < OW; ox++) {
         float mv = r0[2 * ox], v1 = r0[2 * ox + 1], v2 = r1[2 * ox], v3 = r1[2 * ox + 1];
         int best = b0 + 2 * ox;
-        CV_MAXPOOL_TAKE(v1, b0 + 2 * ox + 1);
-        CV_MAXPOOL_TAKE(v2, b0 + W + 2 * ox);
-        CV_MAXPOOL_TAKE(v3, b0 + W + 2 * ox + 1);
+        maxpool_take(v1, b0 + 2 * ox + 1, &mv, &best);
+        maxpool_take(v2, b0 + W + 2 * ox, &mv, &best);
+        maxpool_take(v3, b0 + W + 2 * ox + 1, &mv, &best);
         y[ox] = mv;
         idx[ox] = best;
     }
