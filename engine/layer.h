@@ -12,7 +12,9 @@
  *   quad_extra the hvp_extra terms dotted with the direction (rx, vtheta),
  *             for quadratic forms v^T H v without a backward pass
  * Kernels take k stacked vectors: sample n of vector j at ptr + (j*N + n)*numel.
- * A NULL input means zero; a NULL output means "not needed".
+ * A NULL input means zero; a NULL output means "not needed".  An output never
+ * overlaps an input or the context's x, y and caches (the driver ping-pongs
+ * separate buffers); the elementwise kernels rely on it (restrict pointers).
  * Parameter vectors of a layer are all its parameter tensors concatenated in
  * state_dict order (P = numel of weight + bias); theta points at them inside
  * the model's parameter vector.
