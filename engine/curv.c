@@ -455,10 +455,14 @@ static void backward_products(cv_curv *c, cv_curvature kind, const char *active,
     for (int l = c->L - 1; l >= lo; l--) {
         float *gx = l > lo ? next : NULL;
         float *gt = active[l] ? c->gth[l] : NULL;
-        c->ops[l]->vjp(&c->ctx[l], k, cur, gx, gt);
-        if (kind == CV_CURV_HESSIAN)
-            c->ops[l]->hvp_extra(&c->ctx[l], k, c->gy[l], l == lo ? NULL : c->rx[l],
-                                 active[l] ? c->vth[l] : NULL, gx, gt);
+        const float *rx = l == lo ? NULL : c->rx[l], *v = active[l] ? c->vth[l] : NULL;
+        if (kind == CV_CURV_HESSIAN && c->ops[l]->vjp_hvp) {
+            c->ops[l]->vjp_hvp(&c->ctx[l], k, cur, c->gy[l], rx, v, gx, gt);
+        } else {
+            c->ops[l]->vjp(&c->ctx[l], k, cur, gx, gt);
+            if (kind == CV_CURV_HESSIAN)
+                c->ops[l]->hvp_extra(&c->ctx[l], k, c->gy[l], rx, v, gx, gt);
+        }
         float *t = cur;
         cur = next;
         next = t;

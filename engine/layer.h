@@ -65,6 +65,13 @@ typedef struct {
      * forming the terms.  NULL: the driver forms hvp_extra and dots it. */
     void (*quad_extra)(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
                        const float *vtheta, double *q);
+    /* vjp of the k cotangents gy, then hvp_extra of the gradient cotangent
+     * g0 with the directions (rx, vtheta), in one pass, so that a layer can
+     * share work between the two (Conv2d forms one unfolded input cotangent
+     * per vector and folds it once).  NULL: the driver calls vjp, then
+     * hvp_extra. */
+    void (*vjp_hvp)(const cv_layer_ctx *c, int k, const float *gy, const float *g0,
+                    const float *rx, const float *vtheta, float *gx, float *gtheta);
 } cv_layer_ops;
 
 /* The kernels of a layer type (NULL for unsupported types). */

@@ -204,4 +204,4 @@ static void act_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
 
 const cv_layer_ops cv_activation_ops = {act_work, act_forward, act_vjp, act_jvp, act_hvp_extra,
                                         act_per_sample, NULL,
-                                        NULL};
+                                        NULL, NULL};

@@ -204,4 +204,4 @@ static void bn_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned 
 
 const cv_layer_ops cv_batchnorm_ops = {bn_work,       bn_forward,   bn_vjp,
                                        bn_jvp,        bn_hvp_extra, bn_per_sample,
-                                       bn_gram_add,   NULL};
+                                       bn_gram_add,   NULL,         NULL};

@@ -74,7 +74,8 @@ static size_t chunk_need(const conv_dims *d, int k, int S)
 static size_t conv_work(const cv_layer_ctx *c, int k)
 {
     conv_dims d = dims_of(c);
-    size_t a = chunk_need(&d, k, chunk_samples(&d, c->n, k)), b = (size_t)d.K * d.P;
+    size_t a = chunk_need(&d, k + 1, chunk_samples(&d, c->n, k + 1)); /* conv_vjp_hvp */
+    size_t b = (size_t)d.K * d.P;
     size_t quad = chunk_need(&d, 2, 1); /* conv_quad_extra: gy and one product */
     a = a > b ? a : b;
     return a > quad ? a : quad;
@@ -124,14 +125,14 @@ static void gemm_w_cols(const conv_dims *d, const float *W, const float *cols, s
                     (int)lc, beta, T + (size_t)g * d->og * lt, (int)lt);
 }
 
-/* cols (K x m, ld lc) = W^T T per group: unfolded input cotangents. */
+/* cols (K x m, ld lc) = W^T T (+ beta cols) per group: unfolded input cotangents. */
 static void gemm_wt_t(const conv_dims *d, const float *W, const float *T, size_t lt, int m,
-                      float *cols, size_t lc)
+                      float beta, float *cols, size_t lc)
 {
     for (int g = 0; g < d->groups; g++)
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d->kg, m, d->og, 1.0f,
                     W + (size_t)g * d->og * d->kg, d->kg, T + (size_t)g * d->og * lt, (int)lt,
-                    0.0f, cols + (size_t)g * d->kg * lc, (int)lc);
+                    beta, cols + (size_t)g * d->kg * lc, (int)lc);
 }
 
 /* gW (cout x kg) = T cols^T (+ beta gW) per group: the weight gradient. */
@@ -323,7 +324,7 @@ static void conv_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, f
         int S = n - n0 < ch.S ? n - n0 : ch.S, m = S * d.P;
         gather_chunk(c, &d, k, n0, S, gy, ch.t);
         for (int j = 0; gx && j < k; j++) {
-            gemm_wt_t(&d, c->theta, ch.t + (size_t)j * d.cout * m, m, m, ch.u, m);
+            gemm_wt_t(&d, c->theta, ch.t + (size_t)j * d.cout * m, m, m, 0.0f, ch.u, m);
             fold_chunk(c, &d, ch.u, S, 0, gx + ((size_t)j * n + n0) * c->in_numel);
         }
         if (!gtheta)
@@ -413,7 +414,7 @@ static void conv_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const 
         for (int j = 0; j < k; j++) {
             size_t q = (size_t)j * n + n0;
             if (do_gx) {
-                gemm_wt_t(&d, vtheta + (size_t)j * c->nparam, ch.t, m, m, ch.u, m);
+                gemm_wt_t(&d, vtheta + (size_t)j * c->nparam, ch.t, m, m, 0.0f, ch.u, m);
                 fold_chunk(c, &d, ch.u, S, 1, gx_add + q * c->in_numel);
             }
             if (do_gt) {
@@ -422,6 +423,53 @@ static void conv_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const 
             }
         }
     }
+}
+
+/* conv_vjp then conv_hvp_extra in one pass over the chunks (groups == 1):
+ * per vector one unfolded input cotangent W^T T_j + V_j^T T_g, folded once,
+ * and the weight terms T_j unfold(x)^T + T_g unfold(rx_j)^T accumulated in
+ * the stacked Ws; T_g (the gathered g0) sits in cotangent slot k. */
+static void conv_vjp_hvp(const cv_layer_ctx *c, int k, const float *gy, const float *g0,
+                         const float *rx, const float *vtheta, float *gx, float *gtheta)
+{
+    conv_dims d = dims_of(c);
+    int n = c->n;
+    conv_chunk ch;
+    if (d.groups != 1 || chunk_scratch(c, &d, k + 1, &ch)) {
+        conv_vjp(c, k, gy, gx, gtheta);
+        conv_hvp_extra(c, k, g0, rx, vtheta, gx, gtheta);
+        return;
+    }
+    const float *vx = gx ? vtheta : NULL, *rt = gtheta ? rx : NULL; /* the R-op terms */
+    for (int j = 0; gtheta && d.has_bias && j < k; j++)
+        memset(gtheta + (size_t)j * c->nparam + d.wnumel, 0, sizeof(float) * d.cout);
+    for (int n0 = 0; n0 < n; n0 += ch.S) {
+        int S = n - n0 < ch.S ? n - n0 : ch.S, m = S * d.P;
+        float *tg = ch.t + (size_t)k * d.cout * m;
+        gather_chunk(c, &d, k, n0, S, gy, ch.t);
+        if (vx || rt)
+            gather_chunk(c, &d, 1, n0, S, g0, tg);
+        for (int j = 0; gx && j < k; j++) {
+            gemm_wt_t(&d, c->theta, ch.t + (size_t)j * d.cout * m, m, m, 0.0f, ch.u, m);
+            if (vx)
+                gemm_wt_t(&d, vx + (size_t)j * c->nparam, tg, m, m, 1.0f, ch.u, m);
+            fold_chunk(c, &d, ch.u, S, 0, gx + ((size_t)j * n + n0) * c->in_numel);
+        }
+        if (!gtheta)
+            continue;
+        unfold_chunk(c, &d, c->x + (size_t)n0 * c->in_numel, S, ch.u);
+        weight_grads(c, &d, k, ch.t, ch.u, m, n0 ? 1.0f : 0.0f, ch.ws, gtheta);
+        for (int j = 0; d.has_bias && j < k; j++)
+            row_sums(&d, ch.t + (size_t)j * d.cout * m, m, m,
+                     gtheta + (size_t)j * c->nparam + d.wnumel);
+        for (int j = 0; rt && j < k; j++) {
+            unfold_chunk(c, &d, rt + ((size_t)j * n + n0) * c->in_numel, S, ch.u);
+            gemm_t_colst(&d, tg, m, ch.u, m, m, 1.0f, ch.ws + (size_t)j * d.wnumel);
+        }
+    }
+    for (int j = 0; gtheta && j < k; j++)
+        memcpy(gtheta + (size_t)j * c->nparam, ch.ws + (size_t)j * d.wnumel,
+               sizeof(float) * d.wnumel);
 }
 
 /* Both R-op terms dotted with the direction are <gy, conv(rx_j, V_j)> (no
@@ -576,4 +624,4 @@ static void conv_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigne
 
 const cv_layer_ops cv_conv2d_ops = {conv_work,      conv_forward,    conv_vjp,
                                     conv_jvp,       conv_hvp_extra,  conv_per_sample,
-                                    conv_gram_add,  conv_quad_extra};
+                                    conv_gram_add,  conv_quad_extra, conv_vjp_hvp};

@@ -165,4 +165,4 @@ static void linear_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsig
 
 const cv_layer_ops cv_linear_ops = {linear_work,       linear_forward,    linear_vjp,
                                     linear_jvp,        linear_hvp_extra,  linear_per_sample,
-                                    linear_gram_add,   linear_quad_extra};
+                                    linear_gram_add,   linear_quad_extra, NULL};

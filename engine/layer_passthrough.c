@@ -42,4 +42,4 @@ static void pass_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
 
 const cv_layer_ops cv_passthrough_ops = {pass_work, pass_forward, pass_vjp, pass_jvp,
                                          pass_hvp_extra, pass_per_sample, NULL,
-                                         pass_quad_extra};
+                                         pass_quad_extra, NULL};

@@ -196,7 +196,7 @@ static void maxpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const flo
 
 const cv_layer_ops cv_maxpool2d_ops = {pool_work,      maxpool_forward, maxpool_vjp,
                                        maxpool_jvp,    pool_hvp_extra,  pool_per_sample,
-                                       NULL,           pool_quad_extra};
+                                       NULL,           pool_quad_extra, NULL};
 
 /* ---- AvgPool2d / AdaptiveAvgPool2d ----------------------------------------
  * Windows are separable: per axis a start, an end (clipped to the input) and
@@ -302,4 +302,4 @@ static void avgpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const flo
 
 const cv_layer_ops cv_avgpool2d_ops = {pool_work,      avgpool_forward, avgpool_vjp,
                                        avgpool_jvp,    pool_hvp_extra,  pool_per_sample,
-                                       NULL,           pool_quad_extra};
+                                       NULL,           pool_quad_extra, NULL};
