@@ -3,7 +3,10 @@
  * on chunks of S samples unfolded (im2col) side by side into one K x S*P
  * matrix, and the k vectors' weight terms share one GEMM (k*cout rows), so
  * every product is a few large sgemm calls; outputs are scattered back to
- * NCHW, cotangents gathered channel-major and folded back through col2im. */
+ * NCHW, cotangents gathered channel-major and folded back through col2im.
+ * Where conv_direct.h handles the geometry (stride 1, AVX-512, groups 1),
+ * the convolutions (forward, tangents, and input cotangents as transposed
+ * convolutions) run direct instead; weight gradients stay on sgemm. */
 #include "layer.h"
 
 #include <cblas.h>
@@ -11,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "conv_direct.h"
 #include "im2col.h"
 #include "parallel.h"
 
@@ -71,13 +75,28 @@ static size_t chunk_need(const conv_dims *d, int k, int S)
     return m * d->K + m * k * d->cout + (size_t)k * d->wnumel;
 }
 
+/* Direct kernels for the convolutions with W (forward, tangents) and with
+ * W^T (input cotangents): both need groups == 1 and a supported geometry. */
+static int direct_fwd(const conv_dims *d)
+{
+    return d->groups == 1 && cv_dconv_supported(&d->g, d->cout);
+}
+
+static int direct_bwd(const conv_dims *d)
+{
+    cv_conv_geom t = cv_dconv_transposed(&d->g, d->cout);
+    return direct_fwd(d) && cv_dconv_supported(&t, d->g.C);
+}
+
 static size_t conv_work(const cv_layer_ctx *c, int k)
 {
     conv_dims d = dims_of(c);
+    size_t direct = 2 * cv_dconv_packed_floats(&d.g, d.cout); /* two packed weights */
     size_t a = chunk_need(&d, k + 1, chunk_samples(&d, c->n, k + 1)); /* conv_vjp_hvp */
     size_t b = (size_t)d.K * d.P;
     size_t quad = chunk_need(&d, 2, 1); /* conv_quad_extra: gy and one product */
     a = a > b ? a : b;
+    a = a > direct ? a : direct;
     return a > quad ? a : quad;
 }
 
@@ -262,9 +281,34 @@ static void gather_chunk(const cv_layer_ctx *c, const conv_dims *d, int k, int n
     cv_parallel_for((size_t)k * S, cv_parallel_grain(c->out_numel), gather_range, &q);
 }
 
+/* For every sample: y (+)= conv(x, W) (+ bias), direct; Wp: packing scratch. */
+static void conv_direct(const cv_layer_ctx *c, const conv_dims *d, const float *W,
+                        const float *bias, const float *x, int add, float *y, float *Wp)
+{
+    cv_dconv_pack(&d->g, d->cout, W, Wp);
+    cv_dconv_run(&d->g, d->cout, Wp, bias, c->n, x, c->in_numel, y, c->out_numel, add);
+}
+
+/* For every sample: gx (+)= conv_transpose(gy, W), direct. */
+static void tconv_direct(const cv_layer_ctx *c, const conv_dims *d, const float *W,
+                         const float *gy, int add, float *gx, float *Wp)
+{
+    cv_conv_geom t = cv_dconv_transposed(&d->g, d->cout);
+    cv_dconv_pack_transposed(&d->g, d->cout, W, Wp);
+    cv_dconv_run(&t, d->g.C, Wp, NULL, c->n, gy, c->out_numel, gx, c->in_numel, add);
+}
+
 static int conv_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     conv_dims d = dims_of(c);
+    if (direct_fwd(&d)) {
+        float *Wp = malloc(sizeof(float) * cv_dconv_packed_floats(&d.g, d.cout));
+        if (!Wp)
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Conv2d packed weights");
+        conv_direct(c, &d, c->theta, d.has_bias ? c->theta + d.wnumel : NULL, c->x, 0, y, Wp);
+        free(Wp);
+        return 0;
+    }
     int S = chunk_samples(&d, c->n, 1);
     size_t m = (size_t)S * d.P;
     float *u = malloc(sizeof(float) * m * (d.K + (size_t)d.cout));
@@ -311,6 +355,14 @@ static void conv_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, f
     conv_dims d = dims_of(c);
     int n = c->n;
     conv_chunk ch;
+    if (gx && direct_bwd(&d) && scratch(c, 2 * cv_dconv_packed_floats(&d.g, d.cout))) {
+        for (int j = 0; j < k; j++)
+            tconv_direct(c, &d, c->theta, gy + (size_t)j * n * c->out_numel, 0,
+                         gx + (size_t)j * n * c->in_numel, c->work);
+        gx = NULL;
+        if (!gtheta)
+            return;
+    }
     if (chunk_scratch(c, &d, k, &ch)) {
         if (gx)
             fill_nan(gx, (size_t)k * n * c->in_numel);
@@ -367,6 +419,20 @@ static void conv_jvp(const cv_layer_ctx *c, int k, const float *rx, const float 
         memset(ry, 0, sizeof(float) * len);
         return;
     }
+    float *Wp = scratch(c, 2 * cv_dconv_packed_floats(&d.g, d.cout));
+    if (direct_fwd(&d) && Wp) {
+        float *Vp = Wp + cv_dconv_packed_floats(&d.g, d.cout);
+        for (int j = 0; j < k; j++) {
+            float *ryj = ry + (size_t)j * n * c->out_numel;
+            const float *vj = vtheta ? vtheta + (size_t)j * c->nparam : NULL;
+            if (vj)
+                conv_direct(c, &d, vj, d.has_bias ? vj + d.wnumel : NULL, c->x, 0, ryj, Vp);
+            if (rx)
+                conv_direct(c, &d, c->theta, NULL, rx + (size_t)j * n * c->in_numel, vj != NULL,
+                            ryj, Wp);
+        }
+        return;
+    }
     if (chunk_scratch(c, &d, k, &ch)) {
         fill_nan(ry, len);
         return;
@@ -399,6 +465,12 @@ static void conv_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const 
     int n = c->n;
     conv_chunk ch;
     int do_gx = gx_add && vtheta, do_gt = gtheta_add && rx;
+    if (do_gx && direct_bwd(&d) && scratch(c, 2 * cv_dconv_packed_floats(&d.g, d.cout))) {
+        for (int j = 0; j < k; j++)
+            tconv_direct(c, &d, vtheta + (size_t)j * c->nparam, gy, 1,
+                         gx_add + (size_t)j * n * c->in_numel, c->work);
+        do_gx = 0;
+    }
     if (!do_gx && !do_gt)
         return;
     if (chunk_scratch(c, &d, 1, &ch)) {
@@ -435,6 +507,17 @@ static void conv_vjp_hvp(const cv_layer_ctx *c, int k, const float *gy, const fl
     conv_dims d = dims_of(c);
     int n = c->n;
     conv_chunk ch;
+    if (gx && direct_bwd(&d) && scratch(c, 2 * cv_dconv_packed_floats(&d.g, d.cout))) {
+        for (int j = 0; j < k; j++) {
+            float *gxj = gx + (size_t)j * n * c->in_numel;
+            tconv_direct(c, &d, c->theta, gy + (size_t)j * n * c->out_numel, 0, gxj, c->work);
+            if (vtheta)
+                tconv_direct(c, &d, vtheta + (size_t)j * c->nparam, g0, 1, gxj, c->work);
+        }
+        gx = NULL;
+    }
+    if (!gx && !gtheta)
+        return;
     if (d.groups != 1 || chunk_scratch(c, &d, k + 1, &ch)) {
         conv_vjp(c, k, gy, gx, gtheta);
         conv_hvp_extra(c, k, g0, rx, vtheta, gx, gtheta);

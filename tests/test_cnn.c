@@ -5,6 +5,7 @@
  * J^T Lambda J, symmetry/PSD, per-sample gradients, Gram, adjointness). */
 #include "testutil.h"
 
+#include "engine/conv_direct.h"
 #include "engine/im2col.h"
 #include "engine/layer.h"
 #include "engine/loss.h"
@@ -163,7 +164,7 @@ typedef struct {
 } fixture;
 
 #define MAXL 16
-#define NVARIANTS 18
+#define NVARIANTS 19
 
 /* Variant i: a parametrized layer before the layer under test, so that its
  * second-order terms in x and theta both reach the products. */
@@ -258,6 +259,12 @@ static int variant_layers(int i, cv_layer *Ls, int *C, int *H, int *W, cv_loss_t
         Ls[n++] = conv3(2, 3), Ls[n] = simple(CV_FLATTEN), Ls[n++].start_dim = 2;
         Ls[n++] = bnorm(CV_BATCHNORM1D, 3, 1);
         *loss = CV_LOSS_MSE;
+        break;
+    case 18: /* 16-channel stride-1 convs: the direct (AVX-512) kernels where the
+              * CPU has them, forward, tangents and transposed convolutions */
+        Ls[n++] = conv3(2, 16), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = conv(16, 16, 1, 2, 1, 1, 0, 1, 1, 1, 1, 1);
+        *H = 2, *W = 4;
         break;
     default: /* 15: the tiny CNN with every layer type */
         Ls[n++] = conv3(2, 4), Ls[n++] = bnorm(CV_BATCHNORM2D, 4, 1);
@@ -1056,6 +1063,115 @@ START_TEST(im2col_matches_naive)
 }
 END_TEST
 
+/* y[o][oy][ox] = b[o] + sum W[o][c][i][j] x[c][oy - ph + i][ox - pw + j] in double. */
+static double naive_conv_at(const cv_conv_geom *g, const float *W, const float *b,
+                            const float *x, int o, int oy, int ox)
+{
+    double s = b ? b[o] : 0.0;
+    for (int c = 0; c < g->C; c++)
+        for (int i = 0; i < g->kh; i++)
+            for (int j = 0; j < g->kw; j++) {
+                int iy = oy - g->ph + i, ix = ox - g->pw + j;
+                if (iy >= 0 && iy < g->H && ix >= 0 && ix < g->W)
+                    s += (double)W[((o * g->C + c) * g->kh + i) * g->kw + j] *
+                         x[(c * g->H + iy) * g->W + ix];
+            }
+    return s;
+}
+
+/* gx[c][y][x] = sum W[o][c][i][j] gy[o][y + ph - i][x + pw - j]: the adjoint of
+ * naive_conv_at's map x -> y (no bias), in double. */
+static double naive_tconv_at(const cv_conv_geom *g, int cout, const float *W, const float *gy,
+                             int c, int y, int x)
+{
+    double s = 0;
+    for (int o = 0; o < cout; o++)
+        for (int i = 0; i < g->kh; i++)
+            for (int j = 0; j < g->kw; j++) {
+                int oy = y + g->ph - i, ox = x + g->pw - j;
+                if (oy >= 0 && oy < g->oh && ox >= 0 && ox < g->ow)
+                    s += (double)W[((o * g->C + c) * g->kh + i) * g->kw + j] *
+                         gy[(o * g->oh + oy) * g->ow + ox];
+            }
+    return s;
+}
+
+static float *randn(cv_rng *r, size_t len)
+{
+    float *v = malloc(sizeof(float) * len);
+    for (size_t i = 0; i < len; i++)
+        v[i] = (float)cv_rng_normal(r);
+    return v;
+}
+
+START_TEST(direct_conv_matches_naive)
+{
+    /* {C, H, W, kh, kw, ph, pw, cout}: one and two 16-channel blocks (48: both),
+     * whole and partial runs of CV_DCONV_RUN columns, rectangular kernels */
+    static const int cases[][8] = {
+        {3, 5, 14, 3, 3, 1, 1, 32}, {16, 4, 31, 5, 3, 2, 0, 16}, {1, 7, 9, 1, 5, 0, 4, 48},
+        {32, 3, 3, 3, 3, 1, 1, 16}, {2, 6, 15, 2, 4, 1, 3, 32},
+    };
+    if (!cv_dconv_supported(&(cv_conv_geom){3, 5, 14, 3, 3, 1, 1, 1, 1, 1, 1, 5, 14}, 32)) {
+        ck_assert(!__builtin_cpu_supports("avx512f")); /* only a CPU without AVX-512 */
+        return;
+    }
+    cv_rng r;
+    cv_rng_seed(&r, 17);
+    for (size_t t = 0; t < sizeof cases / sizeof cases[0]; t++) {
+        const int *q = cases[t];
+        int O = q[7], n = 2;
+        cv_conv_geom g = {q[0], q[1], q[2], q[3], q[4], 1, 1, q[5], q[6], 1, 1, 0, 0};
+        g.oh = g.H + 2 * g.ph - g.kh + 1;
+        g.ow = g.W + 2 * g.pw - g.kw + 1;
+        cv_conv_geom gt = cv_dconv_transposed(&g, O);
+        ck_assert_msg(cv_dconv_supported(&g, O) && (O % 16 || g.C % 16 ||
+                                                    cv_dconv_supported(&gt, g.C)),
+                      "case %zu: not supported", t);
+        size_t in = (size_t)g.C * g.H * g.W, out = (size_t)O * g.oh * g.ow;
+        size_t K = (size_t)g.C * g.kh * g.kw;
+        float *W = randn(&r, (size_t)O * K), *b = randn(&r, (size_t)O);
+        float *x = randn(&r, n * in), *y = randn(&r, n * out), *y0 = malloc(sizeof(float) * n * out);
+        float *Wp = malloc(sizeof(float) * cv_dconv_packed_floats(&g, O));
+        memcpy(y0, y, sizeof(float) * n * out);
+        cv_dconv_pack(&g, O, W, Wp);
+        cv_dconv_run(&g, O, Wp, b, n, x, in, y, out, 1); /* y += conv(x) + b */
+        for (int s = 0; s < n; s++)
+            for (int o = 0; o < O; o++)
+                for (int p = 0; p < g.oh * g.ow; p++) {
+                    size_t i = s * out + (size_t)o * g.oh * g.ow + p;
+                    double want = y0[i] + naive_conv_at(&g, W, b, x + s * in, o, p / g.ow, p % g.ow);
+                    ck_assert_msg(fabs(y[i] - want) <= 1e-5 * (1 + sqrt((double)K)),
+                                  "case %zu sample %d out %d pos %d: %g vs %g", t, s, o, p, y[i], want);
+                }
+        if (g.C % 16 == 0) { /* the transposed convolution, overwriting gx */
+            float *gx = randn(&r, n * in), *Wt = malloc(sizeof(float) * cv_dconv_packed_floats(&gt, g.C));
+            cv_dconv_pack_transposed(&g, O, W, Wt);
+            cv_dconv_run(&gt, g.C, Wt, NULL, n, y, out, gx, in, 0);
+            for (int s = 0; s < n; s++)
+                for (int c = 0; c < g.C; c++)
+                    for (int p = 0; p < g.H * g.W; p++) {
+                        size_t i = s * in + (size_t)c * g.H * g.W + p;
+                        double want = naive_tconv_at(&g, O, W, y + s * out, c, p / g.W, p % g.W);
+                        ck_assert_msg(fabs(gx[i] - want) <= 1e-4 * (1 + fabs(want)),
+                                      "case %zu transposed sample %d ch %d pos %d: %g vs %g", t,
+                                      s, c, p, gx[i], want);
+                    }
+            free(gx);
+            free(Wt);
+        }
+        free(W); free(b); free(x); free(y); free(y0); free(Wp);
+    }
+    /* outside the kernels' reach: strides, dilation, 15 channels, extra padding */
+    cv_conv_geom s2 = {4, 8, 8, 3, 3, 2, 2, 1, 1, 1, 1, 4, 4};
+    cv_conv_geom d2 = {4, 8, 8, 3, 3, 1, 1, 2, 2, 2, 2, 8, 8};
+    cv_conv_geom same = {4, 8, 8, 2, 2, 1, 1, 0, 0, 1, 1, 8, 8};
+    ck_assert(!cv_dconv_supported(&s2, 16) && !cv_dconv_supported(&d2, 16));
+    ck_assert(!cv_dconv_supported(&same, 16));
+    ck_assert(!cv_dconv_supported(&(cv_conv_geom){4, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, 8, 8}, 15));
+}
+END_TEST
+
 START_TEST(batchnorm_forward_matches_formula)
 {
     /* BatchNorm2d on [3, 4, 5]; BatchNorm1d on [3, 7] (PyTorch's (N, C, L) input) */
@@ -1186,6 +1302,7 @@ static Suite *cnn_suite(void)
     tcase_add_test(sem, maxpool_ties_and_nan_follow_pytorch);
     tcase_add_test(sem, maxpool_2x2_fast_path_ties_and_nan);
     tcase_add_test(sem, im2col_matches_naive);
+    tcase_add_test(sem, direct_conv_matches_naive);
     tcase_add_test(sem, batchnorm_forward_matches_formula);
     tcase_add_test(sem, malformed_configurations_rejected);
     suite_add_tcase(s, sem);
