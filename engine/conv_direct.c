@@ -4,6 +4,8 @@
  * CV_DCONV_RUN columns) block sums its taps in registers. */
 #include "conv_direct.h"
 
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "parallel.h"
@@ -209,4 +211,168 @@ void cv_dconv_run(const cv_conv_geom *g, int cout, const float *Wp, const float 
     dconv_job q = {g, cout, add, Wp, bias, x, xstride, ystride, y};
     size_t work = (size_t)cout * g->oh * g->ow * g->C * g->kh * g->kw / 64;
     cv_parallel_for((size_t)n, cv_parallel_grain(work), dconv_range, &q);
+}
+
+/* ---- weight gradients ---------------------------------------------------- */
+
+#define CV_DWG_CHUNK 8   /* samples whose planes and transposed cotangents are staged */
+#define CV_DWG_GROUPS 16 /* sample groups with their own partial sums */
+#define CV_DWG_MAXKW 7
+
+int cv_dconv_wgrad_supported(const cv_conv_geom *g, int cout)
+{
+    return g->kw <= CV_DWG_MAXKW && cv_dconv_supported(g, cout);
+}
+
+static size_t wg_sample_floats(const cv_conv_geom *g, int cout)
+{
+    return (size_t)g->oh * g->ow * cout + (size_t)g->C * plane_h(g) * plane_w(g);
+}
+
+size_t cv_dconv_wgrad_scratch(const cv_conv_geom *g, int cout)
+{
+    return CV_DWG_GROUPS * cv_dconv_packed_floats(g, cout);
+}
+
+typedef struct {
+    const cv_conv_geom *g;
+    int cout, nb;           /* nb: 16-channel blocks per item (1 or 2) */
+    const float *x, *gy;
+    size_t xstride, gystride;
+    float *Gp;              /* accumulators, packed [(c*kh + i)*kw + j][cout] */
+    float *stage;           /* per staged sample: gy^T [P][cout], then planes */
+    int s0;                 /* first sample of the staged chunk */
+    int n, groups;
+    float *partials;        /* groups x packed accumulators */
+} wg_job;
+
+/* Stages samples s0 + s, s < m: padded planes and gy transposed to [P][cout]. */
+static void wg_stage(const wg_job *q, int m)
+{
+    const cv_conv_geom *g = q->g;
+    size_t P = (size_t)g->oh * g->ow;
+    for (size_t s = 0; s < (size_t)m; s++) {
+        float *gt = q->stage + s * wg_sample_floats(g, q->cout);
+        const float *gs = q->gy + (q->s0 + s) * q->gystride;
+        for (int o = 0; o < q->cout; o++)
+            for (size_t t = 0; t < P; t++)
+                gt[t * q->cout + o] = gs[(size_t)o * P + t];
+        fill_planes(g, q->x + (q->s0 + s) * q->xstride, gt + P * q->cout);
+    }
+}
+
+#ifdef CV_DCONV_X86
+/* Item (channel block o0, input channel c, tap row i) over m staged samples:
+ * Gp[(c, i, j)][o0 ..] += sum_s sum_p gy^T_s[p][o0 ..] plane_s[c](oy + i, ox + j). */
+__attribute__((always_inline, target("avx512f,fma"))) static inline void
+wg_item_k(const wg_job *q, int o0, int c, int i, int m, const int KW, const int NB)
+{
+    const cv_conv_geom *g = q->g;
+    int Hp = plane_h(g), Wq = plane_w(g), cout = q->cout;
+    size_t P = (size_t)g->oh * g->ow, per = wg_sample_floats(g, cout);
+    float *G = q->Gp + (size_t)(c * g->kh + i) * KW * cout + o0;
+    __m512 acc[CV_DWG_MAXKW][2];
+#pragma GCC unroll 7
+    for (int j = 0; j < KW; j++)
+#pragma GCC unroll 2
+        for (int b = 0; b < NB; b++)
+            acc[j][b] = _mm512_loadu_ps(G + (size_t)j * cout + b * CV_DCONV_OB);
+    for (int s = 0; s < m; s++) {
+        const float *gt = q->stage + s * per;
+        const float *pl = gt + P * cout + (size_t)c * Hp * Wq;
+        for (int oy = 0; oy < g->oh; oy++) {
+            const float *xr = pl + (size_t)(oy + i) * Wq;
+            const float *gv = gt + (size_t)oy * g->ow * cout + o0;
+            for (int ox = 0; ox < g->ow; ox++, xr++, gv += cout) {
+                __m512 g0 = _mm512_loadu_ps(gv);
+                __m512 g1 = NB > 1 ? _mm512_loadu_ps(gv + CV_DCONV_OB) : g0;
+#pragma GCC unroll 7
+                for (int j = 0; j < KW; j++) {
+                    __m512 xb = _mm512_set1_ps(xr[j]);
+                    acc[j][0] = _mm512_fmadd_ps(xb, g0, acc[j][0]);
+                    if (NB > 1)
+                        acc[j][1] = _mm512_fmadd_ps(xb, g1, acc[j][1]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 7
+    for (int j = 0; j < KW; j++)
+#pragma GCC unroll 2
+        for (int b = 0; b < NB; b++)
+            _mm512_storeu_ps(G + (size_t)j * cout + b * CV_DCONV_OB, acc[j][b]);
+}
+
+#define CV_WG_CASE(KW)                                                                         \
+    case KW:                                                                                   \
+        if (q->nb == 2)                                                                        \
+            wg_item_k(q, o0, c, i, m, KW, 2);                                                  \
+        else                                                                                   \
+            wg_item_k(q, o0, c, i, m, KW, 1);                                                  \
+        break;
+
+__attribute__((target("avx512f,fma"))) static void wg_item(const wg_job *q, int o0, int c,
+                                                            int i, int m)
+{
+    switch (q->g->kw) {
+        CV_WG_CASE(1) CV_WG_CASE(2) CV_WG_CASE(3) CV_WG_CASE(4) CV_WG_CASE(5) CV_WG_CASE(6)
+        CV_WG_CASE(7)
+    default: break;
+    }
+}
+#else
+static void wg_item(const wg_job *q, int o0, int c, int i, int m)
+{
+    (void)q; (void)o0; (void)c; (void)i; (void)m;
+}
+#endif
+
+/* All items of the m staged samples into q->Gp, in item order. */
+static void wg_items_all(const wg_job *q, int m)
+{
+    int per_block = q->g->C * q->g->kh, blocks = q->cout / (q->nb * CV_DCONV_OB);
+    for (int ob = 0; ob < blocks; ob++)
+        for (int rest = 0; rest < per_block; rest++)
+            wg_item(q, ob * q->nb * CV_DCONV_OB, rest / q->g->kh, rest % q->g->kh, m);
+}
+
+/* Sample groups [lo, hi): each into its partial sums, staging 8 samples at a
+ * time in a buffer of its own (NaN partials if that cannot be allocated). */
+static void wg_group_range(void *p, size_t lo, size_t hi)
+{
+    const wg_job *base = p;
+    size_t packed = cv_dconv_packed_floats(base->g, base->cout);
+    float *stage = malloc(sizeof(float) * CV_DWG_CHUNK * wg_sample_floats(base->g, base->cout));
+    for (size_t gr = lo; gr < hi; gr++) {
+        wg_job q = *base;
+        int a = (int)(gr * (size_t)q.n / q.groups), b = (int)((gr + 1) * (size_t)q.n / q.groups);
+        q.Gp = q.partials + gr * packed;
+        q.stage = stage;
+        for (size_t t = 0; t < packed; t++)
+            q.Gp[t] = stage ? 0.0f : NAN;
+        for (q.s0 = a; stage && q.s0 < b; q.s0 += CV_DWG_CHUNK) {
+            int m = b - q.s0 < CV_DWG_CHUNK ? b - q.s0 : CV_DWG_CHUNK;
+            wg_stage(&q, m);
+            wg_items_all(&q, m);
+        }
+    }
+    free(stage);
+}
+
+void cv_dconv_weight_grad(const cv_conv_geom *g, int cout, int n, const float *x,
+                          size_t xstride, const float *gy, size_t gystride, int add, float *gW,
+                          float *scratch)
+{
+    size_t K = (size_t)g->C * g->kh * g->kw, packed = K * cout;
+    int groups = n < CV_DWG_GROUPS ? n : CV_DWG_GROUPS;
+    wg_job q = {g,    cout, cout % (2 * CV_DCONV_OB) ? 1 : 2, x, gy, xstride, gystride, NULL,
+                NULL, 0,    n, groups, scratch};
+    size_t group_floats = (size_t)(n / groups + 1) * packed; /* ~ FMAs per group / 16 */
+    cv_parallel_for((size_t)groups, cv_parallel_grain(group_floats), wg_group_range, &q);
+    for (int gr = 1; gr < groups; gr++) /* partial sums in group order */
+        for (size_t t = 0; t < packed; t++)
+            scratch[t] += scratch[gr * packed + t];
+    for (int o = 0; o < cout; o++)
+        for (size_t r = 0; r < K; r++)
+            gW[o * K + r] = (add ? gW[o * K + r] : 0.0f) + scratch[r * cout + o];
 }

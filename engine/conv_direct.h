@@ -42,4 +42,24 @@ void cv_dconv_pack_transposed(const cv_conv_geom *g, int cout, const float *W, f
 void cv_dconv_run(const cv_conv_geom *g, int cout, const float *Wp, const float *bias, int n,
                  const float *x, size_t xstride, float *y, size_t ystride, int add);
 
+/* ---- weight gradients ----------------------------------------------------
+ * gW[o][c][i][j] = sum over samples s and positions p of gy_s[o][p] times
+ * the input under tap (i, j) at p: per (16 or 32 output channels, input
+ * channel, tap row) the kw tap columns accumulate in registers, samples in
+ * order, so the sums do not depend on the thread count. */
+
+/* Whether cv_dconv_weight_grad handles g with cout outputs (as
+ * cv_dconv_supported, and kw <= 7). */
+int cv_dconv_wgrad_supported(const cv_conv_geom *g, int cout);
+
+/* Scratch floats cv_dconv_weight_grad needs. */
+size_t cv_dconv_wgrad_scratch(const cv_conv_geom *g, int cout);
+
+/* gW (cout x C*kh*kw, PyTorch's layout) (+ gW if add) = the weight gradient
+ * of y = conv(x, W) for cotangents gy, over n samples (x_s at x + s*xstride,
+ * gy_s at gy + s*gystride). */
+void cv_dconv_weight_grad(const cv_conv_geom *g, int cout, int n, const float *x,
+                          size_t xstride, const float *gy, size_t gystride, int add, float *gW,
+                          float *scratch);
+
 #endif

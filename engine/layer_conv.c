@@ -88,10 +88,31 @@ static int direct_bwd(const conv_dims *d)
     return direct_fwd(d) && cv_dconv_supported(&t, d->g.C);
 }
 
+static int direct_wgrad(const conv_dims *d)
+{
+    return d->groups == 1 && cv_dconv_wgrad_supported(&d->g, d->cout);
+}
+
+/* Scratch of the direct kernels: two packed weights, or the weight
+ * gradient's partial sums. */
+static size_t direct_need(const conv_dims *d)
+{
+    size_t a = 2 * cv_dconv_packed_floats(&d->g, d->cout), b = cv_dconv_wgrad_scratch(&d->g, d->cout);
+    return a > b ? a : b;
+}
+
+/* Whether the backward kernels run direct: input cotangents (unless not
+ * needed) and weight gradients (unless not needed), with their scratch. */
+static int direct_backward(const cv_layer_ctx *c, const conv_dims *d, int gx, int gtheta)
+{
+    return (!gx || direct_bwd(d)) && (!gtheta || direct_wgrad(d)) && direct_fwd(d) &&
+           c->work && c->work_floats >= direct_need(d);
+}
+
 static size_t conv_work(const cv_layer_ctx *c, int k)
 {
     conv_dims d = dims_of(c);
-    size_t direct = 2 * cv_dconv_packed_floats(&d.g, d.cout); /* two packed weights */
+    size_t direct = direct_fwd(&d) ? direct_need(&d) : 0;
     size_t a = chunk_need(&d, k + 1, chunk_samples(&d, c->n, k + 1)); /* conv_vjp_hvp */
     size_t b = (size_t)d.K * d.P;
     size_t quad = chunk_need(&d, 2, 1); /* conv_quad_extra: gy and one product */
@@ -298,6 +319,25 @@ static void tconv_direct(const cv_layer_ctx *c, const conv_dims *d, const float 
     cv_dconv_run(&t, d->g.C, Wp, NULL, c->n, gy, c->out_numel, gx, c->in_numel, add);
 }
 
+/* For k vectors: gtheta_j (+ gtheta_j if add) = the parameter gradient of
+ * cotangents gy_j (at gy + j*gstep) against inputs at xin + j*xstep, direct;
+ * the bias part (row sums) only when not adding: R-op terms have none. */
+static void wgrad_direct(const cv_layer_ctx *c, const conv_dims *d, int k, const float *xin,
+                         size_t xstep, const float *gy, size_t gstep, int add, float *gtheta)
+{
+    for (int j = 0; j < k; j++) {
+        const float *gj = gy + j * gstep;
+        float *gt = gtheta + (size_t)j * c->nparam;
+        cv_dconv_weight_grad(&d->g, d->cout, c->n, xin + j * xstep, c->in_numel, gj,
+                             c->out_numel, add, gt, c->work);
+        if (add || !d->has_bias)
+            continue;
+        memset(gt + d->wnumel, 0, sizeof(float) * d->cout);
+        for (int s = 0; s < c->n; s++)
+            row_sums(d, gj + (size_t)s * c->out_numel, d->P, d->P, gt + d->wnumel);
+    }
+}
+
 static int conv_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     conv_dims d = dims_of(c);
@@ -355,13 +395,13 @@ static void conv_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, f
     conv_dims d = dims_of(c);
     int n = c->n;
     conv_chunk ch;
-    if (gx && direct_bwd(&d) && scratch(c, 2 * cv_dconv_packed_floats(&d.g, d.cout))) {
-        for (int j = 0; j < k; j++)
+    if (direct_backward(c, &d, gx != NULL, gtheta != NULL)) {
+        for (int j = 0; gx && j < k; j++)
             tconv_direct(c, &d, c->theta, gy + (size_t)j * n * c->out_numel, 0,
                          gx + (size_t)j * n * c->in_numel, c->work);
-        gx = NULL;
-        if (!gtheta)
-            return;
+        if (gtheta)
+            wgrad_direct(c, &d, k, c->x, 0, gy, (size_t)n * c->out_numel, 0, gtheta);
+        return;
     }
     if (chunk_scratch(c, &d, k, &ch)) {
         if (gx)
@@ -465,11 +505,13 @@ static void conv_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const 
     int n = c->n;
     conv_chunk ch;
     int do_gx = gx_add && vtheta, do_gt = gtheta_add && rx;
-    if (do_gx && direct_bwd(&d) && scratch(c, 2 * cv_dconv_packed_floats(&d.g, d.cout))) {
-        for (int j = 0; j < k; j++)
+    if ((do_gx || do_gt) && direct_backward(c, &d, do_gx, do_gt)) {
+        for (int j = 0; do_gx && j < k; j++)
             tconv_direct(c, &d, vtheta + (size_t)j * c->nparam, gy, 1,
                          gx_add + (size_t)j * n * c->in_numel, c->work);
-        do_gx = 0;
+        if (do_gt)
+            wgrad_direct(c, &d, k, rx, (size_t)n * c->in_numel, gy, 0, 1, gtheta_add);
+        return;
     }
     if (!do_gx && !do_gt)
         return;
@@ -507,17 +549,19 @@ static void conv_vjp_hvp(const cv_layer_ctx *c, int k, const float *gy, const fl
     conv_dims d = dims_of(c);
     int n = c->n;
     conv_chunk ch;
-    if (gx && direct_bwd(&d) && scratch(c, 2 * cv_dconv_packed_floats(&d.g, d.cout))) {
-        for (int j = 0; j < k; j++) {
+    if (direct_backward(c, &d, gx != NULL, gtheta != NULL)) {
+        for (int j = 0; gx && j < k; j++) {
             float *gxj = gx + (size_t)j * n * c->in_numel;
             tconv_direct(c, &d, c->theta, gy + (size_t)j * n * c->out_numel, 0, gxj, c->work);
             if (vtheta)
                 tconv_direct(c, &d, vtheta + (size_t)j * c->nparam, g0, 1, gxj, c->work);
         }
-        gx = NULL;
-    }
-    if (!gx && !gtheta)
+        if (gtheta)
+            wgrad_direct(c, &d, k, c->x, 0, gy, (size_t)n * c->out_numel, 0, gtheta);
+        if (gtheta && rx)
+            wgrad_direct(c, &d, k, rx, (size_t)n * c->in_numel, g0, 0, 1, gtheta);
         return;
+    }
     if (d.groups != 1 || chunk_scratch(c, &d, k + 1, &ch)) {
         conv_vjp(c, k, gy, gx, gtheta);
         conv_hvp_extra(c, k, g0, rx, vtheta, gx, gtheta);

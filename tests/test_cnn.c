@@ -1104,6 +1104,39 @@ static float *randn(cv_rng *r, size_t len)
     return v;
 }
 
+/* cv_dconv_weight_grad against sum_s sum_p gy_s[o][p] x_s[c][oy - ph + i][ox - pw + j]
+ * (double), for n samples (more than the kernel's 16 sample groups when n = 20). */
+static void check_direct_wgrad(const cv_conv_geom *g, int O, int n, cv_rng *r, size_t t)
+{
+    size_t in = (size_t)g->C * g->H * g->W, out = (size_t)O * g->oh * g->ow;
+    size_t K = (size_t)g->C * g->kh * g->kw;
+    float *x = randn(r, n * in), *gy = randn(r, n * out), *gW = randn(r, O * K);
+    float *gW0 = malloc(sizeof(float) * O * K);
+    float *sc = malloc(sizeof(float) * cv_dconv_wgrad_scratch(g, O));
+    memcpy(gW0, gW, sizeof(float) * O * K);
+    cv_dconv_weight_grad(g, O, n, x, in, gy, out, 1, gW, sc);
+    for (int o = 0; o < O; o++)
+        for (int c = 0; c < g->C; c++)
+            for (int i = 0; i < g->kh; i++)
+                for (int j = 0; j < g->kw; j++) {
+                    double want = 0;
+                    for (int s = 0; s < n; s++)
+                        for (int oy = 0; oy < g->oh; oy++)
+                            for (int ox = 0; ox < g->ow; ox++) {
+                                int iy = oy - g->ph + i, ix = ox - g->pw + j;
+                                if (iy >= 0 && iy < g->H && ix >= 0 && ix < g->W)
+                                    want += (double)gy[s * out + (o * g->oh + oy) * g->ow + ox] *
+                                            x[s * in + (c * g->H + iy) * g->W + ix];
+                            }
+                    size_t q = (size_t)o * K + (c * g->kh + i) * g->kw + j;
+                    double tol = 1e-5 * (1 + sqrt((double)n * g->oh * g->ow));
+                    ck_assert_msg(fabs(gW[q] - gW0[q] - want) <= tol,
+                                  "case %zu weight grad o %d c %d tap (%d, %d): %g vs %g", t, o, c,
+                                  i, j, gW[q] - gW0[q], want);
+                }
+    free(x); free(gy); free(gW); free(gW0); free(sc);
+}
+
 START_TEST(direct_conv_matches_naive)
 {
     /* {C, H, W, kh, kw, ph, pw, cout}: one and two 16-channel blocks (48: both),
@@ -1144,6 +1177,8 @@ START_TEST(direct_conv_matches_naive)
                     ck_assert_msg(fabs(y[i] - want) <= 1e-5 * (1 + sqrt((double)K)),
                                   "case %zu sample %d out %d pos %d: %g vs %g", t, s, o, p, y[i], want);
                 }
+        if (cv_dconv_wgrad_supported(&g, O)) /* the weight gradient, added to gW */
+            check_direct_wgrad(&g, O, t == 0 ? 20 : n, &r, t);
         if (g.C % 16 == 0) { /* the transposed convolution, overwriting gx */
             float *gx = randn(&r, n * in), *Wt = malloc(sizeof(float) * cv_dconv_packed_floats(&gt, g.C));
             cv_dconv_pack_transposed(&g, O, W, Wt);
