@@ -20,7 +20,7 @@ TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=$(B)/tests/%)
 HDRS     := $(wildcard engine/*.h api/*.h server/*.h tests/*.h)
 
-.PHONY: all deps test unit e2e run bench clean
+.PHONY: all deps test unit unit-portable e2e run bench clean
 all: deps $(B)/curvd
 
 deps:
@@ -61,13 +61,20 @@ $(B)/server/dashboard.o: CFLAGS += -I$(B)/gen
 unit: $(TEST_BIN)
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; CK_DEFAULT_TIMEOUT=600 $$t; done
 
+# Conv2d's im2col + sgemm path on every CPU: test_cnn once more, built without
+# the direct (AVX-512) kernels of engine/conv_direct.c.
+unit-portable:
+	@CFLAGS="-O2 -g -DCV_DCONV_PORTABLE" $(MAKE) --no-print-directory B=$(B)/portable \
+	    $(B)/portable/tests/test_cnn
+	@echo "== $(B)/portable/tests/test_cnn"; CK_DEFAULT_TIMEOUT=600 $(B)/portable/tests/test_cnn
+
 e2e: $(B)/curvd $(B)/bench_ops
 	@set -e; for t in tests/e2e_*.sh; do [ -e "$$t" ] || continue; echo "== $$t"; sh $$t $(B)/curvd; done
 	@set -e; for t in tests/e2e_*.py; do [ -e "$$t" ] || continue; echo "== $$t"; $(PY) $$t $(B)/curvd; done
 
 test:
 	@scripts/deps.sh test
-	@$(MAKE) --no-print-directory all unit e2e
+	@$(MAKE) --no-print-directory all unit unit-portable e2e
 
 run:
 	@scripts/deps.sh run

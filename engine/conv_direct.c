@@ -10,7 +10,7 @@
 
 #include "parallel.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(CV_DCONV_PORTABLE)
 #include <immintrin.h>
 #define CV_DCONV_X86 1
 #endif
@@ -165,11 +165,19 @@ __attribute__((target("avx512f,fma"))) static void block_sums2(const cv_conv_geo
         _mm512_storeu_ps(t + (CV_DCONV_RUN + r) * CV_DCONV_OB, a1[r]);
     }
 }
-#else
+#else /* never called: cv_dconv_supported is 0 without AVX-512 */
 static void block_sums(const cv_conv_geom *g, int cout, const float *Wp, const float *plane,
                        int o0, int oy, int ox0, float *t)
 {
-    (void)g; (void)cout; (void)Wp; (void)plane; (void)o0; (void)oy; (void)ox0; (void)t;
+    (void)g; (void)cout; (void)Wp; (void)plane; (void)o0; (void)oy; (void)ox0;
+    for (int r = 0; r < 2 * CV_DCONV_RUN * CV_DCONV_OB; r++)
+        t[r] = NAN;
+}
+
+static void block_sums2(const cv_conv_geom *g, int cout, const float *Wp, const float *plane,
+                        int o0, int oy, int ox0, float *t)
+{
+    block_sums(g, cout, Wp, plane, o0, oy, ox0, t);
 }
 #endif
 
