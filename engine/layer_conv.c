@@ -93,26 +93,29 @@ static int direct_wgrad(const conv_dims *d)
     return d->groups == 1 && cv_dconv_wgrad_supported(&d->g, d->cout);
 }
 
-/* Scratch of the direct kernels: two packed weights, or the weight
- * gradient's partial sums. */
-static size_t direct_need(const conv_dims *d)
+/* Scratch of the direct kernels for a batch of n: two packed weights, the
+ * weight gradient's partial sums, or packed weights and n outputs. */
+static size_t direct_need(const conv_dims *d, int n)
 {
-    size_t a = 2 * cv_dconv_packed_floats(&d->g, d->cout), b = cv_dconv_wgrad_scratch(&d->g, d->cout);
-    return a > b ? a : b;
+    size_t packed = cv_dconv_packed_floats(&d->g, d->cout);
+    size_t a = 2 * packed, b = cv_dconv_wgrad_scratch(&d->g, d->cout);
+    size_t q = packed + (size_t)n * d->cout * d->P; /* conv_quad_extra */
+    a = a > b ? a : b;
+    return a > q ? a : q;
 }
 
-/* Whether the backward kernels run direct: input cotangents (unless not
- * needed) and weight gradients (unless not needed), with their scratch. */
-static int direct_backward(const cv_layer_ctx *c, const conv_dims *d, int gx, int gtheta)
+/* Whether a kernel runs direct: the convolutions with W, the input
+ * cotangents if gx, the weight gradients if gtheta, and their scratch. */
+static int use_direct(const cv_layer_ctx *c, const conv_dims *d, int gx, int gtheta)
 {
     return (!gx || direct_bwd(d)) && (!gtheta || direct_wgrad(d)) && direct_fwd(d) &&
-           c->work && c->work_floats >= direct_need(d);
+           c->work && c->work_floats >= direct_need(d, c->n);
 }
 
 static size_t conv_work(const cv_layer_ctx *c, int k)
 {
     conv_dims d = dims_of(c);
-    size_t direct = direct_fwd(&d) ? direct_need(&d) : 0;
+    size_t direct = direct_fwd(&d) ? direct_need(&d, c->n) : 0;
     size_t a = chunk_need(&d, k + 1, chunk_samples(&d, c->n, k + 1)); /* conv_vjp_hvp */
     size_t b = (size_t)d.K * d.P;
     size_t quad = chunk_need(&d, 2, 1); /* conv_quad_extra: gy and one product */
@@ -395,7 +398,7 @@ static void conv_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, f
     conv_dims d = dims_of(c);
     int n = c->n;
     conv_chunk ch;
-    if (direct_backward(c, &d, gx != NULL, gtheta != NULL)) {
+    if (use_direct(c, &d, gx != NULL, gtheta != NULL)) {
         for (int j = 0; gx && j < k; j++)
             tconv_direct(c, &d, c->theta, gy + (size_t)j * n * c->out_numel, 0,
                          gx + (size_t)j * n * c->in_numel, c->work);
@@ -505,7 +508,7 @@ static void conv_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const 
     int n = c->n;
     conv_chunk ch;
     int do_gx = gx_add && vtheta, do_gt = gtheta_add && rx;
-    if ((do_gx || do_gt) && direct_backward(c, &d, do_gx, do_gt)) {
+    if ((do_gx || do_gt) && use_direct(c, &d, do_gx, do_gt)) {
         for (int j = 0; do_gx && j < k; j++)
             tconv_direct(c, &d, vtheta + (size_t)j * c->nparam, gy, 1,
                          gx_add + (size_t)j * n * c->in_numel, c->work);
@@ -549,7 +552,7 @@ static void conv_vjp_hvp(const cv_layer_ctx *c, int k, const float *gy, const fl
     conv_dims d = dims_of(c);
     int n = c->n;
     conv_chunk ch;
-    if (direct_backward(c, &d, gx != NULL, gtheta != NULL)) {
+    if (use_direct(c, &d, gx != NULL, gtheta != NULL)) {
         for (int j = 0; gx && j < k; j++) {
             float *gxj = gx + (size_t)j * n * c->in_numel;
             tconv_direct(c, &d, c->theta, gy + (size_t)j * n * c->out_numel, 0, gxj, c->work);
@@ -610,6 +613,16 @@ static void conv_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const
     conv_chunk ch;
     if (!rx || !vtheta)
         return;
+    if (use_direct(c, &d, 0, 0)) { /* conv(rx_j, V_j) for the batch, dotted with gy */
+        size_t len = (size_t)n * c->out_numel;
+        float *ty = c->work + cv_dconv_packed_floats(&d.g, d.cout);
+        for (int j = 0; j < k; j++) {
+            conv_direct(c, &d, vtheta + (size_t)j * c->nparam, NULL,
+                        rx + (size_t)j * n * c->in_numel, 0, ty, c->work);
+            q[j] += 2.0 * cblas_dsdot((int)len, gy, 1, ty, 1);
+        }
+        return;
+    }
     if (chunk_scratch(c, &d, 2, &ch)) {
         for (int j = 0; j < k; j++)
             q[j] = NAN;
