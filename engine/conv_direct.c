@@ -92,11 +92,11 @@ static void fill_planes(const cv_conv_geom *g, const float *xs, float *plane)
                    xs + ((size_t)c * g->H + iy) * g->W, sizeof(float) * (size_t)g->W);
 }
 
-/* y rows of 16 channels at (oy, ox0..ox0+R) from the block's lanes t[r*16 + l]. */
+/* y rows of 16 channels at (oy, ox0 .. ox0 + run) from the block's lanes t[r*16 + l]. */
 static void store_block(const cv_conv_geom *g, const float *t, const float *bias, int o0, int oy,
-                        int ox0, int add, float *ys)
+                        int ox0, int run, int add, float *ys)
 {
-    int R = g->ow - ox0 < CV_DCONV_RUN ? g->ow - ox0 : CV_DCONV_RUN;
+    int R = g->ow - ox0 < run ? g->ow - ox0 : run;
     size_t P = (size_t)g->oh * g->ow;
     for (int l = 0; l < CV_DCONV_OB; l++) {
         float *yo = ys + (size_t)(o0 + l) * P + (size_t)oy * g->ow + ox0;
@@ -106,78 +106,82 @@ static void store_block(const cv_conv_geom *g, const float *t, const float *bias
     }
 }
 
-#ifdef CV_DCONV_X86
-/* One block: sum over c, i, j of W[., c, i, j] x plane(oy + i, ox0 + r + j). */
-__attribute__((target("avx512f,fma"))) static void block_sums(const cv_conv_geom *g, int cout,
-                                                               const float *Wp, const float *plane,
-                                                               int o0, int oy, int ox0, float *t)
+/* Register blocks: NB x 16 output channels by RUN columns (NB * RUN <= 28
+ * accumulators); more channels per block share each broadcast input. */
+typedef struct {
+    int nb, run;
+} dconv_shape;
+
+static dconv_shape shape_for(int cout)
 {
-    int Hp = plane_h(g), Wq = plane_w(g), kh = g->kh, kw = g->kw;
-    __m512 acc[CV_DCONV_RUN];
-#pragma GCC unroll 14
-    for (int r = 0; r < CV_DCONV_RUN; r++)
-        acc[r] = _mm512_setzero_ps();
-    for (int c = 0; c < g->C; c++)
-        for (int i = 0; i < kh; i++) {
-            const float *xr = plane + ((size_t)c * Hp + oy + i) * Wq + ox0;
-            const float *w = Wp + (size_t)(c * kh + i) * kw * cout + o0;
-            for (int j = 0; j < kw; j++) {
-                __m512 wv = _mm512_loadu_ps(w + (size_t)j * cout);
-#pragma GCC unroll 14
-                for (int r = 0; r < CV_DCONV_RUN; r++)
-                    acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r + j]), wv, acc[r]);
-            }
-        }
-#pragma GCC unroll 14
-    for (int r = 0; r < CV_DCONV_RUN; r++)
-        _mm512_storeu_ps(t + r * CV_DCONV_OB, acc[r]);
+    dconv_shape s = {1, CV_DCONV_RUN};
+    if (cout % (4 * CV_DCONV_OB) == 0)
+        s.nb = 4, s.run = CV_DCONV_RUN / 2;
+    else if (cout % (2 * CV_DCONV_OB) == 0)
+        s.nb = 2;
+    return s;
 }
 
-/* Two blocks of 16 channels (o0, o0 + 16) sharing the broadcasts. */
-__attribute__((target("avx512f,fma"))) static void block_sums2(const cv_conv_geom *g, int cout,
-                                                                const float *Wp, const float *plane,
-                                                                int o0, int oy, int ox0, float *t)
+#ifdef CV_DCONV_X86
+/* One block: t[b][r][l] = sum over c, i, j of W[o0 + 16b + l, c, i, j] x
+ * plane(oy + i, ox0 + r + j). */
+__attribute__((always_inline, target("avx512f,fma"))) static inline void
+block_sums_k(const cv_conv_geom *g, int cout, const float *Wp, const float *plane, int o0, int oy,
+             int ox0, float *t, const int NB, const int RUN)
 {
     int Hp = plane_h(g), Wq = plane_w(g), kh = g->kh, kw = g->kw;
-    __m512 a0[CV_DCONV_RUN], a1[CV_DCONV_RUN];
+    __m512 acc[4][CV_DCONV_RUN];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; b++)
 #pragma GCC unroll 14
-    for (int r = 0; r < CV_DCONV_RUN; r++)
-        a0[r] = a1[r] = _mm512_setzero_ps();
+        for (int r = 0; r < RUN; r++)
+            acc[b][r] = _mm512_setzero_ps();
     for (int c = 0; c < g->C; c++)
         for (int i = 0; i < kh; i++) {
             const float *xr = plane + ((size_t)c * Hp + oy + i) * Wq + ox0;
             const float *w = Wp + (size_t)(c * kh + i) * kw * cout + o0;
             for (int j = 0; j < kw; j++, xr++, w += cout) {
-                __m512 w0 = _mm512_loadu_ps(w);
-                __m512 w1 = _mm512_loadu_ps(w + CV_DCONV_OB);
+                __m512 wv[4];
+#pragma GCC unroll 4
+                for (int b = 0; b < NB; b++)
+                    wv[b] = _mm512_loadu_ps(w + b * CV_DCONV_OB);
                 __asm__("" : "+r"(xr)); /* no reuse of loads across taps: registers */
 #pragma GCC unroll 14
-                for (int r = 0; r < CV_DCONV_RUN; r++) {
+                for (int r = 0; r < RUN; r++) {
                     __m512 xv = _mm512_set1_ps(xr[r]);
-                    a0[r] = _mm512_fmadd_ps(xv, w0, a0[r]);
-                    a1[r] = _mm512_fmadd_ps(xv, w1, a1[r]);
+#pragma GCC unroll 4
+                    for (int b = 0; b < NB; b++)
+                        acc[b][r] = _mm512_fmadd_ps(xv, wv[b], acc[b][r]);
                 }
             }
         }
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; b++)
 #pragma GCC unroll 14
-    for (int r = 0; r < CV_DCONV_RUN; r++) {
-        _mm512_storeu_ps(t + r * CV_DCONV_OB, a0[r]);
-        _mm512_storeu_ps(t + (CV_DCONV_RUN + r) * CV_DCONV_OB, a1[r]);
-    }
+        for (int r = 0; r < RUN; r++)
+            _mm512_storeu_ps(t + (b * RUN + r) * CV_DCONV_OB, acc[b][r]);
+}
+
+__attribute__((target("avx512f,fma"))) static void block_sums(const cv_conv_geom *g, int cout,
+                                                               const float *Wp,
+                                                               const float *plane, int o0,
+                                                               int oy, int ox0, dconv_shape s,
+                                                               float *t)
+{
+    if (s.nb == 4)
+        block_sums_k(g, cout, Wp, plane, o0, oy, ox0, t, 4, CV_DCONV_RUN / 2);
+    else if (s.nb == 2)
+        block_sums_k(g, cout, Wp, plane, o0, oy, ox0, t, 2, CV_DCONV_RUN);
+    else
+        block_sums_k(g, cout, Wp, plane, o0, oy, ox0, t, 1, CV_DCONV_RUN);
 }
 #else /* never called: cv_dconv_supported is 0 without AVX-512 */
 static void block_sums(const cv_conv_geom *g, int cout, const float *Wp, const float *plane,
-                       int o0, int oy, int ox0, float *t)
+                       int o0, int oy, int ox0, dconv_shape s, float *t)
 {
     (void)g; (void)cout; (void)Wp; (void)plane; (void)o0; (void)oy; (void)ox0;
-    for (int r = 0; r < 2 * CV_DCONV_RUN * CV_DCONV_OB; r++)
+    for (int r = 0; r < s.nb * s.run * CV_DCONV_OB; r++)
         t[r] = NAN;
-}
-
-static void block_sums2(const cv_conv_geom *g, int cout, const float *Wp, const float *plane,
-                        int o0, int oy, int ox0, float *t)
-{
-    block_sums(g, cout, Wp, plane, o0, oy, ox0, t);
 }
 #endif
 
@@ -193,22 +197,18 @@ static void dconv_range(void *p, size_t lo, size_t hi)
 {
     const dconv_job *q = p;
     const cv_conv_geom *g = q->g;
+    dconv_shape sh = shape_for(q->cout);
     float plane[CV_DCONV_PLANE], t[2 * CV_DCONV_RUN * CV_DCONV_OB];
     for (size_t s = lo; s < hi; s++) {
         float *ys = q->y + s * q->ystride;
         fill_planes(g, q->x + s * q->xstride, plane);
-        for (int o0 = 0; o0 < q->cout; o0 += 2 * CV_DCONV_OB)
+        for (int o0 = 0; o0 < q->cout; o0 += sh.nb * CV_DCONV_OB)
             for (int oy = 0; oy < g->oh; oy++)
-                for (int ox0 = 0; ox0 < g->ow; ox0 += CV_DCONV_RUN) {
-                    if (o0 + 2 * CV_DCONV_OB <= q->cout) {
-                        block_sums2(g, q->cout, q->Wp, plane, o0, oy, ox0, t);
-                        store_block(g, t, q->bias, o0, oy, ox0, q->add, ys);
-                        store_block(g, t + CV_DCONV_RUN * CV_DCONV_OB, q->bias, o0 + CV_DCONV_OB,
-                                    oy, ox0, q->add, ys);
-                    } else {
-                        block_sums(g, q->cout, q->Wp, plane, o0, oy, ox0, t);
-                        store_block(g, t, q->bias, o0, oy, ox0, q->add, ys);
-                    }
+                for (int ox0 = 0; ox0 < g->ow; ox0 += sh.run) {
+                    block_sums(g, q->cout, q->Wp, plane, o0, oy, ox0, sh, t);
+                    for (int b = 0; b < sh.nb; b++)
+                        store_block(g, t + b * sh.run * CV_DCONV_OB, q->bias,
+                                    o0 + b * CV_DCONV_OB, oy, ox0, sh.run, q->add, ys);
                 }
     }
 }
@@ -279,10 +279,10 @@ wg_item_k(const wg_job *q, int o0, int c, int i, int m, const int KW, const int 
     int Hp = plane_h(g), Wq = plane_w(g), cout = q->cout;
     size_t P = (size_t)g->oh * g->ow, per = wg_sample_floats(g, cout);
     float *G = q->Gp + (size_t)(c * g->kh + i) * KW * cout + o0;
-    __m512 acc[CV_DWG_MAXKW][2];
+    __m512 acc[CV_DWG_MAXKW][4];
 #pragma GCC unroll 7
     for (int j = 0; j < KW; j++)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int b = 0; b < NB; b++)
             acc[j][b] = _mm512_loadu_ps(G + (size_t)j * cout + b * CV_DCONV_OB);
     for (int s = 0; s < m; s++) {
@@ -292,25 +292,36 @@ wg_item_k(const wg_job *q, int o0, int c, int i, int m, const int KW, const int 
             const float *xr = pl + (size_t)(oy + i) * Wq;
             const float *gv = gt + (size_t)oy * g->ow * cout + o0;
             for (int ox = 0; ox < g->ow; ox++, xr++, gv += cout) {
-                __m512 g0 = _mm512_loadu_ps(gv);
-                __m512 g1 = NB > 1 ? _mm512_loadu_ps(gv + CV_DCONV_OB) : g0;
+                __m512 gb[4];
+#pragma GCC unroll 4
+                for (int b = 0; b < NB; b++)
+                    gb[b] = _mm512_loadu_ps(gv + b * CV_DCONV_OB);
 #pragma GCC unroll 7
                 for (int j = 0; j < KW; j++) {
                     __m512 xb = _mm512_set1_ps(xr[j]);
-                    acc[j][0] = _mm512_fmadd_ps(xb, g0, acc[j][0]);
-                    if (NB > 1)
-                        acc[j][1] = _mm512_fmadd_ps(xb, g1, acc[j][1]);
+#pragma GCC unroll 4
+                    for (int b = 0; b < NB; b++)
+                        acc[j][b] = _mm512_fmadd_ps(xb, gb[b], acc[j][b]);
                 }
             }
         }
     }
 #pragma GCC unroll 7
     for (int j = 0; j < KW; j++)
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int b = 0; b < NB; b++)
             _mm512_storeu_ps(G + (size_t)j * cout + b * CV_DCONV_OB, acc[j][b]);
 }
 
+#define CV_WG_CASE4(KW) /* up to 5 x 4 accumulators */                                        \
+    case KW:                                                                                   \
+        if (q->nb == 4)                                                                        \
+            wg_item_k(q, o0, c, i, m, KW, 4);                                                  \
+        else if (q->nb == 2)                                                                   \
+            wg_item_k(q, o0, c, i, m, KW, 2);                                                  \
+        else                                                                                   \
+            wg_item_k(q, o0, c, i, m, KW, 1);                                                  \
+        break;
 #define CV_WG_CASE(KW)                                                                         \
     case KW:                                                                                   \
         if (q->nb == 2)                                                                        \
@@ -323,8 +334,8 @@ __attribute__((target("avx512f,fma"))) static void wg_item(const wg_job *q, int 
                                                             int i, int m)
 {
     switch (q->g->kw) {
-        CV_WG_CASE(1) CV_WG_CASE(2) CV_WG_CASE(3) CV_WG_CASE(4) CV_WG_CASE(5) CV_WG_CASE(6)
-        CV_WG_CASE(7)
+        CV_WG_CASE4(1) CV_WG_CASE4(2) CV_WG_CASE4(3) CV_WG_CASE4(4) CV_WG_CASE4(5)
+        CV_WG_CASE(6) CV_WG_CASE(7)
     default: break;
     }
 }
@@ -373,7 +384,8 @@ void cv_dconv_weight_grad(const cv_conv_geom *g, int cout, int n, const float *x
 {
     size_t K = (size_t)g->C * g->kh * g->kw, packed = K * cout;
     int groups = n < CV_DWG_GROUPS ? n : CV_DWG_GROUPS;
-    wg_job q = {g,    cout, cout % (2 * CV_DCONV_OB) ? 1 : 2, x, gy, xstride, gystride, NULL,
+    int nb = cout % (4 * CV_DCONV_OB) == 0 && g->kw <= 5 ? 4 : cout % (2 * CV_DCONV_OB) ? 1 : 2;
+    wg_job q = {g,    cout, nb, x, gy, xstride, gystride, NULL,
                 NULL, 0,    n, groups, scratch};
     size_t group_floats = (size_t)(n / groups + 1) * packed; /* ~ FMAs per group / 16 */
     cv_parallel_for((size_t)groups, cv_parallel_grain(group_floats), wg_group_range, &q);
