@@ -123,6 +123,24 @@ static dconv_shape shape_for(int cout)
 }
 
 #ifdef CV_DCONV_X86
+/* The register-tile step both kernels are made of: acc[r][b] += x[r] v[b]
+ * for R broadcast inputs and NB vectors of 16 (a rank-1 update). */
+__attribute__((always_inline, target("avx512f,fma"))) static inline void
+tile_update(__m512 acc[][4], const float *x, const float *v, const int R, const int NB)
+{
+    __m512 vb[4];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; b++)
+        vb[b] = _mm512_loadu_ps(v + b * CV_DCONV_OB);
+#pragma GCC unroll 14
+    for (int r = 0; r < R; r++) {
+        __m512 xv = _mm512_set1_ps(x[r]);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; b++)
+            acc[r][b] = _mm512_fmadd_ps(xv, vb[b], acc[r][b]);
+    }
+}
+
 /* One block: t[b][r][l] = sum over c, i, j of W[o0 + 16b + l, c, i, j] x
  * plane(oy + i, ox0 + r + j). */
 __attribute__((always_inline, target("avx512f,fma"))) static inline void
@@ -130,36 +148,26 @@ block_sums_k(const cv_conv_geom *g, int cout, const float *Wp, const float *plan
              int ox0, float *t, const int NB, const int RUN)
 {
     int Hp = plane_h(g), Wq = plane_w(g), kh = g->kh, kw = g->kw;
-    __m512 acc[4][CV_DCONV_RUN];
-#pragma GCC unroll 4
-    for (int b = 0; b < NB; b++)
+    __m512 acc[CV_DCONV_RUN][4];
 #pragma GCC unroll 14
-        for (int r = 0; r < RUN; r++)
-            acc[b][r] = _mm512_setzero_ps();
+    for (int r = 0; r < RUN; r++)
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; b++)
+            acc[r][b] = _mm512_setzero_ps();
     for (int c = 0; c < g->C; c++)
         for (int i = 0; i < kh; i++) {
             const float *xr = plane + ((size_t)c * Hp + oy + i) * Wq + ox0;
             const float *w = Wp + (size_t)(c * kh + i) * kw * cout + o0;
             for (int j = 0; j < kw; j++, xr++, w += cout) {
-                __m512 wv[4];
-#pragma GCC unroll 4
-                for (int b = 0; b < NB; b++)
-                    wv[b] = _mm512_loadu_ps(w + b * CV_DCONV_OB);
                 __asm__("" : "+r"(xr)); /* no reuse of loads across taps: registers */
-#pragma GCC unroll 14
-                for (int r = 0; r < RUN; r++) {
-                    __m512 xv = _mm512_set1_ps(xr[r]);
-#pragma GCC unroll 4
-                    for (int b = 0; b < NB; b++)
-                        acc[b][r] = _mm512_fmadd_ps(xv, wv[b], acc[b][r]);
-                }
+                tile_update(acc, xr, w, RUN, NB);
             }
         }
 #pragma GCC unroll 4
     for (int b = 0; b < NB; b++)
 #pragma GCC unroll 14
         for (int r = 0; r < RUN; r++)
-            _mm512_storeu_ps(t + (b * RUN + r) * CV_DCONV_OB, acc[b][r]);
+            _mm512_storeu_ps(t + (b * RUN + r) * CV_DCONV_OB, acc[r][b]);
 }
 
 __attribute__((target("avx512f,fma"))) static void block_sums(const cv_conv_geom *g, int cout,
@@ -291,19 +299,8 @@ wg_item_k(const wg_job *q, int o0, int c, int i, int m, const int KW, const int 
         for (int oy = 0; oy < g->oh; oy++) {
             const float *xr = pl + (size_t)(oy + i) * Wq;
             const float *gv = gt + (size_t)oy * g->ow * cout + o0;
-            for (int ox = 0; ox < g->ow; ox++, xr++, gv += cout) {
-                __m512 gb[4];
-#pragma GCC unroll 4
-                for (int b = 0; b < NB; b++)
-                    gb[b] = _mm512_loadu_ps(gv + b * CV_DCONV_OB);
-#pragma GCC unroll 7
-                for (int j = 0; j < KW; j++) {
-                    __m512 xb = _mm512_set1_ps(xr[j]);
-#pragma GCC unroll 4
-                    for (int b = 0; b < NB; b++)
-                        acc[j][b] = _mm512_fmadd_ps(xb, gb[b], acc[j][b]);
-                }
-            }
+            for (int ox = 0; ox < g->ow; ox++, xr++, gv += cout)
+                tile_update(acc, xr, gv, KW, NB);
         }
     }
 #pragma GCC unroll 7

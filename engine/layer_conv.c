@@ -393,6 +393,20 @@ static void weight_grads(const cv_layer_ctx *c, const conv_dims *d, int k, const
                      gtheta + (size_t)j * c->nparam);
 }
 
+/* The parameter gradients of a chunk (samples [n0, n0 + S)) for its gathered
+ * cotangents ch->t against its unfolded inputs, added from the second chunk
+ * on: into ch->ws (groups == 1) or gtheta (weights), and gtheta (bias). */
+static void chunk_param_grads(const cv_layer_ctx *c, const conv_dims *d, int k,
+                              const conv_chunk *ch, int n0, int S, float *gtheta)
+{
+    int m = S * d->P;
+    unfold_chunk(c, d, c->x + (size_t)n0 * c->in_numel, S, ch->u);
+    weight_grads(c, d, k, ch->t, ch->u, m, n0 ? 1.0f : 0.0f, ch->ws, gtheta);
+    for (int j = 0; d->has_bias && j < k; j++)
+        row_sums(d, ch->t + (size_t)j * d->cout * m, m, m,
+                 gtheta + (size_t)j * c->nparam + d->wnumel);
+}
+
 static void conv_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, float *gtheta)
 {
     conv_dims d = dims_of(c);
@@ -424,11 +438,7 @@ static void conv_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, f
         }
         if (!gtheta)
             continue;
-        unfold_chunk(c, &d, c->x + (size_t)n0 * c->in_numel, S, ch.u);
-        weight_grads(c, &d, k, ch.t, ch.u, m, n0 ? 1.0f : 0.0f, ch.ws, gtheta);
-        for (int j = 0; d.has_bias && j < k; j++)
-            row_sums(&d, ch.t + (size_t)j * d.cout * m, m, m,
-                     gtheta + (size_t)j * c->nparam + d.wnumel);
+        chunk_param_grads(c, &d, k, &ch, n0, S, gtheta);
     }
     for (int j = 0; gtheta && d.groups == 1 && j < k; j++)
         memcpy(gtheta + (size_t)j * c->nparam, ch.ws + (size_t)j * d.wnumel,
@@ -587,11 +597,7 @@ static void conv_vjp_hvp(const cv_layer_ctx *c, int k, const float *gy, const fl
         }
         if (!gtheta)
             continue;
-        unfold_chunk(c, &d, c->x + (size_t)n0 * c->in_numel, S, ch.u);
-        weight_grads(c, &d, k, ch.t, ch.u, m, n0 ? 1.0f : 0.0f, ch.ws, gtheta);
-        for (int j = 0; d.has_bias && j < k; j++)
-            row_sums(&d, ch.t + (size_t)j * d.cout * m, m, m,
-                     gtheta + (size_t)j * c->nparam + d.wnumel);
+        chunk_param_grads(c, &d, k, &ch, n0, S, gtheta);
         for (int j = 0; rt && j < k; j++) {
             unfold_chunk(c, &d, rt + ((size_t)j * n + n0) * c->in_numel, S, ch.u);
             gemm_t_colst(&d, tg, m, ch.u, m, m, 1.0f, ch.ws + (size_t)j * d.wnumel);
