@@ -5,7 +5,6 @@
 #include "conv_direct.h"
 
 #include <math.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "parallel.h"
@@ -231,7 +230,7 @@ void cv_dconv_run(const cv_conv_geom *g, int cout, const float *Wp, const float 
 
 /* ---- weight gradients ---------------------------------------------------- */
 
-#define CV_DWG_CHUNK 8   /* samples whose planes and transposed cotangents are staged */
+#define CV_DWG_CHUNK 2   /* samples whose planes and transposed cotangents are staged */
 #define CV_DWG_GROUPS 16 /* sample groups with their own partial sums */
 #define CV_DWG_MAXKW 7
 
@@ -245,9 +244,10 @@ static size_t wg_sample_floats(const cv_conv_geom *g, int cout)
     return (size_t)g->oh * g->ow * cout + (size_t)g->C * plane_h(g) * plane_w(g);
 }
 
+/* Per sample group: its partial sums, then (after all of those) its staging slot. */
 size_t cv_dconv_wgrad_scratch(const cv_conv_geom *g, int cout)
 {
-    return CV_DWG_GROUPS * cv_dconv_packed_floats(g, cout);
+    return CV_DWG_GROUPS * (cv_dconv_packed_floats(g, cout) + CV_DWG_CHUNK * wg_sample_floats(g, cout));
 }
 
 typedef struct {
@@ -352,27 +352,25 @@ static void wg_items_all(const wg_job *q, int m)
             wg_item(q, ob * q->nb * CV_DCONV_OB, rest / q->g->kh, rest % q->g->kh, m);
 }
 
-/* Sample groups [lo, hi): each into its partial sums, staging 8 samples at a
- * time in a buffer of its own (NaN partials if that cannot be allocated). */
+/* Sample groups [lo, hi): each into its partial sums, staging CV_DWG_CHUNK
+ * samples at a time in its own slot of the scratch (base->stage). */
 static void wg_group_range(void *p, size_t lo, size_t hi)
 {
     const wg_job *base = p;
     size_t packed = cv_dconv_packed_floats(base->g, base->cout);
-    float *stage = malloc(sizeof(float) * CV_DWG_CHUNK * wg_sample_floats(base->g, base->cout));
+    size_t slot = CV_DWG_CHUNK * wg_sample_floats(base->g, base->cout);
     for (size_t gr = lo; gr < hi; gr++) {
         wg_job q = *base;
         int a = (int)(gr * (size_t)q.n / q.groups), b = (int)((gr + 1) * (size_t)q.n / q.groups);
         q.Gp = q.partials + gr * packed;
-        q.stage = stage;
-        for (size_t t = 0; t < packed; t++)
-            q.Gp[t] = stage ? 0.0f : NAN;
-        for (q.s0 = a; stage && q.s0 < b; q.s0 += CV_DWG_CHUNK) {
+        q.stage = base->stage + gr * slot;
+        memset(q.Gp, 0, sizeof(float) * packed);
+        for (q.s0 = a; q.s0 < b; q.s0 += CV_DWG_CHUNK) {
             int m = b - q.s0 < CV_DWG_CHUNK ? b - q.s0 : CV_DWG_CHUNK;
             wg_stage(&q, m);
             wg_items_all(&q, m);
         }
     }
-    free(stage);
 }
 
 void cv_dconv_weight_grad(const cv_conv_geom *g, int cout, int n, const float *x,
@@ -382,8 +380,8 @@ void cv_dconv_weight_grad(const cv_conv_geom *g, int cout, int n, const float *x
     size_t K = (size_t)g->C * g->kh * g->kw, packed = K * cout;
     int groups = n < CV_DWG_GROUPS ? n : CV_DWG_GROUPS;
     int nb = cout % (4 * CV_DCONV_OB) == 0 && g->kw <= 5 ? 4 : cout % (2 * CV_DCONV_OB) ? 1 : 2;
-    wg_job q = {g,    cout, nb, x, gy, xstride, gystride, NULL,
-                NULL, 0,    n, groups, scratch};
+    wg_job q = {g, cout, nb, x, gy, xstride, gystride, NULL,
+                scratch + CV_DWG_GROUPS * packed, 0, n, groups, scratch};
     size_t group_floats = (size_t)(n / groups + 1) * packed; /* ~ FMAs per group / 16 */
     cv_parallel_for((size_t)groups, cv_parallel_grain(group_floats), wg_group_range, &q);
     for (int gr = 1; gr < groups; gr++) /* partial sums in group order */

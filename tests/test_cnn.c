@@ -1109,7 +1109,7 @@ static float *randn(cv_rng *r, size_t len)
 }
 
 /* cv_dconv_weight_grad against sum_s sum_p gy_s[o][p] x_s[c][oy - ph + i][ox - pw + j]
- * (double), for n samples (more than the kernel's 16 sample groups when n = 20). */
+ * (double), for n samples (n = 40: 16 sample groups of 2-3, staged 2 at a time). */
 static void check_direct_wgrad(const cv_conv_geom *g, int O, int n, cv_rng *r, size_t t)
 {
     size_t in = (size_t)g->C * g->H * g->W, out = (size_t)O * g->oh * g->ow;
@@ -1184,7 +1184,7 @@ START_TEST(direct_conv_matches_naive)
                                   "case %zu sample %d out %d pos %d: %g vs %g", t, s, o, p, y[i], want);
                 }
         if (cv_dconv_wgrad_supported(&g, O)) /* the weight gradient, added to gW */
-            check_direct_wgrad(&g, O, t == 0 ? 20 : n, &r, t);
+            check_direct_wgrad(&g, O, t == 0 ? 40 : n, &r, t);
         if (g.C % 16 == 0) { /* the transposed convolution, overwriting gx */
             float *gx = randn(&r, n * in), *Wt = malloc(sizeof(float) * cv_dconv_packed_floats(&gt, g.C));
             cv_dconv_pack_transposed(&g, O, W, Wt);
