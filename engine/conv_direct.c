@@ -1,7 +1,8 @@
-/* conv_direct.c - direct stride-1 convolution with AVX-512 register blocks
+/* conv_direct.c - direct stride-1 convolution with AVX-512 register tiles
  * (see conv_direct.h): per sample, the input planes are copied once into a
- * zero-padded stack buffer, then every (16 output channels, output row,
- * CV_DCONV_RUN columns) block sums its taps in registers. */
+ * zero-padded stack buffer, then every (64, 32 or 16 output channels, output
+ * row, 7 or 14 columns) tile sums its taps in registers; weight gradients
+ * stage samples in the caller's scratch and sum per sample group. */
 #include "conv_direct.h"
 
 #include <math.h>

@@ -1,11 +1,12 @@
 /* conv_direct.h - direct (no im2col) stride-1 convolution for CPUs with
- * AVX-512: each sample's zero-padded input planes stay in cache while a
- * register block of 16 output channels x CV_DCONV_RUN output columns
- * accumulates over all input channels and taps.  Used by Conv2d for the
- * convolutions of its products (forward, tangents, input cotangents as the
- * transposed convolution) where the geometry allows; elsewhere im2col + sgemm.
- * Sums run over (input channel, tap row, tap column) in that order for every
- * output, whatever the thread count. */
+ * AVX-512 (checked at run time): each sample's zero-padded input planes stay
+ * in cache while a register tile of 64 output channels x 7 output columns
+ * (32 x 14 or 16 x 14 when cout is not a multiple of 64) accumulates over all
+ * input channels and taps; and the matching weight gradients.  Used by Conv2d
+ * for the convolutions of its products (forward, tangents, input cotangents
+ * as the transposed convolution, weight gradients) where the geometry
+ * allows; elsewhere im2col + sgemm.  Sums run over (input channel, tap row,
+ * tap column) in that order for every output, whatever the thread count. */
 #ifndef CV_CONV_DIRECT_H
 #define CV_CONV_DIRECT_H
 
