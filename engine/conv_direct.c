@@ -234,6 +234,7 @@ void cv_dconv_run(const cv_conv_geom *g, int cout, const float *Wp, const float 
 #define CV_DWG_CHUNK 2   /* samples whose planes and transposed cotangents are staged */
 #define CV_DWG_GROUPS 16 /* sample groups with their own partial sums */
 #define CV_DWG_MAXKW 7
+#define CV_DWG_MAXKW4 5  /* widest kernel with 64-channel items: 5 x 4 accumulators */
 
 int cv_dconv_wgrad_supported(const cv_conv_geom *g, int cout)
 {
@@ -253,7 +254,7 @@ size_t cv_dconv_wgrad_scratch(const cv_conv_geom *g, int cout)
 
 typedef struct {
     const cv_conv_geom *g;
-    int cout, nb;           /* nb: 16-channel blocks per item (1 or 2) */
+    int cout, nb;           /* nb: 16-channel blocks per item (1, 2 or 4) */
     const float *x, *gy;
     size_t xstride, gystride;
     float *Gp;              /* accumulators, packed [(c*kh + i)*kw + j][cout] */
@@ -311,18 +312,11 @@ wg_item_k(const wg_job *q, int o0, int c, int i, int m, const int KW, const int 
             _mm512_storeu_ps(G + (size_t)j * cout + b * CV_DCONV_OB, acc[j][b]);
 }
 
-#define CV_WG_CASE4(KW) /* up to 5 x 4 accumulators */                                        \
-    case KW:                                                                                   \
-        if (q->nb == 4)                                                                        \
-            wg_item_k(q, o0, c, i, m, KW, 4);                                                  \
-        else if (q->nb == 2)                                                                   \
-            wg_item_k(q, o0, c, i, m, KW, 2);                                                  \
-        else                                                                                   \
-            wg_item_k(q, o0, c, i, m, KW, 1);                                                  \
-        break;
 #define CV_WG_CASE(KW)                                                                         \
     case KW:                                                                                   \
-        if (q->nb == 2)                                                                        \
+        if (KW <= CV_DWG_MAXKW4 && q->nb == 4)                                                 \
+            wg_item_k(q, o0, c, i, m, KW, 4);                                                  \
+        else if (q->nb == 2)                                                                   \
             wg_item_k(q, o0, c, i, m, KW, 2);                                                  \
         else                                                                                   \
             wg_item_k(q, o0, c, i, m, KW, 1);                                                  \
@@ -332,8 +326,8 @@ __attribute__((target("avx512f,fma"))) static void wg_item(const wg_job *q, int 
                                                             int i, int m)
 {
     switch (q->g->kw) {
-        CV_WG_CASE4(1) CV_WG_CASE4(2) CV_WG_CASE4(3) CV_WG_CASE4(4) CV_WG_CASE4(5)
-        CV_WG_CASE(6) CV_WG_CASE(7)
+        CV_WG_CASE(1) CV_WG_CASE(2) CV_WG_CASE(3) CV_WG_CASE(4) CV_WG_CASE(5) CV_WG_CASE(6)
+        CV_WG_CASE(7)
     default: break;
     }
 }
@@ -380,7 +374,9 @@ void cv_dconv_weight_grad(const cv_conv_geom *g, int cout, int n, const float *x
 {
     size_t K = (size_t)g->C * g->kh * g->kw, packed = K * cout;
     int groups = n < CV_DWG_GROUPS ? n : CV_DWG_GROUPS;
-    int nb = cout % (4 * CV_DCONV_OB) == 0 && g->kw <= 5 ? 4 : cout % (2 * CV_DCONV_OB) ? 1 : 2;
+    int nb = cout % (4 * CV_DCONV_OB) == 0 && g->kw <= CV_DWG_MAXKW4 ? 4
+             : cout % (2 * CV_DCONV_OB) == 0                         ? 2
+                                                                     : 1;
     wg_job q = {g, cout, nb, x, gy, xstride, gystride, NULL,
                 scratch + CV_DWG_GROUPS * packed, 0, n, groups, scratch};
     size_t group_floats = (size_t)(n / groups + 1) * packed; /* ~ FMAs per group / 16 */

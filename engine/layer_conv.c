@@ -5,8 +5,9 @@
  * every product is a few large sgemm calls; outputs are scattered back to
  * NCHW, cotangents gathered channel-major and folded back through col2im.
  * Where conv_direct.h handles the geometry (stride 1, AVX-512, groups 1),
- * the convolutions (forward, tangents, and input cotangents as transposed
- * convolutions) run direct instead; weight gradients stay on sgemm. */
+ * every kernel but per_sample and gram_add runs direct instead: the
+ * convolutions (forward, tangents, input cotangents as transposed
+ * convolutions) and the weight gradients. */
 #include "layer.h"
 
 #include <cblas.h>
@@ -472,9 +473,8 @@ static void conv_jvp(const cv_layer_ctx *c, int k, const float *rx, const float 
         memset(ry, 0, sizeof(float) * len);
         return;
     }
-    float *Wp = scratch(c, 2 * cv_dconv_packed_floats(&d.g, d.cout));
-    if (direct_fwd(&d) && Wp) {
-        float *Vp = Wp + cv_dconv_packed_floats(&d.g, d.cout);
+    if (use_direct(c, &d, 0, 0)) {
+        float *Wp = c->work, *Vp = Wp + cv_dconv_packed_floats(&d.g, d.cout);
         for (int j = 0; j < k; j++) {
             float *ryj = ry + (size_t)j * n * c->out_numel;
             const float *vj = vtheta ? vtheta + (size_t)j * c->nparam : NULL;
@@ -552,7 +552,7 @@ static void conv_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const 
     }
 }
 
-/* conv_vjp then conv_hvp_extra in one pass over the chunks (groups == 1):
+/* conv_vjp then conv_hvp_extra in one pass over the chunks (im2col, groups == 1):
  * per vector one unfolded input cotangent W^T T_j + V_j^T T_g, folded once,
  * and the weight terms T_j unfold(x)^T + T_g unfold(rx_j)^T accumulated in
  * the stacked Ws; T_g (the gathered g0) sits in cotangent slot k. */
@@ -562,20 +562,9 @@ static void conv_vjp_hvp(const cv_layer_ctx *c, int k, const float *gy, const fl
     conv_dims d = dims_of(c);
     int n = c->n;
     conv_chunk ch;
-    if (use_direct(c, &d, gx != NULL, gtheta != NULL)) {
-        for (int j = 0; gx && j < k; j++) {
-            float *gxj = gx + (size_t)j * n * c->in_numel;
-            tconv_direct(c, &d, c->theta, gy + (size_t)j * n * c->out_numel, 0, gxj, c->work);
-            if (vtheta)
-                tconv_direct(c, &d, vtheta + (size_t)j * c->nparam, g0, 1, gxj, c->work);
-        }
-        if (gtheta)
-            wgrad_direct(c, &d, k, c->x, 0, gy, (size_t)n * c->out_numel, 0, gtheta);
-        if (gtheta && rx)
-            wgrad_direct(c, &d, k, rx, (size_t)n * c->in_numel, g0, 0, 1, gtheta);
-        return;
-    }
-    if (d.groups != 1 || chunk_scratch(c, &d, k + 1, &ch)) {
+    /* direct kernels share nothing between the two: run them one after the other */
+    if (use_direct(c, &d, gx != NULL, gtheta != NULL) || d.groups != 1 ||
+        chunk_scratch(c, &d, k + 1, &ch)) {
         conv_vjp(c, k, gy, gx, gtheta);
         conv_hvp_extra(c, k, g0, rx, vtheta, gx, gtheta);
         return;
