@@ -560,7 +560,7 @@ def test_readme(url, tmp):
               p.stdout[-800:])
         check("README python-torch: LSTM message", "unsupported module nn.LSTM at index 3" in p.stdout, p.stdout[-800:])
         check("README python-torch: files written",
-              all(os.path.exists(os.path.join(work, f)) for f in ("arch.json", "params.safetensors", "data.safetensors")))
+              all(os.path.exists(os.path.join(work, "out", f)) for f in ("arch.json", "params.safetensors", "data.safetensors")))
     code = readme_block("train-monitor")
     if check("README train-monitor block present", code is not None):
         p, dt = run_block("sh", code, work, url, timeout=120)

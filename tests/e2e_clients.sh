@@ -84,7 +84,7 @@ readme_block() {
 # Files for the registration tests: the README's PyTorch example writes them.
 readme_block python-torch > "$T/torch_example.py"
 if ( cd "$T/w" && PYTHONPATH="$ROOT/clients/python" timeout 60 "$PY" "$T/torch_example.py" ) > "$T/torch.out" 2>&1; then
-  ok "README python-torch example (writes arch.json, params.safetensors, data.safetensors)"
+  ok "README python-torch example (writes out/arch.json, out/params.safetensors, out/data.safetensors)"
 else
   bad "README python-torch example: $(tail -c 800 "$T/torch.out")"
 fi
@@ -162,15 +162,15 @@ out_has "dataset details" "^n  *1797"
 run "models show demo-mlp" 0 "$C" models show demo-mlp
 out_has "model layers table" "^0  *Linear  *in_features=64"
 out_has "model parameters table" "^0.weight  *32x64  *2048"
-run "models register" 0 "$C" models register cli-mlp --arch arch.json --params params.safetensors
+run "models register" 0 "$C" models register cli-mlp --arch out/arch.json --params out/params.safetensors
 out_has "registered message" "^model cli-mlp: version 1, 2410 parameters"
-run "duplicate register: exit 1" 1 "$C" models register cli-mlp --arch arch.json --params params.safetensors
+run "duplicate register: exit 1" 1 "$C" models register cli-mlp --arch out/arch.json --params out/params.safetensors
 err_has "duplicate register: server message with HTTP 409" "HTTP 409"
-run "datasets register" 0 "$C" datasets register cli-digits --data data.safetensors
+run "datasets register" 0 "$C" datasets register cli-digits --data out/data.safetensors
 out_has "dataset registered" "^dataset cli-digits: version 1, 1797 samples"
-run "datasets register --replace" 0 "$C" datasets register cli-digits --data data.safetensors --replace
+run "datasets register --replace" 0 "$C" datasets register cli-digits --data out/data.safetensors --replace
 out_has "dataset replaced: version 2" "^dataset cli-digits: version 2"
-run "push" 0 "$C" push cli-mlp params.safetensors
+run "push" 0 "$C" push cli-mlp out/params.safetensors
 out_has "push: version 2" "^model cli-mlp: version 2"
 run "models download" 0 "$C" models download cli-mlp down.safetensors
 run "push downloaded parameters" 0 "$C" push cli-mlp down.safetensors
@@ -258,7 +258,7 @@ run "bad --option syntax: exit 2" 2 "$C" submit --op trace --model demo-mlp --da
 run "models show unknown: exit 1" 1 "$C" models show nope
 err_has "404 message" "model 'nope' not found"
 run "invalid name: exit 2" 2 "$C" models show 'a/b'
-run "missing file: exit 2" 2 "$C" models register x --arch missing.json --params params.safetensors
+run "missing file: exit 2" 2 "$C" models register x --arch missing.json --params out/params.safetensors
 err_has "missing file named" "missing.json"
 run "bad parameters file: exit 1" 1 "$C" push cli-mlp job.json
 err_has "bad parameters: server message" "HTTP 400"
