@@ -8,7 +8,7 @@ the document lie between `<!-- check:NAME -->` and `<!-- /check -->`:
   routes      table rows | `METHOD` | `PATH` | ...   vs `curvd routes`
   curvatures  table rows | `name` | ...             vs /v1/ops "curvatures"
   statuses    table rows | `name` | ...             vs /v1/ops "statuses" (when present)
-  ops         `### \`op\`` headings                  vs /v1/ops "ops"; each op's option
+  ops         `#### \`op\`` headings                  vs /v1/ops "ops"; each op's option
               table rows | `option` | ...           vs /v1/ops "op_specs"[op]["options"]
               (when op_specs is present; then also every enum choice and every
               method must appear in the op's section, every result field too)
@@ -28,7 +28,7 @@ import re
 import sys
 
 ROW = re.compile(r"^\|\s*`([^`]+)`\s*\|(?:\s*`([^`]+)`\s*\|)?")
-OP_HEAD = re.compile(r"^###\s+`([^`]+)`\s*$")
+OP_HEAD = re.compile(r"^#{3,4}\s+`([^`]+)`\s*$")
 FLAG = re.compile(r"(?<![\w-])(--[a-z][a-z0-9-]*)")
 
 
@@ -58,9 +58,9 @@ def doc_routes(lines):
 def doc_ops(lines):
     """{op: (option names in its tables, the section's text)}."""
     ops, cur, text = {}, None, []
-    for line in lines + ["### `"]:
+    for line in lines + ["#### `"]:
         m = OP_HEAD.match(line)
-        if m or line == "### `":
+        if m or line == "#### `":
             if cur is not None:
                 ops[cur] = (first_cells(text), "\n".join(text))
             cur, text = (m.group(1) if m else None), []
