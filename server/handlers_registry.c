@@ -347,27 +347,31 @@ static void list_snaps(req *r, cv_reg_kind kind, const char *key)
     reply_json(r, 200, root);
 }
 
-static void get_snap(req *r, cv_reg_kind kind)
+/* The snapshot named by the path, or NULL after replying 404. */
+static cv_snap *find_snap(req *r, cv_reg_kind kind)
 {
     cv_err e;
     cv_snap *s = cv_registry_get(r->h->reg, kind, r->param, &e);
-    if (!s) {
+    if (!s)
         reply_err(r, &e);
-        return;
-    }
-    reply_snap(r, 200, s, 1, NULL);
+    return s;
+}
+
+static void get_snap(req *r, cv_reg_kind kind)
+{
+    cv_snap *s = find_snap(r, kind);
+    if (s)
+        reply_snap(r, 200, s, 1, NULL);
 }
 
 /* The model's parameters or the dataset as safetensors, with the version
  * in X-Curvd-Version. */
 static void download_snap(req *r, cv_reg_kind kind)
 {
-    cv_err e;
-    cv_snap *s = cv_registry_get(r->h->reg, kind, r->param, &e);
-    if (!s) {
-        reply_err(r, &e);
+    cv_snap *s = find_snap(r, kind);
+    if (!s)
         return;
-    }
+    cv_err e;
     void *buf;
     size_t len;
     if (kind == CV_REG_MODEL ? cv_params_export(s->model, &buf, &len, &e)
