@@ -14,7 +14,7 @@ static const char *add_dataset(void *args, const char *v);
 
 #define SERVE(field) offsetof(cv_serve_args, cfg.field)
 #define RUN(field) offsetof(cv_run_args, field)
-#define TB(n) ((double)((size_t)1 << (n))) /* 2^n bytes */
+#define POW2(n) ((double)((size_t)1 << (n)))
 
 const cv_flag cv_serve_flags[] = {
     {.name = "--port", .arg = "N", .kind = CV_FLAG_INT, .off = SERVE(http.port), .hi = 65535,
@@ -28,13 +28,13 @@ const cv_flag cv_serve_flags[] = {
      .help = "OpenBLAS threads (process-wide, shared by all\n"
              "workers: workers x N should not exceed the cores)"},
     {.name = "--max-body", .arg = "BYTES", .kind = CV_FLAG_BYTES, .off = SERVE(http.max_body),
-     .lo = 1, .hi = TB(40), .help = "largest request body; suffixes K, M, G"},
+     .lo = 1, .hi = POW2(40), .help = "largest request body; suffixes K, M, G"},
     {.name = "--max-job-bytes", .arg = "BYTES", .kind = CV_FLAG_BYTES,
-     .off = SERVE(http.max_job_body), .lo = 1, .hi = TB(40),
+     .off = SERVE(http.max_job_body), .lo = 1, .hi = POW2(40),
      .help = "largest POST /v1/jobs body (the job JSON), 413\n"
              "body_too_large above it"},
     {.name = "--max-registry-bytes", .arg = "BYTES", .kind = CV_FLAG_BYTES,
-     .off = SERVE(max_registry_bytes), .lo = 1, .hi = TB(50),
+     .off = SERVE(max_registry_bytes), .lo = 1, .hi = POW2(50),
      .help = "memory budget of registered models+datasets, old\n"
              "versions still pinned by queued/running jobs\n"
              "included: an upload over it is 413 registry_full,\n"
@@ -46,7 +46,7 @@ const cv_flag cv_serve_flags[] = {
     {.name = "--keep-jobs", .arg = "SECONDS", .kind = CV_FLAG_SECONDS, .off = SERVE(jobs.keep_s),
      .hi = 1e9, .help = "finished jobs stay readable this long"},
     {.name = "--max-kept-bytes", .arg = "BYTES", .kind = CV_FLAG_BYTES,
-     .off = SERVE(jobs.max_kept_bytes), .hi = TB(50),
+     .off = SERVE(jobs.max_kept_bytes), .hi = POW2(50),
      .help = "memory for finished jobs' results; beyond it the\n"
              "oldest finished jobs are dropped first (the newest\n"
              "always stays); 0 = no cap"},
@@ -63,7 +63,7 @@ const cv_flag cv_serve_flags[] = {
      .off = SERVE(http.max_connections), .lo = 1, .hi = 100000,
      .help = "concurrent HTTP connections"},
     {.name = "--dense-max", .arg = "D", .kind = CV_FLAG_COUNT, .off = SERVE(jobs.limits.dense_max),
-     .lo = 1, .hi = TB(20), .help = "largest D for op dense"},
+     .lo = 1, .hi = POW2(20), .help = "largest D for op dense"},
     {.name = "--model", .arg = "NAME=ARCH.json:PARAMS.safetensors", .kind = CV_FLAG_CALL,
      .fn = add_model, .help = "register a model (repeatable)"},
     {.name = "--dataset", .arg = "NAME=DATA.safetensors", .kind = CV_FLAG_CALL, .fn = add_dataset,
@@ -83,9 +83,9 @@ const cv_flag cv_run_flags[] = {
      .required = 1},
     {.name = "--job", .arg = "J.json", .kind = CV_FLAG_STRING, .off = RUN(job), .required = 1},
     {.name = "--blas-threads", .arg = "N", .kind = CV_FLAG_INT, .off = RUN(blas_threads), .lo = 1,
-     .hi = TB(30)},
+     .hi = POW2(30)},
     {.name = "--dense-max", .arg = "D", .kind = CV_FLAG_COUNT, .off = RUN(dense_max), .lo = 1,
-     .hi = TB(30)},
+     .hi = POW2(30)},
     {.name = "--vectors-out", .arg = "V.safetensors", .kind = CV_FLAG_STRING,
      .off = RUN(vectors_out)},
     {.name = NULL},
