@@ -1,4 +1,4 @@
-/* err.c - filling and classifying cv_err records. */
+/* err.c - filling cv_err records and naming their status codes. */
 #include "err.h"
 
 #include <stdarg.h>
@@ -24,23 +24,6 @@ void cv_err_clear(cv_err *e)
 {
     if (e)
         memset(e, 0, sizeof *e);
-}
-
-int cv_err_http_status(cv_status st)
-{
-    switch (st) {
-    case CV_OK: return 200;
-    case CV_EINVAL: return 400;
-    case CV_ENOTFOUND: return 404;
-    case CV_ECONFLICT: return 409;
-    case CV_ETOOLARGE: return 413;
-    case CV_EBUSY: return 429;
-    case CV_ESHUTDOWN: return 503;
-    case CV_ECANCELLED: return 409;
-    case CV_ETIMEOUT: return 408;
-    case CV_ENOMEM: return 507;
-    default: return 500;
-    }
 }
 
 const char *cv_status_name(cv_status st)

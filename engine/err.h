@@ -1,7 +1,8 @@
 /* err.h - the one error record every curvd module fills in.
  *
- * Mirrors the contract's JSON error shape {"code","message","field"} without
- * depending on JSON: api/ turns it into JSON, server/ into an HTTP status.
+ * Mirrors the interface's JSON error shape {"code","message","field"} without
+ * depending on JSON: api/ turns it into JSON, server/ (cv_http_status) into
+ * an HTTP status.
  */
 #ifndef CV_ERR_H
 #define CV_ERR_H
@@ -10,16 +11,16 @@
 
 typedef enum {
     CV_OK = 0,
-    CV_EINVAL,      /* bad input: 400 */
-    CV_ENOTFOUND,   /* unknown name: 404 */
-    CV_ECONFLICT,   /* 409 */
-    CV_ETOOLARGE,   /* over a configured limit: 413 */
-    CV_EBUSY,       /* queue full: 429 */
-    CV_ESHUTDOWN,   /* 503 */
+    CV_EINVAL,      /* bad input */
+    CV_ENOTFOUND,   /* unknown name */
+    CV_ECONFLICT,   /* clashes with the current state (exists, in use) */
+    CV_ETOOLARGE,   /* over a configured limit */
+    CV_EBUSY,       /* full for now (queue, memory held by jobs): retry later */
+    CV_ESHUTDOWN,   /* the service is shutting down */
     CV_ECANCELLED,  /* job cancelled */
     CV_ETIMEOUT,    /* job time limit */
-    CV_ENOMEM,      /* allocation failed: 507/500 */
-    CV_EINTERNAL    /* 500 */
+    CV_ENOMEM,      /* allocation failed */
+    CV_EINTERNAL    /* a bug */
 } cv_status;
 
 typedef struct {
@@ -34,8 +35,6 @@ typedef struct {
 int cv_err_set(cv_err *e, cv_status st, const char *code, const char *field,
                const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 void cv_err_clear(cv_err *e);
-/* HTTP status that fits the error. */
-int cv_err_http_status(cv_status st);
 const char *cv_status_name(cv_status st);
 
 #endif

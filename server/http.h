@@ -1,4 +1,4 @@
-/* http.h - the HTTP API (contract §5) on libmicrohttpd.
+/* http.h - the HTTP API (docs/interface.md, api/openapi.yaml) on libmicrohttpd.
  *
  * MHD runs one thread per connection (MHD_USE_THREAD_PER_CONNECTION with
  * its internal polling thread), so a request that waits for a job
@@ -10,9 +10,14 @@
  * buffered for lack of memory 503 out_of_memory.  Idle connections are
  * closed after max_wait + 60 seconds, so a request blocked in ?wait= is
  * never cut off.
- * Every error is the contract's {"error": {"code", "message", "field"}} with
- * the HTTP status of cv_err_http_status(); unknown paths are 404 and known
- * paths with the wrong method 405 with an Allow header.
+ * Every error is the interface's {"error": {"code", "message", "field"}} with
+ * the HTTP status of cv_http_status(); unknown paths are 404 and known
+ * paths with the wrong method 405 with an Allow header.  Every JSON body
+ * ends with a newline.
+ *
+ * Inside: http.c (daemon, bodies, routing), http_req.c (request and reply
+ * helpers), handlers_registry.c, handlers_jobs.c, handlers_misc.c; their
+ * shared declarations are in http_internal.h.
  */
 #ifndef CV_HTTP_H
 #define CV_HTTP_H
@@ -51,5 +56,10 @@ typedef struct {
 
 int cv_http_route_count(void);
 const cv_route_info *cv_http_route(int i);
+
+/* The HTTP status that answers an engine error status: invalid 400,
+ * not_found 404, conflict and cancelled 409, timeout 408, too_large 413,
+ * busy 429, shutting_down 503, out_of_memory 507, anything else 500. */
+int cv_http_status(cv_status st);
 
 #endif

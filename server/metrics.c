@@ -43,21 +43,29 @@ static void sb_printf(sbuf *s, const char *fmt, ...)
     }
 }
 
+/* The HELP and TYPE lines that announce a family's samples. */
+static void family(sbuf *s, const char *name, const char *help, const char *type)
+{
+    sb_printf(s, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
 static void gauge(sbuf *s, const char *name, const char *help, double v)
 {
-    sb_printf(s, "# HELP %s %s\n# TYPE %s gauge\n%s %.17g\n", name, help, name, name, v);
+    family(s, name, help, "gauge");
+    sb_printf(s, "%s %.17g\n", name, v);
 }
 
 static void counter(sbuf *s, const char *name, const char *help, double v)
 {
-    sb_printf(s, "# HELP %s %s\n# TYPE %s counter\n%s %.17g\n", name, help, name, name, v);
+    family(s, name, help, "counter");
+    sb_printf(s, "%s %.17g\n", name, v);
 }
 
 /* hist: cumulative bucket counts for cv_job_hist_bounds, then +Inf. */
 static void histogram(sbuf *s, const char *name, const char *help, const unsigned long *hist,
                       double sum, unsigned long count)
 {
-    sb_printf(s, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    family(s, name, help, "histogram");
     for (int b = 0; b < CV_HIST_BUCKETS; b++)
         sb_printf(s, "%s_bucket{le=\"%g\"} %lu\n", name, cv_job_hist_bounds[b], hist[b]);
     sb_printf(s, "%s_bucket{le=\"+Inf\"} %lu\n", name, hist[CV_HIST_BUCKETS]);
@@ -77,21 +85,19 @@ char *cv_metrics_render(cv_registry *reg, cv_jobs *jobs, const cv_http_counters 
         return NULL;
     s.buf[0] = 0;
     gauge(&s, "curvd_up", "1 while the service runs.", 1);
-    sb_printf(&s, "# HELP curvd_info Build information.\n# TYPE curvd_info gauge\n"
-                  "curvd_info{version=\"%s\"} 1\n", CV_SERVER_VERSION);
+    family(&s, "curvd_info", "Build information.", "gauge");
+    sb_printf(&s, "curvd_info{version=\"%s\"} 1\n", CV_SERVER_VERSION);
     gauge(&s, "curvd_uptime_seconds", "Seconds since the service started.", uptime_s);
     gauge(&s, "curvd_queue_depth", "Jobs waiting in the queue.", (double)js.queue_depth);
     gauge(&s, "curvd_queue_capacity", "Maximum queued jobs (--max-queue).",
           (double)js.max_queue);
     gauge(&s, "curvd_workers", "Worker threads (--workers).", js.workers);
     gauge(&s, "curvd_workers_busy", "Workers running a job now.", js.busy_workers);
-    sb_printf(&s, "# HELP curvd_jobs Jobs held by the service, by status.\n"
-                  "# TYPE curvd_jobs gauge\n");
+    family(&s, "curvd_jobs", "Jobs held by the service, by status.", "gauge");
     for (int i = 0; i < CV_JOB_NSTATUS; i++)
         sb_printf(&s, "curvd_jobs{status=\"%s\"} %ld\n", cv_job_status_name(i),
                   js.by_status[i]);
-    sb_printf(&s, "# HELP curvd_jobs_finished_total Jobs that ended, by final status.\n"
-                  "# TYPE curvd_jobs_finished_total counter\n");
+    family(&s, "curvd_jobs_finished_total", "Jobs that ended, by final status.", "counter");
     for (int i = CV_JOB_SUCCEEDED; i < CV_JOB_NSTATUS; i++)
         sb_printf(&s, "curvd_jobs_finished_total{status=\"%s\"} %ld\n",
                   cv_job_status_name(i), js.finished_total[i]);
@@ -121,8 +127,8 @@ char *cv_metrics_render(cv_registry *reg, cv_jobs *jobs, const cv_http_counters 
           (double)rs.max_bytes);
     gauge(&s, "curvd_models", "Registered models.", rs.models);
     gauge(&s, "curvd_datasets", "Registered datasets.", rs.datasets);
-    sb_printf(&s, "# HELP curvd_http_requests_total HTTP requests answered, by status class.\n"
-                  "# TYPE curvd_http_requests_total counter\n");
+    family(&s, "curvd_http_requests_total", "HTTP requests answered, by status class.",
+           "counter");
     for (int c = 1; c <= 5; c++)
         sb_printf(&s, "curvd_http_requests_total{code_class=\"%dxx\"} %lu\n", c,
                   hc ? hc->requests[c] : 0ul);

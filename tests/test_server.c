@@ -1,15 +1,21 @@
 /* test_server.c - the service's building blocks without HTTP: base64 and
  * multipart decoding, names, the registry (versions, pinned snapshots, 409
  * while in use, memory budget), the job queue (results, 429, cancel, time
- * limit, drain), metrics text, the demo, and the route table against
- * api/openapi.yaml (run from the repository root, as `make unit` does). */
+ * limit, drain), metrics text, the demo, the route table against
+ * api/openapi.yaml (run from the repository root, as `make unit` does), the
+ * HTTP replies' framing over a socket, and the command line's flag tables. */
 #include "testutil.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <regex.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "api/params.h"
 #include "server/b64.h"
+#include "server/cli.h"
 #include "server/demo.h"
 #include "server/http.h"
 #include "server/jobs.h"
@@ -728,6 +734,280 @@ START_TEST(routes_match_openapi)
 }
 END_TEST
 
+/* ---- HTTP replies over a socket ------------------------------------------------ */
+
+typedef struct {
+    int status;
+    char ctype[96];
+    long content_length;   /* -1: no header */
+    char *body;            /* malloc()ed, NUL-terminated */
+    size_t body_len;
+} http_reply;
+
+/* One HTTP/1.0 request to 127.0.0.1:port; the whole reply in *out. */
+static void http_call(int port, const char *method, const char *path, const char *body,
+                      http_reply *out)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    ck_assert_int_ge(fd, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons((uint16_t)port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
+    char head[512];
+    size_t blen = body ? strlen(body) : 0;
+    int n = snprintf(head, sizeof head,
+                     "%s %s HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     "Content-Length: %zu\r\n\r\n",
+                     method, path, blen);
+    ck_assert_int_eq(write(fd, head, (size_t)n), n);
+    if (blen)
+        ck_assert_int_eq(write(fd, body, blen), (ssize_t)blen);
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap + 1);
+    ssize_t r;
+    while ((r = read(fd, buf + len, cap - len)) > 0) {
+        len += (size_t)r;
+        if (len == cap)
+            ck_assert_ptr_nonnull(buf = realloc(buf, (cap *= 2) + 1));
+    }
+    close(fd);
+    buf[len] = 0;
+    char *sep = strstr(buf, "\r\n\r\n");
+    ck_assert_msg(sep != NULL, "no header end in %.200s", buf);
+    *sep = 0;
+    memset(out, 0, sizeof *out);
+    ck_assert_int_eq(sscanf(buf, "HTTP/1.%*d %d", &out->status), 1);
+    out->content_length = -1;
+    for (char *line = strstr(buf, "\r\n"); line; line = strstr(line + 2, "\r\n")) {
+        if (strncasecmp(line + 2, "Content-Type: ", 14) == 0)
+            sscanf(line + 16, "%95[^\r]", out->ctype);
+        if (strncasecmp(line + 2, "Content-Length: ", 16) == 0)
+            out->content_length = atol(line + 18);
+    }
+    out->body_len = len - (size_t)(sep + 4 - buf);
+    out->body = malloc(out->body_len + 1);
+    memcpy(out->body, sep + 4, out->body_len + 1);
+    free(buf);
+}
+
+/* The reply is JSON with the given status, ends with exactly one newline,
+ * and Content-Length counts that newline; returns the parsed document. */
+static cJSON *json_reply(int port, const char *method, const char *path, const char *body,
+                         int status)
+{
+    http_reply r;
+    http_call(port, method, path, body, &r);
+    ck_assert_msg(r.status == status, "%s %s: status %d, want %d: %s", method, path, r.status,
+                  status, r.body);
+    ck_assert_str_eq(r.ctype, "application/json");
+    ck_assert_int_eq(r.content_length, (long)r.body_len);
+    ck_assert_msg(r.body_len >= 2 && r.body[r.body_len - 1] == '\n' &&
+                      r.body[r.body_len - 2] == '}',
+                  "%s %s: body does not end with \"}\\n\": %s", method, path, r.body);
+    cJSON *j = cJSON_Parse(r.body);
+    ck_assert_msg(j != NULL, "%s %s: not JSON: %s", method, path, r.body);
+    free(r.body);
+    return j;
+}
+
+START_TEST(json_bodies_end_with_newline)
+{
+    jfx f;
+    jfx_make(&f, 1, 8, 0);
+    cv_http_config c;
+    memset(&c, 0, sizeof c);
+    c.max_body = 1 << 20;
+    c.max_wait = 30;
+    cv_err e;
+    cv_http *h = cv_http_start(&c, f.reg, f.jobs, &e);
+    ck_assert_msg(h != NULL, "%s", e.message);
+    int port = cv_http_port(h);
+    cJSON_Delete(json_reply(port, "GET", "/v1/health", NULL, 200));
+    cJSON_Delete(json_reply(port, "GET", "/v1/ops", NULL, 200));
+    cJSON_Delete(json_reply(port, "GET", "/v1/models", NULL, 200));
+    cJSON_Delete(json_reply(port, "GET", "/v1/datasets/d", NULL, 200));
+    cJSON_Delete(json_reply(port, "GET", "/v1/nope", NULL, 404));
+    cJSON_Delete(json_reply(port, "PATCH", "/v1/models", NULL, 405));
+    cJSON_Delete(json_reply(port, "POST", "/v1/models", "{", 400));
+    /* a finished job's status is assembled from stored result text */
+    cJSON *j = json_reply(port, "POST", "/v1/jobs?wait=30",
+                          "{\"op\":\"loss\",\"model\":\"m\",\"dataset\":\"d\"}", 200);
+    ck_assert_str_eq(sfield(j, "status", NULL), "succeeded");
+    char path[96];
+    snprintf(path, sizeof path, "/v1/jobs/%s", sfield(j, "id", NULL));
+    cJSON_Delete(j);
+    cJSON_Delete(json_reply(port, "GET", path, NULL, 200));
+    cJSON_Delete(json_reply(port, "GET", "/v1/jobs", NULL, 200));
+    /* other bodies are passed through as they are */
+    http_reply r;
+    http_call(port, "GET", "/v1/models/m/parameters", NULL, &r);
+    ck_assert_int_eq(r.status, 200);
+    ck_assert_str_eq(r.ctype, "application/octet-stream");
+    ck_assert_int_eq(r.content_length, (long)r.body_len);
+    cv_snap *s = cv_registry_get(f.reg, CV_REG_MODEL, "m", &e);
+    void *want;
+    size_t wlen;
+    ck_assert_int_eq(cv_params_export(s->model, &want, &wlen, &e), 0);
+    ck_assert_uint_eq(r.body_len, wlen);
+    ck_assert(memcmp(r.body, want, wlen) == 0);
+    free(want);
+    free(r.body);
+    cv_snap_unref(s);
+    cv_http_stop(h);
+    jfx_free(&f);
+}
+END_TEST
+
+START_TEST(http_status_of_errors)
+{
+    static const struct {
+        cv_status st;
+        int http;
+    } want[] = {{CV_OK, 200},         {CV_EINVAL, 400},     {CV_ENOTFOUND, 404},
+                {CV_ECONFLICT, 409},  {CV_ETOOLARGE, 413},  {CV_EBUSY, 429},
+                {CV_ESHUTDOWN, 503},  {CV_ECANCELLED, 409}, {CV_ETIMEOUT, 408},
+                {CV_ENOMEM, 507},     {CV_EINTERNAL, 500}};
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
+        ck_assert_int_eq(cv_http_status(want[i].st), want[i].http);
+}
+END_TEST
+
+/* ---- command line: flag tables and usage ---------------------------------------- */
+
+static char *usage_text(void)
+{
+    FILE *f = tmpfile();
+    ck_assert_ptr_nonnull(f);
+    cv_usage(f);
+    long len = ftell(f);
+    ck_assert_int_gt(len, 0);
+    char *text = malloc((size_t)len + 1);
+    rewind(f);
+    ck_assert_uint_eq(fread(text, 1, (size_t)len, f), (size_t)len);
+    text[len] = 0;
+    fclose(f);
+    return text;
+}
+
+/* The usage lines of flag fl ("\n  --name ARG ..."), up to the next flag's
+ * line, without the final newline. */
+static void flag_entry(const char *usage, const cv_flag *fl, char *out, size_t len)
+{
+    char key[96];
+    snprintf(key, sizeof key, "\n  %s%s%s ", fl->name, fl->arg ? " " : "",
+             fl->arg ? fl->arg : "");
+    const char *p = strstr(usage, key);
+    ck_assert_msg(p != NULL, "usage has no line for %s", key + 3);
+    const char *end = strstr(p + 1, "\n  --");
+    size_t n = end ? (size_t)(end - p) : strlen(p) - 1;
+    snprintf(out, len, "%.*s", (int)n, p);
+}
+
+START_TEST(usage_lists_every_flag)
+{
+    char *usage = usage_text();
+    ck_assert_ptr_null(strstr(usage, "contract"));
+    /* every serve flag has its line; a printed default parses back to the
+     * default, and every flag is accepted */
+    cv_serve_args def;
+    memset(&def, 0, sizeof def);
+    cv_serve_config_default(&def.cfg);
+    int nflags = 0;
+    for (const cv_flag *fl = cv_serve_flags; fl->name; fl++, nflags++) {
+        char entry[1024];
+        flag_entry(usage, fl, entry, sizeof entry);
+        ck_assert_msg(strstr(entry, fl->help) || strchr(fl->help, '\n'), "%s: help", fl->name);
+        const char *open = strrchr(entry, '[');
+        char shown[64] = "";
+        if (open && entry[strlen(entry) - 1] == ']')
+            snprintf(shown, sizeof shown, "%.*s", (int)(strlen(open) - 2), open + 1);
+        char *argv[2] = {(char *)fl->name, shown};
+        int argc = 2;
+        if (fl->kind == CV_FLAG_SWITCH)
+            argc = 1;
+        else if (fl->kind == CV_FLAG_CALL)
+            argv[1] = strcmp(fl->name, "--model") == 0 ? "m=a.json:p.safetensors" : "d=d.safetensors";
+        else if (fl->dflt) /* a default in words: parse the lowest value */
+            snprintf(shown, sizeof shown, "%.0f", fl->lo);
+        else
+            ck_assert_msg(shown[0], "%s: no default in the usage", fl->name);
+        cv_serve_args a;
+        ck_assert_msg(cv_serve_args_parse(&a, argc, argv) == -1, "%s %s rejected", argv[0],
+                      argc > 1 ? argv[1] : "");
+        if (fl->kind == CV_FLAG_CALL)
+            ck_assert_int_eq(a.cfg.nmodels + a.cfg.ndatasets, 1);
+        else if (fl->kind == CV_FLAG_STRING)
+            ck_assert_str_eq(*(const char **)((char *)&a + fl->off),
+                             *(const char **)((char *)&def + fl->off));
+        else if (fl->kind != CV_FLAG_SWITCH && !fl->dflt) {
+            size_t size = fl->kind == CV_FLAG_SECONDS                            ? sizeof(double)
+                          : fl->kind == CV_FLAG_COUNT || fl->kind == CV_FLAG_BYTES ? sizeof(size_t)
+                                                                                   : sizeof(int);
+            ck_assert_msg(memcmp((char *)&a + fl->off, (char *)&def + fl->off, size) == 0,
+                          "%s [%s] does not parse back to the default", fl->name, shown);
+        }
+        cv_serve_args_free(&a);
+    }
+    /* and no option line that is not in the table */
+    int lines = 0;
+    for (const char *p = strstr(usage, "\nserve options"); (p = strstr(p + 1, "\n  --"));)
+        lines++;
+    ck_assert_int_eq(lines, nflags);
+    /* every run flag is in the synopsis, optional ones in brackets */
+    for (const cv_flag *fl = cv_run_flags; fl->name; fl++) {
+        char key[96];
+        snprintf(key, sizeof key, fl->required ? " %s %s " : " [%s %s]", fl->name, fl->arg);
+        if (fl->required && !fl[1].required)
+            key[strlen(key) - 1] = '\n';
+        ck_assert_msg(strstr(usage, key) != NULL, "usage has no '%s'", key);
+    }
+    free(usage);
+}
+END_TEST
+
+START_TEST(command_line_errors)
+{
+    cv_serve_args a;
+    char *bad_port[] = {"--port", "65536"};
+    ck_assert_int_eq(cv_serve_args_parse(&a, 2, bad_port), 2);
+    cv_serve_args_free(&a);
+    char *no_value[] = {"--no-demo", "--workers"};
+    ck_assert_int_eq(cv_serve_args_parse(&a, 2, no_value), 2);
+    ck_assert_int_eq(a.cfg.demo, 0);
+    cv_serve_args_free(&a);
+    char *ok[] = {"--max-body", "1K", "--log-requests", "--shutdown-grace", "2.5",
+                  "--model", "x=a:b:c", "--dataset", "y=z"};
+    ck_assert_int_eq(cv_serve_args_parse(&a, 9, ok), -1);
+    ck_assert_uint_eq(a.cfg.http.max_body, 1024);
+    ck_assert_int_eq(a.cfg.http.log_requests, 1);
+    ck_assert(a.cfg.grace_s == 2.5);
+    ck_assert_str_eq(a.models[0].name, "x");
+    ck_assert_str_eq(a.models[0].arch_path, "a:b");
+    ck_assert_str_eq(a.models[0].params_path, "c");
+    ck_assert_str_eq(a.datasets[0].path, "z");
+    cv_serve_args_free(&a);
+
+    cv_run_args r;
+    cv_err e;
+    char *run_ok[] = {"--job", "j", "--arch", "a", "--data", "d", "--params", "p",
+                      "--dense-max", "7"};
+    ck_assert_int_eq(cv_run_args_parse(&r, 10, run_ok, &e), 0);
+    ck_assert_str_eq(r.job, "j");
+    ck_assert_uint_eq(r.dense_max, 7);
+    ck_assert_int_eq(r.blas_threads, 0);
+    ck_assert_int_eq(cv_run_args_parse(&r, 2, run_ok + 2, &e), -1);
+    ck_assert_str_eq(e.code, "usage");
+    ck_assert_str_eq(e.message, "curvd run needs --arch, --params, --data and --job");
+    char *run_bad[] = {"--blas-threads", "0"};
+    ck_assert_int_eq(cv_run_args_parse(&r, 2, run_bad, &e), -1);
+    ck_assert_str_eq(e.field, "--blas-threads");
+    ck_assert_str_eq(e.message, "curvd run: --blas-threads needs a positive integer");
+}
+END_TEST
+
 static Suite *server_suite(void)
 {
     Suite *s = suite_create("server");
@@ -737,6 +1017,9 @@ static Suite *server_suite(void)
     tcase_add_test(codec, multipart_rejects_malformed);
     tcase_add_test(codec, names);
     tcase_add_test(codec, routes_match_openapi);
+    tcase_add_test(codec, http_status_of_errors);
+    tcase_add_test(codec, usage_lists_every_flag);
+    tcase_add_test(codec, command_line_errors);
     suite_add_tcase(s, codec);
     TCase *reg = tcase_create("registry");
     tcase_add_test(reg, registry_versions_pins_conflicts_budget);
@@ -749,6 +1032,7 @@ static Suite *server_suite(void)
     tcase_add_test(jobs, jobs_queue_full_cancel_and_drain);
     tcase_add_test(jobs, jobs_time_limit_and_shutdown_cancel);
     tcase_add_test(jobs, finished_jobs_are_purged);
+    tcase_add_test(jobs, json_bodies_end_with_newline);
     suite_add_tcase(s, jobs);
     return s;
 }

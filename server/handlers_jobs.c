@@ -1,0 +1,126 @@
+/* handlers_jobs.c - the job routes: POST /v1/jobs (submit, optionally wait),
+ * GET /v1/jobs (list with filters), GET and DELETE /v1/jobs/{id} (status and
+ * result, cancel), and GET /v1/ops (what a job may ask for).  The queue and
+ * the workers are server/jobs.c; the job document is api/job.c. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/job.h"
+#include "engine/curv.h"
+#include "server/http_internal.h"
+#include "server/util.h"
+
+static void reply_job(req *r, unsigned status, cv_job *j)
+{
+    size_t len;
+    char *t = cv_job_status_text(r->h->jobs, j, &len);
+    if (!t)
+        reply_oom(r);
+    else
+        set_json(r, status, t, len);
+}
+
+void h_jobs_post(req *r)
+{
+    double wait, timeout;
+    if (query_seconds(r, "wait", r->h->cfg.max_wait, &wait) ||
+        query_seconds(r, "timeout", -1, &timeout))
+        return;
+    cJSON *doc = body_object(r);
+    if (!doc)
+        return;
+    cv_job *j;
+    cv_err e;
+    int rc = cv_jobs_submit(r->h->jobs, doc, timeout, &j, &e);
+    cJSON_Delete(doc);
+    if (rc) {
+        reply_err(r, &e);
+        return;
+    }
+    snprintf(r->location, sizeof r->location, "/v1/jobs/%s", cv_job_id(j));
+    if (wait > 0 && cv_jobs_wait(r->h->jobs, j, wait)) {
+        reply_job(r, 200, j);
+    } else {
+        reply_json(r, 202, cv_job_to_json(r->h->jobs, j));
+    }
+    cv_job_unref(j);
+}
+
+void h_job_get(req *r)
+{
+    double wait;
+    if (query_seconds(r, "wait", r->h->cfg.max_wait, &wait))
+        return;
+    cv_err e;
+    cv_job *j = cv_jobs_get(r->h->jobs, r->param, &e);
+    if (!j) {
+        reply_err(r, &e);
+        return;
+    }
+    if (wait > 0)
+        cv_jobs_wait(r->h->jobs, j, wait);
+    reply_job(r, 200, j);
+    cv_job_unref(j);
+}
+
+void h_job_delete(req *r)
+{
+    cv_err e;
+    cv_job *j = cv_jobs_get(r->h->jobs, r->param, &e);
+    if (!j) {
+        reply_err(r, &e);
+        return;
+    }
+    cv_jobs_cancel(r->h->jobs, j, 5.0);
+    reply_job(r, 200, j);
+    cv_job_unref(j);
+}
+
+void h_jobs_list(req *r)
+{
+    const char *st = query(r, "status"), *lim = query(r, "limit");
+    int status = -1;
+    if (st && (status = cv_job_status_from_name(st)) < 0) {
+        reply_errf(r, CV_EINVAL, "invalid_query", "status",
+                   "status must be one of queued, running, succeeded, failed, cancelled; got "
+                   "'%.40s'", st);
+        return;
+    }
+    size_t limit = 1000;
+    if (lim && cv_parse_size(lim, 1, 100000, &limit)) {
+        reply_errf(r, CV_EINVAL, "invalid_query", "limit",
+                   "limit must be an integer between 1 and 100000");
+        return;
+    }
+    reply_json(r, 200,
+               cv_jobs_list(r->h->jobs, status, query(r, "model"), query(r, "dataset"),
+                            query(r, "op"), limit));
+}
+
+void h_ops(req *r)
+{
+    cJSON *j = cJSON_CreateObject();
+    cJSON *ops = j ? cJSON_AddArrayToObject(j, "ops") : NULL;
+    cJSON *cu = j ? cJSON_AddArrayToObject(j, "curvatures") : NULL;
+    int ok = ops && cu;
+    const char *const *names = cv_job_op_names();
+    for (int i = 0; ok && names[i]; i++) {
+        cJSON *s = cJSON_CreateString(names[i]);
+        ok = s && cJSON_AddItemToArray(ops, s);
+        if (!ok)
+            cJSON_Delete(s);
+    }
+    for (int i = 0; ok && i < CV_CURV_COUNT; i++) {
+        cJSON *s = cJSON_CreateString(cv_curvature_name((cv_curvature)i));
+        ok = s && cJSON_AddItemToArray(cu, s);
+        if (!ok)
+            cJSON_Delete(s);
+    }
+    if (!ok) {
+        cJSON_Delete(j);
+        j = NULL;
+    }
+    reply_json(r, 200, j);
+}
+

@@ -1,0 +1,76 @@
+/* handlers_misc.c - the service routes: GET /v1/health (liveness and load),
+ * GET /metrics (Prometheus text, server/metrics.c) and the embedded web
+ * dashboard (GET / and GET /dashboard/{file}, server/dashboard.c). */
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/linop.h"
+#include "server/dashboard.h"
+#include "server/http_internal.h"
+#include "server/metrics.h"
+#include "server/util.h"
+
+void h_health(req *r)
+{
+    cv_registry_stats rs;
+    cv_jobs_stats js;
+    cv_registry_stats_get(r->h->reg, &rs);
+    cv_jobs_stats_get(r->h->jobs, &js);
+    int draining = cv_jobs_draining(r->h->jobs);
+    cJSON *j = cJSON_CreateObject();
+    if (j && (!cJSON_AddStringToObject(j, "status", draining ? "draining" : "ok") ||
+              !cJSON_AddStringToObject(j, "version", CV_SERVER_VERSION) ||
+              !cJSON_AddNumberToObject(j, "uptime_s", cv_now_s() - r->h->started) ||
+              !cJSON_AddNumberToObject(j, "workers", js.workers) ||
+              !cJSON_AddNumberToObject(j, "busy_workers", js.busy_workers) ||
+              !cJSON_AddNumberToObject(j, "queue_depth", (double)js.queue_depth) ||
+              !cJSON_AddNumberToObject(j, "max_queue", (double)js.max_queue) ||
+              !cJSON_AddNumberToObject(j, "models", rs.models) ||
+              !cJSON_AddNumberToObject(j, "datasets", rs.datasets) ||
+              !cJSON_AddNumberToObject(j, "registry_bytes", (double)rs.bytes) ||
+              !cJSON_AddNumberToObject(j, "max_registry_bytes", (double)rs.max_bytes) ||
+              !cJSON_AddNumberToObject(j, "registry_retired_bytes", (double)rs.retired_bytes) ||
+              !cJSON_AddNumberToObject(j, "kept_job_bytes", (double)js.kept_bytes) ||
+              !cJSON_AddNumberToObject(j, "max_kept_bytes", (double)js.max_kept_bytes))) {
+        cJSON_Delete(j);
+        j = NULL;
+    }
+    reply_json(r, draining ? 503 : 200, j);
+}
+
+void h_metrics(req *r)
+{
+    cv_http_counters hc;
+    for (int i = 0; i < 6; i++)
+        hc.requests[i] = atomic_load(&r->h->requests[i]);
+    char *t = cv_metrics_render(r->h->reg, r->h->jobs, &hc, cv_now_s() - r->h->started);
+    if (!t)
+        reply_oom(r);
+    else
+        set_text(r, 200, t, strlen(t), "text/plain; version=0.0.4; charset=utf-8");
+}
+
+/* ---- dashboard (clients/dashboard, embedded by server/dashboard.c) ----------- */
+
+static void serve_dashboard_file(req *r, const char *name)
+{
+    cv_dashboard_file f;
+    if (!cv_dashboard_find(name, &f)) {
+        reply_errf(r, CV_ENOTFOUND, "not_found", "", "no dashboard file '%.100s'", name);
+        return;
+    }
+    char *copy = malloc(f.len + 1);
+    if (!copy) {
+        reply_oom(r);
+        return;
+    }
+    memcpy(copy, f.data, f.len + 1);
+    set_text(r, 200, copy, f.len, f.content_type);
+    snprintf(r->extra_name, sizeof r->extra_name, "Cache-Control");
+    snprintf(r->extra_value, sizeof r->extra_value, "no-cache");
+}
+
+void h_dashboard_index(req *r) { serve_dashboard_file(r, "index.html"); }
+void h_dashboard_file(req *r) { serve_dashboard_file(r, r->param); }

@@ -1,0 +1,116 @@
+/* http_internal.h - private to the HTTP server (server/http*.c and
+ * server/handlers_*.c): the server's state, the per-request record, the
+ * request and reply helpers (http_req.c) and the handlers the route table of
+ * http.c dispatches to.
+ *
+ * A handler reads r->param (the {name}/{id}/{file} path segment), r->body
+ * and the query, and fills in the reply with exactly one of the reply_*
+ * or set_* helpers (a later call replaces an earlier reply).  JSON replies
+ * end with a newline.  These names are not cv_-prefixed: nothing outside the
+ * HTTP server includes this header.
+ */
+#ifndef CV_HTTP_INTERNAL_H
+#define CV_HTTP_INTERNAL_H
+
+#include <cJSON.h>
+#include <microhttpd.h>
+#include <stdatomic.h>
+#include <stddef.h>
+
+#include "engine/err.h"
+#include "server/http.h"
+#include "server/jobs.h"
+#include "server/registry.h"
+
+struct cv_http {
+    cv_http_config cfg;
+    cv_registry *reg;
+    cv_jobs *jobs;
+    struct MHD_Daemon *d;
+    int port;
+    double started;
+    atomic_ulong requests[6]; /* answered, by status class 1xx..5xx */
+};
+
+#define MAX_PARAM 160
+
+typedef struct {
+    cv_http *h;
+    struct MHD_Connection *conn;
+    const char *method;        /* as routed (HEAD is served as GET) */
+    const char *url;
+    char param[MAX_PARAM];     /* the {name} / {id} path segment */
+    const char *body;
+    size_t body_len;
+    /* reply */
+    unsigned status;
+    char *out;                 /* malloc()ed */
+    size_t out_len;
+    const char *ctype;
+    char location[256];
+    char allow[64];
+    char extra_name[32], extra_value[64];
+} req;
+
+/* ---- replies (http_req.c) ------------------------------------------------- */
+
+/* Takes ownership of text (malloc()ed, len bytes) as the reply body. */
+void set_text(req *r, unsigned status, char *text, size_t len, const char *ctype);
+/* Takes ownership of t (malloc()ed JSON text, len bytes) as an
+ * application/json body, to which it appends the newline; answers 507
+ * out_of_memory when that fails. */
+void set_json(req *r, unsigned status, char *t, size_t len);
+/* The contract's error document, with the HTTP status cv_http_status() gives. */
+void reply_err(req *r, const cv_err *e);
+void reply_errf(req *r, cv_status st, const char *code, const char *field, const char *fmt,
+                ...) __attribute__((format(printf, 5, 6)));
+void reply_oom(req *r);
+/* Takes ownership of j (NULL: out of memory). */
+void reply_json(req *r, unsigned status, cJSON *j);
+
+/* ---- requests (http_req.c) ------------------------------------------------ */
+
+const char *query(req *r, const char *key);
+const char *header(req *r, const char *key);
+/* ?wait= / ?timeout= seconds, capped at cap (cap < 0: no cap); returns -1
+ * after replying 400. */
+int query_seconds(req *r, const char *key, double cap, double *out);
+/* Parses the body as a JSON object; replies 400 and returns NULL if it is not one. */
+cJSON *body_object(req *r);
+/* Rejects members of obj not in allowed (NULL-terminated); replies 400. */
+int only_fields(req *r, const cJSON *obj, const char *const *allowed, const char *what);
+/* The string member key of obj; NULL after replying 400 when it is not a
+ * string, or when it is missing and required (missing and optional: NULL,
+ * no reply). */
+const char *string_member(req *r, const cJSON *obj, const char *key, int required);
+
+/* ---- handlers ------------------------------------------------------------- */
+
+/* handlers_registry.c */
+void h_models_list(req *r);
+void h_models_post(req *r);
+void h_model_get(req *r);
+void h_model_delete(req *r);
+void h_model_params_get(req *r);
+void h_model_params_put(req *r);
+void h_datasets_list(req *r);
+void h_datasets_post(req *r);
+void h_dataset_get(req *r);
+void h_dataset_put(req *r);
+void h_dataset_delete(req *r);
+void h_dataset_data_get(req *r);
+
+/* handlers_jobs.c */
+void h_jobs_post(req *r);
+void h_job_get(req *r);
+void h_job_delete(req *r);
+void h_jobs_list(req *r);
+void h_ops(req *r);
+
+/* handlers_misc.c */
+void h_health(req *r);
+void h_metrics(req *r);
+void h_dashboard_index(req *r);
+void h_dashboard_file(req *r);
+
+#endif
