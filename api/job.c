@@ -152,7 +152,10 @@ static int validate_known_fields(const cJSON *job, cv_err *e)
     const cJSON *v;
     cJSON_ArrayForEach(v, job)
     {
-        if (cv_opts_in_list("op|model|dataset|curvature|batch|blocks|seed|options", v->string))
+        int i = 0;
+        while (known_fields[i] && strcmp(known_fields[i], v->string) != 0)
+            i++;
+        if (known_fields[i])
             continue;
         char hint[96];
         return cv_err_set(e, CV_EINVAL, "unknown_field", v->string,

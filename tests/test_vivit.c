@@ -927,7 +927,7 @@ static double num(const cJSON *o, const char *k)
     return v->valuedouble;
 }
 
-/* Per-layer block Newton (blocks "layer": one cv_op_newton_vivit per block)
+/* Per-layer block Newton (blocks "layer": one run of method vivit per block)
  * against dense solves on the GGN's diagonal blocks G_bb (cv_curv_dense on the
  * block) with the block gradients: mode full = -(G_bb + delta I)^-1 g_b, mode
  * directional = the eigenspace formula over G_bb's top eigenpairs (LAPACK). */
