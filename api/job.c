@@ -1,6 +1,8 @@
-/* job.c - the job document: validation of its common fields, resolution of
- * batch and blocks against a model and dataset, and the result envelope
- * (op, curvature, matvecs, elapsed_s, per-block results). */
+/* job.c - the job document: parsing it once into a cv_job_spec (every
+ * check that needs no model), binding the spec to a model and dataset
+ * (batch range, block names), and running it: the engine, the blocks and
+ * the result envelope (op, curvature, matvecs, elapsed_s, per-block
+ * results).  The ops themselves are table entries (api/ops.h). */
 #include "job.h"
 
 #include <math.h>
@@ -9,33 +11,16 @@
 #include <string.h>
 
 #include "api/ops.h"
+#include "api/suggest.h"
 
-static const cv_op_def *const op_table[] = {
-    &cv_op_loss,  &cv_op_gradient, &cv_op_matvec,  &cv_op_dense, &cv_op_per_sample,
-    &cv_op_trace, &cv_op_diag,     &cv_op_eigen,   &cv_op_density,
-    &cv_op_solve, &cv_op_newton,   &cv_op_snr,     NULL};
-
-const cv_op_def *cv_op_find(const char *name)
-{
-    for (int i = 0; op_table[i]; i++)
-        if (strcmp(op_table[i]->name, name) == 0)
-            return op_table[i];
-    return NULL;
-}
-
-const char *const *cv_job_op_names(void)
-{
-    static const char *names[sizeof op_table / sizeof op_table[0]];
-    for (int i = 0; op_table[i]; i++)
-        names[i] = op_table[i]->name;
-    return names;
-}
+/* The engine's fisher_mc seed is the job seed ^ this (ops_vivit.c draws its
+ * Monte Carlo columns with the same seed). */
+#define CV_JOB_CURV_SEED_SALT 0x5eedF15Cull
 
 void cv_job_limits_default(cv_job_limits *l)
 {
     l->dense_max = 4096;
     l->max_vector_dim = 0;
-    l->blas_threads = 0;
 }
 
 cJSON *cv_err_to_json(const cv_err *e)
@@ -47,22 +32,24 @@ cJSON *cv_err_to_json(const cv_err *e)
     return root;
 }
 
+const char *cv_job_op_name(const cv_job_spec *j) { return j->op->name; }
+
 static const cJSON *field(const cJSON *job, const char *name)
 {
     return cJSON_GetObjectItemCaseSensitive(job, name);
 }
 
-static const char *string_field(const cJSON *job, const char *name)
+/* "a, b, c" of n names into buf. */
+static const char *join(const char *const *names, int n, char *buf, size_t len)
 {
-    const cJSON *v = field(job, name);
-    return cJSON_IsString(v) ? v->valuestring : NULL;
+    size_t used = 0;
+    buf[0] = 0;
+    for (int i = 0; i < n && used < len; i++)
+        used += (size_t)snprintf(buf + used, len - used, "%s%s", i ? ", " : "", names[i]);
+    return buf;
 }
 
-const char *cv_job_model_name(const cJSON *job) { return string_field(job, "model"); }
-const char *cv_job_dataset_name(const cJSON *job) { return string_field(job, "dataset"); }
-const char *cv_job_op_name(const cJSON *job) { return string_field(job, "op"); }
-
-/* ---- validation ------------------------------------------------------------ */
+/* ---- validation of the document ------------------------------------------- */
 
 static int is_nonneg_int(const cJSON *v)
 {
@@ -98,6 +85,12 @@ static int validate_batch(const cJSON *b, cv_err *e)
                 if (!is_nonneg_int(x))
                     return cv_err_set(e, CV_EINVAL, "invalid_batch", f,
                                       "batch.indices[%d] is not a non-negative integer", i);
+                if (x->valuedouble > INT32_MAX) {
+                    snprintf(f, sizeof f, "batch.indices[%d]", i);
+                    return cv_err_set(e, CV_EINVAL, "invalid_batch", f,
+                                      "sample index %.0f is beyond any dataset (at most 2^31 "
+                                      "samples)", x->valuedouble);
+                }
                 i++;
             }
         } else {
@@ -159,40 +152,67 @@ static int validate_known_fields(const cJSON *job, cv_err *e)
     const cJSON *v;
     cJSON_ArrayForEach(v, job)
     {
-        int ok = 0;
-        for (int i = 0; known_fields[i]; i++)
-            ok |= strcmp(known_fields[i], v->string) == 0;
-        if (!ok)
-            return cv_err_set(e, CV_EINVAL, "unknown_field", v->string,
-                              "unknown field '%s' in job (known: op, model, dataset, "
-                              "curvature, batch, blocks, seed, options)",
-                              v->string);
+        int i = 0;
+        while (known_fields[i] && strcmp(known_fields[i], v->string) != 0)
+            i++;
+        if (known_fields[i])
+            continue;
+        char hint[96];
+        return cv_err_set(e, CV_EINVAL, "unknown_field", v->string,
+                          "unknown field '%s' in job (known: op, model, dataset, "
+                          "curvature, batch, blocks, seed, options)%s",
+                          v->string, cv_suggest_hint(v->string, known_fields, -1, hint, sizeof hint));
     }
     return 0;
 }
 
-int cv_job_validate(const cJSON *job, cv_err *e)
+static const cv_op_def *find_op(const cJSON *job, cv_err *e)
 {
-    if (!cJSON_IsObject(job))
-        return cv_err_set(e, CV_EINVAL, "invalid_job", "", "a job must be a JSON object");
-    if (validate_known_fields(job, e))
-        return -1;
-    const char *op = cv_job_op_name(job);
-    if (!op)
-        return cv_err_set(e, CV_EINVAL, "missing_field", "op", "job needs \"op\" (a string)");
-    const cv_op_def *def = cv_op_find(op);
-    if (!def)
-        return cv_err_set(e, CV_EINVAL, "unknown_op", "op", "unknown op '%s'", op);
+    const cJSON *v = field(job, "op");
+    if (!cJSON_IsString(v)) {
+        cv_err_set(e, CV_EINVAL, "missing_field", "op", "job needs \"op\" (a string)");
+        return NULL;
+    }
+    const cv_op_def *def = cv_op_find(v->valuestring);
+    if (def)
+        return def;
+    const char *names[64];
+    int n = 0;
+    for (; n < cv_op_count() && n < 64; n++)
+        names[n] = cv_op_at(n)->name;
+    char known[512], hint[96];
+    cv_err_set(e, CV_EINVAL, "unknown_op", "op", "unknown op '%s' (known: %s)%s", v->valuestring,
+               join(names, n, known, sizeof known),
+               cv_suggest_hint(v->valuestring, names, n, hint, sizeof hint));
+    return NULL;
+}
+
+static int validate_curvature(const cJSON *cu, cv_err *e)
+{
+    if (!cu || (cJSON_IsString(cu) && cv_curvature_from_name(cu->valuestring) >= 0))
+        return 0;
+    const char *names[CV_CURV_COUNT];
+    for (int i = 0; i < CV_CURV_COUNT; i++)
+        names[i] = cv_curvature_name((cv_curvature)i);
+    char known[128], hint[96] = "";
+    if (cJSON_IsString(cu))
+        cv_suggest_hint(cu->valuestring, names, CV_CURV_COUNT, hint, sizeof hint);
+    return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature",
+                      "curvature must be one of %s%s", join(names, CV_CURV_COUNT, known, sizeof known),
+                      hint);
+}
+
+/* The common fields and the blocks rule; the options come after. */
+static int validate_fields(const cJSON *job, const cv_op_def *def, cv_err *e)
+{
     for (int i = 1; i < 3; i++) {
         const cJSON *v = field(job, known_fields[i]);
         if (v && !cJSON_IsString(v))
             return cv_err_set(e, CV_EINVAL, "invalid_field", known_fields[i],
                               "%s must be a string", known_fields[i]);
     }
-    const cJSON *cu = field(job, "curvature");
-    if (cu && (!cJSON_IsString(cu) || cv_curvature_from_name(cu->valuestring) < 0))
-        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature",
-                          "curvature must be one of hessian, ggn, fisher_mc, ef");
+    if (validate_curvature(field(job, "curvature"), e))
+        return -1;
     const cJSON *seed = field(job, "seed");
     if (seed && !is_nonneg_int(seed))
         return cv_err_set(e, CV_EINVAL, "invalid_field", "seed",
@@ -207,82 +227,283 @@ int cv_job_validate(const cJSON *job, cv_err *e)
                           "op %s gives one result: blocks must be \"full\"%s", def->name,
                           def->uses_curvature ? " or a list holding one group of parameter names"
                                               : "");
-    const cJSON *opts = field(job, "options");
-    if (cv_opts_validate(opts, def->options, e))
+    return 0;
+}
+
+/* ---- the typed job ---------------------------------------------------------- */
+
+static char *dup_or_null(const cJSON *v)
+{
+    return cJSON_IsString(v) ? strdup(v->valuestring) : NULL;
+}
+
+static int parse_batch(const cJSON *b, cv_job_spec *j)
+{
+    if (!b || !cJSON_IsObject(b))
+        return 0; /* "all" */
+    const cJSON *idx = field(b, "indices"), *off = field(b, "offset"), *size = field(b, "size");
+    if (!idx) {
+        j->batch.kind = CV_JOB_BATCH_RANGE;
+        j->batch.has_offset = off != NULL;
+        j->batch.has_size = size != NULL;
+        j->batch.offset = off ? (size_t)off->valuedouble : 0;
+        j->batch.size = size ? (size_t)size->valuedouble : 0;
+        return 0;
+    }
+    j->batch.kind = CV_JOB_BATCH_INDICES;
+    j->batch.count = (size_t)cJSON_GetArraySize(idx);
+    j->batch.indices = malloc(sizeof(int32_t) * j->batch.count);
+    if (!j->batch.indices)
         return -1;
-    return def->check ? def->check(opts, e) : 0;
+    size_t i = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, idx) j->batch.indices[i++] = (int32_t)x->valuedouble;
+    return 0;
 }
 
-/* ---- resolution against model and dataset -------------------------------- */
-
-static int resolve_batch(const cJSON *b, const cv_dataset *d, cv_batch *out, cv_err *e)
+static int parse_blocks(const cJSON *b, cv_job_spec *j)
 {
-    if (!b || cJSON_IsString(b))
-        return cv_batch_range(d, 0, d->n, out, e);
-    const cJSON *idx = field(b, "indices");
-    if (idx) {
-        size_t n = (size_t)cJSON_GetArraySize(idx), i = 0;
-        size_t *v = malloc(sizeof(size_t) * n);
-        if (!v)
-            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "batch", "batch indices");
-        const cJSON *x;
-        cJSON_ArrayForEach(x, idx) v[i++] = (size_t)x->valuedouble;
-        int rc = cv_batch_gather(d, v, n, out, e);
-        free(v);
-        return rc;
-    }
-    const cJSON *off = field(b, "offset"), *size = field(b, "size");
-    size_t o = off ? (size_t)off->valuedouble : 0;
-    if (o >= d->n)
-        return cv_err_set(e, CV_EINVAL, "invalid_batch", "batch.offset",
-                          "batch.offset %zu is beyond the dataset's %zu samples", o, d->n);
-    size_t s = size ? (size_t)size->valuedouble : d->n - o;
-    return cv_batch_range(d, o, s, out, e);
-}
-
-static int resolve_blocks(const cJSON *spec, const cv_model *m, cv_block **out, int *count,
-                          cv_err *e)
-{
-    int nlay = cv_blocks_per_layer(m, NULL, 0);
-    int n = !spec || cJSON_IsString(spec)
-                ? (spec && strcmp(spec->valuestring, "layer") == 0 ? nlay : 1)
-                : cJSON_GetArraySize(spec);
-    *out = calloc((size_t)n, sizeof(cv_block));
-    *count = n;
-    if (!*out)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "blocks", "blocks");
-    if (!spec || (cJSON_IsString(spec) && strcmp(spec->valuestring, "full") == 0)) {
-        cv_block_full(m, *out);
+    if (!b || cJSON_IsString(b)) {
+        j->blocks.kind = b && strcmp(b->valuestring, "layer") == 0 ? CV_JOB_BLOCKS_LAYER
+                                                                   : CV_JOB_BLOCKS_FULL;
         return 0;
     }
-    if (cJSON_IsString(spec)) {
-        cv_blocks_per_layer(m, *out, n);
-        return 0;
-    }
-    int bi = 0;
-    const cJSON *g;
-    cJSON_ArrayForEach(g, spec)
+    j->blocks.kind = CV_JOB_BLOCKS_LIST;
+    int ng = cJSON_GetArraySize(b), total = 0, gi = 0, ni = 0;
+    const cJSON *g, *n;
+    cJSON_ArrayForEach(g, b) total += cJSON_GetArraySize(g);
+    j->blocks.group_len = malloc(sizeof(int) * (size_t)ng);
+    j->blocks.names = calloc((size_t)total, sizeof(char *));
+    if (!j->blocks.group_len || !j->blocks.names)
+        return -1;
+    j->blocks.ngroups = ng;
+    cJSON_ArrayForEach(g, b)
     {
-        int idx[2 * CV_MAX_LAYERS], ni = 0;
-        const cJSON *name;
-        cJSON_ArrayForEach(name, g)
-        {
-            int t = cv_model_find_param(m, name->valuestring);
-            if (t < 0) {
-                char f[48];
-                snprintf(f, sizeof f, "blocks[%d][%d]", bi, ni);
-                return cv_err_set(e, CV_EINVAL, "unknown_parameter", f,
-                                  "the model has no parameter named '%s'", name->valuestring);
-            }
-            if (ni >= 2 * CV_MAX_LAYERS)
-                return cv_err_set(e, CV_EINVAL, "invalid_blocks", "blocks", "block too large");
-            idx[ni++] = t;
-        }
-        if (cv_block_from_indices(m, idx, ni, &(*out)[bi], e))
-            return -1;
-        bi++;
+        j->blocks.group_len[gi++] = cJSON_GetArraySize(g);
+        cJSON_ArrayForEach(n, g) if (!(j->blocks.names[ni++] = strdup(n->valuestring))) return -1;
     }
     return 0;
+}
+
+/* "a", "a and b", "a, b and c" of the options of def with the method list ms. */
+static void names_with_methods(const cv_op_def *def, const char *ms, char *buf, size_t len)
+{
+    int n = 0, k = 0;
+    for (const cv_opt_spec *s = def->options; s->name; s++)
+        n += s->methods && strcmp(s->methods, ms) == 0;
+    size_t used = 0;
+    buf[0] = 0;
+    for (const cv_opt_spec *s = def->options; s->name && used < len; s++)
+        if (s->methods && strcmp(s->methods, ms) == 0) {
+            k++;
+            used += (size_t)snprintf(buf + used, len - used, "%s%s",
+                                     k == 1 ? "" : k == n ? " and " : ", ", s->name);
+        }
+}
+
+/* Options given for another method than the job's (derived from the
+ * table's methods column): "x, y and z apply to method M only". */
+static int check_method_options(const cv_op_def *def, const cv_opts *o, const char *method,
+                                cv_err *e)
+{
+    for (int i = 0; def->options[i].name; i++) {
+        const cv_opt_spec *s = &def->options[i];
+        if (!(o->given >> i & 1) || !s->methods || cv_opts_in_list(s->methods, method))
+            continue;
+        char names[256], ms[128];
+        names_with_methods(def, s->methods, names, sizeof names);
+        snprintf(ms, sizeof ms, "%s", s->methods);
+        int several = strchr(ms, '|') != NULL;
+        for (char *p = ms; *p; p++)
+            if (*p == '|')
+                *p = '/';
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.method",
+                          "%s %s to method%s %s only", names,
+                          strstr(names, " and ") ? "apply" : "applies", several ? "s" : "", ms);
+    }
+    return 0;
+}
+
+/* Options: validated, the method chosen, defaults, values stored, checked. */
+static int parse_options(const cJSON *opts, cv_job_spec *j, cv_err *e)
+{
+    const cv_op_def *def = j->op;
+    const char *methods[16];
+    cv_op_method_names(def, methods, 16);
+    if (cv_opts_validate(opts, def->options, methods, e))
+        return -1;
+    int mi = 0;
+    for (const cv_opt_spec *s = def->options; s->name; s++) {
+        const cJSON *v = s->type == CV_OPT_METHOD && cJSON_IsObject(opts) ? field(opts, s->name)
+                                                                            : NULL;
+        if (v)
+            mi = cv_op_method_index(def, v->valuestring);
+    }
+    j->method = def->methods ? def->methods[mi] : NULL;
+    j->opts.specs = def->options;
+    j->opts.args = calloc(1, def->args_size);
+    if (!j->opts.args)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "options", "option values");
+    ((cv_op_base *)j->opts.args)->mc_samples = 1;
+    if (def->defaults)
+        def->defaults(j->opts.args, mi);
+    if (cv_opts_store(opts, &j->opts, methods, e))
+        return -1;
+    if (def->check && def->check(&j->opts, j->curvature, e))
+        return -1;
+    if (j->method && check_method_options(def, &j->opts, j->method->name, e))
+        return -1;
+    return j->method && j->method->check ? j->method->check(&j->opts, j->curvature, e) : 0;
+}
+
+cv_job_spec *cv_job_parse(const cJSON *doc, cv_err *e)
+{
+    if (!cJSON_IsObject(doc)) {
+        cv_err_set(e, CV_EINVAL, "invalid_job", "", "a job must be a JSON object");
+        return NULL;
+    }
+    const cv_op_def *def;
+    if (validate_known_fields(doc, e) || !(def = find_op(doc, e)) || validate_fields(doc, def, e))
+        return NULL;
+    cv_job_spec *j = calloc(1, sizeof *j);
+    if (!j) {
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+        return NULL;
+    }
+    j->op = def;
+    const cJSON *cu = field(doc, "curvature"), *seed = field(doc, "seed");
+    j->curvature = cu ? (cv_curvature)cv_curvature_from_name(cu->valuestring) : CV_CURV_HESSIAN;
+    j->seed = seed ? (uint64_t)seed->valuedouble : 0;
+    j->model = dup_or_null(field(doc, "model"));
+    j->dataset = dup_or_null(field(doc, "dataset"));
+    if ((field(doc, "model") && !j->model) || (field(doc, "dataset") && !j->dataset) ||
+        parse_batch(field(doc, "batch"), j) || parse_blocks(field(doc, "blocks"), j)) {
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+        cv_job_spec_free(j);
+        return NULL;
+    }
+    if (parse_options(field(doc, "options"), j, e)) {
+        cv_job_spec_free(j);
+        return NULL;
+    }
+    return j;
+}
+
+void cv_job_spec_free(cv_job_spec *j)
+{
+    if (!j)
+        return;
+    free(j->model);
+    free(j->dataset);
+    free(j->batch.indices);
+    int total = 0;
+    for (int g = 0; g < j->blocks.ngroups; g++)
+        total += j->blocks.group_len[g];
+    for (int i = 0; j->blocks.names && i < total; i++)
+        free(j->blocks.names[i]);
+    free(j->blocks.names);
+    free(j->blocks.group_len);
+    free(j->blocks.resolved);
+    cv_opts_release(&j->opts);
+    free(j->opts.args);
+    free(j);
+}
+
+/* ---- binding to a model and dataset --------------------------------------- */
+
+static int check_batch(const cv_job_spec *j, const cv_dataset *d, cv_err *e)
+{
+    if (j->batch.kind == CV_JOB_BATCH_INDICES) {
+        for (size_t i = 0; i < j->batch.count; i++)
+            if ((size_t)j->batch.indices[i] >= d->n) {
+                char f[48];
+                snprintf(f, sizeof f, "batch.indices[%zu]", i);
+                return cv_err_set(e, CV_EINVAL, "invalid_batch", f,
+                                  "sample index %d is beyond the dataset's %zu samples",
+                                  (int)j->batch.indices[i], d->n);
+            }
+    } else if (j->batch.kind == CV_JOB_BATCH_RANGE) {
+        double o = (double)j->batch.offset, s = j->batch.has_size ? (double)j->batch.size : 1;
+        if (o >= (double)d->n || o + s > (double)d->n)
+            return cv_err_set(e, CV_EINVAL, "invalid_batch",
+                              j->batch.has_offset ? "batch.offset" : "batch.size",
+                              "batch [%.0f, %.0f) is not inside the dataset's %zu samples", o,
+                              o + s, d->n);
+    }
+    return 0;
+}
+
+static int resolve_blocks(const cv_job_spec *j, const cv_model *m, cv_block *out, cv_err *e)
+{
+    if (j->blocks.kind == CV_JOB_BLOCKS_FULL) {
+        cv_block_full(m, out);
+        return 0;
+    }
+    if (j->blocks.kind == CV_JOB_BLOCKS_LAYER) {
+        cv_blocks_per_layer(m, out, cv_blocks_per_layer(m, NULL, 0));
+        return 0;
+    }
+    for (int g = 0, ni = 0; g < j->blocks.ngroups; g++) {
+        int idx[2 * CV_MAX_LAYERS];
+        for (int i = 0; i < j->blocks.group_len[g]; i++) {
+            const char *name = j->blocks.names[ni++];
+            int t = cv_model_find_param(m, name);
+            if (t < 0) {
+                char f[48];
+                snprintf(f, sizeof f, "blocks[%d][%d]", g, i);
+                return cv_err_set(e, CV_EINVAL, "unknown_parameter", f,
+                                  "the model has no parameter named '%s'", name);
+            }
+            if (i >= 2 * CV_MAX_LAYERS)
+                return cv_err_set(e, CV_EINVAL, "invalid_blocks", "blocks", "block too large");
+            idx[i] = t;
+        }
+        if (cv_block_from_indices(m, idx, j->blocks.group_len[g], &out[g], e))
+            return -1;
+    }
+    return 0;
+}
+
+int cv_job_bind(cv_job_spec *j, const cv_model *m, const cv_dataset *d, cv_err *e)
+{
+    if (cv_dataset_check(d, m, e) || check_batch(j, d, e))
+        return -1;
+    int n = j->blocks.kind == CV_JOB_BLOCKS_FULL    ? 1
+            : j->blocks.kind == CV_JOB_BLOCKS_LAYER ? cv_blocks_per_layer(m, NULL, 0)
+                                                    : j->blocks.ngroups;
+    free(j->blocks.resolved);
+    j->blocks.nresolved = 0;
+    j->blocks.resolved = calloc((size_t)(n > 0 ? n : 1), sizeof(cv_block));
+    if (!j->blocks.resolved)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "blocks", "blocks");
+    if (resolve_blocks(j, m, j->blocks.resolved, e)) {
+        free(j->blocks.resolved);
+        j->blocks.resolved = NULL;
+        return -1;
+    }
+    j->blocks.nresolved = n;
+    return 0;
+}
+
+/* ---- running ---------------------------------------------------------------- */
+
+static int make_batch(const cv_job_spec *j, const cv_dataset *d, cv_batch *out, cv_err *e)
+{
+    if (j->batch.kind == CV_JOB_BATCH_ALL)
+        return cv_batch_range(d, 0, d->n, out, e);
+    if (j->batch.kind == CV_JOB_BATCH_RANGE) {
+        size_t o = j->batch.offset;
+        return cv_batch_range(d, o, j->batch.has_size ? j->batch.size : d->n - o, out, e);
+    }
+    size_t n = j->batch.count;
+    size_t *v = malloc(sizeof(size_t) * n);
+    if (!v)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "batch", "batch indices");
+    for (size_t i = 0; i < n; i++)
+        v[i] = (size_t)j->batch.indices[i];
+    int rc = cv_batch_gather(d, v, n, out, e);
+    free(v);
+    return rc;
 }
 
 static cJSON *param_names(const cv_model *m, const cv_block *b)
@@ -293,83 +514,32 @@ static cJSON *param_names(const cv_model *m, const cv_block *b)
     return a;
 }
 
-static int run_blocks(const cv_op_def *def, cv_op_ctx *c, const cJSON *spec, cJSON *res,
-                      cv_err *e)
+static int run_blocks(const cv_job_spec *j, cv_op_ctx *c, cJSON *res, cv_err *e)
 {
-    cv_block *blocks = NULL;
-    int nb = 0;
-    int full = !spec || (cJSON_IsString(spec) && strcmp(spec->valuestring, "full") == 0);
-    if (resolve_blocks(full ? NULL : spec, c->m, &blocks, &nb, e)) {
-        free(blocks);
-        return -1;
-    }
+    cv_op_run_fn run = j->method ? j->method->run : j->op->run;
+    if (j->blocks.kind == CV_JOB_BLOCKS_FULL || !j->op->blockwise) /* one result */
+        return run(c, &j->blocks.resolved[0], res, e);
+    cJSON *arr = cJSON_AddArrayToObject(res, "blocks");
     int rc = 0;
-    if (full || !def->blockwise) { /* one result: the whole vector or the one group */
-        rc = def->run(c, &blocks[0], res, e);
-    } else {
-        cJSON *arr = cJSON_AddArrayToObject(res, "blocks");
-        for (int i = 0; i < nb && !rc; i++) {
-            cJSON *o = cJSON_CreateObject();
-            cJSON_AddItemToArray(arr, o);
-            cJSON_AddItemToObject(o, "params", param_names(c->m, &blocks[i]));
-            cJSON_AddNumberToObject(o, "dim", (double)blocks[i].dim);
-            rc = def->run(c, &blocks[i], o, e);
-        }
+    for (int i = 0; i < j->blocks.nresolved && !rc; i++) {
+        const cv_block *b = &j->blocks.resolved[i];
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddItemToArray(arr, o);
+        cJSON_AddItemToObject(o, "params", param_names(c->m, b));
+        cJSON_AddNumberToObject(o, "dim", (double)b->dim);
+        rc = run(c, b, o, e);
     }
-    free(blocks);
     return rc;
 }
 
-int cv_job_check(const cJSON *job, const cv_model *m, const cv_dataset *d, cv_err *e)
-{
-    if (cv_job_validate(job, e) || cv_dataset_check(d, m, e))
-        return -1;
-    const cJSON *b = field(job, "batch");
-    if (b && cJSON_IsObject(b)) {
-        const cJSON *idx = field(b, "indices"), *off = field(b, "offset"), *size = field(b, "size");
-        if (idx) {
-            int i = 0;
-            const cJSON *x;
-            cJSON_ArrayForEach(x, idx)
-            {
-                if (x->valuedouble >= (double)d->n) {
-                    char f[48];
-                    snprintf(f, sizeof f, "batch.indices[%d]", i);
-                    return cv_err_set(e, CV_EINVAL, "invalid_batch", f,
-                                      "sample index %.0f is beyond the dataset's %zu samples",
-                                      x->valuedouble, d->n);
-                }
-                i++;
-            }
-        } else {
-            double o = off ? off->valuedouble : 0, s = size ? size->valuedouble : 1;
-            if (o >= (double)d->n || o + s > (double)d->n)
-                return cv_err_set(e, CV_EINVAL, "invalid_batch", off ? "batch.offset" : "batch.size",
-                                  "batch [%.0f, %.0f) is not inside the dataset's %zu samples", o,
-                                  o + s, d->n);
-        }
-    }
-    const cJSON *spec = field(job, "blocks");
-    cv_block *blocks = NULL;
-    int nb = 0, rc = 0;
-    if (spec && cJSON_IsArray(spec))
-        rc = resolve_blocks(spec, m, &blocks, &nb, e);
-    free(blocks);
-    return rc;
-}
-
-static cv_curvature job_curvature(const cJSON *job)
-{
-    const char *s = string_field(job, "curvature");
-    return s ? (cv_curvature)cv_curvature_from_name(s) : CV_CURV_HESSIAN;
-}
-
-cJSON *cv_job_run(const cJSON *job, const cv_model *m, const cv_dataset *d,
-                  const cv_job_limits *lim, cv_progress *p, cv_err *e)
+cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                   const cv_job_limits *lim, cv_progress *p, cv_err *e)
 {
     double t0 = cv_now_s();
-    if (cv_job_validate(job, e) || cv_dataset_check(d, m, e))
+    if (!j->blocks.resolved) {
+        cv_err_set(e, CV_EINTERNAL, "internal", "", "job run before it was bound");
         return NULL;
+    }
     cv_job_limits deflim;
     if (!lim) {
         cv_job_limits_default(&deflim);
@@ -381,33 +551,32 @@ cJSON *cv_job_run(const cJSON *job, const cv_model *m, const cv_dataset *d,
         p = &local;
     }
     long done0 = atomic_load(&p->done);
-    const cv_op_def *def = cv_op_find(cv_job_op_name(job));
-    const cJSON *seedv = field(job, "seed");
-    const cJSON *opts = field(job, "options");
     cv_op_ctx c = {0};
     c.m = m;
-    c.kind = job_curvature(job);
-    c.options = opts;
-    c.seed = seedv ? (uint64_t)seedv->valuedouble : 0;
+    c.kind = j->curvature;
+    c.opts = &j->opts;
+    c.method = j->method ? j->method->name : NULL;
+    c.seed = j->seed;
     c.progress = p;
     c.lim = lim;
 
     cv_batch batch;
-    if (resolve_batch(field(job, "batch"), d, &batch, e))
+    if (make_batch(j, d, &batch, e))
         return NULL;
-    cv_curv_options co = {cv_opt_int(opts, "mc_samples", 1), c.seed ^ 0x5eedF15Cull, 0};
+    cv_curv_options co = {((const cv_op_base *)j->opts.args)->mc_samples,
+                          j->seed ^ CV_JOB_CURV_SEED_SALT};
     c.curv = cv_curv_new(m, &batch, &co, e);
     if (!c.curv) {
         cv_dataset_free(&batch);
         return NULL;
     }
     cJSON *res = cJSON_CreateObject();
-    cJSON_AddStringToObject(res, "op", def->name);
-    if (def->uses_curvature)
+    cJSON_AddStringToObject(res, "op", j->op->name);
+    if (j->op->uses_curvature)
         cJSON_AddStringToObject(res, "curvature", cv_curvature_name(c.kind));
     cJSON_AddNumberToObject(res, "batch_size", (double)batch.n);
     cJSON_AddNumberToObject(res, "num_params", (double)m->nparams_total);
-    if (run_blocks(def, &c, field(job, "blocks"), res, e)) {
+    if (run_blocks(j, &c, res, e)) {
         cJSON_Delete(res);
         res = NULL;
     } else {
@@ -419,25 +588,11 @@ cJSON *cv_job_run(const cJSON *job, const cv_model *m, const cv_dataset *d,
     return res;
 }
 
-/* ---- helpers shared by the op modules ------------------------------------ */
-
-void cv_op_linop(cv_op_ctx *c, const cv_block *b, cv_linop *op, cv_curv_linop_ctx *lctx)
+cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,
+                  const cv_job_limits *lim, cv_progress *p, cv_err *e)
 {
-    cv_curv_linop(op, lctx, c->curv, c->kind, b, c->progress);
-}
-
-cJSON *cv_json_doubles(const double *v, size_t n)
-{
-    cJSON *a = cJSON_CreateArray();
-    for (size_t i = 0; i < n; i++)
-        cJSON_AddItemToArray(a, cJSON_CreateNumber(v[i]));
-    return a;
-}
-
-cJSON *cv_json_columns(const double *v, size_t n, int k)
-{
-    cJSON *a = cJSON_CreateArray();
-    for (int j = 0; j < k; j++)
-        cJSON_AddItemToArray(a, cv_json_doubles(v + (size_t)j * n, n));
-    return a;
+    cv_job_spec *j = cv_job_parse(doc, e);
+    cJSON *res = j && !cv_job_bind(j, m, d, e) ? cv_job_exec(j, m, d, lim, p, e) : NULL;
+    cv_job_spec_free(j);
+    return res;
 }

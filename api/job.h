@@ -1,18 +1,27 @@
-/* job.h - the job document (contract §3): validation and execution.
+/* job.h - the job document (contract §3), parsed once into a typed job.
  *
  * A job is JSON {op, model, dataset, curvature, batch, blocks, seed, options}.
- * cv_job_validate checks it completely (unknown fields, types, ranges, option
- * names of the op) without touching a model, so a service can answer 400
- * before queueing.  cv_job_run resolves the batch against a dataset, builds
- * the curvature engine and runs the op, returning the result JSON.
- * The same code serves `curvd run` and the HTTP API.
+ * cv_job_parse checks it completely without touching a model (unknown
+ * fields, types, ranges, the op's options and their combinations, with "did
+ * you mean" hints for misspelt ops, options and fields) and returns a
+ * cv_job_spec: the op, its method, the curvature, the batch (a range or an
+ * index array), the blocks, the seed and the op's argument struct with the
+ * option values.  The JSON document is not needed after that.
+ * cv_job_bind checks the spec against a model and dataset (the dataset fits
+ * the model, the batch lies inside the dataset, block parameter names exist)
+ * and resolves the blocks; cv_job_exec runs a bound spec.  The HTTP service
+ * parses and binds at submit (400 before queueing) and executes in a
+ * worker; `curvd run` does the same in one process.
  */
 #ifndef CV_JOB_H
 #define CV_JOB_H
 
 #include <cJSON.h>
 #include <stddef.h>
+#include <stdint.h>
 
+#include "api/opts.h"
+#include "engine/curv.h"
 #include "engine/dataset.h"
 #include "engine/err.h"
 #include "engine/linop.h"
@@ -21,34 +30,85 @@
 typedef struct {
     size_t dense_max;        /* largest D for op "dense" / exact paths (default 4096) */
     size_t max_vector_dim;   /* largest vector returned inline (default: unlimited) */
-    int blas_threads;        /* 0: leave OpenBLAS as configured */
 } cv_job_limits;
 
 void cv_job_limits_default(cv_job_limits *l);
 
-/* Full validation of a job document; fills e (field = JSON path). */
-int cv_job_validate(const cJSON *job, cv_err *e);
+/* The job statuses, in the order of cv_job_status (the one list: the job
+ * table, GET /v1/jobs?status= and GET /v1/ops read it). */
+#define CV_JOB_STATUSES(X)                                                                 \
+    X(CV_JOB_QUEUED, "queued")                                                             \
+    X(CV_JOB_RUNNING, "running")                                                           \
+    X(CV_JOB_SUCCEEDED, "succeeded")                                                       \
+    X(CV_JOB_FAILED, "failed")                                                             \
+    X(CV_JOB_CANCELLED, "cancelled")
 
-/* cv_job_validate plus everything that can be checked against the model
- * and dataset without running: the dataset fits the model, the batch lies
- * inside the dataset, block parameter names exist.  Cheap. */
-int cv_job_check(const cJSON *job, const cv_model *m, const cv_dataset *d, cv_err *e);
+#define CV_JOB_STATUS_ENUM_(id, name) id,
+typedef enum { CV_JOB_STATUSES(CV_JOB_STATUS_ENUM_) CV_JOB_NSTATUS } cv_job_status;
+#undef CV_JOB_STATUS_ENUM_
 
-/* Names of the model and dataset the job refers to (NULL if absent). */
-const char *cv_job_model_name(const cJSON *job);
-const char *cv_job_dataset_name(const cJSON *job);
-const char *cv_job_op_name(const cJSON *job);
+const char *cv_job_status_name(cv_job_status s);
+int cv_job_status_from_name(const char *s); /* -1 if unknown */
 
-/* Runs a job.  m and d are borrowed and must not change during the call.
- * p may be NULL; when given, its cancel flag and deadline are honoured and
- * matvecs are counted.  Returns a new cJSON result or NULL with e filled. */
-cJSON *cv_job_run(const cJSON *job, const cv_model *m, const cv_dataset *d,
+struct cv_op_def;
+struct cv_op_method;
+
+typedef enum { CV_JOB_BATCH_ALL = 0, CV_JOB_BATCH_RANGE, CV_JOB_BATCH_INDICES } cv_job_batch_kind;
+typedef enum { CV_JOB_BLOCKS_FULL = 0, CV_JOB_BLOCKS_LAYER, CV_JOB_BLOCKS_LIST } cv_job_blocks_kind;
+
+/* A parsed job. */
+typedef struct {
+    const struct cv_op_def *op;
+    const struct cv_op_method *method;  /* NULL for ops without methods */
+    char *model, *dataset;              /* names, NULL when absent */
+    cv_curvature curvature;             /* hessian when absent */
+    uint64_t seed;
+    struct {
+        cv_job_batch_kind kind;
+        size_t offset, size;            /* RANGE: size 0 = to the end */
+        int has_offset, has_size;
+        int32_t *indices;               /* INDICES */
+        size_t count;
+    } batch;
+    struct {
+        cv_job_blocks_kind kind;
+        int ngroups;                    /* LIST: groups of parameter names */
+        int *group_len;
+        char **names;                   /* all groups' names, in order */
+        cv_block *resolved;             /* after cv_job_bind */
+        int nresolved;
+    } blocks;
+    cv_opts opts;                       /* opts.args: the op's argument struct */
+} cv_job_spec;
+
+/* Parses and validates a job document (borrowed).  NULL with e filled
+ * (field = JSON path) when it is not a valid job. */
+cv_job_spec *cv_job_parse(const cJSON *doc, cv_err *e);
+void cv_job_spec_free(cv_job_spec *j);
+
+/* Checks j against a model and dataset and resolves its blocks (kept in j
+ * for cv_job_exec on the same model).  Cheap. */
+int cv_job_bind(cv_job_spec *j, const cv_model *m, const cv_dataset *d, cv_err *e);
+
+/* Runs a bound job.  m and d are the ones it was bound to (borrowed, must
+ * not change during the call).  p may be NULL; when given, its cancel flag
+ * and deadline are honoured and matvecs are counted.  Returns a new cJSON
+ * result or NULL with e filled. */
+cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                   const cv_job_limits *lim, cv_progress *p, cv_err *e);
+
+/* Parse, bind and exec in one call (tests, tools). */
+cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,
                   const cv_job_limits *lim, cv_progress *p, cv_err *e);
+
+/* The op's name. */
+const char *cv_job_op_name(const cv_job_spec *j);
 
 /* {"error": {"code", "message", "field"}} */
 cJSON *cv_err_to_json(const cv_err *e);
 
-/* The ops curvd knows (NULL-terminated), for documentation and listings. */
-const char *const *cv_job_op_names(void);
+/* GET /v1/ops: {"ops", "curvatures", "statuses", "op_specs"} (api/ops_table.c);
+ * NULL when out of memory. */
+cJSON *cv_ops_describe(void);
 
 #endif

@@ -1,51 +1,85 @@
-/* ops.h - the table of job ops: each op declares its options and runs on one
- * block of one curvature of one batch, writing result fields into a JSON
- * object.  api/job.c does everything common (parsing, batch, blocks,
- * envelope); the op modules (ops_core.c, ops_estimators.c, ...) only compute. */
+/* ops.h - the table of job ops.
+ *
+ * An op is one cv_op_def: its name, its option table (api/opts.h; values
+ * land in the op's argument struct), its methods (a table of cv_op_method,
+ * each with its run function and its own submit-time checks; which options
+ * apply to which method is the option table's `methods` column), whether it
+ * reads a curvature and honours blocks, and the result fields it may write.
+ * api/job.c does everything common (parsing, batch, blocks, envelope) and
+ * api/ops_table.c lists the ops; the op modules (ops_core.c,
+ * ops_estimators.c, ops_vivit.c) only compute, with api/op_util.h.
+ */
 #ifndef CV_OPS_H
 #define CV_OPS_H
 
 #include <cJSON.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "api/job.h"
 #include "api/opts.h"
 #include "engine/curv.h"
 
+/* Every op's argument struct starts with this (options common to the ops
+ * that take them; read by api/job.c when it builds the engine). */
+typedef struct {
+    int mc_samples; /* fisher_mc samples per data point (default 1) */
+} cv_op_base;
+
+#define CV_OPT_MC(T) {"mc_samples", CV_OPT_INT, 1, 1e6, NULL, offsetof(T, base.mc_samples), NULL}
+#define CV_OPT_END {NULL, 0, 0, 0, NULL, 0, NULL}
+
+/* What an op's run function gets. */
 typedef struct {
     cv_curv *curv;
     const cv_model *m;
     cv_curvature kind;
-    const cJSON *options;
+    const cv_opts *opts;      /* opts->args: the op's argument struct */
+    const char *method;       /* the method's name, NULL for ops without methods */
     uint64_t seed;
     cv_progress *progress;
     const cv_job_limits *lim;
 } cv_op_ctx;
 
-typedef struct {
+/* Computes the op on block b, adding result fields to out. */
+typedef int (*cv_op_run_fn)(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e);
+/* Submit-time check of option combinations (kind: the job's curvature). */
+typedef int (*cv_op_check_fn)(const cv_opts *o, cv_curvature kind, cv_err *e);
+
+typedef struct cv_op_method {
     const char *name;
-    const cv_opt_spec *options;  /* ends with {NULL} */
-    int uses_curvature;          /* reads "curvature" */
-    int blockwise;               /* honours "blocks" (one result per block) */
-    /* Extra validation of option combinations (may be NULL). */
-    int (*check)(const cJSON *options, cv_err *e);
-    int (*run)(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e);
+    cv_op_run_fn run;
+    cv_op_check_fn check;         /* after the op's check; may be NULL */
+} cv_op_method;
+
+typedef struct cv_op_def {
+    const char *name;
+    const cv_opt_spec *options;   /* ends with CV_OPT_END; at most CV_OPT_MAX */
+    const cv_op_method *const *methods; /* NULL-terminated, the first is the default;
+                                           NULL: the op has no methods */
+    size_t args_size;             /* of the argument struct (starts with cv_op_base) */
+    void (*defaults)(void *args, int method); /* NULL: zeros; mc_samples is set to 1 first */
+    int uses_curvature;           /* reads "curvature" */
+    int blockwise;                /* honours "blocks" (one result per block) */
+    cv_op_check_fn check;         /* may be NULL */
+    cv_op_run_fn run;             /* ops without methods */
+    const char *const *results;   /* result fields it may write (NULL-terminated) */
 } cv_op_def;
+
+/* ---- the registry (api/ops_table.c) ---- */
 
 /* The op named name, or NULL. */
 const cv_op_def *cv_op_find(const char *name);
+/* The i-th op (0 <= i < cv_op_count()). */
+int cv_op_count(void);
+const cv_op_def *cv_op_at(int i);
+/* Index of the method named name in def's table, or -1; the method count. */
+int cv_op_method_index(const cv_op_def *def, const char *name);
+int cv_op_method_count(const cv_op_def *def);
+/* def's method names into names (max entries, NULL-terminated); returns the count. */
+int cv_op_method_names(const cv_op_def *def, const char **names, int max);
 
-/* A linop for the op's curvature on block b (ctx storage is the caller's). */
-void cv_op_linop(cv_op_ctx *c, const cv_block *b, cv_linop *op, cv_curv_linop_ctx *lctx);
-
-/* With options.actual_change, adds "actual_change": L(theta + step) - L(theta). */
-int cv_op_add_actual_change(cv_op_ctx *c, const cv_block *b, const double *step, cJSON *out,
-                            cv_err *e);
-
-/* JSON helpers for results. */
-cJSON *cv_json_doubles(const double *v, size_t n);
-/* k columns of n doubles (column-major) as a list of k lists. */
-cJSON *cv_json_columns(const double *v, size_t n, int k);
+/* ---- the ops (one module each group) ---- */
 
 extern const cv_op_def cv_op_loss, cv_op_gradient, cv_op_matvec, cv_op_dense,
     cv_op_per_sample;
@@ -53,8 +87,7 @@ extern const cv_op_def cv_op_trace, cv_op_diag, cv_op_eigen, cv_op_density, cv_o
     cv_op_newton;
 extern const cv_op_def cv_op_snr;
 
-/* ViViT (api/ops_vivit.c): eigen with method "gram", newton with method "vivit". */
-int cv_op_eigen_gram(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e);
-int cv_op_newton_vivit(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e);
+/* ViViT methods (api/ops_vivit.c): eigen "gram", newton "vivit". */
+extern const cv_op_method cv_method_eigen_gram, cv_method_newton_vivit;
 
 #endif

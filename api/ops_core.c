@@ -4,16 +4,27 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/op_util.h"
 #include "api/ops.h"
 #include "engine/rng.h"
 
-#define MC_OPT {"mc_samples", CV_OPT_INT, 1, 1e6, NULL}
+typedef struct {
+    cv_op_base base;
+} plain_args;
 
-static const cv_opt_spec no_opts[] = {{NULL, 0, 0, 0, NULL}};
-static const cv_opt_spec curv_opts[] = {MC_OPT, {NULL, 0, 0, 0, NULL}};
+typedef struct {
+    cv_op_base base;
+    cv_opt_list vector;
+    uint64_t probe_seed;
+} matvec_args;
+
+static const cv_opt_spec no_opts[] = {CV_OPT_END};
+static const cv_opt_spec curv_opts[] = {CV_OPT_MC(plain_args), CV_OPT_END};
 static const cv_opt_spec matvec_opts[] = {
-    {"vector", CV_OPT_LIST, 0, 0, NULL}, {"probe_seed", CV_OPT_INT, 0, 9.007e15, NULL}, MC_OPT,
-    {NULL, 0, 0, 0, NULL}};
+    {"vector", CV_OPT_LIST, 0, 0, NULL, offsetof(matvec_args, vector), NULL},
+    {"probe_seed", CV_OPT_U64, 0, 9.007e15, NULL, offsetof(matvec_args, probe_seed), NULL},
+    CV_OPT_MC(matvec_args),
+    CV_OPT_END};
 
 static int run_loss(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
@@ -39,10 +50,9 @@ static int run_gradient(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return rc;
 }
 
-static int check_matvec(const cJSON *o, cv_err *e)
+static int check_matvec(const cv_opts *o, cv_curvature kind, cv_err *e)
 {
-    int has_v = cv_opt_get(o, "vector") != NULL, has_s = cv_opt_get(o, "probe_seed") != NULL;
-    if (has_v == has_s)
+    if (cv_opts_given(o, "vector") == cv_opts_given(o, "probe_seed"))
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.vector",
                           "matvec needs exactly one of options.vector (a list) or "
                           "options.probe_seed (a seeded Rademacher vector)");
@@ -57,13 +67,18 @@ static int run_matvec(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "vectors of %zu entries", b->dim);
         goto done;
     }
-    const cJSON *vec = cv_opt_get(c->options, "vector");
-    if (vec) {
-        if (cv_json_to_doubles(vec, b->dim, v, "options.vector", e))
+    const matvec_args *a = c->opts->args;
+    if (cv_opts_given(c->opts, "vector")) {
+        if ((size_t)a->vector.n != b->dim) {
+            cv_err_set(e, CV_EINVAL, "invalid_vector", "options.vector",
+                       "options.vector has %d entries, the block has dimension %zu",
+                       a->vector.n, b->dim);
             goto done;
+        }
+        memcpy(v, a->vector.v, sizeof(double) * b->dim);
     } else {
         cv_rng r;
-        cv_rng_seed(&r, (uint64_t)cv_opt_num(c->options, "probe_seed", 0));
+        cv_rng_seed(&r, a->probe_seed);
         cv_rng_rademacher(&r, v, b->dim);
     }
     cv_linop op;
@@ -134,9 +149,20 @@ static int run_per_sample(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e
     return rc;
 }
 
-const cv_op_def cv_op_loss = {"loss", no_opts, 0, 0, NULL, run_loss};
-const cv_op_def cv_op_gradient = {"gradient", no_opts, 0, 1, NULL, run_gradient};
-const cv_op_def cv_op_matvec = {"matvec", matvec_opts, 1, 0, check_matvec, run_matvec};
-const cv_op_def cv_op_dense = {"dense", curv_opts, 1, 1, NULL, run_dense};
-const cv_op_def cv_op_per_sample = {"per_sample_gradients", no_opts, 0, 1, NULL,
-                                    run_per_sample};
+static const char *const loss_results[] = {"loss", NULL};
+static const char *const gradient_results[] = {"gradient", "gradient_norm", "loss", NULL};
+static const char *const matvec_results[] = {"product", "quadratic_form", NULL};
+static const char *const dense_results[] = {"matrix", NULL};
+static const char *const per_sample_results[] = {"per_sample_gradients", NULL};
+
+#define BASE sizeof(plain_args)
+const cv_op_def cv_op_loss = {"loss", no_opts, NULL, BASE, NULL, 0, 0, NULL, run_loss,
+                              loss_results};
+const cv_op_def cv_op_gradient = {"gradient", no_opts, NULL, BASE, NULL, 0, 1, NULL,
+                                  run_gradient, gradient_results};
+const cv_op_def cv_op_matvec = {"matvec", matvec_opts, NULL, sizeof(matvec_args), NULL, 1, 0,
+                                check_matvec, run_matvec, matvec_results};
+const cv_op_def cv_op_dense = {"dense", curv_opts, NULL, BASE, NULL, 1, 1, NULL, run_dense,
+                               dense_results};
+const cv_op_def cv_op_per_sample = {"per_sample_gradients", no_opts, NULL, BASE, NULL, 0, 1,
+                                    NULL, run_per_sample, per_sample_results};

@@ -4,12 +4,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/op_args.h"
+#include "api/op_util.h"
 #include "api/ops.h"
 #include "engine/estimators.h"
 
-#define END {NULL, 0, 0, 0, NULL}
-#define MC_OPT {"mc_samples", CV_OPT_INT, 1, 1e6, NULL}
 #define BIG 1e9
+
+/* Enum options are stored as int into the engine's enum fields. */
+_Static_assert(sizeof(cv_probe_dist) == sizeof(int), "cv_probe_dist is stored as int");
+_Static_assert(sizeof(cv_which) == sizeof(int), "cv_which is stored as int");
 
 /* Stream key of block b: 0 for the whole parameter vector (the streams of
  * "full" jobs stay as they were), else 1 + an FNV-1a hash of its tensor
@@ -36,41 +40,45 @@ static void seed_rng(const cv_op_ctx *c, const cv_block *b, cv_rng *r, uint64_t 
 
 /* ---- trace ---------------------------------------------------------------- */
 
-static const cv_opt_spec trace_opts[] = {
-    {"method", CV_OPT_ENUM, 0, 0, "hutchinson|hutch++"},
-    {"max_probes", CV_OPT_INT, 1, 1e6, NULL},
-    {"tol", CV_OPT_NUM, 0, 1, NULL},
-    {"distribution", CV_OPT_ENUM, 0, 0, "rademacher|gaussian"},
-    {"return_samples", CV_OPT_BOOL, 0, 0, NULL},
-    MC_OPT,
-    END};
+typedef struct {
+    cv_op_base base;
+    cv_trace_options o;
+    int method;
+} trace_args;
 
-static int check_trace(const cJSON *o, cv_err *e)
+static const cv_opt_spec trace_opts[] = {
+    {"method", CV_OPT_METHOD, 0, 0, NULL, offsetof(trace_args, method), NULL},
+    {"max_probes", CV_OPT_INT, 1, 1e6, NULL, offsetof(trace_args, o.max_probes), NULL},
+    {"tol", CV_OPT_NUM, 0, 1, NULL, offsetof(trace_args, o.tol), NULL},
+    {"distribution", CV_OPT_ENUM, 0, 0, "rademacher|gaussian",
+     offsetof(trace_args, o.distribution), NULL},
+    {"return_samples", CV_OPT_BOOL, 0, 0, NULL, offsetof(trace_args, o.return_samples), NULL},
+    CV_OPT_MC(trace_args),
+    CV_OPT_END};
+
+static void trace_defaults(void *p, int method)
 {
-    if (strcmp(cv_opt_str(o, "method", "hutchinson"), "hutch++") != 0)
-        return 0;
-    if (cv_opt_int(o, "max_probes", 100) < 3)
+    cv_trace_options_default(&((trace_args *)p)->o);
+}
+
+static int check_hutchpp(const cv_opts *opts, cv_curvature kind, cv_err *e)
+{
+    const trace_args *a = opts->args;
+    if (a->o.max_probes < 3)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_probes",
                           "hutch++ needs a budget of at least 3 matvecs (options.max_probes)");
     /* Hutch++ has no stopping rule (it spends max_probes); tol 0 says that. */
-    if (cv_opt_num(o, "tol", 0) > 0)
+    if (cv_opts_given(opts, "tol") && a->o.tol > 0)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.tol",
                           "hutch++ always spends its budget of max_probes matvecs: tol applies "
                           "to method hutchinson only (omit it, or give 0)");
     return 0;
 }
 
-static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+static int trace_with(cv_op_ctx *c, const cv_block *b, int pp, cJSON *out, cv_err *e)
 {
-    cv_trace_options o;
-    cv_trace_options_default(&o);
-    o.max_probes = cv_opt_int(c->options, "max_probes", o.max_probes);
-    const char *method = cv_opt_str(c->options, "method", "hutchinson");
-    int pp = strcmp(method, "hutch++") == 0;
-    o.tol = cv_opt_num(c->options, "tol", o.tol); /* Hutch++ has no stopping rule */
-    o.distribution = cv_probe_dist_from_name(cv_opt_str(c->options, "distribution",
-                                                        "rademacher"));
-    o.return_samples = cv_opt_bool(c->options, "return_samples", 0);
+    const trace_args *a = c->opts->args;
+    cv_trace_options o = a->o; /* Hutch++ has no stopping rule: it ignores tol */
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
@@ -81,7 +89,7 @@ static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
                 : cv_trace_hutchinson(&op, &o, &r, &res, e);
     if (rc)
         return -1;
-    cJSON_AddStringToObject(out, "method", method);
+    cJSON_AddStringToObject(out, "method", c->method);
     cJSON_AddNumberToObject(out, "trace", res.trace);
     cJSON_AddNumberToObject(out, "stderr", res.std_err);
     cJSON_AddNumberToObject(out, "probes", res.probes);
@@ -93,24 +101,41 @@ static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return 0;
 }
 
+static int run_hutchinson(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    return trace_with(c, b, 0, out, e);
+}
+
+static int run_hutchpp(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    return trace_with(c, b, 1, out, e);
+}
+
+static const cv_op_method trace_hutchinson = {"hutchinson", run_hutchinson, NULL};
+static const cv_op_method trace_hutchpp = {"hutch++", run_hutchpp, check_hutchpp};
+static const cv_op_method *const trace_methods[] = {&trace_hutchinson, &trace_hutchpp, NULL};
+
 /* ---- diag ----------------------------------------------------------------- */
 
-static const cv_opt_spec diag_opts[] = {
-    {"method", CV_OPT_ENUM, 0, 0, "hutchinson|exact"},
-    {"max_probes", CV_OPT_INT, 1, 1e6, NULL},
-    {"distribution", CV_OPT_ENUM, 0, 0, "rademacher|gaussian"},
-    MC_OPT,
-    END};
-
-static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
-{
+typedef struct {
+    cv_op_base base;
     cv_diag_options o;
-    cv_diag_options_default(&o);
-    o.max_probes = cv_opt_int(c->options, "max_probes", o.max_probes);
-    o.distribution = cv_probe_dist_from_name(cv_opt_str(c->options, "distribution",
-                                                        "rademacher"));
-    const char *method = cv_opt_str(c->options, "method", "hutchinson");
-    int exact = strcmp(method, "exact") == 0;
+    int method;
+} diag_args;
+
+static const cv_opt_spec diag_opts[] = {
+    {"method", CV_OPT_METHOD, 0, 0, NULL, offsetof(diag_args, method), NULL},
+    {"max_probes", CV_OPT_INT, 1, 1e6, NULL, offsetof(diag_args, o.max_probes), NULL},
+    {"distribution", CV_OPT_ENUM, 0, 0, "rademacher|gaussian",
+     offsetof(diag_args, o.distribution), NULL},
+    CV_OPT_MC(diag_args),
+    CV_OPT_END};
+
+static void diag_defaults(void *p, int method) { cv_diag_options_default(&((diag_args *)p)->o); }
+
+static int diag_with(cv_op_ctx *c, const cv_block *b, int exact, cJSON *out, cv_err *e)
+{
+    cv_diag_options o = ((const diag_args *)c->opts->args)->o;
     if (exact && b->dim > c->lim->dense_max)
         return cv_err_set(e, CV_ETOOLARGE, "too_large", "options.method",
                           "the exact diagonal needs %zu matvecs; allowed up to the dense "
@@ -124,7 +149,7 @@ static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_diag_result res;
     if (exact ? cv_diag_exact(&op, &o, &res, e) : cv_diag_hutchinson(&op, &o, &r, &res, e))
         return -1;
-    cJSON_AddStringToObject(out, "method", method);
+    cJSON_AddStringToObject(out, "method", c->method);
     cJSON_AddItemToObject(out, "diag", cv_json_doubles(res.diag, res.n));
     cJSON_AddItemToObject(out, "stderr", cv_json_doubles(res.std_err, res.n));
     double tr = 0;
@@ -136,32 +161,54 @@ static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return 0;
 }
 
+static int run_diag_hutchinson(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    return diag_with(c, b, 0, out, e);
+}
+
+static int run_diag_exact(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    return diag_with(c, b, 1, out, e);
+}
+
+static const cv_op_method diag_hutchinson = {"hutchinson", run_diag_hutchinson, NULL};
+static const cv_op_method diag_exact = {"exact", run_diag_exact, NULL};
+static const cv_op_method *const diag_methods[] = {&diag_hutchinson, &diag_exact, NULL};
+
 /* ---- eigen ---------------------------------------------------------------- */
 
 static const cv_opt_spec eigen_opts[] = {
-    {"k", CV_OPT_INT, 1, 1e6, NULL},
-    {"which", CV_OPT_ENUM, 0, 0, "largest|smallest|magnitude"},
-    {"method", CV_OPT_ENUM, 0, 0, "lanczos|power|gram"},
-    {"max_iter", CV_OPT_INT, 1, 1e7, NULL},
-    {"tol", CV_OPT_NUM, 0, 1, NULL},
-    {"return_vectors", CV_OPT_BOOL, 0, 0, NULL},
-    {"threshold", CV_OPT_NUM, 0, BIG, NULL},
-    {"mc", CV_OPT_BOOL, 0, 0, NULL},
-    {"subsample", CV_OPT_NUM, 1e-9, 1, NULL},
-    MC_OPT,
-    END};
+    {"k", CV_OPT_INT, 1, 1e6, NULL, offsetof(cv_eigen_args, o.k), NULL},
+    {"which", CV_OPT_ENUM, 0, 0, "largest|smallest|magnitude", offsetof(cv_eigen_args, o.which),
+     NULL},
+    {"method", CV_OPT_METHOD, 0, 0, NULL, offsetof(cv_eigen_args, method), NULL},
+    {"max_iter", CV_OPT_INT, 1, 1e7, NULL, offsetof(cv_eigen_args, o.max_iter), NULL},
+    {"tol", CV_OPT_NUM, 0, 1, NULL, offsetof(cv_eigen_args, o.tol), NULL},
+    {"return_vectors", CV_OPT_BOOL, 0, 0, NULL, offsetof(cv_eigen_args, o.return_vectors), NULL},
+    CV_OPT_VIVIT(cv_eigen_args, "gram"),
+    CV_OPT_MC(cv_eigen_args),
+    CV_OPT_END};
 
-static int check_eigen(const cJSON *o, cv_err *e)
+static void eigen_defaults(void *p, int method)
 {
-    const char *m = cv_opt_str(o, "method", "lanczos");
-    if (strcmp(m, "power") == 0 && strcmp(cv_opt_str(o, "which", "largest"), "smallest") == 0)
+    cv_eigen_args *a = p;
+    if (method == CV_EIGEN_POWER)
+        cv_power_options_default(&a->o);
+    else
+        cv_eigen_options_default(&a->o);
+    a->o.k = 1;
+    a->o.which = CV_WHICH_LARGEST;
+    a->o.return_vectors = 0;
+    cv_vivit_args_default(&a->vivit);
+}
+
+static int check_eigen(const cv_opts *opts, cv_curvature kind, cv_err *e)
+{
+    const cv_eigen_args *a = opts->args;
+    if (a->method == CV_EIGEN_POWER && a->o.which == CV_WHICH_SMALLEST)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.which",
                           "power iteration finds dominant eigenvalues only; use method "
                           "lanczos for which=smallest");
-    if (strcmp(m, "gram") != 0 && (cv_opt_get(o, "threshold") || cv_opt_get(o, "mc") ||
-                                    cv_opt_get(o, "subsample")))
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.method",
-                          "threshold, mc and subsample apply to method gram only");
     return 0;
 }
 
@@ -178,22 +225,9 @@ static void eigen_json(const cv_eigen_result *r, const char *method, cv_which wh
         cJSON_AddItemToObject(out, "eigenvectors", cv_json_columns(r->eigenvectors, r->n, r->k));
 }
 
-static int run_eigen(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+static int eigen_with(cv_op_ctx *c, const cv_block *b, int power, cJSON *out, cv_err *e)
 {
-    const char *method = cv_opt_str(c->options, "method", "lanczos");
-    if (strcmp(method, "gram") == 0)
-        return cv_op_eigen_gram(c, b, out, e);
-    int power = strcmp(method, "power") == 0;
-    cv_eigen_options o;
-    if (power)
-        cv_power_options_default(&o);
-    else
-        cv_eigen_options_default(&o);
-    o.k = cv_opt_int(c->options, "k", 1);
-    o.which = cv_which_from_name(cv_opt_str(c->options, "which", "largest"));
-    o.max_iter = cv_opt_int(c->options, "max_iter", o.max_iter);
-    o.tol = cv_opt_num(c->options, "tol", o.tol);
-    o.return_vectors = cv_opt_bool(c->options, "return_vectors", 0);
+    cv_eigen_options o = ((const cv_eigen_args *)c->opts->args)->o;
     if ((size_t)o.k > b->dim)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
                           "k = %d exceeds the block dimension %zu", o.k, b->dim);
@@ -205,31 +239,52 @@ static int run_eigen(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_eigen_result res;
     if (power ? cv_eigen_power(&op, &o, &r, &res, e) : cv_eigen_lanczos(&op, &o, &r, &res, e))
         return -1;
-    eigen_json(&res, method, o.which, out);
+    eigen_json(&res, c->method, o.which, out);
     cv_eigen_result_free(&res);
     return 0;
 }
 
+static int run_lanczos(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    return eigen_with(c, b, 0, out, e);
+}
+
+static int run_power(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    return eigen_with(c, b, 1, out, e);
+}
+
+static const cv_op_method eigen_lanczos = {"lanczos", run_lanczos, NULL};
+static const cv_op_method eigen_power = {"power", run_power, NULL};
+/* indices: CV_EIGEN_LANCZOS, CV_EIGEN_POWER, CV_EIGEN_GRAM */
+static const cv_op_method *const eigen_methods[] = {&eigen_lanczos, &eigen_power,
+                                                    &cv_method_eigen_gram, NULL};
+
 /* ---- density -------------------------------------------------------------- */
 
+typedef struct {
+    cv_op_base base;
+    cv_density_options o;
+} density_args;
+
+#define DENS(f) offsetof(density_args, o.f)
 static const cv_opt_spec density_opts[] = {
-    {"lanczos_steps", CV_OPT_INT, 1, 1e5, NULL},
-    {"runs", CV_OPT_INT, 1, 1e4, NULL},
-    {"grid_points", CV_OPT_INT, 2, 1e6, NULL},
-    {"sigma2", CV_OPT_NUM, 1e-300, BIG, NULL},
-    {"margin", CV_OPT_NUM, 0, BIG, NULL},
-    MC_OPT,
-    END};
+    {"lanczos_steps", CV_OPT_INT, 1, 1e5, NULL, DENS(lanczos_steps), NULL},
+    {"runs", CV_OPT_INT, 1, 1e4, NULL, DENS(runs), NULL},
+    {"grid_points", CV_OPT_INT, 2, 1e6, NULL, DENS(grid_points), NULL},
+    {"sigma2", CV_OPT_NUM, 1e-300, BIG, NULL, DENS(sigma2), NULL},
+    {"margin", CV_OPT_NUM, 0, BIG, NULL, DENS(margin), NULL},
+    CV_OPT_MC(density_args),
+    CV_OPT_END};
+
+static void density_defaults(void *p, int method)
+{
+    cv_density_options_default(&((density_args *)p)->o);
+}
 
 static int run_density(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
-    cv_density_options o;
-    cv_density_options_default(&o);
-    o.lanczos_steps = cv_opt_int(c->options, "lanczos_steps", o.lanczos_steps);
-    o.runs = cv_opt_int(c->options, "runs", o.runs);
-    o.grid_points = cv_opt_int(c->options, "grid_points", o.grid_points);
-    o.sigma2 = cv_opt_num(c->options, "sigma2", o.sigma2);
-    o.margin = cv_opt_num(c->options, "margin", o.margin);
+    cv_density_options o = ((const density_args *)c->opts->args)->o;
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
@@ -251,45 +306,50 @@ static int run_density(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return 0;
 }
 
-/* ---- solve / newton ------------------------------------------------------- */
+/* ---- solve ---------------------------------------------------------------- */
+
+typedef struct {
+    cv_op_base base;
+    cv_solve_options o;
+    int method;             /* cv_solve_method: cg, minres */
+    cv_opt_choice rhs;      /* choice 0: "gradient" */
+} solve_args;
 
 static const cv_opt_spec solve_opts[] = {
-    {"damping", CV_OPT_NUM, -BIG, BIG, NULL},
-    {"rhs", CV_OPT_NUM_OR_ENUM, 0, 0, "gradient"},
-    {"tol", CV_OPT_NUM, 0, 1, NULL},
-    {"max_iter", CV_OPT_INT, 1, 1e7, NULL},
-    {"method", CV_OPT_ENUM, 0, 0, "cg|minres"},
-    MC_OPT,
-    END};
+    {"damping", CV_OPT_NUM, -BIG, BIG, NULL, offsetof(solve_args, o.damping), NULL},
+    {"rhs", CV_OPT_NUM_OR_ENUM, 0, 0, "gradient", offsetof(solve_args, rhs), NULL},
+    {"tol", CV_OPT_NUM, 0, 1, NULL, offsetof(solve_args, o.tol), NULL},
+    {"max_iter", CV_OPT_INT, 1, 1e7, NULL, offsetof(solve_args, o.max_iter), NULL},
+    {"method", CV_OPT_METHOD, 0, 0, NULL, offsetof(solve_args, method), NULL},
+    CV_OPT_MC(solve_args),
+    CV_OPT_END};
 
-static int check_solve(const cJSON *o, cv_err *e)
+static void solve_defaults(void *p, int method)
 {
-    const cJSON *rhs = cv_opt_get(o, "rhs");
-    if (rhs && !cJSON_IsString(rhs) && !cJSON_IsArray(rhs))
+    solve_args *a = p;
+    cv_solve_options_default(&a->o);
+    a->rhs.choice = 0;
+}
+
+/* The option table admits a number for rhs (type number_or_enum), which
+ * is refused here: rhs is "gradient" (a list is not accepted either). */
+static int check_solve(const cv_opts *opts, cv_curvature kind, cv_err *e)
+{
+    if (((const solve_args *)opts->args)->rhs.choice < 0)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.rhs",
                           "rhs must be \"gradient\" or a list of numbers");
     return 0;
 }
 
-static void solve_options(const cv_op_ctx *c, cv_solve_options *o)
-{
-    cv_solve_options_default(o);
-    o->method = cv_solve_method_from_name(cv_opt_str(c->options, "method", "cg"));
-    o->damping = cv_opt_num(c->options, "damping", o->damping);
-    o->tol = cv_opt_num(c->options, "tol", o->tol);
-    o->max_iter = cv_opt_int(c->options, "max_iter", o->max_iter);
-}
-
 static int run_solve(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
+    const solve_args *a = c->opts->args;
     double *rhs = malloc(sizeof(double) * b->dim);
     if (!rhs)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "right-hand side");
-    const cJSON *rv = cv_opt_get(c->options, "rhs");
-    int rc = rv && cJSON_IsArray(rv) ? cv_json_to_doubles(rv, b->dim, rhs, "options.rhs", e)
-                                     : cv_curv_gradient(c->curv, b, rhs, e);
-    cv_solve_options o;
-    solve_options(c, &o);
+    int rc = cv_curv_gradient(c->curv, b, rhs, e);
+    cv_solve_options o = a->o;
+    o.method = (cv_solve_method)a->method;
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
@@ -308,60 +368,58 @@ static int run_solve(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return 0;
 }
 
-static const cv_opt_spec newton_opts[] = {
-    {"method", CV_OPT_ENUM, 0, 0, "cg|minres|vivit"},
-    {"damping", CV_OPT_NUM_OR_ENUM, -BIG, BIG, "bootstrap"},
-    {"k", CV_OPT_INT_OR_ENUM, 1, 1e6, "all"},
-    {"tol", CV_OPT_NUM, 0, 1, NULL},
-    {"max_iter", CV_OPT_INT, 1, 1e7, NULL},
-    {"actual_change", CV_OPT_BOOL, 0, 0, NULL},
-    {"mode", CV_OPT_ENUM, 0, 0, "directional|full"},
-    {"grid", CV_OPT_LIST, 0, 0, NULL},
-    {"bootstrap_samples", CV_OPT_INT, 1, 1e5, NULL},
-    {"threshold", CV_OPT_NUM, 0, BIG, NULL},
-    {"mc", CV_OPT_BOOL, 0, 0, NULL},            /* vivit: MC factor columns */
-    {"subsample", CV_OPT_NUM, 1e-9, 1, NULL},   /* vivit: curvature on a batch fraction */
-    MC_OPT,
-    END};
+/* indices = cv_solve_method */
+static const cv_op_method solve_cg = {"cg", run_solve, NULL};
+static const cv_op_method solve_minres = {"minres", run_solve, NULL};
+static const cv_op_method *const solve_methods[] = {&solve_cg, &solve_minres, NULL};
 
-static int check_newton(const cJSON *o, cv_err *e)
+/* ---- newton ----------------------------------------------------------------- */
+
+#define NEWT(f) offsetof(cv_newton_args, f)
+static const cv_opt_spec newton_opts[] = {
+    {"method", CV_OPT_METHOD, 0, 0, NULL, NEWT(method), NULL},
+    {"damping", CV_OPT_NUM_OR_ENUM, -BIG, BIG, "bootstrap", NEWT(damping), NULL},
+    {"k", CV_OPT_INT_OR_ENUM, 1, 1e6, "all", NEWT(k), "vivit"},
+    {"tol", CV_OPT_NUM, 0, 1, NULL, NEWT(o.tol), NULL},
+    {"max_iter", CV_OPT_INT, 1, 1e7, NULL, NEWT(o.max_iter), NULL},
+    {"actual_change", CV_OPT_BOOL, 0, 0, NULL, NEWT(actual_change), NULL},
+    {"mode", CV_OPT_ENUM, 0, 0, "directional|full", NEWT(mode), "vivit"},
+    {"grid", CV_OPT_LIST, 0, 0, NULL, NEWT(grid), "vivit"},
+    {"bootstrap_samples", CV_OPT_INT, 1, 1e5, NULL, NEWT(bootstrap_samples), "vivit"},
+    CV_OPT_VIVIT(cv_newton_args, "vivit"),
+    CV_OPT_MC(cv_newton_args),
+    CV_OPT_END};
+
+static void newton_defaults(void *p, int method)
 {
-    int vivit = strcmp(cv_opt_str(o, "method", "cg"), "vivit") == 0;
-    const cJSON *d = cv_opt_get(o, "damping");
-    if (!vivit && d && cJSON_IsString(d))
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.damping",
-                          "damping \"bootstrap\" needs method vivit");
-    if (!vivit && (cv_opt_get(o, "k") || cv_opt_get(o, "mode") || cv_opt_get(o, "grid") ||
-                   cv_opt_get(o, "bootstrap_samples") || cv_opt_get(o, "threshold") ||
-                   cv_opt_get(o, "mc") || cv_opt_get(o, "subsample")))
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.method",
-                          "k, mode, grid, bootstrap_samples, threshold, mc and subsample "
-                          "apply to method vivit only");
-    return 0;
+    cv_newton_args *a = p;
+    cv_solve_options_default(&a->o);
+    a->damping.num = method == CV_NEWTON_VIVIT ? 1.0 : a->o.damping;
+    a->damping.choice = -1;
+    a->k.choice = -1;
+    a->mode = CV_NEWTON_DIRECTIONAL;
+    cv_vivit_args_default(&a->vivit);
 }
 
-int cv_op_add_actual_change(cv_op_ctx *c, const cv_block *b, const double *step, cJSON *out,
-                             cv_err *e)
+static int check_newton(const cv_opts *opts, cv_curvature kind, cv_err *e)
 {
-    if (!cv_opt_bool(c->options, "actual_change", 0))
-        return 0;
-    double after;
-    if (cv_curv_loss_at(c->curv, b, step, &after, e))
-        return -1;
-    cJSON_AddNumberToObject(out, "actual_change", after - cv_curv_loss(c->curv));
+    const cv_newton_args *a = opts->args;
+    if (a->method != CV_NEWTON_VIVIT && a->damping.choice >= 0)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.damping",
+                          "damping \"bootstrap\" needs method vivit");
     return 0;
 }
 
 static int run_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
-    if (strcmp(cv_opt_str(c->options, "method", "cg"), "vivit") == 0)
-        return cv_op_newton_vivit(c, b, out, e);
+    const cv_newton_args *a = c->opts->args;
     double *g = malloc(sizeof(double) * b->dim);
     if (!g)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient");
     int rc = cv_curv_gradient(c->curv, b, g, e);
-    cv_solve_options o;
-    solve_options(c, &o);
+    cv_solve_options o = a->o;
+    o.method = (cv_solve_method)a->method;
+    o.damping = a->damping.num;
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
@@ -378,14 +436,46 @@ static int run_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cJSON_AddNumberToObject(out, "residual", res.residual);
     cJSON_AddNumberToObject(out, "iterations", res.iterations);
     cJSON_AddBoolToObject(out, "converged", res.converged);
-    rc = cv_op_add_actual_change(c, b, res.step, out, e);
+    rc = cv_op_add_actual_change(c, b, res.step, a->actual_change, out, e);
     cv_newton_result_free(&res);
     return rc;
 }
 
-const cv_op_def cv_op_trace = {"trace", trace_opts, 1, 1, check_trace, run_trace};
-const cv_op_def cv_op_diag = {"diag", diag_opts, 1, 1, NULL, run_diag};
-const cv_op_def cv_op_eigen = {"eigen", eigen_opts, 1, 1, check_eigen, run_eigen};
-const cv_op_def cv_op_density = {"density", density_opts, 1, 1, NULL, run_density};
-const cv_op_def cv_op_solve = {"solve", solve_opts, 1, 1, check_solve, run_solve};
-const cv_op_def cv_op_newton = {"newton", newton_opts, 1, 1, check_newton, run_newton};
+/* indices: CV_NEWTON_CG, CV_NEWTON_MINRES (= cv_solve_method), CV_NEWTON_VIVIT */
+static const cv_op_method newton_cg = {"cg", run_newton, NULL};
+static const cv_op_method newton_minres = {"minres", run_newton, NULL};
+static const cv_op_method *const newton_methods[] = {&newton_cg, &newton_minres,
+                                                     &cv_method_newton_vivit, NULL};
+
+/* ---- the op table entries ------------------------------------------------- */
+
+#define FACTOR_RESULTS                                                                     \
+    "columns", "curvature_samples", "mc_columns", "gram_path", "curvature_indices", "rank", \
+        "threshold", "lambda_max"
+static const char *const trace_results[] = {"method", "trace",  "stderr", "probes",
+                                            "sketch", "samples", NULL};
+static const char *const diag_results[] = {"method", "diag", "stderr", "trace", "probes", NULL};
+static const char *const eigen_results[] = {
+    "method",     "which",        "eigenvalues", "residuals", "converged",
+    "iterations", "eigenvectors", FACTOR_RESULTS, NULL};
+static const char *const density_results[] = {
+    "density", "nodes", "weights", "sigma2", "lanczos_steps", "reorthogonalized_steps", NULL};
+static const char *const solve_results[] = {"method",     "solution",  "residual",
+                                            "iterations", "converged", NULL};
+static const char *const newton_results[] = {
+    "method",    "damping",       "step", "predicted_change", "residual",
+    "iterations", "converged",    "actual_change", "mode", "k", "directions", "dampings",
+    FACTOR_RESULTS, NULL};
+
+const cv_op_def cv_op_trace = {"trace", trace_opts, trace_methods, sizeof(trace_args),
+                               trace_defaults, 1, 1, NULL, NULL, trace_results};
+const cv_op_def cv_op_diag = {"diag", diag_opts, diag_methods, sizeof(diag_args),
+                              diag_defaults, 1, 1, NULL, NULL, diag_results};
+const cv_op_def cv_op_eigen = {"eigen", eigen_opts, eigen_methods, sizeof(cv_eigen_args),
+                               eigen_defaults, 1, 1, check_eigen, NULL, eigen_results};
+const cv_op_def cv_op_density = {"density", density_opts, NULL, sizeof(density_args),
+                                 density_defaults, 1, 1, NULL, run_density, density_results};
+const cv_op_def cv_op_solve = {"solve", solve_opts, solve_methods, sizeof(solve_args),
+                               solve_defaults, 1, 1, check_solve, NULL, solve_results};
+const cv_op_def cv_op_newton = {"newton", newton_opts, newton_methods, sizeof(cv_newton_args),
+                                newton_defaults, 1, 1, check_newton, NULL, newton_results};

@@ -1,5 +1,5 @@
 /* ops_vivit.c - the ViViT ops on engine/vivit.h: eigen with method "gram"
- * (cv_op_eigen_gram), newton with method "vivit" (cv_op_newton_vivit) and
+ * (cv_method_eigen_gram), newton with method "vivit" (cv_method_newton_vivit) and
  * the "snr" op (directional gradient/curvature SNR, per-layer gradient SNR).
  *
  * Curvature: "ggn" uses the exact loss-Hessian roots (C columns per sample),
@@ -24,11 +24,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/op_args.h"
+#include "api/op_util.h"
 #include "api/ops.h"
 #include "engine/vivit.h"
 
-#define END {NULL, 0, 0, 0, NULL}
-#define BIG 1e9
 /* cv_job_run seeds the engine (fisher_mc draws) with seed ^ this; the MC
  * columns use the same seed so they are the engine's fisher_mc exactly. */
 #define CV_VIVIT_CURV_SEED(s) ((s) ^ 0x5eedF15Cull)
@@ -74,31 +74,38 @@ static cJSON *block_names(const cv_model *m, const cv_block *b)
     return a;
 }
 
-static int check_curvature(const cv_op_ctx *c, cv_err *e)
+void cv_vivit_args_default(cv_vivit_args *a)
 {
-    if (c->kind == CV_CURV_GGN || c->kind == CV_CURV_FISHER_MC)
+    a->mc = 0;
+    a->threshold = -1;
+    a->subsample = 1.0;
+}
+
+/* Submit-time check of every ViViT op and method: the curvature has a factor. */
+static int check_curvature(cv_curvature kind, cv_err *e)
+{
+    if (kind == CV_CURV_GGN || kind == CV_CURV_FISHER_MC)
         return 0;
     return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature",
                       "ViViT works on the GGN's low-rank factor: curvature must be \"ggn\" "
                       "(exact) or \"fisher_mc\" (Monte Carlo columns), got \"%s\"%s",
-                      cv_curvature_name(c->kind),
-                      c->kind == CV_CURV_HESSIAN ? " (the default when the job gives none)" : "");
+                      cv_curvature_name(kind),
+                      kind == CV_CURV_HESSIAN ? " (the default when the job gives none)" : "");
 }
 
-/* Factor and Gram of block b with the op's options (subset is the caller's
- * buffer of batch-size ints, kept alive while v is used). */
-static int build(cv_op_ctx *c, const cv_block *b, int *subset, cv_vivit *v, cv_err *e)
+/* Factor and Gram of block b with the op's ViViT settings va (subset is the
+ * caller's buffer of batch-size ints, kept alive while v is used). */
+static int build(cv_op_ctx *c, const cv_block *b, const cv_vivit_args *va, int *subset,
+                 cv_vivit *v, cv_err *e)
 {
-    if (check_curvature(c, e))
-        return -1;
     cv_vivit_options o;
     cv_vivit_options_default(&o);
-    int mc = c->kind == CV_CURV_FISHER_MC || cv_opt_bool(c->options, "mc", 0);
-    o.mc = mc ? cv_opt_int(c->options, "mc_samples", 1) : 0;
+    int mc = c->kind == CV_CURV_FISHER_MC || va->mc;
+    o.mc = mc ? ((const cv_op_base *)c->opts->args)->mc_samples : 0;
     o.mc_seed = CV_VIVIT_CURV_SEED(c->seed);
-    o.threshold = cv_opt_num(c->options, "threshold", -1);
+    o.threshold = va->threshold;
     o.progress = c->progress;
-    double frac = cv_opt_num(c->options, "subsample", 1.0);
+    double frac = va->subsample;
     if (frac >= 1.0)
         return cv_vivit_init(v, c->curv, b, &o, e);
     int n = (int)cv_curv_batch_size(c->curv);
@@ -128,14 +135,15 @@ static int build(cv_op_ctx *c, const cv_block *b, int *subset, cv_vivit *v, cv_e
 
 /* build() with a subset buffer of its own: returns the buffer (free it after
  * cv_vivit_free(v)), or NULL with e set and nothing to free. */
-static int *build_factor(cv_op_ctx *c, const cv_block *b, cv_vivit *v, cv_err *e)
+static int *build_factor(cv_op_ctx *c, const cv_block *b, const cv_vivit_args *va, cv_vivit *v,
+                         cv_err *e)
 {
     int *subset = malloc(sizeof(int) * cv_curv_batch_size(c->curv));
     if (!subset) {
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "sample subset");
         return NULL;
     }
-    if (build(c, b, subset, v, e)) {
+    if (build(c, b, va, subset, v, e)) {
         free(subset);
         return NULL;
     }
@@ -208,44 +216,66 @@ static int residuals_vectors_json(cv_vivit *v, int k, int vectors, cJSON *out, c
     return rc;
 }
 
-int cv_op_eigen_gram(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+static int check_gram(const cv_opts *opts, cv_curvature kind, cv_err *e)
 {
-    if (strcmp(cv_opt_str(c->options, "which", "largest"), "smallest") == 0)
+    if (((const cv_eigen_args *)opts->args)->o.which == CV_WHICH_SMALLEST)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.which",
                           "method gram gives the GGN's nonzero (largest) eigenvalues; use "
                           "method lanczos for which=smallest");
+    return check_curvature(kind, e);
+}
+
+static int run_gram(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    const cv_eigen_args *a = c->opts->args;
     cv_vivit v;
-    int *subset = build_factor(c, b, &v, e);
+    int *subset = build_factor(c, b, &a->vivit, &v, e);
     if (!subset)
         return -1;
     int rc = cv_vivit_eigh(&v, e);
-    int k = cv_opt_int(c->options, "k", v.rank);
+    int k = cv_opts_given(c->opts, "k") ? a->o.k : v.rank;
     k = k < v.rank ? k : v.rank;
     if (!rc) {
         cJSON_AddStringToObject(out, "method", "gram");
-        cJSON_AddStringToObject(out, "which", cv_opt_str(c->options, "which", "largest"));
+        cJSON_AddStringToObject(out, "which", cv_which_name(a->o.which));
         cJSON_AddItemToObject(out, "eigenvalues", cv_json_doubles(v.eigenvalues, (size_t)k));
         factor_json(&v, out);
         cJSON_AddNumberToObject(out, "converged", k);
         cJSON_AddNumberToObject(out, "iterations", 0);
     }
     if (!rc) /* residuals always (contract), the vectors only when asked */
-        rc = residuals_vectors_json(&v, k, cv_opt_bool(c->options, "return_vectors", 0), out, e);
+        rc = residuals_vectors_json(&v, k, a->o.return_vectors, out, e);
     cv_vivit_free(&v);
     free(subset);
     return rc;
 }
 
+const cv_op_method cv_method_eigen_gram = {"gram", run_gram, check_gram};
+
 /* ---- snr ------------------------------------------------------------------- */
 
+typedef struct {
+    cv_op_base base;
+    int k;
+    int return_raw;
+    cv_vivit_args vivit;
+} snr_args;
+
 static const cv_opt_spec snr_opts[] = {
-    {"k", CV_OPT_INT, 1, 1e6, NULL},
-    {"return_raw", CV_OPT_BOOL, 0, 0, NULL},
-    {"mc", CV_OPT_BOOL, 0, 0, NULL},
-    {"mc_samples", CV_OPT_INT, 1, 1e6, NULL},
-    {"subsample", CV_OPT_NUM, 1e-9, 1, NULL},
-    {"threshold", CV_OPT_NUM, 0, BIG, NULL},
-    END};
+    {"k", CV_OPT_INT, 1, 1e6, NULL, offsetof(snr_args, k), NULL},
+    {"return_raw", CV_OPT_BOOL, 0, 0, NULL, offsetof(snr_args, return_raw), NULL},
+    {"mc", CV_OPT_BOOL, 0, 0, NULL, offsetof(snr_args, vivit.mc), NULL},
+    CV_OPT_MC(snr_args),
+    {"subsample", CV_OPT_NUM, 1e-9, 1, NULL, offsetof(snr_args, vivit.subsample), NULL},
+    {"threshold", CV_OPT_NUM, 0, 1e9, NULL, offsetof(snr_args, vivit.threshold), NULL},
+    CV_OPT_END};
+
+static void snr_defaults(void *p, int method) { cv_vivit_args_default(&((snr_args *)p)->vivit); }
+
+static int check_snr(const cv_opts *opts, cv_curvature kind, cv_err *e)
+{
+    return check_curvature(kind, e);
+}
 
 static cJSON *direction_json(const cv_vivit_derivs *d, int q, double lambda, double gdot,
                              double gnorm)
@@ -309,7 +339,7 @@ static int directions_json(cv_op_ctx *c, cv_vivit *v, int k, cJSON *out, cv_err 
         }
         cJSON_AddNumberToObject(out, "gradient_norm", sqrt(gn));
     }
-    if (!rc && cv_opt_bool(c->options, "return_raw", 0)) {
+    if (!rc && ((const snr_args *)c->opts->args)->return_raw) {
         cJSON_AddItemToObject(out, "gamma", json_rows(d.gamma, d.n, k));
         cJSON_AddItemToObject(out, "lambda", json_rows(d.lambda, d.ns, k));
     }
@@ -321,12 +351,13 @@ static int directions_json(cv_op_ctx *c, cv_vivit *v, int k, cJSON *out, cv_err 
 
 static int run_snr(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
+    const snr_args *a = c->opts->args;
     cv_vivit v;
-    int *subset = build_factor(c, b, &v, e);
+    int *subset = build_factor(c, b, &a->vivit, &v, e);
     if (!subset)
         return -1;
     int rc = cv_vivit_eigh(&v, e);
-    int k = cv_opt_int(c->options, "k", v.C);
+    int k = cv_opts_given(c->opts, "k") ? a->k : v.C;
     k = k < v.rank ? k : v.rank;
     if (!rc) {
         factor_json(&v, out);
@@ -341,25 +372,28 @@ static int run_snr(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 
 /* ---- newton (method vivit) --------------------------------------------------- */
 
-static int check_newton_vivit(const cv_op_ctx *c, int full, int boot, cv_err *e)
+static int check_newton_vivit(const cv_opts *opts, cv_curvature kind, cv_err *e)
 {
-    const cJSON *o = c->options;
+    const cv_newton_args *a = opts->args;
+    int full = a->mode == CV_NEWTON_FULL, boot = a->damping.choice >= 0;
     if (full && boot)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.damping",
                           "damping \"bootstrap\" is directional: it needs mode directional");
-    if (full && cv_opt_get(o, "k"))
+    if (full && cv_opts_given(opts, "k"))
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
                           "k applies to mode directional (mode full uses the whole GGN)");
-    if (!boot && (cv_opt_get(o, "grid") || cv_opt_get(o, "bootstrap_samples")))
+    int grid = cv_opts_given(opts, "grid");
+    if (!boot && (grid || cv_opts_given(opts, "bootstrap_samples")))
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.grid",
                           "grid and bootstrap_samples apply to damping \"bootstrap\" only");
-    const cJSON *grid = cv_opt_get(o, "grid"), *x;
-    if (grid && cJSON_GetArraySize(grid) < 1)
+    if (grid && a->grid.n < 1)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.grid",
                           "grid must list at least one damping value");
-    cJSON_ArrayForEach(x, grid) if (!(x->valuedouble > 0)) return cv_err_set(
-        e, CV_EINVAL, "invalid_option", "options.grid", "grid values must be positive");
-    return 0;
+    for (int i = 0; grid && i < a->grid.n; i++)
+        if (!(a->grid.v[i] > 0))
+            return cv_err_set(e, CV_EINVAL, "invalid_option", "options.grid",
+                              "grid values must be positive");
+    return check_curvature(kind, e);
 }
 
 static int newton_full(cv_op_ctx *c, const cv_block *b, cv_vivit *v, double delta, cJSON *out,
@@ -372,19 +406,12 @@ static int newton_full(cv_op_ctx *c, const cv_block *b, cv_vivit *v, double delt
     if (!rc) {
         cJSON_AddItemToObject(out, "step", cv_json_doubles(step, b->dim));
         cJSON_AddNumberToObject(out, "predicted_change", pred);
-        rc = cv_op_add_actual_change(c, b, step, out, e);
+        rc = cv_op_add_actual_change(c, b, step,
+                                     ((const cv_newton_args *)c->opts->args)->actual_change, out,
+                                     e);
     }
     free(step);
     return rc;
-}
-
-static void damping_grid(const cv_op_ctx *c, cv_vivit_damping *d, double *buf)
-{
-    const cJSON *grid = cv_opt_get(c->options, "grid"), *x;
-    if (!grid)
-        return;
-    cJSON_ArrayForEach(x, grid) buf[d->grid_n++] = x->valuedouble;
-    d->grid = buf;
 }
 
 static void newton_dirs_json(const cv_vivit_newton *r, cJSON *out)
@@ -404,46 +431,42 @@ static void newton_dirs_json(const cv_vivit_newton *r, cJSON *out)
 static int newton_directional(cv_op_ctx *c, const cv_block *b, cv_vivit *v, int boot,
                               double delta, cJSON *out, cv_err *e)
 {
+    const cv_newton_args *a = c->opts->args;
     if (cv_vivit_eigh(v, e))
         return -1;
-    const cJSON *kv = cv_opt_get(c->options, "k");
-    int k = kv && cJSON_IsNumber(kv) ? (int)kv->valuedouble : v->rank;
+    int k = cv_opts_given(c->opts, "k") && a->k.choice < 0 ? (int)a->k.num : v->rank;
     k = k < v->rank ? k : v->rank;
     cv_vivit_damping d;
     cv_vivit_damping_default(&d);
     d.damping = delta;
     d.bootstrap = boot;
-    d.samples = cv_opt_int(c->options, "bootstrap_samples", 0);
+    d.samples = a->bootstrap_samples;
     d.seed = c->seed ^ CV_VIVIT_BOOT_SALT;
-    const cJSON *grid = cv_opt_get(c->options, "grid");
-    double *buf = malloc(sizeof(double) * (size_t)(grid ? cJSON_GetArraySize(grid) + 1 : 1));
-    if (!buf)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "grid");
-    damping_grid(c, &d, buf);
+    if (cv_opts_given(c->opts, "grid")) {
+        d.grid = a->grid.v;
+        d.grid_n = a->grid.n;
+    }
     cv_vivit_newton r;
-    int rc = cv_vivit_newton_directional(v, k, &d, &r, e);
-    free(buf);
-    if (rc)
+    if (cv_vivit_newton_directional(v, k, &d, &r, e))
         return -1;
+    int rc;
     cJSON_AddItemToObject(out, "step", cv_json_doubles(r.step, r.dim));
     cJSON_AddNumberToObject(out, "predicted_change", r.predicted_change);
     cJSON_AddNumberToObject(out, "k", k);
     factor_json(v, out);
     newton_dirs_json(&r, out);
-    rc = cv_op_add_actual_change(c, b, r.step, out, e);
+    rc = cv_op_add_actual_change(c, b, r.step, a->actual_change, out, e);
     cv_vivit_newton_free(&r);
     return rc;
 }
 
-int cv_op_newton_vivit(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+static int run_newton_vivit(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
-    int full = strcmp(cv_opt_str(c->options, "mode", "directional"), "full") == 0;
-    int boot = cJSON_IsString(cv_opt_get(c->options, "damping"));
-    double delta = cv_opt_num(c->options, "damping", 1.0);
-    if (check_newton_vivit(c, full, boot, e))
-        return -1;
+    const cv_newton_args *a = c->opts->args;
+    int full = a->mode == CV_NEWTON_FULL, boot = a->damping.choice >= 0;
+    double delta = boot ? 1.0 : a->damping.num;
     cv_vivit v;
-    int *subset = build_factor(c, b, &v, e);
+    int *subset = build_factor(c, b, &a->vivit, &v, e);
     if (!subset)
         return -1;
     cJSON_AddStringToObject(out, "method", "vivit");
@@ -461,4 +484,12 @@ int cv_op_newton_vivit(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return rc;
 }
 
-const cv_op_def cv_op_snr = {"snr", snr_opts, 1, 1, NULL, run_snr};
+const cv_op_method cv_method_newton_vivit = {"vivit", run_newton_vivit, check_newton_vivit};
+
+static const char *const snr_results[] = {
+    "columns", "curvature_samples", "mc_columns", "gram_path", "curvature_indices",
+    "rank",    "threshold",         "lambda_max", "directions", "gradient_norm",
+    "gsnr",    "gamma",             "lambda",     NULL};
+
+const cv_op_def cv_op_snr = {"snr",     snr_opts, NULL,      sizeof(snr_args), snr_defaults,
+                             1,         1,        check_snr, run_snr,          snr_results};

@@ -1,22 +1,63 @@
-/* opts.c - validating and reading job options against cv_opt_spec tables. */
-#include "opts.h"
+/* opts.c - validating job options against cv_opt_spec tables and storing
+ * them into an op's argument struct (see opts.h). */
+#include "api/opts.h"
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
-static int in_choices(const char *choices, const char *s)
+#include "api/suggest.h"
+
+int cv_opts_choice_index(const char *choices, const char *s)
 {
     size_t n = strlen(s);
     const char *p = choices;
-    while (p && *p) {
+    for (int i = 0; p && *p; i++) {
         const char *bar = strchr(p, '|');
         size_t len = bar ? (size_t)(bar - p) : strlen(p);
         if (len == n && strncmp(p, s, n) == 0)
-            return 1;
+            return i;
         p = bar ? bar + 1 : NULL;
     }
-    return 0;
+    return -1;
+}
+
+int cv_opts_in_list(const char *list, const char *name)
+{
+    return cv_opts_choice_index(list, name) >= 0;
+}
+
+const char *cv_opt_type_name(cv_opt_type t)
+{
+    switch (t) {
+    case CV_OPT_INT:
+    case CV_OPT_U64: return "integer";
+    case CV_OPT_NUM: return "number";
+    case CV_OPT_BOOL: return "boolean";
+    case CV_OPT_ENUM:
+    case CV_OPT_METHOD: return "enum";
+    case CV_OPT_NUM_OR_ENUM: return "number_or_enum";
+    case CV_OPT_INT_OR_ENUM: return "integer_or_enum";
+    case CV_OPT_LIST: return "list";
+    }
+    return "?";
+}
+
+/* "a|b|c" of the method names into buf. */
+static const char *join_methods(const char *const *methods, char *buf, size_t len)
+{
+    size_t used = 0;
+    buf[0] = 0;
+    for (int i = 0; methods && methods[i] && used < len; i++)
+        used += (size_t)snprintf(buf + used, len - used, "%s%s", i ? "|" : "", methods[i]);
+    return buf;
+}
+
+static const char *spec_choices(const cv_opt_spec *s, const char *const *methods, char *buf,
+                                size_t len)
+{
+    return s->type == CV_OPT_METHOD ? join_methods(methods, buf, len) : s->choices;
 }
 
 static int check_number(const cJSON *v, const cv_opt_spec *s, int integer, const char *field,
@@ -35,52 +76,85 @@ static int check_number(const cJSON *v, const cv_opt_spec *s, int integer, const
     return 0;
 }
 
-static int check_enum(const cJSON *v, const cv_opt_spec *s, const char *field, cv_err *e)
+static int check_enum(const cJSON *v, const char *choices, const char *field, cv_err *e)
 {
-    if (!cJSON_IsString(v) || !in_choices(s->choices, v->valuestring))
+    if (!cJSON_IsString(v) || cv_opts_choice_index(choices, v->valuestring) < 0)
         return cv_err_set(e, CV_EINVAL, "invalid_option", field, "%s must be one of %s", field,
-                          s->choices);
+                          choices);
     return 0;
 }
 
-static int check_one(const cJSON *v, const cv_opt_spec *s, cv_err *e)
+static int check_list(const cJSON *v, const char *field, cv_err *e)
 {
-    char field[96];
+    if (!cJSON_IsArray(v))
+        return cv_err_set(e, CV_EINVAL, "invalid_option", field, "%s must be a list of numbers",
+                          field);
+    int i = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, v)
+    {
+        if (!cJSON_IsNumber(x) || !isfinite(x->valuedouble))
+            return cv_err_set(e, CV_EINVAL, "invalid_option", field,
+                              "%s[%d] is not a finite number", field, i);
+        i++;
+    }
+    return 0;
+}
+
+static int check_one(const cJSON *v, const cv_opt_spec *s, const char *const *methods, cv_err *e)
+{
+    char field[96], mbuf[256];
     snprintf(field, sizeof field, "options.%s", s->name);
     switch (s->type) {
-    case CV_OPT_INT: return check_number(v, s, 1, field, e);
+    case CV_OPT_INT:
+    case CV_OPT_U64: return check_number(v, s, 1, field, e);
     case CV_OPT_NUM: return check_number(v, s, 0, field, e);
     case CV_OPT_BOOL:
         if (!cJSON_IsBool(v))
             return cv_err_set(e, CV_EINVAL, "invalid_option", field, "%s must be true or false",
                               field);
         return 0;
-    case CV_OPT_ENUM: return check_enum(v, s, field, e);
+    case CV_OPT_ENUM:
+    case CV_OPT_METHOD: return check_enum(v, spec_choices(s, methods, mbuf, sizeof mbuf), field, e);
     case CV_OPT_NUM_OR_ENUM:
     case CV_OPT_INT_OR_ENUM:
         if (cJSON_IsString(v))
-            return check_enum(v, s, field, e);
+            return check_enum(v, s->choices, field, e);
         return check_number(v, s, s->type == CV_OPT_INT_OR_ENUM, field, e);
-    case CV_OPT_LIST: {
-        if (!cJSON_IsArray(v))
-            return cv_err_set(e, CV_EINVAL, "invalid_option", field,
-                              "%s must be a list of numbers", field);
-        int i = 0;
-        const cJSON *x;
-        cJSON_ArrayForEach(x, v)
-        {
-            if (!cJSON_IsNumber(x) || !isfinite(x->valuedouble))
-                return cv_err_set(e, CV_EINVAL, "invalid_option", field,
-                                  "%s[%d] is not a finite number", field, i);
-            i++;
-        }
-        return 0;
-    }
+    case CV_OPT_LIST: return check_list(v, field, e);
     }
     return 0;
 }
 
-int cv_opts_validate(const cJSON *options, const cv_opt_spec *specs, cv_err *e)
+const cv_opt_spec *cv_opts_find(const cv_opt_spec *specs, const char *name)
+{
+    for (const cv_opt_spec *s = specs; s->name; s++)
+        if (strcmp(s->name, name) == 0)
+            return s;
+    return NULL;
+}
+
+static int unknown_option(const char *name, const cv_opt_spec *specs, cv_err *e)
+{
+    char known[512] = "", hint[96];
+    const char *names[CV_OPT_MAX];
+    int n = 0;
+    size_t used = 0;
+    for (const cv_opt_spec *t = specs; t->name && n < CV_OPT_MAX; t++) {
+        names[n++] = t->name;
+        if (used < sizeof known)
+            used += (size_t)snprintf(known + used, sizeof known - used, "%s%s", used ? ", " : "",
+                                     t->name);
+    }
+    char field[96];
+    snprintf(field, sizeof field, "options.%s", name);
+    return cv_err_set(e, CV_EINVAL, "unknown_option", field,
+                      "unknown option '%s' for this op (known: %s)%s", name,
+                      used ? known : "none", cv_suggest_hint(name, names, n, hint, sizeof hint));
+}
+
+int cv_opts_validate(const cJSON *options, const cv_opt_spec *specs,
+                     const char *const *methods, cv_err *e)
 {
     if (!options || cJSON_IsNull(options))
         return 0;
@@ -89,74 +163,90 @@ int cv_opts_validate(const cJSON *options, const cv_opt_spec *specs, cv_err *e)
     const cJSON *v;
     cJSON_ArrayForEach(v, options)
     {
-        const cv_opt_spec *s = specs;
-        while (s->name && strcmp(s->name, v->string) != 0)
-            s++;
-        if (!s->name) {
-            char known[512] = "";
-            size_t used = 0;
-            for (const cv_opt_spec *t = specs; t->name && used < sizeof known; t++)
-                used += (size_t)snprintf(known + used, sizeof known - used, "%s%s",
-                                         used ? ", " : "", t->name);
-            char field[96];
-            snprintf(field, sizeof field, "options.%s", v->string);
-            return cv_err_set(e, CV_EINVAL, "unknown_option", field,
-                              "unknown option '%s' for this op (known: %s)", v->string,
-                              used ? known : "none");
-        }
-        if (check_one(v, s, e))
+        const cv_opt_spec *s = cv_opts_find(specs, v->string);
+        if (!s)
+            return unknown_option(v->string, specs, e);
+        if (check_one(v, s, methods, e))
             return -1;
     }
     return 0;
 }
 
-const cJSON *cv_opt_get(const cJSON *options, const char *name)
+static int store_list(const cJSON *v, cv_opt_list *l, const char *name, cv_err *e)
 {
-    if (!options || !cJSON_IsObject(options))
-        return NULL;
-    return cJSON_GetObjectItemCaseSensitive(options, name);
-}
-
-int cv_opt_int(const cJSON *options, const char *name, int def)
-{
-    const cJSON *v = cv_opt_get(options, name);
-    return cJSON_IsNumber(v) ? (int)v->valuedouble : def;
-}
-
-double cv_opt_num(const cJSON *options, const char *name, double def)
-{
-    const cJSON *v = cv_opt_get(options, name);
-    return cJSON_IsNumber(v) ? v->valuedouble : def;
-}
-
-int cv_opt_bool(const cJSON *options, const char *name, int def)
-{
-    const cJSON *v = cv_opt_get(options, name);
-    return cJSON_IsBool(v) ? cJSON_IsTrue(v) : def;
-}
-
-const char *cv_opt_str(const cJSON *options, const char *name, const char *def)
-{
-    const cJSON *v = cv_opt_get(options, name);
-    return cJSON_IsString(v) ? v->valuestring : def;
-}
-
-int cv_json_to_doubles(const cJSON *arr, size_t n, double *out, const char *field, cv_err *e)
-{
-    if (!cJSON_IsArray(arr))
-        return cv_err_set(e, CV_EINVAL, "invalid_vector", field, "%s must be a list", field);
-    size_t len = (size_t)cJSON_GetArraySize(arr);
-    if (len != n)
-        return cv_err_set(e, CV_EINVAL, "invalid_vector", field,
-                          "%s has %zu entries, the block has dimension %zu", field, len, n);
-    size_t i = 0;
+    int n = cJSON_GetArraySize(v), i = 0;
+    free(l->v);
+    l->v = malloc(sizeof(double) * (size_t)(n ? n : 1));
+    l->n = 0;
+    if (!l->v)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "options.%s", name);
     const cJSON *x;
-    cJSON_ArrayForEach(x, arr)
-    {
-        if (!cJSON_IsNumber(x) || !isfinite(x->valuedouble))
-            return cv_err_set(e, CV_EINVAL, "invalid_vector", field,
-                              "%s[%zu] is not a finite number", field, i);
-        out[i++] = x->valuedouble;
+    cJSON_ArrayForEach(x, v) l->v[i++] = x->valuedouble;
+    l->n = n;
+    return 0;
+}
+
+static int store_one(const cJSON *v, const cv_opt_spec *s, void *at, const char *const *methods,
+                     cv_err *e)
+{
+    char mbuf[256];
+    switch (s->type) {
+    case CV_OPT_INT: *(int *)at = (int)v->valuedouble; return 0;
+    case CV_OPT_U64: *(uint64_t *)at = (uint64_t)v->valuedouble; return 0;
+    case CV_OPT_NUM: *(double *)at = v->valuedouble; return 0;
+    case CV_OPT_BOOL: *(int *)at = cJSON_IsTrue(v); return 0;
+    case CV_OPT_ENUM:
+    case CV_OPT_METHOD:
+        *(int *)at = cv_opts_choice_index(spec_choices(s, methods, mbuf, sizeof mbuf),
+                                          v->valuestring);
+        return 0;
+    case CV_OPT_NUM_OR_ENUM:
+    case CV_OPT_INT_OR_ENUM: {
+        cv_opt_choice *c = at;
+        c->choice = cJSON_IsString(v) ? cv_opts_choice_index(s->choices, v->valuestring) : -1;
+        if (c->choice < 0)
+            c->num = v->valuedouble;
+        return 0;
+    }
+    case CV_OPT_LIST: return store_list(v, at, s->name, e);
     }
     return 0;
+}
+
+int cv_opts_store(const cJSON *options, cv_opts *o, const char *const *methods, cv_err *e)
+{
+    o->given = 0;
+    if (!options || !cJSON_IsObject(options))
+        return 0;
+    const cJSON *v;
+    cJSON_ArrayForEach(v, options)
+    {
+        const cv_opt_spec *s = cv_opts_find(o->specs, v->string);
+        uint64_t bit = s ? 1ull << (s - o->specs) : 0;
+        if (!s || (o->given & bit)) /* a repeated name: the first one counts */
+            continue;
+        o->given |= bit;
+        if (store_one(v, s, (char *)o->args + s->offset, methods, e))
+            return -1;
+    }
+    return 0;
+}
+
+void cv_opts_release(cv_opts *o)
+{
+    if (!o->args)
+        return;
+    for (const cv_opt_spec *s = o->specs; s->name; s++)
+        if (s->type == CV_OPT_LIST) {
+            cv_opt_list *l = (cv_opt_list *)((char *)o->args + s->offset);
+            free(l->v);
+            l->v = NULL;
+            l->n = 0;
+        }
+}
+
+int cv_opts_given(const cv_opts *o, const char *name)
+{
+    const cv_opt_spec *s = cv_opts_find(o->specs, name);
+    return s && (o->given >> (s - o->specs) & 1);
 }

@@ -1,21 +1,36 @@
-/* opts.h - declarative validation of a job's "options" object.
+/* opts.h - a job's "options" object against an op's option table.
  *
- * Each op lists its options as a cv_opt_spec table; cv_opts_validate rejects
- * unknown names, wrong types and out-of-range values with field
- * "options.NAME".  The getters read an already validated object.
+ * Each op lists its options as a cv_opt_spec table.  An entry names the
+ * option, its type and range, where its value goes in the op's argument
+ * struct (offsetof: an engine option struct embedded there, or a field of
+ * the op's own) and, for method-specific options, the methods it applies
+ * to.  cv_opts_validate rejects unknown names (with a "did you mean" hint),
+ * wrong types and out-of-range values with field "options.NAME";
+ * cv_opts_store then writes the values into the argument struct.
+ *
+ * Storage at spec->offset, by type:
+ *   CV_OPT_INT, CV_OPT_BOOL, CV_OPT_ENUM, CV_OPT_METHOD: int (an enum field
+ *     takes the index of the choice, so choices list the engine enum's names
+ *     in its order); CV_OPT_U64: uint64_t; CV_OPT_NUM: double;
+ *   CV_OPT_NUM_OR_ENUM, CV_OPT_INT_OR_ENUM: cv_opt_choice;
+ *   CV_OPT_LIST: cv_opt_list (malloc()ed; cv_opts_release frees it).
  */
 #ifndef CV_OPTS_H
 #define CV_OPTS_H
 
 #include <cJSON.h>
+#include <stddef.h>
+#include <stdint.h>
 
 #include "engine/err.h"
 
 typedef enum {
     CV_OPT_INT,        /* integer in [min, max] */
+    CV_OPT_U64,        /* integer in [min, max], up to 2^53 */
     CV_OPT_NUM,        /* finite number in [min, max] */
     CV_OPT_BOOL,
     CV_OPT_ENUM,       /* one of choices ("a|b|c") */
+    CV_OPT_METHOD,     /* one of the op's method names (the op's method table) */
     CV_OPT_NUM_OR_ENUM,/* a number in [min, max] or one of choices */
     CV_OPT_INT_OR_ENUM,/* an integer in [min, max] or one of choices */
     CV_OPT_LIST        /* array of finite numbers */
@@ -25,20 +40,56 @@ typedef struct {
     const char *name;
     cv_opt_type type;
     double min, max;
-    const char *choices;
+    const char *choices;   /* "a|b|c" for the enum types */
+    size_t offset;         /* of the value in the op's argument struct */
+    const char *methods;   /* "a|b": the methods it applies to; NULL: every method */
 } cv_opt_spec;
 
-/* options may be NULL (no options).  specs ends with {NULL}. */
-int cv_opts_validate(const cJSON *options, const cv_opt_spec *specs, cv_err *e);
+/* A number-or-choice value: choice is the index in choices, or -1 for a number. */
+typedef struct {
+    double num;
+    int choice;
+} cv_opt_choice;
 
-int cv_opt_int(const cJSON *options, const char *name, int def);
-double cv_opt_num(const cJSON *options, const char *name, double def);
-int cv_opt_bool(const cJSON *options, const char *name, int def);
-/* String value, or def when absent or not a string. */
-const char *cv_opt_str(const cJSON *options, const char *name, const char *def);
-const cJSON *cv_opt_get(const cJSON *options, const char *name);
+typedef struct {
+    double *v;
+    int n;
+} cv_opt_list;
 
-/* Copies a JSON number array of exactly n entries into out (fills e). */
-int cv_json_to_doubles(const cJSON *arr, size_t n, double *out, const char *field, cv_err *e);
+/* Parsed options: the op's argument struct and which options were given. */
+typedef struct {
+    void *args;
+    const cv_opt_spec *specs;
+    uint64_t given;        /* bit i: specs[i] was given */
+} cv_opts;
+
+#define CV_OPT_MAX 64      /* entries per table (bits of cv_opts.given) */
+
+/* Type and range check of every entry of options (NULL: none), in document
+ * order.  specs ends with {NULL}; methods (NULL-terminated) are the names a
+ * CV_OPT_METHOD option may take. */
+int cv_opts_validate(const cJSON *options, const cv_opt_spec *specs,
+                     const char *const *methods, cv_err *e);
+
+/* Writes the validated options into o->args and sets o->given (o->args and
+ * o->specs are the caller's).  -1 (ENOMEM in e) when a list cannot be copied. */
+int cv_opts_store(const cJSON *options, cv_opts *o, const char *const *methods, cv_err *e);
+
+/* Frees the lists held in o->args. */
+void cv_opts_release(cv_opts *o);
+
+/* The entry named name, or NULL; whether it was given. */
+const cv_opt_spec *cv_opts_find(const cv_opt_spec *specs, const char *name);
+int cv_opts_given(const cv_opts *o, const char *name);
+
+/* Index of s in choices ("a|b|c"), or -1. */
+int cv_opts_choice_index(const char *choices, const char *s);
+
+/* A method-list string ("a|b") contains name. */
+int cv_opts_in_list(const char *list, const char *name);
+
+/* The type's name in GET /v1/ops: "integer", "number", "boolean", "enum",
+ * "number_or_enum", "integer_or_enum" or "list". */
+const char *cv_opt_type_name(cv_opt_type t);
 
 #endif

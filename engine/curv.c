@@ -41,7 +41,9 @@ struct cv_curv {
     float *scratch;
 };
 
-static const char *curv_names[CV_CURV_COUNT] = {"hessian", "ggn", "fisher_mc", "ef"};
+#define CV_CURV_NAME_(id, name) [id] = name,
+static const char *curv_names[CV_CURV_COUNT] = {CV_CURVATURES(CV_CURV_NAME_)};
+#undef CV_CURV_NAME_
 
 const char *cv_curvature_name(cv_curvature c)
 {

@@ -32,13 +32,17 @@
 #include "linop.h"
 #include "model.h"
 
-typedef enum {
-    CV_CURV_HESSIAN = 0,
-    CV_CURV_GGN,
-    CV_CURV_FISHER_MC,
-    CV_CURV_EF,
-    CV_CURV_COUNT
-} cv_curvature;
+/* The curvature types, in the order of the enum (the one list: the job
+ * validator, GET /v1/ops and its readers take the names from here). */
+#define CV_CURVATURES(X)                                                                   \
+    X(CV_CURV_HESSIAN, "hessian")                                                          \
+    X(CV_CURV_GGN, "ggn")                                                                  \
+    X(CV_CURV_FISHER_MC, "fisher_mc")                                                      \
+    X(CV_CURV_EF, "ef")
+
+#define CV_CURV_ENUM_(id, name) id,
+typedef enum { CV_CURVATURES(CV_CURV_ENUM_) CV_CURV_COUNT } cv_curvature;
+#undef CV_CURV_ENUM_
 
 const char *cv_curvature_name(cv_curvature c);
 int cv_curvature_from_name(const char *name); /* -1 if unknown */
@@ -62,7 +66,6 @@ typedef struct cv_curv cv_curv;
 typedef struct {
     int mc_samples;           /* fisher_mc samples per data point (default 1) */
     uint64_t seed;            /* fisher_mc sampling seed */
-    int threads;              /* BLAS threads for this engine (0 = leave as is) */
 } cv_curv_options;
 
 /* Runs the forward pass of model m on batch b (both borrowed; must outlive

@@ -98,29 +98,5 @@ void h_jobs_list(req *r)
                             query(r, "op"), limit));
 }
 
-void h_ops(req *r)
-{
-    cJSON *j = cJSON_CreateObject();
-    cJSON *ops = j ? cJSON_AddArrayToObject(j, "ops") : NULL;
-    cJSON *cu = j ? cJSON_AddArrayToObject(j, "curvatures") : NULL;
-    int ok = ops && cu;
-    const char *const *names = cv_job_op_names();
-    for (int i = 0; ok && names[i]; i++) {
-        cJSON *s = cJSON_CreateString(names[i]);
-        ok = s && cJSON_AddItemToArray(ops, s);
-        if (!ok)
-            cJSON_Delete(s);
-    }
-    for (int i = 0; ok && i < CV_CURV_COUNT; i++) {
-        cJSON *s = cJSON_CreateString(cv_curvature_name((cv_curvature)i));
-        ok = s && cJSON_AddItemToArray(cu, s);
-        if (!ok)
-            cJSON_Delete(s);
-    }
-    if (!ok) {
-        cJSON_Delete(j);
-        j = NULL;
-    }
-    reply_json(r, 200, j);
-}
+void h_ops(req *r) { reply_json(r, 200, cv_ops_describe()); }
 

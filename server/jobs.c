@@ -20,7 +20,7 @@ const double cv_job_hist_bounds[CV_HIST_BUCKETS] = {0.01, 0.05, 0.1, 0.25, 0.5, 
 struct cv_job {
     atomic_int refs;
     char id[24];
-    cJSON *doc;
+    cv_job_spec *spec;               /* the typed job; freed when it finishes */
     char op[32];
     char model[CV_REG_NAME_MAX + 1], dataset[CV_REG_NAME_MAX + 1];
     cv_snap *msnap, *dsnap;          /* pinned until the job finishes */
@@ -91,22 +91,6 @@ static void hist_add(unsigned long *h, double *sum, unsigned long *count, double
     (*count)++;
 }
 
-static const char *status_names[CV_JOB_NSTATUS] = {"queued", "running", "succeeded", "failed",
-                                                   "cancelled"};
-
-const char *cv_job_status_name(cv_job_status s)
-{
-    return (unsigned)s < CV_JOB_NSTATUS ? status_names[s] : "unknown";
-}
-
-int cv_job_status_from_name(const char *s)
-{
-    for (int i = 0; s && i < CV_JOB_NSTATUS; i++)
-        if (strcmp(s, status_names[i]) == 0)
-            return i;
-    return -1;
-}
-
 static int is_finished(cv_job_status s) { return s >= CV_JOB_SUCCEEDED; }
 
 const char *cv_job_id(const cv_job *j) { return j->id; }
@@ -117,7 +101,7 @@ void cv_job_unref(cv_job *j)
 {
     if (!j || atomic_fetch_sub(&j->refs, 1) != 1)
         return;
-    cJSON_Delete(j->doc);
+    cv_job_spec_free(j->spec);
     free(j->result_text);
     /* pins are released when the job finishes; this is a safety net */
     cv_snap_unref(j->msnap);
@@ -168,9 +152,9 @@ static void finish_locked(cv_jobs *J, cv_job *j, cv_job_status st)
     cv_registry_release(J->reg, j->msnap);
     cv_registry_release(J->reg, j->dsnap);
     j->msnap = j->dsnap = NULL;
-    /* the document is only needed to run the job */
-    cJSON_Delete(j->doc);
-    j->doc = NULL;
+    /* the typed job is only needed to run it */
+    cv_job_spec_free(j->spec);
+    j->spec = NULL;
     J->kept_bytes += job_kept_bytes(j);
     J->finished_total[st]++;
     if (ran) {
@@ -248,7 +232,7 @@ static void *worker_main(void *arg)
 
         cv_err err;
         cv_err_clear(&err);
-        cJSON *res = cv_job_run(j->doc, m, d, &J->cfg.limits, &j->progress, &err);
+        cJSON *res = cv_job_exec(j->spec, m, d, &J->cfg.limits, &j->progress, &err);
         char *text = NULL;
         if (res) {
             text = cJSON_PrintUnformatted(res);
@@ -468,28 +452,28 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
     if (cv_jobs_draining(J))
         return cv_err_set(e, CV_ESHUTDOWN, "shutting_down", "",
                           "the service is shutting down and accepts no new jobs");
-    if (cv_job_validate(doc, e))
+    cv_job_spec *spec = cv_job_parse(doc, e);
+    if (!spec)
         return -1;
-    const char *mname = cv_job_model_name(doc), *dname = cv_job_dataset_name(doc);
-    if (!mname)
-        return cv_err_set(e, CV_EINVAL, "missing_field", "model",
-                          "job needs \"model\": the name of a registered model");
-    if (!dname)
-        return cv_err_set(e, CV_EINVAL, "missing_field", "dataset",
-                          "job needs \"dataset\": the name of a registered dataset");
-    cv_snap *ms = cv_registry_acquire(J->reg, CV_REG_MODEL, mname, e);
-    if (!ms)
-        return -1;
-    cv_snap *ds = cv_registry_acquire(J->reg, CV_REG_DATASET, dname, e);
-    if (!ds) {
-        cv_registry_release(J->reg, ms);
-        return -1;
-    }
+    const char *mname = spec->model, *dname = spec->dataset;
+    cv_snap *ms = NULL, *ds = NULL;
     cv_job *j = NULL;
-    if (cv_job_check(doc, ms->model, ds->data, e))
+    if (!mname) {
+        cv_err_set(e, CV_EINVAL, "missing_field", "model",
+                   "job needs \"model\": the name of a registered model");
+        goto fail;
+    }
+    if (!dname) {
+        cv_err_set(e, CV_EINVAL, "missing_field", "dataset",
+                   "job needs \"dataset\": the name of a registered dataset");
+        goto fail;
+    }
+    if (!(ms = cv_registry_acquire(J->reg, CV_REG_MODEL, mname, e)) ||
+        !(ds = cv_registry_acquire(J->reg, CV_REG_DATASET, dname, e)) ||
+        cv_job_bind(spec, ms->model, ds->data, e))
         goto fail;
     j = calloc(1, sizeof *j);
-    if (!j || !(j->doc = cJSON_Duplicate(doc, 1))) {
+    if (!j) {
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
         goto fail;
     }
@@ -497,9 +481,10 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
     atomic_init(&j->cancel, 0);
     cv_progress_init(&j->progress);
     j->progress.cancel = &j->cancel;
-    snprintf(j->op, sizeof j->op, "%s", cv_job_op_name(doc));
+    snprintf(j->op, sizeof j->op, "%s", cv_job_op_name(spec));
     snprintf(j->model, sizeof j->model, "%s", mname);
     snprintf(j->dataset, sizeof j->dataset, "%s", dname);
+    j->spec = spec;
     j->msnap = ms;
     j->dsnap = ds;
     j->model_version = ms->version;
@@ -550,13 +535,12 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
     *out = j;
     return 0;
 fail:
-    if (j) {
-        j->msnap = j->dsnap = NULL;
-        cJSON_Delete(j->doc);
-        free(j);
-    }
-    cv_registry_release(J->reg, ms);
-    cv_registry_release(J->reg, ds);
+    free(j);
+    cv_job_spec_free(spec);
+    if (ms)
+        cv_registry_release(J->reg, ms);
+    if (ds)
+        cv_registry_release(J->reg, ds);
     return -1;
 }
 

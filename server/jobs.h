@@ -1,11 +1,13 @@
 /* jobs.h - the job table, the bounded queue and the worker pool.
  *
- * POST /v1/jobs lands in cv_jobs_submit(): the document is validated
- * (cv_job_validate), the model and dataset are pinned in the registry (the
- * exact versions current at submission: later PUTs do not affect the job),
- * the dataset is checked against the model, and the job is queued; a full
- * queue is 429, a draining service 503.  `workers` threads take jobs in FIFO
- * order and run cv_job_run() with a cv_progress whose cancel flag is the
+ * POST /v1/jobs lands in cv_jobs_submit(): the document is parsed into a
+ * typed job (cv_job_parse: every check that needs no model), the model and
+ * dataset are pinned in the registry (the exact versions current at
+ * submission: later PUTs do not affect the job), the job is bound to them
+ * (cv_job_bind: dataset fits the model, batch range, block names), and the
+ * typed job is queued (the JSON document is not kept); a full queue is 429,
+ * a draining service 503.  `workers` threads take jobs in FIFO order and
+ * run cv_job_exec() with a cv_progress whose cancel flag is the
  * job's and whose deadline is start + job_timeout (a job that runs past it
  * fails with code "job_timeout").  HTTP threads never run numerics.
  *
@@ -30,17 +32,7 @@
 #include "engine/err.h"
 #include "server/registry.h"
 
-typedef enum {
-    CV_JOB_QUEUED = 0,
-    CV_JOB_RUNNING,
-    CV_JOB_SUCCEEDED,
-    CV_JOB_FAILED,
-    CV_JOB_CANCELLED,
-    CV_JOB_NSTATUS
-} cv_job_status;
-
-const char *cv_job_status_name(cv_job_status s);
-int cv_job_status_from_name(const char *s); /* -1 if unknown */
+/* cv_job_status, cv_job_status_name and cv_job_status_from_name: api/job.h. */
 
 typedef struct {
     int workers;              /* worker threads (>= 1) */
@@ -60,7 +52,7 @@ cv_jobs *cv_jobs_new(const cv_jobs_config *c, cv_registry *reg, cv_err *e);
 /* Stops and joins all threads (cancelling anything left) and frees all. */
 void cv_jobs_free(cv_jobs *J);
 
-/* Validates and queues doc (borrowed: copied).  timeout > 0 lowers the
+/* Parses, binds and queues doc (borrowed; not kept).  timeout > 0 lowers the
  * job's time limit below the configured one.  On success *out holds a
  * reference to the job (cv_job_unref it). */
 int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, cv_err *e);

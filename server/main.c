@@ -107,6 +107,7 @@ static int cmd_run(int argc, char **argv)
     }
     free(jtext);
     int rc = 1;
+    cv_job_spec *spec = NULL;
     cv_model *m = calloc(1, sizeof *m);
     cv_dataset d;
     memset(&d, 0, sizeof d);
@@ -114,11 +115,14 @@ static int cmd_run(int argc, char **argv)
         cv_err_set(&e, CV_ENOMEM, "out_of_memory", "", "out of memory");
         goto out;
     }
-    if (cv_job_validate(job, &e) || cv_arch_load(arch, m, &e) ||
-        cv_params_read(m, params, &e) || cv_datafile_read(data, &d, &e) ||
-        cv_dataset_check(&d, m, &e))
+    /* parsed once; the typed job is bound to the files and run */
+    spec = cv_job_parse(job, &e);
+    cJSON_Delete(job);
+    job = NULL;
+    if (!spec || cv_arch_load(arch, m, &e) || cv_params_read(m, params, &e) ||
+        cv_datafile_read(data, &d, &e) || cv_job_bind(spec, m, &d, &e))
         goto out;
-    cJSON *res = cv_job_run(job, m, &d, &lim, NULL, &e);
+    cJSON *res = cv_job_exec(spec, m, &d, &lim, NULL, &e);
     if (!res)
         goto out;
     if (vout && cv_result_vectors_out(res, vout, &e) < 0) {
@@ -140,6 +144,7 @@ static int cmd_run(int argc, char **argv)
     rc = 0;
 out:
     cJSON_Delete(job);
+    cv_job_spec_free(spec);
     if (m) {
         cv_model_free(m);
         free(m);

@@ -294,7 +294,7 @@ START_TEST(mc_fisher_converges_to_ggn)
         fixture f;
         tu_model(&f.m, 4, smooth_net, 5, CV_LOSS_CE, CV_RED_MEAN, 21);
         tu_data(&f.d, &f.m, 6, 22);
-        cv_curv_options o = {samples[s], 99, 0};
+        cv_curv_options o = {samples[s], 99};
         cv_err e;
         f.c = cv_curv_new(&f.m, &f.d, &o, &e);
         cv_block_full(&f.m, &f.full);
@@ -316,7 +316,7 @@ START_TEST(mc_fisher_mse_and_bce_converge)
         fixture f;
         tu_model(&f.m, 4, smooth_net, 5, li ? CV_LOSS_BCE : CV_LOSS_MSE, CV_RED_MEAN, 31);
         tu_data(&f.d, &f.m, 5, 32);
-        cv_curv_options o = {4000, 7, 0};
+        cv_curv_options o = {4000, 7};
         cv_err e;
         f.c = cv_curv_new(&f.m, &f.d, &o, &e);
         cv_block_full(&f.m, &f.full);

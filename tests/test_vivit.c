@@ -205,7 +205,7 @@ START_TEST(mc_gram_matches_dense_fisher_mc)
 {
     int mcs[] = {1, 3};
     for (int t = 0; t < 2; t++) {
-        cv_curv_options co = {mcs[t], 1234 + (uint64_t)_i, 0};
+        cv_curv_options co = {mcs[t], 1234 + (uint64_t)_i};
         fixture f;
         make_variant(&f, _i * 4, &co);
         double *F = dense(&f, CV_CURV_FISHER_MC, &f.full);
@@ -927,7 +927,7 @@ static double num(const cJSON *o, const char *k)
     return v->valuedouble;
 }
 
-/* Per-layer block Newton (blocks "layer": one cv_op_newton_vivit per block)
+/* Per-layer block Newton (blocks "layer": one run of method vivit per block)
  * against dense solves on the GGN's diagonal blocks G_bb (cv_curv_dense on the
  * block) with the block gradients: mode full = -(G_bb + delta I)^-1 g_b, mode
  * directional = the eigenspace formula over G_bb's top eigenpairs (LAPACK). */
@@ -1058,7 +1058,7 @@ START_TEST(newton_vivit_mc_and_subsample)
 {
     int var = _i ? 3 : 5; /* tanh, N = 40: CE sum, MSE mean */
     uint64_t seed = 7;
-    cv_curv_options co = {2, seed ^ 0x5eedF15Cull, 0}; /* cv_job_run's engine seed */
+    cv_curv_options co = {2, seed ^ 0x5eedF15Cull}; /* cv_job_run's engine seed */
     fixture f;
     make_variant(&f, var, &co);
     size_t D = f.full.dim;

@@ -1,0 +1,24 @@
+/* op_util.h - helpers every op module uses: the op's curvature as a linop,
+ * the actual loss change of a step, and result JSON from double arrays.
+ * (Shared here so that the op modules depend on this file, not on each
+ * other.) */
+#ifndef CV_OP_UTIL_H
+#define CV_OP_UTIL_H
+
+#include <cJSON.h>
+
+#include "api/ops.h"
+
+/* A linop for the op's curvature on block b (ctx storage is the caller's). */
+void cv_op_linop(cv_op_ctx *c, const cv_block *b, cv_linop *op, cv_curv_linop_ctx *lctx);
+
+/* When want is set, adds "actual_change": L(theta + step) - L(theta). */
+int cv_op_add_actual_change(cv_op_ctx *c, const cv_block *b, const double *step, int want,
+                            cJSON *out, cv_err *e);
+
+/* n doubles as a JSON list. */
+cJSON *cv_json_doubles(const double *v, size_t n);
+/* k columns of n doubles (column-major) as a list of k lists. */
+cJSON *cv_json_columns(const double *v, size_t n, int k);
+
+#endif

@@ -1,0 +1,54 @@
+/* suggest.c - edit distance and closest-name hints (see suggest.h). */
+#include "api/suggest.h"
+
+#include <stdio.h>
+#include <string.h>
+
+int cv_edit_distance(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    if (la > 40 || lb > 40)
+        return 99;
+    int row[41];
+    for (size_t j = 0; j <= lb; j++)
+        row[j] = (int)j;
+    for (size_t i = 1; i <= la; i++) {
+        int prev = row[0];
+        row[0] = (int)i;
+        for (size_t j = 1; j <= lb; j++) {
+            int cur = row[j];
+            int best = prev + (a[i - 1] != b[j - 1]);
+            if (row[j] + 1 < best)
+                best = row[j] + 1;
+            if (row[j - 1] + 1 < best)
+                best = row[j - 1] + 1;
+            row[j] = best;
+            prev = cur;
+        }
+    }
+    return row[lb];
+}
+
+const char *cv_suggest(const char *word, const char *const *cands, int n)
+{
+    const char *hit = NULL;
+    int best = 3;
+    for (int i = 0; n < 0 ? cands[i] != NULL : i < n; i++) {
+        int d = cv_edit_distance(word, cands[i]);
+        if (d < best) {
+            best = d;
+            hit = cands[i];
+        }
+    }
+    return hit;
+}
+
+char *cv_suggest_hint(const char *word, const char *const *cands, int n, char *buf, size_t len)
+{
+    const char *s = cv_suggest(word, cands, n);
+    if (len)
+        buf[0] = 0;
+    if (s)
+        snprintf(buf, len, "; did you mean '%s'?", s);
+    return buf;
+}

@@ -1,0 +1,19 @@
+/* suggest.h - "did you mean" hints for misspelt names (fields, ops,
+ * options): a capped Levenshtein distance and the closest candidate. */
+#ifndef CV_SUGGEST_H
+#define CV_SUGGEST_H
+
+#include <stddef.h>
+
+/* Levenshtein distance of a and b; 99 when either is longer than 40 bytes. */
+int cv_edit_distance(const char *a, const char *b);
+
+/* The candidate closest to word at distance <= 2 (the first of equals), or
+ * NULL.  cands holds n names, or is NULL-terminated when n < 0. */
+const char *cv_suggest(const char *word, const char *const *cands, int n);
+
+/* Writes "; did you mean 'NAME'?" into buf for cv_suggest's answer, or ""
+ * when there is none; returns buf. */
+char *cv_suggest_hint(const char *word, const char *const *cands, int n, char *buf, size_t len);
+
+#endif

@@ -1,0 +1,519 @@
+/* test_ops.c - the op table and the typed job (api/ops_table.c, api/job.c,
+ * api/opts.c, api/suggest.c): "did you mean" hints for ops, options and
+ * fields; method-specific options refused for the other methods (the rule
+ * derived from the option table, with the messages and codes of before);
+ * option values landing in the engine's option structs; the GET /v1/ops
+ * document's shape; and that the result fields every op writes on a small
+ * model are exactly those its table lists. */
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/arch.h"
+#include "api/job.h"
+#include "api/op_args.h"
+#include "api/ops.h"
+#include "api/suggest.h"
+#include "engine/rng.h"
+
+/* ---- helpers ---------------------------------------------------------------- */
+
+static cv_job_spec *parse(const char *text, cv_err *e)
+{
+    cJSON *doc = cJSON_Parse(text);
+    ck_assert_msg(doc != NULL, "bad test JSON %s", text);
+    cv_err_clear(e);
+    cv_job_spec *j = cv_job_parse(doc, e);
+    cJSON_Delete(doc);
+    return j;
+}
+
+/* The job must be refused with code, field and a message containing msg. */
+static void refused(const char *text, const char *code, const char *field, const char *msg)
+{
+    cv_err e;
+    cv_job_spec *j = parse(text, &e);
+    ck_assert_msg(j == NULL, "accepted: %s", text);
+    ck_assert_msg(e.status == CV_EINVAL, "%s: status %d", text, e.status);
+    ck_assert_msg(strcmp(e.code, code) == 0, "%s: code %s", text, e.code);
+    ck_assert_msg(strcmp(e.field, field) == 0, "%s: field %s", text, e.field);
+    ck_assert_msg(strstr(e.message, msg) != NULL, "%s: message '%s' lacks '%s'", text, e.message,
+                  msg);
+}
+
+static cv_job_spec *accepted(const char *text)
+{
+    cv_err e;
+    cv_job_spec *j = parse(text, &e);
+    ck_assert_msg(j != NULL, "%s refused: %s (%s, field %s)", text, e.message, e.code, e.field);
+    return j;
+}
+
+/* ---- suggestions -------------------------------------------------------------- */
+
+START_TEST(edit_distance_and_suggest)
+{
+    ck_assert_int_eq(cv_edit_distance("kitten", "sitting"), 3);
+    ck_assert_int_eq(cv_edit_distance("", "abc"), 3);
+    ck_assert_int_eq(cv_edit_distance("same", "same"), 0);
+    static const char *const names[] = {"trace", "diag", "density", NULL};
+    ck_assert_str_eq(cv_suggest("trcae", names, -1), "trace");
+    ck_assert_str_eq(cv_suggest("dig", names, 3), "diag");
+    ck_assert_ptr_null(cv_suggest("eigenvalues", names, -1));
+    char buf[64];
+    ck_assert_str_eq(cv_suggest_hint("densty", names, -1, buf, sizeof buf),
+                     "; did you mean 'density'?");
+    ck_assert_str_eq(cv_suggest_hint("zzzzzzz", names, -1, buf, sizeof buf), "");
+}
+END_TEST
+
+START_TEST(did_you_mean_ops_options_fields)
+{
+    refused("{\"op\":\"trac\"}", "unknown_op", "op", "unknown op 'trac'");
+    refused("{\"op\":\"trac\"}", "unknown_op", "op", "did you mean 'trace'?");
+    refused("{\"op\":\"eigne\"}", "unknown_op", "op", "did you mean 'eigen'?");
+    refused("{\"op\":\"nope-at-all\"}", "unknown_op", "op", "(known: loss, gradient,");
+    refused("{\"op\":\"trace\",\"options\":{\"max_probe\":5}}", "unknown_option",
+            "options.max_probe", "did you mean 'max_probes'?");
+    refused("{\"op\":\"trace\",\"options\":{\"probes\":5}}", "unknown_option", "options.probes",
+            "unknown option 'probes' for this op (known: method, max_probes");
+    refused("{\"op\":\"eigen\",\"options\":{\"retrun_vectors\":true}}", "unknown_option",
+            "options.retrun_vectors", "did you mean 'return_vectors'?");
+    refused("{\"op\":\"loss\",\"options\":{\"k\":1}}", "unknown_option", "options.k",
+            "(known: none)");
+    refused("{\"op\":\"loss\",\"curvatur\":\"ggn\"}", "unknown_field", "curvatur",
+            "did you mean 'curvature'?");
+    refused("{\"op\":\"trace\",\"curvature\":\"gnn\"}", "invalid_curvature", "curvature",
+            "curvature must be one of hessian, ggn, fisher_mc, ef; did you mean 'ggn'?");
+    /* no hint when nothing is close */
+    cv_err e;
+    ck_assert_ptr_null(parse("{\"op\":\"trace\",\"options\":{\"qqqqqqqq\":1}}", &e));
+    ck_assert_ptr_null(strstr(e.message, "did you mean"));
+}
+END_TEST
+
+/* ---- methods and their options ------------------------------------------------ */
+
+START_TEST(method_options_refused_for_other_methods)
+{
+    /* the messages and codes of before the table */
+    refused("{\"op\":\"eigen\",\"options\":{\"threshold\":0.1}}", "invalid_option",
+            "options.method", "threshold, mc and subsample apply to method gram only");
+    refused("{\"op\":\"eigen\",\"options\":{\"method\":\"power\",\"mc\":true}}", "invalid_option",
+            "options.method", "threshold, mc and subsample apply to method gram only");
+    refused("{\"op\":\"newton\",\"options\":{\"k\":2}}", "invalid_option", "options.method",
+            "k, mode, grid, bootstrap_samples, threshold, mc and subsample apply to method vivit "
+            "only");
+    refused("{\"op\":\"newton\",\"options\":{\"method\":\"minres\",\"subsample\":0.5}}",
+            "invalid_option", "options.method", "apply to method vivit only");
+    refused("{\"op\":\"newton\",\"options\":{\"damping\":\"bootstrap\"}}", "invalid_option",
+            "options.damping", "damping \"bootstrap\" needs method vivit");
+    refused("{\"op\":\"eigen\",\"options\":{\"method\":\"power\",\"which\":\"smallest\"}}",
+            "invalid_option", "options.which", "power iteration finds dominant eigenvalues only");
+    refused("{\"op\":\"trace\",\"options\":{\"method\":\"hutch++\",\"tol\":0.1}}",
+            "invalid_option", "options.tol", "tol applies to method hutchinson only");
+    refused("{\"op\":\"trace\",\"options\":{\"method\":\"hutch++\",\"max_probes\":2}}",
+            "invalid_option", "options.max_probes", "at least 3 matvecs");
+    refused("{\"op\":\"eigen\",\"options\":{\"method\":\"lanczoz\"}}", "invalid_option",
+            "options.method", "options.method must be one of lanczos|power|gram");
+    /* checks of the ViViT methods now run at submit, not in the worker */
+    refused("{\"op\":\"eigen\",\"curvature\":\"ggn\",\"options\":{\"method\":\"gram\","
+            "\"which\":\"smallest\"}}",
+            "invalid_option", "options.which", "method gram gives");
+    refused("{\"op\":\"eigen\",\"curvature\":\"ef\",\"options\":{\"method\":\"gram\"}}",
+            "invalid_curvature", "curvature", "ViViT works on the GGN's low-rank factor");
+    refused("{\"op\":\"snr\"}", "invalid_curvature", "curvature", "(the default when");
+    refused("{\"op\":\"newton\",\"curvature\":\"ggn\",\"options\":{\"method\":\"vivit\","
+            "\"mode\":\"full\",\"k\":2}}",
+            "invalid_option", "options.k", "k applies to mode directional");
+    refused("{\"op\":\"newton\",\"curvature\":\"ggn\",\"options\":{\"method\":\"vivit\","
+            "\"damping\":\"bootstrap\",\"grid\":[1,-1]}}",
+            "invalid_option", "options.grid", "grid values must be positive");
+    cv_job_spec_free(accepted("{\"op\":\"trace\",\"options\":{\"method\":\"hutch++\",\"tol\":0}}"));
+}
+END_TEST
+
+/* A valid value of spec s as JSON text. */
+static void valid_value(const cv_opt_spec *s, char *buf, size_t len)
+{
+    switch (s->type) {
+    case CV_OPT_BOOL: snprintf(buf, len, "true"); break;
+    case CV_OPT_LIST: snprintf(buf, len, "[1]"); break;
+    case CV_OPT_ENUM: snprintf(buf, len, "\"%.*s\"", (int)strcspn(s->choices, "|"), s->choices); break;
+    default: snprintf(buf, len, "%.17g", s->min > 0 ? s->min : s->max < 1 ? s->max : 1); break;
+    }
+}
+
+/* Every method-specific option, given with every method of its op: refused
+ * with field options.method exactly for the methods it does not list. */
+START_TEST(method_applicability_follows_the_table)
+{
+    int tried = 0;
+    for (int i = 0; i < cv_op_count(); i++) {
+        const cv_op_def *def = cv_op_at(i);
+        for (const cv_opt_spec *s = def->options; s->name; s++) {
+            if (!s->methods)
+                continue;
+            ck_assert_msg(def->methods != NULL, "%s.%s: methods on an op without", def->name,
+                          s->name);
+            for (int m = 0; def->methods[m]; m++) {
+                char val[64], text[512];
+                valid_value(s, val, sizeof val);
+                snprintf(text, sizeof text,
+                         "{\"op\":\"%s\",\"curvature\":\"ggn\",\"options\":{\"method\":\"%s\","
+                         "\"%s\":%s}}",
+                         def->name, def->methods[m]->name, s->name, val);
+                cv_err e;
+                cv_job_spec *j = parse(text, &e);
+                int applies = cv_opts_in_list(s->methods, def->methods[m]->name);
+                int method_err = !j && strcmp(e.field, "options.method") == 0;
+                ck_assert_msg(applies ? !method_err : method_err && !strcmp(e.code, "invalid_option"),
+                              "%s: %s", text, j ? "accepted" : e.message);
+                cv_job_spec_free(j);
+                tried++;
+            }
+        }
+    }
+    ck_assert_int_ge(tried, 20);
+}
+END_TEST
+
+START_TEST(options_land_in_engine_structs)
+{
+    cv_job_spec *j = accepted("{\"op\":\"eigen\",\"options\":{\"k\":3,\"which\":\"magnitude\","
+                              "\"method\":\"power\",\"max_iter\":7,\"return_vectors\":true,"
+                              "\"mc_samples\":4}}");
+    const cv_eigen_args *a = j->opts.args;
+    ck_assert_str_eq(j->method->name, "power");
+    ck_assert_int_eq(a->method, CV_EIGEN_POWER);
+    ck_assert_int_eq(a->o.k, 3);
+    ck_assert_int_eq(a->o.which, CV_WHICH_MAGNITUDE);
+    ck_assert_int_eq(a->o.max_iter, 7);
+    ck_assert_int_eq(a->o.return_vectors, 1);
+    ck_assert_int_eq(a->base.mc_samples, 4);
+    cv_eigen_options p;
+    cv_power_options_default(&p);
+    ck_assert_double_eq(a->o.tol, p.tol); /* the method's default */
+    ck_assert(cv_opts_given(&j->opts, "k") && !cv_opts_given(&j->opts, "tol"));
+    cv_job_spec_free(j);
+
+    /* enum choices are the engine's names in its enum order */
+    static const char *const which[] = {"largest", "smallest", "magnitude"};
+    for (int i = 0; i < 3; i++)
+        ck_assert_int_eq(cv_which_from_name(which[i]), i);
+    ck_assert_int_eq(cv_probe_dist_from_name("rademacher"), CV_PROBE_RADEMACHER);
+    ck_assert_int_eq(cv_probe_dist_from_name("gaussian"), CV_PROBE_GAUSSIAN);
+    ck_assert_int_eq(cv_op_method_index(&cv_op_solve, "minres"), CV_SOLVE_MINRES);
+    ck_assert_int_eq(cv_op_method_index(&cv_op_newton, "cg"), CV_NEWTON_CG);
+    ck_assert_int_eq(cv_op_method_index(&cv_op_newton, "vivit"), CV_NEWTON_VIVIT);
+    ck_assert_int_eq(cv_op_method_index(&cv_op_eigen, "gram"), CV_EIGEN_GRAM);
+
+    j = accepted("{\"op\":\"newton\",\"curvature\":\"ggn\",\"seed\":9,\"options\":{\"method\":"
+                 "\"vivit\",\"damping\":\"bootstrap\",\"grid\":[0.5,2],\"k\":\"all\"},"
+                 "\"batch\":{\"indices\":[3,1,2]},\"blocks\":[[\"0.weight\"],[\"2.bias\"]]}");
+    const cv_newton_args *n = j->opts.args;
+    ck_assert_int_eq(n->damping.choice, 0);
+    ck_assert_int_eq(n->k.choice, 0);
+    ck_assert_int_eq(n->grid.n, 2);
+    ck_assert_double_eq(n->grid.v[1], 2);
+    ck_assert_int_eq(n->vivit.mc, 0);
+    ck_assert_double_eq(n->vivit.subsample, 1.0);
+    ck_assert_int_eq((int)j->seed, 9);
+    ck_assert_int_eq(j->curvature, CV_CURV_GGN);
+    ck_assert_int_eq(j->batch.kind, CV_JOB_BATCH_INDICES);
+    ck_assert_uint_eq(j->batch.count, 3);
+    ck_assert_int_eq(j->batch.indices[0], 3);
+    ck_assert_int_eq(j->blocks.kind, CV_JOB_BLOCKS_LIST);
+    ck_assert_int_eq(j->blocks.ngroups, 2);
+    ck_assert_str_eq(j->blocks.names[1], "2.bias");
+    cv_job_spec_free(j);
+
+    j = accepted("{\"op\":\"newton\",\"options\":{\"damping\":0.25}}");
+    n = j->opts.args;
+    ck_assert_double_eq(n->damping.num, 0.25);
+    ck_assert_int_eq(n->damping.choice, -1);
+    cv_job_spec_free(j);
+    j = accepted("{\"op\":\"newton\",\"options\":{\"method\":\"vivit\"},\"curvature\":\"ggn\"}");
+    ck_assert_double_eq(((const cv_newton_args *)j->opts.args)->damping.num, 1.0);
+    cv_job_spec_free(j);
+}
+END_TEST
+
+/* ---- GET /v1/ops ---------------------------------------------------------------- */
+
+static void strings(const cJSON *a, const char *what)
+{
+    ck_assert_msg(cJSON_IsArray(a) && cJSON_GetArraySize(a) > 0, "%s is not a list", what);
+    const cJSON *x;
+    cJSON_ArrayForEach(x, a) ck_assert_msg(cJSON_IsString(x), "%s holds a non-string", what);
+}
+
+static int list_has(const cJSON *a, const char *s)
+{
+    const cJSON *x;
+    cJSON_ArrayForEach(x, a) if (strcmp(x->valuestring, s) == 0) return 1;
+    return 0;
+}
+
+START_TEST(ops_document_shape)
+{
+    cJSON *d = cv_ops_describe();
+    ck_assert_ptr_nonnull(d);
+    const cJSON *ops = cJSON_GetObjectItem(d, "ops"), *cu = cJSON_GetObjectItem(d, "curvatures");
+    const cJSON *st = cJSON_GetObjectItem(d, "statuses"), *specs = cJSON_GetObjectItem(d, "op_specs");
+    strings(ops, "ops");
+    strings(cu, "curvatures");
+    strings(st, "statuses");
+    char *t = cJSON_PrintUnformatted(cu);
+    ck_assert_str_eq(t, "[\"hessian\",\"ggn\",\"fisher_mc\",\"ef\"]");
+    free(t);
+    t = cJSON_PrintUnformatted(st);
+    ck_assert_str_eq(t, "[\"queued\",\"running\",\"succeeded\",\"failed\",\"cancelled\"]");
+    free(t);
+    ck_assert(cJSON_IsObject(specs));
+    ck_assert_int_eq(cJSON_GetArraySize(specs), cJSON_GetArraySize(ops));
+    ck_assert_int_eq(cJSON_GetArraySize(ops), cv_op_count());
+    static const char *const types = "integer|number|boolean|enum|number_or_enum|integer_or_enum|list";
+    const cJSON *op;
+    cJSON_ArrayForEach(op, ops)
+    {
+        const cJSON *s = cJSON_GetObjectItemCaseSensitive(specs, op->valuestring);
+        ck_assert_msg(cJSON_IsObject(s), "no op_specs.%s", op->valuestring);
+        ck_assert(cJSON_IsBool(cJSON_GetObjectItem(s, "uses_curvature")));
+        ck_assert(cJSON_IsBool(cJSON_GetObjectItem(s, "blockwise")));
+        strings(cJSON_GetObjectItem(s, "results"), "results");
+        const cJSON *methods = cJSON_GetObjectItem(s, "methods");
+        const cv_op_def *def = cv_op_find(op->valuestring);
+        ck_assert_int_eq(methods != NULL, def->methods != NULL);
+        if (methods)
+            strings(methods, "methods");
+        const cJSON *opts = cJSON_GetObjectItem(s, "options"), *o;
+        ck_assert(cJSON_IsArray(opts));
+        int n = 0;
+        cJSON_ArrayForEach(o, opts)
+        {
+            const cJSON *name = cJSON_GetObjectItem(o, "name"), *type = cJSON_GetObjectItem(o, "type");
+            ck_assert(cJSON_IsString(name) && cJSON_IsString(type));
+            ck_assert_msg(cv_opts_in_list(types, type->valuestring), "type %s", type->valuestring);
+            int enumish = strstr(type->valuestring, "enum") != NULL;
+            const cJSON *ch = cJSON_GetObjectItem(o, "choices");
+            ck_assert_msg(enumish == (ch != NULL), "%s.%s choices", op->valuestring, name->valuestring);
+            if (ch)
+                strings(ch, "choices");
+            int ranged = !enumish || strstr(type->valuestring, "_or_") != NULL;
+            ranged = ranged && strcmp(type->valuestring, "boolean") && strcmp(type->valuestring, "list");
+            ck_assert_int_eq(cJSON_IsNumber(cJSON_GetObjectItem(o, "min")), ranged);
+            ck_assert_int_eq(cJSON_IsNumber(cJSON_GetObjectItem(o, "max")), ranged);
+            const cJSON *om = cJSON_GetObjectItem(o, "methods"), *x;
+            if (om) {
+                strings(om, "option methods");
+                cJSON_ArrayForEach(x, om) ck_assert_msg(methods && list_has(methods, x->valuestring),
+                                                        "%s.%s: method %s", op->valuestring,
+                                                        name->valuestring, x->valuestring);
+            }
+            if (strcmp(name->valuestring, "method") == 0) {
+                t = cJSON_PrintUnformatted(ch), free(t);
+                ck_assert_int_eq(cJSON_GetArraySize(ch), cJSON_GetArraySize(methods));
+            }
+            n++;
+        }
+        int want = 0;
+        while (def->options[want].name)
+            want++;
+        ck_assert_int_eq(n, want);
+    }
+    cJSON_Delete(d);
+}
+END_TEST
+
+/* ---- results against the table --------------------------------------------------- */
+
+static const char *const ARCH =
+    "{\"input_shape\": [4], \"layers\": ["
+    "{\"type\": \"Linear\", \"in_features\": 4, \"out_features\": 5},"
+    "{\"type\": \"Tanh\"},"
+    "{\"type\": \"Linear\", \"in_features\": 5, \"out_features\": 3}],"
+    " \"loss\": {\"type\": \"CrossEntropyLoss\", \"reduction\": \"mean\"}}";
+
+typedef struct {
+    cv_model m;
+    cv_dataset d;
+} fixture;
+
+static void fx_make(fixture *f)
+{
+    memset(f, 0, sizeof *f);
+    cv_err e;
+    ck_assert_msg(cv_arch_parse(ARCH, strlen(ARCH), &f->m, &e) == 0, "%s", e.message);
+    ck_assert_int_eq(cv_model_alloc(&f->m), 0);
+    cv_rng r;
+    cv_rng_seed(&r, 7);
+    for (size_t i = 0; i < f->m.nparams_total; i++)
+        f->m.params[i] = (float)(0.7 * cv_rng_normal(&r));
+    size_t n = 12;
+    f->d.n = n;
+    f->d.x_shape = f->m.input_shape;
+    f->d.x = malloc(sizeof(float) * n * 4);
+    f->d.y_is_index = 1;
+    f->d.labels = malloc(sizeof(int64_t) * n);
+    for (size_t i = 0; i < n * 4; i++)
+        f->d.x[i] = (float)cv_rng_normal(&r);
+    for (size_t i = 0; i < n; i++)
+        f->d.labels[i] = (int64_t)(i % 3);
+}
+
+static void fx_free(fixture *f)
+{
+    cv_model_free(&f->m);
+    cv_dataset_free(&f->d);
+}
+
+/* The envelope of every result and of every block's result. */
+static int is_envelope(const char *k)
+{
+    return cv_opts_in_list("op|curvature|batch_size|num_params|matvecs|elapsed_s|blocks", k) ||
+           cv_opts_in_list("params|dim", k);
+}
+
+/* Result fields of one object must be in the op's list; marks them seen. */
+static void check_fields(const cv_op_def *def, const cJSON *o, int *seen, const char *job)
+{
+    const cJSON *k;
+    cJSON_ArrayForEach(k, o)
+    {
+        if (is_envelope(k->string))
+            continue;
+        int found = 0;
+        for (int i = 0; def->results[i]; i++)
+            if (strcmp(def->results[i], k->string) == 0) {
+                seen[i] = found = 1;
+            }
+        ck_assert_msg(found, "op %s writes '%s', not in its results table (job %s)", def->name,
+                      k->string, job);
+    }
+}
+
+START_TEST(results_match_the_table)
+{
+    static const char *const jobs[] = {
+        "{\"op\":\"loss\"}",
+        "{\"op\":\"gradient\",\"blocks\":\"layer\"}",
+        "{\"op\":\"matvec\",\"curvature\":\"ggn\",\"options\":{\"probe_seed\":1}}",
+        "{\"op\":\"dense\",\"curvature\":\"ggn\"}",
+        "{\"op\":\"per_sample_gradients\"}",
+        "{\"op\":\"trace\",\"options\":{\"max_probes\":5,\"return_samples\":true}}",
+        "{\"op\":\"trace\",\"blocks\":\"layer\",\"options\":{\"method\":\"hutch++\",\"max_probes\":6}}",
+        "{\"op\":\"diag\",\"options\":{\"max_probes\":3}}",
+        "{\"op\":\"diag\",\"options\":{\"method\":\"exact\"}}",
+        "{\"op\":\"eigen\",\"options\":{\"k\":2,\"return_vectors\":true}}",
+        "{\"op\":\"eigen\",\"options\":{\"method\":\"power\",\"max_iter\":20}}",
+        "{\"op\":\"eigen\",\"curvature\":\"ggn\",\"options\":{\"method\":\"gram\","
+        "\"return_vectors\":true,\"subsample\":0.5}}",
+        "{\"op\":\"density\",\"options\":{\"lanczos_steps\":5,\"grid_points\":10}}",
+        "{\"op\":\"solve\",\"curvature\":\"ggn\",\"options\":{\"damping\":1}}",
+        "{\"op\":\"newton\",\"curvature\":\"ggn\",\"options\":{\"damping\":1,"
+        "\"actual_change\":true}}",
+        "{\"op\":\"newton\",\"curvature\":\"ggn\",\"options\":{\"method\":\"vivit\","
+        "\"actual_change\":true}}",
+        "{\"op\":\"newton\",\"curvature\":\"fisher_mc\",\"options\":{\"method\":\"vivit\","
+        "\"mode\":\"full\",\"subsample\":0.5}}",
+        "{\"op\":\"snr\",\"curvature\":\"ggn\",\"options\":{\"return_raw\":true,\"k\":2}}",
+        "{\"op\":\"snr\",\"curvature\":\"ggn\",\"options\":{\"subsample\":0.5}}",
+    };
+    fixture f;
+    fx_make(&f);
+    int nops = cv_op_count();
+    int (*seen)[64] = calloc((size_t)nops, sizeof *seen);
+    int ran[64] = {0};
+    for (size_t q = 0; q < sizeof jobs / sizeof jobs[0]; q++) {
+        cv_err e;
+        cv_job_spec *j = parse(jobs[q], &e);
+        ck_assert_msg(j != NULL, "%s: %s", jobs[q], e.message);
+        /* the document is gone: the typed job alone binds and runs */
+        ck_assert_msg(cv_job_bind(j, &f.m, &f.d, &e) == 0, "%s: %s", jobs[q], e.message);
+        cJSON *res = cv_job_exec(j, &f.m, &f.d, NULL, NULL, &e);
+        ck_assert_msg(res != NULL, "%s: %s", jobs[q], e.message);
+        int oi = 0;
+        while (cv_op_at(oi) != j->op)
+            oi++;
+        ran[oi] = 1;
+        check_fields(j->op, res, seen[oi], jobs[q]);
+        const cJSON *blocks = cJSON_GetObjectItem(res, "blocks"), *b;
+        cJSON_ArrayForEach(b, blocks) check_fields(j->op, b, seen[oi], jobs[q]);
+        cJSON_Delete(res);
+        cv_job_spec_free(j);
+    }
+    /* and every listed field is written by some job above (no stale entries) */
+    for (int i = 0; i < nops; i++) {
+        const cv_op_def *def = cv_op_at(i);
+        ck_assert_msg(ran[i], "op %s not exercised", def->name);
+        for (int r = 0; def->results[r]; r++)
+            ck_assert_msg(seen[i][r], "op %s lists '%s' but no job wrote it", def->name,
+                          def->results[r]);
+    }
+    free(seen);
+    fx_free(&f);
+}
+END_TEST
+
+/* Binding: batch and block names are checked against the dataset and model. */
+START_TEST(bind_checks_batch_and_blocks)
+{
+    fixture f;
+    fx_make(&f);
+    static const struct {
+        const char *job, *code, *field;
+    } bad[] = {
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":12}}", "invalid_batch", "batch.offset"},
+        {"{\"op\":\"loss\",\"batch\":{\"size\":13}}", "invalid_batch", "batch.size"},
+        {"{\"op\":\"loss\",\"batch\":{\"indices\":[0,12]}}", "invalid_batch", "batch.indices[1]"},
+        {"{\"op\":\"trace\",\"blocks\":[[\"0.weight\",\"9.bias\"]]}", "unknown_parameter",
+         "blocks[0][1]"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cv_err e;
+        cv_job_spec *j = parse(bad[i].job, &e);
+        ck_assert_ptr_nonnull(j);
+        ck_assert_int_eq(cv_job_bind(j, &f.m, &f.d, &e), -1);
+        ck_assert_str_eq(e.code, bad[i].code);
+        ck_assert_str_eq(e.field, bad[i].field);
+        cv_job_spec_free(j);
+    }
+    cv_err e;
+    cv_job_spec *j = parse("{\"op\":\"loss\",\"batch\":{\"offset\":4,\"size\":8}}", &e);
+    ck_assert_int_eq(cv_job_bind(j, &f.m, &f.d, &e), 0);
+    cJSON *res = cv_job_exec(j, &f.m, &f.d, NULL, NULL, &e);
+    ck_assert_int_eq((int)cJSON_GetObjectItem(res, "batch_size")->valuedouble, 8);
+    cJSON_Delete(res);
+    cv_job_spec_free(j);
+    fx_free(&f);
+}
+END_TEST
+
+static Suite *ops_suite(void)
+{
+    Suite *s = suite_create("ops");
+    TCase *t = tcase_create("table");
+    tcase_set_timeout(t, 120);
+    tcase_add_test(t, edit_distance_and_suggest);
+    tcase_add_test(t, did_you_mean_ops_options_fields);
+    tcase_add_test(t, method_options_refused_for_other_methods);
+    tcase_add_test(t, method_applicability_follows_the_table);
+    tcase_add_test(t, options_land_in_engine_structs);
+    tcase_add_test(t, ops_document_shape);
+    tcase_add_test(t, results_match_the_table);
+    tcase_add_test(t, bind_checks_batch_and_blocks);
+    suite_add_tcase(s, t);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(ops_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
