@@ -1,4 +1,4 @@
-"""HTTP client for curvd (contract §5), standard library only.
+"""HTTP client for curvd (docs/interface.md), standard library only.
 
 >>> from curvd_client import Client
 >>> c = Client("http://127.0.0.1:8080")
@@ -289,7 +289,7 @@ class Client:
         Args:
             name: ``[A-Za-z0-9_.-]{1,64}``; 409 ``already_exists`` if it exists
                 (400 ``invalid_name`` if it is not a valid name).
-            architecture: The architecture document (contract §1) as a dict, JSON
+            architecture: The architecture document (docs/interface.md) as a dict, JSON
                 text, or the path of a JSON file.
             parameters: The safetensors bytes, or the path of a safetensors file.
         """
@@ -343,7 +343,7 @@ class Client:
         """Registers a new dataset (``POST /v1/datasets``, multipart; 409 if it exists).
 
         ``data`` is a safetensors file (bytes or a path) with tensors ``x`` and
-        ``y`` (contract §2), e.g. from :func:`curvd_client.torch_export.export_dataset`.
+        ``y`` (docs/interface.md), e.g. from :func:`curvd_client.torch_export.export_dataset`.
         """
         body, ctype = _multipart([
             ("name", name.encode("utf-8"), None, "text/plain; charset=utf-8"),
@@ -374,7 +374,7 @@ class Client:
                job_timeout: Optional[float] = None, **fields: Any) -> "Job":
         """Submits a job (``POST /v1/jobs``) and returns a :class:`Job` at once.
 
-        The job document (contract §3) is ``job`` updated with keyword fields,
+        The job document (docs/interface.md) is ``job`` updated with keyword fields,
         so both ``submit({"op": "trace", ...})`` and
         ``submit(op="trace", model="m", dataset="d", options={"max_probes": 30})``
         work.  Fields: ``op``, ``model``, ``dataset``, ``curvature``, ``batch``,
