@@ -13,7 +13,9 @@
 #    checks that the checker catches a missing or changed option, result or op.
 #    A server without op_specs is compared through the hand-made
 #    tests/openapi/op_specs_fixture.json instead, with a note saying so.
-# 3. Runs a few jobs and checks their result fields against the result schemas.
+# 3. Runs a job of every op and checks the job, the answer and the result fields
+#    against the schemas (tests/openapi/schema_check.js, ajv), and that jobs the
+#    server refuses (unknown or out-of-range options, ...) are refused by Job.
 # Needs node and npm (installed with apt-get as root when missing).
 # Ends with "N passed, M failed"; VERBOSE=1 lists passing checks.
 set -u
@@ -131,24 +133,71 @@ fi
 check "check_ops.py catches a missing, extra or changed option, result or op" \
   ops_check --self-test "$T/spec.json" "$TABLE"
 
-# ---- 3. result fields of real jobs -------------------------------------------------------
+# ---- 3. real jobs against the schemas ----------------------------------------------------
+# Each job the server runs must fit schema Job, its answer JobStatus (with the op's
+# JobResult) and have only the result fields the op's schema names; each job the
+# server refuses (400) must be refused by schema Job too.  Cases for
+# tests/openapi/schema_check.js go to $T/cases.jsonl.
+: > "$T/cases.jsonl"
+case_add() { "$PY" -c 'import json, sys; print(json.dumps({"name": sys.argv[1], "schema": sys.argv[2],
+  "valid": sys.argv[3] == "1", "doc": json.load(open(sys.argv[4]))}))' "$@" >> "$T/cases.jsonl"; }
 job() {
-  name=$1; shift
+  name=$1
+  printf '%s' "$2" > "$T/doc.json"
   if ! curl -s -S --max-time 120 -o "$T/job.json" -H 'Content-Type: application/json' \
-       -X POST "$BASE/v1/jobs?wait=100" -d "$1"; then bad "job $name: request failed"; return; fi
+       -X POST "$BASE/v1/jobs?wait=100" --data-binary @"$T/doc.json"; then bad "job $name: request failed"; return; fi
   check "job $name: result fields are in the result schema" ops_check --result "$T/spec.json" "$T/job.json"
+  case_add "job $name" Job 1 "$T/doc.json"
+  case_add "answer to job $name" JobStatus 1 "$T/job.json"
+}
+refused() {
+  name=$1
+  printf '%s' "$2" > "$T/doc.json"
+  st=$(curl -s -S --max-time 30 -o "$T/job.json" -w '%{http_code}' -H 'Content-Type: application/json' \
+       -X POST "$BASE/v1/jobs" --data-binary @"$T/doc.json")
+  check "job $name: refused by the server (400)" [ "$st" = 400 ]
+  case_add "job $name" Job 0 "$T/doc.json"
+  case_add "error answer to job $name" Error 1 "$T/job.json"
 }
 M='"model": "demo-mlp", "dataset": "digits"'
-SMALL='"batch": {"offset": 0, "size": 64}'
+S='"batch": {"offset": 0, "size": 64}'
 job loss "{\"op\": \"loss\", $M}"
-job gradient "{\"op\": \"gradient\", $M, $SMALL, \"blocks\": \"layer\"}"
-job matvec "{\"op\": \"matvec\", $M, $SMALL, \"curvature\": \"ggn\", \"options\": {\"probe_seed\": 3}}"
-job trace "{\"op\": \"trace\", $M, $SMALL, \"options\": {\"method\": \"hutch++\", \"max_probes\": 6, \"tol\": 0, \"return_samples\": true}}"
-job diag "{\"op\": \"diag\", $M, $SMALL, \"blocks\": [[\"2.bias\"]], \"options\": {\"max_probes\": 3}}"
-job eigen "{\"op\": \"eigen\", $M, $SMALL, \"curvature\": \"ggn\", \"options\": {\"method\": \"gram\", \"k\": 2, \"subsample\": 0.5, \"return_vectors\": true}}"
-job density "{\"op\": \"density\", $M, $SMALL, \"options\": {\"lanczos_steps\": 5, \"grid_points\": 20}}"
-job solve "{\"op\": \"solve\", $M, $SMALL, \"curvature\": \"ggn\", \"options\": {\"damping\": 1, \"max_iter\": 5}}"
-job newton "{\"op\": \"newton\", $M, $SMALL, \"curvature\": \"ggn\", \"options\": {\"method\": \"vivit\", \"k\": 2, \"actual_change\": true}}"
-job snr "{\"op\": \"snr\", $M, $SMALL, \"curvature\": \"ggn\", \"options\": {\"k\": 2, \"return_raw\": true}}"
+job gradient "{\"op\": \"gradient\", $M, $S, \"blocks\": \"layer\", \"seed\": 3}"
+job matvec "{\"op\": \"matvec\", $M, $S, \"curvature\": \"ggn\", \"blocks\": [[\"2.bias\"]], \"options\": {\"probe_seed\": 3}}"
+job dense "{\"op\": \"dense\", $M, $S, \"blocks\": [[\"2.bias\"]], \"options\": {\"mc_samples\": 2}}"
+job per_sample_gradients "{\"op\": \"per_sample_gradients\", $M, \"batch\": {\"indices\": [0, 5, 7]}, \"blocks\": [[\"2.bias\"]]}"
+job trace "{\"op\": \"trace\", $M, $S, \"options\": {\"method\": \"hutch++\", \"max_probes\": 6, \"tol\": 0, \"return_samples\": true}}"
+job diag "{\"op\": \"diag\", $M, $S, \"blocks\": [[\"2.bias\"]], \"options\": {\"max_probes\": 3, \"distribution\": \"gaussian\"}}"
+job eigen "{\"op\": \"eigen\", $M, $S, \"curvature\": \"ggn\", \"options\": {\"method\": \"gram\", \"k\": 2, \"subsample\": 0.5, \"return_vectors\": true}}"
+job eigen-lanczos "{\"op\": \"eigen\", $M, $S, \"blocks\": \"layer\", \"options\": {\"k\": 2, \"which\": \"magnitude\", \"max_iter\": 40}}"
+job density "{\"op\": \"density\", $M, $S, \"options\": {\"lanczos_steps\": 5, \"grid_points\": 20, \"runs\": 2}}"
+job solve "{\"op\": \"solve\", $M, $S, \"curvature\": \"ggn\", \"options\": {\"damping\": 1, \"max_iter\": 5, \"method\": \"minres\", \"rhs\": \"gradient\"}}"
+job newton "{\"op\": \"newton\", $M, $S, \"curvature\": \"ggn\", \"options\": {\"method\": \"vivit\", \"k\": 2, \"actual_change\": true}}"
+job newton-cg "{\"op\": \"newton\", $M, $S, \"curvature\": \"ggn\", \"options\": {\"damping\": 1, \"max_iter\": 5}}"
+job newton-bootstrap "{\"op\": \"newton\", $M, $S, \"curvature\": \"fisher_mc\", \"options\": {\"method\": \"vivit\", \"damping\": \"bootstrap\", \"k\": \"all\", \"bootstrap_samples\": 20, \"grid\": [0.01, 0.1, 1]}}"
+job snr "{\"op\": \"snr\", $M, $S, \"curvature\": \"ggn\", \"options\": {\"k\": 2, \"return_raw\": true}}"
+refused "unknown option" "{\"op\": \"eigen\", $M, \"options\": {\"k\": 3, \"bogus_option\": 1}}"
+refused "option below its minimum" "{\"op\": \"trace\", $M, \"options\": {\"max_probes\": 0}}"
+refused "option above its maximum" "{\"op\": \"density\", $M, \"options\": {\"runs\": 10001}}"
+refused "integer option given a fraction" "{\"op\": \"eigen\", $M, \"options\": {\"k\": 2.5}}"
+refused "option of the wrong type" "{\"op\": \"trace\", $M, \"options\": {\"return_samples\": 1}}"
+refused "option outside its enum" "{\"op\": \"eigen\", $M, \"options\": {\"which\": \"middle\"}}"
+refused "unknown method" "{\"op\": \"solve\", $M, \"options\": {\"method\": \"gmres\"}}"
+refused "option of another op" "{\"op\": \"loss\", $M, \"options\": {\"k\": 1}}"
+refused "unknown op" "{\"op\": \"nope\", $M}"
+refused "unknown field" "{\"op\": \"loss\", $M, \"foo\": 1}"
+refused "missing dataset" "{\"op\": \"loss\", \"model\": \"demo-mlp\"}"
+refused "unknown curvature" "{\"op\": \"trace\", $M, \"curvature\": \"fisher\"}"
+refused "loss with blocks layer" "{\"op\": \"loss\", $M, \"blocks\": \"layer\"}"
+refused "matvec with two groups" "{\"op\": \"matvec\", $M, \"blocks\": [[\"0.bias\"], [\"2.bias\"]], \"options\": {\"probe_seed\": 1}}"
+refused "negative seed" "{\"op\": \"loss\", $M, \"seed\": -1}"
+refused "batch size 0" "{\"op\": \"loss\", $M, \"batch\": {\"offset\": 0, \"size\": 0}}"
+refused "unknown batch field" "{\"op\": \"loss\", $M, \"batch\": {\"first\": 3}}"
+if NODE_PATH="$NPMDIR/node_modules" timeout 60 "$NODE" "$TOOLS/schema_check.js" "$T/spec.json" "$T/cases.jsonl" > "$T/schema.out" 2>&1; then
+  ok "jobs run fit Job, their answers JobStatus; refused jobs are refused by Job ($(tail -1 "$T/schema.out"))"
+  [ -z "${VERBOSE:-}" ] || cat "$T/schema.out" >&2
+else
+  bad "the schemas and the server disagree: $(cat "$T/schema.out")"
+fi
 kill -0 "$DPID" 2>/dev/null && ok "daemon alive" || bad "daemon died: $(tail -5 "$T/daemon.log")"
 finish
