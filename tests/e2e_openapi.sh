@@ -193,6 +193,16 @@ refused "matvec with two groups" "{\"op\": \"matvec\", $M, \"blocks\": [[\"0.bia
 refused "negative seed" "{\"op\": \"loss\", $M, \"seed\": -1}"
 refused "batch size 0" "{\"op\": \"loss\", $M, \"batch\": {\"offset\": 0, \"size\": 0}}"
 refused "unknown batch field" "{\"op\": \"loss\", $M, \"batch\": {\"first\": 3}}"
+# answers of the registry and listing routes
+answer() {
+  if curl -s -S --max-time 20 -o "$T/answer.json" "$BASE$2"; then case_add "GET $2" "$1" 1 "$T/answer.json"
+  else bad "GET $2 failed"; fi
+}
+answer OpList /v1/ops
+answer Health /v1/health
+answer Model /v1/models/demo-mlp
+answer Dataset /v1/datasets/digits
+answer Dataset /v1/datasets/regression
 if NODE_PATH="$NPMDIR/node_modules" timeout 60 "$NODE" "$TOOLS/schema_check.js" "$T/spec.json" "$T/cases.jsonl" > "$T/schema.out" 2>&1; then
   ok "jobs run fit Job, their answers JobStatus; refused jobs are refused by Job ($(tail -1 "$T/schema.out"))"
   [ -z "${VERBOSE:-}" ] || cat "$T/schema.out" >&2
