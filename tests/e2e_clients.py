@@ -104,9 +104,9 @@ class Daemon:
             self.p.wait(10)
 
 
-def readme_block(name):
-    """The fenced block after <!-- test: name --> in the top-level README.md."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+def readme_block(name, readme="README.md"):
+    """The fenced block after <!-- test: name --> in the top-level README.md (or readme)."""
+    text = open(os.path.join(ROOT, readme), encoding="utf-8").read()
     m = re.search(r"<!-- test: %s -->\s*\n```[a-z]*\n(.*?)\n```" % re.escape(name), text, re.S)
     return m.group(1) if m else None
 
@@ -176,9 +176,27 @@ def test_torch_models(c, tmp):
     data = st.loads(c.get_dataset_data("py-data"))
     check("get_dataset_data round trip", data["x"].shape == [40, 6] and data["y"].flat() == y.tolist())
 
-    # from files (paths), architecture as JSON text
+    # write_files: out/ under the current directory by default, or directory=
+    cwd = os.getcwd()
+    os.makedirs(os.path.join(tmp, "wf"))
+    os.chdir(os.path.join(tmp, "wf"))
+    try:
+        dflt = write_files(model, loss_fn, [6], x, y)
+    finally:
+        os.chdir(cwd)
+    check("write_files writes into out/ by default",
+          dflt == {k: os.path.join("out", f) for k, f in (("arch", "arch.json"), ("params", "params.safetensors"),
+                                                          ("data", "data.safetensors"))} and
+          all(os.path.getsize(os.path.join(tmp, "wf", p)) > 0 for p in dflt.values()), dflt)
+    kw = write_files(model, loss_fn, [6], directory=os.path.join(tmp, "wf", "new", "dir"))
+    check("write_files(directory=...) creates the directory; no data without x, y",
+          sorted(kw) == ["arch", "params"] and kw["arch"] == os.path.join(tmp, "wf", "new", "dir", "arch.json")
+          and os.path.getsize(kw["params"]) > 0, kw)
+    # from files (paths), architecture as JSON text; the older form write_files(directory, model, ...)
     files = write_files(tmp, model, loss_fn, [6], x, y)
     check("write_files writes three files", all(os.path.getsize(p) > 0 for p in files.values()), files)
+    with open(files["params"], "rb") as f1, open(os.path.join(tmp, "wf", dflt["params"]), "rb") as f2:
+        check("write_files(directory, model, ...) == write_files(model, ...)", f1.read() == f2.read())
     check("register_model_files", c.register_model_files("py-mlp-files", files["arch"], files["params"])["version"] == 1)
     check("register_dataset_file", c.register_dataset_file("py-data-files", files["data"])["n"] == 40)
     with open(files["arch"]) as f:
@@ -328,6 +346,25 @@ def test_export_errors():
 
     e = raises(lambda: export_model(Net(), nn.MSELoss(), [6]), UnsupportedModuleError)
     check("non-Sequential model refused", e is not None and "Sequential" in str(e), repr(e))
+
+    # training mode: refused where it computes differently (Dropout p > 0, BatchNorm)
+    drop = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    e = raises(lambda: export_model(drop, nn.CrossEntropyLoss(), [6]), ValueError)
+    check("Dropout in training mode refused with a ValueError naming model.eval()",
+          type(e) is ValueError and "training mode" in str(e) and "model.eval()" in str(e) and
+          "nn.Dropout at index 1" in str(e), repr(e))
+    bn = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    e = raises(lambda: export_model(bn, nn.CrossEntropyLoss(), [6]), ValueError)
+    check("BatchNorm in training mode refused", type(e) is ValueError and "nn.BatchNorm1d at index 1" in str(e) and
+          "model.eval()" in str(e), repr(e))
+    drop.eval()
+    check("Dropout model accepted after model.eval()",
+          export_model(drop, nn.CrossEntropyLoss(), [6])[0]["layers"][1] == {"type": "Dropout", "p": 0.5})
+    m = mlp()
+    check("a model without Dropout/BatchNorm is accepted in training mode (same numbers)",
+          m.training and export_model(m, nn.CrossEntropyLoss(), [6])[0]["layers"][0]["type"] == "Linear")
+    check("Dropout(p=0) in training mode accepted",
+          export_model(nn.Sequential(nn.Linear(6, 3), nn.Dropout(0.0)), nn.MSELoss(), [6]) is not None)
     # without torch: a clear ImportError; the rest of the client works
     code = ("import sys; sys.modules['torch'] = None\n"
             "import curvd_client\n"
@@ -559,8 +596,27 @@ def test_readme(url, tmp):
         check("README python-torch: curvd loss == torch loss", m and abs(float(m.group(1)) - float(m.group(2))) < 1e-5,
               p.stdout[-800:])
         check("README python-torch: LSTM message", "unsupported module nn.LSTM at index 3" in p.stdout, p.stdout[-800:])
+        # write_files(".", ...) writes into the current directory, write_files(model, ...) into out/
+        d = work if re.search(r"write_files\((\"\.\"|'\.')", code) else os.path.join(work, "out")
         check("README python-torch: files written",
-              all(os.path.exists(os.path.join(work, "out", f)) for f in ("arch.json", "params.safetensors", "data.safetensors")))
+              all(os.path.exists(os.path.join(d, f)) for f in ("arch.json", "params.safetensors", "data.safetensors")), d)
+    # clients/python/README.md
+    pywork = os.path.join(tmp, "pyreadme")
+    os.makedirs(pywork)
+    code = readme_block("client-quickstart", "clients/python/README.md")
+    if check("clients/python/README.md quickstart block present", code is not None):
+        p, _ = run_block("python", code, pywork, url)
+        check("clients/python/README.md quickstart runs and prints a trace",
+              p.returncode == 0 and re.fullmatch(r"-?[\d.]+(e[-+]?\d+)?\n", p.stdout) is not None,
+              (p.stdout + p.stderr)[-2000:])
+    code = readme_block("client-torch", "clients/python/README.md")
+    if check("clients/python/README.md torch block present", code is not None):
+        p, _ = run_block("python", code, pywork, url)
+        check("clients/python/README.md torch block runs", p.returncode == 0, (p.stdout + p.stderr)[-2000:])
+        check("clients/python/README.md torch block writes out/",
+              all(os.path.isfile(os.path.join(pywork, "out", f)) and os.path.getsize(os.path.join(pywork, "out", f)) > 0
+                  for f in ("arch.json", "params.safetensors", "data.safetensors")) and "out/arch.json" in p.stdout,
+              p.stdout[-800:])
     code = readme_block("train-monitor")
     if check("README train-monitor block present", code is not None):
         p, dt = run_block("sh", code, work, url, timeout=120)

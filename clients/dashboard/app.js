@@ -89,6 +89,7 @@
 
   const state = {
     ops: [], curvatures: [], models: [], datasets: [], jobs: [],
+    opSpecs: {},             // GET /v1/ops op_specs: options, uses_curvature, blockwise per op
     selected: null,          // job id shown in the result card
     full: {},                // id -> finished job document (with result)
     optionsEdited: false,
@@ -295,19 +296,54 @@
 
   // ---- the form --------------------------------------------------------------
 
+  // The ops, curvatures and (from servers that send them) each op's options
+  // come from GET /v1/ops; there is no list of our own.  Until the daemon
+  // answers, the form says so and asks again.
   async function loadOps() {
+    let o;
     try {
-      const o = await api('GET', '/v1/ops');
-      state.ops = o.ops || [];
-      state.curvatures = o.curvatures || [];
+      o = await api('GET', '/v1/ops');
     } catch (e) {
-      state.ops = ['density', 'eigen', 'trace', 'snr'];
-      state.curvatures = ['hessian', 'ggn', 'fisher_mc', 'ef'];
+      $('#op-hint').textContent = 'cannot read the ops (GET /v1/ops): ' + e.message + '; retrying…';
+      setTimeout(loadOps, 2000);
+      return;
     }
+    state.ops = o.ops || [];
+    state.curvatures = o.curvatures || [];
+    state.opSpecs = o.op_specs || {};
     fillSelect($('#op'), state.ops);
     fillSelect($('#curvature'), [''].concat(state.curvatures), ['(default: hessian)'].concat(state.curvatures));
     if (state.ops.includes('density')) $('#op').value = 'density';
     onOpChange();
+  }
+
+  function bound(x) {
+    return Math.abs(x) >= 1e5 ? x.toExponential().replace('e+', 'e') : String(x);
+  }
+  // "k (integer 1..1e6), which (largest|smallest|magnitude), ..." from op_specs
+  function optionsText(spec) {
+    const opts = spec.options || [];
+    if (!opts.length) return 'No options.';
+    return 'Options: ' + opts.map((o) => {
+      const range = o.min !== undefined ? ' ' + bound(o.min) + '..' + bound(o.max) : '';
+      const choices = (o.choices || []).join('|');
+      const what = o.type === 'enum' ? choices
+        : o.type === 'list' ? 'list of numbers'
+          : /_or_enum$/.test(o.type) ? o.type.split('_')[0] + range + ' or ' + choices
+            : o.type + range;
+      return o.name + ' (' + what + (o.methods ? '; method ' + o.methods.join('|') : '') + ')';
+    }).join(', ') + '.';
+  }
+
+  // Hint, curvature and blocks of the form for op: an op that reads no
+  // curvature gets none, "layer" only for ops with one result per block.
+  function applyOpSpec(op) {
+    const spec = state.opSpecs[op];
+    $('#op-hint').textContent = [HINTS[op] || '', spec ? optionsText(spec) : ''].filter(Boolean).join(' ');
+    $('#curvature').disabled = !!spec && spec.uses_curvature === false;
+    const layer = $('#blocks option[value="layer"]');
+    layer.disabled = !!spec && spec.blockwise === false;
+    if (layer.disabled && $('#blocks').value === 'layer') $('#blocks').value = 'full';
   }
 
   function onOpChange() {
@@ -315,7 +351,7 @@
     if (!state.optionsEdited) $('#options').value = JSON.stringify(DEFAULT_OPTIONS[op] || {});
     const c = $('#curvature');
     if (op === 'snr' && (c.value === '' || c.value === 'hessian' || c.value === 'ef')) c.value = 'fisher_mc';
-    $('#op-hint').textContent = HINTS[op] || '';
+    applyOpSpec(op);
   }
 
   function applyPreset(name) {
@@ -326,7 +362,7 @@
     $('#curvature').value = p.curvature;
     $('#options').value = JSON.stringify(p.options);
     state.optionsEdited = false;
-    $('#op-hint').textContent = HINTS[p.op] || '';
+    applyOpSpec(p.op);
     clearError();
   }
 
@@ -355,7 +391,7 @@
     const job = { op: $('#op').value, model: $('#model').value, dataset: $('#dataset').value };
     if (!job.model) throw fieldError('model', 'no model registered');
     if (!job.dataset) throw fieldError('dataset', 'no dataset registered');
-    if ($('#curvature').value) job.curvature = $('#curvature').value;
+    if ($('#curvature').value && !$('#curvature').disabled) job.curvature = $('#curvature').value;
     if ($('#blocks').value !== 'full') job.blocks = $('#blocks').value;
     const b = parseBatch($('#batch').value);
     if (b !== undefined) job.batch = b;

@@ -1,16 +1,19 @@
 """PyTorch → curvd: architecture JSON and safetensors bytes from ``nn.Sequential``.
 
-curvd's architecture document mirrors ``torch.nn.Sequential`` (contract §1):
+curvd's architecture document mirrors ``torch.nn.Sequential`` (docs/interface.md):
 layer ``i`` owns the parameters ``state_dict()`` names ``"i.weight"``,
 ``"i.bias"``, ..., with PyTorch's type and attribute names, so a model
 exported here is evaluated by curvd exactly as PyTorch evaluates it (in
 evaluation mode: Dropout is the identity, BatchNorm uses running statistics).
+:func:`export_model` therefore refuses a model whose Dropout or BatchNorm
+layers are in training mode (call ``model.eval()`` first).
 
     import torch
     from curvd_client import Client
     from curvd_client.torch_export import export_model, export_dataset, state_dict_bytes
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    model.eval()                          # what curvd evaluates (needed with Dropout/BatchNorm)
     arch, params = export_model(model, torch.nn.CrossEntropyLoss(), input_shape=[64])
     c = Client("http://127.0.0.1:8080")
     c.register_model("mlp", arch, params)
@@ -29,8 +32,9 @@ naming the module and its index.
 from __future__ import annotations
 
 import json
+import os
 import struct
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 try:
     import torch
@@ -43,13 +47,15 @@ except ImportError as _e:  # pragma: no cover - depends on the machine
 
 __all__ = ["UnsupportedModuleError", "SUPPORTED_MODULES", "SUPPORTED_LOSSES", "export_model",
            "export_architecture", "layer_json", "loss_json", "state_dict_bytes",
-           "export_dataset", "safetensors_bytes", "write_files"]
+           "export_dataset", "safetensors_bytes", "write_files", "DEFAULT_DIRECTORY"]
 
-#: Module class names curvd evaluates (contract §1).
+#: Module class names curvd evaluates (docs/interface.md).
 SUPPORTED_MODULES: Tuple[str, ...] = (
     "Linear", "Conv2d", "ReLU", "Tanh", "Sigmoid", "LeakyReLU", "ELU", "GELU", "Softplus",
     "Identity", "Flatten", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "BatchNorm1d",
     "BatchNorm2d", "Dropout")
+#: Where :func:`write_files` writes when given no directory (``/out/`` is in .gitignore).
+DEFAULT_DIRECTORY = "out"
 #: Loss class names curvd evaluates.
 SUPPORTED_LOSSES: Tuple[str, ...] = ("MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss")
 
@@ -235,19 +241,46 @@ def state_dict_bytes(model: "nn.Module") -> bytes:
     return safetensors_bytes(model.state_dict())
 
 
+def _check_eval_mode(model: "nn.Module") -> None:
+    """Raises ValueError if a layer that computes differently in training mode is in it."""
+    train = []
+    for i, m in enumerate(model.children()):
+        if not m.training:
+            continue
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            train.append("nn.Dropout at index %d" % i)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            train.append("nn.%s at index %d" % (type(m).__name__, i))
+    if train:
+        raise ValueError(
+            "the model is in training mode: %s compute%s differently there, but curvd always "
+            "evaluates in evaluation mode (Dropout is the identity, BatchNorm uses its running "
+            "statistics). Call model.eval() before exporting (and model.train() to go on "
+            "training)." % (", ".join(train), "s" if len(train) == 1 else ""))
+
+
 def export_model(model: "nn.Module", loss: "nn.Module",
                  input_shape: Sequence[int]) -> Tuple[Dict[str, Any], bytes]:
     """``(architecture dict, parameters safetensors bytes)`` for :meth:`Client.register_model`.
 
+    curvd evaluates the model in evaluation mode, so Dropout (p > 0) and
+    BatchNorm layers must be in evaluation mode too: call ``model.eval()``
+    first.  (A model without such layers computes the same in either mode
+    and is accepted as it is.)
+
     Raises:
         UnsupportedModuleError: names the first module (type and index) or
             loss setting curvd cannot evaluate, e.g. ``nn.LSTM at index 3``.
+        ValueError: a Dropout or BatchNorm layer is in training mode; the
+            message names it and the fix, ``model.eval()``.
     """
-    return export_architecture(model, loss, input_shape), state_dict_bytes(model)
+    arch = export_architecture(model, loss, input_shape)
+    _check_eval_mode(model)
+    return arch, state_dict_bytes(model)
 
 
 def export_dataset(x: Any, y: Any) -> bytes:
-    """A dataset safetensors file (contract §2) from inputs ``x`` [N, *input_shape] and targets ``y``.
+    """A dataset safetensors file (docs/interface.md) from inputs ``x`` [N, *input_shape] and targets ``y``.
 
     ``x`` becomes F32.  Integer ``y`` (class indices [N], for CrossEntropyLoss)
     becomes I64; floating ``y`` (targets shaped like the model output, for
@@ -270,23 +303,30 @@ def export_dataset(x: Any, y: Any) -> bytes:
     return safetensors_bytes({"x": xt, "y": yt})
 
 
-def write_files(directory: str, model: "nn.Module", loss: "nn.Module",
-                input_shape: Sequence[int], x: Any = None, y: Any = None) -> Dict[str, str]:
+def write_files(model: Any, loss: Any, input_shape: Any, x: Any = None, y: Any = None,
+                directory: Optional[Any] = None) -> Dict[str, str]:
     """Writes ``arch.json``, ``params.safetensors`` (and ``data.safetensors`` if x, y are given).
 
     The files `curvd run`, ``curvctl`` and :meth:`Client.register_model_files`
-    take.  Returns ``{"arch": path, "params": path[, "data": path]}``.
+    take, in ``directory`` (default :data:`DEFAULT_DIRECTORY`, ``out/`` under
+    the current directory; created when missing).  The older form
+    ``write_files(directory, model, loss, input_shape, x, y)`` is accepted too.
+    Returns ``{"arch": path, "params": path[, "data": path]}``.  Refuses what
+    :func:`export_model` refuses (e.g. Dropout in training mode).
     """
-    import os
+    if isinstance(model, (str, bytes, os.PathLike)):  # write_files(directory, model, ...)
+        model, loss, input_shape, x, y, directory = loss, input_shape, x, y, directory, model
+    d = os.fspath(directory if directory is not None else DEFAULT_DIRECTORY)
     arch, params = export_model(model, loss, input_shape)
-    out = {"arch": os.path.join(directory, "arch.json"),
-           "params": os.path.join(directory, "params.safetensors")}
+    os.makedirs(d, exist_ok=True)
+    out = {"arch": os.path.join(d, "arch.json"),
+           "params": os.path.join(d, "params.safetensors")}
     with open(out["arch"], "w", encoding="utf-8") as f:
         json.dump(arch, f, indent=1)
     with open(out["params"], "wb") as f:
         f.write(params)
     if x is not None and y is not None:
-        out["data"] = os.path.join(directory, "data.safetensors")
+        out["data"] = os.path.join(d, "data.safetensors")
         with open(out["data"], "wb") as f:
             f.write(export_dataset(x, y))
     return out
