@@ -11,7 +11,6 @@
 // are GET /v1/ops's lists, and the form follows op_specs (opSpecForm).  Every request must go to the
 // daemon (the page works offline).  Ends with 'N passed, M failed'.
 'use strict';
-const path = require('path');
 const { chromium } = require('playwright-core');
 
 const BASE = process.argv[2];
