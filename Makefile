@@ -36,9 +36,10 @@ $(B)/libcurvd.a: $(LIB_OBJ)
 $(B)/curvd: $(B)/server/main.o $(B)/libcurvd.a
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
-$(B)/tests/%: tests/%.c tests/testutil.h $(B)/libcurvd.a $(HDRS)
+# Every test binary links the shared runner and oracles (tests/testutil.c).
+$(TEST_BIN): $(B)/tests/%: tests/%.c $(B)/tests/testutil.o $(B)/libcurvd.a $(HDRS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(B)/libcurvd.a $(CHECKLIBS) $(LDLIBS)
+	$(CC) $(CFLAGS) -o $@ $< $(B)/tests/testutil.o $(B)/libcurvd.a $(CHECKLIBS) $(LDLIBS)
 
 # server/demo.c embeds scikit-learn's digits (python3-sklearn's data file),
 # converted at build time; an empty table (synthetic fallback) when absent.

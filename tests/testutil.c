@@ -1,0 +1,195 @@
+/* testutil.c - the Check runner every test binary's main() calls, and the
+ * independent oracles the curvature tests share: a model/dataset/cv_curv
+ * fixture, finite differences of the loss, the gradient and the outputs,
+ * dense blocks, Lambda_n from the outputs, the symmetry/PSD check.  API in
+ * testutil.h. */
+#include "testutil.h"
+
+#include "engine/loss.h"
+
+int tu_main(Suite *(*make)(void))
+{
+    SRunner *sr = srunner_create(make());
+    srunner_run_all(sr, CK_ENV);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+/* ---- the fixture ------------------------------------------------------------ */
+
+void tu_fx_make(tu_fixture *f, int in, const tu_layer *layers, int nl, cv_loss_type loss,
+                cv_reduction red, size_t n, uint64_t seed, const cv_curv_options *co)
+{
+    tu_model(&f->m, in, layers, nl, loss, red, seed);
+    tu_data(&f->d, &f->m, n, seed + 100);
+    cv_err e;
+    f->c = cv_curv_new(&f->m, &f->d, co, &e);
+    ck_assert_msg(f->c != NULL, "cv_curv_new: %s", e.message);
+    cv_block_full(&f->m, &f->full);
+    f->kinks = 0;
+}
+
+void tu_fx_free(tu_fixture *f)
+{
+    cv_curv_free(f->c);
+    cv_model_free(&f->m);
+    tu_data_free(&f->d);
+}
+
+double *tu_dense(tu_fixture *f, cv_curvature kind, const cv_block *b)
+{
+    double *A = malloc(sizeof(double) * b->dim * b->dim);
+    cv_err e;
+    ck_assert_int_eq(cv_curv_dense(f->c, kind, b, 4096, A, &e), 0);
+    return A;
+}
+
+/* ---- finite differences ----------------------------------------------------- */
+
+void tu_grad_at(const tu_fixture *f, const double *step, double *g)
+{
+    cv_model t;
+    ck_assert_int_eq(cv_model_clone(&f->m, &t), 0);
+    for (size_t i = 0; i < t.nparams_total; i++)
+        t.params[i] += (float)step[i];
+    cv_err e;
+    cv_curv *c = cv_curv_new(&t, &f->d, NULL, &e);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(cv_curv_gradient(c, &f->full, g, &e), 0);
+    cv_curv_free(c);
+    cv_model_free(&t);
+}
+
+void tu_fd_gradient(const tu_fixture *f, double eps, double *fd)
+{
+    size_t D = f->full.dim;
+    double *step = calloc(D, sizeof(double));
+    cv_err e;
+    for (size_t q = 0; q < D; q++) {
+        step[q] = eps;
+        double lp;
+        ck_assert_int_eq(cv_curv_loss_at(f->c, &f->full, step, &lp, &e), 0);
+        step[q] = -eps;
+        double lm;
+        ck_assert_int_eq(cv_curv_loss_at(f->c, &f->full, step, &lm, &e), 0);
+        step[q] = 0;
+        fd[q] = (lp - lm) / (2 * eps);
+    }
+    free(step);
+}
+
+void tu_fd_hessian_vec(const tu_fixture *f, const double *v, double eps, double *fd)
+{
+    size_t D = f->full.dim;
+    double *gp = malloc(sizeof(double) * D), *gm = malloc(sizeof(double) * D);
+    double *s = calloc(D, sizeof(double));
+    for (size_t q = 0; q < D; q++)
+        s[q] = eps * v[q];
+    tu_grad_at(f, s, gp);
+    for (size_t q = 0; q < D; q++)
+        s[q] = -eps * v[q];
+    tu_grad_at(f, s, gm);
+    for (size_t q = 0; q < D; q++)
+        fd[q] = (gp[q] - gm[q]) / (2 * eps);
+    free(gp);
+    free(gm);
+    free(s);
+}
+
+double *tu_fd_jacobian(const tu_fixture *f, double eps)
+{
+    size_t D = f->full.dim, N = f->d.n;
+    int C = cv_model_output_dim(&f->m);
+    double *J = calloc(N * C * D, sizeof(double));
+    for (size_t q = 0; q < D; q++) {
+        const float *hs[2];
+        cv_model t[2];
+        cv_curv *cc[2];
+        cv_err e;
+        for (int s = 0; s < 2; s++) {
+            ck_assert_int_eq(cv_model_clone(&f->m, &t[s]), 0);
+            t[s].params[q] += (float)(s ? -eps : eps);
+            cc[s] = cv_curv_new(&t[s], &f->d, NULL, &e);
+            ck_assert_ptr_nonnull(cc[s]);
+            hs[s] = cv_curv_outputs(cc[s]);
+        }
+        for (size_t n = 0; n < N; n++)
+            for (int c = 0; c < C; c++)
+                J[(n * C + c) * D + q] = (hs[0][n * C + c] - hs[1][n * C + c]) / (2 * eps);
+        for (int s = 0; s < 2; s++) {
+            cv_curv_free(cc[s]);
+            cv_model_free(&t[s]);
+        }
+    }
+    return J;
+}
+
+/* ---- dense references -------------------------------------------------------- */
+
+void tu_oracle_lambda(const tu_fixture *f, const float *h, int n, double *Lam)
+{
+    int C = cv_model_output_dim(&f->m);
+    double c = cv_loss_scale(f->m.loss, f->m.reduction, f->d.n, C);
+    const float *hn = h + (size_t)n * C;
+    memset(Lam, 0, sizeof(double) * C * C);
+    if (f->m.loss == CV_LOSS_MSE) {
+        for (int a = 0; a < C; a++)
+            Lam[a * C + a] = 2 * c;
+        return;
+    }
+    double p[16], z = 0;
+    ck_assert_int_le(C, 16);
+    for (int a = 0; a < C; a++)
+        z += exp(hn[a]);
+    for (int a = 0; a < C; a++)
+        p[a] = f->m.loss == CV_LOSS_CE ? exp(hn[a]) / z : 1 / (1 + exp(-hn[a]));
+    for (int a = 0; a < C; a++)
+        for (int b = 0; b < C; b++)
+            Lam[a * C + b] = f->m.loss == CV_LOSS_CE ? c * ((a == b) * p[a] - p[a] * p[b])
+                                                     : c * (a == b) * p[a] * (1 - p[a]);
+}
+
+void tu_check_symmetric_psd(tu_fixture *f, const char *tag)
+{
+    size_t D = f->full.dim;
+    for (int kind = 0; kind < CV_CURV_COUNT; kind++) {
+        double *A = tu_dense(f, (cv_curvature)kind, &f->full);
+        double mx = 0, asym = 0;
+        for (size_t i = 0; i < D; i++)
+            for (size_t j = 0; j < D; j++) {
+                mx = fmax(mx, fabs(A[i + j * D]));
+                asym = fmax(asym, fabs(A[i + j * D] - A[j + i * D]));
+            }
+        ck_assert_msg(mx > 0, "%s%s is zero", tag, cv_curvature_name(kind));
+        ck_assert_msg(asym <= 1e-5 * mx, "%s%s asymmetry %g of %g", tag,
+                      cv_curvature_name(kind), asym, mx);
+        if (kind != CV_CURV_HESSIAN) {
+            double *w = malloc(sizeof(double) * D);
+            tu_eigvalsh(A, (int)D, w);
+            ck_assert_msg(w[0] >= -1e-5 * w[D - 1], "%s%s not PSD: %g (max %g)", tag,
+                          cv_curvature_name(kind), w[0], w[D - 1]);
+            free(w);
+        }
+        free(A);
+    }
+}
+
+void tu_unit_random(double *v, size_t D, uint64_t seed)
+{
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    cv_rng_gaussian(&r, v, D);
+    double nv = tu_norm(v, D);
+    for (size_t q = 0; q < D; q++)
+        v[q] /= nv;
+}
+
+/* ---- JSON results ------------------------------------------------------------ */
+
+double tu_num(const cJSON *o, const char *k)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    ck_assert_msg(cJSON_IsNumber(v), "result field %s missing", k);
+    return v->valuedouble;
+}
