@@ -8,7 +8,6 @@
 #include "engine/conv_direct.h"
 #include "engine/im2col.h"
 #include "engine/layer.h"
-#include "engine/loss.h"
 
 /* ---- building models in code ------------------------------------------------ */
 
@@ -333,29 +332,12 @@ START_TEST(ggn_equals_dense_jt_lambda_j)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim, N = f.d.n;
-    int C = cv_model_output_dim(&f.m);
-    double *J = tu_fd_jacobian(&f, 3e-3);
-    double *G = calloc(D * D, sizeof(double)), *LJ = malloc(sizeof(double) * C * D), Lam[9];
-    for (size_t n = 0; n < N; n++) {
-        const double *Jn = J + n * C * D;
-        tu_oracle_lambda(&f, cv_curv_outputs(f.c), (int)n, Lam);
-        for (int a = 0; a < C; a++)
-            for (size_t j = 0; j < D; j++) {
-                double s = 0;
-                for (int b = 0; b < C; b++)
-                    s += Lam[a * C + b] * Jn[b * D + j];
-                LJ[a * D + j] = s;
-            }
-        for (size_t i = 0; i < D; i++)
-            for (int a = 0; a < C; a++)
-                for (size_t j = 0; j < D; j++)
-                    G[i + j * D] += Jn[a * D + i] * LJ[a * D + j];
-    }
+    size_t D = f.full.dim;
+    double *G = tu_fd_ggn(&f, 3e-3);
     double *A = tu_dense(&f, CV_CURV_GGN, &f.full);
     double err = tu_relerr(A, G, D * D, 1e-6);
     ck_assert_msg(err < fd_tol(&f, 3e-3), "variant %d: GGN vs J^T Lambda J rel err %g", _i, err);
-    free(J); free(G); free(LJ); free(A);
+    free(G); free(A);
     tu_fx_free(&f);
 }
 END_TEST
@@ -377,28 +359,9 @@ START_TEST(per_sample_gradients_sum_and_ef)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim, N = f.d.n;
-    double *Gs = malloc(sizeof(double) * N * D), *g = malloc(sizeof(double) * D);
-    cv_err e;
-    ck_assert_int_eq(cv_curv_per_sample_gradients(f.c, &f.full, Gs, &e), 0);
-    ck_assert_int_eq(cv_curv_gradient(f.c, &f.full, g, &e), 0);
-    double *sum = calloc(D, sizeof(double));
-    for (size_t n = 0; n < N; n++)
-        for (size_t q = 0; q < D; q++)
-            sum[q] += Gs[n * D + q];
-    double err = tu_relerr(sum, g, D, 1e-6);
-    ck_assert_msg(err < 1e-5, "variant %d: per-sample gradients sum: %g", _i, err);
-    /* EF = (1/c) sum_n g_n g_n^T */
-    double c = cv_loss_scale(f.m.loss, f.m.reduction, N, cv_model_output_dim(&f.m));
-    double *EF = calloc(D * D, sizeof(double));
-    for (size_t n = 0; n < N; n++)
-        for (size_t i = 0; i < D; i++)
-            for (size_t j = 0; j < D; j++)
-                EF[i + j * D] += Gs[n * D + i] * Gs[n * D + j] / c;
-    double *A = tu_dense(&f, CV_CURV_EF, &f.full);
-    err = tu_relerr(A, EF, D * D, 1e-9);
-    ck_assert_msg(err < 1e-5, "variant %d: EF vs per-sample outer products: %g", _i, err);
-    free(Gs); free(g); free(sum); free(EF); free(A);
+    char tag[32];
+    snprintf(tag, sizeof tag, "variant %d: ", _i);
+    tu_check_per_sample_gradients(&f, tag);
     tu_fx_free(&f);
 }
 END_TEST

@@ -4,8 +4,6 @@
  * linear+MSE, equal diagonal blocks for ReLU nets, MC Fisher -> GGN). */
 #include "testutil.h"
 
-#include "engine/loss.h"
-
 typedef tu_fixture fixture;
 
 static const tu_layer smooth_net[] = {
@@ -74,24 +72,13 @@ START_TEST(ggn_equals_dense_jt_lambda_j)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim, N = f.d.n;
-    int C = cv_model_output_dim(&f.m);
-    double *J = tu_fd_jacobian(&f, 3e-3); /* J[n][c][q] */
-    double *G = calloc(D * D, sizeof(double)), Lam[9];
-    for (size_t n = 0; n < N; n++) {
-        tu_oracle_lambda(&f, cv_curv_outputs(f.c), (int)n, Lam);
-        for (int a = 0; a < C; a++)
-            for (int b = 0; b < C; b++)
-                for (size_t i = 0; i < D; i++)
-                    for (size_t j = 0; j < D; j++)
-                        G[i + j * D] += J[(n * C + a) * D + i] * Lam[a * C + b] *
-                                        J[(n * C + b) * D + j];
-    }
+    size_t D = f.full.dim;
+    double *G = tu_fd_ggn(&f, 3e-3);
     double *A = tu_dense(&f, CV_CURV_GGN, &f.full);
     double err = tu_relerr(A, G, D * D, 1e-6);
     double tol = (acts[_i / 6] == CV_RELU || acts[_i / 6] == CV_LEAKYRELU) ? 3e-2 : 3e-3;
     ck_assert_msg(err < tol, "variant %d: GGN vs dense J^T Lambda J rel err %g", _i, err);
-    free(J); free(G); free(A);
+    free(G); free(A);
     tu_fx_free(&f);
 }
 END_TEST
@@ -200,27 +187,7 @@ START_TEST(ef_and_per_sample_gradients)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim, N = f.d.n;
-    double *Gs = malloc(sizeof(double) * N * D), *g = malloc(sizeof(double) * D);
-    cv_err e;
-    ck_assert_int_eq(cv_curv_per_sample_gradients(f.c, &f.full, Gs, &e), 0);
-    ck_assert_int_eq(cv_curv_gradient(f.c, &f.full, g, &e), 0);
-    double *sum = calloc(D, sizeof(double));
-    for (size_t n = 0; n < N; n++)
-        for (size_t q = 0; q < D; q++)
-            sum[q] += Gs[n * D + q];
-    ck_assert_msg(tu_relerr(sum, g, D, 1e-6) < 1e-5, "per-sample gradients do not sum");
-    /* EF = (1/c) sum_n g_n g_n^T with g_n = c dl_n/dtheta */
-    double c = cv_loss_scale(f.m.loss, f.m.reduction, N, cv_model_output_dim(&f.m));
-    double *EF = calloc(D * D, sizeof(double));
-    for (size_t n = 0; n < N; n++)
-        for (size_t i = 0; i < D; i++)
-            for (size_t j = 0; j < D; j++)
-                EF[i + j * D] += Gs[n * D + i] * Gs[n * D + j] / c;
-    double *A = tu_dense(&f, CV_CURV_EF, &f.full);
-    double err = tu_relerr(A, EF, D * D, 1e-9);
-    ck_assert_msg(err < 1e-5, "EF vs per-sample outer products: %g", err);
-    free(Gs); free(g); free(sum); free(EF); free(A);
+    tu_check_per_sample_gradients(&f, "");
     tu_fx_free(&f);
 }
 END_TEST

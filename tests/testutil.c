@@ -150,6 +150,64 @@ void tu_oracle_lambda(const tu_fixture *f, const float *h, int n, double *Lam)
                                                      : c * (a == b) * p[a] * (1 - p[a]);
 }
 
+double *tu_fd_ggn(const tu_fixture *f, double eps)
+{
+    size_t D = f->full.dim, N = f->d.n;
+    int C = cv_model_output_dim(&f->m);
+    double *J = tu_fd_jacobian(f, eps);
+    double *G = calloc(D * D, sizeof(double)), *LJ = malloc(sizeof(double) * C * D);
+    double *Lam = malloc(sizeof(double) * C * C);
+    for (size_t n = 0; n < N; n++) {
+        const double *Jn = J + n * C * D;
+        tu_oracle_lambda(f, cv_curv_outputs(f->c), (int)n, Lam);
+        for (int a = 0; a < C; a++)
+            for (size_t j = 0; j < D; j++) {
+                double s = 0;
+                for (int b = 0; b < C; b++)
+                    s += Lam[a * C + b] * Jn[b * D + j];
+                LJ[a * D + j] = s;
+            }
+        for (size_t i = 0; i < D; i++)
+            for (int a = 0; a < C; a++)
+                for (size_t j = 0; j < D; j++)
+                    G[i + j * D] += Jn[a * D + i] * LJ[a * D + j];
+    }
+    free(J);
+    free(LJ);
+    free(Lam);
+    return G;
+}
+
+void tu_check_per_sample_gradients(tu_fixture *f, const char *tag)
+{
+    size_t D = f->full.dim, N = f->d.n;
+    double *Gs = malloc(sizeof(double) * N * D), *g = malloc(sizeof(double) * D);
+    cv_err e;
+    ck_assert_int_eq(cv_curv_per_sample_gradients(f->c, &f->full, Gs, &e), 0);
+    ck_assert_int_eq(cv_curv_gradient(f->c, &f->full, g, &e), 0);
+    double *sum = calloc(D, sizeof(double));
+    for (size_t n = 0; n < N; n++)
+        for (size_t q = 0; q < D; q++)
+            sum[q] += Gs[n * D + q];
+    double err = tu_relerr(sum, g, D, 1e-6);
+    ck_assert_msg(err < 1e-5, "%sper-sample gradients sum: %g", tag, err);
+    /* EF = (1/c) sum_n g_n g_n^T with g_n = c dl_n/dtheta */
+    double c = cv_loss_scale(f->m.loss, f->m.reduction, N, cv_model_output_dim(&f->m));
+    double *EF = calloc(D * D, sizeof(double));
+    for (size_t n = 0; n < N; n++)
+        for (size_t i = 0; i < D; i++)
+            for (size_t j = 0; j < D; j++)
+                EF[i + j * D] += Gs[n * D + i] * Gs[n * D + j] / c;
+    double *A = tu_dense(f, CV_CURV_EF, &f->full);
+    err = tu_relerr(A, EF, D * D, 1e-9);
+    ck_assert_msg(err < 1e-5, "%sEF vs per-sample outer products: %g", tag, err);
+    free(Gs);
+    free(g);
+    free(sum);
+    free(EF);
+    free(A);
+}
+
 void tu_check_symmetric_psd(tu_fixture *f, const char *tag)
 {
     size_t D = f->full.dim;

@@ -224,6 +224,16 @@ double *tu_fd_jacobian(const tu_fixture *f, double eps);
  * from the outputs h (N x C) with f's loss, reduction and batch size. */
 void tu_oracle_lambda(const tu_fixture *f, const float *h, int n, double *Lam);
 
+/* The GGN's oracle: sum_n J_n^T Lambda_n J_n (D x D, column-major, caller
+ * frees) with J from tu_fd_jacobian(f, eps) and Lambda_n from
+ * tu_oracle_lambda on f's outputs. */
+double *tu_fd_ggn(const tu_fixture *f, double eps);
+
+/* cv_curv_per_sample_gradients on the full block sum to the gradient, and
+ * the dense EF equals (1/c) sum_n g_n g_n^T (c the loss scale); both to 1e-5
+ * relative.  tag starts the failure messages. */
+void tu_check_per_sample_gradients(tu_fixture *f, const char *tag);
+
 /* Every curvature of f on the full block is non-zero and symmetric to 1e-5
  * of its largest entry; all but the Hessian are PSD (smallest eigenvalue >=
  * -1e-5 of the largest).  tag starts the failure messages. */
