@@ -47,7 +47,8 @@ double *tu_dense(tu_fixture *f, cv_curvature kind, const cv_block *b)
 
 /* ---- finite differences ----------------------------------------------------- */
 
-void tu_grad_at(const tu_fixture *f, const double *step, double *g)
+/* Gradient (full block) of f's loss at theta + step. */
+static void grad_at(const tu_fixture *f, const double *step, double *g)
 {
     cv_model t;
     ck_assert_int_eq(cv_model_clone(&f->m, &t), 0);
@@ -61,7 +62,8 @@ void tu_grad_at(const tu_fixture *f, const double *step, double *g)
     cv_model_free(&t);
 }
 
-void tu_fd_gradient(const tu_fixture *f, double eps, double *fd)
+/* fd[q] ~ dL/dtheta_q */
+static void fd_gradient(const tu_fixture *f, double eps, double *fd)
 {
     size_t D = f->full.dim;
     double *step = calloc(D, sizeof(double));
@@ -79,17 +81,18 @@ void tu_fd_gradient(const tu_fixture *f, double eps, double *fd)
     free(step);
 }
 
-void tu_fd_hessian_vec(const tu_fixture *f, const double *v, double eps, double *fd)
+/* fd ~ H v */
+static void fd_hessian_vec(const tu_fixture *f, const double *v, double eps, double *fd)
 {
     size_t D = f->full.dim;
     double *gp = malloc(sizeof(double) * D), *gm = malloc(sizeof(double) * D);
     double *s = calloc(D, sizeof(double));
     for (size_t q = 0; q < D; q++)
         s[q] = eps * v[q];
-    tu_grad_at(f, s, gp);
+    grad_at(f, s, gp);
     for (size_t q = 0; q < D; q++)
         s[q] = -eps * v[q];
-    tu_grad_at(f, s, gm);
+    grad_at(f, s, gm);
     for (size_t q = 0; q < D; q++)
         fd[q] = (gp[q] - gm[q]) / (2 * eps);
     free(gp);
@@ -97,7 +100,8 @@ void tu_fd_hessian_vec(const tu_fixture *f, const double *v, double eps, double 
     free(s);
 }
 
-double *tu_fd_jacobian(const tu_fixture *f, double eps)
+/* J[n][c][q] (N x C x D): the outputs' derivatives. */
+static double *fd_jacobian(const tu_fixture *f, double eps)
 {
     size_t D = f->full.dim, N = f->d.n;
     int C = cv_model_output_dim(&f->m);
@@ -127,7 +131,9 @@ double *tu_fd_jacobian(const tu_fixture *f, double eps)
 
 /* ---- dense references -------------------------------------------------------- */
 
-void tu_oracle_lambda(const tu_fixture *f, const float *h, int n, double *Lam)
+/* Lambda_n = d^2 L_n / dh^2 (C x C, C <= 16) of sample n from the outputs h
+ * (N x C), in double. */
+static void oracle_lambda(const tu_fixture *f, const float *h, int n, double *Lam)
 {
     int C = cv_model_output_dim(&f->m);
     double c = cv_loss_scale(f->m.loss, f->m.reduction, f->d.n, C);
@@ -150,16 +156,17 @@ void tu_oracle_lambda(const tu_fixture *f, const float *h, int n, double *Lam)
                                                      : c * (a == b) * p[a] * (1 - p[a]);
 }
 
-double *tu_fd_ggn(const tu_fixture *f, double eps)
+/* sum_n J_n^T Lambda_n J_n (D x D, column-major). */
+static double *fd_ggn(const tu_fixture *f, double eps)
 {
     size_t D = f->full.dim, N = f->d.n;
     int C = cv_model_output_dim(&f->m);
-    double *J = tu_fd_jacobian(f, eps);
+    double *J = fd_jacobian(f, eps);
     double *G = calloc(D * D, sizeof(double)), *LJ = malloc(sizeof(double) * C * D);
     double *Lam = malloc(sizeof(double) * C * C);
     for (size_t n = 0; n < N; n++) {
         const double *Jn = J + n * C * D;
-        tu_oracle_lambda(f, cv_curv_outputs(f->c), (int)n, Lam);
+        oracle_lambda(f, cv_curv_outputs(f->c), (int)n, Lam);
         for (int a = 0; a < C; a++)
             for (size_t j = 0; j < D; j++) {
                 double s = 0;
@@ -176,6 +183,52 @@ double *tu_fd_ggn(const tu_fixture *f, double eps)
     free(LJ);
     free(Lam);
     return G;
+}
+
+/* ---- the checks ------------------------------------------------------------- */
+
+double tu_gradient_fd_relerr(tu_fixture *f, double eps)
+{
+    size_t D = f->full.dim;
+    double *g = malloc(sizeof(double) * D), *fd = malloc(sizeof(double) * D);
+    cv_err e;
+    ck_assert_int_eq(cv_curv_gradient(f->c, &f->full, g, &e), 0);
+    fd_gradient(f, eps, fd);
+    double err = tu_relerr(g, fd, D, 1e-3);
+    free(g);
+    free(fd);
+    return err;
+}
+
+double tu_hessian_fd_relerr(tu_fixture *f, uint64_t seed, double eps)
+{
+    size_t D = f->full.dim;
+    double *v = malloc(sizeof(double) * D), *hv = malloc(sizeof(double) * D);
+    double *fd = malloc(sizeof(double) * D);
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    cv_rng_gaussian(&r, v, D);
+    double nv = tu_norm(v, D);
+    for (size_t q = 0; q < D; q++)
+        v[q] /= nv;
+    cv_err e;
+    ck_assert_int_eq(cv_curv_matvec(f->c, CV_CURV_HESSIAN, &f->full, 1, v, hv, &e), 0);
+    fd_hessian_vec(f, v, eps, fd);
+    double err = tu_relerr(hv, fd, D, 1e-3);
+    free(v);
+    free(hv);
+    free(fd);
+    return err;
+}
+
+double tu_ggn_fd_relerr(tu_fixture *f, double eps)
+{
+    size_t D = f->full.dim;
+    double *G = fd_ggn(f, eps), *A = tu_dense(f, CV_CURV_GGN, &f->full);
+    double err = tu_relerr(A, G, D * D, 1e-6);
+    free(G);
+    free(A);
+    return err;
 }
 
 void tu_check_per_sample_gradients(tu_fixture *f, const char *tag)
@@ -231,16 +284,6 @@ void tu_check_symmetric_psd(tu_fixture *f, const char *tag)
         }
         free(A);
     }
-}
-
-void tu_unit_random(double *v, size_t D, uint64_t seed)
-{
-    cv_rng r;
-    cv_rng_seed(&r, seed);
-    cv_rng_gaussian(&r, v, D);
-    double nv = tu_norm(v, D);
-    for (size_t q = 0; q < D; q++)
-        v[q] /= nv;
 }
 
 /* ---- JSON results ------------------------------------------------------------ */

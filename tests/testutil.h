@@ -204,30 +204,24 @@ void tu_fx_free(tu_fixture *f);
  * caller frees). */
 double *tu_dense(tu_fixture *f, cv_curvature kind, const cv_block *b);
 
-/* Gradient (full block) of f's loss at theta + step, from a fresh cv_curv on
- * a perturbed clone of the model. */
-void tu_grad_at(const tu_fixture *f, const double *step, double *g);
+/* Independent oracles on f's full block; each returns the relative error
+ * ||got - oracle|| / max(||oracle||, floor) for the caller to assert on.
+ * Central differences of step eps throughout: the loss by cv_curv_loss_at,
+ * gradients and outputs from a fresh cv_curv on a perturbed clone of the
+ * model. */
 
-/* Central differences of f's loss along each coordinate (full block), step
- * eps: fd[q] ~ dL/dtheta_q. */
-void tu_fd_gradient(const tu_fixture *f, double eps, double *fd);
+/* cv_curv_gradient vs differences of the loss along every coordinate
+ * (floor 1e-3). */
+double tu_gradient_fd_relerr(tu_fixture *f, double eps);
 
-/* Central differences of the gradient along v (full block), step eps:
- * fd ~ H v. */
-void tu_fd_hessian_vec(const tu_fixture *f, const double *v, double eps, double *fd);
+/* H v (cv_curv_matvec, Hessian) vs differences of the gradient along v, a
+ * random unit vector drawn with `seed` (floor 1e-3). */
+double tu_hessian_fd_relerr(tu_fixture *f, uint64_t seed, double eps);
 
-/* J[n][c][q] (N x C x D, caller frees): the network outputs' derivatives by
- * central differences of the parameters (full block), step eps. */
-double *tu_fd_jacobian(const tu_fixture *f, double eps);
-
-/* Lambda_n = d^2 L_n / dh^2 (C x C, C <= 16) of sample n, computed in double
- * from the outputs h (N x C) with f's loss, reduction and batch size. */
-void tu_oracle_lambda(const tu_fixture *f, const float *h, int n, double *Lam);
-
-/* The GGN's oracle: sum_n J_n^T Lambda_n J_n (D x D, column-major, caller
- * frees) with J from tu_fd_jacobian(f, eps) and Lambda_n from
- * tu_oracle_lambda on f's outputs. */
-double *tu_fd_ggn(const tu_fixture *f, double eps);
+/* The dense GGN vs sum_n J_n^T Lambda_n J_n, J by differences of the network
+ * outputs and Lambda_n = d^2 L_n / dh^2 in double from f's outputs, loss,
+ * reduction and batch size (floor 1e-6). */
+double tu_ggn_fd_relerr(tu_fixture *f, double eps);
 
 /* cv_curv_per_sample_gradients on the full block sum to the gradient, and
  * the dense EF equals (1/c) sum_n g_n g_n^T (c the loss scale); both to 1e-5
@@ -238,9 +232,6 @@ void tu_check_per_sample_gradients(tu_fixture *f, const char *tag);
  * of its largest entry; all but the Hessian are PSD (smallest eigenvalue >=
  * -1e-5 of the largest).  tag starts the failure messages. */
 void tu_check_symmetric_psd(tu_fixture *f, const char *tag);
-
-/* A random unit vector of length D (Gaussian, seed). */
-void tu_unit_random(double *v, size_t D, uint64_t seed);
 
 /* The number o[k]; fails the test when it is missing or not a number. */
 double tu_num(const cJSON *o, const char *k);
