@@ -36,9 +36,10 @@ $(B)/libcurvd.a: $(LIB_OBJ)
 $(B)/curvd: $(B)/server/main.o $(B)/libcurvd.a
 	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
 
-$(B)/tests/%: tests/%.c tests/testutil.h $(B)/libcurvd.a $(HDRS)
+# Every test binary links the shared runner and oracles (tests/testutil.c).
+$(TEST_BIN): $(B)/tests/%: tests/%.c $(B)/tests/testutil.o $(B)/libcurvd.a $(HDRS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(B)/libcurvd.a $(CHECKLIBS) $(LDLIBS)
+	$(CC) $(CFLAGS) -o $@ $< $(B)/tests/testutil.o $(B)/libcurvd.a $(CHECKLIBS) $(LDLIBS)
 
 # server/demo.c embeds scikit-learn's digits (python3-sklearn's data file),
 # converted at build time; an empty table (synthetic fallback) when absent.
@@ -69,8 +70,8 @@ unit-portable:
 	@echo "== $(B)/portable/tests/test_cnn"; CK_DEFAULT_TIMEOUT=600 $(B)/portable/tests/test_cnn
 
 e2e: $(B)/curvd $(B)/bench_ops
-	@set -e; for t in tests/e2e_*.sh; do [ -e "$$t" ] || continue; echo "== $$t"; sh $$t $(B)/curvd; done
-	@set -e; for t in tests/e2e_*.py; do [ -e "$$t" ] || continue; echo "== $$t"; $(PY) $$t $(B)/curvd; done
+	@set -e; for t in $(filter-out tests/e2e_lib.sh,$(wildcard tests/e2e_*.sh)); do echo "== $$t"; sh $$t $(B)/curvd; done
+	@set -e; for t in $(filter-out tests/e2e_lib.py,$(wildcard tests/e2e_*.py)); do echo "== $$t"; $(PY) $$t $(B)/curvd; done
 
 test:
 	@scripts/deps.sh test

@@ -19,7 +19,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,32 +34,9 @@ from curvd_client.torch_export import (UnsupportedModuleError, export_architectu
                                        export_dataset, export_model, state_dict_bytes,
                                        write_files)
 
-CURVD = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "build/curvd")
-PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-RESULTS = {"passed": 0, "failed": 0}
-VERBOSE = os.environ.get("VERBOSE") == "1"
-
-
-def check(name, ok, detail=""):
-    RESULTS["passed" if ok else "failed"] += 1
-    if not ok or VERBOSE:
-        print("ok  " if ok else "FAIL", name, detail if not ok else "")
-    return ok
-
-
-def skip(name, why):
-    """A check that cannot run here: a failure unless CURVD_ALLOW_SKIP=1 (CI installs
-    every tool, so a skip there would hide a missing check)."""
-    if os.environ.get("CURVD_ALLOW_SKIP") == "1":
-        print("note: %s skipped (CURVD_ALLOW_SKIP=1): %s" % (name, why))
-        return
-    check(name, False, why + " (set CURVD_ALLOW_SKIP=1 to skip)")
-
-
-def rel(a, b):
-    a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
-    b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
-    return float((a - b).norm() / max(float(b.norm()), 1e-12))
+from e2e_lib import (CURVD, PY, RESULTS, VERBOSE, Daemon, check, for_url,  # noqa: E402
+                     readme_block, skip)
+from torchref import rel  # noqa: E402
 
 
 def raises(fn, exc=CurvdError):
@@ -71,48 +47,6 @@ def raises(fn, exc=CurvdError):
     except Exception as e:  # the wrong kind
         return RuntimeError("raised %r instead of %s" % (e, exc.__name__))
     return None
-
-
-class Daemon:
-    """curvd serve on a free loopback port; stderr drained by a thread."""
-
-    def __init__(self, *args):
-        self.p = subprocess.Popen([CURVD, "serve", "--port", "0", "--bind", "127.0.0.1"] + list(args),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.log = []
-        self.url = None
-        ready = threading.Event()
-
-        def drain():
-            for line in self.p.stderr:
-                self.log.append(line)
-                m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-                if m:
-                    self.url = m.group(1)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        ready.wait(20)
-        if not self.url:
-            self.stop()
-            raise SystemExit("curvd did not start: %s" % "".join(self.log)[-2000:])
-
-    def stop(self):
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait(10)
-
-
-def readme_block(name, readme="README.md"):
-    """The fenced block after <!-- test: name --> in the top-level README.md (or readme)."""
-    text = open(os.path.join(ROOT, readme), encoding="utf-8").read()
-    m = re.search(r"<!-- test: %s -->\s*\n```[a-z]*\n(.*?)\n```" % re.escape(name), text, re.S)
-    return m.group(1) if m else None
-
-
-def for_url(code, url):
-    return code.replace("http://127.0.0.1:8080", url).replace("localhost:8080", url[len("http://"):])
 
 
 def mlp(act=nn.Tanh, din=6, h=8, c=3, seed=0):

@@ -13,26 +13,8 @@
 # Bounded; ends with "N passed, M failed".
 # VERBOSE=1 lists passing checks; E2E_KEEP=1 keeps the temporary directory.
 set -u
-CURVD=${1:-build/curvd}
-case "$CURVD" in /*) ;; *) CURVD="$(pwd)/$CURVD" ;; esac
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
-T=$(mktemp -d "${TMPDIR:-/tmp}/curvd-curvctl.XXXXXX")
-PASS=0
-FAIL=0
-DPID=""
-cleanup() {
-  [ -n "$DPID" ] && kill -9 "$DPID" 2>/dev/null
-  if [ -n "${E2E_KEEP:-}" ]; then echo "kept $T" >&2; else rm -rf "$T"; fi
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
+. "$(dirname "$0")/e2e_lib.sh"
 
-ok() { PASS=$((PASS + 1)); [ -z "${VERBOSE:-}" ] || echo "ok: $1" >&2; }
-bad() { FAIL=$((FAIL + 1)); echo "FAIL: $*" >&2; }
-# check NAME CMD...: passes if CMD succeeds
-check() { n=$1; shift; if "$@"; then ok "$n"; else bad "$n"; fi; }
 # run NAME EXPECTED_RC CMD...: runs CMD (stdout -> $T/out, stderr -> $T/err), checks its exit status
 run() {
   n=$1; want=$2; shift 2
@@ -45,41 +27,14 @@ run() {
 has() { grep -q -e "$2" "$1"; }                 # has FILE REGEX
 out_has() { n=$1; shift; if grep -q -e "$1" "$T/out"; then ok "$n"; else bad "$n: no /$1/ in stdout: $(head -c 600 "$T/out")"; fi; }
 err_has() { n=$1; shift; if grep -q -e "$1" "$T/err"; then ok "$n"; else bad "$n: no /$1/ in stderr: $(head -c 600 "$T/err")"; fi; }
-jtrue() {  # jtrue FILE PYTHON-EXPR over d
-  "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if eval(sys.argv[2]) else 1)' "$1" "$2" 2>/dev/null
-}
 
 # ---- daemon -------------------------------------------------------------------
-"$CURVD" serve --port 0 --bind 127.0.0.1 2> "$T/daemon.log" &
-DPID=$!
-i=0
-PORT=""
-while [ $i -lt 200 ] && [ -z "$PORT" ]; do
-  PORT=$(sed -n 's/^curvd: listening on http:\/\/127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$T/daemon.log")
-  kill -0 "$DPID" 2>/dev/null || break
-  [ -n "$PORT" ] || sleep 0.1
-  i=$((i + 1))
-done
-if [ -z "$PORT" ]; then
-  echo "FAIL: daemon did not start: $(cat "$T/daemon.log")" >&2
-  echo "0 passed, 1 failed"
-  exit 1
-fi
-URL="http://127.0.0.1:$PORT"
+e2e_start_or_finish "$T/daemon.log" --bind 127.0.0.1
+URL=$BASE
 export CURVD_URL="$URL"
 mkdir -p "$T/w"
 ln -s "$ROOT/clients" "$T/w/clients"
 C="$ROOT/clients/curvctl"
-
-# readme_block NAME: the fenced block after <!-- test: NAME --> in README.md, URL replaced
-readme_block() {
-  awk -v tag="<!-- test: $1 -->" '
-    $0 == tag { s = 1; next }
-    s == 1 && /^```/ { s = 2; next }
-    s == 2 && /^```/ { exit }
-    s == 2 { print }' "$ROOT/README.md" \
-  | sed "s#http://127.0.0.1:8080#$URL#g; s#localhost:8080#127.0.0.1:$PORT#g"
-}
 
 # Files for the registration tests: the README's PyTorch example writes them.
 readme_block python-torch > "$T/torch_example.py"
@@ -284,6 +239,5 @@ else
   bad "README curvctl block missing"
 fi
 
-kill -0 "$DPID" 2>/dev/null && ok "daemon alive" || bad "daemon died: $(tail -5 "$T/daemon.log")"
-echo "$PASS passed, $FAIL failed"
-[ "$FAIL" = 0 ]
+e2e_check_alive "$T/daemon.log"
+finish

@@ -16,37 +16,10 @@
 # cannot be installed is the browser part skipped, with a message saying so.
 # $CHROMIUM overrides /usr/bin/chromium.  Ends with "N passed, M failed".
 set -u
-CURVD=${1:-build/curvd}
-case "$CURVD" in /*) ;; *) CURVD="$(pwd)/$CURVD" ;; esac
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-T=$(mktemp -d "${TMPDIR:-/tmp}/curvd-dash.XXXXXX")
-PASS=0
-FAIL=0
-DPID=""
-cleanup() {
-  [ -n "$DPID" ] && kill -9 "$DPID" 2>/dev/null
-  if [ -n "${E2E_KEEP:-}" ]; then echo "kept $T" >&2; else rm -rf "$T"; fi
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-ok() { PASS=$((PASS + 1)); [ -z "${VERBOSE:-}" ] || echo "ok: $1" >&2; }
-bad() { FAIL=$((FAIL + 1)); echo "FAIL: $*" >&2; }
-check() { n=$1; shift; if "$@"; then ok "$n"; else bad "$n"; fi; }
-finish() { echo "$PASS passed, $FAIL failed"; [ "$FAIL" = 0 ]; exit $?; }
+. "$(dirname "$0")/e2e_lib.sh"
 
 # ---- daemon ---------------------------------------------------------------------
-"$CURVD" serve --port 0 --bind 127.0.0.1 2> "$T/daemon.log" &
-DPID=$!
-i=0
-PORT=""
-while [ $i -lt 200 ] && [ -z "$PORT" ]; do
-  PORT=$(sed -n 's/^curvd: listening on http:\/\/127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$T/daemon.log")
-  kill -0 "$DPID" 2>/dev/null || break
-  [ -n "$PORT" ] || sleep 0.1
-  i=$((i + 1))
-done
-if [ -z "$PORT" ]; then bad "daemon did not start: $(cat "$T/daemon.log")"; finish; fi
-BASE="http://127.0.0.1:$PORT"
+e2e_start_or_finish "$T/daemon.log" --bind 127.0.0.1
 
 # ---- the static routes (curl) ----------------------------------------------------------
 # get METHOD PATH: status -> stdout, body -> $T/body, headers -> $T/hdr
@@ -75,9 +48,7 @@ check "405 Allow: GET" [ "$(hdr allow)" = GET ]
 check "no traversal out of the embedded files" [ "$(get GET /dashboard/..%2Fhttp.c)" = 404 ]
 
 # the README's dashboard block, as written (URL replaced)
-awk '$0 == "<!-- test: dashboard -->" { s = 1; next } s == 1 && /^```/ { s = 2; next }
-     s == 2 && /^```/ { exit } s == 2 { print }' "$ROOT/README.md" \
-  | sed "s#http://127.0.0.1:8080#$BASE#g" > "$T/readme.sh"
+readme_block dashboard > "$T/readme.sh"
 if [ -s "$T/readme.sh" ] && [ "$(sh -e "$T/readme.sh" 2>&1)" = 1 ]; then ok "README dashboard block"; else
   bad "README dashboard block: $(cat "$T/readme.sh")"
 fi
@@ -149,5 +120,5 @@ else
   bad "browser test crashed (exit $rc): $(tail -c 1500 "$T/node.out")"
 fi
 check "screenshot build/dashboard.png is a PNG" sh -c "head -c 8 '$SHOT' | od -An -c | grep -q 'P   N   G'"
-kill -0 "$DPID" 2>/dev/null && ok "daemon alive" || bad "daemon died: $(tail -5 "$T/daemon.log")"
+e2e_check_alive "$T/daemon.log"
 finish

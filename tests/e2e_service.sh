@@ -9,30 +9,7 @@
 # Every loop is bounded; the daemons are killed on exit.  VERBOSE=1 lists
 # every check that passes; E2E_KEEP=1 keeps the temporary directory (logs).
 set -u
-CURVD=${1:-build/curvd}
-case "$CURVD" in /*) ;; *) CURVD="$(pwd)/$CURVD" ;; esac
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-T=$(mktemp -d "${TMPDIR:-/tmp}/curvd-e2e.XXXXXX")
-PASS=0
-FAIL=0
-PIDS=""
-
-cleanup() {
-  for p in $PIDS; do kill -9 "$p" 2>/dev/null; done
-  if [ -n "${E2E_KEEP:-}" ]; then echo "kept $T" >&2; else rm -rf "$T"; fi
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-
-ok() { PASS=$((PASS + 1)); [ -z "${VERBOSE:-}" ] || echo "ok: ${name:-}" >&2; }
-bad() { FAIL=$((FAIL + 1)); echo "FAIL: $*" >&2; }
-# check NAME CMD...: passes if CMD succeeds
-check() {
-  name=$1; shift
-  if "$@"; then ok; else bad "$name"; fi
-}
+. "$(dirname "$0")/e2e_lib.sh"
 
 # ---- helpers ---------------------------------------------------------------
 
@@ -50,8 +27,6 @@ except Exception as e:
 print(json.dumps(v) if not isinstance(v, str) else v)
 EOF
 jq() { "$PY" "$T/jq.py" "$@"; }
-# jtrue FILE EXPR: expression is true
-jtrue() { [ "$(jq "$1" "bool($2)")" = "true" ]; }
 
 # Compares the result of a job status document with a `curvd run` output
 # (all fields except timings; numbers to a relative 1e-9).
@@ -172,39 +147,10 @@ expect_err() {
   name=$1; st=$2; code=$3; shift 3
   got=$(req "$@")
   if [ "$got" = "$st" ] && jtrue "$T/body" "d['error']['code'] == '$code' and isinstance(d['error']['message'], str) and len(d['error']['message']) > 0 and isinstance(d['error']['field'], str)"; then
-    ok
+    ok "$name"
   else
     bad "$name: expected $st/$code, got $got $(head -c 300 "$T/body")"
   fi
-}
-
-# start_daemon LOG ARGS...: sets DPID, DPORT, BASE
-start_daemon() {
-  log=$1; shift
-  "$CURVD" serve --port 0 "$@" 2>"$log" &
-  DPID=$!
-  PIDS="$PIDS $DPID"
-  DPORT=""
-  i=0
-  while [ $i -lt 100 ]; do
-    DPORT=$(sed -n 's/^curvd: listening on http:\/\/127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$log")
-    [ -n "$DPORT" ] && break
-    kill -0 "$DPID" 2>/dev/null || break
-    sleep 0.1
-    i=$((i + 1))
-  done
-  BASE="http://127.0.0.1:$DPORT"
-  [ -n "$DPORT" ]
-}
-
-# wait_exit PID SECONDS: waits for the daemon to exit; sets RC (124 if not)
-wait_exit() {
-  i=0
-  n=$(($2 * 10))
-  while [ $i -lt $n ] && kill -0 "$1" 2>/dev/null; do sleep 0.1; i=$((i + 1)); done
-  if kill -0 "$1" 2>/dev/null; then RC=124; return; fi
-  wait "$1"
-  RC=$?
 }
 
 # poll_status ID WANT SECONDS: polls GET /v1/jobs/ID until its status is in
@@ -277,10 +223,10 @@ EOF
 if ! "$PY" "$T/gen.py" "$T"; then echo "cannot generate test files" >&2; echo "0 passed, 1 failed"; exit 1; fi
 
 # ---- daemon A: demo + defaults ---------------------------------------------
-check "daemon starts on a free port" start_daemon "$T/a.log" --workers 2 --keep-jobs 120 --shutdown-grace 1
+check "daemon starts on a free port" e2e_start "$T/a.log" --workers 2 --keep-jobs 120 --shutdown-grace 1
 APID=$DPID
 A=$BASE
-if [ -z "$DPORT" ]; then cat "$T/a.log" >&2; echo "$PASS passed, $((FAIL + 1)) failed"; exit 1; fi
+if [ -z "$DPORT" ]; then cat "$T/a.log" >&2; finish; fi
 
 check "demo training logged" grep -q "demo: model demo-mlp .* loss .* -> " "$T/a.log"
 check "health 200" [ "$(req GET /v1/health)" = 200 ]
@@ -312,7 +258,7 @@ for line in open(sys.argv[1]):
 print("\n".join(sorted(out)))
 EOF
 name="routes == api/openapi.yaml paths"
-if diff "$T/routes" "$T/spec_routes" > "$T/routes.diff"; then ok; else bad "routes and api/openapi.yaml differ: $(cat "$T/routes.diff")"; fi
+if diff "$T/routes" "$T/spec_routes" > "$T/routes.diff"; then ok "$name"; else bad "routes and api/openapi.yaml differ: $(cat "$T/routes.diff")"; fi
 check "route table not empty" [ "$(wc -l < "$T/routes")" -ge 19 ]
 
 # ---- registration ---------------------------------------------------------
@@ -368,7 +314,7 @@ for op in $(cat "$T/ops"); do
     loss|gradient|matvec|dense|per_sample_gradients|trace|diag|eigen|density|solve|newton|snr)
       name="op $op over HTTP"
       if [ "$st" = 200 ] && jtrue "$T/res_$op.json" "d['status'] == 'succeeded' and d['result']['op'] == '$op' and d['model_version'] == 2"; then
-        ok
+        ok "$name"
       else
         bad "op $op over HTTP: $st $(head -c 300 "$T/res_$op.json")"; continue
       fi
@@ -381,7 +327,7 @@ for op in $(cat "$T/ops"); do
     *) # ops added later (and not compared yet): they must succeed with default options
       name="op $op succeeds over HTTP"
       if [ "$st" = 200 ] && jtrue "$T/res_$op.json" "d['status'] == 'succeeded' and d['result']['op'] == '$op'"; then
-        ok
+        ok "$name"
       else
         bad "op $op over HTTP: $st $(head -c 300 "$T/res_$op.json")"
       fi ;;
@@ -638,7 +584,7 @@ assert v['curvd_jobs{status=\"succeeded\"}'] >= 60
 "
 
 # ---- daemon B: tiny queue, job time limit, body and registry limits ---------
-check "daemon B starts" start_daemon "$T/b.log" --workers 1 --max-queue 1 --job-timeout 3 --max-job-bytes 4096 \
+check "daemon B starts" e2e_start "$T/b.log" --workers 1 --max-queue 1 --job-timeout 3 --max-job-bytes 4096 \
   --max-body 200000 --max-registry-bytes 1500000 --shutdown-grace 10
 BPID=$DPID
 req POST /v1/jobs -d "$LONG" > /dev/null
@@ -698,7 +644,7 @@ sleep 0.5
 expect_err "B: draining refuses jobs 503" 503 shutting_down POST /v1/jobs -d '{"op":"loss","model":"demo-mlp","dataset":"digits"}'
 check "B: health says draining" sh -c "[ \"\$(curl -s -o '$T/h.json' -w '%{http_code}' '$BASE/v1/health')\" = 503 ] && grep -q draining '$T/h.json'"
 check "B: status still readable while draining" [ "$(req GET "/v1/jobs/$J4")" = 200 ]
-wait_exit "$BPID" 20
+e2e_wait_exit "$BPID" 20
 check "B: SIGTERM exits 0 (rc $RC)" [ "$RC" = 0 ]
 check "B: shutdown logged" grep -q "curvd: stopped" "$T/b.log"
 
@@ -711,7 +657,7 @@ req GET /v1/datasets/d1 > /dev/null
 DB=$(jq "$T/body" "d['bytes']")
 # room for 2 models + the dataset + half a model: a third model copy does not fit
 CBUDGET=$((2 * MB + DB + MB / 2))
-check "daemon C starts" start_daemon "$T/c.log" --no-demo --workers 1 --max-wait 0 --max-kept-bytes 400000 \
+check "daemon C starts" e2e_start "$T/c.log" --no-demo --workers 1 --max-wait 0 --max-kept-bytes 400000 \
   --max-registry-bytes "$CBUDGET" --shutdown-grace 60 --model "m=$T/arch.json:$T/params1.safetensors" \
   --dataset "d=$T/data.safetensors"
 CPID=$DPID
@@ -780,7 +726,7 @@ kill -TERM "$CPID"
 sleep 0.3
 st=$(req GET "/v1/jobs/$CQ")
 check "C: queued job cancelled at shutdown (shutting_down)" sh -c "[ '$st' = 200 ] && '$PY' '$T/jq.py' '$T/body' \"d['status'] == 'cancelled' and d['error']['code'] == 'shutting_down' and d['started_at'] is None\" | grep -qx true"
-wait_exit "$CPID" 90
+e2e_wait_exit "$CPID" 90
 check "C: SIGTERM exits 0 (rc $RC)" [ "$RC" = 0 ]
 check "C: running job finished during the grace period (log)" grep -q "draining: running job $CR (trace) ended succeeded" "$T/c.log"
 check "C: drain log counts the cancelled queued job" grep -q "draining: 1 queued job cancelled (shutting_down), 1 running" "$T/c.log"
@@ -793,9 +739,8 @@ req POST /v1/jobs -d "$LONG" > /dev/null
 J5=$(jq "$T/body" "d['id']")
 poll_status "$J5" "running" 30 || true
 kill -TERM "$APID"
-wait_exit "$APID" 30
+e2e_wait_exit "$APID" 30
 check "A: SIGTERM with a running job exits 0 (rc $RC)" [ "$RC" = 0 ]
 check "A: running job cancelled at shutdown" grep -q "cancelling 1 running job" "$T/a.log"
 
-echo "$PASS passed, $FAIL failed"
-[ "$FAIL" = 0 ]
+finish

@@ -15,30 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchref as tr  # noqa: E402
-from torchref import check, rel  # noqa: E402
-
-CURVD = sys.argv[1] if len(sys.argv) > 1 else "build/curvd"
-
-
-
-
-def make_case(acts, loss, n=12, din=5, hidden=(7, 6), C=3, seed=0):
-    torch.manual_seed(seed)
-    layers, cur = [], din
-    for h in hidden:
-        layers += [torch.nn.Linear(cur, h), acts()]
-        cur = h
-    layers.append(torch.nn.Linear(cur, C))
-    model = torch.nn.Sequential(*layers)
-    x = torch.randn(n, din)
-    name = type(loss).__name__
-    if name == "CrossEntropyLoss":
-        y = torch.randint(0, C, (n,))
-    elif name == "BCEWithLogitsLoss":
-        y = torch.rand(n, C)
-    else:
-        y = torch.randn(n, C)
-    return model, x, y
+from e2e_lib import CURVD, check, summary  # noqa: E402
+from torchref import make_mlp_case as make_case, rel  # noqa: E402
 
 
 def double_model(model):
@@ -246,7 +224,7 @@ def main():
             if i == 0:
                 check_errors(d)
                 check_determinism(d)
-    return tr.summary()
+    return summary()
 
 
 if __name__ == "__main__":

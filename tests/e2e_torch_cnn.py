@@ -40,10 +40,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchref as tr  # noqa: E402
-from torchref import check, rel  # noqa: E402
+from e2e_lib import CURVD, VERBOSE, check, summary  # noqa: E402
+from torchref import close, rel  # noqa: E402
 
-CURVD = sys.argv[1] if len(sys.argv) > 1 else "build/curvd"
-VERBOSE = os.environ.get("VERBOSE") == "1"
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 # torch's note that padding='same' with even kernels copies the input
 warnings.filterwarnings("ignore", message=".*padding='same'.*")
@@ -452,10 +451,6 @@ def stats(v):
     return mean, var, (mean * mean / var if var > 0 else None)
 
 
-def close(a, b, rtol, atol=0.0):
-    return a is not None and b is not None and abs(a - b) <= rtol * abs(b) + atol
-
-
 def check_2c2d_block_exact(d, m64, loss_fn, x64, y, g, mask_of):
     """Every estimator on the block SB against exact torch values."""
     J, Lam, G, gs = block_refs(m64, x64, y, SB)
@@ -601,7 +596,7 @@ def main():
     check_2c2d(int(os.environ.get("CNN_WIDTH", "1")))
     t2 = time.time()
     print(f"small CNN {t1 - t0:.1f} s, 2c2d {t2 - t1:.1f} s")
-    return tr.summary()
+    return summary()
 
 
 if __name__ == "__main__":

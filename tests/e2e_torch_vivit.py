@@ -19,34 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchref as tr  # noqa: E402
-from torchref import check, rel  # noqa: E402
-
-CURVD = sys.argv[1] if len(sys.argv) > 1 else "build/curvd"
-
-
-
-
-def close(a, b, rtol, atol=0.0):
-    return a is not None and abs(a - b) <= rtol * abs(b) + atol
-
-
-def make_case(act, loss, n=12, din=5, hidden=(7, 6), C=3, seed=0):
-    torch.manual_seed(seed)
-    layers, cur = [], din
-    for h in hidden:
-        layers += [torch.nn.Linear(cur, h), act()]
-        cur = h
-    layers.append(torch.nn.Linear(cur, C))
-    model = torch.nn.Sequential(*layers)
-    x = torch.randn(n, din)
-    name = type(loss).__name__
-    if name == "CrossEntropyLoss":
-        y = torch.randint(0, C, (n,))
-    elif name == "BCEWithLogitsLoss":
-        y = torch.rand(n, C)
-    else:
-        y = torch.randn(n, C)
-    return model, x, y
+from e2e_lib import CURVD, check, summary  # noqa: E402
+from torchref import close, make_mlp_case as make_case, rel  # noqa: E402
 
 
 def to64(model, x, y):
@@ -404,7 +378,7 @@ def main():
                     check_errors(d, big)
     check_cnn()
     timing()
-    return tr.summary()
+    return summary()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@
 #include "engine/conv_direct.h"
 #include "engine/im2col.h"
 #include "engine/layer.h"
-#include "engine/loss.h"
 
 /* ---- building models in code ------------------------------------------------ */
 
@@ -155,13 +154,7 @@ static void cnn_model(cv_model *m, int C, int H, int W, const cv_layer *layers, 
 
 /* ---- the variants ------------------------------------------------------------ */
 
-typedef struct {
-    cv_model m;
-    cv_dataset d;
-    cv_curv *c;
-    cv_block full;
-    int kinks; /* ReLU / max pooling: finite differences may cross a kink */
-} fixture;
+typedef tu_fixture fixture;
 
 #define MAXL 16
 #define NVARIANTS 19
@@ -296,47 +289,7 @@ static void make_variant(fixture *f, int i)
     cv_block_full(&f->m, &f->full);
 }
 
-static void fx_free(fixture *f)
-{
-    cv_curv_free(f->c);
-    cv_model_free(&f->m);
-    tu_data_free(&f->d);
-}
-
 static double fd_tol(const fixture *f, double smooth) { return f->kinks ? 2e-2 : smooth; }
-
-static void grad_at(const fixture *f, const double *step, double *g)
-{
-    cv_model t;
-    ck_assert_int_eq(cv_model_clone(&f->m, &t), 0);
-    for (size_t i = 0; i < t.nparams_total; i++)
-        t.params[i] += (float)step[i];
-    cv_err e;
-    cv_curv *c = cv_curv_new(&t, &f->d, NULL, &e);
-    ck_assert_ptr_nonnull(c);
-    ck_assert_int_eq(cv_curv_gradient(c, &f->full, g, &e), 0);
-    cv_curv_free(c);
-    cv_model_free(&t);
-}
-
-static double *dense(fixture *f, cv_curvature kind)
-{
-    size_t D = f->full.dim;
-    double *A = malloc(sizeof(double) * D * D);
-    cv_err e;
-    ck_assert_int_eq(cv_curv_dense(f->c, kind, &f->full, 4096, A, &e), 0);
-    return A;
-}
-
-static void unit_random(double *v, size_t D, uint64_t seed)
-{
-    cv_rng r;
-    cv_rng_seed(&r, seed);
-    cv_rng_gaussian(&r, v, D);
-    double nv = tu_norm(v, D);
-    for (size_t q = 0; q < D; q++)
-        v[q] /= nv;
-}
 
 /* ---- finite differences ---------------------------------------------------- */
 
@@ -344,28 +297,9 @@ START_TEST(gradient_matches_finite_differences)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim;
-    double *g = malloc(sizeof(double) * D), *fd = malloc(sizeof(double) * D);
-    double *step = calloc(D, sizeof(double));
-    cv_err e;
-    ck_assert_int_eq(cv_curv_gradient(f.c, &f.full, g, &e), 0);
-    const double eps = 3e-3;
-    for (size_t q = 0; q < D; q++) {
-        step[q] = eps;
-        double lp;
-        ck_assert_int_eq(cv_curv_loss_at(f.c, &f.full, step, &lp, &e), 0);
-        step[q] = -eps;
-        double lm;
-        ck_assert_int_eq(cv_curv_loss_at(f.c, &f.full, step, &lm, &e), 0);
-        step[q] = 0;
-        fd[q] = (lp - lm) / (2 * eps);
-    }
-    double err = tu_relerr(g, fd, D, 1e-3);
+    double err = tu_gradient_fd_relerr(&f, 3e-3);
     ck_assert_msg(err < fd_tol(&f, 3e-3), "variant %d: gradient vs FD rel err %g", _i, err);
-    free(g);
-    free(fd);
-    free(step);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -373,110 +307,19 @@ START_TEST(hessian_matches_fd_of_gradient)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim;
-    double *v = malloc(sizeof(double) * D), *hv = malloc(sizeof(double) * D);
-    double *gp = malloc(sizeof(double) * D), *gm = malloc(sizeof(double) * D);
-    double *s = calloc(D, sizeof(double)), *fd = calloc(D, sizeof(double));
-    unit_random(v, D, 3 + (uint64_t)_i);
-    cv_err e;
-    ck_assert_int_eq(cv_curv_matvec(f.c, CV_CURV_HESSIAN, &f.full, 1, v, hv, &e), 0);
-    const double eps = 3e-3;
-    for (size_t q = 0; q < D; q++)
-        s[q] = eps * v[q];
-    grad_at(&f, s, gp);
-    for (size_t q = 0; q < D; q++)
-        s[q] = -eps * v[q];
-    grad_at(&f, s, gm);
-    for (size_t q = 0; q < D; q++)
-        fd[q] = (gp[q] - gm[q]) / (2 * eps);
-    double err = tu_relerr(hv, fd, D, 1e-3);
+    double err = tu_hessian_fd_relerr(&f, 3 + (uint64_t)_i, 3e-3);
     ck_assert_msg(err < fd_tol(&f, 3e-3), "variant %d: Hv vs FD rel err %g", _i, err);
-    free(v); free(hv); free(gp); free(gm); free(s); free(fd);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
-
-/* Lambda_n = d^2 L_n / dh^2 from the outputs, in double. */
-static void oracle_lambda(const fixture *f, const float *h, int n, double *Lam)
-{
-    int C = cv_model_output_dim(&f->m);
-    double c = cv_loss_scale(f->m.loss, f->m.reduction, f->d.n, C);
-    const float *hn = h + (size_t)n * C;
-    memset(Lam, 0, sizeof(double) * C * C);
-    if (f->m.loss == CV_LOSS_MSE) {
-        for (int a = 0; a < C; a++)
-            Lam[a * C + a] = 2 * c;
-        return;
-    }
-    double p[16], z = 0;
-    for (int a = 0; a < C; a++)
-        z += exp(hn[a]);
-    for (int a = 0; a < C; a++)
-        p[a] = f->m.loss == CV_LOSS_CE ? exp(hn[a]) / z : 1 / (1 + exp(-hn[a]));
-    for (int a = 0; a < C; a++)
-        for (int b = 0; b < C; b++)
-            Lam[a * C + b] = f->m.loss == CV_LOSS_CE ? c * ((a == b) * p[a] - p[a] * p[b])
-                                                     : c * (a == b) * p[a] * (1 - p[a]);
-}
-
-/* J[n][c][q] by central differences of the outputs. */
-static double *fd_jacobian(const fixture *f)
-{
-    size_t D = f->full.dim, N = f->d.n;
-    int C = cv_model_output_dim(&f->m);
-    double *J = calloc(N * C * D, sizeof(double));
-    const double eps = 3e-3;
-    for (size_t q = 0; q < D; q++) {
-        const float *hs[2];
-        cv_model t[2];
-        cv_curv *cc[2];
-        cv_err e;
-        for (int s = 0; s < 2; s++) {
-            ck_assert_int_eq(cv_model_clone(&f->m, &t[s]), 0);
-            t[s].params[q] += (float)(s ? -eps : eps);
-            cc[s] = cv_curv_new(&t[s], &f->d, NULL, &e);
-            ck_assert_ptr_nonnull(cc[s]);
-            hs[s] = cv_curv_outputs(cc[s]);
-        }
-        for (size_t n = 0; n < N; n++)
-            for (int c = 0; c < C; c++)
-                J[(n * C + c) * D + q] = (hs[0][n * C + c] - hs[1][n * C + c]) / (2 * eps);
-        for (int s = 0; s < 2; s++) {
-            cv_curv_free(cc[s]);
-            cv_model_free(&t[s]);
-        }
-    }
-    return J;
-}
 
 START_TEST(ggn_equals_dense_jt_lambda_j)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim, N = f.d.n;
-    int C = cv_model_output_dim(&f.m);
-    double *J = fd_jacobian(&f);
-    double *G = calloc(D * D, sizeof(double)), *LJ = malloc(sizeof(double) * C * D), Lam[9];
-    for (size_t n = 0; n < N; n++) {
-        const double *Jn = J + n * C * D;
-        oracle_lambda(&f, cv_curv_outputs(f.c), (int)n, Lam);
-        for (int a = 0; a < C; a++)
-            for (size_t j = 0; j < D; j++) {
-                double s = 0;
-                for (int b = 0; b < C; b++)
-                    s += Lam[a * C + b] * Jn[b * D + j];
-                LJ[a * D + j] = s;
-            }
-        for (size_t i = 0; i < D; i++)
-            for (int a = 0; a < C; a++)
-                for (size_t j = 0; j < D; j++)
-                    G[i + j * D] += Jn[a * D + i] * LJ[a * D + j];
-    }
-    double *A = dense(&f, CV_CURV_GGN);
-    double err = tu_relerr(A, G, D * D, 1e-6);
+    double err = tu_ggn_fd_relerr(&f, 3e-3);
     ck_assert_msg(err < fd_tol(&f, 3e-3), "variant %d: GGN vs J^T Lambda J rel err %g", _i, err);
-    free(J); free(G); free(LJ); free(A);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -486,28 +329,10 @@ START_TEST(curvatures_symmetric_and_psd)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim;
-    for (int kind = 0; kind < CV_CURV_COUNT; kind++) {
-        double *A = dense(&f, (cv_curvature)kind);
-        double mx = 0, asym = 0;
-        for (size_t i = 0; i < D; i++)
-            for (size_t j = 0; j < D; j++) {
-                mx = fmax(mx, fabs(A[i + j * D]));
-                asym = fmax(asym, fabs(A[i + j * D] - A[j + i * D]));
-            }
-        ck_assert_msg(mx > 0, "variant %d: %s is zero", _i, cv_curvature_name(kind));
-        ck_assert_msg(asym <= 1e-5 * mx, "variant %d: %s asymmetry %g of %g", _i,
-                      cv_curvature_name(kind), asym, mx);
-        if (kind != CV_CURV_HESSIAN) {
-            double *w = malloc(sizeof(double) * D);
-            tu_eigvalsh(A, (int)D, w);
-            ck_assert_msg(w[0] >= -1e-5 * w[D - 1], "variant %d: %s not PSD: %g (max %g)", _i,
-                          cv_curvature_name(kind), w[0], w[D - 1]);
-            free(w);
-        }
-        free(A);
-    }
-    fx_free(&f);
+    char tag[32];
+    snprintf(tag, sizeof tag, "variant %d: ", _i);
+    tu_check_symmetric_psd(&f, tag);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -515,29 +340,10 @@ START_TEST(per_sample_gradients_sum_and_ef)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim, N = f.d.n;
-    double *Gs = malloc(sizeof(double) * N * D), *g = malloc(sizeof(double) * D);
-    cv_err e;
-    ck_assert_int_eq(cv_curv_per_sample_gradients(f.c, &f.full, Gs, &e), 0);
-    ck_assert_int_eq(cv_curv_gradient(f.c, &f.full, g, &e), 0);
-    double *sum = calloc(D, sizeof(double));
-    for (size_t n = 0; n < N; n++)
-        for (size_t q = 0; q < D; q++)
-            sum[q] += Gs[n * D + q];
-    double err = tu_relerr(sum, g, D, 1e-6);
-    ck_assert_msg(err < 1e-5, "variant %d: per-sample gradients sum: %g", _i, err);
-    /* EF = (1/c) sum_n g_n g_n^T */
-    double c = cv_loss_scale(f.m.loss, f.m.reduction, N, cv_model_output_dim(&f.m));
-    double *EF = calloc(D * D, sizeof(double));
-    for (size_t n = 0; n < N; n++)
-        for (size_t i = 0; i < D; i++)
-            for (size_t j = 0; j < D; j++)
-                EF[i + j * D] += Gs[n * D + i] * Gs[n * D + j] / c;
-    double *A = dense(&f, CV_CURV_EF);
-    err = tu_relerr(A, EF, D * D, 1e-9);
-    ck_assert_msg(err < 1e-5, "variant %d: EF vs per-sample outer products: %g", _i, err);
-    free(Gs); free(g); free(sum); free(EF); free(A);
-    fx_free(&f);
+    char tag[32];
+    snprintf(tag, sizeof tag, "variant %d: ", _i);
+    tu_check_per_sample_gradients(&f, tag);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -617,7 +423,7 @@ START_TEST(gram_and_jvp_vjp_adjoint)
         check_gram(&f, b, k, tag);
         free(cot); free(jx); free(x); free(y);
     }
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -643,7 +449,7 @@ START_TEST(batched_products_equal_single)
         }
     }
     free(X); free(Y); free(y1);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -660,7 +466,7 @@ START_TEST(quadform_equals_dot_of_product)
         snprintf(tag, sizeof tag, "variant %d block %d", _i, i);
         tu_check_quadforms(f.c, &b[i], i == 0 ? 36 : 3, 9 + (uint64_t)i, tag);
     }
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -677,7 +483,7 @@ START_TEST(conv_gram_chunking)
         check_gram(&f, &b[0], 3, "chunked full");
         check_gram(&f, &b[1], 2, "chunked conv");
     }
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -1352,11 +1158,4 @@ static Suite *cnn_suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(cnn_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
-}
+int main(void) { return tu_main(cnn_suite); }

@@ -4,56 +4,7 @@
  * linear+MSE, equal diagonal blocks for ReLU nets, MC Fisher -> GGN). */
 #include "testutil.h"
 
-#include "engine/loss.h"
-
-typedef struct {
-    cv_model m;
-    cv_dataset d;
-    cv_curv *c;
-    cv_block full;
-} fixture;
-
-static void fx_make(fixture *f, int in, const tu_layer *layers, int nl, cv_loss_type loss,
-                    cv_reduction red, size_t n, uint64_t seed)
-{
-    tu_model(&f->m, in, layers, nl, loss, red, seed);
-    tu_data(&f->d, &f->m, n, seed + 100);
-    cv_err e;
-    f->c = cv_curv_new(&f->m, &f->d, NULL, &e);
-    ck_assert_msg(f->c != NULL, "cv_curv_new: %s", e.message);
-    cv_block_full(&f->m, &f->full);
-}
-
-static void fx_free(fixture *f)
-{
-    cv_curv_free(f->c);
-    cv_model_free(&f->m);
-    tu_data_free(&f->d);
-}
-
-/* gradient of the same loss at theta + step (full block). */
-static void grad_at(const fixture *f, const double *step, double *g)
-{
-    cv_model t;
-    ck_assert_int_eq(cv_model_clone(&f->m, &t), 0);
-    for (size_t i = 0; i < t.nparams_total; i++)
-        t.params[i] += (float)step[i];
-    cv_err e;
-    cv_curv *c = cv_curv_new(&t, &f->d, NULL, &e);
-    ck_assert_ptr_nonnull(c);
-    ck_assert_int_eq(cv_curv_gradient(c, &f->full, g, &e), 0);
-    cv_curv_free(c);
-    cv_model_free(&t);
-}
-
-static double *dense(fixture *f, cv_curvature kind)
-{
-    size_t D = f->full.dim;
-    double *A = malloc(sizeof(double) * D * D);
-    cv_err e;
-    ck_assert_int_eq(cv_curv_dense(f->c, kind, &f->full, 4096, A, &e), 0);
-    return A;
-}
+typedef tu_fixture fixture;
 
 static const tu_layer smooth_net[] = {
     {CV_LINEAR, 6}, {CV_TANH, 0}, {CV_LINEAR, 4}, {CV_SIGMOID, 0}, {CV_LINEAR, 3}};
@@ -67,37 +18,18 @@ static void make_variant(fixture *f, int i)
 {
     tu_layer net[] = {{CV_LINEAR, 6}, {acts[i / 6], 0}, {CV_LINEAR, 4}, {acts[i / 6], 0},
                       {CV_LINEAR, 3}};
-    fx_make(f, 5, net, 5, losses[(i / 2) % 3], (cv_reduction)(i % 2), 7, 17 + (uint64_t)i);
+    tu_fx_make(f, 5, net, 5, losses[(i / 2) % 3], (cv_reduction)(i % 2), 7, 17 + (uint64_t)i, NULL);
 }
 
 START_TEST(gradient_matches_finite_differences)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim;
-    double *g = malloc(sizeof(double) * D), *fd = malloc(sizeof(double) * D);
-    double *step = calloc(D, sizeof(double));
-    cv_err e;
-    ck_assert_int_eq(cv_curv_gradient(f.c, &f.full, g, &e), 0);
-    const double eps = 2e-3;
-    for (size_t q = 0; q < D; q++) {
-        step[q] = eps;
-        double lp;
-        ck_assert_int_eq(cv_curv_loss_at(f.c, &f.full, step, &lp, &e), 0);
-        step[q] = -eps;
-        double lm;
-        ck_assert_int_eq(cv_curv_loss_at(f.c, &f.full, step, &lm, &e), 0);
-        step[q] = 0;
-        fd[q] = (lp - lm) / (2 * eps);
-    }
-    double err = tu_relerr(g, fd, D, 1e-3);
+    double err = tu_gradient_fd_relerr(&f, 2e-3);
     /* ReLU / LeakyReLU kinks can sit within eps of a sample: looser there */
     double tol = (acts[_i / 6] == CV_RELU || acts[_i / 6] == CV_LEAKYRELU) ? 2e-2 : 2e-3;
     ck_assert_msg(err < tol, "variant %d: gradient vs FD rel err %g", _i, err);
-    free(g);
-    free(fd);
-    free(step);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -105,32 +37,10 @@ START_TEST(hessian_matches_fd_of_gradient)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim;
-    double *v = malloc(sizeof(double) * D), *hv = malloc(sizeof(double) * D);
-    double *gp = malloc(sizeof(double) * D), *gm = malloc(sizeof(double) * D);
-    double *s = calloc(D, sizeof(double)), *fd = calloc(D, sizeof(double));
-    cv_rng r;
-    cv_rng_seed(&r, 3);
-    cv_rng_gaussian(&r, v, D);
-    double nv = tu_norm(v, D);
-    for (size_t q = 0; q < D; q++)
-        v[q] /= nv;
-    cv_err e;
-    ck_assert_int_eq(cv_curv_matvec(f.c, CV_CURV_HESSIAN, &f.full, 1, v, hv, &e), 0);
-    const double eps = 3e-3;
-    for (size_t q = 0; q < D; q++)
-        s[q] = eps * v[q];
-    grad_at(&f, s, gp);
-    for (size_t q = 0; q < D; q++)
-        s[q] = -eps * v[q];
-    grad_at(&f, s, gm);
-    for (size_t q = 0; q < D; q++)
-        fd[q] = (gp[q] - gm[q]) / (2 * eps);
-    double err = tu_relerr(hv, fd, D, 1e-3);
+    double err = tu_hessian_fd_relerr(&f, 3, 3e-3);
     double tol = (acts[_i / 6] == CV_RELU || acts[_i / 6] == CV_LEAKYRELU) ? 3e-2 : 3e-3;
     ck_assert_msg(err < tol, "variant %d: Hv vs FD rel err %g", _i, err);
-    free(v); free(hv); free(gp); free(gm); free(s); free(fd);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -138,98 +48,19 @@ START_TEST(all_curvatures_are_symmetric)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim;
-    for (int kind = 0; kind < CV_CURV_COUNT; kind++) {
-        double *A = dense(&f, (cv_curvature)kind);
-        double mx = 0, asym = 0;
-        for (size_t i = 0; i < D; i++)
-            for (size_t j = 0; j < D; j++) {
-                mx = fmax(mx, fabs(A[i + j * D]));
-                asym = fmax(asym, fabs(A[i + j * D] - A[j + i * D]));
-            }
-        ck_assert_msg(mx > 0, "%s is zero", cv_curvature_name(kind));
-        ck_assert_msg(asym <= 1e-5 * mx, "%s asymmetry %g of %g", cv_curvature_name(kind),
-                      asym, mx);
-        if (kind != CV_CURV_HESSIAN) {
-            double *w = malloc(sizeof(double) * D);
-            tu_eigvalsh(A, (int)D, w);
-            ck_assert_msg(w[0] >= -1e-5 * w[D - 1], "%s not PSD: %g (max %g)",
-                          cv_curvature_name(kind), w[0], w[D - 1]);
-            free(w);
-        }
-        free(A);
-    }
-    fx_free(&f);
+    tu_check_symmetric_psd(&f, "");
+    tu_fx_free(&f);
 }
 END_TEST
-
-/* Lambda_n for the test oracle, computed from the outputs in double. */
-static void oracle_lambda(const fixture *f, const float *h, int n, double *Lam)
-{
-    int C = cv_model_output_dim(&f->m);
-    double c = cv_loss_scale(f->m.loss, f->m.reduction, f->d.n, C);
-    const float *hn = h + (size_t)n * C;
-    memset(Lam, 0, sizeof(double) * C * C);
-    if (f->m.loss == CV_LOSS_MSE) {
-        for (int a = 0; a < C; a++)
-            Lam[a * C + a] = 2 * c;
-        return;
-    }
-    double p[16], z = 0;
-    for (int a = 0; a < C; a++)
-        z += exp(hn[a]);
-    for (int a = 0; a < C; a++)
-        p[a] = f->m.loss == CV_LOSS_CE ? exp(hn[a]) / z : 1 / (1 + exp(-hn[a]));
-    for (int a = 0; a < C; a++)
-        for (int b = 0; b < C; b++)
-            Lam[a * C + b] = f->m.loss == CV_LOSS_CE ? c * ((a == b) * p[a] - p[a] * p[b])
-                                                     : c * (a == b) * p[a] * (1 - p[a]);
-}
 
 START_TEST(ggn_equals_dense_jt_lambda_j)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim, N = f.d.n;
-    int C = cv_model_output_dim(&f.m);
-    /* J by central differences of the outputs, J[n][c][q] */
-    double *J = calloc(N * C * D, sizeof(double));
-    const double eps = 3e-3;
-    for (size_t q = 0; q < D; q++) {
-        const float *hs[2];
-        cv_model t[2];
-        cv_curv *cc[2];
-        cv_err e;
-        for (int s = 0; s < 2; s++) {
-            cv_model_clone(&f.m, &t[s]);
-            t[s].params[q] += (float)(s ? -eps : eps);
-            cc[s] = cv_curv_new(&t[s], &f.d, NULL, &e);
-            hs[s] = cv_curv_outputs(cc[s]);
-        }
-        for (size_t n = 0; n < N; n++)
-            for (int c = 0; c < C; c++)
-                J[(n * C + c) * D + q] = (hs[0][n * C + c] - hs[1][n * C + c]) / (2 * eps);
-        for (int s = 0; s < 2; s++) {
-            cv_curv_free(cc[s]);
-            cv_model_free(&t[s]);
-        }
-    }
-    double *G = calloc(D * D, sizeof(double)), Lam[9];
-    for (size_t n = 0; n < N; n++) {
-        oracle_lambda(&f, cv_curv_outputs(f.c), (int)n, Lam);
-        for (int a = 0; a < C; a++)
-            for (int b = 0; b < C; b++)
-                for (size_t i = 0; i < D; i++)
-                    for (size_t j = 0; j < D; j++)
-                        G[i + j * D] += J[(n * C + a) * D + i] * Lam[a * C + b] *
-                                        J[(n * C + b) * D + j];
-    }
-    double *A = dense(&f, CV_CURV_GGN);
-    double err = tu_relerr(A, G, D * D, 1e-6);
+    double err = tu_ggn_fd_relerr(&f, 3e-3);
     double tol = (acts[_i / 6] == CV_RELU || acts[_i / 6] == CV_LEAKYRELU) ? 3e-2 : 3e-3;
     ck_assert_msg(err < tol, "variant %d: GGN vs dense J^T Lambda J rel err %g", _i, err);
-    free(J); free(G); free(A);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -237,14 +68,14 @@ START_TEST(ggn_equals_hessian_for_linear_mse)
 {
     fixture f;
     tu_layer net[] = {{CV_LINEAR, 4}};
-    fx_make(&f, 6, net, 1, CV_LOSS_MSE, CV_RED_MEAN, 9, 5);
+    tu_fx_make(&f, 6, net, 1, CV_LOSS_MSE, CV_RED_MEAN, 9, 5, NULL);
     size_t D = f.full.dim;
-    double *H = dense(&f, CV_CURV_HESSIAN), *G = dense(&f, CV_CURV_GGN);
+    double *H = tu_dense(&f, CV_CURV_HESSIAN, &f.full), *G = tu_dense(&f, CV_CURV_GGN, &f.full);
     double err = tu_relerr(H, G, D * D, 1e-9);
     ck_assert_msg(err < 1e-6, "GGN != H for linear MSE: %g", err);
     free(H);
     free(G);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -253,9 +84,9 @@ START_TEST(relu_net_hessian_and_ggn_diagonal_blocks_agree)
     fixture f;
     tu_layer net[] = {{CV_LINEAR, 6}, {CV_RELU, 0}, {CV_LINEAR, 5}, {CV_RELU, 0},
                       {CV_LINEAR, 3}};
-    fx_make(&f, 4, net, 5, CV_LOSS_CE, CV_RED_MEAN, 11, 8);
+    tu_fx_make(&f, 4, net, 5, CV_LOSS_CE, CV_RED_MEAN, 11, 8, NULL);
     size_t D = f.full.dim;
-    double *H = dense(&f, CV_CURV_HESSIAN), *G = dense(&f, CV_CURV_GGN);
+    double *H = tu_dense(&f, CV_CURV_HESSIAN, &f.full), *G = tu_dense(&f, CV_CURV_GGN, &f.full);
     double trh = 0, trg = 0, offdiff = 0, blockdiff = 0, mx = 0;
     for (size_t i = 0; i < D; i++) {
         trh += H[i + i * D];
@@ -282,7 +113,7 @@ START_TEST(relu_net_hessian_and_ggn_diagonal_blocks_agree)
     ck_assert_msg(offdiff > 1e-3 * mx, "H == G everywhere? %g", offdiff);
     free(H);
     free(G);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -299,11 +130,12 @@ START_TEST(mc_fisher_converges_to_ggn)
         f.c = cv_curv_new(&f.m, &f.d, &o, &e);
         cv_block_full(&f.m, &f.full);
         size_t D = f.full.dim;
-        double *F = dense(&f, CV_CURV_FISHER_MC), *G = dense(&f, CV_CURV_GGN);
+        double *F = tu_dense(&f, CV_CURV_FISHER_MC, &f.full);
+        double *G = tu_dense(&f, CV_CURV_GGN, &f.full);
         errs[s] = tu_relerr(F, G, D * D, 1e-9);
         free(F);
         free(G);
-        fx_free(&f);
+        tu_fx_free(&f);
     }
     ck_assert_msg(errs[1] < 0.05, "MC Fisher (4000 samples) vs GGN rel err %g", errs[1]);
     ck_assert_msg(errs[0] > 4 * errs[1], "no convergence: %g -> %g", errs[0], errs[1]);
@@ -321,12 +153,13 @@ START_TEST(mc_fisher_mse_and_bce_converge)
         f.c = cv_curv_new(&f.m, &f.d, &o, &e);
         cv_block_full(&f.m, &f.full);
         size_t D = f.full.dim;
-        double *F = dense(&f, CV_CURV_FISHER_MC), *G = dense(&f, CV_CURV_GGN);
+        double *F = tu_dense(&f, CV_CURV_FISHER_MC, &f.full);
+        double *G = tu_dense(&f, CV_CURV_GGN, &f.full);
         double err = tu_relerr(F, G, D * D, 1e-9);
         ck_assert_msg(err < 0.06, "loss %d: MC Fisher vs GGN rel err %g", li, err);
         free(F);
         free(G);
-        fx_free(&f);
+        tu_fx_free(&f);
     }
 }
 END_TEST
@@ -335,37 +168,17 @@ START_TEST(ef_and_per_sample_gradients)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t D = f.full.dim, N = f.d.n;
-    double *Gs = malloc(sizeof(double) * N * D), *g = malloc(sizeof(double) * D);
-    cv_err e;
-    ck_assert_int_eq(cv_curv_per_sample_gradients(f.c, &f.full, Gs, &e), 0);
-    ck_assert_int_eq(cv_curv_gradient(f.c, &f.full, g, &e), 0);
-    double *sum = calloc(D, sizeof(double));
-    for (size_t n = 0; n < N; n++)
-        for (size_t q = 0; q < D; q++)
-            sum[q] += Gs[n * D + q];
-    ck_assert_msg(tu_relerr(sum, g, D, 1e-6) < 1e-5, "per-sample gradients do not sum");
-    /* EF = (1/c) sum_n g_n g_n^T with g_n = c dl_n/dtheta */
-    double c = cv_loss_scale(f.m.loss, f.m.reduction, N, cv_model_output_dim(&f.m));
-    double *EF = calloc(D * D, sizeof(double));
-    for (size_t n = 0; n < N; n++)
-        for (size_t i = 0; i < D; i++)
-            for (size_t j = 0; j < D; j++)
-                EF[i + j * D] += Gs[n * D + i] * Gs[n * D + j] / c;
-    double *A = dense(&f, CV_CURV_EF);
-    double err = tu_relerr(A, EF, D * D, 1e-9);
-    ck_assert_msg(err < 1e-5, "EF vs per-sample outer products: %g", err);
-    free(Gs); free(g); free(sum); free(EF); free(A);
-    fx_free(&f);
+    tu_check_per_sample_gradients(&f, "");
+    tu_fx_free(&f);
 }
 END_TEST
 
 START_TEST(blocks_are_submatrices_and_batched_equals_single)
 {
     fixture f;
-    fx_make(&f, 5, smooth_net, 5, CV_LOSS_CE, CV_RED_SUM, 8, 41);
+    tu_fx_make(&f, 5, smooth_net, 5, CV_LOSS_CE, CV_RED_SUM, 8, 41, NULL);
     size_t D = f.full.dim;
-    double *H = dense(&f, CV_CURV_HESSIAN);
+    double *H = tu_dense(&f, CV_CURV_HESSIAN, &f.full);
     /* block {2.weight, 0.bias}: indices 2 and 1 */
     int idx[2] = {2, 1};
     cv_block b;
@@ -398,7 +211,7 @@ START_TEST(blocks_are_submatrices_and_batched_equals_single)
         ck_assert_msg(tu_relerr(Y + j * D, y1, D, 1e-9) < 1e-6, "column %d", j);
     }
     free(H); free(Hb); free(X); free(Y); free(y1);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -422,20 +235,20 @@ START_TEST(quadform_equals_dot_of_product)
         if (i == nb - 1)
             ck_assert_msg(d > 1e-4, "variant %d: Hessian form equals the GGN's (%g)", _i, d);
     }
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
 START_TEST(dense_refused_above_limit)
 {
     fixture f;
-    fx_make(&f, 5, smooth_net, 5, CV_LOSS_CE, CV_RED_MEAN, 4, 2);
+    tu_fx_make(&f, 5, smooth_net, 5, CV_LOSS_CE, CV_RED_MEAN, 4, 2, NULL);
     double A[4];
     cv_err e;
     ck_assert_int_eq(cv_curv_dense(f.c, CV_CURV_GGN, &f.full, 10, A, &e), -1);
     ck_assert_int_eq(e.status, CV_ETOOLARGE);
     ck_assert_ptr_nonnull(strstr(e.message, "dense limit"));
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -479,7 +292,7 @@ END_TEST
 START_TEST(jvp_vjp_adjoint_and_gram)
 {
     fixture f;
-    fx_make(&f, 5, smooth_net, 5, CV_LOSS_CE, CV_RED_MEAN, 6, 51);
+    tu_fx_make(&f, 5, smooth_net, 5, CV_LOSS_CE, CV_RED_MEAN, 6, 51, NULL);
     size_t N = f.d.n;
     int C = cv_model_output_dim(&f.m), k = 2;
     int idx[1] = {2};
@@ -524,7 +337,7 @@ START_TEST(jvp_vjp_adjoint_and_gram)
             }
         free(cot); free(jx); free(x); free(y); free(grads); free(G); free(one);
     }
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -555,11 +368,4 @@ static Suite *curv_suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(curv_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
-}
+int main(void) { return tu_main(curv_suite); }

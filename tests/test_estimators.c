@@ -1,6 +1,7 @@
 /* test_estimators.c - the numerical estimators (engine/estimators.h) on
  * dense test matrices, checked against LAPACK. */
-#include <check.h>
+#include "testutil.h"
+
 #include <lapacke.h>
 #include <math.h>
 #include <stdatomic.h>
@@ -1569,11 +1570,4 @@ static Suite *suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed < 255 ? failed : 255;
-}
+int main(void) { return tu_main(suite); }

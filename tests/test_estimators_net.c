@@ -165,13 +165,6 @@ static cv_err run_fails(net *f, const char *fmt, ...)
     return e;
 }
 
-static double num(const cJSON *o, const char *k)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
-    ck_assert_msg(cJSON_IsNumber(v), "result field %s missing", k);
-    return v->valuedouble;
-}
-
 /* The list o[k] of exactly n numbers into out. */
 static void list(const cJSON *o, const char *k, double *out, int n)
 {
@@ -299,7 +292,7 @@ START_TEST(trace_exact_hutchinson_hutchpp)
     double tr = dense_trace(f.A, f.D), ftol = 1e-5 * fabs(tr) + f.noise;
     cJSON *r = run(&f, "{\"op\":\"diag\",\"curvature\":\"%s\",\"options\":{\"method\":"
                        "\"exact\"}}", f.kind);
-    ck_assert_msg(fabs(num(r, "trace") - tr) <= ftol, "exact trace %g vs %g", num(r, "trace"),
+    ck_assert_msg(fabs(tu_num(r, "trace") - tr) <= ftol, "exact trace %g vs %g", tu_num(r, "trace"),
                   tr);
     double diag[MAXD];
     list(r, "diag", diag, f.D);
@@ -312,8 +305,8 @@ START_TEST(trace_exact_hutchinson_hutchpp)
     for (int seed = 0; seed < 3; seed++) {
         r = run(&f, "{\"op\":\"trace\",\"curvature\":\"%s\",\"seed\":%d,\"options\":"
                     "{\"max_probes\":200,\"tol\":0}}", f.kind, seed);
-        double t = num(r, "trace"), se = num(r, "stderr");
-        ck_assert_int_eq((int)num(r, "probes"), 200);
+        double t = tu_num(r, "trace"), se = tu_num(r, "stderr");
+        ck_assert_int_eq((int)tu_num(r, "probes"), 200);
         ck_assert_double_gt(se, 0);
         ck_assert_msg(fabs(t - tr) <= 4 * se + ftol, "%s seed %d: hutchinson %g +- %g vs %g",
                       f.kind, seed, t, se, tr);
@@ -324,17 +317,17 @@ START_TEST(trace_exact_hutchinson_hutchpp)
      * projection and 34 residual probes (the old tol rule stopped after ~2) */
     r = run(&f, "{\"op\":\"trace\",\"curvature\":\"%s\",\"seed\":5,\"options\":{\"method\":"
                 "\"hutch++\",\"return_samples\":true}}", f.kind);
-    ck_assert_int_eq((int)num(r, "matvecs"), 100);
-    ck_assert_int_eq((int)num(r, "sketch"), 33);
-    ck_assert_int_eq((int)num(r, "probes"), 34);
+    ck_assert_int_eq((int)tu_num(r, "matvecs"), 100);
+    ck_assert_int_eq((int)tu_num(r, "sketch"), 33);
+    ck_assert_int_eq((int)tu_num(r, "probes"), 34);
     double s[34], mean = 0, ss = 0;
     list(r, "samples", s, 34);
     for (int i = 0; i < 34; i++)
         mean += s[i] / 34;
     for (int i = 0; i < 34; i++)
         ss += (s[i] - mean) * (s[i] - mean);
-    double se = sqrt(ss / 33 / 34), t = num(r, "trace");
-    ck_assert_double_le(fabs(num(r, "stderr") - se), 1e-9 * se + 1e-15);
+    double se = sqrt(ss / 33 / 34), t = tu_num(r, "trace");
+    ck_assert_double_le(fabs(tu_num(r, "stderr") - se), 1e-9 * se + 1e-15);
     ck_assert_msg(fabs(t - tr) <= 4 * se + ftol, "%s hutch++ %g +- %g vs %g", f.kind, t, se,
                   tr);
     cJSON_Delete(r);
@@ -344,7 +337,7 @@ START_TEST(trace_exact_hutchinson_hutchpp)
     ck_assert_str_eq(e.field, "options.tol");
     r = run(&f, "{\"op\":\"trace\",\"curvature\":\"%s\",\"options\":{\"method\":\"hutch++\","
                 "\"tol\":0}}", f.kind);
-    ck_assert_int_eq((int)num(r, "matvecs"), 100);
+    ck_assert_int_eq((int)tu_num(r, "matvecs"), 100);
     cJSON_Delete(r);
     net_free(&f);
 }
@@ -370,7 +363,7 @@ START_TEST(lanczos_and_power_vs_dsyev)
                    f.kind);
     double ev;
     list(r, "eigenvalues", &ev, 1);
-    ck_assert_int_eq((int)num(r, "converged"), 1);
+    ck_assert_int_eq((int)tu_num(r, "converged"), 1);
     check_eigs(&f, &ev, f.w, f.D, 1, "magnitude", "power");
     cJSON_Delete(r);
     net_free(&f);
@@ -463,7 +456,7 @@ START_TEST(slq_density_is_the_broadened_mixture)
     lo -= 0.05;
     hi += 0.05;
     double s2 = 0.01 * fmax(1.0, hi - lo), dx = (hi - lo) / (G - 1), want[G], sum = 0, peak = 0;
-    ck_assert_double_le(fabs(num(r, "sigma2") - s2), 1e-12 * s2);
+    ck_assert_double_le(fabs(tu_num(r, "sigma2") - s2), 1e-12 * s2);
     for (int j = 0; j < G; j++) {
         ck_assert_double_le(fabs(grid[j] - (lo + j * dx)), 1e-9 * (hi - lo));
         want[j] = 0;
@@ -523,7 +516,7 @@ START_TEST(solve_and_newton_vs_dense)
                    f.kind, method, delta);
     double x[MAXD];
     list(r, "solution", x, D);
-    ck_assert_double_le(num(r, "residual"), 1e-5);
+    ck_assert_double_le(tu_num(r, "residual"), 1e-5);
     ck_assert_double_le(dense_residual(f.A, D, delta, x, f.g), 1e-5);
     check_solution(&f, f.A, D, delta, f.g, x, 1.0, "solve");
     cJSON_Delete(r);
@@ -533,11 +526,11 @@ START_TEST(solve_and_newton_vs_dense)
             f.kind, method, delta);
     list(r, "step", x, D);
     double l0 = cv_curv_loss(f.c), actual = loss_after(&f, 0, D, x) - l0;
-    ck_assert_msg(fabs(num(r, "actual_change") - actual) <= 1e-6 * fabs(l0) + 1e-7,
-                  "%s actual change %.9g vs re-evaluated %.9g", f.kind, num(r, "actual_change"),
+    ck_assert_msg(fabs(tu_num(r, "actual_change") - actual) <= 1e-6 * fabs(l0) + 1e-7,
+                  "%s actual change %.9g vs re-evaluated %.9g", f.kind, tu_num(r, "actual_change"),
                   actual);
     double tol = check_solution(&f, f.A, D, delta, f.g, x, -1.0, "newton step");
-    double pred = num(r, "predicted_change"), want = dense_predicted(f.A, D, x, f.g);
+    double pred = tu_num(r, "predicted_change"), want = dense_predicted(f.A, D, x, f.g);
     ck_assert_double_lt(pred, 0);
     ck_assert_msg(fabs(pred - want) <= tol * fabs(want), "%s predicted change %g vs %g",
                   f.kind, pred, want);
@@ -578,7 +571,7 @@ START_TEST(matvec_probe_seed_vs_dense)
     for (int i = 0; i < D; i++)
         ck_assert_msg(fabs(got[i] - want[i]) <= tol, "%s product[%d] %g vs A v %g", f.kind, i,
                       got[i], want[i]);
-    ck_assert_double_le(fabs(num(res, "quadratic_form") - q), tol * tu_norm(v, (size_t)D));
+    ck_assert_double_le(fabs(tu_num(res, "quadratic_form") - q), tol * tu_norm(v, (size_t)D));
     cJSON_Delete(res);
     res = run(&f, "{\"op\":\"matvec\",\"curvature\":\"%s\",\"options\":{\"probe_seed\":6}}",
               f.kind);
@@ -611,10 +604,10 @@ START_TEST(layer_blocks_equal_diagonal_blocks)
         int s = f.start[l], n = f.dim[l];
         double *B = sub(&f, s, n), w[MAXD], x[MAXD];
         double t = dense_trace(B, n), ftol = 1e-5 * fabs(t) + f.noise;
-        ck_assert_int_eq((int)num(block(tr, l), "dim"), n);
-        ck_assert_msg(fabs(num(block(tr, l), "trace") - t) <= ftol, "layer %d trace %g vs %g",
-                      l, num(block(tr, l), "trace"), t);
-        double h = num(block(hu, l), "trace"), se = num(block(hu, l), "stderr");
+        ck_assert_int_eq((int)tu_num(block(tr, l), "dim"), n);
+        ck_assert_msg(fabs(tu_num(block(tr, l), "trace") - t) <= ftol, "layer %d trace %g vs %g",
+                      l, tu_num(block(tr, l), "trace"), t);
+        double h = tu_num(block(hu, l), "trace"), se = tu_num(block(hu, l), "stderr");
         ck_assert_msg(fabs(h - t) <= 4 * se + ftol, "layer %d hutchinson %g +- %g vs %g", l, h,
                       se, t);
         tu_eigvalsh(B, n, w);
@@ -626,10 +619,11 @@ START_TEST(layer_blocks_equal_diagonal_blocks)
         list(block(nt, l), "step", x, n);
         double tol = check_solution(&f, B, n, delta, f.g + s, x, -1.0, "layer newton step");
         double l0 = cv_curv_loss(f.c), actual = loss_after(&f, s, n, x) - l0;
-        ck_assert_msg(fabs(num(block(nt, l), "actual_change") - actual) <= 1e-6 * fabs(l0) + 1e-7,
+        double got = tu_num(block(nt, l), "actual_change");
+        ck_assert_msg(fabs(got - actual) <= 1e-6 * fabs(l0) + 1e-7,
                       "layer %d actual change %.9g vs re-evaluated %.9g (only this block moves)",
-                      l, num(block(nt, l), "actual_change"), actual);
-        double pred = num(block(nt, l), "predicted_change");
+                      l, got, actual);
+        double pred = tu_num(block(nt, l), "predicted_change");
         double want = dense_predicted(B, n, x, f.g + s);
         ck_assert_msg(fabs(pred - want) <= tol * fabs(want), "layer %d predicted %g vs %g", l,
                       pred, want);
@@ -708,7 +702,7 @@ START_TEST(blocks_draw_independent_probes)
     cJSON *b = run(&f, "{\"op\":\"trace\",\"curvature\":\"ggn\",\"seed\":7,\"blocks\":"
                        "[[\"0.weight\",\"0.bias\",\"2.weight\",\"2.bias\"]],\"options\":"
                        "{\"max_probes\":5,\"tol\":0}}");
-    ck_assert(num(a, "trace") == num(block(b, 0), "trace"));
+    ck_assert(tu_num(a, "trace") == tu_num(block(b, 0), "trace"));
     cJSON_Delete(a);
     cJSON_Delete(b);
     free(B0);
@@ -734,11 +728,4 @@ static Suite *suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed < 255 ? failed : 255;
-}
+int main(void) { return tu_main(suite); }

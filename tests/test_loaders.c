@@ -1,7 +1,8 @@
 /* test_loaders.c - safetensors, architecture JSON, parameter and dataset
  * loaders: every rejection names its problem, round-trips are exact, dtype
  * conversions are correct.  Fixtures are generated in code with cv_st_write. */
-#include <check.h>
+#include "testutil.h"
+
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1310,11 +1311,4 @@ static Suite *suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed < 255 ? failed : 255;
-}
+int main(void) { return tu_main(suite); }

@@ -17,6 +17,7 @@
 #include "api/ops.h"
 #include "api/suggest.h"
 #include "engine/rng.h"
+#include "testutil.h"
 
 /* ---- helpers ---------------------------------------------------------------- */
 
@@ -509,11 +510,4 @@ static Suite *ops_suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(ops_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
-}
+int main(void) { return tu_main(ops_suite); }

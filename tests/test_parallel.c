@@ -1,7 +1,8 @@
 /* test_parallel.c - cv_parallel_for: every index exactly once, in ranges
  * that really run on several threads when OpenBLAS has several, inline
  * with one thread or too little work. */
-#include <check.h>
+#include "testutil.h"
+
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -77,16 +78,14 @@ START_TEST(inline_with_one_thread_or_little_work)
 }
 END_TEST
 
-int main(void)
+static Suite *parallel_suite(void)
 {
     Suite *s = suite_create("parallel");
     TCase *t = tcase_create("core");
     tcase_add_test(t, every_index_once_on_several_threads);
     tcase_add_test(t, inline_with_one_thread_or_little_work);
     suite_add_tcase(s, t);
-    SRunner *r = srunner_create(s);
-    srunner_run_all(r, CK_NORMAL);
-    int failed = srunner_ntests_failed(r);
-    srunner_free(r);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return s;
 }
+
+int main(void) { return tu_main(parallel_suite); }

@@ -1037,11 +1037,4 @@ static Suite *server_suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(server_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
-}
+int main(void) { return tu_main(server_suite); }

@@ -19,30 +19,7 @@
 #include "engine/loss.h"
 #include "engine/vivit.h"
 
-typedef struct {
-    cv_model m;
-    cv_dataset d;
-    cv_curv *c;
-    cv_block full;
-} fixture;
-
-static void fx_make_opt(fixture *f, int in, const tu_layer *layers, int nl, cv_loss_type loss,
-                        cv_reduction red, size_t n, uint64_t seed, const cv_curv_options *co)
-{
-    tu_model(&f->m, in, layers, nl, loss, red, seed);
-    tu_data(&f->d, &f->m, n, seed + 100);
-    cv_err e;
-    f->c = cv_curv_new(&f->m, &f->d, co, &e);
-    ck_assert_msg(f->c != NULL, "cv_curv_new: %s", e.message);
-    cv_block_full(&f->m, &f->full);
-}
-
-static void fx_free(fixture *f)
-{
-    cv_curv_free(f->c);
-    cv_model_free(&f->m);
-    tu_data_free(&f->d);
-}
+typedef tu_fixture fixture;
 
 static const cv_layer_type acts[] = {CV_TANH, CV_RELU, CV_SIGMOID};
 static const cv_loss_type losses[] = {CV_LOSS_CE, CV_LOSS_MSE, CV_LOSS_BCE};
@@ -53,18 +30,10 @@ static void make_variant(fixture *f, int i, const cv_curv_options *co)
     tu_layer net[] = {{CV_LINEAR, 6}, {acts[i / 12], 0}, {CV_LINEAR, 4}, {acts[i / 12], 0},
                       {CV_LINEAR, 3}};
     size_t n = (i % 2) ? 40 : 7; /* D = 79: 40 * 3 > D leaves zero Gram eigenvalues */
-    fx_make_opt(f, 5, net, 5, losses[(i / 4) % 3], (cv_reduction)((i / 2) % 2), n,
-                31 + (uint64_t)i, co);
+    tu_fx_make(f, 5, net, 5, losses[(i / 4) % 3], (cv_reduction)((i / 2) % 2), n,
+               31 + (uint64_t)i, co);
 }
 #define NVARIANTS 36
-
-static double *dense(fixture *f, cv_curvature kind, const cv_block *b)
-{
-    double *A = malloc(sizeof(double) * b->dim * b->dim);
-    cv_err e;
-    ck_assert_int_eq(cv_curv_dense(f->c, kind, b, 4096, A, &e), 0);
-    return A;
-}
 
 /* Eigenvalues of a dense symmetric matrix, descending. */
 static double *eigs_desc(const double *A, int n)
@@ -108,7 +77,7 @@ START_TEST(gram_eigenvalues_match_dense_ggn)
 {
     fixture f;
     make_variant(&f, _i, NULL);
-    double *G = dense(&f, CV_CURV_GGN, &f.full);
+    double *G = tu_dense(&f, CV_CURV_GGN, &f.full);
     double *w = eigs_desc(G, (int)f.full.dim);
     cv_vivit v;
     vivit_make(&v, f.c, &f.full, NULL);
@@ -122,7 +91,7 @@ START_TEST(gram_eigenvalues_match_dense_ggn)
     cv_vivit_free(&v);
     free(G);
     free(w);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -173,7 +142,7 @@ START_TEST(eigenvectors_orthonormal_and_satisfy_ge)
     free(E);
     free(GE);
     cv_vivit_free(&v);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -186,7 +155,7 @@ START_TEST(layer_blocks_match_dense_diagonal_blocks)
     int w0 = 0; /* and a block with one tensor: the first weight */
     ck_assert_int_eq(cv_block_from_indices(&f.m, &w0, 1, &blocks[nb], NULL), 0);
     for (int i = 0; i <= nb; i++) {
-        double *A = dense(&f, CV_CURV_GGN, &blocks[i]);
+        double *A = tu_dense(&f, CV_CURV_GGN, &blocks[i]);
         double *w = eigs_desc(A, (int)blocks[i].dim);
         cv_vivit v;
         vivit_make(&v, f.c, &blocks[i], NULL);
@@ -197,7 +166,7 @@ START_TEST(layer_blocks_match_dense_diagonal_blocks)
         free(A);
         free(w);
     }
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -208,7 +177,7 @@ START_TEST(mc_gram_matches_dense_fisher_mc)
         cv_curv_options co = {mcs[t], 1234 + (uint64_t)_i};
         fixture f;
         make_variant(&f, _i * 4, &co);
-        double *F = dense(&f, CV_CURV_FISHER_MC, &f.full);
+        double *F = tu_dense(&f, CV_CURV_FISHER_MC, &f.full);
         double *w = eigs_desc(F, (int)f.full.dim);
         cv_vivit_options o;
         cv_vivit_options_default(&o);
@@ -223,7 +192,7 @@ START_TEST(mc_gram_matches_dense_fisher_mc)
         cv_vivit_free(&v);
         free(F);
         free(w);
-        fx_free(&f);
+        tu_fx_free(&f);
     }
 }
 END_TEST
@@ -286,7 +255,7 @@ START_TEST(subsample_matches_dense_sub_batch_ggn)
     free(sidx);
     free(A);
     free(w);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -305,7 +274,7 @@ START_TEST(refuses_too_many_columns)
     o.mc = 1; /* 40 columns fit */
     ck_assert_int_eq(cv_vivit_init(&v, f.c, &f.full, &o, &e), 0);
     cv_vivit_free(&v);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -373,7 +342,7 @@ START_TEST(gamma_lambda_match_dense_per_sample)
         }
     }
     /* the oracle's G_n sum to the GGN; the means are e^T g and lambda_k */
-    double *G = dense(&f, CV_CURV_GGN, &f.full);
+    double *G = tu_dense(&f, CV_CURV_GGN, &f.full);
     ck_assert_double_le(tu_relerr(Gsum, G, D * D, 1e-12), 1e-5);
     for (int k = 0; k < K; k++) {
         cv_vivit_stat sg, sl;
@@ -406,7 +375,7 @@ START_TEST(gamma_lambda_match_dense_per_sample)
     free(go); free(lo);
     free(E); free(PG); free(Gn); free(Gsum); free(g); free(tmp); free(G);
     cv_vivit_free(&v);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -424,7 +393,7 @@ START_TEST(full_newton_matches_dense_solve)
     fixture f;
     make_variant(&f, _i, NULL); /* all variants: N*C < D and N*C > D, mean and sum */
     size_t D = f.full.dim;
-    double *G0 = dense(&f, CV_CURV_GGN, &f.full), *g = malloc(sizeof(double) * D);
+    double *G0 = tu_dense(&f, CV_CURV_GGN, &f.full), *g = malloc(sizeof(double) * D);
     double *G = malloc(sizeof(double) * D * D);
     double *s = malloc(sizeof(double) * D), *Gs = malloc(sizeof(double) * D);
     cv_err e;
@@ -458,7 +427,7 @@ START_TEST(full_newton_matches_dense_solve)
     ck_assert_int_eq(e.status, CV_EINVAL);
     cv_vivit_free(&v);
     free(G0); free(G); free(g); free(s); free(Gs); free(w); free(step);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -467,7 +436,7 @@ START_TEST(directional_newton_all_matches_dense_eigenspace)
     fixture f;
     make_variant(&f, _i, NULL); /* all variants, N*C < D and N*C > D */
     size_t D = f.full.dim;
-    double *G = dense(&f, CV_CURV_GGN, &f.full), *g = malloc(sizeof(double) * D);
+    double *G = tu_dense(&f, CV_CURV_GGN, &f.full), *g = malloc(sizeof(double) * D);
     double *w = malloc(sizeof(double) * D), *s = calloc(D, sizeof(double));
     cv_err e;
     ck_assert_int_eq(cv_curv_gradient(f.c, &f.full, g, &e), 0);
@@ -518,7 +487,7 @@ START_TEST(directional_newton_all_matches_dense_eigenspace)
     cv_vivit_newton_free(&r);
     cv_vivit_free(&v);
     free(G); free(g); free(w); free(s); free(Gs);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -905,7 +874,7 @@ START_TEST(gsnr_matches_per_sample_gradients)
     }
     free(PG);
     free(col);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -918,13 +887,6 @@ static cJSON *run_job(fixture *f, const char *json, cv_err *e)
     cJSON *res = cv_job_run(job, &f->m, &f->d, NULL, NULL, e);
     cJSON_Delete(job);
     return res;
-}
-
-static double num(const cJSON *o, const char *k)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
-    ck_assert_msg(cJSON_IsNumber(v), "field %s missing", k);
-    return v->valuedouble;
 }
 
 /* Per-layer block Newton (blocks "layer": one run of method vivit per block)
@@ -952,7 +914,7 @@ START_TEST(layer_block_newton_matches_dense_blocks)
     cv_err e;
     for (int b = 0; b < nb; b++) {
         int d = (int)blocks[b].dim;
-        Gb[b] = dense(&f, CV_CURV_GGN, &blocks[b]);
+        Gb[b] = tu_dense(&f, CV_CURV_GGN, &blocks[b]);
         for (int a = 0; a < d; a++)
             for (int c = 0; c < a; c++)
                 Gb[b][a * d + c] = Gb[b][c * d + a] = 0.5 * (Gb[b][a * d + c] + Gb[b][c * d + a]);
@@ -976,7 +938,7 @@ START_TEST(layer_block_newton_matches_dense_blocks)
     for (int b = 0; b < nb; b++) {
         int d = (int)blocks[b].dim;
         const cJSON *o = cJSON_GetArrayItem(arr, b);
-        ck_assert_int_eq((int)num(o, "dim"), d);
+        ck_assert_int_eq((int)tu_num(o, "dim"), d);
         ck_assert_str_eq(cJSON_GetObjectItem(o, "gram_path")->valuestring, "kernel");
         double *A = malloc(sizeof(double) * d * d), *s = malloc(sizeof(double) * d);
         memcpy(A, Gb[b], sizeof(double) * d * d);
@@ -1015,12 +977,12 @@ START_TEST(layer_block_newton_matches_dense_blocks)
             res = run_job(&f, job, &e);
             ck_assert_msg(res != NULL, "%s", e.message);
             const cJSON *o = cJSON_GetArrayItem(cJSON_GetObjectItem(res, "blocks"), b);
-            int k = (int)num(o, "k");
+            int k = (int)tu_num(o, "k");
             if (pass == 0)
                 ck_assert_int_eq(k, kb);
             else
-                ck_assert_int_eq(k, (int)num(o, "rank"));
-            double thr = num(o, "threshold");
+                ck_assert_int_eq(k, (int)tu_num(o, "rank"));
+            double thr = tu_num(o, "threshold");
             int used = 0;
             memset(s, 0, sizeof(double) * d);
             for (int i = d - 1; i >= d - k; i--, used++) {
@@ -1046,7 +1008,7 @@ START_TEST(layer_block_newton_matches_dense_blocks)
     }
     for (int b = 0; b < nb; b++)
         free(Gb[b]), free(wb[b]), free(gb[b]);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -1075,14 +1037,14 @@ START_TEST(newton_vivit_mc_and_subsample)
         ck_assert_msg(res != NULL, "%s: %s", job, e.message);
         double *A;
         if (mode == 0) {
-            ck_assert_int_eq((int)num(res, "columns"), 2 * n);
-            ck_assert_int_eq((int)num(res, "mc_columns"), 2);
-            A = dense(&f, CV_CURV_FISHER_MC, &f.full);
+            ck_assert_int_eq((int)tu_num(res, "columns"), 2 * n);
+            ck_assert_int_eq((int)tu_num(res, "mc_columns"), 2);
+            A = tu_dense(&f, CV_CURV_FISHER_MC, &f.full);
         } else {
             const cJSON *ix = cJSON_GetObjectItem(res, "curvature_indices");
             int ns = cJSON_GetArraySize(ix);
             ck_assert_int_eq(ns, 10);
-            ck_assert_int_eq((int)num(res, "columns"), ns * C);
+            ck_assert_int_eq((int)tu_num(res, "columns"), ns * C);
             size_t sidx[40];
             for (int i = 0; i < ns; i++)
                 sidx[i] = (size_t)cJSON_GetArrayItem(ix, i)->valuedouble;
@@ -1111,7 +1073,7 @@ START_TEST(newton_vivit_mc_and_subsample)
         ck_assert_msg(err < 1e-6 * kappa + 2e-6, "variant %d %s: rel err %g (kappa %g)", var,
                       mode ? "subsample" : "mc", err, kappa);
         /* and the reference differs from the exact GGN's step: the option was used */
-        double *G = dense(&f, CV_CURV_GGN, &f.full), *s2 = malloc(sizeof(double) * D);
+        double *G = tu_dense(&f, CV_CURV_GGN, &f.full), *s2 = malloc(sizeof(double) * D);
         for (size_t i = 0; i < D; i++)
             G[i * D + i] += delta, s2[i] = -g[i];
         ck_assert_int_eq(LAPACKE_dposv(LAPACK_COL_MAJOR, 'U', (int)D, 1, G, (int)D, s2, (int)D), 0);
@@ -1121,7 +1083,7 @@ START_TEST(newton_vivit_mc_and_subsample)
     }
     free(g);
     free(s);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -1173,8 +1135,8 @@ START_TEST(ops_eigen_gram_snr_newton)
                             "lambda_var", "lambda_snr", "alignment"};
     for (int i = 0; i < 8; i++)
         ck_assert_ptr_nonnull(cJSON_GetObjectItem(d0, fields[i]));
-    ck_assert_double_le(fabs(num(d0, "lambda_mean") - num(d0, "eigenvalue")),
-                        1e-4 * num(d0, "eigenvalue"));
+    ck_assert_double_le(fabs(tu_num(d0, "lambda_mean") - tu_num(d0, "eigenvalue")),
+                        1e-4 * tu_num(d0, "eigenvalue"));
     ck_assert_int_eq(cJSON_GetArraySize(cJSON_GetObjectItem(b0, "gamma")), 7);
     ck_assert_int_eq(cJSON_GetArraySize(cJSON_GetArrayItem(cJSON_GetObjectItem(b0, "gamma"), 0)), 3);
     const cJSON *gs = cJSON_GetArrayItem(cJSON_GetObjectItem(b0, "gsnr"), 0);
@@ -1193,10 +1155,10 @@ START_TEST(ops_eigen_gram_snr_newton)
     n = run_job(&f, "{\"op\":\"newton\",\"curvature\":\"fisher_mc\",\"options\":{\"method\":"
                     "\"vivit\",\"mode\":\"full\",\"damping\":0.01}}", &e);
     ck_assert_msg(n != NULL, "%s", e.message);
-    ck_assert_double_le(num(n, "predicted_change"), 0);
-    ck_assert_int_eq((int)num(n, "columns"), 7);
+    ck_assert_double_le(tu_num(n, "predicted_change"), 0);
+    ck_assert_int_eq((int)tu_num(n, "columns"), 7);
     cJSON_Delete(n);
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -1224,7 +1186,7 @@ START_TEST(ops_refuse_bad_requests)
         ck_assert_msg(r == NULL, "accepted: %s", bad[i]);
         ck_assert_msg(e.status == CV_EINVAL, "%s: status %d", bad[i], e.status);
     }
-    fx_free(&f);
+    tu_fx_free(&f);
 }
 END_TEST
 
@@ -1262,11 +1224,4 @@ static Suite *vivit_suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(vivit_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
-}
+int main(void) { return tu_main(vivit_suite); }

@@ -1,8 +1,13 @@
-/* testutil.h - shared helpers for curvd's Check tests: small random models
- * and datasets built in code, dense linear algebra checks. Header-only. */
+/* testutil.h - shared helpers for curvd's Check tests: the runner every
+ * test_*.c main() calls (tu_main), small random models and datasets built in
+ * code, a curvature fixture with its independent oracles (finite differences,
+ * dense blocks, the loss's Lambda_n), dense linear algebra checks.  The small
+ * builders below are inline; the runner and the oracles are in testutil.c,
+ * linked into every test binary. */
 #ifndef CV_TESTUTIL_H
 #define CV_TESTUTIL_H
 
+#include <cJSON.h>
 #include <check.h>
 #include <lapacke.h>
 #include <math.h>
@@ -171,5 +176,64 @@ static inline void tu_eigvalsh(const double *A, int n, double *w)
     ck_assert_int_eq(LAPACKE_dsyev(LAPACK_COL_MAJOR, 'N', 'U', n, a, n, w), 0);
     free(a);
 }
+
+/* ---- testutil.c ----------------------------------------------------------- */
+
+/* Runs the suite make() returns with Check's defaults from the environment
+ * (CK_FORK, CK_DEFAULT_TIMEOUT, CK_RUN_SUITE/CK_RUN_CASE, CK_VERBOSITY);
+ * returns EXIT_SUCCESS when every test passed, else EXIT_FAILURE.  Every
+ * test file's main() is `return tu_main(its_suite);`. */
+int tu_main(Suite *(*make)(void));
+
+/* A model, a dataset and the cv_curv on them, with the full block. */
+typedef struct {
+    cv_model m;
+    cv_dataset d;
+    cv_curv *c;
+    cv_block full;
+    int kinks; /* ReLU / max pooling: finite differences may cross a kink */
+} tu_fixture;
+
+/* tu_model + tu_data (n samples, seed + 100) + cv_curv_new with options co
+ * (NULL: defaults); kinks = 0.  Aborts the test on errors. */
+void tu_fx_make(tu_fixture *f, int in, const tu_layer *layers, int nl, cv_loss_type loss,
+                cv_reduction red, size_t n, uint64_t seed, const cv_curv_options *co);
+void tu_fx_free(tu_fixture *f);
+
+/* Dense curvature `kind` on block b of f (b->dim x b->dim, column-major,
+ * caller frees). */
+double *tu_dense(tu_fixture *f, cv_curvature kind, const cv_block *b);
+
+/* Independent oracles on f's full block; each returns the relative error
+ * ||got - oracle|| / max(||oracle||, floor) for the caller to assert on.
+ * Central differences of step eps throughout: the loss by cv_curv_loss_at,
+ * gradients and outputs from a fresh cv_curv on a perturbed clone of the
+ * model. */
+
+/* cv_curv_gradient vs differences of the loss along every coordinate
+ * (floor 1e-3). */
+double tu_gradient_fd_relerr(tu_fixture *f, double eps);
+
+/* H v (cv_curv_matvec, Hessian) vs differences of the gradient along v, a
+ * random unit vector drawn with `seed` (floor 1e-3). */
+double tu_hessian_fd_relerr(tu_fixture *f, uint64_t seed, double eps);
+
+/* The dense GGN vs sum_n J_n^T Lambda_n J_n, J by differences of the network
+ * outputs and Lambda_n = d^2 L_n / dh^2 in double from f's outputs, loss,
+ * reduction and batch size (floor 1e-6). */
+double tu_ggn_fd_relerr(tu_fixture *f, double eps);
+
+/* cv_curv_per_sample_gradients on the full block sum to the gradient, and
+ * the dense EF equals (1/c) sum_n g_n g_n^T (c the loss scale); both to 1e-5
+ * relative.  tag starts the failure messages. */
+void tu_check_per_sample_gradients(tu_fixture *f, const char *tag);
+
+/* Every curvature of f on the full block is non-zero and symmetric to 1e-5
+ * of its largest entry; all but the Hessian are PSD (smallest eigenvalue >=
+ * -1e-5 of the largest).  tag starts the failure messages. */
+void tu_check_symmetric_psd(tu_fixture *f, const char *tag);
+
+/* The number o[k]; fails the test when it is missing or not a number. */
+double tu_num(const cJSON *o, const char *k);
 
 #endif

@@ -2,8 +2,10 @@
 
 Exports an nn.Sequential + loss with the Python client's exporter
 (clients/python/curvd_client/torch_export.py, so every e2e test exercises it),
-reads safetensors by hand (Debian has no `safetensors` module), and computes reference
-quantities with torch.autograd (double-backward HVPs, dense Hessians/GGNs).
+reads safetensors by hand (Debian has no `safetensors` module), builds the small
+random MLP cases the torch tests share, and computes reference quantities with
+torch.autograd (double-backward HVPs, dense Hessians/GGNs).  The pass/fail
+counting is tests/e2e_lib.py's.
 """
 import json
 import struct
@@ -18,19 +20,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
                                 "python"))
 from curvd_client.torch_export import export_architecture, safetensors_bytes  # noqa: E402,F401
 
-RESULTS = {"passed": 0, "failed": 0}
-VERBOSE = os.environ.get("VERBOSE") == "1"
-
-
-def check(name, ok, detail=""):
-    """Counts one check; prints failures (and passes with VERBOSE=1)."""
-    if VERBOSE:
-        print("ok  " if ok else "FAIL", name, detail)
-    RESULTS["passed" if ok else "failed"] += 1
-    if not ok and not VERBOSE:
-        print("FAIL", name, detail)
-
-
 def rel(a, b, floor=1e-12):
     """||a - b|| / max(||b||, floor) in float64."""
     a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
@@ -38,10 +27,30 @@ def rel(a, b, floor=1e-12):
     return float((a - b).norm() / max(float(b.norm()), floor))
 
 
-def summary():
-    """Prints the closing 'N passed, M failed' line; returns the exit code."""
-    print(f"{RESULTS['passed']} passed, {RESULTS['failed']} failed")
-    return 1 if RESULTS["failed"] else 0
+def close(a, b, rtol, atol=0.0):
+    """a and b are numbers and a is within rtol |b| + atol of b."""
+    return a is not None and b is not None and abs(a - b) <= rtol * abs(b) + atol
+
+
+def make_mlp_case(act, loss, n=12, din=5, hidden=(7, 6), C=3, seed=0):
+    """A Linear/act MLP (hidden widths, C outputs), x ~ N(0, 1) (n x din) and targets
+    as the loss needs them: class indices (CE), probabilities (BCE) or N(0, 1)."""
+    torch.manual_seed(seed)
+    layers, cur = [], din
+    for h in hidden:
+        layers += [torch.nn.Linear(cur, h), act()]
+        cur = h
+    layers.append(torch.nn.Linear(cur, C))
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(n, din)
+    name = type(loss).__name__
+    if name == "CrossEntropyLoss":
+        y = torch.randint(0, C, (n,))
+    elif name == "BCEWithLogitsLoss":
+        y = torch.rand(n, C)
+    else:
+        y = torch.randn(n, C)
+    return model, x, y
 
 
 def read_safetensors(path):

@@ -1,0 +1,111 @@
+# e2e_lib.sh - the start-up every tests/e2e_*.sh shares: the curvd binary,
+# a temporary directory, the pass/fail counters, and curvd daemons on free
+# loopback ports that are stopped when the script exits.  POSIX sh.
+#
+# Sourced right after `set -u`, with the script's arguments unchanged:
+#     . "$(dirname "$0")/e2e_lib.sh"
+# Sets
+#   CURVD  the script's $1 (default build/curvd), made absolute
+#   ROOT   the repository root        PY  /usr/bin/python3 (else python3)
+#   T      a fresh temporary directory, removed on exit (E2E_KEEP=1 keeps it)
+#   PASS, FAIL  the counters
+# Defines
+#   ok NAME             counts a pass (VERBOSE=1 prints it)
+#   bad MESSAGE         counts a failure and prints it
+#   check NAME CMD...   ok or bad by CMD's exit status
+#   finish              prints "N passed, M failed" and exits 0 or 1
+#   e2e_start LOG ARGS...  runs `curvd serve --port 0 ARGS` (stderr -> LOG),
+#                       reads the port from its "listening on" line and waits
+#                       until GET /v1/health answers 200; sets DPID, DPORT,
+#                       BASE (http://127.0.0.1:PORT); non-zero status (and
+#                       DPORT empty) when it did not come up within 20 s
+#   e2e_start_or_finish LOG ARGS...  e2e_start; when the daemon did not
+#                       start: a failure with its log, then finish
+#   e2e_wait_exit PID SECONDS  waits for a daemon to exit; RC = its exit
+#                       status, or 124 when it still runs after SECONDS
+#   e2e_check_alive LOG  the last started daemon still runs (a check)
+#   jtrue FILE EXPR     the Python expression EXPR over d (FILE's JSON) is true
+#   readme_block NAME   the fenced block after <!-- test: NAME --> in
+#                       README.md, with http://127.0.0.1:8080 and
+#                       localhost:8080 pointed at $BASE
+
+CURVD=${1:-build/curvd}
+case "$CURVD" in /*) ;; *) CURVD="$(pwd)/$CURVD" ;; esac
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=/usr/bin/python3
+[ -x "$PY" ] || PY=python3
+T=$(mktemp -d "${TMPDIR:-/tmp}/curvd-$(basename "$0" .sh).XXXXXX")
+PASS=0
+FAIL=0
+E2E_PIDS=""
+DPID=""
+DPORT=""
+BASE=""
+
+e2e_cleanup() {
+  for _p in $E2E_PIDS; do kill -9 "$_p" 2>/dev/null; done
+  if [ -n "${E2E_KEEP:-}" ]; then echo "kept $T" >&2; else rm -rf "$T"; fi
+}
+trap e2e_cleanup EXIT
+trap 'exit 1' INT TERM
+
+ok() { PASS=$((PASS + 1)); [ -z "${VERBOSE:-}" ] || echo "ok: $1" >&2; }
+bad() { FAIL=$((FAIL + 1)); echo "FAIL: $*" >&2; }
+check() { _e2e_name=$1; shift; if "$@"; then ok "$_e2e_name"; else bad "$_e2e_name"; fi; }
+finish() { echo "$PASS passed, $FAIL failed"; [ "$FAIL" = 0 ]; exit $?; }
+
+e2e_start() {
+  _log=$1; shift
+  "$CURVD" serve --port 0 "$@" 2> "$_log" &
+  DPID=$!
+  E2E_PIDS="$E2E_PIDS $DPID"
+  DPORT=""
+  BASE=""
+  _i=0
+  while [ $_i -lt 200 ]; do
+    if [ -z "$DPORT" ]; then
+      DPORT=$(sed -n 's/^curvd: listening on http:\/\/127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$_log")
+      [ -n "$DPORT" ] && BASE="http://127.0.0.1:$DPORT"
+    fi
+    if [ -n "$DPORT" ] && [ "$(curl -s -o /dev/null --max-time 5 -w '%{http_code}' "$BASE/v1/health")" = 200 ]; then
+      return 0
+    fi
+    kill -0 "$DPID" 2>/dev/null || break
+    sleep 0.1
+    _i=$((_i + 1))
+  done
+  DPORT=""
+  return 1
+}
+
+e2e_start_or_finish() {
+  e2e_start "$@" && return 0
+  bad "daemon did not start: $(cat "$1")"
+  finish
+}
+
+e2e_wait_exit() {
+  _i=0
+  _n=$(($2 * 10))
+  while [ $_i -lt $_n ] && kill -0 "$1" 2>/dev/null; do sleep 0.1; _i=$((_i + 1)); done
+  if kill -0 "$1" 2>/dev/null; then RC=124; return; fi
+  wait "$1"
+  RC=$?
+}
+
+e2e_check_alive() {
+  if kill -0 "$DPID" 2>/dev/null; then ok "daemon alive"; else bad "daemon died: $(tail -5 "$1")"; fi
+}
+
+jtrue() {
+  "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if eval(sys.argv[2]) else 1)' "$1" "$2" 2>/dev/null
+}
+
+readme_block() {
+  awk -v tag="<!-- test: $1 -->" '
+    $0 == tag { s = 1; next }
+    s == 1 && /^```/ { s = 2; next }
+    s == 2 && /^```/ { exit }
+    s == 2 { print }' "$ROOT/README.md" \
+  | sed "s#http://127.0.0.1:8080#$BASE#g; s#localhost:8080#${BASE#http://}#g"
+}

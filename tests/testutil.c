@@ -1,0 +1,296 @@
+/* testutil.c - the Check runner every test binary's main() calls, and the
+ * independent oracles the curvature tests share: a model/dataset/cv_curv
+ * fixture, finite differences of the loss, the gradient and the outputs,
+ * dense blocks, Lambda_n from the outputs, the symmetry/PSD check.  API in
+ * testutil.h. */
+#include "testutil.h"
+
+#include "engine/loss.h"
+
+int tu_main(Suite *(*make)(void))
+{
+    SRunner *sr = srunner_create(make());
+    srunner_run_all(sr, CK_ENV);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+/* ---- the fixture ------------------------------------------------------------ */
+
+void tu_fx_make(tu_fixture *f, int in, const tu_layer *layers, int nl, cv_loss_type loss,
+                cv_reduction red, size_t n, uint64_t seed, const cv_curv_options *co)
+{
+    tu_model(&f->m, in, layers, nl, loss, red, seed);
+    tu_data(&f->d, &f->m, n, seed + 100);
+    cv_err e;
+    f->c = cv_curv_new(&f->m, &f->d, co, &e);
+    ck_assert_msg(f->c != NULL, "cv_curv_new: %s", e.message);
+    cv_block_full(&f->m, &f->full);
+    f->kinks = 0;
+}
+
+void tu_fx_free(tu_fixture *f)
+{
+    cv_curv_free(f->c);
+    cv_model_free(&f->m);
+    tu_data_free(&f->d);
+}
+
+double *tu_dense(tu_fixture *f, cv_curvature kind, const cv_block *b)
+{
+    double *A = malloc(sizeof(double) * b->dim * b->dim);
+    cv_err e;
+    ck_assert_int_eq(cv_curv_dense(f->c, kind, b, 4096, A, &e), 0);
+    return A;
+}
+
+/* ---- finite differences ----------------------------------------------------- */
+
+/* Gradient (full block) of f's loss at theta + step. */
+static void grad_at(const tu_fixture *f, const double *step, double *g)
+{
+    cv_model t;
+    ck_assert_int_eq(cv_model_clone(&f->m, &t), 0);
+    for (size_t i = 0; i < t.nparams_total; i++)
+        t.params[i] += (float)step[i];
+    cv_err e;
+    cv_curv *c = cv_curv_new(&t, &f->d, NULL, &e);
+    ck_assert_ptr_nonnull(c);
+    ck_assert_int_eq(cv_curv_gradient(c, &f->full, g, &e), 0);
+    cv_curv_free(c);
+    cv_model_free(&t);
+}
+
+/* fd[q] ~ dL/dtheta_q */
+static void fd_gradient(const tu_fixture *f, double eps, double *fd)
+{
+    size_t D = f->full.dim;
+    double *step = calloc(D, sizeof(double));
+    cv_err e;
+    for (size_t q = 0; q < D; q++) {
+        step[q] = eps;
+        double lp;
+        ck_assert_int_eq(cv_curv_loss_at(f->c, &f->full, step, &lp, &e), 0);
+        step[q] = -eps;
+        double lm;
+        ck_assert_int_eq(cv_curv_loss_at(f->c, &f->full, step, &lm, &e), 0);
+        step[q] = 0;
+        fd[q] = (lp - lm) / (2 * eps);
+    }
+    free(step);
+}
+
+/* fd ~ H v */
+static void fd_hessian_vec(const tu_fixture *f, const double *v, double eps, double *fd)
+{
+    size_t D = f->full.dim;
+    double *gp = malloc(sizeof(double) * D), *gm = malloc(sizeof(double) * D);
+    double *s = calloc(D, sizeof(double));
+    for (size_t q = 0; q < D; q++)
+        s[q] = eps * v[q];
+    grad_at(f, s, gp);
+    for (size_t q = 0; q < D; q++)
+        s[q] = -eps * v[q];
+    grad_at(f, s, gm);
+    for (size_t q = 0; q < D; q++)
+        fd[q] = (gp[q] - gm[q]) / (2 * eps);
+    free(gp);
+    free(gm);
+    free(s);
+}
+
+/* J[n][c][q] (N x C x D): the outputs' derivatives. */
+static double *fd_jacobian(const tu_fixture *f, double eps)
+{
+    size_t D = f->full.dim, N = f->d.n;
+    int C = cv_model_output_dim(&f->m);
+    double *J = calloc(N * C * D, sizeof(double));
+    for (size_t q = 0; q < D; q++) {
+        const float *hs[2];
+        cv_model t[2];
+        cv_curv *cc[2];
+        cv_err e;
+        for (int s = 0; s < 2; s++) {
+            ck_assert_int_eq(cv_model_clone(&f->m, &t[s]), 0);
+            t[s].params[q] += (float)(s ? -eps : eps);
+            cc[s] = cv_curv_new(&t[s], &f->d, NULL, &e);
+            ck_assert_ptr_nonnull(cc[s]);
+            hs[s] = cv_curv_outputs(cc[s]);
+        }
+        for (size_t n = 0; n < N; n++)
+            for (int c = 0; c < C; c++)
+                J[(n * C + c) * D + q] = (hs[0][n * C + c] - hs[1][n * C + c]) / (2 * eps);
+        for (int s = 0; s < 2; s++) {
+            cv_curv_free(cc[s]);
+            cv_model_free(&t[s]);
+        }
+    }
+    return J;
+}
+
+/* ---- dense references -------------------------------------------------------- */
+
+/* Lambda_n = d^2 L_n / dh^2 (C x C, C <= 16) of sample n from the outputs h
+ * (N x C), in double. */
+static void oracle_lambda(const tu_fixture *f, const float *h, int n, double *Lam)
+{
+    int C = cv_model_output_dim(&f->m);
+    double c = cv_loss_scale(f->m.loss, f->m.reduction, f->d.n, C);
+    const float *hn = h + (size_t)n * C;
+    memset(Lam, 0, sizeof(double) * C * C);
+    if (f->m.loss == CV_LOSS_MSE) {
+        for (int a = 0; a < C; a++)
+            Lam[a * C + a] = 2 * c;
+        return;
+    }
+    double p[16], z = 0;
+    ck_assert_int_le(C, 16);
+    for (int a = 0; a < C; a++)
+        z += exp(hn[a]);
+    for (int a = 0; a < C; a++)
+        p[a] = f->m.loss == CV_LOSS_CE ? exp(hn[a]) / z : 1 / (1 + exp(-hn[a]));
+    for (int a = 0; a < C; a++)
+        for (int b = 0; b < C; b++)
+            Lam[a * C + b] = f->m.loss == CV_LOSS_CE ? c * ((a == b) * p[a] - p[a] * p[b])
+                                                     : c * (a == b) * p[a] * (1 - p[a]);
+}
+
+/* sum_n J_n^T Lambda_n J_n (D x D, column-major). */
+static double *fd_ggn(const tu_fixture *f, double eps)
+{
+    size_t D = f->full.dim, N = f->d.n;
+    int C = cv_model_output_dim(&f->m);
+    double *J = fd_jacobian(f, eps);
+    double *G = calloc(D * D, sizeof(double)), *LJ = malloc(sizeof(double) * C * D);
+    double *Lam = malloc(sizeof(double) * C * C);
+    for (size_t n = 0; n < N; n++) {
+        const double *Jn = J + n * C * D;
+        oracle_lambda(f, cv_curv_outputs(f->c), (int)n, Lam);
+        for (int a = 0; a < C; a++)
+            for (size_t j = 0; j < D; j++) {
+                double s = 0;
+                for (int b = 0; b < C; b++)
+                    s += Lam[a * C + b] * Jn[b * D + j];
+                LJ[a * D + j] = s;
+            }
+        for (size_t i = 0; i < D; i++)
+            for (int a = 0; a < C; a++)
+                for (size_t j = 0; j < D; j++)
+                    G[i + j * D] += Jn[a * D + i] * LJ[a * D + j];
+    }
+    free(J);
+    free(LJ);
+    free(Lam);
+    return G;
+}
+
+/* ---- the checks ------------------------------------------------------------- */
+
+double tu_gradient_fd_relerr(tu_fixture *f, double eps)
+{
+    size_t D = f->full.dim;
+    double *g = malloc(sizeof(double) * D), *fd = malloc(sizeof(double) * D);
+    cv_err e;
+    ck_assert_int_eq(cv_curv_gradient(f->c, &f->full, g, &e), 0);
+    fd_gradient(f, eps, fd);
+    double err = tu_relerr(g, fd, D, 1e-3);
+    free(g);
+    free(fd);
+    return err;
+}
+
+double tu_hessian_fd_relerr(tu_fixture *f, uint64_t seed, double eps)
+{
+    size_t D = f->full.dim;
+    double *v = malloc(sizeof(double) * D), *hv = malloc(sizeof(double) * D);
+    double *fd = malloc(sizeof(double) * D);
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    cv_rng_gaussian(&r, v, D);
+    double nv = tu_norm(v, D);
+    for (size_t q = 0; q < D; q++)
+        v[q] /= nv;
+    cv_err e;
+    ck_assert_int_eq(cv_curv_matvec(f->c, CV_CURV_HESSIAN, &f->full, 1, v, hv, &e), 0);
+    fd_hessian_vec(f, v, eps, fd);
+    double err = tu_relerr(hv, fd, D, 1e-3);
+    free(v);
+    free(hv);
+    free(fd);
+    return err;
+}
+
+double tu_ggn_fd_relerr(tu_fixture *f, double eps)
+{
+    size_t D = f->full.dim;
+    double *G = fd_ggn(f, eps), *A = tu_dense(f, CV_CURV_GGN, &f->full);
+    double err = tu_relerr(A, G, D * D, 1e-6);
+    free(G);
+    free(A);
+    return err;
+}
+
+void tu_check_per_sample_gradients(tu_fixture *f, const char *tag)
+{
+    size_t D = f->full.dim, N = f->d.n;
+    double *Gs = malloc(sizeof(double) * N * D), *g = malloc(sizeof(double) * D);
+    cv_err e;
+    ck_assert_int_eq(cv_curv_per_sample_gradients(f->c, &f->full, Gs, &e), 0);
+    ck_assert_int_eq(cv_curv_gradient(f->c, &f->full, g, &e), 0);
+    double *sum = calloc(D, sizeof(double));
+    for (size_t n = 0; n < N; n++)
+        for (size_t q = 0; q < D; q++)
+            sum[q] += Gs[n * D + q];
+    double err = tu_relerr(sum, g, D, 1e-6);
+    ck_assert_msg(err < 1e-5, "%sper-sample gradients sum: %g", tag, err);
+    /* EF = (1/c) sum_n g_n g_n^T with g_n = c dl_n/dtheta */
+    double c = cv_loss_scale(f->m.loss, f->m.reduction, N, cv_model_output_dim(&f->m));
+    double *EF = calloc(D * D, sizeof(double));
+    for (size_t n = 0; n < N; n++)
+        for (size_t i = 0; i < D; i++)
+            for (size_t j = 0; j < D; j++)
+                EF[i + j * D] += Gs[n * D + i] * Gs[n * D + j] / c;
+    double *A = tu_dense(f, CV_CURV_EF, &f->full);
+    err = tu_relerr(A, EF, D * D, 1e-9);
+    ck_assert_msg(err < 1e-5, "%sEF vs per-sample outer products: %g", tag, err);
+    free(Gs);
+    free(g);
+    free(sum);
+    free(EF);
+    free(A);
+}
+
+void tu_check_symmetric_psd(tu_fixture *f, const char *tag)
+{
+    size_t D = f->full.dim;
+    for (int kind = 0; kind < CV_CURV_COUNT; kind++) {
+        double *A = tu_dense(f, (cv_curvature)kind, &f->full);
+        double mx = 0, asym = 0;
+        for (size_t i = 0; i < D; i++)
+            for (size_t j = 0; j < D; j++) {
+                mx = fmax(mx, fabs(A[i + j * D]));
+                asym = fmax(asym, fabs(A[i + j * D] - A[j + i * D]));
+            }
+        ck_assert_msg(mx > 0, "%s%s is zero", tag, cv_curvature_name(kind));
+        ck_assert_msg(asym <= 1e-5 * mx, "%s%s asymmetry %g of %g", tag,
+                      cv_curvature_name(kind), asym, mx);
+        if (kind != CV_CURV_HESSIAN) {
+            double *w = malloc(sizeof(double) * D);
+            tu_eigvalsh(A, (int)D, w);
+            ck_assert_msg(w[0] >= -1e-5 * w[D - 1], "%s%s not PSD: %g (max %g)", tag,
+                          cv_curvature_name(kind), w[0], w[D - 1]);
+            free(w);
+        }
+        free(A);
+    }
+}
+
+/* ---- JSON results ------------------------------------------------------------ */
+
+double tu_num(const cJSON *o, const char *k)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    ck_assert_msg(cJSON_IsNumber(v), "result field %s missing", k);
+    return v->valuedouble;
+}
