@@ -17,27 +17,9 @@
 # Needs node and npm (installed with apt-get as root when missing).
 # Ends with "N passed, M failed"; VERBOSE=1 lists passing checks.
 set -u
-CURVD=${1:-build/curvd}
-case "$CURVD" in /*) ;; *) CURVD="$(pwd)/$CURVD" ;; esac
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
+. "$(dirname "$0")/e2e_lib.sh"
 SPEC="$ROOT/api/openapi.yaml"
 TOOLS="$ROOT/tests/openapi"
-T=$(mktemp -d "${TMPDIR:-/tmp}/curvd-openapi.XXXXXX")
-PASS=0
-FAIL=0
-DPID=""
-cleanup() {
-  [ -n "$DPID" ] && kill -9 "$DPID" 2>/dev/null
-  if [ -n "${E2E_KEEP:-}" ]; then echo "kept $T" >&2; else rm -rf "$T"; fi
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM
-ok() { PASS=$((PASS + 1)); [ -z "${VERBOSE:-}" ] || echo "ok: $1" >&2; }
-bad() { FAIL=$((FAIL + 1)); echo "FAIL: $*" >&2; }
-check() { n=$1; shift; if "$@"; then ok "$n"; else bad "$n"; fi; }
-finish() { echo "$PASS passed, $FAIL failed"; [ "$FAIL" = 0 ]; exit $?; }
 
 # ---- node + @apidevtools/swagger-parser into build/npm-openapi ------------------------
 NODE=$(command -v node || true)
@@ -95,18 +77,7 @@ broken "unknown schema type" 's/^      type: object$/      type: objekt/'
 broken "dangling \$ref" 's|\$ref: "#/components/schemas/TraceOptions"|$ref: "#/components/schemas/NoSuchOptions"|'
 
 # ---- daemon ----------------------------------------------------------------------------
-"$CURVD" serve --port 0 --bind 127.0.0.1 2> "$T/daemon.log" &
-DPID=$!
-i=0
-PORT=""
-while [ $i -lt 200 ] && [ -z "$PORT" ]; do
-  PORT=$(sed -n 's/^curvd: listening on http:\/\/127\.0\.0\.1:\([0-9][0-9]*\)$/\1/p' "$T/daemon.log")
-  kill -0 "$DPID" 2>/dev/null || break
-  [ -n "$PORT" ] || sleep 0.1
-  i=$((i + 1))
-done
-if [ -z "$PORT" ]; then bad "daemon did not start: $(cat "$T/daemon.log")"; finish; fi
-BASE="http://127.0.0.1:$PORT"
+e2e_start_or_finish "$T/daemon.log" --bind 127.0.0.1
 
 # ---- 2. per-op schemas against GET /v1/ops ------------------------------------------
 if curl -s -S --max-time 20 -o "$T/ops.json" "$BASE/v1/ops"; then ok "GET /v1/ops"; else bad "GET /v1/ops failed"; finish; fi
@@ -192,5 +163,5 @@ if NODE_PATH="$NPMDIR/node_modules" timeout 60 "$NODE" "$TOOLS/schema_check.js" 
 else
   bad "the schemas and the server disagree: $(cat "$T/schema.out")"
 fi
-kill -0 "$DPID" 2>/dev/null && ok "daemon alive" || bad "daemon died: $(tail -5 "$T/daemon.log")"
+e2e_check_alive "$T/daemon.log"
 finish
