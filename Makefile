@@ -65,7 +65,8 @@ SAN_FLAGS += -fno-sanitize-recover=undefined
 endif
 # Check forks a child per test; a sanitizer report makes the child exit non-zero
 # (LeakSanitizer included: it runs when the child exits), so the test fails.
-SAN_ENV   := ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:exitcode=23 \
+# allocator_may_return_null: tests ask for impossible sizes and expect NULL.
+SAN_ENV   := ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1:exitcode=23 \
              UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
              TSAN_OPTIONS=halt_on_error=1:exitcode=66:suppressions=$(CURDIR)/tests/tsan.supp \
              CK_TIMEOUT_MULTIPLIER=10
