@@ -68,7 +68,7 @@ endif
 # allocator_may_return_null: tests ask for impossible sizes and expect NULL.
 SAN_ENV   := ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1:exitcode=23 \
              UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-             TSAN_OPTIONS=halt_on_error=1:exitcode=66:suppressions=$(CURDIR)/tests/tsan.supp \
+             TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1:exitcode=66:suppressions=$(CURDIR)/tests/tsan.supp \
              CK_TIMEOUT_MULTIPLIER=10
 endif
 ifneq ($(origin B),command line)
