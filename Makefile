@@ -7,7 +7,9 @@
 #                         the demo on 127.0.0.1:8080 (ARGS: extra `curvd serve` flags)
 #   make test             install missing packages, build, then test-unit,
 #                         unit-portable and e2e
-#   make test-unit        build and run the Check suites tests/test_*.c (alias: unit)
+#   make test-unit        build and run the Check suites tests/test_*.c (alias: unit);
+#                         `make SANITIZE=address,undefined test-unit` under sanitizers
+#   make build-tests      build curvd, the suites and bench_ops, run nothing (-j friendly)
 #   make unit-portable    test_cnn once more, built without the AVX-512 direct kernels
 #   make e2e              the end-to-end scripts tests/e2e_*.sh and tests/e2e_*.py
 #   make bench [BENCH_ARGS=...]  curvd vs PyTorch (bench/README.md)
@@ -94,11 +96,13 @@ TEST_OBJ  := $(patsubst %.c,$(B)/%.o,$(filter-out $(TEST_SRC),$(wildcard tests/*
 E2E_SH    := $(filter-out tests/e2e_lib.sh,$(wildcard tests/e2e_*.sh))
 E2E_PY    := $(wildcard tests/e2e_*.py)
 
-.PHONY: all help deps depcheck test test-unit unit unit-portable e2e run bench clean
+.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run bench clean
 all: $(B)/curvd
 
+build-tests: $(B)/curvd $(TEST_BIN) $(B)/bench_ops
+
 help:
-	@sed -n '2,/^$$/s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,/^$$/s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 deps:
 	@scripts/deps.sh build
