@@ -162,8 +162,8 @@ $(B)/server/dashboard.o: $(B)/gen/dashboard_assets.inc
 $(B)/server/dashboard.o: GEN_CFLAGS := -I$(B)/gen
 
 # ---- tests ---------------------------------------------------------------------------
-# Under SANITIZE, SAN_ENV sets the sanitizers' options, stretches Check's
-# timeouts (CK_TIMEOUT_MULTIPLIER).
+# Under SANITIZE, SAN_ENV sets the sanitizers' options and stretches Check's
+# timeouts (CK_TIMEOUT_MULTIPLIER); empty otherwise.
 test-unit: $(TEST_BIN)
 	@set -e; for t in $(TEST_BIN); do echo "== $$t"; \
 	    CK_DEFAULT_TIMEOUT=600 $(SAN_ENV) $$t; done
@@ -178,8 +178,8 @@ unit-portable:
 	    CK_DEFAULT_TIMEOUT=600 $(SAN_ENV) $(B)/portable/tests/test_cnn
 
 e2e: $(B)/curvd $(B)/bench_ops
-	@set -e; for t in $(E2E_SH); do echo "== $$t"; sh $$t $(B)/curvd; done
-	@set -e; for t in $(E2E_PY); do echo "== $$t"; $(PY) $$t $(B)/curvd; done
+	@set -e; for t in $(E2E_SH); do echo "== $$t"; $(SAN_ENV) sh $$t $(B)/curvd; done
+	@set -e; for t in $(E2E_PY); do echo "== $$t"; $(SAN_ENV) $(PY) $$t $(B)/curvd; done
 
 test:
 	@scripts/deps.sh test
