@@ -1,45 +1,147 @@
-# curvd build. `make` builds, `make test` runs every test, `make run` serves the demo.
-CC      ?= cc
-PKGS    := openblas check libcjson libmicrohttpd
-CFLAGS  ?= -O2 -g
+# curvd build (GNU make).  `make help` prints this block.
+#
+# Targets:
+#   make                  build build/curvd; installs nothing (a missing Debian
+#                         package is named with its apt-get line, see `make deps`)
+#   make run [ARGS=...]   install missing packages (scripts/deps.sh), build, serve
+#                         the demo on 127.0.0.1:8080 (ARGS: extra `curvd serve` flags)
+#   make test             install missing packages, build, then test-unit,
+#                         unit-portable and e2e
+#   make test-unit        build and run the Check suites tests/test_*.c (alias: unit);
+#                         `make SANITIZE=address,undefined test-unit` under sanitizers
+#   make build-tests      build curvd, the suites and bench_ops, run nothing (-j friendly)
+#   make unit-portable    test_cnn once more, built without the AVX-512 direct kernels
+#   make e2e              the end-to-end scripts tests/e2e_*.sh and tests/e2e_*.py
+#   make bench [BENCH_ARGS=...]  curvd vs PyTorch (bench/README.md)
+#   make deps             install (as root) or name the missing build packages
+#   make clean            remove build/ (every build directory below it)
+#
+# Variables (on the command line, e.g. `make CC=clang CFLAGS=-O0`):
+#   CC=clang              another C compiler; GCC-only flags are left out
+#   CFLAGS=...            added after the project's flags, so CFLAGS=-O0 or
+#                         CFLAGS=-march=native win; includes and -std stay
+#   OPT=-O2  DEBUG=-g     the default optimisation and debug flags
+#   LDFLAGS=...           extra link flags
+#   SANITIZE=address,undefined   -fsanitize=... build in build/san-address-undefined/
+#   SANITIZE=thread       ThreadSanitizer build in build/san-thread/ (OpenBLAS
+#                         reports suppressed by tests/tsan.supp)
+#   WERROR=1              warnings are errors (.ci/run)
+#   B=dir                 build directory [build, or build/san-... with SANITIZE]
+# Changing CC or any flag rebuilds everything in that build directory.
+
+PKGS      := openblas check libcjson libmicrohttpd
+LIB_PKGS  := openblas libcjson libmicrohttpd
+PY        := /usr/bin/python3
+comma     := ,
+empty     :=
+space     := $(empty) $(empty)
+
+# ---- flags, in layers: FINAL_CFLAGS = STD WARN OPT DEBUG VECT SAN DEFS CFLAGS DEPS
+STD       := -std=c11 -D_GNU_SOURCE -pthread
+WARN      := -Wall -Wextra -Wshadow -Wno-unused-parameter
+OPT       := -O2
+DEBUG     := -g
+CFLAGS    ?=
+LDFLAGS   ?=
+DEFS      :=
+ifneq ($(WERROR),)
+WARN      += -Werror
+endif
+
 # Elementwise kernels (activations, max pooling) vectorize only with these:
 # GCC's -O2 cost model refuses loops of unknown length, and with trapping math
 # it will not turn a float compare into a select.  Results are bit-identical
 # (no reassociation, no FMA contraction without -march); we never read FP flags.
-CFLAGS  += -fvect-cost-model=dynamic -fno-trapping-math
-CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wshadow -Wno-unused-parameter -pthread \
-           -I. $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LDLIBS  := $(shell pkg-config --libs openblas libcjson libmicrohttpd 2>/dev/null) -llapacke -lm -pthread
+# A compiler that does not know a flag (clang: -fvect-cost-model) goes without.
+cc_flag   = $(shell $(CC) -Werror $(1) -x c -c -o /dev/null /dev/null >/dev/null 2>&1 && echo $(1))
+VECT      := $(call cc_flag,-fvect-cost-model=dynamic) $(call cc_flag,-fno-trapping-math)
+
+SAN_FLAGS :=
+SAN_ENV   :=
+ifneq ($(SANITIZE),)
+SAN_LIST  := $(subst $(comma),$(space),$(SANITIZE))
+SAN_FLAGS := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer
+ifneq ($(filter undefined,$(SAN_LIST)),)
+# a UBSan finding stops the program (and so fails its test)
+SAN_FLAGS += -fno-sanitize-recover=undefined
+endif
+# Check forks a child per test; a sanitizer report makes the child exit non-zero
+# (LeakSanitizer included: it runs when the child exits), so the test fails.
+# allocator_may_return_null: tests ask for impossible sizes and expect NULL.
+SAN_ENV   := ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1:exitcode=23 \
+             UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+             TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1:exitcode=66:suppressions=$(CURDIR)/tests/tsan.supp \
+             CK_TIMEOUT_MULTIPLIER=10
+endif
+ifneq ($(origin B),command line)
+B         := build$(if $(SANITIZE),/san-$(subst $(space),-,$(SAN_LIST)))
+endif
+
+DEPS_CFLAGS  := -I. $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+FINAL_CFLAGS  = $(STD) $(WARN) $(OPT) $(DEBUG) $(VECT) $(SAN_FLAGS) $(DEFS) $(CFLAGS) \
+                $(DEPS_CFLAGS) $(GEN_CFLAGS)
+FINAL_LDFLAGS = $(SAN_FLAGS) $(LDFLAGS)
+LDLIBS    := $(shell pkg-config --libs $(LIB_PKGS) 2>/dev/null) -llapacke -lm -pthread
 CHECKLIBS := $(shell pkg-config --libs check 2>/dev/null)
-PY      := /usr/bin/python3
-B       := build
+# header dependencies: each compile writes the headers it read to a .d file
+DEPGEN     = -MMD -MP -MF $@.d
 
-LIB_SRC  := $(wildcard engine/*.c) $(wildcard api/*.c) $(filter-out server/main.c,$(wildcard server/*.c))
-LIB_OBJ  := $(LIB_SRC:%.c=$(B)/%.o)
-TEST_SRC := $(wildcard tests/test_*.c)
-TEST_BIN := $(TEST_SRC:tests/%.c=$(B)/tests/%)
-HDRS     := $(wildcard engine/*.h api/*.h server/*.h tests/*.h)
+# ---- sources ---------------------------------------------------------------------------
+LIB_SRC   := $(wildcard engine/*.c) $(wildcard api/*.c) $(filter-out server/main.c,$(wildcard server/*.c))
+LIB_OBJ   := $(LIB_SRC:%.c=$(B)/%.o)
+TEST_SRC  := $(wildcard tests/test_*.c)
+TEST_BIN  := $(TEST_SRC:tests/%.c=$(B)/tests/%)
+# shared test code (tests/*.c that are not suites), linked into every suite
+TEST_OBJ  := $(patsubst %.c,$(B)/%.o,$(filter-out $(TEST_SRC),$(wildcard tests/*.c)))
+E2E_SH    := $(filter-out tests/e2e_lib.sh,$(wildcard tests/e2e_*.sh))
+E2E_PY    := $(filter-out tests/e2e_lib.py,$(wildcard tests/e2e_*.py))
 
-.PHONY: all deps test unit unit-portable e2e run bench clean
-all: deps $(B)/curvd
+.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run bench clean
+all: $(B)/curvd
+
+build-tests: $(B)/curvd $(TEST_BIN) $(B)/bench_ops
+
+help:
+	@sed -n '3,/^$$/s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 deps:
 	@scripts/deps.sh build
 
-$(B)/%.o: %.c $(HDRS)
+# Plain `make` never installs: when pkg-config misses a package, deps.sh --check
+# names the missing ones and the apt-get line, and the build stops.
+depcheck:
+	@pkg-config --exists $(PKGS) 2>/dev/null || scripts/deps.sh --check build
+
+# Everything in $(B) is rebuilt when the compiler or a flag changes.
+FLAGS_STAMP := $(B)/.flags
+FLAGS_NOW    = $(CC) $(FINAL_CFLAGS) $(FINAL_LDFLAGS) $(LDLIBS) $(CHECKLIBS)
+ifneq ($(filter-out clean help deps,$(or $(MAKECMDGOALS),all)),)
+ifneq ($(file <$(FLAGS_STAMP)),$(strip $(FLAGS_NOW)))
+$(shell mkdir -p $(B))
+$(file >$(FLAGS_STAMP),$(strip $(FLAGS_NOW)))
+endif
+endif
+
+$(B)/%.o: %.c $(FLAGS_STAMP) | depcheck
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -c $< -o $@
+	$(CC) $(FINAL_CFLAGS) $(DEPGEN) -c $< -o $@
 
 $(B)/libcurvd.a: $(LIB_OBJ)
+	@rm -f $@
 	ar rcs $@ $^
 
 $(B)/curvd: $(B)/server/main.o $(B)/libcurvd.a
-	$(CC) $(CFLAGS) -o $@ $^ $(LDLIBS)
+	$(CC) $(FINAL_CFLAGS) $(FINAL_LDFLAGS) -o $@ $^ $(LDLIBS)
 
-# Every test binary links the shared runner and oracles (tests/testutil.c).
-$(TEST_BIN): $(B)/tests/%: tests/%.c $(B)/tests/testutil.o $(B)/libcurvd.a $(HDRS)
+$(TEST_BIN): $(B)/tests/%: tests/%.c $(TEST_OBJ) $(B)/libcurvd.a $(FLAGS_STAMP) | depcheck
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -o $@ $< $(B)/tests/testutil.o $(B)/libcurvd.a $(CHECKLIBS) $(LDLIBS)
+	$(CC) $(FINAL_CFLAGS) $(DEPGEN) $(FINAL_LDFLAGS) -o $@ $< $(TEST_OBJ) $(B)/libcurvd.a \
+	    $(CHECKLIBS) $(LDLIBS)
+
+$(B)/bench_ops: bench/bench_ops.c $(B)/libcurvd.a $(FLAGS_STAMP) | depcheck
+	$(CC) $(FINAL_CFLAGS) $(DEPGEN) $(FINAL_LDFLAGS) -o $@ $< $(B)/libcurvd.a $(LDLIBS)
+
+-include $(LIB_OBJ:.o=.o.d) $(TEST_OBJ:.o=.o.d) $(B)/server/main.o.d $(TEST_BIN:=.d) $(B)/bench_ops.d
 
 # server/demo.c embeds scikit-learn's digits (python3-sklearn's data file),
 # converted at build time; an empty table (synthetic fallback) when absent.
@@ -48,7 +150,7 @@ $(B)/gen/digits.inc: server/gen_digits.sh $(wildcard $(DIGITS_CSV))
 	@mkdir -p $(dir $@)
 	sh server/gen_digits.sh $(DIGITS_CSV) > $@.tmp && mv $@.tmp $@
 $(B)/server/demo.o: $(B)/gen/digits.inc
-$(B)/server/demo.o: CFLAGS += -I$(B)/gen
+$(B)/server/demo.o: GEN_CFLAGS := -I$(B)/gen
 
 # The web dashboard (clients/dashboard), embedded into the binary by
 # server/dashboard.c; served at GET / and GET /dashboard/{file}.
@@ -57,33 +159,36 @@ $(B)/gen/dashboard_assets.inc: clients/dashboard/embed.sh $(DASH_FILES)
 	@mkdir -p $(dir $@)
 	sh clients/dashboard/embed.sh $(DASH_FILES) > $@.tmp && mv $@.tmp $@
 $(B)/server/dashboard.o: $(B)/gen/dashboard_assets.inc
-$(B)/server/dashboard.o: CFLAGS += -I$(B)/gen
+$(B)/server/dashboard.o: GEN_CFLAGS := -I$(B)/gen
 
-unit: $(TEST_BIN)
-	@set -e; for t in $(TEST_BIN); do echo "== $$t"; CK_DEFAULT_TIMEOUT=600 $$t; done
+# ---- tests ---------------------------------------------------------------------------
+# Under SANITIZE, SAN_ENV sets the sanitizers' options and stretches Check's
+# timeouts (CK_TIMEOUT_MULTIPLIER); empty otherwise.
+test-unit: $(TEST_BIN)
+	@set -e; for t in $(TEST_BIN); do echo "== $$t"; \
+	    CK_DEFAULT_TIMEOUT=600 $(SAN_ENV) $$t; done
+unit: test-unit
 
 # Conv2d's im2col + sgemm path on every CPU: test_cnn once more, built without
 # the direct (AVX-512) kernels of engine/conv_direct.c.
 unit-portable:
-	@CFLAGS="-O2 -g -DCV_DCONV_PORTABLE" $(MAKE) --no-print-directory B=$(B)/portable \
+	@$(MAKE) --no-print-directory B=$(B)/portable DEFS=-DCV_DCONV_PORTABLE \
 	    $(B)/portable/tests/test_cnn
-	@echo "== $(B)/portable/tests/test_cnn"; CK_DEFAULT_TIMEOUT=600 $(B)/portable/tests/test_cnn
+	@echo "== $(B)/portable/tests/test_cnn"; \
+	    CK_DEFAULT_TIMEOUT=600 $(SAN_ENV) $(B)/portable/tests/test_cnn
 
 e2e: $(B)/curvd $(B)/bench_ops
-	@set -e; for t in $(filter-out tests/e2e_lib.sh,$(wildcard tests/e2e_*.sh)); do echo "== $$t"; sh $$t $(B)/curvd; done
-	@set -e; for t in $(filter-out tests/e2e_lib.py,$(wildcard tests/e2e_*.py)); do echo "== $$t"; $(PY) $$t $(B)/curvd; done
+	@set -e; for t in $(E2E_SH); do echo "== $$t"; $(SAN_ENV) sh $$t $(B)/curvd; done
+	@set -e; for t in $(E2E_PY); do echo "== $$t"; $(SAN_ENV) $(PY) $$t $(B)/curvd; done
 
 test:
 	@scripts/deps.sh test
-	@$(MAKE) --no-print-directory all unit unit-portable e2e
+	@$(MAKE) --no-print-directory all test-unit unit-portable e2e
 
 run:
 	@scripts/deps.sh run
 	@$(MAKE) --no-print-directory all
 	$(B)/curvd serve $(ARGS)
-
-$(B)/bench_ops: bench/bench_ops.c $(B)/libcurvd.a $(HDRS)
-	$(CC) $(CFLAGS) -o $@ $< $(B)/libcurvd.a $(LDLIBS)
 
 bench:
 	@scripts/deps.sh bench
@@ -91,4 +196,4 @@ bench:
 	$(PY) bench/bench.py --bench-ops $(B)/bench_ops $(BENCH_ARGS)
 
 clean:
-	rm -rf $(B)
+	rm -rf build $(filter-out build build/%,$(B))

@@ -1,17 +1,39 @@
 #!/bin/sh
-# deps.sh - make sure the Debian packages curvd needs are installed.
-# Usage: scripts/deps.sh build|test|run|bench
-# As root, missing packages are installed with apt-get; otherwise the exact
-# apt-get line is printed and the script fails.
+# deps.sh - the Debian packages curvd needs, by use; makes sure they are installed.
+# Usage: scripts/deps.sh [--check | --list] build|test|run|bench|image|runtime
+#   (no option)  as root, missing packages are installed with apt-get; otherwise
+#                the exact apt-get line is printed and the script fails
+#   --check      never installs: names what is missing and fails (plain `make`)
+#   --list       prints the set's packages, one a line
+# Sets: build   compilers and -dev packages (`make`)
+#       run     build + what `make run` uses
+#       test    build + what `make test` uses
+#       bench   build + what `make bench` uses
+#       image   the Dockerfile's build stage: build + the demo's digits data
+#       runtime the Dockerfile's runtime stage: the shared libraries build/curvd
+#               links (those of the -dev packages in build) + curl (HEALTHCHECK)
+# tests/e2e_dockerfile.sh checks that the Dockerfile installs exactly image and
+# runtime, and that runtime matches the libraries build/curvd needs.
 set -e
+MODE=install
+case "$1" in
+  --check) MODE=check; shift ;;
+  --list)  MODE=list; shift ;;
+esac
 BUILD="build-essential pkg-config libopenblas-dev liblapacke-dev libcjson-dev libmicrohttpd-dev check"
 case "${1:-build}" in
-  build) PKGS="$BUILD" ;;
-  run)   PKGS="$BUILD curl python3-sklearn" ;;
-  test)  PKGS="$BUILD curl python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-pip python3-setuptools mypy chromium" ;;
-  bench) PKGS="$BUILD python3 python3-numpy python3-torch" ;;
+  build)   PKGS="$BUILD" ;;
+  run)     PKGS="$BUILD curl python3-sklearn" ;;
+  test)    PKGS="$BUILD curl python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-pip python3-setuptools mypy chromium" ;;
+  bench)   PKGS="$BUILD python3 python3-numpy python3-torch" ;;
+  image)   PKGS="$BUILD python3-sklearn" ;;
+  runtime) PKGS="libopenblas0-pthread liblapacke libcjson1 libmicrohttpd12 curl" ;;
   *) echo "deps.sh: unknown set '$1'" >&2; exit 2 ;;
 esac
+if [ "$MODE" = list ]; then
+  for p in $PKGS; do echo "$p"; done
+  exit 0
+fi
 MISSING=""
 for p in $PKGS; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
@@ -19,13 +41,17 @@ for p in $PKGS; do
   fi
 done
 [ -z "$MISSING" ] && exit 0
-if [ "$(id -u)" = 0 ]; then
+if [ "$MODE" = install ] && [ "$(id -u)" = 0 ]; then
   echo "deps.sh: installing:$MISSING" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends $MISSING >/dev/null
 else
   echo "curvd needs these Debian packages. Run:" >&2
-  echo "  sudo apt-get install -y$MISSING" >&2
+  if [ "$(id -u)" = 0 ]; then
+    echo "  apt-get install -y$MISSING    (or: make deps)" >&2
+  else
+    echo "  sudo apt-get install -y$MISSING" >&2
+  fi
   exit 1
 fi

@@ -132,8 +132,8 @@ START_TEST(multipart_rejects_malformed)
         "--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nunterminated",
         "--B\r\nContent-Disposition: form-data; name=\"a\"\r\nno blank line",
         "--B\r\nContent-Type: text/plain\r\n\r\nx\r\n--B--",
-        "--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--B\r\n"
-        "Content-Disposition: form-data; name=\"a\"\r\n\r\n2\r\n--B--",
+        ("--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--B\r\n"
+         "Content-Disposition: form-data; name=\"a\"\r\n\r\n2\r\n--B--"),
         "--Bjunk",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
@@ -715,7 +715,8 @@ START_TEST(routes_match_openapi)
             for (int i = g[1].rm_so; i < g[1].rm_eo && k < 15; i++)
                 m[k++] = (char)(line[i] - 'a' + 'A');
             m[k] = 0;
-            snprintf(spec[ns++], sizeof spec[0], "%s %s", m, path);
+            int w = snprintf(spec[ns++], sizeof spec[0], "%s %s", m, path);
+            ck_assert_msg(w < (int)sizeof spec[0], "openapi path too long: %s", path);
         }
     }
     fclose(f);
