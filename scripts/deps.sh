@@ -24,7 +24,7 @@ BUILD="build-essential pkg-config libopenblas-dev liblapacke-dev libcjson-dev li
 case "${1:-build}" in
   build)   PKGS="$BUILD" ;;
   run)     PKGS="$BUILD curl python3-sklearn" ;;
-  test)    PKGS="$BUILD curl python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-pip python3-setuptools mypy chromium" ;;
+  test)    PKGS="$BUILD curl python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-pip python3-setuptools mypy chromium clang" ;;
   bench)   PKGS="$BUILD python3 python3-numpy python3-torch" ;;
   image)   PKGS="$BUILD python3-sklearn" ;;
   runtime) PKGS="libopenblas0-pthread liblapacke libcjson1 libmicrohttpd12 curl" ;;
