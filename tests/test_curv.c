@@ -4,6 +4,7 @@
  * linear+MSE, equal diagonal blocks for ReLU nets, MC Fisher -> GGN). */
 #include "testutil.h"
 
+#include "engine/layer_passthrough.h"
 #include "engine/loss.h"
 
 typedef struct {
@@ -56,17 +57,25 @@ static double *dense(fixture *f, cv_curvature kind)
 }
 
 static const tu_layer smooth_net[] = {
-    {CV_LINEAR, 6}, {CV_TANH, 0}, {CV_LINEAR, 4}, {CV_SIGMOID, 0}, {CV_LINEAR, 3}};
+    {&cv_linear_class, 6},  {&cv_tanh_class, 0},   {&cv_linear_class, 4},
+    {&cv_sigmoid_class, 0}, {&cv_linear_class, 3}};
 
-static const cv_layer_type acts[] = {CV_TANH, CV_SIGMOID, CV_ELU, CV_GELU, CV_SOFTPLUS,
-                                     CV_LEAKYRELU, CV_RELU, CV_IDENTITY};
+static const cv_layer_class *const acts[] = {
+    &cv_tanh_class,     &cv_sigmoid_class,   &cv_elu_class,  &cv_gelu_class,
+    &cv_softplus_class, &cv_leakyrelu_class, &cv_relu_class, &cv_identity_class};
+
+/* ReLU / LeakyReLU: kinks, so finite differences are looser */
+static int piecewise_linear(const cv_layer_class *cls)
+{
+    return cls == &cv_relu_class || cls == &cv_leakyrelu_class;
+}
 static const cv_loss_type losses[] = {CV_LOSS_MSE, CV_LOSS_CE, CV_LOSS_BCE};
 
 /* _i: activation index * 6 + loss index * 2 + reduction */
 static void make_variant(fixture *f, int i)
 {
-    tu_layer net[] = {{CV_LINEAR, 6}, {acts[i / 6], 0}, {CV_LINEAR, 4}, {acts[i / 6], 0},
-                      {CV_LINEAR, 3}};
+    tu_layer net[] = {{&cv_linear_class, 6}, {acts[i / 6], 0}, {&cv_linear_class, 4},
+                      {acts[i / 6], 0},      {&cv_linear_class, 3}};
     fx_make(f, 5, net, 5, losses[(i / 2) % 3], (cv_reduction)(i % 2), 7, 17 + (uint64_t)i);
 }
 
@@ -92,7 +101,7 @@ START_TEST(gradient_matches_finite_differences)
     }
     double err = tu_relerr(g, fd, D, 1e-3);
     /* ReLU / LeakyReLU kinks can sit within eps of a sample: looser there */
-    double tol = (acts[_i / 6] == CV_RELU || acts[_i / 6] == CV_LEAKYRELU) ? 2e-2 : 2e-3;
+    double tol = piecewise_linear(acts[_i / 6]) ? 2e-2 : 2e-3;
     ck_assert_msg(err < tol, "variant %d: gradient vs FD rel err %g", _i, err);
     free(g);
     free(fd);
@@ -127,7 +136,7 @@ START_TEST(hessian_matches_fd_of_gradient)
     for (size_t q = 0; q < D; q++)
         fd[q] = (gp[q] - gm[q]) / (2 * eps);
     double err = tu_relerr(hv, fd, D, 1e-3);
-    double tol = (acts[_i / 6] == CV_RELU || acts[_i / 6] == CV_LEAKYRELU) ? 3e-2 : 3e-3;
+    double tol = piecewise_linear(acts[_i / 6]) ? 3e-2 : 3e-3;
     ck_assert_msg(err < tol, "variant %d: Hv vs FD rel err %g", _i, err);
     free(v); free(hv); free(gp); free(gm); free(s); free(fd);
     fx_free(&f);
@@ -226,7 +235,7 @@ START_TEST(ggn_equals_dense_jt_lambda_j)
     }
     double *A = dense(&f, CV_CURV_GGN);
     double err = tu_relerr(A, G, D * D, 1e-6);
-    double tol = (acts[_i / 6] == CV_RELU || acts[_i / 6] == CV_LEAKYRELU) ? 3e-2 : 3e-3;
+    double tol = piecewise_linear(acts[_i / 6]) ? 3e-2 : 3e-3;
     ck_assert_msg(err < tol, "variant %d: GGN vs dense J^T Lambda J rel err %g", _i, err);
     free(J); free(G); free(A);
     fx_free(&f);
@@ -236,7 +245,7 @@ END_TEST
 START_TEST(ggn_equals_hessian_for_linear_mse)
 {
     fixture f;
-    tu_layer net[] = {{CV_LINEAR, 4}};
+    tu_layer net[] = {{&cv_linear_class, 4}};
     fx_make(&f, 6, net, 1, CV_LOSS_MSE, CV_RED_MEAN, 9, 5);
     size_t D = f.full.dim;
     double *H = dense(&f, CV_CURV_HESSIAN), *G = dense(&f, CV_CURV_GGN);
@@ -251,8 +260,8 @@ END_TEST
 START_TEST(relu_net_hessian_and_ggn_diagonal_blocks_agree)
 {
     fixture f;
-    tu_layer net[] = {{CV_LINEAR, 6}, {CV_RELU, 0}, {CV_LINEAR, 5}, {CV_RELU, 0},
-                      {CV_LINEAR, 3}};
+    tu_layer net[] = {{&cv_linear_class, 6}, {&cv_relu_class, 0}, {&cv_linear_class, 5},
+                      {&cv_relu_class, 0},   {&cv_linear_class, 3}};
     fx_make(&f, 4, net, 5, CV_LOSS_CE, CV_RED_MEAN, 11, 8);
     size_t D = f.full.dim;
     double *H = dense(&f, CV_CURV_HESSIAN), *G = dense(&f, CV_CURV_GGN);
@@ -443,7 +452,7 @@ START_TEST(loss_values_match_closed_forms)
 {
     /* one sample, identity-like net: Linear 2->2 with W = I, b = 0 */
     cv_model m;
-    tu_layer net[] = {{CV_LINEAR, 2}};
+    tu_layer net[] = {{&cv_linear_class, 2}};
     for (int li = 0; li < 3; li++) {
         tu_model(&m, 2, net, 1, losses[li], CV_RED_MEAN, 1);
         float p[6] = {1, 0, 0, 1, 0, 0};
