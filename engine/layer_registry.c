@@ -23,6 +23,7 @@
     X(cv_batchnorm1d_class)       \
     X(cv_batchnorm2d_class)       \
     X(cv_dropout_class)           \
+    X(cv_silu_class)              \
     /* one line per class above, in the order "supported:" lists them */
 
 #define CV_DECLARE_CLASS(c) extern const cv_layer_class c;
