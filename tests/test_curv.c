@@ -4,6 +4,7 @@
  * linear+MSE, equal diagonal blocks for ReLU nets, MC Fisher -> GGN). */
 #include "testutil.h"
 
+#include "engine/layer.h"
 #include "engine/layer_passthrough.h"
 #include "engine/loss.h"
 
@@ -60,9 +61,12 @@ static const tu_layer smooth_net[] = {
     {&cv_linear_class, 6},  {&cv_tanh_class, 0},   {&cv_linear_class, 4},
     {&cv_sigmoid_class, 0}, {&cv_linear_class, 3}};
 
+extern const cv_layer_class cv_silu_class; /* engine/layer_silu.c (no header) */
+
 static const cv_layer_class *const acts[] = {
     &cv_tanh_class,     &cv_sigmoid_class,   &cv_elu_class,  &cv_gelu_class,
-    &cv_softplus_class, &cv_leakyrelu_class, &cv_relu_class, &cv_identity_class};
+    &cv_softplus_class, &cv_leakyrelu_class, &cv_relu_class, &cv_identity_class,
+    &cv_silu_class};
 
 /* ReLU / LeakyReLU: kinks, so finite differences are looser */
 static int piecewise_linear(const cv_layer_class *cls)
@@ -485,6 +489,41 @@ START_TEST(loss_values_match_closed_forms)
 }
 END_TEST
 
+/* SiLU's forward kernel: phi(x) = x / (1 + exp(-x)) in closed form, phi' and
+ * phi'' (its caches) against central differences of that closed form. */
+static double silu_ref(double x) { return x / (1.0 + exp(-x)); }
+
+START_TEST(silu_matches_closed_form)
+{
+    float x[] = {-30.0f, -6.5f, -2.0f, -1.0f, -0.25f, 0.0f, 0.125f, 0.5f, 1.5f, 3.0f, 8.0f, 40.0f};
+    int n = (int)(sizeof x / sizeof x[0]);
+    float y[sizeof x / sizeof x[0]];
+    cv_layer L;
+    cv_layer_init(&L, &cv_silu_class);
+    cv_layer_ctx c;
+    memset(&c, 0, sizeof c);
+    c.L = &L;
+    c.n = n;
+    c.in_numel = c.out_numel = 1;
+    c.x = x;
+    cv_err e;
+    ck_assert_int_eq(cv_silu_class.ops->forward(&c, y, &e), 0);
+    ck_assert_ptr_nonnull(c.d2);
+    const double h = 1e-3;
+    for (int i = 0; i < n; i++) {
+        double xi = x[i], f = silu_ref(xi);
+        double d1 = (silu_ref(xi + h) - silu_ref(xi - h)) / (2 * h);
+        double d2 = (silu_ref(xi + h) - 2 * f + silu_ref(xi - h)) / (h * h);
+        ck_assert_msg(fabs(y[i] - f) <= 1e-6 * (1 + fabs(f)), "phi(%g) = %.9g, want %.9g", xi,
+                      y[i], f);
+        ck_assert_msg(fabs(c.d1[i] - d1) <= 1e-5, "phi'(%g) = %.9g, want %.9g", xi, c.d1[i], d1);
+        ck_assert_msg(fabs(c.d2[i] - d2) <= 1e-4, "phi''(%g) = %.9g, want %.9g", xi, c.d2[i], d2);
+    }
+    ck_assert(c.d1[5] == 0.5f && c.d2[5] == 0.5f); /* at 0: 1/2 and 2 * 1/4 */
+    cv_layer_ctx_release(&c);
+}
+END_TEST
+
 START_TEST(jvp_vjp_adjoint_and_gram)
 {
     fixture f;
@@ -559,6 +598,7 @@ static Suite *curv_suite(void)
     tcase_add_test(id, dense_refused_above_limit);
     tcase_add_loop_test(id, quadform_equals_dot_of_product, 0, nvar);
     tcase_add_test(id, loss_values_match_closed_forms);
+    tcase_add_test(id, silu_matches_closed_form);
     tcase_add_test(id, jvp_vjp_adjoint_and_gram);
     suite_add_tcase(s, id);
     return s;

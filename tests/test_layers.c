@@ -48,6 +48,7 @@ static const example EXAMPLES[] = {
      "{'type': 'BatchNorm2d', 'num_features': 3, 'eps': 0.01, 'momentum': null,"
      " 'affine': false}"},
     {"Dropout", "[5]", "{'type': 'Dropout', 'p': 0.125, 'inplace': true, 'training': false}"},
+    {"SiLU", "[2, 3]", "{'type': 'SiLU', 'inplace': true}"},
 };
 
 static const example *example_for(const char *name)
