@@ -1,4 +1,5 @@
-/* layer.h - the per-layer kernels every curvature product is assembled from.
+/* layer.h - the per-layer kernels every curvature product is assembled from,
+ * and the layer class: everything about one layer type (see below).
  *
  * Each layer type implements five kernels on a batch of N samples with
  * float32 row-major activations (sample n of x at x + n*in_numel):
@@ -148,6 +149,8 @@ typedef struct {
 #define CV_FIELD_NUMBER(n, T, m, d, lo, hi)                                                  \
     {.name = n, .kind = CV_F_NUMBER, .offset = offsetof(T, m), .def = (d), .min = (lo),      \
      .max = (hi)}
+/* In a class definition: its field table a (an array). */
+#define CV_FIELDS(a) .fields = (a), .nfields = (int)(sizeof(a) / sizeof((a)[0]))
 /* PyTorch's `inplace`: a boolean, meaningless here. */
 #define CV_FIELD_INPLACE                                                                     \
     {.name = "inplace", .kind = CV_F_IGNORED, .flags = CV_F_ACCEPT_BOOL | CV_F_HIDDEN,       \

@@ -249,25 +249,21 @@ static int softplus_check(cv_layer *L, cv_err *e)
     return 0;
 }
 
-#define NFIELDS(f) ((int)(sizeof f / sizeof f[0]))
-
 const cv_layer_class cv_relu_class = {
-    .name = "ReLU", .fields = inplace_fields, .nfields = NFIELDS(inplace_fields),
-    .ops = &cv_activation_ops, .impl = &relu_act};
-const cv_layer_class cv_tanh_class = {.name = "Tanh", .ops = &cv_activation_ops,
-                                      .impl = &tanh_act};
-const cv_layer_class cv_sigmoid_class = {.name = "Sigmoid", .ops = &cv_activation_ops,
-                                         .impl = &sigmoid_act};
+    .name = "ReLU", CV_FIELDS(inplace_fields), .ops = &cv_activation_ops, .impl = &relu_act};
+const cv_layer_class cv_tanh_class = {
+    .name = "Tanh", .ops = &cv_activation_ops, .impl = &tanh_act};
+const cv_layer_class cv_sigmoid_class = {
+    .name = "Sigmoid", .ops = &cv_activation_ops, .impl = &sigmoid_act};
 const cv_layer_class cv_leakyrelu_class = {
-    .name = "LeakyReLU", .attr_size = sizeof(cv_leakyrelu_attr), .fields = leakyrelu_fields,
-    .nfields = NFIELDS(leakyrelu_fields), .ops = &cv_activation_ops, .impl = &leakyrelu_act};
+    .name = "LeakyReLU", .attr_size = sizeof(cv_leakyrelu_attr), CV_FIELDS(leakyrelu_fields),
+    .ops = &cv_activation_ops, .impl = &leakyrelu_act};
 const cv_layer_class cv_elu_class = {
-    .name = "ELU", .attr_size = sizeof(cv_elu_attr), .fields = elu_fields,
-    .nfields = NFIELDS(elu_fields), .ops = &cv_activation_ops, .impl = &elu_act};
+    .name = "ELU", .attr_size = sizeof(cv_elu_attr), CV_FIELDS(elu_fields),
+    .ops = &cv_activation_ops, .impl = &elu_act};
 const cv_layer_class cv_gelu_class = {
-    .name = "GELU", .attr_size = sizeof(cv_gelu_attr), .fields = gelu_fields,
-    .nfields = NFIELDS(gelu_fields), .ops = &cv_activation_ops, .impl = &gelu_act};
+    .name = "GELU", .attr_size = sizeof(cv_gelu_attr), CV_FIELDS(gelu_fields),
+    .ops = &cv_activation_ops, .impl = &gelu_act};
 const cv_layer_class cv_softplus_class = {
-    .name = "Softplus", .attr_size = sizeof(cv_softplus_attr), .fields = softplus_fields,
-    .nfields = NFIELDS(softplus_fields), .check = softplus_check, .ops = &cv_activation_ops,
-    .impl = &softplus_act};
+    .name = "Softplus", .attr_size = sizeof(cv_softplus_attr), CV_FIELDS(softplus_fields),
+    .check = softplus_check, .ops = &cv_activation_ops, .impl = &softplus_act};

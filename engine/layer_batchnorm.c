@@ -268,8 +268,7 @@ static int bn_layout(cv_layer *L)
 const cv_layer_class cv_batchnorm1d_class = {
     .name = "BatchNorm1d",
     .attr_size = sizeof(cv_batchnorm_attr),
-    .fields = bn_fields,
-    .nfields = (int)(sizeof bn_fields / sizeof bn_fields[0]),
+    CV_FIELDS(bn_fields),
     .infer = bn_infer,
     .layout = bn_layout,
     .ops = &batchnorm_ops,
@@ -278,8 +277,7 @@ const cv_layer_class cv_batchnorm1d_class = {
 const cv_layer_class cv_batchnorm2d_class = {
     .name = "BatchNorm2d",
     .attr_size = sizeof(cv_batchnorm_attr),
-    .fields = bn_fields,
-    .nfields = (int)(sizeof bn_fields / sizeof bn_fields[0]),
+    CV_FIELDS(bn_fields),
     .infer = bn_infer,
     .layout = bn_layout,
     .ops = &batchnorm_ops,

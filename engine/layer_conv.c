@@ -872,8 +872,7 @@ static int conv_layout(cv_layer *L)
 const cv_layer_class cv_conv2d_class = {
     .name = "Conv2d",
     .attr_size = sizeof(cv_conv2d_attr),
-    .fields = conv_fields,
-    .nfields = (int)(sizeof conv_fields / sizeof conv_fields[0]),
+    CV_FIELDS(conv_fields),
     .check = conv_check,
     .infer = conv_infer,
     .layout = conv_layout,

@@ -205,8 +205,7 @@ static const cv_field linear_fields[] = {
 const cv_layer_class cv_linear_class = {
     .name = "Linear",
     .attr_size = sizeof(cv_linear_attr),
-    .fields = linear_fields,
-    .nfields = (int)(sizeof linear_fields / sizeof linear_fields[0]),
+    CV_FIELDS(linear_fields),
     .infer = linear_infer,
     .layout = linear_layout,
     .ops = &linear_ops,

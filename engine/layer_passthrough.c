@@ -93,8 +93,7 @@ const cv_layer_class cv_identity_class = {.name = "Identity", .ops = &passthroug
 const cv_layer_class cv_flatten_class = {
     .name = "Flatten",
     .attr_size = sizeof(cv_flatten_attr),
-    .fields = flatten_fields,
-    .nfields = (int)(sizeof flatten_fields / sizeof flatten_fields[0]),
+    CV_FIELDS(flatten_fields),
     .check = flatten_check,
     .infer = flatten_infer,
     .ops = &passthrough_ops,
@@ -103,7 +102,6 @@ const cv_layer_class cv_flatten_class = {
 const cv_layer_class cv_dropout_class = {
     .name = "Dropout",
     .attr_size = sizeof(cv_dropout_attr),
-    .fields = dropout_fields,
-    .nfields = (int)(sizeof dropout_fields / sizeof dropout_fields[0]),
+    CV_FIELDS(dropout_fields),
     .ops = &passthrough_ops,
 };

@@ -405,8 +405,7 @@ static int pool_infer(cv_layer *L, const cv_shape *in, cv_err *e)
 const cv_layer_class cv_maxpool2d_class = {
     .name = "MaxPool2d",
     .attr_size = sizeof(cv_pool2d_attr),
-    .fields = maxpool_fields,
-    .nfields = (int)(sizeof maxpool_fields / sizeof maxpool_fields[0]),
+    CV_FIELDS(maxpool_fields),
     .check = pool_check,
     .infer = pool_infer,
     .ops = &maxpool2d_ops,
@@ -415,8 +414,7 @@ const cv_layer_class cv_maxpool2d_class = {
 const cv_layer_class cv_avgpool2d_class = {
     .name = "AvgPool2d",
     .attr_size = sizeof(cv_pool2d_attr),
-    .fields = avgpool_fields,
-    .nfields = (int)(sizeof avgpool_fields / sizeof avgpool_fields[0]),
+    CV_FIELDS(avgpool_fields),
     .init = avgpool_init,
     .check = pool_check,
     .infer = pool_infer,
@@ -426,8 +424,7 @@ const cv_layer_class cv_avgpool2d_class = {
 const cv_layer_class cv_adaptiveavgpool2d_class = {
     .name = "AdaptiveAvgPool2d",
     .attr_size = sizeof(cv_pool2d_attr),
-    .fields = adaptive_fields,
-    .nfields = (int)(sizeof adaptive_fields / sizeof adaptive_fields[0]),
+    CV_FIELDS(adaptive_fields),
     .infer = pool_infer,
     .ops = &avgpool2d_ops,
 };

@@ -20,8 +20,7 @@ static const cv_field silu_fields[] = {CV_FIELD_INPLACE};
 
 const cv_layer_class cv_silu_class = {
     .name = "SiLU",
-    .fields = silu_fields,
-    .nfields = (int)(sizeof silu_fields / sizeof silu_fields[0]),
+    CV_FIELDS(silu_fields),
     .ops = &cv_activation_ops,
     .impl = &silu_act,
 };

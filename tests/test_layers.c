@@ -150,9 +150,15 @@ START_TEST(every_class_is_well_formed)
             ck_assert_msg(strcmp(fd->name, "type") != 0, "%s: 'type' is no attribute", c->name);
             for (int g = 0; g < f; g++)
                 ck_assert_str_ne(fd->name, c->fields[g].name);
+            if (fd->kind != CV_F_FIXED_BOOL && field_size(fd))
+                ck_assert_msg(fd->offset != CV_F_NOSTORE, "%s.%s must be stored", c->name,
+                              fd->name);
             if (fd->offset != CV_F_NOSTORE)
                 ck_assert_msg(fd->offset + field_size(fd) <= c->attr_size,
                               "%s.%s lies outside the attribute struct", c->name, fd->name);
+            if (fd->kind == CV_F_PAIR && fd->choices)
+                ck_assert_msg(fd->aux + sizeof(int) <= c->attr_size && fd->text,
+                              "%s.%s: keyword slot or message missing", c->name, fd->name);
             if (fd->kind == CV_F_ENUM)
                 ck_assert_ptr_nonnull(fd->choices);
         }
