@@ -2,15 +2,13 @@
  * layer object through its class's field table (engine/layer.h). */
 #include "api/arch.h"
 
-#include "engine/layer.h"
-
 #include <errno.h>
-#include <limits.h>
 #include <math.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "engine/layer.h"
 
 #define INT_LIMIT CV_ATTR_INT_LIMIT /* sizes beyond this are certainly a mistake */
 

@@ -265,20 +265,9 @@ static int bn_layout(cv_layer *L)
            cv_layer_add_buffer(L, "num_batches_tracked", 0, dims);
 }
 
-const cv_layer_class cv_batchnorm1d_class = {
-    .name = "BatchNorm1d",
-    .attr_size = sizeof(cv_batchnorm_attr),
-    CV_FIELDS(bn_fields),
-    .infer = bn_infer,
-    .layout = bn_layout,
-    .ops = &batchnorm_ops,
-};
-
-const cv_layer_class cv_batchnorm2d_class = {
-    .name = "BatchNorm2d",
-    .attr_size = sizeof(cv_batchnorm_attr),
-    CV_FIELDS(bn_fields),
-    .infer = bn_infer,
-    .layout = bn_layout,
-    .ops = &batchnorm_ops,
-};
+/* BatchNorm1d and BatchNorm2d differ in name (and the rank bn_infer wants) */
+#define BN_CLASS(nm)                                                                         \
+    {.name = nm, .attr_size = sizeof(cv_batchnorm_attr), CV_FIELDS(bn_fields),               \
+     .infer = bn_infer, .layout = bn_layout, .ops = &batchnorm_ops}
+const cv_layer_class cv_batchnorm1d_class = BN_CLASS("BatchNorm1d");
+const cv_layer_class cv_batchnorm2d_class = BN_CLASS("BatchNorm2d");

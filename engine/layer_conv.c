@@ -870,11 +870,5 @@ static int conv_layout(cv_layer *L)
 }
 
 const cv_layer_class cv_conv2d_class = {
-    .name = "Conv2d",
-    .attr_size = sizeof(cv_conv2d_attr),
-    CV_FIELDS(conv_fields),
-    .check = conv_check,
-    .infer = conv_infer,
-    .layout = conv_layout,
-    .ops = &conv2d_ops,
-};
+    .name = "Conv2d", .attr_size = sizeof(cv_conv2d_attr), CV_FIELDS(conv_fields),
+    .check = conv_check, .infer = conv_infer, .layout = conv_layout, .ops = &conv2d_ops};

@@ -203,10 +203,5 @@ static const cv_field linear_fields[] = {
 };
 
 const cv_layer_class cv_linear_class = {
-    .name = "Linear",
-    .attr_size = sizeof(cv_linear_attr),
-    CV_FIELDS(linear_fields),
-    .infer = linear_infer,
-    .layout = linear_layout,
-    .ops = &linear_ops,
-};
+    .name = "Linear", .attr_size = sizeof(cv_linear_attr), CV_FIELDS(linear_fields),
+    .infer = linear_infer, .layout = linear_layout, .ops = &linear_ops};

@@ -91,17 +91,9 @@ static const cv_field dropout_fields[] = {
 const cv_layer_class cv_identity_class = {.name = "Identity", .ops = &passthrough_ops};
 
 const cv_layer_class cv_flatten_class = {
-    .name = "Flatten",
-    .attr_size = sizeof(cv_flatten_attr),
-    CV_FIELDS(flatten_fields),
-    .check = flatten_check,
-    .infer = flatten_infer,
-    .ops = &passthrough_ops,
-};
+    .name = "Flatten", .attr_size = sizeof(cv_flatten_attr), CV_FIELDS(flatten_fields),
+    .check = flatten_check, .infer = flatten_infer, .ops = &passthrough_ops};
 
 const cv_layer_class cv_dropout_class = {
-    .name = "Dropout",
-    .attr_size = sizeof(cv_dropout_attr),
-    CV_FIELDS(dropout_fields),
-    .ops = &passthrough_ops,
-};
+    .name = "Dropout", .attr_size = sizeof(cv_dropout_attr), CV_FIELDS(dropout_fields),
+    .ops = &passthrough_ops};

@@ -403,28 +403,13 @@ static int pool_infer(cv_layer *L, const cv_shape *in, cv_err *e)
 }
 
 const cv_layer_class cv_maxpool2d_class = {
-    .name = "MaxPool2d",
-    .attr_size = sizeof(cv_pool2d_attr),
-    CV_FIELDS(maxpool_fields),
-    .check = pool_check,
-    .infer = pool_infer,
-    .ops = &maxpool2d_ops,
-};
+    .name = "MaxPool2d", .attr_size = sizeof(cv_pool2d_attr), CV_FIELDS(maxpool_fields),
+    .check = pool_check, .infer = pool_infer, .ops = &maxpool2d_ops};
 
+/* AvgPool2d: no dilation attribute (1); AdaptiveAvgPool2d: output_size only */
 const cv_layer_class cv_avgpool2d_class = {
-    .name = "AvgPool2d",
-    .attr_size = sizeof(cv_pool2d_attr),
-    CV_FIELDS(avgpool_fields),
-    .init = avgpool_init,
-    .check = pool_check,
-    .infer = pool_infer,
-    .ops = &avgpool2d_ops,
-};
-
+    .name = "AvgPool2d", .attr_size = sizeof(cv_pool2d_attr), CV_FIELDS(avgpool_fields),
+    .init = avgpool_init, .check = pool_check, .infer = pool_infer, .ops = &avgpool2d_ops};
 const cv_layer_class cv_adaptiveavgpool2d_class = {
-    .name = "AdaptiveAvgPool2d",
-    .attr_size = sizeof(cv_pool2d_attr),
-    CV_FIELDS(adaptive_fields),
-    .infer = pool_infer,
-    .ops = &avgpool2d_ops,
-};
+    .name = "AdaptiveAvgPool2d", .attr_size = sizeof(cv_pool2d_attr), CV_FIELDS(adaptive_fields),
+    .infer = pool_infer, .ops = &avgpool2d_ops};
