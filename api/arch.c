@@ -1,16 +1,16 @@
-/* arch.c - architecture JSON parsing/validation into cv_model and back. */
+/* arch.c - architecture JSON parsing/validation into cv_model and back; a
+ * layer object through its class's field table (engine/layer.h). */
 #include "api/arch.h"
 
 #include <errno.h>
-#include <limits.h>
 #include <math.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define INT_LIMIT (1 << 24) /* sizes beyond this are certainly a mistake */
-#define NO_DEFAULT INT_MIN
+#include "engine/layer.h"
+
+#define INT_LIMIT CV_ATTR_INT_LIMIT /* sizes beyond this are certainly a mistake */
 
 /* ---- paths and messages ------------------------------------------------ */
 
@@ -144,21 +144,6 @@ static int as_int(const cJSON *v, const char *path, int min, int *out, cv_err *e
     return 0;
 }
 
-static int get_int(const cJSON *o, const char *obj, const char *key, int min, int def, int *out,
-                   cv_err *e)
-{
-    char path[160];
-    join(path, sizeof path, obj, key);
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    if (!v) {
-        if (def == NO_DEFAULT)
-            return bad(e, "missing_field", path, "required field is missing", NULL);
-        *out = def;
-        return 0;
-    }
-    return as_int(v, path, min, out, e);
-}
-
 /* An int or a list of two ints ([h, w]). */
 static int as_pair(const cJSON *v, const char *path, int min, int out[2], cv_err *e)
 {
@@ -181,321 +166,134 @@ static int as_pair(const cJSON *v, const char *path, int min, int out[2], cv_err
     return 0;
 }
 
-static int get_pair(const cJSON *o, const char *obj, const char *key, int min, int def,
-                    int out[2], cv_err *e)
+/* ---- layers ------------------------------------------------------------
+ * Generic: a layer object is read and written by walking its class's field
+ * table (engine/layer.h); only the meaning of each field kind lives here. */
+
+/* `"a" or "b"`, `"a", "b" or "c"` */
+static void choice_list(const char *const *choices, char *buf, size_t len)
 {
-    char path[160];
-    join(path, sizeof path, obj, key);
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    if (!v) {
-        if (def == NO_DEFAULT)
-            return bad(e, "missing_field", path, "required field is missing", NULL);
-        out[0] = out[1] = def;
-        return 0;
-    }
-    return as_pair(v, path, min, out, e);
+    size_t used = 0;
+    *buf = 0;
+    for (int i = 0; choices[i] && used < len; i++)
+        used += (size_t)snprintf(buf + used, len - used, "%s\"%s\"",
+                                 i == 0 ? "" : choices[i + 1] ? ", " : " or ", choices[i]);
 }
 
-static int get_bool(const cJSON *o, const char *obj, const char *key, int def, int *out,
-                    cv_err *e)
+static int parse_pair_field(const cJSON *v, const char *path, const cv_field *f,
+                            unsigned char *attr, cv_err *e)
 {
-    char path[160];
-    join(path, sizeof path, obj, key);
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    if (!v) {
-        *out = def;
-        return 0;
+    if (f->choices && cJSON_IsString(v)) {
+        for (int i = 0; f->choices[i]; i++)
+            if (strcmp(v->valuestring, f->choices[i]) == 0) {
+                *(int *)(attr + f->aux) = i + 1;
+                return 0;
+            }
+        return bad(e, "invalid_value", path, f->text, v);
     }
-    if (!cJSON_IsBool(v))
-        return bad(e, "invalid_type", path, "must be true or false", v);
-    *out = cJSON_IsTrue(v) ? 1 : 0;
-    return 0;
+    if ((f->flags & CV_F_NO_NONE) && cJSON_IsArray(v))
+        for (const cJSON *c = v->child; c; c = c->next)
+            if (cJSON_IsNull(c))
+                return cv_err_set(e, CV_EINVAL, "unsupported", path,
+                                  "%s: None entries are not supported; give both sizes", path);
+    return as_pair(v, path, (int)f->min, (int *)(attr + f->offset), e);
 }
 
-/* A number in [lo, hi]; lo_open excludes lo. */
-static int get_num(const cJSON *o, const char *obj, const char *key, double def, double lo,
-                   int lo_open, double hi, double *out, cv_err *e)
+static int parse_number_field(const cJSON *v, const char *path, const cv_field *f, double *out,
+                              cv_err *e)
 {
-    char path[160], what[96];
-    join(path, sizeof path, obj, key);
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
-    if (!v) {
-        *out = def;
-        return 0;
-    }
+    char what[96];
+    int lo_open = (f->flags & CV_F_MIN_OPEN) != 0;
     if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble))
         return bad(e, "invalid_type", path, "must be a number", v);
     double x = v->valuedouble;
-    if (x < lo || (lo_open && x == lo) || x > hi) {
-        if (isinf(hi))
-            snprintf(what, sizeof what, "must be %s %g", lo_open ? ">" : ">=", lo);
+    if (x < f->min || (lo_open && x == f->min) || x > f->max) {
+        if (isinf(f->max))
+            snprintf(what, sizeof what, "must be %s %g", lo_open ? ">" : ">=", f->min);
         else
-            snprintf(what, sizeof what, "must be in %s%g, %g]", lo_open ? "(" : "[", lo, hi);
+            snprintf(what, sizeof what, "must be in %s%g, %g]", lo_open ? "(" : "[", f->min,
+                     f->max);
         return bad(e, "invalid_value", path, what, v);
     }
     *out = x;
     return 0;
 }
 
-/* Field that must be absent, or equal to the one accepted value (as JSON). */
-static int get_fixed_bool(const cJSON *o, const char *obj, const char *key, int accepted,
-                          const char *why, cv_err *e)
+/* A field that is accepted and ignored: checks its JSON kind. */
+static int parse_ignored_field(const cJSON *v, const char *path, const cv_field *f, cv_err *e)
 {
-    int v;
-    char path[160];
-    if (get_bool(o, obj, key, accepted, &v, e))
-        return -1;
-    join(path, sizeof path, obj, key);
-    if (v != accepted)
-        return cv_err_set(e, CV_EINVAL, "unsupported", path, "%s: %s is not supported: %s",
-                          path, v ? "true" : "false", why);
-    return 0;
+    if (((f->flags & CV_F_ACCEPT_BOOL) && cJSON_IsBool(v)) ||
+        ((f->flags & CV_F_ACCEPT_NUMBER) && cJSON_IsNumber(v)) ||
+        ((f->flags & CV_F_ACCEPT_NULL) && cJSON_IsNull(v)))
+        return 0;
+    char what[96] = "must be";
+    size_t used = strlen(what);
+    const char *kinds[3] = {(f->flags & CV_F_ACCEPT_BOOL) ? "true or false" : NULL,
+                            (f->flags & CV_F_ACCEPT_NUMBER) ? "a number" : NULL,
+                            (f->flags & CV_F_ACCEPT_NULL) ? "null" : NULL};
+    for (int i = 0, n = 0; i < 3; i++)
+        if (kinds[i] && used < sizeof what)
+            used += (size_t)snprintf(what + used, sizeof what - used, "%s%s",
+                                     n++ ? " or " : " ", kinds[i]);
+    return bad(e, "invalid_type", path, what, v);
 }
 
-/* ---- layers ------------------------------------------------------------ */
-
-static const char *const K_LINEAR[] = {"type", "in_features", "out_features", "bias", NULL};
-static const char *const K_CONV[] = {"type",   "in_channels", "out_channels", "kernel_size",
-                                     "stride", "padding",     "dilation",     "groups",
-                                     "bias",   "padding_mode", NULL};
-static const char *const K_INPLACE[] = {"type", "inplace", NULL};
-static const char *const K_NONE[] = {"type", NULL};
-static const char *const K_LEAKY[] = {"type", "negative_slope", "inplace", NULL};
-static const char *const K_ELU[] = {"type", "alpha", "inplace", NULL};
-static const char *const K_GELU[] = {"type", "approximate", NULL};
-static const char *const K_SOFTPLUS[] = {"type", "beta", "threshold", NULL};
-static const char *const K_FLATTEN[] = {"type", "start_dim", "end_dim", NULL};
-static const char *const K_MAXPOOL[] = {"type",     "kernel_size", "stride",         "padding",
-                                        "dilation", "ceil_mode",   "return_indices", NULL};
-static const char *const K_AVGPOOL[] = {"type",      "kernel_size",       "stride",
-                                        "padding",   "ceil_mode",         "count_include_pad",
-                                        "divisor_override", NULL};
-static const char *const K_ADAPTIVE[] = {"type", "output_size", NULL};
-static const char *const K_BN[] = {"type",   "num_features",        "eps",      "momentum",
-                                   "affine", "track_running_stats", "training", NULL};
-static const char *const K_DROPOUT[] = {"type", "p", "inplace", "training", NULL};
-
-static const char *const *allowed_keys(cv_layer_type t)
+/* Reads field f of layer object o (at obj) into attr; absent fields keep
+ * the default cv_layer_init gave them. */
+static int parse_field(const cJSON *o, const char *obj, const cv_field *f, unsigned char *attr,
+                       cv_err *e)
 {
-    switch (t) {
-    case CV_LINEAR: return K_LINEAR;
-    case CV_CONV2D: return K_CONV;
-    case CV_RELU: return K_INPLACE;
-    case CV_LEAKYRELU: return K_LEAKY;
-    case CV_ELU: return K_ELU;
-    case CV_GELU: return K_GELU;
-    case CV_SOFTPLUS: return K_SOFTPLUS;
-    case CV_FLATTEN: return K_FLATTEN;
-    case CV_MAXPOOL2D: return K_MAXPOOL;
-    case CV_AVGPOOL2D: return K_AVGPOOL;
-    case CV_ADAPTIVEAVGPOOL2D: return K_ADAPTIVE;
-    case CV_BATCHNORM1D:
-    case CV_BATCHNORM2D: return K_BN;
-    case CV_DROPOUT: return K_DROPOUT;
-    default: return K_NONE; /* Tanh, Sigmoid, Identity */
-    }
-}
-
-static int parse_conv_padding(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
-{
-    char path[160];
-    join(path, sizeof path, obj, "padding");
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, "padding");
-    if (!v) {
-        L->padding[0] = L->padding[1] = 0;
+    char path[160], what[160];
+    join(path, sizeof path, obj, f->name);
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, f->name);
+    if (v && cJSON_IsNull(v) && (f->flags & CV_F_NULLABLE))
+        v = NULL;
+    if (!v)
+        return (f->flags & CV_F_REQUIRED)
+                   ? bad(e, "missing_field", path, "required field is missing", NULL)
+                   : 0;
+    void *dst = f->offset == CV_F_NOSTORE ? NULL : attr + f->offset;
+    switch (f->kind) {
+    case CV_F_INT:
+        return as_int(v, path, (int)f->min, dst, e);
+    case CV_F_PAIR:
+        return parse_pair_field(v, path, f, attr, e);
+    case CV_F_BOOL:
+    case CV_F_FIXED_BOOL:
+        if (!cJSON_IsBool(v))
+            return bad(e, "invalid_type", path, "must be true or false", v);
+        if (f->kind == CV_F_FIXED_BOOL && cJSON_IsTrue(v) != (f->def != 0))
+            return cv_err_set(e, CV_EINVAL, "unsupported", path, "%s: %s is not supported: %s",
+                              path, cJSON_IsTrue(v) ? "true" : "false", f->text);
+        if (dst)
+            *(int *)dst = cJSON_IsTrue(v) ? 1 : 0;
         return 0;
-    }
-    if (!cJSON_IsString(v))
-        return as_pair(v, path, 0, L->padding, e);
-    if (strcmp(v->valuestring, "valid") == 0) {
-        L->padding[0] = L->padding[1] = 0;
-        return 0;
-    }
-    if (strcmp(v->valuestring, "same") != 0)
-        return bad(e, "invalid_value", path,
-                   "must be an integer, [ph, pw], \"valid\" or \"same\"", v);
-    if (L->stride[0] != 1 || L->stride[1] != 1)
-        return cv_err_set(e, CV_EINVAL, "invalid_value", path,
-                          "%s: padding='same' is not supported for strided convolutions "
-                          "(as in PyTorch)", path);
-    /* PyTorch: total padding d*(k-1), total//2 on the top/left and the rest
-     * (one more for an even effective kernel) on the bottom/right */
-    for (int a = 0; a < 2; a++) {
-        int64_t total = (int64_t)L->dilation[a] * (L->kernel[a] - 1);
-        if (total - total / 2 > INT_LIMIT)
-            return cv_err_set(e, CV_EINVAL, "invalid_value", path,
-                              "%s: padding='same' with kernel_size %d and dilation %d needs "
-                              "padding %lld, too large (limit %d)", path, L->kernel[a],
-                              L->dilation[a], (long long)(total - total / 2), INT_LIMIT);
-        L->padding[a] = (int)(total / 2);
-        L->pad_extra[a] = (int)(total % 2);
-    }
-    return 0;
-}
-
-static int parse_layer_fields(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
-{
-    char path[160];
-    const cJSON *v;
-    switch (L->type) {
-    case CV_LINEAR:
-        if (get_int(o, obj, "in_features", 1, NO_DEFAULT, &L->in_features, e) ||
-            get_int(o, obj, "out_features", 1, NO_DEFAULT, &L->out_features, e) ||
-            get_bool(o, obj, "bias", 1, &L->has_bias, e))
-            return -1;
-        return 0;
-    case CV_CONV2D:
-        if (get_int(o, obj, "in_channels", 1, NO_DEFAULT, &L->in_channels, e) ||
-            get_int(o, obj, "out_channels", 1, NO_DEFAULT, &L->out_channels, e) ||
-            get_pair(o, obj, "kernel_size", 1, NO_DEFAULT, L->kernel, e) ||
-            get_pair(o, obj, "stride", 1, 1, L->stride, e) ||
-            get_pair(o, obj, "dilation", 1, 1, L->dilation, e) ||
-            parse_conv_padding(o, obj, L, e) ||
-            get_int(o, obj, "groups", 1, 1, &L->groups, e) ||
-            get_bool(o, obj, "bias", 1, &L->has_bias, e))
-            return -1;
-        join(path, sizeof path, obj, "padding_mode");
-        v = cJSON_GetObjectItemCaseSensitive(o, "padding_mode");
-        if (v && !cJSON_IsString(v))
-            return bad(e, "invalid_type", path, "must be a string", v);
-        if (v && strcmp(v->valuestring, "zeros") != 0)
-            return cv_err_set(e, CV_EINVAL, "unsupported", path,
-                              "%s: padding_mode '%.40s' is not supported (only \"zeros\")", path,
-                              v->valuestring);
-        if (L->in_channels % L->groups || L->out_channels % L->groups) {
-            join(path, sizeof path, obj, "groups");
-            return cv_err_set(e, CV_EINVAL, "invalid_value", path,
-                              "%s: in_channels (%d) and out_channels (%d) must be divisible by "
-                              "groups (%d)", path, L->in_channels, L->out_channels, L->groups);
-        }
-        return 0;
-    case CV_RELU:
-    case CV_DROPOUT:
-    case CV_LEAKYRELU:
-    case CV_ELU: {
-        int inplace;
-        if (get_bool(o, obj, "inplace", 0, &inplace, e)) /* accepted, ignored */
-            return -1;
-        if (L->type == CV_LEAKYRELU)
-            return get_num(o, obj, "negative_slope", 0.01, -INFINITY, 0, INFINITY,
-                           &L->negative_slope, e);
-        if (L->type == CV_ELU)
-            return get_num(o, obj, "alpha", 1.0, -INFINITY, 0, INFINITY, &L->alpha, e);
-        if (L->type == CV_DROPOUT) {
-            if (get_num(o, obj, "p", 0.5, 0.0, 0, 1.0, &L->p, e) ||
-                get_fixed_bool(o, obj, "training", 0,
-                               "curvd evaluates models in evaluation mode, where Dropout is "
-                               "the identity", e))
-                return -1;
-        }
-        return 0;
-    }
-    case CV_GELU:
-        join(path, sizeof path, obj, "approximate");
-        v = cJSON_GetObjectItemCaseSensitive(o, "approximate");
-        L->gelu_tanh = 0;
-        if (!v)
-            return 0;
-        if (cJSON_IsString(v) && strcmp(v->valuestring, "none") == 0)
-            return 0;
-        if (cJSON_IsString(v) && strcmp(v->valuestring, "tanh") == 0) {
-            L->gelu_tanh = 1;
-            return 0;
-        }
-        return bad(e, cJSON_IsString(v) ? "invalid_value" : "invalid_type", path,
-                   "must be \"none\" or \"tanh\"", v);
-    case CV_SOFTPLUS:
-        if (get_num(o, obj, "beta", 1.0, -INFINITY, 0, INFINITY, &L->beta, e) ||
-            get_num(o, obj, "threshold", 20.0, -INFINITY, 0, INFINITY, &L->threshold, e))
-            return -1;
-        if (L->beta == 0) {
-            join(path, sizeof path, obj, "beta");
-            return cv_err_set(e, CV_EINVAL, "invalid_value", path, "%s: must not be 0", path);
-        }
-        return 0;
-    case CV_FLATTEN:
-        if (get_int(o, obj, "start_dim", -INT_LIMIT, 1, &L->start_dim, e) ||
-            get_int(o, obj, "end_dim", -INT_LIMIT, -1, &L->end_dim, e))
-            return -1;
-        if (L->start_dim == 0) {
-            join(path, sizeof path, obj, "start_dim");
-            return cv_err_set(e, CV_EINVAL, "invalid_value", path,
-                              "%s: 0 would flatten the batch dimension; use start_dim >= 1",
-                              path);
-        }
-        return 0;
-    case CV_MAXPOOL2D:
-    case CV_AVGPOOL2D:
-        if (get_pair(o, obj, "kernel_size", 1, NO_DEFAULT, L->kernel, e))
-            return -1;
-        v = cJSON_GetObjectItemCaseSensitive(o, "stride");
-        join(path, sizeof path, obj, "stride");
-        if (!v || cJSON_IsNull(v)) { /* PyTorch: stride=None means kernel_size */
-            L->stride[0] = L->kernel[0];
-            L->stride[1] = L->kernel[1];
-        } else if (as_pair(v, path, 1, L->stride, e)) {
-            return -1;
-        }
-        if (get_pair(o, obj, "padding", 0, 0, L->padding, e) ||
-            get_bool(o, obj, "ceil_mode", 0, &L->ceil_mode, e))
-            return -1;
-        for (int a = 0; a < 2; a++)
-            if (2 * L->padding[a] > L->kernel[a]) {
-                join(path, sizeof path, obj, "padding");
-                return cv_err_set(e, CV_EINVAL, "invalid_value", path,
-                                  "%s: must be at most half of kernel_size (%d > %d / 2), as in "
-                                  "PyTorch", path, L->padding[a], L->kernel[a]);
+    case CV_F_NUMBER:
+        return parse_number_field(v, path, f, dst, e);
+    case CV_F_ENUM:
+        for (int i = 0; cJSON_IsString(v) && f->choices[i]; i++)
+            if (strcmp(v->valuestring, f->choices[i]) == 0) {
+                *(int *)dst = i;
+                return 0;
             }
-        if (L->type == CV_MAXPOOL2D) {
-            L->count_include_pad = 0;
-            if (get_pair(o, obj, "dilation", 1, 1, L->dilation, e) ||
-                get_fixed_bool(o, obj, "return_indices", 0,
-                               "a layer in Sequential must return one tensor", e))
-                return -1;
-            return 0;
-        }
-        L->dilation[0] = L->dilation[1] = 1;
-        if (get_bool(o, obj, "count_include_pad", 1, &L->count_include_pad, e))
-            return -1;
-        v = cJSON_GetObjectItemCaseSensitive(o, "divisor_override");
-        if (v && !cJSON_IsNull(v)) {
-            join(path, sizeof path, obj, "divisor_override");
-            return bad(e, "unsupported", path, "is not supported (must be null)", v);
-        }
+        snprintf(what, sizeof what, "must be ");
+        choice_list(f->choices, what + strlen(what), sizeof what - strlen(what));
+        return bad(e, cJSON_IsString(v) ? "invalid_value" : "invalid_type", path, what, v);
+    case CV_F_FIXED_STRING:
+        if (!cJSON_IsString(v))
+            return bad(e, "invalid_type", path, "must be a string", v);
+        if (strcmp(v->valuestring, f->text) != 0)
+            return cv_err_set(e, CV_EINVAL, "unsupported", path,
+                              "%s: %s '%.40s' is not supported (only \"%s\")", path, f->name,
+                              v->valuestring, f->text);
         return 0;
-    case CV_ADAPTIVEAVGPOOL2D:
-        join(path, sizeof path, obj, "output_size");
-        v = cJSON_GetObjectItemCaseSensitive(o, "output_size");
-        if (!v)
-            return bad(e, "missing_field", path, "required field is missing", NULL);
-        if (cJSON_IsArray(v))
-            for (const cJSON *c = v->child; c; c = c->next)
-                if (cJSON_IsNull(c))
-                    return cv_err_set(e, CV_EINVAL, "unsupported", path,
-                                      "%s: None entries are not supported; give both sizes",
-                                      path);
-        return as_pair(v, path, 1, L->output_size, e);
-    case CV_BATCHNORM1D:
-    case CV_BATCHNORM2D:
-        if (get_int(o, obj, "num_features", 1, NO_DEFAULT, &L->num_features, e) ||
-            get_num(o, obj, "eps", 1e-5, 0.0, 1, INFINITY, &L->eps, e) ||
-            get_bool(o, obj, "affine", 1, &L->affine, e) ||
-            get_fixed_bool(o, obj, "track_running_stats", 1,
-                           "evaluation mode normalizes with the running statistics", e) ||
-            get_fixed_bool(o, obj, "training", 0,
-                           "curvd evaluates BatchNorm in evaluation mode (running "
-                           "statistics); set \"training\": false or omit it", e))
-            return -1;
-        L->track_running_stats = 1;
-        v = cJSON_GetObjectItemCaseSensitive(o, "momentum"); /* ignored in evaluation mode */
-        if (v && !cJSON_IsNull(v) && !cJSON_IsNumber(v)) {
-            join(path, sizeof path, obj, "momentum");
-            return bad(e, "invalid_type", path, "must be a number or null", v);
-        }
-        return 0;
-    default: /* Tanh, Sigmoid, Identity: no attributes */
-        return 0;
+    case CV_F_FIXED_NULL:
+        return cJSON_IsNull(v) ? 0
+                               : bad(e, "unsupported", path, "is not supported (must be null)", v);
+    case CV_F_IGNORED:
+        return parse_ignored_field(v, path, f, e);
     }
+    return cv_err_set(e, CV_EINTERNAL, "internal", path, "%s: unknown field kind", path);
 }
 
 static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
@@ -509,26 +307,34 @@ static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
         return bad(e, "missing_field", path, "required field is missing", NULL);
     if (!cJSON_IsString(t))
         return bad(e, "invalid_type", path, "must be a layer type name", t);
-    int type = cv_layer_type_from_name(t->valuestring);
-    if (type < 0) {
-        char known[400] = "";
+    const cv_layer_class *cls = cv_layer_class_find(t->valuestring);
+    if (!cls) {
+        char known[600] = "";
         size_t used = 0;
-        for (int i = 0; i < CV_LAYER_TYPE_COUNT && used < sizeof known; i++)
+        for (int i = 0; i < cv_layer_class_count() && used < sizeof known; i++)
             used += (size_t)snprintf(known + used, sizeof known - used, "%s%s", i ? ", " : "",
-                                     cv_layer_type_name((cv_layer_type)i));
+                                     cv_layer_class_at(i)->name);
         return cv_err_set(e, CV_EINVAL, "unknown_layer_type", path,
                           "%s: unknown layer type '%.60s' (supported: %s)", path, t->valuestring,
                           known);
     }
-    memset(L, 0, sizeof *L);
-    L->type = (cv_layer_type)type;
-    L->kernel[0] = L->kernel[1] = 1;
-    L->stride[0] = L->stride[1] = 1;
-    L->dilation[0] = L->dilation[1] = 1;
-    L->groups = 1;
-    if (check_keys(o, obj, t->valuestring, allowed_keys(L->type), e))
+    const char *allowed[CV_LAYER_MAX_FIELDS + 2] = {"type"};
+    int nf = cls->nfields < CV_LAYER_MAX_FIELDS ? cls->nfields : CV_LAYER_MAX_FIELDS;
+    for (int i = 0; i < nf; i++)
+        allowed[i + 1] = cls->fields[i].name;
+    if (check_keys(o, obj, t->valuestring, allowed, e))
         return -1;
-    return parse_layer_fields(o, obj, L, e);
+    cv_layer_init(L, cls);
+    for (int i = 0; i < nf; i++)
+        if (parse_field(o, obj, &cls->fields[i], L->attr.bytes, e))
+            return -1;
+    cv_err ce;
+    if (cls->check && cls->check(L, &ce)) {
+        /* the hook names the attribute: prefix the layer's path */
+        join(path, sizeof path, obj, ce.field);
+        return cv_err_set(e, ce.status, ce.code, path, "%s.%s", obj, ce.message);
+    }
+    return 0;
 }
 
 /* ---- document ---------------------------------------------------------- */
@@ -580,48 +386,6 @@ static int parse_loss(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
                           "%s: \"none\" is not supported: curvature needs a scalar loss (use "
                           "\"mean\" or \"sum\")", path);
     return bad(e, "invalid_value", path, "must be \"mean\" or \"sum\"", r);
-}
-
-/* The attribute a finalize message names after its layer: "layers[2] (Conv2d):
- * kernel_size[0]: ..." -> "kernel_size"; "" if none. */
-static void finalize_attr(const char *rest, char *attr, size_t len)
-{
-    *attr = 0;
-    if (strncmp(rest, " (", 2) == 0) {
-        const char *close = strchr(rest, ')');
-        if (!close)
-            return;
-        rest = close + 1;
-    }
-    if (strncmp(rest, ": ", 2) != 0)
-        return;
-    rest += 2;
-    size_t n = strspn(rest, "abcdefghijklmnopqrstuvwxyz_");
-    if (n == 0 || n >= len || (rest[n] != ':' && rest[n] != '['))
-        return;
-    memcpy(attr, rest, n);
-    attr[n] = 0;
-}
-
-/* "layers[2] (Linear): ..." -> "layers[2]"; "input_shape[0]: ..." -> "input_shape[0]";
- * "layers[1] (Conv2d): kernel_size[0]: ..." -> "layers[1].kernel_size". */
-static void finalize_field(const char *msg, const char *prefix, char *out, size_t len)
-{
-    size_t n = strcspn(msg, " :(");
-    char head[160], attr[40] = "";
-    if (n == 0 || n >= 96 || (strncmp(msg, "layers", 6) != 0 &&
-                              strncmp(msg, "input_shape", 11) != 0 &&
-                              strncmp(msg, "loss", 4) != 0)) {
-        snprintf(head, sizeof head, "layers");
-    } else {
-        memcpy(head, msg, n);
-        head[n] = 0;
-        if (strncmp(msg, "layers[", 7) == 0)
-            finalize_attr(msg + n, attr, sizeof attr);
-        if (*attr)
-            snprintf(head + n, sizeof head - n, ".%s", attr);
-    }
-    join(out, len, prefix, head);
 }
 
 int cv_arch_from_json(const cJSON *doc, const char *prefix, cv_model *m, cv_err *e)
@@ -681,13 +445,14 @@ int cv_arch_from_json(const cJSON *doc, const char *prefix, cv_model *m, cv_err 
     if (parse_loss(cJSON_GetObjectItemCaseSensitive(doc, "loss"), path, m, e))
         return -1;
 
-    char msg[400];
-    if (cv_model_finalize(m, msg, sizeof msg)) {
-        char field[160];
-        finalize_field(msg, pre, field, sizeof field);
+    cv_err fe;
+    if (cv_model_finalize(m, &fe)) {
+        /* fe.field is the model path ("layers[2].kernel_size"): prefix it */
+        char field[sizeof fe.field];
+        join(field, sizeof field, pre, fe.field);
         if (*pre)
-            return cv_err_set(e, CV_EINVAL, "invalid_model", field, "%s.%s", pre, msg);
-        return cv_err_set(e, CV_EINVAL, "invalid_model", field, "%s", msg);
+            return cv_err_set(e, fe.status, fe.code, field, "%s.%s", pre, fe.message);
+        return cv_err_set(e, fe.status, fe.code, field, "%s", fe.message);
     }
     return 0;
 }
@@ -774,53 +539,43 @@ static int add_bool(cJSON *o, const char *key, int v)
     return cJSON_AddBoolToObject(o, key, v ? 1 : 0) ? 0 : -1;
 }
 
-/* Conv2d padding: [ph, pw], or "same" where it is asymmetric (only "same" makes it so). */
-static int conv_padding_json(const cv_layer *L, cJSON *o)
+static int add_string(cJSON *o, const char *key, const char *v)
 {
-    if (L->pad_extra[0] || L->pad_extra[1])
-        return cJSON_AddStringToObject(o, "padding", "same") ? 0 : -1;
-    return add_pair(o, "padding", L->padding);
+    return cJSON_AddStringToObject(o, key, v) ? 0 : -1;
+}
+
+/* Field f of attr, as the document spells it; hidden and ignored fields are
+ * not written. */
+static int field_to_json(const cv_field *f, const unsigned char *attr, cJSON *o)
+{
+    if (f->flags & CV_F_HIDDEN)
+        return 0;
+    const void *p = f->offset == CV_F_NOSTORE ? NULL : attr + f->offset;
+    switch (f->kind) {
+    case CV_F_INT: return add_num(o, f->name, *(const int *)p);
+    case CV_F_PAIR: {
+        int kw = f->choices ? *(const int *)(attr + f->aux) : 0;
+        if (kw > 0)
+            return add_string(o, f->name, f->choices[kw - 1]);
+        return add_pair(o, f->name, p);
+    }
+    case CV_F_BOOL: return add_bool(o, f->name, *(const int *)p);
+    case CV_F_NUMBER: return add_num(o, f->name, *(const double *)p);
+    case CV_F_ENUM: return add_string(o, f->name, f->choices[*(const int *)p]);
+    case CV_F_FIXED_BOOL: return add_bool(o, f->name, f->def != 0);
+    case CV_F_FIXED_STRING: return add_string(o, f->name, f->text);
+    default: return 0; /* FIXED_NULL, IGNORED */
+    }
 }
 
 static int layer_to_json(const cv_layer *L, cJSON *o)
 {
-    if (!cJSON_AddStringToObject(o, "type", cv_layer_type_name(L->type)))
+    if (!L->cls || add_string(o, "type", L->cls->name))
         return -1;
-    switch (L->type) {
-    case CV_LINEAR:
-        return add_num(o, "in_features", L->in_features) ||
-               add_num(o, "out_features", L->out_features) || add_bool(o, "bias", L->has_bias);
-    case CV_CONV2D:
-        return add_num(o, "in_channels", L->in_channels) ||
-               add_num(o, "out_channels", L->out_channels) ||
-               add_pair(o, "kernel_size", L->kernel) || add_pair(o, "stride", L->stride) ||
-               conv_padding_json(L, o) || add_pair(o, "dilation", L->dilation) ||
-               add_num(o, "groups", L->groups) || add_bool(o, "bias", L->has_bias) ||
-               !cJSON_AddStringToObject(o, "padding_mode", "zeros");
-    case CV_LEAKYRELU: return add_num(o, "negative_slope", L->negative_slope);
-    case CV_ELU: return add_num(o, "alpha", L->alpha);
-    case CV_GELU:
-        return cJSON_AddStringToObject(o, "approximate", L->gelu_tanh ? "tanh" : "none") ? 0
-                                                                                         : -1;
-    case CV_SOFTPLUS: return add_num(o, "beta", L->beta) || add_num(o, "threshold", L->threshold);
-    case CV_FLATTEN: return add_num(o, "start_dim", L->start_dim) ||
-                            add_num(o, "end_dim", L->end_dim);
-    case CV_MAXPOOL2D:
-        return add_pair(o, "kernel_size", L->kernel) || add_pair(o, "stride", L->stride) ||
-               add_pair(o, "padding", L->padding) || add_pair(o, "dilation", L->dilation) ||
-               add_bool(o, "ceil_mode", L->ceil_mode);
-    case CV_AVGPOOL2D:
-        return add_pair(o, "kernel_size", L->kernel) || add_pair(o, "stride", L->stride) ||
-               add_pair(o, "padding", L->padding) || add_bool(o, "ceil_mode", L->ceil_mode) ||
-               add_bool(o, "count_include_pad", L->count_include_pad);
-    case CV_ADAPTIVEAVGPOOL2D: return add_pair(o, "output_size", L->output_size);
-    case CV_BATCHNORM1D:
-    case CV_BATCHNORM2D:
-        return add_num(o, "num_features", L->num_features) || add_num(o, "eps", L->eps) ||
-               add_bool(o, "affine", L->affine) || add_bool(o, "track_running_stats", 1);
-    case CV_DROPOUT: return add_num(o, "p", L->p);
-    default: return 0;
-    }
+    for (int i = 0; i < L->cls->nfields; i++)
+        if (field_to_json(&L->cls->fields[i], L->attr.bytes, o))
+            return -1;
+    return 0;
 }
 
 cJSON *cv_arch_to_json(const cv_model *m)

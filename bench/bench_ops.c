@@ -22,6 +22,8 @@
 #include "api/params.h"
 #include "engine/curv.h"
 #include "engine/estimators.h"
+#include "engine/layer_conv.h"
+#include "engine/layer_linear.h"
 #include "server/util.h"
 
 void openblas_set_num_threads(int);
@@ -160,11 +162,15 @@ static double sgemm_peak(void)
 /* Multiply-adds of one sample's forward pass through layer l (Linear/Conv2d). */
 static double layer_macs(const cv_layer *L)
 {
-    if (L->type == CV_LINEAR)
-        return (double)L->in_features * L->out_features;
-    if (L->type == CV_CONV2D)
+    if (L->cls == &cv_linear_class) {
+        const cv_linear_attr *a = CV_LAYER_ATTR(L, cv_linear_attr);
+        return (double)a->in_features * a->out_features;
+    }
+    if (L->cls == &cv_conv2d_class) {
+        const cv_conv2d_attr *a = CV_LAYER_ATTR(L, cv_conv2d_attr);
         return (double)L->out_shape.dim[0] * L->out_shape.dim[1] * L->out_shape.dim[2] *
-               (L->in_channels / L->groups) * L->kernel[0] * L->kernel[1];
+               (a->in_channels / a->groups) * a->kernel[0] * a->kernel[1];
+    }
     return 0;
 }
 

@@ -133,11 +133,11 @@ static int setup_layers(cv_curv *c, cv_err *e)
     c->max_numel = c->numel[0];
     for (int l = 0; l < c->L; l++) {
         const cv_layer *L = &m->layers[l];
-        c->ops[l] = cv_layer_ops_for(L->type);
+        c->ops[l] = L->cls ? L->cls->ops : NULL;
         if (!c->ops[l])
             return cv_err_set(e, CV_EINVAL, "unsupported_layer", "layers",
                               "layers[%d]: %s is not supported by this engine", l,
-                              cv_layer_type_name(L->type));
+                              cv_layer_name(L));
         c->numel[l + 1] = cv_shape_numel(&L->out_shape);
         if (c->numel[l + 1] > c->max_numel)
             c->max_numel = c->numel[l + 1];
@@ -719,7 +719,7 @@ int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double 
         if (active[l] && !c->ops[l]->gram_add)
             return cv_err_set(e, CV_EINVAL, "unsupported", "blocks",
                               "layers[%d] (%s) has no Gram kernel", l,
-                              cv_layer_type_name(c->m->layers[l].type));
+                              cv_layer_name(&c->m->layers[l]));
     size_t R = (size_t)k * c->n, olen = (size_t)c->n * c->C;
     float *cur = malloc(sizeof(float) * R * c->max_numel);
     float *next = malloc(sizeof(float) * R * c->max_numel);

@@ -1,25 +1,13 @@
-/* layer.c - dispatch from layer type to its kernel table. */
+/* layer.c - what every layer class shares: default attributes from the field
+ * table, tensor declarations for layout hooks, sliding-window output sizes
+ * for infer hooks, and the release of forward caches. */
 #include "layer.h"
 
+#include <limits.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
-
-const cv_layer_ops *cv_layer_ops_for(cv_layer_type t)
-{
-    switch (t) {
-    case CV_LINEAR: return &cv_linear_ops;
-    case CV_RELU: case CV_TANH: case CV_SIGMOID: case CV_LEAKYRELU: case CV_ELU:
-    case CV_GELU: case CV_SOFTPLUS:
-        return &cv_activation_ops;
-    case CV_IDENTITY: case CV_FLATTEN: case CV_DROPOUT:
-        return &cv_passthrough_ops;
-    case CV_CONV2D: return &cv_conv2d_ops;
-    case CV_MAXPOOL2D: return &cv_maxpool2d_ops;
-    case CV_AVGPOOL2D: case CV_ADAPTIVEAVGPOOL2D: return &cv_avgpool2d_ops;
-    case CV_BATCHNORM1D: case CV_BATCHNORM2D: return &cv_batchnorm_ops;
-    default:
-        return NULL;
-    }
-}
+#include <string.h>
 
 void cv_layer_ctx_release(cv_layer_ctx *c)
 {
@@ -28,4 +16,103 @@ void cv_layer_ctx_release(cv_layer_ctx *c)
     free(c->idx);
     c->d1 = c->d2 = NULL;
     c->idx = NULL;
+}
+
+static void field_default(const cv_field *f, unsigned char *attr)
+{
+    if (f->offset == CV_F_NOSTORE)
+        return;
+    void *p = attr + f->offset;
+    switch (f->kind) {
+    case CV_F_INT:
+    case CV_F_BOOL:
+    case CV_F_ENUM:
+    case CV_F_FIXED_BOOL:
+        *(int *)p = (int)f->def;
+        break;
+    case CV_F_PAIR:
+        ((int *)p)[0] = ((int *)p)[1] = (int)f->def;
+        break;
+    case CV_F_NUMBER:
+        *(double *)p = f->def;
+        break;
+    default: /* FIXED_STRING, FIXED_NULL, IGNORED: nothing stored */
+        break;
+    }
+}
+
+void cv_layer_init(cv_layer *L, const cv_layer_class *cls)
+{
+    memset(L, 0, sizeof *L);
+    L->cls = cls;
+    for (int i = 0; i < cls->nfields; i++)
+        field_default(&cls->fields[i], L->attr.bytes);
+    if (cls->init)
+        cls->init(L);
+}
+
+static int add_tensor(cv_tensor_info *t, int *count, int max, const char *suffix, int rank,
+                      const int *dims)
+{
+    if (*count >= max || rank < 0 || rank > CV_MAX_RANK)
+        return -1;
+    cv_tensor_info *ti = &t[(*count)++];
+    memset(ti, 0, sizeof *ti);
+    snprintf(ti->name, sizeof ti->name, "%s", suffix);
+    ti->rank = rank;
+    ti->numel = 1;
+    for (int i = 0; i < rank; i++) {
+        ti->dim[i] = dims[i];
+        ti->numel *= (size_t)dims[i];
+    }
+    return 0;
+}
+
+int cv_layer_add_param(cv_layer *L, const char *suffix, int rank, const int *dims)
+{
+    return add_tensor(L->params, &L->nparams, CV_MAX_LAYER_PARAMS, suffix, rank, dims);
+}
+
+int cv_layer_add_buffer(cv_layer *L, const char *suffix, int rank, const int *dims)
+{
+    return add_tensor(L->buffers, &L->nbuffers, CV_MAX_LAYER_BUFFERS, suffix, rank, dims);
+}
+
+/* Output length of a window (kernel k, stride s, dilation d) sliding over an
+ * axis of `in` entries with padding lo before and hi after, as PyTorch
+ * computes it, in 64-bit so that no configuration the parser accepts can
+ * wrap around; -1 if the effective kernel d*(k-1)+1 exceeds the padded input. */
+static int64_t window_out(int64_t in, int64_t k, int64_t s, int64_t lo, int64_t hi, int64_t d,
+                          int ceil_mode)
+{
+    int64_t num = in + lo + hi - (d * (k - 1) + 1);
+    if (num < 0)
+        return -1;
+    int64_t out = (ceil_mode ? (num + s - 1) / s : num / s) + 1;
+    /* PyTorch: the last window must start inside the (left-padded) input */
+    if (ceil_mode && (out - 1) * s >= in + lo)
+        out--;
+    return out;
+}
+
+int cv_layer_window_out(const cv_shape *in, int a, int k, int s, int lo, int hi, int d,
+                        int ceil_mode, int *out, cv_err *e)
+{
+    static const char *const axis[2] = {"height", "width"};
+    int64_t n = in->dim[1 + a];
+    int64_t eff = (int64_t)d * (k - 1) + 1;
+    int64_t o = window_out(n, k, s, lo, hi, d, ceil_mode);
+    if (o < 1)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "kernel_size",
+                          "kernel_size[%d]: kernel larger than the padded input: kernel_size %d "
+                          "with dilation %d spans %lld, the input %s is %lld with padding "
+                          "%lld+%lld",
+                          a, k, d, (long long)eff, axis[a], (long long)n, (long long)lo,
+                          (long long)hi);
+    if (o > INT_MAX)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "stride",
+                          "stride[%d]: output %s %lld does not fit an int", a, axis[a],
+                          (long long)o);
+    *out = (int)o;
+    return 0;
 }

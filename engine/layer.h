@@ -1,4 +1,5 @@
-/* layer.h - the per-layer kernels every curvature product is assembled from.
+/* layer.h - the per-layer kernels every curvature product is assembled from,
+ * and the layer class: everything about one layer type (see below).
  *
  * Each layer type implements five kernels on a batch of N samples with
  * float32 row-major activations (sample n of x at x + n*in_numel):
@@ -74,19 +75,128 @@ typedef struct {
                     const float *rx, const float *vtheta, float *gx, float *gtheta);
 } cv_layer_ops;
 
-/* The kernels of a layer type (NULL for unsupported types). */
-const cv_layer_ops *cv_layer_ops_for(cv_layer_type t);
-
 /* Release caches allocated by forward (d1, d2, idx). */
 void cv_layer_ctx_release(cv_layer_ctx *c);
 
-/* Kernel tables, one per module. */
-extern const cv_layer_ops cv_linear_ops;
-extern const cv_layer_ops cv_activation_ops;  /* elementwise nonlinearities */
-extern const cv_layer_ops cv_passthrough_ops; /* Identity, Flatten, Dropout (eval) */
-extern const cv_layer_ops cv_conv2d_ops;
-extern const cv_layer_ops cv_maxpool2d_ops;
-extern const cv_layer_ops cv_avgpool2d_ops;   /* AvgPool2d and AdaptiveAvgPool2d */
-extern const cv_layer_ops cv_batchnorm_ops;
+/* ---- layer classes ---------------------------------------------------------
+ * A layer class is everything about one layer type: its name as PyTorch
+ * spells it, its attributes (a field table over the attribute struct its
+ * file defines), shape inference, parameter/buffer layout and kernels.  Each
+ * engine/layer_*.c defines its class(es); engine/layer_registry.c lists them.
+ * The field table is plain data: api/arch.c reads and writes the
+ * architecture document from it; nothing here knows JSON. */
+
+#define CV_ATTR_INT_LIMIT (1 << 24) /* integer attributes beyond this are a mistake */
+#define CV_LAYER_MAX_FIELDS 24
+#define CV_F_NOSTORE ((size_t)-1)   /* offset of a field that is checked, not stored */
+
+typedef enum {
+    CV_F_INT,          /* int, an integer in [min, CV_ATTR_INT_LIMIT] */
+    CV_F_PAIR,         /* int[2], an integer (both) or [h, w], each >= min; with
+                        * choices, a keyword is accepted too: index + 1 stored as
+                        * int at aux (0: numbers), exported instead of the numbers
+                        * while it is nonzero (class check resolves it) */
+    CV_F_BOOL,         /* int 0/1, true or false */
+    CV_F_NUMBER,       /* double, a finite number in [min, max] ((min, max] with
+                        * CV_F_MIN_OPEN) */
+    CV_F_ENUM,         /* int, the index of one of choices (strings) */
+    CV_F_FIXED_BOOL,   /* true or false, only def accepted ("unsupported" otherwise,
+                        * text says why); stored as int unless offset is CV_F_NOSTORE */
+    CV_F_FIXED_STRING, /* a string, only text accepted ("unsupported" otherwise) */
+    CV_F_FIXED_NULL,   /* absent or null, anything else "unsupported" */
+    CV_F_IGNORED       /* accepted and ignored: JSON kinds in CV_F_ACCEPT_* flags */
+} cv_field_kind;
+
+enum {
+    CV_F_REQUIRED = 1u << 0,      /* no default: the document must give it */
+    CV_F_NULLABLE = 1u << 1,      /* null means the default (PyTorch's None) */
+    CV_F_NO_NONE = 1u << 2,       /* PAIR: a null entry is "unsupported" */
+    CV_F_MIN_OPEN = 1u << 3,      /* NUMBER: min itself is excluded */
+    CV_F_HIDDEN = 1u << 4,        /* accepted on input, not written on export */
+    CV_F_ACCEPT_BOOL = 1u << 5,   /* IGNORED: true/false accepted */
+    CV_F_ACCEPT_NUMBER = 1u << 6, /* IGNORED: numbers accepted */
+    CV_F_ACCEPT_NULL = 1u << 7    /* IGNORED: null accepted */
+};
+
+typedef struct {
+    const char *name;             /* attribute name as PyTorch and the document spell it */
+    cv_field_kind kind;
+    unsigned flags;               /* CV_F_* */
+    size_t offset;                /* of the value in the class's attribute struct */
+    double def;                   /* default (BOOL, FIXED_BOOL: 0/1; ENUM: index;
+                                   * PAIR: both entries) */
+    double min, max;              /* bounds (INT, PAIR: min; NUMBER: both) */
+    const char *const *choices;   /* ENUM values / PAIR keywords, NULL-terminated */
+    size_t aux;                   /* PAIR with choices: offset of the keyword (int) */
+    const char *text;             /* FIXED_BOOL: why; FIXED_STRING: the accepted
+                                   * string; PAIR with choices: what a bad string is
+                                   * told it must be */
+} cv_field;
+
+/* Shorthands for the common fields of attribute struct T. */
+#define CV_FIELD_INT(n, T, m, lo, d) \
+    {.name = n, .kind = CV_F_INT, .offset = offsetof(T, m), .def = (d), .min = (lo)}
+#define CV_FIELD_INT_REQ(n, T, m, lo)                                                        \
+    {.name = n, .kind = CV_F_INT, .flags = CV_F_REQUIRED, .offset = offsetof(T, m),          \
+     .min = (lo)}
+#define CV_FIELD_PAIR(n, T, m, lo, d) \
+    {.name = n, .kind = CV_F_PAIR, .offset = offsetof(T, m), .def = (d), .min = (lo)}
+#define CV_FIELD_PAIR_REQ(n, T, m, lo)                                                       \
+    {.name = n, .kind = CV_F_PAIR, .flags = CV_F_REQUIRED, .offset = offsetof(T, m),         \
+     .min = (lo)}
+#define CV_FIELD_BOOL(n, T, m, d) \
+    {.name = n, .kind = CV_F_BOOL, .offset = offsetof(T, m), .def = (d)}
+#define CV_FIELD_NUMBER(n, T, m, d, lo, hi)                                                  \
+    {.name = n, .kind = CV_F_NUMBER, .offset = offsetof(T, m), .def = (d), .min = (lo),      \
+     .max = (hi)}
+/* In a class definition: its field table a (an array). */
+#define CV_FIELDS(a) .fields = (a), .nfields = (int)(sizeof(a) / sizeof((a)[0]))
+/* PyTorch's `inplace`: a boolean, meaningless here. */
+#define CV_FIELD_INPLACE                                                                     \
+    {.name = "inplace", .kind = CV_F_IGNORED, .flags = CV_F_ACCEPT_BOOL | CV_F_HIDDEN,       \
+     .offset = CV_F_NOSTORE}
+
+struct cv_layer_class {
+    const char *name;             /* PyTorch's class name, e.g. "Conv2d" */
+    size_t attr_size;             /* sizeof its attribute struct (CV_LAYER_ATTRS) */
+    const cv_field *fields;       /* attributes, in document order */
+    int nfields;
+    /* Optional: attributes that are not fields, after the field defaults. */
+    void (*init)(cv_layer *L);
+    /* Optional: checks/resolves attributes once a document set them (e.g.
+     * padding="same"); on error e->field is the attribute and e->message
+     * starts with it ("groups: ..."); the parser prefixes the layer's path. */
+    int (*check)(cv_layer *L, cv_err *e);
+    /* Sets L->out_shape from the per-sample input shape in (== L->in_shape).
+     * On error e->field is the attribute at fault or "", e->message says
+     * what; cv_model_finalize prefixes the layer.  NULL: out = in. */
+    int (*infer)(cv_layer *L, const cv_shape *in, cv_err *e);
+    /* Optional: declares the parameter and buffer tensors in state_dict order
+     * (cv_layer_add_param / cv_layer_add_buffer); returns 0 or -1. */
+    int (*layout)(cv_layer *L);
+    const cv_layer_ops *ops;      /* the kernels */
+    const void *impl;             /* constant data for kernels several classes share */
+};
+
+/* The registry (engine/layer_registry.c): every layer class, in a fixed order. */
+int cv_layer_class_count(void);
+const cv_layer_class *cv_layer_class_at(int i);
+const cv_layer_class *cv_layer_class_find(const char *name); /* NULL if unknown */
+
+/* Zeroes L and gives it class cls with every field at its default. */
+void cv_layer_init(cv_layer *L, const cv_layer_class *cls);
+
+/* For layout hooks: appends a tensor (name suffix such as "weight", rank,
+ * dims); cv_model_finalize names it "<layer>.<suffix>" and places it. */
+int cv_layer_add_param(cv_layer *L, const char *suffix, int rank, const int *dims);
+int cv_layer_add_buffer(cv_layer *L, const char *suffix, int rank, const int *dims);
+
+/* For infer hooks of sliding windows: the output length along axis a (0:
+ * height, 1: width) of per-sample input in ([C, H, W]) for kernel k,
+ * stride s, padding lo before and hi after, dilation d, as PyTorch computes
+ * it, into *out; or -1 with an error naming kernel_size (kernel larger than
+ * the padded input) or stride (output too large for an int). */
+int cv_layer_window_out(const cv_shape *in, int a, int k, int s, int lo, int hi, int d,
+                        int ceil_mode, int *out, cv_err *e);
 
 #endif

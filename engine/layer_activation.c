@@ -1,94 +1,93 @@
 /* layer_activation.c - elementwise nonlinearities: ReLU, Tanh, Sigmoid,
  * LeakyReLU, ELU, GELU (erf form, PyTorch's default, or tanh form) and
- * Softplus, with PyTorch's values and derivative conventions (e.g. ReLU'(0)=0).
- * Forward caches phi'(x) and phi''(x); all products are elementwise. */
-#include "layer.h"
+ * Softplus, with PyTorch's values and derivative conventions (e.g. ReLU'(0)=0):
+ * their classes and the kernels every activation class shares.  Forward
+ * caches phi'(x) and phi''(x) (the class's cv_activation computes them);
+ * all products are elementwise. */
+#include "layer_activation.h"
 
 #include <math.h>
 #include <stdlib.h>
 
 #include "parallel.h"
 
-typedef struct {
-    double f, d1, d2;
-} act_val;
-
-static act_val sigmoid_val(double x)
+static cv_act_val sigmoid_val(double x)
 {
     double s = x >= 0 ? 1.0 / (1.0 + exp(-x)) : exp(x) / (1.0 + exp(x));
-    act_val v = {s, s * (1 - s), s * (1 - s) * (1 - 2 * s)};
+    cv_act_val v = {s, s * (1 - s), s * (1 - s) * (1 - 2 * s)};
     return v;
 }
 
-static act_val gelu_erf(double x)
+static cv_act_val gelu_erf(double x)
 {
     double cdf = 0.5 * (1.0 + erf(x * M_SQRT1_2));
     double pdf = exp(-0.5 * x * x) / sqrt(2.0 * M_PI);
-    act_val v = {x * cdf, cdf + x * pdf, pdf * (2.0 - x * x)};
+    cv_act_val v = {x * cdf, cdf + x * pdf, pdf * (2.0 - x * x)};
     return v;
 }
 
-static act_val gelu_tanh(double x)
+static cv_act_val gelu_tanh(double x)
 {
     const double k = sqrt(2.0 / M_PI), a = 0.044715;
     double u = k * (x + a * x * x * x), du = k * (1 + 3 * a * x * x), ddu = k * 6 * a * x;
     double t = tanh(u), sech2 = 1 - t * t;
-    act_val v;
+    cv_act_val v;
     v.f = 0.5 * x * (1 + t);
     v.d1 = 0.5 * (1 + t) + 0.5 * x * sech2 * du;
     v.d2 = sech2 * du + 0.5 * x * (-2 * t * sech2 * du * du + sech2 * ddu);
     return v;
 }
 
-static act_val act_eval(const cv_layer *L, double x)
+/* phi of each class, with PyTorch's values and derivative conventions */
+
+static inline cv_act_val tanh_phi(const cv_layer *L, double x)
 {
-    act_val v = {x, 1, 0};
-    switch (L->type) {
-    case CV_RELU:
-        if (x <= 0)
-            v.f = v.d1 = 0;
-        break;
-    case CV_LEAKYRELU:
-        if (x <= 0) {
-            v.f = L->negative_slope * x;
-            v.d1 = L->negative_slope;
-        }
-        break;
-    case CV_TANH: {
-        double t = tanh(x);
-        v.f = t;
-        v.d1 = 1 - t * t;
-        v.d2 = -2 * t * (1 - t * t);
-        break;
-    }
-    case CV_SIGMOID:
-        v = sigmoid_val(x);
-        break;
-    case CV_ELU:
-        if (x <= 0) {
-            double ex = L->alpha * exp(x);
-            v.f = ex - L->alpha;
-            v.d1 = v.d2 = ex;
-        }
-        break;
-    case CV_GELU:
-        v = L->gelu_tanh ? gelu_tanh(x) : gelu_erf(x);
-        break;
-    case CV_SOFTPLUS: {
-        double bx = L->beta * x;
-        if (bx <= L->threshold) {
-            act_val s = sigmoid_val(bx);
-            v.f = (bx > 0 ? bx + log1p(exp(-bx)) : log1p(exp(bx))) / L->beta;
-            v.d1 = s.f;
-            v.d2 = L->beta * s.d1;
-        }
-        break;
-    }
-    default:
-        break;
+    cv_act_val v = {x, 1, 0};
+    double t = tanh(x);
+    v.f = t;
+    v.d1 = 1 - t * t;
+    v.d2 = -2 * t * (1 - t * t);
+    return v;
+}
+
+static inline cv_act_val sigmoid_phi(const cv_layer *L, double x) { return sigmoid_val(x); }
+
+static inline cv_act_val elu_phi(const cv_layer *L, double x)
+{
+    double alpha = CV_LAYER_ATTR(L, cv_elu_attr)->alpha;
+    cv_act_val v = {x, 1, 0};
+    if (x <= 0) {
+        double ex = alpha * exp(x);
+        v.f = ex - alpha;
+        v.d1 = v.d2 = ex;
     }
     return v;
 }
+
+static inline cv_act_val gelu_phi(const cv_layer *L, double x)
+{
+    return CV_LAYER_ATTR(L, cv_gelu_attr)->approximate ? gelu_tanh(x) : gelu_erf(x);
+}
+
+static inline cv_act_val softplus_phi(const cv_layer *L, double x)
+{
+    const cv_softplus_attr *a = CV_LAYER_ATTR(L, cv_softplus_attr);
+    cv_act_val v = {x, 1, 0};
+    double bx = a->beta * x;
+    if (bx <= a->threshold) {
+        cv_act_val s = sigmoid_val(bx);
+        v.f = (bx > 0 ? bx + log1p(exp(-bx)) : log1p(exp(bx))) / a->beta;
+        v.d1 = s.f;
+        v.d2 = a->beta * s.d1;
+    }
+    return v;
+}
+
+CV_ACTIVATION_FORWARD(tanh_forward, tanh_phi)
+CV_ACTIVATION_FORWARD(sigmoid_forward, sigmoid_phi)
+CV_ACTIVATION_FORWARD(elu_forward, elu_phi)
+CV_ACTIVATION_FORWARD(gelu_forward, gelu_phi)
+CV_ACTIVATION_FORWARD(softplus_forward, softplus_phi)
 
 static size_t act_work(const cv_layer_ctx *c, int k) { return 0; }
 
@@ -97,17 +96,17 @@ static size_t act_work(const cv_layer_ctx *c, int k) { return 0; }
 
 typedef struct {
     cv_layer_ctx *c;
+    const cv_activation *act;
     const float *d, *a, *b; /* factors */
     float *out;
     int add;
 } act_job;
 
-static void forward_pl_range(void *p, size_t lo, size_t hi) /* ReLU, LeakyReLU: hot path */
+/* ReLU, LeakyReLU (slope s for x <= 0): the hot path */
+static inline void forward_pl(const cv_layer_ctx *c, float *y_, size_t lo, size_t hi, float s)
 {
-    const act_job *q = p;
-    const float *restrict x = q->c->x;
-    float *restrict y = q->out, *restrict d1 = q->c->d1;
-    float s = q->c->L->type == CV_RELU ? 0.0f : (float)q->c->L->negative_slope;
+    const float *restrict x = c->x;
+    float *restrict y = y_, *restrict d1 = c->d1;
     for (size_t i = lo; i < hi; i++) { /* a select, not a branch: vectorizes */
         float d = x[i] > 0 ? 1.0f : s;
         y[i] = x[i] * d;
@@ -115,16 +114,20 @@ static void forward_pl_range(void *p, size_t lo, size_t hi) /* ReLU, LeakyReLU: 
     }
 }
 
+static void relu_forward(const cv_layer_ctx *c, float *y, size_t lo, size_t hi)
+{
+    forward_pl(c, y, lo, hi, 0.0f);
+}
+
+static void leakyrelu_forward(const cv_layer_ctx *c, float *y, size_t lo, size_t hi)
+{
+    forward_pl(c, y, lo, hi, (float)CV_LAYER_ATTR(c->L, cv_leakyrelu_attr)->negative_slope);
+}
+
 static void forward_range(void *p, size_t lo, size_t hi)
 {
     const act_job *q = p;
-    cv_layer_ctx *c = q->c;
-    for (size_t i = lo; i < hi; i++) {
-        act_val v = act_eval(c->L, c->x[i]);
-        q->out[i] = (float)v.f;
-        c->d1[i] = (float)v.d1;
-        c->d2[i] = (float)v.d2;
-    }
+    q->act->forward(q->c, q->out, lo, hi);
 }
 
 /* out = (out +) d ⊙ a (⊙ b when b is set); restrict locals let GCC vectorize */
@@ -147,15 +150,16 @@ static void scale_range(void *p, size_t lo, size_t hi)
 static int act_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     size_t len = (size_t)c->n * c->in_numel;
-    int piecewise_linear = c->L->type == CV_RELU || c->L->type == CV_LEAKYRELU;
+    const cv_activation *act = c->L->cls->impl;
+    int piecewise_linear = act->piecewise_linear;
     cv_layer_ctx_release(c);
     c->d1 = malloc(sizeof(float) * len);
     c->d2 = piecewise_linear ? NULL : malloc(sizeof(float) * len); /* NULL: phi'' = 0 */
     if (!c->d1 || (!piecewise_linear && !c->d2))
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "activation cache (%zu floats)",
                           2 * len);
-    act_job q = {c, NULL, NULL, NULL, y, 0};
-    cv_parallel_for(len, CV_ACT_GRAIN, piecewise_linear ? forward_pl_range : forward_range, &q);
+    act_job q = {c, act, NULL, NULL, NULL, y, 0};
+    cv_parallel_for(len, CV_ACT_GRAIN, forward_range, &q);
     return 0;
 }
 
@@ -165,7 +169,7 @@ static void scale_stack(const cv_layer_ctx *c, int k, const float *d, const floa
 {
     size_t len = (size_t)c->n * c->in_numel;
     for (int j = 0; j < k; j++) {
-        act_job q = {NULL, d, in + (size_t)j * len, NULL, out + (size_t)j * len, add};
+        act_job q = {NULL, NULL, d, in + (size_t)j * len, NULL, out + (size_t)j * len, add};
         cv_parallel_for(len, CV_ACT_GRAIN, scale_range, &q);
     }
 }
@@ -195,7 +199,7 @@ static void act_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const f
         return;
     size_t len = (size_t)c->n * c->in_numel;
     for (int j = 0; j < k; j++) {
-        act_job q = {NULL, c->d2, rx + (size_t)j * len, gy, gx_add + (size_t)j * len, 1};
+        act_job q = {NULL, NULL, c->d2, rx + (size_t)j * len, gy, gx_add + (size_t)j * len, 1};
         cv_parallel_for(len, CV_ACT_GRAIN, scale_range, &q);
     }
 }
@@ -205,3 +209,61 @@ static void act_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
 const cv_layer_ops cv_activation_ops = {act_work, act_forward, act_vjp, act_jvp, act_hvp_extra,
                                         act_per_sample, NULL,
                                         NULL, NULL};
+
+/* ---- classes --------------------------------------------------------------- */
+
+static const cv_activation relu_act = {relu_forward, 1}, leakyrelu_act = {leakyrelu_forward, 1},
+                           tanh_act = {tanh_forward, 0}, sigmoid_act = {sigmoid_forward, 0},
+                           elu_act = {elu_forward, 0}, gelu_act = {gelu_forward, 0},
+                           softplus_act = {softplus_forward, 0};
+
+static const cv_field inplace_fields[] = {CV_FIELD_INPLACE};
+
+static const cv_field leakyrelu_fields[] = {
+    CV_FIELD_NUMBER("negative_slope", cv_leakyrelu_attr, negative_slope, 0.01, -INFINITY,
+                    INFINITY),
+    CV_FIELD_INPLACE,
+};
+
+static const cv_field elu_fields[] = {
+    CV_FIELD_NUMBER("alpha", cv_elu_attr, alpha, 1.0, -INFINITY, INFINITY),
+    CV_FIELD_INPLACE,
+};
+
+static const char *const gelu_approximations[] = {"none", "tanh", NULL};
+
+static const cv_field gelu_fields[] = {
+    {.name = "approximate", .kind = CV_F_ENUM, .offset = offsetof(cv_gelu_attr, approximate),
+     .def = 0, .choices = gelu_approximations},
+};
+
+static const cv_field softplus_fields[] = {
+    CV_FIELD_NUMBER("beta", cv_softplus_attr, beta, 1.0, -INFINITY, INFINITY),
+    CV_FIELD_NUMBER("threshold", cv_softplus_attr, threshold, 20.0, -INFINITY, INFINITY),
+};
+
+static int softplus_check(cv_layer *L, cv_err *e)
+{
+    if (CV_LAYER_ATTR(L, cv_softplus_attr)->beta == 0)
+        return cv_err_set(e, CV_EINVAL, "invalid_value", "beta", "beta: must not be 0");
+    return 0;
+}
+
+const cv_layer_class cv_relu_class = {
+    .name = "ReLU", CV_FIELDS(inplace_fields), .ops = &cv_activation_ops, .impl = &relu_act};
+const cv_layer_class cv_tanh_class = {
+    .name = "Tanh", .ops = &cv_activation_ops, .impl = &tanh_act};
+const cv_layer_class cv_sigmoid_class = {
+    .name = "Sigmoid", .ops = &cv_activation_ops, .impl = &sigmoid_act};
+const cv_layer_class cv_leakyrelu_class = {
+    .name = "LeakyReLU", .attr_size = sizeof(cv_leakyrelu_attr), CV_FIELDS(leakyrelu_fields),
+    .ops = &cv_activation_ops, .impl = &leakyrelu_act};
+const cv_layer_class cv_elu_class = {
+    .name = "ELU", .attr_size = sizeof(cv_elu_attr), CV_FIELDS(elu_fields),
+    .ops = &cv_activation_ops, .impl = &elu_act};
+const cv_layer_class cv_gelu_class = {
+    .name = "GELU", .attr_size = sizeof(cv_gelu_attr), CV_FIELDS(gelu_fields),
+    .ops = &cv_activation_ops, .impl = &gelu_act};
+const cv_layer_class cv_softplus_class = {
+    .name = "Softplus", .attr_size = sizeof(cv_softplus_attr), CV_FIELDS(softplus_fields),
+    .check = softplus_check, .ops = &cv_activation_ops, .impl = &softplus_act};

@@ -4,7 +4,7 @@
  * are buffers.  Forward caches per channel [scale, shift, invstd, mean] in
  * d1, with scale = gamma*invstd and shift = beta - mean*scale as PyTorch
  * computes it.  The map is bilinear in (x, gamma), whence its R-op terms. */
-#include "layer.h"
+#include "layer_batchnorm.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -12,7 +12,8 @@
 
 #include "im2col.h"
 
-#define CH(c) ((c)->L->num_features)
+#define ATTR(c) CV_LAYER_ATTR((c)->L, cv_batchnorm_attr)
+#define CH(c) ((c)->L->in_shape.dim[0]) /* == num_features (bn_infer) */
 #define SP(c) ((int)((c)->in_numel / (size_t)CH(c))) /* positions per channel */
 #define SCALE(c) ((c)->d1)
 #define SHIFT(c) ((c)->d1 + CH(c))
@@ -30,16 +31,18 @@ static int bn_forward(cv_layer_ctx *c, float *y, cv_err *e)
     int C = CH(c), S = SP(c);
     if (!c->buffers || L->nbuffers < 2)
         return cv_err_set(e, CV_EINVAL, "invalid_model", "layers",
-                          "%s needs running_mean and running_var", cv_layer_type_name(L->type));
+                          "%s needs running_mean and running_var", cv_layer_name(L));
     const float *mean = c->buffers;
     const float *var = c->buffers + (L->buffers[1].offset - L->buffers[0].offset);
     cv_layer_ctx_release(c);
     c->d1 = malloc(sizeof(float) * 4 * (size_t)C);
     if (!c->d1)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "BatchNorm cache");
+    double eps = ATTR(c)->eps;
+    int affine = ATTR(c)->affine;
     for (int ch = 0; ch < C; ch++) {
-        float inv = (float)(1.0 / sqrt((double)var[ch] + L->eps));
-        float g = L->affine ? c->theta[ch] : 1.0f, b = L->affine ? c->theta[C + ch] : 0.0f;
+        float inv = (float)(1.0 / sqrt((double)var[ch] + eps));
+        float g = affine ? c->theta[ch] : 1.0f, b = affine ? c->theta[C + ch] : 0.0f;
         SCALE(c)[ch] = g * inv;
         SHIFT(c)[ch] = b - mean[ch] * SCALE(c)[ch];
         INVSTD(c)[ch] = inv;
@@ -94,7 +97,7 @@ static void bn_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, flo
     int n = c->n, C = CH(c);
     if (gx)
         channel_scale(c, k * n, SCALE(c), gy, gx, 0);
-    if (!gtheta || !c->L->affine)
+    if (!gtheta || !ATTR(c)->affine)
         return;
     memset(gtheta, 0, sizeof(float) * (size_t)k * c->nparam);
     for (int j = 0; j < k; j++) {
@@ -129,7 +132,7 @@ static void bn_jvp(const cv_layer_ctx *c, int k, const float *rx, const float *v
         channel_scale(c, k * c->n, SCALE(c), rx, ry, 0);
     else
         memset(ry, 0, sizeof(float) * len);
-    if (vtheta && c->L->affine)
+    if (vtheta && ATTR(c)->affine)
         param_tangent(c, k, vtheta, ry);
 }
 
@@ -138,7 +141,7 @@ static void bn_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const fl
                          const float *vtheta, float *gx_add, float *gtheta_add)
 {
     int n = c->n, C = CH(c), S = SP(c);
-    if (!c->L->affine)
+    if (!ATTR(c)->affine)
         return;
     for (int j = 0; j < k; j++) {
         if (gx_add && vtheta) {
@@ -170,7 +173,7 @@ static void bn_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const fl
 static void bn_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
 {
     int C = CH(c);
-    if (!c->L->affine)
+    if (!ATTR(c)->affine)
         return;
     memset(G, 0, sizeof(float) * (size_t)c->n * c->nparam);
     for (int i = 0; i < c->n; i++) {
@@ -186,7 +189,7 @@ static void bn_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned 
     int C = CH(c), R = k * c->n;
     int use_g = (mask & 1u) != 0, use_b = (mask & 2u) != 0, w = C * (use_g + use_b);
     float *B = c->work && c->work_floats >= bn_work(c, k) ? c->work : NULL;
-    if (!c->L->affine || !w)
+    if (!ATTR(c)->affine || !w)
         return;
     if (!B) {
         for (size_t q = 0; q < (size_t)R * R; q++)
@@ -202,6 +205,69 @@ static void bn_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned 
     cv_gram_add_rows(R, w, B, G);
 }
 
-const cv_layer_ops cv_batchnorm_ops = {bn_work,       bn_forward,   bn_vjp,
+static const cv_layer_ops batchnorm_ops = {bn_work,       bn_forward,   bn_vjp,
                                        bn_jvp,        bn_hvp_extra, bn_per_sample,
                                        bn_gram_add,   NULL,         NULL};
+
+/* ---- classes --------------------------------------------------------------- */
+
+static const cv_field bn_fields[] = {
+    CV_FIELD_INT_REQ("num_features", cv_batchnorm_attr, num_features, 1),
+    {.name = "eps", .kind = CV_F_NUMBER, .flags = CV_F_MIN_OPEN,
+     .offset = offsetof(cv_batchnorm_attr, eps), .def = 1e-5, .min = 0, .max = INFINITY},
+    /* ignored in evaluation mode */
+    {.name = "momentum", .kind = CV_F_IGNORED,
+     .flags = CV_F_ACCEPT_NUMBER | CV_F_ACCEPT_NULL | CV_F_HIDDEN, .offset = CV_F_NOSTORE},
+    CV_FIELD_BOOL("affine", cv_batchnorm_attr, affine, 1),
+    {.name = "track_running_stats", .kind = CV_F_FIXED_BOOL,
+     .offset = offsetof(cv_batchnorm_attr, track_running_stats), .def = 1,
+     .text = "evaluation mode normalizes with the running statistics"},
+    {.name = "training", .kind = CV_F_FIXED_BOOL, .flags = CV_F_HIDDEN, .offset = CV_F_NOSTORE,
+     .def = 0,
+     .text = "curvd evaluates BatchNorm in evaluation mode (running statistics); set "
+             "\"training\": false or omit it"},
+};
+
+static int bn_infer(cv_layer *L, const cv_shape *in, cv_err *e)
+{
+    const cv_batchnorm_attr *a = CV_LAYER_ATTR(L, cv_batchnorm_attr);
+    char s[64];
+    cv_shape_str(in, s, sizeof s);
+    /* BatchNorm1d: [C] or [C, L] (PyTorch's (N, C) and (N, C, L)); BatchNorm2d: [C, H, W] */
+    int want_rank = L->cls == &cv_batchnorm2d_class ? 3 : in->rank == 2 ? 2 : 1;
+    if (a->num_features < 1)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "", "num_features must be positive");
+    if (!a->track_running_stats)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                          "track_running_stats=false needs batch statistics (training mode); "
+                          "curvd supports evaluation mode only");
+    if (in->rank != want_rank || in->dim[0] != a->num_features) {
+        if (want_rank == 3)
+            return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                              "expects per-sample input [%d, H, W], got %s", a->num_features, s);
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                          "expects per-sample input [%d] or [%d, L], got %s", a->num_features,
+                          a->num_features, s);
+    }
+    L->out_shape = *in;
+    return 0;
+}
+
+static int bn_layout(cv_layer *L)
+{
+    const cv_batchnorm_attr *a = CV_LAYER_ATTR(L, cv_batchnorm_attr);
+    int dims[1] = {a->num_features};
+    if (a->affine &&
+        (cv_layer_add_param(L, "weight", 1, dims) || cv_layer_add_param(L, "bias", 1, dims)))
+        return -1;
+    return cv_layer_add_buffer(L, "running_mean", 1, dims) ||
+           cv_layer_add_buffer(L, "running_var", 1, dims) ||
+           cv_layer_add_buffer(L, "num_batches_tracked", 0, dims);
+}
+
+/* BatchNorm1d and BatchNorm2d differ in name (and the rank bn_infer wants) */
+#define BN_CLASS(nm)                                                                         \
+    {.name = nm, .attr_size = sizeof(cv_batchnorm_attr), CV_FIELDS(bn_fields),               \
+     .infer = bn_infer, .layout = bn_layout, .ops = &batchnorm_ops}
+const cv_layer_class cv_batchnorm1d_class = BN_CLASS("BatchNorm1d");
+const cv_layer_class cv_batchnorm2d_class = BN_CLASS("BatchNorm2d");

@@ -8,9 +8,11 @@
  * every kernel but per_sample and gram_add runs direct instead: the
  * convolutions (forward, tangents, input cotangents as transposed
  * convolutions) and the weight gradients. */
-#include "layer.h"
+#include "layer_conv.h"
 
 #include <cblas.h>
+#include <limits.h>
+#include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,28 +34,29 @@ typedef struct {
 static conv_dims dims_of(const cv_layer_ctx *c)
 {
     const cv_layer *L = c->L;
+    const cv_conv2d_attr *A = CV_LAYER_ATTR(L, cv_conv2d_attr);
     conv_dims d;
     d.g.C = L->in_shape.dim[0];
     d.g.H = L->in_shape.dim[1];
     d.g.W = L->in_shape.dim[2];
-    d.g.kh = L->kernel[0];
-    d.g.kw = L->kernel[1];
-    d.g.sh = L->stride[0];
-    d.g.sw = L->stride[1];
-    d.g.ph = L->padding[0];
-    d.g.pw = L->padding[1];
-    d.g.dh = L->dilation[0];
-    d.g.dw = L->dilation[1];
+    d.g.kh = A->kernel[0];
+    d.g.kw = A->kernel[1];
+    d.g.sh = A->stride[0];
+    d.g.sw = A->stride[1];
+    d.g.ph = A->padding[0];
+    d.g.pw = A->padding[1];
+    d.g.dh = A->dilation[0];
+    d.g.dw = A->dilation[1];
     d.g.oh = L->out_shape.dim[1];
     d.g.ow = L->out_shape.dim[2];
     d.cout = L->out_shape.dim[0];
-    d.groups = L->groups;
+    d.groups = A->groups;
     d.og = d.cout / d.groups;
     d.kg = d.g.C / d.groups * d.g.kh * d.g.kw;
     d.K = d.kg * d.groups;
     d.P = d.g.oh * d.g.ow;
     d.wnumel = (size_t)d.cout * d.kg;
-    d.has_bias = L->has_bias;
+    d.has_bias = A->has_bias;
     return d;
 }
 
@@ -757,6 +760,115 @@ static void conv_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigne
             G[q] = NAN;
 }
 
-const cv_layer_ops cv_conv2d_ops = {conv_work,      conv_forward,    conv_vjp,
+static const cv_layer_ops conv2d_ops = {conv_work,      conv_forward,    conv_vjp,
                                     conv_jvp,       conv_hvp_extra,  conv_per_sample,
                                     conv_gram_add,  conv_quad_extra, conv_vjp_hvp};
+
+/* ---- class ----------------------------------------------------------------- */
+
+static const char *const conv_padding_keywords[] = {"valid", "same", NULL};
+
+static const cv_field conv_fields[] = {
+    CV_FIELD_INT_REQ("in_channels", cv_conv2d_attr, in_channels, 1),
+    CV_FIELD_INT_REQ("out_channels", cv_conv2d_attr, out_channels, 1),
+    CV_FIELD_PAIR_REQ("kernel_size", cv_conv2d_attr, kernel, 1),
+    CV_FIELD_PAIR("stride", cv_conv2d_attr, stride, 1, 1),
+    {.name = "padding", .kind = CV_F_PAIR, .offset = offsetof(cv_conv2d_attr, padding),
+     .def = 0, .min = 0, .choices = conv_padding_keywords,
+     .aux = offsetof(cv_conv2d_attr, padding_keyword),
+     .text = "must be an integer, [ph, pw], \"valid\" or \"same\""},
+    CV_FIELD_PAIR("dilation", cv_conv2d_attr, dilation, 1, 1),
+    CV_FIELD_INT("groups", cv_conv2d_attr, groups, 1, 1),
+    CV_FIELD_BOOL("bias", cv_conv2d_attr, has_bias, 1),
+    {.name = "padding_mode", .kind = CV_F_FIXED_STRING, .offset = CV_F_NOSTORE, .text = "zeros"},
+};
+
+/* padding="valid" is 0; "same" pads d*(k-1) in all, as PyTorch: total//2 on
+ * the top/left and the rest (one more for an even effective kernel) on the
+ * bottom/right.  Then groups must divide both channel counts. */
+static int conv_check(cv_layer *L, cv_err *e)
+{
+    cv_conv2d_attr *a = CV_LAYER_ATTR(L, cv_conv2d_attr);
+    if (a->padding_keyword == 1) {
+        a->padding[0] = a->padding[1] = 0;
+        a->padding_keyword = 0;
+    } else if (a->padding_keyword == 2) {
+        if (a->stride[0] != 1 || a->stride[1] != 1)
+            return cv_err_set(e, CV_EINVAL, "invalid_value", "padding",
+                              "padding: padding='same' is not supported for strided "
+                              "convolutions (as in PyTorch)");
+        for (int i = 0; i < 2; i++) {
+            int64_t total = (int64_t)a->dilation[i] * (a->kernel[i] - 1);
+            if (total - total / 2 > CV_ATTR_INT_LIMIT)
+                return cv_err_set(e, CV_EINVAL, "invalid_value", "padding",
+                                  "padding: padding='same' with kernel_size %d and dilation %d "
+                                  "needs padding %lld, too large (limit %d)", a->kernel[i],
+                                  a->dilation[i], (long long)(total - total / 2),
+                                  CV_ATTR_INT_LIMIT);
+            a->padding[i] = (int)(total / 2);
+            a->pad_extra[i] = (int)(total % 2);
+        }
+        if (!a->pad_extra[0] && !a->pad_extra[1])
+            a->padding_keyword = 0; /* symmetric: numbers say it */
+    }
+    if (a->in_channels % a->groups || a->out_channels % a->groups)
+        return cv_err_set(e, CV_EINVAL, "invalid_value", "groups",
+                          "groups: in_channels (%d) and out_channels (%d) must be divisible by "
+                          "groups (%d)", a->in_channels, a->out_channels, a->groups);
+    return 0;
+}
+
+static int check_pos2(const int *v, int min) { return v[0] >= min && v[1] >= min; }
+
+static int conv_infer(cv_layer *L, const cv_shape *in, cv_err *e)
+{
+    const cv_conv2d_attr *a = CV_LAYER_ATTR(L, cv_conv2d_attr);
+    char s[64];
+    cv_shape_str(in, s, sizeof s);
+    if (a->in_channels < 1 || a->out_channels < 1 || a->groups < 1)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                          "in_channels, out_channels and groups must be positive");
+    if (a->in_channels % a->groups || a->out_channels % a->groups)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                          "in_channels and out_channels must be divisible by groups");
+    if (!check_pos2(a->kernel, 1) || !check_pos2(a->stride, 1) || !check_pos2(a->dilation, 1) ||
+        !check_pos2(a->padding, 0))
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                          "kernel_size, stride, dilation must be >= 1 and padding >= 0");
+    if (in->rank != 3 || in->dim[0] != a->in_channels)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                          "expects per-sample input [%d, H, W], got %s", a->in_channels, s);
+    if (a->pad_extra[0] < 0 || a->pad_extra[1] < 0)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "padding",
+                          "padding: bottom/right padding must be >= 0");
+    int wdims[4] = {a->out_channels, a->in_channels / a->groups, a->kernel[0], a->kernel[1]};
+    int64_t wn = 1; /* also bounds the unfolded rows C*kh*kw */
+    for (int i = 0; i < 4 && wn <= INT_MAX; i++)
+        wn *= wdims[i];
+    if (wn > INT_MAX)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "kernel_size",
+                          "kernel_size: the weight [%d, %d, %d, %d] has more than %d entries",
+                          wdims[0], wdims[1], wdims[2], wdims[3], INT_MAX);
+    int o[2];
+    for (int i = 0; i < 2; i++)
+        if (cv_layer_window_out(in, i, a->kernel[i], a->stride[i], a->padding[i],
+                                a->padding[i] + a->pad_extra[i], a->dilation[i], 0, &o[i], e))
+            return -1;
+    L->out_shape.rank = 3;
+    L->out_shape.dim[0] = a->out_channels;
+    L->out_shape.dim[1] = o[0];
+    L->out_shape.dim[2] = o[1];
+    return 0;
+}
+
+static int conv_layout(cv_layer *L)
+{
+    const cv_conv2d_attr *a = CV_LAYER_ATTR(L, cv_conv2d_attr);
+    int dims[4] = {a->out_channels, a->in_channels / a->groups, a->kernel[0], a->kernel[1]};
+    return cv_layer_add_param(L, "weight", 4, dims) ||
+           (a->has_bias && cv_layer_add_param(L, "bias", 1, dims));
+}
+
+const cv_layer_class cv_conv2d_class = {
+    .name = "Conv2d", .attr_size = sizeof(cv_conv2d_attr), CV_FIELDS(conv_fields),
+    .check = conv_check, .infer = conv_infer, .layout = conv_layout, .ops = &conv2d_ops};

@@ -1,13 +1,15 @@
-/* layer_linear.c - kernels of torch.nn.Linear: y = x W^T + b, W [out, in]. */
-#include "layer.h"
+/* layer_linear.c - torch.nn.Linear: y = x W^T + b, W [out, in]; its class
+ * (attributes, shape, weight and bias layout) and kernels. */
+#include "layer_linear.h"
 
 #include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define IN(c) ((int)(c)->L->in_features)
-#define OUT(c) ((int)(c)->L->out_features)
+#define ATTR(c) CV_LAYER_ATTR((c)->L, cv_linear_attr)
+#define IN(c) (ATTR(c)->in_features)
+#define OUT(c) (ATTR(c)->out_features)
 
 /* One n x out product for quad_extra. */
 static size_t linear_work(const cv_layer_ctx *c, int k) { return (size_t)c->n * OUT(c); }
@@ -24,7 +26,7 @@ static int linear_forward(cv_layer_ctx *c, float *y, cv_err *e)
     const float *W = c->theta;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c->n, OUT(c), IN(c), 1.0f, c->x, IN(c),
                 W, IN(c), 0.0f, y, OUT(c));
-    if (c->L->has_bias)
+    if (ATTR(c)->has_bias)
         add_bias(c->n, OUT(c), W + (size_t)OUT(c) * IN(c), y);
     return 0;
 }
@@ -59,7 +61,7 @@ static void linear_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx,
         const float *g = gy + (size_t)j * n * out;
         float *gt = gtheta + (size_t)j * c->nparam;
         weight_grad(c, g, c->x, 0.0f, gt);
-        if (c->L->has_bias)
+        if (ATTR(c)->has_bias)
             bias_grad(c, g, gt + (size_t)out * in);
     }
 }
@@ -80,7 +82,7 @@ static void linear_jvp(const cv_layer_ctx *c, int k, const float *rx, const floa
         float *r = ry + (size_t)j * n * out;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, c->x, in, V, in,
                     1.0f, r, out);
-        if (c->L->has_bias)
+        if (ATTR(c)->has_bias)
             add_bias(n, out, V + (size_t)out * in, r);
     }
 }
@@ -129,7 +131,7 @@ static void linear_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
         for (int o = 0; o < out; o++)
             for (int a = 0; a < in; a++)
                 g[(size_t)o * in + a] = gi[o] * xi[a];
-        if (c->L->has_bias)
+        if (ATTR(c)->has_bias)
             memcpy(g + (size_t)out * in, gi, sizeof(float) * (size_t)out);
     }
 }
@@ -139,7 +141,7 @@ static void linear_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsig
                             double *G)
 {
     int n = c->n, in = IN(c), out = OUT(c), R = k * n;
-    int use_b = c->L->has_bias && (mask & 2u), use_w = (mask & 1u) != 0;
+    int use_b = ATTR(c)->has_bias && (mask & 2u), use_w = (mask & 1u) != 0;
     float *S = malloc(sizeof(float) * (size_t)R * R), *X = malloc(sizeof(float) * (size_t)n * n);
     if (!S || !X) { /* make the failure visible rather than leave G short */
         for (size_t i = 0; i < (size_t)R * R; i++)
@@ -163,6 +165,43 @@ static void linear_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsig
     free(X);
 }
 
-const cv_layer_ops cv_linear_ops = {linear_work,       linear_forward,    linear_vjp,
+static const cv_layer_ops linear_ops = {linear_work,       linear_forward,    linear_vjp,
                                     linear_jvp,        linear_hvp_extra,  linear_per_sample,
                                     linear_gram_add,   linear_quad_extra, NULL};
+
+/* ---- class ----------------------------------------------------------------- */
+
+static int linear_infer(cv_layer *L, const cv_shape *in, cv_err *e)
+{
+    const cv_linear_attr *a = CV_LAYER_ATTR(L, cv_linear_attr);
+    char s[64];
+    cv_shape_str(in, s, sizeof s);
+    if (a->in_features < 1 || a->out_features < 1)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                          "in_features and out_features must be positive");
+    if (in->rank != 1 || in->dim[0] != a->in_features)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                          "expects per-sample input [%d], got %s%s", a->in_features, s,
+                          in->rank != 1 ? " (add a Flatten layer before it)" : "");
+    L->out_shape.rank = 1;
+    L->out_shape.dim[0] = a->out_features;
+    return 0;
+}
+
+static int linear_layout(cv_layer *L)
+{
+    const cv_linear_attr *a = CV_LAYER_ATTR(L, cv_linear_attr);
+    int dims[2] = {a->out_features, a->in_features};
+    return cv_layer_add_param(L, "weight", 2, dims) ||
+           (a->has_bias && cv_layer_add_param(L, "bias", 1, dims));
+}
+
+static const cv_field linear_fields[] = {
+    CV_FIELD_INT_REQ("in_features", cv_linear_attr, in_features, 1),
+    CV_FIELD_INT_REQ("out_features", cv_linear_attr, out_features, 1),
+    CV_FIELD_BOOL("bias", cv_linear_attr, has_bias, 1),
+};
+
+const cv_layer_class cv_linear_class = {
+    .name = "Linear", .attr_size = sizeof(cv_linear_attr), CV_FIELDS(linear_fields),
+    .infer = linear_infer, .layout = linear_layout, .ops = &linear_ops};

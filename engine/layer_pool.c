@@ -3,10 +3,11 @@
  * ceil_mode, count_include_pad) and AdaptiveAvgPool2d.  All are linear in x
  * (max pooling for its fixed argmax), so they have no second-order terms and
  * no parameters; every kernel works plane by plane over k*N*C planes. */
-#include "layer.h"
+#include "layer_pool.h"
 #include "parallel.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -47,14 +48,16 @@ static inline void maxpool_take(float v, int i, float *mv, int *best)
 static void maxpool_plane(const cv_layer *L, int H, int W, int OH, int OW, const float *x,
                           float *y, int *idx)
 {
-    int kh = L->kernel[0], kw = L->kernel[1], dh = L->dilation[0], dw = L->dilation[1];
+    const cv_pool2d_attr *A = CV_LAYER_ATTR(L, cv_pool2d_attr);
+    int kh = A->kernel[0], kw = A->kernel[1], dh = A->dilation[0], dw = A->dilation[1];
+    int sh = A->stride[0], sw = A->stride[1], ph = A->padding[0], pw = A->padding[1];
     for (int oy = 0; oy < OH; oy++) {
-        int y0 = oy * L->stride[0] - L->padding[0];
+        int y0 = oy * sh - ph;
         int y1 = y0 + (kh - 1) * dh + 1 < H ? y0 + (kh - 1) * dh + 1 : H;
         while (y0 < 0)
             y0 += dh;
         for (int ox = 0; ox < OW; ox++) {
-            int x0 = ox * L->stride[1] - L->padding[1];
+            int x0 = ox * sw - pw;
             int x1 = x0 + (kw - 1) * dw + 1 < W ? x0 + (kw - 1) * dw + 1 : W;
             while (x0 < 0)
                 x0 += dw;
@@ -95,10 +98,10 @@ static void maxpool_plane_2x2(int W, int OH, int OW, const float *x, float *y, i
 
 static int is_plain_2x2(const cv_layer_ctx *c)
 {
-    const cv_layer *L = c->L;
-    return L->kernel[0] == 2 && L->kernel[1] == 2 && L->stride[0] == 2 && L->stride[1] == 2 &&
-           L->padding[0] == 0 && L->padding[1] == 0 && L->dilation[0] == 1 &&
-           L->dilation[1] == 1 && 2 * OH_(c) <= H_(c) && 2 * OW_(c) <= W_(c);
+    const cv_pool2d_attr *A = CV_LAYER_ATTR(c->L, cv_pool2d_attr);
+    return A->kernel[0] == 2 && A->kernel[1] == 2 && A->stride[0] == 2 && A->stride[1] == 2 &&
+           A->padding[0] == 0 && A->padding[1] == 0 && A->dilation[0] == 1 &&
+           A->dilation[1] == 1 && 2 * OH_(c) <= H_(c) && 2 * OW_(c) <= W_(c);
 }
 
 /* Planes (sample, channel, vector) are independent: cv_parallel_for over
@@ -194,7 +197,7 @@ static void maxpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const flo
     cv_parallel_for((size_t)k * planes, cv_parallel_grain(ip + op), jvp_planes, &j);
 }
 
-const cv_layer_ops cv_maxpool2d_ops = {pool_work,      maxpool_forward, maxpool_vjp,
+static const cv_layer_ops maxpool2d_ops = {pool_work,      maxpool_forward, maxpool_vjp,
                                        maxpool_jvp,    pool_hvp_extra,  pool_per_sample,
                                        NULL,           pool_quad_extra, NULL};
 
@@ -205,15 +208,18 @@ const cv_layer_ops cv_maxpool2d_ops = {pool_work,      maxpool_forward, maxpool_
 
 static void axis_windows(const cv_layer *L, int a, int in, int out, int *t)
 {
+    const cv_pool2d_attr *A = CV_LAYER_ATTR(L, cv_pool2d_attr);
+    int adaptive = L->cls == &cv_adaptiveavgpool2d_class;
+    int k = A->kernel[a], st = A->stride[a], p = A->padding[a];
     for (int o = 0; o < out; o++) {
         int s, e, len;
-        if (L->type == CV_ADAPTIVEAVGPOOL2D) {
+        if (adaptive) {
             s = (int)((long long)o * in / out);
             e = (int)(((long long)(o + 1) * in + out - 1) / out);
             len = e - s;
         } else {
-            s = o * L->stride[a] - L->padding[a];
-            e = s + L->kernel[a] < in + L->padding[a] ? s + L->kernel[a] : in + L->padding[a];
+            s = o * st - p;
+            e = s + k < in + p ? s + k : in + p;
             len = e - s;
             s = s < 0 ? 0 : s;
             e = e > in ? in : e;
@@ -224,19 +230,26 @@ static void axis_windows(const cv_layer *L, int a, int in, int out, int *t)
     }
 }
 
+/* AvgPool2d's count_include_pad (AdaptiveAvgPool2d: 0) */
+static int include_pad(const cv_layer_ctx *c)
+{
+    return c->L->cls == &cv_avgpool2d_class &&
+           CV_LAYER_ATTR(c->L, cv_pool2d_attr)->count_include_pad;
+}
+
 /* Divisor of output (oy, ox); 0 for an empty window (PyTorch writes 0). */
-static int avg_divisor(const cv_layer_ctx *c, const int *ty, const int *tx)
+static int avg_divisor(int incl, const int *ty, const int *tx)
 {
     int h = ty[1] - ty[0], w = tx[1] - tx[0];
     if (h <= 0 || w <= 0)
         return 0;
-    return c->L->type == CV_AVGPOOL2D && c->L->count_include_pad ? ty[2] * tx[2] : h * w;
+    return incl ? ty[2] * tx[2] : h * w;
 }
 
 /* y = A x for k*N*C planes (the forward map and its tangent). */
 static void avg_apply(const cv_layer_ctx *c, size_t planes, const float *x, float *y)
 {
-    int W = W_(c), OH = OH_(c), OW = OW_(c);
+    int W = W_(c), OH = OH_(c), OW = OW_(c), incl = include_pad(c);
     size_t ip = (size_t)H_(c) * W, op = (size_t)OH * OW;
     const int *ty = c->idx, *tx = c->idx + 3 * OH;
     for (size_t q = 0; q < planes; q++) {
@@ -249,7 +262,7 @@ static void avg_apply(const cv_layer_ctx *c, size_t planes, const float *x, floa
                 for (int iy = a[0]; iy < a[1]; iy++)
                     for (int ix = b[0]; ix < b[1]; ix++)
                         s += xp[iy * W + ix];
-                int div = avg_divisor(c, a, b);
+                int div = avg_divisor(incl, a, b);
                 yp[oy * OW + ox] = div ? s / (float)div : 0.0f;
             }
     }
@@ -272,7 +285,7 @@ static void avgpool_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx
 {
     if (!gx)
         return;
-    int W = W_(c), OH = OH_(c), OW = OW_(c);
+    int W = W_(c), OH = OH_(c), OW = OW_(c), incl = include_pad(c);
     size_t ip = (size_t)H_(c) * W, op = (size_t)OH * OW, planes = (size_t)k * c->n * C_(c);
     const int *ty = c->idx, *tx = c->idx + 3 * OH;
     memset(gx, 0, sizeof(float) * planes * ip);
@@ -282,7 +295,7 @@ static void avgpool_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx
         for (int oy = 0; oy < OH; oy++)
             for (int ox = 0; ox < OW; ox++) {
                 const int *a = ty + 3 * oy, *b = tx + 3 * ox;
-                int div = avg_divisor(c, a, b);
+                int div = avg_divisor(incl, a, b);
                 float v = div ? g[oy * OW + ox] / (float)div : 0.0f;
                 for (int iy = a[0]; iy < a[1]; iy++)
                     for (int ix = b[0]; ix < b[1]; ix++)
@@ -300,6 +313,103 @@ static void avgpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const flo
         memset(ry, 0, sizeof(float) * (size_t)k * c->n * c->out_numel);
 }
 
-const cv_layer_ops cv_avgpool2d_ops = {pool_work,      avgpool_forward, avgpool_vjp,
+static const cv_layer_ops avgpool2d_ops = {pool_work,      avgpool_forward, avgpool_vjp,
                                        avgpool_jvp,    pool_hvp_extra,  pool_per_sample,
                                        NULL,           pool_quad_extra, NULL};
+
+/* ---- classes --------------------------------------------------------------- */
+
+static const cv_field maxpool_fields[] = {
+    CV_FIELD_PAIR_REQ("kernel_size", cv_pool2d_attr, kernel, 1),
+    /* PyTorch: stride=None means kernel_size (0 until pool_check) */
+    {.name = "stride", .kind = CV_F_PAIR, .flags = CV_F_NULLABLE,
+     .offset = offsetof(cv_pool2d_attr, stride), .def = 0, .min = 1},
+    CV_FIELD_PAIR("padding", cv_pool2d_attr, padding, 0, 0),
+    CV_FIELD_PAIR("dilation", cv_pool2d_attr, dilation, 1, 1),
+    CV_FIELD_BOOL("ceil_mode", cv_pool2d_attr, ceil_mode, 0),
+    {.name = "return_indices", .kind = CV_F_FIXED_BOOL, .flags = CV_F_HIDDEN,
+     .offset = CV_F_NOSTORE, .def = 0, .text = "a layer in Sequential must return one tensor"},
+};
+
+static const cv_field avgpool_fields[] = {
+    CV_FIELD_PAIR_REQ("kernel_size", cv_pool2d_attr, kernel, 1),
+    {.name = "stride", .kind = CV_F_PAIR, .flags = CV_F_NULLABLE,
+     .offset = offsetof(cv_pool2d_attr, stride), .def = 0, .min = 1},
+    CV_FIELD_PAIR("padding", cv_pool2d_attr, padding, 0, 0),
+    CV_FIELD_BOOL("ceil_mode", cv_pool2d_attr, ceil_mode, 0),
+    CV_FIELD_BOOL("count_include_pad", cv_pool2d_attr, count_include_pad, 1),
+    {.name = "divisor_override", .kind = CV_F_FIXED_NULL, .flags = CV_F_HIDDEN,
+     .offset = CV_F_NOSTORE},
+};
+
+static const cv_field adaptive_fields[] = {
+    {.name = "output_size", .kind = CV_F_PAIR, .flags = CV_F_REQUIRED | CV_F_NO_NONE,
+     .offset = offsetof(cv_pool2d_attr, output_size), .min = 1},
+};
+
+static void avgpool_init(cv_layer *L)
+{
+    cv_pool2d_attr *a = CV_LAYER_ATTR(L, cv_pool2d_attr);
+    a->dilation[0] = a->dilation[1] = 1;
+}
+
+static int pool_check(cv_layer *L, cv_err *e)
+{
+    cv_pool2d_attr *a = CV_LAYER_ATTR(L, cv_pool2d_attr);
+    if (a->stride[0] == 0) { /* not given, or null */
+        a->stride[0] = a->kernel[0];
+        a->stride[1] = a->kernel[1];
+    }
+    for (int i = 0; i < 2; i++)
+        if (2 * a->padding[i] > a->kernel[i])
+            return cv_err_set(e, CV_EINVAL, "invalid_value", "padding",
+                              "padding: must be at most half of kernel_size (%d > %d / 2), as "
+                              "in PyTorch", a->padding[i], a->kernel[i]);
+    return 0;
+}
+
+static int check_pos2(const int *v, int min) { return v[0] >= min && v[1] >= min; }
+
+static int pool_infer(cv_layer *L, const cv_shape *in, cv_err *e)
+{
+    cv_pool2d_attr *a = CV_LAYER_ATTR(L, cv_pool2d_attr);
+    char s[64];
+    cv_shape_str(in, s, sizeof s);
+    if (in->rank != 3)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                          "expects per-sample input [C, H, W], got %s", s);
+    L->out_shape = *in;
+    if (L->cls == &cv_adaptiveavgpool2d_class) {
+        if (!check_pos2(a->output_size, 1))
+            return cv_err_set(e, CV_EINVAL, "invalid_model", "", "output_size must be positive");
+        L->out_shape.dim[1] = a->output_size[0];
+        L->out_shape.dim[2] = a->output_size[1];
+        return 0;
+    }
+    if (L->cls == &cv_avgpool2d_class)
+        a->dilation[0] = a->dilation[1] = 1;
+    if (!check_pos2(a->kernel, 1) || !check_pos2(a->stride, 1) || !check_pos2(a->dilation, 1) ||
+        !check_pos2(a->padding, 0))
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                          "kernel_size, stride, dilation must be >= 1 and padding >= 0");
+    if (2 * (int64_t)a->padding[0] > a->kernel[0] || 2 * (int64_t)a->padding[1] > a->kernel[1])
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                          "padding must be at most half of kernel_size");
+    for (int i = 0; i < 2; i++)
+        if (cv_layer_window_out(in, i, a->kernel[i], a->stride[i], a->padding[i], a->padding[i],
+                                a->dilation[i], a->ceil_mode, &L->out_shape.dim[1 + i], e))
+            return -1;
+    return 0;
+}
+
+const cv_layer_class cv_maxpool2d_class = {
+    .name = "MaxPool2d", .attr_size = sizeof(cv_pool2d_attr), CV_FIELDS(maxpool_fields),
+    .check = pool_check, .infer = pool_infer, .ops = &maxpool2d_ops};
+
+/* AvgPool2d: no dilation attribute (1); AdaptiveAvgPool2d: output_size only */
+const cv_layer_class cv_avgpool2d_class = {
+    .name = "AvgPool2d", .attr_size = sizeof(cv_pool2d_attr), CV_FIELDS(avgpool_fields),
+    .init = avgpool_init, .check = pool_check, .infer = pool_infer, .ops = &avgpool2d_ops};
+const cv_layer_class cv_adaptiveavgpool2d_class = {
+    .name = "AdaptiveAvgPool2d", .attr_size = sizeof(cv_pool2d_attr), CV_FIELDS(adaptive_fields),
+    .infer = pool_infer, .ops = &avgpool2d_ops};

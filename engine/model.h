@@ -6,12 +6,19 @@
  * BatchNorm running statistics live in a separate float32 vector and are not
  * curvature parameters.  Everything here is plain data: parsing (JSON,
  * safetensors) lives in api/, numerics in the other engine modules.
+ *
+ * A layer's type is its class (engine/layer.h: name, attribute table, shape
+ * inference, tensor layout, kernels; engine/layer_registry.c lists them all);
+ * its attributes live in the layer's fixed-size attribute area, laid out by
+ * the attribute struct its class's file defines (CV_LAYER_ATTR).
  */
 #ifndef CV_MODEL_H
 #define CV_MODEL_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "err.h"
 
 #define CV_MAX_LAYERS 256
 #define CV_MAX_RANK 4           /* per-sample tensor rank, e.g. [C, H, W] */
@@ -20,26 +27,6 @@
 #define CV_NAME_MAX 64
 #define CV_MAX_SAMPLE_NUMEL (1 << 28) /* entries of one sample's input or activation */
 
-typedef enum {
-    CV_LINEAR = 0,
-    CV_CONV2D,
-    CV_RELU,
-    CV_TANH,
-    CV_SIGMOID,
-    CV_LEAKYRELU,
-    CV_ELU,
-    CV_GELU,
-    CV_SOFTPLUS,
-    CV_IDENTITY,
-    CV_FLATTEN,
-    CV_MAXPOOL2D,
-    CV_AVGPOOL2D,
-    CV_ADAPTIVEAVGPOOL2D,
-    CV_BATCHNORM1D,
-    CV_BATCHNORM2D,
-    CV_DROPOUT,
-    CV_LAYER_TYPE_COUNT
-} cv_layer_type;
 
 typedef enum { CV_LOSS_MSE = 0, CV_LOSS_CE, CV_LOSS_BCE } cv_loss_type;
 typedef enum { CV_RED_MEAN = 0, CV_RED_SUM } cv_reduction;
@@ -58,33 +45,18 @@ typedef struct {
     size_t offset;            /* into cv_model.params (or .buffers) */
 } cv_tensor_info;
 
+#define CV_LAYER_ATTR_SIZE 128  /* bytes of per-type attributes in every cv_layer */
+
+typedef struct cv_layer_class cv_layer_class; /* engine/layer.h */
+
 typedef struct {
-    cv_layer_type type;
-    /* Linear */
-    int in_features, out_features;
-    /* Conv2d / pooling */
-    int in_channels, out_channels;
-    int kernel[2], stride[2], padding[2], dilation[2], groups;
-    /* Conv2d: padding[a] is the top/left padding; the bottom/right padding is
-     * padding[a] + pad_extra[a] (pad_extra is 1 where padding="same" meets an
-     * even effective kernel, as PyTorch pads; 0 otherwise) */
-    int pad_extra[2];
-    int ceil_mode, count_include_pad;
-    int output_size[2];       /* AdaptiveAvgPool2d */
-    int has_bias;
-    /* activations */
-    double negative_slope;    /* LeakyReLU */
-    double alpha;             /* ELU */
-    double beta, threshold;   /* Softplus */
-    int gelu_tanh;            /* GELU approximate="tanh" (default erf) */
-    /* BatchNorm */
-    int num_features;
-    double eps;
-    int affine, track_running_stats;
-    /* Flatten */
-    int start_dim, end_dim;
-    /* Dropout */
-    double p;
+    const cv_layer_class *cls;            /* the layer's type */
+    union {                               /* the class's attribute struct (CV_LAYER_ATTR) */
+        unsigned char bytes[CV_LAYER_ATTR_SIZE];
+        double align_d;
+        long long align_ll;
+        void *align_p;
+    } attr;
 
     cv_shape in_shape, out_shape;         /* per-sample, filled by cv_model_finalize */
     int nparams;                           /* tensors in the parameter vector */
@@ -106,6 +78,25 @@ typedef struct {
     float *buffers;           /* BatchNorm statistics etc. */
 } cv_model;
 
+/* Defines T as a layer attribute struct with the members in braces:
+ *     CV_LAYER_ATTRS(cv_linear_attr, {
+ *         int in_features, out_features;
+ *     });
+ * checks at compile time that it fits the attribute area, and marks it
+ * may_alias: the area is declared as bytes, and without the mark the
+ * compiler may drop stores made through T (strict aliasing). */
+#define CV_LAYER_ATTRS(T, ...)                                                     \
+    typedef struct __attribute__((may_alias)) __VA_ARGS__ T;                       \
+    typedef T T##_view; /* CV_LAYER_ATTR accepts only T defined here */            \
+    _Static_assert(sizeof(T) <= CV_LAYER_ATTR_SIZE && _Alignof(T) <= _Alignof(double), \
+                   #T " does not fit cv_layer's attribute area")
+/* The attributes of layer L (a cv_layer * or const cv_layer *) as its class's
+ * struct T, e.g. CV_LAYER_ATTR(L, cv_linear_attr)->in_features; const in,
+ * const out. */
+#define CV_LAYER_ATTR(L, T)                                                        \
+    _Generic((L), const cv_layer *: (const T##_view *)(const void *)(L)->attr.bytes, \
+             default: (T##_view *)(void *)(L)->attr.bytes)
+
 /* Shape helpers. */
 size_t cv_shape_numel(const cv_shape *s);
 /* "[d0, d1, ...]" into buf (truncated to len). */
@@ -114,8 +105,11 @@ void cv_shape_str(const cv_shape *s, char *buf, size_t len);
 
 /* Fills in_shape/out_shape, parameter/buffer layout (names, offsets) of
  * every layer and checks that consecutive layers fit together.  Does not
- * allocate parameter storage.  Returns 0, or -1 with a message in err. */
-int cv_model_finalize(cv_model *m, char *err, size_t errlen);
+ * allocate parameter storage.  Returns 0, or -1 with e set: code
+ * "invalid_model", field the model path at fault ("input_shape[0]",
+ * "layers", "layers[2]", "layers[2].kernel_size", "loss"), message
+ * "layers[2] (Conv2d): kernel_size[0]: ..." and the like. */
+int cv_model_finalize(cv_model *m, cv_err *e);
 
 /* Allocates zeroed params/buffers for a finalized model. */
 int cv_model_alloc(cv_model *m);
@@ -135,8 +129,7 @@ int cv_model_param_layer(const cv_model *m, int i);
 /* Index of the parameter tensor with this name, or -1. */
 int cv_model_find_param(const cv_model *m, const char *name);
 
-const char *cv_layer_type_name(cv_layer_type t);
-int cv_layer_type_from_name(const char *name); /* -1 if unknown */
-int cv_layer_is_elementwise(cv_layer_type t);
+/* The class name of L ("Conv2d"), "?" without a class. */
+const char *cv_layer_name(const cv_layer *L);
 
 #endif

@@ -8,6 +8,7 @@
 
 #include "api/arch.h"
 #include "engine/curv.h"
+#include "engine/layer_linear.h"
 #include "engine/linop.h"
 #include "engine/rng.h"
 
@@ -98,7 +99,8 @@ static void init_params(cv_model *m, uint64_t seed)
     for (int i = 0; i < np; i++) {
         const cv_tensor_info *t = cv_model_param(m, i);
         const cv_layer *L = &m->layers[cv_model_param_layer(m, i)];
-        double fan_in = L->type == CV_LINEAR ? L->in_features : 1;
+        double fan_in =
+            L->cls == &cv_linear_class ? CV_LAYER_ATTR(L, cv_linear_attr)->in_features : 1;
         double b = 1.0 / sqrt(fan_in);
         for (size_t k = 0; k < t->numel; k++)
             m->params[t->offset + k] = (float)(b * (2 * cv_rng_uniform(&rng) - 1));

@@ -8,6 +8,17 @@
 #include "engine/conv_direct.h"
 #include "engine/im2col.h"
 #include "engine/layer.h"
+#include "engine/layer_batchnorm.h"
+#include "engine/layer_conv.h"
+#include "engine/layer_passthrough.h"
+#include "engine/layer_pool.h"
+#include "engine/loss.h"
+
+/* a layer's attributes by its class */
+#define CONV(L) CV_LAYER_ATTR(L, cv_conv2d_attr)
+#define POOL(L) CV_LAYER_ATTR(L, cv_pool2d_attr)
+#define BN(L) CV_LAYER_ATTR(L, cv_batchnorm_attr)
+#define LIN(L) CV_LAYER_ATTR(L, cv_linear_attr)
 
 /* ---- building models in code ------------------------------------------------ */
 
@@ -15,74 +26,67 @@ static cv_layer conv(int cin, int cout, int kh, int kw, int s0, int s1, int p0, 
                      int d1, int groups, int bias)
 {
     cv_layer L;
-    memset(&L, 0, sizeof L);
-    L.type = CV_CONV2D;
-    L.in_channels = cin;
-    L.out_channels = cout;
-    L.kernel[0] = kh, L.kernel[1] = kw;
-    L.stride[0] = s0, L.stride[1] = s1;
-    L.padding[0] = p0, L.padding[1] = p1;
-    L.dilation[0] = d0, L.dilation[1] = d1;
-    L.groups = groups;
-    L.has_bias = bias;
+    cv_layer_init(&L, &cv_conv2d_class);
+    cv_conv2d_attr *a = CONV(&L);
+    a->in_channels = cin;
+    a->out_channels = cout;
+    a->kernel[0] = kh, a->kernel[1] = kw;
+    a->stride[0] = s0, a->stride[1] = s1;
+    a->padding[0] = p0, a->padding[1] = p1;
+    a->dilation[0] = d0, a->dilation[1] = d1;
+    a->groups = groups;
+    a->has_bias = bias;
     return L;
 }
 
 static cv_layer conv3(int cin, int cout) { return conv(cin, cout, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1); }
 
-static cv_layer pool(cv_layer_type t, int k, int s, int p, int d, int ceil_mode, int cip)
+static cv_layer pool(const cv_layer_class *cls, int k, int s, int p, int d, int ceil_mode,
+                     int cip)
 {
     cv_layer L;
-    memset(&L, 0, sizeof L);
-    L.type = t;
-    L.kernel[0] = L.kernel[1] = k;
-    L.stride[0] = L.stride[1] = s;
-    L.padding[0] = L.padding[1] = p;
-    L.dilation[0] = L.dilation[1] = d;
-    L.ceil_mode = ceil_mode;
-    L.count_include_pad = cip;
+    cv_layer_init(&L, cls);
+    cv_pool2d_attr *a = POOL(&L);
+    a->kernel[0] = a->kernel[1] = k;
+    a->stride[0] = a->stride[1] = s;
+    a->padding[0] = a->padding[1] = p;
+    a->dilation[0] = a->dilation[1] = d;
+    a->ceil_mode = ceil_mode;
+    a->count_include_pad = cip;
     return L;
 }
 
 static cv_layer adaptive(int oh, int ow)
 {
     cv_layer L;
-    memset(&L, 0, sizeof L);
-    L.type = CV_ADAPTIVEAVGPOOL2D;
-    L.output_size[0] = oh;
-    L.output_size[1] = ow;
+    cv_layer_init(&L, &cv_adaptiveavgpool2d_class);
+    POOL(&L)->output_size[0] = oh;
+    POOL(&L)->output_size[1] = ow;
     return L;
 }
 
-static cv_layer bnorm(cv_layer_type t, int C, int affine)
+static cv_layer bnorm(const cv_layer_class *cls, int C, int affine)
 {
     cv_layer L;
-    memset(&L, 0, sizeof L);
-    L.type = t;
-    L.num_features = C;
-    L.eps = 1e-5;
-    L.affine = affine;
-    L.track_running_stats = 1;
+    cv_layer_init(&L, cls); /* eps 1e-5, track_running_stats */
+    BN(&L)->num_features = C;
+    BN(&L)->affine = affine;
     return L;
 }
 
-static cv_layer simple(cv_layer_type t)
+static cv_layer simple(const cv_layer_class *cls)
 {
     cv_layer L;
-    memset(&L, 0, sizeof L);
-    L.type = t;
-    L.start_dim = 1;
-    L.end_dim = -1;
-    L.p = 0.5;
+    cv_layer_init(&L, cls); /* Flatten: start_dim 1, end_dim -1; Dropout: p 0.5 */
     return L;
 }
 
 /* Linear with in_features inferred from the previous layer (0 here). */
 static cv_layer linear(int out)
 {
-    cv_layer L = simple(CV_LINEAR);
-    L.out_features = out;
-    L.has_bias = 1;
+    cv_layer L = simple(&cv_linear_class);
+    LIN(&L)->out_features = out;
+    LIN(&L)->has_bias = 1;
     return L;
 }
 
@@ -94,23 +98,25 @@ static float urand(cv_rng *r, float lo, float hi)
 static void init_layer(cv_model *m, const cv_layer *L, cv_rng *r)
 {
     float *p = L->nparams ? m->params + L->params[0].offset : NULL;
-    if (L->type == CV_CONV2D || L->type == CV_LINEAR) {
-        int fan = L->type == CV_LINEAR ? L->in_features
-                                       : L->in_channels / L->groups * L->kernel[0] * L->kernel[1];
+    if (L->cls == &cv_conv2d_class || L->cls == &cv_linear_class) {
+        int fan = L->cls == &cv_linear_class
+                      ? LIN(L)->in_features
+                      : CONV(L)->in_channels / CONV(L)->groups * CONV(L)->kernel[0] *
+                            CONV(L)->kernel[1];
         float s = 1.5f / sqrtf((float)fan);
         for (size_t q = 0; q < L->params[0].numel; q++)
             p[q] = urand(r, -s, s);
-        if (L->has_bias)
+        if (L->nparams > 1) /* bias */
             for (size_t q = 0; q < L->params[1].numel; q++)
                 m->params[L->params[1].offset + q] = urand(r, -0.5f, 0.5f);
     }
-    if (L->type == CV_BATCHNORM1D || L->type == CV_BATCHNORM2D) {
-        int C = L->num_features;
+    if (L->cls == &cv_batchnorm1d_class || L->cls == &cv_batchnorm2d_class) {
+        int C = BN(L)->num_features;
         float *b = m->buffers + L->buffers[0].offset;
         for (int c = 0; c < C; c++) {
             b[c] = urand(r, -0.5f, 0.5f);         /* running_mean */
             b[C + c] = urand(r, 0.3f, 2.0f);      /* running_var */
-            if (L->affine) {
+            if (BN(L)->affine) {
                 p[c] = urand(r, 0.5f, 1.5f);      /* gamma */
                 p[C + c] = urand(r, -0.5f, 0.5f); /* beta */
             }
@@ -131,20 +137,20 @@ static void cnn_model(cv_model *m, int C, int H, int W, const cv_layer *layers, 
     m->input_shape.dim[2] = W;
     m->loss = loss;
     m->reduction = red;
-    char err[256];
+    cv_err fe;
     for (int i = 0; i < nl; i++) {
         m->layers[i] = layers[i];
-        if (layers[i].type == CV_LINEAR && layers[i].in_features == 0) {
+        if (layers[i].cls == &cv_linear_class && LIN(&layers[i])->in_features == 0) {
             m->nlayers = i; /* shapes of the prefix; it may have no parameters yet */
-            if (i && cv_model_finalize(m, err, sizeof err) && !strstr(err, "no parameters"))
-                ck_abort_msg("finalize prefix: %s", err);
-            m->layers[i].in_features =
+            if (i && cv_model_finalize(m, &fe) && !strstr(fe.message, "no parameters"))
+                ck_abort_msg("finalize prefix: %s", fe.message);
+            LIN(&m->layers[i])->in_features =
                 i ? (int)cv_shape_numel(&m->layers[i - 1].out_shape) : C * H * (W ? W : 1);
         }
     }
     m->nlayers = nl;
-    if (cv_model_finalize(m, err, sizeof err))
-        ck_abort_msg("finalize: %s", err);
+    if (cv_model_finalize(m, &fe))
+        ck_abort_msg("finalize: %s", fe.message);
     ck_assert_int_eq(cv_model_alloc(m), 0);
     cv_rng r;
     cv_rng_seed(&r, seed);
@@ -171,105 +177,107 @@ static int variant_layers(int i, cv_layer *Ls, int *C, int *H, int *W, cv_loss_t
     *kinks = 0;
     switch (i) {
     case 0: /* plain 3x3 conv */
-        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH), Ls[n++] = conv3(3, 3);
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(&cv_tanh_class), Ls[n++] = conv3(3, 3);
         break;
     case 1: /* stride 2, padding 1 */
-        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(&cv_tanh_class);
         Ls[n++] = conv(3, 4, 3, 3, 2, 2, 1, 1, 1, 1, 1, 1);
         *loss = CV_LOSS_MSE, *red = CV_RED_SUM;
         break;
     case 2: /* rectangular kernel, per-axis stride/padding/dilation */
-        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(&cv_tanh_class);
         Ls[n++] = conv(3, 2, 2, 3, 1, 2, 1, 0, 2, 1, 1, 1);
         *W = 7;
         break;
     case 3: /* groups, no bias */
-        Ls[n++] = conv3(2, 4), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = conv3(2, 4), Ls[n++] = simple(&cv_tanh_class);
         Ls[n++] = conv(4, 4, 3, 3, 1, 1, 1, 1, 1, 1, 2, 0);
         *loss = CV_LOSS_BCE;
         break;
     case 4: /* depthwise, dilation 2, padding 2 */
-        Ls[n++] = conv(2, 4, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = conv(2, 4, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1), Ls[n++] = simple(&cv_tanh_class);
         Ls[n++] = conv(4, 4, 3, 3, 1, 1, 2, 2, 2, 2, 4, 1);
         *red = CV_RED_SUM;
         break;
     case 5: /* MaxPool2d(2) */
-        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
-        Ls[n++] = pool(CV_MAXPOOL2D, 2, 2, 0, 1, 0, 0), Ls[n++] = conv3(3, 3);
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(&cv_tanh_class);
+        Ls[n++] = pool(&cv_maxpool2d_class, 2, 2, 0, 1, 0, 0), Ls[n++] = conv3(3, 3);
         *kinks = 1;
         break;
     case 6: /* MaxPool2d(3, 2, padding 1, ceil_mode) */
-        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
-        Ls[n++] = pool(CV_MAXPOOL2D, 3, 2, 1, 1, 1, 0), Ls[n++] = conv3(3, 2);
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(&cv_tanh_class);
+        Ls[n++] = pool(&cv_maxpool2d_class, 3, 2, 1, 1, 1, 0), Ls[n++] = conv3(3, 2);
         *kinks = 1;
         break;
     case 7: /* MaxPool2d(2, stride 1, dilation 2) */
-        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
-        Ls[n++] = pool(CV_MAXPOOL2D, 2, 1, 0, 2, 0, 0);
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(&cv_tanh_class);
+        Ls[n++] = pool(&cv_maxpool2d_class, 2, 1, 0, 2, 0, 0);
         *kinks = 1;
         *loss = CV_LOSS_MSE;
         break;
     case 8: /* AvgPool2d(3, 2, padding 1, ceil_mode, count_include_pad=False) */
-        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
-        Ls[n++] = pool(CV_AVGPOOL2D, 3, 2, 1, 1, 1, 0), Ls[n++] = conv3(3, 3);
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(&cv_tanh_class);
+        Ls[n++] = pool(&cv_avgpool2d_class, 3, 2, 1, 1, 1, 0), Ls[n++] = conv3(3, 3);
         break;
     case 9: /* AvgPool2d(2, 2, padding 1), count_include_pad */
-        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
-        Ls[n++] = pool(CV_AVGPOOL2D, 2, 2, 1, 1, 0, 1), Ls[n++] = conv3(3, 3);
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(&cv_tanh_class);
+        Ls[n++] = pool(&cv_avgpool2d_class, 2, 2, 1, 1, 0, 1), Ls[n++] = conv3(3, 3);
         *W = 5;
         break;
     case 10: /* AdaptiveAvgPool2d with overlapping windows */
-        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(&cv_tanh_class);
         Ls[n++] = adaptive(3, 4), Ls[n++] = conv3(3, 3);
         *H = 5, *W = 7;
         break;
     case 11: /* BatchNorm2d */
-        Ls[n++] = conv3(2, 3), Ls[n++] = bnorm(CV_BATCHNORM2D, 3, 1);
-        Ls[n++] = simple(CV_TANH), Ls[n++] = conv3(3, 2);
+        Ls[n++] = conv3(2, 3), Ls[n++] = bnorm(&cv_batchnorm2d_class, 3, 1);
+        Ls[n++] = simple(&cv_tanh_class), Ls[n++] = conv3(3, 2);
         break;
     case 12: /* BatchNorm2d, affine=False */
-        Ls[n++] = conv3(2, 3), Ls[n++] = bnorm(CV_BATCHNORM2D, 3, 0);
-        Ls[n++] = simple(CV_TANH), Ls[n++] = conv3(3, 2);
+        Ls[n++] = conv3(2, 3), Ls[n++] = bnorm(&cv_batchnorm2d_class, 3, 0);
+        Ls[n++] = simple(&cv_tanh_class), Ls[n++] = conv3(3, 2);
         *loss = CV_LOSS_MSE;
         break;
     case 13: /* BatchNorm1d after Linear */
-        Ls[n++] = conv(2, 2, 3, 3, 2, 2, 0, 0, 1, 1, 1, 1), Ls[n++] = simple(CV_TANH);
-        Ls[n++] = simple(CV_FLATTEN), Ls[n++] = linear(5);
-        Ls[n++] = bnorm(CV_BATCHNORM1D, 5, 1);
+        Ls[n++] = conv(2, 2, 3, 3, 2, 2, 0, 0, 1, 1, 1, 1), Ls[n++] = simple(&cv_tanh_class);
+        Ls[n++] = simple(&cv_flatten_class), Ls[n++] = linear(5);
+        Ls[n++] = bnorm(&cv_batchnorm1d_class, 5, 1);
         break;
     case 14: /* Dropout (identity) */
-        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH), Ls[n++] = simple(CV_DROPOUT);
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(&cv_tanh_class);
+        Ls[n++] = simple(&cv_dropout_class);
         Ls[n++] = conv3(3, 2);
         break;
     case 16: /* padding="same" with even effective kernels: one more row/column of
               * padding on the bottom/right, as PyTorch pads */
-        Ls[n++] = conv3(2, 3), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = conv3(2, 3), Ls[n++] = simple(&cv_tanh_class);
         Ls[n] = conv(3, 3, 2, 4, 1, 1, 1, 1, 3, 1, 1, 1);
-        Ls[n].pad_extra[0] = Ls[n].pad_extra[1] = 1, n++;
+        CONV(&Ls[n])->pad_extra[0] = CONV(&Ls[n])->pad_extra[1] = 1, n++;
         *W = 5;
         break;
     case 17: /* BatchNorm1d on per-sample [C, L] (PyTorch's (N, C, L)) */
-        Ls[n++] = conv3(2, 3), Ls[n] = simple(CV_FLATTEN), Ls[n++].start_dim = 2;
-        Ls[n++] = bnorm(CV_BATCHNORM1D, 3, 1);
+        Ls[n++] = conv3(2, 3), Ls[n] = simple(&cv_flatten_class);
+        CV_LAYER_ATTR(&Ls[n++], cv_flatten_attr)->start_dim = 2;
+        Ls[n++] = bnorm(&cv_batchnorm1d_class, 3, 1);
         *loss = CV_LOSS_MSE;
         break;
     case 18: /* 16-channel stride-1 convs: the direct (AVX-512) kernels where the
               * CPU has them, forward, tangents and transposed convolutions */
-        Ls[n++] = conv3(2, 16), Ls[n++] = simple(CV_TANH);
+        Ls[n++] = conv3(2, 16), Ls[n++] = simple(&cv_tanh_class);
         Ls[n++] = conv(16, 16, 1, 2, 1, 1, 0, 1, 1, 1, 1, 1);
         *H = 2, *W = 4;
         break;
     default: /* 15: the tiny CNN with every layer type */
-        Ls[n++] = conv3(2, 4), Ls[n++] = bnorm(CV_BATCHNORM2D, 4, 1);
-        Ls[n++] = simple(CV_RELU), Ls[n++] = pool(CV_MAXPOOL2D, 2, 2, 0, 1, 0, 0);
-        Ls[n++] = conv(4, 4, 2, 2, 1, 1, 1, 1, 2, 2, 2, 1), Ls[n++] = simple(CV_TANH);
-        Ls[n++] = pool(CV_AVGPOOL2D, 2, 1, 0, 1, 0, 1), Ls[n++] = adaptive(2, 2);
+        Ls[n++] = conv3(2, 4), Ls[n++] = bnorm(&cv_batchnorm2d_class, 4, 1);
+        Ls[n++] = simple(&cv_relu_class), Ls[n++] = pool(&cv_maxpool2d_class, 2, 2, 0, 1, 0, 0);
+        Ls[n++] = conv(4, 4, 2, 2, 1, 1, 1, 1, 2, 2, 2, 1), Ls[n++] = simple(&cv_tanh_class);
+        Ls[n++] = pool(&cv_avgpool2d_class, 2, 1, 0, 1, 0, 1), Ls[n++] = adaptive(2, 2);
         *kinks = 1;
         break;
     }
-    Ls[n++] = simple(CV_TANH);
-    Ls[n++] = simple(CV_FLATTEN);
-    Ls[n++] = simple(CV_DROPOUT);
+    Ls[n++] = simple(&cv_tanh_class);
+    Ls[n++] = simple(&cv_flatten_class);
+    Ls[n++] = simple(&cv_dropout_class);
     Ls[n++] = linear(3);
     return n;
 }
@@ -494,7 +502,7 @@ END_TEST
 static float *single_layer_outputs(cv_layer L, int C, int H, int W, int n, cv_model *m,
                                    cv_dataset *d, uint64_t seed)
 {
-    cv_layer Ls[3] = {L, simple(CV_FLATTEN), linear(2)};
+    cv_layer Ls[3] = {L, simple(&cv_flatten_class), linear(2)};
     cnn_model(m, C, H, W, Ls, 3, CV_LOSS_MSE, CV_RED_MEAN, seed);
     tu_data(d, m, (size_t)n, seed + 1);
     const cv_layer *L0 = &m->layers[0];
@@ -510,7 +518,7 @@ static float *single_layer_outputs(cv_layer L, int C, int H, int W, int n, cv_mo
     c.x = d->x;
     float *y = malloc(sizeof(float) * (size_t)n * c.out_numel);
     cv_err e;
-    ck_assert_msg(cv_layer_ops_for(L0->type)->forward(&c, y, &e) == 0, "%s", e.message);
+    ck_assert_msg(L0->cls->ops->forward(&c, y, &e) == 0, "%s", e.message);
     cv_layer_ctx_release(&c);
     return y;
 }
@@ -519,16 +527,17 @@ static void naive_conv(const cv_layer *L, const float *theta, const float *x, do
 {
     int C = L->in_shape.dim[0], H = L->in_shape.dim[1], W = L->in_shape.dim[2];
     int O = L->out_shape.dim[0], OH = L->out_shape.dim[1], OW = L->out_shape.dim[2];
-    int cg = C / L->groups, og = O / L->groups, kh = L->kernel[0], kw = L->kernel[1];
+    const cv_conv2d_attr *a = CONV(L);
+    int cg = C / a->groups, og = O / a->groups, kh = a->kernel[0], kw = a->kernel[1];
     for (int o = 0; o < O; o++)
         for (int oy = 0; oy < OH; oy++)
             for (int ox = 0; ox < OW; ox++) {
-                double s = L->has_bias ? theta[(size_t)O * cg * kh * kw + o] : 0;
+                double s = a->has_bias ? theta[(size_t)O * cg * kh * kw + o] : 0;
                 for (int ci = 0; ci < cg; ci++)
                     for (int i = 0; i < kh; i++)
                         for (int j = 0; j < kw; j++) {
-                            int iy = oy * L->stride[0] - L->padding[0] + i * L->dilation[0];
-                            int ix = ox * L->stride[1] - L->padding[1] + j * L->dilation[1];
+                            int iy = oy * a->stride[0] - a->padding[0] + i * a->dilation[0];
+                            int ix = ox * a->stride[1] - a->padding[1] + j * a->dilation[1];
                             if (iy < 0 || iy >= H || ix < 0 || ix >= W)
                                 continue;
                             int c = o / og * cg + ci;
@@ -547,8 +556,8 @@ START_TEST(conv_forward_matches_naive)
                         conv(4, 4, 3, 3, 3, 2, 3, 0, 2, 3, 4, 1),
                         conv(3, 2, 2, 4, 1, 1, 0, 1, 1, 1, 1, 1), /* "same", even kernels */
                         conv(2, 2, 2, 3, 1, 1, 1, 1, 3, 1, 2, 0)};
-    cases[5].pad_extra[0] = cases[5].pad_extra[1] = 1;
-    cases[6].pad_extra[0] = 1; /* dilated even kernel: (1, 2) rows of padding */
+    CONV(&cases[5])->pad_extra[0] = CONV(&cases[5])->pad_extra[1] = 1;
+    CONV(&cases[6])->pad_extra[0] = 1; /* dilated even kernel: (1, 2) rows of padding */
     int chans[] = {3, 3, 4, 2, 4, 3, 2};
     for (int t = 0; t < 7; t++) {
         cv_model m;
@@ -579,8 +588,9 @@ END_TEST
 static double naive_pool(const cv_layer *L, const float *x, int H, int W, int oy, int ox,
                          int *arg)
 {
-    if (L->type == CV_ADAPTIVEAVGPOOL2D) {
-        int OH = L->output_size[0], OW = L->output_size[1];
+    const cv_pool2d_attr *a = POOL(L);
+    if (L->cls == &cv_adaptiveavgpool2d_class) {
+        int OH = a->output_size[0], OW = a->output_size[1];
         int y0 = oy * H / OH, y1 = ((oy + 1) * H + OH - 1) / OH;
         int x0 = ox * W / OW, x1 = ((ox + 1) * W + OW - 1) / OW;
         double s = 0;
@@ -592,12 +602,12 @@ static double naive_pool(const cv_layer *L, const float *x, int H, int W, int oy
     double best = -INFINITY, s = 0;
     int cnt = 0, padded = 0;
     *arg = -1;
-    for (int i = 0; i < L->kernel[0]; i++)
-        for (int j = 0; j < L->kernel[1]; j++) {
-            int iy = oy * L->stride[0] - L->padding[0] + i * L->dilation[0];
-            int ix = ox * L->stride[1] - L->padding[1] + j * L->dilation[1];
+    for (int i = 0; i < a->kernel[0]; i++)
+        for (int j = 0; j < a->kernel[1]; j++) {
+            int iy = oy * a->stride[0] - a->padding[0] + i * a->dilation[0];
+            int ix = ox * a->stride[1] - a->padding[1] + j * a->dilation[1];
             /* count_include_pad counts padding but not the ceil_mode overhang */
-            if (iy < H + L->padding[0] && ix < W + L->padding[1])
+            if (iy < H + a->padding[0] && ix < W + a->padding[1])
                 padded++;
             if (iy < 0 || iy >= H || ix < 0 || ix >= W)
                 continue;
@@ -609,17 +619,18 @@ static double naive_pool(const cv_layer *L, const float *x, int H, int W, int oy
             s += v;
             cnt++;
         }
-    if (L->type == CV_MAXPOOL2D)
+    if (L->cls == &cv_maxpool2d_class)
         return best;
-    return s / (L->count_include_pad ? padded : cnt);
+    return s / (a->count_include_pad ? padded : cnt);
 }
 
 START_TEST(pooling_forward_matches_naive)
 {
-    cv_layer cases[] = {pool(CV_MAXPOOL2D, 2, 2, 0, 1, 0, 0), pool(CV_MAXPOOL2D, 3, 2, 1, 1, 1, 0),
-                        pool(CV_MAXPOOL2D, 3, 1, 1, 2, 0, 0), pool(CV_MAXPOOL2D, 2, 3, 1, 1, 1, 0),
-                        pool(CV_AVGPOOL2D, 3, 2, 1, 1, 1, 1), pool(CV_AVGPOOL2D, 3, 2, 1, 1, 1, 0),
-                        pool(CV_AVGPOOL2D, 2, 1, 0, 1, 0, 1), pool(CV_AVGPOOL2D, 4, 3, 2, 1, 1, 1),
+    const cv_layer_class *mp = &cv_maxpool2d_class, *ap = &cv_avgpool2d_class;
+    cv_layer cases[] = {pool(mp, 2, 2, 0, 1, 0, 0), pool(mp, 3, 2, 1, 1, 1, 0),
+                        pool(mp, 3, 1, 1, 2, 0, 0), pool(mp, 2, 3, 1, 1, 1, 0),
+                        pool(ap, 3, 2, 1, 1, 1, 1), pool(ap, 3, 2, 1, 1, 1, 0),
+                        pool(ap, 2, 1, 0, 1, 0, 1), pool(ap, 4, 3, 2, 1, 1, 1),
                         adaptive(3, 4), adaptive(7, 8), adaptive(1, 1), adaptive(4, 3),
                         adaptive(9, 11)};
     int nc = (int)(sizeof cases / sizeof cases[0]);
@@ -638,7 +649,7 @@ START_TEST(pooling_forward_matches_naive)
                     double got = y[((size_t)pl * OH + oy) * OW + ox];
                     ck_assert_msg(fabs(got - want) <= 1e-5 * (1 + fabs(want)),
                                   "case %d (%s) plane %d (%d,%d): %g vs %g", t,
-                                  cv_layer_type_name(L->type), pl, oy, ox, got, want);
+                                  cv_layer_name(L), pl, oy, ox, got, want);
                 }
         free(y);
         cv_model_free(&m);
@@ -654,9 +665,9 @@ START_TEST(pooling_output_shapes_follow_pytorch)
                       {7, 3, 3, 1, 1, 1, 3}, {6, 2, 2, 1, 1, 1, 4}, {8, 3, 1, 1, 2, 0, 6}};
     for (int t = 0; t < 6; t++) {
         cv_model m;
-        cv_layer Ls[3] = {pool(CV_MAXPOOL2D, cases[t][1], cases[t][2], cases[t][3], cases[t][4],
-                               cases[t][5], 0),
-                          simple(CV_FLATTEN), linear(2)};
+        cv_layer Ls[3] = {pool(&cv_maxpool2d_class, cases[t][1], cases[t][2], cases[t][3],
+                               cases[t][4], cases[t][5], 0),
+                          simple(&cv_flatten_class), linear(2)};
         cnn_model(&m, 1, cases[t][0], cases[t][0], Ls, 3, CV_LOSS_MSE, CV_RED_MEAN, 1);
         ck_assert_msg(m.layers[0].out_shape.dim[1] == cases[t][6], "case %d: %d vs %d", t,
                       m.layers[0].out_shape.dim[1], cases[t][6]);
@@ -668,7 +679,8 @@ END_TEST
 START_TEST(maxpool_ties_and_nan_follow_pytorch)
 {
     cv_model m;
-    cv_layer Ls[3] = {pool(CV_MAXPOOL2D, 2, 2, 1, 1, 0, 0), simple(CV_FLATTEN), linear(2)};
+    cv_layer Ls[3] = {pool(&cv_maxpool2d_class, 2, 2, 1, 1, 0, 0), simple(&cv_flatten_class),
+                      linear(2)};
     cnn_model(&m, 1, 4, 4, Ls, 3, CV_LOSS_MSE, CV_RED_MEAN, 1);
     const cv_layer *L = &m.layers[0]; /* 4x4 -> 3x3 with padding 1 */
     float x[16], y[9], gy[9], gx[16];
@@ -682,7 +694,7 @@ START_TEST(maxpool_ties_and_nan_follow_pytorch)
     c.in_numel = 16;
     c.out_numel = 9;
     c.x = x;
-    const cv_layer_ops *ops = cv_layer_ops_for(CV_MAXPOOL2D);
+    const cv_layer_ops *ops = cv_maxpool2d_class.ops;
     cv_err e;
     ck_assert_int_eq(ops->forward(&c, y, &e), 0);
     /* window (oy, ox) covers rows 2oy-1..2oy, cols 2ox-1..2ox */
@@ -706,7 +718,8 @@ END_TEST
 static void maxpool2_plane(const float *x, int H, int W, float *y, int *idx, float *gx)
 {
     cv_model m;
-    cv_layer Ls[3] = {pool(CV_MAXPOOL2D, 2, 2, 0, 1, 0, 0), simple(CV_FLATTEN), linear(2)};
+    cv_layer Ls[3] = {pool(&cv_maxpool2d_class, 2, 2, 0, 1, 0, 0), simple(&cv_flatten_class),
+                      linear(2)};
     cnn_model(&m, 1, H, W, Ls, 3, CV_LOSS_MSE, CV_RED_MEAN, 1);
     const cv_layer *L = &m.layers[0];
     int OH = L->out_shape.dim[1], OW = L->out_shape.dim[2];
@@ -718,7 +731,7 @@ static void maxpool2_plane(const float *x, int H, int W, float *y, int *idx, flo
     c.in_numel = (size_t)H * W;
     c.out_numel = (size_t)OH * OW;
     c.x = x;
-    const cv_layer_ops *ops = cv_layer_ops_for(CV_MAXPOOL2D);
+    const cv_layer_ops *ops = cv_maxpool2d_class.ops;
     cv_err e;
     ck_assert_int_eq(ops->forward(&c, y, &e), 0);
     memcpy(idx, c.idx, sizeof(int) * (size_t)OH * OW);
@@ -1024,8 +1037,8 @@ END_TEST
 START_TEST(batchnorm_forward_matches_formula)
 {
     /* BatchNorm2d on [3, 4, 5]; BatchNorm1d on [3, 7] (PyTorch's (N, C, L) input) */
-    cv_layer cases[3] = {bnorm(CV_BATCHNORM2D, 3, 1), bnorm(CV_BATCHNORM2D, 3, 0),
-                         bnorm(CV_BATCHNORM1D, 3, 1)};
+    cv_layer cases[3] = {bnorm(&cv_batchnorm2d_class, 3, 1), bnorm(&cv_batchnorm2d_class, 3, 0),
+                         bnorm(&cv_batchnorm1d_class, 3, 1)};
     int shapes[3][2] = {{4, 5}, {4, 5}, {7, 0}};
     for (int t = 0; t < 3; t++) {
         cv_model m;
@@ -1042,9 +1055,9 @@ START_TEST(batchnorm_forward_matches_formula)
             for (int c = 0; c < 3; c++)
                 for (int p = 0; p < P; p++) {
                     size_t q = ((size_t)s * 3 + c) * P + p;
-                    double g = L->affine ? m.params[L->params[0].offset + c] : 1;
-                    double b = L->affine ? m.params[L->params[1].offset + c] : 0;
-                    double want = (d.x[q] - mean[c]) / sqrt(var[c] + L->eps) * g + b;
+                    double g = BN(L)->affine ? m.params[L->params[0].offset + c] : 1;
+                    double b = BN(L)->affine ? m.params[L->params[1].offset + c] : 0;
+                    double want = (d.x[q] - mean[c]) / sqrt(var[c] + BN(L)->eps) * g + b;
                     ck_assert_msg(fabs(y[q] - want) <= 1e-5 * (1 + fabs(want)),
                                   "case %d entry %zu: %g vs %g", t, q, y[q], want);
                 }
@@ -1068,9 +1081,11 @@ static void expect_finalize_error(cv_layer *Ls, int nl, int C, int H, int W, con
     m.input_shape.dim[2] = W;
     m.nlayers = nl;
     memcpy(m.layers, Ls, sizeof(cv_layer) * nl);
-    char err[256] = "";
-    ck_assert_int_eq(cv_model_finalize(&m, err, sizeof err), -1);
-    ck_assert_msg(strstr(err, a) && strstr(err, b), "message '%s' lacks '%s' / '%s'", err, a, b);
+    cv_err e;
+    ck_assert_int_eq(cv_model_finalize(&m, &e), -1);
+    ck_assert_str_eq(e.code, "invalid_model");
+    ck_assert_msg(strstr(e.message, a) && strstr(e.message, b), "message '%s' lacks '%s' / '%s'",
+                  e.message, a, b);
 }
 
 START_TEST(malformed_configurations_rejected)
@@ -1081,13 +1096,13 @@ START_TEST(malformed_configurations_rejected)
     expect_finalize_error(grp, 1, 3, 6, 6, "layers[0] (Conv2d)", "divisible by groups");
     cv_layer chans[2] = {conv3(2, 4), conv3(3, 2)};
     expect_finalize_error(chans, 2, 2, 6, 6, "layers[1] (Conv2d)", "[3, H, W]");
-    cv_layer bn[2] = {conv3(2, 4), bnorm(CV_BATCHNORM2D, 3, 1)};
+    cv_layer bn[2] = {conv3(2, 4), bnorm(&cv_batchnorm2d_class, 3, 1)};
     expect_finalize_error(bn, 2, 2, 6, 6, "layers[1] (BatchNorm2d)", "[3, H, W]");
-    cv_layer bn1[3] = {conv3(2, 4), simple(CV_FLATTEN), bnorm(CV_BATCHNORM1D, 4, 1)};
+    cv_layer bn1[3] = {conv3(2, 4), simple(&cv_flatten_class), bnorm(&cv_batchnorm1d_class, 4, 1)};
     expect_finalize_error(bn1, 3, 2, 6, 6, "layers[2] (BatchNorm1d)", "expects");
-    cv_layer mp[1] = {pool(CV_MAXPOOL2D, 8, 1, 0, 1, 0, 0)};
+    cv_layer mp[1] = {pool(&cv_maxpool2d_class, 8, 1, 0, 1, 0, 0)};
     expect_finalize_error(mp, 1, 2, 6, 6, "layers[0] (MaxPool2d)", "kernel larger");
-    cv_layer pad[1] = {pool(CV_AVGPOOL2D, 2, 2, 2, 1, 0, 1)};
+    cv_layer pad[1] = {pool(&cv_avgpool2d_class, 2, 2, 2, 1, 0, 1)};
     expect_finalize_error(pad, 1, 2, 6, 6, "layers[0] (AvgPool2d)", "half of kernel_size");
     /* dilation*(kernel-1)+1 = 2^32 + 1 wraps to 1 in 32-bit arithmetic */
     cv_layer wrap[1] = {conv(1, 2, 257, 3, 1, 1, 0, 1, 1 << 24, 1, 1, 1)};
@@ -1096,10 +1111,10 @@ START_TEST(malformed_configurations_rejected)
     expect_finalize_error(wrap, 1, 1, 28, 28, "spans 4294967297", "height is 28");
     cv_layer wrapw[2] = {conv3(1, 2), conv(2, 2, 3, 257, 1, 1, 1, 1, 1, 1 << 24, 1, 1)};
     expect_finalize_error(wrapw, 2, 1, 28, 28, "layers[1] (Conv2d): kernel_size[1]", "width");
-    cv_layer mwrap[1] = {pool(CV_MAXPOOL2D, 257, 1, 0, 1 << 24, 0, 0)};
+    cv_layer mwrap[1] = {pool(&cv_maxpool2d_class, 257, 1, 0, 1 << 24, 0, 0)};
     expect_finalize_error(mwrap, 1, 1, 28, 28, "layers[0] (MaxPool2d): kernel_size[0]",
                           "kernel larger than the padded input");
-    cv_layer mwrap2[1] = {pool(CV_MAXPOOL2D, 3, 1, 1, 1 << 24, 1, 0)}; /* ceil_mode */
+    cv_layer mwrap2[1] = {pool(&cv_maxpool2d_class, 3, 1, 1, 1 << 24, 1, 0)}; /* ceil_mode */
     expect_finalize_error(mwrap2, 1, 1, 28, 28, "layers[0] (MaxPool2d)", "kernel larger");
     /* effective kernel just over the padded input: 2*(3-1)+1 = 5 > 3 + 2*0 */
     cv_layer edge[1] = {conv(1, 1, 3, 1, 1, 1, 0, 0, 2, 1, 1, 1)};
@@ -1111,17 +1126,17 @@ START_TEST(malformed_configurations_rejected)
     expect_finalize_error(wbig, 1, 1, 1, 1, "layers[0] (Conv2d): kernel_size", "more than");
     cv_layer obig[1] = {conv(1, 1 << 24, 1, 1, 1, 1, 1 << 24, 1 << 24, 1, 1, 1, 1)};
     expect_finalize_error(obig, 1, 1, 1, 1, "layers[0] (Conv2d)", "too large");
-    cv_layer abig[2] = {adaptive(1 << 24, 1 << 24), simple(CV_FLATTEN)};
+    cv_layer abig[2] = {adaptive(1 << 24, 1 << 24), simple(&cv_flatten_class)};
     expect_finalize_error(abig, 2, 4, 6, 6, "layers[0] (AdaptiveAvgPool2d)", "too large");
     cv_layer lbig[1] = {linear(1 << 24)};
-    lbig[0].in_features = 1 << 24;
+    LIN(&lbig[0])->in_features = 1 << 24;
     expect_finalize_error(lbig, 1, 1 << 24, 0, 0, "layers[0] (Linear)", "parameters");
-    cv_layer ibig[1] = {simple(CV_FLATTEN)};
+    cv_layer ibig[1] = {simple(&cv_flatten_class)};
     expect_finalize_error(ibig, 1, 1 << 24, 1 << 24, 1 << 24, "input_shape", "more than");
     /* BatchNorm1d takes [C] or [C, L], not [C, H, W] nor a mismatched C */
-    cv_layer bn3[1] = {bnorm(CV_BATCHNORM1D, 2, 1)};
+    cv_layer bn3[1] = {bnorm(&cv_batchnorm1d_class, 2, 1)};
     expect_finalize_error(bn3, 1, 2, 6, 6, "layers[0] (BatchNorm1d)", "[2] or [2, L]");
-    cv_layer bnl[1] = {bnorm(CV_BATCHNORM1D, 3, 1)};
+    cv_layer bnl[1] = {bnorm(&cv_batchnorm1d_class, 3, 1)};
     expect_finalize_error(bnl, 1, 2, 6, 0, "layers[0] (BatchNorm1d)", "got [2, 6]");
 }
 END_TEST

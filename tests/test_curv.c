@@ -4,20 +4,35 @@
  * linear+MSE, equal diagonal blocks for ReLU nets, MC Fisher -> GGN). */
 #include "testutil.h"
 
+#include "engine/layer.h"
+#include "engine/layer_passthrough.h"
+#include "engine/loss.h"
+
 typedef tu_fixture fixture;
 
 static const tu_layer smooth_net[] = {
-    {CV_LINEAR, 6}, {CV_TANH, 0}, {CV_LINEAR, 4}, {CV_SIGMOID, 0}, {CV_LINEAR, 3}};
+    {&cv_linear_class, 6},  {&cv_tanh_class, 0},   {&cv_linear_class, 4},
+    {&cv_sigmoid_class, 0}, {&cv_linear_class, 3}};
 
-static const cv_layer_type acts[] = {CV_TANH, CV_SIGMOID, CV_ELU, CV_GELU, CV_SOFTPLUS,
-                                     CV_LEAKYRELU, CV_RELU, CV_IDENTITY};
+extern const cv_layer_class cv_silu_class; /* engine/layer_silu.c (no header) */
+
+static const cv_layer_class *const acts[] = {
+    &cv_tanh_class,     &cv_sigmoid_class,   &cv_elu_class,  &cv_gelu_class,
+    &cv_softplus_class, &cv_leakyrelu_class, &cv_relu_class, &cv_identity_class,
+    &cv_silu_class};
+
+/* ReLU / LeakyReLU: kinks, so finite differences are looser */
+static int piecewise_linear(const cv_layer_class *cls)
+{
+    return cls == &cv_relu_class || cls == &cv_leakyrelu_class;
+}
 static const cv_loss_type losses[] = {CV_LOSS_MSE, CV_LOSS_CE, CV_LOSS_BCE};
 
 /* _i: activation index * 6 + loss index * 2 + reduction */
 static void make_variant(fixture *f, int i)
 {
-    tu_layer net[] = {{CV_LINEAR, 6}, {acts[i / 6], 0}, {CV_LINEAR, 4}, {acts[i / 6], 0},
-                      {CV_LINEAR, 3}};
+    tu_layer net[] = {{&cv_linear_class, 6}, {acts[i / 6], 0}, {&cv_linear_class, 4},
+                      {acts[i / 6], 0},      {&cv_linear_class, 3}};
     tu_fx_make(f, 5, net, 5, losses[(i / 2) % 3], (cv_reduction)(i % 2), 7, 17 + (uint64_t)i, NULL);
 }
 
@@ -27,7 +42,7 @@ START_TEST(gradient_matches_finite_differences)
     make_variant(&f, _i);
     double err = tu_gradient_fd_relerr(&f, 2e-3);
     /* ReLU / LeakyReLU kinks can sit within eps of a sample: looser there */
-    double tol = (acts[_i / 6] == CV_RELU || acts[_i / 6] == CV_LEAKYRELU) ? 2e-2 : 2e-3;
+    double tol = piecewise_linear(acts[_i / 6]) ? 2e-2 : 2e-3;
     ck_assert_msg(err < tol, "variant %d: gradient vs FD rel err %g", _i, err);
     tu_fx_free(&f);
 }
@@ -38,7 +53,7 @@ START_TEST(hessian_matches_fd_of_gradient)
     fixture f;
     make_variant(&f, _i);
     double err = tu_hessian_fd_relerr(&f, 3, 3e-3);
-    double tol = (acts[_i / 6] == CV_RELU || acts[_i / 6] == CV_LEAKYRELU) ? 3e-2 : 3e-3;
+    double tol = piecewise_linear(acts[_i / 6]) ? 3e-2 : 3e-3;
     ck_assert_msg(err < tol, "variant %d: Hv vs FD rel err %g", _i, err);
     tu_fx_free(&f);
 }
@@ -58,7 +73,7 @@ START_TEST(ggn_equals_dense_jt_lambda_j)
     fixture f;
     make_variant(&f, _i);
     double err = tu_ggn_fd_relerr(&f, 3e-3);
-    double tol = (acts[_i / 6] == CV_RELU || acts[_i / 6] == CV_LEAKYRELU) ? 3e-2 : 3e-3;
+    double tol = piecewise_linear(acts[_i / 6]) ? 3e-2 : 3e-3;
     ck_assert_msg(err < tol, "variant %d: GGN vs dense J^T Lambda J rel err %g", _i, err);
     tu_fx_free(&f);
 }
@@ -67,7 +82,7 @@ END_TEST
 START_TEST(ggn_equals_hessian_for_linear_mse)
 {
     fixture f;
-    tu_layer net[] = {{CV_LINEAR, 4}};
+    tu_layer net[] = {{&cv_linear_class, 4}};
     tu_fx_make(&f, 6, net, 1, CV_LOSS_MSE, CV_RED_MEAN, 9, 5, NULL);
     size_t D = f.full.dim;
     double *H = tu_dense(&f, CV_CURV_HESSIAN, &f.full), *G = tu_dense(&f, CV_CURV_GGN, &f.full);
@@ -82,8 +97,8 @@ END_TEST
 START_TEST(relu_net_hessian_and_ggn_diagonal_blocks_agree)
 {
     fixture f;
-    tu_layer net[] = {{CV_LINEAR, 6}, {CV_RELU, 0}, {CV_LINEAR, 5}, {CV_RELU, 0},
-                      {CV_LINEAR, 3}};
+    tu_layer net[] = {{&cv_linear_class, 6}, {&cv_relu_class, 0}, {&cv_linear_class, 5},
+                      {&cv_relu_class, 0},   {&cv_linear_class, 3}};
     tu_fx_make(&f, 4, net, 5, CV_LOSS_CE, CV_RED_MEAN, 11, 8, NULL);
     size_t D = f.full.dim;
     double *H = tu_dense(&f, CV_CURV_HESSIAN, &f.full), *G = tu_dense(&f, CV_CURV_GGN, &f.full);
@@ -256,7 +271,7 @@ START_TEST(loss_values_match_closed_forms)
 {
     /* one sample, identity-like net: Linear 2->2 with W = I, b = 0 */
     cv_model m;
-    tu_layer net[] = {{CV_LINEAR, 2}};
+    tu_layer net[] = {{&cv_linear_class, 2}};
     for (int li = 0; li < 3; li++) {
         tu_model(&m, 2, net, 1, losses[li], CV_RED_MEAN, 1);
         float p[6] = {1, 0, 0, 1, 0, 0};
@@ -286,6 +301,41 @@ START_TEST(loss_values_match_closed_forms)
         tu_data_free(&d);
         cv_model_free(&m);
     }
+}
+END_TEST
+
+/* SiLU's forward kernel: phi(x) = x / (1 + exp(-x)) in closed form, phi' and
+ * phi'' (its caches) against central differences of that closed form. */
+static double silu_ref(double x) { return x / (1.0 + exp(-x)); }
+
+START_TEST(silu_matches_closed_form)
+{
+    float x[] = {-30.0f, -6.5f, -2.0f, -1.0f, -0.25f, 0.0f, 0.125f, 0.5f, 1.5f, 3.0f, 8.0f, 40.0f};
+    int n = (int)(sizeof x / sizeof x[0]);
+    float y[sizeof x / sizeof x[0]];
+    cv_layer L;
+    cv_layer_init(&L, &cv_silu_class);
+    cv_layer_ctx c;
+    memset(&c, 0, sizeof c);
+    c.L = &L;
+    c.n = n;
+    c.in_numel = c.out_numel = 1;
+    c.x = x;
+    cv_err e;
+    ck_assert_int_eq(cv_silu_class.ops->forward(&c, y, &e), 0);
+    ck_assert_ptr_nonnull(c.d2);
+    const double h = 1e-3;
+    for (int i = 0; i < n; i++) {
+        double xi = x[i], f = silu_ref(xi);
+        double d1 = (silu_ref(xi + h) - silu_ref(xi - h)) / (2 * h);
+        double d2 = (silu_ref(xi + h) - 2 * f + silu_ref(xi - h)) / (h * h);
+        ck_assert_msg(fabs(y[i] - f) <= 1e-6 * (1 + fabs(f)), "phi(%g) = %.9g, want %.9g", xi,
+                      y[i], f);
+        ck_assert_msg(fabs(c.d1[i] - d1) <= 1e-5, "phi'(%g) = %.9g, want %.9g", xi, c.d1[i], d1);
+        ck_assert_msg(fabs(c.d2[i] - d2) <= 1e-4, "phi''(%g) = %.9g, want %.9g", xi, c.d2[i], d2);
+    }
+    ck_assert(c.d1[5] == 0.5f && c.d2[5] == 0.5f); /* at 0: 1/2 and 2 * 1/4 */
+    cv_layer_ctx_release(&c);
 }
 END_TEST
 
@@ -363,6 +413,7 @@ static Suite *curv_suite(void)
     tcase_add_test(id, dense_refused_above_limit);
     tcase_add_loop_test(id, quadform_equals_dot_of_product, 0, nvar);
     tcase_add_test(id, loss_values_match_closed_forms);
+    tcase_add_test(id, silu_matches_closed_form);
     tcase_add_test(id, jvp_vjp_adjoint_and_gram);
     suite_add_tcase(s, id);
     return s;

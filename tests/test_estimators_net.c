@@ -67,7 +67,8 @@ static double *dense_of(net *f, cv_curvature kind, const cv_block *b)
 
 static void net_make(net *f, int kind)
 {
-    static const tu_layer layers[] = {{CV_LINEAR, 6}, {CV_TANH, 0}, {CV_LINEAR, 4}};
+    static const tu_layer layers[] = {{&cv_linear_class, 6}, {&cv_tanh_class, 0},
+                                      {&cv_linear_class, 4}};
     tu_model(&f->m, 5, layers, 3, CV_LOSS_CE, CV_RED_MEAN, 11);
     tu_data(&f->d, &f->m, 8, 111);
     cv_err e;

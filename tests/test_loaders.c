@@ -15,6 +15,19 @@
 #include "api/params.h"
 #include "api/safetensors.h"
 #include "engine/dataset.h"
+#include "engine/layer_activation.h"
+#include "engine/layer_batchnorm.h"
+#include "engine/layer_conv.h"
+#include "engine/layer_linear.h"
+#include "engine/layer_passthrough.h"
+#include "engine/layer_pool.h"
+
+/* layer i's attributes by its class */
+#define CONV(m, i) CV_LAYER_ATTR(&(m)->layers[i], cv_conv2d_attr)
+#define POOL(m, i) CV_LAYER_ATTR(&(m)->layers[i], cv_pool2d_attr)
+#define BN(m, i) CV_LAYER_ATTR(&(m)->layers[i], cv_batchnorm_attr)
+#define LIN(m, i) CV_LAYER_ATTR(&(m)->layers[i], cv_linear_attr)
+#define FLAT(m, i) CV_LAYER_ATTR(&(m)->layers[i], cv_flatten_attr)
 
 #define ASSERT_ERR(rc, e, code_, field_, substr)                                              \
     do {                                                                                      \
@@ -426,13 +439,13 @@ START_TEST(arch_contract_example)
     ck_assert_int_eq(m->nlayers, 5);
     ck_assert_int_eq(m->loss, CV_LOSS_CE);
     ck_assert_int_eq(m->reduction, CV_RED_MEAN);
-    ck_assert_int_eq(m->layers[0].type, CV_CONV2D);
-    ck_assert_int_eq(m->layers[0].kernel[1], 3);
-    ck_assert_int_eq(m->layers[0].padding[0], 1);
-    ck_assert_int_eq(m->layers[0].has_bias, 1);
-    ck_assert_int_eq(m->layers[2].stride[0], 2); /* default = kernel_size */
-    ck_assert_int_eq(m->layers[3].start_dim, 1);
-    ck_assert_int_eq(m->layers[3].end_dim, -1);
+    ck_assert_ptr_eq(m->layers[0].cls, &cv_conv2d_class);
+    ck_assert_int_eq(CONV(m, 0)->kernel[1], 3);
+    ck_assert_int_eq(CONV(m, 0)->padding[0], 1);
+    ck_assert_int_eq(CONV(m, 0)->has_bias, 1);
+    ck_assert_int_eq(POOL(m, 2)->stride[0], 2); /* default = kernel_size */
+    ck_assert_int_eq(FLAT(m, 3)->start_dim, 1);
+    ck_assert_int_eq(FLAT(m, 3)->end_dim, -1);
     ck_assert_uint_eq(m->nparams_total, 8 * 9 + 8 + 1568 * 10 + 10);
     ck_assert_ptr_null(m->params);
     free(m);
@@ -474,20 +487,25 @@ START_TEST(arch_roundtrip)
     ck_assert_int_eq(m->loss, CV_LOSS_BCE);
     ck_assert_int_eq(m->reduction, CV_RED_SUM);
     const cv_layer *L = m->layers;
-    ck_assert(L[0].kernel[0] == 3 && L[0].kernel[1] == 5 && L[0].stride[1] == 2 &&
-              L[0].has_bias == 0);
-    ck_assert(L[1].eps == 0.001 && L[1].affine == 1 && L[1].track_running_stats == 1);
-    ck_assert(L[2].negative_slope == 0.2);
-    ck_assert(L[3].stride[0] == 2 && L[3].ceil_mode == 1 && L[3].padding[1] == 1);
-    ck_assert(L[4].alpha == 0.5);
-    ck_assert(L[5].kernel[0] == 2 && L[5].kernel[1] == 1 && L[5].count_include_pad == 0);
-    ck_assert(L[6].padding[0] == 1 && L[6].padding[1] == 1 && L[6].groups == 2);
-    ck_assert(L[7].output_size[0] == 2 && L[7].output_size[1] == 3);
-    ck_assert(L[8].gelu_tanh == 1);
-    ck_assert(L[10].p == 0.25);
-    ck_assert(L[12].affine == 0 && L[12].eps == 1e-5);
-    ck_assert(L[13].beta == 2 && L[13].threshold == 10);
-    ck_assert(L[18].has_bias == 1);
+    ck_assert(CONV(m, 0)->kernel[0] == 3 && CONV(m, 0)->kernel[1] == 5 &&
+              CONV(m, 0)->stride[1] == 2 && CONV(m, 0)->has_bias == 0);
+    ck_assert(BN(m, 1)->eps == 0.001 && BN(m, 1)->affine == 1 &&
+              BN(m, 1)->track_running_stats == 1);
+    ck_assert(CV_LAYER_ATTR(&L[2], cv_leakyrelu_attr)->negative_slope == 0.2);
+    ck_assert(POOL(m, 3)->stride[0] == 2 && POOL(m, 3)->ceil_mode == 1 &&
+              POOL(m, 3)->padding[1] == 1);
+    ck_assert(CV_LAYER_ATTR(&L[4], cv_elu_attr)->alpha == 0.5);
+    ck_assert(POOL(m, 5)->kernel[0] == 2 && POOL(m, 5)->kernel[1] == 1 &&
+              POOL(m, 5)->count_include_pad == 0);
+    ck_assert(CONV(m, 6)->padding[0] == 1 && CONV(m, 6)->padding[1] == 1 &&
+              CONV(m, 6)->groups == 2);
+    ck_assert(POOL(m, 7)->output_size[0] == 2 && POOL(m, 7)->output_size[1] == 3);
+    ck_assert(CV_LAYER_ATTR(&L[8], cv_gelu_attr)->approximate == 1);
+    ck_assert(CV_LAYER_ATTR(&L[10], cv_dropout_attr)->p == 0.25);
+    ck_assert(BN(m, 12)->affine == 0 && BN(m, 12)->eps == 1e-5);
+    ck_assert(CV_LAYER_ATTR(&L[13], cv_softplus_attr)->beta == 2 &&
+              CV_LAYER_ATTR(&L[13], cv_softplus_attr)->threshold == 10);
+    ck_assert(LIN(m, 18)->has_bias == 1);
     ck_assert_int_eq(L[18].out_shape.dim[0], 3);
 
     cJSON *j = cv_arch_to_json(m);
@@ -503,15 +521,12 @@ START_TEST(arch_roundtrip)
     ck_assert_int_eq(m2->reduction, m->reduction);
     for (int i = 0; i < m->nlayers; i++) {
         const cv_layer *a = &m->layers[i], *b = &m2->layers[i];
-        ck_assert_int_eq(a->type, b->type);
+        ck_assert_ptr_eq(a->cls, b->cls);
         ck_assert_int_eq(a->out_shape.rank, b->out_shape.rank);
         for (int d = 0; d < a->out_shape.rank; d++)
             ck_assert_int_eq(a->out_shape.dim[d], b->out_shape.dim[d]);
-        ck_assert(a->kernel[0] == b->kernel[0] && a->kernel[1] == b->kernel[1]);
-        ck_assert(a->stride[0] == b->stride[0] && a->padding[1] == b->padding[1]);
-        ck_assert(a->eps == b->eps && a->p == b->p && a->negative_slope == b->negative_slope);
-        ck_assert(a->has_bias == b->has_bias && a->affine == b->affine);
-        ck_assert(a->ceil_mode == b->ceil_mode && a->count_include_pad == b->count_include_pad);
+        /* every attribute (both start from zeroed areas) */
+        ck_assert_int_eq(memcmp(a->attr.bytes, b->attr.bytes, sizeof a->attr.bytes), 0);
         ck_assert_int_eq(a->nparams, b->nparams);
         ck_assert_int_eq(a->nbuffers, b->nbuffers);
     }
@@ -539,15 +554,19 @@ START_TEST(arch_defaults)
                             "{'type': 'BatchNorm1d', 'num_features': 2}",
                             "MSELoss");
     const cv_layer *L = m->layers;
-    ck_assert(L[0].padding[0] == 0 && L[0].stride[0] == 1 && L[0].dilation[1] == 1 &&
-              L[0].groups == 1 && L[0].has_bias == 1);
-    ck_assert(L[1].stride[0] == 2 && L[1].count_include_pad == 1 && L[1].ceil_mode == 0);
-    ck_assert(L[2].negative_slope == 0.01);
-    ck_assert(L[3].alpha == 1.0);
-    ck_assert(L[4].gelu_tanh == 0);
-    ck_assert(L[5].beta == 1.0 && L[5].threshold == 20.0);
-    ck_assert(L[6].p == 0.5);
-    ck_assert(L[9].eps == 1e-5 && L[9].affine == 1 && L[9].track_running_stats == 1);
+    ck_assert(CONV(m, 0)->padding[0] == 0 && CONV(m, 0)->stride[0] == 1 &&
+              CONV(m, 0)->dilation[1] == 1 && CONV(m, 0)->groups == 1 &&
+              CONV(m, 0)->has_bias == 1);
+    ck_assert(POOL(m, 1)->stride[0] == 2 && POOL(m, 1)->count_include_pad == 1 &&
+              POOL(m, 1)->ceil_mode == 0);
+    ck_assert(CV_LAYER_ATTR(&L[2], cv_leakyrelu_attr)->negative_slope == 0.01);
+    ck_assert(CV_LAYER_ATTR(&L[3], cv_elu_attr)->alpha == 1.0);
+    ck_assert(CV_LAYER_ATTR(&L[4], cv_gelu_attr)->approximate == 0);
+    ck_assert(CV_LAYER_ATTR(&L[5], cv_softplus_attr)->beta == 1.0 &&
+              CV_LAYER_ATTR(&L[5], cv_softplus_attr)->threshold == 20.0);
+    ck_assert(CV_LAYER_ATTR(&L[6], cv_dropout_attr)->p == 0.5);
+    ck_assert(BN(m, 9)->eps == 1e-5 && BN(m, 9)->affine == 1 &&
+              BN(m, 9)->track_running_stats == 1);
     ck_assert_int_eq(L[9].nbuffers, 3);
     ck_assert_str_eq(L[9].buffers[2].name, "9.num_batches_tracked");
     ck_assert_int_eq(m->reduction, CV_RED_MEAN);
@@ -570,9 +589,10 @@ START_TEST(arch_same_padding_and_bn1d_cl)
                             "{'type': 'Linear', 'in_features': 105, 'out_features': 2}",
                             "MSELoss");
     const cv_layer *L = m->layers;
-    ck_assert(L[0].padding[0] == 1 && L[0].pad_extra[0] == 1); /* 3 = 1 + 2 */
-    ck_assert(L[0].padding[1] == 1 && L[0].pad_extra[1] == 1); /* 3 = 1 + 2 */
-    ck_assert(L[1].padding[0] == 2 && L[1].pad_extra[0] == 0 && L[1].pad_extra[1] == 0);
+    ck_assert(CONV(m, 0)->padding[0] == 1 && CONV(m, 0)->pad_extra[0] == 1); /* 3 = 1 + 2 */
+    ck_assert(CONV(m, 0)->padding[1] == 1 && CONV(m, 0)->pad_extra[1] == 1); /* 3 = 1 + 2 */
+    ck_assert(CONV(m, 1)->padding[0] == 2 && CONV(m, 1)->pad_extra[0] == 0 &&
+              CONV(m, 1)->pad_extra[1] == 0);
     for (int i = 0; i < 2; i++)
         ck_assert(L[i].out_shape.dim[1] == 5 && L[i].out_shape.dim[2] == 7);
     ck_assert(L[3].in_shape.rank == 2 && L[3].in_shape.dim[0] == 3 && L[3].in_shape.dim[1] == 35);
@@ -586,8 +606,8 @@ START_TEST(arch_same_padding_and_bn1d_cl)
     ck_assert_msg(cv_arch_parse(text, strlen(text), m2, &e) == 0, "%s", e.message);
     for (int i = 0; i < 2; i++)
         for (int a = 0; a < 2; a++)
-            ck_assert(m2->layers[i].padding[a] == L[i].padding[a] &&
-                      m2->layers[i].pad_extra[a] == L[i].pad_extra[a]);
+            ck_assert(CONV(m2, i)->padding[a] == CONV(m, i)->padding[a] &&
+                      CONV(m2, i)->pad_extra[a] == CONV(m, i)->pad_extra[a]);
     free(text);
     cJSON_Delete(j);
     free_model(m2);

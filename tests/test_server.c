@@ -171,7 +171,7 @@ START_TEST(names)
 }
 END_TEST
 
-static const tu_layer mlp[] = {{CV_LINEAR, 5}, {CV_TANH, 0}, {CV_LINEAR, 3}};
+static const tu_layer mlp[] = {{&cv_linear_class, 5}, {&cv_tanh_class, 0}, {&cv_linear_class, 3}};
 
 static cv_model *heap_model(uint64_t seed)
 {
@@ -296,7 +296,8 @@ END_TEST
 /* DELETE + a new registration (another architecture) while a PUT of new
  * weights is parsed outside the lock: the PUT must fail with 409 and leave
  * the new registration alone.  A second PUT in between is fine. */
-static const tu_layer mlp_wide[] = {{CV_LINEAR, 7}, {CV_TANH, 0}, {CV_LINEAR, 3}};
+static const tu_layer mlp_wide[] = {{&cv_linear_class, 7}, {&cv_tanh_class, 0},
+                                    {&cv_linear_class, 3}};
 static int hook_mode;
 static void race_hook(cv_registry *r, const char *name, void *arg)
 {

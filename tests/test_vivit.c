@@ -21,14 +21,14 @@
 
 typedef tu_fixture fixture;
 
-static const cv_layer_type acts[] = {CV_TANH, CV_RELU, CV_SIGMOID};
+static const cv_layer_class *const acts[] = {&cv_tanh_class, &cv_relu_class, &cv_sigmoid_class};
 static const cv_loss_type losses[] = {CV_LOSS_CE, CV_LOSS_MSE, CV_LOSS_BCE};
 
 /* _i: activation * 12 + loss * 4 + reduction * 2 + (N*C > D) */
 static void make_variant(fixture *f, int i, const cv_curv_options *co)
 {
-    tu_layer net[] = {{CV_LINEAR, 6}, {acts[i / 12], 0}, {CV_LINEAR, 4}, {acts[i / 12], 0},
-                      {CV_LINEAR, 3}};
+    tu_layer net[] = {{&cv_linear_class, 6}, {acts[i / 12], 0}, {&cv_linear_class, 4},
+                      {acts[i / 12], 0},     {&cv_linear_class, 3}};
     size_t n = (i % 2) ? 40 : 7; /* D = 79: 40 * 3 > D leaves zero Gram eigenvalues */
     tu_fx_make(f, 5, net, 5, losses[(i / 4) % 3], (cv_reduction)((i / 2) % 2), n,
                31 + (uint64_t)i, co);
@@ -528,11 +528,15 @@ static void nq_model(cv_model *m)
     m->nlayers = 2;
     m->loss = CV_LOSS_MSE;
     m->reduction = CV_RED_SUM;
-    m->layers[0].type = m->layers[1].type = CV_LINEAR;
-    m->layers[0].in_features = 1;
-    m->layers[0].out_features = m->layers[1].in_features = m->layers[1].out_features = NQ_P;
-    char err[128];
-    ck_assert_msg(cv_model_finalize(m, err, sizeof err) == 0, "%s", err);
+    cv_layer_init(&m->layers[0], &cv_linear_class);
+    cv_layer_init(&m->layers[1], &cv_linear_class);
+    cv_linear_attr *a0 = CV_LAYER_ATTR(&m->layers[0], cv_linear_attr);
+    cv_linear_attr *a1 = CV_LAYER_ATTR(&m->layers[1], cv_linear_attr);
+    a0->in_features = 1;
+    a0->out_features = a1->in_features = a1->out_features = NQ_P;
+    a0->has_bias = a1->has_bias = 0;
+    cv_err fe;
+    ck_assert_msg(cv_model_finalize(m, &fe) == 0, "%s", fe.message);
     ck_assert_int_eq(cv_model_alloc(m), 0);
     float *W2 = m->params + cv_model_param(m, 1)->offset;
     for (int d = 0; d < NQ_P; d++)

@@ -17,12 +17,14 @@
 
 #include "engine/curv.h"
 #include "engine/dataset.h"
+#include "engine/layer_activation.h"
+#include "engine/layer_linear.h"
 #include "engine/model.h"
 #include "engine/rng.h"
 
-/* A layer spec for tu_model: type plus the one size that matters. */
+/* A layer spec for tu_model: class plus the one size that matters. */
 typedef struct {
-    cv_layer_type type;
+    const cv_layer_class *cls;
     int out;        /* Linear out_features */
 } tu_layer;
 
@@ -40,23 +42,20 @@ static inline void tu_model(cv_model *m, int in, const tu_layer *layers, int nl,
     int cur = in;
     for (int i = 0; i < nl; i++) {
         cv_layer *L = &m->layers[i];
-        L->type = layers[i].type;
-        L->negative_slope = 0.1;
-        L->alpha = 1.0;
-        L->beta = 1.0;
-        L->threshold = 20.0;
-        L->start_dim = 1;
-        L->end_dim = -1;
-        if (L->type == CV_LINEAR) {
-            L->in_features = cur;
-            L->out_features = layers[i].out;
-            L->has_bias = 1;
+        cv_layer_init(L, layers[i].cls); /* PyTorch's defaults */
+        if (L->cls == &cv_leakyrelu_class)
+            CV_LAYER_ATTR(L, cv_leakyrelu_attr)->negative_slope = 0.1;
+        if (L->cls == &cv_linear_class) {
+            cv_linear_attr *a = CV_LAYER_ATTR(L, cv_linear_attr);
+            a->in_features = cur;
+            a->out_features = layers[i].out;
+            a->has_bias = 1;
             cur = layers[i].out;
         }
     }
-    char err[256];
-    if (cv_model_finalize(m, err, sizeof err))
-        ck_abort_msg("finalize: %s", err);
+    cv_err fe;
+    if (cv_model_finalize(m, &fe))
+        ck_abort_msg("finalize: %s", fe.message);
     ck_assert_int_eq(cv_model_alloc(m), 0);
     cv_rng r;
     cv_rng_seed(&r, seed);
@@ -64,7 +63,9 @@ static inline void tu_model(cv_model *m, int in, const tu_layer *layers, int nl,
         const cv_layer *L = &m->layers[i];
         for (int p = 0; p < L->nparams; p++) {
             const cv_tensor_info *t = &L->params[p];
-            double s = L->type == CV_LINEAR ? 1.0 / sqrt((double)L->in_features) : 0.5;
+            double s = L->cls == &cv_linear_class
+                           ? 1.0 / sqrt((double)CV_LAYER_ATTR(L, cv_linear_attr)->in_features)
+                           : 0.5;
             for (size_t q = 0; q < t->numel; q++)
                 m->params[t->offset + q] = (float)(s * (2 * cv_rng_uniform(&r) - 1) * 1.5);
         }

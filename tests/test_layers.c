@@ -1,0 +1,263 @@
+/* test_layers.c - the layer registry as a whole: every registered class is
+ * well formed, parses from an example document, exports every attribute and
+ * re-parses to the same model (classes, attributes, shapes, tensor layout),
+ * and an attribute typo gets a "did you mean" hint.  A new layer class needs
+ * an example here; the test fails until it has one. */
+#include <cJSON.h>
+#include <check.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/arch.h"
+#include "engine/layer.h"
+#include "testutil.h"
+
+/* One layer object per class (single quotes for double), giving every stored
+ * attribute a value other than its default so that an attribute dropped from
+ * the export comes back different, and a per-sample input it accepts. */
+typedef struct {
+    const char *name, *input, *layer;
+} example;
+
+static const example EXAMPLES[] = {
+    {"Linear", "[6]", "{'type': 'Linear', 'in_features': 6, 'out_features': 3, 'bias': false}"},
+    {"Conv2d", "[4, 7, 6]",
+     "{'type': 'Conv2d', 'in_channels': 4, 'out_channels': 6, 'kernel_size': [2, 3],"
+     " 'stride': [2, 1], 'padding': [1, 2], 'dilation': [2, 1], 'groups': 2, 'bias': false,"
+     " 'padding_mode': 'zeros'}"},
+    {"ReLU", "[3, 4]", "{'type': 'ReLU', 'inplace': true}"},
+    {"Tanh", "[5]", "{'type': 'Tanh'}"},
+    {"Sigmoid", "[2, 3, 3]", "{'type': 'Sigmoid'}"},
+    {"LeakyReLU", "[5]", "{'type': 'LeakyReLU', 'negative_slope': 0.25, 'inplace': false}"},
+    {"ELU", "[5]", "{'type': 'ELU', 'alpha': 0.75}"},
+    {"GELU", "[5]", "{'type': 'GELU', 'approximate': 'tanh'}"},
+    {"Softplus", "[5]", "{'type': 'Softplus', 'beta': 2.5, 'threshold': 7}"},
+    {"Identity", "[5]", "{'type': 'Identity'}"},
+    {"Flatten", "[2, 3, 4]", "{'type': 'Flatten', 'start_dim': 2, 'end_dim': 3}"},
+    {"MaxPool2d", "[2, 9, 8]",
+     "{'type': 'MaxPool2d', 'kernel_size': [3, 2], 'stride': [2, 1], 'padding': [1, 1],"
+     " 'dilation': [2, 1], 'ceil_mode': true, 'return_indices': false}"},
+    {"AvgPool2d", "[2, 9, 8]",
+     "{'type': 'AvgPool2d', 'kernel_size': [3, 2], 'stride': 2, 'padding': [1, 0],"
+     " 'ceil_mode': true, 'count_include_pad': false, 'divisor_override': null}"},
+    {"AdaptiveAvgPool2d", "[2, 9, 8]", "{'type': 'AdaptiveAvgPool2d', 'output_size': [4, 3]}"},
+    {"BatchNorm1d", "[3, 5]",
+     "{'type': 'BatchNorm1d', 'num_features': 3, 'eps': 0.001, 'momentum': 0.2,"
+     " 'affine': false, 'track_running_stats': true, 'training': false}"},
+    {"BatchNorm2d", "[3, 4, 4]",
+     "{'type': 'BatchNorm2d', 'num_features': 3, 'eps': 0.01, 'momentum': null,"
+     " 'affine': false}"},
+    {"Dropout", "[5]", "{'type': 'Dropout', 'p': 0.125, 'inplace': true, 'training': false}"},
+    {"SiLU", "[2, 3]", "{'type': 'SiLU', 'inplace': true}"},
+};
+
+static const example *example_for(const char *name)
+{
+    for (size_t i = 0; i < sizeof EXAMPLES / sizeof EXAMPLES[0]; i++)
+        if (strcmp(EXAMPLES[i].name, name) == 0)
+            return &EXAMPLES[i];
+    return NULL;
+}
+
+/* text with ' -> " */
+static char *dq(const char *text)
+{
+    char *s = strdup(text);
+    for (char *p = s; *p; p++)
+        if (*p == '\'')
+            *p = '"';
+    return s;
+}
+
+/* [BatchNorm (parameters, whatever the example has), the example, Flatten]
+ * on the example's input, MSELoss: a model that finalizes. */
+static int parse_example(const example *ex, cv_model *m, cv_err *e)
+{
+    int c0 = atoi(ex->input + 1), rank = 1;
+    for (const char *p = ex->input; *p; p++)
+        rank += *p == ',';
+    char buf[2048];
+    snprintf(buf, sizeof buf,
+             "{'input_shape': %s, 'layers': [{'type': 'BatchNorm%dd', 'num_features': %d}, %s,"
+             " {'type': 'Flatten'}], 'loss': {'type': 'MSELoss'}}",
+             ex->input, rank == 3 ? 2 : 1, c0, ex->layer);
+    char *s = dq(buf);
+    int rc = cv_arch_parse(s, strlen(s), m, e);
+    free(s);
+    return rc;
+}
+
+static void assert_same_tensors(const cv_tensor_info *a, const cv_tensor_info *b, int n)
+{
+    for (int t = 0; t < n; t++) {
+        ck_assert_str_eq(a[t].name, b[t].name);
+        ck_assert_int_eq(a[t].rank, b[t].rank);
+        ck_assert_int_eq(memcmp(a[t].dim, b[t].dim, sizeof a[t].dim), 0);
+        ck_assert_uint_eq(a[t].offset, b[t].offset);
+        ck_assert_uint_eq(a[t].numel, b[t].numel);
+    }
+}
+
+static void assert_same_model(const cv_model *a, const cv_model *b, const char *name)
+{
+    ck_assert_int_eq(a->nlayers, b->nlayers);
+    ck_assert_uint_eq(a->nparams_total, b->nparams_total);
+    ck_assert_uint_eq(a->nbuffers_total, b->nbuffers_total);
+    for (int i = 0; i < a->nlayers; i++) {
+        const cv_layer *x = &a->layers[i], *y = &b->layers[i];
+        ck_assert_ptr_eq(x->cls, y->cls);
+        ck_assert_msg(memcmp(x->attr.bytes, y->attr.bytes, sizeof x->attr.bytes) == 0,
+                      "%s: layers[%d] attributes differ after export and re-parse", name, i);
+        ck_assert_int_eq(memcmp(&x->in_shape, &y->in_shape, sizeof x->in_shape), 0);
+        ck_assert_int_eq(memcmp(&x->out_shape, &y->out_shape, sizeof x->out_shape), 0);
+        ck_assert_int_eq(x->nparams, y->nparams);
+        ck_assert_int_eq(x->nbuffers, y->nbuffers);
+        assert_same_tensors(x->params, y->params, x->nparams);
+        assert_same_tensors(x->buffers, y->buffers, x->nbuffers);
+    }
+}
+
+static size_t field_size(const cv_field *f)
+{
+    switch (f->kind) {
+    case CV_F_PAIR: return 2 * sizeof(int);
+    case CV_F_NUMBER: return sizeof(double);
+    case CV_F_INT:
+    case CV_F_BOOL:
+    case CV_F_ENUM:
+    case CV_F_FIXED_BOOL: return sizeof(int);
+    default: return 0;
+    }
+}
+
+START_TEST(every_class_is_well_formed)
+{
+    int n = cv_layer_class_count();
+    ck_assert_int_ge(n, 17);
+    ck_assert_ptr_null(cv_layer_class_at(n));
+    for (int i = 0; i < n; i++) {
+        const cv_layer_class *c = cv_layer_class_at(i);
+        ck_assert_ptr_nonnull(c);
+        ck_assert_ptr_eq(cv_layer_class_find(c->name), c); /* names are unique */
+        ck_assert_msg(example_for(c->name) != NULL,
+                      "layer class %s has no example in tests/test_layers.c", c->name);
+        ck_assert_ptr_nonnull(c->ops);
+        ck_assert_ptr_nonnull(c->ops->forward);
+        ck_assert_uint_le(c->attr_size, CV_LAYER_ATTR_SIZE);
+        ck_assert_int_le(c->nfields, CV_LAYER_MAX_FIELDS);
+        for (int f = 0; f < c->nfields; f++) {
+            const cv_field *fd = &c->fields[f];
+            ck_assert_msg(strcmp(fd->name, "type") != 0, "%s: 'type' is no attribute", c->name);
+            for (int g = 0; g < f; g++)
+                ck_assert_str_ne(fd->name, c->fields[g].name);
+            if (fd->kind != CV_F_FIXED_BOOL && field_size(fd))
+                ck_assert_msg(fd->offset != CV_F_NOSTORE, "%s.%s must be stored", c->name,
+                              fd->name);
+            if (fd->offset != CV_F_NOSTORE)
+                ck_assert_msg(fd->offset + field_size(fd) <= c->attr_size,
+                              "%s.%s lies outside the attribute struct", c->name, fd->name);
+            if (fd->kind == CV_F_PAIR && fd->choices)
+                ck_assert_msg(fd->aux + sizeof(int) <= c->attr_size && fd->text,
+                              "%s.%s: keyword slot or message missing", c->name, fd->name);
+            if (fd->kind == CV_F_ENUM)
+                ck_assert_ptr_nonnull(fd->choices);
+        }
+    }
+    ck_assert_ptr_null(cv_layer_class_find("Conv3d"));
+}
+END_TEST
+
+/* _i: registry index */
+START_TEST(every_class_roundtrips)
+{
+    const cv_layer_class *cls = cv_layer_class_at(_i);
+    const example *ex = example_for(cls->name);
+    ck_assert_msg(ex != NULL, "layer class %s has no example", cls->name);
+    cv_model *m = calloc(1, sizeof *m), *m2 = calloc(1, sizeof *m2);
+    cv_err e;
+    ck_assert_msg(parse_example(ex, m, &e) == 0, "%s: %s", cls->name, e.message);
+    const cv_layer *L = &m->layers[1];
+    ck_assert_ptr_eq(L->cls, cls);
+
+    /* the example sets every stored attribute away from its default */
+    cv_layer def;
+    cv_layer_init(&def, cls);
+    for (int f = 0; f < cls->nfields; f++) {
+        const cv_field *fd = &cls->fields[f];
+        if (fd->offset == CV_F_NOSTORE || fd->kind == CV_F_FIXED_BOOL)
+            continue;
+        ck_assert_msg(memcmp(L->attr.bytes + fd->offset, def.attr.bytes + fd->offset,
+                             field_size(fd)) != 0,
+                      "the %s example leaves %s at its default", cls->name, fd->name);
+    }
+
+    /* every attribute is exported; re-parsing gives the same model */
+    cJSON *j = cv_arch_to_json(m);
+    ck_assert_ptr_nonnull(j);
+    const cJSON *lo = cJSON_GetArrayItem(cJSON_GetObjectItem(j, "layers"), 1);
+    ck_assert_str_eq(cJSON_GetObjectItem(lo, "type")->valuestring, cls->name);
+    for (int f = 0; f < cls->nfields; f++) {
+        const cv_field *fd = &cls->fields[f];
+        int exported = !(fd->flags & CV_F_HIDDEN) && fd->kind != CV_F_IGNORED &&
+                       fd->kind != CV_F_FIXED_NULL;
+        ck_assert_msg((cJSON_GetObjectItem(lo, fd->name) != NULL) == exported,
+                      "%s.%s: exported %d, expected %d", cls->name, fd->name,
+                      cJSON_GetObjectItem(lo, fd->name) != NULL, exported);
+    }
+    char *text = cJSON_PrintUnformatted(j);
+    ck_assert_msg(cv_arch_parse(text, strlen(text), m2, &e) == 0, "%s: %s in %s", cls->name,
+                  e.message, text);
+    assert_same_model(m, m2, cls->name);
+    cJSON *j2 = cv_arch_to_json(m2);
+    char *text2 = cJSON_PrintUnformatted(j2);
+    ck_assert_str_eq(text, text2);
+    free(text);
+    free(text2);
+    cJSON_Delete(j);
+    cJSON_Delete(j2);
+    free(m);
+    free(m2);
+}
+END_TEST
+
+/* _i: registry index.  An attribute with its last letter doubled is unknown
+ * and the hint names the attribute; a class without attributes says so. */
+START_TEST(unknown_attribute_gets_a_hint)
+{
+    const cv_layer_class *cls = cv_layer_class_at(_i);
+    const example *ex = example_for(cls->name);
+    ck_assert_ptr_nonnull(ex);
+    const char *attr = cls->nfields ? cls->fields[cls->nfields - 1].name : "biass";
+    char typo[64], layer[128], want[96];
+    snprintf(typo, sizeof typo, "%s%c", attr, attr[strlen(attr) - 1]);
+    snprintf(layer, sizeof layer, "{'type': '%s', '%s': 1}", cls->name, typo);
+    example bad = {cls->name, ex->input, layer};
+    cv_model *m = calloc(1, sizeof *m);
+    cv_err e;
+    ck_assert_int_eq(parse_example(&bad, m, &e), -1);
+    ck_assert_str_eq(e.code, "unknown_field");
+    snprintf(want, sizeof want, "layers[1].%s", typo);
+    ck_assert_str_eq(e.field, want);
+    if (cls->nfields)
+        snprintf(want, sizeof want, "did you mean '%s'?", attr);
+    else
+        snprintf(want, sizeof want, "unknown field for %s (known: none)", cls->name);
+    ck_assert_msg(strstr(e.message, want) != NULL, "'%s' lacks '%s'", e.message, want);
+    free(m);
+}
+END_TEST
+
+static Suite *layers_suite(void)
+{
+    Suite *s = suite_create("layers");
+    TCase *tc = tcase_create("registry");
+    int n = cv_layer_class_count();
+    tcase_add_test(tc, every_class_is_well_formed);
+    tcase_add_loop_test(tc, every_class_roundtrips, 0, n);
+    tcase_add_loop_test(tc, unknown_attribute_gets_a_hint, 0, n);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void) { return tu_main(layers_suite); }
