@@ -12,13 +12,9 @@
 #  4. the image serves on all interfaces as a non-root user, and its
 #     HEALTHCHECK asks a route curvd has on the port it listens on.
 # Usage: sh tests/e2e_dockerfile.sh build/curvd
-CURVD=${1:-build/curvd}
-cd "$(dirname "$0")/.." || exit 1
-FAIL=0
-bad() { echo "e2e_dockerfile: FAIL: $*" >&2; FAIL=1; }
-ok() { echo "ok - $*"; }
-T=$(mktemp -d) || exit 1
-trap 'rm -rf "$T"' EXIT
+set -u
+. "$(dirname "$0")/e2e_lib.sh"
+cd "$ROOT" || exit 1
 
 # ---- 1. package lists --------------------------------------------------------------------
 # One logical line per instruction (backslash continuations joined); for each
@@ -58,7 +54,7 @@ same_set "runtime stage installs scripts/deps.sh's runtime set" \
   && ok "image set contains the build set" || bad "scripts/deps.sh: image lacks part of build"
 
 # ---- 2. runtime libraries = owners of what build/curvd loads -------------------------------
-[ -x "$CURVD" ] || { bad "$CURVD not built"; exit 1; }
+[ -x "$CURVD" ] || { bad "$CURVD not built"; finish; }
 readelf -d "$CURVD" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' > "$T/needed"
 [ -s "$T/needed" ] || bad "readelf found no NEEDED libraries in $CURVD"
 ldd "$CURVD" > "$T/ldd"
@@ -121,5 +117,4 @@ route=$(echo "$hc" | sed -n 's#.*http://127\.0\.0\.1:\([0-9]*\)\(/[^ ]*\).*#\1 \
 echo "$last_stage" | grep -q '^ENV OPENBLAS_THREAD_TIMEOUT=4' || bad "OPENBLAS_THREAD_TIMEOUT=4 missing"
 [ $FAIL = 0 ] && ok "non-root, --bind 0.0.0.0, HEALTHCHECK GET ${route#* } on port $port"
 
-[ $FAIL = 0 ] && echo "e2e_dockerfile: all checks passed"
-exit $FAIL
+finish
