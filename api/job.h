@@ -1,4 +1,4 @@
-/* job.h - the job document (contract §3), parsed once into a typed job.
+/* job.h - the job document (docs/interface.md §3), parsed once into a typed job.
  *
  * A job is JSON {op, model, dataset, curvature, batch, blocks, seed, options}.
  * cv_job_parse checks it completely without touching a model (unknown
