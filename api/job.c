@@ -337,8 +337,9 @@ static const cv_opt_spec *vector_option(const cv_opts *o)
     return NULL;
 }
 
-/* A vector option needs exactly one block; nblocks < 0: not known before
- * binding ("layer").  At bind (dim > 0) its length must be the block's D. */
+/* A vector option needs exactly one block (nblocks: the job's blocks as far
+ * as known; blocks "layer" counts as one until bound) and, at bind (dim > 0:
+ * the one block's D), exactly D numbers. */
 static int check_vector_option(const cv_opts *o, int nblocks, size_t dim, cv_err *e)
 {
     const cv_opt_spec *s = vector_option(o);
