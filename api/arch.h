@@ -1,4 +1,4 @@
-/* arch.h - the architecture JSON document (contract §1) <-> cv_model.
+/* arch.h - the architecture JSON document (docs/interface.md §1) <-> cv_model.
  *
  * Mirrors torch.nn.Sequential: {"input_shape": [...], "layers": [{"type":
  * "Linear", "in_features": ..., ...}, ...], "loss": {"type", "reduction"}}

@@ -1,4 +1,4 @@
-/* datafile.h - datasets stored as safetensors (contract §2).
+/* datafile.h - datasets stored as safetensors (docs/interface.md §2).
  *
  * Exactly two tensors: "x" (floating point, [N, *input_shape], converted to
  * float32) and "y": integer class indices [N] (labels) or floating-point

@@ -324,6 +324,41 @@ static int check_method_options(const cv_op_def *def, const cv_opts *o, const ch
     return 0;
 }
 
+/* The first option of type enum_or_list given as a list (a vector over the
+ * job's block), or NULL. */
+static const cv_opt_spec *vector_option(const cv_opts *o)
+{
+    for (int i = 0; o->specs && o->specs[i].name; i++) {
+        const cv_opt_spec *s = &o->specs[i];
+        if (s->type == CV_OPT_ENUM_OR_LIST && (o->given >> i & 1) &&
+            ((const cv_opt_choice_list *)((const char *)o->args + s->offset))->choice < 0)
+            return s;
+    }
+    return NULL;
+}
+
+/* A vector option needs exactly one block (nblocks: the job's blocks as far
+ * as known; blocks "layer" counts as one until bound) and, at bind (dim > 0:
+ * the one block's D), exactly D numbers. */
+static int check_vector_option(const cv_opts *o, int nblocks, size_t dim, cv_err *e)
+{
+    const cv_opt_spec *s = vector_option(o);
+    if (!s)
+        return 0;
+    char f[96];
+    snprintf(f, sizeof f, "options.%s", s->name);
+    if (nblocks > 1)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", f,
+                          "%s as a list of numbers needs one block (blocks \"full\" or one "
+                          "group of parameter names); the job has %d blocks",
+                          f, nblocks);
+    int n = ((const cv_opt_choice_list *)((const char *)o->args + s->offset))->list.n;
+    if (dim > 0 && (size_t)n != dim)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", f,
+                          "%s has %d numbers; the block has %zu parameters", f, n, dim);
+    return 0;
+}
+
 /* Options: validated, the method chosen, defaults, values stored, checked. */
 static int parse_options(const cJSON *opts, cv_job_spec *j, cv_err *e)
 {
@@ -347,7 +382,9 @@ static int parse_options(const cJSON *opts, cv_job_spec *j, cv_err *e)
     ((cv_op_base *)j->opts.args)->mc_samples = 1;
     if (def->defaults)
         def->defaults(j->opts.args, mi);
-    if (cv_opts_store(opts, &j->opts, methods, e))
+    if (cv_opts_store(opts, &j->opts, methods, e) ||
+        check_vector_option(&j->opts, j->blocks.kind == CV_JOB_BLOCKS_LIST ? j->blocks.ngroups : 1,
+                            0, e))
         return -1;
     if (def->check && def->check(&j->opts, j->curvature, e))
         return -1;
@@ -482,7 +519,7 @@ int cv_job_bind(cv_job_spec *j, const cv_model *m, const cv_dataset *d, cv_err *
         return -1;
     }
     j->blocks.nresolved = n;
-    return 0;
+    return check_vector_option(&j->opts, n, n == 1 ? j->blocks.resolved[0].dim : 0, e);
 }
 
 /* ---- running ---------------------------------------------------------------- */

@@ -1,4 +1,4 @@
-/* job.h - the job document (contract §3), parsed once into a typed job.
+/* job.h - the job document (docs/interface.md §3), parsed once into a typed job.
  *
  * A job is JSON {op, model, dataset, curvature, batch, blocks, seed, options}.
  * cv_job_parse checks it completely without touching a model (unknown
@@ -8,8 +8,9 @@
  * index array), the blocks, the seed and the op's argument struct with the
  * option values.  The JSON document is not needed after that.
  * cv_job_bind checks the spec against a model and dataset (the dataset fits
- * the model, the batch lies inside the dataset, block parameter names exist)
- * and resolves the blocks; cv_job_exec runs a bound spec.  The HTTP service
+ * the model, the batch lies inside the dataset, block parameter names exist,
+ * an option given as a vector over the block has its length) and resolves
+ * the blocks; cv_job_exec runs a bound spec.  The HTTP service
  * parses and binds at submit (400 before queueing) and executes in a
  * worker; `curvd run` does the same in one process.
  */

@@ -312,12 +312,12 @@ typedef struct {
     cv_op_base base;
     cv_solve_options o;
     int method;             /* cv_solve_method: cg, minres */
-    cv_opt_choice rhs;      /* choice 0: "gradient" */
+    cv_opt_choice_list rhs; /* choice 0: "gradient"; -1: the list (D numbers, checked at bind) */
 } solve_args;
 
 static const cv_opt_spec solve_opts[] = {
     {"damping", CV_OPT_NUM, -BIG, BIG, NULL, offsetof(solve_args, o.damping), NULL},
-    {"rhs", CV_OPT_NUM_OR_ENUM, 0, 0, "gradient", offsetof(solve_args, rhs), NULL},
+    {"rhs", CV_OPT_ENUM_OR_LIST, 0, 0, "gradient", offsetof(solve_args, rhs), NULL},
     {"tol", CV_OPT_NUM, 0, 1, NULL, offsetof(solve_args, o.tol), NULL},
     {"max_iter", CV_OPT_INT, 1, 1e7, NULL, offsetof(solve_args, o.max_iter), NULL},
     {"method", CV_OPT_METHOD, 0, 0, NULL, offsetof(solve_args, method), NULL},
@@ -331,23 +331,21 @@ static void solve_defaults(void *p, int method)
     a->rhs.choice = 0;
 }
 
-/* The option table admits a number for rhs (type number_or_enum), which
- * is refused here: rhs is "gradient" (a list is not accepted either). */
-static int check_solve(const cv_opts *opts, cv_curvature kind, cv_err *e)
-{
-    if (((const solve_args *)opts->args)->rhs.choice < 0)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.rhs",
-                          "rhs must be \"gradient\" or a list of numbers");
-    return 0;
-}
-
+/* The right-hand side on block b: the gradient, or the job's list (its
+ * length was checked against b->dim when the job was bound). */
 static int run_solve(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const solve_args *a = c->opts->args;
     double *rhs = malloc(sizeof(double) * b->dim);
     if (!rhs)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "right-hand side");
-    int rc = cv_curv_gradient(c->curv, b, rhs, e);
+    int rc = 0;
+    if (a->rhs.choice < 0 && (size_t)a->rhs.list.n == b->dim)
+        memcpy(rhs, a->rhs.list.v, sizeof(double) * b->dim);
+    else if (a->rhs.choice < 0)
+        rc = cv_err_set(e, CV_EINTERNAL, "internal", "options.rhs", "rhs not bound to the block");
+    else
+        rc = cv_curv_gradient(c->curv, b, rhs, e);
     cv_solve_options o = a->o;
     o.method = (cv_solve_method)a->method;
     cv_linop op;
@@ -476,6 +474,6 @@ const cv_op_def cv_op_eigen = {"eigen", eigen_opts, eigen_methods, sizeof(cv_eig
 const cv_op_def cv_op_density = {"density", density_opts, NULL, sizeof(density_args),
                                  density_defaults, 1, 1, NULL, run_density, density_results};
 const cv_op_def cv_op_solve = {"solve", solve_opts, solve_methods, sizeof(solve_args),
-                               solve_defaults, 1, 1, check_solve, NULL, solve_results};
+                               solve_defaults, 1, 1, NULL, NULL, solve_results};
 const cv_op_def cv_op_newton = {"newton", newton_opts, newton_methods, sizeof(cv_newton_args),
                                 newton_defaults, 1, 1, check_newton, NULL, newton_results};

@@ -243,7 +243,7 @@ static int run_gram(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
         cJSON_AddNumberToObject(out, "converged", k);
         cJSON_AddNumberToObject(out, "iterations", 0);
     }
-    if (!rc) /* residuals always (contract), the vectors only when asked */
+    if (!rc) /* residuals always (docs/interface.md, eigen), the vectors when asked */
         rc = residuals_vectors_json(&v, k, a->o.return_vectors, out, e);
     cv_vivit_free(&v);
     free(subset);

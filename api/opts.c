@@ -40,6 +40,7 @@ const char *cv_opt_type_name(cv_opt_type t)
     case CV_OPT_NUM_OR_ENUM: return "number_or_enum";
     case CV_OPT_INT_OR_ENUM: return "integer_or_enum";
     case CV_OPT_LIST: return "list";
+    case CV_OPT_ENUM_OR_LIST: return "enum_or_list";
     }
     return "?";
 }
@@ -122,6 +123,13 @@ static int check_one(const cJSON *v, const cv_opt_spec *s, const char *const *me
             return check_enum(v, s->choices, field, e);
         return check_number(v, s, s->type == CV_OPT_INT_OR_ENUM, field, e);
     case CV_OPT_LIST: return check_list(v, field, e);
+    case CV_OPT_ENUM_OR_LIST:
+        if (cJSON_IsArray(v))
+            return check_list(v, field, e);
+        if (!cJSON_IsString(v) || cv_opts_choice_index(s->choices, v->valuestring) < 0)
+            return cv_err_set(e, CV_EINVAL, "invalid_option", field,
+                              "%s must be one of %s or a list of numbers", field, s->choices);
+        return 0;
     }
     return 0;
 }
@@ -209,6 +217,11 @@ static int store_one(const cJSON *v, const cv_opt_spec *s, void *at, const char 
         return 0;
     }
     case CV_OPT_LIST: return store_list(v, at, s->name, e);
+    case CV_OPT_ENUM_OR_LIST: {
+        cv_opt_choice_list *c = at;
+        c->choice = cJSON_IsArray(v) ? -1 : cv_opts_choice_index(s->choices, v->valuestring);
+        return c->choice < 0 ? store_list(v, &c->list, s->name, e) : 0;
+    }
     }
     return 0;
 }
@@ -236,13 +249,17 @@ void cv_opts_release(cv_opts *o)
 {
     if (!o->args)
         return;
-    for (const cv_opt_spec *s = o->specs; s->name; s++)
-        if (s->type == CV_OPT_LIST) {
-            cv_opt_list *l = (cv_opt_list *)((char *)o->args + s->offset);
+    for (const cv_opt_spec *s = o->specs; s->name; s++) {
+        char *at = (char *)o->args + s->offset;
+        cv_opt_list *l = s->type == CV_OPT_LIST           ? (cv_opt_list *)at
+                         : s->type == CV_OPT_ENUM_OR_LIST ? &((cv_opt_choice_list *)at)->list
+                                                          : NULL;
+        if (l) {
             free(l->v);
             l->v = NULL;
             l->n = 0;
         }
+    }
 }
 
 int cv_opts_given(const cv_opts *o, const char *name)

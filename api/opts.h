@@ -13,7 +13,8 @@
  *     takes the index of the choice, so choices list the engine enum's names
  *     in its order); CV_OPT_U64: uint64_t; CV_OPT_NUM: double;
  *   CV_OPT_NUM_OR_ENUM, CV_OPT_INT_OR_ENUM: cv_opt_choice;
- *   CV_OPT_LIST: cv_opt_list (malloc()ed; cv_opts_release frees it).
+ *   CV_OPT_LIST: cv_opt_list (malloc()ed; cv_opts_release frees it);
+ *   CV_OPT_ENUM_OR_LIST: cv_opt_choice_list (its list likewise).
  */
 #ifndef CV_OPTS_H
 #define CV_OPTS_H
@@ -33,7 +34,10 @@ typedef enum {
     CV_OPT_METHOD,     /* one of the op's method names (the op's method table) */
     CV_OPT_NUM_OR_ENUM,/* a number in [min, max] or one of choices */
     CV_OPT_INT_OR_ENUM,/* an integer in [min, max] or one of choices */
-    CV_OPT_LIST        /* array of finite numbers */
+    CV_OPT_LIST,       /* array of finite numbers */
+    CV_OPT_ENUM_OR_LIST/* one of choices or an array of finite numbers; a list
+                          is a vector over the job's block: api/job.c checks at
+                          bind that there is one block and the list has its D */
 } cv_opt_type;
 
 typedef struct {
@@ -55,6 +59,12 @@ typedef struct {
     double *v;
     int n;
 } cv_opt_list;
+
+/* A choice-or-list value: choice is the index in choices, or -1 for the list. */
+typedef struct {
+    int choice;
+    cv_opt_list list;
+} cv_opt_choice_list;
 
 /* Parsed options: the op's argument struct and which options were given. */
 typedef struct {
@@ -89,7 +99,7 @@ int cv_opts_choice_index(const char *choices, const char *s);
 int cv_opts_in_list(const char *list, const char *name);
 
 /* The type's name in GET /v1/ops: "integer", "number", "boolean", "enum",
- * "number_or_enum", "integer_or_enum" or "list". */
+ * "number_or_enum", "integer_or_enum", "list" or "enum_or_list". */
 const char *cv_opt_type_name(cv_opt_type t);
 
 #endif

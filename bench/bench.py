@@ -171,7 +171,7 @@ def main():
 
 
 def write_markdown(path, rows, threads, peak):
-    """The table for README.md: one row per (model, op), ratios from this run."""
+    """The table for bench/README.md: one row per (model, op), ratios from this run."""
     cpu = "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:

@@ -1,4 +1,5 @@
-/* vivit.h - ViViT (Dangel, Tatzel, Hennig 2022; ../shared/papers/002): the
+/* vivit.h - ViViT (Dangel, Tatzel, Hennig 2022, "ViViT: Curvature access
+ * through the generalized Gauss-Newton's low-rank structure", TMLR): the
  * GGN of one block through its low-rank factor, its exact nonzero
  * eigenpairs, per-sample directional derivatives and their signal-to-noise
  * ratios, and directionally damped Newton steps.

@@ -77,14 +77,18 @@ void h_job_delete(req *r)
     cv_job_unref(j);
 }
 
+/* ", queued, running, ..." from the one list of statuses (api/job.h). */
+#define STATUS_ITEM_(id, name) ", " name
+static const char status_names[] = CV_JOB_STATUSES(STATUS_ITEM_);
+#undef STATUS_ITEM_
+
 void h_jobs_list(req *r)
 {
     const char *st = query(r, "status"), *lim = query(r, "limit");
     int status = -1;
     if (st && (status = cv_job_status_from_name(st)) < 0) {
-        reply_errf(r, CV_EINVAL, "invalid_query", "status",
-                   "status must be one of queued, running, succeeded, failed, cancelled; got "
-                   "'%.40s'", st);
+        reply_errf(r, CV_EINVAL, "invalid_query", "status", "status must be one of %s; got '%.40s'",
+                   status_names + 2, st);
         return;
     }
     size_t limit = 1000;

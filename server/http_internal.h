@@ -60,7 +60,7 @@ void set_text(req *r, unsigned status, char *text, size_t len, const char *ctype
  * application/json body, to which it appends the newline; answers 507
  * out_of_memory when that fails. */
 void set_json(req *r, unsigned status, char *t, size_t len);
-/* The contract's error document, with the HTTP status cv_http_status() gives. */
+/* The error document (docs/interface.md §5, Errors), with the HTTP status cv_http_status() gives. */
 void reply_err(req *r, const cv_err *e);
 void reply_errf(req *r, cv_status st, const char *code, const char *field, const char *fmt,
                 ...) __attribute__((format(printf, 5, 6)));

@@ -1,6 +1,6 @@
 /* http_req.c - what every HTTP handler shares (see http_internal.h): the
- * reply helpers (JSON bodies end with a newline; errors are the contract's
- * error document), the HTTP status of an engine error (cv_http_status), and
+ * reply helpers (JSON bodies end with a newline; errors are the error
+ * document of docs/interface.md §5), the HTTP status of an engine error (cv_http_status), and
  * the request helpers (query, headers, JSON body and its members). */
 #include <stdarg.h>
 #include <stdio.h>

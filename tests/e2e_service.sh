@@ -459,6 +459,8 @@ expect_err "name of 200 chars in PUT 400" 400 invalid_name PUT "/v1/datasets/$LO
 expect_err "name of 100 chars 400" 400 invalid_name DELETE "/v1/models/$("$PY" -c "print('n' * 100)")"
 expect_err "job id of 200 chars 404" 404 not_found GET "/v1/jobs/$LONGNAME"
 expect_err "bad status filter 400" 400 invalid_query GET "/v1/jobs?status=bogus"
+check "bad status filter names every status" jtrue "$T/body" \
+  "d['error']['message'] == \"status must be one of queued, running, succeeded, failed, cancelled; got 'bogus'\""
 check "daemon A still alive" kill -0 "$APID"
 
 # ---- 50 concurrent jobs from 5 clients --------------------------------------

@@ -213,6 +213,7 @@ def main():
         ("softplus-bce-sum", lambda: torch.nn.Softplus(beta=2.0),
          torch.nn.BCEWithLogitsLoss(reduction="sum")),
         ("leaky-mse", lambda: torch.nn.LeakyReLU(0.2), torch.nn.MSELoss()),
+        ("silu-ce-mean", torch.nn.SiLU, torch.nn.CrossEntropyLoss()),
     ]
     for i, (tag, act, loss_fn) in enumerate(cases):
         model, x, y = make_case(act, loss_fn, seed=i)

@@ -82,7 +82,7 @@ def check_eigen(tag, d, G, evals, evecs, model):
     check(tag + " gram built by the Linear kernels (V never formed)",
           res.get("gram_path") == "kernel", str(res.get("gram_path")))
     resid = res.get("residuals")
-    # residuals without return_vectors (contract).  float32 products: a floor
+    # residuals without return_vectors (docs/interface.md, eigen).  float32 products: a floor
     # ~1e-6 lambda_max plus 1e-5 relative where lambda_k > 1e-3 lambda_max (as in
     # test_vivit.c); below that e_k = V g_k / sqrt(lambda_k) amplifies the
     # float32 error by sqrt(lambda_max / lambda_k) (measured 1.5e-5 lambda_max at

@@ -423,7 +423,8 @@ END_TEST
 
 /* ---- architecture -------------------------------------------------------- */
 
-static const char *CONTRACT_ARCH =
+/* The example architecture of docs/interface.md §1. */
+static const char *INTERFACE_ARCH =
     "{'input_shape': [1, 28, 28], 'layers': ["
     "{'type': 'Conv2d', 'in_channels': 1, 'out_channels': 8, 'kernel_size': 3, 'stride': 1,"
     " 'padding': 1},"
@@ -431,11 +432,11 @@ static const char *CONTRACT_ARCH =
     "{'type': 'Linear', 'in_features': 1568, 'out_features': 10, 'bias': true}],"
     " 'loss': {'type': 'CrossEntropyLoss', 'reduction': 'mean'}}";
 
-START_TEST(arch_contract_example)
+START_TEST(arch_interface_example)
 {
     cv_model *m = calloc(1, sizeof *m);
     cv_err e;
-    ck_assert_msg(arch_q(CONTRACT_ARCH, m, &e) == 0, "%s", e.message);
+    ck_assert_msg(arch_q(INTERFACE_ARCH, m, &e) == 0, "%s", e.message);
     ck_assert_int_eq(m->nlayers, 5);
     ck_assert_int_eq(m->loss, CV_LOSS_CE);
     ck_assert_int_eq(m->reduction, CV_RED_MEAN);
@@ -530,7 +531,7 @@ START_TEST(arch_roundtrip)
         ck_assert_int_eq(a->nparams, b->nparams);
         ck_assert_int_eq(a->nbuffers, b->nbuffers);
     }
-    /* contract example: padding 'same' came out as numbers, type names kept */
+    /* the interface example: padding 'same' came out as numbers, type names kept */
     ck_assert_ptr_nonnull(strstr(text, "\"type\":\"AdaptiveAvgPool2d\""));
     ck_assert_ptr_nonnull(strstr(text, "\"reduction\":\"sum\""));
     free(text);
@@ -802,7 +803,7 @@ START_TEST(arch_file)
     char path[] = "/tmp/curvd_test_arch_XXXXXX";
     int fd = mkstemp(path);
     ck_assert_int_ge(fd, 0);
-    char *s = strdup(CONTRACT_ARCH);
+    char *s = strdup(INTERFACE_ARCH);
     for (char *p = s; *p; p++)
         if (*p == '\'')
             *p = '"';
@@ -1309,7 +1310,7 @@ static Suite *suite(void)
     tcase_add_test(st, st_writer_rejects);
     suite_add_tcase(s, st);
     TCase *ar = tcase_create("arch");
-    tcase_add_test(ar, arch_contract_example);
+    tcase_add_test(ar, arch_interface_example);
     tcase_add_test(ar, arch_roundtrip);
     tcase_add_test(ar, arch_defaults);
     tcase_add_test(ar, arch_rejects_fields);

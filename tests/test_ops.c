@@ -3,8 +3,9 @@
  * fields; method-specific options refused for the other methods (the rule
  * derived from the option table, with the messages and codes of before);
  * option values landing in the engine's option structs; the GET /v1/ops
- * document's shape; and that the result fields every op writes on a small
- * model are exactly those its table lists. */
+ * document's shape; that the result fields every op writes on a small
+ * model are exactly those its table lists; and solve's rhs given as a list
+ * (against a dense LAPACK solve, and its refusals). */
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
@@ -142,7 +143,10 @@ static void valid_value(const cv_opt_spec *s, char *buf, size_t len)
     switch (s->type) {
     case CV_OPT_BOOL: snprintf(buf, len, "true"); break;
     case CV_OPT_LIST: snprintf(buf, len, "[1]"); break;
-    case CV_OPT_ENUM: snprintf(buf, len, "\"%.*s\"", (int)strcspn(s->choices, "|"), s->choices); break;
+    case CV_OPT_ENUM:
+    case CV_OPT_ENUM_OR_LIST:
+        snprintf(buf, len, "\"%.*s\"", (int)strcspn(s->choices, "|"), s->choices);
+        break;
     default: snprintf(buf, len, "%.17g", s->min > 0 ? s->min : s->max < 1 ? s->max : 1); break;
     }
 }
@@ -276,7 +280,8 @@ START_TEST(ops_document_shape)
     ck_assert(cJSON_IsObject(specs));
     ck_assert_int_eq(cJSON_GetArraySize(specs), cJSON_GetArraySize(ops));
     ck_assert_int_eq(cJSON_GetArraySize(ops), cv_op_count());
-    static const char *const types = "integer|number|boolean|enum|number_or_enum|integer_or_enum|list";
+    static const char *const types =
+        "integer|number|boolean|enum|number_or_enum|integer_or_enum|list|enum_or_list";
     const cJSON *op;
     cJSON_ArrayForEach(op, ops)
     {
@@ -303,7 +308,7 @@ START_TEST(ops_document_shape)
             ck_assert_msg(enumish == (ch != NULL), "%s.%s choices", op->valuestring, name->valuestring);
             if (ch)
                 strings(ch, "choices");
-            int ranged = !enumish || strstr(type->valuestring, "_or_") != NULL;
+            int ranged = !enumish || strstr(type->valuestring, "_or_enum") != NULL;
             ranged = ranged && strcmp(type->valuestring, "boolean") && strcmp(type->valuestring, "list");
             ck_assert_int_eq(cJSON_IsNumber(cJSON_GetObjectItem(o, "min")), ranged);
             ck_assert_int_eq(cJSON_IsNumber(cJSON_GetObjectItem(o, "max")), ranged);
@@ -493,6 +498,163 @@ START_TEST(bind_checks_batch_and_blocks)
 }
 END_TEST
 
+/* ---- solve with a given right-hand side -------------------------------------------- */
+
+/* Runs the bound solve job text with rhs b (n numbers) on f; returns the
+ * solution (n doubles, caller frees) and the bound block in *blk. */
+static double *solve_with(fixture *f, const char *fmt, const double *b, int n, cv_block *blk)
+{
+    size_t len = 64 + 26 * (size_t)n, used = 0;
+    char *list = malloc(len), *text = malloc(len + 512);
+    used += (size_t)snprintf(list, len, "[");
+    for (int i = 0; i < n; i++)
+        used += (size_t)snprintf(list + used, len - used, "%s%.17g", i ? "," : "", b[i]);
+    snprintf(list + used, len - used, "]");
+    snprintf(text, len + 512, fmt, list);
+    cv_err e;
+    cv_job_spec *j = parse(text, &e);
+    ck_assert_msg(j != NULL, "%s: %s", text, e.message);
+    ck_assert_msg(cv_job_bind(j, &f->m, &f->d, &e) == 0, "%s: %s", text, e.message);
+    *blk = j->blocks.resolved[0];
+    cJSON *res = cv_job_exec(j, &f->m, &f->d, NULL, NULL, &e);
+    ck_assert_msg(res != NULL, "%s: %s", text, e.message);
+    const cJSON *blocks = cJSON_GetObjectItem(res, "blocks");
+    const cJSON *r = blocks ? cJSON_GetArrayItem(blocks, 0) : res;
+    ck_assert(cJSON_IsTrue(cJSON_GetObjectItem(r, "converged")));
+    const cJSON *sol = cJSON_GetObjectItem(r, "solution"), *x;
+    ck_assert_int_eq(cJSON_GetArraySize(sol), n);
+    double *out = malloc(sizeof(double) * (size_t)n);
+    int i = 0;
+    cJSON_ArrayForEach(x, sol) out[i++] = x->valuedouble;
+    cJSON_Delete(res);
+    cv_job_spec_free(j);
+    free(list);
+    free(text);
+    return out;
+}
+
+/* x = (A + damping I)^-1 b by LAPACK, A the dense GGN of f on block blk. */
+static void dense_solve(fixture *f, const cv_block *blk, double damping, const double *b,
+                        double *x)
+{
+    int D = (int)blk->dim;
+    cv_batch batch;
+    cv_err e;
+    ck_assert_int_eq(cv_batch_range(&f->d, 0, f->d.n, &batch, &e), 0);
+    cv_curv *c = cv_curv_new(&f->m, &batch, NULL, &e);
+    ck_assert_ptr_nonnull(c);
+    double *Id = calloc((size_t)D * D, sizeof(double)), *A = malloc(sizeof(double) * D * D);
+    for (int i = 0; i < D; i++)
+        Id[i + (size_t)i * D] = 1;
+    ck_assert_int_eq(cv_curv_matvec(c, CV_CURV_GGN, blk, D, Id, A, &e), 0);
+    for (int i = 0; i < D; i++)
+        A[i + (size_t)i * D] += damping;
+    int *piv = malloc(sizeof(int) * D);
+    memcpy(x, b, sizeof(double) * D);
+    ck_assert_int_eq(LAPACKE_dgesv(LAPACK_COL_MAJOR, D, 1, A, D, piv, x, D), 0);
+    free(piv);
+    free(A);
+    free(Id);
+    cv_curv_free(c);
+    cv_dataset_free(&batch);
+}
+
+/* rhs as a list: (A + damping I) x = b on the full block and on one group
+ * (CG and MINRES), against a dense solve; "gradient" as a list gives the
+ * default's solution; refused at submit (parse or bind) with field
+ * options.rhs when it is not a list of D finite numbers or the job has more
+ * than one block. */
+START_TEST(solve_rhs_list)
+{
+    fixture f;
+    fx_make(&f);
+    int D = (int)f.m.nparams_total;
+    double *b = malloc(sizeof(double) * D), *ref = malloc(sizeof(double) * D);
+    cv_rng r;
+    cv_rng_seed(&r, 11);
+    cv_rng_gaussian(&r, b, (size_t)D);
+    cv_block blk;
+    double *x = solve_with(&f, "{\"op\":\"solve\",\"curvature\":\"ggn\",\"options\":{\"damping\":"
+                               "0.5,\"tol\":1e-12,\"max_iter\":500,\"rhs\":%s}}",
+                           b, D, &blk);
+    ck_assert_int_eq((int)blk.dim, D);
+    dense_solve(&f, &blk, 0.5, b, ref);
+    double err = tu_relerr(x, ref, (size_t)D, 1e-12);
+    ck_assert_msg(err < 1e-6, "full block: |x - x_dense| / |x_dense| = %g", err);
+    free(x);
+
+    /* one group: 2.weight and 2.bias (5*3 + 3 = 18 parameters), MINRES */
+    x = solve_with(&f, "{\"op\":\"solve\",\"curvature\":\"ggn\",\"blocks\":[[\"2.weight\","
+                       "\"2.bias\"]],\"options\":{\"method\":\"minres\",\"damping\":0.25,"
+                       "\"tol\":1e-12,\"max_iter\":500,\"rhs\":%s}}",
+                   b, 18, &blk);
+    ck_assert_int_eq((int)blk.dim, 18);
+    dense_solve(&f, &blk, 0.25, b, ref);
+    err = tu_relerr(x, ref, 18, 1e-12);
+    ck_assert_msg(err < 1e-6, "one group: |x - x_dense| / |x_dense| = %g", err);
+    free(x);
+
+    /* the gradient given as a list solves the same system as the default */
+    cv_batch batch;
+    cv_err e;
+    ck_assert_int_eq(cv_batch_range(&f.d, 0, f.d.n, &batch, &e), 0);
+    cv_curv *c = cv_curv_new(&f.m, &batch, NULL, &e);
+    cv_block full;
+    cv_block_full(&f.m, &full);
+    ck_assert_int_eq(cv_curv_gradient(c, &full, b, &e), 0);
+    cv_curv_free(c);
+    cv_dataset_free(&batch);
+    x = solve_with(&f, "{\"op\":\"solve\",\"curvature\":\"ggn\",\"options\":{\"damping\":1,"
+                       "\"tol\":1e-12,\"rhs\":%s}}",
+                   b, D, &blk);
+    double *g = solve_with(&f, "{\"op\":\"solve\",\"curvature\":\"ggn\",\"options\":{\"damping\":1,"
+                               "\"tol\":1e-12,\"rhs\":\"gradient\"%.0s}}",
+                           b, D, &blk);
+    ck_assert_msg(tu_relerr(x, g, (size_t)D, 1e-12) < 1e-12, "gradient as a list differs");
+    free(x);
+    free(g);
+
+    /* refused at parse */
+    refused("{\"op\":\"solve\",\"options\":{\"rhs\":\"grad\"}}", "invalid_option", "options.rhs",
+            "options.rhs must be one of gradient or a list of numbers");
+    refused("{\"op\":\"solve\",\"options\":{\"rhs\":0}}", "invalid_option", "options.rhs",
+            "options.rhs must be one of gradient or a list of numbers");
+    refused("{\"op\":\"solve\",\"options\":{\"rhs\":[1,\"2\"]}}", "invalid_option", "options.rhs",
+            "options.rhs[1] is not a finite number");
+    refused("{\"op\":\"solve\",\"options\":{\"rhs\":[1e999]}}", "invalid_option", "options.rhs",
+            "options.rhs[0] is not a finite number");
+    refused("{\"op\":\"solve\",\"blocks\":[[\"0.bias\"],[\"2.bias\"]],\"options\":{\"rhs\":[1,2,3]}}",
+            "invalid_option", "options.rhs", "needs one block");
+    /* refused at bind: the length against the block, and "layer" giving two blocks */
+    static const struct {
+        const char *job, *msg;
+    } bad[] = {
+        {"{\"op\":\"solve\",\"options\":{\"rhs\":[1,2,3]}}",
+         "options.rhs has 3 numbers; the block has 43 parameters"},
+        {"{\"op\":\"solve\",\"blocks\":[[\"2.bias\"]],\"options\":{\"rhs\":[1,2]}}",
+         "options.rhs has 2 numbers; the block has 3 parameters"},
+        {"{\"op\":\"solve\",\"blocks\":\"layer\",\"options\":{\"rhs\":[1,2,3]}}",
+         "the job has 2 blocks"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cv_job_spec *j = accepted(bad[i].job);
+        ck_assert_int_eq(cv_job_bind(j, &f.m, &f.d, &e), -1);
+        ck_assert_int_eq(e.status, CV_EINVAL);
+        ck_assert_str_eq(e.code, "invalid_option");
+        ck_assert_str_eq(e.field, "options.rhs");
+        ck_assert_msg(strstr(e.message, bad[i].msg) != NULL, "%s: '%s'", bad[i].job, e.message);
+        cv_job_spec_free(j);
+    }
+    /* a right length binds */
+    cv_job_spec *j = accepted("{\"op\":\"solve\",\"blocks\":[[\"2.bias\"]],\"options\":{\"rhs\":[1,2,3]}}");
+    ck_assert_int_eq(cv_job_bind(j, &f.m, &f.d, &e), 0);
+    cv_job_spec_free(j);
+    free(b);
+    free(ref);
+    fx_free(&f);
+}
+END_TEST
+
 static Suite *ops_suite(void)
 {
     Suite *s = suite_create("ops");
@@ -506,6 +668,7 @@ static Suite *ops_suite(void)
     tcase_add_test(t, ops_document_shape);
     tcase_add_test(t, results_match_the_table);
     tcase_add_test(t, bind_checks_batch_and_blocks);
+    tcase_add_test(t, solve_rhs_list);
     suite_add_tcase(s, t);
     return s;
 }

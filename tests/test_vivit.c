@@ -1112,7 +1112,7 @@ START_TEST(ops_eigen_gram_snr_newton)
     }
     ck_assert_int_eq(cJSON_GetArraySize(cJSON_GetObjectItem(g, "eigenvectors")), 4);
     ck_assert_str_eq(cJSON_GetObjectItem(g, "gram_path")->valuestring, "kernel");
-    /* residuals come without return_vectors too (contract), the same numbers */
+    /* residuals come without return_vectors too (docs/interface.md), the same numbers */
     cJSON *g2 = run_job(&f, "{\"op\":\"eigen\",\"curvature\":\"ggn\",\"options\":{\"method\":"
                             "\"gram\",\"k\":4}}", &e);
     ck_assert_msg(g2 != NULL, "%s", e.message);

@@ -329,8 +329,9 @@
       const choices = (o.choices || []).join('|');
       const what = o.type === 'enum' ? choices
         : o.type === 'list' ? 'list of numbers'
-          : /_or_enum$/.test(o.type) ? o.type.split('_')[0] + range + ' or ' + choices
-            : o.type + range;
+          : o.type === 'enum_or_list' ? choices + ' or a list of numbers'
+            : /_or_enum$/.test(o.type) ? o.type.split('_')[0] + range + ' or ' + choices
+              : o.type + range;
       return o.name + ' (' + what + (o.methods ? '; method ' + o.methods.join('|') : '') + ')';
     }).join(', ') + '.';
   }

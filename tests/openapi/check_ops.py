@@ -84,6 +84,12 @@ def check_enum(where, s, choices, bad):
             % (where, s.get("enum"), s.get("type"), choices))
 
 
+def check_list(spec, where, s, bad):
+    items = spec.resolve(s.get("items", {}))
+    if s.get("type") != "array" or items.get("type") != "number":
+        bad("%s: the spec needs an array of numbers for type list" % where)
+
+
 def check_option(spec, where, s, o, bad):
     s = spec.resolve(s)
     t = o.get("type")
@@ -105,9 +111,17 @@ def check_option(spec, where, s, o, bad):
             check_number(where, nums[0], o, t.split("_")[0], bad)
             check_enum(where, strs[0], o.get("choices"), bad)
     elif t == "list":
-        items = spec.resolve(s.get("items", {}))
-        if s.get("type") != "array" or items.get("type") != "number":
-            bad("%s: the spec needs an array of numbers for type list" % where)
+        check_list(spec, where, s, bad)
+    elif t == "enum_or_list":
+        alts = [spec.resolve(a) for a in s.get("oneOf", [])]
+        lists = [a for a in alts if a.get("type") == "array"]
+        strs = [a for a in alts if a.get("type") == "string"]
+        if len(alts) != 2 or len(lists) != 1 or len(strs) != 1:
+            bad("%s: the spec needs oneOf [a string enum, an array of numbers] for type %s"
+                % (where, t))
+        else:
+            check_list(spec, where, lists[0], bad)
+            check_enum(where, strs[0], o.get("choices"), bad)
     else:
         bad("%s: unknown option type %r in the op table" % (where, t))
     if sorted(s.get("x-methods") or []) != sorted(o.get("methods") or []):

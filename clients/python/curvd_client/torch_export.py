@@ -23,9 +23,9 @@ layers are in training mode (call ``model.eval()`` first).
 
 torch is imported when this module is imported; without it the import fails
 with an :class:`ImportError` that says how to get it.  Supported modules:
-Linear, Conv2d, ReLU, Tanh, Sigmoid, LeakyReLU, ELU, GELU, Softplus, Identity,
-Flatten, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d,
-Dropout; losses MSELoss, CrossEntropyLoss, BCEWithLogitsLoss (reduction
+Linear, Conv2d, ReLU, Tanh, Sigmoid, LeakyReLU, ELU, GELU, Softplus, SiLU,
+Identity, Flatten, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d,
+BatchNorm2d, Dropout; losses MSELoss, CrossEntropyLoss, BCEWithLogitsLoss (reduction
 "mean" or "sum").  Anything else raises :class:`UnsupportedModuleError`
 naming the module and its index.
 """
@@ -52,7 +52,7 @@ __all__ = ["UnsupportedModuleError", "SUPPORTED_MODULES", "SUPPORTED_LOSSES", "e
 #: Module class names curvd evaluates (docs/interface.md).
 SUPPORTED_MODULES: Tuple[str, ...] = (
     "Linear", "Conv2d", "ReLU", "Tanh", "Sigmoid", "LeakyReLU", "ELU", "GELU", "Softplus",
-    "Identity", "Flatten", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "BatchNorm1d",
+    "SiLU", "Identity", "Flatten", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "BatchNorm1d",
     "BatchNorm2d", "Dropout")
 #: Where :func:`write_files` writes when given no directory (``/out/`` is in .gitignore).
 DEFAULT_DIRECTORY = "out"
@@ -163,7 +163,7 @@ def layer_json(m: "nn.Module", index: Any = None) -> Dict[str, Any]:
         return {"type": n, "start_dim": m.start_dim, "end_dim": m.end_dim}
     if n == "Dropout":
         return {"type": n, "p": m.p}
-    return {"type": n}  # ReLU, Tanh, Sigmoid, Identity
+    return {"type": n}  # ReLU, Tanh, Sigmoid, SiLU, Identity
 
 
 def loss_json(loss: "nn.Module") -> Dict[str, Any]:
