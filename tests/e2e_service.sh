@@ -725,7 +725,8 @@ check "C: job runs before SIGTERM" poll_status "$CR" "running" 30
 req GET "/v1/jobs/$CQ" > /dev/null
 check "C: second job queued behind it" jtrue "$T/body" "d['status'] == 'queued'"
 kill -TERM "$CPID"
-sleep 0.3
+# the drain runs on the daemon's main thread: wait for it (not a fixed sleep)
+poll_status "$CQ" "cancelled" 10 || true
 st=$(req GET "/v1/jobs/$CQ")
 check "C: queued job cancelled at shutdown (shutting_down)" sh -c "[ '$st' = 200 ] && '$PY' '$T/jq.py' '$T/body' \"d['status'] == 'cancelled' and d['error']['code'] == 'shutting_down' and d['started_at'] is None\" | grep -qx true"
 e2e_wait_exit "$CPID" 90
