@@ -500,20 +500,6 @@ static int begin_products(cv_curv *c, cv_curvature kind, int k, int *chunk, cv_e
     return ensure_workspace(c, *chunk, e) ? -1 : 1;
 }
 
-int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
-                   double *Y, cv_err *e)
-{
-    int chunk;
-    int rc = begin_products(c, kind, k, &chunk, e);
-    if (rc <= 0)
-        return rc;
-    for (int j = 0; j < k; j += chunk) {
-        int kk = k - j < chunk ? k - j : chunk;
-        if (matvec_chunk(c, kind, b, kk, X + (size_t)j * b->dim, Y + (size_t)j * b->dim, e))
-            return -1;
-    }
-    return 0;
-}
 
 /* ---- quadratic forms ---------------------------------------------------------
  * x^T A x without the backward pass: with r_l the forward tangents and
@@ -564,8 +550,10 @@ static void quad_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
         layer_quad_terms(c, l, active, lo, k, q);
 }
 
-int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
-                     double *q, cv_err *e)
+/* Y = A X (Y given) or q_j = x_j^T A x_j (q given) for the k columns of X,
+ * in chunks of at most CV_MAX_CHUNK. */
+static int chunked_products(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
+                            const double *X, double *Y, double *q, cv_err *e)
 {
     int chunk;
     int rc = begin_products(c, kind, k, &chunk, e);
@@ -573,9 +561,25 @@ int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, co
         return rc;
     for (int j = 0; j < k; j += chunk) {
         int kk = k - j < chunk ? k - j : chunk;
-        quad_chunk(c, kind, b, kk, X + (size_t)j * b->dim, q + j);
+        const double *Xj = X + (size_t)j * b->dim;
+        if (!Y)
+            quad_chunk(c, kind, b, kk, Xj, q + j);
+        else if (matvec_chunk(c, kind, b, kk, Xj, Y + (size_t)j * b->dim, e))
+            return -1;
     }
     return 0;
+}
+
+int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
+                   double *Y, cv_err *e)
+{
+    return chunked_products(c, kind, b, k, X, Y, NULL, e);
+}
+
+int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
+                     double *q, cv_err *e)
+{
+    return chunked_products(c, kind, b, k, X, NULL, q, e);
 }
 
 /* ---- per-sample gradients, dense matrices, loss at a step ------------------ */
@@ -663,7 +667,10 @@ const cv_loss_state *cv_curv_loss_state(const cv_curv *c) { return &c->ls; }
 
 static int chunk_of(int k) { return k < CV_MAX_CHUNK ? k : CV_MAX_CHUNK; }
 
-int cv_curv_jvp(cv_curv *c, const cv_block *b, int k, const double *X, float *out, cv_err *e)
+/* J X (X given: k directions of b->dim, out gets k outputs of n*C) or J^T
+ * cot (Y gets k products of b->dim), in chunks of at most CV_MAX_CHUNK. */
+static int chunked_jacobian(cv_curv *c, const cv_block *b, int k, const double *X, float *out,
+                            const float *cot, double *Y, cv_err *e)
 {
     int chunk = chunk_of(k);
     if (k < 1 || ensure_workspace(c, chunk, e))
@@ -673,28 +680,27 @@ int cv_curv_jvp(cv_curv *c, const cv_block *b, int k, const double *X, float *ou
     size_t olen = (size_t)c->n * c->C;
     for (int j = 0; j < k; j += chunk) {
         int kk = k - j < chunk ? k - j : chunk;
-        scatter_dirs(c, b, active, kk, X + (size_t)j * b->dim);
-        forward_tangents(c, active, lo, kk);
-        memcpy(out + (size_t)j * olen, c->rx[c->L], sizeof(float) * olen * (size_t)kk);
+        if (X) {
+            scatter_dirs(c, b, active, kk, X + (size_t)j * b->dim);
+            forward_tangents(c, active, lo, kk);
+            memcpy(out + (size_t)j * olen, c->rx[c->L], sizeof(float) * olen * (size_t)kk);
+        } else {
+            memcpy(c->ping, cot + (size_t)j * olen, sizeof(float) * olen * (size_t)kk);
+            backward_products(c, CV_CURV_GGN, active, lo, kk);
+            gather_products(c, b, kk, Y + (size_t)j * b->dim);
+        }
     }
     return 0;
 }
 
+int cv_curv_jvp(cv_curv *c, const cv_block *b, int k, const double *X, float *out, cv_err *e)
+{
+    return chunked_jacobian(c, b, k, X, out, NULL, NULL, e);
+}
+
 int cv_curv_vjp(cv_curv *c, const cv_block *b, int k, const float *cot, double *Y, cv_err *e)
 {
-    int chunk = chunk_of(k);
-    if (k < 1 || ensure_workspace(c, chunk, e))
-        return k < 1 ? 0 : -1;
-    char active[CV_MAX_LAYERS];
-    int lo = active_layers(c, b, active);
-    size_t olen = (size_t)c->n * c->C;
-    for (int j = 0; j < k; j += chunk) {
-        int kk = k - j < chunk ? k - j : chunk;
-        memcpy(c->ping, cot + (size_t)j * olen, sizeof(float) * olen * (size_t)kk);
-        backward_products(c, CV_CURV_GGN, active, lo, kk);
-        gather_products(c, b, kk, Y + (size_t)j * b->dim);
-    }
-    return 0;
+    return chunked_jacobian(c, b, k, NULL, NULL, cot, Y, e);
 }
 
 /* Bit t set when the t-th tensor of layer l is in block b. */
