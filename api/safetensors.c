@@ -9,27 +9,26 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "engine/names.h"
+
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "curvd's safetensors code assumes a little-endian host"
 #endif
 
 #define BAD "bad_safetensors"
 
-static const char *dtype_names[CV_ST_DTYPE_COUNT] = {
+static const char *const dtype_names[CV_ST_DTYPE_COUNT] = {
     "BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "I64", "U64", "F64"};
 static const size_t dtype_sizes[CV_ST_DTYPE_COUNT] = {1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 8, 8, 8};
 
 const char *cv_st_dtype_name(cv_st_dtype d)
 {
-    return (unsigned)d < CV_ST_DTYPE_COUNT ? dtype_names[d] : "?";
+    return cv_name_or(dtype_names, CV_ST_DTYPE_COUNT, (int)d, "?");
 }
 
 int cv_st_dtype_from_name(const char *name)
 {
-    for (int i = 0; i < CV_ST_DTYPE_COUNT; i++)
-        if (strcmp(name, dtype_names[i]) == 0)
-            return i;
-    return -1;
+    return cv_name_index(name, dtype_names, CV_ST_DTYPE_COUNT);
 }
 
 size_t cv_st_dtype_size(cv_st_dtype d)

@@ -10,6 +10,7 @@
 
 #include "layer.h"
 #include "loss.h"
+#include "names.h"
 
 struct cv_curv {
     const cv_model *m;
@@ -42,20 +43,17 @@ struct cv_curv {
 };
 
 #define CV_CURV_NAME_(id, name) [id] = name,
-static const char *curv_names[CV_CURV_COUNT] = {CV_CURVATURES(CV_CURV_NAME_)};
+static const char *const curv_names[CV_CURV_COUNT] = {CV_CURVATURES(CV_CURV_NAME_)};
 #undef CV_CURV_NAME_
 
 const char *cv_curvature_name(cv_curvature c)
 {
-    return (unsigned)c < CV_CURV_COUNT ? curv_names[c] : "?";
+    return cv_name_or(curv_names, CV_CURV_COUNT, (int)c, "?");
 }
 
 int cv_curvature_from_name(const char *name)
 {
-    for (int i = 0; i < CV_CURV_COUNT; i++)
-        if (strcmp(name, curv_names[i]) == 0)
-            return i;
-    return -1;
+    return cv_name_index(name, curv_names, CV_CURV_COUNT);
 }
 
 /* ---- blocks ------------------------------------------------------------ */

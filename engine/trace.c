@@ -7,21 +7,16 @@
 #include <string.h>
 
 #include "est_util.h"
+#include "names.h"
 
-int cv_probe_dist_from_name(const char *name)
-{
-    if (!name)
-        return -1;
-    if (!strcmp(name, "rademacher"))
-        return CV_PROBE_RADEMACHER;
-    if (!strcmp(name, "gaussian"))
-        return CV_PROBE_GAUSSIAN;
-    return -1;
-}
+/* index = cv_probe_dist */
+static const char *const dist_names[] = {"rademacher", "gaussian"};
+
+int cv_probe_dist_from_name(const char *name) { return cv_name_index(name, dist_names, 2); }
 
 const char *cv_probe_dist_name(cv_probe_dist d)
 {
-    return d == CV_PROBE_GAUSSIAN ? "gaussian" : "rademacher";
+    return cv_name_or(dist_names, 2, (int)d, "rademacher");
 }
 
 void cv_trace_options_default(cv_trace_options *o)
