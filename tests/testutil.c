@@ -188,6 +188,15 @@ static double *fd_ggn(const tu_fixture *f, double eps)
 
 /* ---- the checks ------------------------------------------------------------- */
 
+/* tu_relerr(got, want, n, floor), freeing both. */
+static double relerr_freeing(double *got, double *want, size_t n, double floor)
+{
+    double err = tu_relerr(got, want, n, floor);
+    free(got);
+    free(want);
+    return err;
+}
+
 double tu_gradient_fd_relerr(tu_fixture *f, double eps)
 {
     size_t D = f->full.dim;
@@ -195,10 +204,7 @@ double tu_gradient_fd_relerr(tu_fixture *f, double eps)
     cv_err e;
     ck_assert_int_eq(cv_curv_gradient(f->c, &f->full, g, &e), 0);
     fd_gradient(f, eps, fd);
-    double err = tu_relerr(g, fd, D, 1e-3);
-    free(g);
-    free(fd);
-    return err;
+    return relerr_freeing(g, fd, D, 1e-3);
 }
 
 double tu_hessian_fd_relerr(tu_fixture *f, uint64_t seed, double eps)
@@ -215,21 +221,15 @@ double tu_hessian_fd_relerr(tu_fixture *f, uint64_t seed, double eps)
     cv_err e;
     ck_assert_int_eq(cv_curv_matvec(f->c, CV_CURV_HESSIAN, &f->full, 1, v, hv, &e), 0);
     fd_hessian_vec(f, v, eps, fd);
-    double err = tu_relerr(hv, fd, D, 1e-3);
     free(v);
-    free(hv);
-    free(fd);
-    return err;
+    return relerr_freeing(hv, fd, D, 1e-3);
 }
 
 double tu_ggn_fd_relerr(tu_fixture *f, double eps)
 {
     size_t D = f->full.dim;
     double *G = fd_ggn(f, eps), *A = tu_dense(f, CV_CURV_GGN, &f->full);
-    double err = tu_relerr(A, G, D * D, 1e-6);
-    free(G);
-    free(A);
-    return err;
+    return relerr_freeing(A, G, D * D, 1e-6);
 }
 
 void tu_check_per_sample_gradients(tu_fixture *f, const char *tag)
