@@ -2,12 +2,12 @@
  * layer object through its class's field table (engine/layer.h). */
 #include "api/arch.h"
 
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/fileio.h"
 #include "api/suggest.h"
 #include "engine/layer.h"
 
@@ -461,10 +461,9 @@ int cv_arch_parse(const char *text, size_t len, cv_model *m, cv_err *e)
 int cv_arch_load(const char *path, cv_model *m, cv_err *e)
 {
     memset(m, 0, sizeof *m);
-    FILE *fp = fopen(path, "rb");
+    FILE *fp = cv_open_input(path, e);
     if (!fp)
-        return cv_err_set(e, errno == ENOENT ? CV_ENOTFOUND : CV_EINVAL, "io_error", path,
-                          "cannot open %s: %s", path, strerror(errno));
+        return -1;
     size_t cap = 4096, len = 0;
     char *buf = malloc(cap);
     int rc = 0;

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "api/fileio.h"
 #include "engine/names.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -375,10 +376,9 @@ int cv_st_parse(const void *buf, size_t len, cv_st_file *out, cv_err *e)
 int cv_st_load(const char *path, cv_st_file *out, cv_err *e)
 {
     memset(out, 0, sizeof *out);
-    FILE *fp = fopen(path, "rb");
+    FILE *fp = cv_open_input(path, e);
     if (!fp)
-        return cv_err_set(e, errno == ENOENT ? CV_ENOTFOUND : CV_EINVAL, "io_error", path,
-                          "cannot open %s: %s", path, strerror(errno));
+        return -1;
     struct stat st;
     if (fstat(fileno(fp), &st) != 0 || !S_ISREG(st.st_mode)) {
         fclose(fp);
