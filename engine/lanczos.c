@@ -416,10 +416,7 @@ int cv_est_lanczos(const cv_linop *op, const double *v0, const cv_lanczos_option
                    cv_rng *rng, int plan, cv_lanczos_result *out, cv_err *e)
 {
     cv_lanczos_options def;
-    if (!opt) {
-        cv_lanczos_options_default(&def);
-        opt = &def;
-    }
+    opt = CV_EST_OPTIONS(opt, &def, cv_lanczos_options_default);
     memset(out, 0, sizeof *out);
     if (cv_est_check_op(op, e))
         return -1;
@@ -615,10 +612,7 @@ int cv_eigen_lanczos(const cv_linop *op, const cv_eigen_options *opt, cv_rng *rn
                      cv_eigen_result *out, cv_err *e)
 {
     cv_eigen_options def;
-    if (!opt) {
-        cv_eigen_options_default(&def);
-        opt = &def;
-    }
+    opt = CV_EST_OPTIONS(opt, &def, cv_eigen_options_default);
     memset(out, 0, sizeof *out);
     if (eigen_check(op, opt, e))
         return -1;

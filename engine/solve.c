@@ -256,10 +256,7 @@ int cv_solve(const cv_linop *op, const double *b, const cv_solve_options *opt,
              cv_solve_result *out, double *Ax, cv_err *e)
 {
     cv_solve_options def;
-    if (!opt) {
-        cv_solve_options_default(&def);
-        opt = &def;
-    }
+    opt = CV_EST_OPTIONS(opt, &def, cv_solve_options_default);
     memset(out, 0, sizeof *out);
     if (solve_check(op, b, opt, e))
         return -1;

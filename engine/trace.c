@@ -58,10 +58,7 @@ static const cv_trace_options *trace_begin(const cv_linop *op, const cv_trace_op
                                            cv_trace_options *def, int min_probes,
                                            cv_trace_result *out, cv_err *e)
 {
-    if (!opt) {
-        cv_trace_options_default(def);
-        opt = def;
-    }
+    opt = CV_EST_OPTIONS(opt, def, cv_trace_options_default);
     memset(out, 0, sizeof *out);
     return check_options(op, opt, min_probes, e) ? NULL : opt;
 }
