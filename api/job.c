@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/op_util.h"
 #include "api/ops.h"
 #include "api/suggest.h"
 
@@ -506,14 +507,6 @@ static int make_batch(const cv_job_spec *j, const cv_dataset *d, cv_batch *out, 
     return rc;
 }
 
-static cJSON *param_names(const cv_model *m, const cv_block *b)
-{
-    cJSON *a = cJSON_CreateArray();
-    for (int i = 0; i < b->count; i++)
-        cJSON_AddItemToArray(a, cJSON_CreateString(cv_model_param(m, b->idx[i])->name));
-    return a;
-}
-
 static int run_blocks(const cv_job_spec *j, cv_op_ctx *c, cJSON *res, cv_err *e)
 {
     cv_op_run_fn run = j->method ? j->method->run : j->op->run;
@@ -525,7 +518,7 @@ static int run_blocks(const cv_job_spec *j, cv_op_ctx *c, cJSON *res, cv_err *e)
         const cv_block *b = &j->blocks.resolved[i];
         cJSON *o = cJSON_CreateObject();
         cJSON_AddItemToArray(arr, o);
-        cJSON_AddItemToObject(o, "params", param_names(c->m, b));
+        cJSON_AddItemToObject(o, "params", cv_json_param_names(c->m, b));
         cJSON_AddNumberToObject(o, "dim", (double)b->dim);
         rc = run(c, b, o, e);
     }
