@@ -180,11 +180,9 @@ cv_curv *cv_curv_new(const cv_model *m, const cv_batch *b, const cv_curv_options
         cv_err_set(e, CV_EINVAL, "empty_batch", "batch", "the batch has no samples");
         return NULL;
     }
-    cv_curv *c = calloc(1, sizeof *c);
-    if (!c) {
-        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "engine state");
+    cv_curv *c = cv_err_calloc(sizeof *c, "engine state", e);
+    if (!c)
         return NULL;
-    }
     c->m = m;
     c->b = b;
     c->n = (int)b->n;
@@ -553,7 +551,7 @@ static void quad_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
 static int chunked_products(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
                             const double *X, double *Y, double *q, cv_err *e)
 {
-    int chunk;
+    int chunk = 0; /* set by begin_products when it returns 1 */
     int rc = begin_products(c, kind, k, &chunk, e);
     if (rc <= 0)
         return rc;
