@@ -366,11 +366,9 @@ cv_job_spec *cv_job_parse(const cJSON *doc, cv_err *e)
     const cv_op_def *def;
     if (validate_known_fields(doc, e) || !(def = find_op(doc, e)) || validate_fields(doc, def, e))
         return NULL;
-    cv_job_spec *j = calloc(1, sizeof *j);
-    if (!j) {
-        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    cv_job_spec *j = cv_err_calloc(sizeof *j, "out of memory", e);
+    if (!j)
         return NULL;
-    }
     j->op = def;
     const cJSON *cu = field(doc, "curvature"), *seed = field(doc, "seed");
     j->curvature = cu ? (cv_curvature)cv_curvature_from_name(cu->valuestring) : CV_CURV_HESSIAN;
