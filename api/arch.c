@@ -2,12 +2,13 @@
  * layer object through its class's field table (engine/layer.h). */
 #include "api/arch.h"
 
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/fileio.h"
+#include "api/suggest.h"
 #include "engine/layer.h"
 
 #define INT_LIMIT CV_ATTR_INT_LIMIT /* sizes beyond this are certainly a mistake */
@@ -59,32 +60,6 @@ static int bad(cv_err *e, const char *code, const char *path, const char *what,
     return cv_err_set(e, CV_EINVAL, code, path, "%s: %s", path, what);
 }
 
-/* Levenshtein distance, capped; for "did you mean" hints. */
-static int edit_distance(const char *a, const char *b)
-{
-    size_t la = strlen(a), lb = strlen(b);
-    if (la > 40 || lb > 40)
-        return 99;
-    int row[41];
-    for (size_t j = 0; j <= lb; j++)
-        row[j] = (int)j;
-    for (size_t i = 1; i <= la; i++) {
-        int prev = row[0];
-        row[0] = (int)i;
-        for (size_t j = 1; j <= lb; j++) {
-            int cur = row[j];
-            int best = prev + (a[i - 1] != b[j - 1]);
-            if (row[j] + 1 < best)
-                best = row[j] + 1;
-            if (row[j - 1] + 1 < best)
-                best = row[j - 1] + 1;
-            row[j] = best;
-            prev = cur;
-        }
-    }
-    return row[lb];
-}
-
 /* Rejects keys of o not in allowed (NULL-terminated) and duplicate keys. */
 static int check_keys(const cJSON *o, const char *obj, const char *what,
                       const char *const *allowed, cv_err *e)
@@ -102,19 +77,13 @@ static int check_keys(const cJSON *o, const char *obj, const char *what,
                 ok = 1;
         if (ok)
             continue;
-        char known[400] = "", hint[96] = "";
+        char known[400] = "", hint[96];
         size_t used = 0;
-        int best = 99;
-        for (int i = 0; allowed[i]; i++) {
+        for (int i = 0; allowed[i]; i++)
             if (strcmp(allowed[i], "type") != 0 && used < sizeof known)
                 used += (size_t)snprintf(known + used, sizeof known - used, "%s%s",
                                          used ? ", " : "", allowed[i]);
-            int dist = edit_distance(c->string, allowed[i]);
-            if (dist < best && dist <= 2) {
-                best = dist;
-                snprintf(hint, sizeof hint, "; did you mean '%s'?", allowed[i]);
-            }
-        }
+        cv_suggest_hint(c->string, allowed, -1, hint, sizeof hint);
         return cv_err_set(e, CV_EINVAL, "unknown_field", path,
                           "%s: unknown field for %s (known: %s)%s", path, what,
                           used ? known : "none", hint);
@@ -296,17 +265,30 @@ static int parse_field(const cJSON *o, const char *obj, const cv_field *f, unsig
     return cv_err_set(e, CV_EINTERNAL, "internal", path, "%s: unknown field kind", path);
 }
 
+/* The string field "type" of o (path set to "obj.type"), or NULL after an
+ * error: missing, or not a string ("what" says what it must be). */
+static const cJSON *type_field(const cJSON *o, const char *obj, const char *what, char *path,
+                               size_t len, cv_err *e)
+{
+    join(path, len, obj, "type");
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
+    if (!t)
+        bad(e, "missing_field", path, "required field is missing", NULL);
+    else if (!cJSON_IsString(t))
+        bad(e, "invalid_type", path, what, t);
+    else
+        return t;
+    return NULL;
+}
+
 static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
 {
     char path[160];
     if (!cJSON_IsObject(o))
         return bad(e, "invalid_type", obj, "each layer must be an object with a \"type\"", o);
-    join(path, sizeof path, obj, "type");
-    const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
+    const cJSON *t = type_field(o, obj, "must be a layer type name", path, sizeof path, e);
     if (!t)
-        return bad(e, "missing_field", path, "required field is missing", NULL);
-    if (!cJSON_IsString(t))
-        return bad(e, "invalid_type", path, "must be a layer type name", t);
+        return -1;
     const cv_layer_class *cls = cv_layer_class_find(t->valuestring);
     if (!cls) {
         char known[600] = "";
@@ -352,12 +334,9 @@ static int parse_loss(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
         return bad(e, "invalid_type", obj, "must be an object {\"type\", \"reduction\"}", o);
     if (check_keys(o, obj, "loss", K_LOSS, e))
         return -1;
-    join(path, sizeof path, obj, "type");
-    const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
+    const cJSON *t = type_field(o, obj, "must be a loss name", path, sizeof path, e);
     if (!t)
-        return bad(e, "missing_field", path, "required field is missing", NULL);
-    if (!cJSON_IsString(t))
-        return bad(e, "invalid_type", path, "must be a loss name", t);
+        return -1;
     if (strcmp(t->valuestring, "MSELoss") == 0)
         m->loss = CV_LOSS_MSE;
     else if (strcmp(t->valuestring, "CrossEntropyLoss") == 0)
@@ -482,10 +461,9 @@ int cv_arch_parse(const char *text, size_t len, cv_model *m, cv_err *e)
 int cv_arch_load(const char *path, cv_model *m, cv_err *e)
 {
     memset(m, 0, sizeof *m);
-    FILE *fp = fopen(path, "rb");
+    FILE *fp = cv_open_input(path, e);
     if (!fp)
-        return cv_err_set(e, errno == ENOENT ? CV_ENOTFOUND : CV_EINVAL, "io_error", path,
-                          "cannot open %s: %s", path, strerror(errno));
+        return -1;
     size_t cap = 4096, len = 0;
     char *buf = malloc(cap);
     int rc = 0;

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/op_util.h"
 #include "api/ops.h"
 #include "api/suggest.h"
 
@@ -402,11 +403,9 @@ cv_job_spec *cv_job_parse(const cJSON *doc, cv_err *e)
     const cv_op_def *def;
     if (validate_known_fields(doc, e) || !(def = find_op(doc, e)) || validate_fields(doc, def, e))
         return NULL;
-    cv_job_spec *j = calloc(1, sizeof *j);
-    if (!j) {
-        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    cv_job_spec *j = cv_err_calloc(sizeof *j, "out of memory", e);
+    if (!j)
         return NULL;
-    }
     j->op = def;
     const cJSON *cu = field(doc, "curvature"), *seed = field(doc, "seed");
     j->curvature = cu ? (cv_curvature)cv_curvature_from_name(cu->valuestring) : CV_CURV_HESSIAN;
@@ -543,14 +542,6 @@ static int make_batch(const cv_job_spec *j, const cv_dataset *d, cv_batch *out, 
     return rc;
 }
 
-static cJSON *param_names(const cv_model *m, const cv_block *b)
-{
-    cJSON *a = cJSON_CreateArray();
-    for (int i = 0; i < b->count; i++)
-        cJSON_AddItemToArray(a, cJSON_CreateString(cv_model_param(m, b->idx[i])->name));
-    return a;
-}
-
 static int run_blocks(const cv_job_spec *j, cv_op_ctx *c, cJSON *res, cv_err *e)
 {
     cv_op_run_fn run = j->method ? j->method->run : j->op->run;
@@ -562,7 +553,7 @@ static int run_blocks(const cv_job_spec *j, cv_op_ctx *c, cJSON *res, cv_err *e)
         const cv_block *b = &j->blocks.resolved[i];
         cJSON *o = cJSON_CreateObject();
         cJSON_AddItemToArray(arr, o);
-        cJSON_AddItemToObject(o, "params", param_names(c->m, b));
+        cJSON_AddItemToObject(o, "params", cv_json_param_names(c->m, b));
         cJSON_AddNumberToObject(o, "dim", (double)b->dim);
         rc = run(c, b, o, e);
     }

@@ -33,3 +33,11 @@ cJSON *cv_json_columns(const double *v, size_t n, int k)
         cJSON_AddItemToArray(a, cv_json_doubles(v + (size_t)j * n, n));
     return a;
 }
+
+cJSON *cv_json_param_names(const cv_model *m, const cv_block *b)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; i < b->count; i++)
+        cJSON_AddItemToArray(a, cJSON_CreateString(cv_model_param(m, b->idx[i])->name));
+    return a;
+}

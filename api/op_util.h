@@ -1,5 +1,6 @@
 /* op_util.h - helpers every op module uses: the op's curvature as a linop,
- * the actual loss change of a step, and result JSON from double arrays.
+ * the actual loss change of a step, and result JSON (double arrays, a
+ * block's parameter names; the job runner's "params" too).
  * (Shared here so that the op modules depend on this file, not on each
  * other.) */
 #ifndef CV_OP_UTIL_H
@@ -20,5 +21,7 @@ int cv_op_add_actual_change(cv_op_ctx *c, const cv_block *b, const double *step,
 cJSON *cv_json_doubles(const double *v, size_t n);
 /* k columns of n doubles (column-major) as a list of k lists. */
 cJSON *cv_json_columns(const double *v, size_t n, int k);
+/* The state_dict names of block b's tensors in model m, as a list. */
+cJSON *cv_json_param_names(const cv_model *m, const cv_block *b);
 
 #endif

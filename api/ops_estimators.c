@@ -32,9 +32,12 @@ static uint64_t block_key(const cv_op_ctx *c, const cv_block *b)
     return 1 + (h >> 8);
 }
 
-/* The random stream of an op (salt: one per op) on block b. */
-static void seed_rng(const cv_op_ctx *c, const cv_block *b, cv_rng *r, uint64_t salt)
+/* The curvature of block b as a linop (lc: its storage) and the random
+ * stream of a randomized op (salt: one per op) on that block. */
+static void linop_and_rng(cv_op_ctx *c, const cv_block *b, uint64_t salt, cv_linop *op,
+                          cv_curv_linop_ctx *lc, cv_rng *r)
 {
+    cv_op_linop(c, b, op, lc);
     cv_rng_seed_stream(r, c->seed, salt | block_key(c, b) << 8);
 }
 
@@ -75,15 +78,16 @@ static int check_hutchpp(const cv_opts *opts, cv_curvature kind, cv_err *e)
     return 0;
 }
 
-static int trace_with(cv_op_ctx *c, const cv_block *b, int pp, cJSON *out, cv_err *e)
+/* One run for both methods (trace_methods: 0 hutchinson, 1 hutch++). */
+static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const trace_args *a = c->opts->args;
+    int pp = a->method == 1;
     cv_trace_options o = a->o; /* Hutch++ has no stopping rule: it ignores tol */
     cv_linop op;
     cv_curv_linop_ctx lc;
-    cv_op_linop(c, b, &op, &lc);
     cv_rng r;
-    seed_rng(c, b, &r, 1);
+    linop_and_rng(c, b, 1, &op, &lc, &r);
     cv_trace_result res;
     int rc = pp ? cv_trace_hutchpp(&op, &o, &r, &res, e)
                 : cv_trace_hutchinson(&op, &o, &r, &res, e);
@@ -101,18 +105,8 @@ static int trace_with(cv_op_ctx *c, const cv_block *b, int pp, cJSON *out, cv_er
     return 0;
 }
 
-static int run_hutchinson(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
-{
-    return trace_with(c, b, 0, out, e);
-}
-
-static int run_hutchpp(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
-{
-    return trace_with(c, b, 1, out, e);
-}
-
-static const cv_op_method trace_hutchinson = {"hutchinson", run_hutchinson, NULL};
-static const cv_op_method trace_hutchpp = {"hutch++", run_hutchpp, check_hutchpp};
+static const cv_op_method trace_hutchinson = {"hutchinson", run_trace, NULL};
+static const cv_op_method trace_hutchpp = {"hutch++", run_trace, check_hutchpp};
 static const cv_op_method *const trace_methods[] = {&trace_hutchinson, &trace_hutchpp, NULL};
 
 /* ---- diag ----------------------------------------------------------------- */
@@ -133,9 +127,12 @@ static const cv_opt_spec diag_opts[] = {
 
 static void diag_defaults(void *p, int method) { cv_diag_options_default(&((diag_args *)p)->o); }
 
-static int diag_with(cv_op_ctx *c, const cv_block *b, int exact, cJSON *out, cv_err *e)
+/* One run for both methods (diag_methods: 0 hutchinson, 1 exact). */
+static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
-    cv_diag_options o = ((const diag_args *)c->opts->args)->o;
+    const diag_args *a = c->opts->args;
+    cv_diag_options o = a->o;
+    int exact = a->method == 1;
     if (exact && b->dim > c->lim->dense_max)
         return cv_err_set(e, CV_ETOOLARGE, "too_large", "options.method",
                           "the exact diagonal needs %zu matvecs; allowed up to the dense "
@@ -143,9 +140,8 @@ static int diag_with(cv_op_ctx *c, const cv_block *b, int exact, cJSON *out, cv_
                           b->dim, c->lim->dense_max);
     cv_linop op;
     cv_curv_linop_ctx lc;
-    cv_op_linop(c, b, &op, &lc);
     cv_rng r;
-    seed_rng(c, b, &r, 2);
+    linop_and_rng(c, b, 2, &op, &lc, &r);
     cv_diag_result res;
     if (exact ? cv_diag_exact(&op, &o, &res, e) : cv_diag_hutchinson(&op, &o, &r, &res, e))
         return -1;
@@ -161,18 +157,8 @@ static int diag_with(cv_op_ctx *c, const cv_block *b, int exact, cJSON *out, cv_
     return 0;
 }
 
-static int run_diag_hutchinson(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
-{
-    return diag_with(c, b, 0, out, e);
-}
-
-static int run_diag_exact(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
-{
-    return diag_with(c, b, 1, out, e);
-}
-
-static const cv_op_method diag_hutchinson = {"hutchinson", run_diag_hutchinson, NULL};
-static const cv_op_method diag_exact = {"exact", run_diag_exact, NULL};
+static const cv_op_method diag_hutchinson = {"hutchinson", run_diag, NULL};
+static const cv_op_method diag_exact = {"exact", run_diag, NULL};
 static const cv_op_method *const diag_methods[] = {&diag_hutchinson, &diag_exact, NULL};
 
 /* ---- eigen ---------------------------------------------------------------- */
@@ -225,17 +211,19 @@ static void eigen_json(const cv_eigen_result *r, const char *method, cv_which wh
         cJSON_AddItemToObject(out, "eigenvectors", cv_json_columns(r->eigenvectors, r->n, r->k));
 }
 
-static int eigen_with(cv_op_ctx *c, const cv_block *b, int power, cJSON *out, cv_err *e)
+/* Methods lanczos and power (gram has its own run in ops_vivit.c). */
+static int run_eigen(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
-    cv_eigen_options o = ((const cv_eigen_args *)c->opts->args)->o;
+    const cv_eigen_args *a = c->opts->args;
+    cv_eigen_options o = a->o;
+    int power = a->method == CV_EIGEN_POWER;
     if ((size_t)o.k > b->dim)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
                           "k = %d exceeds the block dimension %zu", o.k, b->dim);
     cv_linop op;
     cv_curv_linop_ctx lc;
-    cv_op_linop(c, b, &op, &lc);
     cv_rng r;
-    seed_rng(c, b, &r, 3);
+    linop_and_rng(c, b, 3, &op, &lc, &r);
     cv_eigen_result res;
     if (power ? cv_eigen_power(&op, &o, &r, &res, e) : cv_eigen_lanczos(&op, &o, &r, &res, e))
         return -1;
@@ -244,18 +232,8 @@ static int eigen_with(cv_op_ctx *c, const cv_block *b, int power, cJSON *out, cv
     return 0;
 }
 
-static int run_lanczos(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
-{
-    return eigen_with(c, b, 0, out, e);
-}
-
-static int run_power(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
-{
-    return eigen_with(c, b, 1, out, e);
-}
-
-static const cv_op_method eigen_lanczos = {"lanczos", run_lanczos, NULL};
-static const cv_op_method eigen_power = {"power", run_power, NULL};
+static const cv_op_method eigen_lanczos = {"lanczos", run_eigen, NULL};
+static const cv_op_method eigen_power = {"power", run_eigen, NULL};
 /* indices: CV_EIGEN_LANCZOS, CV_EIGEN_POWER, CV_EIGEN_GRAM */
 static const cv_op_method *const eigen_methods[] = {&eigen_lanczos, &eigen_power,
                                                     &cv_method_eigen_gram, NULL};
@@ -287,9 +265,8 @@ static int run_density(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_density_options o = ((const density_args *)c->opts->args)->o;
     cv_linop op;
     cv_curv_linop_ctx lc;
-    cv_op_linop(c, b, &op, &lc);
     cv_rng r;
-    seed_rng(c, b, &r, 4);
+    linop_and_rng(c, b, 4, &op, &lc, &r);
     cv_density_result res;
     if (cv_density_slq(&op, &o, &r, &res, e))
         return -1;

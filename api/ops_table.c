@@ -7,6 +7,7 @@
 
 #include "api/job.h"
 #include "api/ops.h"
+#include "engine/names.h"
 
 static const cv_op_def *const op_table[] = {
     &cv_op_loss,  &cv_op_gradient, &cv_op_matvec,  &cv_op_dense, &cv_op_per_sample,
@@ -61,16 +62,10 @@ static const char *const status_names[CV_JOB_NSTATUS] = {CV_JOB_STATUSES(CV_STAT
 
 const char *cv_job_status_name(cv_job_status s)
 {
-    return (unsigned)s < CV_JOB_NSTATUS ? status_names[s] : "unknown";
+    return cv_name_or(status_names, CV_JOB_NSTATUS, (int)s, "unknown");
 }
 
-int cv_job_status_from_name(const char *s)
-{
-    for (int i = 0; s && i < CV_JOB_NSTATUS; i++)
-        if (strcmp(s, status_names[i]) == 0)
-            return i;
-    return -1;
-}
+int cv_job_status_from_name(const char *s) { return cv_name_index(s, status_names, CV_JOB_NSTATUS); }
 
 /* ---- GET /v1/ops ----------------------------------------------------------- */
 

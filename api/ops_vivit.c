@@ -66,14 +66,6 @@ static cJSON *json_rows(const double *v, int rows, int cols)
     return a;
 }
 
-static cJSON *block_names(const cv_model *m, const cv_block *b)
-{
-    cJSON *a = cJSON_CreateArray();
-    for (int i = 0; i < b->count; i++)
-        cJSON_AddItemToArray(a, cJSON_CreateString(cv_model_param(m, b->idx[i])->name));
-    return a;
-}
-
 void cv_vivit_args_default(cv_vivit_args *a)
 {
     a->mc = 0;
@@ -305,7 +297,7 @@ static int gsnr_json(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cJSON *arr = rc ? NULL : cJSON_AddArrayToObject(out, "gsnr");
     for (int i = 0; i < count && !rc; i++) {
         cJSON *o = cJSON_CreateObject();
-        cJSON_AddItemToObject(o, "params", block_names(c->m, &g[i].block));
+        cJSON_AddItemToObject(o, "params", cv_json_param_names(c->m, &g[i].block));
         add_num(o, "gsnr", g[i].gsnr);
         cJSON_AddNumberToObject(o, "zero_variance", (double)g[i].zero_variance);
         cJSON_AddItemToArray(arr, o);

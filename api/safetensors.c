@@ -9,27 +9,27 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "api/fileio.h"
+#include "engine/names.h"
+
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "curvd's safetensors code assumes a little-endian host"
 #endif
 
 #define BAD "bad_safetensors"
 
-static const char *dtype_names[CV_ST_DTYPE_COUNT] = {
+static const char *const dtype_names[CV_ST_DTYPE_COUNT] = {
     "BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "I64", "U64", "F64"};
 static const size_t dtype_sizes[CV_ST_DTYPE_COUNT] = {1, 1, 1, 2, 2, 2, 2, 4, 4, 4, 8, 8, 8};
 
 const char *cv_st_dtype_name(cv_st_dtype d)
 {
-    return (unsigned)d < CV_ST_DTYPE_COUNT ? dtype_names[d] : "?";
+    return cv_name_or(dtype_names, CV_ST_DTYPE_COUNT, (int)d, "?");
 }
 
 int cv_st_dtype_from_name(const char *name)
 {
-    for (int i = 0; i < CV_ST_DTYPE_COUNT; i++)
-        if (strcmp(name, dtype_names[i]) == 0)
-            return i;
-    return -1;
+    return cv_name_index(name, dtype_names, CV_ST_DTYPE_COUNT);
 }
 
 size_t cv_st_dtype_size(cv_st_dtype d)
@@ -376,10 +376,9 @@ int cv_st_parse(const void *buf, size_t len, cv_st_file *out, cv_err *e)
 int cv_st_load(const char *path, cv_st_file *out, cv_err *e)
 {
     memset(out, 0, sizeof *out);
-    FILE *fp = fopen(path, "rb");
+    FILE *fp = cv_open_input(path, e);
     if (!fp)
-        return cv_err_set(e, errno == ENOENT ? CV_ENOTFOUND : CV_EINVAL, "io_error", path,
-                          "cannot open %s: %s", path, strerror(errno));
+        return -1;
     struct stat st;
     if (fstat(fileno(fp), &st) != 0 || !S_ISREG(st.st_mode)) {
         fclose(fp);

@@ -110,9 +110,9 @@ static int collect(cJSON *obj, const char *prefix, tensor_list *L, const char *p
 
 int cv_result_vectors_out(cJSON *result, const char *path, cv_err *e)
 {
-    tensor_list *L = calloc(1, sizeof *L);
+    tensor_list *L = cv_err_calloc(sizeof *L, "tensor list", e);
     if (!L)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "tensor list");
+        return -1;
     int rc = collect(result, "", L, path, e);
     cJSON *blocks = cJSON_GetObjectItemCaseSensitive(result, "blocks");
     int i = 0;

@@ -10,6 +10,7 @@
 
 #include "layer.h"
 #include "loss.h"
+#include "names.h"
 
 struct cv_curv {
     const cv_model *m;
@@ -42,20 +43,17 @@ struct cv_curv {
 };
 
 #define CV_CURV_NAME_(id, name) [id] = name,
-static const char *curv_names[CV_CURV_COUNT] = {CV_CURVATURES(CV_CURV_NAME_)};
+static const char *const curv_names[CV_CURV_COUNT] = {CV_CURVATURES(CV_CURV_NAME_)};
 #undef CV_CURV_NAME_
 
 const char *cv_curvature_name(cv_curvature c)
 {
-    return (unsigned)c < CV_CURV_COUNT ? curv_names[c] : "?";
+    return cv_name_or(curv_names, CV_CURV_COUNT, (int)c, "?");
 }
 
 int cv_curvature_from_name(const char *name)
 {
-    for (int i = 0; i < CV_CURV_COUNT; i++)
-        if (strcmp(name, curv_names[i]) == 0)
-            return i;
-    return -1;
+    return cv_name_index(name, curv_names, CV_CURV_COUNT);
 }
 
 /* ---- blocks ------------------------------------------------------------ */
@@ -182,11 +180,9 @@ cv_curv *cv_curv_new(const cv_model *m, const cv_batch *b, const cv_curv_options
         cv_err_set(e, CV_EINVAL, "empty_batch", "batch", "the batch has no samples");
         return NULL;
     }
-    cv_curv *c = calloc(1, sizeof *c);
-    if (!c) {
-        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "engine state");
+    cv_curv *c = cv_err_calloc(sizeof *c, "engine state", e);
+    if (!c)
         return NULL;
-    }
     c->m = m;
     c->b = b;
     c->n = (int)b->n;
@@ -500,20 +496,6 @@ static int begin_products(cv_curv *c, cv_curvature kind, int k, int *chunk, cv_e
     return ensure_workspace(c, *chunk, e) ? -1 : 1;
 }
 
-int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
-                   double *Y, cv_err *e)
-{
-    int chunk;
-    int rc = begin_products(c, kind, k, &chunk, e);
-    if (rc <= 0)
-        return rc;
-    for (int j = 0; j < k; j += chunk) {
-        int kk = k - j < chunk ? k - j : chunk;
-        if (matvec_chunk(c, kind, b, kk, X + (size_t)j * b->dim, Y + (size_t)j * b->dim, e))
-            return -1;
-    }
-    return 0;
-}
 
 /* ---- quadratic forms ---------------------------------------------------------
  * x^T A x without the backward pass: with r_l the forward tangents and
@@ -564,18 +546,36 @@ static void quad_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
         layer_quad_terms(c, l, active, lo, k, q);
 }
 
-int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
-                     double *q, cv_err *e)
+/* Y = A X (Y given) or q_j = x_j^T A x_j (q given) for the k columns of X,
+ * in chunks of at most CV_MAX_CHUNK. */
+static int chunked_products(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
+                            const double *X, double *Y, double *q, cv_err *e)
 {
-    int chunk;
+    int chunk = 0; /* set by begin_products when it returns 1 */
     int rc = begin_products(c, kind, k, &chunk, e);
     if (rc <= 0)
         return rc;
     for (int j = 0; j < k; j += chunk) {
         int kk = k - j < chunk ? k - j : chunk;
-        quad_chunk(c, kind, b, kk, X + (size_t)j * b->dim, q + j);
+        const double *Xj = X + (size_t)j * b->dim;
+        if (!Y)
+            quad_chunk(c, kind, b, kk, Xj, q + j);
+        else if (matvec_chunk(c, kind, b, kk, Xj, Y + (size_t)j * b->dim, e))
+            return -1;
     }
     return 0;
+}
+
+int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
+                   double *Y, cv_err *e)
+{
+    return chunked_products(c, kind, b, k, X, Y, NULL, e);
+}
+
+int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
+                     double *q, cv_err *e)
+{
+    return chunked_products(c, kind, b, k, X, NULL, q, e);
 }
 
 /* ---- per-sample gradients, dense matrices, loss at a step ------------------ */
@@ -663,7 +663,10 @@ const cv_loss_state *cv_curv_loss_state(const cv_curv *c) { return &c->ls; }
 
 static int chunk_of(int k) { return k < CV_MAX_CHUNK ? k : CV_MAX_CHUNK; }
 
-int cv_curv_jvp(cv_curv *c, const cv_block *b, int k, const double *X, float *out, cv_err *e)
+/* J X (X given: k directions of b->dim, out gets k outputs of n*C) or J^T
+ * cot (Y gets k products of b->dim), in chunks of at most CV_MAX_CHUNK. */
+static int chunked_jacobian(cv_curv *c, const cv_block *b, int k, const double *X, float *out,
+                            const float *cot, double *Y, cv_err *e)
 {
     int chunk = chunk_of(k);
     if (k < 1 || ensure_workspace(c, chunk, e))
@@ -673,28 +676,27 @@ int cv_curv_jvp(cv_curv *c, const cv_block *b, int k, const double *X, float *ou
     size_t olen = (size_t)c->n * c->C;
     for (int j = 0; j < k; j += chunk) {
         int kk = k - j < chunk ? k - j : chunk;
-        scatter_dirs(c, b, active, kk, X + (size_t)j * b->dim);
-        forward_tangents(c, active, lo, kk);
-        memcpy(out + (size_t)j * olen, c->rx[c->L], sizeof(float) * olen * (size_t)kk);
+        if (X) {
+            scatter_dirs(c, b, active, kk, X + (size_t)j * b->dim);
+            forward_tangents(c, active, lo, kk);
+            memcpy(out + (size_t)j * olen, c->rx[c->L], sizeof(float) * olen * (size_t)kk);
+        } else {
+            memcpy(c->ping, cot + (size_t)j * olen, sizeof(float) * olen * (size_t)kk);
+            backward_products(c, CV_CURV_GGN, active, lo, kk);
+            gather_products(c, b, kk, Y + (size_t)j * b->dim);
+        }
     }
     return 0;
 }
 
+int cv_curv_jvp(cv_curv *c, const cv_block *b, int k, const double *X, float *out, cv_err *e)
+{
+    return chunked_jacobian(c, b, k, X, out, NULL, NULL, e);
+}
+
 int cv_curv_vjp(cv_curv *c, const cv_block *b, int k, const float *cot, double *Y, cv_err *e)
 {
-    int chunk = chunk_of(k);
-    if (k < 1 || ensure_workspace(c, chunk, e))
-        return k < 1 ? 0 : -1;
-    char active[CV_MAX_LAYERS];
-    int lo = active_layers(c, b, active);
-    size_t olen = (size_t)c->n * c->C;
-    for (int j = 0; j < k; j += chunk) {
-        int kk = k - j < chunk ? k - j : chunk;
-        memcpy(c->ping, cot + (size_t)j * olen, sizeof(float) * olen * (size_t)kk);
-        backward_products(c, CV_CURV_GGN, active, lo, kk);
-        gather_products(c, b, kk, Y + (size_t)j * b->dim);
-    }
-    return 0;
+    return chunked_jacobian(c, b, k, NULL, NULL, cot, Y, e);
 }
 
 /* Bit t set when the t-th tensor of layer l is in block b. */

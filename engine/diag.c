@@ -62,10 +62,7 @@ static void finish_stderr(size_t n, long count, double *m2)
 static const cv_diag_options *diag_begin(const cv_linop *op, const cv_diag_options *opt,
                                          cv_diag_options *def, cv_diag_result *out, cv_err *e)
 {
-    if (!opt) {
-        cv_diag_options_default(def);
-        opt = def;
-    }
+    opt = CV_EST_OPTIONS(opt, def, cv_diag_options_default);
     memset(out, 0, sizeof *out);
     if (cv_est_check_op(op, e) || cv_est_block_check(opt->block, e))
         return NULL;

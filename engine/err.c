@@ -3,6 +3,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 int cv_err_set(cv_err *e, cv_status st, const char *code, const char *field,
@@ -18,6 +19,14 @@ int cv_err_set(cv_err *e, cv_status st, const char *code, const char *field,
     vsnprintf(e->message, sizeof e->message, fmt, ap);
     va_end(ap);
     return -1;
+}
+
+void *cv_err_calloc(size_t size, const char *what, cv_err *e)
+{
+    void *p = calloc(1, size);
+    if (!p)
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "%s", what);
+    return p;
 }
 
 void cv_err_clear(cv_err *e)

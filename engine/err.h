@@ -35,6 +35,8 @@ typedef struct {
 int cv_err_set(cv_err *e, cv_status st, const char *code, const char *field,
                const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 void cv_err_clear(cv_err *e);
+/* calloc(1, size), or NULL with *e set: CV_ENOMEM, "out_of_memory", message what. */
+void *cv_err_calloc(size_t size, const char *what, cv_err *e);
 const char *cv_status_name(cv_status st);
 
 #endif

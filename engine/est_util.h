@@ -8,6 +8,10 @@
 
 #include "estimators.h"
 
+/* The options an estimator runs with: opt, or (opt NULL) *def filled in by
+ * init (the estimator's options_default). */
+#define CV_EST_OPTIONS(opt, def, init) ((opt) ? (opt) : ((init)(def), (def)))
+
 /* calloc(count, size) that fills e with CV_ENOMEM on failure or overflow. */
 void *cv_est_alloc(size_t count, size_t size, cv_err *e);
 #define CV_EST_ALLOC(count, type, e) ((type *)cv_est_alloc((count), sizeof(type), (e)))

@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 
 #include "est_util.h"
+#include "names.h"
 #include "reorth.h"
 
 /* From this dimension on, the full reorthogonalization reads a float32
@@ -18,23 +19,12 @@
  * problems keep the double pass (exact-arithmetic tests, no memory bound). */
 #define CV_LANCZOS_SHADOW_MIN ((size_t)1 << 16)
 
-int cv_which_from_name(const char *name)
-{
-    if (!name)
-        return -1;
-    if (!strcmp(name, "largest"))
-        return CV_WHICH_LARGEST;
-    if (!strcmp(name, "smallest"))
-        return CV_WHICH_SMALLEST;
-    if (!strcmp(name, "magnitude"))
-        return CV_WHICH_MAGNITUDE;
-    return -1;
-}
+/* index = cv_which */
+static const char *const which_names[] = {"largest", "smallest", "magnitude"};
 
-const char *cv_which_name(cv_which w)
-{
-    return w == CV_WHICH_SMALLEST ? "smallest" : w == CV_WHICH_MAGNITUDE ? "magnitude" : "largest";
-}
+int cv_which_from_name(const char *name) { return cv_name_index(name, which_names, 3); }
+
+const char *cv_which_name(cv_which w) { return cv_name_or(which_names, 3, (int)w, "largest"); }
 
 void cv_lanczos_options_default(cv_lanczos_options *o)
 {
@@ -426,10 +416,7 @@ int cv_est_lanczos(const cv_linop *op, const double *v0, const cv_lanczos_option
                    cv_rng *rng, int plan, cv_lanczos_result *out, cv_err *e)
 {
     cv_lanczos_options def;
-    if (!opt) {
-        cv_lanczos_options_default(&def);
-        opt = &def;
-    }
+    opt = CV_EST_OPTIONS(opt, &def, cv_lanczos_options_default);
     memset(out, 0, sizeof *out);
     if (cv_est_check_op(op, e))
         return -1;
@@ -625,10 +612,7 @@ int cv_eigen_lanczos(const cv_linop *op, const cv_eigen_options *opt, cv_rng *rn
                      cv_eigen_result *out, cv_err *e)
 {
     cv_eigen_options def;
-    if (!opt) {
-        cv_eigen_options_default(&def);
-        opt = &def;
-    }
+    opt = CV_EST_OPTIONS(opt, &def, cv_eigen_options_default);
     memset(out, 0, sizeof *out);
     if (eigen_check(op, opt, e))
         return -1;

@@ -120,10 +120,7 @@ int cv_eigen_power(const cv_linop *op, const cv_eigen_options *opt, cv_rng *rng,
                    cv_eigen_result *out, cv_err *e)
 {
     cv_eigen_options def;
-    if (!opt) {
-        cv_power_options_default(&def);
-        opt = &def;
-    }
+    opt = CV_EST_OPTIONS(opt, &def, cv_power_options_default);
     memset(out, 0, sizeof *out);
     if (power_check(op, opt, e))
         return -1;

@@ -119,10 +119,7 @@ int cv_density_slq(const cv_linop *op, const cv_density_options *opt, cv_rng *rn
                    cv_density_result *out, cv_err *e)
 {
     cv_density_options def;
-    if (!opt) {
-        cv_density_options_default(&def);
-        opt = &def;
-    }
+    opt = CV_EST_OPTIONS(opt, &def, cv_density_options_default);
     memset(out, 0, sizeof *out);
     if (density_check(op, opt, e))
         return -1;

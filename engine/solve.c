@@ -9,21 +9,16 @@
 #include <string.h>
 
 #include "est_util.h"
+#include "names.h"
 
-int cv_solve_method_from_name(const char *name)
-{
-    if (!name)
-        return -1;
-    if (!strcmp(name, "cg"))
-        return CV_SOLVE_CG;
-    if (!strcmp(name, "minres"))
-        return CV_SOLVE_MINRES;
-    return -1;
-}
+/* index = cv_solve_method */
+static const char *const method_names[] = {"cg", "minres"};
+
+int cv_solve_method_from_name(const char *name) { return cv_name_index(name, method_names, 2); }
 
 const char *cv_solve_method_name(cv_solve_method m)
 {
-    return m == CV_SOLVE_MINRES ? "minres" : "cg";
+    return cv_name_or(method_names, 2, (int)m, "cg");
 }
 
 void cv_solve_options_default(cv_solve_options *o)
@@ -261,10 +256,7 @@ int cv_solve(const cv_linop *op, const double *b, const cv_solve_options *opt,
              cv_solve_result *out, double *Ax, cv_err *e)
 {
     cv_solve_options def;
-    if (!opt) {
-        cv_solve_options_default(&def);
-        opt = &def;
-    }
+    opt = CV_EST_OPTIONS(opt, &def, cv_solve_options_default);
     memset(out, 0, sizeof *out);
     if (solve_check(op, b, opt, e))
         return -1;

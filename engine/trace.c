@@ -7,21 +7,16 @@
 #include <string.h>
 
 #include "est_util.h"
+#include "names.h"
 
-int cv_probe_dist_from_name(const char *name)
-{
-    if (!name)
-        return -1;
-    if (!strcmp(name, "rademacher"))
-        return CV_PROBE_RADEMACHER;
-    if (!strcmp(name, "gaussian"))
-        return CV_PROBE_GAUSSIAN;
-    return -1;
-}
+/* index = cv_probe_dist */
+static const char *const dist_names[] = {"rademacher", "gaussian"};
+
+int cv_probe_dist_from_name(const char *name) { return cv_name_index(name, dist_names, 2); }
 
 const char *cv_probe_dist_name(cv_probe_dist d)
 {
-    return d == CV_PROBE_GAUSSIAN ? "gaussian" : "rademacher";
+    return cv_name_or(dist_names, 2, (int)d, "rademacher");
 }
 
 void cv_trace_options_default(cv_trace_options *o)
@@ -63,10 +58,7 @@ static const cv_trace_options *trace_begin(const cv_linop *op, const cv_trace_op
                                            cv_trace_options *def, int min_probes,
                                            cv_trace_result *out, cv_err *e)
 {
-    if (!opt) {
-        cv_trace_options_default(def);
-        opt = def;
-    }
+    opt = CV_EST_OPTIONS(opt, def, cv_trace_options_default);
     memset(out, 0, sizeof *out);
     return check_options(op, opt, min_probes, e) ? NULL : opt;
 }

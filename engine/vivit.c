@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "est_util.h"
 #include "loss.h"
 #include "rng.h"
 
@@ -278,10 +279,7 @@ int cv_vivit_init(cv_vivit *v, cv_curv *c, const cv_block *b, const cv_vivit_opt
                   cv_err *e)
 {
     cv_vivit_options def;
-    if (!o) {
-        cv_vivit_options_default(&def);
-        o = &def;
-    }
+    o = CV_EST_OPTIONS(o, &def, cv_vivit_options_default);
     memset(v, 0, sizeof *v);
     const cv_loss_state *ls = cv_curv_loss_state(c);
     v->curv = c;

@@ -343,11 +343,9 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
 
 cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs, cv_err *e)
 {
-    cv_http *h = calloc(1, sizeof *h);
-    if (!h) {
-        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    cv_http *h = cv_err_calloc(sizeof *h, "out of memory", e);
+    if (!h)
         return NULL;
-    }
     h->cfg = *c;
     if (!h->cfg.bind || !h->cfg.bind[0])
         h->cfg.bind = "127.0.0.1";

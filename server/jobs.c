@@ -350,11 +350,9 @@ static void *janitor_main(void *arg)
 
 cv_jobs *cv_jobs_new(const cv_jobs_config *c, cv_registry *reg, cv_err *e)
 {
-    cv_jobs *J = calloc(1, sizeof *J);
-    if (!J) {
-        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    cv_jobs *J = cv_err_calloc(sizeof *J, "out of memory", e);
+    if (!J)
         return NULL;
-    }
     J->cfg = *c;
     if (J->cfg.workers < 1)
         J->cfg.workers = 1;
@@ -472,11 +470,8 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
         !(ds = cv_registry_acquire(J->reg, CV_REG_DATASET, dname, e)) ||
         cv_job_bind(spec, ms->model, ds->data, e))
         goto fail;
-    j = calloc(1, sizeof *j);
-    if (!j) {
-        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    if (!(j = cv_err_calloc(sizeof *j, "out of memory", e)))
         goto fail;
-    }
     atomic_init(&j->refs, 1);
     atomic_init(&j->cancel, 0);
     cv_progress_init(&j->progress);

@@ -57,29 +57,7 @@ if [ -s "$T/own.sh" ] && [ -s "$T/run.sh" ]; then
   ( cd "$T/w" && timeout 60 sh -e "$T/run.sh" ) > "$T/run.out" 2> "$T/run.err" < /dev/null
   rc=$?
   [ $rc = 0 ] && ok "README curvd-run block runs" || bad "README curvd-run block: exit $rc: $(tail -c 800 "$T/run.err")"
-  if "$PY" - "$T/own.out" "$T/run.out" > "$T/own.cmp" 2>&1 <<'EOF'
-import json, sys
-text = open(sys.argv[1]).read()
-docs, i, dec = [], 0, json.JSONDecoder()
-while i < len(text):
-    if text[i].isspace():
-        i += 1
-        continue
-    d, i = dec.raw_decode(text, i)
-    docs.append(d)
-assert len(docs) == 4, "expected 4 JSON answers, got %d" % len(docs)
-model, data, job, put = docs
-assert model["name"] == "mine" and model["version"] == 1 and model["parameter_count"] == 64 * 32 + 32 + 32 * 10 + 10, model
-assert data["name"] == "mydata" and data["n"] == 1797, data
-assert job["status"] == "succeeded" and job["result"]["op"] == "trace", job
-assert put["version"] == 2, put
-cli = json.load(open(sys.argv[2]))
-http = job["result"]
-for k in ("trace", "stderr", "probes", "matvecs"):
-    a, b = http[k], cli[k]
-    assert a == b or abs(a - b) <= 1e-9 * max(abs(a), abs(b)), (k, a, b)
-print("trace", http["trace"])
-EOF
+  if "$PY" "$ROOT/tests/own_model_check.py" "$T/own.out" "$T/run.out" > "$T/own.cmp" 2>&1
   then ok "README own-model trace over HTTP == README curvd run ($(cat "$T/own.cmp"))"
   else bad "README own-model vs curvd-run: $(tail -c 800 "$T/own.cmp") $(head -c 600 "$T/own.out")"
   fi

@@ -493,68 +493,63 @@ rm -f "$T/qdepth" "$T/posted_all"
   done
 ) &
 MPID=$!
-CPIDS=""
-for c in 1 2 3 4 5; do
-  (
-    k=0
-    while [ $k -lt 10 ]; do
-      n=$(((k + c) % 10))
-      curl -s --max-time 30 -X POST -o "$T/cp_${c}_$k.json" -D "$T/ch_${c}_$k" -w '%{http_code}' \
-        --data-binary @"$T/cj_$n.json" "$A/v1/jobs" > "$T/cs_${c}_$k" 2>/dev/null
-      echo "$n" > "$T/cn_${c}_$k"
-      k=$((k + 1))
+# requests() [--parallel] FN: FN c k for 5 clients c x 10 requests k; --parallel: each
+# client's requests in a background subshell, all waited for
+requests() {
+  if [ "$1" = --parallel ]; then
+    shift
+    _pids=""
+    for c in 1 2 3 4 5; do
+      ( k=0; while [ $k -lt 10 ]; do "$1" "$c" "$k"; k=$((k + 1)); done ) &
+      _pids="$_pids $!"
     done
-  ) &
-  CPIDS="$CPIDS $!"
-done
-for p in $CPIDS; do wait "$p"; done
+    for _p in $_pids; do wait "$_p"; done
+  else
+    for c in 1 2 3 4 5; do
+      k=0; while [ $k -lt 10 ]; do "$1" "$c" "$k"; k=$((k + 1)); done
+    done
+  fi
+}
+post_job() { # client c, request k: POST job document (k + c) % 10
+  n=$((($2 + $1) % 10))
+  curl -s --max-time 30 -X POST -o "$T/cp_$1_$2.json" -D "$T/ch_$1_$2" -w '%{http_code}' \
+    --data-binary @"$T/cj_$n.json" "$A/v1/jobs" > "$T/cs_$1_$2" 2>/dev/null
+  echo "$n" > "$T/cn_$1_$2"
+}
+check_posted() {
+  id=$(jq "$T/cp_$1_$2.json" "d['id']" 2>/dev/null)
+  if [ "$(cat "$T/cs_$1_$2" 2>/dev/null)" = 202 ] && [ -n "$id" ] && \
+     grep -qi "^Location: /v1/jobs/$id" "$T/ch_$1_$2" && \
+     jtrue "$T/cp_$1_$2.json" "d['status'] in ('queued', 'running', 'succeeded')"; then
+    n202=$((n202 + 1)); echo "$id" > "$T/cid_$1_$2"
+  else
+    echo "  concurrent POST client $1 #$2: $(cat "$T/cs_$1_$2" 2>/dev/null) $(head -c 200 "$T/cp_$1_$2.json")" >&2
+  fi
+}
+wait_job() {
+  [ -f "$T/cid_$1_$2" ] && curl -s --max-time 130 -o "$T/cr_$1_$2.json" -w '%{http_code}' \
+    "$A/v1/jobs/$(cat "$T/cid_$1_$2")?wait=120" > "$T/cw_$1_$2" 2>/dev/null
+}
+check_done() {
+  n=$(cat "$T/cn_$1_$2" 2>/dev/null)
+  if [ "$(cat "$T/cw_$1_$2" 2>/dev/null)" = 200 ] && jtrue "$T/cr_$1_$2.json" "d['status'] == 'succeeded' and d['result']['op'] == '$(jq "$T/cj_$n.json" "d['op']")'" \
+     && "$PY" "$T/cmp.py" "$T/cr_$1_$2.json" "$T/cc_$n.json" > "$T/ccmp.out" 2>&1; then
+    nok=$((nok + 1))
+  else
+    echo "  concurrent job client $1 #$2 (doc $n): $(head -c 200 "$T/cr_$1_$2.json") $(cat "$T/ccmp.out" 2>/dev/null)" >&2
+  fi
+}
+requests --parallel post_job
 req GET "/v1/jobs?status=queued&model=demo-mlp" > /dev/null
 jq "$T/body" "d['count']" >> "$T/qdepth"
 touch "$T/posted_all"
 n202=0
-for c in 1 2 3 4 5; do
-  k=0
-  while [ $k -lt 10 ]; do
-    id=$(jq "$T/cp_${c}_$k.json" "d['id']" 2>/dev/null)
-    if [ "$(cat "$T/cs_${c}_$k" 2>/dev/null)" = 202 ] && [ -n "$id" ] && \
-       grep -qi "^Location: /v1/jobs/$id" "$T/ch_${c}_$k" && \
-       jtrue "$T/cp_${c}_$k.json" "d['status'] in ('queued', 'running', 'succeeded')"; then
-      n202=$((n202 + 1)); echo "$id" > "$T/cid_${c}_$k"
-    else
-      echo "  concurrent POST client $c #$k: $(cat "$T/cs_${c}_$k" 2>/dev/null) $(head -c 200 "$T/cp_${c}_$k.json")" >&2
-    fi
-    k=$((k + 1))
-  done
-done
+requests check_posted
 check "50 concurrent POSTs answered 202 + Location ($n202/50)" [ "$n202" = 50 ]
-CPIDS=""
-for c in 1 2 3 4 5; do
-  (
-    k=0
-    while [ $k -lt 10 ]; do
-      [ -f "$T/cid_${c}_$k" ] && curl -s --max-time 130 -o "$T/cr_${c}_$k.json" -w '%{http_code}' \
-        "$A/v1/jobs/$(cat "$T/cid_${c}_$k")?wait=120" > "$T/cw_${c}_$k" 2>/dev/null
-      k=$((k + 1))
-    done
-  ) &
-  CPIDS="$CPIDS $!"
-done
-for p in $CPIDS; do wait "$p"; done
+requests --parallel wait_job
 wait "$MPID" 2>/dev/null
 nok=0
-for c in 1 2 3 4 5; do
-  k=0
-  while [ $k -lt 10 ]; do
-    n=$(cat "$T/cn_${c}_$k" 2>/dev/null)
-    if [ "$(cat "$T/cw_${c}_$k" 2>/dev/null)" = 200 ] && jtrue "$T/cr_${c}_$k.json" "d['status'] == 'succeeded' and d['result']['op'] == '$(jq "$T/cj_$n.json" "d['op']")'" \
-       && "$PY" "$T/cmp.py" "$T/cr_${c}_$k.json" "$T/cc_$n.json" > "$T/ccmp.out" 2>&1; then
-      nok=$((nok + 1))
-    else
-      echo "  concurrent job client $c #$k (doc $n): $(head -c 200 "$T/cr_${c}_$k.json") $(cat "$T/ccmp.out" 2>/dev/null)" >&2
-    fi
-    k=$((k + 1))
-  done
-done
+requests check_done
 check "50 concurrent jobs all succeeded with curvd run's numbers ($nok/50)" [ "$nok" = 50 ]
 QMAX=$(sort -n "$T/qdepth" 2>/dev/null | tail -1)
 check "queue depth exceeded the $NWORKERS workers while they ran (max ${QMAX:-none})" [ "${QMAX:-0}" -gt "$NWORKERS" ]

@@ -54,12 +54,6 @@ def per_sample_refs(m, loss_fn, x, y):
     return torch.stack(grads), torch.stack(jacs), torch.stack(lams)
 
 
-def stats(v):
-    mean = float(v.mean())
-    var = float(v.var(unbiased=True))
-    return mean, var, (mean * mean / var if var > 0 else None)
-
-
 def layer_slices(model):
     """[(names, start, stop)] per layer with parameters, in state_dict order."""
     out, off, cur = [], 0, None
@@ -163,14 +157,9 @@ def check_snr(tag, d, model, loss_fn, x, y, evals, evecs, g):
         checked += 1
         e = evecs[:, k]
         gam = N * PG @ e
-        je = J @ e
-        lam = N * torch.einsum("nc,ncd,nd->n", je, Lam, je)
-        gm, gv, gs = stats(gam)
-        lm, lv, ls = stats(lam)
-        ok_g &= close(abs(dk["gamma_mean"]), abs(gm), 1e-3, 1e-4 * float(gam.abs().max()))
-        ok_g &= close(dk["gamma_var"], gv, 1e-3) and close(dk["gamma_snr"], gs, 1e-3, 1e-6)
-        ok_l &= close(dk["lambda_mean"], lm, 1e-3) and close(dk["lambda_var"], lv, 1e-3)
-        ok_l &= close(dk["lambda_snr"], ls, 1e-3) and close(dk["eigenvalue"], float(evals[k]), 1e-4)
+        g_ok, l_ok, _, _, lam = tr.snr_direction_matches(dk, gam, J @ e, Lam, N)
+        ok_g &= g_ok
+        ok_l &= l_ok and close(dk["eigenvalue"], float(evals[k]), 1e-4)
         ok_a &= close(dk["alignment"], abs(float(e @ g)) / float(g.norm()), 1e-3, 1e-6)
         sign = 1.0 if float(gam @ torch.tensor([r[k] for r in res["gamma"]],
                                                dtype=torch.float64)) >= 0 else -1.0

@@ -299,61 +299,23 @@ static void make_variant(fixture *f, int i)
 
 static double fd_tol(const fixture *f, double smooth) { return f->kinks ? 2e-2 : smooth; }
 
-/* ---- finite differences ---------------------------------------------------- */
+/* ---- oracles ------------------------------------------------------------------ */
 
-START_TEST(gradient_matches_finite_differences)
+/* _i = variant * TU_NORACLES + oracle: finite differences of the gradient,
+ * of H v and of the GGN, symmetry/PSD, per-sample gradients and the EF. */
+START_TEST(variant_matches_oracles)
 {
+    int v = _i / TU_NORACLES;
     fixture f;
-    make_variant(&f, _i);
-    double err = tu_gradient_fd_relerr(&f, 3e-3);
-    ck_assert_msg(err < fd_tol(&f, 3e-3), "variant %d: gradient vs FD rel err %g", _i, err);
-    tu_fx_free(&f);
-}
-END_TEST
-
-START_TEST(hessian_matches_fd_of_gradient)
-{
-    fixture f;
-    make_variant(&f, _i);
-    double err = tu_hessian_fd_relerr(&f, 3 + (uint64_t)_i, 3e-3);
-    ck_assert_msg(err < fd_tol(&f, 3e-3), "variant %d: Hv vs FD rel err %g", _i, err);
-    tu_fx_free(&f);
-}
-END_TEST
-
-START_TEST(ggn_equals_dense_jt_lambda_j)
-{
-    fixture f;
-    make_variant(&f, _i);
-    double err = tu_ggn_fd_relerr(&f, 3e-3);
-    ck_assert_msg(err < fd_tol(&f, 3e-3), "variant %d: GGN vs J^T Lambda J rel err %g", _i, err);
+    make_variant(&f, v);
+    double tol = fd_tol(&f, 3e-3);
+    tu_fd_bounds fd = {3e-3, tol, 3e-3, tol, 3 + (uint64_t)v};
+    tu_check_oracle(&f, (tu_oracle)(_i % TU_NORACLES), &fd, v);
     tu_fx_free(&f);
 }
 END_TEST
 
 /* ---- identities -------------------------------------------------------------- */
-
-START_TEST(curvatures_symmetric_and_psd)
-{
-    fixture f;
-    make_variant(&f, _i);
-    char tag[32];
-    snprintf(tag, sizeof tag, "variant %d: ", _i);
-    tu_check_symmetric_psd(&f, tag);
-    tu_fx_free(&f);
-}
-END_TEST
-
-START_TEST(per_sample_gradients_sum_and_ef)
-{
-    fixture f;
-    make_variant(&f, _i);
-    char tag[32];
-    snprintf(tag, sizeof tag, "variant %d: ", _i);
-    tu_check_per_sample_gradients(&f, tag);
-    tu_fx_free(&f);
-}
-END_TEST
 
 /* Blocks of variant f: full, the tested layer's first tensor, the last tensor. */
 static int test_blocks(const fixture *f, cv_block *b)
@@ -1144,16 +1106,12 @@ END_TEST
 static Suite *cnn_suite(void)
 {
     Suite *s = suite_create("cnn");
-    TCase *fd = tcase_create("finite_differences");
+    TCase *fd = tcase_create("oracles");
     tcase_set_timeout(fd, 300);
-    tcase_add_loop_test(fd, gradient_matches_finite_differences, 0, NVARIANTS);
-    tcase_add_loop_test(fd, hessian_matches_fd_of_gradient, 0, NVARIANTS);
-    tcase_add_loop_test(fd, ggn_equals_dense_jt_lambda_j, 0, NVARIANTS);
+    tcase_add_loop_test(fd, variant_matches_oracles, 0, NVARIANTS * TU_NORACLES);
     suite_add_tcase(s, fd);
     TCase *id = tcase_create("identities");
     tcase_set_timeout(id, 300);
-    tcase_add_loop_test(id, curvatures_symmetric_and_psd, 0, NVARIANTS);
-    tcase_add_loop_test(id, per_sample_gradients_sum_and_ef, 0, NVARIANTS);
     tcase_add_loop_test(id, gram_and_jvp_vjp_adjoint, 0, NVARIANTS);
     tcase_add_loop_test(id, batched_products_equal_single, 0, NVARIANTS);
     tcase_add_loop_test(id, quadform_equals_dot_of_product, 0, NVARIANTS);

@@ -36,45 +36,17 @@ static void make_variant(fixture *f, int i)
     tu_fx_make(f, 5, net, 5, losses[(i / 2) % 3], (cv_reduction)(i % 2), 7, 17 + (uint64_t)i, NULL);
 }
 
-START_TEST(gradient_matches_finite_differences)
+/* _i = variant * TU_NORACLES + oracle: finite differences of the gradient,
+ * of H v and of the GGN, symmetry/PSD, per-sample gradients and the EF. */
+START_TEST(variant_matches_oracles)
 {
+    int v = _i / TU_NORACLES;
     fixture f;
-    make_variant(&f, _i);
-    double err = tu_gradient_fd_relerr(&f, 2e-3);
+    make_variant(&f, v);
     /* ReLU / LeakyReLU kinks can sit within eps of a sample: looser there */
-    double tol = piecewise_linear(acts[_i / 6]) ? 2e-2 : 2e-3;
-    ck_assert_msg(err < tol, "variant %d: gradient vs FD rel err %g", _i, err);
-    tu_fx_free(&f);
-}
-END_TEST
-
-START_TEST(hessian_matches_fd_of_gradient)
-{
-    fixture f;
-    make_variant(&f, _i);
-    double err = tu_hessian_fd_relerr(&f, 3, 3e-3);
-    double tol = piecewise_linear(acts[_i / 6]) ? 3e-2 : 3e-3;
-    ck_assert_msg(err < tol, "variant %d: Hv vs FD rel err %g", _i, err);
-    tu_fx_free(&f);
-}
-END_TEST
-
-START_TEST(all_curvatures_are_symmetric)
-{
-    fixture f;
-    make_variant(&f, _i);
-    tu_check_symmetric_psd(&f, "");
-    tu_fx_free(&f);
-}
-END_TEST
-
-START_TEST(ggn_equals_dense_jt_lambda_j)
-{
-    fixture f;
-    make_variant(&f, _i);
-    double err = tu_ggn_fd_relerr(&f, 3e-3);
-    double tol = piecewise_linear(acts[_i / 6]) ? 3e-2 : 3e-3;
-    ck_assert_msg(err < tol, "variant %d: GGN vs dense J^T Lambda J rel err %g", _i, err);
+    int kinks = piecewise_linear(acts[v / 6]);
+    tu_fd_bounds fd = {2e-3, kinks ? 2e-2 : 2e-3, 3e-3, kinks ? 3e-2 : 3e-3, 3};
+    tu_check_oracle(&f, (tu_oracle)(_i % TU_NORACLES), &fd, v);
     tu_fx_free(&f);
 }
 END_TEST
@@ -132,26 +104,33 @@ START_TEST(relu_net_hessian_and_ggn_diagonal_blocks_agree)
 }
 END_TEST
 
+/* ||F - G|| / ||G|| for the dense MC Fisher (options o) and the GGN of
+ * smooth_net (4 inputs, loss, seed) on n samples (seed dseed). */
+static double mc_fisher_vs_ggn(cv_loss_type loss, uint64_t seed, size_t n, uint64_t dseed,
+                               cv_curv_options o)
+{
+    fixture f;
+    tu_model(&f.m, 4, smooth_net, 5, loss, CV_RED_MEAN, seed);
+    tu_data(&f.d, &f.m, n, dseed);
+    cv_err e;
+    f.c = cv_curv_new(&f.m, &f.d, &o, &e);
+    cv_block_full(&f.m, &f.full);
+    size_t D = f.full.dim;
+    double *F = tu_dense(&f, CV_CURV_FISHER_MC, &f.full);
+    double *G = tu_dense(&f, CV_CURV_GGN, &f.full);
+    double err = tu_relerr(F, G, D * D, 1e-9);
+    free(F);
+    free(G);
+    tu_fx_free(&f);
+    return err;
+}
+
 START_TEST(mc_fisher_converges_to_ggn)
 {
     double errs[2];
     int samples[2] = {1, 4000};
-    for (int s = 0; s < 2; s++) {
-        fixture f;
-        tu_model(&f.m, 4, smooth_net, 5, CV_LOSS_CE, CV_RED_MEAN, 21);
-        tu_data(&f.d, &f.m, 6, 22);
-        cv_curv_options o = {samples[s], 99};
-        cv_err e;
-        f.c = cv_curv_new(&f.m, &f.d, &o, &e);
-        cv_block_full(&f.m, &f.full);
-        size_t D = f.full.dim;
-        double *F = tu_dense(&f, CV_CURV_FISHER_MC, &f.full);
-        double *G = tu_dense(&f, CV_CURV_GGN, &f.full);
-        errs[s] = tu_relerr(F, G, D * D, 1e-9);
-        free(F);
-        free(G);
-        tu_fx_free(&f);
-    }
+    for (int s = 0; s < 2; s++)
+        errs[s] = mc_fisher_vs_ggn(CV_LOSS_CE, 21, 6, 22, (cv_curv_options){samples[s], 99});
     ck_assert_msg(errs[1] < 0.05, "MC Fisher (4000 samples) vs GGN rel err %g", errs[1]);
     ck_assert_msg(errs[0] > 4 * errs[1], "no convergence: %g -> %g", errs[0], errs[1]);
 }
@@ -160,31 +139,10 @@ END_TEST
 START_TEST(mc_fisher_mse_and_bce_converge)
 {
     for (int li = 0; li < 2; li++) {
-        fixture f;
-        tu_model(&f.m, 4, smooth_net, 5, li ? CV_LOSS_BCE : CV_LOSS_MSE, CV_RED_MEAN, 31);
-        tu_data(&f.d, &f.m, 5, 32);
-        cv_curv_options o = {4000, 7};
-        cv_err e;
-        f.c = cv_curv_new(&f.m, &f.d, &o, &e);
-        cv_block_full(&f.m, &f.full);
-        size_t D = f.full.dim;
-        double *F = tu_dense(&f, CV_CURV_FISHER_MC, &f.full);
-        double *G = tu_dense(&f, CV_CURV_GGN, &f.full);
-        double err = tu_relerr(F, G, D * D, 1e-9);
+        double err = mc_fisher_vs_ggn(li ? CV_LOSS_BCE : CV_LOSS_MSE, 31, 5, 32,
+                                      (cv_curv_options){4000, 7});
         ck_assert_msg(err < 0.06, "loss %d: MC Fisher vs GGN rel err %g", li, err);
-        free(F);
-        free(G);
-        tu_fx_free(&f);
     }
-}
-END_TEST
-
-START_TEST(ef_and_per_sample_gradients)
-{
-    fixture f;
-    make_variant(&f, _i);
-    tu_check_per_sample_gradients(&f, "");
-    tu_fx_free(&f);
 }
 END_TEST
 
@@ -394,17 +352,13 @@ END_TEST
 static Suite *curv_suite(void)
 {
     Suite *s = suite_create("curv");
-    TCase *fd = tcase_create("finite_differences");
+    TCase *fd = tcase_create("oracles");
     tcase_set_timeout(fd, 120);
     int nvar = (int)(sizeof acts / sizeof acts[0]) * 6;
-    tcase_add_loop_test(fd, gradient_matches_finite_differences, 0, nvar);
-    tcase_add_loop_test(fd, hessian_matches_fd_of_gradient, 0, nvar);
-    tcase_add_loop_test(fd, ggn_equals_dense_jt_lambda_j, 0, nvar);
+    tcase_add_loop_test(fd, variant_matches_oracles, 0, nvar * TU_NORACLES);
     suite_add_tcase(s, fd);
     TCase *id = tcase_create("identities");
     tcase_set_timeout(id, 120);
-    tcase_add_loop_test(id, all_curvatures_are_symmetric, 0, nvar);
-    tcase_add_loop_test(id, ef_and_per_sample_gradients, 0, nvar);
     tcase_add_test(id, ggn_equals_hessian_for_linear_mse);
     tcase_add_test(id, relu_net_hessian_and_ggn_diagonal_blocks_agree);
     tcase_add_test(id, mc_fisher_converges_to_ggn);

@@ -478,10 +478,12 @@ END_TEST
 
 /* ---- solve and newton ----------------------------------------------------- */
 
-/* ggn: CG with damping 0.1 (PSD + delta I); hessian: MINRES with damping
- * 0.01 (indefinite, nonsingular: no eigenvalue near -0.01), and CG refused. */
-static void solver_for(const net *f, const char **method, double *delta)
+/* Net i and its solver: ggn: CG with damping 0.1 (PSD + delta I); hessian:
+ * MINRES with damping 0.01 (indefinite, nonsingular: no eigenvalue near
+ * -0.01), and CG refused. */
+static void net_with_solver(net *f, int i, const char **method, double *delta)
 {
+    net_make(f, i);
     int ggn = !strcmp(f->kind, "ggn");
     *method = ggn ? "cg" : "minres";
     *delta = ggn ? 0.1 : 0.01;
@@ -507,10 +509,9 @@ static double check_solution(const net *f, const double *A, int n, double delta,
 START_TEST(solve_and_newton_vs_dense)
 {
     net f;
-    net_make(&f, _i);
     const char *method;
     double delta;
-    solver_for(&f, &method, &delta);
+    net_with_solver(&f, _i, &method, &delta);
     int D = f.D;
     cJSON *r = run(&f, "{\"op\":\"solve\",\"curvature\":\"%s\",\"options\":{\"method\":\"%s\","
                        "\"damping\":%g,\"tol\":1e-10,\"max_iter\":1000}}",
@@ -588,10 +589,9 @@ END_TEST
 START_TEST(layer_blocks_equal_diagonal_blocks)
 {
     net f;
-    net_make(&f, _i);
     const char *method;
     double delta;
-    solver_for(&f, &method, &delta);
+    net_with_solver(&f, _i, &method, &delta);
     cJSON *tr = run(&f, "{\"op\":\"diag\",\"curvature\":\"%s\",\"blocks\":\"layer\","
                         "\"options\":{\"method\":\"exact\"}}", f.kind);
     cJSON *hu = run(&f, "{\"op\":\"trace\",\"curvature\":\"%s\",\"blocks\":\"layer\","

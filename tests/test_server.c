@@ -403,6 +403,19 @@ typedef struct {
     cv_jobs *jobs;
 } jfx;
 
+/* A job queue on f's registry (default limits). */
+static cv_jobs *jfx_jobs(jfx *f, int workers, size_t max_queue, double timeout, double keep,
+                         size_t max_kept)
+{
+    cv_jobs_config c = {.workers = workers, .max_queue = max_queue, .job_timeout = timeout,
+                        .keep_s = keep, .max_kept = max_kept};
+    cv_job_limits_default(&c.limits);
+    cv_err e;
+    cv_jobs *jobs = cv_jobs_new(&c, f->reg, &e);
+    ck_assert_ptr_nonnull(jobs);
+    return jobs;
+}
+
 static void jfx_make_keep(jfx *f, int workers, size_t max_queue, double timeout, double keep)
 {
     cv_err e;
@@ -410,16 +423,7 @@ static void jfx_make_keep(jfx *f, int workers, size_t max_queue, double timeout,
     cv_model *m = heap_model(1);
     ck_assert_int_eq(cv_registry_add_dataset(f->reg, "d", heap_data(m, 300), "t", NULL, &e), 0);
     ck_assert_int_eq(cv_registry_add_model(f->reg, "m", m, "t", NULL, &e), 0);
-    cv_jobs_config c;
-    memset(&c, 0, sizeof c);
-    c.workers = workers;
-    c.max_queue = max_queue;
-    c.job_timeout = timeout;
-    c.keep_s = keep;
-    c.max_kept = 1000;
-    cv_job_limits_default(&c.limits);
-    f->jobs = cv_jobs_new(&c, f->reg, &e);
-    ck_assert_ptr_nonnull(f->jobs);
+    f->jobs = jfx_jobs(f, workers, max_queue, timeout, keep, 1000);
 }
 
 static void jfx_make(jfx *f, int workers, size_t max_queue, double timeout)
@@ -460,6 +464,16 @@ static const char *sfield(cJSON *o, const char *a, const char *b)
     if (b)
         v = cJSON_GetObjectItem(v, b);
     return cJSON_IsString(v) ? v->valuestring : "";
+}
+
+/* j's status text says status and, when code is not NULL, error.code. */
+static void expect_status(jfx *f, cv_job *j, const char *status, const char *code)
+{
+    cJSON *s = status_of(f, j);
+    ck_assert_str_eq(sfield(s, "status", NULL), status);
+    if (code)
+        ck_assert_str_eq(sfield(s, "error", "code"), code);
+    cJSON_Delete(s);
 }
 
 #define LONG_JOB                                                                                 \
@@ -549,14 +563,9 @@ START_TEST(jobs_queue_full_cancel_and_drain)
     ck_assert_int_eq(e.status, CV_ECONFLICT);
     /* cancel the queued one, then the running one */
     cv_jobs_cancel(f.jobs, b, 0);
-    cJSON *s = status_of(&f, b);
-    ck_assert_str_eq(sfield(s, "status", NULL), "cancelled");
-    ck_assert_str_eq(sfield(s, "error", "code"), "cancelled");
-    cJSON_Delete(s);
+    expect_status(&f, b, "cancelled", "cancelled");
     cv_jobs_cancel(f.jobs, a, 10);
-    s = status_of(&f, a);
-    ck_assert_str_eq(sfield(s, "status", NULL), "cancelled");
-    cJSON_Delete(s);
+    expect_status(&f, a, "cancelled", NULL);
     cv_job_unref(a);
     cv_job_unref(b);
     ck_assert_int_eq(cv_registry_delete(f.reg, CV_REG_DATASET, "d", &e), 0);
@@ -584,36 +593,20 @@ START_TEST(jobs_time_limit_and_shutdown_cancel)
     cv_err e;
     ck_assert_int_eq(submit(&f, LONG_JOB, &a, &e), 0);
     ck_assert_int_eq(cv_jobs_wait(f.jobs, a, 30), 1);
-    cJSON *s = status_of(&f, a);
-    ck_assert_str_eq(sfield(s, "status", NULL), "failed");
-    ck_assert_str_eq(sfield(s, "error", "code"), "job_timeout");
-    cJSON_Delete(s);
+    expect_status(&f, a, "failed", "job_timeout");
     cv_job_unref(a);
     /* drain cancels the queued job; cancel_running stops the running one */
     cv_jobs_free(f.jobs);
-    cv_jobs_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.workers = 1;
-    cfg.max_queue = 4;
-    cfg.keep_s = 600;
-    cfg.max_kept = 100;
-    cv_job_limits_default(&cfg.limits);
-    f.jobs = cv_jobs_new(&cfg, f.reg, &e);
+    f.jobs = jfx_jobs(&f, 1, 4, 0, 600, 100);
     ck_assert_int_eq(submit(&f, LONG_JOB, &b, &e), 0);
     wait_running(&f, b);
     ck_assert_int_eq(submit(&f, LONG_JOB, &c, &e), 0);
     cv_jobs_drain(f.jobs);
-    s = status_of(&f, c);
-    ck_assert_str_eq(sfield(s, "status", NULL), "cancelled");
-    ck_assert_str_eq(sfield(s, "error", "code"), "shutting_down");
-    cJSON_Delete(s);
+    expect_status(&f, c, "cancelled", "shutting_down");
     ck_assert_int_eq(cv_jobs_wait_idle(f.jobs, 0.05), 1);
     cv_jobs_cancel_running(f.jobs);
     ck_assert_int_eq(cv_jobs_wait_idle(f.jobs, 30), 0);
-    s = status_of(&f, b);
-    ck_assert_str_eq(sfield(s, "status", NULL), "cancelled");
-    ck_assert_str_eq(sfield(s, "error", "code"), "shutting_down");
-    cJSON_Delete(s);
+    expect_status(&f, b, "cancelled", "shutting_down");
     cv_job_unref(b);
     cv_job_unref(c);
     jfx_free(&f);

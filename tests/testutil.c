@@ -5,6 +5,7 @@
  * testutil.h. */
 #include "testutil.h"
 
+#include "api/arch.h"
 #include "engine/loss.h"
 
 int tu_main(Suite *(*make)(void))
@@ -187,6 +188,15 @@ static double *fd_ggn(const tu_fixture *f, double eps)
 
 /* ---- the checks ------------------------------------------------------------- */
 
+/* tu_relerr(got, want, n, floor), freeing both. */
+static double relerr_freeing(double *got, double *want, size_t n, double floor)
+{
+    double err = tu_relerr(got, want, n, floor);
+    free(got);
+    free(want);
+    return err;
+}
+
 double tu_gradient_fd_relerr(tu_fixture *f, double eps)
 {
     size_t D = f->full.dim;
@@ -194,10 +204,7 @@ double tu_gradient_fd_relerr(tu_fixture *f, double eps)
     cv_err e;
     ck_assert_int_eq(cv_curv_gradient(f->c, &f->full, g, &e), 0);
     fd_gradient(f, eps, fd);
-    double err = tu_relerr(g, fd, D, 1e-3);
-    free(g);
-    free(fd);
-    return err;
+    return relerr_freeing(g, fd, D, 1e-3);
 }
 
 double tu_hessian_fd_relerr(tu_fixture *f, uint64_t seed, double eps)
@@ -214,21 +221,15 @@ double tu_hessian_fd_relerr(tu_fixture *f, uint64_t seed, double eps)
     cv_err e;
     ck_assert_int_eq(cv_curv_matvec(f->c, CV_CURV_HESSIAN, &f->full, 1, v, hv, &e), 0);
     fd_hessian_vec(f, v, eps, fd);
-    double err = tu_relerr(hv, fd, D, 1e-3);
     free(v);
-    free(hv);
-    free(fd);
-    return err;
+    return relerr_freeing(hv, fd, D, 1e-3);
 }
 
 double tu_ggn_fd_relerr(tu_fixture *f, double eps)
 {
     size_t D = f->full.dim;
     double *G = fd_ggn(f, eps), *A = tu_dense(f, CV_CURV_GGN, &f->full);
-    double err = tu_relerr(A, G, D * D, 1e-6);
-    free(G);
-    free(A);
-    return err;
+    return relerr_freeing(A, G, D * D, 1e-6);
 }
 
 void tu_check_per_sample_gradients(tu_fixture *f, const char *tag)
@@ -284,6 +285,87 @@ void tu_check_symmetric_psd(tu_fixture *f, const char *tag)
         }
         free(A);
     }
+}
+
+void tu_check_oracle(tu_fixture *f, tu_oracle which, const tu_fd_bounds *b, int variant)
+{
+    char tag[32];
+    snprintf(tag, sizeof tag, "variant %d: ", variant);
+    double err;
+    switch (which) {
+    case TU_ORACLE_GRADIENT:
+        err = tu_gradient_fd_relerr(f, b->grad_eps);
+        ck_assert_msg(err < b->grad_tol, "%sgradient vs FD rel err %g", tag, err);
+        break;
+    case TU_ORACLE_HESSIAN:
+        err = tu_hessian_fd_relerr(f, b->hess_seed, b->eps);
+        ck_assert_msg(err < b->tol, "%sHv vs FD rel err %g", tag, err);
+        break;
+    case TU_ORACLE_GGN:
+        err = tu_ggn_fd_relerr(f, b->eps);
+        ck_assert_msg(err < b->tol, "%sGGN vs dense J^T Lambda J rel err %g", tag, err);
+        break;
+    case TU_ORACLE_SYMMETRIC_PSD:
+        tu_check_symmetric_psd(f, tag);
+        break;
+    case TU_ORACLE_PER_SAMPLE:
+        tu_check_per_sample_gradients(f, tag);
+        break;
+    default:
+        ck_abort_msg("unknown oracle %d", (int)which);
+    }
+}
+
+/* ---- architecture JSON ------------------------------------------------------- */
+
+static void same_tensors(const cv_tensor_info *a, const cv_tensor_info *b, int n)
+{
+    for (int t = 0; t < n; t++) {
+        ck_assert_str_eq(a[t].name, b[t].name);
+        ck_assert_int_eq(a[t].rank, b[t].rank);
+        ck_assert_int_eq(memcmp(a[t].dim, b[t].dim, sizeof a[t].dim), 0);
+        ck_assert_uint_eq(a[t].offset, b[t].offset);
+        ck_assert_uint_eq(a[t].numel, b[t].numel);
+    }
+}
+
+void tu_assert_same_model(const cv_model *a, const cv_model *b, const char *name)
+{
+    ck_assert_int_eq(a->nlayers, b->nlayers);
+    ck_assert_uint_eq(a->nparams_total, b->nparams_total);
+    ck_assert_uint_eq(a->nbuffers_total, b->nbuffers_total);
+    ck_assert_int_eq(a->loss, b->loss);
+    ck_assert_int_eq(a->reduction, b->reduction);
+    for (int i = 0; i < a->nlayers; i++) {
+        const cv_layer *x = &a->layers[i], *y = &b->layers[i];
+        ck_assert_ptr_eq(x->cls, y->cls);
+        ck_assert_msg(memcmp(x->attr.bytes, y->attr.bytes, sizeof x->attr.bytes) == 0,
+                      "%s: layers[%d] attributes differ after export and re-parse", name, i);
+        ck_assert_int_eq(memcmp(&x->in_shape, &y->in_shape, sizeof x->in_shape), 0);
+        ck_assert_int_eq(memcmp(&x->out_shape, &y->out_shape, sizeof x->out_shape), 0);
+        ck_assert_int_eq(x->nparams, y->nparams);
+        ck_assert_int_eq(x->nbuffers, y->nbuffers);
+        same_tensors(x->params, y->params, x->nparams);
+        same_tensors(x->buffers, y->buffers, x->nbuffers);
+    }
+}
+
+char *tu_arch_reparse(const cv_model *m, cv_model *m2, const char *name)
+{
+    cJSON *j = cv_arch_to_json(m);
+    ck_assert_ptr_nonnull(j);
+    char *text = cJSON_PrintUnformatted(j);
+    cJSON_Delete(j);
+    cv_err e;
+    ck_assert_msg(cv_arch_parse(text, strlen(text), m2, &e) == 0, "%s: %s in %s", name,
+                  e.message, text);
+    tu_assert_same_model(m, m2, name);
+    cJSON *j2 = cv_arch_to_json(m2);
+    char *text2 = cJSON_PrintUnformatted(j2);
+    ck_assert_str_eq(text, text2);
+    free(text2);
+    cJSON_Delete(j2);
+    return text;
 }
 
 /* ---- JSON results ------------------------------------------------------------ */

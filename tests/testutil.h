@@ -234,6 +234,35 @@ void tu_check_per_sample_gradients(tu_fixture *f, const char *tag);
  * -1e-5 of the largest).  tag starts the failure messages. */
 void tu_check_symmetric_psd(tu_fixture *f, const char *tag);
 
+/* The oracle checks every variant of a fixture family runs (test_curv's
+ * MLPs, test_cnn's CNNs), one per loop iteration. */
+typedef enum {
+    TU_ORACLE_GRADIENT,      /* tu_gradient_fd_relerr < grad_tol */
+    TU_ORACLE_HESSIAN,       /* tu_hessian_fd_relerr < tol */
+    TU_ORACLE_GGN,           /* tu_ggn_fd_relerr < tol */
+    TU_ORACLE_SYMMETRIC_PSD, /* tu_check_symmetric_psd */
+    TU_ORACLE_PER_SAMPLE,    /* tu_check_per_sample_gradients */
+    TU_NORACLES
+} tu_oracle;
+
+/* Finite-difference steps and bounds for tu_check_oracle. */
+typedef struct {
+    double grad_eps, grad_tol; /* the gradient's step and bound */
+    double eps, tol;           /* H v's and the GGN's */
+    uint64_t hess_seed;        /* H v's direction */
+} tu_fd_bounds;
+
+/* Runs oracle `which` on f; messages start "variant N: ". */
+void tu_check_oracle(tu_fixture *f, tu_oracle which, const tu_fd_bounds *b, int variant);
+
+/* Models a and b are equal: layers, classes, attributes, shapes, tensors,
+ * loss and reduction (name starts the attribute message). */
+void tu_assert_same_model(const cv_model *a, const cv_model *b, const char *name);
+
+/* Exports m as architecture JSON, parses the text into m2 and asserts that
+ * m2 equals m and exports the same text; returns that text (caller frees). */
+char *tu_arch_reparse(const cv_model *m, cv_model *m2, const char *name);
+
 /* The number o[k]; fails the test when it is missing or not a number. */
 double tu_num(const cJSON *o, const char *k);
 

@@ -32,6 +32,26 @@ def close(a, b, rtol, atol=0.0):
     return a is not None and b is not None and abs(a - b) <= rtol * abs(b) + atol
 
 
+def stats(v):
+    """Sample mean, unbiased variance and SNR mean^2 / var (None when var is 0)."""
+    mean, var = float(v.mean()), float(v.var(unbiased=True))
+    return mean, var, (mean * mean / var if var > 0 else None)
+
+
+def snr_direction_matches(dk, gam, je, Lam, N):
+    """One direction dk of an snr result against torch: gam holds the per-sample
+    gammas, lambda_n = N je_n^T Lam_n je_n.  Returns (gamma mean, variance and snr
+    match, lambda's match, torch's gamma mean, lambda mean, lambdas)."""
+    lam = N * torch.einsum("nc,ncd,nd->n", je, Lam, je)
+    gm, gv, gsn = stats(gam)
+    lm, lv, lsn = stats(lam)
+    ok_g = (close(abs(dk["gamma_mean"]), abs(gm), 1e-3, 1e-4 * float(gam.abs().max()))
+            and close(dk["gamma_var"], gv, 1e-3) and close(dk["gamma_snr"], gsn, 1e-3, 1e-6))
+    ok_l = (close(dk["lambda_mean"], lm, 1e-3) and close(dk["lambda_var"], lv, 1e-3)
+            and close(dk["lambda_snr"], lsn, 1e-3))
+    return ok_g, ok_l, gm, lm, lam
+
+
 def make_mlp_case(act, loss, n=12, din=5, hidden=(7, 6), C=3, seed=0):
     """A Linear/act MLP (hidden widths, C outputs), x ~ N(0, 1) (n x din) and targets
     as the loss needs them: class indices (CE), probabilities (BCE) or N(0, 1)."""
