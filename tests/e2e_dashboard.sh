@@ -73,32 +73,7 @@ fi
 ok "chromium available ($("$CHROMIUM" --version 2>/dev/null | head -1))"
 
 # ---- playwright-core (npm) into build/npm ------------------------------------------------------
-NODE=$(command -v node || true)
-NPM=$(command -v npm || true)
-if [ -z "$NODE" ] || [ -z "$NPM" ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then
-    echo "e2e_dashboard: installing nodejs and npm" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm > "$T/apt2.log" 2>&1 || true
-  fi
-  NODE=$(command -v node || true)
-  NPM=$(command -v npm || true)
-fi
-if [ -z "$NODE" ]; then bad "node is missing (apt-get install nodejs npm)"; finish; fi
-NPMDIR="$ROOT/build/npm"
-if [ ! -f "$NPMDIR/node_modules/playwright-core/package.json" ] \
-   || ! cmp -s "$ROOT/clients/dashboard/test/package.json" "$NPMDIR/package.json"; then
-  if [ -z "$NPM" ]; then bad "npm is missing (apt-get install npm)"; finish; fi
-  mkdir -p "$NPMDIR"
-  cp "$ROOT/clients/dashboard/test/package.json" "$ROOT/clients/dashboard/test/package-lock.json" "$NPMDIR/"
-  echo "e2e_dashboard: npm ci playwright-core into build/npm" >&2
-  if ! ( cd "$NPMDIR" && timeout 240 "$NPM" ci --no-audit --no-fund --loglevel=error ) > "$T/npm.log" 2>&1; then
-    ( cd "$NPMDIR" && timeout 240 "$NPM" install --no-audit --no-fund --loglevel=error ) >> "$T/npm.log" 2>&1
-  fi
-fi
-if [ -f "$NPMDIR/node_modules/playwright-core/package.json" ]; then ok "playwright-core installed"; else
-  bad "playwright-core could not be installed: $(tail -5 "$T/npm.log" 2>/dev/null)"
-  finish
-fi
+e2e_npm_install "$ROOT/clients/dashboard/test" "$ROOT/build/npm" playwright-core
 
 # ---- the browser test ---------------------------------------------------------------------------
 mkdir -p "$ROOT/build"

@@ -25,6 +25,7 @@
 #                       status, or 124 when it still runs after SECONDS
 #   e2e_check_alive LOG  the last started daemon still runs (a check)
 #   jtrue FILE EXPR     the Python expression EXPR over d (FILE's JSON) is true
+#   e2e_npm_install PKGDIR DEST MODULE  pinned npm packages for a node test (below)
 #   readme_block NAME   the fenced block after <!-- test: NAME --> in
 #                       README.md, with http://127.0.0.1:8080 and
 #                       localhost:8080 pointed at $BASE
@@ -108,4 +109,36 @@ readme_block() {
     s == 2 && /^```/ { exit }
     s == 2 { print }' "$ROOT/README.md" \
   | sed "s#http://127.0.0.1:8080#$BASE#g; s#localhost:8080#${BASE#http://}#g"
+}
+
+# e2e_npm_install PKGDIR DEST MODULE: node and the npm packages pinned in
+# PKGDIR's package.json + package-lock.json, installed (npm ci) into DEST
+# unless DEST already holds that lock file and node_modules/MODULE.  Installs
+# nodejs and npm with apt-get as root when missing.  Sets NODE and NPMDIR
+# (= DEST); a failure (with the reason) and finish when either cannot be had.
+e2e_npm_install() {
+  NODE=$(command -v node || true)
+  _npm=$(command -v npm || true)
+  if { [ -z "$NODE" ] || [ -z "$_npm" ]; } && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then
+    echo "$(basename "$0"): installing nodejs and npm" >&2
+    { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; } \
+      > "$T/apt-node.log" 2>&1 || true
+    NODE=$(command -v node || true)
+    _npm=$(command -v npm || true)
+  fi
+  if [ -z "$NODE" ]; then bad "node is missing (apt-get install nodejs npm)"; finish; fi
+  NPMDIR=$2
+  if [ ! -f "$NPMDIR/node_modules/$3/package.json" ] || ! cmp -s "$1/package-lock.json" "$NPMDIR/package-lock.json"; then
+    if [ -z "$_npm" ]; then bad "npm is missing (apt-get install npm)"; finish; fi
+    rm -rf "$NPMDIR"
+    mkdir -p "$NPMDIR"
+    cp "$1/package.json" "$1/package-lock.json" "$NPMDIR/"
+    echo "$(basename "$0"): npm ci $3 into $NPMDIR" >&2
+    ( cd "$NPMDIR" && timeout 240 "$_npm" ci --no-audit --no-fund --loglevel=error ) > "$T/npm.log" 2>&1
+  fi
+  if [ -f "$NPMDIR/node_modules/$3/package.json" ]; then ok "$3 installed"; else
+    bad "$3 could not be installed: $(tail -5 "$T/npm.log" 2>/dev/null)"
+    finish
+  fi
 }

@@ -22,35 +22,7 @@ SPEC="$ROOT/api/openapi.yaml"
 TOOLS="$ROOT/tests/openapi"
 
 # ---- node + @apidevtools/swagger-parser into build/npm-openapi ------------------------
-NODE=$(command -v node || true)
-NPM=$(command -v npm || true)
-if [ -z "$NODE" ] || [ -z "$NPM" ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null 2>&1; then
-    echo "e2e_openapi: installing nodejs and npm" >&2
-    { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm; } \
-      > "$T/apt.log" 2>&1 || true
-  fi
-  NODE=$(command -v node || true)
-  NPM=$(command -v npm || true)
-fi
-if [ -z "$NODE" ]; then bad "node is missing (apt-get install nodejs npm)"; finish; fi
-NPMDIR="$ROOT/build/npm-openapi"
-if [ ! -f "$NPMDIR/node_modules/@apidevtools/swagger-parser/package.json" ] \
-   || ! cmp -s "$TOOLS/package-lock.json" "$NPMDIR/package-lock.json"; then
-  if [ -z "$NPM" ]; then bad "npm is missing (apt-get install npm)"; finish; fi
-  rm -rf "$NPMDIR"
-  mkdir -p "$NPMDIR"
-  cp "$TOOLS/package.json" "$TOOLS/package-lock.json" "$NPMDIR/"
-  echo "e2e_openapi: npm ci @apidevtools/swagger-parser into build/npm-openapi" >&2
-  ( cd "$NPMDIR" && timeout 240 "$NPM" ci --no-audit --no-fund --loglevel=error ) > "$T/npm.log" 2>&1
-fi
-if [ -f "$NPMDIR/node_modules/@apidevtools/swagger-parser/package.json" ]; then
-  ok "swagger-parser installed"
-else
-  bad "@apidevtools/swagger-parser could not be installed: $(tail -5 "$T/npm.log" 2>/dev/null)"
-  finish
-fi
+e2e_npm_install "$TOOLS" "$ROOT/build/npm-openapi" @apidevtools/swagger-parser
 validate() { NODE_PATH="$NPMDIR/node_modules" timeout 60 "$NODE" "$TOOLS/validate.js" "$@"; }
 
 # ---- 1. the spec validates; broken copies do not ---------------------------------------
