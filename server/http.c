@@ -2,6 +2,7 @@
  * (accumulated up to the limits of http.h), the route table and dispatch.
  * The handlers are server/handlers_*.c, the helpers they share
  * server/http_req.c (see http_internal.h); routes in api/openapi.yaml. */
+#include "api/suggest.h"
 #include "server/http.h"
 
 #include <arpa/inet.h>
@@ -37,37 +38,42 @@ static conn_state oom_state = {.dispatched = 1};
 typedef struct {
     cv_route_info info;
     void (*fn)(req *r);
+    const char *const *queries; /* the query parameters it reads (NULL: none) */
 } route;
 
+static const char *const Q_JOBS_POST[] = {"wait", "timeout", NULL};
+static const char *const Q_JOB_GET[] = {"wait", NULL};
+static const char *const Q_JOBS_LIST[] = {"status", "model", "dataset", "op", "limit", NULL};
+
 static const route routes[] = {
-    {{"GET", "/v1/health", "Service health and load"}, h_health},
-    {{"GET", "/v1/ops", "Ops and curvature types the engine supports"}, h_ops},
-    {{"GET", "/metrics", "Prometheus metrics"}, h_metrics},
-    {{"GET", "/v1/models", "List models"}, h_models_list},
+    {{"GET", "/v1/health", "Service health and load"}, h_health, NULL},
+    {{"GET", "/v1/ops", "Ops and curvature types the engine supports"}, h_ops, NULL},
+    {{"GET", "/metrics", "Prometheus metrics"}, h_metrics, NULL},
+    {{"GET", "/v1/models", "List models"}, h_models_list, NULL},
     {{"POST", "/v1/models", "Register a model (JSON with base64 parameters, or multipart)"},
-     h_models_post},
-    {{"GET", "/v1/models/{name}", "Describe a model"}, h_model_get},
-    {{"DELETE", "/v1/models/{name}", "Delete a model"}, h_model_delete},
+     h_models_post, NULL},
+    {{"GET", "/v1/models/{name}", "Describe a model"}, h_model_get, NULL},
+    {{"DELETE", "/v1/models/{name}", "Delete a model"}, h_model_delete, NULL},
     {{"GET", "/v1/models/{name}/parameters", "Download the parameters (safetensors)"},
-     h_model_params_get},
+     h_model_params_get, NULL},
     {{"PUT", "/v1/models/{name}/parameters", "Replace the parameters (safetensors body)"},
-     h_model_params_put},
-    {{"GET", "/v1/datasets", "List datasets"}, h_datasets_list},
+     h_model_params_put, NULL},
+    {{"GET", "/v1/datasets", "List datasets"}, h_datasets_list, NULL},
     {{"POST", "/v1/datasets", "Register a dataset (JSON with base64 data, or multipart)"},
-     h_datasets_post},
-    {{"GET", "/v1/datasets/{name}", "Describe a dataset"}, h_dataset_get},
+     h_datasets_post, NULL},
+    {{"GET", "/v1/datasets/{name}", "Describe a dataset"}, h_dataset_get, NULL},
     {{"PUT", "/v1/datasets/{name}", "Create or replace a dataset (safetensors body)"},
-     h_dataset_put},
-    {{"DELETE", "/v1/datasets/{name}", "Delete a dataset"}, h_dataset_delete},
+     h_dataset_put, NULL},
+    {{"DELETE", "/v1/datasets/{name}", "Delete a dataset"}, h_dataset_delete, NULL},
     {{"GET", "/v1/datasets/{name}/data", "Download the dataset (safetensors)"},
-     h_dataset_data_get},
+     h_dataset_data_get, NULL},
     {{"GET", "/v1/jobs", "List jobs (filters: status, model, dataset, op, limit)"},
-     h_jobs_list},
-    {{"POST", "/v1/jobs", "Submit a job"}, h_jobs_post},
-    {{"GET", "/v1/jobs/{id}", "Job status and result"}, h_job_get},
-    {{"DELETE", "/v1/jobs/{id}", "Cancel a job"}, h_job_delete},
-    {{"GET", "/", "Web dashboard (HTML page)"}, h_dashboard_index},
-    {{"GET", "/dashboard/{file}", "Web dashboard static files (JS, CSS)"}, h_dashboard_file},
+     h_jobs_list, Q_JOBS_LIST},
+    {{"POST", "/v1/jobs", "Submit a job"}, h_jobs_post, Q_JOBS_POST},
+    {{"GET", "/v1/jobs/{id}", "Job status and result"}, h_job_get, Q_JOB_GET},
+    {{"DELETE", "/v1/jobs/{id}", "Cancel a job"}, h_job_delete, NULL},
+    {{"GET", "/", "Web dashboard (HTML page)"}, h_dashboard_index, NULL},
+    {{"GET", "/dashboard/{file}", "Web dashboard static files (JS, CSS)"}, h_dashboard_file, NULL},
 };
 #define NROUTES ((int)(sizeof routes / sizeof routes[0]))
 
@@ -76,6 +82,47 @@ int cv_http_route_count(void) { return NROUTES; }
 const cv_route_info *cv_http_route(int i)
 {
     return i >= 0 && i < NROUTES ? &routes[i].info : NULL;
+}
+
+typedef struct {
+    const char *const *known;
+    const char *unknown; /* the first query parameter not in known, or NULL */
+} query_scan;
+
+static enum MHD_Result scan_query(void *cls, enum MHD_ValueKind kind, const char *key,
+                                  const char *value)
+{
+    query_scan *q = cls;
+    for (int i = 0; q->known && q->known[i]; i++)
+        if (strcmp(q->known[i], key) == 0)
+            return MHD_YES;
+    q->unknown = key;
+    return MHD_NO;
+}
+
+/* Answers 400 invalid_query (with a "did you mean" hint) when a request to
+ * the API (/v1/...) has a query parameter the route does not read, so that a
+ * typo such as ?wiat=5 is not silently ignored; returns 1 then.  The
+ * dashboard's files and /metrics ignore query strings (cache busters,
+ * scraper parameters). */
+static int reject_unknown_query(req *r, const route *rt)
+{
+    if (strncmp(rt->info.path, "/v1/", 4) != 0)
+        return 0;
+    query_scan q = {rt->queries, NULL};
+    MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, scan_query, &q);
+    if (!q.unknown)
+        return 0;
+    char known[128] = "", hint[96];
+    for (int i = 0; rt->queries && rt->queries[i]; i++)
+        snprintf(known + strlen(known), sizeof known - strlen(known), "%s%s", i ? ", " : "",
+                 rt->queries[i]);
+    static const char *const none[] = {NULL};
+    cv_suggest_hint(q.unknown, rt->queries ? rt->queries : none, -1, hint, sizeof hint);
+    reply_errf(r, CV_EINVAL, "invalid_query", q.unknown,
+               "unknown query parameter '%.40s' for %s %s (known: %s)%s", q.unknown,
+               rt->info.method, rt->info.path, known[0] ? known : "none", hint);
+    return 1;
 }
 
 /* Matches path against a template; a {x} segment captures one non-empty
@@ -147,7 +194,8 @@ static void dispatch(req *r)
                            param, sizeof param);
                 return;
             }
-            routes[i].fn(r);
+            if (!reject_unknown_query(r, &routes[i]))
+                routes[i].fn(r);
             return;
         }
         if (!strstr(allow, routes[i].info.method)) {

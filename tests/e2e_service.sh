@@ -461,6 +461,11 @@ expect_err "job id of 200 chars 404" 404 not_found GET "/v1/jobs/$LONGNAME"
 expect_err "bad status filter 400" 400 invalid_query GET "/v1/jobs?status=bogus"
 check "bad status filter names every status" jtrue "$T/body" \
   "d['error']['message'] == \"status must be one of queued, running, succeeded, failed, cancelled; got 'bogus'\""
+expect_err "misspelt query parameter 400" 400 invalid_query POST "/v1/jobs?wiat=5" -d '{"op":"loss","model":"m1","dataset":"d1"}'
+check "misspelt query parameter: field and hint" jtrue "$T/body" \
+  "d['error']['field'] == 'wiat' and d['error']['message'].endswith(\"did you mean 'wait'?\")"
+expect_err "query parameter on a route without any 400" 400 invalid_query GET "/v1/health?verbose=1"
+check "dashboard files ignore query strings" sh -c "[ \"\$(curl -s -o /dev/null -w '%{http_code}' '$BASE/dashboard/app.js?v=2')\" = 200 ]"
 check "daemon A still alive" kill -0 "$APID"
 
 # ---- 50 concurrent jobs from 5 clients --------------------------------------
