@@ -2,9 +2,11 @@
  * and the `curvd --help` text printed from the same tables (see cli.h). */
 #include "server/cli.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/suggest.h"
 #include "server/util.h"
 
 /* ---- the tables --------------------------------------------------------------- */
@@ -99,6 +101,16 @@ static const cv_flag *find_flag(const cv_flag *t, const char *name)
         if (strcmp(t->name, name) == 0)
             return t;
     return NULL;
+}
+
+/* "; did you mean '--port'?" for a misspelt flag of table t, or "". */
+static const char *flag_hint(const cv_flag *t, const char *arg, char *buf, size_t len)
+{
+    const char *names[64];
+    int n = 0;
+    for (; t->name && n < 64; t++)
+        names[n++] = t->name;
+    return cv_suggest_hint(arg, names, n, buf, len);
 }
 
 /* Stores value v (NULL for a switch) of flag f into args.  Returns 0, or -1
@@ -197,6 +209,12 @@ int cv_serve_args_parse(cv_serve_args *a, int argc, char **argv)
             return 0;
         }
         const cv_flag *f = find_flag(cv_serve_flags, arg);
+        if (!f && strncmp(arg, "--", 2) == 0) {
+            char m[160], hint[96];
+            snprintf(m, sizeof m, "unknown option '%%s'%s",
+                     flag_hint(cv_serve_flags, arg, hint, sizeof hint));
+            return serve_fail(m, arg);
+        }
         if (f && f->kind == CV_FLAG_SWITCH) {
             set_value(f, a, NULL, &msg);
             continue;
@@ -207,7 +225,7 @@ int cv_serve_args_parse(cv_serve_args *a, int argc, char **argv)
                               arg);
         const char *v = argv[++i];
         if (!f)
-            return serve_fail("unknown option '%s'", arg);
+            return serve_fail("unknown argument '%s'", arg);
         if (set_value(f, a, v, &msg))
             return msg ? serve_fail(msg, v) : serve_fail("bad value for %s", arg);
     }
@@ -232,9 +250,11 @@ int cv_run_args_parse(cv_run_args *a, int argc, char **argv, cv_err *e)
     for (int i = 0; i < argc; i++) {
         const char *arg = argv[i], *msg;
         const cv_flag *f = find_flag(cv_run_flags, arg);
+        char hint[96];
         if (!f)
             return cv_err_set(e, CV_EINVAL, "usage", arg,
-                              "curvd run: unknown argument '%s' (see curvd --help)", arg);
+                              "curvd run: unknown argument '%s'%s (see curvd --help)", arg,
+                              flag_hint(cv_run_flags, arg, hint, sizeof hint));
         if (i + 1 >= argc)
             return cv_err_set(e, CV_EINVAL, "usage", arg, "curvd run: %s needs a value", arg);
         if (set_value(f, a, argv[++i], &msg))

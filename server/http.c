@@ -450,7 +450,8 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
     if (!h->d) {
         free(h);
         cv_err_set(e, CV_EINTERNAL, "listen_failed", "port",
-                   "cannot listen on %s port %d (in use, or not a local address?)",
+                   "cannot listen on %s port %d (in use, or not a local address?); choose "
+                   "another with --port N (make run ARGS=\"--port N\"), or 0 for a free one",
                    c->bind ? c->bind : "127.0.0.1", c->port);
         return NULL;
     }

@@ -1000,6 +1000,14 @@ START_TEST(command_line_errors)
     ck_assert_int_eq(cv_run_args_parse(&r, 2, run_bad, &e), -1);
     ck_assert_str_eq(e.field, "--blas-threads");
     ck_assert_str_eq(e.message, "curvd run: --blas-threads needs a positive integer");
+    char *run_typo[] = {"--arhc", "a"};
+    ck_assert_int_eq(cv_run_args_parse(&r, 2, run_typo, &e), -1);
+    ck_assert_str_eq(e.message,
+                     "curvd run: unknown argument '--arhc'; did you mean '--arch'? (see curvd --help)");
+    /* a misspelt serve flag is refused (exit 2) even when it is the last argument */
+    char *serve_typo[] = {"--prot"};
+    ck_assert_int_eq(cv_serve_args_parse(&a, 1, serve_typo), 2);
+    cv_serve_args_free(&a);
 }
 END_TEST
 
