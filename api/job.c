@@ -270,10 +270,10 @@ static int parse_blocks(const cJSON *b, cv_job_spec *j)
         return 0;
     }
     j->blocks.kind = CV_JOB_BLOCKS_LIST;
-    int ng = cJSON_GetArraySize(b), total = 0, gi = 0, ni = 0;
+    int ng = cJSON_GetArraySize(b), total = 0, gi = 0;
     const cJSON *g, *n;
     cJSON_ArrayForEach(g, b) total += cJSON_GetArraySize(g);
-    j->blocks.group_len = malloc(sizeof(int) * (size_t)ng);
+    j->blocks.group_len = calloc((size_t)ng, sizeof(int));
     j->blocks.names = calloc((size_t)total, sizeof(char *));
     if (!j->blocks.group_len || !j->blocks.names)
         return -1;
@@ -281,7 +281,12 @@ static int parse_blocks(const cJSON *b, cv_job_spec *j)
     cJSON_ArrayForEach(g, b)
     {
         j->blocks.group_len[gi++] = cJSON_GetArraySize(g);
-        cJSON_ArrayForEach(n, g) if (!(j->blocks.names[ni++] = strdup(n->valuestring))) return -1;
+        cJSON_ArrayForEach(n, g)
+        {
+            if (!(j->blocks.names[j->blocks.nnames] = strdup(n->valuestring)))
+                return -1;
+            j->blocks.nnames++;
+        }
     }
     return 0;
 }
@@ -432,10 +437,7 @@ void cv_job_spec_free(cv_job_spec *j)
     free(j->model);
     free(j->dataset);
     free(j->batch.indices);
-    int total = 0;
-    for (int g = 0; g < j->blocks.ngroups; g++)
-        total += j->blocks.group_len[g];
-    for (int i = 0; j->blocks.names && i < total; i++)
+    for (int i = 0; i < j->blocks.nnames; i++)
         free(j->blocks.names[i]);
     free(j->blocks.names);
     free(j->blocks.group_len);

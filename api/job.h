@@ -76,6 +76,7 @@ typedef struct {
         int ngroups;                    /* LIST: groups of parameter names */
         int *group_len;
         char **names;                   /* all groups' names, in order */
+        int nnames;                     /* names copied so far (what cv_job_spec_free frees) */
         cv_block *resolved;             /* after cv_job_bind */
         int nresolved;
     } blocks;

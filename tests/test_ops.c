@@ -53,6 +53,19 @@ static cv_job_spec *accepted(const char *text)
     return j;
 }
 
+/* This binary's strdup: the n-th call from now fails when strdup_fail_in = n
+ * (cv_job_parse's out-of-memory paths); otherwise a plain copy. */
+static int strdup_fail_in;
+
+char *strdup(const char *s)
+{
+    if (strdup_fail_in > 0 && --strdup_fail_in == 0)
+        return NULL;
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    return d ? memcpy(d, s, n) : NULL;
+}
+
 /* ---- suggestions -------------------------------------------------------------- */
 
 START_TEST(edit_distance_and_suggest)
@@ -498,6 +511,39 @@ START_TEST(bind_checks_batch_and_blocks)
 }
 END_TEST
 
+/* A block name that cannot be copied: the job is refused with out_of_memory
+ * and the spec freed with exactly the names copied so far (before the fix
+ * the free summed group lengths not yet written: garbage under ASan or
+ * valgrind). */
+START_TEST(parse_out_of_memory_in_blocks)
+{
+    static const char *const text =
+        "{\"op\":\"trace\",\"blocks\":[[\"0.weight\",\"0.bias\"],[\"2.weight\"],"
+        "[\"2.bias\",\"0.bias\",\"2.weight\"],[\"0.weight\"]]}";
+    cJSON *doc = cJSON_Parse(text);
+    ck_assert_ptr_nonnull(doc);
+    for (int k = 1; k <= 7; k++) {
+        cv_err e;
+        cv_err_clear(&e);
+        strdup_fail_in = k;
+        cv_job_spec *j = cv_job_parse(doc, &e);
+        int left = strdup_fail_in;
+        strdup_fail_in = 0;
+        ck_assert_msg(j == NULL && left == 0, "name %d: %s", k, j ? "accepted" : "not reached");
+        ck_assert_int_eq(e.status, CV_ENOMEM);
+        ck_assert_str_eq(e.code, "out_of_memory");
+    }
+    strdup_fail_in = 8; /* seven names: the eighth call never comes */
+    cv_err e;
+    cv_job_spec *j = cv_job_parse(doc, &e);
+    strdup_fail_in = 0;
+    ck_assert_ptr_nonnull(j);
+    ck_assert_int_eq(j->blocks.nnames, 7);
+    cv_job_spec_free(j);
+    cJSON_Delete(doc);
+}
+END_TEST
+
 /* ---- solve with a given right-hand side -------------------------------------------- */
 
 /* Runs the bound solve job text with rhs b (n numbers) on f; returns the
@@ -668,6 +714,7 @@ static Suite *ops_suite(void)
     tcase_add_test(t, ops_document_shape);
     tcase_add_test(t, results_match_the_table);
     tcase_add_test(t, bind_checks_batch_and_blocks);
+    tcase_add_test(t, parse_out_of_memory_in_blocks);
     tcase_add_test(t, solve_rhs_list);
     suite_add_tcase(s, t);
     return s;
