@@ -14,10 +14,6 @@
 #include "api/ops.h"
 #include "api/suggest.h"
 
-/* The engine's fisher_mc seed is the job seed ^ this (ops_vivit.c draws its
- * Monte Carlo columns with the same seed). */
-#define CV_JOB_CURV_SEED_SALT 0x5eedF15Cull
-
 void cv_job_limits_default(cv_job_limits *l)
 {
     l->dense_max = 4096;
@@ -594,7 +590,7 @@ cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
     if (make_batch(j, d, &batch, e))
         return NULL;
     cv_curv_options co = {((const cv_op_base *)j->opts.args)->mc_samples,
-                          j->seed ^ CV_JOB_CURV_SEED_SALT};
+                          CV_OP_CURV_SEED(j->seed)};
     c.curv = cv_curv_new(m, &batch, &co, e);
     if (!c.curv) {
         cv_dataset_free(&batch);
