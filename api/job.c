@@ -1,8 +1,9 @@
 /* job.c - the job document: parsing it once into a cv_job_spec (every
  * check that needs no model), binding the spec to a model and dataset
- * (batch range, block names), and running it: the engine, the blocks and
- * the result envelope (op, curvature, matvecs, elapsed_s, per-block
- * results).  The ops themselves are table entries (api/ops.h). */
+ * (batch range, block names, the options against the blocks), and running
+ * it: the engine, the blocks and the result envelope (op, curvature,
+ * matvecs, elapsed_s, per-block results).  The ops themselves are table
+ * entries (api/ops.h). */
 #include "job.h"
 
 #include <math.h>
@@ -340,9 +341,9 @@ static const cv_opt_spec *vector_option(const cv_opts *o)
 }
 
 /* A vector option needs exactly one block (nblocks: the job's blocks as far
- * as known; blocks "layer" counts as one until bound) and, at bind (dim > 0:
- * the one block's D), exactly D numbers. */
-static int check_vector_option(const cv_opts *o, int nblocks, size_t dim, cv_err *e)
+ * as known; blocks "layer" counts as one until bound) and, at bind (blk: the
+ * one block; NULL at parse), exactly its D numbers. */
+static int check_vector_option(const cv_opts *o, int nblocks, const cv_block *blk, cv_err *e)
 {
     const cv_opt_spec *s = vector_option(o);
     if (!s)
@@ -355,9 +356,9 @@ static int check_vector_option(const cv_opts *o, int nblocks, size_t dim, cv_err
                           "group of parameter names); the job has %d blocks",
                           f, nblocks);
     int n = ((const cv_opt_choice_list *)((const char *)o->args + s->offset))->list.n;
-    if (dim > 0 && (size_t)n != dim)
+    if (blk && (size_t)n != blk->dim)
         return cv_err_set(e, CV_EINVAL, "invalid_option", f,
-                          "%s has %d numbers; the block has %zu parameters", f, n, dim);
+                          "%s has %d numbers; the block has %zu parameters", f, n, blk->dim);
     return 0;
 }
 
@@ -386,7 +387,7 @@ static int parse_options(const cJSON *opts, cv_job_spec *j, cv_err *e)
         def->defaults(j->opts.args, mi);
     if (cv_opts_store(opts, &j->opts, methods, e) ||
         check_vector_option(&j->opts, j->blocks.kind == CV_JOB_BLOCKS_LIST ? j->blocks.ngroups : 1,
-                            0, e))
+                            NULL, e))
         return -1;
     if (def->check && def->check(&j->opts, j->curvature, e))
         return -1;
@@ -516,7 +517,12 @@ int cv_job_bind(cv_job_spec *j, const cv_model *m, const cv_dataset *d, cv_err *
         return -1;
     }
     j->blocks.nresolved = n;
-    return check_vector_option(&j->opts, n, n == 1 ? j->blocks.resolved[0].dim : 0, e);
+    if (check_vector_option(&j->opts, n, n == 1 ? &j->blocks.resolved[0] : NULL, e))
+        return -1;
+    for (int i = 0; i < n && j->op->bind; i++)
+        if (j->op->bind(&j->opts, &j->blocks.resolved[i], e))
+            return -1;
+    return 0;
 }
 
 /* ---- running ---------------------------------------------------------------- */

@@ -9,8 +9,8 @@
  * option values.  The JSON document is not needed after that.
  * cv_job_bind checks the spec against a model and dataset (the dataset fits
  * the model, the batch lies inside the dataset, block parameter names exist,
- * an option given as a vector over the block has its length) and resolves
- * the blocks; cv_job_exec runs a bound spec.  The HTTP service
+ * an option given as a vector over the block has its length, the op's bind
+ * check of its options against each block) and resolves the blocks; cv_job_exec runs a bound spec.  The HTTP service
  * parses and binds at submit (400 before queueing) and executes in a
  * worker; `curvd run` does the same in one process.
  */

@@ -59,6 +59,17 @@ static int check_matvec(const cv_opts *o, cv_curvature kind, cv_err *e)
     return 0;
 }
 
+/* At bind: a given vector has the block's dimension. */
+static int bind_matvec(const cv_opts *o, const cv_block *b, cv_err *e)
+{
+    const matvec_args *a = o->args;
+    if (cv_opts_given(o, "vector") && (size_t)a->vector.n != b->dim)
+        return cv_err_set(e, CV_EINVAL, "invalid_vector", "options.vector",
+                          "options.vector has %d entries, the block has dimension %zu",
+                          a->vector.n, b->dim);
+    return 0;
+}
+
 static int run_matvec(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     double *v = malloc(sizeof(double) * b->dim), *y = malloc(sizeof(double) * b->dim);
@@ -69,10 +80,9 @@ static int run_matvec(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     }
     const matvec_args *a = c->opts->args;
     if (cv_opts_given(c->opts, "vector")) {
-        if ((size_t)a->vector.n != b->dim) {
-            cv_err_set(e, CV_EINVAL, "invalid_vector", "options.vector",
-                       "options.vector has %d entries, the block has dimension %zu",
-                       a->vector.n, b->dim);
+        if ((size_t)a->vector.n != b->dim) { /* bind_matvec refused it at submit */
+            cv_err_set(e, CV_EINTERNAL, "internal", "options.vector",
+                       "vector not bound to the block");
             goto done;
         }
         memcpy(v, a->vector.v, sizeof(double) * b->dim);
@@ -157,12 +167,12 @@ static const char *const per_sample_results[] = {"per_sample_gradients", NULL};
 
 #define BASE sizeof(plain_args)
 const cv_op_def cv_op_loss = {"loss", no_opts, NULL, BASE, NULL, 0, 0, NULL, run_loss,
-                              loss_results};
+                              loss_results, NULL};
 const cv_op_def cv_op_gradient = {"gradient", no_opts, NULL, BASE, NULL, 0, 1, NULL,
-                                  run_gradient, gradient_results};
+                                  run_gradient, gradient_results, NULL};
 const cv_op_def cv_op_matvec = {"matvec", matvec_opts, NULL, sizeof(matvec_args), NULL, 1, 0,
-                                check_matvec, run_matvec, matvec_results};
+                                check_matvec, run_matvec, matvec_results, bind_matvec};
 const cv_op_def cv_op_dense = {"dense", curv_opts, NULL, BASE, NULL, 1, 1, NULL, run_dense,
-                               dense_results};
+                               dense_results, NULL};
 const cv_op_def cv_op_per_sample = {"per_sample_gradients", no_opts, NULL, BASE, NULL, 0, 1,
-                                    NULL, run_per_sample, per_sample_results};
+                                    NULL, run_per_sample, per_sample_results, NULL};

@@ -198,6 +198,17 @@ static int check_eigen(const cv_opts *opts, cv_curvature kind, cv_err *e)
     return 0;
 }
 
+/* At bind: lanczos and power find k eigenpairs of each block, so k is at
+ * most its dimension (gram returns at most the factor's rank: k caps it). */
+static int bind_eigen(const cv_opts *opts, const cv_block *b, cv_err *e)
+{
+    const cv_eigen_args *a = opts->args;
+    if (a->method != CV_EIGEN_GRAM && (size_t)a->o.k > b->dim)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
+                          "k = %d exceeds the block dimension %zu", a->o.k, b->dim);
+    return 0;
+}
+
 static void eigen_json(const cv_eigen_result *r, const char *method, cv_which which,
                        cJSON *out)
 {
@@ -216,10 +227,7 @@ static int run_eigen(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const cv_eigen_args *a = c->opts->args;
     cv_eigen_options o = a->o;
-    int power = a->method == CV_EIGEN_POWER;
-    if ((size_t)o.k > b->dim)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
-                          "k = %d exceeds the block dimension %zu", o.k, b->dim);
+    int power = a->method == CV_EIGEN_POWER; /* k <= b->dim: bind_eigen */
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_rng r;
@@ -443,14 +451,15 @@ static const char *const newton_results[] = {
     FACTOR_RESULTS, NULL};
 
 const cv_op_def cv_op_trace = {"trace", trace_opts, trace_methods, sizeof(trace_args),
-                               trace_defaults, 1, 1, NULL, NULL, trace_results};
+                               trace_defaults, 1, 1, NULL, NULL, trace_results, NULL};
 const cv_op_def cv_op_diag = {"diag", diag_opts, diag_methods, sizeof(diag_args),
-                              diag_defaults, 1, 1, NULL, NULL, diag_results};
+                              diag_defaults, 1, 1, NULL, NULL, diag_results, NULL};
 const cv_op_def cv_op_eigen = {"eigen", eigen_opts, eigen_methods, sizeof(cv_eigen_args),
-                               eigen_defaults, 1, 1, check_eigen, NULL, eigen_results};
+                               eigen_defaults, 1, 1, check_eigen, NULL, eigen_results,
+                               bind_eigen};
 const cv_op_def cv_op_density = {"density", density_opts, NULL, sizeof(density_args),
-                                 density_defaults, 1, 1, NULL, run_density, density_results};
+                                 density_defaults, 1, 1, NULL, run_density, density_results, NULL};
 const cv_op_def cv_op_solve = {"solve", solve_opts, solve_methods, sizeof(solve_args),
-                               solve_defaults, 1, 1, NULL, NULL, solve_results};
+                               solve_defaults, 1, 1, NULL, NULL, solve_results, NULL};
 const cv_op_def cv_op_newton = {"newton", newton_opts, newton_methods, sizeof(cv_newton_args),
-                                newton_defaults, 1, 1, check_newton, NULL, newton_results};
+                                newton_defaults, 1, 1, check_newton, NULL, newton_results, NULL};

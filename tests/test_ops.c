@@ -511,6 +511,57 @@ START_TEST(bind_checks_batch_and_blocks)
 }
 END_TEST
 
+/* Binding: options whose bounds are sizes of the model are checked against
+ * each bound block at submit (400), not when the job runs: matvec's vector
+ * length, eigen's k for lanczos and power (per block: "layer" refuses a k
+ * above its smallest block); gram's k caps the rank and binds. */
+START_TEST(bind_checks_option_sizes)
+{
+    fixture f;
+    fx_make(&f);
+    static const struct {
+        const char *job, *code, *field, *msg;
+    } bad[] = {
+        {"{\"op\":\"matvec\",\"options\":{\"vector\":[1,2,3]}}", "invalid_vector",
+         "options.vector", "options.vector has 3 entries, the block has dimension 43"},
+        {"{\"op\":\"matvec\",\"blocks\":[[\"2.bias\"]],\"options\":{\"vector\":[1,2]}}",
+         "invalid_vector", "options.vector", "options.vector has 2 entries, the block has "
+         "dimension 3"},
+        {"{\"op\":\"eigen\",\"options\":{\"k\":44}}", "invalid_option", "options.k",
+         "k = 44 exceeds the block dimension 43"},
+        {"{\"op\":\"eigen\",\"blocks\":\"layer\",\"options\":{\"k\":19}}", "invalid_option",
+         "options.k", "k = 19 exceeds the block dimension 18"},
+        {"{\"op\":\"eigen\",\"blocks\":[[\"2.bias\"]],\"options\":{\"method\":\"power\","
+         "\"k\":4}}",
+         "invalid_option", "options.k", "k = 4 exceeds the block dimension 3"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cv_err e;
+        cv_job_spec *j = accepted(bad[i].job);
+        ck_assert_msg(cv_job_bind(j, &f.m, &f.d, &e) == -1, "%s bound", bad[i].job);
+        ck_assert_int_eq(e.status, CV_EINVAL);
+        ck_assert_str_eq(e.code, bad[i].code);
+        ck_assert_str_eq(e.field, bad[i].field);
+        ck_assert_msg(strcmp(e.message, bad[i].msg) == 0, "%s: '%s'", bad[i].job, e.message);
+        cv_job_spec_free(j);
+    }
+    static const char *const good[] = {
+        "{\"op\":\"matvec\",\"blocks\":[[\"2.bias\"]],\"options\":{\"vector\":[1,2,3]}}",
+        "{\"op\":\"matvec\",\"options\":{\"probe_seed\":3}}",
+        "{\"op\":\"eigen\",\"blocks\":\"layer\",\"options\":{\"k\":18}}",
+        "{\"op\":\"eigen\",\"curvature\":\"ggn\",\"options\":{\"method\":\"gram\","
+        "\"k\":50}}",
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        cv_err e;
+        cv_job_spec *j = accepted(good[i]);
+        ck_assert_msg(cv_job_bind(j, &f.m, &f.d, &e) == 0, "%s: %s", good[i], e.message);
+        cv_job_spec_free(j);
+    }
+    fx_free(&f);
+}
+END_TEST
+
 /* A block name that cannot be copied: the job is refused with out_of_memory
  * and the spec freed with exactly the names copied so far (before the fix
  * the free summed group lengths not yet written: garbage under ASan or
@@ -714,6 +765,7 @@ static Suite *ops_suite(void)
     tcase_add_test(t, ops_document_shape);
     tcase_add_test(t, results_match_the_table);
     tcase_add_test(t, bind_checks_batch_and_blocks);
+    tcase_add_test(t, bind_checks_option_sizes);
     tcase_add_test(t, parse_out_of_memory_in_blocks);
     tcase_add_test(t, solve_rhs_list);
     suite_add_tcase(s, t);
