@@ -311,7 +311,7 @@ static int check_method_options(const cv_op_def *def, const cv_opts *o, const ch
 {
     for (int i = 0; def->options[i].name; i++) {
         const cv_opt_spec *s = &def->options[i];
-        if (!(o->given >> i & 1) || !s->methods || cv_opts_in_list(s->methods, method))
+        if (!cv_opts_given_at(o, i) || !s->methods || cv_opts_in_list(s->methods, method))
             continue;
         char names[256], ms[128];
         names_with_methods(def, s->methods, names, sizeof names);
@@ -333,7 +333,7 @@ static const cv_opt_spec *vector_option(const cv_opts *o)
 {
     for (int i = 0; o->specs && o->specs[i].name; i++) {
         const cv_opt_spec *s = &o->specs[i];
-        if (s->type == CV_OPT_ENUM_OR_LIST && (o->given >> i & 1) &&
+        if (s->type == CV_OPT_ENUM_OR_LIST && cv_opts_given_at(o, i) &&
             ((const cv_opt_choice_list *)((const char *)o->args + s->offset))->choice < 0)
             return s;
     }

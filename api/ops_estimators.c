@@ -58,6 +58,7 @@ static const cv_opt_spec trace_opts[] = {
     {"return_samples", CV_OPT_BOOL, 0, 0, NULL, offsetof(trace_args, o.return_samples), NULL},
     CV_OPT_MC(trace_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(trace_opts);
 
 static void trace_defaults(void *p, int method)
 {
@@ -124,6 +125,7 @@ static const cv_opt_spec diag_opts[] = {
      offsetof(diag_args, o.distribution), NULL},
     CV_OPT_MC(diag_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(diag_opts);
 
 static void diag_defaults(void *p, int method) { cv_diag_options_default(&((diag_args *)p)->o); }
 
@@ -174,6 +176,7 @@ static const cv_opt_spec eigen_opts[] = {
     CV_OPT_VIVIT(cv_eigen_args, "gram"),
     CV_OPT_MC(cv_eigen_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(eigen_opts);
 
 static void eigen_defaults(void *p, int method)
 {
@@ -262,6 +265,7 @@ static const cv_opt_spec density_opts[] = {
     {"margin", CV_OPT_NUM, 0, BIG, NULL, DENS(margin), NULL},
     CV_OPT_MC(density_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(density_opts);
 
 static void density_defaults(void *p, int method)
 {
@@ -308,6 +312,7 @@ static const cv_opt_spec solve_opts[] = {
     {"method", CV_OPT_METHOD, 0, 0, NULL, offsetof(solve_args, method), NULL},
     CV_OPT_MC(solve_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(solve_opts);
 
 static void solve_defaults(void *p, int method)
 {
@@ -372,6 +377,7 @@ static const cv_opt_spec newton_opts[] = {
     CV_OPT_VIVIT(cv_newton_args, "vivit"),
     CV_OPT_MC(cv_newton_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(newton_opts);
 
 static void newton_defaults(void *p, int method)
 {

@@ -258,6 +258,7 @@ static const cv_opt_spec snr_opts[] = {
     {"subsample", CV_OPT_NUM, 1e-9, 1, NULL, offsetof(snr_args, vivit.subsample), NULL},
     {"threshold", CV_OPT_NUM, 0, 1e9, NULL, offsetof(snr_args, vivit.threshold), NULL},
     CV_OPT_END};
+CV_OPT_TABLE_FITS(snr_opts);
 
 static void snr_defaults(void *p, int method) { cv_vivit_args_default(&((snr_args *)p)->vivit); }
 

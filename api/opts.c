@@ -235,10 +235,11 @@ int cv_opts_store(const cJSON *options, cv_opts *o, const char *const *methods, 
     cJSON_ArrayForEach(v, options)
     {
         const cv_opt_spec *s = cv_opts_find(o->specs, v->string);
-        uint64_t bit = s ? 1ull << (s - o->specs) : 0;
-        if (!s || (o->given & bit)) /* a repeated name: the first one counts */
+        if (!s || cv_opts_given_at(o, s - o->specs)) /* a repeated name: the first counts */
             continue;
-        o->given |= bit;
+        if (s - o->specs >= CV_OPT_MAX) /* CV_OPT_TABLE_FITS keeps the tables below */
+            return cv_err_set(e, CV_EINTERNAL, "internal", "options", "option table too long");
+        o->given |= 1ull << (s - o->specs);
         if (store_one(v, s, (char *)o->args + s->offset, methods, e))
             return -1;
     }
@@ -265,5 +266,10 @@ void cv_opts_release(cv_opts *o)
 int cv_opts_given(const cv_opts *o, const char *name)
 {
     const cv_opt_spec *s = cv_opts_find(o->specs, name);
-    return s && (o->given >> (s - o->specs) & 1);
+    return s && cv_opts_given_at(o, s - o->specs);
+}
+
+int cv_opts_given_at(const cv_opts *o, long i)
+{
+    return i >= 0 && i < CV_OPT_MAX && (o->given >> i & 1);
 }

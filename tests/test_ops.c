@@ -259,6 +259,39 @@ START_TEST(options_land_in_engine_structs)
 }
 END_TEST
 
+/* cv_opts.given has CV_OPT_MAX bits: every op's table fits, and an entry
+ * beyond the bits is refused by cv_opts_store (before: 1ull << 65, undefined,
+ * on x86 the bit of entry 1) and never reads as given. */
+START_TEST(option_tables_fit_the_given_bits)
+{
+    for (int i = 0; i < cv_op_count(); i++) {
+        int n = 0;
+        while (cv_op_at(i)->options[n].name)
+            n++;
+        ck_assert_msg(n <= CV_OPT_MAX, "op %s has %d options", cv_op_at(i)->name, n);
+    }
+    enum { N = CV_OPT_MAX + 6 };
+    static char names[N][8];
+    cv_opt_spec specs[N + 1];
+    memset(specs, 0, sizeof specs);
+    for (int i = 0; i < N; i++) {
+        snprintf(names[i], sizeof names[i], "o%d", i);
+        specs[i] = (cv_opt_spec){names[i], CV_OPT_INT, 0, 9, NULL, 0, NULL};
+    }
+    int value = 0;
+    cv_opts o = {&value, specs, 0};
+    cJSON *doc = cJSON_Parse("{\"o65\": 3}");
+    cv_err e;
+    cv_err_clear(&e);
+    ck_assert_int_eq(cv_opts_validate(doc, specs, NULL, &e), 0);
+    ck_assert_int_eq(cv_opts_store(doc, &o, NULL, &e), -1);
+    ck_assert_str_eq(e.code, "internal");
+    ck_assert_msg(o.given == 0, "given = %#llx", (unsigned long long)o.given);
+    ck_assert(!cv_opts_given(&o, "o65") && !cv_opts_given(&o, "o1") && !cv_opts_given_at(&o, 65));
+    cJSON_Delete(doc);
+}
+END_TEST
+
 /* ---- GET /v1/ops ---------------------------------------------------------------- */
 
 static void strings(const cJSON *a, const char *what)
@@ -763,6 +796,7 @@ static Suite *ops_suite(void)
     tcase_add_test(t, method_applicability_follows_the_table);
     tcase_add_test(t, options_land_in_engine_structs);
     tcase_add_test(t, ops_document_shape);
+    tcase_add_test(t, option_tables_fit_the_given_bits);
     tcase_add_test(t, results_match_the_table);
     tcase_add_test(t, bind_checks_batch_and_blocks);
     tcase_add_test(t, bind_checks_option_sizes);
