@@ -311,7 +311,12 @@ static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
         if (parse_field(o, obj, &cls->fields[i], L->attr.bytes, e))
             return -1;
     cv_err ce;
+    cv_err_clear(&ce);
     if (cls->check && cls->check(L, &ce)) {
+        if (ce.status == CV_OK) /* a hook that failed without filling ce: a bug */
+            return cv_err_set(e, CV_EINTERNAL, "internal", obj,
+                              "%s: the %s layer check failed without a reason", obj,
+                              cls->name);
         /* the hook names the attribute: prefix the layer's path */
         join(path, sizeof path, obj, ce.field);
         return cv_err_set(e, ce.status, ce.code, path, "%s.%s", obj, ce.message);
