@@ -13,6 +13,7 @@
 
 #include "api/op_util.h"
 #include "api/ops.h"
+#include "api/ops_table.h"
 #include "api/suggest.h"
 
 void cv_job_limits_default(cv_job_limits *l)

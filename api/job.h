@@ -36,7 +36,8 @@ typedef struct {
 void cv_job_limits_default(cv_job_limits *l);
 
 /* The job statuses, in the order of cv_job_status (the one list: the job
- * table, GET /v1/jobs?status= and GET /v1/ops read it). */
+ * table, GET /v1/jobs?status= and GET /v1/ops read it; their names:
+ * cv_job_status_name in api/ops_table.h). */
 #define CV_JOB_STATUSES(X)                                                                 \
     X(CV_JOB_QUEUED, "queued")                                                             \
     X(CV_JOB_RUNNING, "running")                                                           \
@@ -47,9 +48,6 @@ void cv_job_limits_default(cv_job_limits *l);
 #define CV_JOB_STATUS_ENUM_(id, name) id,
 typedef enum { CV_JOB_STATUSES(CV_JOB_STATUS_ENUM_) CV_JOB_NSTATUS } cv_job_status;
 #undef CV_JOB_STATUS_ENUM_
-
-const char *cv_job_status_name(cv_job_status s);
-int cv_job_status_from_name(const char *s); /* -1 if unknown */
 
 struct cv_op_def;
 struct cv_op_method;
@@ -108,9 +106,5 @@ const char *cv_job_op_name(const cv_job_spec *j);
 
 /* {"error": {"code", "message", "field"}} */
 cJSON *cv_err_to_json(const cv_err *e);
-
-/* GET /v1/ops: {"ops", "curvatures", "statuses", "op_specs"} (api/ops_table.c);
- * NULL when out of memory. */
-cJSON *cv_ops_describe(void);
 
 #endif

@@ -7,7 +7,7 @@
  * reads a curvature and honours blocks, its checks against the bound blocks,
  * and the result fields it may write.
  * api/job.c does everything common (parsing, batch, blocks, envelope) and
- * api/ops_table.c lists the ops; the op modules (ops_core.c,
+ * api/ops_table.c lists the ops (api/ops_table.h: the registry); the op modules (ops_core.c,
  * ops_estimators.c, ops_vivit.c) only compute, with api/op_util.h.
  */
 #ifndef CV_OPS_H
@@ -71,19 +71,6 @@ typedef struct cv_op_def {
     const char *const *results;   /* result fields it may write (NULL-terminated) */
     cv_op_bind_fn bind;           /* may be NULL */
 } cv_op_def;
-
-/* ---- the registry (api/ops_table.c) ---- */
-
-/* The op named name, or NULL. */
-const cv_op_def *cv_op_find(const char *name);
-/* The i-th op (0 <= i < cv_op_count()). */
-int cv_op_count(void);
-const cv_op_def *cv_op_at(int i);
-/* Index of the method named name in def's table, or -1; the method count. */
-int cv_op_method_index(const cv_op_def *def, const char *name);
-int cv_op_method_count(const cv_op_def *def);
-/* def's method names into names (max entries, NULL-terminated); returns the count. */
-int cv_op_method_names(const cv_op_def *def, const char **names, int max);
 
 /* ---- the ops (one module each group) ---- */
 

@@ -16,6 +16,7 @@
 #include "api/job.h"
 #include "api/op_args.h"
 #include "api/ops.h"
+#include "api/ops_table.h"
 #include "api/suggest.h"
 #include "engine/rng.h"
 #include "testutil.h"
