@@ -244,7 +244,6 @@ static int parse_batch(const cJSON *b, cv_job_spec *j)
     if (!idx) {
         j->batch.kind = CV_JOB_BATCH_RANGE;
         j->batch.has_offset = off != NULL;
-        j->batch.has_size = size != NULL;
         j->batch.offset = off ? (size_t)off->valuedouble : 0;
         j->batch.size = size ? (size_t)size->valuedouble : 0;
         return 0;
@@ -459,7 +458,7 @@ static int check_batch(const cv_job_spec *j, const cv_dataset *d, cv_err *e)
                                   (int)j->batch.indices[i], d->n);
             }
     } else if (j->batch.kind == CV_JOB_BATCH_RANGE) {
-        double o = (double)j->batch.offset, s = j->batch.has_size ? (double)j->batch.size : 1;
+        double o = (double)j->batch.offset, s = j->batch.size ? (double)j->batch.size : 1;
         if (o >= (double)d->n || o + s > (double)d->n)
             return cv_err_set(e, CV_EINVAL, "invalid_batch",
                               j->batch.has_offset ? "batch.offset" : "batch.size",
@@ -534,7 +533,7 @@ static int make_batch(const cv_job_spec *j, const cv_dataset *d, cv_batch *out, 
         return cv_batch_range(d, 0, d->n, out, e);
     if (j->batch.kind == CV_JOB_BATCH_RANGE) {
         size_t o = j->batch.offset;
-        return cv_batch_range(d, o, j->batch.has_size ? j->batch.size : d->n - o, out, e);
+        return cv_batch_range(d, o, j->batch.size ? j->batch.size : d->n - o, out, e);
     }
     size_t n = j->batch.count;
     size_t *v = malloc(sizeof(size_t) * n);

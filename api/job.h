@@ -64,8 +64,9 @@ typedef struct {
     uint64_t seed;
     struct {
         cv_job_batch_kind kind;
-        size_t offset, size;            /* RANGE: size 0 = to the end */
-        int has_offset, has_size;
+        size_t offset, size;            /* RANGE; size 0: not given (to the end; a
+                                           given size is >= 1) */
+        int has_offset;                 /* offset given (names the error's field) */
         int32_t *indices;               /* INDICES */
         size_t count;
     } batch;

@@ -517,13 +517,20 @@ START_TEST(bind_checks_batch_and_blocks)
     fixture f;
     fx_make(&f);
     static const struct {
-        const char *job, *code, *field;
+        const char *job, *code, *field, *msg;
     } bad[] = {
-        {"{\"op\":\"loss\",\"batch\":{\"offset\":12}}", "invalid_batch", "batch.offset"},
-        {"{\"op\":\"loss\",\"batch\":{\"size\":13}}", "invalid_batch", "batch.size"},
-        {"{\"op\":\"loss\",\"batch\":{\"indices\":[0,12]}}", "invalid_batch", "batch.indices[1]"},
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":12}}", "invalid_batch", "batch.offset",
+         "batch [12, 13) is not inside the dataset's 12 samples"},
+        {"{\"op\":\"loss\",\"batch\":{\"size\":13}}", "invalid_batch", "batch.size",
+         "batch [0, 13) is not inside the dataset's 12 samples"},
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":0,\"size\":13}}", "invalid_batch",
+         "batch.offset", "batch [0, 13) is not inside the dataset's 12 samples"},
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":10,\"size\":3}}", "invalid_batch",
+         "batch.offset", "batch [10, 13) is not inside the dataset's 12 samples"},
+        {"{\"op\":\"loss\",\"batch\":{\"indices\":[0,12]}}", "invalid_batch", "batch.indices[1]",
+         "sample index 12 is beyond the dataset's 12 samples"},
         {"{\"op\":\"trace\",\"blocks\":[[\"0.weight\",\"9.bias\"]]}", "unknown_parameter",
-         "blocks[0][1]"},
+         "blocks[0][1]", "the model has no parameter named '9.bias'"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         cv_err e;
@@ -532,15 +539,30 @@ START_TEST(bind_checks_batch_and_blocks)
         ck_assert_int_eq(cv_job_bind(j, &f.m, &f.d, &e), -1);
         ck_assert_str_eq(e.code, bad[i].code);
         ck_assert_str_eq(e.field, bad[i].field);
+        ck_assert_str_eq(e.message, bad[i].msg);
         cv_job_spec_free(j);
     }
-    cv_err e;
-    cv_job_spec *j = parse("{\"op\":\"loss\",\"batch\":{\"offset\":4,\"size\":8}}", &e);
-    ck_assert_int_eq(cv_job_bind(j, &f.m, &f.d, &e), 0);
-    cJSON *res = cv_job_exec(j, &f.m, &f.d, NULL, NULL, &e);
-    ck_assert_int_eq((int)cJSON_GetObjectItem(res, "batch_size")->valuedouble, 8);
-    cJSON_Delete(res);
-    cv_job_spec_free(j);
+    /* a range: offset+size, offset alone (to the end), size alone (from 0) */
+    static const struct {
+        const char *job;
+        int n;
+    } good[] = {
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":4,\"size\":8}}", 8},
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":5}}", 7},
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":11}}", 1},
+        {"{\"op\":\"loss\",\"batch\":{\"size\":3}}", 3},
+        {"{\"op\":\"loss\",\"batch\":{}}", 12},
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        cv_err e;
+        cv_job_spec *j = parse(good[i].job, &e);
+        ck_assert_int_eq(cv_job_bind(j, &f.m, &f.d, &e), 0);
+        cJSON *res = cv_job_exec(j, &f.m, &f.d, NULL, NULL, &e);
+        ck_assert_msg(res != NULL, "%s: %s", good[i].job, e.message);
+        ck_assert_int_eq((int)cJSON_GetObjectItem(res, "batch_size")->valuedouble, good[i].n);
+        cJSON_Delete(res);
+        cv_job_spec_free(j);
+    }
     fx_free(&f);
 }
 END_TEST
