@@ -38,16 +38,6 @@ static const cJSON *field(const cJSON *job, const char *name)
     return cJSON_GetObjectItemCaseSensitive(job, name);
 }
 
-/* "a, b, c" of n names into buf. */
-static const char *join(const char *const *names, int n, char *buf, size_t len)
-{
-    size_t used = 0;
-    buf[0] = 0;
-    for (int i = 0; i < n && used < len; i++)
-        used += (size_t)snprintf(buf + used, len - used, "%s%s", i ? ", " : "", names[i]);
-    return buf;
-}
-
 /* ---- validation of the document ------------------------------------------- */
 
 static int is_nonneg_int(const cJSON *v)
@@ -181,7 +171,7 @@ static const cv_op_def *find_op(const cJSON *job, cv_err *e)
         names[n] = cv_op_at(n)->name;
     char known[512], hint[96];
     cv_err_set(e, CV_EINVAL, "unknown_op", "op", "unknown op '%s' (known: %s)%s", v->valuestring,
-               join(names, n, known, sizeof known),
+               cv_join_names(names, n, ", ", ", ", known, sizeof known),
                cv_suggest_hint(v->valuestring, names, n, hint, sizeof hint));
     return NULL;
 }
@@ -197,8 +187,8 @@ static int validate_curvature(const cJSON *cu, cv_err *e)
     if (cJSON_IsString(cu))
         cv_suggest_hint(cu->valuestring, names, CV_CURV_COUNT, hint, sizeof hint);
     return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature",
-                      "curvature must be one of %s%s", join(names, CV_CURV_COUNT, known, sizeof known),
-                      hint);
+                      "curvature must be one of %s%s",
+                      cv_join_names(names, CV_CURV_COUNT, ", ", ", ", known, sizeof known), hint);
 }
 
 /* The common fields and the blocks rule; the options come after. */
@@ -291,17 +281,12 @@ static int parse_blocks(const cJSON *b, cv_job_spec *j)
 /* "a", "a and b", "a, b and c" of the options of def with the method list ms. */
 static void names_with_methods(const cv_op_def *def, const char *ms, char *buf, size_t len)
 {
-    int n = 0, k = 0;
-    for (const cv_opt_spec *s = def->options; s->name; s++)
-        n += s->methods && strcmp(s->methods, ms) == 0;
-    size_t used = 0;
-    buf[0] = 0;
-    for (const cv_opt_spec *s = def->options; s->name && used < len; s++)
-        if (s->methods && strcmp(s->methods, ms) == 0) {
-            k++;
-            used += (size_t)snprintf(buf + used, len - used, "%s%s",
-                                     k == 1 ? "" : k == n ? " and " : ", ", s->name);
-        }
+    const char *names[CV_OPT_MAX];
+    int n = 0;
+    for (const cv_opt_spec *s = def->options; s->name && n < CV_OPT_MAX; s++)
+        if (s->methods && strcmp(s->methods, ms) == 0)
+            names[n++] = s->name;
+    cv_join_names(names, n, ", ", " and ", buf, len);
 }
 
 /* Options given for another method than the job's (derived from the

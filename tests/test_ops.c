@@ -82,6 +82,15 @@ START_TEST(edit_distance_and_suggest)
     ck_assert_str_eq(cv_suggest_hint("densty", names, -1, buf, sizeof buf),
                      "; did you mean 'density'?");
     ck_assert_str_eq(cv_suggest_hint("zzzzzzz", names, -1, buf, sizeof buf), "");
+    /* name lists */
+    ck_assert_str_eq(cv_join_names(names, -1, ", ", " and ", buf, sizeof buf),
+                     "trace, diag and density");
+    ck_assert_str_eq(cv_join_names(names, 2, ", ", " and ", buf, sizeof buf), "trace and diag");
+    ck_assert_str_eq(cv_join_names(names, 1, ", ", " and ", buf, sizeof buf), "trace");
+    ck_assert_str_eq(cv_join_names(names, 0, ", ", " and ", buf, sizeof buf), "");
+    ck_assert_str_eq(cv_join_names(NULL, -1, "|", "|", buf, sizeof buf), "");
+    ck_assert_str_eq(cv_join_names(names, 3, "|", "|", buf, sizeof buf), "trace|diag|density");
+    ck_assert_str_eq(cv_join_names(names, 3, ", ", ", ", buf, 9), "trace, d"); /* truncated */
 }
 END_TEST
 
@@ -90,11 +99,14 @@ START_TEST(did_you_mean_ops_options_fields)
     refused("{\"op\":\"trac\"}", "unknown_op", "op", "unknown op 'trac'");
     refused("{\"op\":\"trac\"}", "unknown_op", "op", "did you mean 'trace'?");
     refused("{\"op\":\"eigne\"}", "unknown_op", "op", "did you mean 'eigen'?");
-    refused("{\"op\":\"nope-at-all\"}", "unknown_op", "op", "(known: loss, gradient,");
+    refused("{\"op\":\"nope-at-all\"}", "unknown_op", "op",
+            "unknown op 'nope-at-all' (known: loss, gradient, matvec, dense, "
+            "per_sample_gradients, trace, diag, eigen, density, solve, newton, snr)");
     refused("{\"op\":\"trace\",\"options\":{\"max_probe\":5}}", "unknown_option",
             "options.max_probe", "did you mean 'max_probes'?");
     refused("{\"op\":\"trace\",\"options\":{\"probes\":5}}", "unknown_option", "options.probes",
-            "unknown option 'probes' for this op (known: method, max_probes");
+            "unknown option 'probes' for this op (known: method, max_probes, tol, "
+            "distribution, return_samples, mc_samples)");
     refused("{\"op\":\"eigen\",\"options\":{\"retrun_vectors\":true}}", "unknown_option",
             "options.retrun_vectors", "did you mean 'return_vectors'?");
     refused("{\"op\":\"loss\",\"options\":{\"k\":1}}", "unknown_option", "options.k",
