@@ -77,16 +77,17 @@ static int check_keys(const cJSON *o, const char *obj, const char *what,
                 ok = 1;
         if (ok)
             continue;
-        char known[400] = "", hint[96];
-        size_t used = 0;
-        for (int i = 0; allowed[i]; i++)
-            if (strcmp(allowed[i], "type") != 0 && used < sizeof known)
-                used += (size_t)snprintf(known + used, sizeof known - used, "%s%s",
-                                         used ? ", " : "", allowed[i]);
+        char known[400], hint[96];
+        const char *names[CV_LAYER_MAX_FIELDS + 2]; /* allowed but "type" */
+        int n = 0;
+        for (int i = 0; allowed[i] && n < CV_LAYER_MAX_FIELDS + 2; i++)
+            if (strcmp(allowed[i], "type") != 0)
+                names[n++] = allowed[i];
         cv_suggest_hint(c->string, allowed, -1, hint, sizeof hint);
         return cv_err_set(e, CV_EINVAL, "unknown_field", path,
                           "%s: unknown field for %s (known: %s)%s", path, what,
-                          used ? known : "none", hint);
+                          n ? cv_join_names(names, n, ", ", ", ", known, sizeof known) : "none",
+                          hint);
     }
     return 0;
 }
@@ -291,14 +292,14 @@ static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
         return -1;
     const cv_layer_class *cls = cv_layer_class_find(t->valuestring);
     if (!cls) {
-        char known[600] = "";
-        size_t used = 0;
-        for (int i = 0; i < cv_layer_class_count() && used < sizeof known; i++)
-            used += (size_t)snprintf(known + used, sizeof known - used, "%s%s", i ? ", " : "",
-                                     cv_layer_class_at(i)->name);
+        char known[600];
+        const char *names[128];
+        int n = 0;
+        for (; n < cv_layer_class_count() && n < 128; n++)
+            names[n] = cv_layer_class_at(n)->name;
         return cv_err_set(e, CV_EINVAL, "unknown_layer_type", path,
                           "%s: unknown layer type '%.60s' (supported: %s)", path, t->valuestring,
-                          known);
+                          cv_join_names(names, n, ", ", ", ", known, sizeof known));
     }
     const char *allowed[CV_LAYER_MAX_FIELDS + 2] = {"type"};
     int nf = cls->nfields < CV_LAYER_MAX_FIELDS ? cls->nfields : CV_LAYER_MAX_FIELDS;
@@ -311,7 +312,12 @@ static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
         if (parse_field(o, obj, &cls->fields[i], L->attr.bytes, e))
             return -1;
     cv_err ce;
+    cv_err_clear(&ce);
     if (cls->check && cls->check(L, &ce)) {
+        if (ce.status == CV_OK) /* a hook that failed without filling ce: a bug */
+            return cv_err_set(e, CV_EINTERNAL, "internal", obj,
+                              "%s: the %s layer check failed without a reason", obj,
+                              cls->name);
         /* the hook names the attribute: prefix the layer's path */
         join(path, sizeof path, obj, ce.field);
         return cv_err_set(e, ce.status, ce.code, path, "%s.%s", obj, ce.message);

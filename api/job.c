@@ -1,8 +1,9 @@
 /* job.c - the job document: parsing it once into a cv_job_spec (every
  * check that needs no model), binding the spec to a model and dataset
- * (batch range, block names), and running it: the engine, the blocks and
- * the result envelope (op, curvature, matvecs, elapsed_s, per-block
- * results).  The ops themselves are table entries (api/ops.h). */
+ * (batch range, block names, the options against the blocks), and running
+ * it: the engine, the blocks and the result envelope (op, curvature,
+ * matvecs, elapsed_s, per-block results).  The ops themselves are table
+ * entries (api/ops.h). */
 #include "job.h"
 
 #include <math.h>
@@ -12,11 +13,8 @@
 
 #include "api/op_util.h"
 #include "api/ops.h"
+#include "api/ops_table.h"
 #include "api/suggest.h"
-
-/* The engine's fisher_mc seed is the job seed ^ this (ops_vivit.c draws its
- * Monte Carlo columns with the same seed). */
-#define CV_JOB_CURV_SEED_SALT 0x5eedF15Cull
 
 void cv_job_limits_default(cv_job_limits *l)
 {
@@ -38,16 +36,6 @@ const char *cv_job_op_name(const cv_job_spec *j) { return j->op->name; }
 static const cJSON *field(const cJSON *job, const char *name)
 {
     return cJSON_GetObjectItemCaseSensitive(job, name);
-}
-
-/* "a, b, c" of n names into buf. */
-static const char *join(const char *const *names, int n, char *buf, size_t len)
-{
-    size_t used = 0;
-    buf[0] = 0;
-    for (int i = 0; i < n && used < len; i++)
-        used += (size_t)snprintf(buf + used, len - used, "%s%s", i ? ", " : "", names[i]);
-    return buf;
 }
 
 /* ---- validation of the document ------------------------------------------- */
@@ -183,7 +171,7 @@ static const cv_op_def *find_op(const cJSON *job, cv_err *e)
         names[n] = cv_op_at(n)->name;
     char known[512], hint[96];
     cv_err_set(e, CV_EINVAL, "unknown_op", "op", "unknown op '%s' (known: %s)%s", v->valuestring,
-               join(names, n, known, sizeof known),
+               cv_join_names(names, n, ", ", ", ", known, sizeof known),
                cv_suggest_hint(v->valuestring, names, n, hint, sizeof hint));
     return NULL;
 }
@@ -199,8 +187,8 @@ static int validate_curvature(const cJSON *cu, cv_err *e)
     if (cJSON_IsString(cu))
         cv_suggest_hint(cu->valuestring, names, CV_CURV_COUNT, hint, sizeof hint);
     return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature",
-                      "curvature must be one of %s%s", join(names, CV_CURV_COUNT, known, sizeof known),
-                      hint);
+                      "curvature must be one of %s%s",
+                      cv_join_names(names, CV_CURV_COUNT, ", ", ", ", known, sizeof known), hint);
 }
 
 /* The common fields and the blocks rule; the options come after. */
@@ -246,7 +234,6 @@ static int parse_batch(const cJSON *b, cv_job_spec *j)
     if (!idx) {
         j->batch.kind = CV_JOB_BATCH_RANGE;
         j->batch.has_offset = off != NULL;
-        j->batch.has_size = size != NULL;
         j->batch.offset = off ? (size_t)off->valuedouble : 0;
         j->batch.size = size ? (size_t)size->valuedouble : 0;
         return 0;
@@ -270,10 +257,10 @@ static int parse_blocks(const cJSON *b, cv_job_spec *j)
         return 0;
     }
     j->blocks.kind = CV_JOB_BLOCKS_LIST;
-    int ng = cJSON_GetArraySize(b), total = 0, gi = 0, ni = 0;
+    int ng = cJSON_GetArraySize(b), total = 0, gi = 0;
     const cJSON *g, *n;
     cJSON_ArrayForEach(g, b) total += cJSON_GetArraySize(g);
-    j->blocks.group_len = malloc(sizeof(int) * (size_t)ng);
+    j->blocks.group_len = calloc((size_t)ng, sizeof(int));
     j->blocks.names = calloc((size_t)total, sizeof(char *));
     if (!j->blocks.group_len || !j->blocks.names)
         return -1;
@@ -281,7 +268,12 @@ static int parse_blocks(const cJSON *b, cv_job_spec *j)
     cJSON_ArrayForEach(g, b)
     {
         j->blocks.group_len[gi++] = cJSON_GetArraySize(g);
-        cJSON_ArrayForEach(n, g) if (!(j->blocks.names[ni++] = strdup(n->valuestring))) return -1;
+        cJSON_ArrayForEach(n, g)
+        {
+            if (!(j->blocks.names[j->blocks.nnames] = strdup(n->valuestring)))
+                return -1;
+            j->blocks.nnames++;
+        }
     }
     return 0;
 }
@@ -289,17 +281,12 @@ static int parse_blocks(const cJSON *b, cv_job_spec *j)
 /* "a", "a and b", "a, b and c" of the options of def with the method list ms. */
 static void names_with_methods(const cv_op_def *def, const char *ms, char *buf, size_t len)
 {
-    int n = 0, k = 0;
-    for (const cv_opt_spec *s = def->options; s->name; s++)
-        n += s->methods && strcmp(s->methods, ms) == 0;
-    size_t used = 0;
-    buf[0] = 0;
-    for (const cv_opt_spec *s = def->options; s->name && used < len; s++)
-        if (s->methods && strcmp(s->methods, ms) == 0) {
-            k++;
-            used += (size_t)snprintf(buf + used, len - used, "%s%s",
-                                     k == 1 ? "" : k == n ? " and " : ", ", s->name);
-        }
+    const char *names[CV_OPT_MAX];
+    int n = 0;
+    for (const cv_opt_spec *s = def->options; s->name && n < CV_OPT_MAX; s++)
+        if (s->methods && strcmp(s->methods, ms) == 0)
+            names[n++] = s->name;
+    cv_join_names(names, n, ", ", " and ", buf, len);
 }
 
 /* Options given for another method than the job's (derived from the
@@ -309,7 +296,7 @@ static int check_method_options(const cv_op_def *def, const cv_opts *o, const ch
 {
     for (int i = 0; def->options[i].name; i++) {
         const cv_opt_spec *s = &def->options[i];
-        if (!(o->given >> i & 1) || !s->methods || cv_opts_in_list(s->methods, method))
+        if (!cv_opts_given_at(o, i) || !s->methods || cv_opts_in_list(s->methods, method))
             continue;
         char names[256], ms[128];
         names_with_methods(def, s->methods, names, sizeof names);
@@ -331,7 +318,7 @@ static const cv_opt_spec *vector_option(const cv_opts *o)
 {
     for (int i = 0; o->specs && o->specs[i].name; i++) {
         const cv_opt_spec *s = &o->specs[i];
-        if (s->type == CV_OPT_ENUM_OR_LIST && (o->given >> i & 1) &&
+        if (s->type == CV_OPT_ENUM_OR_LIST && cv_opts_given_at(o, i) &&
             ((const cv_opt_choice_list *)((const char *)o->args + s->offset))->choice < 0)
             return s;
     }
@@ -339,9 +326,9 @@ static const cv_opt_spec *vector_option(const cv_opts *o)
 }
 
 /* A vector option needs exactly one block (nblocks: the job's blocks as far
- * as known; blocks "layer" counts as one until bound) and, at bind (dim > 0:
- * the one block's D), exactly D numbers. */
-static int check_vector_option(const cv_opts *o, int nblocks, size_t dim, cv_err *e)
+ * as known; blocks "layer" counts as one until bound) and, at bind (blk: the
+ * one block; NULL at parse), exactly its D numbers. */
+static int check_vector_option(const cv_opts *o, int nblocks, const cv_block *blk, cv_err *e)
 {
     const cv_opt_spec *s = vector_option(o);
     if (!s)
@@ -354,9 +341,9 @@ static int check_vector_option(const cv_opts *o, int nblocks, size_t dim, cv_err
                           "group of parameter names); the job has %d blocks",
                           f, nblocks);
     int n = ((const cv_opt_choice_list *)((const char *)o->args + s->offset))->list.n;
-    if (dim > 0 && (size_t)n != dim)
+    if (blk && (size_t)n != blk->dim)
         return cv_err_set(e, CV_EINVAL, "invalid_option", f,
-                          "%s has %d numbers; the block has %zu parameters", f, n, dim);
+                          "%s has %d numbers; the block has %zu parameters", f, n, blk->dim);
     return 0;
 }
 
@@ -385,7 +372,7 @@ static int parse_options(const cJSON *opts, cv_job_spec *j, cv_err *e)
         def->defaults(j->opts.args, mi);
     if (cv_opts_store(opts, &j->opts, methods, e) ||
         check_vector_option(&j->opts, j->blocks.kind == CV_JOB_BLOCKS_LIST ? j->blocks.ngroups : 1,
-                            0, e))
+                            NULL, e))
         return -1;
     if (def->check && def->check(&j->opts, j->curvature, e))
         return -1;
@@ -432,10 +419,7 @@ void cv_job_spec_free(cv_job_spec *j)
     free(j->model);
     free(j->dataset);
     free(j->batch.indices);
-    int total = 0;
-    for (int g = 0; g < j->blocks.ngroups; g++)
-        total += j->blocks.group_len[g];
-    for (int i = 0; j->blocks.names && i < total; i++)
+    for (int i = 0; i < j->blocks.nnames; i++)
         free(j->blocks.names[i]);
     free(j->blocks.names);
     free(j->blocks.group_len);
@@ -459,7 +443,7 @@ static int check_batch(const cv_job_spec *j, const cv_dataset *d, cv_err *e)
                                   (int)j->batch.indices[i], d->n);
             }
     } else if (j->batch.kind == CV_JOB_BATCH_RANGE) {
-        double o = (double)j->batch.offset, s = j->batch.has_size ? (double)j->batch.size : 1;
+        double o = (double)j->batch.offset, s = j->batch.size ? (double)j->batch.size : 1;
         if (o >= (double)d->n || o + s > (double)d->n)
             return cv_err_set(e, CV_EINVAL, "invalid_batch",
                               j->batch.has_offset ? "batch.offset" : "batch.size",
@@ -518,7 +502,12 @@ int cv_job_bind(cv_job_spec *j, const cv_model *m, const cv_dataset *d, cv_err *
         return -1;
     }
     j->blocks.nresolved = n;
-    return check_vector_option(&j->opts, n, n == 1 ? j->blocks.resolved[0].dim : 0, e);
+    if (check_vector_option(&j->opts, n, n == 1 ? &j->blocks.resolved[0] : NULL, e))
+        return -1;
+    for (int i = 0; i < n && j->op->bind; i++)
+        if (j->op->bind(&j->opts, &j->blocks.resolved[i], e))
+            return -1;
+    return 0;
 }
 
 /* ---- running ---------------------------------------------------------------- */
@@ -529,7 +518,7 @@ static int make_batch(const cv_job_spec *j, const cv_dataset *d, cv_batch *out, 
         return cv_batch_range(d, 0, d->n, out, e);
     if (j->batch.kind == CV_JOB_BATCH_RANGE) {
         size_t o = j->batch.offset;
-        return cv_batch_range(d, o, j->batch.has_size ? j->batch.size : d->n - o, out, e);
+        return cv_batch_range(d, o, j->batch.size ? j->batch.size : d->n - o, out, e);
     }
     size_t n = j->batch.count;
     size_t *v = malloc(sizeof(size_t) * n);
@@ -592,7 +581,7 @@ cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
     if (make_batch(j, d, &batch, e))
         return NULL;
     cv_curv_options co = {((const cv_op_base *)j->opts.args)->mc_samples,
-                          j->seed ^ CV_JOB_CURV_SEED_SALT};
+                          CV_OP_CURV_SEED(j->seed)};
     c.curv = cv_curv_new(m, &batch, &co, e);
     if (!c.curv) {
         cv_dataset_free(&batch);

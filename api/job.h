@@ -9,8 +9,8 @@
  * option values.  The JSON document is not needed after that.
  * cv_job_bind checks the spec against a model and dataset (the dataset fits
  * the model, the batch lies inside the dataset, block parameter names exist,
- * an option given as a vector over the block has its length) and resolves
- * the blocks; cv_job_exec runs a bound spec.  The HTTP service
+ * an option given as a vector over the block has its length, the op's bind
+ * check of its options against each block) and resolves the blocks; cv_job_exec runs a bound spec.  The HTTP service
  * parses and binds at submit (400 before queueing) and executes in a
  * worker; `curvd run` does the same in one process.
  */
@@ -36,7 +36,8 @@ typedef struct {
 void cv_job_limits_default(cv_job_limits *l);
 
 /* The job statuses, in the order of cv_job_status (the one list: the job
- * table, GET /v1/jobs?status= and GET /v1/ops read it). */
+ * table, GET /v1/jobs?status= and GET /v1/ops read it; their names:
+ * cv_job_status_name in api/ops_table.h). */
 #define CV_JOB_STATUSES(X)                                                                 \
     X(CV_JOB_QUEUED, "queued")                                                             \
     X(CV_JOB_RUNNING, "running")                                                           \
@@ -47,9 +48,6 @@ void cv_job_limits_default(cv_job_limits *l);
 #define CV_JOB_STATUS_ENUM_(id, name) id,
 typedef enum { CV_JOB_STATUSES(CV_JOB_STATUS_ENUM_) CV_JOB_NSTATUS } cv_job_status;
 #undef CV_JOB_STATUS_ENUM_
-
-const char *cv_job_status_name(cv_job_status s);
-int cv_job_status_from_name(const char *s); /* -1 if unknown */
 
 struct cv_op_def;
 struct cv_op_method;
@@ -66,8 +64,9 @@ typedef struct {
     uint64_t seed;
     struct {
         cv_job_batch_kind kind;
-        size_t offset, size;            /* RANGE: size 0 = to the end */
-        int has_offset, has_size;
+        size_t offset, size;            /* RANGE; size 0: not given (to the end; a
+                                           given size is >= 1) */
+        int has_offset;                 /* offset given (names the error's field) */
         int32_t *indices;               /* INDICES */
         size_t count;
     } batch;
@@ -76,6 +75,7 @@ typedef struct {
         int ngroups;                    /* LIST: groups of parameter names */
         int *group_len;
         char **names;                   /* all groups' names, in order */
+        int nnames;                     /* names copied so far (what cv_job_spec_free frees) */
         cv_block *resolved;             /* after cv_job_bind */
         int nresolved;
     } blocks;
@@ -107,9 +107,5 @@ const char *cv_job_op_name(const cv_job_spec *j);
 
 /* {"error": {"code", "message", "field"}} */
 cJSON *cv_err_to_json(const cv_err *e);
-
-/* GET /v1/ops: {"ops", "curvatures", "statuses", "op_specs"} (api/ops_table.c);
- * NULL when out of memory. */
-cJSON *cv_ops_describe(void);
 
 #endif

@@ -1,4 +1,5 @@
-/* op_util.h - helpers every op module uses: the op's curvature as a linop,
+/* op_util.h - helpers every op module uses: the engine's curvature seed,
+ * the op's curvature as a linop,
  * the actual loss change of a step, and result JSON (double arrays, a
  * block's parameter names; the job runner's "params" too).
  * (Shared here so that the op modules depend on this file, not on each
@@ -9,6 +10,11 @@
 #include <cJSON.h>
 
 #include "api/ops.h"
+
+/* The seed of the engine's fisher_mc draws for job seed s: api/job.c builds
+ * the engine with it and ops_vivit.c draws its Monte Carlo factor columns
+ * with it, so that those columns are the engine's fisher_mc exactly. */
+#define CV_OP_CURV_SEED(s) ((uint64_t)(s) ^ 0x5eedF15Cull)
 
 /* A linop for the op's curvature on block b (ctx storage is the caller's). */
 void cv_op_linop(cv_op_ctx *c, const cv_block *b, cv_linop *op, cv_curv_linop_ctx *lctx);

@@ -4,9 +4,10 @@
  * land in the op's argument struct), its methods (a table of cv_op_method,
  * each with its run function and its own submit-time checks; which options
  * apply to which method is the option table's `methods` column), whether it
- * reads a curvature and honours blocks, and the result fields it may write.
+ * reads a curvature and honours blocks, its checks against the bound blocks,
+ * and the result fields it may write.
  * api/job.c does everything common (parsing, batch, blocks, envelope) and
- * api/ops_table.c lists the ops; the op modules (ops_core.c,
+ * api/ops_table.c lists the ops (api/ops_table.h: the registry); the op modules (ops_core.c,
  * ops_estimators.c, ops_vivit.c) only compute, with api/op_util.h.
  */
 #ifndef CV_OPS_H
@@ -45,6 +46,10 @@ typedef struct {
 typedef int (*cv_op_run_fn)(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e);
 /* Submit-time check of option combinations (kind: the job's curvature). */
 typedef int (*cv_op_check_fn)(const cv_opts *o, cv_curvature kind, cv_err *e);
+/* Submit-time check of the options against one of the job's blocks, once
+ * cv_job_bind has resolved them on the model (sizes: a vector's length, a
+ * count bounded by the dimension); called for every block. */
+typedef int (*cv_op_bind_fn)(const cv_opts *o, const cv_block *b, cv_err *e);
 
 typedef struct cv_op_method {
     const char *name;
@@ -64,20 +69,8 @@ typedef struct cv_op_def {
     cv_op_check_fn check;         /* may be NULL */
     cv_op_run_fn run;             /* ops without methods */
     const char *const *results;   /* result fields it may write (NULL-terminated) */
+    cv_op_bind_fn bind;           /* may be NULL */
 } cv_op_def;
-
-/* ---- the registry (api/ops_table.c) ---- */
-
-/* The op named name, or NULL. */
-const cv_op_def *cv_op_find(const char *name);
-/* The i-th op (0 <= i < cv_op_count()). */
-int cv_op_count(void);
-const cv_op_def *cv_op_at(int i);
-/* Index of the method named name in def's table, or -1; the method count. */
-int cv_op_method_index(const cv_op_def *def, const char *name);
-int cv_op_method_count(const cv_op_def *def);
-/* def's method names into names (max entries, NULL-terminated); returns the count. */
-int cv_op_method_names(const cv_op_def *def, const char **names, int max);
 
 /* ---- the ops (one module each group) ---- */
 

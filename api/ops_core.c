@@ -19,12 +19,15 @@ typedef struct {
 } matvec_args;
 
 static const cv_opt_spec no_opts[] = {CV_OPT_END};
+CV_OPT_TABLE_FITS(no_opts);
 static const cv_opt_spec curv_opts[] = {CV_OPT_MC(plain_args), CV_OPT_END};
+CV_OPT_TABLE_FITS(curv_opts);
 static const cv_opt_spec matvec_opts[] = {
     {"vector", CV_OPT_LIST, 0, 0, NULL, offsetof(matvec_args, vector), NULL},
     {"probe_seed", CV_OPT_U64, 0, 9.007e15, NULL, offsetof(matvec_args, probe_seed), NULL},
     CV_OPT_MC(matvec_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(matvec_opts);
 
 static int run_loss(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
@@ -59,6 +62,17 @@ static int check_matvec(const cv_opts *o, cv_curvature kind, cv_err *e)
     return 0;
 }
 
+/* At bind: a given vector has the block's dimension. */
+static int bind_matvec(const cv_opts *o, const cv_block *b, cv_err *e)
+{
+    const matvec_args *a = o->args;
+    if (cv_opts_given(o, "vector") && (size_t)a->vector.n != b->dim)
+        return cv_err_set(e, CV_EINVAL, "invalid_vector", "options.vector",
+                          "options.vector has %d entries, the block has dimension %zu",
+                          a->vector.n, b->dim);
+    return 0;
+}
+
 static int run_matvec(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     double *v = malloc(sizeof(double) * b->dim), *y = malloc(sizeof(double) * b->dim);
@@ -69,10 +83,9 @@ static int run_matvec(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     }
     const matvec_args *a = c->opts->args;
     if (cv_opts_given(c->opts, "vector")) {
-        if ((size_t)a->vector.n != b->dim) {
-            cv_err_set(e, CV_EINVAL, "invalid_vector", "options.vector",
-                       "options.vector has %d entries, the block has dimension %zu",
-                       a->vector.n, b->dim);
+        if ((size_t)a->vector.n != b->dim) { /* bind_matvec refused it at submit */
+            cv_err_set(e, CV_EINTERNAL, "internal", "options.vector",
+                       "vector not bound to the block");
             goto done;
         }
         memcpy(v, a->vector.v, sizeof(double) * b->dim);
@@ -157,12 +170,12 @@ static const char *const per_sample_results[] = {"per_sample_gradients", NULL};
 
 #define BASE sizeof(plain_args)
 const cv_op_def cv_op_loss = {"loss", no_opts, NULL, BASE, NULL, 0, 0, NULL, run_loss,
-                              loss_results};
+                              loss_results, NULL};
 const cv_op_def cv_op_gradient = {"gradient", no_opts, NULL, BASE, NULL, 0, 1, NULL,
-                                  run_gradient, gradient_results};
+                                  run_gradient, gradient_results, NULL};
 const cv_op_def cv_op_matvec = {"matvec", matvec_opts, NULL, sizeof(matvec_args), NULL, 1, 0,
-                                check_matvec, run_matvec, matvec_results};
+                                check_matvec, run_matvec, matvec_results, bind_matvec};
 const cv_op_def cv_op_dense = {"dense", curv_opts, NULL, BASE, NULL, 1, 1, NULL, run_dense,
-                               dense_results};
+                               dense_results, NULL};
 const cv_op_def cv_op_per_sample = {"per_sample_gradients", no_opts, NULL, BASE, NULL, 0, 1,
-                                    NULL, run_per_sample, per_sample_results};
+                                    NULL, run_per_sample, per_sample_results, NULL};

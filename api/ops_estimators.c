@@ -58,6 +58,7 @@ static const cv_opt_spec trace_opts[] = {
     {"return_samples", CV_OPT_BOOL, 0, 0, NULL, offsetof(trace_args, o.return_samples), NULL},
     CV_OPT_MC(trace_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(trace_opts);
 
 static void trace_defaults(void *p, int method)
 {
@@ -124,6 +125,7 @@ static const cv_opt_spec diag_opts[] = {
      offsetof(diag_args, o.distribution), NULL},
     CV_OPT_MC(diag_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(diag_opts);
 
 static void diag_defaults(void *p, int method) { cv_diag_options_default(&((diag_args *)p)->o); }
 
@@ -174,6 +176,7 @@ static const cv_opt_spec eigen_opts[] = {
     CV_OPT_VIVIT(cv_eigen_args, "gram"),
     CV_OPT_MC(cv_eigen_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(eigen_opts);
 
 static void eigen_defaults(void *p, int method)
 {
@@ -198,6 +201,17 @@ static int check_eigen(const cv_opts *opts, cv_curvature kind, cv_err *e)
     return 0;
 }
 
+/* At bind: lanczos and power find k eigenpairs of each block, so k is at
+ * most its dimension (gram returns at most the factor's rank: k caps it). */
+static int bind_eigen(const cv_opts *opts, const cv_block *b, cv_err *e)
+{
+    const cv_eigen_args *a = opts->args;
+    if (a->method != CV_EIGEN_GRAM && (size_t)a->o.k > b->dim)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
+                          "k = %d exceeds the block dimension %zu", a->o.k, b->dim);
+    return 0;
+}
+
 static void eigen_json(const cv_eigen_result *r, const char *method, cv_which which,
                        cJSON *out)
 {
@@ -216,10 +230,7 @@ static int run_eigen(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const cv_eigen_args *a = c->opts->args;
     cv_eigen_options o = a->o;
-    int power = a->method == CV_EIGEN_POWER;
-    if ((size_t)o.k > b->dim)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
-                          "k = %d exceeds the block dimension %zu", o.k, b->dim);
+    int power = a->method == CV_EIGEN_POWER; /* k <= b->dim: bind_eigen */
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_rng r;
@@ -254,6 +265,7 @@ static const cv_opt_spec density_opts[] = {
     {"margin", CV_OPT_NUM, 0, BIG, NULL, DENS(margin), NULL},
     CV_OPT_MC(density_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(density_opts);
 
 static void density_defaults(void *p, int method)
 {
@@ -300,6 +312,7 @@ static const cv_opt_spec solve_opts[] = {
     {"method", CV_OPT_METHOD, 0, 0, NULL, offsetof(solve_args, method), NULL},
     CV_OPT_MC(solve_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(solve_opts);
 
 static void solve_defaults(void *p, int method)
 {
@@ -364,6 +377,7 @@ static const cv_opt_spec newton_opts[] = {
     CV_OPT_VIVIT(cv_newton_args, "vivit"),
     CV_OPT_MC(cv_newton_args),
     CV_OPT_END};
+CV_OPT_TABLE_FITS(newton_opts);
 
 static void newton_defaults(void *p, int method)
 {
@@ -443,14 +457,15 @@ static const char *const newton_results[] = {
     FACTOR_RESULTS, NULL};
 
 const cv_op_def cv_op_trace = {"trace", trace_opts, trace_methods, sizeof(trace_args),
-                               trace_defaults, 1, 1, NULL, NULL, trace_results};
+                               trace_defaults, 1, 1, NULL, NULL, trace_results, NULL};
 const cv_op_def cv_op_diag = {"diag", diag_opts, diag_methods, sizeof(diag_args),
-                              diag_defaults, 1, 1, NULL, NULL, diag_results};
+                              diag_defaults, 1, 1, NULL, NULL, diag_results, NULL};
 const cv_op_def cv_op_eigen = {"eigen", eigen_opts, eigen_methods, sizeof(cv_eigen_args),
-                               eigen_defaults, 1, 1, check_eigen, NULL, eigen_results};
+                               eigen_defaults, 1, 1, check_eigen, NULL, eigen_results,
+                               bind_eigen};
 const cv_op_def cv_op_density = {"density", density_opts, NULL, sizeof(density_args),
-                                 density_defaults, 1, 1, NULL, run_density, density_results};
+                                 density_defaults, 1, 1, NULL, run_density, density_results, NULL};
 const cv_op_def cv_op_solve = {"solve", solve_opts, solve_methods, sizeof(solve_args),
-                               solve_defaults, 1, 1, NULL, NULL, solve_results};
+                               solve_defaults, 1, 1, NULL, NULL, solve_results, NULL};
 const cv_op_def cv_op_newton = {"newton", newton_opts, newton_methods, sizeof(cv_newton_args),
-                                newton_defaults, 1, 1, check_newton, NULL, newton_results};
+                                newton_defaults, 1, 1, check_newton, NULL, newton_results, NULL};

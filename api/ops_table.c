@@ -7,6 +7,7 @@
 
 #include "api/job.h"
 #include "api/ops.h"
+#include "api/ops_table.h"
 #include "engine/names.h"
 
 static const cv_op_def *const op_table[] = {

@@ -29,9 +29,6 @@
 #include "api/ops.h"
 #include "engine/vivit.h"
 
-/* cv_job_run seeds the engine (fisher_mc draws) with seed ^ this; the MC
- * columns use the same seed so they are the engine's fisher_mc exactly. */
-#define CV_VIVIT_CURV_SEED(s) ((s) ^ 0x5eedF15Cull)
 #define CV_VIVIT_SUB_SALT 0x5b5a3c1d2e4f6071ull
 #define CV_VIVIT_BOOT_SALT 0xb0075a3917ull
 
@@ -94,7 +91,7 @@ static int build(cv_op_ctx *c, const cv_block *b, const cv_vivit_args *va, int *
     cv_vivit_options_default(&o);
     int mc = c->kind == CV_CURV_FISHER_MC || va->mc;
     o.mc = mc ? ((const cv_op_base *)c->opts->args)->mc_samples : 0;
-    o.mc_seed = CV_VIVIT_CURV_SEED(c->seed);
+    o.mc_seed = CV_OP_CURV_SEED(c->seed); /* the engine's fisher_mc draws */
     o.threshold = va->threshold;
     o.progress = c->progress;
     double frac = va->subsample;
@@ -261,6 +258,7 @@ static const cv_opt_spec snr_opts[] = {
     {"subsample", CV_OPT_NUM, 1e-9, 1, NULL, offsetof(snr_args, vivit.subsample), NULL},
     {"threshold", CV_OPT_NUM, 0, 1e9, NULL, offsetof(snr_args, vivit.threshold), NULL},
     CV_OPT_END};
+CV_OPT_TABLE_FITS(snr_opts);
 
 static void snr_defaults(void *p, int method) { cv_vivit_args_default(&((snr_args *)p)->vivit); }
 
@@ -484,4 +482,4 @@ static const char *const snr_results[] = {
     "gsnr",    "gamma",             "lambda",     NULL};
 
 const cv_op_def cv_op_snr = {"snr",     snr_opts, NULL,      sizeof(snr_args), snr_defaults,
-                             1,         1,        check_snr, run_snr,          snr_results};
+                             1,         1,        check_snr, run_snr,          snr_results, NULL};

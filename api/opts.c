@@ -45,20 +45,12 @@ const char *cv_opt_type_name(cv_opt_type t)
     return "?";
 }
 
-/* "a|b|c" of the method names into buf. */
-static const char *join_methods(const char *const *methods, char *buf, size_t len)
-{
-    size_t used = 0;
-    buf[0] = 0;
-    for (int i = 0; methods && methods[i] && used < len; i++)
-        used += (size_t)snprintf(buf + used, len - used, "%s%s", i ? "|" : "", methods[i]);
-    return buf;
-}
-
+/* The choices of s: "a|b|c", the op's method names for CV_OPT_METHOD. */
 static const char *spec_choices(const cv_opt_spec *s, const char *const *methods, char *buf,
                                 size_t len)
 {
-    return s->type == CV_OPT_METHOD ? join_methods(methods, buf, len) : s->choices;
+    return s->type == CV_OPT_METHOD ? cv_join_names(methods, -1, "|", "|", buf, len)
+                                    : s->choices;
 }
 
 static int check_number(const cJSON *v, const cv_opt_spec *s, int integer, const char *field,
@@ -144,21 +136,17 @@ const cv_opt_spec *cv_opts_find(const cv_opt_spec *specs, const char *name)
 
 static int unknown_option(const char *name, const cv_opt_spec *specs, cv_err *e)
 {
-    char known[512] = "", hint[96];
+    char known[512], hint[96];
     const char *names[CV_OPT_MAX];
     int n = 0;
-    size_t used = 0;
-    for (const cv_opt_spec *t = specs; t->name && n < CV_OPT_MAX; t++) {
+    for (const cv_opt_spec *t = specs; t->name && n < CV_OPT_MAX; t++)
         names[n++] = t->name;
-        if (used < sizeof known)
-            used += (size_t)snprintf(known + used, sizeof known - used, "%s%s", used ? ", " : "",
-                                     t->name);
-    }
     char field[96];
     snprintf(field, sizeof field, "options.%s", name);
     return cv_err_set(e, CV_EINVAL, "unknown_option", field,
                       "unknown option '%s' for this op (known: %s)%s", name,
-                      used ? known : "none", cv_suggest_hint(name, names, n, hint, sizeof hint));
+                      n ? cv_join_names(names, n, ", ", ", ", known, sizeof known) : "none",
+                      cv_suggest_hint(name, names, n, hint, sizeof hint));
 }
 
 int cv_opts_validate(const cJSON *options, const cv_opt_spec *specs,
@@ -235,10 +223,11 @@ int cv_opts_store(const cJSON *options, cv_opts *o, const char *const *methods, 
     cJSON_ArrayForEach(v, options)
     {
         const cv_opt_spec *s = cv_opts_find(o->specs, v->string);
-        uint64_t bit = s ? 1ull << (s - o->specs) : 0;
-        if (!s || (o->given & bit)) /* a repeated name: the first one counts */
+        if (!s || cv_opts_given_at(o, s - o->specs)) /* a repeated name: the first counts */
             continue;
-        o->given |= bit;
+        if (s - o->specs >= CV_OPT_MAX) /* CV_OPT_TABLE_FITS keeps the tables below */
+            return cv_err_set(e, CV_EINTERNAL, "internal", "options", "option table too long");
+        o->given |= 1ull << (s - o->specs);
         if (store_one(v, s, (char *)o->args + s->offset, methods, e))
             return -1;
     }
@@ -265,5 +254,10 @@ void cv_opts_release(cv_opts *o)
 int cv_opts_given(const cv_opts *o, const char *name)
 {
     const cv_opt_spec *s = cv_opts_find(o->specs, name);
-    return s && (o->given >> (s - o->specs) & 1);
+    return s && cv_opts_given_at(o, s - o->specs);
+}
+
+int cv_opts_given_at(const cv_opts *o, long i)
+{
+    return i >= 0 && i < CV_OPT_MAX && (o->given >> i & 1);
 }

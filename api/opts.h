@@ -75,6 +75,13 @@ typedef struct {
 
 #define CV_OPT_MAX 64      /* entries per table (bits of cv_opts.given) */
 
+/* Compile-time guard, after each option table t (an array ending with
+ * {NULL}): at most CV_OPT_MAX options.  cv_opts_store refuses an entry
+ * beyond it (internal error) in any case. */
+#define CV_OPT_TABLE_FITS(t)                                                                \
+    _Static_assert(sizeof(t) / sizeof((t)[0]) <= CV_OPT_MAX + 1,                           \
+                   #t " has more than CV_OPT_MAX options")
+
 /* Type and range check of every entry of options (NULL: none), in document
  * order.  specs ends with {NULL}; methods (NULL-terminated) are the names a
  * CV_OPT_METHOD option may take. */
@@ -88,9 +95,11 @@ int cv_opts_store(const cJSON *options, cv_opts *o, const char *const *methods, 
 /* Frees the lists held in o->args. */
 void cv_opts_release(cv_opts *o);
 
-/* The entry named name, or NULL; whether it was given. */
+/* The entry named name, or NULL; whether it was given; whether o->specs[i]
+ * was given (0 for i >= CV_OPT_MAX). */
 const cv_opt_spec *cv_opts_find(const cv_opt_spec *specs, const char *name);
 int cv_opts_given(const cv_opts *o, const char *name);
+int cv_opts_given_at(const cv_opts *o, long i);
 
 /* Index of s in choices ("a|b|c"), or -1. */
 int cv_opts_choice_index(const char *choices, const char *s);

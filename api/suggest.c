@@ -1,4 +1,5 @@
-/* suggest.c - edit distance and closest-name hints (see suggest.h). */
+/* suggest.c - edit distance, closest-name hints and name lists (see
+ * suggest.h). */
 #include "api/suggest.h"
 
 #include <stdio.h>
@@ -50,5 +51,22 @@ char *cv_suggest_hint(const char *word, const char *const *cands, int n, char *b
         buf[0] = 0;
     if (s)
         snprintf(buf, len, "; did you mean '%s'?", s);
+    return buf;
+}
+
+char *cv_join_names(const char *const *names, int n, const char *sep, const char *last,
+                    char *buf, size_t len)
+{
+    if (!len)
+        return buf;
+    buf[0] = 0;
+    int count = n;
+    if (names && n < 0)
+        for (count = 0; names[count]; count++)
+            ;
+    size_t used = 0;
+    for (int i = 0; names && i < count && used < len; i++)
+        used += (size_t)snprintf(buf + used, len - used, "%s%s",
+                                 i == 0 ? "" : i == count - 1 ? last : sep, names[i]);
     return buf;
 }

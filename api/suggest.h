@@ -1,5 +1,6 @@
-/* suggest.h - "did you mean" hints for misspelt names (fields, ops,
- * options): a capped Levenshtein distance and the closest candidate. */
+/* suggest.h - names in messages: "did you mean" hints for misspelt names
+ * (fields, ops, options) by a capped Levenshtein distance, and lists of
+ * names ("a, b and c", "a|b"). */
 #ifndef CV_SUGGEST_H
 #define CV_SUGGEST_H
 
@@ -15,5 +16,11 @@ const char *cv_suggest(const char *word, const char *const *cands, int n);
 /* Writes "; did you mean 'NAME'?" into buf for cv_suggest's answer, or ""
  * when there is none; returns buf. */
 char *cv_suggest_hint(const char *word, const char *const *cands, int n, char *buf, size_t len);
+
+/* Joins n names (NULL-terminated when n < 0; none when names is NULL) into
+ * buf, truncated to len: sep between two names, last before the last one
+ * (", " and " and " give "a, b and c"; "|" and "|" give "a|b|c").  Returns buf. */
+char *cv_join_names(const char *const *names, int n, const char *sep, const char *last,
+                    char *buf, size_t len);
 
 #endif

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "api/job.h"
+#include "api/ops_table.h"
 #include "engine/curv.h"
 #include "server/http_internal.h"
 #include "server/util.h"

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "api/ops_table.h"
 #include "engine/linop.h"
 #include "server/util.h"
 

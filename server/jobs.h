@@ -32,7 +32,8 @@
 #include "engine/err.h"
 #include "server/registry.h"
 
-/* cv_job_status, cv_job_status_name and cv_job_status_from_name: api/job.h. */
+/* cv_job_status: api/job.h; cv_job_status_name and cv_job_status_from_name:
+ * api/ops_table.h. */
 
 typedef struct {
     int workers;              /* worker threads (>= 1) */

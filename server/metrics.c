@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/ops_table.h"
 #include "server/util.h"
 
 typedef struct {

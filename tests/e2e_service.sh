@@ -408,6 +408,11 @@ expect_err "unknown op" 400 unknown_op POST /v1/jobs -d '{"op":"nope","model":"m
 expect_err "batch beyond data at POST" 400 invalid_batch POST /v1/jobs -d '{"op":"loss","model":"demo-mlp","dataset":"digits","batch":{"offset":5000,"size":2}}'
 expect_err "unknown block param at POST" 400 unknown_parameter POST /v1/jobs -d '{"op":"trace","model":"demo-mlp","dataset":"digits","blocks":[["0.weight","9.bias"]]}'
 expect_err "layer blocks for matvec" 400 invalid_blocks POST /v1/jobs -d '{"op":"matvec","model":"demo-mlp","dataset":"digits","blocks":"layer","options":{"probe_seed":1}}'
+# sizes against the bound blocks: refused at submit, not a failed job
+expect_err "matvec vector length at POST" 400 invalid_vector POST /v1/jobs -d '{"op":"matvec","model":"demo-mlp","dataset":"digits","blocks":[["2.bias"]],"options":{"vector":[1,2]}}'
+check "vector length names its field" jtrue "$T/body" "d['error']['field'] == 'options.vector' and d['error']['message'] == 'options.vector has 2 entries, the block has dimension 10'"
+expect_err "eigen k beyond a layer at POST" 400 invalid_option POST /v1/jobs -d '{"op":"eigen","model":"demo-mlp","dataset":"digits","blocks":"layer","options":{"k":331}}'
+check "eigen k names its field" jtrue "$T/body" "d['error']['field'] == 'options.k' and d['error']['message'] == 'k = 331 exceeds the block dimension 330'"
 st=$(req POST /v1/jobs -d '{"op":"trace","model":"m1","dataset":"d1","options":{"max_probes":-1}}')
 check "bad option 400" [ "$st" = 400 ]
 check "bad option field" jtrue "$T/body" "d['error']['field'] == 'options.max_probes'"

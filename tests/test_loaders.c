@@ -626,6 +626,10 @@ START_TEST(arch_rejects_fields)
                 "layers[0].inplace", "given twice");
     arch_expect("[4]", "{'type': 'Tanh', 'inplace': true}", "unknown_field", "layers[0].inplace",
                 "unknown field for Tanh (known: none)");
+    arch_expect("[4]", "{'type': 'Linear', 'in_features': 4, 'out_features': 2, 'bais': true}",
+                "unknown_field", "layers[0].bais",
+                "layers[0].bais: unknown field for Linear (known: in_features, out_features, "
+                "bias); did you mean 'bias'?");
     snprintf(buf, sizeof buf, "%s, {'type': 'Sigmoid', 'beta': 1}", lin);
     arch_expect("[4]", buf, "unknown_field", "layers[1].beta", "unknown field for Sigmoid");
     arch_expect("[1, 4, 4]",

@@ -16,6 +16,7 @@
 #include "api/job.h"
 #include "api/op_args.h"
 #include "api/ops.h"
+#include "api/ops_table.h"
 #include "api/suggest.h"
 #include "engine/rng.h"
 #include "testutil.h"
@@ -53,6 +54,19 @@ static cv_job_spec *accepted(const char *text)
     return j;
 }
 
+/* This binary's strdup: the n-th call from now fails when strdup_fail_in = n
+ * (cv_job_parse's out-of-memory paths); otherwise a plain copy. */
+static int strdup_fail_in;
+
+char *strdup(const char *s)
+{
+    if (strdup_fail_in > 0 && --strdup_fail_in == 0)
+        return NULL;
+    size_t n = strlen(s) + 1;
+    char *d = malloc(n);
+    return d ? memcpy(d, s, n) : NULL;
+}
+
 /* ---- suggestions -------------------------------------------------------------- */
 
 START_TEST(edit_distance_and_suggest)
@@ -68,6 +82,15 @@ START_TEST(edit_distance_and_suggest)
     ck_assert_str_eq(cv_suggest_hint("densty", names, -1, buf, sizeof buf),
                      "; did you mean 'density'?");
     ck_assert_str_eq(cv_suggest_hint("zzzzzzz", names, -1, buf, sizeof buf), "");
+    /* name lists */
+    ck_assert_str_eq(cv_join_names(names, -1, ", ", " and ", buf, sizeof buf),
+                     "trace, diag and density");
+    ck_assert_str_eq(cv_join_names(names, 2, ", ", " and ", buf, sizeof buf), "trace and diag");
+    ck_assert_str_eq(cv_join_names(names, 1, ", ", " and ", buf, sizeof buf), "trace");
+    ck_assert_str_eq(cv_join_names(names, 0, ", ", " and ", buf, sizeof buf), "");
+    ck_assert_str_eq(cv_join_names(NULL, -1, "|", "|", buf, sizeof buf), "");
+    ck_assert_str_eq(cv_join_names(names, 3, "|", "|", buf, sizeof buf), "trace|diag|density");
+    ck_assert_str_eq(cv_join_names(names, 3, ", ", ", ", buf, 9), "trace, d"); /* truncated */
 }
 END_TEST
 
@@ -76,11 +99,14 @@ START_TEST(did_you_mean_ops_options_fields)
     refused("{\"op\":\"trac\"}", "unknown_op", "op", "unknown op 'trac'");
     refused("{\"op\":\"trac\"}", "unknown_op", "op", "did you mean 'trace'?");
     refused("{\"op\":\"eigne\"}", "unknown_op", "op", "did you mean 'eigen'?");
-    refused("{\"op\":\"nope-at-all\"}", "unknown_op", "op", "(known: loss, gradient,");
+    refused("{\"op\":\"nope-at-all\"}", "unknown_op", "op",
+            "unknown op 'nope-at-all' (known: loss, gradient, matvec, dense, "
+            "per_sample_gradients, trace, diag, eigen, density, solve, newton, snr)");
     refused("{\"op\":\"trace\",\"options\":{\"max_probe\":5}}", "unknown_option",
             "options.max_probe", "did you mean 'max_probes'?");
     refused("{\"op\":\"trace\",\"options\":{\"probes\":5}}", "unknown_option", "options.probes",
-            "unknown option 'probes' for this op (known: method, max_probes");
+            "unknown option 'probes' for this op (known: method, max_probes, tol, "
+            "distribution, return_samples, mc_samples)");
     refused("{\"op\":\"eigen\",\"options\":{\"retrun_vectors\":true}}", "unknown_option",
             "options.retrun_vectors", "did you mean 'return_vectors'?");
     refused("{\"op\":\"loss\",\"options\":{\"k\":1}}", "unknown_option", "options.k",
@@ -243,6 +269,39 @@ START_TEST(options_land_in_engine_structs)
     j = accepted("{\"op\":\"newton\",\"options\":{\"method\":\"vivit\"},\"curvature\":\"ggn\"}");
     ck_assert_double_eq(((const cv_newton_args *)j->opts.args)->damping.num, 1.0);
     cv_job_spec_free(j);
+}
+END_TEST
+
+/* cv_opts.given has CV_OPT_MAX bits: every op's table fits, and an entry
+ * beyond the bits is refused by cv_opts_store (before: 1ull << 65, undefined,
+ * on x86 the bit of entry 1) and never reads as given. */
+START_TEST(option_tables_fit_the_given_bits)
+{
+    for (int i = 0; i < cv_op_count(); i++) {
+        int n = 0;
+        while (cv_op_at(i)->options[n].name)
+            n++;
+        ck_assert_msg(n <= CV_OPT_MAX, "op %s has %d options", cv_op_at(i)->name, n);
+    }
+    enum { N = CV_OPT_MAX + 6 };
+    static char names[N][8];
+    cv_opt_spec specs[N + 1];
+    memset(specs, 0, sizeof specs);
+    for (int i = 0; i < N; i++) {
+        snprintf(names[i], sizeof names[i], "o%d", i);
+        specs[i] = (cv_opt_spec){names[i], CV_OPT_INT, 0, 9, NULL, 0, NULL};
+    }
+    int value = 0;
+    cv_opts o = {&value, specs, 0};
+    cJSON *doc = cJSON_Parse("{\"o65\": 3}");
+    cv_err e;
+    cv_err_clear(&e);
+    ck_assert_int_eq(cv_opts_validate(doc, specs, NULL, &e), 0);
+    ck_assert_int_eq(cv_opts_store(doc, &o, NULL, &e), -1);
+    ck_assert_str_eq(e.code, "internal");
+    ck_assert_msg(o.given == 0, "given = %#llx", (unsigned long long)o.given);
+    ck_assert(!cv_opts_given(&o, "o65") && !cv_opts_given(&o, "o1") && !cv_opts_given_at(&o, 65));
+    cJSON_Delete(doc);
 }
 END_TEST
 
@@ -470,13 +529,20 @@ START_TEST(bind_checks_batch_and_blocks)
     fixture f;
     fx_make(&f);
     static const struct {
-        const char *job, *code, *field;
+        const char *job, *code, *field, *msg;
     } bad[] = {
-        {"{\"op\":\"loss\",\"batch\":{\"offset\":12}}", "invalid_batch", "batch.offset"},
-        {"{\"op\":\"loss\",\"batch\":{\"size\":13}}", "invalid_batch", "batch.size"},
-        {"{\"op\":\"loss\",\"batch\":{\"indices\":[0,12]}}", "invalid_batch", "batch.indices[1]"},
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":12}}", "invalid_batch", "batch.offset",
+         "batch [12, 13) is not inside the dataset's 12 samples"},
+        {"{\"op\":\"loss\",\"batch\":{\"size\":13}}", "invalid_batch", "batch.size",
+         "batch [0, 13) is not inside the dataset's 12 samples"},
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":0,\"size\":13}}", "invalid_batch",
+         "batch.offset", "batch [0, 13) is not inside the dataset's 12 samples"},
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":10,\"size\":3}}", "invalid_batch",
+         "batch.offset", "batch [10, 13) is not inside the dataset's 12 samples"},
+        {"{\"op\":\"loss\",\"batch\":{\"indices\":[0,12]}}", "invalid_batch", "batch.indices[1]",
+         "sample index 12 is beyond the dataset's 12 samples"},
         {"{\"op\":\"trace\",\"blocks\":[[\"0.weight\",\"9.bias\"]]}", "unknown_parameter",
-         "blocks[0][1]"},
+         "blocks[0][1]", "the model has no parameter named '9.bias'"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         cv_err e;
@@ -485,16 +551,115 @@ START_TEST(bind_checks_batch_and_blocks)
         ck_assert_int_eq(cv_job_bind(j, &f.m, &f.d, &e), -1);
         ck_assert_str_eq(e.code, bad[i].code);
         ck_assert_str_eq(e.field, bad[i].field);
+        ck_assert_str_eq(e.message, bad[i].msg);
         cv_job_spec_free(j);
     }
-    cv_err e;
-    cv_job_spec *j = parse("{\"op\":\"loss\",\"batch\":{\"offset\":4,\"size\":8}}", &e);
-    ck_assert_int_eq(cv_job_bind(j, &f.m, &f.d, &e), 0);
-    cJSON *res = cv_job_exec(j, &f.m, &f.d, NULL, NULL, &e);
-    ck_assert_int_eq((int)cJSON_GetObjectItem(res, "batch_size")->valuedouble, 8);
-    cJSON_Delete(res);
-    cv_job_spec_free(j);
+    /* a range: offset+size, offset alone (to the end), size alone (from 0) */
+    static const struct {
+        const char *job;
+        int n;
+    } good[] = {
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":4,\"size\":8}}", 8},
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":5}}", 7},
+        {"{\"op\":\"loss\",\"batch\":{\"offset\":11}}", 1},
+        {"{\"op\":\"loss\",\"batch\":{\"size\":3}}", 3},
+        {"{\"op\":\"loss\",\"batch\":{}}", 12},
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        cv_err e;
+        cv_job_spec *j = parse(good[i].job, &e);
+        ck_assert_int_eq(cv_job_bind(j, &f.m, &f.d, &e), 0);
+        cJSON *res = cv_job_exec(j, &f.m, &f.d, NULL, NULL, &e);
+        ck_assert_msg(res != NULL, "%s: %s", good[i].job, e.message);
+        ck_assert_int_eq((int)cJSON_GetObjectItem(res, "batch_size")->valuedouble, good[i].n);
+        cJSON_Delete(res);
+        cv_job_spec_free(j);
+    }
     fx_free(&f);
+}
+END_TEST
+
+/* Binding: options whose bounds are sizes of the model are checked against
+ * each bound block at submit (400), not when the job runs: matvec's vector
+ * length, eigen's k for lanczos and power (per block: "layer" refuses a k
+ * above its smallest block); gram's k caps the rank and binds. */
+START_TEST(bind_checks_option_sizes)
+{
+    fixture f;
+    fx_make(&f);
+    static const struct {
+        const char *job, *code, *field, *msg;
+    } bad[] = {
+        {"{\"op\":\"matvec\",\"options\":{\"vector\":[1,2,3]}}", "invalid_vector",
+         "options.vector", "options.vector has 3 entries, the block has dimension 43"},
+        {"{\"op\":\"matvec\",\"blocks\":[[\"2.bias\"]],\"options\":{\"vector\":[1,2]}}",
+         "invalid_vector", "options.vector", "options.vector has 2 entries, the block has "
+         "dimension 3"},
+        {"{\"op\":\"eigen\",\"options\":{\"k\":44}}", "invalid_option", "options.k",
+         "k = 44 exceeds the block dimension 43"},
+        {"{\"op\":\"eigen\",\"blocks\":\"layer\",\"options\":{\"k\":19}}", "invalid_option",
+         "options.k", "k = 19 exceeds the block dimension 18"},
+        {"{\"op\":\"eigen\",\"blocks\":[[\"2.bias\"]],\"options\":{\"method\":\"power\","
+         "\"k\":4}}",
+         "invalid_option", "options.k", "k = 4 exceeds the block dimension 3"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        cv_err e;
+        cv_job_spec *j = accepted(bad[i].job);
+        ck_assert_msg(cv_job_bind(j, &f.m, &f.d, &e) == -1, "%s bound", bad[i].job);
+        ck_assert_int_eq(e.status, CV_EINVAL);
+        ck_assert_str_eq(e.code, bad[i].code);
+        ck_assert_str_eq(e.field, bad[i].field);
+        ck_assert_msg(strcmp(e.message, bad[i].msg) == 0, "%s: '%s'", bad[i].job, e.message);
+        cv_job_spec_free(j);
+    }
+    static const char *const good[] = {
+        "{\"op\":\"matvec\",\"blocks\":[[\"2.bias\"]],\"options\":{\"vector\":[1,2,3]}}",
+        "{\"op\":\"matvec\",\"options\":{\"probe_seed\":3}}",
+        "{\"op\":\"eigen\",\"blocks\":\"layer\",\"options\":{\"k\":18}}",
+        "{\"op\":\"eigen\",\"curvature\":\"ggn\",\"options\":{\"method\":\"gram\","
+        "\"k\":50}}",
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        cv_err e;
+        cv_job_spec *j = accepted(good[i]);
+        ck_assert_msg(cv_job_bind(j, &f.m, &f.d, &e) == 0, "%s: %s", good[i], e.message);
+        cv_job_spec_free(j);
+    }
+    fx_free(&f);
+}
+END_TEST
+
+/* A block name that cannot be copied: the job is refused with out_of_memory
+ * and the spec freed with exactly the names copied so far (before the fix
+ * the free summed group lengths not yet written: garbage under ASan or
+ * valgrind). */
+START_TEST(parse_out_of_memory_in_blocks)
+{
+    static const char *const text =
+        "{\"op\":\"trace\",\"blocks\":[[\"0.weight\",\"0.bias\"],[\"2.weight\"],"
+        "[\"2.bias\",\"0.bias\",\"2.weight\"],[\"0.weight\"]]}";
+    cJSON *doc = cJSON_Parse(text);
+    ck_assert_ptr_nonnull(doc);
+    for (int k = 1; k <= 7; k++) {
+        cv_err e;
+        cv_err_clear(&e);
+        strdup_fail_in = k;
+        cv_job_spec *j = cv_job_parse(doc, &e);
+        int left = strdup_fail_in;
+        strdup_fail_in = 0;
+        ck_assert_msg(j == NULL && left == 0, "name %d: %s", k, j ? "accepted" : "not reached");
+        ck_assert_int_eq(e.status, CV_ENOMEM);
+        ck_assert_str_eq(e.code, "out_of_memory");
+    }
+    strdup_fail_in = 8; /* seven names: the eighth call never comes */
+    cv_err e;
+    cv_job_spec *j = cv_job_parse(doc, &e);
+    strdup_fail_in = 0;
+    ck_assert_ptr_nonnull(j);
+    ck_assert_int_eq(j->blocks.nnames, 7);
+    cv_job_spec_free(j);
+    cJSON_Delete(doc);
 }
 END_TEST
 
@@ -666,8 +831,11 @@ static Suite *ops_suite(void)
     tcase_add_test(t, method_applicability_follows_the_table);
     tcase_add_test(t, options_land_in_engine_structs);
     tcase_add_test(t, ops_document_shape);
+    tcase_add_test(t, option_tables_fit_the_given_bits);
     tcase_add_test(t, results_match_the_table);
     tcase_add_test(t, bind_checks_batch_and_blocks);
+    tcase_add_test(t, bind_checks_option_sizes);
+    tcase_add_test(t, parse_out_of_memory_in_blocks);
     tcase_add_test(t, solve_rhs_list);
     suite_add_tcase(s, t);
     return s;

@@ -16,6 +16,7 @@
 #include <cblas.h>
 
 #include "api/job.h"
+#include "api/op_util.h"
 #include "engine/loss.h"
 #include "engine/vivit.h"
 
@@ -1024,7 +1025,7 @@ START_TEST(newton_vivit_mc_and_subsample)
 {
     int var = _i ? 3 : 5; /* tanh, N = 40: CE sum, MSE mean */
     uint64_t seed = 7;
-    cv_curv_options co = {2, seed ^ 0x5eedF15Cull}; /* cv_job_run's engine seed */
+    cv_curv_options co = {2, CV_OP_CURV_SEED(seed)}; /* cv_job_run's engine seed */
     fixture f;
     make_variant(&f, var, &co);
     size_t D = f.full.dim;
