@@ -27,28 +27,6 @@ static void join(char *buf, size_t len, const char *obj, const char *key)
         buf[used] = 0;
 }
 
-static const char *json_kind(const cJSON *v, char *buf, size_t len)
-{
-    if (!v)
-        return "nothing";
-    if (cJSON_IsNull(v))
-        return "null";
-    if (cJSON_IsBool(v))
-        return cJSON_IsTrue(v) ? "true" : "false";
-    if (cJSON_IsNumber(v)) {
-        snprintf(buf, len, "%.17g", v->valuedouble);
-        return buf;
-    }
-    if (cJSON_IsString(v)) {
-        snprintf(buf, len, "string \"%.40s\"", v->valuestring);
-        return buf;
-    }
-    if (cJSON_IsArray(v))
-        return "a list";
-    if (cJSON_IsObject(v))
-        return "an object";
-    return "an invalid value";
-}
 
 static int bad(cv_err *e, const char *code, const char *path, const char *what,
                const cJSON *got)
@@ -56,7 +34,7 @@ static int bad(cv_err *e, const char *code, const char *path, const char *what,
     char k[80];
     if (got)
         return cv_err_set(e, CV_EINVAL, code, path, "%s: %s, got %s", path, what,
-                          json_kind(got, k, sizeof k));
+                          cv_json_kind(got, k, sizeof k));
     return cv_err_set(e, CV_EINVAL, code, path, "%s: %s", path, what);
 }
 
@@ -292,14 +270,15 @@ static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
         return -1;
     const cv_layer_class *cls = cv_layer_class_find(t->valuestring);
     if (!cls) {
-        char known[600];
+        char known[600], hint[96];
         const char *names[128];
         int n = 0;
         for (; n < cv_layer_class_count() && n < 128; n++)
             names[n] = cv_layer_class_at(n)->name;
         return cv_err_set(e, CV_EINVAL, "unknown_layer_type", path,
-                          "%s: unknown layer type '%.60s' (supported: %s)", path, t->valuestring,
-                          cv_join_names(names, n, ", ", ", ", known, sizeof known));
+                          "%s: unknown layer type '%.60s' (supported: %s)%s", path,
+                          t->valuestring, cv_join_names(names, n, ", ", ", ", known, sizeof known),
+                          cv_suggest_hint(t->valuestring, names, n, hint, sizeof hint));
     }
     const char *allowed[CV_LAYER_MAX_FIELDS + 2] = {"type"};
     int nf = cls->nfields < CV_LAYER_MAX_FIELDS ? cls->nfields : CV_LAYER_MAX_FIELDS;
@@ -343,16 +322,19 @@ static int parse_loss(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
     const cJSON *t = type_field(o, obj, "must be a loss name", path, sizeof path, e);
     if (!t)
         return -1;
-    if (strcmp(t->valuestring, "MSELoss") == 0)
-        m->loss = CV_LOSS_MSE;
-    else if (strcmp(t->valuestring, "CrossEntropyLoss") == 0)
-        m->loss = CV_LOSS_CE;
-    else if (strcmp(t->valuestring, "BCEWithLogitsLoss") == 0)
-        m->loss = CV_LOSS_BCE;
-    else
+    static const char *const losses[] = {"MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"};
+    static const cv_loss_type loss_types[] = {CV_LOSS_MSE, CV_LOSS_CE, CV_LOSS_BCE};
+    int li = 0;
+    while (li < 3 && strcmp(t->valuestring, losses[li]) != 0)
+        li++;
+    if (li == 3) {
+        char hint[96];
         return cv_err_set(e, CV_EINVAL, "unknown_loss", path,
                           "%s: unknown loss '%.60s' (supported: MSELoss, CrossEntropyLoss, "
-                          "BCEWithLogitsLoss)", path, t->valuestring);
+                          "BCEWithLogitsLoss)%s", path, t->valuestring,
+                          cv_suggest_hint(t->valuestring, losses, 3, hint, sizeof hint));
+    }
+    m->loss = loss_types[li];
     join(path, sizeof path, obj, "reduction");
     const cJSON *r = cJSON_GetObjectItemCaseSensitive(o, "reduction");
     m->reduction = CV_RED_MEAN;

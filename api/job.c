@@ -205,7 +205,7 @@ static int validate_fields(const cJSON *job, const cv_op_def *def, cv_err *e)
     const cJSON *seed = field(job, "seed");
     if (seed && !is_nonneg_int(seed))
         return cv_err_set(e, CV_EINVAL, "invalid_field", "seed",
-                          "seed must be a non-negative integer");
+                          "seed must be a non-negative integer below 2^53 (exact in JSON)");
     if (validate_batch(field(job, "batch"), e) || validate_blocks(field(job, "blocks"), e))
         return -1;
     const cJSON *bl = field(job, "blocks");

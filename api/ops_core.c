@@ -24,7 +24,7 @@ static const cv_opt_spec curv_opts[] = {CV_OPT_MC(plain_args), CV_OPT_END};
 CV_OPT_TABLE_FITS(curv_opts);
 static const cv_opt_spec matvec_opts[] = {
     {"vector", CV_OPT_LIST, 0, 0, NULL, offsetof(matvec_args, vector), NULL},
-    {"probe_seed", CV_OPT_U64, 0, 9.007e15, NULL, offsetof(matvec_args, probe_seed), NULL},
+    {"probe_seed", CV_OPT_U64, 0, 9e15, NULL, offsetof(matvec_args, probe_seed), NULL},
     CV_OPT_MC(matvec_args),
     CV_OPT_END};
 CV_OPT_TABLE_FITS(matvec_opts);

@@ -57,9 +57,11 @@ static int check_number(const cJSON *v, const cv_opt_spec *s, int integer, const
                         cv_err *e)
 {
     double d = v->valuedouble;
-    if (!cJSON_IsNumber(v) || !isfinite(d))
-        return cv_err_set(e, CV_EINVAL, "invalid_option", field, "%s must be a %s", field,
-                          integer ? "integer" : "number");
+    if (!cJSON_IsNumber(v) || !isfinite(d)) {
+        char k[80];
+        return cv_err_set(e, CV_EINVAL, "invalid_option", field, "%s must be %s, got %s", field,
+                          integer ? "an integer" : "a number", cv_json_kind(v, k, sizeof k));
+    }
     if (integer && d != floor(d))
         return cv_err_set(e, CV_EINVAL, "invalid_option", field, "%s must be an integer, got %g",
                           field, d);
@@ -69,11 +71,28 @@ static int check_number(const cJSON *v, const cv_opt_spec *s, int integer, const
     return 0;
 }
 
+/* "; did you mean 'b'?" for a string v close to one of choices ("a|b|c"), or "". */
+static const char *choice_hint(const cJSON *v, const char *choices, char *buf, size_t len)
+{
+    buf[0] = 0;
+    if (!cJSON_IsString(v))
+        return buf;
+    char copy[256];
+    const char *names[32];
+    int n = 0;
+    snprintf(copy, sizeof copy, "%s", choices);
+    for (char *save = NULL, *t = strtok_r(copy, "|", &save); t && n < 32;
+         t = strtok_r(NULL, "|", &save))
+        names[n++] = t;
+    return cv_suggest_hint(v->valuestring, names, n, buf, len);
+}
+
 static int check_enum(const cJSON *v, const char *choices, const char *field, cv_err *e)
 {
+    char hint[96];
     if (!cJSON_IsString(v) || cv_opts_choice_index(choices, v->valuestring) < 0)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", field, "%s must be one of %s", field,
-                          choices);
+        return cv_err_set(e, CV_EINVAL, "invalid_option", field, "%s must be one of %s%s",
+                          field, choices, choice_hint(v, choices, hint, sizeof hint));
     return 0;
 }
 

@@ -1,9 +1,10 @@
-/* suggest.c - edit distance, closest-name hints and name lists (see
- * suggest.h). */
+/* suggest.c - edit distance, closest-name hints, name lists and how a JSON
+ * value reads in a message (see suggest.h). */
 #include "api/suggest.h"
 
 #include <stdio.h>
 #include <string.h>
+#include <strings.h>
 
 int cv_edit_distance(const char *a, const char *b)
 {
@@ -35,7 +36,12 @@ const char *cv_suggest(const char *word, const char *const *cands, int n)
     const char *hit = NULL;
     int best = 3;
     for (int i = 0; n < 0 ? cands[i] != NULL : i < n; i++) {
-        int d = cv_edit_distance(word, cands[i]);
+        /* a name that differs only in case ("relu", "ReLU") is the answer; one
+         * that the word begins ("CrossEntropy", "CrossEntropyLoss") is close */
+        size_t lw = strlen(word);
+        int d = strcasecmp(word, cands[i]) == 0 ? 0 : cv_edit_distance(word, cands[i]);
+        if (d > 2 && lw >= 4 && strncasecmp(word, cands[i], lw) == 0)
+            d = 2;
         if (d < best) {
             best = d;
             hit = cands[i];
@@ -69,4 +75,27 @@ char *cv_join_names(const char *const *names, int n, const char *sep, const char
         used += (size_t)snprintf(buf + used, len - used, "%s%s",
                                  i == 0 ? "" : i == count - 1 ? last : sep, names[i]);
     return buf;
+}
+
+const char *cv_json_kind(const cJSON *v, char *buf, size_t len)
+{
+    if (!v)
+        return "nothing";
+    if (cJSON_IsNull(v))
+        return "null";
+    if (cJSON_IsBool(v))
+        return cJSON_IsTrue(v) ? "true" : "false";
+    if (cJSON_IsNumber(v)) {
+        snprintf(buf, len, "%.17g", v->valuedouble);
+        return buf;
+    }
+    if (cJSON_IsString(v)) {
+        snprintf(buf, len, "string \"%.40s\"", v->valuestring);
+        return buf;
+    }
+    if (cJSON_IsArray(v))
+        return "a list";
+    if (cJSON_IsObject(v))
+        return "an object";
+    return "an invalid value";
 }

@@ -621,6 +621,8 @@ START_TEST(arch_rejects_fields)
     arch_expect("[4]", "{'type': 3}", "invalid_type", "layers[0].type", "got 3");
     arch_expect("[4]", "{'type': 'Conv3d'}", "unknown_layer_type", "layers[0].type",
                 "unknown layer type 'Conv3d' (supported: Linear, Conv2d");
+    arch_expect("[4]", "{'type': 'relu'}", "unknown_layer_type", "layers[0].type",
+                "Dropout, SiLU); did you mean 'ReLU'?");
     arch_expect("[4]", "[1]", "invalid_type", "layers[0]", "must be an object");
     arch_expect("[4]", "{'type': 'ReLU', 'inplace': true, 'inplace': false}", "duplicate_field",
                 "layers[0].inplace", "given twice");
@@ -744,6 +746,10 @@ START_TEST(arch_rejects_document)
     snprintf(buf, sizeof buf, "{'input_shape': [4], 'layers': [%s], 'loss': {'type': 'NLLLoss'}}",
              lin);
     ASSERT_ERR(arch_q(buf, m, &e), e, "unknown_loss", "loss.type", "unknown loss 'NLLLoss'");
+    snprintf(buf, sizeof buf, "{'input_shape': [4], 'layers': [%s], 'loss': {'type': "
+             "'CrossEntropy'}}", lin);
+    ASSERT_ERR(arch_q(buf, m, &e), e, "unknown_loss", "loss.type",
+               "BCEWithLogitsLoss); did you mean 'CrossEntropyLoss'?");
     snprintf(buf, sizeof buf, "{'input_shape': [4], 'layers': [%s], 'loss': {'type': 'MSELoss',"
              " 'reduction': 'none'}}", lin);
     ASSERT_ERR(arch_q(buf, m, &e), e, "unsupported", "loss.reduction", "scalar loss");

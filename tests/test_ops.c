@@ -78,6 +78,11 @@ START_TEST(edit_distance_and_suggest)
     ck_assert_str_eq(cv_suggest("trcae", names, -1), "trace");
     ck_assert_str_eq(cv_suggest("dig", names, 3), "diag");
     ck_assert_ptr_null(cv_suggest("eigenvalues", names, -1));
+    /* case alone, and a word that a name begins with */
+    static const char *const cls[] = {"ReLU", "CrossEntropyLoss", NULL};
+    ck_assert_str_eq(cv_suggest("relu", cls, -1), "ReLU");
+    ck_assert_str_eq(cv_suggest("crossentropy", cls, -1), "CrossEntropyLoss");
+    ck_assert_ptr_null(cv_suggest("Cros", cls, 1)); /* only ReLU offered */
     char buf[64];
     ck_assert_str_eq(cv_suggest_hint("densty", names, -1, buf, sizeof buf),
                      "; did you mean 'density'?");
@@ -115,6 +120,10 @@ START_TEST(did_you_mean_ops_options_fields)
             "did you mean 'curvature'?");
     refused("{\"op\":\"trace\",\"curvature\":\"gnn\"}", "invalid_curvature", "curvature",
             "curvature must be one of hessian, ggn, fisher_mc, ef; did you mean 'ggn'?");
+    refused("{\"op\":\"trace\",\"options\":{\"method\":\"hutchpp\"}}", "invalid_option",
+            "options.method", "must be one of hutchinson|hutch++; did you mean 'hutch++'?");
+    refused("{\"op\":\"trace\",\"options\":{\"max_probes\":\"5\"}}", "invalid_option",
+            "options.max_probes", "options.max_probes must be an integer, got string \"5\"");
     /* no hint when nothing is close */
     cv_err e;
     ck_assert_ptr_null(parse("{\"op\":\"trace\",\"options\":{\"qqqqqqqq\":1}}", &e));
