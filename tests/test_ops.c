@@ -626,8 +626,7 @@ START_TEST(bind_checks_option_sizes)
         "{\"op\":\"matvec\",\"blocks\":[[\"2.bias\"]],\"options\":{\"vector\":[1,2,3]}}",
         "{\"op\":\"matvec\",\"options\":{\"probe_seed\":3}}",
         "{\"op\":\"eigen\",\"blocks\":\"layer\",\"options\":{\"k\":18}}",
-        "{\"op\":\"eigen\",\"curvature\":\"ggn\",\"options\":{\"method\":\"gram\","
-        "\"k\":50}}",
+        "{\"op\":\"eigen\",\"curvature\":\"ggn\",\"options\":{\"method\":\"gram\",\"k\":50}}",
     };
     for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
         cv_err e;
