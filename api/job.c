@@ -98,11 +98,14 @@ static int validate_blocks(const cJSON *b, cv_err *e)
     if (!b)
         return 0;
     if (cJSON_IsString(b)) {
+        static const char *const words[] = {"full", "layer", NULL};
+        char hint[96];
         if (strcmp(b->valuestring, "full") && strcmp(b->valuestring, "layer"))
             return cv_err_set(e, CV_EINVAL, "invalid_blocks", "blocks",
                               "blocks must be \"full\", \"layer\" or a list of lists of "
-                              "parameter names, got \"%s\"",
-                              b->valuestring);
+                              "parameter names, got \"%s\"%s",
+                              b->valuestring,
+                              cv_suggest_hint(b->valuestring, words, -1, hint, sizeof hint));
         return 0;
     }
     if (!cJSON_IsArray(b) || cJSON_GetArraySize(b) < 1)
@@ -469,10 +472,17 @@ static int resolve_blocks(const cv_job_spec *j, const cv_model *m, cv_block *out
             const char *name = j->blocks.names[ni++];
             int t = cv_model_find_param(m, name);
             if (t < 0) {
-                char f[48];
+                char f[48], hint[96];
+                const char *names[4 * CV_MAX_LAYERS];
+                int np = cv_model_param_count(m);
+                for (int q = 0; q < np && q < 4 * CV_MAX_LAYERS; q++)
+                    names[q] = cv_model_param(m, q)->name;
                 snprintf(f, sizeof f, "blocks[%d][%d]", g, i);
                 return cv_err_set(e, CV_EINVAL, "unknown_parameter", f,
-                                  "the model has no parameter named '%s'", name);
+                                  "the model has no parameter named '%s'%s", name,
+                                  cv_suggest_hint(name, names,
+                                                  np < 4 * CV_MAX_LAYERS ? np : 4 * CV_MAX_LAYERS,
+                                                  hint, sizeof hint));
             }
             if (i >= 2 * CV_MAX_LAYERS)
                 return cv_err_set(e, CV_EINVAL, "invalid_blocks", "blocks", "block too large");

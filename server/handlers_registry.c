@@ -10,6 +10,7 @@
 #include "api/arch.h"
 #include "api/datafile.h"
 #include "api/params.h"
+#include "api/suggest.h"
 #include "server/b64.h"
 #include "server/http_internal.h"
 #include "server/multipart.h"
@@ -98,12 +99,11 @@ static void upload_multipart(req *r, const upload_kind *k, const char *ct)
         int f = field_index(k, k->alias && strcmp(p->name, k->alias) == 0 ? k->alias_of
                                                                            : p->name);
         if (f < 0) {
-            char known[96] = "";
-            for (int q = 0; k->fields[q]; q++)
-                snprintf(known + strlen(known), sizeof known - strlen(known), "%s%s",
-                         q ? ", " : "", k->fields[q]);
+            char known[96], hint[96];
             reply_errf(r, CV_EINVAL, "unknown_field", p->name,
-                       "unknown form part '%s' (known: %s)", p->name, known);
+                       "unknown form part '%s' (known: %s)%s", p->name,
+                       cv_join_names(k->fields, -1, ", ", ", ", known, sizeof known),
+                       cv_suggest_hint(p->name, k->fields, -1, hint, sizeof hint));
             return;
         }
         if (got[f]) {

@@ -9,6 +9,7 @@
 
 #include "api/arch.h"
 #include "api/params.h"
+#include "api/suggest.h"
 #include "server/util.h"
 
 typedef struct {
@@ -158,6 +159,21 @@ static slot *find_slot(cv_registry *r, cv_reg_kind kind, const char *name)
 }
 
 static const char *kind_word(cv_reg_kind k) { return k == CV_REG_MODEL ? "model" : "dataset"; }
+
+/* Under r->mu: "; did you mean 'demo-mlp'?" for a misspelt name of kind, or "". */
+static void name_hint(cv_registry *r, cv_reg_kind kind, const char *name, char *buf, size_t len)
+{
+    buf[0] = 0;
+    const char **names = malloc(sizeof *names * (size_t)(r->nslots + 1));
+    if (!names)
+        return; /* no hint: the answer is still not_found */
+    int n = 0;
+    for (int i = 0; i < r->nslots; i++)
+        if (r->slots[i].kind == kind)
+            names[n++] = r->slots[i].name;
+    cv_suggest_hint(name, names, n, buf, len);
+    free(names);
+}
 
 /* Under r->mu: moves the registry's reference to s (just taken out of its
  * slot) to the retired list if anyone besides the registry and `held` known
@@ -393,8 +409,11 @@ static cv_snap *get_locked(cv_registry *r, cv_reg_kind kind, const char *name, i
 {
     slot *sl = name ? find_slot(r, kind, name) : NULL;
     if (!sl) {
+        char hint[96] = "";
+        if (name)
+            name_hint(r, kind, name, hint, sizeof hint);
         cv_err_set(e, CV_ENOTFOUND, "not_found", kind == CV_REG_MODEL ? "model" : "dataset",
-                   "%s '%s' not found", kind_word(kind), name ? name : "");
+                   "%s '%s' not found%s", kind_word(kind), name ? name : "", hint);
         return NULL;
     }
     cv_snap_ref(sl->cur);

@@ -419,6 +419,12 @@ check "bad option field" jtrue "$T/body" "d['error']['field'] == 'options.max_pr
 expect_err "missing model" 400 missing_field POST /v1/jobs -d '{"op":"loss","dataset":"d1"}'
 expect_err "unknown model 404" 404 not_found POST /v1/jobs -d '{"op":"loss","model":"nope","dataset":"d1"}'
 check "404 names the model field" jtrue "$T/body" "d['error']['field'] == 'model'"
+expect_err "misspelt model 404" 404 not_found POST /v1/jobs -d '{"op":"loss","model":"demo-mpl","dataset":"digits"}'
+check "misspelt model: did you mean" jtrue "$T/body" "d['error']['message'] == \"model 'demo-mpl' not found; did you mean 'demo-mlp'?\""
+expect_err "misspelt blocks 400" 400 invalid_blocks POST /v1/jobs -d '{"op":"trace","model":"demo-mlp","dataset":"digits","blocks":"layers"}'
+check "misspelt blocks: did you mean" jtrue "$T/body" "d['error']['message'].endswith(\"did you mean 'layer'?\")"
+expect_err "misspelt block parameter 400" 400 unknown_parameter POST /v1/jobs -d '{"op":"trace","model":"demo-mlp","dataset":"digits","blocks":[["0.bais"]]}'
+check "misspelt block parameter: did you mean" jtrue "$T/body" "d['error']['message'] == \"the model has no parameter named '0.bais'; did you mean '0.bias'?\""
 expect_err "unknown dataset 404" 404 not_found POST /v1/jobs -d '{"op":"loss","model":"m1","dataset":"nope"}'
 st=$(req POST /v1/jobs -d '{"op":"loss","model":"m1","dataset":"dreg"}')
 check "dataset that does not fit 400" sh -c "[ '$st' = 400 ] && '$PY' '$T/jq.py' '$T/body' \"d['error']['code']\" >/dev/null"

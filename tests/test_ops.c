@@ -551,7 +551,9 @@ START_TEST(bind_checks_batch_and_blocks)
         {"{\"op\":\"loss\",\"batch\":{\"indices\":[0,12]}}", "invalid_batch", "batch.indices[1]",
          "sample index 12 is beyond the dataset's 12 samples"},
         {"{\"op\":\"trace\",\"blocks\":[[\"0.weight\",\"9.bias\"]]}", "unknown_parameter",
-         "blocks[0][1]", "the model has no parameter named '9.bias'"},
+         "blocks[0][1]", "the model has no parameter named '9.bias'; did you mean '0.bias'?"},
+        {"{\"op\":\"trace\",\"blocks\":[[\"nothing.like.it\"]]}", "unknown_parameter",
+         "blocks[0][0]", "the model has no parameter named 'nothing.like.it'"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         cv_err e;
