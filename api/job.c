@@ -473,16 +473,14 @@ static int resolve_blocks(const cv_job_spec *j, const cv_model *m, cv_block *out
             int t = cv_model_find_param(m, name);
             if (t < 0) {
                 char f[48], hint[96];
-                const char *names[4 * CV_MAX_LAYERS];
-                int np = cv_model_param_count(m);
-                for (int q = 0; q < np && q < 4 * CV_MAX_LAYERS; q++)
+                const char *names[CV_MAX_LAYERS * CV_MAX_LAYER_PARAMS];
+                int np = cv_model_param_count(m); /* <= the array's size */
+                for (int q = 0; q < np; q++)
                     names[q] = cv_model_param(m, q)->name;
                 snprintf(f, sizeof f, "blocks[%d][%d]", g, i);
                 return cv_err_set(e, CV_EINVAL, "unknown_parameter", f,
                                   "the model has no parameter named '%s'%s", name,
-                                  cv_suggest_hint(name, names,
-                                                  np < 4 * CV_MAX_LAYERS ? np : 4 * CV_MAX_LAYERS,
-                                                  hint, sizeof hint));
+                                  cv_suggest_hint(name, names, np, hint, sizeof hint));
             }
             if (i >= 2 * CV_MAX_LAYERS)
                 return cv_err_set(e, CV_EINVAL, "invalid_blocks", "blocks", "block too large");

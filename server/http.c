@@ -113,15 +113,14 @@ static int reject_unknown_query(req *r, const route *rt)
     MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, scan_query, &q);
     if (!q.unknown)
         return 0;
-    char known[128] = "", hint[96];
-    for (int i = 0; rt->queries && rt->queries[i]; i++)
-        snprintf(known + strlen(known), sizeof known - strlen(known), "%s%s", i ? ", " : "",
-                 rt->queries[i]);
     static const char *const none[] = {NULL};
-    cv_suggest_hint(q.unknown, rt->queries ? rt->queries : none, -1, hint, sizeof hint);
+    const char *const *known = rt->queries ? rt->queries : none;
+    char list[128], hint[96];
+    cv_join_names(known, -1, ", ", ", ", list, sizeof list);
     reply_errf(r, CV_EINVAL, "invalid_query", q.unknown,
                "unknown query parameter '%.40s' for %s %s (known: %s)%s", q.unknown,
-               rt->info.method, rt->info.path, known[0] ? known : "none", hint);
+               rt->info.method, rt->info.path, list[0] ? list : "none",
+               cv_suggest_hint(q.unknown, known, -1, hint, sizeof hint));
     return 1;
 }
 

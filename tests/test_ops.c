@@ -54,6 +54,24 @@ static cv_job_spec *accepted(const char *text)
     return j;
 }
 
+/* A bind refusal the table-driven bind tests expect: the job parses, and
+ * cv_job_bind refuses it with exactly this code, field and message. */
+typedef struct {
+    const char *job, *code, *field, *msg;
+} bind_refusal;
+
+static void expect_bind_refused(cv_model *m, cv_dataset *d, const bind_refusal *b)
+{
+    cv_err e;
+    cv_job_spec *j = accepted(b->job);
+    ck_assert_msg(cv_job_bind(j, m, d, &e) == -1, "%s bound", b->job);
+    ck_assert_int_eq(e.status, CV_EINVAL);
+    ck_assert_str_eq(e.code, b->code);
+    ck_assert_str_eq(e.field, b->field);
+    ck_assert_msg(strcmp(e.message, b->msg) == 0, "%s: '%s'", b->job, e.message);
+    cv_job_spec_free(j);
+}
+
 /* This binary's strdup: the n-th call from now fails when strdup_fail_in = n
  * (cv_job_parse's out-of-memory paths); otherwise a plain copy. */
 static int strdup_fail_in;
@@ -537,9 +555,7 @@ START_TEST(bind_checks_batch_and_blocks)
 {
     fixture f;
     fx_make(&f);
-    static const struct {
-        const char *job, *code, *field, *msg;
-    } bad[] = {
+    static const bind_refusal bad[] = {
         {"{\"op\":\"loss\",\"batch\":{\"offset\":12}}", "invalid_batch", "batch.offset",
          "batch [12, 13) is not inside the dataset's 12 samples"},
         {"{\"op\":\"loss\",\"batch\":{\"size\":13}}", "invalid_batch", "batch.size",
@@ -555,16 +571,8 @@ START_TEST(bind_checks_batch_and_blocks)
         {"{\"op\":\"trace\",\"blocks\":[[\"nothing.like.it\"]]}", "unknown_parameter",
          "blocks[0][0]", "the model has no parameter named 'nothing.like.it'"},
     };
-    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        cv_err e;
-        cv_job_spec *j = parse(bad[i].job, &e);
-        ck_assert_ptr_nonnull(j);
-        ck_assert_int_eq(cv_job_bind(j, &f.m, &f.d, &e), -1);
-        ck_assert_str_eq(e.code, bad[i].code);
-        ck_assert_str_eq(e.field, bad[i].field);
-        ck_assert_str_eq(e.message, bad[i].msg);
-        cv_job_spec_free(j);
-    }
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        expect_bind_refused(&f.m, &f.d, &bad[i]);
     /* a range: offset+size, offset alone (to the end), size alone (from 0) */
     static const struct {
         const char *job;
@@ -598,9 +606,7 @@ START_TEST(bind_checks_option_sizes)
 {
     fixture f;
     fx_make(&f);
-    static const struct {
-        const char *job, *code, *field, *msg;
-    } bad[] = {
+    static const bind_refusal bad[] = {
         {"{\"op\":\"matvec\",\"options\":{\"vector\":[1,2,3]}}", "invalid_vector",
          "options.vector", "options.vector has 3 entries, the block has dimension 43"},
         {"{\"op\":\"matvec\",\"blocks\":[[\"2.bias\"]],\"options\":{\"vector\":[1,2]}}",
@@ -614,16 +620,8 @@ START_TEST(bind_checks_option_sizes)
          "\"k\":4}}",
          "invalid_option", "options.k", "k = 4 exceeds the block dimension 3"},
     };
-    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        cv_err e;
-        cv_job_spec *j = accepted(bad[i].job);
-        ck_assert_msg(cv_job_bind(j, &f.m, &f.d, &e) == -1, "%s bound", bad[i].job);
-        ck_assert_int_eq(e.status, CV_EINVAL);
-        ck_assert_str_eq(e.code, bad[i].code);
-        ck_assert_str_eq(e.field, bad[i].field);
-        ck_assert_msg(strcmp(e.message, bad[i].msg) == 0, "%s: '%s'", bad[i].job, e.message);
-        cv_job_spec_free(j);
-    }
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        expect_bind_refused(&f.m, &f.d, &bad[i]);
     static const char *const good[] = {
         "{\"op\":\"matvec\",\"blocks\":[[\"2.bias\"]],\"options\":{\"vector\":[1,2,3]}}",
         "{\"op\":\"matvec\",\"options\":{\"probe_seed\":3}}",
