@@ -34,7 +34,10 @@ typedef struct {
     const float *buffers;      /* the layer's buffers (BatchNorm statistics), or NULL */
     int n;                     /* batch size */
     size_t in_numel, out_numel, nparam;
-    const float *x;            /* forward input, n * in_numel */
+    const float *x;            /* forward input, n * in_numel (== xs[0]) */
+    int nin;                   /* inputs of the node (1 for a Sequential layer) */
+    const float *xs[CV_MAX_NODE_INPUTS];  /* input i, n * in_numels[i] */
+    size_t in_numels[CV_MAX_NODE_INPUTS];
     const float *y;            /* forward output, n * out_numel */
     float *d1, *d2;            /* cached first/second derivatives (activations) */
     int *idx;                  /* cached argmax (MaxPool2d) */
@@ -73,6 +76,19 @@ typedef struct {
      * hvp_extra. */
     void (*vjp_hvp)(const cv_layer_ctx *c, int k, const float *gy, const float *g0,
                     const float *rx, const float *vtheta, float *gx, float *gtheta);
+    /* Nodes with other than exactly one input (add, matmul, cat, attention,
+     * get_attr with none) implement these instead of vjp/jvp/hvp_extra: the
+     * same contracts with one pointer per input, c->nin of them (a NULL
+     * entry: zero tangent / cotangent not needed).  gx[i] is overwritten;
+     * gx_add[i] is added to.  quad_extra, vjp_hvp and gram_add are then
+     * unused (the driver forms hvp_extra_n and dots it); per_sample and
+     * gram_add only matter for classes with parameters. */
+    void (*vjp_n)(const cv_layer_ctx *c, int k, const float *gy, float *const *gx,
+                  float *gtheta);
+    void (*jvp_n)(const cv_layer_ctx *c, int k, const float *const *rx, const float *vtheta,
+                  float *ry);
+    void (*hvp_extra_n)(const cv_layer_ctx *c, int k, const float *gy, const float *const *rx,
+                        const float *vtheta, float *const *gx_add, float *gtheta_add);
 } cv_layer_ops;
 
 /* Release caches allocated by forward (d1, d2, idx). */
@@ -175,6 +191,13 @@ struct cv_layer_class {
      * (cv_layer_add_param / cv_layer_add_buffer); returns 0 or -1. */
     int (*layout)(cv_layer *L);
     const cv_layer_ops *ops;      /* the kernels */
+    /* Number of inputs the node reads; both 0 means exactly one.  Classes
+     * with other arities implement vjp_n/jvp_n/hvp_extra_n; their infer hook
+     * reads in[0..L->nin). */
+    int min_inputs, max_inputs;
+    /* Graph form only: the lower-case function name under which this class is
+     * also a call_function target ("linear", "layer_norm"), or NULL. */
+    const char *function;
     const void *impl;             /* constant data for kernels several classes share */
 };
 

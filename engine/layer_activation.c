@@ -206,9 +206,14 @@ static void act_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const f
 
 static void act_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
 
-const cv_layer_ops cv_activation_ops = {act_work, act_forward, act_vjp, act_jvp, act_hvp_extra,
-                                        act_per_sample, NULL,
-                                        NULL, NULL};
+const cv_layer_ops cv_activation_ops = {
+    .work_size = act_work,
+    .forward = act_forward,
+    .vjp = act_vjp,
+    .jvp = act_jvp,
+    .hvp_extra = act_hvp_extra,
+    .per_sample = act_per_sample,
+};
 
 /* ---- classes --------------------------------------------------------------- */
 

@@ -205,9 +205,15 @@ static void bn_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned 
     cv_gram_add_rows(R, w, B, G);
 }
 
-static const cv_layer_ops batchnorm_ops = {bn_work,       bn_forward,   bn_vjp,
-                                       bn_jvp,        bn_hvp_extra, bn_per_sample,
-                                       bn_gram_add,   NULL,         NULL};
+static const cv_layer_ops batchnorm_ops = {
+    .work_size = bn_work,
+    .forward = bn_forward,
+    .vjp = bn_vjp,
+    .jvp = bn_jvp,
+    .hvp_extra = bn_hvp_extra,
+    .per_sample = bn_per_sample,
+    .gram_add = bn_gram_add,
+};
 
 /* ---- classes --------------------------------------------------------------- */
 

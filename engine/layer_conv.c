@@ -760,9 +760,17 @@ static void conv_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigne
             G[q] = NAN;
 }
 
-static const cv_layer_ops conv2d_ops = {conv_work,      conv_forward,    conv_vjp,
-                                    conv_jvp,       conv_hvp_extra,  conv_per_sample,
-                                    conv_gram_add,  conv_quad_extra, conv_vjp_hvp};
+static const cv_layer_ops conv2d_ops = {
+    .work_size = conv_work,
+    .forward = conv_forward,
+    .vjp = conv_vjp,
+    .jvp = conv_jvp,
+    .hvp_extra = conv_hvp_extra,
+    .per_sample = conv_per_sample,
+    .gram_add = conv_gram_add,
+    .quad_extra = conv_quad_extra,
+    .vjp_hvp = conv_vjp_hvp,
+};
 
 /* ---- class ----------------------------------------------------------------- */
 

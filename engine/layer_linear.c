@@ -165,9 +165,16 @@ static void linear_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsig
     free(X);
 }
 
-static const cv_layer_ops linear_ops = {linear_work,       linear_forward,    linear_vjp,
-                                    linear_jvp,        linear_hvp_extra,  linear_per_sample,
-                                    linear_gram_add,   linear_quad_extra, NULL};
+static const cv_layer_ops linear_ops = {
+    .work_size = linear_work,
+    .forward = linear_forward,
+    .vjp = linear_vjp,
+    .jvp = linear_jvp,
+    .hvp_extra = linear_hvp_extra,
+    .per_sample = linear_per_sample,
+    .gram_add = linear_gram_add,
+    .quad_extra = linear_quad_extra,
+};
 
 /* ---- class ----------------------------------------------------------------- */
 

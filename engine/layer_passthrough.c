@@ -41,9 +41,15 @@ static void pass_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const
 
 static void pass_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
 
-static const cv_layer_ops passthrough_ops = {pass_work,      pass_forward,    pass_vjp,
-                                             pass_jvp,       pass_hvp_extra,  pass_per_sample,
-                                             NULL,           pass_quad_extra, NULL};
+static const cv_layer_ops passthrough_ops = {
+    .work_size = pass_work,
+    .forward = pass_forward,
+    .vjp = pass_vjp,
+    .jvp = pass_jvp,
+    .hvp_extra = pass_hvp_extra,
+    .per_sample = pass_per_sample,
+    .quad_extra = pass_quad_extra,
+};
 
 /* ---- classes --------------------------------------------------------------- */
 

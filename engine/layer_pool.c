@@ -197,9 +197,15 @@ static void maxpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const flo
     cv_parallel_for((size_t)k * planes, cv_parallel_grain(ip + op), jvp_planes, &j);
 }
 
-static const cv_layer_ops maxpool2d_ops = {pool_work,      maxpool_forward, maxpool_vjp,
-                                       maxpool_jvp,    pool_hvp_extra,  pool_per_sample,
-                                       NULL,           pool_quad_extra, NULL};
+static const cv_layer_ops maxpool2d_ops = {
+    .work_size = pool_work,
+    .forward = maxpool_forward,
+    .vjp = maxpool_vjp,
+    .jvp = maxpool_jvp,
+    .hvp_extra = pool_hvp_extra,
+    .per_sample = pool_per_sample,
+    .quad_extra = pool_quad_extra,
+};
 
 /* ---- AvgPool2d / AdaptiveAvgPool2d ----------------------------------------
  * Windows are separable: per axis a start, an end (clipped to the input) and
@@ -313,9 +319,15 @@ static void avgpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const flo
         memset(ry, 0, sizeof(float) * (size_t)k * c->n * c->out_numel);
 }
 
-static const cv_layer_ops avgpool2d_ops = {pool_work,      avgpool_forward, avgpool_vjp,
-                                       avgpool_jvp,    pool_hvp_extra,  pool_per_sample,
-                                       NULL,           pool_quad_extra, NULL};
+static const cv_layer_ops avgpool2d_ops = {
+    .work_size = pool_work,
+    .forward = avgpool_forward,
+    .vjp = avgpool_vjp,
+    .jvp = avgpool_jvp,
+    .hvp_extra = pool_hvp_extra,
+    .per_sample = pool_per_sample,
+    .quad_extra = pool_quad_extra,
+};
 
 /* ---- classes --------------------------------------------------------------- */
 

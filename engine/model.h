@@ -20,10 +20,11 @@
 
 #include "err.h"
 
-#define CV_MAX_LAYERS 256
+#define CV_MAX_LAYERS 512
 #define CV_MAX_RANK 4           /* per-sample tensor rank, e.g. [C, H, W] */
-#define CV_MAX_LAYER_PARAMS 2   /* weight, bias */
+#define CV_MAX_LAYER_PARAMS 4   /* weight, bias (MultiheadAttention-like classes: more) */
 #define CV_MAX_LAYER_BUFFERS 3  /* running_mean, running_var, num_batches_tracked */
+#define CV_MAX_NODE_INPUTS 4    /* inputs of one graph node (attention: q, k, v, mask) */
 #define CV_NAME_MAX 64
 #define CV_MAX_SAMPLE_NUMEL (1 << 28) /* entries of one sample's input or activation */
 
@@ -59,18 +60,40 @@ typedef struct {
     } attr;
 
     cv_shape in_shape, out_shape;         /* per-sample, filled by cv_model_finalize */
+    /* Graph wiring: the activations the layer reads, 0 = the model input,
+     * l + 1 = the output of layer l (a Sequential layer l reads {l}), and
+     * their shapes (in_shapes[0] == in_shape). */
+    int nin;
+    int in[CV_MAX_NODE_INPUTS];
+    cv_shape in_shapes[CV_MAX_NODE_INPUTS];
+    char node[CV_NAME_MAX];               /* graph: the node's name ("" in Sequential) */
+    char module[CV_NAME_MAX];             /* prefix of its tensors' names: the module's
+                                           * qualified name ("layer1.0.conv1"), the layer
+                                           * index in Sequential, "" when pnames name them */
+    /* Graph: explicit state_dict names of the parameter tensors (function
+     * nodes with "params"), "" where "<module>.<suffix>" applies. */
+    char pnames[CV_MAX_LAYER_PARAMS][CV_NAME_MAX];
     int nparams;                           /* tensors in the parameter vector */
     cv_tensor_info params[CV_MAX_LAYER_PARAMS];
     int nbuffers;
     cv_tensor_info buffers[CV_MAX_LAYER_BUFFERS];
 } cv_layer;
 
+/* The dtype of the model input (the dataset's x): integer inputs are token
+ * ids for Embedding, held as exact float32 values in cv_dataset.x. */
+typedef enum { CV_DTYPE_FLOAT32 = 0, CV_DTYPE_INT64, CV_DTYPE_INT32 } cv_input_dtype;
+
 typedef struct {
     cv_shape input_shape;
+    cv_input_dtype input_dtype;
+    int graph;                /* 1: written in the graph form (modules + nodes) */
     int nlayers;
     cv_layer layers[CV_MAX_LAYERS];
     cv_loss_type loss;
     cv_reduction reduction;
+    int class_dim;            /* CrossEntropy: 1 (PyTorch's [N, C, d1...]) or -1 ([N, ..., C]) */
+    double label_smoothing;   /* CrossEntropy, in [0, 1] */
+    int64_t ignore_index;     /* CrossEntropy: targets equal to it are left out (-100) */
 
     size_t nparams_total;     /* D */
     float *params;            /* D floats, state_dict order */
