@@ -1,6 +1,7 @@
 /* arch.c - architecture JSON parsing/validation into cv_model and back; a
  * layer object through its class's field table (engine/layer.h). */
 #include "api/arch.h"
+#include "api/arch_internal.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -16,7 +17,7 @@
 /* ---- paths and messages ------------------------------------------------ */
 
 /* buf = "obj.key" (or "key"), truncated to len. */
-static void join(char *buf, size_t len, const char *obj, const char *key)
+void cv_arch_join(char *buf, size_t len, const char *obj, const char *key)
 {
     size_t used = 0;
     const char *parts[3] = {obj && *obj ? obj : "", obj && *obj ? "." : "", key};
@@ -28,8 +29,8 @@ static void join(char *buf, size_t len, const char *obj, const char *key)
 }
 
 
-static int bad(cv_err *e, const char *code, const char *path, const char *what,
-               const cJSON *got)
+int cv_arch_bad(cv_err *e, const char *code, const char *path, const char *what,
+                const cJSON *got)
 {
     char k[80];
     if (got)
@@ -39,12 +40,12 @@ static int bad(cv_err *e, const char *code, const char *path, const char *what,
 }
 
 /* Rejects keys of o not in allowed (NULL-terminated) and duplicate keys. */
-static int check_keys(const cJSON *o, const char *obj, const char *what,
-                      const char *const *allowed, cv_err *e)
+int cv_arch_check_keys(const cJSON *o, const char *obj, const char *what,
+                       const char *const *allowed, cv_err *e)
 {
     char path[160];
     for (const cJSON *c = o->child; c; c = c->next) {
-        join(path, sizeof path, obj, c->string);
+        cv_arch_join(path, sizeof path, obj, c->string);
         for (const cJSON *d = o->child; d != c; d = d->next)
             if (strcmp(d->string, c->string) == 0)
                 return cv_err_set(e, CV_EINVAL, "duplicate_field", path,
@@ -72,7 +73,7 @@ static int check_keys(const cJSON *o, const char *obj, const char *what,
 
 /* ---- typed getters ------------------------------------------------------ */
 
-static int as_int(const cJSON *v, const char *path, int min, int *out, cv_err *e)
+int cv_arch_as_int(const cJSON *v, const char *path, int min, int *out, cv_err *e)
 {
     char what[96];
     if (min > -INT_LIMIT)
@@ -80,13 +81,13 @@ static int as_int(const cJSON *v, const char *path, int min, int *out, cv_err *e
     else
         snprintf(what, sizeof what, "must be an integer");
     if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble))
-        return bad(e, "invalid_type", path, what, v);
+        return cv_arch_bad(e, "invalid_type", path, what, v);
     double d = v->valuedouble;
     if (d < min)
-        return bad(e, "invalid_value", path, what, v);
+        return cv_arch_bad(e, "invalid_value", path, what, v);
     if (fabs(d) > INT_LIMIT) {
         snprintf(what, sizeof what, "is too large (limit %d)", INT_LIMIT);
-        return bad(e, "invalid_value", path, what, v);
+        return cv_arch_bad(e, "invalid_value", path, what, v);
     }
     *out = (int)d;
     return 0;
@@ -98,17 +99,17 @@ static int as_pair(const cJSON *v, const char *path, int min, int out[2], cv_err
     if (cJSON_IsArray(v)) {
         char p[176];
         if (cJSON_GetArraySize(v) != 2)
-            return bad(e, "invalid_value", path, "must be an integer or a list of 2 integers",
+            return cv_arch_bad(e, "invalid_value", path, "must be an integer or a list of 2 integers",
                        v);
         snprintf(p, sizeof p, "%s[0]", path);
-        if (as_int(v->child, p, min, &out[0], e))
+        if (cv_arch_as_int(v->child, p, min, &out[0], e))
             return -1;
         snprintf(p, sizeof p, "%s[1]", path);
-        return as_int(v->child->next, p, min, &out[1], e);
+        return cv_arch_as_int(v->child->next, p, min, &out[1], e);
     }
     if (!cJSON_IsNumber(v))
-        return bad(e, "invalid_type", path, "must be an integer or a list of 2 integers", v);
-    if (as_int(v, path, min, &out[0], e))
+        return cv_arch_bad(e, "invalid_type", path, "must be an integer or a list of 2 integers", v);
+    if (cv_arch_as_int(v, path, min, &out[0], e))
         return -1;
     out[1] = out[0];
     return 0;
@@ -137,7 +138,7 @@ static int parse_pair_field(const cJSON *v, const char *path, const cv_field *f,
                 *(int *)(attr + f->aux) = i + 1;
                 return 0;
             }
-        return bad(e, "invalid_value", path, f->text, v);
+        return cv_arch_bad(e, "invalid_value", path, f->text, v);
     }
     if ((f->flags & CV_F_NO_NONE) && cJSON_IsArray(v))
         for (const cJSON *c = v->child; c; c = c->next)
@@ -153,7 +154,7 @@ static int parse_number_field(const cJSON *v, const char *path, const cv_field *
     char what[96];
     int lo_open = (f->flags & CV_F_MIN_OPEN) != 0;
     if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble))
-        return bad(e, "invalid_type", path, "must be a number", v);
+        return cv_arch_bad(e, "invalid_type", path, "must be a number", v);
     double x = v->valuedouble;
     if (x < f->min || (lo_open && x == f->min) || x > f->max) {
         if (isinf(f->max))
@@ -161,7 +162,7 @@ static int parse_number_field(const cJSON *v, const char *path, const cv_field *
         else
             snprintf(what, sizeof what, "must be in %s%g, %g]", lo_open ? "(" : "[", f->min,
                      f->max);
-        return bad(e, "invalid_value", path, what, v);
+        return cv_arch_bad(e, "invalid_value", path, what, v);
     }
     *out = x;
     return 0;
@@ -183,7 +184,7 @@ static int parse_ignored_field(const cJSON *v, const char *path, const cv_field 
         if (kinds[i] && used < sizeof what)
             used += (size_t)snprintf(what + used, sizeof what - used, "%s%s",
                                      n++ ? " or " : " ", kinds[i]);
-    return bad(e, "invalid_type", path, what, v);
+    return cv_arch_bad(e, "invalid_type", path, what, v);
 }
 
 /* Reads field f of layer object o (at obj) into attr; absent fields keep
@@ -192,24 +193,24 @@ static int parse_field(const cJSON *o, const char *obj, const cv_field *f, unsig
                        cv_err *e)
 {
     char path[160], what[160];
-    join(path, sizeof path, obj, f->name);
+    cv_arch_join(path, sizeof path, obj, f->name);
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, f->name);
     if (v && cJSON_IsNull(v) && (f->flags & CV_F_NULLABLE))
         v = NULL;
     if (!v)
         return (f->flags & CV_F_REQUIRED)
-                   ? bad(e, "missing_field", path, "required field is missing", NULL)
+                   ? cv_arch_bad(e, "missing_field", path, "required field is missing", NULL)
                    : 0;
     void *dst = f->offset == CV_F_NOSTORE ? NULL : attr + f->offset;
     switch (f->kind) {
     case CV_F_INT:
-        return as_int(v, path, (int)f->min, dst, e);
+        return cv_arch_as_int(v, path, (int)f->min, dst, e);
     case CV_F_PAIR:
         return parse_pair_field(v, path, f, attr, e);
     case CV_F_BOOL:
     case CV_F_FIXED_BOOL:
         if (!cJSON_IsBool(v))
-            return bad(e, "invalid_type", path, "must be true or false", v);
+            return cv_arch_bad(e, "invalid_type", path, "must be true or false", v);
         if (f->kind == CV_F_FIXED_BOOL && cJSON_IsTrue(v) != (f->def != 0))
             return cv_err_set(e, CV_EINVAL, "unsupported", path, "%s: %s is not supported: %s",
                               path, cJSON_IsTrue(v) ? "true" : "false", f->text);
@@ -226,10 +227,10 @@ static int parse_field(const cJSON *o, const char *obj, const cv_field *f, unsig
             }
         snprintf(what, sizeof what, "must be ");
         choice_list(f->choices, what + strlen(what), sizeof what - strlen(what));
-        return bad(e, cJSON_IsString(v) ? "invalid_value" : "invalid_type", path, what, v);
+        return cv_arch_bad(e, cJSON_IsString(v) ? "invalid_value" : "invalid_type", path, what, v);
     case CV_F_FIXED_STRING:
         if (!cJSON_IsString(v))
-            return bad(e, "invalid_type", path, "must be a string", v);
+            return cv_arch_bad(e, "invalid_type", path, "must be a string", v);
         if (strcmp(v->valuestring, f->text) != 0)
             return cv_err_set(e, CV_EINVAL, "unsupported", path,
                               "%s: %s '%.40s' is not supported (only \"%s\")", path, f->name,
@@ -237,7 +238,7 @@ static int parse_field(const cJSON *o, const char *obj, const cv_field *f, unsig
         return 0;
     case CV_F_FIXED_NULL:
         return cJSON_IsNull(v) ? 0
-                               : bad(e, "unsupported", path, "is not supported (must be null)", v);
+                               : cv_arch_bad(e, "unsupported", path, "is not supported (must be null)", v);
     case CV_F_IGNORED:
         return parse_ignored_field(v, path, f, e);
     }
@@ -246,45 +247,33 @@ static int parse_field(const cJSON *o, const char *obj, const cv_field *f, unsig
 
 /* The string field "type" of o (path set to "obj.type"), or NULL after an
  * error: missing, or not a string ("what" says what it must be). */
-static const cJSON *type_field(const cJSON *o, const char *obj, const char *what, char *path,
+const cJSON *cv_arch_type_field(const cJSON *o, const char *obj, const char *what, char *path,
                                size_t len, cv_err *e)
 {
-    join(path, len, obj, "type");
+    cv_arch_join(path, len, obj, "type");
     const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
     if (!t)
-        bad(e, "missing_field", path, "required field is missing", NULL);
+        cv_arch_bad(e, "missing_field", path, "required field is missing", NULL);
     else if (!cJSON_IsString(t))
-        bad(e, "invalid_type", path, what, t);
+        cv_arch_bad(e, "invalid_type", path, what, t);
     else
         return t;
     return NULL;
 }
 
-static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
+int cv_arch_parse_fields(const cJSON *o, const char *obj, const cv_layer_class *cls,
+                         const char *const *extra, cv_layer *L, cv_err *e)
 {
     char path[160];
-    if (!cJSON_IsObject(o))
-        return bad(e, "invalid_type", obj, "each layer must be an object with a \"type\"", o);
-    const cJSON *t = type_field(o, obj, "must be a layer type name", path, sizeof path, e);
-    if (!t)
-        return -1;
-    const cv_layer_class *cls = cv_layer_class_find(t->valuestring);
-    if (!cls) {
-        char known[600], hint[96];
-        const char *names[128];
-        int n = 0;
-        for (; n < cv_layer_class_count() && n < 128; n++)
-            names[n] = cv_layer_class_at(n)->name;
-        return cv_err_set(e, CV_EINVAL, "unknown_layer_type", path,
-                          "%s: unknown layer type '%.60s' (supported: %s)%s", path,
-                          t->valuestring, cv_join_names(names, n, ", ", ", ", known, sizeof known),
-                          cv_suggest_hint(t->valuestring, names, n, hint, sizeof hint));
-    }
-    const char *allowed[CV_LAYER_MAX_FIELDS + 2] = {"type"};
+    const char *allowed[CV_LAYER_MAX_FIELDS + 8];
+    int na = 0;
+    for (int i = 0; extra[i] && na < 7; i++)
+        allowed[na++] = extra[i];
     int nf = cls->nfields < CV_LAYER_MAX_FIELDS ? cls->nfields : CV_LAYER_MAX_FIELDS;
     for (int i = 0; i < nf; i++)
-        allowed[i + 1] = cls->fields[i].name;
-    if (check_keys(o, obj, t->valuestring, allowed, e))
+        allowed[na++] = cls->fields[i].name;
+    allowed[na] = NULL;
+    if (cv_arch_check_keys(o, obj, cls->name, allowed, e))
         return -1;
     cv_layer_init(L, cls);
     for (int i = 0; i < nf; i++)
@@ -298,10 +287,39 @@ static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
                               "%s: the %s layer check failed without a reason", obj,
                               cls->name);
         /* the hook names the attribute: prefix the layer's path */
-        join(path, sizeof path, obj, ce.field);
+        cv_arch_join(path, sizeof path, obj, ce.field);
         return cv_err_set(e, ce.status, ce.code, path, "%s.%s", obj, ce.message);
     }
     return 0;
+}
+
+int cv_arch_unknown_type(const char *path, const char *name, cv_err *e)
+{
+    char known[600], hint[96];
+    const char *names[128];
+    int n = 0;
+    for (int i = 0; i < cv_layer_class_count() && n < 128; i++)
+        if (cv_layer_class_is_module(cv_layer_class_at(i)))
+            names[n++] = cv_layer_class_at(i)->name;
+    return cv_err_set(e, CV_EINVAL, "unknown_layer_type", path,
+                      "%s: unknown layer type '%.60s' (supported: %s)%s", path, name,
+                      cv_join_names(names, n, ", ", ", ", known, sizeof known),
+                      cv_suggest_hint(name, names, n, hint, sizeof hint));
+}
+
+static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
+{
+    char path[160];
+    if (!cJSON_IsObject(o))
+        return cv_arch_bad(e, "invalid_type", obj, "each layer must be an object with a \"type\"", o);
+    const cJSON *t = cv_arch_type_field(o, obj, "must be a layer type name", path, sizeof path, e);
+    if (!t)
+        return -1;
+    const cv_layer_class *cls = cv_layer_class_find(t->valuestring);
+    if (!cls || !cv_layer_class_is_module(cls))
+        return cv_arch_unknown_type(path, t->valuestring, e);
+    static const char *const extra[] = {"type", NULL};
+    return cv_arch_parse_fields(o, obj, cls, extra, L, e);
 }
 
 /* ---- document ---------------------------------------------------------- */
@@ -313,13 +331,13 @@ static int parse_loss(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
 {
     char path[160];
     if (!o)
-        return bad(e, "missing_field", obj, "required field is missing (e.g. {\"type\": "
+        return cv_arch_bad(e, "missing_field", obj, "required field is missing (e.g. {\"type\": "
                    "\"CrossEntropyLoss\"})", NULL);
     if (!cJSON_IsObject(o))
-        return bad(e, "invalid_type", obj, "must be an object {\"type\", \"reduction\"}", o);
-    if (check_keys(o, obj, "loss", K_LOSS, e))
+        return cv_arch_bad(e, "invalid_type", obj, "must be an object {\"type\", \"reduction\"}", o);
+    if (cv_arch_check_keys(o, obj, "loss", K_LOSS, e))
         return -1;
-    const cJSON *t = type_field(o, obj, "must be a loss name", path, sizeof path, e);
+    const cJSON *t = cv_arch_type_field(o, obj, "must be a loss name", path, sizeof path, e);
     if (!t)
         return -1;
     static const char *const losses[] = {"MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"};
@@ -335,13 +353,13 @@ static int parse_loss(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
                           cv_suggest_hint(t->valuestring, losses, 3, hint, sizeof hint));
     }
     m->loss = loss_types[li];
-    join(path, sizeof path, obj, "reduction");
+    cv_arch_join(path, sizeof path, obj, "reduction");
     const cJSON *r = cJSON_GetObjectItemCaseSensitive(o, "reduction");
     m->reduction = CV_RED_MEAN;
     if (!r)
         return 0;
     if (!cJSON_IsString(r))
-        return bad(e, "invalid_type", path, "must be \"mean\" or \"sum\"", r);
+        return cv_arch_bad(e, "invalid_type", path, "must be \"mean\" or \"sum\"", r);
     if (strcmp(r->valuestring, "mean") == 0)
         return 0;
     if (strcmp(r->valuestring, "sum") == 0) {
@@ -352,7 +370,7 @@ static int parse_loss(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
         return cv_err_set(e, CV_EINVAL, "unsupported", path,
                           "%s: \"none\" is not supported: curvature needs a scalar loss (use "
                           "\"mean\" or \"sum\")", path);
-    return bad(e, "invalid_value", path, "must be \"mean\" or \"sum\"", r);
+    return cv_arch_bad(e, "invalid_value", path, "must be \"mean\" or \"sum\"", r);
 }
 
 int cv_arch_from_json(const cJSON *doc, const char *prefix, cv_model *m, cv_err *e)
@@ -361,19 +379,19 @@ int cv_arch_from_json(const cJSON *doc, const char *prefix, cv_model *m, cv_err 
     char path[160], obj[160];
     memset(m, 0, sizeof *m);
     if (!cJSON_IsObject(doc))
-        return bad(e, "invalid_type", *pre ? pre : "architecture",
+        return cv_arch_bad(e, "invalid_type", *pre ? pre : "architecture",
                    "the architecture must be a JSON object with input_shape, layers and loss",
                    doc);
-    if (check_keys(doc, pre, "the architecture", K_TOP, e))
+    if (cv_arch_check_keys(doc, pre, "the architecture", K_TOP, e))
         return -1;
 
-    join(path, sizeof path, pre, "input_shape");
+    cv_arch_join(path, sizeof path, pre, "input_shape");
     const cJSON *is = cJSON_GetObjectItemCaseSensitive(doc, "input_shape");
     if (!is)
-        return bad(e, "missing_field", path, "required field is missing (e.g. [1, 28, 28])",
+        return cv_arch_bad(e, "missing_field", path, "required field is missing (e.g. [1, 28, 28])",
                    NULL);
     if (!cJSON_IsArray(is))
-        return bad(e, "invalid_type", path, "must be a list of positive integers", is);
+        return cv_arch_bad(e, "invalid_type", path, "must be a list of positive integers", is);
     int rank = cJSON_GetArraySize(is);
     if (rank < 1 || rank > CV_MAX_RANK)
         return cv_err_set(e, CV_EINVAL, "invalid_value", path,
@@ -383,17 +401,17 @@ int cv_arch_from_json(const cJSON *doc, const char *prefix, cv_model *m, cv_err 
     for (const cJSON *c = is->child; c; c = c->next, i++) {
         char p[176];
         snprintf(p, sizeof p, "%s[%d]", path, i);
-        if (as_int(c, p, 1, &m->input_shape.dim[i], e))
+        if (cv_arch_as_int(c, p, 1, &m->input_shape.dim[i], e))
             return -1;
     }
     m->input_shape.rank = rank;
 
-    join(path, sizeof path, pre, "layers");
+    cv_arch_join(path, sizeof path, pre, "layers");
     const cJSON *ls = cJSON_GetObjectItemCaseSensitive(doc, "layers");
     if (!ls)
-        return bad(e, "missing_field", path, "required field is missing", NULL);
+        return cv_arch_bad(e, "missing_field", path, "required field is missing", NULL);
     if (!cJSON_IsArray(ls))
-        return bad(e, "invalid_type", path, "must be a list of layer objects", ls);
+        return cv_arch_bad(e, "invalid_type", path, "must be a list of layer objects", ls);
     int n = cJSON_GetArraySize(ls);
     if (n < 1 || n > CV_MAX_LAYERS)
         return cv_err_set(e, n < 1 ? CV_EINVAL : CV_ETOOLARGE,
@@ -408,7 +426,7 @@ int cv_arch_from_json(const cJSON *doc, const char *prefix, cv_model *m, cv_err 
     }
     m->nlayers = n;
 
-    join(path, sizeof path, pre, "loss");
+    cv_arch_join(path, sizeof path, pre, "loss");
     if (parse_loss(cJSON_GetObjectItemCaseSensitive(doc, "loss"), path, m, e))
         return -1;
 
@@ -416,7 +434,7 @@ int cv_arch_from_json(const cJSON *doc, const char *prefix, cv_model *m, cv_err 
     if (cv_model_finalize(m, &fe)) {
         /* fe.field is the model path ("layers[2].kernel_size"): prefix it */
         char field[sizeof fe.field];
-        join(field, sizeof field, pre, fe.field);
+        cv_arch_join(field, sizeof field, pre, fe.field);
         if (*pre)
             return cv_err_set(e, fe.status, fe.code, field, "%s.%s", pre, fe.message);
         return cv_err_set(e, fe.status, fe.code, field, "%s", fe.message);
@@ -534,14 +552,19 @@ static int field_to_json(const cv_field *f, const unsigned char *attr, cJSON *o)
     }
 }
 
-static int layer_to_json(const cv_layer *L, cJSON *o)
+int cv_arch_fields_to_json(const cv_layer *L, cJSON *o)
 {
-    if (!L->cls || add_string(o, "type", L->cls->name))
-        return -1;
     for (int i = 0; i < L->cls->nfields; i++)
         if (field_to_json(&L->cls->fields[i], L->attr.bytes, o))
             return -1;
     return 0;
+}
+
+static int layer_to_json(const cv_layer *L, cJSON *o)
+{
+    if (!L->cls || add_string(o, "type", L->cls->name))
+        return -1;
+    return cv_arch_fields_to_json(L, o);
 }
 
 cJSON *cv_arch_to_json(const cv_model *m)

@@ -12,6 +12,12 @@
 #include "loss.h"
 #include "names.h"
 
+/* Cotangents of the backward passes live in pooled buffers: a buffer is taken
+ * when the first consumer of an activation (in reverse order) writes it and
+ * given back once its producer has been processed, so a chain needs two and a
+ * residual network a few, however deep. */
+#define CV_POOL_MAX (CV_MAX_LAYERS + 1)
+
 struct cv_curv {
     const cv_model *m;
     const cv_batch *b;
@@ -19,9 +25,9 @@ struct cv_curv {
     cv_curv_options opt;
     cv_layer_ctx ctx[CV_MAX_LAYERS];
     const cv_layer_ops *ops[CV_MAX_LAYERS];
-    size_t numel[CV_MAX_LAYERS + 1]; /* per-sample numel of act[l] */
+    size_t numel[CV_MAX_LAYERS + 1]; /* per-sample numel of act[a] */
     size_t poff[CV_MAX_LAYERS];      /* offset of layer l's parameters */
-    float *act[CV_MAX_LAYERS + 1];   /* act[0] = batch x (borrowed) */
+    float *act[CV_MAX_LAYERS + 1];   /* act[0] = batch x (borrowed), act[l+1] = layer l's output */
     size_t max_numel;
 
     cv_loss_state ls;
@@ -35,11 +41,16 @@ struct cv_curv {
     float *ef_s;                     /* per-sample output gradients (EF) */
 
     int wk;                          /* vectors the workspace is sized for */
-    float *rx[CV_MAX_LAYERS + 1];    /* tangents of act[l], wk*n*numel[l] */
+    float *rx[CV_MAX_LAYERS + 1];    /* tangents of act[a], wk*n*numel[a] */
     float *vth[CV_MAX_LAYERS];       /* per-layer parameter directions */
     float *gth[CV_MAX_LAYERS];       /* per-layer parameter products */
-    float *ping, *pong;              /* backward cotangents */
-    float *scratch;
+
+    size_t pool_floats;              /* size of every pooled cotangent buffer */
+    int npool, nfree;
+    float *pool[CV_POOL_MAX];        /* all pooled buffers */
+    float *free_bufs[CV_POOL_MAX];   /* those not in use */
+    float *slot_tmp[CV_MAX_NODE_INPUTS]; /* a node's input cotangent before it is added */
+    size_t slot_floats;
 };
 
 #define CV_CURV_NAME_(id, name) [id] = name,
@@ -124,6 +135,20 @@ static size_t layer_nparam(const cv_layer *L)
     return p;
 }
 
+/* Points layer l's context at its inputs (activation buffers). */
+static void wire_inputs(cv_curv *c, int l)
+{
+    const cv_layer *L = &c->m->layers[l];
+    cv_layer_ctx *x = &c->ctx[l];
+    x->nin = L->nin;
+    for (int i = 0; i < L->nin; i++) {
+        x->xs[i] = c->act[L->in[i]];
+        x->in_numels[i] = c->numel[L->in[i]];
+    }
+    x->x = L->nin ? x->xs[0] : NULL;
+    x->in_numel = L->nin ? x->in_numels[0] : 0;
+}
+
 static int setup_layers(cv_curv *c, cv_err *e)
 {
     const cv_model *m = c->m;
@@ -136,6 +161,11 @@ static int setup_layers(cv_curv *c, cv_err *e)
             return cv_err_set(e, CV_EINVAL, "unsupported_layer", "layers",
                               "layers[%d]: %s is not supported by this engine", l,
                               cv_layer_name(L));
+        for (int i = 0; i < L->nin; i++)
+            if (L->in[i] < 0 || L->in[i] > l)
+                return cv_err_set(e, CV_EINVAL, "invalid_model", "nodes",
+                                  "layers[%d] reads activation %d, not computed before it", l,
+                                  L->in[i]);
         c->numel[l + 1] = cv_shape_numel(&L->out_shape);
         if (c->numel[l + 1] > c->max_numel)
             c->max_numel = c->numel[l + 1];
@@ -143,7 +173,6 @@ static int setup_layers(cv_curv *c, cv_err *e)
         memset(x, 0, sizeof *x);
         x->L = L;
         x->n = c->n;
-        x->in_numel = c->numel[l];
         x->out_numel = c->numel[l + 1];
         x->nparam = layer_nparam(L);
         c->poff[l] = L->nparams ? L->params[0].offset : 0;
@@ -162,7 +191,7 @@ static int run_forward(cv_curv *c, cv_err *e)
         if (!c->act[l + 1])
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                               "activations of layer %d (%zu floats)", l, len);
-        c->ctx[l].x = c->act[l];
+        wire_inputs(c, l);
         c->ctx[l].y = c->act[l + 1];
         if (c->ops[l]->forward(&c->ctx[l], c->act[l + 1], e))
             return -1;
@@ -199,6 +228,18 @@ cv_curv *cv_curv_new(const cv_model *m, const cv_batch *b, const cv_curv_options
     return c;
 }
 
+static void free_pool(cv_curv *c)
+{
+    for (int i = 0; i < c->npool; i++)
+        free(c->pool[i]);
+    for (int i = 0; i < CV_MAX_NODE_INPUTS; i++) {
+        free(c->slot_tmp[i]);
+        c->slot_tmp[i] = NULL;
+    }
+    c->npool = c->nfree = 0;
+    c->pool_floats = c->slot_floats = 0;
+}
+
 static void free_workspace(cv_curv *c)
 {
     for (int l = 0; l <= c->L; l++) {
@@ -210,10 +251,7 @@ static void free_workspace(cv_curv *c)
         free(c->gth[l]);
         c->vth[l] = c->gth[l] = NULL;
     }
-    free(c->ping);
-    free(c->pong);
-    free(c->scratch);
-    c->ping = c->pong = c->scratch = NULL;
+    free_pool(c);
     c->wk = 0;
 }
 
@@ -248,8 +286,6 @@ void cv_curv_set_gram_budget(cv_curv *c, size_t floats)
         c->ctx[l].gram_budget = floats;
 }
 
-/* ---- gradient ------------------------------------------------------------ */
-
 static int ensure_layer_work(cv_curv *c, int l, int k, cv_err *e)
 {
     cv_layer_ctx *x = &c->ctx[l];
@@ -264,6 +300,223 @@ static int ensure_layer_work(cv_curv *c, int l, int k, cv_err *e)
                           need);
     return 0;
 }
+
+/* ---- the graph walks -----------------------------------------------------
+ * Activation a is produced by layer a - 1 (a = 0: the model input).  For a
+ * set of active layers (those owning tensors of the block), a layer is live
+ * when it is active or reads a live layer's output: exactly the layers whose
+ * outputs have nonzero tangents and whose inputs need cotangents. */
+
+/* Sets live[l] for every layer. */
+static void live_layers(const cv_curv *c, const char *active, char *live)
+{
+    for (int l = 0; l < c->L; l++) {
+        const cv_layer *L = &c->m->layers[l];
+        live[l] = active[l];
+        for (int i = 0; i < L->nin && !live[l]; i++)
+            live[l] = L->in[i] > 0 && live[L->in[i] - 1];
+    }
+}
+
+/* 1 when input slot i of layer l carries a tangent / needs a cotangent. */
+static int slot_live(const cv_curv *c, const char *live, int l, int i)
+{
+    int a = c->m->layers[l].in[i];
+    return a > 0 && live[a - 1];
+}
+
+static void forward_tangents(cv_curv *c, const char *active, const char *live, int k)
+{
+    for (int l = 0; l < c->L; l++) {
+        if (!live[l])
+            continue;
+        const cv_layer *L = &c->m->layers[l];
+        const float *v = active[l] ? c->vth[l] : NULL;
+        if (c->ops[l]->jvp_n) {
+            const float *rx[CV_MAX_NODE_INPUTS] = {NULL};
+            for (int i = 0; i < L->nin; i++)
+                rx[i] = slot_live(c, live, l, i) ? c->rx[L->in[i]] : NULL;
+            c->ops[l]->jvp_n(&c->ctx[l], k, rx, v, c->rx[l + 1]);
+        } else {
+            c->ops[l]->jvp(&c->ctx[l], k, slot_live(c, live, l, 0) ? c->rx[L->in[0]] : NULL, v,
+                           c->rx[l + 1]);
+        }
+    }
+    if (!live[c->L - 1])
+        memset(c->rx[c->L], 0, sizeof(float) * (size_t)k * c->n * c->C);
+}
+
+/* One backward walk over the live layers for k stacked cotangents. */
+typedef struct {
+    int k;
+    const char *active, *live;  /* NULL live: every layer (the gradient pass) */
+    int hessian;                /* add the second-order terms (gy, rx, vth) */
+    float **gtheta;             /* per-layer parameter products (active layers), or NULL */
+    int use_gy;                 /* cotangents are the persistent gy[] (gradient pass) */
+    /* Called with each active layer's output cotangent, before its vjp. */
+    int (*at_layer)(cv_curv *c, int l, const float *cot, void *arg, cv_err *e);
+    void *arg;
+    float *cot[CV_MAX_LAYERS + 1];
+    char set[CV_MAX_LAYERS + 1];
+} cv_walk;
+
+static float *pool_take(cv_curv *c)
+{
+    if (c->nfree)
+        return c->free_bufs[--c->nfree];
+    if (c->npool == CV_POOL_MAX)
+        return NULL;
+    float *p = malloc(sizeof(float) * (c->pool_floats ? c->pool_floats : 1));
+    if (p)
+        c->pool[c->npool++] = p;
+    return p;
+}
+
+static void pool_give(cv_curv *c, float *p)
+{
+    if (p)
+        c->free_bufs[c->nfree++] = p;
+}
+
+/* Pooled buffers hold k*n*max_numel floats; the slot buffers too. */
+static int ensure_pool(cv_curv *c, int k, cv_err *e)
+{
+    size_t need = (size_t)k * c->n * c->max_numel;
+    if (need <= c->pool_floats && c->nfree == c->npool)
+        return 0;
+    free_pool(c);
+    c->pool_floats = c->slot_floats = need;
+    int bad = 0;
+    for (int i = 0; i < CV_MAX_NODE_INPUTS; i++)
+        bad |= (c->slot_tmp[i] = malloc(sizeof(float) * (need ? need : 1))) == NULL;
+    if (bad) {
+        free_pool(c);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                          "cotangents for %d vectors of batch %d", k, c->n);
+    }
+    return 0;
+}
+
+/* The buffer receiving slot i's cotangent (activation a); *direct = 1 when
+ * it is the activation's own buffer (first writer), 0 for the slot scratch. */
+static float *slot_target(cv_curv *c, cv_walk *w, int l, int i, int *direct)
+{
+    const cv_layer *L = &c->m->layers[l];
+    int a = L->in[i];
+    int first = !w->set[a];
+    for (int j = 0; j < i && first; j++)
+        first = L->in[j] != a;
+    *direct = first;
+    if (!first)
+        return c->slot_tmp[i];
+    if (!w->cot[a])
+        w->cot[a] = w->use_gy ? c->gy[a - 1] : pool_take(c);
+    return w->cot[a];
+}
+
+static void walk_layer_kernels(cv_curv *c, cv_walk *w, int l, const float *cot,
+                               float *const *gx)
+{
+    const cv_layer *L = &c->m->layers[l];
+    const cv_layer_ops *o = c->ops[l];
+    int act = w->active[l];
+    float *gt = act && w->gtheta ? w->gtheta[l] : NULL;
+    const float *v = act && w->hessian ? c->vth[l] : NULL;
+    if (o->vjp_n) {
+        o->vjp_n(&c->ctx[l], w->k, cot, gx, gt);
+        if (w->hessian) {
+            const float *rx[CV_MAX_NODE_INPUTS] = {NULL};
+            for (int i = 0; i < L->nin; i++)
+                rx[i] = slot_live(c, w->live, l, i) ? c->rx[L->in[i]] : NULL;
+            o->hvp_extra_n(&c->ctx[l], w->k, c->gy[l], rx, v, gx, gt);
+        }
+        return;
+    }
+    const float *rx = w->hessian && slot_live(c, w->live, l, 0) ? c->rx[L->in[0]] : NULL;
+    if (w->hessian && o->vjp_hvp) {
+        o->vjp_hvp(&c->ctx[l], w->k, cot, c->gy[l], rx, v, gx[0], gt);
+    } else {
+        o->vjp(&c->ctx[l], w->k, cot, gx[0], gt);
+        if (w->hessian)
+            o->hvp_extra(&c->ctx[l], w->k, c->gy[l], rx, v, gx[0], gt);
+    }
+}
+
+static void add_floats(float *restrict dst, const float *restrict src, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        dst[i] += src[i];
+}
+
+/* Backward step of layer l: its output cotangent (zero when no consumer
+ * wrote one) through vjp (+ second-order terms) into its inputs'. */
+static int walk_layer(cv_curv *c, cv_walk *w, int l, cv_err *e)
+{
+    const cv_layer *L = &c->m->layers[l];
+    int a_out = l + 1, k = w->k;
+    size_t out_len = (size_t)k * c->n * c->numel[a_out];
+    if (!w->set[a_out]) {
+        if (!w->cot[a_out])
+            w->cot[a_out] = w->use_gy ? c->gy[l] : pool_take(c);
+        if (!w->cot[a_out])
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
+        memset(w->cot[a_out], 0, sizeof(float) * out_len);
+        w->set[a_out] = 1;
+    }
+    if (w->active[l] && w->at_layer && w->at_layer(c, l, w->cot[a_out], w->arg, e))
+        return -1;
+    float *gx[CV_MAX_NODE_INPUTS] = {NULL};
+    int direct[CV_MAX_NODE_INPUTS] = {0};
+    for (int i = 0; i < L->nin; i++) {
+        if (w->live ? !slot_live(c, w->live, l, i) : L->in[i] == 0)
+            continue;
+        gx[i] = slot_target(c, w, l, i, &direct[i]);
+        if (!gx[i])
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
+    }
+    for (int i = 0; i < L->nin; i++)
+        if (gx[i] && !direct[i])
+            memset(gx[i], 0, sizeof(float) * (size_t)k * c->n * c->numel[L->in[i]]);
+    int any = w->hessian || (w->active[l] && w->gtheta);
+    for (int i = 0; i < L->nin; i++)
+        any |= gx[i] != NULL;
+    if (any)
+        walk_layer_kernels(c, w, l, w->cot[a_out], gx);
+    for (int i = 0; i < L->nin; i++) {
+        if (!gx[i])
+            continue;
+        int a = L->in[i];
+        if (!direct[i])
+            add_floats(w->cot[a], gx[i], (size_t)k * c->n * c->numel[a]);
+        w->set[a] = 1;
+    }
+    if (!w->use_gy)
+        pool_give(c, w->cot[a_out]);
+    w->cot[a_out] = NULL;
+    return 0;
+}
+
+/* Runs the walk from the output cotangent top (k*n*C floats): gy[L-1] in
+ * the gradient pass, else a pooled buffer the walk gives back. */
+static int walk_backward(cv_curv *c, cv_walk *w, float *top, cv_err *e)
+{
+    memset(w->cot, 0, sizeof w->cot);
+    memset(w->set, 0, sizeof w->set);
+    w->cot[c->L] = top;
+    w->set[c->L] = 1;
+    int rc = 0;
+    for (int l = c->L - 1; l >= 0 && !rc; l--) {
+        if (w->live && !w->live[l])
+            continue;
+        rc = ensure_layer_work(c, l, w->k, e) || walk_layer(c, w, l, e) ? -1 : 0;
+    }
+    for (int a = 1; a <= c->L && !w->use_gy; a++)
+        if (w->cot[a])
+            pool_give(c, w->cot[a]);
+    return rc;
+}
+
+/* ---- gradient ------------------------------------------------------------ */
 
 static void drop_grad(cv_curv *c)
 {
@@ -284,19 +537,32 @@ static int ensure_grad(cv_curv *c, cv_err *e)
     int ok = 1;
     c->grad = calloc(c->m->nparams_total, sizeof(float));
     for (int l = 0; l < c->L; l++)
-        ok &= (c->gy[l] = malloc(sizeof(float) * (size_t)c->n * c->numel[l + 1])) != NULL;
+        ok &= (c->gy[l] = calloc((size_t)c->n * c->numel[l + 1], sizeof(float))) != NULL;
     if (!ok || !c->grad) {
         drop_grad(c);
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient and cotangents");
     }
+    char active[CV_MAX_LAYERS];
+    float *gt[CV_MAX_LAYERS];
+    for (int l = 0; l < c->L; l++) {
+        active[l] = c->ctx[l].nparam > 0;
+        gt[l] = active[l] ? c->grad + c->poff[l] : NULL;
+    }
+    cv_walk *w = calloc(1, sizeof *w);
+    if (!w) {
+        drop_grad(c);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient walk");
+    }
+    w->k = 1;
+    w->active = active;
+    w->gtheta = gt;
+    w->use_gy = 1;
     memcpy(c->gy[c->L - 1], c->gh, sizeof(float) * (size_t)c->n * c->C);
-    for (int l = c->L - 1; l >= 0; l--) {
-        if (ensure_layer_work(c, l, 1, e)) {
-            drop_grad(c);
-            return -1;
-        }
-        c->ops[l]->vjp(&c->ctx[l], 1, c->gy[l], l > 0 ? c->gy[l - 1] : NULL,
-                       c->ctx[l].nparam ? c->grad + c->poff[l] : NULL);
+    int rc = ensure_pool(c, 1, e) ? -1 : walk_backward(c, w, c->gy[c->L - 1], e);
+    free(w);
+    if (rc) {
+        drop_grad(c);
+        return -1;
     }
     c->have_grad = 1;
     return 0;
@@ -345,11 +611,9 @@ static int ensure_workspace(cv_curv *c, int k, cv_err *e)
         bad |= alloc_floats(&c->vth[l], (size_t)k * c->ctx[l].nparam);
         bad |= alloc_floats(&c->gth[l], (size_t)k * c->ctx[l].nparam);
     }
-    bad |= alloc_floats(&c->ping, (size_t)k * n * c->max_numel);
-    bad |= alloc_floats(&c->pong, (size_t)k * n * c->max_numel);
     for (int l = 0; l < c->L && !bad; l++)
         bad |= ensure_layer_work(c, l, k, e) != 0;
-    if (bad) {
+    if (bad || ensure_pool(c, k, e)) {
         free_workspace(c);
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                           "workspace for %d vectors of batch %zu does not fit in memory", k, n);
@@ -358,18 +622,14 @@ static int ensure_workspace(cv_curv *c, int k, cv_err *e)
     return 0;
 }
 
-/* Marks which layers own tensors of block b; returns the lowest such layer. */
-static int active_layers(const cv_curv *c, const cv_block *b, char *active)
+/* Marks which layers own tensors of block b and which are live (layer.c's
+ * walk comment). */
+static void active_layers(const cv_curv *c, const cv_block *b, char *active, char *live)
 {
     memset(active, 0, (size_t)c->L);
-    int lo = c->L;
-    for (int i = 0; i < b->count; i++) {
-        int l = cv_model_param_layer(c->m, b->idx[i]);
-        active[l] = 1;
-        if (l < lo)
-            lo = l;
-    }
-    return lo;
+    for (int i = 0; i < b->count; i++)
+        active[cv_model_param_layer(c->m, b->idx[i])] = 1;
+    live_layers(c, active, live);
 }
 
 /* Scatters k block vectors X (double) into the per-layer direction buffers. */
@@ -440,44 +700,41 @@ static void apply_output_matrix(cv_curv *c, cv_curvature kind, int k, const floa
         cv_loss_hessian_apply(&c->ls, k, rh, out);
 }
 
-static void forward_tangents(cv_curv *c, const char *active, int lo, int k)
+/* The products' backward walk: k output cotangents (a pooled buffer, given
+ * back) through the live layers into gth. */
+static int backward_products(cv_curv *c, cv_curvature kind, const char *active,
+                             const char *live, int k, float *out_cot, cv_err *e)
 {
-    for (int l = lo; l < c->L; l++)
-        c->ops[l]->jvp(&c->ctx[l], k, l == lo ? NULL : c->rx[l], active[l] ? c->vth[l] : NULL,
-                       c->rx[l + 1]);
-}
-
-static void backward_products(cv_curv *c, cv_curvature kind, const char *active, int lo, int k)
-{
-    float *cur = c->ping, *next = c->pong;
-    for (int l = c->L - 1; l >= lo; l--) {
-        float *gx = l > lo ? next : NULL;
-        float *gt = active[l] ? c->gth[l] : NULL;
-        const float *rx = l == lo ? NULL : c->rx[l], *v = active[l] ? c->vth[l] : NULL;
-        if (kind == CV_CURV_HESSIAN && c->ops[l]->vjp_hvp) {
-            c->ops[l]->vjp_hvp(&c->ctx[l], k, cur, c->gy[l], rx, v, gx, gt);
-        } else {
-            c->ops[l]->vjp(&c->ctx[l], k, cur, gx, gt);
-            if (kind == CV_CURV_HESSIAN)
-                c->ops[l]->hvp_extra(&c->ctx[l], k, c->gy[l], rx, v, gx, gt);
-        }
-        float *t = cur;
-        cur = next;
-        next = t;
+    cv_walk *w = calloc(1, sizeof *w);
+    if (!w) {
+        pool_give(c, out_cot);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "backward walk");
     }
+    w->k = k;
+    w->active = active;
+    w->live = live;
+    w->hessian = kind == CV_CURV_HESSIAN;
+    w->gtheta = c->gth;
+    int rc = walk_backward(c, w, out_cot, e);
+    free(w);
+    return rc;
 }
 
 static int matvec_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
                         const double *X, double *Y, cv_err *e)
 {
-    char active[CV_MAX_LAYERS];
-    int lo = active_layers(c, b, active);
+    char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
+    active_layers(c, b, active, live);
     scatter_dirs(c, b, active, k, X);
-    forward_tangents(c, active, lo, k);
-    apply_output_matrix(c, kind, k, c->rx[c->L], c->ping);
-    backward_products(c, kind, active, lo, k);
-    gather_products(c, b, k, Y);
-    return 0;
+    forward_tangents(c, active, live, k);
+    float *out = pool_take(c);
+    if (!out)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
+    apply_output_matrix(c, kind, k, c->rx[c->L], out);
+    int rc = backward_products(c, kind, active, live, k, out, e);
+    if (!rc)
+        gather_products(c, b, k, Y);
+    return rc;
 }
 
 #define CV_MAX_CHUNK 32
@@ -496,54 +753,76 @@ static int begin_products(cv_curv *c, cv_curvature kind, int k, int *chunk, cv_e
     return ensure_workspace(c, *chunk, e) ? -1 : 1;
 }
 
-
 /* ---- quadratic forms ---------------------------------------------------------
  * x^T A x without the backward pass: with r_l the forward tangents and
  * s_l = R(g_l) the backward products, sum_l v_l . J_theta,l^T s_l telescopes
- * into r_L . M r_L + sum_l r_(l-1) . R(J_x,l^T) g_l, so
- *   x^T A x = r_L^T M r_L (+ sum_l [rx_l . R(J_x^T) gy_l + v_l . R(J_theta^T) gy_l]
+ * into r_out . M r_out + sum_l sum_i r_in(l,i) . R(J_x_i,l^T) g_l, so
+ *   x^T A x = r_out^T M r_out (+ sum_l [sum_i rx_i . R(J_x_i^T) gy_l + v_l . R(J_theta^T) gy_l]
  *             for the Hessian),
  * one forward-mode pass plus each layer's second-order terms dotted in place. */
 
 /* Layer l's second-order terms dotted with the direction, added to q: its
- * quad_extra kernel, or hvp_extra formed in scratch (pong, gth[l]) and dotted. */
-static void layer_quad_terms(cv_curv *c, int l, const char *active, int lo, int k, double *q)
+ * quad_extra kernel, or the hvp_extra terms formed in the slot buffers and
+ * gth[l] and dotted. */
+static void layer_quad_terms(cv_curv *c, int l, const char *active, const char *live, int k,
+                             double *q)
 {
-    const float *rx = l == lo ? NULL : c->rx[l];
+    const cv_layer *L = &c->m->layers[l];
+    const cv_layer_ops *o = c->ops[l];
+    const float *rx[CV_MAX_NODE_INPUTS] = {NULL};
+    float *gx[CV_MAX_NODE_INPUTS] = {NULL};
+    for (int i = 0; i < L->nin; i++)
+        rx[i] = slot_live(c, live, l, i) ? c->rx[L->in[i]] : NULL;
     const float *v = active[l] ? c->vth[l] : NULL;
-    if (c->ops[l]->quad_extra) {
-        c->ops[l]->quad_extra(&c->ctx[l], k, c->gy[l], rx, v, q);
+    if (o->quad_extra && !o->hvp_extra_n) {
+        o->quad_extra(&c->ctx[l], k, c->gy[l], rx[0], v, q);
         return;
     }
-    size_t xlen = (size_t)c->n * c->numel[l], P = c->ctx[l].nparam;
-    float *gx = rx ? c->pong : NULL, *gt = v ? c->gth[l] : NULL;
-    if (gx)
-        memset(gx, 0, sizeof(float) * (size_t)k * xlen);
+    size_t P = c->ctx[l].nparam;
+    for (int i = 0; i < L->nin; i++)
+        if (rx[i]) {
+            gx[i] = c->slot_tmp[i];
+            memset(gx[i], 0, sizeof(float) * (size_t)k * c->n * c->numel[L->in[i]]);
+        }
+    float *gt = v ? c->gth[l] : NULL;
     if (gt)
         memset(gt, 0, sizeof(float) * (size_t)k * P);
-    c->ops[l]->hvp_extra(&c->ctx[l], k, c->gy[l], rx, v, gx, gt);
+    if (o->hvp_extra_n)
+        o->hvp_extra_n(&c->ctx[l], k, c->gy[l], rx, v, gx, gt);
+    else
+        o->hvp_extra(&c->ctx[l], k, c->gy[l], rx[0], v, gx[0], gt);
     for (int j = 0; j < k; j++) {
-        if (gx)
-            q[j] += cblas_dsdot((int)xlen, rx + (size_t)j * xlen, 1, gx + (size_t)j * xlen, 1);
+        for (int i = 0; i < L->nin; i++) {
+            if (!gx[i])
+                continue;
+            size_t len = (size_t)c->n * c->numel[L->in[i]];
+            q[j] += cblas_dsdot((int)len, rx[i] + (size_t)j * len, 1, gx[i] + (size_t)j * len, 1);
+        }
         if (gt)
             q[j] += cblas_dsdot((int)P, v + (size_t)j * P, 1, gt + (size_t)j * P, 1);
     }
 }
 
-static void quad_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
-                       const double *X, double *q)
+static int quad_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
+                      const double *X, double *q, cv_err *e)
 {
-    char active[CV_MAX_LAYERS];
-    int lo = active_layers(c, b, active);
+    char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
+    active_layers(c, b, active, live);
     size_t olen = (size_t)c->n * c->C;
     scatter_dirs(c, b, active, k, X);
-    forward_tangents(c, active, lo, k);
-    apply_output_matrix(c, kind, k, c->rx[c->L], c->ping);
+    forward_tangents(c, active, live, k);
+    float *out = pool_take(c);
+    if (!out)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
+    apply_output_matrix(c, kind, k, c->rx[c->L], out);
     const float *r = c->rx[c->L];
     for (int j = 0; j < k; j++)
-        q[j] = cblas_dsdot((int)olen, r + (size_t)j * olen, 1, c->ping + (size_t)j * olen, 1);
-    for (int l = lo; kind == CV_CURV_HESSIAN && l < c->L; l++)
-        layer_quad_terms(c, l, active, lo, k, q);
+        q[j] = cblas_dsdot((int)olen, r + (size_t)j * olen, 1, out + (size_t)j * olen, 1);
+    pool_give(c, out);
+    for (int l = 0; kind == CV_CURV_HESSIAN && l < c->L; l++)
+        if (live[l])
+            layer_quad_terms(c, l, active, live, k, q);
+    return 0;
 }
 
 /* Y = A X (Y given) or q_j = x_j^T A x_j (q given) for the k columns of X,
@@ -558,9 +837,8 @@ static int chunked_products(cv_curv *c, cv_curvature kind, const cv_block *b, in
     for (int j = 0; j < k; j += chunk) {
         int kk = k - j < chunk ? k - j : chunk;
         const double *Xj = X + (size_t)j * b->dim;
-        if (!Y)
-            quad_chunk(c, kind, b, kk, Xj, q + j);
-        else if (matvec_chunk(c, kind, b, kk, Xj, Y + (size_t)j * b->dim, e))
+        if (!Y ? quad_chunk(c, kind, b, kk, Xj, q + j, e)
+               : matvec_chunk(c, kind, b, kk, Xj, Y + (size_t)j * b->dim, e))
             return -1;
     }
     return 0;
@@ -584,8 +862,6 @@ int cv_curv_per_sample_gradients(cv_curv *c, const cv_block *b, double *G, cv_er
 {
     if (ensure_grad(c, e))
         return -1;
-    char active[CV_MAX_LAYERS];
-    active_layers(c, b, active);
     size_t col = 0;
     int l_prev = -1;
     float *tmp = NULL;
@@ -639,21 +915,24 @@ int cv_curv_dense(cv_curv *c, cv_curvature kind, const cv_block *b, size_t max_d
 int cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, double *loss,
                     cv_err *e)
 {
-    cv_model tmp;
-    if (cv_model_clone(c->m, &tmp))
+    cv_model *tmp = malloc(sizeof *tmp);
+    if (!tmp || cv_model_clone(c->m, tmp)) {
+        free(tmp);
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "model copy");
+    }
     size_t o = 0;
     for (int i = 0; i < b->count; i++) {
-        const cv_tensor_info *t = cv_model_param(&tmp, b->idx[i]);
+        const cv_tensor_info *t = cv_model_param(tmp, b->idx[i]);
         for (size_t q = 0; q < t->numel; q++)
-            tmp.params[t->offset + q] += (float)step[o++];
+            tmp->params[t->offset + q] += (float)step[o++];
     }
-    cv_curv *c2 = cv_curv_new(&tmp, c->b, &c->opt, e);
+    cv_curv *c2 = cv_curv_new(tmp, c->b, &c->opt, e);
     int rc = c2 ? 0 : -1;
     if (c2)
         *loss = c2->loss;
     cv_curv_free(c2);
-    cv_model_free(&tmp);
+    cv_model_free(tmp);
+    free(tmp);
     return rc;
 }
 
@@ -671,20 +950,24 @@ static int chunked_jacobian(cv_curv *c, const cv_block *b, int k, const double *
     int chunk = chunk_of(k);
     if (k < 1 || ensure_workspace(c, chunk, e))
         return k < 1 ? 0 : -1;
-    char active[CV_MAX_LAYERS];
-    int lo = active_layers(c, b, active);
+    char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
+    active_layers(c, b, active, live);
     size_t olen = (size_t)c->n * c->C;
     for (int j = 0; j < k; j += chunk) {
         int kk = k - j < chunk ? k - j : chunk;
         if (X) {
             scatter_dirs(c, b, active, kk, X + (size_t)j * b->dim);
-            forward_tangents(c, active, lo, kk);
+            forward_tangents(c, active, live, kk);
             memcpy(out + (size_t)j * olen, c->rx[c->L], sizeof(float) * olen * (size_t)kk);
-        } else {
-            memcpy(c->ping, cot + (size_t)j * olen, sizeof(float) * olen * (size_t)kk);
-            backward_products(c, CV_CURV_GGN, active, lo, kk);
-            gather_products(c, b, kk, Y + (size_t)j * b->dim);
+            continue;
         }
+        float *top = pool_take(c);
+        if (!top)
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
+        memcpy(top, cot + (size_t)j * olen, sizeof(float) * olen * (size_t)kk);
+        if (backward_products(c, CV_CURV_GGN, active, live, kk, top, e))
+            return -1;
+        gather_products(c, b, kk, Y + (size_t)j * b->dim);
     }
     return 0;
 }
@@ -712,42 +995,83 @@ static unsigned layer_mask(const cv_curv *c, const cv_block *b, int l)
     return mask;
 }
 
+typedef struct {
+    const cv_block *b;
+    int k;
+    double *G;
+} gram_job;
+
+/* The Gram terms of layer l without a Gram kernel: its per-(vector, sample)
+ * gradients formed explicitly (restricted to the block's tensors) and
+ * G += P P^T. */
+static int gram_explicit(cv_curv *c, int l, const float *cot, const gram_job *g, cv_err *e)
+{
+    const cv_layer *L = &c->m->layers[l];
+    size_t P = c->ctx[l].nparam, R = (size_t)g->k * c->n, n = (size_t)c->n;
+    unsigned mask = layer_mask(c, g->b, l);
+    float *rows = malloc(sizeof(float) * n * P);
+    double *M = calloc(R * P, sizeof(double));
+    if (!rows || !M) {
+        free(rows);
+        free(M);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                          "per-sample gradients of layers[%d] for the Gram matrix", l);
+    }
+    for (int j = 0; j < g->k; j++) {
+        c->ops[l]->per_sample(&c->ctx[l], cot + (size_t)j * n * c->numel[l + 1], rows);
+        for (size_t s = 0; s < n; s++)
+            for (int t = 0; t < L->nparams; t++) {
+                if (!(mask >> t & 1u))
+                    continue;
+                size_t off = L->params[t].offset - c->poff[l];
+                for (size_t q = 0; q < L->params[t].numel; q++)
+                    M[((size_t)j * n + s) * P + off + q] = rows[s * P + off + q];
+            }
+    }
+    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)R, (int)P, 1.0, M, (int)P, 1.0,
+                g->G, (int)R);
+    for (size_t r = 0; r < R; r++) /* mirror the upper triangle just added */
+        for (size_t q = 0; q < r; q++)
+            g->G[r * R + q] = g->G[q * R + r];
+    free(rows);
+    free(M);
+    return 0;
+}
+
+static int gram_at_layer(cv_curv *c, int l, const float *cot, void *arg, cv_err *e)
+{
+    const gram_job *g = arg;
+    if (!c->ops[l]->gram_add)
+        return gram_explicit(c, l, cot, g, e);
+    c->ops[l]->gram_add(&c->ctx[l], g->k, cot, layer_mask(c, g->b, l), g->G);
+    return 0;
+}
+
 int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double *G,
                  cv_err *e)
 {
-    char active[CV_MAX_LAYERS];
-    int lo = active_layers(c, b, active);
-    for (int l = lo; l < c->L; l++)
-        if (active[l] && !c->ops[l]->gram_add)
-            return cv_err_set(e, CV_EINVAL, "unsupported", "blocks",
-                              "layers[%d] (%s) has no Gram kernel", l,
-                              cv_layer_name(&c->m->layers[l]));
+    char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
+    active_layers(c, b, active, live);
     size_t R = (size_t)k * c->n, olen = (size_t)c->n * c->C;
-    float *cur = malloc(sizeof(float) * R * c->max_numel);
-    float *next = malloc(sizeof(float) * R * c->max_numel);
-    if (!cur || !next) {
-        free(cur);
-        free(next);
+    memset(G, 0, sizeof(double) * R * R);
+    if (ensure_pool(c, k, e))
+        return -1;
+    float *top = pool_take(c);
+    cv_walk *w = calloc(1, sizeof *w);
+    if (!top || !w) {
+        pool_give(c, top);
+        free(w);
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Gram cotangents");
     }
-    memset(G, 0, sizeof(double) * R * R);
-    memcpy(cur, cot, sizeof(float) * olen * (size_t)k);
-    int rc = 0;
-    for (int l = c->L - 1; l >= lo && !rc; l--) {
-        rc = ensure_layer_work(c, l, k, e);
-        if (rc)
-            break;
-        if (active[l])
-            c->ops[l]->gram_add(&c->ctx[l], k, cur, layer_mask(c, b, l), G);
-        if (l > lo) {
-            c->ops[l]->vjp(&c->ctx[l], k, cur, next, NULL);
-            float *t = cur;
-            cur = next;
-            next = t;
-        }
-    }
-    free(cur);
-    free(next);
+    memcpy(top, cot, sizeof(float) * olen * (size_t)k);
+    gram_job job = {b, k, G};
+    w->k = k;
+    w->active = active;
+    w->live = live;
+    w->at_layer = gram_at_layer;
+    w->arg = &job;
+    int rc = walk_backward(c, w, top, e);
+    free(w);
     return rc;
 }
 

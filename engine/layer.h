@@ -206,6 +206,13 @@ int cv_layer_class_count(void);
 const cv_layer_class *cv_layer_class_at(int i);
 const cv_layer_class *cv_layer_class_find(const char *name); /* NULL if unknown */
 
+/* 1 when cls is a module type (PyTorch's CapWords class name, "Linear"),
+ * 0 for a function-only class of the graph form (lower-case, "add"). */
+int cv_layer_class_is_module(const cv_layer_class *cls);
+/* The class a graph call_function target names: a function-only class by
+ * name or a module class by its `function` name ("linear"); NULL if none. */
+const cv_layer_class *cv_layer_class_for_function(const char *target);
+
 /* Zeroes L and gives it class cls with every field at its default. */
 void cv_layer_init(cv_layer *L, const cv_layer_class *cls);
 

@@ -48,3 +48,19 @@ const cv_layer_class *cv_layer_class_find(const char *name)
             return classes[i];
     return NULL;
 }
+
+int cv_layer_class_is_module(const cv_layer_class *cls)
+{
+    return cls->name[0] >= 'A' && cls->name[0] <= 'Z';
+}
+
+const cv_layer_class *cv_layer_class_for_function(const char *target)
+{
+    for (int i = 0; i < NCLASSES; i++) {
+        const cv_layer_class *c = classes[i];
+        if (cv_layer_class_is_module(c) ? c->function && strcmp(c->function, target) == 0
+                                        : strcmp(c->name, target) == 0)
+            return c;
+    }
+    return NULL;
+}

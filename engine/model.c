@@ -50,69 +50,151 @@ void cv_shape_str(const cv_shape *s, char *buf, size_t len)
 }
 
 /* Rewrites e, set by a class hook of layer li, to name the layer: field
- * "layers[li]" or "layers[li].<attribute>", message "layers[li] (Name): ...". */
-static int layer_fail(cv_err *e, int li, const cv_layer *L)
+ * "layers[li]" or "layers[li].<attribute>", message "layers[li] (Name): ...";
+ * in a graph "nodes[i]" / "nodes[i] (Name 'node')" with i the node's index. */
+static int layer_fail(cv_err *e, const cv_model *m, int li, const cv_layer *L)
 {
     if (!e)
         return -1;
-    char sub[sizeof e->field], body[sizeof e->message];
+    char sub[sizeof e->field], body[sizeof e->message], where[96];
     memcpy(sub, e->field, sizeof sub);
     memcpy(body, e->message, sizeof body);
-    cv_err_set(e, CV_EINVAL, "invalid_model", NULL, "layers[%d] (%s): %s", li, cv_layer_name(L),
-               body);
-    int n = snprintf(e->field, sizeof e->field, "layers[%d]%s%s", li, *sub ? "." : "", sub);
+    if (m->graph)
+        snprintf(where, sizeof where, "nodes[%d]", L->src);
+    else
+        snprintf(where, sizeof where, "layers[%d]", li);
+    if (m->graph)
+        cv_err_set(e, CV_EINVAL, "invalid_model", NULL, "%s (%s '%s'): %s", where,
+                   cv_layer_name(L), L->node, body);
+    else
+        cv_err_set(e, CV_EINVAL, "invalid_model", NULL, "%s (%s): %s", where, cv_layer_name(L),
+                   body);
+    int n = snprintf(e->field, sizeof e->field, "%s%s%s", where, *sub ? "." : "", sub);
     (void)n; /* a truncated field still names the layer */
     return -1;
 }
 
-/* Gives the tensors a layout hook declared their state_dict names and offsets. */
-static void place(cv_tensor_info *t, int count, int li, size_t *off)
+/* Gives the tensors a layout hook declared their state_dict names
+ * ("<module>.<suffix>", the suffix alone without a module, or the explicit
+ * name in names[i]) and offsets. */
+static void place(cv_tensor_info *t, int count, const char *module, char (*names)[CV_NAME_MAX],
+                  size_t *off)
 {
     for (int i = 0; i < count; i++) {
         char suffix[CV_NAME_MAX];
         memcpy(suffix, t[i].name, sizeof suffix);
-        if (snprintf(t[i].name, sizeof t[i].name, "%d.%s", li, suffix) >= (int)sizeof t[i].name)
-            t[i].name[sizeof t[i].name - 1] = 0; /* suffixes are short: does not happen */
+        int w;
+        if (names && names[i][0])
+            w = snprintf(t[i].name, sizeof t[i].name, "%s", names[i]);
+        else if (*module && *suffix)
+            w = snprintf(t[i].name, sizeof t[i].name, "%s.%s", module, suffix);
+        else
+            w = snprintf(t[i].name, sizeof t[i].name, "%s", *module ? module : suffix);
+        if (w >= (int)sizeof t[i].name)
+            t[i].name[sizeof t[i].name - 1] = 0; /* names are checked shorter by the parser */
         t[i].offset = *off;
         *off += t[i].numel;
     }
 }
 
-/* Shape and tensor layout of layer li on per-sample input *cur. */
-static int finalize_layer(cv_layer *L, int li, const cv_shape *cur, size_t *poff, size_t *boff,
-                          cv_err *e)
+/* Wires layer li: a Sequential layer reads the previous one; a graph layer's
+ * inputs must come from earlier layers and match its class's arity. */
+static int wire_layer(cv_model *m, int li, cv_err *e)
 {
-    L->in_shape = *cur;
+    cv_layer *L = &m->layers[li];
+    if (!m->graph) {
+        L->nin = 1;
+        L->in[0] = li;
+        snprintf(L->module, sizeof L->module, "%d", li);
+    }
+    int lo = L->cls->min_inputs, hi = L->cls->max_inputs;
+    if (!lo && !hi)
+        lo = hi = 1;
+    if (L->nin < lo || L->nin > hi) {
+        if (lo == hi)
+            cv_err_set(e, CV_EINVAL, "invalid_model", "args", "args: takes %d input%s, got %d",
+                       lo, lo == 1 ? "" : "s", L->nin);
+        else
+            cv_err_set(e, CV_EINVAL, "invalid_model", "args",
+                       "args: takes %d to %d inputs, got %d", lo, hi, L->nin);
+        return -1;
+    }
+    for (int i = 0; i < L->nin; i++) {
+        if (L->in[i] < 0 || L->in[i] > li) {
+            cv_err_set(e, CV_EINVAL, "invalid_model", "args",
+                       "args[%d]: reads a value not computed before this node", i);
+            return -1;
+        }
+        L->in_shapes[i] = L->in[i] ? m->layers[L->in[i] - 1].out_shape : m->input_shape;
+    }
+    if (L->nin)
+        L->in_shape = L->in_shapes[0];
+    return 0;
+}
+
+/* Shape and tensor layout of layer li. */
+static int finalize_layer(cv_model *m, int li, size_t *poff, size_t *boff, cv_err *e)
+{
+    cv_layer *L = &m->layers[li];
     if (!L->cls || !L->cls->ops) {
         cv_err_set(e, CV_EINVAL, "invalid_model", "", "unknown layer type");
-        return layer_fail(e, li, L);
+        return layer_fail(e, m, li, L);
     }
+    if (wire_layer(m, li, e))
+        return layer_fail(e, m, li, L);
     if (!L->cls->infer)
-        L->out_shape = *cur;
-    else if (L->cls->infer(L, cur, e))
-        return layer_fail(e, li, L);
+        L->out_shape = L->in_shape;
+    else if (L->cls->infer(L, L->in_shapes, e))
+        return layer_fail(e, m, li, L);
     if (dims_exceed(L->out_shape.dim, L->out_shape.rank, CV_MAX_SAMPLE_NUMEL)) {
         char s[64];
         cv_shape_str(&L->out_shape, s, sizeof s);
         cv_err_set(e, CV_EINVAL, "invalid_model", "",
                    "output %s too large (more than %d entries per sample)", s,
                    CV_MAX_SAMPLE_NUMEL);
-        return layer_fail(e, li, L);
+        return layer_fail(e, m, li, L);
     }
     L->nparams = L->nbuffers = 0;
     if (L->cls->layout && L->cls->layout(L)) {
         cv_err_set(e, CV_EINVAL, "invalid_model", "", "more tensors than a layer may have");
-        return layer_fail(e, li, L);
+        return layer_fail(e, m, li, L);
     }
-    place(L->params, L->nparams, li, poff);
-    place(L->buffers, L->nbuffers, li, boff);
+    place(L->params, L->nparams, L->module, L->pnames, poff);
+    place(L->buffers, L->nbuffers, L->module, NULL, boff);
     for (int t = 0; t < L->nparams; t++)
         if (dims_exceed(L->params[t].dim, L->params[t].rank, INT_MAX) ||
             *poff > (size_t)INT_MAX) {
             cv_err_set(e, CV_EINVAL, "invalid_model", "",
                        "parameter %s makes the model larger than %d parameters",
                        L->params[t].name, INT_MAX);
-            return layer_fail(e, li, L);
+            return layer_fail(e, m, li, L);
+        }
+    return 0;
+}
+
+/* Two tensors with one state_dict name: shared (tied) tensors are not
+ * supported yet. */
+static int check_unique_names(const cv_model *m, cv_err *e)
+{
+    for (int l = 0; l < m->nlayers; l++)
+        for (int t = 0; t < m->layers[l].nparams + m->layers[l].nbuffers; t++) {
+            const cv_layer *L = &m->layers[l];
+            const char *name = t < L->nparams ? L->params[t].name
+                                              : L->buffers[t - L->nparams].name;
+            for (int l2 = 0; l2 <= l; l2++) {
+                const cv_layer *K = &m->layers[l2];
+                int lim = l2 < l ? K->nparams + K->nbuffers : t;
+                for (int u = 0; u < lim; u++) {
+                    const char *o = u < K->nparams ? K->params[u].name
+                                                   : K->buffers[u - K->nparams].name;
+                    if (strcmp(o, name) == 0) {
+                        cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                                   "tensor %s is used by two nodes: shared (tied) "
+                                   "parameters are not supported", name);
+                        return layer_fail(e, m, l, L);
+                    }
+                }
+            }
         }
     return 0;
 }
@@ -138,24 +220,25 @@ int cv_model_finalize(cv_model *m, cv_err *e)
     if (dims_exceed(m->input_shape.dim, m->input_shape.rank, CV_MAX_SAMPLE_NUMEL))
         return cv_err_set(e, CV_EINVAL, "invalid_model", "input_shape",
                           "input_shape: more than %d entries per sample", CV_MAX_SAMPLE_NUMEL);
-    cv_shape cur = m->input_shape;
     size_t poff = 0, boff = 0;
-    for (int i = 0; i < m->nlayers; i++) {
-        if (finalize_layer(&m->layers[i], i, &cur, &poff, &boff, e))
+    for (int i = 0; i < m->nlayers; i++)
+        if (finalize_layer(m, i, &poff, &boff, e))
             return -1;
-        cur = m->layers[i].out_shape;
-    }
-    if (cur.rank != 1) {
+    if (m->graph && check_unique_names(m, e))
+        return -1;
+    cv_shape cur = m->layers[m->nlayers - 1].out_shape;
+    if (!m->graph && cur.rank != 1) {
         char s[64];
         cv_shape_str(&cur, s, sizeof s);
         return cv_err_set(e, CV_EINVAL, "invalid_model", "layers",
                           "the network output must be flat [C] per sample, got %s "
                           "(add Flatten)", s);
     }
-    if (m->loss == CV_LOSS_CE && cur.dim[0] < 2)
+    int classes = cur.dim[m->class_dim == -1 ? cur.rank - 1 : 0];
+    if (m->loss == CV_LOSS_CE && classes < 2)
         return cv_err_set(e, CV_EINVAL, "invalid_model", "loss",
                           "loss: CrossEntropyLoss needs at least 2 output classes, got %d",
-                          cur.dim[0]);
+                          classes);
     m->nparams_total = poff;
     m->nbuffers_total = boff;
     if (poff == 0)

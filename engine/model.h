@@ -67,6 +67,7 @@ typedef struct {
     int in[CV_MAX_NODE_INPUTS];
     cv_shape in_shapes[CV_MAX_NODE_INPUTS];
     char node[CV_NAME_MAX];               /* graph: the node's name ("" in Sequential) */
+    int src;                              /* graph: the node's index in "nodes" */
     char module[CV_NAME_MAX];             /* prefix of its tensors' names: the module's
                                            * qualified name ("layer1.0.conv1"), the layer
                                            * index in Sequential, "" when pnames name them */

@@ -722,7 +722,7 @@ START_TEST(arch_rejects_fields)
     arch_expect("[0]", lin, "invalid_value", "input_shape[0]", ">= 1");
     arch_expect("[]", lin, "invalid_value", "input_shape", "1 to 4 dimensions");
     arch_expect("4", lin, "invalid_type", "input_shape", "list of positive integers");
-    arch_expect("[4]", "", "invalid_value", "layers", "need between 1 and 256 layers, got 0");
+    arch_expect("[4]", "", "invalid_value", "layers", "need between 1 and 512 layers, got 0");
 }
 END_TEST
 
