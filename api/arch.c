@@ -324,7 +324,7 @@ static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
 
 /* ---- document ---------------------------------------------------------- */
 
-static const char *const K_TOP[] = {"input_shape", "layers", "loss", NULL};
+static const char *const K_TOP[] = {"input_shape", "layers", "modules", "nodes", "loss", NULL};
 static const char *const K_LOSS[] = {"type", "reduction", NULL};
 
 static int parse_loss(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
@@ -373,10 +373,56 @@ static int parse_loss(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
     return cv_arch_bad(e, "invalid_value", path, "must be \"mean\" or \"sum\"", r);
 }
 
+/* The Sequential "layers" list into m's layers. */
+static int parse_sequential(const cJSON *doc, const char *pre, cv_model *m, cv_err *e)
+{
+    char path[160], obj[160];
+    int i;
+    cv_arch_join(path, sizeof path, pre, "layers");
+    const cJSON *ls = cJSON_GetObjectItemCaseSensitive(doc, "layers");
+    if (!ls)
+        return cv_arch_bad(e, "missing_field", path, "required field is missing", NULL);
+    if (!cJSON_IsArray(ls))
+        return cv_arch_bad(e, "invalid_type", path, "must be a list of layer objects", ls);
+    int n = cJSON_GetArraySize(ls);
+    if (n < 1 || n > CV_MAX_LAYERS)
+        return cv_err_set(e, n < 1 ? CV_EINVAL : CV_ETOOLARGE,
+                          n < 1 ? "invalid_value" : "too_large", path,
+                          "%s: need between 1 and %d layers, got %d", path, CV_MAX_LAYERS, n);
+    i = 0;
+    for (const cJSON *c = ls->child; c; c = c->next, i++) {
+        if (snprintf(obj, sizeof obj, "%s[%d]", path, i) >= (int)sizeof obj)
+            obj[sizeof obj - 1] = 0;
+        if (parse_layer(c, obj, &m->layers[i], e))
+            return -1;
+    }
+    m->nlayers = n;
+
+    return 0;
+}
+
+/* "layers" (Sequential) or "modules" + "nodes" (graph), not both. */
+static int parse_body(const cJSON *doc, const char *pre, cv_model *m, cv_err *e)
+{
+    char path[160];
+    const cJSON *ls = cJSON_GetObjectItemCaseSensitive(doc, "layers");
+    const cJSON *nodes = cJSON_GetObjectItemCaseSensitive(doc, "nodes");
+    const cJSON *mods = cJSON_GetObjectItemCaseSensitive(doc, "modules");
+    if (ls && (nodes || mods)) {
+        cv_arch_join(path, sizeof path, pre, nodes ? "nodes" : "modules");
+        return cv_err_set(e, CV_EINVAL, "invalid_value", path,
+                          "%s: an architecture has either \"layers\" (Sequential) or "
+                          "\"modules\" and \"nodes\" (a graph), not both", path);
+    }
+    if (nodes || mods)
+        return cv_arch_graph_from_json(doc, pre, m, e);
+    return parse_sequential(doc, pre, m, e);
+}
+
 int cv_arch_from_json(const cJSON *doc, const char *prefix, cv_model *m, cv_err *e)
 {
     const char *pre = prefix ? prefix : "";
-    char path[160], obj[160];
+    char path[160];
     memset(m, 0, sizeof *m);
     if (!cJSON_IsObject(doc))
         return cv_arch_bad(e, "invalid_type", *pre ? pre : "architecture",
@@ -406,25 +452,8 @@ int cv_arch_from_json(const cJSON *doc, const char *prefix, cv_model *m, cv_err 
     }
     m->input_shape.rank = rank;
 
-    cv_arch_join(path, sizeof path, pre, "layers");
-    const cJSON *ls = cJSON_GetObjectItemCaseSensitive(doc, "layers");
-    if (!ls)
-        return cv_arch_bad(e, "missing_field", path, "required field is missing", NULL);
-    if (!cJSON_IsArray(ls))
-        return cv_arch_bad(e, "invalid_type", path, "must be a list of layer objects", ls);
-    int n = cJSON_GetArraySize(ls);
-    if (n < 1 || n > CV_MAX_LAYERS)
-        return cv_err_set(e, n < 1 ? CV_EINVAL : CV_ETOOLARGE,
-                          n < 1 ? "invalid_value" : "too_large", path,
-                          "%s: need between 1 and %d layers, got %d", path, CV_MAX_LAYERS, n);
-    i = 0;
-    for (const cJSON *c = ls->child; c; c = c->next, i++) {
-        if (snprintf(obj, sizeof obj, "%s[%d]", path, i) >= (int)sizeof obj)
-            obj[sizeof obj - 1] = 0;
-        if (parse_layer(c, obj, &m->layers[i], e))
-            return -1;
-    }
-    m->nlayers = n;
+    if (parse_body(doc, pre, m, e))
+        return -1;
 
     cv_arch_join(path, sizeof path, pre, "loss");
     if (parse_loss(cJSON_GetObjectItemCaseSensitive(doc, "loss"), path, m, e))
@@ -577,10 +606,10 @@ cJSON *cv_arch_to_json(const cv_model *m)
         cJSON_Delete(is);
         goto fail;
     }
-    cJSON *ls = cJSON_AddArrayToObject(doc, "layers");
-    if (!ls)
+    cJSON *ls = m->graph ? NULL : cJSON_AddArrayToObject(doc, "layers");
+    if (m->graph ? cv_arch_graph_to_json(m, doc) != 0 : !ls)
         goto fail;
-    for (int i = 0; i < m->nlayers; i++) {
+    for (int i = 0; ls && i < m->nlayers; i++) {
         cJSON *o = cJSON_CreateObject();
         if (!o || !cJSON_AddItemToArray(ls, o)) {
             cJSON_Delete(o);

@@ -550,6 +550,8 @@ static int run_blocks(const cv_job_spec *j, cv_op_ctx *c, cJSON *res, cv_err *e)
         const cv_block *b = &j->blocks.resolved[i];
         cJSON *o = cJSON_CreateObject();
         cJSON_AddItemToArray(arr, o);
+        if (b->name[0])
+            cJSON_AddStringToObject(o, "name", b->name);
         cJSON_AddItemToObject(o, "params", cv_json_param_names(c->m, b));
         cJSON_AddNumberToObject(o, "dim", (double)b->dim);
         rc = run(c, b, o, e);

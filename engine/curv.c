@@ -5,6 +5,7 @@
 #include "curv.h"
 
 #include <cblas.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,6 +73,7 @@ int cv_curvature_from_name(const char *name)
 void cv_block_full(const cv_model *m, cv_block *b)
 {
     b->count = cv_model_param_count(m);
+    b->name[0] = 0;
     for (int i = 0; i < b->count; i++)
         b->idx[i] = i;
     b->dim = m->nparams_total;
@@ -86,6 +88,7 @@ int cv_block_from_indices(const cv_model *m, const int *idx, int count, cv_block
         return cv_err_set(e, CV_EINVAL, "invalid_block", "blocks",
                           "a block needs between 1 and %d parameter tensors", total);
     memcpy(b->idx, idx, sizeof(int) * (size_t)count);
+    b->name[0] = 0;
     qsort(b->idx, (size_t)count, sizeof(int), cmp_int);
     b->count = 0;
     b->dim = 0;
@@ -103,25 +106,40 @@ int cv_block_from_indices(const cv_model *m, const int *idx, int count, cv_block
     return 0;
 }
 
+/* The name of layer L's block: its module, or its first tensor's name. */
+static const char *owner_name(const cv_layer *L)
+{
+    return L->module[0] ? L->module : L->params[0].name;
+}
+
 int cv_blocks_per_layer(const cv_model *m, cv_block *out, int max)
 {
     int nb = 0, t = 0;
+    cv_block *tmp = malloc(sizeof(cv_block) * (size_t)(m->nlayers ? m->nlayers : 1));
+    if (!tmp)
+        return 0;
     for (int l = 0; l < m->nlayers; l++) {
         const cv_layer *L = &m->layers[l];
         if (!L->nparams)
             continue;
-        if (nb < max) {
-            cv_block *b = &out[nb];
-            b->count = L->nparams;
-            b->dim = 0;
-            for (int i = 0; i < L->nparams; i++) {
-                b->idx[i] = t + i;
-                b->dim += L->params[i].numel;
-            }
+        int bi = 0;
+        while (bi < nb && !(L->module[0] && strcmp(tmp[bi].name, L->module) == 0))
+            bi++;
+        cv_block *b = &tmp[bi];
+        if (bi == nb) {
+            memset(b, 0, sizeof *b);
+            snprintf(b->name, sizeof b->name, "%s", owner_name(L));
+            nb++;
         }
-        nb++;
+        for (int i = 0; i < L->nparams; i++) {
+            b->idx[b->count++] = t + i;
+            b->dim += L->params[i].numel;
+        }
         t += L->nparams;
     }
+    for (int i = 0; out && i < nb && i < max; i++)
+        out[i] = tmp[i];
+    free(tmp);
     return nb;
 }
 

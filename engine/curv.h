@@ -52,13 +52,18 @@ typedef struct {
     int count;
     int idx[2 * CV_MAX_LAYERS];
     size_t dim;               /* total numel */
+    char name[CV_NAME_MAX];   /* per-layer blocks: the module's qualified name ("layer1.0.conv1";
+                               * Sequential: the layer index); "" otherwise */
 } cv_block;
 
 /* The block of all parameters / of the parameters of one layer. */
 void cv_block_full(const cv_model *m, cv_block *b);
 /* Builds a block from tensor indices (sorted, deduplicated, dim computed). */
 int cv_block_from_indices(const cv_model *m, const int *idx, int count, cv_block *b, cv_err *e);
-/* One block per layer that has parameters; returns the number of blocks. */
+/* One block per module that owns parameters (in a graph, the layers of one
+ * module - an expanded MultiheadAttention - share a block; a function node's
+ * or get_attr's tensors form their own); returns the number of blocks and
+ * writes at most max of them to out (out may be NULL). */
 int cv_blocks_per_layer(const cv_model *m, cv_block *out, int max);
 
 typedef struct cv_curv cv_curv;

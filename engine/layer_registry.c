@@ -24,6 +24,9 @@
     X(cv_batchnorm2d_class)       \
     X(cv_dropout_class)           \
     X(cv_silu_class)              \
+    X(cv_mha_class)               \
+    X(cv_sdpa_class)              \
+    X(cv_attn_scale_class)        \
     /* one line per class above, in the order "supported:" lists them */
 
 #define CV_DECLARE_CLASS(c) extern const cv_layer_class c;

@@ -74,18 +74,29 @@ static int layer_fail(cv_err *e, const cv_model *m, int li, const cv_layer *L)
     return -1;
 }
 
+/* The explicit name "suffix=name" in names for suffix, or NULL. */
+static const char *explicit_name(char (*names)[CV_NAME_MAX], const char *suffix)
+{
+    size_t n = strlen(suffix);
+    for (int i = 0; names && i < CV_MAX_LAYER_PARAMS; i++)
+        if (strncmp(names[i], suffix, n) == 0 && names[i][n] == '=')
+            return names[i] + n + 1;
+    return NULL;
+}
+
 /* Gives the tensors a layout hook declared their state_dict names
- * ("<module>.<suffix>", the suffix alone without a module, or the explicit
- * name in names[i]) and offsets. */
+ * ("<module>.<suffix>", the module alone for an empty suffix (get_attr),
+ * or the explicit name in names) and offsets. */
 static void place(cv_tensor_info *t, int count, const char *module, char (*names)[CV_NAME_MAX],
                   size_t *off)
 {
     for (int i = 0; i < count; i++) {
         char suffix[CV_NAME_MAX];
         memcpy(suffix, t[i].name, sizeof suffix);
+        const char *given = explicit_name(names, suffix);
         int w;
-        if (names && names[i][0])
-            w = snprintf(t[i].name, sizeof t[i].name, "%s", names[i]);
+        if (given)
+            w = snprintf(t[i].name, sizeof t[i].name, "%s", given);
         else if (*module && *suffix)
             w = snprintf(t[i].name, sizeof t[i].name, "%s.%s", module, suffix);
         else

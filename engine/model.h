@@ -50,6 +50,14 @@ typedef struct {
 
 typedef struct cv_layer_class cv_layer_class; /* engine/layer.h */
 
+/* How a graph node made a layer (the document's "op"). */
+typedef enum {
+    CV_NODE_CALL_MODULE = 0, /* a module of "modules" (and every Sequential layer) */
+    CV_NODE_CALL_FUNCTION,   /* a function ("add", "linear" with "params") */
+    CV_NODE_GET_ATTR,        /* a learned tensor or buffer outside a called module */
+    CV_NODE_OUTPUT           /* added by the parser: the output node reads an earlier value */
+} cv_node_op;
+
 typedef struct {
     const cv_layer_class *cls;            /* the layer's type */
     union {                               /* the class's attribute struct (CV_LAYER_ATTR) */
@@ -68,11 +76,12 @@ typedef struct {
     cv_shape in_shapes[CV_MAX_NODE_INPUTS];
     char node[CV_NAME_MAX];               /* graph: the node's name ("" in Sequential) */
     int src;                              /* graph: the node's index in "nodes" */
+    cv_node_op op;                        /* graph: what kind of node made it */
     char module[CV_NAME_MAX];             /* prefix of its tensors' names: the module's
                                            * qualified name ("layer1.0.conv1"), the layer
                                            * index in Sequential, "" when pnames name them */
-    /* Graph: explicit state_dict names of the parameter tensors (function
-     * nodes with "params"), "" where "<module>.<suffix>" applies. */
+    /* Graph: explicit state_dict names of parameter tensors (function nodes
+     * with "params"), each "suffix=name" ("weight=w_out"); "" unused. */
     char pnames[CV_MAX_LAYER_PARAMS][CV_NAME_MAX];
     int nparams;                           /* tensors in the parameter vector */
     cv_tensor_info params[CV_MAX_LAYER_PARAMS];
@@ -84,10 +93,23 @@ typedef struct {
  * ids for Embedding, held as exact float32 values in cv_dataset.x. */
 typedef enum { CV_DTYPE_FLOAT32 = 0, CV_DTYPE_INT64, CV_DTYPE_INT32 } cv_input_dtype;
 
+/* A graph node the parser expanded into primitive layers first..last
+ * (MultiheadAttention, scaled_dot_product_attention): the node as written
+ * (class, attributes, name, module, inputs), for export. */
+#define CV_MAX_MACROS 32
+typedef struct {
+    int first, last;
+    cv_layer node;
+} cv_macro;
+
 typedef struct {
     cv_shape input_shape;
     cv_input_dtype input_dtype;
+    int nmacros;
+    cv_macro macros[CV_MAX_MACROS];
     int graph;                /* 1: written in the graph form (modules + nodes) */
+    char input_name[CV_NAME_MAX];  /* graph: the placeholder node's name */
+    char output_name[CV_NAME_MAX]; /* graph: the output node's name */
     int nlayers;
     cv_layer layers[CV_MAX_LAYERS];
     cv_loss_type loss;
