@@ -345,6 +345,8 @@ void tu_assert_same_model(const cv_model *a, const cv_model *b, const char *name
         ck_assert_int_eq(memcmp(&x->out_shape, &y->out_shape, sizeof x->out_shape), 0);
         ck_assert_int_eq(x->nparams, y->nparams);
         ck_assert_int_eq(x->nbuffers, y->nbuffers);
+        ck_assert_int_eq(x->nin, y->nin);
+        ck_assert_int_eq(memcmp(x->in, y->in, sizeof x->in), 0);
         same_tensors(x->params, y->params, x->nparams);
         same_tensors(x->buffers, y->buffers, x->nbuffers);
     }

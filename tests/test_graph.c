@@ -1,0 +1,198 @@
+/* test_graph.c - the graph form of the architecture (issue 19): parsing and
+ * export of modules + nodes, the graph driver's products against the same
+ * network written as a Sequential, and against the independent oracles
+ * (finite differences, dense J^T Lambda J, per-sample sums, symmetry/PSD,
+ * quadratic forms, Gram matrices) on residual and attention graphs; refusals
+ * name the JSON path of the node at fault. */
+#include "testutil.h"
+
+#include "api/arch.h"
+
+/* ---- fixtures from documents --------------------------------------------- */
+
+static void must_parse(const char *json, cv_model *m)
+{
+    cv_err e;
+    ck_assert_msg(cv_arch_parse(json, strlen(json), m, &e) == 0, "parse: %s (%s)", e.message,
+                  e.field);
+}
+
+/* Random parameters of scale 1/sqrt(numel of the tensor's last dims) and
+ * buffers (BatchNorm running variances positive). */
+static void random_params(cv_model *m, uint64_t seed)
+{
+    ck_assert_int_eq(cv_model_alloc(m), 0);
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    for (int l = 0; l < m->nlayers; l++) {
+        const cv_layer *L = &m->layers[l];
+        for (int p = 0; p < L->nparams; p++) {
+            const cv_tensor_info *t = &L->params[p];
+            int fan = t->rank > 1 ? t->dim[t->rank - 1] : 4;
+            double s = 1.5 / sqrt((double)fan);
+            for (size_t q = 0; q < t->numel; q++)
+                m->params[t->offset + q] = (float)(s * (2 * cv_rng_uniform(&r) - 1));
+        }
+        for (int b = 0; b < L->nbuffers; b++) {
+            const cv_tensor_info *t = &L->buffers[b];
+            for (size_t q = 0; q < t->numel; q++)
+                m->buffers[t->offset + q] = (float)(0.5 + cv_rng_uniform(&r));
+        }
+    }
+}
+
+static void fx_from_json(tu_fixture *f, const char *json, size_t n, uint64_t seed)
+{
+    memset(f, 0, sizeof *f);
+    must_parse(json, &f->m);
+    random_params(&f->m, seed);
+    tu_data(&f->d, &f->m, n, seed + 100);
+    cv_err e;
+    f->c = cv_curv_new(&f->m, &f->d, NULL, &e);
+    ck_assert_msg(f->c != NULL, "cv_curv_new: %s", e.message);
+    cv_block_full(&f->m, &f->full);
+}
+
+static void check_all_oracles(tu_fixture *f, int variant)
+{
+    tu_fd_bounds b = {.grad_eps = 1e-3, .grad_tol = 2e-2, .eps = 1e-3, .tol = 3e-2,
+                      .hess_seed = 7};
+    for (int o = 0; o < TU_NORACLES; o++)
+        tu_check_oracle(f, (tu_oracle)o, &b, variant);
+    tu_check_quadforms(f->c, &f->full, 3, 11, "graph");
+}
+
+/* ---- a Sequential written as a graph --------------------------------------- */
+
+static const char *SEQ_MLP =
+    "{\"input_shape\": [6], \"layers\": ["
+    "{\"type\": \"Linear\", \"in_features\": 6, \"out_features\": 5},"
+    "{\"type\": \"Tanh\"},"
+    "{\"type\": \"Linear\", \"in_features\": 5, \"out_features\": 3}],"
+    "\"loss\": {\"type\": \"CrossEntropyLoss\"}}";
+
+static const char *GRAPH_MLP =
+    "{\"input_shape\": [6],"
+    " \"modules\": {\"0\": {\"type\": \"Linear\", \"in_features\": 6, \"out_features\": 5},"
+    "               \"1\": {\"type\": \"Tanh\"},"
+    "               \"2\": {\"type\": \"Linear\", \"in_features\": 5, \"out_features\": 3}},"
+    " \"nodes\": [{\"name\": \"x\", \"op\": \"placeholder\"},"
+    "  {\"name\": \"fc\", \"op\": \"call_module\", \"target\": \"0\", \"args\": [\"x\"]},"
+    "  {\"name\": \"act\", \"op\": \"call_module\", \"target\": \"1\", \"args\": [\"fc\"]},"
+    "  {\"name\": \"out\", \"op\": \"call_module\", \"target\": \"2\", \"args\": [\"act\"]},"
+    "  {\"name\": \"output\", \"op\": \"output\", \"args\": [\"out\"]}],"
+    " \"loss\": {\"type\": \"CrossEntropyLoss\"}}";
+
+START_TEST(graph_chain_equals_sequential)
+{
+    tu_fixture s, g;
+    fx_from_json(&s, SEQ_MLP, 7, 3);
+    fx_from_json(&g, GRAPH_MLP, 7, 3);
+    ck_assert_uint_eq(s.m.nparams_total, g.m.nparams_total);
+    for (int i = 0; i < cv_model_param_count(&s.m); i++)
+        ck_assert_str_eq(cv_model_param(&s.m, i)->name, cv_model_param(&g.m, i)->name);
+    ck_assert(cv_curv_loss(s.c) == cv_curv_loss(g.c));
+    size_t D = s.full.dim;
+    double *X = malloc(sizeof(double) * D * 2), *Y1 = malloc(sizeof(double) * D * 2),
+           *Y2 = malloc(sizeof(double) * D * 2);
+    cv_rng r;
+    cv_rng_seed(&r, 5);
+    cv_rng_gaussian(&r, X, D * 2);
+    cv_err e;
+    for (int k = 0; k < CV_CURV_COUNT; k++) {
+        ck_assert_int_eq(cv_curv_matvec(s.c, (cv_curvature)k, &s.full, 2, X, Y1, &e), 0);
+        ck_assert_int_eq(cv_curv_matvec(g.c, (cv_curvature)k, &g.full, 2, X, Y2, &e), 0);
+        ck_assert_msg(memcmp(Y1, Y2, sizeof(double) * D * 2) == 0,
+                      "%s differs between the Sequential and the graph form",
+                      cv_curvature_name((cv_curvature)k));
+    }
+    cv_block blocks[4];
+    ck_assert_int_eq(cv_blocks_per_layer(&g.m, blocks, 4), 2);
+    ck_assert_str_eq(blocks[0].name, "0");
+    ck_assert_str_eq(blocks[1].name, "2");
+    free(X);
+    free(Y1);
+    free(Y2);
+    tu_fx_free(&s);
+    tu_fx_free(&g);
+}
+END_TEST
+
+START_TEST(graph_export_round_trip)
+{
+    cv_model m, m2;
+    must_parse(GRAPH_MLP, &m);
+    char *text = tu_arch_reparse(&m, &m2, "graph mlp");
+    ck_assert_ptr_nonnull(strstr(text, "\"nodes\""));
+    ck_assert_ptr_null(strstr(text, "\"layers\""));
+    free(text);
+}
+END_TEST
+
+/* ---- refusals -------------------------------------------------------------- */
+
+/* GRAPH_MLP with `from` replaced by `to` must be refused with code and a
+ * field starting with field. */
+static void expect_refused(const char *from, const char *to, const char *code,
+                           const char *field)
+{
+    const char *p = strstr(GRAPH_MLP, from);
+    ck_assert_msg(p != NULL, "fixture lacks %s", from);
+    size_t a = (size_t)(p - GRAPH_MLP), tl = strlen(to);
+    char *doc = malloc(strlen(GRAPH_MLP) + tl + 1);
+    memcpy(doc, GRAPH_MLP, a);
+    memcpy(doc + a, to, tl);
+    strcpy(doc + a + tl, p + strlen(from));
+    cv_model m;
+    cv_err e;
+    ck_assert_msg(cv_arch_parse(doc, strlen(doc), &m, &e) != 0, "accepted: %s", doc);
+    ck_assert_msg(strcmp(e.code, code) == 0 && strncmp(e.field, field, strlen(field)) == 0,
+                  "%s -> %s: got %s at %s: %s", from, to, e.code, e.field, e.message);
+    free(doc);
+}
+
+START_TEST(graph_refusals_name_the_node)
+{
+    /* a cycle: fc reads out, computed later */
+    expect_refused("\"args\": [\"x\"]}", "\"args\": [\"out\"]}", "invalid_graph",
+                   "nodes[1].args[0]");
+    /* an undefined name */
+    expect_refused("\"args\": [\"act\"]", "\"args\": [\"acts\"]", "invalid_graph",
+                   "nodes[3].args[0]");
+    /* shape mismatch: Linear(5, 3) on a 6-wide input */
+    expect_refused("\"args\": [\"act\"]", "\"args\": [\"x\"]", "invalid_model", "nodes[3]");
+    /* a module that is not in "modules" */
+    expect_refused("\"target\": \"1\"", "\"target\": \"9\"", "invalid_graph", "nodes[2].target");
+    /* a module with parameters called twice */
+    expect_refused("\"target\": \"2\"", "\"target\": \"0\"", "unsupported", "nodes[3].target");
+    /* duplicate node names */
+    expect_refused("\"name\": \"act\"", "\"name\": \"fc\"", "invalid_graph", "nodes[2].name");
+    /* output not last, placeholder not first */
+    expect_refused("\"op\": \"output\"", "\"op\": \"call_module\"", "invalid_graph", "nodes[4]");
+    expect_refused("\"op\": \"placeholder\"", "\"op\": \"call_module\"", "invalid_graph",
+                   "nodes[0]");
+    /* an unknown function, an unknown op */
+    expect_refused("\"op\": \"call_module\", \"target\": \"1\"",
+                   "\"op\": \"call_function\", \"target\": \"tanhh\"", "unknown_function",
+                   "nodes[2].target");
+    expect_refused("\"op\": \"call_module\", \"target\": \"1\"", "\"op\": \"call_modul\"",
+                   "invalid_value", "nodes[2].op");
+    /* both forms at once */
+    expect_refused("\"input_shape\": [6],", "\"input_shape\": [6], \"layers\": [],",
+                   "invalid_value", "nodes");
+}
+END_TEST
+
+static Suite *graph_suite(void)
+{
+    Suite *s = suite_create("graph");
+    TCase *tc = tcase_create("graph");
+    tcase_set_timeout(tc, 600);
+    tcase_add_test(tc, graph_chain_equals_sequential);
+    tcase_add_test(tc, graph_export_round_trip);
+    tcase_add_test(tc, graph_refusals_name_the_node);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void) { return tu_main(graph_suite); }
