@@ -6,12 +6,14 @@
  * hvp_extra against differences of vjp, stacks, NULL/overwrite contracts);
  * then the refusals: dims on the batch dimension, out of range, shapes that
  * do not fit, each naming its attribute. */
+#include <cJSON.h>
 #include <check.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/arch.h"
 #include "engine/rng.h"
 #include "kernel_check.h"
 #include "testutil.h"
@@ -673,6 +675,68 @@ START_TEST(bad_shapes_are_refused)
 }
 END_TEST
 
+/* ---- the list field kind (CV_F_INT_LIST) in the architecture document ------------------ */
+
+/* A layer list [BatchNorm1d, layer] on input [4, 6] with MSELoss; ' for ". */
+static int parse_one(const char *layer, cv_model *m, cv_err *e)
+{
+    char buf[640];
+    snprintf(buf, sizeof buf,
+             "{'input_shape': [4, 6], 'layers': [{'type': 'BatchNorm1d', 'num_features': 4}, %s], 'loss': {'type': 'MSELoss'}}", layer);
+    for (char *p = buf; *p; p++)
+        if (*p == '\'')
+            *p = '"';
+    return cv_arch_parse(buf, strlen(buf), m, e);
+}
+
+static void expect_parse_error(const char *layer, const char *code, const char *field,
+                               const char *says)
+{
+    cv_model *m = calloc(1, sizeof *m);
+    cv_err e;
+    ck_assert_msg(parse_one(layer, m, &e) == -1, "%s: accepted", layer);
+    ck_assert_str_eq(e.code, code);
+    ck_assert_str_eq(e.field, field);
+    ck_assert_msg(strstr(e.message, says) != NULL, "'%s' lacks '%s'", e.message, says);
+    cv_model_free(m);
+    free(m);
+}
+
+START_TEST(int_list_field_parses)
+{
+    cv_model *m = calloc(1, sizeof *m);
+    cv_err e;
+    /* a plain integer is a list of one, exported as a list */
+    ck_assert_msg(parse_one("{'type': 'sum', 'dim': -1}", m, &e) == 0, "%s", e.message);
+    assert_shape(&m->layers[1].out_shape, 1, 4);
+    cJSON *j = cv_arch_to_json(m);
+    const cJSON *lo = cJSON_GetArrayItem(cJSON_GetObjectItem(j, "layers"), 1);
+    const cJSON *d = cJSON_GetObjectItem(lo, "dim");
+    ck_assert(cJSON_IsArray(d) && cJSON_GetArraySize(d) == 1);
+    ck_assert_int_eq(d->child->valueint, -1);
+    cJSON_Delete(j);
+    cv_model_free(m);
+    ck_assert_msg(parse_one("{'type': 'reshape', 'shape': [-1, -1]}", m, &e) == 0, "%s",
+                  e.message);
+    assert_shape(&m->layers[1].out_shape, 1, 24);
+    cv_model_free(m);
+    free(m);
+    expect_parse_error("{'type': 'reshape', 'shape': [-1, 2.5]}", "invalid_type",
+                       "layers[1].shape[1]", "must be an integer");
+    expect_parse_error("{'type': 'reshape', 'shape': '-1'}", "invalid_type", "layers[1].shape",
+                       "must be an integer or a list of 1 to 5 integers");
+    expect_parse_error("{'type': 'reshape', 'shape': [-1, 1, 1, 1, 4, 6]}", "invalid_value",
+                       "layers[1].shape", "a list of 1 to 5 integers");
+    expect_parse_error("{'type': 'permute', 'dims': []}", "invalid_value", "layers[1].dims",
+                       "a list of 1 to 5 integers");
+    expect_parse_error("{'type': 'permute'}", "missing_field", "layers[1].dims", "required");
+    expect_parse_error("{'type': 'mean', 'keepdim': true}", "invalid_value", "layers[1].dim",
+                       "reduces the batch dimension too");
+    expect_parse_error("{'type': 'softmax', 'dim': 0}", "invalid_value", "layers[1].dim",
+                       "batch dimension");
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("funcs_shape");
@@ -693,6 +757,7 @@ static Suite *suite(void)
     t = tcase_create("refusals");
     tcase_add_test(t, batch_dimension_is_refused);
     tcase_add_test(t, bad_shapes_are_refused);
+    tcase_add_test(t, int_list_field_parses);
     suite_add_tcase(s, t);
     return s;
 }
