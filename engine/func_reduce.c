@@ -19,7 +19,7 @@ CV_LAYER_ATTRS(cv_reduce_attr, {
 extern const cv_layer_class cv_mean_class;
 
 static const cv_field reduce_fields[] = {
-    CV_FIELD_INT_LIST("dim", cv_reduce_attr, dim, 0),
+    CV_FIELD_INT_LIST("dim", cv_reduce_attr, dim, CV_F_NULLABLE), /* None: refused */
     CV_FIELD_BOOL("keepdim", cv_reduce_attr, keepdim, 0),
     {.name = "dtype", .kind = CV_F_FIXED_NULL, .flags = CV_F_HIDDEN, .offset = CV_F_NOSTORE},
 };

@@ -529,6 +529,9 @@ START_TEST(matmul_cases)
     check_matmul("matmul", kc_shape(1, 3), kc_shape(2, 3, 5), kc_shape(1, 5));
     check_matmul("matmul", kc_shape(2, 4, 3), kc_shape(1, 3), kc_shape(1, 4));
     check_matmul("matmul", kc_shape(1, 3), kc_shape(1, 3), kc_shape(1, 1));
+    /* 1-D with batch dims on the other side: [d] @ [h, d, e], [h, T, d] @ [d] */
+    check_matmul("matmul", kc_shape(1, 3), kc_shape(3, 2, 3, 5), kc_shape(2, 2, 5));
+    check_matmul("matmul", kc_shape(3, 2, 4, 3), kc_shape(1, 3), kc_shape(2, 2, 4));
     /* bmm: [N, m, k] @ [N, k, n] */
     check_matmul("bmm", kc_shape(2, 4, 3), kc_shape(2, 3, 2), kc_shape(2, 4, 2));
 }
@@ -731,6 +734,8 @@ START_TEST(int_list_field_parses)
                        "a list of 1 to 5 integers");
     expect_parse_error("{'type': 'permute'}", "missing_field", "layers[1].dims", "required");
     expect_parse_error("{'type': 'mean', 'keepdim': true}", "invalid_value", "layers[1].dim",
+                       "reduces the batch dimension too");
+    expect_parse_error("{'type': 'sum', 'dim': null}", "invalid_value", "layers[1].dim",
                        "reduces the batch dimension too");
     expect_parse_error("{'type': 'softmax', 'dim': 0}", "invalid_value", "layers[1].dim",
                        "batch dimension");
