@@ -27,6 +27,18 @@
     X(cv_mha_class)               \
     X(cv_sdpa_class)              \
     X(cv_attn_scale_class)        \
+    X(cv_transpose_class)         \
+    X(cv_permute_class)           \
+    X(cv_reshape_class)           \
+    X(cv_flatten_fn_class)        \
+    X(cv_cat_class)               \
+    X(cv_narrow_class)            \
+    X(cv_mean_class)              \
+    X(cv_sum_class)               \
+    X(cv_softmax_class)           \
+    X(cv_log_softmax_class)       \
+    X(cv_matmul_class)            \
+    X(cv_bmm_class)               \
     /* one line per class above, in the order "supported:" lists them */
 
 #define CV_DECLARE_CLASS(c) extern const cv_layer_class c;
