@@ -359,35 +359,56 @@ static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
 
 /* ---- document ---------------------------------------------------------- */
 
-static const char *const K_TOP[] = {"input_shape", "layers", "modules", "nodes", "loss", NULL};
-static const char *const K_LOSS[] = {"type", "reduction", NULL};
+static const char *const K_TOP[] = {"input_shape", "input_dtype", "layers", "modules",
+                                    "nodes", "loss", NULL};
 
-static int parse_loss(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
+/* ---- input dtype ---------------------------------------------------------- */
+
+static const char *const DTYPE_NAMES[] = {"float32", "int64", "int32", NULL};
+
+int cv_arch_parse_input_dtype(const cJSON *doc, const char *prefix, cv_model *m, cv_err *e)
 {
     char path[160];
-    if (!o)
-        return cv_arch_bad(e, "missing_field", obj, "required field is missing (e.g. {\"type\": "
-                   "\"CrossEntropyLoss\"})", NULL);
-    if (!cJSON_IsObject(o))
-        return cv_arch_bad(e, "invalid_type", obj, "must be an object {\"type\", \"reduction\"}", o);
-    if (cv_arch_check_keys(o, obj, "loss", K_LOSS, e))
+    cv_arch_join(path, sizeof path, prefix ? prefix : "", "input_dtype");
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(doc, "input_dtype");
+    m->input_dtype = CV_DTYPE_FLOAT32;
+    if (!v)
+        return 0;
+    static const char *what = "must be \"float32\", \"int64\" or \"int32\" (token ids)";
+    if (!cJSON_IsString(v))
+        return cv_arch_bad(e, "invalid_type", path, what, v);
+    for (int i = 0; DTYPE_NAMES[i]; i++)
+        if (strcmp(v->valuestring, DTYPE_NAMES[i]) == 0) {
+            m->input_dtype = (cv_input_dtype)i;
+            return 0;
+        }
+    char hint[96];
+    return cv_err_set(e, CV_EINVAL, "invalid_value", path, "%s: %s, got \"%.40s\"%s", path,
+                      what, v->valuestring,
+                      cv_suggest_hint(v->valuestring, DTYPE_NAMES, 3, hint, sizeof hint));
+}
+
+int cv_arch_input_dtype_to_json(const cv_model *m, cJSON *doc)
+{
+    if (m->input_dtype == CV_DTYPE_FLOAT32)
+        return 0;
+    if ((unsigned)m->input_dtype > CV_DTYPE_INT32)
         return -1;
-    const cJSON *t = cv_arch_type_field(o, obj, "must be a loss name", path, sizeof path, e);
-    if (!t)
-        return -1;
-    static const char *const losses[] = {"MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"};
-    static const cv_loss_type loss_types[] = {CV_LOSS_MSE, CV_LOSS_CE, CV_LOSS_BCE};
-    int li = 0;
-    while (li < 3 && strcmp(t->valuestring, losses[li]) != 0)
-        li++;
-    if (li == 3) {
-        char hint[96];
-        return cv_err_set(e, CV_EINVAL, "unknown_loss", path,
-                          "%s: unknown loss '%.60s' (supported: MSELoss, CrossEntropyLoss, "
-                          "BCEWithLogitsLoss)%s", path, t->valuestring,
-                          cv_suggest_hint(t->valuestring, losses, 3, hint, sizeof hint));
-    }
-    m->loss = loss_types[li];
+    return cJSON_AddStringToObject(doc, "input_dtype", DTYPE_NAMES[m->input_dtype]) ? 0 : -1;
+}
+
+/* ---- loss ------------------------------------------------------------------ */
+
+static const char *const LOSS_NAMES[] = {"MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss",
+                                         "NLLLoss", NULL}; /* cv_loss_type order */
+static const char *const K_LOSS[] = {"type", "reduction", "class_dim", "label_smoothing",
+                                     "ignore_index", NULL};
+static const char *const K_LOSS_NLL[] = {"type", "reduction", "class_dim", "ignore_index", NULL};
+static const char *const K_LOSS_PLAIN[] = {"type", "reduction", NULL};
+
+static int parse_reduction(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
+{
+    char path[160];
     cv_arch_join(path, sizeof path, obj, "reduction");
     const cJSON *r = cJSON_GetObjectItemCaseSensitive(o, "reduction");
     m->reduction = CV_RED_MEAN;
@@ -407,6 +428,74 @@ static int parse_loss(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
                           "\"mean\" or \"sum\")", path);
     return cv_arch_bad(e, "invalid_value", path, "must be \"mean\" or \"sum\"", r);
 }
+
+/* class_dim, ignore_index, label_smoothing of CrossEntropyLoss/NLLLoss
+ * (PyTorch's defaults 1, -100, 0.0 when absent). */
+static int parse_class_fields(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
+{
+    char path[160];
+    m->class_dim = 1;
+    m->ignore_index = -100;
+    m->label_smoothing = 0.0;
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, "class_dim");
+    cv_arch_join(path, sizeof path, obj, "class_dim");
+    static const char *cd = "must be 1 (classes in dimension 1, PyTorch's [N, C, d1, ...]) or -1 "
+                            "(classes last, [N, ..., C])";
+    if (v && (!cJSON_IsNumber(v) || (v->valuedouble != 1 && v->valuedouble != -1)))
+        return cv_arch_bad(e, cJSON_IsNumber(v) ? "invalid_value" : "invalid_type", path, cd, v);
+    if (v)
+        m->class_dim = (int)v->valuedouble;
+    v = cJSON_GetObjectItemCaseSensitive(o, "ignore_index");
+    cv_arch_join(path, sizeof path, obj, "ignore_index");
+    if (v && (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) ||
+              fabs(v->valuedouble) > 9007199254740992.0))
+        return cv_arch_bad(e, "invalid_type", path, "must be an integer (a target value to leave out)",
+                   v);
+    if (v)
+        m->ignore_index = (int64_t)v->valuedouble;
+    v = cJSON_GetObjectItemCaseSensitive(o, "label_smoothing");
+    cv_arch_join(path, sizeof path, obj, "label_smoothing");
+    if (v && !cJSON_IsNumber(v))
+        return cv_arch_bad(e, "invalid_type", path, "must be a number in [0, 1]", v);
+    if (v && !(v->valuedouble >= 0 && v->valuedouble <= 1))
+        return cv_arch_bad(e, "invalid_value", path, "must be a number in [0, 1]", v);
+    if (v)
+        m->label_smoothing = v->valuedouble;
+    return 0;
+}
+
+static int parse_loss(const cJSON *o, const char *obj, cv_model *m, cv_err *e)
+{
+    char path[160];
+    if (!o)
+        return cv_arch_bad(e, "missing_field", obj, "required field is missing (e.g. {\"type\": "
+                   "\"CrossEntropyLoss\"})", NULL);
+    if (!cJSON_IsObject(o))
+        return cv_arch_bad(e, "invalid_type", obj, "must be an object {\"type\", \"reduction\"}", o);
+    if (cv_arch_check_keys(o, obj, "loss", K_LOSS, e))
+        return -1;
+    const cJSON *t = cv_arch_type_field(o, obj, "must be a loss name", path, sizeof path, e);
+    if (!t)
+        return -1;
+    int li = 0;
+    while (LOSS_NAMES[li] && strcmp(t->valuestring, LOSS_NAMES[li]) != 0)
+        li++;
+    if (!LOSS_NAMES[li]) {
+        char hint[96];
+        return cv_err_set(e, CV_EINVAL, "unknown_loss", path,
+                          "%s: unknown loss '%.60s' (supported: MSELoss, CrossEntropyLoss, "
+                          "NLLLoss, BCEWithLogitsLoss)%s", path, t->valuestring,
+                          cv_suggest_hint(t->valuestring, LOSS_NAMES, 4, hint, sizeof hint));
+    }
+    m->loss = (cv_loss_type)li;
+    const char *const *keys = m->loss == CV_LOSS_CE    ? K_LOSS
+                              : m->loss == CV_LOSS_NLL ? K_LOSS_NLL
+                                                       : K_LOSS_PLAIN;
+    if (cv_arch_check_keys(o, obj, LOSS_NAMES[li], keys, e) || parse_reduction(o, obj, m, e))
+        return -1;
+    return parse_class_fields(o, obj, m, e);
+}
+
 
 /* The Sequential "layers" list into m's layers. */
 static int parse_sequential(const cJSON *doc, const char *pre, cv_model *m, cv_err *e)
@@ -486,8 +575,7 @@ int cv_arch_from_json(const cJSON *doc, const char *prefix, cv_model *m, cv_err 
             return -1;
     }
     m->input_shape.rank = rank;
-
-    if (parse_body(doc, pre, m, e))
+    if (cv_arch_parse_input_dtype(doc, pre, m, e) || parse_body(doc, pre, m, e))
         return -1;
 
     cv_arch_join(path, sizeof path, pre, "loss");
@@ -637,6 +725,26 @@ static int layer_to_json(const cv_layer *L, cJSON *o)
     return cv_arch_fields_to_json(L, o);
 }
 
+/* The loss object; CrossEntropyLoss/NLLLoss fields only where they differ
+ * from PyTorch's defaults (today's documents stay as they were). */
+static int loss_to_json(const cv_model *m, cJSON *doc)
+{
+    cJSON *loss = cJSON_AddObjectToObject(doc, "loss");
+    if (!loss || (unsigned)m->loss > CV_LOSS_NLL || add_string(loss, "type", LOSS_NAMES[m->loss]) ||
+        add_string(loss, "reduction", m->reduction == CV_RED_SUM ? "sum" : "mean"))
+        return -1;
+    if (m->loss != CV_LOSS_CE && m->loss != CV_LOSS_NLL)
+        return 0;
+    int cd = m->class_dim < 0 ? -1 : 1;
+    int64_t ign = m->class_dim ? m->ignore_index : -100;
+    if ((cd != 1 && add_num(loss, "class_dim", cd)) ||
+        (m->loss == CV_LOSS_CE && m->label_smoothing != 0 &&
+         add_num(loss, "label_smoothing", m->label_smoothing)) ||
+        (ign != -100 && add_num(loss, "ignore_index", (double)ign)))
+        return -1;
+    return 0;
+}
+
 cJSON *cv_arch_to_json(const cv_model *m)
 {
     cJSON *doc = cJSON_CreateObject();
@@ -647,6 +755,8 @@ cJSON *cv_arch_to_json(const cv_model *m)
         cJSON_Delete(is);
         goto fail;
     }
+    if (cv_arch_input_dtype_to_json(m, doc))
+        goto fail;
     cJSON *ls = m->graph ? NULL : cJSON_AddArrayToObject(doc, "layers");
     if (m->graph ? cv_arch_graph_to_json(m, doc) != 0 : !ls)
         goto fail;
@@ -659,11 +769,7 @@ cJSON *cv_arch_to_json(const cv_model *m)
         if (layer_to_json(&m->layers[i], o))
             goto fail;
     }
-    cJSON *loss = cJSON_AddObjectToObject(doc, "loss");
-    static const char *const loss_names[] = {"MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss"};
-    if (!loss || (unsigned)m->loss > CV_LOSS_BCE ||
-        !cJSON_AddStringToObject(loss, "type", loss_names[m->loss]) ||
-        !cJSON_AddStringToObject(loss, "reduction", m->reduction == CV_RED_SUM ? "sum" : "mean"))
+    if (loss_to_json(m, doc))
         goto fail;
     return doc;
 fail:

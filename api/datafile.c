@@ -38,6 +38,33 @@ static int check_finite(const float *v, size_t n, size_t per_sample, const char 
     return 0;
 }
 
+#define MAX_EXACT_ID (1 << 24) /* integers up to 2^24 have exact float32 values */
+
+/* Integer x (token ids, I64/I32): exact float32 values, |id| <= 2^24. */
+static int load_int_x(const cv_st_tensor *x, cv_dataset *out, cv_err *e)
+{
+    int64_t *ids;
+    if (cv_st_to_i64(x, &ids, e))
+        return -1;
+    size_t per = x->numel / out->n;
+    out->x = malloc((x->numel ? x->numel : 1) * sizeof(float));
+    int rc = out->x ? 0
+                    : cv_err_set(e, CV_ENOMEM, "out_of_memory", "x",
+                                 "out of memory converting tensor 'x' (%zu elements)", x->numel);
+    for (size_t k = 0; k < x->numel && !rc; k++) {
+        if (ids[k] > MAX_EXACT_ID || ids[k] < -MAX_EXACT_ID)
+            rc = cv_err_set(e, CV_EINVAL, "bad_value", "x",
+                            "x: integer %lld at flat index %zu (sample %zu) is beyond 2^24 = %d: "
+                            "token ids are held as exact float32 values", (long long)ids[k], k,
+                            k / per, MAX_EXACT_ID);
+        else
+            out->x[k] = (float)ids[k];
+    }
+    out->x_dtype = x->dtype == CV_ST_I32 ? CV_DTYPE_INT32 : CV_DTYPE_INT64;
+    free(ids);
+    return rc;
+}
+
 int cv_datafile_load(const cv_st_file *f, cv_dataset *out, cv_err *e)
 {
     memset(out, 0, sizeof *out);
@@ -54,16 +81,18 @@ int cv_datafile_load(const cv_st_file *f, cv_dataset *out, cv_err *e)
     const cv_st_tensor *x = cv_st_find(f, "x"), *y = cv_st_find(f, "y");
     if (!x)
         return cv_err_set(e, CV_EINVAL, "missing_tensor", "x",
-                          "dataset: missing tensor 'x' (inputs, F32 [N, *input_shape])");
+                          "dataset: missing tensor 'x' (inputs, F32 [N, *input_shape], or I64 "
+                          "token ids)");
     if (!y)
         return cv_err_set(e, CV_EINVAL, "missing_tensor", "y",
-                          "dataset: missing tensor 'y' (I64 class indices [N] or F32 targets "
-                          "[N, ...])");
+                          "dataset: missing tensor 'y' (I64 class indices [N] or [N, T, ...], "
+                          "or F32 targets [N, ...])");
     cv_st_shape_str(x, sh, sizeof sh);
-    if (!cv_st_dtype_is_float(x->dtype))
+    int x_int = x->dtype == CV_ST_I64 || x->dtype == CV_ST_I32;
+    if (!cv_st_dtype_is_float(x->dtype) && !x_int)
         return cv_err_set(e, CV_EINVAL, "bad_dtype", "x",
-                          "x: dtype %s is not a floating-point dtype (F32, F64, F16, BF16)",
-                          cv_st_dtype_name(x->dtype));
+                          "x: dtype %s is not a floating-point dtype (F32, F64, F16, BF16) nor "
+                          "an integer token-id dtype (I64, I32)", cv_st_dtype_name(x->dtype));
     if (x->rank < 2)
         return cv_err_set(e, CV_EINVAL, "bad_shape", "x",
                           "x: shape %s must be [N, *input_shape] (at least 2 dimensions)", sh);
@@ -81,14 +110,11 @@ int cv_datafile_load(const cv_st_file *f, cv_dataset *out, cv_err *e)
         return cv_err_set(e, CV_EINVAL, "bad_dtype", "y",
                           "y: dtype BOOL is ambiguous; use I64 class indices or F32 targets");
     int is_index = !cv_st_dtype_is_float(y->dtype);
-    if (is_index && y->rank != 1)
-        return cv_err_set(e, CV_EINVAL, "bad_shape", "y",
-                          "y: integer class indices must have shape [N], got %s", sh2);
-    if (!is_index && sample_shape(y, "y", &out->y_shape, e))
+    if (sample_shape(y, "y", &out->y_shape, e))
         return -1;
 
     out->n = n;
-    if (cv_st_to_f32(x, &out->x, e))
+    if (x_int ? load_int_x(x, out, e) : cv_st_to_f32(x, &out->x, e))
         goto fail;
     if (check_finite(out->x, x->numel, x->numel / n, "x", e))
         goto fail;
@@ -130,6 +156,26 @@ int cv_datafile_read(const char *path, cv_dataset *out, cv_err *e)
     return rc;
 }
 
+/* x's token ids as I64 or I32 (as the dataset came), newly allocated. */
+static void *int_ids(const cv_dataset *d, cv_st_dtype *dtype, cv_err *e)
+{
+    size_t n = d->n * cv_shape_numel(&d->x_shape);
+    int wide = d->x_dtype == CV_DTYPE_INT64;
+    *dtype = wide ? CV_ST_I64 : CV_ST_I32;
+    void *p = malloc((n ? n : 1) * (wide ? sizeof(int64_t) : sizeof(int32_t)));
+    if (!p) {
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "x", "out of memory exporting x");
+        return NULL;
+    }
+    for (size_t k = 0; k < n; k++) {
+        if (wide)
+            ((int64_t *)p)[k] = (int64_t)d->x[k];
+        else
+            ((int32_t *)p)[k] = (int32_t)d->x[k];
+    }
+    return p;
+}
+
 int cv_datafile_export(const cv_dataset *d, void **out, size_t *outlen, cv_err *e)
 {
     *out = NULL;
@@ -145,18 +191,21 @@ int cv_datafile_export(const cv_dataset *d, void **out, size_t *outlen, cv_err *
     for (int i = 0; i < d->x_shape.rank; i++)
         ent[0].shape[i + 1] = d->x_shape.dim[i];
     ent[0].data = d->x;
+    void *ids = NULL;
+    if (d->x_dtype != CV_DTYPE_FLOAT32) {
+        ids = int_ids(d, &ent[0].dtype, e);
+        if (!ids)
+            return -1;
+        ent[0].data = ids;
+    }
     ent[1].name = "y";
     ent[1].shape[0] = (int64_t)d->n;
-    if (d->y_is_index) {
-        ent[1].dtype = CV_ST_I64;
-        ent[1].rank = 1;
-        ent[1].data = d->labels;
-    } else {
-        ent[1].dtype = CV_ST_F32;
-        ent[1].rank = d->y_shape.rank + 1;
-        for (int i = 0; i < d->y_shape.rank; i++)
-            ent[1].shape[i + 1] = d->y_shape.dim[i];
-        ent[1].data = d->targets;
-    }
-    return cv_st_write(ent, 2, NULL, 0, out, outlen, e);
+    ent[1].dtype = d->y_is_index ? CV_ST_I64 : CV_ST_F32;
+    ent[1].rank = d->y_shape.rank + 1;
+    for (int i = 0; i < d->y_shape.rank; i++)
+        ent[1].shape[i + 1] = d->y_shape.dim[i];
+    ent[1].data = d->y_is_index ? (const void *)d->labels : (const void *)d->targets;
+    int rc = cv_st_write(ent, 2, NULL, 0, out, outlen, e);
+    free(ids);
+    return rc;
 }

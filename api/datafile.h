@@ -1,9 +1,11 @@
 /* datafile.h - datasets stored as safetensors (docs/interface.md §2).
  *
  * Exactly two tensors: "x" (floating point, [N, *input_shape], converted to
- * float32) and "y": integer class indices [N] (labels) or floating-point
- * targets [N, ...].  Fitting a particular model is checked separately by
- * cv_dataset_check() (engine/dataset.h).
+ * float32; or I64/I32 token ids, held as exact float32 values with
+ * cv_dataset.x_dtype saying which, |id| <= 2^24) and "y": integer class
+ * indices [N] or [N, d1, ...] (labels, one per target position) or
+ * floating-point targets [N, ...].  Fitting a particular model is checked
+ * separately by cv_dataset_check() (engine/dataset.h).
  */
 #ifndef CV_DATAFILE_H
 #define CV_DATAFILE_H
@@ -18,7 +20,8 @@ int cv_datafile_load(const cv_st_file *f, cv_dataset *out, cv_err *e);
 int cv_datafile_parse(const void *buf, size_t len, cv_dataset *out, cv_err *e);
 int cv_datafile_read(const char *path, cv_dataset *out, cv_err *e);
 
-/* The dataset as safetensors: x F32, y I64 (labels) or F32 (targets). */
+/* The dataset as safetensors: x F32 (or I64/I32 as x_dtype says), y I64
+ * (labels) or F32 (targets). */
 int cv_datafile_export(const cv_dataset *d, void **out, size_t *outlen, cv_err *e);
 
 #endif

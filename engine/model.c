@@ -238,15 +238,14 @@ int cv_model_finalize(cv_model *m, cv_err *e)
     if (m->graph && check_unique_names(m, e))
         return -1;
     cv_shape cur = m->layers[m->nlayers - 1].out_shape;
-    if (!m->graph && cur.rank != 1) {
-        char s[64];
-        cv_shape_str(&cur, s, sizeof s);
-        return cv_err_set(e, CV_EINVAL, "invalid_model", "layers",
-                          "the network output must be flat [C] per sample, got %s "
-                          "(add Flatten)", s);
-    }
+    const cv_layer *last = &m->layers[m->nlayers - 1];
+    if (m->loss == CV_LOSS_NLL && strcmp(cv_layer_name(last), "log_softmax") != 0)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "loss",
+                          "loss: NLLLoss needs the network to end in log_softmax over the class "
+                          "dimension (it ends in %s); or use CrossEntropyLoss on the logits",
+                          cv_layer_name(last));
     int classes = cur.dim[m->class_dim == -1 ? cur.rank - 1 : 0];
-    if (m->loss == CV_LOSS_CE && classes < 2)
+    if ((m->loss == CV_LOSS_CE || m->loss == CV_LOSS_NLL) && classes < 2)
         return cv_err_set(e, CV_EINVAL, "invalid_model", "loss",
                           "loss: CrossEntropyLoss needs at least 2 output classes, got %d",
                           classes);

@@ -29,7 +29,9 @@
 #define CV_MAX_SAMPLE_NUMEL (1 << 28) /* entries of one sample's input or activation */
 
 
-typedef enum { CV_LOSS_MSE = 0, CV_LOSS_CE, CV_LOSS_BCE } cv_loss_type;
+/* NLLLoss follows a log_softmax and is computed as CrossEntropyLoss on its
+ * input (engine/loss.h). */
+typedef enum { CV_LOSS_MSE = 0, CV_LOSS_CE, CV_LOSS_BCE, CV_LOSS_NLL } cv_loss_type;
 typedef enum { CV_RED_MEAN = 0, CV_RED_SUM } cv_reduction;
 
 /* Per-sample shape of an activation: rank 1 [F], 2 [C, L] or 3 [C, H, W]. */
@@ -114,9 +116,10 @@ typedef struct {
     cv_layer layers[CV_MAX_LAYERS];
     cv_loss_type loss;
     cv_reduction reduction;
-    int class_dim;            /* CrossEntropy: 1 (PyTorch's [N, C, d1...]) or -1 ([N, ..., C]) */
+    int class_dim;            /* CE/NLL: 1 (PyTorch's [N, C, d1...]) or -1 ([N, ..., C]);
+                               * 0 (not parsed): PyTorch's defaults (engine/loss.h) */
     double label_smoothing;   /* CrossEntropy, in [0, 1] */
-    int64_t ignore_index;     /* CrossEntropy: targets equal to it are left out (-100) */
+    int64_t ignore_index;     /* CE/NLL: targets equal to it are left out (-100) */
 
     size_t nparams_total;     /* D */
     float *params;            /* D floats, state_dict order */

@@ -745,9 +745,9 @@ START_TEST(arch_rejects_document)
                "missing_field", "layers", "missing");
     ASSERT_ERR(arch_q("{'input_shape': [4], 'layers': {}, 'loss': {'type': 'MSELoss'}}", m, &e),
                e, "invalid_type", "layers", "must be a list");
-    snprintf(buf, sizeof buf, "{'input_shape': [4], 'layers': [%s], 'loss': {'type': 'NLLLoss'}}",
-             lin);
-    ASSERT_ERR(arch_q(buf, m, &e), e, "unknown_loss", "loss.type", "unknown loss 'NLLLoss'");
+    snprintf(buf, sizeof buf, "{'input_shape': [4], 'layers': [%s], 'loss': {'type': "
+             "'HuberLoss'}}", lin);
+    ASSERT_ERR(arch_q(buf, m, &e), e, "unknown_loss", "loss.type", "unknown loss 'HuberLoss'");
     snprintf(buf, sizeof buf, "{'input_shape': [4], 'layers': [%s], 'loss': {'type': "
              "'CrossEntropy'}}", lin);
     ASSERT_ERR(arch_q(buf, m, &e), e, "unknown_loss", "loss.type",
@@ -783,6 +783,93 @@ START_TEST(arch_rejects_document)
                "architecture.layers[0].biass", "did you mean 'bias'");
     cJSON_Delete(doc);
     free(m);
+}
+END_TEST
+
+/* {input_shape: [4], Linear 4 -> 3, loss: {<loss>}} with extra top-level fields. */
+static int arch_loss(const char *loss, const char *top, cv_model *m, cv_err *e)
+{
+    char buf[1024];
+    /* NLLLoss needs log-probabilities: the network ends in log_softmax */
+    snprintf(buf, sizeof buf, "{'input_shape': [4], %s 'layers': [{'type': 'Linear', "
+             "'in_features': 4, 'out_features': 3}%s], 'loss': {%s}}", top,
+             strstr(loss, "NLLLoss") ? ", {'type': 'log_softmax', 'dim': 1}" : "", loss);
+    return arch_q(buf, m, e);
+}
+
+/* The loss object's class_dim, label_smoothing, ignore_index, NLLLoss, and
+ * the document's input_dtype: parsed, defaults, exported, refused. */
+START_TEST(arch_loss_fields)
+{
+    cv_model *m = calloc(1, sizeof *m), *m2 = calloc(1, sizeof *m2);
+    cv_err e;
+    ck_assert_int_eq(arch_loss("'type': 'CrossEntropyLoss'", "", m, &e), 0);
+    ck_assert(m->class_dim == 1 && m->ignore_index == -100 && m->label_smoothing == 0.0);
+    ck_assert_int_eq(m->input_dtype, CV_DTYPE_FLOAT32);
+    cJSON *j = cv_arch_to_json(m);
+    char *text = cJSON_PrintUnformatted(j);
+    /* defaults are not written: today's documents stay as they were */
+    ck_assert_msg(strstr(text, "\"loss\":{\"type\":\"CrossEntropyLoss\",\"reduction\":\"mean\"}") &&
+                      !strstr(text, "input_dtype"), "%s", text);
+    free(text);
+    cJSON_Delete(j);
+
+    ck_assert_int_eq(arch_loss("'type': 'CrossEntropyLoss', 'class_dim': -1, 'ignore_index': 0,"
+                               " 'label_smoothing': 0.25, 'reduction': 'sum'",
+                               "'input_dtype': 'int64',", m, &e), 0);
+    ck_assert(m->class_dim == -1 && m->ignore_index == 0 && m->label_smoothing == 0.25 &&
+              m->reduction == CV_RED_SUM && m->input_dtype == CV_DTYPE_INT64);
+    j = cv_arch_to_json(m);
+    text = cJSON_PrintUnformatted(j);
+    ck_assert_msg(strstr(text, "\"class_dim\":-1") && strstr(text, "\"ignore_index\":0") &&
+                      strstr(text, "\"label_smoothing\":0.25") &&
+                      strstr(text, "\"input_dtype\":\"int64\""), "%s", text);
+    ck_assert_msg(cv_arch_parse(text, strlen(text), m2, &e) == 0, "%s", e.message);
+    ck_assert(m2->class_dim == -1 && m2->ignore_index == 0 && m2->label_smoothing == 0.25 &&
+              m2->input_dtype == CV_DTYPE_INT64);
+    free(text);
+    cJSON_Delete(j);
+
+    ck_assert_int_eq(arch_loss("'type': 'NLLLoss', 'ignore_index': 2, 'class_dim': 1",
+                               "'input_dtype': 'int32',", m, &e), 0);
+    ck_assert(m->loss == CV_LOSS_NLL && m->ignore_index == 2 && m->class_dim == 1 &&
+              m->input_dtype == CV_DTYPE_INT32);
+    j = cv_arch_to_json(m);
+    text = cJSON_PrintUnformatted(j);
+    ck_assert_msg(strstr(text, "\"type\":\"NLLLoss\"") && strstr(text, "\"ignore_index\":2") &&
+                      !strstr(text, "class_dim") && strstr(text, "\"input_dtype\":\"int32\""),
+                  "%s", text);
+    ck_assert_msg(cv_arch_parse(text, strlen(text), m2, &e) == 0, "%s", e.message);
+    ck_assert(m2->loss == CV_LOSS_NLL && m2->ignore_index == 2);
+    free(text);
+    cJSON_Delete(j);
+
+    ASSERT_ERR(arch_loss("'type': 'NLLLoss', 'label_smoothing': 0.1", "", m, &e), e,
+               "unknown_field", "loss.label_smoothing", "unknown field for NLLLoss");
+    ASSERT_ERR(arch_loss("'type': 'MSELoss', 'class_dim': -1", "", m, &e), e, "unknown_field",
+               "loss.class_dim", "unknown field for MSELoss");
+    ASSERT_ERR(arch_loss("'type': 'BCEWithLogitsLoss', 'ignore_index': 1", "", m, &e), e,
+               "unknown_field", "loss.ignore_index", "unknown field for BCEWithLogitsLoss");
+    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss', 'class_dim': 2", "", m, &e), e,
+               "invalid_value", "loss.class_dim", "must be 1 (classes in dimension 1");
+    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss', 'class_dim': '-1'", "", m, &e), e,
+               "invalid_type", "loss.class_dim", "or -1 (classes last");
+    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss', 'label_smoothing': 1.5", "", m, &e), e,
+               "invalid_value", "loss.label_smoothing", "in [0, 1]");
+    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss', 'label_smoothing': true", "", m, &e), e,
+               "invalid_type", "loss.label_smoothing", "in [0, 1]");
+    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss', 'ignore_index': 0.5", "", m, &e), e,
+               "invalid_type", "loss.ignore_index", "must be an integer");
+    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss', 'class_dim': -1, 'class_dim': 1", "", m,
+                         &e), e, "duplicate_field", "loss.class_dim", "given twice");
+    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss'", "'input_dtype': 'int16',", m, &e), e,
+               "invalid_value", "input_dtype", "must be \"float32\", \"int64\" or \"int32\"");
+    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss'", "'input_dtype': 'in64',", m, &e), e,
+               "invalid_value", "input_dtype", "did you mean 'int64'");
+    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss'", "'input_dtype': 64,", m, &e), e,
+               "invalid_type", "input_dtype", "got 64");
+    free_model(m);
+    free_model(m2);
 }
 END_TEST
 
@@ -1089,9 +1176,46 @@ START_TEST(data_load)
     ck_assert(d.labels[0] == 2 && d.labels[5] == 0);
     cv_dataset_free(&d);
 
+    /* token ids: I64 x [6, 4] (exact up to 2^24), sequence labels I64 y [6, 4] */
+    int64_t ids[24], yseq[24];
+    int32_t ids32[24];
+    for (int i = 0; i < 24; i++) {
+        ids[i] = i == 5 ? 16777216 : i == 6 ? -3 : (i * 7) % 11;
+        ids32[i] = (int32_t)ids[i];
+        yseq[i] = i == 3 ? -100 : i % 5;
+    }
+    t[0] = ent("y", CV_ST_I64, 2, sx, yseq);
+    t[1] = ent("x", CV_ST_I64, 2, sx, ids);
+    ck_assert_msg(data_entries(t, 2, &d, &e) == 0, "%s", e.message);
+    ck_assert_int_eq(d.x_dtype, CV_DTYPE_INT64);
+    ck_assert(d.y_is_index == 1 && d.y_shape.rank == 1 && d.y_shape.dim[0] == 4);
+    for (int i = 0; i < 24; i++)
+        ck_assert(d.x[i] == (float)ids[i] && (int64_t)d.x[i] == ids[i] && d.labels[i] == yseq[i]);
+    ck_assert_int_eq(cv_datafile_export(&d, &buf, &len, &e), 0);
+    cv_st_file sf;
+    ck_assert_int_eq(cv_st_parse(buf, len, &sf, &e), 0);
+    ck_assert(cv_st_find(&sf, "x")->dtype == CV_ST_I64 && cv_st_find(&sf, "y")->rank == 2);
+    ck_assert_int_eq(memcmp(cv_st_find(&sf, "x")->data, ids, sizeof ids), 0);
+    ck_assert_int_eq(memcmp(cv_st_find(&sf, "y")->data, yseq, sizeof yseq), 0);
+    cv_st_free(&sf);
+    free(buf);
+    cv_dataset_free(&d);
+    t[1] = ent("x", CV_ST_I32, 2, sx, ids32);
+    ck_assert_msg(data_entries(t, 2, &d, &e) == 0, "%s", e.message);
+    ck_assert_int_eq(d.x_dtype, CV_DTYPE_INT32);
+    ck_assert(d.x[5] == 16777216.0f && d.x[6] == -3.0f);
+    ck_assert_int_eq(cv_datafile_export(&d, &buf, &len, &e), 0);
+    ck_assert_int_eq(cv_datafile_parse(buf, len, &d2, &e), 0);
+    ck_assert(d2.x_dtype == CV_DTYPE_INT32 && memcmp(d2.x, d.x, sizeof(float) * 24) == 0 &&
+              memcmp(d2.labels, yseq, sizeof yseq) == 0);
+    free(buf);
+    cv_dataset_free(&d2);
+    cv_dataset_free(&d);
+
     t[0] = ent("y", CV_ST_F32, 2, syt, yt);
     t[1] = ent("x", CV_ST_F32, 2, sx, x);
     ck_assert_msg(data_entries(t, 2, &d, &e) == 0, "%s", e.message);
+    ck_assert_int_eq(d.x_dtype, CV_DTYPE_FLOAT32);
     ck_assert_int_eq(d.y_is_index, 0);
     ck_assert_int_eq(d.y_shape.rank, 1);
     ck_assert_int_eq(d.y_shape.dim[0], 2);
@@ -1135,13 +1259,24 @@ START_TEST(data_rejects)
     t[0] = ent("x", CV_ST_U8, 2, sx, xb);
     t[1] = ent("y", CV_ST_I64, 1, sy, y);
     ASSERT_ERR(data_entries(t, 2, &d, &e), e, "bad_dtype", "x", "U8 is not a floating-point");
+    ASSERT_ERR(data_entries(t, 2, &d, &e), e, "bad_dtype", "x", "integer token-id dtype (I64, I32)");
+    /* token ids must have exact float32 values */
+    int64_t big[8] = {0, 1, 2, 3, 16777216, -16777216, 16777217, 7};
+    t[0] = ent("x", CV_ST_I64, 2, sx, big);
+    ASSERT_ERR(data_entries(t, 2, &d, &e), e, "bad_value", "x",
+               "x: integer 16777217 at flat index 6 (sample 3) is beyond 2^24");
+    ck_assert_ptr_null(d.x);
+    big[6] = -16777217;
+    ASSERT_ERR(data_entries(t, 2, &d, &e), e, "bad_value", "x", "integer -16777217");
     t[0] = ent("x", CV_ST_F32, 1, sx1, x);
     ASSERT_ERR(data_entries(t, 2, &d, &e), e, "bad_shape", "x", "[N, *input_shape]");
     t[0] = ent("x", CV_ST_F32, 2, sxz, x);
     ASSERT_ERR(data_entries(t, 2, &d, &e), e, "bad_shape", "x", "dimension 1 must be between");
     t[0] = ent("x", CV_ST_F32, 2, sx, x);
-    t[1] = ent("y", CV_ST_I64, 2, syy, y2);
-    ASSERT_ERR(data_entries(t, 2, &d, &e), e, "bad_shape", "y", "must have shape [N], got [4, 2]");
+    static const int64_t sy6[] = {4, 1, 1, 1, 2, 1};
+    t[1] = ent("y", CV_ST_I64, 6, sy6, y2); /* [N, 2] labels are sequences now; rank 6 is not */
+    ASSERT_ERR(data_entries(t, 2, &d, &e), e, "bad_shape", "y",
+               "y: shape [4, 1, 1, 1, 2, 1] has more than 4 per-sample dimensions");
     t[1] = ent("y", CV_ST_BOOL, 1, sy, xb);
     ASSERT_ERR(data_entries(t, 2, &d, &e), e, "bad_dtype", "y", "BOOL");
     float xn[8] = {0, 1, 2, 3, 4, INFINITY, 6, 7};
@@ -1222,6 +1357,28 @@ START_TEST(batches)
     ASSERT_ERR(cv_batch_gather(&d, idx, 0, &b, &e), e, "empty_batch", "batch.indices", "empty");
     cv_dataset_free(&d);
 
+    /* sequence labels: 3 per sample, token-id x */
+    int64_t seq[15];
+    for (int i = 0; i < 15; i++)
+        seq[i] = 10 * (i / 3) + i % 3;
+    mk_labels(&d, 5, 3, seq); /* copies the first 5 labels: redo with 15 */
+    free(d.labels);
+    d.labels = malloc(sizeof seq);
+    memcpy(d.labels, seq, sizeof seq);
+    d.y_shape.rank = 1;
+    d.y_shape.dim[0] = 3;
+    d.x_dtype = CV_DTYPE_INT64;
+    ck_assert_int_eq(cv_batch_range(&d, 3, 2, &b, &e), 0);
+    ck_assert(b.labels[0] == 30 && b.labels[2] == 32 && b.labels[5] == 42 && b.y_shape.rank == 1);
+    ck_assert(b.x_dtype == CV_DTYPE_INT64 && b.x[0] == 9.0f);
+    cv_dataset_free(&b);
+    size_t idx2[3] = {4, 1, 4};
+    ck_assert_int_eq(cv_batch_gather(&d, idx2, 3, &b, &e), 0);
+    ck_assert(b.labels[0] == 40 && b.labels[3] == 10 && b.labels[5] == 12 && b.labels[8] == 42);
+    ck_assert(b.y_shape.dim[0] == 3 && b.x_dtype == CV_DTYPE_INT64);
+    cv_dataset_free(&b);
+    cv_dataset_free(&d);
+
     float t[4] = {0.5f, 1, 2, 3};
     mk_targets(&d, 2, 3, 2, t);
     ck_assert_int_eq(cv_batch_range(&d, 1, 1, &b, &e), 0);
@@ -1257,7 +1414,31 @@ START_TEST(dataset_check)
                "y[3] = 7 is not a class index in [0, 3)");
     cv_dataset_free(&d);
     mk_labels(&d, 4, 3, negl);
+    /* -100 is PyTorch's default ignore_index: left out; refused under another one */
+    ck_assert_int_eq(cv_dataset_check(&d, ce, &e), 0);
+    ce->ignore_index = 5;
+    ASSERT_ERR(cv_dataset_check(&d, ce, &e), e, "bad_label", "y",
+               "y[1] = -100 is not a class index in [0, 3) (the model has 3 outputs) nor the "
+               "ignore_index 5");
+    ce->ignore_index = 1; /* an ignored class id is fine */
     ASSERT_ERR(cv_dataset_check(&d, ce, &e), e, "bad_label", "y", "y[1] = -100");
+    ce->ignore_index = -100;
+    for (int i = 0; i < 4; i++)
+        d.labels[i] = -100;
+    ASSERT_ERR(cv_dataset_check(&d, ce, &e), e, "bad_label", "y",
+               "y: every target equals the ignore_index -100");
+    /* input dtypes */
+    ce->input_dtype = CV_DTYPE_INT64;
+    d.labels[0] = 1;
+    ASSERT_ERR(cv_dataset_check(&d, ce, &e), e, "dtype_mismatch", "x",
+               "x: the model takes integer token ids (input_dtype \"int64\"); the dataset's x "
+               "holds floating-point values");
+    d.x_dtype = CV_DTYPE_INT32; /* either integer dtype feeds an integer model */
+    ck_assert_int_eq(cv_dataset_check(&d, ce, &e), 0);
+    ce->input_dtype = CV_DTYPE_FLOAT32;
+    ASSERT_ERR(cv_dataset_check(&d, ce, &e), e, "dtype_mismatch", "x",
+               "x: the model takes floating-point inputs (input_dtype \"float32\"); the "
+               "dataset's x holds integer ids (I32)");
     cv_dataset_free(&d);
 
     float t[6] = {0, 0.5f, 1, 1, 0.25f, 0};
@@ -1279,6 +1460,41 @@ START_TEST(dataset_check)
     d.y_shape.rank = 0; /* y given as [N] for a [1]-output model is still a mismatch */
     ASSERT_ERR(cv_dataset_check(&d, mse, &e), e, "shape_mismatch", "y", "shape [] does not");
     cv_dataset_free(&d);
+
+    /* a sequence output [4, 3] (set by hand: finalize takes flat outputs here) */
+    cv_model *seq = new_model("[3]", lin, "CrossEntropyLoss");
+    seq->layers[0].out_shape = (cv_shape){2, {4, 3}};
+    int64_t ys[8] = {0, 1, 2, -100, 2, 2, 1, 0};
+    mk_labels(&d, 2, 3, ys);
+    free(d.labels);
+    d.labels = malloc(sizeof ys);
+    memcpy(d.labels, ys, sizeof ys);
+    d.y_shape = (cv_shape){1, {4}};
+    seq->class_dim = -1; /* [T, K] = [4, 3]: labels [N, 4] in [0, 3) */
+    ck_assert_int_eq(cv_dataset_check(&d, seq, &e), 0);
+    d.labels[6] = 3;
+    ASSERT_ERR(cv_dataset_check(&d, seq, &e), e, "bad_label", "y",
+               "y[1, 2] = 3 is not a class index in [0, 3) (the model output has 3 classes "
+               "along class_dim -1) nor the ignore_index -100");
+    seq->class_dim = 1; /* [K, T] = [4, 3]: labels [N, 3] in [0, 4) */
+    ASSERT_ERR(cv_dataset_check(&d, seq, &e), e, "shape_mismatch", "y",
+               "y: class indices of shape [N, 4] do not fit the model output [N, 4, 3]: "
+               "CrossEntropyLoss (class_dim 1) needs [N, 3], the output without its class "
+               "dimension");
+    d.y_shape.rank = 0;
+    ASSERT_ERR(cv_dataset_check(&d, seq, &e), e, "shape_mismatch", "y",
+               "class indices of shape [N] do not fit");
+    cv_dataset_free(&d);
+    float yf[24] = {0};
+    mk_targets(&d, 2, 3, 12, yf);
+    seq->loss = CV_LOSS_NLL;
+    ASSERT_ERR(cv_dataset_check(&d, seq, &e), e, "target_mismatch", "y",
+               "y: NLLLoss needs integer class indices [N, 3] (I64 or I32)");
+    seq->loss = CV_LOSS_MSE; /* MSE/BCE: targets shaped like the output */
+    d.y_shape = (cv_shape){2, {4, 3}};
+    ck_assert_int_eq(cv_dataset_check(&d, seq, &e), 0);
+    cv_dataset_free(&d);
+    free_model(seq);
     free_model(ce);
     free_model(mse);
     free_model(bce);
@@ -1305,6 +1521,7 @@ static Suite *suite(void)
     tcase_add_test(ar, arch_same_padding_and_bn1d_cl);
     tcase_add_test(ar, arch_rejects_document);
     tcase_add_test(ar, arch_file);
+    tcase_add_test(ar, arch_loss_fields);
     suite_add_tcase(s, ar);
     TCase *pa = tcase_create("params");
     tcase_add_test(pa, params_load_export);

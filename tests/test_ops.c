@@ -466,7 +466,7 @@ static void fx_free(fixture *f)
 static int is_envelope(const char *k)
 {
     return cv_opts_in_list("op|curvature|batch_size|num_params|matvecs|elapsed_s|blocks", k) ||
-           cv_opts_in_list("params|dim", k);
+           cv_opts_in_list("params|dim|name", k);
 }
 
 /* Result fields of one object must be in the op's list; marks them seen. */
