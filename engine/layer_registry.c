@@ -24,6 +24,11 @@
     X(cv_batchnorm2d_class)       \
     X(cv_dropout_class)           \
     X(cv_silu_class)              \
+    X(cv_mish_class)              \
+    X(cv_hardswish_class)         \
+    X(cv_layernorm_class)         \
+    X(cv_groupnorm_class)         \
+    X(cv_embedding_class)         \
     /* one line per class above, in the order "supported:" lists them */
 
 #define CV_DECLARE_CLASS(c) extern const cv_layer_class c;
