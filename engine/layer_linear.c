@@ -174,14 +174,61 @@ static void gram_fail(size_t R, double *G)
         G[i] = NAN;
 }
 
+/* Rows T > 1, few rows: the row-pair kernel
+ *   G[r, r'] += sum_{t,t'} (s_rt . s_r't') ((x_it . x_i't') + 1 for the bias)
+ * from the Gram matrices of the cotangent rows (R T x R T) and of the input
+ * rows (n T x n T).  Returns -1 when out of memory. */
+static int gram_row_pairs(const cv_layer_ctx *c, int k, const float *gy, unsigned mask,
+                          double *G)
+{
+    int n = c->n, in = IN(c), out = OUT(c), T = ROWS(c), R = k * n;
+    size_t RT = (size_t)R * T, nT = (size_t)n * T;
+    int use_w = (mask & 1u) != 0, use_b = ATTR(c)->has_bias && (mask & 2u);
+    float *S = malloc(sizeof(float) * RT * RT), *X = malloc(sizeof(float) * nT * nT);
+    if (!S || !X) {
+        free(S);
+        free(X);
+        return -1;
+    }
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)RT, out, 1.0f, gy, out, 0.0f, S,
+                (int)RT);
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)nT, in, 1.0f, c->x, in, 0.0f, X,
+                (int)nT);
+    for (int r = 0; r < R; r++)
+        for (int q = r; q < R; q++) {
+            size_t i = (size_t)(r % n), i2 = (size_t)(q % n);
+            double v = 0;
+            for (int t = 0; t < T; t++)
+                for (int t2 = 0; t2 < T; t2++) {
+                    size_t a = (size_t)r * T + t, b = (size_t)q * T + t2; /* a <= b unless r == q */
+                    size_t xa = i * T + t, xb = i2 * T + t2;
+                    double s = a <= b ? S[a * RT + b] : S[b * RT + a];
+                    double xx = xa <= xb ? X[xa * nT + xb] : X[xb * nT + xa];
+                    v += s * ((use_w ? xx : 0.0) + (use_b ? 1.0 : 0.0));
+                }
+            G[(size_t)r * R + q] += v;
+            if (q != r)
+                G[(size_t)q * R + r] += v;
+        }
+    free(S);
+    free(X);
+    return 0;
+}
+
 /* Rows T > 1: the per-sample weight gradients gy_r^T x_i (out x in) in chunks
  * of output rows that fit the budget, G += B B^T per chunk; the bias:
- * column sums of gy_r.  Cheaper than the row-pair kernel sum_{t,t'} (x_it .
- * x_i't')(s_rt . s_r't') unless T^2 (in + out) < in out. */
+ * column sums of gy_r.  The row-pair kernel (gram_row_pairs) instead where
+ * it is cheaper, T^2 (in + out) < in out, and its matrices fit the budget. */
 static void gram_rows(const cv_layer_ctx *c, int k, const float *gy, unsigned mask, double *G)
 {
     int n = c->n, in = IN(c), out = OUT(c), T = ROWS(c), R = k * n;
     size_t budget = c->gram_budget ? c->gram_budget : LINEAR_GRAM_BUDGET;
+    size_t RT = (size_t)R * T;
+    if ((size_t)T * T * (in + out) < (size_t)in * out && RT * RT <= budget) {
+        if (gram_row_pairs(c, k, gy, mask, G))
+            gram_fail((size_t)R, G);
+        return;
+    }
     size_t per_o = (size_t)R * in;
     int oc = budget / per_o > (size_t)out ? out : budget / per_o < 1 ? 1 : (int)(budget / per_o);
     float *B = (mask & 1u) ? malloc(sizeof(float) * per_o * oc) : NULL;

@@ -70,17 +70,21 @@ static cv_layer embedding(int V, int d, int padding_idx)
 
 START_TEST(linear_rows_pass_kernel_check)
 {
-    cv_shape shapes[3] = {kc_shape(1, 5), kc_shape(2, 3, 5), kc_shape(3, 2, 3, 5)};
-    for (int s = 0; s < 3; s++)
+    /* flat; rows (Gram: per-sample gradients); few rows of a wide layer (Gram:
+     * the row-pair kernel) */
+    cv_shape shapes[4] = {kc_shape(1, 5), kc_shape(2, 3, 5), kc_shape(3, 2, 3, 5),
+                          kc_shape(2, 2, 16)};
+    for (int s = 0; s < 4; s++)
         for (int bias = 0; bias < 2; bias++) {
             cv_layer L;
+            int in = shapes[s].dim[shapes[s].rank - 1], out = in == 16 ? 16 : 4;
             ck_assert_int_eq(kc_layer(&L, "Linear", 1, &shapes[s]), 0);
-            kc_set(&L, "in_features", 5);
-            kc_set(&L, "out_features", 4);
+            kc_set(&L, "in_features", in);
+            kc_set(&L, "out_features", out);
             kc_set(&L, "bias", bias);
             KC_ASSERT(&L, NULL);
             ck_assert_int_eq(L.out_shape.rank, shapes[s].rank);
-            ck_assert_int_eq(L.out_shape.dim[L.out_shape.rank - 1], 4);
+            ck_assert_int_eq(L.out_shape.dim[L.out_shape.rank - 1], out);
         }
 }
 END_TEST
@@ -417,7 +421,7 @@ END_TEST
 typedef tu_fixture fixture;
 
 #define MAXL 10
-#define NVARIANTS 9
+#define NVARIANTS 10
 
 typedef struct {
     cv_shape in;
@@ -496,6 +500,12 @@ static variant make_layers(int i)
         push(&v, embedding(7, 4, CV_EMBEDDING_NO_PADDING)), push(&v, layernorm(1, four, 1, 1));
         push(&v, linear(4, 4, 1)), push(&v, simple(&cv_tanh_class));
         head(&v, 20);
+        break;
+    case 9: /* few rows of a wide Linear: the row-pair Gram kernel (budget 1: chunks) */
+        v.in = kc_shape(2, 2, 16);
+        push(&v, linear(16, 16, 1)), push(&v, simple(&cv_tanh_class));
+        push(&v, linear(16, 16, 0));
+        head(&v, 32);
         break;
     default: /* 8: Embedding with padding_idx, MSE sum */
         v.in = kc_shape(2, 2, 3);
