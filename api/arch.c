@@ -175,6 +175,29 @@ static int parse_pair_field(const cJSON *v, const char *path, const cv_field *f,
     return as_pair(v, path, (int)f->min, (int *)(attr + f->offset), e);
 }
 
+/* CV_F_DIMS: an int n ([n]) or a list of 1..CV_MAX_RANK ints >= min. */
+static int parse_dims_field(const cJSON *v, const char *path, const cv_field *f, cv_shape *out,
+                            cv_err *e)
+{
+    char p[176], what[96];
+    snprintf(what, sizeof what, "must be an integer or a list of 1 to %d integers", CV_MAX_RANK);
+    if (cJSON_IsNumber(v)) {
+        out->rank = 1;
+        return cv_arch_as_int(v, path, (int)f->min, &out->dim[0], e);
+    }
+    int n = cJSON_IsArray(v) ? cJSON_GetArraySize(v) : -1;
+    if (n < 1 || n > CV_MAX_RANK)
+        return cv_arch_bad(e, n < 0 ? "invalid_type" : "invalid_value", path, what, v);
+    int i = 0;
+    for (const cJSON *c = v->child; c; c = c->next, i++) {
+        snprintf(p, sizeof p, "%s[%d]", path, i);
+        if (cv_arch_as_int(c, p, (int)f->min, &out->dim[i], e))
+            return -1;
+    }
+    out->rank = n;
+    return 0;
+}
+
 static int parse_number_field(const cJSON *v, const char *path, const cv_field *f, double *out,
                               cv_err *e)
 {
@@ -270,6 +293,8 @@ static int parse_field(const cJSON *o, const char *obj, const cv_field *f, unsig
         return parse_ignored_field(v, path, f, e);
     case CV_F_INT_LIST:
         return as_int_list(v, path, (int)f->min, (int)f->max, dst, e);
+    case CV_F_DIMS:
+        return parse_dims_field(v, path, f, dst, e);
     }
     return cv_err_set(e, CV_EINTERNAL, "internal", path, "%s: unknown field kind", path);
 }
@@ -688,7 +713,15 @@ static int field_to_json(const cv_field *f, const unsigned char *attr, cJSON *o)
         return 0;
     const void *p = f->offset == CV_F_NOSTORE ? NULL : attr + f->offset;
     switch (f->kind) {
-    case CV_F_INT: return add_num(o, f->name, *(const int *)p);
+    case CV_F_INT:
+        if ((f->flags & CV_F_NULLABLE) && *(const int *)p == (int)f->def)
+            return cJSON_AddNullToObject(o, f->name) ? 0 : -1;
+        return add_num(o, f->name, *(const int *)p);
+    case CV_F_DIMS: {
+        const cv_shape *d = p;
+        cJSON *a = cJSON_CreateIntArray(d->dim, d->rank);
+        return a && cJSON_AddItemToObject(o, f->name, a) ? 0 : (cJSON_Delete(a), -1);
+    }
     case CV_F_PAIR: {
         int kw = f->choices ? *(const int *)(attr + f->aux) : 0;
         if (kw > 0)

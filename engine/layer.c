@@ -36,6 +36,9 @@ static void field_default(const cv_field *f, unsigned char *attr)
     case CV_F_NUMBER:
         *(double *)p = f->def;
         break;
+    case CV_F_DIMS:
+        memset(p, 0, sizeof(cv_shape));
+        break;
     default: /* FIXED_STRING, FIXED_NULL, IGNORED: nothing stored */
         break;
     }

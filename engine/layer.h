@@ -121,10 +121,13 @@ typedef enum {
     CV_F_FIXED_STRING, /* a string, only text accepted ("unsupported" otherwise) */
     CV_F_FIXED_NULL,   /* absent or null, anything else "unsupported" */
     CV_F_IGNORED,      /* accepted and ignored: JSON kinds in CV_F_ACCEPT_* flags */
-    CV_F_INT_LIST      /* cv_int_list, a list of 1 to max (at most CV_INT_LIST_MAX)
+    CV_F_INT_LIST,     /* cv_int_list, a list of 1 to max (at most CV_INT_LIST_MAX)
                         * integers, each in [min, CV_ATTR_INT_LIMIT]; a plain integer
                         * is a list of one; absent: the empty list (n = 0), which is
                         * not exported */
+    CV_F_DIMS          /* cv_shape, an integer n ([n]) or a list of 1..CV_MAX_RANK
+                        * integers, each >= min (LayerNorm's normalized_shape);
+                        * exported as a list; default: rank 0 */
 } cv_field_kind;
 
 /* The value of a CV_F_INT_LIST field (dims, shape): n entries in v. */
@@ -136,7 +139,8 @@ typedef struct {
 
 enum {
     CV_F_REQUIRED = 1u << 0,      /* no default: the document must give it */
-    CV_F_NULLABLE = 1u << 1,      /* null means the default (PyTorch's None) */
+    CV_F_NULLABLE = 1u << 1,      /* null means the default (PyTorch's None); an INT
+                                   * at its default is exported as null */
     CV_F_NO_NONE = 1u << 2,       /* PAIR: a null entry is "unsupported" */
     CV_F_MIN_OPEN = 1u << 3,      /* NUMBER: min itself is excluded */
     CV_F_HIDDEN = 1u << 4,        /* accepted on input, not written on export */

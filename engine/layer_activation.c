@@ -1,6 +1,6 @@
 /* layer_activation.c - elementwise nonlinearities: ReLU, Tanh, Sigmoid,
- * LeakyReLU, ELU, GELU (erf form, PyTorch's default, or tanh form) and
- * Softplus, with PyTorch's values and derivative conventions (e.g. ReLU'(0)=0):
+ * LeakyReLU, ELU, GELU (erf form, PyTorch's default, or tanh form),
+ * Softplus, Mish and Hardswish, with PyTorch's values and derivative conventions (e.g. ReLU'(0)=0):
  * their classes and the kernels every activation class shares.  Forward
  * caches phi'(x) and phi''(x) (the class's cv_activation computes them);
  * all products are elementwise. */
@@ -83,11 +83,41 @@ static inline cv_act_val softplus_phi(const cv_layer *L, double x)
     return v;
 }
 
+/* Mish: x tanh(softplus(x)); with t = tanh(softplus(x)), s = sigmoid(x) =
+ * softplus'(x), t' = (1 - t^2) s:
+ *   phi' = t + x (1 - t^2) s,
+ *   phi'' = (1 - t^2) s (2 + x (1 - s - 2 t s)). */
+static inline cv_act_val mish_phi(const cv_layer *L, double x)
+{
+    double sp = x > 0 ? x + log1p(exp(-x)) : log1p(exp(x));
+    double t = tanh(sp), s = sigmoid_val(x).f, u = (1 - t * t) * s;
+    cv_act_val v = {x * t, t + x * u, u * (2 + x * (1 - s - 2 * t * s))};
+    return v;
+}
+
+/* Hardswish: x relu6(x + 3) / 6; PyTorch's derivative takes the middle
+ * piece on the closed interval [-3, 3]. */
+static inline cv_act_val hardswish_phi(const cv_layer *L, double x)
+{
+    cv_act_val v = {0, 0, 0};
+    if (x > 3) {
+        v.f = x;
+        v.d1 = 1;
+    } else if (x >= -3) {
+        v.f = x * (x + 3) / 6;
+        v.d1 = x / 3 + 0.5;
+        v.d2 = 1.0 / 3;
+    }
+    return v;
+}
+
 CV_ACTIVATION_FORWARD(tanh_forward, tanh_phi)
 CV_ACTIVATION_FORWARD(sigmoid_forward, sigmoid_phi)
 CV_ACTIVATION_FORWARD(elu_forward, elu_phi)
 CV_ACTIVATION_FORWARD(gelu_forward, gelu_phi)
 CV_ACTIVATION_FORWARD(softplus_forward, softplus_phi)
+CV_ACTIVATION_FORWARD(mish_forward, mish_phi)
+CV_ACTIVATION_FORWARD(hardswish_forward, hardswish_phi)
 
 static size_t act_work(const cv_layer_ctx *c, int k) { return 0; }
 
@@ -220,7 +250,8 @@ const cv_layer_ops cv_activation_ops = {
 static const cv_activation relu_act = {relu_forward, 1}, leakyrelu_act = {leakyrelu_forward, 1},
                            tanh_act = {tanh_forward, 0}, sigmoid_act = {sigmoid_forward, 0},
                            elu_act = {elu_forward, 0}, gelu_act = {gelu_forward, 0},
-                           softplus_act = {softplus_forward, 0};
+                           softplus_act = {softplus_forward, 0}, mish_act = {mish_forward, 0},
+                           hardswish_act = {hardswish_forward, 0};
 
 static const cv_field inplace_fields[] = {CV_FIELD_INPLACE};
 
@@ -272,3 +303,9 @@ const cv_layer_class cv_gelu_class = {
 const cv_layer_class cv_softplus_class = {
     .name = "Softplus", .attr_size = sizeof(cv_softplus_attr), CV_FIELDS(softplus_fields),
     .check = softplus_check, .ops = &cv_activation_ops, .impl = &softplus_act};
+const cv_layer_class cv_mish_class = {
+    .name = "Mish", CV_FIELDS(inplace_fields), .ops = &cv_activation_ops, .impl = &mish_act,
+    .function = "mish"};
+const cv_layer_class cv_hardswish_class = {
+    .name = "Hardswish", CV_FIELDS(inplace_fields), .ops = &cv_activation_ops,
+    .impl = &hardswish_act, .function = "hardswish"};

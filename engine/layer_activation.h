@@ -1,7 +1,7 @@
 /* layer_activation.h - elementwise nonlinearities: the attributes and layer
- * classes of ReLU, Tanh, Sigmoid, LeakyReLU, ELU, GELU and Softplus, and the
- * shared kernels any other activation's class can use (e.g. layer_silu.c):
- * give the class ops = &cv_activation_ops and impl = a cv_activation whose
+ * classes of ReLU, Tanh, Sigmoid, LeakyReLU, ELU, GELU, Softplus, Mish and
+ * Hardswish, and the shared kernels any other activation's class can use
+ * (e.g. layer_silu.c): give the class ops = &cv_activation_ops and impl = a cv_activation whose
  * forward CV_ACTIVATION_FORWARD generates from phi. */
 #ifndef CV_LAYER_ACTIVATION_H
 #define CV_LAYER_ACTIVATION_H
@@ -31,6 +31,8 @@ extern const cv_layer_class cv_leakyrelu_class;
 extern const cv_layer_class cv_elu_class;
 extern const cv_layer_class cv_gelu_class;
 extern const cv_layer_class cv_softplus_class;
+extern const cv_layer_class cv_mish_class;
+extern const cv_layer_class cv_hardswish_class;
 
 /* phi(x), phi'(x), phi''(x) */
 typedef struct {

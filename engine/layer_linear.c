@@ -1,8 +1,13 @@
 /* layer_linear.c - torch.nn.Linear: y = x W^T + b, W [out, in]; its class
- * (attributes, shape, weight and bias layout) and kernels. */
+ * (attributes, shape, weight and bias layout) and kernels.  As in PyTorch it
+ * acts on the last dimension: a per-sample input [..., in] is T = numel / in
+ * rows of the same sample, so that every GEMM runs over n*T rows and a
+ * sample's parameter gradient sums over its rows (T = 1: a flat input). */
 #include "layer_linear.h"
 
 #include <cblas.h>
+
+#include "im2col.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -10,9 +15,12 @@
 #define ATTR(c) CV_LAYER_ATTR((c)->L, cv_linear_attr)
 #define IN(c) (ATTR(c)->in_features)
 #define OUT(c) (ATTR(c)->out_features)
+#define ROWS(c) ((int)((c)->in_numel / (size_t)IN(c))) /* rows per sample, T */
+#define NR(c) ((c)->n * ROWS(c))                       /* rows of the batch */
+#define LINEAR_GRAM_BUDGET ((size_t)1 << 22) /* floats per Gram chunk by default */
 
 /* One n x out product for quad_extra. */
-static size_t linear_work(const cv_layer_ctx *c, int k) { return (size_t)c->n * OUT(c); }
+static size_t linear_work(const cv_layer_ctx *c, int k) { return (size_t)NR(c) * OUT(c); }
 
 static void add_bias(int n, int out, const float *b, float *y)
 {
@@ -24,25 +32,25 @@ static void add_bias(int n, int out, const float *b, float *y)
 static int linear_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     const float *W = c->theta;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, c->n, OUT(c), IN(c), 1.0f, c->x, IN(c),
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, NR(c), OUT(c), IN(c), 1.0f, c->x, IN(c),
                 W, IN(c), 0.0f, y, OUT(c));
     if (ATTR(c)->has_bias)
-        add_bias(c->n, OUT(c), W + (size_t)OUT(c) * IN(c), y);
+        add_bias(NR(c), OUT(c), W + (size_t)OUT(c) * IN(c), y);
     return 0;
 }
 
-/* gtheta_j = [gy_j^T x, colsum(gy_j)] for one cotangent block gy_j (n x out). */
+/* gtheta_j = [gy_j^T x, colsum(gy_j)] for one cotangent block gy_j (n*T x out). */
 static void weight_grad(const cv_layer_ctx *c, const float *gy, const float *x, float beta,
                         float *gt)
 {
-    int n = c->n, in = IN(c), out = OUT(c);
+    int n = NR(c), in = IN(c), out = OUT(c);
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0f, gy, out, x, in, beta,
                 gt, in);
 }
 
 static void bias_grad(const cv_layer_ctx *c, const float *gy, float *gb)
 {
-    int n = c->n, out = OUT(c);
+    int n = NR(c), out = OUT(c);
     memset(gb, 0, sizeof(float) * (size_t)out);
     for (int i = 0; i < n; i++)
         for (int o = 0; o < out; o++)
@@ -51,7 +59,7 @@ static void bias_grad(const cv_layer_ctx *c, const float *gy, float *gb)
 
 static void linear_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, float *gtheta)
 {
-    int n = c->n, in = IN(c), out = OUT(c);
+    int n = NR(c), in = IN(c), out = OUT(c);
     if (gx)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, k * n, in, out, 1.0f, gy, out,
                     c->theta, in, 0.0f, gx, in);
@@ -69,7 +77,7 @@ static void linear_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx,
 static void linear_jvp(const cv_layer_ctx *c, int k, const float *rx, const float *vtheta,
                        float *ry)
 {
-    int n = c->n, in = IN(c), out = OUT(c);
+    int n = NR(c), in = IN(c), out = OUT(c);
     if (rx)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, k * n, out, in, 1.0f, rx, in,
                     c->theta, in, 0.0f, ry, out);
@@ -91,7 +99,7 @@ static void linear_jvp(const cv_layer_ctx *c, int k, const float *rx, const floa
 static void linear_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
                              const float *vtheta, float *gx_add, float *gtheta_add)
 {
-    int n = c->n, in = IN(c), out = OUT(c);
+    int n = NR(c), in = IN(c), out = OUT(c);
     for (int j = 0; j < k; j++) {
         if (gx_add && vtheta)
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, out, 1.0f, gy, out,
@@ -108,7 +116,7 @@ static void linear_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, cons
 static void linear_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
                               const float *vtheta, double *q)
 {
-    int n = c->n, in = IN(c), out = OUT(c);
+    int n = NR(c), in = IN(c), out = OUT(c);
     if (!rx || !vtheta)
         return;
     float *t = c->work_floats >= (size_t)n * out ? c->work : NULL;
@@ -122,9 +130,33 @@ static void linear_quad_extra(const cv_layer_ctx *c, int k, const float *gy, con
     }
 }
 
+/* Rows T > 1: sample i's gradient is gy_i^T x_i (one GEMM) and the column
+ * sums of gy_i. */
+static void per_sample_rows(const cv_layer_ctx *c, const float *gy, float *G)
+{
+    int in = IN(c), out = OUT(c), T = ROWS(c);
+    for (int i = 0; i < c->n; i++) {
+        float *g = G + (size_t)i * c->nparam;
+        const float *gi = gy + (size_t)i * T * out, *xi = c->x + (size_t)i * T * in;
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, T, 1.0f, gi, out, xi, in,
+                    0.0f, g, in);
+        if (!ATTR(c)->has_bias)
+            continue;
+        float *gb = g + (size_t)out * in;
+        memset(gb, 0, sizeof(float) * (size_t)out);
+        for (int t = 0; t < T; t++)
+            for (int o = 0; o < out; o++)
+                gb[o] += gi[(size_t)t * out + o];
+    }
+}
+
 static void linear_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
 {
     int in = IN(c), out = OUT(c);
+    if (ROWS(c) > 1) {
+        per_sample_rows(c, gy, G);
+        return;
+    }
     for (int i = 0; i < c->n; i++) {
         float *g = G + (size_t)i * c->nparam;
         const float *gi = gy + (size_t)i * out, *xi = c->x + (size_t)i * in;
@@ -136,10 +168,106 @@ static void linear_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
     }
 }
 
+static void gram_fail(size_t R, double *G)
+{
+    for (size_t i = 0; i < R * R; i++)
+        G[i] = NAN;
+}
+
+/* Rows T > 1, few rows: the row-pair kernel
+ *   G[r, r'] += sum_{t,t'} (s_rt . s_r't') ((x_it . x_i't') + 1 for the bias)
+ * from the Gram matrices of the cotangent rows (R T x R T) and of the input
+ * rows (n T x n T).  Returns -1 when out of memory. */
+static int gram_row_pairs(const cv_layer_ctx *c, int k, const float *gy, unsigned mask,
+                          double *G)
+{
+    int n = c->n, in = IN(c), out = OUT(c), T = ROWS(c), R = k * n;
+    size_t RT = (size_t)R * T, nT = (size_t)n * T;
+    int use_w = (mask & 1u) != 0, use_b = ATTR(c)->has_bias && (mask & 2u);
+    float *S = malloc(sizeof(float) * RT * RT), *X = malloc(sizeof(float) * nT * nT);
+    if (!S || !X) {
+        free(S);
+        free(X);
+        return -1;
+    }
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)RT, out, 1.0f, gy, out, 0.0f, S,
+                (int)RT);
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)nT, in, 1.0f, c->x, in, 0.0f, X,
+                (int)nT);
+    for (int r = 0; r < R; r++)
+        for (int q = r; q < R; q++) {
+            size_t i = (size_t)(r % n), i2 = (size_t)(q % n);
+            double v = 0;
+            for (int t = 0; t < T; t++)
+                for (int t2 = 0; t2 < T; t2++) {
+                    size_t a = (size_t)r * T + t, b = (size_t)q * T + t2; /* a <= b unless r == q */
+                    size_t xa = i * T + t, xb = i2 * T + t2;
+                    double s = a <= b ? S[a * RT + b] : S[b * RT + a];
+                    double xx = xa <= xb ? X[xa * nT + xb] : X[xb * nT + xa];
+                    v += s * ((use_w ? xx : 0.0) + (use_b ? 1.0 : 0.0));
+                }
+            G[(size_t)r * R + q] += v;
+            if (q != r)
+                G[(size_t)q * R + r] += v;
+        }
+    free(S);
+    free(X);
+    return 0;
+}
+
+/* Rows T > 1: the per-sample weight gradients gy_r^T x_i (out x in) in chunks
+ * of output rows that fit the budget, G += B B^T per chunk; the bias:
+ * column sums of gy_r.  The row-pair kernel (gram_row_pairs) instead where
+ * it is cheaper, T^2 (in + out) < in out, and its matrices fit the budget. */
+static void gram_rows(const cv_layer_ctx *c, int k, const float *gy, unsigned mask, double *G)
+{
+    int n = c->n, in = IN(c), out = OUT(c), T = ROWS(c), R = k * n;
+    size_t budget = c->gram_budget ? c->gram_budget : LINEAR_GRAM_BUDGET;
+    size_t RT = (size_t)R * T;
+    if ((size_t)T * T * (in + out) < (size_t)in * out && RT * RT <= budget) {
+        if (gram_row_pairs(c, k, gy, mask, G))
+            gram_fail((size_t)R, G);
+        return;
+    }
+    size_t per_o = (size_t)R * in;
+    int oc = budget / per_o > (size_t)out ? out : budget / per_o < 1 ? 1 : (int)(budget / per_o);
+    float *B = (mask & 1u) ? malloc(sizeof(float) * per_o * oc) : NULL;
+    if ((mask & 1u) && !B) {
+        gram_fail((size_t)R, G);
+        return;
+    }
+    for (int o0 = 0; (mask & 1u) && o0 < out; o0 += oc) {
+        int w = o0 + oc < out ? oc : out - o0;
+        for (int r = 0; r < R; r++)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, w, in, T, 1.0f,
+                        gy + (size_t)r * T * out + o0, out, c->x + (size_t)(r % n) * T * in,
+                        in, 0.0f, B + (size_t)r * w * in, in);
+        cv_gram_add_rows(R, w * in, B, G);
+    }
+    free(B);
+    if (!ATTR(c)->has_bias || !(mask & 2u))
+        return;
+    float *S = calloc((size_t)R * out, sizeof(float));
+    if (!S) {
+        gram_fail((size_t)R, G);
+        return;
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++)
+            for (int o = 0; o < out; o++)
+                S[(size_t)r * out + o] += gy[((size_t)r * T + t) * out + o];
+    cv_gram_add_rows(R, out, S, G);
+    free(S);
+}
+
 /* <gy_r x_i^T, gy_r' x_i'^T> = (gy_r . gy_r') (x_i . x_i'); bias: gy_r . gy_r' */
 static void linear_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned mask,
                             double *G)
 {
+    if (ROWS(c) > 1) {
+        gram_rows(c, k, gy, mask, G);
+        return;
+    }
     int n = c->n, in = IN(c), out = OUT(c), R = k * n;
     int use_b = ATTR(c)->has_bias && (mask & 2u), use_w = (mask & 1u) != 0;
     float *S = malloc(sizeof(float) * (size_t)R * R), *X = malloc(sizeof(float) * (size_t)n * n);
@@ -186,12 +314,18 @@ static int linear_infer(cv_layer *L, const cv_shape *in, cv_err *e)
     if (a->in_features < 1 || a->out_features < 1)
         return cv_err_set(e, CV_EINVAL, "invalid_model", "",
                           "in_features and out_features must be positive");
-    if (in->rank != 1 || in->dim[0] != a->in_features)
+    if (in->rank < 1 || in->dim[in->rank - 1] != a->in_features) {
+        int flat = in->rank > 1 && cv_shape_numel(in) == (size_t)a->in_features;
+        if (in->rank <= 1)
+            return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                              "expects per-sample input [%d], got %s", a->in_features, s);
         return cv_err_set(e, CV_EINVAL, "invalid_model", "",
-                          "expects per-sample input [%d], got %s%s", a->in_features, s,
-                          in->rank != 1 ? " (add a Flatten layer before it)" : "");
-    L->out_shape.rank = 1;
-    L->out_shape.dim[0] = a->out_features;
+                          "expects per-sample input [..., %d] (it acts on the last dimension), "
+                          "got %s%s",
+                          a->in_features, s, flat ? " (add a Flatten layer before it)" : "");
+    }
+    L->out_shape = *in; /* [..., in] -> [..., out] */
+    L->out_shape.dim[in->rank - 1] = a->out_features;
     return 0;
 }
 
@@ -211,4 +345,4 @@ static const cv_field linear_fields[] = {
 
 const cv_layer_class cv_linear_class = {
     .name = "Linear", .attr_size = sizeof(cv_linear_attr), CV_FIELDS(linear_fields),
-    .infer = linear_infer, .layout = linear_layout, .ops = &linear_ops};
+    .infer = linear_infer, .layout = linear_layout, .ops = &linear_ops, .function = "linear"};

@@ -39,6 +39,11 @@
     X(cv_log_softmax_class)       \
     X(cv_matmul_class)            \
     X(cv_bmm_class)               \
+    X(cv_mish_class)              \
+    X(cv_hardswish_class)         \
+    X(cv_layernorm_class)         \
+    X(cv_groupnorm_class)         \
+    X(cv_embedding_class)         \
     /* one line per class above, in the order "supported:" lists them */
 
 #define CV_DECLARE_CLASS(c) extern const cv_layer_class c;

@@ -60,6 +60,16 @@ static const example EXAMPLES[] = {
     {"softmax", "[3, 5]", "{'type': 'softmax', 'dim': -1, 'dtype': null}"},
     {"log_softmax", "[3, 5]", "{'type': 'log_softmax', 'dim': 2}"},
     {"attn_scale", "[3, 5]", "{'type': 'attn_scale', 'scale': 0.5}"},
+    {"Mish", "[2, 3]", "{'type': 'Mish', 'inplace': true}"},
+    {"Hardswish", "[5]", "{'type': 'Hardswish', 'inplace': false}"},
+    {"LayerNorm", "[3, 2, 4]",
+     "{'type': 'LayerNorm', 'normalized_shape': [2, 4], 'eps': 0.001,"
+     " 'elementwise_affine': false, 'bias': false}"},
+    {"GroupNorm", "[4, 3, 3]",
+     "{'type': 'GroupNorm', 'num_groups': 2, 'num_channels': 4, 'eps': 0.01, 'affine': false}"},
+    {"Embedding", "[5]",
+     "{'type': 'Embedding', 'num_embeddings': 7, 'embedding_dim': 3, 'padding_idx': -2,"
+     " 'max_norm': null, 'norm_type': 2.0, 'scale_grad_by_freq': false, 'sparse': false}"},
 };
 
 /* Classes that need 2 or more inputs exist only in the graph form: a layer
@@ -107,6 +117,7 @@ static size_t field_size(const cv_field *f)
     switch (f->kind) {
     case CV_F_PAIR: return 2 * sizeof(int);
     case CV_F_INT_LIST: return sizeof(cv_int_list);
+    case CV_F_DIMS: return sizeof(cv_shape);
     case CV_F_NUMBER: return sizeof(double);
     case CV_F_INT:
     case CV_F_BOOL:

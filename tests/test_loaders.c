@@ -766,8 +766,16 @@ START_TEST(arch_rejects_document)
     /* shape errors found by cv_model_finalize name the layer */
     ASSERT_ERR(arch_l("[5]", lin, "MSELoss", m, &e), e, "invalid_model", "layers[0]",
                "expects per-sample input [4], got [5]");
-    ASSERT_ERR(arch_l("[1, 4, 4]", lin, "MSELoss", m, &e), e, "invalid_model", "layers[0]",
+    /* Linear acts on the last dimension (PyTorch): [1, 4, 4] is four rows of 4;
+     * [1, 2, 2] holds 4 features but not in its last dimension */
+    ASSERT_ERR(arch_l("[1, 2, 2]", lin, "MSELoss", m, &e), e, "invalid_model", "layers[0]",
                "add a Flatten");
+    snprintf(buf, sizeof buf, "%s, {'type': 'Flatten'}", lin);
+    ck_assert_msg(arch_l("[1, 4, 4]", buf, "MSELoss", m, &e) == 0, "%s", e.message);
+    ck_assert_int_eq(m->layers[0].out_shape.rank, 3);
+    ck_assert_int_eq(m->layers[0].out_shape.dim[1], 4);
+    ck_assert_int_eq(m->layers[0].out_shape.dim[2], m->layers[0].params[0].dim[0]);
+    cv_model_free(m);
     ASSERT_ERR(arch_l("[4]", "{'type': 'Linear', 'in_features': 4, 'out_features': 1}",
                       "CrossEntropyLoss", m, &e),
                e, "invalid_model", "loss", "at least 2 output classes");

@@ -25,7 +25,7 @@ torch is imported when this module is imported; without it the import fails
 with an :class:`ImportError` that says how to get it.  Supported modules:
 Linear, Conv2d, ReLU, Tanh, Sigmoid, LeakyReLU, ELU, GELU, Softplus, SiLU,
 Identity, Flatten, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d,
-BatchNorm2d, Dropout; losses MSELoss, CrossEntropyLoss, BCEWithLogitsLoss (reduction
+BatchNorm2d, Dropout, Mish, Hardswish, LayerNorm, GroupNorm, Embedding; losses MSELoss, CrossEntropyLoss, BCEWithLogitsLoss (reduction
 "mean" or "sum").  Anything else raises :class:`UnsupportedModuleError`
 naming the module and its index.
 """
@@ -53,7 +53,7 @@ __all__ = ["UnsupportedModuleError", "SUPPORTED_MODULES", "SUPPORTED_LOSSES", "e
 SUPPORTED_MODULES: Tuple[str, ...] = (
     "Linear", "Conv2d", "ReLU", "Tanh", "Sigmoid", "LeakyReLU", "ELU", "GELU", "Softplus",
     "SiLU", "Identity", "Flatten", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "BatchNorm1d",
-    "BatchNorm2d", "Dropout")
+    "BatchNorm2d", "Dropout", "Mish", "Hardswish", "LayerNorm", "GroupNorm", "Embedding")
 #: Where :func:`write_files` writes when given no directory (``/out/`` is in .gitignore).
 DEFAULT_DIRECTORY = "out"
 #: Loss class names curvd evaluates.
@@ -163,7 +163,24 @@ def layer_json(m: "nn.Module", index: Any = None) -> Dict[str, Any]:
         return {"type": n, "start_dim": m.start_dim, "end_dim": m.end_dim}
     if n == "Dropout":
         return {"type": n, "p": m.p}
-    return {"type": n}  # ReLU, Tanh, Sigmoid, SiLU, Identity
+    if n == "LayerNorm":
+        d = {"type": n, "normalized_shape": list(m.normalized_shape), "eps": m.eps,
+             "elementwise_affine": m.elementwise_affine}
+        if m.elementwise_affine:
+            d["bias"] = m.bias is not None
+        return d
+    if n == "GroupNorm":
+        return {"type": n, "num_groups": m.num_groups, "num_channels": m.num_channels,
+                "eps": m.eps, "affine": m.affine}
+    if n == "Embedding":
+        for attr, why in (("max_norm", "max_norm (renormalizes the weight in forward)"),
+                          ("scale_grad_by_freq", "scale_grad_by_freq=True"),
+                          ("sparse", "sparse=True")):
+            if getattr(m, attr):
+                raise UnsupportedModuleError(index, m, why + " is not supported")
+        return {"type": n, "num_embeddings": m.num_embeddings,
+                "embedding_dim": m.embedding_dim, "padding_idx": m.padding_idx}
+    return {"type": n}  # ReLU, Tanh, Sigmoid, SiLU, Mish, Hardswish, Identity
 
 
 def loss_json(loss: "nn.Module") -> Dict[str, Any]:
