@@ -147,6 +147,29 @@ static int parse_pair_field(const cJSON *v, const char *path, const cv_field *f,
     return as_pair(v, path, (int)f->min, (int *)(attr + f->offset), e);
 }
 
+/* An INT field: an integer; with CV_F_LIST1 also a list of one (PyTorch's
+ * 1-tuples); with choices also a keyword (index + 1 stored as int at aux). */
+static int parse_int_field(const cJSON *v, const char *path, const cv_field *f,
+                           unsigned char *attr, cv_err *e)
+{
+    if (f->choices && cJSON_IsString(v)) {
+        for (int i = 0; f->choices[i]; i++)
+            if (strcmp(v->valuestring, f->choices[i]) == 0) {
+                *(int *)(attr + f->aux) = i + 1;
+                return 0;
+            }
+        return bad(e, "invalid_value", path, f->text, v);
+    }
+    if ((f->flags & CV_F_LIST1) && cJSON_IsArray(v)) {
+        char p[176];
+        if (cJSON_GetArraySize(v) != 1)
+            return bad(e, "invalid_value", path, "must be an integer or a list of 1 integer", v);
+        snprintf(p, sizeof p, "%s[0]", path);
+        return as_int(v->child, p, (int)f->min, (int *)(attr + f->offset), e);
+    }
+    return as_int(v, path, (int)f->min, (int *)(attr + f->offset), e);
+}
+
 static int parse_number_field(const cJSON *v, const char *path, const cv_field *f, double *out,
                               cv_err *e)
 {
@@ -203,7 +226,7 @@ static int parse_field(const cJSON *o, const char *obj, const cv_field *f, unsig
     void *dst = f->offset == CV_F_NOSTORE ? NULL : attr + f->offset;
     switch (f->kind) {
     case CV_F_INT:
-        return as_int(v, path, (int)f->min, dst, e);
+        return parse_int_field(v, path, f, attr, e);
     case CV_F_PAIR:
         return parse_pair_field(v, path, f, attr, e);
     case CV_F_BOOL:
@@ -518,7 +541,10 @@ static int field_to_json(const cv_field *f, const unsigned char *attr, cJSON *o)
         return 0;
     const void *p = f->offset == CV_F_NOSTORE ? NULL : attr + f->offset;
     switch (f->kind) {
-    case CV_F_INT: return add_num(o, f->name, *(const int *)p);
+    case CV_F_INT:
+        if (f->choices && *(const int *)(attr + f->aux) > 0)
+            return add_string(o, f->name, f->choices[*(const int *)(attr + f->aux) - 1]);
+        return add_num(o, f->name, *(const int *)p);
     case CV_F_PAIR: {
         int kw = f->choices ? *(const int *)(attr + f->aux) : 0;
         if (kw > 0)

@@ -24,6 +24,10 @@
     X(cv_batchnorm2d_class)       \
     X(cv_dropout_class)           \
     X(cv_silu_class)              \
+    X(cv_conv1d_class)            \
+    X(cv_maxpool1d_class)         \
+    X(cv_avgpool1d_class)         \
+    X(cv_adaptiveavgpool1d_class) \
     /* one line per class above, in the order "supported:" lists them */
 
 #define CV_DECLARE_CLASS(c) extern const cv_layer_class c;

@@ -50,6 +50,16 @@ static const example EXAMPLES[] = {
      " 'affine': false}"},
     {"Dropout", "[5]", "{'type': 'Dropout', 'p': 0.125, 'inplace': true, 'training': false}"},
     {"SiLU", "[2, 3]", "{'type': 'SiLU', 'inplace': true}"},
+    {"Conv1d", "[4, 11]",
+     "{'type': 'Conv1d', 'in_channels': 4, 'out_channels': 6, 'kernel_size': [3], 'stride': 2,"
+     " 'padding': [2], 'dilation': 2, 'groups': 2, 'bias': false, 'padding_mode': 'zeros'}"},
+    {"MaxPool1d", "[2, 9]",
+     "{'type': 'MaxPool1d', 'kernel_size': 3, 'stride': [2], 'padding': 1, 'dilation': 2,"
+     " 'ceil_mode': true, 'return_indices': false}"},
+    {"AvgPool1d", "[2, 9]",
+     "{'type': 'AvgPool1d', 'kernel_size': [3], 'stride': 2, 'padding': 1, 'ceil_mode': true,"
+     " 'count_include_pad': false}"},
+    {"AdaptiveAvgPool1d", "[2, 9]", "{'type': 'AdaptiveAvgPool1d', 'output_size': 4}"},
 };
 
 static const example *example_for(const char *name)
@@ -127,7 +137,7 @@ START_TEST(every_class_is_well_formed)
             if (fd->offset != CV_F_NOSTORE)
                 ck_assert_msg(fd->offset + field_size(fd) <= c->attr_size,
                               "%s.%s lies outside the attribute struct", c->name, fd->name);
-            if (fd->kind == CV_F_PAIR && fd->choices)
+            if ((fd->kind == CV_F_PAIR || fd->kind == CV_F_INT) && fd->choices)
                 ck_assert_msg(fd->aux + sizeof(int) <= c->attr_size && fd->text,
                               "%s.%s: keyword slot or message missing", c->name, fd->name);
             if (fd->kind == CV_F_ENUM)
