@@ -533,6 +533,16 @@ static int add_string(cJSON *o, const char *key, const char *v)
     return cJSON_AddStringToObject(o, key, v) ? 0 : -1;
 }
 
+/* CV_F_ZERO_NULL: the stored value is 0 (None) */
+static int field_is_zero(const cv_field *f, const void *p)
+{
+    if (f->kind == CV_F_NUMBER)
+        return *(const double *)p == 0;
+    if (f->kind == CV_F_PAIR)
+        return ((const int *)p)[0] == 0 && ((const int *)p)[1] == 0;
+    return *(const int *)p == 0;
+}
+
 /* Field f of attr, as the document spells it; hidden and ignored fields are
  * not written. */
 static int field_to_json(const cv_field *f, const unsigned char *attr, cJSON *o)
@@ -540,6 +550,8 @@ static int field_to_json(const cv_field *f, const unsigned char *attr, cJSON *o)
     if (f->flags & CV_F_HIDDEN)
         return 0;
     const void *p = f->offset == CV_F_NOSTORE ? NULL : attr + f->offset;
+    if ((f->flags & CV_F_ZERO_NULL) && p && field_is_zero(f, p))
+        return cJSON_AddNullToObject(o, f->name) ? 0 : -1;
     switch (f->kind) {
     case CV_F_INT:
         if (f->choices && *(const int *)(attr + f->aux) > 0)

@@ -134,7 +134,9 @@ enum {
     CV_F_ACCEPT_BOOL = 1u << 5,   /* IGNORED: true/false accepted */
     CV_F_ACCEPT_NUMBER = 1u << 6, /* IGNORED: numbers accepted */
     CV_F_ACCEPT_NULL = 1u << 7,   /* IGNORED: null accepted */
-    CV_F_LIST1 = 1u << 8          /* INT: a list of one integer accepted too (1-tuples) */
+    CV_F_LIST1 = 1u << 8,         /* INT: a list of one integer accepted too (1-tuples) */
+    CV_F_ZERO_NULL = 1u << 9      /* INT, PAIR, NUMBER (with NULLABLE): a stored 0 is
+                                   * PyTorch's None, exported as null */
 };
 
 typedef struct {

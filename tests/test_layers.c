@@ -60,6 +60,14 @@ static const example EXAMPLES[] = {
      "{'type': 'AvgPool1d', 'kernel_size': [3], 'stride': 2, 'padding': 1, 'ceil_mode': true,"
      " 'count_include_pad': false}"},
     {"AdaptiveAvgPool1d", "[2, 9]", "{'type': 'AdaptiveAvgPool1d', 'output_size': 4}"},
+    {"ConvTranspose2d", "[4, 3, 5]",
+     "{'type': 'ConvTranspose2d', 'in_channels': 4, 'out_channels': 6, 'kernel_size': [2, 3],"
+     " 'stride': [2, 1], 'padding': [1, 0], 'output_padding': [1, 0], 'groups': 2,"
+     " 'bias': false, 'dilation': [1, 2], 'padding_mode': 'zeros'}"},
+    /* PyTorch takes one of size and scale_factor; curvd both if they agree */
+    {"Upsample", "[2, 3, 4]",
+     "{'type': 'Upsample', 'size': [6, 8], 'scale_factor': 2.0, 'mode': 'nearest',"
+     " 'align_corners': null, 'recompute_scale_factor': null}"},
 };
 
 static const example *example_for(const char *name)
