@@ -874,7 +874,7 @@ static int conv_infer(cv_layer *L, const cv_shape *in, cv_err *e)
             return -1;
     L->out_shape.rank = 3 - one_d;
     L->out_shape.dim[0] = a->out_channels;
-    L->out_shape.dim[1] = o[1 - one_d];
+    L->out_shape.dim[1] = o[one_d]; /* 1-d: the width */
     L->out_shape.dim[2] = one_d ? 0 : o[1];
     return 0;
 }
