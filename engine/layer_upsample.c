@@ -1,8 +1,8 @@
 /* layer_upsample.c - torch.nn.Upsample with mode="nearest" (the functional
  * twin F.interpolate) on [C, L] and [C, H, W]: y[c, o] = x[c, src(o)] per
- * axis with PyTorch's source index (nearest_idx: identity for equal sizes,
- * o >> 1 for double, else min(floor(o * scale), in - 1) in float with scale
- * 1/scale_factor when that is given, in/out otherwise).  A gather: linear in
+ * axis with PyTorch's source index on CPU, min(floor(o * scale), in - 1) in
+ * float with scale 1/scale_factor when that is given, in/out otherwise (so
+ * scale_factor 1.3 on length 3 gives 0 0 1, not the identity).  A gather: linear in
  * x, no parameters, no second-order terms.  Forward caches the source
  * indices in c->idx: the OH rows, then the OW columns. */
 #include "layer_upsample.h"
@@ -21,10 +21,6 @@ static int width(const cv_shape *s) { return s->dim[s->rank - 1]; }
 
 static int src_index(int o, int in, int out, double scale_factor)
 {
-    if (out == in)
-        return o;
-    if (out == 2 * in)
-        return o >> 1;
     float scale = scale_factor > 0 ? (float)(1.0 / scale_factor) : (float)in / (float)out;
     int64_t s = (int64_t)floorf((float)o * scale);
     return s < in - 1 ? (int)s : in - 1;

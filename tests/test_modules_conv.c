@@ -315,7 +315,7 @@ START_TEST(upsample_forward_matches_definition)
     int n = 2;
     /* [2, 3, 4] x2: y[c, oy, ox] = x[c, oy / 2, ox / 2] */
     const char *fs[] = {"scale_factor"}, *fz[] = {"size"};
-    double two[] = {2}, three[] = {3}, size5[] = {5};
+    double two[] = {2}, three[] = {3};
     cv_layer L = make_layer("Upsample", kc_shape(3, 2, 3, 4), fs, two, 1);
     ck_assert_int_eq(L.out_shape.dim[1], 6);
     ck_assert_int_eq(L.out_shape.dim[2], 8);
@@ -336,17 +336,26 @@ START_TEST(upsample_forward_matches_definition)
             ck_assert_float_eq(y[pl * 12 + o], x[pl * 4 + o / 3]);
     free(y);
     free(x);
-    /* size 5 from 3 (PyTorch: floor(o * 0.6) -> 0 0 1 1 2) and scale 1.5 from 3
-     * (floor(o / 1.5) -> 0 0 1 2, output 4) */
-    static const int idx5[] = {0, 0, 1, 1, 2}, idx4[] = {0, 0, 1, 2};
-    double f15[] = {1.5};
-    for (int t = 0; t < 2; t++) {
-        L = make_layer("Upsample", kc_shape(2, 1, 3), t ? fs : fz, t ? f15 : size5, 1);
+    /* as torch.nn.functional.interpolate on CPU (torch 1.13): size 5 from 3,
+     * floor(o * 0.6); scale_factor 1.3 from 5 (6 outputs) and from 3 (3
+     * outputs, yet not the identity), floor(o / 1.3) in float; size 8 from 5 */
+    static const struct {
+        int in, size;
+        double scale;
+        int out, idx[8];
+    } ups[] = {{3, 5, 0, 5, {0, 0, 1, 1, 2}},
+               {5, 0, 1.3, 6, {0, 0, 1, 2, 3, 3}},
+               {3, 0, 1.3, 3, {0, 0, 1}},
+               {5, 8, 0, 8, {0, 0, 1, 1, 2, 3, 3, 4}}};
+    for (size_t t = 0; t < sizeof ups / sizeof ups[0]; t++) {
+        double sz[] = {ups[t].size}, sc[] = {ups[t].scale};
+        L = make_layer("Upsample", kc_shape(2, 1, ups[t].in), ups[t].size ? fz : fs,
+                       ups[t].size ? sz : sc, 1);
         int Lo = L.out_shape.dim[1];
-        ck_assert_int_eq(Lo, t ? 4 : 5);
-        x = random_floats(3, 62), y = run_forward(&L, 1, x, NULL);
+        ck_assert_int_eq(Lo, ups[t].out);
+        x = random_floats(ups[t].in, 62), y = run_forward(&L, 1, x, NULL);
         for (int o = 0; o < Lo; o++)
-            ck_assert_float_eq(y[o], x[t ? idx4[o] : idx5[o]]);
+            ck_assert_msg(y[o] == x[ups[t].idx[o]], "Upsample case %zu output %d", t, o);
         free(y);
         free(x);
     }
