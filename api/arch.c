@@ -198,6 +198,29 @@ static int parse_dims_field(const cJSON *v, const char *path, const cv_field *f,
     return 0;
 }
 
+/* An INT field: an integer; with CV_F_LIST1 also a list of one (PyTorch's
+ * 1-tuples); with choices also a keyword (index + 1 stored as int at aux). */
+static int parse_int_field(const cJSON *v, const char *path, const cv_field *f,
+                           unsigned char *attr, cv_err *e)
+{
+    if (f->choices && cJSON_IsString(v)) {
+        for (int i = 0; f->choices[i]; i++)
+            if (strcmp(v->valuestring, f->choices[i]) == 0) {
+                *(int *)(attr + f->aux) = i + 1;
+                return 0;
+            }
+        return cv_arch_bad(e, "invalid_value", path, f->text, v);
+    }
+    if ((f->flags & CV_F_LIST1) && cJSON_IsArray(v)) {
+        char p[176];
+        if (cJSON_GetArraySize(v) != 1)
+            return cv_arch_bad(e, "invalid_value", path, "must be an integer or a list of 1 integer", v);
+        snprintf(p, sizeof p, "%s[0]", path);
+        return cv_arch_as_int(v->child, p, (int)f->min, (int *)(attr + f->offset), e);
+    }
+    return cv_arch_as_int(v, path, (int)f->min, (int *)(attr + f->offset), e);
+}
+
 static int parse_number_field(const cJSON *v, const char *path, const cv_field *f, double *out,
                               cv_err *e)
 {
@@ -254,7 +277,7 @@ static int parse_field(const cJSON *o, const char *obj, const cv_field *f, unsig
     void *dst = f->offset == CV_F_NOSTORE ? NULL : attr + f->offset;
     switch (f->kind) {
     case CV_F_INT:
-        return cv_arch_as_int(v, path, (int)f->min, dst, e);
+        return parse_int_field(v, path, f, attr, e);
     case CV_F_PAIR:
         return parse_pair_field(v, path, f, attr, e);
     case CV_F_BOOL:
@@ -705,6 +728,16 @@ static int add_string(cJSON *o, const char *key, const char *v)
     return cJSON_AddStringToObject(o, key, v) ? 0 : -1;
 }
 
+/* CV_F_ZERO_NULL: the stored value is 0 (None) */
+static int field_is_zero(const cv_field *f, const void *p)
+{
+    if (f->kind == CV_F_NUMBER)
+        return *(const double *)p == 0;
+    if (f->kind == CV_F_PAIR)
+        return ((const int *)p)[0] == 0 && ((const int *)p)[1] == 0;
+    return *(const int *)p == 0;
+}
+
 /* Field f of attr, as the document spells it; hidden and ignored fields are
  * not written. */
 static int field_to_json(const cv_field *f, const unsigned char *attr, cJSON *o)
@@ -712,10 +745,14 @@ static int field_to_json(const cv_field *f, const unsigned char *attr, cJSON *o)
     if (f->flags & CV_F_HIDDEN)
         return 0;
     const void *p = f->offset == CV_F_NOSTORE ? NULL : attr + f->offset;
+    if ((f->flags & CV_F_ZERO_NULL) && p && field_is_zero(f, p))
+        return cJSON_AddNullToObject(o, f->name) ? 0 : -1;
     switch (f->kind) {
     case CV_F_INT:
         if ((f->flags & CV_F_NULLABLE) && *(const int *)p == (int)f->def)
             return cJSON_AddNullToObject(o, f->name) ? 0 : -1;
+        if (f->choices && *(const int *)(attr + f->aux) > 0)
+            return add_string(o, f->name, f->choices[*(const int *)(attr + f->aux) - 1]);
         return add_num(o, f->name, *(const int *)p);
     case CV_F_DIMS: {
         const cv_shape *d = p;

@@ -107,7 +107,9 @@ void cv_layer_ctx_release(cv_layer_ctx *c);
 #define CV_F_NOSTORE ((size_t)-1)   /* offset of a field that is checked, not stored */
 
 typedef enum {
-    CV_F_INT,          /* int, an integer in [min, CV_ATTR_INT_LIMIT] */
+    CV_F_INT,          /* int, an integer in [min, CV_ATTR_INT_LIMIT]; with
+                        * CV_F_LIST1 also [k]; with choices, a keyword too, as
+                        * PAIR (1-d sliding windows: Conv1d's kernel_size, padding) */
     CV_F_PAIR,         /* int[2], an integer (both) or [h, w], each >= min; with
                         * choices, a keyword is accepted too: index + 1 stored as
                         * int at aux (0: numbers), exported instead of the numbers
@@ -146,7 +148,10 @@ enum {
     CV_F_HIDDEN = 1u << 4,        /* accepted on input, not written on export */
     CV_F_ACCEPT_BOOL = 1u << 5,   /* IGNORED: true/false accepted */
     CV_F_ACCEPT_NUMBER = 1u << 6, /* IGNORED: numbers accepted */
-    CV_F_ACCEPT_NULL = 1u << 7    /* IGNORED: null accepted */
+    CV_F_ACCEPT_NULL = 1u << 7,   /* IGNORED: null accepted */
+    CV_F_LIST1 = 1u << 8,         /* INT: a list of one integer accepted too (1-tuples) */
+    CV_F_ZERO_NULL = 1u << 9      /* INT, PAIR, NUMBER (with NULLABLE): a stored 0 is
+                                   * PyTorch's None, exported as null */
 };
 
 typedef struct {
@@ -159,9 +164,9 @@ typedef struct {
     double min, max;              /* bounds (INT, PAIR: min; NUMBER: both; INT_LIST:
                                    * entries >= min, at most max entries) */
     const char *const *choices;   /* ENUM values / PAIR keywords, NULL-terminated */
-    size_t aux;                   /* PAIR with choices: offset of the keyword (int) */
+    size_t aux;                   /* PAIR or INT with choices: offset of the keyword (int) */
     const char *text;             /* FIXED_BOOL: why; FIXED_STRING: the accepted
-                                   * string; PAIR with choices: what a bad string is
+                                   * string; PAIR or INT with choices: what a bad string is
                                    * told it must be */
 } cv_field;
 

@@ -1,5 +1,6 @@
 /* layer_conv.c - kernels of torch.nn.Conv2d (stride, padding, dilation,
- * groups, bias): y = W * x + b with W [out, in/groups, kh, kw].  Kernels work
+ * groups, bias): y = W * x + b with W [out, in/groups, kh, kw]; Conv1d is
+ * the same class of kernels on [C, L] seen as [C, 1, L].  Kernels work
  * on chunks of S samples unfolded (im2col) side by side into one K x S*P
  * matrix, and the k vectors' weight terms share one GEMM (k*cout rows), so
  * every product is a few large sgemm calls; outputs are scattered back to
@@ -35,10 +36,11 @@ static conv_dims dims_of(const cv_layer_ctx *c)
 {
     const cv_layer *L = c->L;
     const cv_conv2d_attr *A = CV_LAYER_ATTR(L, cv_conv2d_attr);
+    int one_d = L->in_shape.rank == 2; /* Conv1d: [C, L] is [C, 1, L] */
     conv_dims d;
     d.g.C = L->in_shape.dim[0];
-    d.g.H = L->in_shape.dim[1];
-    d.g.W = L->in_shape.dim[2];
+    d.g.H = one_d ? 1 : L->in_shape.dim[1];
+    d.g.W = L->in_shape.dim[2 - one_d];
     d.g.kh = A->kernel[0];
     d.g.kw = A->kernel[1];
     d.g.sh = A->stride[0];
@@ -47,8 +49,8 @@ static conv_dims dims_of(const cv_layer_ctx *c)
     d.g.pw = A->padding[1];
     d.g.dh = A->dilation[0];
     d.g.dw = A->dilation[1];
-    d.g.oh = L->out_shape.dim[1];
-    d.g.ow = L->out_shape.dim[2];
+    d.g.oh = one_d ? 1 : L->out_shape.dim[1];
+    d.g.ow = L->out_shape.dim[2 - one_d];
     d.cout = L->out_shape.dim[0];
     d.groups = A->groups;
     d.og = d.cout / d.groups;
@@ -831,6 +833,7 @@ static int check_pos2(const int *v, int min) { return v[0] >= min && v[1] >= min
 static int conv_infer(cv_layer *L, const cv_shape *in, cv_err *e)
 {
     const cv_conv2d_attr *a = CV_LAYER_ATTR(L, cv_conv2d_attr);
+    int one_d = L->cls == &cv_conv1d_class; /* [C, L] as [C, 1, L] (height-1 attributes) */
     char s[64];
     cv_shape_str(in, s, sizeof s);
     if (a->in_channels < 1 || a->out_channels < 1 || a->groups < 1)
@@ -843,9 +846,10 @@ static int conv_infer(cv_layer *L, const cv_shape *in, cv_err *e)
         !check_pos2(a->padding, 0))
         return cv_err_set(e, CV_EINVAL, "invalid_model", "",
                           "kernel_size, stride, dilation must be >= 1 and padding >= 0");
-    if (in->rank != 3 || in->dim[0] != a->in_channels)
+    if (in->rank != 3 - one_d || in->dim[0] != a->in_channels)
         return cv_err_set(e, CV_EINVAL, "invalid_model", "",
-                          "expects per-sample input [%d, H, W], got %s", a->in_channels, s);
+                          "expects per-sample input [%d, %s], got %s", a->in_channels,
+                          one_d ? "L" : "H, W", s);
     if (a->pad_extra[0] < 0 || a->pad_extra[1] < 0)
         return cv_err_set(e, CV_EINVAL, "invalid_model", "padding",
                           "padding: bottom/right padding must be >= 0");
@@ -857,26 +861,70 @@ static int conv_infer(cv_layer *L, const cv_shape *in, cv_err *e)
         return cv_err_set(e, CV_EINVAL, "invalid_model", "kernel_size",
                           "kernel_size: the weight [%d, %d, %d, %d] has more than %d entries",
                           wdims[0], wdims[1], wdims[2], wdims[3], INT_MAX);
+    cv_shape in3 = *in;
+    if (one_d) {
+        in3.rank = 3;
+        in3.dim[1] = 1;
+        in3.dim[2] = in->dim[1];
+    }
     int o[2];
     for (int i = 0; i < 2; i++)
-        if (cv_layer_window_out(in, i, a->kernel[i], a->stride[i], a->padding[i],
+        if (cv_layer_window_out(&in3, i, a->kernel[i], a->stride[i], a->padding[i],
                                 a->padding[i] + a->pad_extra[i], a->dilation[i], 0, &o[i], e))
             return -1;
-    L->out_shape.rank = 3;
+    L->out_shape.rank = 3 - one_d;
     L->out_shape.dim[0] = a->out_channels;
-    L->out_shape.dim[1] = o[0];
-    L->out_shape.dim[2] = o[1];
+    L->out_shape.dim[1] = o[one_d]; /* 1-d: the width */
+    L->out_shape.dim[2] = one_d ? 0 : o[1];
     return 0;
 }
 
 static int conv_layout(cv_layer *L)
 {
     const cv_conv2d_attr *a = CV_LAYER_ATTR(L, cv_conv2d_attr);
-    int dims[4] = {a->out_channels, a->in_channels / a->groups, a->kernel[0], a->kernel[1]};
-    return cv_layer_add_param(L, "weight", 4, dims) ||
+    int one_d = L->cls == &cv_conv1d_class; /* weight [out, in/groups, k] */
+    int dims[4] = {a->out_channels, a->in_channels / a->groups, a->kernel[one_d], a->kernel[1]};
+    return cv_layer_add_param(L, "weight", 4 - one_d, dims) ||
            (a->has_bias && cv_layer_add_param(L, "bias", 1, dims));
 }
 
 const cv_layer_class cv_conv2d_class = {
     .name = "Conv2d", .attr_size = sizeof(cv_conv2d_attr), CV_FIELDS(conv_fields),
-    .check = conv_check, .infer = conv_infer, .layout = conv_layout, .ops = &conv2d_ops};
+    .check = conv_check, .infer = conv_infer, .layout = conv_layout, .ops = &conv2d_ops,
+    .function = "conv2d"};
+
+/* ---- Conv1d: a height-1 Conv2d ----------------------------------------------
+ * The attributes are Conv2d's with the height entries fixed at kernel 1,
+ * stride 1, padding 0, dilation 1 and the document's numbers in the width
+ * entries; the kernels see [C, L] as [C, 1, L] (dims_of). */
+
+#define CONV1D_FIELD(n, m, lo, d, fl)                                                        \
+    {.name = n, .kind = CV_F_INT, .flags = CV_F_LIST1 | (fl),                                \
+     .offset = offsetof(cv_conv2d_attr, m[1]), .def = (d), .min = (lo)}
+
+static const cv_field conv1d_fields[] = {
+    CV_FIELD_INT_REQ("in_channels", cv_conv2d_attr, in_channels, 1),
+    CV_FIELD_INT_REQ("out_channels", cv_conv2d_attr, out_channels, 1),
+    CONV1D_FIELD("kernel_size", kernel, 1, 0, CV_F_REQUIRED),
+    CONV1D_FIELD("stride", stride, 1, 1, 0),
+    {.name = "padding", .kind = CV_F_INT, .flags = CV_F_LIST1,
+     .offset = offsetof(cv_conv2d_attr, padding[1]), .def = 0, .min = 0,
+     .choices = conv_padding_keywords, .aux = offsetof(cv_conv2d_attr, padding_keyword),
+     .text = "must be an integer, [p], \"valid\" or \"same\""},
+    CONV1D_FIELD("dilation", dilation, 1, 1, 0),
+    CV_FIELD_INT("groups", cv_conv2d_attr, groups, 1, 1),
+    CV_FIELD_BOOL("bias", cv_conv2d_attr, has_bias, 1),
+    {.name = "padding_mode", .kind = CV_F_FIXED_STRING, .offset = CV_F_NOSTORE, .text = "zeros"},
+};
+
+static void conv1d_init(cv_layer *L)
+{
+    cv_conv2d_attr *a = CV_LAYER_ATTR(L, cv_conv2d_attr);
+    a->kernel[0] = a->stride[0] = a->dilation[0] = 1;
+    a->padding[0] = a->pad_extra[0] = 0;
+}
+
+const cv_layer_class cv_conv1d_class = {
+    .name = "Conv1d", .attr_size = sizeof(cv_conv2d_attr), CV_FIELDS(conv1d_fields),
+    .init = conv1d_init, .check = conv_check, .infer = conv_infer, .layout = conv_layout,
+    .ops = &conv2d_ops, .function = "conv1d"};

@@ -1,4 +1,5 @@
-/* layer_conv.h - torch.nn.Conv2d's attributes and layer class. */
+/* layer_conv.h - torch.nn.Conv2d's attributes and the layer classes Conv2d and
+ * Conv1d (a height-1 Conv2d: its attributes in the width entries). */
 #ifndef CV_LAYER_CONV_H
 #define CV_LAYER_CONV_H
 
@@ -18,5 +19,6 @@ CV_LAYER_ATTRS(cv_conv2d_attr, {
 });
 
 extern const cv_layer_class cv_conv2d_class;
+extern const cv_layer_class cv_conv1d_class;
 
 #endif

@@ -2,7 +2,8 @@
  * argmax cached in forward, PyTorch's tie and NaN rules), AvgPool2d (padding,
  * ceil_mode, count_include_pad) and AdaptiveAvgPool2d.  All are linear in x
  * (max pooling for its fixed argmax), so they have no second-order terms and
- * no parameters; every kernel works plane by plane over k*N*C planes. */
+ * no parameters; every kernel works plane by plane over k*N*C planes.
+ * MaxPool1d, AvgPool1d and AdaptiveAvgPool1d are the same at height 1. */
 #include "layer_pool.h"
 #include "parallel.h"
 
@@ -11,11 +12,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The 1-d classes see [C, L] as [C, 1, L], their attributes in the width
+ * entries (the height ones: kernel 1, stride 1, padding 0, dilation 1). */
+#define ONE_D(c) ((c)->L->in_shape.rank == 2)
 #define C_(c) ((c)->L->in_shape.dim[0])
-#define H_(c) ((c)->L->in_shape.dim[1])
-#define W_(c) ((c)->L->in_shape.dim[2])
-#define OH_(c) ((c)->L->out_shape.dim[1])
-#define OW_(c) ((c)->L->out_shape.dim[2])
+#define H_(c) (ONE_D(c) ? 1 : (c)->L->in_shape.dim[1])
+#define W_(c) ((c)->L->in_shape.dim[ONE_D(c) ? 1 : 2])
+#define OH_(c) (ONE_D(c) ? 1 : (c)->L->out_shape.dim[1])
+#define OW_(c) ((c)->L->out_shape.dim[ONE_D(c) ? 1 : 2])
 
 static size_t pool_work(const cv_layer_ctx *c, int k) { return 0; }
 
@@ -215,7 +219,7 @@ static const cv_layer_ops maxpool2d_ops = {
 static void axis_windows(const cv_layer *L, int a, int in, int out, int *t)
 {
     const cv_pool2d_attr *A = CV_LAYER_ATTR(L, cv_pool2d_attr);
-    int adaptive = L->cls == &cv_adaptiveavgpool2d_class;
+    int adaptive = L->cls == &cv_adaptiveavgpool2d_class || L->cls == &cv_adaptiveavgpool1d_class;
     int k = A->kernel[a], st = A->stride[a], p = A->padding[a];
     for (int o = 0; o < out; o++) {
         int s, e, len;
@@ -239,7 +243,7 @@ static void axis_windows(const cv_layer *L, int a, int in, int out, int *t)
 /* AvgPool2d's count_include_pad (AdaptiveAvgPool2d: 0) */
 static int include_pad(const cv_layer_ctx *c)
 {
-    return c->L->cls == &cv_avgpool2d_class &&
+    return (c->L->cls == &cv_avgpool2d_class || c->L->cls == &cv_avgpool1d_class) &&
            CV_LAYER_ATTR(c->L, cv_pool2d_attr)->count_include_pad;
 }
 
@@ -368,7 +372,7 @@ static void avgpool_init(cv_layer *L)
 static int pool_check(cv_layer *L, cv_err *e)
 {
     cv_pool2d_attr *a = CV_LAYER_ATTR(L, cv_pool2d_attr);
-    if (a->stride[0] == 0) { /* not given, or null */
+    if (a->stride[1] == 0) { /* not given, or null */
         a->stride[0] = a->kernel[0];
         a->stride[1] = a->kernel[1];
     }
@@ -382,24 +386,15 @@ static int pool_check(cv_layer *L, cv_err *e)
 
 static int check_pos2(const int *v, int min) { return v[0] >= min && v[1] >= min; }
 
-static int pool_infer(cv_layer *L, const cv_shape *in, cv_err *e)
+static int is_one_d(const cv_layer *L)
 {
-    cv_pool2d_attr *a = CV_LAYER_ATTR(L, cv_pool2d_attr);
-    char s[64];
-    cv_shape_str(in, s, sizeof s);
-    if (in->rank != 3)
-        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
-                          "expects per-sample input [C, H, W], got %s", s);
-    L->out_shape = *in;
-    if (L->cls == &cv_adaptiveavgpool2d_class) {
-        if (!check_pos2(a->output_size, 1))
-            return cv_err_set(e, CV_EINVAL, "invalid_model", "", "output_size must be positive");
-        L->out_shape.dim[1] = a->output_size[0];
-        L->out_shape.dim[2] = a->output_size[1];
-        return 0;
-    }
-    if (L->cls == &cv_avgpool2d_class)
-        a->dilation[0] = a->dilation[1] = 1;
+    return L->cls == &cv_maxpool1d_class || L->cls == &cv_avgpool1d_class ||
+           L->cls == &cv_adaptiveavgpool1d_class;
+}
+
+/* Output sizes [h, w] of a window over in3 ([C, H, W]) into o. */
+static int pool_windows_out(cv_pool2d_attr *a, const cv_shape *in3, int *o, cv_err *e)
+{
     if (!check_pos2(a->kernel, 1) || !check_pos2(a->stride, 1) || !check_pos2(a->dilation, 1) ||
         !check_pos2(a->padding, 0))
         return cv_err_set(e, CV_EINVAL, "invalid_model", "",
@@ -408,20 +403,103 @@ static int pool_infer(cv_layer *L, const cv_shape *in, cv_err *e)
         return cv_err_set(e, CV_EINVAL, "invalid_model", "",
                           "padding must be at most half of kernel_size");
     for (int i = 0; i < 2; i++)
-        if (cv_layer_window_out(in, i, a->kernel[i], a->stride[i], a->padding[i], a->padding[i],
-                                a->dilation[i], a->ceil_mode, &L->out_shape.dim[1 + i], e))
+        if (cv_layer_window_out(in3, i, a->kernel[i], a->stride[i], a->padding[i],
+                                a->padding[i], a->dilation[i], a->ceil_mode, &o[i], e))
             return -1;
     return 0;
 }
 
+static int pool_infer(cv_layer *L, const cv_shape *in, cv_err *e)
+{
+    cv_pool2d_attr *a = CV_LAYER_ATTR(L, cv_pool2d_attr);
+    int one_d = is_one_d(L);
+    char s[64];
+    cv_shape_str(in, s, sizeof s);
+    if (in->rank != 3 - one_d)
+        return cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                          "expects per-sample input [C, %s], got %s", one_d ? "L" : "H, W", s);
+    L->out_shape = *in;
+    if (L->cls == &cv_adaptiveavgpool2d_class || L->cls == &cv_adaptiveavgpool1d_class) {
+        if (!check_pos2(a->output_size, 1))
+            return cv_err_set(e, CV_EINVAL, "invalid_model", "", "output_size must be positive");
+        L->out_shape.dim[1] = a->output_size[one_d];
+        if (!one_d)
+            L->out_shape.dim[2] = a->output_size[1];
+        return 0;
+    }
+    if (L->cls == &cv_avgpool2d_class || L->cls == &cv_avgpool1d_class)
+        a->dilation[0] = a->dilation[1] = 1;
+    if (one_d) {
+        cv_shape in3 = {.rank = 3, .dim = {in->dim[0], 1, in->dim[1]}};
+        int o[2];
+        if (pool_windows_out(a, &in3, o, e))
+            return -1;
+        L->out_shape.dim[1] = o[1];
+        return 0;
+    }
+    return pool_windows_out(a, in, &L->out_shape.dim[1], e);
+}
+
 const cv_layer_class cv_maxpool2d_class = {
     .name = "MaxPool2d", .attr_size = sizeof(cv_pool2d_attr), CV_FIELDS(maxpool_fields),
-    .check = pool_check, .infer = pool_infer, .ops = &maxpool2d_ops};
+    .check = pool_check, .infer = pool_infer, .ops = &maxpool2d_ops, .function = "max_pool2d"};
 
 /* AvgPool2d: no dilation attribute (1); AdaptiveAvgPool2d: output_size only */
 const cv_layer_class cv_avgpool2d_class = {
     .name = "AvgPool2d", .attr_size = sizeof(cv_pool2d_attr), CV_FIELDS(avgpool_fields),
-    .init = avgpool_init, .check = pool_check, .infer = pool_infer, .ops = &avgpool2d_ops};
+    .init = avgpool_init, .check = pool_check, .infer = pool_infer, .ops = &avgpool2d_ops,
+    .function = "avg_pool2d"};
 const cv_layer_class cv_adaptiveavgpool2d_class = {
     .name = "AdaptiveAvgPool2d", .attr_size = sizeof(cv_pool2d_attr), CV_FIELDS(adaptive_fields),
-    .infer = pool_infer, .ops = &avgpool2d_ops};
+    .infer = pool_infer, .ops = &avgpool2d_ops, .function = "adaptive_avg_pool2d"};
+
+/* ---- 1-d classes: the 2-d kernels at height 1 -------------------------------- */
+
+#define POOL1D_FIELD(n, m, lo, d, fl)                                                        \
+    {.name = n, .kind = CV_F_INT, .flags = CV_F_LIST1 | (fl),                                \
+     .offset = offsetof(cv_pool2d_attr, m[1]), .def = (d), .min = (lo)}
+
+static const cv_field maxpool1d_fields[] = {
+    POOL1D_FIELD("kernel_size", kernel, 1, 0, CV_F_REQUIRED),
+    POOL1D_FIELD("stride", stride, 1, 0, CV_F_NULLABLE), /* None: kernel_size */
+    POOL1D_FIELD("padding", padding, 0, 0, 0),
+    POOL1D_FIELD("dilation", dilation, 1, 1, 0),
+    CV_FIELD_BOOL("ceil_mode", cv_pool2d_attr, ceil_mode, 0),
+    {.name = "return_indices", .kind = CV_F_FIXED_BOOL, .flags = CV_F_HIDDEN,
+     .offset = CV_F_NOSTORE, .def = 0, .text = "a layer in Sequential must return one tensor"},
+};
+
+static const cv_field avgpool1d_fields[] = {
+    POOL1D_FIELD("kernel_size", kernel, 1, 0, CV_F_REQUIRED),
+    POOL1D_FIELD("stride", stride, 1, 0, CV_F_NULLABLE),
+    POOL1D_FIELD("padding", padding, 0, 0, 0),
+    CV_FIELD_BOOL("ceil_mode", cv_pool2d_attr, ceil_mode, 0),
+    CV_FIELD_BOOL("count_include_pad", cv_pool2d_attr, count_include_pad, 1),
+};
+
+static const cv_field adaptive1d_fields[] = {
+    POOL1D_FIELD("output_size", output_size, 1, 0, CV_F_REQUIRED),
+};
+
+/* The height entries of a 1-d window: kernel 1, stride 1, padding 0, dilation 1. */
+static void pool1d_init(cv_layer *L)
+{
+    cv_pool2d_attr *a = CV_LAYER_ATTR(L, cv_pool2d_attr);
+    a->kernel[0] = a->stride[0] = a->dilation[0] = a->output_size[0] = 1;
+    a->padding[0] = 0;
+    if (L->cls != &cv_maxpool1d_class)
+        a->dilation[1] = 1;
+}
+
+const cv_layer_class cv_maxpool1d_class = {
+    .name = "MaxPool1d", .attr_size = sizeof(cv_pool2d_attr), CV_FIELDS(maxpool1d_fields),
+    .init = pool1d_init, .check = pool_check, .infer = pool_infer, .ops = &maxpool2d_ops,
+    .function = "max_pool1d"};
+const cv_layer_class cv_avgpool1d_class = {
+    .name = "AvgPool1d", .attr_size = sizeof(cv_pool2d_attr), CV_FIELDS(avgpool1d_fields),
+    .init = pool1d_init, .check = pool_check, .infer = pool_infer, .ops = &avgpool2d_ops,
+    .function = "avg_pool1d"};
+const cv_layer_class cv_adaptiveavgpool1d_class = {
+    .name = "AdaptiveAvgPool1d", .attr_size = sizeof(cv_pool2d_attr),
+    CV_FIELDS(adaptive1d_fields), .init = pool1d_init, .infer = pool_infer,
+    .ops = &avgpool2d_ops, .function = "adaptive_avg_pool1d"};

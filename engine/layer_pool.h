@@ -1,5 +1,5 @@
-/* layer_pool.h - torch.nn.MaxPool2d, AvgPool2d and AdaptiveAvgPool2d: their
- * attributes (one struct for the three) and layer classes. */
+/* layer_pool.h - torch.nn.MaxPool2d, AvgPool2d, AdaptiveAvgPool2d and their
+ * 1-d versions: their attributes (one struct for all) and layer classes. */
 #ifndef CV_LAYER_POOL_H
 #define CV_LAYER_POOL_H
 
@@ -15,5 +15,9 @@ CV_LAYER_ATTRS(cv_pool2d_attr, {
 extern const cv_layer_class cv_maxpool2d_class;
 extern const cv_layer_class cv_avgpool2d_class;
 extern const cv_layer_class cv_adaptiveavgpool2d_class;
+/* [C, L] inputs, as [C, 1, L]: the attributes in the width entries */
+extern const cv_layer_class cv_maxpool1d_class;
+extern const cv_layer_class cv_avgpool1d_class;
+extern const cv_layer_class cv_adaptiveavgpool1d_class;
 
 #endif

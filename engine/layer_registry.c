@@ -44,6 +44,12 @@
     X(cv_layernorm_class)         \
     X(cv_groupnorm_class)         \
     X(cv_embedding_class)         \
+    X(cv_conv1d_class)            \
+    X(cv_maxpool1d_class)         \
+    X(cv_avgpool1d_class)         \
+    X(cv_adaptiveavgpool1d_class) \
+    X(cv_convt2d_class)           \
+    X(cv_upsample_class)          \
     /* one line per class above, in the order "supported:" lists them */
 
 #define CV_DECLARE_CLASS(c) extern const cv_layer_class c;

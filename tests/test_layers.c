@@ -70,6 +70,24 @@ static const example EXAMPLES[] = {
     {"Embedding", "[5]",
      "{'type': 'Embedding', 'num_embeddings': 7, 'embedding_dim': 3, 'padding_idx': -2,"
      " 'max_norm': null, 'norm_type': 2.0, 'scale_grad_by_freq': false, 'sparse': false}"},
+    {"Conv1d", "[4, 11]",
+     "{'type': 'Conv1d', 'in_channels': 4, 'out_channels': 6, 'kernel_size': [3], 'stride': 2,"
+     " 'padding': [2], 'dilation': 2, 'groups': 2, 'bias': false, 'padding_mode': 'zeros'}"},
+    {"MaxPool1d", "[2, 9]",
+     "{'type': 'MaxPool1d', 'kernel_size': 3, 'stride': [2], 'padding': 1, 'dilation': 2,"
+     " 'ceil_mode': true, 'return_indices': false}"},
+    {"AvgPool1d", "[2, 9]",
+     "{'type': 'AvgPool1d', 'kernel_size': [3], 'stride': 2, 'padding': 1, 'ceil_mode': true,"
+     " 'count_include_pad': false}"},
+    {"AdaptiveAvgPool1d", "[2, 9]", "{'type': 'AdaptiveAvgPool1d', 'output_size': 4}"},
+    {"ConvTranspose2d", "[4, 3, 5]",
+     "{'type': 'ConvTranspose2d', 'in_channels': 4, 'out_channels': 6, 'kernel_size': [2, 3],"
+     " 'stride': [2, 1], 'padding': [1, 0], 'output_padding': [1, 0], 'groups': 2,"
+     " 'bias': false, 'dilation': [1, 2], 'padding_mode': 'zeros'}"},
+    /* PyTorch takes one of size and scale_factor; curvd both if they agree */
+    {"Upsample", "[2, 3, 4]",
+     "{'type': 'Upsample', 'size': [6, 8], 'scale_factor': 2.0, 'mode': 'nearest',"
+     " 'align_corners': null, 'recompute_scale_factor': null}"},
 };
 
 /* Classes that need 2 or more inputs exist only in the graph form: a layer
@@ -157,7 +175,7 @@ START_TEST(every_class_is_well_formed)
             if (fd->offset != CV_F_NOSTORE)
                 ck_assert_msg(fd->offset + field_size(fd) <= c->attr_size,
                               "%s.%s lies outside the attribute struct", c->name, fd->name);
-            if (fd->kind == CV_F_PAIR && fd->choices)
+            if ((fd->kind == CV_F_PAIR || fd->kind == CV_F_INT) && fd->choices)
                 ck_assert_msg(fd->aux + sizeof(int) <= c->attr_size && fd->text,
                               "%s.%s: keyword slot or message missing", c->name, fd->name);
             if (fd->kind == CV_F_ENUM)

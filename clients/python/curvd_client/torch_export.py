@@ -25,7 +25,8 @@ torch is imported when this module is imported; without it the import fails
 with an :class:`ImportError` that says how to get it.  Supported modules:
 Linear, Conv2d, ReLU, Tanh, Sigmoid, LeakyReLU, ELU, GELU, Softplus, SiLU,
 Identity, Flatten, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d,
-BatchNorm2d, Dropout, Mish, Hardswish, LayerNorm, GroupNorm, Embedding; losses MSELoss, CrossEntropyLoss, BCEWithLogitsLoss (reduction
+BatchNorm2d, Dropout, Mish, Hardswish, LayerNorm, GroupNorm, Embedding, Conv1d, MaxPool1d,
+AvgPool1d, AdaptiveAvgPool1d, ConvTranspose2d, Upsample (mode "nearest"); losses MSELoss, CrossEntropyLoss, BCEWithLogitsLoss (reduction
 "mean" or "sum").  Anything else raises :class:`UnsupportedModuleError`
 naming the module and its index.
 """
@@ -53,7 +54,8 @@ __all__ = ["UnsupportedModuleError", "SUPPORTED_MODULES", "SUPPORTED_LOSSES", "e
 SUPPORTED_MODULES: Tuple[str, ...] = (
     "Linear", "Conv2d", "ReLU", "Tanh", "Sigmoid", "LeakyReLU", "ELU", "GELU", "Softplus",
     "SiLU", "Identity", "Flatten", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "BatchNorm1d",
-    "BatchNorm2d", "Dropout", "Mish", "Hardswish", "LayerNorm", "GroupNorm", "Embedding")
+    "BatchNorm2d", "Dropout", "Mish", "Hardswish", "LayerNorm", "GroupNorm", "Embedding",
+    "Conv1d", "MaxPool1d", "AvgPool1d", "AdaptiveAvgPool1d", "ConvTranspose2d", "Upsample")
 #: Where :func:`write_files` writes when given no directory (``/out/`` is in .gitignore).
 DEFAULT_DIRECTORY = "out"
 #: Loss class names curvd evaluates.
@@ -101,6 +103,27 @@ def _pair(v: Any) -> Any:
     return list(v) if isinstance(v, (tuple, list)) else v
 
 
+def _single(v: Any) -> Any:
+    """A 1-d module's size: PyTorch's 1-tuple (3,) as the number 3."""
+    return v[0] if isinstance(v, (tuple, list)) and len(v) == 1 else v
+
+
+def _upsample_json(m: Any, index: Any) -> Dict[str, Any]:
+    """Upsample (mode 'nearest' only; one scale factor for all axes)."""
+    if m.mode != "nearest":
+        raise UnsupportedModuleError(index, m, "mode %r (only 'nearest')" % m.mode)
+    if m.recompute_scale_factor:
+        raise UnsupportedModuleError(index, m, "recompute_scale_factor=True is not supported")
+    sf = m.scale_factor
+    if isinstance(sf, (tuple, list)):
+        if len(set(float(f) for f in sf)) != 1:
+            raise UnsupportedModuleError(index, m, "per-axis scale_factor %r (one factor for "
+                                         "all axes only)" % (sf,))
+        sf = sf[0]
+    return {"type": "Upsample", "size": _pair(_single(m.size)),
+            "scale_factor": None if sf is None else float(sf), "mode": "nearest"}
+
+
 def layer_json(m: "nn.Module", index: Any = None) -> Dict[str, Any]:
     """The architecture JSON of one module (raises :class:`UnsupportedModuleError`)."""
     n = next((s for s in SUPPORTED_MODULES if _exact(m, s)), None)
@@ -117,27 +140,37 @@ def layer_json(m: "nn.Module", index: Any = None) -> Dict[str, Any]:
     if n == "Linear":
         return {"type": n, "in_features": m.in_features, "out_features": m.out_features,
                 "bias": m.bias is not None}
-    if n == "Conv2d":
+    size = _single if n.endswith("1d") else _pair
+    if n in ("Conv2d", "Conv1d", "ConvTranspose2d"):
         if m.padding_mode != "zeros":
             raise UnsupportedModuleError(index, m, "padding_mode %r (only 'zeros')" % m.padding_mode)
-        return {"type": n, "in_channels": m.in_channels, "out_channels": m.out_channels,
-                "kernel_size": _pair(m.kernel_size), "stride": _pair(m.stride),
-                "padding": _pair(m.padding), "dilation": _pair(m.dilation),
-                "groups": m.groups, "bias": m.bias is not None}
-    if n in ("MaxPool2d", "AvgPool2d"):
-        d: Dict[str, Any] = {"type": n, "kernel_size": _pair(m.kernel_size),
-                             "stride": _pair(m.stride), "padding": _pair(m.padding),
+        d = {"type": n, "in_channels": m.in_channels, "out_channels": m.out_channels,
+             "kernel_size": size(m.kernel_size), "stride": size(m.stride),
+             "padding": size(m.padding)}
+        if n == "ConvTranspose2d":
+            d["output_padding"] = _pair(m.output_padding)
+            d.update(groups=m.groups, bias=m.bias is not None, dilation=_pair(m.dilation))
+            return d
+        d.update(dilation=size(m.dilation), groups=m.groups, bias=m.bias is not None)
+        return d
+    if n == "Upsample":
+        return _upsample_json(m, index)
+    if n in ("MaxPool2d", "AvgPool2d", "MaxPool1d", "AvgPool1d"):
+        d: Dict[str, Any] = {"type": n, "kernel_size": size(m.kernel_size),
+                             "stride": size(m.stride), "padding": size(m.padding),
                              "ceil_mode": m.ceil_mode}
-        if n == "MaxPool2d":
+        if n.startswith("MaxPool"):
             if m.return_indices:
                 raise UnsupportedModuleError(index, m, "return_indices=True (a Sequential layer "
                                              "must return one tensor)")
-            d["dilation"] = _pair(m.dilation)
+            d["dilation"] = size(m.dilation)
         else:
-            if m.divisor_override is not None:
+            if getattr(m, "divisor_override", None) is not None:
                 raise UnsupportedModuleError(index, m, "divisor_override is not supported")
             d["count_include_pad"] = m.count_include_pad
         return d
+    if n == "AdaptiveAvgPool1d":
+        return {"type": n, "output_size": _single(m.output_size)}
     if n == "AdaptiveAvgPool2d":
         os_ = m.output_size
         sizes = list(os_) if isinstance(os_, (tuple, list)) else [os_, os_]
