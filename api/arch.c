@@ -114,6 +114,33 @@ static int as_pair(const cJSON *v, const char *path, int min, int out[2], cv_err
     return 0;
 }
 
+/* An integer (a list of one) or a list of 1 to max integers, each >= min. */
+static int as_int_list(const cJSON *v, const char *path, int min, int max, cv_int_list *out,
+                       cv_err *e)
+{
+    char what[96], p[176];
+    if (max < 1 || max > CV_INT_LIST_MAX)
+        max = CV_INT_LIST_MAX;
+    snprintf(what, sizeof what, "must be an integer or a list of 1 to %d integers", max);
+    if (cJSON_IsNumber(v)) {
+        out->n = 1;
+        return as_int(v, path, min, &out->v[0], e);
+    }
+    if (!cJSON_IsArray(v))
+        return bad(e, "invalid_type", path, what, v);
+    int n = cJSON_GetArraySize(v);
+    if (n < 1 || n > max)
+        return bad(e, "invalid_value", path, what, v);
+    int i = 0;
+    for (const cJSON *c = v->child; c; c = c->next, i++) {
+        snprintf(p, sizeof p, "%s[%d]", path, i);
+        if (as_int(c, p, min, &out->v[i], e))
+            return -1;
+    }
+    out->n = n;
+    return 0;
+}
+
 /* ---- layers ------------------------------------------------------------
  * Generic: a layer object is read and written by walking its class's field
  * table (engine/layer.h); only the meaning of each field kind lives here. */
@@ -240,6 +267,8 @@ static int parse_field(const cJSON *o, const char *obj, const cv_field *f, unsig
                                : bad(e, "unsupported", path, "is not supported (must be null)", v);
     case CV_F_IGNORED:
         return parse_ignored_field(v, path, f, e);
+    case CV_F_INT_LIST:
+        return as_int_list(v, path, (int)f->min, (int)f->max, dst, e);
     }
     return cv_err_set(e, CV_EINTERNAL, "internal", path, "%s: unknown field kind", path);
 }
@@ -530,6 +559,12 @@ static int field_to_json(const cv_field *f, const unsigned char *attr, cJSON *o)
     case CV_F_ENUM: return add_string(o, f->name, f->choices[*(const int *)p]);
     case CV_F_FIXED_BOOL: return add_bool(o, f->name, f->def != 0);
     case CV_F_FIXED_STRING: return add_string(o, f->name, f->text);
+    case CV_F_INT_LIST: { /* the empty list is the field's absence */
+        const cv_int_list *l = p;
+        cJSON *a = l->n > 0 ? cJSON_CreateIntArray(l->v, l->n) : NULL;
+        return l->n <= 0 || (a && cJSON_AddItemToObject(o, f->name, a)) ? 0
+                                                                         : (cJSON_Delete(a), -1);
+    }
     default: return 0; /* FIXED_NULL, IGNORED */
     }
 }

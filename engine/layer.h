@@ -120,8 +120,19 @@ typedef enum {
                         * text says why); stored as int unless offset is CV_F_NOSTORE */
     CV_F_FIXED_STRING, /* a string, only text accepted ("unsupported" otherwise) */
     CV_F_FIXED_NULL,   /* absent or null, anything else "unsupported" */
-    CV_F_IGNORED       /* accepted and ignored: JSON kinds in CV_F_ACCEPT_* flags */
+    CV_F_IGNORED,      /* accepted and ignored: JSON kinds in CV_F_ACCEPT_* flags */
+    CV_F_INT_LIST      /* cv_int_list, a list of 1 to max (at most CV_INT_LIST_MAX)
+                        * integers, each in [min, CV_ATTR_INT_LIMIT]; a plain integer
+                        * is a list of one; absent: the empty list (n = 0), which is
+                        * not exported */
 } cv_field_kind;
+
+/* The value of a CV_F_INT_LIST field (dims, shape): n entries in v. */
+#define CV_INT_LIST_MAX (CV_MAX_RANK + 1) /* a full shape: batch + per-sample dims */
+typedef struct {
+    int n;
+    int v[CV_INT_LIST_MAX];
+} cv_int_list;
 
 enum {
     CV_F_REQUIRED = 1u << 0,      /* no default: the document must give it */
@@ -131,7 +142,11 @@ enum {
     CV_F_HIDDEN = 1u << 4,        /* accepted on input, not written on export */
     CV_F_ACCEPT_BOOL = 1u << 5,   /* IGNORED: true/false accepted */
     CV_F_ACCEPT_NUMBER = 1u << 6, /* IGNORED: numbers accepted */
-    CV_F_ACCEPT_NULL = 1u << 7    /* IGNORED: null accepted */
+    CV_F_ACCEPT_NULL = 1u << 7,   /* IGNORED: null accepted */
+    CV_F_INF_STRINGS = 1u << 8    /* NUMBER: the strings "inf" and "-inf" are accepted
+                                   * (stored as +-INFINITY, exported as those strings;
+                                   * JSON has no infinite numbers), e.g. masked_fill's
+                                   * value; min/max bound the finite numbers only */
 };
 
 typedef struct {
@@ -141,7 +156,8 @@ typedef struct {
     size_t offset;                /* of the value in the class's attribute struct */
     double def;                   /* default (BOOL, FIXED_BOOL: 0/1; ENUM: index;
                                    * PAIR: both entries) */
-    double min, max;              /* bounds (INT, PAIR: min; NUMBER: both) */
+    double min, max;              /* bounds (INT, PAIR: min; NUMBER: both; INT_LIST:
+                                   * entries >= min, at most max entries) */
     const char *const *choices;   /* ENUM values / PAIR keywords, NULL-terminated */
     size_t aux;                   /* PAIR with choices: offset of the keyword (int) */
     const char *text;             /* FIXED_BOOL: why; FIXED_STRING: the accepted
@@ -165,6 +181,13 @@ typedef struct {
 #define CV_FIELD_NUMBER(n, T, m, d, lo, hi)                                                  \
     {.name = n, .kind = CV_F_NUMBER, .offset = offsetof(T, m), .def = (d), .min = (lo),      \
      .max = (hi)}
+/* Integers that may be negative (PyTorch dims count from the end). */
+#define CV_FIELD_INT_ANY(n, T, m, d) CV_FIELD_INT(n, T, m, -CV_ATTR_INT_LIMIT, d)
+#define CV_FIELD_INT_ANY_REQ(n, T, m) CV_FIELD_INT_REQ(n, T, m, -CV_ATTR_INT_LIMIT)
+/* A list of at most CV_INT_LIST_MAX integers of any sign (flags: CV_F_REQUIRED or 0). */
+#define CV_FIELD_INT_LIST(n, T, m, fl)                                                       \
+    {.name = n, .kind = CV_F_INT_LIST, .flags = (fl), .offset = offsetof(T, m),              \
+     .min = -CV_ATTR_INT_LIMIT, .max = CV_INT_LIST_MAX}
 /* In a class definition: its field table a (an array). */
 #define CV_FIELDS(a) .fields = (a), .nfields = (int)(sizeof(a) / sizeof((a)[0]))
 /* PyTorch's `inplace`: a boolean, meaningless here. */
@@ -205,6 +228,13 @@ struct cv_layer_class {
 int cv_layer_class_count(void);
 const cv_layer_class *cv_layer_class_at(int i);
 const cv_layer_class *cv_layer_class_find(const char *name); /* NULL if unknown */
+/* The function-only classes (graph form: add, mul, get_attr, ...; name ==
+ * function), which the list above leaves out; and the class of call_function
+ * target fn: a function-only class, else the layer class whose `function`
+ * is fn (ReLU for "relu"), NULL if none. */
+int cv_function_class_count(void);
+const cv_layer_class *cv_function_class_at(int i);
+const cv_layer_class *cv_function_find(const char *fn);
 
 /* Zeroes L and gives it class cls with every field at its default. */
 void cv_layer_init(cv_layer *L, const cv_layer_class *cls);

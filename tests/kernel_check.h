@@ -79,6 +79,13 @@ int kc_set(cv_layer *L, const char *field, double value);
  * with the first failure described in why. */
 int kc_check(cv_layer *L, const kc_opts *o, char *why, size_t len);
 
+/* Runs infer and layout on L, then forward on n samples into y (n *
+ * out_numel floats): inputs[i] (n * in_numel(i) floats each; NULL or a NULL
+ * entry: random), params and buffers (NULL: random as in kc_check).  For
+ * checking forward values.  Returns 0, or -1 with why (e.g. infer's error). */
+int kc_forward(cv_layer *L, int n, const float *const *inputs, const float *params,
+               const float *buffers, float *y, char *why, size_t len);
+
 /* In a Check test: kc_check must pass (o NULL: kc_defaults()). */
 #define KC_ASSERT(L, o)                                                                      \
     do {                                                                                     \
