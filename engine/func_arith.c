@@ -47,15 +47,20 @@ static void bin_init(bin_job *q, const cv_layer_ctx *c)
     q->b = c->xs[1];
 }
 
+/* The walk over the result's rows; ia, ib (0 or 1: a, b broadcast along the
+ * row or not) are constants of the caller's specialisation. */
 #define ROWS_BEGIN(q)                                                                        \
     for (size_t r_ = 0; r_ < (q)->w.rows; r_++) {                                            \
-        size_t oa, ob, oz = r_ * (q)->w.len, ia = (q)->w.ia, ib = (q)->w.ib;                 \
+        size_t oa, ob, oz = r_ * (q)->w.len;                                                 \
         cv_bcast_row(&(q)->w, r_, &oa, &ob);                                                 \
         for (size_t i = 0; i < (q)->w.len; i++) {                                            \
             size_t pa = oa + i * ia, pb = ob + i * ib, pz = oz + i;
 #define ROWS_END \
         }        \
     }
+
+/* An item kernel, inlined into each (op, ia, ib) specialisation. */
+#define BIN_ITEM static inline __attribute__((always_inline)) void
 
 static inline float fwd_val(int op, float a, float b)
 {
@@ -68,7 +73,7 @@ static inline float fwd_val(int op, float a, float b)
 }
 
 /* sample s */
-static inline void bin_forward_item(const bin_job *q, size_t s, int op)
+BIN_ITEM bin_forward_item(const bin_job *q, size_t s, int op, size_t ia, size_t ib)
 {
     const float *a = q->a + s * q->w.na, *b = q->b + s * q->w.nb;
     float *z = q->z + s * q->w.nz;
@@ -78,7 +83,7 @@ static inline void bin_forward_item(const bin_job *q, size_t s, int op)
 }
 
 /* vector j of sample s: item t = j * n + s */
-static inline void bin_vjp_item(const bin_job *q, size_t t, int op)
+BIN_ITEM bin_vjp_item(const bin_job *q, size_t t, int op, size_t ia, size_t ib)
 {
     size_t s = t % (size_t)q->n;
     const float *a = q->a + s * q->w.na, *b = q->b + s * q->w.nb, *g = q->gy + t * q->w.nz;
@@ -102,7 +107,7 @@ static inline void bin_vjp_item(const bin_job *q, size_t t, int op)
     }
 }
 
-static inline void bin_jvp_item(const bin_job *q, size_t t, int op)
+BIN_ITEM bin_jvp_item(const bin_job *q, size_t t, int op, size_t ia, size_t ib)
 {
     size_t s = t % (size_t)q->n;
     const float *a = q->a + s * q->w.na, *b = q->b + s * q->w.nb;
@@ -123,7 +128,7 @@ static inline void bin_jvp_item(const bin_job *q, size_t t, int op)
 
 /* mul: ga += gy rb, gb += gy ra; div: ga += -gy rb / b^2,
  * gb += gy (-ra / b^2 + 2 a rb / b^3) */
-static inline void bin_hvp_item(const bin_job *q, size_t t, int op)
+BIN_ITEM bin_hvp_item(const bin_job *q, size_t t, int op, size_t ia, size_t ib)
 {
     size_t s = t % (size_t)q->n;
     const float *a = q->a + s * q->w.na, *b = q->b + s * q->w.nb, *g = q->gy + s * q->w.nz;
@@ -152,13 +157,24 @@ static inline void bin_hvp_item(const bin_job *q, size_t t, int op)
     }
 }
 
-/* Each item runs the loop specialised for its op. */
-#define BIN_DISPATCH(fn, q, t)                         \
-    switch ((q)->op) {                                 \
-    case OP_ADD: fn(q, t, OP_ADD); break;              \
-    case OP_SUB: fn(q, t, OP_SUB); break;              \
-    case OP_MUL: fn(q, t, OP_MUL); break;              \
-    default: fn(q, t, OP_DIV); break;                  \
+/* Each item runs the loop specialised for its op and the row strides. */
+#define BIN_STRIDES(fn, q, t, op)                                  \
+    do {                                                           \
+        if ((q)->w.ia && (q)->w.ib)                                \
+            fn(q, t, op, 1, 1);                                    \
+        else if ((q)->w.ia)                                        \
+            fn(q, t, op, 1, 0);                                    \
+        else if ((q)->w.ib)                                        \
+            fn(q, t, op, 0, 1);                                    \
+        else                                                       \
+            fn(q, t, op, 0, 0);                                    \
+    } while (0)
+#define BIN_DISPATCH(fn, q, t)                                     \
+    switch ((q)->op) {                                             \
+    case OP_ADD: BIN_STRIDES(fn, q, t, OP_ADD); break;             \
+    case OP_SUB: BIN_STRIDES(fn, q, t, OP_SUB); break;             \
+    case OP_MUL: BIN_STRIDES(fn, q, t, OP_MUL); break;             \
+    default: BIN_STRIDES(fn, q, t, OP_DIV); break;                 \
     }
 
 static void forward_range(void *p, size_t lo, size_t hi)
