@@ -75,55 +75,62 @@ static inline float fwd_val(int op, float a, float b)
 /* sample s */
 BIN_ITEM bin_forward_item(const bin_job *q, size_t s, int op, size_t ia, size_t ib)
 {
-    const float *a = q->a + s * q->w.na, *b = q->b + s * q->w.nb;
-    float *z = q->z + s * q->w.nz;
+    const float *restrict a = q->a + s * q->w.na, *restrict b = q->b + s * q->w.nb;
+    float *restrict z = q->z + s * q->w.nz;
     ROWS_BEGIN(q)
     z[pz] = fwd_val(op, a[pa], b[pb]);
     ROWS_END
 }
 
-/* vector j of sample s: item t = j * n + s */
+/* vector j of sample s: item t = j * n + s.  dz/da = 1, 1, b, 1/b;
+ * dz/db = 1, -1, a, -a/b^2 */
 BIN_ITEM bin_vjp_item(const bin_job *q, size_t t, int op, size_t ia, size_t ib)
 {
     size_t s = t % (size_t)q->n;
-    const float *a = q->a + s * q->w.na, *b = q->b + s * q->w.nb, *g = q->gy + t * q->w.nz;
-    float *ga = q->za ? q->za + t * q->w.na : NULL, *gb = q->zb ? q->zb + t * q->w.nb : NULL;
-    if (ga) {
+    const float *restrict a = q->a + s * q->w.na, *restrict b = q->b + s * q->w.nb;
+    const float *restrict g = q->gy + t * q->w.nz;
+    if (q->za) {
+        float *restrict ga = q->za + t * q->w.na;
         memset(ga, 0, sizeof(float) * q->w.na);
         ROWS_BEGIN(q)
-        float d = op == OP_MUL ? b[pb] : op == OP_DIV ? 1.0f / b[pb] : 1.0f;
-        ga[pa] += g[pz] * d;
+        ga[pa] += op == OP_MUL ? g[pz] * b[pb] : op == OP_DIV ? g[pz] / b[pb] : g[pz];
         ROWS_END
     }
-    if (gb) {
+    if (q->zb) {
+        float *restrict gb = q->zb + t * q->w.nb;
         memset(gb, 0, sizeof(float) * q->w.nb);
         ROWS_BEGIN(q)
-        float d = op == OP_ADD   ? 1.0f
-                  : op == OP_SUB ? -1.0f
-                  : op == OP_MUL ? a[pa]
-                                 : -a[pa] / (b[pb] * b[pb]);
-        gb[pb] += g[pz] * d;
+        gb[pb] += op == OP_ADD   ? g[pz]
+                  : op == OP_SUB ? -g[pz]
+                  : op == OP_MUL ? g[pz] * a[pa]
+                                 : -g[pz] * a[pa] / (b[pb] * b[pb]);
         ROWS_END
     }
 }
 
+/* ry = dz/da ra, then += dz/db rb (separate loops: no test per entry) */
 BIN_ITEM bin_jvp_item(const bin_job *q, size_t t, int op, size_t ia, size_t ib)
 {
     size_t s = t % (size_t)q->n;
-    const float *a = q->a + s * q->w.na, *b = q->b + s * q->w.nb;
-    const float *ra = q->ra ? q->ra + t * q->w.na : NULL, *rb = q->rb ? q->rb + t * q->w.nb : NULL;
-    float *z = q->z + t * q->w.nz;
-    ROWS_BEGIN(q)
-    float v = 0;
-    if (ra)
-        v += op == OP_MUL ? ra[pa] * b[pb] : op == OP_DIV ? ra[pa] / b[pb] : ra[pa];
-    if (rb)
-        v += op == OP_ADD   ? rb[pb]
-             : op == OP_SUB ? -rb[pb]
-             : op == OP_MUL ? a[pa] * rb[pb]
-                            : -a[pa] * rb[pb] / (b[pb] * b[pb]);
-    z[pz] = v;
-    ROWS_END
+    const float *restrict a = q->a + s * q->w.na, *restrict b = q->b + s * q->w.nb;
+    float *restrict z = q->z + t * q->w.nz;
+    if (q->ra) {
+        const float *restrict ra = q->ra + t * q->w.na;
+        ROWS_BEGIN(q)
+        z[pz] = op == OP_MUL ? ra[pa] * b[pb] : op == OP_DIV ? ra[pa] / b[pb] : ra[pa];
+        ROWS_END
+    } else {
+        memset(z, 0, sizeof(float) * q->w.nz);
+    }
+    if (q->rb) {
+        const float *restrict rb = q->rb + t * q->w.nb;
+        ROWS_BEGIN(q)
+        z[pz] += op == OP_ADD   ? rb[pb]
+                 : op == OP_SUB ? -rb[pb]
+                 : op == OP_MUL ? a[pa] * rb[pb]
+                                : -a[pa] * rb[pb] / (b[pb] * b[pb]);
+        ROWS_END
+    }
 }
 
 /* mul: ga += gy rb, gb += gy ra; div: ga += -gy rb / b^2,
@@ -131,28 +138,25 @@ BIN_ITEM bin_jvp_item(const bin_job *q, size_t t, int op, size_t ia, size_t ib)
 BIN_ITEM bin_hvp_item(const bin_job *q, size_t t, int op, size_t ia, size_t ib)
 {
     size_t s = t % (size_t)q->n;
-    const float *a = q->a + s * q->w.na, *b = q->b + s * q->w.nb, *g = q->gy + s * q->w.nz;
-    const float *ra = q->ra ? q->ra + t * q->w.na : NULL, *rb = q->rb ? q->rb + t * q->w.nb : NULL;
-    float *ga = q->za ? q->za + t * q->w.na : NULL, *gb = q->zb ? q->zb + t * q->w.nb : NULL;
+    const float *restrict a = q->a + s * q->w.na, *restrict b = q->b + s * q->w.nb;
+    const float *restrict g = q->gy + s * q->w.nz;
+    const float *restrict ra = q->ra ? q->ra + t * q->w.na : NULL;
+    const float *restrict rb = q->rb ? q->rb + t * q->w.nb : NULL;
+    float *restrict ga = q->za ? q->za + t * q->w.na : NULL;
+    float *restrict gb = q->zb ? q->zb + t * q->w.nb : NULL;
     if (ga && rb) {
         ROWS_BEGIN(q)
-        float d = op == OP_MUL ? rb[pb] : -rb[pb] / (b[pb] * b[pb]);
-        ga[pa] += g[pz] * d;
+        ga[pa] += op == OP_MUL ? g[pz] * rb[pb] : -g[pz] * rb[pb] / (b[pb] * b[pb]);
         ROWS_END
     }
-    if (gb && (ra || rb)) {
+    if (gb && ra) {
         ROWS_BEGIN(q)
-        float d = 0;
-        if (op == OP_MUL) {
-            d = ra ? ra[pa] : 0.0f;
-        } else {
-            float b2 = b[pb] * b[pb];
-            if (ra)
-                d -= ra[pa] / b2;
-            if (rb)
-                d += 2.0f * a[pa] * rb[pb] / (b2 * b[pb]);
-        }
-        gb[pb] += g[pz] * d;
+        gb[pb] += op == OP_MUL ? g[pz] * ra[pa] : -g[pz] * ra[pa] / (b[pb] * b[pb]);
+        ROWS_END
+    }
+    if (gb && rb && op == OP_DIV) {
+        ROWS_BEGIN(q)
+        gb[pb] += 2.0f * g[pz] * a[pa] * rb[pb] / (b[pb] * b[pb] * b[pb]);
         ROWS_END
     }
 }

@@ -814,6 +814,29 @@ static int check_extras(kc_env *E, const float *gy1, const float *gy2, const kc_
     return 0;
 }
 
+/* a one-input node of a class with both kernel sets: vjp = vjp_n etc. */
+static int check_both_entry_points(kc_env *E, const float *gy, const kc_vec *d)
+{
+    const cv_layer_ops *o = E->ops;
+    if (E->nin != 1 || !o->vjp_n || !o->vjp || !o->jvp || !o->jvp_n || !o->hvp_extra ||
+        !o->hvp_extra_n)
+        return 0;
+    float *r1 = fnew(E, E->ly, "jvp out"), *r2 = fnew(E, E->ly, "jvp out");
+    o->jvp(&E->c, 1, d->x[0], d->t, r1);
+    o->jvp_n(&E->c, 1, (const float *const *)d->x, d->t, r2);
+    if (cmp_ff(E, "jvp vs jvp_n", r1, r2, E->ly, 0))
+        return -1;
+    kc_vec g1 = out_vec(E, 1, NAN, "vjp out"), g2 = out_vec(E, 1, NAN, "vjp out");
+    o->vjp(&E->c, 1, gy, g1.x[0], g1.t);
+    o->vjp_n(&E->c, 1, gy, (float *const *)g2.x, g2.t);
+    if (cmp_vec(E, "vjp vs vjp_n", &g1, &g2, 0))
+        return -1;
+    kc_vec h1 = out_vec(E, 1, 0, "hvp out"), h2 = out_vec(E, 1, 0, "hvp out");
+    o->hvp_extra(&E->c, 1, gy, d->x[0], d->t, h1.x[0], h1.t);
+    o->hvp_extra_n(&E->c, 1, gy, (const float *const *)d->x, d->t, (float *const *)h2.x, h2.t);
+    return cmp_vec(E, "hvp_extra vs hvp_extra_n", &h1, &h2, 0);
+}
+
 static int run_checks(kc_env *E)
 {
     cv_err e;
@@ -832,7 +855,7 @@ static int run_checks(kc_env *E)
     if (check_adjoint(E, gy1, &d1) || check_fd(E, gy1) ||
         check_hvp_symmetric(E, gy1, &d1, &db) || check_stacked(E, gy1, gy2, &d2) ||
         check_nulls(E, gy1, &d1) || check_per_sample(E, gy1) ||
-        check_extras(E, gy1, gy2, &d2))
+        check_extras(E, gy1, gy2, &d2) || check_both_entry_points(E, gy1, &d1))
         return -1;
     return guards_ok(E);
 }
