@@ -848,6 +848,18 @@ static int run_checks(kc_env *E)
     for (size_t q = 0; q < E->ly; q++)
         if (isnan(E->y[q]))
             return fail(E, "forward left output entry %zu unwritten (or NaN)", q);
+    /* the inputs, parameters and buffers as they were: no kernel may change them */
+    float *keep[KC_MAXIN + 2];
+    for (int i = 0; i < E->nin; i++) {
+        keep[i] = fnew(E, E->lx[i], "input copy");
+        memcpy(keep[i], E->x[i], sizeof(float) * E->lx[i]);
+    }
+    keep[E->nin] = E->P ? fnew(E, E->P, "theta copy") : NULL;
+    keep[E->nin + 1] = E->B ? fnew(E, E->B, "buffers copy") : NULL;
+    if (E->P)
+        memcpy(keep[E->nin], E->theta, sizeof(float) * E->P);
+    if (E->B)
+        memcpy(keep[E->nin + 1], E->buf, sizeof(float) * E->B);
     float *gy2 = fnew(E, 2 * E->ly, "gy"), *gy1 = gy2;
     fill_normal(E, gy2, 2 * E->ly);
     kc_vec d2 = rand_vec(E, 2, 0, 0, "direction"), d1 = slice(E, &d2, 0),
@@ -857,6 +869,13 @@ static int run_checks(kc_env *E)
         check_nulls(E, gy1, &d1) || check_per_sample(E, gy1) ||
         check_extras(E, gy1, gy2, &d2) || check_both_entry_points(E, gy1, &d1))
         return -1;
+    for (int i = 0; i < E->nin; i++)
+        if (memcmp(keep[i], E->x[i], sizeof(float) * E->lx[i]) != 0)
+            return fail(E, "a kernel changed input %d", i);
+    if (E->P && memcmp(keep[E->nin], E->theta, sizeof(float) * E->P) != 0)
+        return fail(E, "a kernel changed the parameters");
+    if (E->B && memcmp(keep[E->nin + 1], E->buf, sizeof(float) * E->B) != 0)
+        return fail(E, "a kernel changed the buffers");
     return guards_ok(E);
 }
 

@@ -16,7 +16,8 @@
  *   (f) k = 2 stacked vectors give what k = 1 gives for each;
  *   (g) contracts: vjp/jvp overwrite (their outputs start as NaN),
  *       hvp_extra adds (its outputs start random), NULL inputs equal zero
- *       inputs, NULL outputs are allowed, nothing is written past an output;
+ *       inputs, NULL outputs are allowed, nothing is written past an output,
+ *       the inputs, parameters and buffers are left as they were;
  *   (h) a one-input node of a class with both kernel sets: the single- and
  *       multi-input entry points agree.
  * Multi-input classes are driven through vjp_n/jvp_n/hvp_extra_n when the
