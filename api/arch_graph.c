@@ -258,10 +258,11 @@ static int unknown_function(const char *path, const char *name, cv_err *e)
 {
     const char *names[160];
     int n = 0;
-    for (int i = 0; i < cv_layer_class_count() && n < 160; i++) {
-        const cv_layer_class *c = cv_layer_class_at(i);
+    int nc = cv_layer_class_count(), nf = cv_function_class_count();
+    for (int i = 0; i < nc + nf && n < 160; i++) {
+        const cv_layer_class *c = i < nc ? cv_layer_class_at(i) : cv_function_class_at(i - nc);
         const char *fn = cv_layer_class_is_module(c) ? c->function : c->name;
-        if (fn && strcmp(fn, "get_attr") != 0)
+        if (fn && strcmp(fn, "get_attr") != 0 && strcmp(fn, "attn_scale") != 0)
             names[n++] = fn;
     }
     char known[1200], hint[96];

@@ -150,8 +150,12 @@ enum {
     CV_F_ACCEPT_NUMBER = 1u << 6, /* IGNORED: numbers accepted */
     CV_F_ACCEPT_NULL = 1u << 7,   /* IGNORED: null accepted */
     CV_F_LIST1 = 1u << 8,         /* INT: a list of one integer accepted too (1-tuples) */
-    CV_F_ZERO_NULL = 1u << 9      /* INT, PAIR, NUMBER (with NULLABLE): a stored 0 is
+    CV_F_ZERO_NULL = 1u << 9,     /* INT, PAIR, NUMBER (with NULLABLE): a stored 0 is
                                    * PyTorch's None, exported as null */
+    CV_F_INF_STRINGS = 1u << 10   /* NUMBER: the strings "inf" and "-inf" are accepted
+                                   * (stored as +-INFINITY, exported as those strings;
+                                   * JSON has no infinite numbers), e.g. masked_fill's
+                                   * value; min/max bound the finite numbers only */
 };
 
 typedef struct {
@@ -233,6 +237,13 @@ struct cv_layer_class {
 int cv_layer_class_count(void);
 const cv_layer_class *cv_layer_class_at(int i);
 const cv_layer_class *cv_layer_class_find(const char *name); /* NULL if unknown */
+/* The function-only classes (graph form: add, mul, get_attr, ...; name ==
+ * function), which the list above leaves out; and the class of call_function
+ * target fn: a function-only class, else the layer class whose `function`
+ * is fn (ReLU for "relu"), NULL if none. */
+int cv_function_class_count(void);
+const cv_layer_class *cv_function_class_at(int i);
+const cv_layer_class *cv_function_find(const char *fn);
 
 /* 1 when cls is a module type (PyTorch's CapWords class name, "Linear"),
  * 0 for a function-only class of the graph form (lower-case, "add"). */

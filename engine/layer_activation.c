@@ -286,23 +286,25 @@ static int softplus_check(cv_layer *L, cv_err *e)
 }
 
 const cv_layer_class cv_relu_class = {
-    .name = "ReLU", CV_FIELDS(inplace_fields), .ops = &cv_activation_ops, .impl = &relu_act};
+    .name = "ReLU", CV_FIELDS(inplace_fields), .ops = &cv_activation_ops, .function = "relu",
+    .impl = &relu_act};
 const cv_layer_class cv_tanh_class = {
-    .name = "Tanh", .ops = &cv_activation_ops, .impl = &tanh_act};
+    .name = "Tanh", .ops = &cv_activation_ops, .function = "tanh", .impl = &tanh_act};
 const cv_layer_class cv_sigmoid_class = {
-    .name = "Sigmoid", .ops = &cv_activation_ops, .impl = &sigmoid_act};
+    .name = "Sigmoid", .ops = &cv_activation_ops, .function = "sigmoid", .impl = &sigmoid_act};
 const cv_layer_class cv_leakyrelu_class = {
     .name = "LeakyReLU", .attr_size = sizeof(cv_leakyrelu_attr), CV_FIELDS(leakyrelu_fields),
-    .ops = &cv_activation_ops, .impl = &leakyrelu_act};
+    .ops = &cv_activation_ops, .function = "leaky_relu", .impl = &leakyrelu_act};
 const cv_layer_class cv_elu_class = {
     .name = "ELU", .attr_size = sizeof(cv_elu_attr), CV_FIELDS(elu_fields),
-    .ops = &cv_activation_ops, .impl = &elu_act};
+    .ops = &cv_activation_ops, .function = "elu", .impl = &elu_act};
 const cv_layer_class cv_gelu_class = {
     .name = "GELU", .attr_size = sizeof(cv_gelu_attr), CV_FIELDS(gelu_fields),
-    .ops = &cv_activation_ops, .impl = &gelu_act};
+    .ops = &cv_activation_ops, .function = "gelu", .impl = &gelu_act};
 const cv_layer_class cv_softplus_class = {
     .name = "Softplus", .attr_size = sizeof(cv_softplus_attr), CV_FIELDS(softplus_fields),
-    .check = softplus_check, .ops = &cv_activation_ops, .impl = &softplus_act};
+    .check = softplus_check, .ops = &cv_activation_ops, .function = "softplus",
+    .impl = &softplus_act};
 const cv_layer_class cv_mish_class = {
     .name = "Mish", CV_FIELDS(inplace_fields), .ops = &cv_activation_ops, .impl = &mish_act,
     .function = "mish"};

@@ -1,4 +1,5 @@
-/* layer_passthrough.c - Identity, Flatten and Dropout (evaluation mode): their
+/* layer_passthrough.c - Identity, Flatten, Dropout (evaluation mode) and the
+ * function contiguous: their
  * classes and kernels.  The memory layout of a sample does not change, so
  * every kernel copies. */
 #include "layer_passthrough.h"
@@ -94,7 +95,12 @@ static const cv_field dropout_fields[] = {
      .text = "curvd evaluates models in evaluation mode, where Dropout is the identity"},
 };
 
-const cv_layer_class cv_identity_class = {.name = "Identity", .ops = &passthrough_ops};
+const cv_layer_class cv_identity_class = {
+    .name = "Identity", .ops = &passthrough_ops, .function = "identity"};
+
+/* x.contiguous(): a function only (graph form); the layout never changes here */
+const cv_layer_class cv_contiguous_class = {
+    .name = "contiguous", .ops = &passthrough_ops, .function = "contiguous"};
 
 const cv_layer_class cv_flatten_class = {
     .name = "Flatten", .attr_size = sizeof(cv_flatten_attr), CV_FIELDS(flatten_fields),
@@ -102,4 +108,4 @@ const cv_layer_class cv_flatten_class = {
 
 const cv_layer_class cv_dropout_class = {
     .name = "Dropout", .attr_size = sizeof(cv_dropout_attr), CV_FIELDS(dropout_fields),
-    .ops = &passthrough_ops};
+    .ops = &passthrough_ops, .function = "dropout"};

@@ -16,5 +16,6 @@ CV_LAYER_ATTRS(cv_dropout_attr, {
 extern const cv_layer_class cv_identity_class;
 extern const cv_layer_class cv_flatten_class;
 extern const cv_layer_class cv_dropout_class;
+extern const cv_layer_class cv_contiguous_class; /* function only: x.contiguous() */
 
 #endif

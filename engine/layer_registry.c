@@ -1,6 +1,7 @@
-/* layer_registry.c - the one list of layer classes.  The architecture parser
- * and exporter, the model layout and the kernel dispatch find a layer type
- * here; adding a type is its engine/layer_*.c file plus one line below. */
+/* layer_registry.c - the one list of layer classes, and the list of
+ * function-only classes (graph form).  The architecture parser and exporter,
+ * the model layout and the kernel dispatch find a layer type here; adding a
+ * type is its engine/layer_*.c (func_*.c) file plus one line below. */
 #include "layer.h"
 
 #include <string.h>
@@ -52,13 +53,34 @@
     X(cv_upsample_class)          \
     /* one line per class above, in the order "supported:" lists them */
 
+/* Function-only classes: call_function targets of the graph form (and
+ * get_attr) that are no module, named by their function name.  Module
+ * classes above that are also functions say so in their `function`. */
+#define CV_FUNCTION_CLASSES(X)    \
+    X(cv_contiguous_class)        \
+    X(cv_add_class)               \
+    X(cv_sub_class)               \
+    X(cv_mul_class)               \
+    X(cv_div_class)               \
+    X(cv_neg_class)               \
+    X(cv_pow_class)               \
+    X(cv_sqrt_class)              \
+    X(cv_rsqrt_class)             \
+    X(cv_masked_fill_class)       \
+    X(cv_causal_fill_class)       \
+    X(cv_get_attr_class)          \
+    /* one line per function-only class */
+
 #define CV_DECLARE_CLASS(c) extern const cv_layer_class c;
 CV_LAYER_CLASSES(CV_DECLARE_CLASS)
+CV_FUNCTION_CLASSES(CV_DECLARE_CLASS)
 
 #define CV_CLASS_ENTRY(c) &c,
 static const cv_layer_class *const classes[] = {CV_LAYER_CLASSES(CV_CLASS_ENTRY)};
+static const cv_layer_class *const functions[] = {CV_FUNCTION_CLASSES(CV_CLASS_ENTRY)};
 
 #define NCLASSES ((int)(sizeof classes / sizeof classes[0]))
+#define NFUNCTIONS ((int)(sizeof functions / sizeof functions[0]))
 
 int cv_layer_class_count(void) { return NCLASSES; }
 
@@ -75,6 +97,24 @@ const cv_layer_class *cv_layer_class_find(const char *name)
     return NULL;
 }
 
+int cv_function_class_count(void) { return NFUNCTIONS; }
+
+const cv_layer_class *cv_function_class_at(int i)
+{
+    return i >= 0 && i < NFUNCTIONS ? functions[i] : NULL;
+}
+
+const cv_layer_class *cv_function_find(const char *fn)
+{
+    for (int i = 0; i < NFUNCTIONS; i++)
+        if (strcmp(functions[i]->name, fn) == 0)
+            return functions[i];
+    for (int i = 0; i < NCLASSES; i++)
+        if (classes[i]->function && strcmp(classes[i]->function, fn) == 0)
+            return classes[i];
+    return NULL;
+}
+
 int cv_layer_class_is_module(const cv_layer_class *cls)
 {
     return cls->name[0] >= 'A' && cls->name[0] <= 'Z';
@@ -82,11 +122,9 @@ int cv_layer_class_is_module(const cv_layer_class *cls)
 
 const cv_layer_class *cv_layer_class_for_function(const char *target)
 {
-    for (int i = 0; i < NCLASSES; i++) {
-        const cv_layer_class *c = classes[i];
-        if (cv_layer_class_is_module(c) ? c->function && strcmp(c->function, target) == 0
-                                        : strcmp(c->name, target) == 0)
-            return c;
-    }
-    return NULL;
+    const cv_layer_class *c = cv_function_find(target);
+    for (int i = 0; !c && i < NCLASSES; i++)
+        if (!cv_layer_class_is_module(classes[i]) && strcmp(classes[i]->name, target) == 0)
+            c = classes[i];
+    return c;
 }

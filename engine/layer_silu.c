@@ -22,5 +22,6 @@ const cv_layer_class cv_silu_class = {
     .name = "SiLU",
     CV_FIELDS(silu_fields),
     .ops = &cv_activation_ops,
+    .function = "silu",
     .impl = &silu_act,
 };

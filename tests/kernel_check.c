@@ -73,11 +73,8 @@ cv_shape kc_shape(int rank, ...)
 int kc_layer(cv_layer *L, const char *name, int nin, const cv_shape *in)
 {
     const cv_layer_class *cls = cv_layer_class_find(name);
-    for (int i = 0; !cls && i < cv_layer_class_count(); i++) {
-        const cv_layer_class *k = cv_layer_class_at(i);
-        if (k->function && strcmp(k->function, name) == 0)
-            cls = k;
-    }
+    if (!cls)
+        cls = cv_function_find(name);
     if (!cls || nin < 0 || nin > KC_MAXIN)
         return -1;
     cv_layer_init(L, cls);
@@ -239,6 +236,16 @@ static double dot_f(const float *a, const float *b, size_t len)
 }
 
 static double nrm_f(const float *a, size_t len) { return sqrt(dot_f(a, a, len)); }
+
+/* the norm of the finite entries (a forward output may hold -inf: masked_fill) */
+static double nrm_finite(const float *a, size_t len)
+{
+    double s = 0;
+    for (size_t i = 0; i < len; i++)
+        if (isfinite(a[i]))
+            s += (double)a[i] * a[i];
+    return sqrt(s);
+}
 
 /* <a, b> over the input space (k = 1) */
 static double vdot(const kc_env *E, const kc_vec *a, const kc_vec *b)
@@ -415,9 +422,11 @@ static int setup(kc_env *E, cv_layer *L)
     if (!cls || !cls->ops)
         return fail(E, "the layer has no class or no kernels");
     E->ops = cls->ops;
+    /* arity (0, 0) means exactly one input, except for a class with only the
+     * multi-input kernels: no input (get_attr) */
     int lo = cls->min_inputs, hi = cls->max_inputs;
     if (lo == 0 && hi == 0)
-        lo = hi = 1;
+        lo = hi = E->ops->vjp_n && !E->ops->vjp ? 0 : 1;
     if (L->nin < lo || L->nin > hi)
         return fail(E, "nin %d outside the class's [%d, %d]", L->nin, lo, hi);
     if (L->nin != 1 && (!E->ops->vjp_n || !E->ops->jvp_n || !E->ops->hvp_extra_n))
@@ -512,7 +521,7 @@ static int check_jvp_fd(kc_env *E, const kc_vec *d, const char *what)
         return -1;
     char w[96];
     snprintf(w, sizeof w, "jvp vs finite differences of forward (%s)", what);
-    double floor = 1e-6 / E->o.fd_eps * nrm_f(E->y, E->ly) + 1e-7;
+    double floor = 1e-6 / E->o.fd_eps * nrm_finite(E->y, E->ly) + 1e-7;
     return cmp(E, w, ry, NULL, ref, E->ly, E->o.fd_tol, floor);
 }
 
@@ -805,6 +814,29 @@ static int check_extras(kc_env *E, const float *gy1, const float *gy2, const kc_
     return 0;
 }
 
+/* a one-input node of a class with both kernel sets: vjp = vjp_n etc. */
+static int check_both_entry_points(kc_env *E, const float *gy, const kc_vec *d)
+{
+    const cv_layer_ops *o = E->ops;
+    if (E->nin != 1 || !o->vjp_n || !o->vjp || !o->jvp || !o->jvp_n || !o->hvp_extra ||
+        !o->hvp_extra_n)
+        return 0;
+    float *r1 = fnew(E, E->ly, "jvp out"), *r2 = fnew(E, E->ly, "jvp out");
+    o->jvp(&E->c, 1, d->x[0], d->t, r1);
+    o->jvp_n(&E->c, 1, (const float *const *)d->x, d->t, r2);
+    if (cmp_ff(E, "jvp vs jvp_n", r1, r2, E->ly, 0))
+        return -1;
+    kc_vec g1 = out_vec(E, 1, NAN, "vjp out"), g2 = out_vec(E, 1, NAN, "vjp out");
+    o->vjp(&E->c, 1, gy, g1.x[0], g1.t);
+    o->vjp_n(&E->c, 1, gy, (float *const *)g2.x, g2.t);
+    if (cmp_vec(E, "vjp vs vjp_n", &g1, &g2, 0))
+        return -1;
+    kc_vec h1 = out_vec(E, 1, 0, "hvp out"), h2 = out_vec(E, 1, 0, "hvp out");
+    o->hvp_extra(&E->c, 1, gy, d->x[0], d->t, h1.x[0], h1.t);
+    o->hvp_extra_n(&E->c, 1, gy, (const float *const *)d->x, d->t, (float *const *)h2.x, h2.t);
+    return cmp_vec(E, "hvp_extra vs hvp_extra_n", &h1, &h2, 0);
+}
+
 static int run_checks(kc_env *E)
 {
     cv_err e;
@@ -816,6 +848,18 @@ static int run_checks(kc_env *E)
     for (size_t q = 0; q < E->ly; q++)
         if (isnan(E->y[q]))
             return fail(E, "forward left output entry %zu unwritten (or NaN)", q);
+    /* the inputs, parameters and buffers as they were: no kernel may change them */
+    float *keep[KC_MAXIN + 2];
+    for (int i = 0; i < E->nin; i++) {
+        keep[i] = fnew(E, E->lx[i], "input copy");
+        memcpy(keep[i], E->x[i], sizeof(float) * E->lx[i]);
+    }
+    keep[E->nin] = E->P ? fnew(E, E->P, "theta copy") : NULL;
+    keep[E->nin + 1] = E->B ? fnew(E, E->B, "buffers copy") : NULL;
+    if (E->P)
+        memcpy(keep[E->nin], E->theta, sizeof(float) * E->P);
+    if (E->B)
+        memcpy(keep[E->nin + 1], E->buf, sizeof(float) * E->B);
     float *gy2 = fnew(E, 2 * E->ly, "gy"), *gy1 = gy2;
     fill_normal(E, gy2, 2 * E->ly);
     kc_vec d2 = rand_vec(E, 2, 0, 0, "direction"), d1 = slice(E, &d2, 0),
@@ -823,9 +867,55 @@ static int run_checks(kc_env *E)
     if (check_adjoint(E, gy1, &d1) || check_fd(E, gy1) ||
         check_hvp_symmetric(E, gy1, &d1, &db) || check_stacked(E, gy1, gy2, &d2) ||
         check_nulls(E, gy1, &d1) || check_per_sample(E, gy1) ||
-        check_extras(E, gy1, gy2, &d2))
+        check_extras(E, gy1, gy2, &d2) || check_both_entry_points(E, gy1, &d1))
         return -1;
+    for (int i = 0; i < E->nin; i++)
+        if (memcmp(keep[i], E->x[i], sizeof(float) * E->lx[i]) != 0)
+            return fail(E, "a kernel changed input %d", i);
+    if (E->P && memcmp(keep[E->nin], E->theta, sizeof(float) * E->P) != 0)
+        return fail(E, "a kernel changed the parameters");
+    if (E->B && memcmp(keep[E->nin + 1], E->buf, sizeof(float) * E->B) != 0)
+        return fail(E, "a kernel changed the buffers");
     return guards_ok(E);
+}
+
+int kc_forward(cv_layer *L, int n, const float *const *inputs, const float *params,
+               const float *buffers, float *y, char *why, size_t len)
+{
+    kc_env *E = calloc(1, sizeof *E);
+    if (!E) {
+        snprintf(why, len, "out of memory");
+        return -1;
+    }
+    E->L = L;
+    E->o = kc_defaults();
+    for (int i = 0; i < KC_MAXIN; i++)
+        E->o.inputs[i] = inputs ? inputs[i] : NULL;
+    E->o.params = params;
+    E->o.buffers = buffers;
+    E->n = n > 0 ? n : 1;
+    E->why = why;
+    E->len = len;
+    if (len)
+        why[0] = '\0';
+    cv_rng_seed(&E->r, E->o.seed);
+    int rc = setup(E, L);
+    if (rc == 0) {
+        make_ctx(E);
+        cv_err e;
+        memset(&e, 0, sizeof e);
+        E->c.y = E->y;
+        rc = E->ops->forward(&E->c, E->y, &e) ? fail(E, "forward: %s", e.message) : 0;
+        if (rc == 0) {
+            memcpy(y, E->y, sizeof(float) * E->ly);
+            rc = guards_ok(E);
+        }
+        cv_layer_ctx_release(&E->c);
+    }
+    for (int i = 0; i < E->nmem; i++)
+        free(E->mem[i]);
+    free(E);
+    return rc;
 }
 
 int kc_check(cv_layer *L, const kc_opts *o, char *why, size_t len)

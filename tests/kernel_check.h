@@ -16,7 +16,10 @@
  *   (f) k = 2 stacked vectors give what k = 1 gives for each;
  *   (g) contracts: vjp/jvp overwrite (their outputs start as NaN),
  *       hvp_extra adds (its outputs start random), NULL inputs equal zero
- *       inputs, NULL outputs are allowed, nothing is written past an output.
+ *       inputs, NULL outputs are allowed, nothing is written past an output,
+ *       the inputs, parameters and buffers are left as they were;
+ *   (h) a one-input node of a class with both kernel sets: the single- and
+ *       multi-input entry points agree.
  * Multi-input classes are driven through vjp_n/jvp_n/hvp_extra_n when the
  * class sets them, the single-input kernels otherwise.  Inputs flagged
  * constant (masks, token ids) get no direction and are never perturbed.
@@ -78,6 +81,13 @@ int kc_set(cv_layer *L, const char *field, double value);
  * contiguously from offset 0), then every check above.  Returns 0, or -1
  * with the first failure described in why. */
 int kc_check(cv_layer *L, const kc_opts *o, char *why, size_t len);
+
+/* Runs infer and layout on L, then forward on n samples into y (n *
+ * out_numel floats): inputs[i] (n * in_numel(i) floats each; NULL or a NULL
+ * entry: random), params and buffers (NULL: random as in kc_check).  For
+ * checking forward values.  Returns 0, or -1 with why (e.g. infer's error). */
+int kc_forward(cv_layer *L, int n, const float *const *inputs, const float *params,
+               const float *buffers, float *y, char *why, size_t len);
 
 /* In a Check test: kc_check must pass (o NULL: kc_defaults()). */
 #define KC_ASSERT(L, o)                                                                      \

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/layer_passthrough.h"
 #include "kernel_check.h"
 #include "testutil.h"
 
@@ -26,7 +27,7 @@ END_TEST
 
 START_TEST(activations_pass)
 {
-    static const char *const smooth[] = {"Tanh", "Sigmoid", "GELU", "Softplus", "ELU", "SiLU"};
+    static const char *const smooth[] = {"Tanh", "Sigmoid", "GELU", "Softplus", "SiLU"};
     cv_shape s = kc_shape(2, 3, 4);
     cv_layer L;
     for (size_t i = 0; i < sizeof smooth / sizeof smooth[0]; i++) {
@@ -38,6 +39,8 @@ START_TEST(activations_pass)
     ck_assert_int_eq(kc_layer(&L, "ReLU", 1, &s), 0);
     KC_ASSERT(&L, &o);
     ck_assert_int_eq(kc_layer(&L, "LeakyReLU", 1, &s), 0);
+    KC_ASSERT(&L, &o);
+    ck_assert_int_eq(kc_layer(&L, "ELU", 1, &s), 0); /* phi'' jumps at 0 */
     KC_ASSERT(&L, &o);
 }
 END_TEST
@@ -78,12 +81,13 @@ typedef enum {
     BREAK_QUAD,       /* quad_extra off */
     BREAK_STACK,      /* jvp ignores the second stacked vector */
     BREAK_HVP_SET,    /* hvp_extra overwrites instead of adding */
+    BREAK_INPUT,      /* vjp scribbles on its forward input */
     BREAK_COUNT
 } breakage;
 
 static const char *const expect[BREAK_COUNT] = {
     "adjoint", "hvp_extra", "hvp_extra", "wrote past", "per_sample", "quad_extra", "k=2",
-    "hvp_extra",
+    "hvp_extra", "changed input 0",
 };
 
 /* the kernels of the class under test: Linear's or Tanh's, one of them broken */
@@ -106,6 +110,8 @@ static void b_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, floa
     base_ops->vjp(c, k, gy, gx, gt);
     if (broken == BREAK_VJP_OVERRUN && gx)
         gx[(size_t)k * c->n * c->in_numel] = 0;
+    if (broken == BREAK_INPUT)
+        ((float *)c->x)[0] += 1e-3f;
 }
 
 static void b_hvp(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
@@ -141,8 +147,11 @@ START_TEST(broken_kernels_are_caught)
 {
     int b = _i;
     /* Tanh for the hvp_extra breaks on the input (Linear's hvp in x is zero and
-     * its symmetric check involves parameters), Linear for the rest */
+     * its symmetric check involves parameters), Identity for the scribble (no
+     * product of it depends on x, so only the final comparison sees it),
+     * Linear for the rest */
     const cv_layer_class *orig = b == BREAK_HVP || b == BREAK_HVP_SET ? &cv_tanh_class
+                                 : b == BREAK_INPUT                   ? &cv_identity_class
                                                                       : &cv_linear_class;
     base_ops = orig->ops;
     broken = (breakage)b;
