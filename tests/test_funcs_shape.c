@@ -447,7 +447,7 @@ START_TEST(softmax_cases)
 }
 END_TEST
 
-/* Large logits: no overflow (the row maximum is subtracted). */
+/* Large logits: no overflow, no cancellation (the row maximum is subtracted). */
 START_TEST(softmax_is_stable)
 {
     cv_layer L;
@@ -461,6 +461,13 @@ START_TEST(softmax_is_stable)
     double ref[3 * NS] = {1 / (1 + e1 + em1), e1 / (1 + e1 + em1), em1 / (1 + e1 + em1),
                           1.0 / 3, 1.0 / 3, 1.0 / 3, 1.0 / 3, 1.0 / 3, 1.0 / 3};
     assert_close(y, ref, 3 * NS, "softmax");
+    free(y);
+    ck_assert_int_eq(kc_layer(&L, "log_softmax", 1, &s), 0);
+    kc_set(&L, "dim", -1);
+    y = forward(&L, xs);
+    for (int i = 0; i < 3 * NS; i++)
+        ref[i] = log(ref[i]);
+    assert_close(y, ref, 3 * NS, "log_softmax");
     free(y);
 }
 END_TEST
