@@ -302,8 +302,11 @@ static int parse_layer(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
         char known[600], hint[96];
         const char *names[128];
         int n = 0;
-        for (; n < cv_layer_class_count() && n < 128; n++)
-            names[n] = cv_layer_class_at(n)->name;
+        for (int i = 0; i < cv_layer_class_count() && n < 128; i++) {
+            const cv_layer_class *k = cv_layer_class_at(i);
+            if (!k->function || strcmp(k->function, k->name) != 0) /* not function-only */
+                names[n++] = k->name;
+        }
         return cv_err_set(e, CV_EINVAL, "unknown_layer_type", path,
                           "%s: unknown layer type '%.60s' (supported: %s)%s", path,
                           t->valuestring, cv_join_names(names, n, ", ", ", ", known, sizeof known),
