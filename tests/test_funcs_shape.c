@@ -7,6 +7,7 @@
  * then the refusals: dims on the batch dimension, out of range, shapes that
  * do not fit, each naming its attribute. */
 #include <cJSON.h>
+#include <cblas.h>
 #include <check.h>
 #include <math.h>
 #include <stdarg.h>
@@ -14,6 +15,7 @@
 #include <string.h>
 
 #include "api/arch.h"
+#include "engine/parallel.h"
 #include "engine/rng.h"
 #include "kernel_check.h"
 #include "testutil.h"
@@ -554,6 +556,26 @@ START_TEST(matmul_sizes)
 }
 END_TEST
 
+/* Samples big enough for cv_parallel_for to split the (vector, sample)
+ * items over threads: the same references and oracle pass. */
+START_TEST(threaded_sizes)
+{
+    openblas_set_num_threads(2);
+    cv_shape s = kc_shape(3, 8, 64, 64);
+    ck_assert_int_ge(cv_parallel_threads(NS, cv_parallel_grain(4 * cv_shape_numel(&s))), 2);
+    check_softmax("softmax", s, -1, 2);
+    check_softmax("log_softmax", s, 2, 1);
+    cv_layer L;
+    ck_assert_int_eq(kc_layer(&L, "transpose", 1, &s), 0);
+    kc_set(&L, "dim0", 1);
+    kc_set(&L, "dim1", 3);
+    check_permutation(&L, (const int[]){2, 1, 0});
+    check_reduce("mean", s, 1, 1, (const int[]){2}, 2u);
+    check_matmul("matmul", kc_shape(3, 8, 64, 32), kc_shape(3, 8, 32, 64),
+                 kc_shape(3, 8, 64, 64));
+}
+END_TEST
+
 /* ---- refusals ---------------------------------------------------------------------------- */
 
 /* check + infer of L must fail naming field, the message starting "field:"
@@ -765,6 +787,7 @@ static Suite *suite(void)
     tcase_add_test(t, softmax_is_stable);
     tcase_add_test(t, matmul_cases);
     tcase_add_test(t, matmul_sizes);
+    tcase_add_test(t, threaded_sizes);
     suite_add_tcase(s, t);
     t = tcase_create("refusals");
     tcase_add_test(t, batch_dimension_is_refused);
