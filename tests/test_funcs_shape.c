@@ -527,18 +527,18 @@ START_TEST(matmul_cases)
     /* batch dims broadcast: [h, T, d] @ [1, d, e] and [1, T, d] @ [h, d, e] */
     check_matmul("matmul", kc_shape(3, 2, 4, 3), kc_shape(3, 1, 3, 5), kc_shape(3, 2, 4, 5));
     check_matmul("matmul", kc_shape(3, 1, 4, 3), kc_shape(3, 2, 3, 5), kc_shape(3, 2, 4, 5));
-    /* [h, T, d] @ [d, e]: B without batch dims */
+    /* [h, T, d] @ W [d, e]: B (a get_attr) without batch dims */
     check_matmul("matmul", kc_shape(3, 2, 4, 3), kc_shape(2, 3, 5), kc_shape(3, 2, 4, 5));
-    /* [T, d] @ [h, d, e]: A without batch dims */
+    /* W [T, d] @ [h, d, e]: A (a get_attr) without batch dims */
     check_matmul("matmul", kc_shape(2, 4, 3), kc_shape(3, 2, 3, 5), kc_shape(3, 2, 4, 5));
     /* two batch dims, both broadcast: [2, 1, T, d] @ [1, 3, d, e] */
     check_matmul("matmul", kc_shape(4, 2, 1, 2, 3), kc_shape(4, 1, 3, 3, 2),
                  kc_shape(4, 2, 3, 2, 2));
-    /* 1-D operands: [d] @ [d, e], [T, d] @ [d], [d] @ [d] */
+    /* 1-D operands (one of them a get_attr): [d] @ [d, e], [T, d] @ [d], [d] @ [d] */
     check_matmul("matmul", kc_shape(1, 3), kc_shape(2, 3, 5), kc_shape(1, 5));
     check_matmul("matmul", kc_shape(2, 4, 3), kc_shape(1, 3), kc_shape(1, 4));
     check_matmul("matmul", kc_shape(1, 3), kc_shape(1, 3), kc_shape(1, 1));
-    /* 1-D with batch dims on the other side: [d] @ [h, d, e], [h, T, d] @ [d] */
+    /* 1-D with batch dims on the other side: v [d] @ [h, d, e], [h, T, d] @ v [d] */
     check_matmul("matmul", kc_shape(1, 3), kc_shape(3, 2, 3, 5), kc_shape(2, 2, 5));
     check_matmul("matmul", kc_shape(3, 2, 4, 3), kc_shape(1, 3), kc_shape(2, 2, 4));
     /* bmm: [N, m, k] @ [N, k, n] */
