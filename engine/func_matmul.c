@@ -14,9 +14,10 @@
  * PyTorch's right-aligned broadcasting or its 1-D/2-D rules mix samples);
  * for a get_attr operand W (no batch dimension in PyTorch, replicated here)
  * iff W has no more batch dims than the activation and the activation has
- * per-sample rank >= 2 or W rank <= 2.  The class cannot tell the two
+ * per-sample rank >= 2 (or rank 1 as the first operand, W of rank <= 2:
+ * x [N, d] @ W [d, e]).  The class cannot tell the two
  * apart (both arrive with the batch dim): the graph builder, which can,
- * refuses the other combinations. */
+ * refuses the other combinations.
  *
  * Bilinear: J [rA, rB] = rA B + A rB; J^T gy = (gy B^T, A^T gy) summed over
  * broadcast batch dims; the second-order terms are the cross terms
