@@ -8,6 +8,17 @@
  * bmm takes exactly [m, k] @ [k, n] per sample ([N, m, k] @ [N, k, n]).
  * A result without per-sample dims (1-D @ 1-D) has the per-sample shape [1].
  *
+ * The per-sample product is PyTorch's product of the full tensors when the
+ * batch dimension pairs with itself: for two activations (both [N, ...] in
+ * PyTorch) iff their per-sample ranks are equal and >= 2 (otherwise
+ * PyTorch's right-aligned broadcasting or its 1-D/2-D rules mix samples);
+ * for a get_attr operand W (no batch dimension in PyTorch, replicated here)
+ * iff W has no more batch dims than the activation and the activation has
+ * per-sample rank >= 2 (or rank 1 as the first operand, W of rank <= 2:
+ * x [N, d] @ W [d, e]).  The class cannot tell the two
+ * apart (both arrive with the batch dim): the graph builder, which can,
+ * refuses the other combinations.
+ *
  * Bilinear: J [rA, rB] = rA B + A rB; J^T gy = (gy B^T, A^T gy) summed over
  * broadcast batch dims; the second-order terms are the cross terms
  * gA += gy rB^T, gB += rA^T gy.  Each (vector, sample) pair is a run of

@@ -7,9 +7,11 @@
  *                R(J^T g) = q (g - <p, g>) - p <q, g>,  q = J r
  *   log_softmax  y = log p  J r = r - <p, r>          J^T g = g - p sum(g)
  *                R(J^T g) = -q sum(g),  q = p (r - <p, r>)
- * The forward output y (kept by the driver as c->y) is all the kernels need;
- * row sums are accumulated in double. */
+ * The kernels need p: the forward output y (kept by the driver as c->y) for
+ * softmax, the forward's cache c->d1 for log_softmax.  Row sums are
+ * accumulated in double. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "func_shape.h"
@@ -38,7 +40,10 @@ static int softmax_infer(cv_layer *L, const cv_shape *in, cv_err *e)
     return 0;
 }
 
-/* ---- row kernels ------------------------------------------------------------ */
+/* ---- row kernels ------------------------------------------------------------
+ * p: the probabilities, y itself for softmax, the forward's cache c->d1 =
+ * exp(y) for log_softmax.  Each row kernel is inlined twice: for contiguous
+ * rows (st = 1, the last dim, vectorized) and for strided ones. */
 
 typedef enum { SM_FORWARD, SM_VJP, SM_JVP, SM_HVP } sm_kind;
 
@@ -48,108 +53,118 @@ typedef struct {
     int log;            /* log_softmax */
     size_t S, inner;    /* row length and stride */
     size_t rows;        /* rows per sample: outer * inner */
+    const float *p;     /* probabilities (n samples); forward: NULL */
     const float *a;     /* forward: x; vjp: gy; jvp/hvp: rx (stacked) */
     const float *g;     /* hvp: the gradient cotangent gy (one vector) */
     float *out;         /* y, gx, ry, gx_add (stacked) */
+    float *pc;          /* forward of log_softmax: the cache of p */
 } sm_job;
 
-/* The probability of entry i of a row whose forward output is y. */
-static inline double prob(int log, const float *y, size_t i)
-{
-    return log ? exp((double)y[i]) : (double)y[i];
-}
+#define SM_INLINE static inline __attribute__((always_inline))
 
-static void sm_forward_row(const sm_job *j, const float *x, float *y)
+/* y = softmax or log_softmax of row x; p = the probabilities (log only). */
+SM_INLINE void sm_forward_row(int log, size_t S, size_t st, const float *x, float *y, float *p)
 {
-    size_t S = j->S, st = j->inner;
     float m = x[0];
     for (size_t i = 1; i < S; i++)
         m = x[i * st] > m ? x[i * st] : m;
+    float *e = log ? p : y;
     double sum = 0;
-    for (size_t i = 0; i < S; i++)
-        sum += exp((double)(x[i * st] - m));
-    double lse = log(sum);
     for (size_t i = 0; i < S; i++) {
-        double z = (double)(x[i * st] - m);
-        y[i * st] = (float)(j->log ? z - lse : exp(z) / sum);
+        e[i * st] = expf(x[i * st] - m);
+        sum += e[i * st];
     }
+    float inv = (float)(1.0 / sum), lse = (float)log1p(sum - 1.0); /* sum >= 1 */
+    for (size_t i = 0; i < S; i++)
+        e[i * st] *= inv;
+    if (log)
+        for (size_t i = 0; i < S; i++)
+            y[i * st] = (x[i * st] - m) - lse;
 }
 
-/* out = J^T g (vjp) or J r (jvp), r/g = a, on one row. */
-static void sm_linear_row(const sm_job *j, const float *y, const float *a, float *out)
+/* out = J^T a (vjp) or J a (jvp) on one row. */
+SM_INLINE void sm_linear_row(int log, int vjp, size_t S, size_t st, const float *p,
+                             const float *a, float *out)
 {
-    size_t S = j->S, st = j->inner;
     double pa = 0, sa = 0;
     for (size_t i = 0; i < S; i++) {
-        pa += prob(j->log, y, i * st) * a[i * st];
+        pa += (double)p[i * st] * a[i * st];
         sa += a[i * st];
     }
-    for (size_t i = 0; i < S; i++) {
-        size_t t = i * st;
-        double p = prob(j->log, y, t);
-        if (!j->log)
-            out[t] = (float)(p * (a[t] - pa));
-        else if (j->kind == SM_VJP)
-            out[t] = (float)(a[t] - p * sa);
-        else
-            out[t] = (float)(a[t] - pa);
-    }
+    float fpa = (float)pa, fsa = (float)sa;
+    if (!log)
+        for (size_t i = 0; i < S; i++)
+            out[i * st] = p[i * st] * (a[i * st] - fpa);
+    else if (vjp)
+        for (size_t i = 0; i < S; i++)
+            out[i * st] = a[i * st] - p[i * st] * fsa;
+    else
+        for (size_t i = 0; i < S; i++)
+            out[i * st] = a[i * st] - fpa;
 }
 
 /* out += R(J^T g) for direction r on one row. */
-static void sm_hvp_row(const sm_job *j, const float *y, const float *r, const float *g,
-                       float *out)
+SM_INLINE void sm_hvp_row(int log, size_t S, size_t st, const float *p, const float *r,
+                          const float *g, float *out)
 {
-    size_t S = j->S, st = j->inner;
-    double pr = 0, pg = 0, sg = 0, qg = 0;
+    double pr = 0, pg = 0, sg = 0;
     for (size_t i = 0; i < S; i++) {
-        double p = prob(j->log, y, i * st);
-        pr += p * r[i * st];
-        pg += p * g[i * st];
+        pr += (double)p[i * st] * r[i * st];
+        pg += (double)p[i * st] * g[i * st];
         sg += g[i * st];
     }
-    if (j->log) {
-        for (size_t i = 0; i < S; i++) {
-            size_t t = i * st;
-            out[t] -= (float)(prob(1, y, t) * (r[t] - pr) * sg);
-        }
+    float fpr = (float)pr, fpg = (float)pg, fsg = (float)sg;
+    if (log) {
+        for (size_t i = 0; i < S; i++)
+            out[i * st] -= p[i * st] * (r[i * st] - fpr) * fsg;
         return;
     }
+    double qg = 0;
     for (size_t i = 0; i < S; i++)
-        qg += (double)y[i * st] * (r[i * st] - pr) * g[i * st];
+        qg += (double)p[i * st] * (r[i * st] - fpr) * g[i * st];
+    float fqg = (float)qg;
     for (size_t i = 0; i < S; i++) {
-        size_t t = i * st;
-        double p = y[t], q = p * (r[t] - pr);
-        out[t] += (float)(q * (g[t] - pg) - p * qg);
+        float q = p[i * st] * (r[i * st] - fpr);
+        out[i * st] += q * (g[i * st] - fpg) - p[i * st] * fqg;
     }
 }
 
-/* Items are (vector, sample) pairs; y, g follow the sample. */
+/* Every row of item it (a (vector, sample) pair) with row stride st. */
+SM_INLINE void sm_item(const sm_job *j, size_t it, size_t st)
+{
+    const cv_layer_ctx *c = j->c;
+    size_t numel = c->in_numel, seg = j->S * j->inner, S = j->S, n = it % (size_t)c->n;
+    const float *p = j->p ? j->p + n * numel : NULL;
+    const float *a = j->a + it * numel;
+    const float *g = j->g ? j->g + n * numel : NULL;
+    float *out = j->out + it * numel;
+    float *pc = j->pc ? j->pc + it * numel : NULL;
+    for (size_t row = 0; row < j->rows; row++) {
+        size_t off = (row / j->inner) * seg + row % j->inner;
+        switch (j->kind) {
+        case SM_FORWARD:
+            sm_forward_row(j->log, S, st, a + off, out + off, pc ? pc + off : NULL);
+            break;
+        case SM_VJP: sm_linear_row(j->log, 1, S, st, p + off, a + off, out + off); break;
+        case SM_JVP: sm_linear_row(j->log, 0, S, st, p + off, a + off, out + off); break;
+        case SM_HVP: sm_hvp_row(j->log, S, st, p + off, a + off, g + off, out + off); break;
+        }
+    }
+}
+
 static void sm_range(void *ctx, size_t lo, size_t hi)
 {
     const sm_job *j = ctx;
-    const cv_layer_ctx *c = j->c;
-    size_t numel = c->in_numel, seg = j->S * j->inner;
     for (size_t it = lo; it < hi; it++) {
-        size_t n = it % (size_t)c->n;
-        const float *y = c->y ? c->y + n * numel : NULL; /* NULL in forward */
-        const float *a = j->a ? j->a + it * numel : NULL;
-        const float *g = j->g ? j->g + n * numel : NULL;
-        float *out = j->out + it * numel;
-        for (size_t row = 0; row < j->rows; row++) {
-            size_t off = (row / j->inner) * seg + row % j->inner;
-            switch (j->kind) {
-            case SM_FORWARD: sm_forward_row(j, c->x + n * numel + off, out + off); break;
-            case SM_VJP:
-            case SM_JVP: sm_linear_row(j, y + off, a + off, out + off); break;
-            case SM_HVP: sm_hvp_row(j, y + off, a + off, g + off, out + off); break;
-            }
-        }
+        if (j->inner == 1)
+            sm_item(j, it, 1);
+        else
+            sm_item(j, it, j->inner);
     }
 }
 
 static void sm_run(const cv_layer_ctx *c, sm_kind kind, int k, const float *a, const float *g,
-                   float *out)
+                   float *out, float *pc)
 {
     const cv_layer *L = c->L;
     int axis = 0;
@@ -159,8 +174,10 @@ static void sm_run(const cv_layer_ctx *c, sm_kind kind, int k, const float *a, c
     size_t inner = 1;
     for (int d = axis + 1; d < L->in_shape.rank; d++)
         inner *= (size_t)L->in_shape.dim[d];
-    sm_job j = {c, kind, L->cls == &cv_log_softmax_class, (size_t)L->in_shape.dim[axis], inner,
-                c->in_numel / L->in_shape.dim[axis], a, g, out};
+    int log = L->cls == &cv_log_softmax_class;
+    const float *p = kind == SM_FORWARD ? NULL : log ? c->d1 : c->y;
+    sm_job j = {c, kind, log, (size_t)L->in_shape.dim[axis], inner,
+                c->in_numel / (size_t)L->in_shape.dim[axis], p, a, g, out, pc};
     cv_parallel_for((size_t)k * c->n, cv_parallel_grain(4 * c->in_numel), sm_range, &j);
 }
 
@@ -168,21 +185,29 @@ static size_t sm_work(const cv_layer_ctx *c, int k) { return 0; }
 
 static int sm_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
-    sm_run(c, SM_FORWARD, 1, NULL, NULL, y);
+    cv_layer_ctx_release(c);
+    if (c->L->cls == &cv_log_softmax_class) {
+        size_t len = (size_t)c->n * c->in_numel;
+        c->d1 = malloc(sizeof(float) * len);
+        if (!c->d1)
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                              "log_softmax cache (%zu floats)", len);
+    }
+    sm_run(c, SM_FORWARD, 1, c->x, NULL, y, c->d1);
     return 0;
 }
 
 static void sm_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, float *gtheta)
 {
     if (gx)
-        sm_run(c, SM_VJP, k, gy, NULL, gx);
+        sm_run(c, SM_VJP, k, gy, NULL, gx, NULL);
 }
 
 static void sm_jvp(const cv_layer_ctx *c, int k, const float *rx, const float *vtheta,
                    float *ry)
 {
     if (rx)
-        sm_run(c, SM_JVP, k, rx, NULL, ry);
+        sm_run(c, SM_JVP, k, rx, NULL, ry, NULL);
     else
         memset(ry, 0, sizeof(float) * (size_t)k * c->n * c->out_numel);
 }
@@ -191,7 +216,7 @@ static void sm_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const fl
                          const float *vtheta, float *gx_add, float *gtheta_add)
 {
     if (gx_add && rx && gy)
-        sm_run(c, SM_HVP, k, rx, gy, gx_add);
+        sm_run(c, SM_HVP, k, rx, gy, gx_add, NULL);
 }
 
 static void sm_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}

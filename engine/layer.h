@@ -193,7 +193,8 @@ typedef struct {
 /* Integers that may be negative (PyTorch dims count from the end). */
 #define CV_FIELD_INT_ANY(n, T, m, d) CV_FIELD_INT(n, T, m, -CV_ATTR_INT_LIMIT, d)
 #define CV_FIELD_INT_ANY_REQ(n, T, m) CV_FIELD_INT_REQ(n, T, m, -CV_ATTR_INT_LIMIT)
-/* A list of at most CV_INT_LIST_MAX integers of any sign (flags: CV_F_REQUIRED or 0). */
+/* A list of at most CV_INT_LIST_MAX integers of any sign (flags: 0, CV_F_REQUIRED or
+ * CV_F_NULLABLE). */
 #define CV_FIELD_INT_LIST(n, T, m, fl)                                                       \
     {.name = n, .kind = CV_F_INT_LIST, .flags = (fl), .offset = offsetof(T, m),              \
      .min = -CV_ATTR_INT_LIMIT, .max = CV_INT_LIST_MAX}

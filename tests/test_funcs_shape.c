@@ -7,6 +7,7 @@
  * then the refusals: dims on the batch dimension, out of range, shapes that
  * do not fit, each naming its attribute. */
 #include <cJSON.h>
+#include <cblas.h>
 #include <check.h>
 #include <math.h>
 #include <stdarg.h>
@@ -14,6 +15,7 @@
 #include <string.h>
 
 #include "api/arch.h"
+#include "engine/parallel.h"
 #include "engine/rng.h"
 #include "kernel_check.h"
 #include "testutil.h"
@@ -447,20 +449,27 @@ START_TEST(softmax_cases)
 }
 END_TEST
 
-/* Large logits: no overflow (the row maximum is subtracted). */
+/* Large logits: no overflow, no cancellation (the row maximum is subtracted). */
 START_TEST(softmax_is_stable)
 {
     cv_layer L;
     cv_shape s = kc_shape(1, 3);
     ck_assert_int_eq(kc_layer(&L, "softmax", 1, &s), 0);
     kc_set(&L, "dim", -1);
-    float x[3 * NS] = {1000, 1001, 999, -1000, -1000, -1000, 0, 0, 0};
+    float x[3 * NS] = {100000, 100001, 99999, -1000, -1000, -1000, 0, 0, 0};
     float *xs[1] = {x};
     float *y = forward(&L, xs);
     double e1 = exp(1.0), em1 = exp(-1.0);
     double ref[3 * NS] = {1 / (1 + e1 + em1), e1 / (1 + e1 + em1), em1 / (1 + e1 + em1),
                           1.0 / 3, 1.0 / 3, 1.0 / 3, 1.0 / 3, 1.0 / 3, 1.0 / 3};
     assert_close(y, ref, 3 * NS, "softmax");
+    free(y);
+    ck_assert_int_eq(kc_layer(&L, "log_softmax", 1, &s), 0);
+    kc_set(&L, "dim", -1);
+    y = forward(&L, xs);
+    for (int i = 0; i < 3 * NS; i++)
+        ref[i] = log(ref[i]);
+    assert_close(y, ref, 3 * NS, "log_softmax");
     free(y);
 }
 END_TEST
@@ -518,18 +527,18 @@ START_TEST(matmul_cases)
     /* batch dims broadcast: [h, T, d] @ [1, d, e] and [1, T, d] @ [h, d, e] */
     check_matmul("matmul", kc_shape(3, 2, 4, 3), kc_shape(3, 1, 3, 5), kc_shape(3, 2, 4, 5));
     check_matmul("matmul", kc_shape(3, 1, 4, 3), kc_shape(3, 2, 3, 5), kc_shape(3, 2, 4, 5));
-    /* [h, T, d] @ [d, e]: B without batch dims */
+    /* [h, T, d] @ W [d, e]: B (a get_attr) without batch dims */
     check_matmul("matmul", kc_shape(3, 2, 4, 3), kc_shape(2, 3, 5), kc_shape(3, 2, 4, 5));
-    /* [T, d] @ [h, d, e]: A without batch dims */
+    /* W [T, d] @ [h, d, e]: A (a get_attr) without batch dims */
     check_matmul("matmul", kc_shape(2, 4, 3), kc_shape(3, 2, 3, 5), kc_shape(3, 2, 4, 5));
     /* two batch dims, both broadcast: [2, 1, T, d] @ [1, 3, d, e] */
     check_matmul("matmul", kc_shape(4, 2, 1, 2, 3), kc_shape(4, 1, 3, 3, 2),
                  kc_shape(4, 2, 3, 2, 2));
-    /* 1-D operands: [d] @ [d, e], [T, d] @ [d], [d] @ [d] */
+    /* 1-D operands (one of them a get_attr): [d] @ [d, e], [T, d] @ [d], [d] @ [d] */
     check_matmul("matmul", kc_shape(1, 3), kc_shape(2, 3, 5), kc_shape(1, 5));
     check_matmul("matmul", kc_shape(2, 4, 3), kc_shape(1, 3), kc_shape(1, 4));
     check_matmul("matmul", kc_shape(1, 3), kc_shape(1, 3), kc_shape(1, 1));
-    /* 1-D with batch dims on the other side: [d] @ [h, d, e], [h, T, d] @ [d] */
+    /* 1-D with batch dims on the other side: v [d] @ [h, d, e], [h, T, d] @ v [d] */
     check_matmul("matmul", kc_shape(1, 3), kc_shape(3, 2, 3, 5), kc_shape(2, 2, 5));
     check_matmul("matmul", kc_shape(3, 2, 4, 3), kc_shape(1, 3), kc_shape(2, 2, 4));
     /* bmm: [N, m, k] @ [N, k, n] */
@@ -544,6 +553,26 @@ START_TEST(matmul_sizes)
     check_matmul("matmul", kc_shape(2, 64, 70), kc_shape(2, 70, 72), kc_shape(2, 64, 72));
     check_matmul("matmul", kc_shape(3, 8, 16, 8), kc_shape(3, 8, 8, 16),
                  kc_shape(3, 8, 16, 16));
+}
+END_TEST
+
+/* Samples big enough for cv_parallel_for to split the (vector, sample)
+ * items over threads: the same references and oracle pass. */
+START_TEST(threaded_sizes)
+{
+    openblas_set_num_threads(2);
+    cv_shape s = kc_shape(3, 8, 64, 64);
+    ck_assert_int_ge(cv_parallel_threads(NS, cv_parallel_grain(4 * cv_shape_numel(&s))), 2);
+    check_softmax("softmax", s, -1, 2);
+    check_softmax("log_softmax", s, 2, 1);
+    cv_layer L;
+    ck_assert_int_eq(kc_layer(&L, "transpose", 1, &s), 0);
+    kc_set(&L, "dim0", 1);
+    kc_set(&L, "dim1", 3);
+    check_permutation(&L, (const int[]){2, 1, 0});
+    check_reduce("mean", s, 1, 1, (const int[]){2}, 2u);
+    check_matmul("matmul", kc_shape(3, 8, 64, 32), kc_shape(3, 8, 32, 64),
+                 kc_shape(3, 8, 64, 64));
 }
 END_TEST
 
@@ -758,6 +787,7 @@ static Suite *suite(void)
     tcase_add_test(t, softmax_is_stable);
     tcase_add_test(t, matmul_cases);
     tcase_add_test(t, matmul_sizes);
+    tcase_add_test(t, threaded_sizes);
     suite_add_tcase(s, t);
     t = tcase_create("refusals");
     tcase_add_test(t, batch_dimension_is_refused);
