@@ -622,7 +622,7 @@ START_TEST(arch_rejects_fields)
     arch_expect("[4]", "{'type': 'Conv3d'}", "unknown_layer_type", "layers[0].type",
                 "unknown layer type 'Conv3d' (supported: Linear, Conv2d");
     arch_expect("[4]", "{'type': 'relu'}", "unknown_layer_type", "layers[0].type",
-                "Dropout, SiLU); did you mean 'ReLU'?");
+                "ConvTranspose2d, Upsample); did you mean 'ReLU'?");
     arch_expect("[4]", "[1]", "invalid_type", "layers[0]", "must be an object");
     arch_expect("[4]", "{'type': 'ReLU', 'inplace': true, 'inplace': false}", "duplicate_field",
                 "layers[0].inplace", "given twice");

@@ -465,6 +465,8 @@ START_TEST(attribute_rules)
     expect_refused("[2, 3, 4]", "{'type': 'Upsample', 'scale_factor': 2,"
                    " 'recompute_scale_factor': true}", "recompute_scale_factor",
                    "not supported");
+    expect_refused("[2, 3, 4]", "{'type': 'Upsample', 'scale_factor': 2, 'antialias': true}",
+                   "antialias", "not supported");
     expect_refused("[2, 5]", "{'type': 'Conv1d', 'in_channels': 2, 'out_channels': 2,"
                    " 'kernel_size': [3, 3]}", "kernel_size", "list of 1 integer");
     expect_refused("[2, 5]", "{'type': 'Conv1d', 'in_channels': 2, 'out_channels': 2,"
