@@ -387,6 +387,9 @@ static const kc_case KC_CASES[] = {
     {"ConvTranspose2d", 3, {4, 3, 3},
      {"in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups", "bias"},
      {4, 2, 2, 1, 2, 2, 0}, 0},
+    {"ConvTranspose2d", 3, {2, 3, 4}, /* output_padding >= stride (< dilation) */
+     {"in_channels", "out_channels", "kernel_size", "dilation", "output_padding"},
+     {2, 3, 2, 2, 1}, 0},
     {"ConvTranspose2d", 3, {16, 3, 4},
      {"in_channels", "out_channels", "kernel_size", "padding"}, {16, 16, 3, 1}, 0},
     {"MaxPool1d", 2, {2, 9}, {"kernel_size", "stride", "padding", "dilation", "ceil_mode"},
