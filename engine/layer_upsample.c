@@ -123,6 +123,9 @@ static const cv_field upsample_fields[] = {
     {.name = "recompute_scale_factor", .kind = CV_F_FIXED_BOOL,
      .flags = CV_F_NULLABLE | CV_F_HIDDEN, .offset = CV_F_NOSTORE, .def = 0,
      .text = "the source index uses 1/scale_factor (None or false)"},
+    /* F.interpolate's (the graph form's function "interpolate") */
+    {.name = "antialias", .kind = CV_F_FIXED_BOOL, .flags = CV_F_HIDDEN,
+     .offset = CV_F_NOSTORE, .def = 0, .text = "nearest interpolation has no antialiasing"},
 };
 
 static int up_check(cv_layer *L, cv_err *e)

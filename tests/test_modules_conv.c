@@ -387,6 +387,9 @@ static const kc_case KC_CASES[] = {
     {"ConvTranspose2d", 3, {4, 3, 3},
      {"in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups", "bias"},
      {4, 2, 2, 1, 2, 2, 0}, 0},
+    {"ConvTranspose2d", 3, {2, 3, 4}, /* output_padding >= stride (< dilation) */
+     {"in_channels", "out_channels", "kernel_size", "dilation", "output_padding"},
+     {2, 3, 2, 2, 1}, 0},
     {"ConvTranspose2d", 3, {16, 3, 4},
      {"in_channels", "out_channels", "kernel_size", "padding"}, {16, 16, 3, 1}, 0},
     {"MaxPool1d", 2, {2, 9}, {"kernel_size", "stride", "padding", "dilation", "ceil_mode"},
@@ -465,6 +468,8 @@ START_TEST(attribute_rules)
     expect_refused("[2, 3, 4]", "{'type': 'Upsample', 'scale_factor': 2,"
                    " 'recompute_scale_factor': true}", "recompute_scale_factor",
                    "not supported");
+    expect_refused("[2, 3, 4]", "{'type': 'Upsample', 'scale_factor': 2, 'antialias': true}",
+                   "antialias", "not supported");
     expect_refused("[2, 5]", "{'type': 'Conv1d', 'in_channels': 2, 'out_channels': 2,"
                    " 'kernel_size': [3, 3]}", "kernel_size", "list of 1 integer");
     expect_refused("[2, 5]", "{'type': 'Conv1d', 'in_channels': 2, 'out_channels': 2,"
