@@ -351,8 +351,9 @@ START_TEST(embedding_forward_and_bad_ids)
             ck_assert_float_eq(y[t * 2 + j], theta[(int)x[t] * 2 + j]);
     free(y);
     float bad[3][6] = {{0, 1, 2, 3, 5, 1}, {0, 1, 2, -1, 3, 1}, {0, 1.5f, 2, 3, 3, 1}};
-    const char *want[3] = {"token id 5 at sample 1, position 1", "token id -1 at sample 1, "
-                           "position 0", "token id 1.5 at sample 0, position 1"};
+    const char *want[3] = {"token id 5 at sample 1, position 1",
+                           "token id -1 at sample 1, position 0",
+                           "token id 1.5 at sample 0, position 1"};
     for (int t = 0; t < 3; t++) {
         y = run_forward(&L, theta, bad[t], 2, &rc, &e);
         ck_assert_int_eq(rc, -1);
