@@ -94,7 +94,10 @@ static void run_groups(const cv_layer_ctx *c, norm_job *j, cv_range_fn fn)
 
 /* scratch for a range: k buffers of M floats (NULL on failure: the range
  * writes NaN so that the failure shows) */
-static float *range_scratch(const norm_geom *g, int k) { return malloc(sizeof(float) * k * g->M); }
+static float *range_scratch(const norm_geom *g, int k)
+{
+    return malloc(sizeof(float) * (size_t)k * g->M);
+}
 
 static void fill_nan(float *out, size_t len)
 {
