@@ -314,11 +314,13 @@ static void theta_grad(const cv_layer_ctx *c, const norm_geom *g, const float *g
     for (size_t q = q0; q < q1; q++) {
         size_t a = abase(g, q % (size_t)g->G);
         const float *xh = c->d1 + q * M, *gq = gy + q * M, *r = rx ? rx + q * M : NULL;
-        float s = r ? c->d2[q] : 0, mr = r ? (float)stats[2 * q] : 0;
-        float mxr = r ? (float)stats[2 * q + 1] : 0;
+        /* rxh in double: it cancels (a group of two entries has rxh = 0) */
+        double s = r ? c->d2[q] : 0, mr = r ? stats[2 * q] : 0, mxr = r ? stats[2 * q + 1] : 0;
         if (S == 1) { /* LayerNorm: entry i is affine index a + i */
-            for (size_t i = 0; gw && i < M; i++)
-                gw[a + i] += gq[i] * (r ? s * (r[i] - mr - xh[i] * mxr) : xh[i]);
+            for (size_t i = 0; gw && r && i < M; i++)
+                gw[a + i] += (float)(gq[i] * s * (r[i] - mr - xh[i] * mxr));
+            for (size_t i = 0; gw && !r && i < M; i++)
+                gw[a + i] += gq[i] * xh[i];
             for (size_t i = 0; gb && i < M; i++)
                 gb[a + i] += gq[i];
             continue;
@@ -426,6 +428,86 @@ static void norm_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const 
     free(own);
 }
 
+/* quad_extra, one group at a time: the hvp terms dotted with the direction,
+ * from sums alone (no output written):
+ *   <rx, gx_add> = cg <g rx> + cr <rx rx> + cx <xhat rx> + c0 <rx> + s <vg rx>
+ *   <vgamma, ggamma_add> = s (<vg rx> - <rx> <vg> - <xhat rx> <vg xhat>)
+ * (sums, not means; cg.. as in hvp_range) into stats[q]. */
+static void quad_range(void *p, size_t lo, size_t hi)
+{
+    const norm_job *j = p;
+    const norm_geom *g = &j->g;
+    const cv_layer_ctx *c = j->c;
+    size_t M = g->M;
+    float *buf = range_scratch(g, 2);
+    for (size_t q = lo; q < hi; q++) {
+        if (!buf) {
+            j->stats[q] = NAN;
+            continue;
+        }
+        size_t gi = q % (size_t)g->G;
+        const float *w = expand(g, g->has_w ? c->theta : NULL, gi, buf);
+        const float *vw = j->v && g->has_w ? expand(g, j->v, gi, buf + M) : NULL;
+        const float *xh = c->d1 + q * M, *gy = j->gy + q * M, *rx = j->rx + q * M;
+        double s = c->d2[q], sg = 0, sgx = 0, sr = 0, sxr = 0, sgr = 0, srr = 0;
+        double sv = 0, svx = 0, svr = 0;
+        for (size_t i = 0; i < M; i++) {
+            double gv = (double)w[i] * gy[i];
+            sg += gv;
+            sgx += gv * xh[i];
+            sr += rx[i];
+            sxr += (double)xh[i] * rx[i];
+            sgr += gv * rx[i];
+            srr += (double)rx[i] * rx[i];
+        }
+        if (vw)
+            for (size_t i = 0; i < M; i++) {
+                double vg = (double)vw[i] * gy[i];
+                sv += vg;
+                svx += vg * xh[i];
+                svr += vg * rx[i];
+            }
+        double mg = sg / M, mgx = sgx / M, mr = sr / M, mxr = sxr / M;
+        double mgrh = s * (sgr / M - mr * mg - mxr * mgx);
+        double cg = -s * s * mxr, cr = -s * s * mgx;
+        double cx = 2 * s * s * mxr * mgx - s * mgrh, c0 = s * s * (mxr * mg + mgx * mr);
+        if (vw) {
+            cx -= s * svx / M;
+            c0 -= s * sv / M;
+        }
+        double qv = cg * sgr + cr * srr + cx * sxr + c0 * sr;
+        if (vw)
+            qv += s * svr + s * (svr - mr * sv - mxr * svx);
+        j->stats[q] = qv;
+    }
+    free(buf);
+}
+
+static void norm_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
+                            const float *vtheta, double *q)
+{
+    if (!rx) /* the terms in vgamma alone act on the input, dotted with rx = 0 */
+        return;
+    norm_geom g = geom_of(c);
+    size_t len = (size_t)c->n * c->in_numel, ng = (size_t)c->n * g.G;
+    double *own, *vals = dscratch(c, 0, ng, &own);
+    for (int j = 0; j < k; j++) {
+        if (!vals) {
+            q[j] = NAN;
+            continue;
+        }
+        norm_job jb = {.c = c, .g = g, .gy = gy, .rx = rx + (size_t)j * len,
+                       .v = vtheta && g.has_w ? vtheta + (size_t)j * c->nparam : NULL,
+                       .stats = vals};
+        run_groups(c, &jb, quad_range);
+        double sum = 0; /* in group order: the same for any thread count */
+        for (size_t i = 0; i < ng; i++)
+            sum += vals[i];
+        q[j] += sum;
+    }
+    free(own);
+}
+
 static void norm_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
 {
     norm_geom g = geom_of(c);
@@ -472,6 +554,7 @@ static const cv_layer_ops norm_ops = {
     .hvp_extra = norm_hvp_extra,
     .per_sample = norm_per_sample,
     .gram_add = norm_gram_add,
+    .quad_extra = norm_quad_extra,
 };
 
 /* ---- classes --------------------------------------------------------------- */
