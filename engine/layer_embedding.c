@@ -96,6 +96,12 @@ static void emb_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const f
 {
 }
 
+/* no second-order terms: nothing to add to q */
+static void emb_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
+                           const float *vtheta, double *q)
+{
+}
+
 static void emb_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
 {
     size_t T = tokens(c);
@@ -208,6 +214,7 @@ static const cv_layer_ops embedding_ops = {
     .hvp_extra = emb_hvp_extra,
     .per_sample = emb_per_sample,
     .gram_add = emb_gram_add,
+    .quad_extra = emb_quad_extra,
 };
 
 /* ---- class ----------------------------------------------------------------- */

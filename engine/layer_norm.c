@@ -26,6 +26,8 @@ typedef struct {
     int G;          /* groups per sample */
     size_t M;       /* entries per group */
     size_t S, P;    /* affine index p(e) = (e / S) % P */
+    size_t apg;     /* affine indices per group: group gi uses [gi apg, (gi+1) apg) mod P,
+                     * entry i of it gi apg + i / S (LayerNorm: S = 1, apg = M, p = i) */
     int has_w, has_b;
     double eps;
 } norm_geom;
@@ -51,100 +53,91 @@ static norm_geom geom_of(const cv_layer_ctx *c)
         g.has_w = g.has_b = a->affine;
         g.eps = a->eps;
     }
+    g.apg = g.M / g.S;
     return g;
 }
 
-/* affine index of entry e of a sample */
-static inline size_t pidx(const norm_geom *g, size_t e) { return (e / g->S) % g->P; }
+/* first affine index of group gi of a sample */
+static inline size_t abase(const norm_geom *g, size_t gi) { return gi * g->apg % g->P; }
 
-static inline double gamma_at(const norm_geom *g, const float *theta, size_t e)
+/* The per-entry values of an affine vector w (P floats) over group gi: w
+ * itself for LayerNorm, else expanded into buf (M floats); NULL w: ones. */
+static const float *expand(const norm_geom *g, const float *w, size_t gi, float *buf)
 {
-    return g->has_w ? theta[pidx(g, e)] : 1.0;
+    if (w && g->S == 1 && g->apg == g->P)
+        return w;
+    const float *a = w ? w + abase(g, gi) : NULL;
+    for (size_t j = 0; j < g->apg; j++)
+        for (size_t s = 0; s < g->S; s++)
+            buf[j * g->S + s] = a ? a[j] : 1.0f;
+    return buf;
 }
 
-/* One group: q indexes groups of the batch (sample q / G, group q % G); o is
- * its first entry in the batch layout, e0 in the sample. */
-typedef struct {
-    size_t o, e0;
-    double s;
-} group_at;
-
-static group_at group_of(const cv_layer_ctx *c, const norm_geom *g, size_t q)
-{
-    group_at r;
-    size_t n = q / (size_t)g->G, gi = q % (size_t)g->G;
-    r.e0 = gi * g->M;
-    r.o = n * c->in_numel + r.e0;
-    r.s = c->d2 ? c->d2[q] : 0;
-    return r;
-}
-
-/* <a>, <xhat a> over a group */
-static void means(const norm_geom *g, const float *xh, const float *a, double *ma,
-                  double *mxa)
-{
-    double s0 = 0, s1 = 0;
-    for (size_t i = 0; i < g->M; i++) {
-        s0 += a[i];
-        s1 += (double)xh[i] * a[i];
-    }
-    *ma = s0 / (double)g->M;
-    *mxa = s1 / (double)g->M;
-}
-
-/* <gamma gy>, <gamma gy xhat> with an optional second factor w (vgamma) */
-static void gmeans(const norm_geom *g, const float *w, size_t e0, const float *xh,
-                   const float *gy, double *mg, double *mgx)
-{
-    double s0 = 0, s1 = 0;
-    for (size_t i = 0; i < g->M; i++) {
-        double gv = (w ? w[pidx(g, e0 + i)] : 1.0) * gy[i];
-        s0 += gv;
-        s1 += gv * xh[i];
-    }
-    *mg = s0 / (double)g->M;
-    *mgx = s1 / (double)g->M;
-}
-
-/* ---- kernels over groups (cv_parallel_for ranges) ------------------------- */
+/* ---- kernels over groups (cv_parallel_for ranges of groups of the batch) --------
+ * Group q is sample q / G, group q % G; its entries start at q * M in the batch. */
 
 typedef struct {
     const cv_layer_ctx *c;
     norm_geom g;
-    const float *a, *b;   /* inputs (cotangent / tangent) */
-    const float *w;       /* per-affine-index factor (gamma, vgamma) or NULL */
+    const float *gy, *rx; /* cotangent, tangent (per vector) */
+    const float *v;       /* parameter direction (P weight, P bias) or NULL */
     float *out;
-    float *d1, *d2;       /* forward: caches to fill */
-    cv_err *e;
+    double *stats;        /* hvp: <rx>, <xhat rx> per group, for the weight terms */
 } norm_job;
 
 static size_t norm_grain(const norm_geom *g) { return cv_parallel_grain(g->M); }
+
+static void run_groups(const cv_layer_ctx *c, norm_job *j, cv_range_fn fn)
+{
+    cv_parallel_for((size_t)c->n * j->g.G, norm_grain(&j->g), fn, j);
+}
+
+/* scratch for a range: k buffers of M floats (NULL on failure: the range
+ * writes NaN so that the failure shows) */
+static float *range_scratch(const norm_geom *g, int k)
+{
+    return malloc(sizeof(float) * (size_t)k * g->M);
+}
+
+static void fill_nan(float *out, size_t len)
+{
+    for (size_t i = 0; i < len; i++)
+        out[i] = NAN;
+}
 
 static void forward_range(void *p, size_t lo, size_t hi)
 {
     const norm_job *j = p;
     const norm_geom *g = &j->g;
-    const float *theta = j->c->theta;
+    const cv_layer_ctx *c = j->c;
+    size_t M = g->M;
+    float *buf = range_scratch(g, 2);
+    if (!buf) {
+        fill_nan(j->out + lo * M, (hi - lo) * M);
+        return;
+    }
     for (size_t q = lo; q < hi; q++) {
-        group_at ga = group_of(j->c, g, q);
-        const float *x = j->c->x + ga.o;
+        const float *x = c->x + q * M;
         double mu = 0, var = 0;
-        for (size_t i = 0; i < g->M; i++)
+        for (size_t i = 0; i < M; i++)
             mu += x[i];
-        mu /= (double)g->M;
-        for (size_t i = 0; i < g->M; i++)
+        mu /= (double)M;
+        for (size_t i = 0; i < M; i++)
             var += (x[i] - mu) * (x[i] - mu);
-        var /= (double)g->M;
+        var /= (double)M;
         double s = 1.0 / sqrt(var + g->eps);
-        j->d2[q] = (float)s;
-        float *xh = j->d1 + ga.o, *y = j->out + ga.o;
-        for (size_t i = 0; i < g->M; i++) {
-            double v = (x[i] - mu) * s;
-            xh[i] = (float)v;
-            size_t pi = pidx(g, ga.e0 + i);
-            y[i] = (float)((g->has_w ? theta[pi] * v : v) + (g->has_b ? theta[g->P + pi] : 0));
+        c->d2[q] = (float)s;
+        size_t gi = q % (size_t)g->G;
+        const float *w = expand(g, g->has_w ? c->theta : NULL, gi, buf);
+        const float *b = g->has_b ? expand(g, c->theta + g->P, gi, buf + M) : NULL;
+        float *xh = c->d1 + q * M, *y = j->out + q * M;
+        for (size_t i = 0; i < M; i++) {
+            float v = (float)((x[i] - mu) * s);
+            xh[i] = v;
+            y[i] = w[i] * v + (b ? b[i] : 0.0f);
         }
     }
+    free(buf);
 }
 
 static int norm_forward(cv_layer_ctx *c, float *y, cv_err *e)
@@ -157,144 +150,231 @@ static int norm_forward(cv_layer_ctx *c, float *y, cv_err *e)
     if (!c->d1 || !c->d2)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "normalization cache (%zu floats)",
                           len + ng);
-    norm_job j = {.c = c, .g = g, .out = y, .d1 = c->d1, .d2 = c->d2};
-    cv_parallel_for(ng, norm_grain(&g), forward_range, &j);
+    norm_job j = {.c = c, .g = g, .out = y};
+    run_groups(c, &j, forward_range);
     return 0;
 }
 
-/* out = J_x^T (w gy) per group (w: gamma or vgamma per affine index, NULL:
- * 1); add: out +=. */
-static void vjp_x_group(const cv_layer_ctx *c, const norm_geom *g, group_at ga, const float *w,
-                        const float *gy, float *out, int add)
-{
-    const float *xh = c->d1 + ga.o;
-    gy += ga.o;
-    out += ga.o;
-    double mg, mgx;
-    gmeans(g, w, ga.e0, xh, gy, &mg, &mgx);
-    for (size_t i = 0; i < g->M; i++) {
-        double gv = (w ? w[pidx(g, ga.e0 + i)] : 1.0) * gy[i];
-        float v = (float)(ga.s * (gv - mg - xh[i] * mgx));
-        out[i] = add ? out[i] + v : v;
-    }
-}
-
+/* gx = J_x^T (gamma gy) = s (g - <g> - xhat <g xhat>) */
 static void vjp_range(void *p, size_t lo, size_t hi)
 {
     const norm_job *j = p;
-    for (size_t q = lo; q < hi; q++)
-        vjp_x_group(j->c, &j->g, group_of(j->c, &j->g, q), j->w, j->a, j->out, 0);
+    const norm_geom *g = &j->g;
+    const cv_layer_ctx *c = j->c;
+    size_t M = g->M;
+    float *buf = range_scratch(g, 1);
+    if (!buf) {
+        fill_nan(j->out + lo * M, (hi - lo) * M);
+        return;
+    }
+    for (size_t q = lo; q < hi; q++) {
+        const float *w = expand(g, g->has_w ? c->theta : NULL, q % (size_t)g->G, buf);
+        const float *xh = c->d1 + q * M, *gy = j->gy + q * M;
+        double s0 = 0, s1 = 0, s = c->d2[q];
+        for (size_t i = 0; i < M; i++) {
+            double gv = (double)w[i] * gy[i];
+            s0 += gv;
+            s1 += gv * xh[i];
+        }
+        float mg = (float)(s0 / (double)M), mgx = (float)(s1 / (double)M), sf = (float)s;
+        float *gx = j->out + q * M;
+        for (size_t i = 0; i < M; i++)
+            gx[i] = sf * (w[i] * gy[i] - mg - xh[i] * mgx);
+    }
+    free(buf);
 }
 
-static void vjp_add_range(void *p, size_t lo, size_t hi)
-{
-    const norm_job *j = p;
-    for (size_t q = lo; q < hi; q++)
-        vjp_x_group(j->c, &j->g, group_of(j->c, &j->g, q), j->w, j->a, j->out, 1);
-}
-
-/* ry = gamma rxh (rx = a) + vgamma xhat + vbeta (vtheta = b) */
+/* ry = gamma rxh + vgamma xhat + vbeta, rxh = s (rx - <rx> - xhat <xhat rx>) */
 static void jvp_range(void *p, size_t lo, size_t hi)
 {
     const norm_job *j = p;
     const norm_geom *g = &j->g;
-    const float *theta = j->c->theta, *v = j->b;
+    const cv_layer_ctx *c = j->c;
+    size_t M = g->M;
+    float *buf = range_scratch(g, 3);
+    if (!buf) {
+        fill_nan(j->out + lo * M, (hi - lo) * M);
+        return;
+    }
     for (size_t q = lo; q < hi; q++) {
-        group_at ga = group_of(j->c, g, q);
-        const float *xh = j->c->d1 + ga.o;
-        float *ry = j->out + ga.o;
-        double mr = 0, mxr = 0;
-        if (j->a)
-            means(g, xh, j->a + ga.o, &mr, &mxr);
-        for (size_t i = 0; i < g->M; i++) {
-            size_t pi = pidx(g, ga.e0 + i);
-            double r = 0;
-            if (j->a)
-                r = ga.s * (j->a[ga.o + i] - mr - xh[i] * mxr) * (g->has_w ? theta[pi] : 1.0);
-            if (v && g->has_w)
-                r += (double)v[pi] * xh[i];
-            if (v && g->has_b)
-                r += v[g->P + pi];
-            ry[i] = (float)r;
+        size_t gi = q % (size_t)g->G;
+        const float *w = expand(g, g->has_w ? c->theta : NULL, gi, buf);
+        const float *vw = j->v && g->has_w ? expand(g, j->v, gi, buf + M) : NULL;
+        const float *vb = j->v && g->has_b ? expand(g, j->v + g->P, gi, buf + 2 * M) : NULL;
+        const float *xh = c->d1 + q * M, *rx = j->rx ? j->rx + q * M : NULL;
+        float *ry = j->out + q * M;
+        float mr = 0, mxr = 0, sf = c->d2[q];
+        if (rx) {
+            double s0 = 0, s1 = 0;
+            for (size_t i = 0; i < M; i++) {
+                s0 += rx[i];
+                s1 += (double)xh[i] * rx[i];
+            }
+            mr = (float)(s0 / (double)M);
+            mxr = (float)(s1 / (double)M);
+        }
+        for (size_t i = 0; i < M; i++) {
+            float r = rx ? w[i] * sf * (rx[i] - mr - xh[i] * mxr) : 0.0f;
+            if (vw)
+                r += vw[i] * xh[i];
+            if (vb)
+                r += vb[i];
+            ry[i] = r;
         }
     }
+    free(buf);
 }
 
-/* gx += -s^2 <xhat rx> A - s (rxh <g xhat> + xhat <g rxh>), g = gamma gy (a = gy,
- * b = rx) */
-static void hvp_x_range(void *p, size_t lo, size_t hi)
+/* The second-order terms on the input, one group at a time (see the top):
+ *   gx += -s^2 <xhat rx> A - s (rxh <g xhat> + xhat <g rxh>)     (rx)
+ *       + s (vg - <vg> - xhat <vg xhat>), vg = vgamma gy          (vgamma)
+ * with <g rxh> = s (<g rx> - <rx><g> - <xhat rx><g xhat>): one pass of sums,
+ * then gx += cg g + cr rx + cx xhat + c0 (+ s vg); stats = <rx>, <xhat rx>
+ * for the weight terms. */
+static void hvp_range(void *p, size_t lo, size_t hi)
 {
     const norm_job *j = p;
     const norm_geom *g = &j->g;
-    const float *theta = j->c->theta;
+    const cv_layer_ctx *c = j->c;
+    size_t M = g->M;
+    float *buf = range_scratch(g, 2);
+    if (!buf) {
+        fill_nan(j->out + lo * M, (hi - lo) * M);
+        return;
+    }
     for (size_t q = lo; q < hi; q++) {
-        group_at ga = group_of(j->c, g, q);
-        const float *xh = j->c->d1 + ga.o, *gy = j->a + ga.o, *rx = j->b + ga.o;
-        float *gx = j->out + ga.o;
-        double mg, mgx, mr, mxr, mgr = 0, s = ga.s;
-        gmeans(g, g->has_w ? theta : NULL, ga.e0, xh, gy, &mg, &mgx);
-        means(g, xh, rx, &mr, &mxr);
-        for (size_t i = 0; i < g->M; i++) {
-            double rxh = s * (rx[i] - mr - xh[i] * mxr);
-            mgr += gamma_at(g, theta, ga.e0 + i) * gy[i] * rxh;
+        size_t gi = q % (size_t)g->G;
+        const float *w = expand(g, g->has_w ? c->theta : NULL, gi, buf);
+        const float *vw = j->v && g->has_w ? expand(g, j->v, gi, buf + M) : NULL;
+        const float *xh = c->d1 + q * M, *gy = j->gy + q * M;
+        const float *rx = j->rx ? j->rx + q * M : NULL;
+        double s = c->d2[q], sg = 0, sgx = 0, sr = 0, sxr = 0, sgr = 0, sv = 0, svx = 0;
+        for (size_t i = 0; i < M; i++) {
+            double gv = (double)w[i] * gy[i];
+            sg += gv;
+            sgx += gv * xh[i];
         }
-        mgr /= (double)g->M;
-        for (size_t i = 0; i < g->M; i++) {
-            double gv = gamma_at(g, theta, ga.e0 + i) * gy[i];
-            double A = gv - mg - xh[i] * mgx;
-            double rxh = s * (rx[i] - mr - xh[i] * mxr);
-            gx[i] += (float)(-s * s * mxr * A - s * (rxh * mgx + xh[i] * mgr));
-        }
-    }
-}
-
-static void run_groups(const cv_layer_ctx *c, norm_job *j, cv_range_fn fn)
-{
-    cv_parallel_for((size_t)c->n * j->g.G, norm_grain(&j->g), fn, j);
-}
-
-/* gt (P weight, P bias) = (+)= sum over the batch of gy xhat (or gy rxh for
- * rx != NULL) and gy; only the weight part when bias_too is 0.  With sample
- * >= 0 only that sample. */
-static void theta_grad(const cv_layer_ctx *c, const norm_geom *g, const float *gy,
-                       const float *rx, int sample, int bias_too, float *gt)
-{
-    size_t q0 = sample < 0 ? 0 : (size_t)sample * g->G;
-    size_t q1 = sample < 0 ? (size_t)c->n * g->G : q0 + g->G;
-    for (size_t q = q0; q < q1; q++) {
-        group_at ga = group_of(c, g, q);
-        const float *xh = c->d1 + ga.o, *gq = gy + ga.o;
-        double mr = 0, mxr = 0;
         if (rx)
-            means(g, xh, rx + ga.o, &mr, &mxr);
-        for (size_t i = 0; i < g->M; i++) {
-            size_t pi = pidx(g, ga.e0 + i);
-            double f = rx ? ga.s * (rx[ga.o + i] - mr - xh[i] * mxr) : xh[i];
-            if (g->has_w)
-                gt[pi] += (float)(gq[i] * f);
-            if (bias_too && g->has_b)
-                gt[(g->has_w ? g->P : 0) + pi] += gq[i];
+            for (size_t i = 0; i < M; i++) {
+                double gv = (double)w[i] * gy[i];
+                sr += rx[i];
+                sxr += (double)xh[i] * rx[i];
+                sgr += gv * rx[i];
+            }
+        if (vw)
+            for (size_t i = 0; i < M; i++) {
+                double vg = (double)vw[i] * gy[i];
+                sv += vg;
+                svx += vg * xh[i];
+            }
+        double mg = sg / M, mgx = sgx / M, mr = sr / M, mxr = sxr / M, mv = sv / M,
+               mvx = svx / M;
+        double mgrh = s * (sgr / M - mr * mg - mxr * mgx); /* <g rxh> */
+        if (j->stats) {
+            j->stats[2 * q] = mr;
+            j->stats[2 * q + 1] = mxr;
+        }
+        double cg = 0, cr = 0, cx = 0, c0 = 0;
+        if (rx) {
+            cg = -s * s * mxr;
+            cr = -s * s * mgx;
+            cx = 2 * s * s * mxr * mgx - s * mgrh;
+            c0 = s * s * (mxr * mg + mgx * mr);
+        }
+        if (vw) {
+            cx -= s * mvx;
+            c0 -= s * mv;
+        }
+        /* in double: the terms cancel (a group of two entries has xhat = +-1) */
+        float *gx = j->out + q * M;
+        if (rx && vw)
+            for (size_t i = 0; i < M; i++)
+                gx[i] += (float)(cg * w[i] * gy[i] + cr * rx[i] + cx * xh[i] + c0 +
+                                 s * vw[i] * gy[i]);
+        else if (rx)
+            for (size_t i = 0; i < M; i++)
+                gx[i] += (float)(cg * w[i] * gy[i] + cr * rx[i] + cx * xh[i] + c0);
+        else
+            for (size_t i = 0; i < M; i++)
+                gx[i] += (float)(cx * xh[i] + c0 + s * vw[i] * gy[i]);
+    }
+    free(buf);
+}
+
+/* Parameter gradient of groups [q0, q1) (serial: the groups share the affine
+ * indices): gw += gy f with f = xhat, or f = rxh = s (rx - <rx> - xhat <xhat
+ * rx>) with the group's stats when rx is set; gb += gy when bias_too. */
+static void theta_grad(const cv_layer_ctx *c, const norm_geom *g, const float *gy,
+                       const float *rx, const double *stats, size_t q0, size_t q1,
+                       int bias_too, float *gt)
+{
+    size_t M = g->M, S = g->S;
+    int use_b = bias_too && g->has_b;
+    float *gw = g->has_w ? gt : NULL, *gb = use_b ? gt + (g->has_w ? g->P : 0) : NULL;
+    for (size_t q = q0; q < q1; q++) {
+        size_t a = abase(g, q % (size_t)g->G);
+        const float *xh = c->d1 + q * M, *gq = gy + q * M, *r = rx ? rx + q * M : NULL;
+        /* rxh in double: it cancels (a group of two entries has rxh = 0) */
+        double s = r ? c->d2[q] : 0, mr = r ? stats[2 * q] : 0, mxr = r ? stats[2 * q + 1] : 0;
+        if (S == 1) { /* LayerNorm: entry i is affine index a + i */
+            for (size_t i = 0; gw && r && i < M; i++)
+                gw[a + i] += (float)(gq[i] * s * (r[i] - mr - xh[i] * mxr));
+            for (size_t i = 0; gw && !r && i < M; i++)
+                gw[a + i] += gq[i] * xh[i];
+            for (size_t i = 0; gb && i < M; i++)
+                gb[a + i] += gq[i];
+            continue;
+        }
+        for (size_t j = 0; j < g->apg; j++) {
+            double aw = 0, ab = 0;
+            for (size_t i = j * S; i < (j + 1) * S; i++) {
+                aw += gq[i] * (r ? s * (r[i] - mr - xh[i] * mxr) : xh[i]);
+                ab += gq[i];
+            }
+            if (gw)
+                gw[a + j] += (float)aw;
+            if (gb)
+                gb[a + j] += (float)ab;
         }
     }
 }
 
-static size_t norm_work(const cv_layer_ctx *c, int k) { return 0; }
+static size_t norm_work(const cv_layer_ctx *c, int k)
+{
+    norm_geom g = geom_of(c);
+    return 4 * (size_t)c->n * g.G; /* hvp's stats: 2 doubles per group */
+}
+
+/* n doubles of scratch at double offset off of the work buffer, or (work
+ * missing or short: a driver that did not ask work_size) allocated into *own
+ * (the caller frees it); NULL if that fails. */
+static double *dscratch(const cv_layer_ctx *c, size_t off, size_t n, double **own)
+{
+    *own = NULL;
+    if (c->work && c->work_floats >= 2 * (off + n))
+        return (double *)(void *)c->work + off;
+    return *own = malloc(sizeof(double) * (n ? n : 1));
+}
+
+static void nan_params(float *gt, size_t P)
+{
+    fill_nan(gt, P);
+}
 
 static void norm_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, float *gtheta)
 {
     norm_geom g = geom_of(c);
-    size_t len = (size_t)c->n * c->in_numel;
+    size_t len = (size_t)c->n * c->in_numel, ng = (size_t)c->n * g.G;
     for (int j = 0; j < k; j++) {
         const float *gj = gy + (size_t)j * len;
         if (gx) {
-            norm_job jb = {.c = c, .g = g, .a = gj, .w = g.has_w ? c->theta : NULL,
-                           .out = gx + (size_t)j * len};
+            norm_job jb = {.c = c, .g = g, .gy = gj, .out = gx + (size_t)j * len};
             run_groups(c, &jb, vjp_range);
         }
         if (gtheta && c->nparam) {
             float *gt = gtheta + (size_t)j * c->nparam;
             memset(gt, 0, sizeof(float) * c->nparam);
-            theta_grad(c, &g, gj, NULL, -1, 1, gt);
+            theta_grad(c, &g, gj, NULL, NULL, 0, ng, 1, gt);
         }
     }
 }
@@ -305,8 +385,8 @@ static void norm_jvp(const cv_layer_ctx *c, int k, const float *rx, const float 
     norm_geom g = geom_of(c);
     size_t len = (size_t)c->n * c->in_numel;
     for (int j = 0; j < k; j++) {
-        norm_job jb = {.c = c, .g = g, .a = rx ? rx + (size_t)j * len : NULL,
-                       .b = vtheta && c->nparam ? vtheta + (size_t)j * c->nparam : NULL,
+        norm_job jb = {.c = c, .g = g, .rx = rx ? rx + (size_t)j * len : NULL,
+                       .v = vtheta && c->nparam ? vtheta + (size_t)j * c->nparam : NULL,
                        .out = ry + (size_t)j * len};
         run_groups(c, &jb, jvp_range);
     }
@@ -316,22 +396,116 @@ static void norm_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const 
                            const float *vtheta, float *gx_add, float *gtheta_add)
 {
     norm_geom g = geom_of(c);
-    size_t len = (size_t)c->n * c->in_numel;
+    size_t len = (size_t)c->n * c->in_numel, ng = (size_t)c->n * g.G;
+    int weight_terms = gtheta_add && rx && g.has_w;
+    double *own = NULL, *stats = NULL;
+    if (weight_terms) {
+        stats = dscratch(c, 0, 2 * ng, &own);
+        if (!stats) {
+            for (int j = 0; j < k; j++)
+                nan_params(gtheta_add + (size_t)j * c->nparam, c->nparam);
+            weight_terms = 0;
+        }
+    }
     for (int j = 0; j < k; j++) {
         const float *rj = rx ? rx + (size_t)j * len : NULL;
-        float *gxj = gx_add ? gx_add + (size_t)j * len : NULL;
-        if (gxj && rj) {
-            norm_job jb = {.c = c, .g = g, .a = gy, .b = rj, .out = gxj};
-            run_groups(c, &jb, hvp_x_range);
-        }
-        if (gxj && vtheta && g.has_w) { /* J_x^T (vgamma gy) */
-            norm_job jb = {.c = c, .g = g, .a = gy, .w = vtheta + (size_t)j * c->nparam,
-                           .out = gxj};
-            run_groups(c, &jb, vjp_add_range);
-        }
-        if (gtheta_add && rj && g.has_w)
-            theta_grad(c, &g, gy, rj, -1, 0, gtheta_add + (size_t)j * c->nparam);
+        const float *vj = vtheta && g.has_w ? vtheta + (size_t)j * c->nparam : NULL;
+        if (!rj && !vj)
+            continue;
+        norm_job jb = {.c = c, .g = g, .gy = gy, .rx = rj, .v = vj,
+                       .stats = weight_terms ? stats : NULL};
+        float *tmp = NULL;
+        if (gx_add)
+            jb.out = gx_add + (size_t)j * len;
+        else if (weight_terms) /* the stats only: a throwaway output */
+            jb.out = tmp = calloc(len, sizeof(float));
+        if (jb.out)
+            run_groups(c, &jb, hvp_range);
+        free(tmp);
+        if (weight_terms && jb.out && rj)
+            theta_grad(c, &g, gy, rj, stats, 0, ng, 0, gtheta_add + (size_t)j * c->nparam);
     }
+    free(own);
+}
+
+/* quad_extra, one group at a time: the hvp terms dotted with the direction,
+ * from sums alone (no output written):
+ *   <rx, gx_add> = cg <g rx> + cr <rx rx> + cx <xhat rx> + c0 <rx> + s <vg rx>
+ *   <vgamma, ggamma_add> = s (<vg rx> - <rx> <vg> - <xhat rx> <vg xhat>)
+ * (sums, not means; cg.. as in hvp_range) into stats[q]. */
+static void quad_range(void *p, size_t lo, size_t hi)
+{
+    const norm_job *j = p;
+    const norm_geom *g = &j->g;
+    const cv_layer_ctx *c = j->c;
+    size_t M = g->M;
+    float *buf = range_scratch(g, 2);
+    for (size_t q = lo; q < hi; q++) {
+        if (!buf) {
+            j->stats[q] = NAN;
+            continue;
+        }
+        size_t gi = q % (size_t)g->G;
+        const float *w = expand(g, g->has_w ? c->theta : NULL, gi, buf);
+        const float *vw = j->v && g->has_w ? expand(g, j->v, gi, buf + M) : NULL;
+        const float *xh = c->d1 + q * M, *gy = j->gy + q * M, *rx = j->rx + q * M;
+        double s = c->d2[q], sg = 0, sgx = 0, sr = 0, sxr = 0, sgr = 0, srr = 0;
+        double sv = 0, svx = 0, svr = 0;
+        for (size_t i = 0; i < M; i++) {
+            double gv = (double)w[i] * gy[i];
+            sg += gv;
+            sgx += gv * xh[i];
+            sr += rx[i];
+            sxr += (double)xh[i] * rx[i];
+            sgr += gv * rx[i];
+            srr += (double)rx[i] * rx[i];
+        }
+        if (vw)
+            for (size_t i = 0; i < M; i++) {
+                double vg = (double)vw[i] * gy[i];
+                sv += vg;
+                svx += vg * xh[i];
+                svr += vg * rx[i];
+            }
+        double mg = sg / M, mgx = sgx / M, mr = sr / M, mxr = sxr / M;
+        double mgrh = s * (sgr / M - mr * mg - mxr * mgx);
+        double cg = -s * s * mxr, cr = -s * s * mgx;
+        double cx = 2 * s * s * mxr * mgx - s * mgrh, c0 = s * s * (mxr * mg + mgx * mr);
+        if (vw) {
+            cx -= s * svx / M;
+            c0 -= s * sv / M;
+        }
+        double qv = cg * sgr + cr * srr + cx * sxr + c0 * sr;
+        if (vw)
+            qv += s * svr + s * (svr - mr * sv - mxr * svx);
+        j->stats[q] = qv;
+    }
+    free(buf);
+}
+
+static void norm_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
+                            const float *vtheta, double *q)
+{
+    if (!rx) /* the terms in vgamma alone act on the input, dotted with rx = 0 */
+        return;
+    norm_geom g = geom_of(c);
+    size_t len = (size_t)c->n * c->in_numel, ng = (size_t)c->n * g.G;
+    double *own, *vals = dscratch(c, 0, ng, &own);
+    for (int j = 0; j < k; j++) {
+        if (!vals) {
+            q[j] = NAN;
+            continue;
+        }
+        norm_job jb = {.c = c, .g = g, .gy = gy, .rx = rx + (size_t)j * len,
+                       .v = vtheta && g.has_w ? vtheta + (size_t)j * c->nparam : NULL,
+                       .stats = vals};
+        run_groups(c, &jb, quad_range);
+        double sum = 0; /* in group order: the same for any thread count */
+        for (size_t i = 0; i < ng; i++)
+            sum += vals[i];
+        q[j] += sum;
+    }
+    free(own);
 }
 
 static void norm_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
@@ -340,7 +514,7 @@ static void norm_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
     for (int i = 0; i < c->n; i++) {
         float *gt = G + (size_t)i * c->nparam;
         memset(gt, 0, sizeof(float) * c->nparam);
-        theta_grad(c, &g, gy, NULL, i, 1, gt);
+        theta_grad(c, &g, gy, NULL, NULL, (size_t)i * g.G, (size_t)(i + 1) * g.G, 1, gt);
     }
 }
 
@@ -357,9 +531,13 @@ static void norm_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigne
             G[i] = NAN;
         return;
     }
-    for (size_t r = 0; r < R; r++)
-        theta_grad(c, &g, gy + (r / c->n) * len, NULL, (int)(r % c->n), 1, B + r * P);
-    /* tensor t occupies [t*P_aff, (t+1)*P_aff): zero the columns not in mask */
+    for (size_t r = 0; r < R; r++) {
+        size_t i = r % c->n;
+        /* theta_grad reads group q of the batch at gy + q M: shift to block r / n */
+        theta_grad(c, &g, gy + (r / c->n) * len, NULL, NULL, i * g.G, (i + 1) * g.G, 1,
+                   B + r * P);
+    }
+    /* tensor t occupies [t P_aff, (t+1) P_aff): zero the columns not in mask */
     for (int t = 0; t < 2; t++)
         if ((size_t)(t + 1) * g.P <= P && !(mask & (1u << t)))
             for (size_t r = 0; r < R; r++)
@@ -376,6 +554,7 @@ static const cv_layer_ops norm_ops = {
     .hvp_extra = norm_hvp_extra,
     .per_sample = norm_per_sample,
     .gram_add = norm_gram_add,
+    .quad_extra = norm_quad_extra,
 };
 
 /* ---- classes --------------------------------------------------------------- */

@@ -11,7 +11,10 @@
 #include "engine/layer_embedding.h"
 #include "engine/layer_norm.h"
 #include "engine/layer_passthrough.h"
+#include "engine/parallel.h"
 #include "kernel_check.h"
+
+void openblas_set_num_threads(int);
 
 #define LN(L) CV_LAYER_ATTR(L, cv_layernorm_attr)
 #define GN(L) CV_LAYER_ATTR(L, cv_groupnorm_attr)
@@ -351,8 +354,9 @@ START_TEST(embedding_forward_and_bad_ids)
             ck_assert_float_eq(y[t * 2 + j], theta[(int)x[t] * 2 + j]);
     free(y);
     float bad[3][6] = {{0, 1, 2, 3, 5, 1}, {0, 1, 2, -1, 3, 1}, {0, 1.5f, 2, 3, 3, 1}};
-    const char *want[3] = {"token id 5 at sample 1, position 1", "token id -1 at sample 1, "
-                           "position 0", "token id 1.5 at sample 0, position 1"};
+    const char *want[3] = {"token id 5 at sample 1, position 1",
+                           "token id -1 at sample 1, position 0",
+                           "token id 1.5 at sample 0, position 1"};
     for (int t = 0; t < 3; t++) {
         y = run_forward(&L, theta, bad[t], 2, &rc, &e);
         ck_assert_int_eq(rc, -1);
@@ -413,6 +417,63 @@ START_TEST(embedding_padding_row_has_no_gradient)
     for (int i = 0; i < 10; i++)
         ck_assert_float_eq(gp[i], i / 2 == 1 ? 0.0f : gn[i]);
     ck_assert_float_ne(gn[2], 0.0f); /* the row is used */
+}
+END_TEST
+
+/* The normalization kernels run on cv_parallel_for ranges of groups: with 4
+ * threads every output is bit-identical to one thread's. */
+static void norm_kernels(cv_layer *L, int n, const float *theta, const float *x,
+                         const float *gy, const float *rx, const float *v, float *out)
+{
+    size_t len = (size_t)n * cv_shape_numel(&L->in_shape), P = 0;
+    for (int p = 0; p < L->nparams; p++)
+        P += L->params[p].numel;
+    cv_layer_ctx c;
+    memset(&c, 0, sizeof c);
+    c.L = L;
+    c.n = n;
+    c.in_numel = c.out_numel = len / n;
+    c.nparam = P;
+    c.theta = theta;
+    c.x = x;
+    cv_err e;
+    ck_assert_int_eq(L->cls->ops->forward(&c, out, &e), 0);
+    L->cls->ops->vjp(&c, 1, gy, out + len, out + 4 * len);
+    L->cls->ops->jvp(&c, 1, rx, v, out + 2 * len);
+    memset(out + 3 * len, 0, sizeof(float) * len);
+    L->cls->ops->hvp_extra(&c, 1, gy, rx, v, out + 3 * len, out + 4 * len + P);
+    cv_layer_ctx_release(&c);
+}
+
+START_TEST(norm_threads_bit_identical)
+{
+    int n = 8, d = 256, last[1] = {256}; /* 8 x [64, 256]: several parallel ranges */
+    cv_shape in = kc_shape(2, 64, d);
+    cv_layer Ls[2] = {layernorm(1, last, 1, 1), groupnorm(4, 64, 1)};
+    size_t len = (size_t)n * 64 * d;
+    float *x = malloc(sizeof(float) * len * 3), *theta = malloc(sizeof(float) * 2 * d);
+    float *out1 = malloc(sizeof(float) * (5 * len)), *out4 = malloc(sizeof(float) * (5 * len));
+    cv_rng r;
+    cv_rng_seed(&r, 12);
+    for (size_t i = 0; i < 3 * len; i++)
+        x[i] = (float)cv_rng_normal(&r);
+    for (int i = 0; i < 2 * d; i++)
+        theta[i] = (float)cv_rng_normal(&r);
+    for (int t = 0; t < 2; t++) {
+        cv_layer L = Ls[t];
+        finalize_one(&L, &in, (int)(len / n));
+        openblas_set_num_threads(1);
+        memset(out1, 0, sizeof(float) * 5 * len);
+        norm_kernels(&L, n, theta, x, x + len, x + 2 * len, theta, out1);
+        openblas_set_num_threads(4);
+        ck_assert_int_ge(cv_parallel_threads((size_t)n * 64, 1), 2);
+        memset(out4, 0, sizeof(float) * 5 * len);
+        norm_kernels(&L, n, theta, x, x + len, x + 2 * len, theta, out4);
+        ck_assert_msg(memcmp(out1, out4, sizeof(float) * 5 * len) == 0, "%s differs",
+                      cv_layer_name(&L));
+    }
+    openblas_set_num_threads(1);
+    free(x); free(theta); free(out1); free(out4);
 }
 END_TEST
 
@@ -792,6 +853,7 @@ static Suite *modules_suite(void)
     tcase_add_test(tc, activation_values_match_closed_forms);
     tcase_add_test(tc, embedding_forward_and_bad_ids);
     tcase_add_test(tc, embedding_padding_row_has_no_gradient);
+    tcase_add_test(tc, norm_threads_bit_identical);
     suite_add_tcase(s, tc);
     tc = tcase_create("sequential");
     tcase_set_timeout(tc, 120);

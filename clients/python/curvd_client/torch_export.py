@@ -25,10 +25,11 @@ torch is imported when this module is imported; without it the import fails
 with an :class:`ImportError` that says how to get it.  Supported modules:
 Linear, Conv2d, ReLU, Tanh, Sigmoid, LeakyReLU, ELU, GELU, Softplus, SiLU,
 Identity, Flatten, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d,
-BatchNorm2d, Dropout, Mish, Hardswish, LayerNorm, GroupNorm, Embedding, Conv1d, MaxPool1d,
-AvgPool1d, AdaptiveAvgPool1d, ConvTranspose2d, Upsample (mode "nearest"); losses MSELoss, CrossEntropyLoss, BCEWithLogitsLoss (reduction
-"mean" or "sum").  Anything else raises :class:`UnsupportedModuleError`
-naming the module and its index.
+BatchNorm2d, Dropout, Mish, Hardswish, LayerNorm, GroupNorm, Embedding, Conv1d,
+MaxPool1d, AvgPool1d, AdaptiveAvgPool1d, ConvTranspose2d, Upsample (mode "nearest");
+losses MSELoss, CrossEntropyLoss, BCEWithLogitsLoss (reduction "mean" or "sum").
+Anything else raises :class:`UnsupportedModuleError` naming the module and its
+index.
 """
 from __future__ import annotations
 
