@@ -226,8 +226,15 @@ static int parse_number_field(const cJSON *v, const char *path, const cv_field *
 {
     char what[96];
     int lo_open = (f->flags & CV_F_MIN_OPEN) != 0;
+    if ((f->flags & CV_F_INF_STRINGS) && cJSON_IsString(v) &&
+        (strcmp(v->valuestring, "inf") == 0 || strcmp(v->valuestring, "-inf") == 0)) {
+        *out = v->valuestring[0] == '-' ? -INFINITY : INFINITY;
+        return 0;
+    }
     if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble))
-        return cv_arch_bad(e, "invalid_type", path, "must be a number", v);
+        return cv_arch_bad(e, "invalid_type", path,
+                           f->flags & CV_F_INF_STRINGS ? "must be a number, \"inf\" or \"-inf\""
+                                                        : "must be a number", v);
     double x = v->valuedouble;
     if (x < f->min || (lo_open && x == f->min) || x > f->max) {
         if (isinf(f->max))
@@ -766,7 +773,10 @@ static int field_to_json(const cv_field *f, const unsigned char *attr, cJSON *o)
         return add_pair(o, f->name, p);
     }
     case CV_F_BOOL: return add_bool(o, f->name, *(const int *)p);
-    case CV_F_NUMBER: return add_num(o, f->name, *(const double *)p);
+    case CV_F_NUMBER:
+        if ((f->flags & CV_F_INF_STRINGS) && isinf(*(const double *)p))
+            return add_string(o, f->name, *(const double *)p < 0 ? "-inf" : "inf");
+        return add_num(o, f->name, *(const double *)p);
     case CV_F_ENUM: return add_string(o, f->name, f->choices[*(const int *)p]);
     case CV_F_FIXED_BOOL: return add_bool(o, f->name, f->def != 0);
     case CV_F_FIXED_STRING: return add_string(o, f->name, f->text);

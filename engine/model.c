@@ -119,8 +119,8 @@ static int wire_layer(cv_model *m, int li, cv_err *e)
         snprintf(L->module, sizeof L->module, "%d", li);
     }
     int lo = L->cls->min_inputs, hi = L->cls->max_inputs;
-    if (!lo && !hi)
-        lo = hi = 1;
+    if (!lo && !hi) /* one input, or none for a class with only multi-input kernels */
+        lo = hi = L->cls->ops->vjp_n && !L->cls->ops->vjp ? 0 : 1;
     if (L->nin < lo || L->nin > hi) {
         if (lo == hi)
             cv_err_set(e, CV_EINVAL, "invalid_model", "args", "args: takes %d input%s, got %d",

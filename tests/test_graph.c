@@ -129,6 +129,144 @@ START_TEST(graph_export_round_trip)
 }
 END_TEST
 
+/* ---- residual and attention graphs against the oracles ---------------------- */
+
+/* fc2(tanh(fc1(x)) + x) * 0.5 + relu(x) @ ... : fan-out, add, scalar mul. */
+static const char *RESIDUAL_MLP =
+    "{\"input_shape\": [6],"
+    " \"modules\": {\"fc1\": {\"type\": \"Linear\", \"in_features\": 6, \"out_features\": 6},"
+    "               \"act\": {\"type\": \"Tanh\"},"
+    "               \"fc2\": {\"type\": \"Linear\", \"in_features\": 6, \"out_features\": 3}},"
+    " \"nodes\": [{\"name\": \"x\", \"op\": \"placeholder\"},"
+    "  {\"name\": \"fc1\", \"op\": \"call_module\", \"target\": \"fc1\", \"args\": [\"x\"]},"
+    "  {\"name\": \"act\", \"op\": \"call_module\", \"target\": \"act\", \"args\": [\"fc1\"]},"
+    "  {\"name\": \"res\", \"op\": \"call_function\", \"target\": \"add\", \"args\": [\"act\", \"x\"]},"
+    "  {\"name\": \"sq\", \"op\": \"call_function\", \"target\": \"mul\", \"args\": [\"res\", \"act\"]},"
+    "  {\"name\": \"h\", \"op\": \"call_function\", \"target\": \"add\", \"args\": [\"sq\", \"res\"]},"
+    "  {\"name\": \"fc2\", \"op\": \"call_module\", \"target\": \"fc2\", \"args\": [\"h\"]},"
+    "  {\"name\": \"half\", \"op\": \"call_function\", \"target\": \"mul\", \"args\": [\"fc2\"], \"scalar\": 0.5},"
+    "  {\"name\": \"output\", \"op\": \"output\", \"args\": [\"half\"]}],"
+    " \"loss\": {\"type\": \"CrossEntropyLoss\"}}";
+
+START_TEST(residual_graph_oracles)
+{
+    tu_fixture f;
+    fx_from_json(&f, RESIDUAL_MLP, 5, 21);
+    check_all_oracles(&f, 0);
+    tu_fx_free(&f);
+}
+END_TEST
+
+/* A tiny decoder-only transformer on token ids: embedding + learned
+ * positions, pre-LayerNorm causal self-attention (MultiheadAttention or
+ * scaled_dot_product_attention on hand-made heads) and a GELU MLP with
+ * residuals, a Linear head, sequence cross-entropy (class_dim -1). */
+static char *transformer_json(int sdpa, const char *loss_extra)
+{
+    const char *attn_mods =
+        sdpa ? "\"attn_q\": {\"type\": \"Linear\", \"in_features\": 8, \"out_features\": 8},"
+               "\"attn_k\": {\"type\": \"Linear\", \"in_features\": 8, \"out_features\": 8},"
+               "\"attn_v\": {\"type\": \"Linear\", \"in_features\": 8, \"out_features\": 8},"
+               "\"attn_o\": {\"type\": \"Linear\", \"in_features\": 8, \"out_features\": 8},"
+             : "\"attn\": {\"type\": \"MultiheadAttention\", \"embed_dim\": 8, \"num_heads\": 2,"
+               " \"batch_first\": true},";
+    const char *attn_nodes =
+        sdpa ? "{\"name\": \"q\", \"op\": \"call_module\", \"target\": \"attn_q\", \"args\": [\"ln1\"]},"
+               "{\"name\": \"k\", \"op\": \"call_module\", \"target\": \"attn_k\", \"args\": [\"ln1\"]},"
+               "{\"name\": \"v\", \"op\": \"call_module\", \"target\": \"attn_v\", \"args\": [\"ln1\"]},"
+               "{\"name\": \"qh\", \"op\": \"call_function\", \"target\": \"reshape\", \"args\": [\"q\"], \"shape\": [-1, 5, 2, 4]},"
+               "{\"name\": \"kh\", \"op\": \"call_function\", \"target\": \"reshape\", \"args\": [\"k\"], \"shape\": [-1, 5, 2, 4]},"
+               "{\"name\": \"vh\", \"op\": \"call_function\", \"target\": \"reshape\", \"args\": [\"v\"], \"shape\": [-1, 5, 2, 4]},"
+               "{\"name\": \"qt\", \"op\": \"call_function\", \"target\": \"transpose\", \"args\": [\"qh\"], \"dim0\": 1, \"dim1\": 2},"
+               "{\"name\": \"kt\", \"op\": \"call_function\", \"target\": \"transpose\", \"args\": [\"kh\"], \"dim0\": 1, \"dim1\": 2},"
+               "{\"name\": \"vt\", \"op\": \"call_function\", \"target\": \"transpose\", \"args\": [\"vh\"], \"dim0\": 1, \"dim1\": 2},"
+               "{\"name\": \"o\", \"op\": \"call_function\", \"target\": \"scaled_dot_product_attention\", \"args\": [\"qt\", \"kt\", \"vt\"], \"is_causal\": true},"
+               "{\"name\": \"ot\", \"op\": \"call_function\", \"target\": \"transpose\", \"args\": [\"o\"], \"dim0\": 1, \"dim1\": 2},"
+               "{\"name\": \"om\", \"op\": \"call_function\", \"target\": \"reshape\", \"args\": [\"ot\"], \"shape\": [-1, 5, 8]},"
+               "{\"name\": \"attn\", \"op\": \"call_module\", \"target\": \"attn_o\", \"args\": [\"om\"]},"
+             : "{\"name\": \"attn\", \"op\": \"call_module\", \"target\": \"attn\", \"args\": [\"ln1\", \"ln1\", \"ln1\"], \"is_causal\": true},";
+    char *buf = malloc(8192);
+    snprintf(buf, 8192,
+             "{\"input_shape\": [5], \"input_dtype\": \"int64\","
+             " \"modules\": {\"tok\": {\"type\": \"Embedding\", \"num_embeddings\": 11, \"embedding_dim\": 8},"
+             "  \"ln1\": {\"type\": \"LayerNorm\", \"normalized_shape\": [8]},"
+             "  %s"
+             "  \"ln2\": {\"type\": \"LayerNorm\", \"normalized_shape\": 8, \"elementwise_affine\": false},"
+             "  \"mlp.0\": {\"type\": \"Linear\", \"in_features\": 8, \"out_features\": 16},"
+             "  \"mlp.1\": {\"type\": \"GELU\"},"
+             "  \"mlp.2\": {\"type\": \"Linear\", \"in_features\": 16, \"out_features\": 8},"
+             "  \"head\": {\"type\": \"Linear\", \"in_features\": 8, \"out_features\": 11}},"
+             " \"nodes\": [{\"name\": \"idx\", \"op\": \"placeholder\"},"
+             "  {\"name\": \"tok\", \"op\": \"call_module\", \"target\": \"tok\", \"args\": [\"idx\"]},"
+             "  {\"name\": \"pos\", \"op\": \"get_attr\", \"target\": \"pos_emb\", \"shape\": [1, 5, 8]},"
+             "  {\"name\": \"h0\", \"op\": \"call_function\", \"target\": \"add\", \"args\": [\"tok\", \"pos\"]},"
+             "  {\"name\": \"ln1\", \"op\": \"call_module\", \"target\": \"ln1\", \"args\": [\"h0\"]},"
+             "  %s"
+             "  {\"name\": \"h1\", \"op\": \"call_function\", \"target\": \"add\", \"args\": [\"h0\", \"attn\"]},"
+             "  {\"name\": \"ln2\", \"op\": \"call_module\", \"target\": \"ln2\", \"args\": [\"h1\"]},"
+             "  {\"name\": \"m0\", \"op\": \"call_module\", \"target\": \"mlp.0\", \"args\": [\"ln2\"]},"
+             "  {\"name\": \"m1\", \"op\": \"call_module\", \"target\": \"mlp.1\", \"args\": [\"m0\"]},"
+             "  {\"name\": \"m2\", \"op\": \"call_module\", \"target\": \"mlp.2\", \"args\": [\"m1\"]},"
+             "  {\"name\": \"h2\", \"op\": \"call_function\", \"target\": \"add\", \"args\": [\"h1\", \"m2\"]},"
+             "  {\"name\": \"head\", \"op\": \"call_module\", \"target\": \"head\", \"args\": [\"h2\"]},"
+             "  {\"name\": \"output\", \"op\": \"output\", \"args\": [\"head\"]}],"
+             " \"loss\": {\"type\": \"CrossEntropyLoss\", \"class_dim\": -1%s}}",
+             attn_mods, attn_nodes, loss_extra);
+    return buf;
+}
+
+/* Token ids with repeats, and some labels ignored (ignore_index 3 when the
+ * loss says so: label 3 occurs). */
+static void token_data(tu_fixture *f)
+{
+    cv_rng r;
+    cv_rng_seed(&r, 77);
+    f->d.x_dtype = CV_DTYPE_INT64;
+    for (size_t i = 0; i < f->d.n * 5; i++)
+        f->d.x[i] = (float)cv_rng_below(&r, 6); /* 6 of 11 ids: repeats */
+}
+
+static void transformer_case(int sdpa, const char *loss_extra, int variant)
+{
+    tu_fixture f;
+    memset(&f, 0, sizeof f);
+    char *doc = transformer_json(sdpa, loss_extra);
+    must_parse(doc, &f.m);
+    free(doc);
+    random_params(&f.m, 31 + variant);
+    tu_data(&f.d, &f.m, 3, 41 + variant);
+    token_data(&f);
+    cv_err e;
+    ck_assert_msg(cv_dataset_check(&f.d, &f.m, &e) == 0, "%s", e.message);
+    f.c = cv_curv_new(&f.m, &f.d, NULL, &e);
+    ck_assert_msg(f.c != NULL, "%s", e.message);
+    cv_block_full(&f.m, &f.full);
+    check_all_oracles(&f, variant);
+    cv_block blocks[16];
+    int nb = cv_blocks_per_layer(&f.m, blocks, 16);
+    ck_assert_str_eq(blocks[0].name, "tok");
+    ck_assert_str_eq(blocks[1].name, "pos_emb");
+    if (!sdpa) { /* the attention module's four tensors are one block */
+        ck_assert_str_eq(blocks[3].name, "attn");
+        ck_assert_int_eq(blocks[3].count, 4);
+        ck_assert_str_eq(cv_model_param(&f.m, blocks[3].idx[0])->name, "attn.in_proj_weight");
+        ck_assert_str_eq(cv_model_param(&f.m, blocks[3].idx[3])->name, "attn.out_proj.bias");
+    }
+    ck_assert_str_eq(blocks[nb - 1].name, "head");
+    cv_model m2;
+    free(tu_arch_reparse(&f.m, &m2, "transformer"));
+    tu_fx_free(&f);
+}
+
+START_TEST(transformer_mha_oracles) { transformer_case(0, "", 0); }
+END_TEST
+
+START_TEST(transformer_sdpa_oracles)
+{
+    transformer_case(1, ", \"ignore_index\": 3, \"label_smoothing\": 0.1", 1);
+}
+END_TEST
+
 /* ---- refusals -------------------------------------------------------------- */
 
 /* GRAPH_MLP with `from` replaced by `to` must be refused with code and a
@@ -191,6 +329,9 @@ static Suite *graph_suite(void)
     tcase_add_test(tc, graph_chain_equals_sequential);
     tcase_add_test(tc, graph_export_round_trip);
     tcase_add_test(tc, graph_refusals_name_the_node);
+    tcase_add_test(tc, residual_graph_oracles);
+    tcase_add_test(tc, transformer_mha_oracles);
+    tcase_add_test(tc, transformer_sdpa_oracles);
     suite_add_tcase(s, tc);
     return s;
 }

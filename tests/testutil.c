@@ -132,29 +132,56 @@ static double *fd_jacobian(const tu_fixture *f, double eps)
 
 /* ---- dense references -------------------------------------------------------- */
 
-/* Lambda_n = d^2 L_n / dh^2 (C x C, C <= 16) of sample n from the outputs h
- * (N x C), in double. */
+/* The loss scale c in double from the labels: mean over counted positions
+ * (CE/NLL) or entries (MSE/BCE), 1 for sum. */
+static double oracle_scale(const tu_fixture *f, const cv_loss_layout *lay)
+{
+    if (f->m.reduction == CV_RED_SUM)
+        return 1.0;
+    if (!cv_loss_is_class(f->m.loss))
+        return 1.0 / ((double)f->d.n * cv_model_output_dim(&f->m));
+    size_t counted = 0;
+    for (size_t i = 0; i < f->d.n * (size_t)lay->positions; i++)
+        counted += f->d.labels[i] != lay->ignore_index;
+    return 1.0 / (double)counted;
+}
+
+/* Lambda_n = d^2 L_n / dh^2 (C x C, C <= 64) of sample n from the outputs h
+ * (N x C), in double: per target position softmax's diag(p) - p p^T (zero
+ * where the label is ignored), sigmoid's p (1 - p), or MSE's 2. */
 static void oracle_lambda(const tu_fixture *f, const float *h, int n, double *Lam)
 {
     int C = cv_model_output_dim(&f->m);
-    double c = cv_loss_scale(f->m.loss, f->m.reduction, f->d.n, C);
+    ck_assert_int_le(C, 64);
+    cv_loss_layout lay;
+    cv_loss_layout_of(&f->m, &lay);
+    double c = oracle_scale(f, &lay);
     const float *hn = h + (size_t)n * C;
     memset(Lam, 0, sizeof(double) * C * C);
-    if (f->m.loss == CV_LOSS_MSE) {
-        for (int a = 0; a < C; a++)
-            Lam[a * C + a] = 2 * c;
+    if (!cv_loss_is_class(f->m.loss)) {
+        for (int a = 0; a < C; a++) {
+            double q = 1 / (1 + exp(-hn[a]));
+            Lam[a * C + a] = f->m.loss == CV_LOSS_MSE ? 2 * c : c * q * (1 - q);
+        }
         return;
     }
-    double p[16], z = 0;
-    ck_assert_int_le(C, 16);
-    for (int a = 0; a < C; a++)
-        z += exp(hn[a]);
-    for (int a = 0; a < C; a++)
-        p[a] = f->m.loss == CV_LOSS_CE ? exp(hn[a]) / z : 1 / (1 + exp(-hn[a]));
-    for (int a = 0; a < C; a++)
-        for (int b = 0; b < C; b++)
-            Lam[a * C + b] = f->m.loss == CV_LOSS_CE ? c * ((a == b) * p[a] - p[a] * p[b])
-                                                     : c * (a == b) * p[a] * (1 - p[a]);
+    double p[64];
+    for (int s = 0; s < lay.positions; s++) {
+        if (f->d.labels[(size_t)n * lay.positions + s] == lay.ignore_index)
+            continue;
+        double z = 0, mx = -INFINITY;
+        for (int k = 0; k < lay.classes; k++)
+            mx = fmax(mx, hn[k * lay.cstride + s * lay.pstride]);
+        for (int k = 0; k < lay.classes; k++)
+            z += p[k] = exp(hn[k * lay.cstride + s * lay.pstride] - mx);
+        for (int k = 0; k < lay.classes; k++)
+            p[k] /= z;
+        for (int a = 0; a < lay.classes; a++)
+            for (int b = 0; b < lay.classes; b++) {
+                int ia = a * lay.cstride + s * lay.pstride, ib = b * lay.cstride + s * lay.pstride;
+                Lam[ia * C + ib] = c * ((a == b) * p[a] - p[a] * p[b]);
+            }
+    }
 }
 
 /* sum_n J_n^T Lambda_n J_n (D x D, column-major). */
@@ -246,7 +273,9 @@ void tu_check_per_sample_gradients(tu_fixture *f, const char *tag)
     double err = tu_relerr(sum, g, D, 1e-6);
     ck_assert_msg(err < 1e-5, "%sper-sample gradients sum: %g", tag, err);
     /* EF = (1/c) sum_n g_n g_n^T with g_n = c dl_n/dtheta */
-    double c = cv_loss_scale(f->m.loss, f->m.reduction, N, cv_model_output_dim(&f->m));
+    cv_loss_layout lay;
+    cv_loss_layout_of(&f->m, &lay);
+    double c = oracle_scale(f, &lay);
     double *EF = calloc(D * D, sizeof(double));
     for (size_t n = 0; n < N; n++)
         for (size_t i = 0; i < D; i++)

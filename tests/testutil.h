@@ -19,6 +19,7 @@
 #include "engine/dataset.h"
 #include "engine/layer_activation.h"
 #include "engine/layer_linear.h"
+#include "engine/loss.h"
 #include "engine/model.h"
 #include "engine/rng.h"
 
@@ -85,14 +86,17 @@ static inline void tu_data(cv_dataset *d, const cv_model *m, size_t n, uint64_t 
     d->x = malloc(sizeof(float) * n * xs);
     for (size_t i = 0; i < n * xs; i++)
         d->x[i] = (float)cv_rng_normal(&r);
-    if (m->loss == CV_LOSS_CE) {
+    cv_loss_layout lay;
+    cv_loss_layout_of(m, &lay);
+    if (cv_loss_is_class(m->loss)) { /* labels [n, positions] in [0, classes) */
         d->y_is_index = 1;
-        d->labels = malloc(sizeof(int64_t) * n);
-        for (size_t i = 0; i < n; i++)
-            d->labels[i] = (int64_t)cv_rng_below(&r, (uint64_t)C);
+        d->y_shape = lay.label_shape;
+        size_t S = (size_t)lay.positions;
+        d->labels = malloc(sizeof(int64_t) * n * S);
+        for (size_t i = 0; i < n * S; i++)
+            d->labels[i] = (int64_t)cv_rng_below(&r, (uint64_t)lay.classes);
     } else {
-        d->y_shape.rank = 1;
-        d->y_shape.dim[0] = C;
+        d->y_shape = lay.out_shape;
         d->targets = malloc(sizeof(float) * n * C);
         for (size_t i = 0; i < n * (size_t)C; i++)
             d->targets[i] = m->loss == CV_LOSS_BCE ? (float)cv_rng_uniform(&r)
