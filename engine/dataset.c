@@ -1,6 +1,8 @@
 /* dataset.c - dataset memory, batch selection and dataset/model compatibility checks. */
 #include "dataset.h"
 
+#include "layer.h"
+
 #include <inttypes.h>
 #include <math.h>
 #include <stdio.h>
@@ -236,6 +238,12 @@ int cv_dataset_check(const cv_dataset *d, const cv_model *m, cv_err *e)
                               "x: non-finite value %g at sample %zu (flat index %zu)",
                               (double)d->x[k], k / sx, k);
 
+    for (int l = 0; l < m->nlayers; l++) {
+        const cv_layer *L = &m->layers[l];
+        for (int i = 0; i < L->nin; i++)
+            if (L->in[i] == 0 && L->cls->check_input && L->cls->check_input(L, d->x, d->n, e))
+                return -1;
+    }
     if (cv_loss_is_class(m->loss))
         return check_class_targets(d, m, e);
 

@@ -224,6 +224,10 @@ struct cv_layer_class {
      * (cv_layer_add_param / cv_layer_add_buffer); returns 0 or -1. */
     int (*layout)(cv_layer *L);
     const cv_layer_ops *ops;      /* the kernels */
+    /* Optional, for a layer reading the model input: checks a dataset's
+     * inputs (n samples of in_numel values, e.g. token ids within
+     * Embedding's range) before any job runs; -1 with e (field "x"). */
+    int (*check_input)(const cv_layer *L, const float *x, size_t n, cv_err *e);
     /* Number of inputs the node reads; both 0 means exactly one.  Classes
      * with other arities implement vjp_n/jvp_n/hvp_extra_n; their infer hook
      * reads in[0..L->nin). */

@@ -31,19 +31,33 @@ static inline int token(const cv_layer_ctx *c, size_t t)
 
 static size_t emb_work(const cv_layer_ctx *c, int k) { return 0; }
 
-static int emb_forward(cv_layer_ctx *c, float *y, cv_err *e)
+/* Every id of x (n samples of per tokens) an integer in [0, V). */
+static int check_ids(const float *x, size_t n, size_t per, int V, cv_err *e)
 {
-    size_t nt = (size_t)c->n * tokens(c), d = DIM(c);
-    int V = ATTR(c)->num_embeddings;
-    for (size_t t = 0; t < nt; t++) {
-        float v = c->x[t];
+    for (size_t t = 0; t < n * per; t++) {
+        float v = x[t];
         if (!(v >= 0 && v < V && v == floorf(v)))
             return cv_err_set(e, CV_EINVAL, "invalid_data", "x",
                               "x: token id %g at sample %zu, position %zu is not an integer in "
                               "[0, %d) (Embedding num_embeddings)",
-                              (double)v, t / tokens(c), t % tokens(c), V);
-        memcpy(y + t * d, c->theta + (size_t)v * d, sizeof(float) * d);
+                              (double)v, t / per, t % per, V);
     }
+    return 0;
+}
+
+static int emb_check_input(const cv_layer *L, const float *x, size_t n, cv_err *e)
+{
+    return check_ids(x, n, cv_shape_numel(&L->in_shape),
+                     CV_LAYER_ATTR(L, cv_embedding_attr)->num_embeddings, e);
+}
+
+static int emb_forward(cv_layer_ctx *c, float *y, cv_err *e)
+{
+    size_t nt = (size_t)c->n * tokens(c), d = DIM(c);
+    if (check_ids(c->x, (size_t)c->n, tokens(c), ATTR(c)->num_embeddings, e))
+        return -1;
+    for (size_t t = 0; t < nt; t++)
+        memcpy(y + t * d, c->theta + (size_t)c->x[t] * d, sizeof(float) * d);
     return 0;
 }
 
@@ -272,6 +286,7 @@ static const cv_field embedding_fields[] = {
 };
 
 const cv_layer_class cv_embedding_class = {
+    .check_input = emb_check_input,
     .name = "Embedding", .attr_size = sizeof(cv_embedding_attr), CV_FIELDS(embedding_fields),
     .check = embedding_check, .infer = embedding_infer, .layout = embedding_layout,
     .ops = &embedding_ops, .function = "embedding"};

@@ -598,7 +598,7 @@ assert v['curvd_jobs{status=\"succeeded\"}'] >= 60
 
 # ---- daemon B: tiny queue, job time limit, body and registry limits ---------
 check "daemon B starts" e2e_start "$T/b.log" --workers 1 --max-queue 1 --job-timeout 3 --max-job-bytes 4096 \
-  --max-body 200000 --max-registry-bytes 1500000 --shutdown-grace 10
+  --max-body 200000 --max-registry-bytes 4000000 --shutdown-grace 10
 BPID=$DPID
 req POST /v1/jobs -d "$LONG" > /dev/null
 J1=$(jq "$T/body" "d['id']")
@@ -644,9 +644,9 @@ while [ $k -le 12 ]; do
   k=$((k + 1))
 done
 check "B: registry budget 413" [ -n "$got413" ]
-check "B: budget named in the error" jtrue "$T/body" "d['error']['code'] == 'registry_full' and '1500000' in d['error']['message']"
+check "B: budget named in the error" jtrue "$T/body" "d['error']['code'] == 'registry_full' and '4000000' in d['error']['message']"
 req GET /v1/health > /dev/null
-check "B: registry within budget" jtrue "$T/body" "d['registry_bytes'] <= 1500000"
+check "B: registry within budget" jtrue "$T/body" "d['registry_bytes'] <= 4000000"
 
 # graceful shutdown: SIGTERM while a job runs -> 503 for new jobs, exit 0
 req POST /v1/jobs -d "$LONG" > /dev/null

@@ -321,6 +321,39 @@ START_TEST(graph_refusals_name_the_node)
 }
 END_TEST
 
+/* Token ids outside the embedding, float data for an integer model, and
+ * NLLLoss without log_softmax are refused before anything runs. */
+START_TEST(dataset_refusals)
+{
+    cv_model m;
+    char *doc = transformer_json(0, "");
+    must_parse(doc, &m);
+    free(doc);
+    cv_dataset d;
+    tu_data(&d, &m, 2, 5);
+    cv_err e;
+    ck_assert_int_eq(cv_dataset_check(&d, &m, &e), -1); /* float data, int64 model */
+    ck_assert_str_eq(e.code, "dtype_mismatch");
+    ck_assert_str_eq(e.field, "x");
+    d.x_dtype = CV_DTYPE_INT64;
+    for (size_t i = 0; i < 10; i++)
+        d.x[i] = (float)(i % 11);
+    ck_assert_msg(cv_dataset_check(&d, &m, &e) == 0, "%s", e.message);
+    d.x[7] = 11; /* num_embeddings is 11 */
+    ck_assert_int_eq(cv_dataset_check(&d, &m, &e), -1);
+    ck_assert_str_eq(e.field, "x");
+    ck_assert_msg(strstr(e.message, "token id 11 at sample 1, position 2") != NULL, "%s",
+                  e.message);
+    tu_data_free(&d);
+    const char *nll = "{\"input_shape\": [4], \"layers\": [{\"type\": \"Linear\", "
+                      "\"in_features\": 4, \"out_features\": 3}], \"loss\": {\"type\": "
+                      "\"NLLLoss\"}}";
+    ck_assert_int_eq(cv_arch_parse(nll, strlen(nll), &m, &e), -1);
+    ck_assert_str_eq(e.field, "loss");
+    ck_assert_msg(strstr(e.message, "log_softmax") != NULL, "%s", e.message);
+}
+END_TEST
+
 static Suite *graph_suite(void)
 {
     Suite *s = suite_create("graph");
@@ -332,6 +365,7 @@ static Suite *graph_suite(void)
     tcase_add_test(tc, residual_graph_oracles);
     tcase_add_test(tc, transformer_mha_oracles);
     tcase_add_test(tc, transformer_sdpa_oracles);
+    tcase_add_test(tc, dataset_refusals);
     suite_add_tcase(s, tc);
     return s;
 }
