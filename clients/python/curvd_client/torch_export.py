@@ -71,7 +71,7 @@ SUPPORTED_LOSSES: Tuple[str, ...] = ("MSELoss", "CrossEntropyLoss", "NLLLoss",
                                      "BCEWithLogitsLoss")
 
 _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16",
-           torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}
+           torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
 
 
 class UnsupportedModuleError(ValueError):
@@ -316,8 +316,26 @@ def state_dict_bytes(model: "nn.Module") -> bytes:
     """The model's ``state_dict()`` (weights, biases, BatchNorm buffers) as safetensors bytes.
 
     This is the body for :meth:`curvd_client.Client.push_parameters` after a training step.
+    A parameter shared by several modules (tied weights, e.g. an output head that
+    reuses the token embedding) is written once, under its first name in
+    ``named_parameters()``, which is the name the graph form uses; flat Sequential
+    models are written exactly as ``state_dict()`` is.
     """
-    return safetensors_bytes(model.state_dict())
+    sd = model.state_dict()
+    try:
+        flat = _flat_sequential(model)
+    except UnsupportedModuleError:
+        flat = True
+    if not flat:
+        first = {n for n, _ in model.named_parameters()}
+        alias = set()
+        for mname, mod in model.named_modules(remove_duplicate=False):
+            for k, t in mod._parameters.items():
+                full = "%s.%s" % (mname, k) if mname else k
+                if t is not None and full not in first:
+                    alias.add(full)
+        sd = type(sd)((k, v) for k, v in sd.items() if k not in alias)
+    return safetensors_bytes(sd)
 
 
 def _check_eval_mode(model: "nn.Module") -> None:

@@ -536,8 +536,9 @@ class _GraphExporter:
                 continue
             if n.op == "get_attr":
                 if _is_tensor(v) and n.target in self.params:
-                    self.kind[n] = "param"
-                    self.param_of[n] = n.target
+                    self.kind[n] = "param"   # named as named_parameters() names it (ties)
+                    self.param_of[n] = self.first_param_name.get(id(self.params[n.target]),
+                                                                 n.target)
                 else:
                     self.kind[n] = "const" if _is_tensor(v) else "value"
                 continue
