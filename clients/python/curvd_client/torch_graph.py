@@ -133,6 +133,8 @@ class _Tracer(fx.Tracer):
 
 
 def _trace(model: nn.Module) -> fx.Graph:
+    if type(model).forward is nn.Module.forward:
+        raise _te.UnsupportedModuleError(None, model, "it defines no forward()", "model")
     params = list(inspect.signature(model.forward).parameters.values())
     params = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
                                               p.KEYWORD_ONLY)]
