@@ -254,14 +254,22 @@ def test_export_errors():
           "index 3" in str(e) and e.index == 3 and e.module_type == "LSTM", repr(e))
     check("UnsupportedModuleError is a ValueError", isinstance(e, ValueError))
     e = raises(lambda: export_model(mlp(), nn.NLLLoss(), [6]), UnsupportedModuleError)
-    check("NLLLoss refused", e is not None and "NLLLoss" in str(e) and "loss" in str(e), repr(e))
-    e = raises(lambda: export_model(mlp(), nn.CrossEntropyLoss(label_smoothing=0.1), [6]), UnsupportedModuleError)
-    check("label_smoothing refused", e is not None and "label_smoothing" in str(e), repr(e))
+    check("NLLLoss on logits refused (no LogSoftmax)", e is not None and "NLLLoss" in str(e) and
+          "LogSoftmax" in str(e) and "loss" in str(e), repr(e))
+    arch = export_model(nn.Sequential(nn.Linear(6, 3), nn.LogSoftmax(dim=1)), nn.NLLLoss(), [6])[0]
+    check("NLLLoss after LogSoftmax exported (graph form)", arch["loss"] == {"type": "NLLLoss", "reduction": "mean"}
+          and arch["modules"]["1"] == {"type": "LogSoftmax", "dim": 1}, arch)
+    arch = export_model(mlp(), nn.CrossEntropyLoss(label_smoothing=0.1, ignore_index=2), [6])[0]
+    check("label_smoothing and ignore_index exported", arch["loss"] == {
+        "type": "CrossEntropyLoss", "reduction": "mean", "label_smoothing": 0.1, "ignore_index": 2}, arch)
+    e = raises(lambda: export_model(mlp(), nn.MSELoss(), [6], class_dim=-1), ValueError)
+    check("class_dim with MSELoss refused", e is not None and "class_dim" in str(e), repr(e))
     e = raises(lambda: export_model(mlp(), nn.MSELoss(reduction="none"), [6]), UnsupportedModuleError)
     check("reduction none refused", e is not None and "reduction" in str(e), repr(e))
-    e = raises(lambda: export_model(nn.Sequential(nn.Sequential(nn.Linear(6, 3))), nn.MSELoss(), [6]),
-               UnsupportedModuleError)
-    check("nested Sequential refused", e is not None and "index 0" in str(e) and "nested" in str(e), repr(e))
+    arch = export_model(nn.Sequential(nn.Sequential(nn.Linear(6, 3))), nn.MSELoss(), [6])[0]
+    check("nested Sequential exported in the graph form (qualified names)",
+          list(arch["modules"]) == ["0.0"] and [n["op"] for n in arch["nodes"]] ==
+          ["placeholder", "call_module", "output"] and "layers" not in arch, arch)
 
     class MyLinear(nn.Linear):
         def forward(self, x):
@@ -270,8 +278,12 @@ def test_export_errors():
     class QuietLinear(nn.Linear):  # same forward: accepted
         pass
 
-    e = raises(lambda: export_model(nn.Sequential(MyLinear(6, 3)), nn.MSELoss(), [6]), UnsupportedModuleError)
-    check("subclass overriding forward refused", e is not None and "forward" in str(e), repr(e))
+    arch = export_model(nn.Sequential(MyLinear(6, 3)), nn.MSELoss(), [6])[0]
+    check("subclass overriding forward traced through (F.linear with its parameters, then * 2)",
+          [(n["op"], n.get("target")) for n in arch["nodes"]] ==
+          [("placeholder", None), ("call_function", "linear"), ("call_function", "mul"), ("output", None)]
+          and arch["nodes"][1]["params"] == {"weight": "0.weight", "bias": "0.bias"} and
+          arch["nodes"][2]["scalar"] == 2, arch)
     arch = export_architecture(nn.Sequential(QuietLinear(6, 3)), nn.MSELoss(), [6])
     check("subclass keeping forward accepted", arch["layers"][0]["type"] == "Linear", arch)
 
@@ -279,7 +291,45 @@ def test_export_errors():
         pass
 
     e = raises(lambda: export_model(Net(), nn.MSELoss(), [6]), UnsupportedModuleError)
-    check("non-Sequential model refused", e is not None and "Sequential" in str(e), repr(e))
+    check("model without forward() refused", e is not None and "forward()" in str(e) and "Net" in str(e), repr(e))
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.lin(x) if x.sum() > 0 else -self.lin(x)
+
+    e = raises(lambda: export_model(Branchy(), nn.MSELoss(), [6]), UnsupportedModuleError)
+    check("model torch.fx cannot trace refused", e is not None and "torch.fx" in str(e) and "Branchy" in str(e) and
+          "control flow" in str(e), repr(e))
+
+    class Einsum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return torch.einsum("ni,ni->ni", h, h)
+
+    e = raises(lambda: export_model(Einsum(), nn.MSELoss(), [6]), UnsupportedModuleError)
+    check("unmapped function: error names node, module path, source line and what is supported",
+          e is not None and "einsum" in str(e) and "e2e_clients.py:" in str(e) and "Supported modules" in str(e)
+          and "LayerNorm" in str(e) and "matmul" in str(e), repr(e))
+
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5))
+
+        def forward(self, x):
+            return x + self.blk(x)
+
+    e = raises(lambda: export_model(Blocks(), nn.MSELoss(), [6]), ValueError)
+    check("graph model in training mode refused, naming the module path",
+          type(e) is ValueError and "nn.Dropout at 'blk.1'" in str(e) and "model.eval()" in str(e), repr(e))
 
     # training mode: refused where it computes differently (Dropout p > 0, BatchNorm)
     drop = nn.Sequential(nn.Linear(6, 8), nn.Dropout(0.5), nn.Linear(8, 3))

@@ -74,13 +74,14 @@ def make_mlp_case(act, loss, n=12, din=5, hidden=(7, 6), C=3, seed=0):
 
 
 def read_safetensors(path):
-    """{name: float64/int64 tensor} from a safetensors file (F64, F32, I64)."""
+    """{name: tensor} from a safetensors file (F64, F32, I64, I32, BOOL)."""
     with open(path, "rb") as f:
         raw = f.read()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + n])
     base = 8 + n
-    kinds = {"F64": torch.float64, "F32": torch.float32, "I64": torch.int64}
+    kinds = {"F64": torch.float64, "F32": torch.float32, "I64": torch.int64, "I32": torch.int32,
+             "BOOL": torch.bool}
     out = {}
     for name, h in header.items():
         if name == "__metadata__":

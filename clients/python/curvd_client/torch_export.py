@@ -1,12 +1,16 @@
-"""PyTorch → curvd: architecture JSON and safetensors bytes from ``nn.Sequential``.
+"""PyTorch → curvd: architecture JSON and safetensors bytes from any traceable ``nn.Module``.
 
-curvd's architecture document mirrors ``torch.nn.Sequential`` (docs/interface.md):
-layer ``i`` owns the parameters ``state_dict()`` names ``"i.weight"``,
-``"i.bias"``, ..., with PyTorch's type and attribute names, so a model
-exported here is evaluated by curvd exactly as PyTorch evaluates it (in
-evaluation mode: Dropout is the identity, BatchNorm uses running statistics).
-:func:`export_model` therefore refuses a model whose Dropout or BatchNorm
-layers are in training mode (call ``model.eval()`` first).
+A flat ``torch.nn.Sequential`` of the modules below becomes curvd's Sequential
+form (docs/interface.md): layer ``i`` owns the parameters ``state_dict()``
+names ``"i.weight"``, ``"i.bias"``, ..., with PyTorch's type and attribute
+names.  Any other model that ``torch.fx.symbolic_trace`` can trace (nested
+Sequentials, custom modules, residual blocks, transformers) becomes the graph
+form: its modules by qualified name plus the traced nodes
+(:mod:`curvd_client.torch_graph`).  Either way curvd evaluates the model
+exactly as PyTorch does in evaluation mode (Dropout is the identity,
+BatchNorm uses running statistics), so :func:`export_model` refuses a model
+whose Dropout or BatchNorm layers are in training mode (call ``model.eval()``
+first).
 
     import torch
     from curvd_client import Client
@@ -25,11 +29,15 @@ torch is imported when this module is imported; without it the import fails
 with an :class:`ImportError` that says how to get it.  Supported modules:
 Linear, Conv2d, ReLU, Tanh, Sigmoid, LeakyReLU, ELU, GELU, Softplus, SiLU,
 Identity, Flatten, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d,
-BatchNorm2d, Dropout, Mish, Hardswish, LayerNorm, GroupNorm, Embedding, Conv1d,
-MaxPool1d, AvgPool1d, AdaptiveAvgPool1d, ConvTranspose2d, Upsample (mode "nearest");
-losses MSELoss, CrossEntropyLoss, BCEWithLogitsLoss (reduction "mean" or "sum").
-Anything else raises :class:`UnsupportedModuleError` naming the module and its
-index.
+BatchNorm2d, Dropout, LayerNorm, GroupNorm, Embedding,
+MultiheadAttention (batch_first, graph form), Mish, Hardswish, Conv1d, AvgPool1d, MaxPool1d,
+Upsample (nearest), ConvTranspose2d, AdaptiveAvgPool1d, Softmax, LogSoftmax, plus the functions of
+``torch_graph.SUPPORTED_FUNCTIONS``; losses MSELoss, CrossEntropyLoss, NLLLoss
+(after a log_softmax), BCEWithLogitsLoss (reduction "mean" or "sum";
+label_smoothing and ignore_index as PyTorch; ``class_dim=-1`` for [N, ..., C]
+sequence logits).  Anything else raises :class:`UnsupportedModuleError`
+naming the module and its index, or (graph form) the traced node, its module
+path and source line.
 """
 from __future__ import annotations
 
@@ -60,10 +68,11 @@ SUPPORTED_MODULES: Tuple[str, ...] = (
 #: Where :func:`write_files` writes when given no directory (``/out/`` is in .gitignore).
 DEFAULT_DIRECTORY = "out"
 #: Loss class names curvd evaluates.
-SUPPORTED_LOSSES: Tuple[str, ...] = ("MSELoss", "CrossEntropyLoss", "BCEWithLogitsLoss")
+SUPPORTED_LOSSES: Tuple[str, ...] = ("MSELoss", "CrossEntropyLoss", "NLLLoss",
+                                     "BCEWithLogitsLoss")
 
 _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16",
-           torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}
+           torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL"}
 
 
 class UnsupportedModuleError(ValueError):
@@ -217,8 +226,13 @@ def layer_json(m: "nn.Module", index: Any = None) -> Dict[str, Any]:
     return {"type": n}  # ReLU, Tanh, Sigmoid, SiLU, Mish, Hardswish, Identity
 
 
-def loss_json(loss: "nn.Module") -> Dict[str, Any]:
-    """The ``loss`` object of the architecture (raises :class:`UnsupportedModuleError`)."""
+def loss_json(loss: "nn.Module", class_dim: int = 1) -> Dict[str, Any]:
+    """The ``loss`` object of the architecture (raises :class:`UnsupportedModuleError`).
+
+    ``class_dim``: where CrossEntropyLoss/NLLLoss find the classes in the model
+    output: 1 (PyTorch's [N, C, d1...]) or -1 ([N, ..., C], a sequence model's
+    logits, as ``loss_fn(logits.reshape(-1, C), y.reshape(-1))``).
+    """
     n = next((s for s in SUPPORTED_LOSSES if _exact(loss, s)), None)
     if n is None:
         raise UnsupportedModuleError(None, loss, "curvd supports " + ", ".join(SUPPORTED_LOSSES),
@@ -230,35 +244,98 @@ def loss_json(loss: "nn.Module") -> Dict[str, Any]:
         raise UnsupportedModuleError(None, loss, "class/element weights are not supported", "loss")
     if getattr(loss, "pos_weight", None) is not None:
         raise UnsupportedModuleError(None, loss, "pos_weight is not supported", "loss")
-    if float(getattr(loss, "label_smoothing", 0.0) or 0.0) != 0.0:
-        raise UnsupportedModuleError(None, loss, "label_smoothing is not supported", "loss")
-    return {"type": n, "reduction": loss.reduction}
+    if class_dim not in (1, -1):
+        raise ValueError("class_dim must be 1 ([N, C, d1...]) or -1 ([N, ..., C]), got %r"
+                         % (class_dim,))
+    d: Dict[str, Any] = {"type": n, "reduction": loss.reduction}
+    if n in ("CrossEntropyLoss", "NLLLoss"):
+        if class_dim != 1:
+            d["class_dim"] = class_dim
+        ls = float(getattr(loss, "label_smoothing", 0.0) or 0.0)
+        if ls != 0.0:
+            d["label_smoothing"] = ls
+        if loss.ignore_index != -100:
+            d["ignore_index"] = loss.ignore_index
+    elif class_dim != 1:
+        raise ValueError("class_dim applies to CrossEntropyLoss/NLLLoss, not to %s (its targets "
+                         "have the output's shape)" % n)
+    return d
 
 
-def export_architecture(model: "nn.Module", loss: "nn.Module",
-                        input_shape: Sequence[int]) -> Dict[str, Any]:
-    """The architecture document of ``model`` (an ``nn.Sequential``) with ``loss``.
+def _flat_sequential(model: "nn.Module") -> bool:
+    """True for an nn.Sequential built from a list of the Sequential form's modules.
 
-    ``input_shape`` is one sample's shape without the batch dimension, e.g.
-    ``[64]`` or ``[1, 28, 28]``.
+    Such a model is exported in the Sequential form (byte-identical to the
+    exports before the graph form).  A child that is a module of neither form
+    raises UnsupportedModuleError naming its index, as before.
     """
     if not _exact(model, "Sequential"):
-        raise UnsupportedModuleError(None, model,
-                                     "the model must be a torch.nn.Sequential (keeping its "
-                                     "forward()), got %s" % type(model).__name__, "model")
+        return False
+    from .torch_graph import GRAPH_MODULES
+    flat = True
+    for i, (key, m) in enumerate(model.named_children()):
+        if key != str(i) or isinstance(m, nn.Sequential):
+            flat = False
+            continue
+        if any(_exact(m, s) for s in SUPPORTED_MODULES):
+            continue
+        flat = False
+        if not any(_exact(m, s) for s in GRAPH_MODULES) and type(m).__module__.startswith(
+                "torch.nn"):
+            layer_json(m, i)  # raises: nn.LSTM at index 3 ...
+    return flat
+
+
+def export_architecture(model: "nn.Module", loss: "nn.Module", input_shape: Sequence[int],
+                        class_dim: int = 1, example_input: Any = None) -> Dict[str, Any]:
+    """The architecture document of ``model`` with ``loss``.
+
+    ``input_shape`` is one sample's shape without the batch dimension, e.g.
+    ``[64]``, ``[1, 28, 28]`` or ``[T]`` (token ids).  A flat ``nn.Sequential``
+    of the Sequential form's modules gives ``{"input_shape", "layers", "loss"}``;
+    any other model is traced with torch.fx and gives the graph form
+    ``{"input_shape", ["input_dtype"], "modules", "nodes", "loss"}``.
+    ``example_input`` (optional, a batch like the dataset's x) is what the
+    traced graph runs on to learn every node's shape (default: zeros; int64
+    zeros when the input feeds an Embedding).  ``class_dim``: see :func:`loss_json`.
+    """
     shape = [int(s) for s in input_shape]
     if not shape or any(s <= 0 for s in shape):
         raise ValueError("input_shape must be a non-empty list of positive sizes (no batch "
                          "dimension), got %r" % (list(input_shape),))
-    layers: List[Dict[str, Any]] = []
-    for i, (key, m) in enumerate(model.named_children()):
-        if key != str(i):
-            raise UnsupportedModuleError(i, m,
-                                         "named submodule %r: curvd's parameter names are "
-                                         "'%d.weight' etc., so build the Sequential from a list, "
-                                         "not an OrderedDict" % (key, i))
-        layers.append(layer_json(m, i))
-    return {"input_shape": shape, "layers": layers, "loss": loss_json(loss)}
+    if _flat_sequential(model):
+        layers = [layer_json(m, i) for i, m in enumerate(model.children())]
+        arch: Dict[str, Any] = {"input_shape": shape, "layers": layers}
+        out_rank = 2
+    else:
+        from .torch_graph import export_graph
+        info: Dict[str, Any] = {}
+        arch = export_graph(model, shape, example_input, info)
+        out_rank = info["output_rank"]
+    arch["loss"] = loss_json(loss, class_dim)
+    _check_loss_output(arch, loss, class_dim, out_rank)
+    return arch
+
+
+def _check_loss_output(arch: Dict[str, Any], loss: "nn.Module", class_dim: int,
+                       out_rank: int) -> None:
+    """NLLLoss reads log-probabilities: the output must be a log_softmax over the class dim."""
+    if arch["loss"]["type"] != "NLLLoss":
+        return
+    dim: Any = None
+    if "nodes" in arch:
+        from .torch_graph import output_node
+        last = output_node(arch) or {}
+        if last.get("op") == "call_module" and \
+                arch["modules"][last["target"]]["type"] == "LogSoftmax":
+            dim = arch["modules"][last["target"]]["dim"]
+        elif last.get("op") == "call_function" and last.get("target") == "log_softmax":
+            dim = last["dim"]
+    if dim is None or dim % out_rank != class_dim % out_rank:
+        raise UnsupportedModuleError(None, loss, "NLLLoss needs log-probabilities: the model "
+                                     "must end in nn.LogSoftmax / F.log_softmax over the class "
+                                     "dimension (%d); or use CrossEntropyLoss on the logits"
+                                     % class_dim, "loss")
 
 
 def safetensors_bytes(tensors: Mapping[str, "torch.Tensor"]) -> bytes:
@@ -288,20 +365,44 @@ def state_dict_bytes(model: "nn.Module") -> bytes:
     """The model's ``state_dict()`` (weights, biases, BatchNorm buffers) as safetensors bytes.
 
     This is the body for :meth:`curvd_client.Client.push_parameters` after a training step.
+    A parameter shared by several modules (tied weights, e.g. an output head that
+    reuses the token embedding) is written once, under its first name in
+    ``named_parameters()``, which is the name the graph form uses; flat Sequential
+    models are written exactly as ``state_dict()`` is.
     """
-    return safetensors_bytes(model.state_dict())
+    sd = model.state_dict()
+    try:
+        flat = _flat_sequential(model)
+    except UnsupportedModuleError:
+        flat = True
+    if not flat:
+        first = {n for n, _ in model.named_parameters()}
+        alias = set()
+        for mname, mod in model.named_modules(remove_duplicate=False):
+            for k, t in mod._parameters.items():
+                full = "%s.%s" % (mname, k) if mname else k
+                if t is not None and full not in first:
+                    alias.add(full)
+        sd = type(sd)((k, v) for k, v in sd.items() if k not in alias)
+    return safetensors_bytes(sd)
 
 
 def _check_eval_mode(model: "nn.Module") -> None:
     """Raises ValueError if a layer that computes differently in training mode is in it."""
     train = []
-    for i, m in enumerate(model.children()):
+    if _flat_sequential(model):
+        where = [("index %d" % i, m) for i, m in enumerate(model.children())]
+    else:
+        where = [("'%s'" % k, m) for k, m in model.named_modules() if k]
+    for w, m in where:
         if not m.training:
             continue
-        if isinstance(m, nn.Dropout) and m.p > 0:
-            train.append("nn.Dropout at index %d" % i)
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            train.append("nn.%s at index %d" % (type(m).__name__, i))
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            train.append("nn.%s at %s" % (type(m).__name__, w))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            train.append("nn.%s at %s" % (type(m).__name__, w))
+        elif isinstance(m, nn.MultiheadAttention) and m.dropout > 0:
+            train.append("nn.MultiheadAttention (dropout %g) at %s" % (m.dropout, w))
     if train:
         raise ValueError(
             "the model is in training mode: %s compute%s differently there, but curvd always "
@@ -310,9 +411,13 @@ def _check_eval_mode(model: "nn.Module") -> None:
             "training)." % (", ".join(train), "s" if len(train) == 1 else ""))
 
 
-def export_model(model: "nn.Module", loss: "nn.Module",
-                 input_shape: Sequence[int]) -> Tuple[Dict[str, Any], bytes]:
+def export_model(model: "nn.Module", loss: "nn.Module", input_shape: Sequence[int],
+                 class_dim: int = 1, example_input: Any = None) -> Tuple[Dict[str, Any], bytes]:
     """``(architecture dict, parameters safetensors bytes)`` for :meth:`Client.register_model`.
+
+    ``class_dim=-1`` for a sequence model's [N, T, C] logits with [N, T]
+    targets (CrossEntropyLoss/NLLLoss); ``example_input``: see
+    :func:`export_architecture`.
 
     curvd evaluates the model in evaluation mode, so Dropout (p > 0) and
     BatchNorm layers must be in evaluation mode too: call ``model.eval()``
@@ -321,22 +426,25 @@ def export_model(model: "nn.Module", loss: "nn.Module",
 
     Raises:
         UnsupportedModuleError: names the first module (type and index) or
-            loss setting curvd cannot evaluate, e.g. ``nn.LSTM at index 3``.
+            loss setting curvd cannot evaluate, e.g. ``nn.LSTM at index 3``;
+            for a traced model (``torch_graph.UnsupportedNodeError``) the node,
+            its module path, the source line and what is supported.
         ValueError: a Dropout or BatchNorm layer is in training mode; the
             message names it and the fix, ``model.eval()``.
     """
-    arch = export_architecture(model, loss, input_shape)
     _check_eval_mode(model)
+    arch = export_architecture(model, loss, input_shape, class_dim, example_input)
     return arch, state_dict_bytes(model)
 
 
 def export_dataset(x: Any, y: Any) -> bytes:
     """A dataset safetensors file (docs/interface.md) from inputs ``x`` [N, *input_shape] and targets ``y``.
 
-    ``x`` becomes F32.  Integer ``y`` (class indices [N], for CrossEntropyLoss)
-    becomes I64; floating ``y`` (targets shaped like the model output, for
-    MSELoss / BCEWithLogitsLoss) becomes F32.  Tensors, numpy arrays and lists
-    are accepted.
+    Floating ``x`` becomes F32; integer ``x`` (token ids [N, T] for a model
+    that starts with an Embedding) becomes I64.  Integer ``y`` (class indices
+    [N], or [N, T] for a sequence model, for CrossEntropyLoss/NLLLoss) becomes
+    I64; floating ``y`` (targets shaped like the model output, for MSELoss /
+    BCEWithLogitsLoss) becomes F32.  Tensors, numpy arrays and lists are accepted.
     """
     xt = torch.as_tensor(x).detach().cpu()
     yt = torch.as_tensor(y).detach().cpu()
@@ -344,7 +452,9 @@ def export_dataset(x: Any, y: Any) -> bytes:
         raise ValueError("x must be [N, *input_shape] (at least 2-D), got shape %s" % list(xt.shape))
     if yt.shape[0] != xt.shape[0]:
         raise ValueError("x has %d samples but y has %d" % (xt.shape[0], yt.shape[0]))
-    xt = xt.to(torch.float32)
+    if xt.dtype == torch.bool:
+        raise ValueError("x is boolean: give float inputs or integer token ids")
+    xt = xt.to(torch.float32 if xt.dtype.is_floating_point else torch.int64)
     if yt.dtype.is_floating_point:
         yt = yt.to(torch.float32)
     elif yt.dtype == torch.bool:
@@ -355,20 +465,22 @@ def export_dataset(x: Any, y: Any) -> bytes:
 
 
 def write_files(model: Any, loss: Any, input_shape: Any, x: Any = None, y: Any = None,
-                directory: Optional[Any] = None) -> Dict[str, str]:
+                directory: Optional[Any] = None, class_dim: int = 1) -> Dict[str, str]:
     """Writes ``arch.json``, ``params.safetensors`` (and ``data.safetensors`` if x, y are given).
 
     The files `curvd run`, ``curvctl`` and :meth:`Client.register_model_files`
     take, in ``directory`` (default :data:`DEFAULT_DIRECTORY`, ``out/`` under
     the current directory; created when missing).  The older form
-    ``write_files(directory, model, loss, input_shape, x, y)`` is accepted too.
+    ``write_files(directory, model, loss, input_shape, x, y, class_dim=1)`` is
+    accepted too.  ``class_dim=-1`` for sequence models ([N, T, C] logits, [N, T]
+    targets); ``x`` (when given) is also the example the traced graph runs on.
     Returns ``{"arch": path, "params": path[, "data": path]}``.  Refuses what
     :func:`export_model` refuses (e.g. Dropout in training mode).
     """
     if isinstance(model, (str, bytes, os.PathLike)):  # write_files(directory, model, ...)
         model, loss, input_shape, x, y, directory = loss, input_shape, x, y, directory, model
     d = os.fspath(directory if directory is not None else DEFAULT_DIRECTORY)
-    arch, params = export_model(model, loss, input_shape)
+    arch, params = export_model(model, loss, input_shape, class_dim, x)
     os.makedirs(d, exist_ok=True)
     out = {"arch": os.path.join(d, "arch.json"),
            "params": os.path.join(d, "params.safetensors")}
