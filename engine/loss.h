@@ -92,8 +92,9 @@ void cv_loss_hessian_apply(const cv_loss_state *s, int k, const float *r, float 
 
 /* Draws mc gradient samples per data point: S (mc*n*C), sample m of data
  * point i at S + (m*n + i)*C, s = d l(h_i, yhat)/dh with yhat ~ p(y | h_i)
- * (CE/NLL: one class drawn per counted position, independently; ignored
- * positions 0), unscaled, so that E[s s^T] equals Lambda / c. */
+ * (CE/NLL: one class drawn per counted position, independently, s = p - e_yhat
+ * there, the negative log-likelihood's gradient also under label smoothing;
+ * ignored positions 0), unscaled, so that E[s s^T] equals Lambda / c. */
 void cv_loss_sample_mc(const cv_loss_state *s, cv_rng *rng, int mc, float *S);
 
 /* out_j(i) = w * sum_m S_m(i) (S_m(i) . r_j(i)) for k stacked blocks, i.e.

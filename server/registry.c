@@ -95,7 +95,7 @@ size_t cv_dataset_bytes(const cv_dataset *d)
 {
     size_t b = sizeof *d + sizeof(float) * d->n * cv_shape_numel(&d->x_shape);
     if (d->y_is_index)
-        b += sizeof(int64_t) * d->n;
+        b += sizeof(int64_t) * d->n * cv_shape_numel(&d->y_shape);
     else
         b += sizeof(float) * d->n * cv_shape_numel(&d->y_shape);
     return b;
@@ -623,14 +623,14 @@ static int dataset_json(const cv_snap *s, cJSON *o)
     cJSON *ys;
     if (d->y_is_index) {
         int64_t lo = 0, hi = -1;
-        for (size_t i = 0; i < d->n; i++) {
+        size_t total = d->n * cv_shape_numel(&d->y_shape); /* [N] or [N, T, ...] labels */
+        for (size_t i = 0; i < total; i++) {
             if (i == 0 || d->labels[i] < lo)
                 lo = d->labels[i];
             if (i == 0 || d->labels[i] > hi)
                 hi = d->labels[i];
         }
-        cv_shape none = {0, {0}};
-        ys = shape_json(d->n, &none);
+        ys = shape_json(d->n, &d->y_shape);
         if (!cJSON_AddStringToObject(y, "kind", "labels") ||
             !cJSON_AddStringToObject(y, "dtype", "I64") ||
             !cJSON_AddNumberToObject(y, "min_label", (double)lo) ||
