@@ -48,6 +48,23 @@ then ok; else bad "quickstart-python: $(tail -c 600 "$T/quick.out")"; fi
 # ---- more examples ----------------------------------------------------------------
 curl_lines more-examples
 
+# ---- graph form: the transformer's files, eigenvalues and per-module traces ------------
+readme_block graph-files > "$T/gfiles.sh"
+readme_block graph-curl | grep '^curl' | sed 's/^curl -s/curl -sf/' > "$T/gcurl.sh"
+if ( cd "$W" && timeout 120 sh -e "$T/gfiles.sh" ) > "$T/gfiles.out" 2>&1 \
+   && ( cd "$W" && timeout 120 sh -e "$T/gcurl.sh" ) > "$T/gcurl.out" 2> "$T/gcurl.err" \
+   && "$PY" - "$T/gcurl.out" <<'EOF'
+import json, sys
+docs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+eig, tr = docs[-2]["result"], docs[-1]["result"]
+assert len(eig["eigenvalues"]) == 3 and eig["eigenvalues"][0] >= eig["eigenvalues"][1], eig
+names = [b["name"] for b in tr["blocks"]]
+assert names[:2] == ["tok_emb", "pos_emb"] and "blocks.0.attn.mha" in names and names[-1] == "head", names
+mha = tr["blocks"][names.index("blocks.0.attn.mha")]
+assert len(mha["params"]) == 4 and mha["dim"] == 1088, mha
+EOF
+then ok; else bad "graph-files/graph-curl: $(tail -c 600 "$T/gfiles.out") $(tail -c 600 "$T/gcurl.err") $(tail -c 300 "$T/gcurl.out")"; fi
+
 # ---- Your own model, steps 1-3 in order, in an empty directory ----------------------
 readme_block own-model-files > "$T/files.sh"
 readme_block own-model > "$T/own.sh"
