@@ -294,13 +294,7 @@ static int parse_call_module(graph_doc *g, const cJSON *o, const char *obj, cv_l
         return 1; /* expanded by the caller */
     if (cv_arch_check_keys(o, obj, "a call_module node", K_NODE_BASE, e))
         return -1;
-    cv_layer probe = *L;
-    if (++g->mod_calls[mi] > 1 && probe.cls->layout && probe.cls->layout(&probe) == 0 &&
-        probe.nparams > 0)
-        return cv_err_set(e, CV_EINVAL, "unsupported", path,
-                          "%s: module '%.60s' is called a second time; a module with "
-                          "parameters may be called once (shared parameters are not "
-                          "supported)", path, t->valuestring);
+    g->mod_calls[mi]++; /* a second call shares the module's tensors */
     L->op = CV_NODE_CALL_MODULE;
     snprintf(L->module, sizeof L->module, "%s", t->valuestring);
     return 0;

@@ -21,14 +21,16 @@ static slot *state_dict(const cv_model *m, size_t *n)
     if (!s)
         return NULL;
     size_t k = 0;
-    for (int i = 0; i < m->nlayers; i++) {
+    for (int i = 0; i < m->nlayers; i++) { /* shared tensors once */
         const cv_layer *L = &m->layers[i];
         for (int j = 0; j < L->nparams; j++)
-            s[k++] = (slot){&L->params[j], 0};
+            if (!L->params[j].shared)
+                s[k++] = (slot){&L->params[j], 0};
         for (int j = 0; j < L->nbuffers; j++)
-            s[k++] = (slot){&L->buffers[j], 1};
+            if (!L->buffers[j].shared)
+                s[k++] = (slot){&L->buffers[j], 1};
     }
-    *n = count;
+    *n = k;
     return s;
 }
 

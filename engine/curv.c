@@ -28,6 +28,14 @@ struct cv_curv {
     const cv_layer_ops *ops[CV_MAX_LAYERS];
     size_t numel[CV_MAX_LAYERS + 1]; /* per-sample numel of act[a] */
     size_t poff[CV_MAX_LAYERS];      /* offset of layer l's parameters */
+    /* Parameter tensors by use: slot i of layer l is unique tensor uid[l][i]
+     * at loc[l][i] in the layer's own vector (its tensors concatenated); a
+     * tensor used by several layers (tied) makes the model `tied`. */
+    int uid[CV_MAX_LAYERS][CV_MAX_LAYER_PARAMS];
+    size_t loc[CV_MAX_LAYERS][CV_MAX_LAYER_PARAMS];
+    int nuid, tied;
+    long *bpos;                      /* per uid: offset in the current block, or -1 */
+    float *theta_copy[CV_MAX_LAYERS]; /* gathered parameters of non-contiguous layers */
     float *act[CV_MAX_LAYERS + 1];   /* act[0] = batch x (borrowed), act[l+1] = layer l's output */
     size_t max_numel;
 
@@ -120,7 +128,10 @@ int cv_blocks_per_layer(const cv_model *m, cv_block *out, int max)
         return 0;
     for (int l = 0; l < m->nlayers; l++) {
         const cv_layer *L = &m->layers[l];
-        if (!L->nparams)
+        int own = 0; /* tensors first used here (a shared one belongs to its first user) */
+        for (int i = 0; i < L->nparams; i++)
+            own += !L->params[i].shared;
+        if (!own)
             continue;
         int bi = 0;
         while (bi < nb && !(L->module[0] && strcmp(tmp[bi].name, L->module) == 0))
@@ -132,10 +143,11 @@ int cv_blocks_per_layer(const cv_model *m, cv_block *out, int max)
             nb++;
         }
         for (int i = 0; i < L->nparams; i++) {
-            b->idx[b->count++] = t + i;
+            if (L->params[i].shared)
+                continue;
+            b->idx[b->count++] = t++;
             b->dim += L->params[i].numel;
         }
-        t += L->nparams;
     }
     for (int i = 0; out && i < nb && i < max; i++)
         out[i] = tmp[i];
@@ -167,6 +179,44 @@ static void wire_inputs(cv_curv *c, int l)
     x->in_numel = L->nin ? x->in_numels[0] : 0;
 }
 
+/* uid and loc of layer l's slots; a copy of its parameters when they are not
+ * one contiguous run of the model's vector (a shared tensor among them). */
+static int number_slots(cv_curv *c, int l, cv_err *e)
+{
+    const cv_layer *L = &c->m->layers[l];
+    size_t at = 0;
+    int contiguous = 1;
+    for (int i = 0; i < L->nparams; i++) {
+        const cv_tensor_info *t = &L->params[i];
+        c->loc[l][i] = at;
+        contiguous &= t->offset == L->params[0].offset + at;
+        at += t->numel;
+        if (!t->shared) {
+            c->uid[l][i] = c->nuid++;
+            continue;
+        }
+        c->tied = 1;
+        c->uid[l][i] = -1;
+        for (int k = 0; k < l && c->uid[l][i] < 0; k++)
+            for (int q = 0; q < c->m->layers[k].nparams; q++)
+                if (!c->m->layers[k].params[q].shared &&
+                    c->m->layers[k].params[q].offset == t->offset)
+                    c->uid[l][i] = c->uid[k][q];
+        for (int q = 0; q < i && c->uid[l][i] < 0; q++)
+            if (L->params[q].offset == t->offset)
+                c->uid[l][i] = c->uid[l][q];
+    }
+    if (contiguous)
+        return 0;
+    c->theta_copy[l] = malloc(sizeof(float) * (at ? at : 1));
+    if (!c->theta_copy[l])
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "parameters of layer %d", l);
+    for (int i = 0; i < L->nparams; i++)
+        memcpy(c->theta_copy[l] + c->loc[l][i], c->m->params + L->params[i].offset,
+               sizeof(float) * L->params[i].numel);
+    return 0;
+}
+
 static int setup_layers(cv_curv *c, cv_err *e)
 {
     const cv_model *m = c->m;
@@ -194,7 +244,10 @@ static int setup_layers(cv_curv *c, cv_err *e)
         x->out_numel = c->numel[l + 1];
         x->nparam = layer_nparam(L);
         c->poff[l] = L->nparams ? L->params[0].offset : 0;
-        x->theta = L->nparams ? m->params + c->poff[l] : NULL;
+        if (number_slots(c, l, e))
+            return -1;
+        x->theta = L->nparams ? c->theta_copy[l] ? c->theta_copy[l] : m->params + c->poff[l]
+                              : NULL;
         x->buffers = L->nbuffers ? m->buffers + L->buffers[0].offset : NULL;
     }
     return 0;
@@ -239,7 +292,10 @@ cv_curv *cv_curv_new(const cv_model *m, const cv_batch *b, const cv_curv_options
         c->opt = *opt;
     if (c->opt.mc_samples < 1)
         c->opt.mc_samples = 1;
-    if (setup_layers(c, e) || run_forward(c, e)) {
+    int rc = setup_layers(c, e);
+    if (!rc && !(c->bpos = malloc(sizeof(long) * (size_t)(c->nuid + 1))))
+        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "engine state");
+    if (rc || run_forward(c, e)) {
         cv_curv_free(c);
         return NULL;
     }
@@ -278,7 +334,9 @@ void cv_curv_free(cv_curv *c)
     if (!c)
         return;
     free_workspace(c);
+    free(c->bpos);
     for (int l = 0; l < c->L; l++) {
+        free(c->theta_copy[l]);
         free(c->act[l + 1]);
         free(c->gy[l]);
         cv_layer_ctx_release(&c->ctx[l]);
@@ -546,6 +604,22 @@ static void drop_grad(cv_curv *c)
     }
 }
 
+/* grad = the per-layer parameter gradients gt[l] added at their tensors'
+ * places (a shared tensor gets the sum of its uses). */
+static void sum_uses(const cv_curv *c, float *const *gt, float *grad)
+{
+    memset(grad, 0, sizeof(float) * c->m->nparams_total);
+    for (int l = 0; l < c->L; l++) {
+        const cv_layer *L = &c->m->layers[l];
+        for (int i = 0; gt[l] && i < L->nparams; i++) {
+            float *dst = grad + L->params[i].offset;
+            const float *src = gt[l] + c->loc[l][i];
+            for (size_t q = 0; q < L->params[i].numel; q++)
+                dst[q] += src[q];
+        }
+    }
+}
+
 /* The backward pass of the loss: dL/dtheta and the cotangent of every
  * layer's output (the Hessian's R-op terms need them).  Once per engine. */
 static int ensure_grad(cv_curv *c, cv_err *e)
@@ -561,23 +635,33 @@ static int ensure_grad(cv_curv *c, cv_err *e)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient and cotangents");
     }
     char active[CV_MAX_LAYERS];
-    float *gt[CV_MAX_LAYERS];
+    float *gt[CV_MAX_LAYERS] = {NULL};
+    int rc = 0;
     for (int l = 0; l < c->L; l++) {
         active[l] = c->ctx[l].nparam > 0;
-        gt[l] = active[l] ? c->grad + c->poff[l] : NULL;
+        if (active[l] && c->tied) /* shared tensors: each use into its own buffer, then summed */
+            rc |= !(gt[l] = malloc(sizeof(float) * c->ctx[l].nparam));
+        else if (active[l])
+            gt[l] = c->grad + c->poff[l];
     }
-    cv_walk *w = calloc(1, sizeof *w);
-    if (!w) {
-        drop_grad(c);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient walk");
+    cv_walk *w = rc ? NULL : calloc(1, sizeof *w);
+    if (w) {
+        w->k = 1;
+        w->active = active;
+        w->gtheta = gt;
+        w->use_gy = 1;
+        memcpy(c->gy[c->L - 1], c->gh, sizeof(float) * (size_t)c->n * c->C);
+        rc = ensure_pool(c, 1, e) ? -1 : walk_backward(c, w, c->gy[c->L - 1], e);
+        free(w);
+    } else {
+        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient walk");
     }
-    w->k = 1;
-    w->active = active;
-    w->gtheta = gt;
-    w->use_gy = 1;
-    memcpy(c->gy[c->L - 1], c->gh, sizeof(float) * (size_t)c->n * c->C);
-    int rc = ensure_pool(c, 1, e) ? -1 : walk_backward(c, w, c->gy[c->L - 1], e);
-    free(w);
+    if (c->tied) {
+        if (!rc)
+            sum_uses(c, gt, c->grad);
+        for (int l = 0; l < c->L; l++)
+            free(gt[l]);
+    }
     if (rc) {
         drop_grad(c);
         return -1;
@@ -640,49 +724,88 @@ static int ensure_workspace(cv_curv *c, int k, cv_err *e)
     return 0;
 }
 
-/* Marks which layers own tensors of block b and which are live (layer.c's
- * walk comment). */
-static void active_layers(const cv_curv *c, const cv_block *b, char *active, char *live)
+/* Fills c->bpos for block b (each tensor's offset in the block vector, -1
+ * outside it), marks the layers using a tensor of b (active) and the live
+ * ones (the walk comment above). */
+static void active_layers(cv_curv *c, const cv_block *b, char *active, char *live)
 {
-    memset(active, 0, (size_t)c->L);
-    for (int i = 0; i < b->count; i++)
-        active[cv_model_param_layer(c->m, b->idx[i])] = 1;
+    for (int u = 0; u < c->nuid; u++)
+        c->bpos[u] = -1;
+    size_t at = 0;
+    for (int i = 0; i < b->count; i++) { /* uid = tensor index: both in first-use order */
+        c->bpos[b->idx[i]] = (long)at;
+        at += cv_model_param(c->m, b->idx[i])->numel;
+    }
+    for (int l = 0; l < c->L; l++) {
+        active[l] = 0;
+        for (int i = 0; i < c->m->layers[l].nparams; i++)
+            active[l] |= c->bpos[c->uid[l][i]] >= 0;
+    }
     live_layers(c, active, live);
 }
 
-/* Scatters k block vectors X (double) into the per-layer direction buffers. */
+/* Calls fn(c, l, i, block offset, arg) for every slot of an active layer whose
+ * tensor is in the block c->bpos describes. */
+static void for_block_slots(cv_curv *c, const char *active,
+                            void (*fn)(cv_curv *c, int l, int i, size_t p, void *arg),
+                            void *arg)
+{
+    for (int l = 0; l < c->L; l++)
+        for (int i = 0; active[l] && i < c->m->layers[l].nparams; i++)
+            if (c->bpos[c->uid[l][i]] >= 0)
+                fn(c, l, i, (size_t)c->bpos[c->uid[l][i]], arg);
+}
+
+typedef struct {
+    int k;
+    size_t dim;
+    const double *X;
+    double *Y;
+} dirs_job;
+
+static void scatter_slot(cv_curv *c, int l, int i, size_t p, void *arg)
+{
+    const dirs_job *d = arg;
+    size_t P = c->ctx[l].nparam, n = c->m->layers[l].params[i].numel;
+    for (int j = 0; j < d->k; j++) {
+        const double *x = d->X + (size_t)j * d->dim + p;
+        float *v = c->vth[l] + (size_t)j * P + c->loc[l][i];
+        for (size_t q = 0; q < n; q++)
+            v[q] = (float)x[q];
+    }
+}
+
+static void gather_slot(cv_curv *c, int l, int i, size_t p, void *arg)
+{
+    const dirs_job *d = arg;
+    size_t P = c->ctx[l].nparam, n = c->m->layers[l].params[i].numel;
+    for (int j = 0; j < d->k; j++) {
+        double *y = d->Y + (size_t)j * d->dim + p;
+        const float *g = c->gth[l] + (size_t)j * P + c->loc[l][i];
+        for (size_t q = 0; q < n; q++)
+            y[q] += g[q];
+    }
+}
+
+/* Scatters k block vectors X (double) into the per-layer direction buffers
+ * (every use of a shared tensor gets it). */
 static void scatter_dirs(cv_curv *c, const cv_block *b, const char *active, int k,
                          const double *X)
 {
     for (int l = 0; l < c->L; l++)
         if (active[l])
             memset(c->vth[l], 0, sizeof(float) * (size_t)k * c->ctx[l].nparam);
-    for (int j = 0; j < k; j++) {
-        const double *x = X + (size_t)j * b->dim;
-        for (int i = 0; i < b->count; i++) {
-            const cv_tensor_info *t = cv_model_param(c->m, b->idx[i]);
-            int l = cv_model_param_layer(c->m, b->idx[i]);
-            float *v = c->vth[l] + (size_t)j * c->ctx[l].nparam + (t->offset - c->poff[l]);
-            for (size_t q = 0; q < t->numel; q++)
-                v[q] = (float)x[q];
-            x += t->numel;
-        }
-    }
+    dirs_job d = {k, b->dim, X, NULL};
+    for_block_slots(c, active, scatter_slot, &d);
 }
 
-static void gather_products(cv_curv *c, const cv_block *b, int k, double *Y)
+/* Y = the per-layer products on block b (a shared tensor: the sum of its uses). */
+static void gather_products(cv_curv *c, const cv_block *b, const char *active, int k,
+                            double *Y)
 {
-    for (int j = 0; j < k; j++) {
-        double *y = Y + (size_t)j * b->dim;
-        for (int i = 0; i < b->count; i++) {
-            const cv_tensor_info *t = cv_model_param(c->m, b->idx[i]);
-            int l = cv_model_param_layer(c->m, b->idx[i]);
-            const float *g = c->gth[l] + (size_t)j * c->ctx[l].nparam + (t->offset - c->poff[l]);
-            for (size_t q = 0; q < t->numel; q++)
-                y[q] = g[q];
-            y += t->numel;
-        }
-    }
+    memset(Y, 0, sizeof(double) * (size_t)k * b->dim);
+    dirs_job d = {k, b->dim, NULL, Y};
+    for_block_slots(c, active, gather_slot, &d);
 }
 
 static int ensure_output_samples(cv_curv *c, cv_curvature kind, cv_err *e)
@@ -751,7 +874,7 @@ static int matvec_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
     apply_output_matrix(c, kind, k, c->rx[c->L], out);
     int rc = backward_products(c, kind, active, live, k, out, e);
     if (!rc)
-        gather_products(c, b, k, Y);
+        gather_products(c, b, active, k, Y);
     return rc;
 }
 
@@ -876,33 +999,46 @@ int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, co
 
 /* ---- per-sample gradients, dense matrices, loss at a step ------------------ */
 
+/* Per-sample rows of layer l (tmp: n x P) added to G at the block's columns. */
+typedef struct {
+    const float *rows;
+    double *G;
+    size_t dim;
+} rows_job;
+
+static void add_rows_slot(cv_curv *c, int l, int i, size_t p, void *arg)
+{
+    const rows_job *r = arg;
+    size_t P = c->ctx[l].nparam, n = c->m->layers[l].params[i].numel;
+    for (int s = 0; s < c->n; s++) {
+        double *g = r->G + (size_t)s * r->dim + p;
+        const float *src = r->rows + (size_t)s * P + c->loc[l][i];
+        for (size_t q = 0; q < n; q++)
+            g[q] += src[q];
+    }
+}
+
 int cv_curv_per_sample_gradients(cv_curv *c, const cv_block *b, double *G, cv_err *e)
 {
     if (ensure_grad(c, e))
         return -1;
-    size_t col = 0;
-    int l_prev = -1;
-    float *tmp = NULL;
-    for (int i = 0; i < b->count; i++) {
-        const cv_tensor_info *t = cv_model_param(c->m, b->idx[i]);
-        int l = cv_model_param_layer(c->m, b->idx[i]);
-        size_t P = c->ctx[l].nparam;
-        if (l != l_prev) {
-            free(tmp);
-            tmp = malloc(sizeof(float) * (size_t)c->n * P);
-            if (!tmp)
-                return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
-                                  "per-sample gradients of layer %d", l);
-            c->ops[l]->per_sample(&c->ctx[l], c->gy[l], tmp);
-            l_prev = l;
-        }
-        size_t off = t->offset - c->poff[l];
-        for (int s = 0; s < c->n; s++)
-            for (size_t q = 0; q < t->numel; q++)
-                G[(size_t)s * b->dim + col + q] = tmp[(size_t)s * P + off + q];
-        col += t->numel;
+    char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
+    active_layers(c, b, active, live);
+    memset(G, 0, sizeof(double) * (size_t)c->n * b->dim);
+    for (int l = 0; l < c->L; l++) {
+        if (!active[l])
+            continue;
+        float *tmp = malloc(sizeof(float) * (size_t)c->n * c->ctx[l].nparam);
+        if (!tmp)
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                              "per-sample gradients of layer %d", l);
+        c->ops[l]->per_sample(&c->ctx[l], c->gy[l], tmp);
+        rows_job r = {tmp, G, b->dim};
+        char only[CV_MAX_LAYERS] = {0};
+        only[l] = 1;
+        for_block_slots(c, only, add_rows_slot, &r);
+        free(tmp);
     }
-    free(tmp);
     return 0;
 }
 
@@ -985,7 +1121,7 @@ static int chunked_jacobian(cv_curv *c, const cv_block *b, int k, const double *
         memcpy(top, cot + (size_t)j * olen, sizeof(float) * olen * (size_t)kk);
         if (backward_products(c, CV_CURV_GGN, active, live, kk, top, e))
             return -1;
-        gather_products(c, b, kk, Y + (size_t)j * b->dim);
+        gather_products(c, b, active, kk, Y + (size_t)j * b->dim);
     }
     return 0;
 }
@@ -1000,68 +1136,85 @@ int cv_curv_vjp(cv_curv *c, const cv_block *b, int k, const float *cot, double *
     return chunked_jacobian(c, b, k, NULL, NULL, cot, Y, e);
 }
 
-/* Bit t set when the t-th tensor of layer l is in block b. */
-static unsigned layer_mask(const cv_curv *c, const cv_block *b, int l)
+/* Bit i set when slot i of layer l holds a tensor of the current block. */
+static unsigned layer_mask(const cv_curv *c, int l)
 {
     unsigned mask = 0;
-    int first = 0;
-    for (int i = 0; i < l; i++)
-        first += c->m->layers[i].nparams;
-    for (int i = 0; i < b->count; i++)
-        if (b->idx[i] >= first && b->idx[i] < first + c->m->layers[l].nparams)
-            mask |= 1u << (b->idx[i] - first);
+    for (int i = 0; i < c->m->layers[l].nparams; i++)
+        if (c->bpos[c->uid[l][i]] >= 0)
+            mask |= 1u << i;
     return mask;
 }
 
 typedef struct {
-    const cv_block *b;
     int k;
     double *G;
+    double *M;          /* whole-block explicit path: (k*n) x dim gradients, or NULL */
+    size_t dim;
 } gram_job;
 
-/* The Gram terms of layer l without a Gram kernel: its per-(vector, sample)
- * gradients formed explicitly (restricted to the block's tensors) and
- * G += P P^T. */
+/* G += M M^T for the R x P row-major M (both triangles). */
+static void add_outer(double *G, const double *M, size_t R, size_t P)
+{
+    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)R, (int)P, 1.0, M, (int)P, 1.0,
+                G, (int)R);
+    for (size_t r = 0; r < R; r++) /* mirror the upper triangle just added */
+        for (size_t q = 0; q < r; q++)
+            G[r * R + q] = G[q * R + r];
+}
+
+/* Per-(vector, sample) gradients of layer l's block tensors added to M (rows
+ * r = j*n + s, the block's columns; cols = dim) or, M NULL, into a private
+ * (k*n) x P matrix whose outer product goes to G. */
 static int gram_explicit(cv_curv *c, int l, const float *cot, const gram_job *g, cv_err *e)
 {
-    const cv_layer *L = &c->m->layers[l];
     size_t P = c->ctx[l].nparam, R = (size_t)g->k * c->n, n = (size_t)c->n;
-    unsigned mask = layer_mask(c, g->b, l);
     float *rows = malloc(sizeof(float) * n * P);
-    double *M = calloc(R * P, sizeof(double));
+    double *M = g->M ? g->M : calloc(R * P, sizeof(double));
     if (!rows || !M) {
         free(rows);
-        free(M);
+        if (!g->M)
+            free(M);
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                           "per-sample gradients of layers[%d] for the Gram matrix", l);
     }
+    unsigned mask = layer_mask(c, l);
     for (int j = 0; j < g->k; j++) {
         c->ops[l]->per_sample(&c->ctx[l], cot + (size_t)j * n * c->numel[l + 1], rows);
-        for (size_t s = 0; s < n; s++)
-            for (int t = 0; t < L->nparams; t++) {
-                if (!(mask >> t & 1u))
-                    continue;
-                size_t off = L->params[t].offset - c->poff[l];
-                for (size_t q = 0; q < L->params[t].numel; q++)
-                    M[((size_t)j * n + s) * P + off + q] = rows[s * P + off + q];
-            }
+        for (int i = 0; i < c->m->layers[l].nparams; i++) {
+            if (!(mask >> i & 1u))
+                continue;
+            size_t numel = c->m->layers[l].params[i].numel, loc = c->loc[l][i];
+            size_t col = g->M ? (size_t)c->bpos[c->uid[l][i]] : loc, ld = g->M ? g->dim : P;
+            for (size_t s = 0; s < n; s++)
+                for (size_t q = 0; q < numel; q++)
+                    M[((size_t)j * n + s) * ld + col + q] += rows[s * P + loc + q];
+        }
     }
-    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)R, (int)P, 1.0, M, (int)P, 1.0,
-                g->G, (int)R);
-    for (size_t r = 0; r < R; r++) /* mirror the upper triangle just added */
-        for (size_t q = 0; q < r; q++)
-            g->G[r * R + q] = g->G[q * R + r];
+    if (!g->M) {
+        add_outer(g->G, M, R, P);
+        free(M);
+    }
     free(rows);
-    free(M);
     return 0;
 }
 
 static int gram_at_layer(cv_curv *c, int l, const float *cot, void *arg, cv_err *e)
 {
     const gram_job *g = arg;
-    if (!c->ops[l]->gram_add)
+    if (g->M || !c->ops[l]->gram_add)
         return gram_explicit(c, l, cot, g, e);
-    c->ops[l]->gram_add(&c->ctx[l], g->k, cot, layer_mask(c, g->b, l), g->G);
+    c->ops[l]->gram_add(&c->ctx[l], g->k, cot, layer_mask(c, l), g->G);
+    return 0;
+}
+
+/* 1 when a tensor of the current block is used by several layers. */
+static int block_has_shared(const cv_curv *c)
+{
+    for (int l = 0; c->tied && l < c->L; l++)
+        for (int i = 0; i < c->m->layers[l].nparams; i++)
+            if (c->m->layers[l].params[i].shared && c->bpos[c->uid[l][i]] >= 0)
+                return 1;
     return 0;
 }
 
@@ -1072,24 +1225,31 @@ int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double 
     active_layers(c, b, active, live);
     size_t R = (size_t)k * c->n, olen = (size_t)c->n * c->C;
     memset(G, 0, sizeof(double) * R * R);
-    if (ensure_pool(c, k, e))
-        return -1;
-    float *top = pool_take(c);
-    cv_walk *w = calloc(1, sizeof *w);
+    /* a shared tensor's per-sample gradient sums its uses: the layer-wise
+     * Gram terms would miss the cross terms, so the block goes explicit */
+    gram_job job = {k, G, NULL, b->dim};
+    if (block_has_shared(c) && !(job.M = calloc(R * b->dim, sizeof(double))))
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                          "per-sample gradients for the Gram matrix (%zu x %zu)", R, b->dim);
+    float *top = ensure_pool(c, k, e) ? NULL : pool_take(c);
+    cv_walk *w = top ? calloc(1, sizeof *w) : NULL;
+    int rc = 0;
     if (!top || !w) {
         pool_give(c, top);
-        free(w);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Gram cotangents");
+        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Gram cotangents");
+    } else {
+        memcpy(top, cot, sizeof(float) * olen * (size_t)k);
+        w->k = k;
+        w->active = active;
+        w->live = live;
+        w->at_layer = gram_at_layer;
+        w->arg = &job;
+        rc = walk_backward(c, w, top, e);
     }
-    memcpy(top, cot, sizeof(float) * olen * (size_t)k);
-    gram_job job = {b, k, G};
-    w->k = k;
-    w->active = active;
-    w->live = live;
-    w->at_layer = gram_at_layer;
-    w->arg = &job;
-    int rc = walk_backward(c, w, top, e);
     free(w);
+    if (!rc && job.M)
+        add_outer(G, job.M, R, b->dim);
+    free(job.M);
     return rc;
 }
 

@@ -84,13 +84,36 @@ static const char *explicit_name(char (*names)[CV_NAME_MAX], const char *suffix)
     return NULL;
 }
 
-/* Gives the tensors a layout hook declared their state_dict names
- * ("<module>.<suffix>", the module alone for an empty suffix (get_attr),
- * or the explicit name in names) and offsets. */
-static void place(cv_tensor_info *t, int count, const char *module, char (*names)[CV_NAME_MAX],
-                  size_t *off)
+/* An earlier tensor (layers before li, or slots before `upto` of layer li)
+ * of this name among params (buffers when is_buffer), or NULL. */
+static const cv_tensor_info *earlier(const cv_model *m, int li, int upto, int is_buffer,
+                                     const char *name)
 {
+    for (int l = 0; l <= li; l++) {
+        const cv_layer *L = &m->layers[l];
+        const cv_tensor_info *t = is_buffer ? L->buffers : L->params;
+        int n = l < li ? (is_buffer ? L->nbuffers : L->nparams) : upto;
+        for (int i = 0; i < n; i++)
+            if (!t[i].shared && strcmp(t[i].name, name) == 0)
+                return &t[i];
+    }
+    return NULL;
+}
+
+/* Gives the tensors a layout hook declared for layer li their state_dict
+ * names ("<module>.<suffix>", the module alone for an empty suffix
+ * (get_attr), or the explicit name in names) and offsets; a graph tensor
+ * whose name an earlier one has is that tensor (shared: same offset), and
+ * must have its shape. */
+static int place(cv_model *m, int li, int is_buffer, char (*names)[CV_NAME_MAX], size_t *off,
+                 cv_err *e)
+{
+    cv_layer *L = &m->layers[li];
+    cv_tensor_info *t = is_buffer ? L->buffers : L->params;
+    int count = is_buffer ? L->nbuffers : L->nparams;
+    const char *module = L->module;
     for (int i = 0; i < count; i++) {
+        t[i].shared = 0;
         char suffix[CV_NAME_MAX];
         memcpy(suffix, t[i].name, sizeof suffix);
         const char *given = explicit_name(names, suffix);
@@ -103,9 +126,25 @@ static void place(cv_tensor_info *t, int count, const char *module, char (*names
             w = snprintf(t[i].name, sizeof t[i].name, "%s", *module ? module : suffix);
         if (w >= (int)sizeof t[i].name)
             t[i].name[sizeof t[i].name - 1] = 0; /* names are checked shorter by the parser */
+        const cv_tensor_info *o = m->graph ? earlier(m, li, i, is_buffer, t[i].name) : NULL;
+        if (o && (o->rank != t[i].rank || memcmp(o->dim, t[i].dim, sizeof o->dim) != 0)) {
+            char a[64], b[64];
+            cv_dims_str(o->dim, o->rank, a, sizeof a);
+            cv_dims_str(t[i].dim, t[i].rank, b, sizeof b);
+            cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                       "tensor %s is shared with an earlier node that has it as %s, here %s",
+                       t[i].name, a, b);
+            return -1;
+        }
+        if (o) {
+            t[i].offset = o->offset;
+            t[i].shared = 1;
+            continue;
+        }
         t[i].offset = *off;
         *off += t[i].numel;
     }
+    return 0;
 }
 
 /* Wires layer li: a Sequential layer reads the previous one; a graph layer's
@@ -170,8 +209,8 @@ static int finalize_layer(cv_model *m, int li, size_t *poff, size_t *boff, cv_er
         cv_err_set(e, CV_EINVAL, "invalid_model", "", "more tensors than a layer may have");
         return layer_fail(e, m, li, L);
     }
-    place(L->params, L->nparams, L->module, L->pnames, poff);
-    place(L->buffers, L->nbuffers, L->module, NULL, boff);
+    if (place(m, li, 0, L->pnames, poff, e) || place(m, li, 1, NULL, boff, e))
+        return layer_fail(e, m, li, L);
     for (int t = 0; t < L->nparams; t++)
         if (dims_exceed(L->params[t].dim, L->params[t].rank, INT_MAX) ||
             *poff > (size_t)INT_MAX) {
@@ -179,33 +218,6 @@ static int finalize_layer(cv_model *m, int li, size_t *poff, size_t *boff, cv_er
                        "parameter %s makes the model larger than %d parameters",
                        L->params[t].name, INT_MAX);
             return layer_fail(e, m, li, L);
-        }
-    return 0;
-}
-
-/* Two tensors with one state_dict name: shared (tied) tensors are not
- * supported yet. */
-static int check_unique_names(const cv_model *m, cv_err *e)
-{
-    for (int l = 0; l < m->nlayers; l++)
-        for (int t = 0; t < m->layers[l].nparams + m->layers[l].nbuffers; t++) {
-            const cv_layer *L = &m->layers[l];
-            const char *name = t < L->nparams ? L->params[t].name
-                                              : L->buffers[t - L->nparams].name;
-            for (int l2 = 0; l2 <= l; l2++) {
-                const cv_layer *K = &m->layers[l2];
-                int lim = l2 < l ? K->nparams + K->nbuffers : t;
-                for (int u = 0; u < lim; u++) {
-                    const char *o = u < K->nparams ? K->params[u].name
-                                                   : K->buffers[u - K->nparams].name;
-                    if (strcmp(o, name) == 0) {
-                        cv_err_set(e, CV_EINVAL, "invalid_model", "",
-                                   "tensor %s is used by two nodes: shared (tied) "
-                                   "parameters are not supported", name);
-                        return layer_fail(e, m, l, L);
-                    }
-                }
-            }
         }
     return 0;
 }
@@ -235,8 +247,6 @@ int cv_model_finalize(cv_model *m, cv_err *e)
     for (int i = 0; i < m->nlayers; i++)
         if (finalize_layer(m, i, &poff, &boff, e))
             return -1;
-    if (m->graph && check_unique_names(m, e))
-        return -1;
     cv_shape cur = m->layers[m->nlayers - 1].out_shape;
     const cv_layer *last = &m->layers[m->nlayers - 1];
     if (m->loss == CV_LOSS_NLL && strcmp(cv_layer_name(last), "log_softmax") != 0)
@@ -298,20 +308,23 @@ int cv_model_param_count(const cv_model *m)
 {
     int n = 0;
     for (int i = 0; i < m->nlayers; i++)
-        n += m->layers[i].nparams;
+        for (int j = 0; j < m->layers[i].nparams; j++)
+            n += !m->layers[i].params[j].shared;
     return n;
 }
 
 static const cv_tensor_info *param_at(const cv_model *m, int idx, int *layer)
 {
-    for (int i = 0; i < m->nlayers; i++) {
-        if (idx < m->layers[i].nparams) {
-            if (layer)
-                *layer = i;
-            return &m->layers[i].params[idx];
+    for (int i = 0; i < m->nlayers; i++)
+        for (int j = 0; j < m->layers[i].nparams; j++) {
+            if (m->layers[i].params[j].shared)
+                continue;
+            if (idx-- == 0) {
+                if (layer)
+                    *layer = i;
+                return &m->layers[i].params[j];
+            }
         }
-        idx -= m->layers[i].nparams;
-    }
     return NULL;
 }
 

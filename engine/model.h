@@ -46,6 +46,10 @@ typedef struct {
     int dim[CV_MAX_RANK];
     size_t numel;
     size_t offset;            /* into cv_model.params (or .buffers) */
+    int shared;               /* graph: the same tensor as an earlier one of this name
+                               * (tied weights, a module called twice, one buffer read
+                               * by several get_attr nodes): its offset is that one's,
+                               * and it is not counted again */
 } cv_tensor_info;
 
 #define CV_LAYER_ATTR_SIZE 128  /* bytes of per-type attributes in every cv_layer */
@@ -170,7 +174,8 @@ int cv_model_clone(const cv_model *src, cv_model *dst);
 /* Output dimension C of the network (numel of the last out_shape). */
 int cv_model_output_dim(const cv_model *m);
 
-/* Number of parameter tensors, and the i-th one in state_dict order. */
+/* Number of parameter tensors, and the i-th one in state_dict order (shared
+ * tensors once, at their first use). */
 int cv_model_param_count(const cv_model *m);
 const cv_tensor_info *cv_model_param(const cv_model *m, int i);
 /* Index of the layer owning parameter tensor i. */

@@ -554,6 +554,8 @@ static cJSON *shape_json(size_t lead, const cv_shape *s)
 static cJSON *tensors_json(const cv_tensor_info *t, int n, cJSON *arr)
 {
     for (int i = 0; i < n; i++) {
+        if (t[i].shared) /* listed at its first use */
+            continue;
         cJSON *o = cJSON_CreateObject();
         if (!o || !cJSON_AddItemToArray(arr, o)) {
             cJSON_Delete(o);

@@ -215,6 +215,79 @@ static char *transformer_json(int sdpa, const char *loss_extra)
     return buf;
 }
 
+/* Shared tensors: fc1 called twice, and an F.linear naming fc1.weight (a
+ * tied weight); the shared tensor is one parameter whose gradient and
+ * products sum its uses. */
+static const char *SHARED_MLP =
+    "{\"input_shape\": [6],"
+    " \"modules\": {\"fc1\": {\"type\": \"Linear\", \"in_features\": 6, \"out_features\": 6},"
+    "               \"act\": {\"type\": \"Tanh\"},"
+    "               \"fc2\": {\"type\": \"Linear\", \"in_features\": 6, \"out_features\": 3}},"
+    " \"nodes\": [{\"name\": \"x\", \"op\": \"placeholder\"},"
+    "  {\"name\": \"a\", \"op\": \"call_module\", \"target\": \"fc1\", \"args\": [\"x\"]},"
+    "  {\"name\": \"b\", \"op\": \"call_module\", \"target\": \"act\", \"args\": [\"a\"]},"
+    "  {\"name\": \"c\", \"op\": \"call_module\", \"target\": \"fc1\", \"args\": [\"b\"]},"
+    "  {\"name\": \"d\", \"op\": \"call_module\", \"target\": \"act\", \"args\": [\"c\"]},"
+    "  {\"name\": \"e\", \"op\": \"call_function\", \"target\": \"linear\", \"args\": [\"d\"],"
+    "   \"in_features\": 6, \"out_features\": 6, \"bias\": false, \"params\": {\"weight\": \"fc1.weight\"}},"
+    "  {\"name\": \"f\", \"op\": \"call_module\", \"target\": \"fc2\", \"args\": [\"e\"]},"
+    "  {\"name\": \"output\", \"op\": \"output\", \"args\": [\"f\"]}],"
+    " \"loss\": {\"type\": \"CrossEntropyLoss\"}}";
+
+/* cv_curv_gram on block b against the Gram of explicit per-(vector, sample)
+ * gradients J_n^T cot_j(n), each from a vjp of a cotangent zero but on sample n. */
+static void check_gram(tu_fixture *f, const cv_block *b, int k, const char *tag)
+{
+    size_t N = f->d.n, C = (size_t)cv_model_output_dim(&f->m), R = (size_t)k * N, D = b->dim;
+    float *cot = malloc(sizeof(float) * R * C), *one = calloc(N * C, sizeof(float));
+    double *rows = malloc(sizeof(double) * R * D), *G = malloc(sizeof(double) * R * R);
+    cv_rng r;
+    cv_rng_seed(&r, 9);
+    for (size_t i = 0; i < R * C; i++)
+        cot[i] = (float)cv_rng_normal(&r);
+    cv_err e;
+    for (int j = 0; j < k; j++)
+        for (size_t n = 0; n < N; n++) {
+            memset(one, 0, sizeof(float) * N * C);
+            memcpy(one + n * C, cot + ((size_t)j * N + n) * C, sizeof(float) * C);
+            ck_assert_int_eq(cv_curv_vjp(f->c, b, 1, one, rows + ((size_t)j * N + n) * D, &e), 0);
+        }
+    ck_assert_msg(cv_curv_gram(f->c, b, k, cot, G, &e) == 0, "%s: %s", tag, e.message);
+    double err = 0, scale = 0;
+    for (size_t a = 0; a < R; a++)
+        for (size_t c2 = 0; c2 < R; c2++) {
+            double want = tu_dot(rows + a * D, rows + c2 * D, D);
+            err = fmax(err, fabs(G[a * R + c2] - want));
+            scale = fmax(scale, fabs(want));
+        }
+    ck_assert_msg(err <= 1e-5 * scale, "%s: Gram off by %g (scale %g)", tag, err, scale);
+    free(cot);
+    free(one);
+    free(rows);
+    free(G);
+}
+
+START_TEST(shared_tensors_oracles)
+{
+    tu_fixture f;
+    fx_from_json(&f, SHARED_MLP, 4, 13);
+    ck_assert_int_eq(cv_model_param_count(&f.m), 4); /* fc1.weight, fc1.bias, fc2.* */
+    ck_assert_uint_eq(f.m.nparams_total, 6 * 6 + 6 + 3 * 6 + 3);
+    ck_assert_str_eq(cv_model_param(&f.m, 0)->name, "fc1.weight");
+    check_all_oracles(&f, 0);
+    check_gram(&f, &f.full, 2, "shared, full block");
+    cv_block blocks[8];
+    int nb = cv_blocks_per_layer(&f.m, blocks, 8);
+    ck_assert_int_eq(nb, 2);
+    ck_assert_str_eq(blocks[0].name, "fc1");
+    check_gram(&f, &blocks[0], 2, "shared, fc1 block");
+    check_gram(&f, &blocks[1], 2, "shared, fc2 block (kernel path)");
+    cv_model m2;
+    free(tu_arch_reparse(&f.m, &m2, "shared"));
+    tu_fx_free(&f);
+}
+END_TEST
+
 /* Token ids with repeats, and some labels ignored (ignore_index 3 when the
  * loss says so: label 3 occurs). */
 static void token_data(tu_fixture *f)
@@ -242,6 +315,7 @@ static void transformer_case(int sdpa, const char *loss_extra, int variant)
     ck_assert_msg(f.c != NULL, "%s", e.message);
     cv_block_full(&f.m, &f.full);
     check_all_oracles(&f, variant);
+    check_gram(&f, &f.full, 1, "transformer");
     cv_block blocks[16];
     int nb = cv_blocks_per_layer(&f.m, blocks, 16);
     ck_assert_str_eq(blocks[0].name, "tok");
@@ -301,8 +375,8 @@ START_TEST(graph_refusals_name_the_node)
     expect_refused("\"args\": [\"act\"]", "\"args\": [\"x\"]", "invalid_model", "nodes[3]");
     /* a module that is not in "modules" */
     expect_refused("\"target\": \"1\"", "\"target\": \"9\"", "invalid_graph", "nodes[2].target");
-    /* a module with parameters called twice */
-    expect_refused("\"target\": \"2\"", "\"target\": \"0\"", "unsupported", "nodes[3].target");
+    /* a module called twice whose input does not fit the second time */
+    expect_refused("\"target\": \"2\"", "\"target\": \"0\"", "invalid_model", "nodes[3]");
     /* duplicate node names */
     expect_refused("\"name\": \"act\"", "\"name\": \"fc\"", "invalid_graph", "nodes[2].name");
     /* output not last, placeholder not first */
@@ -363,6 +437,7 @@ static Suite *graph_suite(void)
     tcase_add_test(tc, graph_export_round_trip);
     tcase_add_test(tc, graph_refusals_name_the_node);
     tcase_add_test(tc, residual_graph_oracles);
+    tcase_add_test(tc, shared_tensors_oracles);
     tcase_add_test(tc, transformer_mha_oracles);
     tcase_add_test(tc, transformer_sdpa_oracles);
     tcase_add_test(tc, dataset_refusals);
