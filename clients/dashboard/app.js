@@ -515,7 +515,10 @@
     ctl.appendChild(el('label', {}, box, 'log scale'));
   }
 
-  function blockLabel(params, i) {
+  // A block's label: its module's qualified name when the result names it
+  // ("blocks": "layer"), else the layer prefixes of its parameters.
+  function blockLabel(params, i, name) {
+    if (name) return name;
     if (!params || !params.length) return 'block ' + i;
     const pre = Array.from(new Set(params.map((p) => p.split('.')[0])));
     return (pre.length === 1 ? 'layer ' : 'layers ') + pre.join(',');
@@ -529,7 +532,7 @@
         // one curve for the full vector, one per block otherwise
         const src = blocks || [r];
         const series = src.filter((b) => b.density).map((b, i) => ({
-          label: blocks ? blockLabel(b.params, i) : 'density', grid: b.density.grid || [], values: b.density.values || [],
+          label: blocks ? blockLabel(b.params, i, b.name) : 'density', grid: b.density.grid || [], values: b.density.values || [],
           nodes: b.nodes || [], weights: b.weights || [],
         }));
         if (!series.length) return null;
@@ -537,7 +540,7 @@
         return densityPlot(series, r, blocks ? blocks[0] : r);
       }
       case 'eigen': {
-        const series = blocks ? blocks.map((b, i) => ({ label: blockLabel(b.params, i), ys: b.eigenvalues || [] }))
+        const series = blocks ? blocks.map((b, i) => ({ label: blockLabel(b.params, i, b.name), ys: b.eigenvalues || [] }))
           : [{ label: 'eigenvalue', ys: r.eigenvalues || [] }];
         return eigenPlot(series, r);
       }
@@ -545,7 +548,7 @@
         const bs = blocks || [r];
         return barPlot({
           op: 'trace', title: blocks ? 'Trace per layer (± stderr)' : 'Trace (± stderr)',
-          cats: bs.map((b, i) => blocks ? blockLabel(b.params, i) : 'full'),
+          cats: bs.map((b, i) => blocks ? blockLabel(b.params, i, b.name) : 'full'),
           series: [{ label: 'trace', ys: bs.map((b) => b.trace), err: bs.map((b) => b.stderr), color: '#3461c9' }],
           ylabel: 'trace',
         });
@@ -569,7 +572,7 @@
         if (Array.isArray(r.gsnr) && r.gsnr.length) {
           out.push(barPlot({
             op: 'gsnr', cls: 'secondary', title: 'Gradient SNR per layer (GSNR)', log: state.logScale, height: 220,
-            cats: r.gsnr.map((b, i) => blockLabel(b.params, i)),
+            cats: r.gsnr.map((b, i) => blockLabel(b.params, i, b.name)),
             series: [{ label: 'gsnr', ys: r.gsnr.map((b) => b.gsnr), color: '#1f8a4c' }],
             ylabel: 'GSNR',
           }));
@@ -614,7 +617,7 @@
       const cols = [];
       for (const b of r.blocks) for (const [k, v] of Object.entries(b)) if (k !== 'params' && (v === null || typeof v !== 'object') && !cols.includes(k)) cols.push(k);
       out.push(el('h3', { text: 'blocks' }), table(['block', 'params'].concat(cols),
-        r.blocks.map((b, i) => [blockLabel(b.params, i), (b.params || []).join(', ')].concat(cols.map((c) => fmt(b[c], 5))))));
+        r.blocks.map((b, i) => [blockLabel(b.params, i, b.name), (b.params || []).join(', ')].concat(cols.map((c) => fmt(b[c], 5))))));
     }
     return out;
   }
