@@ -504,12 +504,26 @@ class _GraphExporter:
             return self.get_attr(self.param_of[a], False)
         if k == "const":
             return self.get_attr(self.const_buffer(user, a), True)
+        if k == "derived" and self.embedding_table(a) is not None:
+            return self.get_attr(self.embedding_table(a), False)  # type: ignore[arg-type]
         if k == "derived":
             raise self.fail(a, "it computes a tensor from parameters alone (not from the model "
                             "input); curvd takes learned tensors as they are: use the parameter "
                             "directly (e.g. F.linear(x, W) instead of x @ W.t(), a positional "
                             "embedding registered at the sequence length instead of a slice)")
         raise self.fail(user, "%s '%s' is not a tensor" % (what, a.name))
+
+    def embedding_table(self, a: fx.Node) -> Optional[str]:
+        """emb(torch.arange(V)) with V = num_embeddings (positions): the weight itself."""
+        if a.op != "call_module" or len(a.args) != 1 or not isinstance(a.args[0], fx.Node):
+            return None
+        m = self.model.get_submodule(a.target)
+        ids = self.values.get(a.args[0])
+        if not (_te._exact(m, "Embedding") and m.max_norm is None and self.kind[a.args[0]] ==
+                "const" and _is_tensor(ids) and not ids.dtype.is_floating_point and
+                torch.equal(ids, torch.arange(m.num_embeddings))):
+            return None
+        return self.first_param_name[id(m.weight)]
 
     def param(self, user: fx.Node, a: Any, what: str) -> Optional[str]:
         """The state_dict name of a parameter/buffer argument of a functional module call."""
@@ -550,6 +564,9 @@ class _GraphExporter:
                 self.kind[n] = "value"
                 continue
             ins = [self.kind[i] for i in n.all_input_nodes]
+            if n.op == "call_module" and any(True for _ in self.model.get_submodule(
+                    n.target).parameters()):
+                ins.append("param")   # e.g. an Embedding of torch.arange(T): not a constant
             if "act" in ins:
                 self.kind[n] = "act"
             elif "param" in ins or "derived" in ins:
