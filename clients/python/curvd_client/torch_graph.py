@@ -179,6 +179,29 @@ class _Recorder(ShapeProp):
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
+def _same_as_eager(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """The traced graph must compute what the model computes (on the example and, for float
+    inputs, on a random batch): fx records `h += y` as h + y, so an in-place op on a tensor
+    that another name still reads would be exported wrong."""
+    inputs = [example]
+    if example.dtype.is_floating_point:
+        g = torch.Generator().manual_seed(0)
+        inputs.append(torch.randn(example.shape, generator=g))
+    for x in inputs:
+        want, got = model(x.clone()), gm(x.clone())
+        if not (_is_tensor(want) and _is_tensor(got)):
+            return  # the output check names what the model returns
+        if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-5, atol=1e-6,
+                                                         equal_nan=True):
+            raise _te.UnsupportedModuleError(
+                None, model, "the graph torch.fx traced computes something else than the model "
+                "(max difference %.3g): in-place operations on tensors that are read again "
+                "(h += x while another name holds h; x.add_(...)) are not seen by torch.fx; "
+                "use out-of-place forms" % float((want - got).abs().max())
+                if want.shape == got.shape else "shape %s vs %s" % (list(got.shape),
+                                                                     list(want.shape)), "model")
+
+
 def _source(n: fx.Node) -> str:
     """``file:line: code`` of the innermost user frame fx recorded for n ("" if none)."""
     st = getattr(n, "stack_trace", None) or n.meta.get("stack_trace") or ""
@@ -370,6 +393,7 @@ class _GraphExporter:
                     None, model, "running the traced model on an example input of shape %s "
                     "failed (%s: %s); check input_shape" % (list(example.shape), type(e).__name__,
                                                            e), "model") from e
+            _same_as_eager(model, gm, example)
         self.values = rec.values
         self.params = _all_tensors(model, "_parameters")
         self.first_param_name = {id(p): k for k, p in model.named_parameters()}
@@ -583,6 +607,7 @@ class _GraphExporter:
 
     # -- mapping --
     def run(self) -> List[Dict[str, Any]]:
+        self.order = {n: i for i, n in enumerate(self.graph.nodes)}
         self.classify()
         out_node = None
         for n in self.graph.nodes:
@@ -591,6 +616,7 @@ class _GraphExporter:
                 continue
             if self.kind.get(n) != "act" or n in self.alias:
                 continue
+            self.check_inplace(n)
             if n.op == "call_module":
                 self.call_module(n)
             elif n.op in ("call_function", "call_method"):
@@ -676,6 +702,28 @@ class _GraphExporter:
         self.alias[n] = self.emit(d)
         for u in n.users:
             self.alias[u] = self.alias[n]
+
+    def check_inplace(self, n: fx.Node) -> None:
+        """An in-place op on a tensor that is read again afterwards is refused: the traced
+        graph would read the value before the op, PyTorch reads the value after it."""
+        if n.op == "call_method":
+            inplace = n.target.endswith("_") and not n.target.startswith("_")
+        elif n.op == "call_module":
+            inplace = bool(getattr(self.model.get_submodule(n.target), "inplace", False))
+        else:
+            inplace = (n.kwargs.get("inplace") is True or
+                       getattr(n.target, "__name__", "").endswith("_") or
+                       n.target in (operator.iadd, operator.isub, operator.imul,
+                                    operator.itruediv))
+        src = n.args[0] if n.args else None
+        if not inplace or not isinstance(src, fx.Node):
+            return
+        order = self.order
+        later = [u.name for u in src.users if u is not n and order[u] > order[n]]
+        if later:
+            raise self.fail(n, "it changes '%s' in place, and %s read%s it afterwards; use the "
+                            "out-of-place form (x = x + y, inplace=False)" % (
+                                src.name, ", ".join(later), "s" if len(later) == 1 else ""))
 
     def call_function(self, n: fx.Node) -> None:
         hit = _lookup(n)
@@ -1123,6 +1171,7 @@ def export_graph(model: nn.Module, input_shape: Sequence[int],
     ``input_shape`` with batch 2 (int64 when the input feeds an Embedding).
     ``info`` (optional) receives ``output_rank``: the output's rank with the batch dim.
     """
+    _te._check_eval_mode(model)  # running it in training mode would also move BN statistics
     shape = [int(s) for s in input_shape]
     if example is None:
         dtype = torch.int64 if _feeds_embedding(model) else torch.float32
