@@ -234,7 +234,7 @@ def _flat_sequential(model: "nn.Module") -> bool:
         flat = False
         if not any(_exact(m, s) for s in GRAPH_MODULES) and type(m).__module__.startswith(
                 "torch.nn"):
-            layer_json(m, i)  # raises: nn.LSTM at index 3 ...
+            raise UnsupportedModuleError(i, m, "curvd supports " + ", ".join(GRAPH_MODULES))
     return flat
 
 
