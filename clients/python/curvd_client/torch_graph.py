@@ -458,8 +458,8 @@ class _GraphExporter:
             v = self.value(a)
             return _num(v)
         except (KeyError, TypeError):
-            raise self.fail(n, "%s must be a Python number, got %s" % (what, _fn_name(type(a)))
-                            ) from None
+            got = ("the tensor '%s'" % a.name) if isinstance(a, fx.Node) else repr(a)
+            raise self.fail(n, "%s must be a Python number, got %s" % (what, got)) from None
 
     def is_tensor_arg(self, a: Any) -> bool:
         return isinstance(a, fx.Node) and self.kind[a] in ("act", "param", "const", "derived")
