@@ -319,6 +319,21 @@ def test_export_errors():
           e is not None and "einsum" in str(e) and "e2e_clients.py:" in str(e) and "Supported modules" in str(e)
           and "LayerNorm" in str(e) and "matmul" in str(e), repr(e))
 
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.lin(x)
+            skip = h
+            h += 1  # in place: skip changes too, which torch.fx does not see
+            return h + skip
+
+    e = raises(lambda: export_model(Aliased(), nn.MSELoss(), [6]), UnsupportedModuleError)
+    check("in-place op on an aliased tensor refused (traced graph != model)",
+          e is not None and "in-place" in str(e), repr(e))
+
     class Blocks(nn.Module):
         def __init__(self):
             super().__init__()

@@ -55,7 +55,8 @@ except ImportError as _e:  # pragma: no cover - depends on the machine
         "(%s). Install it (Debian: apt-get install python3-torch, and run /usr/bin/python3; "
         "or: pip install torch). The rest of curvd_client works without it." % _e) from _e
 
-__all__ = ["UnsupportedModuleError", "SUPPORTED_MODULES", "SUPPORTED_LOSSES", "export_model",
+__all__ = ["UnsupportedModuleError", "UnsupportedNodeError", "SUPPORTED_MODULES", "GRAPH_MODULES",
+           "SUPPORTED_FUNCTIONS", "SUPPORTED_LOSSES", "export_model",
            "export_architecture", "layer_json", "loss_json", "state_dict_bytes",
            "export_dataset", "safetensors_bytes", "write_files", "DEFAULT_DIRECTORY"]
 
@@ -282,7 +283,7 @@ def _flat_sequential(model: "nn.Module") -> bool:
         flat = False
         if not any(_exact(m, s) for s in GRAPH_MODULES) and type(m).__module__.startswith(
                 "torch.nn"):
-            layer_json(m, i)  # raises: nn.LSTM at index 3 ...
+            raise UnsupportedModuleError(i, m, "curvd supports " + ", ".join(GRAPH_MODULES))
     return flat
 
 
@@ -493,3 +494,7 @@ def write_files(model: Any, loss: Any, input_shape: Any, x: Any = None, y: Any =
         with open(out["data"], "wb") as f:
             f.write(export_dataset(x, y))
     return out
+
+
+# the graph form (imported last: torch_graph builds on this module's definitions)
+from .torch_graph import GRAPH_MODULES, SUPPORTED_FUNCTIONS, UnsupportedNodeError  # noqa: E402

@@ -179,6 +179,29 @@ class _Recorder(ShapeProp):
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
+def _same_as_eager(model: nn.Module, gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """The traced graph must compute what the model computes (on the example and, for float
+    inputs, on a random batch): fx records `h += y` as h + y, so an in-place op on a tensor
+    that another name still reads would be exported wrong."""
+    inputs = [example]
+    if example.dtype.is_floating_point:
+        g = torch.Generator().manual_seed(0)
+        inputs.append(torch.randn(example.shape, generator=g))
+    for x in inputs:
+        want, got = model(x.clone()), gm(x.clone())
+        if not (_is_tensor(want) and _is_tensor(got)):
+            return  # the output check names what the model returns
+        if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-5, atol=1e-6,
+                                                         equal_nan=True):
+            raise _te.UnsupportedModuleError(
+                None, model, "the graph torch.fx traced computes something else than the model "
+                "(max difference %.3g): in-place operations on tensors that are read again "
+                "(h += x while another name holds h; x.add_(...)) are not seen by torch.fx; "
+                "use out-of-place forms" % float((want - got).abs().max())
+                if want.shape == got.shape else "shape %s vs %s" % (list(got.shape),
+                                                                     list(want.shape)), "model")
+
+
 def _source(n: fx.Node) -> str:
     """``file:line: code`` of the innermost user frame fx recorded for n ("" if none)."""
     st = getattr(n, "stack_trace", None) or n.meta.get("stack_trace") or ""
@@ -370,6 +393,7 @@ class _GraphExporter:
                     None, model, "running the traced model on an example input of shape %s "
                     "failed (%s: %s); check input_shape" % (list(example.shape), type(e).__name__,
                                                            e), "model") from e
+            _same_as_eager(model, gm, example)
         self.values = rec.values
         self.params = _all_tensors(model, "_parameters")
         self.first_param_name = {id(p): k for k, p in model.named_parameters()}
@@ -434,8 +458,8 @@ class _GraphExporter:
             v = self.value(a)
             return _num(v)
         except (KeyError, TypeError):
-            raise self.fail(n, "%s must be a Python number, got %s" % (what, _fn_name(type(a)))
-                            ) from None
+            got = ("the tensor '%s'" % a.name) if isinstance(a, fx.Node) else repr(a)
+            raise self.fail(n, "%s must be a Python number, got %s" % (what, got)) from None
 
     def is_tensor_arg(self, a: Any) -> bool:
         return isinstance(a, fx.Node) and self.kind[a] in ("act", "param", "const", "derived")
@@ -504,12 +528,26 @@ class _GraphExporter:
             return self.get_attr(self.param_of[a], False)
         if k == "const":
             return self.get_attr(self.const_buffer(user, a), True)
+        if k == "derived" and self.embedding_table(a) is not None:
+            return self.get_attr(self.embedding_table(a), False)  # type: ignore[arg-type]
         if k == "derived":
             raise self.fail(a, "it computes a tensor from parameters alone (not from the model "
                             "input); curvd takes learned tensors as they are: use the parameter "
                             "directly (e.g. F.linear(x, W) instead of x @ W.t(), a positional "
                             "embedding registered at the sequence length instead of a slice)")
         raise self.fail(user, "%s '%s' is not a tensor" % (what, a.name))
+
+    def embedding_table(self, a: fx.Node) -> Optional[str]:
+        """emb(torch.arange(V)) with V = num_embeddings (positions): the weight itself."""
+        if a.op != "call_module" or len(a.args) != 1 or not isinstance(a.args[0], fx.Node):
+            return None
+        m = self.model.get_submodule(a.target)
+        ids = self.values.get(a.args[0])
+        if not (_te._exact(m, "Embedding") and m.max_norm is None and self.kind[a.args[0]] ==
+                "const" and _is_tensor(ids) and not ids.dtype.is_floating_point and
+                torch.equal(ids, torch.arange(m.num_embeddings))):
+            return None
+        return self.first_param_name[id(m.weight)]
 
     def param(self, user: fx.Node, a: Any, what: str) -> Optional[str]:
         """The state_dict name of a parameter/buffer argument of a functional module call."""
@@ -550,6 +588,9 @@ class _GraphExporter:
                 self.kind[n] = "value"
                 continue
             ins = [self.kind[i] for i in n.all_input_nodes]
+            if n.op == "call_module" and any(True for _ in self.model.get_submodule(
+                    n.target).parameters()):
+                ins.append("param")   # e.g. an Embedding of torch.arange(T): not a constant
             if "act" in ins:
                 self.kind[n] = "act"
             elif "param" in ins or "derived" in ins:
@@ -566,6 +607,7 @@ class _GraphExporter:
 
     # -- mapping --
     def run(self) -> List[Dict[str, Any]]:
+        self.order = {n: i for i, n in enumerate(self.graph.nodes)}
         self.classify()
         out_node = None
         for n in self.graph.nodes:
@@ -574,6 +616,7 @@ class _GraphExporter:
                 continue
             if self.kind.get(n) != "act" or n in self.alias:
                 continue
+            self.check_inplace(n)
             if n.op == "call_module":
                 self.call_module(n)
             elif n.op in ("call_function", "call_method"):
@@ -659,6 +702,28 @@ class _GraphExporter:
         self.alias[n] = self.emit(d)
         for u in n.users:
             self.alias[u] = self.alias[n]
+
+    def check_inplace(self, n: fx.Node) -> None:
+        """An in-place op on a tensor that is read again afterwards is refused: the traced
+        graph would read the value before the op, PyTorch reads the value after it."""
+        if n.op == "call_method":
+            inplace = n.target.endswith("_") and not n.target.startswith("_")
+        elif n.op == "call_module":
+            inplace = bool(getattr(self.model.get_submodule(n.target), "inplace", False))
+        else:
+            inplace = (n.kwargs.get("inplace") is True or
+                       getattr(n.target, "__name__", "").endswith("_") or
+                       n.target in (operator.iadd, operator.isub, operator.imul,
+                                    operator.itruediv))
+        src = n.args[0] if n.args else None
+        if not inplace or not isinstance(src, fx.Node):
+            return
+        order = self.order
+        later = [u.name for u in src.users if u is not n and order[u] > order[n]]
+        if later:
+            raise self.fail(n, "it changes '%s' in place, and %s read%s it afterwards; use the "
+                            "out-of-place form (x = x + y, inplace=False)" % (
+                                src.name, ", ".join(later), "s" if len(later) == 1 else ""))
 
     def call_function(self, n: fx.Node) -> None:
         hit = _lookup(n)
@@ -1106,6 +1171,7 @@ def export_graph(model: nn.Module, input_shape: Sequence[int],
     ``input_shape`` with batch 2 (int64 when the input feeds an Embedding).
     ``info`` (optional) receives ``output_rank``: the output's rank with the batch dim.
     """
+    _te._check_eval_mode(model)  # running it in training mode would also move BN statistics
     shape = [int(s) for s in input_shape]
     if example is None:
         dtype = torch.int64 if _feeds_embedding(model) else torch.float32
