@@ -210,8 +210,8 @@ def layer_json(m: "nn.Module", index: Any = None) -> Dict[str, Any]:
     if n == "LayerNorm":
         d = {"type": n, "normalized_shape": list(m.normalized_shape), "eps": m.eps,
              "elementwise_affine": m.elementwise_affine}
-        if m.elementwise_affine:
-            d["bias"] = m.bias is not None
+        if m.elementwise_affine and getattr(m, "bias", True) is None:
+            d["bias"] = False  # torch >= 2.1's LayerNorm(bias=False); the default is left out
         return d
     if n == "GroupNorm":
         return {"type": n, "num_groups": m.num_groups, "num_channels": m.num_channels,
