@@ -198,6 +198,19 @@ arch = {"input_shape": [6], "layers": [
     {"type": "Linear", "in_features": 8, "out_features": 3, "bias": True}],
     "loss": {"type": "CrossEntropyLoss", "reduction": "mean"}}
 json.dump(arch, open(out + "/arch.json", "w"))
+# the same network in the graph form (modules "0" and "2": the same tensor names), with
+# the Tanh output added to itself; and a copy whose first node reads a later one (a cycle)
+graph = {"input_shape": [6], "loss": arch["loss"],
+         "modules": {"0": arch["layers"][0], "1": arch["layers"][1], "2": arch["layers"][2]},
+         "nodes": [{"name": "x", "op": "placeholder"},
+                   {"name": "fc", "op": "call_module", "target": "0", "args": ["x"]},
+                   {"name": "act", "op": "call_module", "target": "1", "args": ["fc"]},
+                   {"name": "twice", "op": "call_function", "target": "add", "args": ["act", "act"]},
+                   {"name": "out", "op": "call_module", "target": "2", "args": ["twice"]},
+                   {"name": "output", "op": "output", "args": ["out"]}]}
+json.dump(graph, open(out + "/graph.json", "w"))
+graph["nodes"][1]["args"] = ["out"]
+json.dump(graph, open(out + "/graph_cycle.json", "w"))
 shapes = [("0.weight", [8, 6]), ("0.bias", [8]), ("2.weight", [3, 8]), ("2.bias", [3])]
 for k, seed in ((1, 11), (2, 22)):
     g = lcg(seed)
@@ -442,6 +455,17 @@ check "shape error names the tensor" jtrue "$T/body" "'weight' in d['error']['me
 check "model unchanged after bad PUT" [ "$(req GET /v1/models/m1)" = 200 ]
 check "still version 4" jtrue "$T/body" "d['version'] == 4"
 expect_err "PUT params unknown model" 404 not_found PUT /v1/models/nope/parameters --data-binary @"$T/params1.safetensors"
+# the graph form: registered, described, run per module; a cycle refused at the node's path
+st=$(req POST /v1/models -F name=g1 -F architecture=@"$T/graph.json" -F parameters=@"$T/params1.safetensors")
+check "graph model registered 201" [ "$st" = 201 ]
+req GET /v1/models/g1 > /dev/null
+check "graph model described in the graph form" jtrue "$T/body" "[n['op'] for n in d['architecture']['nodes']] == ['placeholder', 'call_module', 'call_module', 'call_function', 'call_module', 'output'] and 'layers' not in d['architecture']"
+req POST '/v1/jobs?wait=30' -d '{"op":"trace","model":"g1","dataset":"d1","blocks":"layer","seed":0,"options":{"max_probes":10}}' > /dev/null
+check "graph model trace per module" jtrue "$T/body" "d['status'] == 'succeeded' and [b['name'] for b in d['result']['blocks']] == ['0', '2']"
+expect_err "graph with a cycle 400" 400 invalid_graph POST /v1/models -F name=gc -F architecture=@"$T/graph_cycle.json" -F parameters=@"$T/params1.safetensors"
+check "cycle named at its node" jtrue "$T/body" "d['error']['field'] == 'architecture.nodes[1].args[0]' and 'out' in d['error']['message']"
+check "nothing registered on refusal" [ "$(req GET /v1/models/gc)" = 404 ]
+req DELETE /v1/models/g1 > /dev/null
 expect_err "duplicate model 409" 409 already_exists POST /v1/models --data-binary @"$T/model.json"
 expect_err "model unknown field" 400 unknown_field POST /v1/models -d '{"name":"x","architecture":{},"parameters":"","extra":1}'
 expect_err "model missing parameters" 400 missing_field POST /v1/models -d '{"name":"x","architecture":{}}'
