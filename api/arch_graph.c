@@ -212,10 +212,10 @@ static int parse_params(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
     int i = 0;
     for (const cJSON *c = ps->child; c; c = c->next, i++) {
         snprintf(p, sizeof p, "%s.%s", path, c->string);
-        if (i >= CV_MAX_LAYER_PARAMS || !good_name(c->string, 16))
+        if (i >= CV_MAX_NAMED_TENSORS || !good_name(c->string, 24))
             return cv_err_set(e, CV_EINVAL, "invalid_value", p,
                               "%s: not a parameter of %s", p, L->cls->name);
-        if (name_field(c, p, CV_NAME_MAX - 17, e))
+        if (name_field(c, p, CV_NAME_MAX - 25, e))
             return -1;
         snprintf(L->pnames[i], CV_NAME_MAX, "%s=%s", c->string, c->valuestring);
     }
@@ -702,7 +702,7 @@ static int add_args(const cv_model *m, const cv_layer *L, cJSON *o)
 static int add_params(const cv_layer *L, cJSON *o)
 {
     cJSON *ps = NULL;
-    for (int i = 0; i < CV_MAX_LAYER_PARAMS; i++) {
+    for (int i = 0; i < CV_MAX_NAMED_TENSORS; i++) {
         const char *eq = strchr(L->pnames[i], '=');
         if (!eq)
             continue;

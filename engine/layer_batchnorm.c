@@ -240,7 +240,9 @@ static int bn_infer(cv_layer *L, const cv_shape *in, cv_err *e)
     char s[64];
     cv_shape_str(in, s, sizeof s);
     /* BatchNorm1d: [C] or [C, L] (PyTorch's (N, C) and (N, C, L)); BatchNorm2d: [C, H, W] */
-    int want_rank = L->cls == &cv_batchnorm2d_class ? 3 : in->rank == 2 ? 2 : 1;
+    int want_rank = L->cls == &cv_batchnorm2d_class ? 3
+                    : L->cls == &cv_batch_norm_fn_class && in->rank == 3 ? 3
+                    : in->rank == 2 ? 2 : 1;
     if (a->num_features < 1)
         return cv_err_set(e, CV_EINVAL, "invalid_model", "", "num_features must be positive");
     if (!a->track_running_stats)
@@ -268,7 +270,8 @@ static int bn_layout(cv_layer *L)
         return -1;
     return cv_layer_add_buffer(L, "running_mean", 1, dims) ||
            cv_layer_add_buffer(L, "running_var", 1, dims) ||
-           cv_layer_add_buffer(L, "num_batches_tracked", 0, dims);
+           (L->cls != &cv_batch_norm_fn_class && /* F.batch_norm has no counter */
+            cv_layer_add_buffer(L, "num_batches_tracked", 0, dims));
 }
 
 /* BatchNorm1d and BatchNorm2d differ in name (and the rank bn_infer wants) */
@@ -277,3 +280,6 @@ static int bn_layout(cv_layer *L)
      .infer = bn_infer, .layout = bn_layout, .ops = &batchnorm_ops}
 const cv_layer_class cv_batchnorm1d_class = BN_CLASS("BatchNorm1d");
 const cv_layer_class cv_batchnorm2d_class = BN_CLASS("BatchNorm2d");
+/* F.batch_norm in a graph (evaluation mode): any of the ranks above, the
+ * tensors named by the node's "params" */
+const cv_layer_class cv_batch_norm_fn_class = BN_CLASS("batch_norm");

@@ -12,6 +12,7 @@ CV_LAYER_ATTRS(cv_batchnorm_attr, {
     int track_running_stats; /* always 1: evaluation mode needs the statistics */
 });
 
+extern const cv_layer_class cv_batch_norm_fn_class;
 extern const cv_layer_class cv_batchnorm1d_class;
 extern const cv_layer_class cv_batchnorm2d_class;
 

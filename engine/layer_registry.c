@@ -69,6 +69,7 @@
     X(cv_masked_fill_class)       \
     X(cv_causal_fill_class)       \
     X(cv_get_attr_class)          \
+    X(cv_batch_norm_fn_class)     \
     /* one line per function-only class */
 
 #define CV_DECLARE_CLASS(c) extern const cv_layer_class c;

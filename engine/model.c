@@ -78,7 +78,7 @@ static int layer_fail(cv_err *e, const cv_model *m, int li, const cv_layer *L)
 static const char *explicit_name(char (*names)[CV_NAME_MAX], const char *suffix)
 {
     size_t n = strlen(suffix);
-    for (int i = 0; names && i < CV_MAX_LAYER_PARAMS; i++)
+    for (int i = 0; names && i < CV_MAX_NAMED_TENSORS; i++)
         if (strncmp(names[i], suffix, n) == 0 && names[i][n] == '=')
             return names[i] + n + 1;
     return NULL;
@@ -147,6 +147,27 @@ static int place(cv_model *m, int li, int is_buffer, char (*names)[CV_NAME_MAX],
     return 0;
 }
 
+/* Every tensor a node names in "params" is one of its class's (by suffix). */
+static int check_named(const cv_layer *L, cv_err *e)
+{
+    for (int i = 0; i < CV_MAX_NAMED_TENSORS && L->pnames[i][0]; i++) {
+        const char *eq = strchr(L->pnames[i], '=');
+        size_t n = eq ? (size_t)(eq - L->pnames[i]) : strlen(L->pnames[i]);
+        int found = 0;
+        for (int t = 0; t < L->nparams + L->nbuffers && !found; t++) {
+            const char *nm = t < L->nparams ? L->params[t].name : L->buffers[t - L->nparams].name;
+            found = eq && strcmp(nm, eq + 1) == 0;
+        }
+        if (!found) {
+            cv_err_set(e, CV_EINVAL, "invalid_model", "params",
+                       "params.%.*s: %s has no tensor '%.*s'", (int)n, L->pnames[i],
+                       cv_layer_name(L), (int)n, L->pnames[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 /* Wires layer li: a Sequential layer reads the previous one; a graph layer's
  * inputs must come from earlier layers and match its class's arity. */
 static int wire_layer(cv_model *m, int li, cv_err *e)
@@ -209,7 +230,8 @@ static int finalize_layer(cv_model *m, int li, size_t *poff, size_t *boff, cv_er
         cv_err_set(e, CV_EINVAL, "invalid_model", "", "more tensors than a layer may have");
         return layer_fail(e, m, li, L);
     }
-    if (place(m, li, 0, L->pnames, poff, e) || place(m, li, 1, NULL, boff, e))
+    if (place(m, li, 0, L->pnames, poff, e) || place(m, li, 1, L->pnames, boff, e) ||
+        check_named(L, e))
         return layer_fail(e, m, li, L);
     for (int t = 0; t < L->nparams; t++)
         if (dims_exceed(L->params[t].dim, L->params[t].rank, INT_MAX) ||

@@ -25,6 +25,7 @@
 #define CV_MAX_LAYER_PARAMS 4   /* weight, bias (MultiheadAttention-like classes: more) */
 #define CV_MAX_LAYER_BUFFERS 3  /* running_mean, running_var, num_batches_tracked */
 #define CV_MAX_NODE_INPUTS 4    /* inputs of one graph node (attention: q, k, v, mask) */
+#define CV_MAX_NAMED_TENSORS 6  /* tensors a function node may name ("params") */
 #define CV_NAME_MAX 64
 #define CV_MAX_SAMPLE_NUMEL (1 << 28) /* entries of one sample's input or activation */
 
@@ -86,9 +87,10 @@ typedef struct {
     char module[CV_NAME_MAX];             /* prefix of its tensors' names: the module's
                                            * qualified name ("layer1.0.conv1"), the layer
                                            * index in Sequential, "" when pnames name them */
-    /* Graph: explicit state_dict names of parameter tensors (function nodes
-     * with "params"), each "suffix=name" ("weight=w_out"); "" unused. */
-    char pnames[CV_MAX_LAYER_PARAMS][CV_NAME_MAX];
+    /* Graph: explicit state_dict names of tensors (function nodes with
+     * "params", e.g. F.batch_norm's weight and running statistics), each
+     * "suffix=name" ("weight=w_out"); "" unused. */
+    char pnames[CV_MAX_NAMED_TENSORS][CV_NAME_MAX];
     int nparams;                           /* tensors in the parameter vector */
     cv_tensor_info params[CV_MAX_LAYER_PARAMS];
     int nbuffers;

@@ -288,6 +288,46 @@ START_TEST(shared_tensors_oracles)
 }
 END_TEST
 
+/* F.batch_norm with get_attr-free "params" naming weight, bias and the
+ * running statistics (buffers) explicitly. */
+static const char *FN_BATCHNORM =
+    "{\"input_shape\": [6],"
+    " \"modules\": {\"fc1\": {\"type\": \"Linear\", \"in_features\": 6, \"out_features\": 6},"
+    "               \"fc2\": {\"type\": \"Linear\", \"in_features\": 6, \"out_features\": 3}},"
+    " \"nodes\": [{\"name\": \"x\", \"op\": \"placeholder\"},"
+    "  {\"name\": \"a\", \"op\": \"call_module\", \"target\": \"fc1\", \"args\": [\"x\"]},"
+    "  {\"name\": \"bn\", \"op\": \"call_function\", \"target\": \"batch_norm\", \"args\": [\"a\"],"
+    "   \"num_features\": 6, \"eps\": 0.001, \"params\": {\"weight\": \"g\", \"bias\": \"b\","
+    "   \"running_mean\": \"stats.mean\", \"running_var\": \"stats.var\"}},"
+    "  {\"name\": \"t\", \"op\": \"call_function\", \"target\": \"tanh\", \"args\": [\"bn\"]},"
+    "  {\"name\": \"f\", \"op\": \"call_module\", \"target\": \"fc2\", \"args\": [\"t\"]},"
+    "  {\"name\": \"output\", \"op\": \"output\", \"args\": [\"f\"]}],"
+    " \"loss\": {\"type\": \"MSELoss\"}}";
+
+START_TEST(functional_batch_norm)
+{
+    tu_fixture f;
+    fx_from_json(&f, FN_BATCHNORM, 4, 17);
+    ck_assert_int_eq(cv_model_param_count(&f.m), 6);
+    ck_assert_str_eq(cv_model_param(&f.m, 2)->name, "g");
+    ck_assert_str_eq(f.m.layers[1].buffers[1].name, "stats.var");
+    ck_assert_int_eq(f.m.layers[1].nbuffers, 2); /* no num_batches_tracked */
+    check_all_oracles(&f, 0);
+    cv_model m2;
+    free(tu_arch_reparse(&f.m, &m2, "F.batch_norm"));
+    tu_fx_free(&f);
+    /* a tensor the class does not have */
+    const char *p = strstr(FN_BATCHNORM, "\"running_var\"");
+    char *doc = strdup(FN_BATCHNORM);
+    memcpy(doc + (p - FN_BATCHNORM), "\"running_vaR\"", 13);
+    cv_err e;
+    ck_assert_int_eq(cv_arch_parse(doc, strlen(doc), &m2, &e), -1);
+    ck_assert_str_eq(e.field, "nodes[2].params");
+    ck_assert_msg(strstr(e.message, "no tensor 'running_vaR'") != NULL, "%s", e.message);
+    free(doc);
+}
+END_TEST
+
 /* Token ids with repeats, and some labels ignored (ignore_index 3 when the
  * loss says so: label 3 occurs). */
 static void token_data(tu_fixture *f)
@@ -438,6 +478,7 @@ static Suite *graph_suite(void)
     tcase_add_test(tc, graph_refusals_name_the_node);
     tcase_add_test(tc, residual_graph_oracles);
     tcase_add_test(tc, shared_tensors_oracles);
+    tcase_add_test(tc, functional_batch_norm);
     tcase_add_test(tc, transformer_mha_oracles);
     tcase_add_test(tc, transformer_sdpa_oracles);
     tcase_add_test(tc, dataset_refusals);
