@@ -282,4 +282,6 @@ const cv_layer_class cv_batchnorm1d_class = BN_CLASS("BatchNorm1d");
 const cv_layer_class cv_batchnorm2d_class = BN_CLASS("BatchNorm2d");
 /* F.batch_norm in a graph (evaluation mode): any of the ranks above, the
  * tensors named by the node's "params" */
-const cv_layer_class cv_batch_norm_fn_class = BN_CLASS("batch_norm");
+const cv_layer_class cv_batch_norm_fn_class = {
+    .name = "batch_norm", .function = "batch_norm", .attr_size = sizeof(cv_batchnorm_attr),
+    CV_FIELDS(bn_fields), .infer = bn_infer, .layout = bn_layout, .ops = &batchnorm_ops};
