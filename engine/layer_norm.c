@@ -105,17 +105,55 @@ static void fill_nan(float *out, size_t len)
         out[i] = NAN;
 }
 
+/* range_scratch for a range that writes j->out: on failure the range's
+ * output is NaN and the caller returns */
+static float *out_scratch(const norm_job *j, int k, size_t lo, size_t hi)
+{
+    float *buf = range_scratch(&j->g, k);
+    if (!buf)
+        fill_nan(j->out + lo * j->g.M, (hi - lo) * j->g.M);
+    return buf;
+}
+
+/* group gi's gamma (ones without affine) and gamma direction (NULL without
+ * one), expanded into buf (M floats each) where needed */
+static const float *gamma_of(const norm_job *j, size_t gi, float *buf)
+{
+    return expand(&j->g, j->g.has_w ? j->c->theta : NULL, gi, buf);
+}
+
+static const float *vgamma_of(const norm_job *j, size_t gi, float *buf)
+{
+    return j->v && j->g.has_w ? expand(&j->g, j->v, gi, buf) : NULL;
+}
+
+/* The sums of a group's a_i = w_i b_i (w NULL: a_i = b_i) in double:
+ * out[0] = sum a, out[1] = sum a xhat, out[2] = sum a r (0 without r). */
+static void group_sums(const float *w, const float *b, const float *xh, const float *r,
+                       size_t M, double out[3])
+{
+    double s0 = 0, s1 = 0, s2 = 0;
+    for (size_t i = 0; i < M; i++) {
+        double a = w ? (double)w[i] * b[i] : (double)b[i];
+        s0 += a;
+        s1 += a * xh[i];
+        if (r)
+            s2 += a * r[i];
+    }
+    out[0] = s0;
+    out[1] = s1;
+    out[2] = s2;
+}
+
 static void forward_range(void *p, size_t lo, size_t hi)
 {
     const norm_job *j = p;
     const norm_geom *g = &j->g;
     const cv_layer_ctx *c = j->c;
     size_t M = g->M;
-    float *buf = range_scratch(g, 2);
-    if (!buf) {
-        fill_nan(j->out + lo * M, (hi - lo) * M);
+    float *buf = out_scratch(j, 2, lo, hi);
+    if (!buf)
         return;
-    }
     for (size_t q = lo; q < hi; q++) {
         const float *x = c->x + q * M;
         double mu = 0, var = 0;
@@ -162,21 +200,15 @@ static void vjp_range(void *p, size_t lo, size_t hi)
     const norm_geom *g = &j->g;
     const cv_layer_ctx *c = j->c;
     size_t M = g->M;
-    float *buf = range_scratch(g, 1);
-    if (!buf) {
-        fill_nan(j->out + lo * M, (hi - lo) * M);
+    float *buf = out_scratch(j, 1, lo, hi);
+    if (!buf)
         return;
-    }
     for (size_t q = lo; q < hi; q++) {
-        const float *w = expand(g, g->has_w ? c->theta : NULL, q % (size_t)g->G, buf);
+        const float *w = gamma_of(j, q % (size_t)g->G, buf);
         const float *xh = c->d1 + q * M, *gy = j->gy + q * M;
-        double s0 = 0, s1 = 0, s = c->d2[q];
-        for (size_t i = 0; i < M; i++) {
-            double gv = (double)w[i] * gy[i];
-            s0 += gv;
-            s1 += gv * xh[i];
-        }
-        float mg = (float)(s0 / (double)M), mgx = (float)(s1 / (double)M), sf = (float)s;
+        double sg[3], s = c->d2[q];
+        group_sums(w, gy, xh, NULL, M, sg);
+        float mg = (float)(sg[0] / (double)M), mgx = (float)(sg[1] / (double)M), sf = (float)s;
         float *gx = j->out + q * M;
         for (size_t i = 0; i < M; i++)
             gx[i] = sf * (w[i] * gy[i] - mg - xh[i] * mgx);
@@ -191,27 +223,22 @@ static void jvp_range(void *p, size_t lo, size_t hi)
     const norm_geom *g = &j->g;
     const cv_layer_ctx *c = j->c;
     size_t M = g->M;
-    float *buf = range_scratch(g, 3);
-    if (!buf) {
-        fill_nan(j->out + lo * M, (hi - lo) * M);
+    float *buf = out_scratch(j, 3, lo, hi);
+    if (!buf)
         return;
-    }
     for (size_t q = lo; q < hi; q++) {
         size_t gi = q % (size_t)g->G;
-        const float *w = expand(g, g->has_w ? c->theta : NULL, gi, buf);
-        const float *vw = j->v && g->has_w ? expand(g, j->v, gi, buf + M) : NULL;
+        const float *w = gamma_of(j, gi, buf);
+        const float *vw = vgamma_of(j, gi, buf + M);
         const float *vb = j->v && g->has_b ? expand(g, j->v + g->P, gi, buf + 2 * M) : NULL;
         const float *xh = c->d1 + q * M, *rx = j->rx ? j->rx + q * M : NULL;
         float *ry = j->out + q * M;
         float mr = 0, mxr = 0, sf = c->d2[q];
         if (rx) {
-            double s0 = 0, s1 = 0;
-            for (size_t i = 0; i < M; i++) {
-                s0 += rx[i];
-                s1 += (double)xh[i] * rx[i];
-            }
-            mr = (float)(s0 / (double)M);
-            mxr = (float)(s1 / (double)M);
+            double sr[3];
+            group_sums(NULL, rx, xh, NULL, M, sr);
+            mr = (float)(sr[0] / (double)M);
+            mxr = (float)(sr[1] / (double)M);
         }
         for (size_t i = 0; i < M; i++) {
             float r = rx ? w[i] * sf * (rx[i] - mr - xh[i] * mxr) : 0.0f;
@@ -237,39 +264,24 @@ static void hvp_range(void *p, size_t lo, size_t hi)
     const norm_geom *g = &j->g;
     const cv_layer_ctx *c = j->c;
     size_t M = g->M;
-    float *buf = range_scratch(g, 2);
-    if (!buf) {
-        fill_nan(j->out + lo * M, (hi - lo) * M);
+    float *buf = out_scratch(j, 2, lo, hi);
+    if (!buf)
         return;
-    }
     for (size_t q = lo; q < hi; q++) {
         size_t gi = q % (size_t)g->G;
-        const float *w = expand(g, g->has_w ? c->theta : NULL, gi, buf);
-        const float *vw = j->v && g->has_w ? expand(g, j->v, gi, buf + M) : NULL;
+        const float *w = gamma_of(j, gi, buf);
+        const float *vw = vgamma_of(j, gi, buf + M);
         const float *xh = c->d1 + q * M, *gy = j->gy + q * M;
         const float *rx = j->rx ? j->rx + q * M : NULL;
-        double s = c->d2[q], sg = 0, sgx = 0, sr = 0, sxr = 0, sgr = 0, sv = 0, svx = 0;
-        for (size_t i = 0; i < M; i++) {
-            double gv = (double)w[i] * gy[i];
-            sg += gv;
-            sgx += gv * xh[i];
-        }
+        double s = c->d2[q], sg[3], sr[3] = {0, 0, 0}, sv[3] = {0, 0, 0};
+        group_sums(w, gy, xh, rx, M, sg);
         if (rx)
-            for (size_t i = 0; i < M; i++) {
-                double gv = (double)w[i] * gy[i];
-                sr += rx[i];
-                sxr += (double)xh[i] * rx[i];
-                sgr += gv * rx[i];
-            }
+            group_sums(NULL, rx, xh, NULL, M, sr);
         if (vw)
-            for (size_t i = 0; i < M; i++) {
-                double vg = (double)vw[i] * gy[i];
-                sv += vg;
-                svx += vg * xh[i];
-            }
-        double mg = sg / M, mgx = sgx / M, mr = sr / M, mxr = sxr / M, mv = sv / M,
-               mvx = svx / M;
-        double mgrh = s * (sgr / M - mr * mg - mxr * mgx); /* <g rxh> */
+            group_sums(vw, gy, xh, NULL, M, sv);
+        double mg = sg[0] / M, mgx = sg[1] / M, mr = sr[0] / M, mxr = sr[1] / M,
+               mv = sv[0] / M, mvx = sv[1] / M;
+        double mgrh = s * (sg[2] / M - mr * mg - mxr * mgx); /* <g rxh> */
         if (j->stats) {
             j->stats[2 * q] = mr;
             j->stats[2 * q + 1] = mxr;
@@ -446,27 +458,16 @@ static void quad_range(void *p, size_t lo, size_t hi)
             continue;
         }
         size_t gi = q % (size_t)g->G;
-        const float *w = expand(g, g->has_w ? c->theta : NULL, gi, buf);
-        const float *vw = j->v && g->has_w ? expand(g, j->v, gi, buf + M) : NULL;
+        const float *w = gamma_of(j, gi, buf);
+        const float *vw = vgamma_of(j, gi, buf + M);
         const float *xh = c->d1 + q * M, *gy = j->gy + q * M, *rx = j->rx + q * M;
-        double s = c->d2[q], sg = 0, sgx = 0, sr = 0, sxr = 0, sgr = 0, srr = 0;
-        double sv = 0, svx = 0, svr = 0;
-        for (size_t i = 0; i < M; i++) {
-            double gv = (double)w[i] * gy[i];
-            sg += gv;
-            sgx += gv * xh[i];
-            sr += rx[i];
-            sxr += (double)xh[i] * rx[i];
-            sgr += gv * rx[i];
-            srr += (double)rx[i] * rx[i];
-        }
+        double s = c->d2[q], gs[3], rs[3], vs[3] = {0, 0, 0};
+        group_sums(w, gy, xh, rx, M, gs);
+        group_sums(NULL, rx, xh, rx, M, rs);
         if (vw)
-            for (size_t i = 0; i < M; i++) {
-                double vg = (double)vw[i] * gy[i];
-                sv += vg;
-                svx += vg * xh[i];
-                svr += vg * rx[i];
-            }
+            group_sums(vw, gy, xh, rx, M, vs);
+        double sg = gs[0], sgx = gs[1], sgr = gs[2], sr = rs[0], sxr = rs[1], srr = rs[2];
+        double sv = vs[0], svx = vs[1], svr = vs[2];
         double mg = sg / M, mgx = sgx / M, mr = sr / M, mxr = sxr / M;
         double mgrh = s * (sgr / M - mr * mg - mxr * mgx);
         double cg = -s * s * mxr, cr = -s * s * mgx;
