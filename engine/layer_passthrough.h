@@ -1,5 +1,6 @@
 /* layer_passthrough.h - torch.nn.Identity, Flatten and Dropout (evaluation
- * mode): their attributes and layer classes. */
+ * mode): their attributes and layer classes, and the copying and no-op
+ * kernels other parameterless classes reuse. */
 #ifndef CV_LAYER_PASSTHROUGH_H
 #define CV_LAYER_PASSTHROUGH_H
 
