@@ -105,25 +105,17 @@ static void fill_nan(float *out, size_t len)
         out[i] = NAN;
 }
 
-/* range_scratch for a range that writes j->out: on failure the range's
- * output is NaN and the caller returns */
-static float *out_scratch(const norm_job *j, int k, size_t lo, size_t hi)
-{
-    float *buf = range_scratch(&j->g, k);
-    if (!buf)
-        fill_nan(j->out + lo * j->g.M, (hi - lo) * j->g.M);
-    return buf;
-}
-
 /* Runs fn on each group q of [lo, hi) with k buffers of M floats of scratch
  * (none: the range's output is NaN). */
 typedef void (*group_fn)(const norm_job *j, size_t q, float *buf);
 
 static void for_groups(const norm_job *j, int k, size_t lo, size_t hi, group_fn fn)
 {
-    float *buf = out_scratch(j, k, lo, hi);
-    if (!buf)
+    float *buf = range_scratch(&j->g, k);
+    if (!buf) {
+        fill_nan(j->out + lo * j->g.M, (hi - lo) * j->g.M);
         return;
+    }
     for (size_t q = lo; q < hi; q++)
         fn(j, q, buf);
     free(buf);
