@@ -115,31 +115,39 @@ static int as_pair(const cJSON *v, const char *path, int min, int out[2], cv_err
     return 0;
 }
 
-/* An integer (a list of one) or a list of 1 to max integers, each >= min. */
-static int as_int_list(const cJSON *v, const char *path, int min, int max, cv_int_list *out,
-                       cv_err *e)
+/* An integer (a list of one) or a list of 1 to max integers, each >= min,
+ * into out[0..*n). */
+static int as_ints(const cJSON *v, const char *path, int min, int max, int *out, int *n,
+                   cv_err *e)
 {
     char what[96], p[176];
-    if (max < 1 || max > CV_INT_LIST_MAX)
-        max = CV_INT_LIST_MAX;
     snprintf(what, sizeof what, "must be an integer or a list of 1 to %d integers", max);
     if (cJSON_IsNumber(v)) {
-        out->n = 1;
-        return cv_arch_as_int(v, path, min, &out->v[0], e);
+        *n = 1;
+        return cv_arch_as_int(v, path, min, &out[0], e);
     }
     if (!cJSON_IsArray(v))
         return cv_arch_bad(e, "invalid_type", path, what, v);
-    int n = cJSON_GetArraySize(v);
-    if (n < 1 || n > max)
+    int len = cJSON_GetArraySize(v);
+    if (len < 1 || len > max)
         return cv_arch_bad(e, "invalid_value", path, what, v);
     int i = 0;
     for (const cJSON *c = v->child; c; c = c->next, i++) {
         snprintf(p, sizeof p, "%s[%d]", path, i);
-        if (cv_arch_as_int(c, p, min, &out->v[i], e))
+        if (cv_arch_as_int(c, p, min, &out[i], e))
             return -1;
     }
-    out->n = n;
+    *n = len;
     return 0;
+}
+
+/* CV_F_INT_LIST: as_ints with max clamped to 1..CV_INT_LIST_MAX. */
+static int as_int_list(const cJSON *v, const char *path, int min, int max, cv_int_list *out,
+                       cv_err *e)
+{
+    if (max < 1 || max > CV_INT_LIST_MAX)
+        max = CV_INT_LIST_MAX;
+    return as_ints(v, path, min, max, out->v, &out->n, e);
 }
 
 /* ---- layers ------------------------------------------------------------
@@ -156,17 +164,23 @@ static void choice_list(const char *const *choices, char *buf, size_t len)
                                  i == 0 ? "" : choices[i + 1] ? ", " : " or ", choices[i]);
 }
 
+/* A keyword of f->choices (v a string): its index + 1, stored as int at aux. */
+static int parse_choice(const cJSON *v, const char *path, const cv_field *f,
+                        unsigned char *attr, cv_err *e)
+{
+    for (int i = 0; f->choices[i]; i++)
+        if (strcmp(v->valuestring, f->choices[i]) == 0) {
+            *(int *)(attr + f->aux) = i + 1;
+            return 0;
+        }
+    return cv_arch_bad(e, "invalid_value", path, f->text, v);
+}
+
 static int parse_pair_field(const cJSON *v, const char *path, const cv_field *f,
                             unsigned char *attr, cv_err *e)
 {
-    if (f->choices && cJSON_IsString(v)) {
-        for (int i = 0; f->choices[i]; i++)
-            if (strcmp(v->valuestring, f->choices[i]) == 0) {
-                *(int *)(attr + f->aux) = i + 1;
-                return 0;
-            }
-        return cv_arch_bad(e, "invalid_value", path, f->text, v);
-    }
+    if (f->choices && cJSON_IsString(v))
+        return parse_choice(v, path, f, attr, e);
     if ((f->flags & CV_F_NO_NONE) && cJSON_IsArray(v))
         for (const cJSON *c = v->child; c; c = c->next)
             if (cJSON_IsNull(c))
@@ -179,23 +193,7 @@ static int parse_pair_field(const cJSON *v, const char *path, const cv_field *f,
 static int parse_dims_field(const cJSON *v, const char *path, const cv_field *f, cv_shape *out,
                             cv_err *e)
 {
-    char p[176], what[96];
-    snprintf(what, sizeof what, "must be an integer or a list of 1 to %d integers", CV_MAX_RANK);
-    if (cJSON_IsNumber(v)) {
-        out->rank = 1;
-        return cv_arch_as_int(v, path, (int)f->min, &out->dim[0], e);
-    }
-    int n = cJSON_IsArray(v) ? cJSON_GetArraySize(v) : -1;
-    if (n < 1 || n > CV_MAX_RANK)
-        return cv_arch_bad(e, n < 0 ? "invalid_type" : "invalid_value", path, what, v);
-    int i = 0;
-    for (const cJSON *c = v->child; c; c = c->next, i++) {
-        snprintf(p, sizeof p, "%s[%d]", path, i);
-        if (cv_arch_as_int(c, p, (int)f->min, &out->dim[i], e))
-            return -1;
-    }
-    out->rank = n;
-    return 0;
+    return as_ints(v, path, (int)f->min, CV_MAX_RANK, out->dim, &out->rank, e);
 }
 
 /* An INT field: an integer; with CV_F_LIST1 also a list of one (PyTorch's
@@ -203,14 +201,8 @@ static int parse_dims_field(const cJSON *v, const char *path, const cv_field *f,
 static int parse_int_field(const cJSON *v, const char *path, const cv_field *f,
                            unsigned char *attr, cv_err *e)
 {
-    if (f->choices && cJSON_IsString(v)) {
-        for (int i = 0; f->choices[i]; i++)
-            if (strcmp(v->valuestring, f->choices[i]) == 0) {
-                *(int *)(attr + f->aux) = i + 1;
-                return 0;
-            }
-        return cv_arch_bad(e, "invalid_value", path, f->text, v);
-    }
+    if (f->choices && cJSON_IsString(v))
+        return parse_choice(v, path, f, attr, e);
     if ((f->flags & CV_F_LIST1) && cJSON_IsArray(v)) {
         char p[176];
         if (cJSON_GetArraySize(v) != 1)

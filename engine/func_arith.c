@@ -72,6 +72,21 @@ static inline float fwd_val(int op, float a, float b)
     }
 }
 
+/* u dz/da and u dz/db: dz/da = 1, 1, b, 1/b; dz/db = 1, -1, a, -a/b^2 (the
+ * vjp applies them to gy, the jvp to ra, rb) */
+static inline float da_times(int op, float u, float b)
+{
+    return op == OP_MUL ? u * b : op == OP_DIV ? u / b : u;
+}
+
+static inline float db_times(int op, float u, float a, float b)
+{
+    return op == OP_ADD   ? u
+           : op == OP_SUB ? -u
+           : op == OP_MUL ? u * a
+                          : -u * a / (b * b);
+}
+
 /* sample s */
 BIN_ITEM bin_forward_item(const bin_job *q, size_t s, int op, size_t ia, size_t ib)
 {
@@ -82,8 +97,7 @@ BIN_ITEM bin_forward_item(const bin_job *q, size_t s, int op, size_t ia, size_t 
     ROWS_END
 }
 
-/* vector j of sample s: item t = j * n + s.  dz/da = 1, 1, b, 1/b;
- * dz/db = 1, -1, a, -a/b^2 */
+/* vector j of sample s: item t = j * n + s */
 BIN_ITEM bin_vjp_item(const bin_job *q, size_t t, int op, size_t ia, size_t ib)
 {
     size_t s = t % (size_t)q->n;
@@ -93,17 +107,14 @@ BIN_ITEM bin_vjp_item(const bin_job *q, size_t t, int op, size_t ia, size_t ib)
         float *restrict ga = q->za + t * q->w.na;
         memset(ga, 0, sizeof(float) * q->w.na);
         ROWS_BEGIN(q)
-        ga[pa] += op == OP_MUL ? g[pz] * b[pb] : op == OP_DIV ? g[pz] / b[pb] : g[pz];
+        ga[pa] += da_times(op, g[pz], b[pb]);
         ROWS_END
     }
     if (q->zb) {
         float *restrict gb = q->zb + t * q->w.nb;
         memset(gb, 0, sizeof(float) * q->w.nb);
         ROWS_BEGIN(q)
-        gb[pb] += op == OP_ADD   ? g[pz]
-                  : op == OP_SUB ? -g[pz]
-                  : op == OP_MUL ? g[pz] * a[pa]
-                                 : -g[pz] * a[pa] / (b[pb] * b[pb]);
+        gb[pb] += db_times(op, g[pz], a[pa], b[pb]);
         ROWS_END
     }
 }
@@ -117,7 +128,7 @@ BIN_ITEM bin_jvp_item(const bin_job *q, size_t t, int op, size_t ia, size_t ib)
     if (q->ra) {
         const float *restrict ra = q->ra + t * q->w.na;
         ROWS_BEGIN(q)
-        z[pz] = op == OP_MUL ? ra[pa] * b[pb] : op == OP_DIV ? ra[pa] / b[pb] : ra[pa];
+        z[pz] = da_times(op, ra[pa], b[pb]);
         ROWS_END
     } else {
         memset(z, 0, sizeof(float) * q->w.nz);
@@ -125,10 +136,7 @@ BIN_ITEM bin_jvp_item(const bin_job *q, size_t t, int op, size_t ia, size_t ib)
     if (q->rb) {
         const float *restrict rb = q->rb + t * q->w.nb;
         ROWS_BEGIN(q)
-        z[pz] += op == OP_ADD   ? rb[pb]
-                 : op == OP_SUB ? -rb[pb]
-                 : op == OP_MUL ? a[pa] * rb[pb]
-                                : -a[pa] * rb[pb] / (b[pb] * b[pb]);
+        z[pz] += db_times(op, rb[pb], a[pa], b[pb]);
         ROWS_END
     }
 }

@@ -1,50 +1,11 @@
 /* func_view.c - the function classes that only change the shape of a sample,
  * not its memory layout: reshape (also x.view) and flatten (torch.flatten).
- * Every kernel copies; there are no second-order terms. */
+ * Their kernels are the passthrough ones (layer_passthrough.h): a copy. */
 #include <stdint.h>
 #include <string.h>
 
 #include "func_shape.h"
-
-static size_t view_work(const cv_layer_ctx *c, int k) { return 0; }
-
-static int view_forward(cv_layer_ctx *c, float *y, cv_err *e)
-{
-    memcpy(y, c->x, sizeof(float) * (size_t)c->n * c->in_numel);
-    return 0;
-}
-
-static void view_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, float *gtheta)
-{
-    if (gx)
-        memcpy(gx, gy, sizeof(float) * (size_t)k * c->n * c->in_numel);
-}
-
-static void view_jvp(const cv_layer_ctx *c, int k, const float *rx, const float *vtheta,
-                     float *ry)
-{
-    size_t len = sizeof(float) * (size_t)k * c->n * c->out_numel;
-    if (rx)
-        memcpy(ry, rx, len);
-    else
-        memset(ry, 0, len);
-}
-
-static void view_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
-                           const float *vtheta, float *gx_add, float *gtheta_add)
-{
-}
-
-static void view_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
-
-static const cv_layer_ops view_ops = {
-    .work_size = view_work,
-    .forward = view_forward,
-    .vjp = view_vjp,
-    .jvp = view_jvp,
-    .hvp_extra = view_hvp_extra,
-    .per_sample = view_per_sample,
-};
+#include "layer_passthrough.h"
 
 /* ---- reshape: shape is the full shape, the batch entry -1 ----------------- */
 
@@ -109,7 +70,7 @@ const cv_layer_class cv_reshape_class = {
     CV_FIELDS(reshape_fields),
     .check = reshape_check,
     .infer = reshape_infer,
-    .ops = &view_ops,
+    .ops = &cv_passthrough_ops,
     .function = "reshape",
 };
 
@@ -159,6 +120,6 @@ const cv_layer_class cv_flatten_fn_class = {
     CV_FIELDS(flatten_fields),
     .check = flatten_check,
     .infer = flatten_infer,
-    .ops = &view_ops,
+    .ops = &cv_passthrough_ops,
     .function = "flatten",
 };

@@ -6,6 +6,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "layer_passthrough.h"
+
 /* ---- MultiheadAttention ------------------------------------------------ */
 
 static int mha_check(cv_layer *L, cv_err *e)
@@ -79,8 +81,6 @@ static int scale_infer(cv_layer *L, const cv_shape *in, cv_err *e)
     return 0;
 }
 
-static size_t scale_work(const cv_layer_ctx *c, int k) { return 0; }
-
 static float scale_of(const cv_layer_ctx *c)
 {
     return (float)CV_LAYER_ATTR(c->L, cv_attn_scale_attr)->s;
@@ -114,26 +114,14 @@ static void scale_jvp(const cv_layer_ctx *c, int k, const float *rx, const float
         memset(ry, 0, sizeof(float) * len);
 }
 
-static void scale_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
-                            const float *vtheta, float *gx_add, float *gtheta_add)
-{
-}
-
-static void scale_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
-                             const float *vtheta, double *q)
-{
-}
-
-static void scale_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
-
 static const cv_layer_ops scale_ops = {
-    .work_size = scale_work,
+    .work_size = cv_no_work,
     .forward = scale_forward,
     .vjp = scale_vjp,
     .jvp = scale_jvp,
-    .hvp_extra = scale_hvp_extra,
-    .per_sample = scale_per_sample,
-    .quad_extra = scale_quad_extra,
+    .hvp_extra = cv_no_hvp_extra,
+    .per_sample = cv_no_per_sample,
+    .quad_extra = cv_no_quad_extra,
 };
 
 static const cv_field scale_fields[] = {

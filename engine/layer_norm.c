@@ -105,39 +105,81 @@ static void fill_nan(float *out, size_t len)
         out[i] = NAN;
 }
 
-static void forward_range(void *p, size_t lo, size_t hi)
+/* Runs fn on each group q of [lo, hi) with k buffers of M floats of scratch
+ * (none: the range's output is NaN). */
+typedef void (*group_fn)(const norm_job *j, size_t q, float *buf);
+
+static void for_groups(const norm_job *j, int k, size_t lo, size_t hi, group_fn fn)
 {
-    const norm_job *j = p;
+    float *buf = range_scratch(&j->g, k);
+    if (!buf) {
+        fill_nan(j->out + lo * j->g.M, (hi - lo) * j->g.M);
+        return;
+    }
+    for (size_t q = lo; q < hi; q++)
+        fn(j, q, buf);
+    free(buf);
+}
+
+/* group gi's gamma (ones without affine) and gamma direction (NULL without
+ * one), expanded into buf (M floats each) where needed */
+static const float *gamma_of(const norm_job *j, size_t gi, float *buf)
+{
+    return expand(&j->g, j->g.has_w ? j->c->theta : NULL, gi, buf);
+}
+
+static const float *vgamma_of(const norm_job *j, size_t gi, float *buf)
+{
+    return j->v && j->g.has_w ? expand(&j->g, j->v, gi, buf) : NULL;
+}
+
+/* The sums of a group's a_i = w_i b_i (w NULL: a_i = b_i) in double:
+ * out[0] = sum a, out[1] = sum a xhat, out[2] = sum a r (0 without r). */
+static void group_sums(const float *w, const float *b, const float *xh, const float *r,
+                       size_t M, double out[3])
+{
+    double s0 = 0, s1 = 0, s2 = 0;
+    for (size_t i = 0; i < M; i++) {
+        double a = w ? (double)w[i] * b[i] : (double)b[i];
+        s0 += a;
+        s1 += a * xh[i];
+        if (r)
+            s2 += a * r[i];
+    }
+    out[0] = s0;
+    out[1] = s1;
+    out[2] = s2;
+}
+
+static void forward_group(const norm_job *j, size_t q, float *buf)
+{
     const norm_geom *g = &j->g;
     const cv_layer_ctx *c = j->c;
     size_t M = g->M;
-    float *buf = range_scratch(g, 2);
-    if (!buf) {
-        fill_nan(j->out + lo * M, (hi - lo) * M);
-        return;
+    const float *x = c->x + q * M;
+    double mu = 0, var = 0;
+    for (size_t i = 0; i < M; i++)
+        mu += x[i];
+    mu /= (double)M;
+    for (size_t i = 0; i < M; i++)
+        var += (x[i] - mu) * (x[i] - mu);
+    var /= (double)M;
+    double s = 1.0 / sqrt(var + g->eps);
+    c->d2[q] = (float)s;
+    size_t gi = q % (size_t)g->G;
+    const float *w = gamma_of(j, gi, buf);
+    const float *b = g->has_b ? expand(g, c->theta + g->P, gi, buf + M) : NULL;
+    float *xh = c->d1 + q * M, *y = j->out + q * M;
+    for (size_t i = 0; i < M; i++) {
+        float v = (float)((x[i] - mu) * s);
+        xh[i] = v;
+        y[i] = w[i] * v + (b ? b[i] : 0.0f);
     }
-    for (size_t q = lo; q < hi; q++) {
-        const float *x = c->x + q * M;
-        double mu = 0, var = 0;
-        for (size_t i = 0; i < M; i++)
-            mu += x[i];
-        mu /= (double)M;
-        for (size_t i = 0; i < M; i++)
-            var += (x[i] - mu) * (x[i] - mu);
-        var /= (double)M;
-        double s = 1.0 / sqrt(var + g->eps);
-        c->d2[q] = (float)s;
-        size_t gi = q % (size_t)g->G;
-        const float *w = expand(g, g->has_w ? c->theta : NULL, gi, buf);
-        const float *b = g->has_b ? expand(g, c->theta + g->P, gi, buf + M) : NULL;
-        float *xh = c->d1 + q * M, *y = j->out + q * M;
-        for (size_t i = 0; i < M; i++) {
-            float v = (float)((x[i] - mu) * s);
-            xh[i] = v;
-            y[i] = w[i] * v + (b ? b[i] : 0.0f);
-        }
-    }
-    free(buf);
+}
+
+static void forward_range(void *p, size_t lo, size_t hi)
+{
+    for_groups(p, 2, lo, hi, forward_group);
 }
 
 static int norm_forward(cv_layer_ctx *c, float *y, cv_err *e)
@@ -156,73 +198,58 @@ static int norm_forward(cv_layer_ctx *c, float *y, cv_err *e)
 }
 
 /* gx = J_x^T (gamma gy) = s (g - <g> - xhat <g xhat>) */
-static void vjp_range(void *p, size_t lo, size_t hi)
+static void vjp_group(const norm_job *j, size_t q, float *buf)
 {
-    const norm_job *j = p;
     const norm_geom *g = &j->g;
     const cv_layer_ctx *c = j->c;
     size_t M = g->M;
-    float *buf = range_scratch(g, 1);
-    if (!buf) {
-        fill_nan(j->out + lo * M, (hi - lo) * M);
-        return;
-    }
-    for (size_t q = lo; q < hi; q++) {
-        const float *w = expand(g, g->has_w ? c->theta : NULL, q % (size_t)g->G, buf);
-        const float *xh = c->d1 + q * M, *gy = j->gy + q * M;
-        double s0 = 0, s1 = 0, s = c->d2[q];
-        for (size_t i = 0; i < M; i++) {
-            double gv = (double)w[i] * gy[i];
-            s0 += gv;
-            s1 += gv * xh[i];
-        }
-        float mg = (float)(s0 / (double)M), mgx = (float)(s1 / (double)M), sf = (float)s;
-        float *gx = j->out + q * M;
-        for (size_t i = 0; i < M; i++)
-            gx[i] = sf * (w[i] * gy[i] - mg - xh[i] * mgx);
-    }
-    free(buf);
+    const float *w = gamma_of(j, q % (size_t)g->G, buf);
+    const float *xh = c->d1 + q * M, *gy = j->gy + q * M;
+    double sg[3], s = c->d2[q];
+    group_sums(w, gy, xh, NULL, M, sg);
+    float mg = (float)(sg[0] / (double)M), mgx = (float)(sg[1] / (double)M), sf = (float)s;
+    float *gx = j->out + q * M;
+    for (size_t i = 0; i < M; i++)
+        gx[i] = sf * (w[i] * gy[i] - mg - xh[i] * mgx);
+}
+
+static void vjp_range(void *p, size_t lo, size_t hi)
+{
+    for_groups(p, 1, lo, hi, vjp_group);
 }
 
 /* ry = gamma rxh + vgamma xhat + vbeta, rxh = s (rx - <rx> - xhat <xhat rx>) */
-static void jvp_range(void *p, size_t lo, size_t hi)
+static void jvp_group(const norm_job *j, size_t q, float *buf)
 {
-    const norm_job *j = p;
     const norm_geom *g = &j->g;
     const cv_layer_ctx *c = j->c;
     size_t M = g->M;
-    float *buf = range_scratch(g, 3);
-    if (!buf) {
-        fill_nan(j->out + lo * M, (hi - lo) * M);
-        return;
+    size_t gi = q % (size_t)g->G;
+    const float *w = gamma_of(j, gi, buf);
+    const float *vw = vgamma_of(j, gi, buf + M);
+    const float *vb = j->v && g->has_b ? expand(g, j->v + g->P, gi, buf + 2 * M) : NULL;
+    const float *xh = c->d1 + q * M, *rx = j->rx ? j->rx + q * M : NULL;
+    float *ry = j->out + q * M;
+    float mr = 0, mxr = 0, sf = c->d2[q];
+    if (rx) {
+        double sr[3];
+        group_sums(NULL, rx, xh, NULL, M, sr);
+        mr = (float)(sr[0] / (double)M);
+        mxr = (float)(sr[1] / (double)M);
     }
-    for (size_t q = lo; q < hi; q++) {
-        size_t gi = q % (size_t)g->G;
-        const float *w = expand(g, g->has_w ? c->theta : NULL, gi, buf);
-        const float *vw = j->v && g->has_w ? expand(g, j->v, gi, buf + M) : NULL;
-        const float *vb = j->v && g->has_b ? expand(g, j->v + g->P, gi, buf + 2 * M) : NULL;
-        const float *xh = c->d1 + q * M, *rx = j->rx ? j->rx + q * M : NULL;
-        float *ry = j->out + q * M;
-        float mr = 0, mxr = 0, sf = c->d2[q];
-        if (rx) {
-            double s0 = 0, s1 = 0;
-            for (size_t i = 0; i < M; i++) {
-                s0 += rx[i];
-                s1 += (double)xh[i] * rx[i];
-            }
-            mr = (float)(s0 / (double)M);
-            mxr = (float)(s1 / (double)M);
-        }
-        for (size_t i = 0; i < M; i++) {
-            float r = rx ? w[i] * sf * (rx[i] - mr - xh[i] * mxr) : 0.0f;
-            if (vw)
-                r += vw[i] * xh[i];
-            if (vb)
-                r += vb[i];
-            ry[i] = r;
-        }
+    for (size_t i = 0; i < M; i++) {
+        float r = rx ? w[i] * sf * (rx[i] - mr - xh[i] * mxr) : 0.0f;
+        if (vw)
+            r += vw[i] * xh[i];
+        if (vb)
+            r += vb[i];
+        ry[i] = r;
     }
-    free(buf);
+}
+
+static void jvp_range(void *p, size_t lo, size_t hi)
+{
+    for_groups(p, 3, lo, hi, jvp_group);
 }
 
 /* The second-order terms on the input, one group at a time (see the top):
@@ -231,74 +258,57 @@ static void jvp_range(void *p, size_t lo, size_t hi)
  * with <g rxh> = s (<g rx> - <rx><g> - <xhat rx><g xhat>): one pass of sums,
  * then gx += cg g + cr rx + cx xhat + c0 (+ s vg); stats = <rx>, <xhat rx>
  * for the weight terms. */
-static void hvp_range(void *p, size_t lo, size_t hi)
+static void hvp_group(const norm_job *j, size_t q, float *buf)
 {
-    const norm_job *j = p;
     const norm_geom *g = &j->g;
     const cv_layer_ctx *c = j->c;
     size_t M = g->M;
-    float *buf = range_scratch(g, 2);
-    if (!buf) {
-        fill_nan(j->out + lo * M, (hi - lo) * M);
-        return;
+    size_t gi = q % (size_t)g->G;
+    const float *w = gamma_of(j, gi, buf);
+    const float *vw = vgamma_of(j, gi, buf + M);
+    const float *xh = c->d1 + q * M, *gy = j->gy + q * M;
+    const float *rx = j->rx ? j->rx + q * M : NULL;
+    double s = c->d2[q], sg[3], sr[3] = {0, 0, 0}, sv[3] = {0, 0, 0};
+    group_sums(w, gy, xh, rx, M, sg);
+    if (rx)
+        group_sums(NULL, rx, xh, NULL, M, sr);
+    if (vw)
+        group_sums(vw, gy, xh, NULL, M, sv);
+    double mg = sg[0] / M, mgx = sg[1] / M, mr = sr[0] / M, mxr = sr[1] / M,
+           mv = sv[0] / M, mvx = sv[1] / M;
+    double mgrh = s * (sg[2] / M - mr * mg - mxr * mgx); /* <g rxh> */
+    if (j->stats) {
+        j->stats[2 * q] = mr;
+        j->stats[2 * q + 1] = mxr;
     }
-    for (size_t q = lo; q < hi; q++) {
-        size_t gi = q % (size_t)g->G;
-        const float *w = expand(g, g->has_w ? c->theta : NULL, gi, buf);
-        const float *vw = j->v && g->has_w ? expand(g, j->v, gi, buf + M) : NULL;
-        const float *xh = c->d1 + q * M, *gy = j->gy + q * M;
-        const float *rx = j->rx ? j->rx + q * M : NULL;
-        double s = c->d2[q], sg = 0, sgx = 0, sr = 0, sxr = 0, sgr = 0, sv = 0, svx = 0;
-        for (size_t i = 0; i < M; i++) {
-            double gv = (double)w[i] * gy[i];
-            sg += gv;
-            sgx += gv * xh[i];
-        }
-        if (rx)
-            for (size_t i = 0; i < M; i++) {
-                double gv = (double)w[i] * gy[i];
-                sr += rx[i];
-                sxr += (double)xh[i] * rx[i];
-                sgr += gv * rx[i];
-            }
-        if (vw)
-            for (size_t i = 0; i < M; i++) {
-                double vg = (double)vw[i] * gy[i];
-                sv += vg;
-                svx += vg * xh[i];
-            }
-        double mg = sg / M, mgx = sgx / M, mr = sr / M, mxr = sxr / M, mv = sv / M,
-               mvx = svx / M;
-        double mgrh = s * (sgr / M - mr * mg - mxr * mgx); /* <g rxh> */
-        if (j->stats) {
-            j->stats[2 * q] = mr;
-            j->stats[2 * q + 1] = mxr;
-        }
-        double cg = 0, cr = 0, cx = 0, c0 = 0;
-        if (rx) {
-            cg = -s * s * mxr;
-            cr = -s * s * mgx;
-            cx = 2 * s * s * mxr * mgx - s * mgrh;
-            c0 = s * s * (mxr * mg + mgx * mr);
-        }
-        if (vw) {
-            cx -= s * mvx;
-            c0 -= s * mv;
-        }
-        /* in double: the terms cancel (a group of two entries has xhat = +-1) */
-        float *gx = j->out + q * M;
-        if (rx && vw)
-            for (size_t i = 0; i < M; i++)
-                gx[i] += (float)(cg * w[i] * gy[i] + cr * rx[i] + cx * xh[i] + c0 +
-                                 s * vw[i] * gy[i]);
-        else if (rx)
-            for (size_t i = 0; i < M; i++)
-                gx[i] += (float)(cg * w[i] * gy[i] + cr * rx[i] + cx * xh[i] + c0);
-        else
-            for (size_t i = 0; i < M; i++)
-                gx[i] += (float)(cx * xh[i] + c0 + s * vw[i] * gy[i]);
+    double cg = 0, cr = 0, cx = 0, c0 = 0;
+    if (rx) {
+        cg = -s * s * mxr;
+        cr = -s * s * mgx;
+        cx = 2 * s * s * mxr * mgx - s * mgrh;
+        c0 = s * s * (mxr * mg + mgx * mr);
     }
-    free(buf);
+    if (vw) {
+        cx -= s * mvx;
+        c0 -= s * mv;
+    }
+    /* in double: the terms cancel (a group of two entries has xhat = +-1) */
+    float *gx = j->out + q * M;
+    if (rx && vw)
+        for (size_t i = 0; i < M; i++)
+            gx[i] += (float)(cg * w[i] * gy[i] + cr * rx[i] + cx * xh[i] + c0 +
+                             s * vw[i] * gy[i]);
+    else if (rx)
+        for (size_t i = 0; i < M; i++)
+            gx[i] += (float)(cg * w[i] * gy[i] + cr * rx[i] + cx * xh[i] + c0);
+    else
+        for (size_t i = 0; i < M; i++)
+            gx[i] += (float)(cx * xh[i] + c0 + s * vw[i] * gy[i]);
+}
+
+static void hvp_range(void *p, size_t lo, size_t hi)
+{
+    for_groups(p, 2, lo, hi, hvp_group);
 }
 
 /* Parameter gradient of groups [q0, q1) (serial: the groups share the affine
@@ -446,27 +456,16 @@ static void quad_range(void *p, size_t lo, size_t hi)
             continue;
         }
         size_t gi = q % (size_t)g->G;
-        const float *w = expand(g, g->has_w ? c->theta : NULL, gi, buf);
-        const float *vw = j->v && g->has_w ? expand(g, j->v, gi, buf + M) : NULL;
+        const float *w = gamma_of(j, gi, buf);
+        const float *vw = vgamma_of(j, gi, buf + M);
         const float *xh = c->d1 + q * M, *gy = j->gy + q * M, *rx = j->rx + q * M;
-        double s = c->d2[q], sg = 0, sgx = 0, sr = 0, sxr = 0, sgr = 0, srr = 0;
-        double sv = 0, svx = 0, svr = 0;
-        for (size_t i = 0; i < M; i++) {
-            double gv = (double)w[i] * gy[i];
-            sg += gv;
-            sgx += gv * xh[i];
-            sr += rx[i];
-            sxr += (double)xh[i] * rx[i];
-            sgr += gv * rx[i];
-            srr += (double)rx[i] * rx[i];
-        }
+        double s = c->d2[q], gs[3], rs[3], vs[3] = {0, 0, 0};
+        group_sums(w, gy, xh, rx, M, gs);
+        group_sums(NULL, rx, xh, rx, M, rs);
         if (vw)
-            for (size_t i = 0; i < M; i++) {
-                double vg = (double)vw[i] * gy[i];
-                sv += vg;
-                svx += vg * xh[i];
-                svr += vg * rx[i];
-            }
+            group_sums(vw, gy, xh, rx, M, vs);
+        double sg = gs[0], sgx = gs[1], sgr = gs[2], sr = rs[0], sxr = rs[1], srr = rs[2];
+        double sv = vs[0], svx = vs[1], svr = vs[2];
         double mg = sg / M, mgx = sgx / M, mr = sr / M, mxr = sxr / M;
         double mgrh = s * (sgr / M - mr * mg - mxr * mgx);
         double cg = -s * s * mxr, cr = -s * s * mgx;

@@ -6,7 +6,7 @@
 
 #include <string.h>
 
-static size_t pass_work(const cv_layer_ctx *c, int k) { return 0; }
+size_t cv_no_work(const cv_layer_ctx *c, int k) { return 0; }
 
 static int pass_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
@@ -30,26 +30,26 @@ static void pass_jvp(const cv_layer_ctx *c, int k, const float *rx, const float 
         memset(ry, 0, len);
 }
 
-static void pass_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
-                           const float *vtheta, float *gx_add, float *gtheta_add)
+void cv_no_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
+                     const float *vtheta, float *gx_add, float *gtheta_add)
 {
 }
 
-static void pass_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
-                            const float *vtheta, double *q)
+void cv_no_quad_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
+                      const float *vtheta, double *q)
 {
 }
 
-static void pass_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
+void cv_no_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
 
-static const cv_layer_ops passthrough_ops = {
-    .work_size = pass_work,
+const cv_layer_ops cv_passthrough_ops = {
+    .work_size = cv_no_work,
     .forward = pass_forward,
     .vjp = pass_vjp,
     .jvp = pass_jvp,
-    .hvp_extra = pass_hvp_extra,
-    .per_sample = pass_per_sample,
-    .quad_extra = pass_quad_extra,
+    .hvp_extra = cv_no_hvp_extra,
+    .per_sample = cv_no_per_sample,
+    .quad_extra = cv_no_quad_extra,
 };
 
 /* ---- classes --------------------------------------------------------------- */
@@ -96,16 +96,16 @@ static const cv_field dropout_fields[] = {
 };
 
 const cv_layer_class cv_identity_class = {
-    .name = "Identity", .ops = &passthrough_ops, .function = "identity"};
+    .name = "Identity", .ops = &cv_passthrough_ops, .function = "identity"};
 
 /* x.contiguous(): a function only (graph form); the layout never changes here */
 const cv_layer_class cv_contiguous_class = {
-    .name = "contiguous", .ops = &passthrough_ops, .function = "contiguous"};
+    .name = "contiguous", .ops = &cv_passthrough_ops, .function = "contiguous"};
 
 const cv_layer_class cv_flatten_class = {
     .name = "Flatten", .attr_size = sizeof(cv_flatten_attr), CV_FIELDS(flatten_fields),
-    .check = flatten_check, .infer = flatten_infer, .ops = &passthrough_ops};
+    .check = flatten_check, .infer = flatten_infer, .ops = &cv_passthrough_ops};
 
 const cv_layer_class cv_dropout_class = {
     .name = "Dropout", .attr_size = sizeof(cv_dropout_attr), CV_FIELDS(dropout_fields),
-    .ops = &passthrough_ops, .function = "dropout"};
+    .ops = &cv_passthrough_ops, .function = "dropout"};

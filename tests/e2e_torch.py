@@ -32,35 +32,11 @@ def y_double(y):
 def check_core(tag, model, loss_fn, x, y, d):
     m64 = double_model(model)
     x64, y64 = x.double(), y_double(y)
-    D = sum(p.numel() for p in model.parameters())
-    _, res = tr.curvd_run(CURVD, d, {"op": "loss"})
-    want = float(loss_fn(m64(x64), y64))
-    check(tag + " loss", abs(res["loss"] - want) <= 1e-5 * abs(want) + 1e-7,
-          f"{res['loss']} vs {want}")
-    _, res = tr.curvd_run(CURVD, d, {"op": "gradient"})
-    _, g, _ = tr.loss_and_grad(m64, loss_fn, x64, y64)
-    g = torch.cat([t.reshape(-1) for t in g]).detach()
-    e = rel(res["gradient"], g)
-    check(tag + " gradient", e < 1e-4, f"rel err {e}")
-    torch.manual_seed(1)
-    v = torch.randn(D, dtype=torch.float64)
-    _, res = tr.curvd_run(CURVD, d, {"op": "matvec", "curvature": "hessian",
-                                     "options": {"vector": v.tolist()}})
-    hv = tr.hvp(m64, loss_fn, x64, y64, v)
-    e = rel(res["product"], hv)
-    check(tag + " Hv", e < 1e-4, f"rel err {e}")
+    g = tr.check_products(tag, d, m64, loss_fn, x64, y64, loss_atol=1e-7)
     H = tr.dense_hessian(m64, loss_fn, x64, y64)
     G = tr.dense_ggn(m64, loss_fn, x64, y64)
-    _, res = tr.curvd_run(CURVD, d, {"op": "matvec", "curvature": "ggn",
-                                     "options": {"vector": v.tolist()}})
-    e = rel(res["product"], G @ v)
-    check(tag + " Gv", e < 1e-4, f"rel err {e}")
-    _, res = tr.curvd_run(CURVD, d, {"op": "dense", "curvature": "hessian"})
-    e = rel(torch.tensor(res["matrix"]).T, H)
-    check(tag + " dense H", e < 1e-4, f"rel err {e}")
-    _, res = tr.curvd_run(CURVD, d, {"op": "dense", "curvature": "ggn"})
-    e = rel(torch.tensor(res["matrix"]).T, G)
-    check(tag + " dense G", e < 1e-4, f"rel err {e}")
+    tr.check_dense(tag, d, "hessian", H)
+    tr.check_dense(tag, d, "ggn", G)
     return H, G, g
 
 

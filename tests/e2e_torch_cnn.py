@@ -40,49 +40,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchref as tr  # noqa: E402
-from e2e_lib import CURVD, VERBOSE, check, summary  # noqa: E402
-from torchref import close, rel  # noqa: E402
+from e2e_lib import VERBOSE, check, summary  # noqa: E402
+from torchref import close, flat, gradient, ggn_vp, rel, run  # noqa: E402
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 # torch's note that padding='same' with even kernels copies the input
 warnings.filterwarnings("ignore", message=".*padding='same'.*")
 
 
-
-
-def run(d, job):
-    _, res = tr.curvd_run(CURVD, d, job)
-    return res
-
-
-def flat(ts):
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def split_like(v, params):
-    out, off = [], 0
-    for p in params:
-        out.append(v[off:off + p.numel()].view_as(p))
-        off += p.numel()
-    return out
-
-
-def gradient(model, loss_fn, x, y):
-    params = list(model.parameters())
-    return flat(torch.autograd.grad(loss_fn(model(x), y), params))
-
-
-def ggn_vp(model, loss_fn, x, y, v):
-    """G v = J^T (d2 loss/dh2) J v; J v by the double-backward trick."""
-    params = list(model.parameters())
-    out = model(x)
-    u = torch.zeros_like(out, requires_grad=True)
-    g = torch.autograd.grad(out, params, grad_outputs=u, create_graph=True)
-    jv = torch.autograd.grad(g, u, grad_outputs=split_like(v, params))[0]
-    o = out.detach().requires_grad_(True)
-    go = torch.autograd.grad(loss_fn(o, y), o, create_graph=True)[0]
-    ljv = torch.autograd.grad(go, o, grad_outputs=jv)[0]
-    return flat(torch.autograd.grad(out, params, grad_outputs=ljv))
 
 
 def ef_vp(model, loss_fn, x, y, v):
@@ -209,30 +174,14 @@ def check_small(tag, make, loss_fn, full):
     with tempfile.TemporaryDirectory() as d:
         tr.write_case(d, model, list(x.shape[1:]), loss_fn, x, y)
         y64 = y if y.dtype == torch.int64 else y.double()
-        res = run(d, {"op": "loss"})
-        want = float(loss_fn(m64(x64), y64))
-        check(tag + " loss", abs(res["loss"] - want) <= 1e-5 * abs(want), f"{res['loss']} {want}")
-        res = run(d, {"op": "gradient"})
-        e = rel(res["gradient"], gradient(m64, loss_fn, x64, y64))
-        check(tag + " gradient", e < 1e-4, f"rel err {e}")
-        torch.manual_seed(1)
-        v = torch.randn(D, dtype=torch.float64)
-        res = run(d, {"op": "matvec", "curvature": "hessian", "options": {"vector": v.tolist()}})
-        e = rel(res["product"], tr.hvp(m64, loss_fn, x64, y64, v))
-        check(tag + " Hv", e < 1e-4, f"rel err {e}")
-        res = run(d, {"op": "matvec", "curvature": "ggn", "options": {"vector": v.tolist()}})
-        e = rel(res["product"], ggn_vp(m64, loss_fn, x64, y64, v))
-        check(tag + " Gv", e < 1e-4, f"rel err {e}")
+        tr.check_products(tag, d, m64, loss_fn, x64, y64)
         H = tr.dense_hessian(m64, loss_fn, x64, y64)
-        res = run(d, {"op": "dense", "curvature": "hessian"})
-        e = rel(torch.tensor(res["matrix"]).T, H)
-        check(tag + " dense H", e < 1e-4, f"rel err {e}")
+        tr.check_dense(tag, d, "hessian", H)
         if not full:
             return
         G = tr.dense_ggn(m64, loss_fn, x64, y)
-        res = run(d, {"op": "dense", "curvature": "ggn"})
-        e = rel(torch.tensor(res["matrix"]).T, G)
-        check("small dense G", e < 1e-4, f"rel err {e}")
+        tr.check_dense(tag, d, "ggn", G)
+        tr.check_gram_top2(tag, d, G)
         t = float(torch.trace(H))
         res = run(d, {"op": "trace", "options": {"method": "hutch++", "max_probes": 3 * D}})
         check("small trace (hutch++, full budget)", abs(res["trace"] - t) <= 1e-4 * abs(t),
@@ -241,11 +190,6 @@ def check_small(tag, make, loss_fn, full):
         want = torch.linalg.eigvalsh(H).flip(0)[:2]
         e = rel(res["eigenvalues"], want)
         check("small top-2 eigenvalues", e < 1e-4, f"{res['eigenvalues']} vs {want.tolist()}")
-        res = run(d, {"op": "eigen", "curvature": "ggn", "options": {"k": 2, "method": "gram"}})
-        want = torch.linalg.eigvalsh(G).flip(0)[:2]
-        e = rel(res["eigenvalues"], want)
-        check("small top-2 GGN eigenvalues (Gram)", e < 1e-4,
-              f"{res['eigenvalues']} vs {want.tolist()}")
         res = run(d, {"op": "per_sample_gradients"})
         e = rel(res["per_sample_gradients"], per_sample_grads(m64, x64, y))
         check("small per-sample gradients", e < 1e-4, f"rel err {e}")

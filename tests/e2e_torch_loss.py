@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchref as tr  # noqa: E402
 from e2e_lib import CURVD, check, summary  # noqa: E402
-from torchref import rel  # noqa: E402
 
 
 def write_case(d, model, loss_fn, x, y, loss_obj):
@@ -33,28 +32,8 @@ def write_case(d, model, loss_fn, x, y, loss_obj):
 
 
 def check_case(tag, model, loss_fn, x, y, d):
-    m64 = copy.deepcopy(model).double()
-    x64 = x.double()
-    D = sum(p.numel() for p in model.parameters())
-    _, res = tr.curvd_run(CURVD, d, {"op": "loss"})
-    want = float(loss_fn(m64(x64), y))
-    check(tag + " loss", abs(res["loss"] - want) <= 1e-5 * abs(want) + 1e-7,
-          f"{res['loss']} vs {want}")
-    _, res = tr.curvd_run(CURVD, d, {"op": "gradient"})
-    _, g, _ = tr.loss_and_grad(m64, loss_fn, x64, y)
-    g = torch.cat([t.reshape(-1) for t in g]).detach()
-    e = rel(res["gradient"], g)
-    check(tag + " gradient", e < 1e-4, f"rel err {e}")
-    torch.manual_seed(1)
-    v = torch.randn(D, dtype=torch.float64)
-    _, res = tr.curvd_run(CURVD, d, {"op": "matvec", "curvature": "hessian",
-                                     "options": {"vector": v.tolist()}})
-    e = rel(res["product"], tr.hvp(m64, loss_fn, x64, y, v))
-    check(tag + " Hv", e < 1e-4, f"rel err {e}")
-    _, res = tr.curvd_run(CURVD, d, {"op": "matvec", "curvature": "ggn",
-                                     "options": {"vector": v.tolist()}})
-    e = rel(res["product"], tr.dense_ggn(m64, loss_fn, x64, y) @ v)
-    check(tag + " Gv", e < 1e-4, f"rel err {e}")
+    tr.check_products(tag, d, copy.deepcopy(model).double(), loss_fn, x.double(), y,
+                      loss_atol=1e-7)
 
 
 def main():

@@ -22,43 +22,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchref as tr  # noqa: E402
-from e2e_lib import CURVD, check, summary  # noqa: E402
+from e2e_lib import check, summary  # noqa: E402
 from torchref import rel  # noqa: E402
 
 nn = torch.nn
-
-
-def run(d, job):
-    return tr.curvd_run(CURVD, d, job)[1]
-
-
-def flat(ts):
-    return torch.cat([t.reshape(-1) for t in ts])
-
-
-def split_like(v, params):
-    out, off = [], 0
-    for p in params:
-        out.append(v[off:off + p.numel()].view_as(p))
-        off += p.numel()
-    return out
-
-
-def gradient(model, loss_fn, x, y):
-    return flat(torch.autograd.grad(loss_fn(model(x), y), list(model.parameters())))
-
-
-def ggn_vp(model, loss_fn, x, y, v):
-    """J^T Lambda J v, J v by the double-backward trick."""
-    params = list(model.parameters())
-    out = model(x)
-    u = torch.zeros_like(out, requires_grad=True)
-    g = torch.autograd.grad(out, params, grad_outputs=u, create_graph=True)
-    jv = torch.autograd.grad(g, u, grad_outputs=split_like(v, params))[0]
-    o = out.detach().requires_grad_(True)
-    go = torch.autograd.grad(loss_fn(o, y), o, create_graph=True)[0]
-    ljv = torch.autograd.grad(go, o, grad_outputs=jv)[0]
-    return flat(torch.autograd.grad(out, params, grad_outputs=ljv))
 
 
 def per_sample_grads(model, x, y):
@@ -66,7 +33,7 @@ def per_sample_grads(model, x, y):
     params = list(model.parameters())
     per = nn.CrossEntropyLoss(reduction="sum")
     n = x.shape[0]
-    return torch.stack([flat(torch.autograd.grad(per(model(x[i:i + 1]), y[i:i + 1]), params))
+    return torch.stack([tr.flat(torch.autograd.grad(per(model(x[i:i + 1]), y[i:i + 1]), params))
                         for i in range(n)]) / n
 
 
@@ -125,48 +92,20 @@ def check_model(tag, make):
     m64 = copy.deepcopy(model).double()
     x64 = x if x.dtype == torch.int64 else x.double()
     y64 = y if y.dtype == torch.int64 else y.double()
-    D = sum(p.numel() for p in model.parameters())
     ce = isinstance(loss_fn, nn.CrossEntropyLoss)
     with tempfile.TemporaryDirectory() as d:
         xs = x.float()   # token ids as exact floats in the Sequential form
         tr.write_case(d, model, list(x.shape[1:]), loss_fn, xs, y)
-        res = run(d, {"op": "loss"})
-        want = float(loss_fn(m64(x64), y64))
-        check(tag + " loss", abs(res["loss"] - want) <= 1e-5 * abs(want), f"{res['loss']} {want}")
-        res = run(d, {"op": "gradient"})
-        e = rel(res["gradient"], gradient(m64, loss_fn, x64, y64))
-        check(tag + " gradient", e < 1e-4, f"rel err {e}")
-        torch.manual_seed(1)
-        v = torch.randn(D, dtype=torch.float64)
-        res = run(d, {"op": "matvec", "curvature": "hessian", "options": {"vector": v.tolist()}})
-        e = rel(res["product"], tr.hvp(m64, loss_fn, x64, y64, v))
-        check(tag + " Hv", e < 1e-4, f"rel err {e}")
-        res = run(d, {"op": "matvec", "curvature": "ggn", "options": {"vector": v.tolist()}})
-        e = rel(res["product"], ggn_vp(m64, loss_fn, x64, y64, v))
-        check(tag + " Gv", e < 1e-4, f"rel err {e}")
-        H = dense_hessian(m64, loss_fn, x64, y64, D)
-        res = run(d, {"op": "dense", "curvature": "hessian"})
-        e = rel(torch.tensor(res["matrix"]).T, H)
-        check(tag + " dense H", e < 1e-4, f"rel err {e}")
+        tr.check_products(tag, d, m64, loss_fn, x64, y64)
+        H = tr.dense_hessian(m64, loss_fn, x64, y64)
+        tr.check_dense(tag, d, "hessian", H)
         G = tr.dense_ggn(m64, loss_fn, x64, y64)
-        res = run(d, {"op": "dense", "curvature": "ggn"})
-        e = rel(torch.tensor(res["matrix"]).T, G)
-        check(tag + " dense G", e < 1e-4, f"rel err {e}")
-        res = run(d, {"op": "eigen", "curvature": "ggn", "options": {"k": 2, "method": "gram"}})
-        want = torch.linalg.eigvalsh(G).flip(0)[:2]
-        e = rel(res["eigenvalues"], want)
-        check(tag + " top-2 GGN eigenvalues (Gram)", e < 1e-4,
-              f"{res['eigenvalues']} vs {want.tolist()}")
+        tr.check_dense(tag, d, "ggn", G)
+        tr.check_gram_top2(tag, d, G)
         if ce:
-            res = run(d, {"op": "per_sample_gradients"})
+            res = tr.run(d, {"op": "per_sample_gradients"})
             e = rel(res["per_sample_gradients"], per_sample_grads(m64, x64, y64))
             check(tag + " per-sample gradients", e < 1e-4, f"rel err {e}")
-
-
-def dense_hessian(model, loss_fn, x, y, D):
-    """tr.dense_hessian with a float64 identity (x may hold integer token ids)."""
-    eye = torch.eye(D, dtype=torch.float64)
-    return torch.stack([tr.hvp(model, loss_fn, x, y, eye[i]) for i in range(D)], 1)
 
 
 def check_export():

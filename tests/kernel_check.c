@@ -879,26 +879,44 @@ static int run_checks(kc_env *E)
     return guards_ok(E);
 }
 
-int kc_forward(cv_layer *L, int n, const float *const *inputs, const float *params,
-               const float *buffers, float *y, char *why, size_t len)
+/* A check environment for L with options o and n samples, failures written
+ * to why; NULL (said in why) when out of memory. */
+static kc_env *env_new(cv_layer *L, const kc_opts *o, int n, char *why, size_t len)
 {
     kc_env *E = calloc(1, sizeof *E);
     if (!E) {
         snprintf(why, len, "out of memory");
-        return -1;
+        return NULL;
     }
     E->L = L;
-    E->o = kc_defaults();
-    for (int i = 0; i < KC_MAXIN; i++)
-        E->o.inputs[i] = inputs ? inputs[i] : NULL;
-    E->o.params = params;
-    E->o.buffers = buffers;
-    E->n = n > 0 ? n : 1;
+    E->o = *o;
+    E->n = n;
     E->why = why;
     E->len = len;
     if (len)
         why[0] = '\0';
     cv_rng_seed(&E->r, E->o.seed);
+    return E;
+}
+
+static void env_free(kc_env *E)
+{
+    for (int i = 0; i < E->nmem; i++)
+        free(E->mem[i]);
+    free(E);
+}
+
+int kc_forward(cv_layer *L, int n, const float *const *inputs, const float *params,
+               const float *buffers, float *y, char *why, size_t len)
+{
+    kc_opts o = kc_defaults();
+    for (int i = 0; i < KC_MAXIN; i++)
+        o.inputs[i] = inputs ? inputs[i] : NULL;
+    o.params = params;
+    o.buffers = buffers;
+    kc_env *E = env_new(L, &o, n > 0 ? n : 1, why, len);
+    if (!E)
+        return -1;
     int rc = setup(E, L);
     if (rc == 0) {
         make_ctx(E);
@@ -912,35 +930,22 @@ int kc_forward(cv_layer *L, int n, const float *const *inputs, const float *para
         }
         cv_layer_ctx_release(&E->c);
     }
-    for (int i = 0; i < E->nmem; i++)
-        free(E->mem[i]);
-    free(E);
+    env_free(E);
     return rc;
 }
 
 int kc_check(cv_layer *L, const kc_opts *o, char *why, size_t len)
 {
-    kc_env *E = calloc(1, sizeof *E);
-    if (!E) {
-        snprintf(why, len, "out of memory");
+    kc_opts d = o ? *o : kc_defaults();
+    kc_env *E = env_new(L, &d, d.n > 0 ? d.n : 3, why, len);
+    if (!E)
         return -1;
-    }
-    E->L = L;
-    E->o = o ? *o : kc_defaults();
-    E->n = E->o.n > 0 ? E->o.n : 3;
-    E->why = why;
-    E->len = len;
-    if (len)
-        why[0] = '\0';
-    cv_rng_seed(&E->r, E->o.seed);
     int rc = setup(E, L);
     if (rc == 0) {
         make_ctx(E);
         rc = run_checks(E);
         cv_layer_ctx_release(&E->c);
     }
-    for (int i = 0; i < E->nmem; i++)
-        free(E->mem[i]);
-    free(E);
+    env_free(E);
     return rc;
 }

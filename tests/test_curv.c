@@ -301,49 +301,18 @@ START_TEST(jvp_vjp_adjoint_and_gram)
 {
     fixture f;
     tu_fx_make(&f, 5, smooth_net, 5, CV_LOSS_CE, CV_RED_MEAN, 6, 51, NULL);
-    size_t N = f.d.n;
-    int C = cv_model_output_dim(&f.m), k = 2;
+    int k = 2;
     int idx[1] = {2};
     cv_block part;
     cv_err e;
     ck_assert_int_eq(cv_block_from_indices(&f.m, idx, 1, &part, &e), 0);
     const cv_block *blocks[2] = {&f.full, &part};
     for (int bi = 0; bi < 2; bi++) {
-        const cv_block *b = blocks[bi];
-        size_t D = b->dim, R = (size_t)k * N, olen = N * (size_t)C;
-        float *cot = malloc(sizeof(float) * R * C), *jx = malloc(sizeof(float) * R * C);
-        double *x = malloc(sizeof(double) * D * k), *y = malloc(sizeof(double) * D * k);
-        cv_rng r;
-        cv_rng_seed(&r, 9);
-        for (size_t i = 0; i < R * C; i++)
-            cot[i] = (float)cv_rng_normal(&r);
-        cv_rng_gaussian(&r, x, D * k);
-        ck_assert_int_eq(cv_curv_jvp(f.c, b, k, x, jx, &e), 0);
-        ck_assert_int_eq(cv_curv_vjp(f.c, b, k, cot, y, &e), 0);
-        for (int j = 0; j < k; j++) {
-            double lhs = 0, rhs = tu_dot(y + j * D, x + j * D, D);
-            for (size_t i = 0; i < olen; i++)
-                lhs += (double)cot[j * olen + i] * jx[j * olen + i];
-            ck_assert_msg(fabs(lhs - rhs) <= 1e-5 * (fabs(rhs) + 1), "adjoint %g vs %g", lhs,
-                          rhs);
-        }
+        char tag[32];
+        snprintf(tag, sizeof tag, "block %d", bi);
+        tu_check_adjoint(&f, blocks[bi], k, 9, tag);
         /* Gram vs explicit per-(j, n) gradients from one-sample cotangents */
-        double *grads = malloc(sizeof(double) * R * D), *G = malloc(sizeof(double) * R * R);
-        float *one = calloc(olen, sizeof(float));
-        for (size_t rr = 0; rr < R; rr++) {
-            size_t j = rr / N, n = rr % N;
-            memset(one, 0, sizeof(float) * olen);
-            memcpy(one + n * C, cot + j * olen + n * C, sizeof(float) * C);
-            ck_assert_int_eq(cv_curv_vjp(f.c, b, 1, one, grads + rr * D, &e), 0);
-        }
-        ck_assert_int_eq(cv_curv_gram(f.c, b, k, cot, G, &e), 0);
-        for (size_t a = 0; a < R; a++)
-            for (size_t q = 0; q < R; q++) {
-                double want = tu_dot(grads + a * D, grads + q * D, D);
-                ck_assert_msg(fabs(G[a * R + q] - want) <= 1e-4 * (fabs(want) + 1e-3),
-                              "block %d Gram[%zu,%zu] %g vs %g", bi, a, q, G[a * R + q], want);
-            }
-        free(cot); free(jx); free(x); free(y); free(grads); free(G); free(one);
+        tu_check_gram(&f, blocks[bi], k, 0.0, tag);
     }
     tu_fx_free(&f);
 }

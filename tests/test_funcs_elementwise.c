@@ -22,6 +22,30 @@ static void layer_or_fail(cv_layer *L, const char *name, int nin, const cv_shape
     ck_assert_msg(kc_layer(L, name, nin, in) == 0, "no class %s", name);
 }
 
+/* L's forward of n samples of inputs ins into y: must succeed */
+static void forward_ok(cv_layer *L, int n, const float *const *ins, float *y)
+{
+    char why[256];
+    ck_assert_msg(kc_forward(L, n, ins, NULL, NULL, y, why, sizeof why) == 0, "%s", why);
+}
+
+/* L's forward must fail with a message containing want */
+static void forward_refused(cv_layer *L, const char *want)
+{
+    char why[256];
+    float y[64];
+    ck_assert_int_eq(kc_forward(L, 1, NULL, NULL, NULL, y, why, sizeof why), -1);
+    ck_assert_msg(strstr(why, want) != NULL, "%s", why);
+}
+
+/* kc_check of a one-input L at input x */
+static void check_kernels_at(cv_layer *L, const float *x)
+{
+    kc_opts o = kc_defaults();
+    o.inputs[0] = x;
+    KC_ASSERT(L, &o);
+}
+
 /* n * numel values: N(0, 1), or |v| in [0.5, 1.5] with random sign (away
  * from a pole), or in [0.5, 2] (positive) */
 typedef enum { V_NORMAL, V_AWAY, V_POSITIVE } vals;
@@ -98,8 +122,7 @@ static void check_binary_forward(int op, const bcase *bc, const float *a, const 
            nb = cv_shape_numel(&bc->b);
     float *y = malloc(sizeof(float) * N * nz);
     const float *ins[CV_MAX_NODE_INPUTS] = {a, b};
-    char why[256];
-    ck_assert_msg(kc_forward(&L, N, ins, NULL, NULL, y, why, sizeof why) == 0, "%s", why);
+    forward_ok(&L, N, ins, y);
     ck_assert_int_eq(L.out_shape.rank, bc->out.rank);
     for (int d = 0; d < bc->out.rank; d++)
         ck_assert_int_eq(L.out_shape.dim[d], bc->out.dim[d]);
@@ -152,10 +175,7 @@ START_TEST(shapes_that_do_not_broadcast)
     cv_layer L;
     cv_shape in[2] = {kc_shape(2, 3, 4), kc_shape(1, 3)};
     layer_or_fail(&L, "add", 2, in);
-    char why[256];
-    float y[64];
-    ck_assert_int_eq(kc_forward(&L, 1, NULL, NULL, NULL, y, why, sizeof why), -1);
-    ck_assert_msg(strstr(why, "[3, 4] and [3] do not broadcast") != NULL, "%s", why);
+    forward_refused(&L, "[3, 4] and [3] do not broadcast");
     cv_shape o;
     cv_shape a = kc_shape(2, 2, 3), b = kc_shape(2, 3, 3);
     ck_assert_int_eq(cv_bcast_shape(&a, &b, &o), -1);
@@ -188,16 +208,13 @@ START_TEST(scalar_forms)
     ck_assert_int_eq(kc_set(&L, "scalar", sc->scalar), 0);
     ck_assert_int_eq(kc_set(&L, "reverse", sc->reverse), 0);
     const float *ins[CV_MAX_NODE_INPUTS] = {x};
-    char why[256];
-    ck_assert_msg(kc_forward(&L, N, ins, NULL, NULL, y, why, sizeof why) == 0, "%s", why);
+    forward_ok(&L, N, ins, y);
     for (size_t q = 0; q < len; q++) {
         double want = sc->reverse ? binop(sc->op, sc->scalar, x[q]) : binop(sc->op, x[q], sc->scalar);
         ck_assert_msg(fabs(y[q] - want) <= 1e-6 * (1 + fabs(want)), "%s%s %g: %g, want %g",
                       BINOPS[sc->op], sc->reverse ? " reverse" : "", sc->scalar, y[q], want);
     }
-    kc_opts o = kc_defaults();
-    o.inputs[0] = x;
-    KC_ASSERT(&L, &o);
+    check_kernels_at(&L, x);
     free(x);
     free(y);
 }
@@ -209,12 +226,10 @@ START_TEST(division_by_a_zero_scalar_is_refused)
     cv_shape in = kc_shape(1, 4);
     layer_or_fail(&L, "div", 1, &in);
     kc_set(&L, "scalar", 0);
-    char why[256];
-    float y[16];
-    ck_assert_int_eq(kc_forward(&L, 1, NULL, NULL, NULL, y, why, sizeof why), -1);
-    ck_assert_msg(strstr(why, "scalar: division by zero") != NULL, "%s", why);
+    forward_refused(&L, "scalar: division by zero");
     kc_set(&L, "reverse", 1); /* 0 / x is fine */
-    ck_assert_msg(kc_forward(&L, 1, NULL, NULL, NULL, y, why, sizeof why) == 0, "%s", why);
+    float y[4];
+    forward_ok(&L, 1, NULL, y);
 }
 END_TEST
 
@@ -254,16 +269,13 @@ START_TEST(unary_arithmetic)
     if (strcmp(u->name, "pow") == 0)
         ck_assert_int_eq(kc_set(&L, "exponent", u->exponent), 0);
     const float *ins[CV_MAX_NODE_INPUTS] = {x};
-    char why[256];
-    ck_assert_msg(kc_forward(&L, N, ins, NULL, NULL, y, why, sizeof why) == 0, "%s", why);
+    forward_ok(&L, N, ins, y);
     for (size_t q = 0; q < len; q++) {
         double want = unary_ref(u, x[q]);
         ck_assert_msg(fabs(y[q] - want) <= 1e-6 * (1 + fabs(want)), "%s(%g): %g, want %g",
                       u->name, x[q], y[q], want);
     }
-    kc_opts o = kc_defaults();
-    o.inputs[0] = x;
-    KC_ASSERT(&L, &o);
+    check_kernels_at(&L, x);
     free(x);
     free(y);
 }
@@ -320,8 +332,7 @@ START_TEST(masked_fill)
     layer_or_fail(&L, "masked_fill", 2, in);
     ck_assert_int_eq(kc_set(&L, "value", m->value), 0);
     const float *ins[CV_MAX_NODE_INPUTS] = {x, mask};
-    char why[256];
-    ck_assert_msg(kc_forward(&L, N, ins, NULL, NULL, y, why, sizeof why) == 0, "%s", why);
+    forward_ok(&L, N, ins, y);
     int filled = 0, kept = 0;
     for (int s = 0; s < N; s++)
         for (size_t q = 0; q < nx; q++) {
@@ -359,8 +370,7 @@ START_TEST(masked_fill_mask_cotangent_is_zero)
     kc_set(&L, "value", -INFINITY);
     float x[4] = {1, 2, 3, 4}, m[4] = {0, 1, 0, 1}, y[4], gy[4] = {1, 1, 1, 1}, gx[4], gm[4];
     const float *ins[CV_MAX_NODE_INPUTS] = {x, m};
-    char why[256];
-    ck_assert_msg(kc_forward(&L, 1, ins, NULL, NULL, y, why, sizeof why) == 0, "%s", why);
+    forward_ok(&L, 1, ins, y);
     ck_assert(y[0] == 1 && y[2] == 3 && isinf(y[1]) && y[1] < 0 && isinf(y[3]));
     cv_layer_ctx c;
     memset(&c, 0, sizeof c);
@@ -391,10 +401,7 @@ START_TEST(masked_fill_refuses_a_mask_larger_than_x)
     cv_shape in[2] = {kc_shape(1, 4), kc_shape(2, 3, 4)};
     layer_or_fail(&L, "masked_fill", 2, in);
     kc_set(&L, "value", 0);
-    char why[256];
-    float y[64];
-    ck_assert_int_eq(kc_forward(&L, 1, NULL, NULL, NULL, y, why, sizeof why), -1);
-    ck_assert_msg(strstr(why, "does not broadcast to the input's [4]") != NULL, "%s", why);
+    forward_refused(&L, "does not broadcast to the input's [4]");
 }
 END_TEST
 
@@ -412,17 +419,14 @@ START_TEST(causal_fill)
     if (_i == 1)
         ck_assert_int_eq(kc_set(&L, "value", value), 0);
     const float *ins[CV_MAX_NODE_INPUTS] = {x};
-    char why[256];
-    ck_assert_msg(kc_forward(&L, N, ins, NULL, NULL, y, why, sizeof why) == 0, "%s", why);
+    forward_ok(&L, N, ins, y);
     for (size_t q = 0; q < N * nx; q++) {
         int col = (int)(q % (size_t)S), row = (int)(q / (size_t)S % (size_t)T);
         float want = col <= row ? x[q] : (float)value;
         ck_assert_msg(y[q] == want, "causal_fill entry %zu (row %d, col %d): %g, want %g", q, row,
                       col, y[q], want);
     }
-    kc_opts o = kc_defaults();
-    o.inputs[0] = x;
-    KC_ASSERT(&L, &o);
+    check_kernels_at(&L, x);
     free(x);
     free(y);
 }
@@ -433,10 +437,7 @@ START_TEST(causal_fill_needs_two_dimensions)
     cv_layer L;
     cv_shape in = kc_shape(1, 4);
     layer_or_fail(&L, "causal_fill", 1, &in);
-    char why[256];
-    float y[16];
-    ck_assert_int_eq(kc_forward(&L, 1, NULL, NULL, NULL, y, why, sizeof why), -1);
-    ck_assert_msg(strstr(why, "rank >= 2") != NULL, "%s", why);
+    forward_refused(&L, "rank >= 2");
 }
 END_TEST
 
@@ -503,17 +504,12 @@ START_TEST(get_attr_bad_shapes)
 {
     static const int five[5] = {1, 2, 2, 2, 2}, zero[2] = {3, 0};
     cv_layer L;
-    char why[256];
-    float y[64];
     layer_or_fail(&L, "get_attr", 0, NULL);
-    ck_assert_int_eq(kc_forward(&L, 1, NULL, NULL, NULL, y, why, sizeof why), -1); /* none */
-    ck_assert_msg(strstr(why, "shape: must list 1 to 4 dimensions") != NULL, "%s", why);
+    forward_refused(&L, "shape: must list 1 to 4 dimensions"); /* none */
     set_shape(&L, 5, five);
-    ck_assert_int_eq(kc_forward(&L, 1, NULL, NULL, NULL, y, why, sizeof why), -1);
-    ck_assert_msg(strstr(why, "shape: must list 1 to 4") != NULL, "%s", why);
+    forward_refused(&L, "shape: must list 1 to 4");
     set_shape(&L, 2, zero);
-    ck_assert_int_eq(kc_forward(&L, 1, NULL, NULL, NULL, y, why, sizeof why), -1);
-    ck_assert_msg(strstr(why, "shape[1]: must be >= 1") != NULL, "%s", why);
+    forward_refused(&L, "shape[1]: must be >= 1");
 }
 END_TEST
 

@@ -143,6 +143,32 @@ static void b_quad(const cv_layer_ctx *c, int k, const float *gy, const float *r
         q[k - 1] += 0.01;
 }
 
+/* L (input [4]; Linear 4 -> 3) of a copy cls of class orig whose kernels ops
+ * are the wrappers above, broken as b says (BREAK_COUNT: not broken) */
+static void wrap_layer(cv_layer *L, const cv_layer_class *orig, breakage b, cv_layer_ops *ops,
+                       cv_layer_class *cls)
+{
+    base_ops = orig->ops;
+    broken = b;
+    *ops = *orig->ops;
+    ops->jvp = b_jvp;
+    ops->vjp = b_vjp;
+    ops->hvp_extra = b_hvp;
+    if (ops->per_sample)
+        ops->per_sample = b_per_sample;
+    if (ops->quad_extra)
+        ops->quad_extra = b_quad;
+    *cls = *orig;
+    cls->ops = ops;
+    cv_layer_init(L, cls);
+    L->nin = 1;
+    L->in_shapes[0] = kc_shape(1, 4);
+    if (orig == &cv_linear_class) {
+        kc_set(L, "in_features", 4);
+        kc_set(L, "out_features", 3);
+    }
+}
+
 START_TEST(broken_kernels_are_caught)
 {
     int b = _i;
@@ -153,26 +179,10 @@ START_TEST(broken_kernels_are_caught)
     const cv_layer_class *orig = b == BREAK_HVP || b == BREAK_HVP_SET ? &cv_tanh_class
                                  : b == BREAK_INPUT                   ? &cv_identity_class
                                                                       : &cv_linear_class;
-    base_ops = orig->ops;
-    broken = (breakage)b;
-    cv_layer_ops ops = *orig->ops;
-    ops.jvp = b_jvp;
-    ops.vjp = b_vjp;
-    ops.hvp_extra = b_hvp;
-    if (ops.per_sample)
-        ops.per_sample = b_per_sample;
-    if (ops.quad_extra)
-        ops.quad_extra = b_quad;
-    cv_layer_class cls = *orig;
-    cls.ops = &ops;
+    cv_layer_ops ops;
+    cv_layer_class cls;
     cv_layer L;
-    cv_layer_init(&L, &cls);
-    L.nin = 1;
-    L.in_shapes[0] = kc_shape(1, 4);
-    if (orig == &cv_linear_class) {
-        kc_set(&L, "in_features", 4);
-        kc_set(&L, "out_features", 3);
-    }
+    wrap_layer(&L, orig, (breakage)b, &ops, &cls);
     char why[512];
     ck_assert_msg(kc_check(&L, NULL, why, sizeof why) == -1, "breakage %d not caught", b);
     ck_assert_msg(strstr(why, expect[b]) != NULL, "breakage %d: expected '%s' in: %s", b,
@@ -183,23 +193,10 @@ END_TEST
 /* Unbroken, the same wrapping passes (the wrappers are not the failure). */
 START_TEST(wrapped_unbroken_passes)
 {
-    const cv_layer_class *orig = &cv_linear_class;
-    base_ops = orig->ops;
-    broken = BREAK_COUNT;
-    cv_layer_ops ops = *orig->ops;
-    ops.jvp = b_jvp;
-    ops.vjp = b_vjp;
-    ops.hvp_extra = b_hvp;
-    ops.per_sample = b_per_sample;
-    ops.quad_extra = b_quad;
-    cv_layer_class cls = *orig;
-    cls.ops = &ops;
+    cv_layer_ops ops;
+    cv_layer_class cls;
     cv_layer L;
-    cv_layer_init(&L, &cls);
-    L.nin = 1;
-    L.in_shapes[0] = kc_shape(1, 4);
-    kc_set(&L, "in_features", 4);
-    kc_set(&L, "out_features", 3);
+    wrap_layer(&L, &cv_linear_class, BREAK_COUNT, &ops, &cls);
     KC_ASSERT(&L, NULL);
 }
 END_TEST

@@ -852,30 +852,37 @@ START_TEST(arch_loss_fields)
     free(text);
     cJSON_Delete(j);
 
-    ASSERT_ERR(arch_loss("'type': 'NLLLoss', 'label_smoothing': 0.1", "", m, &e), e,
-               "unknown_field", "loss.label_smoothing", "unknown field for NLLLoss");
-    ASSERT_ERR(arch_loss("'type': 'MSELoss', 'class_dim': -1", "", m, &e), e, "unknown_field",
-               "loss.class_dim", "unknown field for MSELoss");
-    ASSERT_ERR(arch_loss("'type': 'BCEWithLogitsLoss', 'ignore_index': 1", "", m, &e), e,
-               "unknown_field", "loss.ignore_index", "unknown field for BCEWithLogitsLoss");
-    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss', 'class_dim': 2", "", m, &e), e,
-               "invalid_value", "loss.class_dim", "must be 1 (classes in dimension 1");
-    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss', 'class_dim': '-1'", "", m, &e), e,
-               "invalid_type", "loss.class_dim", "or -1 (classes last");
-    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss', 'label_smoothing': 1.5", "", m, &e), e,
-               "invalid_value", "loss.label_smoothing", "in [0, 1]");
-    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss', 'label_smoothing': true", "", m, &e), e,
-               "invalid_type", "loss.label_smoothing", "in [0, 1]");
-    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss', 'ignore_index': 0.5", "", m, &e), e,
-               "invalid_type", "loss.ignore_index", "must be an integer");
-    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss', 'class_dim': -1, 'class_dim': 1", "", m,
-                         &e), e, "duplicate_field", "loss.class_dim", "given twice");
-    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss'", "'input_dtype': 'int16',", m, &e), e,
-               "invalid_value", "input_dtype", "must be \"float32\", \"int64\" or \"int32\"");
-    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss'", "'input_dtype': 'in64',", m, &e), e,
-               "invalid_value", "input_dtype", "did you mean 'int64'");
-    ASSERT_ERR(arch_loss("'type': 'CrossEntropyLoss'", "'input_dtype': 64,", m, &e), e,
-               "invalid_type", "input_dtype", "got 64");
+    static const struct {
+        const char *loss, *top, *code, *field, *substr;
+    } refused[] = {
+        {"'type': 'NLLLoss', 'label_smoothing': 0.1", "",
+         "unknown_field", "loss.label_smoothing", "unknown field for NLLLoss"},
+        {"'type': 'MSELoss', 'class_dim': -1", "",
+         "unknown_field", "loss.class_dim", "unknown field for MSELoss"},
+        {"'type': 'BCEWithLogitsLoss', 'ignore_index': 1", "",
+         "unknown_field", "loss.ignore_index", "unknown field for BCEWithLogitsLoss"},
+        {"'type': 'CrossEntropyLoss', 'class_dim': 2", "",
+         "invalid_value", "loss.class_dim", "must be 1 (classes in dimension 1"},
+        {"'type': 'CrossEntropyLoss', 'class_dim': '-1'", "",
+         "invalid_type", "loss.class_dim", "or -1 (classes last"},
+        {"'type': 'CrossEntropyLoss', 'label_smoothing': 1.5", "",
+         "invalid_value", "loss.label_smoothing", "in [0, 1]"},
+        {"'type': 'CrossEntropyLoss', 'label_smoothing': true", "",
+         "invalid_type", "loss.label_smoothing", "in [0, 1]"},
+        {"'type': 'CrossEntropyLoss', 'ignore_index': 0.5", "",
+         "invalid_type", "loss.ignore_index", "must be an integer"},
+        {"'type': 'CrossEntropyLoss', 'class_dim': -1, 'class_dim': 1", "",
+         "duplicate_field", "loss.class_dim", "given twice"},
+        {"'type': 'CrossEntropyLoss'", "'input_dtype': 'int16',",
+         "invalid_value", "input_dtype", "must be \"float32\", \"int64\" or \"int32\""},
+        {"'type': 'CrossEntropyLoss'", "'input_dtype': 'in64',",
+         "invalid_value", "input_dtype", "did you mean 'int64'"},
+        {"'type': 'CrossEntropyLoss'", "'input_dtype': 64,",
+         "invalid_type", "input_dtype", "got 64"},
+    };
+    for (size_t r = 0; r < sizeof refused / sizeof refused[0]; r++)
+        ASSERT_ERR(arch_loss(refused[r].loss, refused[r].top, m, &e), e, refused[r].code,
+                   refused[r].field, refused[r].substr);
     free_model(m);
     free_model(m2);
 }

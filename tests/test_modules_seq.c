@@ -670,76 +670,26 @@ static int test_blocks(const fixture *f, cv_block *b)
     return n;
 }
 
-/* Gram of the per-row gradients (one vjp per cotangent row) vs cv_curv_gram */
-static void check_gram(fixture *f, const cv_block *b, int k, const char *tag)
-{
-    size_t N = f->d.n, D = b->dim, R = (size_t)k * N;
-    int C = cv_model_output_dim(&f->m);
-    size_t olen = N * (size_t)C;
-    float *cot = malloc(sizeof(float) * R * C), *one = calloc(olen, sizeof(float));
-    double *grads = malloc(sizeof(double) * R * D), *G = malloc(sizeof(double) * R * R);
-    cv_rng r;
-    cv_rng_seed(&r, 9);
-    for (size_t i = 0; i < R * C; i++)
-        cot[i] = (float)cv_rng_normal(&r);
-    cv_err e;
-    for (size_t rr = 0; rr < R; rr++) {
-        size_t j = rr / N, n = rr % N;
-        memset(one, 0, sizeof(float) * olen);
-        memcpy(one + n * C, cot + j * olen + n * C, sizeof(float) * C);
-        ck_assert_int_eq(cv_curv_vjp(f->c, b, 1, one, grads + rr * D, &e), 0);
-    }
-    ck_assert_msg(cv_curv_gram(f->c, b, k, cot, G, &e) == 0, "%s: %s", tag, e.message);
-    for (size_t a = 0; a < R; a++)
-        for (size_t q = 0; q < R; q++) {
-            double want = tu_dot(grads + a * D, grads + q * D, D);
-            double scale = sqrt(tu_dot(grads + a * D, grads + a * D, D) *
-                                tu_dot(grads + q * D, grads + q * D, D));
-            ck_assert_msg(fabs(G[a * R + q] - want) <= 1e-4 * (fabs(want) + 1e-3) + 1e-6 * scale,
-                          "%s Gram[%zu,%zu] %g vs %g", tag, a, q, G[a * R + q], want);
-        }
-    free(cot); free(one); free(grads); free(G);
-}
-
 START_TEST(gram_adjoint_quadforms)
 {
     fixture f;
     make_variant(&f, _i);
-    size_t N = f.d.n;
-    int C = cv_model_output_dim(&f.m), k = 2;
+    int k = 2;
     cv_block blocks[8];
     int nb = test_blocks(&f, blocks);
     char tag[64];
     for (int bi = 0; bi < nb; bi++) {
         const cv_block *b = &blocks[bi];
-        size_t D = b->dim, olen = N * (size_t)C;
-        float *cot = malloc(sizeof(float) * k * olen), *jx = malloc(sizeof(float) * k * olen);
-        double *x = malloc(sizeof(double) * D * k), *y = malloc(sizeof(double) * D * k);
-        cv_rng r;
-        cv_rng_seed(&r, 19);
-        for (size_t i = 0; i < k * olen; i++)
-            cot[i] = (float)cv_rng_normal(&r);
-        cv_rng_gaussian(&r, x, D * k);
-        cv_err e;
-        ck_assert_int_eq(cv_curv_jvp(f.c, b, k, x, jx, &e), 0);
-        ck_assert_int_eq(cv_curv_vjp(f.c, b, k, cot, y, &e), 0);
-        for (int j = 0; j < k; j++) {
-            double lhs = 0, rhs = tu_dot(y + j * D, x + j * D, D);
-            for (size_t i = 0; i < olen; i++)
-                lhs += (double)cot[j * olen + i] * jx[j * olen + i];
-            ck_assert_msg(fabs(lhs - rhs) <= 1e-5 * (fabs(rhs) + 1),
-                          "variant %d block %d: adjoint %g vs %g", _i, bi, lhs, rhs);
-        }
         snprintf(tag, sizeof tag, "variant %d block %d", _i, bi);
-        check_gram(&f, b, k, tag);
+        tu_check_adjoint(&f, b, k, 19, tag);
+        tu_check_gram(&f, b, k, 1e-6, tag);
         tu_check_quadforms(f.c, b, bi == 0 ? 36 : 3, 9 + (uint64_t)bi, tag);
-        free(cot); free(jx); free(x); free(y);
     }
     /* Linear's row Gram in chunks of one output row, then a few */
     cv_curv_set_gram_budget(f.c, 1);
-    check_gram(&f, &f.full, 3, "budget 1");
+    tu_check_gram(&f, &f.full, 3, 1e-6, "budget 1");
     cv_curv_set_gram_budget(f.c, 40);
-    check_gram(&f, &f.full, 2, "budget 40");
+    tu_check_gram(&f, &f.full, 2, 1e-6, "budget 40");
     tu_fx_free(&f);
 }
 END_TEST

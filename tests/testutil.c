@@ -291,6 +291,61 @@ void tu_check_per_sample_gradients(tu_fixture *f, const char *tag)
     free(A);
 }
 
+void tu_check_adjoint(tu_fixture *f, const cv_block *b, int k, uint64_t seed, const char *tag)
+{
+    size_t D = b->dim, olen = f->d.n * (size_t)cv_model_output_dim(&f->m);
+    float *cot = malloc(sizeof(float) * k * olen), *jx = malloc(sizeof(float) * k * olen);
+    double *x = malloc(sizeof(double) * D * k), *y = malloc(sizeof(double) * D * k);
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    for (size_t i = 0; i < k * olen; i++)
+        cot[i] = (float)cv_rng_normal(&r);
+    cv_rng_gaussian(&r, x, D * k);
+    cv_err e;
+    ck_assert_msg(cv_curv_jvp(f->c, b, k, x, jx, &e) == 0, "%s: %s", tag, e.message);
+    ck_assert_msg(cv_curv_vjp(f->c, b, k, cot, y, &e) == 0, "%s: %s", tag, e.message);
+    for (int j = 0; j < k; j++) {
+        double lhs = 0, rhs = tu_dot(y + j * D, x + j * D, D);
+        for (size_t i = 0; i < olen; i++)
+            lhs += (double)cot[j * olen + i] * jx[j * olen + i];
+        ck_assert_msg(fabs(lhs - rhs) <= 1e-5 * (fabs(rhs) + 1), "%s: adjoint %g vs %g", tag,
+                      lhs, rhs);
+    }
+    free(cot); free(jx); free(x); free(y);
+}
+
+void tu_check_gram(tu_fixture *f, const cv_block *b, int k, double rounding, const char *tag)
+{
+    size_t N = f->d.n, D = b->dim, R = (size_t)k * N;
+    int C = cv_model_output_dim(&f->m);
+    size_t olen = N * (size_t)C;
+    float *cot = malloc(sizeof(float) * R * C), *one = calloc(olen, sizeof(float));
+    double *grads = malloc(sizeof(double) * R * D), *G = malloc(sizeof(double) * R * R);
+    cv_rng r;
+    cv_rng_seed(&r, 9);
+    for (size_t i = 0; i < R * C; i++)
+        cot[i] = (float)cv_rng_normal(&r);
+    cv_err e;
+    for (size_t rr = 0; rr < R; rr++) {
+        size_t j = rr / N, n = rr % N;
+        memset(one, 0, sizeof(float) * olen);
+        memcpy(one + n * C, cot + j * olen + n * C, sizeof(float) * C);
+        ck_assert_int_eq(cv_curv_vjp(f->c, b, 1, one, grads + rr * D, &e), 0);
+    }
+    ck_assert_msg(cv_curv_gram(f->c, b, k, cot, G, &e) == 0, "%s: %s", tag, e.message);
+    for (size_t a = 0; a < R; a++)
+        for (size_t q = 0; q < R; q++) {
+            double want = tu_dot(grads + a * D, grads + q * D, D);
+            double scale = sqrt(tu_dot(grads + a * D, grads + a * D, D) *
+                                tu_dot(grads + q * D, grads + q * D, D));
+            ck_assert_msg(fabs(G[a * R + q] - want) <=
+                              1e-4 * (fabs(want) + 1e-3) + rounding * scale,
+                          "%s Gram[%zu,%zu] %g vs %g (diagonal %g, %g)", tag, a, q,
+                          G[a * R + q], want, G[a * R + a], G[q * R + q]);
+        }
+    free(cot); free(one); free(grads); free(G);
+}
+
 void tu_check_symmetric_psd(tu_fixture *f, const char *tag)
 {
     size_t D = f->full.dim;

@@ -256,6 +256,17 @@ typedef struct {
     uint64_t hess_seed;        /* H v's direction */
 } tu_fd_bounds;
 
+/* The adjoint identity <cot, J x> = <J^T cot, x> (cv_curv_jvp, cv_curv_vjp)
+ * on block b for k random cotangents and directions drawn with seed, to
+ * 1e-5 (|rhs| + 1).  tag starts the failure messages. */
+void tu_check_adjoint(tu_fixture *f, const cv_block *b, int k, uint64_t seed, const char *tag);
+
+/* cv_curv_gram on block b for k random cotangent sets (seed 9) vs the Gram
+ * of the per-row gradients (one vjp per cotangent row), to 1e-4 (|want| +
+ * 1e-3) plus rounding |g_a| |g_q| (float rounding of nearly orthogonal rows
+ * cancels: 1e-6 on deep models, 0 for the strict bound). */
+void tu_check_gram(tu_fixture *f, const cv_block *b, int k, double rounding, const char *tag);
+
 /* Runs oracle `which` on f; messages start "variant N: ". */
 void tu_check_oracle(tu_fixture *f, tu_oracle which, const tu_fd_bounds *b, int variant);
 

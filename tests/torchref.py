@@ -4,7 +4,8 @@ Exports an nn.Sequential + loss with the Python client's exporter
 (clients/python/curvd_client/torch_export.py, so every e2e test exercises it),
 reads safetensors by hand (Debian has no `safetensors` module), builds the small
 random MLP cases the torch tests share, and computes reference quantities with
-torch.autograd (double-backward HVPs, dense Hessians/GGNs).  The pass/fail
+torch.autograd (double-backward HVPs, GGN-vector products, dense Hessians/GGNs),
+and runs the checks the torch tests share (check_products).  The pass/fail
 counting is tests/e2e_lib.py's.
 """
 import json
@@ -19,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "clients",
                                 "python"))
 from curvd_client.torch_export import export_architecture, safetensors_bytes  # noqa: E402,F401
+from e2e_lib import CURVD, check  # noqa: E402
 
 def rel(a, b, floor=1e-12):
     """||a - b|| / max(||b||, floor) in float64."""
@@ -125,6 +127,80 @@ def curvd_run(curvd, d, job, expect_ok=True, extra=()):
         return p.returncode, {"raw": out}
 
 
+def run(d, job):
+    """The parsed result of `curvd run` (the script's CURVD) on the case in d."""
+    return curvd_run(CURVD, d, job)[1]
+
+
+def flat(ts):
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def split_like(v, params):
+    """The flat vector v cut into tensors shaped like params."""
+    out, off = [], 0
+    for p in params:
+        out.append(v[off:off + p.numel()].view_as(p))
+        off += p.numel()
+    return out
+
+
+def gradient(model, loss_fn, x, y):
+    return flat(torch.autograd.grad(loss_fn(model(x), y), list(model.parameters())))
+
+
+def ggn_vp(model, loss_fn, x, y, v):
+    """G v = J^T (d2 loss/dh2) J v, J v by the double-backward trick."""
+    params = list(model.parameters())
+    out = model(x)
+    u = torch.zeros_like(out, requires_grad=True)
+    g = torch.autograd.grad(out, params, grad_outputs=u, create_graph=True)
+    jv = torch.autograd.grad(g, u, grad_outputs=split_like(v, params))[0]
+    o = out.detach().requires_grad_(True)
+    go = torch.autograd.grad(loss_fn(o, y), o, create_graph=True)[0]
+    ljv = torch.autograd.grad(go, o, grad_outputs=jv)[0]
+    return flat(torch.autograd.grad(out, params, grad_outputs=ljv))
+
+
+def check_products(tag, d, m64, loss_fn, x, y, loss_atol=0.0):
+    """The checks every torch test runs on a case in d, against the float64
+    model m64 on x, y: the loss (relative 1e-5, plus loss_atol), the gradient,
+    and H v and G v for one random v (relative 1e-4).  Returns the reference
+    gradient."""
+    res = run(d, {"op": "loss"})
+    want = float(loss_fn(m64(x), y))
+    check(tag + " loss", abs(res["loss"] - want) <= 1e-5 * abs(want) + loss_atol,
+          f"{res['loss']} vs {want}")
+    g = gradient(m64, loss_fn, x, y)
+    e = rel(run(d, {"op": "gradient"})["gradient"], g)
+    check(tag + " gradient", e < 1e-4, f"rel err {e}")
+    torch.manual_seed(1)
+    v = torch.randn(sum(p.numel() for p in m64.parameters()), dtype=torch.float64)
+    res = run(d, {"op": "matvec", "curvature": "hessian", "options": {"vector": v.tolist()}})
+    e = rel(res["product"], hvp(m64, loss_fn, x, y, v))
+    check(tag + " Hv", e < 1e-4, f"rel err {e}")
+    res = run(d, {"op": "matvec", "curvature": "ggn", "options": {"vector": v.tolist()}})
+    e = rel(res["product"], ggn_vp(m64, loss_fn, x, y, v))
+    check(tag + " Gv", e < 1e-4, f"rel err {e}")
+    return g
+
+
+def check_dense(tag, d, curvature, want):
+    """The dense matrix of a curvature (Hessian or GGN) against want."""
+    res = run(d, {"op": "dense", "curvature": curvature})
+    e = rel(torch.tensor(res["matrix"]).T, want)
+    check(f"{tag} dense {'H' if curvature == 'hessian' else 'G'}", e < 1e-4, f"rel err {e}")
+
+
+def check_gram_top2(tag, d, G):
+    """The top-2 GGN eigenvalues by the Gram method against those of G."""
+    res = run(d, {"op": "eigen", "curvature": "ggn", "options": {"k": 2, "method": "gram"}})
+    want = torch.linalg.eigvalsh(G).flip(0)[:2]
+    e = rel(res["eigenvalues"], want)
+    check(tag + " top-2 GGN eigenvalues (Gram)", e < 1e-4,
+          f"{res['eigenvalues']} vs {want.tolist()}")
+
+
 def flat_params(model):
     return [p for p in model.parameters()]
 
@@ -148,8 +224,10 @@ def hvp(model, loss_fn, x, y, v):
 
 
 def dense_hessian(model, loss_fn, x, y):
+    """H column by column (x may hold integer token ids: then in float64)."""
     D = sum(p.numel() for p in model.parameters())
-    cols = [hvp(model, loss_fn, x, y, torch.eye(D, dtype=x.dtype)[i]) for i in range(D)]
+    dt = x.dtype if x.is_floating_point() else torch.float64
+    cols = [hvp(model, loss_fn, x, y, torch.eye(D, dtype=dt)[i]) for i in range(D)]
     return torch.stack(cols, 1)
 
 
