@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "broadcast.h"
+#include "layer_passthrough.h"
 #include "func_elementwise.h"
 #include "layer_activation.h"
 #include "parallel.h"
@@ -224,8 +225,6 @@ static void bin_run(const bin_job *q, size_t items, cv_range_fn fn)
 
 static int two(const cv_layer_ctx *c) { return c->nin == 2; }
 
-static size_t arith_work(const cv_layer_ctx *c, int k) { return 0; }
-
 static int arith_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     if (!two(c))
@@ -311,15 +310,13 @@ static void arith_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const
     arith_hvp_extra_n(c, k, gy, r, vtheta, g, gtheta_add);
 }
 
-static void no_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
-
 static const cv_layer_ops arith_ops = {
-    .work_size = arith_work,
+    .work_size = cv_no_work,
     .forward = arith_forward,
     .vjp = arith_vjp,
     .jvp = arith_jvp,
     .hvp_extra = arith_hvp_extra,
-    .per_sample = no_per_sample,
+    .per_sample = cv_no_per_sample,
     .vjp_n = arith_vjp_n,
     .jvp_n = arith_jvp_n,
     .hvp_extra_n = arith_hvp_extra_n,

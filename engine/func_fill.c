@@ -10,14 +10,13 @@
 #include <string.h>
 
 #include "broadcast.h"
+#include "layer_passthrough.h"
 #include "func_elementwise.h"
 #include "layer_activation.h"
 
 #define FILL(L) CV_LAYER_ATTR(L, cv_fill_attr)
 
 /* ---- masked_fill ------------------------------------------------------------ */
-
-static size_t fill_work(const cv_layer_ctx *c, int k) { return 0; }
 
 static int masked_fill_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
@@ -66,12 +65,10 @@ static void masked_fill_hvp_extra_n(const cv_layer_ctx *c, int k, const float *g
 {
 }
 
-static void no_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
-
 static const cv_layer_ops masked_fill_ops = {
-    .work_size = fill_work,
+    .work_size = cv_no_work,
     .forward = masked_fill_forward,
-    .per_sample = no_per_sample,
+    .per_sample = cv_no_per_sample,
     .vjp_n = masked_fill_vjp_n,
     .jvp_n = masked_fill_jvp_n,
     .hvp_extra_n = masked_fill_hvp_extra_n,

@@ -9,11 +9,10 @@
 #include <string.h>
 
 #include "func_elementwise.h"
+#include "layer_passthrough.h"
 #include "im2col.h"
 
 #define GA(L) CV_LAYER_ATTR(L, cv_get_attr_attr)
-
-static size_t ga_work(const cv_layer_ctx *c, int k) { return 0; }
 
 /* the tensor: a parameter (c->theta) or a buffer */
 static const float *ga_tensor(const cv_layer_ctx *c)
@@ -80,7 +79,7 @@ static void ga_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned 
 }
 
 static const cv_layer_ops ga_ops = {
-    .work_size = ga_work,
+    .work_size = cv_no_work,
     .forward = ga_forward,
     .per_sample = ga_per_sample,
     .gram_add = ga_gram_add,

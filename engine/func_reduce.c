@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "func_shape.h"
+#include "layer_passthrough.h"
 #include "parallel.h"
 
 CV_LAYER_ATTRS(cv_reduce_attr, {
@@ -153,8 +154,6 @@ static void reduce_apply(const cv_layer *L, size_t count, const float *src, floa
     cv_parallel_for(count, cv_parallel_grain(p.in_numel), reduce_range, &j);
 }
 
-static size_t reduce_work(const cv_layer_ctx *c, int k) { return 0; }
-
 static int reduce_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     reduce_apply(c->L, (size_t)c->n, c->x, y, 0);
@@ -181,15 +180,13 @@ static void reduce_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, cons
 {
 }
 
-static void reduce_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
-
 static const cv_layer_ops reduce_ops = {
-    .work_size = reduce_work,
+    .work_size = cv_no_work,
     .forward = reduce_forward,
     .vjp = reduce_vjp,
     .jvp = reduce_jvp,
     .hvp_extra = reduce_hvp_extra,
-    .per_sample = reduce_per_sample,
+    .per_sample = cv_no_per_sample,
 };
 
 const cv_layer_class cv_sum_class = {

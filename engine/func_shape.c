@@ -4,6 +4,7 @@
  * linear and have no second-order terms; the vjp applies the inverse
  * permutation (a scatter through the same plan). */
 #include "func_shape.h"
+#include "layer_passthrough.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -140,8 +141,6 @@ static void perm_apply(const cv_layer *L, size_t count, const float *src, float 
     cv_parallel_for(count, cv_parallel_grain(pl.numel), perm_range, &j);
 }
 
-static size_t perm_work(const cv_layer_ctx *c, int k) { return 0; }
-
 static int perm_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     perm_apply(c->L, (size_t)c->n, c->x, y, 0);
@@ -168,15 +167,13 @@ static void perm_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const 
 {
 }
 
-static void perm_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
-
 static const cv_layer_ops perm_ops = {
-    .work_size = perm_work,
+    .work_size = cv_no_work,
     .forward = perm_forward,
     .vjp = perm_vjp,
     .jvp = perm_jvp,
     .hvp_extra = perm_hvp_extra,
-    .per_sample = perm_per_sample,
+    .per_sample = cv_no_per_sample,
 };
 
 /* out = in with its axes permuted by perm_of (infer has validated them). */

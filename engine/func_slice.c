@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "func_shape.h"
+#include "layer_passthrough.h"
 
 /* outer (product of the dims before axis) and inner (after it) of s. */
 static void split_at(const cv_shape *s, int axis, size_t *outer, size_t *inner)
@@ -19,10 +20,6 @@ static void split_at(const cv_shape *s, int axis, size_t *outer, size_t *inner)
             *inner *= (size_t)s->dim[d];
     }
 }
-
-static size_t no_work(const cv_layer_ctx *c, int k) { return 0; }
-
-static void no_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
 
 /* ---- narrow ---------------------------------------------------------------- */
 
@@ -120,12 +117,12 @@ static void narrow_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, cons
 }
 
 static const cv_layer_ops narrow_ops = {
-    .work_size = no_work,
+    .work_size = cv_no_work,
     .forward = narrow_forward,
     .vjp = narrow_vjp,
     .jvp = narrow_jvp,
     .hvp_extra = narrow_hvp_extra,
-    .per_sample = no_per_sample,
+    .per_sample = cv_no_per_sample,
 };
 
 const cv_layer_class cv_narrow_class = {
@@ -234,9 +231,9 @@ static void cat_hvp_extra_n(const cv_layer_ctx *c, int k, const float *gy,
 }
 
 static const cv_layer_ops cat_ops = {
-    .work_size = no_work,
+    .work_size = cv_no_work,
     .forward = cat_forward,
-    .per_sample = no_per_sample,
+    .per_sample = cv_no_per_sample,
     .vjp_n = cat_vjp_n,
     .jvp_n = cat_jvp_n,
     .hvp_extra_n = cat_hvp_extra_n,

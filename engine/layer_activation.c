@@ -5,6 +5,7 @@
  * caches phi'(x) and phi''(x) (the class's cv_activation computes them);
  * all products are elementwise. */
 #include "layer_activation.h"
+#include "layer_passthrough.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -119,8 +120,6 @@ CV_ACTIVATION_FORWARD(softplus_forward, softplus_phi)
 CV_ACTIVATION_FORWARD(mish_forward, mish_phi)
 CV_ACTIVATION_FORWARD(hardswish_forward, hardswish_phi)
 
-static size_t act_work(const cv_layer_ctx *c, int k) { return 0; }
-
 /* Elementwise loops run on cv_parallel_for ranges of one vector. */
 #define CV_ACT_GRAIN cv_parallel_grain(1)
 
@@ -234,15 +233,13 @@ static void act_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const f
     }
 }
 
-static void act_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
-
 const cv_layer_ops cv_activation_ops = {
-    .work_size = act_work,
+    .work_size = cv_no_work,
     .forward = act_forward,
     .vjp = act_vjp,
     .jvp = act_jvp,
     .hvp_extra = act_hvp_extra,
-    .per_sample = act_per_sample,
+    .per_sample = cv_no_per_sample,
 };
 
 /* ---- classes --------------------------------------------------------------- */

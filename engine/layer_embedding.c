@@ -8,6 +8,7 @@
  * Per-sample gradients scatter-add the cotangent rows; the Gram kernel
  * matches tokens: G[r, r'] = sum_{t, t': id_it = id_i't'} s_rt . s_r't'. */
 #include "layer_embedding.h"
+#include "layer_passthrough.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -28,8 +29,6 @@ static inline int token(const cv_layer_ctx *c, size_t t)
     int id = (int)c->x[t];
     return id == ATTR(c)->padding_idx ? -1 : id;
 }
-
-static size_t emb_work(const cv_layer_ctx *c, int k) { return 0; }
 
 /* Every id of x (n samples of per tokens) an integer in [0, V). */
 static int check_ids(const float *x, size_t n, size_t per, int V, cv_err *e)
@@ -221,7 +220,7 @@ static void emb_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned
 }
 
 static const cv_layer_ops embedding_ops = {
-    .work_size = emb_work,
+    .work_size = cv_no_work,
     .forward = emb_forward,
     .vjp = emb_vjp,
     .jvp = emb_jvp,

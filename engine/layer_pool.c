@@ -5,6 +5,7 @@
  * no parameters; every kernel works plane by plane over k*N*C planes.
  * MaxPool1d, AvgPool1d and AdaptiveAvgPool1d are the same at height 1. */
 #include "layer_pool.h"
+#include "layer_passthrough.h"
 #include "parallel.h"
 
 #include <math.h>
@@ -20,10 +21,6 @@
 #define W_(c) ((c)->L->in_shape.dim[ONE_D(c) ? 1 : 2])
 #define OH_(c) (ONE_D(c) ? 1 : (c)->L->out_shape.dim[1])
 #define OW_(c) ((c)->L->out_shape.dim[ONE_D(c) ? 1 : 2])
-
-static size_t pool_work(const cv_layer_ctx *c, int k) { return 0; }
-
-static void pool_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
 
 static void pool_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const float *rx,
                            const float *vtheta, float *gx_add, float *gtheta_add)
@@ -202,12 +199,12 @@ static void maxpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const flo
 }
 
 static const cv_layer_ops maxpool2d_ops = {
-    .work_size = pool_work,
+    .work_size = cv_no_work,
     .forward = maxpool_forward,
     .vjp = maxpool_vjp,
     .jvp = maxpool_jvp,
     .hvp_extra = pool_hvp_extra,
-    .per_sample = pool_per_sample,
+    .per_sample = cv_no_per_sample,
     .quad_extra = pool_quad_extra,
 };
 
@@ -324,12 +321,12 @@ static void avgpool_jvp(const cv_layer_ctx *c, int k, const float *rx, const flo
 }
 
 static const cv_layer_ops avgpool2d_ops = {
-    .work_size = pool_work,
+    .work_size = cv_no_work,
     .forward = avgpool_forward,
     .vjp = avgpool_vjp,
     .jvp = avgpool_jvp,
     .hvp_extra = pool_hvp_extra,
-    .per_sample = pool_per_sample,
+    .per_sample = cv_no_per_sample,
     .quad_extra = pool_quad_extra,
 };
 

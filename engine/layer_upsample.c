@@ -6,6 +6,7 @@
  * x, no parameters, no second-order terms.  Forward caches the source
  * indices in c->idx: the OH rows, then the OW columns. */
 #include "layer_upsample.h"
+#include "layer_passthrough.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -25,8 +26,6 @@ static int src_index(int o, int in, int out, double scale_factor)
     int64_t s = (int64_t)floorf((float)o * scale);
     return s < in - 1 ? (int)s : in - 1;
 }
-
-static size_t up_work(const cv_layer_ctx *c, int k) { return 0; }
 
 /* y = the gather of k*N*C planes of x */
 static void up_apply(const cv_layer_ctx *c, size_t planes, const float *x, float *y)
@@ -98,15 +97,13 @@ static void up_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const fl
 {
 }
 
-static void up_per_sample(const cv_layer_ctx *c, const float *gy, float *G) {}
-
 static const cv_layer_ops upsample_ops = {
-    .work_size = up_work,
+    .work_size = cv_no_work,
     .forward = up_forward,
     .vjp = up_vjp,
     .jvp = up_jvp,
     .hvp_extra = up_hvp_extra,
-    .per_sample = up_per_sample,
+    .per_sample = cv_no_per_sample,
 };
 
 /* ---- class ----------------------------------------------------------------- */
