@@ -1,13 +1,16 @@
 """bench.py - curvd vs PyTorch, side by side, as ratios (`make bench`).
 
 For each model (an MLP 784-512-512-10 at batch 512, a DeepOBS 2c2d-like CNN at
-batch 128, a tiny MLP where overheads dominate) it writes the same weights
+batch 128, a tiny MLP where overheads dominate; the graph models of
+clients/python/examples/graph_models.py: a pre-activation ResNet on 3x32x32 at
+batch 32 and a decoder-only transformer LM, d_model 128, 4 heads, T 64, vocab
+96, at 32 sequences; lmtiny, the test-size LM, for the smoke test) it writes the same weights
 and batch for both sides, runs build/bench_ops (curvd, in process) and
 bench/bench_torch.py (Debian's torch) on the same number of cores (torch: the
 faster of two thread configurations, see torch_best), and prints
 a table: curvd seconds, torch seconds, speedup (torch / curvd), and curvd's
 achieved GFLOP/s on the dense-layer work against the measured sgemm peak.
-Usage: python3 bench/bench.py [--threads T] [--cases mlp,cnn,tiny] [--quick]
+Usage: python3 bench/bench.py [--threads T] [--cases mlp,cnn,tiny,resnet,lm,lmtiny] [--quick]
 """
 import argparse
 import json
@@ -22,6 +25,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import torchref as tr  # noqa: E402
+
+sys.path.insert(0, os.path.join(HERE, "..", "clients", "python"))
+sys.path.insert(0, os.path.join(HERE, "..", "clients", "python", "examples"))
 
 # GEMM FLOPs per product come from bench_ops (exact count of the engine's
 # Linear/Conv2d GEMMs); the 16-vector variants do 16x the work per pass.
@@ -69,7 +75,43 @@ def make_cases(names, quick):
                                 torch.nn.Linear(16, 3))
         cases["tiny"] = (m, torch.nn.CrossEntropyLoss(), torch.randn(32, 10),
                          torch.randint(0, 3, (32,)), [10])
+    if any(n in names for n in GRAPH_CASES):
+        cases.update(graph_cases(names, quick))
     return cases
+
+
+# Graph models (issue 19), exported with curvd_client.torch_export in the graph
+# form; the 6th tuple entry is the loss's class_dim (-1: [N, T, C] logits).
+GRAPH_CASES = ("resnet", "lm", "lmtiny")
+
+
+def graph_cases(names, quick):
+    import graph_models as gm
+    cases = {}
+    if "resnet" in names:
+        x, y = gm.image_batch(n=8 if quick else 32, classes=gm.BENCH_RESNET["classes"])
+        cases["resnet"] = (gm.preact_resnet(**gm.BENCH_RESNET), torch.nn.CrossEntropyLoss(),
+                           x, y, [3, 32, 32], 1)
+    for name, cfg, n in (("lm", gm.BENCH_LM, 8 if quick else gm.BENCH_LM_N),
+                         ("lmtiny", gm.SMALL_LM, 4)):
+        if name in names:
+            x, y = gm.lm_batch(n=n, **cfg)
+            cases[name] = (gm.transformer_lm(**cfg, attention="mha"),
+                           torch.nn.CrossEntropyLoss(), x, y, [cfg["seq_len"]], -1)
+    return cases
+
+
+def write_case(d, name, case):
+    """The model, weights and batch for both sides: curvd's files in d, torch's case.pt."""
+    model, loss, x, y, shape = case[:5]
+    class_dim = case[5] if len(case) > 5 else None
+    if class_dim is None:
+        tr.write_case(d, model, shape, loss, x, y)
+    else:
+        from curvd_client.torch_export import write_files
+        write_files(d, model, loss, shape, x, y, class_dim=class_dim)
+    torch.save({"model": model, "loss": loss, "x": x, "y": y, "class_dim": class_dim or 1},
+               os.path.join(d, "case.pt"))
 
 
 # Both sides run with OpenBLAS's idle workers parked at once instead of spinning
@@ -115,8 +157,9 @@ def main():
     ap.add_argument("--cases", default="mlp,cnn,tiny")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="smaller batches (smoke test)")
-    ap.add_argument("--est-rounds", type=int, default=2,
-                    help="alternating curvd/torch runs per estimator (best of each side)")
+    ap.add_argument("--est-rounds", type=int, default=None,
+                    help="alternating curvd/torch runs per estimator (best of each side); "
+                    "default 2, 1 on the graph cases (resnet, lm: minutes of torch HVPs)")
     ap.add_argument("--markdown", help="also write the table as Markdown to this file")
     a = ap.parse_args()
     peak = run_json([a.bench_ops, "--sgemm", "--threads", str(a.threads)])["sgemm_gflops"]
@@ -127,14 +170,15 @@ def main():
     print(f"{'model':6} {'op':9} {'curvd s':>10} {'torch s':>10} {'speedup':>8} "
           f"{'GFLOP/s':>8} {'%peak':>6}")
     rows = []
-    for name, (model, loss, x, y, shape) in make_cases(a.cases.split(","), a.quick).items():
+    for name, case in make_cases(a.cases.split(","), a.quick).items():
         with tempfile.TemporaryDirectory() as d:
-            tr.write_case(d, model, shape, loss, x, y)
-            torch.save({"model": model, "loss": loss, "x": x, "y": y}, os.path.join(d, "case.pt"))
+            write_case(d, name, case)
             cv, th = {}, {}
+            graph = name in GRAPH_CASES
+            est_rounds = a.est_rounds or (1 if graph else 2)
             for group in OP_GROUPS:  # side by side per group: the VM's speed drifts
-                rounds = 1 if group == OP_GROUPS[0] else a.est_rounds
-                for _ in range(rounds):  # estimators: alternate, keep each side's best
+                first = group == OP_GROUPS[0]
+                for _ in range(1 if first else est_rounds):  # alternate, keep each best
                     best_into(cv, run_json([a.bench_ops, "--arch", f"{d}/arch.json",
                                             "--params", f"{d}/params.safetensors", "--data",
                                             f"{d}/data.safetensors", "--threads",
@@ -142,6 +186,9 @@ def main():
                                             ",".join(group)]))
                     best_into(th, torch_best(f"{d}/case.pt", a.threads, a.reps,
                                              sorted({TORCH_OP.get(op, op) for op in group})))
+                print(f"# {name} " + " ".join(
+                    f"{op} {cv.get(op, float('nan')):.4g}/{th.get(TORCH_OP.get(op, op), float('nan')):.4g}"
+                    for op in group) + " (curvd/torch s)", file=sys.stderr, flush=True)
         for op in ["gradient", "hvp", "ggnvp", "hvp16", "ggnvp16", "trace", "eigen5",
                    "power5", "density"]:
             if op not in cv:

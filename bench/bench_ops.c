@@ -1,7 +1,7 @@
 /* bench_ops.c - times curvd's engine on one model and batch, in process.
  *
  *   bench_ops --arch A.json --params P.safetensors --data D.safetensors
- *             [--threads T] [--reps R] [--only op,op]
+ *             [--threads T] [--reps R] [--only op,op] [--block B]
  *   bench_ops --sgemm [--threads T]      measured sgemm peak (GFLOP/s)
  *
  * Prints one JSON object: seconds per op (best of R), matvecs, and the
@@ -10,6 +10,7 @@
  * (one vector, forward cached), hvp16/ggnvp16 (16 vectors at once, per
  * vector), trace (Hutchinson, 100 probes), eigen5 (Lanczos top-5), power5
  * (PyHessian-style power iteration, top-5), density (SLQ, 100 steps).
+ * --block B: probes per product in trace (default: the engine's choice).
  */
 #include <cblas.h>
 #include <math.h>
@@ -30,7 +31,7 @@ void openblas_set_num_threads(int);
 
 typedef struct {
     const char *arch, *params, *data, *only;
-    int threads, reps, sgemm;
+    int threads, reps, sgemm, block;
 } bench_args;
 
 static double best_of(int reps, double (*fn)(void *), void *ctx)
@@ -54,6 +55,7 @@ typedef struct {
     double *X, *Y;
     long matvecs, reorths;
     const char *which;
+    int block; /* trace: probes per product, 0 = the engine's default */
 } op_ctx;
 
 static void die(const cv_err *e)
@@ -103,6 +105,7 @@ static double t_estimator(void *p)
         cv_trace_options_default(&to);
         to.max_probes = 100;
         to.tol = 0;
+        to.block = o->block;
         cv_trace_result tr;
         rc = cv_trace_hutchinson(&op, &to, &r, &tr, &e);
         if (!rc)
@@ -159,12 +162,13 @@ static double sgemm_peak(void)
     return 2.0 * n * n * (double)n / best * 1e-9;
 }
 
-/* Multiply-adds of one sample's forward pass through layer l (Linear/Conv2d). */
+/* Multiply-adds of one sample's forward pass through layer l (Linear/Conv2d;
+ * a Linear on [T, in] per sample is T rows of in x out). */
 static double layer_macs(const cv_layer *L)
 {
     if (L->cls == &cv_linear_class) {
         const cv_linear_attr *a = CV_LAYER_ATTR(L, cv_linear_attr);
-        return (double)a->in_features * a->out_features;
+        return (double)cv_shape_numel(&L->in_shape) * a->out_features;
     }
     if (L->cls == &cv_conv2d_class) {
         const cv_conv2d_attr *a = CV_LAYER_ATTR(L, cv_conv2d_attr);
@@ -176,11 +180,17 @@ static double layer_macs(const cv_layer *L)
 
 /* FLOPs of the GEMM work per batch (2 per multiply-add), exactly as the
  * engine does it: every product below is one GEMM of the layer's size;
- * the first parameter layer needs no input cotangent and has no input
- * tangent. */
+ * the first parameter layer (graph: a layer reading the model input) needs
+ * no input cotangent and has no input tangent.  Graph models: Linear and
+ * Conv2d only (attention's batched matmuls are not counted). */
 typedef struct {
     double forward, gradient, ggnvp, hvp;
 } flop_counts;
+
+static int reads_model_input(const cv_layer *L)
+{
+    return L->nin > 0 && L->in[0] == 0;
+}
 
 static flop_counts count_flops(const cv_model *m, double n)
 {
@@ -190,6 +200,8 @@ static flop_counts count_flops(const cv_model *m, double n)
         double M = 2 * n * layer_macs(&m->layers[l]);
         if (M == 0)
             continue;
+        if (m->graph)
+            first = reads_model_input(&m->layers[l]);
         double inner = first ? 0 : M;         /* terms through the layer's input */
         f.forward += M;
         f.gradient += M + M + inner;          /* forward, dW, dx */
@@ -230,6 +242,8 @@ static void parse_args(int argc, char **argv, bench_args *a)
             a->reps = atoi(argv[++i]);
         else if (v && strcmp(argv[i], "--only") == 0)
             a->only = argv[++i];
+        else if (v && strcmp(argv[i], "--block") == 0)
+            a->block = atoi(argv[++i]);
         else {
             fprintf(stderr, "bench_ops: unknown argument %s\n", argv[i]);
             exit(2);
@@ -253,7 +267,7 @@ int main(int argc, char **argv)
     if (cv_arch_load(a.arch, &m, &e) || cv_params_read(&m, a.params, &e) ||
         cv_datafile_read(a.data, &d, &e) || cv_dataset_check(&d, &m, &e))
         die(&e);
-    op_ctx o = {&m, &d, NULL, {0}, CV_CURV_HESSIAN, 1, NULL, NULL, 0, 0, NULL};
+    op_ctx o = {&m, &d, NULL, {0}, CV_CURV_HESSIAN, 1, NULL, NULL, 0, 0, NULL, a.block};
     cv_block_full(&m, &o.full);
     size_t D = o.full.dim;
     o.X = malloc(sizeof(double) * D * 16);

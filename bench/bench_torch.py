@@ -12,9 +12,15 @@ to torch.  Prints one JSON object of seconds per op.
 """
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
+
+# case.pt of a graph case pickles the models of clients/python/examples/graph_models.py
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "clients",
+                                "python", "examples"))
 
 
 def flat(ts):
@@ -27,6 +33,12 @@ def unflat(v, params):
         out.append(v[off:off + p.numel()].view_as(p))
         off += p.numel()
     return out
+
+
+def sequence_loss(loss_fn):
+    """class_dim -1: [N, T, C] logits against [N, T] targets, as curvd's loss reads them
+    (PyTorch's loss_fn(logits.reshape(-1, C), y.reshape(-1)))."""
+    return lambda out, y: loss_fn(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
 def best_of(reps, fn):
@@ -149,6 +161,8 @@ def main():
     torch.manual_seed(0)
     case = torch.load(a.case)
     model, loss_fn = case["model"], case["loss"]
+    if case.get("class_dim", 1) == -1:
+        loss_fn = sequence_loss(loss_fn)
     model.eval()
     pb = Problem(model, loss_fn, case["x"], case["y"])
     only = set(a.only.split(",")) if a.only else None
