@@ -628,8 +628,9 @@ static int ensure_grad(cv_curv *c, cv_err *e)
         return 0;
     int ok = 1;
     c->grad = calloc(c->m->nparams_total, sizeof(float));
+    /* not zeroed: the walk visits every layer and writes or clears its output's */
     for (int l = 0; l < c->L; l++)
-        ok &= (c->gy[l] = calloc((size_t)c->n * c->numel[l + 1], sizeof(float))) != NULL;
+        ok &= (c->gy[l] = malloc(sizeof(float) * ((size_t)c->n * c->numel[l + 1] + 1))) != NULL;
     if (!ok || !c->grad) {
         drop_grad(c);
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient and cotangents");

@@ -104,14 +104,18 @@ BIN_ITEM bin_vjp_item(const bin_job *q, size_t t, int op, size_t ia, size_t ib)
     size_t s = t % (size_t)q->n;
     const float *restrict a = q->a + s * q->w.na, *restrict b = q->b + s * q->w.nb;
     const float *restrict g = q->gy + t * q->w.nz;
-    if (q->za) {
+    if (q->za && (op == OP_ADD || op == OP_SUB) && q->w.na == q->w.nz) {
+        memcpy(q->za + t * q->w.na, g, sizeof(float) * q->w.nz); /* not broadcast: a copy */
+    } else if (q->za) {
         float *restrict ga = q->za + t * q->w.na;
         memset(ga, 0, sizeof(float) * q->w.na);
         ROWS_BEGIN(q)
         ga[pa] += da_times(op, g[pz], b[pb]);
         ROWS_END
     }
-    if (q->zb) {
+    if (q->zb && op == OP_ADD && q->w.nb == q->w.nz) {
+        memcpy(q->zb + t * q->w.nb, g, sizeof(float) * q->w.nz);
+    } else if (q->zb) {
         float *restrict gb = q->zb + t * q->w.nb;
         memset(gb, 0, sizeof(float) * q->w.nb);
         ROWS_BEGIN(q)
