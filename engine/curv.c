@@ -9,58 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "layer.h"
-#include "loss.h"
+#include "curv_internal.h"
 #include "names.h"
-
-/* Cotangents of the backward passes live in pooled buffers: a buffer is taken
- * when the first consumer of an activation (in reverse order) writes it and
- * given back once its producer has been processed, so a chain needs two and a
- * residual network a few, however deep. */
-#define CV_POOL_MAX (CV_MAX_LAYERS + 1)
-
-struct cv_curv {
-    const cv_model *m;
-    const cv_batch *b;
-    int n, L, C;
-    cv_curv_options opt;
-    cv_layer_ctx ctx[CV_MAX_LAYERS];
-    const cv_layer_ops *ops[CV_MAX_LAYERS];
-    size_t numel[CV_MAX_LAYERS + 1]; /* per-sample numel of act[a] */
-    size_t poff[CV_MAX_LAYERS];      /* offset of layer l's parameters */
-    /* Parameter tensors by use: slot i of layer l is unique tensor uid[l][i]
-     * at loc[l][i] in the layer's own vector (its tensors concatenated); a
-     * tensor used by several layers (tied) makes the model `tied`. */
-    int uid[CV_MAX_LAYERS][CV_MAX_LAYER_PARAMS];
-    size_t loc[CV_MAX_LAYERS][CV_MAX_LAYER_PARAMS];
-    int nuid, tied;
-    long *bpos;                      /* per uid: offset in the current block, or -1 */
-    float *theta_copy[CV_MAX_LAYERS]; /* gathered parameters of non-contiguous layers */
-    float *act[CV_MAX_LAYERS + 1];   /* act[0] = batch x (borrowed), act[l+1] = layer l's output */
-    size_t max_numel;
-
-    cv_loss_state ls;
-    double loss;
-    float *gh;                       /* dL/dh */
-    int have_grad;
-    float *gy[CV_MAX_LAYERS];        /* dL/d(output of layer l) */
-    float *grad;                     /* dL/dtheta, D floats */
-
-    float *mc_s;                     /* fisher_mc gradient samples */
-    float *ef_s;                     /* per-sample output gradients (EF) */
-
-    int wk;                          /* vectors the workspace is sized for */
-    float *rx[CV_MAX_LAYERS + 1];    /* tangents of act[a], wk*n*numel[a] */
-    float *vth[CV_MAX_LAYERS];       /* per-layer parameter directions */
-    float *gth[CV_MAX_LAYERS];       /* per-layer parameter products */
-
-    size_t pool_floats;              /* size of every pooled cotangent buffer */
-    int npool, nfree;
-    float *pool[CV_POOL_MAX];        /* all pooled buffers */
-    float *free_bufs[CV_POOL_MAX];   /* those not in use */
-    float *slot_tmp[CV_MAX_NODE_INPUTS]; /* a node's input cotangent before it is added */
-    size_t slot_floats;
-};
 
 #define CV_CURV_NAME_(id, name) [id] = name,
 static const char *const curv_names[CV_CURV_COUNT] = {CV_CURVATURES(CV_CURV_NAME_)};
@@ -302,18 +252,6 @@ cv_curv *cv_curv_new(const cv_model *m, const cv_batch *b, const cv_curv_options
     return c;
 }
 
-static void free_pool(cv_curv *c)
-{
-    for (int i = 0; i < c->npool; i++)
-        free(c->pool[i]);
-    for (int i = 0; i < CV_MAX_NODE_INPUTS; i++) {
-        free(c->slot_tmp[i]);
-        c->slot_tmp[i] = NULL;
-    }
-    c->npool = c->nfree = 0;
-    c->pool_floats = c->slot_floats = 0;
-}
-
 static void free_workspace(cv_curv *c)
 {
     for (int l = 0; l <= c->L; l++) {
@@ -325,7 +263,7 @@ static void free_workspace(cv_curv *c)
         free(c->gth[l]);
         c->vth[l] = c->gth[l] = NULL;
     }
-    free_pool(c);
+    cv_curv_pool_free(c);
     c->wk = 0;
 }
 
@@ -360,236 +298,6 @@ void cv_curv_set_gram_budget(cv_curv *c, size_t floats)
 {
     for (int l = 0; l < c->L; l++)
         c->ctx[l].gram_budget = floats;
-}
-
-static int ensure_layer_work(cv_curv *c, int l, int k, cv_err *e)
-{
-    cv_layer_ctx *x = &c->ctx[l];
-    size_t need = c->ops[l]->work_size(x, k);
-    if (need <= x->work_floats)
-        return 0;
-    free(x->work);
-    x->work = malloc(sizeof(float) * need);
-    x->work_floats = x->work ? need : 0;
-    if (!x->work)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "layer scratch (%zu floats)",
-                          need);
-    return 0;
-}
-
-/* ---- the graph walks -----------------------------------------------------
- * Activation a is produced by layer a - 1 (a = 0: the model input).  For a
- * set of active layers (those owning tensors of the block), a layer is live
- * when it is active or reads a live layer's output: exactly the layers whose
- * outputs have nonzero tangents and whose inputs need cotangents. */
-
-/* Sets live[l] for every layer. */
-static void live_layers(const cv_curv *c, const char *active, char *live)
-{
-    for (int l = 0; l < c->L; l++) {
-        const cv_layer *L = &c->m->layers[l];
-        live[l] = active[l];
-        for (int i = 0; i < L->nin && !live[l]; i++)
-            live[l] = L->in[i] > 0 && live[L->in[i] - 1];
-    }
-}
-
-/* 1 when input slot i of layer l carries a tangent / needs a cotangent. */
-static int slot_live(const cv_curv *c, const char *live, int l, int i)
-{
-    int a = c->m->layers[l].in[i];
-    return a > 0 && live[a - 1];
-}
-
-static void forward_tangents(cv_curv *c, const char *active, const char *live, int k)
-{
-    for (int l = 0; l < c->L; l++) {
-        if (!live[l])
-            continue;
-        const cv_layer *L = &c->m->layers[l];
-        const float *v = active[l] ? c->vth[l] : NULL;
-        if (c->ops[l]->jvp_n) {
-            const float *rx[CV_MAX_NODE_INPUTS] = {NULL};
-            for (int i = 0; i < L->nin; i++)
-                rx[i] = slot_live(c, live, l, i) ? c->rx[L->in[i]] : NULL;
-            c->ops[l]->jvp_n(&c->ctx[l], k, rx, v, c->rx[l + 1]);
-        } else {
-            c->ops[l]->jvp(&c->ctx[l], k, slot_live(c, live, l, 0) ? c->rx[L->in[0]] : NULL, v,
-                           c->rx[l + 1]);
-        }
-    }
-    if (!live[c->L - 1])
-        memset(c->rx[c->L], 0, sizeof(float) * (size_t)k * c->n * c->C);
-}
-
-/* One backward walk over the live layers for k stacked cotangents. */
-typedef struct {
-    int k;
-    const char *active, *live;  /* NULL live: every layer (the gradient pass) */
-    int hessian;                /* add the second-order terms (gy, rx, vth) */
-    float **gtheta;             /* per-layer parameter products (active layers), or NULL */
-    int use_gy;                 /* cotangents are the persistent gy[] (gradient pass) */
-    /* Called with each active layer's output cotangent, before its vjp. */
-    int (*at_layer)(cv_curv *c, int l, const float *cot, void *arg, cv_err *e);
-    void *arg;
-    float *cot[CV_MAX_LAYERS + 1];
-    char set[CV_MAX_LAYERS + 1];
-} cv_walk;
-
-static float *pool_take(cv_curv *c)
-{
-    if (c->nfree)
-        return c->free_bufs[--c->nfree];
-    if (c->npool == CV_POOL_MAX)
-        return NULL;
-    float *p = malloc(sizeof(float) * (c->pool_floats ? c->pool_floats : 1));
-    if (p)
-        c->pool[c->npool++] = p;
-    return p;
-}
-
-static void pool_give(cv_curv *c, float *p)
-{
-    if (p)
-        c->free_bufs[c->nfree++] = p;
-}
-
-/* Pooled buffers hold k*n*max_numel floats; the slot buffers too. */
-static int ensure_pool(cv_curv *c, int k, cv_err *e)
-{
-    size_t need = (size_t)k * c->n * c->max_numel;
-    if (need <= c->pool_floats && c->nfree == c->npool)
-        return 0;
-    free_pool(c);
-    c->pool_floats = c->slot_floats = need;
-    int bad = 0;
-    for (int i = 0; i < CV_MAX_NODE_INPUTS; i++)
-        bad |= (c->slot_tmp[i] = malloc(sizeof(float) * (need ? need : 1))) == NULL;
-    if (bad) {
-        free_pool(c);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
-                          "cotangents for %d vectors of batch %d", k, c->n);
-    }
-    return 0;
-}
-
-/* The buffer receiving slot i's cotangent (activation a); *direct = 1 when
- * it is the activation's own buffer (first writer), 0 for the slot scratch. */
-static float *slot_target(cv_curv *c, cv_walk *w, int l, int i, int *direct)
-{
-    const cv_layer *L = &c->m->layers[l];
-    int a = L->in[i];
-    int first = !w->set[a];
-    for (int j = 0; j < i && first; j++)
-        first = L->in[j] != a;
-    *direct = first;
-    if (!first)
-        return c->slot_tmp[i];
-    if (!w->cot[a])
-        w->cot[a] = w->use_gy ? c->gy[a - 1] : pool_take(c);
-    return w->cot[a];
-}
-
-static void walk_layer_kernels(cv_curv *c, cv_walk *w, int l, const float *cot,
-                               float *const *gx)
-{
-    const cv_layer *L = &c->m->layers[l];
-    const cv_layer_ops *o = c->ops[l];
-    int act = w->active[l];
-    float *gt = act && w->gtheta ? w->gtheta[l] : NULL;
-    const float *v = act && w->hessian ? c->vth[l] : NULL;
-    if (o->vjp_n) {
-        o->vjp_n(&c->ctx[l], w->k, cot, gx, gt);
-        if (w->hessian) {
-            const float *rx[CV_MAX_NODE_INPUTS] = {NULL};
-            for (int i = 0; i < L->nin; i++)
-                rx[i] = slot_live(c, w->live, l, i) ? c->rx[L->in[i]] : NULL;
-            o->hvp_extra_n(&c->ctx[l], w->k, c->gy[l], rx, v, gx, gt);
-        }
-        return;
-    }
-    const float *rx = w->hessian && slot_live(c, w->live, l, 0) ? c->rx[L->in[0]] : NULL;
-    if (w->hessian && o->vjp_hvp) {
-        o->vjp_hvp(&c->ctx[l], w->k, cot, c->gy[l], rx, v, gx[0], gt);
-    } else {
-        o->vjp(&c->ctx[l], w->k, cot, gx[0], gt);
-        if (w->hessian)
-            o->hvp_extra(&c->ctx[l], w->k, c->gy[l], rx, v, gx[0], gt);
-    }
-}
-
-static void add_floats(float *restrict dst, const float *restrict src, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        dst[i] += src[i];
-}
-
-/* Backward step of layer l: its output cotangent (zero when no consumer
- * wrote one) through vjp (+ second-order terms) into its inputs'. */
-static int walk_layer(cv_curv *c, cv_walk *w, int l, cv_err *e)
-{
-    const cv_layer *L = &c->m->layers[l];
-    int a_out = l + 1, k = w->k;
-    size_t out_len = (size_t)k * c->n * c->numel[a_out];
-    if (!w->set[a_out]) {
-        if (!w->cot[a_out])
-            w->cot[a_out] = w->use_gy ? c->gy[l] : pool_take(c);
-        if (!w->cot[a_out])
-            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
-        memset(w->cot[a_out], 0, sizeof(float) * out_len);
-        w->set[a_out] = 1;
-    }
-    if (w->active[l] && w->at_layer && w->at_layer(c, l, w->cot[a_out], w->arg, e))
-        return -1;
-    float *gx[CV_MAX_NODE_INPUTS] = {NULL};
-    int direct[CV_MAX_NODE_INPUTS] = {0};
-    for (int i = 0; i < L->nin; i++) {
-        if (w->live ? !slot_live(c, w->live, l, i) : L->in[i] == 0)
-            continue;
-        gx[i] = slot_target(c, w, l, i, &direct[i]);
-        if (!gx[i])
-            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
-    }
-    for (int i = 0; i < L->nin; i++)
-        if (gx[i] && !direct[i])
-            memset(gx[i], 0, sizeof(float) * (size_t)k * c->n * c->numel[L->in[i]]);
-    int any = w->hessian || (w->active[l] && w->gtheta);
-    for (int i = 0; i < L->nin; i++)
-        any |= gx[i] != NULL;
-    if (any)
-        walk_layer_kernels(c, w, l, w->cot[a_out], gx);
-    for (int i = 0; i < L->nin; i++) {
-        if (!gx[i])
-            continue;
-        int a = L->in[i];
-        if (!direct[i])
-            add_floats(w->cot[a], gx[i], (size_t)k * c->n * c->numel[a]);
-        w->set[a] = 1;
-    }
-    if (!w->use_gy)
-        pool_give(c, w->cot[a_out]);
-    w->cot[a_out] = NULL;
-    return 0;
-}
-
-/* Runs the walk from the output cotangent top (k*n*C floats): gy[L-1] in
- * the gradient pass, else a pooled buffer the walk gives back. */
-static int walk_backward(cv_curv *c, cv_walk *w, float *top, cv_err *e)
-{
-    memset(w->cot, 0, sizeof w->cot);
-    memset(w->set, 0, sizeof w->set);
-    w->cot[c->L] = top;
-    w->set[c->L] = 1;
-    int rc = 0;
-    for (int l = c->L - 1; l >= 0 && !rc; l--) {
-        if (w->live && !w->live[l])
-            continue;
-        rc = ensure_layer_work(c, l, w->k, e) || walk_layer(c, w, l, e) ? -1 : 0;
-    }
-    for (int a = 1; a <= c->L && !w->use_gy; a++)
-        if (w->cot[a])
-            pool_give(c, w->cot[a]);
-    return rc;
 }
 
 /* ---- gradient ------------------------------------------------------------ */
@@ -652,7 +360,7 @@ static int ensure_grad(cv_curv *c, cv_err *e)
         w->gtheta = gt;
         w->use_gy = 1;
         memcpy(c->gy[c->L - 1], c->gh, sizeof(float) * (size_t)c->n * c->C);
-        rc = ensure_pool(c, 1, e) ? -1 : walk_backward(c, w, c->gy[c->L - 1], e);
+        rc = cv_curv_pool_ensure(c, 1, e) ? -1 : cv_curv_walk(c, w, c->gy[c->L - 1], e);
         free(w);
     } else {
         rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient walk");
@@ -715,8 +423,8 @@ static int ensure_workspace(cv_curv *c, int k, cv_err *e)
         bad |= alloc_floats(&c->gth[l], (size_t)k * c->ctx[l].nparam);
     }
     for (int l = 0; l < c->L && !bad; l++)
-        bad |= ensure_layer_work(c, l, k, e) != 0;
-    if (bad || ensure_pool(c, k, e)) {
+        bad |= cv_curv_layer_work(c, l, k, e) != 0;
+    if (bad || cv_curv_pool_ensure(c, k, e)) {
         free_workspace(c);
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                           "workspace for %d vectors of batch %zu does not fit in memory", k, n);
@@ -728,7 +436,7 @@ static int ensure_workspace(cv_curv *c, int k, cv_err *e)
 /* Fills c->bpos for block b (each tensor's offset in the block vector, -1
  * outside it), marks the layers using a tensor of b (active) and the live
  * ones (the walk comment above). */
-static void active_layers(cv_curv *c, const cv_block *b, char *active, char *live)
+void cv_curv_mark_block(cv_curv *c, const cv_block *b, char *active, char *live)
 {
     for (int u = 0; u < c->nuid; u++)
         c->bpos[u] = -1;
@@ -742,7 +450,7 @@ static void active_layers(cv_curv *c, const cv_block *b, char *active, char *liv
         for (int i = 0; i < c->m->layers[l].nparams; i++)
             active[l] |= c->bpos[c->uid[l][i]] >= 0;
     }
-    live_layers(c, active, live);
+    cv_curv_live(c, active, live);
 }
 
 /* Calls fn(c, l, i, block offset, arg) for every slot of an active layer whose
@@ -849,7 +557,7 @@ static int backward_products(cv_curv *c, cv_curvature kind, const char *active,
 {
     cv_walk *w = calloc(1, sizeof *w);
     if (!w) {
-        pool_give(c, out_cot);
+        cv_curv_pool_give(c, out_cot);
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "backward walk");
     }
     w->k = k;
@@ -857,7 +565,7 @@ static int backward_products(cv_curv *c, cv_curvature kind, const char *active,
     w->live = live;
     w->hessian = kind == CV_CURV_HESSIAN;
     w->gtheta = c->gth;
-    int rc = walk_backward(c, w, out_cot, e);
+    int rc = cv_curv_walk(c, w, out_cot, e);
     free(w);
     return rc;
 }
@@ -866,10 +574,10 @@ static int matvec_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
                         const double *X, double *Y, cv_err *e)
 {
     char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
-    active_layers(c, b, active, live);
+    cv_curv_mark_block(c, b, active, live);
     scatter_dirs(c, b, active, k, X);
-    forward_tangents(c, active, live, k);
-    float *out = pool_take(c);
+    cv_curv_tangents(c, active, live, k);
+    float *out = cv_curv_pool_take(c);
     if (!out)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
     apply_output_matrix(c, kind, k, c->rx[c->L], out);
@@ -914,7 +622,7 @@ static void layer_quad_terms(cv_curv *c, int l, const char *active, const char *
     const float *rx[CV_MAX_NODE_INPUTS] = {NULL};
     float *gx[CV_MAX_NODE_INPUTS] = {NULL};
     for (int i = 0; i < L->nin; i++)
-        rx[i] = slot_live(c, live, l, i) ? c->rx[L->in[i]] : NULL;
+        rx[i] = cv_curv_slot_live(c, live, l, i) ? c->rx[L->in[i]] : NULL;
     const float *v = active[l] ? c->vth[l] : NULL;
     if (o->quad_extra && !o->hvp_extra_n) {
         o->quad_extra(&c->ctx[l], k, c->gy[l], rx[0], v, q);
@@ -949,18 +657,18 @@ static int quad_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
                       const double *X, double *q, cv_err *e)
 {
     char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
-    active_layers(c, b, active, live);
+    cv_curv_mark_block(c, b, active, live);
     size_t olen = (size_t)c->n * c->C;
     scatter_dirs(c, b, active, k, X);
-    forward_tangents(c, active, live, k);
-    float *out = pool_take(c);
+    cv_curv_tangents(c, active, live, k);
+    float *out = cv_curv_pool_take(c);
     if (!out)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
     apply_output_matrix(c, kind, k, c->rx[c->L], out);
     const float *r = c->rx[c->L];
     for (int j = 0; j < k; j++)
         q[j] = cblas_dsdot((int)olen, r + (size_t)j * olen, 1, out + (size_t)j * olen, 1);
-    pool_give(c, out);
+    cv_curv_pool_give(c, out);
     for (int l = 0; kind == CV_CURV_HESSIAN && l < c->L; l++)
         if (live[l])
             layer_quad_terms(c, l, active, live, k, q);
@@ -1024,7 +732,7 @@ int cv_curv_per_sample_gradients(cv_curv *c, const cv_block *b, double *G, cv_er
     if (ensure_grad(c, e))
         return -1;
     char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
-    active_layers(c, b, active, live);
+    cv_curv_mark_block(c, b, active, live);
     memset(G, 0, sizeof(double) * (size_t)c->n * b->dim);
     for (int l = 0; l < c->L; l++) {
         if (!active[l])
@@ -1106,17 +814,17 @@ static int chunked_jacobian(cv_curv *c, const cv_block *b, int k, const double *
     if (k < 1 || ensure_workspace(c, chunk, e))
         return k < 1 ? 0 : -1;
     char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
-    active_layers(c, b, active, live);
+    cv_curv_mark_block(c, b, active, live);
     size_t olen = (size_t)c->n * c->C;
     for (int j = 0; j < k; j += chunk) {
         int kk = k - j < chunk ? k - j : chunk;
         if (X) {
             scatter_dirs(c, b, active, kk, X + (size_t)j * b->dim);
-            forward_tangents(c, active, live, kk);
+            cv_curv_tangents(c, active, live, kk);
             memcpy(out + (size_t)j * olen, c->rx[c->L], sizeof(float) * olen * (size_t)kk);
             continue;
         }
-        float *top = pool_take(c);
+        float *top = cv_curv_pool_take(c);
         if (!top)
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
         memcpy(top, cot + (size_t)j * olen, sizeof(float) * olen * (size_t)kk);
@@ -1135,123 +843,6 @@ int cv_curv_jvp(cv_curv *c, const cv_block *b, int k, const double *X, float *ou
 int cv_curv_vjp(cv_curv *c, const cv_block *b, int k, const float *cot, double *Y, cv_err *e)
 {
     return chunked_jacobian(c, b, k, NULL, NULL, cot, Y, e);
-}
-
-/* Bit i set when slot i of layer l holds a tensor of the current block. */
-static unsigned layer_mask(const cv_curv *c, int l)
-{
-    unsigned mask = 0;
-    for (int i = 0; i < c->m->layers[l].nparams; i++)
-        if (c->bpos[c->uid[l][i]] >= 0)
-            mask |= 1u << i;
-    return mask;
-}
-
-typedef struct {
-    int k;
-    double *G;
-    double *M;          /* whole-block explicit path: (k*n) x dim gradients, or NULL */
-    size_t dim;
-} gram_job;
-
-/* G += M M^T for the R x P row-major M (both triangles). */
-static void add_outer(double *G, const double *M, size_t R, size_t P)
-{
-    cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, (int)R, (int)P, 1.0, M, (int)P, 1.0,
-                G, (int)R);
-    for (size_t r = 0; r < R; r++) /* mirror the upper triangle just added */
-        for (size_t q = 0; q < r; q++)
-            G[r * R + q] = G[q * R + r];
-}
-
-/* Per-(vector, sample) gradients of layer l's block tensors added to M (rows
- * r = j*n + s, the block's columns; cols = dim) or, M NULL, into a private
- * (k*n) x P matrix whose outer product goes to G. */
-static int gram_explicit(cv_curv *c, int l, const float *cot, const gram_job *g, cv_err *e)
-{
-    size_t P = c->ctx[l].nparam, R = (size_t)g->k * c->n, n = (size_t)c->n;
-    float *rows = malloc(sizeof(float) * n * P);
-    double *M = g->M ? g->M : calloc(R * P, sizeof(double));
-    if (!rows || !M) {
-        free(rows);
-        if (!g->M)
-            free(M);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
-                          "per-sample gradients of layers[%d] for the Gram matrix", l);
-    }
-    unsigned mask = layer_mask(c, l);
-    for (int j = 0; j < g->k; j++) {
-        c->ops[l]->per_sample(&c->ctx[l], cot + (size_t)j * n * c->numel[l + 1], rows);
-        for (int i = 0; i < c->m->layers[l].nparams; i++) {
-            if (!(mask >> i & 1u))
-                continue;
-            size_t numel = c->m->layers[l].params[i].numel, loc = c->loc[l][i];
-            size_t col = g->M ? (size_t)c->bpos[c->uid[l][i]] : loc, ld = g->M ? g->dim : P;
-            for (size_t s = 0; s < n; s++)
-                for (size_t q = 0; q < numel; q++)
-                    M[((size_t)j * n + s) * ld + col + q] += rows[s * P + loc + q];
-        }
-    }
-    if (!g->M) {
-        add_outer(g->G, M, R, P);
-        free(M);
-    }
-    free(rows);
-    return 0;
-}
-
-static int gram_at_layer(cv_curv *c, int l, const float *cot, void *arg, cv_err *e)
-{
-    const gram_job *g = arg;
-    if (g->M || !c->ops[l]->gram_add)
-        return gram_explicit(c, l, cot, g, e);
-    c->ops[l]->gram_add(&c->ctx[l], g->k, cot, layer_mask(c, l), g->G);
-    return 0;
-}
-
-/* 1 when a tensor of the current block is used by several layers. */
-static int block_has_shared(const cv_curv *c)
-{
-    for (int l = 0; c->tied && l < c->L; l++)
-        for (int i = 0; i < c->m->layers[l].nparams; i++)
-            if (c->m->layers[l].params[i].shared && c->bpos[c->uid[l][i]] >= 0)
-                return 1;
-    return 0;
-}
-
-int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double *G,
-                 cv_err *e)
-{
-    char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
-    active_layers(c, b, active, live);
-    size_t R = (size_t)k * c->n, olen = (size_t)c->n * c->C;
-    memset(G, 0, sizeof(double) * R * R);
-    /* a shared tensor's per-sample gradient sums its uses: the layer-wise
-     * Gram terms would miss the cross terms, so the block goes explicit */
-    gram_job job = {k, G, NULL, b->dim};
-    if (block_has_shared(c) && !(job.M = calloc(R * b->dim, sizeof(double))))
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
-                          "per-sample gradients for the Gram matrix (%zu x %zu)", R, b->dim);
-    float *top = ensure_pool(c, k, e) ? NULL : pool_take(c);
-    cv_walk *w = top ? calloc(1, sizeof *w) : NULL;
-    int rc = 0;
-    if (!top || !w) {
-        pool_give(c, top);
-        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Gram cotangents");
-    } else {
-        memcpy(top, cot, sizeof(float) * olen * (size_t)k);
-        w->k = k;
-        w->active = active;
-        w->live = live;
-        w->at_layer = gram_at_layer;
-        w->arg = &job;
-        rc = walk_backward(c, w, top, e);
-    }
-    free(w);
-    if (!rc && job.M)
-        add_outer(G, job.M, R, b->dim);
-    free(job.M);
-    return rc;
 }
 
 /* ---- cv_linop view --------------------------------------------------------- */

@@ -1,0 +1,105 @@
+/* curv_internal.h - what the curvature engine's files share (curv.c: the
+ * forward pass, products and the public API; curv_walk.c: the graph walks
+ * and their cotangent pool; curv_gram.c: Gram matrices): the engine state
+ * and the walk.  Not an API for other modules (engine/curv.h is). */
+#ifndef CV_CURV_INTERNAL_H
+#define CV_CURV_INTERNAL_H
+
+#include <stddef.h>
+
+#include "curv.h"
+#include "layer.h"
+#include "loss.h"
+
+/* Cotangents of the backward passes live in pooled buffers: a buffer is taken
+ * when the first consumer of an activation (in reverse order) writes it and
+ * given back once its producer has been processed, so a chain needs two and a
+ * residual network a few, however deep. */
+#define CV_POOL_MAX (CV_MAX_LAYERS + 1)
+
+struct cv_curv {
+    const cv_model *m;
+    const cv_batch *b;
+    int n, L, C;
+    cv_curv_options opt;
+    cv_layer_ctx ctx[CV_MAX_LAYERS];
+    const cv_layer_ops *ops[CV_MAX_LAYERS];
+    size_t numel[CV_MAX_LAYERS + 1]; /* per-sample numel of act[a] */
+    size_t poff[CV_MAX_LAYERS];      /* offset of layer l's parameters */
+    /* Parameter tensors by use: slot i of layer l is unique tensor uid[l][i]
+     * at loc[l][i] in the layer's own vector (its tensors concatenated); a
+     * tensor used by several layers (tied) makes the model `tied`. */
+    int uid[CV_MAX_LAYERS][CV_MAX_LAYER_PARAMS];
+    size_t loc[CV_MAX_LAYERS][CV_MAX_LAYER_PARAMS];
+    int nuid, tied;
+    long *bpos;                      /* per uid: offset in the current block, or -1 */
+    float *theta_copy[CV_MAX_LAYERS]; /* gathered parameters of non-contiguous layers */
+    float *act[CV_MAX_LAYERS + 1];   /* act[0] = batch x (borrowed), act[l+1] = layer l's output */
+    size_t max_numel;
+
+    cv_loss_state ls;
+    double loss;
+    float *gh;                       /* dL/dh */
+    int have_grad;
+    float *gy[CV_MAX_LAYERS];        /* dL/d(output of layer l) */
+    float *grad;                     /* dL/dtheta, D floats */
+
+    float *mc_s;                     /* fisher_mc gradient samples */
+    float *ef_s;                     /* per-sample output gradients (EF) */
+
+    int wk;                          /* vectors the workspace is sized for */
+    float *rx[CV_MAX_LAYERS + 1];    /* tangents of act[a], wk*n*numel[a] */
+    float *vth[CV_MAX_LAYERS];       /* per-layer parameter directions */
+    float *gth[CV_MAX_LAYERS];       /* per-layer parameter products */
+
+    size_t pool_floats;              /* size of every pooled cotangent buffer */
+    int npool, nfree;
+    float *pool[CV_POOL_MAX];        /* all pooled buffers */
+    float *free_bufs[CV_POOL_MAX];   /* those not in use */
+    float *slot_tmp[CV_MAX_NODE_INPUTS]; /* a node's input cotangent before it is added */
+    size_t slot_floats;
+};
+
+/* One backward walk over the live layers for k stacked cotangents. */
+typedef struct {
+    int k;
+    const char *active, *live;  /* NULL live: every layer (the gradient pass) */
+    int hessian;                /* add the second-order terms (gy, rx, vth) */
+    float **gtheta;             /* per-layer parameter products (active layers), or NULL */
+    int use_gy;                 /* cotangents are the persistent gy[] (gradient pass) */
+    /* Called with each active layer's output cotangent, before its vjp. */
+    int (*at_layer)(cv_curv *c, int l, const float *cot, void *arg, cv_err *e);
+    void *arg;
+    float *cot[CV_MAX_LAYERS + 1];
+    char set[CV_MAX_LAYERS + 1];
+} cv_walk;
+
+/* Scratch of layer l's kernels for k vectors (grown on demand). */
+int cv_curv_layer_work(cv_curv *c, int l, int k, cv_err *e);
+
+/* ---- the graph walks (curv_walk.c) ----------------------------------------
+ * Activation a is produced by layer a - 1 (a = 0: the model input).  For a
+ * set of active layers (those owning tensors of the block), a layer is live
+ * when it is active or reads a live layer's output: exactly the layers whose
+ * outputs have nonzero tangents and whose inputs need cotangents. */
+void cv_curv_live(const cv_curv *c, const char *active, char *live);
+/* 1 when input slot i of layer l carries a tangent / needs a cotangent. */
+int cv_curv_slot_live(const cv_curv *c, const char *live, int l, int i);
+/* Forward tangents rx[] of the live layers for k directions in vth[]. */
+void cv_curv_tangents(cv_curv *c, const char *active, const char *live, int k);
+/* Runs walk w from the output cotangent top (k*n*C floats): gy[L-1] in the
+ * gradient pass, else a pooled buffer the walk gives back. */
+int cv_curv_walk(cv_curv *c, cv_walk *w, float *top, cv_err *e);
+
+/* The cotangent pool: buffers of k*n*max_numel floats. */
+int cv_curv_pool_ensure(cv_curv *c, int k, cv_err *e);
+float *cv_curv_pool_take(cv_curv *c);
+void cv_curv_pool_give(cv_curv *c, float *p);
+void cv_curv_pool_free(cv_curv *c);
+
+/* ---- blocks (curv.c) ------------------------------------------------------- */
+/* Fills c->bpos for block b, marks the layers using its tensors (active) and
+ * the live ones. */
+void cv_curv_mark_block(cv_curv *c, const cv_block *b, char *active, char *live);
+
+#endif

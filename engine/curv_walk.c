@@ -1,0 +1,232 @@
+/* curv_walk.c - the graph walks of the curvature engine: which layers a
+ * block's directions reach (live layers), forward tangents through them, and
+ * the backward walk that sums the cotangents of shared activations in pooled
+ * buffers (a chain needs two), with each layer's vjp and second-order terms
+ * (API in curv_internal.h). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "curv_internal.h"
+
+void cv_curv_pool_free(cv_curv *c)
+{
+    for (int i = 0; i < c->npool; i++)
+        free(c->pool[i]);
+    for (int i = 0; i < CV_MAX_NODE_INPUTS; i++) {
+        free(c->slot_tmp[i]);
+        c->slot_tmp[i] = NULL;
+    }
+    c->npool = c->nfree = 0;
+    c->pool_floats = c->slot_floats = 0;
+}
+
+int cv_curv_layer_work(cv_curv *c, int l, int k, cv_err *e)
+{
+    cv_layer_ctx *x = &c->ctx[l];
+    size_t need = c->ops[l]->work_size(x, k);
+    if (need <= x->work_floats)
+        return 0;
+    free(x->work);
+    x->work = malloc(sizeof(float) * need);
+    x->work_floats = x->work ? need : 0;
+    if (!x->work)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "layer scratch (%zu floats)",
+                          need);
+    return 0;
+}
+
+/* Sets live[l] for every layer. */
+void cv_curv_live(const cv_curv *c, const char *active, char *live)
+{
+    for (int l = 0; l < c->L; l++) {
+        const cv_layer *L = &c->m->layers[l];
+        live[l] = active[l];
+        for (int i = 0; i < L->nin && !live[l]; i++)
+            live[l] = L->in[i] > 0 && live[L->in[i] - 1];
+    }
+}
+
+/* 1 when input slot i of layer l carries a tangent / needs a cotangent. */
+int cv_curv_slot_live(const cv_curv *c, const char *live, int l, int i)
+{
+    int a = c->m->layers[l].in[i];
+    return a > 0 && live[a - 1];
+}
+
+void cv_curv_tangents(cv_curv *c, const char *active, const char *live, int k)
+{
+    for (int l = 0; l < c->L; l++) {
+        if (!live[l])
+            continue;
+        const cv_layer *L = &c->m->layers[l];
+        const float *v = active[l] ? c->vth[l] : NULL;
+        if (c->ops[l]->jvp_n) {
+            const float *rx[CV_MAX_NODE_INPUTS] = {NULL};
+            for (int i = 0; i < L->nin; i++)
+                rx[i] = cv_curv_slot_live(c, live, l, i) ? c->rx[L->in[i]] : NULL;
+            c->ops[l]->jvp_n(&c->ctx[l], k, rx, v, c->rx[l + 1]);
+        } else {
+            c->ops[l]->jvp(&c->ctx[l], k, cv_curv_slot_live(c, live, l, 0) ? c->rx[L->in[0]] : NULL, v,
+                           c->rx[l + 1]);
+        }
+    }
+    if (!live[c->L - 1])
+        memset(c->rx[c->L], 0, sizeof(float) * (size_t)k * c->n * c->C);
+}
+
+float *cv_curv_pool_take(cv_curv *c)
+{
+    if (c->nfree)
+        return c->free_bufs[--c->nfree];
+    if (c->npool == CV_POOL_MAX)
+        return NULL;
+    float *p = malloc(sizeof(float) * (c->pool_floats ? c->pool_floats : 1));
+    if (p)
+        c->pool[c->npool++] = p;
+    return p;
+}
+
+void cv_curv_pool_give(cv_curv *c, float *p)
+{
+    if (p)
+        c->free_bufs[c->nfree++] = p;
+}
+
+/* Pooled buffers hold k*n*max_numel floats; the slot buffers too. */
+int cv_curv_pool_ensure(cv_curv *c, int k, cv_err *e)
+{
+    size_t need = (size_t)k * c->n * c->max_numel;
+    if (need <= c->pool_floats && c->nfree == c->npool)
+        return 0;
+    cv_curv_pool_free(c);
+    c->pool_floats = c->slot_floats = need;
+    int bad = 0;
+    for (int i = 0; i < CV_MAX_NODE_INPUTS; i++)
+        bad |= (c->slot_tmp[i] = malloc(sizeof(float) * (need ? need : 1))) == NULL;
+    if (bad) {
+        cv_curv_pool_free(c);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                          "cotangents for %d vectors of batch %d", k, c->n);
+    }
+    return 0;
+}
+
+/* The buffer receiving slot i's cotangent (activation a); *direct = 1 when
+ * it is the activation's own buffer (first writer), 0 for the slot scratch. */
+static float *slot_target(cv_curv *c, cv_walk *w, int l, int i, int *direct)
+{
+    const cv_layer *L = &c->m->layers[l];
+    int a = L->in[i];
+    int first = !w->set[a];
+    for (int j = 0; j < i && first; j++)
+        first = L->in[j] != a;
+    *direct = first;
+    if (!first)
+        return c->slot_tmp[i];
+    if (!w->cot[a])
+        w->cot[a] = w->use_gy ? c->gy[a - 1] : cv_curv_pool_take(c);
+    return w->cot[a];
+}
+
+static void walk_layer_kernels(cv_curv *c, cv_walk *w, int l, const float *cot,
+                               float *const *gx)
+{
+    const cv_layer *L = &c->m->layers[l];
+    const cv_layer_ops *o = c->ops[l];
+    int act = w->active[l];
+    float *gt = act && w->gtheta ? w->gtheta[l] : NULL;
+    const float *v = act && w->hessian ? c->vth[l] : NULL;
+    if (o->vjp_n) {
+        o->vjp_n(&c->ctx[l], w->k, cot, gx, gt);
+        if (w->hessian) {
+            const float *rx[CV_MAX_NODE_INPUTS] = {NULL};
+            for (int i = 0; i < L->nin; i++)
+                rx[i] = cv_curv_slot_live(c, w->live, l, i) ? c->rx[L->in[i]] : NULL;
+            o->hvp_extra_n(&c->ctx[l], w->k, c->gy[l], rx, v, gx, gt);
+        }
+        return;
+    }
+    const float *rx = w->hessian && cv_curv_slot_live(c, w->live, l, 0) ? c->rx[L->in[0]] : NULL;
+    if (w->hessian && o->vjp_hvp) {
+        o->vjp_hvp(&c->ctx[l], w->k, cot, c->gy[l], rx, v, gx[0], gt);
+    } else {
+        o->vjp(&c->ctx[l], w->k, cot, gx[0], gt);
+        if (w->hessian)
+            o->hvp_extra(&c->ctx[l], w->k, c->gy[l], rx, v, gx[0], gt);
+    }
+}
+
+static void add_floats(float *restrict dst, const float *restrict src, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        dst[i] += src[i];
+}
+
+/* Backward step of layer l: its output cotangent (zero when no consumer
+ * wrote one) through vjp (+ second-order terms) into its inputs'. */
+static int walk_layer(cv_curv *c, cv_walk *w, int l, cv_err *e)
+{
+    const cv_layer *L = &c->m->layers[l];
+    int a_out = l + 1, k = w->k;
+    size_t out_len = (size_t)k * c->n * c->numel[a_out];
+    if (!w->set[a_out]) {
+        if (!w->cot[a_out])
+            w->cot[a_out] = w->use_gy ? c->gy[l] : cv_curv_pool_take(c);
+        if (!w->cot[a_out])
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
+        memset(w->cot[a_out], 0, sizeof(float) * out_len);
+        w->set[a_out] = 1;
+    }
+    if (w->active[l] && w->at_layer && w->at_layer(c, l, w->cot[a_out], w->arg, e))
+        return -1;
+    float *gx[CV_MAX_NODE_INPUTS] = {NULL};
+    int direct[CV_MAX_NODE_INPUTS] = {0};
+    for (int i = 0; i < L->nin; i++) {
+        if (w->live ? !cv_curv_slot_live(c, w->live, l, i) : L->in[i] == 0)
+            continue;
+        gx[i] = slot_target(c, w, l, i, &direct[i]);
+        if (!gx[i])
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
+    }
+    for (int i = 0; i < L->nin; i++)
+        if (gx[i] && !direct[i])
+            memset(gx[i], 0, sizeof(float) * (size_t)k * c->n * c->numel[L->in[i]]);
+    int any = w->hessian || (w->active[l] && w->gtheta);
+    for (int i = 0; i < L->nin; i++)
+        any |= gx[i] != NULL;
+    if (any)
+        walk_layer_kernels(c, w, l, w->cot[a_out], gx);
+    for (int i = 0; i < L->nin; i++) {
+        if (!gx[i])
+            continue;
+        int a = L->in[i];
+        if (!direct[i])
+            add_floats(w->cot[a], gx[i], (size_t)k * c->n * c->numel[a]);
+        w->set[a] = 1;
+    }
+    if (!w->use_gy)
+        cv_curv_pool_give(c, w->cot[a_out]);
+    w->cot[a_out] = NULL;
+    return 0;
+}
+
+/* Runs the walk from the output cotangent top (k*n*C floats): gy[L-1] in
+ * the gradient pass, else a pooled buffer the walk gives back. */
+int cv_curv_walk(cv_curv *c, cv_walk *w, float *top, cv_err *e)
+{
+    memset(w->cot, 0, sizeof w->cot);
+    memset(w->set, 0, sizeof w->set);
+    w->cot[c->L] = top;
+    w->set[c->L] = 1;
+    int rc = 0;
+    for (int l = c->L - 1; l >= 0 && !rc; l--) {
+        if (w->live && !w->live[l])
+            continue;
+        rc = cv_curv_layer_work(c, l, w->k, e) || walk_layer(c, w, l, e) ? -1 : 0;
+    }
+    for (int a = 1; a <= c->L && !w->use_gy; a++)
+        if (w->cot[a])
+            cv_curv_pool_give(c, w->cot[a]);
+    return rc;
+}
+
