@@ -1,11 +1,17 @@
-/* model.h - the in-memory description of a sequential network and its loss.
+/* model.h - the in-memory description of a network and its loss.
  *
- * A cv_model mirrors torch.nn.Sequential: an input shape, an ordered list of
- * layers, and a loss.  Parameters live in one contiguous float32 vector in
- * state_dict order (weight before bias within a layer); buffers such as
- * BatchNorm running statistics live in a separate float32 vector and are not
- * curvature parameters.  Everything here is plain data: parsing (JSON,
- * safetensors) lives in api/, numerics in the other engine modules.
+ * A cv_model is an input shape, an ordered list of layers and a loss.  In the
+ * Sequential form (torch.nn.Sequential) layer l reads layer l-1's output; in
+ * the graph form (any torch.fx graph) each layer names the activations it
+ * reads (cv_layer.in[]: 0 the model input, l+1 layer l's output) and the
+ * list is in topological order, the network output being the last layer's.
+ * Parameters live in one contiguous float32 vector, layer by layer in the
+ * order the layers first use them (weight before bias within a layer; for a
+ * Sequential that is state_dict order); a tensor several layers use (tied)
+ * is stored once.  Buffers such as BatchNorm running statistics live in a
+ * separate float32 vector and are not curvature parameters.  Everything here
+ * is plain data: parsing (JSON, safetensors) lives in api/, numerics in the
+ * other engine modules.
  *
  * A layer's type is its class (engine/layer.h: name, attribute table, shape
  * inference, tensor layout, kernels; engine/layer_registry.c lists them all);
