@@ -518,7 +518,7 @@
   // A block's label: its module's qualified name when the result names it
   // ("blocks": "layer"), else the layer prefixes of its parameters.
   function blockLabel(params, i, name) {
-    if (name) return name;
+    if (name) return /^\d+$/.test(name) ? 'layer ' + name : name; /* Sequential: an index */
     if (!params || !params.length) return 'block ' + i;
     const pre = Array.from(new Set(params.map((p) => p.split('.')[0])));
     return (pre.length === 1 ? 'layer ' : 'layers ') + pre.join(',');
