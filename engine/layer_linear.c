@@ -6,11 +6,11 @@
 #include "layer_linear.h"
 
 #include <cblas.h>
-
-#include "im2col.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "im2col.h"
 
 #define ATTR(c) CV_LAYER_ATTR((c)->L, cv_linear_attr)
 #define IN(c) (ATTR(c)->in_features)
@@ -19,7 +19,7 @@
 #define NR(c) ((c)->n * ROWS(c))                       /* rows of the batch */
 #define LINEAR_GRAM_BUDGET ((size_t)1 << 22) /* floats per Gram chunk by default */
 
-/* One n x out product for quad_extra. */
+/* One n*T x out product for quad_extra. */
 static size_t linear_work(const cv_layer_ctx *c, int k) { return (size_t)NR(c) * OUT(c); }
 
 static void add_bias(int n, int out, const float *b, float *y)
@@ -174,7 +174,8 @@ static void gram_fail(size_t R, double *G)
         G[i] = NAN;
 }
 
-/* Rows T > 1, few rows: the row-pair kernel
+/* The row-pair kernel (T = 1: <gy_r x_i^T, gy_r' x_i'^T> = (gy_r . gy_r')
+ * (x_i . x_i'), bias gy_r . gy_r')
  *   G[r, r'] += sum_{t,t'} (s_rt . s_r't') ((x_it . x_i't') + 1 for the bias)
  * from the Gram matrices of the cotangent rows (R T x R T) and of the input
  * rows (n T x n T).  Returns -1 when out of memory. */
@@ -215,16 +216,17 @@ static int gram_row_pairs(const cv_layer_ctx *c, int k, const float *gy, unsigne
     return 0;
 }
 
-/* Rows T > 1: the per-sample weight gradients gy_r^T x_i (out x in) in chunks
- * of output rows that fit the budget, G += B B^T per chunk; the bias:
- * column sums of gy_r.  The row-pair kernel (gram_row_pairs) instead where
- * it is cheaper, T^2 (in + out) < in out, and its matrices fit the budget. */
+/* A flat input (T = 1): the row-pair kernel.  Rows T > 1: the per-sample
+ * weight gradients gy_r^T x_i (out x in) in chunks of output rows that fit
+ * the budget, G += B B^T per chunk; the bias: column sums of gy_r; or the
+ * row-pair kernel where it is cheaper, T^2 (in + out) < in out, and its
+ * matrices fit the budget. */
 static void gram_rows(const cv_layer_ctx *c, int k, const float *gy, unsigned mask, double *G)
 {
     int n = c->n, in = IN(c), out = OUT(c), T = ROWS(c), R = k * n;
     size_t budget = c->gram_budget ? c->gram_budget : LINEAR_GRAM_BUDGET;
     size_t RT = (size_t)R * T;
-    if ((size_t)T * T * (in + out) < (size_t)in * out && RT * RT <= budget) {
+    if (T == 1 || ((size_t)T * T * (in + out) < (size_t)in * out && RT * RT <= budget)) {
         if (gram_row_pairs(c, k, gy, mask, G))
             gram_fail((size_t)R, G);
         return;
@@ -260,37 +262,10 @@ static void gram_rows(const cv_layer_ctx *c, int k, const float *gy, unsigned ma
     free(S);
 }
 
-/* <gy_r x_i^T, gy_r' x_i'^T> = (gy_r . gy_r') (x_i . x_i'); bias: gy_r . gy_r' */
 static void linear_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned mask,
                             double *G)
 {
-    if (ROWS(c) > 1) {
-        gram_rows(c, k, gy, mask, G);
-        return;
-    }
-    int n = c->n, in = IN(c), out = OUT(c), R = k * n;
-    int use_b = ATTR(c)->has_bias && (mask & 2u), use_w = (mask & 1u) != 0;
-    float *S = malloc(sizeof(float) * (size_t)R * R), *X = malloc(sizeof(float) * (size_t)n * n);
-    if (!S || !X) { /* make the failure visible rather than leave G short */
-        for (size_t i = 0; i < (size_t)R * R; i++)
-            G[i] = NAN;
-        free(S);
-        free(X);
-        return;
-    }
-    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, R, out, 1.0f, gy, out, 0.0f, S, R);
-    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, n, in, 1.0f, c->x, in, 0.0f, X, n);
-    for (int r = 0; r < R; r++)
-        for (int q = r; q < R; q++) {
-            int i = r % n, i2 = q % n;
-            double xx = i <= i2 ? X[(size_t)i * n + i2] : X[(size_t)i2 * n + i];
-            double v = (double)S[(size_t)r * R + q] * ((use_w ? xx : 0.0) + (use_b ? 1.0 : 0.0));
-            G[(size_t)r * R + q] += v;
-            if (q != r)
-                G[(size_t)q * R + r] += v;
-        }
-    free(S);
-    free(X);
+    gram_rows(c, k, gy, mask, G);
 }
 
 static const cv_layer_ops linear_ops = {

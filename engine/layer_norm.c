@@ -12,7 +12,10 @@
  *   gx     += -s^2 <xhat rx> A - s (rxh <g xhat> + xhat <g rxh>)
  *             + J_x^T (vgamma gy)
  *   ggamma += sum gy rxh
- * (R(s) = -s^2 <xhat rx>, R(xhat) = rxh); beta enters linearly. */
+ * (R(s) = -s^2 <xhat rx>, R(xhat) = rxh); beta enters linearly.  Each group
+ * needs only sums over its entries, so quad_extra dots these terms with the
+ * direction without writing them.  Group loops run on cv_parallel_for;
+ * parameter sums run serially (the groups share the affine entries). */
 #include "layer_norm.h"
 
 #include <math.h>
