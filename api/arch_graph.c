@@ -27,7 +27,6 @@ typedef struct {
     int nmod;
     const cJSON *mod_obj[CV_MAX_LAYERS];
     char mod_name[CV_MAX_LAYERS][CV_NAME_MAX];
-    int mod_calls[CV_MAX_LAYERS];
     cv_layer *mod_tmpl;         /* nmod parsed modules */
     int nnodes;
     char node_name[CV_MAX_LAYERS + 2][CV_NAME_MAX];
@@ -168,13 +167,10 @@ static int parse_args(graph_doc *g, const cJSON *o, const char *obj, int ni, cv_
             return cv_arch_bad(e, "invalid_type", p,
                                "must be the name of an earlier node (other arguments are "
                                "named attributes of the node)", c);
-        if (c->valuestring[0] == '#') { /* a node of the expansion being parsed */
-            int x = 0;
-            while (x < g->nx && strcmp(g->xname[x], c->valuestring) != 0)
-                x++;
-            if (x == g->nx)
-                return cv_err_set(e, CV_EINTERNAL, "internal", p, "%s: no expansion node %s", p,
-                                  c->valuestring);
+        int x = 0; /* a node of the expansion being parsed ("#qkv") */
+        while (c->valuestring[0] == '#' && x < g->nx && strcmp(g->xname[x], c->valuestring))
+            x++;
+        if (c->valuestring[0] == '#' && x < g->nx) {
             L->in[L->nin++] = g->xvalue[x];
             continue;
         }
@@ -215,7 +211,7 @@ static int parse_params(const cJSON *o, const char *obj, cv_layer *L, cv_err *e)
         if (i >= CV_MAX_NAMED_TENSORS || !good_name(c->string, 24))
             return cv_err_set(e, CV_EINVAL, "invalid_value", p,
                               "%s: not a parameter of %s", p, L->cls->name);
-        if (name_field(c, p, CV_NAME_MAX - 25, e))
+        if (name_field(c, p, CV_NAME_MAX - 1 - strlen(c->string), e)) /* "key=name" fits */
             return -1;
         snprintf(L->pnames[i], CV_NAME_MAX, "%s=%s", c->string, c->valuestring);
     }
@@ -294,9 +290,7 @@ static int parse_call_module(graph_doc *g, const cJSON *o, const char *obj, cv_l
         return 1; /* expanded by the caller */
     if (cv_arch_check_keys(o, obj, "a call_module node", K_NODE_BASE, e))
         return -1;
-    g->mod_calls[mi]++; /* a second call shares the module's tensors */
-    L->op = CV_NODE_CALL_MODULE;
-    snprintf(L->module, sizeof L->module, "%s", t->valuestring);
+    L->op = CV_NODE_CALL_MODULE; /* a second call shares the module's tensors (finalize) */
     return 0;
 }
 
@@ -469,7 +463,10 @@ static int parse_expansion(graph_doc *g, cJSON *list, const char *obj, int ni, c
         cv_layer *L = &m->layers[m->nlayers];
         if (parse_call_function(c, obj, L, e) || parse_args(g, c, obj, ni, L, e))
             return -1;
-        snprintf(L->node, sizeof L->node, "%.40s%s", g->node_name[ni], c->next ? nm : "");
+        if (c->next) /* internal: "<node>#qkv" (messages only) */
+            snprintf(L->node, sizeof L->node, "%.40s%s", g->node_name[ni], nm);
+        else         /* the node's own value */
+            snprintf(L->node, sizeof L->node, "%s", g->node_name[ni]);
         snprintf(L->module, sizeof L->module, "%s", orig->module);
         L->src = ni;
         m->nlayers++;
@@ -480,6 +477,7 @@ static int parse_expansion(graph_doc *g, cJSON *list, const char *obj, int ni, c
             g->xvalue[g->nx++] = m->nlayers;
         }
     }
+    g->nx = 0; /* its '#' names end with it */
     cv_macro *mac = &m->macros[m->nmacros++];
     mac->first = first;
     mac->last = m->nlayers - 1;

@@ -179,11 +179,6 @@ static int setup_layers(cv_curv *c, cv_err *e)
             return cv_err_set(e, CV_EINVAL, "unsupported_layer", "layers",
                               "layers[%d]: %s is not supported by this engine", l,
                               cv_layer_name(L));
-        for (int i = 0; i < L->nin; i++)
-            if (L->in[i] < 0 || L->in[i] > l)
-                return cv_err_set(e, CV_EINVAL, "invalid_model", "nodes",
-                                  "layers[%d] reads activation %d, not computed before it", l,
-                                  L->in[i]);
         c->numel[l + 1] = cv_shape_numel(&L->out_shape);
         if (c->numel[l + 1] > c->max_numel)
             c->max_numel = c->numel[l + 1];
@@ -577,7 +572,7 @@ static int matvec_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
     cv_curv_mark_block(c, b, active, live);
     scatter_dirs(c, b, active, k, X);
     cv_curv_tangents(c, active, live, k);
-    float *out = cv_curv_pool_take(c);
+    float *out = cv_curv_pool_ensure(c, k, e) ? NULL : cv_curv_pool_take(c);
     if (!out)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
     apply_output_matrix(c, kind, k, c->rx[c->L], out);
@@ -614,8 +609,19 @@ static int begin_products(cv_curv *c, cv_curvature kind, int k, int *chunk, cv_e
 /* Layer l's second-order terms dotted with the direction, added to q: its
  * quad_extra kernel, or the hvp_extra terms formed in the slot buffers and
  * gth[l] and dotted. */
-static void layer_quad_terms(cv_curv *c, int l, const char *active, const char *live, int k,
-                             double *q)
+/* sum_i a[i] b[i] in double, n beyond BLAS's int lengths in pieces */
+static double dot_fd(const float *a, const float *b, size_t n)
+{
+    double s = 0;
+    for (size_t o = 0; o < n; o += (size_t)1 << 30) {
+        size_t m = n - o < (size_t)1 << 30 ? n - o : (size_t)1 << 30;
+        s += cblas_dsdot((int)m, a + o, 1, b + o, 1);
+    }
+    return s;
+}
+
+static int layer_quad_terms(cv_curv *c, int l, const char *active, const char *live, int k,
+                            double *q, cv_err *e)
 {
     const cv_layer *L = &c->m->layers[l];
     const cv_layer_ops *o = c->ops[l];
@@ -626,12 +632,13 @@ static void layer_quad_terms(cv_curv *c, int l, const char *active, const char *
     const float *v = active[l] ? c->vth[l] : NULL;
     if (o->quad_extra && !o->hvp_extra_n) {
         o->quad_extra(&c->ctx[l], k, c->gy[l], rx[0], v, q);
-        return;
+        return 0;
     }
     size_t P = c->ctx[l].nparam;
     for (int i = 0; i < L->nin; i++)
         if (rx[i]) {
-            gx[i] = c->slot_tmp[i];
+            if (!(gx[i] = cv_curv_slot(c, i)))
+                return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "second-order terms");
             memset(gx[i], 0, sizeof(float) * (size_t)k * c->n * c->numel[L->in[i]]);
         }
     float *gt = v ? c->gth[l] : NULL;
@@ -646,11 +653,12 @@ static void layer_quad_terms(cv_curv *c, int l, const char *active, const char *
             if (!gx[i])
                 continue;
             size_t len = (size_t)c->n * c->numel[L->in[i]];
-            q[j] += cblas_dsdot((int)len, rx[i] + (size_t)j * len, 1, gx[i] + (size_t)j * len, 1);
+            q[j] += dot_fd(rx[i] + (size_t)j * len, gx[i] + (size_t)j * len, len);
         }
         if (gt)
-            q[j] += cblas_dsdot((int)P, v + (size_t)j * P, 1, gt + (size_t)j * P, 1);
+            q[j] += dot_fd(v + (size_t)j * P, gt + (size_t)j * P, P);
     }
+    return 0;
 }
 
 static int quad_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
@@ -661,17 +669,17 @@ static int quad_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
     size_t olen = (size_t)c->n * c->C;
     scatter_dirs(c, b, active, k, X);
     cv_curv_tangents(c, active, live, k);
-    float *out = cv_curv_pool_take(c);
+    float *out = cv_curv_pool_ensure(c, k, e) ? NULL : cv_curv_pool_take(c);
     if (!out)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
     apply_output_matrix(c, kind, k, c->rx[c->L], out);
     const float *r = c->rx[c->L];
     for (int j = 0; j < k; j++)
-        q[j] = cblas_dsdot((int)olen, r + (size_t)j * olen, 1, out + (size_t)j * olen, 1);
+        q[j] = dot_fd(r + (size_t)j * olen, out + (size_t)j * olen, olen);
     cv_curv_pool_give(c, out);
     for (int l = 0; kind == CV_CURV_HESSIAN && l < c->L; l++)
-        if (live[l])
-            layer_quad_terms(c, l, active, live, k, q);
+        if (live[l] && layer_quad_terms(c, l, active, live, k, q, e))
+            return -1;
     return 0;
 }
 
@@ -824,7 +832,7 @@ static int chunked_jacobian(cv_curv *c, const cv_block *b, int k, const double *
             memcpy(out + (size_t)j * olen, c->rx[c->L], sizeof(float) * olen * (size_t)kk);
             continue;
         }
-        float *top = cv_curv_pool_take(c);
+        float *top = cv_curv_pool_ensure(c, kk, e) ? NULL : cv_curv_pool_take(c);
         if (!top)
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
         memcpy(top, cot + (size_t)j * olen, sizeof(float) * olen * (size_t)kk);

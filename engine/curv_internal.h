@@ -56,8 +56,8 @@ struct cv_curv {
     int npool, nfree;
     float *pool[CV_POOL_MAX];        /* all pooled buffers */
     float *free_bufs[CV_POOL_MAX];   /* those not in use */
-    float *slot_tmp[CV_MAX_NODE_INPUTS]; /* a node's input cotangent before it is added */
-    size_t slot_floats;
+    float *slot_tmp[CV_MAX_NODE_INPUTS]; /* a node's input cotangent before it is added
+                                          * (cv_curv_slot allocates them on first use) */
 };
 
 /* One backward walk over the live layers for k stacked cotangents. */
@@ -95,6 +95,8 @@ int cv_curv_walk(cv_curv *c, cv_walk *w, float *top, cv_err *e);
 int cv_curv_pool_ensure(cv_curv *c, int k, cv_err *e);
 float *cv_curv_pool_take(cv_curv *c);
 void cv_curv_pool_give(cv_curv *c, float *p);
+/* Slot buffer i (pool-sized), allocated on first use; NULL when out of memory. */
+float *cv_curv_slot(cv_curv *c, int i);
 void cv_curv_pool_free(cv_curv *c);
 
 /* ---- blocks (curv.c) ------------------------------------------------------- */

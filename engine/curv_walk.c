@@ -17,7 +17,7 @@ void cv_curv_pool_free(cv_curv *c)
         c->slot_tmp[i] = NULL;
     }
     c->npool = c->nfree = 0;
-    c->pool_floats = c->slot_floats = 0;
+    c->pool_floats = 0;
 }
 
 int cv_curv_layer_work(cv_curv *c, int l, int k, cv_err *e)
@@ -78,7 +78,7 @@ float *cv_curv_pool_take(cv_curv *c)
 {
     if (c->nfree)
         return c->free_bufs[--c->nfree];
-    if (c->npool == CV_POOL_MAX)
+    if (c->npool == CV_POOL_MAX || !c->pool_floats) /* not sized (cv_curv_pool_ensure) */
         return NULL;
     float *p = malloc(sizeof(float) * (c->pool_floats ? c->pool_floats : 1));
     if (p)
@@ -92,23 +92,24 @@ void cv_curv_pool_give(cv_curv *c, float *p)
         c->free_bufs[c->nfree++] = p;
 }
 
-/* Pooled buffers hold k*n*max_numel floats; the slot buffers too. */
+/* Pooled buffers hold k*n*max_numel floats (grown, never shrunk); the slot
+ * buffers too, allocated on first use (a chain's gradient and products use
+ * none). */
 int cv_curv_pool_ensure(cv_curv *c, int k, cv_err *e)
 {
     size_t need = (size_t)k * c->n * c->max_numel;
     if (need <= c->pool_floats && c->nfree == c->npool)
         return 0;
     cv_curv_pool_free(c);
-    c->pool_floats = c->slot_floats = need;
-    int bad = 0;
-    for (int i = 0; i < CV_MAX_NODE_INPUTS; i++)
-        bad |= (c->slot_tmp[i] = malloc(sizeof(float) * (need ? need : 1))) == NULL;
-    if (bad) {
-        cv_curv_pool_free(c);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
-                          "cotangents for %d vectors of batch %d", k, c->n);
-    }
+    c->pool_floats = need ? need : 1;
     return 0;
+}
+
+float *cv_curv_slot(cv_curv *c, int i)
+{
+    if (!c->slot_tmp[i] && c->pool_floats)
+        c->slot_tmp[i] = malloc(sizeof(float) * c->pool_floats);
+    return c->slot_tmp[i];
 }
 
 /* The buffer receiving slot i's cotangent (activation a); *direct = 1 when
@@ -122,7 +123,7 @@ static float *slot_target(cv_curv *c, cv_walk *w, int l, int i, int *direct)
         first = L->in[j] != a;
     *direct = first;
     if (!first)
-        return c->slot_tmp[i];
+        return cv_curv_slot(c, i);
     if (!w->cot[a])
         w->cot[a] = w->use_gy ? c->gy[a - 1] : cv_curv_pool_take(c);
     return w->cot[a];
@@ -188,9 +189,6 @@ static int walk_layer(cv_curv *c, cv_walk *w, int l, cv_err *e)
         if (!gx[i])
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
     }
-    for (int i = 0; i < L->nin; i++)
-        if (gx[i] && !direct[i])
-            memset(gx[i], 0, sizeof(float) * (size_t)k * c->n * c->numel[L->in[i]]);
     int any = w->hessian || (w->active[l] && w->gtheta);
     for (int i = 0; i < L->nin; i++)
         any |= gx[i] != NULL;

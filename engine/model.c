@@ -127,6 +127,12 @@ static int place(cv_model *m, int li, int is_buffer, char (*names)[CV_NAME_MAX],
         if (w >= (int)sizeof t[i].name)
             t[i].name[sizeof t[i].name - 1] = 0; /* names are checked shorter by the parser */
         const cv_tensor_info *o = m->graph ? earlier(m, li, i, is_buffer, t[i].name) : NULL;
+        if (m->graph && earlier(m, li, is_buffer ? L->nparams : 0, !is_buffer, t[i].name)) {
+            cv_err_set(e, CV_EINVAL, "invalid_model", "",
+                       "tensor %s is a %s here and a %s in an earlier node", t[i].name,
+                       is_buffer ? "buffer" : "parameter", is_buffer ? "parameter" : "buffer");
+            return -1;
+        }
         if (o && (o->rank != t[i].rank || memcmp(o->dim, t[i].dim, sizeof o->dim) != 0)) {
             char a[64], b[64];
             cv_dims_str(o->dim, o->rank, a, sizeof a);

@@ -28,7 +28,7 @@
 
 #define CV_MAX_LAYERS 512
 #define CV_MAX_RANK 4           /* per-sample tensor rank, e.g. [C, H, W] */
-#define CV_MAX_LAYER_PARAMS 4   /* weight, bias (MultiheadAttention-like classes: more) */
+#define CV_MAX_LAYER_PARAMS 2   /* weight, bias (cv_block sizes its index list by it) */
 #define CV_MAX_LAYER_BUFFERS 3  /* running_mean, running_var, num_batches_tracked */
 #define CV_MAX_NODE_INPUTS 4    /* inputs of one graph node (attention: q, k, v, mask) */
 #define CV_MAX_NAMED_TENSORS 6  /* tensors a function node may name ("params") */

@@ -468,6 +468,36 @@ START_TEST(dataset_refusals)
 }
 END_TEST
 
+/* A MultiheadAttention module with a long qualified name (the expansion's
+ * tensor names are longer still), and the expansion's internal names are not
+ * visible to the user's nodes. */
+START_TEST(attention_names)
+{
+    const char *doc =
+        "{\"input_shape\": [4, 8],"
+        " \"modules\": {\"encoder.layers.0.self_attn\": {\"type\": \"MultiheadAttention\","
+        "   \"embed_dim\": 8, \"num_heads\": 2, \"batch_first\": true}},"
+        " \"nodes\": [{\"name\": \"x\", \"op\": \"placeholder\"},"
+        "  {\"name\": \"attn\", \"op\": \"call_module\", \"target\": \"encoder.layers.0.self_attn\","
+        "   \"args\": [\"x\", \"x\", \"x\"]},"
+        "  {\"name\": \"r\", \"op\": \"call_function\", \"target\": \"relu\", \"args\": [\"attn\"]},"
+        "  {\"name\": \"output\", \"op\": \"output\", \"args\": [\"r\"]}],"
+        " \"loss\": {\"type\": \"MSELoss\"}}";
+    cv_model m, m2;
+    must_parse(doc, &m);
+    ck_assert_str_eq(cv_model_param(&m, 0)->name, "encoder.layers.0.self_attn.in_proj_weight");
+    ck_assert_str_eq(cv_model_param(&m, 3)->name, "encoder.layers.0.self_attn.out_proj.bias");
+    free(tu_arch_reparse(&m, &m2, "long attention name"));
+    char *bad = strdup(doc);
+    memcpy(strstr(bad, "[\"attn\"]") + 2, "#qkv", 4); /* r reads the expansion's "#qkv" */
+    cv_err e;
+    ck_assert_int_eq(cv_arch_parse(bad, strlen(bad), &m, &e), -1);
+    ck_assert_str_eq(e.code, "invalid_graph");
+    ck_assert_str_eq(e.field, "nodes[2].args[0]");
+    free(bad);
+}
+END_TEST
+
 static Suite *graph_suite(void)
 {
     Suite *s = suite_create("graph");
@@ -479,6 +509,7 @@ static Suite *graph_suite(void)
     tcase_add_test(tc, residual_graph_oracles);
     tcase_add_test(tc, shared_tensors_oracles);
     tcase_add_test(tc, functional_batch_norm);
+    tcase_add_test(tc, attention_names);
     tcase_add_test(tc, transformer_mha_oracles);
     tcase_add_test(tc, transformer_sdpa_oracles);
     tcase_add_test(tc, dataset_refusals);
