@@ -49,6 +49,16 @@ void cv_shape_str(const cv_shape *s, char *buf, size_t len)
     cv_dims_str(s->dim, s->rank, buf, len);
 }
 
+/* The node as written (MultiheadAttention, scaled_dot_product_attention)
+ * whose expansion layer li belongs to, or NULL. */
+static const cv_layer *expanded_from(const cv_model *m, int li)
+{
+    for (int i = 0; i < m->nmacros; i++)
+        if (li >= m->macros[i].first && li <= m->macros[i].last)
+            return &m->macros[i].node;
+    return NULL;
+}
+
 /* Rewrites e, set by a class hook of layer li, to name the layer: field
  * "layers[li]" or "layers[li].<attribute>", message "layers[li] (Name): ...";
  * in a graph "nodes[i]" / "nodes[i] (Name 'node')" with i the node's index. */
@@ -63,7 +73,11 @@ static int layer_fail(cv_err *e, const cv_model *m, int li, const cv_layer *L)
         snprintf(where, sizeof where, "nodes[%d]", L->src);
     else
         snprintf(where, sizeof where, "layers[%d]", li);
-    if (m->graph)
+    const cv_layer *node = expanded_from(m, li);
+    if (node) /* a primitive of an expanded attention node: name the node as written */
+        cv_err_set(e, CV_EINVAL, "invalid_model", NULL, "%s (%s '%s', its %s): %s", where,
+                   cv_layer_name(node), node->node, cv_layer_name(L), body);
+    else if (m->graph)
         cv_err_set(e, CV_EINVAL, "invalid_model", NULL, "%s (%s '%s'): %s", where,
                    cv_layer_name(L), L->node, body);
     else

@@ -488,9 +488,18 @@ START_TEST(attention_names)
     ck_assert_str_eq(cv_model_param(&m, 0)->name, "encoder.layers.0.self_attn.in_proj_weight");
     ck_assert_str_eq(cv_model_param(&m, 3)->name, "encoder.layers.0.self_attn.out_proj.bias");
     free(tu_arch_reparse(&m, &m2, "long attention name"));
+    /* an embed_dim that does not fit the input: the message names the node as written */
+    char *wide = strdup(doc);
+    memcpy(strstr(wide, "\"embed_dim\": 8") + 13, "6", 1);
+    memcpy(strstr(wide, "\"num_heads\": 2") + 13, "3", 1);
+    cv_err e;
+    ck_assert_int_eq(cv_arch_parse(wide, strlen(wide), &m, &e), -1);
+    ck_assert_str_eq(e.field, "nodes[1]");
+    ck_assert_msg(strstr(e.message, "nodes[1] (MultiheadAttention 'attn', its Linear)") != NULL,
+                  "%s", e.message);
+    free(wide);
     char *bad = strdup(doc);
     memcpy(strstr(bad, "[\"attn\"]") + 2, "#qkv", 4); /* r reads the expansion's "#qkv" */
-    cv_err e;
     ck_assert_int_eq(cv_arch_parse(bad, strlen(bad), &m, &e), -1);
     ck_assert_str_eq(e.code, "invalid_graph");
     ck_assert_str_eq(e.field, "nodes[2].args[0]");
