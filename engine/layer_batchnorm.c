@@ -7,6 +7,7 @@
 #include "layer_batchnorm.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -33,7 +34,9 @@ static int bn_forward(cv_layer_ctx *c, float *y, cv_err *e)
         return cv_err_set(e, CV_EINVAL, "invalid_model", "layers",
                           "%s needs running_mean and running_var", cv_layer_name(L));
     const float *mean = c->buffers;
-    const float *var = c->buffers + (L->buffers[1].offset - L->buffers[0].offset);
+    /* signed: a graph may share running_var with an earlier node (lower offset) */
+    const float *var = c->buffers + ((ptrdiff_t)L->buffers[1].offset -
+                                     (ptrdiff_t)L->buffers[0].offset);
     cv_layer_ctx_release(c);
     c->d1 = malloc(sizeof(float) * 4 * (size_t)C);
     if (!c->d1)
