@@ -15,6 +15,10 @@ void cv_dataset_free(cv_dataset *d)
 {
     if (!d)
         return;
+    if (d->borrowed) {
+        memset(d, 0, sizeof *d);
+        return;
+    }
     free(d->x);
     free(d->labels);
     free(d->targets);
@@ -275,4 +279,15 @@ int cv_dataset_check(const cv_dataset *d, const cv_model *m, cv_err *e)
                               k);
     }
     return 0;
+}
+
+void cv_batch_view(const cv_dataset *d, size_t offset, size_t size, cv_batch *out)
+{
+    size_t sx = cv_shape_numel(&d->x_shape), sy = y_numel(d);
+    *out = *d;
+    out->n = size;
+    out->borrowed = 1;
+    out->x = d->x + offset * sx;
+    out->labels = d->y_is_index ? d->labels + offset * sy : NULL;
+    out->targets = d->y_is_index ? NULL : d->targets + offset * sy;
 }

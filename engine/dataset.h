@@ -25,6 +25,9 @@ typedef struct {
     int64_t *labels;          /* n * numel(y_shape), when y_is_index */
     cv_shape y_shape;         /* per-sample target (or label) shape; rank 0: [N] */
     float *targets;           /* n * numel(y_shape) */
+    int borrowed;             /* 1: x/labels/targets belong to someone else (a view of
+                               * another dataset, a memory-mapped file): cv_dataset_free
+                               * only clears the struct */
 } cv_dataset;
 
 /* A batch: gathered samples of a dataset; owns its memory. Same layout. */
@@ -37,6 +40,9 @@ int cv_batch_gather(const cv_dataset *d, const size_t *idx, size_t count, cv_bat
                     cv_err *e);
 /* Batch of samples [offset, offset+size). */
 int cv_batch_range(const cv_dataset *d, size_t offset, size_t size, cv_batch *out, cv_err *e);
+/* The same samples without a copy: out points into d (borrowed; valid while
+ * d is); the caller checks the range. */
+void cv_batch_view(const cv_dataset *d, size_t offset, size_t size, cv_batch *out);
 
 /* Checks that the dataset fits the model and its loss: input shape and
  * dtype (the model's input_dtype), target shape (CE/NLL: the output without
