@@ -4,13 +4,16 @@ For each model (an MLP 784-512-512-10 at batch 512, a DeepOBS 2c2d-like CNN at
 batch 128, a tiny MLP where overheads dominate; the graph models of
 clients/python/examples/graph_models.py: a pre-activation ResNet on 3x32x32 at
 batch 32 and a decoder-only transformer LM, d_model 128, 4 heads, T 64, vocab
-96, at 32 sequences; lmtiny, the test-size LM, for the smoke test) it writes the same weights
+96, at 32 sequences; lmtiny, the test-size LM, for the smoke test; cifarmb, opt-in: a
+CIFAR-shaped CNN on 2,000 samples, whole-set HVPs over micro-batches of 250, see
+bench/bench_microbatch.py) it writes the same weights
 and batch for both sides, runs build/bench_ops (curvd, in process) and
 bench/bench_torch.py (Debian's torch) on the same number of cores (torch: the
 faster of two thread configurations, see torch_best), and prints
 a table: curvd seconds, torch seconds, speedup (torch / curvd), and curvd's
 achieved GFLOP/s on the dense-layer work against the measured sgemm peak.
-Usage: python3 bench/bench.py [--threads T] [--cases mlp,cnn,tiny,resnet,lm,lmtiny] [--quick]
+Usage: python3 bench/bench.py [--threads T] [--cases mlp,cnn,tiny,resnet,lm,lmtiny,cifarmb]
+       [--quick]
 """
 import argparse
 import json
@@ -130,7 +133,7 @@ def run_json(cmd, env=None):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def torch_best(case, threads, reps, only):
+def torch_best(case, threads, reps, only, extra=()):
     """Torch's best use of `threads` cores, op by op.  Debian's torch runs its
     GEMMs in OpenBLAS, whose pool ignores torch.set_num_threads (by default
     it takes every core), so both pools are pinned to the thread budget.  On
@@ -142,8 +145,8 @@ def torch_best(case, threads, reps, only):
     for intra, blas in configs:
         env = {"OMP_NUM_THREADS": str(intra), "OPENBLAS_NUM_THREADS": str(blas)}
         r = run_json([sys.executable, os.path.join(HERE, "bench_torch.py"), "--case", case,
-                      "--threads", str(intra), "--reps", str(reps), "--only", ",".join(only)],
-                     env)
+                      "--threads", str(intra), "--reps", str(reps), "--only", ",".join(only),
+                      *extra], env)
         for k, v in r.items():
             if isinstance(v, float) and (k not in best or v < best[k]):
                 best[k] = v
@@ -170,6 +173,8 @@ def main():
     print(f"{'model':6} {'op':9} {'curvd s':>10} {'torch s':>10} {'speedup':>8} "
           f"{'GFLOP/s':>8} {'%peak':>6}")
     rows = []
+    if "cifarmb" in a.cases.split(","):
+        rows += microbatch_case(a)
     for name, case in make_cases(a.cases.split(","), a.quick).items():
         with tempfile.TemporaryDirectory() as d:
             write_case(d, name, case)
@@ -215,6 +220,21 @@ def main():
     if a.markdown:
         write_markdown(a.markdown, rows, a.threads, peak)
     return 0
+
+
+def microbatch_case(a):
+    """The cifarmb rows (bench/bench_microbatch.py): curvd micro-batched with recomputation
+    (hvp-mb) and cached (hvp-cache) against torch looping over the same micro-batches."""
+    import bench_microbatch as bm
+    curvd = os.path.join(os.path.dirname(a.bench_ops), "curvd")
+    n, mb = (500, 125) if a.quick else (2000, 250)
+    rows, summary = bm.run(curvd, a.threads, n, mb, reps=1)
+    for r in rows:
+        print(f"{r['model']:6} {r['op']:9} {r['curvd_s']:10.4g} {r['torch_s']:10.4g} "
+              f"{r['torch_s'] / r['curvd_s']:7.1f}x {'':>8} {'':>6}")
+        r.update(gflops="", pct="")
+    print(f"{'cifarmb':6} (ratios)  {summary}", flush=True)
+    return rows
 
 
 def write_markdown(path, rows, threads, peak):
