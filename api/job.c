@@ -20,6 +20,7 @@ void cv_job_limits_default(cv_job_limits *l)
 {
     l->dense_max = 4096;
     l->max_vector_dim = 0;
+    l->job_memory = (size_t)2 << 30;
 }
 
 cJSON *cv_err_to_json(const cv_err *e)
@@ -136,8 +137,8 @@ static int validate_blocks(const cJSON *b, cv_err *e)
     return 0;
 }
 
-static const char *const known_fields[] = {"op",     "model", "dataset", "curvature", "batch",
-                                           "blocks", "seed",  "options", NULL};
+static const char *const known_fields[] = {"op",   "model", "dataset", "curvature",   "batch",
+                                           "blocks", "seed", "options", "micro_batch", NULL};
 
 static int validate_known_fields(const cJSON *job, cv_err *e)
 {
@@ -205,10 +206,14 @@ static int validate_fields(const cJSON *job, const cv_op_def *def, cv_err *e)
     }
     if (validate_curvature(field(job, "curvature"), e))
         return -1;
-    const cJSON *seed = field(job, "seed");
+    const cJSON *seed = field(job, "seed"), *mb = field(job, "micro_batch");
     if (seed && !is_nonneg_int(seed))
         return cv_err_set(e, CV_EINVAL, "invalid_field", "seed",
                           "seed must be a non-negative integer below 2^53 (exact in JSON)");
+    if (mb && (!is_nonneg_int(mb) || mb->valuedouble < 1 || mb->valuedouble > 2147483647.0))
+        return cv_err_set(e, CV_EINVAL, "invalid_field", "micro_batch",
+                          "micro_batch must be an integer in [1, 2^31): the samples per "
+                          "micro-batch");
     if (validate_batch(field(job, "batch"), e) || validate_blocks(field(job, "blocks"), e))
         return -1;
     const cJSON *bl = field(job, "blocks");
@@ -400,6 +405,8 @@ cv_job_spec *cv_job_parse(const cJSON *doc, cv_err *e)
     const cJSON *cu = field(doc, "curvature"), *seed = field(doc, "seed");
     j->curvature = cu ? (cv_curvature)cv_curvature_from_name(cu->valuestring) : CV_CURV_HESSIAN;
     j->seed = seed ? (uint64_t)seed->valuedouble : 0;
+    const cJSON *mb = field(doc, "micro_batch");
+    j->micro_batch = mb ? (size_t)mb->valuedouble : 0;
     j->model = dup_or_null(field(doc, "model"));
     j->dataset = dup_or_null(field(doc, "dataset"));
     if ((field(doc, "model") && !j->model) || (field(doc, "dataset") && !j->dataset) ||
@@ -520,13 +527,20 @@ int cv_job_bind(cv_job_spec *j, const cv_model *m, const cv_dataset *d, cv_err *
 
 /* ---- running ---------------------------------------------------------------- */
 
+/* The job's batch: a view of the dataset for a range (no copy; cv_job_bind
+ * checked it), a gathered copy for indices. */
 static int make_batch(const cv_job_spec *j, const cv_dataset *d, cv_batch *out, cv_err *e)
 {
-    if (j->batch.kind == CV_JOB_BATCH_ALL)
-        return cv_batch_range(d, 0, d->n, out, e);
+    if (j->batch.kind == CV_JOB_BATCH_ALL) {
+        cv_batch_view(d, 0, d->n, out);
+        return 0;
+    }
     if (j->batch.kind == CV_JOB_BATCH_RANGE) {
         size_t o = j->batch.offset;
-        return cv_batch_range(d, o, j->batch.size ? j->batch.size : d->n - o, out, e);
+        if (o >= d->n || (j->batch.size && j->batch.size > d->n - o))
+            return cv_err_set(e, CV_EINVAL, "out_of_range", "batch", "batch outside the dataset");
+        cv_batch_view(d, o, j->batch.size ? j->batch.size : d->n - o, out);
+        return 0;
     }
     size_t n = j->batch.count;
     size_t *v = malloc(sizeof(size_t) * n);
@@ -556,6 +570,69 @@ static int run_blocks(const cv_job_spec *j, cv_op_ctx *c, cJSON *res, cv_err *e)
         cJSON_AddNumberToObject(o, "dim", (double)b->dim);
         rc = run(c, b, o, e);
     }
+    return rc;
+}
+
+/* ---- memory ------------------------------------------------------------------ */
+
+/* The op's (or its method's) memory needs, the largest over the job's blocks. */
+static void op_memory(const cv_job_spec *j, const cv_model *m, size_t n, cv_op_memory *out)
+{
+    cv_op_memory_fn fn = j->method && j->method->memory ? j->method->memory : j->op->memory;
+    *out = (cv_op_memory){0, 1, 0};
+    for (int i = 0; i < j->blocks.nresolved; i++) {
+        const cv_block *b = &j->blocks.resolved[i];
+        cv_op_memory one = {2 * b->dim * sizeof(double), 1, 0};
+        if (fn)
+            fn(&j->opts, b, n, cv_model_output_dim(m), &one);
+        if (one.vector_bytes > out->vector_bytes)
+            out->vector_bytes = one.vector_bytes;
+        if (one.max_vectors > out->max_vectors)
+            out->max_vectors = one.max_vectors;
+        out->pairs |= one.pairs;
+    }
+}
+
+static void engine_options(const cv_job_spec *j, const cv_model *m, const cv_batch *batch,
+                           const cv_job_limits *lim, cv_progress *p, cv_curv_options *co)
+{
+    cv_op_memory om;
+    op_memory(j, m, batch->n, &om);
+    *co = (cv_curv_options){0};
+    co->mc_samples = ((const cv_op_base *)j->opts.args)->mc_samples;
+    co->seed = CV_OP_CURV_SEED(j->seed);
+    co->memory_budget = lim->job_memory;
+    co->micro_batch = j->micro_batch;
+    co->vector_bytes = om.vector_bytes;
+    co->max_vectors = om.max_vectors;
+    co->pairs = om.pairs;
+    co->kind = j->op->uses_curvature ? j->curvature : CV_CURV_GGN;
+    co->progress = p;
+}
+
+static void add_memory_fields(const cv_curv *c, cJSON *res)
+{
+    cv_curv_plan pl;
+    cv_curv_memory(c, &pl);
+    cJSON_AddNumberToObject(res, "micro_batches", (double)pl.micro_batches);
+    cJSON_AddNumberToObject(res, "micro_batch_size", (double)pl.micro_batch);
+    cJSON_AddNumberToObject(res, "cached_micro_batches", (double)pl.cached);
+    cJSON_AddNumberToObject(res, "peak_memory_bytes", (double)pl.peak_bytes);
+}
+
+int cv_job_check_memory(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                        const cv_job_limits *lim, cv_curv_plan *plan, cv_err *e)
+{
+    cv_curv_plan local;
+    cv_batch batch;
+    if (!lim->job_memory && !j->micro_batch)
+        return 0;
+    if (make_batch(j, d, &batch, e))
+        return -1;
+    cv_curv_options co;
+    engine_options(j, m, &batch, lim, NULL, &co);
+    int rc = cv_curv_plan_memory(m, &batch, &co, plan ? plan : &local, e);
+    cv_dataset_free(&batch);
     return rc;
 }
 
@@ -590,8 +667,8 @@ cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
     cv_batch batch;
     if (make_batch(j, d, &batch, e))
         return NULL;
-    cv_curv_options co = {((const cv_op_base *)j->opts.args)->mc_samples,
-                          CV_OP_CURV_SEED(j->seed)};
+    cv_curv_options co;
+    engine_options(j, m, &batch, lim, p, &co);
     c.curv = cv_curv_new(m, &batch, &co, e);
     if (!c.curv) {
         cv_dataset_free(&batch);
@@ -609,6 +686,7 @@ cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
     } else {
         cJSON_AddNumberToObject(res, "matvecs", (double)(atomic_load(&p->done) - done0));
         cJSON_AddNumberToObject(res, "elapsed_s", cv_now_s() - t0);
+        add_memory_fields(c.curv, res);
     }
     cv_curv_free(c.curv);
     cv_dataset_free(&batch);

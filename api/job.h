@@ -31,6 +31,8 @@
 typedef struct {
     size_t dense_max;        /* largest D for op "dense" / exact paths (default 4096) */
     size_t max_vector_dim;   /* largest vector returned inline (default: unlimited) */
+    size_t job_memory;       /* engine working memory of one job, bytes (default 2 GiB;
+                              * 0: unlimited, one micro-batch) */
 } cv_job_limits;
 
 void cv_job_limits_default(cv_job_limits *l);
@@ -79,6 +81,8 @@ typedef struct {
         cv_block *resolved;             /* after cv_job_bind */
         int nresolved;
     } blocks;
+    size_t micro_batch;                 /* "micro_batch": samples per micro-batch (0: from
+                                           the memory budget) */
     cv_opts opts;                       /* opts.args: the op's argument struct */
 } cv_job_spec;
 
@@ -90,6 +94,12 @@ void cv_job_spec_free(cv_job_spec *j);
 /* Checks j against a model and dataset and resolves its blocks (kept in j
  * for cv_job_exec on the same model).  Cheap. */
 int cv_job_bind(cv_job_spec *j, const cv_model *m, const cv_dataset *d, cv_err *e);
+
+/* Plans the bound job's micro-batches under lim->job_memory (a probe of the
+ * model on one and two samples): 0, or -1 with e filled ("job_memory", 400)
+ * when even its minimum does not fit.  plan may be NULL. */
+int cv_job_check_memory(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                        const cv_job_limits *lim, cv_curv_plan *plan, cv_err *e);
 
 /* Runs a bound job.  m and d are the ones it was bound to (borrowed, must
  * not change during the call).  p may be NULL; when given, its cancel flag

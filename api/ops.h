@@ -51,10 +51,24 @@ typedef int (*cv_op_check_fn)(const cv_opts *o, cv_curvature kind, cv_err *e);
  * count bounded by the dimension); called for every block. */
 typedef int (*cv_op_bind_fn)(const cv_opts *o, const cv_block *b, cv_err *e);
 
+/* What an op holds besides the engine, for the job's memory plan: its own
+ * vectors (probes, a Lanczos basis, a Gram matrix; bytes, an upper estimate),
+ * the most vectors one product takes, and whether it forms Gram matrices
+ * (micro-batches are then evaluated in pairs). */
+typedef struct {
+    size_t vector_bytes;
+    int max_vectors;
+    int pairs;
+} cv_op_memory;
+/* For block b of a batch of n samples with C outputs each. */
+typedef void (*cv_op_memory_fn)(const cv_opts *o, const cv_block *b, size_t n, int C,
+                                cv_op_memory *out);
+
 typedef struct cv_op_method {
     const char *name;
     cv_op_run_fn run;
     cv_op_check_fn check;         /* after the op's check; may be NULL */
+    cv_op_memory_fn memory;       /* NULL: the op's */
 } cv_op_method;
 
 typedef struct cv_op_def {
@@ -70,6 +84,7 @@ typedef struct cv_op_def {
     cv_op_run_fn run;             /* ops without methods */
     const char *const *results;   /* result fields it may write (NULL-terminated) */
     cv_op_bind_fn bind;           /* may be NULL */
+    cv_op_memory_fn memory;       /* NULL: two vectors of the block, one at a time */
 } cv_op_def;
 
 /* ---- the ops (one module each group) ---- */

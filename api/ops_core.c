@@ -168,14 +168,46 @@ static const char *const matvec_results[] = {"product", "quadratic_form", NULL};
 static const char *const dense_results[] = {"matrix", NULL};
 static const char *const per_sample_results[] = {"per_sample_gradients", NULL};
 
+/* ---- memory (cv_op_memory_fn) ---------------------------------------------- */
+
+static void mem_vectors(cv_op_memory *m, double vectors, size_t dim, int k)
+{
+    m->vector_bytes = (size_t)(vectors * (double)dim * sizeof(double));
+    m->max_vectors = k;
+    m->pairs = 0;
+}
+
+static void mem_loss(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+{
+    mem_vectors(m, 0, b->dim, 1);
+}
+
+static void mem_matvec(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+{
+    mem_vectors(m, 3, b->dim, 1);
+}
+
+static void mem_dense(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+{
+    mem_vectors(m, (double)b->dim + 128, b->dim, 32);
+}
+
+static void mem_per_sample(const cv_opts *o, const cv_block *b, size_t n, int C,
+                           cv_op_memory *m)
+{
+    mem_vectors(m, (double)n + 1, b->dim, 1);
+}
+
 #define BASE sizeof(plain_args)
 const cv_op_def cv_op_loss = {"loss", no_opts, NULL, BASE, NULL, 0, 0, NULL, run_loss,
-                              loss_results, NULL};
+                              loss_results, NULL, mem_loss};
 const cv_op_def cv_op_gradient = {"gradient", no_opts, NULL, BASE, NULL, 0, 1, NULL,
-                                  run_gradient, gradient_results, NULL};
+                                  run_gradient, gradient_results, NULL, mem_matvec};
 const cv_op_def cv_op_matvec = {"matvec", matvec_opts, NULL, sizeof(matvec_args), NULL, 1, 0,
-                                check_matvec, run_matvec, matvec_results, bind_matvec};
+                                check_matvec, run_matvec, matvec_results, bind_matvec,
+                                mem_matvec};
 const cv_op_def cv_op_dense = {"dense", curv_opts, NULL, BASE, NULL, 1, 1, NULL, run_dense,
-                               dense_results, NULL};
+                               dense_results, NULL, mem_dense};
 const cv_op_def cv_op_per_sample = {"per_sample_gradients", no_opts, NULL, BASE, NULL, 0, 1,
-                                    NULL, run_per_sample, per_sample_results, NULL};
+                                    NULL, run_per_sample, per_sample_results, NULL,
+                                    mem_per_sample};

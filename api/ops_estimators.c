@@ -6,6 +6,7 @@
 
 #include "api/op_args.h"
 #include "api/op_util.h"
+#include "engine/est_util.h"
 #include "api/ops.h"
 #include "engine/estimators.h"
 
@@ -106,8 +107,9 @@ static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return 0;
 }
 
-static const cv_op_method trace_hutchinson = {"hutchinson", run_trace, NULL};
-static const cv_op_method trace_hutchpp = {"hutch++", run_trace, check_hutchpp};
+
+static const cv_op_method trace_hutchinson = {"hutchinson", run_trace, NULL, NULL};
+static const cv_op_method trace_hutchpp = {"hutch++", run_trace, check_hutchpp, NULL};
 static const cv_op_method *const trace_methods[] = {&trace_hutchinson, &trace_hutchpp, NULL};
 
 /* ---- diag ----------------------------------------------------------------- */
@@ -159,8 +161,8 @@ static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return 0;
 }
 
-static const cv_op_method diag_hutchinson = {"hutchinson", run_diag, NULL};
-static const cv_op_method diag_exact = {"exact", run_diag, NULL};
+static const cv_op_method diag_hutchinson = {"hutchinson", run_diag, NULL, NULL};
+static const cv_op_method diag_exact = {"exact", run_diag, NULL, NULL};
 static const cv_op_method *const diag_methods[] = {&diag_hutchinson, &diag_exact, NULL};
 
 /* ---- eigen ---------------------------------------------------------------- */
@@ -243,8 +245,8 @@ static int run_eigen(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return 0;
 }
 
-static const cv_op_method eigen_lanczos = {"lanczos", run_eigen, NULL};
-static const cv_op_method eigen_power = {"power", run_eigen, NULL};
+static const cv_op_method eigen_lanczos = {"lanczos", run_eigen, NULL, NULL};
+static const cv_op_method eigen_power = {"power", run_eigen, NULL, NULL};
 /* indices: CV_EIGEN_LANCZOS, CV_EIGEN_POWER, CV_EIGEN_GRAM */
 static const cv_op_method *const eigen_methods[] = {&eigen_lanczos, &eigen_power,
                                                     &cv_method_eigen_gram, NULL};
@@ -357,8 +359,8 @@ static int run_solve(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 }
 
 /* indices = cv_solve_method */
-static const cv_op_method solve_cg = {"cg", run_solve, NULL};
-static const cv_op_method solve_minres = {"minres", run_solve, NULL};
+static const cv_op_method solve_cg = {"cg", run_solve, NULL, NULL};
+static const cv_op_method solve_minres = {"minres", run_solve, NULL, NULL};
 static const cv_op_method *const solve_methods[] = {&solve_cg, &solve_minres, NULL};
 
 /* ---- newton ----------------------------------------------------------------- */
@@ -431,8 +433,8 @@ static int run_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 }
 
 /* indices: CV_NEWTON_CG, CV_NEWTON_MINRES (= cv_solve_method), CV_NEWTON_VIVIT */
-static const cv_op_method newton_cg = {"cg", run_newton, NULL};
-static const cv_op_method newton_minres = {"minres", run_newton, NULL};
+static const cv_op_method newton_cg = {"cg", run_newton, NULL, NULL};
+static const cv_op_method newton_minres = {"minres", run_newton, NULL, NULL};
 static const cv_op_method *const newton_methods[] = {&newton_cg, &newton_minres,
                                                      &cv_method_newton_vivit, NULL};
 
@@ -456,16 +458,74 @@ static const char *const newton_results[] = {
     "iterations", "converged",    "actual_change", "mode", "k", "directions", "dampings",
     FACTOR_RESULTS, NULL};
 
+/* ---- memory (cv_op_memory_fn): the estimators' own vectors ------------------
+ * (estimators.h: a block of columns costs two n x block buffers; a Lanczos
+ * run keeps its basis in float32, and in double when vectors are returned) */
+
+static int est_block(size_t dim, long probes) { return cv_est_block_size(dim, 0, probes); }
+
+static void mem_set(cv_op_memory *m, double dvectors, double fvectors, size_t dim, int k)
+{
+    m->vector_bytes = (size_t)((dvectors * sizeof(double) + fvectors * sizeof(float)) *
+                               (double)dim);
+    m->max_vectors = k;
+    m->pairs = 0;
+}
+
+static void mem_trace(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+{
+    const trace_args *a = o->args;
+    int blk = est_block(b->dim, a->o.max_probes);
+    double sketch = a->method == 1 ? 2.0 * (a->o.max_probes / 3 + 1) : 0;
+    mem_set(m, 2.0 * blk + 2 + sketch, 0, b->dim, blk);
+}
+
+static void mem_diag(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+{
+    const diag_args *a = o->args;
+    int blk = est_block(b->dim, a->method == 1 ? (long)b->dim : a->o.max_probes);
+    mem_set(m, 2.0 * blk + 3, 0, b->dim, blk);
+}
+
+static void mem_eigen(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+{
+    const cv_eigen_args *a = o->args;
+    int k = a->o.k;
+    if (a->method == CV_EIGEN_POWER) {
+        mem_set(m, 2.0 * k + 4, 0, b->dim, 1);
+        return;
+    }
+    double steps = a->o.max_iter > 0 ? a->o.max_iter : (10.0 * k > 100 ? 10.0 * k : 100);
+    if (steps > (double)b->dim)
+        steps = (double)b->dim;
+    mem_set(m, (a->o.return_vectors ? steps + k : 0) + 4, steps, b->dim, 1);
+}
+
+static void mem_density(const cv_opts *o, const cv_block *b, size_t n, int C,
+                        cv_op_memory *m)
+{
+    const density_args *a = o->args;
+    double steps = a->o.lanczos_steps < (double)b->dim ? a->o.lanczos_steps : (double)b->dim;
+    mem_set(m, 4, steps, b->dim, 1);
+}
+
+static void mem_solve(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+{
+    mem_set(m, 8, 0, b->dim, 1);
+}
+
 const cv_op_def cv_op_trace = {"trace", trace_opts, trace_methods, sizeof(trace_args),
-                               trace_defaults, 1, 1, NULL, NULL, trace_results, NULL};
+                               trace_defaults, 1, 1, NULL, NULL, trace_results, NULL, mem_trace};
 const cv_op_def cv_op_diag = {"diag", diag_opts, diag_methods, sizeof(diag_args),
-                              diag_defaults, 1, 1, NULL, NULL, diag_results, NULL};
+                              diag_defaults, 1, 1, NULL, NULL, diag_results, NULL, mem_diag};
 const cv_op_def cv_op_eigen = {"eigen", eigen_opts, eigen_methods, sizeof(cv_eigen_args),
                                eigen_defaults, 1, 1, check_eigen, NULL, eigen_results,
-                               bind_eigen};
+                               bind_eigen, mem_eigen};
 const cv_op_def cv_op_density = {"density", density_opts, NULL, sizeof(density_args),
-                                 density_defaults, 1, 1, NULL, run_density, density_results, NULL};
+                                 density_defaults, 1, 1, NULL, run_density, density_results, NULL,
+                                 mem_density};
 const cv_op_def cv_op_solve = {"solve", solve_opts, solve_methods, sizeof(solve_args),
-                               solve_defaults, 1, 1, NULL, NULL, solve_results, NULL};
+                               solve_defaults, 1, 1, NULL, NULL, solve_results, NULL, mem_solve};
 const cv_op_def cv_op_newton = {"newton", newton_opts, newton_methods, sizeof(cv_newton_args),
-                                newton_defaults, 1, 1, check_newton, NULL, newton_results, NULL};
+                                newton_defaults, 1, 1, check_newton, NULL, newton_results, NULL,
+                                mem_solve};

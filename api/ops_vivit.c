@@ -239,7 +239,29 @@ static int run_gram(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return rc;
 }
 
-const cv_op_method cv_method_eigen_gram = {"gram", run_gram, check_gram};
+/* ---- memory (cv_op_memory_fn): the Gram matrix of R = n x (C or mc) columns,
+ * its eigenvectors and k directions; micro-batches in pairs ----------------- */
+
+static void mem_gram(double R, double k, size_t dim, cv_op_memory *m)
+{
+    m->vector_bytes = (size_t)((2.0 * R * R + (k + 4) * (double)dim) * sizeof(double));
+    m->max_vectors = 32;
+    m->pairs = 1;
+}
+
+static double gram_columns(const cv_vivit_args *v, int mc_samples, size_t n, int C)
+{
+    return (double)n * (v->mc ? mc_samples : C);
+}
+
+static void mem_eigen_gram(const cv_opts *o, const cv_block *b, size_t n, int C,
+                           cv_op_memory *m)
+{
+    const cv_eigen_args *a = o->args;
+    mem_gram(gram_columns(&a->vivit, a->base.mc_samples, n, C), a->o.k, b->dim, m);
+}
+
+const cv_op_method cv_method_eigen_gram = {"gram", run_gram, check_gram, mem_eigen_gram};
 
 /* ---- snr ------------------------------------------------------------------- */
 
@@ -474,7 +496,22 @@ static int run_newton_vivit(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err 
     return rc;
 }
 
-const cv_op_method cv_method_newton_vivit = {"vivit", run_newton_vivit, check_newton_vivit};
+static void mem_newton_vivit(const cv_opts *o, const cv_block *b, size_t n, int C,
+                             cv_op_memory *m)
+{
+    const cv_newton_args *a = o->args;
+    double R = gram_columns(&a->vivit, a->base.mc_samples, n, C);
+    mem_gram(R, a->k.choice == 0 ? R : a->k.num, b->dim, m);
+}
+
+static void mem_snr(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+{
+    const snr_args *a = o->args;
+    mem_gram(gram_columns(&a->vivit, a->base.mc_samples, n, C), a->k, b->dim, m);
+}
+
+const cv_op_method cv_method_newton_vivit = {"vivit", run_newton_vivit, check_newton_vivit,
+                                             mem_newton_vivit};
 
 static const char *const snr_results[] = {
     "columns", "curvature_samples", "mc_columns", "gram_path", "curvature_indices",
@@ -482,4 +519,5 @@ static const char *const snr_results[] = {
     "gsnr",    "gamma",             "lambda",     NULL};
 
 const cv_op_def cv_op_snr = {"snr",     snr_opts, NULL,      sizeof(snr_args), snr_defaults,
-                             1,         1,        check_snr, run_snr,          snr_results, NULL};
+                             1,         1,        check_snr, run_snr,          snr_results, NULL,
+                             mem_snr};

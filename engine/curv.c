@@ -1,16 +1,37 @@
-/* curv.c - curvature-vector products on one batch: the cached forward pass,
- * the gradient's backward pass, and Hessian / GGN / Fisher / EF products built
- * from the per-layer kernels of layer.h (forward-mode Jacobian products, the
- * loss's output matrix, reverse-mode products, Pearlmutter's extra terms). */
+/* curv.c - the curvature operators of a batch (API in curv.h) over its
+ * micro-batches: the split (curv_plan.c), the kept and recomputed forward
+ * states (engine/part.h: one micro-batch's engine), the sums of their
+ * shares with per-micro-batch progress and cancel, the workspace handed
+ * from micro-batch to micro-batch, the accounting of the bytes held; plus
+ * the curvature names and parameter blocks. */
 #include "curv.h"
 
-#include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "curv_internal.h"
 #include "names.h"
+#include "part.h"
+
+struct cv_curv {
+    const cv_model *m;
+    const cv_batch *b;         /* the whole batch (borrowed) */
+    cv_curv_options opt;
+    cv_curv_plan plan;
+    int C;
+    size_t n, mb;              /* samples; micro-batch size */
+    int nparts, ncached;
+    cv_batch *views;           /* micro-batch i: samples [i*mb, i*mb + views[i].n) */
+    cv_part **parts;           /* the kept states (i < ncached), NULL for the others */
+    cv_part *scratch;          /* the state recomputed micro-batches run in */
+    int scratch_at;            /* the micro-batch it holds now (-1: none) */
+    cv_part *ws;               /* the part holding the workspace */
+    size_t gram_budget;
+    double loss;
+    float *outputs;            /* n x C */
+    cv_loss_state ls;          /* the whole batch's loss state (over outputs) */
+    size_t peak;
+};
 
 #define CV_CURV_NAME_(id, name) [id] = name,
 static const char *const curv_names[CV_CURV_COUNT] = {CV_CURVATURES(CV_CURV_NAME_)};
@@ -105,117 +126,131 @@ int cv_blocks_per_layer(const cv_model *m, cv_block *out, int max)
     return nb;
 }
 
-/* ---- construction: forward pass ---------------------------------------- */
+/* ---- micro-batches ---------------------------------------------------------- */
 
-static size_t layer_nparam(const cv_layer *L)
+static cv_part_options part_options(const cv_curv *c, size_t first)
 {
-    size_t p = 0;
-    for (int i = 0; i < L->nparams; i++)
-        p += L->params[i].numel;
+    cv_part_options po = {c->opt, c->ls.scale, first, c->mb};
+    po.base.progress = NULL;
+    return po;
+}
+
+/* Bytes held now (kept and scratch states, their workspace, the caller's
+ * vectors, `extra` held beside them); the peak follows. */
+static void account(cv_curv *c, size_t extra)
+{
+    size_t b = extra + c->opt.vector_bytes + sizeof(float) * c->n * (size_t)c->C * 2;
+    for (int i = 0; i < c->nparts; i++)
+        if (c->parts[i])
+            b += cv_part_state_bytes(c->parts[i]) + cv_part_work_bytes(c->parts[i]);
+    if (c->scratch)
+        b += cv_part_state_bytes(c->scratch) + cv_part_work_bytes(c->scratch);
+    if (b > c->peak)
+        c->peak = b;
+}
+
+/* Stops between micro-batches when the job was cancelled or ran out of time. */
+static int check_cancel(const cv_curv *c, cv_err *e)
+{
+    return c->nparts > 1 && c->opt.progress && cv_progress_check(c->opt.progress, e) ? -1 : 0;
+}
+
+static void progress_micro(const cv_curv *c, long done)
+{
+    if (c->nparts > 1 && c->opt.progress) {
+        atomic_store(&c->opt.progress->micro_total, c->nparts);
+        atomic_store(&c->opt.progress->micro_done, done);
+    }
+}
+
+/* The part holding micro-batch i's forward state, with the workspace: its
+ * kept state, or the scratch state rerun on it. */
+static cv_part *visit(cv_curv *c, int i, cv_err *e)
+{
+    if (check_cancel(c, e))
+        return NULL;
+    cv_part *p = c->parts[i];
+    if (!p && c->scratch_at != i) {
+        if (!c->scratch) {
+            cv_part_options po = part_options(c, (size_t)i * c->mb);
+            c->scratch = cv_part_new(c->m, &c->views[i], &po, e);
+            if (!c->scratch)
+                return NULL;
+            cv_part_set_gram_budget(c->scratch, c->gram_budget);
+        } else if (cv_part_rebind(c->scratch, &c->views[i], (size_t)i * c->mb, e)) {
+            c->scratch_at = -1;
+            return NULL;
+        }
+        c->scratch_at = i;
+    }
+    if (!p)
+        p = c->scratch;
+    if (c->ws && c->ws != p)
+        cv_part_take_workspace(p, c->ws);
+    c->ws = p;
     return p;
 }
 
-/* Points layer l's context at its inputs (activation buffers). */
-static void wire_inputs(cv_curv *c, int l)
+/* After micro-batch i's share: accounting and progress. */
+static void visited(cv_curv *c, int i)
 {
-    const cv_layer *L = &c->m->layers[l];
-    cv_layer_ctx *x = &c->ctx[l];
-    x->nin = L->nin;
-    for (int i = 0; i < L->nin; i++) {
-        x->xs[i] = c->act[L->in[i]];
-        x->in_numels[i] = c->numel[L->in[i]];
-    }
-    x->x = L->nin ? x->xs[0] : NULL;
-    x->in_numel = L->nin ? x->in_numels[0] : 0;
+    account(c, 0);
+    progress_micro(c, i + 1);
 }
 
-/* uid and loc of layer l's slots; a copy of its parameters when they are not
- * one contiguous run of the model's vector (a shared tensor among them). */
-static int number_slots(cv_curv *c, int l, cv_err *e)
+static int split(cv_curv *c, cv_err *e)
 {
-    const cv_layer *L = &c->m->layers[l];
-    size_t at = 0;
-    int contiguous = 1;
-    for (int i = 0; i < L->nparams; i++) {
-        const cv_tensor_info *t = &L->params[i];
-        c->loc[l][i] = at;
-        contiguous &= t->offset == L->params[0].offset + at;
-        at += t->numel;
-        if (!t->shared) {
-            c->uid[l][i] = c->nuid++;
-            continue;
+    c->mb = c->plan.micro_batch;
+    c->nparts = (int)c->plan.micro_batches;
+    c->ncached = (int)c->plan.cached;
+    c->views = calloc((size_t)c->nparts, sizeof(cv_batch));
+    c->parts = calloc((size_t)c->nparts, sizeof(cv_part *));
+    c->outputs = malloc(sizeof(float) * c->n * (size_t)c->C);
+    if (!c->views || !c->parts || !c->outputs)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "micro-batches");
+    for (int i = 0; i < c->nparts; i++) {
+        size_t off = (size_t)i * c->mb;
+        cv_batch_view(c->b, off, c->n - off < c->mb ? c->n - off : c->mb, &c->views[i]);
+    }
+    return 0;
+}
+
+/* The forward pass of every micro-batch: kept states built, the others run
+ * in the scratch state; the outputs and loss of the whole batch. */
+static int forward_all(cv_curv *c, cv_err *e)
+{
+    c->loss = 0;
+    for (int i = 0; i < c->nparts; i++) {
+        if (i < c->ncached) {
+            if (check_cancel(c, e))
+                return -1;
+            cv_part_options po = part_options(c, (size_t)i * c->mb);
+            if (!(c->parts[i] = cv_part_new(c->m, &c->views[i], &po, e)))
+                return -1;
         }
-        c->tied = 1;
-        c->uid[l][i] = -1;
-        for (int k = 0; k < l && c->uid[l][i] < 0; k++)
-            for (int q = 0; q < c->m->layers[k].nparams; q++)
-                if (!c->m->layers[k].params[q].shared &&
-                    c->m->layers[k].params[q].offset == t->offset)
-                    c->uid[l][i] = c->uid[k][q];
-        for (int q = 0; q < i && c->uid[l][i] < 0; q++)
-            if (L->params[q].offset == t->offset)
-                c->uid[l][i] = c->uid[l][q];
+        cv_part *p = visit(c, i, e);
+        if (!p)
+            return -1;
+        memcpy(c->outputs + (size_t)i * c->mb * c->C, cv_part_outputs(p),
+               sizeof(float) * c->views[i].n * (size_t)c->C);
+        c->loss += cv_part_loss(p);
+        visited(c, i);
     }
-    if (contiguous)
+    double loss;
+    if (cv_loss_eval_scaled(&c->ls, c->m, c->b, c->outputs, c->ls.scale, &loss, NULL))
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "loss state");
+    return 0;
+}
+
+static int plan_split(cv_curv *c, cv_err *e)
+{
+    if (!c->opt.memory_budget && !c->opt.micro_batch) {
+        c->plan = (cv_curv_plan){0};
+        c->plan.micro_batch = c->n;
+        c->plan.micro_batches = c->plan.cached = 1;
         return 0;
-    c->theta_copy[l] = malloc(sizeof(float) * (at ? at : 1));
-    if (!c->theta_copy[l])
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "parameters of layer %d", l);
-    for (int i = 0; i < L->nparams; i++)
-        memcpy(c->theta_copy[l] + c->loc[l][i], c->m->params + L->params[i].offset,
-               sizeof(float) * L->params[i].numel);
-    return 0;
-}
-
-static int setup_layers(cv_curv *c, cv_err *e)
-{
-    const cv_model *m = c->m;
-    c->numel[0] = cv_shape_numel(&m->input_shape);
-    c->max_numel = c->numel[0];
-    for (int l = 0; l < c->L; l++) {
-        const cv_layer *L = &m->layers[l];
-        c->ops[l] = L->cls ? L->cls->ops : NULL;
-        if (!c->ops[l])
-            return cv_err_set(e, CV_EINVAL, "unsupported_layer", "layers",
-                              "layers[%d]: %s is not supported by this engine", l,
-                              cv_layer_name(L));
-        c->numel[l + 1] = cv_shape_numel(&L->out_shape);
-        if (c->numel[l + 1] > c->max_numel)
-            c->max_numel = c->numel[l + 1];
-        cv_layer_ctx *x = &c->ctx[l];
-        memset(x, 0, sizeof *x);
-        x->L = L;
-        x->n = c->n;
-        x->out_numel = c->numel[l + 1];
-        x->nparam = layer_nparam(L);
-        c->poff[l] = L->nparams ? L->params[0].offset : 0;
-        if (number_slots(c, l, e))
-            return -1;
-        x->theta = L->nparams ? c->theta_copy[l] ? c->theta_copy[l] : m->params + c->poff[l]
-                              : NULL;
-        x->buffers = L->nbuffers ? m->buffers + L->buffers[0].offset : NULL;
     }
-    return 0;
-}
-
-static int run_forward(cv_curv *c, cv_err *e)
-{
-    c->act[0] = c->b->x;
-    for (int l = 0; l < c->L; l++) {
-        size_t len = (size_t)c->n * c->numel[l + 1];
-        c->act[l + 1] = malloc(sizeof(float) * (len ? len : 1));
-        if (!c->act[l + 1])
-            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
-                              "activations of layer %d (%zu floats)", l, len);
-        wire_inputs(c, l);
-        c->ctx[l].y = c->act[l + 1];
-        if (c->ops[l]->forward(&c->ctx[l], c->act[l + 1], e))
-            return -1;
-    }
-    c->gh = malloc(sizeof(float) * (size_t)c->n * c->C);
-    if (!c->gh || cv_loss_eval(&c->ls, c->m, c->b, c->act[c->L], &c->loss, c->gh))
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "loss derivatives");
-    return 0;
+    return cv_curv_plan_memory(c->m, c->b, &c->opt, &c->plan, e);
 }
 
 cv_curv *cv_curv_new(const cv_model *m, const cv_batch *b, const cv_curv_options *opt,
@@ -230,534 +265,232 @@ cv_curv *cv_curv_new(const cv_model *m, const cv_batch *b, const cv_curv_options
         return NULL;
     c->m = m;
     c->b = b;
-    c->n = (int)b->n;
-    c->L = m->nlayers;
+    c->n = b->n;
     c->C = cv_model_output_dim(m);
+    c->scratch_at = -1;
     if (opt)
         c->opt = *opt;
     if (c->opt.mc_samples < 1)
         c->opt.mc_samples = 1;
-    int rc = setup_layers(c, e);
-    if (!rc && !(c->bpos = malloc(sizeof(long) * (size_t)(c->nuid + 1))))
-        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "engine state");
-    if (rc || run_forward(c, e)) {
+    c->ls.scale = cv_loss_batch_scale(m, b);
+    if (plan_split(c, e) || split(c, e) || forward_all(c, e)) {
         cv_curv_free(c);
         return NULL;
     }
     return c;
 }
 
-static void free_workspace(cv_curv *c)
-{
-    for (int l = 0; l <= c->L; l++) {
-        free(c->rx[l]);
-        c->rx[l] = NULL;
-    }
-    for (int l = 0; l < c->L; l++) {
-        free(c->vth[l]);
-        free(c->gth[l]);
-        c->vth[l] = c->gth[l] = NULL;
-    }
-    cv_curv_pool_free(c);
-    c->wk = 0;
-}
-
 void cv_curv_free(cv_curv *c)
 {
     if (!c)
         return;
-    free_workspace(c);
-    free(c->bpos);
-    for (int l = 0; l < c->L; l++) {
-        free(c->theta_copy[l]);
-        free(c->act[l + 1]);
-        free(c->gy[l]);
-        cv_layer_ctx_release(&c->ctx[l]);
-        free(c->ctx[l].work);
-    }
+    for (int i = 0; c->parts && i < c->nparts; i++)
+        cv_part_free(c->parts[i]);
+    cv_part_free(c->scratch);
+    free(c->parts);
+    free(c->views);
+    free(c->outputs);
     cv_loss_state_free(&c->ls);
-    free(c->gh);
-    free(c->grad);
-    free(c->mc_s);
-    free(c->ef_s);
     free(c);
 }
 
+void cv_curv_memory(const cv_curv *c, cv_curv_plan *out)
+{
+    *out = c->plan;
+    out->peak_bytes = c->peak;
+}
+
 const cv_model *cv_curv_model(const cv_curv *c) { return c->m; }
-size_t cv_curv_batch_size(const cv_curv *c) { return (size_t)c->n; }
+size_t cv_curv_batch_size(const cv_curv *c) { return c->n; }
 double cv_curv_loss(cv_curv *c) { return c->loss; }
-const float *cv_curv_outputs(const cv_curv *c) { return c->act[c->L]; }
+const float *cv_curv_outputs(const cv_curv *c) { return c->outputs; }
 const cv_batch *cv_curv_batch(const cv_curv *c) { return c->b; }
+const cv_loss_state *cv_curv_loss_state(const cv_curv *c) { return &c->ls; }
 
 void cv_curv_set_gram_budget(cv_curv *c, size_t floats)
 {
-    for (int l = 0; l < c->L; l++)
-        c->ctx[l].gram_budget = floats;
+    c->gram_budget = floats;
+    for (int i = 0; i < c->nparts; i++)
+        if (c->parts[i])
+            cv_part_set_gram_budget(c->parts[i], floats);
+    if (c->scratch)
+        cv_part_set_gram_budget(c->scratch, floats);
 }
 
-/* ---- gradient ------------------------------------------------------------ */
+/* ---- sums over micro-batches -------------------------------------------------- */
 
-static void drop_grad(cv_curv *c)
-{
-    free(c->grad);
-    c->grad = NULL;
-    for (int l = 0; l < c->L; l++) {
-        free(c->gy[l]);
-        c->gy[l] = NULL;
-    }
-}
+typedef enum { SUM_GRADIENT, SUM_MATVEC, SUM_QUAD } sum_kind;
 
-/* grad = the per-layer parameter gradients gt[l] added at their tensors'
- * places (a shared tensor gets the sum of its uses). */
-static void sum_uses(const cv_curv *c, float *const *gt, float *grad)
+/* out (zeroed first: len doubles) = the sum of every micro-batch's share. */
+static int sum_shares(cv_curv *c, sum_kind what, cv_curvature kind, const cv_block *b, int k,
+                      const double *X, double *out, size_t len, cv_err *e)
 {
-    memset(grad, 0, sizeof(float) * c->m->nparams_total);
-    for (int l = 0; l < c->L; l++) {
-        const cv_layer *L = &c->m->layers[l];
-        for (int i = 0; gt[l] && i < L->nparams; i++) {
-            float *dst = grad + L->params[i].offset;
-            const float *src = gt[l] + c->loc[l][i];
-            for (size_t q = 0; q < L->params[i].numel; q++)
-                dst[q] += src[q];
-        }
-    }
-}
-
-/* The backward pass of the loss: dL/dtheta and the cotangent of every
- * layer's output (the Hessian's R-op terms need them).  Once per engine. */
-static int ensure_grad(cv_curv *c, cv_err *e)
-{
-    if (c->have_grad)
+    memset(out, 0, sizeof(double) * (len ? len : 1));
+    if (k < 1)
         return 0;
-    int ok = 1;
-    c->grad = calloc(c->m->nparams_total, sizeof(float));
-    /* not zeroed: the walk visits every layer and writes or clears its output's */
-    for (int l = 0; l < c->L; l++)
-        ok &= (c->gy[l] = malloc(sizeof(float) * ((size_t)c->n * c->numel[l + 1] + 1))) != NULL;
-    if (!ok || !c->grad) {
-        drop_grad(c);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient and cotangents");
+    for (int i = 0; i < c->nparts; i++) {
+        cv_part *p = visit(c, i, e);
+        int rc = !p ? -1
+                 : what == SUM_GRADIENT ? cv_part_gradient_add(p, b, out, e)
+                 : what == SUM_MATVEC   ? cv_part_matvec_add(p, kind, b, k, X, out, e)
+                                        : cv_part_quadform_add(p, kind, b, k, X, out, e);
+        if (rc)
+            return -1;
+        visited(c, i);
     }
-    char active[CV_MAX_LAYERS];
-    float *gt[CV_MAX_LAYERS] = {NULL};
-    int rc = 0;
-    for (int l = 0; l < c->L; l++) {
-        active[l] = c->ctx[l].nparam > 0;
-        if (active[l] && c->tied) /* shared tensors: each use into its own buffer, then summed */
-            rc |= !(gt[l] = malloc(sizeof(float) * c->ctx[l].nparam));
-        else if (active[l])
-            gt[l] = c->grad + c->poff[l];
-    }
-    cv_walk *w = rc ? NULL : calloc(1, sizeof *w);
-    if (w) {
-        w->k = 1;
-        w->active = active;
-        w->gtheta = gt;
-        w->use_gy = 1;
-        memcpy(c->gy[c->L - 1], c->gh, sizeof(float) * (size_t)c->n * c->C);
-        rc = cv_curv_pool_ensure(c, 1, e) ? -1 : cv_curv_walk(c, w, c->gy[c->L - 1], e);
-        free(w);
-    } else {
-        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient walk");
-    }
-    if (c->tied) {
-        if (!rc)
-            sum_uses(c, gt, c->grad);
-        for (int l = 0; l < c->L; l++)
-            free(gt[l]);
-    }
-    if (rc) {
-        drop_grad(c);
-        return -1;
-    }
-    c->have_grad = 1;
     return 0;
-}
-
-/* Copies block b of the float vector v (D floats) into double out. */
-static void gather_block(const cv_model *m, const cv_block *b, const float *v, double *out)
-{
-    size_t o = 0;
-    for (int i = 0; i < b->count; i++) {
-        const cv_tensor_info *t = cv_model_param(m, b->idx[i]);
-        for (size_t j = 0; j < t->numel; j++)
-            out[o++] = v[t->offset + j];
-    }
 }
 
 int cv_curv_gradient(cv_curv *c, const cv_block *b, double *g, cv_err *e)
 {
-    if (ensure_grad(c, e))
-        return -1;
-    gather_block(c->m, b, c->grad, g);
-    return 0;
-}
-
-/* ---- products -------------------------------------------------------------- */
-
-static int alloc_floats(float **p, size_t n)
-{
-    free(*p);
-    *p = malloc(sizeof(float) * (n ? n : 1));
-    return *p ? 0 : -1;
-}
-
-static int ensure_workspace(cv_curv *c, int k, cv_err *e)
-{
-    if (k <= c->wk)
-        return 0;
-    free_workspace(c);
-    size_t n = (size_t)c->n;
-    int bad = 0;
-    for (int l = 0; l <= c->L; l++)
-        bad |= alloc_floats(&c->rx[l], (size_t)k * n * c->numel[l]);
-    for (int l = 0; l < c->L; l++) {
-        if (!c->ctx[l].nparam)
-            continue;
-        bad |= alloc_floats(&c->vth[l], (size_t)k * c->ctx[l].nparam);
-        bad |= alloc_floats(&c->gth[l], (size_t)k * c->ctx[l].nparam);
-    }
-    for (int l = 0; l < c->L && !bad; l++)
-        bad |= cv_curv_layer_work(c, l, k, e) != 0;
-    if (bad || cv_curv_pool_ensure(c, k, e)) {
-        free_workspace(c);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
-                          "workspace for %d vectors of batch %zu does not fit in memory", k, n);
-    }
-    c->wk = k;
-    return 0;
-}
-
-/* Fills c->bpos for block b (each tensor's offset in the block vector, -1
- * outside it), marks the layers using a tensor of b (active) and the live
- * ones (the walk comment above). */
-void cv_curv_mark_block(cv_curv *c, const cv_block *b, char *active, char *live)
-{
-    for (int u = 0; u < c->nuid; u++)
-        c->bpos[u] = -1;
-    size_t at = 0;
-    for (int i = 0; i < b->count; i++) { /* uid = tensor index: both in first-use order */
-        c->bpos[b->idx[i]] = (long)at;
-        at += cv_model_param(c->m, b->idx[i])->numel;
-    }
-    for (int l = 0; l < c->L; l++) {
-        active[l] = 0;
-        for (int i = 0; i < c->m->layers[l].nparams; i++)
-            active[l] |= c->bpos[c->uid[l][i]] >= 0;
-    }
-    cv_curv_live(c, active, live);
-}
-
-/* Calls fn(c, l, i, block offset, arg) for every slot of an active layer whose
- * tensor is in the block c->bpos describes. */
-static void for_block_slots(cv_curv *c, const char *active,
-                            void (*fn)(cv_curv *c, int l, int i, size_t p, void *arg),
-                            void *arg)
-{
-    for (int l = 0; l < c->L; l++)
-        for (int i = 0; active[l] && i < c->m->layers[l].nparams; i++)
-            if (c->bpos[c->uid[l][i]] >= 0)
-                fn(c, l, i, (size_t)c->bpos[c->uid[l][i]], arg);
-}
-
-typedef struct {
-    int k;
-    size_t dim;
-    const double *X;
-    double *Y;
-} dirs_job;
-
-static void scatter_slot(cv_curv *c, int l, int i, size_t p, void *arg)
-{
-    const dirs_job *d = arg;
-    size_t P = c->ctx[l].nparam, n = c->m->layers[l].params[i].numel;
-    for (int j = 0; j < d->k; j++) {
-        const double *x = d->X + (size_t)j * d->dim + p;
-        float *v = c->vth[l] + (size_t)j * P + c->loc[l][i];
-        for (size_t q = 0; q < n; q++)
-            v[q] = (float)x[q];
-    }
-}
-
-static void gather_slot(cv_curv *c, int l, int i, size_t p, void *arg)
-{
-    const dirs_job *d = arg;
-    size_t P = c->ctx[l].nparam, n = c->m->layers[l].params[i].numel;
-    for (int j = 0; j < d->k; j++) {
-        double *y = d->Y + (size_t)j * d->dim + p;
-        const float *g = c->gth[l] + (size_t)j * P + c->loc[l][i];
-        for (size_t q = 0; q < n; q++)
-            y[q] += g[q];
-    }
-}
-
-/* Scatters k block vectors X (double) into the per-layer direction buffers
- * (every use of a shared tensor gets it). */
-static void scatter_dirs(cv_curv *c, const cv_block *b, const char *active, int k,
-                         const double *X)
-{
-    for (int l = 0; l < c->L; l++)
-        if (active[l])
-            memset(c->vth[l], 0, sizeof(float) * (size_t)k * c->ctx[l].nparam);
-    dirs_job d = {k, b->dim, X, NULL};
-    for_block_slots(c, active, scatter_slot, &d);
-}
-
-/* Y = the per-layer products on block b (a shared tensor: the sum of its uses). */
-static void gather_products(cv_curv *c, const cv_block *b, const char *active, int k,
-                            double *Y)
-{
-    memset(Y, 0, sizeof(double) * (size_t)k * b->dim);
-    dirs_job d = {k, b->dim, NULL, Y};
-    for_block_slots(c, active, gather_slot, &d);
-}
-
-static int ensure_output_samples(cv_curv *c, cv_curvature kind, cv_err *e)
-{
-    size_t len = (size_t)c->n * c->C;
-    if (kind == CV_CURV_FISHER_MC && !c->mc_s) {
-        c->mc_s = malloc(sizeof(float) * len * (size_t)c->opt.mc_samples);
-        if (!c->mc_s)
-            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Monte Carlo samples");
-        cv_rng rng;
-        cv_rng_seed(&rng, c->opt.seed);
-        cv_loss_sample_mc(&c->ls, &rng, c->opt.mc_samples, c->mc_s);
-    }
-    if (kind == CV_CURV_EF && !c->ef_s) {
-        c->ef_s = malloc(sizeof(float) * len);
-        if (!c->ef_s)
-            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "sample gradients");
-        cv_loss_sample_grad(&c->ls, c->ef_s);
-    }
-    return 0;
-}
-
-/* out = M rh for the output matrix M of the curvature. */
-static void apply_output_matrix(cv_curv *c, cv_curvature kind, int k, const float *rh,
-                                float *out)
-{
-    if (kind == CV_CURV_FISHER_MC)
-        cv_loss_outer_apply(&c->ls, c->opt.mc_samples, c->mc_s,
-                            c->ls.scale / c->opt.mc_samples, k, rh, out);
-    else if (kind == CV_CURV_EF)
-        cv_loss_outer_apply(&c->ls, 1, c->ef_s, c->ls.scale, k, rh, out);
-    else
-        cv_loss_hessian_apply(&c->ls, k, rh, out);
-}
-
-/* The products' backward walk: k output cotangents (a pooled buffer, given
- * back) through the live layers into gth. */
-static int backward_products(cv_curv *c, cv_curvature kind, const char *active,
-                             const char *live, int k, float *out_cot, cv_err *e)
-{
-    cv_walk *w = calloc(1, sizeof *w);
-    if (!w) {
-        cv_curv_pool_give(c, out_cot);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "backward walk");
-    }
-    w->k = k;
-    w->active = active;
-    w->live = live;
-    w->hessian = kind == CV_CURV_HESSIAN;
-    w->gtheta = c->gth;
-    int rc = cv_curv_walk(c, w, out_cot, e);
-    free(w);
-    return rc;
-}
-
-static int matvec_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
-                        const double *X, double *Y, cv_err *e)
-{
-    char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
-    cv_curv_mark_block(c, b, active, live);
-    scatter_dirs(c, b, active, k, X);
-    cv_curv_tangents(c, active, live, k);
-    float *out = cv_curv_pool_ensure(c, k, e) ? NULL : cv_curv_pool_take(c);
-    if (!out)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
-    apply_output_matrix(c, kind, k, c->rx[c->L], out);
-    int rc = backward_products(c, kind, active, live, k, out, e);
-    if (!rc)
-        gather_products(c, b, active, k, Y);
-    return rc;
-}
-
-#define CV_MAX_CHUNK 32
-
-/* Checks kind and sizes the state for k vectors in chunks of *chunk:
- * 1 ready, 0 nothing to do (k < 1), -1 error. */
-static int begin_products(cv_curv *c, cv_curvature kind, int k, int *chunk, cv_err *e)
-{
-    if ((unsigned)kind >= CV_CURV_COUNT)
-        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "unknown curvature");
-    if (k < 1)
-        return 0;
-    if ((kind == CV_CURV_HESSIAN && ensure_grad(c, e)) || ensure_output_samples(c, kind, e))
-        return -1;
-    *chunk = k < CV_MAX_CHUNK ? k : CV_MAX_CHUNK;
-    return ensure_workspace(c, *chunk, e) ? -1 : 1;
-}
-
-/* ---- quadratic forms ---------------------------------------------------------
- * x^T A x without the backward pass: with r_l the forward tangents and
- * s_l = R(g_l) the backward products, sum_l v_l . J_theta,l^T s_l telescopes
- * into r_out . M r_out + sum_l sum_i r_in(l,i) . R(J_x_i,l^T) g_l, so
- *   x^T A x = r_out^T M r_out (+ sum_l [sum_i rx_i . R(J_x_i^T) gy_l + v_l . R(J_theta^T) gy_l]
- *             for the Hessian),
- * one forward-mode pass plus each layer's second-order terms dotted in place. */
-
-/* Layer l's second-order terms dotted with the direction, added to q: its
- * quad_extra kernel, or the hvp_extra terms formed in the slot buffers and
- * gth[l] and dotted. */
-/* sum_i a[i] b[i] in double, n beyond BLAS's int lengths in pieces */
-static double dot_fd(const float *a, const float *b, size_t n)
-{
-    double s = 0;
-    for (size_t o = 0; o < n; o += (size_t)1 << 30) {
-        size_t m = n - o < (size_t)1 << 30 ? n - o : (size_t)1 << 30;
-        s += cblas_dsdot((int)m, a + o, 1, b + o, 1);
-    }
-    return s;
-}
-
-static int layer_quad_terms(cv_curv *c, int l, const char *active, const char *live, int k,
-                            double *q, cv_err *e)
-{
-    const cv_layer *L = &c->m->layers[l];
-    const cv_layer_ops *o = c->ops[l];
-    const float *rx[CV_MAX_NODE_INPUTS] = {NULL};
-    float *gx[CV_MAX_NODE_INPUTS] = {NULL};
-    for (int i = 0; i < L->nin; i++)
-        rx[i] = cv_curv_slot_live(c, live, l, i) ? c->rx[L->in[i]] : NULL;
-    const float *v = active[l] ? c->vth[l] : NULL;
-    if (o->quad_extra && !o->hvp_extra_n) {
-        o->quad_extra(&c->ctx[l], k, c->gy[l], rx[0], v, q);
-        return 0;
-    }
-    size_t P = c->ctx[l].nparam;
-    for (int i = 0; i < L->nin; i++)
-        if (rx[i]) {
-            if (!(gx[i] = cv_curv_slot(c, i)))
-                return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "second-order terms");
-            memset(gx[i], 0, sizeof(float) * (size_t)k * c->n * c->numel[L->in[i]]);
-        }
-    float *gt = v ? c->gth[l] : NULL;
-    if (gt)
-        memset(gt, 0, sizeof(float) * (size_t)k * P);
-    if (o->hvp_extra_n)
-        o->hvp_extra_n(&c->ctx[l], k, c->gy[l], rx, v, gx, gt);
-    else
-        o->hvp_extra(&c->ctx[l], k, c->gy[l], rx[0], v, gx[0], gt);
-    for (int j = 0; j < k; j++) {
-        for (int i = 0; i < L->nin; i++) {
-            if (!gx[i])
-                continue;
-            size_t len = (size_t)c->n * c->numel[L->in[i]];
-            q[j] += dot_fd(rx[i] + (size_t)j * len, gx[i] + (size_t)j * len, len);
-        }
-        if (gt)
-            q[j] += dot_fd(v + (size_t)j * P, gt + (size_t)j * P, P);
-    }
-    return 0;
-}
-
-static int quad_chunk(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
-                      const double *X, double *q, cv_err *e)
-{
-    char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
-    cv_curv_mark_block(c, b, active, live);
-    size_t olen = (size_t)c->n * c->C;
-    scatter_dirs(c, b, active, k, X);
-    cv_curv_tangents(c, active, live, k);
-    float *out = cv_curv_pool_ensure(c, k, e) ? NULL : cv_curv_pool_take(c);
-    if (!out)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
-    apply_output_matrix(c, kind, k, c->rx[c->L], out);
-    const float *r = c->rx[c->L];
-    for (int j = 0; j < k; j++)
-        q[j] = dot_fd(r + (size_t)j * olen, out + (size_t)j * olen, olen);
-    cv_curv_pool_give(c, out);
-    for (int l = 0; kind == CV_CURV_HESSIAN && l < c->L; l++)
-        if (live[l] && layer_quad_terms(c, l, active, live, k, q, e))
-            return -1;
-    return 0;
-}
-
-/* Y = A X (Y given) or q_j = x_j^T A x_j (q given) for the k columns of X,
- * in chunks of at most CV_MAX_CHUNK. */
-static int chunked_products(cv_curv *c, cv_curvature kind, const cv_block *b, int k,
-                            const double *X, double *Y, double *q, cv_err *e)
-{
-    int chunk = 0; /* set by begin_products when it returns 1 */
-    int rc = begin_products(c, kind, k, &chunk, e);
-    if (rc <= 0)
-        return rc;
-    for (int j = 0; j < k; j += chunk) {
-        int kk = k - j < chunk ? k - j : chunk;
-        const double *Xj = X + (size_t)j * b->dim;
-        if (!Y ? quad_chunk(c, kind, b, kk, Xj, q + j, e)
-               : matvec_chunk(c, kind, b, kk, Xj, Y + (size_t)j * b->dim, e))
-            return -1;
-    }
-    return 0;
+    return sum_shares(c, SUM_GRADIENT, CV_CURV_GGN, b, 1, NULL, g, b->dim, e);
 }
 
 int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
                    double *Y, cv_err *e)
 {
-    return chunked_products(c, kind, b, k, X, Y, NULL, e);
+    if ((unsigned)kind >= CV_CURV_COUNT)
+        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "unknown curvature");
+    return sum_shares(c, SUM_MATVEC, kind, b, k, X, Y, (size_t)(k > 0 ? k : 0) * b->dim, e);
 }
 
 int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
                      double *q, cv_err *e)
 {
-    return chunked_products(c, kind, b, k, X, NULL, q, e);
-}
-
-/* ---- per-sample gradients, dense matrices, loss at a step ------------------ */
-
-/* Per-sample rows of layer l (tmp: n x P) added to G at the block's columns. */
-typedef struct {
-    const float *rows;
-    double *G;
-    size_t dim;
-} rows_job;
-
-static void add_rows_slot(cv_curv *c, int l, int i, size_t p, void *arg)
-{
-    const rows_job *r = arg;
-    size_t P = c->ctx[l].nparam, n = c->m->layers[l].params[i].numel;
-    for (int s = 0; s < c->n; s++) {
-        double *g = r->G + (size_t)s * r->dim + p;
-        const float *src = r->rows + (size_t)s * P + c->loc[l][i];
-        for (size_t q = 0; q < n; q++)
-            g[q] += src[q];
-    }
+    if ((unsigned)kind >= CV_CURV_COUNT)
+        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "unknown curvature");
+    return sum_shares(c, SUM_QUAD, kind, b, k, X, q, (size_t)(k > 0 ? k : 0), e);
 }
 
 int cv_curv_per_sample_gradients(cv_curv *c, const cv_block *b, double *G, cv_err *e)
 {
-    if (ensure_grad(c, e))
-        return -1;
-    char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
-    cv_curv_mark_block(c, b, active, live);
-    memset(G, 0, sizeof(double) * (size_t)c->n * b->dim);
-    for (int l = 0; l < c->L; l++) {
-        if (!active[l])
-            continue;
-        float *tmp = malloc(sizeof(float) * (size_t)c->n * c->ctx[l].nparam);
-        if (!tmp)
-            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
-                              "per-sample gradients of layer %d", l);
-        c->ops[l]->per_sample(&c->ctx[l], c->gy[l], tmp);
-        rows_job r = {tmp, G, b->dim};
-        char only[CV_MAX_LAYERS] = {0};
-        only[l] = 1;
-        for_block_slots(c, only, add_rows_slot, &r);
-        free(tmp);
+    for (int i = 0; i < c->nparts; i++) {
+        cv_part *p = visit(c, i, e);
+        if (!p || cv_part_per_sample_gradients(p, b, G + (size_t)i * c->mb * b->dim, e))
+            return -1;
+        visited(c, i);
     }
     return 0;
 }
+
+/* Copies the k blocks of micro-batch i between a whole-batch array (k x n x C)
+ * and a micro-batch one (k x m x C): to_part 1 gathers, 0 scatters. */
+static void copy_rows(const cv_curv *c, int i, int k, float *whole, float *part, int to_part)
+{
+    size_t m = c->views[i].n, C = (size_t)c->C, off = (size_t)i * c->mb;
+    for (int j = 0; j < k; j++) {
+        float *w = whole + ((size_t)j * c->n + off) * C, *p = part + (size_t)j * m * C;
+        memcpy(to_part ? p : w, to_part ? w : p, sizeof(float) * m * C);
+    }
+}
+
+/* J X into out (k x n x C), or Y = J^T cot (cot given). */
+static int jacobian(cv_curv *c, const cv_block *b, int k, const double *X, float *out,
+                    const float *cot, double *Y, cv_err *e)
+{
+    if (k < 1)
+        return 0;
+    if (Y)
+        memset(Y, 0, sizeof(double) * (size_t)k * b->dim);
+    float *tmp = c->nparts > 1 ? malloc(sizeof(float) * (size_t)k * c->mb * c->C) : NULL;
+    if (c->nparts > 1 && !tmp)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "micro-batch outputs");
+    int rc = 0;
+    for (int i = 0; i < c->nparts && !rc; i++) {
+        cv_part *p = visit(c, i, e);
+        if (!p) {
+            rc = -1;
+            break;
+        }
+        float *buf = tmp ? tmp : X ? out : (float *)cot;
+        if (!X && tmp)
+            copy_rows(c, i, k, (float *)cot, tmp, 1);
+        rc = X ? cv_part_jvp(p, b, k, X, buf, e) : cv_part_vjp_add(p, b, k, buf, Y, e);
+        if (!rc && X && tmp)
+            copy_rows(c, i, k, out, tmp, 0);
+        visited(c, i);
+    }
+    free(tmp);
+    return rc;
+}
+
+int cv_curv_jvp(cv_curv *c, const cv_block *b, int k, const double *X, float *out, cv_err *e)
+{
+    return jacobian(c, b, k, X, out, NULL, NULL, e);
+}
+
+int cv_curv_vjp(cv_curv *c, const cv_block *b, int k, const float *cot, double *Y, cv_err *e)
+{
+    return jacobian(c, b, k, NULL, NULL, cot, Y, e);
+}
+
+/* ---- Gram matrices over pairs of micro-batches -------------------------------- */
+
+/* Micro-batches i and j (i <= j) evaluated together: their samples gathered
+ * into one batch, its Gram matrix, its four blocks written into G. */
+static int gram_pair(cv_curv *c, const cv_block *b, int k, const float *cot, double *G,
+                     int i, int j, cv_err *e)
+{
+    size_t mi = c->views[i].n, mj = i == j ? 0 : c->views[j].n, R = mi + mj, C = (size_t)c->C;
+    size_t oi = (size_t)i * c->mb, oj = (size_t)j * c->mb, N = c->n;
+    size_t *idx = malloc(sizeof(size_t) * R);
+    float *pc = malloc(sizeof(float) * (size_t)k * R * C);
+    double *PG = malloc(sizeof(double) * (size_t)k * R * (size_t)k * R);
+    cv_batch pb = {0};
+    int rc = idx && pc && PG ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Gram pair");
+    for (size_t s = 0; s < R && !rc; s++)
+        idx[s] = s < mi ? oi + s : oj + s - mi;
+    for (int q = 0; q < k && !rc; q++)
+        for (size_t s = 0; s < R; s++)
+            memcpy(pc + ((size_t)q * R + s) * C, cot + ((size_t)q * N + idx[s]) * C,
+                   sizeof(float) * C);
+    cv_part *p = NULL;
+    if (!rc && !(rc = cv_batch_gather(c->b, idx, R, &pb, e))) {
+        cv_part_options po = part_options(c, oi);
+        po.ws_samples = R;
+        p = cv_part_new(c->m, &pb, &po, e);
+        if (p)
+            cv_part_set_gram_budget(p, c->gram_budget);
+        rc = !p || cv_part_gram(p, b, k, pc, PG, e) ? -1 : 0;
+    }
+    if (p) /* the pair's state is held beside the others' */
+        account(c, cv_part_state_bytes(p) + cv_part_work_bytes(p) +
+                       sizeof(double) * (size_t)k * R * (size_t)k * R);
+    for (size_t r = 0; r < (size_t)k * R && !rc; r++)
+        for (size_t q = 0; q < (size_t)k * R; q++)
+            G[((r / R) * N + idx[r % R]) * (size_t)k * N + (q / R) * N + idx[q % R]] =
+                PG[r * (size_t)k * R + q];
+    cv_part_free(p);
+    cv_dataset_free(&pb);
+    free(idx);
+    free(pc);
+    free(PG);
+    return rc;
+}
+
+int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double *G,
+                 cv_err *e)
+{
+    if (c->nparts == 1) {
+        cv_part *p = visit(c, 0, e);
+        int rc = p ? cv_part_gram(p, b, k, cot, G, e) : -1;
+        account(c, 0);
+        return rc;
+    }
+    long done = 0, total = (long)c->nparts * (c->nparts + 1) / 2;
+    for (int i = 0; i < c->nparts; i++)
+        for (int j = i + (c->nparts > 1); j < c->nparts; j++) {
+            if (check_cancel(c, e) || gram_pair(c, b, k, cot, G, i, j, e))
+                return -1;
+            if (c->opt.progress) {
+                atomic_store(&c->opt.progress->micro_total, total);
+                atomic_store(&c->opt.progress->micro_done, ++done);
+            }
+        }
+    return 0;
+}
+
+/* ---- dense matrices, loss at a step ------------------------------------------- */
 
 int cv_curv_dense(cv_curv *c, cv_curvature kind, const cv_block *b, size_t max_dim, double *A,
                   cv_err *e)
@@ -783,6 +516,26 @@ int cv_curv_dense(cv_curv *c, cv_curvature kind, const cv_block *b, size_t max_d
     return rc;
 }
 
+/* The loss of model tmp over the micro-batches, in one part rerun on each. */
+static int loss_over_parts(cv_curv *c, const cv_model *tmp, double *loss, cv_err *e)
+{
+    cv_part *p = NULL;
+    *loss = 0;
+    int rc = 0;
+    for (int i = 0; i < c->nparts && !rc; i++) {
+        cv_part_options po = part_options(c, (size_t)i * c->mb);
+        rc = check_cancel(c, e);
+        if (!rc && !p)
+            rc = (p = cv_part_new(tmp, &c->views[i], &po, e)) ? 0 : -1;
+        else if (!rc)
+            rc = cv_part_rebind(p, &c->views[i], po.first, e);
+        if (!rc)
+            *loss += cv_part_loss(p);
+    }
+    cv_part_free(p);
+    return rc;
+}
+
 int cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, double *loss,
                     cv_err *e)
 {
@@ -797,60 +550,10 @@ int cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, double *l
         for (size_t q = 0; q < t->numel; q++)
             tmp->params[t->offset + q] += (float)step[o++];
     }
-    cv_curv *c2 = cv_curv_new(tmp, c->b, &c->opt, e);
-    int rc = c2 ? 0 : -1;
-    if (c2)
-        *loss = c2->loss;
-    cv_curv_free(c2);
+    int rc = loss_over_parts(c, tmp, loss, e);
     cv_model_free(tmp);
     free(tmp);
     return rc;
-}
-
-/* ---- building blocks for factor-based methods ------------------------------ */
-
-const cv_loss_state *cv_curv_loss_state(const cv_curv *c) { return &c->ls; }
-
-static int chunk_of(int k) { return k < CV_MAX_CHUNK ? k : CV_MAX_CHUNK; }
-
-/* J X (X given: k directions of b->dim, out gets k outputs of n*C) or J^T
- * cot (Y gets k products of b->dim), in chunks of at most CV_MAX_CHUNK. */
-static int chunked_jacobian(cv_curv *c, const cv_block *b, int k, const double *X, float *out,
-                            const float *cot, double *Y, cv_err *e)
-{
-    int chunk = chunk_of(k);
-    if (k < 1 || ensure_workspace(c, chunk, e))
-        return k < 1 ? 0 : -1;
-    char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
-    cv_curv_mark_block(c, b, active, live);
-    size_t olen = (size_t)c->n * c->C;
-    for (int j = 0; j < k; j += chunk) {
-        int kk = k - j < chunk ? k - j : chunk;
-        if (X) {
-            scatter_dirs(c, b, active, kk, X + (size_t)j * b->dim);
-            cv_curv_tangents(c, active, live, kk);
-            memcpy(out + (size_t)j * olen, c->rx[c->L], sizeof(float) * olen * (size_t)kk);
-            continue;
-        }
-        float *top = cv_curv_pool_ensure(c, kk, e) ? NULL : cv_curv_pool_take(c);
-        if (!top)
-            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
-        memcpy(top, cot + (size_t)j * olen, sizeof(float) * olen * (size_t)kk);
-        if (backward_products(c, CV_CURV_GGN, active, live, kk, top, e))
-            return -1;
-        gather_products(c, b, active, kk, Y + (size_t)j * b->dim);
-    }
-    return 0;
-}
-
-int cv_curv_jvp(cv_curv *c, const cv_block *b, int k, const double *X, float *out, cv_err *e)
-{
-    return chunked_jacobian(c, b, k, X, out, NULL, NULL, e);
-}
-
-int cv_curv_vjp(cv_curv *c, const cv_block *b, int k, const float *cot, double *Y, cv_err *e)
-{
-    return chunked_jacobian(c, b, k, NULL, NULL, cot, Y, e);
 }
 
 /* ---- cv_linop view --------------------------------------------------------- */

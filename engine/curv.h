@@ -1,9 +1,17 @@
-/* curv.h - curvature operators of a model's loss on one batch.
+/* curv.h - curvature operators of a model's loss on one batch, evaluated
+ * over micro-batches within a memory budget.
  *
- * A cv_curv holds a model, a batch and the cached forward pass (activations,
- * loss derivatives, gradient), so every product of a job reuses one forward
- * pass.  All products take and return double vectors (estimators reduce in
- * double) while the network math runs in float32, as in PyTorch.
+ * A cv_curv holds a model and a batch split into micro-batches (consecutive
+ * samples; one micro-batch, the whole batch, when no budget or size is set).
+ * Every product, quadratic form, gradient, per-sample quantity and Gram
+ * matrix is the sum of (or is assembled from) the micro-batches' shares, so
+ * the numbers are those of the whole batch and do not depend on the
+ * micro-batch size beyond float32 summation order.  The forward state
+ * (activations, layer caches, loss derivatives and cotangents) of as many
+ * micro-batches as the budget allows is kept; the others are recomputed in
+ * one scratch state for every product.  All products take and return double
+ * vectors (estimators reduce in double) while the network math runs in
+ * float32, as in PyTorch.
  *
  * Vectors live in a *block* of the parameter vector: a subset of parameter
  * tensors, laid out in state_dict order.  Blocks of several vectors are
@@ -70,14 +78,53 @@ typedef struct cv_curv cv_curv;
 
 typedef struct {
     int mc_samples;           /* fisher_mc samples per data point (default 1) */
-    uint64_t seed;            /* fisher_mc sampling seed */
+    uint64_t seed;            /* fisher_mc sampling seed (sample i of the batch draws
+                               * from its own stream: the same for any micro-batching) */
+    /* Micro-batching and memory (all 0: one micro-batch, kept; nothing accounted). */
+    size_t memory_budget;     /* bytes of engine working memory: micro-batch states,
+                               * workspace and vector_bytes (0: unlimited) */
+    size_t micro_batch;       /* micro-batch size (0: chosen from the budget) */
+    size_t vector_bytes;      /* the caller's own vectors (an estimator's basis, probes),
+                               * counted against the budget */
+    int max_vectors;          /* most vectors one product takes (sizes the workspace; 0: 1) */
+    int pairs;                /* Gram matrices will be formed: pairs of micro-batches are
+                               * evaluated together (planned at twice the size) */
+    cv_curvature kind;        /* the curvature products will use (the Hessian keeps the
+                               * loss's cotangents too) */
+    cv_progress *progress;    /* micro-batch progress and cancel/deadline (may be NULL) */
 } cv_curv_options;
 
-/* Runs the forward pass of model m on batch b (both borrowed; must outlive
- * the cv_curv).  Returns NULL with e filled on failure (e.g. out of memory). */
+/* How a batch is split and what it costs, from a probe of the model on one
+ * and two samples (cv_curv_plan_memory) or as run (cv_curv_memory). */
+typedef struct {
+    size_t micro_batch;        /* samples per micro-batch (the last may have fewer) */
+    size_t micro_batches;
+    size_t cached;             /* micro-batches whose forward state is kept */
+    size_t state_per_sample;   /* bytes of forward state per sample ... */
+    size_t state_fixed;        /* ... plus per micro-batch */
+    size_t work_per_sample;    /* bytes of workspace per sample and vector ... */
+    size_t work_fixed;         /* ... plus per vector */
+    size_t minimum_bytes;      /* the least the job can run in: one sample (or the given
+                                * micro-batch), recomputed, plus vector_bytes */
+    size_t planned_bytes;      /* what the chosen split should need */
+    size_t peak_bytes;         /* cv_curv_memory: the most the engine held at once */
+} cv_curv_plan;
+
+/* Plans micro-batches for model m on batch b under opt (the probe runs the
+ * model on at most two samples).  Refuses, CV_ETOOLARGE "job_memory" naming
+ * what is needed, when the budget cannot hold the minimum. */
+int cv_curv_plan_memory(const cv_model *m, const cv_batch *b, const cv_curv_options *opt,
+                        cv_curv_plan *plan, cv_err *e);
+
+/* Plans (as above), then runs the forward pass of model m on batch b over its
+ * micro-batches (both borrowed; must outlive the cv_curv).  Returns NULL with
+ * e filled on failure (out of memory, job_memory, cancelled). */
 cv_curv *cv_curv_new(const cv_model *m, const cv_batch *b, const cv_curv_options *opt,
                      cv_err *e);
 void cv_curv_free(cv_curv *c);
+
+/* The split in use and the peak bytes accounted so far. */
+void cv_curv_memory(const cv_curv *c, cv_curv_plan *out);
 
 const cv_model *cv_curv_model(const cv_curv *c);
 size_t cv_curv_batch_size(const cv_curv *c);
@@ -89,7 +136,8 @@ void cv_curv_set_gram_budget(cv_curv *c, size_t floats);
 /* The batch the engine was built on (borrowed). */
 const cv_batch *cv_curv_batch(const cv_curv *c);
 
-/* Network outputs h for the batch, N x C row-major (borrowed). */
+/* Network outputs h for the batch, N x C row-major (borrowed; kept for the
+ * whole batch). */
 const float *cv_curv_outputs(const cv_curv *c);
 
 /* The batch loss (PyTorch's value, computed in float32, accumulated in double). */

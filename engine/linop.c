@@ -15,6 +15,8 @@ void cv_progress_init(cv_progress *p)
 {
     atomic_init(&p->done, 0);
     atomic_init(&p->planned, 0);
+    atomic_init(&p->micro_done, 0);
+    atomic_init(&p->micro_total, 0);
     p->cancel = NULL;
     p->deadline = 0;
     atomic_init(&p->partial_value, 0.0);

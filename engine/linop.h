@@ -17,6 +17,9 @@
 typedef struct cv_progress {
     atomic_long done;           /* matvecs done */
     atomic_long planned;        /* matvecs planned (an upper bound; may grow) */
+    /* Within the product running now: micro-batches done of micro_total (0: one
+     * micro-batch; the engine sets them). */
+    atomic_long micro_done, micro_total;
     atomic_int *cancel;         /* non-zero: stop at the next check (may be NULL) */
     double deadline;            /* cv_now_s() time after which the job stops; 0 = none */
     /* Latest running estimate of a long estimator (Hutchinson: the trace so

@@ -140,6 +140,13 @@ static void setup_state(cv_loss_state *s, const cv_model *m, const cv_batch *b, 
     s->scale = cv_loss_scale(m->loss, m->reduction, count, s->C);
 }
 
+double cv_loss_batch_scale(const cv_model *m, const cv_batch *b)
+{
+    cv_loss_state s;
+    setup_state(&s, m, b, NULL);
+    return s.scale;
+}
+
 static void fill_prob(cv_loss_state *s)
 {
     for (int i = 0; i < s->n; i++) {
@@ -157,7 +164,15 @@ static void fill_prob(cv_loss_state *s)
 int cv_loss_eval(cv_loss_state *s, const cv_model *m, const cv_batch *b, const float *h,
                  double *loss, float *gh)
 {
+    return cv_loss_eval_scaled(s, m, b, h, -1.0, loss, gh);
+}
+
+int cv_loss_eval_scaled(cv_loss_state *s, const cv_model *m, const cv_batch *b,
+                        const float *h, double scale, double *loss, float *gh)
+{
     setup_state(s, m, b, h);
+    if (scale >= 0)
+        s->scale = scale;
     size_t len = (size_t)s->n * s->C;
     s->prob = malloc(sizeof(float) * (len ? len : 1));
     if (!s->prob)
@@ -286,25 +301,40 @@ static void class_mc(const cv_loss_state *s, int i, cv_rng *rng, float *si)
     }
 }
 
-void cv_loss_sample_mc(const cv_loss_state *s, cv_rng *rng, int mc, float *S)
+/* One Monte Carlo output gradient of sample i into si. */
+static void sample_mc_one(const cv_loss_state *s, int i, cv_rng *rng, float *si)
 {
     int C = s->C;
+    const float *p = s->prob + (size_t)i * C;
+    if (cv_loss_is_class(s->type)) {
+        class_mc(s, i, rng, si);
+    } else if (s->type == CV_LOSS_MSE) {
+        /* l = |h - y|^2 is the NLL of N(h, I/2) up to constants:
+         * yhat = h + eps/sqrt(2), s = 2 (h - yhat) = -sqrt(2) eps */
+        for (int c = 0; c < C; c++)
+            si[c] = (float)(-M_SQRT2 * cv_rng_normal(rng));
+    } else {
+        for (int c = 0; c < C; c++)
+            si[c] = p[c] - (cv_rng_uniform(rng) < p[c] ? 1.0f : 0.0f);
+    }
+}
+
+void cv_loss_sample_mc(const cv_loss_state *s, cv_rng *rng, int mc, float *S)
+{
     for (int m = 0; m < mc; m++)
-        for (int i = 0; i < s->n; i++) {
-            const float *p = s->prob + (size_t)i * C;
-            float *si = S + ((size_t)m * s->n + i) * C;
-            if (cv_loss_is_class(s->type)) {
-                class_mc(s, i, rng, si);
-            } else if (s->type == CV_LOSS_MSE) {
-                /* l = |h - y|^2 is the NLL of N(h, I/2) up to constants:
-                 * yhat = h + eps/sqrt(2), s = 2 (h - yhat) = -sqrt(2) eps */
-                for (int c = 0; c < C; c++)
-                    si[c] = (float)(-M_SQRT2 * cv_rng_normal(rng));
-            } else {
-                for (int c = 0; c < C; c++)
-                    si[c] = p[c] - (cv_rng_uniform(rng) < p[c] ? 1.0f : 0.0f);
-            }
-        }
+        for (int i = 0; i < s->n; i++)
+            sample_mc_one(s, i, rng, S + ((size_t)m * s->n + i) * s->C);
+}
+
+void cv_loss_sample_mc_at(const cv_loss_state *s, uint64_t seed, size_t first, int mc,
+                          float *S)
+{
+    for (int i = 0; i < s->n; i++) {
+        cv_rng rng;
+        cv_rng_seed_stream(&rng, seed, first + (size_t)i);
+        for (int m = 0; m < mc; m++)
+            sample_mc_one(s, i, &rng, S + ((size_t)m * s->n + i) * s->C);
+    }
 }
 
 void cv_loss_outer_apply(const cv_loss_state *s, int mc, const float *S, double w, int k,

@@ -81,6 +81,13 @@ typedef struct {
 int cv_loss_eval(cv_loss_state *s, const cv_model *m, const cv_batch *b, const float *h,
                  double *loss, float *gh);
 void cv_loss_state_free(cv_loss_state *s);
+/* The same with the reduction scale c given (scale >= 0): a micro-batch of a
+ * larger batch is scaled as the whole batch (cv_loss_batch_scale of it), so
+ * its loss and derivatives are its share of the batch's. */
+int cv_loss_eval_scaled(cv_loss_state *s, const cv_model *m, const cv_batch *b,
+                        const float *h, double scale, double *loss, float *gh);
+/* The reduction scale c of batch b (labels only: counts the ignored targets). */
+double cv_loss_batch_scale(const cv_model *m, const cv_batch *b);
 
 /* Per-sample unscaled output gradient d l_n / dh for the data labels (n*C). */
 void cv_loss_sample_grad(const cv_loss_state *s, float *g);
@@ -96,6 +103,10 @@ void cv_loss_hessian_apply(const cv_loss_state *s, int k, const float *r, float 
  * there, the negative log-likelihood's gradient also under label smoothing;
  * ignored positions 0), unscaled, so that E[s s^T] equals Lambda / c. */
 void cv_loss_sample_mc(const cv_loss_state *s, cv_rng *rng, int mc, float *S);
+/* The same with sample i drawn from its own stream (seed, first + i): the
+ * draws of a sample do not depend on which micro-batch holds it. */
+void cv_loss_sample_mc_at(const cv_loss_state *s, uint64_t seed, size_t first, int mc,
+                          float *S);
 
 /* out_j(i) = w * sum_m S_m(i) (S_m(i) . r_j(i)) for k stacked blocks, i.e.
  * the per-sample outer-product matrix sum_m s s^T scaled by w. */

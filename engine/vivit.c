@@ -154,9 +154,7 @@ static int mc_columns(cv_vivit *v, const cv_loss_state *ls, uint64_t seed, cv_er
     float *s = vv_alloc((size_t)M * v->n * C, sizeof(float), "Monte Carlo samples", e);
     if (!s)
         return -1;
-    cv_rng r;
-    cv_rng_seed(&r, seed);
-    cv_loss_sample_mc(ls, &r, M, s);
+    cv_loss_sample_mc_at(ls, seed, 0, M, s);
     double w = v->alpha * sqrt(v->scale / M);
     for (int i = 0; i < v->ns; i++)
         for (int c = 0; c < C; c++)

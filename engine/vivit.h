@@ -12,8 +12,8 @@
  * c plays the role of NOTES' 1/N), and
  *     exact:     S~_i = S_(n_i)                      (m = C columns)
  *     MC (M):    S~_i[:, j] = sqrt(c / M) s_(n_i, j)  (m = M columns), s drawn
- *                by cv_loss_sample_mc from cv_rng_seed(mc_seed) over the whole
- *                batch, exactly as curv.c draws fisher_mc: with
+ *                by cv_loss_sample_mc_at(mc_seed) (each sample from its own
+ *                stream), exactly as the engine draws fisher_mc: with
  *                mc_seed = cv_curv_options.seed, V V^T is CV_CURV_FISHER_MC.
  * Sub-sampling keeps ns of the N samples (alpha^2 = N/ns keeps the scale of
  * an estimate of the batch GGN).  The Gram matrix G~ = V^T V (R = m*ns

@@ -66,6 +66,12 @@ const cv_flag cv_serve_flags[] = {
      .help = "concurrent HTTP connections"},
     {.name = "--dense-max", .arg = "D", .kind = CV_FLAG_COUNT, .off = SERVE(jobs.limits.dense_max),
      .lo = 1, .hi = POW2(20), .help = "largest D for op dense"},
+    {.name = "--job-memory", .arg = "BYTES", .kind = CV_FLAG_BYTES,
+     .off = SERVE(jobs.limits.job_memory), .lo = 0, .hi = POW2(50),
+     .help = "engine working memory of one job (micro-batch states,\n"
+             "workspace, the estimator's vectors; not the model or\n"
+             "dataset): larger batches run in micro-batches, a job\n"
+             "that cannot fit is refused (400 job_memory); 0: no limit"},
     {.name = "--model", .arg = "NAME=ARCH.json:PARAMS.safetensors", .kind = CV_FLAG_CALL,
      .fn = add_model, .help = "register a model (repeatable)"},
     {.name = "--dataset", .arg = "NAME=DATA.safetensors", .kind = CV_FLAG_CALL, .fn = add_dataset,
@@ -88,6 +94,8 @@ const cv_flag cv_run_flags[] = {
      .hi = POW2(30)},
     {.name = "--dense-max", .arg = "D", .kind = CV_FLAG_COUNT, .off = RUN(dense_max), .lo = 1,
      .hi = POW2(30)},
+    {.name = "--job-memory", .arg = "BYTES", .kind = CV_FLAG_BYTES, .off = RUN(job_memory),
+     .lo = 0, .hi = POW2(50)},
     {.name = "--vectors-out", .arg = "V.safetensors", .kind = CV_FLAG_STRING,
      .off = RUN(vectors_out)},
     {.name = NULL},
@@ -247,6 +255,7 @@ void cv_serve_args_free(cv_serve_args *a)
 int cv_run_args_parse(cv_run_args *a, int argc, char **argv, cv_err *e)
 {
     memset(a, 0, sizeof *a);
+    a->job_memory = (size_t)2 << 30;
     for (int i = 0; i < argc; i++) {
         const char *arg = argv[i], *msg;
         const cv_flag *f = find_flag(cv_run_flags, arg);

@@ -67,11 +67,13 @@ typedef struct {
 int cv_serve_args_parse(cv_serve_args *a, int argc, char **argv);
 void cv_serve_args_free(cv_serve_args *a);
 
-/* `curvd run` arguments; dense_max and blas_threads are 0 unless given. */
+/* `curvd run` arguments; dense_max and blas_threads are 0 unless given,
+ * job_memory 2 GiB (0: no limit). */
 typedef struct {
     const char *arch, *params, *data, *job, *vectors_out;
     int blas_threads;
     size_t dense_max;
+    size_t job_memory;
 } cv_run_args;
 
 /* Parses the arguments after "run".  Returns 0, or -1 with e filled (code

@@ -111,7 +111,7 @@ static void init_params(cv_model *m, uint64_t seed)
 static int evaluate(const cv_model *m, const cv_dataset *d, double *loss, double *acc,
                     cv_err *e)
 {
-    cv_curv_options opt = {1, 0};
+    cv_curv_options opt = {.mc_samples = 1};
     cv_curv *c = cv_curv_new(m, d, &opt, e);
     if (!c)
         return -1;
@@ -152,7 +152,7 @@ static int train(cv_model *m, const cv_dataset *d, int steps, size_t bs, double 
     cv_rng rng;
     cv_rng_seed(&rng, seed);
     int rc = 0;
-    cv_curv_options opt = {1, 0};
+    cv_curv_options opt = {.mc_samples = 1};
     for (int s = 0; s < steps && !rc; s++) {
         for (size_t i = 0; i < bs; i++)
             idx[i] = (size_t)cv_rng_below(&rng, d->n);

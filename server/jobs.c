@@ -469,7 +469,8 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
     }
     if (!(ms = cv_registry_acquire(J->reg, CV_REG_MODEL, mname, e)) ||
         !(ds = cv_registry_acquire(J->reg, CV_REG_DATASET, dname, e)) ||
-        cv_job_bind(spec, ms->model, ds->data, e))
+        cv_job_bind(spec, ms->model, ds->data, e) ||
+        cv_job_check_memory(spec, ms->model, ds->data, &J->cfg.limits, NULL, e))
         goto fail;
     if (!(j = cv_err_calloc(sizeof *j, "out of memory", e)))
         goto fail;
@@ -594,7 +595,10 @@ static cJSON *status_json_locked(cv_job *j)
     if (!o)
         return NULL;
     long done = atomic_load(&j->progress.done), planned = atomic_load(&j->progress.planned);
-    double frac = planned > 0 ? (double)done / (double)planned : 0.0;
+    long mdone = atomic_load(&j->progress.micro_done), mtotal = atomic_load(&j->progress.micro_total);
+    /* within a product over micro-batches, its share done counts too */
+    double within = mtotal > 0 && mdone < mtotal ? (double)mdone / (double)mtotal : 0.0;
+    double frac = planned > 0 ? ((double)done + within) / (double)planned : 0.0;
     if (j->status == CV_JOB_SUCCEEDED)
         frac = 1.0;
     if (frac > 1)
@@ -625,6 +629,10 @@ static cJSON *status_json_locked(cv_job *j)
         !cJSON_AddNumberToObject(p, "matvecs_done", (double)done) ||
         !cJSON_AddNumberToObject(p, "matvecs_planned", (double)planned) ||
         !cJSON_AddNumberToObject(p, "fraction", frac))
+        goto fail;
+    if (mtotal > 0 && !is_finished(j->status) &&
+        (!cJSON_AddNumberToObject(p, "micro_batches_done", (double)mdone) ||
+         !cJSON_AddNumberToObject(p, "micro_batches", (double)mtotal)))
         goto fail;
     double pv, pe;
     long ps = cv_progress_get_partial(&j->progress, &pv, &pe);

@@ -89,6 +89,7 @@ static int cmd_run(int argc, char **argv)
     cv_job_limits_default(&lim);
     if (a.dense_max)
         lim.dense_max = a.dense_max;
+    lim.job_memory = a.job_memory;
     cv_set_blas_threads(a.blas_threads);
 
     cv_err_clear(&e);
@@ -120,7 +121,8 @@ static int cmd_run(int argc, char **argv)
     cJSON_Delete(job);
     job = NULL;
     if (!spec || cv_arch_load(arch, m, &e) || cv_params_read(m, params, &e) ||
-        cv_datafile_read(data, &d, &e) || cv_job_bind(spec, m, &d, &e))
+        cv_datafile_read(data, &d, &e) || cv_job_bind(spec, m, &d, &e) ||
+        cv_job_check_memory(spec, m, &d, &lim, NULL, &e))
         goto out;
     cJSON *res = cv_job_exec(spec, m, &d, &lim, NULL, &e);
     if (!res)

@@ -130,7 +130,7 @@ START_TEST(mc_fisher_converges_to_ggn)
     double errs[2];
     int samples[2] = {1, 4000};
     for (int s = 0; s < 2; s++)
-        errs[s] = mc_fisher_vs_ggn(CV_LOSS_CE, 21, 6, 22, (cv_curv_options){samples[s], 99});
+        errs[s] = mc_fisher_vs_ggn(CV_LOSS_CE, 21, 6, 22, (cv_curv_options){.mc_samples = samples[s], .seed = 99});
     ck_assert_msg(errs[1] < 0.05, "MC Fisher (4000 samples) vs GGN rel err %g", errs[1]);
     ck_assert_msg(errs[0] > 4 * errs[1], "no convergence: %g -> %g", errs[0], errs[1]);
 }
@@ -140,7 +140,7 @@ START_TEST(mc_fisher_mse_and_bce_converge)
 {
     for (int li = 0; li < 2; li++) {
         double err = mc_fisher_vs_ggn(li ? CV_LOSS_BCE : CV_LOSS_MSE, 31, 5, 32,
-                                      (cv_curv_options){4000, 7});
+                                      (cv_curv_options){.mc_samples = 4000, .seed = 7});
         ck_assert_msg(err < 0.06, "loss %d: MC Fisher vs GGN rel err %g", li, err);
     }
 }

@@ -465,7 +465,9 @@ static void fx_free(fixture *f)
 /* The envelope of every result and of every block's result. */
 static int is_envelope(const char *k)
 {
-    return cv_opts_in_list("op|curvature|batch_size|num_params|matvecs|elapsed_s|blocks", k) ||
+    return cv_opts_in_list("op|curvature|batch_size|num_params|matvecs|elapsed_s|blocks|"
+                           "micro_batches|micro_batch_size|cached_micro_batches|"
+                           "peak_memory_bytes", k) ||
            cv_opts_in_list("params|dim|name", k);
 }
 

@@ -175,7 +175,7 @@ START_TEST(mc_gram_matches_dense_fisher_mc)
 {
     int mcs[] = {1, 3};
     for (int t = 0; t < 2; t++) {
-        cv_curv_options co = {mcs[t], 1234 + (uint64_t)_i};
+        cv_curv_options co = {.mc_samples = mcs[t], .seed = 1234 + (uint64_t)_i};
         fixture f;
         make_variant(&f, _i * 4, &co);
         double *F = tu_dense(&f, CV_CURV_FISHER_MC, &f.full);
@@ -1025,7 +1025,7 @@ START_TEST(newton_vivit_mc_and_subsample)
 {
     int var = _i ? 3 : 5; /* tanh, N = 40: CE sum, MSE mean */
     uint64_t seed = 7;
-    cv_curv_options co = {2, CV_OP_CURV_SEED(seed)}; /* cv_job_run's engine seed */
+    cv_curv_options co = {.mc_samples = 2, .seed = CV_OP_CURV_SEED(seed)}; /* cv_job_run's engine seed */
     fixture f;
     make_variant(&f, var, &co);
     size_t D = f.full.dim;

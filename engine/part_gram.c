@@ -1,15 +1,15 @@
-/* curv_gram.c - Gram matrices of per-(vector, sample) parameter gradients
- * (cv_curv_gram): each layer's Gram kernel where it has one, its explicit
+/* part_gram.c - Gram matrices of per-(vector, sample) parameter gradients
+ * (cv_part_gram): each layer's Gram kernel where it has one, its explicit
  * per-sample gradients otherwise, and the whole block explicitly when it
  * holds a tensor several layers share. */
 #include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "curv_internal.h"
+#include "part_internal.h"
 
 /* Bit i set when slot i of layer l holds a tensor of the current block. */
-static unsigned layer_mask(const cv_curv *c, int l)
+static unsigned layer_mask(const cv_part *c, int l)
 {
     unsigned mask = 0;
     for (int i = 0; i < c->m->layers[l].nparams; i++)
@@ -38,7 +38,7 @@ static void add_outer(double *G, const double *M, size_t R, size_t P)
 /* Per-(vector, sample) gradients of layer l's block tensors added to M (rows
  * r = j*n + s, the block's columns; cols = dim) or, M NULL, into a private
  * (k*n) x P matrix whose outer product goes to G. */
-static int gram_explicit(cv_curv *c, int l, const float *cot, const gram_job *g, cv_err *e)
+static int gram_explicit(cv_part *c, int l, const float *cot, const gram_job *g, cv_err *e)
 {
     size_t P = c->ctx[l].nparam, R = (size_t)g->k * c->n, n = (size_t)c->n;
     float *rows = malloc(sizeof(float) * n * P);
@@ -71,7 +71,7 @@ static int gram_explicit(cv_curv *c, int l, const float *cot, const gram_job *g,
     return 0;
 }
 
-static int gram_at_layer(cv_curv *c, int l, const float *cot, void *arg, cv_err *e)
+static int gram_at_layer(cv_part *c, int l, const float *cot, void *arg, cv_err *e)
 {
     const gram_job *g = arg;
     if (g->M || !c->ops[l]->gram_add)
@@ -81,7 +81,7 @@ static int gram_at_layer(cv_curv *c, int l, const float *cot, void *arg, cv_err 
 }
 
 /* 1 when a tensor of the current block is used by several layers. */
-static int block_has_shared(const cv_curv *c)
+static int block_has_shared(const cv_part *c)
 {
     for (int l = 0; c->tied && l < c->L; l++)
         for (int i = 0; i < c->m->layers[l].nparams; i++)
@@ -90,11 +90,11 @@ static int block_has_shared(const cv_curv *c)
     return 0;
 }
 
-int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double *G,
+int cv_part_gram(cv_part *c, const cv_block *b, int k, const float *cot, double *G,
                  cv_err *e)
 {
     char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
-    cv_curv_mark_block(c, b, active, live);
+    cv_part_mark_block(c, b, active, live);
     size_t R = (size_t)k * c->n, olen = (size_t)c->n * c->C;
     memset(G, 0, sizeof(double) * R * R);
     /* a shared tensor's per-sample gradient sums its uses: the layer-wise
@@ -103,11 +103,11 @@ int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double 
     if (block_has_shared(c) && !(job.M = calloc(R * b->dim, sizeof(double))))
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                           "per-sample gradients for the Gram matrix (%zu x %zu)", R, b->dim);
-    float *top = cv_curv_pool_ensure(c, k, e) ? NULL : cv_curv_pool_take(c);
+    float *top = cv_part_pool_ensure(c, k, e) ? NULL : cv_part_pool_take(c);
     cv_walk *w = top ? calloc(1, sizeof *w) : NULL;
     int rc = 0;
     if (!top || !w) {
-        cv_curv_pool_give(c, top);
+        cv_part_pool_give(c, top);
         rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Gram cotangents");
     } else {
         memcpy(top, cot, sizeof(float) * olen * (size_t)k);
@@ -116,7 +116,7 @@ int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double 
         w->live = live;
         w->at_layer = gram_at_layer;
         w->arg = &job;
-        rc = cv_curv_walk(c, w, top, e);
+        rc = cv_part_walk(c, w, top, e);
     }
     free(w);
     if (!rc && job.M)

@@ -1,0 +1,155 @@
+/* curv_plan.c - how a batch is split into micro-batches under a memory
+ * budget (cv_curv_plan_memory): what one sample costs, measured on a probe
+ * of the model on one and two samples (forward state; workspace of one
+ * product), and the split that keeps the most forward state within the
+ * budget. */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "curv.h"
+#include "part.h"
+
+/* Bytes of state and workspace (one vector) of a part of n samples after
+ * one product of the job's curvature. */
+static int probe(const cv_model *m, const cv_batch *b, size_t n, const cv_curv_options *o,
+                 size_t *state, size_t *work, cv_err *e)
+{
+    cv_batch v;
+    cv_batch_view(b, 0, n, &v);
+    cv_part_options po = {*o, -1.0, 0, 0};
+    cv_part *p = cv_part_new(m, &v, &po, e);
+    if (!p)
+        return -1;
+    cv_block *blk = malloc(sizeof *blk);
+    double *X = blk ? calloc(2 * (m->nparams_total + 1), sizeof(double)) : NULL;
+    int rc = X ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "memory probe");
+    if (!rc) {
+        cv_block_full(m, blk);
+        rc = cv_part_matvec_add(p, o->kind, blk, 1, X, X + blk->dim, e);
+    }
+    *state = cv_part_state_bytes(p);
+    *work = cv_part_work_bytes(p);
+    free(X);
+    free(blk);
+    cv_part_free(p);
+    return rc;
+}
+
+typedef struct {
+    double s0, s;   /* state: per micro-batch, per sample */
+    double w0, w;   /* workspace of one vector: fixed, per sample */
+    int k, u;       /* vectors at a time; micro-batches evaluated together (pairs: 2) */
+    double v;       /* the caller's vectors */
+    size_t n;
+} costs;
+
+static double state_of(const costs *c, size_t m) { return c->s0 + c->s * (double)m; }
+static double work_of(const costs *c, size_t m) { return c->k * (c->w0 + c->w * (double)m); }
+
+/* Bytes with every micro-batch of size mb kept. */
+static double all_cached(const costs *c, size_t mb)
+{
+    size_t M = (c->n + mb - 1) / mb;
+    return (double)c->n * c->s + (double)M * c->s0 + (c->u > 1 ? state_of(c, 2 * mb) : 0) +
+           work_of(c, c->u * mb) + c->v;
+}
+
+/* The bytes of the smallest run: micro-batches of mb, none kept. */
+static double recomputed(const costs *c, size_t mb)
+{
+    return state_of(c, c->u * mb) + work_of(c, c->u * mb) + c->v;
+}
+
+static size_t choose_size(const costs *c, double budget)
+{
+    if (budget <= 0)
+        return c->n;
+    size_t mb = c->n;
+    while (mb > 1 && all_cached(c, mb) > budget)
+        mb = (mb + 1) / 2;
+    if (all_cached(c, mb) <= budget)
+        return mb;
+    /* recomputation: one scratch state and the workspace take a quarter of
+     * what the vectors leave, the rest keeps states */
+    mb = 1;
+    while (mb < c->n && recomputed(c, 2 * mb) - c->v <= (budget - c->v) / 4)
+        mb *= 2;
+    return mb;
+}
+
+static void fill_plan(const costs *c, size_t mb, double budget, cv_curv_plan *p)
+{
+    size_t M = (c->n + mb - 1) / mb;
+    p->micro_batch = mb;
+    p->micro_batches = M;
+    if (budget <= 0 || all_cached(c, mb) <= budget) {
+        p->cached = M;
+        p->planned_bytes = (size_t)all_cached(c, mb);
+        return;
+    }
+    double left = budget - recomputed(c, mb);
+    size_t keep = left > 0 ? (size_t)(left / state_of(c, mb)) : 0;
+    p->cached = keep < M - 1 ? keep : M - 1;
+    p->planned_bytes = (size_t)(recomputed(c, mb) + (double)p->cached * state_of(c, mb));
+}
+
+static void fmt_bytes(char *buf, size_t len, double b)
+{
+    const char *unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (b >= 1024 && u < 4) {
+        b /= 1024;
+        u++;
+    }
+    snprintf(buf, len, u ? "%.1f %s" : "%.0f %s", b, unit[u]);
+}
+
+static int refuse(const costs *c, size_t mb, double budget, cv_err *e)
+{
+    char need[32], have[32], ps[32], pw[32], vec[32];
+    fmt_bytes(need, sizeof need, recomputed(c, mb));
+    fmt_bytes(have, sizeof have, budget);
+    fmt_bytes(ps, sizeof ps, c->s);
+    fmt_bytes(pw, sizeof pw, c->w);
+    fmt_bytes(vec, sizeof vec, c->v);
+    return cv_err_set(e, CV_EINVAL, "job_memory", "job_memory",
+                      "the job needs at least %s of engine memory (%zu sample%s at a time: %s "
+                      "of forward state and %s of workspace per sample and vector, %d "
+                      "vector%s at a time, plus %s of the estimator's own vectors); the job "
+                      "memory budget is %s", need, mb, mb == 1 ? "" : "s", ps, pw, c->k,
+                      c->k == 1 ? "" : "s", vec, have);
+}
+
+int cv_curv_plan_memory(const cv_model *m, const cv_batch *b, const cv_curv_options *opt,
+                        cv_curv_plan *plan, cv_err *e)
+{
+    cv_curv_options o = *opt;
+    o.progress = NULL;
+    size_t s1, w1, s2 = 0, w2 = 0;
+    if (b->n < 1)
+        return cv_err_set(e, CV_EINVAL, "empty_batch", "batch", "the batch has no samples");
+    if (probe(m, b, 1, &o, &s1, &w1, e) || (b->n > 1 && probe(m, b, 2, &o, &s2, &w2, e)))
+        return -1;
+    costs c = {0};
+    c.s = b->n > 1 && s2 > s1 ? (double)(s2 - s1) : (double)s1;
+    c.s0 = (double)s1 > c.s ? (double)s1 - c.s : 0;
+    c.w = b->n > 1 && w2 > w1 ? (double)(w2 - w1) : (double)w1;
+    c.w0 = (double)w1 > c.w ? (double)w1 - c.w : 0;
+    c.k = opt->max_vectors > 0 ? opt->max_vectors : 1;
+    c.u = opt->pairs && b->n > 1 ? 2 : 1;
+    c.v = (double)opt->vector_bytes;
+    c.n = b->n;
+    double budget = (double)opt->memory_budget;
+    size_t least = opt->micro_batch ? (opt->micro_batch < b->n ? opt->micro_batch : b->n) : 1;
+    if (budget > 0 && recomputed(&c, least) > budget)
+        return refuse(&c, least, budget, e);
+    size_t mb = opt->micro_batch ? least : choose_size(&c, budget);
+    *plan = (cv_curv_plan){0};
+    fill_plan(&c, mb, budget, plan);
+    plan->state_per_sample = (size_t)c.s;
+    plan->state_fixed = (size_t)c.s0;
+    plan->work_per_sample = (size_t)c.w;
+    plan->work_fixed = (size_t)c.w0;
+    plan->minimum_bytes = (size_t)recomputed(&c, least);
+    return 0;
+}
