@@ -6,12 +6,13 @@ The model is a CIFAR-shaped CNN (Conv 3->64 5x5 pad 2, ReLU, MaxPool 2, Conv 64-
 pad 2, ReLU, MaxPool 2, Flatten, Linear 6144->512, ReLU, Linear 512->256, ReLU,
 Linear 256->10; CrossEntropyLoss; 3.3M parameters) on N random 3x32x32 samples (default
 2,000 in micro-batches of 250).  curvd's time per product comes from two `curvd run` jobs
-of power iteration (k 1, tol 0: one Hessian-vector product per iteration) with 1 and 3
+of power iteration (k 1, tol 0: one Hessian-vector product per iteration) with 1 and 5
 iterations: the difference of their elapsed_s over the difference of their matvecs, so the
 job's set-up (loading, the first forward pass) is not counted.  Both jobs set
 "micro_batch"; the cached run has a --job-memory large enough for every micro-batch's forward
-state (cached_micro_batches = micro_batches, checked), the budgeted run half of the cached
-run's peak_memory_bytes (cached_micro_batches < micro_batches, checked).  The two runs'
+state (cached_micro_batches = micro_batches, checked), the budgeted run halfway between the
+cached run's peak_memory_bytes and the job's minimum (the one its job_memory refusal names)
+(cached_micro_batches < micro_batches, checked).  The two runs'
 eigenvalue estimates are compared (float32 summation order only).  PyTorch
 (bench/bench_torch.py, op hvpmb) does what PyHessian's data-loader mode does: per product and
 per micro-batch a forward pass, the gradient with create_graph, and the double-backward
@@ -74,8 +75,17 @@ def write_data(path, x, y):
         f.write(export_dataset(x, y))
 
 
+class JobError(RuntimeError):
+    """`curvd run` failed; .error: its parsed JSON error (or {})."""
+
+    def __init__(self, msg, error):
+        super().__init__(msg)
+        self.error = error
+
+
 def curvd_run(curvd, d, job, budget=None, threads=1, data="data.safetensors"):
-    """`curvd run` of job on d's files: the parsed result; RuntimeError on failure."""
+    """`curvd run` of job on d's files (data: a file name in d or a path): the parsed
+    result; JobError on failure."""
     cmd = [curvd, "run", "--arch", os.path.join(d, "arch.json"),
            "--params", os.path.join(d, "params.safetensors"),
            "--data", os.path.join(d, data), "--job", "-", "--blas-threads", str(threads)]
@@ -83,20 +93,42 @@ def curvd_run(curvd, d, job, budget=None, threads=1, data="data.safetensors"):
         cmd += ["--job-memory", str(budget)]
     p = subprocess.run(cmd, input=json.dumps(job), capture_output=True, text=True)
     if p.returncode != 0:
-        raise RuntimeError(" ".join(cmd) + " failed: " + p.stderr[-2000:])
+        try:
+            err = json.loads(p.stderr)
+        except json.JSONDecodeError:
+            err = {}
+        raise JobError(" ".join(cmd) + " failed: " + p.stderr[-2000:], err)
     return json.loads(p.stdout)
 
 
-def product_time(curvd, d, micro_batch, budget, threads, iters=(1, 3)):
+def product_time(curvd, d, micro_batch, budget, threads, iters=(1, 5)):
     """Seconds per whole-set Hessian-vector product from two power-iteration jobs; also
     the longer job's result (micro-batch fields, eigenvalue)."""
     res = []
     for it in iters:
-        job = {"op": "eigen", "curvature": "hessian", "seed": 0, "micro_batch": micro_batch,
-               "options": {"method": "power", "k": 1, "max_iter": it, "tol": 0}}
-        res.append(curvd_run(curvd, d, job, budget, threads))
+        res.append(curvd_run(curvd, d, power_job(micro_batch, it), budget, threads))
     dm = res[1]["matvecs"] - res[0]["matvecs"]
     return (res[1]["elapsed_s"] - res[0]["elapsed_s"]) / dm, res[1]
+
+
+def power_job(micro_batch, iters):
+    return {"op": "eigen", "curvature": "hessian", "seed": 0, "micro_batch": micro_batch,
+            "options": {"method": "power", "k": 1, "max_iter": iters, "tol": 0}}
+
+
+def recompute_budget(curvd, d, job, peak, threads, data="data.safetensors"):
+    """A --job-memory halfway between the job's minimum (named by its job_memory refusal at
+    --job-memory 1) and the cached run's peak: about half the micro-batches kept."""
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    from e2e_microbatch import needed_bytes  # noqa: E402
+    try:
+        curvd_run(curvd, d, job, 1, threads, data)
+        raise RuntimeError("no job_memory refusal at --job-memory 1")
+    except JobError as e:
+        need = needed_bytes(e.error)
+    if need is None:
+        raise RuntimeError("no minimum in the job_memory refusal at --job-memory 1")
+    return (need + max(need, peak)) // 2
 
 
 def torch_time(case_pt, threads, micro_batch, reps):
@@ -121,7 +153,8 @@ def run(curvd, threads, n, micro_batch, reps=1, log=sys.stderr):
         if r_cached["cached_micro_batches"] != mbs:
             raise RuntimeError("the cached run recomputes: %s" %
                                {k: r_cached[k] for k in MB_FIELDS})
-        budget = r_cached["peak_memory_bytes"] // 2
+        budget = recompute_budget(curvd, d, power_job(micro_batch, 1),
+                                  r_cached["peak_memory_bytes"], threads)
         t_mb, r_mb = product_time(curvd, d, micro_batch, budget, threads)
         if r_mb["cached_micro_batches"] >= mbs:
             raise RuntimeError("half the cached peak still caches every micro-batch: %s" %

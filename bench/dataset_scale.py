@@ -11,8 +11,8 @@ are reused while N matches):
    dataset file + the parameters file.
 2. The same jobs on the first --slice samples (default 2,000) twice, with "micro_batch"
    --micro-batch (default 250): cached (--job-memory 64G: every micro-batch kept) and
-   micro-batched with recomputation (--job-memory half the cached run's
-   peak_memory_bytes); every result field compared (tests/e2e_microbatch.py's result_diff:
+   micro-batched with recomputation (--job-memory halfway between the job's minimum, as
+   its job_memory refusal names it, and the cached run's peak_memory_bytes); every result field compared (tests/e2e_microbatch.py's result_diff:
    1e-4 relative, float32 summation order).
 3. Time per product: the full job's elapsed_s / matvecs against N / slice times the cached
    slice job's elapsed_s / matvecs (the issue asks for at most 1.25x).  Both include their
@@ -136,7 +136,8 @@ def main():
         cached, _, _ = measured_run(a.curvd, d, paths["slice"],
                                     dict(job, micro_batch=a.micro_batch), "64G", a.threads)
         per_c = row(f"{name} slice cached", a.slice, "64G", cached, None, 0.0)
-        budget = cached["peak_memory_bytes"] // 2
+        budget = bm.recompute_budget(a.curvd, d, dict(job, micro_batch=a.micro_batch),
+                                     cached["peak_memory_bytes"], a.threads, paths["slice"])
         mbr, _, _ = measured_run(a.curvd, d, paths["slice"],
                                  dict(job, micro_batch=a.micro_batch), budget, a.threads)
         row(f"{name} slice budget", a.slice, budget, mbr, None, 0.0)

@@ -11,17 +11,20 @@ scale is covered too).
 For every op of GET /v1/ops, each of its methods and each curvature it accepts, `curvd run`
 runs the job three ways: (ref) un-budgeted, no micro_batch; (cached) "micro_batch": 7 (six
 micro-batches, all cached: cached_micro_batches = micro_batches = 6); (budget) the same with a
---job-memory below the cached run's peak_memory_bytes, so that cached_micro_batches <
-micro_batches (the budget is found per job: half, three quarters, then all but one byte of
-that peak; the first that runs and recomputes is used; its peak_memory_bytes must stay within
-it).  Every field of the three results is compared (result_diff): numbers to 1e-4
-relative, lists of numbers as vectors (||a - b|| <= 1e-4 ||b||), lists of objects field by
-field across the list; strings, booleans and nulls exactly; the four micro-batch fields and
-elapsed_s are not compared.  The randomized estimators (Hutchinson, Hutch++, MC Fisher labels,
-density's starting vectors, ViViT's sub-sampling and bootstrap) are held to the same 1e-4: the
-same seed must draw the same probes and labels however the batch is cut.  Looser, with the
-reason next to them: residuals (rounding-level quantities) and eigenvectors (float32
-perturbations grow by lambda_max / gap).
+--job-memory that forces recomputation: halfway between the job's minimum (named by its
+job_memory refusal at --job-memory 1) and the cached run's peak_memory_bytes, or just above
+the minimum where the engine plans a minimum above that peak (printed as a note); its
+cached_micro_batches must be < micro_batches and its peak_memory_bytes within the budget.
+Every field of the three results is compared (result_diff): numbers to 1e-4 relative, lists
+of numbers as vectors (||a - b|| <= 1e-4 ||b||), lists of objects field by field across the
+list; strings, booleans and nulls exactly; the four micro-batch fields and elapsed_s are not
+compared.  The randomized estimators (Hutchinson, Hutch++, MC Fisher labels, density's
+starting vectors, ViViT's sub-sampling and bootstrap) are held to the same 1e-4: the same seed
+must draw the same probes and labels however the batch is cut.  Looser, with the reason next
+to them: residuals (rounding-level quantities), eigenvectors (float32 perturbations grow by
+lambda_max / gap), CG/MINRES iteration counts (+-1: a stopping test within rounding of tol).
+Jobs are chosen away from rounding-decided outcomes: power iteration with tol 0 (a fixed
+count), solvers at tol 1e-5, the smallest eigenvalue only of the (indefinite) Hessian.
 Also: micro_batch 1, 7 and N give the same numbers (un-budgeted); CrossEntropyLoss with
 ignore_index targets (a whole micro-batch ignored plus scattered ones): loss, gradient and
 Hessian/GGN products against torch (the mean's 1/M counts the targets of every
@@ -354,6 +357,9 @@ def run_three_ways(tag, d, label, job, notes=None):
     rc, ref = curvd_run(d, job)
     if not check(name + ": un-budgeted run", rc == 0, str(ref)[:300]):
         return None
+    check(name + ": un-budgeted micro-batch fields (everything kept)",
+          mb_fields_ok(ref, ref.get("micro_batches"), ref.get("micro_batch_size"),
+                       ref.get("micro_batches")), str({k: ref.get(k) for k in MB_FIELDS}))
     mbs = -(-N // MB)
     rc, cached = curvd_run(d, dict(job, micro_batch=MB))
     if not check(name + ": micro_batch 7 (cached) runs", rc == 0, str(cached)[:300]):
