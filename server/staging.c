@@ -23,7 +23,19 @@ typedef struct {
     cv_dataset d;             /* d.n rows so far, arrays of cap rows */
     size_t cap;
     size_t reserved;          /* bytes reserved in the registry (the arrays' capacity) */
+    /* What other requests may read (under the lock): the counts as of the end
+     * of the last request that worked on the area; 0 parts: not yet visible. */
+    size_t pub_n, pub_reserved;
+    int pub_parts;
+    double pub_updated_at;
 } area;
+
+/* The counts a description shows. */
+typedef struct {
+    size_t n, reserved;
+    int parts;
+    double updated_at;
+} counts;
 
 struct cv_staging {
     pthread_mutex_t mu;
@@ -142,6 +154,10 @@ static void unclaim(cv_staging *s, area *a, int drop)
 {
     pthread_mutex_lock(&s->mu);
     a->busy = 0;
+    a->pub_n = a->d.n;
+    a->pub_parts = a->parts;
+    a->pub_reserved = a->reserved;
+    a->pub_updated_at = a->updated_at;
     a->touched = cv_now_s();
     int i = -1;
     if (drop)
@@ -269,28 +285,29 @@ static int parse_part(const void *buf, size_t len, cv_dataset *p, cv_st_dtype *x
     return rc;
 }
 
-static cJSON *describe(const cv_staging *s, const area *a, double now)
+/* The description of a with the counts c (the owner's own, or the published ones). */
+static cJSON *describe(const cv_staging *s, const area *a, const counts *c, double now)
 {
     cJSON *o = cJSON_CreateObject();
     cJSON *y = o ? cJSON_AddObjectToObject(o, "y") : NULL;
     size_t xs[CV_MAX_RANK + 1], ys[CV_MAX_RANK + 1];
-    xs[0] = ys[0] = a->d.n;
+    xs[0] = ys[0] = c->n;
     for (int i = 0; i < a->d.x_shape.rank; i++)
         xs[i + 1] = (size_t)a->d.x_shape.dim[i];
     for (int i = 0; i < a->d.y_shape.rank; i++)
         ys[i + 1] = (size_t)a->d.y_shape.dim[i];
     double left = s->timeout > 0 ? s->timeout - (now - a->touched) : -1;
     if (!y || !cJSON_AddStringToObject(o, "name", a->name) ||
-        !cJSON_AddNumberToObject(o, "parts", a->parts) ||
-        !cJSON_AddNumberToObject(o, "n", (double)a->d.n) ||
+        !cJSON_AddNumberToObject(o, "parts", c->parts) ||
+        !cJSON_AddNumberToObject(o, "n", (double)c->n) ||
         cv_json_add_sizes(o, "x_shape", xs, a->d.x_shape.rank + 1) ||
         !cJSON_AddStringToObject(o, "x_dtype", cv_st_dtype_name(a->x_dt)) ||
         !cJSON_AddStringToObject(y, "kind", a->d.y_is_index ? "labels" : "targets") ||
         !cJSON_AddStringToObject(y, "dtype", cv_st_dtype_name(a->y_dt)) ||
         cv_json_add_sizes(y, "shape", ys, a->d.y_shape.rank + 1) ||
-        !cJSON_AddNumberToObject(o, "staged_bytes", (double)a->reserved) ||
+        !cJSON_AddNumberToObject(o, "staged_bytes", (double)c->reserved) ||
         cv_json_add_time(o, "created_at", a->created_at) ||
-        cv_json_add_time(o, "updated_at", a->updated_at) ||
+        cv_json_add_time(o, "updated_at", c->updated_at) ||
         (s->timeout > 0 ? !cJSON_AddNumberToObject(o, "expires_in_s", left < 0 ? 0 : left)
                         : !cJSON_AddNullToObject(o, "expires_in_s"))) {
         cJSON_Delete(o);
@@ -303,7 +320,8 @@ static int describe_out(cv_staging *s, const area *a, cJSON **out, cv_err *e)
 {
     if (!out)
         return 0;
-    *out = describe(s, a, cv_now_s());
+    counts c = {a->d.n, a->reserved, a->parts, a->updated_at}; /* a is ours (busy) */
+    *out = describe(s, a, &c, cv_now_s());
     return *out ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
 }
 
@@ -349,8 +367,13 @@ int cv_staging_describe(cv_staging *s, const char *name, cJSON **out, cv_err *e)
     *out = NULL;
     pthread_mutex_lock(&s->mu);
     int i = find(s, name);
-    if (i >= 0)
-        *out = describe(s, s->v[i], cv_now_s());
+    if (i >= 0 && s->v[i]->pub_parts == 0)
+        i = -1; /* its first part is still arriving */
+    if (i >= 0) {
+        const area *a = s->v[i];
+        counts c = {a->pub_n, a->pub_reserved, a->pub_parts, a->pub_updated_at};
+        *out = describe(s, a, &c, cv_now_s());
+    }
     pthread_mutex_unlock(&s->mu);
     if (i < 0)
         return none_error(name, e);
@@ -465,6 +488,6 @@ void cv_staging_stats(cv_staging *s, int *areas, size_t *bytes)
     *areas = s->n;
     *bytes = 0;
     for (int i = 0; i < s->n; i++)
-        *bytes += s->v[i]->reserved;
+        *bytes += s->v[i]->pub_reserved;
     pthread_mutex_unlock(&s->mu);
 }
