@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -120,8 +121,25 @@ static int map_file(const char *path, const char *file, cv_mapped *m, cv_err *e)
     return rc;
 }
 
-int cv_datadir_map(const char *dir, const char *file, cv_dataset *d, cv_mapped **map,
-                   size_t *heap_bytes, size_t *mapped_bytes, cv_err *e)
+/* Bytes of the converted copies cv_datafile_load_borrowed would make of f
+ * (a tensor that is missing counts 0: the load names it). */
+static size_t copy_bytes(const cv_st_file *f)
+{
+    const cv_st_tensor *x = cv_st_find(f, "x"), *y = cv_st_find(f, "y");
+    size_t b = 0;
+    if (x && (x->dtype != CV_ST_F32 || (uintptr_t)x->data % sizeof(float)))
+        b += x->numel * sizeof(float);
+    if (y && cv_st_dtype_is_float(y->dtype) &&
+        (y->dtype != CV_ST_F32 || (uintptr_t)y->data % sizeof(float)))
+        b += y->numel * sizeof(float);
+    else if (y && !cv_st_dtype_is_float(y->dtype) &&
+             (y->dtype != CV_ST_I64 || (uintptr_t)y->data % sizeof(int64_t)))
+        b += y->numel * sizeof(int64_t);
+    return b;
+}
+
+int cv_datadir_map(const char *dir, const char *file, size_t max_copy, cv_dataset *d,
+                   cv_mapped **map, size_t *heap_bytes, size_t *mapped_bytes, cv_err *e)
 {
     *map = NULL;
     memset(d, 0, sizeof *d);
@@ -144,6 +162,16 @@ int cv_datadir_map(const char *dir, const char *file, cv_dataset *d, cv_mapped *
                    "file: %.280s", file, why.message);
         cv_mapped_free(m);
         return -1;
+    }
+    size_t need = copy_bytes(&f);
+    if (need > max_copy) {
+        cv_st_free(&f);
+        cv_mapped_free(m);
+        return cv_err_set(e, CV_ETOOLARGE, "registry_full", "file",
+                          "file '%.200s': its dtypes need a converted copy of %zu bytes (only "
+                          "F32 x and I64 labels / F32 targets are used in place), more than the "
+                          "%zu bytes left in the registry budget (--max-registry-bytes)", file,
+                          need, max_copy);
     }
     int rc = cv_datafile_load_borrowed(&f, d, &copied, e);
     cv_st_free(&f);

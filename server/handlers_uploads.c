@@ -154,7 +154,11 @@ void h_dataset_file_post(req *r)
         reply_oom(r);
         return;
     }
-    if (cv_datadir_map(r->h->cfg.data_dir, file, d, &map, &heap, &mapped, &e)) {
+    cv_registry_stats rs;
+    cv_registry_stats_get(r->h->reg, &rs);
+    size_t used = rs.bytes + rs.staged_bytes + rs.retired_bytes;
+    size_t room = used < rs.max_bytes ? rs.max_bytes - used : 0;
+    if (cv_datadir_map(r->h->cfg.data_dir, file, room, d, &map, &heap, &mapped, &e)) {
         free(d);
         cJSON_Delete(j);
         reply_err(r, &e);

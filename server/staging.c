@@ -216,7 +216,10 @@ static int check_part(const area *a, const cv_dataset *p, cv_st_dtype xdt, cv_st
     return 0;
 }
 
-static size_t y_size(const cv_dataset *d) { return d->y_is_index ? sizeof(int64_t) : sizeof(float); }
+static size_t y_size(const cv_dataset *d)
+{
+    return d->y_is_index ? sizeof(int64_t) : sizeof(float);
+}
 
 /* Grows a's arrays to hold k more rows, reserving the bytes first: 1.5x
  * the capacity when the budget allows, else exactly what is needed. */

@@ -194,7 +194,9 @@ class RowSplitter:
         # tensors in data order: (name, dtype, shape, begin, bytes per row)
         self.tensors: List[Tuple[str, str, List[int], int, int]] = []
         rows = None
-        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        def begin(kv: Tuple[str, Any]) -> int:
+            return int(kv[1]["data_offsets"][0])
+        for name, info in sorted(header.items(), key=begin):
             shape = list(info["shape"])
             a, b = info["data_offsets"]
             if not shape:
