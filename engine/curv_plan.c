@@ -21,11 +21,13 @@ static int probe(const cv_model *m, const cv_batch *b, size_t n, const cv_curv_o
     if (!p)
         return -1;
     cv_block *blk = malloc(sizeof *blk);
-    double *X = blk ? calloc(2 * (m->nparams_total + 1), sizeof(double)) : NULL;
+    double *X = blk ? calloc(m->nparams_total + 1, sizeof(double)) : NULL;
     int rc = X ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "memory probe");
     if (!rc) {
         cv_block_full(m, blk);
-        rc = cv_part_matvec_add(p, o->kind, blk, 1, X, X + blk->dim, e);
+        /* X is both the (zero) direction and the product: scattered before the
+         * product is added */
+        rc = cv_part_matvec_add(p, o->kind, blk, 1, X, X, e);
     }
     *state = cv_part_state_bytes(p);
     *work = cv_part_work_bytes(p);
