@@ -531,7 +531,8 @@ class Client:
         so both ``submit({"op": "trace", ...})`` and
         ``submit(op="trace", model="m", dataset="d", options={"max_probes": 30})``
         work.  Fields: ``op``, ``model``, ``dataset``, ``curvature``, ``batch``,
-        ``blocks``, ``seed``, ``options``; unknown fields are refused by the server (400).
+        ``blocks``, ``seed``, ``micro_batch`` (samples per micro-batch; default: from
+        the server's --job-memory), ``options``; unknown fields are refused by the server (400).
 
         Args:
             wait: Let the server hold the answer up to this many seconds for the result.
