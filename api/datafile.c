@@ -3,6 +3,7 @@
 
 #include <limits.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,9 +66,38 @@ static int load_int_x(const cv_st_tensor *x, cv_dataset *out, cv_err *e)
     return rc;
 }
 
-int cv_datafile_load(const cv_st_file *f, cv_dataset *out, cv_err *e)
+/* t's data as float32 / int64 without a copy, when its dtype and alignment
+ * allow it (and borrow is set), else NULL. */
+static void *in_place(const cv_st_tensor *t, cv_st_dtype want, size_t align, int borrow)
+{
+    if (!borrow || t->dtype != want || ((uintptr_t)t->data % align) != 0)
+        return NULL;
+    return (void *)(uintptr_t)t->data;
+}
+
+/* Frees what load() allocated: everything, or with borrow only the arrays
+ * flagged in copied. */
+static void load_fail(cv_dataset *out, int borrow, unsigned copied)
+{
+    if (borrow) {
+        if (copied & CV_DF_X_COPIED)
+            free(out->x);
+        if (copied & CV_DF_Y_COPIED) {
+            free(out->labels);
+            free(out->targets);
+        }
+    }
+    out->borrowed = 0;
+    if (borrow)
+        memset(out, 0, sizeof *out);
+    else
+        cv_dataset_free(out);
+}
+
+static int load(const cv_st_file *f, cv_dataset *out, int borrow, unsigned *copied, cv_err *e)
 {
     memset(out, 0, sizeof *out);
+    *copied = 0;
     char sh[160], sh2[160];
     for (size_t i = 0; i < f->ntensors; i++) {
         const char *nm = f->tensors[i].name;
@@ -114,24 +144,49 @@ int cv_datafile_load(const cv_st_file *f, cv_dataset *out, cv_err *e)
         return -1;
 
     out->n = n;
-    if (x_int ? load_int_x(x, out, e) : cv_st_to_f32(x, &out->x, e))
-        goto fail;
+    out->x = in_place(x, CV_ST_F32, sizeof(float), borrow);
+    if (!out->x) {
+        *copied |= CV_DF_X_COPIED;
+        if (x_int ? load_int_x(x, out, e) : cv_st_to_f32(x, &out->x, e))
+            goto fail;
+    }
     if (check_finite(out->x, x->numel, x->numel / n, "x", e))
         goto fail;
     out->y_is_index = is_index;
     if (is_index) {
-        if (cv_st_to_i64(y, &out->labels, e))
-            goto fail;
+        out->labels = in_place(y, CV_ST_I64, sizeof(int64_t), borrow);
+        if (!out->labels) {
+            *copied |= CV_DF_Y_COPIED;
+            if (cv_st_to_i64(y, &out->labels, e))
+                goto fail;
+        }
     } else {
-        if (cv_st_to_f32(y, &out->targets, e))
-            goto fail;
+        out->targets = in_place(y, CV_ST_F32, sizeof(float), borrow);
+        if (!out->targets) {
+            *copied |= CV_DF_Y_COPIED;
+            if (cv_st_to_f32(y, &out->targets, e))
+                goto fail;
+        }
         if (check_finite(out->targets, y->numel, y->numel / n, "y", e))
             goto fail;
     }
+    out->borrowed = borrow;
     return 0;
 fail:
-    cv_dataset_free(out);
+    load_fail(out, borrow, *copied);
     return -1;
+}
+
+int cv_datafile_load(const cv_st_file *f, cv_dataset *out, cv_err *e)
+{
+    unsigned copied;
+    return load(f, out, 0, &copied, e);
+}
+
+int cv_datafile_load_borrowed(const cv_st_file *f, cv_dataset *out, unsigned *copied,
+                              cv_err *e)
+{
+    return load(f, out, 1, copied, e);
 }
 
 int cv_datafile_parse(const void *buf, size_t len, cv_dataset *out, cv_err *e)

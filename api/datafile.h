@@ -17,6 +17,18 @@
 #include "engine/err.h"
 
 int cv_datafile_load(const cv_st_file *f, cv_dataset *out, cv_err *e);
+
+/* Like cv_datafile_load, with the same checks, but x (when F32) and y (I64
+ * labels or F32 targets) point into f's data, without a copy, where the
+ * tensor's dtype matches and its bytes are aligned for it; other dtypes
+ * (F64/F16/BF16 x, token ids, I32 labels, ...) or unaligned tensors are
+ * converted into new arrays, which *copied flags (CV_DF_X_COPIED,
+ * CV_DF_Y_COPIED).  out->borrowed is set: the caller frees the copied arrays
+ * (and keeps f's data alive) itself. */
+#define CV_DF_X_COPIED 1u
+#define CV_DF_Y_COPIED 2u
+int cv_datafile_load_borrowed(const cv_st_file *f, cv_dataset *out, unsigned *copied,
+                              cv_err *e);
 int cv_datafile_parse(const void *buf, size_t len, cv_dataset *out, cv_err *e);
 int cv_datafile_read(const char *path, cv_dataset *out, cv_err *e);
 

@@ -627,8 +627,17 @@ int cv_job_check_memory(const cv_job_spec *j, const cv_model *m, const cv_datase
     cv_batch batch;
     if (!lim->job_memory && !j->micro_batch)
         return 0;
-    if (make_batch(j, d, &batch, e))
+    if (j->batch.kind == CV_JOB_BATCH_INDICES) {
+        /* the probe reads the first two samples only: gather just those (the
+         * batch's own size is what the plan splits) */
+        size_t idx[2] = {(size_t)j->batch.indices[0],
+                         (size_t)j->batch.indices[j->batch.count > 1 ? 1 : 0]};
+        if (cv_batch_gather(d, idx, j->batch.count > 1 ? 2 : 1, &batch, e))
+            return -1;
+        batch.n = j->batch.count;
+    } else if (make_batch(j, d, &batch, e)) {
         return -1;
+    }
     cv_curv_options co;
     engine_options(j, m, &batch, lim, NULL, &co);
     int rc = cv_curv_plan_memory(m, &batch, &co, plan ? plan : &local, e);

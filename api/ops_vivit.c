@@ -112,7 +112,7 @@ static int build(cv_op_ctx *c, const cv_block *b, const cv_vivit_args *va, int *
     free(idx);
     if (rc)
         return -1;
-    o.subset_curv = cv_curv_new(c->m, &sb, NULL, e);
+    o.subset_curv = cv_curv_new(c->m, &sb, cv_curv_get_options(c->curv), e);
     if (!o.subset_curv || cv_vivit_init(v, c->curv, b, &o, e)) {
         cv_curv_free(o.subset_curv);
         cv_dataset_free(&sb);

@@ -300,6 +300,7 @@ void cv_curv_memory(const cv_curv *c, cv_curv_plan *out)
     out->peak_bytes = c->peak;
 }
 
+const cv_curv_options *cv_curv_get_options(const cv_curv *c) { return &c->opt; }
 const cv_model *cv_curv_model(const cv_curv *c) { return c->m; }
 size_t cv_curv_batch_size(const cv_curv *c) { return c->n; }
 double cv_curv_loss(cv_curv *c) { return c->loss; }

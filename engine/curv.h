@@ -125,6 +125,8 @@ void cv_curv_free(cv_curv *c);
 
 /* The split in use and the peak bytes accounted so far. */
 void cv_curv_memory(const cv_curv *c, cv_curv_plan *out);
+/* The options c was built with (an engine on a subset of its batch takes them). */
+const cv_curv_options *cv_curv_get_options(const cv_curv *c);
 
 const cv_model *cv_curv_model(const cv_curv *c);
 size_t cv_curv_batch_size(const cv_curv *c);

@@ -21,11 +21,13 @@ static int probe(const cv_model *m, const cv_batch *b, size_t n, const cv_curv_o
     if (!p)
         return -1;
     cv_block *blk = malloc(sizeof *blk);
-    double *X = blk ? calloc(2 * (m->nparams_total + 1), sizeof(double)) : NULL;
+    double *X = blk ? calloc(m->nparams_total + 1, sizeof(double)) : NULL;
     int rc = X ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "memory probe");
     if (!rc) {
         cv_block_full(m, blk);
-        rc = cv_part_matvec_add(p, o->kind, blk, 1, X, X + blk->dim, e);
+        /* X is both the (zero) direction and the product: scattered before the
+         * product is added */
+        rc = cv_part_matvec_add(p, o->kind, blk, 1, X, X, e);
     }
     *state = cv_part_state_bytes(p);
     *work = cv_part_work_bytes(p);
@@ -60,37 +62,58 @@ static double recomputed(const costs *c, size_t mb)
     return state_of(c, c->u * mb) + work_of(c, c->u * mb) + c->v;
 }
 
+/* Micro-batches kept when micro-batches of mb run within the budget. */
+static size_t kept(const costs *c, size_t mb, double budget)
+{
+    size_t M = (c->n + mb - 1) / mb;
+    if (budget <= 0 || all_cached(c, mb) <= budget)
+        return M;
+    double left = budget - recomputed(c, mb);
+    size_t keep = left > 0 ? (size_t)(left / state_of(c, mb)) : 0;
+    return keep < M - 1 ? keep : M - 1;
+}
+
+/* Relative time of one product over the batch in micro-batches of mb: the
+ * kernels lose efficiency below a few dozen samples (1 + 16/mb), and a
+ * recomputed sample costs its forward pass and the loss's backward pass
+ * (about 3/5 of a product of one vector; its share falls with the vectors
+ * per product). */
+static double est_time(const costs *c, size_t mb, double budget)
+{
+    double cached = (double)kept(c, mb, budget) * (double)mb;
+    double redo = (double)c->n - (cached < (double)c->n ? cached : (double)c->n);
+    return ((double)c->n + redo * 0.6 / c->k) * (1.0 + 16.0 / (double)mb);
+}
+
+/* The size with the least estimated time among those that fit: powers of
+ * two and the whole batch. */
 static size_t choose_size(const costs *c, double budget)
 {
-    if (budget <= 0)
+    if (budget <= 0 || all_cached(c, c->n) <= budget)
         return c->n;
-    size_t mb = c->n;
-    while (mb > 1 && all_cached(c, mb) > budget)
-        mb = (mb + 1) / 2;
-    if (all_cached(c, mb) <= budget)
-        return mb;
-    /* recomputation: one scratch state and the workspace take a quarter of
-     * what the vectors leave, the rest keeps states */
-    mb = 1;
-    while (mb < c->n && recomputed(c, 2 * mb) - c->v <= (budget - c->v) / 4)
-        mb *= 2;
-    return mb;
+    size_t best = 1;
+    double tbest = est_time(c, 1, budget);
+    for (size_t mb = 2; mb < 2 * c->n; mb *= 2) {
+        size_t m = mb < c->n ? mb : c->n;
+        if (recomputed(c, m) > budget)
+            break;
+        double t = est_time(c, m, budget);
+        if (t < tbest) {
+            tbest = t;
+            best = m;
+        }
+    }
+    return best;
 }
 
 static void fill_plan(const costs *c, size_t mb, double budget, cv_curv_plan *p)
 {
-    size_t M = (c->n + mb - 1) / mb;
     p->micro_batch = mb;
-    p->micro_batches = M;
-    if (budget <= 0 || all_cached(c, mb) <= budget) {
-        p->cached = M;
-        p->planned_bytes = (size_t)all_cached(c, mb);
-        return;
-    }
-    double left = budget - recomputed(c, mb);
-    size_t keep = left > 0 ? (size_t)(left / state_of(c, mb)) : 0;
-    p->cached = keep < M - 1 ? keep : M - 1;
-    p->planned_bytes = (size_t)(recomputed(c, mb) + (double)p->cached * state_of(c, mb));
+    p->micro_batches = (c->n + mb - 1) / mb;
+    p->cached = kept(c, mb, budget);
+    p->planned_bytes = (size_t)(p->cached == p->micro_batches
+                                    ? all_cached(c, mb)
+                                    : recomputed(c, mb) + (double)p->cached * state_of(c, mb));
 }
 
 static void fmt_bytes(char *buf, size_t len, double b)

@@ -450,17 +450,31 @@ static int backward_products(cv_part *c, cv_curvature kind, const char *active,
     return rc;
 }
 
-static int matvec_chunk(cv_part *c, cv_curvature kind, const cv_block *b, int k,
-                        const double *X, double *Y, cv_err *e)
+/* The forward half of a product: k directions X of block b through the
+ * live layers (tangents in rx[]), then the output matrix: M J X in a pooled
+ * buffer (NULL with e filled when out of memory). */
+static float *output_products(cv_part *c, cv_curvature kind, const cv_block *b, int k,
+                              const double *X, char *active, char *live, cv_err *e)
 {
-    char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
     cv_part_mark_block(c, b, active, live);
     scatter_dirs(c, b, active, k, X);
     cv_part_tangents(c, active, live, k);
     float *out = cv_part_pool_ensure(c, k, e) ? NULL : cv_part_pool_take(c);
-    if (!out)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
+    if (!out) {
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
+        return NULL;
+    }
     apply_output_matrix(c, kind, k, c->rx[c->L], out);
+    return out;
+}
+
+static int matvec_chunk(cv_part *c, cv_curvature kind, const cv_block *b, int k,
+                        const double *X, double *Y, cv_err *e)
+{
+    char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
+    float *out = output_products(c, kind, b, k, X, active, live, e);
+    if (!out)
+        return -1;
     int rc = backward_products(c, kind, active, live, k, out, e);
     if (!rc)
         gather_products(c, b, active, k, c->gth, Y);
@@ -547,14 +561,10 @@ static int quad_chunk(cv_part *c, cv_curvature kind, const cv_block *b, int k,
                       const double *X, double *q, cv_err *e)
 {
     char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
-    cv_part_mark_block(c, b, active, live);
     size_t olen = (size_t)c->n * c->C;
-    scatter_dirs(c, b, active, k, X);
-    cv_part_tangents(c, active, live, k);
-    float *out = cv_part_pool_ensure(c, k, e) ? NULL : cv_part_pool_take(c);
+    float *out = output_products(c, kind, b, k, X, active, live, e);
     if (!out)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cotangent buffers");
-    apply_output_matrix(c, kind, k, c->rx[c->L], out);
+        return -1;
     const float *r = c->rx[c->L];
     for (int j = 0; j < k; j++)
         q[j] += dot_fd(r + (size_t)j * olen, out + (size_t)j * olen, olen);

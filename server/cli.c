@@ -76,6 +76,13 @@ const cv_flag cv_serve_flags[] = {
      .fn = add_model, .help = "register a model (repeatable)"},
     {.name = "--dataset", .arg = "NAME=DATA.safetensors", .kind = CV_FLAG_CALL, .fn = add_dataset,
      .help = "register a dataset (repeatable)"},
+    {.name = "--data-dir", .arg = "DIR", .kind = CV_FLAG_STRING, .off = SERVE(http.data_dir),
+     .dflt = "none",
+     .help = "safetensors files in DIR can be registered by name\n"
+             "(POST /v1/datasets/{name} {\"file\": ...}), memory-mapped"},
+    {.name = "--upload-timeout", .arg = "SECONDS", .kind = CV_FLAG_SECONDS,
+     .off = SERVE(http.upload_timeout), .hi = 1e9,
+     .help = "an upload in parts idle this long is dropped;\n0 = never"},
     {.name = "--no-demo", .kind = CV_FLAG_SWITCH, .off = SERVE(demo), .ival = 0,
      .help = "do not register the built-in demo models/datasets"},
     {.name = "--log-requests", .kind = CV_FLAG_SWITCH, .off = SERVE(http.log_requests), .ival = 1,

@@ -17,6 +17,9 @@ void h_health(req *r)
     cv_registry_stats rs;
     cv_jobs_stats js;
     cv_registry_stats_get(r->h->reg, &rs);
+    int staged_areas;
+    size_t staged_bytes;
+    cv_staging_stats(r->h->staging, &staged_areas, &staged_bytes);
     cv_jobs_stats_get(r->h->jobs, &js);
     int draining = cv_jobs_draining(r->h->jobs);
     cJSON *j = cJSON_CreateObject();
@@ -32,6 +35,10 @@ void h_health(req *r)
               !cJSON_AddNumberToObject(j, "registry_bytes", (double)rs.bytes) ||
               !cJSON_AddNumberToObject(j, "max_registry_bytes", (double)rs.max_bytes) ||
               !cJSON_AddNumberToObject(j, "registry_retired_bytes", (double)rs.retired_bytes) ||
+              !cJSON_AddNumberToObject(j, "registry_staged_bytes", (double)rs.staged_bytes) ||
+              !cJSON_AddNumberToObject(j, "staged_uploads", staged_areas) ||
+              !cJSON_AddNumberToObject(j, "max_body_bytes", (double)r->h->cfg.max_body) ||
+              !cJSON_AddBoolToObject(j, "data_dir", r->h->cfg.data_dir != NULL) ||
               !cJSON_AddNumberToObject(j, "kept_job_bytes", (double)js.kept_bytes) ||
               !cJSON_AddNumberToObject(j, "max_kept_bytes", (double)js.max_kept_bytes))) {
         cJSON_Delete(j);

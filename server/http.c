@@ -65,6 +65,16 @@ static const route routes[] = {
     {{"PUT", "/v1/datasets/{name}", "Create or replace a dataset (safetensors body)"},
      h_dataset_put, NULL},
     {{"DELETE", "/v1/datasets/{name}", "Delete a dataset"}, h_dataset_delete, NULL},
+    {{"POST", "/v1/datasets/{name}", "Register a file of --data-dir (memory-mapped)"},
+     h_dataset_file_post, NULL},
+    {{"POST", "/v1/datasets/{name}/parts", "Append a part to an upload in parts (safetensors "
+      "body)"}, h_dataset_parts_post, NULL},
+    {{"GET", "/v1/datasets/{name}/parts", "Describe an upload in parts"}, h_dataset_parts_get,
+     NULL},
+    {{"DELETE", "/v1/datasets/{name}/parts", "Abandon an upload in parts"},
+     h_dataset_parts_delete, NULL},
+    {{"POST", "/v1/datasets/{name}/commit", "Register the dataset uploaded in parts"},
+     h_dataset_commit, NULL},
     {{"GET", "/v1/datasets/{name}/data", "Download the dataset (safetensors)"},
      h_dataset_data_get, NULL},
     {{"GET", "/v1/jobs", "List jobs (filters: status, model, dataset, op, limit)"},
@@ -158,6 +168,7 @@ static int match(const char *tmpl, const char *path, char *param, size_t plen, i
 
 static void dispatch(req *r)
 {
+    cv_staging_sweep(r->h->staging, cv_now_s()); /* idle uploads in parts */
     char path[512];
     size_t n = strlen(r->url);
     if (n >= sizeof path) {
@@ -408,6 +419,12 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
     unsigned conn_timeout = cto > 86400 * 30 ? 0 /* none */ : (unsigned)cto + 1;
     h->reg = reg;
     h->jobs = jobs;
+    h->staging = cv_staging_new(reg, h->cfg.upload_timeout);
+    if (!h->staging) {
+        free(h);
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+        return NULL;
+    }
     h->started = cv_now_s();
     for (int i = 0; i < 6; i++)
         atomic_init(&h->requests[i], 0);
@@ -418,6 +435,7 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
                      MHD_USE_POLL | MHD_USE_ERROR_LOG;
     if (c->port < 0 || c->port > 65535) {
+        cv_staging_free(h->staging);
         free(h);
         cv_err_set(e, CV_EINVAL, "invalid_port", "port", "port must be 0..65535");
         return NULL;
@@ -434,6 +452,7 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
         sa = (struct sockaddr *)&a6;
         flags |= MHD_USE_IPv6;
     } else {
+        cv_staging_free(h->staging);
         free(h);
         cv_err_set(e, CV_EINVAL, "invalid_bind", "bind",
                    "--bind '%s' is not an IPv4 or IPv6 address", c->bind);
@@ -447,6 +466,7 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
                             MHD_OPTION_END);
     if (!h->d) {
+        cv_staging_free(h->staging);
         free(h);
         cv_err_set(e, CV_EINTERNAL, "listen_failed", "port",
                    "cannot listen on %s port %d (in use, or not a local address?); choose "
@@ -467,5 +487,6 @@ void cv_http_stop(cv_http *h)
         return;
     if (h->d)
         MHD_stop_daemon(h->d);
+    cv_staging_free(h->staging);
     free(h);
 }

@@ -7,7 +7,10 @@
  * worker pool of jobs.c.  Request bodies are accumulated up to max_body
  * bytes (max_job_body for POST /v1/jobs); a larger body (by Content-Length
  * or as it streams) is answered 413 body_too_large, a body that cannot be
- * buffered for lack of memory 503 out_of_memory.  Idle connections are
+ * buffered for lack of memory 503 out_of_memory.  A dataset larger than
+ * max_body is uploaded in parts (server/staging.c) or registered from a file
+ * of data_dir (server/datadir.c).  Idle uploads in parts are dropped after
+ * upload_timeout seconds (checked as requests come in).  Idle connections are
  * closed after max_wait + 60 seconds, so a request blocked in ?wait= is
  * never cut off.
  * Every error is the interface's {"error": {"code", "message", "field"}} with
@@ -36,6 +39,8 @@ typedef struct {
     unsigned max_connections;
     double max_wait;          /* cap on ?wait= seconds; 0: ?wait= never waits */
     int log_requests;         /* one stderr line per request */
+    const char *data_dir;     /* --data-dir: files registrable by name (NULL: none) */
+    double upload_timeout;    /* seconds an idle upload in parts is kept (<= 0: forever) */
 } cv_http_config;
 
 typedef struct cv_http cv_http;

@@ -21,11 +21,13 @@
 #include "server/http.h"
 #include "server/jobs.h"
 #include "server/registry.h"
+#include "server/staging.h"
 
 struct cv_http {
     cv_http_config cfg;
     cv_registry *reg;
     cv_jobs *jobs;
+    cv_staging *staging;      /* uploads in parts */
     struct MHD_Daemon *d;
     int port;
     double started;
@@ -99,6 +101,13 @@ void h_dataset_get(req *r);
 void h_dataset_put(req *r);
 void h_dataset_delete(req *r);
 void h_dataset_data_get(req *r);
+
+/* handlers_uploads.c */
+void h_dataset_file_post(req *r);
+void h_dataset_parts_post(req *r);
+void h_dataset_parts_get(req *r);
+void h_dataset_parts_delete(req *r);
+void h_dataset_commit(req *r);
 
 /* handlers_jobs.c */
 void h_jobs_post(req *r);

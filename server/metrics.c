@@ -124,6 +124,8 @@ char *cv_metrics_render(cv_registry *reg, cv_jobs *jobs, const cv_http_counters 
     gauge(&s, "curvd_registry_retired_bytes", "Bytes of replaced or deleted versions still "
           "pinned by queued or running jobs (counted against the budget).",
           (double)rs.retired_bytes);
+    gauge(&s, "curvd_registry_staged_bytes", "Bytes reserved by uploads in parts not yet "
+          "committed (counted against the budget).", (double)rs.staged_bytes);
     gauge(&s, "curvd_registry_budget_bytes", "Registry memory budget (--max-registry-bytes).",
           (double)rs.max_bytes);
     gauge(&s, "curvd_models", "Registered models.", rs.models);

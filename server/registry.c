@@ -31,6 +31,7 @@ struct cv_registry {
     cv_snap **retired;
     int nretired, retired_cap;
     size_t retired_bytes;
+    size_t staged;            /* reserved by uploads in parts (cv_registry_reserve) */
     unsigned long lineages;   /* registrations so far (cv_snap.lineage) */
 };
 
@@ -129,11 +130,13 @@ void cv_snap_unref(cv_snap *s)
         return;
     free_model(s->model);
     free_dataset(s->data);
+    if (s->backing_free)
+        s->backing_free(s->backing);
     free(s);
 }
 
 static cv_snap *snap_new(cv_reg_kind kind, const char *name, cv_model *m, cv_dataset *d,
-                         const char *source)
+                         const char *source, const cv_dataset_backing *b)
 {
     cv_snap *s = calloc(1, sizeof *s);
     if (!s)
@@ -144,7 +147,12 @@ static cv_snap *snap_new(cv_reg_kind kind, const char *name, cv_model *m, cv_dat
     snprintf(s->source, sizeof s->source, "%s", source ? source : "http");
     s->model = m;
     s->data = d;
-    s->bytes = m ? cv_model_bytes(m) : cv_dataset_bytes(d);
+    s->bytes = m ? cv_model_bytes(m) : b && b->bytes ? b->bytes : cv_dataset_bytes(d);
+    if (b) {
+        s->mapped_bytes = b->mapped_bytes;
+        s->backing = b->backing;
+        s->backing_free = b->backing_free;
+    }
     s->version = 1;
     s->created_at = s->updated_at = cv_wall_s();
     return s;
@@ -225,13 +233,15 @@ static void sweep(cv_registry *r)
     }
 }
 
+/* freed: bytes that the operation gives back (a replaced version, its own
+ * staged reservation). */
 static int budget_error(cv_registry *r, size_t need, size_t freed, const char *name, cv_err *e)
 {
     return cv_err_set(e, CV_ETOOLARGE, "registry_full", "",
                       "'%s' needs %zu bytes but the registry memory budget "
-                      "(--max-registry-bytes) is %zu bytes with %zu in use; delete "
-                      "something or raise the budget", name, need, r->max_bytes,
-                      r->bytes - freed);
+                      "(--max-registry-bytes) is %zu bytes with %zu in use (%zu of them "
+                      "reserved by uploads in parts); delete something or raise the budget",
+                      name, need, r->max_bytes, r->bytes + r->staged - freed, r->staged);
 }
 
 /* Inserts or replaces s under the lock.  replace: 0 = must not exist,
@@ -242,7 +252,7 @@ static int budget_error(cv_registry *r, size_t need, size_t freed, const char *n
  * replaced snapshot is returned in *old (unref outside) unless it went to
  * the retired list. */
 static int install(cv_registry *r, cv_snap *s, int replace, const cv_snap *expect,
-                   int *created, cv_snap **old, cv_err *e)
+                   size_t staged, int *created, cv_snap **old, cv_err *e)
 {
     *old = NULL;
     slot *sl = find_slot(r, s->kind, s->name);
@@ -268,24 +278,28 @@ static int install(cv_registry *r, cv_snap *s, int replace, const cv_snap *expec
                           "%s '%s' was deleted while the request was processed",
                           kind_word(s->kind), s->name);
     size_t freed = sl ? sl->cur->bytes : 0;
+    if (staged > r->staged)
+        staged = r->staged;
+    size_t used = r->bytes + r->staged - staged; /* current versions and other reservations */
     /* the current snapshot is only freed if no job (nor anyone but the
      * caller) still holds it; otherwise it is retired and stays counted */
     int held = expect && sl->cur == expect;
     size_t really_freed = sl && atomic_load(&sl->cur->refs) <= 1 + held ? freed : 0;
-    if (s->bytes > r->max_bytes || r->bytes - freed + s->bytes > r->max_bytes)
-        return budget_error(r, s->bytes, freed, s->name, e);
-    if (r->bytes + r->retired_bytes - really_freed + s->bytes > r->max_bytes)
+    if (s->bytes > r->max_bytes || used - freed + s->bytes > r->max_bytes)
+        return budget_error(r, s->bytes, freed + staged, s->name, e);
+    if (used + r->retired_bytes - really_freed + s->bytes > r->max_bytes)
         return cv_err_set(e, CV_EBUSY, "registry_full", "",
                           "'%s' needs %zu bytes: the registry memory budget "
                           "(--max-registry-bytes) is %zu bytes, %zu are in current versions "
                           "and %zu in %d older version%s still pinned by queued or running "
                           "jobs%s; retry when those jobs finish, or raise the budget",
-                          s->name, s->bytes, r->max_bytes, r->bytes - freed + really_freed,
+                          s->name, s->bytes, r->max_bytes, used - freed + really_freed,
                           r->retired_bytes + (freed - really_freed),
                           r->nretired + (freed != really_freed),
                           r->nretired + (freed != really_freed) == 1 ? "" : "s",
                           freed != really_freed ? " (the version being replaced included)" : "");
     if (sl) {
+        r->staged -= staged;
         s->version = sl->cur->version + 1;
         s->created_at = sl->cur->created_at;
         s->lineage = sl->cur->lineage;
@@ -304,6 +318,7 @@ static int install(cv_registry *r, cv_snap *s, int replace, const cv_snap *expec
         r->slots = ns;
         r->cap = ncap;
     }
+    r->staged -= staged;
     sl = &r->slots[r->nslots++];
     memset(sl, 0, sizeof *sl);
     sl->kind = s->kind;
@@ -314,6 +329,22 @@ static int install(cv_registry *r, cv_snap *s, int replace, const cv_snap *expec
     if (created)
         *created = 1;
     return 0;
+}
+
+/* Installs the new snapshot s (see install); on failure s stays the caller's. */
+static int install_snap(cv_registry *r, cv_snap *s, int replace, const cv_snap *expect,
+                        size_t staged, int *created, cv_snap **out, cv_err *e)
+{
+    cv_snap *old = NULL;
+    pthread_mutex_lock(&r->mu);
+    int rc = install(r, s, replace, expect, staged, created, &old, e);
+    if (rc == 0 && out) {
+        cv_snap_ref(s);
+        *out = s;
+    }
+    pthread_mutex_unlock(&r->mu);
+    cv_snap_unref(old);
+    return rc;
 }
 
 static int add_snap(cv_registry *r, cv_reg_kind kind, const char *name, cv_model *m,
@@ -328,24 +359,65 @@ static int add_snap(cv_registry *r, cv_reg_kind kind, const char *name, cv_model
         free_dataset(d);
         return -1;
     }
-    cv_snap *s = snap_new(kind, name, m, d, source);
+    cv_snap *s = snap_new(kind, name, m, d, source, NULL);
     if (!s) {
         free_model(m);
         free_dataset(d);
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
     }
-    cv_snap *old = NULL;
-    pthread_mutex_lock(&r->mu);
-    int rc = install(r, s, replace, expect, created, &old, e);
-    if (rc == 0 && out) {
-        cv_snap_ref(s);
-        *out = s;
-    }
-    pthread_mutex_unlock(&r->mu);
-    cv_snap_unref(old);
+    int rc = install_snap(r, s, replace, expect, 0, created, out, e);
     if (rc)
         cv_snap_unref(s);
     return rc;
+}
+
+int cv_registry_install_dataset(cv_registry *r, const char *name, cv_dataset *d,
+                                const char *source, int replace, const cv_dataset_backing *b,
+                                int *created, cv_snap **out, cv_err *e)
+{
+    sweep(r);
+    if (out)
+        *out = NULL;
+    if (cv_name_check(name, "name", e))
+        return -1;
+    cv_snap *s = snap_new(CV_REG_DATASET, name, NULL, d, source, b);
+    if (!s)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    int rc = install_snap(r, s, replace, NULL, b ? b->staged : 0, created, out, e);
+    if (rc) { /* d and the backing go back to the caller */
+        s->data = NULL;
+        s->backing_free = NULL;
+        cv_snap_unref(s);
+    }
+    return rc;
+}
+
+int cv_registry_reserve(cv_registry *r, size_t bytes, const char *what, cv_err *e)
+{
+    sweep(r);
+    pthread_mutex_lock(&r->mu);
+    size_t used = r->bytes + r->staged;
+    int rc = 0;
+    if (bytes > r->max_bytes || used > r->max_bytes - bytes)
+        rc = budget_error(r, bytes, 0, what, e);
+    else if (used + r->retired_bytes > r->max_bytes - bytes)
+        rc = cv_err_set(e, CV_EBUSY, "registry_full", "",
+                        "'%s' needs %zu more bytes: the registry memory budget "
+                        "(--max-registry-bytes) is %zu bytes, %zu are in use and %zu in %d "
+                        "older version%s still pinned by queued or running jobs; retry when "
+                        "those jobs finish, or raise the budget", what, bytes, r->max_bytes,
+                        used, r->retired_bytes, r->nretired, r->nretired == 1 ? "" : "s");
+    else
+        r->staged += bytes;
+    pthread_mutex_unlock(&r->mu);
+    return rc;
+}
+
+void cv_registry_unreserve(cv_registry *r, size_t bytes)
+{
+    pthread_mutex_lock(&r->mu);
+    r->staged -= bytes < r->staged ? bytes : r->staged;
+    pthread_mutex_unlock(&r->mu);
 }
 
 int cv_registry_add_model(cv_registry *r, const char *name, cv_model *m, const char *source,
@@ -521,6 +593,7 @@ void cv_registry_stats_get(cv_registry *r, cv_registry_stats *st)
     st->max_bytes = r->max_bytes;
     st->retired_bytes = r->retired_bytes;
     st->retired = r->nretired;
+    st->staged_bytes = r->staged;
     for (int i = 0; i < r->nslots; i++) {
         if (r->slots[i].kind == CV_REG_MODEL)
             st->models++;
@@ -663,6 +736,9 @@ cJSON *cv_snap_to_json(const cv_snap *s, int full)
     if (!cJSON_AddStringToObject(o, "name", s->name) ||
         !cJSON_AddNumberToObject(o, "version", (double)s->version) ||
         !cJSON_AddNumberToObject(o, "bytes", (double)s->bytes) ||
+        (s->kind == CV_REG_DATASET &&
+         (!cJSON_AddBoolToObject(o, "mapped", s->backing != NULL) ||
+          (s->backing && !cJSON_AddNumberToObject(o, "mapped_bytes", (double)s->mapped_bytes)))) ||
         !cJSON_AddStringToObject(o, "source", s->source) ||
         cv_json_add_time(o, "created_at", s->created_at) ||
         cv_json_add_time(o, "updated_at", s->updated_at))

@@ -13,9 +13,11 @@
  * a client is watching.
  *
  * Memory budget: the bytes of the current snapshots (model structure plus
- * parameters and buffers; dataset arrays) plus the bytes of older (replaced
- * or deleted) snapshots still pinned by queued or running jobs may not
- * exceed max_bytes.  An upload too large for the budget by itself (current
+ * parameters and buffers; dataset arrays, for a memory-mapped dataset only
+ * the arrays that had to be converted) plus the bytes reserved by uploads
+ * in parts still being assembled (cv_registry_reserve, server/staging.c)
+ * plus the bytes of older (replaced or deleted) snapshots still pinned by
+ * queued or running jobs may not exceed max_bytes.  An upload too large for the budget by itself (current
  * versions only) fails with 413 registry_full; one that fits only once the
  * pinned old versions are freed (their jobs finish) fails with 429
  * registry_full, retryable.  Old versions leave the count as soon as the
@@ -57,6 +59,9 @@ typedef struct cv_snap {
     char source[160];         /* where it came from: "http", "file ...", "demo: ..." */
     cv_model *model;          /* CV_REG_MODEL: finalized, parameters allocated */
     cv_dataset *data;         /* CV_REG_DATASET */
+    size_t mapped_bytes;      /* bytes of a memory-mapped file data points into (not in bytes) */
+    void *backing;            /* what data borrows from (a mapping), or NULL */
+    void (*backing_free)(void *backing); /* called with the last reference, after data */
 } cv_snap;
 
 typedef struct cv_registry cv_registry;
@@ -64,6 +69,7 @@ typedef struct cv_registry cv_registry;
 typedef struct {
     size_t bytes, max_bytes;
     size_t retired_bytes;     /* older versions still pinned by jobs */
+    size_t staged_bytes;      /* reserved by uploads in parts not yet committed */
     int retired;              /* how many */
     int models, datasets;
 } cv_registry_stats;
@@ -92,6 +98,29 @@ int cv_registry_add_dataset(cv_registry *r, const char *name, cv_dataset *d,
 /* Creates or replaces a dataset (PUT); *created tells which. */
 int cv_registry_put_dataset(cv_registry *r, const char *name, cv_dataset *d, const char *source,
                             int *created, cv_snap **out, cv_err *e);
+/* How a dataset given to cv_registry_install_dataset is held. */
+typedef struct {
+    size_t staged;            /* bytes reserved with cv_registry_reserve that the new
+                               * snapshot takes over (released on success) */
+    size_t bytes;             /* bytes to count (0: cv_dataset_bytes) */
+    size_t mapped_bytes;      /* see cv_snap */
+    void *backing;
+    void (*backing_free)(void *backing);
+} cv_dataset_backing;
+
+/* Registers d (replace 0: must be new, 409 if it exists; 2: create or
+ * replace).  Unlike cv_registry_add_dataset it takes ownership of d (and of
+ * b's backing) only on success: on failure both stay the caller's. */
+int cv_registry_install_dataset(cv_registry *r, const char *name, cv_dataset *d,
+                                const char *source, int replace, const cv_dataset_backing *b,
+                                int *created, cv_snap **out, cv_err *e);
+
+/* Reserves bytes of the budget for an upload being assembled (413
+ * registry_full if the budget cannot hold them, 429 if it can once pinned old
+ * versions are freed); what names it in messages. */
+int cv_registry_reserve(cv_registry *r, size_t bytes, const char *what, cv_err *e);
+void cv_registry_unreserve(cv_registry *r, size_t bytes);
+
 /* Replaces a model's parameters from a safetensors buffer: a new snapshot
  * with version + 1.  404 if unknown, 400 if the tensors do not fit, 409
  * conflict if the name was re-registered while the buffer was parsed, 413/429

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -37,6 +38,7 @@ void cv_serve_config_default(cv_serve_config *c)
     c->http.max_job_body = (size_t)16 << 20;
     c->http.max_connections = 512;
     c->http.max_wait = 300;
+    c->http.upload_timeout = 3600;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     c->jobs.workers = ncpu < 1 ? 1 : ncpu > 8 ? 8 : (int)ncpu;
     c->jobs.max_queue = 256;
@@ -136,6 +138,11 @@ int cv_serve(const cv_serve_config *c)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    struct stat dst;
+    if (c->http.data_dir && (stat(c->http.data_dir, &dst) != 0 || !S_ISDIR(dst.st_mode))) {
+        fprintf(stderr, "curvd: --data-dir %s: not a readable directory\n", c->http.data_dir);
+        return 2;
+    }
     cv_set_blas_threads(c->blas_threads);
     cv_registry *reg = cv_registry_new(c->max_registry_bytes);
     if (!reg) {

@@ -585,6 +585,57 @@ START_TEST(jobs_queue_full_cancel_and_drain)
 }
 END_TEST
 
+/* A job over micro-batches (issue 20): progress names the micro-batches of
+ * the running product, DELETE stops it within one, and a job whose minimum
+ * does not fit the budget is refused at submission (400 job_memory). */
+START_TEST(jobs_micro_batches_progress_cancel_budget)
+{
+    jfx f;
+    jfx_make(&f, 1, 4, 0);
+    cv_job *a;
+    cv_err e;
+    ck_assert_int_eq(submit(&f,
+                            "{\"op\":\"trace\",\"model\":\"m\",\"dataset\":\"d\","
+                            "\"micro_batch\":1,\"options\":{\"max_probes\":1000000,\"tol\":0}}",
+                            &a, &e),
+                     0);
+    wait_running(&f, a);
+    int seen = 0;
+    for (int i = 0; i < 1000 && !seen; i++) {
+        cJSON *s = status_of(&f, a);
+        cJSON *p = cJSON_GetObjectItem(s, "progress");
+        cJSON *done = cJSON_GetObjectItem(p, "micro_batches_done"),
+              *total = cJSON_GetObjectItem(p, "micro_batches");
+        if (done && total) {
+            ck_assert_int_eq(total->valueint, 300);
+            ck_assert(done->valueint >= 0 && done->valueint <= 300);
+            seen = 1;
+        }
+        cJSON_Delete(s);
+    }
+    ck_assert_msg(seen, "progress never named the micro-batches");
+    cv_jobs_cancel(f.jobs, a, 10);
+    expect_status(&f, a, "cancelled", NULL);
+    cv_job_unref(a);
+    jfx_free(&f);
+
+    jfx_make(&f, 1, 4, 0);
+    cv_jobs_free(f.jobs);
+    cv_jobs_config c = {.workers = 1, .max_queue = 4, .keep_s = 600, .max_kept = 1000};
+    cv_job_limits_default(&c.limits);
+    c.limits.job_memory = 1000; /* below one sample's state */
+    f.jobs = cv_jobs_new(&c, f.reg, &e);
+    ck_assert_ptr_nonnull(f.jobs);
+    ck_assert_int_eq(submit(&f, "{\"op\":\"trace\",\"model\":\"m\",\"dataset\":\"d\"}", &a,
+                            &e),
+                     -1);
+    ck_assert_int_eq(e.status, CV_EINVAL);
+    ck_assert_str_eq(e.code, "job_memory");
+    ck_assert_msg(strstr(e.message, "needs at least") != NULL, "%s", e.message);
+    jfx_free(&f);
+}
+END_TEST
+
 START_TEST(jobs_time_limit_and_shutdown_cancel)
 {
     jfx f;
@@ -934,7 +985,7 @@ START_TEST(usage_lists_every_flag)
                       argc > 1 ? argv[1] : "");
         if (fl->kind == CV_FLAG_CALL)
             ck_assert_int_eq(a.cfg.nmodels + a.cfg.ndatasets, 1);
-        else if (fl->kind == CV_FLAG_STRING)
+        else if (fl->kind == CV_FLAG_STRING && !fl->dflt) /* (none: --data-dir) */
             ck_assert_str_eq(*(const char **)((char *)&a + fl->off),
                              *(const char **)((char *)&def + fl->off));
         else if (fl->kind != CV_FLAG_SWITCH && !fl->dflt) {
@@ -1034,6 +1085,7 @@ static Suite *server_suite(void)
     tcase_add_test(jobs, jobs_run_and_report);
     tcase_add_test(jobs, jobs_queue_full_cancel_and_drain);
     tcase_add_test(jobs, jobs_time_limit_and_shutdown_cancel);
+    tcase_add_test(jobs, jobs_micro_batches_progress_cancel_budget);
     tcase_add_test(jobs, finished_jobs_are_purged);
     tcase_add_test(jobs, json_bodies_end_with_newline);
     suite_add_tcase(s, jobs);

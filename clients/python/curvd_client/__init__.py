@@ -13,8 +13,8 @@ Standard library only.  The PyTorch helpers live in
 See the "Clients" section of the top-level README for the full tour.
 """
 from .client import (TERMINAL_STATUSES, Client, CurvdError, Job, JobFailed, JobTimeout,
-                     Progress)
+                     Progress, progress_bar)
 
 __version__ = "0.1.0"
 __all__ = ["Client", "Job", "Progress", "CurvdError", "JobFailed", "JobTimeout",
-           "TERMINAL_STATUSES", "__version__"]
+           "TERMINAL_STATUSES", "progress_bar", "__version__"]

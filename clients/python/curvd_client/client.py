@@ -13,19 +13,23 @@ state, so one client may be shared by several threads.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import socket
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
 from pathlib import PurePath
+
+from .safetensors import RowSplitter
 from typing import (Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional,
                     Tuple, Union, cast)
 
 __all__ = ["Client", "Job", "Progress", "CurvdError", "JobFailed", "JobTimeout",
-           "TERMINAL_STATUSES"]
+           "TERMINAL_STATUSES", "progress_bar"]
 
 #: Job statuses after which nothing changes any more.
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
@@ -119,6 +123,53 @@ class Progress(NamedTuple):
                                            100 * self.fraction)
 
 
+#: ``progress(sent_bytes, total_bytes)``, called as an upload goes on.
+UploadProgress = Callable[[int, int], None]
+
+
+def progress_bar(label: str = "upload", stream: Any = None) -> UploadProgress:
+    """A progress callback drawing ``label [#####.....] 52% 12.3/23.6 MB`` on stderr
+    (one line, redrawn; a newline when done)."""
+    out = stream if stream is not None else sys.stderr
+
+    def draw(sent: int, total: int) -> None:
+        frac = sent / total if total else 1.0
+        n = int(frac * 30)
+        out.write("\r%s [%s%s] %3d%% %.1f/%.1f MB" % (label, "#" * n, "." * (30 - n),
+                                                      int(100 * frac), sent / 1e6, total / 1e6))
+        if sent >= total:
+            out.write("\n")
+        out.flush()
+    return draw
+
+
+class _Source:
+    """The bytes of a SafetensorsLike: bytes as they are, a path memory-mapped."""
+
+    def __init__(self, source: SafetensorsLike) -> None:
+        self.source = source
+        self.f: Any = None
+        self.map: Any = None
+
+    def __enter__(self) -> Any:
+        s = self.source
+        if isinstance(s, (bytes, bytearray, memoryview)):
+            return s
+        if isinstance(s, (str, PurePath)) or hasattr(s, "__fspath__"):
+            self.f = open(os.fspath(s), "rb")
+            if os.fstat(self.f.fileno()).st_size == 0:
+                return b""
+            self.map = mmap.mmap(self.f.fileno(), 0, access=mmap.ACCESS_READ)
+            return self.map
+        raise TypeError("data must be bytes or a file path, not %s" % type(s).__name__)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.map is not None:
+            self.map.close()
+        if self.f is not None:
+            self.f.close()
+
+
 def _read(source: SafetensorsLike, what: str) -> bytes:
     """Bytes given directly, or the content of the file at a path."""
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -177,6 +228,7 @@ class Client:
             url = "http://" + url
         self.base_url = url
         self.timeout = float(timeout)
+        self._max_body: Optional[int] = None
 
     def __repr__(self) -> str:
         return "Client(%r, timeout=%r)" % (self.base_url, self.timeout)
@@ -339,26 +391,127 @@ class Client:
         """A dataset's description: n, x shape, y kind/dtype/shape, version."""
         return self._json("GET", "/v1/datasets/" + self._name(name))
 
-    def register_dataset(self, name: str, data: SafetensorsLike) -> Dict[str, Any]:
+    def register_dataset(self, name: str, data: SafetensorsLike, *,
+                         progress: Optional[UploadProgress] = None) -> Dict[str, Any]:
         """Registers a new dataset (``POST /v1/datasets``, multipart; 409 if it exists).
 
         ``data`` is a safetensors file (bytes or a path) with tensors ``x`` and
         ``y`` (docs/interface.md §2), e.g. from :func:`curvd_client.torch_export.export_dataset`.
+        A file larger than the server's ``--max-body`` is uploaded in parts
+        (:meth:`upload_dataset`); ``progress(sent_bytes, total_bytes)`` is
+        called after each part (see :func:`progress_bar`).
         """
+        return self.upload_dataset(name, data, replace=False, progress=progress)
+
+    def put_dataset(self, name: str, data: SafetensorsLike, *,
+                    progress: Optional[UploadProgress] = None) -> Dict[str, Any]:
+        """Creates or replaces a dataset (``PUT /v1/datasets/{name}``); a replacement's version increments.
+
+        Larger than ``--max-body``: uploaded in parts, as :meth:`register_dataset`.
+        """
+        return self.upload_dataset(name, data, replace=True, progress=progress)
+
+    def register_dataset_file(self, name: str, path: PathLike, *,
+                              progress: Optional[UploadProgress] = None) -> Dict[str, Any]:
+        """Registers a dataset from a safetensors file (in parts when it is large)."""
+        return self.register_dataset(name, path, progress=progress)
+
+    def max_body(self) -> Optional[int]:
+        """The server's ``--max-body`` (``max_body_bytes`` of ``GET /v1/health``), cached;
+        None for a server that does not report it."""
+        if self._max_body is None:
+            try:
+                doc = self.health()
+            except CurvdError as e:
+                if e.status != 503:
+                    raise
+                doc = e.body or {}
+            v = doc.get("max_body_bytes")
+            self._max_body = int(v) if isinstance(v, (int, float)) and v > 0 else 0
+        return self._max_body or None
+
+    def upload_dataset(self, name: str, data: SafetensorsLike, *, replace: bool = False,
+                       part_bytes: Optional[int] = None,
+                       progress: Optional[UploadProgress] = None) -> Dict[str, Any]:
+        """Registers (``replace=False``) or creates/replaces (``replace=True``) a dataset of any size.
+
+        When the file fits in one request below the server's ``--max-body`` (or
+        ``part_bytes``, if given) it is sent in one piece (``POST`` multipart or
+        ``PUT``); otherwise it is split by rows into parts of at most that many
+        bytes (:class:`curvd_client.safetensors.RowSplitter`; a path is
+        memory-mapped, not read whole), sent with ``POST
+        /v1/datasets/{name}/parts`` and registered with ``POST
+        /v1/datasets/{name}/commit`` (which checks the row and part counts).  An
+        earlier unfinished upload of the name is discarded first; if a part
+        fails the upload is abandoned (``DELETE .../parts``) and the error raised.
+        ``progress(sent_bytes, total_bytes)`` is called after each request.
+        """
+        limit = part_bytes or self.max_body()
+        with _Source(data) as buf:
+            total = len(buf)
+            if not limit or total + 4096 <= limit:
+                doc = self._upload_whole(name, bytes(buf), replace)
+                if progress:
+                    progress(total, total)
+                return doc
+            return self._upload_parts(name, buf, limit, replace, progress)
+
+    def _upload_whole(self, name: str, raw: bytes, replace: bool) -> Dict[str, Any]:
+        if replace:
+            return self._json("PUT", "/v1/datasets/" + self._name(name), body=raw,
+                              content_type="application/octet-stream")
         body, ctype = _multipart([
             ("name", name.encode("utf-8"), None, "text/plain; charset=utf-8"),
-            ("data", _read(data, "data"), "data.safetensors", "application/octet-stream"),
+            ("data", raw, "data.safetensors", "application/octet-stream"),
         ])
         return self._json("POST", "/v1/datasets", body=body, content_type=ctype)
 
-    def put_dataset(self, name: str, data: SafetensorsLike) -> Dict[str, Any]:
-        """Creates or replaces a dataset (``PUT /v1/datasets/{name}``); a replacement's version increments."""
-        return self._json("PUT", "/v1/datasets/" + self._name(name), body=_read(data, "data"),
-                          content_type="application/octet-stream")
+    def _upload_parts(self, name: str, buf: Any, limit: int, replace: bool,
+                      progress: Optional[UploadProgress]) -> Dict[str, Any]:
+        try:
+            splitter = RowSplitter(buf, limit)
+        except ValueError as e:
+            raise CurvdError(0, "cannot_split", "dataset '%s': %s" % (name, e)) from None
+        path = "/v1/datasets/%s/parts" % self._name(name)
+        self.abort_upload(name)
+        rows, total = 0, len(buf)
+        try:
+            for part, k in splitter:
+                self._json("POST", path, body=part, content_type="application/octet-stream")
+                rows += k
+                if progress:  # done only once committed
+                    progress(min(total - 1, total * rows // splitter.rows), total)
+            doc = self._json("POST", "/v1/datasets/%s/commit" % self._name(name),
+                             {"replace": replace, "n": splitter.rows, "parts": len(splitter)})
+        except BaseException:
+            try:
+                self.abort_upload(name)
+            except CurvdError:
+                pass
+            raise
+        if progress:
+            progress(total, total)
+        return doc
 
-    def register_dataset_file(self, name: str, path: PathLike) -> Dict[str, Any]:
-        """Registers a dataset from a safetensors file."""
-        return self.register_dataset(name, _read(path, "data"))
+    def get_upload(self, name: str) -> Dict[str, Any]:
+        """An unfinished upload in parts (``GET /v1/datasets/{name}/parts``): parts, n, expires_in_s."""
+        return self._json("GET", "/v1/datasets/%s/parts" % self._name(name))
+
+    def abort_upload(self, name: str) -> bool:
+        """Discards an unfinished upload in parts; False if there was none."""
+        try:
+            self._json("DELETE", "/v1/datasets/%s/parts" % self._name(name))
+            return True
+        except CurvdError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def register_server_file(self, name: str, file: str, *, replace: bool = False) -> Dict[str, Any]:
+        """Registers a safetensors file that lives in the server's ``--data-dir``
+        (``POST /v1/datasets/{name}``): memory-mapped there, nothing is uploaded."""
+        return self._json("POST", "/v1/datasets/" + self._name(name),
+                          {"file": file, "replace": replace})
 
     def delete_dataset(self, name: str) -> Dict[str, Any]:
         """Deletes a dataset (409 ``in_use`` while queued or running jobs use it)."""
@@ -378,7 +531,8 @@ class Client:
         so both ``submit({"op": "trace", ...})`` and
         ``submit(op="trace", model="m", dataset="d", options={"max_probes": 30})``
         work.  Fields: ``op``, ``model``, ``dataset``, ``curvature``, ``batch``,
-        ``blocks``, ``seed``, ``options``; unknown fields are refused by the server (400).
+        ``blocks``, ``seed``, ``micro_batch`` (samples per micro-batch; default: from
+        the server's --job-memory), ``options``; unknown fields are refused by the server (400).
 
         Args:
             wait: Let the server hold the answer up to this many seconds for the result.

@@ -22,9 +22,9 @@ import json
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
-__all__ = ["Tensor", "dumps", "loads", "DTYPE_SIZES"]
+__all__ = ["Tensor", "dumps", "loads", "DTYPE_SIZES", "RowSplitter"]
 
 #: Bytes per element of each safetensors dtype this module understands.
 DTYPE_SIZES: Dict[str, int] = {
@@ -166,3 +166,88 @@ def loads(buf: bytes) -> Dict[str, Tensor]:
         a, b = info["data_offsets"]
         out[name] = Tensor(info["dtype"], info["shape"], bytes(buf[base + a:base + b]))
     return out
+
+
+class RowSplitter:
+    """Splits a dataset file (safetensors whose tensors all have N rows) into parts.
+
+    Each part is a complete safetensors file holding consecutive rows of every
+    tensor, at most ``max_bytes`` long, so a dataset larger than the server's
+    ``--max-body`` can be sent with ``POST /v1/datasets/{name}/parts``.  ``buf``
+    may be bytes or a read-only ``mmap``: only the part being built is copied.
+
+    >>> sp = RowSplitter(data, 1 << 20)
+    >>> sp.rows, sp.rows_per_part, len(sp)
+    >>> for part, rows in sp: ...
+    """
+
+    def __init__(self, buf: Any, max_bytes: int) -> None:
+        if len(buf) < 8:
+            raise ValueError("not a safetensors file: %d bytes" % len(buf))
+        (hlen,) = struct.unpack("<Q", bytes(buf[:8]))
+        if hlen > len(buf) - 8:
+            raise ValueError("not a safetensors file: header length %d exceeds the file" % hlen)
+        header = json.loads(bytes(buf[8:8 + hlen]).decode("utf-8"))
+        self.buf = buf
+        self.base = 8 + hlen
+        self.meta = header.pop("__metadata__", None)
+        # tensors in data order: (name, dtype, shape, begin, bytes per row)
+        self.tensors: List[Tuple[str, str, List[int], int, int]] = []
+        rows = None
+        def begin(kv: Tuple[str, Any]) -> int:
+            return int(kv[1]["data_offsets"][0])
+        for name, info in sorted(header.items(), key=begin):
+            shape = list(info["shape"])
+            a, b = info["data_offsets"]
+            if not shape:
+                raise ValueError("tensor %r is a scalar: it has no rows to split" % name)
+            if rows is None:
+                rows = shape[0]
+            if shape[0] != rows:
+                raise ValueError("tensor %r has %d rows, another has %d: cannot split by rows"
+                                 % (name, shape[0], rows))
+            if rows and (b - a) % rows:
+                raise ValueError("tensor %r: %d bytes are not a whole number of %d rows"
+                                 % (name, b - a, rows))
+            self.tensors.append((name, info["dtype"], shape, a, (b - a) // rows if rows else 0))
+        if not rows:
+            raise ValueError("the dataset has no rows")
+        self.rows: int = rows
+        row_bytes = sum(t[4] for t in self.tensors)
+        overhead = len(self._header(rows, rows)) + 8
+        if overhead + row_bytes > max_bytes:
+            raise ValueError("one row (%d bytes with the header) is larger than the %d-byte "
+                             "limit" % (overhead + row_bytes, max_bytes))
+        self.rows_per_part: int = max(1, (max_bytes - overhead) // max(row_bytes, 1))
+
+    def _header(self, start: int, k: int) -> bytes:
+        hdr: Dict[str, Any] = {}
+        if self.meta:
+            hdr["__metadata__"] = self.meta
+        off = 0
+        for name, dtype, shape, _, rb in self.tensors:
+            hdr[name] = {"dtype": dtype, "shape": [k] + shape[1:],
+                         "data_offsets": [off, off + k * rb]}
+            off += k * rb
+        h = json.dumps(hdr, separators=(",", ":")).encode()
+        return h + b" " * ((8 - len(h) % 8) % 8)
+
+    def __len__(self) -> int:
+        return (self.rows + self.rows_per_part - 1) // self.rows_per_part
+
+    def part(self, i: int) -> Tuple[bytes, int]:
+        """Part i (0-based) as safetensors bytes, and its row count."""
+        start = i * self.rows_per_part
+        k = min(self.rows_per_part, self.rows - start)
+        if i < 0 or k <= 0:
+            raise IndexError("part %d of %d" % (i, len(self)))
+        h = self._header(start, k)
+        blobs = [struct.pack("<Q", len(h)), h]
+        for _, _, _, begin, rb in self.tensors:
+            a = self.base + begin + start * rb
+            blobs.append(bytes(self.buf[a:a + k * rb]))
+        return b"".join(blobs), k
+
+    def __iter__(self) -> Iterator[Tuple[bytes, int]]:
+        for i in range(len(self)):
+            yield self.part(i)
