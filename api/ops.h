@@ -60,6 +60,13 @@ typedef struct {
     int max_vectors;
     int pairs;
 } cv_op_memory;
+/* Bytes from an estimate in double, clamped to SIZE_MAX (an estimate that
+ * large is refused by the budget either way). */
+static inline size_t cv_op_bytes(double b)
+{
+    return b >= (double)SIZE_MAX ? SIZE_MAX : b > 0 ? (size_t)b : 0;
+}
+
 /* For block b of a batch of n samples with C outputs each. */
 typedef void (*cv_op_memory_fn)(const cv_opts *o, const cv_block *b, size_t n, int C,
                                 cv_op_memory *out);

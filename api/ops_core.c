@@ -172,7 +172,7 @@ static const char *const per_sample_results[] = {"per_sample_gradients", NULL};
 
 static void mem_vectors(cv_op_memory *m, double vectors, size_t dim, int k)
 {
-    m->vector_bytes = (size_t)(vectors * (double)dim * sizeof(double));
+    m->vector_bytes = cv_op_bytes(vectors * (double)dim * sizeof(double));
     m->max_vectors = k;
     m->pairs = 0;
 }

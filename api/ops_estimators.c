@@ -466,7 +466,7 @@ static int est_block(size_t dim, long probes) { return cv_est_block_size(dim, 0,
 
 static void mem_set(cv_op_memory *m, double dvectors, double fvectors, size_t dim, int k)
 {
-    m->vector_bytes = (size_t)((dvectors * sizeof(double) + fvectors * sizeof(float)) *
+    m->vector_bytes = cv_op_bytes((dvectors * sizeof(double) + fvectors * sizeof(float)) *
                                (double)dim);
     m->max_vectors = k;
     m->pairs = 0;

@@ -112,7 +112,16 @@ static int build(cv_op_ctx *c, const cv_block *b, const cv_vivit_args *va, int *
     free(idx);
     if (rc)
         return -1;
-    o.subset_curv = cv_curv_new(c->m, &sb, cv_curv_get_options(c->curv), e);
+    /* within what the parent engine leaves of the budget; the op's vectors are
+     * the parent's */
+    cv_curv_options so = *cv_curv_get_options(c->curv);
+    cv_curv_plan held;
+    cv_curv_memory(c->curv, &held);
+    so.vector_bytes = 0;
+    if (so.memory_budget)
+        so.memory_budget = so.memory_budget > held.peak_bytes ? so.memory_budget - held.peak_bytes
+                                                              : 1;
+    o.subset_curv = cv_curv_new(c->m, &sb, &so, e);
     if (!o.subset_curv || cv_vivit_init(v, c->curv, b, &o, e)) {
         cv_curv_free(o.subset_curv);
         cv_dataset_free(&sb);
@@ -242,23 +251,30 @@ static int run_gram(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 /* ---- memory (cv_op_memory_fn): the Gram matrix of R = n x (C or mc) columns,
  * its eigenvectors and k directions; micro-batches in pairs ----------------- */
 
-static void mem_gram(double R, double k, size_t dim, cv_op_memory *m)
+/* (R = n x cols columns; the Gram kernels take a sample's cols at once) */
+static void mem_gram(double R, double k, size_t dim, int cols, cv_op_memory *m)
 {
-    m->vector_bytes = (size_t)((2.0 * R * R + (k + 4) * (double)dim) * sizeof(double));
-    m->max_vectors = 32;
+    m->vector_bytes = cv_op_bytes((2.0 * R * R + (k + 4) * (double)dim) * sizeof(double));
+    m->max_vectors = cols;
     m->pairs = 1;
+}
+
+static int gram_cols(const cv_vivit_args *v, int mc_samples, int C)
+{
+    return v->mc ? mc_samples : C;
 }
 
 static double gram_columns(const cv_vivit_args *v, int mc_samples, size_t n, int C)
 {
-    return (double)n * (v->mc ? mc_samples : C);
+    return (double)n * gram_cols(v, mc_samples, C);
 }
 
 static void mem_eigen_gram(const cv_opts *o, const cv_block *b, size_t n, int C,
                            cv_op_memory *m)
 {
     const cv_eigen_args *a = o->args;
-    mem_gram(gram_columns(&a->vivit, a->base.mc_samples, n, C), a->o.k, b->dim, m);
+    mem_gram(gram_columns(&a->vivit, a->base.mc_samples, n, C), a->o.k, b->dim,
+             gram_cols(&a->vivit, a->base.mc_samples, C), m);
 }
 
 const cv_op_method cv_method_eigen_gram = {"gram", run_gram, check_gram, mem_eigen_gram};
@@ -501,13 +517,15 @@ static void mem_newton_vivit(const cv_opts *o, const cv_block *b, size_t n, int 
 {
     const cv_newton_args *a = o->args;
     double R = gram_columns(&a->vivit, a->base.mc_samples, n, C);
-    mem_gram(R, a->k.choice == 0 ? R : a->k.num, b->dim, m);
+    mem_gram(R, a->k.choice == 0 ? R : a->k.num, b->dim,
+             gram_cols(&a->vivit, a->base.mc_samples, C), m);
 }
 
 static void mem_snr(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     const snr_args *a = o->args;
-    mem_gram(gram_columns(&a->vivit, a->base.mc_samples, n, C), a->k, b->dim, m);
+    mem_gram(gram_columns(&a->vivit, a->base.mc_samples, n, C), a->k, b->dim,
+             gram_cols(&a->vivit, a->base.mc_samples, C), m);
 }
 
 const cv_op_method cv_method_newton_vivit = {"vivit", run_newton_vivit, check_newton_vivit,

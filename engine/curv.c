@@ -33,6 +33,9 @@ struct cv_curv {
     size_t peak;
 };
 
+/* The most samples of one micro-batch and the most micro-batches (int counts). */
+#define CV_CURV_MAX_MICRO ((size_t)1 << 30)
+
 #define CV_CURV_NAME_(id, name) [id] = name,
 static const char *const curv_names[CV_CURV_COUNT] = {CV_CURVATURES(CV_CURV_NAME_)};
 #undef CV_CURV_NAME_
@@ -191,11 +194,27 @@ static cv_part *visit(cv_curv *c, int i, cv_err *e)
     return p;
 }
 
-/* After micro-batch i's share: accounting and progress. */
+/* After micro-batch i's share: accounting and progress; a gradient's loss
+ * cotangents are kept only where Hessian products will need them. */
 static void visited(cv_curv *c, int i)
 {
     account(c, 0);
     progress_micro(c, i + 1);
+    cv_part *p = c->parts[i] ? c->parts[i] : c->scratch;
+    if (p && c->opt.kind != CV_CURV_HESSIAN)
+        cv_part_drop_cotangents(p);
+}
+
+/* Frees the scratch state and the workspace (before a pass that builds
+ * states of its own: Gram pairs, the loss at a step). */
+static void release_scratch(cv_curv *c)
+{
+    if (c->ws)
+        cv_part_free_workspace(c->ws);
+    c->ws = NULL;
+    cv_part_free(c->scratch);
+    c->scratch = NULL;
+    c->scratch_at = -1;
 }
 
 static int split(cv_curv *c, cv_err *e)
@@ -246,11 +265,18 @@ static int plan_split(cv_curv *c, cv_err *e)
 {
     if (!c->opt.memory_budget && !c->opt.micro_batch) {
         c->plan = (cv_curv_plan){0};
-        c->plan.micro_batch = c->n;
-        c->plan.micro_batches = c->plan.cached = 1;
+        c->plan.micro_batch = c->n < CV_CURV_MAX_MICRO ? c->n : CV_CURV_MAX_MICRO;
+        c->plan.micro_batches = c->plan.cached =
+            (c->n + c->plan.micro_batch - 1) / c->plan.micro_batch;
         return 0;
     }
-    return cv_curv_plan_memory(c->m, c->b, &c->opt, &c->plan, e);
+    if (cv_curv_plan_memory(c->m, c->b, &c->opt, &c->plan, e))
+        return -1;
+    if (c->plan.micro_batch > CV_CURV_MAX_MICRO || c->plan.micro_batches > CV_CURV_MAX_MICRO)
+        return cv_err_set(e, CV_ETOOLARGE, "too_large", "batch",
+                          "%zu micro-batches of %zu samples: at most 2^30 of 2^30 each",
+                          c->plan.micro_batches, c->plan.micro_batch);
+    return 0;
 }
 
 cv_curv *cv_curv_new(const cv_model *m, const cv_batch *b, const cv_curv_options *opt,
@@ -393,9 +419,11 @@ static int jacobian(cv_curv *c, const cv_block *b, int k, const double *X, float
         return 0;
     if (Y)
         memset(Y, 0, sizeof(double) * (size_t)k * b->dim);
-    float *tmp = c->nparts > 1 ? malloc(sizeof(float) * (size_t)k * c->mb * c->C) : NULL;
-    if (c->nparts > 1 && !tmp)
+    size_t tmp_len = c->nparts > 1 ? (size_t)k * c->mb * c->C : 0;
+    float *tmp = tmp_len ? malloc(sizeof(float) * tmp_len) : NULL;
+    if (tmp_len && !tmp)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "micro-batch outputs");
+    account(c, sizeof(float) * tmp_len);
     int rc = 0;
     for (int i = 0; i < c->nparts && !rc; i++) {
         cv_part *p = visit(c, i, e);
@@ -454,9 +482,10 @@ static int gram_pair(cv_curv *c, const cv_block *b, int k, const float *cot, dou
             cv_part_set_gram_budget(p, c->gram_budget);
         rc = !p || cv_part_gram(p, b, k, pc, PG, e) ? -1 : 0;
     }
-    if (p) /* the pair's state is held beside the others' */
+    if (p) /* the pair's state is held beside the kept ones */
         account(c, cv_part_state_bytes(p) + cv_part_work_bytes(p) +
-                       sizeof(double) * (size_t)k * R * (size_t)k * R);
+                       sizeof(double) * (size_t)k * R * (size_t)k * R +
+                       sizeof(float) * (size_t)k * R * C);
     for (size_t r = 0; r < (size_t)k * R && !rc; r++)
         for (size_t q = 0; q < (size_t)k * R; q++)
             G[((r / R) * N + idx[r % R]) * (size_t)k * N + (q / R) * N + idx[q % R]] =
@@ -478,9 +507,10 @@ int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double 
         account(c, 0);
         return rc;
     }
-    long done = 0, total = (long)c->nparts * (c->nparts + 1) / 2;
+    long done = 0, total = (long)c->nparts * (c->nparts - 1) / 2;
+    release_scratch(c);
     for (int i = 0; i < c->nparts; i++)
-        for (int j = i + (c->nparts > 1); j < c->nparts; j++) {
+        for (int j = i + 1; j < c->nparts; j++) {
             if (check_cancel(c, e) || gram_pair(c, b, k, cot, G, i, j, e))
                 return -1;
             if (c->opt.progress) {
@@ -532,6 +562,8 @@ static int loss_over_parts(cv_curv *c, const cv_model *tmp, double *loss, cv_err
             rc = cv_part_rebind(p, &c->views[i], po.first, e);
         if (!rc)
             *loss += cv_part_loss(p);
+        if (!rc && i == 0)
+            account(c, cv_part_state_bytes(p) + tmp->nparams_total * sizeof(float));
     }
     cv_part_free(p);
     return rc;
@@ -551,6 +583,7 @@ int cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, double *l
         for (size_t q = 0; q < t->numel; q++)
             tmp->params[t->offset + q] += (float)step[o++];
     }
+    release_scratch(c); /* the part on the stepped model takes its place */
     int rc = loss_over_parts(c, tmp, loss, e);
     cv_model_free(tmp);
     free(tmp);

@@ -111,8 +111,8 @@ typedef struct {
 } cv_curv_plan;
 
 /* Plans micro-batches for model m on batch b under opt (the probe runs the
- * model on at most two samples).  Refuses, CV_ETOOLARGE "job_memory" naming
- * what is needed, when the budget cannot hold the minimum. */
+ * model on at most two samples).  Refuses (CV_EINVAL "job_memory", a 400,
+ * naming what is needed) when the budget cannot hold the minimum. */
 int cv_curv_plan_memory(const cv_model *m, const cv_batch *b, const cv_curv_options *opt,
                         cv_curv_plan *plan, cv_err *e);
 

@@ -42,24 +42,42 @@ typedef struct {
     double w0, w;   /* workspace of one vector: fixed, per sample */
     int k, u;       /* vectors at a time; micro-batches evaluated together (pairs: 2) */
     double v;       /* the caller's vectors */
+    double out;     /* the whole batch's outputs and loss state */
     size_t n;
+    int C;
 } costs;
+
+/* Bytes from an estimate in double, clamped to SIZE_MAX. */
+static size_t bytes_of(double b) { return b >= (double)SIZE_MAX ? SIZE_MAX : (size_t)b; }
 
 static double state_of(const costs *c, size_t m) { return c->s0 + c->s * (double)m; }
 static double work_of(const costs *c, size_t m) { return c->k * (c->w0 + c->w * (double)m); }
 
-/* Bytes with every micro-batch of size mb kept. */
+/* A Gram pair of micro-batches of mb (pairs: evaluated together, its Gram
+ * block of k columns per sample and their cotangents), else 0. */
+static double pair_bytes(const costs *c, size_t mb)
+{
+    if (c->u < 2)
+        return 0;
+    double R = (double)c->k * 2.0 * (double)mb;
+    return state_of(c, 2 * mb) + work_of(c, 2 * mb) + 8.0 * R * R + 4.0 * R * c->C;
+}
+
+/* Bytes with every micro-batch of size mb kept (a Gram pair's state then
+ * comes on top of them; its workspace replaces the shared one). */
 static double all_cached(const costs *c, size_t mb)
 {
     size_t M = (c->n + mb - 1) / mb;
-    return (double)c->n * c->s + (double)M * c->s0 + (c->u > 1 ? state_of(c, 2 * mb) : 0) +
-           work_of(c, c->u * mb) + c->v;
+    double work = c->u > 1 ? pair_bytes(c, mb) : work_of(c, mb);
+    return (double)c->n * c->s + (double)M * c->s0 + work + c->v + c->out;
 }
 
-/* The bytes of the smallest run: micro-batches of mb, none kept. */
+/* The bytes of the smallest run: micro-batches of mb, none kept (the
+ * scratch state and the workspace, or a Gram pair instead of them). */
 static double recomputed(const costs *c, size_t mb)
 {
-    return state_of(c, c->u * mb) + work_of(c, c->u * mb) + c->v;
+    double one = state_of(c, mb) + work_of(c, mb), pair = pair_bytes(c, mb);
+    return (pair > one ? pair : one) + c->v + c->out;
 }
 
 /* Micro-batches kept when micro-batches of mb run within the budget. */
@@ -111,7 +129,7 @@ static void fill_plan(const costs *c, size_t mb, double budget, cv_curv_plan *p)
     p->micro_batch = mb;
     p->micro_batches = (c->n + mb - 1) / mb;
     p->cached = kept(c, mb, budget);
-    p->planned_bytes = (size_t)(p->cached == p->micro_batches
+    p->planned_bytes = bytes_of(p->cached == p->micro_batches
                                     ? all_cached(c, mb)
                                     : recomputed(c, mb) + (double)p->cached * state_of(c, mb));
 }
@@ -158,10 +176,13 @@ int cv_curv_plan_memory(const cv_model *m, const cv_batch *b, const cv_curv_opti
     c.s0 = (double)s1 > c.s ? (double)s1 - c.s : 0;
     c.w = b->n > 1 && w2 > w1 ? (double)(w2 - w1) : (double)w1;
     c.w0 = (double)w1 > c.w ? (double)w1 - c.w : 0;
-    c.k = opt->max_vectors > 0 ? opt->max_vectors : 1;
+    /* a part takes at most 32 vectors at a time (chunks) */
+    c.k = opt->max_vectors > 32 ? 32 : opt->max_vectors > 0 ? opt->max_vectors : 1;
     c.u = opt->pairs && b->n > 1 ? 2 : 1;
     c.v = (double)opt->vector_bytes;
     c.n = b->n;
+    c.C = cv_model_output_dim(m);
+    c.out = 8.0 * (double)b->n * c.C;
     double budget = (double)opt->memory_budget;
     size_t least = opt->micro_batch ? (opt->micro_batch < b->n ? opt->micro_batch : b->n) : 1;
     if (budget > 0 && recomputed(&c, least) > budget)
@@ -173,6 +194,6 @@ int cv_curv_plan_memory(const cv_model *m, const cv_batch *b, const cv_curv_opti
     plan->state_fixed = (size_t)c.s0;
     plan->work_per_sample = (size_t)c.w;
     plan->work_fixed = (size_t)c.w0;
-    plan->minimum_bytes = (size_t)recomputed(&c, least);
+    plan->minimum_bytes = bytes_of(recomputed(&c, least));
     return 0;
 }

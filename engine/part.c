@@ -235,7 +235,9 @@ void cv_part_set_gram_budget(cv_part *c, size_t floats)
 
 /* ---- gradient ------------------------------------------------------------ */
 
-static void drop_gy(cv_part *c)
+static int ensure_workspace(cv_part *c, int k, cv_err *e);
+
+void cv_part_drop_cotangents(cv_part *c)
 {
     for (int l = 0; l < c->L; l++) {
         free(c->gy[l]);
@@ -264,13 +266,14 @@ static int ensure_gy(cv_part *c, cv_err *e)
         w->active = active;
         w->use_gy = 1;
         memcpy(c->gy[c->L - 1], c->gh, sizeof(float) * (size_t)c->n * c->C);
-        rc = cv_part_pool_ensure(c, 1, e) ? -1 : cv_part_walk(c, w, c->gy[c->L - 1], e);
+        /* the walk's buffers are the workspace's (handed along with it) */
+        rc = ensure_workspace(c, 1, e) ? -1 : cv_part_walk(c, w, c->gy[c->L - 1], e);
         free(w);
     } else {
         rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "loss cotangents");
     }
     if (rc) {
-        drop_gy(c);
+        cv_part_drop_cotangents(c);
         return -1;
     }
     c->have_gy = 1;
@@ -625,6 +628,8 @@ int cv_part_gradient_add(cv_part *c, const cv_block *b, double *g, cv_err *e)
             rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient of layer %d", l);
             break;
         }
+        if ((rc = cv_part_layer_work(c, l, 1, e)))
+            break;
         if (!c->ops[l]->vjp_n) {
             c->ops[l]->vjp(&c->ctx[l], 1, c->gy[l], NULL, gt[l]);
             continue;
@@ -670,6 +675,8 @@ int cv_part_per_sample_gradients(cv_part *c, const cv_block *b, double *G, cv_er
     for (int l = 0; l < c->L; l++) {
         if (!active[l])
             continue;
+        if (cv_part_layer_work(c, l, 1, e))
+            return -1;
         float *tmp = malloc(sizeof(float) * (size_t)c->n * c->ctx[l].nparam);
         if (!tmp)
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",

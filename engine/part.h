@@ -71,6 +71,11 @@ int cv_part_vjp_add(cv_part *c, const cv_block *b, int k, const float *cot, doub
 int cv_part_gram(cv_part *c, const cv_block *b, int k, const float *cot, double *G,
                  cv_err *e);
 
+/* Frees the loss's cotangents (computed for a gradient; kept only for
+ * Hessian products) / the workspace. */
+void cv_part_drop_cotangents(cv_part *c);
+void cv_part_free_workspace(cv_part *c);
+
 /* Bytes the part holds: its forward state (activations, layer caches, loss
  * state and cotangents, output samples) and its workspace. */
 size_t cv_part_state_bytes(const cv_part *c);

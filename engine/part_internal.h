@@ -78,8 +78,6 @@ typedef struct {
 
 /* The samples the workspace is sized for (at least the part's own). */
 size_t cv_part_ws_samples(const cv_part *c);
-/* Frees the workspace (tangents, directions, products, pool, layer scratch). */
-void cv_part_free_workspace(cv_part *c);
 /* Scratch of layer l's kernels for k vectors (grown on demand). */
 int cv_part_layer_work(cv_part *c, int l, int k, cv_err *e);
 

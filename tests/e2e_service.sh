@@ -362,7 +362,8 @@ req GET /v1/models/demo-mlp > /dev/null
 jq "$T/body" "d['architecture']" > "$T/demo_arch.json"
 req GET /v1/models/demo-mlp/parameters > /dev/null
 cp "$T/body" "$T/demo_params.safetensors"
-"$CURVD" run --arch "$T/demo_arch.json" --params "$T/demo_params.safetensors" --data "$T/digits.safetensors" --job "$T/job_demo.json" > "$T/cli_demo.json" 2>&1
+# (one BLAS thread, as the daemon's default: threaded GEMMs round differently)
+"$CURVD" run --blas-threads 1 --arch "$T/demo_arch.json" --params "$T/demo_params.safetensors" --data "$T/digits.safetensors" --job "$T/job_demo.json" > "$T/cli_demo.json" 2>&1
 check "demo model == curvd run on downloaded files" same_result "$T/res_demo.json" "$T/cli_demo.json"
 check "snr compared over HTTP" jtrue "$T/res_snr.json" "d['status'] == 'succeeded' and len(d['result']['directions']) == 3"
 
@@ -509,9 +510,11 @@ check "daemon A still alive" kill -0 "$APID"
 # builds up: a monitor samples curvd_queue_depth meanwhile.  Every result must
 # equal `curvd run` on the downloaded demo files.
 i=0
-for spec in 'trace|{"max_probes":20}|1' 'trace|{"max_probes":20}|2' 'trace|{"max_probes":25,"method":"hutch++"}|3' \
-            'loss|{}|0' 'gradient|{}|0' 'diag|{"max_probes":8}|4' 'eigen|{"k":3}|5' \
-            'matvec|{"probe_seed":9}|0' 'density|{"lanczos_steps":6,"runs":1}|6' 'solve|{"damping":0.5}|0'; do
+# (the traces, diag and density do enough work, ~50 ms each, that the jobs
+# outlast the posting even on a fast machine)
+for spec in 'trace|{"max_probes":200,"tol":0}|1' 'trace|{"max_probes":200,"tol":0}|2' 'trace|{"max_probes":25,"method":"hutch++"}|3' \
+            'loss|{}|0' 'gradient|{}|0' 'diag|{"max_probes":64}|4' 'eigen|{"k":3}|5' \
+            'matvec|{"probe_seed":9}|0' 'density|{"lanczos_steps":40,"runs":2}|6' 'solve|{"damping":0.5}|0'; do
   op=${spec%%|*}; rest=${spec#*|}; o=${rest%|*}; seed=${rest##*|}
   printf '{"op":"%s","model":"demo-mlp","dataset":"digits","curvature":"hessian","batch":{"offset":%d,"size":600},"seed":%s,"options":%s}' \
     "$op" "$((i * 50))" "$seed" "$o" > "$T/cj_$i.json"

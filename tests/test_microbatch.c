@@ -43,12 +43,20 @@ static const char *RESIDUAL =
     "  {\"name\": \"output\", \"op\": \"output\", \"args\": [\"fc2\"]}],"
     " \"loss\": {\"type\": \"CrossEntropyLoss\", \"reduction\": \"sum\"}}";
 
-static const char *const DOCS[] = {"mlp_ignore", "cnn_bn", "residual"};
+/* Wide activations: a kept cotangent shows against the budget. */
+static const char *WIDE =
+    "{\"input_shape\": [6], \"layers\": ["
+    "{\"type\": \"Linear\", \"in_features\": 6, \"out_features\": 3000},"
+    "{\"type\": \"Tanh\"},"
+    "{\"type\": \"Linear\", \"in_features\": 3000, \"out_features\": 4}],"
+    "\"loss\": {\"type\": \"CrossEntropyLoss\"}}";
+
+static const char *const DOCS[] = {"mlp_ignore", "cnn_bn", "residual", "wide"};
 
 /* The model of variant v with random parameters, buffers and data. */
 static void build(int v, cv_model *m, cv_dataset *d)
 {
-    const char *json = v == 0 ? MLP_IGNORE : v == 1 ? CNN_BN : RESIDUAL;
+    const char *json = v == 0 ? MLP_IGNORE : v == 1 ? CNN_BN : v == 2 ? RESIDUAL : WIDE;
     cv_err e;
     memset(m, 0, sizeof *m);
     ck_assert_msg(cv_arch_parse(json, strlen(json), m, &e) == 0, "parse: %s", e.message);
@@ -193,7 +201,55 @@ START_TEST(recomputed_micro_batches_agree)
     snprintf(tag, sizeof tag, "%s recomputed", DOCS[_i]);
     compare(c, ref, &m, tag);
     cv_curv_memory(c, &p);
-    ck_assert_msg(p.peak_bytes > 0, "no peak accounted");
+    ck_assert_msg(p.peak_bytes > 0 && p.peak_bytes <= budget,
+                  "%s: peak %zu bytes accounted, budget %zu", DOCS[_i], p.peak_bytes, budget);
+    cv_curv_free(c);
+    cv_curv_free(ref);
+    cv_model_free(&m);
+    tu_data_free(&d);
+}
+END_TEST
+
+/* A curvature without the loss's cotangents (GGN) planned at a tight budget:
+ * the gradient's cotangents are not kept, a product of more vectors than
+ * one chunk (40 > 32) is handed from micro-batch to micro-batch, and the
+ * engine stays within the budget. */
+START_TEST(ggn_gradient_and_chunks_within_budget)
+{
+    cv_model m;
+    cv_dataset d;
+    build(_i, &m, &d);
+    int k = 40;
+    cv_curv_options o = {.mc_samples = 1, .micro_batch = 5, .max_vectors = k,
+                         .kind = CV_CURV_GGN};
+    cv_curv_plan p;
+    cv_err e;
+    ck_assert(cv_curv_plan_memory(&m, &d, &o, &p, &e) == 0);
+    size_t part = p.state_fixed + 5 * p.state_per_sample;
+    size_t budget = p.minimum_bytes + 2 * part + part / 4;
+    cv_curv *ref = engine(&m, &d, 0, 0, CV_CURV_GGN, 0);
+    o.memory_budget = budget;
+    cv_curv *c = cv_curv_new(&m, &d, &o, &e);
+    ck_assert_msg(c != NULL, "%s", e.message);
+    cv_block b;
+    cv_block_full(&m, &b);
+    size_t D = b.dim;
+    double *X = malloc(sizeof(double) * D * k), *Y1 = malloc(sizeof(double) * D * k),
+           *Y2 = malloc(sizeof(double) * D * k);
+    cv_rng r;
+    cv_rng_seed(&r, 8);
+    cv_rng_gaussian(&r, X, D * k);
+    ck_assert(cv_curv_gradient(c, &b, Y1, &e) == 0 && cv_curv_gradient(ref, &b, Y2, &e) == 0);
+    near(Y1, Y2, D, 2e-5, "gradient", DOCS[_i]);
+    ck_assert(cv_curv_matvec(c, CV_CURV_GGN, &b, k, X, Y1, &e) == 0);
+    ck_assert(cv_curv_matvec(ref, CV_CURV_GGN, &b, k, X, Y2, &e) == 0);
+    near(Y1, Y2, D * k, 2e-5, "40 GGN products", DOCS[_i]);
+    cv_curv_memory(c, &p);
+    ck_assert_msg(p.cached >= 1 && p.cached < p.micro_batches, "%zu of %zu kept", p.cached,
+                  p.micro_batches);
+    ck_assert_msg(p.peak_bytes <= budget, "%s: peak %zu bytes accounted, budget %zu",
+                  DOCS[_i], p.peak_bytes, budget);
+    free(X), free(Y1), free(Y2);
     cv_curv_free(c);
     cv_curv_free(ref);
     cv_model_free(&m);
@@ -272,6 +328,7 @@ static Suite *microbatch_suite(void)
     TCase *t = tcase_create("agree");
     tcase_add_loop_test(t, micro_batch_sizes_agree, 0, 3);
     tcase_add_loop_test(t, recomputed_micro_batches_agree, 0, 3);
+    tcase_add_loop_test(t, ggn_gradient_and_chunks_within_budget, 0, 4);
     suite_add_tcase(s, t);
     TCase *p = tcase_create("plan");
     tcase_add_test(p, budget_chooses_and_refuses);
