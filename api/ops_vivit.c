@@ -112,15 +112,23 @@ static int build(cv_op_ctx *c, const cv_block *b, const cv_vivit_args *va, int *
     free(idx);
     if (rc)
         return -1;
-    /* within what the parent engine leaves of the budget; the op's vectors are
-     * the parent's */
+    /* within the budget: beside the parent engine when what it holds leaves
+     * room, else the parent gives up its kept states (it recomputes from then
+     * on) and the sub-sample engine gets the rest; the op's vectors are the
+     * parent's */
     cv_curv_options so = *cv_curv_get_options(c->curv);
-    cv_curv_plan held;
-    cv_curv_memory(c->curv, &held);
+    size_t budget = so.memory_budget;
     so.vector_bytes = 0;
-    if (so.memory_budget)
-        so.memory_budget = so.memory_budget > held.peak_bytes ? so.memory_budget - held.peak_bytes
-                                                              : 1;
+    if (budget) {
+        cv_curv_plan held, fits;
+        cv_err ignored;
+        cv_curv_memory(c->curv, &held);
+        so.memory_budget = budget > held.peak_bytes ? budget - held.peak_bytes : 1;
+        if (cv_curv_plan_memory(c->m, &sb, &so, &fits, &ignored)) {
+            size_t keep = cv_curv_release_states(c->curv);
+            so.memory_budget = budget > keep ? budget - keep : 1;
+        }
+    }
     o.subset_curv = cv_curv_new(c->m, &sb, &so, e);
     if (!o.subset_curv || cv_vivit_init(v, c->curv, b, &o, e)) {
         cv_curv_free(o.subset_curv);

@@ -344,6 +344,18 @@ void cv_curv_set_gram_budget(cv_curv *c, size_t floats)
         cv_part_set_gram_budget(c->scratch, floats);
 }
 
+size_t cv_curv_release_states(cv_curv *c)
+{
+    release_scratch(c);
+    for (int i = 0; i < c->nparts; i++) {
+        cv_part_free(c->parts[i]);
+        c->parts[i] = NULL;
+    }
+    c->ncached = 0;
+    c->plan.cached = 0;
+    return c->opt.vector_bytes + sizeof(float) * c->n * (size_t)c->C * 2;
+}
+
 /* ---- sums over micro-batches -------------------------------------------------- */
 
 typedef enum { SUM_GRADIENT, SUM_MATVEC, SUM_QUAD } sum_kind;

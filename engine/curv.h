@@ -127,6 +127,11 @@ void cv_curv_free(cv_curv *c);
 void cv_curv_memory(const cv_curv *c, cv_curv_plan *out);
 /* The options c was built with (an engine on a subset of its batch takes them). */
 const cv_curv_options *cv_curv_get_options(const cv_curv *c);
+/* Frees every kept forward state, the scratch state and the workspace (the
+ * micro-batches are recomputed from then on) and returns the bytes c still
+ * holds (outputs, the caller's vectors): what is left of the budget can go to
+ * another engine (a ViViT sub-sample's). */
+size_t cv_curv_release_states(cv_curv *c);
 
 const cv_model *cv_curv_model(const cv_curv *c);
 size_t cv_curv_batch_size(const cv_curv *c);
