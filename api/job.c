@@ -584,7 +584,7 @@ static void op_memory(const cv_job_spec *j, const cv_model *m, size_t n, cv_op_m
         const cv_block *b = &j->blocks.resolved[i];
         cv_op_memory one = {2 * b->dim * sizeof(double), 1, 0};
         if (fn)
-            fn(&j->opts, b, n, cv_model_output_dim(m), &one);
+            fn(&j->opts, j->curvature, b, n, cv_model_output_dim(m), &one);
         if (one.vector_bytes > out->vector_bytes)
             out->vector_bytes = one.vector_bytes;
         if (one.max_vectors > out->max_vectors)

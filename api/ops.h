@@ -67,9 +67,9 @@ static inline size_t cv_op_bytes(double b)
     return b >= (double)SIZE_MAX ? SIZE_MAX : b > 0 ? (size_t)b : 0;
 }
 
-/* For block b of a batch of n samples with C outputs each. */
-typedef void (*cv_op_memory_fn)(const cv_opts *o, const cv_block *b, size_t n, int C,
-                                cv_op_memory *out);
+/* For the job's curvature on block b of a batch of n samples with C outputs each. */
+typedef void (*cv_op_memory_fn)(const cv_opts *o, cv_curvature kind, const cv_block *b,
+                                size_t n, int C, cv_op_memory *out);
 
 typedef struct cv_op_method {
     const char *name;

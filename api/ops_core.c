@@ -177,22 +177,22 @@ static void mem_vectors(cv_op_memory *m, double vectors, size_t dim, int k)
     m->pairs = 0;
 }
 
-static void mem_loss(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+static void mem_loss(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     mem_vectors(m, 0, b->dim, 1);
 }
 
-static void mem_matvec(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+static void mem_matvec(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     mem_vectors(m, 3, b->dim, 1);
 }
 
-static void mem_dense(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+static void mem_dense(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     mem_vectors(m, (double)b->dim + 128, b->dim, 32);
 }
 
-static void mem_per_sample(const cv_opts *o, const cv_block *b, size_t n, int C,
+static void mem_per_sample(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
                            cv_op_memory *m)
 {
     mem_vectors(m, (double)n + 1, b->dim, 1);

@@ -472,7 +472,7 @@ static void mem_set(cv_op_memory *m, double dvectors, double fvectors, size_t di
     m->pairs = 0;
 }
 
-static void mem_trace(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+static void mem_trace(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     const trace_args *a = o->args;
     int blk = est_block(b->dim, a->o.max_probes);
@@ -480,14 +480,14 @@ static void mem_trace(const cv_opts *o, const cv_block *b, size_t n, int C, cv_o
     mem_set(m, 2.0 * blk + 2 + sketch, 0, b->dim, blk);
 }
 
-static void mem_diag(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+static void mem_diag(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     const diag_args *a = o->args;
     int blk = est_block(b->dim, a->method == 1 ? (long)b->dim : a->o.max_probes);
     mem_set(m, 2.0 * blk + 3, 0, b->dim, blk);
 }
 
-static void mem_eigen(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+static void mem_eigen(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     const cv_eigen_args *a = o->args;
     int k = a->o.k;
@@ -501,7 +501,7 @@ static void mem_eigen(const cv_opts *o, const cv_block *b, size_t n, int C, cv_o
     mem_set(m, (a->o.return_vectors ? steps + k : 0) + 4, steps, b->dim, 1);
 }
 
-static void mem_density(const cv_opts *o, const cv_block *b, size_t n, int C,
+static void mem_density(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
                         cv_op_memory *m)
 {
     const density_args *a = o->args;
@@ -509,7 +509,7 @@ static void mem_density(const cv_opts *o, const cv_block *b, size_t n, int C,
     mem_set(m, 4, steps, b->dim, 1);
 }
 
-static void mem_solve(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+static void mem_solve(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     mem_set(m, 8, 0, b->dim, 1);
 }

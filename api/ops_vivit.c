@@ -267,22 +267,27 @@ static void mem_gram(double R, double k, size_t dim, int cols, cv_op_memory *m)
     m->pairs = 1;
 }
 
-static int gram_cols(const cv_vivit_args *v, int mc_samples, int C)
+/* Factor columns per sample: mc_samples for fisher_mc or options.mc, else C
+ * (as build() sets them). */
+static int gram_cols(const cv_vivit_args *v, cv_curvature kind, int mc_samples, int C)
 {
-    return v->mc ? mc_samples : C;
+    return v->mc || kind == CV_CURV_FISHER_MC ? mc_samples : C;
 }
 
-static double gram_columns(const cv_vivit_args *v, int mc_samples, size_t n, int C)
+/* R: the columns of the (sub-sampled) batch. */
+static double gram_columns(const cv_vivit_args *v, cv_curvature kind, int mc_samples,
+                           size_t n, int C)
 {
-    return (double)n * gram_cols(v, mc_samples, C);
+    double ns = v->subsample > 0 && v->subsample < 1 ? ceil(v->subsample * (double)n) : (double)n;
+    return ns * gram_cols(v, kind, mc_samples, C);
 }
 
-static void mem_eigen_gram(const cv_opts *o, const cv_block *b, size_t n, int C,
+static void mem_eigen_gram(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
                            cv_op_memory *m)
 {
     const cv_eigen_args *a = o->args;
-    mem_gram(gram_columns(&a->vivit, a->base.mc_samples, n, C), a->o.k, b->dim,
-             gram_cols(&a->vivit, a->base.mc_samples, C), m);
+    mem_gram(gram_columns(&a->vivit, kind, a->base.mc_samples, n, C), a->o.k, b->dim,
+             gram_cols(&a->vivit, kind, a->base.mc_samples, C), m);
 }
 
 const cv_op_method cv_method_eigen_gram = {"gram", run_gram, check_gram, mem_eigen_gram};
@@ -520,20 +525,20 @@ static int run_newton_vivit(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err 
     return rc;
 }
 
-static void mem_newton_vivit(const cv_opts *o, const cv_block *b, size_t n, int C,
+static void mem_newton_vivit(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
                              cv_op_memory *m)
 {
     const cv_newton_args *a = o->args;
-    double R = gram_columns(&a->vivit, a->base.mc_samples, n, C);
+    double R = gram_columns(&a->vivit, kind, a->base.mc_samples, n, C);
     mem_gram(R, a->k.choice == 0 ? R : a->k.num, b->dim,
-             gram_cols(&a->vivit, a->base.mc_samples, C), m);
+             gram_cols(&a->vivit, kind, a->base.mc_samples, C), m);
 }
 
-static void mem_snr(const cv_opts *o, const cv_block *b, size_t n, int C, cv_op_memory *m)
+static void mem_snr(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     const snr_args *a = o->args;
-    mem_gram(gram_columns(&a->vivit, a->base.mc_samples, n, C), a->k, b->dim,
-             gram_cols(&a->vivit, a->base.mc_samples, C), m);
+    mem_gram(gram_columns(&a->vivit, kind, a->base.mc_samples, n, C), a->k, b->dim,
+             gram_cols(&a->vivit, kind, a->base.mc_samples, C), m);
 }
 
 const cv_op_method cv_method_newton_vivit = {"vivit", run_newton_vivit, check_newton_vivit,
