@@ -25,16 +25,6 @@ void cv_dataset_free(cv_dataset *d)
     memset(d, 0, sizeof *d);
 }
 
-static int same_shape(const cv_shape *a, const cv_shape *b)
-{
-    if (a->rank != b->rank)
-        return 0;
-    for (int i = 0; i < a->rank; i++)
-        if (a->dim[i] != b->dim[i])
-            return 0;
-    return 1;
-}
-
 static size_t y_numel(const cv_dataset *d) { return cv_shape_numel(&d->y_shape); }
 
 /* Allocates an empty batch of count samples shaped like d. */
@@ -184,7 +174,7 @@ static int check_class_targets(const cv_dataset *d, const cv_model *m, cv_err *e
     }
     if (!d->labels)
         return cv_err_set(e, CV_EINVAL, "empty_dataset", "y", "y: no labels");
-    if (!same_shape(&d->y_shape, &lay.label_shape)) {
+    if (!cv_shape_equal(&d->y_shape, &lay.label_shape)) {
         batch_shape_str(&d->y_shape, a, sizeof a);
         batch_shape_str(&lay.out_shape, b, sizeof b);
         return cv_err_set(e, CV_EINVAL, "shape_mismatch", "y",
@@ -224,7 +214,7 @@ int cv_dataset_check(const cv_dataset *d, const cv_model *m, cv_err *e)
     char a[96], b[96];
     if (!d->n || !d->x)
         return cv_err_set(e, CV_EINVAL, "empty_dataset", "x", "the dataset has no samples");
-    if (!same_shape(&d->x_shape, &m->input_shape)) {
+    if (!cv_shape_equal(&d->x_shape, &m->input_shape)) {
         cv_shape_str(&d->x_shape, a, sizeof a);
         cv_shape_str(&m->input_shape, b, sizeof b);
         return cv_err_set(e, CV_EINVAL, "shape_mismatch", "x",
@@ -257,7 +247,7 @@ int cv_dataset_check(const cv_dataset *d, const cv_model *m, cv_err *e)
                           "y: %s needs float targets shaped like the model output %s per sample; "
                           "the dataset has integer class indices (store y as F32 [N, ...])",
                           loss, b);
-    if (!same_shape(&d->y_shape, out)) {
+    if (!cv_shape_equal(&d->y_shape, out)) {
         cv_shape_str(&d->y_shape, a, sizeof a);
         return cv_err_set(e, CV_EINVAL, "shape_mismatch", "y",
                           "y: per-sample target shape %s does not match the model output %s "

@@ -27,6 +27,16 @@ static int dims_exceed(const int *dim, int rank, int64_t limit)
     return 0;
 }
 
+int cv_shape_equal(const cv_shape *a, const cv_shape *b)
+{
+    if (a->rank != b->rank)
+        return 0;
+    for (int i = 0; i < a->rank; i++)
+        if (a->dim[i] != b->dim[i])
+            return 0;
+    return 1;
+}
+
 size_t cv_shape_numel(const cv_shape *s)
 {
     size_t n = 1;

@@ -160,6 +160,8 @@ typedef struct {
 
 /* Shape helpers. */
 size_t cv_shape_numel(const cv_shape *s);
+/* 1 when a and b have the same rank and dimensions. */
+int cv_shape_equal(const cv_shape *a, const cv_shape *b);
 /* "[d0, d1, ...]" into buf (truncated to len). */
 void cv_dims_str(const int *dim, int rank, char *buf, size_t len);
 void cv_shape_str(const cv_shape *s, char *buf, size_t len);

@@ -180,40 +180,31 @@ static void shape_str(const cv_shape *sh, char *buf, size_t len)
         snprintf(buf + k, len - k, "]");
 }
 
-static int same_shape(const cv_shape *a, const cv_shape *b)
+/* Tensor `name` of part number `part` (dtype dt, per-sample shape sh)
+ * against the first part's (fdt, fsh). */
+static int check_tensor(const char *name, int part, cv_st_dtype dt, const cv_shape *sh,
+                        cv_st_dtype fdt, const cv_shape *fsh, cv_err *e)
 {
-    if (a->rank != b->rank)
+    if (dt == fdt && cv_shape_equal(sh, fsh))
         return 0;
-    for (int i = 0; i < a->rank; i++)
-        if (a->dim[i] != b->dim[i])
-            return 0;
-    return 1;
+    char s1[96], s2[96];
+    shape_str(sh, s1, sizeof s1);
+    shape_str(fsh, s2, sizeof s2);
+    return cv_err_set(e, CV_EINVAL, "part_mismatch", name,
+                      "part %d: %s is %s with per-sample shape %s, but the first part's %s "
+                      "is %s with per-sample shape %s; every part must match the first "
+                      "(nothing was added)", part, name, cv_st_dtype_name(dt), s1, name,
+                      cv_st_dtype_name(fdt), s2);
 }
 
 /* The part p (dtypes xdt, ydt) against the first part's layout in a. */
 static int check_part(const area *a, const cv_dataset *p, cv_st_dtype xdt, cv_st_dtype ydt,
                       cv_err *e)
 {
-    char s1[96], s2[96];
-    if (xdt != a->x_dt || !same_shape(&p->x_shape, &a->d.x_shape)) {
-        shape_str(&p->x_shape, s1, sizeof s1);
-        shape_str(&a->d.x_shape, s2, sizeof s2);
-        return cv_err_set(e, CV_EINVAL, "part_mismatch", "x",
-                          "part %d: x is %s with per-sample shape %s, but the first part's x "
-                          "is %s with per-sample shape %s; every part must match the first "
-                          "(nothing was added)", a->parts + 1, cv_st_dtype_name(xdt), s1,
-                          cv_st_dtype_name(a->x_dt), s2);
-    }
-    if (ydt != a->y_dt || !same_shape(&p->y_shape, &a->d.y_shape)) {
-        shape_str(&p->y_shape, s1, sizeof s1);
-        shape_str(&a->d.y_shape, s2, sizeof s2);
-        return cv_err_set(e, CV_EINVAL, "part_mismatch", "y",
-                          "part %d: y is %s with per-sample shape %s, but the first part's y "
-                          "is %s with per-sample shape %s; every part must match the first "
-                          "(nothing was added)", a->parts + 1, cv_st_dtype_name(ydt), s1,
-                          cv_st_dtype_name(a->y_dt), s2);
-    }
-    return 0;
+    return check_tensor("x", a->parts + 1, xdt, &p->x_shape, a->x_dt, &a->d.x_shape, e) ||
+                   check_tensor("y", a->parts + 1, ydt, &p->y_shape, a->y_dt, &a->d.y_shape, e)
+               ? -1
+               : 0;
 }
 
 static size_t y_size(const cv_dataset *d)
