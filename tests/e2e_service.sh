@@ -510,11 +510,11 @@ check "daemon A still alive" kill -0 "$APID"
 # builds up: a monitor samples curvd_queue_depth meanwhile.  Every result must
 # equal `curvd run` on the downloaded demo files.
 i=0
-# (the traces, diag and density do enough work, ~50 ms each, that the jobs
-# outlast the posting even on a fast machine)
-for spec in 'trace|{"max_probes":200,"tol":0}|1' 'trace|{"max_probes":200,"tol":0}|2' 'trace|{"max_probes":25,"method":"hutch++"}|3' \
-            'loss|{}|0' 'gradient|{}|0' 'diag|{"max_probes":64}|4' 'eigen|{"k":3}|5' \
-            'matvec|{"probe_seed":9}|0' 'density|{"lanczos_steps":40,"runs":2}|6' 'solve|{"damping":0.5}|0'; do
+# (the traces, diag and density do enough work, ~0.1-0.3 s each, that the jobs
+# outlast the posting on a fast machine and on a loaded one)
+for spec in 'trace|{"max_probes":1000,"tol":0}|1' 'trace|{"max_probes":1000,"tol":0}|2' 'trace|{"max_probes":25,"method":"hutch++"}|3' \
+            'loss|{}|0' 'gradient|{}|0' 'diag|{"max_probes":256}|4' 'eigen|{"k":3}|5' \
+            'matvec|{"probe_seed":9}|0' 'density|{"lanczos_steps":60,"runs":4}|6' 'solve|{"damping":0.5}|0'; do
   op=${spec%%|*}; rest=${spec#*|}; o=${rest%|*}; seed=${rest##*|}
   printf '{"op":"%s","model":"demo-mlp","dataset":"digits","curvature":"hessian","batch":{"offset":%d,"size":600},"seed":%s,"options":%s}' \
     "$op" "$((i * 50))" "$seed" "$o" > "$T/cj_$i.json"
@@ -755,7 +755,7 @@ assert v['curvd_jobs_evicted_total'] >= 2 and v['curvd_jobs_kept_budget_bytes'] 
 "
 # shutdown: the running job finishes within the grace period, the queued one
 # is cancelled with shutting_down
-req POST /v1/jobs -d '{"op":"trace","model":"m","dataset":"d","curvature":"hessian","seed":4,"options":{"max_probes":400000,"tol":0}}' > /dev/null
+req POST /v1/jobs -d '{"op":"trace","model":"m","dataset":"d","curvature":"hessian","seed":4,"options":{"max_probes":1000000,"tol":0}}' > /dev/null
 CR=$(jq "$T/body" "d['id']")
 req POST /v1/jobs -d '{"op":"loss","model":"m","dataset":"d"}' > /dev/null
 CQ=$(jq "$T/body" "d['id']")
