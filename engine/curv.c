@@ -20,9 +20,9 @@ struct cv_curv {
     cv_curv_plan plan;
     int C;
     size_t n, mb;              /* samples; micro-batch size */
-    int nparts, ncached;
+    int nparts;
     cv_batch *views;           /* micro-batch i: samples [i*mb, i*mb + views[i].n) */
-    cv_part **parts;           /* the kept states (i < ncached), NULL for the others */
+    cv_part **parts;           /* the kept states (i < plan.cached), NULL for the others */
     cv_part *scratch;          /* the state recomputed micro-batches run in */
     int scratch_at;            /* the micro-batch it holds now (-1: none) */
     cv_part *ws;               /* the part holding the workspace */
@@ -138,11 +138,18 @@ static cv_part_options part_options(const cv_curv *c, size_t first)
     return po;
 }
 
-/* Bytes held now (kept and scratch states, their workspace, the caller's
- * vectors, `extra` held beside them); the peak follows. */
+/* Bytes held for the whole batch: the caller's vectors, the outputs and the
+ * loss state's probabilities. */
+static size_t batch_bytes(const cv_curv *c)
+{
+    return c->opt.vector_bytes + sizeof(float) * c->n * (size_t)c->C * 2;
+}
+
+/* Bytes held now (kept and scratch states, their workspace, batch_bytes,
+ * `extra` held beside them); the peak follows. */
 static void account(cv_curv *c, size_t extra)
 {
-    size_t b = extra + c->opt.vector_bytes + sizeof(float) * c->n * (size_t)c->C * 2;
+    size_t b = extra + batch_bytes(c);
     for (int i = 0; i < c->nparts; i++)
         if (c->parts[i])
             b += cv_part_state_bytes(c->parts[i]) + cv_part_work_bytes(c->parts[i]);
@@ -194,15 +201,11 @@ static cv_part *visit(cv_curv *c, int i, cv_err *e)
     return p;
 }
 
-/* After micro-batch i's share: accounting and progress; a gradient's loss
- * cotangents are kept only where Hessian products will need them. */
+/* After micro-batch i's share: accounting and progress. */
 static void visited(cv_curv *c, int i)
 {
     account(c, 0);
     progress_micro(c, i + 1);
-    cv_part *p = c->parts[i] ? c->parts[i] : c->scratch;
-    if (p && c->opt.kind != CV_CURV_HESSIAN)
-        cv_part_drop_cotangents(p);
 }
 
 /* Frees the scratch state and the workspace (before a pass that builds
@@ -221,7 +224,6 @@ static int split(cv_curv *c, cv_err *e)
 {
     c->mb = c->plan.micro_batch;
     c->nparts = (int)c->plan.micro_batches;
-    c->ncached = (int)c->plan.cached;
     c->views = calloc((size_t)c->nparts, sizeof(cv_batch));
     c->parts = calloc((size_t)c->nparts, sizeof(cv_part *));
     c->outputs = malloc(sizeof(float) * c->n * (size_t)c->C);
@@ -240,7 +242,7 @@ static int forward_all(cv_curv *c, cv_err *e)
 {
     c->loss = 0;
     for (int i = 0; i < c->nparts; i++) {
-        if (i < c->ncached) {
+        if ((size_t)i < c->plan.cached) {
             if (check_cancel(c, e))
                 return -1;
             cv_part_options po = part_options(c, (size_t)i * c->mb);
@@ -351,9 +353,8 @@ size_t cv_curv_release_states(cv_curv *c)
         cv_part_free(c->parts[i]);
         c->parts[i] = NULL;
     }
-    c->ncached = 0;
     c->plan.cached = 0;
-    return c->opt.vector_bytes + sizeof(float) * c->n * (size_t)c->C * 2;
+    return batch_bytes(c);
 }
 
 /* ---- sums over micro-batches -------------------------------------------------- */

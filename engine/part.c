@@ -237,13 +237,22 @@ void cv_part_set_gram_budget(cv_part *c, size_t floats)
 
 static int ensure_workspace(cv_part *c, int k, cv_err *e);
 
-void cv_part_drop_cotangents(cv_part *c)
+static void drop_gy(cv_part *c)
 {
     for (int l = 0; l < c->L; l++) {
         free(c->gy[l]);
         c->gy[l] = NULL;
     }
     c->have_gy = 0;
+}
+
+/* rc, after freeing the loss's cotangents unless Hessian products (the
+ * part's curvature) will read them again. */
+static int keep_gy_for_hessian(cv_part *c, int rc)
+{
+    if (c->opt.base.kind != CV_CURV_HESSIAN)
+        drop_gy(c);
+    return rc;
 }
 
 /* The backward pass of the loss: the cotangent gy[l] of every layer's output
@@ -273,7 +282,7 @@ static int ensure_gy(cv_part *c, cv_err *e)
         rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "loss cotangents");
     }
     if (rc) {
-        cv_part_drop_cotangents(c);
+        drop_gy(c);
         return -1;
     }
     c->have_gy = 1;
@@ -641,7 +650,7 @@ int cv_part_gradient_add(cv_part *c, const cv_block *b, double *g, cv_err *e)
         gather_products(c, b, active, 1, gt, g);
     for (int l = 0; l < c->L; l++)
         free(gt[l]);
-    return rc;
+    return keep_gy_for_hessian(c, rc);
 }
 
 /* ---- per-sample gradients, dense matrices, loss at a step ------------------ */
@@ -665,10 +674,8 @@ static void add_rows_slot(cv_part *c, int l, int i, size_t p, void *arg)
     }
 }
 
-int cv_part_per_sample_gradients(cv_part *c, const cv_block *b, double *G, cv_err *e)
+static int per_sample_rows(cv_part *c, const cv_block *b, double *G, cv_err *e)
 {
-    if (ensure_gy(c, e))
-        return -1;
     char active[CV_MAX_LAYERS], live[CV_MAX_LAYERS];
     cv_part_mark_block(c, b, active, live);
     memset(G, 0, sizeof(double) * (size_t)c->n * b->dim);
@@ -689,6 +696,13 @@ int cv_part_per_sample_gradients(cv_part *c, const cv_block *b, double *G, cv_er
         free(tmp);
     }
     return 0;
+}
+
+int cv_part_per_sample_gradients(cv_part *c, const cv_block *b, double *G, cv_err *e)
+{
+    if (ensure_gy(c, e))
+        return -1;
+    return keep_gy_for_hessian(c, per_sample_rows(c, b, G, e));
 }
 
 /* ---- building blocks for factor-based methods ------------------------------ */

@@ -54,7 +54,8 @@ void cv_part_set_gram_budget(cv_part *c, size_t floats);
  * workspace. */
 int cv_part_prepare(cv_part *c, cv_curvature kind, int k, cv_err *e);
 
-/* g += this micro-batch's gradient on block b. */
+/* g += this micro-batch's gradient on block b (the loss's cotangents it
+ * computes are kept only when the part's curvature is the Hessian). */
 int cv_part_gradient_add(cv_part *c, const cv_block *b, double *g, cv_err *e);
 /* Y += A_part X / q_j += x_j^T A_part x_j for k vectors of block b. */
 int cv_part_matvec_add(cv_part *c, cv_curvature kind, const cv_block *b, int k,
@@ -71,9 +72,7 @@ int cv_part_vjp_add(cv_part *c, const cv_block *b, int k, const float *cot, doub
 int cv_part_gram(cv_part *c, const cv_block *b, int k, const float *cot, double *G,
                  cv_err *e);
 
-/* Frees the loss's cotangents (computed for a gradient; kept only for
- * Hessian products) / the workspace. */
-void cv_part_drop_cotangents(cv_part *c);
+/* Frees the workspace. */
 void cv_part_free_workspace(cv_part *c);
 
 /* Bytes the part holds: its forward state (activations, layer caches, loss
