@@ -96,10 +96,17 @@ TEST_OBJ  := $(patsubst %.c,$(B)/%.o,$(filter-out $(TEST_SRC),$(wildcard tests/*
 E2E_SH    := $(filter-out tests/e2e_lib.sh,$(wildcard tests/e2e_*.sh))
 E2E_PY    := $(filter-out tests/e2e_lib.py,$(wildcard tests/e2e_*.py))
 
-.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run bench clean
-all: $(B)/curvd
+# The MPI transport plugin (server/mpi_plugin.h, `mpirun -np R curvd ...`):
+# built beside curvd when OpenMPI's development files are installed
+# (libopenmpi-dev; `make test` installs them); curvd itself never links MPI.
+MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null)
+MPI_LIBS   := $(shell pkg-config --libs ompi-c 2>/dev/null)
+MPI_PLUGIN := $(if $(shell pkg-config --exists ompi-c 2>/dev/null && echo y),$(B)/curvd-mpi.so)
 
-build-tests: $(B)/curvd $(TEST_BIN) $(B)/bench_ops
+.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run bench clean
+all: $(B)/curvd $(MPI_PLUGIN)
+
+build-tests: $(B)/curvd $(MPI_PLUGIN) $(TEST_BIN) $(B)/bench_ops
 
 help:
 	@sed -n '3,/^$$/s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
@@ -132,6 +139,10 @@ $(B)/libcurvd.a: $(LIB_OBJ)
 
 $(B)/curvd: $(B)/server/main.o $(B)/libcurvd.a
 	$(CC) $(FINAL_CFLAGS) $(FINAL_LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(B)/curvd-mpi.so: server/mpi/curvd_mpi.c server/mpi_plugin.h engine/comm.h engine/err.h \
+                   $(FLAGS_STAMP) | depcheck
+	$(CC) $(FINAL_CFLAGS) $(MPI_CFLAGS) -fPIC -shared $(FINAL_LDFLAGS) -o $@ $< $(MPI_LIBS)
 
 $(TEST_BIN): $(B)/tests/%: tests/%.c $(TEST_OBJ) $(B)/libcurvd.a $(FLAGS_STAMP) | depcheck
 	@mkdir -p $(dir $@)
@@ -177,7 +188,7 @@ unit-portable:
 	@echo "== $(B)/portable/tests/test_cnn"; \
 	    CK_DEFAULT_TIMEOUT=600 $(SAN_ENV) $(B)/portable/tests/test_cnn
 
-e2e: $(B)/curvd $(B)/bench_ops
+e2e: $(B)/curvd $(MPI_PLUGIN) $(B)/bench_ops
 	@set -e; for t in $(E2E_SH); do echo "== $$t"; $(SAN_ENV) sh $$t $(B)/curvd; done
 	@set -e; for t in $(E2E_PY); do echo "== $$t"; $(SAN_ENV) $(PY) $$t $(B)/curvd; done
 

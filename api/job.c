@@ -503,6 +503,11 @@ int cv_job_bind(cv_job_spec *j, const cv_model *m, const cv_dataset *d, cv_err *
 {
     if (cv_dataset_check(d, m, e) || check_batch(j, d, e))
         return -1;
+    return cv_job_bind_model(j, m, e);
+}
+
+int cv_job_bind_model(cv_job_spec *j, const cv_model *m, cv_err *e)
+{
     int n = j->blocks.kind == CV_JOB_BLOCKS_FULL    ? 1
             : j->blocks.kind == CV_JOB_BLOCKS_LAYER ? cv_blocks_per_layer(m, NULL, 0)
                                                     : j->blocks.ngroups;
@@ -527,30 +532,84 @@ int cv_job_bind(cv_job_spec *j, const cv_model *m, const cv_dataset *d, cv_err *
 
 /* ---- running ---------------------------------------------------------------- */
 
-/* The job's batch: a view of the dataset for a range (no copy; cv_job_bind
- * checked it), a gathered copy for indices. */
-static int make_batch(const cv_job_spec *j, const cv_dataset *d, cv_batch *out, cv_err *e)
+size_t cv_job_batch_size(const cv_job_spec *j, size_t dataset_n)
+{
+    if (j->batch.kind == CV_JOB_BATCH_ALL)
+        return dataset_n;
+    if (j->batch.kind == CV_JOB_BATCH_RANGE)
+        return j->batch.size ? j->batch.size
+               : dataset_n > j->batch.offset ? dataset_n - j->batch.offset
+                                             : 0;
+    return j->batch.count;
+}
+
+/* Samples [first, first + n) of the job's batch: a view of the dataset for
+ * all or a range (no copy; cv_job_bind checked it), a gathered copy for
+ * indices. */
+static int batch_part(const cv_job_spec *j, const cv_dataset *d, size_t first, size_t n,
+                      cv_batch *out, cv_err *e)
 {
     if (j->batch.kind == CV_JOB_BATCH_ALL) {
-        cv_batch_view(d, 0, d->n, out);
+        cv_batch_view(d, first, n, out);
         return 0;
     }
     if (j->batch.kind == CV_JOB_BATCH_RANGE) {
         size_t o = j->batch.offset;
         if (o >= d->n || (j->batch.size && j->batch.size > d->n - o))
             return cv_err_set(e, CV_EINVAL, "out_of_range", "batch", "batch outside the dataset");
-        cv_batch_view(d, o, j->batch.size ? j->batch.size : d->n - o, out);
+        cv_batch_view(d, o + first, n, out);
         return 0;
     }
-    size_t n = j->batch.count;
+    if (n == 0) {
+        cv_batch_view(d, 0, 0, out);
+        return 0;
+    }
     size_t *v = malloc(sizeof(size_t) * n);
     if (!v)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "batch", "batch indices");
     for (size_t i = 0; i < n; i++)
-        v[i] = (size_t)j->batch.indices[i];
+        v[i] = (size_t)j->batch.indices[first + i];
     int rc = cv_batch_gather(d, v, n, out, e);
     free(v);
     return rc;
+}
+
+static int make_batch(const cv_job_spec *j, const cv_dataset *d, cv_batch *out, cv_err *e)
+{
+    return batch_part(j, d, 0, cv_job_batch_size(j, d->n), out, e);
+}
+
+int cv_job_shard(const cv_job_spec *j, const cv_dataset *d, const cv_comm *comm,
+                 cv_batch *out, cv_err *e)
+{
+    size_t first, n;
+    cv_comm_share(cv_job_batch_size(j, d->n), cv_comm_size(comm), cv_comm_rank(comm), &first,
+                  &n);
+    return batch_part(j, d, first, n, out, e);
+}
+
+int cv_job_bind_shard(cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                      const cv_comm *comm, cv_batch *shard, cv_err *e)
+{
+    memset(shard, 0, sizeof *shard);
+    int rc = check_batch(j, d, e) || cv_job_shard(j, d, comm, shard, e) ? -1 : 0;
+    if (!rc && shard->n && cv_dataset_check(shard, m, e)) {
+        size_t first, n;
+        cv_comm_share(cv_job_batch_size(j, d->n), cv_comm_size(comm), cv_comm_rank(comm),
+                      &first, &n);
+        char msg[sizeof e->message + 160];
+        snprintf(msg, sizeof msg, "%.400s (in samples [%zu, %zu) of the batch: rank %d's shard, "
+                 "sample numbers counted from its start)", e->message, first, first + n,
+                 cv_comm_rank(comm));
+        msg[sizeof e->message - 1] = 0;
+        memcpy(e->message, msg, sizeof e->message);
+        rc = -1;
+    }
+    if (!rc)
+        rc = cv_job_bind_model(j, m, e);
+    if (rc)
+        cv_dataset_free(shard);
+    return cv_comm_agree(comm, rc, NULL, e);
 }
 
 static int run_blocks(const cv_job_spec *j, cv_op_ctx *c, cJSON *res, cv_err *e)
@@ -593,11 +652,12 @@ static void op_memory(const cv_job_spec *j, const cv_model *m, size_t n, cv_op_m
     }
 }
 
-static void engine_options(const cv_job_spec *j, const cv_model *m, const cv_batch *batch,
+/* The engine options of job j on a batch of n samples (the whole batch's). */
+static void engine_options(const cv_job_spec *j, const cv_model *m, size_t n,
                            const cv_job_limits *lim, cv_progress *p, cv_curv_options *co)
 {
     cv_op_memory om;
-    op_memory(j, m, batch->n, &om);
+    op_memory(j, m, n, &om);
     *co = (cv_curv_options){0};
     co->mc_samples = ((const cv_op_base *)j->opts.args)->mc_samples;
     co->seed = CV_OP_CURV_SEED(j->seed);
@@ -639,14 +699,29 @@ int cv_job_check_memory(const cv_job_spec *j, const cv_model *m, const cv_datase
         return -1;
     }
     cv_curv_options co;
-    engine_options(j, m, &batch, lim, NULL, &co);
+    engine_options(j, m, batch.n, lim, NULL, &co);
     int rc = cv_curv_plan_memory(m, &batch, &co, plan ? plan : &local, e);
     cv_dataset_free(&batch);
     return rc;
 }
 
-cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
-                   const cv_job_limits *lim, cv_progress *p, cv_err *e)
+int cv_job_check_memory_shard(const cv_job_spec *j, const cv_model *m, const cv_batch *shard,
+                              size_t n, const cv_comm *comm, const cv_job_limits *lim,
+                              cv_curv_plan *plan, cv_err *e)
+{
+    cv_curv_plan local;
+    cv_curv_options co;
+    engine_options(j, m, n, lim, NULL, &co);
+    co.comm = comm;
+    int rc = (lim->job_memory || j->micro_batch) &&
+             cv_curv_plan_memory(m, shard, &co, plan ? plan : &local, e);
+    return cv_comm_agree(comm, rc ? -1 : 0, NULL, e);
+}
+
+/* Runs bound job j on batch (this rank's shard when comm is active). */
+static cJSON *exec_batch(const cv_job_spec *j, const cv_model *m, const cv_batch *batch,
+                         size_t n, const cv_comm *comm, const cv_job_limits *lim,
+                         cv_progress *p, cv_err *e)
 {
     double t0 = cv_now_s();
     if (!j->blocks.resolved) {
@@ -663,6 +738,7 @@ cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
         cv_progress_init(&local);
         p = &local;
     }
+    p->collective = cv_comm_active(comm);
     long done0 = atomic_load(&p->done);
     cv_op_ctx c = {0};
     c.m = m;
@@ -673,21 +749,17 @@ cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
     c.progress = p;
     c.lim = lim;
 
-    cv_batch batch;
-    if (make_batch(j, d, &batch, e))
-        return NULL;
     cv_curv_options co;
-    engine_options(j, m, &batch, lim, p, &co);
-    c.curv = cv_curv_new(m, &batch, &co, e);
-    if (!c.curv) {
-        cv_dataset_free(&batch);
+    engine_options(j, m, n, lim, p, &co);
+    co.comm = comm;
+    c.curv = cv_curv_new(m, batch, &co, e);
+    if (!c.curv)
         return NULL;
-    }
     cJSON *res = cJSON_CreateObject();
     cJSON_AddStringToObject(res, "op", j->op->name);
     if (j->op->uses_curvature)
         cJSON_AddStringToObject(res, "curvature", cv_curvature_name(c.kind));
-    cJSON_AddNumberToObject(res, "batch_size", (double)batch.n);
+    cJSON_AddNumberToObject(res, "batch_size", (double)cv_curv_batch_size(c.curv));
     cJSON_AddNumberToObject(res, "num_params", (double)m->nparams_total);
     if (run_blocks(j, &c, res, e)) {
         cJSON_Delete(res);
@@ -696,10 +768,29 @@ cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
         cJSON_AddNumberToObject(res, "matvecs", (double)(atomic_load(&p->done) - done0));
         cJSON_AddNumberToObject(res, "elapsed_s", cv_now_s() - t0);
         add_memory_fields(c.curv, res);
+        if (cv_comm_active(comm))
+            cJSON_AddNumberToObject(res, "ranks", cv_comm_size(comm));
     }
     cv_curv_free(c.curv);
+    return res;
+}
+
+cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                   const cv_job_limits *lim, cv_progress *p, cv_err *e)
+{
+    cv_batch batch;
+    if (make_batch(j, d, &batch, e))
+        return NULL;
+    cJSON *res = exec_batch(j, m, &batch, batch.n, NULL, lim, p, e);
     cv_dataset_free(&batch);
     return res;
+}
+
+cJSON *cv_job_exec_shard(const cv_job_spec *j, const cv_model *m, const cv_batch *shard,
+                         size_t n, const cv_comm *comm, const cv_job_limits *lim,
+                         cv_progress *p, cv_err *e)
+{
+    return exec_batch(j, m, shard, n, comm, lim, p, e);
 }
 
 cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,

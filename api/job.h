@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include "api/opts.h"
+#include "engine/comm.h"
 #include "engine/curv.h"
 #include "engine/dataset.h"
 #include "engine/err.h"
@@ -94,6 +95,11 @@ void cv_job_spec_free(cv_job_spec *j);
 /* Checks j against a model and dataset and resolves its blocks (kept in j
  * for cv_job_exec on the same model).  Cheap. */
 int cv_job_bind(cv_job_spec *j, const cv_model *m, const cv_dataset *d, cv_err *e);
+/* The part of cv_job_bind that needs no dataset: blocks resolved against m
+ * and the options checked against them. */
+int cv_job_bind_model(cv_job_spec *j, const cv_model *m, cv_err *e);
+/* The number of samples N of j's batch on a dataset of dataset_n samples. */
+size_t cv_job_batch_size(const cv_job_spec *j, size_t dataset_n);
 
 /* Plans the bound job's micro-batches under lim->job_memory (a probe of the
  * model on one and two samples): 0, or -1 with e filled ("job_memory", 400)
@@ -107,6 +113,32 @@ int cv_job_check_memory(const cv_job_spec *j, const cv_model *m, const cv_datase
  * result or NULL with e filled. */
 cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
                    const cv_job_limits *lim, cv_progress *p, cv_err *e);
+
+/* ---- data-parallel jobs (engine/comm.h) --------------------------------------
+ * Every rank of comm calls these in the same order with the same job and
+ * model; each returns the same result or the same error.  A rank's shard is
+ * its cv_comm_share of the job's N samples. */
+
+/* This rank's shard of the bound job's batch of d (which may be memory-mapped:
+ * only the shard's samples are read): a view for all/range, a gathered copy
+ * of its indices. */
+int cv_job_shard(const cv_job_spec *j, const cv_dataset *d, const cv_comm *comm,
+                 cv_batch *out, cv_err *e);
+/* cv_job_bind with the dataset's values checked in this rank's shard only
+ * (returned in *shard; free it with cv_dataset_free), agreed over the ranks. */
+int cv_job_bind_shard(cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                      const cv_comm *comm, cv_batch *shard, cv_err *e);
+/* cv_job_check_memory of this rank's shard of a batch of n samples (the
+ * budget is per rank), agreed over the ranks. */
+int cv_job_check_memory_shard(const cv_job_spec *j, const cv_model *m, const cv_batch *shard,
+                              size_t n, const cv_comm *comm, const cv_job_limits *lim,
+                              cv_curv_plan *plan, cv_err *e);
+/* cv_job_exec on this rank's shard of a batch of n samples.  p is made
+ * collective (cancel and deadline are rank 0's, sampled at each agreement);
+ * the result adds "ranks". */
+cJSON *cv_job_exec_shard(const cv_job_spec *j, const cv_model *m, const cv_batch *shard,
+                         size_t n, const cv_comm *comm, const cv_job_limits *lim,
+                         cv_progress *p, cv_err *e);
 
 /* Parse, bind and exec in one call (tests, tools). */
 cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,

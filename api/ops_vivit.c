@@ -82,6 +82,30 @@ static int check_curvature(cv_curvature kind, cv_err *e)
                       kind == CV_CURV_HESSIAN ? " (the default when the job gives none)" : "");
 }
 
+/* This rank's share (cv_comm_share) of the samples idx[0..count) of the
+ * batch: all of them in one process; data-parallel, gathered from the ranks
+ * that hold them, each rank keeping its share (agreed on: every rank
+ * returns the same). */
+static int subset_share(cv_curv *curv, const size_t *idx, size_t count, cv_batch *out,
+                        cv_err *e)
+{
+    const cv_comm *cm = cv_curv_get_options(curv)->comm;
+    if (!cv_comm_active(cm))
+        return cv_curv_gather_samples(curv, idx, count, out, e);
+    cv_batch all;
+    if (cv_curv_gather_samples(curv, idx, count, &all, e))
+        return -1;
+    size_t first, n;
+    cv_comm_share(count, cm->size, cm->rank, &first, &n);
+    int rc = cv_batch_alloc(&all, n, out, e);
+    for (size_t i = 0; i < n && !rc; i++)
+        cv_batch_copy_sample(&all, first + i, out, i);
+    cv_dataset_free(&all);
+    if (rc)
+        cv_dataset_free(out);
+    return cv_comm_agree(cm, rc, NULL, e);
+}
+
 /* Factor and Gram of block b with the op's ViViT settings va (subset is the
  * caller's buffer of batch-size ints, kept alive while v is used). */
 static int build(cv_op_ctx *c, const cv_block *b, const cv_vivit_args *va, int *subset,
@@ -108,7 +132,7 @@ static int build(cv_op_ctx *c, const cv_block *b, const cv_vivit_args *va, int *
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "sample subset");
     for (int i = 0; i < o.n_subset; i++)
         idx[i] = (size_t)subset[i];
-    int rc = cv_batch_gather(cv_curv_batch(c->curv), idx, (size_t)o.n_subset, &sb, e);
+    int rc = subset_share(c->curv, idx, (size_t)o.n_subset, &sb, e);
     free(idx);
     if (rc)
         return -1;

@@ -2,33 +2,39 @@
  * micro-batches: the split (curv_plan.c), the kept and recomputed forward
  * states (engine/part.h: one micro-batch's engine), the sums of their
  * shares with per-micro-batch progress and cancel, the workspace handed
- * from micro-batch to micro-batch, the accounting of the bytes held; plus
- * the curvature names and parameter blocks. */
+ * from micro-batch to micro-batch, the accounting of the bytes held; for a
+ * data-parallel job, the reduction of every share over the ranks
+ * (engine/comm.h); plus the curvature names and parameter blocks. */
 #include "curv.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "comm.h"
 #include "names.h"
 #include "part.h"
 
 struct cv_curv {
     const cv_model *m;
-    const cv_batch *b;         /* the whole batch (borrowed) */
+    const cv_batch *b;         /* this rank's shard of the batch: the whole batch in one
+                                * process (borrowed) */
+    cv_batch whole_y;          /* data-parallel: the whole batch's targets (x unset) */
+    const cv_batch *y;         /* the whole batch's targets: b or &whole_y */
     cv_curv_options opt;
     cv_curv_plan plan;
     int C;
-    size_t n, mb;              /* samples; micro-batch size */
+    size_t n, nloc, first, mb; /* samples of the whole batch; the shard, samples [first,
+                                * first + nloc); micro-batch size */
     int nparts;
-    cv_batch *views;           /* micro-batch i: samples [i*mb, i*mb + views[i].n) */
+    cv_batch *views;           /* micro-batch i: shard samples [i*mb, i*mb + views[i].n) */
     cv_part **parts;           /* the kept states (i < plan.cached), NULL for the others */
     cv_part *scratch;          /* the state recomputed micro-batches run in */
     int scratch_at;            /* the micro-batch it holds now (-1: none) */
     cv_part *ws;               /* the part holding the workspace */
     size_t gram_budget;
     double loss;
-    float *outputs;            /* n x C */
+    float *outputs;            /* n x C (the whole batch) */
     cv_loss_state ls;          /* the whole batch's loss state (over outputs) */
     size_t peak;
 };
@@ -133,7 +139,7 @@ int cv_blocks_per_layer(const cv_model *m, cv_block *out, int max)
 
 static cv_part_options part_options(const cv_curv *c, size_t first)
 {
-    cv_part_options po = {c->opt, c->ls.scale, first, c->mb};
+    cv_part_options po = {c->opt, c->ls.scale, c->first + first, c->mb};
     po.base.progress = NULL;
     return po;
 }
@@ -224,21 +230,21 @@ static int split(cv_curv *c, cv_err *e)
 {
     c->mb = c->plan.micro_batch;
     c->nparts = (int)c->plan.micro_batches;
-    c->views = calloc((size_t)c->nparts, sizeof(cv_batch));
-    c->parts = calloc((size_t)c->nparts, sizeof(cv_part *));
-    c->outputs = malloc(sizeof(float) * c->n * (size_t)c->C);
+    c->views = calloc((size_t)c->nparts + 1, sizeof(cv_batch));
+    c->parts = calloc((size_t)c->nparts + 1, sizeof(cv_part *));
+    c->outputs = calloc(c->n * (size_t)c->C + 1, sizeof(float));
     if (!c->views || !c->parts || !c->outputs)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "micro-batches");
     for (int i = 0; i < c->nparts; i++) {
         size_t off = (size_t)i * c->mb;
-        cv_batch_view(c->b, off, c->n - off < c->mb ? c->n - off : c->mb, &c->views[i]);
+        cv_batch_view(c->b, off, c->nloc - off < c->mb ? c->nloc - off : c->mb, &c->views[i]);
     }
     return 0;
 }
 
-/* The forward pass of every micro-batch: kept states built, the others run
- * in the scratch state; the outputs and loss of the whole batch. */
-static int forward_all(cv_curv *c, cv_err *e)
+/* The forward pass of every micro-batch of the shard: kept states built,
+ * the others run in the scratch state; the shard's outputs and loss. */
+static int forward_shard(cv_curv *c, cv_err *e)
 {
     c->loss = 0;
     for (int i = 0; i < c->nparts; i++) {
@@ -252,24 +258,35 @@ static int forward_all(cv_curv *c, cv_err *e)
         cv_part *p = visit(c, i, e);
         if (!p)
             return -1;
-        memcpy(c->outputs + (size_t)i * c->mb * c->C, cv_part_outputs(p),
+        memcpy(c->outputs + (c->first + (size_t)i * c->mb) * c->C, cv_part_outputs(p),
                sizeof(float) * c->views[i].n * (size_t)c->C);
         c->loss += cv_part_loss(p);
         visited(c, i);
     }
-    double loss;
-    if (cv_loss_eval_scaled(&c->ls, c->m, c->b, c->outputs, c->ls.scale, &loss, NULL))
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "loss state");
     return 0;
+}
+
+/* After every rank's forward pass (rc: this rank's): the whole batch's
+ * outputs, loss and loss state. */
+static int forward_whole(cv_curv *c, int rc, cv_err *e)
+{
+    const cv_comm *cm = c->opt.comm;
+    if (cv_comm_gather_rows(cm, rc, c->outputs, c->n, (size_t)c->C, 1, CV_COMM_F32, NULL, e) ||
+        cv_comm_sum(cm, 0, &c->loss, 1, NULL, e))
+        return -1;
+    double loss;
+    if (cv_loss_eval_scaled(&c->ls, c->m, c->y, c->outputs, c->ls.scale, &loss, NULL))
+        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "loss state");
+    return cv_comm_agree(cm, rc, NULL, e);
 }
 
 static int plan_split(cv_curv *c, cv_err *e)
 {
-    if (!c->opt.memory_budget && !c->opt.micro_batch) {
+    if (c->nloc == 0 || (!c->opt.memory_budget && !c->opt.micro_batch)) {
         c->plan = (cv_curv_plan){0};
-        c->plan.micro_batch = c->n < CV_CURV_MAX_MICRO ? c->n : CV_CURV_MAX_MICRO;
+        c->plan.micro_batch = c->nloc < CV_CURV_MAX_MICRO ? c->nloc : CV_CURV_MAX_MICRO;
         c->plan.micro_batches = c->plan.cached =
-            (c->n + c->plan.micro_batch - 1) / c->plan.micro_batch;
+            c->nloc ? (c->nloc + c->plan.micro_batch - 1) / c->plan.micro_batch : 0;
         return 0;
     }
     if (cv_curv_plan_memory(c->m, c->b, &c->opt, &c->plan, e))
@@ -281,27 +298,77 @@ static int plan_split(cv_curv *c, cv_err *e)
     return 0;
 }
 
+/* Sample i's targets (or labels) in batch b. */
+static void *y_row(const cv_batch *b, size_t i)
+{
+    size_t sy = cv_shape_numel(&b->y_shape);
+    return b->y_is_index ? (void *)(b->labels + i * sy) : (void *)(b->targets + i * sy);
+}
+
+/* Data-parallel: the whole batch's size (every rank's shard must be its
+ * cv_comm_share) and targets. */
+static int whole_batch(cv_curv *c, cv_err *e)
+{
+    const cv_comm *cm = c->opt.comm;
+    int64_t n = (int64_t)c->nloc;
+    if (cv_comm_reduce(cm, 0, &n, 1, CV_COMM_I64, CV_COMM_SUM, NULL, e))
+        return -1;
+    c->n = (size_t)n;
+    size_t first, count;
+    cv_comm_share(c->n, cm->size, cm->rank, &first, &count);
+    c->first = first;
+    int rc = count == c->nloc ? 0
+                              : cv_err_set(e, CV_EINTERNAL, "internal", "batch",
+                                           "rank %d holds %zu samples, not its share %zu of %zu",
+                                           cm->rank, c->nloc, count, c->n);
+    cv_batch *y = &c->whole_y;
+    size_t sy = cv_shape_numel(&c->b->y_shape), es = c->b->y_is_index ? 8 : 4;
+    if (!rc)
+        rc = cv_batch_alloc_y(c->b, c->n, y, e);
+    if (!rc && c->nloc)
+        memcpy(y_row(y, first), y_row(c->b, 0), c->nloc * sy * es);
+    c->y = y;
+    return cv_comm_gather_rows(cm, rc, rc ? NULL : y_row(y, 0), c->n, sy, 1,
+                               y->y_is_index ? CV_COMM_I64 : CV_COMM_F32, NULL, e);
+}
+
 cv_curv *cv_curv_new(const cv_model *m, const cv_batch *b, const cv_curv_options *opt,
                      cv_err *e)
 {
-    if (b->n < 1) {
+    int active = opt && cv_comm_active(opt->comm);
+    if (b->n < 1 && !active) {
         cv_err_set(e, CV_EINVAL, "empty_batch", "batch", "the batch has no samples");
         return NULL;
     }
-    cv_curv *c = cv_err_calloc(sizeof *c, "engine state", e);
-    if (!c)
+    cv_curv *c = calloc(1, sizeof *c);
+    int rc = c ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "engine state");
+    if (!active && rc)
         return NULL;
+    if (active && cv_comm_agree(opt->comm, rc, NULL, e)) {
+        free(c);
+        return NULL;
+    }
     c->m = m;
-    c->b = b;
-    c->n = b->n;
+    c->b = c->y = b;
+    c->n = c->nloc = b->n;
     c->C = cv_model_output_dim(m);
     c->scratch_at = -1;
     if (opt)
         c->opt = *opt;
     if (c->opt.mc_samples < 1)
         c->opt.mc_samples = 1;
-    c->ls.scale = cv_loss_batch_scale(m, b);
-    if (plan_split(c, e) || split(c, e) || forward_all(c, e)) {
+    if (active && whole_batch(c, e)) {
+        cv_curv_free(c);
+        return NULL;
+    }
+    if (c->n < 1) {
+        cv_err_set(e, CV_EINVAL, "empty_batch", "batch", "the batch has no samples");
+        cv_curv_free(c);
+        return NULL;
+    }
+    c->ls.scale = cv_loss_batch_scale(m, c->y);
+    rc = plan_split(c, e) || split(c, e) || forward_shard(c, e) ? -1 : 0;
+    if (forward_whole(c, rc, e)) {
         cv_curv_free(c);
         return NULL;
     }
@@ -319,6 +386,7 @@ void cv_curv_free(cv_curv *c)
     free(c->views);
     free(c->outputs);
     cv_loss_state_free(&c->ls);
+    cv_dataset_free(&c->whole_y);
     free(c);
 }
 
@@ -333,7 +401,12 @@ const cv_model *cv_curv_model(const cv_curv *c) { return c->m; }
 size_t cv_curv_batch_size(const cv_curv *c) { return c->n; }
 double cv_curv_loss(cv_curv *c) { return c->loss; }
 const float *cv_curv_outputs(const cv_curv *c) { return c->outputs; }
-const cv_batch *cv_curv_batch(const cv_curv *c) { return c->b; }
+const cv_batch *cv_curv_batch(const cv_curv *c, size_t *first)
+{
+    if (first)
+        *first = c->first;
+    return c->b;
+}
 const cv_loss_state *cv_curv_loss_state(const cv_curv *c) { return &c->ls; }
 
 void cv_curv_set_gram_budget(cv_curv *c, size_t floats)
@@ -361,24 +434,25 @@ size_t cv_curv_release_states(cv_curv *c)
 
 typedef enum { SUM_GRADIENT, SUM_MATVEC, SUM_QUAD } sum_kind;
 
-/* out (zeroed first: len doubles) = the sum of every micro-batch's share. */
+/* out (zeroed first: len doubles) = the sum of every micro-batch's share
+ * (over every rank's). */
 static int sum_shares(cv_curv *c, sum_kind what, cv_curvature kind, const cv_block *b, int k,
                       const double *X, double *out, size_t len, cv_err *e)
 {
     memset(out, 0, sizeof(double) * (len ? len : 1));
     if (k < 1)
         return 0;
-    for (int i = 0; i < c->nparts; i++) {
+    int rc = 0;
+    for (int i = 0; i < c->nparts && !rc; i++) {
         cv_part *p = visit(c, i, e);
-        int rc = !p ? -1
-                 : what == SUM_GRADIENT ? cv_part_gradient_add(p, b, out, e)
-                 : what == SUM_MATVEC   ? cv_part_matvec_add(p, kind, b, k, X, out, e)
-                                        : cv_part_quadform_add(p, kind, b, k, X, out, e);
-        if (rc)
-            return -1;
-        visited(c, i);
+        rc = !p ? -1
+             : what == SUM_GRADIENT ? cv_part_gradient_add(p, b, out, e)
+             : what == SUM_MATVEC   ? cv_part_matvec_add(p, kind, b, k, X, out, e)
+                                    : cv_part_quadform_add(p, kind, b, k, X, out, e);
+        if (!rc)
+            visited(c, i);
     }
-    return 0;
+    return cv_comm_sum(c->opt.comm, rc, out, len, c->opt.progress, e);
 }
 
 int cv_curv_gradient(cv_curv *c, const cv_block *b, double *g, cv_err *e)
@@ -404,20 +478,23 @@ int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, co
 
 int cv_curv_per_sample_gradients(cv_curv *c, const cv_block *b, double *G, cv_err *e)
 {
-    for (int i = 0; i < c->nparts; i++) {
+    int rc = 0;
+    for (int i = 0; i < c->nparts && !rc; i++) {
         cv_part *p = visit(c, i, e);
-        if (!p || cv_part_per_sample_gradients(p, b, G + (size_t)i * c->mb * b->dim, e))
-            return -1;
-        visited(c, i);
+        rc = !p || cv_part_per_sample_gradients(
+                       p, b, G + (c->first + (size_t)i * c->mb) * b->dim, e) ? -1 : 0;
+        if (!rc)
+            visited(c, i);
     }
-    return 0;
+    return cv_comm_gather_rows(c->opt.comm, rc, G, c->n, b->dim, 1, CV_COMM_F64,
+                               c->opt.progress, e);
 }
 
 /* Copies the k blocks of micro-batch i between a whole-batch array (k x n x C)
  * and a micro-batch one (k x m x C): to_part 1 gathers, 0 scatters. */
 static void copy_rows(const cv_curv *c, int i, int k, float *whole, float *part, int to_part)
 {
-    size_t m = c->views[i].n, C = (size_t)c->C, off = (size_t)i * c->mb;
+    size_t m = c->views[i].n, C = (size_t)c->C, off = c->first + (size_t)i * c->mb;
     for (int j = 0; j < k; j++) {
         float *w = whole + ((size_t)j * c->n + off) * C, *p = part + (size_t)j * m * C;
         memcpy(to_part ? p : w, to_part ? w : p, sizeof(float) * m * C);
@@ -432,12 +509,12 @@ static int jacobian(cv_curv *c, const cv_block *b, int k, const double *X, float
         return 0;
     if (Y)
         memset(Y, 0, sizeof(double) * (size_t)k * b->dim);
-    size_t tmp_len = c->nparts > 1 ? (size_t)k * c->mb * c->C : 0;
+    int direct = c->nparts == 1 && c->nloc == c->n; /* the part's rows are the batch's */
+    size_t tmp_len = !direct && c->nparts ? (size_t)k * c->mb * c->C : 0;
     float *tmp = tmp_len ? malloc(sizeof(float) * tmp_len) : NULL;
-    if (tmp_len && !tmp)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "micro-batch outputs");
+    int rc = tmp_len && !tmp ? cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                                          "micro-batch outputs") : 0;
     account(c, sizeof(float) * tmp_len);
-    int rc = 0;
     for (int i = 0; i < c->nparts && !rc; i++) {
         cv_part *p = visit(c, i, e);
         if (!p) {
@@ -453,7 +530,10 @@ static int jacobian(cv_curv *c, const cv_block *b, int k, const double *X, float
         visited(c, i);
     }
     free(tmp);
-    return rc;
+    if (X)
+        return cv_comm_gather_rows(c->opt.comm, rc, out, c->n, (size_t)c->C, k, CV_COMM_F32,
+                                   c->opt.progress, e);
+    return cv_comm_sum(c->opt.comm, rc, Y, (size_t)k * b->dim, c->opt.progress, e);
 }
 
 int cv_curv_jvp(cv_curv *c, const cv_block *b, int k, const double *X, float *out, cv_err *e)
@@ -466,29 +546,63 @@ int cv_curv_vjp(cv_curv *c, const cv_block *b, int k, const float *cot, double *
     return jacobian(c, b, k, NULL, NULL, cot, Y, e);
 }
 
-/* ---- Gram matrices over pairs of micro-batches -------------------------------- */
+/* ---- other ranks' samples; Gram matrices over pairs of micro-batches ------- */
 
-/* Micro-batches i and j (i <= j) evaluated together: their samples gathered
- * into one batch, its Gram matrix, its four blocks written into G. */
-static int gram_pair(cv_curv *c, const cv_block *b, int k, const float *cot, double *G,
-                     int i, int j, cv_err *e)
+int cv_curv_gather_samples(cv_curv *c, const size_t *idx, size_t count, cv_batch *out,
+                           cv_err *e)
 {
-    size_t mi = c->views[i].n, mj = i == j ? 0 : c->views[j].n, R = mi + mj, C = (size_t)c->C;
-    size_t oi = (size_t)i * c->mb, oj = (size_t)j * c->mb, N = c->n;
+    if (!cv_comm_active(c->opt.comm))
+        return cv_batch_gather(c->b, idx, count, out, e);
+    for (size_t i = 0; i < count; i++) /* the same answer on every rank */
+        if (idx[i] >= c->n)
+            return cv_err_set(e, CV_EINVAL, "out_of_range", "batch",
+                              "sample %zu is out of range for a batch of %zu", idx[i], c->n);
+    int rc = cv_batch_alloc(c->b, count, out, e);
+    for (size_t i = 0; i < count && !rc; i++)
+        if (idx[i] >= c->first && idx[i] - c->first < c->nloc)
+            cv_batch_copy_sample(c->b, idx[i] - c->first, out, i);
+    size_t sx = cv_shape_numel(&out->x_shape) * count, sy = cv_shape_numel(&out->y_shape) * count;
+    /* each sample is one rank's: its row plus zeros, exact */
+    if (cv_comm_reduce(c->opt.comm, rc, out->x, sx, CV_COMM_F32, CV_COMM_SUM, NULL, e) ||
+        cv_comm_reduce(c->opt.comm, 0, y_row(out, 0), sy,
+                       out->y_is_index ? CV_COMM_I64 : CV_COMM_F32, CV_COMM_SUM, NULL, e)) {
+        cv_dataset_free(out);
+        return -1;
+    }
+    return 0;
+}
+
+/* Samples [off, off + n) of the whole batch in a Gram pair; own: the pair
+ * writes the block of these samples with themselves (each entry of G is
+ * written by one pair: the diagonal block of micro-batch i by pair (i, i+1),
+ * the last one's by (i-1, i)). */
+typedef struct {
+    size_t off, n;
+    int own;
+} gram_range;
+
+/* Two ranges of the whole batch (src: indexed by whole-batch sample)
+ * evaluated together: their samples gathered into one batch, its Gram
+ * matrix, its blocks written into G. */
+static int gram_pair(cv_curv *c, const cv_batch *src, const cv_block *b, int k,
+                     const float *cot, double *G, gram_range ri, gram_range rj, cv_err *e)
+{
+    size_t mi = ri.n, R = mi + rj.n, C = (size_t)c->C, N = c->n, kR = (size_t)k * R;
     size_t *idx = malloc(sizeof(size_t) * R);
-    float *pc = malloc(sizeof(float) * (size_t)k * R * C);
-    double *PG = malloc(sizeof(double) * (size_t)k * R * (size_t)k * R);
+    float *pc = malloc(sizeof(float) * kR * C);
+    double *PG = malloc(sizeof(double) * kR * kR);
     cv_batch pb = {0};
     int rc = idx && pc && PG ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Gram pair");
     for (size_t s = 0; s < R && !rc; s++)
-        idx[s] = s < mi ? oi + s : oj + s - mi;
+        idx[s] = s < mi ? ri.off + s : rj.off + s - mi;
     for (int q = 0; q < k && !rc; q++)
         for (size_t s = 0; s < R; s++)
             memcpy(pc + ((size_t)q * R + s) * C, cot + ((size_t)q * N + idx[s]) * C,
                    sizeof(float) * C);
     cv_part *p = NULL;
-    if (!rc && !(rc = cv_batch_gather(c->b, idx, R, &pb, e))) {
-        cv_part_options po = part_options(c, oi);
+    if (!rc && !(rc = cv_batch_gather(src, idx, R, &pb, e))) {
+        cv_part_options po = part_options(c, 0);
+        po.first = ri.off;
         po.ws_samples = R;
         p = cv_part_new(c->m, &pb, &po, e);
         if (p)
@@ -497,12 +611,15 @@ static int gram_pair(cv_curv *c, const cv_block *b, int k, const float *cot, dou
     }
     if (p) /* the pair's state is held beside the kept ones */
         account(c, cv_part_state_bytes(p) + cv_part_work_bytes(p) +
-                       sizeof(double) * (size_t)k * R * (size_t)k * R +
-                       sizeof(float) * (size_t)k * R * C);
-    for (size_t r = 0; r < (size_t)k * R && !rc; r++)
-        for (size_t q = 0; q < (size_t)k * R; q++)
+                       sizeof(double) * kR * kR + sizeof(float) * kR * C);
+    for (size_t r = 0; r < kR && !rc; r++)
+        for (size_t q = 0; q < kR; q++) {
+            int ir = r % R < mi, iq = q % R < mi;
+            if (ir == iq && !(ir ? ri.own : rj.own))
+                continue;
             G[((r / R) * N + idx[r % R]) * (size_t)k * N + (q / R) * N + idx[q % R]] =
-                PG[r * (size_t)k * R + q];
+                PG[r * kR + q];
+        }
     cv_part_free(p);
     cv_dataset_free(&pb);
     free(idx);
@@ -511,27 +628,76 @@ static int gram_pair(cv_curv *c, const cv_block *b, int k, const float *cot, dou
     return rc;
 }
 
+/* The pairs of micro-batches of mb samples of the whole batch (src) that
+ * this rank evaluates: pair t of P(P-1)/2 (one micro-batch: the pair (0, 0))
+ * when t % ranks == rank. */
+static int gram_pairs(cv_curv *c, const cv_batch *src, size_t mb, const cv_block *b, int k,
+                      const float *cot, double *G, cv_err *e)
+{
+    int rank = cv_comm_rank(c->opt.comm), size = cv_comm_size(c->opt.comm);
+    size_t P = (c->n + mb - 1) / mb;
+    if (P == 1)
+        return rank == 0 ? gram_pair(c, src, b, k, cot, G, (gram_range){0, c->n, 1},
+                                     (gram_range){0, 0, 0}, e)
+                         : 0;
+    long total = (long)(P * (P - 1) / 2), t = 0;
+    for (size_t i = 0; i < P; i++)
+        for (size_t j = i + 1; j < P; j++, t++) {
+            if (t % size != rank)
+                continue;
+            size_t ni = i + 1 < P ? mb : c->n - i * mb, nj = j + 1 < P ? mb : c->n - j * mb;
+            gram_range ri = {i * mb, ni, j == i + 1}, rj = {j * mb, nj, j == P - 1 && i == P - 2};
+            if (check_cancel(c, e) || gram_pair(c, src, b, k, cot, G, ri, rj, e))
+                return -1;
+            if (c->opt.progress) {
+                atomic_store(&c->opt.progress->micro_total, total);
+                atomic_store(&c->opt.progress->micro_done, t + 1);
+            }
+        }
+    return 0;
+}
+
+/* Data-parallel: every sample gathered on every rank (a Gram matrix couples
+ * samples of all shards), the pairs shared out, G summed over ranks. */
+static int gram_ranks(cv_curv *c, const cv_block *b, int k, const float *cot, double *G,
+                      cv_err *e)
+{
+    size_t N = c->n, *all = malloc(sizeof(size_t) * N);
+    int64_t mb = c->mb ? (int64_t)c->mb : (int64_t)N; /* the smallest planned micro-batch */
+    int rc = all ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Gram samples");
+    if (cv_comm_reduce(c->opt.comm, rc, &mb, 1, CV_COMM_I64, CV_COMM_MIN, NULL, e)) {
+        free(all);
+        return -1;
+    }
+    for (size_t i = 0; i < N; i++)
+        all[i] = i;
+    cv_batch whole;
+    rc = cv_curv_gather_samples(c, all, N, &whole, e);
+    free(all);
+    if (rc)
+        return -1;
+    memset(G, 0, sizeof(double) * (size_t)k * N * (size_t)k * N);
+    account(c, sizeof(float) * N * (cv_shape_numel(&whole.x_shape) + 2));
+    rc = gram_pairs(c, &whole, (size_t)mb, b, k, cot, G, e);
+    cv_dataset_free(&whole);
+    return cv_comm_sum(c->opt.comm, rc, G, (size_t)k * N * (size_t)k * N, c->opt.progress, e);
+}
+
 int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double *G,
                  cv_err *e)
 {
+    if (cv_comm_active(c->opt.comm)) {
+        release_scratch(c);
+        return gram_ranks(c, b, k, cot, G, e);
+    }
     if (c->nparts == 1) {
         cv_part *p = visit(c, 0, e);
         int rc = p ? cv_part_gram(p, b, k, cot, G, e) : -1;
         account(c, 0);
         return rc;
     }
-    long done = 0, total = (long)c->nparts * (c->nparts - 1) / 2;
     release_scratch(c);
-    for (int i = 0; i < c->nparts; i++)
-        for (int j = i + 1; j < c->nparts; j++) {
-            if (check_cancel(c, e) || gram_pair(c, b, k, cot, G, i, j, e))
-                return -1;
-            if (c->opt.progress) {
-                atomic_store(&c->opt.progress->micro_total, total);
-                atomic_store(&c->opt.progress->micro_done, ++done);
-            }
-        }
-    return 0;
+    return gram_pairs(c, c->b, c->mb, b, k, cot, G, e);
 }
 
 /* ---- dense matrices, loss at a step ------------------------------------------- */
@@ -586,21 +752,27 @@ int cv_curv_loss_at(cv_curv *c, const cv_block *b, const double *step, double *l
                     cv_err *e)
 {
     cv_model *tmp = malloc(sizeof *tmp);
+    int rc = 0;
+    *loss = 0;
     if (!tmp || cv_model_clone(c->m, tmp)) {
         free(tmp);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "model copy");
+        tmp = NULL;
+        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "model copy");
     }
     size_t o = 0;
-    for (int i = 0; i < b->count; i++) {
+    for (int i = 0; tmp && i < b->count; i++) {
         const cv_tensor_info *t = cv_model_param(tmp, b->idx[i]);
         for (size_t q = 0; q < t->numel; q++)
             tmp->params[t->offset + q] += (float)step[o++];
     }
     release_scratch(c); /* the part on the stepped model takes its place */
-    int rc = loss_over_parts(c, tmp, loss, e);
-    cv_model_free(tmp);
-    free(tmp);
-    return rc;
+    if (!rc)
+        rc = loss_over_parts(c, tmp, loss, e);
+    if (tmp) {
+        cv_model_free(tmp);
+        free(tmp);
+    }
+    return cv_comm_sum(c->opt.comm, rc, loss, 1, c->opt.progress, e);
 }
 
 /* ---- cv_linop view --------------------------------------------------------- */

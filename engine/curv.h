@@ -28,6 +28,14 @@
  *                   drawn once per cv_curv from the seed, so F is one fixed matrix)
  *   ef         EF = c * sum_n (d l_n/d theta)(d l_n/d theta)^T
  * so that E[F] = G, and for N = 1 with sum reduction EF = g g^T.
+ *
+ * Data-parallel (options.comm spanning several ranks, engine/comm.h): every
+ * rank calls the same functions in the same order with the same arguments;
+ * the batch given to cv_curv_new is this rank's shard (cv_comm_share of the
+ * whole batch) and everything else - N, outputs, losses, products, per-sample
+ * rows, Gram matrices - is the whole batch's, identical on every rank.  Each
+ * function that returns numbers is one agreement plus one collective: an
+ * error on any rank is every rank's.
  */
 #ifndef CV_CURV_H
 #define CV_CURV_H
@@ -35,6 +43,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "comm.h"
 #include "dataset.h"
 #include "err.h"
 #include "linop.h"
@@ -92,6 +101,7 @@ typedef struct {
     cv_curvature kind;        /* the curvature products will use (the Hessian keeps the
                                * loss's cotangents too) */
     cv_progress *progress;    /* micro-batch progress and cancel/deadline (may be NULL) */
+    const cv_comm *comm;      /* data-parallel ranks (NULL: one process; borrowed) */
 } cv_curv_options;
 
 /* How a batch is split and what it costs, from a probe of the model on one
@@ -110,8 +120,8 @@ typedef struct {
     size_t peak_bytes;         /* cv_curv_memory: the most the engine held at once */
 } cv_curv_plan;
 
-/* Plans micro-batches for model m on batch b under opt (the probe runs the
- * model on at most two samples).  Refuses (CV_EINVAL "job_memory", a 400,
+/* Plans micro-batches for model m on batch b (this rank's shard) under opt
+ * (the probe runs the model on at most two samples; no collectives).  Refuses (CV_EINVAL "job_memory", a 400,
  * naming what is needed) when the budget cannot hold the minimum. */
 int cv_curv_plan_memory(const cv_model *m, const cv_batch *b, const cv_curv_options *opt,
                         cv_curv_plan *plan, cv_err *e);
@@ -134,14 +144,21 @@ const cv_curv_options *cv_curv_get_options(const cv_curv *c);
 size_t cv_curv_release_states(cv_curv *c);
 
 const cv_model *cv_curv_model(const cv_curv *c);
+/* N, the whole batch's samples (every rank's shard together). */
 size_t cv_curv_batch_size(const cv_curv *c);
 
 /* Caps the floats a layer's Gram kernel buffers at once (0: the kernel's
  * default, 4M for Conv2d); smaller budgets mean more, smaller chunks. */
 void cv_curv_set_gram_budget(cv_curv *c, size_t floats);
 
-/* The batch the engine was built on (borrowed). */
-const cv_batch *cv_curv_batch(const cv_curv *c);
+/* The batch the engine was built on (borrowed): data-parallel, this rank's
+ * shard, samples [first, first + n) of the whole batch. */
+const cv_batch *cv_curv_batch(const cv_curv *c, size_t *first);
+
+/* A new batch of samples idx[0..count) of the whole batch (indices < N),
+ * gathered from the ranks that hold them (collective); the caller frees it. */
+int cv_curv_gather_samples(cv_curv *c, const size_t *idx, size_t count, cv_batch *out,
+                           cv_err *e);
 
 /* Network outputs h for the batch, N x C row-major (borrowed; kept for the
  * whole batch). */

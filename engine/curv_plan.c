@@ -167,6 +167,10 @@ int cv_curv_plan_memory(const cv_model *m, const cv_batch *b, const cv_curv_opti
     cv_curv_options o = *opt;
     o.progress = NULL;
     size_t s1, w1, s2 = 0, w2 = 0;
+    if (b->n < 1 && cv_comm_active(opt->comm)) { /* a rank with no share of a small batch */
+        *plan = (cv_curv_plan){0};
+        return 0;
+    }
     if (b->n < 1)
         return cv_err_set(e, CV_EINVAL, "empty_batch", "batch", "the batch has no samples");
     if (probe(m, b, 1, &o, &s1, &w1, e) || (b->n > 1 && probe(m, b, 2, &o, &s2, &w2, e)))

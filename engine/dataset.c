@@ -27,9 +27,9 @@ void cv_dataset_free(cv_dataset *d)
 
 static size_t y_numel(const cv_dataset *d) { return cv_shape_numel(&d->y_shape); }
 
-/* Allocates an empty batch of count samples shaped like d. */
-static int batch_alloc(const cv_dataset *d, size_t count, cv_batch *out, cv_err *e)
+int cv_batch_alloc(const cv_dataset *d, size_t count, cv_batch *out, cv_err *e)
 {
+    memset(out, 0, sizeof *out);
     size_t sx = cv_shape_numel(&d->x_shape), sy = y_numel(d);
     size_t esz = d->y_is_index ? sizeof(int64_t) : sizeof(float);
     if ((sx && count > SIZE_MAX / sizeof(float) / sx) || (sy && count > SIZE_MAX / esz / sy))
@@ -40,11 +40,11 @@ static int batch_alloc(const cv_dataset *d, size_t count, cv_batch *out, cv_err 
     out->x_dtype = d->x_dtype;
     out->y_shape = d->y_shape;
     out->y_is_index = d->y_is_index;
-    out->x = malloc((count * sx > 0 ? count * sx : 1) * sizeof(float));
+    out->x = calloc(count * sx > 0 ? count * sx : 1, sizeof(float));
     if (d->y_is_index)
-        out->labels = malloc((count * sy > 0 ? count * sy : 1) * sizeof(int64_t));
+        out->labels = calloc(count * sy > 0 ? count * sy : 1, sizeof(int64_t));
     else
-        out->targets = malloc((count * sy > 0 ? count * sy : 1) * sizeof(float));
+        out->targets = calloc(count * sy > 0 ? count * sy : 1, sizeof(float));
     if (!out->x || (d->y_is_index ? !out->labels : !out->targets)) {
         cv_dataset_free(out);
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "batch",
@@ -53,7 +53,30 @@ static int batch_alloc(const cv_dataset *d, size_t count, cv_batch *out, cv_err 
     return 0;
 }
 
-static void copy_sample(const cv_dataset *d, size_t from, cv_batch *out, size_t to)
+int cv_batch_alloc_y(const cv_dataset *d, size_t count, cv_batch *out, cv_err *e)
+{
+    memset(out, 0, sizeof *out);
+    size_t sy = y_numel(d), esz = d->y_is_index ? sizeof(int64_t) : sizeof(float);
+    if (sy && count > SIZE_MAX / esz / sy)
+        return cv_err_set(e, CV_ETOOLARGE, "too_large", "batch", "batch of %zu samples is too "
+                          "large", count);
+    out->n = count;
+    out->x_shape = d->x_shape;
+    out->x_dtype = d->x_dtype;
+    out->y_shape = d->y_shape;
+    out->y_is_index = d->y_is_index;
+    void *y = calloc(count * sy > 0 ? count * sy : 1, esz);
+    if (d->y_is_index)
+        out->labels = y;
+    else
+        out->targets = y;
+    if (!y)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "batch",
+                          "out of memory for the targets of %zu samples", count);
+    return 0;
+}
+
+void cv_batch_copy_sample(const cv_dataset *d, size_t from, cv_batch *out, size_t to)
 {
     size_t sx = cv_shape_numel(&d->x_shape), sy = y_numel(d);
     memcpy(out->x + to * sx, d->x + from * sx, sx * sizeof(float));
@@ -78,10 +101,10 @@ int cv_batch_gather(const cv_dataset *d, const size_t *idx, size_t count, cv_bat
                               "%s: sample %zu is out of range for a dataset of %zu samples",
                               field, idx[i], d->n);
         }
-    if (batch_alloc(d, count, out, e))
+    if (cv_batch_alloc(d, count, out, e))
         return -1;
     for (size_t i = 0; i < count; i++)
-        copy_sample(d, idx[i], out, i);
+        cv_batch_copy_sample(d, idx[i], out, i);
     return 0;
 }
 
@@ -99,7 +122,7 @@ int cv_batch_range(const cv_dataset *d, size_t offset, size_t size, cv_batch *ou
                           "batch.size: samples [%zu, %zu + %zu) exceed the dataset's %zu "
                           "samples (at most %zu from offset %zu)", offset, offset, size, d->n,
                           d->n - offset, offset);
-    if (batch_alloc(d, size, out, e))
+    if (cv_batch_alloc(d, size, out, e))
         return -1;
     size_t sx = cv_shape_numel(&d->x_shape), sy = y_numel(d);
     memcpy(out->x, d->x + offset * sx, size * sx * sizeof(float));

@@ -35,6 +35,12 @@ typedef cv_dataset cv_batch;
 
 void cv_dataset_free(cv_dataset *d);
 
+/* A new batch of count zeroed samples shaped like d (x and y). */
+int cv_batch_alloc(const cv_dataset *d, size_t count, cv_batch *out, cv_err *e);
+/* The same with only the targets (labels) allocated: x stays NULL. */
+int cv_batch_alloc_y(const cv_dataset *d, size_t count, cv_batch *out, cv_err *e);
+/* Copies sample `from` of d into sample `to` of out (shaped alike). */
+void cv_batch_copy_sample(const cv_dataset *d, size_t from, cv_batch *out, size_t to);
 /* Gathers samples idx[0..count) into a new batch (copy). */
 int cv_batch_gather(const cv_dataset *d, const size_t *idx, size_t count, cv_batch *out,
                     cv_err *e);

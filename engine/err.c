@@ -39,7 +39,7 @@ const char *cv_status_name(cv_status st)
 {
     static const char *names[] = {"ok", "invalid", "not_found", "conflict", "too_large",
                                   "busy", "shutting_down", "cancelled", "timeout",
-                                  "out_of_memory", "internal"};
+                                  "out_of_memory", "internal", "unavailable"};
     if ((unsigned)st < sizeof names / sizeof names[0])
         return names[st];
     return "internal";

@@ -20,7 +20,8 @@ typedef enum {
     CV_ECANCELLED,  /* job cancelled */
     CV_ETIMEOUT,    /* job time limit */
     CV_ENOMEM,      /* allocation failed */
-    CV_EINTERNAL    /* a bug */
+    CV_EINTERNAL,   /* a bug */
+    CV_EUNAVAILABLE /* a rank of a data-parallel job failed or stopped answering */
 } cv_status;
 
 typedef struct {

@@ -19,6 +19,7 @@ void cv_progress_init(cv_progress *p)
     atomic_init(&p->micro_total, 0);
     p->cancel = NULL;
     p->deadline = 0;
+    p->collective = 0;
     atomic_init(&p->partial_value, 0.0);
     atomic_init(&p->partial_stderr, 0.0);
     atomic_init(&p->partial_samples, 0);
@@ -27,6 +28,11 @@ void cv_progress_init(cv_progress *p)
 }
 
 int cv_progress_check(cv_progress *p, cv_err *e)
+{
+    return p && !p->collective ? cv_progress_check_now(p, e) : 0;
+}
+
+int cv_progress_check_now(cv_progress *p, cv_err *e)
 {
     if (!p)
         return 0;

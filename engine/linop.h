@@ -22,6 +22,9 @@ typedef struct cv_progress {
     atomic_long micro_done, micro_total;
     atomic_int *cancel;         /* non-zero: stop at the next check (may be NULL) */
     double deadline;            /* cv_now_s() time after which the job stops; 0 = none */
+    int collective;             /* a data-parallel job's: cancel and deadline are sampled
+                                 * only at the ranks' agreements (engine/comm.h), so
+                                 * cv_progress_check is 0 between them */
     /* Latest running estimate of a long estimator (Hutchinson: the trace so
      * far and its standard error; Lanczos: the leading wanted Ritz value),
      * published with cv_progress_partial, read with cv_progress_get_partial. */
@@ -50,8 +53,11 @@ int cv_linop_apply(const cv_linop *op, int k, const double *X, double *Y, cv_err
  * else apply into Y (n x k scratch) and dot; checks and counts as apply. */
 int cv_linop_quad(const cv_linop *op, int k, const double *X, double *q, double *Y,
                   cv_err *e);
-/* Non-zero if the job was cancelled or ran past its deadline (fills e). */
+/* Non-zero if the job was cancelled or ran past its deadline (fills e);
+ * always 0 for a collective record (see cv_progress_check_now). */
 int cv_progress_check(cv_progress *p, cv_err *e);
+/* The same check whether or not p is collective (engine/comm.c's agreement). */
+int cv_progress_check_now(cv_progress *p, cv_err *e);
 void cv_progress_plan(cv_progress *p, long more_matvecs);
 void cv_progress_init(cv_progress *p);
 void cv_progress_partial(cv_progress *p, double value, double std_err, long samples);

@@ -105,6 +105,8 @@ const cv_flag cv_run_flags[] = {
      .lo = 0, .hi = POW2(50)},
     {.name = "--vectors-out", .arg = "V.safetensors", .kind = CV_FLAG_STRING,
      .off = RUN(vectors_out)},
+    {.name = "--rank-timeout", .arg = "SECONDS", .kind = CV_FLAG_SECONDS,
+     .off = RUN(rank_timeout), .hi = 1e9},
     {.name = NULL},
 };
 
@@ -263,6 +265,7 @@ int cv_run_args_parse(cv_run_args *a, int argc, char **argv, cv_err *e)
 {
     memset(a, 0, sizeof *a);
     a->job_memory = (size_t)2 << 30;
+    a->rank_timeout = CV_RANK_TIMEOUT_DEFAULT;
     for (int i = 0; i < argc; i++) {
         const char *arg = argv[i], *msg;
         const cv_flag *f = find_flag(cv_run_flags, arg);
@@ -385,7 +388,10 @@ void cv_usage(FILE *f)
           "                             result JSON (exit 0) or a JSON error on stderr (exit 1,\n"
           "                             2 for usage errors); --vectors-out writes eigenvectors,\n"
           "                             gradients, steps, ... to a safetensors file (F64) and\n"
-          "                             puts {file, tensor, shape} in the JSON instead\n"
+          "                             puts {file, tensor, shape} in the JSON instead; under\n"
+          "                             `mpirun -np R` the job runs data-parallel on R ranks\n"
+          "                             (each reads its shard of the batch; rank 0 prints;\n"
+          "                             --rank-timeout: longest wait for another rank [300])\n"
           "  curvd routes               print the HTTP routes (METHOD PATH)\n"
           "  curvd --help | --version\n"
           "\n"

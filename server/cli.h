@@ -74,7 +74,11 @@ typedef struct {
     int blas_threads;
     size_t dense_max;
     size_t job_memory;
+    double rank_timeout;      /* under mpirun: longest wait for another rank, s (0: none) */
 } cv_run_args;
+
+/* Default of --rank-timeout (serve and run). */
+#define CV_RANK_TIMEOUT_DEFAULT 300.0
 
 /* Parses the arguments after "run".  Returns 0, or -1 with e filled (code
  * "usage", field the argument at fault). */

@@ -21,6 +21,7 @@ int cv_http_status(cv_status st)
     case CV_ETOOLARGE: return 413;
     case CV_EBUSY: return 429;
     case CV_ESHUTDOWN: return 503;
+    case CV_EUNAVAILABLE: return 503;
     case CV_ECANCELLED: return 409;
     case CV_ETIMEOUT: return 408;
     case CV_ENOMEM: return 507;

@@ -1,9 +1,12 @@
 /* main.c - the curvd command line (docs/interface.md): `curvd serve` (the
  * daemon, see serve.h), `curvd run` (one job in-process: result JSON on
- * stdout, or a JSON error on stderr and a non-zero exit), `curvd routes` (the
+ * stdout, or a JSON error on stderr and a non-zero exit; under mpirun,
+ * data-parallel over the ranks, rank 0 printing), `curvd routes` (the
  * HTTP route table, for tests), --help, --version.  The flags and the usage
  * text are the tables of cli.c. */
 #include <cJSON.h>
+#include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +17,8 @@
 #include "api/job.h"
 #include "api/params.h"
 #include "server/cli.h"
+#include "server/cluster.h"
+#include "server/datadir.h"
 #include "server/http.h"
 #include "server/serve.h"
 #include "server/util.h"
@@ -77,14 +82,119 @@ static char *read_all(const char *path, size_t *len, cv_err *e)
     return buf;
 }
 
+/* The job of `curvd run` and what it runs on: one process, or this rank's
+ * part of a data-parallel run. */
+typedef struct {
+    cv_job_spec *spec;
+    cv_model *m;
+    cv_dataset d;
+    cv_mapped *map;            /* data-parallel: d is memory-mapped */
+    cv_batch shard;
+    cv_cluster *cl;
+} run_ctx;
+
+/* Data-parallel: the data file memory-mapped, so that this rank reads only
+ * the pages of its shard. */
+static int map_data(const char *path, run_ctx *r, cv_err *e)
+{
+    char real[PATH_MAX];
+    if (!realpath(path, real))
+        return cv_err_set(e, CV_EINVAL, "cannot_read", "data", "cannot open data file '%s'",
+                          path);
+    char *slash = strrchr(real, '/');
+    *slash = 0;
+    size_t heap, mapped;
+    return cv_datadir_map(real[0] ? real : "/", slash + 1, SIZE_MAX, &r->d, &r->map, &heap,
+                          &mapped, e);
+}
+
+/* Loads what the job names (every rank its own copy of the model; the
+ * data mapped when data-parallel). */
+static int run_load(run_ctx *r, const cv_run_args *a, cJSON *job, cv_err *e)
+{
+    r->m = calloc(1, sizeof *r->m);
+    if (!r->m)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    r->spec = cv_job_parse(job, e);
+    if (!r->spec || cv_arch_load(a->arch, r->m, e) || cv_params_read(r->m, a->params, e))
+        return -1;
+    return r->cl ? map_data(a->data, r, e) : cv_datafile_read(a->data, &r->d, e);
+}
+
+/* Binds and runs the job: the result, or NULL with e filled (on every rank). */
+static cJSON *run_job(run_ctx *r, const cv_job_limits *lim, cv_err *e)
+{
+    if (!r->cl) {
+        if (cv_job_bind(r->spec, r->m, &r->d, e) ||
+            cv_job_check_memory(r->spec, r->m, &r->d, lim, NULL, e))
+            return NULL;
+        return cv_job_exec(r->spec, r->m, &r->d, lim, NULL, e);
+    }
+    const cv_comm *comm = cv_cluster_comm(r->cl);
+    size_t n = cv_job_batch_size(r->spec, r->d.n);
+    if (cv_job_bind_shard(r->spec, r->m, &r->d, comm, &r->shard, e) ||
+        cv_job_check_memory_shard(r->spec, r->m, &r->shard, n, comm, lim, NULL, e))
+        return NULL;
+    return cv_job_exec_shard(r->spec, r->m, &r->shard, n, comm, lim, NULL, e);
+}
+
+/* Prints the result (rank 0), vectors to --vectors-out first. */
+static int run_print(cJSON *res, const char *vout, cv_err *e)
+{
+    if (vout && cv_result_vectors_out(res, vout, e) < 0)
+        return -1;
+    char *t = cJSON_PrintUnformatted(res);
+    if (!t)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory printing the result");
+    int bad = fputs(t, stdout) == EOF || fputc('\n', stdout) == EOF || fflush(stdout);
+    free(t);
+    return bad ? cv_err_set(e, CV_EINTERNAL, "write_failed", "", "cannot write the result to stdout")
+               : 0;
+}
+
+static void run_free(run_ctx *r)
+{
+    cv_job_spec_free(r->spec);
+    if (r->m) {
+        cv_model_free(r->m);
+        free(r->m);
+    }
+    cv_dataset_free(&r->shard);
+    cv_dataset_free(&r->d);
+    cv_mapped_free(r->map);
+}
+
+/* The job text: read by rank 0 (mpirun gives only rank 0 stdin) and
+ * broadcast to the others.  NULL with e filled on every rank on failure. */
+static char *read_job(const cv_run_args *a, cv_cluster *cl, size_t *len, cv_err *e)
+{
+    const cv_comm *comm = cv_cluster_comm(cl);
+    int rank = cv_cluster_rank(cl);
+    char *text = rank == 0 ? read_all(a->job, len, e) : NULL;
+    if (!cl)
+        return text;
+    int64_t n = (int64_t)*len;
+    if (cv_comm_bcast(comm, rank == 0 && !text ? -1 : 0, &n, 1, CV_COMM_I64, 0, NULL, e)) {
+        free(text);
+        return NULL;
+    }
+    *len = (size_t)n;
+    if (rank != 0 && !(text = malloc(*len + 1)))
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "job", "job text");
+    if (cv_comm_bcast(comm, text ? 0 : -1, text, *len, CV_COMM_BYTE, 0, NULL, e)) {
+        free(text);
+        return NULL;
+    }
+    text[*len] = 0;
+    return text;
+}
+
 static int cmd_run(int argc, char **argv)
 {
     cv_err e;
     cv_run_args a;
     if (cv_run_args_parse(&a, argc, argv, &e))
         return run_fail(&e, 2);
-    const char *arch = a.arch, *params = a.params, *data = a.data, *jobp = a.job,
-               *vout = a.vectors_out;
     cv_job_limits lim;
     cv_job_limits_default(&lim);
     if (a.dense_max)
@@ -92,67 +202,33 @@ static int cmd_run(int argc, char **argv)
     lim.job_memory = a.job_memory;
     cv_set_blas_threads(a.blas_threads);
 
+    run_ctx r = {0};
     cv_err_clear(&e);
-    size_t jlen;
-    char *jtext = read_all(jobp, &jlen, &e);
-    if (!jtext)
+    if (cv_cluster_launched_size() > 1 && !(r.cl = cv_cluster_join(a.rank_timeout, &e)))
         return run_fail(&e, 1);
+    int rank = cv_cluster_rank(r.cl);
+    size_t jlen = 0;
+    char *jtext = read_job(&a, r.cl, &jlen, &e);
+    cJSON *job = NULL;
     const char *end = NULL;
-    cJSON *job = cJSON_ParseWithLengthOpts(jtext, jlen, &end, 0);
-    if (!job) {
+    if (jtext && !(job = cJSON_ParseWithLengthOpts(jtext, jlen, &end, 0)))
         cv_err_set(&e, CV_EINVAL, "invalid_json", "job",
-                   "job file '%s' is not valid JSON (error near byte %zu)", jobp,
+                   "job file '%s' is not valid JSON (error near byte %zu)", a.job,
                    end && end >= jtext ? (size_t)(end - jtext) : (size_t)0);
-        free(jtext);
-        return run_fail(&e, 1);
-    }
     free(jtext);
-    int rc = 1;
-    cv_job_spec *spec = NULL;
-    cv_model *m = calloc(1, sizeof *m);
-    cv_dataset d;
-    memset(&d, 0, sizeof d);
-    if (!m) {
-        cv_err_set(&e, CV_ENOMEM, "out_of_memory", "", "out of memory");
-        goto out;
-    }
     /* parsed once; the typed job is bound to the files and run */
-    spec = cv_job_parse(job, &e);
+    int rc = job ? run_load(&r, &a, job, &e) : -1;
     cJSON_Delete(job);
-    job = NULL;
-    if (!spec || cv_arch_load(arch, m, &e) || cv_params_read(m, params, &e) ||
-        cv_datafile_read(data, &d, &e) || cv_job_bind(spec, m, &d, &e) ||
-        cv_job_check_memory(spec, m, &d, &lim, NULL, &e))
-        goto out;
-    cJSON *res = cv_job_exec(spec, m, &d, &lim, NULL, &e);
-    if (!res)
-        goto out;
-    if (vout && cv_result_vectors_out(res, vout, &e) < 0) {
-        cJSON_Delete(res);
-        goto out;
-    }
-    char *t = cJSON_PrintUnformatted(res);
+    cJSON *res = NULL;
+    if (!cv_comm_agree(cv_cluster_comm(r.cl), rc, NULL, &e))
+        res = run_job(&r, &lim, &e);
+    rc = !res || (rank == 0 && run_print(res, a.vectors_out, &e)) ? 1 : 0;
     cJSON_Delete(res);
-    if (!t) {
-        cv_err_set(&e, CV_ENOMEM, "out_of_memory", "", "out of memory printing the result");
-        goto out;
-    }
-    if (fputs(t, stdout) == EOF || fputc('\n', stdout) == EOF || fflush(stdout)) {
-        cv_err_set(&e, CV_EINTERNAL, "write_failed", "", "cannot write the result to stdout");
-        free(t);
-        goto out;
-    }
-    free(t);
-    rc = 0;
-out:
-    cJSON_Delete(job);
-    cv_job_spec_free(spec);
-    if (m) {
-        cv_model_free(m);
-        free(m);
-    }
-    cv_dataset_free(&d);
-    return rc ? run_fail(&e, rc) : 0;
+    run_free(&r);
+    cv_cluster_leave(r.cl);
+    if (rc && rank == 0)
+        return run_fail(&e, rc);
+    return rc;
 }
 
 /* ---- curvd serve ------------------------------------------------------------ */
