@@ -740,6 +740,8 @@ static cJSON *exec_batch(const cv_job_spec *j, const cv_model *m, const cv_batch
     }
     p->collective = cv_comm_active(comm);
     long done0 = atomic_load(&p->done);
+    cv_comm_stats s0, s1;
+    cv_comm_get_stats(comm, &s0);
     cv_op_ctx c = {0};
     c.m = m;
     c.kind = j->curvature;
@@ -768,8 +770,14 @@ static cJSON *exec_batch(const cv_job_spec *j, const cv_model *m, const cv_batch
         cJSON_AddNumberToObject(res, "matvecs", (double)(atomic_load(&p->done) - done0));
         cJSON_AddNumberToObject(res, "elapsed_s", cv_now_s() - t0);
         add_memory_fields(c.curv, res);
-        if (cv_comm_active(comm))
+        if (cv_comm_active(comm)) {
             cJSON_AddNumberToObject(res, "ranks", cv_comm_size(comm));
+            cv_comm_get_stats(comm, &s1);
+            cJSON *cs = cJSON_AddObjectToObject(res, "communication");
+            cJSON_AddNumberToObject(cs, "collectives", (double)(s1.collectives - s0.collectives));
+            cJSON_AddNumberToObject(cs, "bytes", (double)(s1.bytes - s0.bytes));
+            cJSON_AddNumberToObject(cs, "seconds", s1.seconds - s0.seconds);
+        }
     }
     cv_curv_free(c.curv);
     return res;

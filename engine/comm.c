@@ -109,3 +109,10 @@ int cv_comm_bcast(const cv_comm *comm, int rc, void *buf, size_t count, cv_comm_
         return 0;
     return comm->bcast(comm->ctx, buf, count, t, root, e);
 }
+
+void cv_comm_get_stats(const cv_comm *comm, cv_comm_stats *out)
+{
+    *out = (cv_comm_stats){0};
+    if (cv_comm_active(comm) && comm->stats)
+        comm->stats(comm->ctx, out);
+}

@@ -31,6 +31,13 @@
 typedef enum { CV_COMM_F64, CV_COMM_F32, CV_COMM_I64, CV_COMM_I32, CV_COMM_BYTE } cv_comm_type;
 typedef enum { CV_COMM_SUM, CV_COMM_MIN, CV_COMM_MAX } cv_comm_op;
 
+/* What this rank's collectives moved and waited (data collectives only). */
+typedef struct {
+    uint64_t collectives;     /* calls */
+    uint64_t bytes;           /* bytes of the buffers reduced, gathered, broadcast */
+    double seconds;           /* wall time inside them (transfer plus waiting for others) */
+} cv_comm_stats;
+
 typedef struct cv_comm {
     int rank, size;
     void *ctx;
@@ -43,6 +50,8 @@ typedef struct cv_comm {
                           const size_t *first, cv_comm_type t, cv_err *e);
     /* buf (count elements) := root's buf. */
     int (*bcast)(void *ctx, void *buf, size_t count, cv_comm_type t, int root, cv_err *e);
+    /* Totals since start-up (may be NULL). */
+    void (*stats)(void *ctx, cv_comm_stats *out);
 } cv_comm;
 
 /* Non-zero when comm spans more than one rank. */
@@ -79,5 +88,8 @@ int cv_comm_bcast(const cv_comm *comm, int rc, void *buf, size_t count, cv_comm_
                   int root, cv_progress *p, cv_err *e);
 
 size_t cv_comm_type_size(cv_comm_type t);
+
+/* comm's totals so far (zeros without an active comm or stats). */
+void cv_comm_get_stats(const cv_comm *comm, cv_comm_stats *out);
 
 #endif

@@ -74,6 +74,7 @@ cv_cluster *cv_cluster_join(double rank_timeout_s, cv_err *e)
     cl->comm.allreduce = cl->fn->allreduce;
     cl->comm.allgather_rows = cl->fn->allgather_rows;
     cl->comm.bcast = cl->fn->bcast;
+    cl->comm.stats = cl->fn->stats;
     return cl;
 }
 

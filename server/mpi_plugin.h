@@ -34,6 +34,7 @@ typedef struct {
     int (*allgather_rows)(void *ctx, void *buf, size_t row_len, const size_t *rows,
                           const size_t *first, cv_comm_type t, cv_err *e);
     int (*bcast)(void *ctx, void *buf, size_t count, cv_comm_type t, int root, cv_err *e);
+    void (*stats)(void *ctx, cv_comm_stats *out);
     /* A command of `bytes` bytes from rank 0 to every rank (serve): rank 0
      * sends buf, the others receive into it, sleeping while they wait (no
      * timeout: a follower waits for the daemon's next command for as long as

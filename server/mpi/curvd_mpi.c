@@ -31,6 +31,7 @@ static int my_rank, world_size, is_broken, lost_rank = -1;
 static double rank_timeout;
 static peer *peers;
 static int32_t lost_note; /* the notice's payload (our rank) */
+static cv_comm_stats totals; /* the data collectives' */
 
 static double now_s(void)
 {
@@ -182,12 +183,28 @@ static size_t type_size(cv_comm_type t)
     return t == CV_COMM_F64 || t == CV_COMM_I64 ? 8 : t == CV_COMM_BYTE ? 1 : 4;
 }
 
-static int p_allreduce(void *ctx, void *buf, size_t count, cv_comm_type t, cv_comm_op op,
+/* Counts one data collective of bytes started at t0. */
+static void tally(size_t bytes, double t0)
+{
+    totals.collectives++;
+    totals.bytes += bytes;
+    totals.seconds += now_s() - t0;
+}
+
+static void p_stats(void *ctx, cv_comm_stats *out)
+{
+    (void)ctx;
+    *out = totals;
+}
+
+static int p_allreduce(void *ctx, void *buf, size_t count_, cv_comm_type t, cv_comm_op op,
                        cv_err *e)
 {
     (void)ctx;
     if (is_broken)
         return broken_err(e);
+    double t0 = now_s();
+    size_t count = count_;
     for (size_t o = 0; o < count; o += CHUNK) {
         int n = (int)(count - o < CHUNK ? count - o : CHUNK);
         MPI_Request q;
@@ -197,6 +214,7 @@ static int p_allreduce(void *ctx, void *buf, size_t count, cv_comm_type t, cv_co
         if (wait_req(&q, rank_timeout, e))
             return -1;
     }
+    tally(count_ * type_size(t), t0);
     return 0;
 }
 
@@ -217,10 +235,14 @@ static int p_bcast_on(MPI_Comm comm, void *buf, size_t count, cv_comm_type t, in
     return 0;
 }
 
-static int p_bcast(void *ctx, void *buf, size_t count, cv_comm_type t, int root, cv_err *e)
+static int p_bcast(void *ctx, void *buf, size_t n, cv_comm_type t, int root, cv_err *e)
 {
     (void)ctx;
-    return p_bcast_on(data_comm, buf, count, t, root, rank_timeout, e);
+    double t0 = now_s();
+    int rc = p_bcast_on(data_comm, buf, n, t, root, rank_timeout, e);
+    if (!rc)
+        tally(n * type_size(t), t0);
+    return rc;
 }
 
 static int p_allgather_rows(void *ctx, void *buf, size_t row_len, const size_t *rows,
@@ -239,6 +261,7 @@ static int p_allgather_rows(void *ctx, void *buf, size_t row_len, const size_t *
         cnt[r] = (int)rows[r];
         cnt[world_size + r] = (int)first[r];
     }
+    double t0 = now_s();
     MPI_Datatype row;
     MPI_Type_contiguous((int)row_len, mpi_type(t), &row);
     MPI_Type_commit(&row);
@@ -248,6 +271,9 @@ static int p_allgather_rows(void *ctx, void *buf, size_t row_len, const size_t *
                  ? wait_req(&q, rank_timeout, e)
                  : lose(-1, e, "MPI_Iallgatherv failed");
     MPI_Type_free(&row);
+    if (!rc)
+        tally((size_t)(first[world_size - 1] + rows[world_size - 1]) * row_len * type_size(t),
+              t0);
     free(cnt);
     return rc;
 }
@@ -344,6 +370,7 @@ static const cv_mpi_plugin table = {
     .allreduce = p_allreduce,
     .allgather_rows = p_allgather_rows,
     .bcast = p_bcast,
+    .stats = p_stats,
     .command = p_command,
     .scatter = p_scatter,
     .broken = p_broken,
