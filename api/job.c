@@ -579,12 +579,11 @@ static int make_batch(const cv_job_spec *j, const cv_dataset *d, cv_batch *out, 
     return batch_part(j, d, 0, cv_job_batch_size(j, d->n), out, e);
 }
 
-int cv_job_shard(const cv_job_spec *j, const cv_dataset *d, const cv_comm *comm,
+int cv_job_shard(const cv_job_spec *j, const cv_dataset *d, int ranks, int rank,
                  cv_batch *out, cv_err *e)
 {
     size_t first, n;
-    cv_comm_share(cv_job_batch_size(j, d->n), cv_comm_size(comm), cv_comm_rank(comm), &first,
-                  &n);
+    cv_comm_share(cv_job_batch_size(j, d->n), ranks, rank, &first, &n);
     return batch_part(j, d, first, n, out, e);
 }
 
@@ -592,7 +591,10 @@ int cv_job_bind_shard(cv_job_spec *j, const cv_model *m, const cv_dataset *d,
                       const cv_comm *comm, cv_batch *shard, cv_err *e)
 {
     memset(shard, 0, sizeof *shard);
-    int rc = check_batch(j, d, e) || cv_job_shard(j, d, comm, shard, e) ? -1 : 0;
+    int rc = check_batch(j, d, e) ||
+                     cv_job_shard(j, d, cv_comm_size(comm), cv_comm_rank(comm), shard, e)
+                 ? -1
+                 : 0;
     if (!rc && shard->n && cv_dataset_check(shard, m, e)) {
         size_t first, n;
         cv_comm_share(cv_job_batch_size(j, d->n), cv_comm_size(comm), cv_comm_rank(comm),

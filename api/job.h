@@ -119,10 +119,10 @@ cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
  * model; each returns the same result or the same error.  A rank's shard is
  * its cv_comm_share of the job's N samples. */
 
-/* This rank's shard of the bound job's batch of d (which may be memory-mapped:
- * only the shard's samples are read): a view for all/range, a gathered copy
- * of its indices. */
-int cv_job_shard(const cv_job_spec *j, const cv_dataset *d, const cv_comm *comm,
+/* Rank `rank`'s shard (of `ranks`) of the bound job's batch of d (which may
+ * be memory-mapped: only the shard's samples are read): a view for
+ * all/range, a gathered copy of its indices. */
+int cv_job_shard(const cv_job_spec *j, const cv_dataset *d, int ranks, int rank,
                  cv_batch *out, cv_err *e);
 /* cv_job_bind with the dataset's values checked in this rank's shard only
  * (returned in *shard; free it with cv_dataset_free), agreed over the ranks. */

@@ -85,6 +85,10 @@ const cv_flag cv_serve_flags[] = {
      .help = "an upload in parts idle this long is dropped;\n0 = never"},
     {.name = "--no-demo", .kind = CV_FLAG_SWITCH, .off = SERVE(demo), .ival = 0,
      .help = "do not register the built-in demo models/datasets"},
+    {.name = "--rank-timeout", .arg = "SECONDS", .kind = CV_FLAG_SECONDS,
+     .off = SERVE(rank_timeout), .hi = 1e9,
+     .help = "under mpirun: a job fails (503 rank_lost) when\n"
+             "another rank does not answer within this; 0 = never"},
     {.name = "--log-requests", .kind = CV_FLAG_SWITCH, .off = SERVE(http.log_requests), .ival = 1,
      .help = "one stderr line per request"},
     {.name = NULL},
@@ -265,7 +269,7 @@ int cv_run_args_parse(cv_run_args *a, int argc, char **argv, cv_err *e)
 {
     memset(a, 0, sizeof *a);
     a->job_memory = (size_t)2 << 30;
-    a->rank_timeout = CV_RANK_TIMEOUT_DEFAULT;
+    a->rank_timeout = 300;
     for (int i = 0; i < argc; i++) {
         const char *arg = argv[i], *msg;
         const cv_flag *f = find_flag(cv_run_flags, arg);

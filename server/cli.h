@@ -77,8 +77,6 @@ typedef struct {
     double rank_timeout;      /* under mpirun: longest wait for another rank, s (0: none) */
 } cv_run_args;
 
-/* Default of --rank-timeout (serve and run). */
-#define CV_RANK_TIMEOUT_DEFAULT 300.0
 
 /* Parses the arguments after "run".  Returns 0, or -1 with e filled (code
  * "usage", field the argument at fault). */

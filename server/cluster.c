@@ -89,10 +89,14 @@ int cv_cluster_command(cv_cluster *cl, void *buf, size_t bytes, cv_err *e)
     return cl->fn->command(buf, bytes, e);
 }
 
-int cv_cluster_scatter(cv_cluster *cl, const void *send, const size_t *counts,
-                       const size_t *displs, void *recv, cv_err *e)
+int cv_cluster_send(cv_cluster *cl, int to, const void *buf, size_t bytes, cv_err *e)
 {
-    return cl->fn->scatter(send, counts, displs, recv, e);
+    return cl->fn->send(to, buf, bytes, e);
+}
+
+int cv_cluster_recv(cv_cluster *cl, void *buf, size_t bytes, cv_err *e)
+{
+    return cl->fn->recv(buf, bytes, e);
 }
 
 void cv_cluster_leave(cv_cluster *cl)

@@ -39,10 +39,9 @@ int cv_cluster_broken(const cv_cluster *cl);
 /* bytes from rank 0 to every rank on the command channel (rank 0 sends,
  * the others wait, asleep, for as long as it takes). */
 int cv_cluster_command(cv_cluster *cl, void *buf, size_t bytes, cv_err *e);
-/* Rank 0 sends counts[r] bytes at send + displs[r] to rank r; every rank
- * receives its own into recv. */
-int cv_cluster_scatter(cv_cluster *cl, const void *send, const size_t *counts,
-                       const size_t *displs, void *recv, cv_err *e);
+/* Rank 0 sends bytes to rank `to`; rank `to` receives exactly bytes. */
+int cv_cluster_send(cv_cluster *cl, int to, const void *buf, size_t bytes, cv_err *e);
+int cv_cluster_recv(cv_cluster *cl, void *buf, size_t bytes, cv_err *e);
 
 /* Leaves: MPI_Finalize (collective) when no rank was lost, else just
  * exits MPI; frees cl.  NULL is fine. */

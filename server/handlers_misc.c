@@ -22,6 +22,8 @@ void h_health(req *r)
     cv_staging_stats(r->h->staging, &staged_areas, &staged_bytes);
     cv_jobs_stats_get(r->h->jobs, &js);
     int draining = cv_jobs_draining(r->h->jobs);
+    int ranks_started, ranks;
+    cv_jobs_ranks(r->h->jobs, &ranks_started, &ranks);
     cJSON *j = cJSON_CreateObject();
     if (j && (!cJSON_AddStringToObject(j, "status", draining ? "draining" : "ok") ||
               !cJSON_AddStringToObject(j, "version", CV_SERVER_VERSION) ||
@@ -40,7 +42,9 @@ void h_health(req *r)
               !cJSON_AddNumberToObject(j, "max_body_bytes", (double)r->h->cfg.max_body) ||
               !cJSON_AddBoolToObject(j, "data_dir", r->h->cfg.data_dir != NULL) ||
               !cJSON_AddNumberToObject(j, "kept_job_bytes", (double)js.kept_bytes) ||
-              !cJSON_AddNumberToObject(j, "max_kept_bytes", (double)js.max_kept_bytes))) {
+              !cJSON_AddNumberToObject(j, "max_kept_bytes", (double)js.max_kept_bytes) ||
+              !cJSON_AddNumberToObject(j, "ranks", ranks) ||
+              !cJSON_AddNumberToObject(j, "ranks_started", ranks_started))) {
         cJSON_Delete(j);
         j = NULL;
     }

@@ -257,6 +257,7 @@ static void store_model(req *r, const char *name, const upload_part *p, int repl
         reply_err(r, &e);
         return;
     }
+    cv_jobs_offer(r->h->jobs, s);
     reply_snap(r, 201, s, 1, "/v1/models");
 }
 
@@ -278,6 +279,7 @@ void h_model_params_put(req *r)
         reply_err(r, &e);
         return;
     }
+    cv_jobs_offer(r->h->jobs, s);
     reply_snap(r, 200, s, 0, NULL);
 }
 
@@ -306,6 +308,7 @@ static void store_dataset(req *r, const char *name, const upload_part *p, int re
         reply_err(r, &e);
         return;
     }
+    cv_jobs_offer(r->h->jobs, s); /* scattered into shards */
     reply_snap(r, created ? 201 : 200, s, 1, "/v1/datasets");
 }
 

@@ -22,6 +22,7 @@ struct cv_job {
     atomic_int refs;
     char id[24];
     cv_job_spec *spec;               /* the typed job; freed when it finishes */
+    char *text;                      /* under mpirun: the document, for the other ranks */
     char op[32];
     char model[CV_REG_NAME_MAX + 1], dataset[CV_REG_NAME_MAX + 1];
     cv_snap *msnap, *dsnap;          /* pinned until the job finishes */
@@ -103,6 +104,7 @@ void cv_job_unref(cv_job *j)
     if (!j || atomic_fetch_sub(&j->refs, 1) != 1)
         return;
     cv_job_spec_free(j->spec);
+    free(j->text);
     free(j->result_text);
     /* pins are released when the job finishes; this is a safety net */
     cv_snap_unref(j->msnap);
@@ -156,6 +158,8 @@ static void finish_locked(cv_jobs *J, cv_job *j, cv_job_status st)
     /* the typed job is only needed to run it */
     cv_job_spec_free(j->spec);
     j->spec = NULL;
+    free(j->text);
+    j->text = NULL;
     J->kept_bytes += job_kept_bytes(j);
     J->finished_total[st]++;
     if (ran) {
@@ -233,7 +237,9 @@ static void *worker_main(void *arg)
 
         cv_err err;
         cv_err_clear(&err);
-        cJSON *res = cv_job_exec(j->spec, m, d, &J->cfg.limits, &j->progress, &err);
+        cJSON *res = J->cfg.ranks ? cv_ranks_exec(J->cfg.ranks, j->spec, j->text, j->msnap,
+                                                  j->dsnap, &J->cfg.limits, &j->progress, &err)
+                                  : cv_job_exec(j->spec, m, d, &J->cfg.limits, &j->progress, &err);
         char *text = NULL;
         if (res) {
             text = cJSON_PrintUnformatted(res);
@@ -355,7 +361,7 @@ cv_jobs *cv_jobs_new(const cv_jobs_config *c, cv_registry *reg, cv_err *e)
     if (!J)
         return NULL;
     J->cfg = *c;
-    if (J->cfg.workers < 1)
+    if (J->cfg.workers < 1 || J->cfg.ranks)
         J->cfg.workers = 1;
     if (J->cfg.max_queue < 1)
         J->cfg.max_queue = 1;
@@ -445,6 +451,33 @@ static uint64_t mix64(uint64_t x)
     return x;
 }
 
+/* The job's memory check: under mpirun the budget is per rank (rank 0's
+ * shard here; the others' differ by a sample at most and are checked when
+ * the job runs). */
+static int check_memory(cv_jobs *J, const cv_job_spec *spec, const cv_snap *ms,
+                        const cv_snap *ds, cv_err *e)
+{
+    int R = cv_ranks_alive(J->cfg.ranks);
+    if (R <= 1)
+        return cv_job_check_memory(spec, ms->model, ds->data, &J->cfg.limits, NULL, e);
+    cv_batch shard;
+    if (cv_job_shard(spec, ds->data, R, 0, &shard, e))
+        return -1;
+    int rc = cv_job_check_memory_shard(spec, ms->model, &shard,
+                                       cv_job_batch_size(spec, ds->data->n), NULL,
+                                       &J->cfg.limits, NULL, e);
+    cv_dataset_free(&shard);
+    return rc;
+}
+
+void cv_jobs_offer(cv_jobs *J, const cv_snap *s) { cv_ranks_offer(J->cfg.ranks, s); }
+
+void cv_jobs_ranks(const cv_jobs *J, int *size, int *alive)
+{
+    *size = cv_ranks_size(J->cfg.ranks);
+    *alive = cv_ranks_alive(J->cfg.ranks);
+}
+
 int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, cv_err *e)
 {
     *out = NULL;
@@ -470,7 +503,7 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
     if (!(ms = cv_registry_acquire(J->reg, CV_REG_MODEL, mname, e)) ||
         !(ds = cv_registry_acquire(J->reg, CV_REG_DATASET, dname, e)) ||
         cv_job_bind(spec, ms->model, ds->data, e) ||
-        cv_job_check_memory(spec, ms->model, ds->data, &J->cfg.limits, NULL, e))
+        check_memory(J, spec, ms, ds, e))
         goto fail;
     if (!(j = cv_err_calloc(sizeof *j, "out of memory", e)))
         goto fail;
@@ -482,6 +515,10 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
     snprintf(j->model, sizeof j->model, "%s", mname);
     snprintf(j->dataset, sizeof j->dataset, "%s", dname);
     j->spec = spec;
+    if (J->cfg.ranks && !(j->text = cJSON_PrintUnformatted(doc))) {
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+        goto fail;
+    }
     j->msnap = ms;
     j->dsnap = ds;
     j->model_version = ms->version;
@@ -532,6 +569,8 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
     *out = j;
     return 0;
 fail:
+    if (j)
+        free(j->text);
     free(j);
     cv_job_spec_free(spec);
     if (ms)

@@ -30,6 +30,7 @@
 
 #include "api/job.h"
 #include "engine/err.h"
+#include "server/ranks.h"
 #include "server/registry.h"
 
 /* cv_job_status: api/job.h; cv_job_status_name and cv_job_status_from_name:
@@ -43,6 +44,8 @@ typedef struct {
     size_t max_kept;          /* and at most this many */
     size_t max_kept_bytes;    /* and holding at most this many bytes (results); 0 = no cap */
     cv_job_limits limits;
+    cv_ranks *ranks;          /* under mpirun: jobs run on every rank (one at a time:
+                               * workers is 1); NULL: in this process */
 } cv_jobs_config;
 
 typedef struct cv_jobs cv_jobs;
@@ -52,6 +55,12 @@ typedef struct cv_job cv_job;
 cv_jobs *cv_jobs_new(const cv_jobs_config *c, cv_registry *reg, cv_err *e);
 /* Stops and joins all threads (cancelling anything left) and frees all. */
 void cv_jobs_free(cv_jobs *J);
+
+/* Under mpirun: model or dataset snapshot s was registered or replaced;
+ * the other ranks get it now if they are idle (no-op otherwise). */
+void cv_jobs_offer(cv_jobs *J, const cv_snap *s);
+/* Ranks started by mpirun and ranks jobs run on now (1 and 1 without). */
+void cv_jobs_ranks(const cv_jobs *J, int *size, int *alive);
 
 /* Parses, binds and queues doc (borrowed; not kept).  timeout > 0 lowers the
  * job's time limit below the configured one.  On success *out holds a

@@ -19,6 +19,7 @@
 #include "server/cli.h"
 #include "server/cluster.h"
 #include "server/datadir.h"
+#include "server/ranks.h"
 #include "server/http.h"
 #include "server/serve.h"
 #include "server/util.h"
@@ -233,12 +234,26 @@ static int cmd_run(int argc, char **argv)
 
 /* ---- curvd serve ------------------------------------------------------------ */
 
+/* Under mpirun rank 0 runs the daemon, the other ranks its jobs. */
 static int cmd_serve(int argc, char **argv)
 {
     cv_serve_args a;
     int rc = cv_serve_args_parse(&a, argc, argv);
-    if (rc < 0)
+    cv_cluster *cl = NULL;
+    cv_err e;
+    if (rc < 0 && cv_cluster_launched_size() > 1 &&
+        !(cl = cv_cluster_join(a.cfg.rank_timeout, &e)))
+        rc = run_fail(&e, 1);
+    if (rc < 0 && cv_cluster_rank(cl) > 0) {
+        rc = cv_ranks_follow(cl); /* leaves the cluster */
+        cl = NULL;
+    } else if (rc < 0 && cl && !(a.cfg.ranks = cv_ranks_lead(cl, &e))) {
+        rc = run_fail(&e, 1);
+    } else if (rc < 0) {
         rc = cv_serve(&a.cfg);
+    }
+    cv_ranks_free(a.cfg.ranks); /* tells the other ranks to stop */
+    cv_cluster_leave(cl);
     cv_serve_args_free(&a);
     return rc;
 }

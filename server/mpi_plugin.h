@@ -40,10 +40,10 @@ typedef struct {
      * timeout: a follower waits for the daemon's next command for as long as
      * it runs; rank 0 waits at most the rank timeout). */
     int (*command)(void *buf, size_t bytes, cv_err *e);
-    /* Scatter from rank 0: rank r receives counts[r] bytes into recv (rank
-     * 0 sends send + displs[r]; recv may then be send + displs[0]). */
-    int (*scatter)(const void *send, const size_t *counts, const size_t *displs, void *recv,
-                   cv_err *e);
+    /* Rank 0 to rank `to` (point to point on the command communicator);
+     * recv on rank `to` takes exactly bytes. */
+    int (*send)(int to, const void *buf, size_t bytes, cv_err *e);
+    int (*recv)(void *buf, size_t bytes, cv_err *e);
     /* Non-zero once a rank was lost (the transport is broken). */
     int (*broken)(void);
     /* Ranks still alive as far as this rank knows. */

@@ -51,6 +51,7 @@ void cv_serve_config_default(cv_serve_config *c)
     c->max_registry_bytes = (size_t)1 << 30;
     c->grace_s = 10;
     c->demo = 1;
+    c->rank_timeout = 300;
 }
 
 static void print_err(const char *what, const cv_err *e)
@@ -160,7 +161,9 @@ int cv_serve(const cv_serve_config *c)
         cv_registry_free(reg);
         return 1;
     }
-    cv_jobs *jobs = cv_jobs_new(&c->jobs, reg, &e);
+    cv_jobs_config jc = c->jobs;
+    jc.ranks = c->ranks;
+    cv_jobs *jobs = cv_jobs_new(&jc, reg, &e);
     if (!jobs) {
         print_err("jobs", &e);
         cv_registry_free(reg);
@@ -179,9 +182,12 @@ int cv_serve(const cv_serve_config *c)
             "curvd: %d workers, %d BLAS thread%s each, queue %zu, job timeout %g s, "
             "registry budget %zu bytes, body limit %zu bytes (jobs %zu), kept results "
             "%zu bytes, max wait %g s\n",
-            c->jobs.workers, c->blas_threads, c->blas_threads == 1 ? "" : "s",
+            jc.ranks ? 1 : c->jobs.workers, c->blas_threads, c->blas_threads == 1 ? "" : "s",
             c->jobs.max_queue, c->jobs.job_timeout, c->max_registry_bytes, c->http.max_body,
             c->http.max_job_body, c->jobs.max_kept_bytes, c->http.max_wait);
+    if (jc.ranks)
+        fprintf(stderr, "curvd: data-parallel over %d ranks (jobs run one at a time on all of "
+                        "them; rank timeout %g s)\n", cv_ranks_size(jc.ranks), c->rank_timeout);
     fprintf(stderr, "curvd: listening on http://%s%s%s:%d\n", v6 ? "[" : "", bind,
             v6 ? "]" : "", cv_http_port(http));
     fflush(stderr);
