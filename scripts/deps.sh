@@ -7,8 +7,9 @@
 #   --list       prints the set's packages, one a line
 # Sets: build   compilers and -dev packages (`make`)
 #       run     build + what `make run` uses
-#       test    build + what `make test` uses
-#       bench   build + what `make bench` uses
+#       test    build + what `make test` uses (OpenMPI included)
+#       bench   build + what `make bench` uses (OpenMPI for bench-mpi)
+#       mpi     build + OpenMPI (`mpirun -np R curvd ...`)
 #       image   the Dockerfile's build stage: build + the demo's digits data
 #       runtime the Dockerfile's runtime stage: the shared libraries build/curvd
 #               links (those of the -dev packages in build) + curl (HEALTHCHECK)
@@ -21,11 +22,16 @@ case "$1" in
   --list)  MODE=list; shift ;;
 esac
 BUILD="build-essential pkg-config libopenblas-dev liblapacke-dev libcjson-dev libmicrohttpd-dev check"
+# OpenMPI: optional for the build (curvd never links it; make builds the
+# plugin build/curvd-mpi.so when libopenmpi-dev is there), needed by the
+# data-parallel tests and benchmarks (mpirun).
+MPI="libopenmpi-dev openmpi-bin"
 case "${1:-build}" in
   build)   PKGS="$BUILD" ;;
   run)     PKGS="$BUILD curl python3-sklearn" ;;
-  test)    PKGS="$BUILD curl python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-pip python3-setuptools mypy chromium clang" ;;
-  bench)   PKGS="$BUILD python3 python3-numpy python3-torch" ;;
+  test)    PKGS="$BUILD $MPI curl python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-pip python3-setuptools mypy chromium clang" ;;
+  bench)   PKGS="$BUILD $MPI python3 python3-numpy python3-torch" ;;
+  mpi)     PKGS="$BUILD $MPI" ;;
   image)   PKGS="$BUILD python3-sklearn" ;;
   runtime) PKGS="libopenblas0-pthread liblapacke libcjson1 libmicrohttpd12 curl" ;;
   *) echo "deps.sh: unknown set '$1'" >&2; exit 2 ;;

@@ -5,9 +5,12 @@ ROOT, PY  the repository root; /usr/bin/python3 (else this interpreter)
 check(name, ok, detail)  counts one check; prints failures (every check with VERBOSE=1)
 skip(name, why)          a check that cannot run here: a failure unless CURVD_ALLOW_SKIP=1
 summary()                prints the closing 'N passed, M failed' line; returns the exit code
-Daemon(*args)            `curvd serve --port 0 --bind 127.0.0.1 *args`: the port read from its
-                         'listening on' line, ready once GET /v1/health answers 200; .url,
-                         .log (stderr lines), .stop(); SystemExit when it does not come up in 20 s
+Daemon(*args, launcher=None)
+                         `curvd serve --port 0 --bind 127.0.0.1 *args` (after the launcher's
+                         words, e.g. mpirun's): the port read from its 'listening on' line,
+                         ready once GET /v1/health answers 200; .url, .log (stderr lines),
+                         .stop() (SIGTERM to a launcher, then SIGKILL); SystemExit when it does
+                         not come up in 20 s
 readme_block(name)       the fenced block after <!-- test: name --> in README.md
 for_url(code, url)       code with the README's http://127.0.0.1:8080 / localhost:8080 -> url
 """
@@ -60,8 +63,10 @@ def _healthy(url):
 class Daemon:
     """curvd serve on a free loopback port; stderr drained by a thread."""
 
-    def __init__(self, *args):
-        self.p = subprocess.Popen([CURVD, "serve", "--port", "0", "--bind", "127.0.0.1"] + list(args),
+    def __init__(self, *args, launcher=None):
+        self.launcher = launcher
+        self.p = subprocess.Popen(list(launcher or []) +
+                                  [CURVD, "serve", "--port", "0", "--bind", "127.0.0.1"] + list(args),
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.log = []
         self.url = None
@@ -86,6 +91,12 @@ class Daemon:
             raise SystemExit("curvd did not start: %s" % "".join(self.log)[-2000:])
 
     def stop(self):
+        if self.p.poll() is None and self.launcher:
+            self.p.terminate()  # mpirun passes SIGTERM on to every rank
+            try:
+                self.p.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
         if self.p.poll() is None:
             self.p.kill()
             self.p.wait(10)
