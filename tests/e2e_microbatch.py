@@ -392,8 +392,10 @@ def spd_damping(lmax, lmin):
     return max(0.0, -lmin) * 1.5 + 0.1 * max(lmax, 1e-3)
 
 
-def check_matrix(tag, d, specs):
-    """Every op x method x curvature, three ways."""
+def check_matrix(tag, d, specs, run=None, how="three ways"):
+    """Every op x method x curvature, three ways; run(tag, d, label, job, notes) -> the
+    reference result (or None) replaces run_three_ways (tests/e2e_mpi.py: over ranks)."""
+    run = run or run_three_ways
     t0 = time.time()
     jobs, notes = 0, []
     order = sorted(specs, key=lambda op: op in ("solve", "newton"))  # eigen first: dampings
@@ -407,11 +409,11 @@ def check_matrix(tag, d, specs):
             for label, job in job_variants(op, spec, curv, damping, DENSE_BLOCKS.get(tag)):
                 if not check(f"{tag} {op}: a job for every method", job is not None, label):
                     continue
-                ref = run_three_ways(tag, d, label, job, notes)
+                ref = run(tag, d, label, job, notes)
                 jobs += 1
                 if ref and label.startswith("eigen lanczos"):
                     ext[label.split()[-1]] = ref["eigenvalues"][0]
-    print(f"{tag}: {jobs} jobs three ways in {time.time() - t0:.1f} s")
+    print(f"{tag}: {jobs} jobs {how} in {time.time() - t0:.1f} s")
     if notes:  # not a failure: the planner's minimum is conservative (e.g. 32 vectors)
         print(f"note: {tag}: {len(notes)} jobs are refused below their cached run's "
               f"peak_memory_bytes; first: {notes[0]}")
