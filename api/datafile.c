@@ -94,7 +94,8 @@ static void load_fail(cv_dataset *out, int borrow, unsigned copied)
         cv_dataset_free(out);
 }
 
-static int load(const cv_st_file *f, cv_dataset *out, int borrow, unsigned *copied, cv_err *e)
+static int load(const cv_st_file *f, cv_dataset *out, int borrow, int scan, unsigned *copied,
+                cv_err *e)
 {
     memset(out, 0, sizeof *out);
     *copied = 0;
@@ -150,7 +151,7 @@ static int load(const cv_st_file *f, cv_dataset *out, int borrow, unsigned *copi
         if (x_int ? load_int_x(x, out, e) : cv_st_to_f32(x, &out->x, e))
             goto fail;
     }
-    if (check_finite(out->x, x->numel, x->numel / n, "x", e))
+    if (scan && check_finite(out->x, x->numel, x->numel / n, "x", e))
         goto fail;
     out->y_is_index = is_index;
     if (is_index) {
@@ -167,7 +168,7 @@ static int load(const cv_st_file *f, cv_dataset *out, int borrow, unsigned *copi
             if (cv_st_to_f32(y, &out->targets, e))
                 goto fail;
         }
-        if (check_finite(out->targets, y->numel, y->numel / n, "y", e))
+        if (scan && check_finite(out->targets, y->numel, y->numel / n, "y", e))
             goto fail;
     }
     out->borrowed = borrow;
@@ -180,13 +181,19 @@ fail:
 int cv_datafile_load(const cv_st_file *f, cv_dataset *out, cv_err *e)
 {
     unsigned copied;
-    return load(f, out, 0, &copied, e);
+    return load(f, out, 0, 1, &copied, e);
 }
 
 int cv_datafile_load_borrowed(const cv_st_file *f, cv_dataset *out, unsigned *copied,
                               cv_err *e)
 {
-    return load(f, out, 1, copied, e);
+    return load(f, out, 1, 1, copied, e);
+}
+
+int cv_datafile_load_unscanned(const cv_st_file *f, cv_dataset *out, unsigned *copied,
+                               cv_err *e)
+{
+    return load(f, out, 1, 0, copied, e);
 }
 
 int cv_datafile_parse(const void *buf, size_t len, cv_dataset *out, cv_err *e)

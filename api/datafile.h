@@ -29,6 +29,11 @@ int cv_datafile_load(const cv_st_file *f, cv_dataset *out, cv_err *e);
 #define CV_DF_Y_COPIED 2u
 int cv_datafile_load_borrowed(const cv_st_file *f, cv_dataset *out, unsigned *copied,
                               cv_err *e);
+/* cv_datafile_load_borrowed without the pass over every value (finite x
+ * and targets): a data-parallel rank reads only its shard's pages and
+ * checks those values itself (cv_dataset_check). */
+int cv_datafile_load_unscanned(const cv_st_file *f, cv_dataset *out, unsigned *copied,
+                               cv_err *e);
 int cv_datafile_parse(const void *buf, size_t len, cv_dataset *out, cv_err *e);
 int cv_datafile_read(const char *path, cv_dataset *out, cv_err *e);
 

@@ -138,7 +138,7 @@ static size_t copy_bytes(const cv_st_file *f)
     return b;
 }
 
-int cv_datadir_map(const char *dir, const char *file, size_t max_copy, cv_dataset *d,
+int cv_datadir_map(const char *dir, const char *file, size_t max_copy, int scan, cv_dataset *d,
                    cv_mapped **map, size_t *heap_bytes, size_t *mapped_bytes, cv_err *e)
 {
     *map = NULL;
@@ -173,7 +173,8 @@ int cv_datadir_map(const char *dir, const char *file, size_t max_copy, cv_datase
                           "%zu bytes left in the registry budget (--max-registry-bytes)", file,
                           need, max_copy);
     }
-    int rc = cv_datafile_load_borrowed(&f, d, &copied, e);
+    int rc = scan ? cv_datafile_load_borrowed(&f, d, &copied, e)
+                  : cv_datafile_load_unscanned(&f, d, &copied, e);
     cv_st_free(&f);
     if (rc) {
         cv_mapped_free(m);

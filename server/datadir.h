@@ -35,9 +35,11 @@ int cv_datadir_resolve(const char *dir, const char *file, char *out, size_t len,
 /* Maps dir/file and loads it as a dataset into *d (borrowed).  *map owns
  * the mapping and the copies; *heap_bytes is what the copies (and the
  * dataset struct) take, *mapped_bytes the file's size.  Copies of more than
- * max_copy bytes are refused (413 registry_full) before they are made.  On
- * error nothing is left mapped. */
-int cv_datadir_map(const char *dir, const char *file, size_t max_copy, cv_dataset *d,
+ * max_copy bytes are refused (413 registry_full) before they are made.  scan
+ * 0 skips the pass over every value (cv_datafile_load_unscanned: a
+ * data-parallel `curvd run` rank touches only its shard).  On error nothing
+ * is left mapped. */
+int cv_datadir_map(const char *dir, const char *file, size_t max_copy, int scan, cv_dataset *d,
                    cv_mapped **map, size_t *heap_bytes, size_t *mapped_bytes, cv_err *e);
 
 /* Frees the copies and unmaps (for cv_snap.backing_free; NULL is fine). */

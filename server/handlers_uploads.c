@@ -158,7 +158,7 @@ void h_dataset_file_post(req *r)
     cv_registry_stats_get(r->h->reg, &rs);
     size_t used = rs.bytes + rs.staged_bytes + rs.retired_bytes;
     size_t room = used < rs.max_bytes ? rs.max_bytes - used : 0;
-    if (cv_datadir_map(r->h->cfg.data_dir, file, room, d, &map, &heap, &mapped, &e)) {
+    if (cv_datadir_map(r->h->cfg.data_dir, file, room, 1, d, &map, &heap, &mapped, &e)) {
         free(d);
         cJSON_Delete(j);
         reply_err(r, &e);

@@ -105,7 +105,7 @@ static int map_data(const char *path, run_ctx *r, cv_err *e)
     char *slash = strrchr(real, '/');
     *slash = 0;
     size_t heap, mapped;
-    return cv_datadir_map(real[0] ? real : "/", slash + 1, SIZE_MAX, &r->d, &r->map, &heap,
+    return cv_datadir_map(real[0] ? real : "/", slash + 1, SIZE_MAX, 0, &r->d, &r->map, &heap,
                           &mapped, e);
 }
 

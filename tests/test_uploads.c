@@ -375,7 +375,7 @@ static void map_bad(const dirs *d, const char *file, const char *code, int http)
     size_t hb, mb;
     cv_err e;
     cv_err_clear(&e);
-    ck_assert_int_eq(cv_datadir_map(d->dir, file, SIZE_MAX, &ds, &map, &hb, &mb, &e), -1);
+    ck_assert_int_eq(cv_datadir_map(d->dir, file, SIZE_MAX, 1, &ds, &map, &hb, &mb, &e), -1);
     ck_assert_msg(strcmp(e.code, code) == 0, "%s: code %s, want %s: %s", file, e.code, code,
                   e.message);
     ck_assert_int_eq(cv_http_status(e.status), http);
@@ -395,7 +395,7 @@ START_TEST(data_dir_maps_files_and_refuses_escapes)
     size_t hb, mb;
     cv_err e;
     /* F32 x and I64 y are used where they lie */
-    ck_assert_msg(cv_datadir_map(d.dir, "data.safetensors", 0, &ds, &map, &hb, &mb, &e) == 0,
+    ck_assert_msg(cv_datadir_map(d.dir, "data.safetensors", 0, 1, &ds, &map, &hb, &mb, &e) == 0,
                   "%s", e.message);
     ck_assert_int_eq(ds.borrowed, 1);
     ck_assert_uint_eq(hb, sizeof(cv_dataset));
@@ -404,17 +404,17 @@ START_TEST(data_dir_maps_files_and_refuses_escapes)
     cv_dataset_free(&ds);
     cv_mapped_free(map);
     /* through a symbolic link that stays inside */
-    ck_assert_int_eq(cv_datadir_map(d.dir, "sub/in.safetensors", 0, &ds, &map, &hb, &mb, &e), 0);
+    ck_assert_int_eq(cv_datadir_map(d.dir, "sub/in.safetensors", 0, 1, &ds, &map, &hb, &mb, &e), 0);
     same_data(&ds, &full);
     cv_mapped_free(map);
     /* F64 x and I32 y are converted copies */
     size_t copies = 6 * 4 * sizeof(float) + 6 * sizeof(int64_t);
     ck_assert_int_eq(
-        cv_datadir_map(d.dir, "f64.safetensors", copies - 1, &ds, &map, &hb, &mb, &e), -1);
+        cv_datadir_map(d.dir, "f64.safetensors", copies - 1, 1, &ds, &map, &hb, &mb, &e), -1);
     ck_assert_str_eq(e.code, "registry_full");
     ck_assert_int_eq(cv_http_status(e.status), 413);
     ck_assert_ptr_null(map);
-    ck_assert_int_eq(cv_datadir_map(d.dir, "f64.safetensors", copies, &ds, &map, &hb, &mb, &e),
+    ck_assert_int_eq(cv_datadir_map(d.dir, "f64.safetensors", copies, 1, &ds, &map, &hb, &mb, &e),
                      0);
     ck_assert_uint_eq(hb, sizeof(cv_dataset) + copies);
     ck_assert_int_eq((int)ds.labels[4], 1);
