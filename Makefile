@@ -13,6 +13,7 @@
 #   make unit-portable    test_cnn once more, built without the AVX-512 direct kernels
 #   make e2e              the end-to-end scripts tests/e2e_*.sh and tests/e2e_*.py
 #   make bench [BENCH_ARGS=...]  curvd vs PyTorch (bench/README.md)
+#   make bench-mpi [BENCH_ARGS=...]  data-parallel speed-up under mpirun (bench/README.md)
 #   make deps             install (as root) or name the missing build packages
 #   make clean            remove build/ (every build directory below it)
 #
@@ -103,7 +104,7 @@ MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null)
 MPI_LIBS   := $(shell pkg-config --libs ompi-c 2>/dev/null)
 MPI_PLUGIN := $(if $(shell pkg-config --exists ompi-c 2>/dev/null && echo y),$(B)/curvd-mpi.so)
 
-.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run bench clean
+.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run bench bench-mpi clean
 all: $(B)/curvd $(MPI_PLUGIN)
 
 build-tests: $(B)/curvd $(MPI_PLUGIN) $(TEST_BIN) $(B)/bench_ops
@@ -205,6 +206,12 @@ bench:
 	@scripts/deps.sh bench
 	@$(MAKE) --no-print-directory all $(B)/bench_ops
 	$(PY) bench/bench.py --bench-ops $(B)/bench_ops $(BENCH_ARGS)
+
+# Data-parallel speed-up under mpirun and its scaling model (bench/README.md); not in `make test`.
+bench-mpi:
+	@scripts/deps.sh bench
+	@$(MAKE) --no-print-directory all
+	$(PY) bench/bench_mpi.py --curvd $(B)/curvd $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(filter-out build build/%,$(B))

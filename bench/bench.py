@@ -53,23 +53,33 @@ def best_into(acc, r):
             acc[k] = v
 
 
+def mlp_model():
+    """The bench MLP 784-512-512-10 (ReLU; CrossEntropyLoss), weights from torch's RNG."""
+    return torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(),
+                               torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                               torch.nn.Linear(512, 10))
+
+
+def cnn_model():
+    """The bench CNN (DeepOBS 2c2d-like, 1x28x28 inputs; CrossEntropyLoss)."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(32, 64, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(3136, 1024), torch.nn.ReLU(),
+        torch.nn.Linear(1024, 10))
+
+
 def make_cases(names, quick):
     torch.manual_seed(0)
     cases = {}
     if "mlp" in names:
         n = 128 if quick else 512
-        m = torch.nn.Sequential(torch.nn.Linear(784, 512), torch.nn.ReLU(),
-                                torch.nn.Linear(512, 512), torch.nn.ReLU(),
-                                torch.nn.Linear(512, 10))
+        m = mlp_model()
         cases["mlp"] = (m, torch.nn.CrossEntropyLoss(), torch.randn(n, 784),
                         torch.randint(0, 10, (n,)), [784])
     if "cnn" in names:
         n = 32 if quick else 128
-        m = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 32, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(32, 64, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Flatten(), torch.nn.Linear(3136, 1024), torch.nn.ReLU(),
-            torch.nn.Linear(1024, 10))
+        m = cnn_model()
         cases["cnn"] = (m, torch.nn.CrossEntropyLoss(), torch.randn(n, 1, 28, 28),
                         torch.randint(0, 10, (n,)), [1, 28, 28])
     if "tiny" in names:
