@@ -153,8 +153,11 @@ static int run_per_sample(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e
                           "per-sample gradients would need %.1f GB; use a smaller batch or "
                           "a block", 8e-9 * (double)N * (double)b->dim);
     double *G = malloc(sizeof(double) * N * b->dim);
-    if (!G)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "per-sample gradients");
+    if (cv_curv_agree(c->curv, G ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                                                  "per-sample gradients"), e)) {
+        free(G);
+        return -1;
+    }
     int rc = cv_curv_per_sample_gradients(c->curv, b, G, e);
     if (!rc)
         cJSON_AddItemToObject(out, "per_sample_gradients", cv_json_columns(G, b->dim, (int)N));

@@ -103,7 +103,12 @@ static int subset_share(cv_curv *curv, const size_t *idx, size_t count, cv_batch
     cv_dataset_free(&all);
     if (rc)
         cv_dataset_free(out);
-    return cv_comm_agree(cm, rc, NULL, e);
+    if (cv_comm_agree(cm, rc, NULL, e)) {
+        if (!rc)
+            cv_dataset_free(out);
+        return -1;
+    }
+    return 0;
 }
 
 /* Factor and Gram of block b with the op's ViViT settings va (subset is the
@@ -128,8 +133,11 @@ static int build(cv_op_ctx *c, const cv_block *b, const cv_vivit_args *va, int *
      * backpropagation too, not only the eigenproblem */
     cv_batch sb;
     size_t *idx = malloc(sizeof(size_t) * (size_t)o.n_subset);
-    if (!idx)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "sample subset");
+    if (cv_curv_agree(c->curv, idx ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                                                    "sample subset"), e)) {
+        free(idx);
+        return -1;
+    }
     for (int i = 0; i < o.n_subset; i++)
         idx[i] = (size_t)subset[i];
     int rc = subset_share(c->curv, idx, (size_t)o.n_subset, &sb, e);
@@ -169,8 +177,9 @@ static int *build_factor(cv_op_ctx *c, const cv_block *b, const cv_vivit_args *v
                          cv_err *e)
 {
     int *subset = malloc(sizeof(int) * cv_curv_batch_size(c->curv));
-    if (!subset) {
-        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "sample subset");
+    if (cv_curv_agree(c->curv, subset ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                                                       "sample subset"), e)) {
+        free(subset);
         return NULL;
     }
     if (build(c, b, va, subset, v, e)) {

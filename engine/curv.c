@@ -193,7 +193,7 @@ static cv_part *visit(cv_curv *c, int i, cv_err *e)
             if (!c->scratch)
                 return NULL;
             cv_part_set_gram_budget(c->scratch, c->gram_budget);
-        } else if (cv_part_rebind(c->scratch, &c->views[i], (size_t)i * c->mb, e)) {
+        } else if (cv_part_rebind(c->scratch, &c->views[i], c->first + (size_t)i * c->mb, e)) {
             c->scratch_at = -1;
             return NULL;
         }
@@ -397,6 +397,11 @@ void cv_curv_memory(const cv_curv *c, cv_curv_plan *out)
 }
 
 const cv_curv_options *cv_curv_get_options(const cv_curv *c) { return &c->opt; }
+
+int cv_curv_agree(const cv_curv *c, int rc, cv_err *e)
+{
+    return cv_comm_agree(c->opt.comm, rc, NULL, e);
+}
 const cv_model *cv_curv_model(const cv_curv *c) { return c->m; }
 size_t cv_curv_batch_size(const cv_curv *c) { return c->n; }
 double cv_curv_loss(cv_curv *c) { return c->loss; }
@@ -712,8 +717,11 @@ int cv_curv_dense(cv_curv *c, cv_curvature kind, const cv_block *b, size_t max_d
     size_t D = b->dim;
     int chunk = D < 64 ? (int)D : 64;
     double *X = calloc((size_t)chunk * D, sizeof(double));
-    if (!X)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "dense basis");
+    if (cv_curv_agree(c, X ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "dense basis"),
+                      e)) {
+        free(X);
+        return -1;
+    }
     int rc = 0;
     for (size_t j = 0; j < D && !rc; j += (size_t)chunk) {
         int kk = D - j < (size_t)chunk ? (int)(D - j) : chunk;

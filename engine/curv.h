@@ -137,6 +137,10 @@ void cv_curv_free(cv_curv *c);
 void cv_curv_memory(const cv_curv *c, cv_curv_plan *out);
 /* The options c was built with (an engine on a subset of its batch takes them). */
 const cv_curv_options *cv_curv_get_options(const cv_curv *c);
+/* Data-parallel: every rank passes its rc (0, or -1 with e filled: a local
+ * failure such as an allocation before the next product); all return -1
+ * with the lowest failing rank's error if any failed.  One process: rc. */
+int cv_curv_agree(const cv_curv *c, int rc, cv_err *e);
 /* Frees every kept forward state, the scratch state and the workspace (the
  * micro-batches are recomputed from then on) and returns the bytes c still
  * holds (outputs, the caller's vectors): what is left of the budget can go to

@@ -248,6 +248,7 @@ static int cmd_serve(int argc, char **argv)
         rc = cv_ranks_follow(cl); /* leaves the cluster */
         cl = NULL;
     } else if (rc < 0 && cl && !(a.cfg.ranks = cv_ranks_lead(cl, &e))) {
+        cv_ranks_stop(cl);
         rc = run_fail(&e, 1);
     } else if (rc < 0) {
         rc = cv_serve(&a.cfg);

@@ -52,30 +52,43 @@ static int key_eq(const snap_key *a, const snap_key *b)
 
 /* ---- shards of a dataset, as safetensors --------------------------------------- */
 
+/* The count of a shard rank 0 could not make (the receiver fails the job). */
+#define NO_SHARD UINT64_MAX
+
 /* Samples [first, first + count) of d to rank `to`: {bytes, count} then the
- * export (one sample when count is 0: the shapes). */
+ * export (sample 0 of whole, the dataset, when count is 0: the shapes).  A
+ * shard that cannot be exported is sent as {0, NO_SHARD}: every rank gets
+ * its header whatever happens here.  -1: e filled (the transport is broken
+ * when cv_cluster_broken says so). */
 static int send_shard(cv_cluster *cl, int to, const cv_dataset *d, size_t first, size_t count,
-                      cv_err *e)
+                      const cv_dataset *whole, cv_err *e)
 {
     cv_batch v;
-    cv_batch_view(d, count ? first : 0, count ? count : 1, &v);
+    if (count)
+        cv_batch_view(d, first, count, &v);
+    else
+        cv_batch_view(whole, 0, 1, &v);
     void *buf = NULL;
     size_t len = 0;
-    if (cv_datafile_export(&v, &buf, &len, e))
-        return -1;
-    uint64_t head[2] = {len, count};
-    int rc = cv_cluster_send(cl, to, head, sizeof head, e) || cv_cluster_send(cl, to, buf, len, e);
+    int made = cv_datafile_export(&v, &buf, &len, e) == 0;
+    uint64_t head[2] = {made ? len : 0, made ? count : NO_SHARD};
+    int rc = cv_cluster_send(cl, to, head, sizeof head, e) ||
+             (made && cv_cluster_send(cl, to, buf, len, e));
     free(buf);
-    return rc ? -1 : 0;
+    return rc || !made ? -1 : 0;
 }
 
 /* The other side of send_shard: the shard into out.  A transport failure
- * returns -2 (the rank must leave); a shard that does not parse -1. */
+ * returns -2 (the rank must leave); a shard that rank 0 could not send or
+ * that does not parse -1. */
 static int recv_shard(cv_cluster *cl, cv_dataset *out, cv_err *e)
 {
     uint64_t head[2];
     if (cv_cluster_recv(cl, head, sizeof head, e))
         return -2;
+    if (head[1] == NO_SHARD)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                          "rank 0 could not send rank %d its shard", cv_cluster_rank(cl));
     void *buf = malloc(head[0] ? head[0] : 1);
     if (!buf || cv_cluster_recv(cl, buf, head[0], e)) {
         free(buf);
@@ -90,27 +103,36 @@ static int recv_shard(cv_cluster *cl, cv_dataset *out, cv_err *e)
 }
 
 /* Rank 0: the shares of samples of each rank r > 0 (of the job's batch j, or
- * of the whole dataset when j is NULL). */
+ * of the whole dataset when j is NULL).  Every rank gets its header even when
+ * rank 0 fails to make a shard (then -1 with the first error); on a transport
+ * failure -1 at once. */
 static int scatter(cv_cluster *cl, const cv_job_spec *j, const cv_dataset *d, cv_err *e)
 {
-    int R = cv_cluster_size(cl);
+    int R = cv_cluster_size(cl), rc = 0;
+    cv_err mine;
     for (int r = 1; r < R; r++) {
         size_t first, count;
+        cv_batch b = {0};
+        int made = 1;
         if (!j) {
             cv_comm_share(d->n, R, r, &first, &count);
-            if (send_shard(cl, r, d, first, count, e))
-                return -1;
-            continue;
+            cv_batch_view(d, first, count, &b);
+        } else {
+            made = cv_job_shard(j, d, R, r, &b, &mine) == 0;
         }
-        cv_batch b;
-        if (cv_job_shard(j, d, R, r, &b, e))
-            return -1;
-        int rc = send_shard(cl, r, &b, 0, b.n, e);
-        cv_dataset_free(&b);
-        if (rc)
+        uint64_t none[2] = {0, NO_SHARD};
+        int one = made ? send_shard(cl, r, &b, 0, b.n, d, &mine)
+                       : cv_cluster_send(cl, r, none, sizeof none, &mine);
+        if (made)
+            cv_dataset_free(&b);
+        if ((one || !made) && !rc) {
+            *e = mine;
+            rc = -1;
+        }
+        if (cv_cluster_broken(cl))
             return -1;
     }
-    return 0;
+    return rc;
 }
 
 /* ---- rank 0 ---------------------------------------------------------------------- */
@@ -192,33 +214,53 @@ void cv_ranks_offer(cv_ranks *k, const cv_snap *s)
     pthread_mutex_unlock(&k->mu);
 }
 
-/* The job command, its payloads and the shards: what the others need. */
+/* The model and (for a batch of the whole dataset) the dataset shards the
+ * job needs, where the others lack them.  A failure leaves nothing pending. */
+static int sync_job(cv_ranks *k, const cv_job_spec *j, const cv_snap *ms, const cv_snap *ds,
+                    cv_err *e)
+{
+    snap_key mk = key_of(ms), dk = key_of(ds);
+    if (!key_eq(&k->model, &mk) && send_model(k, ms, e))
+        return -1;
+    if (j->batch.kind == CV_JOB_BATCH_ALL && !key_eq(&k->dataset, &dk) && send_dataset(k, ds, e))
+        return -1;
+    return 0;
+}
+
+/* The job command and its document; then, for a batch other than the whole
+ * dataset, each rank's shard of it and a go (the others wait for their
+ * shards without a time limit, then for the go).  Returns 0, -1 before the
+ * command went out (nothing pending), or 1 after it (the others expect the
+ * agreement: e holds rank 0's failure). */
 static int send_job(cv_ranks *k, const cv_job_spec *j, const char *text, const cv_snap *ms,
                     const cv_snap *ds, size_t n, const cv_job_limits *lim, cv_err *e)
 {
-    snap_key mk = key_of(ms), dk = key_of(ds);
     int all = j->batch.kind == CV_JOB_BATCH_ALL;
-    if ((!key_eq(&k->model, &mk) && send_model(k, ms, e)) ||
-        (all && !key_eq(&k->dataset, &dk) && send_dataset(k, ds, e)))
-        return -1;
-    command c = {.op = CMD_JOB, .batch_all = (uint32_t)all, .model = mk, .dataset = dk,
-                 .len = {strlen(text), 0}, .n = n, .dataset_n = ds->data->n,
-                 .job_memory = lim->job_memory, .dense_max = lim->dense_max,
-                 .max_vector_dim = lim->max_vector_dim};
-    if (cv_cluster_command(k->cl, &c, sizeof c, e) ||
+    command c = {.op = CMD_JOB, .batch_all = (uint32_t)all, .model = key_of(ms),
+                 .dataset = key_of(ds), .len = {strlen(text), 0}, .n = n,
+                 .dataset_n = ds->data->n, .job_memory = lim->job_memory,
+                 .dense_max = lim->dense_max, .max_vector_dim = lim->max_vector_dim};
+    if (sync_job(k, j, ms, ds, e) || cv_cluster_command(k->cl, &c, sizeof c, e) ||
         cv_cluster_command(k->cl, (void *)text, c.len[0], e))
         return -1;
-    return all ? 0 : scatter(k->cl, j, ds->data, e);
+    if (all)
+        return 0;
+    uint32_t go = 1;
+    int rc = scatter(k->cl, j, ds->data, e);
+    cv_err ignored;
+    if (!cv_cluster_broken(k->cl) && cv_cluster_command(k->cl, &go, sizeof go, &ignored))
+        *e = ignored;
+    return rc ? 1 : 0;
 }
 
 /* The job on every rank: rank 0's shard, the agreement that every rank is
- * ready, the memory check and the run. */
+ * ready (rc: rank 0's failure so far), the memory check and the run. */
 static cJSON *exec_all(cv_ranks *k, const cv_job_spec *j, const cv_snap *ms, const cv_snap *ds,
-                       size_t n, const cv_job_limits *lim, cv_progress *p, cv_err *e)
+                       size_t n, int rc, const cv_job_limits *lim, cv_progress *p, cv_err *e)
 {
     const cv_comm *comm = cv_cluster_comm(k->cl);
-    cv_batch shard;
-    int rc = cv_job_shard(j, ds->data, comm->size, 0, &shard, e);
+    cv_batch shard = {0};
+    int have = !rc && !(rc = cv_job_shard(j, ds->data, comm->size, 0, &shard, e));
     cJSON *res = NULL;
     if (cv_comm_agree(comm, rc, NULL, e)) {
         /* a rank could not hold the model or the data: send both again next time */
@@ -227,7 +269,7 @@ static cJSON *exec_all(cv_ranks *k, const cv_job_spec *j, const cv_snap *ms, con
     } else if (!cv_job_check_memory_shard(j, ms->model, &shard, n, comm, lim, NULL, e)) {
         res = cv_job_exec_shard(j, ms->model, &shard, n, comm, lim, p, e);
     }
-    if (!rc)
+    if (have)
         cv_dataset_free(&shard);
     return res;
 }
@@ -243,12 +285,22 @@ cJSON *cv_ranks_exec(cv_ranks *k, const cv_job_spec *j, const char *text, const 
         return cv_job_exec(j, ms->model, ds->data, lim, p, e);
     }
     size_t n = cv_job_batch_size(j, ds->data->n);
-    if (!send_job(k, j, text, ms, ds, n, lim, e))
-        res = exec_all(k, j, ms, ds, n, lim, p, e);
+    int sent = send_job(k, j, text, ms, ds, n, lim, e);
+    if (sent >= 0)
+        res = exec_all(k, j, ms, ds, n, sent, lim, p, e);
     if (!res && cv_cluster_broken(k->cl))
         mark_lost(k, e);
     pthread_mutex_unlock(&k->mu);
     return res;
+}
+
+void cv_ranks_stop(cv_cluster *cl)
+{
+    if (!cl || cv_cluster_broken(cl))
+        return;
+    command c = {.op = CMD_STOP};
+    cv_err e;
+    cv_cluster_command(cl, &c, sizeof c, &e);
 }
 
 void cv_ranks_free(cv_ranks *k)
@@ -256,11 +308,8 @@ void cv_ranks_free(cv_ranks *k)
     if (!k)
         return;
     pthread_mutex_lock(&k->mu);
-    if (!k->lost && !cv_cluster_broken(k->cl)) {
-        command c = {.op = CMD_STOP};
-        cv_err e;
-        cv_cluster_command(k->cl, &c, sizeof c, &e);
-    }
+    if (!k->lost)
+        cv_ranks_stop(k->cl);
     pthread_mutex_unlock(&k->mu);
     pthread_mutex_destroy(&k->mu);
     free(k);
@@ -276,7 +325,8 @@ typedef struct {
     cv_dataset shard;        /* its share of the dataset dkey */
     snap_key dkey;
     int have_shard;
-    cv_err bad;              /* why the model or shard could not be taken (code "" if fine) */
+    cv_err bad_model;        /* why the last model could not be taken (code "" if fine) */
+    cv_err bad_shard;        /* why the last dataset shard could not be taken */
 } follower;
 
 /* Receives n bytes (+ NUL) of a payload; NULL on a transport failure. */
@@ -313,14 +363,13 @@ static int take_model(follower *f, const command *c, cv_err *e)
     }
     cv_model *m = calloc(1, sizeof *m);
     cv_err err;
+    memset(&f->bad_model, 0, sizeof f->bad_model);
     if (!m || cv_arch_parse(text, c->len[0], m, &err) ||
         cv_params_parse(m, params, c->len[1], &err)) {
         if (!m)
             cv_err_set(&err, CV_ENOMEM, "out_of_memory", "", "model");
-        snprintf(f->bad.message, sizeof f->bad.message, "rank %d cannot hold model '%s': %.400s",
-                 cv_cluster_rank(f->cl), c->model.name, err.message);
-        f->bad.status = err.status;
-        snprintf(f->bad.code, sizeof f->bad.code, "%s", err.code);
+        cv_err_set(&f->bad_model, err.status, err.code, "", "rank %d cannot hold model '%s': %.400s",
+                   cv_cluster_rank(f->cl), c->model.name, err.message);
         if (m) {
             cv_model_free(m);
             free(m);
@@ -341,6 +390,7 @@ static int take_dataset(follower *f, const command *c, cv_err *e)
         cv_dataset_free(&f->shard);
     f->have_shard = 0;
     memset(&f->dkey, 0, sizeof f->dkey);
+    memset(&f->bad_shard, 0, sizeof f->bad_shard);
     cv_err err;
     int rc = recv_shard(f->cl, &f->shard, &err);
     if (rc == -2) {
@@ -348,7 +398,7 @@ static int take_dataset(follower *f, const command *c, cv_err *e)
         return -1;
     }
     if (rc) {
-        f->bad = err;
+        f->bad_shard = err;
         return 0;
     }
     f->have_shard = 1;
@@ -359,8 +409,8 @@ static int take_dataset(follower *f, const command *c, cv_err *e)
 /* Checks that the held model and shard are the job's and binds the job. */
 static cv_job_spec *prepare(follower *f, const command *c, const char *text, cv_err *e)
 {
-    if (f->bad.code[0]) {
-        *e = f->bad;
+    if (f->bad_model.code[0] || (c->batch_all && f->bad_shard.code[0])) {
+        *e = f->bad_model.code[0] ? f->bad_model : f->bad_shard;
         return NULL;
     }
     if (!key_eq(&f->mkey, &c->model) || (c->batch_all && !key_eq(&f->dkey, &c->dataset))) {
@@ -390,15 +440,23 @@ static int run_job(follower *f, const command *c, cv_err *e)
         return -1;
     cv_batch own = {0}, shard = {0};
     int got = 0;
+    cv_err shard_err = {0};
     if (!c->batch_all) {
-        int rc = recv_shard(f->cl, &own, e);
-        if (rc == -2) {
+        uint32_t go;
+        int rc = recv_shard(f->cl, &own, &shard_err);
+        if (rc == -2 || cv_cluster_command(f->cl, &go, sizeof go, e)) {
+            if (rc == -2)
+                *e = shard_err;
+            if (rc == 0)
+                cv_dataset_free(&own);
             free(text);
             return -1;
         }
         got = rc == 0;
     }
     cv_job_spec *j = prepare(f, c, text, e);
+    if (j && !c->batch_all && !got)
+        *e = shard_err;
     free(text);
     if (j && c->batch_all)
         cv_batch_view(&f->shard, 0, f->shard.n, &shard);
@@ -416,7 +474,6 @@ static int run_job(follower *f, const command *c, cv_err *e)
     cv_job_spec_free(j);
     if (got)
         cv_dataset_free(&own);
-    memset(&f->bad, 0, sizeof f->bad);
     return cv_cluster_broken(f->cl) ? -1 : 0;
 }
 

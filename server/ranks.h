@@ -36,6 +36,8 @@ typedef struct cv_ranks cv_ranks;
 cv_ranks *cv_ranks_lead(cv_cluster *cl, cv_err *e);
 /* Sends stop to the other ranks (when they are whole) and frees k. */
 void cv_ranks_free(cv_ranks *k);
+/* Sends stop to the other ranks (rank 0; no-op once a rank was lost). */
+void cv_ranks_stop(cv_cluster *cl);
 
 /* Runs bound job j (its document: text) on every rank on model snapshot ms
  * and dataset snapshot ds, sending them first where the others lack them;

@@ -27,7 +27,9 @@ eigen (Lanczos, ViViT's gram, its MC sub-sampled variant), snr, newton vivit and
   - N = 41 on np 2 and np 3 (21/20, 14/14/13); N = 2 on np 2 and np 3 (rank 2 holds no
     sample); a job's batch as a range and as indices (with a repeat) of the 40 samples;
   - "micro_batch": 7 under np 2 and np 3 (rank 0: 3 and 2 micro-batches of 7, all cached)
-    against the single-process run (with and without micro_batch);
+    against the single-process run (with and without micro_batch); "micro_batch": 4 under
+    the least --job-memory the job accepts (nothing cached) (every product recomputes each micro-batch) for a
+    fisher_mc matvec, Hessian eigenvalues and a GGN trace;
   - errors: an unknown option (exit 1, the single-process error JSON on stderr, printed
     once), a batch outside the dataset; a label out of range and a NaN in the last sample
     only (rank 1's, resp. rank 2's, shard): exit 1 and the single-process code and field.
@@ -53,6 +55,7 @@ MPIRUN = shutil.which("mpirun")
 PLUGIN = os.path.join(os.path.dirname(CURVD), "curvd-mpi.so")
 MPI_ARGS = ["--oversubscribe", "--allow-run-as-root"]
 RUN_ARGS = ["--blas-threads", "1"]
+DP_FIELDS = ("ranks", "communication")  # a data-parallel result's own fields
 TIMEOUT = 120  # a hang (a rank waiting forever) fails the check instead of the whole file
 
 
@@ -73,12 +76,13 @@ def error_docs(text):
     return out
 
 
-def run(d, job, ranks=1, data=None):
+def run(d, job, ranks=1, data=None, extra=()):
     """`curvd run` on the case in d (job on stdin), under mpirun when ranks > 1:
     (exit code, the result or the first error JSON, the error JSONs on stderr)."""
     args = [CURVD, "run", "--arch", os.path.join(d, "arch.json"),
             "--params", os.path.join(d, "params.safetensors"),
-            "--data", data or os.path.join(d, "data.safetensors"), "--job", "-", *RUN_ARGS]
+            "--data", data or os.path.join(d, "data.safetensors"), "--job", "-", *RUN_ARGS,
+            *extra]
     if ranks > 1:
         args = [MPIRUN, *MPI_ARGS, "-np", str(ranks), *args]
     try:
@@ -116,7 +120,7 @@ def compare(name, ref, job, d, ranks, n, data=None, mb_size=None):
           mb.mb_fields_ok(res, mbs, size, mbs),
           f"shard {s0}: {str({k: res.get(k) for k in mb.MB_FIELDS})}")
     slack = 1 if job["op"] in mb.ITER_SLACK_OPS else 0
-    diff = mb.result_diff({k: v for k, v in res.items() if k != "ranks"}, ref,
+    diff = mb.result_diff({k: v for k, v in res.items() if k not in DP_FIELDS}, ref,
                           iter_slack=slack)
     check(name + ": = single-process", not diff, "; ".join(diff[:4]))
 
@@ -242,6 +246,37 @@ def check_micro_batch():
                 compare(name + " micro_batch 7", ref_mb, job, d, ranks, mb.N, mb_size=mb.MB)
 
 
+def check_recompute():
+    """Micro-batches of 4 recomputed for every product (--job-memory just above the job's
+    minimum: nothing cached) over ranks: the recomputed scratch state must draw fisher_mc's labels from each
+    sample's whole-batch stream on every rank, and the Hessian's cotangents must be rebuilt
+    for the right samples; equal to the un-budgeted single-process run."""
+    with tempfile.TemporaryDirectory() as d:
+        mlp_data(d, mb.N)
+        for job in [FEW_OPS[2], FEW_OPS[5], FEW_OPS[3]]:
+            job = dict(job, micro_batch=4)
+            name = f"mlp {job_name(job)} micro_batch 4 recomputed"
+            ref = single(name, d, job)
+            if ref is None:
+                continue
+            # the job's least budget (named by its refusal of 1 byte) caches nothing
+            _, refusal, _ = run(d, job, 1, extra=("--job-memory", "1"))
+            need = mb.needed_bytes(refusal)
+            if not check(name + ": job_memory names the least budget", need is not None,
+                         str(refusal)[:300]):
+                continue
+            for ranks in (2, 3):
+                rc, res, _ = run(d, job, ranks, extra=("--job-memory", str(need + 64)))
+                ok = rc == 0 and res.get("cached_micro_batches", 1) == 0 and \
+                    res.get("micro_batches", 0) > 1
+                if not check(f"{name} np {ranks}: runs, nothing cached", ok,
+                             f"rc {rc}: {str({k: res.get(k) for k in mb.MB_FIELDS})}"):
+                    continue
+                diff = mb.result_diff({k: v for k, v in res.items() if k not in DP_FIELDS},
+                                      ref)
+                check(f"{name} np {ranks}: = single-process", not diff, "; ".join(diff[:4]))
+
+
 # ---- errors ---------------------------------------------------------------------------------
 
 def same_error(name, d, job, ranks, data=None, exact=True):
@@ -317,6 +352,7 @@ def main():
     t1 = time.time()
     check_shards()
     check_micro_batch()
+    check_recompute()
     check_errors()
     print(f"e2e_mpi {time.time() - t0:.1f} s (matrix {t1 - t0:.1f} s)")
     return summary()

@@ -3,7 +3,13 @@
  * loss detection (local peers' pids, the rank timeout, a loss notice from
  * another rank), large buffers split below MPI's int counts.  A wait spins
  * for the first ~2000 tests (collectives of a product answer in
- * microseconds), then naps 20 us, 0.2 ms after 10 ms and 2 ms after 1 s. */
+ * microseconds), then naps 20 us, 0.2 ms after 10 ms and 2 ms after 1 s.
+ *
+ * After a loss the pending request is left as it is (a collective cannot be
+ * cancelled) and the caller frees its buffers: safe because nothing calls
+ * into MPI again on a broken transport (every function returns at once), and
+ * OpenMPI 4's shared-memory and TCP transports progress only inside MPI
+ * calls, so no late completion can write into a freed buffer. */
 #include <errno.h>
 #include <limits.h>
 #include <mpi.h>
@@ -259,8 +265,8 @@ static int p_allgather_rows(void *ctx, void *buf, size_t row_len, const size_t *
         return set_err(e, CV_ETOOLARGE, "too_large", "gather of %zu rows of %zu: over MPI's "
                        "int counts", first[world_size - 1] + rows[world_size - 1], row_len);
     int *cnt = malloc(sizeof(int) * 2 * (size_t)world_size);
-    if (!cnt)
-        return set_err(e, CV_ENOMEM, "out_of_memory", "gather counts");
+    if (!cnt) /* the others are in the collective already: this rank cannot follow */
+        return lose(my_rank, e, "out of memory for the gather's counts");
     for (int r = 0; r < world_size; r++) {
         cnt[r] = (int)rows[r];
         cnt[world_size + r] = (int)first[r];
@@ -313,7 +319,16 @@ static int p_send(int to, const void *buf, size_t bytes, cv_err *e)
     return p2p(to, (void *)buf, bytes, 1, e);
 }
 
-static int p_recv(void *buf, size_t bytes, cv_err *e) { return p2p(0, buf, bytes, 0, e); }
+/* A follower waits for its bytes as long as rank 0 takes to send the
+ * others theirs first (checking only for losses). */
+static int p_recv(void *buf, size_t bytes, cv_err *e)
+{
+    double keep = rank_timeout;
+    rank_timeout = 0;
+    int rc = p2p(0, buf, bytes, 0, e);
+    rank_timeout = keep;
+    return rc;
+}
 
 static int p_init(double timeout_s, int *rank, int *size, cv_err *e)
 {
