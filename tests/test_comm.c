@@ -6,14 +6,16 @@
  * with no data moved, rank 0's cancel flag and deadline as the only ones
  * sampled); every cv_curv quantity over 2 and 3 ranks (uneven shards, a
  * rank without samples, micro-batches within a shard) against the
- * one-process engine; a trace job bound and run per shard against
- * cv_job_run.
+ * one-process engine, rank 0's cancel flag stopping a product everywhere,
+ * wrong or empty shards refused on every rank; trace jobs bound and run per
+ * shard against cv_job_run, a bad label in one shard failing every rank.
  *
  * Tolerance: one process sums a quantity over all N samples in float32
  * (GEMMs over the batch), R ranks sum their shards in float32 and add the
- * shards in double, so the two differ by float32 summation order only:
- * 1e-5 relative (in norm) on doubles, ~100 float32 ulps of a sum over a few
- * samples, far below any wrong offset, scale or missing shard. */
+ * shards in double, so the two differ by float32 summation order only
+ * (measured: at most 1.0e-7 relative, about one float32 ulp).  1e-5 relative
+ * (in norm) on doubles leaves a 100x margin, while a wrong row offset, loss
+ * scale or missing shard shows as 0.1 to 1. */
 #include "testutil.h"
 
 #include <errno.h>
@@ -776,6 +778,50 @@ START_TEST(rank0_cancel_stops_every_rank)
 }
 END_TEST
 
+/* Shards that are not the ranks' cv_comm_share of the batch (or an empty
+ * batch on every rank) fail cv_curv_new on every rank with one error. */
+typedef struct {
+    const cv_model *m;
+    const cv_dataset *d;
+    size_t first[MAXR], n[MAXR];
+    int ok[MAXR];
+    cv_err e[MAXR];
+} shard_job;
+
+static void shard_rank(const cv_comm *cm, void *arg)
+{
+    shard_job *j = arg;
+    int r = cm->rank;
+    cv_batch shard;
+    cv_batch_view(j->d, j->first[r], j->n[r], &shard);
+    cv_curv_options o = {.comm = cm};
+    cv_curv *c = cv_curv_new(j->m, &shard, &o, &j->e[r]);
+    j->ok[r] = c != NULL;
+    cv_curv_free(c);
+}
+
+START_TEST(wrong_or_empty_shards_fail_every_rank)
+{
+    openblas_set_num_threads(1);
+    cv_model m;
+    cv_dataset d;
+    build(0, &m, &d, 7);
+    shard_job j = {.m = &m, .d = &d, .first = {0, 3}, .n = {3, 4}}; /* the share is 4, 3 */
+    run_ranks(2, shard_rank, &j);
+    for (int r = 0; r < 2; r++)
+        ck_assert_msg(!j.ok[r] && strcmp(j.e[r].code, "internal") == 0 &&
+                          strstr(j.e[r].message, "rank 0 holds 3 samples") != NULL,
+                      "rank %d: %s (%s)", r, j.e[r].message, j.e[r].code);
+    shard_job none = {.m = &m, .d = &d}; /* N = 0 */
+    run_ranks(3, shard_rank, &none);
+    for (int r = 0; r < 3; r++)
+        ck_assert_msg(!none.ok[r] && strcmp(none.e[r].code, "empty_batch") == 0,
+                      "rank %d: %s (%s)", r, none.e[r].message, none.e[r].code);
+    cv_model_free(&m);
+    tu_data_free(&d);
+}
+END_TEST
+
 /* ---- 4. a job bound and run per shard ------------------------------------- */
 
 typedef struct {
@@ -883,6 +929,7 @@ static Suite *comm_suite(void)
     TCase *c = tcase_create("engine");
     tcase_add_loop_test(c, engine_over_ranks_matches_one_process, 0, 12);
     tcase_add_test(c, rank0_cancel_stops_every_rank);
+    tcase_add_test(c, wrong_or_empty_shards_fail_every_rank);
     suite_add_tcase(s, c);
     TCase *j = tcase_create("job");
     tcase_add_loop_test(j, trace_job_over_ranks, 0, 4);
