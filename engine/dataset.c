@@ -27,32 +27,6 @@ void cv_dataset_free(cv_dataset *d)
 
 static size_t y_numel(const cv_dataset *d) { return cv_shape_numel(&d->y_shape); }
 
-int cv_batch_alloc(const cv_dataset *d, size_t count, cv_batch *out, cv_err *e)
-{
-    memset(out, 0, sizeof *out);
-    size_t sx = cv_shape_numel(&d->x_shape), sy = y_numel(d);
-    size_t esz = d->y_is_index ? sizeof(int64_t) : sizeof(float);
-    if ((sx && count > SIZE_MAX / sizeof(float) / sx) || (sy && count > SIZE_MAX / esz / sy))
-        return cv_err_set(e, CV_ETOOLARGE, "too_large", "batch", "batch of %zu samples is too "
-                          "large", count);
-    out->n = count;
-    out->x_shape = d->x_shape;
-    out->x_dtype = d->x_dtype;
-    out->y_shape = d->y_shape;
-    out->y_is_index = d->y_is_index;
-    out->x = calloc(count * sx > 0 ? count * sx : 1, sizeof(float));
-    if (d->y_is_index)
-        out->labels = calloc(count * sy > 0 ? count * sy : 1, sizeof(int64_t));
-    else
-        out->targets = calloc(count * sy > 0 ? count * sy : 1, sizeof(float));
-    if (!out->x || (d->y_is_index ? !out->labels : !out->targets)) {
-        cv_dataset_free(out);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "batch",
-                          "out of memory for a batch of %zu samples", count);
-    }
-    return 0;
-}
-
 int cv_batch_alloc_y(const cv_dataset *d, size_t count, cv_batch *out, cv_err *e)
 {
     memset(out, 0, sizeof *out);
@@ -73,6 +47,25 @@ int cv_batch_alloc_y(const cv_dataset *d, size_t count, cv_batch *out, cv_err *e
     if (!y)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "batch",
                           "out of memory for the targets of %zu samples", count);
+    return 0;
+}
+
+int cv_batch_alloc(const cv_dataset *d, size_t count, cv_batch *out, cv_err *e)
+{
+    size_t sx = cv_shape_numel(&d->x_shape);
+    if (sx && count > SIZE_MAX / sizeof(float) / sx) {
+        memset(out, 0, sizeof *out);
+        return cv_err_set(e, CV_ETOOLARGE, "too_large", "batch", "batch of %zu samples is too "
+                          "large", count);
+    }
+    if (cv_batch_alloc_y(d, count, out, e))
+        return -1;
+    out->x = calloc(count * sx > 0 ? count * sx : 1, sizeof(float));
+    if (!out->x) {
+        cv_dataset_free(out);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "batch",
+                          "out of memory for a batch of %zu samples", count);
+    }
     return 0;
 }
 
