@@ -460,6 +460,21 @@ static int sum_shares(cv_curv *c, sum_kind what, cv_curvature kind, const cv_blo
     return cv_comm_sum(c->opt.comm, rc, out, len, c->opt.progress, e);
 }
 
+int cv_curv_sum_parts(cv_curv *c, cv_part_share_fn fn, void *arg, double *out, size_t len,
+                      cv_err *e)
+{
+    if (out)
+        memset(out, 0, sizeof(double) * len);
+    int rc = 0;
+    for (int i = 0; i < c->nparts && !rc; i++) {
+        cv_part *p = visit(c, i, e);
+        rc = !p || fn(p, arg, e) ? -1 : 0;
+        if (!rc)
+            visited(c, i);
+    }
+    return cv_comm_sum(c->opt.comm, rc, out, len, c->opt.progress, e);
+}
+
 int cv_curv_gradient(cv_curv *c, const cv_block *b, double *g, cv_err *e)
 {
     return sum_shares(c, SUM_GRADIENT, CV_CURV_GGN, b, 1, NULL, g, b->dim, e);

@@ -1,6 +1,7 @@
 /* layer.c - what every layer class shares: default attributes from the field
  * table, tensor declarations for layout hooks, sliding-window output sizes
- * for infer hooks, and the release of forward caches. */
+ * for infer hooks, the release of forward caches, and the accumulation
+ * helpers of the Kronecker-factor kernels. */
 #include "layer.h"
 
 #include <limits.h>
@@ -16,6 +17,27 @@ void cv_layer_ctx_release(cv_layer_ctx *c)
     free(c->idx);
     c->d1 = c->d2 = NULL;
     c->idx = NULL;
+}
+
+void cv_kron_add_sym(int m, const float *S, double w, double *M, int ldm)
+{
+    for (int i = 0; i < m; i++)
+        for (int j = i; j < m; j++) {
+            double v = w * S[(size_t)i * m + j];
+            M[(size_t)i * ldm + j] += v;
+            if (j != i)
+                M[(size_t)j * ldm + i] += v;
+        }
+}
+
+void cv_kron_add_bias(int m, const double *sum, double w, double count, double *M)
+{
+    size_t ld = (size_t)m + 1;
+    for (int i = 0; i < m; i++) {
+        M[(size_t)i * ld + m] += w * sum[i];
+        M[(size_t)m * ld + i] += w * sum[i];
+    }
+    M[(size_t)m * ld + m] += count;
 }
 
 static void field_default(const cv_field *f, unsigned char *attr)

@@ -89,7 +89,37 @@ typedef struct {
                   float *ry);
     void (*hvp_extra_n)(const cv_layer_ctx *c, int k, const float *gy, const float *const *rx,
                         const float *vtheta, float *const *gx_add, float *gtheta_add);
+    /* Kronecker factors (KFAC; engine/kron.h): optional, for layers whose
+     * parameter block is W~ = [W | b] acting as z_r = W~ a~_r at R weight-
+     * sharing positions r of a sample (Linear: R = rows T of [..., in];
+     * Conv2d/Conv1d: R = output positions, a_r the im2col column of r).
+     * kron_dims: 1 with dim_a (in + has_bias) and dim_b (out) when layer L
+     * has that structure, 0 when not (Conv2d with groups > 1).
+     * kron_a_add: A += sum_i A_i over the n samples (once per micro-batch:
+     * A does not depend on the cotangents), A_i = (1/R) sum_r a~_ir a~_ir^T
+     * (CV_KRON_EXPAND) or abar_i abar_i^T with abar_i = (1/R) sum_r a~_ir
+     * (CV_KRON_REDUCE); a~ = [a; 1] with a bias.  The caller divides by N.
+     * kron_b_add: B += sum_j sum_i B_ji for k stacked output cotangents gy
+     * (vector j, sample i at gy + (j*n + i)*out_numel), B_ji = sum_r
+     * g_jir g_jir^T (expand) or (sum_r g_jir)(sum_r g_jir)^T (reduce),
+     * g_jir the cotangent of z at position r; unscaled (the caller weighs
+     * the cotangents).  A and B are row-major dim x dim doubles, both
+     * triangles.  Both return 0, or -1 when out of scratch memory. */
+    int (*kron_dims)(const cv_layer *L, int *dim_a, int *dim_b);
+    int (*kron_a_add)(const cv_layer_ctx *c, int approx, double *A);
+    int (*kron_b_add)(const cv_layer_ctx *c, int k, const float *gy, int approx, double *B);
 } cv_layer_ops;
+
+/* Weight-sharing approximations of the Kronecker factors (Eschenhagen et
+ * al. 2023; see kron_a_add above). */
+typedef enum { CV_KRON_EXPAND = 0, CV_KRON_REDUCE = 1 } cv_kron_approx;
+
+/* For kron kernels: the top-left m x m of M (row stride ldm) += w * S for
+ * the float m x m upper triangle S (row-major, from ssyrk), both triangles
+ * written; and, for the bias entry of an (m+1) x (m+1) factor, its last row
+ * and column += w * sum (m doubles), its corner += count. */
+void cv_kron_add_sym(int m, const float *S, double w, double *M, int ldm);
+void cv_kron_add_bias(int m, const double *sum, double w, double count, double *M);
 
 /* Release caches allocated by forward (d1, d2, idx). */
 void cv_layer_ctx_release(cv_layer_ctx *c);

@@ -762,7 +762,138 @@ static void conv_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigne
             G[q] = NAN;
 }
 
+/* ---- Kronecker factors (layer.h) -------------------------------------------
+ * KFC (Grosse & Martens 2016): the positions are the P output pixels, the
+ * input of position p the im2col column p of the sample (K = C*kh*kw rows,
+ * the weight's row-major [out, in, kh, kw] flattening), the output
+ * cotangent its cout channels at p.  groups > 1 has no Kronecker structure
+ * here (block-diagonal over groups): the caller takes the exact block. */
+
+#define CV_KRON_CHUNK_FLOATS ((size_t)1 << 20) /* unfolded samples per ssyrk */
+
+static int conv_kron_dims(const cv_layer *L, int *dim_a, int *dim_b)
+{
+    const cv_conv2d_attr *A = CV_LAYER_ATTR(L, cv_conv2d_attr);
+    if (A->groups != 1)
+        return 0;
+    *dim_a = L->in_shape.dim[0] * A->kernel[0] * A->kernel[1] + (A->has_bias != 0);
+    *dim_b = L->out_shape.dim[0];
+    return 1;
+}
+
+/* Expand: S += U U^T over chunks of samples unfolded side by side (K x S*P);
+ * sums += the row sums of U. */
+static int kron_a_expand(const cv_layer_ctx *c, const conv_dims *d, float *S, double *sums)
+{
+    size_t per = (size_t)d->K * d->P;
+    int chunk = per >= CV_KRON_CHUNK_FLOATS ? 1 : (int)(CV_KRON_CHUNK_FLOATS / per);
+    chunk = chunk < c->n ? chunk : c->n;
+    float *U = malloc(sizeof(float) * per * chunk);
+    if (!U)
+        return -1;
+    for (int i0 = 0; i0 < c->n; i0 += chunk) {
+        int m = c->n - i0 < chunk ? c->n - i0 : chunk;
+        size_t ld = (size_t)m * d->P;
+        for (int s = 0; s < m; s++)
+            cv_im2col_ld(&d->g, c->x + (size_t)(i0 + s) * c->in_numel, 0, d->K,
+                         U + (size_t)s * d->P, ld);
+        cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, d->K, (int)ld, 1.0f, U, (int)ld,
+                    i0 ? 1.0f : 0.0f, S, d->K);
+        for (int r = 0; sums && r < d->K; r++) {
+            double v = 0;
+            for (size_t q = 0; q < ld; q++)
+                v += U[(size_t)r * ld + q];
+            sums[r] += v;
+        }
+    }
+    free(U);
+    return 0;
+}
+
+/* Reduce: Ubar (n x K) holds each sample's mean column; S = Ubar^T Ubar. */
+static int kron_a_reduce(const cv_layer_ctx *c, const conv_dims *d, float *S, double *sums)
+{
+    float *U = malloc(sizeof(float) * (size_t)d->K * d->P);
+    float *bar = malloc(sizeof(float) * (size_t)c->n * d->K);
+    int rc = U && bar ? 0 : -1;
+    for (int i = 0; !rc && i < c->n; i++) {
+        cv_im2col(&d->g, c->x + (size_t)i * c->in_numel, 0, d->K, U);
+        for (int r = 0; r < d->K; r++) {
+            float v = 0;
+            for (int p = 0; p < d->P; p++)
+                v += U[(size_t)r * d->P + p];
+            bar[(size_t)i * d->K + r] = v / (float)d->P;
+            if (sums)
+                sums[r] += v / (float)d->P;
+        }
+    }
+    if (!rc)
+        cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, d->K, c->n, 1.0f, bar, d->K, 0.0f,
+                    S, d->K);
+    free(U);
+    free(bar);
+    return rc;
+}
+
+static int conv_kron_a_add(const cv_layer_ctx *c, int approx, double *A)
+{
+    conv_dims d = dims_of(c);
+    int reduce = approx == CV_KRON_REDUCE && d.P > 1;
+    float *S = malloc(sizeof(float) * (size_t)d.K * d.K);
+    double *sums = d.has_bias ? calloc((size_t)d.K, sizeof(double)) : NULL;
+    int rc = S && (sums || !d.has_bias) ? 0 : -1;
+    if (!rc)
+        rc = reduce ? kron_a_reduce(c, &d, S, sums) : kron_a_expand(c, &d, S, sums);
+    if (!rc) {
+        double w = reduce ? 1.0 : 1.0 / d.P;
+        cv_kron_add_sym(d.K, S, w, A, d.K + (d.has_bias != 0));
+        if (d.has_bias)
+            cv_kron_add_bias(d.K, sums, w, c->n, A);
+    }
+    free(S);
+    free(sums);
+    return rc;
+}
+
+static int conv_kron_b_add(const cv_layer_ctx *c, int k, const float *gy, int approx,
+                           double *B)
+{
+    conv_dims d = dims_of(c);
+    size_t R = (size_t)k * c->n;
+    int reduce = approx == CV_KRON_REDUCE && d.P > 1;
+    float *S = malloc(sizeof(float) * (size_t)d.cout * d.cout);
+    float *sums = reduce ? malloc(sizeof(float) * R * d.cout) : NULL;
+    if (!S || (reduce && !sums)) {
+        free(S);
+        free(sums);
+        return -1;
+    }
+    if (reduce) {
+        for (size_t r = 0; r < R; r++)
+            for (int o = 0; o < d.cout; o++) {
+                const float *g = gy + r * c->out_numel + (size_t)o * d.P;
+                float v = 0;
+                for (int p = 0; p < d.P; p++)
+                    v += g[p];
+                sums[r * d.cout + o] = v;
+            }
+        cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, d.cout, (int)R, 1.0f, sums, d.cout,
+                    0.0f, S, d.cout);
+    } else {
+        for (size_t r = 0; r < R; r++) /* sample r's cotangent: cout x P */
+            cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, d.cout, d.P, 1.0f,
+                        gy + r * c->out_numel, d.P, r ? 1.0f : 0.0f, S, d.cout);
+    }
+    cv_kron_add_sym(d.cout, S, 1.0, B, d.cout);
+    free(S);
+    free(sums);
+    return 0;
+}
+
 static const cv_layer_ops conv2d_ops = {
+    .kron_dims = conv_kron_dims,
+    .kron_a_add = conv_kron_a_add,
+    .kron_b_add = conv_kron_b_add,
     .work_size = conv_work,
     .forward = conv_forward,
     .vjp = conv_vjp,

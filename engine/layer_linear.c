@@ -268,7 +268,89 @@ static void linear_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsig
     gram_rows(c, k, gy, mask, G);
 }
 
+/* ---- Kronecker factors (layer.h: kron_dims, kron_a_add, kron_b_add) ------
+ * Positions are the T rows of a sample: expand uses every row (A with 1/T),
+ * reduce the mean input row and the summed output cotangent row. */
+
+static int linear_kron_dims(const cv_layer *L, int *dim_a, int *dim_b)
+{
+    const cv_linear_attr *a = CV_LAYER_ATTR(L, cv_linear_attr);
+    *dim_a = a->in_features + (a->has_bias != 0);
+    *dim_b = a->out_features;
+    return 1;
+}
+
+/* rows (m x w, row-major) -> per-sample sums of T consecutive rows, times s
+ * (m/T x w) into out. */
+static void sum_rows(const float *rows, size_t m, int T, int w, float s, float *out)
+{
+    for (size_t i = 0; i < m / (size_t)T; i++)
+        for (int q = 0; q < w; q++) {
+            float v = 0;
+            for (int t = 0; t < T; t++)
+                v += rows[((size_t)i * T + t) * w + q];
+            out[(size_t)i * w + q] = s * v;
+        }
+}
+
+/* A += M^T M (upper triangle through ssyrk) and, with a bias, the column sums
+ * of M and `count` in its last row/column; w weighs the M terms. */
+static int kron_rows_a(const float *M, size_t m, int in, int bias, double w, double count,
+                       double *A)
+{
+    float *S = malloc(sizeof(float) * (size_t)in * in);
+    double *cs = bias ? calloc((size_t)in, sizeof(double)) : NULL;
+    if (!S || (bias && !cs)) {
+        free(S);
+        free(cs);
+        return -1;
+    }
+    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, in, (int)m, 1.0f, M, in, 0.0f, S, in);
+    cv_kron_add_sym(in, S, w, A, in + bias);
+    if (bias) {
+        for (size_t r = 0; r < m; r++)
+            for (int a = 0; a < in; a++)
+                cs[a] += M[r * in + a];
+        cv_kron_add_bias(in, cs, w, count, A);
+    }
+    free(S);
+    free(cs);
+    return 0;
+}
+
+static int linear_kron_a_add(const cv_layer_ctx *c, int approx, double *A)
+{
+    int in = IN(c), T = ROWS(c), bias = ATTR(c)->has_bias != 0;
+    if (T == 1 || approx == CV_KRON_EXPAND)
+        return kron_rows_a(c->x, (size_t)NR(c), in, bias, 1.0 / T, c->n, A);
+    float *mean = malloc(sizeof(float) * (size_t)c->n * in);
+    if (!mean)
+        return -1;
+    sum_rows(c->x, (size_t)NR(c), T, in, 1.0f / (float)T, mean);
+    int rc = kron_rows_a(mean, (size_t)c->n, in, bias, 1.0, c->n, A);
+    free(mean);
+    return rc;
+}
+
+static int linear_kron_b_add(const cv_layer_ctx *c, int k, const float *gy, int approx,
+                             double *B)
+{
+    int out = OUT(c), T = ROWS(c);
+    size_t m = (size_t)k * NR(c);
+    float *sums = T > 1 && approx == CV_KRON_REDUCE ? malloc(sizeof(float) * m / T * out) : NULL;
+    if (T > 1 && approx == CV_KRON_REDUCE && !sums)
+        return -1;
+    if (sums)
+        sum_rows(gy, m, T, out, 1.0f, sums);
+    int rc = kron_rows_a(sums ? sums : gy, sums ? m / T : m, out, 0, 1.0, 0, B);
+    free(sums);
+    return rc;
+}
+
 static const cv_layer_ops linear_ops = {
+    .kron_dims = linear_kron_dims,
+    .kron_a_add = linear_kron_a_add,
+    .kron_b_add = linear_kron_b_add,
     .work_size = linear_work,
     .forward = linear_forward,
     .vjp = linear_vjp,

@@ -72,6 +72,33 @@ int cv_part_vjp_add(cv_part *c, const cv_block *b, int k, const float *cot, doub
 int cv_part_gram(cv_part *c, const cv_block *b, int k, const float *cot, double *G,
                  cv_err *e);
 
+/* Kronecker factors' shares (engine/kron.c): for every layer l with
+ * layers[l] set (it has the kron kernels of layer.h), A[l] += its
+ * kron_a_add over this micro-batch and B[l] += its kron_b_add of the
+ * cotangents that reach its output when the output factor of `kind` is
+ * backpropagated (one walk, in chunks of the workspace's vectors):
+ *   CV_CURV_GGN        the C columns of the loss Hessian's square root
+ *                      (cv_loss_hessian_sqrt: already scaled, weight 1);
+ *   CV_CURV_FISHER_MC  the mc_samples gradient samples fisher_mc draws
+ *                      (unscaled: the caller weighs B by c / mc_samples);
+ *   CV_CURV_EF         the sample gradients d l_n / dh (unscaled: weight c).
+ * Returns the vectors per sample backpropagated in *columns (may be NULL). */
+typedef struct {
+    cv_curvature kind;
+    int approx;                       /* cv_kron_approx (layer.h) */
+    const char *layers;               /* CV_MAX_LAYERS flags */
+    double *A[CV_MAX_LAYERS], *B[CV_MAX_LAYERS];
+} cv_part_kron;
+int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *e);
+
+/* For modules that add their own per-micro-batch shares (engine/kron.c):
+ * out (len doubles, zeroed first) = the sum over micro-batches of what
+ * fn(part, arg) adds into it, then over every rank (cv_comm_sum: every rank
+ * calls it, an error on any is every rank's).  Defined in curv.c. */
+typedef int (*cv_part_share_fn)(cv_part *p, void *arg, cv_err *e);
+int cv_curv_sum_parts(cv_curv *c, cv_part_share_fn fn, void *arg, double *out, size_t len,
+                      cv_err *e);
+
 /* Frees the workspace. */
 void cv_part_free_workspace(cv_part *c);
 

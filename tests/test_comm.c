@@ -25,6 +25,7 @@
 #include "api/arch.h"
 #include "api/job.h"
 #include "engine/comm.h"
+#include "engine/kron.h"
 
 void openblas_set_num_threads(int);
 
@@ -492,6 +493,8 @@ typedef struct {
     double loss, loss_at, scale; /* scale: the loss state's c */
     float *outputs, *jvp, *sgrad; /* sgrad: the loss state's d l_n / dh (N x C) */
     double *grad, *mv[CV_CURV_COUNT], *q[CV_CURV_COUNT], *psg, *vjp, *gram;
+    double *kron[3];   /* cv_curv_kron's A and B of every factor, per fisher type */
+    size_t kron_len;
     cv_batch gathered;
 } quantities;
 
@@ -517,6 +520,8 @@ static void q_free(quantities *r)
     free(r->outputs), free(r->sgrad), free(r->jvp), free(r->grad), free(r->psg), free(r->vjp), free(r->gram);
     for (int k = 0; k < CV_CURV_COUNT; k++)
         free(r->mv[k]), free(r->q[k]);
+    for (int k = 0; k < 3; k++)
+        free(r->kron[k]);
     cv_dataset_free(&r->gathered);
 }
 
@@ -554,6 +559,19 @@ static void evaluate(const inputs *in, const cv_batch *b, const cv_comm *comm, q
     STEP("gram", cv_curv_gram(c, &blk, K, in->cot, r->gram, e));
     STEP("loss_at", cv_curv_loss_at(c, &blk, in->step, &r->loss_at, e));
     STEP("gather_samples", cv_curv_gather_samples(c, in->gidx, 4, &r->gathered, e));
+    for (int ft = 0; ft < 3; ft++) { /* mc with reduce, the others expand */
+        cv_kron kr;
+        cv_kron_options ko = {(cv_kron_fisher)ft, ft == 1 ? CV_KRON_REDUCE : CV_KRON_EXPAND};
+        int rc = cv_curv_kron(c, &ko, &kr, e);
+        r->kron_len = 0;
+        for (int i = 0; i < kr.nfactors; i++)
+            r->kron_len += (size_t)kr.factors[i].dim_a * kr.factors[i].dim_a +
+                           (size_t)kr.factors[i].dim_b * kr.factors[i].dim_b;
+        r->kron[ft] = kr.data;
+        kr.data = NULL;
+        cv_kron_free(&kr);
+        STEP("kron", rc);
+    }
     snprintf(r->what, sizeof r->what, "done");
 out:
     cv_curv_free(c);
@@ -612,6 +630,10 @@ static void compare(const quantities *g, const quantities *w, const inputs *in, 
     near_f(g->jvp, w->jvp, K * N * C, "jvp", tag);
     near(g->vjp, w->vjp, K * D, "vjp", tag);
     near(g->gram, w->gram, K * N * K * N, "Gram matrix", tag);
+    ck_assert_uint_eq(g->kron_len, w->kron_len);
+    ck_assert_uint_gt(w->kron_len, 0);
+    for (int k = 0; k < 3; k++)
+        near(g->kron[k], w->kron[k], w->kron_len, "Kronecker factors", tag);
     ck_assert_msg(fabs(g->loss_at - w->loss_at) <= TOL * fabs(w->loss_at),
                   "%s loss at a step %.10g vs %.10g", tag, g->loss_at, w->loss_at);
     /* gathered samples: exactly the dataset's rows */
@@ -651,6 +673,8 @@ static void same_bits(const quantities *g, const quantities *z, const inputs *in
     SAME(jvp, sizeof(float) * K * N * C);
     SAME(vjp, sizeof(double) * K * D);
     SAME(gram, sizeof(double) * K * N * K * N);
+    for (int k = 0; k < 3; k++)
+        SAME(kron[k], sizeof(double) * z->kron_len);
 }
 
 /* Variant v: model v / 6; ranks and batch (R, N) = (2, 7), (3, 7), (3, 2) by

@@ -1,0 +1,91 @@
+/* kron.h - Kronecker-factored curvature (KFAC / KFLR, issue 22): the
+ * factors A_l, B_l of every layer with a Kronecker structure on a batch,
+ * over its micro-batches and data-parallel ranks.  The algebra on the
+ * factors (products, inverses, eigen) is engine/kronop.h's.
+ *
+ * A Kronecker layer (Linear; Conv2d/Conv1d with groups 1) owns the block
+ * theta_l = [vec_r(W), b] (weight row-major, then the bias when it has one;
+ * Conv: W as [out, in*kh*kw]).  With W~ = [W | b] (out x dim_a) and
+ * a~ = [a; 1] (the 1 only with a bias):
+ *   A = (1/N) sum_n A_n,  A_n = (1/R) sum_r a~_nr a~_nr^T      (expand)
+ *                         A_n = abar_n abar_n^T, abar_n = (1/R) sum_r a~_nr   (reduce)
+ *   B = w sum_n sum_j B_nj, B_nj = sum_r b_njr b_njr^T          (expand)
+ *                         B_nj = (sum_r b_njr)(sum_r b_njr)^T   (reduce)
+ * where r runs over the R weight-sharing positions of sample n (Linear on
+ * [..., T, in]: the T rows; Conv: the output pixels, a_nr the im2col column)
+ * and b_njr is the cotangent at the layer's output (position r) of vector j
+ * of the loss's output factor backpropagated through the rest of the
+ * network J_n^T:
+ *   CV_KRON_TYPE2      j over the C columns of S_n, S_n S_n^T = d^2 L_n/dh^2
+ *                      (L_n = c l_n, c the loss scale of curv.h), w = 1: KFLR;
+ *   CV_KRON_MC         j over the mc_samples gradients s_nm = d l(h_n, yhat_m)/dh
+ *                      drawn as fisher_mc draws them (the cv_curv's seed and
+ *                      mc_samples), w = c / mc_samples;
+ *   CV_KRON_EMPIRICAL  j = 1, the sample gradient d l_n / dh, w = c (so
+ *                      B_n = (1/c) g_n g_n^T with g_n = d L_n / dz_n).
+ * These are curvlinops' KFACLinearOperator normalizations (expand: A
+ * divided by N R, B not; reduce: inputs averaged, cotangents summed over
+ * positions).  In the row-major order of W~ the block is B (x) A (output
+ * index outer); in theta_l's order it is P (B (x) A) P^T with P the
+ * permutation cv_kron_w_index gives.  For N = 1 and R = 1 it equals the
+ * exact diagonal block of ggn / fisher_mc / ef.
+ *
+ * Cost: one forward state per micro-batch (the engine's), the A's from the
+ * layer inputs, one backward walk with C (type-2), mc_samples or 1 vectors
+ * per sample in chunks of at most 32, keeping k*n*C cotangents (plus, for
+ * type-2, the n C x C square roots) per micro-batch.
+ *
+ * Data-parallel: every rank calls cv_curv_kron with the same options; the
+ * factors are reduced over the ranks (one agreement, one cv_comm_sum) and
+ * are the whole batch's on every rank. */
+#ifndef CV_KRON_H
+#define CV_KRON_H
+
+#include "curv.h"
+#include "layer.h"
+
+typedef enum { CV_KRON_TYPE2 = 0, CV_KRON_MC, CV_KRON_EMPIRICAL } cv_kron_fisher;
+
+typedef struct {
+    cv_kron_fisher fisher_type;   /* default (0): type-2 */
+    cv_kron_approx approx;        /* default (0): expand */
+} cv_kron_options;
+
+typedef struct {
+    int layer;                    /* index in the model's layers */
+    cv_block block;               /* its weight (+ bias), one per-layer block */
+    int has_bias;
+    int dim_a, dim_b;             /* in (+1 with a bias; Conv: in*kh*kw (+1)), out */
+    double *A, *B;                /* dim_a^2 and dim_b^2, row-major, symmetric */
+} cv_kron_factor;
+
+typedef struct {
+    int nfactors;
+    cv_kron_factor *factors;      /* in layer order */
+    int nexact;
+    cv_block *exact;              /* the per-layer blocks (cv_blocks_per_layer) without a
+                                   * Kronecker structure: use their exact blocks */
+    int columns;                  /* vectors per sample backpropagated for B */
+    double *data;                 /* owns every A and B */
+} cv_kron;
+
+/* Fills out (freed with cv_kron_free, also after a failure).  Returns 0, or
+ * -1 with e filled (invalid options, out of memory, cancelled, a rank
+ * failed). */
+int cv_curv_kron(cv_curv *c, const cv_kron_options *o, cv_kron *out, cv_err *e);
+void cv_kron_free(cv_kron *k);
+
+/* The curvature whose diagonal blocks the factors equal for N = 1 (ggn,
+ * fisher_mc, ef). */
+cv_curvature cv_kron_fisher_curvature(cv_kron_fisher f);
+/* Names "type-2", "mc", "empirical" / "expand", "reduce"; -1 if unknown. */
+const char *cv_kron_fisher_name(cv_kron_fisher f);
+int cv_kron_fisher_from_name(const char *s);
+const char *cv_kron_approx_name(cv_kron_approx a);
+int cv_kron_approx_from_name(const char *s);
+
+/* The index in vec_r(W~) (row o, column a: o*dim_a + a) of entry i of the
+ * factor's block vector theta_l (weight entries, then the bias). */
+size_t cv_kron_w_index(const cv_kron_factor *f, size_t i);
+
+#endif

@@ -1,0 +1,111 @@
+/* part_kron.c - one micro-batch's share of the Kronecker factors
+ * (cv_part_kron_add, part.h): each Kronecker layer's input factor A from its
+ * forward input, once, and its output factor B from the cotangents that one
+ * backward walk of the curvature's output factor (the loss Hessian's square
+ * root, the Monte Carlo gradient samples or the sample gradients) brings to
+ * the layer's output, k vectors at a time. */
+#include <stdlib.h>
+#include <string.h>
+
+#include "part_internal.h"
+
+typedef struct {
+    const cv_part_kron *job;
+    int k;
+} kron_walk;
+
+static int kron_at_layer(cv_part *c, int l, const float *cot, void *arg, cv_err *e)
+{
+    const kron_walk *w = arg;
+    if (c->ops[l]->kron_b_add(&c->ctx[l], w->k, cot, w->job->approx, w->job->B[l]))
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                          "Kronecker factor B of layers[%d]", l);
+    return 0;
+}
+
+/* The vectors per sample the output factor of kind has. */
+static int output_columns(const cv_part *c, cv_curvature kind)
+{
+    return kind == CV_CURV_GGN         ? c->C
+           : kind == CV_CURV_FISHER_MC ? c->opt.base.mc_samples
+                                       : 1;
+}
+
+/* top (kk x n x C) = vectors [j0, j0 + kk) of the output factor; S holds
+ * the loss Hessian's square roots (GGN: n C x C row-major blocks). */
+static void fill_top(const cv_part *c, cv_curvature kind, const double *S, int j0, int kk,
+                     float *top)
+{
+    size_t n = (size_t)c->n, C = (size_t)c->C;
+    if (kind == CV_CURV_FISHER_MC) {
+        memcpy(top, c->mc_s + (size_t)j0 * n * C, sizeof(float) * (size_t)kk * n * C);
+        return;
+    }
+    if (kind == CV_CURV_EF) {
+        memcpy(top, c->ef_s, sizeof(float) * n * C);
+        return;
+    }
+    for (int j = 0; j < kk; j++)
+        for (size_t i = 0; i < n; i++)
+            for (size_t q = 0; q < C; q++)
+                top[((size_t)j * n + i) * C + q] = (float)S[(i * C + q) * C + (size_t)(j0 + j)];
+}
+
+static int walk_chunks(cv_part *c, const cv_part_kron *job, const char *live, int ktot,
+                       const double *S, cv_err *e)
+{
+    int chunk = c->wk < 1 ? 1 : c->wk;
+    for (int j0 = 0; j0 < ktot; j0 += chunk) {
+        int kk = ktot - j0 < chunk ? ktot - j0 : chunk;
+        float *top = cv_part_pool_take(c);
+        cv_walk *w = top ? calloc(1, sizeof *w) : NULL;
+        if (!w) {
+            cv_part_pool_give(c, top);
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Kronecker cotangents");
+        }
+        fill_top(c, job->kind, S, j0, kk, top);
+        kron_walk kw = {job, kk};
+        w->k = kk;
+        w->active = job->layers;
+        w->live = live;
+        w->at_layer = kron_at_layer;
+        w->arg = &kw;
+        int rc = cv_part_walk(c, w, top, e);
+        free(w);
+        if (rc)
+            return -1;
+    }
+    return 0;
+}
+
+int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *e)
+{
+    int ktot = output_columns(c, job->kind), any = 0;
+    if (columns)
+        *columns = ktot;
+    for (int l = 0; l < c->L; l++)
+        any |= job->layers[l];
+    if (!any)
+        return 0;
+    for (int l = 0; l < c->L; l++)
+        if (job->layers[l] && c->ops[l]->kron_a_add(&c->ctx[l], job->approx, job->A[l]))
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                              "Kronecker factor A of layers[%d]", l);
+    if (cv_part_prepare(c, job->kind, ktot, e) || cv_part_pool_ensure(c, c->wk, e))
+        return -1;
+    size_t C = (size_t)c->C;
+    double *S = NULL;
+    if (job->kind == CV_CURV_GGN) {
+        S = malloc(sizeof(double) * (size_t)c->n * C * C);
+        if (!S)
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                              "loss Hessian square roots (%d x %zu x %zu)", c->n, C, C);
+        for (int i = 0; i < c->n; i++)
+            cv_loss_hessian_sqrt(&c->ls, i, S + (size_t)i * C * C);
+    }
+    char live[CV_MAX_LAYERS];
+    cv_part_live(c, job->layers, live);
+    int rc = walk_chunks(c, job, live, ktot, S, e);
+    free(S);
+    return rc;
+}
