@@ -8,7 +8,7 @@
  * and the result fields it may write.
  * api/job.c does everything common (parsing, batch, blocks, envelope) and
  * api/ops_table.c lists the ops (api/ops_table.h: the registry); the op modules (ops_core.c,
- * ops_estimators.c, ops_vivit.c) only compute, with api/op_util.h.
+ * ops_estimators.c, ops_vivit.c, ops_kron.c) only compute, with api/op_util.h.
  */
 #ifndef CV_OPS_H
 #define CV_OPS_H
@@ -101,6 +101,7 @@ extern const cv_op_def cv_op_loss, cv_op_gradient, cv_op_matvec, cv_op_dense,
 extern const cv_op_def cv_op_trace, cv_op_diag, cv_op_eigen, cv_op_density, cv_op_solve,
     cv_op_newton;
 extern const cv_op_def cv_op_snr;
+extern const cv_op_def cv_op_kfac; /* api/ops_kron.c */
 
 /* ViViT methods (api/ops_vivit.c): eigen "gram", newton "vivit". */
 extern const cv_op_method cv_method_eigen_gram, cv_method_newton_vivit;

@@ -1,4 +1,6 @@
-/* vectors_out.c - writing a result's vector fields to safetensors. */
+/* vectors_out.c - writing a result's vector fields to safetensors (the
+ * result's and each "blocks" entry's vector fields; op kfac's factors A and B
+ * of each "layers" entry, as "layers.NAME.A" / "layers.NAME.B"). */
 #include "vectors_out.h"
 
 #include <stdio.h>
@@ -10,6 +12,9 @@
 static const char *const vector_fields[] = {"eigenvectors", "gradient", "step", "solution",
                                             "product", "diag", "per_sample_gradients",
                                             "matrix", NULL};
+
+/* Fields moved from each entry of a result's "layers" list (op kfac). */
+static const char *const layer_fields[] = {"A", "B", NULL};
 
 #define MAX_TENSORS 4096
 
@@ -90,20 +95,48 @@ static cJSON *reference(const char *path, const cv_st_entry *t)
     return o;
 }
 
-static int collect(cJSON *obj, const char *prefix, tensor_list *L, const char *path, cv_err *e)
+static int collect_fields(cJSON *obj, const char *const *fields, const char *prefix,
+                          tensor_list *L, const char *path, cv_err *e)
 {
-    for (int f = 0; vector_fields[f]; f++) {
-        cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, vector_fields[f]);
+    for (int f = 0; fields[f]; f++) {
+        cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, fields[f]);
         if (!v)
             continue;
-        char name[128];
-        snprintf(name, sizeof name, "%s%s", prefix, vector_fields[f]);
+        char name[256];
+        snprintf(name, sizeof name, "%s%s", prefix, fields[f]);
         int rc = add_tensor(L, v, name, e);
         if (rc < 0)
             return -1;
         if (rc > 0)
-            cJSON_ReplaceItemInObjectCaseSensitive(obj, vector_fields[f],
+            cJSON_ReplaceItemInObjectCaseSensitive(obj, fields[f],
                                                    reference(path, &L->t[L->n - 1]));
+    }
+    return 0;
+}
+
+static int collect(cJSON *obj, const char *prefix, tensor_list *L, const char *path, cv_err *e)
+{
+    return collect_fields(obj, vector_fields, prefix, L, path, e);
+}
+
+/* Op kfac's "layers": A and B of each entry, named by the layer's name (its
+ * index when it has none). */
+static int collect_layers(cJSON *result, tensor_list *L, const char *path, cv_err *e)
+{
+    cJSON *layers = cJSON_GetObjectItemCaseSensitive(result, "layers");
+    int i = 0;
+    cJSON *l;
+    cJSON_ArrayForEach(l, layers)
+    {
+        const cJSON *nm = cJSON_GetObjectItemCaseSensitive(l, "name");
+        char prefix[160];
+        if (cJSON_IsString(nm) && nm->valuestring[0])
+            snprintf(prefix, sizeof prefix, "layers.%.140s.", nm->valuestring);
+        else
+            snprintf(prefix, sizeof prefix, "layers.%d.", i);
+        i++;
+        if (collect_fields(l, layer_fields, prefix, L, path, e))
+            return -1;
     }
     return 0;
 }
@@ -114,6 +147,8 @@ int cv_result_vectors_out(cJSON *result, const char *path, cv_err *e)
     if (!L)
         return -1;
     int rc = collect(result, "", L, path, e);
+    if (!rc)
+        rc = collect_layers(result, L, path, e);
     cJSON *blocks = cJSON_GetObjectItemCaseSensitive(result, "blocks");
     int i = 0;
     cJSON *b;
