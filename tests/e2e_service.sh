@@ -324,7 +324,7 @@ for op in $(cat "$T/ops"); do
   st=$(req POST "/v1/jobs?wait=60" --data-binary @"$T/job_$op.json")
   cp "$T/body" "$T/res_$op.json"
   case "$op" in
-    loss|gradient|matvec|dense|per_sample_gradients|trace|diag|eigen|density|solve|newton|snr)
+    loss|gradient|matvec|dense|per_sample_gradients|trace|diag|eigen|density|solve|newton|snr|kfac)
       name="op $op over HTTP"
       if [ "$st" = 200 ] && jtrue "$T/res_$op.json" "d['status'] == 'succeeded' and d['result']['op'] == '$op' and d['model_version'] == 2"; then
         ok "$name"

@@ -124,7 +124,7 @@ START_TEST(did_you_mean_ops_options_fields)
     refused("{\"op\":\"eigne\"}", "unknown_op", "op", "did you mean 'eigen'?");
     refused("{\"op\":\"nope-at-all\"}", "unknown_op", "op",
             "unknown op 'nope-at-all' (known: loss, gradient, matvec, dense, "
-            "per_sample_gradients, trace, diag, eigen, density, solve, newton, snr)");
+            "per_sample_gradients, trace, diag, eigen, density, solve, newton, snr, kfac)");
     refused("{\"op\":\"trace\",\"options\":{\"max_probe\":5}}", "unknown_option",
             "options.max_probe", "did you mean 'max_probes'?");
     refused("{\"op\":\"trace\",\"options\":{\"probes\":5}}", "unknown_option", "options.probes",
@@ -515,6 +515,8 @@ START_TEST(results_match_the_table)
         "\"mode\":\"full\",\"subsample\":0.5}}",
         "{\"op\":\"snr\",\"curvature\":\"ggn\",\"options\":{\"return_raw\":true,\"k\":2}}",
         "{\"op\":\"snr\",\"curvature\":\"ggn\",\"options\":{\"subsample\":0.5}}",
+        "{\"op\":\"kfac\",\"options\":{\"compare\":true}}",
+        "{\"op\":\"kfac\",\"options\":{\"fisher_type\":\"mc\",\"kfac_approx\":\"reduce\"}}",
     };
     fixture f;
     fx_make(&f);
