@@ -106,15 +106,15 @@ static double dot(const double *x, const double *y, size_t n)
 }
 
 /* ||K - F||_F / ||F||_F: exactly (identity columns in chunks) when dim <=
- * dense_max, else from Rademacher probes v: mean ||(K-F)v||^2 over mean
- * ||F v||^2 (both unbiased for the squared norms). */
+ * dense_max, else from Rademacher probes v (32 at a time): mean ||(K-F)v||^2
+ * over mean ||F v||^2 (both unbiased for the squared norms). */
 static int frobenius(cv_op_ctx *c, cv_kron_block *kb, const cv_linop *F, int probes,
                      uint64_t stream, cJSON *out, cv_err *e)
 {
     size_t D = kb->dim;
     int exact = D <= c->lim->dense_max;
-    size_t chunk = exact ? (D < 32 ? D : 32) : 1;
     long total = exact ? (long)D : (long)probes;
+    size_t chunk = total < 32 ? (size_t)total : 32;
     double *X = malloc(sizeof(double) * chunk * D), *Y = malloc(sizeof(double) * chunk * D),
            *K = malloc(sizeof(double) * chunk * D);
     int rc = cv_curv_agree(c->curv, X && Y && K ? 0
@@ -123,6 +123,7 @@ static int frobenius(cv_op_ctx *c, cv_kron_block *kb, const cv_linop *F, int pro
     cv_rng r;
     cv_rng_seed_stream(&r, c->seed, KFAC_PROBE_SALT ^ stream);
     double num = 0, den = 0;
+    cv_progress_plan(c->progress, total);
     for (long j = 0; j < total && !rc; j += (long)chunk) {
         size_t kk = (size_t)(total - j) < chunk ? (size_t)(total - j) : chunk;
         if (exact) {
@@ -130,7 +131,7 @@ static int frobenius(cv_op_ctx *c, cv_kron_block *kb, const cv_linop *F, int pro
             for (size_t q = 0; q < kk; q++)
                 X[q * D + (size_t)j + q] = 1.0;
         } else {
-            cv_rng_rademacher(&r, X, D);
+            cv_rng_rademacher(&r, X, kk * D);
         }
         rc = cv_linop_apply(F, (int)kk, X, Y, e);
         if (!rc)

@@ -13,6 +13,7 @@ B from the cotangents at the layer output of the loss Hessian's square-root colu
   - option compare on the MLP: relative_frobenius_error 0 and newton_cosine 1 at N = 1,
     a positive error at N = 8, the Hutchinson path (--dense-max 10) near the exact error;
   - --vectors-out writes A and B as tensors layers.NAME.A / layers.NAME.B;
+  - a Linear without bias and a BatchNorm1d (kind "exact") at N = 1;
   - data-parallel (mpirun -np 2, mc with compare): the same numbers as one process
     (1e-4: the shards sum the float32 products in another order).
 Ends with 'N passed, M failed'.
@@ -242,6 +243,27 @@ def check_cnn():
                 check_layers(f"cnn {ft} {approx}", res, ref_factors(m64, x.double(), y, ft, approx))
 
 
+def check_mixed():
+    """A Linear without bias, BatchNorm1d (no Kronecker structure: kind exact), N = 1."""
+    torch.manual_seed(11)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5, bias=False), torch.nn.BatchNorm1d(5),
+                                torch.nn.Tanh(), torch.nn.Linear(5, 3)).eval()
+    x, y = torch.randn(1, 4), torch.randint(0, 3, (1,))
+    with tempfile.TemporaryDirectory() as d:
+        tr.write_case(d, model, [4], torch.nn.CrossEntropyLoss(), x, y)
+        res = run_kfac(d, {"compare": True})
+        kinds = [(l["name"], l["kind"], l.get("bias")) for l in res["layers"]]
+        check("mixed: layer kinds in model order", kinds == [("0", "kronecker", False),
+                                                          ("1", "exact", None),
+                                                          ("3", "kronecker", True)], str(kinds))
+        l0 = res["layers"][0]
+        K = theta_block(torch.tensor(l0["A"], dtype=torch.float64),
+                        torch.tensor(l0["B"], dtype=torch.float64), False)
+        F = dense_block(d, "ggn", l0["params"])
+        check("mixed: no-bias layer block == dense ggn at N = 1", tr.rel(K, F) < TOL
+              and l0["compare"]["relative_frobenius_error"] < TOL, f"rel {tr.rel(K, F):.2e}")
+
+
 def check_errors():
     model, x, y = mlp(2, seed=0)
     with tempfile.TemporaryDirectory() as d:
@@ -294,6 +316,7 @@ def main():
     check_mpi()
     check_mlp()
     check_cnn()
+    check_mixed()
     check_errors()
     return summary()
 
