@@ -81,7 +81,10 @@ void cv_kron_block_free(cv_kron_block *kb)
 }
 
 /* Eigendecomposition of a symmetric n x n factor into q (n x n) and w (n),
- * with |w| <= n eps max|w| set to 0. */
+ * with |w| <= sqrt(n) eps32 max|w| set to 0: the factors are sums of
+ * float32 activations and cotangents (accumulated in double), so a factor
+ * that is singular in exact arithmetic has eigenvalues of float32 noise
+ * (~1e-9 max|w| seen), not of double's. */
 static int factor_eig(const double *F, int n, double *q, double *w, const char *name, cv_err *e)
 {
     memcpy(q, F, sizeof(double) * (size_t)n * n);
@@ -92,7 +95,7 @@ static int factor_eig(const double *F, int n, double *q, double *w, const char *
                           "eigendecomposition of Kronecker factor %s (dsyevd, n = %d) failed: "
                           "info %d", name, n, (int)info);
     double mx = fmax(fabs(w[0]), fabs(w[n - 1]));
-    double tol = n * DBL_EPSILON * mx;
+    double tol = sqrt((double)n) * FLT_EPSILON * mx;
     for (int i = 0; i < n; i++)
         if (fabs(w[i]) <= tol)
             w[i] = 0;

@@ -24,9 +24,9 @@
  * mu_i lam_j.  Vectors in eigen coordinates are vectors of length dim in
  * that order (the row-major vec of Q_B^T W~ Q_A).
  *
- * Rounding: a factor eigenvalue with |ev| <= n * DBL_EPSILON * max|ev| (n the
- * factor's size: LAPACK's accuracy; numpy's matrix_rank tolerance) is set to
- * exactly 0, so a PSD-singular factor has exact zeros and no tiny negative
+ * Rounding: a factor eigenvalue with |ev| <= sqrt(n) * FLT_EPSILON * max|ev|
+ * (n the factor's size; the factors are sums of float32 activations and
+ * cotangents, so float32's rounding, not double's) is set to exactly 0, so a PSD-singular factor has exact zeros and no tiny negative
  * products.  Larger negative eigenvalues are kept (an indefinite factor is
  * the caller's; every spectral function stays exact for it), and functions
  * that need M + lambda I positive definite refuse it (below).
