@@ -129,7 +129,7 @@ START_TEST(did_you_mean_ops_options_fields)
             "options.max_probe", "did you mean 'max_probes'?");
     refused("{\"op\":\"trace\",\"options\":{\"probes\":5}}", "unknown_option", "options.probes",
             "unknown option 'probes' for this op (known: method, max_probes, tol, "
-            "distribution, return_samples, mc_samples)");
+            "distribution, return_samples, mc_samples, fisher_type, kfac_approx)");
     refused("{\"op\":\"eigen\",\"options\":{\"retrun_vectors\":true}}", "unknown_option",
             "options.retrun_vectors", "did you mean 'return_vectors'?");
     refused("{\"op\":\"loss\",\"options\":{\"k\":1}}", "unknown_option", "options.k",
@@ -137,7 +137,8 @@ START_TEST(did_you_mean_ops_options_fields)
     refused("{\"op\":\"loss\",\"curvatur\":\"ggn\"}", "unknown_field", "curvatur",
             "did you mean 'curvature'?");
     refused("{\"op\":\"trace\",\"curvature\":\"gnn\"}", "invalid_curvature", "curvature",
-            "curvature must be one of hessian, ggn, fisher_mc, ef; did you mean 'ggn'?");
+            "curvature must be one of hessian, ggn, fisher_mc, ef, kfac, kflr, "
+            "kfra, ekfac; did you mean 'ggn'?");
     refused("{\"op\":\"trace\",\"options\":{\"method\":\"hutchpp\"}}", "invalid_option",
             "options.method", "must be one of hutchinson|hutch++; did you mean 'hutch++'?");
     refused("{\"op\":\"trace\",\"options\":{\"max_probes\":\"5\"}}", "invalid_option",
@@ -358,7 +359,8 @@ START_TEST(ops_document_shape)
     strings(cu, "curvatures");
     strings(st, "statuses");
     char *t = cJSON_PrintUnformatted(cu);
-    ck_assert_str_eq(t, "[\"hessian\",\"ggn\",\"fisher_mc\",\"ef\"]");
+    ck_assert_str_eq(t, "[\"hessian\",\"ggn\",\"fisher_mc\",\"ef\",\"kfac\",\"kflr\",\"kfra\","
+                        "\"ekfac\"]");
     free(t);
     t = cJSON_PrintUnformatted(st);
     ck_assert_str_eq(t, "[\"queued\",\"running\",\"succeeded\",\"failed\",\"cancelled\"]");
@@ -515,6 +517,16 @@ START_TEST(results_match_the_table)
         "\"mode\":\"full\",\"subsample\":0.5}}",
         "{\"op\":\"snr\",\"curvature\":\"ggn\",\"options\":{\"return_raw\":true,\"k\":2}}",
         "{\"op\":\"snr\",\"curvature\":\"ggn\",\"options\":{\"subsample\":0.5}}",
+        /* Kronecker curvatures: exact, block_kinds (and trace's logdet) */
+        "{\"op\":\"matvec\",\"curvature\":\"kfac\",\"options\":{\"probe_seed\":1}}",
+        "{\"op\":\"dense\",\"curvature\":\"kflr\",\"blocks\":\"layer\"}",
+        "{\"op\":\"trace\",\"curvature\":\"kfac\",\"options\":{\"fisher_type\":\"empirical\"}}",
+        "{\"op\":\"trace\",\"curvature\":\"kfac\",\"blocks\":\"layer\"}",
+        "{\"op\":\"diag\",\"curvature\":\"kfac\"}",
+        "{\"op\":\"eigen\",\"curvature\":\"kfac\",\"options\":{\"k\":2}}",
+        "{\"op\":\"density\",\"curvature\":\"kfac\",\"options\":{\"grid_points\":10}}",
+        "{\"op\":\"solve\",\"curvature\":\"kfac\",\"options\":{\"damping\":1}}",
+        "{\"op\":\"newton\",\"curvature\":\"kfac\",\"options\":{\"damping\":1}}",
     };
     fixture f;
     fx_make(&f);
