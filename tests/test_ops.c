@@ -564,6 +564,35 @@ START_TEST(results_match_the_table)
 }
 END_TEST
 
+/* The engine's exact products refuse the Kronecker curvatures (ops reach
+ * them through api/op_kron.c's operator), with a 400 invalid_curvature. */
+START_TEST(engine_refuses_kronecker_kinds)
+{
+    fixture f;
+    fx_make(&f);
+    cv_err e;
+    cv_curv_options co = {0};
+    cv_curv *c = cv_curv_new(&f.m, &f.d, &co, &e);
+    ck_assert_ptr_nonnull(c);
+    cv_block b;
+    cv_block_full(&f.m, &b);
+    double *x = calloc(b.dim, sizeof(double)), *y = calloc(b.dim * b.dim, sizeof(double)), q;
+    for (int k = CV_CURV_EXACT_COUNT; k < CV_CURV_COUNT; k++) {
+        ck_assert(cv_curvature_is_kron((cv_curvature)k));
+        ck_assert_int_eq(cv_curv_matvec(c, (cv_curvature)k, &b, 1, x, y, &e), -1);
+        ck_assert_str_eq(e.code, "invalid_curvature");
+        ck_assert_int_eq(cv_curv_quadform(c, (cv_curvature)k, &b, 1, x, &q, &e), -1);
+        ck_assert_int_eq(cv_curv_dense(c, (cv_curvature)k, &b, b.dim, y, &e), -1);
+        ck_assert_str_eq(e.code, "invalid_curvature");
+    }
+    ck_assert(!cv_curvature_is_kron(CV_CURV_EF));
+    free(x);
+    free(y);
+    cv_curv_free(c);
+    fx_free(&f);
+}
+END_TEST
+
 /* Binding: batch and block names are checked against the dataset and model. */
 START_TEST(bind_checks_batch_and_blocks)
 {
@@ -855,6 +884,7 @@ static Suite *ops_suite(void)
     tcase_add_test(t, ops_document_shape);
     tcase_add_test(t, option_tables_fit_the_given_bits);
     tcase_add_test(t, results_match_the_table);
+    tcase_add_test(t, engine_refuses_kronecker_kinds);
     tcase_add_test(t, bind_checks_batch_and_blocks);
     tcase_add_test(t, bind_checks_option_sizes);
     tcase_add_test(t, parse_out_of_memory_in_blocks);
