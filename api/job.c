@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/op_kron.h"
 #include "api/op_util.h"
 #include "api/ops.h"
 #include "api/ops_table.h"
@@ -382,6 +383,8 @@ static int parse_options(const cJSON *opts, cv_job_spec *j, cv_err *e)
         check_vector_option(&j->opts, j->blocks.kind == CV_JOB_BLOCKS_LIST ? j->blocks.ngroups : 1,
                             NULL, e))
         return -1;
+    if (def->uses_curvature && cv_op_kron_check(&j->opts, j->curvature, e))
+        return -1;
     if (def->check && def->check(&j->opts, j->curvature, e))
         return -1;
     if (j->method && check_method_options(def, &j->opts, j->method->name, e))
@@ -614,11 +617,25 @@ int cv_job_bind_shard(cv_job_spec *j, const cv_model *m, const cv_dataset *d,
     return cv_comm_agree(comm, rc, NULL, e);
 }
 
+/* One block's run; a Kronecker curvature's result adds block_kinds and
+ * "exact" (false unless the op answered from the factors). */
+static int run_one(cv_op_run_fn run, cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    if (run(c, b, out, e))
+        return -1;
+    if (c->kron) {
+        if (!cJSON_GetObjectItemCaseSensitive(out, "exact"))
+            cJSON_AddBoolToObject(out, "exact", 0);
+        cv_op_kron_block_kinds(c, b, out);
+    }
+    return 0;
+}
+
 static int run_blocks(const cv_job_spec *j, cv_op_ctx *c, cJSON *res, cv_err *e)
 {
     cv_op_run_fn run = j->method ? j->method->run : j->op->run;
     if (j->blocks.kind == CV_JOB_BLOCKS_FULL || !j->op->blockwise) /* one result */
-        return run(c, &j->blocks.resolved[0], res, e);
+        return run_one(run, c, &j->blocks.resolved[0], res, e);
     cJSON *arr = cJSON_AddArrayToObject(res, "blocks");
     int rc = 0;
     for (int i = 0; i < j->blocks.nresolved && !rc; i++) {
@@ -629,7 +646,7 @@ static int run_blocks(const cv_job_spec *j, cv_op_ctx *c, cJSON *res, cv_err *e)
             cJSON_AddStringToObject(o, "name", b->name);
         cJSON_AddItemToObject(o, "params", cv_json_param_names(c->m, b));
         cJSON_AddNumberToObject(o, "dim", (double)b->dim);
-        rc = run(c, b, o, e);
+        rc = run_one(run, c, b, o, e);
     }
     return rc;
 }
@@ -668,7 +685,9 @@ static void engine_options(const cv_job_spec *j, const cv_model *m, size_t n,
     co->vector_bytes = om.vector_bytes;
     co->max_vectors = om.max_vectors;
     co->pairs = om.pairs;
-    co->kind = j->op->uses_curvature ? j->curvature : CV_CURV_GGN;
+    co->kind = j->op->uses_curvature
+                   ? cv_op_kron_engine_kind(j->curvature, (const cv_op_base *)j->opts.args)
+                   : CV_CURV_GGN;
     co->progress = p;
 }
 
@@ -759,6 +778,11 @@ static cJSON *exec_batch(const cv_job_spec *j, const cv_model *m, const cv_batch
     c.curv = cv_curv_new(m, batch, &co, e);
     if (!c.curv)
         return NULL;
+    if (j->op->uses_curvature && cv_curvature_is_kron(c.kind) &&
+        cv_op_kron_new(&c, j->blocks.resolved, j->blocks.nresolved, e)) {
+        cv_curv_free(c.curv);
+        return NULL;
+    }
     cJSON *res = cJSON_CreateObject();
     cJSON_AddStringToObject(res, "op", j->op->name);
     if (j->op->uses_curvature)
@@ -781,6 +805,7 @@ static cJSON *exec_batch(const cv_job_spec *j, const cv_model *m, const cv_batch
             cJSON_AddNumberToObject(cs, "seconds", s1.seconds - s0.seconds);
         }
     }
+    cv_op_kron_free(&c);
     cv_curv_free(c.curv);
     return res;
 }

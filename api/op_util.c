@@ -1,9 +1,14 @@
 /* op_util.c - helpers shared by the op modules (see op_util.h). */
 #include "api/op_util.h"
 
+#include "api/op_kron.h"
+
 void cv_op_linop(cv_op_ctx *c, const cv_block *b, cv_linop *op, cv_curv_linop_ctx *lctx)
 {
-    cv_curv_linop(op, lctx, c->curv, c->kind, b, c->progress);
+    if (c->kron) /* a Kronecker curvature: the job's block-diagonal factored operator */
+        cv_op_kron_linop(c, b, op);
+    else
+        cv_curv_linop(op, lctx, c->curv, c->kind, b, c->progress);
 }
 
 int cv_op_add_actual_change(cv_op_ctx *c, const cv_block *b, const double *step, int want,

@@ -16,7 +16,8 @@
  * with it, so that those columns are the engine's fisher_mc exactly. */
 #define CV_OP_CURV_SEED(s) ((uint64_t)(s) ^ 0x5eedF15Cull)
 
-/* A linop for the op's curvature on block b (ctx storage is the caller's). */
+/* A linop for the op's curvature on block b (ctx storage is the caller's;
+ * a Kronecker curvature's operator is the job's, api/op_kron.h). */
 void cv_op_linop(cv_op_ctx *c, const cv_block *b, cv_linop *op, cv_curv_linop_ctx *lctx);
 
 /* When want is set, adds "actual_change": L(theta + step) - L(theta). */

@@ -25,10 +25,24 @@
  * that take them; read by api/job.c when it builds the engine). */
 typedef struct {
     int mc_samples; /* fisher_mc samples per data point (default 1) */
+    /* Kronecker-factored curvatures (kfac, kflr, kfra, ekfac; api/op_kron.h):
+     * cv_kron_fisher and cv_kron_approx of engine/kron.h (0: type-2, expand). */
+    int fisher_type, kfac_approx;
 } cv_op_base;
 
 #define CV_OPT_MC(T) {"mc_samples", CV_OPT_INT, 1, 1e6, NULL, offsetof(T, base.mc_samples), NULL}
+/* The Kronecker options of every op that applies a curvature (refused with
+ * another curvature: api/op_kron.c cv_op_kron_check). */
+#define CV_OPT_KRON(T)                                                                     \
+    {"fisher_type", CV_OPT_ENUM, 0, 0, "type-2|mc|empirical", offsetof(T, base.fisher_type), \
+     NULL},                                                                                \
+        {"kfac_approx", CV_OPT_ENUM, 0, 0, "expand|reduce", offsetof(T, base.kfac_approx), NULL}
 #define CV_OPT_END {NULL, 0, 0, 0, NULL, 0, NULL}
+
+struct cv_op_kron;
+
+/* The result fields of a Kronecker curvature's job (api/job.c run_one). */
+#define CV_KRON_RESULTS "exact", "block_kinds"
 
 /* What an op's run function gets. */
 typedef struct {
@@ -40,6 +54,8 @@ typedef struct {
     uint64_t seed;
     cv_progress *progress;
     const cv_job_limits *lim;
+    struct cv_op_kron *kron;  /* a Kronecker curvature's factors and per-block operators
+                               * (api/op_kron.h; built once per job), else NULL */
 } cv_op_ctx;
 
 /* Computes the op on block b, adding result fields to out. */

@@ -20,12 +20,14 @@ typedef struct {
 
 static const cv_opt_spec no_opts[] = {CV_OPT_END};
 CV_OPT_TABLE_FITS(no_opts);
-static const cv_opt_spec curv_opts[] = {CV_OPT_MC(plain_args), CV_OPT_END};
+static const cv_opt_spec curv_opts[] = {CV_OPT_MC(plain_args), CV_OPT_KRON(plain_args),
+                                        CV_OPT_END};
 CV_OPT_TABLE_FITS(curv_opts);
 static const cv_opt_spec matvec_opts[] = {
     {"vector", CV_OPT_LIST, 0, 0, NULL, offsetof(matvec_args, vector), NULL},
     {"probe_seed", CV_OPT_U64, 0, 9e15, NULL, offsetof(matvec_args, probe_seed), NULL},
     CV_OPT_MC(matvec_args),
+    CV_OPT_KRON(matvec_args),
     CV_OPT_END};
 CV_OPT_TABLE_FITS(matvec_opts);
 
@@ -167,8 +169,9 @@ static int run_per_sample(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e
 
 static const char *const loss_results[] = {"loss", NULL};
 static const char *const gradient_results[] = {"gradient", "gradient_norm", "loss", NULL};
-static const char *const matvec_results[] = {"product", "quadratic_form", NULL};
-static const char *const dense_results[] = {"matrix", NULL};
+static const char *const matvec_results[] = {"product", "quadratic_form", CV_KRON_RESULTS,
+                                             NULL};
+static const char *const dense_results[] = {"matrix", CV_KRON_RESULTS, NULL};
 static const char *const per_sample_results[] = {"per_sample_gradients", NULL};
 
 /* ---- memory (cv_op_memory_fn) ---------------------------------------------- */

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "api/op_args.h"
+#include "api/op_kron.h"
 #include "api/op_util.h"
 #include "engine/est_util.h"
 #include "api/ops.h"
@@ -58,6 +59,7 @@ static const cv_opt_spec trace_opts[] = {
      offsetof(trace_args, o.distribution), NULL},
     {"return_samples", CV_OPT_BOOL, 0, 0, NULL, offsetof(trace_args, o.return_samples), NULL},
     CV_OPT_MC(trace_args),
+    CV_OPT_KRON(trace_args),
     CV_OPT_END};
 CV_OPT_TABLE_FITS(trace_opts);
 
@@ -84,7 +86,9 @@ static int check_hutchpp(const cv_opts *opts, cv_curvature kind, cv_err *e)
 static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const trace_args *a = c->opts->args;
-    int pp = a->method == 1;
+    int pp = a->method == 1, x = cv_op_kron_trace(c, b, out, e);
+    if (x)
+        return x < 0 ? -1 : 0;
     cv_trace_options o = a->o; /* Hutch++ has no stopping rule: it ignores tol */
     cv_linop op;
     cv_curv_linop_ctx lc;
@@ -126,6 +130,7 @@ static const cv_opt_spec diag_opts[] = {
     {"distribution", CV_OPT_ENUM, 0, 0, "rademacher|gaussian",
      offsetof(diag_args, o.distribution), NULL},
     CV_OPT_MC(diag_args),
+    CV_OPT_KRON(diag_args),
     CV_OPT_END};
 CV_OPT_TABLE_FITS(diag_opts);
 
@@ -136,7 +141,9 @@ static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const diag_args *a = c->opts->args;
     cv_diag_options o = a->o;
-    int exact = a->method == 1;
+    int exact = a->method == 1, x = cv_op_kron_diag(c, b, out, e);
+    if (x)
+        return x < 0 ? -1 : 0;
     if (exact && b->dim > c->lim->dense_max)
         return cv_err_set(e, CV_ETOOLARGE, "too_large", "options.method",
                           "the exact diagonal needs %zu matvecs; allowed up to the dense "
@@ -177,6 +184,7 @@ static const cv_opt_spec eigen_opts[] = {
     {"return_vectors", CV_OPT_BOOL, 0, 0, NULL, offsetof(cv_eigen_args, o.return_vectors), NULL},
     CV_OPT_VIVIT(cv_eigen_args, "gram"),
     CV_OPT_MC(cv_eigen_args),
+    CV_OPT_KRON(cv_eigen_args),
     CV_OPT_END};
 CV_OPT_TABLE_FITS(eigen_opts);
 
@@ -233,6 +241,9 @@ static int run_eigen(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     const cv_eigen_args *a = c->opts->args;
     cv_eigen_options o = a->o;
     int power = a->method == CV_EIGEN_POWER; /* k <= b->dim: bind_eigen */
+    int x = cv_op_kron_eigen(c, b, &o, out, e);
+    if (x)
+        return x < 0 ? -1 : 0;
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_rng r;
@@ -266,6 +277,7 @@ static const cv_opt_spec density_opts[] = {
     {"sigma2", CV_OPT_NUM, 1e-300, BIG, NULL, DENS(sigma2), NULL},
     {"margin", CV_OPT_NUM, 0, BIG, NULL, DENS(margin), NULL},
     CV_OPT_MC(density_args),
+    CV_OPT_KRON(density_args),
     CV_OPT_END};
 CV_OPT_TABLE_FITS(density_opts);
 
@@ -277,6 +289,9 @@ static void density_defaults(void *p, int method)
 static int run_density(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     cv_density_options o = ((const density_args *)c->opts->args)->o;
+    int x = cv_op_kron_density(c, b, &o, out, e);
+    if (x)
+        return x < 0 ? -1 : 0;
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_rng r;
@@ -313,6 +328,7 @@ static const cv_opt_spec solve_opts[] = {
     {"max_iter", CV_OPT_INT, 1, 1e7, NULL, offsetof(solve_args, o.max_iter), NULL},
     {"method", CV_OPT_METHOD, 0, 0, NULL, offsetof(solve_args, method), NULL},
     CV_OPT_MC(solve_args),
+    CV_OPT_KRON(solve_args),
     CV_OPT_END};
 CV_OPT_TABLE_FITS(solve_opts);
 
@@ -344,6 +360,11 @@ static int run_solve(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
     cv_solve_result res;
+    int x = rc ? 0 : cv_op_kron_solve(c, b, rhs, o.damping, out, e);
+    if (x) {
+        free(rhs);
+        return x < 0 ? -1 : 0;
+    }
     if (!rc)
         rc = cv_solve(&op, rhs, &o, &res, NULL, e);
     free(rhs);
@@ -378,6 +399,7 @@ static const cv_opt_spec newton_opts[] = {
     {"bootstrap_samples", CV_OPT_INT, 1, 1e5, NULL, NEWT(bootstrap_samples), "vivit"},
     CV_OPT_VIVIT(cv_newton_args, "vivit"),
     CV_OPT_MC(cv_newton_args),
+    CV_OPT_KRON(cv_newton_args),
     CV_OPT_END};
 CV_OPT_TABLE_FITS(newton_opts);
 
@@ -443,20 +465,22 @@ static const cv_op_method *const newton_methods[] = {&newton_cg, &newton_minres,
 #define FACTOR_RESULTS                                                                     \
     "columns", "curvature_samples", "mc_columns", "gram_path", "curvature_indices", "rank", \
         "threshold", "lambda_max"
-static const char *const trace_results[] = {"method", "trace",  "stderr", "probes",
-                                            "sketch", "samples", NULL};
-static const char *const diag_results[] = {"method", "diag", "stderr", "trace", "probes", NULL};
+static const char *const trace_results[] = {"method", "trace",  "stderr", "probes", "sketch",
+                                            "samples", "logdet", CV_KRON_RESULTS, NULL};
+static const char *const diag_results[] = {"method", "diag", "stderr", "trace", "probes",
+                                           CV_KRON_RESULTS, NULL};
 static const char *const eigen_results[] = {
     "method",     "which",        "eigenvalues", "residuals", "converged",
-    "iterations", "eigenvectors", FACTOR_RESULTS, NULL};
+    "iterations", "eigenvectors", FACTOR_RESULTS, CV_KRON_RESULTS, NULL};
 static const char *const density_results[] = {
-    "density", "nodes", "weights", "sigma2", "lanczos_steps", "reorthogonalized_steps", NULL};
-static const char *const solve_results[] = {"method",     "solution",  "residual",
-                                            "iterations", "converged", NULL};
+    "density", "nodes", "weights", "sigma2", "lanczos_steps", "reorthogonalized_steps",
+    CV_KRON_RESULTS, NULL};
+static const char *const solve_results[] = {"method",    "solution",      "residual",
+                                            "iterations", "converged", CV_KRON_RESULTS, NULL};
 static const char *const newton_results[] = {
     "method",    "damping",       "step", "predicted_change", "residual",
     "iterations", "converged",    "actual_change", "mode", "k", "directions", "dampings",
-    FACTOR_RESULTS, NULL};
+    FACTOR_RESULTS, CV_KRON_RESULTS, NULL};
 
 /* ---- memory (cv_op_memory_fn): the estimators' own vectors ------------------
  * (estimators.h: a block of columns costs two n x block buffers; a Lanczos

@@ -480,19 +480,32 @@ int cv_curv_gradient(cv_curv *c, const cv_block *b, double *g, cv_err *e)
     return sum_shares(c, SUM_GRADIENT, CV_CURV_GGN, b, 1, NULL, g, b->dim, e);
 }
 
-int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
-                   double *Y, cv_err *e)
+/* Refuses a kind that is no exact curvature (unknown, or Kronecker-factored). */
+static int exact_kind(cv_curvature kind, cv_err *e)
 {
     if ((unsigned)kind >= CV_CURV_COUNT)
         return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "unknown curvature");
+    if (cv_curvature_is_kron(kind))
+        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature",
+                          "%s is a Kronecker-factored curvature: the engine's exact products "
+                          "take hessian, ggn, fisher_mc or ef (ops apply %s through its "
+                          "factors)", cv_curvature_name(kind), cv_curvature_name(kind));
+    return 0;
+}
+
+int cv_curv_matvec(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
+                   double *Y, cv_err *e)
+{
+    if (exact_kind(kind, e))
+        return -1;
     return sum_shares(c, SUM_MATVEC, kind, b, k, X, Y, (size_t)(k > 0 ? k : 0) * b->dim, e);
 }
 
 int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, const double *X,
                      double *q, cv_err *e)
 {
-    if ((unsigned)kind >= CV_CURV_COUNT)
-        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "unknown curvature");
+    if (exact_kind(kind, e))
+        return -1;
     return sum_shares(c, SUM_QUAD, kind, b, k, X, q, (size_t)(k > 0 ? k : 0), e);
 }
 
@@ -725,6 +738,8 @@ int cv_curv_gram(cv_curv *c, const cv_block *b, int k, const float *cot, double 
 int cv_curv_dense(cv_curv *c, cv_curvature kind, const cv_block *b, size_t max_dim, double *A,
                   cv_err *e)
 {
+    if (exact_kind(kind, e))
+        return -1;
     if (b->dim > max_dim)
         return cv_err_set(e, CV_ETOOLARGE, "too_large", "op",
                           "dense matrix of dimension %zu exceeds the dense limit %zu", b->dim,

@@ -55,13 +55,26 @@
     X(CV_CURV_HESSIAN, "hessian")                                                          \
     X(CV_CURV_GGN, "ggn")                                                                  \
     X(CV_CURV_FISHER_MC, "fisher_mc")                                                      \
-    X(CV_CURV_EF, "ef")
+    X(CV_CURV_EF, "ef")                                                                    \
+    X(CV_CURV_KFAC, "kfac")                                                                \
+    X(CV_CURV_KFLR, "kflr")                                                                \
+    X(CV_CURV_KFRA, "kfra")                                                                \
+    X(CV_CURV_EKFAC, "ekfac")
 
 #define CV_CURV_ENUM_(id, name) id,
 typedef enum { CV_CURVATURES(CV_CURV_ENUM_) CV_CURV_COUNT } cv_curvature;
 #undef CV_CURV_ENUM_
 
 const char *cv_curvature_name(cv_curvature c);
+/* The Kronecker-factored curvatures (kfac, kflr, kfra, ekfac; issue 22):
+ * approximations built from engine/kron.h's factors, applied by the ops
+ * through api/op_kron.c.  The exact-curvature functions below (matvec,
+ * quadform, dense) refuse them (CV_EINVAL "invalid_curvature"). */
+#define CV_CURV_EXACT_COUNT CV_CURV_KFAC /* the exact curvatures come first */
+static inline int cv_curvature_is_kron(cv_curvature c)
+{
+    return c >= CV_CURV_KFAC && c < CV_CURV_COUNT;
+}
 int cv_curvature_from_name(const char *name); /* -1 if unknown */
 
 /* A subset of parameter tensors (indices into the state_dict order, ascending). */

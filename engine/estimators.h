@@ -280,6 +280,13 @@ void cv_density_result_free(cv_density_result *r);
 int cv_density_slq(const cv_linop *op, const cv_density_options *opt, cv_rng *rng,
                    cv_density_result *out, cv_err *e);
 
+/* The density of a known spectrum (n eigenvalues, ascending; the Kronecker
+ * curvatures' exact path): one "run" with the n values as nodes, each of
+ * weight 1/n, broadened and normalized exactly as cv_density_slq broadens
+ * its nodes (same grid, sigma2_used and normalization); matvecs 0. */
+int cv_density_from_spectrum(const double *vals, size_t n, const cv_density_options *opt,
+                             cv_density_result *out, cv_err *e);
+
 /* ------------------------------------------------------------ solve/newton */
 
 typedef enum { CV_SOLVE_CG = 0, CV_SOLVE_MINRES } cv_solve_method;

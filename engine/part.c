@@ -499,8 +499,8 @@ static int chunk_of(int k) { return k < CV_MAX_CHUNK ? k : CV_MAX_CHUNK; }
 
 int cv_part_prepare(cv_part *c, cv_curvature kind, int k, cv_err *e)
 {
-    if ((unsigned)kind >= CV_CURV_COUNT)
-        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "unknown curvature");
+    if ((unsigned)kind >= CV_CURV_COUNT || cv_curvature_is_kron(kind))
+        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "not an exact curvature");
     if ((kind == CV_CURV_HESSIAN && ensure_gy(c, e)) || ensure_output_samples(c, kind, e))
         return -1;
     return ensure_workspace(c, chunk_of(k < 1 ? 1 : k), e);

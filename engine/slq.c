@@ -152,3 +152,39 @@ fail:
     cv_density_result_free(out);
     return -1;
 }
+
+/* The operator stand-in of a known spectrum (density_check reads n only). */
+static int no_apply(void *ctx, int k, const double *X, double *Y, cv_err *e)
+{
+    return cv_err_set(e, CV_EINTERNAL, "internal", "", "no operator");
+}
+
+int cv_density_from_spectrum(const double *vals, size_t n, const cv_density_options *opt,
+                             cv_density_result *out, cv_err *e)
+{
+    cv_density_options def;
+    opt = CV_EST_OPTIONS(opt, &def, cv_density_options_default);
+    memset(out, 0, sizeof *out);
+    cv_linop probe = {.n = n, .apply = no_apply};
+    if (n > (size_t)1 << 30)
+        return cv_err_set(e, CV_ETOOLARGE, "too_large", "", "spectrum of %zu values", n);
+    if (density_check(&probe, opt, e))
+        return -1;
+    out->runs = 1;
+    out->steps = (int)n;
+    out->grid_points = opt->grid_points;
+    out->nodes = CV_EST_ALLOC(n, double, e);
+    out->weights = out->nodes ? CV_EST_ALLOC(n, double, e) : NULL;
+    out->grid = out->weights ? CV_EST_ALLOC((size_t)opt->grid_points, double, e) : NULL;
+    out->values = out->grid ? CV_EST_ALLOC((size_t)opt->grid_points, double, e) : NULL;
+    if (!out->values) {
+        cv_density_result_free(out);
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        out->nodes[i] = vals[i];
+        out->weights[i] = 1.0 / (double)n;
+    }
+    broaden(opt, out);
+    return 0;
+}

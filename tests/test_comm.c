@@ -492,7 +492,7 @@ typedef struct {
     size_t n;
     double loss, loss_at, scale; /* scale: the loss state's c */
     float *outputs, *jvp, *sgrad; /* sgrad: the loss state's d l_n / dh (N x C) */
-    double *grad, *mv[CV_CURV_COUNT], *q[CV_CURV_COUNT], *psg, *vjp, *gram;
+    double *grad, *mv[CV_CURV_EXACT_COUNT], *q[CV_CURV_EXACT_COUNT], *psg, *vjp, *gram;
     double *kron[3];   /* cv_curv_kron's A and B of every factor, per fisher type */
     size_t kron_len;
     cv_batch gathered;
@@ -506,7 +506,7 @@ static void q_alloc(quantities *r, const inputs *in)
     r->sgrad = malloc(sizeof(float) * N * C);
     r->jvp = malloc(sizeof(float) * K * N * C);
     r->grad = malloc(sizeof(double) * D);
-    for (int k = 0; k < CV_CURV_COUNT; k++) {
+    for (int k = 0; k < CV_CURV_EXACT_COUNT; k++) {
         r->mv[k] = malloc(sizeof(double) * K * D);
         r->q[k] = malloc(sizeof(double) * K);
     }
@@ -518,7 +518,7 @@ static void q_alloc(quantities *r, const inputs *in)
 static void q_free(quantities *r)
 {
     free(r->outputs), free(r->sgrad), free(r->jvp), free(r->grad), free(r->psg), free(r->vjp), free(r->gram);
-    for (int k = 0; k < CV_CURV_COUNT; k++)
+    for (int k = 0; k < CV_CURV_EXACT_COUNT; k++)
         free(r->mv[k]), free(r->q[k]);
     for (int k = 0; k < 3; k++)
         free(r->kron[k]);
@@ -549,7 +549,7 @@ static void evaluate(const inputs *in, const cv_batch *b, const cv_comm *comm, q
     cv_loss_sample_grad(cv_curv_loss_state(c), r->sgrad); /* over the whole batch's targets */
     r->scale = cv_curv_loss_state(c)->scale;
     STEP("gradient", cv_curv_gradient(c, &blk, r->grad, e));
-    for (int k = 0; k < CV_CURV_COUNT; k++) {
+    for (int k = 0; k < CV_CURV_EXACT_COUNT; k++) {
         STEP(cv_curvature_name(k), cv_curv_matvec(c, k, &blk, K, in->X, r->mv[k], e));
         STEP("quadform", cv_curv_quadform(c, k, &blk, K, in->X, r->q[k], e));
     }
@@ -622,7 +622,7 @@ static void compare(const quantities *g, const quantities *w, const inputs *in, 
     near_f(g->sgrad, w->sgrad, N * C, "loss state's output gradients", tag);
     ck_assert_msg(g->scale == w->scale, "%s loss scale %g vs %g", tag, g->scale, w->scale);
     near(g->grad, w->grad, D, "gradient", tag);
-    for (int k = 0; k < CV_CURV_COUNT; k++) {
+    for (int k = 0; k < CV_CURV_EXACT_COUNT; k++) {
         near(g->mv[k], w->mv[k], K * D, cv_curvature_name(k), tag);
         near(g->q[k], w->q[k], K, "quadratic forms", tag);
     }
@@ -665,7 +665,7 @@ static void same_bits(const quantities *g, const quantities *z, const inputs *in
     SAME(outputs, sizeof(float) * N * C);
     SAME(sgrad, sizeof(float) * N * C);
     SAME(grad, sizeof(double) * D);
-    for (int k = 0; k < CV_CURV_COUNT; k++) {
+    for (int k = 0; k < CV_CURV_EXACT_COUNT; k++) {
         SAME(mv[k], sizeof(double) * K * D);
         SAME(q[k], sizeof(double) * K);
     }

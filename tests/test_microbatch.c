@@ -122,7 +122,7 @@ static void compare(cv_curv *c, cv_curv *ref, const cv_model *m, const char *tag
     cv_rng_gaussian(&r, X, D * k);
     ck_assert(cv_curv_gradient(c, &b, Y1, &e) == 0 && cv_curv_gradient(ref, &b, Y2, &e) == 0);
     near(Y1, Y2, D, 2e-5, "gradient", tag);
-    for (int kind = 0; kind < CV_CURV_COUNT; kind++) {
+    for (int kind = 0; kind < CV_CURV_EXACT_COUNT; kind++) {
         ck_assert_msg(cv_curv_matvec(c, kind, &b, k, X, Y1, &e) == 0, "%s", e.message);
         ck_assert(cv_curv_matvec(ref, kind, &b, k, X, Y2, &e) == 0);
         near(Y1, Y2, D * k, 2e-5, cv_curvature_name(kind), tag);

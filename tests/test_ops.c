@@ -129,7 +129,7 @@ START_TEST(did_you_mean_ops_options_fields)
             "options.max_probe", "did you mean 'max_probes'?");
     refused("{\"op\":\"trace\",\"options\":{\"probes\":5}}", "unknown_option", "options.probes",
             "unknown option 'probes' for this op (known: method, max_probes, tol, "
-            "distribution, return_samples, mc_samples)");
+            "distribution, return_samples, mc_samples, fisher_type, kfac_approx)");
     refused("{\"op\":\"eigen\",\"options\":{\"retrun_vectors\":true}}", "unknown_option",
             "options.retrun_vectors", "did you mean 'return_vectors'?");
     refused("{\"op\":\"loss\",\"options\":{\"k\":1}}", "unknown_option", "options.k",
@@ -137,7 +137,8 @@ START_TEST(did_you_mean_ops_options_fields)
     refused("{\"op\":\"loss\",\"curvatur\":\"ggn\"}", "unknown_field", "curvatur",
             "did you mean 'curvature'?");
     refused("{\"op\":\"trace\",\"curvature\":\"gnn\"}", "invalid_curvature", "curvature",
-            "curvature must be one of hessian, ggn, fisher_mc, ef; did you mean 'ggn'?");
+            "curvature must be one of hessian, ggn, fisher_mc, ef, kfac, kflr, "
+            "kfra, ekfac; did you mean 'ggn'?");
     refused("{\"op\":\"trace\",\"options\":{\"method\":\"hutchpp\"}}", "invalid_option",
             "options.method", "must be one of hutchinson|hutch++; did you mean 'hutch++'?");
     refused("{\"op\":\"trace\",\"options\":{\"max_probes\":\"5\"}}", "invalid_option",
@@ -358,7 +359,8 @@ START_TEST(ops_document_shape)
     strings(cu, "curvatures");
     strings(st, "statuses");
     char *t = cJSON_PrintUnformatted(cu);
-    ck_assert_str_eq(t, "[\"hessian\",\"ggn\",\"fisher_mc\",\"ef\"]");
+    ck_assert_str_eq(t, "[\"hessian\",\"ggn\",\"fisher_mc\",\"ef\",\"kfac\",\"kflr\",\"kfra\","
+                        "\"ekfac\"]");
     free(t);
     t = cJSON_PrintUnformatted(st);
     ck_assert_str_eq(t, "[\"queued\",\"running\",\"succeeded\",\"failed\",\"cancelled\"]");
@@ -517,6 +519,16 @@ START_TEST(results_match_the_table)
         "{\"op\":\"snr\",\"curvature\":\"ggn\",\"options\":{\"subsample\":0.5}}",
         "{\"op\":\"kfac\",\"options\":{\"compare\":true}}",
         "{\"op\":\"kfac\",\"options\":{\"fisher_type\":\"mc\",\"kfac_approx\":\"reduce\"}}",
+        /* Kronecker curvatures: exact, block_kinds (and trace's logdet) */
+        "{\"op\":\"matvec\",\"curvature\":\"kfac\",\"options\":{\"probe_seed\":1}}",
+        "{\"op\":\"dense\",\"curvature\":\"kflr\",\"blocks\":\"layer\"}",
+        "{\"op\":\"trace\",\"curvature\":\"kfac\",\"options\":{\"fisher_type\":\"empirical\"}}",
+        "{\"op\":\"trace\",\"curvature\":\"kfac\",\"blocks\":\"layer\"}",
+        "{\"op\":\"diag\",\"curvature\":\"kfac\"}",
+        "{\"op\":\"eigen\",\"curvature\":\"kfac\",\"options\":{\"k\":2}}",
+        "{\"op\":\"density\",\"curvature\":\"kfac\",\"options\":{\"grid_points\":10}}",
+        "{\"op\":\"solve\",\"curvature\":\"kfac\",\"options\":{\"damping\":1}}",
+        "{\"op\":\"newton\",\"curvature\":\"kfac\",\"options\":{\"damping\":1}}",
     };
     fixture f;
     fx_make(&f);
@@ -550,6 +562,35 @@ START_TEST(results_match_the_table)
                           def->results[r]);
     }
     free(seen);
+    fx_free(&f);
+}
+END_TEST
+
+/* The engine's exact products refuse the Kronecker curvatures (ops reach
+ * them through api/op_kron.c's operator), with a 400 invalid_curvature. */
+START_TEST(engine_refuses_kronecker_kinds)
+{
+    fixture f;
+    fx_make(&f);
+    cv_err e;
+    cv_curv_options co = {0};
+    cv_curv *c = cv_curv_new(&f.m, &f.d, &co, &e);
+    ck_assert_ptr_nonnull(c);
+    cv_block b;
+    cv_block_full(&f.m, &b);
+    double *x = calloc(b.dim, sizeof(double)), *y = calloc(b.dim * b.dim, sizeof(double)), q;
+    for (int k = CV_CURV_EXACT_COUNT; k < CV_CURV_COUNT; k++) {
+        ck_assert(cv_curvature_is_kron((cv_curvature)k));
+        ck_assert_int_eq(cv_curv_matvec(c, (cv_curvature)k, &b, 1, x, y, &e), -1);
+        ck_assert_str_eq(e.code, "invalid_curvature");
+        ck_assert_int_eq(cv_curv_quadform(c, (cv_curvature)k, &b, 1, x, &q, &e), -1);
+        ck_assert_int_eq(cv_curv_dense(c, (cv_curvature)k, &b, b.dim, y, &e), -1);
+        ck_assert_str_eq(e.code, "invalid_curvature");
+    }
+    ck_assert(!cv_curvature_is_kron(CV_CURV_EF));
+    free(x);
+    free(y);
+    cv_curv_free(c);
     fx_free(&f);
 }
 END_TEST
@@ -845,6 +886,7 @@ static Suite *ops_suite(void)
     tcase_add_test(t, ops_document_shape);
     tcase_add_test(t, option_tables_fit_the_given_bits);
     tcase_add_test(t, results_match_the_table);
+    tcase_add_test(t, engine_refuses_kronecker_kinds);
     tcase_add_test(t, bind_checks_batch_and_blocks);
     tcase_add_test(t, bind_checks_option_sizes);
     tcase_add_test(t, parse_out_of_memory_in_blocks);

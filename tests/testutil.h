@@ -143,12 +143,12 @@ static inline double tu_check_quadforms(cv_curv *c, const cv_block *b, int k, ui
 {
     size_t D = b->dim;
     double *X = malloc(sizeof(double) * D * k), *Y = malloc(sizeof(double) * D * k);
-    double *q = malloc(sizeof(double) * k), first[CV_CURV_COUNT];
+    double *q = malloc(sizeof(double) * k), first[CV_CURV_EXACT_COUNT];
     cv_rng r;
     cv_rng_seed(&r, seed);
     cv_rng_gaussian(&r, X, D * k);
     cv_err e;
-    for (int kind = 0; kind < CV_CURV_COUNT; kind++) {
+    for (int kind = 0; kind < CV_CURV_EXACT_COUNT; kind++) {
         ck_assert_int_eq(cv_curv_matvec(c, (cv_curvature)kind, b, k, X, Y, &e), 0);
         ck_assert_msg(cv_curv_quadform(c, (cv_curvature)kind, b, k, X, q, &e) == 0, "%s: %s",
                       tag, e.message);

@@ -1,0 +1,66 @@
+/* op_kron.h - the Kronecker-factored curvatures (kfac, kflr, kfra, ekfac;
+ * issue 22) as the ops see them: the factors of the job's batch, computed
+ * once per job (engine/kron.h), and for every block of the job a
+ * block-diagonal operator (engine/kronop.h cv_kron_diag) whose slots are
+ * the layers the block holds:
+ *   - a Kronecker slot for a layer with a Kronecker structure (Linear,
+ *     Conv1d/2d), P (B (x) A) P^T on its [weight, bias]; a block holding
+ *     only the weight (or only the bias) of such a layer gets the principal
+ *     sub-block of that, again a Kronecker product: B (x) A[:in, :in]
+ *     (B (x) A[in, in]) - block_kinds says "kronecker" with its dim_a;
+ *   - an exact slot (the matching exact curvature ggn / fisher_mc / ef on
+ *     the layer's tensors in the block) for the other layers.
+ * The cross-layer blocks are zero (the approximation is block-diagonal over
+ * layers).  ops reach the forward operator through cv_op_linop (op_util.c);
+ * the estimator ops take the exact paths below when every slot of the block
+ * is a Kronecker slot. */
+#ifndef CV_OP_KRON_H
+#define CV_OP_KRON_H
+
+#include <cJSON.h>
+
+#include "api/ops.h"
+#include "engine/estimators.h"
+#include "engine/kron.h"
+#include "engine/kronop.h"
+
+/* Submit-time: options fisher_type / kfac_approx only with a Kronecker
+ * curvature (400 invalid_option), kflr only with fisher_type type-2, and
+ * the curvatures not available in this build (400 invalid_curvature). */
+int cv_op_kron_check(const cv_opts *o, cv_curvature kind, cv_err *e);
+
+/* The exact curvature the engine is built for: kind itself, or for a
+ * Kronecker curvature the one its fisher_type matches (ggn, fisher_mc, ef). */
+cv_curvature cv_op_kron_engine_kind(cv_curvature kind, const cv_op_base *b);
+
+/* Computes the factors of c->curv and the operators of blocks[0..n); sets
+ * c->kron.  0, or -1 with e filled (c->kron stays NULL). */
+int cv_op_kron_new(cv_op_ctx *c, const cv_block *blocks, int n, cv_err *e);
+void cv_op_kron_free(cv_op_ctx *c);
+
+/* The factors (borrowed), NULL without a Kronecker curvature. */
+const cv_kron *cv_op_kron_factors(const cv_op_ctx *c);
+
+/* The forward operator of block b (one of the job's blocks; progress is
+ * c->progress).  A block that is not one of the job's gets an operator
+ * whose apply fails (internal). */
+void cv_op_kron_linop(cv_op_ctx *c, const cv_block *b, cv_linop *op);
+
+/* Adds "block_kinds" (one entry per layer slot of block b) to out. */
+void cv_op_kron_block_kinds(const cv_op_ctx *c, const cv_block *b, cJSON *out);
+
+/* Exact paths: each returns 1 when it answered (fields added to out,
+ * "exact": true), 0 when it does not apply (not a Kronecker curvature, or a
+ * slot of the block is exact; the op's estimator runs), -1 on error. */
+int cv_op_kron_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e);
+int cv_op_kron_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e);
+int cv_op_kron_eigen(cv_op_ctx *c, const cv_block *b, const cv_eigen_options *o, cJSON *out,
+                     cv_err *e);
+int cv_op_kron_density(cv_op_ctx *c, const cv_block *b, const cv_density_options *o,
+                       cJSON *out, cv_err *e);
+/* (M + damping I) x = rhs by the exact damped inverse; 0 also when
+ * M + damping I is not positive definite (the iterative method runs). */
+int cv_op_kron_solve(cv_op_ctx *c, const cv_block *b, const double *rhs, double damping,
+                     cJSON *out, cv_err *e);
+
+#endif
