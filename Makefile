@@ -213,5 +213,11 @@ bench-mpi:
 	@$(MAKE) --no-print-directory all
 	$(PY) bench/bench_mpi.py --curvd $(B)/curvd $(BENCH_ARGS)
 
+# Kronecker factors (op kfac) against a torch implementation (bench/README.md); not in `make test`.
+bench-kfac:
+	@scripts/deps.sh bench
+	@$(MAKE) --no-print-directory all
+	$(PY) bench/bench_kfac.py --curvd $(B)/curvd $(BENCH_ARGS)
+
 clean:
 	rm -rf build $(filter-out build build/%,$(B))

@@ -238,7 +238,18 @@ static int kron_layer_json(cv_op_ctx *c, const kfac_args *a, const cv_kron_facto
     cv_kron_block kb;
     if (cv_kron_block_init(&kb, f->dim_a - f->has_bias, f->dim_b, f->has_bias, f->A, f->B, 0, e))
         return -1;
-    int rc = cv_kron_block_eig(&kb, e);
+    /* eigenvalues only unless compare needs the eigenvectors too */
+    double *la = malloc(sizeof(double) * (size_t)(f->dim_a + f->dim_b)), *mb = la + f->dim_a;
+    int rc = !la ? cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "factor eigenvalues")
+             : a->compare ? cv_kron_block_eig(&kb, e)
+                          : cv_kron_factor_eigenvalues(f->A, f->dim_a, la, e) ||
+                                    cv_kron_factor_eigenvalues(f->B, f->dim_b, mb, e)
+                                ? -1
+                                : 0;
+    if (!rc && a->compare) {
+        memcpy(la, kb.lam_a, sizeof(double) * (size_t)f->dim_a);
+        memcpy(mb, kb.mu_b, sizeof(double) * (size_t)f->dim_b);
+    }
     if (!rc) {
         cJSON_AddNumberToObject(lo, "dim_a", f->dim_a);
         cJSON_AddNumberToObject(lo, "dim_b", f->dim_b);
@@ -246,13 +257,14 @@ static int kron_layer_json(cv_op_ctx *c, const kfac_args *a, const cv_kron_facto
         cJSON_AddNumberToObject(lo, "trace_a", kb.tr_a);
         cJSON_AddNumberToObject(lo, "trace_b", kb.tr_b);
         cJSON_AddNumberToObject(lo, "trace", kb.tr_a * kb.tr_b);
-        cJSON_AddItemToObject(lo, "eigenvalues_a", cv_json_doubles(kb.lam_a, (size_t)f->dim_a));
-        cJSON_AddItemToObject(lo, "eigenvalues_b", cv_json_doubles(kb.mu_b, (size_t)f->dim_b));
+        cJSON_AddItemToObject(lo, "eigenvalues_a", cv_json_doubles(la, (size_t)f->dim_a));
+        cJSON_AddItemToObject(lo, "eigenvalues_b", cv_json_doubles(mb, (size_t)f->dim_b));
         if (a->return_factors) {
             cJSON_AddItemToObject(lo, "A", json_matrix(f->A, f->dim_a));
             cJSON_AddItemToObject(lo, "B", json_matrix(f->B, f->dim_b));
         }
     }
+    free(la);
     if (!rc && a->compare)
         rc = compare_layer(c, a, &kb, f, stream, lo, e);
     cv_kron_block_free(&kb);

@@ -80,15 +80,17 @@ void cv_kron_block_free(cv_kron_block *kb)
     memset(kb, 0, sizeof *kb);
 }
 
-/* Eigendecomposition of a symmetric n x n factor into q (n x n) and w (n),
- * with |w| <= sqrt(n) eps32 max|w| set to 0: the factors are sums of
- * float32 activations and cotangents (accumulated in double), so a factor
- * that is singular in exact arithmetic has eigenvalues of float32 noise
- * (~1e-9 max|w| seen), not of double's. */
-static int factor_eig(const double *F, int n, double *q, double *w, const char *name, cv_err *e)
+/* Eigenvalues w (n) of a symmetric n x n factor, and with job 'V' its
+ * eigenvectors in q (n x n; with 'N' q is scratch), with |w| <= sqrt(n)
+ * eps32 max|w| set to 0: the factors are sums of float32 activations and
+ * cotangents (accumulated in double), so a factor that is singular in exact
+ * arithmetic has eigenvalues of float32 noise (~1e-9 max|w| seen), not of
+ * double's. */
+static int factor_eig_job(const double *F, int n, double *q, double *w, char job,
+                          const char *name, cv_err *e)
 {
     memcpy(q, F, sizeof(double) * (size_t)n * n);
-    lapack_int info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', n, q, n, w);
+    lapack_int info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, job, 'U', n, q, n, w);
     if (info)
         return cv_err_set(e, info == LAPACK_WORK_MEMORY_ERROR ? CV_ENOMEM : CV_EINTERNAL,
                           info == LAPACK_WORK_MEMORY_ERROR ? "out_of_memory" : "internal", "",
@@ -100,6 +102,19 @@ static int factor_eig(const double *F, int n, double *q, double *w, const char *
         if (fabs(w[i]) <= tol)
             w[i] = 0;
     return 0;
+}
+
+static int factor_eig(const double *F, int n, double *q, double *w, const char *name, cv_err *e)
+{
+    return factor_eig_job(F, n, q, w, 'V', name, e);
+}
+
+int cv_kron_factor_eigenvalues(const double *F, int n, double *w, cv_err *e)
+{
+    double *q = kr_alloc((size_t)n * n, sizeof(double), "Kronecker factor copy", e);
+    int rc = q ? factor_eig_job(F, n, q, w, 'N', "", e) : -1;
+    free(q);
+    return rc;
 }
 
 int cv_kron_block_eig(cv_kron_block *kb, cv_err *e)

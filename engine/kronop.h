@@ -77,6 +77,10 @@ int cv_kron_block_init(cv_kron_block *kb, int in, int out, int has_bias, const d
                        const double *B, int take_ownership, cv_err *e);
 void cv_kron_block_free(cv_kron_block *kb);
 
+/* The eigenvalues w (n, ascending) of one symmetric n x n factor, without
+ * its eigenvectors (dsyevd 'N': several times cheaper), rounded as above. */
+int cv_kron_factor_eigenvalues(const double *F, int n, double *w, cv_err *e);
+
 /* Computes and caches the factors' eigendecompositions (dsyevd; a no-op once
  * done).  Every function below that needs them calls it. */
 int cv_kron_block_eig(cv_kron_block *kb, cv_err *e);
