@@ -96,7 +96,11 @@ int cv_kron_approx_from_name(const char *s);
  * s_c = q_c^T F q_c exactly, F the layer's block of ggn / fisher_mc / ef and
  * q_c = P (q_Bp (x) q_Aq) the eigenvector of eigen coordinate c (kronop.h's
  * order and eigenvectors: pass s to the cv_kron_block functions with
- * factors A, B).  o->approx only matters for k.  *s (malloc'd, k->nfactors
+ * factors A, B).  o->approx only matters for k.  Where a factor has
+ * repeated eigenvalues, s depends on the eigenvectors LAPACK picks in that
+ * eigenspace (only their sum is determined): notably k from "reduce" with
+ * weight sharing and N R > rank(A), whose null space of A still carries the
+ * per-position gradients.  *s (malloc'd, k->nfactors
  * entries) gets s[f] (malloc'd, dim_a*dim_b doubles) for factor f; free
  * each s[f] and *s with free().  One backward walk of the fisher type's
  * vectors (as cv_curv_kron's).  Returns 0, or -1 with e filled and
