@@ -84,6 +84,54 @@ int cv_kron_fisher_from_name(const char *s);
 const char *cv_kron_approx_name(cv_kron_approx a);
 int cv_kron_approx_from_name(const char *s);
 
+/* EKFAC (George et al. 2018; engine/kron_ext.c): KFAC's eigenbasis
+ * Q = P (Q_B (x) Q_A) of every factor of k (from cv_curv_kron on the same
+ * cv_curv, with the same options: the caller's basis), with the eigenvalues
+ * replaced by the second moments of the per-sample gradients in that basis:
+ *   s_c = w sum_n sum_j ((Q_B^T G_nj Q_A)_pq)^2,   c = p*dim_a + q,
+ *   G_nj = sum_r b_njr a~_nr^T  (dim_b x dim_a, the gradient of W~),
+ * b_njr, j and w as B's above for o->fisher_type (type-2: the C square-root
+ * columns, w = 1; mc: w = c / mc_samples; empirical: w = c).  The true
+ * per-sample gradients (summed over the weight-sharing positions), so
+ * s_c = q_c^T F q_c exactly, F the layer's block of ggn / fisher_mc / ef and
+ * q_c = P (q_Bp (x) q_Aq) the eigenvector of eigen coordinate c (kronop.h's
+ * order and eigenvectors: pass s to the cv_kron_block functions with
+ * factors A, B).  o->approx only matters for k.  Where a factor has
+ * repeated eigenvalues, s depends on the eigenvectors LAPACK picks in that
+ * eigenspace (only their sum is determined): notably k from "reduce" with
+ * weight sharing and N R > rank(A), whose null space of A still carries the
+ * per-position gradients.  *s (malloc'd, k->nfactors
+ * entries) gets s[f] (malloc'd, dim_a*dim_b doubles) for factor f; free
+ * each s[f] and *s with free().  One backward walk of the fisher type's
+ * vectors (as cv_curv_kron's).  Returns 0, or -1 with e filled and
+ * *s NULL (invalid options; CV_EINVAL "unsupported" for a layer without an
+ * ekfac_add kernel; out of memory; cancelled; a rank failed).
+ * Data-parallel: every rank calls it with the same k; *s is the whole
+ * batch's on every rank. */
+int cv_curv_ekfac(cv_curv *c, const cv_kron_options *o, const cv_kron *k, double ***s,
+                  cv_err *e);
+
+/* KFRA (Botev et al. 2017, Algorithm 1; engine/kron_ext.c): the factors of
+ * cv_curv_kron's struct (A as KFAC's; nexact 0; columns 0) with the output
+ * factors from the batch-averaged recursion instead of backpropagated
+ * vectors.  For the Linear layers f = 1..F (in order, each z_f = W~_f a~_f,
+ * a_{f+1} = phi_f(z_f) elementwise, phi_f the product of the activations
+ * between f and f+1, identity without one):
+ *   B_F     = sum_n D_Fn Lambda_n D_Fn      (Lambda_n = d^2 L_n / dh^2 with
+ *             L_n = c l_n: kfac type-2's B of the last layer; D_Fn the
+ *             derivatives of activations after the last Linear, if any)
+ *   B_f     = (W_{f+1}^T B_{f+1} W_{f+1}) (.) (1/N) sum_n phi_f'(z_fn) phi_f'(z_fn)^T
+ * (W without its bias column).  For N = 1, and for any N in a deep linear
+ * network (Lemma 4.1), this equals cv_curv_kron type-2 expand.  Sums over
+ * the micro-batches and ranks first (one cv_comm_sum), then the recursion
+ * once.  Supported: Sequential chains of Linear layers (one row per sample)
+ * with elementwise activations (and Identity / Dropout / Flatten) between
+ * them, losses CE, MSE, BCE; anything else is refused with CV_EINVAL
+ * "unsupported" naming the layer, and fisher_type other than type-2 with
+ * "invalid_option" (o->approx is ignored: no weight sharing).  Returns 0 or
+ * -1 with e filled; out is freed with cv_kron_free also after a failure. */
+int cv_curv_kfra(cv_curv *c, const cv_kron_options *o, cv_kron *out, cv_err *e);
+
 /* The index in vec_r(W~) (row o, column a: o*dim_a + a) of entry i of the
  * factor's block vector theta_l (weight entries, then the bias). */
 size_t cv_kron_w_index(const cv_kron_factor *f, size_t i);

@@ -7,6 +7,7 @@
 #include <limits.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -38,6 +39,22 @@ void cv_kron_add_bias(int m, const double *sum, double w, double count, double *
         M[(size_t)m * ld + i] += w * sum[i];
     }
     M[(size_t)m * ld + m] += count;
+}
+
+void cv_kron_ekfac_rotate_add(int da, int db, const double *G, const double *qa,
+                              const double *qb, double *work, double *s)
+{
+    /* work = G Q_A (qa read row-major is Q_A^T), then s += (Q_B^T work).^2, one row of
+     * Q_B^T (= row p of qb read row-major) at a time into G's shape */
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, db, da, da, 1.0, G, da, qa, da, 0.0,
+                work, da);
+    for (int p = 0; p < db; p++)
+        for (int q = 0; q < da; q++) {
+            double v = 0;
+            for (int o = 0; o < db; o++)
+                v += qb[(size_t)p * db + o] * work[(size_t)o * da + q];
+            s[(size_t)p * da + q] += v * v;
+        }
 }
 
 static void field_default(const cv_field *f, unsigned char *attr)

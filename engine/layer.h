@@ -108,6 +108,15 @@ typedef struct {
     int (*kron_dims)(const cv_layer *L, int *dim_a, int *dim_b);
     int (*kron_a_add)(const cv_layer_ctx *c, int approx, double *A);
     int (*kron_b_add)(const cv_layer_ctx *c, int k, const float *gy, int approx, double *B);
+    /* EKFAC (engine/kron_ext.c): for k stacked output cotangents gy (as
+     * kron_b_add) the per-(vector, sample) gradients G_ji = sum_r g_jir a~_ir^T
+     * of W~ (dim_b x dim_a) rotated into the factors' eigenbases:
+     * s[p*dim_a + q] += sum_j sum_i ((Q_B^T G_ji Q_A)_pq)^2, unweighted.
+     * qa (dim_a x dim_a) and qb (dim_b x dim_b) hold the eigenvectors as
+     * columns, column-major (kronop.h's q_a, q_b).  0, or -1 when out of
+     * scratch memory.  Optional (a layer without it gets no EKFAC). */
+    int (*ekfac_add)(const cv_layer_ctx *c, int k, const float *gy, const double *qa,
+                     const double *qb, double *s);
 } cv_layer_ops;
 
 /* Weight-sharing approximations of the Kronecker factors (Eschenhagen et
@@ -120,6 +129,11 @@ typedef enum { CV_KRON_EXPAND = 0, CV_KRON_REDUCE = 1 } cv_kron_approx;
  * and column += w * sum (m doubles), its corner += count. */
 void cv_kron_add_sym(int m, const float *S, double w, double *M, int ldm);
 void cv_kron_add_bias(int m, const double *sum, double w, double count, double *M);
+/* For ekfac_add kernels: s[p*da + q] += ((Q_B^T G Q_A)_pq)^2 for one
+ * gradient G (db x da, row-major; qa, qb as ekfac_add takes them); work:
+ * db*da doubles. */
+void cv_kron_ekfac_rotate_add(int da, int db, const double *G, const double *qa,
+                              const double *qb, double *work, double *s);
 
 /* Release caches allocated by forward (d1, d2, idx). */
 void cv_layer_ctx_release(cv_layer_ctx *c);

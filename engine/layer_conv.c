@@ -890,7 +890,45 @@ static int conv_kron_b_add(const cv_layer_ctx *c, int k, const float *gy, int ap
     return 0;
 }
 
+/* EKFAC (layer.h ekfac_add): per sample the im2col patches U (K x P), per
+ * (vector, sample) G = [g U^T | g 1] (cout x K (+1)), rotated. */
+static int conv_ekfac_add(const cv_layer_ctx *c, int k, const float *gy, const double *qa,
+                          const double *qb, double *s)
+{
+    conv_dims d = dims_of(c);
+    int bias = d.has_bias != 0, da = d.K + bias;
+    float *U = malloc(sizeof(float) * (size_t)d.K * d.P);
+    float *Gf = malloc(sizeof(float) * (size_t)d.cout * d.K);
+    double *G = malloc(sizeof(double) * (size_t)d.cout * da * 2);
+    if (!U || !Gf || !G) {
+        free(U), free(Gf), free(G);
+        return -1;
+    }
+    for (int i = 0; i < c->n; i++) {
+        cv_im2col(&d.g, c->x + (size_t)i * c->in_numel, 0, d.K, U);
+        for (int j = 0; j < k; j++) {
+            const float *g = gy + ((size_t)j * c->n + i) * c->out_numel; /* cout x P */
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, d.cout, d.K, d.P, 1.0f, g, d.P,
+                        U, d.P, 0.0f, Gf, d.K);
+            for (int o = 0; o < d.cout; o++) {
+                for (int q = 0; q < d.K; q++)
+                    G[(size_t)o * da + q] = Gf[(size_t)o * d.K + q];
+                if (bias) {
+                    double v = 0;
+                    for (int p = 0; p < d.P; p++)
+                        v += g[(size_t)o * d.P + p];
+                    G[(size_t)o * da + d.K] = v;
+                }
+            }
+            cv_kron_ekfac_rotate_add(da, d.cout, G, qa, qb, G + (size_t)d.cout * da, s);
+        }
+    }
+    free(U), free(Gf), free(G);
+    return 0;
+}
+
 static const cv_layer_ops conv2d_ops = {
+    .ekfac_add = conv_ekfac_add,
     .kron_dims = conv_kron_dims,
     .kron_a_add = conv_kron_a_add,
     .kron_b_add = conv_kron_b_add,

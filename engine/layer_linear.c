@@ -347,7 +347,59 @@ static int linear_kron_b_add(const cv_layer_ctx *c, int k, const float *gy, int 
     return rc;
 }
 
+/* EKFAC (layer.h ekfac_add).  One row per sample (T = 1): G = g a~^T is rank one, so
+ * Q_B^T G Q_A = u v^T with u = Q_B^T g, v = Q_A^T a~ and s += sum (u.^2)(v.^2)^T;
+ * T rows: G = sum_t g_t a~_t^T formed per (vector, sample) and rotated. */
+static int linear_ekfac_add(const cv_layer_ctx *c, int k, const float *gy, const double *qa,
+                            const double *qb, double *s)
+{
+    int in = IN(c), out = OUT(c), T = ROWS(c), bias = ATTR(c)->has_bias != 0, da = in + bias;
+    size_t nr = (size_t)NR(c), m = (size_t)k * c->n;
+    double *a = malloc(sizeof(double) * nr * da);                  /* a~ rows */
+    double *g = malloc(sizeof(double) * (T > 1 ? (size_t)T : m) * out);
+    double *u = malloc(sizeof(double) * (T > 1 ? (size_t)2 * out * da : m * out));
+    double *v = T > 1 ? NULL : malloc(sizeof(double) * nr * da);
+    if (!a || !g || !u || (T == 1 && !v)) {
+        free(a), free(g), free(u), free(v);
+        return -1;
+    }
+    for (size_t r = 0; r < nr; r++) {
+        for (int q = 0; q < in; q++)
+            a[r * da + q] = c->x[r * in + q];
+        if (bias)
+            a[r * da + in] = 1;
+    }
+    if (T == 1) {
+        for (size_t q = 0; q < m * out; q++)
+            g[q] = gy[q];
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)m, out, out, 1.0, g, out, qb,
+                    out, 0.0, u, out);
+        cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nr, da, da, 1.0, a, da, qa,
+                    da, 0.0, v, da);
+        for (size_t q = 0; q < m * out; q++)
+            u[q] *= u[q];
+        for (size_t q = 0; q < nr * da; q++)
+            v[q] *= v[q];
+        for (int j = 0; j < k; j++)
+            cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, da, c->n, 1.0,
+                        u + (size_t)j * c->n * out, out, v, da, 1.0, s, da);
+    } else {
+        double *G = u + (size_t)out * da;
+        for (size_t ji = 0; ji < m; ji++) {
+            const float *gj = gy + ji * T * out;
+            for (size_t q = 0; q < (size_t)T * out; q++)
+                g[q] = gj[q];
+            cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, da, T, 1.0, g, out,
+                        a + (ji % c->n) * T * da, da, 0.0, G, da);
+            cv_kron_ekfac_rotate_add(da, out, G, qa, qb, u, s);
+        }
+    }
+    free(a), free(g), free(u), free(v);
+    return 0;
+}
+
 static const cv_layer_ops linear_ops = {
+    .ekfac_add = linear_ekfac_add,
     .kron_dims = linear_kron_dims,
     .kron_a_add = linear_kron_a_add,
     .kron_b_add = linear_kron_b_add,

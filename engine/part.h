@@ -90,6 +90,15 @@ typedef struct {
     double *A[CV_MAX_LAYERS], *B[CV_MAX_LAYERS];
 } cv_part_kron;
 int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *e);
+/* The walk behind cv_part_kron_add, for other per-layer uses of the same
+ * cotangents (EKFAC, engine/kron_ext.c): fn(c, l, k, cot, arg, e) is called
+ * for every layer l with layers[l] set with the k stacked cotangents (vector
+ * j, sample i at cot + (j*n + i)*out_numel) that reach its output, chunk by
+ * chunk; it returns 0 or -1 with e filled. */
+typedef int (*cv_part_kron_visit)(cv_part *c, int l, int k, const float *cot, void *arg,
+                                  cv_err *e);
+int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, cv_part_kron_visit fn,
+                      void *arg, int *columns, cv_err *e);
 
 /* For modules that add their own per-micro-batch shares (engine/kron.c):
  * out (len doubles, zeroed first) = the sum over micro-batches of what

@@ -10,14 +10,21 @@
 #include "part_internal.h"
 
 typedef struct {
-    const cv_part_kron *job;
+    cv_part_kron_visit fn;
+    void *arg;
     int k;
 } kron_walk;
 
 static int kron_at_layer(cv_part *c, int l, const float *cot, void *arg, cv_err *e)
 {
     const kron_walk *w = arg;
-    if (c->ops[l]->kron_b_add(&c->ctx[l], w->k, cot, w->job->approx, w->job->B[l]))
+    return w->fn(c, l, w->k, cot, w->arg, e);
+}
+
+static int kron_b_visit(cv_part *c, int l, int k, const float *cot, void *arg, cv_err *e)
+{
+    const cv_part_kron *job = arg;
+    if (c->ops[l]->kron_b_add(&c->ctx[l], k, cot, job->approx, job->B[l]))
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                           "Kronecker factor B of layers[%d]", l);
     return 0;
@@ -51,8 +58,8 @@ static void fill_top(const cv_part *c, cv_curvature kind, const double *S, int j
                 top[((size_t)j * n + i) * C + q] = (float)S[(i * C + q) * C + (size_t)(j0 + j)];
 }
 
-static int walk_chunks(cv_part *c, const cv_part_kron *job, const char *live, int ktot,
-                       const double *S, cv_err *e)
+static int walk_chunks(cv_part *c, cv_curvature kind, const char *layers, const char *live,
+                       int ktot, const double *S, cv_part_kron_visit fn, void *arg, cv_err *e)
 {
     int chunk = c->wk < 1 ? 1 : c->wk;
     for (int j0 = 0; j0 < ktot; j0 += chunk) {
@@ -63,10 +70,10 @@ static int walk_chunks(cv_part *c, const cv_part_kron *job, const char *live, in
             cv_part_pool_give(c, top);
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Kronecker cotangents");
         }
-        fill_top(c, job->kind, S, j0, kk, top);
-        kron_walk kw = {job, kk};
+        fill_top(c, kind, S, j0, kk, top);
+        kron_walk kw = {fn, arg, kk};
         w->k = kk;
-        w->active = job->layers;
+        w->active = layers;
         w->live = live;
         w->at_layer = kron_at_layer;
         w->arg = &kw;
@@ -80,22 +87,35 @@ static int walk_chunks(cv_part *c, const cv_part_kron *job, const char *live, in
 
 int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *e)
 {
-    int ktot = output_columns(c, job->kind), any = 0;
-    if (columns)
-        *columns = ktot;
+    int any = 0;
     for (int l = 0; l < c->L; l++)
         any |= job->layers[l];
+    if (columns)
+        *columns = output_columns(c, job->kind);
     if (!any)
         return 0;
     for (int l = 0; l < c->L; l++)
         if (job->layers[l] && c->ops[l]->kron_a_add(&c->ctx[l], job->approx, job->A[l]))
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                               "Kronecker factor A of layers[%d]", l);
-    if (cv_part_prepare(c, job->kind, ktot, e) || cv_part_pool_ensure(c, c->wk, e))
+    return cv_part_kron_walk(c, job->kind, job->layers, kron_b_visit, (void *)job, NULL, e);
+}
+
+int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, cv_part_kron_visit fn,
+                      void *arg, int *columns, cv_err *e)
+{
+    int ktot = output_columns(c, kind), any = 0;
+    if (columns)
+        *columns = ktot;
+    for (int l = 0; l < c->L; l++)
+        any |= layers[l];
+    if (!any)
+        return 0;
+    if (cv_part_prepare(c, kind, ktot, e) || cv_part_pool_ensure(c, c->wk, e))
         return -1;
     size_t C = (size_t)c->C;
     double *S = NULL;
-    if (job->kind == CV_CURV_GGN) {
+    if (kind == CV_CURV_GGN) {
         S = malloc(sizeof(double) * (size_t)c->n * C * C);
         if (!S)
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
@@ -104,8 +124,8 @@ int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *
             cv_loss_hessian_sqrt(&c->ls, i, S + (size_t)i * C * C);
     }
     char live[CV_MAX_LAYERS];
-    cv_part_live(c, job->layers, live);
-    int rc = walk_chunks(c, job, live, ktot, S, e);
+    cv_part_live(c, layers, live);
+    int rc = walk_chunks(c, kind, layers, live, ktot, S, fn, arg, e);
     free(S);
     return rc;
 }

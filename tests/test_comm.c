@@ -495,6 +495,10 @@ typedef struct {
     double *grad, *mv[CV_CURV_EXACT_COUNT], *q[CV_CURV_EXACT_COUNT], *psg, *vjp, *gram;
     double *kron[3];   /* cv_curv_kron's A and B of every factor, per fisher type */
     size_t kron_len;
+    double *ekfac[3];  /* cv_curv_ekfac's values of every factor, concatenated */
+    size_t ekfac_len;
+    double *kfra;      /* cv_curv_kfra's factors (the MLP; the CNN is refused: kfra_rc) */
+    int kfra_rc;
     cv_batch gathered;
 } quantities;
 
@@ -521,7 +525,8 @@ static void q_free(quantities *r)
     for (int k = 0; k < CV_CURV_EXACT_COUNT; k++)
         free(r->mv[k]), free(r->q[k]);
     for (int k = 0; k < 3; k++)
-        free(r->kron[k]);
+        free(r->kron[k]), free(r->ekfac[k]);
+    free(r->kfra);
     cv_dataset_free(&r->gathered);
 }
 
@@ -567,10 +572,34 @@ static void evaluate(const inputs *in, const cv_batch *b, const cv_comm *comm, q
         for (int i = 0; i < kr.nfactors; i++)
             r->kron_len += (size_t)kr.factors[i].dim_a * kr.factors[i].dim_a +
                            (size_t)kr.factors[i].dim_b * kr.factors[i].dim_b;
+        double **s = NULL;
+        if (!rc) {
+            rc = cv_curv_ekfac(c, &ko, &kr, &s, e);
+            r->ekfac_len = 0;
+            for (int i = 0; i < kr.nfactors; i++)
+                r->ekfac_len += (size_t)kr.factors[i].dim_a * kr.factors[i].dim_b;
+            r->ekfac[ft] = malloc(sizeof(double) * (r->ekfac_len + 1));
+            for (int i = 0, at = 0; !rc && i < kr.nfactors; i++) {
+                size_t d = (size_t)kr.factors[i].dim_a * kr.factors[i].dim_b;
+                memcpy(r->ekfac[ft] + at, s[i], sizeof(double) * d);
+                at += (int)d;
+            }
+            for (int i = 0; s && i < kr.nfactors; i++)
+                free(s[i]);
+            free(s);
+        }
         r->kron[ft] = kr.data;
         kr.data = NULL;
         cv_kron_free(&kr);
-        STEP("kron", rc);
+        STEP("kron / ekfac", rc);
+    }
+    {
+        cv_kron kr;
+        cv_err ke;
+        r->kfra_rc = cv_curv_kfra(c, NULL, &kr, &ke);
+        r->kfra = kr.data; /* the same layout as kron's */
+        kr.data = NULL;
+        cv_kron_free(&kr);
     }
     snprintf(r->what, sizeof r->what, "done");
 out:
@@ -634,6 +663,17 @@ static void compare(const quantities *g, const quantities *w, const inputs *in, 
     ck_assert_uint_gt(w->kron_len, 0);
     for (int k = 0; k < 3; k++)
         near(g->kron[k], w->kron[k], w->kron_len, "Kronecker factors", tag);
+    ck_assert_uint_eq(g->ekfac_len, w->ekfac_len);
+    ck_assert_uint_gt(w->ekfac_len, 0);
+    /* not mc with reduce: A = mean of abar abar^T is singular (rank <= N), and the
+     * per-position gradients that EKFAC rotates are not in its range, so the
+     * values in A's null space depend on the (arbitrary) basis LAPACK picks
+     * there; the ranks' bits still agree (same_bits) */
+    for (int k = 0; k < 3; k += 2)
+        near(g->ekfac[k], w->ekfac[k], w->ekfac_len, "EKFAC values", tag);
+    ck_assert_int_eq(g->kfra_rc, w->kfra_rc);
+    if (!w->kfra_rc) /* the MLP: KFRA's factors have the layout of type-2's */
+        near(g->kfra, w->kfra, w->kron_len, "KFRA factors", tag);
     ck_assert_msg(fabs(g->loss_at - w->loss_at) <= TOL * fabs(w->loss_at),
                   "%s loss at a step %.10g vs %.10g", tag, g->loss_at, w->loss_at);
     /* gathered samples: exactly the dataset's rows */
@@ -673,8 +713,13 @@ static void same_bits(const quantities *g, const quantities *z, const inputs *in
     SAME(jvp, sizeof(float) * K * N * C);
     SAME(vjp, sizeof(double) * K * D);
     SAME(gram, sizeof(double) * K * N * K * N);
-    for (int k = 0; k < 3; k++)
+    for (int k = 0; k < 3; k++) {
         SAME(kron[k], sizeof(double) * z->kron_len);
+        SAME(ekfac[k], sizeof(double) * z->ekfac_len);
+    }
+    ck_assert_int_eq(g->kfra_rc, z->kfra_rc);
+    if (!z->kfra_rc)
+        SAME(kfra, sizeof(double) * z->kron_len);
 }
 
 /* Variant v: model v / 6; ranks and batch (R, N) = (2, 7), (3, 7), (3, 2) by
