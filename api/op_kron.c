@@ -12,12 +12,6 @@
 
 #include "api/op_util.h"
 
-/* 1: kfra and ekfac are available (engine cv_curv_kfra / cv_curv_ekfac in
- * engine/kron.h, helper kext's engine/kron_ext.c); 0: refused at submit. */
-#ifndef CV_OP_KRON_EXT
-#define CV_OP_KRON_EXT 0
-#endif
-
 enum { WHOLE = 0, WEIGHT_ONLY, BIAS_ONLY };
 
 typedef struct {
@@ -66,10 +60,10 @@ int cv_op_kron_check(const cv_opts *o, cv_curvature kind, cv_err *e)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.fisher_type",
                           "kflr is kfac with fisher_type \"type-2\"; for \"%s\" use curvature "
                           "kfac", cv_kron_fisher_name((cv_kron_fisher)b->fisher_type));
-    if (!CV_OP_KRON_EXT && (kind == CV_CURV_KFRA || kind == CV_CURV_EKFAC))
-        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature",
-                          "curvature %s is not yet available (kfac and kflr are)",
-                          cv_curvature_name(kind));
+    if (kind == CV_CURV_KFRA && b->fisher_type != CV_KRON_TYPE2)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.fisher_type",
+                          "kfra's recursion is the GGN's (fisher_type \"type-2\"), not \"%s\"",
+                          cv_kron_fisher_name((cv_kron_fisher)b->fisher_type));
     return 0;
 }
 
@@ -202,24 +196,12 @@ static int compute_factors(cv_op_ctx *c, struct cv_op_kron *K, cv_err *e)
     cv_kron_options ko = {0};
     ko.fisher_type = c->kind == CV_CURV_KFLR ? CV_KRON_TYPE2 : (cv_kron_fisher)ob->fisher_type;
     ko.approx = (cv_kron_approx)ob->kfac_approx;
-#if CV_OP_KRON_EXT
     if (c->kind == CV_CURV_KFRA)
         return cv_curv_kfra(c->curv, &ko, &K->k, e);
     if (cv_curv_kron(c->curv, &ko, &K->k, e))
         return -1;
-    if (c->kind != CV_CURV_EKFAC)
-        return 0;
-    /* the pinned interface: s[f] for every factor, the array is the caller's */
-    K->s = calloc((size_t)(K->k.nfactors > 0 ? K->k.nfactors : 1), sizeof(double *));
-    if (!K->s)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "EKFAC values");
-    return cv_curv_ekfac(c->curv, &ko, &K->k, K->s, e);
-#else
-    if (c->kind == CV_CURV_KFRA || c->kind == CV_CURV_EKFAC) /* cv_op_kron_check refused them */
-        return cv_err_set(e, CV_EINTERNAL, "internal", "curvature", "%s not available",
-                          cv_curvature_name(c->kind));
-    return cv_curv_kron(c->curv, &ko, &K->k, e);
-#endif
+    /* ekfac: the values s[f] in each factor's Kronecker eigenbasis (the engine allocates) */
+    return c->kind == CV_CURV_EKFAC ? cv_curv_ekfac(c->curv, &ko, &K->k, &K->s, e) : 0;
 }
 
 void cv_op_kron_free(cv_op_ctx *c)

@@ -107,7 +107,9 @@ int cv_kron_approx_from_name(const char *s);
  * *s NULL (invalid options; CV_EINVAL "unsupported" for a layer without an
  * ekfac_add kernel; out of memory; cancelled; a rank failed).
  * Data-parallel: every rank calls it with the same k; *s is the whole
- * batch's on every rank. */
+ * batch's on every rank.  Values within sqrt(dim) float32 epsilons of zero
+ * (relative to the factor's largest) are 0: coordinates the gradients do
+ * not reach. */
 int cv_curv_ekfac(cv_curv *c, const cv_kron_options *o, const cv_kron *k, double ***s,
                   cv_err *e);
 

@@ -6,6 +6,8 @@
  * micro-batches and ranks. */
 #include "kron.h"
 
+#include <float.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -95,8 +97,16 @@ static double **split_values(const cv_kron *k, const double *buf, const size_t *
             free_values(out, f);
             return NULL;
         }
+        double mx = 0;
         for (size_t q = 0; q < d; q++)
-            out[f][q] = w * buf[off[f] + q];
+            mx = fmax(mx, out[f][q] = w * buf[off[f] + q]);
+        /* sums of squared rotated float32 gradients: a coordinate the
+         * gradients do not reach gets float32 noise, not 0 (as kronop
+         * rounds the factors' eigenvalues) */
+        double tol = sqrt((double)d) * FLT_EPSILON * mx;
+        for (size_t q = 0; q < d; q++)
+            if (out[f][q] <= tol)
+                out[f][q] = 0;
     }
     return out;
 }

@@ -14,7 +14,10 @@ operator ("exact": false); per-layer blocks give the dense matrix's blocks; a bl
 layer's (weight, bias) pair gets the principal sub-block (still Kronecker); block_kinds.
 A model with a LayerNorm gets the exact (ggn) block there (block_kinds "exact") and the
 estimators on the full vector ("exact": false).  Refusals (400): fisher_type with a
-non-Kronecker curvature, kflr with fisher_type mc, kfra/ekfac while not available.
+non-Kronecker curvature, kflr or kfra with fisher_type mc.  kfra (Botev's recursion: equal to
+kflr at N = 1) and ekfac (type-2 and empirical: equal to kfac at N = 1) take every check
+above too, and ekfac's exact trace at N = 8 equals the exact curvature's trace (its values
+are diag(Q^T F Q) of the exact layer blocks).
 Usage: /usr/bin/python3 tests/e2e_kron.py build/curvd.  Ends with 'N passed, M failed'.
 """
 import json
@@ -223,8 +226,13 @@ def check_curvature(d, tag, model, n, curv, ft):
         check(f"{name} {op} blocks layer", good, str(r)[:300])
     # a block cutting layers' (weight, bias) pairs: the principal sub-block
     names = ["0.weight", "2.bias", "4.weight", "4.bias"]
-    r = ok_run(d, f"{name} dense cut blocks", curv_job(curv, ft, op="dense", blocks=[
-        ["0.weight"], ["2.bias", "4.weight", "4.bias"]]))
+    cut = curv_job(curv, ft, op="dense", blocks=[["0.weight"], ["2.bias", "4.weight", "4.bias"]])
+    if curv == "ekfac":  # its eigenbasis is the whole layer's
+        rc, r = run(d, cut)
+        check(f"{name} dense cut blocks: refused (400 invalid_blocks)",
+              rc != 0 and r.get("error", {}).get("code") == "invalid_blocks", str(r)[:200])
+        return
+    r = ok_run(d, f"{name} dense cut blocks", cut)
     if r:
         i0 = np.arange(0, 72)
         i1 = np.r_[np.arange(84 + 96, 84 + 104), np.arange(188, 215)]
@@ -274,11 +282,22 @@ def check_refusals(d):
         rc, r = run(d, job)
         err = r.get("error", {})
         check(f"refused: {what}", rc != 0 and err.get("code") == code, str(r)[:200])
-    for curv in ("kfra", "ekfac"):
-        rc, r = run(d, {"op": "trace", "curvature": curv})
-        err = r.get("error", {})
-        check(f"{curv}: runs or is refused as not yet available",
-              rc == 0 or "not yet available" in err.get("message", ""), str(r)[:200])
+    rc, r = run(d, {"op": "trace", "curvature": "kfra", "options": {"fisher_type": "mc"}})
+    check("refused: kfra with fisher_type mc (its recursion is the GGN's)",
+          rc != 0 and r.get("error", {}).get("code") == "invalid_option", str(r)[:200])
+
+
+def check_ekfac_trace(d):
+    """EKFAC's values are diag(Q^T F Q) for the matching exact F (per layer, Q orthogonal):
+    their sum, ekfac's exact trace, is tr(F) = the exact curvature's trace."""
+    for ft, exact in (("type-2", "ggn"), ("empirical", "ef")):
+        r = ok_run(d, f"ekfac/{ft} trace", curv_job("ekfac", ft, op="trace"))
+        g = ok_run(d, f"{exact} dense", {"op": "dense", "curvature": exact, "seed": 4})
+        if r and g:
+            want = float(np.trace(np.array(g["matrix"])))
+            check(f"ekfac/{ft}: exact trace = tr({exact}) (diag(Q^T F Q) exact)",
+                  r.get("exact") is True and abs(r["trace"] - want) <= 1e-5 * abs(want),
+                  f"{r.get('trace')} vs {want}")
 
 
 def main():
@@ -288,8 +307,11 @@ def main():
         for n in (1, 8):
             write_case(d, model, n)
             for curv, ft in (("kfac", "type-2"), ("kfac", "mc"), ("kfac", "empirical"),
-                             ("kflr", None)):
+                             ("kflr", None), ("kfra", None), ("ekfac", "type-2"),
+                             ("ekfac", "empirical")):
                 check_curvature(d, f"N={n}", model, n, curv, ft)
+            if n > 1:
+                check_ekfac_trace(d)
         check_refusals(d)
         check_mixed(d)
     print(f"e2e_kron: {time.time() - t0:.1f} s")
