@@ -357,7 +357,7 @@ static int check_vector_option(const cv_opts *o, int nblocks, const cv_block *bl
 }
 
 /* Options: validated, the method chosen, defaults, values stored, checked. */
-static int parse_options(const cJSON *opts, cv_job_spec *j, cv_err *e)
+static int parse_options(const cJSON *opts, int curvature_given, cv_job_spec *j, cv_err *e)
 {
     const cv_op_def *def = j->op;
     const char *methods[16];
@@ -382,6 +382,9 @@ static int parse_options(const cJSON *opts, cv_job_spec *j, cv_err *e)
     if (cv_opts_store(opts, &j->opts, methods, e) ||
         check_vector_option(&j->opts, j->blocks.kind == CV_JOB_BLOCKS_LIST ? j->blocks.ngroups : 1,
                             NULL, e))
+        return -1;
+    if (j->method && j->method->resolve &&
+        j->method->resolve(&j->opts, curvature_given, &j->curvature, e))
         return -1;
     if (def->uses_curvature && cv_op_kron_check(&j->opts, j->curvature, e))
         return -1;
@@ -418,7 +421,7 @@ cv_job_spec *cv_job_parse(const cJSON *doc, cv_err *e)
         cv_job_spec_free(j);
         return NULL;
     }
-    if (parse_options(field(doc, "options"), j, e)) {
+    if (parse_options(field(doc, "options"), cu != NULL, j, e)) {
         cv_job_spec_free(j);
         return NULL;
     }

@@ -1,6 +1,6 @@
 /* op_args.h - the argument structs of the ops whose methods live in more
  * than one module: eigen (lanczos, power in ops_estimators.c; gram in
- * ops_vivit.c), newton (cg, minres; vivit) and the ViViT settings they share
+ * ops_vivit.c), newton (cg, minres; vivit; kfac, ekfac, kfra) and the ViViT settings they share
  * with snr.  The option tables write into these fields by offsetof. */
 #ifndef CV_OP_ARGS_H
 #define CV_OP_ARGS_H
@@ -31,7 +31,9 @@ typedef struct {
     cv_vivit_args vivit;
 } cv_eigen_args;
 
-enum { CV_NEWTON_CG = 0, CV_NEWTON_MINRES, CV_NEWTON_VIVIT };
+enum { CV_NEWTON_CG = 0, CV_NEWTON_MINRES, CV_NEWTON_VIVIT, CV_NEWTON_KFAC, CV_NEWTON_EKFAC,
+       CV_NEWTON_KFRA };
+enum { CV_NEWTON_DAMP_EXACT = 0, CV_NEWTON_DAMP_FACTORED };
 enum { CV_NEWTON_DIRECTIONAL = 0, CV_NEWTON_FULL };
 
 typedef struct {
@@ -45,6 +47,8 @@ typedef struct {
     cv_opt_list grid;
     int bootstrap_samples;  /* 0: the engine's default */
     cv_vivit_args vivit;
+    int damping_mode;       /* CV_NEWTON_DAMP_* (kfac, ekfac, kfra) */
+    int rescale;            /* Botev's alpha* with the exact curvature (kfac, ekfac, kfra) */
 } cv_newton_args;
 
 #endif

@@ -465,3 +465,58 @@ int cv_op_kron_solve(cv_op_ctx *c, const cv_block *b, const double *rhs, double 
     cv_kron_diag_free(&inv);
     return 1;
 }
+
+/* ---- the Kronecker Newton step ---------------------------------------------------- */
+
+static int newton_exact_slot(const kslot *ks, const double *rhs, double damping,
+                             const cv_solve_options *so, double *x, int *iterations,
+                             int *converged, cv_err *e)
+{
+    cv_solve_options o = *so;
+    o.damping = damping;
+    cv_solve_result r;
+    if (cv_solve(&ks->op, rhs, &o, &r, NULL, e))
+        return -1;
+    memcpy(x, r.x, sizeof(double) * r.n);
+    *iterations += r.iterations;
+    *converged &= r.converged;
+    cv_solve_result_free(&r);
+    return 0;
+}
+
+int cv_op_kron_newton(cv_op_ctx *c, const cv_block *b, const double *g, double damping,
+                      int factored, const cv_solve_options *so, double *s, int *iterations,
+                      int *converged, int *exact, cv_err *e)
+{
+    kblock *kb = find_block(c, b);
+    *iterations = 0;
+    *converged = 1;
+    *exact = kb && kb->all_kron;
+    if (!kb)
+        return cv_err_set(e, CV_EINTERNAL, "internal", "blocks",
+                          "no Kronecker operator for this block");
+    double *rhs = zeros(b->dim, e);
+    if (!rhs)
+        return -1;
+    for (size_t i = 0; i < b->dim; i++)
+        rhs[i] = -g[i];
+    int rc = 0;
+    for (int q = 0; q < kb->nslots && !rc; q++) {
+        kslot *ks = &kb->s[q];
+        const cv_kron_slot *sl = &kb->d.slots[q];
+        const double *x = rhs + sl->offset;
+        double *y = s + sl->offset;
+        if (ks->factor < 0)
+            rc = newton_exact_slot(ks, x, damping, so, y, iterations, converged, e);
+        else if (factored && sl->s)
+            rc = cv_err_set(e, CV_EINVAL, "invalid_option", "options.damping_mode",
+                            "damping_mode \"factored\" is KFAC's (factored A and B); ekfac's "
+                            "eigenvalues are not a Kronecker product: use \"exact\"");
+        else if (factored)
+            rc = cv_kron_block_factored_inverse(&ks->kb, damping, 1, x, y, NULL, e);
+        else
+            rc = cv_kron_block_inverse(&ks->kb, sl->s, damping, 1, x, y, e);
+    }
+    free(rhs);
+    return rc;
+}

@@ -63,4 +63,16 @@ int cv_op_kron_density(cv_op_ctx *c, const cv_block *b, const cv_density_options
 int cv_op_kron_solve(cv_op_ctx *c, const cv_block *b, const double *rhs, double damping,
                      cJSON *out, cv_err *e);
 
+/* The Kronecker Newton step s = -(M + damping I)^-1 g on block b (newton
+ * kfac/ekfac/kfra), slot by slot: a Kronecker slot by the exact damped
+ * inverse through the factors' eigenbases (factored = 0) or by the factored
+ * damping (A + w sqrt(damping) I) (x) (B + sqrt(damping)/w I) of its own
+ * factors (factored = 1; refused for ekfac values), an exact slot by
+ * so->method (CG/MINRES, tol, max_iter) on its exact curvature plus damping.
+ * *iterations / *converged / *exact: the exact slots' solver iterations
+ * (summed), whether all converged, and whether every slot was Kronecker. */
+int cv_op_kron_newton(cv_op_ctx *c, const cv_block *b, const double *g, double damping,
+                      int factored, const cv_solve_options *so, double *s, int *iterations,
+                      int *converged, int *exact, cv_err *e);
+
 #endif

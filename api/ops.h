@@ -92,6 +92,11 @@ typedef struct cv_op_method {
     cv_op_run_fn run;
     cv_op_check_fn check;         /* after the op's check; may be NULL */
     cv_op_memory_fn memory;       /* NULL: the op's */
+    /* May be NULL.  At parse time, before the Kronecker option checks: the
+     * curvature the job runs with (*kind: the job's, hessian when the job has
+     * no "curvature"; curvature_given says whether it had one); may refuse
+     * (400) or fill options the curvature implies.  newton kfac/ekfac/kfra. */
+    int (*resolve)(cv_opts *o, int curvature_given, cv_curvature *kind, cv_err *e);
 } cv_op_method;
 
 typedef struct cv_op_def {
@@ -121,5 +126,7 @@ extern const cv_op_def cv_op_kfac; /* api/ops_kron.c */
 
 /* ViViT methods (api/ops_vivit.c): eigen "gram", newton "vivit". */
 extern const cv_op_method cv_method_eigen_gram, cv_method_newton_vivit;
+/* Kronecker Newton methods (api/ops_newton_kron.c): newton kfac, ekfac, kfra. */
+extern const cv_op_method cv_method_newton_kfac, cv_method_newton_ekfac, cv_method_newton_kfra;
 
 #endif

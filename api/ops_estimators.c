@@ -112,8 +112,8 @@ static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 }
 
 
-static const cv_op_method trace_hutchinson = {"hutchinson", run_trace, NULL, NULL};
-static const cv_op_method trace_hutchpp = {"hutch++", run_trace, check_hutchpp, NULL};
+static const cv_op_method trace_hutchinson = {"hutchinson", run_trace, NULL, NULL, NULL};
+static const cv_op_method trace_hutchpp = {"hutch++", run_trace, check_hutchpp, NULL, NULL};
 static const cv_op_method *const trace_methods[] = {&trace_hutchinson, &trace_hutchpp, NULL};
 
 /* ---- diag ----------------------------------------------------------------- */
@@ -168,8 +168,8 @@ static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return 0;
 }
 
-static const cv_op_method diag_hutchinson = {"hutchinson", run_diag, NULL, NULL};
-static const cv_op_method diag_exact = {"exact", run_diag, NULL, NULL};
+static const cv_op_method diag_hutchinson = {"hutchinson", run_diag, NULL, NULL, NULL};
+static const cv_op_method diag_exact = {"exact", run_diag, NULL, NULL, NULL};
 static const cv_op_method *const diag_methods[] = {&diag_hutchinson, &diag_exact, NULL};
 
 /* ---- eigen ---------------------------------------------------------------- */
@@ -256,8 +256,8 @@ static int run_eigen(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return 0;
 }
 
-static const cv_op_method eigen_lanczos = {"lanczos", run_eigen, NULL, NULL};
-static const cv_op_method eigen_power = {"power", run_eigen, NULL, NULL};
+static const cv_op_method eigen_lanczos = {"lanczos", run_eigen, NULL, NULL, NULL};
+static const cv_op_method eigen_power = {"power", run_eigen, NULL, NULL, NULL};
 /* indices: CV_EIGEN_LANCZOS, CV_EIGEN_POWER, CV_EIGEN_GRAM */
 static const cv_op_method *const eigen_methods[] = {&eigen_lanczos, &eigen_power,
                                                     &cv_method_eigen_gram, NULL};
@@ -380,8 +380,8 @@ static int run_solve(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 }
 
 /* indices = cv_solve_method */
-static const cv_op_method solve_cg = {"cg", run_solve, NULL, NULL};
-static const cv_op_method solve_minres = {"minres", run_solve, NULL, NULL};
+static const cv_op_method solve_cg = {"cg", run_solve, NULL, NULL, NULL};
+static const cv_op_method solve_minres = {"minres", run_solve, NULL, NULL, NULL};
 static const cv_op_method *const solve_methods[] = {&solve_cg, &solve_minres, NULL};
 
 /* ---- newton ----------------------------------------------------------------- */
@@ -397,6 +397,8 @@ static const cv_opt_spec newton_opts[] = {
     {"mode", CV_OPT_ENUM, 0, 0, "directional|full", NEWT(mode), "vivit"},
     {"grid", CV_OPT_LIST, 0, 0, NULL, NEWT(grid), "vivit"},
     {"bootstrap_samples", CV_OPT_INT, 1, 1e5, NULL, NEWT(bootstrap_samples), "vivit"},
+    {"damping_mode", CV_OPT_ENUM, 0, 0, "exact|factored", NEWT(damping_mode), "kfac|ekfac|kfra"},
+    {"rescale", CV_OPT_BOOL, 0, 0, NULL, NEWT(rescale), "kfac|ekfac|kfra"},
     CV_OPT_VIVIT(cv_newton_args, "vivit"),
     CV_OPT_MC(cv_newton_args),
     CV_OPT_KRON(cv_newton_args),
@@ -454,11 +456,15 @@ static int run_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return rc;
 }
 
-/* indices: CV_NEWTON_CG, CV_NEWTON_MINRES (= cv_solve_method), CV_NEWTON_VIVIT */
-static const cv_op_method newton_cg = {"cg", run_newton, NULL, NULL};
-static const cv_op_method newton_minres = {"minres", run_newton, NULL, NULL};
+/* indices: CV_NEWTON_CG, CV_NEWTON_MINRES (= cv_solve_method), CV_NEWTON_VIVIT,
+ * CV_NEWTON_KFAC, CV_NEWTON_EKFAC, CV_NEWTON_KFRA */
+static const cv_op_method newton_cg = {"cg", run_newton, NULL, NULL, NULL};
+static const cv_op_method newton_minres = {"minres", run_newton, NULL, NULL, NULL};
 static const cv_op_method *const newton_methods[] = {&newton_cg, &newton_minres,
-                                                     &cv_method_newton_vivit, NULL};
+                                                     &cv_method_newton_vivit,
+                                                     &cv_method_newton_kfac,
+                                                     &cv_method_newton_ekfac,
+                                                     &cv_method_newton_kfra, NULL};
 
 /* ---- the op table entries ------------------------------------------------- */
 
@@ -480,6 +486,7 @@ static const char *const solve_results[] = {"method",    "solution",      "resid
 static const char *const newton_results[] = {
     "method",    "damping",       "step", "predicted_change", "residual",
     "iterations", "converged",    "actual_change", "mode", "k", "directions", "dampings",
+    "damping_mode", "alpha",
     FACTOR_RESULTS, CV_KRON_RESULTS, NULL};
 
 /* ---- memory (cv_op_memory_fn): the estimators' own vectors ------------------

@@ -323,7 +323,7 @@ static void mem_eigen_gram(const cv_opts *o, cv_curvature kind, const cv_block *
              gram_cols(&a->vivit, kind, a->base.mc_samples, C), m);
 }
 
-const cv_op_method cv_method_eigen_gram = {"gram", run_gram, check_gram, mem_eigen_gram};
+const cv_op_method cv_method_eigen_gram = {"gram", run_gram, check_gram, mem_eigen_gram, NULL};
 
 /* ---- snr ------------------------------------------------------------------- */
 
@@ -575,7 +575,7 @@ static void mem_snr(const cv_opts *o, cv_curvature kind, const cv_block *b, size
 }
 
 const cv_op_method cv_method_newton_vivit = {"vivit", run_newton_vivit, check_newton_vivit,
-                                             mem_newton_vivit};
+                                             mem_newton_vivit, NULL};
 
 static const char *const snr_results[] = {
     "columns", "curvature_samples", "mc_columns", "gram_path", "curvature_indices",

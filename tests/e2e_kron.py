@@ -18,6 +18,11 @@ non-Kronecker curvature, kflr or kfra with fisher_type mc.  kfra (Botev's recurs
 kflr at N = 1) and ekfac (type-2 and empirical: equal to kfac at N = 1) take every check
 above too, and ekfac's exact trace at N = 8 equals the exact curvature's trace (its values
 are diag(Q^T F Q) of the exact layer blocks).
+newton methods kfac/ekfac/kfra (N = 8; check_newton_kron): damping_mode exact = numpy's solve
+of (dense Kronecker matrix + lam I) s = -g, factored = the inverse of op kfac's damped factors'
+Kronecker product, predicted_change, rescale's alpha against the dense exact curvature, the
+curvature rule (omitted, own, kflr, ggn/fisher_mc/ef), per-layer blocks, refusals; with a
+LayerNorm (exact slot solved by CG) = numpy's solve on the dense kfac matrix.
 Usage: /usr/bin/python3 tests/e2e_kron.py build/curvd.  Ends with 'N passed, M failed'.
 """
 import json
@@ -243,6 +248,161 @@ def check_curvature(d, tag, model, n, curv, ft):
     del names
 
 
+def theta_perm(n_in, n_out):
+    """P as an index map: row-major W~ = [W | b] coordinate -> theta = [vec_r(W), b] index."""
+    idx = []
+    for o in range(n_out):
+        idx += [o * n_in + j for j in range(n_in)] + [n_out * n_in + o]
+    return np.array(idx)
+
+
+def factored_inverse(layers, lam):
+    """The block-diagonal inverse of (A + w sqrt(lam) I) (x) (B + sqrt(lam)/w I) in theta order
+    from op kfac's factors (block = P (B (x) A) P^T)."""
+    blocks = []
+    for L in layers:
+        A, B = np.array(L["A"]), np.array(L["B"])
+        da, db = len(A), len(B)
+        w = np.sqrt((np.trace(A) / da) / (np.trace(B) / db))
+        Ai = np.linalg.inv(A + w * np.sqrt(lam) * np.eye(da))
+        Bi = np.linalg.inv(B + np.sqrt(lam) / w * np.eye(db))
+        K = np.kron(Bi, Ai)
+        p = theta_perm(da - 1, db)
+        T = np.zeros_like(K)
+        T[np.ix_(p, p)] = K
+        blocks.append(T)
+    D = sum(len(b) for b in blocks)
+    out, o = np.zeros((D, D)), 0
+    for b in blocks:
+        out[o:o + len(b), o:o + len(b)] = b
+        o += len(b)
+    return out
+
+
+def check_newton_kron(d):
+    """newton methods kfac/ekfac/kfra (N = 8): exact damping = numpy's solve of (dense
+    Kronecker matrix + lam I) s = -g; factored = the inverse of the damped factors' Kronecker
+    product (op kfac's A, B); rescale alpha = -s^T g / s^T G s with the dense exact curvature;
+    predicted_change = g^T s + 1/2 s^T F~ s; the curvature rule; per-layer blocks; refusals."""
+    lam = 0.05
+    rg = ok_run(d, "newton kron: gradient", {"op": "gradient"})
+    if not rg:
+        return
+    g = np.array(rg["gradient"])
+    D = len(g)
+    # (label, newton job's curvature (None: omitted), method, options, the dense job)
+    cases = (("kfac type-2", None, "kfac", {}, curv_job("kfac", "type-2", op="dense")),
+             ("kflr", "kflr", "kfac", {}, curv_job("kflr", None, op="dense")),
+             ("kfac via ggn", "ggn", "kfac", {}, curv_job("kfac", "type-2", op="dense")),
+             ("kfac mc via fisher_mc", "fisher_mc", "kfac", {"mc_samples": 2},
+              curv_job("kfac", "mc", op="dense")),
+             ("kfac empirical", None, "kfac", {"fisher_type": "empirical"},
+              curv_job("kfac", "empirical", op="dense")),
+             ("ekfac type-2", "ekfac", "ekfac", {}, curv_job("ekfac", "type-2", op="dense")),
+             ("ekfac empirical via ef", "ef", "ekfac", {}, curv_job("ekfac", "empirical",
+                                                                   op="dense")),
+             ("kfra", None, "kfra", {}, curv_job("kfra", None, op="dense")))
+    exact_of = {"type-2": "ggn", "mc": "fisher_mc", "empirical": "ef"}
+    for label, curv, method, opts, djob in cases:
+        rd = ok_run(d, f"newton {label}: dense", djob)
+        job = {"op": "newton", "seed": 4,
+               "options": dict(opts, method=method, damping=lam, actual_change=True)}
+        if curv:
+            job["curvature"] = curv
+        r = ok_run(d, f"newton {label}", job)
+        if not (r and rd):
+            continue
+        M = np.array(rd["matrix"])
+        x = -np.linalg.solve(M + lam * np.eye(D), g)
+        s = np.array(r["step"])
+        pc = g @ s + 0.5 * s @ M @ s
+        check(f"newton {label}: exact step = -(F~ + lam I)^-1 g", rel(s, x) < TOL and
+              r["exact"] is True and r["damping_mode"] == "exact" and r["method"] == method
+              and r["curvature"] == rd["curvature"], f"rel {rel(s, x):.2e} {r.get('curvature')}")
+        check(f"newton {label}: predicted_change = g^T s + s^T F~ s / 2",
+              abs(r["predicted_change"] - pc) <= TOL * abs(pc) and "actual_change" in r
+              and len(r["block_kinds"]) == 3, f"{r['predicted_change']} vs {pc}")
+        if label in ("kfac type-2", "kfac empirical", "kfra"):
+            ft = opts.get("fisher_type", "type-2")
+            ex = exact_of[ft]
+            rr = ok_run(d, f"newton {label} rescale", dict(job, options=dict(
+                job["options"], rescale=True)))
+            rG = ok_run(d, f"newton {label}: dense {ex}", {"op": "dense", "curvature": ex,
+                                                           "seed": 4})
+            if rr and rG:
+                G = np.array(rG["matrix"])
+                alpha = -(x @ g) / (x @ G @ x)
+                sa = np.array(rr["step"])
+                pca = g @ sa + 0.5 * sa @ M @ sa
+                check(f"newton {label} rescale: alpha = -s^T g / s^T G s ({ex}), step alpha s",
+                      abs(rr["alpha"] - alpha) <= TOL * abs(alpha) and
+                      rel(sa, alpha * x) < TOL and
+                      abs(rr["predicted_change"] - pca) <= TOL * abs(pca),
+                      f"{rr.get('alpha')} vs {alpha}")
+        if method != "ekfac" and curv != "kflr":
+            ft = {"kfac mc via fisher_mc": "mc"}.get(label, opts.get("fisher_type", "type-2"))
+            kjob = {"op": "kfac", "seed": 4, "options": {"fisher_type": ft}}
+            if ft == "mc":
+                kjob["options"]["mc_samples"] = 2
+            rk = ok_run(d, f"newton {label}: op kfac", kjob) if method == "kfac" else None
+            if method == "kfra":  # kfra's own factors are not op kfac's: the dense check
+                continue
+            rf = ok_run(d, f"newton {label} factored", dict(job, options=dict(
+                job["options"], damping_mode="factored")))
+            if rk and rf:
+                Minv = factored_inverse(rk["layers"], lam)
+                xf = -Minv @ g
+                check(f"newton {label} factored = inverse of the damped factors' product",
+                      rel(rf["step"], xf) < TOL and rf["damping_mode"] == "factored",
+                      f"rel {rel(rf['step'], xf):.2e}")
+    # per-layer blocks: the same step (block-diagonal)
+    r = ok_run(d, "newton kfac blocks layer", {"op": "newton", "blocks": "layer",
+                                               "options": {"method": "kfac", "damping": lam}})
+    rf = ok_run(d, "newton kfac full", {"op": "newton", "options": {"method": "kfac",
+                                                                     "damping": lam}})
+    if r and rf:
+        st = np.concatenate([b["step"] for b in r["blocks"]])
+        check("newton kfac blocks layer = the full step", rel(st, rf["step"]) < 1e-12)
+    for job, code, what in (
+            ({"op": "newton", "options": {"method": "ekfac", "damping_mode": "factored"}},
+             "invalid_option", "ekfac factored"),
+            ({"op": "newton", "curvature": "hessian", "options": {"method": "kfac"}},
+             "invalid_curvature", "method kfac with curvature hessian"),
+            ({"op": "newton", "curvature": "kfac", "options": {"method": "ekfac"}},
+             "invalid_curvature", "method ekfac with curvature kfac"),
+            ({"op": "newton", "curvature": "fisher_mc",
+              "options": {"method": "kfac", "fisher_type": "type-2"}},
+             "invalid_option", "fisher_mc with fisher_type type-2"),
+            ({"op": "newton", "curvature": "ef", "options": {"method": "kfra"}},
+             "invalid_option", "kfra of ef"),
+            ({"op": "newton", "curvature": "ggn", "options": {"damping_mode": "factored"}},
+             "invalid_option", "damping_mode with method cg"),
+            ({"op": "newton", "options": {"method": "kfac", "damping_mode": "factored",
+                                          "damping": -1}},
+             "invalid_option", "factored with negative damping"),
+            ({"op": "newton", "options": {"method": "kfac", "damping": 0}},
+             "not_positive_definite", "kfac damping 0 with a singular factor")):
+        rc, r = run(d, job)
+        check(f"newton refused: {what}", rc != 0 and r.get("error", {}).get("code") == code,
+              str(r)[:200])
+
+
+def check_newton_mixed(d):
+    """A LayerNorm layer (exact slot) in newton kfac: its block by CG on the exact ggn block
+    (exact false, iterations > 0); the step = numpy's solve on the dense kfac matrix."""
+    lam = 0.05
+    r = ok_run(d, "layernorm newton kfac", {"op": "newton", "options": {
+        "method": "kfac", "damping": lam, "tol": 1e-12}})
+    rd = ok_run(d, "layernorm kfac dense (newton)", {"op": "dense", "curvature": "kfac"})
+    rg = ok_run(d, "layernorm gradient", {"op": "gradient"})
+    if r and rd and rg:
+        M, g = np.array(rd["matrix"]), np.array(rg["gradient"])
+        x = -np.linalg.solve(M + lam * np.eye(len(g)), g)
+        check("layernorm newton kfac: CG on the exact slot, Kronecker inverse elsewhere",
+              rel(r["step"], x) < TOL and r["exact"] is False and r["iterations"] > 0 and
+              r["converged"] is True, f"rel {rel(r['step'], x):.2e} {r.get('iterations')}")
+
+
 def check_mixed(d):
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).eval()
@@ -260,6 +420,7 @@ def check_mixed(d):
     if r:
         check("layernorm kfac trace: estimator (exact false)", r["exact"] is False and
               r["probes"] > 0)
+    check_newton_mixed(d)
     r = ok_run(d, "layernorm kfac trace layer", {"op": "trace", "curvature": "kfac",
                                                  "blocks": "layer"})
     if r:
@@ -312,6 +473,7 @@ def main():
                 check_curvature(d, f"N={n}", model, n, curv, ft)
             if n > 1:
                 check_ekfac_trace(d)
+                check_newton_kron(d)
         check_refusals(d)
         check_mixed(d)
     print(f"e2e_kron: {time.time() - t0:.1f} s")

@@ -529,6 +529,8 @@ START_TEST(results_match_the_table)
         "{\"op\":\"density\",\"curvature\":\"kfac\",\"options\":{\"grid_points\":10}}",
         "{\"op\":\"solve\",\"curvature\":\"kfac\",\"options\":{\"damping\":1}}",
         "{\"op\":\"newton\",\"curvature\":\"kfac\",\"options\":{\"damping\":1}}",
+        "{\"op\":\"newton\",\"options\":{\"method\":\"kfac\",\"damping\":1,"
+        "\"damping_mode\":\"factored\",\"rescale\":true}}",
     };
     fixture f;
     fx_make(&f);
