@@ -68,7 +68,7 @@ NOT_COMPARED = {"elapsed_s", "micro_batches", "micro_batch_size", "cached_micro_
 MB_FIELDS = ("micro_batches", "micro_batch_size", "cached_micro_batches", "peak_memory_bytes")
 # Residuals are rounding-level numbers (a converged relative residual ~1e-7 changes by 100%
 # with the summation order): compared to 1e-4 absolute after scaling by max(1, |lambda_max|).
-RESIDUAL_FIELDS = {"residual", "residuals"}
+RESIDUAL_FIELDS = {"residual", "residuals", "newton_cg_residual", "relative_frobenius_error"}
 # Eigenvectors move by ~eps * lambda_max / gap under a float32 perturbation; with the
 # clustered spectra of these nets (gaps ~1e-2 lambda_max) that is ~1e-5..1e-4: 1e-3.
 VECTOR_RTOL = {"eigenvectors": 1e-3}
@@ -76,8 +76,16 @@ VECTOR_RTOL = {"eigenvectors": 1e-3}
 # residual lies within rounding of tol, one summation order stops there and another one
 # iteration later (seen at tol 1e-5 and 1e-7).  Their counts may differ by one (the
 # solution then differs by about tol, within RTOL); every other count must be equal.
-ITER_FIELDS = {"iterations", "matvecs"}
-ITER_SLACK_OPS = {"solve", "newton"}
+ITER_FIELDS = {"iterations", "matvecs", "newton_cg_iterations"}
+ITER_SLACK_OPS = {"solve", "newton", "kfac"}
+# kfac's compare runs a Lanczos and a CG per layer: each may stop one step apart, so its
+# counts (summed into matvecs; per layer in newton_cg_iterations) get one per layer.
+ITER_SLACK = {"kfac": 16}
+
+
+def iter_slack(job):
+    """How far job's ITER_FIELDS counts may differ between summation orders."""
+    return ITER_SLACK.get(job["op"], 1) if job["op"] in ITER_SLACK_OPS else 0
 
 
 # ---- the cases ---------------------------------------------------------------------------
@@ -233,7 +241,7 @@ CURVATURES = ("hessian", "ggn", "fisher_mc", "ef")
 FACTOR_ONLY = {("eigen", "gram"), ("newton", "vivit"), ("snr", None)}
 
 
-def job_variants(op, spec, curv, damping, dense_blocks=None):
+def job_variants(op, spec, curv, damping, dense_blocks=None, kfra=True):
     """(label, job) for every method of op (spec: its GET /v1/ops entry) on curvature curv
     (None for ops without one); damping: for solve and newton (positive definite system);
     dense_blocks: the blocks of dense and exact diag (None: the full vector)."""
@@ -293,10 +301,21 @@ def job_variants(op, spec, curv, damping, dense_blocks=None):
         elif op == "newton" and m in ("cg", "minres"):
             out.append(j("newton " + m, dict(mo, damping=damping, tol=1e-5,
                                              actual_change=True)))
+        elif op == "newton" and m in ("kfac", "ekfac", "kfra"):
+            # the factors approximate ggn / fisher_mc / ef (kfra: ggn only), not the Hessian
+            if curv == "hessian" or (m == "kfra" and (curv != "ggn" or not kfra)):
+                continue
+            out.append(j("newton " + m, dict(mo, damping=damping, actual_change=True)))
         elif op == "newton" and m == "vivit":
             out.append(j("newton vivit bootstrap", dict(mo, k=3, damping="bootstrap",
                                                         bootstrap_samples=20)))
             out.append(j("newton vivit full", dict(mo, mode="full", damping=damping)))
+        elif op == "kfac":
+            # damping 1 (the MLP's GGN: lambda_max ~0.3): compare's CG converges in a few
+            # well-conditioned steps, not ~200 whose count rounding decides
+            out.append(j("kfac compare", {"compare": True, "damping": 1.0}))
+            out.append(j("kfac mc reduce", {"fisher_type": "mc", "mc_samples": 2,
+                                            "kfac_approx": "reduce"}))
         elif op == "snr":
             out.append(j("snr", {"k": 3, "return_raw": True}))
             out.append(j("snr mc subsample", {"k": 2, "mc": True, "subsample": 0.5}))
@@ -366,7 +385,7 @@ def run_three_ways(tag, d, label, job, notes=None):
         return ref
     check(name + ": cached micro-batch fields",
           mb_fields_ok(cached, mbs, MB, mbs), str({k: cached.get(k) for k in MB_FIELDS}))
-    slack = 1 if job["op"] in ITER_SLACK_OPS else 0
+    slack = iter_slack(job)
     diff = result_diff(cached, ref, iter_slack=slack)
     check(name + ": micro_batch 7 (cached) = un-budgeted", not diff, "; ".join(diff[:4]))
     peak = cached.get("peak_memory_bytes")
@@ -406,7 +425,8 @@ def check_matrix(tag, d, specs, run=None, how="three ways"):
             if (curv is None) == spec["uses_curvature"]:
                 continue
             damping = spd_damping(ext.get("largest", 1.0), ext.get("smallest", 0.0))
-            for label, job in job_variants(op, spec, curv, damping, DENSE_BLOCKS.get(tag)):
+            for label, job in job_variants(op, spec, curv, damping, DENSE_BLOCKS.get(tag),
+                                           kfra=tag == "mlp"):  # Sequential Linear chains
                 if not check(f"{tag} {op}: a job for every method", job is not None, label):
                     continue
                 ref = run(tag, d, label, job, notes)

@@ -119,7 +119,7 @@ def compare(name, ref, job, d, ranks, n, data=None, mb_size=None):
     check(name + ": micro-batch fields describe rank 0's shard",
           mb.mb_fields_ok(res, mbs, size, mbs),
           f"shard {s0}: {str({k: res.get(k) for k in mb.MB_FIELDS})}")
-    slack = 1 if job["op"] in mb.ITER_SLACK_OPS else 0
+    slack = mb.iter_slack(job)
     diff = mb.result_diff({k: v for k, v in res.items() if k not in DP_FIELDS}, ref,
                           iter_slack=slack)
     check(name + ": = single-process", not diff, "; ".join(diff[:4]))
