@@ -143,40 +143,35 @@ int cv_kron_block_eig(cv_kron_block *kb, cv_err *e)
 
 /* ---- mapping ----------------------------------------------------------------- */
 
-void cv_kron_theta_to_mat(const cv_kron_block *kb, int k, const double *theta, double *mat)
+/* k vectors between theta's order and W~'s row-major order (to_mat 1: theta
+ * to W~): row o of W~ is W's row o followed by b_o. */
+static void permute(const cv_kron_block *kb, int k, const double *src, double *dst, int to_mat)
 {
     size_t dim = kb->dim;
     int da = kb->dim_a, in = kb->in, out = kb->dim_b;
     for (int c = 0; c < k; c++) {
-        const double *t = theta + (size_t)c * dim;
-        double *m = mat + (size_t)c * dim;
+        const double *x = src + (size_t)c * dim;
+        double *y = dst + (size_t)c * dim;
         if (!kb->has_bias) {
-            memcpy(m, t, sizeof(double) * dim);
+            memcpy(y, x, sizeof(double) * dim);
             continue;
         }
         for (int o = 0; o < out; o++) {
-            memcpy(m + (size_t)o * da, t + (size_t)o * in, sizeof(double) * (size_t)in);
-            m[(size_t)o * da + in] = t[(size_t)out * in + o];
+            size_t w = (size_t)o * in, m = (size_t)o * da, bias = (size_t)out * in + o;
+            memcpy(y + (to_mat ? m : w), x + (to_mat ? w : m), sizeof(double) * (size_t)in);
+            y[to_mat ? m + in : bias] = x[to_mat ? bias : m + in];
         }
     }
 }
 
+void cv_kron_theta_to_mat(const cv_kron_block *kb, int k, const double *theta, double *mat)
+{
+    permute(kb, k, theta, mat, 1);
+}
+
 void cv_kron_mat_to_theta(const cv_kron_block *kb, int k, const double *mat, double *theta)
 {
-    size_t dim = kb->dim;
-    int da = kb->dim_a, in = kb->in, out = kb->dim_b;
-    for (int c = 0; c < k; c++) {
-        const double *m = mat + (size_t)c * dim;
-        double *t = theta + (size_t)c * dim;
-        if (!kb->has_bias) {
-            memcpy(t, m, sizeof(double) * dim);
-            continue;
-        }
-        for (int o = 0; o < out; o++) {
-            memcpy(t + (size_t)o * in, m + (size_t)o * da, sizeof(double) * (size_t)in);
-            t[(size_t)out * in + o] = m[(size_t)o * da + in];
-        }
-    }
+    permute(kb, k, mat, theta, 0);
 }
 
 /* ---- two-sided products ---------------------------------------------------------
