@@ -240,12 +240,12 @@ static int kron_layer_json(cv_op_ctx *c, const kfac_args *a, const cv_kron_facto
         return -1;
     /* eigenvalues only unless compare needs the eigenvectors too */
     double *la = malloc(sizeof(double) * (size_t)(f->dim_a + f->dim_b)), *mb = la + f->dim_a;
-    int rc = !la ? cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "factor eigenvalues")
+    int rc = !la         ? cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "factor eigenvalues")
              : a->compare ? cv_kron_block_eig(&kb, e)
-                          : cv_kron_factor_eigenvalues(f->A, f->dim_a, la, e) ||
-                                    cv_kron_factor_eigenvalues(f->B, f->dim_b, mb, e)
-                                ? -1
-                                : 0;
+             : cv_kron_factor_eigenvalues_rank(f->A, f->dim_a, f->rank_a, la, e) ||
+                     cv_kron_factor_eigenvalues_rank(f->B, f->dim_b, f->rank_b, mb, e)
+                 ? -1
+                 : 0;
     if (!rc && a->compare) {
         memcpy(la, kb.lam_a, sizeof(double) * (size_t)f->dim_a);
         memcpy(mb, kb.mu_b, sizeof(double) * (size_t)f->dim_b);

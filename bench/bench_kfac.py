@@ -15,8 +15,12 @@ of --reps of forward + backward passes + the factor GEMMs (+ eigenvalues of each
 curvd reports them).  Both sides pinned to --threads BLAS threads.  The traces tr(A) tr(B)
 per layer must agree to 1e-4 relative (float32 sums in different orders).
 
+Second target: one KFAC natural-gradient step (op newton, method kfac, damping 1e-3,
+damping_mode exact) on the bench MLP against curvd's own op gradient on the same batch,
+the ratio of the best-of-reps times (issue 22: <= 3x); --step-cases.
+
 Usage: python3 bench/bench_kfac.py [--curvd build/curvd] [--cases mlp,cnn] [--threads 2]
-       [--reps 3] [--fisher type-2,empirical] [--json]
+       [--reps 3] [--fisher type-2,empirical] [--step-cases mlp] [--json]
 """
 import argparse
 import json
@@ -103,6 +107,11 @@ def time_torch(model, x, y, fisher, reps):
 
 def run_curvd(curvd, d, fisher, threads, reps):
     job = {"op": "kfac", "options": {"fisher_type": fisher, "return_factors": False}}
+    return run_job(curvd, d, job, threads, reps)
+
+
+def run_job(curvd, d, job, threads, reps):
+    """Best elapsed_s of reps runs of one curvd job on the files in d, and the last result."""
     best, res = None, None
     for _ in range(reps):
         p = subprocess.run([curvd, "run", "--arch", os.path.join(d, "arch.json"),
@@ -117,6 +126,31 @@ def run_curvd(curvd, d, fisher, threads, reps):
     return best, res
 
 
+def time_step(args, cases, name):
+    """The issue's second target: one KFAC natural-gradient step -(F~ + lambda I)^-1 g
+    (op newton, method kfac: the type-2 factors, their eigendecompositions, the gradient,
+    the step) against curvd's own op gradient on the same batch, each the best of reps."""
+    make, shape, n = cases[name]
+    torch.manual_seed(1)
+    model = make().eval()
+    x = torch.randn(n, *shape)
+    y = torch.randint(0, 10, (n,))
+    with tempfile.TemporaryDirectory() as d:
+        arch, params = export_model(model, torch.nn.CrossEntropyLoss(), shape, 1, x)
+        with open(os.path.join(d, "arch.json"), "w") as f:
+            json.dump(arch, f)
+        with open(os.path.join(d, "params.safetensors"), "wb") as f:
+            f.write(params)
+        with open(os.path.join(d, "data.safetensors"), "wb") as f:
+            f.write(export_dataset(x, y))
+        job = {"op": "newton", "options": {"method": "kfac", "damping": 1e-3,
+                                           "damping_mode": "exact"}}
+        tn, rn = run_job(args.curvd, d, job, args.threads, args.reps)
+        tg, rg = run_job(args.curvd, d, {"op": "gradient"}, args.threads, args.reps)
+    ok = len(rn.get("step", [])) == rg.get("num_params") and rn.get("method") == "kfac"
+    return {"case": name, "n": n, "newton_s": tn, "gradient_s": tg, "ratio": tn / tg, "ok": ok}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--curvd", default=os.path.join(HERE, "..", "build", "curvd"))
@@ -124,6 +158,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fisher", default="type-2,empirical")
+    ap.add_argument("--step-cases", default="mlp",
+                    help="cases timing the KFAC natural-gradient step against the gradient "
+                         "('' for none)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -155,8 +192,12 @@ def main():
                 bad += worst > 1e-4 or len(kron) != len(ref)
                 rows.append({"case": name, "n": n, "fisher_type": fisher, "curvd_s": tc,
                              "torch_s": tt, "speedup": tt / tc, "trace_rel_diff": worst})
+    steps = []
+    for name in args.step_cases.split(",") if args.step_cases else []:
+        steps.append(time_step(args, cases, name))
+        bad += not steps[-1]["ok"]
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps({"factors": rows, "kfac_step": steps}, indent=1))
     else:
         print(f"threads {args.threads}, best of {args.reps}")
         print("| case | N | fisher_type | curvd s | torch s | speed-up | traces rel. diff |")
@@ -164,6 +205,14 @@ def main():
         for r in rows:
             print(f"| {r['case']} | {r['n']} | {r['fisher_type']} | {r['curvd_s']:.4g} | "
                   f"{r['torch_s']:.4g} | {r['speedup']:.2f}x | {r['trace_rel_diff']:.1e} |")
+        if steps:
+            print("\nKFAC natural-gradient step (op newton, method kfac, damping 1e-3, exact) "
+                  "against curvd's gradient on the same batch (target <= 3x)")
+            print("| case | N | newton kfac s | gradient s | ratio |")
+            print("|---|---:|---:|---:|---:|")
+            for r in steps:
+                print(f"| {r['case']} | {r['n']} | {r['newton_s']:.4g} | {r['gradient_s']:.4g} | "
+                      f"{r['ratio']:.2f}x |")
     return 1 if bad else 0
 
 

@@ -180,6 +180,21 @@ static void scale(double *x, size_t n, double w)
         x[i] *= w;
 }
 
+/* rank_a / rank_b: the rows summed into A and B (R positions per sample:
+ * the layer's output numel over its output features; reduce sums them to one),
+ * at most the dimension. */
+static void rank_bounds(const cv_model *m, cv_kron_factor *f, cv_kron_approx approx, long N,
+                        int mc_samples, cv_kron_fisher fisher)
+{
+    long R = (long)(cv_shape_numel(&m->layers[f->layer].out_shape) / (size_t)f->dim_b);
+    long rows = N * (approx == CV_KRON_REDUCE || R < 1 ? 1 : R);
+    long k = fisher == CV_KRON_TYPE2 ? cv_model_output_dim(m)
+             : fisher == CV_KRON_MC  ? (mc_samples > 0 ? mc_samples : 1)
+                                     : 1;
+    f->rank_a = rows < f->dim_a ? rows : f->dim_a;
+    f->rank_b = rows * k < f->dim_b ? rows * k : f->dim_b;
+}
+
 int cv_curv_kron(cv_curv *c, const cv_kron_options *o, cv_kron *out, cv_err *e)
 {
     memset(out, 0, sizeof *out);
@@ -220,6 +235,8 @@ int cv_curv_kron(cv_curv *c, const cv_kron_options *o, cv_kron *out, cv_err *e)
         scale(f->A, (size_t)f->dim_a * f->dim_a, 1.0 / N);
         scale(f->B, (size_t)f->dim_b * f->dim_b, w);
     }
+    for (int i = 0; i < out->nfactors; i++)
+        rank_bounds(m, &out->factors[i], opt.approx, (long)N, co->mc_samples, opt.fisher_type);
     out->columns = opt.fisher_type == CV_KRON_TYPE2 ? cv_model_output_dim(m)
                    : opt.fisher_type == CV_KRON_MC  ? (co->mc_samples > 0 ? co->mc_samples : 1)
                                                     : 1;

@@ -57,6 +57,8 @@ typedef struct {
     int has_bias;
     int dim_a, dim_b;             /* in (+1 with a bias; Conv: in*kh*kw (+1)), out */
     double *A, *B;                /* dim_a^2 and dim_b^2, row-major, symmetric */
+    long rank_a, rank_b;          /* the outer products summed into A and B (bounds on
+                                   * their ranks in exact arithmetic) */
 } cv_kron_factor;
 
 typedef struct {

@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "rng.h"
+
 /* ---- helpers ----------------------------------------------------------------- */
 
 static void *kr_alloc(size_t count, size_t size, const char *what, cv_err *e)
@@ -111,6 +113,68 @@ static int factor_eig(const double *F, int n, double *q, double *w, const char *
 
 int cv_kron_factor_eigenvalues(const double *F, int n, double *w, cv_err *e)
 {
+    return cv_kron_factor_eigenvalues_rank(F, n, n, w, e);
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Rayleigh-Ritz on the range of F: Q = orth(F Omega) (n x k, Omega a fixed
+ * Gaussian n x k), the eigenvalues of Q^T F Q, and n - k zeros.  With
+ * rank(F) <= k - 8 in exact arithmetic the range of F Omega holds the range
+ * of F (Omega has full rank with probability 1), so these are F's
+ * eigenvalues up to F's own rounding (the float32 noise of its sums, see
+ * factor_eig_job): Weyl's bound. */
+static int factor_eig_ritz(const double *F, int n, int k, double *w, cv_err *e)
+{
+    size_t nk = (size_t)n * k;
+    double *Y = kr_alloc(2 * nk + (size_t)k * k + k, sizeof(double), "Kronecker factor range", e);
+    if (!Y)
+        return -1;
+    double *Z = Y + nk, *M = Z + nk, *tau = M + (size_t)k * k;
+    cv_rng r;
+    cv_rng_seed(&r, 0x6b726f6eULL + (uint64_t)n);
+    cv_rng_gaussian(&r, Z, nk);
+    /* F is symmetric: its row-major and column-major readings agree */
+    cblas_dgemm(CblasColMajor, CblasNoTrans, CblasNoTrans, n, k, n, 1.0, F, n, Z, n, 0.0, Y, n);
+    lapack_int info = LAPACKE_dgeqrf(LAPACK_COL_MAJOR, n, k, Y, n, tau);
+    if (!info)
+        info = LAPACKE_dorgqr(LAPACK_COL_MAJOR, n, k, k, Y, n, tau);
+    if (!info) {
+        cblas_dgemm(CblasColMajor, CblasNoTrans, CblasNoTrans, n, k, n, 1.0, F, n, Y, n, 0.0, Z,
+                    n);
+        cblas_dgemm(CblasColMajor, CblasTrans, CblasNoTrans, k, k, n, 1.0, Y, n, Z, n, 0.0, M, k);
+        for (int i = 0; i < k; i++) /* symmetrize the rounding */
+            for (int j = i + 1; j < k; j++)
+                M[(size_t)i * k + j] = M[(size_t)j * k + i] =
+                    0.5 * (M[(size_t)i * k + j] + M[(size_t)j * k + i]);
+        memset(w, 0, sizeof(double) * (size_t)(n - k));
+        info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'N', 'U', k, M, k, w + (n - k));
+    }
+    free(Y);
+    if (info)
+        return cv_err_set(e, info == LAPACK_WORK_MEMORY_ERROR ? CV_ENOMEM : CV_EINTERNAL,
+                          info == LAPACK_WORK_MEMORY_ERROR ? "out_of_memory" : "internal", "",
+                          "eigenvalues of a Kronecker factor on its range (n = %d, k = %d) "
+                          "failed: info %d", n, k, (int)info);
+    qsort(w, (size_t)n, sizeof(double), cmp_double);
+    double mx = fmax(fabs(w[0]), fabs(w[n - 1]));
+    double tol = sqrt((double)n) * FLT_EPSILON * mx;
+    for (int i = 0; i < n; i++)
+        if (fabs(w[i]) <= tol)
+            w[i] = 0;
+    return 0;
+}
+
+int cv_kron_factor_eigenvalues_rank(const double *F, int n, long rank, double *w, cv_err *e)
+{
+    /* the range route pays 4 n^2 k flops of dgemm against dsyevd's ~(4/3) n^3, half
+     * of it memory-bound symmetric matrix-vector products */
+    if (rank >= 0 && rank + 8 <= n / 4)
+        return factor_eig_ritz(F, n, (int)rank + 8, w, e);
     double *q = kr_alloc((size_t)n * n, sizeof(double), "Kronecker factor copy", e);
     int rc = q ? factor_eig_job(F, n, q, w, 'N', "", e) : -1;
     free(q);
@@ -415,12 +479,6 @@ int cv_kron_block_logdet(cv_kron_block *kb, const double *s, double lambda, doub
     free(w);
     *out = sum;
     return 0;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 int cv_kron_block_eigenvalues(cv_kron_block *kb, const double *s, double *vals, cv_err *e)

@@ -80,6 +80,12 @@ void cv_kron_block_free(cv_kron_block *kb);
 /* The eigenvalues w (n, ascending) of one symmetric n x n factor, without
  * its eigenvectors (dsyevd 'N': several times cheaper), rounded as above. */
 int cv_kron_factor_eigenvalues(const double *F, int n, double *w, cv_err *e);
+/* The same given rank >= rank(F) in exact arithmetic (F a sum of `rank` outer
+ * products, cv_kron_factor's rank_a / rank_b): when rank is well below n the
+ * eigenvalues come from F on its range (Rayleigh-Ritz on orth(F Omega), a fixed
+ * Gaussian Omega with rank + 8 columns; the other n - rank - 8 are 0), equal
+ * to dsyevd's up to the factor's own float32 rounding; else as above. */
+int cv_kron_factor_eigenvalues_rank(const double *F, int n, long rank, double *w, cv_err *e);
 
 /* Computes and caches the factors' eigendecompositions (dsyevd; a no-op once
  * done).  Every function below that needs them calls it. */

@@ -855,6 +855,31 @@ static int conv_kron_a_add(const cv_layer_ctx *c, int approx, double *A)
     return rc;
 }
 
+/* Expand: S = sum_r G_r G_r^T over the R cotangents G_r (cout x P each), the
+ * G_r of a block of samples laid side by side (cout x rb*P) so that one ssyrk
+ * takes the block (not one small call per sample). */
+static int kron_b_expand(const cv_layer_ctx *c, const conv_dims *d, size_t R, const float *gy,
+                         float *S)
+{
+    size_t per = (size_t)d->cout * d->P;
+    size_t rb = per >= CV_KRON_CHUNK_FLOATS ? 1 : CV_KRON_CHUNK_FLOATS / per;
+    rb = rb < R ? rb : R;
+    float *G = malloc(sizeof(float) * per * rb);
+    if (!G)
+        return -1;
+    for (size_t r0 = 0; r0 < R; r0 += rb) {
+        size_t m = R - r0 < rb ? R - r0 : rb, ld = m * d->P;
+        for (size_t r = 0; r < m; r++)
+            for (int o = 0; o < d->cout; o++)
+                memcpy(G + (size_t)o * ld + r * d->P,
+                       gy + (r0 + r) * c->out_numel + (size_t)o * d->P, sizeof(float) * d->P);
+        cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, d->cout, (int)ld, 1.0f, G, (int)ld,
+                    r0 ? 1.0f : 0.0f, S, d->cout);
+    }
+    free(G);
+    return 0;
+}
+
 static int conv_kron_b_add(const cv_layer_ctx *c, int k, const float *gy, int approx,
                            double *B)
 {
@@ -879,10 +904,9 @@ static int conv_kron_b_add(const cv_layer_ctx *c, int k, const float *gy, int ap
             }
         cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, d.cout, (int)R, 1.0f, sums, d.cout,
                     0.0f, S, d.cout);
-    } else {
-        for (size_t r = 0; r < R; r++) /* sample r's cotangent: cout x P */
-            cblas_ssyrk(CblasRowMajor, CblasUpper, CblasNoTrans, d.cout, d.P, 1.0f,
-                        gy + r * c->out_numel, d.P, r ? 1.0f : 0.0f, S, d.cout);
+    } else if (kron_b_expand(c, &d, R, gy, S)) {
+        free(S);
+        return -1;
     }
     cv_kron_add_sym(d.cout, S, 1.0, B, d.cout);
     free(S);

@@ -11,6 +11,7 @@
 
 #include "engine/estimators.h"
 #include "engine/kronop.h"
+#include "engine/rng.h"
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -775,6 +776,46 @@ START_TEST(heap_topk_equals_sort)
 }
 END_TEST
 
+/* A factor with rank r well below n (a sum of r outer products of float32
+ * rows, as the Kronecker kernels form them): its eigenvalues from its range
+ * (cv_kron_factor_eigenvalues_rank) equal dsyevd's, the noise ones 0 in both. */
+START_TEST(factor_eigenvalues_on_range)
+{
+    const int n = 300, r = 40;
+    double *F = calloc((size_t)n * n, sizeof(double));
+    double *w1 = malloc(sizeof(double) * n), *w2 = malloc(sizeof(double) * n);
+    float *U = malloc(sizeof(float) * (size_t)r * n);
+    cv_rng g;
+    cv_rng_seed(&g, 7);
+    for (int i = 0; i < r * n; i++)
+        U[i] = (float)(cv_rng_normal(&g) * (i % 5 == 0 ? 3.0 : 1.0));
+    for (int a = 0; a < r; a++)
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < n; j++)
+                F[(size_t)i * n + j] += (double)(U[a * n + i] * U[a * n + j]);
+    cv_err e;
+    ck_assert_int_eq(cv_kron_factor_eigenvalues(F, n, w1, &e), 0);
+    ck_assert_int_eq(cv_kron_factor_eigenvalues_rank(F, n, r, w2, &e), 0);
+    double num = 0, den = 0;
+    int nz1 = 0, nz2 = 0;
+    for (int i = 0; i < n; i++) {
+        num += (w1[i] - w2[i]) * (w1[i] - w2[i]);
+        den += w1[i] * w1[i];
+        nz1 += w1[i] != 0;
+        nz2 += w2[i] != 0;
+        if (i)
+            ck_assert(w2[i - 1] <= w2[i]);
+    }
+    ck_assert_msg(sqrt(num / den) < 1e-12, "rel %g", sqrt(num / den));
+    ck_assert_int_eq(nz1, r);
+    ck_assert_int_eq(nz2, r);
+    free(F);
+    free(w1);
+    free(w2);
+    free(U);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("kronop");
@@ -789,6 +830,7 @@ static Suite *suite(void)
     tcase_add_test(t, ekfac_rotation_and_operator);
     tcase_add_test(t, block_diagonal_linop);
     tcase_add_test(t, heap_topk_equals_sort);
+    tcase_add_test(t, factor_eigenvalues_on_range);
     suite_add_tcase(s, t);
     return s;
 }
