@@ -226,9 +226,11 @@ static int cmd_run(int argc, char **argv)
     rc = !res || (rank == 0 && run_print(res, a.vectors_out, &e)) ? 1 : 0;
     cJSON_Delete(res);
     run_free(&r);
-    cv_cluster_leave(r.cl);
+    /* rank 0 reports before leaving: once the others exit (non-zero on an
+     * error), mpirun may kill it */
     if (rc && rank == 0)
-        return run_fail(&e, rc);
+        run_fail(&e, rc);
+    cv_cluster_leave(r.cl);
     return rc;
 }
 
