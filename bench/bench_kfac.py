@@ -105,6 +105,17 @@ def time_torch(model, x, y, fisher, reps):
     return best, res
 
 
+def write_case(d, model, shape, x, y):
+    """The model (CrossEntropyLoss) and the batch as curvd run's files in d."""
+    arch, params = export_model(model, torch.nn.CrossEntropyLoss(), shape, 1, x)
+    with open(os.path.join(d, "arch.json"), "w") as f:
+        json.dump(arch, f)
+    with open(os.path.join(d, "params.safetensors"), "wb") as f:
+        f.write(params)
+    with open(os.path.join(d, "data.safetensors"), "wb") as f:
+        f.write(export_dataset(x, y))
+
+
 def run_curvd(curvd, d, fisher, threads, reps):
     job = {"op": "kfac", "options": {"fisher_type": fisher, "return_factors": False}}
     return run_job(curvd, d, job, threads, reps)
@@ -136,13 +147,7 @@ def time_step(args, cases, name):
     x = torch.randn(n, *shape)
     y = torch.randint(0, 10, (n,))
     with tempfile.TemporaryDirectory() as d:
-        arch, params = export_model(model, torch.nn.CrossEntropyLoss(), shape, 1, x)
-        with open(os.path.join(d, "arch.json"), "w") as f:
-            json.dump(arch, f)
-        with open(os.path.join(d, "params.safetensors"), "wb") as f:
-            f.write(params)
-        with open(os.path.join(d, "data.safetensors"), "wb") as f:
-            f.write(export_dataset(x, y))
+        write_case(d, model, shape, x, y)
         job = {"op": "newton", "options": {"method": "kfac", "damping": 1e-3,
                                            "damping_mode": "exact"}}
         tn, rn = run_job(args.curvd, d, job, args.threads, args.reps)
@@ -174,13 +179,7 @@ def main():
         x = torch.randn(n, *shape)
         y = torch.randint(0, 10, (n,))
         with tempfile.TemporaryDirectory() as d:
-            arch, params = export_model(model, torch.nn.CrossEntropyLoss(), shape, 1, x)
-            with open(os.path.join(d, "arch.json"), "w") as f:
-                json.dump(arch, f)
-            with open(os.path.join(d, "params.safetensors"), "wb") as f:
-                f.write(params)
-            with open(os.path.join(d, "data.safetensors"), "wb") as f:
-                f.write(export_dataset(x, y))
+            write_case(d, model, shape, x, y)
             for fisher in args.fisher.split(","):
                 tc, res = run_curvd(args.curvd, d, fisher, args.threads, args.reps)
                 tt, ref = time_torch(model, x, y, fisher, args.reps)
