@@ -12,6 +12,8 @@
 #   make build-tests      build curvd, the suites and bench_ops, run nothing (-j friendly)
 #   make unit-portable    test_cnn once more, built without the AVX-512 direct kernels
 #   make e2e              the end-to-end scripts tests/e2e_*.sh and tests/e2e_*.py
+#   make python [PY=venv/bin/python]  install the Python packages curvd (in-process,
+#                         with build/libcurvd.so) and curvd_client into PY's environment
 #   make bench [BENCH_ARGS=...]  curvd vs PyTorch (bench/README.md)
 #   make bench-mpi [BENCH_ARGS=...]  data-parallel speed-up under mpirun (bench/README.md)
 #   make deps             install (as root) or name the missing build packages
@@ -39,6 +41,10 @@ space     := $(empty) $(empty)
 
 # ---- flags, in layers: FINAL_CFLAGS = STD WARN OPT DEBUG VECT SAN DEFS CFLAGS DEPS
 STD       := -std=c11 -D_GNU_SOURCE -pthread
+# position-independent objects, so that build/libcurvd.so (the in-process
+# API, api/curvd.h) links the same objects as curvd; without semantic
+# interposition GCC still inlines and calls directly within the library
+PIC       := -fPIC $(call cc_flag,-fno-semantic-interposition)
 WARN      := -Wall -Wextra -Wshadow -Wno-unused-parameter
 OPT       := -O2
 DEBUG     := -g
@@ -79,7 +85,7 @@ B         := build$(if $(SANITIZE),/san-$(subst $(space),-,$(SAN_LIST)))
 endif
 
 DEPS_CFLAGS  := -I. $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-FINAL_CFLAGS  = $(STD) $(WARN) $(OPT) $(DEBUG) $(VECT) $(SAN_FLAGS) $(DEFS) $(CFLAGS) \
+FINAL_CFLAGS  = $(STD) $(PIC) $(WARN) $(OPT) $(DEBUG) $(VECT) $(SAN_FLAGS) $(DEFS) $(CFLAGS) \
                 $(DEPS_CFLAGS) $(GEN_CFLAGS)
 FINAL_LDFLAGS = $(SAN_FLAGS) $(LDFLAGS)
 LDLIBS    := $(shell pkg-config --libs $(LIB_PKGS) 2>/dev/null) -llapacke -lm -pthread
@@ -104,10 +110,10 @@ MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null)
 MPI_LIBS   := $(shell pkg-config --libs ompi-c 2>/dev/null)
 MPI_PLUGIN := $(if $(shell pkg-config --exists ompi-c 2>/dev/null && echo y),$(B)/curvd-mpi.so)
 
-.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run bench bench-mpi clean
-all: $(B)/curvd $(MPI_PLUGIN)
+.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run python bench bench-mpi clean
+all: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so
 
-build-tests: $(B)/curvd $(MPI_PLUGIN) $(TEST_BIN) $(B)/bench_ops
+build-tests: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so $(TEST_BIN) $(B)/bench_ops
 
 help:
 	@sed -n '3,/^$$/s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
@@ -137,6 +143,13 @@ $(B)/%.o: %.c $(FLAGS_STAMP) | depcheck
 $(B)/libcurvd.a: $(LIB_OBJ)
 	@rm -f $@
 	ar rcs $@ $^
+
+# The in-process library (api/curvd.h): the engine and api objects, exporting
+# only the curvd_* functions (api/libcurvd.map).
+SO_OBJ    := $(filter $(B)/engine/% $(B)/api/%,$(LIB_OBJ))
+$(B)/libcurvd.so: $(SO_OBJ) api/libcurvd.map
+	$(CC) $(FINAL_CFLAGS) -shared $(FINAL_LDFLAGS) -Wl,--no-undefined \
+	    -Wl,--version-script=api/libcurvd.map -o $@ $(SO_OBJ) $(LDLIBS)
 
 $(B)/curvd: $(B)/server/main.o $(B)/libcurvd.a
 	$(CC) $(FINAL_CFLAGS) $(FINAL_LDFLAGS) -o $@ $^ $(LDLIBS)
@@ -189,7 +202,7 @@ unit-portable:
 	@echo "== $(B)/portable/tests/test_cnn"; \
 	    CK_DEFAULT_TIMEOUT=600 $(SAN_ENV) $(B)/portable/tests/test_cnn
 
-e2e: $(B)/curvd $(MPI_PLUGIN) $(B)/bench_ops
+e2e: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so $(B)/bench_ops
 	@set -e; for t in $(E2E_SH); do echo "== $$t"; $(SAN_ENV) sh $$t $(B)/curvd; done
 	@set -e; for t in $(E2E_PY); do echo "== $$t"; $(SAN_ENV) $(PY) $$t $(B)/curvd; done
 
@@ -201,6 +214,14 @@ run:
 	@scripts/deps.sh run
 	@$(MAKE) --no-print-directory all
 	$(B)/curvd serve $(ARGS)
+
+# `import curvd` outside the clone: libcurvd.so into the package, which pip installs
+# (offline, Debian's setuptools) into the Python that PY names - a virtual
+# environment's, e.g. `make python PY=venv/bin/python` (Debian's own python3 refuses
+# system-wide pip installs, PEP 668).
+python: $(B)/libcurvd.so
+	cp $(B)/libcurvd.so clients/python/curvd/libcurvd.so
+	$(PY) -m pip install --no-build-isolation --no-deps --no-index clients/python
 
 bench:
 	@scripts/deps.sh bench

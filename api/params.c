@@ -215,6 +215,67 @@ int cv_params_load(cv_model *m, const cv_st_file *f, cv_err *e)
     return rc;
 }
 
+int cv_params_count(const cv_model *m)
+{
+    int k = 0;
+    for (int i = 0; i < m->nlayers; i++) {
+        const cv_layer *L = &m->layers[i];
+        for (int j = 0; j < L->nparams; j++)
+            k += !L->params[j].shared;
+        for (int j = 0; j < L->nbuffers; j++)
+            k += !L->buffers[j].shared;
+    }
+    return k;
+}
+
+const cv_tensor_info *cv_params_entry(const cv_model *m, int k, int *is_buffer)
+{
+    for (int i = 0; i < m->nlayers && k >= 0; i++) {
+        const cv_layer *L = &m->layers[i];
+        for (int j = 0; j < L->nparams; j++)
+            if (!L->params[j].shared && k-- == 0) {
+                *is_buffer = 0;
+                return &L->params[j];
+            }
+        for (int j = 0; j < L->nbuffers; j++)
+            if (!L->buffers[j].shared && k-- == 0) {
+                *is_buffer = 1;
+                return &L->buffers[j];
+            }
+    }
+    return NULL;
+}
+
+int cv_params_set(cv_model *m, const char *name, const float *v, size_t numel, cv_err *e)
+{
+    int n = cv_params_count(m), is_buffer = 0;
+    const cv_tensor_info *ti = NULL;
+    for (int k = 0; k < n && !ti; k++) {
+        ti = cv_params_entry(m, k, &is_buffer);
+        if (strcmp(ti->name, name) != 0)
+            ti = NULL;
+    }
+    if (!ti)
+        return cv_err_set(e, CV_EINVAL, "unexpected_tensor", name,
+                          "%s: not in the model's state_dict", name);
+    if (numel != ti->numel) {
+        char want[96];
+        cv_dims_str(ti->dim, ti->rank, want, sizeof want);
+        return cv_err_set(e, CV_EINVAL, "shape_mismatch", ti->name,
+                          "%s: expected %zu values (shape %s), got %zu", ti->name, ti->numel,
+                          want, numel);
+    }
+    slot s = {ti, is_buffer};
+    cv_st_tensor t = {.dtype = CV_ST_F32};
+    if (check_values(&s, &t, v, e))
+        return -1;
+    if ((!m->params || !m->buffers) && cv_model_alloc(m))
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                          "out of memory allocating %zu parameters", m->nparams_total);
+    memcpy((is_buffer ? m->buffers : m->params) + ti->offset, v, numel * sizeof(float));
+    return 0;
+}
+
 int cv_params_parse(cv_model *m, const void *buf, size_t len, cv_err *e)
 {
     cv_st_file f;

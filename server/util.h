@@ -6,7 +6,9 @@
 #include <cJSON.h>
 #include <stddef.h>
 
-#define CV_SERVER_VERSION "0.1.0"
+#include "api/curvd.h"
+
+#define CV_SERVER_VERSION CURVD_VERSION
 
 /* Wall-clock epoch seconds (timestamps shown to users). */
 double cv_wall_s(void);

@@ -1,0 +1,302 @@
+"""e2e_inproc.py - `import curvd` (issue 25): the engine in-process through build/libcurvd.so.
+
+Usage: /usr/bin/python3 tests/e2e_inproc.py build/curvd   (libcurvd.so beside it)
+  - numbers: the same job documents through `curvd run --blas-threads 1` and in-process at
+    one BLAS thread give identical results (every field but elapsed_s) for trace (Hutchinson
+    and Hutch++), eigen (lanczos, power with vectors), density, diag, gradient, newton and
+    kfac, on an MLP (CrossEntropyLoss) and a CNN; the transformer LM (graph form, token ids)
+    too;
+  - against torch (float64): dense Hessian and GGN, h @ v for a numpy vector and a torch
+    matrix, top eigenvalues; scipy's eigsh on h.linear_operator();
+  - data as an iterable of batches (a DataLoader) = the concatenated batch; curvd.analyze;
+  - PyHessian's calls (curvd.pyhessian(...).trace / eigenvalues / density) with its return
+    shapes and the trace within 3 stderr of the exact trace;
+  - bad input: an unsupported module (UnsupportedModuleError naming it), a meta-device
+    tensor and a boolean y (ValueError naming the tensor), an invalid option (CurvdError
+    with the HTTP API's code and field), a closed model (ValueError, no crash), a parameter
+    of the wrong size and a NaN (CurvdError), the C API's own NULL checks through ctypes;
+  - the calling overhead of a tiny job (printed; bench/README.md records it);
+  - the README's in-process block (<!-- test: inproc-python -->) runs and prints a trace.
+Ends with 'N passed, M failed'.
+"""
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import torchref as tr  # noqa: E402
+from e2e_lib import CURVD, PY, ROOT, check, readme_block, summary  # noqa: E402
+
+os.environ.setdefault("CURVD_LIB", os.path.join(os.path.dirname(CURVD), "libcurvd.so"))
+sys.path.insert(0, os.path.join(ROOT, "clients", "python"))
+import curvd  # noqa: E402
+from curvd import _lib  # noqa: E402
+
+
+def same(a, b, path=""):
+    """The first difference between two result documents, or None (elapsed_s and
+    peak_memory_bytes ignored: the latter counts malloc_usable_size of the engine's blocks,
+    which the allocator may round differently from one process to the next)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        ka = set(a) - {"elapsed_s", "peak_memory_bytes"}
+        kb = set(b) - {"elapsed_s", "peak_memory_bytes"}
+        if ka != kb:
+            return "%s: keys %s vs %s" % (path, sorted(ka ^ kb), "")
+        for k in sorted(ka):
+            d = same(a[k], b[k], path + "." + k)
+            if d:
+                return d
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return "%s: length %d vs %d" % (path, len(a), len(b))
+        for i, (x, y) in enumerate(zip(a, b)):
+            d = same(x, y, "%s[%d]" % (path, i))
+            if d:
+                return d
+        return None
+    return None if a == b else "%s: %r vs %r" % (path, a, b)
+
+
+def check_same_as_run(tag, h, d, jobs):
+    """Each job through `curvd run --blas-threads 1` and in-process: identical results."""
+    curvd.set_blas_threads(1)
+    for job in jobs:
+        job = dict(job, curvature=job.get("curvature", h.curvature))
+        _, want = tr.curvd_run(CURVD, d, job, extra=("--blas-threads", "1"))
+        got = curvd.run(h.model, h.data, job)
+        diff = same(want, got)
+        check(f"{tag} {job['op']} {json.dumps(job.get('options', {}))[:60]}: = curvd run",
+              diff is None, diff or "")
+
+
+MLP_JOBS = [
+    {"op": "trace", "seed": 3, "options": {"max_probes": 20, "tol": 0, "return_samples": True}},
+    {"op": "trace", "seed": 3, "options": {"method": "hutch++", "max_probes": 12}},
+    {"op": "eigen", "seed": 1, "options": {"k": 3}},
+    {"op": "eigen", "seed": 1, "options": {"k": 2, "method": "power", "return_vectors": True}},
+    {"op": "density", "seed": 2, "options": {"lanczos_steps": 12, "runs": 2,
+                                             "grid_points": 50}},
+    {"op": "diag", "seed": 2, "options": {"max_probes": 10}},
+    {"op": "gradient"},
+    {"op": "newton", "curvature": "ggn", "options": {"damping": 0.1}},
+    {"op": "kfac", "options": {"fisher_type": "empirical"}},
+]
+
+
+def mlp_case():
+    model, x, y = tr.make_mlp_case(torch.nn.Tanh, torch.nn.CrossEntropyLoss(), n=16)
+    return model, torch.nn.CrossEntropyLoss(), x, y
+
+
+def check_numbers():
+    model, lf, x, y = mlp_case()
+    with tempfile.TemporaryDirectory() as d:
+        tr.write_case(d, model, [x.shape[1]], lf, x, y)
+        h = curvd.Hessian(model, lf, (x, y))
+        check_same_as_run("mlp", h, d, MLP_JOBS)
+    torch.manual_seed(2)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(12, 4)).eval()
+    xc, yc = torch.randn(6, 1, 6, 6), torch.randint(0, 4, (6,))
+    with tempfile.TemporaryDirectory() as d:
+        tr.write_case(d, cnn, [1, 6, 6], torch.nn.CrossEntropyLoss(), xc, yc)
+        h = curvd.GGN(cnn, torch.nn.CrossEntropyLoss(), (xc, yc))
+        check_same_as_run("cnn", h, d, MLP_JOBS[:3] + MLP_JOBS[4:5])
+    check_lm()
+
+
+def check_lm():
+    sys.path.insert(0, os.path.join(ROOT, "clients", "python", "examples"))
+    import graph_models as gm
+    from curvd_client.torch_export import write_files
+    x, y = gm.lm_batch(n=3, **gm.SMALL_LM)
+    model = gm.transformer_lm(**gm.SMALL_LM, attention="mha").eval()
+    lf = torch.nn.CrossEntropyLoss()
+    with tempfile.TemporaryDirectory() as d:
+        write_files(model, lf, [gm.SMALL_LM["seq_len"]], x, y, directory=d, class_dim=-1)
+        h = curvd.GGN(model, lf, (x, y))
+        check_same_as_run("lm", h, d, [MLP_JOBS[0], MLP_JOBS[2]])
+
+
+def check_torch():
+    model, lf, x, y = mlp_case()
+    import copy
+    m64 = copy.deepcopy(model).double()
+    H = np.asarray(tr.dense_hessian(m64, lf, x.double(), y))
+    G = np.asarray(tr.dense_ggn(m64, lf, x.double(), y))
+    h = curvd.Hessian(model, lf, (x, y))
+    g = curvd.GGN(model, lf, (x, y))
+    D = H.shape[0]
+    check("shape = (D, D)", h.shape == (D, D), str(h.shape))
+    err = lambda a, b: float(np.abs(a - b).max() / max(1e-12, np.abs(b).max()))  # noqa: E731
+    check("dense hessian = torch", err(h.dense(), H) < 1e-5, "%.2e" % err(h.dense(), H))
+    check("dense ggn = torch", err(g.dense(), G) < 1e-5, "%.2e" % err(g.dense(), G))
+    v = np.random.default_rng(0).standard_normal(D)
+    check("h @ numpy vector = H v", err(h @ v, H @ v) < 1e-5)
+    V = torch.randn(D, 3, dtype=torch.float64)
+    HV = h @ V
+    check("h @ torch matrix = H V (a torch tensor)", isinstance(HV, torch.Tensor) and
+          err(HV.numpy(), H @ V.numpy()) < 1e-5)
+    ev = h.eigenvalues(k=2)["eigenvalues"]
+    want = np.sort(np.linalg.eigvalsh(H))[::-1][:2]
+    check("eigenvalues(k=2) = eigvalsh's top 2", err(np.array(ev), want) < 1e-4, str(ev))
+    from scipy.sparse.linalg import eigsh
+    top = eigsh(g.linear_operator(), k=1, which="LA")[0][0]
+    check("eigsh(linear_operator) = top GGN eigenvalue", abs(top - np.linalg.eigvalsh(G)[-1])
+          < 1e-5 * abs(top), "%g" % top)
+    loader = [(x[i:i + 5], y[i:i + 5]) for i in range(0, len(x), 5)]
+    hl = curvd.Hessian(model, lf, loader)
+    check("data as an iterable of batches = the concatenated batch",
+          same(hl.trace(seed=1), h.trace(seed=1)) is None)
+    r = curvd.analyze(model, lf, (x, y), op="trace", curvature="ggn", seed=1)
+    check("analyze = GGN(...).trace", same(r, g.trace(seed=1)) is None)
+    ph = curvd.pyhessian(model, lf, data=(x, y))
+    t = ph.trace(maxIter=200, tol=0)
+    se = np.std(t) / np.sqrt(len(t))
+    check("pyhessian trace: 200 v^T H v values, mean within 3 stderr of tr(H)",
+          len(t) == 200 and abs(np.mean(t) - np.trace(H)) < 3 * se,
+          "%g vs %g (se %g)" % (np.mean(t), np.trace(H), se))
+    ev, vecs = ph.eigenvalues(top_n=2, maxIter=500, tol=1e-6)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    check("pyhessian eigenvalues: 2 values, vectors shaped like the parameters",
+          len(ev) == 2 and len(vecs) == 2 and [tuple(t.shape) for t in vecs[0]] == shapes and
+          abs(ev[0] - want[0]) < 1e-3 * abs(want[0]), str(ev))
+    nodes, weights = ph.density(iter=10, n_v=2)
+    check("pyhessian density: n_v runs of iter nodes and weights",
+          len(nodes) == 2 and all(len(n) == 10 for n in nodes) and len(weights) == 2 and
+          all(abs(sum(w) - 1) < 1e-6 for w in weights))
+
+
+def raises(name, exc, fn, test=lambda e: True):
+    try:
+        fn()
+    except exc as e:  # noqa: B902
+        return check(name, test(e), "%s: %s" % (type(e).__name__, e))
+    except Exception as e:  # noqa: BLE001
+        return check(name, False, "raised %s: %s" % (type(e).__name__, e))
+    return check(name, False, "no exception")
+
+
+def check_bad_input():
+    model, lf, x, y = mlp_case()
+    lstm = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LSTM(4, 3))
+    raises("unsupported module: UnsupportedModuleError naming it", curvd.UnsupportedModuleError,
+           lambda: curvd.Hessian(lstm, lf, (x, y)), lambda e: "LSTM" in str(e))
+    xm = torch.empty(16, 5, device="meta")
+    raises("a tensor on another device: ValueError naming x", ValueError,
+           lambda: curvd.Data(xm, y), lambda e: "x" in str(e) and "meta" in str(e))
+    raises("boolean y: ValueError naming y", ValueError,
+           lambda: curvd.Data(x, y > 0), lambda e: str(e).startswith("y"))
+    h = curvd.Hessian(model, lf, (x, y))
+    raises("invalid option: CurvdError with the API's code and field", curvd.CurvdError,
+           lambda: h.trace(max_probes=0),
+           lambda e: e.code == "invalid_option" and e.field == "options.max_probes")
+    raises("unknown op: CurvdError unknown_op", curvd.CurvdError, lambda: h.run("tracee"),
+           lambda e: e.code == "unknown_op" and "trace" in e.message)
+    yb = torch.full_like(y, 7)
+    raises("label out of range: CurvdError on y", curvd.CurvdError,
+           lambda: curvd.Hessian(model, lf, (x, yb)).trace(),
+           lambda e: e.field == "y")
+    raises("wrong parameter size: CurvdError shape_mismatch", curvd.CurvdError,
+           lambda: h.model.set_tensor("0.weight", np.zeros(3)),
+           lambda e: e.code == "shape_mismatch" and e.field == "0.weight")
+    raises("NaN parameter: CurvdError non_finite", curvd.CurvdError,
+           lambda: h.model.set_tensor("0.bias", np.full(7, np.nan)),
+           lambda e: e.code == "non_finite")
+    h.model.set_tensor("0.bias", np.zeros(7))
+    check("set_tensor changes the model", h.run("loss")["loss"] != curvd.Hessian(
+        model, lf, (x, y)).run("loss")["loss"])
+    g = curvd.Hessian(model, lf, (x, y))
+    del model  # the engine copied the parameters
+    g.model.close()
+    raises("a closed model: ValueError, no crash", ValueError, lambda: g.trace())
+    lib = _lib.lib
+    err = ctypes.c_void_p()
+    rc = lib.curvd_run(None, None, b"{}", 2, None, ctypes.byref(err))
+    e = _lib.error_from(err)
+    check("C API: curvd_run(NULL, ...) fails with an error document",
+          rc is None and e.code == "invalid_value", str(e))
+    bad = b'{"input_shape": [3], "layers": [{"type": "Linear", "in_features": 4}]}'
+    rc = lib.curvd_model_open(bad, len(bad), ctypes.byref(err))
+    e = _lib.error_from(err)
+    check("C API: a bad architecture names the field", rc is None and e.field.startswith(
+        "layers[0]"), str(e))
+
+
+def check_overhead():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    h = curvd.Hessian(m, torch.nn.CrossEntropyLoss(), (torch.randn(4, 4),
+                                                       torch.randint(0, 3, (4,))))
+    h.run("loss")
+    t0 = time.perf_counter()
+    for _ in range(200):
+        h.run("loss")
+    ms = (time.perf_counter() - t0) / 200 * 1e3
+    print("note: in-process calling overhead, op loss on a 4-sample Linear: %.3f ms per job" % ms)
+    check("a tiny job runs in-process", ms > 0)
+
+
+def check_readme():
+    code = readme_block("inproc-python")
+    if not check("README has the inproc-python block", code is not None):
+        return
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "clients", "python"))
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=ROOT)
+    check("README inproc-python block runs", p.returncode == 0 and p.stdout.strip(),
+          (p.stdout + p.stderr)[-800:])
+
+
+def check_install():
+    """`make python`'s recipe in a fresh virtual environment (offline, Debian's setuptools):
+    the package with libcurvd.so copied in, imported from outside the clone."""
+    import shutil
+    with tempfile.TemporaryDirectory() as t:
+        src = os.path.join(t, "python")
+        shutil.copytree(os.path.join(ROOT, "clients", "python"), src,
+                        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        shutil.copy(os.environ["CURVD_LIB"], os.path.join(src, "curvd", "libcurvd.so"))
+        venv = os.path.join(t, "venv")
+        steps = [[PY, "-m", "venv", "--system-site-packages", venv],
+                 [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q",
+                  "--no-build-isolation", "--no-deps", "--no-index", src]]
+        out = ""
+        for cmd in steps:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=t)
+            out += p.stdout + p.stderr
+            if p.returncode:
+                break
+        shutil.rmtree(src)
+        env = {k: v for k, v in os.environ.items() if k not in ("CURVD_LIB", "PYTHONPATH")}
+        code = ("import curvd, curvd._lib as l, torch; m = torch.nn.Linear(3, 2); "
+                "print(l.lib._name); print(curvd.GGN(m, torch.nn.MSELoss(), (torch.randn(4, 3), "
+                "torch.randn(4, 2))).trace(seed=0)['trace'])")
+        p = subprocess.run([os.path.join(venv, "bin", "python"), "-c", code], capture_output=True,
+                           text=True, timeout=120, cwd=t, env=env)
+        check("pip install clients/python (with libcurvd.so) in a venv: import curvd works",
+              p.returncode == 0 and "site-packages/curvd/libcurvd.so" in p.stdout,
+              (out + p.stdout + p.stderr)[-800:])
+
+
+def main():
+    check_install()
+    check_numbers()
+    check_torch()
+    check_bad_input()
+    check_overhead()
+    check_readme()
+    return summary()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
