@@ -11,7 +11,9 @@ and batch for both sides, runs build/bench_ops (curvd, in process) and
 bench/bench_torch.py (Debian's torch) on the same number of cores (torch: the
 faster of two thread configurations, see torch_best), and prints
 a table: curvd seconds, torch seconds, speedup (torch / curvd), and curvd's
-achieved GFLOP/s on the dense-layer work against the measured sgemm peak.
+achieved GFLOP/s on the dense-layer work against the measured sgemm peak; the
+estimators again as jobs through the in-process Python package (rows "<op> py",
+bench/bench_inproc.py, with their ratio to bench_ops).
 Usage: python3 bench/bench.py [--threads T] [--cases mlp,cnn,tiny,resnet,lm,lmtiny,cifarmb]
        [--quick]
 """
@@ -44,6 +46,9 @@ FLOP_OP = {"gradient": "gradient", "ggnvp": "ggnvp", "hvp": "hvp", "ggnvp16": "g
 TORCH_OP = {"hvp16": "hvp", "ggnvp16": "ggnvp", "eigen5": "power5"}
 OP_GROUPS = [["gradient", "hvp", "ggnvp", "hvp16", "ggnvp16"], ["trace"], ["eigen5", "power5"],
              ["density"]]
+# The estimators also timed through `import curvd` (bench_inproc.py: the job in-process
+# from Python, rows "<op> py"), side by side with bench_ops in the same group.
+INPROC_OPS = ("trace", "eigen5", "density")
 
 
 def best_into(acc, r):
@@ -188,7 +193,7 @@ def main():
     for name, case in make_cases(a.cases.split(","), a.quick).items():
         with tempfile.TemporaryDirectory() as d:
             write_case(d, name, case)
-            cv, th = {}, {}
+            cv, th, py = {}, {}, {}
             graph = name in GRAPH_CASES
             est_rounds = a.est_rounds or (1 if graph else 2)
             for group in OP_GROUPS:  # side by side per group: the VM's speed drifts
@@ -201,6 +206,11 @@ def main():
                                             ",".join(group)]))
                     best_into(th, torch_best(f"{d}/case.pt", a.threads, a.reps,
                                              sorted({TORCH_OP.get(op, op) for op in group})))
+                    if group[0] in INPROC_OPS and name not in GRAPH_CASES:
+                        best_into(py, {"py_" + k: v for k, v in run_json(
+                            [sys.executable, os.path.join(HERE, "bench_inproc.py"), "--case", d,
+                             "--threads", str(a.threads), "--reps", str(a.reps), "--only",
+                             ",".join(o for o in group if o in INPROC_OPS)]).items()})
                 print(f"# {name} " + " ".join(
                     f"{op} {cv.get(op, float('nan')):.4g}/{th.get(TORCH_OP.get(op, op), float('nan')):.4g}"
                     for op in group) + " (curvd/torch s)", file=sys.stderr, flush=True)
@@ -220,6 +230,14 @@ def main():
                   f"{gf:>8} {pct:>6}")
             rows.append({"model": name, "op": label, "curvd_s": t_c, "torch_s": t_t,
                          "gflops": gf.strip(), "pct": pct.strip()})
+            if "py_" + op in py:
+                t_p = py["py_" + op]
+                sp = f"{t_t / t_p:7.1f}x" if t_t else "       -"
+                print(f"{name:6} {op + ' py':9} {t_p:10.4g} {t_t if t_t else float('nan'):10.4g} "
+                      f"{sp:>8} {'':>8} {'':>6}   (in-process Python / bench_ops: "
+                      f"{t_p / t_c:.2f})")
+                rows.append({"model": name, "op": op + " (py)", "curvd_s": t_p, "torch_s": t_t,
+                             "gflops": "", "pct": ""})
         print(f"{name:6} {'(ratios)':9} hvp/grad {cv['hvp'] / cv['gradient']:.2f}  "
               f"ggnvp/grad {cv['ggnvp'] / cv['gradient']:.2f}  "
               f"matvecs: trace {cv.get('trace_matvecs')} eigen5 {cv.get('eigen5_matvecs')} "

@@ -124,6 +124,16 @@ class Data:
         self._h = _lib.call(_lib.lib.curvd_data_open, self.n, xa.ctypes.data, xt, xa.ndim - 1, xs,
                             ya.ctypes.data, yt, ya.ndim - 1, ys)
 
+    @classmethod
+    def from_safetensors(cls, buf: bytes) -> "Data":
+        """A dataset from a safetensors buffer with tensors "x" and "y" (copied)."""
+        d = cls.__new__(cls)
+        d._keep = ()
+        raw = ctypes.create_string_buffer(bytes(buf), len(buf))
+        d._h = _lib.call(_lib.lib.curvd_data_load, raw, len(buf))
+        d.n = -1
+        return d
+
     @staticmethod
     def _typed(a: np.ndarray, name: str, allow_float: bool) -> Tuple[np.ndarray, int]:
         if a.dtype == np.bool_:
