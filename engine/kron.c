@@ -1,5 +1,6 @@
 /* kron.c - the Kronecker factors of a batch (API in kron.h): which layers
- * have a Kronecker structure and which per-layer blocks do not, the sum of
+ * have a Kronecker structure and which per-layer blocks (or parts of one
+ * spanning several layers) do not, the sum of
  * the micro-batches' shares (engine/part_kron.c) over the ranks, and the
  * scaling of the factors; the fisher-type and approximation names. */
 #include "kron.h"
