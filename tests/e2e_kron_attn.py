@@ -22,7 +22,9 @@ output is checked equal to nn.MultiheadAttention's first):
     the exact paths on that block ("exact": true) agree with its dense kfac matrix: trace,
     diag, eigen (largest, with vectors), density nodes, solve, matvec, newton method kfac;
     ekfac's trace there equals the exact ggn trace of the block (diag(Q^T F Q) is exact);
-  - kfra is refused (graph models are not Sequential).
+  - kfra is refused (graph models are not Sequential);
+  - attention written with nn.Linear modules (the LM's "matmul" form) or as F.linear on
+    get_attr parameters: every projection is a Kronecker block (block_kinds).
 Usage: /usr/bin/python3 tests/e2e_kron_attn.py build/curvd.  Ends with 'N passed, M failed'.
 """
 import copy
@@ -293,10 +295,48 @@ def check_ops():
         check("kfra refused on a graph model", rc != 0 and "kfra" in str(err), str(err)[:200])
 
 
+class FLinear(torch.nn.Module):
+    """Projections written as F.linear on get_attr parameters over [N, T, E]."""
+
+    def __init__(self):
+        super().__init__()
+        self.wq = torch.nn.Parameter(torch.randn(3 * E, E) * 0.3)
+        self.bq = torch.nn.Parameter(torch.randn(3 * E) * 0.1)
+        self.wo = torch.nn.Parameter(torch.randn(VOCAB, E) * 0.3)
+
+    def forward(self, x):
+        q, k, v = F.linear(x, self.wq, self.bq).split(E, dim=-1)
+        a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(E), dim=-1) @ v
+        return F.linear(a, self.wo)
+
+
+def check_other_forms():
+    """Attention written with nn.Linear modules (the LM's "matmul" form) or F.linear: every
+    projection is a Kronecker block of its own."""
+    cfg = {"vocab": VOCAB, "d_model": E, "heads": HEADS, "seq_len": 4, "layers": 1}
+    torch.manual_seed(8)
+    fl, xf = FLinear().eval(), torch.randn(2, 4, E)
+    yf = torch.randint(0, VOCAB, (2, 4))
+    mm = gm.transformer_lm(**cfg, attention="matmul", seed=2)
+    xm, ym = gm.lm_batch(n=2, seed=3, **cfg)
+    for tag, model, x, y, shape, want in (
+            ("matmul attention (nn.Linear qkv, proj)", mm, xm, ym, [4],
+             {"blocks.0.attn.qkv": (E + 1, 3 * E), "blocks.0.attn.proj": (E + 1, E)}),
+            ("F.linear projections", fl, xf, yf, [4, E], {"wq": (E + 1, 3 * E), "wo": (E, VOCAB)})):
+        with tempfile.TemporaryDirectory() as d:
+            write_files(d, model, torch.nn.CrossEntropyLoss(), shape, x, y, class_dim=-1)
+            r = run(d, {"op": "trace", "curvature": "kfac", "blocks": "layer"})[1]
+            got = {b["name"]: [(k["kind"], k.get("dim_a"), k.get("dim_b"))
+                               for k in b["block_kinds"]] for b in r["blocks"]}
+            check(f"{tag}: kronecker blocks", all(got.get(n) == [("kronecker",) + dims]
+                                                  for n, dims in want.items()), str(got))
+
+
 def main():
     check_torch(3, 5)
     check_n1()
     check_ops()
+    check_other_forms()
     return summary()
 
 
