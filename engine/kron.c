@@ -1,9 +1,11 @@
 /* kron.c - the Kronecker factors of a batch (API in kron.h): which layers
- * have a Kronecker structure and which per-layer blocks do not, the sum of
+ * have a Kronecker structure and which per-layer blocks (or parts of one
+ * spanning several layers) do not, the sum of
  * the micro-batches' shares (engine/part_kron.c) over the ranks, and the
  * scaling of the factors; the fisher-type and approximation names. */
 #include "kron.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -100,8 +102,20 @@ static int block_is_layer(const cv_block *b, const cv_model *m, int l,
     return 1;
 }
 
+/* The place in block b of tensor t, or -1. */
+static int place_in_block(const cv_block *b, int t)
+{
+    for (int i = 0; i < b->count; i++)
+        if (b->idx[i] == t)
+            return i;
+    return -1;
+}
+
 /* A Kronecker layer: the kron kernels, one input, its own untied weight
- * (and bias) forming one per-layer block, a structure kron_dims accepts. */
+ * (and bias), a structure kron_dims accepts.  Its tensors lie in one
+ * per-layer block (cv_blocks_per_layer puts a layer's own tensors
+ * together), alone or beside other layers' (a module expanded into several
+ * layers: MultiheadAttention's two projections). */
 static int kron_layer(const cv_model *m, int l, int tid[][CV_MAX_LAYER_PARAMS],
                       const int *users, int *da, int *db)
 {
@@ -119,46 +133,124 @@ static int kron_layer(const cv_model *m, int l, int tid[][CV_MAX_LAYER_PARAMS],
     return numel == (size_t)*da * *db; /* weight + bias is W~ */
 }
 
-/* Fills out->factors / out->exact from the per-layer blocks; *len = the
- * doubles of every A and B. */
+/* The name of a Kronecker layer's sub-block of a block spanning several
+ * layers: its weight's name without the ".weight" / "_weight" suffix
+ * ("attn.in_proj", "attn.out_proj"), else the weight's name. */
+static void sub_block_name(const cv_model *m, int t, cv_block *b)
+{
+    const char *w = cv_model_param(m, t)->name;
+    size_t n = strlen(w);
+    static const char *const sfx[] = {".weight", "_weight"};
+    for (int i = 0; i < 2; i++) {
+        size_t k = strlen(sfx[i]);
+        if (n > k && strcmp(w + n - k, sfx[i]) == 0) {
+            n -= k;
+            break;
+        }
+    }
+    snprintf(b->name, sizeof b->name, "%.*s", (int)(n < sizeof b->name ? n : sizeof b->name - 1),
+             w);
+}
+
+/* Adds layer l (dims da x db, its tensors in block b) as a factor: block b
+ * itself when it holds just this layer, else the layer's tensors. */
+static int add_factor(const cv_model *m, const cv_block *b, int l, int da, int db,
+                      int tid[][CV_MAX_LAYER_PARAMS], cv_kron *out, size_t *len, cv_err *e)
+{
+    cv_kron_factor *f = &out->factors[out->nfactors];
+    if (block_is_layer(b, m, l, tid)) {
+        f->block = *b;
+    } else {
+        if (cv_block_from_indices(m, tid[l], m->layers[l].nparams, &f->block, e))
+            return -1;
+        sub_block_name(m, tid[l][0], &f->block);
+    }
+    out->nfactors++;
+    f->layer = l;
+    f->has_bias = m->layers[l].nparams > 1;
+    f->dim_a = da;
+    f->dim_b = db;
+    *len += (size_t)da * da + (size_t)db * db;
+    return 0;
+}
+
+/* Block b's Kronecker layers become factors (in layer order); its other
+ * tensors, each run of consecutive ones, exact blocks (named as b). */
+static int classify_block(const cv_model *m, const cv_block *b, int tid[][CV_MAX_LAYER_PARAMS],
+                          const int *users, cv_kron *out, size_t *len, cv_err *e)
+{
+    char covered[2 * CV_MAX_LAYERS] = {0};
+    int nk = 0;
+    for (int l = 0; l < m->nlayers; l++) {
+        int da = 0, db = 0;
+        if (m->layers[l].nparams < 1 || tid[l][0] < 0 || place_in_block(b, tid[l][0]) < 0 ||
+            !kron_layer(m, l, tid, users, &da, &db))
+            continue;
+        if (add_factor(m, b, l, da, db, tid, out, len, e))
+            return -1;
+        for (int i = 0; i < m->layers[l].nparams; i++)
+            covered[place_in_block(b, tid[l][i])] = 1;
+        nk++;
+    }
+    if (!nk) {
+        out->exact[out->nexact++] = *b;
+        return 0;
+    }
+    for (int i = 0; i < b->count;) {
+        int run[2 * CV_MAX_LAYERS], n = 0;
+        for (; i < b->count && !covered[i]; i++)
+            run[n++] = b->idx[i];
+        if (n) {
+            cv_block *x = &out->exact[out->nexact++];
+            if (cv_block_from_indices(m, run, n, x, e))
+                return -1;
+            snprintf(x->name, sizeof x->name, "%s", b->name);
+        }
+        for (; i < b->count && covered[i]; i++)
+            ;
+    }
+    return 0;
+}
+
+static int by_first_tensor(const void *a, const void *b)
+{
+    return ((const cv_block *)a)->idx[0] - ((const cv_block *)b)->idx[0];
+}
+
+static int factor_by_layer(const void *a, const void *b)
+{
+    return ((const cv_kron_factor *)a)->layer - ((const cv_kron_factor *)b)->layer;
+}
+
+/* Fills out->factors (in layer order) / out->exact (in tensor order) from
+ * the per-layer blocks; *len = the doubles of every A and B. */
 static int classify(const cv_model *m, cv_kron *out, size_t *len, cv_err *e)
 {
     int (*tid)[CV_MAX_LAYER_PARAMS] = calloc((size_t)m->nlayers + 1, sizeof *tid);
     int *users = calloc(2 * (size_t)m->nlayers + 1, sizeof(int));
-    int nb = cv_blocks_per_layer(m, NULL, 0);
+    int nb = cv_blocks_per_layer(m, NULL, 0), np = cv_model_param_count(m);
     cv_block *bl = calloc((size_t)nb + 1, sizeof(cv_block));
-    out->factors = calloc((size_t)nb + 1, sizeof(cv_kron_factor));
-    out->exact = calloc((size_t)nb + 1, sizeof(cv_block));
-    if (!tid || !users || !bl || !out->factors || !out->exact) {
-        free(tid);
-        free(users);
-        free(bl);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Kronecker layers");
+    /* at most one factor per layer; exact blocks: at most one per tensor */
+    out->factors = calloc((size_t)m->nlayers + 1, sizeof(cv_kron_factor));
+    out->exact = calloc((size_t)np + 1, sizeof(cv_block));
+    int rc = 0;
+    if (!tid || !users || !bl || !out->factors || !out->exact)
+        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Kronecker layers");
+    if (!rc) {
+        tensor_ids(m, tid, users);
+        cv_blocks_per_layer(m, bl, nb);
     }
-    tensor_ids(m, tid, users);
-    cv_blocks_per_layer(m, bl, nb);
     *len = 0;
-    for (int b = 0; b < nb; b++) {
-        int found = -1, da = 0, db = 0;
-        for (int l = 0; l < m->nlayers && found < 0; l++)
-            if (kron_layer(m, l, tid, users, &da, &db) && block_is_layer(&bl[b], m, l, tid))
-                found = l;
-        if (found < 0) {
-            out->exact[out->nexact++] = bl[b];
-            continue;
-        }
-        cv_kron_factor *f = &out->factors[out->nfactors++];
-        f->layer = found;
-        f->block = bl[b];
-        f->has_bias = m->layers[found].nparams > 1;
-        f->dim_a = da;
-        f->dim_b = db;
-        *len += (size_t)da * da + (size_t)db * db;
+    for (int b = 0; b < nb && !rc; b++)
+        rc = classify_block(m, &bl[b], tid, users, out, len, e);
+    if (!rc) {
+        qsort(out->factors, (size_t)out->nfactors, sizeof *out->factors, factor_by_layer);
+        qsort(out->exact, (size_t)out->nexact, sizeof *out->exact, by_first_tensor);
     }
     free(tid);
     free(users);
     free(bl);
-    return 0;
+    return rc;
 }
 
 /* ---- the factors ---------------------------------------------------------------- */

@@ -3,8 +3,8 @@
  * over its micro-batches and data-parallel ranks.  The algebra on the
  * factors (products, inverses, eigen) is engine/kronop.h's.
  *
- * A Kronecker layer (Linear; Conv2d/Conv1d with groups 1) owns the block
- * theta_l = [vec_r(W), b] (weight row-major, then the bias when it has one;
+ * A Kronecker layer (Linear, also inside an expanded MultiheadAttention;
+ * Conv2d/Conv1d with groups 1) owns the block theta_l = [vec_r(W), b] (weight row-major, then the bias when it has one;
  * Conv: W as [out, in*kh*kw]).  With W~ = [W | b] (out x dim_a) and
  * a~ = [a; 1] (the 1 only with a bias):
  *   A = (1/N) sum_n A_n,  A_n = (1/R) sum_r a~_nr a~_nr^T      (expand)
@@ -53,7 +53,10 @@ typedef struct {
 
 typedef struct {
     int layer;                    /* index in the model's layers */
-    cv_block block;               /* its weight (+ bias), one per-layer block */
+    cv_block block;               /* its weight (+ bias): its per-layer block, or where
+                                   * that block spans several layers (MultiheadAttention's
+                                   * in_proj and out_proj) those tensors alone, named after
+                                   * the weight without ".weight" / "_weight" */
     int has_bias;
     int dim_a, dim_b;             /* in (+1 with a bias; Conv: in*kh*kw (+1)), out */
     double *A, *B;                /* dim_a^2 and dim_b^2, row-major, symmetric */
@@ -66,7 +69,10 @@ typedef struct {
     cv_kron_factor *factors;      /* in layer order */
     int nexact;
     cv_block *exact;              /* the per-layer blocks (cv_blocks_per_layer) without a
-                                   * Kronecker structure: use their exact blocks */
+                                   * Kronecker structure, and the other tensors (each run of
+                                   * consecutive ones) of a per-layer block that also holds
+                                   * Kronecker layers: use their exact blocks; in tensor
+                                   * order */
     int columns;                  /* vectors per sample backpropagated for B */
     double *data;                 /* owns every A and B */
 } cv_kron;

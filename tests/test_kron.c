@@ -424,6 +424,55 @@ START_TEST(grouped_conv_block_is_exact)
 }
 END_TEST
 
+/* A per-layer block spanning several layers (one module name, as an expanded
+ * MultiheadAttention's in_proj and out_proj): each Kronecker layer in it is
+ * a factor of its own (its tensors, named after its weight), the other
+ * tensors an exact block named as the module; N = 1 and R = 1: the last
+ * layer's factor is its exact block. */
+START_TEST(block_spanning_layers_splits)
+{
+    int img[] = {2, 4, 4};
+    cv_layer Ls[] = {lin(4, 4, 1), conv(2, 4, 3, 2, 1), simple(&cv_flatten_class),
+                     lin(16, 3, 1)};
+    fx f;
+    fx_make(&f, 3, img, Ls, 4, CV_LOSS_CE, CV_RED_SUM, 1, 13, 0);
+    static const int in_m[] = {0, 1, 3};
+    for (int i = 0; i < 3; i++)
+        snprintf(f.m.layers[in_m[i]].module, sizeof f.m.layers[0].module, "m");
+    cv_block bl[4];
+    ck_assert_int_eq(cv_blocks_per_layer(&f.m, bl, 4), 1);
+    ck_assert_int_eq(bl[0].count, 6);
+    cv_kron k;
+    kron_of(&f, CV_KRON_TYPE2, CV_KRON_EXPAND, &k);
+    ck_assert_int_eq(k.nfactors, 2);
+    ck_assert_int_eq(k.nexact, 1);
+    static const int want_layer[] = {0, 3}, want_first[] = {0, 4};
+    for (int i = 0; i < 2; i++) {
+        const cv_kron_factor *kf = &k.factors[i];
+        ck_assert_int_eq(kf->layer, want_layer[i]);
+        ck_assert_int_eq(kf->block.count, 2);
+        ck_assert_int_eq(kf->block.idx[0], want_first[i]);
+        ck_assert_int_eq(kf->block.idx[1], want_first[i] + 1);
+        ck_assert_str_eq(kf->block.name, i ? "3" : "0"); /* "3.weight" without ".weight" */
+    }
+    ck_assert_int_eq(k.exact[0].count, 2);
+    ck_assert_int_eq(k.exact[0].idx[0], 2);
+    ck_assert_int_eq(k.exact[0].idx[1], 3);
+    ck_assert_str_eq(k.exact[0].name, "m");
+    const cv_kron_factor *kf = &k.factors[1];
+    size_t D = kf->block.dim;
+    double *E = malloc(sizeof(double) * D * D), *K = kron_dense(kf);
+    cv_err e;
+    ck_assert_int_eq(cv_curv_dense(f.c, CV_CURV_GGN, &kf->block, 4096, E, &e), 0);
+    double err = tu_relerr(K, E, D * D, 1e-12);
+    ck_assert_msg(err < TOL, "factor of layer 3: relative error %g", err);
+    free(E);
+    free(K);
+    cv_kron_free(&k);
+    fx_free(&f);
+}
+END_TEST
+
 static Suite *kron_suite(void)
 {
     Suite *s = suite_create("kron");
@@ -435,6 +484,7 @@ static Suite *kron_suite(void)
     tcase_add_loop_test(t, conv_positions_match_formulas, 0, 4);
     tcase_add_loop_test(t, micro_batches_give_the_same_factors, 0, 2);
     tcase_add_test(t, grouped_conv_block_is_exact);
+    tcase_add_test(t, block_spanning_layers_splits);
     suite_add_tcase(s, t);
     return s;
 }
