@@ -11,10 +11,13 @@ Usage: /usr/bin/python3 tests/e2e_inproc.py build/curvd   (libcurvd.so beside it
   - data as an iterable of batches (a DataLoader) = the concatenated batch; curvd.analyze;
   - PyHessian's calls (curvd.pyhessian(...).trace / eigenvalues / density) with its return
     shapes and the trace within 3 stderr of the exact trace;
+  - clients/python/examples/pyhessian_side_by_side.py --check (PyHessian's README calls,
+    curvd vs plain torch, the ESD plot);
   - bad input: an unsupported module (UnsupportedModuleError naming it), a meta-device
     tensor and a boolean y (ValueError naming the tensor), an invalid option (CurvdError
     with the HTTP API's code and field), a closed model (ValueError, no crash), a parameter
     of the wrong size and a NaN (CurvdError), the C API's own NULL checks through ctypes;
+  - threads: distinct handles and a shared model run concurrently = sequentially;
   - the calling overhead of a tiny job (printed; bench/README.md records it);
   - the README's in-process block (<!-- test: inproc-python -->) runs and prints a trace.
 Ends with 'N passed, M failed'.
@@ -232,6 +235,32 @@ def check_bad_input():
         "layers[0]"), str(e))
 
 
+def check_threads():
+    """Distinct handles on distinct threads at once, and one model shared by concurrent
+    runs (ctypes releases the GIL): the same results as one after the other."""
+    import threading
+    model, lf, x, y = mlp_case()
+    hs = [curvd.Hessian(model, lf, (x, y)), curvd.GGN(model, lf, (x, y))]
+    jobs = [(h, {"op": "eigen", "curvature": h.curvature, "seed": 5, "options": {"k": 2}})
+            for h in hs] + [(hs[0], {"op": "trace", "curvature": "hessian", "seed": 6,
+                                     "options": {"max_probes": 30, "tol": 0}})]
+    want = [curvd.run(h.model, h.data, j) for h, j in jobs]
+    got = [None] * len(jobs)
+
+    def work(i):
+        for _ in range(3):
+            got[i] = curvd.run(jobs[i][0].model, jobs[i][0].data, jobs[i][1])
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    diffs = [same(w, g) for w, g in zip(want, got)]
+    check("concurrent runs on three threads = sequential runs", all(d is None for d in diffs),
+          str(diffs))
+
+
 def check_overhead():
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(4, 3))
@@ -288,11 +317,27 @@ def check_install():
               (out + p.stdout + p.stderr)[-800:])
 
 
+def check_side_by_side():
+    """clients/python/examples/pyhessian_side_by_side.py --check: PyHessian's README calls on
+    curvd and in plain torch agree up to estimator noise; the ESD plot is written."""
+    with tempfile.TemporaryDirectory() as t:
+        png = os.path.join(t, "esd.png")
+        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "clients", "python"))
+        p = subprocess.run([PY, os.path.join(ROOT, "clients", "python", "examples",
+                                             "pyhessian_side_by_side.py"), "--check", "--out",
+                            png], capture_output=True, text=True, timeout=300, env=env)
+        check("pyhessian_side_by_side.py --check: curvd = torch up to estimator noise, plot",
+              p.returncode == 0 and os.path.getsize(png) > 1000 if os.path.exists(png) else False,
+              (p.stdout + p.stderr)[-800:])
+
+
 def main():
     check_install()
+    check_side_by_side()
     check_numbers()
     check_torch()
     check_bad_input()
+    check_threads()
     check_overhead()
     check_readme()
     return summary()
