@@ -68,25 +68,37 @@ static void trace_defaults(void *p, int method)
     cv_trace_options_default(&((trace_args *)p)->o);
 }
 
-static int check_hutchpp(const cv_opts *opts, cv_curvature kind, cv_err *e)
+/* The sketching methods' budget (hutch++: 3 matvecs, xtrace: 4) and tol. */
+static int check_budget(const cv_opts *opts, const char *m, int min, cv_err *e)
 {
     const trace_args *a = opts->args;
-    if (a->o.max_probes < 3)
+    if (a->o.max_probes < min)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_probes",
-                          "hutch++ needs a budget of at least 3 matvecs (options.max_probes)");
-    /* Hutch++ has no stopping rule (it spends max_probes); tol 0 says that. */
+                          "%s needs a budget of at least %d matvecs (options.max_probes)", m,
+                          min);
+    /* no stopping rule (they spend max_probes); tol 0 says that */
     if (cv_opts_given(opts, "tol") && a->o.tol > 0)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.tol",
-                          "hutch++ always spends its budget of max_probes matvecs: tol applies "
-                          "to method hutchinson only (omit it, or give 0)");
+                          "%s always spends its budget of max_probes matvecs: tol applies "
+                          "to method hutchinson only (omit it, or give 0)", m);
     return 0;
 }
 
-/* One run for both methods (trace_methods: 0 hutchinson, 1 hutch++). */
+static int check_hutchpp(const cv_opts *opts, cv_curvature kind, cv_err *e)
+{
+    return check_budget(opts, "hutch++", 3, e);
+}
+
+static int check_xtrace(const cv_opts *opts, cv_curvature kind, cv_err *e)
+{
+    return check_budget(opts, "xtrace", 4, e);
+}
+
+/* One run for every method (trace_methods: 0 hutchinson, 1 hutch++, 2 xtrace). */
 static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const trace_args *a = c->opts->args;
-    int pp = a->method == 1, x = cv_op_kron_trace(c, b, out, e);
+    int x = cv_op_kron_trace(c, b, out, e);
     if (x)
         return x < 0 ? -1 : 0;
     cv_trace_options o = a->o; /* Hutch++ has no stopping rule: it ignores tol */
@@ -95,8 +107,9 @@ static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_rng r;
     linop_and_rng(c, b, 1, &op, &lc, &r);
     cv_trace_result res;
-    int rc = pp ? cv_trace_hutchpp(&op, &o, &r, &res, e)
-                : cv_trace_hutchinson(&op, &o, &r, &res, e);
+    int rc = a->method == 1   ? cv_trace_hutchpp(&op, &o, &r, &res, e)
+             : a->method == 2 ? cv_trace_xtrace(&op, &o, &r, &res, e)
+                              : cv_trace_hutchinson(&op, &o, &r, &res, e);
     if (rc)
         return -1;
     cJSON_AddStringToObject(out, "method", c->method);
@@ -114,7 +127,9 @@ static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 
 static const cv_op_method trace_hutchinson = {"hutchinson", run_trace, NULL, NULL, NULL};
 static const cv_op_method trace_hutchpp = {"hutch++", run_trace, check_hutchpp, NULL, NULL};
-static const cv_op_method *const trace_methods[] = {&trace_hutchinson, &trace_hutchpp, NULL};
+static const cv_op_method trace_xtrace = {"xtrace", run_trace, check_xtrace, NULL, NULL};
+static const cv_op_method *const trace_methods[] = {&trace_hutchinson, &trace_hutchpp,
+                                                    &trace_xtrace, NULL};
 
 /* ---- diag ----------------------------------------------------------------- */
 
@@ -136,7 +151,16 @@ CV_OPT_TABLE_FITS(diag_opts);
 
 static void diag_defaults(void *p, int method) { cv_diag_options_default(&((diag_args *)p)->o); }
 
-/* One run for both methods (diag_methods: 0 hutchinson, 1 exact). */
+static int check_xdiag(const cv_opts *opts, cv_curvature kind, cv_err *e)
+{
+    const diag_args *a = opts->args;
+    if (a->o.max_probes < 4)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_probes",
+                          "xdiag needs a budget of at least 4 matvecs (options.max_probes)");
+    return 0;
+}
+
+/* One run for every method (diag_methods: 0 hutchinson, 1 exact, 2 xdiag). */
 static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const diag_args *a = c->opts->args;
@@ -154,7 +178,9 @@ static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_rng r;
     linop_and_rng(c, b, 2, &op, &lc, &r);
     cv_diag_result res;
-    if (exact ? cv_diag_exact(&op, &o, &res, e) : cv_diag_hutchinson(&op, &o, &r, &res, e))
+    if (exact ? cv_diag_exact(&op, &o, &res, e)
+        : a->method == 2 ? cv_diag_xdiag(&op, &o, &r, &res, e)
+                         : cv_diag_hutchinson(&op, &o, &r, &res, e))
         return -1;
     cJSON_AddStringToObject(out, "method", c->method);
     cJSON_AddItemToObject(out, "diag", cv_json_doubles(res.diag, res.n));
@@ -170,7 +196,9 @@ static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 
 static const cv_op_method diag_hutchinson = {"hutchinson", run_diag, NULL, NULL, NULL};
 static const cv_op_method diag_exact = {"exact", run_diag, NULL, NULL, NULL};
-static const cv_op_method *const diag_methods[] = {&diag_hutchinson, &diag_exact, NULL};
+static const cv_op_method diag_xdiag = {"xdiag", run_diag, check_xdiag, NULL, NULL};
+static const cv_op_method *const diag_methods[] = {&diag_hutchinson, &diag_exact, &diag_xdiag,
+                                                   NULL};
 
 /* ---- eigen ---------------------------------------------------------------- */
 

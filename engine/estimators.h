@@ -5,7 +5,9 @@
  * GGN, Fisher, a Kronecker factor or a dense test matrix.
  *
  *   trace    Hutchinson (PyHessian stopping rule), Hutch++        trace.c
+ *            XTrace                                               xtrace.c
  *   diag     Hutchinson diagonal, exact diagonal (identity columns) diag.c
+ *            XDiag                                                xtrace.c
  *   eigen    Lanczos (full reorthogonalization) top/bottom/|.|-k  lanczos.c
  *            power iteration with deflation (PyHessian)           power.c
  *   density  stochastic Lanczos quadrature (PyHessian density)    slq.c
@@ -96,6 +98,21 @@ int cv_trace_hutchinson(const cv_linop *op, const cv_trace_options *opt, cv_rng 
 int cv_trace_hutchpp(const cv_linop *op, const cv_trace_options *opt, cv_rng *rng,
                      cv_trace_result *out, cv_err *e);
 
+/* XTrace (Epperly, Tropp, Webber 2024; engine/xtrace.c) with budget m =
+ * max_probes (>= 4) matvecs: q = m/2 test vectors W (capped at n), Y = A W,
+ * Q R = Y, Z = A Q; the q exchangeable estimates
+ *   t_i = tr(Q_i^T A Q_i) + w_i^T (I - Q_i Q_i^T) A (I - Q_i Q_i^T) w_i,
+ * Q_i an orthonormal basis of Y without column i (Q_i Q_i^T = Q (I - s_i
+ * s_i^T) Q^T, s_i the unit columns of R^-T); trace = mean t_i, std_err = their
+ * sample std (ddof 1) / sqrt(q) (the paper's error estimate); samples = t;
+ * probes = q; sketch = q.  When A W is numerically rank-deficient (singular
+ * values of R below 1e-10 of the largest: A's rank r < q), A's range lies in
+ * the span of Y's r leading left singular vectors Q_r and the answer is the
+ * exact tr(Q_r^T A Q_r) (std_err 0, sketch = r, q + r matvecs).  tol is not
+ * used (the whole budget is spent).  Memory: 5q vectors. */
+int cv_trace_xtrace(const cv_linop *op, const cv_trace_options *opt, cv_rng *rng,
+                    cv_trace_result *out, cv_err *e);
+
 /* -------------------------------------------------------------------- diag */
 
 typedef struct {
@@ -119,6 +136,15 @@ void cv_diag_result_free(cv_diag_result *r);
  * Exact for Rademacher probes on a diagonal A.  Memory: 2*block + 2 vectors. */
 int cv_diag_hutchinson(const cv_linop *op, const cv_diag_options *opt, cv_rng *rng,
                        cv_diag_result *out, cv_err *e);
+
+/* XDiag (Epperly, Tropp, Webber 2024; engine/xtrace.c): the sketch of
+ * cv_trace_xtrace (q = max_probes/2 >= 2 test vectors, 2q matvecs) and the
+ * q exchangeable estimates diag(Q_i Q_i^T A) + w_i .* (I - Q_i Q_i^T) A w_i
+ * ./ w_i.^2 (A symmetric: Q^T A = (A Q)^T); diag = their mean, std_err per
+ * entry their std (ddof 1) / sqrt(q); probes = q.  Exact (std_err 0) when A W
+ * is rank-deficient, as for XTrace.  Memory: 7q vectors. */
+int cv_diag_xdiag(const cv_linop *op, const cv_diag_options *opt, cv_rng *rng,
+                  cv_diag_result *out, cv_err *e);
 
 /* Exact diagonal: A applied to identity columns, block at a time: n matvecs.
  * Only `block` is used from opt.  Memory: 2*block + 2 vectors. */

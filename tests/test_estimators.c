@@ -461,6 +461,196 @@ START_TEST(diag_hutchinson)
 }
 END_TEST
 
+/* ------------------------------------------------------------ XTrace / XDiag */
+
+/* A spectrum with a few large eigenvalues over a noise floor (Hutch++'s case). */
+static void decaying(dmat *m, int n, uint64_t seed)
+{
+    double *lam = malloc(sizeof(double) * n);
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    for (int i = 0; i < n; i++)
+        lam[i] = i < 8 ? 50.0 + 10 * i : 0.05 * cv_rng_normal(&r);
+    dmat_spectrum(m, n, lam, seed + 1);
+    free(lam);
+}
+
+/* Unbiased (the mean over 300 seeds within 4 standard errors of that mean),
+ * error estimates that cover (|err| < 3 stderr in >= 90% of runs), the
+ * budget spent exactly, and a far smaller error than Hutchinson's and
+ * Hutch++'s at the same 40 matvecs. */
+START_TEST(xtrace_unbiased_covers_and_beats_hutchinson)
+{
+    int n = 100, runs = 300;
+    dmat m;
+    decaying(&m, n, 7);
+    double exact = dmat_trace(&m), sum = 0, sum2 = 0, err_x = 0, err_h = 0, err_pp = 0;
+    int covered = 0;
+    cv_trace_options o;
+    cv_trace_options_default(&o);
+    o.tol = 0;
+    o.max_probes = 40;
+    for (int s = 0; s < runs; s++) {
+        cv_rng r;
+        cv_err e;
+        cv_trace_result x, h, pp;
+        cv_rng_seed(&r, (uint64_t)s);
+        long before = done_of(&m);
+        ck_assert_int_eq(cv_trace_xtrace(&m.op, &o, &r, &x, &e), 0);
+        ck_assert_int_eq(done_of(&m) - before, 40);
+        ck_assert_int_eq(x.matvecs, 40);
+        ck_assert_int_eq(x.probes, 20);
+        ck_assert_int_eq(x.sketch, 20);
+        ck_assert(x.std_err > 0);
+        sum += x.trace;
+        sum2 += x.trace * x.trace;
+        covered += fabs(x.trace - exact) < 3 * x.std_err;
+        err_x += fabs(x.trace - exact);
+        if (s < 20) {
+            cv_rng_seed(&r, (uint64_t)s);
+            ck_assert_int_eq(cv_trace_hutchinson(&m.op, &o, &r, &h, &e), 0);
+            cv_rng_seed(&r, (uint64_t)s);
+            ck_assert_int_eq(cv_trace_hutchpp(&m.op, &o, &r, &pp, &e), 0);
+            err_h += fabs(h.trace - exact) * runs / 20;
+            err_pp += fabs(pp.trace - exact) * runs / 20;
+            cv_trace_result_free(&h);
+            cv_trace_result_free(&pp);
+        }
+        cv_trace_result_free(&x);
+    }
+    double mean = sum / runs, sd = sqrt((sum2 / runs - mean * mean) * runs / (runs - 1));
+    ck_assert_msg(fabs(mean - exact) < 4 * sd / sqrt(runs), "mean %g vs %g (sd %g)", mean,
+                  exact, sd);
+    ck_assert_msg(covered >= 0.9 * runs, "covered %d of %d", covered, runs);
+    ck_assert_msg(err_x < 0.1 * err_h && err_x < err_pp, "xtrace %g hutch++ %g hutchinson %g",
+                  err_x, err_pp, err_h);
+    dmat_free(&m);
+}
+END_TEST
+
+/* Rank r < q test vectors: A's range is in the sketch, the trace and the
+ * diagonal are exact (stderr 0, q + r matvecs); samples all equal. */
+START_TEST(xtrace_xdiag_exact_below_rank)
+{
+    int n = 60, rank = 5;
+    double lam[60] = {0};
+    for (int i = 0; i < rank; i++)
+        lam[i] = 1.0 + i * (i % 2 ? -1.5 : 2.0);
+    dmat m;
+    dmat_spectrum(&m, n, lam, 3);
+    cv_trace_options o;
+    cv_trace_options_default(&o);
+    o.max_probes = 20;
+    o.return_samples = 1;
+    cv_rng r;
+    cv_rng_seed(&r, 1);
+    cv_trace_result x;
+    cv_err e;
+    ck_assert_int_eq(cv_trace_xtrace(&m.op, &o, &r, &x, &e), 0);
+    ck_assert_double_eq_tol(x.trace, dmat_trace(&m), 1e-10);
+    ck_assert_double_eq(x.std_err, 0);
+    ck_assert_int_eq(x.sketch, rank);
+    ck_assert_int_eq(x.matvecs, 10 + rank);
+    ck_assert_double_eq_tol(x.samples[9], x.trace, 1e-12);
+    cv_trace_result_free(&x);
+    cv_diag_options d;
+    cv_diag_options_default(&d);
+    d.max_probes = 20;
+    cv_diag_result dr;
+    ck_assert_int_eq(cv_diag_xdiag(&m.op, &d, &r, &dr, &e), 0);
+    for (int i = 0; i < n; i++) {
+        ck_assert_double_eq_tol(dr.diag[i], *A_(&m, i, i), 1e-10);
+        ck_assert_double_eq(dr.std_err[i], 0);
+    }
+    ck_assert_int_eq(dr.matvecs, 10 + rank);
+    cv_diag_result_free(&dr);
+    /* A = 0: rank 0, trace 0 after q matvecs */
+    memset(m.a, 0, sizeof(double) * n * n);
+    ck_assert_int_eq(cv_trace_xtrace(&m.op, &o, &r, &x, &e), 0);
+    ck_assert_double_eq(x.trace, 0);
+    ck_assert_int_eq(x.matvecs, 10);
+    cv_trace_result_free(&x);
+    dmat_free(&m);
+}
+END_TEST
+
+/* XDiag: unbiased entry by entry over 200 seeds, errors that cover, smaller
+ * than Hutchinson's diagonal at the same matvecs; the budget and q probes;
+ * Gaussian probes too. */
+START_TEST(xdiag_unbiased_and_beats_hutchinson)
+{
+    int n = 50, runs = 200;
+    dmat m;
+    decaying(&m, n, 11);
+    double *mean = calloc((size_t)n, sizeof(double));
+    double err_x = 0, err_h = 0;
+    long covered = 0;
+    cv_diag_options o;
+    cv_diag_options_default(&o);
+    o.max_probes = 30;
+    for (int s = 0; s < runs; s++) {
+        cv_rng r;
+        cv_err e;
+        cv_diag_result x, h;
+        o.distribution = s % 2 ? CV_PROBE_GAUSSIAN : CV_PROBE_RADEMACHER;
+        cv_rng_seed(&r, (uint64_t)s);
+        long before = done_of(&m);
+        ck_assert_int_eq(cv_diag_xdiag(&m.op, &o, &r, &x, &e), 0);
+        ck_assert_int_eq(done_of(&m) - before, 30);
+        ck_assert_int_eq(x.probes, 15);
+        cv_rng_seed(&r, (uint64_t)s);
+        ck_assert_int_eq(cv_diag_hutchinson(&m.op, &o, &r, &h, &e), 0);
+        for (int i = 0; i < n; i++) {
+            double a = *A_(&m, i, i);
+            mean[i] += x.diag[i] / runs;
+            covered += fabs(x.diag[i] - a) < 3 * x.std_err[i];
+            err_x += (x.diag[i] - a) * (x.diag[i] - a);
+            err_h += (h.diag[i] - a) * (h.diag[i] - a);
+        }
+        cv_diag_result_free(&x);
+        cv_diag_result_free(&h);
+    }
+    double worst = 0, scale = 0;
+    for (int i = 0; i < n; i++) {
+        worst = fmax(worst, fabs(mean[i] - *A_(&m, i, i)));
+        scale = fmax(scale, fabs(*A_(&m, i, i)));
+    }
+    ck_assert_msg(worst < 0.05 * scale, "bias %g (diagonal up to %g)", worst, scale);
+    ck_assert_msg(covered >= 0.85 * runs * n, "covered %ld of %d", covered, runs * n);
+    ck_assert_msg(err_x < 0.2 * err_h, "xdiag %g hutchinson %g", err_x, err_h);
+    free(mean);
+    dmat_free(&m);
+}
+END_TEST
+
+START_TEST(xtrace_bad_budget)
+{
+    dmat m;
+    dmat_random(&m, 10, 1);
+    cv_trace_options o;
+    cv_trace_options_default(&o);
+    o.max_probes = 3;
+    cv_rng r;
+    cv_rng_seed(&r, 1);
+    cv_trace_result x;
+    cv_err e;
+    ck_assert_int_eq(cv_trace_xtrace(&m.op, &o, &r, &x, &e), -1);
+    ck_assert_str_eq(e.field, "options.max_probes");
+    cv_diag_options d;
+    cv_diag_options_default(&d);
+    d.max_probes = 2;
+    cv_diag_result dr;
+    ck_assert_int_eq(cv_diag_xdiag(&m.op, &d, &r, &dr, &e), -1);
+    ck_assert_str_eq(e.field, "options.max_probes");
+    o.max_probes = 100; /* q capped at n = 10 */
+    ck_assert_int_eq(cv_trace_xtrace(&m.op, &o, &r, &x, &e), 0);
+    ck_assert_int_eq(x.probes, 10);
+    ck_assert_double_eq_tol(x.trace, dmat_trace(&m), 1e-8 + 10 * x.std_err);
+    cv_trace_result_free(&x);
+    dmat_free(&m);
+}
+END_TEST
+
 /* ------------------------------------------------------------ Lanczos */
 
 /* Expected eigenvalues of `which` from ascending w. */
@@ -1546,6 +1736,10 @@ static Suite *suite(void)
     tcase_add_test(t, hutchpp_default_options_spend_budget);
     tcase_add_test(t, diag_exact_equals_diagonal);
     tcase_add_test(t, diag_hutchinson);
+    tcase_add_test(t, xtrace_unbiased_covers_and_beats_hutchinson);
+    tcase_add_test(t, xtrace_xdiag_exact_below_rank);
+    tcase_add_test(t, xdiag_unbiased_and_beats_hutchinson);
+    tcase_add_test(t, xtrace_bad_budget);
     tcase_add_test(t, lanczos_vs_dsyev);
     tcase_add_test(t, lanczos_repeated_and_rank_deficient);
     tcase_add_test(t, lanczos_repeated_top_in_random_spectrum);
