@@ -120,7 +120,7 @@ typedef struct cv_op_def {
 extern const cv_op_def cv_op_loss, cv_op_gradient, cv_op_matvec, cv_op_dense,
     cv_op_per_sample;
 extern const cv_op_def cv_op_trace, cv_op_diag, cv_op_eigen, cv_op_density, cv_op_solve,
-    cv_op_newton;
+    cv_op_newton, cv_op_frobenius;
 extern const cv_op_def cv_op_snr;
 extern const cv_op_def cv_op_kfac; /* api/ops_kron.c */
 

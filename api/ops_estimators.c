@@ -94,7 +94,24 @@ static int check_xtrace(const cv_opts *opts, cv_curvature kind, cv_err *e)
     return check_budget(opts, "xtrace", 4, e);
 }
 
-/* One run for every method (trace_methods: 0 hutchinson, 1 hutch++, 2 xtrace). */
+/* XNysTrace: positive semi-definite curvatures only (not the Hessian). */
+static int check_psd_method(const char *m, cv_curvature kind, cv_err *e)
+{
+    if (kind == CV_CURV_HESSIAN)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.method",
+                          "%s needs a positive semi-definite curvature (ggn, fisher_mc, ef or a "
+                          "Kronecker one); the Hessian is indefinite: use hutchinson, hutch++ "
+                          "or xtrace", m);
+    return 0;
+}
+
+static int check_xnystrace(const cv_opts *opts, cv_curvature kind, cv_err *e)
+{
+    return check_budget(opts, "xnystrace", 2, e) || check_psd_method("xnystrace", kind, e);
+}
+
+/* One run for every method (trace_methods: 0 hutchinson, 1 hutch++, 2 xtrace,
+ * 3 xnystrace). */
 static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const trace_args *a = c->opts->args;
@@ -109,6 +126,7 @@ static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_trace_result res;
     int rc = a->method == 1   ? cv_trace_hutchpp(&op, &o, &r, &res, e)
              : a->method == 2 ? cv_trace_xtrace(&op, &o, &r, &res, e)
+             : a->method == 3 ? cv_trace_xnystrace(&op, &o, 1, &r, &res, e)
                               : cv_trace_hutchinson(&op, &o, &r, &res, e);
     if (rc)
         return -1;
@@ -128,8 +146,10 @@ static int run_trace(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 static const cv_op_method trace_hutchinson = {"hutchinson", run_trace, NULL, NULL, NULL};
 static const cv_op_method trace_hutchpp = {"hutch++", run_trace, check_hutchpp, NULL, NULL};
 static const cv_op_method trace_xtrace = {"xtrace", run_trace, check_xtrace, NULL, NULL};
+static const cv_op_method trace_xnystrace = {"xnystrace", run_trace, check_xnystrace, NULL,
+                                             NULL};
 static const cv_op_method *const trace_methods[] = {&trace_hutchinson, &trace_hutchpp,
-                                                    &trace_xtrace, NULL};
+                                                    &trace_xtrace, &trace_xnystrace, NULL};
 
 /* ---- diag ----------------------------------------------------------------- */
 
@@ -199,6 +219,72 @@ static const cv_op_method diag_exact = {"exact", run_diag, NULL, NULL, NULL};
 static const cv_op_method diag_xdiag = {"xdiag", run_diag, check_xdiag, NULL, NULL};
 static const cv_op_method *const diag_methods[] = {&diag_hutchinson, &diag_exact, &diag_xdiag,
                                                    NULL};
+
+/* ---- frobenius_norm ------------------------------------------------------- */
+
+typedef struct {
+    cv_op_base base;
+    cv_trace_options o;
+    int method;
+} frob_args;
+
+static const cv_opt_spec frob_opts[] = {
+    {"method", CV_OPT_METHOD, 0, 0, NULL, offsetof(frob_args, method), NULL},
+    {"max_probes", CV_OPT_INT, 1, 1e6, NULL, offsetof(frob_args, o.max_probes), NULL},
+    {"tol", CV_OPT_NUM, 0, 1, NULL, offsetof(frob_args, o.tol), NULL},
+    {"distribution", CV_OPT_ENUM, 0, 0, "rademacher|gaussian",
+     offsetof(frob_args, o.distribution), NULL},
+    {"return_samples", CV_OPT_BOOL, 0, 0, NULL, offsetof(frob_args, o.return_samples), NULL},
+    CV_OPT_MC(frob_args),
+    CV_OPT_KRON(frob_args),
+    CV_OPT_END};
+CV_OPT_TABLE_FITS(frob_opts);
+
+static void frob_defaults(void *p, int method)
+{
+    cv_trace_options_default(&((frob_args *)p)->o);
+}
+
+static int check_frob_xnys(const cv_opts *opts, cv_curvature kind, cv_err *e)
+{
+    const frob_args *a = opts->args;
+    if (a->o.max_probes < 4)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_probes",
+                          "xnystrace on A^2 needs a budget of at least 4 matvecs (2 per test "
+                          "vector) in options.max_probes");
+    if (cv_opts_given(opts, "tol") && a->o.tol > 0)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.tol",
+                          "xnystrace always spends its budget of max_probes matvecs: tol "
+                          "applies to method hutchinson only (omit it, or give 0)");
+    return 0;
+}
+
+/* ||A||_F^2 = tr(A^2): Hutchinson on ||A v||^2, or XNysTrace on A^2 (PSD). */
+static int run_frob(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    const frob_args *a = c->opts->args;
+    cv_linop op;
+    cv_curv_linop_ctx lc;
+    cv_rng r;
+    linop_and_rng(c, b, 6, &op, &lc, &r);
+    cv_trace_result res;
+    if (a->method == 1 ? cv_trace_xnystrace(&op, &a->o, 2, &r, &res, e)
+                       : cv_frobenius_hutchinson(&op, &a->o, &r, &res, e))
+        return -1;
+    cJSON_AddStringToObject(out, "method", c->method);
+    cJSON_AddNumberToObject(out, "frobenius_norm", sqrt(res.trace > 0 ? res.trace : 0));
+    cJSON_AddNumberToObject(out, "frobenius_norm_squared", res.trace);
+    cJSON_AddNumberToObject(out, "stderr", res.std_err);
+    cJSON_AddNumberToObject(out, "probes", res.probes);
+    if (res.samples)
+        cJSON_AddItemToObject(out, "samples", cv_json_doubles(res.samples, (size_t)res.probes));
+    cv_trace_result_free(&res);
+    return 0;
+}
+
+static const cv_op_method frob_hutchinson = {"hutchinson", run_frob, NULL, NULL, NULL};
+static const cv_op_method frob_xnystrace = {"xnystrace", run_frob, check_frob_xnys, NULL, NULL};
+static const cv_op_method *const frob_methods[] = {&frob_hutchinson, &frob_xnystrace, NULL};
 
 /* ---- eigen ---------------------------------------------------------------- */
 
@@ -501,6 +587,8 @@ static const cv_op_method *const newton_methods[] = {&newton_cg, &newton_minres,
         "threshold", "lambda_max"
 static const char *const trace_results[] = {"method", "trace",  "stderr", "probes", "sketch",
                                             "samples", "logdet", CV_KRON_RESULTS, NULL};
+static const char *const frob_results[] = {"method", "frobenius_norm", "frobenius_norm_squared",
+                                           "stderr", "probes", "samples", CV_KRON_RESULTS, NULL};
 static const char *const diag_results[] = {"method", "diag", "stderr", "trace", "probes",
                                            CV_KRON_RESULTS, NULL};
 static const char *const eigen_results[] = {
@@ -535,15 +623,28 @@ static void mem_trace(const cv_opts *o, cv_curvature kind, const cv_block *b, si
 {
     const trace_args *a = o->args;
     int blk = est_block(b->dim, a->o.max_probes);
-    double sketch = a->method == 1 ? 2.0 * (a->o.max_probes / 3 + 1) : 0;
+    double sketch = a->method == 1   ? 2.0 * (a->o.max_probes / 3 + 1)
+                    : a->method == 2 ? 6.0 * (a->o.max_probes / 2 + 1)  /* xtrace: W Y Q Z + AP */
+                    : a->method == 3 ? 2.0 * (a->o.max_probes + 1)      /* xnystrace: W Y */
+                                     : 0;
     mem_set(m, 2.0 * blk + 2 + sketch, 0, b->dim, blk);
+}
+
+static void mem_frob(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
+                     cv_op_memory *m)
+{
+    const frob_args *a = o->args;
+    int blk = est_block(b->dim, a->o.max_probes);
+    double x = a->method == 1 ? 3.0 * (a->o.max_probes / 2 + 1) : 0;
+    mem_set(m, 2.0 * blk + 2 + x, 0, b->dim, blk);
 }
 
 static void mem_diag(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     const diag_args *a = o->args;
     int blk = est_block(b->dim, a->method == 1 ? (long)b->dim : a->o.max_probes);
-    mem_set(m, 2.0 * blk + 3, 0, b->dim, blk);
+    double sketch = a->method == 2 ? 7.0 * (a->o.max_probes / 2 + 1) : 0; /* xdiag */
+    mem_set(m, 2.0 * blk + 3 + sketch, 0, b->dim, blk);
 }
 
 static void mem_eigen(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
@@ -577,6 +678,9 @@ const cv_op_def cv_op_trace = {"trace", trace_opts, trace_methods, sizeof(trace_
                                trace_defaults, 1, 1, NULL, NULL, trace_results, NULL, mem_trace};
 const cv_op_def cv_op_diag = {"diag", diag_opts, diag_methods, sizeof(diag_args),
                               diag_defaults, 1, 1, NULL, NULL, diag_results, NULL, mem_diag};
+const cv_op_def cv_op_frobenius = {"frobenius_norm", frob_opts, frob_methods,
+                                   sizeof(frob_args), frob_defaults, 1, 1, NULL, NULL,
+                                   frob_results, NULL, mem_frob};
 const cv_op_def cv_op_eigen = {"eigen", eigen_opts, eigen_methods, sizeof(cv_eigen_args),
                                eigen_defaults, 1, 1, check_eigen, NULL, eigen_results,
                                bind_eigen, mem_eigen};

@@ -113,6 +113,27 @@ int cv_trace_hutchpp(const cv_linop *op, const cv_trace_options *opt, cv_rng *rn
 int cv_trace_xtrace(const cv_linop *op, const cv_trace_options *opt, cv_rng *rng,
                     cv_trace_result *out, cv_err *e);
 
+/* XNysTrace (Epperly, Tropp, Webber 2024; engine/xtrace.c) for a positive
+ * semi-definite A: tr(A^power) (power 1: the trace; 2: the squared
+ * Frobenius norm, A^2 being PSD for any symmetric A) from q = max_probes /
+ * power test vectors W (capped at n) and Y = A^power W, q * power matvecs:
+ * the Nystrom approximation from W without w_i plus Hutchinson on its
+ * residual with w_i, t_i = tr(K G) - (K G K)_ii / K_ii + 1 / K_ii with
+ * H = W^T Y, G = Y^T Y, K = H^-1, on A^power + nu I (nu = 1e-6 ||Y||_F /
+ * sqrt(q), above the float32 rounding of the products; nu n is subtracted
+ * again).  trace = mean t_i, std_err their standard error, samples the t_i,
+ * probes = q.  An indefinite W^T A W (A not PSD, power 1): CV_EINVAL
+ * "not_positive_definite".  Memory: 3q vectors (power 2) + 3 q x q. */
+int cv_trace_xnystrace(const cv_linop *op, const cv_trace_options *opt, int power,
+                       cv_rng *rng, cv_trace_result *out, cv_err *e);
+
+/* Squared Frobenius norm ||A||_F^2 = tr(A^2) by Hutchinson: samples
+ * ||A v||^2 (one matvec each), PyHessian's stopping rule on opt->tol as
+ * cv_trace_hutchinson; the result as a trace result (trace = the estimate of
+ * ||A||_F^2).  Memory: 2*block vectors. */
+int cv_frobenius_hutchinson(const cv_linop *op, const cv_trace_options *opt, cv_rng *rng,
+                            cv_trace_result *out, cv_err *e);
+
 /* -------------------------------------------------------------------- diag */
 
 typedef struct {

@@ -69,6 +69,7 @@ typedef struct {
     const double *Q;        /* n x q or NULL */
     int q;
     double offset;          /* added to every sample */
+    int squared;            /* samples ||A v||^2 (Frobenius) instead of v^T A v */
     cv_est_stats st;
     double prev_mean;
     int stopped;
@@ -102,7 +103,7 @@ static int hutch_probes(hutch_run *h, const cv_trace_options *o, int nprobes, do
     size_t n = h->op->n;
     int b = cv_est_block_size(n, o->block, nprobes);
     double *V = CV_EST_ALLOC(n * (size_t)b, double, e);
-    int need_y = !h->op->quad; /* products are only formed without quad */
+    int need_y = !h->op->quad || h->squared; /* quad needs no product */
     double *Y = V && need_y ? CV_EST_ALLOC(n * (size_t)b, double, e) : NULL;
     int ok = V && (Y || !need_y);
     double *tmp = ok ? CV_EST_ALLOC((size_t)(h->q > 0 ? h->q : 1) * b, double, e) : NULL;
@@ -119,8 +120,11 @@ static int hutch_probes(hutch_run *h, const cv_trace_options *o, int nprobes, do
             cv_est_probe(rng, o->distribution, V + (size_t)c * n, n);
         if (h->Q)
             project_out(h, cols, V, tmp);
-        if (cv_linop_quad(h->op, cols, V, quad, Y, e)) /* v^T A v, no product needed */
+        if (h->squared ? cv_linop_apply(h->op, cols, V, Y, e)
+                       : cv_linop_quad(h->op, cols, V, quad, Y, e)) /* v^T A v, no product */
             goto done;
+        for (int c = 0; h->squared && c < cols; c++)
+            quad[c] = cv_est_dot(n, Y + (size_t)c * n, Y + (size_t)c * n);
         out->matvecs += cols;
         for (int c = 0; c < cols && !h->stopped; c++) {
             double x = h->offset + quad[c];
@@ -154,6 +158,21 @@ int cv_trace_hutchinson(const cv_linop *op, const cv_trace_options *opt, cv_rng 
         return -1;
     cv_progress_plan(op->progress, opt->max_probes);
     hutch_run h = {.op = op};
+    if (hutch_probes(&h, opt, opt->max_probes, opt->tol, rng, out, e)) {
+        memset(out, 0, sizeof *out);
+        return -1;
+    }
+    return 0;
+}
+
+int cv_frobenius_hutchinson(const cv_linop *op, const cv_trace_options *opt, cv_rng *rng,
+                            cv_trace_result *out, cv_err *e)
+{
+    cv_trace_options def;
+    if (!(opt = trace_begin(op, opt, &def, 1, out, e)))
+        return -1;
+    cv_progress_plan(op->progress, opt->max_probes);
+    hutch_run h = {.op = op, .squared = 1};
     if (hutch_probes(&h, opt, opt->max_probes, opt->tol, rng, out, e)) {
         memset(out, 0, sizeof *out);
         return -1;

@@ -342,3 +342,123 @@ int cv_diag_xdiag(const cv_linop *op, const cv_diag_options *opt, cv_rng *rng,
     xsketch_free(&x);
     return rc;
 }
+
+/* ---- XNysTrace --------------------------------------------------------------------- */
+
+/* XNysTrace's q exchangeable estimates of tr(M) from W and Y = M W (M PSD):
+ * with the shift nu (M + nu I, removed again), H = W^T Y, G = Y^T Y and
+ * K = H^-1, the Nystrom approximation from W without w_i plus Hutchinson on
+ * its residual with w_i is t_i = tr(K G) - (K G K)_ii / K_ii + 1 / K_ii - nu n
+ * (block-inverse identities).  Y is shifted in place. */
+static int xnys_samples(size_t n, int q, const double *W, double *Y, double *t, cv_err *e)
+{
+    size_t nq = n * (size_t)q;
+    double nu = 1e-6 * cblas_dnrm2((int)nq, Y, 1) / sqrt((double)q);
+    cblas_daxpy((int)nq, nu, W, 1, Y, 1);
+    double *K = CV_EST_ALLOC((size_t)q * q, double, e);
+    double *G = K ? CV_EST_ALLOC((size_t)q * q, double, e) : NULL;
+    double *P = G ? CV_EST_ALLOC((size_t)q * q, double, e) : NULL;
+    int rc = -1;
+    if (!P)
+        goto done;
+    cblas_dgemm(CblasColMajor, CblasTrans, CblasNoTrans, q, q, (int)n, 1.0, W, (int)n, Y, (int)n,
+                0.0, K, q); /* H */
+    for (int j = 0; j < q; j++) /* symmetrize */
+        for (int i = 0; i < j; i++)
+            K[(size_t)j * q + i] = K[(size_t)i * q + j] =
+                0.5 * (K[(size_t)j * q + i] + K[(size_t)i * q + j]);
+    lapack_int info = LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', q, K, q);
+    if (info > 0) {
+        cv_err_set(e, CV_EINVAL, "not_positive_definite", "options.method",
+                   "xnystrace needs a positive semi-definite matrix: W^T A W is indefinite "
+                   "(use hutchinson, hutch++ or xtrace)");
+        goto done;
+    }
+    if (!info)
+        info = LAPACKE_dpotri(LAPACK_COL_MAJOR, 'U', q, K, q);
+    if (info) {
+        cv_err_set(e, CV_EINTERNAL, "lapack_failed", "", "xnystrace: inverse failed (info %d)",
+                   (int)info);
+        goto done;
+    }
+    for (int j = 0; j < q; j++)
+        for (int i = j + 1; i < q; i++)
+            K[(size_t)j * q + i] = K[(size_t)i * q + j];
+    cblas_dgemm(CblasColMajor, CblasTrans, CblasNoTrans, q, q, (int)n, 1.0, Y, (int)n, Y, (int)n,
+                0.0, G, q);
+    cblas_dgemm(CblasColMajor, CblasNoTrans, CblasNoTrans, q, q, q, 1.0, K, q, G, q, 0.0, P, q);
+    double tkg = 0;
+    for (int i = 0; i < q; i++)
+        tkg += P[(size_t)i * q + i];
+    for (int i = 0; i < q; i++) {
+        double kii = K[(size_t)i * q + i], kgk = 0;
+        for (int b = 0; b < q; b++)
+            kgk += P[(size_t)b * q + i] * K[(size_t)i * q + b];
+        t[i] = tkg - kgk / kii + 1.0 / kii - nu * (double)n;
+    }
+    rc = 0;
+done:
+    free(K);
+    free(G);
+    free(P);
+    return rc;
+}
+
+/* The q estimates of tr(A^power) (power 1 or 2) from q test vectors:
+ * Y = A W, or A (A W); q * power matvecs. */
+static int xnys_run(const cv_linop *op, const cv_trace_options *o, int q, int power,
+                    cv_rng *rng, double *t, cv_err *e)
+{
+    size_t n = op->n, nq = n * (size_t)q;
+    int b = cv_est_block_size(n, o->block, q);
+    double *W = CV_EST_ALLOC(nq, double, e);
+    double *Y = W ? CV_EST_ALLOC(nq, double, e) : NULL;
+    double *Y2 = Y && power == 2 ? CV_EST_ALLOC(nq, double, e) : NULL;
+    int rc = -1;
+    if (!Y || (power == 2 && !Y2))
+        goto done;
+    for (int c = 0; c < q; c++)
+        cv_est_probe(rng, o->distribution, W + (size_t)c * n, n);
+    if (cv_est_apply_chunked(op, q, W, Y, b, e) ||
+        (power == 2 && cv_est_apply_chunked(op, q, Y, Y2, b, e)))
+        goto done;
+    rc = xnys_samples(n, q, W, power == 2 ? Y2 : Y, t, e);
+done:
+    free(W);
+    free(Y);
+    free(Y2);
+    return rc;
+}
+
+int cv_trace_xnystrace(const cv_linop *op, const cv_trace_options *opt, int power,
+                       cv_rng *rng, cv_trace_result *out, cv_err *e)
+{
+    cv_trace_options def;
+    opt = CV_EST_OPTIONS(opt, &def, cv_trace_options_default);
+    memset(out, 0, sizeof *out);
+    if (cv_est_check_op(op, e) || cv_est_block_check(opt->block, e))
+        return -1;
+    if (power != 1 && power != 2)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "power", "power must be 1 or 2");
+    int q = opt->max_probes / power;
+    if (q < 2)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_probes",
+                          "xnystrace needs a budget of at least %d matvecs (2 test vectors) in "
+                          "options.max_probes, got %d", 2 * power, opt->max_probes);
+    if ((size_t)q > op->n)
+        q = (int)op->n;
+    cv_progress_plan(op->progress, (long)q * power);
+    double *t = CV_EST_ALLOC((size_t)q, double, e);
+    if (!t || xnys_run(op, opt, q, power, rng, t, e)) {
+        free(t);
+        return -1;
+    }
+    mean_stderr(q, t, &out->trace, &out->std_err);
+    out->probes = q;
+    out->matvecs = (long)q * power;
+    if (opt->return_samples)
+        out->samples = t;
+    else
+        free(t);
+    return 0;
+}

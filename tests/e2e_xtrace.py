@@ -7,7 +7,9 @@ trace / diagonal (unbiased), the reported stderr covers |error| < 3 stderr in >=
 runs, and the mean squared error is below Hutchinson's (and, for the trace, Hutch++'s) at
 the same matvecs; the GGN (rank N (C - 1) = 24) with q = max_probes/2 test vectors above its rank: exact to
 float32 precision, stderr ~0; refusals: max_probes 3 (400 invalid_option,
-options.max_probes), tol > 0 with xtrace (options.tol).  Ends with 'N passed, M failed'.
+options.max_probes), tol > 0 with xtrace (options.tol).  trace xnystrace (PSD curvatures;
+the Hessian refused) unbiased on the GGN; op frobenius_norm (hutchinson on ||A v||^2,
+xnystrace on A^2) unbiased for ||G||_F^2 and ||H||_F^2.  Ends with 'N passed, M failed'.
 """
 import copy
 import os
@@ -56,6 +58,34 @@ def check_estimator(d, op, curvature, exact, others, key):
               f"{mse:.3g} vs {mo:.3g}")
 
 
+def check_xnys_frobenius(d, H, G):
+    """trace xnystrace on the GGN; frobenius_norm (hutchinson, xnystrace) on both."""
+    t = [tr.run(d, {"op": "trace", "curvature": "ggn", "seed": s,
+                    "options": {"method": "xnystrace", "max_probes": 20}}) for s in range(SEEDS)]
+    est = np.array([r["trace"] for r in t])
+    check("trace xnystrace ggn: mean within 4 stderr of tr(G), 20 test vectors",
+          abs(est.mean() - np.trace(G)) < 4 * est.std(ddof=1) / np.sqrt(SEEDS) + 1e-6 and
+          all(r["probes"] == 20 and r["matvecs"] == 20 for r in t), f"{est.mean()} {np.trace(G)}")
+    for name, A in (("ggn", G), ("hessian", H)):
+        want = np.sum(A * A)
+        for method in ("hutchinson", "xnystrace"):
+            opts = {"method": method, "max_probes": 40}
+            if method == "hutchinson":
+                opts["tol"] = 0
+            rs = [tr.run(d, {"op": "frobenius_norm", "curvature": name, "seed": s,
+                             "options": opts}) for s in range(SEEDS)]
+            f2 = np.array([r["frobenius_norm_squared"] for r in rs])
+            ok = all(abs(r["frobenius_norm"] ** 2 - r["frobenius_norm_squared"]) < 1e-9 * want
+                     and r["matvecs"] == 40 for r in rs)
+            check(f"frobenius_norm {method} {name}: unbiased for ||A||_F^2, norm = sqrt, 40 "
+                  "matvecs", ok and abs(f2.mean() - want) < 4 * f2.std(ddof=1) /
+                  np.sqrt(SEEDS) + 1e-9, f"{f2.mean()} vs {want}")
+    rc, r = tr.curvd_run(CURVD, d, {"op": "trace", "options": {"method": "xnystrace"}},
+                         expect_ok=False)
+    check("trace xnystrace on the Hessian: refused (options.method)", rc != 0 and
+          r.get("error", {}).get("field") == "options.method", str(r)[:200])
+
+
 def main():
     model, x, y = tr.make_mlp_case(torch.nn.Tanh, torch.nn.CrossEntropyLoss(), n=12)
     lf = torch.nn.CrossEntropyLoss()
@@ -79,6 +109,7 @@ def main():
         check("xdiag on the GGN (rank 24 < q = 50): exact to float32, stderr ~0",
               np.abs(np.asarray(r["diag"]) - np.diag(G)).max() < 1e-5 * np.abs(G).max() and
               max(r["stderr"]) < 1e-6 * np.abs(G).max())
+        check_xnys_frobenius(d, H, G)
         for job, field in (({"method": "xtrace", "max_probes": 3}, "options.max_probes"),
                            ({"method": "xtrace", "tol": 0.1}, "options.tol")):
             rc, r = tr.curvd_run(CURVD, d, {"op": "trace", "options": job}, expect_ok=False)

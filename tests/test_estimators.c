@@ -651,6 +651,128 @@ START_TEST(xtrace_bad_budget)
 }
 END_TEST
 
+/* A PSD spectrum: a few large eigenvalues over a small positive floor. */
+static void psd_decaying(dmat *m, int n, uint64_t seed)
+{
+    double *lam = malloc(sizeof(double) * n);
+    cv_rng r;
+    cv_rng_seed(&r, seed);
+    for (int i = 0; i < n; i++)
+        lam[i] = i < 8 ? 50.0 + 10 * i : 0.05 * fabs(cv_rng_normal(&r));
+    dmat_spectrum(m, n, lam, seed + 1);
+    free(lam);
+}
+
+/* XNysTrace on a PSD matrix: unbiased over 300 seeds, stderr covers, q = 40
+ * test vectors for 40 matvecs, far below Hutchinson's error and of XTrace's
+ * order at the same matvecs (here, with 8 dominant eigenvalues, both sketches
+ * hold them: XTrace's error is the smaller one); power 2 estimates ||A||_F^2 the same way; an
+ * indefinite matrix is refused (not_positive_definite). */
+START_TEST(xnystrace_psd)
+{
+    int n = 100, runs = 300;
+    dmat m;
+    psd_decaying(&m, n, 5);
+    double exact = dmat_trace(&m), fro2 = 0, sum = 0, sum2 = 0, fsum = 0;
+    for (int i = 0; i < n * n; i++)
+        fro2 += m.a[i] * m.a[i];
+    double err_n = 0, err_x = 0, err_h = 0;
+    int covered = 0;
+    cv_trace_options o;
+    cv_trace_options_default(&o);
+    o.tol = 0;
+    o.max_probes = 40;
+    for (int s = 0; s < runs; s++) {
+        cv_rng r;
+        cv_err e;
+        cv_trace_result x, h, f;
+        cv_rng_seed(&r, (uint64_t)s);
+        long before = done_of(&m);
+        ck_assert_int_eq(cv_trace_xnystrace(&m.op, &o, 1, &r, &x, &e), 0);
+        ck_assert_int_eq(done_of(&m) - before, 40);
+        ck_assert_int_eq(x.probes, 40);
+        sum += x.trace;
+        sum2 += x.trace * x.trace;
+        covered += fabs(x.trace - exact) < 3 * x.std_err;
+        err_n += fabs(x.trace - exact);
+        ck_assert_int_eq(cv_trace_xnystrace(&m.op, &o, 2, &r, &f, &e), 0);
+        ck_assert_int_eq(f.probes, 20);
+        fsum += f.trace / runs;
+        if (s < 20) {
+            cv_rng_seed(&r, (uint64_t)s);
+            ck_assert_int_eq(cv_trace_hutchinson(&m.op, &o, &r, &h, &e), 0);
+            err_h += fabs(h.trace - exact) * runs / 20;
+            cv_trace_result_free(&h);
+            cv_rng_seed(&r, (uint64_t)s);
+            ck_assert_int_eq(cv_trace_xtrace(&m.op, &o, &r, &h, &e), 0);
+            err_x += fabs(h.trace - exact) * runs / 20;
+            cv_trace_result_free(&h);
+        }
+        cv_trace_result_free(&x);
+        cv_trace_result_free(&f);
+    }
+    double mean = sum / runs, sd = sqrt((sum2 / runs - mean * mean) * runs / (runs - 1));
+    ck_assert_msg(fabs(mean - exact) < 4 * sd / sqrt(runs) + 1e-9 * exact, "mean %g vs %g", mean,
+                  exact);
+    ck_assert_msg(covered >= 0.9 * runs, "covered %d of %d", covered, runs);
+    ck_assert_msg(err_n < 0.1 * err_h && err_n < 2 * err_x, "xnys %g xtrace %g hutchinson %g",
+                  err_n, err_x, err_h);
+    ck_assert_msg(fabs(fsum - fro2) < 1e-3 * fro2, "||A||_F^2 %g vs %g", fsum, fro2);
+    dmat_free(&m);
+
+    dmat_random(&m, 30, 2); /* indefinite */
+    cv_rng r;
+    cv_rng_seed(&r, 1);
+    cv_trace_result x;
+    cv_err e;
+    ck_assert_int_eq(cv_trace_xnystrace(&m.op, &o, 1, &r, &x, &e), -1);
+    ck_assert_str_eq(e.code, "not_positive_definite");
+    o.max_probes = 3;
+    ck_assert_int_eq(cv_trace_xnystrace(&m.op, &o, 2, &r, &x, &e), -1);
+    ck_assert_str_eq(e.field, "options.max_probes");
+    dmat_free(&m);
+}
+END_TEST
+
+/* ||A||_F^2 by Hutchinson: exact for Rademacher probes on a diagonal A (every
+ * ||A v||^2 = sum a_ii^2), within 4 stderr on a random matrix. */
+START_TEST(frobenius_hutchinson)
+{
+    dmat m;
+    dmat_init(&m, 20);
+    double want = 0;
+    for (int i = 0; i < 20; i++) {
+        *A_(&m, i, i) = sin(i + 1.0);
+        want += sin(i + 1.0) * sin(i + 1.0);
+    }
+    cv_trace_options o;
+    cv_trace_options_default(&o);
+    o.max_probes = 5;
+    o.tol = 0;
+    cv_rng r;
+    cv_rng_seed(&r, 3);
+    cv_trace_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_frobenius_hutchinson(&m.op, &o, &r, &res, &e), 0);
+    ck_assert_double_eq_tol(res.trace, want, 1e-12);
+    ck_assert_int_eq(res.probes, 5);
+    ck_assert_int_eq(res.matvecs, 5);
+    cv_trace_result_free(&res);
+    dmat_free(&m);
+    dmat_random(&m, 40, 4);
+    want = 0;
+    for (int i = 0; i < 40 * 40; i++)
+        want += m.a[i] * m.a[i];
+    o.max_probes = 400;
+    ck_assert_int_eq(cv_frobenius_hutchinson(&m.op, &o, &r, &res, &e), 0);
+    ck_assert(res.std_err > 0);
+    ck_assert_msg(fabs(res.trace - want) < 4 * res.std_err, "%g vs %g (se %g)", res.trace, want,
+                  res.std_err);
+    cv_trace_result_free(&res);
+    dmat_free(&m);
+}
+END_TEST
+
 /* ------------------------------------------------------------ Lanczos */
 
 /* Expected eigenvalues of `which` from ascending w. */
@@ -1740,6 +1862,8 @@ static Suite *suite(void)
     tcase_add_test(t, xtrace_xdiag_exact_below_rank);
     tcase_add_test(t, xdiag_unbiased_and_beats_hutchinson);
     tcase_add_test(t, xtrace_bad_budget);
+    tcase_add_test(t, xnystrace_psd);
+    tcase_add_test(t, frobenius_hutchinson);
     tcase_add_test(t, lanczos_vs_dsyev);
     tcase_add_test(t, lanczos_repeated_and_rank_deficient);
     tcase_add_test(t, lanczos_repeated_top_in_random_spectrum);
