@@ -272,7 +272,18 @@ def job_variants(op, spec, curv, damping, dense_blocks=None, kfra=True):
             out.append(j("trace hutchinson gaussian, blocks layer",
                          dict(mo, max_probes=6, distribution="gaussian"), blocks="layer"))
         elif op == "trace":
+            if m == "xnystrace" and curv == "hessian":  # PSD curvatures only
+                continue
             out.append(j("trace " + m, dict(mo, max_probes=15)))
+        elif op == "frobenius_norm":
+            out.append(j("frobenius_norm " + m, dict(mo, max_probes=12) if m != "hutchinson"
+                         else dict(mo, max_probes=12, tol=0)))
+        elif op == "jvp":
+            out.append(j("jvp", {"probe_seed": 11}))
+        elif op == "vjp":
+            out.append(j("vjp", {"cotangent_seed": 11}))
+        elif op == "jacobian":
+            out.append(j("jacobian", {}, **heavy))
         elif op == "diag":
             if m == "hutchinson":
                 out.append(j("diag " + m, dict(mo, max_probes=8)))
