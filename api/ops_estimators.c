@@ -431,7 +431,7 @@ static int run_density(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 typedef struct {
     cv_op_base base;
     cv_solve_options o;
-    int method;             /* cv_solve_method: cg, minres */
+    int method;             /* cv_solve_method: cg, minres, lsmr, neumann */
     cv_opt_choice_list rhs; /* choice 0: "gradient"; -1: the list (D numbers, checked at bind) */
 } solve_args;
 
@@ -441,6 +441,8 @@ static const cv_opt_spec solve_opts[] = {
     {"tol", CV_OPT_NUM, 0, 1, NULL, offsetof(solve_args, o.tol), NULL},
     {"max_iter", CV_OPT_INT, 1, 1e7, NULL, offsetof(solve_args, o.max_iter), NULL},
     {"method", CV_OPT_METHOD, 0, 0, NULL, offsetof(solve_args, method), NULL},
+    {"scale", CV_OPT_NUM, 1e-300, BIG, NULL, offsetof(solve_args, o.scale), "neumann"},
+    {"num_terms", CV_OPT_INT, 0, 1e6, NULL, offsetof(solve_args, o.num_terms), "neumann"},
     CV_OPT_MC(solve_args),
     CV_OPT_KRON(solve_args),
     CV_OPT_END};
@@ -496,7 +498,10 @@ static int run_solve(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 /* indices = cv_solve_method */
 static const cv_op_method solve_cg = {"cg", run_solve, NULL, NULL, NULL};
 static const cv_op_method solve_minres = {"minres", run_solve, NULL, NULL, NULL};
-static const cv_op_method *const solve_methods[] = {&solve_cg, &solve_minres, NULL};
+static const cv_op_method solve_lsmr = {"lsmr", run_solve, NULL, NULL, NULL};
+static const cv_op_method solve_neumann = {"neumann", run_solve, NULL, NULL, NULL};
+static const cv_op_method *const solve_methods[] = {&solve_cg, &solve_minres, &solve_lsmr,
+                                                    &solve_neumann, NULL};
 
 /* ---- newton ----------------------------------------------------------------- */
 
@@ -671,7 +676,7 @@ static void mem_density(const cv_opts *o, cv_curvature kind, const cv_block *b, 
 
 static void mem_solve(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
-    mem_set(m, 8, 0, b->dim, 1);
+    mem_set(m, 12, 0, b->dim, 1); /* LSMR: 10 vectors */
 }
 
 const cv_op_def cv_op_trace = {"trace", trace_opts, trace_methods, sizeof(trace_args),

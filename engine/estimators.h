@@ -336,9 +336,9 @@ int cv_density_from_spectrum(const double *vals, size_t n, const cv_density_opti
 
 /* ------------------------------------------------------------ solve/newton */
 
-typedef enum { CV_SOLVE_CG = 0, CV_SOLVE_MINRES } cv_solve_method;
+typedef enum { CV_SOLVE_CG = 0, CV_SOLVE_MINRES, CV_SOLVE_LSMR, CV_SOLVE_NEUMANN } cv_solve_method;
 
-/* "cg" | "minres" -> cv_solve_method, -1 if unknown. */
+/* "cg" | "minres" | "lsmr" | "neumann" -> cv_solve_method, -1 if unknown. */
 int cv_solve_method_from_name(const char *name);
 const char *cv_solve_method_name(cv_solve_method m);
 
@@ -346,7 +346,9 @@ typedef struct {
     cv_solve_method method; /* default cg */
     double damping;         /* delta, finite (default 0) */
     double tol;             /* relative residual ||r|| / ||b||, >= 0 (default 1e-6) */
-    int max_iter;           /* >= 0, 0 = 10 n */
+    int max_iter;           /* >= 0, 0 = 10 n (cg, minres, lsmr) */
+    double scale;           /* neumann: s > 0 (default 1) */
+    int num_terms;          /* neumann: K >= 0 terms after the first (default 100) */
 } cv_solve_options;
 
 typedef struct {
@@ -368,12 +370,23 @@ void cv_solve_result_free(cv_solve_result *r);
  * helped (a lower bound) or method minres.
  * MINRES (Paige-Saunders): any symmetric A + delta I; for a singular
  * inconsistent system it stops at max_iter with converged = 0.
+ * LSMR (Fong-Saunders 2011): least squares min ||b - (A + delta I) x|| for
+ * any A (singular, indefinite), two matvecs per iteration; stops when the
+ * residual (carried exactly by recurrence) is within tol, when the normal
+ * equations hold (||M r|| <= tol ||M||_F-estimate ||r||: a least-squares
+ * solution of an inconsistent system, from x = 0 the minimum-norm one) or
+ * the bidiagonalization ends; converged = 1 in each of these cases.
+ * Neumann: x = s sum_{k=0}^{K} (I - s (A + delta I))^k b with s = scale,
+ * K = num_terms (K matvecs, max_iter and tol unused for stopping;
+ * converged = residual <= tol); converges iff every eigenvalue of
+ * A + delta I lies in (0, 2/s); a term growing past 1e8 ||b|| fails with
+ * CV_EINVAL "diverges" (field "options.scale").
  * Not converging within max_iter is not an error (see converged/residual).
  * Progress plan: min(max_iter, n) + 1 matvecs (in exact arithmetic both
  * methods finish within n iterations; rounding can take more, and the plan
  * then grows with the matvecs done).  If Ax is non-NULL it receives A x
  * (undamped, n doubles) from the final residual product.
- * Memory: CG 4 vectors, MINRES 8 vectors. */
+ * Memory: CG 4 vectors, MINRES 8 vectors, LSMR 10, Neumann 4. */
 int cv_solve(const cv_linop *op, const double *b, const cv_solve_options *opt,
              cv_solve_result *out, double *Ax, cv_err *e);
 

@@ -1,6 +1,7 @@
 /* solve.c - linear solves with a damped operator (A + damping I) x = b:
- * conjugate gradients (positive definite; refuses negative curvature) and
- * MINRES (Paige-Saunders; symmetric indefinite). */
+ * conjugate gradients (positive definite; refuses negative curvature),
+ * MINRES (Paige-Saunders; symmetric indefinite), LSMR (Fong-Saunders; least
+ * squares, any A) and the truncated Neumann series (curvlinops' convention). */
 #include <cblas.h>
 #include <float.h>
 #include <limits.h>
@@ -12,13 +13,13 @@
 #include "names.h"
 
 /* index = cv_solve_method */
-static const char *const method_names[] = {"cg", "minres"};
+static const char *const method_names[] = {"cg", "minres", "lsmr", "neumann"};
 
-int cv_solve_method_from_name(const char *name) { return cv_name_index(name, method_names, 2); }
+int cv_solve_method_from_name(const char *name) { return cv_name_index(name, method_names, 4); }
 
 const char *cv_solve_method_name(cv_solve_method m)
 {
-    return cv_name_or(method_names, 2, (int)m, "cg");
+    return cv_name_or(method_names, 4, (int)m, "cg");
 }
 
 void cv_solve_options_default(cv_solve_options *o)
@@ -26,6 +27,8 @@ void cv_solve_options_default(cv_solve_options *o)
     memset(o, 0, sizeof *o);
     o->method = CV_SOLVE_CG;
     o->tol = 1e-6;
+    o->scale = 1.0;
+    o->num_terms = 100;
 }
 
 void cv_solve_result_free(cv_solve_result *r)
@@ -41,9 +44,15 @@ static int solve_check(const cv_linop *op, const double *b, const cv_solve_optio
 {
     if (cv_est_check_op(op, e))
         return -1;
-    if (o->method != CV_SOLVE_CG && o->method != CV_SOLVE_MINRES)
+    if ((int)o->method < 0 || o->method > CV_SOLVE_NEUMANN)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.method",
-                          "method must be cg or minres");
+                          "method must be cg, minres, lsmr or neumann");
+    if (o->method == CV_SOLVE_NEUMANN && !(o->scale > 0 && isfinite(o->scale)))
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.scale",
+                          "scale must be a finite number > 0");
+    if (o->method == CV_SOLVE_NEUMANN && o->num_terms < 0)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.num_terms",
+                          "num_terms must be >= 0");
     if (!isfinite(o->damping))
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.damping",
                           "damping must be a finite number");
@@ -235,6 +244,175 @@ static int minres(damped_op *A, const double *b, double bnorm, const cv_solve_op
     return 0;
 }
 
+/* LSMR (Fong & Saunders 2011) on the damped operator M = A + delta I
+ * (symmetric: M^T u = M u), from x = 0: Golub-Kahan bidiagonalization
+ * (two products per iteration) with the two Givens QR factorizations of the
+ * paper's section 2.  M x is carried along (M h_k from the next M v_k), so
+ * the stopping test is the exact recurrence residual ||b - M x|| <= tol ||b||. */
+typedef struct {
+    double *u, *v, *h, *hbar, *mv, *mh, *mhbar, *mx;
+} lsmr_ws;
+
+static void lsmr_free(lsmr_ws *w)
+{
+    double *bufs[] = {w->u, w->v, w->h, w->hbar, w->mv, w->mh, w->mhbar, w->mx};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        free(bufs[i]);
+}
+
+static int lsmr_alloc(lsmr_ws *w, size_t n, cv_err *e)
+{
+    memset(w, 0, sizeof *w);
+    double **bufs[] = {&w->u, &w->v, &w->h, &w->hbar, &w->mv, &w->mh, &w->mhbar, &w->mx};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (!(*bufs[i] = CV_EST_ALLOC(n, double, e))) {
+            lsmr_free(w);
+            return -1;
+        }
+    return 0;
+}
+
+/* ||b - mx|| */
+static double resid_norm(size_t n, const double *b, const double *mx)
+{
+    double s = 0;
+    for (size_t i = 0; i < n; i++)
+        s += (b[i] - mx[i]) * (b[i] - mx[i]);
+    return sqrt(s);
+}
+
+static int lsmr(damped_op *A, const double *b, double bnorm, const cv_solve_options *o,
+                int max_iter, cv_solve_result *out, cv_err *e)
+{
+    size_t n = A->n;
+    lsmr_ws w;
+    if (lsmr_alloc(&w, n, e))
+        return -1;
+    int rc = -1, it = 0, done_ = 0;
+    double *x = out->x, beta = bnorm, alpha;
+    for (size_t i = 0; i < n; i++)
+        w.u[i] = b[i] / beta;
+    if (damped_apply(A, w.u, w.v, e)) /* alpha_1 v_1 = M^T u_1 */
+        goto done;
+    alpha = cv_est_norm(n, w.v);
+    if (!isfinite(alpha)) {
+        non_finite(e, "LSMR", 0);
+        goto done;
+    }
+    if (alpha == 0) { /* M b = 0: x = 0 is the least-squares solution */
+        done_ = 1;
+        goto finish;
+    }
+    cblas_dscal((int)n, 1.0 / alpha, w.v, 1);
+    memcpy(w.h, w.v, sizeof(double) * n);
+    double alphabar = alpha, zetabar = alpha * beta, rho = 1, rhobar = 1, cbar = 1, sbar = 0;
+    double norm_a2 = alpha * alpha; /* ||B_k||_F^2 estimates ||M||_F^2 (as SciPy's lsmr) */
+    double hcoef = 0; /* h_k = v_k - hcoef h_{k-1} */
+    while (it < max_iter && !done_) {
+        if (damped_apply(A, w.v, w.mv, e)) /* M v_k */
+            goto done;
+        it++;
+        if (it == 1)
+            memcpy(w.mh, w.mv, sizeof(double) * n);
+        else
+            for (size_t i = 0; i < n; i++)
+                w.mh[i] = w.mv[i] - hcoef * w.mh[i];
+        for (size_t i = 0; i < n; i++) /* beta_{k+1} u_{k+1} = M v_k - alpha_k u_k */
+            w.u[i] = w.mv[i] - alpha * w.u[i];
+        beta = cv_est_norm(n, w.u);
+        double alpha_next = 0;
+        if (beta > 0) {
+            cblas_dscal((int)n, 1.0 / beta, w.u, 1);
+            double *t = w.mv; /* M v_k is used up: M u_{k+1} goes there */
+            if (damped_apply(A, w.u, t, e))
+                goto done;
+            for (size_t i = 0; i < n; i++) /* alpha_{k+1} v_{k+1} = M u_{k+1} - beta v_k */
+                t[i] -= beta * w.v[i];
+            alpha_next = cv_est_norm(n, t);
+            if (alpha_next > 0)
+                for (size_t i = 0; i < n; i++)
+                    w.v[i] = t[i] / alpha_next;
+        }
+        if (!isfinite(beta) || !isfinite(alpha_next)) {
+            non_finite(e, "LSMR", it);
+            goto done;
+        }
+        double rhoold = rho, rhobarold = rhobar;
+        rho = hypot(alphabar, beta);
+        double c = alphabar / rho, s_ = beta / rho;
+        double thetanew = s_ * alpha_next;
+        alphabar = c * alpha_next;
+        double thetabar = sbar * rho, rhotemp = cbar * rho;
+        rhobar = hypot(rhotemp, thetanew);
+        cbar = rhotemp / rhobar;
+        sbar = thetanew / rhobar;
+        double zeta = cbar * zetabar;
+        zetabar = -sbar * zetabar;
+        double hb = thetabar * rho / (rhoold * rhobarold), step = zeta / (rho * rhobar);
+        for (size_t i = 0; i < n; i++) {
+            w.hbar[i] = w.h[i] - hb * w.hbar[i];
+            w.mhbar[i] = w.mh[i] - hb * w.mhbar[i];
+            x[i] += step * w.hbar[i];
+            w.mx[i] += step * w.mhbar[i];
+        }
+        hcoef = thetanew / rho;
+        for (size_t i = 0; i < n; i++) /* h_{k+1} = v_{k+1} - (theta_{k+1} / rho_k) h_k */
+            w.h[i] = w.v[i] - hcoef * w.h[i];
+        norm_a2 += beta * beta + alpha_next * alpha_next;
+        double rn = resid_norm(n, b, w.mx);
+        /* ||b - M x|| within tol, or the normal equations: ||M^T r|| = |zetabar| <=
+         * tol ||M|| ||r|| (a least-squares solution of an inconsistent system) */
+        done_ = rn <= o->tol * bnorm || fabs(zetabar) <= o->tol * sqrt(norm_a2) * rn ||
+                beta == 0 || alpha_next == 0;
+        alpha = alpha_next;
+    }
+finish:
+    out->iterations = it;
+    out->converged = resid_norm(n, b, w.mx) <= o->tol * bnorm || done_;
+    rc = 0;
+done:
+    lsmr_free(&w);
+    return rc;
+}
+
+/* Truncated Neumann series x = s sum_{k=0}^{K} (I - s M)^k b (curvlinops'
+ * NeumannInverseLinearOperator, s = scale, K = num_terms matvecs); it
+ * converges when every eigenvalue of M lies in (0, 2/s).  A term that grows
+ * past 1e8 ||b|| (or turns non-finite) stops it: CV_EINVAL "diverges". */
+static int neumann(damped_op *A, const double *b, double bnorm, const cv_solve_options *o,
+                   cv_solve_result *out, cv_err *e)
+{
+    size_t n = A->n;
+    double *v = CV_EST_ALLOC(n, double, e), *mv = v ? CV_EST_ALLOC(n, double, e) : NULL;
+    int rc = -1, k = 0;
+    if (!mv)
+        goto done;
+    memcpy(v, b, sizeof(double) * n);
+    memcpy(out->x, b, sizeof(double) * n);
+    for (k = 1; k <= o->num_terms; k++) {
+        if (damped_apply(A, v, mv, e))
+            goto done;
+        cblas_daxpy((int)n, -o->scale, mv, 1, v, 1);
+        cblas_daxpy((int)n, 1.0, v, 1, out->x, 1);
+        double vn = cv_est_norm(n, v);
+        if (!(vn <= 1e8 * bnorm)) {
+            cv_err_set(e, CV_EINVAL, "diverges", "options.scale",
+                       "the Neumann series diverges (term %d has norm %.3g, %.3g times the "
+                       "right-hand side's): scale x the eigenvalues of A + damping I must "
+                       "lie in (0, 2); use a smaller scale, a larger damping, or method cg",
+                       k, vn, vn / bnorm);
+            goto done;
+        }
+    }
+    cblas_dscal((int)n, o->scale, out->x, 1);
+    out->iterations = o->num_terms;
+    rc = 0;
+done:
+    free(v);
+    free(mv);
+    return rc;
+}
+
 /* out->residual = ||b - (A + delta I) x|| / ||b||, with A x into ax. */
 static int true_residual(damped_op *A, const double *b, double bnorm, cv_solve_result *out,
                          double *ax, cv_err *e)
@@ -282,12 +460,20 @@ int cv_solve(const cv_linop *op, const double *b, const cv_solve_options *opt,
     /* Both methods finish within n iterations in exact arithmetic; plan
      * that (the plan grows by itself if rounding needs more). */
     long plan_iter = (size_t)max_iter < n ? (long)max_iter : (long)n;
+    if (opt->method == CV_SOLVE_LSMR)
+        plan_iter = 2 * plan_iter + 1;
+    else if (opt->method == CV_SOLVE_NEUMANN)
+        plan_iter = opt->num_terms;
     cv_progress_plan(op->progress, plan_iter + 1);
     damped_op A = {.op = op, .n = n, .delta = opt->damping};
-    int rc = opt->method == CV_SOLVE_CG ? cg(&A, b, bnorm, opt, max_iter, out, e)
-                                        : minres(&A, b, bnorm, opt, max_iter, out, e);
+    int rc = opt->method == CV_SOLVE_CG       ? cg(&A, b, bnorm, opt, max_iter, out, e)
+             : opt->method == CV_SOLVE_MINRES ? minres(&A, b, bnorm, opt, max_iter, out, e)
+             : opt->method == CV_SOLVE_LSMR   ? lsmr(&A, b, bnorm, opt, max_iter, out, e)
+                                              : neumann(&A, b, bnorm, opt, out, e);
     if (rc || true_residual(&A, b, bnorm, out, ax, e))
         goto fail;
+    if (opt->method == CV_SOLVE_NEUMANN) /* no stopping rule: converged = within tol */
+        out->converged = out->residual <= opt->tol;
     out->matvecs = A.matvecs;
     if (ax != Ax)
         free(ax);

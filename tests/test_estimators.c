@@ -1453,6 +1453,124 @@ START_TEST(minres_indefinite_vs_dgesv)
 }
 END_TEST
 
+/* LSMR: indefinite (and damped) systems = dgesv; a singular inconsistent
+ * system gives the minimum-norm least-squares solution (dgelsd), converged
+ * (the Krylov space is exhausted); two matvecs per iteration plus one. */
+START_TEST(lsmr_vs_lapack)
+{
+    int n = 60;
+    double lam[60];
+    for (int i = 0; i < n; i++)
+        lam[i] = (i % 2 ? -1.0 : 1.0) * (0.2 + 0.05 * i);
+    dmat m;
+    dmat_spectrum(&m, n, lam, 13);
+    double *b = rhs(n, 4);
+    cv_solve_options o;
+    cv_solve_options_default(&o);
+    o.method = CV_SOLVE_LSMR;
+    o.tol = 1e-10;
+    for (int d = 0; d < 2; d++) {
+        o.damping = d ? 0.1 : 0.0;
+        cv_solve_result res;
+        cv_err e;
+        long before = done_of(&m);
+        ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), 0);
+        double *x = dense_solve(&m, b, o.damping, 0);
+        ck_assert(res.converged);
+        ck_assert_msg(res.residual < 1e-9, "residual %g", res.residual);
+        ck_assert_msg(relerr(res.x, x, n) < 1e-7, "err %g", relerr(res.x, x, n));
+        ck_assert_int_eq(done_of(&m) - before, res.matvecs);
+        ck_assert_int_eq(res.matvecs, 2L * res.iterations + 2);
+        free(x);
+        cv_solve_result_free(&res);
+    }
+    dmat_free(&m);
+    /* rank 10 of 40, b outside the range: least squares, minimum norm */
+    n = 40;
+    double lr[40] = {0};
+    for (int i = 0; i < 10; i++)
+        lr[i] = 1.0 + i;
+    dmat_spectrum(&m, n, lr, 14);
+    double *a = malloc(sizeof(double) * n * n), *x = malloc(sizeof(double) * n), sv[40];
+    memcpy(a, m.a, sizeof(double) * n * n);
+    memcpy(x, b, sizeof(double) * n);
+    lapack_int rank;
+    ck_assert_int_eq(LAPACKE_dgelsd(LAPACK_COL_MAJOR, n, n, 1, a, n, x, n, sv, 1e-10, &rank), 0);
+    ck_assert_int_eq(rank, 10);
+    o.damping = 0;
+    cv_solve_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), 0);
+    ck_assert(res.converged);
+    ck_assert_msg(relerr(res.x, x, n) < 1e-7, "least squares err %g", relerr(res.x, x, n));
+    ck_assert(res.residual > 0.1); /* inconsistent: the residual stays */
+    cv_solve_result_free(&res);
+    free(a);
+    free(x);
+    free(b);
+    dmat_free(&m);
+}
+END_TEST
+
+/* Neumann: x = s sum_{k=0}^{K} (I - s M)^k b exactly (against the same sum
+ * formed densely), converging to dposv's solution for s < 2 / lambda_max;
+ * num_terms matvecs (+1 for the residual); divergence refused. */
+START_TEST(neumann_series)
+{
+    int n = 30;
+    double lam[30];
+    for (int i = 0; i < n; i++)
+        lam[i] = 0.5 + 0.05 * i; /* in (0.5, 2) */
+    dmat m;
+    dmat_spectrum(&m, n, lam, 15);
+    double *b = rhs(n, 5);
+    cv_solve_options o;
+    cv_solve_options_default(&o);
+    o.method = CV_SOLVE_NEUMANN;
+    o.scale = 0.5;
+    o.num_terms = 3;
+    cv_solve_result res;
+    cv_err e;
+    long before = done_of(&m);
+    ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), 0);
+    ck_assert_int_eq(done_of(&m) - before, 4);
+    ck_assert_int_eq(res.iterations, 3);
+    double *t = malloc(sizeof(double) * n), *sum = calloc((size_t)n, sizeof(double));
+    double *mt = malloc(sizeof(double) * n);
+    memcpy(t, b, sizeof(double) * n);
+    for (int k = 0; k <= 3; k++) {
+        for (int i = 0; i < n; i++)
+            sum[i] += 0.5 * t[i];
+        for (int i = 0; i < n; i++) {
+            mt[i] = 0;
+            for (int j = 0; j < n; j++)
+                mt[i] += *A_(&m, i, j) * t[j];
+        }
+        for (int i = 0; i < n; i++)
+            t[i] -= 0.5 * mt[i];
+    }
+    ck_assert_msg(relerr(res.x, sum, n) < 1e-12, "err %g", relerr(res.x, sum, n));
+    cv_solve_result_free(&res);
+    o.num_terms = 200;
+    o.tol = 1e-8;
+    ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), 0);
+    double *x = dense_solve(&m, b, 0, 1);
+    ck_assert(res.converged);
+    ck_assert_msg(relerr(res.x, x, n) < 1e-8, "err %g", relerr(res.x, x, n));
+    cv_solve_result_free(&res);
+    o.scale = 1.5; /* 1.5 * 1.95 > 2: diverges */
+    ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), -1);
+    ck_assert_str_eq(e.code, "diverges");
+    ck_assert_str_eq(e.field, "options.scale");
+    free(x);
+    free(t);
+    free(mt);
+    free(sum);
+    free(b);
+    dmat_free(&m);
+}
+END_TEST
+
 START_TEST(newton_step_and_prediction)
 {
     int n = 30;
@@ -1877,6 +1995,8 @@ static Suite *suite(void)
     tcase_add_test(t, cg_vs_dposv);
     tcase_add_test(t, cg_refuses_indefinite);
     tcase_add_test(t, minres_indefinite_vs_dgesv);
+    tcase_add_test(t, lsmr_vs_lapack);
+    tcase_add_test(t, neumann_series);
     tcase_add_test(t, newton_step_and_prediction);
     tcase_add_test(t, cancellation);
     tcase_add_test(t, progress_counts_match_matvecs);
