@@ -306,7 +306,7 @@ def job_variants(op, spec, curv, damping, dense_blocks=None, kfra=True):
             out.append(j("density", {"lanczos_steps": 12, "runs": 2, "grid_points": 64,
                                      "sigma2": 1e-3}))
         elif op == "solve" and m == "neumann":
-            out.append(j("solve neumann", dict(mo, damping=damping, scale=0.1, num_terms=20)))
+            out.append(j("solve neumann", dict(mo, damping=damping, scale=0.01, num_terms=20)))
         elif op == "solve":
             # tol 1e-5, well above float32 rounding: a tolerance near it (1e-7) lets the
             # summation order decide whether the last iteration is needed
