@@ -153,8 +153,10 @@ def check_torch():
     want = np.sort(np.linalg.eigvalsh(H))[::-1][:2]
     check("eigenvalues(k=2) = eigvalsh's top 2", err(np.array(ev), want) < 1e-4, str(ev))
     from scipy.sparse.linalg import eigsh
-    top = eigsh(g.linear_operator(), k=1, which="LA")[0][0]
-    check("eigsh(linear_operator) = top GGN eigenvalue", abs(top - np.linalg.eigvalsh(G)[-1])
+    top = eigsh(g, k=1, which="LA")[0][0]  # the object itself, as curvlinops' operators
+    top2 = eigsh(g.linear_operator(), k=1, which="LA")[0][0]
+    check("eigsh(h.linear_operator()) = eigsh(h)", abs(top - top2) < 1e-9 * abs(top))
+    check("eigsh(h) = top GGN eigenvalue", abs(top - np.linalg.eigvalsh(G)[-1])
           < 1e-5 * abs(top), "%g" % top)
     loader = [(x[i:i + 5], y[i:i + 5]) for i in range(0, len(x), 5)]
     hl = curvd.Hessian(model, lf, loader)
