@@ -38,6 +38,14 @@ cv_curvature cv_op_kron_engine_kind(cv_curvature kind, const cv_op_base *b);
 int cv_op_kron_new(cv_op_ctx *c, const cv_block *blocks, int n, cv_err *e);
 void cv_op_kron_free(cv_op_ctx *c);
 
+/* Newton method acp (George's amortized covariance preconditioner): the
+ * factors are KFAC's A with B = alpha I (engine/kron.h options acp; alpha
+ * from the option acp_alpha, a number or "max").  cv_op_kron_is_acp: the
+ * job is one; cv_op_kron_acp_alphas adds "acp_alpha", [{name, alpha}] for
+ * the Kronecker slots of block b, to out. */
+int cv_op_kron_is_acp(const cv_op_ctx *c);
+void cv_op_kron_acp_alphas(const cv_op_ctx *c, const cv_block *b, cJSON *out);
+
 /* The factors (borrowed), NULL without a Kronecker curvature. */
 const cv_kron *cv_op_kron_factors(const cv_op_ctx *c);
 

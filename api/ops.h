@@ -126,7 +126,8 @@ extern const cv_op_def cv_op_kfac; /* api/ops_kron.c */
 
 /* ViViT methods (api/ops_vivit.c): eigen "gram", newton "vivit". */
 extern const cv_op_method cv_method_eigen_gram, cv_method_newton_vivit;
-/* Kronecker Newton methods (api/ops_newton_kron.c): newton kfac, ekfac, kfra. */
-extern const cv_op_method cv_method_newton_kfac, cv_method_newton_ekfac, cv_method_newton_kfra;
+/* Kronecker Newton methods (api/ops_newton_kron.c): newton kfac, ekfac, kfra, acp. */
+extern const cv_op_method cv_method_newton_kfac, cv_method_newton_ekfac, cv_method_newton_kfra,
+    cv_method_newton_acp;
 
 #endif

@@ -398,7 +398,8 @@ static const cv_opt_spec newton_opts[] = {
     {"grid", CV_OPT_LIST, 0, 0, NULL, NEWT(grid), "vivit"},
     {"bootstrap_samples", CV_OPT_INT, 1, 1e5, NULL, NEWT(bootstrap_samples), "vivit"},
     {"damping_mode", CV_OPT_ENUM, 0, 0, "exact|factored", NEWT(damping_mode), "kfac|ekfac|kfra"},
-    {"rescale", CV_OPT_BOOL, 0, 0, NULL, NEWT(rescale), "kfac|ekfac|kfra"},
+    {"rescale", CV_OPT_BOOL, 0, 0, NULL, NEWT(rescale), "kfac|ekfac|kfra|acp"},
+    {"acp_alpha", CV_OPT_NUM_OR_ENUM, 0, 1e300, "max", NEWT(acp_alpha), "acp"},
     CV_OPT_VIVIT(cv_newton_args, "vivit"),
     CV_OPT_MC(cv_newton_args),
     CV_OPT_KRON(cv_newton_args),
@@ -412,6 +413,7 @@ static void newton_defaults(void *p, int method)
     a->damping.num = method == CV_NEWTON_VIVIT ? 1.0 : a->o.damping;
     a->damping.choice = -1;
     a->k.choice = -1;
+    a->acp_alpha.choice = 0; /* "max" */
     a->mode = CV_NEWTON_DIRECTIONAL;
     cv_vivit_args_default(&a->vivit);
 }
@@ -457,14 +459,15 @@ static int run_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 }
 
 /* indices: CV_NEWTON_CG, CV_NEWTON_MINRES (= cv_solve_method), CV_NEWTON_VIVIT,
- * CV_NEWTON_KFAC, CV_NEWTON_EKFAC, CV_NEWTON_KFRA */
+ * CV_NEWTON_KFAC, CV_NEWTON_EKFAC, CV_NEWTON_KFRA, CV_NEWTON_ACP */
 static const cv_op_method newton_cg = {"cg", run_newton, NULL, NULL, NULL};
 static const cv_op_method newton_minres = {"minres", run_newton, NULL, NULL, NULL};
 static const cv_op_method *const newton_methods[] = {&newton_cg, &newton_minres,
                                                      &cv_method_newton_vivit,
                                                      &cv_method_newton_kfac,
                                                      &cv_method_newton_ekfac,
-                                                     &cv_method_newton_kfra, NULL};
+                                                     &cv_method_newton_kfra,
+                                                     &cv_method_newton_acp, NULL};
 
 /* ---- the op table entries ------------------------------------------------- */
 
@@ -486,7 +489,7 @@ static const char *const solve_results[] = {"method",    "solution",      "resid
 static const char *const newton_results[] = {
     "method",    "damping",       "step", "predicted_change", "residual",
     "iterations", "converged",    "actual_change", "mode", "k", "directions", "dampings",
-    "damping_mode", "alpha",
+    "damping_mode", "alpha", "acp_alpha",
     FACTOR_RESULTS, CV_KRON_RESULTS, NULL};
 
 /* ---- memory (cv_op_memory_fn): the estimators' own vectors ------------------

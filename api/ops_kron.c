@@ -284,7 +284,7 @@ static cJSON *layer_head(cv_op_ctx *c, const cv_block *b, const char *kind)
 static int run_kfac(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const kfac_args *a = c->opts->args;
-    cv_kron_options ko = {(cv_kron_fisher)a->fisher_type, (cv_kron_approx)a->approx};
+    cv_kron_options ko = {(cv_kron_fisher)a->fisher_type, (cv_kron_approx)a->approx, 0, 0};
     cv_kron k;
     if (cv_curv_kron(c->curv, &ko, &k, e)) {
         cv_kron_free(&k);

@@ -49,6 +49,19 @@ typedef enum { CV_KRON_TYPE2 = 0, CV_KRON_MC, CV_KRON_EMPIRICAL } cv_kron_fisher
 typedef struct {
     cv_kron_fisher fisher_type;   /* default (0): type-2 */
     cv_kron_approx approx;        /* default (0): expand */
+    /* ACP (George's amortized covariance preconditioner, newton method acp):
+     * non-zero: B = alpha_l I_out instead of the fisher type's B (no walk of
+     * its vectors; fisher_type is ignored), with alpha_l = acp_alpha when
+     * acp_alpha > 0, else George's heuristic
+     *   alpha_l = (N / c) max_{n, r, j} (g_nr)_j^2,   g_nr = d L_n / d z_nr,
+     * L_n = c l_n (c the loss scale), the max over the samples, the layer's
+     * weight-sharing positions r and its outputs j (both approximations):
+     * = max (d l_n / d z)_j^2 for a mean-reduced cross-entropy (c = 1/N),
+     * N times it for a sum; an upper bound of the diagonal of the empirical
+     * B = (1/c) sum_n g_n g_n^T (R = 1).  One backward walk of the sample
+     * gradients (as empirical's), the max over micro-batches and ranks. */
+    int acp;
+    double acp_alpha;
 } cv_kron_options;
 
 typedef struct {
@@ -59,6 +72,7 @@ typedef struct {
     double *A, *B;                /* dim_a^2 and dim_b^2, row-major, symmetric */
     long rank_a, rank_b;          /* the outer products summed into A and B (bounds on
                                    * their ranks in exact arithmetic) */
+    double alpha;                 /* ACP (options acp): B = alpha I; 0 otherwise */
 } cv_kron_factor;
 
 typedef struct {
@@ -67,7 +81,8 @@ typedef struct {
     int nexact;
     cv_block *exact;              /* the per-layer blocks (cv_blocks_per_layer) without a
                                    * Kronecker structure: use their exact blocks */
-    int columns;                  /* vectors per sample backpropagated for B */
+    int columns;                  /* vectors per sample backpropagated for B (ACP: 1 for
+                                   * the heuristic's walk, 0 with a given alpha) */
     double *data;                 /* owns every A and B */
 } cv_kron;
 

@@ -566,7 +566,7 @@ static void evaluate(const inputs *in, const cv_batch *b, const cv_comm *comm, q
     STEP("gather_samples", cv_curv_gather_samples(c, in->gidx, 4, &r->gathered, e));
     for (int ft = 0; ft < 3; ft++) { /* mc with reduce, the others expand */
         cv_kron kr;
-        cv_kron_options ko = {(cv_kron_fisher)ft, ft == 1 ? CV_KRON_REDUCE : CV_KRON_EXPAND};
+        cv_kron_options ko = {(cv_kron_fisher)ft, ft == 1 ? CV_KRON_REDUCE : CV_KRON_EXPAND, 0, 0};
         int rc = cv_curv_kron(c, &ko, &kr, e);
         r->kron_len = 0;
         for (int i = 0; i < kr.nfactors; i++)
