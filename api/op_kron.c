@@ -68,6 +68,29 @@ int cv_op_kron_check(const cv_opts *o, cv_curvature kind, cv_err *e)
     return 0;
 }
 
+void cv_op_kron_memory(cv_curvature kind, int fisher_type, int mc_samples, int C, int flags,
+                       cv_op_memory *m)
+{
+    if (!cv_curvature_is_kron(kind))
+        return;
+    const cv_kron_sizes *k = &m->kron;
+    double d = k->square, eig = k->square + k->linear;
+    if (kind == CV_CURV_EKFAC)
+        d += k->product + eig;
+    else if (flags & CV_OP_KRON_MEM_EIGEN)
+        d += eig;
+    m->factor_bytes = cv_op_bytes(d * sizeof(double));
+    int cols = kind == CV_CURV_KFRA || (flags & CV_OP_KRON_MEM_ACP_GIVEN) ? 0
+               : flags & CV_OP_KRON_MEM_ACP_MAX                           ? 1
+               : kind == CV_CURV_KFLR || fisher_type == CV_KRON_TYPE2     ? C
+               : fisher_type == CV_KRON_MC                                ? mc_samples
+                                                                          : 1;
+    if (cols > 32)
+        cols = 32;
+    if (k->nfactors > 0 && cols > m->max_vectors)
+        m->max_vectors = cols;
+}
+
 cv_curvature cv_op_kron_engine_kind(cv_curvature kind, const cv_op_base *b)
 {
     if (!cv_curvature_is_kron(kind))

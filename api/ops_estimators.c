@@ -506,12 +506,21 @@ static void mem_set(cv_op_memory *m, double dvectors, double fvectors, size_t di
     m->pairs = 0;
 }
 
+/* A Kronecker curvature's factors, with their eigendecompositions when the
+ * op's exact path keeps them (flags: api/op_kron.h cv_op_kron_memory). */
+static void mem_kron(const cv_opts *o, cv_curvature kind, int C, int flags, cv_op_memory *m)
+{
+    const cv_op_base *base = o->args;
+    cv_op_kron_memory(kind, base->fisher_type, base->mc_samples, C, flags, m);
+}
+
 static void mem_trace(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     const trace_args *a = o->args;
     int blk = est_block(b->dim, a->o.max_probes);
     double sketch = a->method == 1 ? 2.0 * (a->o.max_probes / 3 + 1) : 0;
     mem_set(m, 2.0 * blk + 2 + sketch, 0, b->dim, blk);
+    mem_kron(o, kind, C, CV_OP_KRON_MEM_EIGEN, m); /* logdet */
 }
 
 static void mem_diag(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
@@ -519,6 +528,7 @@ static void mem_diag(const cv_opts *o, cv_curvature kind, const cv_block *b, siz
     const diag_args *a = o->args;
     int blk = est_block(b->dim, a->method == 1 ? (long)b->dim : a->o.max_probes);
     mem_set(m, 2.0 * blk + 3, 0, b->dim, blk);
+    mem_kron(o, kind, C, 0, m);
 }
 
 static void mem_eigen(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
@@ -527,12 +537,13 @@ static void mem_eigen(const cv_opts *o, cv_curvature kind, const cv_block *b, si
     int k = a->o.k;
     if (a->method == CV_EIGEN_POWER) {
         mem_set(m, 2.0 * k + 4, 0, b->dim, 1);
-        return;
+    } else {
+        double steps = a->o.max_iter > 0 ? a->o.max_iter : (10.0 * k > 100 ? 10.0 * k : 100);
+        if (steps > (double)b->dim)
+            steps = (double)b->dim;
+        mem_set(m, (a->o.return_vectors ? steps + k : 0) + 4, steps, b->dim, 1);
     }
-    double steps = a->o.max_iter > 0 ? a->o.max_iter : (10.0 * k > 100 ? 10.0 * k : 100);
-    if (steps > (double)b->dim)
-        steps = (double)b->dim;
-    mem_set(m, (a->o.return_vectors ? steps + k : 0) + 4, steps, b->dim, 1);
+    mem_kron(o, kind, C, CV_OP_KRON_MEM_EIGEN, m);
 }
 
 static void mem_density(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
@@ -541,11 +552,27 @@ static void mem_density(const cv_opts *o, cv_curvature kind, const cv_block *b, 
     const density_args *a = o->args;
     double steps = a->o.lanczos_steps < (double)b->dim ? a->o.lanczos_steps : (double)b->dim;
     mem_set(m, 4, steps, b->dim, 1);
+    mem_kron(o, kind, C, CV_OP_KRON_MEM_EIGEN, m);
 }
 
 static void mem_solve(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     mem_set(m, 8, 0, b->dim, 1);
+    mem_kron(o, kind, C, CV_OP_KRON_MEM_EIGEN, m);
+}
+
+/* newton: the Kronecker methods keep the factors' eigendecompositions (acp:
+ * its alpha's walk, or none with a given alpha); cg / minres on a Kronecker
+ * curvature apply it forward only. */
+static void mem_newton(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
+                       cv_op_memory *m)
+{
+    const cv_newton_args *a = o->args;
+    mem_set(m, 8, 0, b->dim, 1);
+    int flags = a->method >= CV_NEWTON_KFAC ? CV_OP_KRON_MEM_EIGEN : 0;
+    if (a->method == CV_NEWTON_ACP)
+        flags |= a->acp_alpha.choice < 0 ? CV_OP_KRON_MEM_ACP_GIVEN : CV_OP_KRON_MEM_ACP_MAX;
+    mem_kron(o, kind, C, flags, m);
 }
 
 const cv_op_def cv_op_trace = {"trace", trace_opts, trace_methods, sizeof(trace_args),
@@ -562,4 +589,4 @@ const cv_op_def cv_op_solve = {"solve", solve_opts, solve_methods, sizeof(solve_
                                solve_defaults, 1, 1, NULL, NULL, solve_results, NULL, mem_solve};
 const cv_op_def cv_op_newton = {"newton", newton_opts, newton_methods, sizeof(cv_newton_args),
                                 newton_defaults, 1, 1, check_newton, NULL, newton_results, NULL,
-                                mem_solve};
+                                mem_newton};

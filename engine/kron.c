@@ -196,6 +196,23 @@ static void rank_bounds(const cv_model *m, cv_kron_factor *f, cv_kron_approx app
     f->rank_b = rows * k < f->dim_b ? rows * k : f->dim_b;
 }
 
+int cv_kron_sizes_of(const cv_model *m, cv_kron_sizes *out, cv_err *e)
+{
+    cv_kron k = {0};
+    size_t len = 0;
+    memset(out, 0, sizeof *out);
+    int rc = classify(m, &k, &len, e);
+    for (int i = 0; !rc && i < k.nfactors; i++) {
+        double da = k.factors[i].dim_a, db = k.factors[i].dim_b;
+        out->square += da * da + db * db;
+        out->product += da * db;
+        out->linear += da + db;
+    }
+    out->nfactors = rc ? 0 : k.nfactors;
+    cv_kron_free(&k);
+    return rc;
+}
+
 /* ACP: B = alpha I with the given alpha or the heuristic's N c max (dl/dz)^2
  * from the walk's squared maxima (this rank's, max-reduced over the ranks
  * here); rank_b: B's rank. */

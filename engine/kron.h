@@ -151,6 +151,17 @@ int cv_curv_ekfac(cv_curv *c, const cv_kron_options *o, const cv_kron *k, double
  * -1 with e filled; out is freed with cv_kron_free also after a failure. */
 int cv_curv_kfra(cv_curv *c, const cv_kron_options *o, cv_kron *out, cv_err *e);
 
+/* Plan-time sizes of the factors cv_curv_kron computes on model m (no
+ * batch needed: the Kronecker layers and their kron_dims). */
+typedef struct {
+    int nfactors;
+    double square;    /* sum over the factors of dim_a^2 + dim_b^2 (the A's and B's) */
+    double product;   /* sum of dim_a * dim_b (the layers' parameters: EKFAC's values) */
+    double linear;    /* sum of dim_a + dim_b (the factors' eigenvalues) */
+} cv_kron_sizes;
+/* 0, or -1 with e filled (out of memory). */
+int cv_kron_sizes_of(const cv_model *m, cv_kron_sizes *out, cv_err *e);
+
 /* The index in vec_r(W~) (row o, column a: o*dim_a + a) of entry i of the
  * factor's block vector theta_l (weight entries, then the bias). */
 size_t cv_kron_w_index(const cv_kron_factor *f, size_t i);
