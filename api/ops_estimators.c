@@ -399,7 +399,7 @@ static const cv_opt_spec newton_opts[] = {
     {"bootstrap_samples", CV_OPT_INT, 1, 1e5, NULL, NEWT(bootstrap_samples), "vivit"},
     {"damping_mode", CV_OPT_ENUM, 0, 0, "exact|factored", NEWT(damping_mode), "kfac|ekfac|kfra"},
     {"rescale", CV_OPT_BOOL, 0, 0, NULL, NEWT(rescale), "kfac|ekfac|kfra|acp"},
-    {"acp_alpha", CV_OPT_NUM_OR_ENUM, 0, 1e300, "max", NEWT(acp_alpha), "acp"},
+    {"acp_alpha", CV_OPT_NUM_OR_ENUM, 1e-300, 1e300, "max", NEWT(acp_alpha), "acp"},
     CV_OPT_VIVIT(cv_newton_args, "vivit"),
     CV_OPT_MC(cv_newton_args),
     CV_OPT_KRON(cv_newton_args),

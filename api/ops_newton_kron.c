@@ -172,16 +172,6 @@ static int run_kron_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *
 
 /* ---- acp ------------------------------------------------------------------------ */
 
-static int check_acp(const cv_opts *opts, cv_curvature kind, cv_err *e)
-{
-    const cv_newton_args *a = opts->args;
-    if (a->acp_alpha.choice < 0 && !(a->acp_alpha.num > 0))
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.acp_alpha",
-                          "acp_alpha must be a number > 0 or \"max\" (it is %g)",
-                          a->acp_alpha.num);
-    return 0;
-}
-
 static int run_acp_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     if (run_kron_newton(c, b, out, e))
@@ -196,8 +186,8 @@ const cv_op_method cv_method_newton_ekfac = {"ekfac", run_kron_newton, check_kro
                                              resolve_ekfac};
 const cv_op_method cv_method_newton_kfra = {"kfra", run_kron_newton, check_kron_newton, NULL,
                                             resolve_kfra};
-/* acp: KFAC's A with B = alpha I; its curvature resolves as kfac's (the result's
- * curvature is "kfac"; fisher_type picks the exact curvature of the exact slots
- * and of rescale) */
-const cv_op_method cv_method_newton_acp = {"acp", run_acp_newton, check_acp, NULL,
-                                           resolve_kfac};
+/* acp: KFAC's A with B = alpha I (acp_alpha's range, 1e-300..1e300, is the
+ * option table's); its curvature resolves as kfac's (the result's curvature is
+ * "kfac"; fisher_type picks the exact curvature of the exact slots and of
+ * rescale) */
+const cv_op_method cv_method_newton_acp = {"acp", run_acp_newton, NULL, NULL, resolve_kfac};
