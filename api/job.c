@@ -660,16 +660,22 @@ static int run_blocks(const cv_job_spec *j, cv_op_ctx *c, cJSON *res, cv_err *e)
 static void op_memory(const cv_job_spec *j, const cv_model *m, size_t n, cv_op_memory *out)
 {
     cv_op_memory_fn fn = j->method && j->method->memory ? j->method->memory : j->op->memory;
-    *out = (cv_op_memory){0, 1, 0};
+    *out = (cv_op_memory){0, 1, 0, 0, {0}};
+    cv_err ignored;
+    if (cv_kron_sizes_of(m, &out->kron, &ignored)) /* out of memory: planned without them */
+        out->kron = (cv_kron_sizes){0};
     for (int i = 0; i < j->blocks.nresolved; i++) {
         const cv_block *b = &j->blocks.resolved[i];
-        cv_op_memory one = {2 * b->dim * sizeof(double), 1, 0};
+        cv_op_memory one = {2 * b->dim * sizeof(double), 1, 0, 0, out->kron};
         if (fn)
-            fn(&j->opts, j->curvature, b, n, cv_model_output_dim(m), &one);
+            fn(&j->opts, j->op->uses_curvature ? j->curvature : CV_CURV_HESSIAN, b, n,
+               cv_model_output_dim(m), &one);
         if (one.vector_bytes > out->vector_bytes)
             out->vector_bytes = one.vector_bytes;
         if (one.max_vectors > out->max_vectors)
             out->max_vectors = one.max_vectors;
+        if (one.factor_bytes > out->factor_bytes) /* the job's factors, once */
+            out->factor_bytes = one.factor_bytes;
         out->pairs |= one.pairs;
     }
 }
@@ -686,6 +692,7 @@ static void engine_options(const cv_job_spec *j, const cv_model *m, size_t n,
     co->memory_budget = lim->job_memory;
     co->micro_batch = j->micro_batch;
     co->vector_bytes = om.vector_bytes;
+    co->factor_bytes = om.factor_bytes;
     co->max_vectors = om.max_vectors;
     co->pairs = om.pairs;
     co->kind = j->op->uses_curvature

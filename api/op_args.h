@@ -1,6 +1,6 @@
 /* op_args.h - the argument structs of the ops whose methods live in more
  * than one module: eigen (lanczos, power in ops_estimators.c; gram in
- * ops_vivit.c), newton (cg, minres; vivit; kfac, ekfac, kfra) and the ViViT settings they share
+ * ops_vivit.c), newton (cg, minres; vivit; kfac, ekfac, kfra, acp) and the ViViT settings they share
  * with snr.  The option tables write into these fields by offsetof. */
 #ifndef CV_OP_ARGS_H
 #define CV_OP_ARGS_H
@@ -32,7 +32,7 @@ typedef struct {
 } cv_eigen_args;
 
 enum { CV_NEWTON_CG = 0, CV_NEWTON_MINRES, CV_NEWTON_VIVIT, CV_NEWTON_KFAC, CV_NEWTON_EKFAC,
-       CV_NEWTON_KFRA };
+       CV_NEWTON_KFRA, CV_NEWTON_ACP };
 enum { CV_NEWTON_DAMP_EXACT = 0, CV_NEWTON_DAMP_FACTORED };
 enum { CV_NEWTON_DIRECTIONAL = 0, CV_NEWTON_FULL };
 
@@ -48,7 +48,8 @@ typedef struct {
     int bootstrap_samples;  /* 0: the engine's default */
     cv_vivit_args vivit;
     int damping_mode;       /* CV_NEWTON_DAMP_* (kfac, ekfac, kfra) */
-    int rescale;            /* Botev's alpha* with the exact curvature (kfac, ekfac, kfra) */
+    int rescale;            /* Botev's alpha* with the exact curvature (kfac, ekfac, kfra, acp) */
+    cv_opt_choice acp_alpha;/* acp: a number > 0, or choice 0: "max" (George's heuristic) */
 } cv_newton_args;
 
 #endif

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/op_args.h"
 #include "api/op_util.h"
 
 enum { WHOLE = 0, WEIGHT_ONLY, BIAS_ONLY };
@@ -67,6 +68,29 @@ int cv_op_kron_check(const cv_opts *o, cv_curvature kind, cv_err *e)
     return 0;
 }
 
+void cv_op_kron_memory(cv_curvature kind, int fisher_type, int mc_samples, int C, int flags,
+                       cv_op_memory *m)
+{
+    if (!cv_curvature_is_kron(kind))
+        return;
+    const cv_kron_sizes *k = &m->kron;
+    double d = k->square, eig = k->square + k->linear;
+    if (kind == CV_CURV_EKFAC)
+        d += k->product + eig;
+    else if (flags & CV_OP_KRON_MEM_EIGEN)
+        d += eig;
+    m->factor_bytes = cv_op_bytes(d * sizeof(double));
+    int cols = kind == CV_CURV_KFRA || (flags & CV_OP_KRON_MEM_ACP_GIVEN) ? 0
+               : flags & CV_OP_KRON_MEM_ACP_MAX                           ? 1
+               : kind == CV_CURV_KFLR || fisher_type == CV_KRON_TYPE2     ? C
+               : fisher_type == CV_KRON_MC                                ? mc_samples
+                                                                          : 1;
+    if (cols > 32)
+        cols = 32;
+    if (k->nfactors > 0 && cols > m->max_vectors)
+        m->max_vectors = cols;
+}
+
 cv_curvature cv_op_kron_engine_kind(cv_curvature kind, const cv_op_base *b)
 {
     if (!cv_curvature_is_kron(kind))
@@ -77,6 +101,8 @@ cv_curvature cv_op_kron_engine_kind(cv_curvature kind, const cv_op_base *b)
 }
 
 /* ---- the factors and the slots ------------------------------------------------ */
+
+static kblock *find_block(const cv_op_ctx *c, const cv_block *b);
 
 /* The owner of tensor t: factor f (*fi, *pos its place in the factor's
  * block) or exact block x (*xi); 0 when found. */
@@ -190,12 +216,40 @@ static int map_block(cv_op_ctx *c, struct cv_op_kron *K, kblock *kb, cv_err *e)
     return cv_kron_diag_linop(&kb->d, CV_KRON_FORWARD, 0, &kb->fwd, e);
 }
 
+int cv_op_kron_is_acp(const cv_op_ctx *c)
+{
+    return c->method && c->opts && c->opts->specs && strcmp(c->method, "acp") == 0;
+}
+
+void cv_op_kron_acp_alphas(const cv_op_ctx *c, const cv_block *b, cJSON *out)
+{
+    kblock *kb = find_block(c, b);
+    if (!kb)
+        return;
+    cJSON *a = cJSON_AddArrayToObject(out, "acp_alpha");
+    for (int q = 0; q < kb->nslots; q++) {
+        const kslot *s = &kb->s[q];
+        if (s->factor < 0)
+            continue;
+        cJSON *o = cJSON_CreateObject();
+        cJSON_AddItemToArray(a, o);
+        cJSON_AddStringToObject(o, "name", s->sub.name);
+        cJSON_AddNumberToObject(o, "alpha", c->kron->k.factors[s->factor].alpha);
+    }
+}
+
 static int compute_factors(cv_op_ctx *c, struct cv_op_kron *K, cv_err *e)
 {
     const cv_op_base *ob = c->opts->args;
     cv_kron_options ko = {0};
     ko.fisher_type = c->kind == CV_CURV_KFLR ? CV_KRON_TYPE2 : (cv_kron_fisher)ob->fisher_type;
     ko.approx = (cv_kron_approx)ob->kfac_approx;
+    if (cv_op_kron_is_acp(c)) { /* newton acp: A, and B = alpha I */
+        const cv_newton_args *na = c->opts->args;
+        ko.acp = 1;
+        ko.acp_alpha = na->acp_alpha.choice < 0 ? na->acp_alpha.num : 0;
+        return cv_curv_kron(c->curv, &ko, &K->k, e);
+    }
     if (c->kind == CV_CURV_KFRA)
         return cv_curv_kfra(c->curv, &ko, &K->k, e);
     if (cv_curv_kron(c->curv, &ko, &K->k, e))

@@ -29,6 +29,21 @@
  * the curvatures not available in this build (400 invalid_curvature). */
 int cv_op_kron_check(const cv_opts *o, cv_curvature kind, cv_err *e);
 
+/* The job's memory plan (cv_op_memory_fn): for a Kronecker curvature kind
+ * (newton acp: kind kfac with an ACP flag) sets m->factor_bytes from m->kron:
+ * the factors A and B (sum dim_a^2 + dim_b^2 doubles), with
+ * CV_OP_KRON_MEM_EIGEN their eigendecompositions (another dim_a^2 + dim_b^2,
+ * plus the eigenvalues: the exact paths of eigen, density, solve, newton,
+ * logdet), for ekfac its values (dim_a dim_b per layer) and its eigenbasis in
+ * any case; and raises m->max_vectors to the vectors per sample the factors'
+ * backward walk takes at a time (C for type-2 / kflr, mc_samples for mc, 1 for
+ * empirical and ACP's "max", none for kfra and a given ACP alpha; at most 32:
+ * the walk's chunks, whose cotangents the workspace holds).  fisher_type:
+ * cv_kron_fisher.  Other curvatures: nothing. */
+enum { CV_OP_KRON_MEM_EIGEN = 1, CV_OP_KRON_MEM_ACP_MAX = 2, CV_OP_KRON_MEM_ACP_GIVEN = 4 };
+void cv_op_kron_memory(cv_curvature kind, int fisher_type, int mc_samples, int C, int flags,
+                       cv_op_memory *m);
+
 /* The exact curvature the engine is built for: kind itself, or for a
  * Kronecker curvature the one its fisher_type matches (ggn, fisher_mc, ef). */
 cv_curvature cv_op_kron_engine_kind(cv_curvature kind, const cv_op_base *b);
@@ -37,6 +52,14 @@ cv_curvature cv_op_kron_engine_kind(cv_curvature kind, const cv_op_base *b);
  * c->kron.  0, or -1 with e filled (c->kron stays NULL). */
 int cv_op_kron_new(cv_op_ctx *c, const cv_block *blocks, int n, cv_err *e);
 void cv_op_kron_free(cv_op_ctx *c);
+
+/* Newton method acp (George's amortized covariance preconditioner): the
+ * factors are KFAC's A with B = alpha I (engine/kron.h options acp; alpha
+ * from the option acp_alpha, a number or "max").  cv_op_kron_is_acp: the
+ * job is one; cv_op_kron_acp_alphas adds "acp_alpha", [{name, alpha}] for
+ * the Kronecker slots of block b, to out. */
+int cv_op_kron_is_acp(const cv_op_ctx *c);
+void cv_op_kron_acp_alphas(const cv_op_ctx *c, const cv_block *b, cJSON *out);
 
 /* The factors (borrowed), NULL without a Kronecker curvature. */
 const cv_kron *cv_op_kron_factors(const cv_op_ctx *c);

@@ -20,6 +20,7 @@
 #include "api/job.h"
 #include "api/opts.h"
 #include "engine/curv.h"
+#include "engine/kron.h"
 
 /* Every op's argument struct starts with this (options common to the ops
  * that take them; read by api/job.c when it builds the engine). */
@@ -70,11 +71,17 @@ typedef int (*cv_op_bind_fn)(const cv_opts *o, const cv_block *b, cv_err *e);
 /* What an op holds besides the engine, for the job's memory plan: its own
  * vectors (probes, a Lanczos basis, a Gram matrix; bytes, an upper estimate),
  * the most vectors one product takes, and whether it forms Gram matrices
- * (micro-batches are then evaluated in pairs). */
+ * (micro-batches are then evaluated in pairs).  A job that builds Kronecker
+ * factors (a Kronecker curvature, the kfac op, newton's Kronecker methods)
+ * declares them in factor_bytes: the factors and what the op keeps per
+ * factor (api/op_kron.h cv_op_kron_memory), from kron, the sizes of the
+ * model's factors (filled by api/job.c before the memory function runs). */
 typedef struct {
     size_t vector_bytes;
     int max_vectors;
     int pairs;
+    size_t factor_bytes;
+    cv_kron_sizes kron;       /* in: the model's Kronecker layers (engine/kron.h) */
 } cv_op_memory;
 /* Bytes from an estimate in double, clamped to SIZE_MAX (an estimate that
  * large is refused by the budget either way). */
@@ -127,7 +134,8 @@ extern const cv_op_def cv_op_jvp, cv_op_vjp, cv_op_jacobian; /* api/ops_jacobian
 
 /* ViViT methods (api/ops_vivit.c): eigen "gram", newton "vivit". */
 extern const cv_op_method cv_method_eigen_gram, cv_method_newton_vivit;
-/* Kronecker Newton methods (api/ops_newton_kron.c): newton kfac, ekfac, kfra. */
-extern const cv_op_method cv_method_newton_kfac, cv_method_newton_ekfac, cv_method_newton_kfra;
+/* Kronecker Newton methods (api/ops_newton_kron.c): newton kfac, ekfac, kfra, acp. */
+extern const cv_op_method cv_method_newton_kfac, cv_method_newton_ekfac, cv_method_newton_kfra,
+    cv_method_newton_acp;
 
 #endif

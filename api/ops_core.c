@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/op_kron.h"
 #include "api/op_util.h"
 #include "api/ops.h"
 #include "engine/rng.h"
@@ -188,14 +189,24 @@ static void mem_loss(const cv_opts *o, cv_curvature kind, const cv_block *b, siz
     mem_vectors(m, 0, b->dim, 1);
 }
 
+/* A Kronecker curvature's factors (forward products: no eigendecomposition
+ * but ekfac's own; api/op_kron.h). */
+static void mem_kron(const cv_opts *o, cv_curvature kind, int C, cv_op_memory *m)
+{
+    const cv_op_base *base = o->args;
+    cv_op_kron_memory(kind, base->fisher_type, base->mc_samples, C, 0, m);
+}
+
 static void mem_matvec(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     mem_vectors(m, 3, b->dim, 1);
+    mem_kron(o, kind, C, m);
 }
 
 static void mem_dense(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     mem_vectors(m, (double)b->dim + 128, b->dim, 32);
+    mem_kron(o, kind, C, m);
 }
 
 static void mem_per_sample(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,

@@ -517,7 +517,8 @@ static const cv_opt_spec newton_opts[] = {
     {"grid", CV_OPT_LIST, 0, 0, NULL, NEWT(grid), "vivit"},
     {"bootstrap_samples", CV_OPT_INT, 1, 1e5, NULL, NEWT(bootstrap_samples), "vivit"},
     {"damping_mode", CV_OPT_ENUM, 0, 0, "exact|factored", NEWT(damping_mode), "kfac|ekfac|kfra"},
-    {"rescale", CV_OPT_BOOL, 0, 0, NULL, NEWT(rescale), "kfac|ekfac|kfra"},
+    {"rescale", CV_OPT_BOOL, 0, 0, NULL, NEWT(rescale), "kfac|ekfac|kfra|acp"},
+    {"acp_alpha", CV_OPT_NUM_OR_ENUM, 1e-300, 1e300, "max", NEWT(acp_alpha), "acp"},
     CV_OPT_VIVIT(cv_newton_args, "vivit"),
     CV_OPT_MC(cv_newton_args),
     CV_OPT_KRON(cv_newton_args),
@@ -531,6 +532,7 @@ static void newton_defaults(void *p, int method)
     a->damping.num = method == CV_NEWTON_VIVIT ? 1.0 : a->o.damping;
     a->damping.choice = -1;
     a->k.choice = -1;
+    a->acp_alpha.choice = 0; /* "max" */
     a->mode = CV_NEWTON_DIRECTIONAL;
     cv_vivit_args_default(&a->vivit);
 }
@@ -576,14 +578,15 @@ static int run_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 }
 
 /* indices: CV_NEWTON_CG, CV_NEWTON_MINRES (= cv_solve_method), CV_NEWTON_VIVIT,
- * CV_NEWTON_KFAC, CV_NEWTON_EKFAC, CV_NEWTON_KFRA */
+ * CV_NEWTON_KFAC, CV_NEWTON_EKFAC, CV_NEWTON_KFRA, CV_NEWTON_ACP */
 static const cv_op_method newton_cg = {"cg", run_newton, NULL, NULL, NULL};
 static const cv_op_method newton_minres = {"minres", run_newton, NULL, NULL, NULL};
 static const cv_op_method *const newton_methods[] = {&newton_cg, &newton_minres,
                                                      &cv_method_newton_vivit,
                                                      &cv_method_newton_kfac,
                                                      &cv_method_newton_ekfac,
-                                                     &cv_method_newton_kfra, NULL};
+                                                     &cv_method_newton_kfra,
+                                                     &cv_method_newton_acp, NULL};
 
 /* ---- the op table entries ------------------------------------------------- */
 
@@ -607,7 +610,7 @@ static const char *const solve_results[] = {"method",    "solution",      "resid
 static const char *const newton_results[] = {
     "method",    "damping",       "step", "predicted_change", "residual",
     "iterations", "converged",    "actual_change", "mode", "k", "directions", "dampings",
-    "damping_mode", "alpha",
+    "damping_mode", "alpha", "acp_alpha",
     FACTOR_RESULTS, CV_KRON_RESULTS, NULL};
 
 /* ---- memory (cv_op_memory_fn): the estimators' own vectors ------------------
@@ -624,6 +627,14 @@ static void mem_set(cv_op_memory *m, double dvectors, double fvectors, size_t di
     m->pairs = 0;
 }
 
+/* A Kronecker curvature's factors, with their eigendecompositions when the
+ * op's exact path keeps them (flags: api/op_kron.h cv_op_kron_memory). */
+static void mem_kron(const cv_opts *o, cv_curvature kind, int C, int flags, cv_op_memory *m)
+{
+    const cv_op_base *base = o->args;
+    cv_op_kron_memory(kind, base->fisher_type, base->mc_samples, C, flags, m);
+}
+
 static void mem_trace(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     const trace_args *a = o->args;
@@ -633,6 +644,7 @@ static void mem_trace(const cv_opts *o, cv_curvature kind, const cv_block *b, si
                     : a->method == 3 ? 2.0 * (a->o.max_probes + 1)      /* xnystrace: W Y */
                                      : 0;
     mem_set(m, 2.0 * blk + 2 + sketch, 0, b->dim, blk);
+    mem_kron(o, kind, C, CV_OP_KRON_MEM_EIGEN, m); /* logdet */
 }
 
 static void mem_frob(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
@@ -642,6 +654,7 @@ static void mem_frob(const cv_opts *o, cv_curvature kind, const cv_block *b, siz
     int blk = est_block(b->dim, a->o.max_probes);
     double x = a->method == 1 ? 3.0 * (a->o.max_probes / 2 + 1) : 0;
     mem_set(m, 2.0 * blk + 2 + x, 0, b->dim, blk);
+    mem_kron(o, kind, C, 0, m);
 }
 
 static void mem_diag(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
@@ -650,6 +663,7 @@ static void mem_diag(const cv_opts *o, cv_curvature kind, const cv_block *b, siz
     int blk = est_block(b->dim, a->method == 1 ? (long)b->dim : a->o.max_probes);
     double sketch = a->method == 2 ? 7.0 * (a->o.max_probes / 2 + 1) : 0; /* xdiag */
     mem_set(m, 2.0 * blk + 3 + sketch, 0, b->dim, blk);
+    mem_kron(o, kind, C, 0, m);
 }
 
 static void mem_eigen(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
@@ -658,12 +672,13 @@ static void mem_eigen(const cv_opts *o, cv_curvature kind, const cv_block *b, si
     int k = a->o.k;
     if (a->method == CV_EIGEN_POWER) {
         mem_set(m, 2.0 * k + 4, 0, b->dim, 1);
-        return;
+    } else {
+        double steps = a->o.max_iter > 0 ? a->o.max_iter : (10.0 * k > 100 ? 10.0 * k : 100);
+        if (steps > (double)b->dim)
+            steps = (double)b->dim;
+        mem_set(m, (a->o.return_vectors ? steps + k : 0) + 4, steps, b->dim, 1);
     }
-    double steps = a->o.max_iter > 0 ? a->o.max_iter : (10.0 * k > 100 ? 10.0 * k : 100);
-    if (steps > (double)b->dim)
-        steps = (double)b->dim;
-    mem_set(m, (a->o.return_vectors ? steps + k : 0) + 4, steps, b->dim, 1);
+    mem_kron(o, kind, C, CV_OP_KRON_MEM_EIGEN, m);
 }
 
 static void mem_density(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
@@ -672,11 +687,27 @@ static void mem_density(const cv_opts *o, cv_curvature kind, const cv_block *b, 
     const density_args *a = o->args;
     double steps = a->o.lanczos_steps < (double)b->dim ? a->o.lanczos_steps : (double)b->dim;
     mem_set(m, 4, steps, b->dim, 1);
+    mem_kron(o, kind, C, CV_OP_KRON_MEM_EIGEN, m);
 }
 
 static void mem_solve(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
     mem_set(m, 12, 0, b->dim, 1); /* LSMR: 10 vectors */
+    mem_kron(o, kind, C, CV_OP_KRON_MEM_EIGEN, m);
+}
+
+/* newton: the Kronecker methods keep the factors' eigendecompositions (acp:
+ * its alpha's walk, or none with a given alpha); cg / minres on a Kronecker
+ * curvature apply it forward only. */
+static void mem_newton(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
+                       cv_op_memory *m)
+{
+    const cv_newton_args *a = o->args;
+    mem_set(m, 12, 0, b->dim, 1);
+    int flags = a->method >= CV_NEWTON_KFAC ? CV_OP_KRON_MEM_EIGEN : 0;
+    if (a->method == CV_NEWTON_ACP)
+        flags |= a->acp_alpha.choice < 0 ? CV_OP_KRON_MEM_ACP_GIVEN : CV_OP_KRON_MEM_ACP_MAX;
+    mem_kron(o, kind, C, flags, m);
 }
 
 const cv_op_def cv_op_trace = {"trace", trace_opts, trace_methods, sizeof(trace_args),
@@ -696,4 +727,4 @@ const cv_op_def cv_op_solve = {"solve", solve_opts, solve_methods, sizeof(solve_
                                solve_defaults, 1, 1, NULL, NULL, solve_results, NULL, mem_solve};
 const cv_op_def cv_op_newton = {"newton", newton_opts, newton_methods, sizeof(cv_newton_args),
                                 newton_defaults, 1, 1, check_newton, NULL, newton_results, NULL,
-                                mem_solve};
+                                mem_newton};

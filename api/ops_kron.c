@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/op_kron.h"
 #include "api/op_util.h"
 #include "api/ops.h"
 #include "engine/estimators.h"
@@ -284,7 +285,7 @@ static cJSON *layer_head(cv_op_ctx *c, const cv_block *b, const char *kind)
 static int run_kfac(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const kfac_args *a = c->opts->args;
-    cv_kron_options ko = {(cv_kron_fisher)a->fisher_type, (cv_kron_approx)a->approx};
+    cv_kron_options ko = {(cv_kron_fisher)a->fisher_type, (cv_kron_approx)a->approx, 0, 0};
     cv_kron k;
     if (cv_curv_kron(c->curv, &ko, &k, e)) {
         cv_kron_free(&k);
@@ -318,8 +319,9 @@ static int run_kfac(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 static const char *const kfac_results[] = {"fisher_type", "kfac_approx", "exact_curvature",
                                            "columns", "layers", NULL};
 
-/* Memory: a few vectors of the whole parameter vector (the factors are the
- * engine's; the comparison takes chunks of 32 vectors of one layer). */
+/* Memory: a few vectors of the whole parameter vector (the comparison takes
+ * chunks of 32 vectors of one layer), and the factors with their eigenvalues
+ * (compare: their eigendecompositions, for the exact Kronecker inverse). */
 static void mem_kfac(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
                      cv_op_memory *m)
 {
@@ -327,6 +329,10 @@ static void mem_kfac(const cv_opts *o, cv_curvature kind, const cv_block *b, siz
     m->vector_bytes = cv_op_bytes((a->compare ? 100.0 : 2.0) * (double)b->dim * sizeof(double));
     m->max_vectors = a->compare ? 32 : 1;
     m->pairs = 0;
+    cv_op_kron_memory(CV_CURV_KFAC, a->fisher_type, a->base.mc_samples, C,
+                      a->compare ? CV_OP_KRON_MEM_EIGEN : 0, m);
+    if (!a->compare)
+        m->factor_bytes += cv_op_bytes(m->kron.linear * sizeof(double));
 }
 
 const cv_op_def cv_op_kfac = {"kfac",      kfac_opts, NULL,    sizeof(kfac_args), kfac_defaults,

@@ -1,4 +1,4 @@
-/* ops_newton_kron.c - newton's Kronecker methods kfac, ekfac, kfra (issue 22):
+/* ops_newton_kron.c - newton's Kronecker methods kfac, ekfac, kfra, acp (issue 22):
  * the natural-gradient / Kronecker Newton step s = -(F~ + damping I)^-1 g per
  * layer block (api/op_kron.h cv_op_kron_newton), its predicted change
  * g^T s + 1/2 s^T F~ s (the definition of cg/minres with F~ for A), and
@@ -11,7 +11,14 @@
  * also accepts kflr), or the exact curvature the factors approximate (ggn,
  * fisher_mc, ef: fisher_type follows from it, and a contradicting
  * fisher_type is refused).  Anything else is a 400 invalid_curvature.  The
- * result's "curvature" names the Kronecker curvature used. */
+ * result's "curvature" names the Kronecker curvature used.
+ *
+ * acp (George's amortized covariance preconditioner): the same step with the
+ * factors A (KFAC's) and B = alpha I (engine/kron.h options acp; alpha from
+ * acp_alpha, a number > 0 or "max"), so s = -[(A + damping/alpha I)^-1 (x)
+ * (1/alpha) I] g per Kronecker layer, exact damping only; it resolves its
+ * curvature as kfac (the result says "kfac") and reports "acp_alpha" per
+ * Kronecker layer of the block. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -163,9 +170,24 @@ static int run_kron_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *
     return rc;
 }
 
+/* ---- acp ------------------------------------------------------------------------ */
+
+static int run_acp_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    if (run_kron_newton(c, b, out, e))
+        return -1;
+    cv_op_kron_acp_alphas(c, b, out);
+    return 0;
+}
+
 const cv_op_method cv_method_newton_kfac = {"kfac", run_kron_newton, check_kron_newton, NULL,
                                             resolve_kfac};
 const cv_op_method cv_method_newton_ekfac = {"ekfac", run_kron_newton, check_kron_newton, NULL,
                                              resolve_ekfac};
 const cv_op_method cv_method_newton_kfra = {"kfra", run_kron_newton, check_kron_newton, NULL,
                                             resolve_kfra};
+/* acp: KFAC's A with B = alpha I (acp_alpha's range, 1e-300..1e300, is the
+ * option table's); its curvature resolves as kfac's (the result's curvature is
+ * "kfac"; fisher_type picks the exact curvature of the exact slots and of
+ * rescale) */
+const cv_op_method cv_method_newton_acp = {"acp", run_acp_newton, NULL, NULL, resolve_kfac};

@@ -151,6 +151,7 @@ static int build(cv_op_ctx *c, const cv_block *b, const cv_vivit_args *va, int *
     cv_curv_options so = *cv_curv_get_options(c->curv);
     size_t budget = so.memory_budget;
     so.vector_bytes = 0;
+    so.factor_bytes = 0;
     if (budget) {
         cv_curv_plan held, fits;
         cv_err ignored;

@@ -144,11 +144,11 @@ static cv_part_options part_options(const cv_curv *c, size_t first)
     return po;
 }
 
-/* Bytes held for the whole batch: the caller's vectors, the outputs and the
- * loss state's probabilities. */
+/* Bytes held for the whole batch: the caller's vectors and Kronecker
+ * factors, the outputs and the loss state's probabilities. */
 static size_t batch_bytes(const cv_curv *c)
 {
-    return c->opt.vector_bytes + sizeof(float) * c->n * (size_t)c->C * 2;
+    return c->opt.vector_bytes + c->opt.factor_bytes + sizeof(float) * c->n * (size_t)c->C * 2;
 }
 
 /* Bytes held now (kept and scratch states, their workspace, batch_bytes,

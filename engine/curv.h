@@ -108,6 +108,9 @@ typedef struct {
     size_t micro_batch;       /* micro-batch size (0: chosen from the budget) */
     size_t vector_bytes;      /* the caller's own vectors (an estimator's basis, probes),
                                * counted against the budget */
+    size_t factor_bytes;      /* Kronecker factors and what the op keeps with them (their
+                               * eigenvectors, EKFAC values; held for the whole job), counted
+                               * against the budget like vector_bytes and named apart */
     int max_vectors;          /* most vectors one product takes (sizes the workspace; 0: 1) */
     int pairs;                /* Gram matrices will be formed: pairs of micro-batches are
                                * evaluated together (planned at twice the size) */
@@ -128,7 +131,8 @@ typedef struct {
     size_t work_per_sample;    /* bytes of workspace per sample and vector ... */
     size_t work_fixed;         /* ... plus per vector */
     size_t minimum_bytes;      /* the least the job can run in: one sample (or the given
-                                * micro-batch), recomputed, plus vector_bytes */
+                                * micro-batch), recomputed, plus vector_bytes and
+                                * factor_bytes */
     size_t planned_bytes;      /* what the chosen split should need */
     size_t peak_bytes;         /* cv_curv_memory: the most the engine held at once */
 } cv_curv_plan;

@@ -2,7 +2,8 @@
  * budget (cv_curv_plan_memory): what one sample costs, measured on a probe
  * of the model on one and two samples (forward state; workspace of one
  * product), and the split that keeps the most forward state within the
- * budget. */
+ * budget beside what the job holds for the whole batch (the caller's
+ * vectors, Kronecker factors, outputs). */
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -42,6 +43,7 @@ typedef struct {
     double w0, w;   /* workspace of one vector: fixed, per sample */
     int k, u;       /* vectors at a time; micro-batches evaluated together (pairs: 2) */
     double v;       /* the caller's vectors */
+    double f;       /* the Kronecker factors (and what the op keeps with them) */
     double out;     /* the whole batch's outputs and loss state */
     size_t n;
     int C;
@@ -69,7 +71,7 @@ static double all_cached(const costs *c, size_t mb)
 {
     size_t M = (c->n + mb - 1) / mb;
     double work = c->u > 1 ? pair_bytes(c, mb) : work_of(c, mb);
-    return (double)c->n * c->s + (double)M * c->s0 + work + c->v + c->out;
+    return (double)c->n * c->s + (double)M * c->s0 + work + c->v + c->f + c->out;
 }
 
 /* The bytes of the smallest run: micro-batches of mb, none kept (the
@@ -77,7 +79,7 @@ static double all_cached(const costs *c, size_t mb)
 static double recomputed(const costs *c, size_t mb)
 {
     double one = state_of(c, mb) + work_of(c, mb), pair = pair_bytes(c, mb);
-    return (pair > one ? pair : one) + c->v + c->out;
+    return (pair > one ? pair : one) + c->v + c->f + c->out;
 }
 
 /* Micro-batches kept when micro-batches of mb run within the budget. */
@@ -147,18 +149,21 @@ static void fmt_bytes(char *buf, size_t len, double b)
 
 static int refuse(const costs *c, size_t mb, double budget, cv_err *e)
 {
-    char need[32], have[32], ps[32], pw[32], vec[32];
+    char need[32], have[32], ps[32], pw[32], vec[32], fac[32], facs[80] = "";
     fmt_bytes(need, sizeof need, recomputed(c, mb));
     fmt_bytes(have, sizeof have, budget);
     fmt_bytes(ps, sizeof ps, c->s);
     fmt_bytes(pw, sizeof pw, c->w);
     fmt_bytes(vec, sizeof vec, c->v);
+    fmt_bytes(fac, sizeof fac, c->f);
+    if (c->f > 0)
+        snprintf(facs, sizeof facs, " and %s of Kronecker factors", fac);
     return cv_err_set(e, CV_EINVAL, "job_memory", "job_memory",
                       "the job needs at least %s of engine memory (%zu sample%s at a time: %s "
                       "of forward state and %s of workspace per sample and vector, %d "
-                      "vector%s at a time, plus %s of the estimator's own vectors); the job "
+                      "vector%s at a time, plus %s of the estimator's own vectors%s); the job "
                       "memory budget is %s", need, mb, mb == 1 ? "" : "s", ps, pw, c->k,
-                      c->k == 1 ? "" : "s", vec, have);
+                      c->k == 1 ? "" : "s", vec, facs, have);
 }
 
 int cv_curv_plan_memory(const cv_model *m, const cv_batch *b, const cv_curv_options *opt,
@@ -184,6 +189,7 @@ int cv_curv_plan_memory(const cv_model *m, const cv_batch *b, const cv_curv_opti
     c.k = opt->max_vectors > 32 ? 32 : opt->max_vectors > 0 ? opt->max_vectors : 1;
     c.u = opt->pairs && b->n > 1 ? 2 : 1;
     c.v = (double)opt->vector_bytes;
+    c.f = (double)opt->factor_bytes;
     c.n = b->n;
     c.C = cv_model_output_dim(m);
     c.out = 8.0 * (double)b->n * c.C;

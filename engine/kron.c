@@ -258,6 +258,7 @@ static int classify(const cv_model *m, cv_kron *out, size_t *len, cv_err *e)
 typedef struct {
     cv_part_kron job;
     int columns;
+    double gmax[CV_MAX_LAYERS];   /* ACP's heuristic: this rank's max over micro-batches */
 } kron_share;
 
 static int kron_share_fn(cv_part *p, void *arg, cv_err *e)
@@ -287,6 +288,49 @@ static void rank_bounds(const cv_model *m, cv_kron_factor *f, cv_kron_approx app
     f->rank_b = rows * k < f->dim_b ? rows * k : f->dim_b;
 }
 
+int cv_kron_sizes_of(const cv_model *m, cv_kron_sizes *out, cv_err *e)
+{
+    cv_kron k = {0};
+    size_t len = 0;
+    memset(out, 0, sizeof *out);
+    int rc = classify(m, &k, &len, e);
+    for (int i = 0; !rc && i < k.nfactors; i++) {
+        double da = k.factors[i].dim_a, db = k.factors[i].dim_b;
+        out->square += da * da + db * db;
+        out->product += da * db;
+        out->linear += da + db;
+    }
+    out->nfactors = rc ? 0 : k.nfactors;
+    cv_kron_free(&k);
+    return rc;
+}
+
+/* ACP: B = alpha I with the given alpha or the heuristic's N c max (dl/dz)^2
+ * from the walk's squared maxima (this rank's, max-reduced over the ranks
+ * here); rank_b: B's rank. */
+static int acp_output_factors(cv_curv *c, const cv_kron_options *o, cv_kron *out, double *gmax,
+                              cv_err *e)
+{
+    double mx[CV_MAX_LAYERS] = {0};
+    for (int i = 0; i < out->nfactors; i++)
+        mx[i] = gmax[out->factors[i].layer];
+    if (o->acp_alpha <= 0 &&
+        cv_comm_reduce(cv_curv_get_options(c)->comm, 0, mx, (size_t)out->nfactors, CV_COMM_F64,
+                       CV_COMM_MAX, cv_curv_get_options(c)->progress, e))
+        return -1;
+    double N = (double)cv_curv_batch_size(c), cs = cv_curv_loss_state(c)->scale;
+    for (int i = 0; i < out->nfactors; i++) {
+        cv_kron_factor *f = &out->factors[i];
+        f->alpha = o->acp_alpha > 0 ? o->acp_alpha : N * cs * mx[i];
+        memset(f->B, 0, sizeof(double) * (size_t)f->dim_b * f->dim_b);
+        for (int j = 0; j < f->dim_b; j++)
+            f->B[(size_t)j * f->dim_b + j] = f->alpha;
+        f->rank_b = f->alpha != 0 ? f->dim_b : 0;
+    }
+    out->columns = o->acp_alpha > 0 ? 0 : 1;
+    return 0;
+}
+
 int cv_curv_kron(cv_curv *c, const cv_kron_options *o, cv_kron *out, cv_err *e)
 {
     memset(out, 0, sizeof *out);
@@ -302,7 +346,15 @@ int cv_curv_kron(cv_curv *c, const cv_kron_options *o, cv_kron *out, cv_err *e)
                         len);
     if (cv_curv_agree(c, rc, e))
         return -1;
-    kron_share s = {{cv_kron_fisher_curvature(opt.fisher_type), opt.approx, NULL, {0}, {0}}, 0};
+    kron_share s = {{cv_kron_fisher_curvature(opt.fisher_type), opt.approx, NULL, {0}, {0}, 0,
+                     NULL},
+                    0,
+                    {0}};
+    if (opt.acp) { /* no B: A, and for the heuristic the sample gradients' walk */
+        s.job.kind = CV_CURV_EF;
+        s.job.acp = 1;
+        s.job.gmax = opt.acp_alpha > 0 ? NULL : s.gmax;
+    }
     char layers[CV_MAX_LAYERS] = {0};
     double *at = out->data;
     for (int i = 0; i < out->nfactors; i++) {
@@ -329,6 +381,8 @@ int cv_curv_kron(cv_curv *c, const cv_kron_options *o, cv_kron *out, cv_err *e)
     }
     for (int i = 0; i < out->nfactors; i++)
         rank_bounds(m, &out->factors[i], opt.approx, (long)N, co->mc_samples, opt.fisher_type);
+    if (opt.acp)
+        return acp_output_factors(c, &opt, out, s.gmax, e);
     out->columns = opt.fisher_type == CV_KRON_TYPE2 ? cv_model_output_dim(m)
                    : opt.fisher_type == CV_KRON_MC  ? (co->mc_samples > 0 ? co->mc_samples : 1)
                                                     : 1;

@@ -49,6 +49,19 @@ typedef enum { CV_KRON_TYPE2 = 0, CV_KRON_MC, CV_KRON_EMPIRICAL } cv_kron_fisher
 typedef struct {
     cv_kron_fisher fisher_type;   /* default (0): type-2 */
     cv_kron_approx approx;        /* default (0): expand */
+    /* ACP (George's amortized covariance preconditioner, newton method acp):
+     * non-zero: B = alpha_l I_out instead of the fisher type's B (no walk of
+     * its vectors; fisher_type is ignored), with alpha_l = acp_alpha when
+     * acp_alpha > 0, else George's heuristic
+     *   alpha_l = (N / c) max_{n, r, j} (g_nr)_j^2,   g_nr = d L_n / d z_nr,
+     * L_n = c l_n (c the loss scale), the max over the samples, the layer's
+     * weight-sharing positions r and its outputs j (both approximations):
+     * = max (d l_n / d z)_j^2 for a mean-reduced cross-entropy (c = 1/N),
+     * N times it for a sum; an upper bound of the diagonal of the empirical
+     * B = (1/c) sum_n g_n g_n^T (R = 1).  One backward walk of the sample
+     * gradients (as empirical's), the max over micro-batches and ranks. */
+    int acp;
+    double acp_alpha;
 } cv_kron_options;
 
 typedef struct {
@@ -62,6 +75,7 @@ typedef struct {
     double *A, *B;                /* dim_a^2 and dim_b^2, row-major, symmetric */
     long rank_a, rank_b;          /* the outer products summed into A and B (bounds on
                                    * their ranks in exact arithmetic) */
+    double alpha;                 /* ACP (options acp): B = alpha I; 0 otherwise */
 } cv_kron_factor;
 
 typedef struct {
@@ -73,7 +87,8 @@ typedef struct {
                                    * consecutive ones) of a per-layer block that also holds
                                    * Kronecker layers: use their exact blocks; in tensor
                                    * order */
-    int columns;                  /* vectors per sample backpropagated for B */
+    int columns;                  /* vectors per sample backpropagated for B (ACP: 1 for
+                                   * the heuristic's walk, 0 with a given alpha) */
     double *data;                 /* owns every A and B */
 } cv_kron;
 
@@ -141,6 +156,17 @@ int cv_curv_ekfac(cv_curv *c, const cv_kron_options *o, const cv_kron *k, double
  * "invalid_option" (o->approx is ignored: no weight sharing).  Returns 0 or
  * -1 with e filled; out is freed with cv_kron_free also after a failure. */
 int cv_curv_kfra(cv_curv *c, const cv_kron_options *o, cv_kron *out, cv_err *e);
+
+/* Plan-time sizes of the factors cv_curv_kron computes on model m (no
+ * batch needed: the Kronecker layers and their kron_dims). */
+typedef struct {
+    int nfactors;
+    double square;    /* sum over the factors of dim_a^2 + dim_b^2 (the A's and B's) */
+    double product;   /* sum of dim_a * dim_b (the layers' parameters: EKFAC's values) */
+    double linear;    /* sum of dim_a + dim_b (the factors' eigenvalues) */
+} cv_kron_sizes;
+/* 0, or -1 with e filled (out of memory). */
+int cv_kron_sizes_of(const cv_model *m, cv_kron_sizes *out, cv_err *e);
 
 /* The index in vec_r(W~) (row o, column a: o*dim_a + a) of entry i of the
  * factor's block vector theta_l (weight entries, then the bias). */

@@ -106,9 +106,27 @@ static int factor_eig_job(const double *F, int n, double *q, double *w, char job
     return 0;
 }
 
+/* F = f I (ACP's B = alpha I): its eigendecomposition is q = I, w = f, what
+ * dsyevd returns for it, without dsyevd's O(n^3). */
+static int scalar_identity(const double *F, int n)
+{
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < n; j++)
+            if (F[(size_t)i * n + j] != (i == j ? F[0] : 0.0))
+                return 0;
+    return 1;
+}
+
 static int factor_eig(const double *F, int n, double *q, double *w, const char *name, cv_err *e)
 {
-    return factor_eig_job(F, n, q, w, 'V', name, e);
+    if (!scalar_identity(F, n))
+        return factor_eig_job(F, n, q, w, 'V', name, e);
+    memset(q, 0, sizeof(double) * (size_t)n * n);
+    for (int i = 0; i < n; i++) {
+        q[(size_t)i * n + i] = 1;
+        w[i] = F[0];
+    }
+    return 0;
 }
 
 int cv_kron_factor_eigenvalues(const double *F, int n, double *w, cv_err *e)

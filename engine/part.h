@@ -88,6 +88,12 @@ typedef struct {
     int approx;                       /* cv_kron_approx (layer.h) */
     const char *layers;               /* CV_MAX_LAYERS flags */
     double *A[CV_MAX_LAYERS], *B[CV_MAX_LAYERS];
+    /* ACP (kron.h options acp): non-zero: no B; with gmax non-NULL the walk
+     * of kind's vectors sets gmax[l] = max(gmax[l], the largest squared
+     * entry of the cotangents that reach layer l's output), without it
+     * only the A's are added. */
+    int acp;
+    double *gmax;                     /* CV_MAX_LAYERS entries or NULL */
 } cv_part_kron;
 int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *e);
 /* The walk behind cv_part_kron_add, for other per-layer uses of the same

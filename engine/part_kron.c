@@ -30,6 +30,21 @@ static int kron_b_visit(cv_part *c, int l, int k, const float *cot, void *arg, c
     return 0;
 }
 
+/* ACP: the largest squared cotangent entry at layer l's output. */
+static int kron_max_visit(cv_part *c, int l, int k, const float *cot, void *arg, cv_err *e)
+{
+    const cv_part_kron *job = arg;
+    size_t len = (size_t)k * (size_t)c->n * cv_shape_numel(&c->m->layers[l].out_shape);
+    double mx = job->gmax[l];
+    for (size_t i = 0; i < len; i++) {
+        double v = (double)cot[i] * (double)cot[i];
+        if (v > mx)
+            mx = v;
+    }
+    job->gmax[l] = mx;
+    return 0;
+}
+
 /* The vectors per sample the output factor of kind has. */
 static int output_columns(const cv_part *c, cv_curvature kind)
 {
@@ -98,6 +113,10 @@ int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *
         if (job->layers[l] && c->ops[l]->kron_a_add(&c->ctx[l], job->approx, job->A[l]))
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                               "Kronecker factor A of layers[%d]", l);
+    if (job->acp)
+        return job->gmax ? cv_part_kron_walk(c, job->kind, job->layers, kron_max_visit,
+                                             (void *)job, NULL, e)
+                         : 0;
     return cv_part_kron_walk(c, job->kind, job->layers, kron_b_visit, (void *)job, NULL, e);
 }
 

@@ -314,8 +314,9 @@ def job_variants(op, spec, curv, damping, dense_blocks=None, kfra=True):
         elif op == "newton" and m in ("cg", "minres"):
             out.append(j("newton " + m, dict(mo, damping=damping, tol=1e-5,
                                              actual_change=True)))
-        elif op == "newton" and m in ("kfac", "ekfac", "kfra"):
+        elif op == "newton" and m in ("kfac", "ekfac", "kfra", "acp"):
             # the factors approximate ggn / fisher_mc / ef (kfra: ggn only), not the Hessian
+            # (acp: George's alpha is the max over every micro-batch's sample gradients)
             if curv == "hessian" or (m == "kfra" and (curv != "ggn" or not kfra)):
                 continue
             out.append(j("newton " + m, dict(mo, damping=damping, actual_change=True)))

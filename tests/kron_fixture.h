@@ -93,7 +93,7 @@ static inline void fx_free(fx *f)
 
 static inline void kron_of(fx *f, cv_kron_fisher ft, cv_kron_approx ap, cv_kron *k)
 {
-    cv_kron_options o = {ft, ap};
+    cv_kron_options o = {ft, ap, 0, 0};
     cv_err e;
     ck_assert_msg(cv_curv_kron(f->c, &o, k, &e) == 0, "cv_curv_kron: %s", e.message);
 }

@@ -498,6 +498,7 @@ typedef struct {
     double *ekfac[3];  /* cv_curv_ekfac's values of every factor, concatenated */
     size_t ekfac_len;
     double *kfra;      /* cv_curv_kfra's factors (the MLP; the CNN is refused: kfra_rc) */
+    double *acp;       /* cv_curv_kron's with acp (A, alpha I: the max over the ranks) */
     int kfra_rc;
     cv_batch gathered;
 } quantities;
@@ -527,6 +528,7 @@ static void q_free(quantities *r)
     for (int k = 0; k < 3; k++)
         free(r->kron[k]), free(r->ekfac[k]);
     free(r->kfra);
+    free(r->acp);
     cv_dataset_free(&r->gathered);
 }
 
@@ -566,7 +568,7 @@ static void evaluate(const inputs *in, const cv_batch *b, const cv_comm *comm, q
     STEP("gather_samples", cv_curv_gather_samples(c, in->gidx, 4, &r->gathered, e));
     for (int ft = 0; ft < 3; ft++) { /* mc with reduce, the others expand */
         cv_kron kr;
-        cv_kron_options ko = {(cv_kron_fisher)ft, ft == 1 ? CV_KRON_REDUCE : CV_KRON_EXPAND};
+        cv_kron_options ko = {(cv_kron_fisher)ft, ft == 1 ? CV_KRON_REDUCE : CV_KRON_EXPAND, 0, 0};
         int rc = cv_curv_kron(c, &ko, &kr, e);
         r->kron_len = 0;
         for (int i = 0; i < kr.nfactors; i++)
@@ -592,6 +594,17 @@ static void evaluate(const inputs *in, const cv_batch *b, const cv_comm *comm, q
         kr.data = NULL;
         cv_kron_free(&kr);
         STEP("kron / ekfac", rc);
+    }
+    {
+        cv_kron kr;
+        cv_kron_options ko = {CV_KRON_TYPE2, CV_KRON_EXPAND, 1, 0}; /* ACP, alpha "max" */
+        int rc = cv_curv_kron(c, &ko, &kr, e);
+        r->acp = kr.data;
+        kr.data = NULL;
+        for (int i = 0; !rc && i < kr.nfactors; i++)
+            rc = kr.factors[i].alpha > 0 ? 0 : -1;
+        cv_kron_free(&kr);
+        STEP("acp", rc);
     }
     {
         cv_kron kr;
@@ -674,6 +687,7 @@ static void compare(const quantities *g, const quantities *w, const inputs *in, 
     ck_assert_int_eq(g->kfra_rc, w->kfra_rc);
     if (!w->kfra_rc) /* the MLP: KFRA's factors have the layout of type-2's */
         near(g->kfra, w->kfra, w->kron_len, "KFRA factors", tag);
+    near(g->acp, w->acp, w->kron_len, "ACP factors (A, alpha I)", tag);
     ck_assert_msg(fabs(g->loss_at - w->loss_at) <= TOL * fabs(w->loss_at),
                   "%s loss at a step %.10g vs %.10g", tag, g->loss_at, w->loss_at);
     /* gathered samples: exactly the dataset's rows */
@@ -720,6 +734,7 @@ static void same_bits(const quantities *g, const quantities *z, const inputs *in
     ck_assert_int_eq(g->kfra_rc, z->kfra_rc);
     if (!z->kfra_rc)
         SAME(kfra, sizeof(double) * z->kron_len);
+    SAME(acp, sizeof(double) * z->kron_len);
 }
 
 /* Variant v: model v / 6; ranks and batch (R, N) = (2, 7), (3, 7), (3, 2) by

@@ -416,7 +416,7 @@ START_TEST(grouped_conv_block_is_exact)
     ck_assert_int_eq(k.exact[0].idx[0], 0);
     ck_assert_int_eq(k.columns, 3);
     cv_kron_free(&k);
-    cv_kron_options bad = {(cv_kron_fisher)7, CV_KRON_EXPAND};
+    cv_kron_options bad = {(cv_kron_fisher)7, CV_KRON_EXPAND, 0, 0};
     cv_err e;
     ck_assert_int_eq(cv_curv_kron(f.c, &bad, &k, &e), -1);
     cv_kron_free(&k);

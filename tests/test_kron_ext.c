@@ -34,7 +34,7 @@ static void kfra_of(fx *f, cv_kron *k)
 
 static double **ekfac_of(fx *f, cv_kron_fisher ft, const cv_kron *k)
 {
-    cv_kron_options o = {ft, CV_KRON_EXPAND};
+    cv_kron_options o = {ft, CV_KRON_EXPAND, 0, 0};
     double **s;
     cv_err e;
     ck_assert_msg(cv_curv_ekfac(f->c, &o, k, &s, &e) == 0, "cv_curv_ekfac: %s", e.message);
@@ -455,7 +455,7 @@ START_TEST(kfra_refusals)
     refused(&f, NULL, "unsupported", "layers[0] (Linear)");
     fx_free(&f);
     fx_make(&f, 1, vec, Lm, 3, CV_LOSS_CE, CV_RED_MEAN, 2, 1, 0);
-    cv_kron_options mc = {CV_KRON_MC, CV_KRON_EXPAND};
+    cv_kron_options mc = {CV_KRON_MC, CV_KRON_EXPAND, 0, 0};
     refused(&f, &mc, "invalid_option", "type-2");
     fx_free(&f);
 }

@@ -531,6 +531,7 @@ START_TEST(results_match_the_table)
         "{\"op\":\"newton\",\"curvature\":\"kfac\",\"options\":{\"damping\":1}}",
         "{\"op\":\"newton\",\"options\":{\"method\":\"kfac\",\"damping\":1,"
         "\"damping_mode\":\"factored\",\"rescale\":true}}",
+        "{\"op\":\"newton\",\"options\":{\"method\":\"acp\",\"damping\":1}}",
     };
     fixture f;
     fx_make(&f);
