@@ -517,6 +517,8 @@ static const cv_opt_spec newton_opts[] = {
     {"grid", CV_OPT_LIST, 0, 0, NULL, NEWT(grid), "vivit"},
     {"bootstrap_samples", CV_OPT_INT, 1, 1e5, NULL, NEWT(bootstrap_samples), "vivit"},
     {"damping_mode", CV_OPT_ENUM, 0, 0, "exact|factored", NEWT(damping_mode), "kfac|ekfac|kfra"},
+    {"scale", CV_OPT_NUM, 1e-300, BIG, NULL, NEWT(o.scale), "neumann"},
+    {"num_terms", CV_OPT_INT, 0, 1e6, NULL, NEWT(o.num_terms), "neumann"},
     {"rescale", CV_OPT_BOOL, 0, 0, NULL, NEWT(rescale), "kfac|ekfac|kfra|acp"},
     {"acp_alpha", CV_OPT_NUM_OR_ENUM, 1e-300, 1e300, "max", NEWT(acp_alpha), "acp"},
     CV_OPT_VIVIT(cv_newton_args, "vivit"),
@@ -554,7 +556,7 @@ static int run_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient");
     int rc = cv_curv_gradient(c->curv, b, g, e);
     cv_solve_options o = a->o;
-    o.method = (cv_solve_method)a->method;
+    o.method = (cv_solve_method)cv_solve_method_from_name(c->method); /* cg..neumann */
     o.damping = a->damping.num;
     cv_linop op;
     cv_curv_linop_ctx lc;
@@ -577,16 +579,20 @@ static int run_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     return rc;
 }
 
-/* indices: CV_NEWTON_CG, CV_NEWTON_MINRES (= cv_solve_method), CV_NEWTON_VIVIT,
- * CV_NEWTON_KFAC, CV_NEWTON_EKFAC, CV_NEWTON_KFRA, CV_NEWTON_ACP */
+/* indices: CV_NEWTON_CG, CV_NEWTON_MINRES, CV_NEWTON_VIVIT, CV_NEWTON_KFAC,
+ * CV_NEWTON_EKFAC, CV_NEWTON_KFRA, CV_NEWTON_ACP, CV_NEWTON_LSMR, CV_NEWTON_NEUMANN
+ * (run_newton maps cg, minres, lsmr, neumann to cv_solve_method by name) */
 static const cv_op_method newton_cg = {"cg", run_newton, NULL, NULL, NULL};
 static const cv_op_method newton_minres = {"minres", run_newton, NULL, NULL, NULL};
+static const cv_op_method newton_lsmr = {"lsmr", run_newton, NULL, NULL, NULL};
+static const cv_op_method newton_neumann = {"neumann", run_newton, NULL, NULL, NULL};
 static const cv_op_method *const newton_methods[] = {&newton_cg, &newton_minres,
                                                      &cv_method_newton_vivit,
                                                      &cv_method_newton_kfac,
                                                      &cv_method_newton_ekfac,
                                                      &cv_method_newton_kfra,
-                                                     &cv_method_newton_acp, NULL};
+                                                     &cv_method_newton_acp, &newton_lsmr,
+                                                     &newton_neumann, NULL};
 
 /* ---- the op table entries ------------------------------------------------- */
 
@@ -704,7 +710,8 @@ static void mem_newton(const cv_opts *o, cv_curvature kind, const cv_block *b, s
 {
     const cv_newton_args *a = o->args;
     mem_set(m, 12, 0, b->dim, 1);
-    int flags = a->method >= CV_NEWTON_KFAC ? CV_OP_KRON_MEM_EIGEN : 0;
+    int kron = a->method >= CV_NEWTON_KFAC && a->method <= CV_NEWTON_ACP;
+    int flags = kron ? CV_OP_KRON_MEM_EIGEN : 0;
     if (a->method == CV_NEWTON_ACP)
         flags |= a->acp_alpha.choice < 0 ? CV_OP_KRON_MEM_ACP_GIVEN : CV_OP_KRON_MEM_ACP_MAX;
     mem_kron(o, kind, C, flags, m);

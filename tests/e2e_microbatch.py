@@ -311,7 +311,9 @@ def job_variants(op, spec, curv, damping, dense_blocks=None, kfra=True):
             # tol 1e-5, well above float32 rounding: a tolerance near it (1e-7) lets the
             # summation order decide whether the last iteration is needed
             out.append(j("solve " + m, dict(mo, damping=damping, tol=1e-5)))
-        elif op == "newton" and m in ("cg", "minres"):
+        elif op == "newton" and m == "neumann":
+            out.append(j("newton neumann", dict(mo, damping=damping, scale=0.01, num_terms=20)))
+        elif op == "newton" and m in ("cg", "minres", "lsmr"):
             out.append(j("newton " + m, dict(mo, damping=damping, tol=1e-5,
                                              actual_change=True)))
         elif op == "newton" and m in ("kfac", "ekfac", "kfra", "acp"):

@@ -7,7 +7,8 @@ numpy.linalg.solve (1e-4 relative: float32 products); neumann with scale 1/(lamb
 damping) and enough terms equals the solve, with few terms equals the truncated series
 s sum_k (I - s M)^k g formed densely; the reported residual is the true one; refusals:
 scale with method cg (400 invalid_option), a scale that makes the series diverge (400
-diverges, field options.scale).  Ends with 'N passed, M failed'.
+diverges, field options.scale); newton methods lsmr and neumann give -(G + 0.05 I)^-1 g and its
+predicted change.  Ends with 'N passed, M failed'.
 """
 import copy
 import os
@@ -67,6 +68,15 @@ def main():
         want = np.linalg.solve(M, g)
         check(f"solve neumann, {k} terms = numpy.linalg.solve", rel(r["solution"], want) < 1e-4
               and r["converged"], f"{rel(r['solution'], want):.2e} {r['residual']:.2e}")
+        for meth, extra in (("lsmr", {"tol": 1e-9, "max_iter": 2000}),
+                            ("neumann", {"scale": s, "num_terms": min(k, 100000)})):
+            r = tr.run(d, {"op": "newton", "curvature": "ggn",
+                           "options": dict(extra, method=meth, damping=0.05)})
+            step = -np.linalg.solve(M, g)
+            pred = g @ step + 0.5 * step @ G @ step
+            check(f"newton {meth} = -(G + 0.05 I)^-1 g, predicted change", r["method"] == meth
+                  and rel(r["step"], step) < 1e-4 and abs(r["predicted_change"] - pred) <
+                  1e-4 * abs(pred), f"{rel(r['step'], step):.2e} {r['predicted_change']} {pred}")
         rc, r = tr.curvd_run(CURVD, d, {"op": "solve", "curvature": "ggn",
                                         "options": {"method": "cg", "damping": 0.1,
                                                     "scale": 0.5}}, expect_ok=False)

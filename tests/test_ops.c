@@ -124,7 +124,8 @@ START_TEST(did_you_mean_ops_options_fields)
     refused("{\"op\":\"eigne\"}", "unknown_op", "op", "did you mean 'eigen'?");
     refused("{\"op\":\"nope-at-all\"}", "unknown_op", "op",
             "unknown op 'nope-at-all' (known: loss, gradient, matvec, dense, "
-            "per_sample_gradients, trace, diag, eigen, density, solve, newton, snr, kfac)");
+            "per_sample_gradients, trace, diag, eigen, density, solve, newton, snr, kfac, "
+            "frobenius_norm, jvp, vjp, jacobian)");
     refused("{\"op\":\"trace\",\"options\":{\"max_probe\":5}}", "unknown_option",
             "options.max_probe", "did you mean 'max_probes'?");
     refused("{\"op\":\"trace\",\"options\":{\"probes\":5}}", "unknown_option", "options.probes",
@@ -140,7 +141,7 @@ START_TEST(did_you_mean_ops_options_fields)
             "curvature must be one of hessian, ggn, fisher_mc, ef, kfac, kflr, "
             "kfra, ekfac; did you mean 'ggn'?");
     refused("{\"op\":\"trace\",\"options\":{\"method\":\"hutchpp\"}}", "invalid_option",
-            "options.method", "must be one of hutchinson|hutch++; did you mean 'hutch++'?");
+            "options.method", "must be one of hutchinson|hutch++|xtrace|xnystrace; did you mean 'hutch++'?");
     refused("{\"op\":\"trace\",\"options\":{\"max_probes\":\"5\"}}", "invalid_option",
             "options.max_probes", "options.max_probes must be an integer, got string \"5\"");
     /* no hint when nothing is close */
@@ -532,6 +533,21 @@ START_TEST(results_match_the_table)
         "{\"op\":\"newton\",\"options\":{\"method\":\"kfac\",\"damping\":1,"
         "\"damping_mode\":\"factored\",\"rescale\":true}}",
         "{\"op\":\"newton\",\"options\":{\"method\":\"acp\",\"damping\":1}}",
+        /* issue 26: sketching trace/diag methods, frobenius_norm, Jacobian ops */
+        "{\"op\":\"trace\",\"options\":{\"method\":\"xtrace\",\"max_probes\":6}}",
+        "{\"op\":\"trace\",\"curvature\":\"ggn\",\"options\":{\"method\":\"xnystrace\","
+        "\"max_probes\":4}}",
+        "{\"op\":\"diag\",\"options\":{\"method\":\"xdiag\",\"max_probes\":6}}",
+        "{\"op\":\"frobenius_norm\",\"options\":{\"max_probes\":4,\"return_samples\":true}}",
+        "{\"op\":\"frobenius_norm\",\"curvature\":\"kfac\",\"options\":{\"method\":"
+        "\"xnystrace\",\"max_probes\":4}}",
+        "{\"op\":\"jvp\",\"options\":{\"probe_seed\":2}}",
+        "{\"op\":\"vjp\",\"options\":{\"cotangent_seed\":2}}",
+        "{\"op\":\"jacobian\",\"blocks\":\"layer\"}",
+        "{\"op\":\"solve\",\"curvature\":\"ggn\",\"options\":{\"damping\":1,\"method\":"
+        "\"lsmr\"}}",
+        "{\"op\":\"solve\",\"curvature\":\"ggn\",\"options\":{\"damping\":1,\"method\":"
+        "\"neumann\",\"scale\":0.1,\"num_terms\":5}}",
     };
     fixture f;
     fx_make(&f);
