@@ -77,9 +77,10 @@ int64_t curvd_model_tensor_numel(const curvd_model *m, int i);
 int curvd_model_tensor_is_param(const curvd_model *m, int i);
 
 /* Sets one parameter or buffer from numel float32 values (contiguous, in
- * PyTorch's row-major order), copying them.  Errors: unknown name
- * (unknown_tensor, with a hint), wrong numel (invalid_shape), a value that
- * is not finite (invalid_value).  On error the model is unchanged. */
+ * PyTorch's row-major order), copying them.  Errors: a name not in the
+ * state_dict (unexpected_tensor), a wrong numel (shape_mismatch), a value
+ * that is not finite (non_finite; a negative running_var: bad_value).  On
+ * error the model is unchanged. */
 int curvd_model_set_tensor(curvd_model *m, const char *name, const float *values,
                            int64_t numel, char **err);
 /* Sets every parameter and buffer from a safetensors buffer holding exactly

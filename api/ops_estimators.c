@@ -177,6 +177,12 @@ static int check_xdiag(const cv_opts *opts, cv_curvature kind, cv_err *e)
     if (a->o.max_probes < 4)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_probes",
                           "xdiag needs a budget of at least 4 matvecs (options.max_probes)");
+    /* its residual term divides by each probe's own entry: with Gaussian probes a ratio
+     * of Gaussians, without a mean (curvlinops' xdiag is Rademacher-only too) */
+    if (a->o.distribution != CV_PROBE_RADEMACHER)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.distribution",
+                          "xdiag needs Rademacher probes (w .* A w ./ w.^2 has no mean for "
+                          "Gaussian w)");
     return 0;
 }
 

@@ -105,11 +105,14 @@ int cv_trace_hutchpp(const cv_linop *op, const cv_trace_options *opt, cv_rng *rn
  * Q_i an orthonormal basis of Y without column i (Q_i Q_i^T = Q (I - s_i
  * s_i^T) Q^T, s_i the unit columns of R^-T); trace = mean t_i, std_err = their
  * sample std (ddof 1) / sqrt(q) (the paper's error estimate); samples = t;
- * probes = q; sketch = q.  When A W is numerically rank-deficient (singular
- * values of R below 1e-10 of the largest: A's rank r < q), A's range lies in
- * the span of Y's r leading left singular vectors Q_r and the answer is the
- * exact tr(Q_r^T A Q_r) (std_err 0, sketch = r, q + r matvecs).  tol is not
- * used (the whole budget is spent).  Memory: 5q vectors. */
+ * probes = q; sketch = q.  When A's rank r is below q - 1, every Q_i spans
+ * A's range and each t_i is tr(A) up to the products' rounding (std_err
+ * near 0).  When A W is singular to working precision (singular values of R
+ * below 1e-10 of the largest: exact zeros, e.g. A = 0 or exactly low-rank
+ * double operators, not the float32 rounding of network products), the
+ * answer is tr(Q_r^T A Q_r) on Y's r leading left singular vectors (std_err
+ * 0, sketch = r, q + r matvecs).  tol is not used (the whole budget is
+ * spent).  Memory: 5q vectors. */
 int cv_trace_xtrace(const cv_linop *op, const cv_trace_options *opt, cv_rng *rng,
                     cv_trace_result *out, cv_err *e);
 
@@ -162,8 +165,10 @@ int cv_diag_hutchinson(const cv_linop *op, const cv_diag_options *opt, cv_rng *r
  * cv_trace_xtrace (q = max_probes/2 >= 2 test vectors, 2q matvecs) and the
  * q exchangeable estimates diag(Q_i Q_i^T A) + w_i .* (I - Q_i Q_i^T) A w_i
  * ./ w_i.^2 (A symmetric: Q^T A = (A Q)^T); diag = their mean, std_err per
- * entry their std (ddof 1) / sqrt(q); probes = q.  Exact (std_err 0) when A W
- * is rank-deficient, as for XTrace.  Memory: 7q vectors. */
+ * entry their std (ddof 1) / sqrt(q); probes = q.  Rademacher probes only
+ * (CV_EINVAL for Gaussian: w .* A w ./ w.^2 has no mean then).  Near-exact
+ * for a rank below q - 1, exact for a singular A W, as for XTrace.  Memory:
+ * 7q vectors. */
 int cv_diag_xdiag(const cv_linop *op, const cv_diag_options *opt, cv_rng *rng,
                   cv_diag_result *out, cv_err *e);
 
@@ -372,7 +377,9 @@ void cv_solve_result_free(cv_solve_result *r);
  * inconsistent system it stops at max_iter with converged = 0.
  * LSMR (Fong-Saunders 2011): least squares min ||b - (A + delta I) x|| for
  * any A (singular, indefinite), two matvecs per iteration; stops when the
- * residual (carried exactly by recurrence) is within tol, when the normal
+ * residual carried by recurrence (M x updated with the products already
+ * made; the final residual is recomputed and may exceed tol by the float32
+ * rounding of the products) is within tol, when the normal
  * equations hold (||M r|| <= tol ||M||_F-estimate ||r||: a least-squares
  * solution of an inconsistent system, from x = 0 the minimum-norm one) or
  * the bidiagonalization ends; converged = 1 in each of these cases.
@@ -380,7 +387,9 @@ void cv_solve_result_free(cv_solve_result *r);
  * K = num_terms (K matvecs, max_iter and tol unused for stopping;
  * converged = residual <= tol); converges iff every eigenvalue of
  * A + delta I lies in (0, 2/s); a term growing past 1e8 ||b|| fails with
- * CV_EINVAL "diverges" (field "options.scale").
+ * CV_EINVAL "diverges" (field "options.scale") - a slowly diverging series
+ * (|1 - s lambda| slightly above 1) may end before that with converged = 0
+ * and a large residual.
  * Not converging within max_iter is not an error (see converged/residual).
  * Progress plan: min(max_iter, n) + 1 matvecs (in exact arithmetic both
  * methods finish within n iterations; rounding can take more, and the plan

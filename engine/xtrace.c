@@ -297,6 +297,10 @@ int cv_diag_xdiag(const cv_linop *op, const cv_diag_options *opt, cv_rng *rng,
     int q;
     if (budget(op, opt->max_probes, &q, e) || cv_est_block_check(opt->block, e))
         return -1;
+    if (opt->distribution != CV_PROBE_RADEMACHER)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.distribution",
+                          "xdiag needs Rademacher probes (w .* A w ./ w.^2 has no mean for "
+                          "Gaussian w)");
     size_t n = op->n, nq = n * (size_t)q;
     cv_progress_plan(op->progress, 2L * q);
     out->n = n;
@@ -352,9 +356,14 @@ int cv_diag_xdiag(const cv_linop *op, const cv_diag_options *opt, cv_rng *rng,
  * (block-inverse identities).  Y is shifted in place. */
 static int xnys_samples(size_t n, int q, const double *W, double *Y, double *t, cv_err *e)
 {
-    size_t nq = n * (size_t)q;
-    double nu = 1e-6 * cblas_dnrm2((int)nq, Y, 1) / sqrt((double)q);
-    cblas_daxpy((int)nq, nu, W, 1, Y, 1);
+    double ss = 0;
+    for (int c = 0; c < q; c++) {
+        double cn = cblas_dnrm2((int)n, Y + (size_t)c * n, 1);
+        ss += cn * cn;
+    }
+    double nu = 1e-6 * sqrt(ss / (double)q);
+    for (int c = 0; c < q; c++)
+        cblas_daxpy((int)n, nu, W + (size_t)c * n, 1, Y + (size_t)c * n, 1);
     double *K = CV_EST_ALLOC((size_t)q * q, double, e);
     double *G = K ? CV_EST_ALLOC((size_t)q * q, double, e) : NULL;
     double *P = G ? CV_EST_ALLOC((size_t)q * q, double, e) : NULL;
