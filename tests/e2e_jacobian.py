@@ -55,7 +55,7 @@ def torch_jacobian(model, x, order=None):
         rows.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
                                for gi, p in zip(g, params)]))
     J = torch.stack(rows).reshape(N, flat_out.shape[1], -1)
-    return J.numpy(), list(out.shape[1:])
+    return J.numpy(), list(out.shape[1:]), out.detach().numpy()
 
 
 def rel(a, b):
@@ -63,7 +63,16 @@ def rel(a, b):
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
-def check_case(name, d, J, shape, extra=()):
+def quad_lambda(jr, logits):
+    """sum_n t_n^T Lambda_n t_n for CrossEntropyLoss mean: Lambda per target position =
+    (diag p - p p^T) / (number of targets); t_n, logits row-major [N, ..., classes]."""
+    C = logits.shape[-1]
+    p = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), -1).reshape(-1, C).numpy()
+    t = np.asarray(jr, dtype=float).reshape(-1, C)
+    return float(np.sum(t * t * p) - np.sum(np.sum(t * p, 1) ** 2)) / p.shape[0]
+
+
+def check_case(name, d, J, shape, logits, extra=()):
     N, C, D = J.shape
     r = tr.curvd_run(CURVD, d, {"op": "jacobian"}, extra=extra)[1]
     check(f"{name} jacobian = torch's ({N} x {C} x {D})", rel(r["jacobian"], J) < TOL and
@@ -71,12 +80,13 @@ def check_case(name, d, J, shape, extra=()):
     v = np.random.default_rng(1).standard_normal(D)
     r = tr.run(d, {"op": "jvp", "options": {"vector": v.tolist()}})
     check(f"{name} jvp vector = J v", rel(r["jvp"], J @ v) < TOL, f"{rel(r['jvp'], J @ v):.2e}")
-    rv = np.asarray(tr.run(d, {"op": "matvec", "curvature": "ggn",
-                               "options": {"probe_seed": 7}})["quadratic_form"])
-    r1 = tr.run(d, {"op": "jvp", "options": {"probe_seed": 7}})
-    # the same Rademacher draws as matvec's probe_seed: J r then r^T G r = (Jr)^T Lambda (Jr)
-    check(f"{name} jvp probe_seed: N x C values", np.asarray(r1["jvp"]).shape == (N, C) and
-          np.isfinite(rv))
+    rv = tr.run(d, {"op": "matvec", "curvature": "ggn",
+                    "options": {"probe_seed": 7}})["quadratic_form"]
+    jr = np.asarray(tr.run(d, {"op": "jvp", "options": {"probe_seed": 7}})["jvp"])
+    # the same Rademacher draws as matvec's probe_seed: r^T G r = sum_n (J_n r)^T Lambda_n J_n r
+    check(f"{name} jvp probe_seed: matvec's draws (r^T G r = sum_n (J_n r)^T Lambda_n J_n r)",
+          jr.shape == (N, C) and abs(quad_lambda(jr, logits) - rv) < 1e-5 * abs(rv),
+          f"{quad_lambda(jr, logits)} vs {rv}")
     c = np.random.default_rng(2).standard_normal((N, C))
     r = tr.run(d, {"op": "vjp", "options": {"cotangents": c.ravel().tolist()}})
     want = np.einsum("nc,ncd->d", c, J)
@@ -136,8 +146,8 @@ def main():
     model, x, y = tr.make_mlp_case(torch.nn.Tanh, torch.nn.CrossEntropyLoss(), n=5)
     with tempfile.TemporaryDirectory() as d:
         tr.write_case(d, model, [x.shape[1]], torch.nn.CrossEntropyLoss(), x, y)
-        J, shape = torch_jacobian(model, x)
-        check_case("mlp", d, J, shape)
+        J, shape, logits = torch_jacobian(model, x)
+        check_case("mlp", d, J, shape, logits)
         refusals(d, J.shape[2])
         mpi(d)
     torch.manual_seed(3)
@@ -151,8 +161,8 @@ def main():
     xc, yc = torch.randn(3, 2, 6, 6), torch.randint(0, 4, (3,))
     with tempfile.TemporaryDirectory() as d:
         tr.write_case(d, cnn, [2, 6, 6], torch.nn.CrossEntropyLoss(), xc, yc)
-        J, shape = torch_jacobian(cnn, xc)
-        check_case("cnn", d, J, shape)
+        J, shape, logits = torch_jacobian(cnn, xc)
+        check_case("cnn", d, J, shape, logits)
     sys.path.insert(0, os.path.join(ROOT, "clients", "python", "examples"))
     import graph_models as gm
     from curvd_client.torch_export import write_files
@@ -161,8 +171,8 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         write_files(lm, torch.nn.CrossEntropyLoss(), [gm.SMALL_LM["seq_len"]], xl, yl,
                     directory=d, class_dim=-1)
-        J, shape = torch_jacobian(lm, xl, curvd_order(d))
-        check_case("lm", d, J, shape, extra=("--dense-max", "8000"))
+        J, shape, logits = torch_jacobian(lm, xl, curvd_order(d))
+        check_case("lm", d, J, shape, logits, extra=("--dense-max", "8000"))
     return summary()
 
 

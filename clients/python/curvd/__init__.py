@@ -20,7 +20,9 @@ labels or float32 targets (y); the parameters are copied (call
 """
 import ctypes
 import json
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+import threading
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,10 +52,42 @@ def set_blas_threads(n: int) -> None:
 
 # ---- handles --------------------------------------------------------------------------
 
+class _Guard:
+    """Runs read a handle while other threads may run too (ctypes releases the GIL);
+    writes (new parameters) and close wait until no run uses it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._runs = 0
+
+    @contextmanager
+    def reading(self, obj: Any):
+        with self._cond:
+            if not obj._h:
+                raise ValueError("the %s was closed" % type(obj).__name__.lower())
+            self._runs += 1
+        try:
+            yield obj._h
+        finally:
+            with self._cond:
+                self._runs -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def writing(self, obj: Any):
+        with self._cond:
+            self._cond.wait_for(lambda: self._runs == 0)
+            if not obj._h:
+                raise ValueError("the %s was closed" % type(obj).__name__.lower())
+            yield obj._h
+
+
 class Model:
     """An architecture document (dict or JSON text) with its parameters in the engine."""
 
     def __init__(self, architecture: Any, params: Optional[bytes] = None) -> None:
+        self._h = None
+        self._guard = _Guard()
         text = architecture if isinstance(architecture, (str, bytes)) else json.dumps(architecture)
         raw = text.encode() if isinstance(text, str) else text
         self._h = _lib.call(_lib.lib.curvd_model_open, raw, len(raw))
@@ -61,9 +95,19 @@ class Model:
             self.load_params(params)
 
     def load_params(self, safetensors: bytes) -> None:
-        """Every parameter and buffer from a state_dict safetensors buffer."""
+        """Every parameter and buffer from a state_dict safetensors buffer (waits for runs
+        on other threads to finish first)."""
         buf = ctypes.create_string_buffer(bytes(safetensors), len(safetensors))
-        _lib.call(_lib.lib.curvd_model_load_params, self._handle(), buf, len(safetensors))
+        with self._guard.writing(self) as h:
+            _lib.call(_lib.lib.curvd_model_load_params, h, buf, len(safetensors))
+
+    def param_names(self) -> List[str]:
+        """The parameters in the engine's vector order (vectors, gradients, eigenvectors
+        and steps are laid out tensor after tensor in this order, each row-major)."""
+        h = self._handle()
+        return [_lib.lib.curvd_model_tensor_name(h, i).decode()
+                for i in range(_lib.lib.curvd_model_tensor_count(h))
+                if _lib.lib.curvd_model_tensor_is_param(h, i) == 1]
 
     def tensors(self) -> Dict[str, int]:
         """The state_dict entries the model expects: name -> element count."""
@@ -75,8 +119,8 @@ class Model:
     def set_tensor(self, name: str, values: Any) -> None:
         """One parameter or buffer from float values (copied)."""
         a = np.ascontiguousarray(np.asarray(values, dtype=np.float32))
-        _lib.call(_lib.lib.curvd_model_set_tensor, self._handle(), name.encode(),
-                  a.ctypes.data, a.size)
+        with self._guard.writing(self) as h:
+            _lib.call(_lib.lib.curvd_model_set_tensor, h, name.encode(), a.ctypes.data, a.size)
 
     def _handle(self) -> int:
         if not self._h:
@@ -84,11 +128,16 @@ class Model:
         return self._h
 
     def close(self) -> None:
+        """Frees the engine's model (after runs on other threads finish)."""
         if getattr(self, "_h", None):
+            with self._guard.writing(self) as h:
+                self._h = None
+                _lib.lib.curvd_model_close(h)
+
+    def __del__(self) -> None:
+        if getattr(self, "_h", None):  # no run can hold an unreachable object
             _lib.lib.curvd_model_close(self._h)
             self._h = None
-
-    __del__ = close
 
 
 def _as_array(v: Any, name: str) -> np.ndarray:
@@ -117,6 +166,8 @@ class Data:
                              "dimension, got x %s and y %s" % (list(xa.shape), list(ya.shape)))
         xa, xt = self._typed(xa, "x", allow_float=True)
         ya, yt = self._typed(ya, "y", allow_float=True)
+        self._h = None
+        self._guard = _Guard()
         self._keep = (xa, ya)  # the engine borrows these buffers
         xs = (ctypes.c_int64 * max(1, xa.ndim - 1))(*xa.shape[1:])
         ys = (ctypes.c_int64 * max(1, ya.ndim - 1))(*ya.shape[1:])
@@ -128,6 +179,8 @@ class Data:
     def from_safetensors(cls, buf: bytes) -> "Data":
         """A dataset from a safetensors buffer with tensors "x" and "y" (copied)."""
         d = cls.__new__(cls)
+        d._h = None
+        d._guard = _Guard()
         d._keep = ()
         raw = ctypes.create_string_buffer(bytes(buf), len(buf))
         d._h = _lib.call(_lib.lib.curvd_data_load, raw, len(buf))
@@ -149,23 +202,27 @@ class Data:
                          % (name, a.dtype))
 
     def close(self) -> None:
+        """Frees the engine's dataset (after runs on other threads finish)."""
+        if getattr(self, "_h", None):
+            with self._guard.writing(self) as h:
+                self._h = None
+                _lib.lib.curvd_data_close(h)
+
+    def __del__(self) -> None:
         if getattr(self, "_h", None):
             _lib.lib.curvd_data_close(self._h)
             self._h = None
-
-    __del__ = close
 
 
 def run(model: Model, data: Data, job: Dict[str, Any], dense_max: Optional[int] = None,
         job_memory: Optional[int] = None) -> Dict[str, Any]:
     """Runs one job document on model and data in this thread; the result as a dict."""
-    if not model._h or not data._h:
-        raise ValueError("the model or the data was closed")
     text = json.dumps(job).encode()
     opts = {k: v for k, v in (("dense_max", dense_max), ("job_memory", job_memory))
             if v is not None}
-    res = _lib.call(_lib.lib.curvd_run, model._h, data._h, text, len(text),
-                    json.dumps(opts).encode() if opts else None)
+    with model._guard.reading(model) as mh, data._guard.reading(data) as dh:
+        res = _lib.call(_lib.lib.curvd_run, mh, dh, text, len(text),
+                        json.dumps(opts).encode() if opts else None)
     return json.loads(_lib.take_string(res))
 
 
@@ -196,11 +253,15 @@ def _export(model: Any, loss_fn: Any, x: Any, class_dim: Optional[int]) -> Tuple
     xt = torch.as_tensor(x)
     if class_dim is None:
         class_dim = 1  # [N, T, C] logits of a sequence model: class_dim -1
-        try:
+        was_training = getattr(model, "training", False)
+        try:  # in eval mode (BatchNorm's statistics untouched), the mode restored after
+            model.eval()
             with torch.no_grad():
                 out = model(xt[:1])
         except Exception:  # noqa: BLE001 - the export below names what is unsupported
             out = None
+        finally:
+            model.train(was_training)
         if (isinstance(out, torch.Tensor) and out.dim() == 3 and
                 isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss))):
             class_dim = -1
@@ -250,7 +311,12 @@ class Curvature:
     def update(self, model: Any = None) -> None:
         """Copies the (changed) parameters of the torch model into the engine again."""
         from curvd_client import torch_export as te
-        self.model.load_params(te.state_dict_bytes(model or self._torch_model))
+        m = model if model is not None else self._torch_model
+        if m is None:
+            raise ValueError("update() needs the torch model (this object was made from "
+                             "architecture= and params=): pass it, or use "
+                             "self.model.load_params(state_dict_bytes)")
+        self.model.load_params(te.state_dict_bytes(m))
 
     def job(self, op: str, **kw: Any) -> Dict[str, Any]:
         """The job document of op with keyword arguments split as the class says."""
@@ -302,6 +368,40 @@ class Curvature:
                 for i in range(_lib.lib.curvd_model_tensor_count(h))]
 
     dtype = np.dtype(np.float64)
+
+    @property
+    def param_names(self) -> List[str]:
+        """The parameters in the order of every vector here (h @ v, diag, eigenvectors,
+        steps): the engine's (a graph model's: the order the graph uses them, which may
+        differ from model.parameters())."""
+        return self.model.param_names()
+
+    def split(self, v: Any) -> Dict[str, Any]:
+        """A vector in the engine's order as {name: tensor shaped like the parameter}
+        (torch tensors when the torch model is known, else numpy arrays)."""
+        a = np.asarray(_as_array(v, "v"), dtype=np.float64).ravel()
+        sizes = self.model.tensors()
+        shapes = ({n: tuple(p.shape) for n, p in self._torch_model.named_parameters()}
+                  if self._torch_model is not None else {})
+        out, k = {}, 0
+        for n in self.param_names:
+            part = a[k:k + sizes[n]].reshape(shapes.get(n, (sizes[n],)))
+            k += sizes[n]
+            if self._torch_model is not None:
+                import torch
+                part = torch.as_tensor(part, dtype=dict(
+                    self._torch_model.named_parameters())[n].dtype)
+            out[n] = part
+        if k != a.size:
+            raise ValueError("v has %d entries, the parameters %d" % (a.size, k))
+        return out
+
+    def join(self, tensors: Any) -> np.ndarray:
+        """{name: tensor} (or a torch model's named parameters) as one vector in the
+        engine's order, e.g. join(dict(model.named_parameters()))."""
+        d = dict(tensors)
+        return np.concatenate([np.asarray(_as_array(d[n], n), dtype=np.float64).ravel()
+                               for n in self.param_names])
 
     def matvec(self, v: Any, **kw: Any) -> np.ndarray:
         """The curvature times v (a vector over all parameters, or a block's with blocks=)."""
@@ -394,14 +494,9 @@ class _PyHessian:
         return [list(n) for n in r["nodes"]], [list(w) for w in r["weights"]]
 
     def _split(self, v: Sequence[float]) -> list:
-        import torch
-        out, k = [], 0
-        for p in self.model.parameters():
-            if p.requires_grad:
-                n = p.numel()
-                out.append(torch.tensor(v[k:k + n], dtype=p.dtype).reshape(p.shape))
-                k += n
-        return out
+        """v (the engine's order) as tensors in model.parameters() order (by name)."""
+        parts = self.h.split(v)
+        return [parts[n] for n, _ in self.model.named_parameters() if n in parts]
 
 
 def pyhessian(model: Any, criterion: Any, data: Any = None, dataloader: Any = None,

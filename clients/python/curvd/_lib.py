@@ -94,13 +94,26 @@ def take_string(ptr: Optional[int]) -> Optional[str]:
         lib.curvd_free(ptr)
 
 
+class CurvdValueError(CurvdError, ValueError):
+    """A CurvdError about the data or parameters given (shape, dtype, values, labels):
+    also a ValueError, as Python code expects for bad arguments."""
+
+
+# error codes (and fields) that are about the caller's tensors
+_VALUE_CODES = {"shape_mismatch", "target_mismatch", "bad_dtype", "invalid_shape",
+                "non_finite", "bad_value", "unexpected_tensor", "missing_tensor",
+                "out_of_range"}
+
+
 def error_from(errp: ctypes.c_void_p) -> CurvdError:
     """The CurvdError of an error document the library returned in errp."""
     text = take_string(errp.value)
     try:
         body = json.loads(text) if text else None
         e = body["error"]
-        return CurvdError(e.get("code", "error"), e.get("message", ""), e.get("field", ""), body)
+        code, field = e.get("code", "error"), e.get("field", "")
+        cls = CurvdValueError if code in _VALUE_CODES or field in ("x", "y") else CurvdError
+        return cls(code, e.get("message", ""), field, body)
     except (ValueError, KeyError, TypeError):
         return CurvdError("internal", "libcurvd failed without an error document: %r" % text)
 
