@@ -369,7 +369,8 @@ START_TEST(ops_document_shape)
     ck_assert_int_eq(cJSON_GetArraySize(specs), cJSON_GetArraySize(ops));
     ck_assert_int_eq(cJSON_GetArraySize(ops), cv_op_count());
     static const char *const types =
-        "integer|number|boolean|enum|number_or_enum|integer_or_enum|list|enum_or_list";
+        "integer|number|boolean|enum|number_or_enum|integer_or_enum|list|enum_or_list|"
+        "number_or_list";
     const cJSON *op;
     cJSON_ArrayForEach(op, ops)
     {

@@ -1,0 +1,255 @@
+/* laplace.c - the Laplace evidence and its optimization over the prior
+ * precisions and the noise (engine/laplace.h). */
+#include "laplace.h"
+
+#include <lapacke.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+int cv_laplace_init(cv_laplace *L, cv_laplace_kind kind, int nblocks, cv_err *e)
+{
+    memset(L, 0, sizeof *L);
+    L->kind = kind;
+    L->blocks = calloc((size_t)(nblocks > 0 ? nblocks : 1), sizeof *L->blocks);
+    if (!L->blocks)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Laplace blocks");
+    L->nblocks = nblocks;
+    return 0;
+}
+
+void cv_laplace_free(cv_laplace *L)
+{
+    for (int b = 0; L->blocks && b < L->nblocks; b++)
+        free(L->blocks[b].vals);
+    free(L->blocks);
+    free(L->G);
+    free(L->owner);
+    free(L->lam);
+    free(L->W);
+    memset(L, 0, sizeof *L);
+}
+
+static int not_pd(cv_err *e)
+{
+    return cv_err_set(e, CV_EINVAL, "not_positive_definite", "options.prior_precision",
+                      "the posterior precision is not positive definite at this prior "
+                      "precision (the curvature has a negative eigenvalue below -prior_precision)");
+}
+
+static int logdet_spectra(const cv_laplace *L, const double *delta, double g, double *out,
+                          double *block_logdet, cv_err *e)
+{
+    double s = 0;
+    for (int b = 0; b < L->nblocks; b++) {
+        const cv_laplace_block *k = &L->blocks[b];
+        double sb = (double)(k->dim - k->m) * log(delta[b]);
+        for (size_t i = 0; i < k->m; i++) {
+            double x = g * k->vals[i] + delta[b];
+            if (!(x > 0))
+                return not_pd(e);
+            sb += log(x);
+        }
+        if (block_logdet)
+            block_logdet[b] = sb;
+        s += sb;
+    }
+    *out = s;
+    return 0;
+}
+
+/* log det of the n x n SPD matrix M (overwritten by its Cholesky factor). */
+static int chol_logdet(double *M, size_t n, double *out, cv_err *e)
+{
+    if (n == 0) {
+        *out = 0;
+        return 0;
+    }
+    if (LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'L', (lapack_int)n, M, (lapack_int)n) != 0)
+        return not_pd(e);
+    double s = 0;
+    for (size_t i = 0; i < n; i++)
+        s += log(M[i * n + i]);
+    *out = 2 * s;
+    return 0;
+}
+
+static int logdet_dense(const cv_laplace *L, const double *delta, double g, double *out,
+                        cv_err *e)
+{
+    size_t n = L->dim;
+    double *M = malloc(sizeof(double) * (n ? n * n : 1));
+    if (!M)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "posterior precision %zu x %zu",
+                          n, n);
+    for (size_t i = 0; i < n * n; i++)
+        M[i] = g * L->G[i];
+    for (size_t i = 0; i < n; i++)
+        M[i * n + i] += delta[L->owner[i]];
+    int rc = chol_logdet(M, n, out, e);
+    free(M);
+    return rc;
+}
+
+static int logdet_lowrank(const cv_laplace *L, const double *delta, double g, double *out,
+                          cv_err *e)
+{
+    size_t k = (size_t)L->k;
+    double *M = calloc(k ? k * k : 1, sizeof(double)), *r = malloc(sizeof(double) * (k ? k : 1));
+    int rc = M && r ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "low-rank kernel");
+    double lp = 0;
+    for (int b = 0; b < L->nblocks && !rc; b++) {
+        lp += (double)L->blocks[b].dim * log(delta[b]);
+        const double *W = L->W + (size_t)b * k * k;
+        for (size_t i = 0; i < k * k; i++)
+            M[i] += W[i] / delta[b];
+    }
+    for (size_t i = 0; i < k && !rc; i++)
+        r[i] = sqrt(fmax(g * L->lam[i], 0.0));
+    for (size_t j = 0; j < k && !rc; j++)
+        for (size_t i = 0; i < k; i++)
+            M[j * k + i] = (i == j) + r[i] * r[j] * M[j * k + i];
+    double ld = 0;
+    if (!rc)
+        rc = chol_logdet(M, k, &ld, e);
+    free(M);
+    free(r);
+    if (!rc)
+        *out = lp + ld;
+    return rc;
+}
+
+int cv_laplace_eval(const cv_laplace *L, const double *delta, double sigma, double temperature,
+                    cv_laplace_terms *t, double *block_logdet, cv_err *e)
+{
+    if (!L->gaussian)
+        sigma = 1.0;
+    double g = 1.0 / (sigma * sigma * temperature);
+    memset(t, 0, sizeof *t);
+    for (int b = 0; b < L->nblocks; b++) {
+        t->log_det_prior_precision += (double)L->blocks[b].dim * log(delta[b]);
+        t->scatter += delta[b] * L->blocks[b].sq_norm;
+        if (block_logdet)
+            block_logdet[b] = NAN;
+    }
+    t->log_likelihood = -g * L->nll;
+    if (L->gaussian)
+        t->log_likelihood -= L->n_outputs * log(sigma * sqrt(2 * M_PI));
+    int rc = L->kind == CV_LAPLACE_SPECTRA
+                 ? logdet_spectra(L, delta, g, &t->log_det_posterior_precision, block_logdet, e)
+             : L->kind == CV_LAPLACE_DENSE
+                 ? logdet_dense(L, delta, g, &t->log_det_posterior_precision, e)
+                 : logdet_lowrank(L, delta, g, &t->log_det_posterior_precision, e);
+    if (rc)
+        return -1;
+    t->log_marginal_likelihood =
+        t->log_likelihood -
+        0.5 * (t->log_det_posterior_precision - t->log_det_prior_precision + t->scatter);
+    return 0;
+}
+
+/* ---- optimization ------------------------------------------------------------ */
+
+typedef struct {
+    const cv_laplace *L;
+    double *delta, *sigma, T;
+    int coord;          /* -1: log sigma; -2: every delta (one common value); b: delta_b */
+    int evals;
+    cv_err *e;
+    int failed;         /* a non-PD error other than not_positive_definite */
+} opt_ctx;
+
+static double objective(opt_ctx *o, double x)
+{
+    double v = exp(x);
+    if (o->coord == -1)
+        *o->sigma = v;
+    else if (o->coord == -2)
+        for (int b = 0; b < o->L->nblocks; b++)
+            o->delta[b] = v;
+    else
+        o->delta[o->coord] = v;
+    cv_laplace_terms t;
+    cv_err e2 = {0};
+    o->evals++;
+    if (cv_laplace_eval(o->L, o->delta, *o->sigma, o->T, &t, NULL, &e2)) {
+        if (e2.status == CV_ENOMEM && !o->failed) {
+            *o->e = e2;
+            o->failed = 1;
+        }
+        return -INFINITY;
+    }
+    return t.log_marginal_likelihood;
+}
+
+/* Golden-section maximization of a unimodal objective on [lo, hi] in x;
+ * leaves the coordinate at the best point seen (start x0 included). */
+static double golden(opt_ctx *o, double lo, double hi, double x0)
+{
+    const double r = 0.5 * (sqrt(5.0) - 1.0);
+    double best_x = x0, best = objective(o, x0);
+    double a = lo, b = hi, c = b - r * (b - a), d = a + r * (b - a);
+    double fc = objective(o, c), fd = objective(o, d);
+    if (fc > best) best = fc, best_x = c;
+    if (fd > best) best = fd, best_x = d;
+    while (b - a > 1e-9 && !o->failed) {
+        if (fc >= fd) {
+            b = d;
+            d = c;
+            fd = fc;
+            c = b - r * (b - a);
+            fc = objective(o, c);
+            if (fc > best) best = fc, best_x = c;
+        } else {
+            a = c;
+            c = d;
+            fc = fd;
+            d = a + r * (b - a);
+            fd = objective(o, d);
+            if (fd > best) best = fd, best_x = d;
+        }
+    }
+    objective(o, best_x);
+    return best;
+}
+
+int cv_laplace_optimize(const cv_laplace *L, double *delta, int per_block, int opt_prior,
+                        double *sigma, int opt_sigma, double temperature, int *evals,
+                        cv_err *e)
+{
+    opt_ctx o = {L, delta, sigma, temperature, 0, 0, e, 0};
+    if (!L->gaussian)
+        opt_sigma = 0;
+    double dlo = log(CV_LAPLACE_DELTA_MIN), dhi = log(CV_LAPLACE_DELTA_MAX);
+    double slo = log(CV_LAPLACE_SIGMA_MIN), shi = log(CV_LAPLACE_SIGMA_MAX);
+    int ncoord = opt_prior ? (per_block ? L->nblocks : 1) : 0;
+    double prev = -INFINITY;
+    for (int sweep = 0; sweep < 100 && (ncoord || opt_sigma); sweep++) {
+        double cur = -INFINITY;
+        for (int c = 0; c < ncoord && !o.failed; c++) {
+            o.coord = per_block ? c : -2;
+            double x0 = log(fmin(fmax(delta[per_block ? c : 0], CV_LAPLACE_DELTA_MIN),
+                                 CV_LAPLACE_DELTA_MAX));
+            cur = golden(&o, dlo, dhi, x0);
+        }
+        if (opt_sigma && !o.failed) {
+            o.coord = -1;
+            double x0 = log(fmin(fmax(*sigma, CV_LAPLACE_SIGMA_MIN), CV_LAPLACE_SIGMA_MAX));
+            cur = golden(&o, slo, shi, x0);
+        }
+        if (o.failed)
+            break;
+        /* one coordinate (or separable blocks without sigma): one sweep is exact */
+        if ((ncoord + opt_sigma == 1) ||
+            (L->kind == CV_LAPLACE_SPECTRA && !opt_sigma) ||
+            (isfinite(prev) && cur - prev <= 1e-12 * (1 + fabs(cur))))
+            break;
+        prev = cur;
+    }
+    if (evals)
+        *evals = o.evals;
+    if (o.failed)
+        return -1;
+    cv_laplace_terms t;
+    return cv_laplace_eval(L, delta, *sigma, temperature, &t, NULL, e);
+}
