@@ -594,11 +594,12 @@ static const char *const laplace_results[] = {
     "structure", "last_layer_structure", "likelihood", "ggn_factor", "n_params", "k",
     "eigenvalues", "converged", "log_marginal_likelihood", "log_likelihood",
     "log_det_posterior_precision", "log_det_prior_precision", "scatter", "prior_precision",
-    "sigma_noise", "temperature", "evaluations", "blocks", NULL};
+    "sigma_noise", "temperature", "evaluations", NULL}; /* and "blocks" (the envelope's name) */
 
 /* Memory: full: the dense GGN and its copy; lowrank: the Lanczos basis;
- * diag: the exact diagonal's identity columns; kron: a few vectors (the
- * factors are the engine's). */
+ * diag: the exact diagonal's identity columns; kron: the dense blocks of the
+ * layers without a Kronecker structure (products of up to 64 identity
+ * columns; the factors are the engine's). */
 static void mem_laplace(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
                         cv_op_memory *m)
 {
@@ -611,6 +612,9 @@ static void mem_laplace(const cv_opts *o, cv_curvature kind, const cv_block *b, 
     } else if (inner == S_DIAG) {
         vec = 70;
         maxv = 32;
+    } else if (inner == S_KRON) { /* layers without a Kronecker structure: their dense block */
+        vec = 70;
+        maxv = 64;
     } else if (inner == S_LOWRANK) {
         double steps = 10.0 * a->k > 100 ? 10.0 * a->k : 100;
         vec = (steps < D ? steps : D) + 2.0 * a->k + 4;

@@ -21,16 +21,19 @@ Cases: an MLP classifier (CrossEntropyLoss mean and sum) and an MLP regressor (M
 Ends with 'N passed, M failed'.
 """
 import copy
+import json
 import math
 import os
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torchref as tr  # noqa: E402
-from e2e_lib import CURVD, check, summary  # noqa: E402
+from e2e_lib import CURVD, Daemon, check, summary  # noqa: E402
 
 TOL = 1e-5
 
@@ -370,6 +373,35 @@ def check_refusals(d_cls, d_reg, nblocks):
               str(r)[:300])
 
 
+def post(url, doc):
+    req = urllib.request.Request(url + "/v1/jobs?wait=60", data=json.dumps(doc).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=90) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def check_service():
+    """Under curvd serve (demo-mlp on digits, CE mean): the model checks refuse at submit
+    (400, before queueing), and a job runs."""
+    m = {"op": "laplace", "model": "demo-mlp", "dataset": "digits",
+         "batch": {"offset": 0, "size": 64}}
+    with Daemon() as dmn:
+        for opts, field in (({"prior_precision": [1, 2, 3]}, "options.prior_precision"),
+                            ({"sigma_noise": 0.5}, "options.sigma_noise"),
+                            ({"structure": "lowrank", "k": 100000}, "options.k")):
+            st, r = post(dmn.url, dict(m, options=opts))
+            check(f"service: {opts} refused at submit with 400 {field}", st == 400
+                  and r.get("error", {}).get("field") == field, f"{st} {r}")
+        st, r = post(dmn.url, dict(m, options={"structure": "kron", "optimize_prior": True}))
+        res = r.get("result", {})
+        check("service: a kron job with optimize_prior succeeds", st in (200, 201)
+              and r.get("status") == "succeeded" and res.get("prior_precision", 0) > 0
+              and len(res.get("blocks", [])) == 2, f"{st} {str(r)[:300]}")
+
+
 def main():
     with tempfile.TemporaryDirectory() as root:
         dirs = {}
@@ -390,6 +422,7 @@ def main():
         check_optimize_prior("MSE mean", dirs["reg"][0], dirs["reg"][1])
         check_sigma("MSE mean", dirs["reg"][0], dirs["reg"][1])
         check_refusals(dirs["mean"][0], dirs["reg"][0], len(dirs["mean"][1].dims))
+    check_service()
     return summary()
 
 
