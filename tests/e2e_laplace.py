@@ -6,7 +6,8 @@ P = G_sum / (sigma^2 T) + delta I with G_sum the exact GGN of the summed negativ
 log-likelihood (CE: of the summed loss; MSE: of 1/2 sum ||y - f||^2), formed densely by
 torchref.dense_ggn; log_likelihood = -nll / (sigma^2 T) (- N C log(sigma sqrt(2 pi)));
 log_marginal_likelihood = log_likelihood - 1/2 (log det P - log det P0) - 1/2 theta^T P0 theta.
-Cases: an MLP classifier (CrossEntropyLoss mean and sum) and an MLP regressor (MSELoss mean):
+Cases: an MLP classifier (CrossEntropyLoss mean and sum), an MLP regressor (MSELoss mean) and
+a two-output Bernoulli MLP (BCEWithLogitsLoss mean, 0/1 targets):
   - every result field for full, diag and kron (kron: the Kronecker factors built in torch
     from hooks - A = mean a a^T, B = sum_n J_n^T Lam_n J_n through the square roots of the
     summed loss's output Hessians - and the dense log det of P (B (x) A) P^T + delta I);
@@ -49,6 +50,14 @@ def classifier(reduction, n=16, seed=0):
     return m, x, y, torch.nn.CrossEntropyLoss(reduction=reduction)
 
 
+def bernoulli(n=16, seed=2):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    x = torch.randn(n, 4)
+    y = torch.randint(0, 2, (n, 2)).float()
+    return m, x, y, torch.nn.BCEWithLogitsLoss()
+
+
 def regressor(n=16, seed=1):
     torch.manual_seed(seed)
     m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -62,10 +71,14 @@ class Ref:
 
     def __init__(self, m, x, y, loss):
         self.gaussian = isinstance(loss, torch.nn.MSELoss)
+        bce = isinstance(loss, torch.nn.BCEWithLogitsLoss)
         self.m64 = copy.deepcopy(m).double()
-        self.x, self.y = x.double(), (y.double() if self.gaussian else y)
+        self.x, self.y = x.double(), (y.double() if self.gaussian or bce else y)
         if self.gaussian:
             self.sum_loss = lambda h, t: 0.5 * ((h - t) ** 2).sum()
+        elif bce:
+            self.sum_loss = lambda h, t: torch.nn.functional.binary_cross_entropy_with_logits(
+                h, t, reduction="sum")
         else:
             self.sum_loss = lambda h, t: torch.nn.functional.cross_entropy(h, t, reduction="sum")
         self.G = tr.dense_ggn(self.m64, self.sum_loss, self.x, self.y)
@@ -406,15 +419,16 @@ def main():
     with tempfile.TemporaryDirectory() as root:
         dirs = {}
         for name, (m, x, y, loss) in (("mean", classifier("mean")), ("sum", classifier("sum")),
-                                      ("reg", regressor())):
+                                      ("reg", regressor()), ("bce", bernoulli())):
             d = os.path.join(root, name)
             os.makedirs(d)
             tr.write_case(d, m, list(x.shape[1:]), loss, x, y)
-            dirs[name] = (d, Ref(m, x, y, loss), x.shape[0], 1 if loss.reduction == "sum"
-                          else (x.shape[0] if name != "reg" else 0.5 * x.shape[0] * y.shape[1]))
-        for name in ("mean", "sum", "reg"):
+            # ggn_factor = kappa / c: CE mean N, MSE mean N C / 2, BCE mean N C, sum 1
+            fac = {"mean": x.shape[0], "sum": 1, "reg": 0.5 * y.numel(), "bce": y.numel()}
+            dirs[name] = (d, Ref(m, x, y, loss), x.shape[0], fac[name])
+        for name in ("mean", "sum", "reg", "bce"):
             d, ref, N, fac = dirs[name]
-            tag = {"mean": "CE mean", "sum": "CE sum", "reg": "MSE mean"}[name]
+            tag = {"mean": "CE mean", "sum": "CE sum", "reg": "MSE mean", "bce": "BCE mean"}[name]
             check_structures(tag, d, ref, fac)
             check_lowrank(tag, d, ref)
             check_last_layer(tag, d, ref)
