@@ -164,7 +164,7 @@ static int bind_laplace(const cv_opts *o, const cv_model *m, const cv_block *blo
                           "options.prior_precision has %d numbers; the posterior has %d layer "
                           "block%s (one number, or one per block)",
                           a->prior.list.n, nb, nb == 1 ? "" : "s");
-    if (inner_structure(a) == S_LOWRANK && (size_t)a->k > dim)
+    if (inner_structure(a) == S_LOWRANK && cv_opts_given(o, "k") && (size_t)a->k > dim)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
                           "options.k = %d exceeds the posterior's dimension %zu", a->k, dim);
     return 0;
@@ -409,7 +409,7 @@ static int build_lowrank(build *s, cv_err *e)
     cv_curv_linop(&op, &lc, s->c->curv, CV_CURV_GGN, &s->tb, s->c->progress);
     cv_eigen_options o;
     cv_eigen_options_default(&o);
-    o.k = s->a->k;
+    o.k = (size_t)s->a->k < s->tb.dim ? s->a->k : (int)s->tb.dim; /* the default 10 may exceed it */
     o.which = CV_WHICH_LARGEST;
     o.tol = 1e-10;
     o.return_vectors = vectors;

@@ -386,6 +386,21 @@ def check_refusals(d_cls, d_reg, nblocks):
               str(r)[:300])
 
 
+def check_default_k(root):
+    """lowrank without k on a 6-parameter model: k = min(10, dim) = 6 (not refused)."""
+    torch.manual_seed(4)
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    x, y = torch.randn(8, 2), torch.randint(0, 2, (8,))
+    d = os.path.join(root, "tiny")
+    os.makedirs(d)
+    tr.write_case(d, m, [2], torch.nn.CrossEntropyLoss(), x, y)
+    r = laplace(d, {"structure": "lowrank"})
+    ref = Ref(m, x, y, torch.nn.CrossEntropyLoss())
+    check("lowrank without k: k = min(10, dim), the whole spectrum", r.get("k") == 6
+          and tr.close(r.get("log_det_posterior_precision"), ref.terms("full", [1.0])[2], 1e-6,
+                       1e-6), f"{r.get('k')} {r.get('log_det_posterior_precision')}")
+
+
 def post(url, doc):
     req = urllib.request.Request(url + "/v1/jobs?wait=60", data=json.dumps(doc).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
@@ -436,6 +451,7 @@ def main():
         check_optimize_prior("MSE mean", dirs["reg"][0], dirs["reg"][1])
         check_sigma("MSE mean", dirs["reg"][0], dirs["reg"][1])
         check_refusals(dirs["mean"][0], dirs["reg"][0], len(dirs["mean"][1].dims))
+        check_default_k(root)
     check_service()
     return summary()
 
