@@ -95,8 +95,10 @@ int cv_laplace_eval(const cv_laplace *L, const double *delta, double sigma, doub
  * common value when per_block is 0, one per block otherwise) and log sigma
  * (opt_sigma, gaussian only), each in the ranges above, by coordinate ascent
  * with a golden-section search per coordinate (the evidence is concave in
- * each log delta_b - log det(G + sum_b delta_b E_b) is a log-sum-exp in the
- * log delta's - and in log sigma), sweeping until a sweep gains less than
+ * the log delta's - log det(G + sum_b delta_b E_b) is a log-sum-exp in
+ * them - and in log sigma; DENSE with one delta per block: Newton steps in
+ * all log delta's at once, gradient and Hessian from P^-1, with a
+ * backtracking line search), sweeping until a sweep gains less than
  * 1e-12 (1 + |evidence|) or after 100 sweeps.  delta and *sigma hold the
  * start (for the coordinates not optimized, the value used) and get the
  * optimum; *evals (may be NULL) the evaluations made.  P must be positive
