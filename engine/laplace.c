@@ -213,13 +213,13 @@ static double golden(opt_ctx *o, double lo, double hi, double x0)
     return best;
 }
 
-/* The evidence at o->delta (sigma fixed), counted; -inf where P is not PD. */
-static double evidence_at(opt_ctx *o, const double *delta)
+/* The evidence at delta and sigma, counted; -inf where P is not PD. */
+static double evidence_at(opt_ctx *o, const double *delta, double sigma)
 {
     cv_laplace_terms t;
     cv_err e2 = {0};
     o->evals++;
-    if (cv_laplace_eval(o->L, delta, *o->sigma, o->T, &t, NULL, &e2)) {
+    if (cv_laplace_eval(o->L, delta, sigma, o->T, &t, NULL, &e2)) {
         if (e2.status == CV_ENOMEM && !o->failed) {
             *o->e = e2;
             o->failed = 1;
@@ -229,17 +229,22 @@ static double evidence_at(opt_ctx *o, const double *delta)
     return t.log_marginal_likelihood;
 }
 
-/* Gradient and Hessian of the evidence in t = log delta (DENSE, one delta per
- * block) from P^-1 (Cholesky, then its inverse):
- *   df/dt_b      = 1/2 (dim_b - delta_b tr_b(P^-1) - delta_b ||theta_b||^2)
- *   d2f/dt_b dt_c = 1/2 delta_b delta_c ||(P^-1)_bc||_F^2
- *                  - [b = c] 1/2 delta_b (tr_b(P^-1) + ||theta_b||^2).
- * M: dim^2 scratch, w: nb (tr) + nb^2 (F) scratch.  0, or -1 (not PD). */
+/* Gradient and Hessian of the evidence (DENSE, one delta per block) in
+ * x = (t_1..t_nb, s), t_b = log delta_b, s = log sigma, from P^-1 (Cholesky,
+ * then its inverse), with tr_b = tr_b(P^-1), F_bc = ||(P^-1)_bc||_F^2,
+ * s_b = ||theta_b||^2, gamma = n - sum_b delta_b tr_b = tr(P^-1 g G):
+ *   df/dt_b        = 1/2 (dim_b - delta_b tr_b - delta_b s_b)
+ *   d2f/dt_b dt_c  = 1/2 delta_b delta_c F_bc - [b = c] 1/2 delta_b (tr_b + s_b)
+ *   df/ds          = 2 g nll - N C + gamma
+ *   d2f/ds dt_b    = -delta_b tr_b + delta_b sum_c delta_c F_bc
+ *   d2f/ds2        = -4 g nll - 2 sum_b delta_b (tr_b - sum_c delta_c F_bc)
+ * (the s entries only for a Gaussian likelihood).  grad: nb + 1, H: (nb + 1)^2
+ * column-major; M: dim^2 scratch, w: nb + nb^2 scratch.  0, or -1 (not PD). */
 static int dense_derivatives(const cv_laplace *L, const double *delta, double g, double *M,
                              double *w, double *grad, double *H)
 {
     size_t n = L->dim;
-    int nb = L->nblocks;
+    int nb = L->nblocks, m = nb + 1;
     for (size_t i = 0; i < n * n; i++)
         M[i] = g * L->G[i];
     for (size_t i = 0; i < n; i++)
@@ -260,30 +265,39 @@ static int dense_derivatives(const cv_laplace *L, const double *delta, double g,
             F[bj * nb + bi] += v2;
         }
     }
+    double gamma = (double)n, hss = -4 * g * L->nll;
     for (int b = 0; b < nb; b++) {
-        double db = delta[b], sb = L->blocks[b].sq_norm;
+        double db = delta[b], sb = L->blocks[b].sq_norm, dF = 0;
+        for (int c = 0; c < nb; c++) {
+            H[c * m + b] = 0.5 * db * delta[c] * F[b * nb + c];
+            dF += delta[c] * F[b * nb + c];
+        }
+        H[b * m + b] -= 0.5 * db * (tr[b] + sb);
         grad[b] = 0.5 * ((double)L->blocks[b].dim - db * tr[b] - db * sb);
-        for (int c = 0; c < nb; c++)
-            H[c * nb + b] = 0.5 * db * delta[c] * F[b * nb + c];
-        H[b * nb + b] -= 0.5 * db * (tr[b] + sb);
+        gamma -= db * tr[b];
+        H[nb * m + b] = H[b * m + nb] = -db * tr[b] + db * dF;
+        hss -= 2 * db * (tr[b] - dF);
     }
+    grad[nb] = 2 * g * L->nll - L->n_outputs + gamma;
+    H[nb * m + nb] = hss;
     return 0;
 }
 
-/* DENSE with one delta per block: Newton's method in t = log delta (the
- * evidence is concave in t) with a backtracking line search, instead of a
+/* DENSE (one delta per block): Newton's method in the log delta's (opt_prior)
+ * and log sigma (opt_sigma) with a backtracking line search, instead of a
  * golden-section search per coordinate (each evaluation is a Cholesky
- * factorization).  Updates o->delta; returns the evidence there. */
-static double dense_newton(opt_ctx *o)
+ * factorization).  Updates o->delta and *o->sigma; returns the evidence. */
+static double dense_newton(opt_ctx *o, int opt_prior, int opt_sigma)
 {
     const cv_laplace *L = o->L;
-    int nb = L->nblocks;
-    size_t n = L->dim;
-    double sg = o->L->gaussian ? *o->sigma : 1.0, g = 1.0 / (sg * sg * o->T);
-    double tlo = log(CV_LAPLACE_DELTA_MIN), thi = log(CV_LAPLACE_DELTA_MAX);
-    size_t nbb = (size_t)nb * (size_t)nb;
+    int nb = L->nblocks, m = nb + 1, nv = 0, var[CV_LAPLACE_MAX_NEWTON];
+    size_t n = L->dim, mm = (size_t)m * (size_t)m;
+    for (int b = 0; b < nb && opt_prior && nv < CV_LAPLACE_MAX_NEWTON - 1; b++)
+        var[nv++] = b;
+    if (opt_sigma)
+        var[nv++] = nb;
     double *M = malloc(sizeof(double) * (n ? n * n : 1));
-    double *w = malloc(sizeof(double) * (5 * (size_t)nb + 3 * nbb));
+    double *w = malloc(sizeof(double) * ((size_t)nb + (size_t)nb * nb + 4 * (size_t)m + 2 * mm));
     if (!M || !w) {
         free(M);
         free(w);
@@ -291,41 +305,60 @@ static double dense_newton(opt_ctx *o)
         o->failed = 1;
         return -INFINITY;
     }
-    double *grad = w + nb + nbb, *H = grad + nb, *A = H + nbb, *p = A + nbb, *trial = p + nb;
+    double *grad = w + nb + (size_t)nb * nb, *H = grad + m, *A = H + mm, *p = A + mm,
+           *x = p + m, *trial = x + m;
+    double tlo = log(CV_LAPLACE_DELTA_MIN), thi = log(CV_LAPLACE_DELTA_MAX);
+    double slo = log(CV_LAPLACE_SIGMA_MIN), shi = log(CV_LAPLACE_SIGMA_MAX);
     for (int b = 0; b < nb; b++)
-        o->delta[b] = fmin(fmax(o->delta[b], CV_LAPLACE_DELTA_MIN), CV_LAPLACE_DELTA_MAX);
-    double f = evidence_at(o, o->delta), dmax = 1;
+        x[b] = fmin(fmax(log(o->delta[b]), tlo), thi);
+    x[nb] = fmin(fmax(log(*o->sigma), slo), shi);
+    for (int b = 0; b < nb; b++)
+        trial[b] = exp(x[b]);
+    double f = evidence_at(o, trial, exp(x[nb])), dmax = 1;
     for (int b = 0; b < nb; b++)
         dmax = fmax(dmax, (double)L->blocks[b].dim);
     for (int it = 0; it < 100 && isfinite(f) && !o->failed; it++) {
-        if (dense_derivatives(L, o->delta, g, M, w, grad, H))
+        double sg = L->gaussian ? exp(x[nb]) : 1.0, g = 1.0 / (sg * sg * o->T);
+        for (int b = 0; b < nb; b++)
+            trial[b] = exp(x[b]);
+        if (dense_derivatives(L, trial, g, M, w, grad, H))
             break;
         double gmax = 0;
-        for (int b = 0; b < nb; b++)
-            gmax = fmax(gmax, fabs(grad[b]));
-        if (gmax < 1e-10 * dmax)
+        for (int i = 0; i < nv; i++)
+            gmax = fmax(gmax, fabs(grad[var[i]]));
+        if (gmax < 1e-10 * (dmax + L->n_outputs))
             break;
-        /* p = (-H)^-1 grad (-H is positive definite where f is strictly concave);
-         * steepest ascent otherwise */
-        for (size_t i = 0; i < nbb; i++)
-            A[i] = -H[i];
-        memcpy(p, grad, sizeof(double) * (size_t)nb);
-        if (LAPACKE_dposv(LAPACK_COL_MAJOR, 'L', nb, 1, A, nb, p, nb) != 0)
-            memcpy(p, grad, sizeof(double) * (size_t)nb);
+        /* p = (-H)^-1 grad on the variables (-H is positive definite where f is
+         * strictly concave); steepest ascent otherwise */
+        for (int j = 0; j < nv; j++) {
+            for (int i = 0; i < nv; i++)
+                A[j * nv + i] = -H[var[j] * m + var[i]];
+            p[j] = grad[var[j]];
+        }
+        if (LAPACKE_dposv(LAPACK_COL_MAJOR, 'L', nv, 1, A, nv, p, nv) != 0)
+            for (int j = 0; j < nv; j++)
+                p[j] = grad[var[j]];
         double slope = 0, pmax = 0;
-        for (int b = 0; b < nb; b++)
-            pmax = fmax(pmax, fabs(p[b]));
-        if (pmax > 5) /* at most a factor e^5 per step */
-            for (int b = 0; b < nb; b++)
-                p[b] *= 5 / pmax;
-        for (int b = 0; b < nb; b++)
-            slope += grad[b] * p[b];
-        double alpha = 1, fnew = -INFINITY;
+        for (int j = 0; j < nv; j++)
+            pmax = fmax(pmax, fabs(p[j]));
+        for (int j = 0; j < nv && pmax > 5; j++) /* at most a factor e^5 per step */
+            p[j] *= 5 / pmax;
+        for (int j = 0; j < nv; j++)
+            slope += grad[var[j]] * p[j];
+        double alpha = 1, fnew = -INFINITY, xs = x[nb];
         int accepted = 0;
         for (int ls = 0; ls < 40 && !o->failed; ls++, alpha *= 0.5) {
             for (int b = 0; b < nb; b++)
-                trial[b] = exp(fmin(fmax(log(o->delta[b]) + alpha * p[b], tlo), thi));
-            fnew = evidence_at(o, trial);
+                trial[b] = exp(x[b]);
+            xs = x[nb];
+            for (int j = 0; j < nv; j++) {
+                int v = var[j];
+                if (v < nb)
+                    trial[v] = exp(fmin(fmax(x[v] + alpha * p[j], tlo), thi));
+                else
+                    xs = fmin(fmax(x[nb] + alpha * p[j], slo), shi);
+            }
+            fnew = evidence_at(o, trial, exp(xs));
             if (fnew >= f + 1e-4 * alpha * slope) {
                 accepted = 1;
                 break;
@@ -333,12 +366,18 @@ static double dense_newton(opt_ctx *o)
         }
         if (!accepted || fnew <= f)
             break;
-        memcpy(o->delta, trial, sizeof(double) * (size_t)nb);
+        for (int b = 0; b < nb; b++)
+            x[b] = log(trial[b]);
+        x[nb] = xs;
         double gain = fnew - f;
         f = fnew;
         if (gain <= 1e-15 * (1 + fabs(f)))
             break;
     }
+    for (int b = 0; b < nb; b++)
+        o->delta[b] = exp(x[b]);
+    if (opt_sigma)
+        *o->sigma = exp(x[nb]);
     free(M);
     free(w);
     return f;
@@ -357,10 +396,13 @@ int cv_laplace_optimize(const cv_laplace *L, double *delta, int per_block, int o
     double prev = -INFINITY;
     for (int sweep = 0; sweep < 100 && (ncoord || opt_sigma); sweep++) {
         double cur = -INFINITY;
-        if (L->kind == CV_LAPLACE_DENSE && per_block && ncoord > 1)
-            cur = dense_newton(&o);
-        for (int c = 0; c < ncoord && !o.failed && !(L->kind == CV_LAPLACE_DENSE &&
-                                                    per_block && ncoord > 1); c++) {
+        if (L->kind == CV_LAPLACE_DENSE && (per_block || !opt_prior) &&
+            L->nblocks < CV_LAPLACE_MAX_NEWTON) {
+            /* every coordinate at once: one pass */
+            cur = dense_newton(&o, opt_prior, opt_sigma);
+            break;
+        }
+        for (int c = 0; c < ncoord && !o.failed; c++) {
             o.coord = per_block ? c : -2;
             double x0 = log(fmin(fmax(delta[per_block ? c : 0], CV_LAPLACE_DELTA_MIN),
                                  CV_LAPLACE_DELTA_MAX));

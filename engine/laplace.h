@@ -90,15 +90,18 @@ int cv_laplace_eval(const cv_laplace *L, const double *delta, double sigma, doub
 #define CV_LAPLACE_DELTA_MAX 1e10
 #define CV_LAPLACE_SIGMA_MIN 1e-6
 #define CV_LAPLACE_SIGMA_MAX 1e6
+/* DENSE with fewer blocks than this optimizes by Newton steps (below). */
+#define CV_LAPLACE_MAX_NEWTON 257
 
 /* Maximizes the log marginal likelihood over log delta (opt_prior: one
  * common value when per_block is 0, one per block otherwise) and log sigma
  * (opt_sigma, gaussian only), each in the ranges above, by coordinate ascent
  * with a golden-section search per coordinate (the evidence is concave in
  * the log delta's - log det(G + sum_b delta_b E_b) is a log-sum-exp in
- * them - and in log sigma; DENSE with one delta per block: Newton steps in
- * all log delta's at once, gradient and Hessian from P^-1, with a
- * backtracking line search), sweeping until a sweep gains less than
+ * them - and in log sigma; DENSE (one delta per block, fewer than
+ * CV_LAPLACE_MAX_NEWTON blocks): Newton steps in all the log delta's and
+ * log sigma at once, gradient and Hessian from P^-1, with a backtracking
+ * line search), sweeping until a sweep gains less than
  * 1e-12 (1 + |evidence|) or after 100 sweeps.  delta and *sigma hold the
  * start (for the coordinates not optimized, the value used) and get the
  * optimum; *evals (may be NULL) the evaluations made.  P must be positive

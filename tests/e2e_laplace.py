@@ -358,6 +358,27 @@ def check_sigma(tag, d, ref):
     check(f"{tag} optimize_prior + optimize_sigma: evidence >= every point of a 2-D grid",
           at >= g2 - 1e-9 * abs(g2) and tr.close(r.get("log_marginal_likelihood"), at, TOL, TOL),
           f"delta {dl} sigma {s}: {at} vs grid {g2}")
+    # full, one precision per block, and sigma: Newton steps on the dense posterior
+    nb = len(ref.dims)
+    r = laplace(d, {"structure": "full", "prior_precision": [1.0] * nb, "optimize_prior": True,
+                    "optimize_sigma": True})
+    s, dl = r.get("sigma_noise"), r.get("prior_precision")
+    at = ref.terms("full", dl, sigma=s)[0]
+    worse = True
+    for c in range(nb + 1):
+        for f in (0.99, 1.01):
+            q, sq = list(dl), s
+            if c < nb:
+                q[c] *= f
+            else:
+                sq *= f
+            worse = worse and ref.terms("full", q, sigma=sq)[0] <= at + 1e-10 * abs(at)
+    g2 = max(ref.terms("full", [10 ** (-3 + 0.25 * i)], sigma=10 ** (-1.5 + 0.1 * j))[0]
+             for i in range(25) for j in range(26))
+    check(f"{tag} full per-block optimize_prior + optimize_sigma: a local optimum beating "
+          "the 2-D grid of one precision", worse and at >= g2 - 1e-9 * abs(g2)
+          and tr.close(r.get("log_marginal_likelihood"), at, TOL, TOL),
+          f"delta {dl} sigma {s}: {at} vs grid {g2}")
 
 
 def check_refusals(d_cls, d_reg, nblocks):
