@@ -241,9 +241,12 @@ static int dense_ggn(build *s, const cv_block *b, double **G, cv_err *e)
 {
     if (b->dim > s->c->lim->dense_max)
         return cv_err_set(e, CV_ETOOLARGE, "too_large", "options.structure",
-                          "the %zu x %zu GGN exceeds the dense limit %zu (use structure "
-                          "kron, diag or lowrank, or last_layer)",
-                          b->dim, b->dim, s->c->lim->dense_max);
+                          "the dense %zu x %zu GGN%s%s exceeds the dense limit %zu (--dense-max)%s",
+                          b->dim, b->dim, b->name[0] ? " of layer " : "", b->name,
+                          s->c->lim->dense_max,
+                          inner_structure(s->a) == S_KRON
+                              ? " (a layer without a Kronecker structure gets its exact block)"
+                              : " (use structure kron or lowrank, or last_layer)");
     *G = malloc(sizeof(double) * (b->dim ? b->dim * b->dim : 1));
     if (cv_curv_agree(s->c->curv, *G ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                                                       "dense GGN"), e))

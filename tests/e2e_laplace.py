@@ -399,6 +399,13 @@ def check_refusals(d_cls, d_reg, nblocks):
         (d_cls, {"last_layer_structure": "diag"}, "options.last_layer_structure"),
         (d_cls, {"keep": True}, "options.keep"),
     ]
+    for st in ("full", "diag"):  # D products / a D x D matrix: refused above --dense-max
+        rc, r = tr.curvd_run(CURVD, d_cls, {"op": "laplace", "options": {"structure": st}},
+                             expect_ok=False, extra=["--dense-max", "10"])
+        err = r.get("error", {})
+        check(f"refused {st} above --dense-max: too_large, options.structure", rc != 0
+              and err.get("code") == "too_large" and err.get("field") == "options.structure",
+              str(r)[:300])
     for d, opts, field in cases:
         rc, r = laplace(d, opts, expect_ok=False)
         err = r.get("error", {})
