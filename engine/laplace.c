@@ -213,6 +213,64 @@ static double golden(opt_ctx *o, double lo, double hi, double x0)
     return best;
 }
 
+/* SPECTRA: the derivatives in t = log delta of the evidence's terms of
+ * blocks [b0, b1) at a common delta (g = 1 / (sigma^2 T)):
+ *   f'(t)  = sum_b [1/2 sum_i g v_i / (g v_i + delta) - 1/2 delta ||theta_b||^2],
+ *   f''(t) = -sum_b [1/2 sum_i g v_i delta / (g v_i + delta)^2 + 1/2 delta ||theta_b||^2]
+ * (f' decreases: the evidence is concave in t).  0, or -1 where P is not
+ * positive definite at delta. */
+static int spectra_derivatives(const cv_laplace *L, int b0, int b1, double delta, double g,
+                               double *d1, double *d2)
+{
+    *d1 = *d2 = 0;
+    for (int b = b0; b < b1; b++) {
+        const cv_laplace_block *k = &L->blocks[b];
+        for (size_t i = 0; i < k->m; i++) {
+            double x = g * k->vals[i], den = x + delta;
+            if (!(den > 0))
+                return -1;
+            *d1 += 0.5 * x / den;
+            *d2 -= 0.5 * x * delta / (den * den);
+        }
+        *d1 -= 0.5 * delta * k->sq_norm;
+        *d2 -= 0.5 * delta * k->sq_norm;
+    }
+    return 0;
+}
+
+/* SPECTRA: the root of f' in [log DELTA_MIN, log DELTA_MAX] for the delta of
+ * blocks [b0, b1) (all set to it) by Newton's method safeguarded by bisection
+ * (f' decreases; where P is not PD the root lies to the right); a bound when
+ * f' keeps its sign.  Each derivative evaluation counts as an evaluation. */
+static void spectra_newton(opt_ctx *o, int b0, int b1, double t0)
+{
+    const cv_laplace *L = o->L;
+    double sg = L->gaussian ? *o->sigma : 1.0, g = 1.0 / (sg * sg * o->T);
+    double a = log(CV_LAPLACE_DELTA_MIN), b = log(CV_LAPLACE_DELTA_MAX), t = t0, scale = 1;
+    for (int k = b0; k < b1; k++)
+        scale += (double)L->blocks[k].m;
+    for (int it = 0; it < 300; it++) {
+        double d1, d2;
+        o->evals++;
+        int pd = spectra_derivatives(L, b0, b1, exp(t), g, &d1, &d2) == 0;
+        if (!pd || d1 > 0)
+            a = t;
+        else
+            b = t;
+        if (pd && fabs(d1) <= 1e-14 * scale)
+            break;
+        double tn = pd && d2 < 0 ? t - d1 / d2 : 0.5 * (a + b);
+        if (!(tn > a && tn < b))
+            tn = 0.5 * (a + b);
+        int done = fabs(tn - t) <= 1e-13 * (1 + fabs(t)) || b - a <= 1e-13 * (1 + fabs(t));
+        t = tn;
+        if (done)
+            break;
+    }
+    for (int k = b0; k < b1; k++)
+        o->delta[k] = exp(t);
+}
+
 /* The evidence at delta and sigma, counted; -inf where P is not PD. */
 static double evidence_at(opt_ctx *o, const double *delta, double sigma)
 {
@@ -406,8 +464,13 @@ int cv_laplace_optimize(const cv_laplace *L, double *delta, int per_block, int o
             o.coord = per_block ? c : -2;
             double x0 = log(fmin(fmax(delta[per_block ? c : 0], CV_LAPLACE_DELTA_MIN),
                                  CV_LAPLACE_DELTA_MAX));
-            cur = golden(&o, dlo, dhi, x0);
+            if (L->kind == CV_LAPLACE_SPECTRA) /* separable: Newton on f' */
+                spectra_newton(&o, per_block ? c : 0, per_block ? c + 1 : L->nblocks, x0);
+            else
+                cur = golden(&o, dlo, dhi, x0);
         }
+        if (L->kind == CV_LAPLACE_SPECTRA && ncoord && !o.failed)
+            cur = evidence_at(&o, delta, *sigma);
         if (opt_sigma && !o.failed) {
             o.coord = -1;
             double x0 = log(fmin(fmax(*sigma, CV_LAPLACE_SIGMA_MIN), CV_LAPLACE_SIGMA_MAX));

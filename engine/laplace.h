@@ -85,7 +85,7 @@ typedef struct {
 int cv_laplace_eval(const cv_laplace *L, const double *delta, double sigma, double temperature,
                     cv_laplace_terms *t, double *block_logdet, cv_err *e);
 
-/* Search ranges of the optimization (log-space golden-section search). */
+/* Search ranges of the optimization (in log space). */
 #define CV_LAPLACE_DELTA_MIN 1e-10
 #define CV_LAPLACE_DELTA_MAX 1e10
 #define CV_LAPLACE_SIGMA_MIN 1e-6
@@ -98,11 +98,12 @@ int cv_laplace_eval(const cv_laplace *L, const double *delta, double sigma, doub
  * (opt_sigma, gaussian only), each in the ranges above, by coordinate ascent
  * with a golden-section search per coordinate (the evidence is concave in
  * the log delta's - log det(G + sum_b delta_b E_b) is a log-sum-exp in
- * them - and in log sigma; DENSE (one delta per block, fewer than
- * CV_LAPLACE_MAX_NEWTON blocks): Newton steps in all the log delta's and
- * log sigma at once, gradient and Hessian from P^-1, with a backtracking
- * line search), sweeping until a sweep gains less than
- * 1e-12 (1 + |evidence|) or after 100 sweeps.  delta and *sigma hold the
+ * them - and in log sigma; SPECTRA, separable: Newton's method on the
+ * root of the derivative in each log delta, safeguarded by bisection;
+ * DENSE (one delta per block, fewer than CV_LAPLACE_MAX_NEWTON blocks):
+ * Newton steps in all the log delta's and log sigma at once, gradient and
+ * Hessian from P^-1, with a backtracking line search), sweeping until a
+ * sweep gains less than 1e-12 (1 + |evidence|) or after 100 sweeps.  delta and *sigma hold the
  * start (for the coordinates not optimized, the value used) and get the
  * optimum; *evals (may be NULL) the evaluations made.  P must be positive
  * definite somewhere in the range (points where it is not count as -inf). */
