@@ -114,7 +114,9 @@ typedef struct cv_op_def {
     cv_op_bind_fn bind;           /* may be NULL */
     cv_op_memory_fn memory;       /* NULL: two vectors of the block, one at a time */
     /* May be NULL.  At bind, after the blocks (and bind): checks of the options
-     * against the model itself (its loss, its layers; laplace). */
+     * against the model itself (its loss, its layers; laplace); may record in
+     * o->args what the memory function needs of the model (the bound job is
+     * planned and run with those args). */
     int (*bind_model)(const cv_opts *o, const cv_model *m, const cv_block *blocks, int n,
                       cv_err *e);
 } cv_op_def;

@@ -46,6 +46,8 @@ typedef struct {
     double sigma_noise, temperature;
     int optimize_prior, optimize_sigma;
     int k;
+    size_t post_dim;            /* the posterior's dimension, recorded at bind for the
+                                 * memory plan (last_layer: the last layer's) */
 } laplace_args;
 
 static const cv_opt_spec laplace_opts[] = {
@@ -138,7 +140,7 @@ static int prior_blocks(const cv_model *m, int last_layer, cv_block **out, int *
 static int bind_laplace(const cv_opts *o, const cv_model *m, const cv_block *blocks, int n,
                         cv_err *e)
 {
-    const laplace_args *a = o->args;
+    laplace_args *a = o->args;
     if (m->loss != CV_LOSS_MSE) {
         static const char *const names[] = {"sigma_noise", "optimize_sigma"};
         for (int i = 0; i < 2; i++)
@@ -159,6 +161,7 @@ static int bind_laplace(const cv_opts *o, const cv_model *m, const cv_block *blo
     for (int i = 0; i < nb; i++)
         dim += lb[i].dim;
     free(lb);
+    a->post_dim = dim;
     if (a->prior.is_list && a->prior.list.n != nb)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.prior_precision",
                           "options.prior_precision has %d numbers; the posterior has %d layer "
@@ -599,7 +602,8 @@ static const char *const laplace_results[] = {
     "log_det_posterior_precision", "log_det_prior_precision", "scatter", "prior_precision",
     "sigma_noise", "temperature", "evaluations", NULL}; /* and "blocks" (the envelope's name) */
 
-/* Memory: full: the dense GGN and its copy; lowrank: the Lanczos basis;
+/* Memory (in vectors of the posterior's dimension): full: the dense GGN, a
+ * Cholesky factor and an inverse; lowrank: the Lanczos basis;
  * diag: the exact diagonal's identity columns; kron: the dense blocks of the
  * layers without a Kronecker structure (products of up to 64 identity
  * columns; the factors are the engine's). */
@@ -607,10 +611,11 @@ static void mem_laplace(const cv_opts *o, cv_curvature kind, const cv_block *b, 
                         cv_op_memory *m)
 {
     const laplace_args *a = o->args;
-    double D = (double)b->dim, vec = 4;
+    /* vectors of the posterior's dimension (the job's block before bind) */
+    double D = (double)(a->post_dim ? a->post_dim : b->dim), vec = 4;
     int inner = inner_structure(a), maxv = 1;
-    if (inner == S_FULL) {
-        vec = 2 * D + 130;
+    if (inner == S_FULL) { /* G, P's factor, the Newton step's inverse */
+        vec = 3 * D + 130;
         maxv = 64;
     } else if (inner == S_DIAG) {
         vec = 70;

@@ -429,6 +429,28 @@ def check_default_k(root):
                        1e-6), f"{r.get('k')} {r.get('log_det_posterior_precision')}")
 
 
+def check_memory_plan(root):
+    """The memory plan counts the posterior's dimension: on a 2380-parameter MLP under
+    --job-memory 64M, full (3 D^2 doubles: 136 MB) is refused with job_memory at submit,
+    last_layer (the last layer's 310) runs."""
+    torch.manual_seed(5)
+    m = torch.nn.Sequential(torch.nn.Linear(20, 40), torch.nn.Tanh(), torch.nn.Linear(40, 30),
+                            torch.nn.Tanh(), torch.nn.Linear(30, 10))
+    x, y = torch.randn(16, 20), torch.randint(0, 10, (16,))
+    d = os.path.join(root, "wide")
+    os.makedirs(d)
+    tr.write_case(d, m, [20], torch.nn.CrossEntropyLoss(), x, y)
+    lim = ["--job-memory", "64M"]
+    rc, r = tr.curvd_run(CURVD, d, {"op": "laplace", "options": {"structure": "full"}},
+                         expect_ok=False, extra=lim)
+    check("full beyond --job-memory: refused with job_memory", rc != 0
+          and r.get("error", {}).get("code") == "job_memory", str(r)[:300])
+    rc, r = tr.curvd_run(CURVD, d, {"op": "laplace", "options": {"structure": "last_layer"}},
+                         expect_ok=False, extra=lim)
+    check("last_layer under the same --job-memory: runs on the last layer's 310", rc == 0
+          and r.get("n_params") == 310, str(r)[:300])
+
+
 def post(url, doc):
     req = urllib.request.Request(url + "/v1/jobs?wait=60", data=json.dumps(doc).encode(),
                                  headers={"Content-Type": "application/json"}, method="POST")
@@ -480,6 +502,7 @@ def main():
         check_sigma("MSE mean", dirs["reg"][0], dirs["reg"][1])
         check_refusals(dirs["mean"][0], dirs["reg"][0], len(dirs["mean"][1].dims))
         check_default_k(root)
+        check_memory_plan(root)
     check_service()
     return summary()
 
