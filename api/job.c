@@ -533,7 +533,7 @@ int cv_job_bind_model(cv_job_spec *j, const cv_model *m, cv_err *e)
     for (int i = 0; i < n && j->op->bind; i++)
         if (j->op->bind(&j->opts, &j->blocks.resolved[i], e))
             return -1;
-    return 0;
+    return j->op->bind_model ? j->op->bind_model(&j->opts, m, j->blocks.resolved, n, e) : 0;
 }
 
 /* ---- running ---------------------------------------------------------------- */

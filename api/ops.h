@@ -120,6 +120,12 @@ typedef struct cv_op_def {
     const char *const *results;   /* result fields it may write (NULL-terminated) */
     cv_op_bind_fn bind;           /* may be NULL */
     cv_op_memory_fn memory;       /* NULL: two vectors of the block, one at a time */
+    /* May be NULL.  At bind, after the blocks (and bind): checks of the options
+     * against the model itself (its loss, its layers; laplace); may record in
+     * o->args what the memory function needs of the model (the bound job is
+     * planned and run with those args). */
+    int (*bind_model)(const cv_opts *o, const cv_model *m, const cv_block *blocks, int n,
+                      cv_err *e);
 } cv_op_def;
 
 /* ---- the ops (one module each group) ---- */
@@ -131,6 +137,7 @@ extern const cv_op_def cv_op_trace, cv_op_diag, cv_op_eigen, cv_op_density, cv_o
 extern const cv_op_def cv_op_snr;
 extern const cv_op_def cv_op_kfac; /* api/ops_kron.c */
 extern const cv_op_def cv_op_jvp, cv_op_vjp, cv_op_jacobian; /* api/ops_jacobian.c */
+extern const cv_op_def cv_op_laplace; /* api/ops_laplace.c */
 
 /* ViViT methods (api/ops_vivit.c): eigen "gram", newton "vivit". */
 extern const cv_op_method cv_method_eigen_gram, cv_method_newton_vivit;

@@ -217,14 +217,14 @@ static void mem_per_sample(const cv_opts *o, cv_curvature kind, const cv_block *
 
 #define BASE sizeof(plain_args)
 const cv_op_def cv_op_loss = {"loss", no_opts, NULL, BASE, NULL, 0, 0, NULL, run_loss,
-                              loss_results, NULL, mem_loss};
+                              loss_results, NULL, mem_loss, NULL};
 const cv_op_def cv_op_gradient = {"gradient", no_opts, NULL, BASE, NULL, 0, 1, NULL,
-                                  run_gradient, gradient_results, NULL, mem_matvec};
+                                  run_gradient, gradient_results, NULL, mem_matvec, NULL};
 const cv_op_def cv_op_matvec = {"matvec", matvec_opts, NULL, sizeof(matvec_args), NULL, 1, 0,
                                 check_matvec, run_matvec, matvec_results, bind_matvec,
-                                mem_matvec};
+                                mem_matvec, NULL};
 const cv_op_def cv_op_dense = {"dense", curv_opts, NULL, BASE, NULL, 1, 1, NULL, run_dense,
-                               dense_results, NULL, mem_dense};
+                               dense_results, NULL, mem_dense, NULL};
 const cv_op_def cv_op_per_sample = {"per_sample_gradients", no_opts, NULL, BASE, NULL, 0, 1,
                                     NULL, run_per_sample, per_sample_results, NULL,
-                                    mem_per_sample};
+                                    mem_per_sample, NULL};

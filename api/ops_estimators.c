@@ -724,20 +724,20 @@ static void mem_newton(const cv_opts *o, cv_curvature kind, const cv_block *b, s
 }
 
 const cv_op_def cv_op_trace = {"trace", trace_opts, trace_methods, sizeof(trace_args),
-                               trace_defaults, 1, 1, NULL, NULL, trace_results, NULL, mem_trace};
+                               trace_defaults, 1, 1, NULL, NULL, trace_results, NULL, mem_trace, NULL};
 const cv_op_def cv_op_diag = {"diag", diag_opts, diag_methods, sizeof(diag_args),
-                              diag_defaults, 1, 1, NULL, NULL, diag_results, NULL, mem_diag};
+                              diag_defaults, 1, 1, NULL, NULL, diag_results, NULL, mem_diag, NULL};
 const cv_op_def cv_op_frobenius = {"frobenius_norm", frob_opts, frob_methods,
                                    sizeof(frob_args), frob_defaults, 1, 1, NULL, NULL,
-                                   frob_results, NULL, mem_frob};
+                                   frob_results, NULL, mem_frob, NULL};
 const cv_op_def cv_op_eigen = {"eigen", eigen_opts, eigen_methods, sizeof(cv_eigen_args),
                                eigen_defaults, 1, 1, check_eigen, NULL, eigen_results,
-                               bind_eigen, mem_eigen};
+                               bind_eigen, mem_eigen, NULL};
 const cv_op_def cv_op_density = {"density", density_opts, NULL, sizeof(density_args),
                                  density_defaults, 1, 1, NULL, run_density, density_results, NULL,
-                                 mem_density};
+                                 mem_density, NULL};
 const cv_op_def cv_op_solve = {"solve", solve_opts, solve_methods, sizeof(solve_args),
-                               solve_defaults, 1, 1, NULL, NULL, solve_results, NULL, mem_solve};
+                               solve_defaults, 1, 1, NULL, NULL, solve_results, NULL, mem_solve, NULL};
 const cv_op_def cv_op_newton = {"newton", newton_opts, newton_methods, sizeof(cv_newton_args),
                                 newton_defaults, 1, 1, check_newton, NULL, newton_results, NULL,
-                                mem_newton};
+                                mem_newton, NULL};

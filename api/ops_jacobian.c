@@ -208,8 +208,8 @@ static const char *const vjp_results[] = {"vjp", NULL};
 static const char *const jacobian_results[] = {"jacobian", "output_shape", NULL};
 
 const cv_op_def cv_op_jvp = {"jvp", jvp_opts, NULL, sizeof(jvp_args), NULL, 0, 1,
-                             check_jvp, run_jvp, jvp_results, bind_jvp, mem_jac};
+                             check_jvp, run_jvp, jvp_results, bind_jvp, mem_jac, NULL};
 const cv_op_def cv_op_vjp = {"vjp", vjp_opts, NULL, sizeof(vjp_args), NULL, 0, 1,
-                             check_vjp, run_vjp, vjp_results, NULL, mem_jac};
+                             check_vjp, run_vjp, vjp_results, NULL, mem_jac, NULL};
 const cv_op_def cv_op_jacobian = {"jacobian", no_opts, NULL, sizeof(jvp_args), NULL, 0, 1, NULL,
-                                  run_jacobian, jacobian_results, NULL, mem_jacobian};
+                                  run_jacobian, jacobian_results, NULL, mem_jacobian, NULL};

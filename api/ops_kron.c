@@ -337,4 +337,4 @@ static void mem_kfac(const cv_opts *o, cv_curvature kind, const cv_block *b, siz
 
 const cv_op_def cv_op_kfac = {"kfac",      kfac_opts, NULL,    sizeof(kfac_args), kfac_defaults,
                               0,           0,         check_kfac, run_kfac,      kfac_results,
-                              NULL,        mem_kfac};
+                              NULL,        mem_kfac, NULL};

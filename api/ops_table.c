@@ -14,7 +14,7 @@ static const cv_op_def *const op_table[] = {
     &cv_op_loss,  &cv_op_gradient, &cv_op_matvec,  &cv_op_dense, &cv_op_per_sample,
     &cv_op_trace, &cv_op_diag,     &cv_op_eigen,   &cv_op_density,
     &cv_op_solve, &cv_op_newton,   &cv_op_snr,     &cv_op_kfac, &cv_op_frobenius,
-    &cv_op_jvp,   &cv_op_vjp,      &cv_op_jacobian, NULL};
+    &cv_op_jvp,   &cv_op_vjp,      &cv_op_jacobian, &cv_op_laplace, NULL};
 
 #define NOPS ((int)(sizeof op_table / sizeof op_table[0]) - 1)
 
@@ -104,7 +104,7 @@ static cJSON *names_list(const char *const *names, int n)
 static int has_range(cv_opt_type t)
 {
     return t == CV_OPT_INT || t == CV_OPT_U64 || t == CV_OPT_NUM || t == CV_OPT_NUM_OR_ENUM ||
-           t == CV_OPT_INT_OR_ENUM;
+           t == CV_OPT_INT_OR_ENUM || t == CV_OPT_NUM_OR_LIST;
 }
 
 static cJSON *option_json(const cv_op_def *def, const cv_opt_spec *s)

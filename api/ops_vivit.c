@@ -585,4 +585,4 @@ static const char *const snr_results[] = {
 
 const cv_op_def cv_op_snr = {"snr",     snr_opts, NULL,      sizeof(snr_args), snr_defaults,
                              1,         1,        check_snr, run_snr,          snr_results, NULL,
-                             mem_snr};
+                             mem_snr, NULL};

@@ -41,6 +41,7 @@ const char *cv_opt_type_name(cv_opt_type t)
     case CV_OPT_INT_OR_ENUM: return "integer_or_enum";
     case CV_OPT_LIST: return "list";
     case CV_OPT_ENUM_OR_LIST: return "enum_or_list";
+    case CV_OPT_NUM_OR_LIST: return "number_or_list";
     }
     return "?";
 }
@@ -113,6 +114,27 @@ static int check_list(const cJSON *v, const char *field, cv_err *e)
     return 0;
 }
 
+/* A number in [min, max] or a non-empty list of them. */
+static int check_num_or_list(const cJSON *v, const cv_opt_spec *s, const char *field, cv_err *e)
+{
+    if (!cJSON_IsArray(v))
+        return cJSON_IsNumber(v) ? check_number(v, s, 0, field, e)
+                                 : cv_err_set(e, CV_EINVAL, "invalid_option", field,
+                                              "%s must be a number or a list of numbers", field);
+    if (cJSON_GetArraySize(v) == 0)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", field, "%s is an empty list", field);
+    int i = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, v)
+    {
+        char f[112];
+        snprintf(f, sizeof f, "%s[%d]", field, i++);
+        if (check_number(x, s, 0, f, e))
+            return -1;
+    }
+    return 0;
+}
+
 static int check_one(const cJSON *v, const cv_opt_spec *s, const char *const *methods, cv_err *e)
 {
     char field[96], mbuf[256];
@@ -141,6 +163,7 @@ static int check_one(const cJSON *v, const cv_opt_spec *s, const char *const *me
             return cv_err_set(e, CV_EINVAL, "invalid_option", field,
                               "%s must be one of %s or a list of numbers", field, s->choices);
         return 0;
+    case CV_OPT_NUM_OR_LIST: return check_num_or_list(v, s, field, e);
     }
     return 0;
 }
@@ -229,6 +252,13 @@ static int store_one(const cJSON *v, const cv_opt_spec *s, void *at, const char 
         c->choice = cJSON_IsArray(v) ? -1 : cv_opts_choice_index(s->choices, v->valuestring);
         return c->choice < 0 ? store_list(v, &c->list, s->name, e) : 0;
     }
+    case CV_OPT_NUM_OR_LIST: {
+        cv_opt_num_list *c = at;
+        c->is_list = cJSON_IsArray(v);
+        if (!c->is_list)
+            c->num = v->valuedouble;
+        return c->is_list ? store_list(v, &c->list, s->name, e) : 0;
+    }
     }
     return 0;
 }
@@ -261,6 +291,7 @@ void cv_opts_release(cv_opts *o)
         char *at = (char *)o->args + s->offset;
         cv_opt_list *l = s->type == CV_OPT_LIST           ? (cv_opt_list *)at
                          : s->type == CV_OPT_ENUM_OR_LIST ? &((cv_opt_choice_list *)at)->list
+                         : s->type == CV_OPT_NUM_OR_LIST  ? &((cv_opt_num_list *)at)->list
                                                           : NULL;
         if (l) {
             free(l->v);

@@ -14,7 +14,8 @@
  *     in its order); CV_OPT_U64: uint64_t; CV_OPT_NUM: double;
  *   CV_OPT_NUM_OR_ENUM, CV_OPT_INT_OR_ENUM: cv_opt_choice;
  *   CV_OPT_LIST: cv_opt_list (malloc()ed; cv_opts_release frees it);
- *   CV_OPT_ENUM_OR_LIST: cv_opt_choice_list (its list likewise).
+ *   CV_OPT_ENUM_OR_LIST: cv_opt_choice_list (its list likewise);
+ *   CV_OPT_NUM_OR_LIST: cv_opt_num_list (its list likewise).
  */
 #ifndef CV_OPTS_H
 #define CV_OPTS_H
@@ -35,9 +36,11 @@ typedef enum {
     CV_OPT_NUM_OR_ENUM,/* a number in [min, max] or one of choices */
     CV_OPT_INT_OR_ENUM,/* an integer in [min, max] or one of choices */
     CV_OPT_LIST,       /* array of finite numbers */
-    CV_OPT_ENUM_OR_LIST/* one of choices or an array of finite numbers; a list
+    CV_OPT_ENUM_OR_LIST,/* one of choices or an array of finite numbers; a list
                           is a vector over the job's block: api/job.c checks at
                           bind that there is one block and the list has its D */
+    CV_OPT_NUM_OR_LIST /* a number in [min, max] or a non-empty array of them (its
+                          length is the op's to check) */
 } cv_opt_type;
 
 typedef struct {
@@ -65,6 +68,13 @@ typedef struct {
     int choice;
     cv_opt_list list;
 } cv_opt_choice_list;
+
+/* A number-or-list value: is_list 0: num; 1: list. */
+typedef struct {
+    double num;
+    int is_list;
+    cv_opt_list list;
+} cv_opt_num_list;
 
 /* Parsed options: the op's argument struct and which options were given. */
 typedef struct {
@@ -108,7 +118,7 @@ int cv_opts_choice_index(const char *choices, const char *s);
 int cv_opts_in_list(const char *list, const char *name);
 
 /* The type's name in GET /v1/ops: "integer", "number", "boolean", "enum",
- * "number_or_enum", "integer_or_enum", "list" or "enum_or_list". */
+ * "number_or_enum", "integer_or_enum", "list", "enum_or_list" or "number_or_list". */
 const char *cv_opt_type_name(cv_opt_type t);
 
 #endif

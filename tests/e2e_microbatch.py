@@ -332,6 +332,11 @@ def job_variants(op, spec, curv, damping, dense_blocks=None, kfra=True):
             out.append(j("kfac compare", {"compare": True, "damping": 1.0}))
             out.append(j("kfac mc reduce", {"fisher_type": "mc", "mc_samples": 2,
                                             "kfac_approx": "reduce"}))
+        elif op == "laplace":
+            out.append(j("laplace kron optimize_prior", {"structure": "kron",
+                                                         "optimize_prior": True}))
+            out.append(j("laplace last_layer", {"structure": "last_layer",
+                                                "prior_precision": 0.5}))
         elif op == "snr":
             out.append(j("snr", {"k": 3, "return_raw": True}))
             out.append(j("snr mc subsample", {"k": 2, "mc": True, "subsample": 0.5}))

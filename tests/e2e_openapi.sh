@@ -104,6 +104,8 @@ job newton-cg "{\"op\": \"newton\", $M, $S, \"curvature\": \"ggn\", \"options\":
 job newton-bootstrap "{\"op\": \"newton\", $M, $S, \"curvature\": \"fisher_mc\", \"options\": {\"method\": \"vivit\", \"damping\": \"bootstrap\", \"k\": \"all\", \"bootstrap_samples\": 20, \"grid\": [0.01, 0.1, 1]}}"
 job newton-acp "{\"op\": \"newton\", $M, $S, \"blocks\": \"layer\", \"options\": {\"method\": \"acp\", \"damping\": 1, \"rescale\": true}}"
 job snr "{\"op\": \"snr\", $M, $S, \"curvature\": \"ggn\", \"options\": {\"k\": 2, \"return_raw\": true}}"
+job laplace "{\"op\": \"laplace\", $M, $S, \"options\": {\"structure\": \"kron\", \"prior_precision\": [1, 2], \"optimize_prior\": true}}"
+job laplace-lowrank "{\"op\": \"laplace\", $M, $S, \"options\": {\"structure\": \"last_layer\", \"last_layer_structure\": \"lowrank\", \"k\": 3}}"
 refused "unknown option" "{\"op\": \"eigen\", $M, \"options\": {\"k\": 3, \"bogus_option\": 1}}"
 refused "option below its minimum" "{\"op\": \"trace\", $M, \"options\": {\"max_probes\": 0}}"
 refused "option above its maximum" "{\"op\": \"density\", $M, \"options\": {\"runs\": 10001}}"

@@ -125,7 +125,7 @@ START_TEST(did_you_mean_ops_options_fields)
     refused("{\"op\":\"nope-at-all\"}", "unknown_op", "op",
             "unknown op 'nope-at-all' (known: loss, gradient, matvec, dense, "
             "per_sample_gradients, trace, diag, eigen, density, solve, newton, snr, kfac, "
-            "frobenius_norm, jvp, vjp, jacobian)");
+            "frobenius_norm, jvp, vjp, jacobian, laplace)");
     refused("{\"op\":\"trace\",\"options\":{\"max_probe\":5}}", "unknown_option",
             "options.max_probe", "did you mean 'max_probes'?");
     refused("{\"op\":\"trace\",\"options\":{\"probes\":5}}", "unknown_option", "options.probes",
@@ -370,7 +370,8 @@ START_TEST(ops_document_shape)
     ck_assert_int_eq(cJSON_GetArraySize(specs), cJSON_GetArraySize(ops));
     ck_assert_int_eq(cJSON_GetArraySize(ops), cv_op_count());
     static const char *const types =
-        "integer|number|boolean|enum|number_or_enum|integer_or_enum|list|enum_or_list";
+        "integer|number|boolean|enum|number_or_enum|integer_or_enum|list|enum_or_list|"
+        "number_or_list";
     const cJSON *op;
     cJSON_ArrayForEach(op, ops)
     {
@@ -520,6 +521,9 @@ START_TEST(results_match_the_table)
         "{\"op\":\"snr\",\"curvature\":\"ggn\",\"options\":{\"subsample\":0.5}}",
         "{\"op\":\"kfac\",\"options\":{\"compare\":true}}",
         "{\"op\":\"kfac\",\"options\":{\"fisher_type\":\"mc\",\"kfac_approx\":\"reduce\"}}",
+        "{\"op\":\"laplace\",\"options\":{\"structure\":\"lowrank\",\"k\":2,"
+        "\"optimize_prior\":true}}",
+        "{\"op\":\"laplace\",\"options\":{\"structure\":\"last_layer\",\"prior_precision\":[2]}}",
         /* Kronecker curvatures: exact, block_kinds (and trace's logdet) */
         "{\"op\":\"matvec\",\"curvature\":\"kfac\",\"options\":{\"probe_seed\":1}}",
         "{\"op\":\"dense\",\"curvature\":\"kflr\",\"blocks\":\"layer\"}",

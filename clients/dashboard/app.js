@@ -330,8 +330,9 @@
       const what = o.type === 'enum' ? choices
         : o.type === 'list' ? 'list of numbers'
           : o.type === 'enum_or_list' ? choices + ' or a list of numbers'
-            : /_or_enum$/.test(o.type) ? o.type.split('_')[0] + range + ' or ' + choices
-              : o.type + range;
+            : o.type === 'number_or_list' ? 'number' + range + ' or a list of them'
+              : /_or_enum$/.test(o.type) ? o.type.split('_')[0] + range + ' or ' + choices
+                : o.type + range;
       return o.name + ' (' + what + (o.methods ? '; method ' + o.methods.join('|') : '') + ')';
     }).join(', ') + '.';
   }

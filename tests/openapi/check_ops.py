@@ -122,6 +122,16 @@ def check_option(spec, where, s, o, bad):
         else:
             check_list(spec, where, lists[0], bad)
             check_enum(where, strs[0], o.get("choices"), bad)
+    elif t == "number_or_list":
+        alts = [spec.resolve(a) for a in s.get("oneOf", [])]
+        nums = [a for a in alts if a.get("type") == "number"]
+        lists = [a for a in alts if a.get("type") == "array"]
+        if len(alts) != 2 or len(nums) != 1 or len(lists) != 1:
+            bad("%s: the spec needs oneOf [a number, an array of numbers] for type %s"
+                % (where, t))
+        else:
+            check_number(where, nums[0], o, "number", bad)
+            check_list(spec, where, lists[0], bad)
     else:
         bad("%s: unknown option type %r in the op table" % (where, t))
     if sorted(s.get("x-methods") or []) != sorted(o.get("methods") or []):
