@@ -120,6 +120,27 @@ void curvd_data_close(curvd_data *d);
 char *curvd_run(const curvd_model *m, const curvd_data *d, const char *job_json, size_t len,
                 const char *options, char **err);
 
+/* ---- operators --------------------------------------------------------- */
+
+/* A curvature operator kept open: the engine state of the job's batch
+ * (forward pass, the Kronecker factors of a Kronecker curvature) built once,
+ * then products A X at the cost of the products alone.  job_json is a
+ * "matvec" job document (its vector / probe_seed are not used) with one
+ * block (blocks "full" or one group); options as curvd_run's.  m and d are
+ * borrowed: they must outlive the operator, and the model's parameters must
+ * not change while it is open (close it and open a new one).  One thread at
+ * a time per operator.  NULL with *err set. */
+typedef struct curvd_operator curvd_operator;
+curvd_operator *curvd_operator_open(const curvd_model *m, const curvd_data *d,
+                                    const char *job_json, size_t len, const char *options,
+                                    char **err);
+/* The block's dimension. */
+int64_t curvd_operator_dim(const curvd_operator *op);
+/* Y = A X for k vectors (X, Y: k * dim doubles, vector j at + j * dim).
+ * 0, or -1 with *err set. */
+int curvd_operator_apply(curvd_operator *op, int k, const double *X, double *Y, char **err);
+void curvd_operator_close(curvd_operator *op);
+
 #ifdef __cplusplus
 }
 #endif

@@ -820,6 +820,72 @@ static cJSON *exec_batch(const cv_job_spec *j, const cv_model *m, const cv_batch
     return res;
 }
 
+/* ---- a curvature operator kept open (libcurvd's curvd_operator) ------------ */
+
+struct cv_job_linop {
+    cv_batch batch;
+    cv_progress progress;
+    cv_op_ctx c;
+    cv_linop op;
+    cv_curv_linop_ctx lc;
+    cv_job_limits lim;
+};
+
+void cv_job_linop_close(cv_job_linop *o)
+{
+    if (!o)
+        return;
+    cv_op_kron_free(&o->c);
+    cv_curv_free(o->c.curv);
+    cv_dataset_free(&o->batch);
+    free(o);
+}
+
+cv_job_linop *cv_job_linop_open(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                                const cv_job_limits *lim, cv_err *e)
+{
+    if (!j->blocks.resolved || !j->op->uses_curvature || j->blocks.nresolved != 1) {
+        cv_err_set(e, CV_EINVAL, "invalid_blocks", "blocks",
+                   "an operator needs a bound job on a curvature with one block (blocks "
+                   "\"full\" or one group), got %d", j->blocks.nresolved);
+        return NULL;
+    }
+    cv_job_linop *o = cv_err_calloc(sizeof *o, "operator", e);
+    if (!o)
+        return NULL;
+    cv_job_limits_default(&o->lim);
+    if (lim)
+        o->lim = *lim;
+    cv_progress_init(&o->progress);
+    o->c.m = m;
+    o->c.kind = j->curvature;
+    o->c.opts = &j->opts;
+    o->c.seed = j->seed;
+    o->c.progress = &o->progress;
+    o->c.lim = &o->lim;
+    cv_curv_options co;
+    if (make_batch(j, d, &o->batch, e)) {
+        free(o);
+        return NULL;
+    }
+    engine_options(j, m, o->batch.n, &o->lim, &o->progress, &co);
+    o->c.curv = cv_curv_new(m, &o->batch, &co, e);
+    if (!o->c.curv ||
+        (cv_curvature_is_kron(o->c.kind) && cv_op_kron_new(&o->c, j->blocks.resolved, 1, e))) {
+        cv_job_linop_close(o);
+        return NULL;
+    }
+    cv_op_linop(&o->c, &j->blocks.resolved[0], &o->op, &o->lc);
+    return o;
+}
+
+size_t cv_job_linop_dim(const cv_job_linop *o) { return o->op.n; }
+
+int cv_job_linop_apply(cv_job_linop *o, int k, const double *X, double *Y, cv_err *e)
+{
+    return cv_linop_apply(&o->op, k, X, Y, e);
+}
+
 cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
                    const cv_job_limits *lim, cv_progress *p, cv_err *e)
 {

@@ -140,6 +140,22 @@ cJSON *cv_job_exec_shard(const cv_job_spec *j, const cv_model *m, const cv_batch
                          size_t n, const cv_comm *comm, const cv_job_limits *lim,
                          cv_progress *p, cv_err *e);
 
+/* A bound job's curvature operator kept open (libcurvd's curvd_operator):
+ * its engine (the batch's forward state) built once, then any number of
+ * products A X on its one block (blocks "full" or one group; the job's op
+ * must use a curvature: "matvec" is the natural one, its vector options
+ * unused).  j, m and d are borrowed and must outlive it; the model's values
+ * must not change (open a new one after new parameters).  One thread at a
+ * time per operator.  NULL with e filled (more than one block, out of
+ * memory, the engine's errors). */
+typedef struct cv_job_linop cv_job_linop;
+cv_job_linop *cv_job_linop_open(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                                const cv_job_limits *lim, cv_err *e);
+size_t cv_job_linop_dim(const cv_job_linop *o);
+/* Y = A X for k column-major vectors of the block's dimension. */
+int cv_job_linop_apply(cv_job_linop *o, int k, const double *X, double *Y, cv_err *e);
+void cv_job_linop_close(cv_job_linop *o);
+
 /* Parse, bind and exec in one call (tests, tools). */
 cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,
                   const cv_job_limits *lim, cv_progress *p, cv_err *e);

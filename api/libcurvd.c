@@ -336,6 +336,76 @@ static cJSON *run_spec(const cv_model *m, const cv_dataset *d, const cJSON *doc,
     return res;
 }
 
+/* ---- operators ------------------------------------------------------------------ */
+
+struct curvd_operator {
+    cv_job_spec *spec;
+    cv_job_linop *op;
+};
+
+CURVD_EXPORT void curvd_operator_close(curvd_operator *o)
+{
+    if (!o)
+        return;
+    cv_job_linop_close(o->op);
+    cv_job_spec_free(o->spec);
+    free(o);
+}
+
+CURVD_EXPORT curvd_operator *curvd_operator_open(const curvd_model *m, const curvd_data *d,
+                                                 const char *job_json, size_t len,
+                                                 const char *options, char **err)
+{
+    if (err)
+        *err = NULL;
+    if (!m || !d || !job_json) {
+        fail(err, CV_EINVAL, "invalid_value", "job", "curvd_operator_open: NULL argument");
+        return NULL;
+    }
+    cv_err e;
+    cv_job_limits lim;
+    curvd_operator *o = calloc(1, sizeof *o);
+    cJSON *doc = o ? cJSON_ParseWithLength(job_json, len) : NULL;
+    int rc = !o ? cv_err_set(&e, CV_ENOMEM, "out_of_memory", "", "out of memory")
+             : read_limits(options, &lim, &e) ? -1
+             : !doc ? cv_err_set(&e, CV_EINVAL, "invalid_json", "job", "job: not valid JSON")
+                    : 0;
+    if (!rc && !(o->spec = cv_job_parse(doc, &e)))
+        rc = -1;
+    if (!rc && (cv_job_bind(o->spec, &m->m, &d->d, &e) ||
+                cv_job_check_memory(o->spec, &m->m, &d->d, &lim, NULL, &e) ||
+                !(o->op = cv_job_linop_open(o->spec, &m->m, &d->d, &lim, &e))))
+        rc = -1;
+    cJSON_Delete(doc);
+    if (rc) {
+        put_err(&e, err);
+        curvd_operator_close(o);
+        return NULL;
+    }
+    return o;
+}
+
+CURVD_EXPORT int64_t curvd_operator_dim(const curvd_operator *o)
+{
+    return o ? (int64_t)cv_job_linop_dim(o->op) : -1;
+}
+
+CURVD_EXPORT int curvd_operator_apply(curvd_operator *o, int k, const double *X, double *Y,
+                                      char **err)
+{
+    if (err)
+        *err = NULL;
+    if (!o || !X || !Y || k < 1)
+        return fail(err, CV_EINVAL, "invalid_value", "vector",
+                    "curvd_operator_apply: NULL operator or vectors, or k < 1");
+    cv_err e;
+    if (cv_job_linop_apply(o->op, k, X, Y, &e)) {
+        put_err(&e, err);
+        return -1;
+    }
+    return 0;
+}
+
 CURVD_EXPORT char *curvd_run(const curvd_model *m, const curvd_data *d, const char *job_json,
                              size_t len, const char *options, char **err)
 {

@@ -153,6 +153,24 @@ def check_torch():
     HV = h @ V
     check("h @ torch matrix = H V (a torch tensor)", isinstance(HV, torch.Tensor) and
           err(HV.numpy(), H @ V.numpy()) < 1e-5)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        h @ v
+    print("note: h @ v through the open operator: %.3f ms per product (D = %d)"
+          % ((time.perf_counter() - t0) / 20 * 1e3, D))
+    m2 = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in m2.parameters():
+            p.mul_(1.5)
+    h2 = curvd.Hessian(m2, lf, (x, y))
+    h.update(m2)  # the operator of the old values is rebuilt
+    check("h @ v after update(model) = the new model's product", err(h @ v, h2 @ v) < 1e-12,
+          "%.2e" % err(h @ v, h2 @ v))
+    h.update(model)
+    blk = [["0.weight", "0.bias"]]
+    vb = np.random.default_rng(5).standard_normal(42)
+    check("h.matvec(v, blocks=...) = the block of H", err(h.matvec(vb, blocks=blk),
+                                                          H[:42, :42] @ vb) < 1e-5)
     ev = h.eigenvalues(k=2)["eigenvalues"]
     want = np.sort(np.linalg.eigvalsh(H))[::-1][:2]
     check("eigenvalues(k=2) = eigvalsh's top 2", err(np.array(ev), want) < 1e-4, str(ev))
@@ -245,8 +263,11 @@ def check_bad_input():
         model, lf, (x, y)).run("loss")["loss"])
     g = curvd.Hessian(model, lf, (x, y))
     del model  # the engine copied the parameters
-    g.model.close()
+    g @ np.ones(g.shape[0])  # an operator open on it
+    g.model.close()  # closes the operator first
     raises("a closed model: ValueError, no crash", ValueError, lambda: g.trace())
+    raises("a closed model's operator: ValueError, no crash", ValueError,
+           lambda: g @ np.ones(g.shape[0]))
     lib = _lib.lib
     err = ctypes.c_void_p()
     rc = lib.curvd_run(None, None, b"{}", 2, None, ctypes.byref(err))

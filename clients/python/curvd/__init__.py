@@ -21,6 +21,7 @@ labels or float32 targets (y); the parameters are copied (call
 import ctypes
 import json
 import threading
+import weakref
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -59,6 +60,8 @@ class _Guard:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._runs = 0
+        self.version = 0
+        self.operators: "weakref.WeakSet[Any]" = weakref.WeakSet()  # closed before the handle
 
     @contextmanager
     def reading(self, obj: Any):
@@ -79,6 +82,7 @@ class _Guard:
             self._cond.wait_for(lambda: self._runs == 0)
             if not obj._h:
                 raise ValueError("the %s was closed" % type(obj).__name__.lower())
+            self.version += 1  # open operators of the old values are stale
             yield obj._h
 
 
@@ -131,6 +135,8 @@ class Model:
         """Frees the engine's model (after runs on other threads finish)."""
         if getattr(self, "_h", None):
             with self._guard.writing(self) as h:
+                for op in list(self._guard.operators):
+                    op.close()
                 self._h = None
                 _lib.lib.curvd_model_close(h)
 
@@ -205,6 +211,8 @@ class Data:
         """Frees the engine's dataset (after runs on other threads finish)."""
         if getattr(self, "_h", None):
             with self._guard.writing(self) as h:
+                for op in list(self._guard.operators):
+                    op.close()
                 self._h = None
                 _lib.lib.curvd_data_close(h)
 
@@ -403,25 +411,33 @@ class Curvature:
         return np.concatenate([np.asarray(_as_array(d[n], n), dtype=np.float64).ravel()
                                for n in self.param_names])
 
-    def matvec(self, v: Any, **kw: Any) -> np.ndarray:
-        """The curvature times v (a vector over all parameters, or a block's with blocks=)."""
+    def _operator(self, kw: Dict[str, Any]) -> "_Operator":
+        """The open operator of the job keywords kw (rebuilt when they or the model's
+        values changed)."""
+        key = json.dumps(kw, sort_keys=True)
+        op = getattr(self, "_op", None)
+        if op is None or op.key != key or op.version != self.model._guard.version:
+            if op is not None:
+                op.close()
+            self._op = None
+            self._op = _Operator(self, self.job("matvec", probe_seed=0, **kw), key)
+        return self._op
+
+    def matvec(self, v: Any, **kw: Any) -> Any:
+        """The curvature times v, or V (D x k, column by column) - a vector over all
+        parameters, or a block's with blocks=[[names]]; the engine's state (forward pass,
+        Kronecker factors) is built on the first product and kept for the next ones."""
         is_torch = hasattr(v, "detach")
-        a = np.asarray(_as_array(v, "v"), dtype=np.float64).ravel()
-        out = np.asarray(self.run("matvec", vector=a.tolist(), **kw)["product"])
+        a = np.asarray(_as_array(v, "v"), dtype=np.float64)
+        cols = a.reshape(a.shape[0], -1) if a.ndim == 2 else a.reshape(-1, 1)
+        out = self._operator(kw).apply(np.ascontiguousarray(cols.T))
+        res = out.T if a.ndim == 2 else out.reshape(-1)
         if is_torch:
             import torch
-            return torch.as_tensor(out, dtype=v.dtype)
-        return out
+            return torch.as_tensor(res, dtype=v.dtype)
+        return res
 
     def __matmul__(self, v: Any) -> Any:
-        a = _as_array(v, "v")
-        if a.ndim == 2:
-            cols = [self.matvec(a[:, j]) for j in range(a.shape[1])]
-            out = np.stack(cols, axis=1)
-            if hasattr(v, "detach"):
-                import torch
-                return torch.as_tensor(out, dtype=v.dtype)
-            return out
         return self.matvec(v)
 
     def linear_operator(self) -> Any:
@@ -430,8 +446,52 @@ class Curvature:
         return LinearOperator(self.shape, matvec=lambda v: self.matvec(v), dtype=np.float64)
 
     def close(self) -> None:
+        op = getattr(self, "_op", None)
+        if op is not None:
+            op.close()
+            self._op = None
         self.model.close()
         self.data.close()
+
+
+class _Operator:
+    """curvd_operator: a curvature operator kept open on (model, data); products run
+    under the model's and the data's read guards, one at a time."""
+
+    def __init__(self, c: Curvature, job: Dict[str, Any], key: str) -> None:
+        self.key, self.version, self._h = key, c.model._guard.version, None
+        self._model, self._data, self._lock = c.model, c.data, threading.Lock()
+        text = json.dumps(job).encode()
+        lim = {k: v for k, v in c.limits.items() if v is not None}
+        with c.model._guard.reading(c.model) as mh, c.data._guard.reading(c.data) as dh:
+            self._h = _lib.call(_lib.lib.curvd_operator_open, mh, dh, text, len(text),
+                                json.dumps(lim).encode() if lim else None)
+        self.dim = int(_lib.lib.curvd_operator_dim(self._h))
+        c.model._guard.operators.add(self)
+        c.data._guard.operators.add(self)
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        """Y = A X for k row vectors X (k x dim, C order)."""
+        if X.shape[-1] != self.dim:
+            raise ValueError("v has %d entries, the operator's dimension is %d"
+                             % (X.shape[-1], self.dim))
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        Y = np.empty_like(X)
+        with self._lock, self._model._guard.reading(self._model), \
+                self._data._guard.reading(self._data):
+            if not self._h:
+                raise ValueError("the operator was closed")
+            _lib.call(_lib.lib.curvd_operator_apply, self._h, X.shape[0], X.ctypes.data,
+                      Y.ctypes.data)
+        return Y
+
+    def close(self) -> None:
+        with self._lock:
+            if self._h:
+                _lib.lib.curvd_operator_close(self._h)
+                self._h = None
+
+    __del__ = close
 
 
 class Hessian(Curvature):

@@ -68,6 +68,10 @@ _PROTOTYPES = {
     "curvd_data_load": (_p, [_p, ctypes.c_size_t, _errp]),
     "curvd_data_close": (None, [_p]),
     "curvd_run": (_p, [_p, _p, _c, ctypes.c_size_t, _c, _errp]),
+    "curvd_operator_open": (_p, [_p, _p, _c, ctypes.c_size_t, _c, _errp]),
+    "curvd_operator_dim": (_i64, [_p]),
+    "curvd_operator_apply": (ctypes.c_int, [_p, ctypes.c_int, _p, _p, _errp]),
+    "curvd_operator_close": (None, [_p]),
 }
 
 lib = _load()
