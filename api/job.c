@@ -350,9 +350,12 @@ static int check_vector_option(const cv_opts *o, int nblocks, const cv_block *bl
                           "group of parameter names); the job has %d blocks",
                           f, nblocks);
     int n = ((const cv_opt_choice_list *)((const char *)o->args + s->offset))->list.n;
-    if (blk && (size_t)n != blk->dim)
+    int many = strcmp(s->name, "rhs") == 0; /* k right-hand sides: k x D numbers */
+    if (blk && (size_t)n != blk->dim && !(many && n > 0 && blk->dim && n % blk->dim == 0))
         return cv_err_set(e, CV_EINVAL, "invalid_option", f,
-                          "%s has %d numbers; the block has %zu parameters", f, n, blk->dim);
+                          "%s has %d numbers; the block has %zu parameters%s", f, n, blk->dim,
+                          many ? " (k right-hand sides: k x that many, one after the other)"
+                               : "");
     return 0;
 }
 

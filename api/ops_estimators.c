@@ -463,21 +463,65 @@ static void solve_defaults(void *p, int method)
 
 /* The right-hand side on block b: the gradient, or the job's list (its
  * length was checked against b->dim when the job was bound). */
+/* k > 1 right-hand sides (rhs: k x D numbers): cv_solve_many (CG in lockstep);
+ * results solutions / residuals / iterations_per_rhs / converged_per_rhs, and
+ * iterations (the most) and converged (all). */
+static int run_solve_many(cv_op_ctx *c, const cv_block *b, const cv_solve_options *o, int k,
+                          const double *B, cJSON *out, cv_err *e)
+{
+    cv_linop op;
+    cv_curv_linop_ctx lc;
+    cv_op_linop(c, b, &op, &lc);
+    cv_solve_result *res = calloc((size_t)k, sizeof *res);
+    if (!res)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "%d solutions", k);
+    if (cv_solve_many(&op, k, B, o, res, e)) {
+        free(res);
+        return -1;
+    }
+    cJSON *sol = cJSON_CreateArray(), *rs = cJSON_CreateArray(), *its = cJSON_CreateArray(),
+          *cv = cJSON_CreateArray();
+    int most = 0, all = 1;
+    for (int j = 0; j < k; j++) {
+        cJSON_AddItemToArray(sol, cv_json_doubles(res[j].x, res[j].n));
+        cJSON_AddItemToArray(rs, cJSON_CreateNumber(res[j].residual));
+        cJSON_AddItemToArray(its, cJSON_CreateNumber(res[j].iterations));
+        cJSON_AddItemToArray(cv, cJSON_CreateBool(res[j].converged));
+        most = res[j].iterations > most ? res[j].iterations : most;
+        all = all && res[j].converged;
+        cv_solve_result_free(&res[j]);
+    }
+    free(res);
+    cJSON_AddStringToObject(out, "method", cv_solve_method_name(o->method));
+    cJSON_AddItemToObject(out, "solutions", sol);
+    cJSON_AddItemToObject(out, "residuals", rs);
+    cJSON_AddItemToObject(out, "iterations_per_rhs", its);
+    cJSON_AddItemToObject(out, "converged_per_rhs", cv);
+    cJSON_AddNumberToObject(out, "iterations", most);
+    cJSON_AddBoolToObject(out, "converged", all);
+    return 0;
+}
+
+/* The right-hand side on block b: the gradient, or the job's list (D numbers,
+ * or k x D for k systems; checked against b->dim when the job was bound). */
 static int run_solve(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const solve_args *a = c->opts->args;
+    cv_solve_options o = a->o;
+    o.method = (cv_solve_method)a->method;
+    size_t n = a->rhs.choice < 0 ? (size_t)a->rhs.list.n : b->dim;
+    if (!b->dim || n % b->dim || !n)
+        return cv_err_set(e, CV_EINTERNAL, "internal", "options.rhs", "rhs not bound to the block");
+    if (n > b->dim)
+        return run_solve_many(c, b, &o, (int)(n / b->dim), a->rhs.list.v, out, e);
     double *rhs = malloc(sizeof(double) * b->dim);
     if (!rhs)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "right-hand side");
     int rc = 0;
-    if (a->rhs.choice < 0 && (size_t)a->rhs.list.n == b->dim)
+    if (a->rhs.choice < 0)
         memcpy(rhs, a->rhs.list.v, sizeof(double) * b->dim);
-    else if (a->rhs.choice < 0)
-        rc = cv_err_set(e, CV_EINTERNAL, "internal", "options.rhs", "rhs not bound to the block");
     else
         rc = cv_curv_gradient(c->curv, b, rhs, e);
-    cv_solve_options o = a->o;
-    o.method = (cv_solve_method)a->method;
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
@@ -617,8 +661,9 @@ static const char *const eigen_results[] = {
 static const char *const density_results[] = {
     "density", "nodes", "weights", "sigma2", "lanczos_steps", "reorthogonalized_steps",
     CV_KRON_RESULTS, NULL};
-static const char *const solve_results[] = {"method",    "solution",      "residual",
-                                            "iterations", "converged", CV_KRON_RESULTS, NULL};
+static const char *const solve_results[] = {
+    "method",    "solution",  "residual",           "iterations", "converged",
+    "solutions", "residuals", "iterations_per_rhs", "converged_per_rhs", CV_KRON_RESULTS, NULL};
 static const char *const newton_results[] = {
     "method",    "damping",       "step", "predicted_change", "residual",
     "iterations", "converged",    "actual_change", "mode", "k", "directions", "dampings",
@@ -704,7 +749,9 @@ static void mem_density(const cv_opts *o, cv_curvature kind, const cv_block *b, 
 
 static void mem_solve(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
-    mem_set(m, 12, 0, b->dim, 1); /* LSMR: 10 vectors */
+    const solve_args *a = o->args; /* k right-hand sides: 6k vectors for CG in lockstep */
+    double k = a->rhs.choice < 0 && b->dim ? (double)a->rhs.list.n / (double)b->dim : 1;
+    mem_set(m, k > 1 ? 6 * k + 2 : 12, 0, b->dim, k > 16 ? 16 : (int)k); /* LSMR: 10 */
     mem_kron(o, kind, C, CV_OP_KRON_MEM_EIGEN, m);
 }
 

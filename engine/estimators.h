@@ -399,6 +399,18 @@ void cv_solve_result_free(cv_solve_result *r);
 int cv_solve(const cv_linop *op, const double *b, const cv_solve_options *opt,
              cv_solve_result *out, double *Ax, cv_err *e);
 
+/* k systems (A + delta I) x_j = b_j, b_j column j of B (n x k column-major),
+ * into out[0..k) (each as cv_solve's; free each with cv_solve_result_free).
+ * CG runs the k systems in lockstep with one product of the still active
+ * directions per iteration (at most the auto block of 16 columns per apply;
+ * a system leaves when its residual meets tol:
+ * the same iterates as k separate CG runs, fewer and wider products); the
+ * other methods solve one system after the other.  The true residuals come
+ * from one k-column product.  Memory (CG): 4k + 1 vectors.  0, or -1 with e
+ * filled (as cv_solve; out zeroed). */
+int cv_solve_many(const cv_linop *op, int k, const double *B, const cv_solve_options *opt,
+                  cv_solve_result *out, cv_err *e);
+
 typedef struct {
     size_t n;
     double *step;           /* s = -(A + delta I)^-1 g, n */

@@ -484,3 +484,182 @@ fail:
     cv_solve_result_free(out);
     return -1;
 }
+
+/* ---- several right-hand sides ------------------------------------------------ */
+
+/* k CG systems in lockstep (column j of B, R, P, X, Q at + j n): one product of
+ * the still active directions per iteration. */
+typedef struct {
+    size_t n;
+    int k;
+    double *R, *P, *Q, *G, *rr, *bnorm;  /* G: the gathered active directions */
+    int *active, *its, *map;             /* map: gathered column -> system */
+} cg_many_ws;
+
+static void cg_many_free(cg_many_ws *w)
+{
+    free(w->R);
+    free(w->P);
+    free(w->Q);
+    free(w->G);
+    free(w->rr);
+    free(w->bnorm);
+    free(w->active);
+    free(w->its);
+    free(w->map);
+}
+
+static int cg_many_init(cg_many_ws *w, size_t n, int k, const double *B, cv_err *e)
+{
+    size_t nk = n * (size_t)k;
+    memset(w, 0, sizeof *w);
+    w->n = n;
+    w->k = k;
+    w->R = CV_EST_ALLOC(nk, double, e);
+    w->P = w->R ? CV_EST_ALLOC(nk, double, e) : NULL;
+    w->Q = w->P ? CV_EST_ALLOC(nk, double, e) : NULL;
+    w->G = w->Q ? CV_EST_ALLOC(nk, double, e) : NULL;
+    w->rr = w->G ? CV_EST_ALLOC((size_t)k, double, e) : NULL;
+    w->bnorm = w->rr ? CV_EST_ALLOC((size_t)k, double, e) : NULL;
+    w->active = w->bnorm ? CV_EST_ALLOC((size_t)k, int, e) : NULL;
+    w->its = w->active ? CV_EST_ALLOC((size_t)k, int, e) : NULL;
+    w->map = w->its ? CV_EST_ALLOC((size_t)k, int, e) : NULL;
+    if (!w->map) {
+        cg_many_free(w);
+        return -1;
+    }
+    memcpy(w->R, B, nk * sizeof(double));
+    memcpy(w->P, B, nk * sizeof(double));
+    for (int j = 0; j < k; j++) {
+        w->bnorm[j] = cv_est_norm(n, B + (size_t)j * n);
+        w->rr[j] = w->bnorm[j] * w->bnorm[j];
+    }
+    return 0;
+}
+
+/* One lockstep iteration: Q = (A + delta I) P for the active columns, then
+ * each active system's CG update; *left = systems still active. */
+static int cg_many_iter(const cv_linop *op, double delta, const cv_solve_options *o,
+                        cg_many_ws *w, double *X, int it, int *left, cv_err *e)
+{
+    size_t n = w->n;
+    int na = 0, *map = w->map;
+    for (int j = 0; j < w->k; j++)
+        if (w->active[j]) {
+            memcpy(w->G + (size_t)na * n, w->P + (size_t)j * n, n * sizeof(double));
+            map[na++] = j;
+        }
+    if (cv_est_apply_chunked(op, na, w->G, w->Q, cv_est_block_size(n, 0, na), e))
+        return -1;
+    *left = 0;
+    for (int c = 0; c < na; c++) {
+        int j = map[c];
+        double *p = w->P + (size_t)j * n, *r = w->R + (size_t)j * n, *q = w->Q + (size_t)c * n;
+        cblas_daxpy((int)n, delta, p, 1, q, 1);
+        double pq = cv_est_dot(n, p, q);
+        if (!isfinite(pq))
+            return non_finite(e, "CG", it);
+        if (pq <= 0)
+            return not_pd(e, delta, pq, cv_est_dot(n, p, p), it);
+        double a = w->rr[j] / pq;
+        cblas_daxpy((int)n, a, p, 1, X + (size_t)j * n, 1);
+        cblas_daxpy((int)n, -a, q, 1, r, 1);
+        double rr_new = cv_est_dot(n, r, r);
+        for (size_t i = 0; i < n; i++)
+            p[i] = r[i] + (rr_new / w->rr[j]) * p[i];
+        w->rr[j] = rr_new;
+        w->its[j] = it;
+        w->active[j] = !(sqrt(rr_new) <= o->tol * w->bnorm[j]);
+        *left += w->active[j];
+    }
+    return 0;
+}
+
+/* The true residuals of the k solutions (one k-column product); Ax: n x k or NULL. */
+static int many_residuals(const cv_linop *op, double delta, int k, const double *B,
+                          cv_solve_result *out, double *AX, cv_err *e)
+{
+    size_t n = op->n;
+    double *X = CV_EST_ALLOC(n * (size_t)k, double, e);
+    if (!X)
+        return -1;
+    for (int j = 0; j < k; j++)
+        memcpy(X + (size_t)j * n, out[j].x, n * sizeof(double));
+    int rc = cv_est_apply_chunked(op, k, X, AX, cv_est_block_size(n, 0, k), e);
+    for (int j = 0; j < k && !rc; j++) {
+        const double *b = B + (size_t)j * n, *ax = AX + (size_t)j * n, *x = out[j].x;
+        double ss = 0, bn = cv_est_norm(n, b);
+        for (size_t i = 0; i < n; i++)
+            ss += (b[i] - ax[i] - delta * x[i]) * (b[i] - ax[i] - delta * x[i]);
+        out[j].residual = bn > 0 ? sqrt(ss) / bn : 0;
+        out[j].matvecs = out[j].iterations + 1;
+    }
+    free(X);
+    return rc;
+}
+
+static int cg_many(const cv_linop *op, int k, const double *B, const cv_solve_options *o,
+                   int max_iter, cv_solve_result *out, cv_err *e)
+{
+    size_t n = op->n;
+    cg_many_ws w;
+    if (cg_many_init(&w, n, k, B, e))
+        return -1;
+    double *X = CV_EST_ALLOC(n * (size_t)k, double, e);
+    int rc = X ? 0 : -1, left = 0;
+    for (int j = 0; j < k && !rc; j++) {
+        w.active[j] = !(w.bnorm[j] == 0 || sqrt(w.rr[j]) <= o->tol * w.bnorm[j]);
+        left += w.active[j];
+    }
+    for (int it = 1; !rc && left > 0 && it <= max_iter; it++)
+        rc = cg_many_iter(op, o->damping, o, &w, X, it, &left, e);
+    for (int j = 0; j < k && !rc; j++) {
+        out[j].n = n;
+        out[j].x = CV_EST_ALLOC(n, double, e);
+        if (!out[j].x) {
+            rc = -1;
+            break;
+        }
+        memcpy(out[j].x, X + (size_t)j * n, n * sizeof(double));
+        out[j].iterations = w.its[j];
+        out[j].converged = !w.active[j];
+    }
+    if (!rc)
+        rc = many_residuals(op, o->damping, k, B, out, w.Q, e);
+    free(X);
+    cg_many_free(&w);
+    return rc;
+}
+
+int cv_solve_many(const cv_linop *op, int k, const double *B, const cv_solve_options *opt,
+                  cv_solve_result *out, cv_err *e)
+{
+    cv_solve_options def;
+    opt = CV_EST_OPTIONS(opt, &def, cv_solve_options_default);
+    memset(out, 0, sizeof *out * (size_t)(k > 0 ? k : 0));
+    if (k < 1)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.rhs",
+                          "no right-hand side given");
+    if (solve_check(op, B, opt, e))
+        return -1;
+    size_t n = op->n;
+    for (size_t i = 0; i < n * (size_t)k; i++)
+        if (!isfinite(B[i]))
+            return cv_err_set(e, CV_EINVAL, "non_finite", "options.rhs",
+                              "the right-hand side has non-finite entries");
+    int rc = 0;
+    if (opt->method != CV_SOLVE_CG || k == 1) { /* one system after the other */
+        for (int j = 0; j < k && !rc; j++)
+            rc = cv_solve(op, B + (size_t)j * n, opt, &out[j], NULL, e);
+    } else {
+        long mi = opt->max_iter > 0 ? opt->max_iter : 10L * (long)n;
+        int max_iter = mi > INT_MAX - 1 ? INT_MAX - 1 : (int)mi;
+        long plan_iter = (size_t)max_iter < n ? (long)max_iter : (long)n;
+        cv_progress_plan(op->progress, (plan_iter + 1) * k);
+        rc = cg_many(op, k, B, opt, max_iter, out, e);
+    }
+    if (rc)
+        for (int j = 0; j < k; j++)
+            cv_solve_result_free(&out[j]);
+    return rc;
+}

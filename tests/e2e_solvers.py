@@ -8,7 +8,8 @@ damping) and enough terms equals the solve, with few terms equals the truncated 
 s sum_k (I - s M)^k g formed densely; the reported residual is the true one; refusals:
 scale with method cg (400 invalid_option), a scale that makes the series diverge (400
 diverges, field options.scale); newton methods lsmr and neumann give -(G + 0.05 I)^-1 g and its
-predicted change.  Ends with 'N passed, M failed'.
+predicted change; three right-hand sides in one job (rhs of 3 x D numbers: CG in lockstep)
+each equal to numpy's solve.  Ends with 'N passed, M failed'.
 """
 import copy
 import os
@@ -77,6 +78,20 @@ def main():
             check(f"newton {meth} = -(G + 0.05 I)^-1 g, predicted change", r["method"] == meth
                   and rel(r["step"], step) < 1e-4 and abs(r["predicted_change"] - pred) <
                   1e-4 * abs(pred), f"{rel(r['step'], step):.2e} {r['predicted_change']} {pred}")
+        R = np.random.default_rng(6).standard_normal((3, len(G)))
+        r = tr.run(d, {"op": "solve", "curvature": "ggn",
+                       "options": {"damping": 0.05, "tol": 1e-9, "rhs": R.ravel().tolist()}})
+        want = np.linalg.solve(M, R.T).T
+        check("solve cg with 3 right-hand sides (lockstep): each = numpy.linalg.solve",
+              len(r.get("solutions", [])) == 3 and all(
+                  rel(s_, w_) < 1e-4 for s_, w_ in zip(r["solutions"], want)) and
+              r["converged"] and len(r["residuals"]) == 3 and
+              r["iterations"] == max(r["iterations_per_rhs"]), str(r.get("residuals")))
+        rc, r = tr.curvd_run(CURVD, d, {"op": "solve", "curvature": "ggn",
+                                        "options": {"rhs": [1.0] * (len(G) + 1)}},
+                             expect_ok=False)
+        check("rhs of D + 1 numbers: refused at bind (options.rhs)", rc != 0 and
+              r.get("error", {}).get("field") == "options.rhs", str(r)[:200])
         rc, r = tr.curvd_run(CURVD, d, {"op": "solve", "curvature": "ggn",
                                         "options": {"method": "cg", "damping": 0.1,
                                                     "scale": 0.5}}, expect_ok=False)

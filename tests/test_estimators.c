@@ -1577,6 +1577,54 @@ START_TEST(neumann_series)
 }
 END_TEST
 
+/* cv_solve_many: k CG systems in lockstep = k separate CG solves (the same
+ * iterates up to the products' summation order), each's own iteration count
+ * and residual; one system with a zero right-hand side; MINRES one by one. */
+START_TEST(solve_many_lockstep_cg)
+{
+    int n = 40, k = 4;
+    double lam[40];
+    for (int i = 0; i < n; i++)
+        lam[i] = 0.1 + 0.2 * i * (i % 3 ? 1 : 0.1);
+    dmat m;
+    dmat_spectrum(&m, n, lam, 16);
+    double *B = calloc((size_t)n * k, sizeof(double));
+    for (int j = 0; j < k; j++) {
+        double *b = rhs(n, 20 + j);
+        if (j != 2) /* system 2: b = 0 */
+            memcpy(B + (size_t)j * n, b, sizeof(double) * n);
+        free(b);
+    }
+    cv_solve_options o;
+    cv_solve_options_default(&o);
+    o.tol = 1e-10;
+    o.damping = 0.05;
+    cv_solve_result many[4];
+    cv_err e;
+    ck_assert_int_eq(cv_solve_many(&m.op, k, B, &o, many, &e), 0);
+    for (int j = 0; j < k; j++) {
+        cv_solve_result one;
+        ck_assert_int_eq(cv_solve(&m.op, B + (size_t)j * n, &o, &one, NULL, &e), 0);
+        ck_assert_msg(abs(one.iterations - many[j].iterations) <= 1, "system %d: %d vs %d", j,
+                      one.iterations, many[j].iterations);
+        ck_assert(many[j].converged);
+        ck_assert_msg(relerr(many[j].x, one.x, n) < 1e-9 || j == 2, "system %d err %g", j,
+                      relerr(many[j].x, one.x, n));
+        ck_assert_msg(many[j].residual < 1e-9, "residual %g", many[j].residual);
+        cv_solve_result_free(&one);
+        cv_solve_result_free(&many[j]);
+    }
+    o.method = CV_SOLVE_MINRES;
+    ck_assert_int_eq(cv_solve_many(&m.op, k, B, &o, many, &e), 0);
+    for (int j = 0; j < k; j++) {
+        ck_assert(many[j].converged);
+        cv_solve_result_free(&many[j]);
+    }
+    free(B);
+    dmat_free(&m);
+}
+END_TEST
+
 START_TEST(newton_step_and_prediction)
 {
     int n = 30;
@@ -2003,6 +2051,7 @@ static Suite *suite(void)
     tcase_add_test(t, minres_indefinite_vs_dgesv);
     tcase_add_test(t, lsmr_vs_lapack);
     tcase_add_test(t, neumann_series);
+    tcase_add_test(t, solve_many_lockstep_cg);
     tcase_add_test(t, newton_step_and_prediction);
     tcase_add_test(t, cancellation);
     tcase_add_test(t, progress_counts_match_matvecs);

@@ -550,6 +550,8 @@ START_TEST(results_match_the_table)
         "{\"op\":\"jacobian\",\"blocks\":\"layer\"}",
         "{\"op\":\"solve\",\"curvature\":\"ggn\",\"options\":{\"damping\":1,\"method\":"
         "\"lsmr\"}}",
+        "{\"op\":\"solve\",\"curvature\":\"ggn\",\"blocks\":[[\"2.bias\"]],"
+        "\"options\":{\"damping\":1,\"rhs\":[1,2,3,4,5,6]}}",
         "{\"op\":\"solve\",\"curvature\":\"ggn\",\"options\":{\"damping\":1,\"method\":"
         "\"neumann\",\"scale\":0.1,\"num_terms\":5}}",
     };
