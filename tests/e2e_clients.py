@@ -404,6 +404,9 @@ OP_JOBS = {
     "newton": ({"options": {"damping": 0.1}}, lambda r, D: len(r["step"]) == D),
     "snr": ({"curvature": "ggn", "options": {"k": 2}},
             lambda r, D: len(r["directions"]) == 2 and "gamma_snr" in r["directions"][0]),
+    "jvp": ({"options": {"probe_seed": 3}}, lambda r, D: len(r["jvp"]) > 0),
+    "vjp": ({"options": {"cotangent_seed": 3}}, lambda r, D: len(r["vjp"]) == D),
+    "frobenius_norm": ({"options": {"max_probes": 10}}, lambda r, D: r["frobenius_norm"] >= 0),
 }
 
 

@@ -315,6 +315,9 @@ job_for() { # op -> job JSON on m1/d1
     density) o='{"lanczos_steps":8,"runs":2}' ;;
     solve|newton) o='{"damping":1.0}' ;;
     snr) o='{"k":3}' ;;
+    jvp) o='{"probe_seed":3}' ;;
+    vjp) o='{"cotangent_seed":3}' ;;
+    frobenius_norm) o='{"max_probes":10}' ;;
     *) o='{}' ;;
   esac
   printf '{"op":"%s","model":"m1","dataset":"d1","curvature":"ggn","seed":7,"options":%s}' "$1" "$o"
