@@ -22,13 +22,14 @@ typedef struct {
 
 void cv_vivit_args_default(cv_vivit_args *a);
 
-enum { CV_EIGEN_LANCZOS = 0, CV_EIGEN_POWER, CV_EIGEN_GRAM };
+enum { CV_EIGEN_LANCZOS = 0, CV_EIGEN_POWER, CV_EIGEN_GRAM, CV_EIGEN_BLOCK_LANCZOS };
 
 typedef struct {
     cv_op_base base;
     cv_eigen_options o;  /* k, which, max_iter, tol, return_vectors */
     int method;
     cv_vivit_args vivit;
+    int block_size;      /* block_lanczos: vectors per product (default 16) */
 } cv_eigen_args;
 
 enum { CV_NEWTON_CG = 0, CV_NEWTON_MINRES, CV_NEWTON_VIVIT, CV_NEWTON_KFAC, CV_NEWTON_EKFAC,

@@ -302,6 +302,8 @@ static const cv_opt_spec eigen_opts[] = {
     {"max_iter", CV_OPT_INT, 1, 1e7, NULL, offsetof(cv_eigen_args, o.max_iter), NULL},
     {"tol", CV_OPT_NUM, 0, 1, NULL, offsetof(cv_eigen_args, o.tol), NULL},
     {"return_vectors", CV_OPT_BOOL, 0, 0, NULL, offsetof(cv_eigen_args, o.return_vectors), NULL},
+    {"block_size", CV_OPT_INT, 1, 256, NULL, offsetof(cv_eigen_args, block_size),
+     "block_lanczos"},
     CV_OPT_VIVIT(cv_eigen_args, "gram"),
     CV_OPT_MC(cv_eigen_args),
     CV_OPT_KRON(cv_eigen_args),
@@ -317,6 +319,7 @@ static void eigen_defaults(void *p, int method)
         cv_eigen_options_default(&a->o);
     a->o.k = 1;
     a->o.which = CV_WHICH_LARGEST;
+    a->block_size = 16;
     a->o.return_vectors = 0;
     cv_vivit_args_default(&a->vivit);
 }
@@ -369,7 +372,10 @@ static int run_eigen(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_rng r;
     linop_and_rng(c, b, 3, &op, &lc, &r);
     cv_eigen_result res;
-    if (power ? cv_eigen_power(&op, &o, &r, &res, e) : cv_eigen_lanczos(&op, &o, &r, &res, e))
+    if (power                                   ? cv_eigen_power(&op, &o, &r, &res, e)
+        : a->method == CV_EIGEN_BLOCK_LANCZOS ? cv_eigen_block_lanczos(&op, &o, a->block_size,
+                                                                        &r, &res, e)
+                                              : cv_eigen_lanczos(&op, &o, &r, &res, e))
         return -1;
     eigen_json(&res, c->method, o.which, out);
     cv_eigen_result_free(&res);
@@ -378,9 +384,10 @@ static int run_eigen(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 
 static const cv_op_method eigen_lanczos = {"lanczos", run_eigen, NULL, NULL, NULL};
 static const cv_op_method eigen_power = {"power", run_eigen, NULL, NULL, NULL};
-/* indices: CV_EIGEN_LANCZOS, CV_EIGEN_POWER, CV_EIGEN_GRAM */
+static const cv_op_method eigen_block = {"block_lanczos", run_eigen, NULL, NULL, NULL};
+/* indices: CV_EIGEN_LANCZOS, CV_EIGEN_POWER, CV_EIGEN_GRAM, CV_EIGEN_BLOCK_LANCZOS */
 static const cv_op_method *const eigen_methods[] = {&eigen_lanczos, &eigen_power,
-                                                    &cv_method_eigen_gram, NULL};
+                                                    &cv_method_eigen_gram, &eigen_block, NULL};
 
 /* ---- density -------------------------------------------------------------- */
 
@@ -729,6 +736,12 @@ static void mem_eigen(const cv_opts *o, cv_curvature kind, const cv_block *b, si
     int k = a->o.k;
     if (a->method == CV_EIGEN_POWER) {
         mem_set(m, 2.0 * k + 4, 0, b->dim, 1);
+    } else if (a->method == CV_EIGEN_BLOCK_LANCZOS) { /* a double basis, blocks of p */
+        double p = a->block_size, steps = a->o.max_iter > 0 ? a->o.max_iter
+                                                            : (10.0 * k > 100 ? 10.0 * k : 100);
+        if (steps > (double)b->dim)
+            steps = (double)b->dim;
+        mem_set(m, steps + 3 * p + 2.0 * k, 0, b->dim, (int)p);
     } else {
         double steps = a->o.max_iter > 0 ? a->o.max_iter : (10.0 * k > 100 ? 10.0 * k : 100);
         if (steps > (double)b->dim)

@@ -9,6 +9,7 @@
  *   diag     Hutchinson diagonal, exact diagonal (identity columns) diag.c
  *            XDiag                                                xtrace.c
  *   eigen    Lanczos (full reorthogonalization) top/bottom/|.|-k  lanczos.c
+ *            block Lanczos (p vectors per product)                lanczos_block.c
  *            power iteration with deflation (PyHessian)           power.c
  *   density  stochastic Lanczos quadrature (PyHessian density)    slq.c
  *   solve    CG, MINRES on (A + damping I) x = b                  solve.c
@@ -253,6 +254,21 @@ typedef struct {
 } cv_eigen_result;
 
 void cv_eigen_options_default(cv_eigen_options *o);   /* Lanczos defaults */
+
+/* Block Lanczos (engine/lanczos_block.c): p = block vectors per product
+ * (capped at n) from a Rademacher start block, full reorthogonalization of
+ * every block against the basis (block Gram-Schmidt, twice), Rayleigh-Ritz
+ * on the block tridiagonal T after every block; the k wanted pairs converge
+ * by cv_eigen_lanczos's rule, their residuals ||R_j s_i|| from the next
+ * block's coefficients (or formed explicitly, k more matvecs, when the basis
+ * cannot grow by another whole block: it holds floor(n / p) p columns).
+ * max_iter counts basis vectors (default max(100, 10k), at least k, at most
+ * n), rounded up to whole blocks.  An invariant subspace (a rank-
+ * deficient GGN) restarts the lost columns with random vectors orthogonal to
+ * the basis.  iterations = blocks.  Memory: max_iter + 2p vectors (+ 2k for
+ * the explicit residuals). */
+int cv_eigen_block_lanczos(const cv_linop *op, const cv_eigen_options *opt, int block,
+                           cv_rng *rng, cv_eigen_result *out, cv_err *e);
 void cv_power_options_default(cv_eigen_options *o);   /* PyHessian: 100 iter, tol 1e-3 */
 void cv_eigen_result_free(cv_eigen_result *r);
 

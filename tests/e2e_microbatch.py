@@ -294,6 +294,8 @@ def job_variants(op, spec, curv, damping, dense_blocks=None, kfra=True):
             if curv == "hessian":  # the others are PSD and rank-deficient: their smallest
                 # eigenvalue is 0, computed as rounding noise (1e-9 lambda_max)
                 out.append(j("eigen lanczos smallest", dict(mo, k=1, which="smallest")))
+        elif op == "eigen" and m == "block_lanczos":
+            out.append(j("eigen block_lanczos", dict(mo, k=2, block_size=4, max_iter=24, tol=0)))
         elif op == "eigen" and m == "power":
             # tol 0: a fixed number of iterations (a stopping test |d lambda| / |lambda| <
             # tol near its threshold may stop one iteration earlier or later when the

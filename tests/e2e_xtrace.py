@@ -10,7 +10,8 @@ to float32 precision, stderr ~0 (every leave-one-out basis holds the range; XTra
 and XDiag at q = 50); xdiag with Gaussian probes refused; refusals: max_probes 3 (400 invalid_option,
 options.max_probes), tol > 0 with xtrace (options.tol).  trace xnystrace (PSD curvatures;
 the Hessian refused) unbiased on the GGN; op frobenius_norm (hutchinson on ||A v||^2,
-xnystrace on A^2) unbiased for ||G||_F^2 and ||H||_F^2.  Ends with 'N passed, M failed'.
+xnystrace on A^2) unbiased for ||G||_F^2 and ||H||_F^2; eigen method block_lanczos (issue 26
+item 5) against eigvalsh of the Hessian.  Ends with 'N passed, M failed'.
 """
 import copy
 import os
@@ -111,6 +112,14 @@ def main():
               np.abs(np.asarray(r["diag"]) - np.diag(G)).max() < 1e-5 * np.abs(G).max() and
               max(r["stderr"]) < 1e-6 * np.abs(G).max())
         check_xnys_frobenius(d, H, G)
+        for which, sel in (("largest", lambda w: w[::-1][:3]), ("smallest", lambda w: w[:3])):
+            r = tr.run(d, {"op": "eigen", "curvature": "hessian", "seed": 2,
+                           "options": {"method": "block_lanczos", "k": 3, "which": which,
+                                       "block_size": 4, "max_iter": 111, "tol": 1e-6}})
+            want = sel(np.linalg.eigvalsh(H))
+            check(f"eigen block_lanczos {which} 3 of the Hessian = eigvalsh",
+                  np.abs(np.asarray(r["eigenvalues"]) - want).max() < 1e-4 * np.abs(want).max()
+                  and r["method"] == "block_lanczos", f"{r['eigenvalues']} vs {want}")
         for job, field in (({"method": "xtrace", "max_probes": 3}, "options.max_probes"),
                            ({"method": "xtrace", "tol": 0.1}, "options.tol")):
             rc, r = tr.curvd_run(CURVD, d, {"op": "trace", "options": job}, expect_ok=False)

@@ -848,6 +848,110 @@ START_TEST(lanczos_vs_dsyev)
 }
 END_TEST
 
+/* Block Lanczos against dsyev: every `which`, block sizes 1, 4 and 8 (and
+ * above n), reported residuals = true ones, matvecs a multiple of the block
+ * (random matrices: a budget of n vectors); separated top eigenvalues
+ * converge long before that;
+ * a 5-fold top eigenvalue found 5 times with a block of 8; a rank-3 matrix
+ * (invariant subspaces: restarts) and a tiny one whose basis fills n. */
+START_TEST(block_lanczos_vs_dsyev)
+{
+    cv_which whichs[] = {CV_WHICH_LARGEST, CV_WHICH_SMALLEST, CV_WHICH_MAGNITUDE};
+    int blocks[] = {1, 4, 8}; /* dividing n: the basis grows in whole blocks */
+    for (int q = 0; q < 3; q++)
+        for (int bi = 0; bi < 3; bi++) {
+            dmat m;
+            dmat_random(&m, 120, 30 + q);
+            double *w = eigvals(&m), want[6];
+            cv_eigen_options o;
+            cv_eigen_options_default(&o);
+            o.k = 6;
+            o.which = whichs[q];
+            o.return_vectors = 1;
+            o.max_iter = m.n; /* a semicircle's clustered ends: blocks need more vectors */
+            expected(w, m.n, o.k, o.which, want);
+            cv_rng r;
+            cv_rng_seed(&r, 5);
+            cv_eigen_result res;
+            cv_err e;
+            ck_assert_msg(cv_eigen_block_lanczos(&m.op, &o, blocks[bi], &r, &res, &e) == 0,
+                          "%s", e.message);
+            ck_assert_msg(res.converged == 6, "which %d block %d: converged %d after %d blocks",
+                          q, blocks[bi], res.converged, res.iterations);
+            ck_assert_int_eq(done_of(&m), res.matvecs);
+            ck_assert(res.matvecs == (long)res.iterations * blocks[bi] ||
+                      res.matvecs == (long)res.iterations * blocks[bi] + 6); /* explicit res. */
+            check_eigen(&m, &res, want, 6, 1e-5);
+            cv_eigen_result_free(&res);
+            free(w);
+            dmat_free(&m);
+        }
+    /* separated top eigenvalues: converged long before the basis fills */
+    {
+        double ls[200];
+        for (int i = 0; i < 200; i++)
+            ls[i] = i < 6 ? 10.0 - i : (double)i / 200.0;
+        dmat m;
+        dmat_spectrum(&m, 200, ls, 11);
+        cv_eigen_options o;
+        cv_eigen_options_default(&o);
+        o.k = 6;
+        cv_rng r;
+        cv_rng_seed(&r, 3);
+        cv_eigen_result res;
+        cv_err e;
+        ck_assert_int_eq(cv_eigen_block_lanczos(&m.op, &o, 8, &r, &res, &e), 0);
+        ck_assert_int_eq(res.converged, 6);
+        ck_assert_msg(res.matvecs <= 100, "matvecs %ld", res.matvecs);
+        for (int i = 0; i < 6; i++)
+            ck_assert_double_eq_tol(res.eigenvalues[i], 10.0 - i, 1e-6 * 10);
+        cv_eigen_result_free(&res);
+        dmat_free(&m);
+    }
+    /* a 5-fold top eigenvalue */
+    double lam[80];
+    for (int i = 0; i < 80; i++)
+        lam[i] = i < 5 ? 4.0 : 2.0 * (double)i / 80.0;
+    dmat m;
+    dmat_spectrum(&m, 80, lam, 9);
+    cv_eigen_options o;
+    cv_eigen_options_default(&o);
+    o.k = 6;
+    o.tol = 1e-8;
+    cv_rng r;
+    cv_rng_seed(&r, 2);
+    cv_eigen_result res;
+    cv_err e;
+    ck_assert_int_eq(cv_eigen_block_lanczos(&m.op, &o, 8, &r, &res, &e), 0);
+    for (int i = 0; i < 5; i++)
+        ck_assert_double_eq_tol(res.eigenvalues[i], 4.0, 1e-7);
+    ck_assert(res.eigenvalues[5] < 2.0);
+    cv_eigen_result_free(&res);
+    dmat_free(&m);
+    /* rank 3 (restarts), k = 3 */
+    double lr[50] = {3.0, 2.0, 1.0};
+    dmat_spectrum(&m, 50, lr, 10);
+    o.k = 3;
+    ck_assert_int_eq(cv_eigen_block_lanczos(&m.op, &o, 4, &r, &res, &e), 0);
+    ck_assert_double_eq_tol(res.eigenvalues[0], 3.0, 1e-8);
+    ck_assert_double_eq_tol(res.eigenvalues[2], 1.0, 1e-8);
+    cv_eigen_result_free(&res);
+    dmat_free(&m);
+    /* n = 6, block 16 (capped at n), k = n: the basis fills the space */
+    dmat_random(&m, 6, 4);
+    double *w = eigvals(&m), want[6];
+    o.k = 6;
+    o.return_vectors = 1;
+    expected(w, 6, 6, CV_WHICH_LARGEST, want);
+    ck_assert_int_eq(cv_eigen_block_lanczos(&m.op, &o, 16, &r, &res, &e), 0);
+    check_eigen(&m, &res, want, 6, 1e-8);
+    cv_eigen_result_free(&res);
+    free(w);
+    dmat_free(&m);
+    ck_assert_int_eq(cv_eigen_block_lanczos(&m.op, &o, 0, &r, &res, &e), -1);
+}
+END_TEST
+
 START_TEST(lanczos_repeated_and_rank_deficient)
 {
     int n = 80;
@@ -2037,6 +2141,7 @@ static Suite *suite(void)
     tcase_add_test(t, xnystrace_psd);
     tcase_add_test(t, frobenius_hutchinson);
     tcase_add_test(t, lanczos_vs_dsyev);
+    tcase_add_test(t, block_lanczos_vs_dsyev);
     tcase_add_test(t, lanczos_repeated_and_rank_deficient);
     tcase_add_test(t, lanczos_repeated_top_in_random_spectrum);
     tcase_add_test(t, lanczos_k_equals_n);

@@ -545,6 +545,8 @@ START_TEST(results_match_the_table)
         "{\"op\":\"frobenius_norm\",\"options\":{\"max_probes\":4,\"return_samples\":true}}",
         "{\"op\":\"frobenius_norm\",\"curvature\":\"kfac\",\"options\":{\"method\":"
         "\"xnystrace\",\"max_probes\":4}}",
+        "{\"op\":\"eigen\",\"options\":{\"method\":\"block_lanczos\",\"k\":2,"
+        "\"block_size\":3,\"return_vectors\":true}}",
         "{\"op\":\"jvp\",\"options\":{\"probe_seed\":2}}",
         "{\"op\":\"vjp\",\"options\":{\"cotangent_seed\":2}}",
         "{\"op\":\"jacobian\",\"blocks\":\"layer\"}",
