@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "api/op_util.h"
+#include "engine/bigmem.h"
 
 enum { WHOLE = 0, WEIGHT_ONLY, BIAS_ONLY };
 
@@ -312,7 +313,7 @@ static kblock *exact_block(cv_op_ctx *c, const cv_block *b)
 
 static double *zeros(size_t n, cv_err *e)
 {
-    double *z = calloc(n ? n : 1, sizeof(double));
+    double *z = cv_big_calloc(n ? n : 1, sizeof(double));
     if (!z)
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "%zu values", n);
     return z;
