@@ -325,9 +325,12 @@ static void two_sided(const cv_kron_block *kb, const double *L, CBLAS_TRANSPOSE 
                     da, R, db, 0.0, Y + (size_t)c * kb->dim, da);
 }
 
-/* Y = Q diag(wts) Q^T X on theta vectors (wts: dim, eigen coordinates). */
+/* Y = Q diag(wts) Q^T X on theta vectors (wts: dim, eigen coordinates); with
+ * quad (k values) also quad[c] = Y_c^T M Y_c = sum_r ev_r (wts_r z_cr)^2, z_c =
+ * Q^T X_c and ev the operator's eigenvalues (s, or KFAC's mu_i lam_j when s is
+ * NULL): the curvature of the result without a product with M. */
 static int spectral_apply(cv_kron_block *kb, const double *wts, int k, const double *X,
-                          double *Y, cv_err *e)
+                          double *Y, const double *s, double *quad, cv_err *e)
 {
     if (cv_kron_block_eig(kb, e))
         return -1;
@@ -341,9 +344,17 @@ static int spectral_apply(cv_kron_block *kb, const double *wts, int k, const dou
     cv_kron_theta_to_mat(kb, k, X, m);
     /* Z = Q_A^T X Q_B: entry (j, i) is eigen coordinate i*dim_a + j */
     two_sided(kb, kb->q_a, CblasTrans, kb->q_b, CblasNoTrans, k, m, t, m);
-    for (int c = 0; c < k; c++)
-        for (size_t r = 0; r < kb->dim; r++)
-            m[(size_t)c * kb->dim + r] *= wts[r];
+    int da = kb->dim_a;
+    for (int c = 0; c < k; c++) {
+        double *z = m + (size_t)c * kb->dim, q = 0;
+        for (size_t r = 0; r < kb->dim; r++) {
+            z[r] *= wts[r];
+            if (quad)
+                q += (s ? s[r] : kb->mu_b[r / da] * kb->lam_a[r % da]) * z[r] * z[r];
+        }
+        if (quad)
+            quad[c] = q;
+    }
     two_sided(kb, kb->q_a, CblasNoTrans, kb->q_b, CblasTrans, k, m, t, m);
     cv_kron_mat_to_theta(kb, k, m, Y);
     free(m);
@@ -387,7 +398,7 @@ int cv_kron_block_apply(cv_kron_block *kb, const double *s, double shift, int k,
             return -1;
         for (size_t r = 0; r < kb->dim; r++)
             w[r] += shift;
-        int rc = spectral_apply(kb, w, k, X, Y, e);
+        int rc = spectral_apply(kb, w, k, X, Y, NULL, NULL, e);
         free(w);
         return rc;
     }
@@ -412,6 +423,12 @@ int cv_kron_block_apply(cv_kron_block *kb, const double *s, double shift, int k,
 int cv_kron_block_inverse(cv_kron_block *kb, const double *s, double lambda, int k,
                           const double *X, double *Y, cv_err *e)
 {
+    return cv_kron_block_inverse_quad(kb, s, lambda, k, X, Y, NULL, e);
+}
+
+int cv_kron_block_inverse_quad(cv_kron_block *kb, const double *s, double lambda, int k,
+                               const double *X, double *Y, double *quad, cv_err *e)
+{
     double *w = eigvals_coords(kb, s, e);
     if (!w)
         return -1;
@@ -424,7 +441,7 @@ int cv_kron_block_inverse(cv_kron_block *kb, const double *s, double lambda, int
         }
         w[r] = 1.0 / d;
     }
-    int rc = k < 1 ? 0 : spectral_apply(kb, w, k, X, Y, e);
+    int rc = k < 1 ? 0 : spectral_apply(kb, w, k, X, Y, s, quad, e);
     free(w);
     return rc;
 }
@@ -439,6 +456,29 @@ double cv_kron_factored_weight(const cv_kron_block *kb)
 int cv_kron_block_factored_inverse(cv_kron_block *kb, double lambda, int k, const double *X,
                                    double *Y, double *w_out, cv_err *e)
 {
+    return cv_kron_block_factored_inverse_quad(kb, lambda, k, X, Y, w_out, NULL, e);
+}
+
+/* quad[c] = Y_c^T M Y_c by the forward product (the zero-factor case). */
+static int quad_by_product(cv_kron_block *kb, int k, const double *Y, double *quad, cv_err *e)
+{
+    double *t = kr_big(kb->dim, sizeof(double), "Kronecker product", e);
+    int rc = t ? 0 : -1;
+    for (int c = 0; !rc && c < k; c++) {
+        const double *y = Y + (size_t)c * kb->dim;
+        rc = cv_kron_block_apply(kb, NULL, 0, 1, y, t, e);
+        quad[c] = 0;
+        for (size_t r = 0; !rc && r < kb->dim; r++)
+            quad[c] += y[r] * t[r];
+    }
+    free(t);
+    return rc;
+}
+
+int cv_kron_block_factored_inverse_quad(cv_kron_block *kb, double lambda, int k,
+                                        const double *X, double *Y, double *w_out,
+                                        double *quad, cv_err *e)
+{
     double w = cv_kron_factored_weight(kb);
     if (w_out)
         *w_out = w;
@@ -447,7 +487,7 @@ int cv_kron_block_factored_inverse(cv_kron_block *kb, double lambda, int k, cons
             return not_pd(0, e);
         for (size_t r = 0; r < kb->dim * (size_t)(k > 0 ? k : 0); r++)
             Y[r] = X[r] / lambda;
-        return 0;
+        return quad && k > 0 ? quad_by_product(kb, k, Y, quad, e) : 0;
     }
     if (cv_kron_block_eig(kb, e))
         return -1;
@@ -467,7 +507,7 @@ int cv_kron_block_factored_inverse(cv_kron_block *kb, double lambda, int k, cons
             wts[(size_t)i * kb->dim_a + j] = 1.0 / (da * db);
         }
     }
-    int rc = k < 1 ? 0 : spectral_apply(kb, wts, k, X, Y, e);
+    int rc = k < 1 ? 0 : spectral_apply(kb, wts, k, X, Y, NULL, quad, e);
     free(wts);
     return rc;
 }

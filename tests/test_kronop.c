@@ -293,6 +293,67 @@ START_TEST(damped_inverse_vs_solve)
 }
 END_TEST
 
+/* y^T M y for k vectors by the forward product (M: KFAC, or EKFAC with s). */
+static void quad_ref(cv_kron_block *kb, const double *s, int k, const double *y, double *q)
+{
+    double *t = malloc(sizeof(double) * kb->dim * k);
+    cv_err e;
+    ck_assert_int_eq(cv_kron_block_apply(kb, s, 0, k, y, t, &e), 0);
+    for (int c = 0; c < k; c++)
+        q[c] = tu_dot(y + (size_t)c * kb->dim, t + (size_t)c * kb->dim, kb->dim);
+    free(t);
+}
+
+/* The inverses' quad outputs (y^T M y from the eigen coordinates, the Newton
+ * step's curvature term) against the forward product: exact damping (KFAC
+ * and EKFAC) and factored damping, including the zero-factor limit. */
+START_TEST(inverse_quad_vs_product)
+{
+    for (int ci = 0; ci < NCASES; ci++) {
+        kcase c;
+        make_case(&c, ci);
+        int n = c.n, k = 2, indef = CASES[ci].bk == B_INDEFINITE;
+        double lambda = indef ? 10.0 : 0.05, q[2], want[2];
+        double *x = randv((size_t)n * k, 8), *y = malloc(sizeof(double) * n * k);
+        double *s = randv((size_t)n, 9);
+        for (int r = 0; r < n; r++)
+            s[r] = fabs(s[r]) + 0.1;
+        cv_err e;
+        ck_assert_int_eq(cv_kron_block_inverse_quad(&c.kb, NULL, lambda, k, x, y, q, &e), 0);
+        quad_ref(&c.kb, NULL, k, y, want);
+        for (int j = 0; j < k; j++)
+            ck_assert_msg(fabs(q[j] - want[j]) < 1e-11 * (1 + fabs(want[j])), "case %d: %g vs %g",
+                          ci, q[j], want[j]);
+        ck_assert_int_eq(cv_kron_block_inverse_quad(&c.kb, s, lambda, k, x, y, q, &e), 0);
+        quad_ref(&c.kb, s, k, y, want);
+        for (int j = 0; j < k; j++)
+            ck_assert_msg(fabs(q[j] - want[j]) < 1e-11 * (1 + fabs(want[j])), "ekfac case %d",
+                          ci);
+        if (!indef) {
+            ck_assert_int_eq(
+                cv_kron_block_factored_inverse_quad(&c.kb, 0.2, k, x, y, NULL, q, &e), 0);
+            quad_ref(&c.kb, NULL, k, y, want);
+            for (int j = 0; j < k; j++)
+                ck_assert_msg(fabs(q[j] - want[j]) < 1e-11 * (1 + fabs(want[j])),
+                              "factored case %d", ci);
+        }
+        free(x);
+        free(y);
+        free(s);
+        kcase_free(&c);
+    }
+    kcase c; /* B = 0: the factored limit X / lambda, M = 0 */
+    kcase_make(&c, 3, 3, 1, B_ZERO, 77);
+    double *x = randv(c.n, 5), *y = malloc(sizeof(double) * c.n), q = 1;
+    cv_err e;
+    ck_assert_int_eq(cv_kron_block_factored_inverse_quad(&c.kb, 0.5, 1, x, y, NULL, &q, &e), 0);
+    ck_assert_double_eq_tol(q, 0, 1e-15);
+    free(x);
+    free(y);
+    kcase_free(&c);
+}
+END_TEST
+
 /* Dense inverse of a small SPD matrix plus d I. */
 static double *dense_inv_shift(const double *S, int n, double d)
 {
@@ -877,6 +938,7 @@ static Suite *suite(void)
     tcase_add_test(t, matvec_vs_dense);
     tcase_add_test(t, damped_inverse_vs_solve);
     tcase_add_test(t, factored_damping_vs_dense_kron);
+    tcase_add_test(t, inverse_quad_vs_product);
     tcase_add_test(t, trace_diag_logdet_vs_dense);
     tcase_add_test(t, eigen_vs_dsyev);
     tcase_add_test(t, ekfac_rotation_and_operator);
