@@ -12,14 +12,14 @@ void *cv_big_malloc(size_t bytes)
 {
     if (bytes < CV_BIG_MIN)
         return malloc(bytes ? bytes : 1);
-    if (bytes > SIZE_MAX - HUGE_PAGE)
-        return NULL;
-    size_t len = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
     void *p = NULL;
-    if (posix_memalign(&p, HUGE_PAGE, len))
+    if (posix_memalign(&p, HUGE_PAGE, bytes))
         return NULL;
 #ifdef MADV_HUGEPAGE
-    (void)madvise(p, len, MADV_HUGEPAGE); /* advice only: ignored where unsupported */
+    /* the whole huge pages inside the buffer only: its tail stays in 4 KiB pages,
+     * so a buffer never holds more memory than it spans (advice: ignored where
+     * unsupported) */
+    (void)madvise(p, bytes / HUGE_PAGE * HUGE_PAGE, MADV_HUGEPAGE);
 #endif
     return p;
 }
