@@ -12,6 +12,7 @@
 
 #include "api/op_args.h"
 #include "api/op_util.h"
+#include "engine/bigmem.h"
 
 enum { WHOLE = 0, WEIGHT_ONLY, BIAS_ONLY };
 
@@ -366,7 +367,7 @@ static kblock *exact_block(cv_op_ctx *c, const cv_block *b)
 
 static double *zeros(size_t n, cv_err *e)
 {
-    double *z = calloc(n ? n : 1, sizeof(double));
+    double *z = cv_big_calloc(n ? n : 1, sizeof(double));
     if (!z)
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "%zu values", n);
     return z;
@@ -524,7 +525,7 @@ int cv_op_kron_solve(cv_op_ctx *c, const cv_block *b, const double *rhs, double 
 
 static int newton_exact_slot(const kslot *ks, const double *rhs, double damping,
                              const cv_solve_options *so, double *x, int *iterations,
-                             int *converged, cv_err *e)
+                             int *converged, double *quad, cv_err *e)
 {
     cv_solve_options o = *so;
     o.damping = damping;
@@ -535,12 +536,20 @@ static int newton_exact_slot(const kslot *ks, const double *rhs, double damping,
     *iterations += r.iterations;
     *converged &= r.converged;
     cv_solve_result_free(&r);
-    return 0;
+    if (!quad)
+        return 0;
+    double *t = zeros(ks->op.n, e); /* x^T M x: one product with the exact block */
+    int rc = !t || ks->op.apply(ks->op.ctx, 1, x, t, e) ? -1 : 0;
+    *quad = 0;
+    for (size_t i = 0; !rc && i < ks->op.n; i++)
+        *quad += x[i] * t[i];
+    free(t);
+    return rc;
 }
 
 int cv_op_kron_newton(cv_op_ctx *c, const cv_block *b, const double *g, double damping,
                       int factored, const cv_solve_options *so, double *s, int *iterations,
-                      int *converged, int *exact, cv_err *e)
+                      int *converged, int *exact, double *sms, cv_err *e)
 {
     kblock *kb = find_block(c, b);
     *iterations = 0;
@@ -549,28 +558,31 @@ int cv_op_kron_newton(cv_op_ctx *c, const cv_block *b, const double *g, double d
     if (!kb)
         return cv_err_set(e, CV_EINTERNAL, "internal", "blocks",
                           "no Kronecker operator for this block");
-    double *rhs = zeros(b->dim, e);
+    double *rhs = zeros(b->dim, e), total = 0;
     if (!rhs)
         return -1;
     for (size_t i = 0; i < b->dim; i++)
         rhs[i] = -g[i];
     int rc = 0;
-    for (int q = 0; q < kb->nslots && !rc; q++) {
-        kslot *ks = &kb->s[q];
-        const cv_kron_slot *sl = &kb->d.slots[q];
+    for (int i = 0; i < kb->nslots && !rc; i++) {
+        kslot *ks = &kb->s[i];
+        const cv_kron_slot *sl = &kb->d.slots[i];
         const double *x = rhs + sl->offset;
-        double *y = s + sl->offset;
+        double *y = s + sl->offset, quad = 0, *qp = sms ? &quad : NULL;
         if (ks->factor < 0)
-            rc = newton_exact_slot(ks, x, damping, so, y, iterations, converged, e);
+            rc = newton_exact_slot(ks, x, damping, so, y, iterations, converged, qp, e);
         else if (factored && sl->s)
             rc = cv_err_set(e, CV_EINVAL, "invalid_option", "options.damping_mode",
                             "damping_mode \"factored\" is KFAC's (factored A and B); ekfac's "
                             "eigenvalues are not a Kronecker product: use \"exact\"");
         else if (factored)
-            rc = cv_kron_block_factored_inverse(&ks->kb, damping, 1, x, y, NULL, e);
+            rc = cv_kron_block_factored_inverse_quad(&ks->kb, damping, 1, x, y, NULL, qp, e);
         else
-            rc = cv_kron_block_inverse(&ks->kb, sl->s, damping, 1, x, y, e);
+            rc = cv_kron_block_inverse_quad(&ks->kb, sl->s, damping, 1, x, y, qp, e);
+        total += quad;
     }
+    if (sms)
+        *sms = total;
     free(rhs);
     return rc;
 }

@@ -93,9 +93,12 @@ int cv_op_kron_solve(cv_op_ctx *c, const cv_block *b, const double *rhs, double 
  * factors (factored = 1; refused for ekfac values), an exact slot by
  * so->method (CG/MINRES, tol, max_iter) on its exact curvature plus damping.
  * *iterations / *converged / *exact: the exact slots' solver iterations
- * (summed), whether all converged, and whether every slot was Kronecker. */
+ * (summed), whether all converged, and whether every slot was Kronecker.
+ * *sms (may be NULL): s^T M s with M the block's undamped operator (the
+ * forward operator of cv_op_kron_linop), from the Kronecker slots' eigen
+ * coordinates and one product per exact slot. */
 int cv_op_kron_newton(cv_op_ctx *c, const cv_block *b, const double *g, double damping,
                       int factored, const cv_solve_options *so, double *s, int *iterations,
-                      int *converged, int *exact, cv_err *e);
+                      int *converged, int *exact, double *sms, cv_err *e);
 
 #endif

@@ -1,7 +1,8 @@
 /* ops_newton_kron.c - newton's Kronecker methods kfac, ekfac, kfra, acp (issue 22):
  * the natural-gradient / Kronecker Newton step s = -(F~ + damping I)^-1 g per
  * layer block (api/op_kron.h cv_op_kron_newton), its predicted change
- * g^T s + 1/2 s^T F~ s (the definition of cg/minres with F~ for A), and
+ * g^T s + 1/2 s^T F~ s (the definition of cg/minres with F~ for A; s^T F~ s
+ * from the step's own eigen coordinates, no product with F~), and
  * Botev's rescaling alpha* = -s^T g / s^T G s with the exact curvature G the
  * engine is built for (ggn for type-2; fisher_mc / ef for mc / empirical).
  *
@@ -132,31 +133,30 @@ static int run_kron_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *
     size_t n = b->dim;
     double *g = CV_EST_ALLOC(n, double, e);
     double *s = g ? CV_EST_ALLOC(n, double, e) : NULL;
-    double *fs = s ? CV_EST_ALLOC(n, double, e) : NULL;
-    if (!fs) {
+    double *tmp = s && a->rescale ? CV_EST_ALLOC(n, double, e) : NULL;
+    if (!s || (a->rescale && !tmp)) {
         free(g);
         free(s);
         return -1;
     }
     int factored = a->damping_mode == CV_NEWTON_DAMP_FACTORED, its = 0, conv = 1, exact = 0;
-    double lambda = a->damping.num, alpha = 1;
-    cv_linop fwd;
-    cv_op_kron_linop(c, b, &fwd);
+    double lambda = a->damping.num, alpha = 1, sms = 0;
     int rc = cv_curv_gradient(c->curv, b, g, e);
+    /* s^T F~ s from the step's eigen coordinates: no product with F~ */
     if (!rc)
-        rc = cv_op_kron_newton(c, b, g, lambda, factored, &a->o, s, &its, &conv, &exact, e);
+        rc = cv_op_kron_newton(c, b, g, lambda, factored, &a->o, s, &its, &conv, &exact, &sms,
+                               e);
     if (!rc && a->rescale)
-        rc = rescale_alpha(c, b, s, dot(n, g, s), fs, &alpha, e);
+        rc = rescale_alpha(c, b, s, dot(n, g, s), tmp, &alpha, e);
     for (size_t i = 0; !rc && a->rescale && i < n; i++)
         s[i] *= alpha;
-    if (!rc)
-        rc = fwd.apply(fwd.ctx, 1, s, fs, e);
+    sms *= alpha * alpha;
     if (!rc) {
         cJSON_AddStringToObject(out, "method", c->method);
         cJSON_AddNumberToObject(out, "damping", lambda);
         cJSON_AddStringToObject(out, "damping_mode", factored ? "factored" : "exact");
         cJSON_AddItemToObject(out, "step", cv_json_doubles(s, n));
-        cJSON_AddNumberToObject(out, "predicted_change", dot(n, g, s) + 0.5 * dot(n, s, fs));
+        cJSON_AddNumberToObject(out, "predicted_change", dot(n, g, s) + 0.5 * sms);
         if (a->rescale)
             cJSON_AddNumberToObject(out, "alpha", alpha);
         cJSON_AddNumberToObject(out, "iterations", its);
@@ -166,7 +166,7 @@ static int run_kron_newton(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *
     }
     free(g);
     free(s);
-    free(fs);
+    free(tmp);
     return rc;
 }
 

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "bigmem.h"
 #include "curv.h"
 #include "part.h"
 
@@ -22,7 +23,7 @@ static int probe(const cv_model *m, const cv_batch *b, size_t n, const cv_curv_o
     if (!p)
         return -1;
     cv_block *blk = malloc(sizeof *blk);
-    double *X = blk ? calloc(m->nparams_total + 1, sizeof(double)) : NULL;
+    double *X = blk ? cv_big_calloc(m->nparams_total + 1, sizeof(double)) : NULL;
     int rc = X ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "memory probe");
     if (!rc) {
         cv_block_full(m, blk);

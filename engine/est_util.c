@@ -3,6 +3,7 @@
  * applies, Gram-Schmidt, the symmetric tridiagonal eigensolver and Ritz-value
  * selection. */
 #include "est_util.h"
+#include "bigmem.h"
 
 #include <cblas.h>
 #include <lapacke.h>
@@ -21,7 +22,7 @@ void *cv_est_alloc(size_t count, size_t size, cv_err *e)
                    "allocation of %zu x %zu bytes overflows", count, size);
         return NULL;
     }
-    void *p = calloc(count, size);
+    void *p = cv_big_calloc(count, size); /* calloc; from 1 MB on huge pages (bigmem.h) */
     if (!p)
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "could not allocate %zu bytes",
                    count * size);

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bigmem.h"
 #include "part.h"
 
 static const char *const fisher_names[] = {"type-2", "mc", "empirical"};
@@ -341,7 +342,8 @@ int cv_curv_kron(cv_curv *c, const cv_kron_options *o, cv_kron *out, cv_err *e)
     const cv_model *m = cv_curv_model(c);
     size_t len = 0;
     int rc = classify(m, out, &len, e);
-    if (!rc && !(out->data = calloc(len + 1, sizeof(double))))
+    /* not zeroed: cv_curv_sum_parts clears it (its first touch: huge pages) */
+    if (!rc && !(out->data = cv_big_malloc(sizeof(double) * (len + 1))))
         rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Kronecker factors (%zu doubles)",
                         len);
     if (cv_curv_agree(c, rc, e))

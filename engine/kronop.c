@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bigmem.h"
 #include "rng.h"
 
 /* ---- helpers ----------------------------------------------------------------- */
@@ -23,7 +24,19 @@ static void *kr_alloc(size_t count, size_t size, const char *what, cv_err *e)
                    count, size);
         return NULL;
     }
-    return cv_err_calloc(count * size > 0 ? count * size : 1, what, e);
+    void *p = cv_big_calloc(count ? count : 1, size ? size : 1); /* zeroed; huge pages */
+    if (!p)
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "%s: %zu x %zu bytes", what, count, size);
+    return p;
+}
+
+/* kr_alloc's large, uninitialised sibling (cv_big_malloc: huge pages). */
+static void *kr_big(size_t count, size_t size, const char *what, cv_err *e)
+{
+    void *p = size && count > SIZE_MAX / size ? NULL : cv_big_malloc(count * size);
+    if (!p)
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "%s: %zu x %zu bytes", what, count, size);
+    return p;
 }
 
 static int not_pd(double v, cv_err *e)
@@ -82,27 +95,92 @@ void cv_kron_block_free(cv_kron_block *kb)
     memset(kb, 0, sizeof *kb);
 }
 
-/* Eigenvalues w (n) of a symmetric n x n factor, and with job 'V' its
- * eigenvectors in q (n x n; with 'N' q is scratch), with |w| <= sqrt(n)
- * eps32 max|w| set to 0: the factors are sums of float32 activations and
- * cotangents (accumulated in double), so a factor that is singular in exact
- * arithmetic has eigenvalues of float32 noise (~1e-9 max|w| seen), not of
- * double's. */
-static int factor_eig_job(const double *F, int n, double *q, double *w, char job,
-                          const char *name, cv_err *e)
+static int eig_failed(int info, const char *what, const char *name, int n, cv_err *e)
 {
-    memcpy(q, F, sizeof(double) * (size_t)n * n);
-    lapack_int info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, job, 'U', n, q, n, w);
-    if (info)
-        return cv_err_set(e, info == LAPACK_WORK_MEMORY_ERROR ? CV_ENOMEM : CV_EINTERNAL,
-                          info == LAPACK_WORK_MEMORY_ERROR ? "out_of_memory" : "internal", "",
-                          "eigendecomposition of Kronecker factor %s (dsyevd, n = %d) failed: "
-                          "info %d", name, n, (int)info);
+    int mem = info == LAPACK_WORK_MEMORY_ERROR;
+    return cv_err_set(e, mem ? CV_ENOMEM : CV_EINTERNAL, mem ? "out_of_memory" : "internal", "",
+                      "eigendecomposition of Kronecker factor %s (%s, n = %d) failed: info %d",
+                      name, what, n, info);
+}
+
+/* |w| <= sqrt(n) eps32 max|w| set to 0: the factors are sums of float32
+ * activations and cotangents (accumulated in double), so a factor that is
+ * singular in exact arithmetic has eigenvalues of float32 noise (~1e-9 max|w|
+ * seen), not of double's. */
+static void round_noise(double *w, int n)
+{
     double mx = fmax(fabs(w[0]), fabs(w[n - 1]));
     double tol = sqrt((double)n) * FLT_EPSILON * mx;
     for (int i = 0; i < n; i++)
         if (fabs(w[i]) <= tol)
             w[i] = 0;
+}
+
+/* Eigenvalues w (n) of a symmetric n x n factor and its eigenvectors in q
+ * (n x n), dsyevd with its workspace from cv_big_malloc (LAPACKE's own is a
+ * fresh malloc per call, 2 n^2 doubles), rounded as round_noise. */
+static int factor_eig_full(const double *F, int n, double *q, double *w, const char *name,
+                           cv_err *e)
+{
+    memcpy(q, F, sizeof(double) * (size_t)n * n);
+    double wq;
+    lapack_int iwq, info = LAPACKE_dsyevd_work(LAPACK_COL_MAJOR, 'V', 'U', n, q, n, w, &wq, -1,
+                                               &iwq, -1);
+    if (info)
+        return eig_failed((int)info, "dsyevd", name, n, e);
+    lapack_int lw = (lapack_int)wq, liw = iwq;
+    double *work = cv_big_malloc(sizeof(double) * (size_t)lw);
+    lapack_int *iwork = work ? malloc(sizeof(lapack_int) * (size_t)liw) : NULL;
+    info = iwork ? LAPACKE_dsyevd_work(LAPACK_COL_MAJOR, 'V', 'U', n, q, n, w, work, lw, iwork,
+                                       liw)
+                 : LAPACK_WORK_MEMORY_ERROR;
+    free(work);
+    free(iwork);
+    if (info)
+        return eig_failed((int)info, "dsyevd", name, n, e);
+    round_noise(w, n);
+    return 0;
+}
+
+/* From this size on the values-only route works in float32 (see
+ * cv_kron_factor_eigenvalues_rank). */
+#define EIG_FLOAT_MIN 128
+
+/* Eigenvalues only: dsyevd 'N' below EIG_FLOAT_MIN, else ssyevd 'N' on a
+ * float32 copy of F (the tridiagonal reduction is memory-bound: half the
+ * bytes, ~1.8x faster at n = 512-1024).  The factor's entries are float32
+ * sums accumulated in double, so its eigenvalues are not known better than
+ * float32's rounding of it: ssyevd's absolute error, O(n eps32 max|w|) at
+ * worst and ~eps32 max|w| in practice, is of that order. */
+static int factor_values(const double *F, int n, double *w, cv_err *e)
+{
+    size_t nn = (size_t)n * n;
+    if (n < EIG_FLOAT_MIN) {
+        double *q = cv_big_malloc(sizeof(double) * nn);
+        if (!q)
+            return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Kronecker factor copy");
+        memcpy(q, F, sizeof(double) * nn);
+        lapack_int info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'N', 'U', n, q, n, w);
+        free(q);
+        if (info)
+            return eig_failed((int)info, "dsyevd", "", n, e);
+        round_noise(w, n);
+        return 0;
+    }
+    float *f = cv_big_malloc(sizeof(float) * (nn + (size_t)n));
+    if (!f)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Kronecker factor copy");
+    float *wf = f + nn;
+    for (int j = 0; j < n; j++) /* the upper triangle is all ssyevd reads */
+        for (int i = 0; i <= j; i++)
+            f[(size_t)j * n + i] = (float)F[(size_t)j * n + i];
+    lapack_int info = LAPACKE_ssyevd(LAPACK_COL_MAJOR, 'N', 'U', n, f, n, wf);
+    for (int i = 0; !info && i < n; i++)
+        w[i] = wf[i];
+    free(f);
+    if (info)
+        return eig_failed((int)info, "ssyevd", "", n, e);
+    round_noise(w, n);
     return 0;
 }
 
@@ -120,7 +198,7 @@ static int scalar_identity(const double *F, int n)
 static int factor_eig(const double *F, int n, double *q, double *w, const char *name, cv_err *e)
 {
     if (!scalar_identity(F, n))
-        return factor_eig_job(F, n, q, w, 'V', name, e);
+        return factor_eig_full(F, n, q, w, name, e);
     memset(q, 0, sizeof(double) * (size_t)n * n);
     for (int i = 0; i < n; i++) {
         q[(size_t)i * n + i] = 1;
@@ -145,11 +223,11 @@ static int cmp_double(const void *a, const void *b)
  * rank(F) <= k - 8 in exact arithmetic the range of F Omega holds the range
  * of F (Omega has full rank with probability 1), so these are F's
  * eigenvalues up to F's own rounding (the float32 noise of its sums, see
- * factor_eig_job): Weyl's bound. */
+ * round_noise): Weyl's bound. */
 static int factor_eig_ritz(const double *F, int n, int k, double *w, cv_err *e)
 {
     size_t nk = (size_t)n * k;
-    double *Y = kr_alloc(2 * nk + (size_t)k * k + k, sizeof(double), "Kronecker factor range", e);
+    double *Y = kr_big(2 * nk + (size_t)k * k + k, sizeof(double), "Kronecker factor range", e);
     if (!Y)
         return -1;
     double *Z = Y + nk, *M = Z + nk, *tau = M + (size_t)k * k;
@@ -179,11 +257,7 @@ static int factor_eig_ritz(const double *F, int n, int k, double *w, cv_err *e)
                           "eigenvalues of a Kronecker factor on its range (n = %d, k = %d) "
                           "failed: info %d", n, k, (int)info);
     qsort(w, (size_t)n, sizeof(double), cmp_double);
-    double mx = fmax(fabs(w[0]), fabs(w[n - 1]));
-    double tol = sqrt((double)n) * FLT_EPSILON * mx;
-    for (int i = 0; i < n; i++)
-        if (fabs(w[i]) <= tol)
-            w[i] = 0;
+    round_noise(w, n);
     return 0;
 }
 
@@ -193,10 +267,7 @@ int cv_kron_factor_eigenvalues_rank(const double *F, int n, long rank, double *w
      * of it memory-bound symmetric matrix-vector products */
     if (rank >= 0 && rank + 8 <= n / 4)
         return factor_eig_ritz(F, n, (int)rank + 8, w, e);
-    double *q = kr_alloc((size_t)n * n, sizeof(double), "Kronecker factor copy", e);
-    int rc = q ? factor_eig_job(F, n, q, w, 'N', "", e) : -1;
-    free(q);
-    return rc;
+    return factor_values(F, n, w, e);
 }
 
 int cv_kron_block_eig(cv_kron_block *kb, cv_err *e)
@@ -204,9 +275,9 @@ int cv_kron_block_eig(cv_kron_block *kb, cv_err *e)
     if (kb->eig_ready)
         return 0;
     int da = kb->dim_a, db = kb->dim_b;
-    double *qa = kr_alloc((size_t)da * da, sizeof(double), "Kronecker factor A eigenvectors", e);
+    double *qa = kr_big((size_t)da * da, sizeof(double), "Kronecker factor A eigenvectors", e);
     double *la = qa ? kr_alloc((size_t)da, sizeof(double), "factor A eigenvalues", e) : NULL;
-    double *qb = la ? kr_alloc((size_t)db * db, sizeof(double), "factor B eigenvectors", e) : NULL;
+    double *qb = la ? kr_big((size_t)db * db, sizeof(double), "factor B eigenvectors", e) : NULL;
     double *mb = qb ? kr_alloc((size_t)db, sizeof(double), "factor B eigenvalues", e) : NULL;
     if (!mb || factor_eig(kb->A, da, qa, la, "A", e) || factor_eig(kb->B, db, qb, mb, "B", e)) {
         free(qa);
@@ -277,15 +348,18 @@ static void two_sided(const cv_kron_block *kb, const double *L, CBLAS_TRANSPOSE 
                     da, R, db, 0.0, Y + (size_t)c * kb->dim, da);
 }
 
-/* Y = Q diag(wts) Q^T X on theta vectors (wts: dim, eigen coordinates). */
+/* Y = Q diag(wts) Q^T X on theta vectors (wts: dim, eigen coordinates); with
+ * quad (k values) also quad[c] = Y_c^T M Y_c = sum_r ev_r (wts_r z_cr)^2, z_c =
+ * Q^T X_c and ev the operator's eigenvalues (s, or KFAC's mu_i lam_j when s is
+ * NULL): the curvature of the result without a product with M. */
 static int spectral_apply(cv_kron_block *kb, const double *wts, int k, const double *X,
-                          double *Y, cv_err *e)
+                          double *Y, const double *s, double *quad, cv_err *e)
 {
     if (cv_kron_block_eig(kb, e))
         return -1;
     size_t n = kb->dim * (size_t)k;
-    double *m = kr_alloc(n, sizeof(double), "Kronecker work", e);
-    double *t = m ? kr_alloc(n, sizeof(double), "Kronecker work", e) : NULL;
+    double *m = kr_big(n, sizeof(double), "Kronecker work", e);
+    double *t = m ? kr_big(n, sizeof(double), "Kronecker work", e) : NULL;
     if (!t) {
         free(m);
         return -1;
@@ -293,9 +367,17 @@ static int spectral_apply(cv_kron_block *kb, const double *wts, int k, const dou
     cv_kron_theta_to_mat(kb, k, X, m);
     /* Z = Q_A^T X Q_B: entry (j, i) is eigen coordinate i*dim_a + j */
     two_sided(kb, kb->q_a, CblasTrans, kb->q_b, CblasNoTrans, k, m, t, m);
-    for (int c = 0; c < k; c++)
-        for (size_t r = 0; r < kb->dim; r++)
-            m[(size_t)c * kb->dim + r] *= wts[r];
+    int da = kb->dim_a;
+    for (int c = 0; c < k; c++) {
+        double *z = m + (size_t)c * kb->dim, q = 0;
+        for (size_t r = 0; r < kb->dim; r++) {
+            z[r] *= wts[r];
+            if (quad)
+                q += (s ? s[r] : kb->mu_b[r / da] * kb->lam_a[r % da]) * z[r] * z[r];
+        }
+        if (quad)
+            quad[c] = q;
+    }
     two_sided(kb, kb->q_a, CblasNoTrans, kb->q_b, CblasTrans, k, m, t, m);
     cv_kron_mat_to_theta(kb, k, m, Y);
     free(m);
@@ -316,7 +398,7 @@ int cv_kron_block_products(cv_kron_block *kb, double *s, cv_err *e)
 /* The eigenvalues (s, or the products) into a new dim array. */
 static double *eigvals_coords(cv_kron_block *kb, const double *s, cv_err *e)
 {
-    double *v = kr_alloc(kb->dim, sizeof(double), "Kronecker eigenvalues", e);
+    double *v = kr_big(kb->dim, sizeof(double), "Kronecker eigenvalues", e);
     if (!v)
         return NULL;
     if (s)
@@ -339,13 +421,13 @@ int cv_kron_block_apply(cv_kron_block *kb, const double *s, double shift, int k,
             return -1;
         for (size_t r = 0; r < kb->dim; r++)
             w[r] += shift;
-        int rc = spectral_apply(kb, w, k, X, Y, e);
+        int rc = spectral_apply(kb, w, k, X, Y, NULL, NULL, e);
         free(w);
         return rc;
     }
     size_t n = kb->dim * (size_t)k;
-    double *m = kr_alloc(n, sizeof(double), "Kronecker work", e);
-    double *t = m ? kr_alloc(n, sizeof(double), "Kronecker work", e) : NULL;
+    double *m = kr_big(n, sizeof(double), "Kronecker work", e);
+    double *t = m ? kr_big(n, sizeof(double), "Kronecker work", e) : NULL;
     if (!t) {
         free(m);
         return -1;
@@ -364,6 +446,12 @@ int cv_kron_block_apply(cv_kron_block *kb, const double *s, double shift, int k,
 int cv_kron_block_inverse(cv_kron_block *kb, const double *s, double lambda, int k,
                           const double *X, double *Y, cv_err *e)
 {
+    return cv_kron_block_inverse_quad(kb, s, lambda, k, X, Y, NULL, e);
+}
+
+int cv_kron_block_inverse_quad(cv_kron_block *kb, const double *s, double lambda, int k,
+                               const double *X, double *Y, double *quad, cv_err *e)
+{
     double *w = eigvals_coords(kb, s, e);
     if (!w)
         return -1;
@@ -376,7 +464,7 @@ int cv_kron_block_inverse(cv_kron_block *kb, const double *s, double lambda, int
         }
         w[r] = 1.0 / d;
     }
-    int rc = k < 1 ? 0 : spectral_apply(kb, w, k, X, Y, e);
+    int rc = k < 1 ? 0 : spectral_apply(kb, w, k, X, Y, s, quad, e);
     free(w);
     return rc;
 }
@@ -391,6 +479,29 @@ double cv_kron_factored_weight(const cv_kron_block *kb)
 int cv_kron_block_factored_inverse(cv_kron_block *kb, double lambda, int k, const double *X,
                                    double *Y, double *w_out, cv_err *e)
 {
+    return cv_kron_block_factored_inverse_quad(kb, lambda, k, X, Y, w_out, NULL, e);
+}
+
+/* quad[c] = Y_c^T M Y_c by the forward product (the zero-factor case). */
+static int quad_by_product(cv_kron_block *kb, int k, const double *Y, double *quad, cv_err *e)
+{
+    double *t = kr_big(kb->dim, sizeof(double), "Kronecker product", e);
+    int rc = t ? 0 : -1;
+    for (int c = 0; !rc && c < k; c++) {
+        const double *y = Y + (size_t)c * kb->dim;
+        rc = cv_kron_block_apply(kb, NULL, 0, 1, y, t, e);
+        quad[c] = 0;
+        for (size_t r = 0; !rc && r < kb->dim; r++)
+            quad[c] += y[r] * t[r];
+    }
+    free(t);
+    return rc;
+}
+
+int cv_kron_block_factored_inverse_quad(cv_kron_block *kb, double lambda, int k,
+                                        const double *X, double *Y, double *w_out,
+                                        double *quad, cv_err *e)
+{
     double w = cv_kron_factored_weight(kb);
     if (w_out)
         *w_out = w;
@@ -399,13 +510,13 @@ int cv_kron_block_factored_inverse(cv_kron_block *kb, double lambda, int k, cons
             return not_pd(0, e);
         for (size_t r = 0; r < kb->dim * (size_t)(k > 0 ? k : 0); r++)
             Y[r] = X[r] / lambda;
-        return 0;
+        return quad && k > 0 ? quad_by_product(kb, k, Y, quad, e) : 0;
     }
     if (cv_kron_block_eig(kb, e))
         return -1;
     double sl = sqrt(lambda > 0 ? lambda : 0);
     double pa = w * sl, pb = sl / w;
-    double *wts = kr_alloc(kb->dim, sizeof(double), "Kronecker weights", e);
+    double *wts = kr_big(kb->dim, sizeof(double), "Kronecker weights", e);
     if (!wts)
         return -1;
     for (int i = 0; i < kb->dim_b; i++) {
@@ -419,7 +530,7 @@ int cv_kron_block_factored_inverse(cv_kron_block *kb, double lambda, int k, cons
             wts[(size_t)i * kb->dim_a + j] = 1.0 / (da * db);
         }
     }
-    int rc = k < 1 ? 0 : spectral_apply(kb, wts, k, X, Y, e);
+    int rc = k < 1 ? 0 : spectral_apply(kb, wts, k, X, Y, NULL, quad, e);
     free(wts);
     return rc;
 }

@@ -106,6 +106,11 @@ int cv_kron_block_apply(cv_kron_block *kb, const double *s, double shift, int k,
  * Refuses (not_positive_definite) when some s_c + lambda <= 0. */
 int cv_kron_block_inverse(cv_kron_block *kb, const double *s, double lambda, int k,
                           const double *X, double *Y, cv_err *e);
+/* The same, and quad[c] = Y_c^T M Y_c (k values; M the undamped operator, KFAC
+ * or EKFAC as s says) from the eigen coordinates, with no product with M (a
+ * Newton step's curvature term s^T M s at the cost of the step alone). */
+int cv_kron_block_inverse_quad(cv_kron_block *kb, const double *s, double lambda, int k,
+                               const double *X, double *Y, double *quad, cv_err *e);
 
 /* The factored damping of Martens & Grosse / Botev (KFAC only): with
  * w = sqrt((tr(A)/dim_a) / (tr(B)/dim_b)),
@@ -117,6 +122,11 @@ int cv_kron_block_inverse(cv_kron_block *kb, const double *s, double lambda, int
  * *w_out (may be NULL) gets w (0 in the zero-factor case). */
 int cv_kron_block_factored_inverse(cv_kron_block *kb, double lambda, int k, const double *X,
                                    double *Y, double *w_out, cv_err *e);
+/* The same, and quad[c] = Y_c^T M Y_c with M = P (B (x) A) P^T undamped (from the
+ * eigen coordinates; by the product with M in the zero-factor case). */
+int cv_kron_block_factored_inverse_quad(cv_kron_block *kb, double lambda, int k,
+                                        const double *X, double *Y, double *w_out,
+                                        double *quad, cv_err *e);
 
 /* The factored damping weight w (0 when a trace is <= 0). */
 double cv_kron_factored_weight(const cv_kron_block *kb);

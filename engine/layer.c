@@ -31,6 +31,41 @@ void cv_kron_add_sym(int m, const float *S, double w, double *M, int ldm)
         }
 }
 
+/* Column panels of KRON_PANEL: the float scratch is n x KRON_PANEL (3.2 MB for
+ * n = 3136), not n x n, and each panel is added while it is in cache. */
+#define KRON_PANEL 256
+
+int cv_kron_gram_add(const float *X, size_t m, int n, double w, double *M, int ldm)
+{
+    if (n < 1 || m < 1)
+        return 0;
+    int pb = n < KRON_PANEL ? n : KRON_PANEL;
+    float *P = malloc(sizeof(float) * (size_t)n * pb);
+    if (!P)
+        return -1;
+    for (int j0 = 0; j0 < n; j0 += pb) {
+        int jb = n - j0 < pb ? n - j0 : pb, rows = n - j0;
+        /* P (rows x jb) = X[:, j0:n]^T X[:, j0:j0+jb]: the lower part of columns
+         * j0..j0+jb (the diagonal block in full) */
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, rows, jb, (int)m, 1.0f, X + j0, n,
+                    X + j0, n, 0.0f, P, jb);
+        for (int r = 0; r < rows; r++) { /* row j0 + r, columns j0..j0+min(r, jb-1) */
+            double *Mr = M + (size_t)(j0 + r) * ldm + j0;
+            const float *Pr = P + (size_t)r * jb;
+            int cmax = r < jb ? r + 1 : jb;
+            for (int q = 0; q < cmax; q++)
+                Mr[q] += w * Pr[q];
+        }
+        for (int q = 0; q < jb; q++) { /* row j0 + q, columns after the diagonal */
+            double *Mq = M + (size_t)(j0 + q) * ldm + j0;
+            for (int r = q + 1; r < rows; r++)
+                Mq[r] += w * P[(size_t)r * jb + q];
+        }
+    }
+    free(P);
+    return 0;
+}
+
 void cv_kron_add_bias(int m, const double *sum, double w, double count, double *M)
 {
     size_t ld = (size_t)m + 1;

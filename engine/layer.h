@@ -129,6 +129,11 @@ typedef enum { CV_KRON_EXPAND = 0, CV_KRON_REDUCE = 1 } cv_kron_approx;
  * and column += w * sum (m doubles), its corner += count. */
 void cv_kron_add_sym(int m, const float *S, double w, double *M, int ldm);
 void cv_kron_add_bias(int m, const double *sum, double w, double count, double *M);
+/* The top-left n x n of M (row stride ldm) += w * X^T X for X (m x n,
+ * row-major floats), both triangles written: float32 products (as ssyrk's)
+ * in column panels added into M in double, with n x 256 floats of scratch
+ * instead of the n x n of ssyrk's result.  Returns 0, or -1 out of memory. */
+int cv_kron_gram_add(const float *X, size_t m, int n, double w, double *M, int ldm);
 /* For ekfac_add kernels: s[p*da + q] += ((Q_B^T G Q_A)_pq)^2 for one
  * gradient G (db x da, row-major; qa, qb as ekfac_add takes them); work:
  * db*da doubles. */

@@ -293,28 +293,23 @@ static void sum_rows(const float *rows, size_t m, int T, int w, float s, float *
         }
 }
 
-/* A += M^T M (upper triangle through ssyrk) and, with a bias, the column sums
+/* A += M^T M (float32 products in panels: cv_kron_gram_add) and, with a bias, the column sums
  * of M and `count` in its last row/column; w weighs the M terms. */
 static int kron_rows_a(const float *M, size_t m, int in, int bias, double w, double count,
                        double *A)
 {
-    float *S = malloc(sizeof(float) * (size_t)in * in);
-    double *cs = bias ? calloc((size_t)in, sizeof(double)) : NULL;
-    if (!S || (bias && !cs)) {
-        free(S);
-        free(cs);
+    if (cv_kron_gram_add(M, m, in, w, A, in + bias))
         return -1;
-    }
-    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, in, (int)m, 1.0f, M, in, 0.0f, S, in);
-    cv_kron_add_sym(in, S, w, A, in + bias);
     if (bias) {
+        double *cs = calloc((size_t)in, sizeof(double));
+        if (!cs)
+            return -1;
         for (size_t r = 0; r < m; r++)
             for (int a = 0; a < in; a++)
                 cs[a] += M[r * in + a];
         cv_kron_add_bias(in, cs, w, count, A);
+        free(cs);
     }
-    free(S);
-    free(cs);
     return 0;
 }
 

@@ -6,6 +6,7 @@
  * MaxPool1d, AvgPool1d and AdaptiveAvgPool1d are the same at height 1. */
 #include "layer_pool.h"
 #include "layer_passthrough.h"
+#include "bigmem.h"
 #include "parallel.h"
 
 #include <math.h>
@@ -165,7 +166,7 @@ static int maxpool_forward(cv_layer_ctx *c, float *y, cv_err *e)
     size_t planes = (size_t)c->n * C_(c), op = (size_t)OH_(c) * OW_(c),
            ip = (size_t)H_(c) * W_(c);
     cv_layer_ctx_release(c);
-    c->idx = malloc(sizeof(int) * (planes * op + 1));
+    c->idx = cv_big_malloc(sizeof(int) * (planes * op + 1));
     if (!c->idx)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "MaxPool2d indices (%zu)",
                           planes * op);

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bigmem.h"
 #include "part_internal.h"
 #include "names.h"
 
@@ -111,7 +112,7 @@ static int alloc_state(cv_part *c, cv_err *e)
 {
     for (int l = 0; l < c->L; l++) {
         size_t len = (size_t)c->cap * c->numel[l + 1];
-        c->act[l + 1] = malloc(sizeof(float) * (len ? len : 1));
+        c->act[l + 1] = cv_big_malloc(sizeof(float) * (len ? len : 1));
         if (!c->act[l + 1])
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                               "activations of layer %d (%zu floats)", l, len);
@@ -265,7 +266,7 @@ static int ensure_gy(cv_part *c, cv_err *e)
     /* not zeroed: the walk visits every layer and writes or clears its output's */
     for (int l = 0; l < c->L; l++)
         if (!c->gy[l])
-            ok &= (c->gy[l] = malloc(sizeof(float) * ((size_t)c->cap * c->numel[l + 1] + 1))) !=
+            ok &= (c->gy[l] = cv_big_malloc(sizeof(float) * ((size_t)c->cap * c->numel[l + 1] + 1))) !=
                   NULL;
     char active[CV_MAX_LAYERS] = {0}; /* cotangents only: no parameter gradients */
     cv_walk *w = ok ? calloc(1, sizeof *w) : NULL;
@@ -294,7 +295,7 @@ static int ensure_gy(cv_part *c, cv_err *e)
 static int alloc_floats(float **p, size_t n)
 {
     free(*p);
-    *p = malloc(sizeof(float) * (n ? n : 1));
+    *p = cv_big_malloc(sizeof(float) * (n ? n : 1));
     return *p ? 0 : -1;
 }
 

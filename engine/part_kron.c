@@ -73,10 +73,25 @@ static void fill_top(const cv_part *c, cv_curvature kind, const double *S, int j
                 top[((size_t)j * n + i) * C + q] = (float)S[(i * C + q) * C + (size_t)(j0 + j)];
 }
 
+/* Floats one pooled cotangent buffer of a walk may span (8 MB): the walk
+ * takes fewer vectors at a time than the workspace allows where a vector's
+ * cotangents are large (the bench CNN: 1 of its 10 type-2 columns, 12.8 MB
+ * at N = 128, against 128 MB for all ten), so the buffers a walk touches stay
+ * small and in cache; the Kronecker kernels sum each chunk's share into the
+ * factors in double. */
+#define KRON_WALK_FLOATS ((size_t)1 << 21)
+
+static int walk_chunk(const cv_part *c)
+{
+    size_t per = (size_t)c->n * c->max_numel;
+    int k = per > 0 && per * (size_t)c->wk > KRON_WALK_FLOATS ? (int)(KRON_WALK_FLOATS / per) : c->wk;
+    return k < 1 ? 1 : k;
+}
+
 static int walk_chunks(cv_part *c, cv_curvature kind, const char *layers, const char *live,
                        int ktot, const double *S, cv_part_kron_visit fn, void *arg, cv_err *e)
 {
-    int chunk = c->wk < 1 ? 1 : c->wk;
+    int chunk = walk_chunk(c);
     for (int j0 = 0; j0 < ktot; j0 += chunk) {
         int kk = ktot - j0 < chunk ? ktot - j0 : chunk;
         float *top = cv_part_pool_take(c);

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bigmem.h"
 #include "part_internal.h"
 
 void cv_part_pool_free(cv_part *c)
@@ -33,7 +34,7 @@ int cv_part_layer_work(cv_part *c, int l, int k, cv_err *e)
     if (need <= x->work_floats)
         return 0;
     free(x->work);
-    x->work = malloc(sizeof(float) * need);
+    x->work = cv_big_malloc(sizeof(float) * need);
     x->work_floats = x->work ? need : 0;
     if (!x->work)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "layer scratch (%zu floats)",
@@ -86,7 +87,7 @@ float *cv_part_pool_take(cv_part *c)
         return c->free_bufs[--c->nfree];
     if (c->npool == CV_POOL_MAX || !c->pool_floats) /* not sized (cv_part_pool_ensure) */
         return NULL;
-    float *p = malloc(sizeof(float) * (c->pool_floats ? c->pool_floats : 1));
+    float *p = cv_big_malloc(sizeof(float) * (c->pool_floats ? c->pool_floats : 1));
     if (p)
         c->pool[c->npool++] = p;
     return p;
@@ -114,7 +115,7 @@ int cv_part_pool_ensure(cv_part *c, int k, cv_err *e)
 float *cv_part_slot(cv_part *c, int i)
 {
     if (!c->slot_tmp[i] && c->pool_floats)
-        c->slot_tmp[i] = malloc(sizeof(float) * c->pool_floats);
+        c->slot_tmp[i] = cv_big_malloc(sizeof(float) * c->pool_floats);
     return c->slot_tmp[i];
 }
 

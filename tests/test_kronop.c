@@ -4,6 +4,7 @@
  * LAPACK on it. */
 #include "testutil.h"
 
+#include <float.h>
 #include <lapacke.h>
 #include <math.h>
 #include <stdlib.h>
@@ -289,6 +290,67 @@ START_TEST(damped_inverse_vs_solve)
         free(want);
         kcase_free(&c);
     }
+}
+END_TEST
+
+/* y^T M y for k vectors by the forward product (M: KFAC, or EKFAC with s). */
+static void quad_ref(cv_kron_block *kb, const double *s, int k, const double *y, double *q)
+{
+    double *t = malloc(sizeof(double) * kb->dim * k);
+    cv_err e;
+    ck_assert_int_eq(cv_kron_block_apply(kb, s, 0, k, y, t, &e), 0);
+    for (int c = 0; c < k; c++)
+        q[c] = tu_dot(y + (size_t)c * kb->dim, t + (size_t)c * kb->dim, kb->dim);
+    free(t);
+}
+
+/* The inverses' quad outputs (y^T M y from the eigen coordinates, the Newton
+ * step's curvature term) against the forward product: exact damping (KFAC
+ * and EKFAC) and factored damping, including the zero-factor limit. */
+START_TEST(inverse_quad_vs_product)
+{
+    for (int ci = 0; ci < NCASES; ci++) {
+        kcase c;
+        make_case(&c, ci);
+        int n = c.n, k = 2, indef = CASES[ci].bk == B_INDEFINITE;
+        double lambda = indef ? 10.0 : 0.05, q[2], want[2];
+        double *x = randv((size_t)n * k, 8), *y = malloc(sizeof(double) * n * k);
+        double *s = randv((size_t)n, 9);
+        for (int r = 0; r < n; r++)
+            s[r] = fabs(s[r]) + 0.1;
+        cv_err e;
+        ck_assert_int_eq(cv_kron_block_inverse_quad(&c.kb, NULL, lambda, k, x, y, q, &e), 0);
+        quad_ref(&c.kb, NULL, k, y, want);
+        for (int j = 0; j < k; j++)
+            ck_assert_msg(fabs(q[j] - want[j]) < 1e-11 * (1 + fabs(want[j])), "case %d: %g vs %g",
+                          ci, q[j], want[j]);
+        ck_assert_int_eq(cv_kron_block_inverse_quad(&c.kb, s, lambda, k, x, y, q, &e), 0);
+        quad_ref(&c.kb, s, k, y, want);
+        for (int j = 0; j < k; j++)
+            ck_assert_msg(fabs(q[j] - want[j]) < 1e-11 * (1 + fabs(want[j])), "ekfac case %d",
+                          ci);
+        if (!indef) {
+            ck_assert_int_eq(
+                cv_kron_block_factored_inverse_quad(&c.kb, 0.2, k, x, y, NULL, q, &e), 0);
+            quad_ref(&c.kb, NULL, k, y, want);
+            for (int j = 0; j < k; j++)
+                ck_assert_msg(fabs(q[j] - want[j]) < 1e-11 * (1 + fabs(want[j])),
+                              "factored case %d", ci);
+        }
+        free(x);
+        free(y);
+        free(s);
+        kcase_free(&c);
+    }
+    kcase c; /* B = 0: the factored limit X / lambda, M = 0 */
+    kcase_make(&c, 3, 3, 1, B_ZERO, 77);
+    double *x = randv(c.n, 5), *y = malloc(sizeof(double) * c.n), q = 1;
+    cv_err e;
+    ck_assert_int_eq(cv_kron_block_factored_inverse_quad(&c.kb, 0.5, 1, x, y, NULL, &q, &e), 0);
+    ck_assert_double_eq_tol(q, 0, 1e-15);
+    free(x);
+    free(y);
+    kcase_free(&c);
 }
 END_TEST
 
@@ -776,43 +838,94 @@ START_TEST(heap_topk_equals_sort)
 }
 END_TEST
 
-/* A factor with rank r well below n (a sum of r outer products of float32
- * rows, as the Kronecker kernels form them): its eigenvalues from its range
- * (cv_kron_factor_eigenvalues_rank) equal dsyevd's, the noise ones 0 in both. */
-START_TEST(factor_eigenvalues_on_range)
+/* F (n x n) = sum of r outer products of float32 rows, as the Kronecker
+ * kernels form them, and its eigenvalues by LAPACK's dsyevd in double
+ * (rounded as kronop.h says). */
+static double *float_rows_factor(int n, int r, uint64_t seed, double *wref)
 {
-    const int n = 300, r = 40;
-    double *F = calloc((size_t)n * n, sizeof(double));
-    double *w1 = malloc(sizeof(double) * n), *w2 = malloc(sizeof(double) * n);
+    double *F = calloc((size_t)n * n, sizeof(double)), *q = malloc(sizeof(double) * n * n);
     float *U = malloc(sizeof(float) * (size_t)r * n);
     cv_rng g;
-    cv_rng_seed(&g, 7);
+    cv_rng_seed(&g, seed);
     for (int i = 0; i < r * n; i++)
         U[i] = (float)(cv_rng_normal(&g) * (i % 5 == 0 ? 3.0 : 1.0));
     for (int a = 0; a < r; a++)
         for (int i = 0; i < n; i++)
             for (int j = 0; j < n; j++)
                 F[(size_t)i * n + j] += (double)(U[a * n + i] * U[a * n + j]);
+    memcpy(q, F, sizeof(double) * n * n);
+    ck_assert_int_eq(LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'N', 'U', n, q, n, wref), 0);
+    double tol = sqrt((double)n) * FLT_EPSILON * fmax(fabs(wref[0]), fabs(wref[n - 1]));
+    for (int i = 0; i < n; i++) /* kronop.h's rounding: float32 noise is 0 */
+        if (fabs(wref[i]) <= tol)
+            wref[i] = 0;
+    free(q);
+    free(U);
+    return F;
+}
+
+/* ||w - wref|| / ||wref||, ascending w checked, the nonzeros of w counted. */
+static double values_rel(const double *w, const double *wref, int n, int *nz)
+{
+    double num = 0, den = 0;
+    *nz = 0;
+    for (int i = 0; i < n; i++) {
+        num += (w[i] - wref[i]) * (w[i] - wref[i]);
+        den += wref[i] * wref[i];
+        *nz += w[i] != 0;
+        if (i)
+            ck_assert(w[i - 1] <= w[i]);
+    }
+    return sqrt(num / den);
+}
+
+/* A factor with rank r well below n: its eigenvalues from its range
+ * (cv_kron_factor_eigenvalues_rank) equal dsyevd's in double, those of the
+ * values-only route (n >= 128: ssyevd on a float32 copy) within float32
+ * precision, and the noise ones are 0 in both. */
+START_TEST(factor_eigenvalues_on_range)
+{
+    const int n = 300, r = 40;
+    double *wref = malloc(sizeof(double) * n);
+    double *F = float_rows_factor(n, r, 7, wref);
+    double *w1 = malloc(sizeof(double) * n), *w2 = malloc(sizeof(double) * n);
     cv_err e;
     ck_assert_int_eq(cv_kron_factor_eigenvalues(F, n, w1, &e), 0);
     ck_assert_int_eq(cv_kron_factor_eigenvalues_rank(F, n, r, w2, &e), 0);
-    double num = 0, den = 0;
-    int nz1 = 0, nz2 = 0;
-    for (int i = 0; i < n; i++) {
-        num += (w1[i] - w2[i]) * (w1[i] - w2[i]);
-        den += w1[i] * w1[i];
-        nz1 += w1[i] != 0;
-        nz2 += w2[i] != 0;
-        if (i)
-            ck_assert(w2[i - 1] <= w2[i]);
-    }
-    ck_assert_msg(sqrt(num / den) < 1e-12, "rel %g", sqrt(num / den));
+    int nz1, nz2;
+    double r1 = values_rel(w1, wref, n, &nz1), r2 = values_rel(w2, wref, n, &nz2);
+    ck_assert_msg(r1 < 1e-5, "values-only route: rel %g", r1);
+    ck_assert_msg(r2 < 1e-12, "range route: rel %g", r2);
     ck_assert_int_eq(nz1, r);
     ck_assert_int_eq(nz2, r);
     free(F);
     free(w1);
     free(w2);
-    free(U);
+    free(wref);
+}
+END_TEST
+
+/* Full-rank factors: the values-only route (float32 from n = 128 on, double
+ * below) against dsyevd in double, every eigenvalue relatively close. */
+START_TEST(factor_eigenvalues_full_rank)
+{
+    const int ns[] = {60, 200};
+    for (int c = 0; c < 2; c++) {
+        int n = ns[c], nz;
+        double *wref = malloc(sizeof(double) * n), *w = malloc(sizeof(double) * n);
+        double *F = float_rows_factor(n, 2 * n, 11 + (uint64_t)c, wref);
+        cv_err e;
+        ck_assert_int_eq(cv_kron_factor_eigenvalues(F, n, w, &e), 0);
+        double rel = values_rel(w, wref, n, &nz);
+        ck_assert_msg(rel < (n < 128 ? 1e-13 : 1e-5), "n %d: rel %g", n, rel);
+        ck_assert_int_eq(nz, n);
+        for (int i = 0; i < n; i++) /* well conditioned: each value to float32 precision */
+            ck_assert_msg(fabs(w[i] - wref[i]) < (n < 128 ? 1e-12 : 1e-4) * wref[i],
+                          "n %d #%d: %.9g vs %.9g", n, i, w[i], wref[i]);
+        free(F);
+        free(w);
+        free(wref);
+    }
 }
 END_TEST
 
@@ -825,12 +938,14 @@ static Suite *suite(void)
     tcase_add_test(t, matvec_vs_dense);
     tcase_add_test(t, damped_inverse_vs_solve);
     tcase_add_test(t, factored_damping_vs_dense_kron);
+    tcase_add_test(t, inverse_quad_vs_product);
     tcase_add_test(t, trace_diag_logdet_vs_dense);
     tcase_add_test(t, eigen_vs_dsyev);
     tcase_add_test(t, ekfac_rotation_and_operator);
     tcase_add_test(t, block_diagonal_linop);
     tcase_add_test(t, heap_topk_equals_sort);
     tcase_add_test(t, factor_eigenvalues_on_range);
+    tcase_add_test(t, factor_eigenvalues_full_rank);
     suite_add_tcase(s, t);
     return s;
 }

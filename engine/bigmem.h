@@ -1,0 +1,24 @@
+/* bigmem.h - large buffers (factors, pooled cotangents, workspaces, LAPACK
+ * scratch): from a size of CV_BIG_MIN bytes on they are aligned to the
+ * transparent huge page size (2 MiB) and the whole huge pages inside them are
+ * advised MADV_HUGEPAGE (the tail keeps 4 KiB pages, so no buffer holds more
+ * memory than it spans), so that the first touch of a fresh buffer costs one
+ * page fault per 2 MiB instead of one per 4 KiB.  (On the 2-vCPU VMs this
+ * project is measured on, a 4 KiB fault costs 10-20 us: writing 88 MB of
+ * fresh Kronecker factors took ~0.4 s, with huge pages ~0.02 s.)  Where the
+ * kernel has no transparent huge pages, or only "never", the advice is a
+ * no-op and these are plain aligned buffers.  Smaller sizes are plain
+ * malloc / calloc.  Free every buffer with free(). */
+#ifndef CV_BIGMEM_H
+#define CV_BIGMEM_H
+
+#include <stddef.h>
+
+#define CV_BIG_MIN ((size_t)2 << 20)
+
+/* malloc(bytes) (uninitialised), or NULL. */
+void *cv_big_malloc(size_t bytes);
+/* calloc(count, size) (zeroed; NULL on overflow or failure). */
+void *cv_big_calloc(size_t count, size_t size);
+
+#endif
