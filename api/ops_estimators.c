@@ -227,48 +227,18 @@ static const cv_op_method *const diag_methods[] = {&diag_hutchinson, &diag_exact
                                                    NULL};
 
 /* ---- frobenius_norm ------------------------------------------------------- */
-
-typedef struct {
-    cv_op_base base;
-    cv_trace_options o;
-    int method;
-} frob_args;
-
-static const cv_opt_spec frob_opts[] = {
-    {"method", CV_OPT_METHOD, 0, 0, NULL, offsetof(frob_args, method), NULL},
-    {"max_probes", CV_OPT_INT, 1, 1e6, NULL, offsetof(frob_args, o.max_probes), NULL},
-    {"tol", CV_OPT_NUM, 0, 1, NULL, offsetof(frob_args, o.tol), NULL},
-    {"distribution", CV_OPT_ENUM, 0, 0, "rademacher|gaussian",
-     offsetof(frob_args, o.distribution), NULL},
-    {"return_samples", CV_OPT_BOOL, 0, 0, NULL, offsetof(frob_args, o.return_samples), NULL},
-    CV_OPT_MC(frob_args),
-    CV_OPT_KRON(frob_args),
-    CV_OPT_END};
-CV_OPT_TABLE_FITS(frob_opts);
-
-static void frob_defaults(void *p, int method)
-{
-    cv_trace_options_default(&((frob_args *)p)->o);
-}
+/* trace's options (trace_args, trace_opts), its own methods hutchinson and
+ * xnystrace (on A^2). */
 
 static int check_frob_xnys(const cv_opts *opts, cv_curvature kind, cv_err *e)
 {
-    const frob_args *a = opts->args;
-    if (a->o.max_probes < 4)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.max_probes",
-                          "xnystrace on A^2 needs a budget of at least 4 matvecs (2 per test "
-                          "vector) in options.max_probes");
-    if (cv_opts_given(opts, "tol") && a->o.tol > 0)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.tol",
-                          "xnystrace always spends its budget of max_probes matvecs: tol "
-                          "applies to method hutchinson only (omit it, or give 0)");
-    return 0;
+    return check_budget(opts, "xnystrace on A^2 (2 matvecs per test vector)", 4, e);
 }
 
 /* ||A||_F^2 = tr(A^2): Hutchinson on ||A v||^2, or XNysTrace on A^2 (PSD). */
 static int run_frob(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
-    const frob_args *a = c->opts->args;
+    const trace_args *a = c->opts->args;
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_rng r;
@@ -714,7 +684,7 @@ static void mem_trace(const cv_opts *o, cv_curvature kind, const cv_block *b, si
 static void mem_frob(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
                      cv_op_memory *m)
 {
-    const frob_args *a = o->args;
+    const trace_args *a = o->args;
     int blk = est_block(b->dim, a->o.max_probes);
     double x = a->method == 1 ? 3.0 * (a->o.max_probes / 2 + 1) : 0;
     mem_set(m, 2.0 * blk + 2 + x, 0, b->dim, blk);
@@ -787,8 +757,8 @@ const cv_op_def cv_op_trace = {"trace", trace_opts, trace_methods, sizeof(trace_
                                trace_defaults, 1, 1, NULL, NULL, trace_results, NULL, mem_trace, NULL};
 const cv_op_def cv_op_diag = {"diag", diag_opts, diag_methods, sizeof(diag_args),
                               diag_defaults, 1, 1, NULL, NULL, diag_results, NULL, mem_diag, NULL};
-const cv_op_def cv_op_frobenius = {"frobenius_norm", frob_opts, frob_methods,
-                                   sizeof(frob_args), frob_defaults, 1, 1, NULL, NULL,
+const cv_op_def cv_op_frobenius = {"frobenius_norm", trace_opts, frob_methods,
+                                   sizeof(trace_args), trace_defaults, 1, 1, NULL, NULL,
                                    frob_results, NULL, mem_frob, NULL};
 const cv_op_def cv_op_eigen = {"eigen", eigen_opts, eigen_methods, sizeof(cv_eigen_args),
                                eigen_defaults, 1, 1, check_eigen, NULL, eigen_results,

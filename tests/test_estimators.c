@@ -1526,6 +1526,32 @@ START_TEST(cg_refuses_indefinite)
 }
 END_TEST
 
+/* method on the indefinite system (A + d I) x = b for d = 0 and 0.1: converged,
+ * the true residual below 1e-9, x = dgesv's; each product counted once. */
+static void check_vs_dgesv(dmat *m, const double *b, cv_solve_method method)
+{
+    cv_solve_options o;
+    cv_solve_options_default(&o);
+    o.method = method;
+    o.tol = 1e-10;
+    for (int d = 0; d < 2; d++) {
+        o.damping = d ? 0.1 : 0.0;
+        cv_solve_result res;
+        cv_err e;
+        long before = done_of(m);
+        ck_assert_int_eq(cv_solve(&m->op, b, &o, &res, NULL, &e), 0);
+        double *x = dense_solve(m, b, o.damping, 0);
+        ck_assert(res.converged);
+        ck_assert_msg(res.residual < 1e-9, "residual %g", res.residual);
+        ck_assert_msg(relerr(res.x, x, m->n) < 1e-7, "err %g", relerr(res.x, x, m->n));
+        ck_assert_int_eq(done_of(m) - before, res.matvecs);
+        if (method == CV_SOLVE_LSMR)
+            ck_assert_int_eq(res.matvecs, 2L * res.iterations + 2);
+        free(x);
+        cv_solve_result_free(&res);
+    }
+}
+
 START_TEST(minres_indefinite_vs_dgesv)
 {
     int n = 70;
@@ -1535,23 +1561,10 @@ START_TEST(minres_indefinite_vs_dgesv)
     dmat m;
     dmat_spectrum(&m, n, lam, 12);
     double *b = rhs(n, 2);
+    check_vs_dgesv(&m, b, CV_SOLVE_MINRES);
+    /* CG refuses the same system */
     cv_solve_options o;
     cv_solve_options_default(&o);
-    o.method = CV_SOLVE_MINRES;
-    o.tol = 1e-10;
-    for (int d = 0; d < 2; d++) {
-        o.damping = d ? 0.1 : 0.0;
-        cv_solve_result res;
-        cv_err e;
-        ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), 0);
-        double *x = dense_solve(&m, b, o.damping, 0);
-        ck_assert(res.converged);
-        ck_assert_msg(res.residual < 1e-9, "residual %g", res.residual);
-        ck_assert_msg(relerr(res.x, x, n) < 1e-7, "err %g", relerr(res.x, x, n));
-        free(x);
-        cv_solve_result_free(&res);
-    }
-    /* CG refuses the same system */
     o.method = CV_SOLVE_CG;
     o.damping = 0;
     cv_solve_result res;
@@ -1575,26 +1588,12 @@ START_TEST(lsmr_vs_lapack)
     dmat m;
     dmat_spectrum(&m, n, lam, 13);
     double *b = rhs(n, 4);
+    check_vs_dgesv(&m, b, CV_SOLVE_LSMR);
+    dmat_free(&m);
     cv_solve_options o;
     cv_solve_options_default(&o);
     o.method = CV_SOLVE_LSMR;
     o.tol = 1e-10;
-    for (int d = 0; d < 2; d++) {
-        o.damping = d ? 0.1 : 0.0;
-        cv_solve_result res;
-        cv_err e;
-        long before = done_of(&m);
-        ck_assert_int_eq(cv_solve(&m.op, b, &o, &res, NULL, &e), 0);
-        double *x = dense_solve(&m, b, o.damping, 0);
-        ck_assert(res.converged);
-        ck_assert_msg(res.residual < 1e-9, "residual %g", res.residual);
-        ck_assert_msg(relerr(res.x, x, n) < 1e-7, "err %g", relerr(res.x, x, n));
-        ck_assert_int_eq(done_of(&m) - before, res.matvecs);
-        ck_assert_int_eq(res.matvecs, 2L * res.iterations + 2);
-        free(x);
-        cv_solve_result_free(&res);
-    }
-    dmat_free(&m);
     /* rank 10 of 40, b outside the range: least squares, minimum norm */
     n = 40;
     double lr[40] = {0};

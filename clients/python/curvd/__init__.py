@@ -76,6 +76,15 @@ class _Guard:
                 self._runs -= 1
                 self._cond.notify_all()
 
+    def close(self, obj: Any, free: Any) -> None:
+        """Closes obj's handle with free() once no run uses it, its operators first."""
+        if getattr(obj, "_h", None):
+            with self.writing(obj) as h:
+                for op in list(self.operators):
+                    op.close()
+                obj._h = None
+                free(h)
+
     @contextmanager
     def writing(self, obj: Any):
         with self._cond:
@@ -133,12 +142,7 @@ class Model:
 
     def close(self) -> None:
         """Frees the engine's model (after runs on other threads finish)."""
-        if getattr(self, "_h", None):
-            with self._guard.writing(self) as h:
-                for op in list(self._guard.operators):
-                    op.close()
-                self._h = None
-                _lib.lib.curvd_model_close(h)
+        self._guard.close(self, _lib.lib.curvd_model_close)
 
     def __del__(self) -> None:
         if getattr(self, "_h", None):  # no run can hold an unreachable object
@@ -209,12 +213,7 @@ class Data:
 
     def close(self) -> None:
         """Frees the engine's dataset (after runs on other threads finish)."""
-        if getattr(self, "_h", None):
-            with self._guard.writing(self) as h:
-                for op in list(self._guard.operators):
-                    op.close()
-                self._h = None
-                _lib.lib.curvd_data_close(h)
+        self._guard.close(self, _lib.lib.curvd_data_close)
 
     def __del__(self) -> None:
         if getattr(self, "_h", None):
