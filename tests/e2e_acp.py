@@ -25,7 +25,6 @@ Usage: /usr/bin/python3 tests/e2e_acp.py build/curvd.  Ends with 'N passed, M fa
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "clients", "python"))
+import torchref as tr  # noqa: E402
 from e2e_lib import CURVD, check, summary  # noqa: E402
 from curvd_client.torch_export import export_dataset, export_model  # noqa: E402
 
@@ -66,15 +66,8 @@ def write_case(d, model, x, y):
 
 
 def run(d, job):
-    args = [CURVD, "run", "--arch", os.path.join(d, "arch.json"),
-            "--params", os.path.join(d, "params.safetensors"),
-            "--data", os.path.join(d, "data.safetensors"), "--job", "-"]
-    p = subprocess.run(args, input=json.dumps(job), capture_output=True, text=True, timeout=120)
-    out = p.stdout if p.returncode == 0 else p.stderr
-    try:
-        return p.returncode, json.loads(out)
-    except json.JSONDecodeError:
-        return p.returncode, {"raw": out[-2000:]}
+    """`curvd run` on the case in d: (rc, result or error)."""
+    return tr.curvd_run(CURVD, d, job, expect_ok=False)
 
 
 def ok_run(d, name, job):
