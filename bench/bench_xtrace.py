@@ -8,9 +8,7 @@ Usage: python3 bench/bench_xtrace.py [--curvd build/curvd] [--n 256] [--seeds 8]
        [--budget 100] [--threads 2]
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 

@@ -99,7 +99,6 @@ def main():
         for name, A in (("hessian", H), ("ggn", G)):
             check_estimator(d, "trace", name, np.trace(A), ["hutchinson", "hutch++"], "trace")
             check_estimator(d, "diag", name, np.diag(A), ["hutchinson"], "diag")
-        D = G.shape[0]
         r = tr.run(d, {"op": "trace", "curvature": "ggn", "seed": 1,
                        "options": {"method": "xtrace", "max_probes": 60}})
         check("xtrace on the GGN (rank 24 < q - 1 = 29): exact to float32, stderr ~0",
