@@ -576,23 +576,35 @@ typedef struct {
     double *cov;   /* N x C x C */
 } pred;
 
-/* The engine options of a chunk's engine: the job's, one process, its own
- * vectors; within what the job's engine leaves of the budget. */
-static void chunk_options(cv_op_ctx *c, size_t vec_bytes, int k, cv_curv_options *so)
+/* The engine options of a chunk's engine (ns samples of xs, k vectors): the
+ * job's, one process; within the budget beside the job's engine when what it
+ * holds leaves room, else the job's engine gives up its kept states (as op
+ * eigen's gram sub-sample engine; the op's vectors are counted by the job's). */
+static void chunk_options(cv_op_ctx *c, const cv_batch *xs, size_t ns, int k,
+                          cv_curv_options *so)
 {
     *so = *cv_curv_get_options(c->curv);
     int collective = cv_comm_active(so->comm);
     so->comm = NULL;
     so->progress = collective ? NULL : c->progress;
-    so->vector_bytes = vec_bytes;
+    so->vector_bytes = 0;
     so->factor_bytes = 0;
     so->max_vectors = k;
     so->pairs = 0;
     so->micro_batch = 0;
     so->kind = CV_CURV_GGN;
-    if (so->memory_budget) {
+    size_t budget = so->memory_budget;
+    if (!budget)
+        return;
+    cv_curv_plan held, fits;
+    cv_err ignored;
+    cv_curv_memory(c->curv, &held);
+    so->memory_budget = budget > held.peak_bytes ? budget - held.peak_bytes : 1;
+    cv_batch sub;
+    cv_batch_view(xs, 0, ns, &sub);
+    if (cv_curv_plan_memory(c->m, &sub, so, &fits, &ignored)) {
         size_t keep = cv_curv_release_states(c->curv);
-        so->memory_budget = so->memory_budget > keep ? so->memory_budget - keep : 1;
+        so->memory_budget = budget > keep ? budget - keep : 1;
     }
 }
 
@@ -652,8 +664,8 @@ static int predictive(pstate *s, cv_posterior *P, const cv_batch *xs, pred *out,
                  ? 0
                  : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "predictive");
     cv_curv_options so;
-    chunk_options(s->c, sizeof(double) * (2 * D + (size_t)mr) * k + sizeof(float) * k * ns * C,
-                  (int)k, &so);
+    if (!rc)
+        chunk_options(s->c, xs, ns, (int)k, &so);
     for (size_t off = 0; off < N && !rc; off += ns)
         rc = predict_chunk(s, P, xs, off, N - off < ns ? N - off : ns, &so, cot, Y, W, Wm, out,
                            e);
