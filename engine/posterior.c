@@ -151,6 +151,7 @@ void cv_posterior_free(cv_posterior *P)
             cv_kron_block_free(&s->kron);
     }
     free(P->slots);
+    free(P->work);
     free(P->L);
     free(P->p);
     free(P->U);
@@ -163,54 +164,91 @@ int cv_posterior_minus_rank(const cv_posterior *P)
     return P->kind == CV_POST_LOWRANK ? P->k : 0;
 }
 
-/* Slot s on k vectors: gather its rows of X (dim x k) into B (s->dim x k),
- * whiten (trans 0) or sample (trans 1, k = 1) in place, scatter into Y. */
-static int slot_apply(cv_post_slot *s, size_t dim, int k, const double *X, double *Y,
-                      int sample, double *B, double *T, cv_err *e)
+/* z = Q^T x for one vector x of a Kronecker block (eigen coordinates).  When
+ * x's matrix form W~ is of rank one to 1e-6 relative (a Linear layer's
+ * per-sample output Jacobian row, b a^T: not a layer that shares weights), as
+ * (Q_B^T u) (x) (Q_A^T v) in O(dim_a^2 + dim_b^2) instead of the two-sided
+ * rotation's O(dim (dim_a + dim_b)); the rank-one fit's error is below the
+ * float32 rounding of the Jacobian itself.  m: dim + 2 dim_b + dim_a scratch. */
+static int kron_rotate_one(cv_kron_block *kb, const double *x, double *z, double *m, cv_err *e)
 {
-    size_t n = s->dim;
-    for (int j = 0; j < k; j++)
-        for (size_t i = 0; i < n; i++)
-            B[(size_t)j * n + i] = X[(size_t)j * dim + s->idx[i]];
-    if (s->is_kron) {
-        if (!sample) { /* W = diag(s)^-1/2 Q^T x */
-            if (cv_kron_block_rotate(&s->kron, k, B, T, e))
-                return -1;
-            for (int j = 0; j < k; j++)
-                for (size_t c = 0; c < n; c++)
-                    B[(size_t)j * n + c] = T[(size_t)j * n + c] / sqrt(s->s[c]);
-        } else { /* R z = Q diag(s)^-1/2 z */
-            for (int j = 0; j < k; j++)
-                for (size_t c = 0; c < n; c++)
-                    T[(size_t)j * n + c] = B[(size_t)j * n + c] / sqrt(s->s[c]);
-            if (cv_kron_block_unrotate(&s->kron, k, T, B, e))
-                return -1;
+    int da = kb->dim_a, db = kb->dim_b, ob = 0;
+    double *u = m + kb->dim, *qb = u + db, *qa = qb + db;
+    cv_kron_theta_to_mat(kb, 1, x, m); /* column o (dim_a numbers): row o of W~ */
+    double tot = 0, best = -1;
+    for (int o = 0; o < db; o++) {
+        double c = cblas_ddot(da, m + (size_t)o * da, 1, m + (size_t)o * da, 1);
+        tot += c;
+        if (c > best) {
+            best = c;
+            ob = o;
         }
-    } else if (n) { /* P = L L^T: whiten L^-1 x, sample L^-T z */
-        cblas_dtrsm(CblasColMajor, CblasLeft, CblasLower, sample ? CblasTrans : CblasNoTrans,
-                    CblasNonUnit, (int)n, k, 1.0, s->L, (int)n, B, (int)n);
     }
-    for (int j = 0; j < k; j++)
-        for (size_t i = 0; i < n; i++)
-            Y[(size_t)j * dim + s->idx[i]] = B[(size_t)j * n + i];
+    if (!(tot > 0)) {
+        memset(z, 0, sizeof(double) * kb->dim);
+        return 0;
+    }
+    const double *v = m + (size_t)ob * da; /* W~ = u v^T: u_o = <v, row o> / <v, v> */
+    cblas_dgemv(CblasColMajor, CblasTrans, da, db, 1.0 / best, m, da, v, 1, 0.0, u, 1);
+    double uu = cblas_ddot(db, u, 1, u, 1);
+    if (tot - best * uu > 1e-12 * tot)
+        return cv_kron_block_rotate(kb, 1, x, z, e);
+    cblas_dgemv(CblasColMajor, CblasTrans, db, db, 1.0, kb->q_b, db, u, 1, 0.0, qb, 1);
+    cblas_dgemv(CblasColMajor, CblasTrans, da, da, 1.0, kb->q_a, da, v, 1, 0.0, qa, 1);
+    for (int o = 0; o < db; o++)
+        for (int i = 0; i < da; i++)
+            z[(size_t)o * da + i] = qb[o] * qa[i];
     return 0;
 }
 
+/* Slot s on vector x (the posterior's dim): gather its rows into B, whiten
+ * (sample 0) or sample (1) into T, scatter into y.  m: kron_rotate_one's
+ * scratch. */
+static int slot_apply(cv_post_slot *s, const double *x, double *y, int sample, double *B,
+                      double *T, double *m, cv_err *e)
+{
+    size_t n = s->dim;
+    for (size_t i = 0; i < n; i++)
+        B[i] = x[s->idx[i]];
+    if (s->is_kron && !sample) { /* W = diag(s)^-1/2 Q^T x */
+        if (kron_rotate_one(&s->kron, B, T, m, e))
+            return -1;
+        for (size_t c = 0; c < n; c++)
+            T[c] /= sqrt(s->s[c]);
+    } else if (s->is_kron) { /* R z = Q diag(s)^-1/2 z */
+        for (size_t c = 0; c < n; c++)
+            B[c] /= sqrt(s->s[c]);
+        if (cv_kron_block_unrotate(&s->kron, 1, B, T, e))
+            return -1;
+    } else { /* P = L L^T: whiten L^-1 x, sample L^-T z */
+        memcpy(T, B, sizeof(double) * n);
+        if (n)
+            cblas_dtrsv(CblasColMajor, CblasLower, sample ? CblasTrans : CblasNoTrans,
+                        CblasNonUnit, (int)n, s->L, (int)n, T, 1);
+    }
+    for (size_t i = 0; i < n; i++)
+        y[s->idx[i]] = T[i];
+    return 0;
+}
+
+/* The slots on k vectors; the scratch (6 x the largest slot) is the
+ * posterior's, kept between calls (no allocation per vector). */
 static int blocks_apply(cv_posterior *P, int k, const double *X, double *Y, int sample,
                         cv_err *e)
 {
     size_t most = 0;
     for (int i = 0; i < P->nslots; i++)
         most = P->slots[i].dim > most ? P->slots[i].dim : most;
-    double *B = malloc(sizeof(double) * (most * (size_t)k * 2 + 1)), *T = B + most * (size_t)k;
-    if (!B)
+    if (!P->work && !(P->work = malloc(sizeof(double) * (6 * most + 8))))
         return oom(e, "posterior scratch");
+    double *B = P->work, *T = B + most, *m = T + most;
     memset(Y, 0, sizeof(double) * P->dim * (size_t)k); /* coordinates outside every slot */
-    int rc = 0;
-    for (int i = 0; i < P->nslots && !rc; i++)
-        rc = slot_apply(&P->slots[i], P->dim, k, X, Y, sample, B, T, e);
-    free(B);
-    return rc;
+    for (int j = 0; j < k; j++)
+        for (int i = 0; i < P->nslots; i++)
+            if (slot_apply(&P->slots[i], X + (size_t)j * P->dim, Y + (size_t)j * P->dim, sample,
+                           B, T, m, e))
+                return -1;
+    return 0;
 }
 
 int cv_posterior_whiten(cv_posterior *P, int k, const double *X, double *W, double *Wm,

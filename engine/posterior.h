@@ -11,6 +11,8 @@
  *   sample:  for z (dim), R z with R R^T = P^-1 (not LOWRANK), so that
  *            theta + R z ~ N(theta, P^-1) for z ~ N(0, I).
  *
+ * Not thread-safe: whiten and sample use the posterior's scratch.
+ *
  * Errors: 0, or -1 with *e filled (CV_ENOMEM; CV_EINVAL
  * "not_positive_definite", field "options.prior_precision", when P is not
  * positive definite at the given precisions).
@@ -47,6 +49,7 @@ typedef struct {
     int k;                 /* LOWRANK: P = V S V^T + P0 with k columns; */
     double *U;             /* U = P0^-1 V S^1/2 (dim x k) */
     double *M;             /* lower Cholesky factor of I + S^1/2 V^T P0^-1 V S^1/2 (k x k) */
+    double *work;          /* BLOCKS: scratch of whiten / sample (owned) */
 } cv_posterior;
 
 /* DENSE: P = g G + diag(p0) (G: dim x dim column-major, symmetric; taken:

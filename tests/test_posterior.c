@@ -33,7 +33,7 @@ static void spd(double *S, int n, double shift)
 }
 
 /* Checks P's whitening and sampling against the dense Pd (D x D). */
-static void check_against(cv_posterior *P, const double *Pd, int can_sample)
+static void check_against(cv_posterior *P, const double *Pd, int can_sample, const double *Xin)
 {
     double Pi[D * D];
     memcpy(Pi, Pd, sizeof Pi);
@@ -44,7 +44,7 @@ static void check_against(cv_posterior *P, const double *Pd, int can_sample)
             Pi[c * D + r] = Pi[r * D + c];
     double X[D * NX], W[D * NX], Wm[D * NX];
     for (int i = 0; i < D * NX; i++)
-        X[i] = rnd();
+        X[i] = Xin ? Xin[i] : rnd();
     cv_err e;
     ck_assert_int_eq(cv_posterior_whiten(P, NX, X, W, Wm, &e), 0);
     int mr = cv_posterior_minus_rank(P);
@@ -96,7 +96,7 @@ START_TEST(dense_and_diag)
     double *Gc = malloc(sizeof G);
     memcpy(Gc, G, sizeof G);
     ck_assert_int_eq(cv_posterior_dense(&P, D, Gc, g, p0, &e), 0);
-    check_against(&P, Pd, 1);
+    check_against(&P, Pd, 1, NULL);
     cv_posterior_free(&P);
     double d[D];
     memset(Pd, 0, sizeof Pd);
@@ -105,7 +105,7 @@ START_TEST(dense_and_diag)
         Pd[i * D + i] = g * d[i] + p0[i];
     }
     ck_assert_int_eq(cv_posterior_diag(&P, D, d, g, p0, &e), 0);
-    check_against(&P, Pd, 1);
+    check_against(&P, Pd, 1, NULL);
     cv_posterior_free(&P);
 }
 END_TEST
@@ -146,7 +146,20 @@ START_TEST(kron_and_dense_blocks_on_scattered_coordinates)
     ck_assert_int_eq(cv_kron_block_init(&kb, 1, 2, 1, Ac, Bc, 1, &e), 0);
     ck_assert_int_eq(cv_posterior_slot_kron(&P, 0, i0, &kb, g, 0.5, &e), 0);
     ck_assert_int_eq(cv_posterior_slot_dense(&P, 1, i1, 3, Gc, g, 2.0, &e), 0);
-    check_against(&P, Pd, 1);
+    check_against(&P, Pd, 1, NULL);
+    /* vectors whose Kronecker part is of rank one (W~ = u v^T: theta = [u0 v0, u1 v0,
+     * u0 v1, u1 v1], a Linear layer's per-sample Jacobian row): the rank-one path */
+    double X[D * NX];
+    for (int j = 0; j < NX; j++) {
+        double u[2] = {rnd(), rnd()}, v[2] = {rnd(), rnd()};
+        double th[4] = {u[0] * v[0], u[1] * v[0], u[0] * v[1], u[1] * v[1]};
+        for (int i = 0; i < 4; i++)
+            X[j * D + i0[i]] = th[i];
+        for (int i = 0; i < 3; i++)
+            X[j * D + i1[i]] = rnd();
+    }
+    X[D + i0[0]] = X[D + i0[1]] = X[D + i0[2]] = X[D + i0[3]] = 0; /* and a zero one */
+    check_against(&P, Pd, 1, X);
     cv_posterior_free(&P);
     cv_kron_block_free(&ref);
     free(A);
@@ -171,7 +184,7 @@ START_TEST(lowrank_woodbury)
     cv_err e;
     ck_assert_int_eq(cv_posterior_lowrank(&P, D, 2, V, lam, g, p0, &e), 0);
     ck_assert_int_eq(cv_posterior_minus_rank(&P), 2);
-    check_against(&P, Pd, 0);
+    check_against(&P, Pd, 0, NULL);
     cv_posterior_free(&P);
 }
 END_TEST
