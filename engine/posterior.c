@@ -74,6 +74,9 @@ static int slot_idx(cv_post_slot *s, const size_t *idx, size_t dim, cv_err *e)
     if (!(s->idx = malloc(sizeof(size_t) * (dim ? dim : 1))))
         return oom(e, "posterior block coordinates");
     memcpy(s->idx, idx, sizeof(size_t) * dim);
+    s->contiguous = 1;
+    for (size_t i = 1; i < dim; i++)
+        s->contiguous &= idx[i] == idx[0] + i;
     return 0;
 }
 
@@ -90,8 +93,10 @@ int cv_posterior_slot_kron(cv_posterior *P, int i, const size_t *idx, cv_kron_bl
         return oom(e, "posterior eigenvalues");
     if (cv_kron_block_eig(&s->kron, e) || cv_kron_block_products(&s->kron, s->s, e))
         return -1;
-    for (size_t c = 0; c < s->dim; c++)
-        if (!((s->s[c] = g * s->s[c] + delta) > 0))
+    for (size_t c = 0; c < s->dim; c++) /* kept as P's eigenvalues^-1/2 */
+        if ((s->s[c] = g * s->s[c] + delta) > 0)
+            s->s[c] = 1 / sqrt(s->s[c]);
+        else
             return not_pd(e);
     return 0;
 }
@@ -208,16 +213,19 @@ static int slot_apply(cv_post_slot *s, const double *x, double *y, int sample, d
                       double *T, double *m, cv_err *e)
 {
     size_t n = s->dim;
-    for (size_t i = 0; i < n; i++)
-        B[i] = x[s->idx[i]];
+    if (s->contiguous && n)
+        memcpy(B, x + s->idx[0], sizeof(double) * n);
+    else
+        for (size_t i = 0; i < n; i++)
+            B[i] = x[s->idx[i]];
     if (s->is_kron && !sample) { /* W = diag(s)^-1/2 Q^T x */
         if (kron_rotate_one(&s->kron, B, T, m, e))
             return -1;
         for (size_t c = 0; c < n; c++)
-            T[c] /= sqrt(s->s[c]);
+            T[c] *= s->s[c];
     } else if (s->is_kron) { /* R z = Q diag(s)^-1/2 z */
         for (size_t c = 0; c < n; c++)
-            B[c] /= sqrt(s->s[c]);
+            B[c] *= s->s[c];
         if (cv_kron_block_unrotate(&s->kron, 1, B, T, e))
             return -1;
     } else { /* P = L L^T: whiten L^-1 x, sample L^-T z */
@@ -226,8 +234,11 @@ static int slot_apply(cv_post_slot *s, const double *x, double *y, int sample, d
             cblas_dtrsv(CblasColMajor, CblasLower, sample ? CblasTrans : CblasNoTrans,
                         CblasNonUnit, (int)n, s->L, (int)n, T, 1);
     }
-    for (size_t i = 0; i < n; i++)
-        y[s->idx[i]] = T[i];
+    if (s->contiguous && n)
+        memcpy(y + s->idx[0], T, sizeof(double) * n);
+    else
+        for (size_t i = 0; i < n; i++)
+            y[s->idx[i]] = T[i];
     return 0;
 }
 

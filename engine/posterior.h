@@ -33,9 +33,10 @@ typedef enum { CV_POST_DENSE = 0, CV_POST_DIAG, CV_POST_BLOCKS, CV_POST_LOWRANK 
 typedef struct {
     size_t dim;
     size_t *idx;           /* its coordinates in the posterior's vector (owned) */
+    int contiguous;        /* idx is idx[0], idx[0] + 1, ... */
     cv_kron_block kron;    /* is_kron: the layer's factors (owns them) */
     int is_kron;
-    double *s;             /* is_kron: P's eigenvalues in eigen coordinates (dim) */
+    double *s;             /* is_kron: P's eigenvalues^-1/2 in eigen coordinates (dim) */
     double *L;             /* dense: lower Cholesky factor of P's block (dim x dim) */
 } cv_post_slot;
 
