@@ -19,9 +19,11 @@ last_layer: the last layer's), g = 1 / (sigma^2 T). Cases: an MLP classifier
   - optimize_prior: the prior precision of op laplace's optimum;
   - posterior_samples (full, diag, kron, last_layer kron): whitened by P's Cholesky factor
     (L^T (theta_s - theta)), their mean ~ 0 and covariance ~ I (loose, 4000 draws);
-  - refusals (400 with the field): return_covariance with too many outputs, options.x of
-    the wrong size, samples out of range, posterior samples with lowrank or too many,
-    sigma_noise with a classifier; at submit under curvd serve.
+  - CrossEntropyLoss with reduction sum (full, kron);
+  - refusals (400 with the field): a classifier with several class positions per sample,
+    return_covariance with too many outputs, options.x of the wrong size, samples out of
+    range, posterior samples with lowrank or too many, sigma_noise with a classifier; at
+    submit under curvd serve.
 Ends with 'N passed, M failed'.
 """
 import json
@@ -278,7 +280,13 @@ def check_refusals(root, d_cls, d_reg):
     os.makedirs(dw)
     tr.write_case(dw, wide, [2], torch.nn.CrossEntropyLoss(), torch.randn(8, 2),
                   torch.randint(0, 300, (8,)))
+    seq = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 1))  # [3 classes, 4 positions]
+    ds = os.path.join(root, "seq")
+    os.makedirs(ds)
+    tr.write_case(ds, seq, [2, 4], torch.nn.CrossEntropyLoss(), torch.randn(8, 2, 4),
+                  torch.randint(0, 3, (8, 4)))
     cases = [
+        (ds, {}, "model", "invalid_model"),
         (dw, {"structure": "diag", "return_covariance": True}, "options.return_covariance",
          "too_large"),
         (dw, {"structure": "diag", "return_posterior_samples": True, "samples": 100000},
@@ -342,6 +350,15 @@ def main():
             dirs[name] = (d, el.Ref(m, x, y, loss))
         for name, tag in (("cls", "CE"), ("reg", "MSE"), ("bce", "BCE")):
             check_case(tag, dirs[name][0], dirs[name][1], name)
+        # CrossEntropyLoss with reduction sum: ggn_factor 1, the same posterior
+        m, x, y, loss = el.classifier("sum")
+        d = os.path.join(root, "sum")
+        os.makedirs(d)
+        tr.write_case(d, m, list(x.shape[1:]), loss, x, y)
+        ref = el.Ref(m, x, y, loss)
+        for st in ("full", "kron"):
+            r, f, S = check_predictive("CE sum", d, ref, st, [0.7])
+            check(f"CE sum {st}: ggn_factor 1", r.get("ggn_factor") == 1, str(r.get("ggn_factor")))
         check_samples("CE", *dirs["cls"])
         check_refusals(root, dirs["cls"][0], dirs["reg"][0])
     check_service()
