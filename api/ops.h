@@ -138,6 +138,7 @@ extern const cv_op_def cv_op_snr;
 extern const cv_op_def cv_op_kfac; /* api/ops_kron.c */
 extern const cv_op_def cv_op_jvp, cv_op_vjp, cv_op_jacobian; /* api/ops_jacobian.c */
 extern const cv_op_def cv_op_laplace; /* api/ops_laplace.c */
+extern const cv_op_def cv_op_predict; /* api/ops_predict.c */
 
 /* ViViT methods (api/ops_vivit.c): eigen "gram", newton "vivit". */
 extern const cv_op_method cv_method_eigen_gram, cv_method_newton_vivit;

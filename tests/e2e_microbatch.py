@@ -31,7 +31,8 @@ Hessian/GGN products against torch (the mean's 1/M counts the targets of every
 micro-batch) and micro-batched = un-budgeted for every curvature; a job_memory refusal
 (400 over HTTP, exit 1 from curvd run) naming the bytes needed; micro_batch refused when it is
 not an integer >= 1; `curvd serve --job-memory` running a budgeted job like `curvd run`.
-Set VERBOSE=1 to print every check, MB_CASES=mlp,cnn,graph to run some cases only.
+Set VERBOSE=1 to print every check, MB_CASES=mlp,cnn,graph to run some cases only,
+MB_OPS=op1,op2 to run some ops' jobs only.
 Ends with 'N passed, M failed'.
 """
 import copy
@@ -348,6 +349,12 @@ def job_variants(op, spec, curv, damping, dense_blocks=None, kfra=True):
                                                          "optimize_prior": True}))
             out.append(j("laplace last_layer", {"structure": "last_layer",
                                                 "prior_precision": 0.5}))
+        elif op == "predict":
+            out.append(j("predict kron mc", {"structure": "kron", "samples": 50,
+                                             "return_covariance": True}))
+            out.append(j("predict last_layer posterior_samples",
+                         {"structure": "last_layer", "samples": 5,
+                          "return_posterior_samples": True}))
         elif op == "snr":
             out.append(j("snr", {"k": 3, "return_raw": True}))
             out.append(j("snr mc subsample", {"k": 2, "mc": True, "subsample": 0.5}))
@@ -455,6 +462,8 @@ def check_matrix(tag, d, specs, run=None, how="three ways"):
         for op in order:
             spec = specs[op]
             if (curv is None) == spec["uses_curvature"]:
+                continue
+            if os.environ.get("MB_OPS") and op not in os.environ["MB_OPS"].split(","):
                 continue
             damping = spd_damping(ext.get("largest", 1.0), ext.get("smallest", 0.0))
             for label, job in job_variants(op, spec, curv, damping, DENSE_BLOCKS.get(tag),

@@ -106,6 +106,8 @@ job newton-acp "{\"op\": \"newton\", $M, $S, \"blocks\": \"layer\", \"options\":
 job snr "{\"op\": \"snr\", $M, $S, \"curvature\": \"ggn\", \"options\": {\"k\": 2, \"return_raw\": true}}"
 job laplace "{\"op\": \"laplace\", $M, $S, \"options\": {\"structure\": \"kron\", \"prior_precision\": [1, 2], \"optimize_prior\": true}}"
 job laplace-lowrank "{\"op\": \"laplace\", $M, $S, \"options\": {\"structure\": \"last_layer\", \"last_layer_structure\": \"lowrank\", \"k\": 3}}"
+job predict "{\"op\": \"predict\", $M, $S, \"options\": {\"structure\": \"last_layer\", \"samples\": 20, \"return_covariance\": true, \"return_posterior_samples\": true}}"
+job predict-x "{\"op\": \"predict\", $M, $S, \"options\": {\"structure\": \"kron\", \"optimize_prior\": true, \"x\": [$(awk 'BEGIN { for (i = 0; i < 128; i++) printf "%s0.5", (i ? "," : "") }')]}}"
 refused "unknown option" "{\"op\": \"eigen\", $M, \"options\": {\"k\": 3, \"bogus_option\": 1}}"
 refused "option below its minimum" "{\"op\": \"trace\", $M, \"options\": {\"max_probes\": 0}}"
 refused "option above its maximum" "{\"op\": \"density\", $M, \"options\": {\"runs\": 10001}}"

@@ -125,7 +125,7 @@ START_TEST(did_you_mean_ops_options_fields)
     refused("{\"op\":\"nope-at-all\"}", "unknown_op", "op",
             "unknown op 'nope-at-all' (known: loss, gradient, matvec, dense, "
             "per_sample_gradients, trace, diag, eigen, density, solve, newton, snr, kfac, "
-            "frobenius_norm, jvp, vjp, jacobian, laplace)");
+            "frobenius_norm, jvp, vjp, jacobian, laplace, predict)");
     refused("{\"op\":\"trace\",\"options\":{\"max_probe\":5}}", "unknown_option",
             "options.max_probe", "did you mean 'max_probes'?");
     refused("{\"op\":\"trace\",\"options\":{\"probes\":5}}", "unknown_option", "options.probes",
@@ -524,6 +524,11 @@ START_TEST(results_match_the_table)
         "{\"op\":\"laplace\",\"options\":{\"structure\":\"lowrank\",\"k\":2,"
         "\"optimize_prior\":true}}",
         "{\"op\":\"laplace\",\"options\":{\"structure\":\"last_layer\",\"prior_precision\":[2]}}",
+        "{\"op\":\"predict\",\"options\":{\"structure\":\"kron\",\"samples\":5,"
+        "\"return_covariance\":true,\"return_posterior_samples\":true}}",
+        "{\"op\":\"predict\",\"options\":{\"structure\":\"last_layer\","
+        "\"last_layer_structure\":\"lowrank\",\"k\":2,\"optimize_prior\":true,"
+        "\"x\":[0.1,0.2,0.3,0.4,-1,0,1,2]}}",
         /* Kronecker curvatures: exact, block_kinds (and trace's logdet) */
         "{\"op\":\"matvec\",\"curvature\":\"kfac\",\"options\":{\"probe_seed\":1}}",
         "{\"op\":\"dense\",\"curvature\":\"kflr\",\"blocks\":\"layer\"}",
