@@ -9,6 +9,7 @@
 #include "api/op_util.h"
 #include "engine/est_util.h"
 #include "api/ops.h"
+#include "engine/diag_exact.h"
 #include "engine/estimators.h"
 
 #define BIG 1e9
@@ -186,6 +187,41 @@ static int check_xdiag(const cv_opts *opts, cv_curvature kind, cv_err *e)
     return 0;
 }
 
+/* method exact by backpropagation (engine/diag_exact.h) where it applies:
+ * 1 when it ran, 0 when the identity columns should run instead (another
+ * curvature, or a layer without the kernel while the block is within the
+ * dense limit), -1 with e (a layer without the kernel above the limit). */
+static int diag_backprop(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    if (c->kron || (c->kind != CV_CURV_GGN && c->kind != CV_CURV_FISHER_MC &&
+                    c->kind != CV_CURV_EF))
+        return 0;
+    if (cv_diag_backprop_check(c->m, c->kind, b, e))
+        return b->dim > c->lim->dense_max ? -1 : 0;
+    double *d = malloc(sizeof(double) * (b->dim + 1));
+    if (cv_curv_agree(c->curv, d ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                                                  "exact diagonal"), e)) {
+        free(d);
+        return -1;
+    }
+    if (cv_curv_diag_backprop(c->curv, c->kind, b, d, e)) {
+        free(d);
+        return -1;
+    }
+    double tr = 0;
+    for (size_t i = 0; i < b->dim; i++)
+        tr += d[i];
+    cJSON_AddStringToObject(out, "method", c->method);
+    cJSON_AddItemToObject(out, "diag", cv_json_doubles(d, b->dim));
+    memset(d, 0, sizeof(double) * b->dim);
+    cJSON_AddItemToObject(out, "stderr", cv_json_doubles(d, b->dim));
+    cJSON_AddNumberToObject(out, "trace", tr);
+    cJSON_AddNumberToObject(out, "probes", 0);
+    cJSON_AddBoolToObject(out, "backprop", 1);
+    free(d);
+    return 1;
+}
+
 /* One run for every method (diag_methods: 0 hutchinson, 1 exact, 2 xdiag). */
 static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
@@ -193,6 +229,8 @@ static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_diag_options o = a->o;
     int exact = a->method == 1, x = cv_op_kron_diag(c, b, out, e);
     if (x)
+        return x < 0 ? -1 : 0;
+    if (exact && (x = diag_backprop(c, b, out, e)))
         return x < 0 ? -1 : 0;
     if (exact && b->dim > c->lim->dense_max)
         return cv_err_set(e, CV_ETOOLARGE, "too_large", "options.method",
@@ -216,6 +254,8 @@ static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
         tr += res.diag[i];
     cJSON_AddNumberToObject(out, "trace", tr);
     cJSON_AddNumberToObject(out, "probes", res.probes);
+    if (exact)
+        cJSON_AddBoolToObject(out, "backprop", 0);
     cv_diag_result_free(&res);
     return 0;
 }
@@ -609,8 +649,8 @@ static const char *const trace_results[] = {"method", "trace",  "stderr", "probe
                                             "samples", "logdet", CV_KRON_RESULTS, NULL};
 static const char *const frob_results[] = {"method", "frobenius_norm", "frobenius_norm_squared",
                                            "stderr", "probes", "samples", CV_KRON_RESULTS, NULL};
-static const char *const diag_results[] = {"method", "diag", "stderr", "trace", "probes",
-                                           CV_KRON_RESULTS, NULL};
+static const char *const diag_results[] = {"method", "diag",     "stderr",        "trace",
+                                           "probes", "backprop", CV_KRON_RESULTS, NULL};
 static const char *const eigen_results[] = {
     "method",     "which",        "eigenvalues", "residuals", "converged",
     "iterations", "eigenvectors", FACTOR_RESULTS, CV_KRON_RESULTS, NULL};

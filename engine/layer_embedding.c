@@ -220,6 +220,7 @@ static void emb_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned
 }
 
 static const cv_layer_ops embedding_ops = {
+    .diag_add = cv_layer_diag_per_sample,
     .work_size = cv_no_work,
     .forward = emb_forward,
     .vjp = emb_vjp,

@@ -1,0 +1,29 @@
+/* diag_exact.h - the exact diagonal of ggn, fisher_mc and ef by
+ * backpropagation (BackPACK's DiagGGNExact, DiagGGNMC and the squared
+ * sample gradients of its BatchDiagGGN/SumGradSquared family): one backward
+ * walk of the curvature's output factor (engine/part.h cv_part_kron_walk:
+ * the C columns of the loss Hessian's square root, the mc_samples gradient
+ * samples fisher_mc draws, or the sample gradients), each layer squaring
+ * the per-(sample, column) gradients of its parameters (layer.h diag_add),
+ * summed over micro-batches and ranks.  Cost: the gradient's forward pass
+ * and one backward walk of C (ggn), mc_samples (fisher_mc) or 1 (ef)
+ * stacked vectors, at any dimension. */
+#ifndef CV_DIAG_EXACT_H
+#define CV_DIAG_EXACT_H
+
+#include "curv.h"
+
+/* 0 when cv_curv_diag_backprop can compute kind's diagonal on block b of
+ * model m: kind is ggn, fisher_mc or ef, and every layer with a tensor in
+ * the block has a diag_add kernel and no tensor of the block is used by
+ * several layers (tied weights: a sample's gradient would sum over the uses
+ * before squaring).  Else -1 with e (CV_EINVAL "unsupported", field
+ * "options.method") naming the first layer at fault. */
+int cv_diag_backprop_check(const cv_model *m, cv_curvature kind, const cv_block *b, cv_err *e);
+
+/* d (b->dim doubles, in the block's vector order) = the exact diagonal of
+ * kind on block b, on every rank (collective: every rank calls it). */
+int cv_curv_diag_backprop(cv_curv *c, cv_curvature kind, const cv_block *b, double *d,
+                          cv_err *e);
+
+#endif
