@@ -400,7 +400,7 @@ static int linear_ekfac_add(const cv_layer_ctx *c, int k, const float *gy, const
 
 /* Exact diagonal (layer.h diag_add).  One row per sample: g_ji = gy_ji x_i^T
  * is rank one, so sum_j sum_i g_ji.^2 = s^T (x.^2) with s_i = sum_j gy_ji.^2
- * (one GEMM over the samples, in double); T rows: g_ji = gy_ji^T x_i formed
+ * (one float GEMM over the samples, added to d in double); T rows: g_ji = gy_ji^T x_i formed
  * per (vector, sample) and squared. */
 static int linear_diag_add(const cv_layer_ctx *c, int k, const float *gy, double *d)
 {
@@ -426,27 +426,29 @@ static int linear_diag_add(const cv_layer_ctx *c, int k, const float *gy, double
         free(g);
         return 0;
     }
-    double *sq = malloc(sizeof(double) * (size_t)n * out);
-    double *x2 = malloc(sizeof(double) * (size_t)n * in);
-    if (!sq || !x2) {
-        free(sq), free(x2);
+    size_t nw = (size_t)out * in;
+    float *sq = malloc(sizeof(float) * ((size_t)n * out + (size_t)n * in + nw));
+    if (!sq)
         return -1;
-    }
-    memset(sq, 0, sizeof(double) * (size_t)n * out);
+    float *x2 = sq + (size_t)n * out, *w = x2 + (size_t)n * in;
+    memset(sq, 0, sizeof(float) * (size_t)n * out);
     for (size_t ji = 0; ji < (size_t)k * n; ji++) {
         const float *gj = gy + ji * out;
-        double *si = sq + (ji % n) * out;
+        float *si = sq + (ji % n) * out;
         for (int o = 0; o < out; o++)
-            si[o] += (double)gj[o] * (double)gj[o];
+            si[o] += gj[o] * gj[o];
     }
     for (size_t q = 0; q < (size_t)n * in; q++)
-        x2[q] = (double)c->x[q] * (double)c->x[q];
-    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0, sq, out, x2, in, 1.0,
-                d, in);
+        x2[q] = c->x[q] * c->x[q];
+    /* float32 GEMM of nonnegative terms: relative error ~ sqrt(n) eps, no cancellation */
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0f, sq, out, x2, in, 0.0f,
+                w, in);
+    for (size_t q = 0; q < nw; q++)
+        d[q] += w[q];
     for (int i = 0; bias && i < n; i++)
         for (int o = 0; o < out; o++)
             db[o] += sq[(size_t)i * out + o];
-    free(sq), free(x2);
+    free(sq);
     return 0;
 }
 
