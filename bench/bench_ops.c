@@ -86,7 +86,7 @@ static double t_diag(void *p)
     cv_err e;
     double t0 = cv_now_s();
     cv_curv *c = cv_curv_new(o->m, o->d, NULL, &e);
-    if (!c || cv_curv_diag_backprop(c, o->kind, &o->full, o->Y, &e))
+    if (!c || cv_curv_diag_backprop(c, o->kind, &o->full, 0, o->Y, &e))
         die(&e);
     double t = cv_now_s() - t0;
     cv_curv_free(c);

@@ -62,32 +62,38 @@ int cv_diag_backprop_check(const cv_model *m, cv_curvature kind, const cv_block 
 typedef struct {
     cv_curvature kind;
     const cv_block *b;
-    double *out;                 /* b->dim: the share is added here */
-    double *dl[CV_MAX_LAYERS];   /* per active layer: P doubles */
+    int per_sample;
+    double *out;                 /* b->dim (per_sample: N x b->dim): the share is added here */
+    double *dl[CV_MAX_LAYERS];   /* per active layer: P doubles (per_sample: n x P) */
 } diag_job;
 
 static int diag_visit(cv_part *c, int l, int k, const float *cot, void *arg, cv_err *e)
 {
     diag_job *j = arg;
-    if (c->ops[l]->diag_add(&c->ctx[l], k, cot, j->dl[l]))
+    if (c->ops[l]->diag_add(&c->ctx[l], k, cot, j->per_sample, j->dl[l]))
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                           "exact diagonal of layers[%d] (scratch)", l);
     return 0;
 }
 
-/* out[block offset of slot (l, i)] += dl[l][its place in the layer's vector]. */
+/* out[block offset of slot (l, i)] += dl[l][its place in the layer's vector]
+ * (per_sample: row first + s of out from row s of dl[l]). */
 static void place(cv_part *c, const char *active, diag_job *j)
 {
+    int rows = j->per_sample ? c->n : 1;
     for (int l = 0; l < c->L; l++)
         for (int i = 0; active[l] && i < c->m->layers[l].nparams; i++) {
             long p = c->bpos[c->uid[l][i]];
             if (p < 0)
                 continue;
             size_t n = c->m->layers[l].params[i].numel;
-            const double *src = j->dl[l] + c->loc[l][i];
-            double *dst = j->out + p;
-            for (size_t q = 0; q < n; q++)
-                dst[q] += src[q];
+            for (int s = 0; s < rows; s++) {
+                const double *src = j->dl[l] + (size_t)s * c->ctx[l].nparam + c->loc[l][i];
+                double *dst = j->out + p +
+                              (j->per_sample ? (c->opt.first + (size_t)s) * j->b->dim : 0);
+                for (size_t q = 0; q < n; q++)
+                    dst[q] += src[q];
+            }
         }
 }
 
@@ -99,7 +105,8 @@ static int diag_share(cv_part *c, void *arg, cv_err *e)
     int rc = 0;
     for (int l = 0; l < c->L && !rc; l++) {
         j->dl[l] = NULL;
-        if (active[l] && !(j->dl[l] = calloc(c->ctx[l].nparam + 1, sizeof(double))))
+        size_t len = c->ctx[l].nparam * (j->per_sample ? (size_t)c->n : 1) + 1;
+        if (active[l] && !(j->dl[l] = calloc(len, sizeof(double))))
             rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "exact diagonal of layers[%d]",
                             l);
     }
@@ -116,8 +123,8 @@ static int diag_share(cv_part *c, void *arg, cv_err *e)
     return rc;
 }
 
-int cv_curv_diag_backprop(cv_curv *c, cv_curvature kind, const cv_block *b, double *d,
-                          cv_err *e)
+int cv_curv_diag_backprop(cv_curv *c, cv_curvature kind, const cv_block *b, int per_sample,
+                          double *d, cv_err *e)
 {
     if (cv_curv_agree(c, cv_diag_backprop_check(cv_curv_model(c), kind, b, e), e))
         return -1;
@@ -129,8 +136,10 @@ int cv_curv_diag_backprop(cv_curv *c, cv_curvature kind, const cv_block *b, doub
     }
     j->kind = kind;
     j->b = b;
+    j->per_sample = per_sample != 0;
     j->out = d;
-    int rc = cv_curv_sum_parts(c, diag_share, j, d, b->dim, e);
+    size_t len = b->dim * (per_sample ? cv_curv_batch_size(c) : 1);
+    int rc = cv_curv_sum_parts(c, diag_share, j, d, len, e);
     free(j);
     if (rc)
         return -1;
@@ -138,7 +147,7 @@ int cv_curv_diag_backprop(cv_curv *c, cv_curvature kind, const cv_block *b, doub
     double cs = cv_curv_loss_state(c)->scale;
     int M = co->mc_samples > 0 ? co->mc_samples : 1;
     double w = kind == CV_CURV_FISHER_MC ? cs / M : kind == CV_CURV_EF ? cs : 1.0;
-    for (size_t q = 0; q < b->dim; q++)
+    for (size_t q = 0; q < len; q++)
         d[q] *= w;
     return 0;
 }

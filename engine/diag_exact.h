@@ -22,8 +22,10 @@
 int cv_diag_backprop_check(const cv_model *m, cv_curvature kind, const cv_block *b, cv_err *e);
 
 /* d (b->dim doubles, in the block's vector order) = the exact diagonal of
- * kind on block b, on every rank (collective: every rank calls it). */
-int cv_curv_diag_backprop(cv_curv *c, cv_curvature kind, const cv_block *b, double *d,
-                          cv_err *e);
+ * kind on block b, on every rank (collective: every rank calls it).
+ * per_sample: d is N x b->dim (N = cv_curv_batch_size, row i = sample i's
+ * own term of the sum: the same weight, so the rows sum to the diagonal). */
+int cv_curv_diag_backprop(cv_curv *c, cv_curvature kind, const cv_block *b, int per_sample,
+                          double *d, cv_err *e);
 
 #endif

@@ -21,7 +21,8 @@ void cv_layer_ctx_release(cv_layer_ctx *c)
     c->idx = NULL;
 }
 
-int cv_layer_diag_per_sample(const cv_layer_ctx *c, int k, const float *gy, double *d)
+int cv_layer_diag_per_sample(const cv_layer_ctx *c, int k, const float *gy, int per_sample,
+                             double *d)
 {
     size_t P = c->nparam, n = (size_t)c->n;
     if (!P || !n)
@@ -33,8 +34,9 @@ int cv_layer_diag_per_sample(const cv_layer_ctx *c, int k, const float *gy, doub
         c->L->cls->ops->per_sample(c, gy + (size_t)j * n * c->out_numel, G);
         for (size_t i = 0; i < n; i++) {
             const float *g = G + i * P;
+            double *di = per_sample ? d + i * P : d;
             for (size_t p = 0; p < P; p++)
-                d[p] += (double)g[p] * (double)g[p];
+                di[p] += (double)g[p] * (double)g[p];
         }
     }
     free(G);

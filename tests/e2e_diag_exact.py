@@ -11,14 +11,16 @@ Every job runs with --dense-max 10, where the identity-column path is refused:
     MaxPool2d, AvgPool2d, Linear) and the test-size transformer LM (graph form: Embedding,
     positional nn.Parameter, MultiheadAttention, LayerNorm, Linear on [N, T, d]): ggn within
     1e-5 (relative to the largest entry) of torch's, with backprop: true, stderr zeros,
-    probes 0, trace = sum; ef against torch's squared per-sample gradients; fisher_mc
+    probes 0, trace = sum; ef against torch's squared per-sample gradients; per_sample:
+    true (per_sample_diag, N x D) against torch's per-sample diagonals (ggn, ef); fisher_mc
     (mc_samples 3) against the diagonal of curvd's own dense fisher_mc at the same seed;
     per-layer blocks = the full diagonal's pieces; micro_batch 1 = whole batch;
   - refusals: the LM with its head tied to the embedding above --dense-max (400
     unsupported, options.method, naming the layer); within the dense limit it takes the
     identity columns (backprop: false) and equals the dense diagonal; the Hessian keeps
-    the identity columns (too_large above --dense-max, backprop: false within);
-  - data-parallel: mpirun -np 2 gives the one-process diagonal (ggn and ef).
+    the identity columns (too_large above --dense-max, backprop: false within); per_sample
+    with the Hessian or another method (400 invalid_option, options.per_sample);
+  - data-parallel: mpirun -np 2 gives the one-process diagonal (ggn, ef, ggn per_sample).
 Ends with 'N passed, M failed'.
 """
 import copy
@@ -51,8 +53,8 @@ def curvd_order(d):
 
 
 def torch_reference(model, x, y, order):
-    """(ggn diagonal, ef diagonal) of CrossEntropyLoss (mean) in float64, parameters in
-    curvd's order."""
+    """Per-sample (ggn, ef) diagonals (N x D) of CrossEntropyLoss (mean) in float64,
+    parameters in curvd's order: their sums over samples are the diagonals."""
     m = copy.deepcopy(model).double()
     named = dict(m.named_parameters())
     params = [named[n] for n in order]
@@ -68,7 +70,7 @@ def torch_reference(model, x, y, order):
     gh = torch.autograd.grad(loss_of(o), o, create_graph=True)[0]   # dL/dh, [N, ...]
     flat = out.reshape(N, -1)
     K = flat.shape[1]
-    ggn = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    ggn = torch.zeros(N, sum(p.numel() for p in params), dtype=torch.float64)
     ef = torch.zeros_like(ggn)
     for n in range(N):
         rows = []
@@ -80,8 +82,8 @@ def torch_reference(model, x, y, order):
         ghn = gh.reshape(N, -1)[n]
         Lam = torch.stack([torch.autograd.grad(ghn[a], o, retain_graph=True)[0].reshape(N, -1)[n]
                            for a in range(K)])                        # K x K
-        ggn += torch.einsum("ap,ab,bp->p", J, Lam, J)
-        ef += (J.T @ ghn.detach()) ** 2
+        ggn[n] = torch.einsum("ap,ab,bp->p", J, Lam, J)
+        ef[n] = (J.T @ ghn.detach()) ** 2
     # ghn = dL/dh_n = c dl_n/dh_n (c = the loss scale, 1/targets): ef = c sum (J^T dl_n)^2
     c = 1.0 / y.numel()
     return ggn.detach().numpy(), ef.detach().numpy() / c
@@ -92,7 +94,14 @@ def diag_job(curvature, seed=3, **opts):
             "options": dict(method="exact", **opts)}
 
 
-def check_model(name, d, ggn, ef, fm_blocks=None):
+def check_model(name, d, ggn_rows, ef_rows, fm_blocks=None):
+    ggn, ef = ggn_rows.sum(0), ef_rows.sum(0)
+    for curv, want in (("ggn", ggn_rows), ("ef", ef_rows)):
+        r = tr.curvd_run(CURVD, d, diag_job(curv, per_sample=True), extra=SMALL)[1]
+        got = np.asarray(r.get("per_sample_diag", []))
+        check(f"{name} {curv} per_sample: N x D rows = torch's per-sample diagonals, diag = "
+              "their sum", got.shape == want.shape and rel(got, want) < TOL and
+              rel(r["diag"], want.sum(0)) < TOL, f"{got.shape} {rel(got, want) if got.shape == want.shape else ''}")
     for curv, want in (("ggn", ggn), ("ef", ef)):
         r = tr.curvd_run(CURVD, d, diag_job(curv), extra=SMALL)[1]
         got = np.asarray(r["diag"])
@@ -131,8 +140,9 @@ def mpi(d):
     if not mpirun or not os.path.exists(os.path.join(os.path.dirname(CURVD), "curvd-mpi.so")):
         skip("diag exact under mpirun", "mpirun or build/curvd-mpi.so missing")
         return
-    for curv in ("ggn", "ef"):
-        job = diag_job(curv)
+    for curv, ps in (("ggn", False), ("ef", False), ("ggn", True)):
+        job = diag_job(curv, per_sample=True) if ps else diag_job(curv)
+        key = "per_sample_diag" if ps else "diag"
         one = tr.curvd_run(CURVD, d, job, extra=SMALL)[1]
         with open(os.path.join(d, "job.json"), "w") as f:
             json.dump(job, f)
@@ -146,8 +156,8 @@ def mpi(d):
             two = json.loads(p.stdout.strip().splitlines()[0])
         except (ValueError, IndexError):
             two = {}
-        check(f"mpirun -np 2 diag exact {curv} = one process", "diag" in two and
-              rel(two["diag"], one["diag"]) < 1e-5 and two.get("ranks") == 2 and
+        check(f"mpirun -np 2 diag exact {curv}{' per_sample' if ps else ''} = one process",
+              key in two and rel(two[key], one[key]) < 1e-5 and two.get("ranks") == 2 and
               two.get("backprop") is True, (p.stdout + p.stderr)[-400:])
 
 
@@ -175,6 +185,11 @@ def refusals(d_tied):
     r = tr.curvd_run(CURVD, d_tied, dict(diag_job("hessian"), **blk), extra=big)[1]["blocks"][0]
     check("hessian within the dense limit: identity columns, backprop false",
           r.get("backprop") is False and len(r["diag"]) == 176)
+    for job in (diag_job("hessian", per_sample=True),
+                {"op": "diag", "curvature": "ggn", "options": {"per_sample": True}}):
+        rc, r = tr.curvd_run(CURVD, d_tied, job, expect_ok=False)
+        check(f"per_sample refused: {json.dumps(job)[:70]}", rc != 0 and
+              r.get("error", {}).get("field") == "options.per_sample", str(r)[:200])
 
 
 def main():

@@ -65,7 +65,7 @@ START_TEST(backprop_diagonal_is_the_dense_diagonal)
             const cv_block *blk = b < 0 ? &full : &bl[b];
             double *d = malloc(sizeof(double) * blk->dim), *ref = malloc(sizeof(double) * blk->dim);
             cv_err e;
-            ck_assert_msg(cv_curv_diag_backprop(f.c, kinds[k], blk, d, &e) == 0, "%s",
+            ck_assert_msg(cv_curv_diag_backprop(f.c, kinds[k], blk, 0, d, &e) == 0, "%s",
                           e.message);
             dense_diag(&f, kinds[k], blk, ref);
             double err = maxrel(d, ref, blk->dim), top = 0;
@@ -91,11 +91,44 @@ START_TEST(micro_batches_sum_to_the_whole)
     for (int k = 0; k < 3; k++) {
         double *a = malloc(sizeof(double) * full.dim), *b = malloc(sizeof(double) * full.dim);
         cv_err e;
-        ck_assert_int_eq(cv_curv_diag_backprop(f.c, kinds[k], &full, a, &e), 0);
-        ck_assert_int_eq(cv_curv_diag_backprop(g.c, kinds[k], &full, b, &e), 0);
+        ck_assert_int_eq(cv_curv_diag_backprop(f.c, kinds[k], &full, 0, a, &e), 0);
+        ck_assert_int_eq(cv_curv_diag_backprop(g.c, kinds[k], &full, 0, b, &e), 0);
         ck_assert_msg(maxrel(b, a, full.dim) < 1e-6, "model %d %s: %g", _i,
                       cv_curvature_name(kinds[k]), maxrel(b, a, full.dim));
         free(a), free(b);
+    }
+    fx_free(&f);
+    fx_free(&g);
+}
+END_TEST
+
+/* per_sample: N rows that sum to the diagonal, row i the diagonal of sample i alone
+ * (micro-batches of 2: rows placed at the part's first sample). */
+START_TEST(per_sample_rows_sum_to_the_diagonal)
+{
+    fx f, g;
+    model(&f, _i, 0);
+    model(&g, _i, 2);
+    cv_block full;
+    cv_block_full(&f.m, &full);
+    size_t N = cv_curv_batch_size(f.c), D = full.dim;
+    for (int k = 0; k < 3; k++) {
+        double *a = malloc(sizeof(double) * D), *r = malloc(sizeof(double) * N * D);
+        double *r2 = malloc(sizeof(double) * N * D), *s = calloc(D, sizeof(double));
+        cv_err e;
+        ck_assert_int_eq(cv_curv_diag_backprop(f.c, kinds[k], &full, 0, a, &e), 0);
+        ck_assert_int_eq(cv_curv_diag_backprop(f.c, kinds[k], &full, 1, r, &e), 0);
+        ck_assert_int_eq(cv_curv_diag_backprop(g.c, kinds[k], &full, 1, r2, &e), 0);
+        for (size_t i = 0; i < N; i++)
+            for (size_t q = 0; q < D; q++)
+                s[q] += r[i * D + q];
+        ck_assert_msg(maxrel(s, a, D) < 1e-6, "model %d %s: %g", _i,
+                      cv_curvature_name(kinds[k]), maxrel(s, a, D));
+        ck_assert_msg(maxrel(r2, r, N * D) < 1e-6, "micro-batched rows: %g",
+                      maxrel(r2, r, N * D));
+        /* rows differ between samples: not one row repeated */
+        ck_assert(maxrel(r, r + D, D) > 1e-3);
+        free(a), free(r), free(r2), free(s);
     }
     fx_free(&f);
     fx_free(&g);
@@ -106,11 +139,11 @@ END_TEST
  * generic kernel that squares its per_sample gradients, with k = 3 random cotangents. */
 START_TEST(linear_kernel_matches_squared_per_sample_gradients)
 {
-    int rows = _i ? 3 : 1, in = 4, out = 5, n = 6, k = 3;
+    int rows = _i % 2 ? 3 : 1, ps = _i / 2, in = 4, out = 5, n = 6, k = 3;
     int dims[] = {rows, in};
     cv_layer L[] = {lin(in, out, 1)};
     cv_model m;
-    build(&m, _i ? 2 : 1, _i ? dims : dims + 1, L, 1, CV_LOSS_MSE, CV_RED_MEAN, 5);
+    build(&m, rows > 1 ? 2 : 1, rows > 1 ? dims : dims + 1, L, 1, CV_LOSS_MSE, CV_RED_MEAN, 5);
     size_t xin = (size_t)n * rows * in, yout = (size_t)n * rows * out, P = m.nparams_total;
     float *x = malloc(sizeof(float) * xin), *y = malloc(sizeof(float) * yout);
     float *gy = malloc(sizeof(float) * yout * k);
@@ -126,10 +159,12 @@ START_TEST(linear_kernel_matches_squared_per_sample_gradients)
     c.in_numels[0] = c.in_numel;
     cv_err e;
     ck_assert_int_eq(m.layers[0].cls->ops->forward(&c, y, &e), 0);
-    double *a = calloc(P, sizeof(double)), *b = calloc(P, sizeof(double));
-    ck_assert_int_eq(m.layers[0].cls->ops->diag_add(&c, k, gy, a), 0);
-    ck_assert_int_eq(cv_layer_diag_per_sample(&c, k, gy, b), 0);
-    ck_assert_msg(maxrel(a, b, P) < 1e-6, "rows %d: %g", rows, maxrel(a, b, P));
+    size_t len = P * (ps ? (size_t)n : 1);
+    double *a = calloc(len, sizeof(double)), *b = calloc(len, sizeof(double));
+    ck_assert_int_eq(m.layers[0].cls->ops->diag_add(&c, k, gy, ps, a), 0);
+    ck_assert_int_eq(cv_layer_diag_per_sample(&c, k, gy, ps, b), 0);
+    ck_assert_msg(maxrel(a, b, len) < 1e-6, "rows %d: %g", rows, maxrel(a, b, len));
+    ck_assert(b[len - 1] > 0);
     ck_assert(b[0] > 0);
     free(x), free(y), free(gy), free(a), free(b);
     cv_model_free(&m);
@@ -144,7 +179,7 @@ START_TEST(refusals)
     cv_block_full(&f.m, &full);
     double *d = malloc(sizeof(double) * full.dim);
     cv_err e;
-    ck_assert_int_eq(cv_curv_diag_backprop(f.c, CV_CURV_HESSIAN, &full, d, &e), -1);
+    ck_assert_int_eq(cv_curv_diag_backprop(f.c, CV_CURV_HESSIAN, &full, 0, d, &e), -1);
     ck_assert_str_eq(e.code, "unsupported");
     ck_assert_int_eq(cv_diag_backprop_check(&f.m, CV_CURV_GGN, &full, &e), 0);
     /* a tied tensor: the second Linear's weight marked as the first's */
@@ -164,7 +199,8 @@ static Suite *diag_exact_suite(void)
     TCase *t = tcase_create("diag_exact");
     tcase_add_loop_test(t, backprop_diagonal_is_the_dense_diagonal, 0, 4);
     tcase_add_loop_test(t, micro_batches_sum_to_the_whole, 0, 4);
-    tcase_add_loop_test(t, linear_kernel_matches_squared_per_sample_gradients, 0, 2);
+    tcase_add_loop_test(t, linear_kernel_matches_squared_per_sample_gradients, 0, 4);
+    tcase_add_loop_test(t, per_sample_rows_sum_to_the_diagonal, 0, 4);
     tcase_add_test(t, refusals);
     suite_add_tcase(s, t);
     return s;
