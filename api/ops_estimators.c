@@ -216,8 +216,13 @@ static int diag_backprop(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     if (c->kron || (c->kind != CV_CURV_GGN && c->kind != CV_CURV_FISHER_MC &&
                     c->kind != CV_CURV_EF))
         return 0;
-    if (cv_diag_backprop_check(c->m, c->kind, b, e))
-        return b->dim > c->lim->dense_max || a->per_sample ? -1 : 0;
+    cv_err why;
+    if (cv_diag_backprop_check(c->m, c->kind, b, &why)) {
+        if (b->dim <= c->lim->dense_max && !a->per_sample)
+            return 0; /* the identity columns, as before */
+        *e = why;
+        return -1;
+    }
     size_t N = a->per_sample ? cv_curv_batch_size(c->curv) : 1, D = b->dim;
     if (a->per_sample && (double)N * (double)D > 5e8)
         return cv_err_set(e, CV_ETOOLARGE, "too_large", "options.per_sample",
