@@ -7,6 +7,7 @@
 #include "kron_fixture.h"
 
 #include "engine/diag_exact.h"
+#include "engine/layer_embedding.h"
 #include "engine/part_internal.h"
 
 static const cv_curvature kinds[] = {CV_CURV_GGN, CV_CURV_FISHER_MC, CV_CURV_EF};
@@ -171,6 +172,49 @@ START_TEST(linear_kernel_matches_squared_per_sample_gradients)
 }
 END_TEST
 
+/* Embedding's diag_add (distinct ids per sample, their rows' cotangents summed, then
+ * squared) against the generic kernel, with repeated ids and (_i = 1) a padding row. */
+START_TEST(embedding_kernel_matches_squared_per_sample_gradients)
+{
+    int V = 7, dm = 3, T = 6, n = 4, k = 2;
+    cv_layer L[1];
+    cv_layer_init(&L[0], &cv_embedding_class);
+    CV_LAYER_ATTR(&L[0], cv_embedding_attr)->num_embeddings = V;
+    CV_LAYER_ATTR(&L[0], cv_embedding_attr)->embedding_dim = dm;
+    if (_i)
+        CV_LAYER_ATTR(&L[0], cv_embedding_attr)->padding_idx = 2;
+    int dims[] = {T};
+    cv_model m;
+    build(&m, 1, dims, L, 1, CV_LOSS_MSE, CV_RED_MEAN, 6);
+    size_t P = m.nparams_total, nt = (size_t)n * T;
+    float *x = malloc(sizeof(float) * nt), *y = malloc(sizeof(float) * nt * dm);
+    float *gy = malloc(sizeof(float) * nt * dm * k);
+    cv_rng r;
+    cv_rng_seed(&r, 10);
+    for (size_t q = 0; q < nt; q++)
+        x[q] = (float)((q * 5 + q / T) % 4); /* ids 0..3, repeated within samples */
+    for (size_t q = 0; q < nt * dm * k; q++)
+        gy[q] = (float)(2 * cv_rng_uniform(&r) - 1);
+    cv_layer_ctx c = {.L = &m.layers[0], .theta = m.params, .n = n, .in_numel = (size_t)T,
+                      .out_numel = (size_t)T * dm, .nparam = P, .x = x, .nin = 1, .y = y};
+    c.xs[0] = x;
+    c.in_numels[0] = c.in_numel;
+    cv_err e;
+    ck_assert_int_eq(m.layers[0].cls->ops->forward(&c, y, &e), 0);
+    for (int ps = 0; ps < 2; ps++) {
+        size_t len = P * (ps ? (size_t)n : 1);
+        double *a = calloc(len, sizeof(double)), *b = calloc(len, sizeof(double));
+        ck_assert_int_eq(m.layers[0].cls->ops->diag_add(&c, k, gy, ps, a), 0);
+        ck_assert_int_eq(cv_layer_diag_per_sample(&c, k, gy, ps, b), 0);
+        ck_assert_msg(maxrel(a, b, len) < 1e-6, "per_sample %d: %g", ps, maxrel(a, b, len));
+        ck_assert(b[0] > 0 && (_i ? a[2 * dm] == 0 : a[2 * dm] > 0));
+        free(a), free(b);
+    }
+    free(x), free(y), free(gy);
+    cv_model_free(&m);
+}
+END_TEST
+
 START_TEST(refusals)
 {
     fx f;
@@ -201,6 +245,7 @@ static Suite *diag_exact_suite(void)
     tcase_add_loop_test(t, micro_batches_sum_to_the_whole, 0, 4);
     tcase_add_loop_test(t, linear_kernel_matches_squared_per_sample_gradients, 0, 4);
     tcase_add_loop_test(t, per_sample_rows_sum_to_the_diagonal, 0, 4);
+    tcase_add_loop_test(t, embedding_kernel_matches_squared_per_sample_gradients, 0, 2);
     tcase_add_test(t, refusals);
     suite_add_tcase(s, t);
     return s;
