@@ -183,10 +183,11 @@ static int check_diag(const cv_opts *opts, cv_curvature kind, cv_err *e)
     if (a->method != 1)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.per_sample",
                           "per_sample needs method exact (the backpropagated diagonal)");
-    if (kind != CV_CURV_GGN && kind != CV_CURV_FISHER_MC && kind != CV_CURV_EF)
+    if (kind != CV_CURV_GGN && kind != CV_CURV_FISHER_MC && kind != CV_CURV_EF &&
+        kind != CV_CURV_HESSIAN)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.per_sample",
-                          "per-sample diagonals are backpropagated for ggn, fisher_mc and ef, "
-                          "not %s", cv_curvature_name(kind));
+                          "per-sample diagonals are backpropagated for hessian, ggn, "
+                          "fisher_mc and ef, not %s", cv_curvature_name(kind));
     return 0;
 }
 
@@ -214,7 +215,7 @@ static int diag_backprop(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
     const diag_args *a = c->opts->args;
     if (c->kron || (c->kind != CV_CURV_GGN && c->kind != CV_CURV_FISHER_MC &&
-                    c->kind != CV_CURV_EF))
+                    c->kind != CV_CURV_EF && c->kind != CV_CURV_HESSIAN))
         return 0;
     cv_err why;
     if (cv_diag_backprop_check(c->m, c->kind, b, &why)) {
@@ -223,6 +224,12 @@ static int diag_backprop(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
         *e = why;
         return -1;
     }
+    /* the Hessian of a small block: D identity columns (2 passes each) when they
+     * cost less than the residual walks' columns (wide smooth activations) */
+    if (c->kind == CV_CURV_HESSIAN && !a->per_sample && b->dim <= c->lim->dense_max &&
+        2.0 * (double)b->dim < (double)cv_diag_backprop_columns(c->m, c->kind, b,
+                                                                a->base.mc_samples))
+        return 0;
     size_t N = a->per_sample ? cv_curv_batch_size(c->curv) : 1, D = b->dim;
     if (a->per_sample && (double)N * (double)D > 5e8)
         return cv_err_set(e, CV_ETOOLARGE, "too_large", "options.per_sample",

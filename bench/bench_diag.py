@@ -1,15 +1,17 @@
 """bench_diag.py - the exact diagonal by backpropagation (issue 26 item 1): curvd's op
 "diag" with method "exact" (backprop: true) against curvd's own op "gradient" on the same
-batch (the issue's target: GGN diagonal <= (C + 2) x the gradient's time), and against a
-PyTorch implementation of the same backpropagation (BackPACK's DiagGGNExact the
-hook way: forward hooks for the layer inputs and outputs, torch.autograd.grad for the
-output cotangents without parameter gradients, one backward pass per column of the loss Hessian's square root S_n = diag(sqrt p) -
+batch (the issue's targets: GGN diagonal <= (C + 2) x the gradient's time, Hessian
+diagonal <= 2 (C + 2) x), and against a PyTorch implementation of the same
+backpropagation (BackPACK's DiagGGNExact the hook way: forward hooks for the layer inputs
+and outputs, torch.autograd.grad for the output cotangents without parameter gradients,
+one backward pass per column of the loss Hessian's square root S_n = diag(sqrt p) -
 p sqrt(p)^T (times sqrt(1/N) for the mean), then per Linear layer
 diag_W = (sum_j g_j.^2)^T (x.^2) and diag_b = sum (sum_j g_j.^2); ef: one backward pass of
-the summed loss, squared per-sample gradients (sum of losses, times 1/N)).
+the summed loss, squared per-sample gradients (sum of losses, times 1/N); hessian: the
+MLP's activations are ReLU (phi'' = 0), so its diagonal is the GGN's on both sides).
 
 Case: bench.py's MLP 784-512-512-10 (N = 512), CrossEntropyLoss mean.  curvd: build/bench_ops
-in process (ops gradient, diagggn, diagef: each a fresh engine, so the forward pass is
+in process (ops gradient, diagggn, diagef, diaghessian: each a fresh engine, so the forward pass is
 included, best of --reps), the numbers checked from a `curvd run` job; torch: best of
 --reps of forward + backward passes + the squares, with torch's intra-op threads = --threads and =
 1, the faster kept (as bench.py).  The diagonals must agree to 1e-4 relative (the
@@ -52,7 +54,7 @@ def torch_diag(model, x, y, curvature):
     n, c = out.shape
     targets = [outs[m] for m in mods]
     sq = [None] * len(mods)
-    if curvature == "ggn":
+    if curvature in ("ggn", "hessian"):  # ReLU: phi'' = 0, the Hessian's diagonal is the GGN's
         p = torch.softmax(out.detach(), 1)
         sp = p.sqrt()
         S = (torch.diag_embed(sp) - p.unsqueeze(2) * sp.unsqueeze(1)) / n ** 0.5
@@ -67,7 +69,7 @@ def torch_diag(model, x, y, curvature):
             sq[q] = g * g if sq[q] is None else sq[q] + g * g
     parts = []
     for q, m in enumerate(mods):
-        s = sq[q] if curvature == "ggn" else sq[q] / n
+        s = sq[q] / n if curvature == "ef" else sq[q]
         parts += [(s.T @ (acts[m] ** 2)).reshape(-1), s.sum(0)]
     return torch.cat(parts)
 
@@ -102,7 +104,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n", type=int, default=512)
-    ap.add_argument("--curvatures", default="ggn,ef")
+    ap.add_argument("--curvatures", default="ggn,ef,hessian")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

@@ -15,11 +15,15 @@ Every job runs with --dense-max 10, where the identity-column path is refused:
     true (per_sample_diag, N x D) against torch's per-sample diagonals (ggn, ef); fisher_mc
     (mc_samples 3) against the diagonal of curvd's own dense fisher_mc at the same seed;
     per-layer blocks = the full diagonal's pieces; micro_batch 1 = whole batch;
-  - refusals: the LM with its head tied to the embedding above --dense-max (400
-    unsupported, options.method, naming the layer); within the dense limit it takes the
-    identity columns (backprop: false) and equals the dense diagonal; the Hessian keeps
-    the identity columns (too_large above --dense-max, backprop: false within); per_sample
-    with the Hessian or another method (400 invalid_option, options.per_sample);
+  - hessian (BackPACK's DiagHessian: the GGN part plus the residual phi''(z) dL/da of every
+    elementwise activation, backpropagated): the Tanh MLP (also per_sample, against each
+    sample's dense Hessian) and the CNN against torch's dense Hessian diagonal;
+  - refusals: the LM with its head tied to the embedding above --dense-max (unsupported,
+    options.method, naming the layer); within the dense limit it takes the identity
+    columns (backprop: false) and equals the dense diagonal; the LM's Hessian (LayerNorm,
+    attention: no residual kernels) refused naming a layer above --dense-max, identity
+    columns within; per_sample refused there, and with a Kronecker curvature or another
+    method (400 invalid_option, options.per_sample);
   - data-parallel: mpirun -np 2 gives the one-process diagonal (ggn, ef, ggn per_sample).
 Ends with 'N passed, M failed'.
 """
@@ -135,6 +139,39 @@ def check_model(name, d, ggn_rows, ef_rows, fm_blocks=None):
           f"{r.get('micro_batches')}")
 
 
+def check_hessian(name, d, model, x, y, order, per_sample=False):
+    """The Hessian's diagonal (GGN part + the activations' residual terms, BackPACK's
+    DiagHessian) against torch's dense Hessian (float64); per_sample: each sample's own
+    term (1/N l_n) against the dense Hessian of that term."""
+    m64 = copy.deepcopy(model).double()
+    named = dict(m64.named_parameters())
+    lf = torch.nn.CrossEntropyLoss()
+    N = x.shape[0]
+
+    def hess_diag(xs, ys, w):
+        params = [named[n] for n in order]
+        loss = lf(m64(xs.double()), ys) * w
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params,
+                                                                  create_graph=True)])
+        out = []
+        for i in range(g.numel()):
+            hi = torch.autograd.grad(g[i], params, retain_graph=True)
+            out.append(torch.cat([t.reshape(-1) for t in hi])[i])
+        return torch.stack(out).detach().numpy()
+    want = hess_diag(x, y, 1.0)
+    r = tr.curvd_run(CURVD, d, diag_job("hessian"), extra=SMALL)[1]
+    check(f"{name} hessian: backpropagated diagonal (GGN + residual) = torch's dense "
+          "Hessian diagonal", r.get("backprop") is True and rel(r["diag"], want) < TOL,
+          f"rel {rel(r['diag'], want):.2e} backprop {r.get('backprop')}")
+    if per_sample:
+        rows = np.stack([hess_diag(x[i:i + 1], y[i:i + 1], 1.0 / N) for i in range(N)])
+        r = tr.curvd_run(CURVD, d, diag_job("hessian", per_sample=True), extra=SMALL)[1]
+        got = np.asarray(r.get("per_sample_diag", []))
+        check(f"{name} hessian per_sample = torch's per-sample Hessian diagonals",
+              got.shape == rows.shape and rel(got, rows) < TOL,
+              f"{got.shape} {rel(got, rows) if got.shape == rows.shape else ''}")
+
+
 def mpi(d):
     mpirun = shutil.which("mpirun")
     if not mpirun or not os.path.exists(os.path.join(os.path.dirname(CURVD), "curvd-mpi.so")):
@@ -180,12 +217,19 @@ def refusals(d_tied):
           r.get("backprop") is False and rel(r["diag"], want) < TOL, f"{rel(r['diag'], want)}")
     rc, r = tr.curvd_run(CURVD, d_tied, dict(diag_job("hessian"), **blk), expect_ok=False,
                          extra=SMALL)
-    check("hessian above --dense-max: too_large as before", rc != 0 and
-          r.get("error", {}).get("code") == "too_large", str(r)[:200])
+    err = r.get("error", {})
+    check("hessian of the LM above --dense-max: unsupported, naming a layer without the "
+          "residual term", rc != 0 and err.get("code") == "unsupported" and
+          "layers[" in err.get("message", "") and "Hessian" in err.get("message", ""),
+          str(r)[:300])
     r = tr.curvd_run(CURVD, d_tied, dict(diag_job("hessian"), **blk), extra=big)[1]["blocks"][0]
     check("hessian within the dense limit: identity columns, backprop false",
           r.get("backprop") is False and len(r["diag"]) == 176)
-    for job in (diag_job("hessian", per_sample=True),
+    rc, r = tr.curvd_run(CURVD, d_tied, diag_job("hessian", per_sample=True), expect_ok=False)
+    check("hessian per_sample on the LM: unsupported (no identity-column fallback)",
+          rc != 0 and r.get("error", {}).get("code") == "unsupported", str(r)[:200])
+    for job in ({"op": "diag", "curvature": "kfac", "options": {"method": "exact",
+                                                                "per_sample": True}},
                 {"op": "diag", "curvature": "ggn", "options": {"per_sample": True}}):
         rc, r = tr.curvd_run(CURVD, d_tied, job, expect_ok=False)
         check(f"per_sample refused: {json.dumps(job)[:70]}", rc != 0 and
@@ -196,8 +240,10 @@ def main():
     model, x, y = tr.make_mlp_case(torch.nn.Tanh, torch.nn.CrossEntropyLoss(), n=12)
     with tempfile.TemporaryDirectory() as d:
         tr.write_case(d, model, [x.shape[1]], torch.nn.CrossEntropyLoss(), x, y)
-        ggn, ef = torch_reference(model, x, y, curvd_order(d))
+        order = curvd_order(d)
+        ggn, ef = torch_reference(model, x, y, order)
         check_model("mlp", d, ggn, ef)
+        check_hessian("mlp (Tanh)", d, model, x, y, order, per_sample=True)
         mpi(d)
     torch.manual_seed(3)
     cnn = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4),
@@ -213,8 +259,10 @@ def main():
     xc, yc = torch.randn(6, 2, 8, 8), torch.randint(0, 5, (6,))
     with tempfile.TemporaryDirectory() as d:
         tr.write_case(d, cnn, [2, 8, 8], torch.nn.CrossEntropyLoss(), xc, yc)
-        ggn, ef = torch_reference(cnn, xc, yc, curvd_order(d))
+        order = curvd_order(d)
+        ggn, ef = torch_reference(cnn, xc, yc, order)
         check_model("cnn", d, ggn, ef)
+        check_hessian("cnn", d, cnn, xc, yc, order)
     sys.path.insert(0, os.path.join(ROOT, "clients", "python", "examples"))
     import graph_models as gm
     from curvd_client.torch_export import write_files

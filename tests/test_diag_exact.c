@@ -1,16 +1,18 @@
 /* test_diag_exact.c - the exact diagonal by backpropagation (engine/diag_exact.h,
  * layer.h diag_add): against the diagonal of the dense curvature (cv_curv_dense) for
- * ggn, fisher_mc and ef on a Linear/Tanh MLP, Linear on rows [T, in] (weight sharing
+ * ggn, fisher_mc, ef and the Hessian (GGN part plus the activations' residual terms) on a
+ * Linear/Tanh MLP, Linear on rows [T, in] (weight sharing
  * within a sample), a Conv2d and a grouped Conv2d; per-layer blocks; micro-batches;
  * Linear's own kernel against the generic one (its per_sample gradients squared);
- * refusals (the Hessian, a tied tensor). */
+ * refusals (a Kronecker curvature, a tied tensor). */
 #include "kron_fixture.h"
 
 #include "engine/diag_exact.h"
 #include "engine/layer_embedding.h"
 #include "engine/part_internal.h"
 
-static const cv_curvature kinds[] = {CV_CURV_GGN, CV_CURV_FISHER_MC, CV_CURV_EF};
+static const cv_curvature kinds[] = {CV_CURV_GGN, CV_CURV_FISHER_MC, CV_CURV_EF,
+                                     CV_CURV_HESSIAN};
 
 /* _v: 0 MLP [5] (CE mean), 1 Linear rows [3, 4] (MSE mean), 2 Conv2d [2, 5, 5] and a
  * grouped Conv2d (CE sum), 3 BCE on an MLP. */
@@ -61,7 +63,7 @@ START_TEST(backprop_diagonal_is_the_dense_diagonal)
     cv_blocks_per_layer(&f.m, bl, nb);
     cv_block full;
     cv_block_full(&f.m, &full);
-    for (int k = 0; k < 3; k++)
+    for (int k = 0; k < 4; k++)
         for (int b = -1; b < nb; b++) {
             const cv_block *blk = b < 0 ? &full : &bl[b];
             double *d = malloc(sizeof(double) * blk->dim), *ref = malloc(sizeof(double) * blk->dim);
@@ -89,7 +91,7 @@ START_TEST(micro_batches_sum_to_the_whole)
     model(&g, _i, 2);
     cv_block full;
     cv_block_full(&f.m, &full);
-    for (int k = 0; k < 3; k++) {
+    for (int k = 0; k < 4; k++) {
         double *a = malloc(sizeof(double) * full.dim), *b = malloc(sizeof(double) * full.dim);
         cv_err e;
         ck_assert_int_eq(cv_curv_diag_backprop(f.c, kinds[k], &full, 0, a, &e), 0);
@@ -113,7 +115,7 @@ START_TEST(per_sample_rows_sum_to_the_diagonal)
     cv_block full;
     cv_block_full(&f.m, &full);
     size_t N = cv_curv_batch_size(f.c), D = full.dim;
-    for (int k = 0; k < 3; k++) {
+    for (int k = 0; k < 4; k++) {
         double *a = malloc(sizeof(double) * D), *r = malloc(sizeof(double) * N * D);
         double *r2 = malloc(sizeof(double) * N * D), *s = calloc(D, sizeof(double));
         cv_err e;
@@ -223,7 +225,7 @@ START_TEST(refusals)
     cv_block_full(&f.m, &full);
     double *d = malloc(sizeof(double) * full.dim);
     cv_err e;
-    ck_assert_int_eq(cv_curv_diag_backprop(f.c, CV_CURV_HESSIAN, &full, 0, d, &e), -1);
+    ck_assert_int_eq(cv_curv_diag_backprop(f.c, CV_CURV_KFAC, &full, 0, d, &e), -1);
     ck_assert_str_eq(e.code, "unsupported");
     ck_assert_int_eq(cv_diag_backprop_check(&f.m, CV_CURV_GGN, &full, &e), 0);
     /* a tied tensor: the second Linear's weight marked as the first's */
