@@ -24,7 +24,7 @@ Every job runs with --dense-max 10, where the identity-column path is refused:
     attention: no residual kernels) refused naming a layer above --dense-max, identity
     columns within; per_sample refused there, and with a Kronecker curvature or another
     method (400 invalid_option, options.per_sample);
-  - data-parallel: mpirun -np 2 gives the one-process diagonal (ggn, ef, ggn per_sample).
+  - data-parallel: mpirun -np 2 gives the one-process diagonal (ggn, ef, ggn per_sample, hessian).
 Ends with 'N passed, M failed'.
 """
 import copy
@@ -177,7 +177,7 @@ def mpi(d):
     if not mpirun or not os.path.exists(os.path.join(os.path.dirname(CURVD), "curvd-mpi.so")):
         skip("diag exact under mpirun", "mpirun or build/curvd-mpi.so missing")
         return
-    for curv, ps in (("ggn", False), ("ef", False), ("ggn", True)):
+    for curv, ps in (("ggn", False), ("ef", False), ("ggn", True), ("hessian", False)):
         job = diag_job(curv, per_sample=True) if ps else diag_job(curv)
         key = "per_sample_diag" if ps else "diag"
         one = tr.curvd_run(CURVD, d, job, extra=SMALL)[1]
