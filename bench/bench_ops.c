@@ -10,8 +10,9 @@
  * (one vector, forward cached), hvp16/ggnvp16 (16 vectors at once, per
  * vector), trace (Hutchinson, 100 probes), eigen5 (Lanczos top-5), power5
  * (PyHessian-style power iteration, top-5), density (SLQ, 100 steps).
- * diagggn, diagef, diaghessian: the exact GGN / empirical Fisher / Hessian diagonal by backpropagation
- * (engine/diag_exact.h; forward pass included, as gradient's).
+ * diagggn, diagef, diaghessian: the exact GGN / empirical Fisher / Hessian
+ * diagonal by backpropagation (engine/diag_exact.h; forward pass included, as
+ * gradient's).
  * --block B: probes per product in trace (default: the engine's choice).
  */
 #include <cblas.h>
@@ -300,7 +301,9 @@ int main(int argc, char **argv)
     static const struct {
         const char *name;
         cv_curvature kind;
-    } dg[] = {{"diagggn", CV_CURV_GGN}, {"diagef", CV_CURV_EF}, {"diaghessian", CV_CURV_HESSIAN}};
+    } dg[] = {{"diagggn", CV_CURV_GGN},
+              {"diagef", CV_CURV_EF},
+              {"diaghessian", CV_CURV_HESSIAN}};
     for (size_t i = 0; i < sizeof dg / sizeof dg[0]; i++) {
         if (!wanted(&a, dg[i].name))
             continue;
