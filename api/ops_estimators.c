@@ -9,6 +9,7 @@
 #include "api/op_util.h"
 #include "engine/est_util.h"
 #include "api/ops.h"
+#include "engine/diag_exact.h"
 #include "engine/estimators.h"
 
 #define BIG 1e9
@@ -157,6 +158,7 @@ typedef struct {
     cv_op_base base;
     cv_diag_options o;
     int method;
+    int per_sample;  /* method exact by backpropagation: also the N per-sample diagonals */
 } diag_args;
 
 static const cv_opt_spec diag_opts[] = {
@@ -164,12 +166,30 @@ static const cv_opt_spec diag_opts[] = {
     {"max_probes", CV_OPT_INT, 1, 1e6, NULL, offsetof(diag_args, o.max_probes), NULL},
     {"distribution", CV_OPT_ENUM, 0, 0, "rademacher|gaussian",
      offsetof(diag_args, o.distribution), NULL},
+    {"per_sample", CV_OPT_BOOL, 0, 0, NULL, offsetof(diag_args, per_sample), NULL},
     CV_OPT_MC(diag_args),
     CV_OPT_KRON(diag_args),
     CV_OPT_END};
 CV_OPT_TABLE_FITS(diag_opts);
 
 static void diag_defaults(void *p, int method) { cv_diag_options_default(&((diag_args *)p)->o); }
+
+/* per_sample: method exact on ggn, fisher_mc or ef only (the backpropagated path). */
+static int check_diag(const cv_opts *opts, cv_curvature kind, cv_err *e)
+{
+    const diag_args *a = opts->args;
+    if (!a->per_sample)
+        return 0;
+    if (a->method != 1)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.per_sample",
+                          "per_sample needs method exact (the backpropagated diagonal)");
+    if (kind != CV_CURV_GGN && kind != CV_CURV_FISHER_MC && kind != CV_CURV_EF &&
+        kind != CV_CURV_HESSIAN)
+        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.per_sample",
+                          "per-sample diagonals are backpropagated for hessian, ggn, "
+                          "fisher_mc and ef, not %s", cv_curvature_name(kind));
+    return 0;
+}
 
 static int check_xdiag(const cv_opts *opts, cv_curvature kind, cv_err *e)
 {
@@ -186,6 +206,68 @@ static int check_xdiag(const cv_opts *opts, cv_curvature kind, cv_err *e)
     return 0;
 }
 
+/* method exact by backpropagation (engine/diag_exact.h) where it applies:
+ * 1 when it ran, 0 when the identity columns should run instead (another
+ * curvature, or a layer without the kernel while the block is within the
+ * dense limit and per_sample is off), -1 with e (a layer without the kernel
+ * above the limit or with per_sample). */
+static int diag_backprop(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
+{
+    const diag_args *a = c->opts->args;
+    if (c->kron || (c->kind != CV_CURV_GGN && c->kind != CV_CURV_FISHER_MC &&
+                    c->kind != CV_CURV_EF && c->kind != CV_CURV_HESSIAN))
+        return 0;
+    cv_err why;
+    if (cv_diag_backprop_check(c->m, c->kind, b, &why)) {
+        if (b->dim <= c->lim->dense_max && !a->per_sample)
+            return 0; /* the identity columns, as before */
+        *e = why;
+        return -1;
+    }
+    /* the Hessian of a small block: D identity columns (2 passes each) when they
+     * cost less than the residual walks' columns (wide smooth activations) */
+    if (c->kind == CV_CURV_HESSIAN && !a->per_sample && b->dim <= c->lim->dense_max &&
+        2.0 * (double)b->dim < (double)cv_diag_backprop_columns(c->m, c->kind, b,
+                                                                a->base.mc_samples))
+        return 0;
+    size_t N = a->per_sample ? cv_curv_batch_size(c->curv) : 1, D = b->dim;
+    if (a->per_sample && (double)N * (double)D > 5e8)
+        return cv_err_set(e, CV_ETOOLARGE, "too_large", "options.per_sample",
+                          "per-sample diagonals would need %.1f GB; use a smaller batch or a "
+                          "block", 8e-9 * (double)N * (double)D);
+    double *d = malloc(sizeof(double) * (N * D + D + 1));
+    if (cv_curv_agree(c->curv, d ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                                                  "exact diagonal"), e)) {
+        free(d);
+        return -1;
+    }
+    double *sum = a->per_sample ? d + N * D : d;
+    if (cv_curv_diag_backprop(c->curv, c->kind, b, a->per_sample, d, e)) {
+        free(d);
+        return -1;
+    }
+    if (a->per_sample) { /* the diagonal: the rows' sum */
+        memset(sum, 0, sizeof(double) * D);
+        for (size_t i = 0; i < N; i++)
+            for (size_t q = 0; q < D; q++)
+                sum[q] += d[i * D + q];
+    }
+    double tr = 0;
+    for (size_t i = 0; i < D; i++)
+        tr += sum[i];
+    cJSON_AddStringToObject(out, "method", c->method);
+    cJSON_AddItemToObject(out, "diag", cv_json_doubles(sum, D));
+    if (a->per_sample)
+        cJSON_AddItemToObject(out, "per_sample_diag", cv_json_columns(d, D, (int)N));
+    memset(sum, 0, sizeof(double) * D);
+    cJSON_AddItemToObject(out, "stderr", cv_json_doubles(sum, D));
+    cJSON_AddNumberToObject(out, "trace", tr);
+    cJSON_AddNumberToObject(out, "probes", 0);
+    cJSON_AddBoolToObject(out, "backprop", 1);
+    free(d);
+    return 1;
+}
+
 /* One run for every method (diag_methods: 0 hutchinson, 1 exact, 2 xdiag). */
 static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
 {
@@ -193,6 +275,8 @@ static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
     cv_diag_options o = a->o;
     int exact = a->method == 1, x = cv_op_kron_diag(c, b, out, e);
     if (x)
+        return x < 0 ? -1 : 0;
+    if (exact && (x = diag_backprop(c, b, out, e)))
         return x < 0 ? -1 : 0;
     if (exact && b->dim > c->lim->dense_max)
         return cv_err_set(e, CV_ETOOLARGE, "too_large", "options.method",
@@ -216,6 +300,8 @@ static int run_diag(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *e)
         tr += res.diag[i];
     cJSON_AddNumberToObject(out, "trace", tr);
     cJSON_AddNumberToObject(out, "probes", res.probes);
+    if (exact)
+        cJSON_AddBoolToObject(out, "backprop", 0);
     cv_diag_result_free(&res);
     return 0;
 }
@@ -630,8 +716,9 @@ static const char *const trace_results[] = {"method", "trace",  "stderr", "probe
                                             "samples", "logdet", CV_KRON_RESULTS, NULL};
 static const char *const frob_results[] = {"method", "frobenius_norm", "frobenius_norm_squared",
                                            "stderr", "probes", "samples", CV_KRON_RESULTS, NULL};
-static const char *const diag_results[] = {"method", "diag", "stderr", "trace", "probes",
-                                           CV_KRON_RESULTS, NULL};
+static const char *const diag_results[] = {"method", "diag",     "stderr",          "trace",
+                                           "probes", "backprop", "per_sample_diag", CV_KRON_RESULTS,
+                                           NULL};
 static const char *const eigen_results[] = {
     "method",     "which",        "eigenvalues", "residuals", "converged",
     "iterations", "eigenvectors", FACTOR_RESULTS, CV_KRON_RESULTS, NULL};
@@ -696,7 +783,8 @@ static void mem_diag(const cv_opts *o, cv_curvature kind, const cv_block *b, siz
     const diag_args *a = o->args;
     int blk = est_block(b->dim, a->method == 1 ? (long)b->dim : a->o.max_probes);
     double sketch = a->method == 2 ? 7.0 * (a->o.max_probes / 2 + 1) : 0; /* xdiag */
-    mem_set(m, 2.0 * blk + 3 + sketch, 0, b->dim, blk);
+    double rows = a->per_sample ? (double)n + 1 : 0; /* per-sample diagonals and their sum */
+    mem_set(m, 2.0 * blk + 3 + sketch + rows, 0, b->dim, blk);
     mem_kron(o, kind, C, 0, m);
 }
 
@@ -756,7 +844,8 @@ static void mem_newton(const cv_opts *o, cv_curvature kind, const cv_block *b, s
 const cv_op_def cv_op_trace = {"trace", trace_opts, trace_methods, sizeof(trace_args),
                                trace_defaults, 1, 1, NULL, NULL, trace_results, NULL, mem_trace, NULL};
 const cv_op_def cv_op_diag = {"diag", diag_opts, diag_methods, sizeof(diag_args),
-                              diag_defaults, 1, 1, NULL, NULL, diag_results, NULL, mem_diag, NULL};
+                              diag_defaults, 1, 1, check_diag, NULL, diag_results, NULL, mem_diag,
+                              NULL};
 const cv_op_def cv_op_frobenius = {"frobenius_norm", trace_opts, frob_methods,
                                    sizeof(trace_args), trace_defaults, 1, 1, NULL, NULL,
                                    frob_results, NULL, mem_frob, NULL};

@@ -10,6 +10,9 @@
  * (one vector, forward cached), hvp16/ggnvp16 (16 vectors at once, per
  * vector), trace (Hutchinson, 100 probes), eigen5 (Lanczos top-5), power5
  * (PyHessian-style power iteration, top-5), density (SLQ, 100 steps).
+ * diagggn, diagef, diaghessian: the exact GGN / empirical Fisher / Hessian
+ * diagonal by backpropagation (engine/diag_exact.h; forward pass included, as
+ * gradient's).
  * --block B: probes per product in trace (default: the engine's choice).
  */
 #include <cblas.h>
@@ -22,6 +25,7 @@
 #include "api/datafile.h"
 #include "api/params.h"
 #include "engine/curv.h"
+#include "engine/diag_exact.h"
 #include "engine/estimators.h"
 #include "engine/layer_conv.h"
 #include "engine/layer_linear.h"
@@ -71,6 +75,19 @@ static double t_gradient(void *p)
     double t0 = cv_now_s();
     cv_curv *c = cv_curv_new(o->m, o->d, NULL, &e);
     if (!c || cv_curv_gradient(c, &o->full, o->Y, &e))
+        die(&e);
+    double t = cv_now_s() - t0;
+    cv_curv_free(c);
+    return t;
+}
+
+static double t_diag(void *p)
+{
+    op_ctx *o = p;
+    cv_err e;
+    double t0 = cv_now_s();
+    cv_curv *c = cv_curv_new(o->m, o->d, NULL, &e);
+    if (!c || cv_curv_diag_backprop(c, o->kind, &o->full, 0, o->Y, &e))
         die(&e);
     double t = cv_now_s() - t0;
     cv_curv_free(c);
@@ -281,6 +298,18 @@ int main(int argc, char **argv)
            D, d.n, a.threads, fl.gradient, fl.ggnvp, fl.hvp);
     if (wanted(&a, "gradient"))
         printf(", \"gradient\": %.6g", best_of(a.reps, t_gradient, &o));
+    static const struct {
+        const char *name;
+        cv_curvature kind;
+    } dg[] = {{"diagggn", CV_CURV_GGN},
+              {"diagef", CV_CURV_EF},
+              {"diaghessian", CV_CURV_HESSIAN}};
+    for (size_t i = 0; i < sizeof dg / sizeof dg[0]; i++) {
+        if (!wanted(&a, dg[i].name))
+            continue;
+        o.kind = dg[i].kind;
+        printf(", \"%s\": %.6g", dg[i].name, best_of(a.reps, t_diag, &o));
+    }
     o.c = cv_curv_new(&m, &d, NULL, &e);
     if (!o.c)
         die(&e);

@@ -79,6 +79,7 @@ static void ga_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned 
 }
 
 static const cv_layer_ops ga_ops = {
+    .diag_add = cv_layer_diag_per_sample,
     .work_size = cv_no_work,
     .forward = ga_forward,
     .per_sample = ga_per_sample,

@@ -1,7 +1,8 @@
 /* layer.c - what every layer class shares: default attributes from the field
  * table, tensor declarations for layout hooks, sliding-window output sizes
  * for infer hooks, the release of forward caches, and the accumulation
- * helpers of the Kronecker-factor kernels. */
+ * helpers of the Kronecker-factor kernels, the diag_add kernel of the layers
+ * that square their per_sample gradients. */
 #include "layer.h"
 
 #include <limits.h>
@@ -18,6 +19,28 @@ void cv_layer_ctx_release(cv_layer_ctx *c)
     free(c->idx);
     c->d1 = c->d2 = NULL;
     c->idx = NULL;
+}
+
+int cv_layer_diag_per_sample(const cv_layer_ctx *c, int k, const float *gy, int per_sample,
+                             double *d)
+{
+    size_t P = c->nparam, n = (size_t)c->n;
+    if (!P || !n)
+        return 0;
+    float *G = malloc(sizeof(float) * n * P);
+    if (!G)
+        return -1;
+    for (int j = 0; j < k; j++) {
+        c->L->cls->ops->per_sample(c, gy + (size_t)j * n * c->out_numel, G);
+        for (size_t i = 0; i < n; i++) {
+            const float *g = G + i * P;
+            double *di = per_sample ? d + i * P : d;
+            for (size_t p = 0; p < P; p++)
+                di[p] += (double)g[p] * (double)g[p];
+        }
+    }
+    free(G);
+    return 0;
 }
 
 void cv_kron_add_sym(int m, const float *S, double w, double *M, int ldm)

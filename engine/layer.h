@@ -117,7 +117,23 @@ typedef struct {
      * scratch memory.  Optional (a layer without it gets no EKFAC). */
     int (*ekfac_add)(const cv_layer_ctx *c, int k, const float *gy, const double *qa,
                      const double *qb, double *s);
+    /* Exact diagonal by backpropagation (engine/diag_exact.c; BackPACK's
+     * DiagGGNExact / DiagGGNMC / squared sample gradients): for k stacked
+     * output cotangents gy (vector j, sample i at gy + (j*n + i)*out_numel)
+     * d[p] += sum_j sum_i (g_ji[p])^2, g_ji = J_theta^T gy_ji the parameter
+     * gradient of that cotangent of that sample alone (weight sharing
+     * within a sample sums before squaring); d holds P doubles in the
+     * layer's parameter order, unweighted.  per_sample: d is n x P (sample
+     * i's row at d + i*P) and row i += sum_j (g_ji[p])^2.  0, or -1 when out
+     * of scratch memory.  Optional: a layer without it has no
+     * backpropagated diagonal. */
+    int (*diag_add)(const cv_layer_ctx *c, int k, const float *gy, int per_sample, double *d);
 } cv_layer_ops;
+
+/* A diag_add from the layer's per_sample kernel (k calls of it on n x P
+ * floats it allocates), for layers without a faster one. */
+int cv_layer_diag_per_sample(const cv_layer_ctx *c, int k, const float *gy, int per_sample,
+                             double *d);
 
 /* Weight-sharing approximations of the Kronecker factors (Eschenhagen et
  * al. 2023; see kron_a_add above). */

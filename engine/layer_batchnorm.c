@@ -209,6 +209,7 @@ static void bn_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned 
 }
 
 static const cv_layer_ops batchnorm_ops = {
+    .diag_add = cv_layer_diag_per_sample,
     .work_size = bn_work,
     .forward = bn_forward,
     .vjp = bn_vjp,

@@ -952,6 +952,7 @@ static int conv_ekfac_add(const cv_layer_ctx *c, int k, const float *gy, const d
 }
 
 static const cv_layer_ops conv2d_ops = {
+    .diag_add = cv_layer_diag_per_sample,
     .ekfac_add = conv_ekfac_add,
     .kron_dims = conv_kron_dims,
     .kron_a_add = conv_kron_a_add,

@@ -244,6 +244,7 @@ static void convt_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsign
 }
 
 static const cv_layer_ops convt2d_ops = {
+    .diag_add = cv_layer_diag_per_sample,
     .work_size = convt_work,
     .forward = convt_forward,
     .vjp = convt_vjp,

@@ -125,6 +125,44 @@ static void emb_per_sample(const cv_layer_ctx *c, const float *gy, float *G)
     }
 }
 
+/* Exact diagonal (layer.h diag_add) without forming the n x V x d per-sample
+ * gradients: for each (vector, sample) and each distinct id of the sample
+ * (first position t), the sum of its rows' cotangents, squared into W's row
+ * id (or the sample's own row with per_sample). */
+static int emb_diag_add(const cv_layer_ctx *c, int k, const float *gy, int per_sample,
+                        double *d)
+{
+    size_t T = tokens(c), dm = DIM(c), n = (size_t)c->n;
+    double *v = malloc(sizeof(double) * (dm + 1));
+    if (!v)
+        return -1;
+    for (size_t ji = 0; ji < (size_t)k * n; ji++) {
+        size_t i = ji % n, t0 = i * T;
+        const float *g = gy + ji * T * dm;
+        double *di = per_sample ? d + i * c->nparam : d;
+        for (size_t t = 0; t < T; t++) {
+            int id = token(c, t0 + t), seen = id < 0;
+            for (size_t u = 0; u < t && !seen; u++)
+                seen = token(c, t0 + u) == id;
+            if (seen)
+                continue;
+            for (size_t q = 0; q < dm; q++)
+                v[q] = 0;
+            for (size_t u = t; u < T; u++) {
+                if (token(c, t0 + u) != id)
+                    continue;
+                for (size_t q = 0; q < dm; q++)
+                    v[q] += g[u * dm + q];
+            }
+            double *w = di + (size_t)id * dm;
+            for (size_t q = 0; q < dm; q++)
+                w[q] += v[q] * v[q];
+        }
+    }
+    free(v);
+    return 0;
+}
+
 /* One distinct token of one sample: its id and its slot among the sample's
  * distinct tokens. */
 typedef struct {
@@ -220,6 +258,7 @@ static void emb_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigned
 }
 
 static const cv_layer_ops embedding_ops = {
+    .diag_add = emb_diag_add,
     .work_size = cv_no_work,
     .forward = emb_forward,
     .vjp = emb_vjp,

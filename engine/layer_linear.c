@@ -393,7 +393,64 @@ static int linear_ekfac_add(const cv_layer_ctx *c, int k, const float *gy, const
     return 0;
 }
 
+/* Exact diagonal (layer.h diag_add).  One row per sample: g_ji = gy_ji x_i^T
+ * is rank one, so sum_j sum_i g_ji.^2 = s^T (x.^2) with s_i = sum_j gy_ji.^2
+ * (one float GEMM over the samples, added to d in double); T rows (or per
+ * sample): g_ji = gy_ji^T x_i formed per (vector, sample) and squared. */
+static int linear_diag_add(const cv_layer_ctx *c, int k, const float *gy, int per_sample,
+                           double *d)
+{
+    int in = IN(c), out = OUT(c), T = ROWS(c), n = c->n, bias = ATTR(c)->has_bias != 0;
+    double *db = d + (size_t)out * in;
+    if (T > 1 || per_sample) {
+        float *g = malloc(sizeof(float) * ((size_t)out * in + out));
+        if (!g)
+            return -1;
+        for (size_t ji = 0; ji < (size_t)k * n; ji++) {
+            const float *gj = gy + ji * T * out, *xi = c->x + (ji % n) * T * in;
+            double *di = per_sample ? d + (ji % n) * c->nparam : d, *dbi = di + (size_t)out * in;
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, T, 1.0f, gj, out, xi,
+                        in, 0.0f, g, in);
+            for (size_t q = 0; q < (size_t)out * in; q++)
+                di[q] += (double)g[q] * (double)g[q];
+            for (int o = 0; bias && o < out; o++) {
+                double v = 0;
+                for (int t = 0; t < T; t++)
+                    v += gj[(size_t)t * out + o];
+                dbi[o] += v * v;
+            }
+        }
+        free(g);
+        return 0;
+    }
+    size_t nw = (size_t)out * in;
+    float *sq = malloc(sizeof(float) * ((size_t)n * out + (size_t)n * in + nw));
+    if (!sq)
+        return -1;
+    float *x2 = sq + (size_t)n * out, *w = x2 + (size_t)n * in;
+    memset(sq, 0, sizeof(float) * (size_t)n * out);
+    for (size_t ji = 0; ji < (size_t)k * n; ji++) {
+        const float *gj = gy + ji * out;
+        float *si = sq + (ji % n) * out;
+        for (int o = 0; o < out; o++)
+            si[o] += gj[o] * gj[o];
+    }
+    for (size_t q = 0; q < (size_t)n * in; q++)
+        x2[q] = c->x[q] * c->x[q];
+    /* float32 GEMM of nonnegative terms: relative error ~ sqrt(n) eps, no cancellation */
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0f, sq, out, x2, in, 0.0f,
+                w, in);
+    for (size_t q = 0; q < nw; q++)
+        d[q] += w[q];
+    for (int i = 0; bias && i < n; i++)
+        for (int o = 0; o < out; o++)
+            db[o] += sq[(size_t)i * out + o];
+    free(sq);
+    return 0;
+}
+
 static const cv_layer_ops linear_ops = {
+    .diag_add = linear_diag_add,
     .ekfac_add = linear_ekfac_add,
     .kron_dims = linear_kron_dims,
     .kron_a_add = linear_kron_a_add,

@@ -549,6 +549,7 @@ static void norm_gram_add(const cv_layer_ctx *c, int k, const float *gy, unsigne
 }
 
 static const cv_layer_ops norm_ops = {
+    .diag_add = cv_layer_diag_per_sample,
     .work_size = norm_work,
     .forward = norm_forward,
     .vjp = norm_vjp,

@@ -290,6 +290,8 @@ static int ensure_gy(cv_part *c, cv_err *e)
     return 0;
 }
 
+int cv_part_ensure_gy(cv_part *c, cv_err *e) { return ensure_gy(c, e); }
+
 /* ---- products -------------------------------------------------------------- */
 
 static int alloc_floats(float **p, size_t n)

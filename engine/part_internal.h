@@ -94,6 +94,14 @@ void cv_part_tangents(cv_part *c, const char *active, const char *live, int k);
 /* Runs walk w from the output cotangent top (k*n*C floats): gy[L-1] in the
  * gradient pass, else a pooled buffer the walk gives back. */
 int cv_part_walk(cv_part *c, cv_walk *w, float *top, cv_err *e);
+/* The same from activation a's cotangent top (k*n*numel[a] floats, a pooled
+ * buffer the walk gives back) through layers a-1 down to 0 (live ones; the
+ * caller's live flags leave out layers that do not lead to a). */
+int cv_part_walk_from(cv_part *c, cv_walk *w, int a, float *top, cv_err *e);
+/* The loss's backward pass: gy[l] of every layer (once per forward; kept
+ * while the part's curvature is the Hessian, else until the next call of
+ * the products that drop them). */
+int cv_part_ensure_gy(cv_part *c, cv_err *e);
 
 /* The cotangent pool: buffers of k*n*max_numel floats. */
 int cv_part_pool_ensure(cv_part *c, int k, cv_err *e);

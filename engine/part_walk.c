@@ -219,19 +219,24 @@ static int walk_layer(cv_part *c, cv_walk *w, int l, cv_err *e)
  * the gradient pass, else a pooled buffer the walk gives back. */
 int cv_part_walk(cv_part *c, cv_walk *w, float *top, cv_err *e)
 {
+    return cv_part_walk_from(c, w, c->L, top, e);
+}
+
+int cv_part_walk_from(cv_part *c, cv_walk *w, int a, float *top, cv_err *e)
+{
     memset(w->cot, 0, sizeof w->cot);
     memset(w->set, 0, sizeof w->set);
-    w->cot[c->L] = top;
-    w->set[c->L] = 1;
+    w->cot[a] = top;
+    w->set[a] = 1;
     int rc = 0;
-    for (int l = c->L - 1; l >= 0 && !rc; l--) {
+    for (int l = a - 1; l >= 0 && !rc; l--) {
         if (w->live && !w->live[l])
             continue;
         rc = cv_part_layer_work(c, l, w->k, e) || walk_layer(c, w, l, e) ? -1 : 0;
     }
-    for (int a = 1; a <= c->L && !w->use_gy; a++)
-        if (w->cot[a])
-            cv_part_pool_give(c, w->cot[a]);
+    for (int b = 1; b <= c->L && !w->use_gy; b++)
+        if (w->cot[b])
+            cv_part_pool_give(c, w->cot[b]);
     return rc;
 }
 
