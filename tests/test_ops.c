@@ -547,6 +547,8 @@ START_TEST(results_match_the_table)
         "{\"op\":\"trace\",\"curvature\":\"ggn\",\"options\":{\"method\":\"xnystrace\","
         "\"max_probes\":4}}",
         "{\"op\":\"diag\",\"options\":{\"method\":\"xdiag\",\"max_probes\":6}}",
+        "{\"op\":\"diag\",\"curvature\":\"ggn\",\"options\":{\"method\":\"exact\","
+        "\"per_sample\":true}}",
         "{\"op\":\"frobenius_norm\",\"options\":{\"max_probes\":4,\"return_samples\":true}}",
         "{\"op\":\"frobenius_norm\",\"curvature\":\"kfac\",\"options\":{\"method\":"
         "\"xnystrace\",\"max_probes\":4}}",
