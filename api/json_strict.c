@@ -232,6 +232,26 @@ static int find_string(const cJSON *v, size_t *k, char *path, size_t *n, int *is
     return 0;
 }
 
+int cv_json_check_text(const char *text, size_t len, const cJSON *doc, const char *what,
+                       const char *path, cv_err *e)
+{
+    if (!path)
+        path = "";
+    size_t nul;
+    if (scan(text, len, what, path, &nul, e))
+        return -1;
+    if (nul == SIZE_MAX)
+        return 0;
+    char p[PATH_MAX_LEN];
+    size_t n = path_init(p, path);
+    int is_key = 0;
+    find_string(doc, &nul, p, &n, &is_key);
+    return cv_err_set(e, CV_EINVAL, "nul_in_string", p,
+                      "%s: the %s %s%s%s holds a NUL character (\\u0000), which no name or "
+                      "value may contain", what, is_key ? "key" : "string", n ? "at '" : "",
+                      n ? p : "(the whole document)", n ? "'" : "");
+}
+
 cJSON *cv_json_parse_strict(const char *text, size_t len, const char *what, const char *path,
                             cv_err *e)
 {
@@ -253,20 +273,7 @@ cJSON *cv_json_parse_strict(const char *text, size_t len, const char *what, cons
             cJSON_Delete(doc);
             return NULL;
         }
-    size_t nul;
-    if (scan(text, stop, what, path, &nul, e)) {
-        cJSON_Delete(doc);
-        return NULL;
-    }
-    if (nul != SIZE_MAX) {
-        char p[PATH_MAX_LEN];
-        size_t n = path_init(p, path);
-        int is_key = 0;
-        find_string(doc, &nul, p, &n, &is_key);
-        cv_err_set(e, CV_EINVAL, "nul_in_string", p,
-                   "%s: the %s %s%s%s holds a NUL character (\\u0000), which no name or value "
-                   "may contain", what, is_key ? "key" : "string", n ? "at '" : "",
-                   n ? p : "(the whole document)", n ? "'" : "");
+    if (cv_json_check_text(text, stop, doc, what, path, e)) {
         cJSON_Delete(doc);
         return NULL;
     }

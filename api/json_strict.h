@@ -32,6 +32,12 @@
 cJSON *cv_json_parse_strict(const char *text, size_t len, const char *what, const char *path,
                             cv_err *e);
 
+/* The checks of the text alone (control characters, numbers, NULs; no
+ * duplicate keys, no trailing data): text[0..len) is the value cJSON parsed
+ * into doc (up to its return_parse_end).  0, or -1 with e filled. */
+int cv_json_check_text(const char *text, size_t len, const cJSON *doc, const char *what,
+                       const char *path, cv_err *e);
+
 /* The duplicate-key check alone, over a parsed value (every object at any
  * depth); 0, or -1 with e filled (duplicate_field, or out_of_memory). */
 int cv_json_unique_keys(const cJSON *v, const char *path, cv_err *e);
