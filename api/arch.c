@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "api/fileio.h"
+#include "api/json_strict.h"
 #include "api/suggest.h"
 #include "engine/layer.h"
 
@@ -644,20 +645,9 @@ int cv_arch_from_json(const cJSON *doc, const char *prefix, cv_model *m, cv_err 
 int cv_arch_parse(const char *text, size_t len, cv_model *m, cv_err *e)
 {
     memset(m, 0, sizeof *m);
-    const char *end = NULL;
-    cJSON *doc = cJSON_ParseWithLengthOpts(text, len, &end, 0);
-    if (!doc) {
-        size_t pos = end && end >= text && end <= text + len ? (size_t)(end - text) : 0;
-        return cv_err_set(e, CV_EINVAL, "invalid_json", "",
-                          "architecture is not valid JSON (error near byte %zu)", pos);
-    }
-    for (const char *p = end; p && p < text + len && *p; p++)
-        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r') {
-            cJSON_Delete(doc);
-            return cv_err_set(e, CV_EINVAL, "invalid_json", "",
-                              "architecture: trailing characters after the JSON document "
-                              "(byte %zu)", (size_t)(p - text));
-        }
+    cJSON *doc = cv_json_parse_strict(text, len, "architecture", "", e);
+    if (!doc)
+        return -1;
     int rc = cv_arch_from_json(doc, NULL, m, e);
     cJSON_Delete(doc);
     return rc;

@@ -95,6 +95,59 @@ static int validate_batch(const cJSON *b, cv_err *e)
     return 0;
 }
 
+typedef struct {
+    const char *name;
+    int group, item; /* blocks[group][item] */
+    size_t order;    /* in the document */
+} block_name;
+
+static int cmp_block_names(const void *pa, const void *pb)
+{
+    const block_name *a = pa, *b = pb;
+    int c = strcmp(a->name, b->name);
+    return c ? c : a->order < b->order ? -1 : a->order > b->order;
+}
+
+/* A parameter may be in one block only, and once in it: a list of lists of
+ * names (already checked to be one) with a name twice is refused, naming
+ * both places.  Sorted, so that a long list costs n log n. */
+static int blocks_disjoint(const cJSON *b, cv_err *e)
+{
+    size_t total = 0;
+    const cJSON *g, *n;
+    cJSON_ArrayForEach(g, b) total += (size_t)cJSON_GetArraySize(g);
+    if (total < 2)
+        return 0;
+    block_name *all = malloc(total * sizeof *all);
+    if (!all)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "blocks", "out of memory");
+    size_t k = 0;
+    int gi = 0;
+    cJSON_ArrayForEach(g, b)
+    {
+        int ni = 0;
+        cJSON_ArrayForEach(n, g)
+        {
+            all[k] = (block_name){n->valuestring, gi, ni++, k};
+            k++;
+        }
+        gi++;
+    }
+    qsort(all, total, sizeof *all, cmp_block_names);
+    int rc = 0;
+    for (size_t i = 1; i < total && !rc; i++)
+        if (strcmp(all[i - 1].name, all[i].name) == 0) {
+            char f[48];
+            snprintf(f, sizeof f, "blocks[%d][%d]", all[i].group, all[i].item);
+            rc = cv_err_set(e, CV_EINVAL, "invalid_blocks", f,
+                            "parameter '%.64s' is named twice: blocks[%d][%d] and %s (a "
+                            "parameter may be in one block, once)",
+                            all[i].name, all[i - 1].group, all[i - 1].item, f);
+        }
+    free(all);
+    return rc;
+}
+
 static int validate_blocks(const cJSON *b, cv_err *e)
 {
     if (!b)
@@ -135,7 +188,7 @@ static int validate_blocks(const cJSON *b, cv_err *e)
         }
         i++;
     }
-    return 0;
+    return blocks_disjoint(b, e);
 }
 
 static const char *const known_fields[] = {"op",   "model", "dataset", "curvature",   "batch",

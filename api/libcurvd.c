@@ -5,12 +5,14 @@
 #include "api/curvd.h"
 
 #include <cJSON.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "api/arch.h"
 #include "api/datafile.h"
 #include "api/job.h"
+#include "api/json_strict.h"
 #include "api/params.h"
 
 #define CURVD_EXPORT __attribute__((visibility("default")))
@@ -302,9 +304,9 @@ static int read_limits(const char *options, cv_job_limits *lim, cv_err *e)
     cv_job_limits_default(lim);
     if (!options || !*options)
         return 0;
-    cJSON *o = cJSON_Parse(options);
-    int rc = 0;
-    if (!cJSON_IsObject(o))
+    cJSON *o = cv_json_parse_strict(options, strlen(options), "options", "options", e);
+    int rc = o ? 0 : -1;
+    if (o && !cJSON_IsObject(o))
         rc = cv_err_set(e, CV_EINVAL, "invalid_json", "options",
                         "options: not a JSON object");
     for (const cJSON *it = o ? o->child : NULL; it && !rc; it = it->next) {
@@ -323,6 +325,15 @@ static int read_limits(const char *options, cv_job_limits *lim, cv_err *e)
     }
     cJSON_Delete(o);
     return rc;
+}
+
+/* The job text, strictly (api/json_strict.h); syntax errors name field "job". */
+static cJSON *parse_job(const char *job_json, size_t len, cv_err *e)
+{
+    cJSON *doc = cv_json_parse_strict(job_json, len, "job", "", e);
+    if (!doc && strcmp(e->code, "invalid_json") == 0 && !e->field[0])
+        snprintf(e->field, sizeof e->field, "job");
+    return doc;
 }
 
 static cJSON *run_spec(const cv_model *m, const cv_dataset *d, const cJSON *doc,
@@ -365,11 +376,11 @@ CURVD_EXPORT curvd_operator *curvd_operator_open(const curvd_model *m, const cur
     cv_err e;
     cv_job_limits lim;
     curvd_operator *o = calloc(1, sizeof *o);
-    cJSON *doc = o ? cJSON_ParseWithLength(job_json, len) : NULL;
+    cJSON *doc = NULL;
     int rc = !o ? cv_err_set(&e, CV_ENOMEM, "out_of_memory", "", "out of memory")
              : read_limits(options, &lim, &e) ? -1
-             : !doc ? cv_err_set(&e, CV_EINVAL, "invalid_json", "job", "job: not valid JSON")
-                    : 0;
+             : !(doc = parse_job(job_json, len, &e)) ? -1
+                                                    : 0;
     if (!rc && !(o->spec = cv_job_parse(doc, &e)))
         rc = -1;
     if (!rc && (cv_job_bind(o->spec, &m->m, &d->d, &e) ||
@@ -421,11 +432,9 @@ CURVD_EXPORT char *curvd_run(const curvd_model *m, const curvd_data *d, const ch
         put_err(&e, err);
         return NULL;
     }
-    cJSON *doc = cJSON_ParseWithLength(job_json, len);
+    cJSON *doc = parse_job(job_json, len, &e);
     cJSON *res = NULL;
-    if (!doc)
-        cv_err_set(&e, CV_EINVAL, "invalid_json", "job", "job: not valid JSON");
-    else
+    if (doc)
         res = run_spec(&m->m, &d->d, doc, &lim, &e);
     char *text = res ? cJSON_PrintUnformatted(res) : NULL;
     if (res && !text)

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 
 #include "api/fileio.h"
+#include "api/json_strict.h"
 #include "engine/names.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -305,6 +306,11 @@ static int parse_header(const char *hdr, size_t n, cv_st_file *f, cv_err *e)
                             "(byte %zu of %zu)", (size_t)(p - hdr), n);
             break;
         }
+    if (!rc && cv_json_check_text(hdr, (size_t)(end - hdr), root, "safetensors header", "", e)) {
+        rc = -1; /* a NUL in a tensor name, a control character, a loose number */
+        if (e)
+            snprintf(e->code, sizeof e->code, "%s", BAD);
+    }
     if (!rc && !cJSON_IsObject(root))
         rc = cv_err_set(e, CV_EINVAL, BAD, "", "safetensors header is not a JSON object");
     size_t count = 0, nmeta_obj = 0;

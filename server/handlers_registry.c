@@ -9,6 +9,7 @@
 
 #include "api/arch.h"
 #include "api/datafile.h"
+#include "api/json_strict.h"
 #include "api/params.h"
 #include "api/suggest.h"
 #include "server/b64.h"
@@ -232,13 +233,10 @@ static void store_model(req *r, const char *name, const upload_part *p, int repl
     const cJSON *arch = p[0].obj;
     cJSON *parsed = NULL;
     if (!arch) {
-        const char *end = NULL;
-        parsed = cJSON_ParseWithLengthOpts(p[0].data, p[0].len, &end, 0);
+        parsed = cv_json_parse_strict(p[0].data, p[0].len, "architecture", "architecture", &e);
         if (!parsed) {
             model_delete(m);
-            reply_errf(r, CV_EINVAL, "invalid_json", "architecture",
-                       "architecture is not valid JSON (error near byte %zu)",
-                       end && end >= p[0].data ? (size_t)(end - p[0].data) : (size_t)0);
+            reply_err(r, &e);
             return;
         }
         arch = parsed;

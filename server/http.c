@@ -33,6 +33,65 @@ typedef struct {
  * answered 503 at once; never written to, never freed. */
 static conn_state oom_state = {.dispatched = 1};
 
+/* Per-connection state (the socket context, MHD_OPTION_NOTIFY_CONNECTION):
+ * whether the URL of the request being read decoded a %00.  libmicrohttpd
+ * hands the handler the URL as a C string, so NAME%00zzz would arrive as
+ * NAME; unescape_url records the NUL here and on_request refuses the
+ * request.  Requests on one connection are read one after the other, so
+ * one flag per connection is enough. */
+typedef struct {
+    int nul_in_url;
+} conn_ctx;
+
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    (void)cls;
+    (void)conn;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        *socket_context = calloc(1, sizeof(conn_ctx)); /* NULL: unescape_url falls back */
+    } else {
+        free(*socket_context);
+        *socket_context = NULL;
+    }
+}
+
+static conn_ctx *connection_ctx(struct MHD_Connection *conn)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    return ci ? ci->socket_context : NULL;
+}
+
+/* libmicrohttpd's %HH decoding of the path and of every query key and
+ * value; a decoded NUL marks the connection (or, without its state, becomes
+ * 0x01, which no name, id or number accepts). */
+static size_t unescape_url(void *cls, struct MHD_Connection *conn, char *s)
+{
+    (void)cls;
+    size_t n = MHD_http_unescape(s);
+    if (!memchr(s, 0, n))
+        return n;
+    conn_ctx *x = connection_ctx(conn);
+    if (x)
+        x->nul_in_url = 1;
+    else
+        for (size_t i = 0; i < n; i++)
+            if (!s[i])
+                s[i] = 1;
+    return n;
+}
+
+/* 1 (and the flag cleared) when the request's URL decoded a NUL. */
+static int take_nul_in_url(struct MHD_Connection *conn)
+{
+    conn_ctx *x = connection_ctx(conn);
+    int nul = x && x->nul_in_url;
+    if (x)
+        x->nul_in_url = 0;
+    return nul;
+}
+
 /* ---- routing --------------------------------------------------------------- */
 
 typedef struct {
@@ -247,6 +306,14 @@ static enum MHD_Result send_reply(cv_http *h, struct MHD_Connection *conn, req *
     if (r->extra_name[0])
         MHD_add_response_header(resp, r->extra_name, r->extra_value);
     unsigned st = r->status ? r->status : 500;
+    if (st == 429 || st == 503) {
+        /* every "retry later" says when: the handler's estimate, else a default */
+        char ra[24];
+        snprintf(ra, sizeof ra, "%u", r->retry_after ? r->retry_after
+                                      : st == 429  ? RETRY_AFTER_BUSY_S
+                                                   : RETRY_AFTER_UNAVAILABLE_S);
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, ra);
+    }
     if (st / 100 >= 1 && st / 100 <= 5)
         atomic_fetch_add(&h->requests[st / 100], 1);
     if (h->cfg.log_requests || (st >= 500 && st != 503))
@@ -306,6 +373,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                                       "the server is out of memory; retry later");
         }
         *con_cls = cs;
+        if (take_nul_in_url(conn)) {
+            cs->dispatched = 1;
+            return reply_simple_error(h, conn, method, url, CV_EINVAL, 400, "nul_in_url",
+                                      "the URL holds %00 (a NUL character), which no path "
+                                      "segment or query parameter may contain");
+        }
         int job = is_job_post(method, url);
         cs->limit = job ? h->cfg.max_job_body : h->cfg.max_body;
         cs->limit_opt = job ? "--max-job-bytes" : "--max-body";
@@ -384,6 +457,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     (void)cls;
     (void)conn;
     (void)toe;
+    take_nul_in_url(conn); /* a request refused before on_request leaves no mark */
     conn_state *cs = *con_cls;
     if (cs && cs != &oom_state) {
         free(cs->body);
@@ -464,6 +538,8 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
                             MHD_OPTION_CONNECTION_LIMIT, h->cfg.max_connections,
                             MHD_OPTION_CONNECTION_TIMEOUT, conn_timeout,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
+                            MHD_OPTION_NOTIFY_CONNECTION, on_connection, h,
+                            MHD_OPTION_UNESCAPE_CALLBACK, unescape_url, h,
                             MHD_OPTION_END);
     if (!h->d) {
         cv_staging_free(h->staging);

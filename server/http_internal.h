@@ -52,7 +52,13 @@ typedef struct {
     char location[256];
     char allow[64];
     char extra_name[32], extra_value[64];
+    unsigned retry_after;      /* Retry-After seconds of a 429/503 (0: the default) */
 } req;
+
+/* Retry-After of a 429 (queue or registry full) and of a 503 (shutting
+ * down, out of memory) when the handler gives no estimate. */
+#define RETRY_AFTER_BUSY_S 1
+#define RETRY_AFTER_UNAVAILABLE_S 5
 
 /* ---- replies (http_req.c) ------------------------------------------------- */
 

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "api/job.h"
+#include "api/json_strict.h"
 #include "server/http_internal.h"
 #include "server/util.h"
 
@@ -158,12 +159,10 @@ cJSON *body_object(req *r)
                                                      "object");
         return NULL;
     }
-    const char *end = NULL;
-    cJSON *j = cJSON_ParseWithLengthOpts(r->body, r->body_len, &end, 0);
+    cv_err e;
+    cJSON *j = cv_json_parse_strict(r->body, r->body_len, "the request body", "", &e);
     if (!j) {
-        size_t off = end && end >= r->body ? (size_t)(end - r->body) : 0;
-        reply_errf(r, CV_EINVAL, "invalid_json", "",
-                   "the request body is not valid JSON (error near byte %zu)", off);
+        reply_err(r, &e);
         return NULL;
     }
     if (!cJSON_IsObject(j)) {

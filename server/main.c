@@ -15,6 +15,7 @@
 #include "api/arch.h"
 #include "api/datafile.h"
 #include "api/job.h"
+#include "api/json_strict.h"
 #include "api/params.h"
 #include "server/cli.h"
 #include "server/cluster.h"
@@ -211,11 +212,11 @@ static int cmd_run(int argc, char **argv)
     size_t jlen = 0;
     char *jtext = read_job(&a, r.cl, &jlen, &e);
     cJSON *job = NULL;
-    const char *end = NULL;
-    if (jtext && !(job = cJSON_ParseWithLengthOpts(jtext, jlen, &end, 0)))
-        cv_err_set(&e, CV_EINVAL, "invalid_json", "job",
-                   "job file '%s' is not valid JSON (error near byte %zu)", a.job,
-                   end && end >= jtext ? (size_t)(end - jtext) : (size_t)0);
+    char what[96];
+    snprintf(what, sizeof what, "job file '%.64s'", a.job);
+    if (jtext && !(job = cv_json_parse_strict(jtext, jlen, what, "", &e)) &&
+        strcmp(e.code, "invalid_json") == 0 && !e.field[0])
+        snprintf(e.field, sizeof e.field, "job");
     free(jtext);
     /* parsed once; the typed job is bound to the files and run */
     int rc = job ? run_load(&r, &a, job, &e) : -1;

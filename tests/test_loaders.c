@@ -267,6 +267,9 @@ START_TEST(st_bad_header)
     st_expect("{'a': 1,}", 0, "bad_safetensors", "", "not valid JSON");
     st_expect("[1, 2]", 0, "bad_safetensors", "", "not a JSON object");
     st_expect("{} xyz", 0, "bad_safetensors", "", "trailing bytes");
+    /* a NUL in a tensor name would truncate it (strict JSON, api/json_strict.h) */
+    st_expect("{'a\\u0000b': {'dtype': 'F32', 'shape': [1], 'data_offsets': [0, 4]}}", 4,
+              "bad_safetensors", "a", "NUL character");
     st_expect("{'a': 3}", 0, "bad_safetensors", "a", "must be an object");
     st_expect("{'a': {'shape': [1], 'data_offsets': [0, 4]}}", 4, "bad_safetensors", "a",
               "tensor 'a' has no dtype");

@@ -5,7 +5,9 @@
  * option values landing in the engine's option structs; the GET /v1/ops
  * document's shape; that the result fields every op writes on a small
  * model are exactly those its table lists; and solve's rhs given as a list
- * (against a dense LAPACK solve, and its refusals). */
+ * (against a dense LAPACK solve, and its refusals); strict JSON reading
+ * (api/json_strict.c: duplicate keys, trailing data, NULs, control
+ * characters, loose numbers) and a parameter named in two blocks. */
 #include <check.h>
 #include <math.h>
 #include <stdio.h>
@@ -14,6 +16,7 @@
 
 #include "api/arch.h"
 #include "api/job.h"
+#include "api/json_strict.h"
 #include "api/op_args.h"
 #include "api/ops.h"
 #include "api/ops_table.h"
@@ -725,7 +728,7 @@ START_TEST(parse_out_of_memory_in_blocks)
 {
     static const char *const text =
         "{\"op\":\"trace\",\"blocks\":[[\"0.weight\",\"0.bias\"],[\"2.weight\"],"
-        "[\"2.bias\",\"0.bias\",\"2.weight\"],[\"0.weight\"]]}";
+        "[\"2.bias\",\"4.bias\",\"4.weight\"],[\"6.weight\"]]}";
     cJSON *doc = cJSON_Parse(text);
     ck_assert_ptr_nonnull(doc);
     for (int k = 1; k <= 7; k++) {
@@ -907,6 +910,100 @@ START_TEST(solve_rhs_list)
 }
 END_TEST
 
+/* ---- strict JSON ------------------------------------------------------------------- */
+
+/* text (len bytes; 0: strlen) must be refused with code and field, and a
+ * message holding msg. */
+static void strict_refused(const char *text, size_t len, const char *code, const char *field,
+                           const char *msg)
+{
+    cv_err e;
+    cv_err_clear(&e);
+    cJSON *doc = cv_json_parse_strict(text, len ? len : strlen(text), "doc", "", &e);
+    ck_assert_msg(doc == NULL, "accepted: %s", text);
+    cJSON_Delete(doc);
+    ck_assert_int_eq(e.status, CV_EINVAL);
+    ck_assert_msg(strcmp(e.code, code) == 0, "%s: code %s (%s)", text, e.code, e.message);
+    ck_assert_msg(strcmp(e.field, field) == 0, "%s: field '%s'", text, e.field);
+    ck_assert_msg(strstr(e.message, msg) != NULL, "%s: message '%s' lacks '%s'", text,
+                  e.message, msg);
+}
+
+static void strict_accepted(const char *text)
+{
+    cv_err e;
+    cJSON *doc = cv_json_parse_strict(text, strlen(text), "doc", "", &e);
+    ck_assert_msg(doc != NULL, "%s refused: %s (%s, field %s)", text, e.message, e.code,
+                  e.field);
+    cJSON_Delete(doc);
+}
+
+START_TEST(strict_json_refusals)
+{
+    /* duplicate keys at any depth, named by their path */
+    strict_refused("{\"op\":\"loss\",\"op\":\"trace\"}", 0, "duplicate_field", "op",
+                   "key 'op' is given twice in the top-level object");
+    strict_refused("{\"options\":{\"k\":2,\"k\":3}}", 0, "duplicate_field", "options.k",
+                   "in options");
+    strict_refused("{\"a\":[{\"b\":{}},{\"b\":{\"x\":1,\"y\":2,\"x\":3}}]}", 0,
+                   "duplicate_field", "a[1].b.x", "key 'x'");
+    /* a large object is sorted, not compared pairwise */
+    char big[4096];
+    size_t n = (size_t)snprintf(big, sizeof big, "{");
+    for (int i = 0; i < 200; i++)
+        n += (size_t)snprintf(big + n, sizeof big - n, "\"k%d\":%d,", i, i);
+    snprintf(big + n, sizeof big - n, "\"k17\":0}");
+    strict_refused(big, 0, "duplicate_field", "k17", "key 'k17'");
+    big[n - 1] = '}';
+    big[n] = 0;
+    strict_accepted(big);
+    /* trailing data; white space after the value is fine */
+    strict_refused("{\"a\":1} x", 0, "invalid_json", "", "trailing characters");
+    strict_refused("{\"a\":1}{}", 0, "invalid_json", "", "trailing characters");
+    strict_refused("{\"a\":1}\0x", 9, "invalid_json", "", "trailing characters");
+    strict_accepted("{\"a\":1} \n\t\r ");
+    /* NUL in strings and keys, escaped or raw */
+    strict_refused("{\"op\":\"loss\\u0000x\"}", 0, "nul_in_string", "op", "NUL");
+    strict_refused("{\"blocks\":[[\"a\",\"b\\u0000\"]]}", 0, "nul_in_string",
+                   "blocks[0][1]", "the string at 'blocks[0][1]'");
+    strict_refused("{\"o\":{\"k\\u0000\":1}}", 0, "nul_in_string", "o.k", "the key");
+    strict_refused("{\"op\":\"lo\0ss\"}", 14, "nul_in_string", "op", "NUL");
+    strict_accepted("{\"op\":\"\\\\u0000\"}"); /* an escaped backslash, then text */
+    /* control characters cJSON takes for white space, and raw ones in strings */
+    strict_refused("{\x01\"a\":1}", 0, "invalid_json", "", "control character 0x01");
+    strict_refused("\0{\"a\":1}", 8, "invalid_json", "", "control character 0x00");
+    strict_refused("{\"a\":\"x\ty\"}", 0, "invalid_json", "", "unescaped control character");
+    /* numbers outside the JSON grammar */
+    strict_refused("{\"a\":01}", 0, "invalid_json", "", "malformed number");
+    strict_refused("{\"a\":1.}", 0, "invalid_json", "", "malformed number");
+    strict_refused("{\"a\":-.5}", 0, "invalid_json", "", "malformed number");
+    strict_refused("{\"a\":1.e3}", 0, "invalid_json", "", "malformed number");
+    strict_accepted("{\"a\":[0,-0,1.5,-2e-3,1E+9,10,0.25]}");
+    /* plain syntax errors keep their message; the path prefix names them */
+    cv_err e;
+    ck_assert_ptr_null(cv_json_parse_strict("{\"a\":", 5, "architecture", "architecture", &e));
+    ck_assert_str_eq(e.code, "invalid_json");
+    ck_assert_str_eq(e.field, "architecture");
+    ck_assert_msg(strstr(e.message, "architecture is not valid JSON"), "%s", e.message);
+    static const char dup_layer[] = "{\"layers\":[{\"a\":1,\"a\":2}]}";
+    ck_assert_ptr_null(cv_json_parse_strict(dup_layer, strlen(dup_layer), "architecture",
+                                            "architecture", &e));
+    ck_assert_str_eq(e.field, "architecture.layers[0].a");
+}
+END_TEST
+
+START_TEST(parameter_in_two_blocks)
+{
+    refused("{\"op\":\"trace\",\"blocks\":[[\"0.weight\"],[\"0.bias\",\"0.weight\"]]}",
+            "invalid_blocks", "blocks[1][1]",
+            "parameter '0.weight' is named twice: blocks[0][0] and blocks[1][1]");
+    refused("{\"op\":\"trace\",\"blocks\":[[\"a\",\"b\",\"a\"]]}", "invalid_blocks",
+            "blocks[0][2]", "parameter 'a' is named twice: blocks[0][0] and blocks[0][2]");
+    cv_job_spec *j = accepted("{\"op\":\"trace\",\"blocks\":[[\"a\",\"b\"],[\"c\"]]}");
+    cv_job_spec_free(j);
+}
+END_TEST
+
 static Suite *ops_suite(void)
 {
     Suite *s = suite_create("ops");
@@ -925,6 +1022,8 @@ static Suite *ops_suite(void)
     tcase_add_test(t, bind_checks_option_sizes);
     tcase_add_test(t, parse_out_of_memory_in_blocks);
     tcase_add_test(t, solve_rhs_list);
+    tcase_add_test(t, strict_json_refusals);
+    tcase_add_test(t, parameter_in_two_blocks);
     suite_add_tcase(s, t);
     return s;
 }

@@ -3,7 +3,9 @@
  * while in use, memory budget), the job queue (results, 429, cancel, time
  * limit, drain), metrics text, the demo, the route table against
  * api/openapi.yaml (run from the repository root, as `make unit` does), the
- * HTTP replies' framing over a socket, and the command line's flag tables. */
+ * HTTP replies' framing over a socket, strict parsing over HTTP (duplicate
+ * keys, %00 in a URL, Retry-After on 429/503), and the command line's flag
+ * tables. */
 #include "testutil.h"
 
 #include <arpa/inet.h>
@@ -788,6 +790,7 @@ typedef struct {
     long content_length;   /* -1: no header */
     char *body;            /* malloc()ed, NUL-terminated */
     size_t body_len;
+    int retry_after;       /* -1: no header */
 } http_reply;
 
 /* One HTTP/1.0 request to 127.0.0.1:port; the whole reply in *out. */
@@ -827,7 +830,10 @@ static void http_call(int port, const char *method, const char *path, const char
     memset(out, 0, sizeof *out);
     ck_assert_int_eq(sscanf(buf, "HTTP/1.%*d %d", &out->status), 1);
     out->content_length = -1;
+    out->retry_after = -1;
     for (char *line = strstr(buf, "\r\n"); line; line = strstr(line + 2, "\r\n")) {
+        if (strncasecmp(line + 2, "Retry-After: ", 13) == 0)
+            out->retry_after = atoi(line + 15);
         if (strncasecmp(line + 2, "Content-Type: ", 14) == 0)
             sscanf(line + 16, "%95[^\r]", out->ctype);
         if (strncasecmp(line + 2, "Content-Length: ", 16) == 0)
@@ -902,6 +908,68 @@ START_TEST(json_bodies_end_with_newline)
     free(want);
     free(r.body);
     cv_snap_unref(s);
+    cv_http_stop(h);
+    jfx_free(&f);
+}
+END_TEST
+
+/* The error document of a reply: its status, code and field. */
+static void expect_http_err(int port, const char *method, const char *path, const char *body,
+                            int status, const char *code, const char *field, int retry_after)
+{
+    http_reply r;
+    http_call(port, method, path, body, &r);
+    ck_assert_msg(r.status == status, "%s %s: status %d, want %d: %s", method, path, r.status,
+                  status, r.body);
+    cJSON *j = cJSON_Parse(r.body);
+    ck_assert_msg(j != NULL, "%s %s: not JSON: %s", method, path, r.body);
+    ck_assert_str_eq(sfield(j, "error", "code"), code);
+    ck_assert_str_eq(sfield(j, "error", "field"), field);
+    ck_assert_int_eq(r.retry_after, retry_after);
+    cJSON_Delete(j);
+    free(r.body);
+}
+
+START_TEST(strict_requests_and_retry_after)
+{
+    jfx f;
+    jfx_make(&f, 1, 1, 0);
+    cv_http_config c;
+    memset(&c, 0, sizeof c);
+    c.max_body = 1 << 20;
+    cv_err e;
+    cv_http *h = cv_http_start(&c, f.reg, f.jobs, &e);
+    ck_assert_msg(h != NULL, "%s", e.message);
+    int port = cv_http_port(h);
+    /* duplicate keys, trailing data, NULs: 400 before anything is queued */
+    expect_http_err(port, "POST", "/v1/jobs",
+                    "{\"op\":\"loss\",\"model\":\"m\",\"dataset\":\"d\",\"model\":\"x\"}", 400,
+                    "duplicate_field", "model", -1);
+    expect_http_err(port, "POST", "/v1/jobs", "{\"op\":\"loss\",\"model\":\"m\"} []", 400,
+                    "invalid_json", "", -1);
+    expect_http_err(port, "POST", "/v1/jobs",
+                    "{\"op\":\"loss\",\"model\":\"m\\u0000x\",\"dataset\":\"d\"}", 400,
+                    "nul_in_string", "model", -1);
+    cJSON *l = json_reply(port, "GET", "/v1/jobs", NULL, 200);
+    ck_assert_int_eq((int)cJSON_GetObjectItem(l, "count")->valuedouble, 0);
+    cJSON_Delete(l);
+    /* %00 in a path segment: refused, the model stays */
+    expect_http_err(port, "DELETE", "/v1/models/m%00zzz", NULL, 400, "nul_in_url", "", -1);
+    expect_http_err(port, "GET", "/v1/jobs?status=queued%00", NULL, 400, "nul_in_url", "", -1);
+    cJSON_Delete(json_reply(port, "GET", "/v1/models/m", NULL, 200));
+    /* a full queue: 429 with Retry-After */
+    cv_job *a, *b;
+    ck_assert_int_eq(submit(&f, LONG_JOB, &a, &e), 0);
+    wait_running(&f, a);
+    ck_assert_int_eq(submit(&f, LONG_JOB, &b, &e), 0);
+    expect_http_err(port, "POST", "/v1/jobs", LONG_JOB, 429, "queue_full", "", 1);
+    /* draining: 503 with Retry-After */
+    cv_jobs_drain(f.jobs);
+    expect_http_err(port, "POST", "/v1/jobs", LONG_JOB, 503, "shutting_down", "", 5);
+    cv_jobs_cancel(f.jobs, b, 0);
+    cv_jobs_cancel(f.jobs, a, 10);
+    cv_job_unref(a);
+    cv_job_unref(b);
     cv_http_stop(h);
     jfx_free(&f);
 }
@@ -1088,6 +1156,7 @@ static Suite *server_suite(void)
     tcase_add_test(jobs, jobs_micro_batches_progress_cancel_budget);
     tcase_add_test(jobs, finished_jobs_are_purged);
     tcase_add_test(jobs, json_bodies_end_with_newline);
+    tcase_add_test(jobs, strict_requests_and_retry_after);
     suite_add_tcase(s, jobs);
     return s;
 }
