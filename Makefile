@@ -16,6 +16,8 @@
 #                         with build/libcurvd.so) and curvd_client into PY's environment
 #   make bench [BENCH_ARGS=...]  curvd vs PyTorch (bench/README.md)
 #   make bench-mpi [BENCH_ARGS=...]  data-parallel speed-up under mpirun (bench/README.md)
+#   make bench-kfac / bench-laplace [BENCH_ARGS=...]  Kronecker factors vs torch; a Kronecker
+#                         Laplace posterior vs the factor time (bench/README.md)
 #   make deps             install (as root) or name the missing build packages
 #   make clean            remove build/ (every build directory below it)
 #
@@ -110,7 +112,7 @@ MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null)
 MPI_LIBS   := $(shell pkg-config --libs ompi-c 2>/dev/null)
 MPI_PLUGIN := $(if $(shell pkg-config --exists ompi-c 2>/dev/null && echo y),$(B)/curvd-mpi.so)
 
-.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run python bench bench-mpi clean
+.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run python bench bench-mpi bench-kfac bench-laplace clean
 all: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so
 
 build-tests: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so $(TEST_BIN) $(B)/bench_ops
@@ -239,6 +241,13 @@ bench-kfac:
 	@scripts/deps.sh bench
 	@$(MAKE) --no-print-directory all
 	$(PY) bench/bench_kfac.py --curvd $(B)/curvd $(BENCH_ARGS)
+
+# A Kronecker Laplace posterior with prior optimization against the KFAC factor time
+# (bench/README.md); not in `make test`.
+bench-laplace:
+	@scripts/deps.sh bench
+	@$(MAKE) --no-print-directory all
+	$(PY) bench/bench_laplace.py --curvd $(B)/curvd $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(filter-out build build/%,$(B))
