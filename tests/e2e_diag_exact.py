@@ -279,7 +279,7 @@ def main():
             ggn, ef = torch_reference(lm, xl, yl, order)
             # the dense fisher_mc of small blocks (the whole LM's is slow to form)
             check_model("lm", d, ggn, ef, [["head.weight"], ["ln_f.weight", "ln_f.bias"],
-                                           ["pos_emb"], [order[1], order[2]]])
+                                           ["pos_emb"], [order[0], order[2]]])
     return summary()
 
 
