@@ -29,7 +29,9 @@ error (10 equal-width confidence bins), and draws reliability diagrams of MAP vs
 On this in-distribution test split the MAP network is already well calibrated, and the
 Laplace predictives at the evidence-optimized prior are *under*confident (their mean
 confidence is below their accuracy: the bars of the right-hand diagram stand above the
-diagonal); the whole-network (kron) posterior more so than the last layer's.  Laplace's
+diagonal); the whole-network (kron) posterior more so than the last layer's.  It is not
+KFAC's doing: the exact GGN (structure "full", under `curvd serve --dense-max 8192`)
+gives ECE 0.1709, NLL 0.2777 at its optimized prior 2.678.  Laplace's
 gains are usually reported on shifted or out-of-distribution inputs (Daxberger et al.
 2021); choosing the prior by held-out NLL instead of the evidence (laplace-torch's
 gridsearch) is the usual remedy for in-distribution underconfidence.
