@@ -233,9 +233,11 @@ def main():
             if "py_" + op in py:
                 t_p = py["py_" + op]
                 sp = f"{t_t / t_p:7.1f}x" if t_t else "       -"
+                per = (t_p / py.get("py_" + op + "_matvecs", 1)) / \
+                    (t_c / cv.get(op + "_matvecs", 1)) if cv.get(op + "_matvecs") else t_p / t_c
                 print(f"{name:6} {op + ' py':9} {t_p:10.4g} {t_t if t_t else float('nan'):10.4g} "
                       f"{sp:>8} {'':>8} {'':>6}   (in-process Python / bench_ops: "
-                      f"{t_p / t_c:.2f})")
+                      f"{t_p / t_c:.2f}, per matvec {per:.2f})")
                 rows.append({"model": name, "op": op + " (py)", "curvd_s": t_p, "torch_s": t_t,
                              "gflops": "", "pct": ""})
         print(f"{name:6} {'(ratios)':9} hvp/grad {cv['hvp'] / cv['gradient']:.2f}  "

@@ -2,7 +2,9 @@
 jobs bench_ops times (trace: Hutchinson 100 probes, eigen5: Lanczos top-5 at tol 1e-3,
 density: SLQ 100 steps), run through `import curvd` (libcurvd.so via ctypes) on the same
 files, timed as the Python call's wall time (job parse, forward pass, estimator, result
-JSON, ctypes), best of --reps.  Prints one JSON line {op: seconds}.
+JSON, ctypes), best of --reps.  Prints one JSON line {op: seconds, op_matvecs: count}
+(the job's Lanczos start differs from bench_ops', so eigen5's step count may too: bench.py
+compares time per matvec).
 
 Usage: python3 bench/bench_inproc.py --case DIR --threads T [--reps 3] [--only trace,...]
 """
@@ -42,9 +44,10 @@ def main():
         job = dict(JOBS[name], curvature="hessian")
         for _ in range(a.reps):
             t0 = time.perf_counter()
-            curvd.run(model, data, job)
+            res = curvd.run(model, data, job)
             dt = time.perf_counter() - t0
             out[name] = min(out.get(name, dt), dt)
+            out[name + "_matvecs"] = res["matvecs"]
     print(json.dumps(out))
 
 
