@@ -526,7 +526,8 @@ static void solve_defaults(void *p, int method)
 
 /* The right-hand side on block b: the gradient, or the job's list (its
  * length was checked against b->dim when the job was bound). */
-/* k > 1 right-hand sides (rhs: k x D numbers): cv_solve_many (CG in lockstep);
+/* k > 1 right-hand sides (rhs: k x D numbers): cv_solve_many (CG in lockstep,
+ * or block CG);
  * results solutions / residuals / iterations_per_rhs / converged_per_rhs, and
  * iterations (the most) and converged (all). */
 static int run_solve_many(cv_op_ctx *c, const cv_block *b, const cv_solve_options *o, int k,
@@ -613,8 +614,9 @@ static const cv_op_method solve_cg = {"cg", run_solve, NULL, NULL, NULL};
 static const cv_op_method solve_minres = {"minres", run_solve, NULL, NULL, NULL};
 static const cv_op_method solve_lsmr = {"lsmr", run_solve, NULL, NULL, NULL};
 static const cv_op_method solve_neumann = {"neumann", run_solve, NULL, NULL, NULL};
-static const cv_op_method *const solve_methods[] = {&solve_cg, &solve_minres, &solve_lsmr,
-                                                    &solve_neumann, NULL};
+static const cv_op_method solve_block_cg = {"block_cg", run_solve, NULL, NULL, NULL};
+static const cv_op_method *const solve_methods[] = {&solve_cg,      &solve_minres,   &solve_lsmr,
+                                                    &solve_neumann, &solve_block_cg, NULL};
 
 /* ---- newton ----------------------------------------------------------------- */
 
@@ -820,9 +822,10 @@ static void mem_density(const cv_opts *o, cv_curvature kind, const cv_block *b, 
 
 static void mem_solve(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C, cv_op_memory *m)
 {
-    const solve_args *a = o->args; /* k right-hand sides: 6k vectors for CG in lockstep */
+    const solve_args *a = o->args; /* k right-hand sides: 6k vectors for CG in lockstep, */
     double k = a->rhs.choice < 0 && b->dim ? (double)a->rhs.list.n / (double)b->dim : 1;
-    mem_set(m, k > 1 ? 6 * k + 2 : 12, 0, b->dim, k > 16 ? 16 : (int)k); /* LSMR: 10 */
+    double per = a->method == CV_SOLVE_BLOCK_CG ? 7 : 6; /* 7k for block CG */
+    mem_set(m, k > 1 ? per * k + 2 : 12, 0, b->dim, k > 16 ? 16 : (int)k); /* LSMR: 10 */
     mem_kron(o, kind, C, CV_OP_KRON_MEM_EIGEN, m);
 }
 

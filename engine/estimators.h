@@ -357,9 +357,15 @@ int cv_density_from_spectrum(const double *vals, size_t n, const cv_density_opti
 
 /* ------------------------------------------------------------ solve/newton */
 
-typedef enum { CV_SOLVE_CG = 0, CV_SOLVE_MINRES, CV_SOLVE_LSMR, CV_SOLVE_NEUMANN } cv_solve_method;
+typedef enum {
+    CV_SOLVE_CG = 0,
+    CV_SOLVE_MINRES,
+    CV_SOLVE_LSMR,
+    CV_SOLVE_NEUMANN,
+    CV_SOLVE_BLOCK_CG /* several right-hand sides (cv_solve_many); one: CG */
+} cv_solve_method;
 
-/* "cg" | "minres" | "lsmr" | "neumann" -> cv_solve_method, -1 if unknown. */
+/* "cg" | "minres" | "lsmr" | "neumann" | "block_cg" -> cv_solve_method, -1 if unknown. */
 int cv_solve_method_from_name(const char *name);
 const char *cv_solve_method_name(cv_solve_method m);
 
@@ -420,10 +426,15 @@ int cv_solve(const cv_linop *op, const double *b, const cv_solve_options *opt,
  * CG runs the k systems in lockstep with one product of the still active
  * directions per iteration (at most the auto block of 16 columns per apply;
  * a system leaves when its residual meets tol:
- * the same iterates as k separate CG runs, fewer and wider products); the
- * other methods solve one system after the other.  The true residuals come
- * from one k-column product.  Memory (CG): 4k + 1 vectors.  0, or -1 with e
- * filled (as cv_solve; out zeroed). */
+ * the same iterates as k separate CG runs, fewer and wider products).
+ * BLOCK_CG is O'Leary's block CG (engine/solve_block.h): the systems share
+ * one Krylov space, each iteration applying A to a search block of at most
+ * the unconverged systems' count of columns (fewer iterations than CG when
+ * the right-hand sides are related or the spectrum has a few outliers; each
+ * system's out[j].matvecs is then the block's total).  The other methods
+ * solve one system after the other.  The true residuals come from one
+ * k-column product.  Memory: CG 4k + 1 vectors, BLOCK_CG 5k + 1.  0, or -1
+ * with e filled (as cv_solve; out zeroed). */
 int cv_solve_many(const cv_linop *op, int k, const double *B, const cv_solve_options *opt,
                   cv_solve_result *out, cv_err *e);
 

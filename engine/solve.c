@@ -11,15 +11,16 @@
 
 #include "est_util.h"
 #include "names.h"
+#include "solve_block.h"
 
 /* index = cv_solve_method */
-static const char *const method_names[] = {"cg", "minres", "lsmr", "neumann"};
+static const char *const method_names[] = {"cg", "minres", "lsmr", "neumann", "block_cg"};
 
-int cv_solve_method_from_name(const char *name) { return cv_name_index(name, method_names, 4); }
+int cv_solve_method_from_name(const char *name) { return cv_name_index(name, method_names, 5); }
 
 const char *cv_solve_method_name(cv_solve_method m)
 {
-    return cv_name_or(method_names, 4, (int)m, "cg");
+    return cv_name_or(method_names, 5, (int)m, "cg");
 }
 
 void cv_solve_options_default(cv_solve_options *o)
@@ -44,9 +45,9 @@ static int solve_check(const cv_linop *op, const double *b, const cv_solve_optio
 {
     if (cv_est_check_op(op, e))
         return -1;
-    if ((int)o->method < 0 || o->method > CV_SOLVE_NEUMANN)
+    if ((int)o->method < 0 || o->method > CV_SOLVE_BLOCK_CG)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.method",
-                          "method must be cg, minres, lsmr or neumann");
+                          "method must be cg, minres, lsmr, neumann or block_cg");
     if (o->method == CV_SOLVE_NEUMANN && !(o->scale > 0 && isfinite(o->scale)))
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.scale",
                           "scale must be a finite number > 0");
@@ -466,7 +467,8 @@ int cv_solve(const cv_linop *op, const double *b, const cv_solve_options *opt,
         plan_iter = opt->num_terms;
     cv_progress_plan(op->progress, plan_iter + 1);
     damped_op A = {.op = op, .n = n, .delta = opt->damping};
-    int rc = opt->method == CV_SOLVE_CG       ? cg(&A, b, bnorm, opt, max_iter, out, e)
+    int rc = opt->method == CV_SOLVE_CG || opt->method == CV_SOLVE_BLOCK_CG /* one: CG */
+                 ? cg(&A, b, bnorm, opt, max_iter, out, e)
              : opt->method == CV_SOLVE_MINRES ? minres(&A, b, bnorm, opt, max_iter, out, e)
              : opt->method == CV_SOLVE_LSMR   ? lsmr(&A, b, bnorm, opt, max_iter, out, e)
                                               : neumann(&A, b, bnorm, opt, out, e);
@@ -631,6 +633,22 @@ static int cg_many(const cv_linop *op, int k, const double *B, const cv_solve_op
     return rc;
 }
 
+/* Block CG (engine/solve_block.c), then the true residuals; every system's
+ * matvecs is the whole job's (the block's products are shared). */
+static int block_cg(const cv_linop *op, int k, const double *B, const cv_solve_options *o,
+                    int max_iter, cv_solve_result *out, cv_err *e)
+{
+    size_t n = op->n;
+    double *AX = CV_EST_ALLOC(n * (size_t)k, double, e);
+    int rc = !AX || cv_solve_block_cg(op, k, B, o, max_iter, out, e) ? -1 : 0;
+    long products = rc ? 0 : out[0].matvecs; /* the block's, shared */
+    rc = rc || many_residuals(op, o->damping, k, B, out, AX, e) ? -1 : 0;
+    for (int j = 0; j < k && !rc; j++)
+        out[j].matvecs = products + k;
+    free(AX);
+    return rc;
+}
+
 int cv_solve_many(const cv_linop *op, int k, const double *B, const cv_solve_options *opt,
                   cv_solve_result *out, cv_err *e)
 {
@@ -648,15 +666,19 @@ int cv_solve_many(const cv_linop *op, int k, const double *B, const cv_solve_opt
             return cv_err_set(e, CV_EINVAL, "non_finite", "options.rhs",
                               "the right-hand side has non-finite entries");
     int rc = 0;
-    if (opt->method != CV_SOLVE_CG || k == 1) { /* one system after the other */
+    int lockstep = opt->method == CV_SOLVE_CG, block = opt->method == CV_SOLVE_BLOCK_CG;
+    if ((!lockstep && !block) || k == 1) { /* one system after the other */
         for (int j = 0; j < k && !rc; j++)
             rc = cv_solve(op, B + (size_t)j * n, opt, &out[j], NULL, e);
     } else {
         long mi = opt->max_iter > 0 ? opt->max_iter : 10L * (long)n;
         int max_iter = mi > INT_MAX - 1 ? INT_MAX - 1 : (int)mi;
-        long plan_iter = (size_t)max_iter < n ? (long)max_iter : (long)n;
+        /* exact arithmetic: CG within n iterations, block CG within n / k */
+        long bound = block ? (long)((n + (size_t)k - 1) / (size_t)k) : (long)n;
+        long plan_iter = max_iter < bound ? (long)max_iter : bound;
         cv_progress_plan(op->progress, (plan_iter + 1) * k);
-        rc = cg_many(op, k, B, opt, max_iter, out, e);
+        rc = block ? block_cg(op, k, B, opt, max_iter, out, e)
+                   : cg_many(op, k, B, opt, max_iter, out, e);
     }
     if (rc)
         for (int j = 0; j < k; j++)

@@ -8,7 +8,8 @@ damping) and enough terms equals the solve, with few terms equals the truncated 
 s sum_k (I - s M)^k g formed densely; the reported residual is the true one; refusals:
 scale with method cg (400 invalid_option), a scale that makes the series diverge (400
 diverges, field options.scale); newton methods lsmr and neumann give -(G + 0.05 I)^-1 g and its
-predicted change; three right-hand sides in one job (rhs of 3 x D numbers: CG in lockstep)
+predicted change; three right-hand sides in one job (rhs of 3 x D numbers: CG in lockstep,
+and block CG on related ones: fewer matvecs)
 each equal to numpy's solve.  Ends with 'N passed, M failed'.
 """
 import copy
@@ -87,6 +88,20 @@ def main():
                   rel(s_, w_) < 1e-4 for s_, w_ in zip(r["solutions"], want)) and
               r["converged"] and len(r["residuals"]) == 3 and
               r["iterations"] == max(r["iterations_per_rhs"]), str(r.get("residuals")))
+        lock = r
+        # related right-hand sides (b2 = b0 + b1): block CG shares one Krylov space
+        R[2] = R[0] + R[1]
+        r = tr.run(d, {"op": "solve", "curvature": "ggn",
+                       "options": {"method": "block_cg", "damping": 0.05, "tol": 1e-9,
+                                   "rhs": R.ravel().tolist()}})
+        want = np.linalg.solve(M, R.T).T
+        check("solve block_cg with 3 related right-hand sides: each = numpy.linalg.solve",
+              r.get("method") == "block_cg" and len(r.get("solutions", [])) == 3 and all(
+                  rel(s_, w_) < 1e-4 for s_, w_ in zip(r["solutions"], want)) and
+              r["converged"] and all(x < 1e-5 for x in r["residuals"]),
+              f"{r.get('residuals')} {r.get('iterations_per_rhs')}")
+        check("block_cg: fewer matvecs than CG in lockstep (dependent columns dropped)",
+              r["matvecs"] < lock["matvecs"], f"{r['matvecs']} vs {lock['matvecs']}")
         rc, r = tr.curvd_run(CURVD, d, {"op": "solve", "curvature": "ggn",
                                         "options": {"rhs": [1.0] * (len(G) + 1)}},
                              expect_ok=False)

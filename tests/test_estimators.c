@@ -1728,6 +1728,105 @@ START_TEST(solve_many_lockstep_cg)
 }
 END_TEST
 
+/* Block CG (O'Leary; cv_solve_many method block_cg) against dposv: four
+ * right-hand sides on a spectrum with four outliers (the block's Krylov
+ * space captures them: fewer iterations than CG in lockstep), rank-deficient
+ * right-hand sides (b2 = b0 + b1, b3 = 2 b0: the block shrinks to two
+ * directions, x2 = x0 + x1), a zero right-hand side, one system (= CG), and
+ * an indefinite operator refused naming the damping. */
+START_TEST(solve_many_block_cg)
+{
+    int n = 80, k = 4;
+    double lam[80];
+    for (int i = 0; i < n; i++)
+        lam[i] = i < 4 ? 100.0 * (i + 1) : 1.0 + (double)i / n;
+    dmat m;
+    dmat_spectrum(&m, n, lam, 31);
+    double *B = calloc((size_t)n * k, sizeof(double));
+    for (int j = 0; j < k; j++) {
+        double *b = rhs(n, 40 + j);
+        memcpy(B + (size_t)j * n, b, sizeof(double) * n);
+        free(b);
+    }
+    cv_solve_options o;
+    cv_solve_options_default(&o);
+    o.tol = 1e-10;
+    o.damping = 0.01;
+    cv_solve_result blk[4], lock[4];
+    cv_err e;
+    o.method = CV_SOLVE_BLOCK_CG;
+    ck_assert_int_eq(cv_solve_many(&m.op, k, B, &o, blk, &e), 0);
+    o.method = CV_SOLVE_CG;
+    ck_assert_int_eq(cv_solve_many(&m.op, k, B, &o, lock, &e), 0);
+    int bi = 0, li = 0;
+    for (int j = 0; j < k; j++) {
+        double *x = dense_solve(&m, B + (size_t)j * n, o.damping, 1);
+        ck_assert(blk[j].converged);
+        ck_assert_msg(relerr(blk[j].x, x, n) < 1e-8, "system %d err %g", j,
+                      relerr(blk[j].x, x, n));
+        ck_assert_msg(blk[j].residual < 1e-9, "residual %g", blk[j].residual);
+        bi = blk[j].iterations > bi ? blk[j].iterations : bi;
+        li = lock[j].iterations > li ? lock[j].iterations : li;
+        ck_assert_int_le(blk[j].matvecs, (long)k * blk[j].iterations + k);
+        free(x);
+        cv_solve_result_free(&blk[j]);
+        cv_solve_result_free(&lock[j]);
+    }
+    ck_assert_msg(bi < li, "block CG %d iterations, CG %d", bi, li);
+
+    /* rank 2: b2 = b0 + b1, b3 = 2 b0 */
+    for (int i = 0; i < n; i++) {
+        B[2 * n + i] = B[i] + B[n + i];
+        B[3 * n + i] = 2 * B[i];
+    }
+    o.method = CV_SOLVE_BLOCK_CG;
+    ck_assert_int_eq(cv_solve_many(&m.op, k, B, &o, blk, &e), 0);
+    bi = 0;
+    for (int j = 0; j < k; j++) {
+        double *x = dense_solve(&m, B + (size_t)j * n, o.damping, 1);
+        bi = blk[j].iterations > bi ? blk[j].iterations : bi;
+        ck_assert(blk[j].converged);
+        ck_assert_msg(relerr(blk[j].x, x, n) < 1e-8, "dependent system %d err %g", j,
+                      relerr(blk[j].x, x, n));
+        free(x);
+    }
+    ck_assert_msg(blk[0].matvecs <= 2L * bi + k, "%ld matvecs in %d iterations",
+                  blk[0].matvecs, bi);
+    for (int j = 0; j < k; j++)
+        cv_solve_result_free(&blk[j]);
+
+    /* a zero right-hand side; then one system (plain CG's iterates) */
+    memset(B + n, 0, sizeof(double) * n);
+    ck_assert_int_eq(cv_solve_many(&m.op, 2, B, &o, blk, &e), 0);
+    ck_assert(blk[1].converged);
+    ck_assert_int_eq(blk[1].iterations, 0);
+    for (int i = 0; i < n; i++)
+        ck_assert(blk[1].x[i] == 0);
+    cv_solve_result one;
+    o.method = CV_SOLVE_CG;
+    ck_assert_int_eq(cv_solve(&m.op, B, &o, &one, NULL, &e), 0);
+    ck_assert_msg(relerr(blk[0].x, one.x, n) < 1e-8, "err %g", relerr(blk[0].x, one.x, n));
+    cv_solve_result_free(&one);
+    cv_solve_result_free(&blk[0]);
+    cv_solve_result_free(&blk[1]);
+
+    /* indefinite: -1 in the spectrum, damping 0.5 too small */
+    lam[10] = -1.0;
+    dmat_free(&m);
+    dmat_spectrum(&m, n, lam, 31);
+    memcpy(B + n, B, sizeof(double) * n);
+    B[n] += 1.0;
+    o.method = CV_SOLVE_BLOCK_CG;
+    o.damping = 0.5;
+    ck_assert_int_eq(cv_solve_many(&m.op, 2, B, &o, blk, &e), -1);
+    ck_assert_str_eq(e.code, "not_positive_definite");
+    ck_assert_str_eq(e.field, "options.damping");
+    ck_assert_ptr_null(blk[0].x);
+    free(B);
+    dmat_free(&m);
+}
+END_TEST
+
 START_TEST(newton_step_and_prediction)
 {
     int n = 30;
@@ -2156,6 +2255,7 @@ static Suite *suite(void)
     tcase_add_test(t, lsmr_vs_lapack);
     tcase_add_test(t, neumann_series);
     tcase_add_test(t, solve_many_lockstep_cg);
+    tcase_add_test(t, solve_many_block_cg);
     tcase_add_test(t, newton_step_and_prediction);
     tcase_add_test(t, cancellation);
     tcase_add_test(t, progress_counts_match_matvecs);
