@@ -18,6 +18,7 @@
 #   make bench-mpi [BENCH_ARGS=...]  data-parallel speed-up under mpirun (bench/README.md)
 #   make bench-kfac / bench-laplace [BENCH_ARGS=...]  Kronecker factors vs torch; a Kronecker
 #                         Laplace posterior vs the factor time (bench/README.md)
+#   make soak [SOAK_ARGS=...]  the load test at full size (tests/load/curvd_load.py)
 #   make deps             install (as root) or name the missing build packages
 #   make clean            remove build/ (every build directory below it)
 #
@@ -112,7 +113,7 @@ MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null)
 MPI_LIBS   := $(shell pkg-config --libs ompi-c 2>/dev/null)
 MPI_PLUGIN := $(if $(shell pkg-config --exists ompi-c 2>/dev/null && echo y),$(B)/curvd-mpi.so)
 
-.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run python bench bench-mpi bench-kfac bench-laplace clean
+.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run python bench bench-mpi bench-kfac bench-laplace soak clean
 all: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so
 
 build-tests: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so $(TEST_BIN) $(B)/bench_ops
@@ -248,6 +249,14 @@ bench-laplace:
 	@scripts/deps.sh bench
 	@$(MAKE) --no-print-directory all
 	$(PY) bench/bench_laplace.py --curvd $(B)/curvd $(BENCH_ARGS)
+
+# The load test at full size (tests/load/curvd_load.py: 200 clients x 10 jobs, 512 idle and
+# 64 slow-header sockets, 10 readers of a large result); `make test` runs it small
+# (tests/e2e_load.py).  SOAK_ARGS adds flags, e.g. SOAK_ARGS="--serve-arg=--max-queue=64".
+soak:
+	@scripts/deps.sh test
+	@$(MAKE) --no-print-directory all
+	ulimit -n 4096; $(PY) tests/load/curvd_load.py --curvd $(B)/curvd $(SOAK_ARGS)
 
 clean:
 	rm -rf build $(filter-out build build/%,$(B))
