@@ -12,15 +12,7 @@
 #include "server/http_internal.h"
 #include "server/util.h"
 
-static void reply_job(req *r, unsigned status, cv_job *j)
-{
-    size_t len;
-    char *t = cv_job_status_text(r->h->jobs, j, &len);
-    if (!t)
-        reply_oom(r);
-    else
-        set_json(r, status, t, len);
-}
+static void reply_job(req *r, unsigned status, cv_job *j) { set_job_reply(r, status, j); }
 
 void h_jobs_post(req *r)
 {

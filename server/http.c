@@ -287,7 +287,9 @@ static void dispatch(req *r)
 static enum MHD_Result send_reply(cv_http *h, struct MHD_Connection *conn, req *r)
 {
     struct MHD_Response *resp;
-    if (r->out)
+    if (r->stream)
+        resp = job_stream_response(r);
+    else if (r->out)
         resp = MHD_create_response_from_buffer(r->out_len, r->out, MHD_RESPMEM_MUST_FREE);
     else
         resp = MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);

@@ -48,6 +48,7 @@ typedef struct {
     unsigned status;
     char *out;                 /* malloc()ed */
     size_t out_len;
+    struct job_stream *stream; /* instead of out: a job document streamed (set_job_reply) */
     const char *ctype;
     char location[256];
     char allow[64];
@@ -75,6 +76,12 @@ void reply_errf(req *r, cv_status st, const char *code, const char *field, const
 void reply_oom(req *r);
 /* Takes ownership of j (NULL: out of memory). */
 void reply_json(req *r, unsigned status, cJSON *j);
+/* The job's full status document (cv_job_status_parts) as an application/json
+ * reply streamed from the kept result text: every reader of a large result
+ * shares the one copy the job keeps (the reply holds a reference to j). */
+void set_job_reply(req *r, unsigned status, cv_job *j);
+/* The MHD response of a streamed reply (takes r->stream), or NULL. */
+struct MHD_Response *job_stream_response(req *r);
 
 /* ---- requests (http_req.c) ------------------------------------------------ */
 

@@ -32,9 +32,13 @@ int cv_http_status(cv_status st)
 
 /* ---- replies --------------------------------------------------------------- */
 
+static void job_stream_free(void *cls);
+
 void set_text(req *r, unsigned status, char *text, size_t len, const char *ctype)
 {
     free(r->out);
+    job_stream_free(r->stream); /* a later reply replaces a streamed one */
+    r->stream = NULL;
     r->status = status;
     r->out = text;
     r->out_len = len;
@@ -107,6 +111,80 @@ void set_json(req *r, unsigned status, char *t, size_t len)
         reply_oom(r);
     else
         set_text(r, status, t, len + 1, "application/json");
+}
+
+/* A job document sent in four pieces: head, ",\"result\":", the job's kept
+ * result text (borrowed through the job reference), "}\n". */
+struct job_stream {
+    cv_job *job;
+    char *head;
+    const char *piece[4];
+    size_t len[4];
+    size_t total;
+};
+
+static void job_stream_free(void *cls)
+{
+    struct job_stream *s = cls;
+    if (!s)
+        return;
+    cv_job_unref(s->job);
+    free(s->head);
+    free(s);
+}
+
+static ssize_t job_stream_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    struct job_stream *s = cls;
+    size_t n = 0, start = 0;
+    for (int i = 0; i < 4 && n < max; start += s->len[i], i++) {
+        if (pos + n >= start + s->len[i])
+            continue;
+        size_t off = (size_t)(pos + n - start), take = s->len[i] - off;
+        take = take < max - n ? take : max - n;
+        memcpy(buf + n, s->piece[i] + off, take);
+        n += take;
+    }
+    return n ? (ssize_t)n : MHD_CONTENT_READER_END_OF_STREAM;
+}
+
+void set_job_reply(req *r, unsigned status, cv_job *j)
+{
+    struct job_stream *s = calloc(1, sizeof *s);
+    const char *res = NULL;
+    size_t rlen = 0;
+    if (s)
+        s->head = cv_job_status_parts(r->h->jobs, j, &s->len[0], &res, &rlen);
+    if (!s || !s->head) {
+        free(s);
+        reply_oom(r);
+        return;
+    }
+    cv_job_ref(j);
+    s->job = j;
+    s->piece[0] = s->head;
+    s->piece[1] = res ? ",\"result\":" : "";
+    s->len[1] = strlen(s->piece[1]);
+    s->piece[2] = res ? res : "";
+    s->len[2] = rlen;
+    s->piece[3] = "}\n";
+    s->len[3] = 2;
+    s->total = s->len[0] + s->len[1] + s->len[2] + s->len[3];
+    set_text(r, status, NULL, 0, "application/json");
+    job_stream_free(r->stream);
+    r->stream = s;
+}
+
+struct MHD_Response *job_stream_response(req *r)
+{
+    struct job_stream *s = r->stream;
+    r->stream = NULL;
+    struct MHD_Response *resp =
+        MHD_create_response_from_callback(s->total, 64 * 1024, job_stream_read, s,
+                                          job_stream_free);
+    if (!resp)
+        job_stream_free(s);
+    return resp;
 }
 
 void reply_json(req *r, unsigned status, cJSON *j)

@@ -99,6 +99,8 @@ const char *cv_job_id(const cv_job *j) { return j->id; }
 
 static void job_ref(cv_job *j) { atomic_fetch_add(&j->refs, 1); }
 
+void cv_job_ref(cv_job *j) { atomic_fetch_add(&j->refs, 1); }
+
 void cv_job_unref(cv_job *j)
 {
     if (!j || atomic_fetch_sub(&j->refs, 1) != 1)
@@ -705,38 +707,42 @@ cJSON *cv_job_to_json(cv_jobs *J, cv_job *j)
     return o;
 }
 
-char *cv_job_status_text(cv_jobs *J, cv_job *j, size_t *len)
+char *cv_job_status_parts(cv_jobs *J, cv_job *j, size_t *head_len, const char **result,
+                          size_t *result_len)
 {
     pthread_mutex_lock(&J->mu);
     cJSON *o = status_json_locked(j);
     /* result_text is immutable once set; the caller's reference keeps it */
-    const char *res = j->status == CV_JOB_SUCCEEDED ? j->result_text : NULL;
-    size_t rlen = res ? j->result_len : 0;
+    *result = j->status == CV_JOB_SUCCEEDED ? j->result_text : NULL;
+    *result_len = *result ? j->result_len : 0;
     pthread_mutex_unlock(&J->mu);
-    if (!o)
-        return NULL;
-    char *head = cJSON_PrintUnformatted(o);
+    char *head = o ? cJSON_PrintUnformatted(o) : NULL;
     cJSON_Delete(o);
     if (!head)
         return NULL;
-    size_t hl = strlen(head);
-    if (!res) {
-        *len = hl;
-        return head;
-    }
+    *head_len = strlen(head) - 1; /* without the closing brace */
+    head[*head_len] = 0;
+    return head;
+}
+
+char *cv_job_status_text(cv_jobs *J, cv_job *j, size_t *len)
+{
     static const char key[] = ",\"result\":";
-    size_t total = hl - 1 + (sizeof key - 1) + rlen + 1;
-    char *txt = malloc(total + 1);
+    size_t hl, rlen;
+    const char *res;
+    char *head = cv_job_status_parts(J, j, &hl, &res, &rlen);
+    size_t total = hl + (res ? sizeof key - 1 + rlen : 0) + 1;
+    char *txt = head ? realloc(head, total + 1) : NULL;
     if (!txt) {
         free(head);
         return NULL;
     }
-    memcpy(txt, head, hl - 1); /* drop the closing brace */
-    memcpy(txt + hl - 1, key, sizeof key - 1);
-    memcpy(txt + hl - 1 + sizeof key - 1, res, rlen);
+    if (res) {
+        memcpy(txt + hl, key, sizeof key - 1);
+        memcpy(txt + hl + sizeof key - 1, res, rlen);
+    }
     txt[total - 1] = '}';
     txt[total] = 0;
-    free(head);
     *len = total;
     return txt;
 }

@@ -69,6 +69,8 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
 
 /* A reference to the job with this id, or NULL (404 in e). */
 cv_job *cv_jobs_get(cv_jobs *J, const char *id, cv_err *e);
+/* Another reference to j (released with cv_job_unref). */
+void cv_job_ref(cv_job *j);
 void cv_job_unref(cv_job *j);
 const char *cv_job_id(const cv_job *j);
 
@@ -88,6 +90,14 @@ cJSON *cv_job_to_json(cv_jobs *J, cv_job *j);
  * with "result" for a succeeded job.  Results are kept as printed text, so
  * large results are not copied into a JSON tree again. */
 char *cv_job_status_text(cv_jobs *J, cv_job *j, size_t *len);
+/* The same document in parts, for replies streamed without a copy of the
+ * result: returns the status document without its closing brace
+ * (malloc()ed, *head_len bytes) and sets *result to the kept result text
+ * (*result_len bytes; NULL unless the job succeeded), which stays valid and
+ * unchanged while the caller holds a reference to j.  The whole document is
+ * head + ",\"result\":" + result + "}" (head + "}" without a result). */
+char *cv_job_status_parts(cv_jobs *J, cv_job *j, size_t *head_len, const char **result,
+                          size_t *result_len);
 
 /* {"jobs": [...]} filtered by status/model/dataset/op (NULL = any), oldest
  * first, at most limit entries (the newest ones). */

@@ -684,9 +684,10 @@ J4=$(jq "$T/body" "d['id']")
 poll_status "$J4" "running" 30 || true
 kill -TERM "$BPID"
 sleep 0.5
+# J4 must still run (its --job-timeout is 3 s): the status read first
+check "B: status still readable while draining" [ "$(req GET "/v1/jobs/$J4")" = 200 ]
 expect_err "B: draining refuses jobs 503" 503 shutting_down POST /v1/jobs -d '{"op":"loss","model":"demo-mlp","dataset":"digits"}'
 check "B: health says draining" sh -c "[ \"\$(curl -s -o '$T/h.json' -w '%{http_code}' '$BASE/v1/health')\" = 503 ] && grep -q draining '$T/h.json'"
-check "B: status still readable while draining" [ "$(req GET "/v1/jobs/$J4")" = 200 ]
 e2e_wait_exit "$BPID" 20
 check "B: SIGTERM exits 0 (rc $RC)" [ "$RC" = 0 ]
 check "B: shutdown logged" grep -q "curvd: stopped" "$T/b.log"
