@@ -394,7 +394,8 @@ int cv_access_check_token(const cv_access *a, const char *method, const char *pa
     if (!a || !a->ntokens)
         return 0;
     if (!authorization && (strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0) &&
-        (strcmp(path, "/v1/health") == 0 || strcmp(path, "/v1/health/") == 0)) {
+        (strcmp(path, "/v1/health") == 0 || strcmp(path, "/v1/health/") == 0 ||
+         strcmp(path, "/") == 0 || strncmp(path, "/dashboard/", 11) == 0)) {
         if (client)
             *client = -2;
         return 0;

@@ -57,9 +57,11 @@ int cv_access_check_host(const cv_access *a, const char *host, cv_access_denial 
 
 /* 0 when authentication is off or authorization ("Bearer TOKEN") carries a
  * listed token whose role allows method+path; *client (may be NULL) is then
- * the token's index (-1: authentication off).  GET/HEAD /v1/health without
- * an Authorization header passes too, with *client -2 (liveness probes
- * carry no credentials; the handler then tells only the status).  -1 with
+ * the token's index (-1: authentication off).  Without an Authorization
+ * header GET/HEAD of /v1/health (liveness probes carry no credentials; the
+ * handler then tells only the status) and of the dashboard's static files
+ * (/ and /dashboard/{file}: no data; what the page shows comes from /v1 with
+ * the token it is given) pass too, with *client -2.  -1 with
  * d filled: 401 unauthorized (no or unknown token) or 403 forbidden (the
  * role is short). */
 int cv_access_check_token(const cv_access *a, const char *method, const char *path,

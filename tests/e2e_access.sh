@@ -76,7 +76,9 @@ is "prefix of a token: 401" 401 unauthorized GET /v1/models -H "$(auth all-4f1c9
 is "token + suffix: 401" 401 unauthorized GET /v1/models -H "$(auth all-4f1c9a27d0e8b6x)"
 is "Basic scheme: 401" 401 unauthorized GET /v1/models -H 'Authorization: Basic YWxsOng='
 is "no token: job post 401" 401 unauthorized POST /v1/jobs -H "$JSON" --data-binary "$JOB"
-is "no token: dashboard 401" 401 unauthorized GET /
+is "no token: the dashboard's static page loads" 200 - GET /
+is "no token: the dashboard's script loads" 200 - GET /dashboard/app.js
+is "bad token: dashboard 401" 401 unauthorized GET / -H "Authorization: Bearer nope-nope"
 is "no token: metrics 401" 401 unauthorized GET /metrics
 is "no token: health is liveness only" 200 - GET /v1/health
 check "anonymous health tells only the status" jtrue "$T/body" "d == {'status': 'ok'}"
