@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/random.h>
 
 #define MAX_TOKEN 512
 #define MAX_HOSTS 64
@@ -27,6 +28,7 @@ struct cv_access {
     int nhosts;
     int any_host;
     char *cors_origin;
+    const char *generated;    /* tokens[0].token when it was generated at random */
 };
 
 static const char *role_name(cv_role r)
@@ -161,6 +163,42 @@ static int set_hosts(cv_access *a, const cv_access_config *c, cv_err *e)
     return 0;
 }
 
+/* --generate-token: one admin token, from CURVD_TOKEN or random. */
+static int make_token(cv_access *a, const char *env_token, cv_err *e)
+{
+    char buf[33];
+    const char *tok = env_token;
+    if (!tok || !tok[0]) {
+        unsigned char rnd[16];
+        size_t got = 0;
+        while (got < sizeof rnd) {
+            ssize_t n = getrandom(rnd + got, sizeof rnd - got, 0);
+            if (n <= 0)
+                return cv_err_set(e, CV_EINTERNAL, "no_random", "generate-token",
+                                  "--generate-token: no random bytes (getrandom: %s)",
+                                  strerror(errno));
+            got += (size_t)n;
+        }
+        for (size_t i = 0; i < sizeof rnd; i++)
+            snprintf(buf + 2 * i, 3, "%02x", rnd[i]);
+        tok = buf;
+    }
+    size_t n = strlen(tok);
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)tok[i] < 0x21 || (unsigned char)tok[i] > 0x7e || n > MAX_TOKEN)
+            return cv_err_set(e, CV_EINVAL, "invalid_token", "CURVD_TOKEN",
+                              "CURVD_TOKEN must be up to %d printable ASCII characters "
+                              "without spaces", MAX_TOKEN);
+    if (!(a->tokens = calloc(1, sizeof *a->tokens)) || !(a->tokens[0].token = strdup(tok)))
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    a->tokens[0].len = n;
+    a->tokens[0].role = CV_ROLE_ADMIN;
+    a->ntokens = 1;
+    if (tok == buf)
+        a->generated = a->tokens[0].token;
+    return 0;
+}
+
 cv_access *cv_access_new(const cv_access_config *c, cv_err *e)
 {
     cv_access *a = calloc(1, sizeof *a);
@@ -168,7 +206,9 @@ cv_access *cv_access_new(const cv_access_config *c, cv_err *e)
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
         return NULL;
     }
-    if ((c->token_file && load_tokens(a, c->token_file, e)) || set_hosts(a, c, e)) {
+    if ((c->token_file && load_tokens(a, c->token_file, e)) ||
+        (!c->token_file && c->generate_token && make_token(a, c->env_token, e)) ||
+        set_hosts(a, c, e)) {
         cv_access_free(a);
         return NULL;
     }
@@ -197,6 +237,8 @@ void cv_access_free(cv_access *a)
 }
 
 int cv_access_tokens(const cv_access *a) { return a ? a->ntokens : 0; }
+
+const char *cv_access_generated_token(const cv_access *a) { return a ? a->generated : NULL; }
 
 /* ---- routes ------------------------------------------------------------------- */
 

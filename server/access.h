@@ -27,6 +27,10 @@ typedef struct {
                                 * and bind; "*": any */
     const char *bind;          /* the listening address (allowed as a Host by default) */
     const char *cors_origin;   /* --cors-origin (NULL: CORS off) */
+    /* --generate-token without --auth-token-file: one admin token, env_token
+     * when not NULL/empty (CURVD_TOKEN), else 32 random hex digits */
+    int generate_token;
+    const char *env_token;
 } cv_access_config;
 
 typedef struct cv_access cv_access;
@@ -38,6 +42,9 @@ cv_access *cv_access_new(const cv_access_config *c, cv_err *e);
 void cv_access_free(cv_access *a);
 /* The number of tokens (0: authentication off). */
 int cv_access_tokens(const cv_access *a);
+/* The token made by generate_token from random bytes (to be logged), or
+ * NULL (none generated: a file or CURVD_TOKEN gave the tokens). */
+const char *cv_access_generated_token(const cv_access *a);
 
 /* A refusal: HTTP status, error code and message, and for 401 the
  * WWW-Authenticate value. */

@@ -83,6 +83,11 @@ const cv_flag cv_serve_flags[] = {
      .help = "require 'Authorization: Bearer TOKEN': lines\n"
              "TOKEN [read|submit|admin] (no role: all); 401\n"
              "without a listed token, 403 when its role is short"},
+    {.name = "--generate-token", .kind = CV_FLAG_SWITCH, .off = SERVE(http.generate_token),
+     .ival = 1,
+     .help = "without --auth-token-file: require one admin token,\n"
+             "$CURVD_TOKEN if set, else random and printed to\n"
+             "the log (the Docker image does this)"},
     {.name = "--tls-cert", .arg = "PEM", .kind = CV_FLAG_STRING, .off = SERVE(http.tls_cert),
      .dflt = "none: plain HTTP", .help = "serve HTTPS with this certificate (chain)"},
     {.name = "--tls-key", .arg = "PEM", .kind = CV_FLAG_STRING, .off = SERVE(http.tls_key),

@@ -388,16 +388,18 @@ static int check_access(cv_http *h, struct MHD_Connection *conn, const char *met
 {
     cv_access_denial d;
     int token = -1;
-    if (cv_access_check_host(h->access, conn_header(conn, MHD_HTTP_HEADER_HOST), &d) == 0 &&
-        strcmp(method, "OPTIONS") == 0) {
+    if (cv_access_check_host(h->access, conn_header(conn, MHD_HTTP_HEADER_HOST), &d)) {
+        *rc = reply_denied(h, conn, method, url, &d);
+        return 1;
+    }
+    if (strcmp(method, "OPTIONS") == 0) {
         *rc = answer_options(h, conn, url);
         return 1;
     }
     const char *cl = conn_header(conn, MHD_HTTP_HEADER_CONTENT_LENGTH);
     int has_body = (cl && strcmp(cl, "0") != 0) ||
                    conn_header(conn, MHD_HTTP_HEADER_TRANSFER_ENCODING);
-    if (cv_access_check_host(h->access, conn_header(conn, MHD_HTTP_HEADER_HOST), &d) ||
-        cv_access_check_token(h->access, method, url,
+    if (cv_access_check_token(h->access, method, url,
                               conn_header(conn, MHD_HTTP_HEADER_AUTHORIZATION), &token, &d) ||
         cv_access_check_content_type(method, url,
                                      conn_header(conn, MHD_HTTP_HEADER_CONTENT_TYPE), has_body,
@@ -715,7 +717,9 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
     for (int i = 0; i < 6; i++)
         atomic_init(&h->requests[i], 0);
     cv_access_config ac = {.token_file = c->auth_token_file, .allowed_hosts = c->allowed_hosts,
-                           .bind = h->cfg.bind, .cors_origin = c->cors_origin};
+                           .bind = h->cfg.bind, .cors_origin = c->cors_origin,
+                           .generate_token = c->generate_token,
+                           .env_token = getenv("CURVD_TOKEN")};
     if (!(h->access = cv_access_new(&ac, e)) || load_tls(h, e)) {
         http_free(h);
         return NULL;
@@ -790,6 +794,13 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
 }
 
 int cv_http_port(const cv_http *h) { return h->port; }
+
+const char *cv_http_generated_token(const cv_http *h)
+{
+    return cv_access_generated_token(h->access);
+}
+
+int cv_http_tokens_required(const cv_http *h) { return cv_access_tokens(h->access) > 0; }
 
 void cv_http_stop(cv_http *h)
 {

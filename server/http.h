@@ -48,6 +48,8 @@ typedef struct {
     double upload_timeout;    /* seconds an idle upload in parts is kept (<= 0: forever) */
     /* access control (server/access.h) */
     const char *auth_token_file; /* --auth-token-file (NULL: no tokens needed) */
+    int generate_token;          /* --generate-token: without a file, one admin token
+                                  * from $CURVD_TOKEN or random (cv_http_generated_token) */
     const char *allowed_hosts;   /* --allowed-hosts (NULL: localhost names and bind) */
     const char *cors_origin;     /* --cors-origin (NULL: CORS off) */
     const char *tls_cert, *tls_key; /* --tls-cert/--tls-key PEM files (NULL: plain HTTP) */
@@ -61,6 +63,10 @@ typedef struct cv_http cv_http;
 cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs, cv_err *e);
 /* The port actually bound. */
 int cv_http_port(const cv_http *h);
+/* The random token of --generate-token (for the start-up log), or NULL. */
+const char *cv_http_generated_token(const cv_http *h);
+/* Tokens are required (--auth-token-file or --generate-token). */
+int cv_http_tokens_required(const cv_http *h);
 /* Stops accepting, closes connections and joins the HTTP threads. */
 void cv_http_stop(cv_http *h);
 

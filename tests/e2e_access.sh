@@ -105,6 +105,35 @@ is "admin: job post" 202 - POST /v1/jobs -H "$A" -H "$JSON" --data-binary "$JOB"
 is "admin: delete dataset" 200 - DELETE /v1/datasets/copy -H "$A"
 is "no role: PUT dataset" 201 - PUT /v1/datasets/copy2 -H "$N" -H "$OCT" --data-binary @"$T/data.safetensors"
 is "no role: delete dataset" 200 - DELETE /v1/datasets/copy2 -H "$N"
+# the clients take the token: curvctl (CURVD_TOKEN, --token-file) and the Python client
+C="$ROOT/clients/curvctl"
+check "curvctl: CURVD_TOKEN read lists models" sh -c "CURVD_URL='$BASE' CURVD_TOKEN=read-77aa01bc9e '$C' models > '$T/c.out' 2>&1 && grep -q demo-mlp '$T/c.out'"
+check "curvctl: no token is a server error (exit 1, unauthorized)" sh -c "CURVD_URL='$BASE' CURVD_TOKEN= '$C' models > '$T/c.out' 2>&1; [ \$? = 1 ] && grep -qi 'token' '$T/c.out'"
+printf '# submit\nsubmit-c3d2e1f0a9 submit\n' > "$T/mytoken"
+check "curvctl: --token-file submits and waits" sh -c "CURVD_URL='$BASE' '$C' --token-file '$T/mytoken' submit --op loss --model demo-mlp --dataset digits --batch 8 --wait 30 > '$T/c.out' 2>&1"
+check "curvctl: the token is not on curl's command line" sh -c "! grep -q 'submit-c3d2e1f0a9' '$C'"
+cat > "$T/client.py" <<'PYEOF'
+import os, sys
+sys.path.insert(0, os.path.join(sys.argv[1], "clients", "python"))
+from curvd_client import Client, CurvdError
+c = Client(sys.argv[2], token="submit-c3d2e1f0a9")
+r = c.run(op="loss", model="demo-mlp", dataset="digits", batch={"offset": 0, "size": 8})
+assert "loss" in r, r
+try:
+    c.delete_model("demo-mlp")
+    raise SystemExit("delete with a submit token succeeded")
+except CurvdError as e:
+    assert e.status == 403 and e.code == "forbidden", e
+os.environ["CURVD_TOKEN"] = "read-77aa01bc9e"
+assert any(m["name"] == "demo-mlp" for m in Client(sys.argv[2]).list_models())
+try:
+    Client(sys.argv[2], token="").list_models()
+    raise SystemExit("no token succeeded")
+except CurvdError as e:
+    assert e.status == 401 and e.code == "unauthorized", e
+print("ok")
+PYEOF
+check "Python client: token=, CURVD_TOKEN, 401/403 as CurvdError" sh -c "'$PY' '$T/client.py' '$ROOT' '$BASE' > '$T/py.out' 2>&1 || { cat '$T/py.out' >&2; false; }"
 # CORS: the one origin
 is "CORS: allowed origin" 200 - GET /v1/models -H "$R" -H 'Origin: https://app.example'
 check "CORS: Access-Control-Allow-Origin echoed" [ "$(hdr Access-Control-Allow-Origin)" = https://app.example ]
@@ -133,6 +162,21 @@ for id in $(sed 's/"id":"\([0-9a-f]*\)"/\n\1\n/g' "$T/jobs.json" | grep -E '^[0-
   curl -s -o /dev/null -X DELETE -H "$A" "$BASE/v1/jobs/$id"
 done
 e2e_check_alive "$T/d2.log"
+kill "$DPID"
+
+# ---- --generate-token (the Docker image's command) -----------------------------------
+e2e_start_or_finish "$T/d4.log" --workers 1 --generate-token --bind 127.0.0.1
+GT=$(sed -n 's/^curvd: generated token .*: \([0-9a-f]*\)$/\1/p' "$T/d4.log")
+check "--generate-token: 32 hex digits in the log" [ "${#GT}" = 32 ]
+check "--generate-token: the dashboard link carries it" grep -q "/#token=$GT\$" "$T/d4.log"
+is "--generate-token: no token 401" 401 unauthorized GET /v1/models
+is "--generate-token: the token works (admin)" 201 - PUT /v1/datasets/gt -H "$(auth "$GT")" -H "$OCT" --data-binary @"$T/data.safetensors"
+is "--generate-token: health for the HEALTHCHECK" 200 - GET /v1/health
+kill "$DPID"
+CURVD_TOKEN=mine-0123456789 e2e_start_or_finish "$T/d5.log" --workers 1 --generate-token
+check "CURVD_TOKEN: not printed" sh -c "! grep -q mine-0123456789 '$T/d5.log' && grep -q 'token from CURVD_TOKEN' '$T/d5.log'"
+is "CURVD_TOKEN: that token works" 200 - GET /v1/models -H "$(auth mine-0123456789)"
+is "CURVD_TOKEN: another is 401" 401 unauthorized GET /v1/models -H "$(auth "$GT")"
 kill "$DPID"
 
 # ---- start-up errors ------------------------------------------------------------------
@@ -180,6 +224,8 @@ is "TLS: token over https" 200 - GET /v1/models --cacert "$T/cert.pem" -H "$R"
 is "TLS: job over https" 200 - POST '/v1/jobs?wait=30' --cacert "$T/cert.pem" -H "$S" -H "$JSON" --data-binary "$JOB"
 check "TLS: job succeeded" jtrue "$T/body" "d['status'] == 'succeeded'"
 is "TLS: no token 401" 401 unauthorized GET /v1/models --cacert "$T/cert.pem"
+check "TLS: curvctl --cacert" sh -c "CURVD_URL='$BASE' CURVD_TOKEN=read-77aa01bc9e '$C' --cacert '$T/cert.pem' models > '$T/c.out' 2>&1 && grep -q demo-mlp '$T/c.out'"
+check "TLS: Python client CURVD_CA_FILE" sh -c "CURVD_CA_FILE='$T/cert.pem' CURVD_TOKEN=read-77aa01bc9e PYTHONPATH='$ROOT/clients/python' '$PY' -c 'from curvd_client import Client; import sys; assert Client(sys.argv[1]).health()[\"status\"] == \"ok\"' '$BASE'"
 st=$(curl -s -o /dev/null --max-time 10 -w '%{http_code}' "https://localhost:$DPORT/v1/health" 2>/dev/null)
 check "TLS: an unknown certificate is refused by curl" [ "$st" = 000 ]
 st=$(curl -s -o /dev/null --max-time 10 -w '%{http_code}' "http://127.0.0.1:$DPORT/v1/health" 2>/dev/null)
