@@ -14,6 +14,7 @@
 #include <sys/socket.h>
 
 #include "engine/linop.h"
+#include "server/connguard.h"
 #include "server/http_internal.h"
 #include "server/registry.h"
 #include "server/util.h"
@@ -43,17 +44,25 @@ static conn_state oom_state = {.dispatched = 1};
  * one flag per connection is enough. */
 typedef struct {
     int nul_in_url;
+    cv_conn_slot *slot;        /* the header deadline's record (server/connguard.h) */
 } conn_ctx;
 
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
                           enum MHD_ConnectionNotificationCode toe)
 {
-    (void)cls;
-    (void)conn;
+    cv_http *h = cls;
     if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
-        *socket_context = calloc(1, sizeof(conn_ctx)); /* NULL: unescape_url falls back */
+        conn_ctx *x = calloc(1, sizeof(conn_ctx)); /* NULL: unescape_url falls back */
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        if (x && ci)
+            x->slot = cv_connguard_add(h->guard, ci->connect_fd);
+        *socket_context = x;
     } else {
-        free(*socket_context);
+        conn_ctx *x = *socket_context;
+        if (x)
+            cv_connguard_remove(h->guard, x->slot); /* before MHD closes the socket */
+        free(x);
         *socket_context = NULL;
     }
 }
@@ -504,6 +513,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                                       "the server is out of memory; retry later");
         }
         *con_cls = cs;
+        conn_ctx *x = connection_ctx(conn);
+        if (x)
+            cv_connguard_headers_in(h->guard, x->slot);
         if (take_nul_in_url(conn)) {
             cs->dispatched = 1;
             return reply_simple_error(h, conn, method, url, CV_EINVAL, 400, "nul_in_url",
@@ -599,6 +611,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     take_nul_in_url(conn); /* a request refused before on_request leaves no mark */
     cv_http *h = cls;
     MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, h->idle_timeout);
+    conn_ctx *x = connection_ctx(conn);
+    if (x)
+        cv_connguard_request_done(h->guard, x->slot);
     conn_state *cs = *con_cls;
     if (cs && cs != &oom_state) {
         free(cs->body);
@@ -655,6 +670,7 @@ static char *read_text_file(const char *path, const char *flag, cv_err *e)
 
 static void http_free(cv_http *h)
 {
+    cv_connguard_free(h->guard);
     cv_staging_free(h->staging);
     cv_access_free(h->access);
     free(h->tls_cert);
@@ -722,6 +738,11 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
                            .env_token = getenv("CURVD_TOKEN")};
     if (!(h->access = cv_access_new(&ac, e)) || load_tls(h, e)) {
         http_free(h);
+        return NULL;
+    }
+    if (!(h->guard = cv_connguard_new(h->cfg.header_timeout))) {
+        http_free(h);
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cannot start the header-deadline thread");
         return NULL;
     }
 
@@ -807,6 +828,6 @@ void cv_http_stop(cv_http *h)
     if (!h)
         return;
     if (h->d)
-        MHD_stop_daemon(h->d);
+        MHD_stop_daemon(h->d); /* its connections leave the guard as they close */
     http_free(h);
 }

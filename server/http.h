@@ -14,6 +14,9 @@
  * sends nothing for idle_timeout seconds (waiting for a request, or stalled
  * inside one) is closed; while its request is being answered (a ?wait=
  * included) the limit is max_wait + 60 s, so a long poll is never cut off.
+ * A connection must deliver each request's headers within header_timeout
+ * seconds of its accept or of the previous request's end, however slowly it
+ * trickles them (server/connguard.h; a slowloris client is cut off).
  * Connections are limited in all (max_connections) and per client address
  * (max_connections_per_ip): libmicrohttpd closes the ones beyond at accept.
  * Access control (tokens, Host, Content-Type, CORS) is server/access.h,
@@ -56,6 +59,7 @@ typedef struct {
     /* connections */
     unsigned max_connections_per_ip; /* 0: no limit */
     double idle_timeout;      /* seconds a connection may send nothing (0: max_wait + 60) */
+    double header_timeout;    /* seconds to receive a request's headers (<= 0: no limit) */
 } cv_http_config;
 
 typedef struct cv_http cv_http;

@@ -31,6 +31,7 @@ struct cv_http {
     cv_staging *staging;      /* uploads in parts */
     struct MHD_Daemon *d;
     cv_access *access;        /* tokens, hosts, CORS (server/access.h) */
+    struct cv_connguard *guard; /* the request-header deadline (server/connguard.h) */
     char *tls_cert, *tls_key; /* PEM texts of --tls-cert/--tls-key (NULL: plain HTTP) */
     unsigned idle_timeout;    /* seconds a connection may send nothing (MHD's timeout) */
     unsigned busy_timeout;    /* the same while its request is answered (>= max_wait) */

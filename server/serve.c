@@ -39,6 +39,7 @@ void cv_serve_config_default(cv_serve_config *c)
     c->http.max_connections = 1024;
     c->http.max_connections_per_ip = 256;
     c->http.idle_timeout = 10;
+    c->http.header_timeout = 10;
     c->http.max_wait = 300;
     c->http.upload_timeout = 3600;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
