@@ -606,7 +606,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
-    (void)conn;
     (void)toe;
     take_nul_in_url(conn); /* a request refused before on_request leaves no mark */
     cv_http *h = cls;
@@ -674,7 +673,12 @@ static void http_free(cv_http *h)
     cv_staging_free(h->staging);
     cv_access_free(h->access);
     free(h->tls_cert);
-    free(h->tls_key);
+    if (h->tls_key) { /* the private key does not outlive the server in freed memory */
+        volatile char *k = h->tls_key;
+        for (size_t i = 0; k[i]; i++)
+            k[i] = 0;
+        free(h->tls_key);
+    }
     free(h);
 }
 

@@ -91,6 +91,9 @@
       err.code = 'connection_failed';
       throw err;
     }
+    if (r.status === 401 && storedToken() && storedToken() !== token) {
+      return api(method, path, body); // the token arrived (prompt) while this call was out
+    }
     if (r.status === 401 && !tokenAsked && typeof window.prompt === 'function') {
       tokenAsked = true; // once per page: a wrong token is reported, not asked again in a loop
       const t = window.prompt('This curvd server needs a token (curvd serve --auth-token-file):', '');
