@@ -55,7 +55,7 @@ const cv_flag cv_serve_flags[] = {
     {.name = "--max-wait", .arg = "SECONDS", .kind = CV_FLAG_SECONDS, .off = SERVE(http.max_wait),
      .hi = 86400,
      .help = "cap on ?wait=; 0 = ?wait= never waits (answers at\n"
-             "once); idle connections close after this + 60 s"},
+             "once)"},
     {.name = "--shutdown-grace", .arg = "SECONDS", .kind = CV_FLAG_SECONDS, .off = SERVE(grace_s),
      .hi = 86400,
      .help = "on SIGTERM/SIGINT queued jobs are cancelled at once\n"
@@ -63,7 +63,50 @@ const cv_flag cv_serve_flags[] = {
              "to finish before they are cancelled"},
     {.name = "--max-connections", .arg = "N", .kind = CV_FLAG_UINT,
      .off = SERVE(http.max_connections), .lo = 1, .hi = 100000,
-     .help = "concurrent HTTP connections"},
+     .help = "concurrent HTTP connections (one thread each);\n"
+             "more are closed at accept"},
+    {.name = "--max-connections-per-ip", .arg = "N", .kind = CV_FLAG_UINT,
+     .off = SERVE(http.max_connections_per_ip), .lo = 0, .hi = 100000,
+     .help = "concurrent connections from one client address;\n0 = no limit"},
+    {.name = "--idle-timeout", .arg = "SECONDS", .kind = CV_FLAG_SECONDS,
+     .off = SERVE(http.idle_timeout), .hi = 86400,
+     .help = "a connection that sends nothing this long is\n"
+             "closed (never while its request is answered, a\n"
+             "?wait= included); 0 = --max-wait + 60"},
+    {.name = "--header-timeout", .arg = "SECONDS", .kind = CV_FLAG_SECONDS,
+     .off = SERVE(http.header_timeout), .hi = 86400,
+     .help = "a request's headers must be in within this of the\n"
+             "accept or the previous request's end, however\n"
+             "slowly they trickle in (slowloris); 0 = no limit"},
+    {.name = "--max-queued-per-client", .arg = "N", .kind = CV_FLAG_COUNT,
+     .off = SERVE(jobs.max_queued_per_client), .hi = 1000000,
+     .help = "queued jobs one client (token, or address without\n"
+             "tokens) may have; more are 429 client_queue_full;\n"
+             "0 = no cap (only --max-queue)"},
+    {.name = "--auth-token-file", .arg = "FILE", .kind = CV_FLAG_STRING,
+     .off = SERVE(http.auth_token_file), .dflt = "none",
+     .help = "require 'Authorization: Bearer TOKEN': lines\n"
+             "TOKEN [read|submit|admin] (no role: all); 401\n"
+             "without a listed token, 403 when its role is\n"
+             "short; none: no token needed"},
+    {.name = "--generate-token", .kind = CV_FLAG_SWITCH, .off = SERVE(http.generate_token),
+     .ival = 1,
+     .help = "without --auth-token-file: require one admin token,\n"
+             "$CURVD_TOKEN if set, else random and printed to\n"
+             "the log (the Docker image does this)"},
+    {.name = "--tls-cert", .arg = "PEM", .kind = CV_FLAG_STRING, .off = SERVE(http.tls_cert),
+     .dflt = "none", .help = "serve HTTPS with this certificate (chain)"},
+    {.name = "--tls-key", .arg = "PEM", .kind = CV_FLAG_STRING, .off = SERVE(http.tls_key),
+     .dflt = "", .help = "the private key of --tls-cert"},
+    {.name = "--allowed-hosts", .arg = "H1,H2", .kind = CV_FLAG_STRING,
+     .off = SERVE(http.allowed_hosts), .dflt = "",
+     .help = "Host header names served (port ignored); others\n"
+             "are 421 host_not_allowed (DNS rebinding); * = any;\n"
+             "default localhost, 127.0.0.1, ::1 and --bind"},
+    {.name = "--cors-origin", .arg = "ORIGIN", .kind = CV_FLAG_STRING,
+     .off = SERVE(http.cors_origin), .dflt = "off",
+     .help = "allow cross-origin requests from this one origin\n"
+             "(e.g. https://app.example.com); answers preflights"},
     {.name = "--dense-max", .arg = "D", .kind = CV_FLAG_COUNT, .off = SERVE(jobs.limits.dense_max),
      .lo = 1, .hi = POW2(20), .help = "largest D for op dense"},
     {.name = "--job-memory", .arg = "BYTES", .kind = CV_FLAG_BYTES,

@@ -25,7 +25,7 @@ void h_jobs_post(req *r)
         return;
     cv_job *j;
     cv_err e;
-    int rc = cv_jobs_submit(r->h->jobs, doc, timeout, &j, &e);
+    int rc = cv_jobs_submit_from(r->h->jobs, doc, timeout, r->client, &j, &e);
     cJSON_Delete(doc);
     if (rc) {
         reply_err(r, &e);

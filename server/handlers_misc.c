@@ -14,6 +14,16 @@
 
 void h_health(req *r)
 {
+    if (r->anonymous) { /* tokens required, none given: liveness only */
+        int draining = cv_jobs_draining(r->h->jobs);
+        cJSON *j = cJSON_CreateObject();
+        if (j && !cJSON_AddStringToObject(j, "status", draining ? "draining" : "ok")) {
+            cJSON_Delete(j);
+            j = NULL;
+        }
+        reply_json(r, draining ? 503 : 200, j);
+        return;
+    }
     cv_registry_stats rs;
     cv_jobs_stats js;
     cv_registry_stats_get(r->h->reg, &rs);

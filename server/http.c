@@ -14,6 +14,7 @@
 #include <sys/socket.h>
 
 #include "engine/linop.h"
+#include "server/connguard.h"
 #include "server/http_internal.h"
 #include "server/registry.h"
 #include "server/util.h"
@@ -27,6 +28,8 @@ typedef struct {
     int too_large;
     int oom;                   /* the body buffer could not grow */
     int dispatched;
+    char client[64];           /* req.client */
+    int anonymous;             /* req.anonymous */
 } conn_state;
 
 /* Stands in for a conn_state that could not be allocated: the request was
@@ -41,17 +44,25 @@ static conn_state oom_state = {.dispatched = 1};
  * one flag per connection is enough. */
 typedef struct {
     int nul_in_url;
+    cv_conn_slot *slot;        /* the header deadline's record (server/connguard.h) */
 } conn_ctx;
 
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
                           enum MHD_ConnectionNotificationCode toe)
 {
-    (void)cls;
-    (void)conn;
+    cv_http *h = cls;
     if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
-        *socket_context = calloc(1, sizeof(conn_ctx)); /* NULL: unescape_url falls back */
+        conn_ctx *x = calloc(1, sizeof(conn_ctx)); /* NULL: unescape_url falls back */
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+        if (x && ci)
+            x->slot = cv_connguard_add(h->guard, ci->connect_fd);
+        *socket_context = x;
     } else {
-        free(*socket_context);
+        conn_ctx *x = *socket_context;
+        if (x)
+            cv_connguard_remove(h->guard, x->slot); /* before MHD closes the socket */
+        free(x);
         *socket_context = NULL;
     }
 }
@@ -282,6 +293,134 @@ static void dispatch(req *r)
     reply_errf(r, CV_ENOTFOUND, "not_found", "", "no route for %.16s %.300s", r->method, path);
 }
 
+/* ---- access control (server/access.h) ------------------------------------------ */
+
+static const char *conn_header(struct MHD_Connection *conn, const char *key)
+{
+    return MHD_lookup_connection_value(conn, MHD_HEADER_KIND, key);
+}
+
+/* The per-client quota's key: "token:N" with tokens, else "ip:ADDR". */
+static void client_key(struct MHD_Connection *conn, int token, char *out, size_t len)
+{
+    if (token >= 0) {
+        snprintf(out, len, "token:%d", token);
+        return;
+    }
+    if (token == -2) {
+        snprintf(out, len, "anonymous");
+        return;
+    }
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    char addr[INET6_ADDRSTRLEN] = "?";
+    const struct sockaddr *sa = ci ? ci->client_addr : NULL;
+    if (sa && sa->sa_family == AF_INET)
+        inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, addr, sizeof addr);
+    else if (sa && sa->sa_family == AF_INET6)
+        inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, addr, sizeof addr);
+    snprintf(out, len, "ip:%s", addr);
+}
+
+/* Access-Control-* headers for a request from an allowed origin. */
+static void add_cors_headers(cv_http *h, struct MHD_Connection *conn,
+                             struct MHD_Response *resp, int preflight)
+{
+    if (!cv_access_cors_origin(h->access))
+        return;
+    MHD_add_response_header(resp, "Vary", "Origin");
+    const char *allow = cv_access_cors_allow(h->access, conn_header(conn, "Origin"));
+    if (!allow)
+        return;
+    MHD_add_response_header(resp, "Access-Control-Allow-Origin", allow);
+    if (preflight) {
+        MHD_add_response_header(resp, "Access-Control-Allow-Methods", CV_CORS_ALLOW_METHODS);
+        MHD_add_response_header(resp, "Access-Control-Allow-Headers", CV_CORS_ALLOW_HEADERS);
+        MHD_add_response_header(resp, "Access-Control-Max-Age", CV_CORS_MAX_AGE);
+    } else {
+        MHD_add_response_header(resp, "Access-Control-Expose-Headers", CV_CORS_EXPOSE_HEADERS);
+    }
+}
+
+static enum MHD_Result send_reply(cv_http *h, struct MHD_Connection *conn, req *r);
+
+static enum MHD_Result reply_denied(cv_http *h, struct MHD_Connection *conn, const char *method,
+                                   const char *url, const cv_access_denial *d)
+{
+    req r;
+    memset(&r, 0, sizeof r);
+    r.h = h;
+    r.conn = conn;
+    r.method = method;
+    r.url = url;
+    reply_errf(&r, CV_EINVAL, d->code, "", "%s", d->message);
+    if (r.out && r.status != 500)
+        r.status = d->status;
+    if (d->www_authenticate[0]) {
+        snprintf(r.extra_name, sizeof r.extra_name, "WWW-Authenticate");
+        snprintf(r.extra_value, sizeof r.extra_value, "%s", d->www_authenticate);
+    }
+    return send_reply(h, conn, &r);
+}
+
+/* OPTIONS: a CORS preflight from the allowed origin is 204 with the
+ * Access-Control-* headers; from another origin 403 cors_not_allowed; without
+ * Origin 204 with Allow. */
+static enum MHD_Result answer_options(cv_http *h, struct MHD_Connection *conn, const char *url)
+{
+    const char *origin = conn_header(conn, "Origin");
+    if (origin && !cv_access_cors_allow(h->access, origin)) {
+        cv_access_denial d = {.status = 403, .code = "cors_not_allowed"};
+        snprintf(d.message, sizeof d.message, "cross-origin requests from '%.80s' are not "
+                 "allowed (--cors-origin %s)", origin,
+                 cv_access_cors_origin(h->access) ? cv_access_cors_origin(h->access) : "unset");
+        return reply_denied(h, conn, "OPTIONS", url, &d);
+    }
+    struct MHD_Response *resp =
+        MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+    if (!resp)
+        return MHD_NO;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, CV_CORS_ALLOW_METHODS);
+    add_cors_headers(h, conn, resp, 1);
+    atomic_fetch_add(&h->requests[2], 1);
+    enum MHD_Result rc = MHD_queue_response(conn, 204, resp);
+    MHD_destroy_response(resp);
+    return rc;
+}
+
+/* The checks of a request whose headers are in, before its body: Host
+ * (421), OPTIONS, token and role (401/403), Content-Type (415).  Returns 1
+ * when the request was answered (*rc the result), 0 to go on; fills
+ * cs->client. */
+static int check_access(cv_http *h, struct MHD_Connection *conn, const char *method,
+                        const char *url, conn_state *cs, enum MHD_Result *rc)
+{
+    cv_access_denial d;
+    int token = -1;
+    if (cv_access_check_host(h->access, conn_header(conn, MHD_HTTP_HEADER_HOST), &d)) {
+        *rc = reply_denied(h, conn, method, url, &d);
+        return 1;
+    }
+    if (strcmp(method, "OPTIONS") == 0) {
+        *rc = answer_options(h, conn, url);
+        return 1;
+    }
+    const char *cl = conn_header(conn, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    int has_body = (cl && strcmp(cl, "0") != 0) ||
+                   conn_header(conn, MHD_HTTP_HEADER_TRANSFER_ENCODING);
+    if (cv_access_check_token(h->access, method, url,
+                              conn_header(conn, MHD_HTTP_HEADER_AUTHORIZATION), &token, &d) ||
+        cv_access_check_content_type(method, url,
+                                     conn_header(conn, MHD_HTTP_HEADER_CONTENT_TYPE), has_body,
+                                     &d)) {
+        *rc = reply_denied(h, conn, method, url, &d);
+        return 1;
+    }
+    cs->anonymous = token == -2;
+    client_key(conn, token, cs->client, sizeof cs->client);
+    return 0;
+}
+
 /* ---- MHD glue -------------------------------------------------------------- */
 
 static enum MHD_Result send_reply(cv_http *h, struct MHD_Connection *conn, req *r)
@@ -307,6 +446,7 @@ static enum MHD_Result send_reply(cv_http *h, struct MHD_Connection *conn, req *
         MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, r->allow);
     if (r->extra_name[0])
         MHD_add_response_header(resp, r->extra_name, r->extra_value);
+    add_cors_headers(h, conn, resp, 0);
     unsigned st = r->status ? r->status : 500;
     if (st == 429 || st == 503) {
         /* every "retry later" says when: the handler's estimate, else a default */
@@ -375,11 +515,19 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                                       "the server is out of memory; retry later");
         }
         *con_cls = cs;
+        conn_ctx *x = connection_ctx(conn);
+        if (x)
+            cv_connguard_headers_in(h->guard, x->slot);
         if (take_nul_in_url(conn)) {
             cs->dispatched = 1;
             return reply_simple_error(h, conn, method, url, CV_EINVAL, 400, "nul_in_url",
                                       "the URL holds %00 (a NUL character), which no path "
                                       "segment or query parameter may contain");
+        }
+        enum MHD_Result arc;
+        if (check_access(h, conn, method, url, cs, &arc)) {
+            cs->dispatched = 1;
+            return arc;
         }
         int job = is_job_post(method, url);
         cs->limit = job ? h->cfg.max_job_body : h->cfg.max_body;
@@ -449,6 +597,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     r.url = url;
     r.body = cs->body ? cs->body : "";
     r.body_len = cs->len;
+    r.client = cs->client;
+    r.anonymous = cs->anonymous;
+    /* answering may block (?wait=, a large upload's parse): no idle cut-off meanwhile */
+    MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, h->busy_timeout);
     dispatch(&r);
     return send_reply(h, conn, &r);
 }
@@ -456,10 +608,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
-    (void)cls;
-    (void)conn;
     (void)toe;
     take_nul_in_url(conn); /* a request refused before on_request leaves no mark */
+    cv_http *h = cls;
+    MHD_set_connection_option(conn, MHD_CONNECTION_OPTION_TIMEOUT, h->idle_timeout);
+    conn_ctx *x = connection_ctx(conn);
+    if (x)
+        cv_connguard_request_done(h->guard, x->slot);
     conn_state *cs = *con_cls;
     if (cs && cs != &oom_state) {
         free(cs->body);
@@ -475,6 +630,84 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
     vfprintf(stderr, fmt, ap);
 }
 
+/* The whole of a text file (a PEM certificate or key), NUL-terminated; NULL
+ * with e filled. */
+static char *read_text_file(const char *path, const char *flag, cv_err *e)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        cv_err_set(e, CV_EINVAL, "invalid_tls", flag, "%s %s: cannot read it", flag, path);
+        return NULL;
+    }
+    size_t cap = 16384, len = 0;
+    char *buf = malloc(cap + 1);
+    size_t n;
+    while (buf && (n = fread(buf + len, 1, cap - len, f)) > 0) {
+        len += n;
+        if (len == cap && cap < ((size_t)1 << 24)) {
+            char *nb = realloc(buf, 2 * cap + 1);
+            if (!nb) {
+                free(buf);
+                buf = NULL;
+                break;
+            }
+            buf = nb;
+            cap *= 2;
+        }
+    }
+    fclose(f);
+    if (!buf) {
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+        return NULL;
+    }
+    buf[len] = 0;
+    if (!strstr(buf, "-----BEGIN ")) {
+        free(buf);
+        cv_err_set(e, CV_EINVAL, "invalid_tls", flag, "%s %s is not a PEM file", flag, path);
+        return NULL;
+    }
+    return buf;
+}
+
+static void http_free(cv_http *h)
+{
+    cv_connguard_free(h->guard);
+    cv_staging_free(h->staging);
+    cv_access_free(h->access);
+    free(h->tls_cert);
+    if (h->tls_key) { /* the private key does not outlive the server in freed memory */
+        volatile char *k = h->tls_key;
+        for (size_t i = 0; k[i]; i++)
+            k[i] = 0;
+        free(h->tls_key);
+    }
+    free(h);
+}
+
+/* --tls-cert/--tls-key into h (both or neither); -1 with e filled. */
+static int load_tls(cv_http *h, cv_err *e)
+{
+    const cv_http_config *c = &h->cfg;
+    if (!c->tls_cert && !c->tls_key)
+        return 0;
+    if (!c->tls_cert || !c->tls_key)
+        return cv_err_set(e, CV_EINVAL, "invalid_tls", c->tls_cert ? "tls-key" : "tls-cert",
+                          "TLS needs both --tls-cert and --tls-key");
+    if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES)
+        return cv_err_set(e, CV_EINVAL, "tls_unsupported", "tls-cert",
+                          "this libmicrohttpd was built without TLS (GnuTLS); --tls-cert needs "
+                          "one built with it (Debian's libmicrohttpd12 has it)");
+    if (!(h->tls_cert = read_text_file(c->tls_cert, "--tls-cert", e)) ||
+        !(h->tls_key = read_text_file(c->tls_key, "--tls-key", e)))
+        return -1;
+    return 0;
+}
+
+static unsigned timeout_s(double s)
+{
+    return s > 86400.0 * 30 ? 0 /* none */ : (unsigned)s + (s > (unsigned)s);
+}
+
 cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs, cv_err *e)
 {
     cv_http *h = cv_err_calloc(sizeof *h, "out of memory", e);
@@ -484,15 +717,16 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
     if (!h->cfg.bind || !h->cfg.bind[0])
         h->cfg.bind = "127.0.0.1";
     if (!h->cfg.max_connections)
-        h->cfg.max_connections = 512;
+        h->cfg.max_connections = 1024;
     if (!h->cfg.max_job_body)
         h->cfg.max_job_body = (size_t)16 << 20;
     if (h->cfg.max_wait < 0)
         h->cfg.max_wait = 0;
-    /* A connection idle longer than this is closed; a request blocked in
-     * ?wait= is idle for up to max_wait seconds, so leave a minute more. */
-    double cto = h->cfg.max_wait + 60;
-    unsigned conn_timeout = cto > 86400 * 30 ? 0 /* none */ : (unsigned)cto + 1;
+    /* While a request is answered (blocked in ?wait= up to max_wait seconds)
+     * a minute more than that; between requests and while one is being
+     * sent, idle_timeout of silence closes the connection. */
+    h->busy_timeout = timeout_s(h->cfg.max_wait + 60);
+    h->idle_timeout = h->cfg.idle_timeout > 0 ? timeout_s(h->cfg.idle_timeout) : h->busy_timeout;
     h->reg = reg;
     h->jobs = jobs;
     h->staging = cv_staging_new(reg, h->cfg.upload_timeout);
@@ -504,6 +738,19 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
     h->started = cv_now_s();
     for (int i = 0; i < 6; i++)
         atomic_init(&h->requests[i], 0);
+    cv_access_config ac = {.token_file = c->auth_token_file, .allowed_hosts = c->allowed_hosts,
+                           .bind = h->cfg.bind, .cors_origin = c->cors_origin,
+                           .generate_token = c->generate_token,
+                           .env_token = getenv("CURVD_TOKEN")};
+    if (!(h->access = cv_access_new(&ac, e)) || load_tls(h, e)) {
+        http_free(h);
+        return NULL;
+    }
+    if (!(h->guard = cv_connguard_new(h->cfg.header_timeout))) {
+        http_free(h);
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "cannot start the header-deadline thread");
+        return NULL;
+    }
 
     struct sockaddr_in a4;
     struct sockaddr_in6 a6;
@@ -511,8 +758,7 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION |
                      MHD_USE_POLL | MHD_USE_ERROR_LOG;
     if (c->port < 0 || c->port > 65535) {
-        cv_staging_free(h->staging);
-        free(h);
+        http_free(h);
         cv_err_set(e, CV_EINVAL, "invalid_port", "port", "port must be 0..65535");
         return NULL;
     }
@@ -528,28 +774,45 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
         sa = (struct sockaddr *)&a6;
         flags |= MHD_USE_IPv6;
     } else {
-        cv_staging_free(h->staging);
-        free(h);
+        http_free(h);
         cv_err_set(e, CV_EINVAL, "invalid_bind", "bind",
                    "--bind '%s' is not an IPv4 or IPv6 address", c->bind);
         return NULL;
     }
+    struct MHD_OptionItem ops[16];
+    int n = 0;
+#define OPT(o, v, p) (ops[n++] = (struct MHD_OptionItem){(o), (intptr_t)(v), (p)})
+    OPT(MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)mhd_log, h);
+    OPT(MHD_OPTION_SOCK_ADDR, 0, sa);
+    OPT(MHD_OPTION_CONNECTION_LIMIT, h->cfg.max_connections, NULL);
+    OPT(MHD_OPTION_CONNECTION_TIMEOUT, h->idle_timeout, NULL);
+    OPT(MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, h);
+    OPT(MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, h);
+    OPT(MHD_OPTION_UNESCAPE_CALLBACK, (intptr_t)unescape_url, h);
+    if (h->cfg.max_connections_per_ip)
+        OPT(MHD_OPTION_PER_IP_CONNECTION_LIMIT, h->cfg.max_connections_per_ip, NULL);
+    if (h->tls_cert) {
+        flags |= MHD_USE_TLS;
+        OPT(MHD_OPTION_HTTPS_MEM_CERT, 0, h->tls_cert);
+        OPT(MHD_OPTION_HTTPS_MEM_KEY, 0, h->tls_key);
+    }
+    OPT(MHD_OPTION_END, 0, NULL);
+#undef OPT
     h->d = MHD_start_daemon(flags, (uint16_t)c->port, NULL, NULL, on_request, h,
-                            MHD_OPTION_EXTERNAL_LOGGER, mhd_log, h,
-                            MHD_OPTION_SOCK_ADDR, sa,
-                            MHD_OPTION_CONNECTION_LIMIT, h->cfg.max_connections,
-                            MHD_OPTION_CONNECTION_TIMEOUT, conn_timeout,
-                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
-                            MHD_OPTION_NOTIFY_CONNECTION, on_connection, h,
-                            MHD_OPTION_UNESCAPE_CALLBACK, unescape_url, h,
-                            MHD_OPTION_END);
+                            MHD_OPTION_ARRAY, ops, MHD_OPTION_END);
     if (!h->d) {
-        cv_staging_free(h->staging);
-        free(h);
-        cv_err_set(e, CV_EINTERNAL, "listen_failed", "port",
-                   "cannot listen on %s port %d (in use, or not a local address?); choose "
-                   "another with --port N (make run ARGS=\"--port N\"), or 0 for a free one",
-                   c->bind ? c->bind : "127.0.0.1", c->port);
+        int tls = h->tls_cert != NULL;
+        http_free(h);
+        if (tls)
+            cv_err_set(e, CV_EINTERNAL, "listen_failed", "tls-cert",
+                       "cannot start HTTPS on %s port %d: the port is in use, or --tls-cert/"
+                       "--tls-key are not a matching PEM certificate and key (libmicrohttpd's "
+                       "message above)", c->bind ? c->bind : "127.0.0.1", c->port);
+        else
+            cv_err_set(e, CV_EINTERNAL, "listen_failed", "port",
+                       "cannot listen on %s port %d (in use, or not a local address?); choose "
+                       "another with --port N (make run ARGS=\"--port N\"), or 0 for a free "
+                       "one", c->bind ? c->bind : "127.0.0.1", c->port);
         return NULL;
     }
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(h->d, MHD_DAEMON_INFO_BIND_PORT);
@@ -559,12 +822,18 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
 
 int cv_http_port(const cv_http *h) { return h->port; }
 
+const char *cv_http_generated_token(const cv_http *h)
+{
+    return cv_access_generated_token(h->access);
+}
+
+int cv_http_tokens_required(const cv_http *h) { return cv_access_tokens(h->access) > 0; }
+
 void cv_http_stop(cv_http *h)
 {
     if (!h)
         return;
     if (h->d)
-        MHD_stop_daemon(h->d);
-    cv_staging_free(h->staging);
-    free(h);
+        MHD_stop_daemon(h->d); /* its connections leave the guard as they close */
+    http_free(h);
 }

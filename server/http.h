@@ -10,9 +10,17 @@
  * buffered for lack of memory 503 out_of_memory.  A dataset larger than
  * max_body is uploaded in parts (server/staging.c) or registered from a file
  * of data_dir (server/datadir.c).  Idle uploads in parts are dropped after
- * upload_timeout seconds (checked as requests come in).  Idle connections are
- * closed after max_wait + 60 seconds, so a request blocked in ?wait= is
- * never cut off.
+ * upload_timeout seconds (checked as requests come in).  A connection that
+ * sends nothing for idle_timeout seconds (waiting for a request, or stalled
+ * inside one) is closed; while its request is being answered (a ?wait=
+ * included) the limit is max_wait + 60 s, so a long poll is never cut off.
+ * A connection must deliver each request's headers within header_timeout
+ * seconds of its accept or of the previous request's end, however slowly it
+ * trickles them (server/connguard.h; a slowloris client is cut off).
+ * Connections are limited in all (max_connections) and per client address
+ * (max_connections_per_ip): libmicrohttpd closes the ones beyond at accept.
+ * Access control (tokens, Host, Content-Type, CORS) is server/access.h,
+ * checked before a request's body is read; TLS is libmicrohttpd's (GnuTLS).
  * Every error is the interface's {"error": {"code", "message", "field"}} with
  * the HTTP status of cv_http_status(); unknown paths are 404 and known
  * paths with the wrong method 405 with an Allow header.  Every JSON body
@@ -41,6 +49,17 @@ typedef struct {
     int log_requests;         /* one stderr line per request */
     const char *data_dir;     /* --data-dir: files registrable by name (NULL: none) */
     double upload_timeout;    /* seconds an idle upload in parts is kept (<= 0: forever) */
+    /* access control (server/access.h) */
+    const char *auth_token_file; /* --auth-token-file (NULL: no tokens needed) */
+    int generate_token;          /* --generate-token: without a file, one admin token
+                                  * from $CURVD_TOKEN or random (cv_http_generated_token) */
+    const char *allowed_hosts;   /* --allowed-hosts (NULL: localhost names and bind) */
+    const char *cors_origin;     /* --cors-origin (NULL: CORS off) */
+    const char *tls_cert, *tls_key; /* --tls-cert/--tls-key PEM files (NULL: plain HTTP) */
+    /* connections */
+    unsigned max_connections_per_ip; /* 0: no limit */
+    double idle_timeout;      /* seconds a connection may send nothing (0: max_wait + 60) */
+    double header_timeout;    /* seconds to receive a request's headers (<= 0: no limit) */
 } cv_http_config;
 
 typedef struct cv_http cv_http;
@@ -48,6 +67,10 @@ typedef struct cv_http cv_http;
 cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs, cv_err *e);
 /* The port actually bound. */
 int cv_http_port(const cv_http *h);
+/* The random token of --generate-token (for the start-up log), or NULL. */
+const char *cv_http_generated_token(const cv_http *h);
+/* Tokens are required (--auth-token-file or --generate-token). */
+int cv_http_tokens_required(const cv_http *h);
 /* Stops accepting, closes connections and joins the HTTP threads. */
 void cv_http_stop(cv_http *h);
 

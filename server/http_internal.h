@@ -18,6 +18,7 @@
 #include <stddef.h>
 
 #include "engine/err.h"
+#include "server/access.h"
 #include "server/http.h"
 #include "server/jobs.h"
 #include "server/registry.h"
@@ -29,6 +30,11 @@ struct cv_http {
     cv_jobs *jobs;
     cv_staging *staging;      /* uploads in parts */
     struct MHD_Daemon *d;
+    cv_access *access;        /* tokens, hosts, CORS (server/access.h) */
+    struct cv_connguard *guard; /* the request-header deadline (server/connguard.h) */
+    char *tls_cert, *tls_key; /* PEM texts of --tls-cert/--tls-key (NULL: plain HTTP) */
+    unsigned idle_timeout;    /* seconds a connection may send nothing (MHD's timeout) */
+    unsigned busy_timeout;    /* the same while its request is answered (>= max_wait) */
     int port;
     double started;
     atomic_ulong requests[6]; /* answered, by status class 1xx..5xx */
@@ -42,6 +48,8 @@ typedef struct {
     const char *method;        /* as routed (HEAD is served as GET) */
     const char *url;
     char param[MAX_PARAM];     /* the {name} / {id} path segment */
+    const char *client;        /* "token:N" or "ip:ADDR": the per-client job quota's key */
+    int anonymous;             /* tokens are required and this request has none (health) */
     const char *body;
     size_t body_len;
     /* reply */

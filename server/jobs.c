@@ -24,6 +24,7 @@ struct cv_job {
     cv_job_spec *spec;               /* the typed job; freed when it finishes */
     char *text;                      /* under mpirun: the document, for the other ranks */
     char op[32];
+    char client[64];                 /* who submitted it (cv_jobs_submit_from), or "" */
     char model[CV_REG_NAME_MAX + 1], dataset[CV_REG_NAME_MAX + 1];
     cv_snap *msnap, *dsnap;          /* pinned until the job finishes */
     unsigned long model_version, dataset_version;
@@ -482,6 +483,21 @@ void cv_jobs_ranks(const cv_jobs *J, int *size, int *alive)
 
 int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, cv_err *e)
 {
+    return cv_jobs_submit_from(J, doc, timeout, NULL, out, e);
+}
+
+/* Under J->mu: the queued jobs of client. */
+static size_t queued_by(const cv_jobs *J, const char *client)
+{
+    size_t n = 0;
+    for (const cv_job *q = J->qhead; q; q = q->qnext)
+        n += strcmp(q->client, client) == 0;
+    return n;
+}
+
+int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char *client,
+                        cv_job **out, cv_err *e)
+{
     *out = NULL;
     if (cv_jobs_draining(J))
         return cv_err_set(e, CV_ESHUTDOWN, "shutting_down", "",
@@ -514,6 +530,7 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
     cv_progress_init(&j->progress);
     j->progress.cancel = &j->cancel;
     snprintf(j->op, sizeof j->op, "%s", cv_job_op_name(spec));
+    snprintf(j->client, sizeof j->client, "%s", client ? client : "");
     snprintf(j->model, sizeof j->model, "%s", mname);
     snprintf(j->dataset, sizeof j->dataset, "%s", dname);
     j->spec = spec;
@@ -546,6 +563,16 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
         cv_err_set(e, CV_EBUSY, "queue_full", "",
                    "the job queue is full (%zu queued, --max-queue %zu); retry later", q,
                    J->cfg.max_queue);
+        goto fail;
+    }
+    size_t mine;
+    if (client && client[0] && J->cfg.max_queued_per_client &&
+        (mine = queued_by(J, j->client)) >= J->cfg.max_queued_per_client) {
+        J->rejected_total++;
+        pthread_mutex_unlock(&J->mu);
+        cv_err_set(e, CV_EBUSY, "client_queue_full", "",
+                   "this client has %zu jobs queued (--max-queued-per-client %zu); retry when "
+                   "one has started", mine, J->cfg.max_queued_per_client);
         goto fail;
     }
     snprintf(j->id, sizeof j->id, "%016llx",

@@ -44,6 +44,7 @@ typedef struct {
     size_t max_kept;          /* and at most this many */
     size_t max_kept_bytes;    /* and holding at most this many bytes (results); 0 = no cap */
     cv_job_limits limits;
+    size_t max_queued_per_client; /* queued jobs one client may have (cv_jobs_submit_from); 0: no cap */
     cv_ranks *ranks;          /* under mpirun: jobs run on every rank (one at a time:
                                * workers is 1); NULL: in this process */
 } cv_jobs_config;
@@ -66,6 +67,11 @@ void cv_jobs_ranks(const cv_jobs *J, int *size, int *alive);
  * job's time limit below the configured one.  On success *out holds a
  * reference to the job (cv_job_unref it). */
 int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, cv_err *e);
+/* cv_jobs_submit for a client (a token or address, at most 63 bytes kept;
+ * NULL: none): when the client already has max_queued_per_client jobs
+ * queued the job is refused (429 client_queue_full). */
+int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char *client,
+                        cv_job **out, cv_err *e);
 
 /* A reference to the job with this id, or NULL (404 in e). */
 cv_job *cv_jobs_get(cv_jobs *J, const char *id, cv_err *e);

@@ -36,7 +36,10 @@ void cv_serve_config_default(cv_serve_config *c)
     c->http.port = 8080;
     c->http.max_body = (size_t)256 << 20;
     c->http.max_job_body = (size_t)16 << 20;
-    c->http.max_connections = 512;
+    c->http.max_connections = 1024;
+    c->http.max_connections_per_ip = 256;
+    c->http.idle_timeout = 10;
+    c->http.header_timeout = 10;
     c->http.max_wait = 300;
     c->http.upload_timeout = 3600;
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
@@ -188,7 +191,23 @@ int cv_serve(const cv_serve_config *c)
     if (jc.ranks)
         fprintf(stderr, "curvd: data-parallel over %d ranks (jobs run one at a time on all of "
                         "them; rank timeout %g s)\n", cv_ranks_size(jc.ranks), c->rank_timeout);
-    fprintf(stderr, "curvd: listening on http://%s%s%s:%d\n", v6 ? "[" : "", bind,
+    fprintf(stderr, "curvd: access: %s, Host %s, CORS %s\n",
+            !cv_http_tokens_required(http) ? "no token needed"
+            : c->http.auth_token_file      ? "tokens required (--auth-token-file)"
+                                           : "token required (--generate-token)",
+            c->http.allowed_hosts ? c->http.allowed_hosts : "localhost names and --bind",
+            c->http.cors_origin ? c->http.cors_origin : "off");
+    const char *scheme = c->http.tls_cert ? "https" : "http";
+    if (cv_http_generated_token(http))
+        fprintf(stderr, "curvd: generated token (role admin; send 'Authorization: Bearer "
+                "TOKEN', clients read CURVD_TOKEN): %s\n"
+                "curvd: dashboard with the token: %s://%s%s%s:%d/#token=%s\n",
+                cv_http_generated_token(http), scheme, v6 ? "[" : "",
+                strcmp(bind, "0.0.0.0") == 0 || strcmp(bind, "::") == 0 ? "localhost" : bind,
+                v6 ? "]" : "", cv_http_port(http), cv_http_generated_token(http));
+    else if (c->http.generate_token && !c->http.auth_token_file)
+        fprintf(stderr, "curvd: token from CURVD_TOKEN (role admin)\n");
+    fprintf(stderr, "curvd: listening on %s://%s%s%s:%d\n", scheme, v6 ? "[" : "", bind,
             v6 ? "]" : "", cv_http_port(http));
     fflush(stderr);
 

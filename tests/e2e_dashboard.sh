@@ -96,4 +96,22 @@ else
 fi
 check "screenshot build/dashboard.png is a PNG" sh -c "head -c 8 '$SHOT' | od -An -c | grep -q 'P   N   G'"
 e2e_check_alive "$T/daemon.log"
+
+# ---- a daemon that requires a token (--generate-token): #token= link and prompt ----------
+kill "$DPID"
+e2e_start_or_finish "$T/token.log" --workers 1 --generate-token
+TOKEN=$(sed -n 's/^curvd: generated token .*: \([0-9a-f]*\)$/\1/p' "$T/token.log")
+CHROMIUM="$CHROMIUM" NODE_PATH="$NPMDIR/node_modules" timeout 120 "$NODE" \
+  "$ROOT/clients/dashboard/test/token.test.js" "$BASE" "$TOKEN" > "$T/token.out" 2>&1
+rc=$?
+grep -v ' passed, [0-9]* failed$' "$T/token.out" >&2
+line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$T/token.out" | tail -1)
+if [ -n "$line" ]; then
+  np=${line%% passed*}; nf=${line#* passed, }; nf=${nf%% failed*}
+  PASS=$((PASS + np)); FAIL=$((FAIL + nf))
+  [ "$rc" = 0 ] || [ "$nf" != 0 ] || bad "token browser test exited $rc"
+else
+  bad "token browser test crashed (exit $rc): $(tail -c 1500 "$T/token.out")"
+fi
+e2e_check_alive "$T/token.log"
 finish

@@ -9,8 +9,10 @@
 #     part of a release build), plus curl for the HEALTHCHECK;
 #  3. each runtime package is a Debian package (apt-cache) that a -dev
 #     package of the build set depends on (directly or one level down);
-#  4. the image serves on all interfaces as a non-root user, and its
-#     HEALTHCHECK asks a route curvd has on the port it listens on.
+#  4. the image serves on all interfaces as a non-root user with a token
+#     required (--generate-token or --auth-token-file), and its HEALTHCHECK
+#     asks a route curvd has on the port it listens on (GET /v1/health
+#     answers liveness without a token).
 # Usage: sh tests/e2e_dockerfile.sh build/curvd
 set -u
 . "$(dirname "$0")/e2e_lib.sh"
@@ -108,6 +110,10 @@ echo "$last_stage" | grep -q '^FROM debian:bookworm-slim' || bad "runtime stage 
 user=$(echo "$last_stage" | sed -n 's/^USER[ \t]*//p' | tail -1)
 case "$user" in ""|root|0|0:*|root:*) bad "runtime stage runs as root (USER '$user')" ;; *) ok "runs as USER $user" ;; esac
 echo "$last_stage" | grep -q '^CMD .*"--bind", "0.0.0.0"' || bad "CMD does not pass --bind 0.0.0.0"
+# bound to every interface, the image must not be open: a token is required
+echo "$last_stage" | grep -qE '^CMD .*"(--generate-token|--auth-token-file)"' \
+  || bad "CMD binds 0.0.0.0 without --generate-token or --auth-token-file (an open daemon)"
+"$CURVD" serve --help | grep -q -- '--generate-token' || bad "curvd serve has no --generate-token"
 port=$(echo "$last_stage" | sed -n 's/^CMD .*"--port", "\([0-9]*\)".*/\1/p')
 hc=$(echo "$last_stage" | awk '/^HEALTHCHECK/{h = 1} h {print} h && !/\\$/ {exit}')
 route=$(echo "$hc" | sed -n 's#.*http://127\.0\.0\.1:\([0-9]*\)\(/[^ ]*\).*#\1 \2#p')
@@ -115,6 +121,6 @@ route=$(echo "$hc" | sed -n 's#.*http://127\.0\.0\.1:\([0-9]*\)\(/[^ ]*\).*#\1 \
 [ "${route%% *}" = "$port" ] || bad "HEALTHCHECK port ${route%% *} differs from CMD --port $port"
 "$CURVD" routes | grep -qx "GET ${route#* }" || bad "HEALTHCHECK path ${route#* } is not a GET route of curvd"
 echo "$last_stage" | grep -q '^ENV OPENBLAS_THREAD_TIMEOUT=4' || bad "OPENBLAS_THREAD_TIMEOUT=4 missing"
-[ $FAIL = 0 ] && ok "non-root, --bind 0.0.0.0, HEALTHCHECK GET ${route#* } on port $port"
+[ $FAIL = 0 ] && ok "non-root, --bind 0.0.0.0 with a token, HEALTHCHECK GET ${route#* } on port $port"
 
 finish

@@ -26,6 +26,10 @@
 #   e2e_check_alive LOG  the last started daemon still runs (a check)
 #   jtrue FILE EXPR     the Python expression EXPR over d (FILE's JSON) is true
 #   e2e_npm_install PKGDIR DEST MODULE  pinned npm packages for a node test (below)
+#   body_ctype METHOD URL CURLARGS...  the documented Content-Type (issue 27:
+#                       other types are 415) of a body given with -d or
+#                       --data-binary: octet-stream for PUT and parts, else JSON;
+#                       "" when the arguments carry -F or their own Content-Type
 #   readme_block NAME   the fenced block after <!-- test: NAME --> in
 #                       README.md, with http://127.0.0.1:8080 and
 #                       localhost:8080 pointed at $BASE
@@ -100,6 +104,16 @@ e2e_check_alive() {
 
 jtrue() {
   "$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); sys.exit(0 if eval(sys.argv[2]) else 1)' "$1" "$2" 2>/dev/null
+}
+
+body_ctype() {
+  _m=$1; _u=$2; shift 2
+  _body=""
+  for _a in "$@"; do
+    case "$_a" in -F|--form|Content-Type:*|content-type:*) return 0 ;; -d|--data|--data-binary) _body=1 ;; esac
+  done
+  [ -n "$_body" ] || return 0
+  case "$_m $_u" in PUT*|*/parts) echo "Content-Type: application/octet-stream" ;; *) echo "Content-Type: application/json" ;; esac
 }
 
 readme_block() {

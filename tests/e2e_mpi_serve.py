@@ -240,7 +240,8 @@ def run(d, url1, three, tag):
     for u in (url1, url3):
         with open(os.path.join(d2, "params.safetensors"), "rb") as f:
             req = urllib.request.Request(u + "/v1/models/m/parameters", data=f.read(),
-                                         method="PUT")
+                                         method="PUT",
+                                         headers={"Content-Type": "application/octet-stream"})
             with urllib.request.urlopen(req, timeout=60) as r:
                 check(f"{u}: parameters pushed", r.status == 200)
     compare("after a parameter push", url1, url3, base)

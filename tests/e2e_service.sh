@@ -139,6 +139,8 @@ promcheck() {
 # req METHOD URL [curl args]: body -> $T/body, headers -> $T/hdr, prints status
 req() {
   m=$1; u=$2; shift 2
+  ct=$(body_ctype "$m" "$u" "$@")
+  [ -z "$ct" ] || set -- -H "$ct" "$@"
   curl -s -S --max-time 60 -X "$m" -o "$T/body" -D "$T/hdr" -w '%{http_code}' "$@" "$BASE$u" \
     2>"$T/curl.err" || echo "000"
 }
@@ -559,7 +561,7 @@ requests() {
 post_job() { # client c, request k: POST job document (k + c) % 10
   n=$((($2 + $1) % 10))
   curl -s --max-time 30 -X POST -o "$T/cp_$1_$2.json" -D "$T/ch_$1_$2" -w '%{http_code}' \
-    --data-binary @"$T/cj_$n.json" "$A/v1/jobs" > "$T/cs_$1_$2" 2>/dev/null
+    -H 'Content-Type: application/json' --data-binary @"$T/cj_$n.json" "$A/v1/jobs" > "$T/cs_$1_$2" 2>/dev/null
   echo "$n" > "$T/cn_$1_$2"
 }
 check_posted() {

@@ -13,6 +13,8 @@ set -u
 # req METHOD URL [curl args]: prints the status; body in $T/body, headers in $T/hdr
 req() {
   m=$1; u=$2; shift 2
+  ct=$(body_ctype "$m" "$u" "$@")
+  [ -z "$ct" ] || set -- -H "$ct" "$@"
   curl -s -S --max-time 60 -X "$m" -o "$T/body" -D "$T/hdr" -w '%{http_code}' "$@" "$BASE$u" \
     2>"$T/curl.err" || echo "000"
 }

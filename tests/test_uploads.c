@@ -560,8 +560,8 @@ START_TEST(http_parts_and_data_dir)
         free(buf);
     }
     expect_code(jcall(port, "GET", "/v1/datasets/big", NULL, 404), "not_found");
-    expect_code(jcall(port, "POST", "/v1/datasets/big/parts", "{\"data\":\"\"}", 400),
-                "bad_content_type");
+    expect_code(jcall(port, "POST", "/v1/datasets/big/parts", "{\"data\":\"\"}", 415),
+                "unsupported_media_type");
     j = jcall(port, "GET", "/v1/datasets/big/parts", NULL, 200);
     ck_assert_double_eq(tu_num(j, "parts"), 4);
     cJSON_Delete(j);

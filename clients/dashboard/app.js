@@ -57,12 +57,32 @@
   }
   function shape(s) { return Array.isArray(s) ? s.join('×') : fmt(s); }
 
+  // The bearer token of a server run with --auth-token-file: from the page's
+  // #token=... fragment (never sent to the server; removed from the address
+  // bar), else this tab's sessionStorage, else asked for on the first 401.
+  const TOKEN_KEY = 'curvd-token';
+  function storedToken() {
+    try { return window.sessionStorage.getItem(TOKEN_KEY) || ''; } catch (e) { return ''; }
+  }
+  function storeToken(t) {
+    try { window.sessionStorage.setItem(TOKEN_KEY, t); } catch (e) { /* private mode */ }
+  }
+  (function tokenFromFragment() {
+    const m = /(?:^#|&)token=([^&]+)/.exec(window.location.hash || '');
+    if (!m) return;
+    storeToken(decodeURIComponent(m[1]));
+    try { window.history.replaceState(null, '', window.location.pathname + window.location.search); } catch (e) { /* old browser */ }
+  })();
+  let tokenAsked = false;
+
   async function api(method, path, body) {
     const init = { method, headers: { Accept: 'application/json' } };
     if (body !== undefined) {
       init.headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(body);
     }
+    const token = storedToken();
+    if (token) init.headers.Authorization = 'Bearer ' + token;
     let r;
     try {
       r = await fetch(path, init);
@@ -70,6 +90,17 @@
       const err = new Error('cannot reach curvd: ' + e.message);
       err.code = 'connection_failed';
       throw err;
+    }
+    if (r.status === 401 && storedToken() && storedToken() !== token) {
+      return api(method, path, body); // the token arrived (prompt) while this call was out
+    }
+    if (r.status === 401 && !tokenAsked && typeof window.prompt === 'function') {
+      tokenAsked = true; // once per page: a wrong token is reported, not asked again in a loop
+      const t = window.prompt('This curvd server needs a token (curvd serve --auth-token-file):', '');
+      if (t) {
+        storeToken(t.trim());
+        return api(method, path, body);
+      }
     }
     const text = await r.text();
     let data = null;

@@ -16,6 +16,7 @@ import json
 import mmap
 import os
 import socket
+import ssl
 import sys
 import time
 import urllib.error
@@ -218,9 +219,16 @@ class Client:
         base_url: e.g. ``"http://127.0.0.1:8080"`` (a trailing ``/v1`` is accepted).
             Defaults to ``$CURVD_URL`` or ``http://127.0.0.1:8080``.
         timeout: Seconds to wait for each HTTP answer (a long poll adds its own wait).
+        token: The bearer token of a server started with ``--auth-token-file``
+            (sent as ``Authorization: Bearer TOKEN``).  Defaults to ``$CURVD_TOKEN``;
+            None or empty: no Authorization header.
+        ca_file: For an ``https://`` server whose certificate is not signed by a
+            system CA (``--tls-cert`` self-made): the PEM file to trust.
+            Defaults to ``$CURVD_CA_FILE``.
     """
 
-    def __init__(self, base_url: Optional[str] = None, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: Optional[str] = None, timeout: float = 60.0,
+                 token: Optional[str] = None, ca_file: Optional[str] = None) -> None:
         url = (base_url or os.environ.get("CURVD_URL") or "http://127.0.0.1:8080").rstrip("/")
         if url.endswith("/v1"):
             url = url[:-3]
@@ -229,6 +237,10 @@ class Client:
         self.base_url = url
         self.timeout = float(timeout)
         self._max_body: Optional[int] = None
+        tok = token if token is not None else os.environ.get("CURVD_TOKEN", "")
+        self._token = tok.strip() or None
+        ca = ca_file if ca_file is not None else os.environ.get("CURVD_CA_FILE", "")
+        self._ssl = ssl.create_default_context(cafile=ca) if ca else None
 
     def __repr__(self) -> str:
         return "Client(%r, timeout=%r)" % (self.base_url, self.timeout)
@@ -253,9 +265,11 @@ class Client:
         if content_type:
             req.add_header("Content-Type", content_type)
         req.add_header("Accept", "application/json")
+        if self._token:
+            req.add_header("Authorization", "Bearer " + self._token)
         t = self.timeout if timeout is None else timeout
         try:
-            with urllib.request.urlopen(req, timeout=t) as resp:
+            with urllib.request.urlopen(req, timeout=t, context=self._ssl) as resp:
                 return resp.status, dict(resp.headers.items()), resp.read()
         except urllib.error.HTTPError as e:
             raw = e.read()
