@@ -186,7 +186,9 @@ int cv_serve(const cv_serve_config *c)
         cv_state_close(state);
         return 1;
     }
-    cv_http *http = cv_http_start(&c->http, reg, jobs, &e);
+    cv_http_config hc = c->http;
+    hc.state_dir = state != NULL;
+    cv_http *http = cv_http_start(&hc, reg, jobs, &e);
     if (!http) {
         print_err("http", &e);
         cv_jobs_free(jobs);

@@ -8,12 +8,14 @@
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 struct cv_state {
     char dir[4096];
     FILE *log;
+    int lock_fd;              /* DIR/lock, flock()ed while open: one daemon per directory */
 };
 
 static const char MAGIC[8] = {'C', 'U', 'R', 'V', 'D', 'S', 'T', 0};
@@ -167,8 +169,22 @@ cv_state *cv_state_open(const char *dir, FILE *log, cv_err *e)
     while (n > 1 && st->dir[n - 1] == '/')
         st->dir[--n] = 0;
     st->log = log ? log : stderr;
+    st->lock_fd = -1;
     if (make_dir(st->dir, e))
         goto fail;
+    char lock[4200];
+    snprintf(lock, sizeof lock, "%s/lock", st->dir);
+    st->lock_fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (st->lock_fd < 0) {
+        cv_err_set(e, CV_EINVAL, "invalid_state_dir", "--state-dir", "cannot open %s: %s", lock,
+                   strerror(errno));
+        goto fail;
+    }
+    if (flock(st->lock_fd, LOCK_EX | LOCK_NB)) {
+        cv_err_set(e, CV_ECONFLICT, "state_dir_in_use", "--state-dir",
+                   "%s is in use by another curvd (%s is locked)", st->dir, lock);
+        goto fail;
+    }
     static const cv_state_kind kinds[] = {CV_STATE_MODEL, CV_STATE_DATASET, CV_STATE_JOB};
     for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
         char d[4200];
@@ -193,11 +209,19 @@ cv_state *cv_state_open(const char *dir, FILE *log, cv_err *e)
     }
     return st;
 fail:
+    if (st->lock_fd >= 0)
+        close(st->lock_fd);
     free(st);
     return NULL;
 }
 
-void cv_state_close(cv_state *st) { free(st); }
+void cv_state_close(cv_state *st)
+{
+    if (st) {
+        close(st->lock_fd); /* releases the lock */
+        free(st);
+    }
+}
 
 /* ---- write ------------------------------------------------------------------ */
 

@@ -14,6 +14,9 @@
  * returns 0 the change survives a crash (kill -9, power loss with honest
  * disks).
  *
+ * One process at a time: cv_state_open takes an exclusive flock() on
+ * DIR/lock (released when the process ends, kill -9 included).
+ *
  * Reading checks the length, both checksums, the magic, format and kind; a
  * file that fails is reported (one log line naming it and why), renamed to
  * NAME.cvst.damaged and never used in part.  Left-over temporary files (a
@@ -57,8 +60,9 @@ typedef struct {
 /* CRC32C (Castagnoli), the iSCSI/ext4 checksum; crc 0 to start. */
 uint32_t cv_crc32c(uint32_t crc, const void *p, size_t n);
 
-/* Opens (creating as needed) dir and its subdirectories; removes left-over
- * temporary files, reporting each to log.  NULL with e filled on failure. */
+/* Opens (creating as needed) dir and its subdirectories and locks it;
+ * removes left-over temporary files, reporting each to log.  NULL with e
+ * filled on failure (409 state_dir_in_use: another process holds it). */
 cv_state *cv_state_open(const char *dir, FILE *log, cv_err *e);
 void cv_state_close(cv_state *st);
 const char *cv_state_dir(const cv_state *st);

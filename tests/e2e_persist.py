@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from curvd_client import Client, CurvdError  # noqa: E402
 from curvd_client import safetensors as st  # noqa: E402
 
-from e2e_lib import Daemon, check, summary  # noqa: E402
+from e2e_lib import CURVD, Daemon, check, summary  # noqa: E402
 
 ARCH = {"input_shape": [4], "layers": [{"type": "Linear", "in_features": 4, "out_features": 3}],
         "loss": {"type": "CrossEntropyLoss"}}
@@ -88,6 +89,11 @@ def test_restart(tmp):
         f.write(data(7.0, 100))
     d = Daemon("--state-dir", state, "--data-dir", ddir)  # with the demo
     c = Client(d.url)
+    check("health says state_dir", c.health().get("state_dir") is True, c.health())
+    p = subprocess.run([CURVD, "serve", "--port", "0", "--no-demo", "--state-dir", state],
+                       capture_output=True, text=True, timeout=20)
+    check("a second daemon on the same directory is refused", p.returncode != 0 and
+          "in use by another curvd" in p.stderr, (p.returncode, p.stderr))
     demo = c.list_models()[0]["name"]
     c.push_parameters(demo, c.get_parameters(demo))  # demo model at version 2
     c.register_model("m", ARCH, params(1.0))
@@ -150,9 +156,39 @@ def test_restart(tmp):
     c = Client(d.url)
     left = [x["id"] for x in c.list_jobs()]
     check("--max-kept-bytes keeps only the newest job read back", left == [j.id], left)
-    kill(d)
     check("the dropped jobs' files are gone", os.listdir(os.path.join(state, "jobs")) == [j.id + ".cvst"],
           os.listdir(os.path.join(state, "jobs")))
+    kill(d)
+    # jobs running or queued at a kill: failed "interrupted" after the restart
+    d = Daemon("--state-dir", state, "--data-dir", ddir, "--workers", "1")
+    c = Client(d.url)
+    c.register_model("m", ARCH, params(1.0))
+    c.register_dataset("ds", data(2.0, 64))
+    long = {"op": "trace", "model": "m", "dataset": "ds", "seed": 1,
+            "options": {"max_probes": 1000000, "tol": 0}}
+    running = c.submit(long)
+    queued = c.submit(long)
+    deadline = time.time() + 10
+    while c.job_status(running.id)["status"] != "running" and time.time() < deadline:
+        time.sleep(0.01)
+    check("a long job runs, another waits", c.job_status(running.id)["status"] == "running" and
+          c.job_status(queued.id)["status"] == "queued")
+    kill(d)
+    d = Daemon("--state-dir", state, "--data-dir", ddir)
+    c = Client(d.url)
+    for what, jid in (("running", running.id), ("queued", queued.id)):
+        s = c.job_status(jid)
+        check("a job %s at the kill is failed 'interrupted'" % what,
+              s["status"] == "failed" and s["error"]["code"] == "interrupted", s)
+    cancelled = c.submit(long)
+    c.cancel(cancelled.id)
+    d.p.send_signal(signal.SIGTERM)
+    d.p.wait(20)
+    d = Daemon("--state-dir", state, "--data-dir", ddir)
+    c = Client(d.url)
+    s = c.job_status(cancelled.id)
+    check("a job cancelled before SIGTERM stays cancelled", s["status"] == "cancelled", s)
+    kill(d)
     d = Daemon("--state-dir", state, "--data-dir", ddir, "--keep-jobs", "0")
     c = Client(d.url)
     check("--keep-jobs 0 drops the jobs read back", c.list_jobs() == [], c.list_jobs())
