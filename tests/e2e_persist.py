@@ -37,6 +37,7 @@ from curvd_client import safetensors as st  # noqa: E402
 
 from e2e_lib import CURVD, Daemon, check, summary  # noqa: E402
 
+MAPPED = (100, 101, 102)  # seeds of the --data-dir files of the crash loop
 ARCH = {"input_shape": [4], "layers": [{"type": "Linear", "in_features": 4, "out_features": 3}],
         "loss": {"type": "CrossEntropyLoss"}}
 
@@ -282,17 +283,33 @@ class Worker(threading.Thread):
         self.names, self.jobs, self.rnd, self.stop = names, jobs, rnd, stop
         self.ops = 0
 
+    def put_data(self, n, seed, replace):
+        """A dataset upload: whole, in parts (only the commit is acknowledged), or a
+        --data-dir file (mapped; its seed is one of MAPPED)."""
+        if seed in MAPPED:
+            self.c.register_server_file(n.name, "s%d.safetensors" % seed, replace=True)
+            return
+        raw = data(seed, self.rnd.choice((8, 64, 2000)))
+        if self.rnd.random() < 0.3:
+            self.c._upload_parts(n.name, raw, 4096, replace, None)
+        elif replace:
+            self.c.put_dataset(n.name, raw)
+        else:
+            self.c.register_dataset(n.name, raw)
+
     def change(self, n):
         r = self.rnd
         seed = float(r.randrange(1, 1 << 20))
         model = n.kind == "model"
+        if not model and r.random() < 0.2:
+            seed = float(r.choice(MAPPED))
         if n.acked is None:
             outcome = (1, seed)
             n.pending = [outcome]
             if model:
                 self.c.register_model(n.name, ARCH, params(seed))
             else:
-                self.c.register_dataset(n.name, data(seed, r.choice((8, 64, 2000))))
+                self.put_data(n, int(seed), False)
         elif r.random() < 0.15:
             n.pending = [None]
             (self.c.delete_model if model else self.c.delete_dataset)(n.name)
@@ -303,7 +320,7 @@ class Worker(threading.Thread):
             if model:
                 self.c.push_parameters(n.name, params(seed))
             else:
-                self.c.put_dataset(n.name, data(seed, r.choice((8, 64, 2000))))
+                self.put_data(n, int(seed), True)
         n.acked, n.pending = outcome, []
         self.ops += 1
 
@@ -343,8 +360,14 @@ def actual(c, n):
 
 def test_crash(tmp, kills, seed):
     state = os.path.join(tmp, "state3")
+    ddir = os.path.join(tmp, "data3")
+    os.makedirs(ddir)
+    for s in MAPPED:
+        with open(os.path.join(ddir, "s%d.safetensors" % s), "wb") as f:
+            f.write(data(float(s), 8))
     rnd = random.Random(seed)
-    d = Daemon("--no-demo", "--state-dir", state, "--workers", "2")
+    args = ("--no-demo", "--state-dir", state, "--workers", "2", "--data-dir", ddir)
+    d = Daemon(*args)
     c = Client(d.url)
     c.register_model("jm", ARCH, params(1.0))
     c.register_dataset("jd", data(1.0, 64))
@@ -367,7 +390,7 @@ def test_crash(tmp, kills, seed):
             w.join(15)
         ops += sum(w.ops for w in workers)
         try:
-            d = Daemon("--no-demo", "--state-dir", state, "--workers", "2")
+            d = Daemon(*args)
         except SystemExit as e:
             check("the daemon starts after kill %d" % (k + 1), False, str(e))
             return
