@@ -116,9 +116,24 @@ static int has_suffix(const char *s, const char *suf)
 
 /* ---- open ------------------------------------------------------------------- */
 
+/* Creates path (if missing) and, when it did, fsyncs its parent so that the
+ * new entry is durable too. */
 static int make_dir(const char *path, cv_err *e)
 {
-    if (mkdir(path, 0700) == 0 || errno == EEXIST) {
+    int made = mkdir(path, 0700) == 0;
+    if (made) {
+        char parent[4200];
+        snprintf(parent, sizeof parent, "%s", path);
+        char *slash = strrchr(parent, '/');
+        if (slash == parent)
+            slash[1] = 0;
+        else if (slash)
+            *slash = 0;
+        else
+            snprintf(parent, sizeof parent, ".");
+        fsync_dir(parent);
+    }
+    if (made || errno == EEXIST) {
         struct stat sb;
         if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode))
             return 0;
