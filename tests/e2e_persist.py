@@ -74,6 +74,22 @@ def data_seed(raw):
 def kill(d):
     os.kill(d.p.pid, signal.SIGKILL)
     d.p.wait(10)
+    clean_log(d)
+
+
+def term(d, what):
+    """SIGTERM: the daemon exits 0 (a sanitizer build: with no report)."""
+    d.p.send_signal(signal.SIGTERM)
+    d.p.wait(30)
+    check(what + ": exits 0 on SIGTERM", d.p.returncode == 0, (d.p.returncode, "".join(d.log)[-3000:]))
+    clean_log(d)
+
+
+def clean_log(d):
+    time.sleep(0.05)  # the log thread's last lines
+    bad = [x for x in d.log if "Sanitizer" in x or "runtime error:" in x]
+    if bad:
+        check("no sanitizer report", False, "".join(d.log)[-5000:])
 
 
 def strip_timing(doc):
@@ -133,8 +149,7 @@ def test_restart(tmp):
             check(how + ": job %s kept as it was" % doc["op"], got == doc,
                   {k: (doc.get(k), got.get(k)) for k in set(doc) | set(got) if doc.get(k) != got.get(k)})
 
-    d.p.send_signal(signal.SIGTERM)
-    d.p.wait(20)
+    term(d, "restart")
     d = Daemon("--state-dir", state, "--data-dir", ddir)
     c = Client(d.url)
     same(c, "after SIGTERM")
@@ -183,8 +198,7 @@ def test_restart(tmp):
               s["status"] == "failed" and s["error"]["code"] == "interrupted", s)
     cancelled = c.submit(long)
     c.cancel(cancelled.id)
-    d.p.send_signal(signal.SIGTERM)
-    d.p.wait(20)
+    term(d, "restart")
     d = Daemon("--state-dir", state, "--data-dir", ddir)
     c = Client(d.url)
     s = c.job_status(cancelled.id)
@@ -194,7 +208,7 @@ def test_restart(tmp):
     c = Client(d.url)
     check("--keep-jobs 0 drops the jobs read back", c.list_jobs() == [], c.list_jobs())
     check("...and their files", os.listdir(os.path.join(state, "jobs")) == [])
-    d.stop()
+    term(d, "keep-jobs 0")
     shutil.rmtree(state)
 
 
@@ -259,7 +273,7 @@ def test_damage(tmp):
     kill(d)
     d = Daemon("--no-demo", "--state-dir", state)
     check("no damage reported on the next start", not any("damaged" in x for x in d.log), "".join(d.log))
-    d.stop()
+    term(d, "damage")
     shutil.rmtree(state)
 
 
@@ -434,7 +448,7 @@ def test_crash(tmp, kills, seed):
         jobs["known"] = listed
         jobs["acked"], jobs["reused"] = {}, []
     dt = time.time() - t0
-    d.stop()
+    term(d, "crash loop")
     check("crash loop: %d kills, %d acknowledged operations, %d jobs, %.1f s" %
           (kills, ops, nacked, dt), not problems, "\n".join(problems[:20]))
     check("crash loop: the workload did something", ops >= kills and nacked >= kills // 4,
