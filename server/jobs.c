@@ -57,7 +57,7 @@ struct cv_jobs {
     long evicted_total;              /* finished jobs dropped for max_kept_bytes */
     int draining, stop, stop_waiters;
     int busy;
-    pthread_mutex_t idmu;            /* guards the id counter */
+    pthread_mutex_t idmu;            /* guards the id counter (taken alone or inside mu) */
     uint64_t counter, salt;
     uint64_t id_reserved;            /* --state-dir: ids up to this are recorded as used */
     pthread_t *threads;
@@ -845,9 +845,10 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
         pthread_mutex_unlock(&J->mu);
         goto fail;
     }
-    if (!recorded)
-        snprintf(j->id, sizeof j->id, "%016llx",
-                 (unsigned long long)mix64(J->salt + ++J->counter));
+    if (!recorded && next_id(J, j->id, sizeof j->id, e)) { /* no I/O without a state dir */
+        pthread_mutex_unlock(&J->mu);
+        goto fail;
+    }
     /* table reference (j's own), queue reference, caller reference */
     atomic_store(&j->refs, 3);
     j->prev = J->tail;
