@@ -40,6 +40,8 @@ typedef enum {
     CV_STATE_DATASET = 2,
     CV_STATE_JOB = 3,
     CV_STATE_IDS = 4,
+    /* monitors and histories (once curvd has them) get the next kinds, a
+     * subdirectory in subdir() (state.c) and a scan like server/persist.c's */
 } cv_state_kind;
 
 #define CV_STATE_HEADER 40
