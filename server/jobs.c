@@ -213,8 +213,9 @@ static cv_job *cancel_queued_locked(cv_jobs *J, cv_job *j, const char *code, con
 
 static uint64_t mix64(uint64_t x);
 
-/* The record's meta: the job's status fields with times as epoch seconds. */
-static char *job_meta_text(const cv_job *j, cv_job_status st, double run_s)
+/* The record's meta: the job's status fields with times as epoch seconds
+ * (st, run_s and finished_at as they will be once the record is written). */
+static char *job_meta_text(const cv_job *j, cv_job_status st, double run_s, double finished_at)
 {
     cJSON *o = cJSON_CreateObject();
     char *text = NULL;
@@ -227,7 +228,7 @@ static char *job_meta_text(const cv_job *j, cv_job_status st, double run_s)
         !cJSON_AddNumberToObject(o, "dataset_version", (double)j->dataset_version) ||
         !cJSON_AddNumberToObject(o, "created_at", j->created_at) ||
         !cJSON_AddNumberToObject(o, "started_at", j->started_at) ||
-        !cJSON_AddNumberToObject(o, "finished_at", j->finished_at) ||
+        !cJSON_AddNumberToObject(o, "finished_at", finished_at) ||
         !cJSON_AddNumberToObject(o, "run_s", run_s) ||
         !cJSON_AddNumberToObject(o, "timeout_s", j->timeout) ||
         !cJSON_AddNumberToObject(o, "matvecs_done", (double)atomic_load(&j->progress.done)) ||
@@ -249,10 +250,12 @@ out:
 }
 
 /* Writes j's record as status st (the result with it when succeeded).  Not
- * under J->mu (it fsyncs).  -1 with e filled (and a log line) on failure. */
-static int record_job_e(cv_jobs *J, cv_job *j, cv_job_status st, double run_s, cv_err *e)
+ * under J->mu (it fsyncs): only fields no other thread writes any more are
+ * read.  -1 with e filled (and a log line) on failure. */
+static int record_job_e(cv_jobs *J, cv_job *j, cv_job_status st, double run_s,
+                        double finished_at, cv_err *e)
 {
-    char *meta = job_meta_text(j, st, run_s);
+    char *meta = job_meta_text(j, st, run_s, finished_at);
     if (!meta)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
     const char *res = st == CV_JOB_SUCCEEDED ? j->result_text : NULL;
@@ -265,11 +268,12 @@ static int record_job_e(cv_jobs *J, cv_job *j, cv_job_status st, double run_s, c
     return rc;
 }
 
-static void record_job(cv_jobs *J, cv_job *j, cv_job_status st, double run_s)
+static void record_job(cv_jobs *J, cv_job *j, cv_job_status st, double run_s,
+                       double finished_at)
 {
     cv_err e;
     if (J->cfg.state)
-        record_job_e(J, j, st, run_s, &e);
+        record_job_e(J, j, st, run_s, finished_at, &e);
 }
 
 #define ID_BLOCK 4096 /* ids reserved (recorded as used) per write of ids.cvst */
@@ -421,7 +425,7 @@ static int restore_one(void *arg, const char *name, const cv_state_rec *rec, cha
         cv_err_set(&j->err, CV_EUNAVAILABLE, "interrupted", "",
                    "the daemon stopped (restart or crash) before this job finished; "
                    "submit it again");
-        record_job(R->J, j, CV_JOB_FAILED, run_s);
+        record_job(R->J, j, CV_JOB_FAILED, run_s, j->finished_at);
     }
     /* monotonic times as if it had finished in this process */
     double age = cv_wall_s() - j->finished_at;
@@ -541,11 +545,12 @@ static void *worker_main(void *arg)
         j->err = err;
         if (J->cfg.state) {
             /* the record first: a client that sees the job finished can count on it */
+            double fin_wall = cv_wall_s(), fin = cv_now_s();
             pthread_mutex_unlock(&J->mu);
-            j->finished_at = cv_wall_s();
-            j->t_end = cv_now_s();
-            record_job(J, j, st, j->t_end - j->t_start);
+            record_job(J, j, st, fin - j->t_start, fin_wall);
             pthread_mutex_lock(&J->mu);
+            j->finished_at = fin_wall; /* kept by finish_locked */
+            j->t_end = fin;
         }
         finish_locked(J, j, st);
         if (J->draining)
@@ -836,7 +841,7 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
         int rc = admit_locked(J, e);
         pthread_mutex_unlock(&J->mu);
         if (rc || next_id(J, j->id, sizeof j->id, e) ||
-            record_job_e(J, j, CV_JOB_QUEUED, 0, e))
+            record_job_e(J, j, CV_JOB_QUEUED, 0, 0, e))
             goto fail;
         recorded = 1;
     }
@@ -927,8 +932,8 @@ void cv_jobs_cancel(cv_jobs *J, cv_job *j, double wait)
         running = 1;
     }
     pthread_mutex_unlock(&J->mu);
-    if (dropped)
-        record_job(J, dropped, CV_JOB_CANCELLED, 0); /* before the DELETE is answered */
+    if (dropped) /* recorded before the DELETE is answered */
+        record_job(J, dropped, CV_JOB_CANCELLED, 0, dropped->finished_at);
     cv_job_unref(dropped);
     if (running && wait > 0)
         cv_jobs_wait(J, j, wait);
@@ -1114,7 +1119,7 @@ void cv_jobs_drain(cv_jobs *J)
             n, n == 1 ? "" : "s", busy);
     while (dropped) {
         cv_job *nx = dropped->qnext;
-        record_job(J, dropped, CV_JOB_CANCELLED, 0);
+        record_job(J, dropped, CV_JOB_CANCELLED, 0, dropped->finished_at);
         cv_job_unref(dropped);
         dropped = nx;
     }
