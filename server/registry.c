@@ -574,16 +574,16 @@ void cv_registry_release(cv_registry *r, cv_snap *s)
     sweep(r);
 }
 
-static int delete_locked(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e);
+static int delete_now(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e);
 
 int cv_registry_delete(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e)
 {
     if (!r->persisting)
-        return delete_locked(r, kind, name, e);
+        return delete_now(r, kind, name, e);
     /* the file goes with the name, under the writer lock so that no install
      * of the same name writes in between */
     pthread_mutex_lock(&r->wmu);
-    int rc = delete_locked(r, kind, name, e);
+    int rc = delete_now(r, kind, name, e);
     if (rc == 0)
         rc = r->persist.remove(r->persist.arg, kind, name, e);
     pthread_mutex_unlock(&r->wmu);
@@ -591,7 +591,7 @@ int cv_registry_delete(cv_registry *r, cv_reg_kind kind, const char *name, cv_er
 }
 
 /* The delete itself (takes r->mu). */
-static int delete_locked(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e)
+static int delete_now(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e)
 {
     pthread_mutex_lock(&r->mu);
     slot *sl = find_slot(r, kind, name);
@@ -640,7 +640,7 @@ int cv_registry_restore(cv_registry *r, const char *name, cv_model *m, cv_datase
     s->created_at = created_at;
     s->updated_at = updated_at;
     cv_err ign;
-    delete_locked(r, kind, name, &ign); /* a demo or command-line one: the state wins */
+    delete_now(r, kind, name, &ign); /* a demo or command-line one: the state wins */
     int rc = install_snap(r, s, 0, NULL, 0, NULL, NULL, e);
     if (rc) { /* m, d and the backing go back to the caller */
         s->model = NULL;
