@@ -19,6 +19,9 @@
 #   make bench-kfac / bench-laplace [BENCH_ARGS=...]  Kronecker factors vs torch; a Kronecker
 #                         Laplace posterior vs the factor time (bench/README.md)
 #   make soak [SOAK_ARGS=...]  the load test at full size (tests/load/curvd_load.py)
+#   make crash-soak [KILLS=1000]  the --state-dir crash loop of tests/e2e_persist.py
+#                         (SIGKILL at random moments, then every acknowledged write
+#                         checked) with KILLS kills; `make test` runs it with 60
 #   make deps             install (as root) or name the missing build packages
 #   make clean            remove build/ (every build directory below it)
 #
@@ -113,7 +116,7 @@ MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null)
 MPI_LIBS   := $(shell pkg-config --libs ompi-c 2>/dev/null)
 MPI_PLUGIN := $(if $(shell pkg-config --exists ompi-c 2>/dev/null && echo y),$(B)/curvd-mpi.so)
 
-.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run python bench bench-mpi bench-kfac bench-laplace soak clean
+.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run python bench bench-mpi bench-kfac bench-laplace soak crash-soak clean
 all: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so
 
 build-tests: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so $(TEST_BIN) $(B)/bench_ops
@@ -257,6 +260,10 @@ soak:
 	@scripts/deps.sh test
 	@$(MAKE) --no-print-directory all
 	ulimit -n 4096; $(PY) tests/load/curvd_load.py --curvd $(B)/curvd $(SOAK_ARGS)
+# The --state-dir crash loop with many kills (tests/e2e_persist.py; `make test` runs 60).
+KILLS ?= 1000
+crash-soak: $(B)/curvd
+	$(PY) tests/e2e_persist.py $(B)/curvd --only crash --kills $(KILLS)
 
 clean:
 	rm -rf build $(filter-out build build/%,$(B))

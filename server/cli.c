@@ -123,6 +123,11 @@ const cv_flag cv_serve_flags[] = {
      .dflt = "none",
      .help = "safetensors files in DIR can be registered by name\n"
              "(POST /v1/datasets/{name} {\"file\": ...}), memory-mapped"},
+    {.name = "--state-dir", .arg = "DIR", .kind = CV_FLAG_STRING, .off = SERVE(state_dir),
+     .dflt = "none",
+     .help = "models, datasets and finished jobs survive restarts\n"
+             "(and kill -9): every change is written to DIR\n"
+             "before it is answered; created if missing"},
     {.name = "--upload-timeout", .arg = "SECONDS", .kind = CV_FLAG_SECONDS,
      .off = SERVE(http.upload_timeout), .hi = 1e9,
      .help = "an upload in parts idle this long is dropped;\n0 = never"},

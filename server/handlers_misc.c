@@ -51,6 +51,7 @@ void h_health(req *r)
               !cJSON_AddNumberToObject(j, "staged_uploads", staged_areas) ||
               !cJSON_AddNumberToObject(j, "max_body_bytes", (double)r->h->cfg.max_body) ||
               !cJSON_AddBoolToObject(j, "data_dir", r->h->cfg.data_dir != NULL) ||
+              !cJSON_AddBoolToObject(j, "state_dir", r->h->cfg.state_dir) ||
               !cJSON_AddNumberToObject(j, "kept_job_bytes", (double)js.kept_bytes) ||
               !cJSON_AddNumberToObject(j, "max_kept_bytes", (double)js.max_kept_bytes) ||
               !cJSON_AddNumberToObject(j, "ranks", ranks) ||

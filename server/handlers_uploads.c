@@ -164,11 +164,12 @@ void h_dataset_file_post(req *r)
         reply_err(r, &e);
         return;
     }
-    char source[160];
+    char source[160], data_file[256];
     snprintf(source, sizeof source, "file %.140s (mapped)", file);
+    snprintf(data_file, sizeof data_file, "%s", file); /* for --state-dir */
     cJSON_Delete(j);
     cv_dataset_backing b = {.bytes = heap, .mapped_bytes = mapped, .backing = map,
-                            .backing_free = cv_mapped_free};
+                            .backing_free = cv_mapped_free, .data_file = data_file};
     cv_snap *s;
     int created = 1;
     if (cv_registry_install_dataset(r->h->reg, r->param, d, source, replace ? 2 : 0, &b,

@@ -47,6 +47,7 @@ typedef struct {
     unsigned max_connections;
     double max_wait;          /* cap on ?wait= seconds; 0: ?wait= never waits */
     int log_requests;         /* one stderr line per request */
+    int state_dir;            /* --state-dir is set (GET /v1/health says so) */
     const char *data_dir;     /* --data-dir: files registrable by name (NULL: none) */
     double upload_timeout;    /* seconds an idle upload in parts is kept (<= 0: forever) */
     /* access control (server/access.h) */

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "api/ops_table.h"
 #include "engine/linop.h"
@@ -57,7 +58,9 @@ struct cv_jobs {
     long evicted_total;              /* finished jobs dropped for max_kept_bytes */
     int draining, stop, stop_waiters;
     int busy;
+    pthread_mutex_t idmu;            /* guards the id counter (taken alone or inside mu) */
     uint64_t counter, salt;
+    uint64_t id_reserved;            /* --state-dir: ids up to this are recorded as used */
     pthread_t *threads;
     int nthreads;
     pthread_t janitor;
@@ -153,8 +156,10 @@ static void finish_locked(cv_jobs *J, cv_job *j, cv_job_status st)
 {
     int ran = j->status == CV_JOB_RUNNING;
     j->status = st;
-    j->finished_at = cv_wall_s();
-    j->t_end = cv_now_s();
+    if (j->finished_at <= 0) { /* both set already when its record was written first */
+        j->finished_at = cv_wall_s();
+        j->t_end = cv_now_s();
+    }
     cv_registry_release(J->reg, j->msnap);
     cv_registry_release(J->reg, j->dsnap);
     j->msnap = j->dsnap = NULL;
@@ -207,9 +212,275 @@ static cv_job *cancel_queued_locked(cv_jobs *J, cv_job *j, const char *code, con
     return j;
 }
 
-/* ---- workers --------------------------------------------------------------- */
+/* ---- the state directory (--state-dir) -------------------------------------- */
+
+static uint64_t mix64(uint64_t x);
+
+/* The record's meta: the job's status fields with times as epoch seconds
+ * (st, run_s and finished_at as they will be once the record is written). */
+static char *job_meta_text(const cv_job *j, cv_job_status st, double run_s, double finished_at)
+{
+    cJSON *o = cJSON_CreateObject();
+    char *text = NULL;
+    if (!o || !cJSON_AddStringToObject(o, "id", j->id) ||
+        !cJSON_AddStringToObject(o, "status", cv_job_status_name(st)) ||
+        !cJSON_AddStringToObject(o, "op", j->op) ||
+        !cJSON_AddStringToObject(o, "model", j->model) ||
+        !cJSON_AddNumberToObject(o, "model_version", (double)j->model_version) ||
+        !cJSON_AddStringToObject(o, "dataset", j->dataset) ||
+        !cJSON_AddNumberToObject(o, "dataset_version", (double)j->dataset_version) ||
+        !cJSON_AddNumberToObject(o, "created_at", j->created_at) ||
+        !cJSON_AddNumberToObject(o, "started_at", j->started_at) ||
+        !cJSON_AddNumberToObject(o, "finished_at", finished_at) ||
+        !cJSON_AddNumberToObject(o, "run_s", run_s) ||
+        !cJSON_AddNumberToObject(o, "timeout_s", j->timeout) ||
+        !cJSON_AddNumberToObject(o, "matvecs_done", (double)atomic_load(&j->progress.done)) ||
+        !cJSON_AddNumberToObject(o, "matvecs_planned",
+                                 (double)atomic_load(&j->progress.planned)))
+        goto out;
+    if (st == CV_JOB_FAILED || st == CV_JOB_CANCELLED) {
+        cJSON *e = cJSON_AddObjectToObject(o, "error");
+        if (!e || !cJSON_AddNumberToObject(e, "status", (double)j->err.status) ||
+            !cJSON_AddStringToObject(e, "code", j->err.code) ||
+            !cJSON_AddStringToObject(e, "field", j->err.field) ||
+            !cJSON_AddStringToObject(e, "message", j->err.message))
+            goto out;
+    }
+    text = cJSON_PrintUnformatted(o);
+out:
+    cJSON_Delete(o);
+    return text;
+}
+
+/* Writes j's record as status st (the result with it when succeeded).  Not
+ * under J->mu (it fsyncs): only fields no other thread writes any more are
+ * read.  -1 with e filled (and a log line) on failure. */
+static int record_job_e(cv_jobs *J, cv_job *j, cv_job_status st, double run_s,
+                        double finished_at, cv_err *e)
+{
+    char *meta = job_meta_text(j, st, run_s, finished_at);
+    if (!meta)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    const char *res = st == CV_JOB_SUCCEEDED ? j->result_text : NULL;
+    int rc = cv_state_write(J->cfg.state, CV_STATE_JOB, j->id, meta, strlen(meta), res,
+                            res ? j->result_len : 0, e);
+    free(meta);
+    if (rc)
+        fprintf(stderr, "curvd: state: job %s (%s): %s\n", j->id, cv_job_status_name(st),
+                e->message);
+    return rc;
+}
+
+static void record_job(cv_jobs *J, cv_job *j, cv_job_status st, double run_s,
+                       double finished_at)
+{
+    cv_err e;
+    if (J->cfg.state)
+        record_job_e(J, j, st, run_s, finished_at, &e);
+}
+
+#define ID_BLOCK 4096 /* ids reserved (recorded as used) per write of ids.cvst */
+
+static int ids_write(cv_jobs *J, uint64_t reserved, cv_err *e)
+{
+    char meta[128];
+    int n = snprintf(meta, sizeof meta, "{\"salt\":\"%016llx\",\"reserved\":\"%llu\"}",
+                     (unsigned long long)J->salt, (unsigned long long)reserved);
+    return cv_state_write(J->cfg.state, CV_STATE_IDS, "ids", meta, (size_t)n, NULL, 0, e);
+}
+
+/* Reads the id salt and the last reserved counter back (a fresh salt when
+ * there is no usable ids.cvst). */
+static void ids_load(cv_jobs *J)
+{
+    char path[8400], why[256];
+    cv_state_path(J->cfg.state, CV_STATE_IDS, "ids", path, sizeof path);
+    cv_state_rec rec;
+    if (cv_state_read(path, CV_STATE_IDS, &rec, why, sizeof why)) {
+        if (access(path, F_OK) == 0)
+            cv_state_set_aside(J->cfg.state, path, why);
+        return;
+    }
+    unsigned long long salt, reserved;
+    cJSON *o = cJSON_ParseWithLength(rec.meta, rec.meta_len);
+    const cJSON *sa = cJSON_GetObjectItemCaseSensitive(o, "salt");
+    const cJSON *re = cJSON_GetObjectItemCaseSensitive(o, "reserved");
+    if (cJSON_IsString(sa) && cJSON_IsString(re) && sscanf(sa->valuestring, "%llx", &salt) == 1 &&
+        sscanf(re->valuestring, "%llu", &reserved) == 1) {
+        J->salt = salt;
+        J->counter = J->id_reserved = reserved; /* the next id starts a new block */
+    } else {
+        cv_state_set_aside(J->cfg.state, path, "no salt and reserved counter");
+    }
+    cJSON_Delete(o);
+    cv_state_rec_free(&rec);
+}
+
+/* The next job id into id; with a state directory a new block of ids is
+ * recorded first when the reserved ones are used up. */
+static int next_id(cv_jobs *J, char *id, size_t len, cv_err *e)
+{
+    pthread_mutex_lock(&J->idmu);
+    uint64_t c = J->counter + 1;
+    if (J->cfg.state && c > J->id_reserved) {
+        if (ids_write(J, J->id_reserved + ID_BLOCK, e)) {
+            pthread_mutex_unlock(&J->idmu);
+            return -1;
+        }
+        J->id_reserved += ID_BLOCK;
+    }
+    J->counter = c;
+    snprintf(id, len, "%016llx", (unsigned long long)mix64(J->salt + c));
+    pthread_mutex_unlock(&J->idmu);
+    return 0;
+}
+
+typedef struct {
+    cv_jobs *J;
+    cv_job **v;
+    size_t n, cap;
+} restore_ctx;
+
+static const char *str_item(const cJSON *o, const char *k)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsString(v) ? v->valuestring : NULL;
+}
+
+static double num_item(const cJSON *o, const char *k, int *ok)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
+    if (!cJSON_IsNumber(v))
+        *ok = 0;
+    return cJSON_IsNumber(v) ? v->valuedouble : 0;
+}
+
+/* Builds a finished job from its record (an unfinished one becomes failed,
+ * "interrupted", and its record is rewritten). */
+static int restore_one(void *arg, const char *name, const cv_state_rec *rec, char *why,
+                       size_t wl)
+{
+    restore_ctx *R = arg;
+    cJSON *o = cJSON_ParseWithLength(rec->meta, rec->meta_len);
+    const char *id = str_item(o, "id"), *status = str_item(o, "status"), *op = str_item(o, "op");
+    const char *model = str_item(o, "model"), *dataset = str_item(o, "dataset");
+    int ok = id && status && op && model && dataset && strcmp(id, name) == 0 &&
+             strlen(id) < sizeof(((cv_job *)0)->id) && cv_job_status_from_name(status) >= 0;
+    double mv = num_item(o, "model_version", &ok), dv = num_item(o, "dataset_version", &ok);
+    double created = num_item(o, "created_at", &ok), started = num_item(o, "started_at", &ok);
+    double finished = num_item(o, "finished_at", &ok), run_s = num_item(o, "run_s", &ok);
+    double timeout = num_item(o, "timeout_s", &ok);
+    double done = num_item(o, "matvecs_done", &ok), planned = num_item(o, "matvecs_planned", &ok);
+    cv_job *j = NULL;
+    if (!ok) {
+        snprintf(why, wl, "not a job record (fields missing)");
+        cJSON_Delete(o);
+        return -1;
+    }
+    if (R->n == R->cap) {
+        size_t nc = R->cap ? 2 * R->cap : 64;
+        cv_job **nv = realloc(R->v, nc * sizeof *nv);
+        if (!nv)
+            goto oom;
+        R->v = nv;
+        R->cap = nc;
+    }
+    if (!(j = calloc(1, sizeof *j)))
+        goto oom;
+    atomic_init(&j->refs, 1);
+    atomic_init(&j->cancel, 0);
+    cv_progress_init(&j->progress);
+    j->progress.cancel = &j->cancel;
+    snprintf(j->id, sizeof j->id, "%s", id);
+    snprintf(j->op, sizeof j->op, "%s", op);
+    snprintf(j->model, sizeof j->model, "%s", model);
+    snprintf(j->dataset, sizeof j->dataset, "%s", dataset);
+    j->model_version = (unsigned long)mv;
+    j->dataset_version = (unsigned long)dv;
+    j->created_at = created;
+    j->started_at = started;
+    j->finished_at = finished;
+    j->timeout = timeout;
+    atomic_store(&j->progress.done, (long)done);
+    atomic_store(&j->progress.planned, (long)planned);
+    j->status = (cv_job_status)cv_job_status_from_name(status);
+    const cJSON *err = cJSON_GetObjectItemCaseSensitive(o, "error");
+    if (cJSON_IsObject(err)) {
+        int eok = 1;
+        double es = num_item(err, "status", &eok);
+        const char *code = str_item(err, "code"), *field = str_item(err, "field");
+        const char *msg = str_item(err, "message");
+        cv_err_set(&j->err, eok ? (cv_status)es : CV_EINTERNAL, code ? code : "internal",
+                   field ? field : "", "%s", msg ? msg : "");
+    }
+    if (j->status == CV_JOB_SUCCEEDED) {
+        if (!(j->result_text = malloc(rec->blob_len + 1)))
+            goto oom;
+        memcpy(j->result_text, rec->blob, rec->blob_len);
+        j->result_text[rec->blob_len] = 0;
+        j->result_len = rec->blob_len;
+    }
+    if (!is_finished(j->status)) {
+        /* queued or running when the daemon stopped */
+        j->status = CV_JOB_FAILED;
+        j->finished_at = cv_wall_s();
+        run_s = started > 0 ? j->finished_at - started : 0;
+        cv_err_set(&j->err, CV_EUNAVAILABLE, "interrupted", "",
+                   "the daemon stopped (restart or crash) before this job finished; "
+                   "submit it again");
+        record_job(R->J, j, CV_JOB_FAILED, run_s, j->finished_at);
+    }
+    /* monotonic times as if it had finished in this process */
+    double age = cv_wall_s() - j->finished_at;
+    j->t_end = cv_now_s() - (age > 0 ? age : 0);
+    j->t_start = j->t_end - run_s;
+    j->t_submit = j->t_start;
+    R->v[R->n++] = j;
+    cJSON_Delete(o);
+    return 0;
+oom:
+    snprintf(why, wl, "out of memory");
+    cJSON_Delete(o);
+    cv_job_unref(j);
+    return 1;
+}
+
+static int cmp_created(const void *a, const void *b)
+{
+    const cv_job *x = *(cv_job *const *)a, *y = *(cv_job *const *)b;
+    return x->created_at < y->created_at ? -1 : x->created_at > y->created_at;
+}
 
 static void purge(cv_jobs *J);
+
+/* Reads the id counter and the job records back (before the workers start). */
+static void restore_jobs(cv_jobs *J)
+{
+    ids_load(J);
+    restore_ctx R = {J, NULL, 0, 0};
+    cv_state_scan(J->cfg.state, CV_STATE_JOB, restore_one, &R);
+    if (R.n)
+        qsort(R.v, R.n, sizeof *R.v, cmp_created);
+    for (size_t i = 0; i < R.n; i++) {
+        cv_job *j = R.v[i];
+        j->prev = J->tail;
+        if (J->tail)
+            J->tail->next = j;
+        else
+            J->head = j;
+        J->tail = j;
+        J->njobs++;
+        J->kept_bytes += job_kept_bytes(j);
+    }
+    free(R.v);
+    size_t n = J->njobs;
+    purge(J); /* --keep-jobs, --max-kept-bytes and the count cap, as if they had run here */
+    if (n)
+        fprintf(stderr, "curvd: state: %zu finished job%s read back, %zu kept\n", n,
+                n == 1 ? "" : "s", J->njobs);
+}
+
+/* ---- workers --------------------------------------------------------------- */
 
 static void *worker_main(void *arg)
 {
@@ -275,6 +546,15 @@ static void *worker_main(void *arg)
         cv_utf8_sanitize(err.message); /* may quote the client's job document */
         cv_utf8_sanitize(err.field);
         j->err = err;
+        if (J->cfg.state) {
+            /* the record first: a client that sees the job finished can count on it */
+            double fin_wall = cv_wall_s(), fin = cv_now_s();
+            pthread_mutex_unlock(&J->mu);
+            record_job(J, j, st, fin - j->t_start, fin_wall);
+            pthread_mutex_lock(&J->mu);
+            j->finished_at = fin_wall; /* kept by finish_locked */
+            j->t_end = fin;
+        }
         finish_locked(J, j, st);
         if (J->draining)
             fprintf(stderr, "curvd: draining: running job %s (%s) ended %s%s%s\n", j->id, j->op,
@@ -333,6 +613,9 @@ static void purge(cv_jobs *J)
     pthread_mutex_unlock(&J->mu);
     while (dead) {
         cv_job *n = dead->next;
+        cv_err e;
+        if (J->cfg.state && cv_state_remove(J->cfg.state, CV_STATE_JOB, dead->id, &e))
+            fprintf(stderr, "curvd: state: job %s: %s\n", dead->id, e.message);
         cv_job_unref(dead);
         dead = n;
     }
@@ -369,13 +652,18 @@ cv_jobs *cv_jobs_new(const cv_jobs_config *c, cv_registry *reg, cv_err *e)
     if (J->cfg.max_queue < 1)
         J->cfg.max_queue = 1;
     J->reg = reg;
-    J->salt = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull ^ (uint64_t)(uintptr_t)J;
-    if (pthread_mutex_init(&J->mu, NULL) || init_cond(&J->work_cv) || init_cond(&J->done_cv) ||
-        init_cond(&J->jan_cv)) {
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    J->salt = mix64((uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec) ^
+              (uint64_t)(uintptr_t)J;
+    if (pthread_mutex_init(&J->mu, NULL) || pthread_mutex_init(&J->idmu, NULL) ||
+        init_cond(&J->work_cv) || init_cond(&J->done_cv) || init_cond(&J->jan_cv)) {
         free(J);
         cv_err_set(e, CV_EINTERNAL, "internal", "", "cannot initialise locks");
         return NULL;
     }
+    if (J->cfg.state)
+        restore_jobs(J);
     J->threads = calloc((size_t)J->cfg.workers, sizeof *J->threads);
     if (!J->threads) {
         cv_jobs_free(J);
@@ -439,6 +727,7 @@ void cv_jobs_free(cv_jobs *J)
     pthread_cond_destroy(&J->done_cv);
     pthread_cond_destroy(&J->jan_cv);
     pthread_mutex_destroy(&J->mu);
+    pthread_mutex_destroy(&J->idmu);
     free(J);
 }
 
@@ -481,6 +770,21 @@ void cv_jobs_ranks(const cv_jobs *J, int *size, int *alive)
     *alive = cv_ranks_alive(J->cfg.ranks);
 }
 
+/* Under J->mu: 503 while draining, 429 with a full queue. */
+static int admit_locked(cv_jobs *J, cv_err *e)
+{
+    if (J->draining)
+        return cv_err_set(e, CV_ESHUTDOWN, "shutting_down", "",
+                          "the service is shutting down and accepts no new jobs");
+    if (J->qlen >= J->cfg.max_queue) {
+        J->rejected_total++;
+        return cv_err_set(e, CV_EBUSY, "queue_full", "",
+                          "the job queue is full (%zu queued, --max-queue %zu); retry later",
+                          J->qlen, J->cfg.max_queue);
+    }
+    return 0;
+}
+
 int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, cv_err *e)
 {
     return cv_jobs_submit_from(J, doc, timeout, NULL, out, e);
@@ -508,6 +812,7 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
     const char *mname = spec->model, *dname = spec->dataset;
     cv_snap *ms = NULL, *ds = NULL;
     cv_job *j = NULL;
+    int recorded = 0;
     if (!mname) {
         cv_err_set(e, CV_EINVAL, "missing_field", "model",
                    "job needs \"model\": the name of a registered model");
@@ -549,20 +854,23 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
     j->t_submit = cv_now_s();
     j->status = CV_JOB_QUEUED;
 
-    pthread_mutex_lock(&J->mu);
-    if (J->draining) {
+    if (J->cfg.state) {
+        /* refused cheaply before the record is written, checked again after */
+        pthread_mutex_lock(&J->mu);
+        int rc = admit_locked(J, e);
         pthread_mutex_unlock(&J->mu);
-        cv_err_set(e, CV_ESHUTDOWN, "shutting_down", "",
-                   "the service is shutting down and accepts no new jobs");
+        if (rc || next_id(J, j->id, sizeof j->id, e) ||
+            record_job_e(J, j, CV_JOB_QUEUED, 0, 0, e))
+            goto fail;
+        recorded = 1;
+    }
+    pthread_mutex_lock(&J->mu);
+    if (admit_locked(J, e)) {
+        pthread_mutex_unlock(&J->mu);
         goto fail;
     }
-    if (J->qlen >= J->cfg.max_queue) {
-        J->rejected_total++;
-        size_t q = J->qlen;
+    if (!recorded && next_id(J, j->id, sizeof j->id, e)) { /* no I/O without a state dir */
         pthread_mutex_unlock(&J->mu);
-        cv_err_set(e, CV_EBUSY, "queue_full", "",
-                   "the job queue is full (%zu queued, --max-queue %zu); retry later", q,
-                   J->cfg.max_queue);
         goto fail;
     }
     size_t mine;
@@ -575,8 +883,6 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
                    "one has started", mine, J->cfg.max_queued_per_client);
         goto fail;
     }
-    snprintf(j->id, sizeof j->id, "%016llx",
-             (unsigned long long)mix64(J->salt + ++J->counter));
     /* table reference (j's own), queue reference, caller reference */
     atomic_store(&j->refs, 3);
     j->prev = J->tail;
@@ -598,6 +904,11 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
     *out = j;
     return 0;
 fail:
+    if (recorded) {
+        cv_err re;
+        if (cv_state_remove(J->cfg.state, CV_STATE_JOB, j->id, &re))
+            fprintf(stderr, "curvd: state: job %s: %s\n", j->id, re.message);
+    }
     if (j)
         free(j->text);
     free(j);
@@ -650,6 +961,8 @@ void cv_jobs_cancel(cv_jobs *J, cv_job *j, double wait)
         running = 1;
     }
     pthread_mutex_unlock(&J->mu);
+    if (dropped) /* recorded before the DELETE is answered */
+        record_job(J, dropped, CV_JOB_CANCELLED, 0, dropped->finished_at);
     cv_job_unref(dropped);
     if (running && wait > 0)
         cv_jobs_wait(J, j, wait);
@@ -683,7 +996,7 @@ static cJSON *status_json_locked(cv_job *j)
         cv_json_add_time(o, "started_at", j->started_at) ||
         cv_json_add_time(o, "finished_at", j->finished_at))
         goto fail;
-    if (j->status >= CV_JOB_RUNNING && j->t_start > 0) {
+    if (j->status >= CV_JOB_RUNNING && j->started_at > 0) {
         double run = (is_finished(j->status) ? j->t_end : cv_now_s()) - j->t_start;
         if (!cJSON_AddNumberToObject(o, "run_s", run))
             goto fail;
@@ -839,6 +1152,7 @@ void cv_jobs_drain(cv_jobs *J)
             n, n == 1 ? "" : "s", busy);
     while (dropped) {
         cv_job *nx = dropped->qnext;
+        record_job(J, dropped, CV_JOB_CANCELLED, 0, dropped->finished_at);
         cv_job_unref(dropped);
         dropped = nx;
     }

@@ -17,6 +17,16 @@
  * beyond either cap the oldest finished jobs go first (the most recently
  * finished one always stays, whatever its size).
  *
+ * With a state directory (cfg.state): a job is recorded there when it is
+ * accepted (before 202), again when it finishes (before its status says so,
+ * with the result) or is cancelled while queued (before the DELETE is
+ * answered), and its record is removed when the job is dropped (keep_s,
+ * max_kept, max_kept_bytes).  cv_jobs_new reads the records back: finished
+ * jobs are kept as they were (the caps apply, by finishing time); a job that
+ * was queued or running when the daemon stopped becomes failed with code
+ * "interrupted".  Job ids come from a counter whose block reservations are
+ * recorded (ids.cvst), so no id is given twice across restarts.
+ *
  * Shutdown: cv_jobs_drain() refuses new jobs (503) and cancels every queued
  * job; cv_jobs_wait_idle() lets running jobs finish up to a grace period;
  * cv_jobs_cancel_running() cancels what is still running (each stops at its
@@ -32,6 +42,7 @@
 #include "engine/err.h"
 #include "server/ranks.h"
 #include "server/registry.h"
+#include "server/state.h"
 
 /* cv_job_status: api/job.h; cv_job_status_name and cv_job_status_from_name:
  * api/ops_table.h. */
@@ -47,6 +58,7 @@ typedef struct {
     size_t max_queued_per_client; /* queued jobs one client may have (cv_jobs_submit_from); 0: no cap */
     cv_ranks *ranks;          /* under mpirun: jobs run on every rank (one at a time:
                                * workers is 1); NULL: in this process */
+    cv_state *state;          /* --state-dir: jobs are recorded there (see below); NULL: not */
 } cv_jobs_config;
 
 typedef struct cv_jobs cv_jobs;

@@ -33,6 +33,11 @@ struct cv_registry {
     size_t retired_bytes;
     size_t staged;            /* reserved by uploads in parts (cv_registry_reserve) */
     unsigned long lineages;   /* registrations so far (cv_snap.lineage) */
+    /* --state-dir: the hooks, and the writer lock that orders installs,
+     * deletes and their files (taken before mu) */
+    cv_registry_persist persist;
+    int persisting;
+    pthread_mutex_t wmu;
 };
 
 int cv_name_valid(const char *name)
@@ -69,6 +74,11 @@ cv_registry *cv_registry_new(size_t max_bytes)
         free(r);
         return NULL;
     }
+    if (pthread_mutex_init(&r->wmu, NULL)) {
+        pthread_mutex_destroy(&r->mu);
+        free(r);
+        return NULL;
+    }
     r->max_bytes = max_bytes;
     return r;
 }
@@ -84,6 +94,7 @@ void cv_registry_free(cv_registry *r)
     free(r->retired);
     free(r->slots);
     pthread_mutex_destroy(&r->mu);
+    pthread_mutex_destroy(&r->wmu);
     free(r);
 }
 
@@ -152,6 +163,8 @@ static cv_snap *snap_new(cv_reg_kind kind, const char *name, cv_model *m, cv_dat
         s->mapped_bytes = b->mapped_bytes;
         s->backing = b->backing;
         s->backing_free = b->backing_free;
+        if (b->data_file)
+            snprintf(s->data_file, sizeof s->data_file, "%s", b->data_file);
     }
     s->version = 1;
     s->created_at = s->updated_at = cv_wall_s();
@@ -331,11 +344,38 @@ static int install(cv_registry *r, cv_snap *s, int replace, const cv_snap *expec
     return 0;
 }
 
-/* Installs the new snapshot s (see install); on failure s stays the caller's. */
+/* Under r->wmu: gives s the version and creation time install() will give
+ * it (no other writer runs until the install), so that its file can be
+ * written first.  Returns 0 if the install cannot succeed anyway (the name
+ * exists for replace 0, is missing for replace 1). */
+static int predict_version(cv_registry *r, cv_snap *s, int replace)
+{
+    pthread_mutex_lock(&r->mu);
+    slot *sl = find_slot(r, s->kind, s->name);
+    int ok = sl ? replace != 0 : replace != 1;
+    if (sl && ok) {
+        s->version = sl->cur->version + 1;
+        s->created_at = sl->cur->created_at;
+    }
+    pthread_mutex_unlock(&r->mu);
+    return ok;
+}
+
+/* Installs the new snapshot s (see install); on failure s stays the caller's.
+ * With persistence, its file is prepared before and committed after. */
 static int install_snap(cv_registry *r, cv_snap *s, int replace, const cv_snap *expect,
                         size_t staged, int *created, cv_snap **out, cv_err *e)
 {
     cv_snap *old = NULL;
+    void *tx = NULL;
+    int persisting = r->persisting;
+    if (persisting) {
+        pthread_mutex_lock(&r->wmu);
+        if (predict_version(r, s, replace) && r->persist.prepare(r->persist.arg, s, &tx, e)) {
+            pthread_mutex_unlock(&r->wmu);
+            return -1;
+        }
+    }
     pthread_mutex_lock(&r->mu);
     int rc = install(r, s, replace, expect, staged, created, &old, e);
     if (rc == 0 && out) {
@@ -343,6 +383,17 @@ static int install_snap(cv_registry *r, cv_snap *s, int replace, const cv_snap *
         *out = s;
     }
     pthread_mutex_unlock(&r->mu);
+    if (persisting) {
+        if (tx && rc == 0) {
+            cv_err ce;
+            if (r->persist.commit(r->persist.arg, tx, &ce))
+                fprintf(stderr, "curvd: state: %s '%s' version %lu is in memory only: %s\n",
+                        kind_word(s->kind), s->name, s->version, ce.message);
+        } else if (tx) {
+            r->persist.abort(r->persist.arg, tx);
+        }
+        pthread_mutex_unlock(&r->wmu);
+    }
     cv_snap_unref(old);
     return rc;
 }
@@ -523,7 +574,24 @@ void cv_registry_release(cv_registry *r, cv_snap *s)
     sweep(r);
 }
 
+static int delete_now(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e);
+
 int cv_registry_delete(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e)
+{
+    if (!r->persisting)
+        return delete_now(r, kind, name, e);
+    /* the file goes with the name, under the writer lock so that no install
+     * of the same name writes in between */
+    pthread_mutex_lock(&r->wmu);
+    int rc = delete_now(r, kind, name, e);
+    if (rc == 0)
+        rc = r->persist.remove(r->persist.arg, kind, name, e);
+    pthread_mutex_unlock(&r->wmu);
+    return rc;
+}
+
+/* The delete itself (takes r->mu). */
+static int delete_now(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e)
 {
     pthread_mutex_lock(&r->mu);
     slot *sl = find_slot(r, kind, name);
@@ -546,6 +614,41 @@ int cv_registry_delete(cv_registry *r, cv_reg_kind kind, const char *name, cv_er
     pthread_mutex_unlock(&r->mu);
     cv_snap_unref(s);
     return 0;
+}
+
+void cv_registry_set_persist(cv_registry *r, const cv_registry_persist *p)
+{
+    pthread_mutex_lock(&r->wmu);
+    memset(&r->persist, 0, sizeof r->persist);
+    if (p)
+        r->persist = *p;
+    r->persisting = p && p->prepare && p->commit && p->abort && p->remove;
+    pthread_mutex_unlock(&r->wmu);
+}
+
+int cv_registry_restore(cv_registry *r, const char *name, cv_model *m, cv_dataset *d,
+                        const cv_dataset_backing *b, const char *source, unsigned long version,
+                        double created_at, double updated_at, cv_err *e)
+{
+    if (cv_name_check(name, "name", e))
+        return -1;
+    cv_reg_kind kind = m ? CV_REG_MODEL : CV_REG_DATASET;
+    cv_snap *s = snap_new(kind, name, m, d, source, b);
+    if (!s)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    s->version = version ? version : 1;
+    s->created_at = created_at;
+    s->updated_at = updated_at;
+    cv_err ign;
+    delete_now(r, kind, name, &ign); /* a demo or command-line one: the state wins */
+    int rc = install_snap(r, s, 0, NULL, 0, NULL, NULL, e);
+    if (rc) { /* m, d and the backing go back to the caller */
+        s->model = NULL;
+        s->data = NULL;
+        s->backing_free = NULL;
+        cv_snap_unref(s);
+    }
+    return rc;
 }
 
 static int cmp_snap(const void *a, const void *b)

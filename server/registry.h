@@ -62,6 +62,7 @@ typedef struct cv_snap {
     size_t mapped_bytes;      /* bytes of a memory-mapped file data points into (not in bytes) */
     void *backing;            /* what data borrows from (a mapping), or NULL */
     void (*backing_free)(void *backing); /* called with the last reference, after data */
+    char data_file[256];      /* a --data-dir file the dataset maps ("" otherwise) */
 } cv_snap;
 
 typedef struct cv_registry cv_registry;
@@ -106,6 +107,7 @@ typedef struct {
     size_t mapped_bytes;      /* see cv_snap */
     void *backing;
     void (*backing_free)(void *backing);
+    const char *data_file;    /* the --data-dir file mapped (cv_snap.data_file), or NULL */
 } cv_dataset_backing;
 
 /* Registers d (replace 0: must be new, 409 if it exists; 2: create or
@@ -149,6 +151,36 @@ int cv_registry_list(cv_registry *r, cv_reg_kind kind, cv_snap ***out);
 void cv_snaps_release(cv_snap **v, int n);
 
 void cv_registry_stats_get(cv_registry *r, cv_registry_stats *st);
+
+/* ---- persistence (--state-dir, server/persist.c) ----------------------------
+ * With hooks set, every change is written before it is answered: a new or
+ * replaced snapshot is prepared (written and fsynced to a temporary file,
+ * with the version it is about to get) before it is installed, committed
+ * (renamed into place) once installed, aborted if the install fails; a
+ * delete removes the file.  One writer lock orders these (the installs and
+ * their files happen in the same order); reads, jobs and uploads in parts do
+ * not take it.  A prepare failure fails the request (500
+ * state_write_failed, nothing changed); a commit failure (rename or
+ * directory fsync: an I/O error) is logged and the change stays in memory
+ * only. */
+typedef struct {
+    int (*prepare)(void *arg, const cv_snap *s, void **tx, cv_err *e);
+    int (*commit)(void *arg, void *tx, cv_err *e);
+    void (*abort)(void *arg, void *tx);
+    int (*remove)(void *arg, cv_reg_kind kind, const char *name, cv_err *e);
+    void *arg;
+} cv_registry_persist;
+
+/* Sets the hooks (NULL: none); call before serving requests. */
+void cv_registry_set_persist(cv_registry *r, const cv_registry_persist *p);
+
+/* Start-up: installs a snapshot read back from the state directory with its
+ * recorded version and times, replacing a snapshot of the same name (the
+ * demo, the command line).  m or d (and b's backing) become the registry's
+ * on success only.  Not written back (no hooks are called). */
+int cv_registry_restore(cv_registry *r, const char *name, cv_model *m, cv_dataset *d,
+                        const cv_dataset_backing *b, const char *source, unsigned long version,
+                        double created_at, double updated_at, cv_err *e);
 
 void cv_snap_ref(cv_snap *s);
 void cv_snap_unref(cv_snap *s);

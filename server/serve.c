@@ -17,7 +17,9 @@
 #include "api/params.h"
 #include "engine/linop.h"
 #include "server/demo.h"
+#include "server/persist.h"
 #include "server/registry.h"
+#include "server/state.h"
 
 /* From OpenBLAS's cblas.h (Debian's pthread build); declared here so the
  * server does not depend on which cblas.h is first on the include path. */
@@ -164,19 +166,37 @@ int cv_serve(const cv_serve_config *c)
         cv_registry_free(reg);
         return 1;
     }
+    /* --state-dir: what clients registered last wins over the demo and the
+     * command line; from here on every change is written there */
+    cv_state *state = NULL;
+    if (c->state_dir) {
+        if (!(state = cv_state_open(c->state_dir, stderr, &e))) {
+            print_err("--state-dir", &e);
+            cv_registry_free(reg);
+            return 2;
+        }
+        int n = cv_persist_attach(state, reg, c->http.data_dir);
+        fprintf(stderr, "curvd: state directory %s: %d model%s and dataset%s read back\n",
+                cv_state_dir(state), n, n == 1 ? "" : "s", n == 1 ? "" : "s");
+    }
     cv_jobs_config jc = c->jobs;
     jc.ranks = c->ranks;
+    jc.state = state;
     cv_jobs *jobs = cv_jobs_new(&jc, reg, &e);
     if (!jobs) {
         print_err("jobs", &e);
         cv_registry_free(reg);
+        cv_state_close(state);
         return 1;
     }
-    cv_http *http = cv_http_start(&c->http, reg, jobs, &e);
+    cv_http_config hc = c->http;
+    hc.state_dir = state != NULL;
+    cv_http *http = cv_http_start(&hc, reg, jobs, &e);
     if (!http) {
         print_err("http", &e);
         cv_jobs_free(jobs);
         cv_registry_free(reg);
+        cv_state_close(state);
         return 1;
     }
     const char *bind = c->http.bind ? c->http.bind : "127.0.0.1";
@@ -239,6 +259,7 @@ int cv_serve(const cv_serve_config *c)
     }
     cv_jobs_free(jobs);
     cv_registry_free(reg);
+    cv_state_close(state);
     fprintf(stderr, "curvd: stopped\n");
     return 0;
 }

@@ -42,6 +42,8 @@ typedef struct {
     int nmodels;
     const cv_dataset_spec *datasets;
     int ndatasets;
+    const char *state_dir;    /* --state-dir: models, datasets and jobs survive restarts
+                               * (server/state.h, server/persist.h); NULL: in memory only */
     double rank_timeout;      /* under mpirun: longest wait for another rank (0: none) */
     cv_ranks *ranks;          /* under mpirun (rank 0): the ranks jobs run on; NULL: alone */
 } cv_serve_config;
