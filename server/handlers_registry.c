@@ -358,11 +358,40 @@ static cv_snap *find_snap(req *r, cv_reg_kind kind)
     return s;
 }
 
+/* A model's kept posteriors (ops laplace and predict) as "posteriors". */
+static int add_posteriors(req *r, const cv_snap *s, cJSON *o)
+{
+    cv_snap **v;
+    int n = cv_registry_list_posteriors(r->h->reg, s->name, &v);
+    cJSON *arr = n >= 0 && o ? cJSON_AddArrayToObject(o, "posteriors") : NULL;
+    int ok = arr != NULL;
+    for (int i = 0; ok && i < n; i++) {
+        cJSON *p = cv_snap_to_json(v[i], 0);
+        ok = p && cJSON_AddItemToArray(arr, p);
+        if (!ok)
+            cJSON_Delete(p);
+    }
+    if (n >= 0)
+        cv_snaps_release(v, n);
+    return ok ? 0 : -1;
+}
+
 static void get_snap(req *r, cv_reg_kind kind)
 {
     cv_snap *s = find_snap(r, kind);
-    if (s)
+    if (!s)
+        return;
+    if (kind != CV_REG_MODEL) {
         reply_snap(r, 200, s, 1, NULL);
+        return;
+    }
+    cJSON *j = cv_snap_to_json(s, 1);
+    if (j && add_posteriors(r, s, j)) {
+        cJSON_Delete(j);
+        j = NULL;
+    }
+    cv_snap_unref(s);
+    reply_json(r, 200, j);
 }
 
 /* The model's parameters or the dataset as safetensors, with the version
