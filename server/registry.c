@@ -531,6 +531,7 @@ void cv_registry_release(cv_registry *r, cv_snap *s)
 }
 
 static int cmp_snap(const void *a, const void *b);
+static int list_where(cv_registry *r, cv_reg_kind kind, const char *owner, cv_snap ***out);
 
 /* Under r->mu: takes slot sl out (the caller checked its jobs); returns the
  * snapshot to unref after unlocking, or NULL if it was retired. */
@@ -663,26 +664,7 @@ cv_snap *cv_registry_acquire_posterior(cv_registry *r, const char *model, const 
 
 int cv_registry_list_posteriors(cv_registry *r, const char *model, cv_snap ***out)
 {
-    *out = NULL;
-    pthread_mutex_lock(&r->mu);
-    int n = 0;
-    for (int i = 0; i < r->nslots; i++)
-        n += r->slots[i].kind == CV_REG_POSTERIOR && strcmp(r->slots[i].owner, model) == 0;
-    cv_snap **v = malloc(sizeof *v * (size_t)(n ? n : 1));
-    if (!v) {
-        pthread_mutex_unlock(&r->mu);
-        return -1;
-    }
-    int k = 0;
-    for (int i = 0; i < r->nslots; i++)
-        if (r->slots[i].kind == CV_REG_POSTERIOR && strcmp(r->slots[i].owner, model) == 0) {
-            cv_snap_ref(r->slots[i].cur);
-            v[k++] = r->slots[i].cur;
-        }
-    pthread_mutex_unlock(&r->mu);
-    qsort(v, (size_t)n, sizeof *v, cmp_snap);
-    *out = v;
-    return n;
+    return list_where(r, CV_REG_POSTERIOR, model, out);
 }
 
 static int cmp_snap(const void *a, const void *b)
@@ -690,13 +672,15 @@ static int cmp_snap(const void *a, const void *b)
     return strcmp((*(cv_snap *const *)a)->name, (*(cv_snap *const *)b)->name);
 }
 
-int cv_registry_list(cv_registry *r, cv_reg_kind kind, cv_snap ***out)
+/* References to the current snapshots of kind (owner non-NULL: of that
+ * owner's), sorted by name; the count, or -1. */
+static int list_where(cv_registry *r, cv_reg_kind kind, const char *owner, cv_snap ***out)
 {
     *out = NULL;
     pthread_mutex_lock(&r->mu);
     int n = 0;
     for (int i = 0; i < r->nslots; i++)
-        n += r->slots[i].kind == kind;
+        n += r->slots[i].kind == kind && (!owner || strcmp(r->slots[i].owner, owner) == 0);
     cv_snap **v = malloc(sizeof *v * (size_t)(n ? n : 1));
     if (!v) {
         pthread_mutex_unlock(&r->mu);
@@ -704,7 +688,7 @@ int cv_registry_list(cv_registry *r, cv_reg_kind kind, cv_snap ***out)
     }
     int k = 0;
     for (int i = 0; i < r->nslots; i++)
-        if (r->slots[i].kind == kind) {
+        if (r->slots[i].kind == kind && (!owner || strcmp(r->slots[i].owner, owner) == 0)) {
             cv_snap_ref(r->slots[i].cur);
             v[k++] = r->slots[i].cur;
         }
@@ -712,6 +696,11 @@ int cv_registry_list(cv_registry *r, cv_reg_kind kind, cv_snap ***out)
     qsort(v, (size_t)n, sizeof *v, cmp_snap);
     *out = v;
     return n;
+}
+
+int cv_registry_list(cv_registry *r, cv_reg_kind kind, cv_snap ***out)
+{
+    return list_where(r, kind, NULL, out);
 }
 
 void cv_snaps_release(cv_snap **v, int n)

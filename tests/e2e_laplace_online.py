@@ -27,7 +27,6 @@ prior_precision:
 Ends with 'N passed, M failed'.
 """
 import copy
-import math
 import os
 import sys
 import tempfile

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import laplace_ref as lr  # noqa: E402
 import torchref as tr  # noqa: E402
-from e2e_lib import CURVD, Daemon, check, summary  # noqa: E402
+from e2e_lib import Daemon, check, summary  # noqa: E402
 
 TOL = 2e-4
 

@@ -61,8 +61,8 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from curvd_client import Client, CurvdError  # noqa: E402
-from laplace_digits import digits_arrays, metrics, replace  # noqa: E402
+from curvd_client import Client  # noqa: E402
+from laplace_digits import connect, digits_arrays, metrics, replace  # noqa: E402
 
 TASKS = {"A": (0, 1, 2, 3, 4), "B": (5, 6, 7, 8, 9)}
 
@@ -146,20 +146,12 @@ def task_scores(probs: Any, y: Any, classes: Any) -> Dict[str, float]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        import torch
-        from torch import nn
-        from curvd_client.torch_export import export_dataset, export_model
-    except ImportError as e:
-        print("laplace_online_digits: %s (run with /usr/bin/python3: python3-torch)" % e,
-              file=sys.stderr)
-        return 2
-    client = Client(args.url, timeout=120)
-    try:
-        client.health()
-    except CurvdError as e:
-        print("laplace_online_digits: %s (start it with: curvd serve)" % e, file=sys.stderr)
-        return 1
+    client, rc = connect("laplace_online_digits", args.url, 120)
+    if client is None:
+        return rc
+    import torch
+    from torch import nn
+    from curvd_client.torch_export import export_dataset, export_model
     t0 = time.monotonic()
     data = split(client, args.seed)
     xa, ya, xa_te, ya_te = data["A"]
