@@ -431,6 +431,40 @@ static void delete_snap(req *r, cv_reg_kind kind, const char *what)
     reply_json(r, 200, j);
 }
 
+/* DELETE /v1/models/{name}/posteriors[?name=P]: the model's kept posteriors (or
+ * one); 404 unknown model or posterior, 409 while a job uses one (those
+ * before it in name order are deleted). */
+void h_model_posteriors_delete(req *r)
+{
+    cv_err e;
+    cv_snap *m = find_snap(r, CV_REG_MODEL);
+    if (!m)
+        return;
+    cv_snap_unref(m);
+    const char *one = query(r, "name");
+    cv_snap **v = NULL;
+    int n = one ? 0 : cv_registry_list_posteriors(r->h->reg, r->param, &v);
+    if (n < 0) {
+        reply_oom(r);
+        return;
+    }
+    cJSON *j = cJSON_CreateObject(), *arr = j ? cJSON_AddArrayToObject(j, "deleted") : NULL;
+    int rc = 0;
+    for (int i = 0; i < (one ? 1 : n) && !rc; i++) {
+        const char *name = one ? one : v[i]->name;
+        rc = cv_registry_delete_posterior(r->h->reg, r->param, name, &e);
+        if (!rc && arr)
+            cJSON_AddItemToArray(arr, cJSON_CreateString(name));
+    }
+    cv_snaps_release(v, n);
+    if (rc) {
+        cJSON_Delete(j);
+        reply_err(r, &e);
+        return;
+    }
+    reply_json(r, 200, j);
+}
+
 void h_models_list(req *r) { list_snaps(r, CV_REG_MODEL, "models"); }
 void h_model_get(req *r) { get_snap(r, CV_REG_MODEL); }
 void h_model_params_get(req *r) { download_snap(r, CV_REG_MODEL); }

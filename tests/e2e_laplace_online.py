@@ -23,10 +23,12 @@ prior_precision:
     with lowrank (400), predict posterior with its own structure option (400), keep
     beyond --max-registry-bytes (the job fails with 413 registry_full naming the budget),
     keep in-process (curvd run: 400 options.keep / options.posterior);
-  - DELETE of the model drops its posteriors (a new registration has none).
+  - DELETE /v1/models/{name}/posteriors (?name= one, 404 unknown; all without it), and
+    DELETE of the model drops its posteriors (a new registration has none).
 Ends with 'N passed, M failed'.
 """
 import copy
+import json
 import os
 import sys
 import tempfile
@@ -213,11 +215,30 @@ def main():
             check(f"refused {op} {opts}: {status} {code} {field}", err is not None
                   and err.status == status and err.code == code and err.field == field,
                   str(err))
+        # ---- DELETE /v1/models/{name}/posteriors (one by ?name=, unknown 404)
+        st, _, raw = c.request("DELETE", "/v1/models/mlp/posteriors", query={"name": "default"})
+        left = sorted(p["name"] for p in c.get_model("mlp")["posteriors"])
+        check("DELETE posteriors?name=default deletes that one", st == 200
+              and json.loads(raw).get("deleted") == ["default"]
+              and left == ["p-diag", "p-full", "p-kron"], f"{st} {raw[:200]} {left}")
+        try:
+            c.request("DELETE", "/v1/models/mlp/posteriors", query={"name": "default"})
+            err = None
+        except CurvdError as e:
+            err = e
+        check("DELETE of an unknown posterior: 404", err is not None and err.status == 404,
+              str(err))
         budget = c.get_model("mlp")["bytes"] + c.get_dataset("t1")["bytes"] + 4 * r1.D * r1.D
         c.delete_model("mlp")
         c.register_model("mlp", *export_model(m2, loss, [5]))
         check("DELETE model drops its posteriors", c.get_model("mlp").get("posteriors") == [],
               str(c.get_model("mlp").get("posteriors")))
+        run(c, j1, "laplace", {"structure": "diag", "keep": "x"})
+        run(c, j1, "laplace", {"structure": "diag", "keep": "y"})
+        st, _, raw = c.request("DELETE", "/v1/models/mlp/posteriors")
+        check("DELETE posteriors without a name deletes all of the model's", st == 200
+              and sorted(json.loads(raw).get("deleted", [])) == ["x", "y"]
+              and c.get_model("mlp").get("posteriors") == [], f"{st} {raw[:200]}")
 
     # ---- the registry's budget applies
     # (the model, task 1 and half a full posterior's D^2 doubles)
