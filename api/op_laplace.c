@@ -664,7 +664,7 @@ void cv_lap_job_names(const cv_job_spec *j, const char **read, const char **writ
     *write = cv_lap_keep_name(a);
 }
 
-int cv_lap_job_use(cv_job_spec *j, const cv_lap_post *p, cv_err *e)
+int cv_lap_job_use(cv_job_spec *j, const cv_lap_post *p, const cv_model *m, cv_err *e)
 {
     cv_lap_opts *a = cv_lap_of(&j->opts);
     static const char *const names[] = {"full", "diag", "kron", "lowrank", "last_layer"};
@@ -684,13 +684,15 @@ int cv_lap_job_use(cv_job_spec *j, const cv_lap_post *p, cv_err *e)
     a->structure = p->structure;
     a->last_layer_structure = p->inner;
     a->k = p->K > 0 ? p->K : a->k;
-    a->post_dim = p->dim;
     if (j->op == &cv_op_predict && p->inner == CV_LAP_LOWRANK &&
         cv_opts_given(&j->opts, "return_posterior_samples"))
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.return_posterior_samples",
                           "posterior samples are drawn for structure full, diag and kron; the "
                           "kept posterior '%s' is lowrank", a->posterior.s);
-    return 0;
+    /* the op's model checks again with the kept structure (post_dim, sizes) */
+    return j->op->bind_model ? j->op->bind_model(&j->opts, m, j->blocks.resolved,
+                                                 j->blocks.nresolved, e)
+                             : 0;
 }
 
 /* Moves (or copies, when from is const) the curvature into a new kept

@@ -130,11 +130,11 @@ const char *cv_lap_keep_name(const cv_lap_opts *a);
  * accumulate_into) and under which name it keeps one (laplace's keep, or
  * accumulate_into's own name); NULL when none.  Any other op: both NULL. */
 void cv_lap_job_names(const cv_job_spec *j, const char **read, const char **write);
-/* Submit-time: the bound job j reads kept posterior p (its model's, checked
- * by the caller): checks that they fit together (accumulate_into: the same
- * structure; predict: no structure or prior options of its own) and takes
- * p's structure for the memory plan. */
-int cv_lap_job_use(cv_job_spec *j, const cv_lap_post *p, cv_err *e);
+/* Submit-time: the bound job j (on model m) reads kept posterior p (m's,
+ * checked by the caller): checks that they fit together (accumulate_into:
+ * the same structure; predict: no structure or prior options of its own)
+ * and binds j again with p's structure (its memory plan, its sizes). */
+int cv_lap_job_use(cv_job_spec *j, const cv_lap_post *p, const cv_model *m, cv_err *e);
 
 /* ---- the fit ----------------------------------------------------------------------- */
 

@@ -529,7 +529,7 @@ static int kept_posterior(cv_jobs *J, cv_job_spec *spec, const cv_snap *ms, cv_s
                           "at version %lu (new parameters): fit it again (op laplace keep, or "
                           "accumulate_into it for the next task)",
                           rd, p->owner_version, ms->name, ms->version);
-    return cv_lap_job_use(spec, p->backing, e);
+    return cv_lap_job_use(spec, p->backing, ms->model, e);
 }
 
 void cv_jobs_offer(cv_jobs *J, const cv_snap *s) { cv_ranks_offer(J->cfg.ranks, s); }

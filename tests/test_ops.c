@@ -590,7 +590,7 @@ START_TEST(results_match_the_table)
         const char *rd, *wr;
         cv_lap_job_names(j, &rd, &wr);
         cv_job_store st = {rd ? kept : NULL, NULL};
-        ck_assert_msg(!rd || (kept && cv_lap_job_use(j, kept, &e) == 0), "%s", jobs[q]);
+        ck_assert_msg(!rd || (kept && cv_lap_job_use(j, kept, &f.m, &e) == 0), "%s", jobs[q]);
         cJSON *res = cv_job_exec_store(j, &f.m, &f.d, NULL, NULL, &st, &e);
         ck_assert_msg(res != NULL, "%s: %s", jobs[q], e.message);
         ck_assert_msg(!wr == !st.out, "%s: kept %p", jobs[q], (void *)st.out);
