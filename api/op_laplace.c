@@ -664,6 +664,28 @@ void cv_lap_job_names(const cv_job_spec *j, const char **read, const char **writ
     *write = cv_lap_keep_name(a);
 }
 
+size_t cv_lap_keep_bytes_min(const cv_job_spec *j, const cv_model *m)
+{
+    const char *rd, *wr;
+    cv_lap_job_names(j, &rd, &wr);
+    if (!wr)
+        return 0;
+    const cv_lap_opts *a = cv_lap_of(&j->opts);
+    double D = (double)a->post_dim, b = 0;
+    int inner = cv_lap_inner(a);
+    cv_kron_sizes ks;
+    cv_err ignored;
+    if (inner == CV_LAP_FULL)
+        b = D * D;
+    else if (inner == CV_LAP_DIAG)
+        b = D;
+    else if (inner == CV_LAP_LOWRANK)
+        b = D * (a->k < D ? a->k : D);
+    else if (a->structure == CV_LAP_KRON && !cv_kron_sizes_of(m, &ks, &ignored))
+        b = ks.square; /* the Kronecker layers' factors (the others' dense blocks more) */
+    return cv_op_bytes(b * sizeof(double));
+}
+
 int cv_lap_job_use(cv_job_spec *j, const cv_lap_post *p, const cv_model *m, cv_err *e)
 {
     cv_lap_opts *a = cv_lap_of(&j->opts);

@@ -130,6 +130,10 @@ const char *cv_lap_keep_name(const cv_lap_opts *a);
  * accumulate_into) and under which name it keeps one (laplace's keep, or
  * accumulate_into's own name); NULL when none.  Any other op: both NULL. */
 void cv_lap_job_names(const cv_job_spec *j, const char **read, const char **write);
+/* A lower bound of the bytes of the posterior the bound job j (on model m)
+ * keeps (0 when it keeps none): the service refuses it at submit when even
+ * that does not fit the registry's budget. */
+size_t cv_lap_keep_bytes_min(const cv_job_spec *j, const cv_model *m);
 /* Submit-time: the bound job j (on model m) reads kept posterior p (m's,
  * checked by the caller): checks that they fit together (accumulate_into:
  * the same structure; predict: no structure or prior options of its own)

@@ -495,6 +495,32 @@ static int check_memory(cv_jobs *J, const cv_job_spec *spec, const cv_snap *ms,
     return rc;
 }
 
+/* Whether the posterior job spec keeps under name could fit the registry's
+ * budget at all (its lower bound, beside what the registry holds but the
+ * posterior it replaces): 413 registry_full at submit if not. */
+static int keep_fits(cv_jobs *J, const cv_job_spec *spec, const cv_snap *ms, const char *name,
+                     cv_err *e)
+{
+    size_t need = cv_lap_keep_bytes_min(spec, ms->model), replaced = 0;
+    cv_registry_stats st;
+    cv_registry_stats_get(J->reg, &st);
+    cv_snap **v;
+    int n = cv_registry_list_posteriors(J->reg, ms->name, &v);
+    for (int i = 0; i < n; i++)
+        if (strcmp(v[i]->name, name) == 0)
+            replaced = v[i]->bytes;
+    if (n >= 0)
+        cv_snaps_release(v, n);
+    size_t used = st.bytes + st.staged_bytes - replaced;
+    if (need <= st.max_bytes && used <= st.max_bytes - need)
+        return 0;
+    return cv_err_set(e, CV_ETOOLARGE, "registry_full", "options.keep",
+                      "posterior '%s' of model '%s' needs at least %zu bytes but the registry "
+                      "memory budget (--max-registry-bytes) is %zu bytes with %zu in use; "
+                      "delete something (DELETE /v1/models/%s/posteriors) or raise the budget",
+                      name, ms->name, need, st.max_bytes, used, ms->name);
+}
+
 /* The kept posterior a job reads (*ps, pinned) and the checks of keeping
  * one: not under mpirun (the ranks have no registry); predict's posterior
  * must be the model version's the job runs on; accumulate_into's any
@@ -512,6 +538,8 @@ static int kept_posterior(cv_jobs *J, cv_job_spec *spec, const cv_snap *ms, cv_s
                                                        : "options.accumulate_into",
                           "kept posteriors are not supported under mpirun (data-parallel "
                           "ranks): fit and predict in one predict job");
+    if (wr && keep_fits(J, spec, ms, wr, e))
+        return -1;
     if (!rd)
         return 0;
     const char *field =

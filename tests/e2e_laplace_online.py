@@ -20,9 +20,10 @@ prior_precision:
     (and not the exact sum of Kronecker products, which differs); predict posterior on
     version 2 against J_2 P^-1 J_2^T with the accumulated P;
   - refusals: accumulate_into with another structure (400), of an unknown name (404),
-    with lowrank (400), predict posterior with its own structure option (400), keep
-    beyond --max-registry-bytes (the job fails with 413 registry_full naming the budget),
-    keep in-process (curvd run: 400 options.keep / options.posterior);
+    with lowrank (400), predict posterior with its own structure option (400),
+    keep in-process (curvd run: 400 options.keep / options.posterior); keep beyond
+    --max-registry-bytes refused at submit (413 registry_full naming the budget: a full
+    posterior's D^2 doubles), a diag one kept under the same budget;
   - DELETE /v1/models/{name}/posteriors (?name= one, 404 unknown; all without it), and
     DELETE of the model drops its posteriors (a new registration has none).
 Ends with 'N passed, M failed'.
@@ -248,8 +249,9 @@ def main():
         c.register_model("mlp", *export_model(m1, loss, [5]))
         j1 = {"model": "mlp", "dataset": "t1", "batch": "all"}
         err, _ = submit_error(c, j1, "laplace", {"structure": "full", "keep": True})
-        check("keep beyond --max-registry-bytes: the job fails with 413 registry_full "
-              "naming the budget", err is not None and err.code == "registry_full"
+        check("keep beyond --max-registry-bytes: refused at submit with 413 registry_full "
+              "naming the budget", err is not None and err.status == 413
+              and err.code == "registry_full" and err.field == "options.keep"
               and "--max-registry-bytes" in err.message, str(err)[:300])
         r = run(c, j1, "laplace", {"structure": "diag", "keep": True})
         check("a diag posterior fits the same budget", r.get("posterior") == "default",
