@@ -160,6 +160,8 @@ typedef struct {
     double *V, *lam;
     int K, converged;
     double kfac, kron_n;
+    long *krank;                  /* kron: per block the factors' ranks (rank_a, rank_b;
+                                   * engine/kron.h), 0 when unknown */
     /* the prior and the noise used; g = 1 / (sigma^2 T) (1 for a kept one) */
     double *delta;
     double sigma, g;
