@@ -808,7 +808,7 @@ int cv_job_check_memory_shard(const cv_job_spec *j, const cv_model *m, const cv_
 /* Runs bound job j on batch (this rank's shard when comm is active). */
 static cJSON *exec_batch(const cv_job_spec *j, const cv_model *m, const cv_batch *batch,
                          size_t n, const cv_comm *comm, const cv_job_limits *lim,
-                         cv_progress *p, cv_err *e)
+                         cv_progress *p, cv_job_store *store, cv_err *e)
 {
     double t0 = cv_now_s();
     if (!j->blocks.resolved) {
@@ -837,6 +837,7 @@ static cJSON *exec_batch(const cv_job_spec *j, const cv_model *m, const cv_batch
     c.seed = j->seed;
     c.progress = p;
     c.lim = lim;
+    c.store = store;
 
     cv_curv_options co;
     engine_options(j, m, n, lim, p, &co);
@@ -945,10 +946,17 @@ int cv_job_linop_apply(cv_job_linop *o, int k, const double *X, double *Y, cv_er
 cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
                    const cv_job_limits *lim, cv_progress *p, cv_err *e)
 {
+    return cv_job_exec_store(j, m, d, lim, p, NULL, e);
+}
+
+cJSON *cv_job_exec_store(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                         const cv_job_limits *lim, cv_progress *p, cv_job_store *store,
+                         cv_err *e)
+{
     cv_batch batch;
     if (make_batch(j, d, &batch, e))
         return NULL;
-    cJSON *res = exec_batch(j, m, &batch, batch.n, NULL, lim, p, e);
+    cJSON *res = exec_batch(j, m, &batch, batch.n, NULL, lim, p, store, e);
     cv_dataset_free(&batch);
     return res;
 }
@@ -957,7 +965,7 @@ cJSON *cv_job_exec_shard(const cv_job_spec *j, const cv_model *m, const cv_batch
                          size_t n, const cv_comm *comm, const cv_job_limits *lim,
                          cv_progress *p, cv_err *e)
 {
-    return exec_batch(j, m, shard, n, comm, lim, p, e);
+    return exec_batch(j, m, shard, n, comm, lim, p, NULL, e);
 }
 
 cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,

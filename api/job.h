@@ -107,12 +107,26 @@ size_t cv_job_batch_size(const cv_job_spec *j, size_t dataset_n);
 int cv_job_check_memory(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
                         const cv_job_limits *lim, cv_curv_plan *plan, cv_err *e);
 
+/* What the service keeps for a job between jobs (ops laplace and predict:
+ * api/op_laplace.h): in, the kept posterior the job reads (pinned by the
+ * caller for the job's run, read-only), or NULL; out, set by the job: a new
+ * posterior (struct cv_lap_post, malloc'd) for the caller to keep (and
+ * free with cv_lap_post_destroy).  In-process runs have no store. */
+typedef struct cv_job_store {
+    const struct cv_lap_post *in;
+    struct cv_lap_post *out;
+} cv_job_store;
+
 /* Runs a bound job.  m and d are the ones it was bound to (borrowed, must
  * not change during the call).  p may be NULL; when given, its cancel flag
  * and deadline are honoured and matvecs are counted.  Returns a new cJSON
  * result or NULL with e filled. */
 cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
                    const cv_job_limits *lim, cv_progress *p, cv_err *e);
+/* The same with the service's store (may be NULL: cv_job_exec). */
+cJSON *cv_job_exec_store(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                         const cv_job_limits *lim, cv_progress *p, cv_job_store *store,
+                         cv_err *e);
 
 /* ---- data-parallel jobs (engine/comm.h) --------------------------------------
  * Every rank of comm calls these in the same order with the same job and

@@ -57,6 +57,7 @@ typedef struct {
     const cv_job_limits *lim;
     struct cv_op_kron *kron;  /* a Kronecker curvature's factors and per-block operators
                                * (api/op_kron.h; built once per job), else NULL */
+    cv_job_store *store;      /* the service's kept state (api/job.h), NULL in-process */
 } cv_op_ctx;
 
 /* Computes the op on block b, adding result fields to out. */

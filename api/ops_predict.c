@@ -5,10 +5,11 @@
  * targets, and posterior samples.
  *
  * The posterior is built on the job's batch exactly as op laplace builds it
- * (api/ops_laplace.c: the same options and scaling, G_sum = ggn_factor * ggn,
- * P = G_sum / (sigma^2 T) + P0, the same optimization of the prior and the
- * noise), but kept whole (engine/posterior.h: a Cholesky factor, a diagonal,
- * Kronecker eigenbases, a Woodbury low rank).  The predictive takes the
+ * (api/op_laplace.h, shared: the same options and scaling, G_sum =
+ * ggn_factor * ggn, P = G_sum / (sigma^2 T) + P0, the same optimization of
+ * the prior and the noise), or taken from a kept posterior (options.posterior,
+ * the service's registry), and kept whole (engine/posterior.h: a Cholesky
+ * factor, a diagonal, Kronecker eigenbases, a Woodbury low rank).  The predictive takes the
  * output Jacobians J_n of the points predicted (the batch's samples, or
  * options.x's) from engines of their own over chunks of those samples: per
  * chunk one vjp with C one-hot cotangents per sample (J_n^T e_c), whitened
@@ -22,104 +23,48 @@
 
 #include <cblas.h>
 
+#include "api/op_laplace.h"
 #include "api/op_util.h"
-#include "api/ops.h"
-#include "engine/estimators.h"
-#include "engine/kron.h"
-#include "engine/kronop.h"
-#include "engine/laplace.h"
 #include "engine/posterior.h"
 #include "engine/rng.h"
 
-#define PREDICT_PROBE_SALT 0x1a91ace0000ull /* op laplace's Lanczos start (the same basis) */
 #define PREDICT_MC_SALT 0x9e3d1c7a5ull     /* mc_probs: stream n draws sample n's logits */
 #define PREDICT_THETA_SALT 0x7e7a5a3b1ull  /* posterior_samples: stream t draws sample t */
 #define PREDICT_MAX_COV_OUTPUTS 256        /* return_covariance: outputs per sample */
 #define PREDICT_MAX_SAMPLE_ENTRIES 1e7     /* posterior_samples: samples x parameters */
 #define PREDICT_CHUNK_DOUBLES ((size_t)1 << 22) /* a chunk's D x (samples * C) Jacobian */
 
-enum { S_FULL = 0, S_DIAG, S_KRON, S_LOWRANK, S_LAST_LAYER };
-
 typedef struct {
-    cv_op_base base;
-    int structure, last_layer_structure;
-    cv_opt_num_list prior;
-    double sigma_noise, temperature;
-    int optimize_prior, optimize_sigma;
-    int k;
+    cv_lap_args common;
     cv_opt_list x;
     int return_covariance, samples, return_posterior_samples;
-    size_t post_dim; /* recorded at bind_model for the memory plan */
 } predict_args;
 
 static const cv_opt_spec predict_opts[] = {
-    {"structure", CV_OPT_ENUM, 0, 0, "full|diag|kron|lowrank|last_layer",
-     offsetof(predict_args, structure), NULL},
-    {"last_layer_structure", CV_OPT_ENUM, 0, 0, "full|diag|kron|lowrank",
-     offsetof(predict_args, last_layer_structure), NULL},
-    {"prior_precision", CV_OPT_NUM_OR_LIST, 0, 1e300, NULL, offsetof(predict_args, prior), NULL},
-    {"sigma_noise", CV_OPT_NUM, 0, 1e300, NULL, offsetof(predict_args, sigma_noise), NULL},
-    {"temperature", CV_OPT_NUM, 0, 1e300, NULL, offsetof(predict_args, temperature), NULL},
-    {"optimize_prior", CV_OPT_BOOL, 0, 0, NULL, offsetof(predict_args, optimize_prior), NULL},
-    {"optimize_sigma", CV_OPT_BOOL, 0, 0, NULL, offsetof(predict_args, optimize_sigma), NULL},
-    {"k", CV_OPT_INT, 1, 1e9, NULL, offsetof(predict_args, k), NULL},
+    CV_OPT_LAPLACE(predict_args),
     {"x", CV_OPT_LIST, 0, 0, NULL, offsetof(predict_args, x), NULL},
     {"return_covariance", CV_OPT_BOOL, 0, 0, NULL, offsetof(predict_args, return_covariance),
      NULL},
     {"samples", CV_OPT_INT, 1, 100000, NULL, offsetof(predict_args, samples), NULL},
     {"return_posterior_samples", CV_OPT_BOOL, 0, 0, NULL,
      offsetof(predict_args, return_posterior_samples), NULL},
+    {"posterior", CV_OPT_NAME, 0, 0, NULL, CV_LAP_OFF(predict_args, posterior), NULL},
     CV_OPT_END};
 CV_OPT_TABLE_FITS(predict_opts);
 
 static void predict_defaults(void *p, int method)
 {
     predict_args *a = p;
-    a->structure = S_KRON; /* as op laplace */
-    a->last_layer_structure = S_FULL;
-    a->prior.num = 1.0;
-    a->sigma_noise = 1.0;
-    a->temperature = 1.0;
-    a->k = 10;
-    a->samples = 100; /* laplace-torch's n_samples */
-}
-
-static int inner_structure(const predict_args *a)
-{
-    return a->structure == S_LAST_LAYER ? a->last_layer_structure : a->structure;
-}
-
-static int positive(double x, const char *field, cv_err *e)
-{
-    return x > 0 ? 0
-                 : cv_err_set(e, CV_EINVAL, "invalid_option", field,
-                              "%s must be > 0, got %g", field, x);
+    cv_lap_defaults(&a->common.lap); /* as op laplace */
+    a->samples = 100;                /* laplace-torch's n_samples */
 }
 
 static int check_predict(const cv_opts *o, cv_curvature kind, cv_err *e)
 {
     const predict_args *a = o->args;
-    if (a->prior.is_list) {
-        for (int i = 0; i < a->prior.list.n; i++) {
-            char f[64];
-            snprintf(f, sizeof f, "options.prior_precision[%d]", i);
-            if (positive(a->prior.list.v[i], f, e))
-                return -1;
-        }
-    } else if (positive(a->prior.num, "options.prior_precision", e)) {
+    if (cv_lap_check(o, e))
         return -1;
-    }
-    if (positive(a->sigma_noise, "options.sigma_noise", e) ||
-        positive(a->temperature, "options.temperature", e))
-        return -1;
-    if (cv_opts_given(o, "k") && inner_structure(a) != S_LOWRANK)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
-                          "options.k applies with structure lowrank (or last_layer with "
-                          "last_layer_structure lowrank)");
-    if (cv_opts_given(o, "last_layer_structure") && a->structure != S_LAST_LAYER)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.last_layer_structure",
-                          "options.last_layer_structure applies with structure last_layer");
-    if (a->return_posterior_samples && inner_structure(a) == S_LOWRANK)
+    if (a->return_posterior_samples && cv_lap_inner(&a->common.lap) == CV_LAP_LOWRANK)
         return cv_err_set(e, CV_EINVAL, "invalid_option", "options.return_posterior_samples",
                           "posterior samples are drawn for structure full, diag and kron (and "
                           "last_layer with those); not for lowrank");
@@ -129,41 +74,12 @@ static int check_predict(const cv_opts *o, cv_curvature kind, cv_err *e)
     return 0;
 }
 
-/* ---- the model's blocks (as op laplace) --------------------------------------- */
-
-static int prior_blocks(const cv_model *m, int last_layer, cv_block **out, int *n, cv_err *e)
-{
-    int nl = cv_blocks_per_layer(m, NULL, 0);
-    if (nl < 1)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.structure",
-                          "the model has no parameters");
-    cv_block *lb = calloc((size_t)nl, sizeof *lb);
-    if (!lb)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "layer blocks");
-    cv_blocks_per_layer(m, lb, nl);
-    if (last_layer) {
-        lb[0] = lb[nl - 1];
-        nl = 1;
-    }
-    *out = lb;
-    *n = nl;
-    return 0;
-}
-
 static int bind_predict(const cv_opts *o, const cv_model *m, const cv_block *blocks, int n,
                         cv_err *e)
 {
     predict_args *a = o->args;
-    if (m->loss != CV_LOSS_MSE) {
-        static const char *const names[] = {"sigma_noise", "optimize_sigma"};
-        for (int i = 0; i < 2; i++)
-            if (cv_opts_given(o, names[i]))
-                return cv_err_set(e, CV_EINVAL, "invalid_option",
-                                  i ? "options.optimize_sigma" : "options.sigma_noise",
-                                  "options.%s applies to a Gaussian likelihood (MSELoss); the "
-                                  "model's loss is a classification loss",
-                                  names[i]);
-    }
+    if (cv_lap_bind(o, m, e))
+        return -1;
     if (cv_loss_is_class(m->loss)) {
         cv_loss_layout lay;
         cv_loss_layout_of(m, &lay);
@@ -184,23 +100,7 @@ static int bind_predict(const cv_opts *o, const cv_model *m, const cv_block *blo
                           "options.x has %d numbers; it must hold whole samples of the model's "
                           "input (%zu numbers each, [N, *input_shape] flattened row-major)",
                           a->x.n, in);
-    cv_block *lb;
-    int nb;
-    if (prior_blocks(m, a->structure == S_LAST_LAYER, &lb, &nb, e))
-        return -1;
-    size_t dim = 0;
-    for (int i = 0; i < nb; i++)
-        dim += lb[i].dim;
-    free(lb);
-    a->post_dim = dim;
-    if (a->prior.is_list && a->prior.list.n != nb)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.prior_precision",
-                          "options.prior_precision has %d numbers; the posterior has %d layer "
-                          "block%s (one number, or one per block)",
-                          a->prior.list.n, nb, nb == 1 ? "" : "s");
-    if (inner_structure(a) == S_LOWRANK && cv_opts_given(o, "k") && (size_t)a->k > dim)
-        return cv_err_set(e, CV_EINVAL, "invalid_option", "options.k",
-                          "options.k = %d exceeds the posterior's dimension %zu", a->k, dim);
+    size_t dim = a->common.lap.post_dim;
     if (a->return_posterior_samples && (double)a->samples * dim > PREDICT_MAX_SAMPLE_ENTRIES)
         return cv_err_set(e, CV_EINVAL, "too_large", "options.samples",
                           "options.samples x the posterior's %zu parameters exceeds %.0f numbers "
@@ -209,363 +109,7 @@ static int bind_predict(const cv_opts *o, const cv_model *m, const cv_block *blo
     return 0;
 }
 
-static int block_of_tensor(const cv_block *lb, int nb, int t)
-{
-    for (int b = 0; b < nb; b++)
-        for (int i = 0; i < lb[b].count; i++)
-            if (lb[b].idx[i] == t)
-                return b;
-    return -1;
-}
-
-/* ---- the posterior's curvature --------------------------------------------------- */
-
-typedef struct {
-    cv_op_ctx *c;
-    const predict_args *a;
-    cv_block *lb;          /* prior blocks */
-    int nb;
-    cv_block tb;           /* their union (the posterior's coordinates) */
-    int *owner;            /* the prior block of each coordinate */
-    double *theta;         /* the MAP parameters on tb */
-    double factor;         /* G_sum = factor * ggn */
-    int inner;
-    /* the curvature (factor applied, except the Kronecker factors') */
-    double *G;             /* full: D x D */
-    double *d;             /* diag: D */
-    cv_kron_block *kb;     /* kron: per prior block, dim > 0 when Kronecker ... */
-    double **Gb;           /* ... else its exact dense block */
-    double *V, *lam;       /* lowrank: D x K and K */
-    int K, converged;
-    /* the prior and the noise used */
-    double *delta;         /* per prior block */
-    double sigma;
-} pstate;
-
-static void pstate_free(pstate *s)
-{
-    for (int b = 0; s->kb && b < s->nb; b++)
-        cv_kron_block_free(&s->kb[b]);
-    for (int b = 0; s->Gb && b < s->nb; b++)
-        free(s->Gb[b]);
-    free(s->kb);
-    free(s->Gb);
-    free(s->lb);
-    free(s->owner);
-    free(s->theta);
-    free(s->G);
-    free(s->d);
-    free(s->V);
-    free(s->lam);
-    free(s->delta);
-}
-
-/* tb, owner and theta from the prior blocks. */
-static int target(pstate *s, cv_err *e)
-{
-    const cv_model *m = s->c->m;
-    int idx[2 * CV_MAX_LAYERS], count = 0;
-    for (int b = 0; b < s->nb; b++)
-        for (int i = 0; i < s->lb[b].count && count < 2 * CV_MAX_LAYERS; i++)
-            idx[count++] = s->lb[b].idx[i];
-    if (cv_block_from_indices(m, idx, count, &s->tb, e))
-        return -1;
-    size_t D = s->tb.dim ? s->tb.dim : 1;
-    s->owner = malloc(sizeof(int) * D);
-    s->theta = malloc(sizeof(double) * D);
-    if (!s->owner || !s->theta)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "coordinate owners");
-    size_t off = 0;
-    for (int i = 0; i < s->tb.count; i++) {
-        const cv_tensor_info *ti = cv_model_param(m, s->tb.idx[i]);
-        if (ti->shared)
-            continue;
-        int b = block_of_tensor(s->lb, s->nb, s->tb.idx[i]);
-        const float *p = m->params + ti->offset;
-        for (size_t j = 0; j < ti->numel && off < s->tb.dim; j++, off++) {
-            s->owner[off] = b;
-            s->theta[off] = p[j];
-        }
-    }
-    return 0;
-}
-
-static int dense_ggn(pstate *s, const cv_block *b, double **G, cv_err *e)
-{
-    cv_op_ctx *c = s->c;
-    if (b->dim > c->lim->dense_max)
-        return cv_err_set(e, CV_ETOOLARGE, "too_large", "options.structure",
-                          "the dense %zu x %zu GGN%s%s exceeds the dense limit %zu (--dense-max)",
-                          b->dim, b->dim, b->name[0] ? " of layer " : "", b->name,
-                          c->lim->dense_max);
-    *G = malloc(sizeof(double) * (b->dim ? b->dim * b->dim : 1));
-    if (cv_curv_agree(c->curv, *G ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
-                                                   "dense GGN"), e))
-        return -1;
-    cv_progress_plan(c->progress, (long)b->dim);
-    if (cv_curv_dense(c->curv, CV_CURV_GGN, b, c->lim->dense_max, *G, e))
-        return -1;
-    for (size_t i = 0; i < b->dim * b->dim; i++)
-        (*G)[i] *= s->factor;
-    return 0;
-}
-
-static int build_diag(pstate *s, cv_err *e)
-{
-    if (s->tb.dim > s->c->lim->dense_max)
-        return cv_err_set(e, CV_ETOOLARGE, "too_large", "options.structure",
-                          "the exact GGN diagonal needs %zu matvecs; allowed up to the dense "
-                          "limit %zu", s->tb.dim, s->c->lim->dense_max);
-    cv_linop op;
-    cv_curv_linop_ctx lc;
-    cv_curv_linop(&op, &lc, s->c->curv, CV_CURV_GGN, &s->tb, s->c->progress);
-    cv_diag_options o;
-    cv_diag_options_default(&o);
-    cv_diag_result r;
-    if (cv_diag_exact(&op, &o, &r, e))
-        return -1;
-    s->d = r.diag;
-    r.diag = NULL;
-    cv_diag_result_free(&r);
-    for (size_t i = 0; i < s->tb.dim; i++)
-        s->d[i] *= s->factor;
-    return 0;
-}
-
-/* A Kronecker block over factor f's copies (owned by kb). */
-static int kron_block_of(const cv_kron_factor *f, cv_kron_block *kb, cv_err *e)
-{
-    size_t na = (size_t)f->dim_a * f->dim_a, nb = (size_t)f->dim_b * f->dim_b;
-    double *A = malloc(sizeof(double) * na), *B = malloc(sizeof(double) * nb);
-    if (!A || !B) {
-        free(A);
-        free(B);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Kronecker factors");
-    }
-    memcpy(A, f->A, sizeof(double) * na);
-    memcpy(B, f->B, sizeof(double) * nb);
-    return cv_kron_block_init(kb, f->dim_a - f->has_bias, f->dim_b, f->has_bias, A, B, 1, e);
-}
-
-static int build_kron(pstate *s, cv_err *e)
-{
-    cv_kron_options ko = {.fisher_type = CV_KRON_TYPE2, .approx = CV_KRON_EXPAND};
-    cv_kron k;
-    s->kb = calloc((size_t)s->nb, sizeof *s->kb);
-    s->Gb = calloc((size_t)s->nb, sizeof *s->Gb);
-    if (cv_curv_agree(s->c->curv, s->kb && s->Gb ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory",
-                                                                 "", "blocks"), e))
-        return -1;
-    int rc = cv_curv_kron(s->c->curv, &ko, &k, e);
-    for (int b = 0; b < s->nb && !rc; b++) {
-        const cv_kron_factor *f = NULL;
-        for (int i = 0; i < k.nfactors && !f; i++)
-            if (k.factors[i].block.count == s->lb[b].count &&
-                memcmp(k.factors[i].block.idx, s->lb[b].idx,
-                       sizeof(int) * (size_t)s->lb[b].count) == 0)
-                f = &k.factors[i];
-        if (f && (size_t)f->dim_a * f->dim_b == s->lb[b].dim)
-            rc = kron_block_of(f, &s->kb[b], e) || cv_kron_block_eig(&s->kb[b], e) ? -1 : 0;
-        else
-            rc = dense_ggn(s, &s->lb[b], &s->Gb[b], e);
-    }
-    cv_kron_free(&k);
-    return rc;
-}
-
-static int build_lowrank(pstate *s, cv_err *e)
-{
-    cv_linop op;
-    cv_curv_linop_ctx lc;
-    cv_curv_linop(&op, &lc, s->c->curv, CV_CURV_GGN, &s->tb, s->c->progress);
-    cv_eigen_options o;
-    cv_eigen_options_default(&o);
-    o.k = (size_t)s->a->k < s->tb.dim ? s->a->k : (int)s->tb.dim;
-    o.which = CV_WHICH_LARGEST;
-    o.tol = 1e-10;
-    o.return_vectors = 1;
-    cv_rng r;
-    cv_rng_seed_stream(&r, s->c->seed, PREDICT_PROBE_SALT);
-    cv_eigen_result res;
-    if (cv_eigen_lanczos(&op, &o, &r, &res, e))
-        return -1;
-    s->K = res.k;
-    s->converged = res.converged;
-    s->lam = malloc(sizeof(double) * (size_t)(res.k ? res.k : 1));
-    int rc = s->lam ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "eigenvalues");
-    for (int i = 0; i < res.k && !rc; i++)
-        s->lam[i] = s->factor * res.eigenvalues[i];
-    s->V = res.eigenvectors;
-    res.eigenvectors = NULL;
-    cv_eigen_result_free(&res);
-    return rc;
-}
-
-/* ---- the prior and the noise: given, or op laplace's optimum ---------------------- */
-
-static int sym_eigenvalues(const double *M, size_t n, double *w, cv_err *e)
-{
-    double *T = malloc(sizeof(double) * (n * n + 1));
-    if (!T)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "eigenvalues");
-    memcpy(T, M, sizeof(double) * n * n);
-    int rc = n && LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'N', 'U', (lapack_int)n, T, (lapack_int)n,
-                                 w) != 0
-                 ? cv_err_set(e, CV_EINTERNAL, "internal", "", "eigendecomposition failed")
-                 : 0;
-    free(T);
-    return rc;
-}
-
 static double *alloc_vals(size_t n) { return malloc(sizeof(double) * (n ? n : 1)); }
-
-/* The evidence's representation of the curvature (engine/laplace.h), as op laplace's. */
-static int evidence_of(pstate *s, cv_laplace *L, cv_err *e)
-{
-    size_t D = s->tb.dim;
-    int per = s->a->prior.is_list && s->nb > 1, rc = 0;
-    if ((s->inner == S_FULL || s->inner == S_LOWRANK) && !per) { /* one block: its spectrum */
-        if (cv_laplace_init(L, CV_LAPLACE_SPECTRA, 1, e))
-            return -1;
-        size_t m = s->inner == S_FULL ? D : (size_t)s->K;
-        double *w = alloc_vals(m);
-        rc = !w ? cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "eigenvalues")
-             : s->inner == S_FULL ? sym_eigenvalues(s->G, D, w, e)
-                                  : (memcpy(w, s->lam, sizeof(double) * m), 0);
-        L->blocks[0] = (cv_laplace_block){D, m, w, 0};
-    } else if (s->inner == S_FULL) {
-        if (cv_laplace_init(L, CV_LAPLACE_DENSE, s->nb, e))
-            return -1;
-        L->G = alloc_vals(D * D);
-        L->owner = malloc(sizeof(int) * (D ? D : 1));
-        rc = L->G && L->owner ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "evidence");
-        if (!rc) {
-            memcpy(L->G, s->G, sizeof(double) * D * D);
-            memcpy(L->owner, s->owner, sizeof(int) * D);
-        }
-    } else if (s->inner == S_LOWRANK) {
-        size_t K = (size_t)s->K;
-        if (cv_laplace_init(L, CV_LAPLACE_LOWRANK, s->nb, e))
-            return -1;
-        L->W = calloc((size_t)s->nb * K * K + 1, sizeof(double));
-        L->lam = alloc_vals(K);
-        rc = L->W && L->lam ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "evidence");
-        for (size_t p = 0; p < D && !rc; p++) {
-            double *W = L->W + (size_t)s->owner[p] * K * K;
-            for (size_t j = 0; j < K; j++)
-                for (size_t i = 0; i < K; i++)
-                    W[j * K + i] += s->V[i * D + p] * s->V[j * D + p];
-        }
-        if (!rc)
-            memcpy(L->lam, s->lam, sizeof(double) * K);
-        L->k = s->K;
-    } else { /* diag, kron: a spectrum per prior block */
-        if (cv_laplace_init(L, CV_LAPLACE_SPECTRA, s->nb, e))
-            return -1;
-        for (int b = 0; b < s->nb && !rc; b++) {
-            cv_laplace_block *k = &L->blocks[b];
-            k->dim = s->lb[b].dim;
-            if (!(k->vals = alloc_vals(k->dim)))
-                rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "spectra");
-            else if (s->inner == S_DIAG) {
-                for (size_t i = 0; i < D; i++)
-                    if (s->owner[i] == b)
-                        k->vals[k->m++] = s->d[i];
-            } else if (s->kb[b].dim) {
-                rc = cv_kron_block_products(&s->kb[b], k->vals, e);
-                for (size_t i = 0; i < k->dim; i++)
-                    k->vals[i] *= s->factor;
-                k->m = k->dim;
-            } else {
-                rc = sym_eigenvalues(s->Gb[b], k->dim, k->vals, e);
-                k->m = k->dim;
-            }
-        }
-    }
-    if (L->kind != CV_LAPLACE_SPECTRA)
-        for (int b = 0; b < L->nblocks; b++)
-            L->blocks[b].dim = s->lb[b].dim;
-    L->dim = D;
-    return rc;
-}
-
-/* s->delta (per prior block) and s->sigma: the options, or the evidence's optimum. */
-static int prior_and_noise(pstate *s, double loss, cv_err *e)
-{
-    const predict_args *a = s->a;
-    const cv_model *m = s->c->m;
-    s->delta = alloc_vals((size_t)s->nb);
-    if (!s->delta)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "prior precisions");
-    for (int b = 0; b < s->nb; b++)
-        s->delta[b] = a->prior.is_list ? a->prior.list.v[b] : a->prior.num;
-    s->sigma = m->loss == CV_LOSS_MSE ? a->sigma_noise : 1.0;
-    if (!a->optimize_prior && !a->optimize_sigma)
-        return 0;
-    cv_laplace L;
-    int rc = evidence_of(s, &L, e);
-    int nl = L.nblocks, whole = nl != s->nb;
-    double *dl = rc ? NULL : alloc_vals((size_t)nl);
-    if (!rc && !dl)
-        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "prior precisions");
-    if (!rc) {
-        L.nll = (m->loss == CV_LOSS_MSE ? 0.5 : 1.0) * loss;
-        L.gaussian = m->loss == CV_LOSS_MSE;
-        L.n_outputs = (double)cv_curv_batch_size(s->c->curv) * cv_model_output_dim(m);
-        for (int b = 0; b < nl; b++) {
-            dl[b] = s->delta[b];
-            L.blocks[b].sq_norm = 0;
-        }
-        for (size_t i = 0; i < s->tb.dim; i++)
-            L.blocks[whole ? 0 : s->owner[i]].sq_norm += s->theta[i] * s->theta[i];
-        rc = cv_laplace_optimize(&L, dl, a->prior.is_list && nl > 1, a->optimize_prior,
-                                 &s->sigma, a->optimize_sigma, a->temperature, NULL, e);
-    }
-    for (int b = 0; !rc && b < s->nb; b++)
-        s->delta[b] = dl[whole ? 0 : b];
-    free(dl);
-    cv_laplace_free(&L);
-    return rc;
-}
-
-/* ---- the posterior ---------------------------------------------------------------- */
-
-static int make_posterior(pstate *s, cv_posterior *P, cv_err *e)
-{
-    size_t D = s->tb.dim;
-    double g = 1.0 / (s->sigma * s->sigma * s->a->temperature);
-    double *p0 = alloc_vals(D);
-    size_t *idx = malloc(sizeof(size_t) * (D ? D : 1));
-    int rc = p0 && idx ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "prior");
-    for (size_t i = 0; i < D && !rc; i++)
-        p0[i] = s->delta[s->owner[i]];
-    if (rc) {
-    } else if (s->inner == S_FULL) {
-        rc = cv_posterior_dense(P, D, s->G, g, p0, e);
-        s->G = NULL;
-    } else if (s->inner == S_DIAG) {
-        rc = cv_posterior_diag(P, D, s->d, g, p0, e);
-    } else if (s->inner == S_LOWRANK) {
-        rc = cv_posterior_lowrank(P, D, s->K, s->V, s->lam, g, p0, e);
-    } else {
-        rc = cv_posterior_blocks(P, D, s->nb, e);
-        for (int b = 0; b < s->nb && !rc; b++) {
-            size_t n = 0;
-            for (size_t i = 0; i < D; i++)
-                if (s->owner[i] == b)
-                    idx[n++] = i;
-            if (s->kb[b].dim) {
-                rc = cv_posterior_slot_kron(P, b, idx, &s->kb[b], g * s->factor, s->delta[b], e);
-            } else {
-                rc = cv_posterior_slot_dense(P, b, idx, n, s->Gb[b], g, s->delta[b], e);
-                s->Gb[b] = NULL;
-            }
-        }
-    }
-    free(p0);
-    free(idx);
-    return rc;
-}
 
 /* ---- the predictive ---------------------------------------------------------------- */
 
@@ -609,7 +153,7 @@ static void chunk_options(cv_op_ctx *c, const cv_batch *xs, size_t ns, int k,
 }
 
 /* The predictive of samples [off, off + ns) of xs into out. */
-static int predict_chunk(pstate *s, cv_posterior *P, const cv_batch *xs, size_t off, size_t ns,
+static int predict_chunk(cv_lap_fit *s, cv_posterior *P, const cv_batch *xs, size_t off, size_t ns,
                          const cv_curv_options *so, float *cot, double *Y, double *W,
                          double *Wm, pred *out, cv_err *e)
 {
@@ -650,7 +194,7 @@ static size_t chunk_samples(size_t N, size_t D, size_t C)
     return ns < N ? ns : (N ? N : 1);
 }
 
-static int predictive(pstate *s, cv_posterior *P, const cv_batch *xs, pred *out, cv_err *e)
+static int predictive(cv_lap_fit *s, cv_posterior *P, const cv_batch *xs, pred *out, cv_err *e)
 {
     size_t N = xs->n, D = s->tb.dim, C = (size_t)out->C;
     size_t ns = chunk_samples(N, D, C), k = ns * C;
@@ -825,7 +369,7 @@ static void add_num(cJSON *o, const char *name, double x)
 /* nll (mean over the samples of -log p(y_n | x_n)), accuracy and ece of the
  * probit predictive (classification), or the Gaussian predictive
  * N(mean, variance + sigma^2) (regression: nll only). */
-static void metrics(const pstate *s, const pred *p, const double *probs, const cv_batch *xs,
+static void metrics(const cv_lap_fit *s, const pred *p, const double *probs, const cv_batch *xs,
                     cJSON *out)
 {
     const cv_model *m = s->c->m;
@@ -883,15 +427,16 @@ static cJSON *rows(const double *v, size_t N, size_t C)
     return a;
 }
 
-static int posterior_samples(pstate *s, cv_posterior *P, cJSON *out, cv_err *e)
+static int posterior_samples(cv_lap_fit *s, cv_posterior *P, cJSON *out, cv_err *e)
 {
+    const predict_args *a = s->c->opts->args;
     size_t D = s->tb.dim;
     double *z = alloc_vals(2 * D), *th = z + D;
     if (!z)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "posterior samples");
     cJSON *arr = cJSON_AddArrayToObject(out, "posterior_samples");
     int rc = 0;
-    for (int t = 0; t < s->a->samples && !rc; t++) {
+    for (int t = 0; t < a->samples && !rc; t++) {
         cv_rng r;
         cv_rng_seed_stream(&r, s->c->seed ^ PREDICT_THETA_SALT, (uint64_t)t);
         cv_rng_gaussian(&r, z, D);
@@ -906,36 +451,26 @@ static int posterior_samples(pstate *s, cv_posterior *P, cJSON *out, cv_err *e)
     return rc;
 }
 
-static const char *const structure_names[] = {"full", "diag", "kron", "lowrank", "last_layer"};
-
-static void header(const pstate *s, cJSON *out)
+/* The posterior's description: the fit's header, its prior and noise. */
+static void header(const cv_lap_fit *s, cJSON *out)
 {
-    const predict_args *a = s->a;
-    const cv_model *m = s->c->m;
-    cJSON_AddStringToObject(out, "structure", structure_names[a->structure]);
-    if (a->structure == S_LAST_LAYER)
-        cJSON_AddStringToObject(out, "last_layer_structure", structure_names[s->inner]);
-    cJSON_AddStringToObject(out, "likelihood", m->loss == CV_LOSS_MSE   ? "gaussian"
-                                               : m->loss == CV_LOSS_BCE ? "bernoulli"
-                                                                        : "categorical");
-    cJSON_AddNumberToObject(out, "ggn_factor", s->factor);
-    cJSON_AddNumberToObject(out, "n_params", (double)s->tb.dim);
-    if (s->inner == S_LOWRANK) {
-        cJSON_AddNumberToObject(out, "k", s->K);
-        cJSON_AddNumberToObject(out, "converged", s->converged);
+    cv_lap_fit_header(s, out);
+    if (s->kept) {
+        cJSON_AddStringToObject(out, "posterior", cv_lap_of(s->c->opts)->posterior.s);
+        cJSON_AddNumberToObject(out, "tasks", s->kept->tasks);
     }
-    if (a->prior.is_list)
+    if (s->kept || s->a->prior.is_list)
         cJSON_AddItemToObject(out, "prior_precision", cv_json_doubles(s->delta, (size_t)s->nb));
     else
         add_num(out, "prior_precision", s->delta[0]);
     add_num(out, "sigma_noise", s->sigma);
-    add_num(out, "temperature", a->temperature);
+    add_num(out, "temperature", s->kept ? s->kept->temperature : s->a->temperature);
 }
 
-static int results(pstate *s, cv_posterior *P, const pred *p, const cv_batch *xs, int targets,
+static int results(cv_lap_fit *s, cv_posterior *P, const pred *p, const cv_batch *xs, int targets,
                    cJSON *out, cv_err *e)
 {
-    const predict_args *a = s->a;
+    const predict_args *a = s->c->opts->args;
     const cv_model *m = s->c->m;
     size_t N = p->N, C = (size_t)p->C;
     header(s, out);
@@ -977,35 +512,22 @@ static int results(pstate *s, cv_posterior *P, const pred *p, const cv_batch *xs
 
 static int run_predict(cv_op_ctx *c, const cv_block *full, cJSON *out, cv_err *e)
 {
-    const predict_args *a = c->opts->args;
+    const cv_lap_opts *a = cv_lap_of(c->opts);
     const cv_model *m = c->m;
-    pstate s = {0};
-    s.c = c;
-    s.a = a;
-    s.inner = inner_structure(a);
+    cv_lap_fit s = {0};
     cv_posterior P = {0};
     pred p = {0};
     p.C = cv_model_output_dim(m);
     cv_batch xs = {0};
-    int owned = 0;
-    int rc = prior_blocks(m, a->structure == S_LAST_LAYER, &s.lb, &s.nb, e) || target(&s, e)
-                 ? -1
-                 : 0;
-    const cv_loss_state *ls = cv_curv_loss_state(c->curv);
-    if (!rc && !(ls->scale > 0))
-        rc = cv_err_set(e, CV_EINVAL, "invalid_batch", "batch",
-                        "the batch has no loss terms (every target is ignored)");
-    if (!rc) {
-        s.factor = (m->loss == CV_LOSS_MSE ? 0.5 : 1.0) / ls->scale;
-        rc = s.inner == S_FULL   ? dense_ggn(&s, &s.tb, &s.G, e)
-             : s.inner == S_DIAG ? build_diag(&s, e)
-             : s.inner == S_KRON ? build_kron(&s, e)
-                                 : build_lowrank(&s, e);
-    }
+    int owned = 0, rc = cv_lap_check_store(c, e);
+    if (!rc && a->posterior.on && !c->store->in)
+        rc = cv_err_set(e, CV_EINTERNAL, "internal", "options.posterior",
+                        "the kept posterior was not loaded");
     if (!rc)
-        rc = prior_and_noise(&s, cv_curv_loss(c->curv) / ls->scale, e);
+        rc = a->posterior.on ? cv_lap_fit_load(c, c->store->in, &s, e)
+                             : cv_lap_fit_build(c, a, &s, e) || cv_lap_fit_prior(&s, e);
     if (!rc)
-        rc = make_posterior(&s, &P, e);
+        rc = cv_lap_fit_posterior(&s, &P, e);
     if (!rc)
         rc = eval_set(c, &xs, &owned, e);
     if (!rc)
@@ -1017,7 +539,7 @@ static int run_predict(cv_op_ctx *c, const cv_block *full, cJSON *out, cv_err *e
     free(p.mean);
     free(p.cov);
     cv_posterior_free(&P);
-    pstate_free(&s);
+    cv_lap_fit_free(&s);
     return rc;
 }
 
@@ -1025,33 +547,23 @@ static const char *const predict_results[] = {
     "structure", "last_layer_structure", "likelihood", "ggn_factor", "n_params", "k",
     "converged", "prior_precision", "sigma_noise", "temperature", "mean", "variance",
     "covariance", "probs", "mc_probs", "samples", "nll", "accuracy", "ece",
-    "posterior_samples", "posterior_params", NULL};
+    "posterior_samples", "posterior_params", "posterior", "tasks", NULL};
 
-/* Memory (bytes): the posterior as op laplace's (full: G and its factor and
- * the evidence's copy; lowrank: the Lanczos basis; diag, kron: the exact
- * diagonal's / dense blocks' columns), a chunk's Jacobian and its whitening,
- * the predictive's means and covariances, the posterior samples. */
+/* Memory (bytes): the fit as op laplace's (api/op_laplace.h), a chunk's
+ * Jacobian and its whitening, the predictive's means and covariances. */
 static void mem_predict(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
                         cv_op_memory *m)
 {
     const predict_args *a = o->args;
-    double D = (double)(a->post_dim ? a->post_dim : b->dim), vec = 4;
-    int inner = inner_structure(a), maxv = 1;
-    if (inner == S_FULL) {
-        vec = 3 * D + 130;
-        maxv = 64;
-    } else if (inner == S_DIAG || inner == S_KRON) {
-        vec = 70;
-        maxv = 64;
-    } else if (inner == S_LOWRANK) {
-        double steps = 10.0 * a->k > 100 ? 10.0 * a->k : 100;
-        vec = (steps < D ? steps : D) + 3.0 * a->k + 4;
-    }
+    const cv_lap_opts *l = &a->common.lap;
+    double D = (double)(l->post_dim ? l->post_dim : b->dim);
+    int maxv;
+    double fit = cv_lap_fit_memory(l, D, &maxv);
     double N = (double)n > a->x.n ? (double)n : a->x.n;
     size_t ns = chunk_samples((size_t)N, (size_t)D, (size_t)C);
-    double chunk = (2 * D + a->k) * ns * C * sizeof(double) + (double)ns * ns * C * C * 4;
+    double chunk = (2 * D + l->k) * ns * C * sizeof(double) + (double)ns * ns * C * C * 4;
     double out = N * C * (C + 4.0) * sizeof(double);
-    m->vector_bytes = cv_op_bytes(vec * D * sizeof(double) + chunk + out);
+    m->vector_bytes = cv_op_bytes(fit + chunk + out);
     m->max_vectors = maxv > (int)(ns * C) ? maxv : (int)(ns * C);
     m->pairs = 0;
 }

@@ -42,6 +42,8 @@ const char *cv_opt_type_name(cv_opt_type t)
     case CV_OPT_LIST: return "list";
     case CV_OPT_ENUM_OR_LIST: return "enum_or_list";
     case CV_OPT_NUM_OR_LIST: return "number_or_list";
+    case CV_OPT_NAME: return "name";
+    case CV_OPT_BOOL_OR_NAME: return "boolean_or_name";
     }
     return "?";
 }
@@ -135,6 +137,24 @@ static int check_num_or_list(const cJSON *v, const cv_opt_spec *s, const char *f
     return 0;
 }
 
+/* A name: 1 to CV_OPT_NAME_MAX characters from [A-Za-z0-9_.-] (the registry's). */
+static int check_name(const cJSON *v, const char *field, int or_bool, cv_err *e)
+{
+    if (or_bool && cJSON_IsBool(v))
+        return 0;
+    size_t n = cJSON_IsString(v) ? strlen(v->valuestring) : 0;
+    int ok = n >= 1 && n <= CV_OPT_NAME_MAX;
+    for (size_t i = 0; ok && i < n; i++) {
+        char c = v->valuestring[i];
+        ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
+             c == '_' || c == '.' || c == '-';
+    }
+    return ok ? 0
+              : cv_err_set(e, CV_EINVAL, "invalid_option", field,
+                           "%s must be %sa name of 1 to %d characters from [A-Za-z0-9_.-]",
+                           field, or_bool ? "true, false or " : "", CV_OPT_NAME_MAX);
+}
+
 static int check_one(const cJSON *v, const cv_opt_spec *s, const char *const *methods, cv_err *e)
 {
     char field[96], mbuf[256];
@@ -164,6 +184,8 @@ static int check_one(const cJSON *v, const cv_opt_spec *s, const char *const *me
                               "%s must be one of %s or a list of numbers", field, s->choices);
         return 0;
     case CV_OPT_NUM_OR_LIST: return check_num_or_list(v, s, field, e);
+    case CV_OPT_NAME:
+    case CV_OPT_BOOL_OR_NAME: return check_name(v, field, s->type == CV_OPT_BOOL_OR_NAME, e);
     }
     return 0;
 }
@@ -258,6 +280,13 @@ static int store_one(const cJSON *v, const cv_opt_spec *s, void *at, const char 
         if (!c->is_list)
             c->num = v->valuedouble;
         return c->is_list ? store_list(v, &c->list, s->name, e) : 0;
+    }
+    case CV_OPT_NAME:
+    case CV_OPT_BOOL_OR_NAME: {
+        cv_opt_name *c = at;
+        c->on = cJSON_IsString(v) || cJSON_IsTrue(v);
+        snprintf(c->s, sizeof c->s, "%s", cJSON_IsString(v) ? v->valuestring : "");
+        return 0;
     }
     }
     return 0;

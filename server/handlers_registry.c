@@ -358,11 +358,40 @@ static cv_snap *find_snap(req *r, cv_reg_kind kind)
     return s;
 }
 
+/* A model's kept posteriors (ops laplace and predict) as "posteriors". */
+static int add_posteriors(req *r, const cv_snap *s, cJSON *o)
+{
+    cv_snap **v;
+    int n = cv_registry_list_posteriors(r->h->reg, s->name, &v);
+    cJSON *arr = n >= 0 && o ? cJSON_AddArrayToObject(o, "posteriors") : NULL;
+    int ok = arr != NULL;
+    for (int i = 0; ok && i < n; i++) {
+        cJSON *p = cv_snap_to_json(v[i], 0);
+        ok = p && cJSON_AddItemToArray(arr, p);
+        if (!ok)
+            cJSON_Delete(p);
+    }
+    if (n >= 0)
+        cv_snaps_release(v, n);
+    return ok ? 0 : -1;
+}
+
 static void get_snap(req *r, cv_reg_kind kind)
 {
     cv_snap *s = find_snap(r, kind);
-    if (s)
+    if (!s)
+        return;
+    if (kind != CV_REG_MODEL) {
         reply_snap(r, 200, s, 1, NULL);
+        return;
+    }
+    cJSON *j = cv_snap_to_json(s, 1);
+    if (j && add_posteriors(r, s, j)) {
+        cJSON_Delete(j);
+        j = NULL;
+    }
+    cv_snap_unref(s);
+    reply_json(r, 200, j);
 }
 
 /* The model's parameters or the dataset as safetensors, with the version
@@ -398,6 +427,40 @@ static void delete_snap(req *r, cv_reg_kind kind, const char *what)
               !cJSON_AddStringToObject(j, "kind", what))) {
         cJSON_Delete(j);
         j = NULL;
+    }
+    reply_json(r, 200, j);
+}
+
+/* DELETE /v1/models/{name}/posteriors[?name=P]: the model's kept posteriors (or
+ * one); 404 unknown model or posterior, 409 while a job uses one (those
+ * before it in name order are deleted). */
+void h_model_posteriors_delete(req *r)
+{
+    cv_err e;
+    cv_snap *m = find_snap(r, CV_REG_MODEL);
+    if (!m)
+        return;
+    cv_snap_unref(m);
+    const char *one = query(r, "name");
+    cv_snap **v = NULL;
+    int n = one ? 0 : cv_registry_list_posteriors(r->h->reg, r->param, &v);
+    if (n < 0) {
+        reply_oom(r);
+        return;
+    }
+    cJSON *j = cJSON_CreateObject(), *arr = j ? cJSON_AddArrayToObject(j, "deleted") : NULL;
+    int rc = 0;
+    for (int i = 0; i < (one ? 1 : n) && !rc; i++) {
+        const char *name = one ? one : v[i]->name;
+        rc = cv_registry_delete_posterior(r->h->reg, r->param, name, &e);
+        if (!rc && arr)
+            cJSON_AddItemToArray(arr, cJSON_CreateString(name));
+    }
+    cv_snaps_release(v, n);
+    if (rc) {
+        cJSON_Delete(j);
+        reply_err(r, &e);
+        return;
     }
     reply_json(r, 200, j);
 }

@@ -114,6 +114,7 @@ typedef struct {
 static const char *const Q_JOBS_POST[] = {"wait", "timeout", NULL};
 static const char *const Q_JOB_GET[] = {"wait", NULL};
 static const char *const Q_JOBS_LIST[] = {"status", "model", "dataset", "op", "limit", NULL};
+static const char *const Q_POSTERIORS_DELETE[] = {"name", NULL};
 
 static const route routes[] = {
     {{"GET", "/v1/health", "Service health and load"}, h_health, NULL},
@@ -128,6 +129,8 @@ static const route routes[] = {
      h_model_params_get, NULL},
     {{"PUT", "/v1/models/{name}/parameters", "Replace the parameters (safetensors body)"},
      h_model_params_put, NULL},
+    {{"DELETE", "/v1/models/{name}/posteriors", "Delete the model's kept Laplace posteriors "
+      "(?name=: one)"}, h_model_posteriors_delete, Q_POSTERIORS_DELETE},
     {{"GET", "/v1/datasets", "List datasets"}, h_datasets_list, NULL},
     {{"POST", "/v1/datasets", "Register a dataset (JSON with base64 data, or multipart)"},
      h_datasets_post, NULL},

@@ -116,6 +116,7 @@ void h_model_get(req *r);
 void h_model_delete(req *r);
 void h_model_params_get(req *r);
 void h_model_params_put(req *r);
+void h_model_posteriors_delete(req *r);
 void h_datasets_list(req *r);
 void h_datasets_post(req *r);
 void h_dataset_get(req *r);

@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "api/op_laplace.h"
 #include "api/ops_table.h"
 #include "engine/linop.h"
 #include "server/util.h"
@@ -28,6 +29,8 @@ struct cv_job {
     char client[64];                 /* who submitted it (cv_jobs_submit_from), or "" */
     char model[CV_REG_NAME_MAX + 1], dataset[CV_REG_NAME_MAX + 1];
     cv_snap *msnap, *dsnap;          /* pinned until the job finishes */
+    cv_snap *psnap;                  /* the kept posterior it reads (pinned likewise), or NULL */
+    char keep[CV_REG_NAME_MAX + 1];  /* the name it keeps a posterior under, or "" */
     unsigned long model_version, dataset_version;
     double timeout;                  /* seconds of running time, 0 = none */
     double created_at, started_at, finished_at;   /* wall clock */
@@ -115,6 +118,7 @@ void cv_job_unref(cv_job *j)
     /* pins are released when the job finishes; this is a safety net */
     cv_snap_unref(j->msnap);
     cv_snap_unref(j->dsnap);
+    cv_snap_unref(j->psnap);
     free(j);
 }
 
@@ -160,9 +164,10 @@ static void finish_locked(cv_jobs *J, cv_job *j, cv_job_status st)
         j->finished_at = cv_wall_s();
         j->t_end = cv_now_s();
     }
+    cv_registry_release(J->reg, j->psnap);
     cv_registry_release(J->reg, j->msnap);
     cv_registry_release(J->reg, j->dsnap);
-    j->msnap = j->dsnap = NULL;
+    j->msnap = j->dsnap = j->psnap = NULL;
     /* the typed job is only needed to run it */
     cv_job_spec_free(j->spec);
     j->spec = NULL;
@@ -480,6 +485,18 @@ static void restore_jobs(cv_jobs *J)
                 n == 1 ? "" : "s", J->njobs);
 }
 
+/* Keeps the posterior job j produced (its keep name, its model version;
+ * accumulate_into: only if the one it read is still the current one). */
+static int keep_posterior(cv_jobs *J, cv_job *j, struct cv_lap_post *p, cv_err *e)
+{
+    const char *rd, *wr;
+    cv_lap_job_names(j->spec, &rd, &wr);
+    return cv_registry_keep_posterior(J->reg, j->msnap, j->keep, p, p->bytes,
+                                      cv_lap_post_destroy,
+                                      rd && wr && strcmp(rd, wr) == 0 ? j->psnap : NULL, NULL,
+                                      e);
+}
+
 /* ---- workers --------------------------------------------------------------- */
 
 static void *worker_main(void *arg)
@@ -511,9 +528,17 @@ static void *worker_main(void *arg)
 
         cv_err err;
         cv_err_clear(&err);
+        cv_job_store store = {j->psnap ? j->psnap->backing : NULL, NULL};
         cJSON *res = J->cfg.ranks ? cv_ranks_exec(J->cfg.ranks, j->spec, j->text, j->msnap,
                                                   j->dsnap, &J->cfg.limits, &j->progress, &err)
-                                  : cv_job_exec(j->spec, m, d, &J->cfg.limits, &j->progress, &err);
+                                  : cv_job_exec_store(j->spec, m, d, &J->cfg.limits,
+                                                      &j->progress, &store, &err);
+        if (res && store.out && keep_posterior(J, j, store.out, &err)) {
+            cJSON_Delete(res); /* not kept: the job fails with the registry's error */
+            res = NULL;
+        } else if (store.out && !res) {
+            cv_lap_post_destroy(store.out);
+        }
         char *text = NULL;
         if (res) {
             text = cJSON_PrintUnformatted(res);
@@ -762,6 +787,71 @@ static int check_memory(cv_jobs *J, const cv_job_spec *spec, const cv_snap *ms,
     return rc;
 }
 
+/* Whether the posterior job spec keeps under name could fit the registry's
+ * budget at all (its lower bound, beside what the registry holds but the
+ * posterior it replaces): 413 registry_full at submit if not. */
+static int keep_fits(cv_jobs *J, const cv_job_spec *spec, const cv_snap *ms, const char *name,
+                     cv_err *e)
+{
+    size_t need = cv_lap_keep_bytes_min(spec, ms->model), replaced = 0;
+    cv_registry_stats st;
+    cv_registry_stats_get(J->reg, &st);
+    cv_snap **v;
+    int n = cv_registry_list_posteriors(J->reg, ms->name, &v);
+    for (int i = 0; i < n; i++)
+        if (strcmp(v[i]->name, name) == 0)
+            replaced = v[i]->bytes;
+    if (n >= 0)
+        cv_snaps_release(v, n);
+    size_t used = st.bytes + st.staged_bytes - replaced;
+    if (need <= st.max_bytes && used <= st.max_bytes - need)
+        return 0;
+    return cv_err_set(e, CV_ETOOLARGE, "registry_full", "options.keep",
+                      "posterior '%s' of model '%s' needs at least %zu bytes but the registry "
+                      "memory budget (--max-registry-bytes) is %zu bytes with %zu in use; "
+                      "delete something (DELETE /v1/models/%s/posteriors) or raise the budget",
+                      name, ms->name, need, st.max_bytes, used, ms->name);
+}
+
+/* The kept posterior a job reads (*ps, pinned) and the checks of keeping
+ * one: not under mpirun (the ranks have no registry); predict's posterior
+ * must be the model version's the job runs on; accumulate_into's any
+ * version of the model's registration (the accumulated posterior moves to
+ * the job's version). */
+static int kept_posterior(cv_jobs *J, cv_job_spec *spec, const cv_snap *ms, cv_snap **ps,
+                          cv_err *e)
+{
+    const char *rd, *wr;
+    cv_lap_job_names(spec, &rd, &wr);
+    if ((rd || wr) && J->cfg.ranks)
+        return cv_err_set(e, CV_EINVAL, "invalid_option",
+                          !rd                          ? "options.keep"
+                          : spec->op == &cv_op_predict ? "options.posterior"
+                                                       : "options.accumulate_into",
+                          "kept posteriors are not supported under mpirun (data-parallel "
+                          "ranks): fit and predict in one predict job");
+    if (wr && keep_fits(J, spec, ms, wr, e))
+        return -1;
+    if (!rd)
+        return 0;
+    const char *field =
+        spec->op == &cv_op_predict ? "options.posterior" : "options.accumulate_into";
+    if (!(*ps = cv_registry_acquire_posterior(J->reg, ms->name, rd, field, e)))
+        return -1;
+    const cv_snap *p = *ps;
+    if (p->owner_lineage != ms->lineage)
+        return cv_err_set(e, CV_ECONFLICT, "conflict", field,
+                          "posterior '%s' belongs to an earlier registration of model '%s'", rd,
+                          ms->name);
+    if (spec->op == &cv_op_predict && p->owner_version != ms->version)
+        return cv_err_set(e, CV_ECONFLICT, "posterior_version_mismatch", "options.posterior",
+                          "posterior '%s' was fitted on version %lu of model '%s'; the model is "
+                          "at version %lu (new parameters): fit it again (op laplace keep, or "
+                          "accumulate_into it for the next task)",
+                          rd, p->owner_version, ms->name, ms->version);
+    return cv_lap_job_use(spec, p->backing, ms->model, e);
+}
+
 void cv_jobs_offer(cv_jobs *J, const cv_snap *s) { cv_ranks_offer(J->cfg.ranks, s); }
 
 void cv_jobs_ranks(const cv_jobs *J, int *size, int *alive)
@@ -810,7 +900,7 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
     if (!spec)
         return -1;
     const char *mname = spec->model, *dname = spec->dataset;
-    cv_snap *ms = NULL, *ds = NULL;
+    cv_snap *ms = NULL, *ds = NULL, *ps = NULL;
     cv_job *j = NULL;
     int recorded = 0;
     if (!mname) {
@@ -826,6 +916,7 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
     if (!(ms = cv_registry_acquire(J->reg, CV_REG_MODEL, mname, e)) ||
         !(ds = cv_registry_acquire(J->reg, CV_REG_DATASET, dname, e)) ||
         cv_job_bind(spec, ms->model, ds->data, e) ||
+        kept_posterior(J, spec, ms, &ps, e) ||
         check_memory(J, spec, ms, ds, e))
         goto fail;
     if (!(j = cv_err_calloc(sizeof *j, "out of memory", e)))
@@ -845,6 +936,12 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
     }
     j->msnap = ms;
     j->dsnap = ds;
+    j->psnap = ps;
+    {
+        const char *rd, *wr;
+        cv_lap_job_names(spec, &rd, &wr);
+        snprintf(j->keep, sizeof j->keep, "%s", wr ? wr : "");
+    }
     j->model_version = ms->version;
     j->dataset_version = ds->version;
     j->timeout = J->cfg.job_timeout;
@@ -917,6 +1014,8 @@ fail:
         cv_registry_release(J->reg, ms);
     if (ds)
         cv_registry_release(J->reg, ds);
+    if (ps)
+        cv_registry_release(J->reg, ps);
     return -1;
 }
 

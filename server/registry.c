@@ -8,12 +8,14 @@
 #include <string.h>
 
 #include "api/arch.h"
+#include "api/op_laplace.h"
 #include "api/params.h"
 #include "api/suggest.h"
 #include "server/util.h"
 
 typedef struct {
     cv_reg_kind kind;
+    char owner[CV_REG_NAME_MAX + 1]; /* a posterior's model, "" else */
     char name[CV_REG_NAME_MAX + 1];
     cv_snap *cur;
     int jobs;                 /* queued or running jobs counted against this name */
@@ -171,15 +173,19 @@ static cv_snap *snap_new(cv_reg_kind kind, const char *name, cv_model *m, cv_dat
     return s;
 }
 
-static slot *find_slot(cv_registry *r, cv_reg_kind kind, const char *name)
+static slot *find_slot(cv_registry *r, cv_reg_kind kind, const char *owner, const char *name)
 {
     for (int i = 0; i < r->nslots; i++)
-        if (r->slots[i].kind == kind && strcmp(r->slots[i].name, name) == 0)
+        if (r->slots[i].kind == kind && strcmp(r->slots[i].name, name) == 0 &&
+            strcmp(r->slots[i].owner, owner) == 0)
             return &r->slots[i];
     return NULL;
 }
 
-static const char *kind_word(cv_reg_kind k) { return k == CV_REG_MODEL ? "model" : "dataset"; }
+static const char *kind_word(cv_reg_kind k)
+{
+    return k == CV_REG_MODEL ? "model" : k == CV_REG_DATASET ? "dataset" : "posterior";
+}
 
 /* Under r->mu: "; did you mean 'demo-mlp'?" for a misspelt name of kind, or "". */
 static void name_hint(cv_registry *r, cv_reg_kind kind, const char *name, char *buf, size_t len)
@@ -268,7 +274,7 @@ static int install(cv_registry *r, cv_snap *s, int replace, const cv_snap *expec
                    size_t staged, int *created, cv_snap **old, cv_err *e)
 {
     *old = NULL;
-    slot *sl = find_slot(r, s->kind, s->name);
+    slot *sl = find_slot(r, s->kind, s->owner, s->name);
     if (sl && replace == 1 && expect && sl->cur->lineage != expect->lineage)
         return cv_err_set(e, CV_ECONFLICT, "conflict", "name",
                           "%s '%s' was deleted and registered again while the request was "
@@ -336,6 +342,7 @@ static int install(cv_registry *r, cv_snap *s, int replace, const cv_snap *expec
     memset(sl, 0, sizeof *sl);
     sl->kind = s->kind;
     snprintf(sl->name, sizeof sl->name, "%s", s->name);
+    snprintf(sl->owner, sizeof sl->owner, "%s", s->owner);
     sl->cur = s;
     s->lineage = ++r->lineages;
     r->bytes += s->bytes;
@@ -351,7 +358,7 @@ static int install(cv_registry *r, cv_snap *s, int replace, const cv_snap *expec
 static int predict_version(cv_registry *r, cv_snap *s, int replace)
 {
     pthread_mutex_lock(&r->mu);
-    slot *sl = find_slot(r, s->kind, s->name);
+    slot *sl = find_slot(r, s->kind, s->owner, s->name);
     int ok = sl ? replace != 0 : replace != 1;
     if (sl && ok) {
         s->version = sl->cur->version + 1;
@@ -530,7 +537,7 @@ int cv_registry_put_params(cv_registry *r, const char *name, const void *buf, si
 static cv_snap *get_locked(cv_registry *r, cv_reg_kind kind, const char *name, int job,
                            cv_err *e)
 {
-    slot *sl = name ? find_slot(r, kind, name) : NULL;
+    slot *sl = name ? find_slot(r, kind, "", name) : NULL;
     if (!sl) {
         char hint[96] = "";
         if (name)
@@ -566,7 +573,7 @@ void cv_registry_release(cv_registry *r, cv_snap *s)
     if (!s)
         return;
     pthread_mutex_lock(&r->mu);
-    slot *sl = find_slot(r, s->kind, s->name);
+    slot *sl = find_slot(r, s->kind, s->owner, s->name);
     if (sl && sl->jobs > 0)
         sl->jobs--;
     pthread_mutex_unlock(&r->mu);
@@ -574,31 +581,48 @@ void cv_registry_release(cv_registry *r, cv_snap *s)
     sweep(r);
 }
 
-static int delete_now(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e);
+static int cmp_snap(const void *a, const void *b);
+static int list_where(cv_registry *r, cv_reg_kind kind, const char *owner, cv_snap ***out);
 
-int cv_registry_delete(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e)
+/* Under r->mu: takes slot sl out (the caller checked its jobs); returns the
+ * snapshot to unref after unlocking, or NULL if it was retired. */
+static cv_snap *remove_locked(cv_registry *r, slot *sl)
 {
-    if (!r->persisting)
-        return delete_now(r, kind, name, e);
+    cv_snap *s = sl->cur;
+    r->bytes -= s->bytes;
+    *sl = r->slots[--r->nslots];
+    return retire_locked(r, s, 0);
+}
+
+static int delete_now(cv_registry *r, cv_reg_kind kind, const char *owner, const char *name,
+                      cv_err *e);
+
+static int delete_slot(cv_registry *r, cv_reg_kind kind, const char *owner, const char *name,
+                       cv_err *e)
+{
+    if (!r->persisting || kind == CV_REG_POSTERIOR) /* posteriors live in memory only */
+        return delete_now(r, kind, owner, name, e);
     /* the file goes with the name, under the writer lock so that no install
      * of the same name writes in between */
     pthread_mutex_lock(&r->wmu);
-    int rc = delete_now(r, kind, name, e);
+    int rc = delete_now(r, kind, owner, name, e);
     if (rc == 0)
         rc = r->persist.remove(r->persist.arg, kind, name, e);
     pthread_mutex_unlock(&r->wmu);
     return rc;
 }
 
-/* The delete itself (takes r->mu). */
-static int delete_now(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e)
+/* The delete itself (takes r->mu); a model's posteriors go with it. */
+static int delete_now(cv_registry *r, cv_reg_kind kind, const char *owner, const char *name,
+                      cv_err *e)
 {
     pthread_mutex_lock(&r->mu);
-    slot *sl = find_slot(r, kind, name);
+    slot *sl = find_slot(r, kind, owner, name);
     if (!sl) {
         pthread_mutex_unlock(&r->mu);
-        return cv_err_set(e, CV_ENOTFOUND, "not_found", "name", "%s '%s' not found",
-                          kind_word(kind), name);
+        return cv_err_set(e, CV_ENOTFOUND, "not_found", "name", "%s '%s'%s%s%s not found",
+                          kind_word(kind), name, owner[0] ? " of model '" : "", owner,
+                          owner[0] ? "'" : "");
     }
     if (sl->jobs > 0) {
         int n = sl->jobs;
@@ -607,12 +631,26 @@ static int delete_now(cv_registry *r, cv_reg_kind kind, const char *name, cv_err
                           "%s '%s' is used by %d queued or running job%s; cancel or wait for "
                           "them, then delete", kind_word(kind), name, n, n == 1 ? "" : "s");
     }
-    cv_snap *s = sl->cur;
-    r->bytes -= s->bytes;
-    *sl = r->slots[--r->nslots];
-    s = retire_locked(r, s, 0);
+    cv_snap *gone[64];
+    int ngone = 0;
+    if (kind == CV_REG_MODEL) /* its posteriors go with it (none has jobs: they hold the model) */
+        for (int i = 0; i < r->nslots;) {
+            if (r->slots[i].kind == CV_REG_POSTERIOR && strcmp(r->slots[i].owner, name) == 0) {
+                cv_snap *g = remove_locked(r, &r->slots[i]);
+                if (g && ngone < 64)
+                    gone[ngone++] = g;
+                else if (g)
+                    cv_snap_unref(g); /* the registry's reference only: no lock needed */
+                continue;
+            }
+            i++;
+        }
+    sl = find_slot(r, kind, owner, name); /* moved by the removals */
+    cv_snap *s = remove_locked(r, sl);
     pthread_mutex_unlock(&r->mu);
     cv_snap_unref(s);
+    for (int i = 0; i < ngone; i++)
+        cv_snap_unref(gone[i]);
     return 0;
 }
 
@@ -640,7 +678,7 @@ int cv_registry_restore(cv_registry *r, const char *name, cv_model *m, cv_datase
     s->created_at = created_at;
     s->updated_at = updated_at;
     cv_err ign;
-    delete_now(r, kind, name, &ign); /* a demo or command-line one: the state wins */
+    delete_now(r, kind, "", name, &ign); /* a demo or command-line one: the state wins */
     int rc = install_snap(r, s, 0, NULL, 0, NULL, NULL, e);
     if (rc) { /* m, d and the backing go back to the caller */
         s->model = NULL;
@@ -651,18 +689,103 @@ int cv_registry_restore(cv_registry *r, const char *name, cv_model *m, cv_datase
     return rc;
 }
 
+int cv_registry_delete(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e)
+{
+    return delete_slot(r, kind, "", name, e);
+}
+
+int cv_registry_delete_posterior(cv_registry *r, const char *model, const char *name, cv_err *e)
+{
+    return delete_slot(r, CV_REG_POSTERIOR, model, name, e);
+}
+
+int cv_registry_keep_posterior(cv_registry *r, const cv_snap *model, const char *name,
+                               void *post, size_t bytes, void (*destroy)(void *),
+                               const cv_snap *expect, cv_snap **out, cv_err *e)
+{
+    sweep(r);
+    if (out)
+        *out = NULL;
+    cv_snap *s = calloc(1, sizeof *s);
+    if (!s) {
+        destroy(post);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    }
+    atomic_init(&s->refs, 1);
+    s->kind = CV_REG_POSTERIOR;
+    snprintf(s->name, sizeof s->name, "%s", name);
+    snprintf(s->owner, sizeof s->owner, "%s", model->name);
+    snprintf(s->source, sizeof s->source, "op laplace");
+    s->owner_version = model->version;
+    s->owner_lineage = model->lineage;
+    s->bytes = bytes;
+    s->backing = post;
+    s->backing_free = destroy;
+    s->version = 1;
+    s->created_at = s->updated_at = cv_wall_s();
+    cv_snap *old = NULL;
+    int rc = 0;
+    pthread_mutex_lock(&r->mu);
+    slot *ms = find_slot(r, CV_REG_MODEL, "", model->name);
+    slot *ps = find_slot(r, CV_REG_POSTERIOR, model->name, name);
+    if (!ms || ms->cur->lineage != model->lineage)
+        rc = cv_err_set(e, CV_ECONFLICT, "conflict", "model",
+                        "model '%s' was deleted%s while the job ran; posterior '%s' was not "
+                        "kept", model->name, ms ? " and registered again" : "", name);
+    else if (expect && (!ps || ps->cur != expect))
+        rc = cv_err_set(e, CV_ECONFLICT, "conflict", "options.accumulate_into",
+                        "posterior '%s' of model '%s' was %s while the job ran; nothing was "
+                        "kept: accumulate into the new one", name, model->name,
+                        ps ? "replaced" : "deleted");
+    else
+        rc = install(r, s, 2, NULL, 0, NULL, &old, e);
+    if (!rc && out) {
+        cv_snap_ref(s);
+        *out = s;
+    }
+    pthread_mutex_unlock(&r->mu);
+    cv_snap_unref(old);
+    if (rc)
+        cv_snap_unref(s); /* frees post */
+    return rc;
+}
+
+cv_snap *cv_registry_acquire_posterior(cv_registry *r, const char *model, const char *name,
+                                       const char *field, cv_err *e)
+{
+    pthread_mutex_lock(&r->mu);
+    slot *sl = find_slot(r, CV_REG_POSTERIOR, model, name);
+    if (sl) {
+        cv_snap_ref(sl->cur);
+        sl->jobs++;
+    }
+    pthread_mutex_unlock(&r->mu);
+    if (!sl)
+        cv_err_set(e, CV_ENOTFOUND, "not_found", field,
+                   "posterior '%s' of model '%s' not found (ops laplace keep it: "
+                   "options.keep; GET /v1/models/%s lists them)", name, model, model);
+    return sl ? sl->cur : NULL;
+}
+
+int cv_registry_list_posteriors(cv_registry *r, const char *model, cv_snap ***out)
+{
+    return list_where(r, CV_REG_POSTERIOR, model, out);
+}
+
 static int cmp_snap(const void *a, const void *b)
 {
     return strcmp((*(cv_snap *const *)a)->name, (*(cv_snap *const *)b)->name);
 }
 
-int cv_registry_list(cv_registry *r, cv_reg_kind kind, cv_snap ***out)
+/* References to the current snapshots of kind (owner non-NULL: of that
+ * owner's), sorted by name; the count, or -1. */
+static int list_where(cv_registry *r, cv_reg_kind kind, const char *owner, cv_snap ***out)
 {
     *out = NULL;
     pthread_mutex_lock(&r->mu);
     int n = 0;
     for (int i = 0; i < r->nslots; i++)
-        n += r->slots[i].kind == kind;
+        n += r->slots[i].kind == kind && (!owner || strcmp(r->slots[i].owner, owner) == 0);
     cv_snap **v = malloc(sizeof *v * (size_t)(n ? n : 1));
     if (!v) {
         pthread_mutex_unlock(&r->mu);
@@ -670,7 +793,7 @@ int cv_registry_list(cv_registry *r, cv_reg_kind kind, cv_snap ***out)
     }
     int k = 0;
     for (int i = 0; i < r->nslots; i++)
-        if (r->slots[i].kind == kind) {
+        if (r->slots[i].kind == kind && (!owner || strcmp(r->slots[i].owner, owner) == 0)) {
             cv_snap_ref(r->slots[i].cur);
             v[k++] = r->slots[i].cur;
         }
@@ -678,6 +801,11 @@ int cv_registry_list(cv_registry *r, cv_reg_kind kind, cv_snap ***out)
     qsort(v, (size_t)n, sizeof *v, cmp_snap);
     *out = v;
     return n;
+}
+
+int cv_registry_list(cv_registry *r, cv_reg_kind kind, cv_snap ***out)
+{
+    return list_where(r, kind, NULL, out);
 }
 
 void cv_snaps_release(cv_snap **v, int n)
@@ -700,8 +828,10 @@ void cv_registry_stats_get(cv_registry *r, cv_registry_stats *st)
     for (int i = 0; i < r->nslots; i++) {
         if (r->slots[i].kind == CV_REG_MODEL)
             st->models++;
-        else
+        else if (r->slots[i].kind == CV_REG_DATASET)
             st->datasets++;
+        else
+            st->posteriors++;
     }
     pthread_mutex_unlock(&r->mu);
 }
@@ -846,6 +976,21 @@ cJSON *cv_snap_to_json(const cv_snap *s, int full)
         cv_json_add_time(o, "created_at", s->created_at) ||
         cv_json_add_time(o, "updated_at", s->updated_at))
         goto fail;
+    if (s->kind == CV_REG_POSTERIOR) {
+        cJSON *d = cv_lap_post_json(s->backing);
+        if (!d || !cJSON_AddStringToObject(o, "model", s->owner) ||
+            !cJSON_AddNumberToObject(o, "model_version", (double)s->owner_version)) {
+            cJSON_Delete(d);
+            goto fail;
+        }
+        cJSON *it; /* the posterior's own fields after the envelope's */
+        while ((it = d->child)) {
+            cJSON_DetachItemViaPointer(d, it);
+            cJSON_AddItemToObject(o, it->string, it);
+        }
+        cJSON_Delete(d);
+        return o;
+    }
     if (s->kind == CV_REG_MODEL ? model_json(s, o, full) : dataset_json(s, o))
         goto fail;
     return o;

@@ -45,7 +45,14 @@
 
 #define CV_REG_NAME_MAX 64
 
-typedef enum { CV_REG_MODEL = 0, CV_REG_DATASET = 1 } cv_reg_kind;
+/* CV_REG_POSTERIOR: a Laplace posterior kept by a job (ops laplace and
+ * predict, api/op_laplace.h), named per model (owner); it records the model
+ * version and registration it was fitted on and counts against the budget
+ * like the others (its `backing` is the posterior, freed by backing_free).
+ * It stays when the model gets new parameters (predict refuses it on
+ * another version; accumulate_into takes it to the new one) and goes with
+ * the model's DELETE. */
+typedef enum { CV_REG_MODEL = 0, CV_REG_DATASET = 1, CV_REG_POSTERIOR = 2 } cv_reg_kind;
 
 typedef struct cv_snap {
     atomic_int refs;
@@ -63,6 +70,9 @@ typedef struct cv_snap {
     void *backing;            /* what data borrows from (a mapping), or NULL */
     void (*backing_free)(void *backing); /* called with the last reference, after data */
     char data_file[256];      /* a --data-dir file the dataset maps ("" otherwise) */
+    /* CV_REG_POSTERIOR: the model (name, version, lineage) it was fitted on ("" else) */
+    char owner[CV_REG_NAME_MAX + 1];
+    unsigned long owner_version, owner_lineage;
 } cv_snap;
 
 typedef struct cv_registry cv_registry;
@@ -72,7 +82,7 @@ typedef struct {
     size_t retired_bytes;     /* older versions still pinned by jobs */
     size_t staged_bytes;      /* reserved by uploads in parts not yet committed */
     int retired;              /* how many */
-    int models, datasets;
+    int models, datasets, posteriors;
 } cv_registry_stats;
 
 /* [A-Za-z0-9_.-]{1,64} */
@@ -142,7 +152,24 @@ cv_snap *cv_registry_get(cv_registry *r, cv_reg_kind kind, const char *name, cv_
 cv_snap *cv_registry_acquire(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e);
 void cv_registry_release(cv_registry *r, cv_snap *s);
 
+/* Keeps post (bytes, freed with destroy; taken in every case) as posterior
+ * `name` of model snapshot `model` (its version and lineage recorded),
+ * replacing one of that name.  409 conflict if the model was deleted or
+ * registered again, or (expect non-NULL, accumulate_into) if the posterior
+ * is no longer expect; 413/429 registry_full over the budget. */
+int cv_registry_keep_posterior(cv_registry *r, const cv_snap *model, const char *name,
+                               void *post, size_t bytes, void (*destroy)(void *),
+                               const cv_snap *expect, cv_snap **out, cv_err *e);
+/* Like cv_registry_acquire for posterior `name` of model `model` (404 with
+ * field, the option that named it). */
+cv_snap *cv_registry_acquire_posterior(cv_registry *r, const char *model, const char *name,
+                                       const char *field, cv_err *e);
+/* The model's posteriors, sorted by name (cv_snaps_release them). */
+int cv_registry_list_posteriors(cv_registry *r, const char *model, cv_snap ***out);
 /* 404 unknown, 409 while jobs use it. */
+int cv_registry_delete_posterior(cv_registry *r, const char *model, const char *name, cv_err *e);
+
+/* 404 unknown, 409 while jobs use it (a model's posteriors go with it). */
 int cv_registry_delete(cv_registry *r, cv_reg_kind kind, const char *name, cv_err *e);
 
 /* References to all current snapshots of a kind, sorted by name; returns

@@ -1,11 +1,7 @@
 """e2e_laplace.py - op "laplace" (issue 23, item 1) against torch in float64.
 
 Usage: /usr/bin/python3 tests/e2e_laplace.py build/curvd
-References follow laplace-torch's conventions (docs/interface.md, op laplace):
-P = G_sum / (sigma^2 T) + delta I with G_sum the exact GGN of the summed negative
-log-likelihood (CE: of the summed loss; MSE: of 1/2 sum ||y - f||^2), formed densely by
-torchref.dense_ggn; log_likelihood = -nll / (sigma^2 T) (- N C log(sigma sqrt(2 pi)));
-log_marginal_likelihood = log_likelihood - 1/2 (log det P - log det P0) - 1/2 theta^T P0 theta.
+References: tests/laplace_ref.py (laplace-torch's conventions, torch float64).
 Cases: an MLP classifier (CrossEntropyLoss mean and sum), an MLP regressor (MSELoss mean) and
 a two-output Bernoulli MLP (BCEWithLogitsLoss mean, 0/1 targets):
   - every result field for full, diag and kron (kron: the Kronecker factors built in torch
@@ -21,180 +17,23 @@ a two-output Bernoulli MLP (BCEWithLogitsLoss mean, 0/1 targets):
     sigma_noise / optimize_sigma with CE, an unknown structure, k > dim, k without lowrank.
 Ends with 'N passed, M failed'.
 """
-import copy
-import json
 import math
 import os
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import laplace_ref as lr  # noqa: E402
 import torchref as tr  # noqa: E402
 from e2e_lib import CURVD, Daemon, check, summary  # noqa: E402
 
 TOL = 1e-5
 
 
-# ---- cases ------------------------------------------------------------------------------
-
-def classifier(reduction, n=16, seed=0):
-    torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4),
-                            torch.nn.ReLU(), torch.nn.Linear(4, 3))
-    x = torch.randn(n, 5)
-    y = torch.randint(0, 3, (n,))
-    return m, x, y, torch.nn.CrossEntropyLoss(reduction=reduction)
-
-
-def bernoulli(n=16, seed=2):
-    torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
-    x = torch.randn(n, 4)
-    y = torch.randint(0, 2, (n, 2)).float()
-    return m, x, y, torch.nn.BCEWithLogitsLoss()
-
-
-def regressor(n=16, seed=1):
-    torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
-    x = torch.randn(n, 4)
-    y = torch.randn(n, 2)
-    return m, x, y, torch.nn.MSELoss()
-
-
-class Ref:
-    """torch float64 quantities of a case: G_sum, nll, the layer blocks, the KFAC factors."""
-
-    def __init__(self, m, x, y, loss):
-        self.gaussian = isinstance(loss, torch.nn.MSELoss)
-        bce = isinstance(loss, torch.nn.BCEWithLogitsLoss)
-        self.m64 = copy.deepcopy(m).double()
-        self.x, self.y = x.double(), (y.double() if self.gaussian or bce else y)
-        if self.gaussian:
-            self.sum_loss = lambda h, t: 0.5 * ((h - t) ** 2).sum()
-        elif bce:
-            self.sum_loss = lambda h, t: torch.nn.functional.binary_cross_entropy_with_logits(
-                h, t, reduction="sum")
-        else:
-            self.sum_loss = lambda h, t: torch.nn.functional.cross_entropy(h, t, reduction="sum")
-        self.G = tr.dense_ggn(self.m64, self.sum_loss, self.x, self.y)
-        with torch.no_grad():
-            h = self.m64(self.x)
-            self.nll = float(self.sum_loss(h, self.y))
-        self.NC = h.numel()
-        self.linears = [(n, mod) for n, mod in self.m64.named_modules()
-                        if isinstance(mod, torch.nn.Linear)]
-        self.dims = [mod.weight.numel() + mod.bias.numel() for _, mod in self.linears]
-        self.theta = torch.cat([p.detach().reshape(-1) for p in self.m64.parameters()])
-        self.D = self.theta.numel()
-        self.offs = [sum(self.dims[:i]) for i in range(len(self.dims))]
-        self.factors = self.kfac()
-
-    def kfac(self):
-        """{block index: (A, B)}: A = mean a~ a~^T, B = sum_n sum_c s s^T with
-        s = J_n^T S_n[:, c], S_n S_n^T the summed loss's output Hessian of sample n."""
-        rec = {}
-
-        def hook(i):
-            def f(mod, inp, out):
-                out.retain_grad()
-                rec[i] = (inp[0].detach(), out)
-            return f
-
-        hs = [mod.register_forward_hook(hook(i)) for i, (_, mod) in enumerate(self.linears)]
-        h = self.m64(self.x)
-        for hk in hs:
-            hk.remove()
-        N, C = h.shape
-        Lam = torch.zeros(N, C, C, dtype=torch.float64)
-        for n in range(N):
-            hn = h[n].detach().requires_grad_(True)
-            tn = self.y[n:n + 1]
-            Lam[n] = torch.autograd.functional.hessian(
-                lambda v: self.sum_loss(v[None], tn), hn)
-        w, Q = torch.linalg.eigh(Lam)
-        S = Q * w.clamp(min=0).sqrt()[:, None, :]
-        Bs = {i: 0 for i in rec}
-        for c in range(C):
-            outs = [rec[i][1] for i in sorted(rec)]
-            grads = torch.autograd.grad(h, outs, grad_outputs=S[:, :, c], retain_graph=True)
-            for i, gz in zip(sorted(rec), grads):
-                Bs[i] = Bs[i] + gz.T @ gz
-        out = {}
-        for i, (a, _) in rec.items():
-            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
-            out[i] = (a.T @ a / N, Bs[i])
-        return out
-
-    def kron_block(self, i):
-        """P (B (x) A) P^T in theta = [vec_r(W), b] order."""
-        A, B = self.factors[i]
-        da, db = A.shape[0], B.shape[0]
-        K = torch.kron(B, A)
-        idx = [o * da + j for o in range(db) for j in range(da - 1)] + \
-              [o * da + da - 1 for o in range(db)]
-        idx = torch.tensor(idx)
-        return K[idx][:, idx]
-
-    def prior_diag(self, deltas, blocks):
-        return torch.cat([torch.full((self.dims[b],), float(d), dtype=torch.float64)
-                          for d, b in zip(deltas, blocks)])
-
-    def terms(self, structure, deltas, sigma=1.0, T=1.0, k=None, last=False):
-        """(lml, loglik, logdet P, logdet P0, scatter, per-block logdet P or None)."""
-        blocks = [len(self.dims) - 1] if last else list(range(len(self.dims)))
-        if len(deltas) == 1:
-            deltas = deltas * len(blocks)
-        sl = slice(self.offs[blocks[0]], self.D)
-        G = self.G[sl, sl]
-        th = self.theta[sl]
-        p0 = self.prior_diag(deltas, blocks)
-        g = 1.0 / (sigma * sigma * T)
-        per = None
-        if structure == "full":
-            ld = float(torch.logdet(g * G + torch.diag(p0)))
-        elif structure == "diag":
-            v = torch.log(g * torch.diagonal(G) + p0)
-            ld = float(v.sum())
-            per = self.split(v, blocks)
-        elif structure == "kron":
-            per = []
-            for d, b in zip(deltas, blocks):
-                K = self.kron_block(b)
-                per.append(float(torch.logdet(g * K + d * torch.eye(K.shape[0],
-                                                                     dtype=torch.float64))))
-            ld = sum(per)
-        elif structure == "lowrank":
-            lam, V = torch.linalg.eigh(G)
-            lam, V = lam[-k:], V[:, -k:]
-            ld = float(torch.logdet(V @ torch.diag(g * lam) @ V.T + torch.diag(p0)))
-        lp = float(torch.log(p0).sum())
-        sc = float((th * p0) @ th)
-        ll = -g * self.nll
-        if self.gaussian:
-            ll -= self.NC * math.log(sigma * math.sqrt(2 * math.pi))
-        return ll - 0.5 * (ld - lp + sc), ll, ld, lp, sc, per
-
-    def split(self, v, blocks):
-        out, o = [], 0
-        for b in blocks:
-            out.append(float(v[o:o + self.dims[b]].sum()))
-            o += self.dims[b]
-        return out
-
-    def block_scatter(self, deltas, blocks):
-        return [float(d * (self.theta[self.offs[b]:self.offs[b] + self.dims[b]] ** 2).sum())
-                for d, b in zip(deltas, blocks)]
-
-
 def laplace(d, options, expect_ok=True):
-    rc, r = tr.curvd_run(CURVD, d, {"op": "laplace", "seed": 3, "options": options},
-                         expect_ok=expect_ok)
-    return r if expect_ok else (rc, r)
+    return lr.run_op(d, "laplace", options, expect_ok)
 
 
 FIELDS = ("log_marginal_likelihood", "log_likelihood", "log_det_posterior_precision",
@@ -423,7 +262,7 @@ def check_default_k(root):
     os.makedirs(d)
     tr.write_case(d, m, [2], torch.nn.CrossEntropyLoss(), x, y)
     r = laplace(d, {"structure": "lowrank"})
-    ref = Ref(m, x, y, torch.nn.CrossEntropyLoss())
+    ref = lr.Ref(m, x, y, torch.nn.CrossEntropyLoss())
     check("lowrank without k: k = min(10, dim), the whole spectrum", r.get("k") == 6
           and tr.close(r.get("log_det_posterior_precision"), ref.terms("full", [1.0])[2], 1e-6,
                        1e-6), f"{r.get('k')} {r.get('log_det_posterior_precision')}")
@@ -451,16 +290,6 @@ def check_memory_plan(root):
           and r.get("n_params") == 310, str(r)[:300])
 
 
-def post(url, doc):
-    req = urllib.request.Request(url + "/v1/jobs?wait=60", data=json.dumps(doc).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=90) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
 def check_service():
     """Under curvd serve (demo-mlp on digits, CE mean): the model checks refuse at submit
     (400, before queueing), and a job runs."""
@@ -470,10 +299,10 @@ def check_service():
         for opts, field in (({"prior_precision": [1, 2, 3]}, "options.prior_precision"),
                             ({"sigma_noise": 0.5}, "options.sigma_noise"),
                             ({"structure": "lowrank", "k": 100000}, "options.k")):
-            st, r = post(dmn.url, dict(m, options=opts))
+            st, r = lr.post(dmn.url, dict(m, options=opts))
             check(f"service: {opts} refused at submit with 400 {field}", st == 400
                   and r.get("error", {}).get("field") == field, f"{st} {r}")
-        st, r = post(dmn.url, dict(m, options={"structure": "kron", "optimize_prior": True}))
+        st, r = lr.post(dmn.url, dict(m, options={"structure": "kron", "optimize_prior": True}))
         res = r.get("result", {})
         check("service: a kron job with optimize_prior succeeds", st in (200, 201)
               and r.get("status") == "succeeded" and res.get("prior_precision", 0) > 0
@@ -483,14 +312,15 @@ def check_service():
 def main():
     with tempfile.TemporaryDirectory() as root:
         dirs = {}
-        for name, (m, x, y, loss) in (("mean", classifier("mean")), ("sum", classifier("sum")),
-                                      ("reg", regressor()), ("bce", bernoulli())):
+        for name, (m, x, y, loss) in (("mean", lr.classifier("mean")),
+                                      ("sum", lr.classifier("sum")),
+                                      ("reg", lr.regressor()), ("bce", lr.bernoulli())):
             d = os.path.join(root, name)
             os.makedirs(d)
             tr.write_case(d, m, list(x.shape[1:]), loss, x, y)
             # ggn_factor = kappa / c: CE mean N, MSE mean N C / 2, BCE mean N C, sum 1
             fac = {"mean": x.shape[0], "sum": 1, "reg": 0.5 * y.numel(), "bce": y.numel()}
-            dirs[name] = (d, Ref(m, x, y, loss), x.shape[0], fac[name])
+            dirs[name] = (d, lr.Ref(m, x, y, loss), x.shape[0], fac[name])
         for name in ("mean", "sum", "reg", "bce"):
             d, ref, N, fac = dirs[name]
             tag = {"mean": "CE mean", "sum": "CE sum", "reg": "MSE mean", "bce": "BCE mean"}[name]

@@ -200,6 +200,12 @@ def main():
                                      "options": {"method": "hutchinson", "max_probes": 10}})
             check("np 2: a job runs on both ranks", (r.get("result") or {}).get("ranks") == 2,
                   json.dumps(r)[:300])
+            st, r = http(two.url + "/v1/jobs?wait=30", "POST",
+                         {"op": "laplace", "model": "m", "dataset": "d",
+                          "options": {"structure": "diag", "keep": True}})
+            check("np 2: laplace keep refused at submit (400 options.keep: the ranks keep no "
+                  "posteriors)", st == 400 and r.get("error", {}).get("field") == "options.keep",
+                  f"{st} {json.dumps(r)[:300]}")
         finally:
             two.stop()
     print(f"e2e_mpi_serve {time.time() - t0:.1f} s")

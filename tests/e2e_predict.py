@@ -1,7 +1,7 @@
 """e2e_predict.py - op "predict" (issue 23, item 2) against torch in float64.
 
 Usage: /usr/bin/python3 tests/e2e_predict.py build/curvd
-The posterior is op laplace's (tests/e2e_laplace.py's Ref: G_sum, the KFAC factors built
+The posterior is op laplace's (tests/laplace_ref.py's Ref: G_sum, the KFAC factors built
 in torch, the layer blocks); the predictive is the linearized (GLM) one of laplace-torch:
 mean f(x), covariance J_n P^-1 J_n^T with J_n the output Jacobian formed by torch autograd
 and P formed densely (full: g G + P0; diag: g diag(G) + P0; kron: the blocks
@@ -26,71 +26,33 @@ last_layer: the last layer's), g = 1 / (sigma^2 T). Cases: an MLP classifier
     submit under curvd serve.
 Ends with 'N passed, M failed'.
 """
-import json
 import math
 import os
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import e2e_laplace as el  # noqa: E402
+import laplace_ref as lr  # noqa: E402
 import torchref as tr  # noqa: E402
-from e2e_lib import CURVD, Daemon, check, summary  # noqa: E402
+from e2e_lib import Daemon, check, summary  # noqa: E402
 
 TOL = 2e-4
 
 
 def predict(d, options, expect_ok=True, seed=3):
-    rc, r = tr.curvd_run(CURVD, d, {"op": "predict", "seed": seed, "options": options},
-                         expect_ok=expect_ok)
-    return r if expect_ok else (rc, r)
+    return lr.run_op(d, "predict", options, expect_ok, seed)
 
 
-def jacobian(m64, X):
-    """(N, C, D): d f(x_n) / d theta, theta in state_dict order."""
-    ps = [p for _, p in m64.named_parameters()]
-    h = m64(X)
-    N, C = h.shape
-    J = torch.zeros(N, C, sum(p.numel() for p in ps), dtype=torch.float64)
-    for n in range(N):
-        for c in range(C):
-            gs = torch.autograd.grad(h[n, c], ps, retain_graph=True)
-            J[n, c] = torch.cat([g.reshape(-1) for g in gs])
-    return J
-
-
-def precision(ref, structure, deltas, sigma=1.0, T=1.0, k=6, last=False):
-    """The dense posterior precision P (on the last layer for last_layer) and its slice."""
-    blocks = [len(ref.dims) - 1] if last else list(range(len(ref.dims)))
-    if len(deltas) == 1:
-        deltas = deltas * len(blocks)
-    sl = slice(ref.offs[blocks[0]], ref.D)
-    G = ref.G[sl, sl]
-    p0 = ref.prior_diag(deltas, blocks)
-    g = 1.0 / (sigma * sigma * T)
-    if structure == "full":
-        P = g * G + torch.diag(p0)
-    elif structure == "diag":
-        P = torch.diag(g * torch.diagonal(G) + p0)
-    elif structure == "kron":
-        P = torch.block_diag(*[g * ref.kron_block(b) + d * torch.eye(ref.dims[b],
-                                                                      dtype=torch.float64)
-                               for d, b in zip(deltas, blocks)])
-    else:
-        lam, V = torch.linalg.eigh(G)
-        lam, V = lam[-k:], V[:, -k:]
-        P = V @ torch.diag(g * lam) @ V.T + torch.diag(p0)
-    return P, sl
+def precision(ref, structure, deltas, **kw):
+    return ref.precision(structure, deltas, **kw)
 
 
 def ref_predictive(ref, X, structure, deltas, **kw):
     P, sl = precision(ref, structure, deltas, **kw)
-    J = jacobian(ref.m64, X)[:, :, sl]
+    J = lr.jacobian(ref.m64, X)[:, :, sl]
     S = J @ torch.linalg.solve(P, J.transpose(1, 2))
     with torch.no_grad():
         f = ref.m64(X)
@@ -235,7 +197,7 @@ def check_case(tag, d, ref, kind):
         if kind == "reg":
             opts["optimize_sigma"] = True
         r = predict(d, opts)
-        rl = el.laplace(d, opts)
+        rl = lr.run_op(d, "laplace", opts)
         ok = tr.close(r.get("prior_precision"), rl.get("prior_precision"), 1e-6)
         if kind == "reg":
             ok = ok and tr.close(r.get("sigma_noise"), rl.get("sigma_noise"), 1e-6)
@@ -308,31 +270,21 @@ def check_refusals(root, d_cls, d_reg):
               and err.get("field") == field and err.get("code") == code, str(r)[:300])
 
 
-def post(url, doc):
-    req = urllib.request.Request(url + "/v1/jobs?wait=60", data=json.dumps(doc).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=90) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
 def check_service():
     """Under curvd serve (demo-mlp on digits: 64 inputs, 10 classes): options.x of the wrong
     size is a 400 at submit; a kron predict on two inline digits and on a batch run."""
     m = {"op": "predict", "model": "demo-mlp", "dataset": "digits",
          "batch": {"offset": 0, "size": 64}}
     with Daemon() as dmn:
-        st, r = post(dmn.url, dict(m, options={"x": [0.0] * 65}))
+        st, r = lr.post(dmn.url, dict(m, options={"x": [0.0] * 65}))
         check("service: options.x of 65 numbers refused at submit (400, options.x)", st == 400
               and r.get("error", {}).get("field") == "options.x", f"{st} {r}")
-        st, r = post(dmn.url, dict(m, options={"x": [0.0] * 128, "optimize_prior": True}))
+        st, r = lr.post(dmn.url, dict(m, options={"x": [0.0] * 128, "optimize_prior": True}))
         res = r.get("result", {})
         check("service: predict on options.x (2 digits) succeeds", st in (200, 201)
               and len(res.get("probs", [])) == 2 and len(res["probs"][0]) == 10,
               f"{st} {str(r)[:300]}")
-        st, r = post(dmn.url, dict(m, options={"structure": "last_layer"}))
+        st, r = lr.post(dmn.url, dict(m, options={"structure": "last_layer"}))
         res = r.get("result", {})
         check("service: predict on the batch has nll, accuracy, ece", st in (200, 201)
               and len(res.get("mean", [])) == 64 and 0 <= res.get("ece", -1) <= 1
@@ -342,20 +294,20 @@ def check_service():
 def main():
     with tempfile.TemporaryDirectory() as root:
         dirs = {}
-        for name, (m, x, y, loss) in (("cls", el.classifier("mean")), ("reg", el.regressor()),
-                                      ("bce", el.bernoulli())):
+        for name, (m, x, y, loss) in (("cls", lr.classifier("mean")), ("reg", lr.regressor()),
+                                      ("bce", lr.bernoulli())):
             d = os.path.join(root, name)
             os.makedirs(d)
             tr.write_case(d, m, list(x.shape[1:]), loss, x, y)
-            dirs[name] = (d, el.Ref(m, x, y, loss))
+            dirs[name] = (d, lr.Ref(m, x, y, loss))
         for name, tag in (("cls", "CE"), ("reg", "MSE"), ("bce", "BCE")):
             check_case(tag, dirs[name][0], dirs[name][1], name)
         # CrossEntropyLoss with reduction sum: ggn_factor 1, the same posterior
-        m, x, y, loss = el.classifier("sum")
+        m, x, y, loss = lr.classifier("sum")
         d = os.path.join(root, "sum")
         os.makedirs(d)
         tr.write_case(d, m, list(x.shape[1:]), loss, x, y)
-        ref = el.Ref(m, x, y, loss)
+        ref = lr.Ref(m, x, y, loss)
         for st in ("full", "kron"):
             r, f, S = check_predictive("CE sum", d, ref, st, [0.7])
             check(f"CE sum {st}: ggn_factor 1", r.get("ggn_factor") == 1, str(r.get("ggn_factor")))

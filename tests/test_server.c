@@ -327,6 +327,76 @@ static void race_hook(cv_registry *r, const char *name, void *arg)
     }
 }
 
+/* A stand-in for a kept posterior: counts its frees. */
+static int posts_freed;
+static void post_free(void *p)
+{
+    posts_freed++;
+    free(p);
+}
+
+/* Kept posteriors (server/registry.h CV_REG_POSTERIOR): per model, counted in the
+ * budget, replaced by name, accumulate_into's expect refused once replaced, pinned by a
+ * job (DELETE 409), gone with the model's DELETE. */
+START_TEST(registry_posteriors)
+{
+    cv_err e;
+    cv_model *m = heap_model(1);
+    size_t mb = cv_model_bytes(m);
+    cv_registry *r = cv_registry_new(mb + 1000);
+    posts_freed = 0;
+    ck_assert_int_eq(cv_registry_add_model(r, "m", m, "test", NULL, &e), 0);
+    cv_snap *ms = cv_registry_get(r, CV_REG_MODEL, "m", &e);
+    cv_snap *p1;
+    ck_assert_int_eq(cv_registry_keep_posterior(r, ms, "a", malloc(8), 600, post_free, NULL, &p1,
+                                                &e), 0);
+    ck_assert_str_eq(p1->owner, "m");
+    ck_assert_uint_eq(p1->owner_version, 1);
+    /* over the budget: 413 registry_full naming it; the posterior is freed */
+    ck_assert_int_eq(cv_registry_keep_posterior(r, ms, "b", malloc(8), 600, post_free, NULL,
+                                                NULL, &e), -1);
+    ck_assert_int_eq(e.status, CV_ETOOLARGE);
+    ck_assert_str_eq(e.code, "registry_full");
+    ck_assert(strstr(e.message, "--max-registry-bytes") != NULL);
+    ck_assert_int_eq(posts_freed, 1);
+    cv_registry_stats st;
+    cv_registry_stats_get(r, &st);
+    ck_assert_int_eq(st.posteriors, 1);
+    ck_assert_int_eq(st.datasets, 0);
+    ck_assert_uint_eq(st.bytes, mb + 600);
+    /* a job pins "a"; replacing it under accumulate_into's expect works once */
+    cv_snap *pin = cv_registry_acquire_posterior(r, "m", "a", "options.posterior", &e);
+    ck_assert_ptr_eq(pin, p1);
+    ck_assert_int_eq(cv_registry_delete_posterior(r, "m", "a", &e), -1);
+    ck_assert_int_eq(e.status, CV_ECONFLICT);
+    cv_snap *p2;
+    ck_assert_int_eq(cv_registry_keep_posterior(r, ms, "a", malloc(8), 300, post_free, pin, &p2,
+                                                &e), 0);
+    ck_assert_uint_eq(p2->version, 2);
+    ck_assert_int_eq(cv_registry_keep_posterior(r, ms, "a", malloc(8), 300, post_free, pin, NULL,
+                                                &e), -1);
+    ck_assert_int_eq(e.status, CV_ECONFLICT);
+    ck_assert_str_eq(e.field, "options.accumulate_into");
+    ck_assert(cv_registry_acquire_posterior(r, "m", "zz", "options.posterior", &e) == NULL);
+    ck_assert_int_eq(e.status, CV_ENOTFOUND);
+    ck_assert_str_eq(e.field, "options.posterior");
+    cv_registry_release(r, pin);
+    cv_snap_unref(p1);
+    cv_snap **v;
+    ck_assert_int_eq(cv_registry_list_posteriors(r, "m", &v), 1);
+    cv_snaps_release(v, 1);
+    /* the model's DELETE takes its posteriors */
+    cv_snap_unref(p2);
+    cv_snap_unref(ms);
+    ck_assert_int_eq(cv_registry_delete(r, CV_REG_MODEL, "m", &e), 0);
+    cv_registry_stats_get(r, &st);
+    ck_assert_int_eq(st.posteriors, 0);
+    ck_assert_uint_eq(st.bytes, 0);
+    ck_assert_int_eq(posts_freed, 4);
+    cv_registry_free(r);
+}
+END_TEST
+
 START_TEST(registry_put_params_race_and_pinned_budget)
 {
     cv_registry *r = cv_registry_new((size_t)1 << 30);
@@ -1146,6 +1216,7 @@ static Suite *server_suite(void)
     TCase *reg = tcase_create("registry");
     tcase_add_test(reg, registry_versions_pins_conflicts_budget);
     tcase_add_test(reg, registry_put_params_race_and_pinned_budget);
+    tcase_add_test(reg, registry_posteriors);
     tcase_add_test(reg, demo_registers_trained_models);
     suite_add_tcase(s, reg);
     TCase *jobs = tcase_create("jobs");

@@ -132,6 +132,15 @@ def check_option(spec, where, s, o, bad):
         else:
             check_number(where, nums[0], o, "number", bad)
             check_list(spec, where, lists[0], bad)
+    elif t in ("name", "boolean_or_name"):
+        alts = [spec.resolve(a) for a in s.get("oneOf", [s])]
+        strs = [a for a in alts if a.get("type") == "string"]
+        bools = [a for a in alts if a.get("type") == "boolean"]
+        if len(strs) != 1 or len(bools) != (t == "boolean_or_name") or \
+                len(alts) != 1 + len(bools) or \
+                strs[0].get("pattern") != "^[A-Za-z0-9_.-]{1,64}$":
+            bad("%s: the spec needs %sa string with pattern ^[A-Za-z0-9_.-]{1,64}$ for type %s"
+                % (where, "oneOf [a boolean, " if bools else "", t))
     else:
         bad("%s: unknown option type %r in the op table" % (where, t))
     if sorted(s.get("x-methods") or []) != sorted(o.get("methods") or []):

@@ -218,22 +218,31 @@ def replace(client: Client, kind: str, name: str) -> None:
             raise
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        import torch
-        from torch import nn
-        from curvd_client.torch_export import export_dataset, export_model
-    except ImportError as e:
-        print("laplace_digits: %s\n(run with /usr/bin/python3 on Debian: python3-torch)" % e,
-              file=sys.stderr)
-        return 2
-    client = Client(args.url, timeout=60)
+def connect(prog: str, url: str, timeout: float) -> Tuple[Optional[Client], int]:
+    """(a client of the daemon at url, 0) when PyTorch imports and the daemon answers;
+    else (None, the exit code: 2 without torch, 1 without a daemon) after a message."""
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:
+        print("%s: no module named 'torch'\n(run with /usr/bin/python3 on Debian: "
+              "python3-torch)" % prog, file=sys.stderr)
+        return None, 2
+    client = Client(url, timeout=timeout)
     try:
         client.health()
     except CurvdError as e:
-        print("laplace_digits: %s (start it with: curvd serve)" % e, file=sys.stderr)
-        return 1
+        print("%s: %s (start it with: curvd serve)" % (prog, e), file=sys.stderr)
+        return None, 1
+    return client, 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    client, rc = connect("laplace_digits", args.url, 60)
+    if client is None:
+        return rc
+    import torch
+    from torch import nn
+    from curvd_client.torch_export import export_dataset, export_model
     t0 = time.monotonic()
 
     # 1. The MAP network, trained in torch.
