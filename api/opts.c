@@ -42,6 +42,7 @@ const char *cv_opt_type_name(cv_opt_type t)
     case CV_OPT_LIST: return "list";
     case CV_OPT_ENUM_OR_LIST: return "enum_or_list";
     case CV_OPT_NUM_OR_LIST: return "number_or_list";
+    case CV_OPT_ENUM_LIST: return "enum_list";
     }
     return "?";
 }
@@ -114,6 +115,24 @@ static int check_list(const cJSON *v, const char *field, cv_err *e)
     return 0;
 }
 
+/* A list of names from choices; field of a bad entry: "options.NAME[i]". */
+static int check_enum_list(const cJSON *v, const char *choices, const char *field, cv_err *e)
+{
+    if (!cJSON_IsArray(v))
+        return cv_err_set(e, CV_EINVAL, "invalid_option", field,
+                          "%s must be a list of names from %s", field, choices);
+    int i = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, v)
+    {
+        char f[112];
+        snprintf(f, sizeof f, "%s[%d]", field, i++);
+        if (check_enum(x, choices, f, e))
+            return -1;
+    }
+    return 0;
+}
+
 /* A number in [min, max] or a non-empty list of them. */
 static int check_num_or_list(const cJSON *v, const cv_opt_spec *s, const char *field, cv_err *e)
 {
@@ -164,6 +183,7 @@ static int check_one(const cJSON *v, const cv_opt_spec *s, const char *const *me
                               "%s must be one of %s or a list of numbers", field, s->choices);
         return 0;
     case CV_OPT_NUM_OR_LIST: return check_num_or_list(v, s, field, e);
+    case CV_OPT_ENUM_LIST: return check_enum_list(v, s->choices, field, e);
     }
     return 0;
 }
@@ -258,6 +278,18 @@ static int store_one(const cJSON *v, const cv_opt_spec *s, void *at, const char 
         if (!c->is_list)
             c->num = v->valuedouble;
         return c->is_list ? store_list(v, &c->list, s->name, e) : 0;
+    }
+    case CV_OPT_ENUM_LIST: {
+        unsigned mask = 0;
+        const cJSON *x;
+        cJSON_ArrayForEach(x, v)
+        {
+            int i = cv_opts_choice_index(s->choices, x->valuestring);
+            if (i >= 0 && i < 32)
+                mask |= 1u << i;
+        }
+        *(unsigned *)at = mask;
+        return 0;
     }
     }
     return 0;

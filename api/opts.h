@@ -15,7 +15,8 @@
  *   CV_OPT_NUM_OR_ENUM, CV_OPT_INT_OR_ENUM: cv_opt_choice;
  *   CV_OPT_LIST: cv_opt_list (malloc()ed; cv_opts_release frees it);
  *   CV_OPT_ENUM_OR_LIST: cv_opt_choice_list (its list likewise);
- *   CV_OPT_NUM_OR_LIST: cv_opt_num_list (its list likewise).
+ *   CV_OPT_NUM_OR_LIST: cv_opt_num_list (its list likewise);
+ *   CV_OPT_ENUM_LIST: unsigned (bit i: choice i was listed).
  */
 #ifndef CV_OPTS_H
 #define CV_OPTS_H
@@ -39,8 +40,9 @@ typedef enum {
     CV_OPT_ENUM_OR_LIST,/* one of choices or an array of finite numbers; a list
                           is a vector over the job's block: api/job.c checks at
                           bind that there is one block and the list has its D */
-    CV_OPT_NUM_OR_LIST /* a number in [min, max] or a non-empty array of them (its
+    CV_OPT_NUM_OR_LIST, /* a number in [min, max] or a non-empty array of them (its
                           length is the op's to check) */
+    CV_OPT_ENUM_LIST   /* an array of choices (at most 32; repeats allowed) */
 } cv_opt_type;
 
 typedef struct {
@@ -118,7 +120,8 @@ int cv_opts_choice_index(const char *choices, const char *s);
 int cv_opts_in_list(const char *list, const char *name);
 
 /* The type's name in GET /v1/ops: "integer", "number", "boolean", "enum",
- * "number_or_enum", "integer_or_enum", "list", "enum_or_list" or "number_or_list". */
+ * "number_or_enum", "integer_or_enum", "list", "enum_or_list", "number_or_list" or
+ * "enum_list". */
 const char *cv_opt_type_name(cv_opt_type t);
 
 #endif
