@@ -17,6 +17,8 @@
  * (cv_op_ctx.history, kept by server/registry.c) and, for alpha/alpha_fit,
  * build a second engine at the previous parameters on the same batch.
  */
+#include <cblas.h>
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,7 +52,9 @@ typedef struct {
     unsigned include, exclude;
     int probes, bins, lanczos_steps;
     double tic_epsilon;
-    size_t max_layer_dim;     /* set at bind: the largest layer's parameters */
+    /* set at bind (the memory plan): the largest layer without the Linear fast
+     * path (per-sample rows formed), and the Linear factors' numbers per sample */
+    size_t max_layer_dim, factor_per_sample;
 } instr_args;
 
 static const cv_opt_spec instr_opts[] = {
@@ -94,6 +98,14 @@ static int check_instr(const cv_opts *o, cv_curvature kind, cv_err *e)
     return 0;
 }
 
+/* Layer block lb is one layer whose per-sample gradients come from its
+ * factors (engine/curv.h cv_linear_factor_layer); its layer index in *l. */
+static int fast_layer(const cv_model *m, const cv_block *lb, int *l)
+{
+    *l = cv_model_param_layer(m, lb->idx[0]);
+    return cv_linear_factor_layer(m, *l) && lb->count == m->layers[*l].nparams;
+}
+
 static int bind_instr(const cv_opts *o, const cv_model *m, const cv_block *blocks, int n,
                       cv_err *e)
 {
@@ -101,11 +113,17 @@ static int bind_instr(const cv_opts *o, const cv_model *m, const cv_block *block
     cv_block *lay = malloc(sizeof *lay * CV_MAX_LAYERS);
     if (!lay)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "layer blocks");
-    int nl = cv_blocks_per_layer(m, lay, CV_MAX_LAYERS);
-    a->max_layer_dim = 0;
-    for (int i = 0; i < nl; i++)
-        if (lay[i].dim > a->max_layer_dim)
+    int nl = cv_blocks_per_layer(m, lay, CV_MAX_LAYERS), l;
+    a->max_layer_dim = a->factor_per_sample = 0;
+    for (int i = 0; i < nl; i++) {
+        if (fast_layer(m, &lay[i], &l))
+            a->factor_per_sample += m->layers[l].in_shape.dim[0] > 0
+                                        ? cv_shape_numel(&m->layers[l].in_shape) +
+                                              cv_shape_numel(&m->layers[l].out_shape)
+                                        : 0;
+        else if (lay[i].dim > a->max_layer_dim)
             a->max_layer_dim = lay[i].dim;
+    }
     free(lay);
     return 0;
 }
@@ -117,7 +135,8 @@ static void mem_instr(const cv_opts *o, cv_curvature kind, const cv_block *b, si
     unsigned w = wanted(o);
     double D = (double)b->dim, v = 8 * D; /* gbar, M's diagonal, deltas, the Hessian diagonal */
     if (w & FIRST_ORDER)
-        v += ((double)n + 1) * (double)(a->max_layer_dim ? a->max_layer_dim : b->dim);
+        v += ((double)n + 1) * (double)a->max_layer_dim +
+             (double)n * (double)a->factor_per_sample + 3 * D + 6 * (double)n;
     if (w & (BIT(I_HTRACE) | BIT(I_TIC_TRACE) | BIT(I_TIC_DIAG)))
         v += 2.0 * PROBE_BLOCK * D;
     if (w & BIT(I_HMAX))
@@ -192,7 +211,8 @@ static double variance(const double *x, size_t n)
 /* ---- the first-order pass ------------------------------------------------------ */
 
 typedef struct {
-    cv_op_ctx *c;
+    cv_curv *curv;
+    const cv_model *m;
     const cv_block *lay;      /* the layer blocks */
     int nl;
     size_t N, D;
@@ -205,13 +225,17 @@ typedef struct {
     double *layer_norm2, *layer_gsnr; /* nl */
     size_t *layer_gsnr_count, *layer_excluded;
     double lo, hi;            /* range of the entries */
-    double *Gl;               /* N x max layer dim */
+    double *Gl;               /* N x the largest layer without factors */
+    double *fac;              /* the Linear layers' factors (cv_curv_linear_factors) */
+    size_t fac_off[CV_MAX_LAYERS], fac_len;
+    char fast[CV_MAX_LAYERS]; /* by layer block: from the factors */
+    int lidx[CV_MAX_LAYERS];  /* by layer block: its layer */
 } first_pass;
 
 /* Per-sample gradients g_i of layer block lb into G (N x lb->dim, row i). */
 static int layer_rows(first_pass *f, const cv_block *lb, double *G, cv_err *e)
 {
-    if (cv_curv_per_sample_gradients(f->c->curv, lb, G, e))
+    if (cv_curv_per_sample_gradients(f->curv, lb, G, e))
         return -1;
     size_t len = f->N * lb->dim;
     for (size_t q = 0; q < len; q++)
@@ -275,18 +299,188 @@ static void layer_stats(first_pass *f, int l, const double *G, size_t off)
     f->layer_excluded[l] = excl;
 }
 
+/* The factors of layer block l: A (N x in), S (N x out), has_bias. */
+static void factors_of(const first_pass *f, int l, const double **A, const double **S,
+                       size_t *in, size_t *out, int *bias)
+{
+    const cv_layer *L = &f->m->layers[f->lidx[l]];
+    *in = cv_shape_numel(&L->in_shape);
+    *out = cv_shape_numel(&L->out_shape);
+    *bias = L->nparams > 1;
+    *A = f->fac + f->fac_off[f->lidx[l]];
+    *S = *A + f->N * *in;
+}
+
+/* y_n += s_n^T V a_n + s_n^T v_b for all n (V out x in, v_b: V + out*in when bias). */
+static int bilinear_rows(size_t N, size_t in, size_t out, int bias, const double *A,
+                         const double *S, const double *V, double *y)
+{
+    double *U = malloc(sizeof(double) * N * out);
+    if (!U)
+        return -1;
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, (int)out, (int)in, 1.0, A,
+                (int)in, V, (int)in, 0.0, U, (int)out);
+    for (size_t i = 0; i < N; i++) {
+        double t = 0;
+        const double *s = S + i * out, *u = U + i * out;
+        for (size_t o = 0; o < out; o++)
+            t += s[o] * (u[o] + (bias ? V[out * in + o] : 0));
+        y[i] += t;
+    }
+    free(U);
+    return 0;
+}
+
+/* layer_stats from the factors (no n x D rows): gbar = S^T A / N, sum_n g^2 =
+ * (S.*S)^T (A.*A), g_n^T gbar = s_n^T Gbar a_n, ||g_n||^2 = ||s_n||^2 (||a_n||^2
+ * + bias); variances from sum g^2 - N gbar^2 (zero to rounding: excluded). */
+static int fast_stats(first_pass *f, int l, size_t off, cv_err *e)
+{
+    const double *A, *S;
+    size_t in, out, N = f->N;
+    int bias;
+    factors_of(f, l, &A, &S, &in, &out, &bias);
+    size_t Dl = f->lay[l].dim;
+    double *gb = f->gbar + off, *md = f->mdiag + off;
+    double *A2 = malloc(sizeof(double) * N * in), *S2 = malloc(sizeof(double) * N * out);
+    if (!A2 || !S2) {
+        free(A2);
+        free(S2);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "squared factors");
+    }
+    for (size_t q = 0; q < N * in; q++)
+        A2[q] = A[q] * A[q];
+    for (size_t q = 0; q < N * out; q++)
+        S2[q] = S[q] * S[q];
+    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, (int)in, (int)N, 1.0 / (double)N,
+                S, (int)out, A, (int)in, 0.0, gb, (int)in);
+    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, (int)in, (int)N, 1.0 / (double)N,
+                S2, (int)out, A2, (int)in, 0.0, md, (int)in);
+    for (size_t o = 0; bias && o < out; o++) {
+        double sm = 0, s2 = 0;
+        for (size_t i = 0; i < N; i++) {
+            sm += S[i * out + o];
+            s2 += S2[i * out + o];
+        }
+        gb[out * in + o] = sm / (double)N;
+        md[out * in + o] = s2 / (double)N;
+    }
+    double g2 = norm2(gb, Dl);
+    double *dot = calloc(N, sizeof(double));
+    int rc = dot && !bilinear_rows(N, in, out, bias, A, S, gb, dot) &&
+                     (!f->delta || !bilinear_rows(N, in, out, bias, A, S, f->delta + off, f->proj))
+                 ? 0
+                 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "per-sample products");
+    for (size_t i = 0; !rc && i < N; i++) {
+        double a2 = 0, s2 = 0, amin = INFINITY, amax = -INFINITY, smin = INFINITY, smax = -INFINITY;
+        for (size_t q = 0; q < in; q++) {
+            a2 += A2[i * in + q];
+            amin = fmin(amin, A[i * in + q]);
+            amax = fmax(amax, A[i * in + q]);
+        }
+        for (size_t q = 0; q < out; q++) {
+            s2 += S2[i * out + q];
+            smin = fmin(smin, S[i * out + q]);
+            smax = fmax(smax, S[i * out + q]);
+        }
+        double sq = s2 * (a2 + (bias ? 1 : 0));
+        f->sq[i] += sq;
+        f->dot[i] += dot[i];
+        f->dev[i] += fmax(sq - 2 * dot[i] + g2, 0);
+        double ext[6] = {smin * amin, smin * amax, smax * amin, smax * amax, smin, smax};
+        for (int q = 0; q < (bias ? 6 : 4); q++) {
+            f->lo = fmin(f->lo, ext[q]);
+            f->hi = fmax(f->hi, ext[q]);
+        }
+    }
+    double gs = 0;
+    size_t cnt = 0, excl = 0;
+    for (size_t j = 0; !rc && j < Dl; j++) {
+        double ss = md[j] * (double)N, s2 = N > 1 ? (ss - (double)N * gb[j] * gb[j]) / (double)(N - 1) : 0;
+        if (s2 > 4 * DBL_EPSILON * ss) {
+            gs += gb[j] * gb[j] / s2;
+            cnt++;
+        } else {
+            excl++;
+        }
+    }
+    f->layer_norm2[l] = g2;
+    f->layer_gsnr[l] = gs;
+    f->layer_gsnr_count[l] = cnt;
+    f->layer_excluded[l] = excl;
+    free(dot);
+    free(A2);
+    free(S2);
+    return rc;
+}
+
+/* The Linear factors of the fast layers, once. */
+static int get_factors(first_pass *f, cv_err *e)
+{
+    char layers[CV_MAX_LAYERS] = {0};
+    size_t len = 0;
+    int any = 0;
+    for (int l = 0; l < f->nl; l++) {
+        f->fast[l] = (char)fast_layer(f->m, &f->lay[l], &f->lidx[l]);
+        if (!f->fast[l])
+            continue;
+        const cv_layer *L = &f->m->layers[f->lidx[l]];
+        layers[f->lidx[l]] = 1;
+        f->fac_off[f->lidx[l]] = len;
+        len += f->N * (cv_shape_numel(&L->in_shape) + cv_shape_numel(&L->out_shape));
+        any = 1;
+    }
+    f->fac_len = len;
+    if (!any)
+        return 0;
+    f->fac = malloc(sizeof(double) * len);
+    if (!f->fac)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Linear factors");
+    return cv_curv_linear_factors(f->curv, layers, f->fac_off, f->fac, len, e);
+}
+
 static int run_first_order(first_pass *f, cv_err *e)
 {
     size_t off = 0;
     f->lo = INFINITY;
     f->hi = -INFINITY;
+    if (get_factors(f, e))
+        return -1;
     for (int l = 0; l < f->nl; l++) {
-        if (layer_rows(f, &f->lay[l], f->Gl, e))
-            return -1;
-        layer_stats(f, l, f->Gl, off);
+        if (f->fast[l]) {
+            if (fast_stats(f, l, off, e))
+                return -1;
+        } else {
+            if (layer_rows(f, &f->lay[l], f->Gl, e))
+                return -1;
+            layer_stats(f, l, f->Gl, off);
+        }
         off += f->lay[l].dim;
     }
     return 0;
+}
+
+/* Bins of the entries s_o a_i (and s_o, the bias) of every sample of layer block l. */
+static void fast_bins(const first_pass *f, int l, double lo, double w, int bins, double *counts)
+{
+    const double *A, *S;
+    size_t in, out;
+    int bias;
+    factors_of(f, l, &A, &S, &in, &out, &bias);
+    for (size_t i = 0; i < f->N; i++) {
+        const double *a = A + i * in, *s = S + i * out;
+        for (size_t o = 0; o < out; o++) {
+            double so = s[o];
+            for (size_t q = 0; q < in; q++) {
+                long k = (long)((so * a[q] - lo) * w);
+                counts[k < 0 ? 0 : k >= bins ? bins - 1 : k] += 1;
+            }
+            if (bias) {
+                long k = (long)((so - lo) * w);
+                counts[k < 0 ? 0 : k >= bins ? bins - 1 : k] += 1;
+            }
+        }
+    }
 }
 
 /* numpy.histogram's bins over [lo, hi] (hi in the last bin; lo == hi widened by 0.5). */
@@ -303,6 +497,10 @@ static int run_histogram(first_pass *f, int bins, double *lo, double *hi, double
     for (int k = 0; k < bins; k++)
         counts[k] = 0;
     for (int l = 0; l < f->nl; l++) {
+        if (f->fast[l]) {
+            fast_bins(f, l, *lo, w, bins, counts);
+            continue;
+        }
         if (layer_rows(f, &f->lay[l], f->Gl, e))
             return -1;
         size_t len = f->N * f->lay[l].dim;
@@ -431,8 +629,12 @@ typedef struct {
     double vf[2], vd[2];      /* their sample variances over i */
 } cross_vals;
 
+static int alloc_pass(first_pass *f, size_t maxdim, cv_err *e);
+static void free_pass(first_pass *f);
+
 /* Loss, projected gradient and per-sample spreads at the previous parameters,
- * from a second engine on the same batch. */
+ * from a second engine on the same batch (per_sample: the first-order pass
+ * there, for alpha_fit's spread of the projected gradients). */
 static int at_previous(cv_op_ctx *c, const cv_block *b, const cv_block *lay, int nl,
                        const float *prev, const double *delta, double dnorm, size_t maxdim,
                        int per_sample, cross_vals *cv, cv_err *e)
@@ -448,8 +650,9 @@ static int at_previous(cv_op_ctx *c, const cv_block *b, const cv_block *lay, int
     cv_curv_options co = *cv_curv_get_options(c->curv);
     cv_curv_release_states(c->curv); /* its budget goes to the second engine */
     cv_curv *e0 = cv_curv_new(pm, cv_curv_batch(c->curv, NULL), &co, e);
-    double *G = NULL, *proj = NULL;
+    double *G = NULL;
     int rc = e0 ? 0 : -1;
+    first_pass f = {0};
     if (!rc) {
         double scale = cv_curv_loss_state(e0)->scale;
         cv->f0 = cv_curv_loss(e0);
@@ -463,42 +666,39 @@ static int at_previous(cv_op_ctx *c, const cv_block *b, const cv_block *lay, int
         free(lossv);
         cv->mf[0] = cv->f0 / (scale * (double)N);
         if (per_sample) {
-            G = malloc(sizeof(double) * N * (maxdim ? maxdim : 1));
-            proj = calloc(N, sizeof(double));
-            rc = G && proj ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "per-sample rows");
-            size_t off = 0;
-            for (int l = 0; l < nl && !rc; l++) {
-                size_t Dl = lay[l].dim;
-                rc = cv_curv_per_sample_gradients(e0, &lay[l], G, e);
-                for (size_t i = 0; i < N && !rc; i++)
-                    for (size_t j = 0; j < Dl; j++)
-                        proj[i] += G[i * Dl + j] / scale * delta[off + j];
-                off += Dl;
-            }
+            f.curv = e0;
+            f.m = pm;
+            f.lay = lay;
+            f.nl = nl;
+            f.N = N;
+            f.D = D;
+            f.inv_scale = 1.0 / scale;
+            f.delta = delta;
+            rc = alloc_pass(&f, maxdim, e) || run_first_order(&f, e) ? -1 : 0;
             if (!rc) {
-                double s = 0;
+                double sum = 0;
                 for (size_t i = 0; i < N; i++)
-                    s += proj[i];
-                cv->d0 = s * scale; /* grad L = c sum_i g_i */
+                    sum += f.proj[i];
+                cv->d0 = sum * scale; /* grad L = c sum_i g_i */
                 for (size_t i = 0; i < N; i++)
-                    proj[i] /= dnorm;
-                cv->md[0] = s / (double)N / dnorm;
-                cv->vd[0] = variance(proj, N);
+                    f.proj[i] /= dnorm;
+                cv->md[0] = sum / (double)N / dnorm;
+                cv->vd[0] = variance(f.proj, N);
             }
         } else {
             G = malloc(sizeof(double) * (D ? D : 1));
             rc = G ? cv_curv_gradient(e0, b, G, e)
                    : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "gradient");
             if (!rc) {
-                double s = 0;
+                double sum = 0;
                 for (size_t j = 0; j < D; j++)
-                    s += G[j] * delta[j];
-                cv->d0 = s;
+                    sum += G[j] * delta[j];
+                cv->d0 = sum;
             }
         }
     }
+    free_pass(&f);
     free(G);
-    free(proj);
     cv_curv_free(e0);
     cv_model_free(pm);
     free(pm);
@@ -531,11 +731,8 @@ typedef struct {
     double *delta_prev, *delta_first; /* theta_v - theta_{v-1}, theta_v - theta_1 */
 } instr_state;
 
-static void free_state(instr_state *s, first_pass *f)
+static void free_pass(first_pass *f)
 {
-    free(s->lay);
-    free(s->delta_prev);
-    free(s->delta_first);
     free(f->gbar);
     free(f->mdiag);
     free(f->sq);
@@ -547,6 +744,15 @@ static void free_state(instr_state *s, first_pass *f)
     free(f->layer_gsnr_count);
     free(f->layer_excluded);
     free(f->Gl);
+    free(f->fac);
+}
+
+static void free_state(instr_state *s, first_pass *f)
+{
+    free(s->lay);
+    free(s->delta_prev);
+    free(s->delta_first);
+    free_pass(f);
 }
 
 /* Deltas against the kept versions; *why: why the cross-version instruments
@@ -831,7 +1037,8 @@ static int run_instruments(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "layer blocks");
     }
     s.nl = cv_blocks_per_layer(c->m, s.lay, CV_MAX_LAYERS);
-    f.c = c;
+    f.curv = c->curv;
+    f.m = c->m;
     f.lay = s.lay;
     f.nl = s.nl;
     f.N = cv_curv_batch_size(c->curv);

@@ -320,7 +320,9 @@ job_for() { # op -> job JSON on m1/d1
     frobenius_norm) o='{"max_probes":10}' ;;
     *) o='{}' ;;
   esac
-  printf '{"op":"%s","model":"m1","dataset":"d1","curvature":"ggn","seed":7,"options":%s}' "$1" "$o"
+  cu=ggn
+  [ "$1" = instruments ] && cu=hessian # the instruments use the Hessian only
+  printf '{"op":"%s","model":"m1","dataset":"d1","curvature":"%s","seed":7,"options":%s}' "$1" "$cu" "$o"
 }
 for op in $(cat "$T/ops"); do
   job_for "$op" > "$T/job_$op.json"
