@@ -110,6 +110,10 @@ static int bind_instr(const cv_opts *o, const cv_model *m, const cv_block *block
                       cv_err *e)
 {
     instr_args *a = o->args;
+    if (n != 1 || blocks[0].count != cv_model_param_count(m))
+        return cv_err_set(e, CV_EINVAL, "invalid_blocks", "blocks",
+                          "instruments use the whole model (per-layer values are in "
+                          "\"layers\"): leave \"blocks\" out or give \"full\"");
     cv_block *lay = malloc(sizeof *lay * CV_MAX_LAYERS);
     if (!lay)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "layer blocks");

@@ -322,6 +322,9 @@ def errors(cl):
     ex = err({}, curvature="ggn")
     check("curvature ggn -> 400", ex is not None and ex.status == 400 and
           ex.field == "curvature", str(ex))
+    ex = err({}, blocks=[["0.weight"]])
+    check("a block group -> 400 (the whole model only)", ex is not None and ex.status == 400 and
+          ex.field == "blocks", str(ex))
     ex = err({"bins": 0})
     check("bins 0 -> 400", ex is not None and ex.status == 400 and ex.field == "options.bins",
           str(ex))
