@@ -464,27 +464,62 @@ static int run_first_order(first_pass *f, cv_err *e)
     return 0;
 }
 
-/* Bins of the entries s_o a_i (and s_o, the bias) of every sample of layer block l. */
-static void fast_bins(const first_pass *f, int l, double lo, double w, int bins, double *counts)
+static long bin_of(double v, double lo, double w, int bins)
+{
+    long k = (long)((v - lo) * w);
+    return k < 0 ? 0 : k >= bins ? bins - 1 : k;
+}
+
+/* The entries s_o a_q (q = 0..in) of one row o, a sorted ascending: their bins
+ * are monotone in q, so each run of equal bins is counted at once (found by
+ * bisection with the same bin_of as the entries: the counts are those of
+ * binning the entries one by one). */
+static void row_bins(double so, const double *a, size_t in, double lo, double w, int bins,
+                     double *counts)
+{
+    size_t q = 0;
+    while (q < in) {
+        long k = bin_of(so * a[q], lo, w, bins);
+        size_t lo_i = q, hi_i = in - 1; /* the last index with bin k lies in [lo_i, hi_i] */
+        if (bin_of(so * a[hi_i], lo, w, bins) == k) {
+            counts[k] += (double)(in - q);
+            return;
+        }
+        while (hi_i - lo_i > 1) {
+            size_t mid = lo_i + (hi_i - lo_i) / 2;
+            if (bin_of(so * a[mid], lo, w, bins) == k)
+                lo_i = mid;
+            else
+                hi_i = mid;
+        }
+        counts[k] += (double)(lo_i + 1 - q);
+        q = lo_i + 1;
+    }
+}
+
+/* Bins of the entries s_o a_q (and s_o, the bias) of every sample of layer block l. */
+static int fast_bins(const first_pass *f, int l, double lo, double w, int bins, double *counts,
+                     cv_err *e)
 {
     const double *A, *S;
     size_t in, out;
     int bias;
     factors_of(f, l, &A, &S, &in, &out, &bias);
+    double *as = malloc(sizeof(double) * (in ? in : 1));
+    if (!as)
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "histogram row");
     for (size_t i = 0; i < f->N; i++) {
-        const double *a = A + i * in, *s = S + i * out;
+        const double *s = S + i * out;
+        memcpy(as, A + i * in, sizeof(double) * in);
+        qsort(as, in, sizeof(double), cmp_double);
         for (size_t o = 0; o < out; o++) {
-            double so = s[o];
-            for (size_t q = 0; q < in; q++) {
-                long k = (long)((so * a[q] - lo) * w);
-                counts[k < 0 ? 0 : k >= bins ? bins - 1 : k] += 1;
-            }
-            if (bias) {
-                long k = (long)((so - lo) * w);
-                counts[k < 0 ? 0 : k >= bins ? bins - 1 : k] += 1;
-            }
+            row_bins(s[o], as, in, lo, w, bins, counts);
+            if (bias)
+                counts[bin_of(s[o], lo, w, bins)] += 1;
         }
     }
+    free(as);
+    return 0;
 }
 
 /* numpy.histogram's bins over [lo, hi] (hi in the last bin; lo == hi widened by 0.5). */
@@ -502,7 +537,8 @@ static int run_histogram(first_pass *f, int bins, double *lo, double *hi, double
         counts[k] = 0;
     for (int l = 0; l < f->nl; l++) {
         if (f->fast[l]) {
-            fast_bins(f, l, *lo, w, bins, counts);
+            if (fast_bins(f, l, *lo, w, bins, counts, e))
+                return -1;
             continue;
         }
         if (layer_rows(f, &f->lay[l], f->Gl, e))
