@@ -803,11 +803,11 @@ static int history_deltas(cv_op_ctx *c, const cv_block *b, instr_state *s, const
     const cv_job_history *h = c->history;
     const cv_curv_options *co = cv_curv_get_options(c->curv);
     *why = NULL;
-    if (cv_comm_active(co->comm))
-        *why = "not available on several ranks";
-    else if (!h || !h->previous || !h->first)
+    if (!h || !h->previous || !h->first)
         *why = "no previous version of the model (the first version, or a job outside the "
                "service's registry)";
+    else if (cv_comm_active(co->comm))
+        *why = "not available on several ranks";
     else if (h->n != c->m->nparams_total)
         *why = "the kept versions do not match the model's parameters";
     if (*why)
