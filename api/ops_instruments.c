@@ -559,8 +559,8 @@ static int run_histogram(first_pass *f, int bins, double *lo, double *hi, double
 static int hutchinson(cv_op_ctx *c, const cv_block *b, int p, double *samples, double *diag,
                       cv_err *e)
 {
-    size_t D = b->dim;
-    double *V = malloc(sizeof(double) * D * PROBE_BLOCK), *Y = malloc(sizeof(double) * D * PROBE_BLOCK);
+    size_t D = b->dim, cols = p < PROBE_BLOCK ? (size_t)p : PROBE_BLOCK;
+    double *V = malloc(sizeof(double) * D * cols), *Y = malloc(sizeof(double) * D * cols);
     int rc = V && Y ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "probe vectors");
     cv_linop op;
     cv_curv_linop_ctx lc;
