@@ -838,6 +838,7 @@ static cJSON *exec_batch(const cv_job_spec *j, const cv_model *m, const cv_batch
     c.progress = p;
     c.lim = lim;
     c.store = store;
+    c.history = &j->history;
 
     cv_curv_options co;
     engine_options(j, m, n, lim, p, &co);

@@ -58,6 +58,19 @@ struct cv_op_method;
 typedef enum { CV_JOB_BATCH_ALL = 0, CV_JOB_BATCH_RANGE, CV_JOB_BATCH_INDICES } cv_job_batch_kind;
 typedef enum { CV_JOB_BLOCKS_FULL = 0, CV_JOB_BLOCKS_LAYER, CV_JOB_BLOCKS_LIST } cv_job_blocks_kind;
 
+/* Earlier versions of the job's model, for the cross-version instruments of
+ * op "instruments" (api/ops_instruments.c): the parameter vectors (the
+ * model's D floats, state_dict order) of the version before the job's and
+ * of the first version of its registration.  The HTTP service sets them
+ * from the pinned snapshot (server/registry.c keeps them; borrowed, live
+ * as long as the job); zero (NULL vectors) elsewhere: `curvd run`, libcurvd. */
+typedef struct {
+    unsigned long version;              /* the job's model version (0: not known) */
+    const float *previous;              /* version - 1's parameters, or NULL */
+    const float *first;                 /* version 1's, or NULL */
+    size_t n;                           /* floats in each */
+} cv_job_history;
+
 /* A parsed job. */
 typedef struct {
     const struct cv_op_def *op;
@@ -85,6 +98,7 @@ typedef struct {
     size_t micro_batch;                 /* "micro_batch": samples per micro-batch (0: from
                                            the memory budget) */
     cv_opts opts;                       /* opts.args: the op's argument struct */
+    cv_job_history history;             /* zero after parsing; see cv_job_history */
 } cv_job_spec;
 
 /* Parses and validates a job document (borrowed).  NULL with e filled

@@ -58,6 +58,8 @@ typedef struct {
     struct cv_op_kron *kron;  /* a Kronecker curvature's factors and per-block operators
                                * (api/op_kron.h; built once per job), else NULL */
     cv_job_store *store;      /* the service's kept state (api/job.h), NULL in-process */
+    const cv_job_history *history; /* earlier versions of the model (api/job.h; NULL
+                                    * vectors when unknown); NULL outside cv_job_exec */
 } cv_op_ctx;
 
 /* Computes the op on block b, adding result fields to out. */
@@ -140,6 +142,7 @@ extern const cv_op_def cv_op_kfac; /* api/ops_kron.c */
 extern const cv_op_def cv_op_jvp, cv_op_vjp, cv_op_jacobian; /* api/ops_jacobian.c */
 extern const cv_op_def cv_op_laplace; /* api/ops_laplace.c */
 extern const cv_op_def cv_op_predict; /* api/ops_predict.c */
+extern const cv_op_def cv_op_instruments; /* api/ops_instruments.c */
 
 /* ViViT methods (api/ops_vivit.c): eigen "gram", newton "vivit". */
 extern const cv_op_method cv_method_eigen_gram, cv_method_newton_vivit;

@@ -14,7 +14,8 @@ static const cv_op_def *const op_table[] = {
     &cv_op_loss,  &cv_op_gradient, &cv_op_matvec,  &cv_op_dense, &cv_op_per_sample,
     &cv_op_trace, &cv_op_diag,     &cv_op_eigen,   &cv_op_density,
     &cv_op_solve, &cv_op_newton,   &cv_op_snr,     &cv_op_kfac, &cv_op_frobenius,
-    &cv_op_jvp,   &cv_op_vjp,      &cv_op_jacobian, &cv_op_laplace, &cv_op_predict, NULL};
+    &cv_op_jvp,   &cv_op_vjp,      &cv_op_jacobian, &cv_op_laplace, &cv_op_predict,
+    &cv_op_instruments, NULL};
 
 #define NOPS ((int)(sizeof op_table / sizeof op_table[0]) - 1)
 

@@ -44,6 +44,7 @@ const char *cv_opt_type_name(cv_opt_type t)
     case CV_OPT_NUM_OR_LIST: return "number_or_list";
     case CV_OPT_NAME: return "name";
     case CV_OPT_BOOL_OR_NAME: return "boolean_or_name";
+    case CV_OPT_ENUM_LIST: return "enum_list";
     }
     return "?";
 }
@@ -112,6 +113,24 @@ static int check_list(const cJSON *v, const char *field, cv_err *e)
             return cv_err_set(e, CV_EINVAL, "invalid_option", field,
                               "%s[%d] is not a finite number", field, i);
         i++;
+    }
+    return 0;
+}
+
+/* A list of names from choices; field of a bad entry: "options.NAME[i]". */
+static int check_enum_list(const cJSON *v, const char *choices, const char *field, cv_err *e)
+{
+    if (!cJSON_IsArray(v))
+        return cv_err_set(e, CV_EINVAL, "invalid_option", field,
+                          "%s must be a list of names from %s", field, choices);
+    int i = 0;
+    const cJSON *x;
+    cJSON_ArrayForEach(x, v)
+    {
+        char f[112];
+        snprintf(f, sizeof f, "%s[%d]", field, i++);
+        if (check_enum(x, choices, f, e))
+            return -1;
     }
     return 0;
 }
@@ -186,6 +205,7 @@ static int check_one(const cJSON *v, const cv_opt_spec *s, const char *const *me
     case CV_OPT_NUM_OR_LIST: return check_num_or_list(v, s, field, e);
     case CV_OPT_NAME:
     case CV_OPT_BOOL_OR_NAME: return check_name(v, field, s->type == CV_OPT_BOOL_OR_NAME, e);
+    case CV_OPT_ENUM_LIST: return check_enum_list(v, s->choices, field, e);
     }
     return 0;
 }
@@ -286,6 +306,18 @@ static int store_one(const cJSON *v, const cv_opt_spec *s, void *at, const char 
         cv_opt_name *c = at;
         c->on = cJSON_IsString(v) || cJSON_IsTrue(v);
         snprintf(c->s, sizeof c->s, "%s", cJSON_IsString(v) ? v->valuestring : "");
+        return 0;
+    }
+    case CV_OPT_ENUM_LIST: {
+        unsigned mask = 0;
+        const cJSON *x;
+        cJSON_ArrayForEach(x, v)
+        {
+            int i = cv_opts_choice_index(s->choices, x->valuestring);
+            if (i >= 0 && i < 32)
+                mask |= 1u << i;
+        }
+        *(unsigned *)at = mask;
         return 0;
     }
     }

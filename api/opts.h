@@ -17,6 +17,7 @@
  *   CV_OPT_ENUM_OR_LIST: cv_opt_choice_list (its list likewise);
  *   CV_OPT_NUM_OR_LIST: cv_opt_num_list (its list likewise);
  *   CV_OPT_NAME, CV_OPT_BOOL_OR_NAME: cv_opt_name.
+ *   CV_OPT_ENUM_LIST: unsigned (bit i: choice i was listed).
  */
 #ifndef CV_OPTS_H
 #define CV_OPTS_H
@@ -44,7 +45,8 @@ typedef enum {
                           length is the op's to check) */
     CV_OPT_NAME,       /* a name of something kept by the service: 1 to
                           CV_OPT_NAME_MAX characters from [A-Za-z0-9_.-] */
-    CV_OPT_BOOL_OR_NAME/* true, false or such a name */
+    CV_OPT_BOOL_OR_NAME,/* true, false or such a name */
+    CV_OPT_ENUM_LIST   /* an array of choices (at most 32; repeats allowed) */
 } cv_opt_type;
 
 #define CV_OPT_NAME_MAX 64
@@ -131,8 +133,8 @@ int cv_opts_choice_index(const char *choices, const char *s);
 int cv_opts_in_list(const char *list, const char *name);
 
 /* The type's name in GET /v1/ops: "integer", "number", "boolean", "enum",
- * "number_or_enum", "integer_or_enum", "list", "enum_or_list", "number_or_list", "name"
- * or "boolean_or_name". */
+ * "number_or_enum", "integer_or_enum", "list", "enum_or_list", "number_or_list", "name",
+ * "boolean_or_name" or "enum_list". */
 const char *cv_opt_type_name(cv_opt_type t);
 
 #endif

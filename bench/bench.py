@@ -45,7 +45,12 @@ FLOP_OP = {"gradient": "gradient", "ggnvp": "ggnvp", "hvp": "hvp", "ggnvp16": "g
 # speed drifts over minutes, so each ratio comes from back-to-back runs.
 TORCH_OP = {"hvp16": "hvp", "ggnvp16": "ggnvp", "eigen5": "power5"}
 OP_GROUPS = [["gradient", "hvp", "ggnvp", "hvp16", "ggnvp16"], ["trace"], ["eigen5", "power5"],
-             ["density"]]
+             ["density"], ["gradient", "instr_fo", "instr_nh", "instr_tl", "instr_all"]]
+# op "instruments" (issue 24; no torch counterpart): instr_fo the first-order instruments,
+# instr_nh the same without gradient_histogram, instr_tl instr_fo with hessian_trace (10
+# probes) and hessian_max_eigenvalue (10 Lanczos steps), instr_all every single-version
+# one (instr_tl and TIC with the exact Hessian diagonal); their time over
+# curvd's gradient, from the same bench_ops run, is printed as (instruments) ratios
 # The estimators also timed through `import curvd` (bench_inproc.py: the job in-process
 # from Python, rows "<op> py"), side by side with bench_ops in the same group.
 INPROC_OPS = ("trace", "eigen5", "density")
@@ -215,7 +220,7 @@ def main():
                     f"{op} {cv.get(op, float('nan')):.4g}/{th.get(TORCH_OP.get(op, op), float('nan')):.4g}"
                     for op in group) + " (curvd/torch s)", file=sys.stderr, flush=True)
         for op in ["gradient", "hvp", "ggnvp", "hvp16", "ggnvp16", "trace", "eigen5",
-                   "power5", "density"]:
+                   "power5", "density", "instr_fo", "instr_nh", "instr_tl", "instr_all"]:
             if op not in cv:
                 continue
             ref = TORCH_OP.get(op, op)
@@ -245,6 +250,11 @@ def main():
               f"matvecs: trace {cv.get('trace_matvecs')} eigen5 {cv.get('eigen5_matvecs')} "
               f"power5 {cv.get('power5_matvecs')} density {cv.get('density_matvecs')}"
               f" (reorthogonalized {cv.get('density_reorths')})")
+        if all(k in cv for k in ("instr_fo", "instr_nh", "instr_tl", "instr_all")):
+            g = cv["gradient"]
+            print(f"{name:6} {'(instruments)':9} first-order/grad {cv['instr_fo'] / g:.2f} (target"
+                  f" <= 2; without the histogram {cv['instr_nh'] / g:.2f})  + trace and lambda_max"
+                  f"/grad {cv['instr_tl'] / g:.2f} (target <= 25)  all/grad {cv['instr_all'] / g:.2f}")
     print("# * hvp16/ggnvp16: 16 vectors per pass, time per vector, vs torch's single-vector"
           " product; eigen5: curvd Lanczos (tol 1e-3) vs torch power iteration (PyHessian)")
     if a.markdown:

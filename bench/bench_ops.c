@@ -13,6 +13,14 @@
  * diagggn, diagef, diaghessian: the exact GGN / empirical Fisher / Hessian
  * diagonal by backpropagation (engine/diag_exact.h; forward pass included, as
  * gradient's).
+ * instr_fo, instr_all: op "instruments" as a job on the whole batch (cv_job_run, no
+ * memory budget): instr_fo the first-order instruments (loss, gradient_norm,
+ * batch_gradient_norms, gradient_histogram, the three tests, mean_gsnr),
+ * instr_nh the same without gradient_histogram (its N x D entries are binned one
+ * by one), instr_tl the first-order ones with hessian_trace (10 probes) and
+ * hessian_max_eigenvalue (10 Lanczos steps), instr_all every single-version instrument (hessian_trace and tic_* from 10
+ * probes, hessian_max_eigenvalue from 10 Lanczos steps); issue 24's speed
+ * targets are instr_fo <= 2x gradient and instr_tl <= 25x.
  * --block B: probes per product in trace (default: the engine's choice).
  */
 #include <cblas.h>
@@ -22,6 +30,7 @@
 #include <string.h>
 
 #include "api/arch.h"
+#include "api/job.h"
 #include "api/datafile.h"
 #include "api/params.h"
 #include "engine/curv.h"
@@ -78,6 +87,41 @@ static double t_gradient(void *p)
         die(&e);
     double t = cv_now_s() - t0;
     cv_curv_free(c);
+    return t;
+}
+
+/* The instruments job o->which ("instr_fo" or "instr_all") on the whole batch. */
+static double t_instruments(void *p)
+{
+    op_ctx *o = p;
+    const char *doc1 =
+        "{\"op\":\"instruments\",\"seed\":1,\"options\":{\"include\":[\"loss\","
+        "\"gradient_norm\",\"batch_gradient_norms\",\"gradient_histogram\",\"norm_test\","
+        "\"inner_product_test\",\"orthogonality_test\",\"mean_gsnr\"]}}";
+    const char *doc = "{\"op\":\"instruments\",\"seed\":1,\"options\":{\"probes\":10,"
+                      "\"lanczos_steps\":10}}";
+    const char *doc_nh =
+        "{\"op\":\"instruments\",\"seed\":1,\"options\":{\"include\":[\"loss\","
+        "\"gradient_norm\",\"batch_gradient_norms\",\"norm_test\","
+        "\"inner_product_test\",\"orthogonality_test\",\"mean_gsnr\"]}}";
+    const char *doc_tl =
+        "{\"op\":\"instruments\",\"seed\":1,\"options\":{\"probes\":10,"
+        "\"lanczos_steps\":10,\"exclude\":[\"tic_trace\",\"tic_diag\"]}}";
+    cJSON *j = cJSON_Parse(strcmp(o->which, "instr_fo") == 0   ? doc1
+                           : strcmp(o->which, "instr_nh") == 0 ? doc_nh
+                           : strcmp(o->which, "instr_tl") == 0 ? doc_tl
+                                                               : doc);
+    cv_job_limits lim;
+    cv_job_limits_default(&lim);
+    lim.job_memory = 0;
+    cv_err e;
+    double t0 = cv_now_s();
+    cJSON *res = cv_job_run(j, o->m, o->d, &lim, NULL, &e);
+    double t = cv_now_s() - t0;
+    if (!res)
+        die(&e);
+    cJSON_Delete(res);
+    cJSON_Delete(j);
     return t;
 }
 
@@ -309,6 +353,13 @@ int main(int argc, char **argv)
             continue;
         o.kind = dg[i].kind;
         printf(", \"%s\": %.6g", dg[i].name, best_of(a.reps, t_diag, &o));
+    }
+    const char *instr[] = {"instr_fo", "instr_nh", "instr_tl", "instr_all"};
+    for (int i = 0; i < 4; i++) {
+        if (!wanted(&a, instr[i]))
+            continue;
+        o.which = instr[i];
+        printf(", \"%s\": %.6g", instr[i], best_of(a.reps, t_instruments, &o));
     }
     o.c = cv_curv_new(&m, &d, NULL, &e);
     if (!o.c)

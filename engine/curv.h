@@ -207,6 +207,20 @@ int cv_curv_quadform(cv_curv *c, cv_curvature kind, const cv_block *b, int k, co
  * they sum to the gradient), N x b->dim, row n at G + n*b->dim. */
 int cv_curv_per_sample_gradients(cv_curv *c, const cv_block *b, double *G, cv_err *e);
 
+/* Per-sample gradient factors of Linear layers (engine/linear_factors.c).
+ * cv_linear_factor_layer: 1 when layer l of m is a Linear layer on one row per
+ * sample whose tensors no other layer uses: its per-sample gradients are
+ * s_n a_n^T (weight, out x in row-major) and s_n (bias).
+ * cv_curv_linear_factors: for every such layer l with layers[l] set (the
+ * CV_MAX_LAYERS flags), writes its inputs a_n (N x in, row n for sample n) at
+ * out + offset[l] and right after them the cotangents of the samples'
+ * unscaled losses at its output, s_n = d l_n / d y_l (N x out), for the whole
+ * batch (every rank); out has len doubles (zeroed first).  Costs one backward
+ * walk of the sample gradients. */
+int cv_linear_factor_layer(const cv_model *m, int l);
+int cv_curv_linear_factors(cv_curv *c, const char *layers, const size_t *offset, double *out,
+                           size_t len, cv_err *e);
+
 /* The full b->dim x b->dim matrix (column-major, symmetric) built from matvecs;
  * refused above max_dim. */
 int cv_curv_dense(cv_curv *c, cv_curvature kind, const cv_block *b, size_t max_dim, double *A,

@@ -112,6 +112,8 @@ static double sample_loss(const cv_loss_state *s, int i)
 
 /* ---- evaluation -------------------------------------------------------- */
 
+double cv_loss_sample(const cv_loss_state *s, int i) { return sample_loss(s, i); }
+
 static void setup_state(cv_loss_state *s, const cv_model *m, const cv_batch *b, const float *h)
 {
     cv_loss_layout lay;

@@ -89,6 +89,10 @@ int cv_loss_eval_scaled(cv_loss_state *s, const cv_model *m, const cv_batch *b,
 /* The reduction scale c of batch b (labels only: counts the ignored targets). */
 double cv_loss_batch_scale(const cv_model *m, const cv_batch *b);
 
+/* The unscaled loss l_i of sample i of the state (the reduction's scale c
+ * not applied: L = c * sum_i l_i). */
+double cv_loss_sample(const cv_loss_state *s, int i);
+
 /* Per-sample unscaled output gradient d l_n / dh for the data labels (n*C). */
 void cv_loss_sample_grad(const cv_loss_state *s, float *g);
 

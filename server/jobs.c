@@ -942,6 +942,10 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
         cv_lap_job_names(spec, &rd, &wr);
         snprintf(j->keep, sizeof j->keep, "%s", wr ? wr : "");
     }
+    /* the cross-version instruments read the pinned snapshot's kept versions */
+    spec->history = (cv_job_history){ms->version, ms->previous ? ms->previous->v : NULL,
+                                     ms->first ? ms->first->v : NULL,
+                                     ms->model->nparams_total};
     j->model_version = ms->version;
     j->dataset_version = ds->version;
     j->timeout = J->cfg.job_timeout;

@@ -137,10 +137,52 @@ void cv_snap_ref(cv_snap *s)
         atomic_fetch_add(&s->refs, 1);
 }
 
+static void blob_unref(cv_param_blob *b)
+{
+    if (b && atomic_fetch_sub(&b->refs, 1) == 1)
+        free(b);
+}
+
+static cv_param_blob *blob_ref(cv_param_blob *b)
+{
+    if (b)
+        atomic_fetch_add(&b->refs, 1);
+    return b;
+}
+
+/* A copy of model m's parameters as version `version`'s blob (NULL: no memory). */
+static cv_param_blob *blob_of(const cv_model *m, unsigned long version)
+{
+    cv_param_blob *b = malloc(sizeof *b + sizeof(float) * (m->nparams_total ? m->nparams_total : 1));
+    if (!b)
+        return NULL;
+    atomic_init(&b->refs, 1);
+    b->version = version;
+    b->n = m->nparams_total;
+    memcpy(b->v, m->params, sizeof(float) * m->nparams_total);
+    return b;
+}
+
+/* Under the lock, as s replaces cur: s keeps cur's parameters (s->previous,
+ * copied from the snapshot read before parsing; recopied here if another
+ * PUT was installed in between) and the first version's. */
+static void link_history(cv_snap *s, const cv_snap *cur)
+{
+    if (!s->previous)
+        return;
+    if (s->previous->version != cur->version && s->previous->n == cur->model->nparams_total) {
+        memcpy(s->previous->v, cur->model->params, sizeof(float) * s->previous->n);
+        s->previous->version = cur->version;
+    }
+    s->first = cur->first ? blob_ref(cur->first) : blob_ref(s->previous);
+}
+
 void cv_snap_unref(cv_snap *s)
 {
     if (!s || atomic_fetch_sub(&s->refs, 1) != 1)
         return;
+    blob_unref(s->previous);
+    blob_unref(s->first);
     free_model(s->model);
     free_dataset(s->data);
     if (s->backing_free)
@@ -322,6 +364,7 @@ static int install(cv_registry *r, cv_snap *s, int replace, const cv_snap *expec
         s->version = sl->cur->version + 1;
         s->created_at = sl->cur->created_at;
         s->lineage = sl->cur->lineage;
+        link_history(s, sl->cur);
         *old = retire_locked(r, sl->cur, held);
         sl->cur = s;
         r->bytes = r->bytes - freed + s->bytes;
@@ -499,6 +542,28 @@ int cv_registry_put_dataset(cv_registry *r, const char *name, cv_dataset *d, con
 void (*cv_registry_put_params_hook)(cv_registry *r, const char *name, void *arg);
 void *cv_registry_put_params_hook_arg;
 
+/* Installs m as the version after cur (add_snap with replace 1), keeping
+ * cur's parameters for the cross-version instruments. */
+static int add_model_version(cv_registry *r, const char *name, cv_model *m, const char *source,
+                             const cv_snap *cur, cv_snap **out, cv_err *e)
+{
+    sweep(r);
+    cv_snap *s = snap_new(CV_REG_MODEL, name, m, NULL, source, NULL);
+    if (!s) {
+        free_model(m);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    }
+    if (!(s->previous = blob_of(cur->model, cur->version))) {
+        cv_snap_unref(s);
+        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+    }
+    s->bytes += 2 * (sizeof(cv_param_blob) + sizeof(float) * s->previous->n);
+    int rc = install_snap(r, s, 1, cur, 0, NULL, out, e);
+    if (rc)
+        cv_snap_unref(s);
+    return rc;
+}
+
 int cv_registry_put_params(cv_registry *r, const char *name, const void *buf, size_t len,
                            cv_snap **out, cv_err *e)
 {
@@ -529,7 +594,7 @@ int cv_registry_put_params(cv_registry *r, const char *name, const void *buf, si
      * between is fine: same architecture, this one becomes the newer version */
     if (cv_registry_put_params_hook)
         cv_registry_put_params_hook(r, name, cv_registry_put_params_hook_arg);
-    int rc = add_snap(r, CV_REG_MODEL, name, m, NULL, source, 1, cur, NULL, out, e);
+    int rc = add_model_version(r, name, m, source, cur, out, e);
     cv_snap_unref(cur);
     return rc;
 }

@@ -54,6 +54,16 @@
  * the model's DELETE. */
 typedef enum { CV_REG_MODEL = 0, CV_REG_DATASET = 1, CV_REG_POSTERIOR = 2 } cv_reg_kind;
 
+/* A model version's parameter vector kept for a later version (the
+ * cross-version instruments of op "instruments", api/job.h cv_job_history):
+ * reference-counted, shared by the snapshots that keep it. */
+typedef struct cv_param_blob {
+    atomic_int refs;
+    unsigned long version;    /* the version these parameters were */
+    size_t n;                 /* floats */
+    float v[];
+} cv_param_blob;
+
 typedef struct cv_snap {
     atomic_int refs;
     cv_reg_kind kind;
@@ -73,6 +83,11 @@ typedef struct cv_snap {
     /* CV_REG_POSTERIOR: the model (name, version, lineage) it was fitted on ("" else) */
     char owner[CV_REG_NAME_MAX + 1];
     unsigned long owner_version, owner_lineage;
+    /* CV_REG_MODEL from version 2 on (else NULL): the parameters of version - 1
+     * and of version 1 of this registration.  bytes counts two parameter
+     * vectors for them (conservative: version 2's two are one blob, and the
+     * first version's blob is shared by all later versions). */
+    cv_param_blob *previous, *first;
 } cv_snap;
 
 typedef struct cv_registry cv_registry;
@@ -134,7 +149,8 @@ int cv_registry_reserve(cv_registry *r, size_t bytes, const char *what, cv_err *
 void cv_registry_unreserve(cv_registry *r, size_t bytes);
 
 /* Replaces a model's parameters from a safetensors buffer: a new snapshot
- * with version + 1.  404 if unknown, 400 if the tensors do not fit, 409
+ * with version + 1, which keeps the replaced version's parameters and the
+ * first version's (cv_snap previous, first; counted in its bytes).  404 if unknown, 400 if the tensors do not fit, 409
  * conflict if the name was re-registered while the buffer was parsed, 413/429
  * over the budget (see above). */
 int cv_registry_put_params(cv_registry *r, const char *name, const void *buf, size_t len,

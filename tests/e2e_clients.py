@@ -407,6 +407,9 @@ OP_JOBS = {
     "jvp": ({"options": {"probe_seed": 3}}, lambda r, D: len(r["jvp"]) > 0),
     "vjp": ({"options": {"cotangent_seed": 3}}, lambda r, D: len(r["vjp"]) == D),
     "frobenius_norm": ({"options": {"max_probes": 10}}, lambda r, D: r["frobenius_norm"] >= 0),
+    "instruments": ({"options": {"probes": 4, "bins": 6}},
+                    lambda r, D: r["gradient_norm"] >= 0 and len(r["gradient_histogram"]["counts"]) == 6
+                    and "alpha" in r and isinstance(r["unavailable"], dict)),
 }
 
 

@@ -355,6 +355,13 @@ def job_variants(op, spec, curv, damping, dense_blocks=None, kfra=True):
             out.append(j("predict last_layer posterior_samples",
                          {"structure": "last_layer", "samples": 5,
                           "return_posterior_samples": True}))
+        elif op == "instruments":
+            if curv != "hessian":  # the instruments use the Hessian only
+                continue
+            out.append(j("instruments", {"probes": 5, "lanczos_steps": 6, "bins": 8}))
+            out.append(j("instruments first-order", {"include": [
+                "loss", "gradient_norm", "batch_gradient_norms", "norm_test",
+                "inner_product_test", "orthogonality_test", "mean_gsnr"]}))
         elif op == "snr":
             out.append(j("snr", {"k": 3, "return_raw": True}))
             out.append(j("snr mc subsample", {"k": 2, "mc": True, "subsample": 0.5}))

@@ -322,7 +322,9 @@ job_for() { # op -> job JSON on m1/d1
     frobenius_norm) o='{"max_probes":10}' ;;
     *) o='{}' ;;
   esac
-  printf '{"op":"%s","model":"m1","dataset":"d1","curvature":"ggn","seed":7,"options":%s}' "$1" "$o"
+  cu=ggn
+  [ "$1" = instruments ] && cu=hessian # the instruments use the Hessian only
+  printf '{"op":"%s","model":"m1","dataset":"d1","curvature":"%s","seed":7,"options":%s}' "$1" "$cu" "$o"
 }
 for op in $(cat "$T/ops"); do
   job_for "$op" > "$T/job_$op.json"
@@ -718,14 +720,20 @@ st=$(req GET "/v1/jobs/$CJ1?wait=30")
 check "C: --max-wait 0: GET ?wait=30 does not wait" sh -c "[ '$st' = 200 ] && '$PY' -c 'import time, sys; sys.exit(time.time() - $t0 > 10)'"
 check "C: job still running" jtrue "$T/body" "d['status'] == 'running'"
 # the running job pins m version 1; after a PUT that version is retired but counted
+req GET /v1/models/m > /dev/null
+MB1=$(jq "$T/body" "d['bytes']")
 st=$(req PUT /v1/models/m/parameters --data-binary @"$T/params2.safetensors")
 check "C: PUT while version 1 is pinned 200" [ "$st" = 200 ]
+# version 2 also counts the kept parameters of versions 1 and 1 (op instruments)
+req GET /v1/models/m > /dev/null
+MB2=$(jq "$T/body" "d['bytes']")
+check "C: version 2 counts the kept parameters" [ "$MB2" -gt "$MB1" ]
 req GET /v1/health > /dev/null
-check "C: pinned old version counted" jtrue "$T/body" "d['registry_retired_bytes'] == $MB and d['registry_bytes'] == $MB + $DB"
+check "C: pinned old version counted" jtrue "$T/body" "d['registry_retired_bytes'] == $MB1 and d['registry_bytes'] == $MB2 + $DB"
 expect_err "C: registration over budget with pinned versions 429" 429 registry_full POST /v1/models -F name=m2 -F architecture=@"$T/arch.json" -F parameters=@"$T/params1.safetensors"
 check "C: 429 explains the pinned versions" jtrue "$T/body" "'pinned' in d['error']['message'] and '$CBUDGET' in d['error']['message']"
 req GET /metrics > /dev/null
-check "C: metric curvd_registry_retired_bytes" grep -q "^curvd_registry_retired_bytes $MB\$" "$T/body"
+check "C: metric curvd_registry_retired_bytes" grep -q "^curvd_registry_retired_bytes $MB1\$" "$T/body"
 check "C: metrics parse strictly" promcheck "$T/body"
 req DELETE "/v1/jobs/$CJ1" > /dev/null
 check "C: pinned version freed when its job ends" jtrue "$T/body" "d['status'] == 'cancelled'"

@@ -129,7 +129,7 @@ START_TEST(did_you_mean_ops_options_fields)
     refused("{\"op\":\"nope-at-all\"}", "unknown_op", "op",
             "unknown op 'nope-at-all' (known: loss, gradient, matvec, dense, "
             "per_sample_gradients, trace, diag, eigen, density, solve, newton, snr, kfac, "
-            "frobenius_norm, jvp, vjp, jacobian, laplace, predict)");
+            "frobenius_norm, jvp, vjp, jacobian, laplace, predict, instruments)");
     refused("{\"op\":\"trace\",\"options\":{\"max_probe\":5}}", "unknown_option",
             "options.max_probe", "did you mean 'max_probes'?");
     refused("{\"op\":\"trace\",\"options\":{\"probes\":5}}", "unknown_option", "options.probes",
@@ -375,7 +375,7 @@ START_TEST(ops_document_shape)
     ck_assert_int_eq(cJSON_GetArraySize(ops), cv_op_count());
     static const char *const types =
         "integer|number|boolean|enum|number_or_enum|integer_or_enum|list|enum_or_list|"
-        "number_or_list|name|boolean_or_name";
+        "number_or_list|name|boolean_or_name|enum_list";
     const cJSON *op;
     cJSON_ArrayForEach(op, ops)
     {
@@ -574,9 +574,18 @@ START_TEST(results_match_the_table)
         "{\"op\":\"laplace\",\"options\":{\"structure\":\"diag\","
         "\"accumulate_into\":\"default\"}}",
         "{\"op\":\"predict\",\"options\":{\"posterior\":\"default\"}}",
+        /* issue 24: instruments (the second with kept versions: see below) */
+        "{\"op\":\"instruments\",\"options\":{\"exclude\":[\"alpha\"],\"bins\":5}}",
+        "{\"op\":\"instruments\",\"seed\":7,\"options\":{\"probes\":3,"
+        "\"lanczos_steps\":4}}",
     };
     fixture f;
     fx_make(&f);
+    /* the cross-version instruments: version 3 with a perturbed version 2 */
+    float *prev = malloc(sizeof(float) * f.m.nparams_total);
+    ck_assert_ptr_nonnull(prev);
+    for (size_t i = 0; i < f.m.nparams_total; i++)
+        prev[i] = f.m.params[i] + 0.01f * (float)(i % 3);
     int nops = cv_op_count();
     int (*seen)[64] = calloc((size_t)nops, sizeof *seen);
     int ran[64] = {0};
@@ -591,6 +600,8 @@ START_TEST(results_match_the_table)
         cv_lap_job_names(j, &rd, &wr);
         cv_job_store st = {rd ? kept : NULL, NULL};
         ck_assert_msg(!rd || (kept && cv_lap_job_use(j, kept, &f.m, &e) == 0), "%s", jobs[q]);
+        if (j->seed == 7 && strcmp(j->op->name, "instruments") == 0)
+            j->history = (cv_job_history){3, prev, f.m.params, f.m.nparams_total};
         cJSON *res = cv_job_exec_store(j, &f.m, &f.d, NULL, NULL, &st, &e);
         ck_assert_msg(res != NULL, "%s: %s", jobs[q], e.message);
         ck_assert_msg(!wr == !st.out, "%s: kept %p", jobs[q], (void *)st.out);
@@ -618,6 +629,7 @@ START_TEST(results_match_the_table)
     }
     cv_lap_post_destroy(kept);
     free(seen);
+    free(prev);
     fx_free(&f);
 }
 END_TEST

@@ -397,6 +397,48 @@ START_TEST(registry_posteriors)
 }
 END_TEST
 
+/* Each version keeps the replaced version's and the first version's
+ * parameters (the cross-version instruments of op "instruments"). */
+START_TEST(registry_keeps_previous_and_first_parameters)
+{
+    cv_registry *r = cv_registry_new((size_t)1 << 30);
+    cv_err e;
+    cv_model *v1 = heap_model(3);
+    for (size_t i = 0; i < v1->nparams_total; i++)
+        v1->params[i] = 1.0f + (float)i;
+    float first0 = v1->params[0];
+    ck_assert_int_eq(cv_registry_add_model(r, "h", v1, "test", NULL, &e), 0);
+    cv_snap *s = cv_registry_get(r, CV_REG_MODEL, "h", &e);
+    ck_assert_ptr_null(s->previous);
+    ck_assert_ptr_null(s->first);
+    cv_snap_unref(s);
+    float want_prev0 = first0;
+    for (int v = 2; v <= 4; v++) {
+        cv_model *m = heap_model(3);
+        for (size_t i = 0; i < m->nparams_total; i++)
+            m->params[i] = 10.0f * (float)v + (float)i;
+        void *buf;
+        size_t len;
+        ck_assert_int_eq(cv_params_export(m, &buf, &len, &e), 0);
+        ck_assert_msg(cv_registry_put_params(r, "h", buf, len, &s, &e) == 0, "%s", e.message);
+        ck_assert_uint_eq(s->version, (unsigned long)v);
+        ck_assert_ptr_nonnull(s->previous);
+        ck_assert_ptr_nonnull(s->first);
+        ck_assert_uint_eq(s->previous->version, (unsigned long)v - 1);
+        ck_assert_uint_eq(s->first->version, 1);
+        ck_assert_uint_eq(s->previous->n, m->nparams_total);
+        ck_assert(s->previous->v[0] == want_prev0);
+        ck_assert(s->first->v[0] == first0);
+        want_prev0 = m->params[0];
+        cv_snap_unref(s);
+        free(buf);
+        cv_model_free(m);
+        free(m);
+    }
+    cv_registry_free(r);
+}
+END_TEST
+
 START_TEST(registry_put_params_race_and_pinned_budget)
 {
     cv_registry *r = cv_registry_new((size_t)1 << 30);
@@ -443,7 +485,9 @@ START_TEST(registry_put_params_race_and_pinned_budget)
     ck_assert_msg(cv_registry_put_params(r, "p", buf, len, NULL, &e) == 0, "%s", e.message);
     cv_registry_stats st;
     cv_registry_stats_get(r, &st);
-    ck_assert_uint_eq(st.bytes, one);
+    /* version 2 also counts the kept parameters of versions 1 and (first) 1 */
+    size_t kept = 2 * (sizeof(cv_param_blob) + sizeof(float) * m2->nparams_total);
+    ck_assert_uint_eq(st.bytes, one + kept);
     ck_assert_uint_eq(st.retired_bytes, one);
     ck_assert_int_eq(st.retired, 1);
     /* a second model fits the budget only without the pinned version: 429 */
@@ -1217,6 +1261,7 @@ static Suite *server_suite(void)
     tcase_add_test(reg, registry_versions_pins_conflicts_budget);
     tcase_add_test(reg, registry_put_params_race_and_pinned_budget);
     tcase_add_test(reg, registry_posteriors);
+    tcase_add_test(reg, registry_keeps_previous_and_first_parameters);
     tcase_add_test(reg, demo_registers_trained_models);
     suite_add_tcase(s, reg);
     TCase *jobs = tcase_create("jobs");

@@ -362,6 +362,7 @@
         : o.type === 'list' ? 'list of numbers'
           : o.type === 'enum_or_list' ? choices + ' or a list of numbers'
             : o.type === 'number_or_list' ? 'number' + range + ' or a list of them'
+              : o.type === 'enum_list' ? 'list of ' + choices
               : /_or_enum$/.test(o.type) ? o.type.split('_')[0] + range + ' or ' + choices
                 : o.type + range;
       return o.name + ' (' + what + (o.methods ? '; method ' + o.methods.join('|') : '') + ')';

@@ -122,6 +122,12 @@ def check_option(spec, where, s, o, bad):
         else:
             check_list(spec, where, lists[0], bad)
             check_enum(where, strs[0], o.get("choices"), bad)
+    elif t == "enum_list":
+        items = spec.resolve(s.get("items", {}))
+        if s.get("type") != "array":
+            bad("%s: the spec needs an array of string enums for type enum_list" % where)
+        else:
+            check_enum(where, items, o.get("choices"), bad)
     elif t == "number_or_list":
         alts = [spec.resolve(a) for a in s.get("oneOf", [])]
         nums = [a for a in alts if a.get("type") == "number"]
