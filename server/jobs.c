@@ -458,6 +458,18 @@ static int cmp_created(const void *a, const void *b)
 
 static void purge(cv_jobs *J);
 
+/* Under J->mu (or before the workers start): j joins the end of the job list. */
+static void append_locked(cv_jobs *J, cv_job *j)
+{
+    j->prev = J->tail;
+    if (J->tail)
+        J->tail->next = j;
+    else
+        J->head = j;
+    J->tail = j;
+    J->njobs++;
+}
+
 /* Reads the id counter and the job records back (before the workers start). */
 static void restore_jobs(cv_jobs *J)
 {
@@ -468,13 +480,7 @@ static void restore_jobs(cv_jobs *J)
         qsort(R.v, R.n, sizeof *R.v, cmp_created);
     for (size_t i = 0; i < R.n; i++) {
         cv_job *j = R.v[i];
-        j->prev = J->tail;
-        if (J->tail)
-            J->tail->next = j;
-        else
-            J->head = j;
-        J->tail = j;
-        J->njobs++;
+        append_locked(J, j);
         J->kept_bytes += job_kept_bytes(j);
     }
     free(R.v);
@@ -986,13 +992,7 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
     }
     /* table reference (j's own), queue reference, caller reference */
     atomic_store(&j->refs, 3);
-    j->prev = J->tail;
-    if (J->tail)
-        J->tail->next = j;
-    else
-        J->head = j;
-    J->tail = j;
-    J->njobs++;
+    append_locked(J, j);
     if (J->qtail)
         J->qtail->qnext = j;
     else
