@@ -39,6 +39,7 @@ struct cv_http {
 typedef struct {
     cv_http *h;
     struct MHD_Connection *conn;
+    const cv_http_request *in; /* without a connection (cv_http_handle): its query, headers */
     const char *method;        /* as routed (HEAD is served as GET) */
     const char *url;
     char param[MAX_PARAM];     /* the {name} / {id} path segment */

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "api/job.h"
 #include "api/json_strict.h"
@@ -126,13 +127,26 @@ void reply_json(req *r, unsigned status, cJSON *j)
 
 /* ---- requests -------------------------------------------------------------- */
 
+/* The value of key among in's pairs (header names: case-insensitive). */
+static const char *kv_find(const cv_http_kv *kv, int n, const char *key, int caseless)
+{
+    for (int i = 0; i < n; i++)
+        if (caseless ? strcasecmp(kv[i].key, key) == 0 : strcmp(kv[i].key, key) == 0)
+            return kv[i].value;
+    return NULL;
+}
+
 const char *query(req *r, const char *key)
 {
+    if (!r->conn)
+        return kv_find(r->in->query, r->in->nquery, key, 0);
     return MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, key);
 }
 
 const char *header(req *r, const char *key)
 {
+    if (!r->conn)
+        return kv_find(r->in->headers, r->in->nheaders, key, 1);
     return MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, key);
 }
 
