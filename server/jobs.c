@@ -387,6 +387,8 @@ cv_jobs *cv_jobs_new(const cv_jobs_config *c, cv_registry *reg, cv_err *e)
         }
         J->nthreads++;
     }
+    if (J->cfg.no_workers)
+        return J; /* and no janitor: nothing ever finishes but by cancellation */
     if (pthread_create(&J->janitor, NULL, janitor_main, J)) {
         cv_jobs_free(J);
         cv_err_set(e, CV_EINTERNAL, "internal", "", "cannot start the janitor thread");

@@ -46,8 +46,8 @@ typedef struct {
     cv_job_limits limits;
     cv_ranks *ranks;          /* under mpirun: jobs run on every rank (one at a time:
                                * workers is 1); NULL: in this process */
-    int no_workers;           /* tests (the fuzz harness): start no worker, so jobs
-                               * stay queued and never run */
+    int no_workers;           /* tests (the fuzz harness): start no thread (no worker,
+                               * no janitor), so jobs stay queued and never run */
 } cv_jobs_config;
 
 typedef struct cv_jobs cv_jobs;

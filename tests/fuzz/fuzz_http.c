@@ -2,7 +2,8 @@
  * (server/http*.c, server/handlers_*.c) through cv_http_handle, without
  * sockets.  Each input starts from a fresh service: models "mlp" and "cnn",
  * datasets "data" (fits mlp) and "img" (fits cnn), a job queue whose jobs
- * never run (no workers), no --data-dir.
+ * never run (no workers), no --data-dir (the registry is kept across
+ * inputs and put back to this base after each).
  *
  * An input is up to MAX_REQ requests separated by a line "%%":
  *
@@ -39,34 +40,45 @@ static int trace; /* CV_FUZZ_TRACE=1: one stderr line per request (reading a cor
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-int LLVMFuzzerInitialize(int *argc, char ***argv)
-{
-    (void)argc;
-    (void)argv;
-    cv_fz_model(cv_fz_arch_mlp, &mlp);
-    cv_fz_model(cv_fz_arch_cnn, &cnn);
-    cv_fz_data(&mlp, 16, &mlp_data);
-    cv_fz_data(&cnn, 8, &cnn_data);
-    trace = getenv("CV_FUZZ_TRACE") != NULL;
-    return 0;
-}
+/* The registry lives across inputs (a model is a large struct: building
+ * them for every input would cost more than the requests); after each input
+ * it is put back to its base: names the input added are deleted, base names
+ * it replaced or deleted are registered again.  The job queue and the HTTP
+ * state (staging areas) are new for every input. */
+typedef struct {
+    const char *name;
+    cv_reg_kind kind;
+    const cv_model *model;
+    const cv_dataset *data;
+    cv_snap *snap; /* our reference to the base snapshot */
+} base_entry;
+
+static cv_registry *reg;
+static base_entry base[] = {
+    {"mlp", CV_REG_MODEL, &mlp, NULL, NULL},
+    {"cnn", CV_REG_MODEL, &cnn, NULL, NULL},
+    {"data", CV_REG_DATASET, NULL, &mlp_data, NULL},
+    {"img", CV_REG_DATASET, NULL, &cnn_data, NULL},
+};
+#define NBASE ((int)(sizeof base / sizeof base[0]))
 
 typedef struct {
-    cv_registry *reg;
     cv_jobs *jobs;
     cv_http *http;
     char job_id[64];
 } service;
 
-static void add_model(cv_registry *reg, const char *name, const cv_model *tmpl)
+static cv_snap *add_model(const char *name, const cv_model *tmpl)
 {
     cv_model *m = malloc(sizeof *m);
     cv_err e;
-    if (!m || cv_model_clone(tmpl, m) || cv_registry_add_model(reg, name, m, "fuzz", NULL, &e))
+    cv_snap *s;
+    if (!m || cv_model_clone(tmpl, m) || cv_registry_add_model(reg, name, m, "fuzz", &s, &e))
         abort();
+    return s;
 }
 
-static void add_dataset(cv_registry *reg, const char *name, const cv_dataset *tmpl)
+static cv_snap *add_dataset(const char *name, const cv_dataset *tmpl)
 {
     cv_dataset *d = calloc(1, sizeof *d);
     if (!d)
@@ -81,29 +93,62 @@ static void add_dataset(cv_registry *reg, const char *name, const cv_dataset *tm
     memcpy(d->x, tmpl->x, xs);
     memcpy(d->labels, tmpl->labels, ys);
     cv_err e;
-    if (cv_registry_add_dataset(reg, name, d, "fuzz", NULL, &e))
+    cv_snap *s;
+    if (cv_registry_add_dataset(reg, name, d, "fuzz", &s, &e))
         abort();
+    return s;
+}
+
+static void add_base(base_entry *b)
+{
+    if (b->snap)
+        cv_snap_unref(b->snap);
+    b->snap = b->model ? add_model(b->name, b->model) : add_dataset(b->name, b->data);
+}
+
+static int is_base(const cv_snap *s)
+{
+    for (int i = 0; i < NBASE; i++)
+        if (base[i].snap == s)
+            return 1;
+    return 0;
+}
+
+/* The registry back to its base (no job holds a name any more). */
+static void restore_registry(void)
+{
+    cv_err e;
+    for (int kind = CV_REG_MODEL; kind <= CV_REG_DATASET; kind++) {
+        cv_snap **v;
+        int n = cv_registry_list(reg, (cv_reg_kind)kind, &v);
+        if (n < 0)
+            abort();
+        for (int i = 0; i < n; i++)
+            if (!is_base(v[i]) && cv_registry_delete(reg, (cv_reg_kind)kind, v[i]->name, &e))
+                abort();
+        cv_snaps_release(v, n);
+    }
+    for (int i = 0; i < NBASE; i++) {
+        cv_snap *cur = cv_registry_get(reg, base[i].kind, base[i].name, &e);
+        if (cur)
+            cv_snap_unref(cur);
+        if (cur != base[i].snap)
+            add_base(&base[i]);
+    }
 }
 
 static void service_start(service *s)
 {
     memset(s, 0, sizeof *s);
     cv_err e;
-    s->reg = cv_registry_new((size_t)64 << 20);
-    if (!s->reg)
-        abort();
-    add_model(s->reg, "mlp", &mlp);
-    add_model(s->reg, "cnn", &cnn);
-    add_dataset(s->reg, "data", &mlp_data);
-    add_dataset(s->reg, "img", &cnn_data);
     cv_jobs_config jc = {.workers = 1, .max_queue = 4, .keep_s = 600, .max_kept = 100,
                          .no_workers = 1};
     cv_job_limits_default(&jc.limits);
     jc.limits.job_memory = (size_t)64 << 20;
-    s->jobs = cv_jobs_new(&jc, s->reg, &e);
+    s->jobs = cv_jobs_new(&jc, reg, &e);
     cv_http_config hc = {.max_body = (size_t)1 << 20, .max_job_body = (size_t)1 << 20,
                          .max_wait = 0, .upload_timeout = 600};
-    s->http = s->jobs ? cv_http_new_unbound(&hc, s->reg, s->jobs, &e) : NULL;
+    s->http = s->jobs ? cv_http_new_unbound(&hc, reg, s->jobs, &e) : NULL;
     if (!s->http)
         abort();
 }
@@ -112,7 +157,24 @@ static void service_stop(service *s)
 {
     cv_http_stop(s->http);
     cv_jobs_free(s->jobs);
-    cv_registry_free(s->reg);
+    restore_registry();
+}
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    (void)argc;
+    (void)argv;
+    cv_fz_model(cv_fz_arch_mlp, &mlp);
+    cv_fz_model(cv_fz_arch_cnn, &cnn);
+    cv_fz_data(&mlp, 16, &mlp_data);
+    cv_fz_data(&cnn, 8, &cnn_data);
+    trace = getenv("CV_FUZZ_TRACE") != NULL;
+    reg = cv_registry_new((size_t)64 << 20);
+    if (!reg)
+        abort();
+    for (int i = 0; i < NBASE; i++)
+        add_base(&base[i]);
+    return 0;
 }
 
 /* Decodes s in place like libmicrohttpd; -1 when it decodes a NUL. */
