@@ -134,7 +134,7 @@ depcheck:
 # Everything in $(B) is rebuilt when the compiler or a flag changes.
 FLAGS_STAMP := $(B)/.flags
 FLAGS_NOW    = $(CC) $(FINAL_CFLAGS) $(FINAL_LDFLAGS) $(LDLIBS) $(CHECKLIBS)
-ifneq ($(filter-out clean help deps,$(or $(MAKECMDGOALS),all)),)
+ifneq ($(filter-out clean help deps fuzz,$(or $(MAKECMDGOALS),all)),)
 ifneq ($(file <$(FLAGS_STAMP)),$(strip $(FLAGS_NOW)))
 $(shell mkdir -p $(B))
 $(file >$(FLAGS_STAMP),$(strip $(FLAGS_NOW)))
