@@ -2,8 +2,10 @@
  * (server/http*.c, server/handlers_*.c) through cv_http_handle, without
  * sockets.  Each input starts from a fresh service: models "mlp" and "cnn",
  * datasets "data" (fits mlp) and "img" (fits cnn), a job queue whose jobs
- * never run (no workers), no --data-dir (the registry is kept across
- * inputs and put back to this base after each).
+ * never run (no workers), a --data-dir with data.safetensors,
+ * sub/img.safetensors and link.safetensors (a symbolic link to a file outside
+ * it; registering that file is a finding).  The registry is kept across
+ * inputs and put back to this base after each.
  *
  * An input is up to MAX_REQ requests separated by a line "%%":
  *
@@ -24,7 +26,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include "api/datafile.h"
 #include "server/http.h"
 #include "server/jobs.h"
 #include "server/registry.h"
@@ -39,6 +44,63 @@ static int trace; /* CV_FUZZ_TRACE=1: one stderr line per request (reading a cor
 
 int LLVMFuzzerInitialize(int *argc, char ***argv);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+/* --data-dir: DIR/data.safetensors (fits mlp), DIR/sub/img.safetensors (fits
+ * cnn) and DIR/link.safetensors, a symbolic link to DIR/../outside.safetensors:
+ * OUTSIDE_N samples, a file outside the directory that no registration may
+ * reach. */
+#define OUTSIDE_N 3
+static char top[64] = "/tmp/curvd-fuzz-XXXXXX", data_dir[96];
+
+static void write_dataset(const char *path, const cv_dataset *d)
+{
+    void *buf;
+    size_t len;
+    cv_err e;
+    FILE *f = fopen(path, "wb");
+    if (!f || cv_datafile_export(d, &buf, &len, &e) || fwrite(buf, 1, len, f) != len ||
+        fclose(f))
+        abort();
+    free(buf);
+}
+
+static void remove_data_dir(void)
+{
+    char p[160];
+    static const char *const files[] = {"data/link.safetensors", "data/sub/img.safetensors",
+                                        "data/data.safetensors", "outside.safetensors"};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        snprintf(p, sizeof p, "%s/%s", top, files[i]);
+        unlink(p);
+    }
+    snprintf(p, sizeof p, "%s/data/sub", top);
+    rmdir(p);
+    rmdir(data_dir);
+    rmdir(top);
+}
+
+static void make_data_dir(void)
+{
+    char p[160];
+    if (!mkdtemp(top))
+        abort();
+    snprintf(data_dir, sizeof data_dir, "%s/data", top);
+    snprintf(p, sizeof p, "%s/sub", data_dir);
+    if (mkdir(data_dir, 0700) || mkdir(p, 0700))
+        abort();
+    atexit(remove_data_dir);
+    snprintf(p, sizeof p, "%s/data.safetensors", data_dir);
+    write_dataset(p, &mlp_data);
+    snprintf(p, sizeof p, "%s/sub/img.safetensors", data_dir);
+    write_dataset(p, &cnn_data);
+    cv_dataset outside = mlp_data;
+    outside.n = OUTSIDE_N;
+    snprintf(p, sizeof p, "%s/outside.safetensors", top);
+    write_dataset(p, &outside);
+    snprintf(p, sizeof p, "%s/link.safetensors", data_dir);
+    if (symlink("../outside.safetensors", p))
+        abort();
+}
 
 /* The registry lives across inputs (a model is a large struct: building
  * them for every input would cost more than the requests); after each input
@@ -123,9 +185,14 @@ static void restore_registry(void)
         int n = cv_registry_list(reg, (cv_reg_kind)kind, &v);
         if (n < 0)
             abort();
-        for (int i = 0; i < n; i++)
+        for (int i = 0; i < n; i++) {
+            if (v[i]->mapped_bytes && v[i]->data->n == OUTSIDE_N) {
+                fprintf(stderr, "a file outside --data-dir was registered: %s\n", v[i]->source);
+                abort();
+            }
             if (!is_base(v[i]) && cv_registry_delete(reg, (cv_reg_kind)kind, v[i]->name, &e))
                 abort();
+        }
         cv_snaps_release(v, n);
     }
     for (int i = 0; i < NBASE; i++) {
@@ -147,7 +214,7 @@ static void service_start(service *s)
     jc.limits.job_memory = (size_t)64 << 20;
     s->jobs = cv_jobs_new(&jc, reg, &e);
     cv_http_config hc = {.max_body = (size_t)1 << 20, .max_job_body = (size_t)1 << 20,
-                         .max_wait = 0, .upload_timeout = 600};
+                         .max_wait = 0, .upload_timeout = 600, .data_dir = data_dir};
     s->http = s->jobs ? cv_http_new_unbound(&hc, reg, s->jobs, &e) : NULL;
     if (!s->http)
         abort();
@@ -169,6 +236,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     cv_fz_data(&mlp, 16, &mlp_data);
     cv_fz_data(&cnn, 8, &cnn_data);
     trace = getenv("CV_FUZZ_TRACE") != NULL;
+    make_data_dir();
     reg = cv_registry_new((size_t)64 << 20);
     if (!reg)
         abort();

@@ -281,7 +281,14 @@ def http(files, arch_mlp):
             req("POST", "/v1/datasets/big/commit", js, '{"replace": false, "n": 32}'),
             req("POST", "/v1/jobs", js, trace.replace('"data"', '"big"')),
             req("DELETE", "/v1/datasets/big/parts")),
-        "file": script(req("POST", "/v1/datasets/x", js, '{"file": "x.safetensors"}')),
+        "file": script(req("POST", "/v1/datasets/x", js, '{"file": "data.safetensors"}'),
+                       req("POST", "/v1/datasets/y", js,
+                           '{"file": "sub/img.safetensors", "replace": true}'),
+                       req("POST", "/v1/jobs", js, trace.replace('"data"', '"x"')),
+                       req("POST", "/v1/datasets/z", js, '{"file": "link.safetensors"}'),
+                       req("POST", "/v1/datasets/z", js, '{"file": "../outside.safetensors"}'),
+                       req("POST", "/v1/datasets/z", js, '{"file": "sub/../data.safetensors"}'),
+                       req("DELETE", "/v1/datasets/x")),
     }
     for name, data in seeds.items():
         write("http", name, data)
