@@ -2,7 +2,8 @@
  * cv_st_parse and every tensor's conversion, then as a dataset file
  * (cv_datafile_parse, cv_datafile_load_borrowed, cv_dataset_check against
  * the small models) and as a parameters file (cv_params_parse into the small
- * models).  A dataset that loads must export into a file that loads again. */
+ * models).  A parsed file must write (cv_st_write) into one that reads back the
+ * same; a dataset that loads must export into a file that loads again. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,6 +47,60 @@ static void tensors(const cv_st_file *f)
     for (size_t i = 0; i < f->nmeta; i++)
         if (!cv_st_meta(f, f->meta_keys[i]))
             abort();
+}
+
+/* The writer gives back what the parser read: the same tensors (names,
+ * dtypes, shapes, bytes) and metadata. */
+static void round_trip(const cv_st_file *f)
+{
+    cv_st_entry *t = calloc(f->ntensors ? f->ntensors : 1, sizeof *t);
+    const char **meta = calloc(2 * f->nmeta + 1, sizeof *meta);
+    if (!t || !meta)
+        abort();
+    for (size_t i = 0; i < f->ntensors; i++) {
+        const cv_st_tensor *s = &f->tensors[i];
+        t[i].name = s->name;
+        t[i].dtype = s->dtype;
+        t[i].rank = s->rank;
+        memcpy(t[i].shape, s->shape, sizeof t[i].shape);
+        t[i].data = s->data;
+    }
+    for (size_t i = 0; i < f->nmeta; i++) {
+        meta[2 * i] = f->meta_keys[i];
+        meta[2 * i + 1] = f->meta_values[i];
+    }
+    void *out;
+    size_t len;
+    cv_err e;
+    if (cv_st_write(t, f->ntensors, meta, f->nmeta, &out, &len, &e)) {
+        fprintf(stderr, "a parsed file does not write: %s\n", e.message);
+        abort();
+    }
+    cv_st_file g;
+    if (cv_st_parse(out, len, &g, &e)) {
+        fprintf(stderr, "a written file does not parse: %s\n", e.message);
+        abort();
+    }
+    int same = g.ntensors == f->ntensors && g.nmeta == f->nmeta;
+    for (size_t i = 0; same && i < f->ntensors; i++) {
+        const cv_st_tensor *a = &f->tensors[i], *b = cv_st_find(&g, a->name);
+        same = b && b->dtype == a->dtype && b->rank == a->rank &&
+               memcmp(b->shape, a->shape, sizeof(int64_t) * (size_t)a->rank) == 0 &&
+               b->end - b->begin == a->end - a->begin &&
+               memcmp(b->data, a->data, a->end - a->begin) == 0;
+    }
+    for (size_t i = 0; same && i < f->nmeta; i++) {
+        const char *v = cv_st_meta(&g, f->meta_keys[i]);
+        same = v && strcmp(v, f->meta_values[i]) == 0;
+    }
+    if (!same) {
+        fprintf(stderr, "a written file reads back different\n");
+        abort();
+    }
+    cv_st_free(&g);
+    free(out);
+    free(meta);
+    free(t);
 }
 
 static void as_dataset(const cv_st_file *f, const uint8_t *data, size_t size)
@@ -97,6 +152,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (cv_st_parse(data, size, &f, &e))
         return 0;
     tensors(&f);
+    round_trip(&f);
     as_dataset(&f, data, size);
     cv_st_free(&f);
     as_params(data, size, &mlp);
