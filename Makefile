@@ -285,15 +285,15 @@ $(FUZZ_BIN): $(B)/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(B)/tests/fuzz/fuzz_common.o
 
 # One harness for FUZZ_SECONDS: the log in build/fuzz/<h>.log; prints the executions.
 fuzz-run-%: $(B)/fuzz/fuzz_%
-	@mkdir -p $(B)/fuzz/corpus/$* $(B)/fuzz/artifacts
+	@mkdir -p $(B)/corpus/$* $(B)/artifacts
 	@echo "== fuzz $* ($(FUZZ_SECONDS) s)"
 	@$(FUZZ_ENV) $< -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
-	    -print_final_stats=1 -artifact_prefix=$(B)/fuzz/artifacts/$*- $(FUZZ_ARGS) \
-	    $(B)/fuzz/corpus/$* tests/fuzz/$* > $(B)/fuzz/$*.log 2>&1 || \
-	    { tail -n 60 $(B)/fuzz/$*.log; echo "fuzz $*: FINDING (input in $(B)/fuzz/artifacts/)"; \
+	    -print_final_stats=1 -artifact_prefix=$(B)/artifacts/$*- $(FUZZ_ARGS) \
+	    $(B)/corpus/$* tests/fuzz/$* > $(B)/$*.log 2>&1 || \
+	    { tail -n 60 $(B)/$*.log; echo "fuzz $*: FINDING (input in $(B)/artifacts/)"; \
 	      exit 1; }
 	@awk '/^stat::number_of_executed_units/ {n=$$2} /^stat::average_exec_per_sec/ {r=$$2} \
-	    END {printf "fuzz $*: %s executions (%s/s), no finding\n", n, r}' $(B)/fuzz/$*.log
+	    END {printf "fuzz $*: %s executions (%s/s), no finding\n", n, r}' $(B)/$*.log
 
 clean:
 	rm -rf build $(filter-out build build/%,$(B))
