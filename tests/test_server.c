@@ -137,6 +137,13 @@ START_TEST(multipart_rejects_malformed)
         ("--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--B\r\n"
          "Content-Disposition: form-data; name=\"a\"\r\n\r\n2\r\n--B--"),
         "--Bjunk",
+        /* a part whose headers never end must not run into the next part and
+         * take its name (it was read as one part "a"; found by review while
+         * fuzzing, tests/fuzz/multipart/finding-headers-across-boundary) */
+        ("--B\r\nX-Other: y\r\n--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n"
+         "data\r\n--B--\r\n"),
+        /* no empty line before the delimiter: the delimiter's CRLF is not it */
+        "--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n--B--",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         cv_err_clear(&e);
@@ -149,6 +156,15 @@ START_TEST(multipart_rejects_malformed)
     for (size_t len = 0; len < sizeof ok - 1; len++)
         cv_mp_parse(ct, ok, len, &mp, &e);
     ck_assert_int_eq(cv_mp_parse(ct, ok, sizeof ok - 1, &mp, &e), 0);
+    /* empty content, and a part without headers (refused for its missing name) */
+    static const char empty[] =
+        "--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n\r\n--B--";
+    ck_assert_int_eq(cv_mp_parse(ct, empty, sizeof empty - 1, &mp, &e), 0);
+    ck_assert_int_eq(mp.nparts, 1);
+    ck_assert_uint_eq(mp.parts[0].len, 0);
+    static const char nohead[] = "--B\r\n\r\nx\r\n--B--";
+    ck_assert_int_eq(cv_mp_parse(ct, nohead, sizeof nohead - 1, &mp, &e), -1);
+    ck_assert_msg(strstr(e.message, "no Content-Disposition name"), "%s", e.message);
 }
 END_TEST
 
