@@ -22,6 +22,9 @@
 #   make crash-soak [KILLS=1000]  the --state-dir crash loop of tests/e2e_persist.py
 #                         (SIGKILL at random moments, then every acknowledged write
 #                         checked) with KILLS kills; `make test` runs it with 60
+#   make fuzz [FUZZ_SECONDS=60]  build the libFuzzer harnesses (clang, ASan+UBSan) in
+#                         build/fuzz/ and run each for FUZZ_SECONDS, FUZZ_JOBS (2) at a time
+#                         (tests/fuzz/README.md); not in `make test`
 #   make deps             install (as root) or name the missing build packages
 #   make clean            remove build/ (every build directory below it)
 #
@@ -116,7 +119,7 @@ MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null)
 MPI_LIBS   := $(shell pkg-config --libs ompi-c 2>/dev/null)
 MPI_PLUGIN := $(if $(shell pkg-config --exists ompi-c 2>/dev/null && echo y),$(B)/curvd-mpi.so)
 
-.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run python bench bench-mpi bench-kfac bench-laplace soak crash-soak clean
+.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run python bench bench-mpi bench-kfac bench-laplace soak crash-soak fuzz fuzz-bins clean
 all: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so
 
 build-tests: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so $(TEST_BIN) $(B)/bench_ops
@@ -135,7 +138,7 @@ depcheck:
 # Everything in $(B) is rebuilt when the compiler or a flag changes.
 FLAGS_STAMP := $(B)/.flags
 FLAGS_NOW    = $(CC) $(FINAL_CFLAGS) $(FINAL_LDFLAGS) $(LDLIBS) $(CHECKLIBS)
-ifneq ($(filter-out clean help deps,$(or $(MAKECMDGOALS),all)),)
+ifneq ($(filter-out clean help deps fuzz,$(or $(MAKECMDGOALS),all)),)
 ifneq ($(file <$(FLAGS_STAMP)),$(strip $(FLAGS_NOW)))
 $(shell mkdir -p $(B))
 $(file >$(FLAGS_STAMP),$(strip $(FLAGS_NOW)))
@@ -264,6 +267,49 @@ soak:
 KILLS ?= 1000
 crash-soak: $(B)/curvd
 	$(PY) tests/e2e_persist.py $(B)/curvd --only crash --kills $(KILLS)
+
+# ---- fuzzing (tests/fuzz/README.md) -----------------------------------------------------
+# libFuzzer harnesses tests/fuzz/fuzz_<h>.c, built with clang in build/fuzz/ (the library
+# with -fsanitize=fuzzer-no-link,address,undefined; each harness linked with
+# -fsanitize=fuzzer), run with the seeds of tests/fuzz/<h>/; what they add to the corpus
+# goes to build/fuzz/corpus/<h>/, a finding to build/fuzz/artifacts/ (and fails the run).
+FUZZ_HARNESSES := job arch safetensors multipart http
+FUZZ_SECONDS   ?= 60
+FUZZ_JOBS      ?= 2
+FUZZ_ARGS      ?=
+FUZZ_B         := build/fuzz
+FUZZ_MAKE       = $(MAKE) --no-print-directory B=$(FUZZ_B) CC=clang \
+                  SANITIZE=fuzzer-no-link,address,undefined
+FUZZ_ENV       := ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 \
+                  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+FUZZ_BIN       := $(FUZZ_HARNESSES:%=$(B)/fuzz/fuzz_%)
+
+fuzz:
+	@scripts/deps.sh fuzz
+	@$(FUZZ_MAKE) -j$(FUZZ_JOBS) fuzz-bins
+	@$(FUZZ_MAKE) -j$(FUZZ_JOBS) $(FUZZ_HARNESSES:%=fuzz-run-%)
+
+fuzz-bins: $(FUZZ_BIN)
+
+$(FUZZ_BIN): $(B)/fuzz/fuzz_%: tests/fuzz/fuzz_%.c $(B)/tests/fuzz/fuzz_common.o $(B)/libcurvd.a \
+                                $(FLAGS_STAMP) | depcheck
+	@mkdir -p $(dir $@)
+	$(CC) $(FINAL_CFLAGS) $(DEPGEN) $(FINAL_LDFLAGS) -fsanitize=fuzzer -o $@ $< \
+	    $(B)/tests/fuzz/fuzz_common.o $(B)/libcurvd.a $(LDLIBS)
+
+-include $(FUZZ_BIN:=.d)
+
+# One harness for FUZZ_SECONDS: the log in build/fuzz/<h>.log; prints the executions.
+fuzz-run-%: $(B)/fuzz/fuzz_%
+	@mkdir -p $(B)/corpus/$* $(B)/artifacts
+	@echo "== fuzz $* ($(FUZZ_SECONDS) s)"
+	@$(FUZZ_ENV) $< -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	    -print_final_stats=1 -artifact_prefix=$(B)/artifacts/$*- $(FUZZ_ARGS) \
+	    $(B)/corpus/$* tests/fuzz/$* > $(B)/$*.log 2>&1 || \
+	    { tail -n 60 $(B)/$*.log; echo "fuzz $*: FINDING (input in $(B)/artifacts/)"; \
+	      exit 1; }
+	@awk '/^stat::number_of_executed_units/ {n=$$2} /^stat::average_exec_per_sec/ {r=$$2} \
+	    END {printf "fuzz $*: %s executions (%s/s), no finding\n", n, r}' $(B)/$*.log
 
 clean:
 	rm -rf build $(filter-out build build/%,$(B))

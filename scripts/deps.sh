@@ -10,6 +10,8 @@
 #       test    build + what `make test` uses (OpenMPI included)
 #       bench   build + what `make bench` uses (OpenMPI for bench-mpi)
 #       mpi     build + OpenMPI (`mpirun -np R curvd ...`)
+#       fuzz    build + clang and its sanitizer/libFuzzer runtimes (`make fuzz`:
+#               -fsanitize=fuzzer,address,undefined; libclang-rt-dev holds libFuzzer)
 #       image   the Dockerfile's build stage: build + the demo's digits data
 #       runtime the Dockerfile's runtime stage: the shared libraries build/curvd
 #               links (those of the -dev packages in build) + curl (HEALTHCHECK)
@@ -32,6 +34,7 @@ case "${1:-build}" in
   test)    PKGS="$BUILD $MPI curl python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-pip python3-setuptools mypy chromium clang" ;;
   bench)   PKGS="$BUILD $MPI python3 python3-numpy python3-torch" ;;
   mpi)     PKGS="$BUILD $MPI" ;;
+  fuzz)    PKGS="$BUILD clang libclang-rt-dev" ;;
   image)   PKGS="$BUILD python3-sklearn" ;;
   runtime) PKGS="libopenblas0-pthread liblapacke libcjson1 libmicrohttpd12 curl" ;;
   *) echo "deps.sh: unknown set '$1'" >&2; exit 2 ;;

@@ -1,7 +1,9 @@
 /* http.c - the HTTP server: the libmicrohttpd daemon, request bodies
  * (accumulated up to the limits of http.h), the route table and dispatch.
  * The handlers are server/handlers_*.c, the helpers they share
- * server/http_req.c (see http_internal.h); routes in api/openapi.yaml. */
+ * server/http_req.c (see http_internal.h); routes in api/openapi.yaml.
+ * cv_http_handle answers a request given as data, without the daemon (the
+ * fuzz harness). */
 #include "api/suggest.h"
 #include "server/http.h"
 
@@ -193,7 +195,11 @@ static int reject_unknown_query(req *r, const route *rt)
     if (strncmp(rt->info.path, "/v1/", 4) != 0)
         return 0;
     query_scan q = {rt->queries, NULL};
-    MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, scan_query, &q);
+    if (r->conn)
+        MHD_get_connection_values(r->conn, MHD_GET_ARGUMENT_KIND, scan_query, &q);
+    else
+        for (int i = 0; i < r->in->nquery && !q.unknown; i++)
+            scan_query(&q, MHD_GET_ARGUMENT_KIND, r->in->query[i].key, r->in->query[i].value);
     if (!q.unknown)
         return 0;
     static const char *const none[] = {NULL};
@@ -711,7 +717,8 @@ static unsigned timeout_s(double s)
     return s > 86400.0 * 30 ? 0 /* none */ : (unsigned)s + (s > (unsigned)s);
 }
 
-cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs, cv_err *e)
+/* The server without its daemon: configuration defaults, timeouts, the staging areas. */
+static cv_http *http_new(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs, cv_err *e)
 {
     cv_http *h = cv_err_calloc(sizeof *h, "out of memory", e);
     if (!h)
@@ -741,6 +748,40 @@ cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
     h->started = cv_now_s();
     for (int i = 0; i < 6; i++)
         atomic_init(&h->requests[i], 0);
+    return h;
+}
+
+cv_http *cv_http_new_unbound(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
+                             cv_err *e)
+{
+    return http_new(c, reg, jobs, e);
+}
+
+unsigned cv_http_handle(cv_http *h, const cv_http_request *in, char **out, size_t *out_len,
+                        const char **ctype)
+{
+    req r;
+    memset(&r, 0, sizeof r);
+    r.h = h;
+    r.in = in;
+    r.method = strcmp(in->method, "HEAD") == 0 ? "GET" : in->method;
+    r.url = in->path;
+    r.body = in->body ? in->body : "";
+    r.body_len = in->body ? in->body_len : 0;
+    dispatch(&r);
+    if (r.stream)
+        job_stream_to_text(&r); /* what a connection would have been sent */
+    *out = r.out;
+    *out_len = r.out_len;
+    *ctype = r.ctype;
+    return r.status;
+}
+
+cv_http *cv_http_start(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs, cv_err *e)
+{
+    cv_http *h = http_new(c, reg, jobs, e);
+    if (!h)
+        return NULL;
     cv_access_config ac = {.token_file = c->auth_token_file, .allowed_hosts = c->allowed_hosts,
                            .bind = h->cfg.bind, .cors_origin = c->cors_origin,
                            .generate_token = c->generate_token,

@@ -75,6 +75,35 @@ int cv_http_tokens_required(const cv_http *h);
 /* Stops accepting, closes connections and joins the HTTP threads. */
 void cv_http_stop(cv_http *h);
 
+/* Requests without a socket (the fuzz harness tests/fuzz/fuzz_http.c): a
+ * server that never listens, and one request answered through the same
+ * routing and handlers as over HTTP.  The request is what libmicrohttpd
+ * hands the server: the path already %-decoded and without the query, the
+ * query's keys and values decoded; header names match case-insensitively. */
+typedef struct {
+    const char *key, *value;
+} cv_http_kv;
+
+typedef struct {
+    const char *method;       /* HEAD is answered as GET */
+    const char *path;
+    const cv_http_kv *query;
+    int nquery;
+    const cv_http_kv *headers;
+    int nheaders;
+    const char *body;         /* NULL: none */
+    size_t body_len;
+} cv_http_request;
+
+/* Like cv_http_start without the daemon; free it with cv_http_stop. */
+cv_http *cv_http_new_unbound(const cv_http_config *c, cv_registry *reg, cv_jobs *jobs,
+                             cv_err *e);
+/* Answers in: returns the HTTP status (0: no handler replied, which would
+ * go out as 500); *out is the body (malloc()ed, *out_len bytes; NULL when
+ * empty) and *ctype its Content-Type (static, or NULL). */
+unsigned cv_http_handle(cv_http *h, const cv_http_request *in, char **out, size_t *out_len,
+                        const char **ctype);
+
 /* The route table: every (method, path template) the server answers, with
  * templates in OpenAPI form ("/v1/models/{name}"). */
 typedef struct {

@@ -45,6 +45,7 @@ struct cv_http {
 typedef struct {
     cv_http *h;
     struct MHD_Connection *conn;
+    const cv_http_request *in; /* without a connection (cv_http_handle): its query, headers */
     const char *method;        /* as routed (HEAD is served as GET) */
     const char *url;
     char param[MAX_PARAM];     /* the {name} / {id} path segment */
@@ -90,6 +91,9 @@ void reply_json(req *r, unsigned status, cJSON *j);
 void set_job_reply(req *r, unsigned status, cv_job *j);
 /* The MHD response of a streamed reply (takes r->stream), or NULL. */
 struct MHD_Response *job_stream_response(req *r);
+/* A streamed reply as one malloc()ed body in r->out instead (no connection:
+ * cv_http_handle); 507 out_of_memory when that fails. */
+void job_stream_to_text(req *r);
 
 /* ---- requests (http_req.c) ------------------------------------------------ */
 

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "api/job.h"
 #include "api/json_strict.h"
@@ -175,6 +176,24 @@ void set_job_reply(req *r, unsigned status, cv_job *j)
     r->stream = s;
 }
 
+void job_stream_to_text(req *r)
+{
+    struct job_stream *s = r->stream;
+    char *t = malloc(s->total + 1);
+    if (!t) {
+        reply_oom(r); /* frees the stream */
+        return;
+    }
+    size_t at = 0;
+    for (int i = 0; i < 4; i++) {
+        memcpy(t + at, s->piece[i], s->len[i]);
+        at += s->len[i];
+    }
+    t[at] = 0;
+    unsigned st = r->status;
+    set_text(r, st, t, at, "application/json"); /* frees the stream */
+}
+
 struct MHD_Response *job_stream_response(req *r)
 {
     struct job_stream *s = r->stream;
@@ -204,13 +223,26 @@ void reply_json(req *r, unsigned status, cJSON *j)
 
 /* ---- requests -------------------------------------------------------------- */
 
+/* The value of key among in's pairs (header names: case-insensitive). */
+static const char *kv_find(const cv_http_kv *kv, int n, const char *key, int caseless)
+{
+    for (int i = 0; i < n; i++)
+        if (caseless ? strcasecmp(kv[i].key, key) == 0 : strcmp(kv[i].key, key) == 0)
+            return kv[i].value;
+    return NULL;
+}
+
 const char *query(req *r, const char *key)
 {
+    if (!r->conn)
+        return kv_find(r->in->query, r->in->nquery, key, 0);
     return MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, key);
 }
 
 const char *header(req *r, const char *key)
 {
+    if (!r->conn)
+        return kv_find(r->in->headers, r->in->nheaders, key, 1);
     return MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, key);
 }
 

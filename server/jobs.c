@@ -701,7 +701,7 @@ cv_jobs *cv_jobs_new(const cv_jobs_config *c, cv_registry *reg, cv_err *e)
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
         return NULL;
     }
-    for (int i = 0; i < J->cfg.workers; i++) {
+    for (int i = 0; i < J->cfg.workers && !J->cfg.no_workers; i++) {
         if (pthread_create(&J->threads[i], NULL, worker_main, J)) {
             cv_jobs_free(J);
             cv_err_set(e, CV_EINTERNAL, "internal", "", "cannot start worker thread %d", i);
@@ -709,6 +709,8 @@ cv_jobs *cv_jobs_new(const cv_jobs_config *c, cv_registry *reg, cv_err *e)
         }
         J->nthreads++;
     }
+    if (J->cfg.no_workers)
+        return J; /* and no janitor: nothing ever finishes but by cancellation */
     if (pthread_create(&J->janitor, NULL, janitor_main, J)) {
         cv_jobs_free(J);
         cv_err_set(e, CV_EINTERNAL, "internal", "", "cannot start the janitor thread");

@@ -59,6 +59,8 @@ typedef struct {
     cv_ranks *ranks;          /* under mpirun: jobs run on every rank (one at a time:
                                * workers is 1); NULL: in this process */
     cv_state *state;          /* --state-dir: jobs are recorded there (see below); NULL: not */
+    int no_workers;           /* tests (the fuzz harness): start no thread (no worker,
+                               * no janitor), so jobs stay queued and never run */
 } cv_jobs_config;
 
 typedef struct cv_jobs cv_jobs;

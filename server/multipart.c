@@ -95,23 +95,28 @@ int cv_mp_parse(const char *ct, const char *body, size_t len, cv_multipart *out,
             return cv_err_set(e, CV_EINVAL, "bad_multipart", "",
                               "multipart body: malformed or missing closing boundary");
         p += 2;
-        const char *hend = find_bytes(p, (size_t)(end - p), "\r\n\r\n", 4);
-        const char *hdrs = p;
-        size_t hlen;
-        if (end - p >= 2 && p[0] == '\r' && p[1] == '\n') {
-            hlen = 0; /* no headers at all */
-            p += 2;
-        } else {
-            if (!hend)
-                return cv_err_set(e, CV_EINVAL, "bad_multipart", "",
-                                  "multipart body: part headers are not terminated");
-            hlen = (size_t)(hend - p);
-            p = hend + 4;
-        }
+        /* the part is [p, next): headers, an empty line, the content; its
+         * headers end before the next delimiter (searched for from the
+         * part's start, so that a part whose headers never end cannot run
+         * into the next part and take its headers) */
         const char *next = find_bytes(p, (size_t)(end - p), crlf_delim, (size_t)cdl);
         if (!next)
             return cv_err_set(e, CV_EINVAL, "bad_multipart", "",
                               "multipart body: part is not terminated by the boundary");
+        const char *hdrs = p;
+        size_t hlen;
+        if (next - p >= 2 && p[0] == '\r' && p[1] == '\n') {
+            hlen = 0; /* no headers at all */
+            p += 2;
+        } else {
+            const char *hend = find_bytes(p, (size_t)(next - p), "\r\n\r\n", 4);
+            if (!hend)
+                return cv_err_set(e, CV_EINVAL, "bad_multipart", "",
+                                  "multipart body: part %d: its headers do not end (with an "
+                                  "empty line) before the next boundary", out->nparts + 1);
+            hlen = (size_t)(hend - p);
+            p = hend + 4;
+        }
         if (out->nparts >= CV_MP_MAX_PARTS)
             return cv_err_set(e, CV_EINVAL, "bad_multipart", "",
                               "multipart body: more than %d parts", CV_MP_MAX_PARTS);

@@ -4,8 +4,8 @@
  * limit, drain), metrics text, the demo, the route table against
  * api/openapi.yaml (run from the repository root, as `make unit` does), the
  * HTTP replies' framing over a socket, strict parsing over HTTP (duplicate
- * keys, %00 in a URL, Retry-After on 429/503), and the command line's flag
- * tables. */
+ * keys, %00 in a URL, Retry-After on 429/503), requests answered without
+ * a socket (cv_http_handle), and the command line's flag tables. */
 #include "testutil.h"
 
 #include <arpa/inet.h>
@@ -137,6 +137,13 @@ START_TEST(multipart_rejects_malformed)
         ("--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n1\r\n--B\r\n"
          "Content-Disposition: form-data; name=\"a\"\r\n\r\n2\r\n--B--"),
         "--Bjunk",
+        /* a part whose headers never end must not run into the next part and
+         * take its name (it was read as one part "a"; found by review while
+         * fuzzing, tests/fuzz/multipart/finding-headers-across-boundary) */
+        ("--B\r\nX-Other: y\r\n--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n"
+         "data\r\n--B--\r\n"),
+        /* no empty line before the delimiter: the delimiter's CRLF is not it */
+        "--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n--B--",
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         cv_err_clear(&e);
@@ -149,6 +156,15 @@ START_TEST(multipart_rejects_malformed)
     for (size_t len = 0; len < sizeof ok - 1; len++)
         cv_mp_parse(ct, ok, len, &mp, &e);
     ck_assert_int_eq(cv_mp_parse(ct, ok, sizeof ok - 1, &mp, &e), 0);
+    /* empty content, and a part without headers (refused for its missing name) */
+    static const char empty[] =
+        "--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n\r\n--B--";
+    ck_assert_int_eq(cv_mp_parse(ct, empty, sizeof empty - 1, &mp, &e), 0);
+    ck_assert_int_eq(mp.nparts, 1);
+    ck_assert_uint_eq(mp.parts[0].len, 0);
+    static const char nohead[] = "--B\r\n\r\nx\r\n--B--";
+    ck_assert_int_eq(cv_mp_parse(ct, nohead, sizeof nohead - 1, &mp, &e), -1);
+    ck_assert_msg(strstr(e.message, "no Content-Disposition name"), "%s", e.message);
 }
 END_TEST
 
@@ -1089,6 +1105,77 @@ START_TEST(strict_requests_and_retry_after)
 }
 END_TEST
 
+/* cv_http_handle: a request given as data goes through the routes and
+ * handlers as over a socket (query parameters, headers, HEAD as GET), and a
+ * queue without workers keeps its jobs queued (the fuzz harness's service). */
+static unsigned handle(cv_http *h, const char *method, const char *path, const cv_http_kv *q,
+                       int nq, const cv_http_kv *hd, int nh, const char *body, cJSON **j)
+{
+    cv_http_request in = {method, path, q, nq, hd, nh, body, body ? strlen(body) : 0};
+    char *out;
+    size_t len;
+    const char *ctype;
+    unsigned st = cv_http_handle(h, &in, &out, &len, &ctype);
+    ck_assert_ptr_nonnull(out);
+    ck_assert_str_eq(ctype, "application/json");
+    ck_assert_msg(len > 0 && out[len - 1] == '\n', "%s %s: no newline", method, path);
+    *j = cJSON_ParseWithLength(out, len);
+    ck_assert_ptr_nonnull(*j);
+    free(out);
+    return st;
+}
+
+START_TEST(requests_without_a_socket)
+{
+    jfx f;
+    jfx_make(&f, 1, 8, 0);
+    cv_jobs_free(f.jobs);
+    cv_jobs_config jc = {.max_queue = 8, .keep_s = 600, .max_kept = 100, .no_workers = 1};
+    cv_job_limits_default(&jc.limits);
+    cv_err e;
+    f.jobs = cv_jobs_new(&jc, f.reg, &e);
+    ck_assert_ptr_nonnull(f.jobs);
+    cv_http_config c;
+    memset(&c, 0, sizeof c);
+    c.max_body = 1 << 20;
+    cv_http *h = cv_http_new_unbound(&c, f.reg, f.jobs, &e);
+    ck_assert_msg(h != NULL, "%s", e.message);
+    cJSON *j;
+    ck_assert_uint_eq(handle(h, "HEAD", "/v1/models/m", NULL, 0, NULL, 0, NULL, &j), 200);
+    ck_assert_str_eq(sfield(j, "name", NULL), "m");
+    cJSON_Delete(j);
+    /* the query: an unknown key is refused with its name, a known one is read */
+    cv_http_kv wiat[] = {{"wiat", "5"}}, bad_wait[] = {{"wait", "soon"}};
+    ck_assert_uint_eq(handle(h, "GET", "/v1/jobs", wiat, 1, NULL, 0, NULL, &j), 400);
+    ck_assert_str_eq(sfield(j, "error", "field"), "wiat");
+    cJSON_Delete(j);
+    ck_assert_uint_eq(handle(h, "POST", "/v1/jobs", bad_wait, 1, NULL, 0, "{}", &j), 400);
+    ck_assert_str_eq(sfield(j, "error", "field"), "wait");
+    cJSON_Delete(j);
+    /* a header (matched case-insensitively): a part must not be JSON */
+    cv_http_kv ct[] = {{"content-type", "application/json"}};
+    ck_assert_uint_eq(handle(h, "POST", "/v1/datasets/x/parts", NULL, 0, ct, 1, "{}", &j), 400);
+    ck_assert_str_eq(sfield(j, "error", "code"), "bad_content_type");
+    cJSON_Delete(j);
+    /* a job stays queued, and is cancelled at once */
+    cv_http_kv wait[] = {{"wait", "0"}};
+    ck_assert_uint_eq(handle(h, "POST", "/v1/jobs", wait, 1, NULL, 0,
+                             "{\"op\":\"loss\",\"model\":\"m\",\"dataset\":\"d\"}", &j),
+                      202);
+    ck_assert_str_eq(sfield(j, "status", NULL), "queued");
+    char path[96];
+    snprintf(path, sizeof path, "/v1/jobs/%s", sfield(j, "id", NULL));
+    cJSON_Delete(j);
+    ck_assert_uint_eq(handle(h, "DELETE", path, NULL, 0, NULL, 0, NULL, &j), 200);
+    ck_assert_str_eq(sfield(j, "status", NULL), "cancelled");
+    cJSON_Delete(j);
+    ck_assert_uint_eq(handle(h, "PATCH", "/v1/models", NULL, 0, NULL, 0, NULL, &j), 405);
+    cJSON_Delete(j);
+    cv_http_stop(h);
+    jfx_free(&f);
+}
+END_TEST
+
 START_TEST(http_status_of_errors)
 {
     static const struct {
@@ -1273,6 +1360,7 @@ static Suite *server_suite(void)
     tcase_add_test(jobs, finished_jobs_are_purged);
     tcase_add_test(jobs, json_bodies_end_with_newline);
     tcase_add_test(jobs, strict_requests_and_retry_after);
+    tcase_add_test(jobs, requests_without_a_socket);
     suite_add_tcase(s, jobs);
     return s;
 }
