@@ -4,6 +4,9 @@
 
 #include <errno.h>
 #include <pthread.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -284,6 +287,19 @@ static void record_job(cv_jobs *J, cv_job *j, cv_job_status st, double run_s,
         record_job_e(J, j, st, run_s, finished_at, &e);
 }
 
+/* A result this large was a cJSON tree of many small nodes (about 80 bytes
+ * per number) freed just now: the heap gives those pages back to the OS
+ * (glibc keeps freed small chunks otherwise; large buffers are mmap()ed and
+ * go back by themselves). */
+#define TRIM_AFTER_BYTES ((size_t)4 << 20)
+
+static void give_back_memory(void)
+{
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
+}
+
 #define ID_BLOCK 4096 /* ids reserved (recorded as used) per write of ids.cvst */
 
 static int ids_write(cv_jobs *J, uint64_t reserved, cv_err *e)
@@ -552,6 +568,8 @@ static void *worker_main(void *arg)
             if (!text)
                 cv_err_set(&err, CV_ENOMEM, "out_of_memory", "",
                            "out of memory printing the result");
+            else if (strlen(text) >= TRIM_AFTER_BYTES)
+                give_back_memory();
         } else if (err.status == CV_OK) {
             cv_err_set(&err, CV_EINTERNAL, "internal", "", "job failed without an error");
         }

@@ -34,4 +34,8 @@ check("load: 4 readers of a large result get identical bodies",
       fan.get("identical") is True and fan.get("result_bytes", 0) > 10_000_000,
       json.dumps(fan))
 check("load: peak RSS measured", res.get("peak_rss_bytes", 0) > 0, str(res.get("peak_rss_bytes")))
+# the large result's JSON tree (~80 bytes a number) goes back to the OS once printed
+check("load: memory given back after the large job (RSS after < 0.6 x peak)",
+      0 < (fan.get("rss_after_bytes") or 0) < 0.6 * res.get("peak_rss_bytes", 0),
+      f"{fan.get('rss_after_bytes')} vs peak {res.get('peak_rss_bytes')}")
 raise SystemExit(summary())

@@ -138,6 +138,17 @@ class RssSampler(threading.Thread):
         self.done.set()
         self.join(2)
 
+    def now(self):
+        """The current VmRSS (bytes), or 0."""
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
 
 def request(port, method, path, body=None, timeout=120):
     """(status, headers dict, body bytes); one connection per request."""
@@ -323,7 +334,7 @@ def phase_attacks(port, a, out):
     return bad
 
 
-def phase_fanout(port, a, out):
+def phase_fanout(port, a, out, rss=None):
     n = min(a.fanout_samples, BATCHES * BATCH)
     st, _, body = request(port, "POST", "/v1/jobs?wait=120",
                           {"model": "demo-mlp", "dataset": "digits", "op": "per_sample_gradients",
@@ -354,7 +365,9 @@ def phase_fanout(port, a, out):
         t.start()
     for t in threads:
         t.join()
+    time.sleep(0.3)
     out["fanout"] = {"samples": n, "readers": a.readers, "result_bytes": max(sizes or [0]),
+                     "rss_after_bytes": rss.now() if rss else None,
                      "identical": len(set(digests)) == 1 and len(digests) == a.readers,
                      "errors": len(errors), "seconds": round(time.time() - t0, 2)}
     print("fan-out:", json.dumps(out["fanout"]))
@@ -393,7 +406,7 @@ def main():
         ref = references(port)
         bad |= bool(phase_jobs(port, a, ref, out))
         bad |= bool(phase_attacks(port, a, out))
-        bad |= bool(phase_fanout(port, a, out))
+        bad |= bool(phase_fanout(port, a, out, rss))
     finally:
         if rss:
             rss.stop()
