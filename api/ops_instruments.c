@@ -803,9 +803,12 @@ static int history_deltas(cv_op_ctx *c, const cv_block *b, instr_state *s, const
     const cv_job_history *h = c->history;
     const cv_curv_options *co = cv_curv_get_options(c->curv);
     *why = NULL;
-    if (!h || !h->previous || !h->first)
+    if (!h || !h->previous)
         *why = "no previous version of the model (the first version, or a job outside the "
                "service's registry)";
+    else if (!h->first)
+        *why = "the first version's parameters are not kept (the model was restored from "
+               "--state-dir at a later version: earlier versions are not persisted)";
     else if (cv_comm_active(co->comm))
         *why = "not available on several ranks";
     else if (h->n != c->m->nparams_total)

@@ -915,6 +915,21 @@ static size_t queued_by(const cv_jobs *J, const char *client)
     return n;
 }
 
+/* Under J->mu: -1 with e (429 client_queue_full) when the submitting client
+ * (client: as given, key: its stored copy) has --max-queued-per-client jobs
+ * queued already. */
+static int quota_locked(cv_jobs *J, const char *client, const char *key, cv_err *e)
+{
+    size_t mine;
+    if (!client || !client[0] || !J->cfg.max_queued_per_client ||
+        (mine = queued_by(J, key)) < J->cfg.max_queued_per_client)
+        return 0;
+    J->rejected_total++;
+    return cv_err_set(e, CV_EBUSY, "client_queue_full", "",
+                      "this client has %zu jobs queued (--max-queued-per-client %zu); retry when "
+                      "one has started", mine, J->cfg.max_queued_per_client);
+}
+
 int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char *client,
                         cv_job **out, cv_err *e)
 {
@@ -984,7 +999,7 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
     if (J->cfg.state) {
         /* refused cheaply before the record is written, checked again after */
         pthread_mutex_lock(&J->mu);
-        int rc = admit_locked(J, e);
+        int rc = admit_locked(J, e) || quota_locked(J, client, j->client, e);
         pthread_mutex_unlock(&J->mu);
         if (rc || next_id(J, j->id, sizeof j->id, e) ||
             record_job_e(J, j, CV_JOB_QUEUED, 0, 0, e))
@@ -1000,14 +1015,8 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
         pthread_mutex_unlock(&J->mu);
         goto fail;
     }
-    size_t mine;
-    if (client && client[0] && J->cfg.max_queued_per_client &&
-        (mine = queued_by(J, j->client)) >= J->cfg.max_queued_per_client) {
-        J->rejected_total++;
+    if (quota_locked(J, client, j->client, e)) {
         pthread_mutex_unlock(&J->mu);
-        cv_err_set(e, CV_EBUSY, "client_queue_full", "",
-                   "this client has %zu jobs queued (--max-queued-per-client %zu); retry when "
-                   "one has started", mine, J->cfg.max_queued_per_client);
         goto fail;
     }
     /* table reference (j's own), queue reference, caller reference */

@@ -174,7 +174,9 @@ static void link_history(cv_snap *s, const cv_snap *cur)
         memcpy(s->previous->v, cur->model->params, sizeof(float) * s->previous->n);
         s->previous->version = cur->version;
     }
-    s->first = cur->first ? blob_ref(cur->first) : blob_ref(s->previous);
+    /* the first version's parameters: kept from version 1 on; a model restored
+     * from --state-dir at a later version has none (its earlier ones are gone) */
+    s->first = cur->first ? blob_ref(cur->first) : cur->version == 1 ? blob_ref(s->previous) : NULL;
 }
 
 void cv_snap_unref(cv_snap *s)
@@ -803,7 +805,7 @@ int cv_registry_keep_posterior(cv_registry *r, const cv_snap *model, const char 
                         "kept: accumulate into the new one", name, model->name,
                         ps ? "replaced" : "deleted");
     else
-        rc = install(r, s, 2, NULL, 0, NULL, &old, e);
+        rc = install(r, s, 2, expect, 0, NULL, &old, e); /* expect: the job's own pin */
     if (!rc && out) {
         cv_snap_ref(s);
         *out = s;

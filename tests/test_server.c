@@ -451,6 +451,49 @@ START_TEST(registry_keeps_previous_and_first_parameters)
         cv_model_free(m);
         free(m);
     }
+    /* a model restored from --state-dir at version 5: its first version's
+     * parameters are gone, so a later version keeps none (not version 5's) */
+    cv_model *v5 = heap_model(3);
+    ck_assert_int_eq(cv_registry_restore(r, "k", v5, NULL, NULL, "test", 5, 1.0, 2.0, &e), 0);
+    cv_model *m6 = heap_model(3);
+    void *buf;
+    size_t len;
+    ck_assert_int_eq(cv_params_export(m6, &buf, &len, &e), 0);
+    ck_assert_int_eq(cv_registry_put_params(r, "k", buf, len, &s, &e), 0);
+    ck_assert_uint_eq(s->version, 6);
+    ck_assert_ptr_nonnull(s->previous);
+    ck_assert_uint_eq(s->previous->version, 5);
+    ck_assert_ptr_null(s->first);
+    cv_snap_unref(s);
+    free(buf);
+    cv_model_free(m6);
+    free(m6);
+    cv_registry_free(r);
+}
+END_TEST
+
+/* online Laplace: a job that read posterior "a" (its pin) replaces it with one of
+ * the same size; the budget holds one of them, not both (the pinned one is the job's
+ * own and goes when it finishes) */
+START_TEST(registry_posterior_accumulate_within_budget)
+{
+    cv_err e;
+    cv_model *m = heap_model(1);
+    size_t mb = cv_model_bytes(m);
+    cv_registry *r = cv_registry_new(mb + 1000);
+    ck_assert_int_eq(cv_registry_add_model(r, "m", m, "test", NULL, &e), 0);
+    cv_snap *ms = cv_registry_get(r, CV_REG_MODEL, "m", &e);
+    ck_assert_int_eq(cv_registry_keep_posterior(r, ms, "a", malloc(8), 600, free, NULL, NULL,
+                                                &e), 0);
+    cv_snap *pin = cv_registry_acquire_posterior(r, "m", "a", "options.accumulate_into", &e);
+    ck_assert_ptr_nonnull(pin);
+    int rc = cv_registry_keep_posterior(r, ms, "a", malloc(8), 600, free, pin, NULL, &e);
+    ck_assert_msg(rc == 0, "%s", e.message);
+    cv_registry_release(r, pin);
+    cv_registry_stats st;
+    cv_registry_stats_get(r, &st);
+    ck_assert_uint_eq(st.bytes, mb + 600);
+    cv_snap_unref(ms);
     cv_registry_free(r);
 }
 END_TEST
@@ -1349,6 +1392,7 @@ static Suite *server_suite(void)
     tcase_add_test(reg, registry_put_params_race_and_pinned_budget);
     tcase_add_test(reg, registry_posteriors);
     tcase_add_test(reg, registry_keeps_previous_and_first_parameters);
+    tcase_add_test(reg, registry_posterior_accumulate_within_budget);
     tcase_add_test(reg, demo_registers_trained_models);
     suite_add_tcase(s, reg);
     TCase *jobs = tcase_create("jobs");
