@@ -8,7 +8,8 @@ batch; coalescing while a long interactive job holds the only worker
 (entries + skipped add up to the monitored versions, the interactive job
 submitted after the pushes runs before the monitor's job); the history cap;
 the curvd_instrument gauges; the errors; then a restart on the same state
-directory keeps the monitors and their histories and goes on counting.
+directory keeps the monitors and their histories and goes on counting; the
+roles (admin creates and deletes, read reads).
 """
 import array
 import json
@@ -29,13 +30,15 @@ OPTS = {"probes": 3, "lanczos_steps": 3, "bins": 8}
 CAP = 3
 
 
-def call(url, method="GET", body=None, ctype="application/json"):
+def call(url, method="GET", body=None, ctype="application/json", token=None):
     data = None
     if body is not None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", ctype)
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             raw = r.read()
@@ -188,6 +191,26 @@ def run(u, params, state):
     return mid, mid2, history(u)
 
 
+def roles(tmp):
+    """Creating and deleting monitors needs admin; reading them read."""
+    path = os.path.join(tmp, "tokens")
+    with open(path, "w") as f:
+        f.write("read-1a2b3c4d5e read\nsubmit-2b3c4d5e6f submit\nadmin-3c4d5e6f7a admin\n")
+    with Daemon("--workers", "1", "--auth-token-file", path) as d:
+        u, doc = d.url + "/v1/models/demo-mlp", {"dataset": "digits"}
+        check("role submit: POST monitor 403",
+              call(u + "/monitors", "POST", doc, token="submit-2b3c4d5e6f")[0] == 403)
+        st, m = call(u + "/monitors", "POST", doc, token="admin-3c4d5e6f7a")
+        check("role admin: POST monitor 201", st == 201, m)
+        check("role read: GET monitors and history 200",
+              call(u + "/monitors", token="read-1a2b3c4d5e")[0] == 200 and
+              call(u + "/history", token="read-1a2b3c4d5e")[0] == 200)
+        check("role submit: DELETE monitor 403", call(u + "/monitors/" + m["id"], "DELETE",
+                                                      token="submit-2b3c4d5e6f")[0] == 403)
+        check("role admin: DELETE monitor 200", call(u + "/monitors/" + m["id"], "DELETE",
+                                                     token="admin-3c4d5e6f7a")[0] == 200)
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="curvd-mon-")
     state = os.path.join(tmp, "state")
@@ -214,6 +237,7 @@ def main():
                   lst[0]["versions_seen"] == 16, lst)
             st, m3 = call(u + "/v1/models/demo-mlp/monitors", "POST", {"dataset": "digits"})
             check("restart: new ids do not repeat", st == 201 and m3["id"] not in (mid, mid2), m3)
+        roles(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary()
