@@ -4,6 +4,7 @@ keeps up, coalescing, without growing memory).
 
 Usage: /usr/bin/python3 bench/bench_monitor.py [build/curvd] [--seconds 30] [--rate 10]
        [--state-dir] [--workers 2] [--batch 256] [--light] [--keep-jobs S]
+       [--monitor-history N]
 Starts `curvd serve` (demo model demo-mlp, dataset digits), creates a monitor with
 every=1 on a 256-sample batch (all instruments with probes 10, lanczos_steps 10 unless
 --light), pushes perturbed parameters at --rate per second for --seconds, meanwhile
@@ -56,9 +57,12 @@ def main():
     ap.add_argument("--keep-jobs", type=float, default=None,
                     help="curvd serve --keep-jobs (finished jobs, results included, are kept "
                     "600 s by default: the job table, not the monitor, grows meanwhile)")
+    ap.add_argument("--monitor-history", type=int, default=None)
     ap.add_argument("--light", action="store_true", help="first-order instruments only")
     a = ap.parse_args(ARGV[1:])
     extra = ["--workers", str(a.workers)]
+    if a.monitor_history is not None:
+        extra += ["--monitor-history", str(a.monitor_history)]
     if a.keep_jobs is not None:
         extra += ["--keep-jobs", str(a.keep_jobs)]
     tmp = tempfile.mkdtemp(prefix="curvd-benchmon-")
@@ -125,6 +129,13 @@ def main():
             "jobs_kept_bytes": [x for x in urllib.request.urlopen(u + "/metrics").read().decode()
                                 .splitlines() if x.startswith("curvd_jobs_kept_bytes")],
             "rss_kb_after_3s": rss0, "rss_kb_end": rss1}, indent=1))
+    if a.state_dir:
+        # the history read back after a restart (several segment records when > 256)
+        with Daemon(*extra) as d:
+            h2 = call(d.url + "/v1/models/demo-mlp/history?monitor=" + m["id"])["history"]
+            print(json.dumps({"restart_history_entries": len(h2), "restart_history_equal": h2 == h,
+                              "segment_files": sorted(os.listdir(os.path.join(tmp, "state",
+                                                                              "monitors")))}))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
  * histories, gauges and records (see monitors.h). */
 #include "server/monitors.h"
 
+#include <limits.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -34,6 +35,7 @@ typedef struct mon {
     long every;
     unsigned long seen;    /* versions pushed since its creation */
     unsigned long runs, skipped_total;
+    unsigned long seg_low; /* its oldest history segment record not removed yet */
     double created_at;
     inflight *fl;          /* its jobs not finished yet (at most one queued) */
     hentry *ring;          /* n entries from start (mod cap) */
@@ -125,8 +127,51 @@ static cJSON *mon_json(const mon *m)
     return o;
 }
 
-/* Under M->mu: writes m's record (the monitor and its history). */
-static void record(cv_monitors *M, mon *m)
+/* History entries per segment record: a new entry rewrites only its segment
+ * (at most SEG entries) and the monitor's small record. */
+#define SEG 256
+
+/* Ring entries i0..n-1 as JSON lines (malloc()ed, *blen bytes); NULL out of memory. */
+static char *lines_text(mon *m, size_t i0, size_t *blen)
+{
+    size_t len = 0, cap = 4096;
+    char *blob = malloc(cap);
+    for (size_t i = i0; i < m->n && blob; i++) {
+        const hentry *h = entry_at(m, i);
+        char line[160];
+        int k = snprintf(line, sizeof line,
+                         "{\"version\":%lu,\"time\":%.17g,\"job\":\"%s\",\"skipped\":%lu,\"%s\":",
+                         h->version, h->time, h->job, h->skipped,
+                         h->failed ? "error" : "instruments");
+        size_t bl = strlen(h->body), need = len + (size_t)k + bl + 3;
+        if (need > cap) {
+            while (cap < need)
+                cap *= 2;
+            char *nb = realloc(blob, cap);
+            if (!nb) {
+                free(blob);
+                return NULL;
+            }
+            blob = nb;
+        }
+        memcpy(blob + len, line, (size_t)k);
+        len += (size_t)k;
+        memcpy(blob + len, h->body, bl);
+        len += bl;
+        blob[len++] = '}';
+        blob[len++] = '\n';
+    }
+    *blen = len;
+    return blob;
+}
+
+static void seg_name(const mon *m, unsigned long seg, char *out, size_t len)
+{
+    snprintf(out, len, "%s-%08lu", m->id, seg);
+}
+
+/* Under M->mu: writes m's record (the monitor and its counters, no blob). */
+static void record_meta(cv_monitors *M, mon *m)
 {
     if (!M->st)
         return;
@@ -140,43 +185,54 @@ static void record(cv_monitors *M, mon *m)
     cJSON_AddNumberToObject(meta, "skipped", (double)m->skipped_total);
     char *mt = cJSON_PrintUnformatted(meta);
     cJSON_Delete(meta);
-    size_t blen = 0, bcap = 0;
-    char *blob = NULL;
-    int oom = !mt;
-    for (size_t i = 0; i < m->n && !oom; i++) {
-        const hentry *h = entry_at(m, i);
-        char line[160];
-        int k = snprintf(line, sizeof line,
-                         "{\"version\":%lu,\"time\":%.17g,\"job\":\"%s\",\"skipped\":%lu,\"%s\":",
-                         h->version, h->time, h->job, h->skipped,
-                         h->failed ? "error" : "instruments");
-        size_t need = blen + (size_t)k + strlen(h->body) + 3;
-        if (need > bcap) {
-            size_t nc = bcap ? 2 * bcap : 4096;
-            while (nc < need)
-                nc *= 2;
-            char *nb = realloc(blob, nc);
-            if (!nb) {
-                oom = 1;
-                break;
-            }
-            blob = nb;
-            bcap = nc;
-        }
-        memcpy(blob + blen, line, (size_t)k);
-        blen += (size_t)k;
-        memcpy(blob + blen, h->body, strlen(h->body));
-        blen += strlen(h->body);
-        blob[blen++] = '}';
-        blob[blen++] = '\n';
-    }
     cv_err e;
-    if (oom)
+    if (!mt)
         fprintf(stderr, "curvd: state: monitor %s: out of memory\n", m->id);
-    else if (cv_state_write(M->st, CV_STATE_MONITOR, m->id, mt, strlen(mt), blob, blen, &e))
+    else if (cv_state_write(M->st, CV_STATE_MONITOR, m->id, mt, strlen(mt), NULL, 0, &e))
         fprintf(stderr, "curvd: state: monitor %s: %s\n", m->id, e.message);
     free(mt);
+}
+
+/* Under M->mu, after an entry: rewrites the segment of the newest entry and
+ * removes the segments whose entries have all been dropped. */
+static void record_segment(cv_monitors *M, mon *m)
+{
+    if (!M->st || !m->runs)
+        return;
+    unsigned long seg = (m->runs - 1) / SEG, first = m->runs - m->n; /* ring 0's number */
+    size_t i0 = seg * SEG > first ? seg * SEG - first : 0, blen;
+    char name[64], meta[96];
+    seg_name(m, seg, name, sizeof name);
+    int ml = snprintf(meta, sizeof meta, "{\"monitor\":\"%s\",\"segment\":%lu}", m->id, seg);
+    char *blob = lines_text(m, i0, &blen);
+    cv_err e;
+    if (!blob)
+        fprintf(stderr, "curvd: state: monitor %s: out of memory\n", m->id);
+    else if (cv_state_write(M->st, CV_STATE_MONITOR, name, meta, (size_t)ml, blob, blen, &e))
+        fprintf(stderr, "curvd: state: monitor %s: %s\n", name, e.message);
     free(blob);
+    while ((m->seg_low + 1) * SEG <= first) {
+        seg_name(m, m->seg_low++, name, sizeof name);
+        if (cv_state_remove(M->st, CV_STATE_MONITOR, name, &e))
+            fprintf(stderr, "curvd: state: monitor %s: %s\n", name, e.message);
+    }
+}
+
+/* Under M->mu: removes m's records (the monitor first: segments left by a
+ * crash are removed at the next start). */
+static void unrecord(cv_monitors *M, mon *m)
+{
+    cv_err e;
+    if (!M->st)
+        return;
+    if (cv_state_remove(M->st, CV_STATE_MONITOR, m->id, &e))
+        fprintf(stderr, "curvd: state: monitor %s: %s\n", m->id, e.message);
+    for (unsigned long s = m->seg_low; m->runs && s <= (m->runs - 1) / SEG; s++) {
+        char name[64];
+        seg_name(m, s, name, sizeof name);
+        if (cv_state_remove(M->st, CV_STATE_MONITOR, name, &e))
+            fprintf(stderr, "curvd: state: monitor %s: %s\n", name, e.message);
+    }
 }
 
 /* ---- creation ------------------------------------------------------------------ */
@@ -338,7 +394,7 @@ int cv_monitors_create(cv_monitors *M, const char *model, const cJSON *doc, cJSO
     m->next = M->head;
     M->head = m;
     M->count++;
-    record(M, m);
+    record_meta(M, m);
     *out = mon_json(m);
     pthread_mutex_unlock(&M->mu);
     return 0;
@@ -386,8 +442,7 @@ int cv_monitors_delete(cv_monitors *M, const char *model, const char *id, cv_err
     M->count--;
     for (inflight *f = m->fl; f; f = f->next)
         cv_jobs_withdraw(M->J, f->job); /* a running one finishes; its entry is not kept */
-    if (M->st && cv_state_remove(M->st, CV_STATE_MONITOR, m->id, e))
-        fprintf(stderr, "curvd: state: monitor %s: %s\n", m->id, e->message);
+    unrecord(M, m);
     pthread_mutex_unlock(&M->mu);
     mon_free(m);
     return 0;
@@ -415,7 +470,11 @@ void cv_monitors_version(cv_monitors *M, const char *model)
 {
     pthread_mutex_lock(&M->mu);
     for (mon *m = M->head; m; m = m->next) {
-        if (strcmp(m->model, model) != 0 || ++m->seen % (unsigned long)m->every)
+        if (strcmp(m->model, model) != 0)
+            continue;
+        ++m->seen;
+        record_meta(M, m); /* the count goes on after a restart */
+        if (m->seen % (unsigned long)m->every)
             continue;
         prune_locked(M, m);
         unsigned long skipped = 0;
@@ -514,7 +573,8 @@ static void job_done(void *arg, cv_job *j, const char *result, const cv_err *err
             }
             if (h.body && push_entry(m, M->cap, &h) == 0) {
                 m->runs++;
-                record(M, m);
+                record_segment(M, m);
+                record_meta(M, m);
             } else {
                 free(h.body);
                 fprintf(stderr, "curvd: monitor %s: out of memory, version %lu not kept\n",
@@ -647,11 +707,95 @@ char *cv_monitors_metrics(cv_monitors *M)
 
 /* ---- life cycle -------------------------------------------------------------------- */
 
-/* Reads a monitor record back (its history as JSON lines). */
+/* Pushes the history entries of JSON lines p (len bytes) onto m. */
+static void push_lines(cv_monitors *M, mon *m, const char *p, size_t len)
+{
+    const char *end = p + len;
+    while (p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        size_t n = nl ? (size_t)(nl - p) : (size_t)(end - p);
+        cJSON *h = cJSON_ParseWithLength(p, n);
+        const cJSON *ver = cJSON_GetObjectItemCaseSensitive(h, "version");
+        const cJSON *tm = cJSON_GetObjectItemCaseSensitive(h, "time");
+        const cJSON *jb = cJSON_GetObjectItemCaseSensitive(h, "job");
+        const cJSON *sk = cJSON_GetObjectItemCaseSensitive(h, "skipped");
+        const cJSON *ins = cJSON_GetObjectItemCaseSensitive(h, "instruments");
+        const cJSON *er = cJSON_GetObjectItemCaseSensitive(h, "error");
+        if (cJSON_IsNumber(ver) && cJSON_IsNumber(tm) && cJSON_IsString(jb) &&
+            cJSON_IsNumber(sk) && (ins || er)) {
+            hentry he = {(unsigned long)ver->valuedouble, (unsigned long)sk->valuedouble,
+                         tm->valuedouble, "", ins == NULL, cJSON_PrintUnformatted(ins ? ins : er)};
+            snprintf(he.job, sizeof he.job, "%s", jb->valuestring);
+            if (!he.body || push_entry(m, M->cap, &he))
+                free(he.body);
+        }
+        cJSON_Delete(h);
+        p += n + 1;
+    }
+}
+
+/* A history segment read before its monitor (names sort so). */
+typedef struct {
+    char id[24];
+    unsigned long seg;
+    char *lines;
+    size_t len;
+} stashed;
+
+typedef struct {
+    cv_monitors *M;
+    stashed *v;
+    size_t n, cap;
+} restore_ctx;
+
+static int stash_segment(restore_ctx *R, const char *name, const cv_state_rec *rec, char *why,
+                         size_t wl)
+{
+    cJSON *o = cJSON_ParseWithLength(rec->meta, rec->meta_len);
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(o, "monitor");
+    const cJSON *sg = cJSON_GetObjectItemCaseSensitive(o, "segment");
+    char expect[64] = "";
+    if (cJSON_IsString(id) && strlen(id->valuestring) < 24 && cJSON_IsNumber(sg))
+        snprintf(expect, sizeof expect, "%s-%08lu", id->valuestring,
+                 (unsigned long)sg->valuedouble);
+    if (!expect[0] || strcmp(expect, name) != 0) {
+        cJSON_Delete(o);
+        snprintf(why, wl, "not a monitor history segment");
+        return -1;
+    }
+    if (R->n == R->cap) {
+        size_t nc = R->cap ? 2 * R->cap : 16;
+        stashed *nv = realloc(R->v, nc * sizeof *nv);
+        if (!nv) {
+            cJSON_Delete(o);
+            snprintf(why, wl, "out of memory");
+            return 1;
+        }
+        R->v = nv;
+        R->cap = nc;
+    }
+    stashed *t = &R->v[R->n];
+    snprintf(t->id, sizeof t->id, "%s", id->valuestring);
+    t->seg = (unsigned long)sg->valuedouble;
+    cJSON_Delete(o);
+    if (!(t->lines = malloc(rec->blob_len + 1))) {
+        snprintf(why, wl, "out of memory");
+        return 1;
+    }
+    memcpy(t->lines, rec->blob, rec->blob_len);
+    t->len = rec->blob_len;
+    R->n++;
+    return 0;
+}
+
+/* Reads a monitor record back (a history segment is stashed for later). */
 static int restore_one(void *arg, const char *name, const cv_state_rec *rec, char *why,
                        size_t wl)
 {
-    cv_monitors *M = arg;
+    restore_ctx *R = arg;
+    cv_monitors *M = R->M;
+    if (strchr(name, '-'))
+        return stash_segment(R, name, rec, why, wl);
     if (M->count >= CV_MONITORS_MAX) {
         fprintf(stderr, "curvd: state: monitor %s skipped (more than %d monitors)\n", name,
                 CV_MONITORS_MAX);
@@ -693,33 +837,55 @@ static int restore_one(void *arg, const char *name, const cv_state_rec *rec, cha
         m->runs = (unsigned long)v->valuedouble;
     if (cJSON_IsNumber(v = cJSON_GetObjectItemCaseSensitive(o, "skipped")))
         m->skipped_total = (unsigned long)v->valuedouble;
+    m->seg_low = ULONG_MAX; /* set by the segments attached */
     cJSON_Delete(o);
-    const char *p = rec->blob, *end = p + rec->blob_len;
-    while (p < end) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        size_t n = nl ? (size_t)(nl - p) : (size_t)(end - p);
-        cJSON *h = cJSON_ParseWithLength(p, n);
-        const cJSON *ver = cJSON_GetObjectItemCaseSensitive(h, "version");
-        const cJSON *tm = cJSON_GetObjectItemCaseSensitive(h, "time");
-        const cJSON *jb = cJSON_GetObjectItemCaseSensitive(h, "job");
-        const cJSON *sk = cJSON_GetObjectItemCaseSensitive(h, "skipped");
-        const cJSON *ins = cJSON_GetObjectItemCaseSensitive(h, "instruments");
-        const cJSON *er = cJSON_GetObjectItemCaseSensitive(h, "error");
-        if (cJSON_IsNumber(ver) && cJSON_IsNumber(tm) && cJSON_IsString(jb) &&
-            cJSON_IsNumber(sk) && (ins || er)) {
-            hentry he = {(unsigned long)ver->valuedouble, (unsigned long)sk->valuedouble,
-                         tm->valuedouble, "", ins == NULL, cJSON_PrintUnformatted(ins ? ins : er)};
-            snprintf(he.job, sizeof he.job, "%s", jb->valuestring);
-            if (!he.body || push_entry(m, M->cap, &he))
-                free(he.body);
-        }
-        cJSON_Delete(h);
-        p += n + 1;
-    }
     m->next = M->head;
     M->head = m;
     M->count++;
     return 0;
+}
+
+static int by_segment(const void *a, const void *b)
+{
+    const stashed *x = a, *y = b;
+    int c = strcmp(x->id, y->id);
+    return c ? c : x->seg < y->seg ? -1 : x->seg > y->seg;
+}
+
+/* Gives the stashed segments to their monitors in order; a segment whose
+ * monitor is gone (deleted, and the daemon stopped before its segments were
+ * removed) is removed now. */
+static void attach_segments(restore_ctx *R)
+{
+    cv_monitors *M = R->M;
+    if (R->n)
+        qsort(R->v, R->n, sizeof *R->v, by_segment);
+    for (size_t i = 0; i < R->n; i++) {
+        stashed *t = &R->v[i];
+        mon *m = M->head;
+        while (m && strcmp(m->id, t->id) != 0)
+            m = m->next;
+        char name[64];
+        snprintf(name, sizeof name, "%s-%08lu", t->id, t->seg);
+        cv_err e;
+        if (!m) {
+            fprintf(stderr, "curvd: state: monitor history %s has no monitor; removed\n", name);
+            if (cv_state_remove(M->st, CV_STATE_MONITOR, name, &e))
+                fprintf(stderr, "curvd: state: monitor %s: %s\n", name, e.message);
+        } else {
+            push_lines(M, m, t->lines, t->len);
+            if (t->seg < m->seg_low)
+                m->seg_low = t->seg;
+        }
+        free(t->lines);
+    }
+    free(R->v);
+    for (mon *m = M->head; m; m = m->next) {
+        if (m->seg_low == ULONG_MAX)
+            m->seg_low = m->runs ? (m->runs - 1) / SEG : 0;
+        if (m->n > m->runs) /* a record older than its segments: trust the entries */
+            m->runs = m->n;
+    }
 }
 
 static int newer_first(const void *a, const void *b)
@@ -758,9 +924,12 @@ cv_monitors *cv_monitors_new(cv_jobs *J, cv_registry *reg, cv_state *st, size_t 
     M->salt = (uint64_t)now.tv_sec * 1000000000ull + (uint64_t)now.tv_nsec;
     pthread_mutex_init(&M->mu, NULL);
     if (st) {
-        int n = cv_state_scan(st, CV_STATE_MONITOR, restore_one, M);
-        if (n)
-            fprintf(stderr, "curvd: state: %d monitor%s read back\n", n, n == 1 ? "" : "s");
+        restore_ctx R = {M, NULL, 0, 0};
+        cv_state_scan(st, CV_STATE_MONITOR, restore_one, &R);
+        attach_segments(&R);
+        if (M->count)
+            fprintf(stderr, "curvd: state: %d monitor%s read back\n", M->count,
+                    M->count == 1 ? "" : "s");
         sort_by_creation(M);
     }
     cv_jobs_set_done_hook(J, job_done, M);

@@ -14,9 +14,11 @@
  * {version, time, job, skipped, instruments | error}; each monitor keeps at
  * most history_cap entries (oldest dropped).
  *
- * With a state directory each monitor is one record (kind CV_STATE_MONITOR:
- * meta = the monitor, blob = its history as JSON lines), rewritten when it
- * changes, read back by cv_monitors_new.
+ * With a state directory each monitor is a record (kind CV_STATE_MONITOR,
+ * name ID: the monitor and its counters, rewritten at each version and
+ * entry) plus history segments (name ID-NNNNNNNN: up to 256 entries as JSON
+ * lines; an entry rewrites only its segment; segments wholly dropped by the
+ * cap are removed), read back by cv_monitors_new.
  *
  * Thread-safe (one mutex; job submission happens under it, the done hook
  * takes it without any jobs lock held).

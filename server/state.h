@@ -41,8 +41,8 @@ typedef enum {
     CV_STATE_DATASET = 2,
     CV_STATE_JOB = 3,
     CV_STATE_IDS = 4,
-    CV_STATE_MONITOR = 5, /* DIR/monitors/ID.cvst: a monitor and its history
-                           * (server/monitors.h) */
+    CV_STATE_MONITOR = 5, /* DIR/monitors/ID.cvst and ID-NNNNNNNN.cvst: a monitor
+                           * and its history segments (server/monitors.h) */
 } cv_state_kind;
 
 #define CV_STATE_HEADER 40
