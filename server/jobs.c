@@ -1099,6 +1099,9 @@ int cv_jobs_withdraw(cv_jobs *J, cv_job *j)
     cv_registry_release(J->reg, j->dsnap);
     j->msnap = j->dsnap = j->psnap = NULL;
     j->status = CV_JOB_CANCELLED;
+    cv_err_set(&j->err, CV_ECANCELLED, "superseded", "",
+               "withdrawn: a newer version of the model superseded it (monitor coalescing)");
+    pthread_cond_broadcast(&J->done_cv); /* a ?wait= on it returns */
     pthread_mutex_unlock(&J->mu);
     cv_err e;
     if (J->cfg.state && cv_state_remove(J->cfg.state, CV_STATE_JOB, j->id, &e))
