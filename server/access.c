@@ -304,6 +304,8 @@ static const char *const *route_types(const char *method, const char *path)
         return put ? octets : post ? json : NULL; /* PUT safetensors; POST a --data-dir file */
     if (n == 4 && models && put && seg_is(seg[3], len[3], "parameters"))
         return octets;
+    if (n == 4 && models && post && seg_is(seg[3], len[3], "monitors"))
+        return json;
     if (n == 4 && datasets && post && seg_is(seg[3], len[3], "parts"))
         return octets;
     if (n == 4 && datasets && post && seg_is(seg[3], len[3], "commit"))

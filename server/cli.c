@@ -41,6 +41,10 @@ const cv_flag cv_serve_flags[] = {
              "versions still pinned by queued/running jobs\n"
              "included: an upload over it is 413 registry_full,\n"
              "429 registry_full if it fits once those jobs end"},
+    {.name = "--monitor-history", .arg = "N", .kind = CV_FLAG_COUNT,
+     .off = SERVE(monitor_history), .lo = 1, .hi = 100000000, .dflt = "10000",
+     .help = "history entries kept per training monitor (GET\n"
+             "/v1/models/{name}/history); the oldest go first"},
     {.name = "--max-queue", .arg = "N", .kind = CV_FLAG_COUNT, .off = SERVE(jobs.max_queue),
      .lo = 1, .hi = 1000000, .help = "queued jobs before POST /v1/jobs answers 429"},
     {.name = "--job-timeout", .arg = "SECONDS", .kind = CV_FLAG_SECONDS,

@@ -9,6 +9,7 @@
 #include "engine/linop.h"
 #include "server/dashboard.h"
 #include "server/http_internal.h"
+#include "server/monitors.h"
 #include "server/metrics.h"
 #include "server/util.h"
 
@@ -68,6 +69,16 @@ void h_metrics(req *r)
     for (int i = 0; i < 6; i++)
         hc.requests[i] = atomic_load(&r->h->requests[i]);
     char *t = cv_metrics_render(r->h->reg, r->h->jobs, &hc, cv_now_s() - r->h->started);
+    char *g = t && r->h->cfg.monitors ? cv_monitors_metrics(r->h->cfg.monitors) : NULL;
+    if (g && g[0]) {
+        size_t a = strlen(t), b = strlen(g);
+        char *both = realloc(t, a + b + 1);
+        if (both) {
+            memcpy(both + a, g, b + 1);
+            t = both;
+        }
+    }
+    free(g);
     if (!t)
         reply_oom(r);
     else

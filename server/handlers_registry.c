@@ -14,6 +14,7 @@
 #include "api/suggest.h"
 #include "server/b64.h"
 #include "server/http_internal.h"
+#include "server/monitors.h"
 #include "server/multipart.h"
 
 static void reply_snap(req *r, unsigned status, cv_snap *s, int full, const char *prefix)
@@ -278,6 +279,8 @@ void h_model_params_put(req *r)
         return;
     }
     cv_jobs_offer(r->h->jobs, s);
+    if (r->h->cfg.monitors)
+        cv_monitors_version(r->h->cfg.monitors, r->param);
     reply_snap(r, 200, s, 0, NULL);
 }
 

@@ -117,6 +117,7 @@ static const char *const Q_JOBS_POST[] = {"wait", "timeout", NULL};
 static const char *const Q_JOB_GET[] = {"wait", NULL};
 static const char *const Q_JOBS_LIST[] = {"status", "model", "dataset", "op", "limit", NULL};
 static const char *const Q_POSTERIORS_DELETE[] = {"name", NULL};
+static const char *const Q_HISTORY[] = {"monitor", "since", NULL};
 
 static const route routes[] = {
     {{"GET", "/v1/health", "Service health and load"}, h_health, NULL},
@@ -133,6 +134,14 @@ static const route routes[] = {
      h_model_params_put, NULL},
     {{"DELETE", "/v1/models/{name}/posteriors", "Delete the model's kept Laplace posteriors "
       "(?name=: one)"}, h_model_posteriors_delete, Q_POSTERIORS_DELETE},
+    {{"POST", "/v1/models/{name}/monitors", "Create a training monitor (instruments on every "
+      "k-th pushed version)"}, h_monitors_post, NULL},
+    {{"GET", "/v1/models/{name}/monitors", "List the model's training monitors"},
+     h_monitors_list, NULL},
+    {{"DELETE", "/v1/models/{name}/monitors/{id}", "Delete a training monitor"},
+     h_monitor_delete, NULL},
+    {{"GET", "/v1/models/{name}/history", "The monitors' instruments time series (filters: "
+      "monitor, since)"}, h_history, Q_HISTORY},
     {{"GET", "/v1/datasets", "List datasets"}, h_datasets_list, NULL},
     {{"POST", "/v1/datasets", "Register a dataset (JSON with base64 data, or multipart)"},
      h_datasets_post, NULL},

@@ -142,6 +142,12 @@ void h_job_delete(req *r);
 void h_jobs_list(req *r);
 void h_ops(req *r);
 
+/* handlers_monitors.c */
+void h_monitors_post(req *r);
+void h_monitors_list(req *r);
+void h_monitor_delete(req *r);
+void h_history(req *r);
+
 /* handlers_misc.c */
 void h_health(req *r);
 void h_metrics(req *r);

@@ -45,6 +45,7 @@ struct cv_job {
     char *result_text;               /* compact JSON of the result (succeeded) */
     size_t result_len;
     cv_err err;                      /* failed / cancelled */
+    int low;                         /* queued in the low-priority lane (monitors) */
     struct cv_job *qnext;            /* queue link */
     struct cv_job *prev, *next;      /* table links, creation order */
 };
@@ -58,6 +59,10 @@ struct cv_jobs {
     pthread_cond_t jan_cv;           /* janitor wake-up */
     cv_job *qhead, *qtail;
     size_t qlen;
+    cv_job *lqhead, *lqtail;         /* the low-priority lane: taken when qhead is empty */
+    size_t lqlen;
+    cv_jobs_done_fn done_fn;         /* called when a low-priority job ends */
+    void *done_arg;
     cv_job *head, *tail;             /* all kept jobs */
     size_t njobs;
     size_t kept_bytes;               /* memory of finished jobs (results) */
@@ -199,22 +204,34 @@ static void set_cancel_locked(cv_job *j, const char *code, const char *msg)
     atomic_store(&j->cancel, 1);
 }
 
-/* Under J->mu: removes a queued job from the queue and cancels it; returns
- * the queue's reference for the caller to drop after unlocking. */
-static cv_job *cancel_queued_locked(cv_jobs *J, cv_job *j, const char *code, const char *msg)
+/* Under J->mu: takes queued j out of its lane; -1 if it is not queued there. */
+static int unlink_queued_locked(cv_jobs *J, cv_job *j)
 {
-    cv_job **pp = &J->qhead, *prev = NULL;
+    cv_job **head = j->low ? &J->lqhead : &J->qhead, **tail = j->low ? &J->lqtail : &J->qtail;
+    cv_job **pp = head, *prev = NULL;
     while (*pp && *pp != j) {
         prev = *pp;
         pp = &(*pp)->qnext;
     }
     if (!*pp)
-        return NULL;
+        return -1;
     *pp = j->qnext;
-    if (J->qtail == j)
-        J->qtail = prev;
+    if (*tail == j)
+        *tail = prev;
     j->qnext = NULL;
-    J->qlen--;
+    if (j->low)
+        J->lqlen--;
+    else
+        J->qlen--;
+    return 0;
+}
+
+/* Under J->mu: removes a queued job from the queue and cancels it; returns
+ * the queue's reference for the caller to drop after unlocking. */
+static cv_job *cancel_queued_locked(cv_jobs *J, cv_job *j, const char *code, const char *msg)
+{
+    if (unlink_queued_locked(J, j))
+        return NULL;
     cv_err_set(&j->err, CV_ECANCELLED, code, "", "%s", msg);
     finish_locked(J, j, CV_JOB_CANCELLED);
     return j;
@@ -526,18 +543,15 @@ static void *worker_main(void *arg)
     cv_jobs *J = arg;
     for (;;) {
         pthread_mutex_lock(&J->mu);
-        while (!J->qhead && !J->stop)
+        while (!J->qhead && !J->lqhead && !J->stop)
             pthread_cond_wait(&J->work_cv, &J->mu);
-        if (!J->qhead) {
+        if (!J->qhead && !J->lqhead) {
             pthread_mutex_unlock(&J->mu);
             break;
         }
-        cv_job *j = J->qhead;
-        J->qhead = j->qnext;
-        if (!J->qhead)
-            J->qtail = NULL;
-        j->qnext = NULL;
-        J->qlen--;
+        /* interactive jobs first; the low-priority lane only when none waits */
+        cv_job *j = J->qhead ? J->qhead : J->lqhead;
+        unlink_queued_locked(J, j);
         j->status = CV_JOB_RUNNING;
         j->started_at = cv_wall_s();
         j->t_start = cv_now_s();
@@ -611,6 +625,9 @@ static void *worker_main(void *arg)
                     st == CV_JOB_SUCCEEDED ? "" : j->err.code);
         int over = over_kept_bytes(J);
         pthread_mutex_unlock(&J->mu);
+        if (j->low && J->done_fn)
+            J->done_fn(J->done_arg, j, st == CV_JOB_SUCCEEDED ? j->result_text : NULL, &j->err,
+                       j->model_version, j->finished_at);
         cv_job_unref(j); /* the queue's reference */
         if (over)
             purge(J);
@@ -745,8 +762,8 @@ void cv_jobs_free(cv_jobs *J)
     cv_job *dropped = NULL;
     pthread_mutex_lock(&J->mu);
     J->stop = J->stop_waiters = J->draining = 1;
-    while (J->qhead) {
-        cv_job *j = cancel_queued_locked(J, J->qhead, "shutting_down",
+    while (J->qhead || J->lqhead) {
+        cv_job *j = cancel_queued_locked(J, J->qhead ? J->qhead : J->lqhead, "shutting_down",
                                          "cancelled: the service is shutting down");
         j->qnext = dropped;
         dropped = j;
@@ -929,9 +946,31 @@ static int quota_locked(cv_jobs *J, const char *client, const char *key, cv_err 
                       "this client has %zu jobs queued (--max-queued-per-client %zu); retry when "
                       "one has started", mine, J->cfg.max_queued_per_client);
 }
+static int submit(cv_jobs *J, const cJSON *doc, double timeout, const char *client, int low,
+                  cv_job **out, cv_err *e);
 
 int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char *client,
                         cv_job **out, cv_err *e)
+{
+    return submit(J, doc, timeout, client, 0, out, e);
+}
+
+int cv_jobs_submit_low(cv_jobs *J, const cJSON *doc, cv_job **out, cv_err *e)
+{
+    return submit(J, doc, 0, NULL, 1, out, e);
+}
+
+/* Under J->mu: 503 while draining; a full queue (429) only for the normal lane. */
+static int admit_lane_locked(cv_jobs *J, int low, cv_err *e)
+{
+    if (low && J->draining)
+        return cv_err_set(e, CV_ESHUTDOWN, "shutting_down", "",
+                          "the service is shutting down and accepts no new jobs");
+    return low ? 0 : admit_locked(J, e);
+}
+
+static int submit(cv_jobs *J, const cJSON *doc, double timeout, const char *client, int low,
+                  cv_job **out, cv_err *e)
 {
     *out = NULL;
     if (cv_jobs_draining(J))
@@ -999,7 +1038,7 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
     if (J->cfg.state) {
         /* refused cheaply before the record is written, checked again after */
         pthread_mutex_lock(&J->mu);
-        int rc = admit_locked(J, e) || quota_locked(J, client, j->client, e);
+        int rc = admit_lane_locked(J, low, e) || quota_locked(J, client, j->client, e);
         pthread_mutex_unlock(&J->mu);
         if (rc || next_id(J, j->id, sizeof j->id, e) ||
             record_job_e(J, j, CV_JOB_QUEUED, 0, 0, e))
@@ -1007,7 +1046,7 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
         recorded = 1;
     }
     pthread_mutex_lock(&J->mu);
-    if (admit_locked(J, e)) {
+    if (admit_lane_locked(J, low, e)) {
         pthread_mutex_unlock(&J->mu);
         goto fail;
     }
@@ -1022,12 +1061,17 @@ int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char
     /* table reference (j's own), queue reference, caller reference */
     atomic_store(&j->refs, 3);
     append_locked(J, j);
-    if (J->qtail)
-        J->qtail->qnext = j;
+    j->low = low;
+    cv_job **head = low ? &J->lqhead : &J->qhead, **tail = low ? &J->lqtail : &J->qtail;
+    if (*tail)
+        (*tail)->qnext = j;
     else
-        J->qhead = j;
-    J->qtail = j;
-    J->qlen++;
+        *head = j;
+    *tail = j;
+    if (low)
+        J->lqlen++;
+    else
+        J->qlen++;
     J->submitted_total++;
     pthread_cond_signal(&J->work_cv);
     pthread_mutex_unlock(&J->mu);
@@ -1050,6 +1094,49 @@ fail:
     if (ps)
         cv_registry_release(J->reg, ps);
     return -1;
+}
+
+void cv_jobs_set_done_hook(cv_jobs *J, cv_jobs_done_fn fn, void *arg)
+{
+    pthread_mutex_lock(&J->mu);
+    J->done_fn = fn;
+    J->done_arg = arg;
+    pthread_mutex_unlock(&J->mu);
+}
+
+int cv_jobs_withdraw(cv_jobs *J, cv_job *j)
+{
+    pthread_mutex_lock(&J->mu);
+    if (j->status != CV_JOB_QUEUED || !j->low || unlink_queued_locked(J, j)) {
+        pthread_mutex_unlock(&J->mu);
+        return 0;
+    }
+    if (j->prev)
+        j->prev->next = j->next;
+    else
+        J->head = j->next;
+    if (j->next)
+        j->next->prev = j->prev;
+    else
+        J->tail = j->prev;
+    j->prev = j->next = NULL;
+    J->njobs--;
+    J->submitted_total--; /* as if it had never been queued */
+    cv_registry_release(J->reg, j->psnap);
+    cv_registry_release(J->reg, j->msnap);
+    cv_registry_release(J->reg, j->dsnap);
+    j->msnap = j->dsnap = j->psnap = NULL;
+    j->status = CV_JOB_CANCELLED;
+    cv_err_set(&j->err, CV_ECANCELLED, "superseded", "",
+               "withdrawn: a newer version of the model superseded it (monitor coalescing)");
+    pthread_cond_broadcast(&J->done_cv); /* a ?wait= on it returns */
+    pthread_mutex_unlock(&J->mu);
+    cv_err e;
+    if (J->cfg.state && cv_state_remove(J->cfg.state, CV_STATE_JOB, j->id, &e))
+        fprintf(stderr, "curvd: state: job %s: %s\n", j->id, e.message);
+    cv_job_unref(j); /* the table's reference */
+    cv_job_unref(j); /* the queue's reference */
+    return 1;
 }
 
 cv_job *cv_jobs_get(cv_jobs *J, const char *id, cv_err *e)
@@ -1271,8 +1358,8 @@ void cv_jobs_drain(cv_jobs *J)
     int n = 0;
     pthread_mutex_lock(&J->mu);
     J->draining = 1;
-    while (J->qhead) {
-        cv_job *j = cancel_queued_locked(J, J->qhead, "shutting_down",
+    while (J->qhead || J->lqhead) {
+        cv_job *j = cancel_queued_locked(J, J->qhead ? J->qhead : J->lqhead, "shutting_down",
                                          "cancelled: the service is shutting down");
         j->qnext = dropped;
         dropped = j;

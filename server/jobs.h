@@ -6,7 +6,8 @@
  * submission: later PUTs do not affect the job), the job is bound to them
  * (cv_job_bind: dataset fits the model, batch range, block names), and the
  * typed job is queued (the JSON document is not kept); a full queue is 429,
- * a draining service 503.  `workers` threads take jobs in FIFO order and
+ * a draining service 503.  `workers` threads take jobs in FIFO order (the
+ * low-priority lane of monitors only when no other job waits) and
  * run cv_job_exec() with a cv_progress whose cancel flag is the
  * job's and whose deadline is start + job_timeout (a job that runs past it
  * fails with code "job_timeout").  HTTP threads never run numerics.
@@ -86,6 +87,23 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
  * queued the job is refused (429 client_queue_full). */
 int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char *client,
                         cv_job **out, cv_err *e);
+
+/* The low-priority lane (monitors, server/monitors.h): the job is queued
+ * behind every interactive job (a worker takes it only when the normal
+ * queue is empty), is not counted against --max-queue or a client's quota
+ * and is refused only while draining.  *out as for cv_jobs_submit. */
+int cv_jobs_submit_low(cv_jobs *J, const cJSON *doc, cv_job **out, cv_err *e);
+/* Takes a low-priority job that has not started out of the queue and the
+ * job table as if it had never been submitted (its record too); returns 1,
+ * or 0 when it has started (or finished) and is left alone.  The caller's
+ * reference stays the caller's. */
+int cv_jobs_withdraw(cv_jobs *J, cv_job *j);
+/* Called by the worker when a low-priority job it ran has finished (its
+ * status already says so): result is the result text (NULL unless it
+ * succeeded), err the error otherwise.  Set once, before jobs run. */
+typedef void (*cv_jobs_done_fn)(void *arg, cv_job *j, const char *result, const cv_err *err,
+                                unsigned long model_version, double finished_at);
+void cv_jobs_set_done_hook(cv_jobs *J, cv_jobs_done_fn fn, void *arg);
 
 /* A reference to the job with this id, or NULL (404 in e). */
 cv_job *cv_jobs_get(cv_jobs *J, const char *id, cv_err *e);

@@ -13,8 +13,8 @@
  * Only the current version of each name is kept: older versions pinned by
  * jobs live only as long as those jobs, and queued or running jobs do not
  * survive a restart (server/jobs.c records them as failed "interrupted").
- * Monitors and histories (not yet in curvd) would add a kind of their own
- * (server/state.h, cv_state_kind) and a scan here.
+ * Monitors and their histories are records of their own kind, written and
+ * read back by server/monitors.c.
  */
 #ifndef CV_PERSIST_H
 #define CV_PERSIST_H

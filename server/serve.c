@@ -19,6 +19,7 @@
 #include "server/demo.h"
 #include "server/persist.h"
 #include "server/registry.h"
+#include "server/monitors.h"
 #include "server/state.h"
 
 /* From OpenBLAS's cblas.h (Debian's pthread build); declared here so the
@@ -189,12 +190,22 @@ int cv_serve(const cv_serve_config *c)
         cv_state_close(state);
         return 1;
     }
+    cv_monitors *monitors = cv_monitors_new(jobs, reg, state, c->monitor_history, &e);
+    if (!monitors) {
+        print_err("monitors", &e);
+        cv_jobs_free(jobs);
+        cv_registry_free(reg);
+        cv_state_close(state);
+        return 1;
+    }
     cv_http_config hc = c->http;
     hc.state_dir = state != NULL;
+    hc.monitors = monitors;
     cv_http *http = cv_http_start(&hc, reg, jobs, &e);
     if (!http) {
         print_err("http", &e);
         cv_jobs_free(jobs);
+        cv_monitors_free(monitors);
         cv_registry_free(reg);
         cv_state_close(state);
         return 1;
@@ -258,6 +269,7 @@ int cv_serve(const cv_serve_config *c)
         return 0;
     }
     cv_jobs_free(jobs);
+    cv_monitors_free(monitors); /* after the workers (their done hook) */
     cv_registry_free(reg);
     cv_state_close(state);
     fprintf(stderr, "curvd: stopped\n");

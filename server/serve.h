@@ -36,6 +36,7 @@ typedef struct {
     cv_jobs_config jobs;
     int blas_threads;         /* 0: leave OpenBLAS's default */
     size_t max_registry_bytes;
+    size_t monitor_history;   /* --monitor-history: entries kept per monitor (0: default) */
     double grace_s;
     int demo;                 /* register the built-in demo */
     const cv_model_spec *models;

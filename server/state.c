@@ -77,6 +77,7 @@ static const char *subdir(cv_state_kind kind)
     case CV_STATE_MODEL: return "models";
     case CV_STATE_DATASET: return "datasets";
     case CV_STATE_JOB: return "jobs";
+    case CV_STATE_MONITOR: return "monitors";
     default: return "";
     }
 }
@@ -200,7 +201,8 @@ cv_state *cv_state_open(const char *dir, FILE *log, cv_err *e)
                    "%s is in use by another curvd (%s is locked)", st->dir, lock);
         goto fail;
     }
-    static const cv_state_kind kinds[] = {CV_STATE_MODEL, CV_STATE_DATASET, CV_STATE_JOB};
+    static const cv_state_kind kinds[] = {CV_STATE_MODEL, CV_STATE_DATASET, CV_STATE_JOB,
+                                           CV_STATE_MONITOR};
     for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
         char d[4200];
         dir_of(st, kinds[i], d, sizeof d);

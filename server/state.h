@@ -2,7 +2,8 @@
  * checksummed record files written atomically (docs/interface.md,
  * "Persistence" has the format).
  *
- * Layout: DIR/models/NAME.cvst, DIR/datasets/NAME.cvst, DIR/jobs/ID.cvst and
+ * Layout: DIR/models/NAME.cvst, DIR/datasets/NAME.cvst, DIR/jobs/ID.cvst,
+ * DIR/monitors/ID.cvst and
  * DIR/ids.cvst (job id counter).  Every file is one record: a 40-byte header
  * (magic "CURVDST\0", format 1, kind, meta and blob lengths, CRC32C of meta
  * and blob, CRC32C of the header) followed by the meta (JSON text) and the
@@ -40,8 +41,8 @@ typedef enum {
     CV_STATE_DATASET = 2,
     CV_STATE_JOB = 3,
     CV_STATE_IDS = 4,
-    /* monitors and histories (once curvd has them) get the next kinds, a
-     * subdirectory in subdir() (state.c) and a scan like server/persist.c's */
+    CV_STATE_MONITOR = 5, /* DIR/monitors/ID.cvst and ID-NNNNNNNN.cvst: a monitor
+                           * and its history segments (server/monitors.h) */
 } cv_state_kind;
 
 #define CV_STATE_HEADER 40
