@@ -3,6 +3,7 @@
 #include "server/jobs.h"
 
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #ifdef __GLIBC__
 #include <malloc.h>
@@ -160,6 +161,19 @@ static int init_cond(pthread_cond_t *c)
     return rc;
 }
 
+/* Wall-clock times of jobs are kept to the microsecond, and records print
+ * them with exactly six decimals: a restored time is the same double, so its
+ * millisecond in the status documents is too (cJSON's shortest form may
+ * drop a digit that moves it across a millisecond). */
+static double wall_us(void) { return round(cv_wall_s() * 1e6) / 1e6; }
+
+static int add_time_us(cJSON *o, const char *key, double t)
+{
+    char buf[40];
+    snprintf(buf, sizeof buf, "%.6f", t);
+    return cJSON_AddRawToObject(o, key, buf) != NULL;
+}
+
 /* ---- finishing ------------------------------------------------------------- */
 
 /* Under J->mu: marks j finished with status st, releases its pins, updates
@@ -169,7 +183,7 @@ static void finish_locked(cv_jobs *J, cv_job *j, cv_job_status st)
     int ran = j->status == CV_JOB_RUNNING;
     j->status = st;
     if (j->finished_at <= 0) { /* both set already when its record was written first */
-        j->finished_at = cv_wall_s();
+        j->finished_at = wall_us();
         j->t_end = cv_now_s();
     }
     cv_registry_release(J->reg, j->psnap);
@@ -254,9 +268,9 @@ static char *job_meta_text(const cv_job *j, cv_job_status st, double run_s, doub
         !cJSON_AddNumberToObject(o, "model_version", (double)j->model_version) ||
         !cJSON_AddStringToObject(o, "dataset", j->dataset) ||
         !cJSON_AddNumberToObject(o, "dataset_version", (double)j->dataset_version) ||
-        !cJSON_AddNumberToObject(o, "created_at", j->created_at) ||
-        !cJSON_AddNumberToObject(o, "started_at", j->started_at) ||
-        !cJSON_AddNumberToObject(o, "finished_at", finished_at) ||
+        !add_time_us(o, "created_at", j->created_at) ||
+        !add_time_us(o, "started_at", j->started_at) ||
+        !add_time_us(o, "finished_at", finished_at) ||
         !cJSON_AddNumberToObject(o, "run_s", run_s) ||
         !cJSON_AddNumberToObject(o, "timeout_s", j->timeout) ||
         !cJSON_AddNumberToObject(o, "matvecs_done", (double)atomic_load(&j->progress.done)) ||
@@ -461,7 +475,7 @@ static int restore_one(void *arg, const char *name, const cv_state_rec *rec, cha
     if (!is_finished(j->status)) {
         /* queued or running when the daemon stopped */
         j->status = CV_JOB_FAILED;
-        j->finished_at = cv_wall_s();
+        j->finished_at = wall_us();
         run_s = started > 0 ? j->finished_at - started : 0;
         cv_err_set(&j->err, CV_EUNAVAILABLE, "interrupted", "",
                    "the daemon stopped (restart or crash) before this job finished; "
@@ -553,7 +567,7 @@ static void *worker_main(void *arg)
         cv_job *j = J->qhead ? J->qhead : J->lqhead;
         unlink_queued_locked(J, j);
         j->status = CV_JOB_RUNNING;
-        j->started_at = cv_wall_s();
+        j->started_at = wall_us();
         j->t_start = cv_now_s();
         hist_add(J->qhist, &J->qhist_sum, &J->qhist_count, j->t_start - j->t_submit);
         j->progress.deadline = j->timeout > 0 ? j->t_start + j->timeout : 0;
@@ -611,7 +625,7 @@ static void *worker_main(void *arg)
         j->err = err;
         if (J->cfg.state) {
             /* the record first: a client that sees the job finished can count on it */
-            double fin_wall = cv_wall_s(), fin = cv_now_s();
+            double fin_wall = wall_us(), fin = cv_now_s();
             pthread_mutex_unlock(&J->mu);
             record_job(J, j, st, fin - j->t_start, fin_wall);
             pthread_mutex_lock(&J->mu);
@@ -1031,7 +1045,7 @@ static int submit(cv_jobs *J, const cJSON *doc, double timeout, const char *clie
     j->timeout = J->cfg.job_timeout;
     if (timeout > 0 && (j->timeout <= 0 || timeout < j->timeout))
         j->timeout = timeout;
-    j->created_at = cv_wall_s();
+    j->created_at = wall_us();
     j->t_submit = cv_now_s();
     j->status = CV_JOB_QUEUED;
 
