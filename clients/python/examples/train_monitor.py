@@ -13,6 +13,13 @@ on a fixed batch of the training set.  The jobs pin the weights they were
 submitted with, so training goes on while curvd computes; a background thread
 collects the results.  At the end it writes a plot of curvature over steps.
 
+With --instruments it uses curvd's training monitor instead (Cockpit's instruments:
+curvd_client.monitor.Monitor; op instruments on every pushed version, in the daemon's
+low-priority lane, coalesced when training outruns it): step() pushes the weights on a
+background thread, and the plot is a grid with every scalar instrument over the model
+versions; --tensorboard DIR and --csv FILE export the history (TensorBoard event files
+written without TensorBoard).
+
 Needs: PyTorch, scikit-learn and matplotlib (Debian: python3-torch
 python3-sklearn python3-matplotlib; run with /usr/bin/python3) and a running
 daemon (`curvd serve`).
@@ -55,6 +62,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="training samples the curvature is measured on (default 512)")
     p.add_argument("--probes", type=int, default=30, help="Hutchinson probes (default 30)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--instruments", action="store_true",
+                   help="Cockpit's instruments through a curvd training monitor (see above)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="with --instruments: write the history as TensorBoard scalars here")
+    p.add_argument("--csv", default=None, help="with --instruments: the history as CSV here")
     p.add_argument("--timeout", type=float, default=120,
                    help="seconds to wait for the last results after training (default 120)")
     a = p.parse_args(argv)
@@ -178,6 +190,80 @@ def plot(path: str, loss_steps: List[int], losses: List[float],
     plt.close(fig)
 
 
+def plot_instruments(path: str, history: List[Dict[str, Any]]) -> List[str]:
+    """A grid with one small plot per scalar instrument over the model versions; the names."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from curvd_client.tensorboard import scalar_instruments
+
+    series: Dict[str, List[Tuple[int, float]]] = {}
+    for e in history:
+        for k, v in scalar_instruments(e).items():
+            series.setdefault(k, []).append((e["version"], v))
+    names = sorted(series)
+    cols = 4
+    rows = max(1, (len(names) + cols - 1) // cols)
+    fig, ax = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.3 * rows), squeeze=False)
+    for a, name in zip(ax.flat, names):
+        pts = sorted(series[name])
+        a.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3)
+        a.set_title(name, fontsize=9)
+        a.tick_params(labelsize=7)
+        a.grid(alpha=0.3)
+    for a in list(ax.flat)[len(names):]:
+        a.axis("off")
+    fig.suptitle("curvd training monitor: Cockpit's instruments per model version")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return names
+
+
+def main_instruments(args: argparse.Namespace, client: Client, model: Any, loss_fn: Any,
+                     opt: Any, xtr: Any, ytr: Any, batch: Dict[str, int], data_name: str) -> int:
+    """The training loop with a curvd Monitor: push at every --every steps, then plot and
+    export the monitor's history."""
+    import torch
+    from curvd_client.monitor import Monitor
+    from curvd_client import tensorboard
+
+    mon = Monitor(client, args.name, data_name, every=1, batch=batch,
+                  probes=min(args.probes, 10), lanczos_steps=10, seed=args.seed)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    perm, pos = torch.randperm(len(ytr), generator=g), 0
+    for step in range(args.steps + 1):
+        if step % args.every == 0 or step == args.steps:
+            mon.step(model)  # returns at once
+        if step == args.steps:
+            break
+        if pos + args.batch_size > len(ytr):
+            perm, pos = torch.randperm(len(ytr), generator=g), 0
+        idx = perm[pos:pos + args.batch_size]
+        pos += args.batch_size
+        opt.zero_grad()
+        loss_fn(model(xtr[idx]), ytr[idx]).backward()
+        opt.step()
+    mon.close()
+    last = client.get_model(args.name)["version"]
+    history = mon.wait_for_version(last, timeout=args.timeout)
+    print("pushed %d versions (%d superseded before their push); %d history entries, "
+          "%d monitored versions skipped by coalescing"
+          % (mon.pushed, mon.dropped, len(history), sum(e.get("skipped", 0) for e in history)))
+    names = plot_instruments(args.out, history)
+    print("instruments: %s\nwrote %s" % (", ".join(names), args.out))
+    if args.tensorboard:
+        print("TensorBoard events: %s" % tensorboard.write_history(history, args.tensorboard))
+    if args.csv:
+        tensorboard.write_history_csv(history, args.csv)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"history": history, "pushed": mon.pushed, "dropped": mon.dropped}, f)
+    mon.delete()
+    done = any(e.get("version") == last for e in history)
+    return 0 if done and mon.error is None else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -216,6 +302,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           "samples every %d steps" % (args.name, sum(p.numel() for p in model.parameters()),
                                       data_name, len(ytr), batch["size"], args.every))
 
+    if args.instruments:
+        return main_instruments(args, client, model, loss_fn, opt, xtr, ytr, batch, data_name)
     collector = Collector()
     collector.start()
     loss_steps: List[int] = []
