@@ -505,6 +505,20 @@ static int cmp_created(const void *a, const void *b)
 
 static void purge(cv_jobs *J);
 
+/* Under J->mu: j leaves the job list (its own next/prev are left as they were). */
+static void unlink_locked(cv_jobs *J, cv_job *j)
+{
+    if (j->prev)
+        j->prev->next = j->next;
+    else
+        J->head = j->next;
+    if (j->next)
+        j->next->prev = j->prev;
+    else
+        J->tail = j->prev;
+    J->njobs--;
+}
+
 /* Under J->mu (or before the workers start): j joins the end of the job list. */
 static void append_locked(cv_jobs *J, cv_job *j)
 {
@@ -675,15 +689,7 @@ static void purge(cv_jobs *J)
             if (!aged)
                 J->evicted_total++;
             J->kept_bytes -= job_kept_bytes(j);
-            if (j->prev)
-                j->prev->next = j->next;
-            else
-                J->head = j->next;
-            if (j->next)
-                j->next->prev = j->prev;
-            else
-                J->tail = j->prev;
-            J->njobs--;
+            unlink_locked(J, j);
             finished--;
             j->next = dead;
             dead = j;
@@ -1125,16 +1131,8 @@ int cv_jobs_withdraw(cv_jobs *J, cv_job *j)
         pthread_mutex_unlock(&J->mu);
         return 0;
     }
-    if (j->prev)
-        j->prev->next = j->next;
-    else
-        J->head = j->next;
-    if (j->next)
-        j->next->prev = j->prev;
-    else
-        J->tail = j->prev;
+    unlink_locked(J, j);
     j->prev = j->next = NULL;
-    J->njobs--;
     J->submitted_total--; /* as if it had never been queued */
     cv_registry_release(J->reg, j->psnap);
     cv_registry_release(J->reg, j->msnap);
