@@ -184,11 +184,9 @@ void job_stream_to_text(req *r)
         reply_oom(r); /* frees the stream */
         return;
     }
-    size_t at = 0;
-    for (int i = 0; i < 4; i++) {
-        memcpy(t + at, s->piece[i], s->len[i]);
-        at += s->len[i];
-    }
+    /* the bytes a connection would have read, through the same reader */
+    ssize_t n = s->total ? job_stream_read(s, 0, t, s->total) : 0;
+    size_t at = n > 0 ? (size_t)n : 0;
     t[at] = 0;
     unsigned st = r->status;
     set_text(r, st, t, at, "application/json"); /* frees the stream */

@@ -21,6 +21,7 @@ blocks and never builds a backlog (``pushed`` / ``dropped`` count them).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from .client import Client, CurvdError
@@ -121,7 +122,6 @@ class Monitor:
     def wait_for_version(self, version: int, timeout: float = 60.0,
                          poll: float = 0.2) -> List[Dict[str, Any]]:
         """Polls the history until an entry for a version >= version is there."""
-        import time
         end = time.time() + timeout
         while True:
             h = self.history()
