@@ -125,13 +125,10 @@ class RssSampler(threading.Thread):
 
     def run(self):
         while not self.done.is_set():
-            try:
-                with open(f"/proc/{self.pid}/status") as f:
-                    for line in f:
-                        if line.startswith("VmRSS:"):
-                            self.peak = max(self.peak, int(line.split()[1]) * 1024)
-            except OSError:
+            rss = self.now()
+            if not rss:  # the daemon is gone
                 return
+            self.peak = max(self.peak, rss)
             self.done.wait(0.02)
 
     def stop(self):
