@@ -35,6 +35,21 @@ JOB = {"op": "loss", "model": "demo-mlp", "dataset": "digits", "batch": {"offset
 LONG = {"op": "density", "model": "demo-mlp", "dataset": "digits",
         "options": {"lanczos_steps": 3000}}
 
+# keeps the one worker busy for far longer than the test needs (cancelled)
+BLOCKER = {"op": "density", "model": "demo-mlp", "dataset": "digits",
+           "options": {"lanczos_steps": 3000, "runs": 200}}
+
+
+def wait_status(port, job_id, want, timeout_s):
+    """True once GET /v1/jobs/{id} reports status want (polls for timeout_s)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        _, doc, _ = request(port, "GET", "/v1/jobs/%s" % job_id)
+        if doc and doc.get("status") == want:
+            return True
+        time.sleep(0.05)
+    return False
+
 
 def request(port, method, path, body=None, timeout=30, src=None):
     """One request on a new connection (from address src): (status, JSON or None, seconds)."""
@@ -227,8 +242,24 @@ def main():
         st, doc, dt = request(port, "GET", "/v1/jobs/%s?wait=%d" % (lid, IDLE_S + 3))
         check("?wait= longer than --idle-timeout is answered", st == 200 and dt >= IDLE_S + 2.5,
               "status %d after %.1f s" % (st, dt))
-        # per-client quota (one address, no tokens): 3 queued, the 4th refused
+        # per-client quota (one address, no tokens): 3 queued, the 4th refused.
+        # The one worker is first kept busy by another address's long job, so
+        # that none of the four starts running (a fast machine finishes the
+        # job above within the long poll, and a free worker would take the
+        # first of the four out of the queue).
+        st, doc, _ = request(port, "POST", "/v1/jobs", BLOCKER, src="127.0.5.1")
+        bid = doc["id"] if doc else ""
+        check("blocker job queued", st == 202, str(doc)[:200])
+        running = wait_status(port, bid, "running", 30)
+        check("blocker job running (the one worker is busy)", running)
         codes = [request(port, "POST", "/v1/jobs", LONG, src="127.0.4.1")[:2] for _ in range(4)]
+        st, doc, _ = request(port, "GET", "/v1/jobs/%s" % bid)
+        if not (doc and doc.get("status") == "running"):
+            print("note: the blocker job ended during the burst: %s" % str(doc)[:200])
+        for c in codes:
+            if c[0] == 202:
+                request(port, "DELETE", "/v1/jobs/%s" % c[1]["id"])
+        request(port, "DELETE", "/v1/jobs/%s" % bid)
         check("--max-queued-per-client 3: the 4th queued job of an address is 429",
               [c[0] for c in codes] == [202, 202, 202, 429]
               and codes[3][1]["error"]["code"] == "client_queue_full", str(codes)[:300])
