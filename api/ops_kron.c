@@ -30,6 +30,7 @@ typedef struct {
     int fisher_type;   /* cv_kron_fisher */
     int approx;        /* cv_kron_approx */
     int return_factors;
+    int eigenvalues;   /* report the factors' eigenvalues (O(dim^3) each) */
     int compare;
     int compare_probes;
     double damping;    /* < 0 (default): 1e-3 lambda_max(F) per layer */
@@ -40,6 +41,7 @@ static const cv_opt_spec kfac_opts[] = {
      NULL},
     {"kfac_approx", CV_OPT_ENUM, 0, 0, "expand|reduce", offsetof(kfac_args, approx), NULL},
     {"return_factors", CV_OPT_BOOL, 0, 0, NULL, offsetof(kfac_args, return_factors), NULL},
+    {"eigenvalues", CV_OPT_BOOL, 0, 0, NULL, offsetof(kfac_args, eigenvalues), NULL},
     {"compare", CV_OPT_BOOL, 0, 0, NULL, offsetof(kfac_args, compare), NULL},
     {"compare_probes", CV_OPT_INT, 1, 1e6, NULL, offsetof(kfac_args, compare_probes), NULL},
     {"damping", CV_OPT_NUM, 0, 1e300, NULL, offsetof(kfac_args, damping), NULL},
@@ -53,6 +55,7 @@ static void kfac_defaults(void *p, int method)
     a->fisher_type = CV_KRON_TYPE2;
     a->approx = CV_KRON_EXPAND;
     a->return_factors = 1;
+    a->eigenvalues = 1;
     a->compare = 0;
     a->compare_probes = 20;
     a->damping = -1;
@@ -243,6 +246,7 @@ static int kron_layer_json(cv_op_ctx *c, const kfac_args *a, const cv_kron_facto
     double *la = malloc(sizeof(double) * (size_t)(f->dim_a + f->dim_b)), *mb = la + f->dim_a;
     int rc = !la         ? cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "factor eigenvalues")
              : a->compare ? cv_kron_block_eig(&kb, e)
+             : !a->eigenvalues ? 0
              : cv_kron_factor_eigenvalues_rank(f->A, f->dim_a, f->rank_a, la, e) ||
                      cv_kron_factor_eigenvalues_rank(f->B, f->dim_b, f->rank_b, mb, e)
                  ? -1
@@ -258,8 +262,10 @@ static int kron_layer_json(cv_op_ctx *c, const kfac_args *a, const cv_kron_facto
         cJSON_AddNumberToObject(lo, "trace_a", kb.tr_a);
         cJSON_AddNumberToObject(lo, "trace_b", kb.tr_b);
         cJSON_AddNumberToObject(lo, "trace", kb.tr_a * kb.tr_b);
-        cJSON_AddItemToObject(lo, "eigenvalues_a", cv_json_doubles(la, (size_t)f->dim_a));
-        cJSON_AddItemToObject(lo, "eigenvalues_b", cv_json_doubles(mb, (size_t)f->dim_b));
+        if (a->eigenvalues || a->compare) {
+            cJSON_AddItemToObject(lo, "eigenvalues_a", cv_json_doubles(la, (size_t)f->dim_a));
+            cJSON_AddItemToObject(lo, "eigenvalues_b", cv_json_doubles(mb, (size_t)f->dim_b));
+        }
         if (a->return_factors) {
             cJSON_AddItemToObject(lo, "A", json_matrix(f->A, f->dim_a));
             cJSON_AddItemToObject(lo, "B", json_matrix(f->B, f->dim_b));

@@ -91,14 +91,14 @@ def torch_factors(model, x, y, fisher):
     return res
 
 
-def time_torch(model, x, y, fisher, reps):
+def time_torch(model, x, y, fisher, reps, eig=True):
     best, res = None, None
     for _ in range(reps):
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         res = torch_factors(model, x, y, fisher)
-        for A, B in res:  # curvd reports the factors' eigenvalues: so does this side
-            torch.linalg.eigvalsh(A)
+        for A, B in res if eig else ():  # curvd reports the factors' eigenvalues: so
+            torch.linalg.eigvalsh(A)       # does this side
             torch.linalg.eigvalsh(B)
         t = time.perf_counter() - t0
         best = t if best is None else min(best, t)
@@ -116,8 +116,9 @@ def write_case(d, model, shape, x, y):
         f.write(export_dataset(x, y))
 
 
-def run_curvd(curvd, d, fisher, threads, reps):
-    job = {"op": "kfac", "options": {"fisher_type": fisher, "return_factors": False}}
+def run_curvd(curvd, d, fisher, threads, reps, eig=True):
+    job = {"op": "kfac", "options": {"fisher_type": fisher, "return_factors": False,
+                                     "eigenvalues": eig}}
     return run_job(curvd, d, job, threads, reps)
 
 
@@ -163,6 +164,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fisher", default="type-2,empirical")
+    ap.add_argument("--work", default="factors,eigenvalues",
+                    help="factors: the factors only (curvd: eigenvalues false; torch: hooks + "
+                         "GEMMs, the issue's 'computing all factors'); eigenvalues: also each "
+                         "factor's eigenvalues on both sides")
     ap.add_argument("--step-cases", default="mlp",
                     help="cases timing the KFAC natural-gradient step against the gradient "
                          "('' for none)")
@@ -180,16 +185,19 @@ def main():
         y = torch.randint(0, 10, (n,))
         with tempfile.TemporaryDirectory() as d:
             write_case(d, model, shape, x, y)
-            for fisher in args.fisher.split(","):
-                tc, res = run_curvd(args.curvd, d, fisher, args.threads, args.reps)
-                tt, ref = time_torch(model, x, y, fisher, args.reps)
+            for fisher, work in [(f, w) for f in args.fisher.split(",")
+                                 for w in args.work.split(",")]:
+                eig = work == "eigenvalues"
+                tc, res = run_curvd(args.curvd, d, fisher, args.threads, args.reps, eig)
+                tt, ref = time_torch(model, x, y, fisher, args.reps, eig)
                 kron = [lay for lay in res["layers"] if lay["kind"] == "kronecker"]
                 worst = 0.0
                 for lay, (A, B) in zip(kron, ref):
                     want = float(torch.trace(A) * torch.trace(B))
                     worst = max(worst, abs(lay["trace"] - want) / max(abs(want), 1e-30))
                 bad += worst > 1e-4 or len(kron) != len(ref)
-                rows.append({"case": name, "n": n, "fisher_type": fisher, "curvd_s": tc,
+                rows.append({"case": name, "n": n, "fisher_type": fisher, "work": work,
+                             "curvd_s": tc,
                              "torch_s": tt, "speedup": tt / tc, "trace_rel_diff": worst})
     steps = []
     for name in args.step_cases.split(",") if args.step_cases else []:
@@ -199,10 +207,11 @@ def main():
         print(json.dumps({"factors": rows, "kfac_step": steps}, indent=1))
     else:
         print(f"threads {args.threads}, best of {args.reps}")
-        print("| case | N | fisher_type | curvd s | torch s | speed-up | traces rel. diff |")
-        print("|---|---:|---|---:|---:|---:|---:|")
+        print("| case | N | fisher_type | work | curvd s | torch s | speed-up | traces rel. diff |")
+        print("|---|---:|---|---|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['case']} | {r['n']} | {r['fisher_type']} | {r['curvd_s']:.4g} | "
+            print(f"| {r['case']} | {r['n']} | {r['fisher_type']} | {r['work']} | "
+                  f"{r['curvd_s']:.4g} | "
                   f"{r['torch_s']:.4g} | {r['speedup']:.2f}x | {r['trace_rel_diff']:.1e} |")
         if steps:
             print("\nKFAC natural-gradient step (op newton, method kfac, damping 1e-3, exact) "

@@ -186,6 +186,13 @@ def check_mlp():
                 check(f"mlp N={n} {ft} echoes", res["fisher_type"] == ft
                       and res["kfac_approx"] == "expand" and len(res["layers"]) == 3)
                 check_layers(f"mlp N={n} {ft}", res, ref_factors(m64, x.double(), y, ft, "expand"))
+                if ft == "type-2":  # eigenvalues: false skips only the eigenvalues
+                    bare = run_kfac(d, {"fisher_type": ft, "eigenvalues": False})
+                    same = all(b["A"] == l["A"] and b["B"] == l["B"] and b["trace"] == l["trace"]
+                               for b, l in zip(bare["layers"], res["layers"]))
+                    check(f"mlp N={n} eigenvalues false: no eigenvalues, same factors",
+                          same and all("eigenvalues_a" not in b and "eigenvalues_b" not in b
+                                       for b in bare["layers"]), str(bare["layers"][0].keys()))
             if n == 1:
                 check_n1(d, m64, x, y)
             else:
