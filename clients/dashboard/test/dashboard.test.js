@@ -179,7 +179,8 @@ async function opSpecForm(browser, table) {
     const errbars = await page.$$eval('#plot svg.plot[data-op="trace"] path.errorbar', (r) => r.length);
     check('trace error bars', errbars === 2, errbars);
     const cats = await page.$$eval('#plot svg.plot[data-op="trace"] .axis text', (t) => t.map((x) => x.textContent));
-    check('trace bars labelled by layer', cats.includes('layer 0') && cats.includes('layer 2'), cats.join('|'));
+    check('trace bars labelled by module name and type, parameter names under them',
+      cats.includes('0 · Linear(64→32)0.weight, 0.bias') && cats.includes('2 · Linear(32→10)2.weight, 2.bias'), cats.join('|'));
     await page.screenshot({ path: SHOT.replace(/\.png$/, '-trace.png'), fullPage: false });
 
     // ---- SNR preset (fisher_mc curvature chosen by the preset)
@@ -200,7 +201,7 @@ async function opSpecForm(browser, table) {
     await page.waitForFunction(() => document.querySelectorAll('#plot svg.plot[data-op="density"] path.series').length === 2
       && /blocks/.test(document.querySelector('#summary').textContent), null, { timeout: 30000 });
     const labels = await page.$$eval('#plot svg.plot[data-op="density"] path.series', (p) => p.map((x) => x.getAttribute('data-label')));
-    check('per-layer densities: one curve per layer', labels.join() === 'layer 0,layer 2', labels.join());
+    check('per-layer densities: one curve per layer', labels.join() === '0 · Linear(64→32),2 · Linear(32→10)', labels.join());
     await page.screenshot({ path: SHOT.replace(/\.png$/, '-layers.png'), fullPage: false });
 
     // ---- a dense matrix (canvas heat map) and a vector (gradient) on the small demo model
