@@ -787,7 +787,7 @@
     } else {
       const xt = x.log ? logTicks(x.lo, x.hi) : linTicks(x.lo, x.hi, 8);
       for (const v of xt) {
-        if (v < x.lo - 1e-12 || v > x.hi + 1e-12) continue;
+        if (v < x.lo - 1e-12 || v > x.hi + 1e-12 || (x.integer && !Number.isInteger(v))) continue;
         const px = sx(v);
         axes.appendChild(sv('line', { x1: px, x2: px, y1: H - m.b, y2: H - m.b + 4 }));
         axes.appendChild(sv('text', { x: px, y: H - m.b + 16, 'text-anchor': 'middle', text: tick(v) }));
@@ -1041,6 +1041,7 @@
     $('#options').addEventListener('input', () => { state.optionsEdited = true; });
     for (const b of document.querySelectorAll('[data-preset]')) b.addEventListener('click', () => applyPreset(b.getAttribute('data-preset')));
     for (const id of Object.values(FIELD_INPUT)) $('#' + id).addEventListener('input', () => $('#' + id).classList.remove('invalid'));
+    openJobFromHash();
     await loadOps();
     await refreshRegistry();
     loop(refreshHealth, 2000);
@@ -1049,6 +1050,26 @@
     document.body.setAttribute('data-ready', '1');
   });
 
-  // for tests and the console
-  window.curvd = { state, api, select };
+  // The page's fragment as {key: value}: #job=ID (a job's permalink),
+  // #model=NAME&monitor=ID&lr=ETA&from=V&to=V (a training-monitor panel's, monitor.js).
+  function hashParams() {
+    const out = {};
+    for (const kv of window.location.hash.replace(/^#/, '').split('&')) {
+      const i = kv.indexOf('=');
+      if (i > 0) out[decodeURIComponent(kv.slice(0, i))] = decodeURIComponent(kv.slice(i + 1));
+    }
+    return out;
+  }
+  function openJobFromHash() {
+    const p = hashParams();
+    if (!p.job) return;
+    state.selected = p.job;
+    select(p.job);
+    $('#result-card').scrollIntoView();
+  }
+  window.addEventListener('hashchange', openJobFromHash);
+
+  // for tests, the console and monitor.js
+  window.curvd = { state, api, select,
+    lib: { el, sv, fmt, frame, pathOf, PALETTE, isNum, textWidth, hashParams } };
 })();
