@@ -419,12 +419,13 @@ def panel(w, u, mid, hist):
            % VERSIONS, 5)
     check("wheel down: zoomed out to every version", view(w)["from"] is None and
           len(drawn(w)["loss"]["loss"]) == VERSIONS, view(w))
+    before = view(w)
     r = cell_rect(w, "loss")
     w.actions(("wheel", r[0] + r[2] / 2, r[1] + r[3] / 2, -300))
     time.sleep(0.3)
     v = view(w)
     n = len(drawn(w)["loss"]["loss"])
-    check("wheel up: zoomed in around the mouse", v["from"] is not None and
+    check("wheel up: zoomed in around the mouse", v != before and v["from"] is not None and
           vs[0] < v["from"] < v["to"] < vs[-1] and n == v["to"] - v["from"] + 1, (v, n))
     w.js("document.querySelector('#mon-reset').click()")
     check("reset zoom: every version", view(w)["from"] is None and

@@ -866,7 +866,8 @@
           fill: color, 'fill-opacity': 0.12, stroke: 'none' }));
       }
       f.plot.appendChild(sv('path', { class: 'series', d: pathOf(pts), fill: 'none', stroke: color, 'stroke-width': single ? 1.8 : 1.4,
-        'data-points': pts.length, 'data-label': s.label }));
+        'data-points': pts.length - (s.extended ? s.extended[0] + s.extended[1] : 0), 'data-extended': s.extended ? s.extended.join(',') : '0,0',
+        'data-label': s.label }));
     });
     if (single) {
       // the Ritz values of the Lanczos runs as a rug (their weights as opacity)

@@ -141,10 +141,13 @@ async function opSpecForm(browser, table) {
     check('density plot appears', !!plot);
     const info = await page.$eval('#plot svg.plot[data-op="density"] path.series', (p) => {
       const b = p.getBBox();
-      return { d: p.getAttribute('d'), points: +p.getAttribute('data-points'), len: p.getTotalLength(), w: b.width, h: b.height };
+      return { d: p.getAttribute('d'), points: +p.getAttribute('data-points'), len: p.getTotalLength(), w: b.width, h: b.height,
+        extended: p.getAttribute('data-extended').split(',').map(Number) };
     });
     const segs = (info.d.match(/L/g) || []).length;
-    check('density path has the grid points', info.points === 160 && segs === 159, info.points + ' points, ' + segs + ' segments');
+    // the grid's points plus the curve continued beyond both ends (the padded x range)
+    check('density path has the grid points', info.points === 160 && segs === 159 + info.extended[0] + info.extended[1] &&
+      info.extended[0] > 0 && info.extended[1] > 0, info.points + ' points, ' + segs + ' segments, ' + info.extended);
     check('density path has drawn content', info.len > 200 && info.w > 300 && info.h > 50, JSON.stringify({ len: info.len, w: info.w, h: info.h }));
     const rug = await page.$$eval('#plot svg .rug line', (l) => l.length);
     check('Ritz values drawn', rug > 10, rug);
