@@ -260,9 +260,10 @@ def setup(u):
                 break
             time.sleep(0.05)
     hist = call(u + "/v1/models/demo-mlp/history")[1]["history"]
+    st, jobs_instr = call(u + "/v1/jobs/" + hist[-1]["job"])
     check("history has %d entries" % VERSIONS, len(hist) == VERSIONS,
           [e["version"] for e in hist])
-    jobs = {}
+    jobs = {"instruments": jobs_instr}
     for name, job in [("trace", {"op": "trace", "blocks": "layer", "options": {"max_probes": 20}}),
                       ("snr", {"op": "snr", "curvature": "fisher_mc", "options": {"k": 8}}),
                       ("density", {"op": "density", "options": {"lanczos_steps": 80,
@@ -512,6 +513,23 @@ def job_viewer(w, u, jobs):
       .map((t) => +t.textContent).filter((x) => isFinite(x)); return ts;""")
     check("density: the top Ritz value inside the x range", xr and top < max(xr) + 0.5, (top, xr))
     shot(w, "density")
+
+    # a monitor's instruments job: per-layer bars named by module, the gradient histogram
+    last = jobs["instruments"]
+    w.js("window.curvd.select(arguments[0])", last["id"])
+    ok = w.wait("return document.querySelectorAll('#plot svg.plot[data-op=\"instruments-histogram\"] rect.bar').length", 20)
+    ins = w.js("""const q = (s) => Array.from(document.querySelectorAll(s));
+      return {cats: q('#plot svg.plot[data-op="instruments-layers"] text.cat tspan:first-child').map((t) => t.textContent),
+              bars: q('#plot svg.plot[data-op="instruments-layers"] g.series').map((g) => [g.getAttribute('data-label'),
+                 Array.from(g.querySelectorAll('text.value')).map((t) => +t.getAttribute('data-value'))]),
+              hist: q('#plot svg.plot[data-op="instruments-histogram"] rect.bar').length};""")
+    res = last["result"]
+    want = [[k, [b[k] for b in res["layers"]]] for k in ("gradient_norm", "update_size",
+                                                        "distance_from_init")]
+    check("instruments job: norms per layer (module names) and the gradient histogram",
+          ok and ins["cats"] == ["0 · Linear(64→32)", "2 · Linear(32→10)"] and ins["bars"] == want
+          and ins["hist"] == sum(1 for c in res["gradient_histogram"]["counts"] if c > 0),
+          (ins, want))
 
 
 def main():

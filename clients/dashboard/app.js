@@ -655,6 +655,8 @@
         }
         return out;
       }
+      case 'instruments':
+        return instrumentsPlots(r, doc);
       case 'dense':
         return r.matrix ? heatmap(r.matrix) : null;
       case 'loss':
@@ -680,6 +682,11 @@
       if (v === null || typeof v !== 'object') dl.append(el('dt', { text: k }), el('dd', { text: fmt(v, 6) }));
     }
     out.push(dl);
+    for (const [k, v] of Object.entries(r)) {
+      if (v && typeof v === 'object' && !Array.isArray(v) && Object.values(v).length && Object.values(v).every(isNum)) {
+        out.push(el('h3', { text: k }), table(Object.keys(v), [Object.values(v).map((x) => fmt(x, 5))]));
+      }
+    }
     if (Array.isArray(r.eigenvalues) && r.eigenvalues.length) {
       out.push(el('h3', { text: 'eigenvalues' }), table(['#', 'eigenvalue', 'residual'],
         r.eigenvalues.map((v, i) => [i + 1, fmt(v, 6), fmt((r.residuals || [])[i], 3)])));
@@ -766,6 +773,7 @@
     // y grid and ticks
     const yt = y.log ? logTicks(y.lo, y.hi) : linTicks(y.lo, y.hi, 6);
     for (const v of yt) {
+      if (y.integer && !Number.isInteger(v)) continue;
       if (v < y.lo * (1 - 1e-9) || v > y.hi * (1 + 1e-9) + (y.log ? 0 : 1e-12)) continue;
       const py = sy(v);
       axes.appendChild(sv('line', { class: 'gridline', x1: m.l, x2: W - m.r, y1: py, y2: py }));
@@ -986,6 +994,39 @@
     });
     if (k > 1) legend(f, opts.series.map((s) => ({ label: s.label, color: s.color })));
     return f.svg;
+  }
+
+  /* Op instruments: per-layer norms (gradient, update, distance from init), per-layer
+   * mean GSNR, and the histogram of the per-sample gradient entries (log counts). */
+  function instrumentsPlots(r, doc) {
+    const out = [];
+    const layers = Array.isArray(r.layers) ? r.layers : [];
+    if (layers.length) {
+      const cats = layers.map((b, i) => blockCat(b, i, doc));
+      const series = [['gradient_norm', '#3461c9'], ['update_size', '#e08a1e'], ['distance_from_init', '#1f8a4c']]
+        .filter(([k]) => layers.some((b) => isNum(b[k])))
+        .map(([k, color]) => ({ label: k, ys: layers.map((b) => b[k]), color }));
+      if (series.length) out.push(barPlot({ op: 'instruments-layers', title: 'Norms per layer', cats, series, ylabel: 'norm' }));
+      if (layers.some((b) => isNum(b.mean_gsnr))) {
+        out.push(barPlot({ op: 'instruments-gsnr', cls: 'secondary', title: 'Mean GSNR per layer', cats, height: 220,
+          series: [{ label: 'mean_gsnr', ys: layers.map((b) => b.mean_gsnr), color: '#7b4fc9' }], ylabel: 'GSNR' }));
+      }
+    }
+    const h = r.gradient_histogram;
+    if (h && Array.isArray(h.counts) && h.counts.length && Array.isArray(h.range)) {
+      const [lo, hi] = h.range, n = h.counts.length, w = (hi - lo) / n;
+      const top = Math.max(1, ...h.counts);
+      const f = frame({ op: 'instruments-histogram', title: 'Per-sample gradient entries (' + n + ' bins, log counts)', height: 240,
+        x: { lo, hi, label: 'gradient entry' }, y: { lo: 0.5, hi: top * 2, log: true, label: 'count (log)' } });
+      h.counts.forEach((c, i) => {
+        if (!(c > 0)) return;
+        const a = f.sx(lo + i * w), b = f.sx(lo + (i + 1) * w);
+        f.plot.appendChild(sv('rect', { class: 'bar', x: a + 0.5, width: Math.max(1, b - a - 1), y: f.sy(c), height: Math.max(1, f.sy(0.5) - f.sy(c)), fill: '#2a9db0' },
+          sv('title', { text: fmt(lo + i * w, 4) + ' … ' + fmt(lo + (i + 1) * w, 4) + ': ' + c })));
+      });
+      out.push(f.svg);
+    }
+    return out.length ? out : null;
   }
 
   function vectorPlot(v, ttl, ylabel, op) {

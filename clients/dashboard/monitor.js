@@ -251,7 +251,7 @@
     const counts = new Array(bins).fill(0);
     for (const v of vals) counts[Math.min(bins - 1, Math.floor((v - lo) / (hi - lo) * bins))]++;
     const f = frame({ op: 'monitor-' + c.id, cls: 'mon', width: CELL_W, height: CELL_H, margin: { l: 58, r: 10, t: 8, b: 34 },
-      x: { lo, hi, label: c.hist }, y: { lo: 0, hi: Math.max(1, ...counts) * 1.1 } });
+      x: { lo, hi, label: c.hist }, y: { lo: 0, hi: Math.max(1, ...counts) * 1.1, integer: true } });
     const w = (hi - lo) / bins;
     counts.forEach((n, i) => {
       if (!n) return;
