@@ -31,7 +31,7 @@ MPI="libopenmpi-dev openmpi-bin"
 case "${1:-build}" in
   build)   PKGS="$BUILD" ;;
   run)     PKGS="$BUILD curl python3-sklearn" ;;
-  test)    PKGS="$BUILD $MPI curl python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-pip python3-setuptools mypy chromium clang" ;;
+  test)    PKGS="$BUILD $MPI curl python3 python3-numpy python3-torch python3-sklearn python3-matplotlib python3-pip python3-setuptools mypy chromium chromium-driver clang" ;;
   bench)   PKGS="$BUILD $MPI python3 python3-numpy python3-torch" ;;
   mpi)     PKGS="$BUILD $MPI" ;;
   fuzz)    PKGS="$BUILD clang libclang-rt-dev" ;;

@@ -30,7 +30,7 @@ check "GET / is text/html" sh -c "echo '$(hdr content-type)' | grep -q '^text/ht
 check "GET / references the script and the stylesheet" sh -c "grep -q '/dashboard/app.js' '$T/body' && grep -q '/dashboard/style.css' '$T/body'"
 check "GET / has no external resources" sh -c "! grep -Eiq '(src|href)=\"(https?:)?//' '$T/body'"
 check "GET / Cache-Control no-cache" [ "$(hdr cache-control)" = no-cache ]
-for f in app.js style.css index.html; do
+for f in app.js monitor.js style.css index.html; do
   check "GET /dashboard/$f is 200" [ "$(get GET "/dashboard/$f")" = 200 ]
   cmp -s "$T/body" "$ROOT/clients/dashboard/$f" && ok "/dashboard/$f is the file in clients/dashboard" \
     || bad "/dashboard/$f differs from clients/dashboard/$f (rebuild build/curvd?)"

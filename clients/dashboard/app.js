@@ -71,7 +71,8 @@
     const m = /(?:^#|&)token=([^&]+)/.exec(window.location.hash || '');
     if (!m) return;
     storeToken(decodeURIComponent(m[1]));
-    try { window.history.replaceState(null, '', window.location.pathname + window.location.search); } catch (e) { /* old browser */ }
+    const rest = window.location.hash.slice(1).split('&').filter((kv) => !/^token=/.test(kv)).join('&');
+    try { window.history.replaceState(null, '', window.location.pathname + window.location.search + (rest ? '#' + rest : '')); } catch (e) { /* old browser */ }
   })();
   let tokenAsked = false;
 
@@ -123,6 +124,7 @@
     opSpecs: {},             // GET /v1/ops op_specs: options, uses_curvature, blockwise per op
     selected: null,          // job id shown in the result card
     full: {},                // id -> finished job document (with result)
+    modelDocs: {},           // model name -> GET /v1/models/{name} (layer names and module types)
     optionsEdited: false,
     logScale: true,
     firstJobs: true,
@@ -319,10 +321,23 @@
       renderMessage('Job ' + id, 'cannot load: ' + e.message);
       return;
     }
-    if (TERMINAL.includes(j.status)) state.full[id] = j;
+    if (TERMINAL.includes(j.status)) {
+      await modelDoc(j.model);
+      state.full[id] = j;
+    }
     if (state.selected !== id) return;
     if (TERMINAL.includes(j.status)) renderResult(j);
     else renderPending(j);
+  }
+
+  // The model's document (its architecture names the layers' module types),
+  // read once per model name; null when it cannot be read (deleted model).
+  async function modelDoc(name) {
+    if (!name) return null;
+    if (!(name in state.modelDocs)) {
+      try { state.modelDocs[name] = await api('GET', '/v1/models/' + encodeURIComponent(name)); } catch (e) { state.modelDocs[name] = null; }
+    }
+    return state.modelDocs[name];
   }
 
   // ---- the form --------------------------------------------------------------
@@ -488,7 +503,8 @@
     const t = $('#result-title');
     t.replaceChildren(j.op + ' ', el('span', { class: 'sub',
       text: '· ' + j.model + (j.model_version ? ' v' + j.model_version : '') + ' · ' + j.dataset +
-        (j.result && j.result.curvature ? ' · ' + j.result.curvature : '') + ' · job ' + j.id.slice(0, 8) }));
+        (j.result && j.result.curvature ? ' · ' + j.result.curvature : '') + ' · job ' + j.id.slice(0, 8) }),
+      ' ', el('a', { class: 'permalink', id: 'job-permalink', href: '#job=' + encodeURIComponent(j.id), title: 'a link that reopens this job (while the server keeps it)', text: 'permalink' }));
   }
 
   function renderMessage(t, msg) {
@@ -527,12 +543,12 @@
     const r = j.result || {};
     let node = null;
     try {
-      node = plotFor(r, ctl, () => renderResult(j));
+      node = plotFor(r, ctl, () => renderResult(j), state.modelDocs[j.model]);
     } catch (e) {
       node = el('div', { class: 'error', text: 'cannot plot: ' + e.message });
     }
     plot.replaceChildren(...(node ? [].concat(node) : [el('p', { class: 'muted', text: 'nothing to plot for ' + r.op })]));
-    $('#summary').replaceChildren(...summary(r));
+    $('#summary').replaceChildren(...summary(r, state.modelDocs[j.model]));
     $('#raw').textContent = JSON.stringify(r, truncateArrays, 1);
   }
 
@@ -548,24 +564,51 @@
     ctl.appendChild(el('label', {}, box, 'log scale'));
   }
 
-  // A block's label: its module's qualified name when the result names it
-  // ("blocks": "layer"), else the layer prefixes of its parameters.
-  function blockLabel(params, i, name) {
-    if (name) return /^\d+$/.test(name) ? 'layer ' + name : name; /* Sequential: an index */
-    if (!params || !params.length) return 'block ' + i;
-    const pre = Array.from(new Set(params.map((p) => p.split('.')[0])));
-    return (pre.length === 1 ? 'layer ' : 'layers ') + pre.join(',');
+  // The module named `name` in a model document's architecture: the graph
+  // form's modules by qualified name, the Sequential form's layers by index.
+  function moduleOf(doc, name) {
+    const a = doc && doc.architecture;
+    if (!a || name === undefined || name === null) return null;
+    if (a.modules && a.modules[name]) return a.modules[name];
+    if (Array.isArray(a.layers) && /^\d+$/.test(String(name))) return a.layers[+name] || null;
+    return null;
+  }
+  // "Linear(64→32)", "Conv2d(3→8, k3×3)", ... from a module's attributes
+  function moduleText(m) {
+    if (!m || !m.type) return '';
+    const io = m.in_features !== undefined ? m.in_features + '→' + m.out_features
+      : m.in_channels !== undefined ? m.in_channels + '→' + m.out_channels + (m.kernel_size !== undefined ? ', k' + [].concat(m.kernel_size).join('×') : '')
+        : m.num_embeddings !== undefined ? m.num_embeddings + '×' + m.embedding_dim
+          : m.embed_dim !== undefined ? m.embed_dim + ', ' + m.num_heads + ' heads'
+            : m.normalized_shape !== undefined ? [].concat(m.normalized_shape).join('×')
+              : m.num_features !== undefined ? String(m.num_features) : '';
+    return m.type + (io ? '(' + io + ')' : '');
+  }
+  // A block's label: its module's qualified name and type ("0 · Linear(64→32)")
+  // when the result names it, else the modules of its parameters.  `type` is
+  // the module type a result may carry itself (op instruments' layers).
+  function blockLabel(params, i, name, doc, type) {
+    const names = name ? [String(name)] : Array.from(new Set((params || []).map((p) => p.split('.').slice(0, -1).join('.') || p)));
+    if (!names.length) return 'block ' + i;
+    return names.map((n) => {
+      const t = moduleText(moduleOf(doc, n)) || type || '';
+      return t ? n + ' · ' + t : n;
+    }).join(', ');
+  }
+  // A category of a per-block bar plot: the label and the parameter names under it.
+  function blockCat(b, i, doc) {
+    return { text: blockLabel(b.params, i, b.name, doc, b.type), sub: (b.params || []).join(', ') };
   }
 
   // Chooses the plot for an op's result.
-  function plotFor(r, ctl, redraw) {
+  function plotFor(r, ctl, redraw, doc) {
     const blocks = Array.isArray(r.blocks) ? r.blocks : null;
     switch (r.op) {
       case 'density': {
         // one curve for the full vector, one per block otherwise
         const src = blocks || [r];
         const series = src.filter((b) => b.density).map((b, i) => ({
-          label: blocks ? blockLabel(b.params, i, b.name) : 'density', grid: b.density.grid || [], values: b.density.values || [],
+          label: blocks ? blockLabel(b.params, i, b.name, doc) : 'density', grid: b.density.grid || [], values: b.density.values || [],
           nodes: b.nodes || [], weights: b.weights || [],
         }));
         if (!series.length) return null;
@@ -573,7 +616,7 @@
         return densityPlot(series, r, blocks ? blocks[0] : r);
       }
       case 'eigen': {
-        const series = blocks ? blocks.map((b, i) => ({ label: blockLabel(b.params, i, b.name), ys: b.eigenvalues || [] }))
+        const series = blocks ? blocks.map((b, i) => ({ label: blockLabel(b.params, i, b.name, doc), ys: b.eigenvalues || [] }))
           : [{ label: 'eigenvalue', ys: r.eigenvalues || [] }];
         return eigenPlot(series, r);
       }
@@ -581,7 +624,7 @@
         const bs = blocks || [r];
         return barPlot({
           op: 'trace', title: blocks ? 'Trace per layer (± stderr)' : 'Trace (± stderr)',
-          cats: bs.map((b, i) => blocks ? blockLabel(b.params, i, b.name) : 'full'),
+          cats: bs.map((b, i) => blocks ? blockCat(b, i, doc) : 'full'),
           series: [{ label: 'trace', ys: bs.map((b) => b.trace), err: bs.map((b) => b.stderr), color: '#3461c9' }],
           ylabel: 'trace',
         });
@@ -605,13 +648,15 @@
         if (Array.isArray(r.gsnr) && r.gsnr.length) {
           out.push(barPlot({
             op: 'gsnr', cls: 'secondary', title: 'Gradient SNR per layer (GSNR)', log: state.logScale, height: 220,
-            cats: r.gsnr.map((b, i) => blockLabel(b.params, i, b.name)),
+            cats: r.gsnr.map((b, i) => blockCat(b, i, doc)),
             series: [{ label: 'gsnr', ys: r.gsnr.map((b) => b.gsnr), color: '#1f8a4c' }],
             ylabel: 'GSNR',
           }));
         }
         return out;
       }
+      case 'instruments':
+        return instrumentsPlots(r, doc);
       case 'dense':
         return r.matrix ? heatmap(r.matrix) : null;
       case 'loss':
@@ -630,13 +675,18 @@
   }
 
   // Key facts of a result as a definition list, plus per-block tables.
-  function summary(r) {
+  function summary(r, doc) {
     const out = [];
     const dl = el('dl', { class: 'kv' });
     for (const [k, v] of Object.entries(r)) {
       if (v === null || typeof v !== 'object') dl.append(el('dt', { text: k }), el('dd', { text: fmt(v, 6) }));
     }
     out.push(dl);
+    for (const [k, v] of Object.entries(r)) {
+      if (v && typeof v === 'object' && !Array.isArray(v) && Object.values(v).length && Object.values(v).every(isNum)) {
+        out.push(el('h3', { text: k }), table(Object.keys(v), [Object.values(v).map((x) => fmt(x, 5))]));
+      }
+    }
     if (Array.isArray(r.eigenvalues) && r.eigenvalues.length) {
       out.push(el('h3', { text: 'eigenvalues' }), table(['#', 'eigenvalue', 'residual'],
         r.eigenvalues.map((v, i) => [i + 1, fmt(v, 6), fmt((r.residuals || [])[i], 3)])));
@@ -650,7 +700,7 @@
       const cols = [];
       for (const b of r.blocks) for (const [k, v] of Object.entries(b)) if (k !== 'params' && (v === null || typeof v !== 'object') && !cols.includes(k)) cols.push(k);
       out.push(el('h3', { text: 'blocks' }), table(['block', 'params'].concat(cols),
-        r.blocks.map((b, i) => [blockLabel(b.params, i, b.name), (b.params || []).join(', ')].concat(cols.map((c) => fmt(b[c], 5))))));
+        r.blocks.map((b, i) => [blockLabel(b.params, i, b.name, doc), (b.params || []).join(', ')].concat(cols.map((c) => fmt(b[c], 5))))));
     }
     return out;
   }
@@ -695,8 +745,21 @@
   /* A frame with axes.  opts: {op, cls, title, width, height, x: {lo, hi, log, label, cats},
    * y: {lo, hi, log, label}}.  Returns {svg, sx, sy, plot: <g>, ...}. */
   function frame(opts) {
-    const W = opts.width || 760, H = opts.height || 330;
-    const m = { l: 66, r: 18, t: opts.title ? 30 : 12, b: opts.x.cats ? 58 : 44 };
+    const W = opts.width || 760;
+    const m = Object.assign({ l: 66, r: 18, t: opts.title ? 30 : 12, b: 44 }, opts.margin || {});
+    // category labels: horizontal (with the parameter names under them) where
+    // they fit their slot, else slanted, the plot made taller to hold them
+    const cats = opts.x.cats ? opts.x.cats.map((c) => (typeof c === 'object' ? c : { text: String(c), sub: '' })) : null;
+    let slant = false, extra = 0;
+    if (cats) {
+      const slot = (W - m.l - m.r) / Math.max(1, cats.length);
+      const widest = Math.max(0, ...cats.map((c) => Math.max(textWidth(c.text, 11), c.sub ? textWidth(c.sub, 10) : 0)));
+      slant = widest > slot - 6;
+      const hasSub = cats.some((c) => c.sub);
+      m.b = slant ? Math.min(200, 30 + Math.ceil(Math.max(...cats.map((c) => textWidth(c.text, 11))) * 0.5)) : hasSub ? 70 : 58;
+      extra = m.b - 58;
+    }
+    const H = (opts.height || 330) + Math.max(0, extra);
     const svg = sv('svg', { class: 'plot ' + (opts.cls || ''), 'data-op': opts.op, viewBox: '0 0 ' + W + ' ' + H,
       role: 'img', 'aria-label': opts.title || opts.op, preserveAspectRatio: 'xMidYMid meet' });
     const x = opts.x, y = opts.y;
@@ -710,6 +773,7 @@
     // y grid and ticks
     const yt = y.log ? logTicks(y.lo, y.hi) : linTicks(y.lo, y.hi, 6);
     for (const v of yt) {
+      if (y.integer && !Number.isInteger(v)) continue;
       if (v < y.lo * (1 - 1e-9) || v > y.hi * (1 + 1e-9) + (y.log ? 0 : 1e-12)) continue;
       const py = sy(v);
       axes.appendChild(sv('line', { class: 'gridline', x1: m.l, x2: W - m.r, y1: py, y2: py }));
@@ -717,14 +781,21 @@
     }
     if (!y.log && y.lo < 0 && y.hi > 0) axes.appendChild(sv('line', { class: 'zero', x1: m.l, x2: W - m.r, y1: sy(0), y2: sy(0) }));
     // x ticks
-    if (x.cats) {
-      x.cats.forEach((c, i) => {
-        axes.appendChild(sv('text', { x: sx(i), y: H - m.b + 16, 'text-anchor': 'middle', text: c }));
+    if (cats) {
+      cats.forEach((c, i) => {
+        const px = sx(i), py = H - m.b + 16;
+        if (slant) {
+          axes.appendChild(sv('text', { class: 'cat', x: px, y: py, 'text-anchor': 'end', transform: 'rotate(-30 ' + px + ' ' + py + ')', text: c.text },
+            c.sub ? sv('title', { text: c.sub }) : null));
+        } else {
+          axes.appendChild(sv('text', { class: 'cat', x: px, y: py, 'text-anchor': 'middle' }, sv('tspan', { text: c.text }),
+            c.sub ? sv('tspan', { class: 'sub', x: px, dy: 14, text: c.sub }) : null));
+        }
       });
     } else {
       const xt = x.log ? logTicks(x.lo, x.hi) : linTicks(x.lo, x.hi, 8);
       for (const v of xt) {
-        if (v < x.lo - 1e-12 || v > x.hi + 1e-12) continue;
+        if (v < x.lo - 1e-12 || v > x.hi + 1e-12 || (x.integer && !Number.isInteger(v))) continue;
         const px = sx(v);
         axes.appendChild(sv('line', { x1: px, x2: px, y1: H - m.b, y2: H - m.b + 4 }));
         axes.appendChild(sv('text', { x: px, y: H - m.b + 16, 'text-anchor': 'middle', text: tick(v) }));
@@ -738,6 +809,10 @@
     svg.appendChild(plot);
     return { svg, sx, sy, plot, m, W, H };
   }
+
+  // The width of `s` in px at `size` px (DejaVu Sans-like: 0.6 em per character).
+  function textWidth(s, size) { return String(s).length * 0.6 * (size || 11); }
+  const catText = (c) => (typeof c === 'object' ? c.text : String(c));
 
   function legend(f, items) {
     let x = f.W - f.m.r;
@@ -768,6 +843,16 @@
       if (s.grid.length) { xlo = Math.min(xlo, s.grid[0]); xhi = Math.max(xhi, s.grid[s.grid.length - 1]); }
     }
     if (!isFinite(xlo) || xlo === xhi) { xlo = isFinite(xlo) ? xlo - 1 : 0; xhi = xlo + 2; }
+    // pad the x range so that a peak at either end of the grid is drawn whole:
+    // 4 broadening widths (the curve continued there from the Ritz values) or 3%
+    const s2x = (first && first.sigma2) || r.sigma2;
+    const sd = isNum(s2x) && s2x > 0 ? Math.sqrt(s2x) : 0;
+    const pad = Math.max(4 * sd, 0.03 * (xhi - xlo));
+    const gridLo = xlo, gridHi = xhi;
+    xlo -= pad;
+    xhi += pad;
+    series.forEach((s) => extendDensity(s, sd, gridLo - pad, gridHi + pad));
+    for (const s of series) for (const v of s.values) if (isNum(v)) peak = Math.max(peak, v);
     const floor = log ? Math.max(peak * 1e-8, 1e-300) : 0;
     const [ylo, yhi] = log ? [floor, peak > 0 ? peak * 2 : 1] : [0, (peak || 1) * 1.05];
     const steps = (first && first.lanczos_steps) || r.lanczos_steps;
@@ -789,7 +874,8 @@
           fill: color, 'fill-opacity': 0.12, stroke: 'none' }));
       }
       f.plot.appendChild(sv('path', { class: 'series', d: pathOf(pts), fill: 'none', stroke: color, 'stroke-width': single ? 1.8 : 1.4,
-        'data-points': pts.length, 'data-label': s.label }));
+        'data-points': pts.length - (s.extended ? s.extended[0] + s.extended[1] : 0), 'data-extended': s.extended ? s.extended.join(',') : '0,0',
+        'data-label': s.label }));
     });
     if (single) {
       // the Ritz values of the Lanczos runs as a rug (their weights as opacity)
@@ -807,6 +893,32 @@
       legend(f, series.map((s, i) => ({ label: s.label, color: PALETTE[i % PALETTE.length] })));
     }
     return f.svg;
+  }
+
+  /* Continues a density curve beyond its grid (to lo, hi) with the Gaussian
+   * broadening the server used (standard deviation sd) of the Ritz values (nodes,
+   * weights per run), scaled to the server's normalization on the grid. */
+  function extendDensity(s, sd, lo, hi) {
+    const G = s.grid.length;
+    if (!(sd > 0) || G < 2 || !s.nodes.length) return;
+    const mix = (x) => {
+      let y = 0;
+      s.nodes.forEach((run, k) => (run || []).forEach((t, i) => {
+        const w = (s.weights[k] || [])[i];
+        if (isNum(t) && isNum(w)) y += w * Math.exp(-(x - t) * (x - t) / (2 * sd * sd));
+      }));
+      return y;
+    };
+    let a = 0, b = 0;
+    s.grid.forEach((x, i) => { if (isNum(s.values[i])) { a += s.values[i]; b += mix(x); } });
+    if (!(a > 0 && b > 0)) return;
+    const scale = a / b, dx = (s.grid[G - 1] - s.grid[0]) / (G - 1) / 4;
+    const left = [], right = [];
+    for (let x = s.grid[0] - dx; x >= lo - dx / 2; x -= dx) left.unshift(x);
+    for (let x = s.grid[G - 1] + dx; x <= hi + dx / 2; x += dx) right.push(x);
+    s.grid = left.concat(s.grid, right);
+    s.values = left.map((x) => scale * mix(x)).concat(s.values, right.map((x) => scale * mix(x)));
+    s.extended = [left.length, right.length];
   }
 
   function eigenPlot(series, r) {
@@ -845,6 +957,14 @@
     } else {
       [lo, hi] = range(vals, 0.08, true);
     }
+    // value labels: 3 significant digits, 2 where 3 do not fit the bar's box, else
+    // upright text (room made above the tallest bar); the full value is in each bar's title
+    const slotW = (760 - 66 - 18) / Math.max(1, n);
+    const boxW = Math.min(60, slotW * 0.7 / opts.series.length) + (opts.series.length > 1 ? 0 : slotW * 0.3);
+    const labelOf = (v) => { const t3 = fmt(v, 3); return textWidth(t3, 11) <= boxW - 2 ? [t3, false] : textWidth(fmt(v, 2), 11) <= boxW - 2 ? [fmt(v, 2), false] : [fmt(v, 3), true]; };
+    const upright = n <= 12 && vals.some((v) => labelOf(v)[1]);
+    if (upright && opts.log) hi *= 30;
+    else if (upright) hi += (hi - lo) * 0.3;
     const f = frame({ op: opts.op, cls: opts.cls, title: opts.title, height: opts.height,
       x: { lo: -0.5, hi: n - 0.5, cats: opts.cats }, y: { lo, hi, log: opts.log, label: opts.ylabel + (opts.log ? ' (log)' : '') } });
     const k = opts.series.length;
@@ -857,18 +977,56 @@
         const cx = f.sx(i) + (si - (k - 1) / 2) * bw;
         const y0 = opts.log ? f.sy(lo) : f.sy(0), y1 = f.sy(v);
         g.appendChild(sv('rect', { class: 'bar', x: cx - bw / 2 + 1, width: Math.max(1, bw - 2), y: Math.min(y0, y1), height: Math.max(1, Math.abs(y0 - y1)),
-          fill: s.color, rx: 2 }, sv('title', { text: s.label + ' · ' + opts.cats[i] + ': ' + fmt(v, 6) + (s.err && isNum(s.err[i]) ? ' ± ' + fmt(s.err[i], 3) : '') })));
+          fill: s.color, rx: 2 }, sv('title', { text: s.label + ' · ' + catText(opts.cats[i]) + ': ' + fmt(v, 6) + (s.err && isNum(s.err[i]) ? ' ± ' + fmt(s.err[i], 3) : '') })));
         if (s.err && isNum(s.err[i]) && s.err[i] > 0) {
           const a = f.sy(Math.max(opts.log ? lo : -Infinity, v - s.err[i])), b = f.sy(v + s.err[i]);
           g.appendChild(sv('path', { class: 'errorbar', d: 'M' + (cx - 6) + ',' + a + 'H' + (cx + 6) + 'M' + cx + ',' + a + 'V' + b + 'M' + (cx - 6) + ',' + b + 'H' + (cx + 6),
             stroke: '#1d2433', 'stroke-width': 1.3, fill: 'none' }));
         }
-        if (n <= 12) g.appendChild(sv('text', { x: cx, y: Math.min(y0, y1) - 4 - (s.err && isNum(s.err[i]) ? Math.abs(f.sy(v + s.err[i]) - y1) : 0), 'text-anchor': 'middle', text: fmt(v, 3) }));
+        if (n <= 12) {
+          const [txt, up] = labelOf(v);
+          const ly = Math.min(y0, y1) - 4 - (s.err && isNum(s.err[i]) ? Math.abs(f.sy(v + s.err[i]) - y1) : 0);
+          g.appendChild(sv('text', { class: 'value', x: cx + (up ? 4 : 0), y: ly, 'text-anchor': up ? 'start' : 'middle', 'data-box': boxW.toFixed(1),
+            'data-value': v, transform: up ? 'rotate(-90 ' + (cx + 4) + ' ' + ly + ')' : null, text: txt }));
+        }
       });
       f.plot.appendChild(g);
     });
     if (k > 1) legend(f, opts.series.map((s) => ({ label: s.label, color: s.color })));
     return f.svg;
+  }
+
+  /* Op instruments: per-layer norms (gradient, update, distance from init), per-layer
+   * mean GSNR, and the histogram of the per-sample gradient entries (log counts). */
+  function instrumentsPlots(r, doc) {
+    const out = [];
+    const layers = Array.isArray(r.layers) ? r.layers : [];
+    if (layers.length) {
+      const cats = layers.map((b, i) => blockCat(b, i, doc));
+      const series = [['gradient_norm', '#3461c9'], ['update_size', '#e08a1e'], ['distance_from_init', '#1f8a4c']]
+        .filter(([k]) => layers.some((b) => isNum(b[k])))
+        .map(([k, color]) => ({ label: k, ys: layers.map((b) => b[k]), color }));
+      if (series.length) out.push(barPlot({ op: 'instruments-layers', title: 'Norms per layer', cats, series, ylabel: 'norm' }));
+      if (layers.some((b) => isNum(b.mean_gsnr))) {
+        out.push(barPlot({ op: 'instruments-gsnr', cls: 'secondary', title: 'Mean GSNR per layer', cats, height: 220,
+          series: [{ label: 'mean_gsnr', ys: layers.map((b) => b.mean_gsnr), color: '#7b4fc9' }], ylabel: 'GSNR' }));
+      }
+    }
+    const h = r.gradient_histogram;
+    if (h && Array.isArray(h.counts) && h.counts.length && Array.isArray(h.range)) {
+      const [lo, hi] = h.range, n = h.counts.length, w = (hi - lo) / n;
+      const top = Math.max(1, ...h.counts);
+      const f = frame({ op: 'instruments-histogram', title: 'Per-sample gradient entries (' + n + ' bins, log counts)', height: 240,
+        x: { lo, hi, label: 'gradient entry' }, y: { lo: 0.5, hi: top * 2, log: true, label: 'count (log)' } });
+      h.counts.forEach((c, i) => {
+        if (!(c > 0)) return;
+        const a = f.sx(lo + i * w), b = f.sx(lo + (i + 1) * w);
+        f.plot.appendChild(sv('rect', { class: 'bar', x: a + 0.5, width: Math.max(1, b - a - 1), y: f.sy(c), height: Math.max(1, f.sy(0.5) - f.sy(c)), fill: '#2a9db0' },
+          sv('title', { text: fmt(lo + i * w, 4) + ' … ' + fmt(lo + (i + 1) * w, 4) + ': ' + c })));
+      });
+      out.push(f.svg);
+    }
+    return out.length ? out : null;
   }
 
   function vectorPlot(v, ttl, ylabel, op) {
@@ -925,6 +1083,7 @@
     $('#options').addEventListener('input', () => { state.optionsEdited = true; });
     for (const b of document.querySelectorAll('[data-preset]')) b.addEventListener('click', () => applyPreset(b.getAttribute('data-preset')));
     for (const id of Object.values(FIELD_INPUT)) $('#' + id).addEventListener('input', () => $('#' + id).classList.remove('invalid'));
+    openJobFromHash();
     await loadOps();
     await refreshRegistry();
     loop(refreshHealth, 2000);
@@ -933,6 +1092,26 @@
     document.body.setAttribute('data-ready', '1');
   });
 
-  // for tests and the console
-  window.curvd = { state, api, select };
+  // The page's fragment as {key: value}: #job=ID (a job's permalink),
+  // #model=NAME&monitor=ID&lr=ETA&from=V&to=V (a training-monitor panel's, monitor.js).
+  function hashParams() {
+    const out = {};
+    for (const kv of window.location.hash.replace(/^#/, '').split('&')) {
+      const i = kv.indexOf('=');
+      if (i > 0) out[decodeURIComponent(kv.slice(0, i))] = decodeURIComponent(kv.slice(i + 1));
+    }
+    return out;
+  }
+  function openJobFromHash() {
+    const p = hashParams();
+    if (!p.job) return;
+    state.selected = p.job;
+    select(p.job);
+    $('#result-card').scrollIntoView();
+  }
+  window.addEventListener('hashchange', openJobFromHash);
+
+  // for tests, the console and monitor.js
+  window.curvd = { state, api, select,
+    lib: { el, sv, fmt, frame, pathOf, PALETTE, isNum, textWidth, hashParams } };
 })();

@@ -141,10 +141,13 @@ async function opSpecForm(browser, table) {
     check('density plot appears', !!plot);
     const info = await page.$eval('#plot svg.plot[data-op="density"] path.series', (p) => {
       const b = p.getBBox();
-      return { d: p.getAttribute('d'), points: +p.getAttribute('data-points'), len: p.getTotalLength(), w: b.width, h: b.height };
+      return { d: p.getAttribute('d'), points: +p.getAttribute('data-points'), len: p.getTotalLength(), w: b.width, h: b.height,
+        extended: p.getAttribute('data-extended').split(',').map(Number) };
     });
     const segs = (info.d.match(/L/g) || []).length;
-    check('density path has the grid points', info.points === 160 && segs === 159, info.points + ' points, ' + segs + ' segments');
+    // the grid's points plus the curve continued beyond both ends (the padded x range)
+    check('density path has the grid points', info.points === 160 && segs === 159 + info.extended[0] + info.extended[1] &&
+      info.extended[0] > 0 && info.extended[1] > 0, info.points + ' points, ' + segs + ' segments, ' + info.extended);
     check('density path has drawn content', info.len > 200 && info.w > 300 && info.h > 50, JSON.stringify({ len: info.len, w: info.w, h: info.h }));
     const rug = await page.$$eval('#plot svg .rug line', (l) => l.length);
     check('Ritz values drawn', rug > 10, rug);
@@ -179,7 +182,8 @@ async function opSpecForm(browser, table) {
     const errbars = await page.$$eval('#plot svg.plot[data-op="trace"] path.errorbar', (r) => r.length);
     check('trace error bars', errbars === 2, errbars);
     const cats = await page.$$eval('#plot svg.plot[data-op="trace"] .axis text', (t) => t.map((x) => x.textContent));
-    check('trace bars labelled by layer', cats.includes('layer 0') && cats.includes('layer 2'), cats.join('|'));
+    check('trace bars labelled by module name and type, parameter names under them',
+      cats.includes('0 · Linear(64→32)0.weight, 0.bias') && cats.includes('2 · Linear(32→10)2.weight, 2.bias'), cats.join('|'));
     await page.screenshot({ path: SHOT.replace(/\.png$/, '-trace.png'), fullPage: false });
 
     // ---- SNR preset (fisher_mc curvature chosen by the preset)
@@ -200,7 +204,7 @@ async function opSpecForm(browser, table) {
     await page.waitForFunction(() => document.querySelectorAll('#plot svg.plot[data-op="density"] path.series').length === 2
       && /blocks/.test(document.querySelector('#summary').textContent), null, { timeout: 30000 });
     const labels = await page.$$eval('#plot svg.plot[data-op="density"] path.series', (p) => p.map((x) => x.getAttribute('data-label')));
-    check('per-layer densities: one curve per layer', labels.join() === 'layer 0,layer 2', labels.join());
+    check('per-layer densities: one curve per layer', labels.join() === '0 · Linear(64→32),2 · Linear(32→10)', labels.join());
     await page.screenshot({ path: SHOT.replace(/\.png$/, '-layers.png'), fullPage: false });
 
     // ---- a dense matrix (canvas heat map) and a vector (gradient) on the small demo model
