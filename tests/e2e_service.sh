@@ -515,10 +515,11 @@ check "daemon A still alive" kill -0 "$APID"
 # Each client POSTs all of its 10 jobs without waiting (202 + Location), then
 # waits for each id; the jobs run on the demo model (2 workers), so the queue
 # builds up: a monitor samples curvd_queue_depth meanwhile.  Every result must
-# equal `curvd run` on the downloaded demo files.
+# equal `curvd run` on the downloaded demo files.  Two long jobs hold both
+# workers while the 50 are posted (cancelled after), so the queue builds up
+# and the jobs wait on any machine (the jobs alone take ~0.1-0.3 s each here:
+# a fast machine runs them about as fast as they are posted)
 i=0
-# (the traces, diag and density do enough work, ~0.1-0.3 s each, that the jobs
-# outlast the posting on a fast machine and on a loaded one)
 for spec in 'trace|{"max_probes":1000,"tol":0}|1' 'trace|{"max_probes":1000,"tol":0}|2' 'trace|{"max_probes":25,"method":"hutch++"}|3' \
             'loss|{}|0' 'gradient|{}|0' 'diag|{"max_probes":256}|4' 'eigen|{"k":3}|5' \
             'matvec|{"probe_seed":9}|0' 'density|{"lanczos_steps":60,"runs":4}|6' 'solve|{"damping":0.5}|0'; do
@@ -543,6 +544,12 @@ rm -f "$T/qdepth" "$T/posted_all"
   done
 ) &
 MPID=$!
+req POST /v1/jobs -d "$LONG" > /dev/null
+HOLD1=$(jq "$T/body" "d['id']")
+req POST /v1/jobs -d "$LONG" > /dev/null
+HOLD2=$(jq "$T/body" "d['id']")
+check "long job 1 holds a worker" poll_status "$HOLD1" running 30
+check "long job 2 holds the other" poll_status "$HOLD2" running 30
 # requests() [--parallel] FN: FN c k for 5 clients c x 10 requests k; --parallel: each
 # client's requests in a background subshell, all waited for
 requests() {
@@ -593,6 +600,10 @@ requests --parallel post_job
 req GET "/v1/jobs?status=queued&model=demo-mlp" > /dev/null
 jq "$T/body" "d['count']" >> "$T/qdepth"
 touch "$T/posted_all"
+# the first jobs posted have waited over 50 ms (checked in the metrics below)
+sleep 0.1
+req DELETE "/v1/jobs/$HOLD1" > /dev/null
+req DELETE "/v1/jobs/$HOLD2" > /dev/null
 n202=0
 requests check_posted
 check "50 concurrent POSTs answered 202 + Location ($n202/50)" [ "$n202" = 50 ]
