@@ -226,6 +226,10 @@ N = 40
 x = [next(g) for _ in range(N * 6)]
 y = [i % 3 for i in range(N)]
 st_write(out + "/data.safetensors", [("x", "F32", [N, 6], x), ("y", "I64", [N], y)])
+# daemon C's long jobs: 20000 rows (a matvec ~0.5-1 ms here, 500x the 40 rows')
+NL = 20000
+st_write(out + "/data_long.safetensors", [("x", "F32", [NL, 6], [next(g) for _ in range(NL * 6)]),
+                                          ("y", "I64", [NL], [i % 3 for i in range(NL)])])
 st_write(out + "/data_reg.safetensors", [("x", "F32", [N, 6], x), ("y", "F32", [N, 3], [0.5 * next(g) for _ in range(N * 3)])])
 big = [0.0] * (20000)
 st_write(out + "/big.safetensors", [("x", "F32", [2000, 10], big), ("y", "I64", [2000], [0] * 2000)])
@@ -720,13 +724,18 @@ req GET /v1/models/m1 > /dev/null
 MB=$(jq "$T/body" "d['bytes']")
 req GET /v1/datasets/d1 > /dev/null
 DB=$(jq "$T/body" "d['bytes']")
-# room for 2 models + the dataset + half a model: a third model copy does not fit
-CBUDGET=$((2 * MB + DB + MB / 2))
+# the long jobs read dl, 20000 rows: on d's 40 rows a million probes took ~3 s
+# here, a fast machine ends them within the checks they must outlast
+req PUT /v1/datasets/dl-size --data-binary @"$T/data_long.safetensors" > /dev/null
+DLB=$(jq "$T/body" "d['bytes']")
+req DELETE /v1/datasets/dl-size > /dev/null
+# room for 2 models + the datasets + half a model: a third model copy does not fit
+CBUDGET=$((2 * MB + DB + DLB + MB / 2))
 check "daemon C starts" e2e_start "$T/c.log" --no-demo --workers 1 --max-wait 0 --max-kept-bytes 400000 \
   --max-registry-bytes "$CBUDGET" --shutdown-grace 60 --model "m=$T/arch.json:$T/params1.safetensors" \
-  --dataset "d=$T/data.safetensors"
+  --dataset "d=$T/data.safetensors" --dataset "dl=$T/data_long.safetensors"
 CPID=$DPID
-CLONG='{"op":"trace","model":"m","dataset":"d","curvature":"hessian","options":{"max_probes":1000000,"tol":0}}'
+CLONG='{"op":"trace","model":"m","dataset":"dl","curvature":"hessian","options":{"max_probes":1000000,"tol":0}}'
 # --max-wait 0: ?wait= answers at once
 t0=$("$PY" -c 'import time; print(time.time())')
 st=$(req POST "/v1/jobs?wait=30" -d "$CLONG")
@@ -746,7 +755,7 @@ req GET /v1/models/m > /dev/null
 MB2=$(jq "$T/body" "d['bytes']")
 check "C: version 2 counts the kept parameters" [ "$MB2" -gt "$MB1" ]
 req GET /v1/health > /dev/null
-check "C: pinned old version counted" jtrue "$T/body" "d['registry_retired_bytes'] == $MB1 and d['registry_bytes'] == $MB2 + $DB"
+check "C: pinned old version counted" jtrue "$T/body" "d['registry_retired_bytes'] == $MB1 and d['registry_bytes'] == $MB2 + $DB + $DLB"
 expect_err "C: registration over budget with pinned versions 429" 429 registry_full POST /v1/models -F name=m2 -F architecture=@"$T/arch.json" -F parameters=@"$T/params1.safetensors"
 check "C: 429 explains the pinned versions" jtrue "$T/body" "'pinned' in d['error']['message'] and '$CBUDGET' in d['error']['message']"
 req GET /metrics > /dev/null
@@ -786,7 +795,9 @@ assert v['curvd_jobs_evicted_total'] >= 2 and v['curvd_jobs_kept_budget_bytes'] 
 "
 # shutdown: the running job finishes within the grace period, the queued one
 # is cancelled with shutting_down
-req POST /v1/jobs -d '{"op":"trace","model":"m","dataset":"d","curvature":"hessian","seed":4,"options":{"max_probes":1000000,"tol":0}}' > /dev/null
+# (10000 probes on dl: ~5-10 s here, so still running at the SIGTERM on a fast
+# machine and done within the 60 s grace on a slow one)
+req POST /v1/jobs -d '{"op":"trace","model":"m","dataset":"dl","curvature":"hessian","seed":4,"options":{"max_probes":10000,"tol":0}}' > /dev/null
 CR=$(jq "$T/body" "d['id']")
 req POST /v1/jobs -d '{"op":"loss","model":"m","dataset":"d"}' > /dev/null
 CQ=$(jq "$T/body" "d['id']")
