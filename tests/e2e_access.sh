@@ -146,8 +146,11 @@ check "CORS: preflight allows the origin" [ "$(hdr Access-Control-Allow-Origin)"
 check "CORS: preflight allows Authorization" sh -c "tr -d '\r' < '$T/hdr' | grep -qi '^Access-Control-Allow-Headers: .*Authorization'"
 check "CORS: preflight allows POST" sh -c "tr -d '\r' < '$T/hdr' | grep -qi '^Access-Control-Allow-Methods: .*POST'"
 is "CORS: preflight from another origin 403" 403 cors_not_allowed OPTIONS /v1/jobs -H 'Origin: https://evil.example'
-# per-client quota: one worker busy, two queued for this token, the third refused
-LONG='{"op":"density","model":"demo-mlp","dataset":"digits","options":{"lanczos_steps":3000}}'
+# per-client quota: one worker busy, two queued for this token, the third refused.
+# LONG runs for many minutes (200 runs; all cancelled below): one of fixed
+# length that a fast machine ends before the listing lets the worker take a
+# queued job out of the queue ("3 queued in all" would see 2)
+LONG='{"op":"density","model":"demo-mlp","dataset":"digits","options":{"lanczos_steps":3000,"runs":200}}'
 for i in 1 2 3; do req POST /v1/jobs -H "$S" -H "$JSON" --data-binary "$LONG" > /dev/null; done
 is "quota: third queued job of one token 429" 429 client_queue_full POST /v1/jobs -H "$S" -H "$JSON" --data-binary "$LONG"
 check "quota: 429 carries Retry-After" sh -c "tr -d '\r' < '$T/hdr' | grep -qiE '^Retry-After: [1-9]'"

@@ -453,7 +453,9 @@ def test_ops(c, ops):
 
 def test_progress_cancel(c):
     seen = []
-    job = c.submit(op="trace", model="demo-mlp", dataset="digits", options={"max_probes": 100000, "tol": 0})
+    # a million probes: runs for minutes even on a fast machine (the checks below
+    # need it still running after the 0.6 s wait and the polls; cancelled)
+    job = c.submit(op="trace", model="demo-mlp", dataset="digits", options={"max_probes": 1000000, "tol": 0})
     check("submit returns a Job", isinstance(job, Job) and len(job.id) > 0)
     e = raises(lambda: job.wait(timeout=0.6, poll=0.2, on_progress=lambda j: seen.append(j.progress)), JobTimeout)
     check("wait(timeout) raises JobTimeout", isinstance(e, JobTimeout) and isinstance(e, TimeoutError) and
@@ -465,7 +467,7 @@ def test_progress_cancel(c):
     while job.progress.matvecs_done == 0 and time.time() < deadline:
         time.sleep(0.05)
     p = job.progress
-    check("progress advances", p.matvecs_done > 0 and p.matvecs_planned == 100000 and 0 <= p.fraction < 1, p)
+    check("progress advances", p.matvecs_done > 0 and p.matvecs_planned == 1000000 and 0 <= p.fraction < 1, p)
     check("status running", job.status() == "running")
     after = job.cancel()
     check("cancel -> cancelled", after["status"] == "cancelled", after)
@@ -475,7 +477,7 @@ def test_progress_cancel(c):
     check("Job.error", (job.error or {}).get("code") == "cancelled")
     check("client.job(id)", c.job(job.id).info["status"] == "cancelled")
     # a job timeout set at submission ends the job as failed
-    j = c.submit(op="trace", model="demo-mlp", dataset="digits", options={"max_probes": 100000, "tol": 0},
+    j = c.submit(op="trace", model="demo-mlp", dataset="digits", options={"max_probes": 1000000, "tol": 0},
                  job_timeout=0.2)
     e = raises(lambda: j.wait(timeout=30), JobFailed)
     check("job_timeout -> JobFailed job_timeout", isinstance(e, JobFailed) and e.code == "job_timeout", repr(e))

@@ -235,23 +235,21 @@ def main():
         for s in idle + slow + flood:
             s.close()
 
-        # a long poll longer than the idle timeout is answered
-        st, doc, _ = request(port, "POST", "/v1/jobs", LONG)
-        check("long job queued", st == 202, str(doc)[:200])
-        lid = doc["id"] if doc else ""
-        st, doc, dt = request(port, "GET", "/v1/jobs/%s?wait=%d" % (lid, IDLE_S + 3))
-        check("?wait= longer than --idle-timeout is answered", st == 200 and dt >= IDLE_S + 2.5,
-              "status %d after %.1f s" % (st, dt))
-        # per-client quota (one address, no tokens): 3 queued, the 4th refused.
-        # The one worker is first kept busy by another address's long job, so
-        # that none of the four starts running (a fast machine finishes the
-        # job above within the long poll, and a free worker would take the
-        # first of the four out of the queue).
+        # a long poll longer than the idle timeout is answered (on a job that
+        # still runs when the poll ends: BLOCKER, not a job of fixed length,
+        # which a fast machine finishes within the poll).  The same job then
+        # keeps the one worker busy for the per-client quota below, so that
+        # none of the four jobs there starts running (a free worker would take
+        # the first of the four out of the queue).
         st, doc, _ = request(port, "POST", "/v1/jobs", BLOCKER, src="127.0.5.1")
         bid = doc["id"] if doc else ""
         check("blocker job queued", st == 202, str(doc)[:200])
         running = wait_status(port, bid, "running", 30)
         check("blocker job running (the one worker is busy)", running)
+        st, doc, dt = request(port, "GET", "/v1/jobs/%s?wait=%d" % (bid, IDLE_S + 3))
+        check("?wait= longer than --idle-timeout is answered", st == 200 and dt >= IDLE_S + 2.5
+              and (doc or {}).get("status") == "running", "status %d after %.1f s: %s" % (st, dt, str(doc)[:200]))
+        # per-client quota (one address, no tokens): 3 queued, the 4th refused
         codes = [request(port, "POST", "/v1/jobs", LONG, src="127.0.4.1")[:2] for _ in range(4)]
         st, doc, _ = request(port, "GET", "/v1/jobs/%s" % bid)
         if not (doc and doc.get("status") == "running"):

@@ -309,15 +309,23 @@ def check_threads():
 
     def long_job():
         try:
-            res["r"] = h.density(lanczos_steps=60, runs=4)
+            res["r"] = h.density(lanczos_steps=60, runs=200)  # ~1 s here
         except Exception as e:  # noqa: BLE001
             res["r"] = e
 
     t = threading.Thread(target=long_job)
     t.start()
+    # update() and close() once the job holds both handles (its run guards), not
+    # at once: the thread may not have reached its run yet (a fast machine's
+    # update() leaves it no GIL switch), and close() first makes it fail
+    deadline = time.time() + 30
+    while h.data._guard._runs == 0 and "r" not in res and time.time() < deadline:
+        time.sleep(0.001)
+    running = h.data._guard._runs > 0
     h.update(model)
     h.close()
     t.join()
+    check("the job ran when update() and close() were called", running, str(res.get("r"))[:200])
     check("close()/update() while a job runs on another thread: the job finishes, then the "
           "handles close", isinstance(res.get("r"), dict) and "nodes" in res["r"],
           str(res.get("r"))[:200])

@@ -264,17 +264,25 @@ def run(d, url1, three, tag):
     ref = compare("after a dataset replacement", url1, url3, base)
     shutil.rmtree(d2, ignore_errors=True)
 
-    # cancel and time limit: every rank stops, the ranks stay whole
-    _, j = http(url3 + "/v1/jobs", "POST", dict(long_job(), model="m", dataset="d"))
+    # cancel and time limit: every rank stops, the ranks stay whole.  The long
+    # jobs read 20000 rows (the 40-row dataset runs a million probes in ~4 s
+    # in one process here, well under a second on a fast machine: it would
+    # end before the cancel, the 1 s limit or the kill)
+    big = os.path.join(d, "big.safetensors")
+    with open(big, "wb") as f:
+        f.write(mb.export_dataset(x.repeat(500, 1), y.repeat(500)))
+    check("the long jobs' 20000-row dataset registered",
+          upload(url3, "/v1/datasets", "big", None, {"data": big}) == 201)
+    _, j = http(url3 + "/v1/jobs", "POST", dict(long_job(), model="m", dataset="big"))
     check("long job started", wait_running(url3, j["id"]))
     http(url3 + f"/v1/jobs/{j['id']}", "DELETE")
     check_stops(url3, j["id"], ("cancelled", "cancelled"), "cancel stops the job on every rank")
-    st, j = http(url3 + "/v1/jobs?timeout=1", "POST", dict(long_job(), model="m", dataset="d"))
+    st, j = http(url3 + "/v1/jobs?timeout=1", "POST", dict(long_job(), model="m", dataset="big"))
     check_stops(url3, j.get("id"), ("failed", "job_timeout"), "a job past its time limit stops")
     r = compare("a job after cancel and timeout", url1, url3, base)
 
     # rank 2 killed while a job runs
-    _, j = http(url3 + "/v1/jobs", "POST", dict(long_job(), model="m", dataset="d"))
+    _, j = http(url3 + "/v1/jobs", "POST", dict(long_job(), model="m", dataset="big"))
     check("long job running before the kill", wait_running(url3, j["id"]))
     pid = rank_pid(tag, 2)
     if check("found rank 2's process", pid is not None):

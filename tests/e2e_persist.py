@@ -180,7 +180,9 @@ def test_restart(tmp):
     d = Daemon("--state-dir", state, "--data-dir", ddir, "--workers", "1")
     c = Client(d.url)
     c.register_model("m", ARCH, params(1.0))
-    c.register_dataset("ds", data(2.0, 64))
+    # 20000 rows: a million probes take minutes (~400 s here); on 64 rows they
+    # took under 2 s, which a fast machine ends before the kill
+    c.register_dataset("ds", data(2.0, 20000))
     long = {"op": "trace", "model": "m", "dataset": "ds", "seed": 1,
             "options": {"max_probes": 1000000, "tol": 0}}
     running = c.submit(long)

@@ -134,7 +134,10 @@ e2e_wait_exit "$DPID" 20
 
 # ---- Retry-After on 429 and 503 -------------------------------------------------------
 e2e_start_or_finish "$T/d2.log" --workers 1 --max-queue 1 --shutdown-grace 30
-LONG="{\"op\":\"density\",$D,\"options\":{\"lanczos_steps\":3000}}"
+# LONG runs for many minutes (200 runs): the draining check below needs a job
+# still running at the SIGTERM (one of fixed length ends early on a fast
+# machine, and an idle daemon exits at once instead of answering 503)
+LONG="{\"op\":\"density\",$D,\"options\":{\"lanczos_steps\":3000,\"runs\":200}}"
 got429=""
 for i in 1 2 3 4; do
   st=$(req POST /v1/jobs --data-binary "$LONG")
