@@ -212,8 +212,10 @@ unit-portable:
 	    CK_DEFAULT_TIMEOUT=600 $(SAN_ENV) $(B)/portable/tests/test_cnn
 
 e2e: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so $(B)/bench_ops
-	@set -e; for t in $(E2E_SH); do echo "== $$t"; $(SAN_ENV) sh $$t $(B)/curvd; done
-	@set -e; for t in $(E2E_PY); do echo "== $$t"; $(SAN_ENV) $(PY) $$t $(B)/curvd; done
+	@set -e; for t in $(E2E_SH); do echo "== $$t"; s=$$(date +%s); \
+	    $(SAN_ENV) sh $$t $(B)/curvd; echo "-- $$t: $$(( $$(date +%s) - s )) s"; done
+	@set -e; for t in $(E2E_PY); do echo "== $$t"; s=$$(date +%s); \
+	    $(SAN_ENV) $(PY) $$t $(B)/curvd; echo "-- $$t: $$(( $$(date +%s) - s )) s"; done
 
 test:
 	@scripts/deps.sh test
