@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "api/op_args.h"
 #include "api/op_kron.h"
 #include "api/op_util.h"
 #include "api/ops.h"
@@ -772,7 +773,7 @@ int cv_job_check_memory(const cv_job_spec *j, const cv_model *m, const cv_datase
 {
     cv_curv_plan local;
     cv_batch batch;
-    if (!lim->job_memory && !j->micro_batch)
+    if (!lim->job_memory && !j->micro_batch && !plan)
         return 0;
     if (j->batch.kind == CV_JOB_BATCH_INDICES) {
         /* the probe reads the first two samples only: gather just those (the
@@ -976,4 +977,50 @@ cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,
     cJSON *res = j && !cv_job_bind(j, m, d, e) ? cv_job_exec(j, m, d, lim, p, e) : NULL;
     cv_job_spec_free(j);
     return res;
+}
+
+/* ---- what a job costs the service (--max-memory, server/jobs.c) ------------- */
+
+size_t cv_job_spec_bytes(const cv_job_spec *j)
+{
+    size_t b = sizeof *j + j->op->args_size + j->batch.count * sizeof(int32_t);
+    b += (j->model ? strlen(j->model) + 1 : 0) + (j->dataset ? strlen(j->dataset) + 1 : 0);
+    b += (size_t)j->blocks.ngroups * sizeof(int) + (size_t)j->blocks.nnames * sizeof(char *);
+    for (int i = 0; i < j->blocks.nnames; i++)
+        b += strlen(j->blocks.names[i]) + 1;
+    b += (size_t)(j->blocks.nresolved > 0 ? j->blocks.nresolved : 0) * sizeof(cv_block);
+    for (int i = 0; j->opts.specs && j->opts.specs[i].name; i++) {
+        const cv_opt_spec *s = &j->opts.specs[i];
+        const char *at = (const char *)j->opts.args + s->offset;
+        if (s->type == CV_OPT_LIST)
+            b += (size_t)((const cv_opt_list *)at)->n * sizeof(double);
+        else if (s->type == CV_OPT_ENUM_OR_LIST)
+            b += (size_t)((const cv_opt_choice_list *)at)->list.n * sizeof(double);
+    }
+    return b;
+}
+
+/* Numbers in one block's result of dimension D on n samples. */
+static double block_result_numbers(const cv_job_spec *j, double D, double n)
+{
+    const cv_op_def *op = j->op;
+    if (op == &cv_op_dense)
+        return D * D;
+    if (op == &cv_op_per_sample)
+        return n * D;
+    if (op == &cv_op_gradient || op == &cv_op_matvec || op == &cv_op_diag)
+        return D;
+    if (op == &cv_op_eigen) {
+        const cv_eigen_args *a = j->opts.args;
+        return a->o.return_vectors ? (double)a->o.k * D : 0;
+    }
+    return 0;
+}
+
+double cv_job_result_numbers(const cv_job_spec *j, size_t n)
+{
+    double total = 0;
+    for (int i = 0; i < j->blocks.nresolved; i++)
+        total += block_result_numbers(j, (double)j->blocks.resolved[i].dim, (double)n);
+    return total;
 }

@@ -117,7 +117,9 @@ size_t cv_job_batch_size(const cv_job_spec *j, size_t dataset_n);
 
 /* Plans the bound job's micro-batches under lim->job_memory (a probe of the
  * model on one and two samples): 0, or -1 with e filled ("job_memory", 400)
- * when even its minimum does not fit.  plan may be NULL. */
+ * when even its minimum does not fit.  plan may be NULL (then a job without
+ * a budget nor a micro_batch is not probed at all); given, it is always
+ * filled (plan->planned_bytes: the engine memory the run should need). */
 int cv_job_check_memory(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
                         const cv_job_limits *lim, cv_curv_plan *plan, cv_err *e);
 
@@ -187,6 +189,16 @@ void cv_job_linop_close(cv_job_linop *o);
 /* Parse, bind and exec in one call (tests, tools). */
 cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,
                   const cv_job_limits *lim, cv_progress *p, cv_err *e);
+
+/* What a job costs the service (--max-memory, server/jobs.c):
+ * cv_job_spec_bytes is the heap memory the parsed spec holds (its batch
+ * indices as int32, names, option values and lists, resolved blocks);
+ * cv_job_result_numbers (after bind) estimates the numbers of the bound
+ * job's large result fields on a batch of n samples: dense D^2 per block,
+ * per_sample_gradients n x D, gradient, matvec and diag D, eigen with
+ * return_vectors k x D; 0 for ops whose results are small. */
+size_t cv_job_spec_bytes(const cv_job_spec *j);
+double cv_job_result_numbers(const cv_job_spec *j, size_t n);
 
 /* The op's name. */
 const char *cv_job_op_name(const cv_job_spec *j);
