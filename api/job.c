@@ -1024,3 +1024,16 @@ double cv_job_result_numbers(const cv_job_spec *j, size_t n)
         total += block_result_numbers(j, (double)j->blocks.resolved[i].dim, (double)n);
     return total;
 }
+
+int cv_job_spec_set_indices(cv_job_spec *j, int32_t *idx, size_t count, cv_err *e)
+{
+    if (j->batch.kind != CV_JOB_BATCH_INDICES || !count) {
+        free(idx);
+        return cv_err_set(e, CV_EINTERNAL, "internal", "batch.indices",
+                          "indices given apart from a job without an index list");
+    }
+    free(j->batch.indices);
+    j->batch.indices = idx;
+    j->batch.count = count;
+    return 0;
+}

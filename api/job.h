@@ -200,6 +200,20 @@ cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,
 size_t cv_job_spec_bytes(const cv_job_spec *j);
 double cv_job_result_numbers(const cv_job_spec *j, size_t n);
 
+/* A job document's text with its batch.indices read apart (api/job_indices.c):
+ * when the top-level "batch" object's "indices" is a plain array of
+ * integers in [0, 2^31) (digits only), returns 1 with the numbers in *idx
+ * (malloc'd, *count of them) and in *rest (malloc'd, NUL-terminated,
+ * *rest_len bytes) the text with that array replaced by [0], to be parsed
+ * as usual; the spec parsed from it then takes *idx (cv_job_spec_set_indices).
+ * 0 when there is no such array or it has another form (parse the text as
+ * it is: the strict parser and cv_job_parse give the errors); -1 out of memory. */
+int cv_job_text_indices(const char *text, size_t len, char **rest, size_t *rest_len,
+                        int32_t **idx, size_t *count);
+/* Replaces the parsed placeholder indices of j with idx (taken in every
+ * case): -1 with e filled when j's batch is not an index list. */
+int cv_job_spec_set_indices(cv_job_spec *j, int32_t *idx, size_t count, cv_err *e);
+
 /* The op's name. */
 const char *cv_job_op_name(const cv_job_spec *j);
 

@@ -1148,18 +1148,24 @@ static int quota_locked(cv_jobs *J, const char *client, const char *key, cv_err 
                       "this client has %zu jobs queued (--max-queued-per-client %zu); retry when "
                       "one has started", mine, J->cfg.max_queued_per_client);
 }
-static int submit(cv_jobs *J, const cJSON *doc, double timeout, const char *client, int low,
-                  cv_job **out, cv_err *e);
+static int submit(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t nidx, double timeout,
+                  const char *client, int low, cv_job **out, cv_err *e);
 
 int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char *client,
                         cv_job **out, cv_err *e)
 {
-    return submit(J, doc, timeout, client, 0, out, e);
+    return submit(J, doc, NULL, 0, timeout, client, 0, out, e);
+}
+
+int cv_jobs_submit_indices(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t n,
+                           double timeout, const char *client, cv_job **out, cv_err *e)
+{
+    return submit(J, doc, idx, n, timeout, client, 0, out, e);
 }
 
 int cv_jobs_submit_low(cv_jobs *J, const cJSON *doc, cv_job **out, cv_err *e)
 {
-    return submit(J, doc, 0, NULL, 1, out, e);
+    return submit(J, doc, NULL, 0, 0, NULL, 1, out, e);
 }
 
 /* Under J->mu: 503 while draining; a full queue (429) only for the normal lane. */
@@ -1171,16 +1177,29 @@ static int admit_lane_locked(cv_jobs *J, int low, cv_err *e)
     return low ? 0 : admit_locked(J, e);
 }
 
-static int submit(cv_jobs *J, const cJSON *doc, double timeout, const char *client, int low,
-                  cv_job **out, cv_err *e)
+static int submit(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t nidx, double timeout,
+                  const char *client, int low, cv_job **out, cv_err *e)
 {
     *out = NULL;
-    if (cv_jobs_draining(J))
+    if (idx && J->cfg.ranks) { /* the other ranks get the document's text */
+        free(idx);
+        return cv_err_set(e, CV_EINTERNAL, "internal", "batch.indices",
+                          "indices given apart under mpirun");
+    }
+    if (cv_jobs_draining(J)) {
+        free(idx);
         return cv_err_set(e, CV_ESHUTDOWN, "shutting_down", "",
                           "the service is shutting down and accepts no new jobs");
+    }
     cv_job_spec *spec = cv_job_parse(doc, e);
-    if (!spec)
+    if (!spec) {
+        free(idx);
         return -1;
+    }
+    if (idx && cv_job_spec_set_indices(spec, idx, nidx, e)) {
+        cv_job_spec_free(spec);
+        return -1;
+    }
     const char *mname = spec->model, *dname = spec->dataset;
     cv_snap *ms = NULL, *ds = NULL, *ps = NULL;
     cv_job *j = NULL;

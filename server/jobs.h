@@ -101,6 +101,12 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
 int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char *client,
                         cv_job **out, cv_err *e);
 
+/* cv_jobs_submit_from with the batch's indices read apart from the text
+ * (cv_job_text_indices, api/job.h): doc's batch.indices is the placeholder,
+ * idx (n of them) the real ones, taken in every case.  Not under mpirun. */
+int cv_jobs_submit_indices(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t n,
+                           double timeout, const char *client, cv_job **out, cv_err *e);
+
 /* The low-priority lane (monitors, server/monitors.h): the job is queued
  * behind every interactive job (a worker takes it only when the normal
  * queue is empty), is not counted against --max-queue or a client's quota

@@ -3,6 +3,9 @@
 
 #include <stdint.h>
 #include <unistd.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 size_t cv_memory_default_limit(void)
 {
@@ -42,6 +45,13 @@ const char *cv_memory_kind_name(cv_mem_kind k)
     static const char *const names[CV_MEM_KINDS] = {"registry", "job_documents", "running_jobs",
                                                     "kept_results"};
     return k >= 0 && k < CV_MEM_KINDS ? names[k] : "?";
+}
+
+void cv_memory_trim(void)
+{
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
 }
 
 size_t cv_memory_numbers(double n, size_t b)

@@ -54,6 +54,9 @@ void cv_memory_sub(cv_memory *m, cv_mem_kind k, size_t bytes);
 size_t cv_memory_get(const cv_memory *m, cv_mem_kind k);
 /* The gauge label of a kind: registry, job_documents, running_jobs, kept_results. */
 const char *cv_memory_kind_name(cv_mem_kind k);
+/* Gives freed heap pages back to the OS (glibc's malloc_trim; no-op elsewhere):
+ * after a large cJSON tree of many small nodes was freed. */
+void cv_memory_trim(void);
 /* Bytes for n result numbers at b bytes each (clamped to SIZE_MAX). */
 size_t cv_memory_numbers(double n, size_t b);
 
