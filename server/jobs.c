@@ -137,12 +137,7 @@ static size_t kept_cap_locked(cv_jobs *J, size_t reserve)
 }
 
 /* Under J->mu: the finished jobs hold more than they may (kept_cap_locked). */
-static int over_kept_bytes_by(cv_jobs *J, size_t reserve)
-{
-    return J->kept_bytes > kept_cap_locked(J, reserve);
-}
-
-static int over_kept_bytes(cv_jobs *J) { return over_kept_bytes_by(J, 0); }
+static int over_kept_bytes(cv_jobs *J) { return J->kept_bytes > kept_cap_locked(J, 0); }
 
 /* Under J->mu: j's document leaves the memory account (it ended or was withdrawn). */
 static void release_doc_locked(cv_jobs *J, cv_job *j)
@@ -801,11 +796,12 @@ static int purge_for(cv_jobs *J, size_t reserve)
             if (!newest || j->t_end >= newest->t_end)
                 newest = j;
         }
+    size_t cap = kept_cap_locked(J, reserve); /* only shrinks what is kept below */
     cv_job *j = J->head;
     while (j) {
         cv_job *next = j->next;
         int aged = now - j->t_end > J->cfg.keep_s || finished > J->cfg.max_kept;
-        int over_bytes = j != newest && over_kept_bytes_by(J, reserve);
+        int over_bytes = j != newest && J->kept_bytes > cap;
         if (is_finished(j->status) && (aged || over_bytes)) {
             if (!aged)
                 J->evicted_total++;
