@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "api/op_args.h"
 #include "api/op_kron.h"
 #include "api/op_util.h"
 #include "api/ops.h"
@@ -1000,28 +999,54 @@ size_t cv_job_spec_bytes(const cv_job_spec *j)
     return b;
 }
 
-/* Numbers in one block's result of dimension D on n samples. */
-static double block_result_numbers(const cv_job_spec *j, double D, double n)
+/* The value of the job's int or bool option `name` (0 when the op has none). */
+static int opt_int(const cv_job_spec *j, const char *name)
+{
+    for (int i = 0; j->opts.specs && j->opts.specs[i].name; i++) {
+        const cv_opt_spec *s = &j->opts.specs[i];
+        if (strcmp(s->name, name) == 0 && (s->type == CV_OPT_INT || s->type == CV_OPT_BOOL))
+            return *(const int *)((const char *)j->opts.args + s->offset);
+    }
+    return 0;
+}
+
+/* Numbers in one block's result of dimension D on n samples of C outputs each. */
+static double block_result_numbers(const cv_job_spec *j, double D, double n, double C)
 {
     const cv_op_def *op = j->op;
     if (op == &cv_op_dense)
         return D * D;
     if (op == &cv_op_per_sample)
         return n * D;
-    if (op == &cv_op_gradient || op == &cv_op_matvec || op == &cv_op_diag)
+    if (op == &cv_op_jacobian)
+        return n * C * D;
+    if (op == &cv_op_jvp)
+        return n * C;
+    if (op == &cv_op_diag) /* diag and stderr, and the per-sample diagonals if asked */
+        return 2 * D + (opt_int(j, "per_sample") ? n * D : 0);
+    if (op == &cv_op_gradient || op == &cv_op_matvec || op == &cv_op_vjp ||
+        op == &cv_op_newton)
         return D;
-    if (op == &cv_op_eigen) {
-        const cv_eigen_args *a = j->opts.args;
-        return a->o.return_vectors ? (double)a->o.k * D : 0;
+    if (op == &cv_op_solve) { /* k right-hand sides given as k x D numbers, else one */
+        for (int i = 0; j->opts.specs && j->opts.specs[i].name; i++)
+            if (strcmp(j->opts.specs[i].name, "rhs") == 0) {
+                const cv_opt_choice_list *r =
+                    (const void *)((const char *)j->opts.args + j->opts.specs[i].offset);
+                if (r->choice < 0 && D > 0 && r->list.n > D)
+                    return (double)r->list.n;
+            }
+        return D;
     }
+    if (op == &cv_op_eigen)
+        return opt_int(j, "return_vectors") ? (double)opt_int(j, "k") * D : 0;
     return 0;
 }
 
-double cv_job_result_numbers(const cv_job_spec *j, size_t n)
+double cv_job_result_numbers(const cv_job_spec *j, const cv_model *m, size_t n)
 {
-    double total = 0;
+    double total = 0, C = (double)cv_model_output_dim(m);
     for (int i = 0; i < j->blocks.nresolved; i++)
-        total += block_result_numbers(j, (double)j->blocks.resolved[i].dim, (double)n);
+        total += block_result_numbers(j, (double)j->blocks.resolved[i].dim, (double)n, C);
     return total;
 }
 

@@ -193,12 +193,14 @@ cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,
 /* What a job costs the service (--max-memory, server/jobs.c):
  * cv_job_spec_bytes is the heap memory the parsed spec holds (its batch
  * indices as int32, names, option values and lists, resolved blocks);
- * cv_job_result_numbers (after bind) estimates the numbers of the bound
- * job's large result fields on a batch of n samples: dense D^2 per block,
- * per_sample_gradients n x D, gradient, matvec and diag D, eigen with
- * return_vectors k x D; 0 for ops whose results are small. */
+ * cv_job_result_numbers (after bind to m) estimates the numbers of the
+ * bound job's large result fields on a batch of n samples, per block of D
+ * parameters (C: the model's outputs per sample): dense D^2,
+ * per_sample_gradients n D, jacobian n C D, jvp n C, diag 2 D (+ n D with
+ * per_sample), gradient, matvec, vjp, newton D, solve D per right-hand
+ * side, eigen with return_vectors k D; 0 for ops whose results are small. */
 size_t cv_job_spec_bytes(const cv_job_spec *j);
-double cv_job_result_numbers(const cv_job_spec *j, size_t n);
+double cv_job_result_numbers(const cv_job_spec *j, const cv_model *m, size_t n);
 
 /* A job document's text with its batch.indices read apart (api/job_indices.c):
  * when the top-level "batch" object's "indices" is a plain array of

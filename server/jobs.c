@@ -1040,9 +1040,10 @@ static int kept_posterior(cv_jobs *J, cv_job_spec *spec, const cv_snap *ms, cv_s
  * that need no lock: 413 result_too_large when its result's text would
  * exceed --max-kept-bytes, 413 memory_limit when it cannot fit under
  * --max-memory beside the registry's current versions even alone. */
-static int cost_job(cv_jobs *J, cv_job *j, const cv_curv_plan *plan, size_t n, cv_err *e)
+static int cost_job(cv_jobs *J, cv_job *j, const cv_curv_plan *plan, const cv_model *model,
+                    size_t n, cv_err *e)
 {
-    double numbers = cv_job_result_numbers(j->spec, n);
+    double numbers = cv_job_result_numbers(j->spec, model, n);
     size_t text = cv_memory_numbers(numbers, CV_MEM_RESULT_TEXT_BYTES);
     size_t build = cv_memory_numbers(numbers, CV_MEM_RESULT_BUILD_BYTES);
     j->doc_bytes = cv_job_spec_bytes(j->spec) + sizeof *j;
@@ -1228,7 +1229,7 @@ static int submit(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t nidx, doubl
     snprintf(j->model, sizeof j->model, "%s", mname);
     snprintf(j->dataset, sizeof j->dataset, "%s", dname);
     j->spec = spec;
-    if (cost_job(J, j, &plan, cv_job_batch_size(spec, ds->data->n), e)) {
+    if (cost_job(J, j, &plan, ms->model, cv_job_batch_size(spec, ds->data->n), e)) {
         j->spec = NULL; /* freed below */
         goto fail;
     }
