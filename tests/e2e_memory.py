@@ -8,7 +8,8 @@ Three daemons (about 30-40 s in all on 2 cores):
          limit is 413 memory_limit; health and /metrics show the account.
   pair   --workers 2, the limit set from a probe so that one long trace job fits
          but two do not: the second waits in the queue while a worker is free
-         (waits_total 1), then runs and succeeds once the first ends; a 1M-index
+         (waits_total 1), then runs and succeeds once the first ends; an upload
+         that fits only once jobs end is 429 memory_busy with Retry-After; a 1M-index
          job document queued behind it is counted at its compact size (4 bytes an
          index, not a cJSON node each) and submitting it raises the daemon's peak
          RSS by far less than a cJSON tree of it would (about 88 MB).
@@ -141,6 +142,14 @@ def test_pair():
         check("a job that fits alone but not beside the running one waits in the queue",
               st == 202 and s.get("status") == "queued" and h["busy_workers"] == 1
               and h["memory"]["waits_total"] == 1, (st, s.get("status"), h))
+        # an upload that fits beside the registry but not beside the running job now
+        room = limit - h["memory"]["used_bytes"] + h["memory"]["by_kind"]["kept_results"]
+        rows = (room + (2 << 20)) // (64 * 4 + 8)
+        st, r, hd = req(d.url + "/v1/datasets/later", "PUT", safetensors(rows, 64, 10),
+                        "application/octet-stream")
+        check("an upload that fits once jobs end is 429 memory_busy with Retry-After",
+              st == 429 and r.get("error", {}).get("code") == "memory_busy"
+              and hd.get("Retry-After") is not None, (st, r, room))
         # a big index list queued behind it: counted compactly
         docs0 = h["memory"]["by_kind"]["job_documents"]
         n = 1000000
