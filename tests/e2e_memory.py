@@ -33,7 +33,7 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_lib import Daemon, check, summary  # noqa: E402
 
-SLACK = 64 << 20
+SLACK = 80 << 20  # measured 178-200 MB peak against 160 MiB; 326-337 MB without the limit
 JOBS, UPLOADS = 8, 3  # the burst
 LONG = {"op": "trace", "model": "demo-mlp", "dataset": "digits", "curvature": "hessian",
         "options": {"max_probes": 1000000, "tol": 0}}
