@@ -772,7 +772,7 @@ int cv_job_check_memory(const cv_job_spec *j, const cv_model *m, const cv_datase
 {
     cv_curv_plan local;
     cv_batch batch;
-    if (!lim->job_memory && !j->micro_batch)
+    if (!lim->job_memory && !j->micro_batch && !plan)
         return 0;
     if (j->batch.kind == CV_JOB_BATCH_INDICES) {
         /* the probe reads the first two samples only: gather just those (the
@@ -976,4 +976,89 @@ cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,
     cJSON *res = j && !cv_job_bind(j, m, d, e) ? cv_job_exec(j, m, d, lim, p, e) : NULL;
     cv_job_spec_free(j);
     return res;
+}
+
+/* ---- what a job costs the service (--max-memory, server/jobs.c) ------------- */
+
+size_t cv_job_spec_bytes(const cv_job_spec *j)
+{
+    size_t b = sizeof *j + j->op->args_size + j->batch.count * sizeof(int32_t);
+    b += (j->model ? strlen(j->model) + 1 : 0) + (j->dataset ? strlen(j->dataset) + 1 : 0);
+    b += (size_t)j->blocks.ngroups * sizeof(int) + (size_t)j->blocks.nnames * sizeof(char *);
+    for (int i = 0; i < j->blocks.nnames; i++)
+        b += strlen(j->blocks.names[i]) + 1;
+    b += (size_t)(j->blocks.nresolved > 0 ? j->blocks.nresolved : 0) * sizeof(cv_block);
+    for (int i = 0; j->opts.specs && j->opts.specs[i].name; i++) {
+        const cv_opt_spec *s = &j->opts.specs[i];
+        const char *at = (const char *)j->opts.args + s->offset;
+        if (s->type == CV_OPT_LIST)
+            b += (size_t)((const cv_opt_list *)at)->n * sizeof(double);
+        else if (s->type == CV_OPT_ENUM_OR_LIST)
+            b += (size_t)((const cv_opt_choice_list *)at)->list.n * sizeof(double);
+    }
+    return b;
+}
+
+/* The value of the job's int or bool option `name` (0 when the op has none). */
+static int opt_int(const cv_job_spec *j, const char *name)
+{
+    for (int i = 0; j->opts.specs && j->opts.specs[i].name; i++) {
+        const cv_opt_spec *s = &j->opts.specs[i];
+        if (strcmp(s->name, name) == 0 && (s->type == CV_OPT_INT || s->type == CV_OPT_BOOL))
+            return *(const int *)((const char *)j->opts.args + s->offset);
+    }
+    return 0;
+}
+
+/* Numbers in one block's result of dimension D on n samples of C outputs each. */
+static double block_result_numbers(const cv_job_spec *j, double D, double n, double C)
+{
+    const cv_op_def *op = j->op;
+    if (op == &cv_op_dense)
+        return D * D;
+    if (op == &cv_op_per_sample)
+        return n * D;
+    if (op == &cv_op_jacobian)
+        return n * C * D;
+    if (op == &cv_op_jvp)
+        return n * C;
+    if (op == &cv_op_diag) /* diag and stderr, and the per-sample diagonals if asked */
+        return 2 * D + (opt_int(j, "per_sample") ? n * D : 0);
+    if (op == &cv_op_gradient || op == &cv_op_matvec || op == &cv_op_vjp ||
+        op == &cv_op_newton)
+        return D;
+    if (op == &cv_op_solve) { /* k right-hand sides given as k x D numbers, else one */
+        for (int i = 0; j->opts.specs && j->opts.specs[i].name; i++)
+            if (strcmp(j->opts.specs[i].name, "rhs") == 0) {
+                const cv_opt_choice_list *r =
+                    (const void *)((const char *)j->opts.args + j->opts.specs[i].offset);
+                if (r->choice < 0 && D > 0 && r->list.n > D)
+                    return (double)r->list.n;
+            }
+        return D;
+    }
+    if (op == &cv_op_eigen)
+        return opt_int(j, "return_vectors") ? (double)opt_int(j, "k") * D : 0;
+    return 0;
+}
+
+double cv_job_result_numbers(const cv_job_spec *j, const cv_model *m, size_t n)
+{
+    double total = 0, C = (double)cv_model_output_dim(m);
+    for (int i = 0; i < j->blocks.nresolved; i++)
+        total += block_result_numbers(j, (double)j->blocks.resolved[i].dim, (double)n, C);
+    return total;
+}
+
+int cv_job_spec_set_indices(cv_job_spec *j, int32_t *idx, size_t count, cv_err *e)
+{
+    if (j->batch.kind != CV_JOB_BATCH_INDICES || !count) {
+        free(idx);
+        return cv_err_set(e, CV_EINTERNAL, "internal", "batch.indices",
+                          "indices given apart from a job without an index list");
+    }
+    free(j->batch.indices);
+    j->batch.indices = idx;
+    j->batch.count = count;
+    return 0;
 }

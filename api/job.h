@@ -117,7 +117,9 @@ size_t cv_job_batch_size(const cv_job_spec *j, size_t dataset_n);
 
 /* Plans the bound job's micro-batches under lim->job_memory (a probe of the
  * model on one and two samples): 0, or -1 with e filled ("job_memory", 400)
- * when even its minimum does not fit.  plan may be NULL. */
+ * when even its minimum does not fit.  plan may be NULL (then a job without
+ * a budget nor a micro_batch is not probed at all); given, it is always
+ * filled (plan->planned_bytes: the engine memory the run should need). */
 int cv_job_check_memory(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
                         const cv_job_limits *lim, cv_curv_plan *plan, cv_err *e);
 
@@ -187,6 +189,32 @@ void cv_job_linop_close(cv_job_linop *o);
 /* Parse, bind and exec in one call (tests, tools). */
 cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,
                   const cv_job_limits *lim, cv_progress *p, cv_err *e);
+
+/* What a job costs the service (--max-memory, server/jobs.c):
+ * cv_job_spec_bytes is the heap memory the parsed spec holds (its batch
+ * indices as int32, names, option values and lists, resolved blocks);
+ * cv_job_result_numbers (after bind to m) estimates the numbers of the
+ * bound job's large result fields on a batch of n samples, per block of D
+ * parameters (C: the model's outputs per sample): dense D^2,
+ * per_sample_gradients n D, jacobian n C D, jvp n C, diag 2 D (+ n D with
+ * per_sample), gradient, matvec, vjp, newton D, solve D per right-hand
+ * side, eigen with return_vectors k D; 0 for ops whose results are small. */
+size_t cv_job_spec_bytes(const cv_job_spec *j);
+double cv_job_result_numbers(const cv_job_spec *j, const cv_model *m, size_t n);
+
+/* A job document's text with its batch.indices read apart (api/job_indices.c):
+ * when the top-level "batch" object's "indices" is a plain array of
+ * integers in [0, 2^31) (digits only), returns 1 with the numbers in *idx
+ * (malloc'd, *count of them) and in *rest (malloc'd, NUL-terminated,
+ * *rest_len bytes) the text with that array replaced by [0], to be parsed
+ * as usual; the spec parsed from it then takes *idx (cv_job_spec_set_indices).
+ * 0 when there is no such array or it has another form (parse the text as
+ * it is: the strict parser and cv_job_parse give the errors); -1 out of memory. */
+int cv_job_text_indices(const char *text, size_t len, char **rest, size_t *rest_len,
+                        int32_t **idx, size_t *count);
+/* Replaces the parsed placeholder indices of j with idx (taken in every
+ * case): -1 with e filled when j's batch is not an index list. */
+int cv_job_spec_set_indices(cv_job_spec *j, int32_t *idx, size_t count, cv_err *e);
 
 /* The op's name. */
 const char *cv_job_op_name(const cv_job_spec *j);

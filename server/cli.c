@@ -41,6 +41,14 @@ const cv_flag cv_serve_flags[] = {
              "versions still pinned by queued/running jobs\n"
              "included: an upload over it is 413 registry_full,\n"
              "429 registry_full if it fits once those jobs end"},
+    {.name = "--max-memory", .arg = "BYTES", .kind = CV_FLAG_BYTES, .off = SERVE(max_memory),
+     .hi = POW2(50), .dflt = "75% of physical memory",
+     .help = "memory the daemon may hold: registry + queued and\n"
+             "running jobs' documents + running jobs' engine and\n"
+             "result estimates + kept results; a job that can\n"
+             "never fit is 413 memory_limit, one that fits later\n"
+             "waits in the queue (429 memory_busy when even its\n"
+             "document cannot be held); 0 = no limit"},
     {.name = "--monitor-history", .arg = "N", .kind = CV_FLAG_COUNT,
      .off = SERVE(monitor_history), .lo = 1, .hi = 100000000, .dflt = "10000",
      .help = "history entries kept per training monitor (GET\n"

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "api/job.h"
+#include "api/json_strict.h"
 #include "api/ops_table.h"
 #include "engine/curv.h"
 #include "server/http_internal.h"
@@ -14,19 +15,60 @@
 
 static void reply_job(req *r, unsigned status, cv_job *j) { set_job_reply(r, status, j); }
 
+/* Bodies from this size on have their batch.indices read straight into an
+ * int32 array (cv_job_text_indices), not into a cJSON node per index. */
+#define COMPACT_INDICES_FROM 4096
+/* A document parsed into a cJSON tree from this size on is followed by
+ * cv_memory_trim (the tree was some 25x its text). */
+#define TRIM_AFTER_BODY ((size_t)1 << 20)
+
+/* The job document of the request (NULL: answered with the error); a large
+ * one's batch.indices in *idx, *n (the document holds a placeholder). */
+static cJSON *job_body(req *r, int32_t **idx, size_t *n)
+{
+    int ranks, alive;
+    cv_jobs_ranks(r->h->jobs, &ranks, &alive);
+    char *rest = NULL;
+    size_t rest_len;
+    int rc = r->body_len >= COMPACT_INDICES_FROM && ranks <= 1
+                 ? cv_job_text_indices(r->body, r->body_len, &rest, &rest_len, idx, n)
+                 : 0;
+    if (rc < 0) {
+        reply_errf(r, CV_ENOMEM, "out_of_memory", "", "out of memory reading the job");
+        return NULL;
+    }
+    if (rc == 0)
+        return body_object(r);
+    cv_err e;
+    cJSON *doc = cv_json_parse_strict(rest, rest_len, "the request body", "", &e);
+    free(rest);
+    if (!doc) {
+        free(*idx);
+        *idx = NULL;
+        reply_err(r, &e);
+    }
+    return doc; /* an object: the text starts with '{' and parsed whole */
+}
+
 void h_jobs_post(req *r)
 {
     double wait, timeout;
     if (query_seconds(r, "wait", r->h->cfg.max_wait, &wait) ||
         query_seconds(r, "timeout", -1, &timeout))
         return;
-    cJSON *doc = body_object(r);
-    if (!doc)
-        return;
     cv_job *j;
     cv_err e;
-    int rc = cv_jobs_submit_from(r->h->jobs, doc, timeout, r->client, &j, &e);
+    int32_t *idx = NULL;
+    size_t nidx = 0;
+    cJSON *doc = job_body(r, &idx, &nidx);
+    if (!doc)
+        return;
+    int tree = !idx; /* parsed into one cJSON node per value */
+    int rc = idx ? cv_jobs_submit_indices(r->h->jobs, doc, idx, nidx, timeout, r->client, &j, &e)
+                 : cv_jobs_submit_from(r->h->jobs, doc, timeout, r->client, &j, &e);
     cJSON_Delete(doc);
+    if (tree && r->body_len >= TRIM_AFTER_BODY)
+        cv_memory_trim(); /* that many small nodes: give their pages back */
     if (rc) {
         reply_err(r, &e);
         return;

@@ -13,6 +13,27 @@
 #include "server/metrics.h"
 #include "server/util.h"
 
+/* "memory": {"limit_bytes", "used_bytes", "by_kind": {kind: bytes}} (--max-memory). */
+static int add_memory(cJSON *j, const cv_jobs_stats *js)
+{
+    cJSON *m = cJSON_AddObjectToObject(j, "memory"), *k = m ? cJSON_CreateObject() : NULL;
+    size_t total = 0;
+    for (int i = 0; k && i < CV_MEM_KINDS; i++) {
+        total += js->memory_used[i];
+        if (!cJSON_AddNumberToObject(k, cv_memory_kind_name((cv_mem_kind)i),
+                                     (double)js->memory_used[i]))
+            break;
+    }
+    if (!k || !cJSON_AddNumberToObject(m, "limit_bytes", (double)js->memory_limit) ||
+        !cJSON_AddNumberToObject(m, "used_bytes", (double)total) ||
+        !cJSON_AddNumberToObject(m, "waits_total", (double)js->memory_waits_total)) {
+        cJSON_Delete(k);
+        return 0;
+    }
+    cJSON_AddItemToObject(m, "by_kind", k);
+    return 1;
+}
+
 void h_health(req *r)
 {
     if (r->anonymous) { /* tokens required, none given: liveness only */
@@ -55,6 +76,7 @@ void h_health(req *r)
               !cJSON_AddBoolToObject(j, "state_dir", r->h->cfg.state_dir) ||
               !cJSON_AddNumberToObject(j, "kept_job_bytes", (double)js.kept_bytes) ||
               !cJSON_AddNumberToObject(j, "max_kept_bytes", (double)js.max_kept_bytes) ||
+              !add_memory(j, &js) ||
               !cJSON_AddNumberToObject(j, "ranks", ranks) ||
               !cJSON_AddNumberToObject(j, "ranks_started", ranks_started))) {
         cJSON_Delete(j);

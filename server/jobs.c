@@ -47,6 +47,9 @@ struct cv_job {
     size_t result_len;
     cv_err err;                      /* failed / cancelled */
     int low;                         /* queued in the low-priority lane (monitors) */
+    size_t doc_bytes;                /* --max-memory: its document, counted until it ends */
+    size_t run_bytes;                /* and its engine + result estimate while it runs */
+    int waited_memory;               /* counted in memory_waits_total */
     struct cv_job *qnext;            /* queue link */
     struct cv_job *prev, *next;      /* table links, creation order */
 };
@@ -68,6 +71,7 @@ struct cv_jobs {
     size_t njobs;
     size_t kept_bytes;               /* memory of finished jobs (results) */
     long evicted_total;              /* finished jobs dropped for max_kept_bytes */
+    long memory_waits_total;         /* jobs that waited in the queue for memory */
     int draining, stop, stop_waiters;
     int busy;
     pthread_mutex_t idmu;            /* guards the id counter (taken alone or inside mu) */
@@ -93,10 +97,53 @@ struct cv_jobs {
  * (counted in J->kept_bytes from finish_locked until purge drops it). */
 static size_t job_kept_bytes(const cv_job *j) { return sizeof *j + j->result_len; }
 
-/* Under J->mu: the finished jobs hold more than --max-kept-bytes. */
-static int over_kept_bytes(const cv_jobs *J)
+/* Under J->mu: finished jobs' bytes come and go (J->kept_bytes and the
+ * memory account's kept_results together). */
+static void kept_add(cv_jobs *J, size_t b)
 {
-    return J->cfg.max_kept_bytes && J->kept_bytes > J->cfg.max_kept_bytes;
+    J->kept_bytes += b;
+    cv_memory_add(J->cfg.memory, CV_MEM_KEPT, b);
+}
+
+static void kept_sub(cv_jobs *J, size_t b)
+{
+    J->kept_bytes -= b;
+    cv_memory_sub(J->cfg.memory, CV_MEM_KEPT, b);
+}
+
+/* The registry's part of the memory account: current versions, uploads in
+ * parts and old versions pinned by jobs. */
+static size_t registry_used(cv_jobs *J)
+{
+    cv_registry_stats st;
+    cv_registry_stats_get(J->reg, &st);
+    return st.bytes + st.staged_bytes + st.retired_bytes;
+}
+
+/* Under J->mu: what kept results may hold now: --max-kept-bytes, and under
+ * --max-memory what the registry, the jobs' documents, the running jobs and
+ * `reserve` (a job about to start) leave; SIZE_MAX: no cap. */
+static size_t kept_cap_locked(cv_jobs *J, size_t reserve)
+{
+    size_t cap = J->cfg.max_kept_bytes ? J->cfg.max_kept_bytes : SIZE_MAX;
+    const cv_memory *m = J->cfg.memory;
+    if (m && m->limit) {
+        size_t busy = registry_used(J) + cv_memory_get(m, CV_MEM_DOCUMENTS) +
+                      cv_memory_get(m, CV_MEM_RUNNING) + reserve;
+        size_t left = busy < m->limit ? m->limit - busy : 0;
+        cap = left < cap ? left : cap;
+    }
+    return cap;
+}
+
+/* Under J->mu: the finished jobs hold more than they may (kept_cap_locked). */
+static int over_kept_bytes(cv_jobs *J) { return J->kept_bytes > kept_cap_locked(J, 0); }
+
+/* Under J->mu: j's document leaves the memory account (it ended or was withdrawn). */
+static void release_doc_locked(cv_jobs *J, cv_job *j)
+{
+    cv_memory_sub(J->cfg.memory, CV_MEM_DOCUMENTS, j->doc_bytes);
+    j->doc_bytes = 0;
 }
 
 static void hist_add(unsigned long *h, double *sum, unsigned long *count, double d)
@@ -195,10 +242,14 @@ static void finish_locked(cv_jobs *J, cv_job *j, cv_job_status st)
     j->spec = NULL;
     free(j->text);
     j->text = NULL;
-    J->kept_bytes += job_kept_bytes(j);
+    release_doc_locked(J, j);
+    kept_add(J, job_kept_bytes(j));
     J->finished_total[st]++;
     if (ran) {
         J->busy--;
+        cv_memory_sub(J->cfg.memory, CV_MEM_RUNNING, j->run_bytes);
+        j->run_bytes = 0;
+        pthread_cond_broadcast(&J->work_cv); /* a job waiting for memory may fit now */
         J->matvecs_finished += atomic_load(&j->progress.done);
         hist_add(J->hist, &J->hist_sum, &J->hist_count, j->t_end - j->t_start);
     } else {
@@ -504,6 +555,7 @@ static int cmp_created(const void *a, const void *b)
 }
 
 static void purge(cv_jobs *J);
+static int purge_for(cv_jobs *J, size_t reserve);
 
 /* Under J->mu: j leaves the job list (its own next/prev are left as they were). */
 static void unlink_locked(cv_jobs *J, cv_job *j)
@@ -542,7 +594,7 @@ static void restore_jobs(cv_jobs *J)
     for (size_t i = 0; i < R.n; i++) {
         cv_job *j = R.v[i];
         append_locked(J, j);
-        J->kept_bytes += job_kept_bytes(j);
+        kept_add(J, job_kept_bytes(j));
     }
     free(R.v);
     size_t n = J->njobs;
@@ -566,26 +618,86 @@ static int keep_posterior(cv_jobs *J, cv_job *j, struct cv_lap_post *p, cv_err *
 
 /* ---- workers --------------------------------------------------------------- */
 
+/* Under J->mu: whether queued job j may start under --max-memory: the
+ * registry, the documents, the running jobs' estimates, the kept results
+ * (evictable: *kept_in_way says they alone are in the way) and j's own
+ * estimate fit the limit.  A job always may when nothing runs (submit made
+ * sure it fits alone), so the queue never deadlocks. */
+static int may_start_locked(cv_jobs *J, const cv_job *j, int *kept_in_way)
+{
+    const cv_memory *m = J->cfg.memory;
+    *kept_in_way = 0;
+    if (!m || !m->limit)
+        return 1;
+    size_t busy = registry_used(J) + cv_memory_get(m, CV_MEM_DOCUMENTS) +
+                  cv_memory_get(m, CV_MEM_RUNNING) + j->run_bytes;
+    if (busy + J->kept_bytes <= m->limit)
+        return 1;
+    *kept_in_way = J->kept_bytes > 0 && (busy <= m->limit || J->busy == 0);
+    return 0;
+}
+
+/* Under J->mu: waits for the next job a worker may start (interactive jobs
+ * first, the low-priority lane only when none waits; FIFO: a job waiting
+ * for memory holds back the ones behind it) and returns it, still queued;
+ * NULL when the workers stop.  Kept results in its way are dropped, oldest
+ * first, before it waits; a job that cannot fit beside the running ones
+ * waits for one of them to end. */
+static cv_job *take_locked(cv_jobs *J)
+{
+    cv_job *tried = NULL; /* kept results were dropped for this one already */
+    for (;;) {
+        if (J->stop && !J->qhead && !J->lqhead)
+            return NULL;
+        cv_job *j = J->qhead ? J->qhead : J->lqhead;
+        if (!j) {
+            pthread_cond_wait(&J->work_cv, &J->mu);
+            continue;
+        }
+        int kept_in_way;
+        if (may_start_locked(J, j, &kept_in_way))
+            return j;
+        if (kept_in_way && tried != j) {
+            tried = j;
+            size_t reserve = j->run_bytes;
+            job_ref(j); /* stays valid while the lock is dropped */
+            pthread_mutex_unlock(&J->mu);
+            purge_for(J, reserve);
+            pthread_mutex_lock(&J->mu);
+            cv_job_unref(j); /* the queue or the caller still holds it */
+            continue;
+        }
+        if (J->busy == 0)
+            return j; /* it fits alone (checked at submit): never wait for nothing */
+        if (!j->waited_memory) {
+            j->waited_memory = 1;
+            J->memory_waits_total++;
+        }
+        struct timespec ts;
+        abs_deadline(&ts, 1.0); /* also sees registry memory freed meanwhile */
+        pthread_cond_timedwait(&J->work_cv, &J->mu, &ts);
+        tried = NULL;
+    }
+}
+
 static void *worker_main(void *arg)
 {
     cv_jobs *J = arg;
     for (;;) {
         pthread_mutex_lock(&J->mu);
-        while (!J->qhead && !J->lqhead && !J->stop)
-            pthread_cond_wait(&J->work_cv, &J->mu);
-        if (!J->qhead && !J->lqhead) {
+        cv_job *j = take_locked(J);
+        if (!j) {
             pthread_mutex_unlock(&J->mu);
             break;
         }
-        /* interactive jobs first; the low-priority lane only when none waits */
-        cv_job *j = J->qhead ? J->qhead : J->lqhead;
         unlink_queued_locked(J, j);
+        J->busy++;
+        cv_memory_add(J->cfg.memory, CV_MEM_RUNNING, j->run_bytes);
         j->status = CV_JOB_RUNNING;
         j->started_at = wall_us();
         j->t_start = cv_now_s();
         hist_add(J->qhist, &J->qhist_sum, &J->qhist_count, j->t_start - j->t_submit);
         j->progress.deadline = j->timeout > 0 ? j->t_start + j->timeout : 0;
-        J->busy++;
         const cv_model *m = j->msnap->model;
         const cv_dataset *d = j->dsnap->data;
         pthread_mutex_unlock(&J->mu);
@@ -664,11 +776,15 @@ static void *worker_main(void *arg)
 }
 
 /* Drops finished jobs older than keep_s, then the oldest finished ones
- * while more than max_kept are kept or they hold more than max_kept_bytes
- * (the most recently finished job is never dropped for bytes, so a client
- * can always read the last result). */
-static void purge(cv_jobs *J)
+ * while more than max_kept are kept or they hold more than max_kept_bytes or
+ * than --max-memory leaves them with `reserve` bytes set aside for a job
+ * about to start (the most recently finished job is never dropped for bytes,
+ * so a client can always read the last result).  Returns how many it dropped. */
+static void purge(cv_jobs *J) { purge_for(J, 0); }
+
+static int purge_for(cv_jobs *J, size_t reserve)
 {
+    int ndead = 0;
     cv_job *dead = NULL;
     double now = cv_now_s();
     pthread_mutex_lock(&J->mu);
@@ -680,19 +796,21 @@ static void purge(cv_jobs *J)
             if (!newest || j->t_end >= newest->t_end)
                 newest = j;
         }
+    size_t cap = kept_cap_locked(J, reserve); /* only shrinks what is kept below */
     cv_job *j = J->head;
     while (j) {
         cv_job *next = j->next;
         int aged = now - j->t_end > J->cfg.keep_s || finished > J->cfg.max_kept;
-        int over_bytes = over_kept_bytes(J) && j != newest;
+        int over_bytes = j != newest && J->kept_bytes > cap;
         if (is_finished(j->status) && (aged || over_bytes)) {
             if (!aged)
                 J->evicted_total++;
-            J->kept_bytes -= job_kept_bytes(j);
+            kept_sub(J, job_kept_bytes(j));
             unlink_locked(J, j);
             finished--;
             j->next = dead;
             dead = j;
+            ndead++;
         }
         j = next;
     }
@@ -705,6 +823,7 @@ static void purge(cv_jobs *J)
         cv_job_unref(dead);
         dead = n;
     }
+    return ndead;
 }
 
 static void *janitor_main(void *arg)
@@ -835,17 +954,19 @@ static uint64_t mix64(uint64_t x)
  * shard here; the others' differ by a sample at most and are checked when
  * the job runs). */
 static int check_memory(cv_jobs *J, const cv_job_spec *spec, const cv_snap *ms,
-                        const cv_snap *ds, cv_err *e)
+                        const cv_snap *ds, cv_curv_plan *plan, cv_err *e)
 {
     int R = cv_ranks_alive(J->cfg.ranks);
+    *plan = (cv_curv_plan){0};
     if (R <= 1)
-        return cv_job_check_memory(spec, ms->model, ds->data, &J->cfg.limits, NULL, e);
+        return cv_job_check_memory(spec, ms->model, ds->data, &J->cfg.limits,
+                                   J->cfg.memory && J->cfg.memory->limit ? plan : NULL, e);
     cv_batch shard;
     if (cv_job_shard(spec, ds->data, R, 0, &shard, e))
         return -1;
     int rc = cv_job_check_memory_shard(spec, ms->model, &shard,
                                        cv_job_batch_size(spec, ds->data->n), NULL,
-                                       &J->cfg.limits, NULL, e);
+                                       &J->cfg.limits, plan, e);
     cv_dataset_free(&shard);
     return rc;
 }
@@ -915,6 +1036,64 @@ static int kept_posterior(cv_jobs *J, cv_job_spec *spec, const cv_snap *ms, cv_s
     return cv_lap_job_use(spec, p->backing, ms->model, e);
 }
 
+/* The job's cost to the service (j->doc_bytes, j->run_bytes) and the checks
+ * that need no lock: 413 result_too_large when its result's text would
+ * exceed --max-kept-bytes, 413 memory_limit when it cannot fit under
+ * --max-memory beside the registry's current versions even alone. */
+static int cost_job(cv_jobs *J, cv_job *j, const cv_curv_plan *plan, const cv_model *model,
+                    size_t n, cv_err *e)
+{
+    double numbers = cv_job_result_numbers(j->spec, model, n);
+    size_t text = cv_memory_numbers(numbers, CV_MEM_RESULT_TEXT_BYTES);
+    size_t build = cv_memory_numbers(numbers, CV_MEM_RESULT_BUILD_BYTES);
+    j->doc_bytes = cv_job_spec_bytes(j->spec) + sizeof *j;
+    j->run_bytes = plan->planned_bytes + build;
+    if (j->run_bytes < build)
+        j->run_bytes = SIZE_MAX;
+    if (J->cfg.max_kept_bytes && text > J->cfg.max_kept_bytes)
+        return cv_err_set(e, CV_ETOOLARGE, "result_too_large", "",
+                          "the result of this %s job would be about %zu bytes of JSON (%.0f "
+                          "numbers at about %d bytes each) but finished jobs' results may "
+                          "hold at most %zu bytes (--max-kept-bytes): ask for fewer numbers "
+                          "(a smaller batch or block) or raise --max-kept-bytes",
+                          j->op, text, numbers, CV_MEM_RESULT_TEXT_BYTES,
+                          J->cfg.max_kept_bytes);
+    const cv_memory *m = J->cfg.memory;
+    if (!m || !m->limit)
+        return 0;
+    cv_registry_stats st;
+    cv_registry_stats_get(J->reg, &st);
+    size_t reg = st.bytes + st.staged_bytes, need = j->doc_bytes + j->run_bytes;
+    if (need < j->run_bytes || reg > m->limit || need > m->limit - reg)
+        return cv_err_set(e, CV_ETOOLARGE, "memory_limit", "",
+                          "this job needs about %zu bytes (engine %zu, result while built %zu, "
+                          "document %zu) but --max-memory is %zu bytes and the registry holds "
+                          "%zu (models, datasets, uploads in parts): it cannot run even alone; "
+                          "use a smaller batch or micro_batch, a lower --job-memory, or raise "
+                          "--max-memory",
+                          need, plan->planned_bytes, build, j->doc_bytes, m->limit, reg);
+    return 0;
+}
+
+/* Under J->mu: 429 memory_busy when the queued and running jobs' documents
+ * and estimates and the registry leave no room for j's document now. */
+static int memory_room_locked(cv_jobs *J, const cv_job *j, cv_err *e)
+{
+    const cv_memory *m = J->cfg.memory;
+    if (!m || !m->limit)
+        return 0;
+    size_t reg = registry_used(J), docs = cv_memory_get(m, CV_MEM_DOCUMENTS);
+    size_t run = cv_memory_get(m, CV_MEM_RUNNING), used = reg + docs + run;
+    if (used <= m->limit && j->doc_bytes <= m->limit - used)
+        return 0;
+    J->rejected_total++;
+    return cv_err_set(e, CV_EBUSY, "memory_busy", "",
+                      "this job's document needs %zu bytes but --max-memory is %zu bytes with "
+                      "%zu in use (registry %zu, queued and running jobs' documents %zu, "
+                      "running jobs %zu); retry when queued jobs have run",
+                      j->doc_bytes, m->limit, used, reg, docs, run);
+}
+
 void cv_jobs_offer(cv_jobs *J, const cv_snap *s) { cv_ranks_offer(J->cfg.ranks, s); }
 
 void cv_jobs_ranks(const cv_jobs *J, int *size, int *alive)
@@ -966,18 +1145,24 @@ static int quota_locked(cv_jobs *J, const char *client, const char *key, cv_err 
                       "this client has %zu jobs queued (--max-queued-per-client %zu); retry when "
                       "one has started", mine, J->cfg.max_queued_per_client);
 }
-static int submit(cv_jobs *J, const cJSON *doc, double timeout, const char *client, int low,
-                  cv_job **out, cv_err *e);
+static int submit(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t nidx, double timeout,
+                  const char *client, int low, cv_job **out, cv_err *e);
 
 int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char *client,
                         cv_job **out, cv_err *e)
 {
-    return submit(J, doc, timeout, client, 0, out, e);
+    return submit(J, doc, NULL, 0, timeout, client, 0, out, e);
+}
+
+int cv_jobs_submit_indices(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t n,
+                           double timeout, const char *client, cv_job **out, cv_err *e)
+{
+    return submit(J, doc, idx, n, timeout, client, 0, out, e);
 }
 
 int cv_jobs_submit_low(cv_jobs *J, const cJSON *doc, cv_job **out, cv_err *e)
 {
-    return submit(J, doc, 0, NULL, 1, out, e);
+    return submit(J, doc, NULL, 0, 0, NULL, 1, out, e);
 }
 
 /* Under J->mu: 503 while draining; a full queue (429) only for the normal lane. */
@@ -989,20 +1174,34 @@ static int admit_lane_locked(cv_jobs *J, int low, cv_err *e)
     return low ? 0 : admit_locked(J, e);
 }
 
-static int submit(cv_jobs *J, const cJSON *doc, double timeout, const char *client, int low,
-                  cv_job **out, cv_err *e)
+static int submit(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t nidx, double timeout,
+                  const char *client, int low, cv_job **out, cv_err *e)
 {
     *out = NULL;
-    if (cv_jobs_draining(J))
+    if (idx && J->cfg.ranks) { /* the other ranks get the document's text */
+        free(idx);
+        return cv_err_set(e, CV_EINTERNAL, "internal", "batch.indices",
+                          "indices given apart under mpirun");
+    }
+    if (cv_jobs_draining(J)) {
+        free(idx);
         return cv_err_set(e, CV_ESHUTDOWN, "shutting_down", "",
                           "the service is shutting down and accepts no new jobs");
+    }
     cv_job_spec *spec = cv_job_parse(doc, e);
-    if (!spec)
+    if (!spec) {
+        free(idx);
         return -1;
+    }
+    if (idx && cv_job_spec_set_indices(spec, idx, nidx, e)) {
+        cv_job_spec_free(spec);
+        return -1;
+    }
     const char *mname = spec->model, *dname = spec->dataset;
     cv_snap *ms = NULL, *ds = NULL, *ps = NULL;
     cv_job *j = NULL;
     int recorded = 0;
+    cv_curv_plan plan;
     if (!mname) {
         cv_err_set(e, CV_EINVAL, "missing_field", "model",
                    "job needs \"model\": the name of a registered model");
@@ -1017,7 +1216,7 @@ static int submit(cv_jobs *J, const cJSON *doc, double timeout, const char *clie
         !(ds = cv_registry_acquire(J->reg, CV_REG_DATASET, dname, e)) ||
         cv_job_bind(spec, ms->model, ds->data, e) ||
         kept_posterior(J, spec, ms, &ps, e) ||
-        check_memory(J, spec, ms, ds, e))
+        check_memory(J, spec, ms, ds, &plan, e))
         goto fail;
     if (!(j = cv_err_calloc(sizeof *j, "out of memory", e)))
         goto fail;
@@ -1030,6 +1229,10 @@ static int submit(cv_jobs *J, const cJSON *doc, double timeout, const char *clie
     snprintf(j->model, sizeof j->model, "%s", mname);
     snprintf(j->dataset, sizeof j->dataset, "%s", dname);
     j->spec = spec;
+    if (cost_job(J, j, &plan, ms->model, cv_job_batch_size(spec, ds->data->n), e)) {
+        j->spec = NULL; /* freed below */
+        goto fail;
+    }
     if (J->cfg.ranks && !(j->text = cJSON_PrintUnformatted(doc))) {
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
         goto fail;
@@ -1074,10 +1277,11 @@ static int submit(cv_jobs *J, const cJSON *doc, double timeout, const char *clie
         pthread_mutex_unlock(&J->mu);
         goto fail;
     }
-    if (quota_locked(J, client, j->client, e)) {
+    if (quota_locked(J, client, j->client, e) || memory_room_locked(J, j, e)) {
         pthread_mutex_unlock(&J->mu);
         goto fail;
     }
+    cv_memory_add(J->cfg.memory, CV_MEM_DOCUMENTS, j->doc_bytes);
     /* table reference (j's own), queue reference, caller reference */
     atomic_store(&j->refs, 3);
     append_locked(J, j);
@@ -1134,6 +1338,7 @@ int cv_jobs_withdraw(cv_jobs *J, cv_job *j)
     unlink_locked(J, j);
     j->prev = j->next = NULL;
     J->submitted_total--; /* as if it had never been queued */
+    release_doc_locked(J, j);
     cv_registry_release(J->reg, j->psnap);
     cv_registry_release(J->reg, j->msnap);
     cv_registry_release(J->reg, j->dsnap);
@@ -1454,6 +1659,11 @@ void cv_jobs_stats_get(cv_jobs *J, cv_jobs_stats *st)
     st->qhist_sum = J->qhist_sum;
     st->qhist_count = J->qhist_count;
     st->kept_bytes = J->kept_bytes;
+    st->memory_limit = J->cfg.memory ? J->cfg.memory->limit : 0;
+    for (int k = 0; k < CV_MEM_KINDS; k++)
+        st->memory_used[k] = k == CV_MEM_REGISTRY ? registry_used(J)
+                                                  : cv_memory_get(J->cfg.memory, (cv_mem_kind)k);
+    st->memory_waits_total = J->memory_waits_total;
     st->max_kept_bytes = J->cfg.max_kept_bytes;
     st->evicted_total = J->evicted_total;
     pthread_mutex_unlock(&J->mu);

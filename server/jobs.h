@@ -12,6 +12,16 @@
  * job's and whose deadline is start + job_timeout (a job that runs past it
  * fails with code "job_timeout").  HTTP threads never run numerics.
  *
+ * Memory (--max-memory, cfg.memory; server/memory.h): at submit a job's
+ * need (its document, the engine's planned memory and its result's
+ * estimate, cv_job_result_numbers) is checked: 413 result_too_large when
+ * the result's text estimate exceeds --max-kept-bytes, 413 memory_limit
+ * when the need cannot fit beside the registry's current versions even
+ * with nothing else held, 429 memory_busy when the queued and running
+ * jobs' documents and estimates leave no room for its document now.  A
+ * queued job starts only when its estimate fits beside the running ones
+ * (kept results are dropped for it, oldest first), or when nothing runs.
+ *
  * Finished jobs (succeeded, failed, cancelled) stay readable for keep_s
  * seconds, then a janitor thread drops them; at most max_kept of them are
  * kept, holding at most max_kept_bytes (result text plus a small record):
@@ -41,6 +51,7 @@
 
 #include "api/job.h"
 #include "engine/err.h"
+#include "server/memory.h"
 #include "server/ranks.h"
 #include "server/registry.h"
 #include "server/state.h"
@@ -62,6 +73,8 @@ typedef struct {
     cv_state *state;          /* --state-dir: jobs are recorded there (see below); NULL: not */
     int no_workers;           /* tests (the fuzz harness): start no thread (no worker,
                                * no janitor), so jobs stay queued and never run */
+    cv_memory *memory;        /* --max-memory: the daemon's account (server/memory.h;
+                               * borrowed, outlives the table); NULL: none */
 } cv_jobs_config;
 
 typedef struct cv_jobs cv_jobs;
@@ -87,6 +100,12 @@ int cv_jobs_submit(cv_jobs *J, const cJSON *doc, double timeout, cv_job **out, c
  * queued the job is refused (429 client_queue_full). */
 int cv_jobs_submit_from(cv_jobs *J, const cJSON *doc, double timeout, const char *client,
                         cv_job **out, cv_err *e);
+
+/* cv_jobs_submit_from with the batch's indices read apart from the text
+ * (cv_job_text_indices, api/job.h): doc's batch.indices is the placeholder,
+ * idx (n of them) the real ones, taken in every case.  Not under mpirun. */
+int cv_jobs_submit_indices(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t n,
+                           double timeout, const char *client, cv_job **out, cv_err *e);
 
 /* The low-priority lane (monitors, server/monitors.h): the job is queued
  * behind every interactive job (a worker takes it only when the normal
@@ -169,6 +188,10 @@ typedef struct {
     double qhist_sum;
     unsigned long qhist_count;
     size_t kept_bytes, max_kept_bytes;  /* finished jobs' memory and its cap */
+    /* --max-memory: the limit (0: none) and the account by cv_mem_kind (the
+     * registry's part read from the registry) */
+    size_t memory_limit, memory_used[CV_MEM_KINDS];
+    long memory_waits_total;            /* times a job waited in the queue for memory */
     long evicted_total;                 /* finished jobs dropped for the byte cap */
 } cv_jobs_stats;
 

@@ -117,6 +117,15 @@ char *cv_metrics_render(cv_registry *reg, cv_jobs *jobs, const cv_http_counters 
           "0 = none).", (double)js.max_kept_bytes);
     counter(&s, "curvd_jobs_evicted_total", "Finished jobs dropped early to stay within "
             "--max-kept-bytes.", (double)js.evicted_total);
+    gauge(&s, "curvd_memory_limit_bytes", "The daemon's memory limit (--max-memory; 0 = none).",
+          (double)js.memory_limit);
+    family(&s, "curvd_memory_used_bytes", "Memory the daemon accounts against --max-memory, "
+           "by kind.", "gauge");
+    for (int k = 0; k < CV_MEM_KINDS; k++)
+        sb_printf(&s, "curvd_memory_used_bytes{kind=\"%s\"} %zu\n",
+                  cv_memory_kind_name((cv_mem_kind)k), js.memory_used[k]);
+    counter(&s, "curvd_memory_waits_total", "Jobs that waited in the queue for memory "
+            "(--max-memory) before they started.", (double)js.memory_waits_total);
     counter(&s, "curvd_matvecs_total", "Curvature-vector products computed by jobs.",
             (double)js.matvecs_total);
     gauge(&s, "curvd_registry_bytes", "Bytes held by registered models and datasets.",

@@ -40,6 +40,7 @@ struct cv_registry {
     cv_registry_persist persist;
     int persisting;
     pthread_mutex_t wmu;
+    cv_memory *memory;        /* --max-memory's account (jobs' parts), or NULL */
 };
 
 int cv_name_valid(const char *name)
@@ -296,6 +297,37 @@ static void sweep(cv_registry *r)
     }
 }
 
+void cv_registry_set_memory(cv_registry *r, cv_memory *m) { r->memory = m; }
+
+/* Under r->mu: --max-memory's checks of `need` more bytes for `name`:
+ * current: the current versions and reservations the registry will hold
+ * beside it; pinned: old versions still pinned by jobs.  413 memory_limit
+ * when current + need exceed the limit (nothing but deleting registered
+ * things helps), 429 memory_busy when the pinned versions and the jobs'
+ * documents and running estimates leave no room now (kept results give way
+ * by themselves and do not count). */
+static int memory_check_locked(cv_registry *r, size_t need, size_t current, size_t pinned,
+                               const char *name, cv_err *e)
+{
+    const cv_memory *m = r->memory;
+    if (!m || !m->limit)
+        return 0;
+    if (current > m->limit || need > m->limit - current)
+        return cv_err_set(e, CV_ETOOLARGE, "memory_limit", "",
+                          "'%s' needs %zu bytes but --max-memory is %zu bytes and the registry "
+                          "holds %zu (models, datasets, uploads in parts); delete something or "
+                          "raise --max-memory", name, need, m->limit, current);
+    size_t docs = cv_memory_get(m, CV_MEM_DOCUMENTS), run = cv_memory_get(m, CV_MEM_RUNNING);
+    size_t used = current + pinned + docs + run;
+    if (used <= m->limit && need <= m->limit - used)
+        return 0;
+    return cv_err_set(e, CV_EBUSY, "memory_busy", "",
+                      "'%s' needs %zu bytes: --max-memory is %zu bytes with %zu in use "
+                      "(registry %zu, old versions pinned by jobs %zu, queued and running jobs' "
+                      "documents %zu, running jobs %zu); retry when jobs have finished",
+                      name, need, m->limit, used, current, pinned, docs, run);
+}
+
 /* freed: bytes that the operation gives back (a replaced version, its own
  * staged reservation). */
 static int budget_error(cv_registry *r, size_t need, size_t freed, const char *name, cv_err *e)
@@ -361,6 +393,9 @@ static int install(cv_registry *r, cv_snap *s, int replace, const cv_snap *expec
                           r->nretired + (freed != really_freed),
                           r->nretired + (freed != really_freed) == 1 ? "" : "s",
                           freed != really_freed ? " (the version being replaced included)" : "");
+    if (memory_check_locked(r, s->bytes, used - freed, r->retired_bytes + freed - really_freed,
+                            s->name, e))
+        return -1;
     if (sl) {
         r->staged -= staged;
         s->version = sl->cur->version + 1;
@@ -510,8 +545,10 @@ int cv_registry_reserve(cv_registry *r, size_t bytes, const char *what, cv_err *
                         "older version%s still pinned by queued or running jobs; retry when "
                         "those jobs finish, or raise the budget", what, bytes, r->max_bytes,
                         used, r->retired_bytes, r->nretired, r->nretired == 1 ? "" : "s");
-    else
+    else if (!memory_check_locked(r, bytes, used, r->retired_bytes, what, e))
         r->staged += bytes;
+    else
+        rc = -1;
     pthread_mutex_unlock(&r->mu);
     return rc;
 }

@@ -42,6 +42,7 @@
 #include "engine/dataset.h"
 #include "engine/err.h"
 #include "engine/model.h"
+#include "server/memory.h"
 
 #define CV_REG_NAME_MAX 64
 
@@ -194,6 +195,14 @@ int cv_registry_list(cv_registry *r, cv_reg_kind kind, cv_snap ***out);
 void cv_snaps_release(cv_snap **v, int n);
 
 void cv_registry_stats_get(cv_registry *r, cv_registry_stats *st);
+
+/* --max-memory (server/memory.h): installs, replacements, posteriors kept
+ * by jobs, reservations of uploads in parts and snapshots restored at
+ * start-up are also checked against m's limit: 413 memory_limit when the
+ * registry's current versions with the new bytes exceed it, 429
+ * memory_busy when old versions pinned by jobs and the jobs' documents and
+ * running estimates leave no room now.  Set before serving (m outlives r). */
+void cv_registry_set_memory(cv_registry *r, cv_memory *m);
 
 /* ---- persistence (--state-dir, server/persist.c) ----------------------------
  * With hooks set, every change is written before it is answered: a new or

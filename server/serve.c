@@ -55,6 +55,7 @@ void cv_serve_config_default(cv_serve_config *c)
     cv_job_limits_default(&c->jobs.limits);
     c->blas_threads = 1;
     c->max_registry_bytes = (size_t)1 << 30;
+    c->max_memory = cv_memory_default_limit();
     c->grace_s = 10;
     c->demo = 1;
     c->rank_timeout = 300;
@@ -156,6 +157,9 @@ int cv_serve(const cv_serve_config *c)
         fprintf(stderr, "curvd: out of memory\n");
         return 1;
     }
+    cv_memory memory; /* --max-memory: lives as long as the daemon serves */
+    cv_memory_init(&memory, c->max_memory);
+    cv_registry_set_memory(reg, &memory);
     cv_err e;
     cv_err_clear(&e);
     if (c->demo && cv_demo_register(reg, stderr, &e)) {
@@ -183,6 +187,7 @@ int cv_serve(const cv_serve_config *c)
     cv_jobs_config jc = c->jobs;
     jc.ranks = c->ranks;
     jc.state = state;
+    jc.memory = &memory;
     cv_jobs *jobs = cv_jobs_new(&jc, reg, &e);
     if (!jobs) {
         print_err("jobs", &e);
@@ -214,10 +219,11 @@ int cv_serve(const cv_serve_config *c)
     int v6 = strchr(bind, ':') != NULL;
     fprintf(stderr,
             "curvd: %d workers, %d BLAS thread%s each, queue %zu, job timeout %g s, "
-            "registry budget %zu bytes, body limit %zu bytes (jobs %zu), kept results "
-            "%zu bytes, max wait %g s\n",
+            "registry budget %zu bytes, memory limit %zu bytes, body limit %zu bytes (jobs "
+            "%zu), kept results %zu bytes, max wait %g s\n",
             jc.ranks ? 1 : c->jobs.workers, c->blas_threads, c->blas_threads == 1 ? "" : "s",
-            c->jobs.max_queue, c->jobs.job_timeout, c->max_registry_bytes, c->http.max_body,
+            c->jobs.max_queue, c->jobs.job_timeout, c->max_registry_bytes, c->max_memory,
+            c->http.max_body,
             c->http.max_job_body, c->jobs.max_kept_bytes, c->http.max_wait);
     if (jc.ranks)
         fprintf(stderr, "curvd: data-parallel over %d ranks (jobs run one at a time on all of "

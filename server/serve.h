@@ -36,6 +36,7 @@ typedef struct {
     cv_jobs_config jobs;
     int blas_threads;         /* 0: leave OpenBLAS's default */
     size_t max_registry_bytes;
+    size_t max_memory;        /* --max-memory (server/memory.h); 0: no limit */
     size_t monitor_history;   /* --monitor-history: entries kept per monitor (0: default) */
     double grace_s;
     int demo;                 /* register the built-in demo */

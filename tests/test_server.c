@@ -15,6 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "api/job.h"
 #include "api/params.h"
 #include "server/b64.h"
 #include "server/cli.h"
@@ -169,6 +170,46 @@ START_TEST(multipart_rejects_malformed)
 END_TEST
 
 /* ---- names and registry -------------------------------------------------------- */
+
+/* cv_job_text_indices: a plain index list is read into int32 and replaced
+ * by [0]; anything else (not the top-level batch's, not plain integers) is
+ * left to the strict parser. */
+static void indices_case(const char *text, int want, size_t n, int32_t last, const char *rest)
+{
+    char *r = NULL;
+    size_t rl = 0, count = 0;
+    int32_t *idx = NULL;
+    int rc = cv_job_text_indices(text, strlen(text), &r, &rl, &idx, &count);
+    ck_assert_msg(rc == want, "%s: %d", text, rc);
+    if (rc == 1) {
+        ck_assert_uint_eq(count, n);
+        ck_assert_int_eq(idx[count - 1], last);
+        ck_assert_str_eq(r, rest);
+        ck_assert_uint_eq(rl, strlen(rest));
+    }
+    free(r);
+    free(idx);
+}
+
+START_TEST(job_indices_read_apart)
+{
+    indices_case("{\"op\":\"loss\",\"batch\":{\"indices\":[1,2,3]}}", 1, 3, 3,
+                 "{\"op\":\"loss\",\"batch\":{\"indices\":[0]}}");
+    indices_case("{ \"batch\" : { \"size\" : 2, \"indices\" : [ 7 , 2147483647 ] } , \"op\":\"x\"}",
+                 1, 2, 2147483647,
+                 "{ \"batch\" : { \"size\" : 2, \"indices\" : [0] } , \"op\":\"x\"}");
+    indices_case("{\"x\":\"\\\"batch\\\":{\\\"indices\\\":[5]}\",\"batch\":{\"offset\":1}}", 0, 0,
+                 0, "");
+    indices_case("{\"options\":{\"batch\":{\"indices\":[1]}}}", 0, 0, 0, "");
+    indices_case("{\"batch\":{\"indices\":[1,2.0]}}", 0, 0, 0, "");
+    indices_case("{\"batch\":{\"indices\":[01]}}", 0, 0, 0, "");
+    indices_case("{\"batch\":{\"indices\":[2147483648]}}", 0, 0, 0, "");
+    indices_case("{\"batch\":{\"indices\":[-1]}}", 0, 0, 0, "");
+    indices_case("{\"batch\":{\"indices\":[]}}", 0, 0, 0, "");
+    indices_case("{\"batch\":{\"indices\":[1,2", 0, 0, 0, "");
+    indices_case("[1,2]", 0, 0, 0, "");
+}
+END_TEST
 
 START_TEST(names)
 {
@@ -839,6 +880,111 @@ START_TEST(jobs_time_limit_and_shutdown_cancel)
 }
 END_TEST
 
+/* --max-memory (server/memory.h): what the account counts, 413 memory_limit
+ * for a job that can never fit, 429 memory_busy when its document cannot be
+ * held now, a job that fits only alone waits in the queue (a worker free)
+ * until the running one ends, uploads checked against the same account,
+ * 413 result_too_large above --max-kept-bytes, and nothing left counted
+ * once every job has ended. */
+START_TEST(memory_account_admission)
+{
+    jfx f;
+    cv_err e;
+    f.reg = cv_registry_new((size_t)1 << 30);
+    cv_model *m = heap_model(1);
+    ck_assert_int_eq(cv_registry_add_dataset(f.reg, "d", heap_data(m, 300), "t", NULL, &e), 0);
+    ck_assert_int_eq(cv_registry_add_model(f.reg, "m", m, "t", NULL, &e), 0);
+    cv_memory mem;
+    cv_memory_init(&mem, 0);
+    cv_registry_set_memory(f.reg, &mem);
+    cv_jobs_config c = {.workers = 2, .max_queue = 8, .keep_s = 600, .max_kept = 100,
+                        .max_kept_bytes = 4096, .memory = &mem};
+    cv_job_limits_default(&c.limits);
+    ck_assert_ptr_nonnull(f.jobs = cv_jobs_new(&c, f.reg, &e));
+    cv_jobs_stats st;
+    cv_registry_stats rs;
+    cv_registry_stats_get(f.reg, &rs);
+    cv_jobs_stats_get(f.jobs, &st);
+    size_t reg = st.memory_used[CV_MEM_REGISTRY];
+    ck_assert_uint_eq(reg, rs.bytes);
+    ck_assert_uint_eq(st.memory_limit, 0);
+    mem.limit = (size_t)1 << 40;
+
+    /* a running job: its document and its estimate are counted */
+    cv_job *a, *b, *x;
+    ck_assert_int_eq(submit(&f, LONG_JOB, &a, &e), 0);
+    wait_running(&f, a);
+    cv_jobs_stats_get(f.jobs, &st);
+    size_t doc = st.memory_used[CV_MEM_DOCUMENTS], run = st.memory_used[CV_MEM_RUNNING];
+    ck_assert_uint_gt(doc, sizeof(cv_job_spec));
+    ck_assert_uint_gt(run, 0);
+    ck_assert_uint_eq(st.memory_limit, (size_t)1 << 40);
+
+    /* can never fit beside the registry: 413 with the numbers */
+    mem.limit = reg + doc / 2;
+    ck_assert_int_eq(submit(&f, LONG_JOB, &x, &e), -1);
+    ck_assert_int_eq(e.status, CV_ETOOLARGE);
+    ck_assert_str_eq(e.code, "memory_limit");
+    char lim[32];
+    snprintf(lim, sizeof lim, "%zu", mem.limit);
+    ck_assert_msg(strstr(e.message, lim) != NULL, "%s", e.message);
+    /* fits alone, but not even its document beside the running job: 429 */
+    mem.limit = reg + doc + run + doc / 2;
+    ck_assert_int_eq(submit(&f, LONG_JOB, &x, &e), -1);
+    ck_assert_int_eq(e.status, CV_EBUSY);
+    ck_assert_str_eq(e.code, "memory_busy");
+    /* room for its document, not for running beside a: it waits, a worker free */
+    mem.limit = reg + 2 * doc + run + run / 2;
+    ck_assert_int_eq(submit(&f, LONG_JOB, &b, &e), 0);
+    struct timespec ts = {0, 300000000};
+    nanosleep(&ts, NULL);
+    expect_status(&f, b, "queued", NULL);
+    cv_jobs_stats_get(f.jobs, &st);
+    ck_assert_int_eq(st.busy_workers, 1);
+    ck_assert_int_eq(st.memory_waits_total, 1);
+    ck_assert_uint_eq(st.memory_used[CV_MEM_DOCUMENTS], 2 * doc);
+    ck_assert_uint_eq(st.memory_used[CV_MEM_RUNNING], run);
+
+    /* uploads count against the same account */
+    ck_assert_int_eq(cv_registry_reserve(f.reg, mem.limit, "big", &e), -1);
+    ck_assert_int_eq(e.status, CV_ETOOLARGE);
+    ck_assert_str_eq(e.code, "memory_limit");
+    ck_assert_int_eq(cv_registry_reserve(f.reg, run, "mid", &e), -1);
+    ck_assert_int_eq(e.status, CV_EBUSY);
+    ck_assert_str_eq(e.code, "memory_busy");
+    ck_assert_int_eq(cv_registry_reserve(f.reg, run / 4, "small", &e), 0);
+    cv_registry_unreserve(f.reg, run / 4);
+
+    /* a ends: b starts */
+    cv_jobs_cancel(f.jobs, a, 5);
+    wait_running(&f, b);
+    cv_jobs_cancel(f.jobs, b, 5);
+    ck_assert_int_eq(cv_jobs_wait(f.jobs, b, 10), 1);
+    cv_job_unref(a);
+    cv_job_unref(b);
+
+    /* a result above --max-kept-bytes is refused at submit; a small one runs */
+    mem.limit = (size_t)1 << 40;
+    ck_assert_int_eq(submit(&f, "{\"op\":\"per_sample_gradients\",\"model\":\"m\","
+                                "\"dataset\":\"d\"}", &x, &e), -1);
+    ck_assert_int_eq(e.status, CV_ETOOLARGE);
+    ck_assert_str_eq(e.code, "result_too_large");
+    ck_assert_int_eq(submit(&f, "{\"op\":\"per_sample_gradients\",\"model\":\"m\","
+                                "\"dataset\":\"d\",\"batch\":{\"size\":1}}", &x, &e), 0);
+    ck_assert_int_eq(cv_jobs_wait(f.jobs, x, 30), 1);
+    expect_status(&f, x, "succeeded", NULL);
+    cv_job_unref(x);
+
+    /* nothing queued or running: only the kept results are left */
+    cv_jobs_stats_get(f.jobs, &st);
+    ck_assert_uint_eq(st.memory_used[CV_MEM_DOCUMENTS], 0);
+    ck_assert_uint_eq(st.memory_used[CV_MEM_RUNNING], 0);
+    ck_assert_uint_eq(st.memory_used[CV_MEM_KEPT], st.kept_bytes);
+    ck_assert_uint_gt(st.kept_bytes, 0);
+    jfx_free(&f);
+}
+END_TEST
+
 START_TEST(finished_jobs_are_purged)
 {
     jfx f;
@@ -1382,6 +1528,7 @@ static Suite *server_suite(void)
     tcase_add_test(codec, multipart_parses_parts);
     tcase_add_test(codec, multipart_rejects_malformed);
     tcase_add_test(codec, names);
+    tcase_add_test(codec, job_indices_read_apart);
     tcase_add_test(codec, routes_match_openapi);
     tcase_add_test(codec, http_status_of_errors);
     tcase_add_test(codec, usage_lists_every_flag);
@@ -1402,6 +1549,7 @@ static Suite *server_suite(void)
     tcase_add_test(jobs, jobs_time_limit_and_shutdown_cancel);
     tcase_add_test(jobs, jobs_micro_batches_progress_cancel_budget);
     tcase_add_test(jobs, finished_jobs_are_purged);
+    tcase_add_test(jobs, memory_account_admission);
     tcase_add_test(jobs, json_bodies_end_with_newline);
     tcase_add_test(jobs, strict_requests_and_retry_after);
     tcase_add_test(jobs, requests_without_a_socket);
