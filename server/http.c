@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 
 #include "engine/linop.h"
@@ -28,6 +29,7 @@ typedef struct {
     size_t limit;              /* --max-body, or --max-job-bytes for POST /v1/jobs */
     const char *limit_opt;     /* the option that set limit, for messages */
     int too_large;
+    size_t declared;           /* a Content-Length over the limit (drained, then refused) */
     int oom;                   /* the body buffer could not grow */
     int dispatched;
     char client[64];           /* req.client */
@@ -507,6 +509,18 @@ static int is_job_post(const char *method, const char *url)
            (strcmp(url, "/v1/jobs") == 0 || strcmp(url, "/v1/jobs/") == 0);
 }
 
+/* A body declared at most this far over its limit is read and dropped before
+ * the 413 (see on_request); a larger one is refused at once. */
+#define BODY_DRAIN_MAX ((size_t)16 << 20)
+
+/* 1 when the client waits for "100 Continue" before it sends the body (so an
+ * answer sent at once reaches it intact). */
+static int expects_continue(struct MHD_Connection *conn)
+{
+    const char *x = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_EXPECT);
+    return x && strcasecmp(x, "100-continue") == 0;
+}
+
 static void body_limit_msg(const conn_state *cs, char *msg, size_t len, size_t declared)
 {
     if (declared)
@@ -554,6 +568,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         size_t declared;
         if (cl && cv_parse_size(cl, 0, (size_t)-1, &declared) == 0 && declared > cs->limit) {
+            if (!expects_continue(conn) && declared - cs->limit <= BODY_DRAIN_MAX) {
+                /* a client already sending: read and drop the body, then answer 413
+                 * (answering first and closing would reset the connection under
+                 * the client's send, which then never reads the answer) */
+                cs->too_large = 1;
+                cs->declared = declared;
+                return MHD_YES;
+            }
             char msg[200];
             body_limit_msg(cs, msg, sizeof msg, declared);
             cs->dispatched = 1;
@@ -604,7 +626,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (cs->too_large) {
         char msg[200];
-        body_limit_msg(cs, msg, sizeof msg, 0);
+        body_limit_msg(cs, msg, sizeof msg, cs->declared);
         return reply_simple_error(h, conn, method, url, CV_ETOOLARGE, 0, "body_too_large", msg);
     }
     req r;
