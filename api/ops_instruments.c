@@ -633,30 +633,118 @@ static long bin_of(double v, double lo, double w, int bins)
     return k < 0 ? 0 : k >= bins ? bins - 1 : k;
 }
 
-/* The entries s_o a_q (q = 0..in) of one row o, a sorted ascending: their bins
- * are monotone in q (the products are exact in double), so each run of equal
- * bins is counted at once (found by bisection with the same bin_of as the
- * entries: the counts are those of binning the entries one by one). */
-static void row_bins(double so, const float *a, size_t in, double lo, double w, int bins,
-                     double *counts)
+/* One sample's sorted inputs a[0..n) with a bucket index: idx[b] is the first
+ * position with a >= a[0] + b * step (b < HIST_BUCKETS), idx[HIST_BUCKETS] = n. */
+#define HIST_BUCKETS 128
+typedef struct {
+    const float *a;
+    size_t n;
+    double amin, amax, inv_step;
+    size_t idx[HIST_BUCKETS + 1];
+} sorted_row;
+
+static void index_row(sorted_row *r, const float *a, size_t n)
 {
-    size_t q = 0;
-    while (q < in) {
-        long k = bin_of(so * a[q], lo, w, bins);
-        size_t lo_i = q, hi_i = in - 1; /* the last index with bin k lies in [lo_i, hi_i] */
-        if (bin_of(so * a[hi_i], lo, w, bins) == k) {
-            counts[k] += (double)(in - q);
+    r->a = a;
+    r->n = n;
+    r->amin = a[0];
+    r->amax = a[n - 1];
+    double step = (r->amax - r->amin) / HIST_BUCKETS;
+    r->inv_step = step > 0 ? 1 / step : 0;
+    size_t i = 0;
+    for (int b = 0; b < HIST_BUCKETS; b++) {
+        double edge = r->amin + b * step;
+        while (i < n && a[i] < edge)
+            i++;
+        r->idx[b] = i;
+    }
+    r->idx[HIST_BUCKETS] = n;
+}
+
+/* About the number of a below x (a guess: run_end makes it exact). */
+static size_t count_below(const sorted_row *r, double x)
+{
+    if (!(x > r->amin))
+        return 0;
+    if (x > r->amax)
+        return r->n;
+    double fb = (x - r->amin) * r->inv_step;
+    size_t b = fb < HIST_BUCKETS - 1 ? (size_t)fb : HIST_BUCKETS - 1;
+    size_t lo = r->idx[b], hi = r->idx[b + 1];
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (r->a[mid] < x)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+typedef struct {
+    double lo, w;
+    int bins;
+} bin_rule;
+
+static long bin_at(const bin_rule *br, double so, float a)
+{
+    return bin_of(so * (double)a, br->lo, br->w, br->bins);
+}
+
+/* The end of the run of bin k that starts at q (bin_at(a[q]) == k; the bins
+ * are monotone in the position): the first position after q with another
+ * bin, or n.  From the guess g by galloping, then bisection: exact whatever g. */
+static size_t run_end(const bin_rule *br, double so, const float *a, size_t n, size_t q, long k,
+                      size_t g)
+{
+    size_t lo = q, hi = n, step = 1; /* bin_at(a[lo]) == k; hi == n or bin_at(a[hi]) != k */
+    g = g <= q ? q + 1 : g > n ? n : g;
+    if (g < n && bin_at(br, so, a[g]) == k) {
+        lo = g;
+        while (lo + step < n && bin_at(br, so, a[lo + step]) == k) {
+            lo += step;
+            step *= 2;
+        }
+        hi = lo + step < n ? lo + step : n;
+    } else {
+        hi = g;
+        while (hi - q > step && bin_at(br, so, a[hi - step]) != k) {
+            hi -= step;
+            step *= 2;
+        }
+        lo = hi - q > step ? hi - step : q;
+    }
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (bin_at(br, so, a[mid]) == k)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return hi;
+}
+
+/* The entries s_o a_q (q = 0..n) of one row o, r->a sorted ascending: their
+ * bins are monotone in q (the products are exact in double), so each run of
+ * equal bins is counted at once, its end found by run_end from the position of
+ * the next bin edge in a (count_below): the counts are those of binning the
+ * entries one by one. */
+static void row_bins(double so, const sorted_row *r, const bin_rule *br, double *counts)
+{
+    const float *a = r->a;
+    size_t n = r->n, q = 0;
+    long last = bin_at(br, so, a[n - 1]);
+    while (q < n) {
+        long k = bin_at(br, so, a[q]);
+        if (k == last) {
+            counts[k] += (double)(n - q);
             return;
         }
-        while (hi_i - lo_i > 1) {
-            size_t mid = lo_i + (hi_i - lo_i) / 2;
-            if (bin_of(so * a[mid], lo, w, bins) == k)
-                lo_i = mid;
-            else
-                hi_i = mid;
-        }
-        counts[k] += (double)(lo_i + 1 - q);
-        q = lo_i + 1;
+        /* bin k ends where s_o a crosses lo + (k + 1)/w (s_o > 0) or lo + k/w */
+        double edge = br->lo + (double)(so > 0 ? k + 1 : k) / br->w;
+        size_t end = run_end(br, so, a, n, q, k, count_below(r, edge / so));
+        counts[k] += (double)(end - q);
+        q = end;
     }
 }
 
@@ -704,6 +792,8 @@ static void bins_range(void *arg, size_t c0, size_t c1)
 {
     bins_job *j = arg;
     size_t in = j->in ? j->in : 1;
+    bin_rule br = {j->lo, j->w, j->bins};
+    sorted_row row = {0};
     float *as = malloc(sizeof(float) * in);
     uint32_t *key = malloc(sizeof(uint32_t) * 2 * in);
     for (size_t c = c0; c < c1 && (!as || !key); c++)
@@ -715,9 +805,13 @@ static void bins_range(void *arg, size_t c0, size_t c1)
         for (size_t i = j->N * c / j->chunks; i < j->N * (c + 1) / j->chunks; i++) {
             const float *s = j->S + i * j->out;
             memcpy(as, j->A + i * j->in, sizeof(float) * j->in);
-            sort_floats(as, j->in, key, key + in);
+            if (j->in) {
+                sort_floats(as, j->in, key, key + in);
+                index_row(&row, as, j->in);
+            }
             for (size_t o = 0; o < j->out; o++) {
-                row_bins(s[o], as, j->in, j->lo, j->w, j->bins, counts);
+                if (j->in)
+                    row_bins(s[o], &row, &br, counts);
                 if (j->bias)
                     counts[bin_of(s[o], j->lo, j->w, j->bins)] += 1;
             }
@@ -786,17 +880,22 @@ static int run_histogram(first_pass *f, int bins, double *lo, double *hi, double
 
 /* ---- second order ------------------------------------------------------------- */
 
-/* Hutchinson with p Rademacher probes: the trace samples and the diagonal
- * estimate mean_s v_s .* H v_s (diag may be NULL). */
+/* Hutchinson with p Rademacher probes: the trace samples v^T H v and the
+ * diagonal estimate mean_s v_s .* H v_s (diag may be NULL).  Without the
+ * diagonal the samples are quadratic forms (cv_linop_quad: one forward-mode
+ * pass and the second-order terms, about half a Hessian-vector product), with
+ * it products. */
 static int hutchinson(cv_op_ctx *c, const cv_block *b, int p, double *samples, double *diag,
                       cv_err *e)
 {
     size_t D = b->dim, cols = p < PROBE_BLOCK ? (size_t)p : PROBE_BLOCK;
-    double *V = malloc(sizeof(double) * D * cols), *Y = malloc(sizeof(double) * D * cols);
-    int rc = V && Y ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "probe vectors");
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
+    int products = diag || !op.quad;
+    double *V = malloc(sizeof(double) * D * cols);
+    double *Y = products ? malloc(sizeof(double) * D * cols) : NULL;
+    int rc = V && (Y || !products) ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "probe vectors");
     cv_rng r;
     cv_rng_seed(&r, c->seed);
     cv_progress_plan(c->progress, p);
@@ -806,6 +905,10 @@ static int hutchinson(cv_op_ctx *c, const cv_block *b, int p, double *samples, d
         int k = p - s < PROBE_BLOCK ? p - s : PROBE_BLOCK;
         for (int j = 0; j < k; j++)
             cv_rng_rademacher(&r, V + (size_t)j * D, D);
+        if (!products) {
+            rc = cv_linop_quad(&op, k, V, samples + s, NULL, e);
+            continue;
+        }
         if ((rc = cv_linop_apply(&op, k, V, Y, e)))
             break;
         for (int j = 0; j < k; j++) {
