@@ -231,6 +231,7 @@ typedef struct {
     size_t N, D;
     double inv_scale;         /* 1/c: per-sample rows -> g_i */
     const double *delta;      /* theta_v - theta_{v-1} in block order (alpha_fit), or NULL */
+    int squares, dots;        /* wanted: M's diagonal (GSNR, TIC), g_i^T gbar (the tests) */
     /* results */
     double *gbar;             /* D */
     double *mdiag;            /* D: M_jj = (1/n) sum_i g_ij^2 */
@@ -409,11 +410,21 @@ static float *transposed(const float *X, size_t N, size_t w)
 
 /* Sums G = S^T A and Q = (S.*S)^T (A.*A) (out x in, float GEMMs) into gb = G/N
  * and md = Q/N (double), the entries whose variance cancels (GSNR_RECHECK)
- * recomputed in double; Gf gets gb in float (for the per-sample products). */
+ * recomputed in double; Gf gets gb in float (for the per-sample products).
+ * md NULL: G alone. */
 static int weight_sums(size_t N, size_t in, size_t out, const float *A, const float *S,
                        double *gb, double *md, float *Gf, cv_err *e)
 {
     size_t W = out * in;
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, (int)in, (int)N, 1.0f, S,
+                (int)out, A, (int)in, 0.0f, Gf, (int)in);
+    if (!md) { /* gbar alone */
+        for (size_t j = 0; j < W; j++) {
+            gb[j] = Gf[j] / (double)N;
+            Gf[j] = (float)gb[j];
+        }
+        return 0;
+    }
     float *A2 = malloc(sizeof(float) * nz(N * in));
     float *S2 = malloc(sizeof(float) * nz(N * out));
     float *Q = malloc(sizeof(float) * nz(W)), *At = NULL, *St = NULL;
@@ -422,12 +433,9 @@ static int weight_sums(size_t N, size_t in, size_t out, const float *A, const fl
         A2[q] = A[q] * A[q];
     for (size_t q = 0; !rc && q < N * out; q++)
         S2[q] = S[q] * S[q];
-    if (!rc) {
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, (int)in, (int)N, 1.0f, S,
-                    (int)out, A, (int)in, 0.0f, Gf, (int)in);
+    if (!rc)
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, (int)in, (int)N, 1.0f,
                     S2, (int)out, A2, (int)in, 0.0f, Q, (int)in);
-    }
     for (size_t j = 0; !rc && j < W; j++) {
         double sum = Gf[j], ss = Q[j];
         if (!(ss - sum * sum / (double)N > GSNR_RECHECK * ss)) {
@@ -548,14 +556,16 @@ static int fast_stats(first_pass *f, int l, size_t off, cv_err *e)
     double *dot = malloc(sizeof(double) * nz(N)), *sq = malloc(sizeof(double) * nz(N));
     double *proj = f->delta ? malloc(sizeof(double) * nz(N)) : NULL;
     int rc = Gf && dot && sq && (proj || !f->delta)
-                 ? weight_sums(N, in, out, A, S, gb, md, Gf, e)
+                 ? weight_sums(N, in, out, A, S, gb, f->squares ? md : NULL, Gf, e)
                  : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "per-sample products");
     if (!rc && bias)
         bias_sums(N, out, S, gb + W, md + W);
     double g2 = norm2(gb, Dl);
     if (!rc)
         sample_norms(N, in, out, bias, A, S, sq, &f->lo, &f->hi);
-    if (!rc && (layer_dots(N, in, out, A, S, Gf, gb, bias, sq, g2, dot) ||
+    for (size_t i = 0; !f->dots && i < N; i++)
+        dot[i] = 0;
+    if (!rc && ((f->dots && layer_dots(N, in, out, A, S, Gf, gb, bias, sq, g2, dot)) ||
                 (proj && double_rows(in, out, A, S, f->delta + off,
                                      bias ? f->delta + off + W : NULL, NULL, N, proj))))
         rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "per-sample products");
@@ -566,7 +576,7 @@ static int fast_stats(first_pass *f, int l, size_t off, cv_err *e)
         if (proj)
             f->proj[i] += proj[i];
     }
-    if (!rc)
+    if (!rc && f->squares)
         layer_gsnr(f, l, gb, md, Dl);
     f->layer_norm2[l] = g2;
     free(dot);
@@ -1429,6 +1439,8 @@ static int run_instruments(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *
         rc = history_deltas(c, b, &s, &why, e);
     f.inv_scale = 1.0 / scale;
     f.delta = (w & BIT(I_ALPHA_FIT)) ? s.delta_prev : NULL;
+    f.squares = (w & (BIT(I_GSNR) | BIT(I_TIC_TRACE) | BIT(I_TIC_DIAG))) != 0;
+    f.dots = (w & (BIT(I_NORM_TEST) | BIT(I_INNER_TEST) | BIT(I_ORTHO_TEST))) != 0;
     if (!rc && (w & BIT(I_LOSS)))
         put_num(out, unav, "loss", 1, cv_curv_loss(c->curv), "");
     int first_order = (w & FIRST_ORDER) || (f.delta != NULL);

@@ -338,6 +338,21 @@ def include_exclude(cl):
                                      "hessian_max_eigenvalue", "gradient_histogram")), str(sorted(res)))
 
 
+def subsets(cl):
+    """An instrument alone (the op then skips the GEMMs the others need) equals its value
+    in the job with every first-order instrument (to float rounding: gbar alone is not
+    refined where the variances cancel)."""
+    full = job(cl, "mlp", include=["gradient_norm", "gradient_histogram", "norm_test",
+                                   "inner_product_test", "orthogonality_test", "mean_gsnr",
+                                   "tic_trace"], probes=5)
+    for k in ("gradient_norm", "gradient_histogram", "norm_test", "mean_gsnr", "tic_trace",
+              "orthogonality_test"):
+        res = job(cl, "mlp", include=[k], probes=5)
+        same = (res.get(k) == full.get(k) if k == "gradient_histogram"
+                else near(res.get(k), full.get(k), 1e-6))
+        check("%s alone = with the others" % k, same, "%s vs %s" % (res.get(k), full.get(k)))
+
+
 def errors(cl):
     def err(opts, **kw):
         try:
@@ -375,6 +390,7 @@ def main():
         concentrated_case(cl)
         cross_case(cl, model, x, y, lf)
         include_exclude(cl)
+        subsets(cl)
         errors(cl)
     summary()
 
