@@ -46,7 +46,11 @@ enum {
     (BIT(I_GRAD_NORM) | BIT(I_BATCH_NORMS) | BIT(I_HIST) | BIT(I_NORM_TEST) |              \
      BIT(I_INNER_TEST) | BIT(I_ORTHO_TEST) | BIT(I_GSNR) | BIT(I_TIC_TRACE) | BIT(I_TIC_DIAG))
 #define CROSS (BIT(I_UPDATE) | BIT(I_DIST) | BIT(I_ALPHA) | BIT(I_ALPHA_FIT))
-#define PROBE_BLOCK 16 /* Hessian probes per product */
+#define PROBE_BLOCK 16 /* Hessian probes per product, at most */
+/* ... and at most this many bytes per block of probe vectors: larger blocks are
+ * fresh mappings (glibc's mmap threshold, server/util.c cv_tune_allocator) whose
+ * page faults every job pays, and are no faster per probe on an MLP */
+#define PROBE_BLOCK_BYTES ((size_t)16 << 20)
 #define EXACT_DIAG_MAX_COLUMNS 64 /* tic_diag: the exact diagonal up to this many walks */
 
 typedef struct {
@@ -136,6 +140,14 @@ static int bind_instr(const cv_opts *o, const cv_model *m, const cv_block *block
     return 0;
 }
 
+/* Probes per Hessian product for p probes of dimension D (PROBE_BLOCK_BYTES). */
+static int probe_cols(size_t D, int p)
+{
+    size_t cols = PROBE_BLOCK_BYTES / (sizeof(double) * (D ? D : 1));
+    cols = cols < 1 ? 1 : cols > PROBE_BLOCK ? PROBE_BLOCK : cols;
+    return (size_t)p < cols ? p : (int)cols;
+}
+
 static void mem_instr(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
                       cv_op_memory *m)
 {
@@ -148,11 +160,11 @@ static void mem_instr(const cv_opts *o, cv_curvature kind, const cv_block *b, si
              2.5 * (double)n * (double)a->factor_per_sample + (double)a->max_fast_dim +
              3 * D + 10 * (double)n;
     if (w & (BIT(I_HTRACE) | BIT(I_TIC_TRACE) | BIT(I_TIC_DIAG)))
-        v += 2.0 * PROBE_BLOCK * D;
+        v += 2.0 * probe_cols(b->dim, a->probes) * D;
     if (w & BIT(I_HMAX))
         v += ((double)a->lanczos_steps + 2) * D;
     m->vector_bytes = cv_op_bytes(v * sizeof(double));
-    m->max_vectors = PROBE_BLOCK;
+    m->max_vectors = probe_cols(b->dim, a->probes);
     m->pairs = 0;
 }
 
@@ -898,7 +910,7 @@ static int run_histogram(first_pass *f, int bins, double *lo, double *hi, double
 static int hutchinson(cv_op_ctx *c, const cv_block *b, int p, double *samples, double *diag,
                       cv_err *e)
 {
-    size_t D = b->dim, cols = p < PROBE_BLOCK ? (size_t)p : PROBE_BLOCK;
+    size_t D = b->dim, cols = (size_t)probe_cols(D, p);
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
@@ -911,8 +923,8 @@ static int hutchinson(cv_op_ctx *c, const cv_block *b, int p, double *samples, d
     cv_progress_plan(c->progress, p);
     if (diag)
         memset(diag, 0, sizeof(double) * D);
-    for (int s = 0; s < p && !rc; s += PROBE_BLOCK) {
-        int k = p - s < PROBE_BLOCK ? p - s : PROBE_BLOCK;
+    for (int s = 0; s < p && !rc; s += (int)cols) {
+        int k = p - s < (int)cols ? p - s : (int)cols;
         for (int j = 0; j < k; j++)
             cv_rng_rademacher(&r, V + (size_t)j * D, D);
         if (!products) {
