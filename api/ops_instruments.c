@@ -9,9 +9,10 @@
  * memory at a time), gives every first-order instrument: gradient_norm,
  * batch_gradient_norms, gradient_histogram (a second pass over the layers
  * once the range is known), norm/inner-product/orthogonality tests,
- * mean_gsnr and M = (1/n) sum_i g_i g_i^T for TIC.  One set of `probes`
- * Rademacher Hessian products gives hessian_trace and (unless the exact
- * diagonal is available) the Hutchinson diagonal for tic_diag;
+ * mean_gsnr and M = (1/n) sum_i g_i g_i^T for TIC (Linear layers from their
+ * factors in float GEMMs, cancelling sums redone in double: fast_stats).
+ * `probes` Rademacher Hessian quadratic forms give hessian_trace, or Hessian
+ * products when the Hutchinson diagonal is needed for tic_diag (no exact one);
  * hessian_max_eigenvalue is Lanczos with `lanczos_steps` steps.  The
  * cross-version instruments read the model's earlier versions
  * (cv_op_ctx.history, kept by server/registry.c) and, for alpha/alpha_fit,
