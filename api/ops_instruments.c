@@ -412,6 +412,16 @@ static void exact_sums(size_t N, const float *st, const float *at, double *sum, 
     *ss = s2;
 }
 
+/* zero[q] = 1 when column q of X (N x w) is zero for every sample. */
+static void zero_columns(const float *X, size_t N, size_t w, char *zero)
+{
+    for (size_t q = 0; q < w; q++)
+        zero[q] = 1;
+    for (size_t i = 0; i < N; i++)
+        for (size_t q = 0; q < w; q++)
+            zero[q] &= X[i * w + q] == 0;
+}
+
 static float *transposed(const float *X, size_t N, size_t w)
 {
     float *T = malloc(sizeof(float) * nz(N * w));
@@ -441,7 +451,14 @@ static int weight_sums(size_t N, size_t in, size_t out, const float *A, const fl
     float *A2 = malloc(sizeof(float) * nz(N * in));
     float *S2 = malloc(sizeof(float) * nz(N * out));
     float *Q = malloc(sizeof(float) * nz(W)), *At = NULL, *St = NULL;
-    int rc = A2 && S2 && Q ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "squared factors");
+    char *zq = malloc(nz(in)), *zo = malloc(nz(out)); /* inputs / outputs zero for all n */
+    int rc = A2 && S2 && Q && zq && zo
+                 ? 0
+                 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "squared factors");
+    if (!rc) {
+        zero_columns(A, N, in, zq);
+        zero_columns(S, N, out, zo);
+    }
     for (size_t q = 0; !rc && q < N * in; q++)
         A2[q] = A[q] * A[q];
     for (size_t q = 0; !rc && q < N * out; q++)
@@ -451,7 +468,8 @@ static int weight_sums(size_t N, size_t in, size_t out, const float *A, const fl
                     S2, (int)out, A2, (int)in, 0.0f, Q, (int)in);
     for (size_t j = 0; !rc && j < W; j++) {
         double sum = Gf[j], ss = Q[j];
-        if (!(ss - sum * sum / (double)N > GSNR_RECHECK * ss)) {
+        /* (entries of a dead input or output: exactly zero, no recheck) */
+        if (!(ss - sum * sum / (double)N > GSNR_RECHECK * ss) && !zq[j % in] && !zo[j / in]) {
             if (!At && (!(At = transposed(A, N, in)) || !(St = transposed(S, N, out)))) {
                 rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "transposed factors");
                 break;
@@ -467,6 +485,8 @@ static int weight_sums(size_t N, size_t in, size_t out, const float *A, const fl
     free(Q);
     free(At);
     free(St);
+    free(zq);
+    free(zo);
     return rc;
 }
 
