@@ -9,9 +9,10 @@
  * memory at a time), gives every first-order instrument: gradient_norm,
  * batch_gradient_norms, gradient_histogram (a second pass over the layers
  * once the range is known), norm/inner-product/orthogonality tests,
- * mean_gsnr and M = (1/n) sum_i g_i g_i^T for TIC.  One set of `probes`
- * Rademacher Hessian products gives hessian_trace and (unless the exact
- * diagonal is available) the Hutchinson diagonal for tic_diag;
+ * mean_gsnr and M = (1/n) sum_i g_i g_i^T for TIC (Linear layers from their
+ * factors in float GEMMs, cancelling sums redone in double: fast_stats).
+ * `probes` Rademacher Hessian quadratic forms give hessian_trace, or Hessian
+ * products when the Hutchinson diagonal is needed for tic_diag (no exact one);
  * hessian_max_eigenvalue is Lanczos with `lanczos_steps` steps.  The
  * cross-version instruments read the model's earlier versions
  * (cv_op_ctx.history, kept by server/registry.c) and, for alpha/alpha_fit,
@@ -20,12 +21,14 @@
 #include <cblas.h>
 #include <float.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "api/op_util.h"
 #include "api/ops.h"
 #include "engine/diag_exact.h"
+#include "engine/parallel.h"
 #include "engine/estimators.h"
 #include "engine/rng.h"
 
@@ -44,7 +47,11 @@ enum {
     (BIT(I_GRAD_NORM) | BIT(I_BATCH_NORMS) | BIT(I_HIST) | BIT(I_NORM_TEST) |              \
      BIT(I_INNER_TEST) | BIT(I_ORTHO_TEST) | BIT(I_GSNR) | BIT(I_TIC_TRACE) | BIT(I_TIC_DIAG))
 #define CROSS (BIT(I_UPDATE) | BIT(I_DIST) | BIT(I_ALPHA) | BIT(I_ALPHA_FIT))
-#define PROBE_BLOCK 16 /* Hessian probes per product */
+#define PROBE_BLOCK 16 /* Hessian probes per product, at most */
+/* ... and at most this many bytes per block of probe vectors: larger blocks are
+ * fresh mappings (glibc's mmap threshold, server/util.c cv_tune_allocator) whose
+ * page faults every job pays, and are no faster per probe on an MLP */
+#define PROBE_BLOCK_BYTES ((size_t)16 << 20)
 #define EXACT_DIAG_MAX_COLUMNS 64 /* tic_diag: the exact diagonal up to this many walks */
 
 typedef struct {
@@ -53,8 +60,9 @@ typedef struct {
     int probes, bins, lanczos_steps;
     double tic_epsilon;
     /* set at bind (the memory plan): the largest layer without the Linear fast
-     * path (per-sample rows formed), and the Linear factors' numbers per sample */
-    size_t max_layer_dim, factor_per_sample;
+     * path (per-sample rows formed), the Linear factors' numbers per sample and
+     * the largest Linear layer on the fast path */
+    size_t max_layer_dim, factor_per_sample, max_fast_dim;
 } instr_args;
 
 static const cv_opt_spec instr_opts[] = {
@@ -118,18 +126,27 @@ static int bind_instr(const cv_opts *o, const cv_model *m, const cv_block *block
     if (!lay)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "layer blocks");
     int nl = cv_blocks_per_layer(m, lay, CV_MAX_LAYERS), l;
-    a->max_layer_dim = a->factor_per_sample = 0;
+    a->max_layer_dim = a->factor_per_sample = a->max_fast_dim = 0;
     for (int i = 0; i < nl; i++) {
-        if (fast_layer(m, &lay[i], &l))
+        if (fast_layer(m, &lay[i], &l)) {
             a->factor_per_sample += m->layers[l].in_shape.dim[0] > 0
                                         ? cv_shape_numel(&m->layers[l].in_shape) +
                                               cv_shape_numel(&m->layers[l].out_shape)
                                         : 0;
-        else if (lay[i].dim > a->max_layer_dim)
+            a->max_fast_dim = lay[i].dim > a->max_fast_dim ? lay[i].dim : a->max_fast_dim;
+        } else if (lay[i].dim > a->max_layer_dim)
             a->max_layer_dim = lay[i].dim;
     }
     free(lay);
     return 0;
+}
+
+/* Probes per Hessian product for p probes of dimension D (PROBE_BLOCK_BYTES). */
+static int probe_cols(size_t D, int p)
+{
+    size_t cols = PROBE_BLOCK_BYTES / (sizeof(double) * (D ? D : 1));
+    cols = cols < 1 ? 1 : cols > PROBE_BLOCK ? PROBE_BLOCK : cols;
+    return (size_t)p < cols ? p : (int)cols;
 }
 
 static void mem_instr(const cv_opts *o, cv_curvature kind, const cv_block *b, size_t n, int C,
@@ -138,15 +155,17 @@ static void mem_instr(const cv_opts *o, cv_curvature kind, const cv_block *b, si
     const instr_args *a = o->args;
     unsigned w = wanted(o);
     double D = (double)b->dim, v = 8 * D; /* gbar, M's diagonal, deltas, the Hessian diagonal */
-    if (w & FIRST_ORDER)
+    if (w & FIRST_ORDER) /* factors in double then float, a fast layer's float sums and
+                          * squared (or transposed) factors, the rows of the others */
         v += ((double)n + 1) * (double)a->max_layer_dim +
-             (double)n * (double)a->factor_per_sample + 3 * D + 6 * (double)n;
+             2.5 * (double)n * (double)a->factor_per_sample + (double)a->max_fast_dim +
+             3 * D + 10 * (double)n;
     if (w & (BIT(I_HTRACE) | BIT(I_TIC_TRACE) | BIT(I_TIC_DIAG)))
-        v += 2.0 * PROBE_BLOCK * D;
+        v += 2.0 * probe_cols(b->dim, a->probes) * D;
     if (w & BIT(I_HMAX))
         v += ((double)a->lanczos_steps + 2) * D;
     m->vector_bytes = cv_op_bytes(v * sizeof(double));
-    m->max_vectors = PROBE_BLOCK;
+    m->max_vectors = probe_cols(b->dim, a->probes);
     m->pairs = 0;
 }
 
@@ -162,6 +181,9 @@ static void block_values(const cv_model *m, const cv_block *b, const float *p, d
             out[o++] = p[t->offset + q];
     }
 }
+
+/* n, or 1 for 0 (allocation sizes). */
+static size_t nz(size_t n) { return n ? n : 1; }
 
 static double norm2(const double *v, size_t n)
 {
@@ -222,6 +244,7 @@ typedef struct {
     size_t N, D;
     double inv_scale;         /* 1/c: per-sample rows -> g_i */
     const double *delta;      /* theta_v - theta_{v-1} in block order (alpha_fit), or NULL */
+    int squares, dots;        /* wanted: M's diagonal (GSNR, TIC), g_i^T gbar (the tests) */
     /* results */
     double *gbar;             /* D */
     double *mdiag;            /* D: M_jj = (1/n) sum_i g_ij^2 */
@@ -230,7 +253,7 @@ typedef struct {
     size_t *layer_gsnr_count, *layer_excluded;
     double lo, hi;            /* range of the entries */
     double *Gl;               /* N x the largest layer without factors */
-    double *fac;              /* the Linear layers' factors (cv_curv_linear_factors) */
+    float *fac;               /* the Linear layers' factors (cv_curv_linear_factors) */
     size_t fac_off[CV_MAX_LAYERS], fac_len;
     char fast[CV_MAX_LAYERS]; /* by layer block: from the factors */
     int lidx[CV_MAX_LAYERS];  /* by layer block: its layer */
@@ -304,7 +327,7 @@ static void layer_stats(first_pass *f, int l, const double *G, size_t off)
 }
 
 /* The factors of layer block l: A (N x in), S (N x out), has_bias. */
-static void factors_of(const first_pass *f, int l, const double **A, const double **S,
+static void factors_of(const first_pass *f, int l, const float **A, const float **S,
                        size_t *in, size_t *out, int *bias)
 {
     const cv_layer *L = &f->m->layers[f->lidx[l]];
@@ -315,91 +338,228 @@ static void factors_of(const first_pass *f, int l, const double **A, const doubl
     *S = *A + f->N * *in;
 }
 
-/* y_n += s_n^T V a_n + s_n^T v_b for all n (V out x in, v_b: V + out*in when bias). */
-static int bilinear_rows(size_t N, size_t in, size_t out, int bias, const double *A,
-                         const double *S, const double *V, double *y)
+/* y_n = s_n^T V a_n + s_n^T v_b for all n (V out x in in float, vb the bias
+ * part or NULL): one float GEMM U = A V^T, the sums over o in double. */
+static int float_rows(size_t N, size_t in, size_t out, const float *A, const float *S,
+                      const float *V, const double *vb, double *y)
 {
-    double *U = malloc(sizeof(double) * N * out);
+    float *U = malloc(sizeof(float) * nz(N * out));
     if (!U)
         return -1;
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, (int)out, (int)in, 1.0, A,
-                (int)in, V, (int)in, 0.0, U, (int)out);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, (int)out, (int)in, 1.0f, A,
+                (int)in, V, (int)in, 0.0f, U, (int)out);
     for (size_t i = 0; i < N; i++) {
         double t = 0;
-        const double *s = S + i * out, *u = U + i * out;
+        const float *s = S + i * out, *u = U + i * out;
         for (size_t o = 0; o < out; o++)
-            t += s[o] * (u[o] + (bias ? V[out * in + o] : 0));
-        y[i] += t;
+            t += (double)s[o] * ((double)u[o] + (vb ? vb[o] : 0));
+        y[i] = t;
     }
     free(U);
     return 0;
 }
 
-/* layer_stats from the factors (no n x D rows): gbar = S^T A / N, sum_n g^2 =
- * (S.*S)^T (A.*A), g_n^T gbar = s_n^T Gbar a_n, ||g_n||^2 = ||s_n||^2 (||a_n||^2
- * + bias); variances from sum g^2 - N gbar^2 (zero to rounding: excluded). */
-static int fast_stats(first_pass *f, int l, size_t off, cv_err *e)
+/* The same in double for the samples idx[0..n) (all N when idx is NULL):
+ * y[k] = s^T V a + s^T vb of sample idx[k] (V out x in in double). */
+static int double_rows(size_t in, size_t out, const float *A, const float *S, const double *V,
+                       const double *vb, const size_t *idx, size_t n, double *y)
 {
-    const double *A, *S;
-    size_t in, out, N = f->N;
-    int bias;
-    factors_of(f, l, &A, &S, &in, &out, &bias);
-    size_t Dl = f->lay[l].dim;
-    double *gb = f->gbar + off, *md = f->mdiag + off;
-    double *A2 = malloc(sizeof(double) * N * in), *S2 = malloc(sizeof(double) * N * out);
-    if (!A2 || !S2) {
-        free(A2);
-        free(S2);
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "squared factors");
+    double *X = calloc(nz(n * in), sizeof(double)), *U = malloc(sizeof(double) * nz(n * out));
+    if (!X || !U) {
+        free(X);
+        free(U);
+        return -1;
     }
-    for (size_t q = 0; q < N * in; q++)
-        A2[q] = A[q] * A[q];
-    for (size_t q = 0; q < N * out; q++)
-        S2[q] = S[q] * S[q];
-    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, (int)in, (int)N, 1.0 / (double)N,
-                S, (int)out, A, (int)in, 0.0, gb, (int)in);
-    cblas_dgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, (int)in, (int)N, 1.0 / (double)N,
-                S2, (int)out, A2, (int)in, 0.0, md, (int)in);
-    for (size_t o = 0; bias && o < out; o++) {
-        double sm = 0, s2 = 0;
-        for (size_t i = 0; i < N; i++) {
-            sm += S[i * out + o];
-            s2 += S2[i * out + o];
+    for (size_t k = 0; k < n; k++)
+        for (size_t q = 0; q < in; q++)
+            X[k * in + q] = A[(idx ? idx[k] : k) * in + q];
+    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)out, (int)in, 1.0, X,
+                (int)in, V, (int)in, 0.0, U, (int)out);
+    for (size_t k = 0; k < n; k++) {
+        double t = 0;
+        const float *s = S + (idx ? idx[k] : k) * out;
+        for (size_t o = 0; o < out; o++)
+            t += (double)s[o] * (U[k * out + o] + (vb ? vb[o] : 0));
+        y[k] = t;
+    }
+    free(X);
+    free(U);
+    return 0;
+}
+
+/* A sample's ||g_n - gbar||^2 = ||g_n||^2 - 2 g_n^T gbar + ||gbar||^2 from a
+ * float g_n^T gbar is recomputed in double when it keeps less than this
+ * fraction of ||g_n||^2 + ||gbar||^2 (g_n close to gbar). */
+#define DEV_RECHECK (1.0 / 16)
+
+/* A parameter's sums sum_n g_n and sum_n g_n^2 in float are recomputed in
+ * double where the float variance sum g^2 - (sum g)^2 / N keeps less than this
+ * fraction of sum g^2 (a cancellation that float rounding would distort: GSNR
+ * above about 15), or is not finite. */
+#define GSNR_RECHECK (1.0 / 16)
+
+/* Exact (double) sums of entry (o, q) of a Linear layer over the N samples
+ * from the transposed factors At (in x N) and St (out x N). */
+static void exact_sums(size_t N, const float *st, const float *at, double *sum, double *ss)
+{
+    double s1 = 0, s2 = 0;
+    for (size_t i = 0; i < N; i++) {
+        double g = (double)st[i] * (double)at[i]; /* exact: 24 + 24 bits */
+        s1 += g;
+        s2 += g * g;
+    }
+    *sum = s1;
+    *ss = s2;
+}
+
+/* zero[q] = 1 when column q of X (N x w) is zero for every sample. */
+static void zero_columns(const float *X, size_t N, size_t w, char *zero)
+{
+    for (size_t q = 0; q < w; q++)
+        zero[q] = 1;
+    for (size_t i = 0; i < N; i++)
+        for (size_t q = 0; q < w; q++)
+            zero[q] &= X[i * w + q] == 0;
+}
+
+static float *transposed(const float *X, size_t N, size_t w)
+{
+    float *T = malloc(sizeof(float) * nz(N * w));
+    for (size_t i = 0; T && i < N; i++)
+        for (size_t q = 0; q < w; q++)
+            T[q * N + i] = X[i * w + q];
+    return T;
+}
+
+/* Sums G = S^T A and Q = (S.*S)^T (A.*A) (out x in, float GEMMs) into gb = G/N
+ * and md = Q/N (double), the entries whose variance cancels (GSNR_RECHECK)
+ * recomputed in double; Gf gets gb in float (for the per-sample products).
+ * md NULL: G alone. */
+static int weight_sums(size_t N, size_t in, size_t out, const float *A, const float *S,
+                       double *gb, double *md, float *Gf, cv_err *e)
+{
+    size_t W = out * in;
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, (int)in, (int)N, 1.0f, S,
+                (int)out, A, (int)in, 0.0f, Gf, (int)in);
+    if (!md) { /* gbar alone */
+        for (size_t j = 0; j < W; j++) {
+            gb[j] = Gf[j] / (double)N;
+            Gf[j] = (float)gb[j];
         }
-        gb[out * in + o] = sm / (double)N;
-        md[out * in + o] = s2 / (double)N;
+        return 0;
     }
-    double g2 = norm2(gb, Dl);
-    double *dot = calloc(N, sizeof(double));
-    int rc = dot && !bilinear_rows(N, in, out, bias, A, S, gb, dot) &&
-                     (!f->delta || !bilinear_rows(N, in, out, bias, A, S, f->delta + off, f->proj))
+    float *A2 = malloc(sizeof(float) * nz(N * in));
+    float *S2 = malloc(sizeof(float) * nz(N * out));
+    float *Q = malloc(sizeof(float) * nz(W)), *At = NULL, *St = NULL;
+    char *zq = malloc(nz(in)), *zo = malloc(nz(out)); /* inputs / outputs zero for all n */
+    int rc = A2 && S2 && Q && zq && zo
                  ? 0
-                 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "per-sample products");
-    for (size_t i = 0; !rc && i < N; i++) {
+                 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "squared factors");
+    if (!rc) {
+        zero_columns(A, N, in, zq);
+        zero_columns(S, N, out, zo);
+    }
+    for (size_t q = 0; !rc && q < N * in; q++)
+        A2[q] = A[q] * A[q];
+    for (size_t q = 0; !rc && q < N * out; q++)
+        S2[q] = S[q] * S[q];
+    if (!rc)
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, (int)in, (int)N, 1.0f,
+                    S2, (int)out, A2, (int)in, 0.0f, Q, (int)in);
+    for (size_t j = 0; !rc && j < W; j++) {
+        double sum = Gf[j], ss = Q[j];
+        /* (entries of a dead input or output: exactly zero, no recheck) */
+        if (!(ss - sum * sum / (double)N > GSNR_RECHECK * ss) && !zq[j % in] && !zo[j / in]) {
+            if (!At && (!(At = transposed(A, N, in)) || !(St = transposed(S, N, out)))) {
+                rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "transposed factors");
+                break;
+            }
+            exact_sums(N, St + (j / in) * N, At + (j % in) * N, &sum, &ss);
+        }
+        gb[j] = sum / (double)N;
+        md[j] = ss / (double)N;
+        Gf[j] = (float)gb[j];
+    }
+    free(A2);
+    free(S2);
+    free(Q);
+    free(At);
+    free(St);
+    free(zq);
+    free(zo);
+    return rc;
+}
+
+/* Sample n's ||g_n||^2 (into sq[n]) and the range of its entries (into *lo, *hi). */
+static void sample_norms(size_t N, size_t in, size_t out, int bias, const float *A,
+                         const float *S, double *sq, double *lo, double *hi)
+{
+    for (size_t i = 0; i < N; i++) {
         double a2 = 0, s2 = 0, amin = INFINITY, amax = -INFINITY, smin = INFINITY, smax = -INFINITY;
         for (size_t q = 0; q < in; q++) {
-            a2 += A2[i * in + q];
-            amin = fmin(amin, A[i * in + q]);
-            amax = fmax(amax, A[i * in + q]);
+            double a = A[i * in + q];
+            a2 += a * a;
+            amin = a < amin ? a : amin;
+            amax = a > amax ? a : amax;
         }
         for (size_t q = 0; q < out; q++) {
-            s2 += S2[i * out + q];
-            smin = fmin(smin, S[i * out + q]);
-            smax = fmax(smax, S[i * out + q]);
+            double s = S[i * out + q];
+            s2 += s * s;
+            smin = s < smin ? s : smin;
+            smax = s > smax ? s : smax;
         }
-        double sq = s2 * (a2 + (bias ? 1 : 0));
-        f->sq[i] += sq;
-        f->dot[i] += dot[i];
-        f->dev[i] += fmax(sq - 2 * dot[i] + g2, 0);
+        sq[i] = s2 * (a2 + (bias ? 1 : 0));
         double ext[6] = {smin * amin, smin * amax, smax * amin, smax * amax, smin, smax};
         for (int q = 0; q < (bias ? 6 : 4); q++) {
-            f->lo = fmin(f->lo, ext[q]);
-            f->hi = fmax(f->hi, ext[q]);
+            *lo = fmin(*lo, ext[q]);
+            *hi = fmax(*hi, ext[q]);
         }
     }
+}
+
+/* dot[n] = g_n^T gbar of one Linear layer: float_rows, then double_rows for the
+ * samples whose ||g_n - gbar||^2 would cancel (DEV_RECHECK). */
+static int layer_dots(size_t N, size_t in, size_t out, const float *A, const float *S,
+                      const float *Gf, const double *gb, int bias, const double *sq, double g2,
+                      double *dot)
+{
+    size_t *idx = malloc(sizeof(size_t) * nz(N)), n = 0;
+    double *y = malloc(sizeof(double) * nz(N));
+    const double *vb = bias ? gb + out * in : NULL;
+    int rc = idx && y ? float_rows(N, in, out, A, S, Gf, vb, dot) : -1;
+    for (size_t i = 0; !rc && i < N; i++)
+        if (!(sq[i] - 2 * dot[i] + g2 > DEV_RECHECK * (sq[i] + g2)))
+            idx[n++] = i;
+    if (!rc && n)
+        rc = double_rows(in, out, A, S, gb, vb, idx, n, y);
+    for (size_t k = 0; !rc && k < n; k++)
+        dot[idx[k]] = y[k];
+    free(idx);
+    free(y);
+    return rc;
+}
+
+/* The bias entries of gbar and M's diagonal: the sums of s_n and s_n^2. */
+static void bias_sums(size_t N, size_t out, const float *S, double *gb, double *md)
+{
+    for (size_t o = 0; o < out; o++) {
+        double sm = 0, s2 = 0;
+        for (size_t i = 0; i < N; i++) {
+            double s = S[i * out + o];
+            sm += s;
+            s2 += s * s;
+        }
+        gb[o] = sm / (double)N;
+        md[o] = s2 / (double)N;
+    }
+}
+
+/* Layer l's GSNR sum, count and exclusions from gbar and M's diagonal. */
+static void layer_gsnr(first_pass *f, int l, const double *gb, const double *md, size_t Dl)
+{
+    size_t N = f->N, cnt = 0, excl = 0;
     double gs = 0;
-    size_t cnt = 0, excl = 0;
-    for (size_t j = 0; !rc && j < Dl; j++) {
+    for (size_t j = 0; j < Dl; j++) {
         double ss = md[j] * (double)N, s2 = N > 1 ? (ss - (double)N * gb[j] * gb[j]) / (double)(N - 1) : 0;
         if (s2 > 4 * DBL_EPSILON * ss) {
             gs += gb[j] * gb[j] / s2;
@@ -408,17 +568,59 @@ static int fast_stats(first_pass *f, int l, size_t off, cv_err *e)
             excl++;
         }
     }
-    f->layer_norm2[l] = g2;
     f->layer_gsnr[l] = gs;
     f->layer_gsnr_count[l] = cnt;
     f->layer_excluded[l] = excl;
+}
+
+/* layer_stats from the factors (no n x D rows): gbar = S^T A / N, sum_n g^2 =
+ * (S.*S)^T (A.*A) (weight_sums), g_n^T gbar = s_n^T Gbar a_n (layer_dots),
+ * ||g_n||^2 = ||s_n||^2 (||a_n||^2 + bias); variances from sum g^2 - N gbar^2
+ * (zero to rounding: excluded).  g_n^T delta (alpha_fit) in double. */
+static int fast_stats(first_pass *f, int l, size_t off, cv_err *e)
+{
+    const float *A, *S;
+    size_t in, out, N = f->N;
+    int bias;
+    factors_of(f, l, &A, &S, &in, &out, &bias);
+    size_t Dl = f->lay[l].dim, W = out * in;
+    double *gb = f->gbar + off, *md = f->mdiag + off;
+    float *Gf = malloc(sizeof(float) * nz(W));
+    double *dot = malloc(sizeof(double) * nz(N)), *sq = malloc(sizeof(double) * nz(N));
+    double *proj = f->delta ? malloc(sizeof(double) * nz(N)) : NULL;
+    int rc = Gf && dot && sq && (proj || !f->delta)
+                 ? weight_sums(N, in, out, A, S, gb, f->squares ? md : NULL, Gf, e)
+                 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "per-sample products");
+    if (!rc && bias)
+        bias_sums(N, out, S, gb + W, md + W);
+    double g2 = norm2(gb, Dl);
+    if (!rc)
+        sample_norms(N, in, out, bias, A, S, sq, &f->lo, &f->hi);
+    for (size_t i = 0; !f->dots && i < N; i++)
+        dot[i] = 0;
+    if (!rc && ((f->dots && layer_dots(N, in, out, A, S, Gf, gb, bias, sq, g2, dot)) ||
+                (proj && double_rows(in, out, A, S, f->delta + off,
+                                     bias ? f->delta + off + W : NULL, NULL, N, proj))))
+        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "per-sample products");
+    for (size_t i = 0; !rc && i < N; i++) {
+        f->sq[i] += sq[i];
+        f->dot[i] += dot[i];
+        f->dev[i] += fmax(sq[i] - 2 * dot[i] + g2, 0);
+        if (proj)
+            f->proj[i] += proj[i];
+    }
+    if (!rc && f->squares)
+        layer_gsnr(f, l, gb, md, Dl);
+    f->layer_norm2[l] = g2;
     free(dot);
-    free(A2);
-    free(S2);
+    free(sq);
+    free(proj);
+    free(Gf);
     return rc;
 }
 
-/* The Linear factors of the fast layers, once. */
+/* The Linear factors of the fast layers, once (kept in float: the engine's
+ * values are float32 inputs and cotangents). */
 static int get_factors(first_pass *f, cv_err *e)
 {
     char layers[CV_MAX_LAYERS] = {0};
@@ -437,10 +639,14 @@ static int get_factors(first_pass *f, cv_err *e)
     f->fac_len = len;
     if (!any)
         return 0;
-    f->fac = malloc(sizeof(double) * len);
-    if (!f->fac)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Linear factors");
-    return cv_curv_linear_factors(f->curv, layers, f->fac_off, f->fac, len, e);
+    double *d = malloc(sizeof(double) * len);
+    f->fac = malloc(sizeof(float) * len);
+    int rc = d && f->fac ? cv_curv_linear_factors(f->curv, layers, f->fac_off, d, len, e)
+                         : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Linear factors");
+    for (size_t q = 0; !rc && q < len; q++)
+        f->fac[q] = (float)d[q];
+    free(d);
+    return rc;
 }
 
 static int run_first_order(first_pass *f, cv_err *e)
@@ -470,56 +676,219 @@ static long bin_of(double v, double lo, double w, int bins)
     return k < 0 ? 0 : k >= bins ? bins - 1 : k;
 }
 
-/* The entries s_o a_q (q = 0..in) of one row o, a sorted ascending: their bins
- * are monotone in q, so each run of equal bins is counted at once (found by
- * bisection with the same bin_of as the entries: the counts are those of
- * binning the entries one by one). */
-static void row_bins(double so, const double *a, size_t in, double lo, double w, int bins,
-                     double *counts)
+/* One sample's sorted inputs a[0..n) with a bucket index: idx[b] is the first
+ * position with a >= a[0] + b * step (b < HIST_BUCKETS), idx[HIST_BUCKETS] = n. */
+#define HIST_BUCKETS 128
+typedef struct {
+    const float *a;
+    size_t n;
+    double amin, amax, inv_step;
+    size_t idx[HIST_BUCKETS + 1];
+} sorted_row;
+
+static void index_row(sorted_row *r, const float *a, size_t n)
 {
-    size_t q = 0;
-    while (q < in) {
-        long k = bin_of(so * a[q], lo, w, bins);
-        size_t lo_i = q, hi_i = in - 1; /* the last index with bin k lies in [lo_i, hi_i] */
-        if (bin_of(so * a[hi_i], lo, w, bins) == k) {
-            counts[k] += (double)(in - q);
+    r->a = a;
+    r->n = n;
+    r->amin = a[0];
+    r->amax = a[n - 1];
+    double step = (r->amax - r->amin) / HIST_BUCKETS;
+    r->inv_step = step > 0 ? 1 / step : 0;
+    size_t i = 0;
+    for (int b = 0; b < HIST_BUCKETS; b++) {
+        double edge = r->amin + b * step;
+        while (i < n && a[i] < edge)
+            i++;
+        r->idx[b] = i;
+    }
+    r->idx[HIST_BUCKETS] = n;
+}
+
+/* About the number of a below x (a guess: run_end makes it exact). */
+static size_t count_below(const sorted_row *r, double x)
+{
+    if (!(x > r->amin))
+        return 0;
+    if (x > r->amax)
+        return r->n;
+    double fb = (x - r->amin) * r->inv_step;
+    size_t b = fb < HIST_BUCKETS - 1 ? (size_t)fb : HIST_BUCKETS - 1;
+    size_t lo = r->idx[b], hi = r->idx[b + 1];
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (r->a[mid] < x)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+typedef struct {
+    double lo, w;
+    int bins;
+} bin_rule;
+
+static long bin_at(const bin_rule *br, double so, float a)
+{
+    return bin_of(so * (double)a, br->lo, br->w, br->bins);
+}
+
+/* The end of the run of bin k that starts at q (bin_at(a[q]) == k; the bins
+ * are monotone in the position): the first position after q with another
+ * bin, or n.  From the guess g by galloping, then bisection: exact whatever g. */
+static size_t run_end(const bin_rule *br, double so, const float *a, size_t n, size_t q, long k,
+                      size_t g)
+{
+    size_t lo = q, hi = n, step = 1; /* bin_at(a[lo]) == k; hi == n or bin_at(a[hi]) != k */
+    g = g <= q ? q + 1 : g > n ? n : g;
+    if (g < n && bin_at(br, so, a[g]) == k) {
+        lo = g;
+        while (lo + step < n && bin_at(br, so, a[lo + step]) == k) {
+            lo += step;
+            step *= 2;
+        }
+        hi = lo + step < n ? lo + step : n;
+    } else {
+        hi = g;
+        while (hi - q > step && bin_at(br, so, a[hi - step]) != k) {
+            hi -= step;
+            step *= 2;
+        }
+        lo = hi - q > step ? hi - step : q;
+    }
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (bin_at(br, so, a[mid]) == k)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return hi;
+}
+
+/* The entries s_o a_q (q = 0..n) of one row o, r->a sorted ascending: their
+ * bins are monotone in q (the products are exact in double), so each run of
+ * equal bins is counted at once, its end found by run_end from the position of
+ * the next bin edge in a (count_below): the counts are those of binning the
+ * entries one by one. */
+static void row_bins(double so, const sorted_row *r, const bin_rule *br, double *counts)
+{
+    const float *a = r->a;
+    size_t n = r->n, q = 0;
+    long last = bin_at(br, so, a[n - 1]);
+    while (q < n) {
+        long k = bin_at(br, so, a[q]);
+        if (k == last) {
+            counts[k] += (double)(n - q);
             return;
         }
-        while (hi_i - lo_i > 1) {
-            size_t mid = lo_i + (hi_i - lo_i) / 2;
-            if (bin_of(so * a[mid], lo, w, bins) == k)
-                lo_i = mid;
-            else
-                hi_i = mid;
-        }
-        counts[k] += (double)(lo_i + 1 - q);
-        q = lo_i + 1;
+        /* bin k ends where s_o a crosses lo + (k + 1)/w (s_o > 0) or lo + k/w */
+        double edge = br->lo + (double)(so > 0 ? k + 1 : k) / br->w;
+        size_t end = run_end(br, so, a, n, q, k, count_below(r, edge / so));
+        counts[k] += (double)(end - q);
+        q = end;
     }
 }
 
-/* Bins of the entries s_o a_q (and s_o, the bias) of every sample of layer block l. */
-static int fast_bins(const first_pass *f, int l, double lo, double w, int bins, double *counts,
-                     cv_err *e)
+/* x[0..n) sorted ascending (LSD radix sort on the order-preserving integer
+ * keys of the floats, 8 bits a pass; tmp: n keys of scratch). */
+static void sort_floats(float *x, size_t n, uint32_t *key, uint32_t *tmp)
 {
-    const double *A, *S;
-    size_t in, out;
-    int bias;
-    factors_of(f, l, &A, &S, &in, &out, &bias);
-    double *as = malloc(sizeof(double) * (in ? in : 1));
-    if (!as)
-        return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "histogram row");
-    for (size_t i = 0; i < f->N; i++) {
-        const double *s = S + i * out;
-        memcpy(as, A + i * in, sizeof(double) * in);
-        qsort(as, in, sizeof(double), cmp_double);
-        for (size_t o = 0; o < out; o++) {
-            row_bins(s[o], as, in, lo, w, bins, counts);
-            if (bias)
-                counts[bin_of(s[o], lo, w, bins)] += 1;
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &x[i], sizeof u);
+        key[i] = u & 0x80000000u ? ~u : u | 0x80000000u;
+    }
+    for (int shift = 0; shift < 32; shift += 8) {
+        size_t cnt[257] = {0};
+        for (size_t i = 0; i < n; i++)
+            cnt[((key[i] >> shift) & 0xff) + 1]++;
+        if (cnt[((key[0] >> shift) & 0xff) + 1] == n)
+            continue; /* one digit value: the pass keeps the order */
+        for (int b = 0; b < 256; b++)
+            cnt[b + 1] += cnt[b];
+        for (size_t i = 0; i < n; i++)
+            tmp[cnt[(key[i] >> shift) & 0xff]++] = key[i];
+        uint32_t *t = key;
+        key = tmp;
+        tmp = t;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u = key[i] & 0x80000000u ? key[i] & 0x7fffffffu : ~key[i];
+        memcpy(&x[i], &u, sizeof u);
+    }
+}
+
+typedef struct {
+    const float *A, *S;
+    size_t N, in, out, chunks;
+    int bias, bins;
+    double lo, w;
+    double *counts; /* chunks x bins: one histogram per chunk of samples */
+    char *failed;   /* by chunk: could not allocate its scratch */
+} bins_job;
+
+/* The samples of chunks [c0, c1) (cv_parallel_for): each chunk bins into its own row
+ * of counts, so the chunks may run on different threads. */
+static void bins_range(void *arg, size_t c0, size_t c1)
+{
+    bins_job *j = arg;
+    size_t in = j->in ? j->in : 1;
+    bin_rule br = {j->lo, j->w, j->bins};
+    sorted_row row = {0};
+    float *as = malloc(sizeof(float) * in);
+    uint32_t *key = malloc(sizeof(uint32_t) * 2 * in);
+    for (size_t c = c0; c < c1 && (!as || !key); c++)
+        j->failed[c] = 1;
+    if (!as || !key)
+        c1 = c0;
+    for (size_t c = c0; c < c1; c++) {
+        double *counts = j->counts + c * (size_t)j->bins;
+        for (size_t i = j->N * c / j->chunks; i < j->N * (c + 1) / j->chunks; i++) {
+            const float *s = j->S + i * j->out;
+            memcpy(as, j->A + i * j->in, sizeof(float) * j->in);
+            if (j->in) {
+                sort_floats(as, j->in, key, key + in);
+                index_row(&row, as, j->in);
+            }
+            for (size_t o = 0; o < j->out; o++) {
+                if (j->in)
+                    row_bins(s[o], &row, &br, counts);
+                if (j->bias)
+                    counts[bin_of(s[o], j->lo, j->w, j->bins)] += 1;
+            }
         }
     }
     free(as);
-    return 0;
+    free(key);
+}
+
+/* Bins of the entries s_o a_q (and s_o, the bias) of every sample of layer
+ * block l, the samples in chunks on cv_parallel_for's threads (the counts are
+ * whole numbers: their sum does not depend on the chunking). */
+static int fast_bins(const first_pass *f, int l, double lo, double w, int bins, double *counts,
+                     cv_err *e)
+{
+    bins_job j = {.N = f->N, .bins = bins, .lo = lo, .w = w};
+    factors_of(f, l, &j.A, &j.S, &j.in, &j.out, &j.bias);
+    size_t grain = cv_parallel_grain(j.in * (j.out + 8));
+    j.chunks = (size_t)cv_parallel_threads(j.N, grain);
+    j.counts = calloc(j.chunks * (size_t)bins, sizeof(double));
+    j.failed = calloc(j.chunks, 1);
+    int rc = j.counts && j.failed ? 0
+                                  : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "histogram counts");
+    if (!rc)
+        cv_parallel_for(j.chunks, 1, bins_range, &j);
+    for (size_t c = 0; !rc && c < j.chunks; c++) {
+        if (j.failed[c])
+            rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "histogram row");
+        for (int k = 0; k < bins; k++)
+            counts[k] += j.counts[c * (size_t)bins + k];
+    }
+    free(j.counts);
+    free(j.failed);
+    return rc;
 }
 
 /* numpy.histogram's bins over [lo, hi] (hi in the last bin; lo == hi widened by 0.5). */
@@ -554,26 +923,35 @@ static int run_histogram(first_pass *f, int bins, double *lo, double *hi, double
 
 /* ---- second order ------------------------------------------------------------- */
 
-/* Hutchinson with p Rademacher probes: the trace samples and the diagonal
- * estimate mean_s v_s .* H v_s (diag may be NULL). */
+/* Hutchinson with p Rademacher probes: the trace samples v^T H v and the
+ * diagonal estimate mean_s v_s .* H v_s (diag may be NULL).  Without the
+ * diagonal the samples are quadratic forms (cv_linop_quad: one forward-mode
+ * pass and the second-order terms, about half a Hessian-vector product), with
+ * it products. */
 static int hutchinson(cv_op_ctx *c, const cv_block *b, int p, double *samples, double *diag,
                       cv_err *e)
 {
-    size_t D = b->dim, cols = p < PROBE_BLOCK ? (size_t)p : PROBE_BLOCK;
-    double *V = malloc(sizeof(double) * D * cols), *Y = malloc(sizeof(double) * D * cols);
-    int rc = V && Y ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "probe vectors");
+    size_t D = b->dim, cols = (size_t)probe_cols(D, p);
     cv_linop op;
     cv_curv_linop_ctx lc;
     cv_op_linop(c, b, &op, &lc);
+    int products = diag || !op.quad;
+    double *V = malloc(sizeof(double) * D * cols);
+    double *Y = products ? malloc(sizeof(double) * D * cols) : NULL;
+    int rc = V && (Y || !products) ? 0 : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "probe vectors");
     cv_rng r;
     cv_rng_seed(&r, c->seed);
     cv_progress_plan(c->progress, p);
     if (diag)
         memset(diag, 0, sizeof(double) * D);
-    for (int s = 0; s < p && !rc; s += PROBE_BLOCK) {
-        int k = p - s < PROBE_BLOCK ? p - s : PROBE_BLOCK;
+    for (int s = 0; s < p && !rc; s += (int)cols) {
+        int k = p - s < (int)cols ? p - s : (int)cols;
         for (int j = 0; j < k; j++)
             cv_rng_rademacher(&r, V + (size_t)j * D, D);
+        if (!products) {
+            rc = cv_linop_quad(&op, k, V, samples + s, NULL, e);
+            continue;
+        }
         if ((rc = cv_linop_apply(&op, k, V, Y, e)))
             break;
         for (int j = 0; j < k; j++) {
@@ -1094,6 +1472,8 @@ static int run_instruments(cv_op_ctx *c, const cv_block *b, cJSON *out, cv_err *
         rc = history_deltas(c, b, &s, &why, e);
     f.inv_scale = 1.0 / scale;
     f.delta = (w & BIT(I_ALPHA_FIT)) ? s.delta_prev : NULL;
+    f.squares = (w & (BIT(I_GSNR) | BIT(I_TIC_TRACE) | BIT(I_TIC_DIAG))) != 0;
+    f.dots = (w & (BIT(I_NORM_TEST) | BIT(I_INNER_TEST) | BIT(I_ORTHO_TEST))) != 0;
     if (!rc && (w & BIT(I_LOSS)))
         put_num(out, unav, "loss", 1, cv_curv_loss(c->curv), "");
     int first_order = (w & FIRST_ORDER) || (f.delta != NULL);

@@ -16,8 +16,8 @@
  * instr_fo, instr_all: op "instruments" as a job on the whole batch (cv_job_run, no
  * memory budget): instr_fo the first-order instruments (loss, gradient_norm,
  * batch_gradient_norms, gradient_histogram, the three tests, mean_gsnr),
- * instr_nh the same without gradient_histogram (its N x D entries are binned one
- * by one), instr_tl the first-order ones with hessian_trace (10 probes) and
+ * instr_nh the same without gradient_histogram (it bins all N x D entries),
+ * instr_tl the first-order ones with hessian_trace (10 probes) and
  * hessian_max_eigenvalue (10 Lanczos steps), instr_all every single-version instrument (hessian_trace and tic_* from 10
  * probes, hessian_max_eigenvalue from 10 Lanczos steps); issue 24's speed
  * targets are instr_fo <= 2x gradient and instr_tl <= 25x.

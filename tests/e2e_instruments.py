@@ -69,8 +69,8 @@ def gsnr(G):
     return (gb[keep] ** 2 / var[keep]).mean().item(), int((~keep).sum())
 
 
-def reference(model, loss_fn, x, y, C, bins):
-    """Every single-version instrument from the definitions (float64)."""
+def first_order_reference(model, loss_fn, x, y):
+    """The first-order instruments from the definitions (float64); also (m, x, y, ls, G)."""
     m = copy.deepcopy(model).double()
     x = x.double()
     y = y if y.dtype == torch.int64 else y.double()
@@ -91,6 +91,15 @@ def reference(model, loss_fn, x, y, C, bins):
                                    "median": q[1].item(), "q3": q[2].item(),
                                    "max": norms.max().item()}
     ref["mean_gsnr"], ref["gsnr_excluded"] = gsnr(G)
+    ref["layers"] = [(name, math.sqrt((gb[a:b] @ gb[a:b]).item()), gsnr(G[:, a:b]))
+                     for name, a, b in layer_ranges(model)]
+    return ref, (m, x, y, ls, G)
+
+
+def reference(model, loss_fn, x, y, C, bins):
+    """Every single-version instrument from the definitions (float64)."""
+    ref, (m, x, y, ls, G) = first_order_reference(model, loss_fn, x, y)
+    N = x.shape[0]
     lo, hi = G.min().item(), G.max().item()
     idx = ((G.reshape(-1) - lo) * (bins / (hi - lo))).floor().long().clamp(0, bins - 1)
     ref["histogram"] = (lo, hi, torch.bincount(idx, minlength=bins).tolist())
@@ -102,8 +111,6 @@ def reference(model, loss_fn, x, y, C, bins):
     ref["hessian_trace"] = torch.trace(H).item()
     ref["lambda_max"] = torch.linalg.eigvalsh(H)[-1].item()
     ref["tic_diag_exact"] = (torch.diag(M) / (hmean * torch.diag(H) + 1e-7)).mean().item()
-    ref["layers"] = [(name, math.sqrt((gb[a:b] @ gb[a:b]).item()), gsnr(G[:, a:b]))
-                     for name, a, b in layer_ranges(model)]
     ref["per_sample_losses"], ref["G"] = ls, G
     return ref
 
@@ -212,6 +219,34 @@ def cnn_case(cl):
     check_single("cnn", res, reference(model, lf, x, y, 4, 9), "exact", 9)
 
 
+def concentrated_case(cl):
+    """Nearly equal samples (0.1% spread): per-sample gradients close to their mean, so
+    GSNRs near 1e5 and ||g_i - gbar|| << ||gbar||.  The variances sum g^2 - n gbar^2
+    and the deviations ||g_i||^2 - 2 g_i^T gbar + ||gbar||^2 cancel: summed in float
+    (as the float GEMMs of the Linear path give them) mean_gsnr was 20% off with 4
+    parameters wrongly excluded and norm_test 3e-3 off; the op redoes those in double."""
+    model, x, y = tr.make_mlp_case(torch.nn.Tanh, torch.nn.MSELoss(), n=256, din=30,
+                                   hidden=(40, 20), C=3, seed=5)
+    x = x[:1] + 1e-3 * torch.randn_like(x)
+    y = y[:1] + 1e-3 * torch.randn_like(y)
+    lf = torch.nn.MSELoss()
+    setup(cl, "conc", model, (30,), lf, x, y)
+    res = job(cl, "conc", include=["gradient_norm", "norm_test", "inner_product_test",
+                                   "orthogonality_test", "mean_gsnr"])
+    ref, _ = first_order_reference(model, lf, x, y)
+    check("concentrated: mean_gsnr above 1e5", ref["mean_gsnr"] > 1e5, ref["mean_gsnr"])
+    for k in ("gradient_norm", "norm_test", "inner_product_test", "orthogonality_test",
+              "mean_gsnr"):
+        check("concentrated %s" % k, near(res.get(k), ref[k], 1e-4),
+              "%s vs %s" % (res.get(k), ref[k]))
+    check("concentrated gsnr_excluded", res.get("gsnr_excluded") == ref["gsnr_excluded"],
+          "%s vs %s" % (res.get("gsnr_excluded"), ref["gsnr_excluded"]))
+    ok = len(res.get("layers") or []) == len(ref["layers"])
+    for got_l, (name, gn, (gs, ex)) in zip(res.get("layers") or [], ref["layers"]):
+        ok = ok and near(got_l.get("mean_gsnr"), gs, 1e-4) and got_l.get("gsnr_excluded") == ex
+    check("concentrated per-layer mean_gsnr", ok, "%s vs %s" % (res.get("layers"), ref["layers"]))
+
+
 def alpha_fit_ref(t, f, df, vf, vdf):
     """cockpit/quantities/alpha.py _fit_quadratic + _get_alpha, rewritten in torch."""
     Phi = torch.tensor([[1, 0, 0], [1, t, t * t], [0, 1, 0], [0, 1, 2 * t]],
@@ -303,6 +338,21 @@ def include_exclude(cl):
                                      "hessian_max_eigenvalue", "gradient_histogram")), str(sorted(res)))
 
 
+def subsets(cl):
+    """An instrument alone (the op then skips the GEMMs the others need) equals its value
+    in the job with every first-order instrument (to float rounding: gbar alone is not
+    refined where the variances cancel)."""
+    full = job(cl, "mlp", include=["gradient_norm", "gradient_histogram", "norm_test",
+                                   "inner_product_test", "orthogonality_test", "mean_gsnr",
+                                   "tic_trace"], probes=5)
+    for k in ("gradient_norm", "gradient_histogram", "norm_test", "mean_gsnr", "tic_trace",
+              "orthogonality_test"):
+        res = job(cl, "mlp", include=[k], probes=5)
+        same = (res.get(k) == full.get(k) if k == "gradient_histogram"
+                else near(res.get(k), full.get(k), 1e-6))
+        check("%s alone = with the others" % k, same, "%s vs %s" % (res.get(k), full.get(k)))
+
+
 def errors(cl):
     def err(opts, **kw):
         try:
@@ -337,8 +387,10 @@ def main():
         model, x, y, lf = mlp_case(cl)
         wide_case(cl)
         cnn_case(cl)
+        concentrated_case(cl)
         cross_case(cl, model, x, y, lf)
         include_exclude(cl)
+        subsets(cl)
         errors(cl)
     summary()
 
