@@ -509,6 +509,15 @@ int cv_part_prepare(cv_part *c, cv_curvature kind, int k, cv_err *e)
     return ensure_workspace(c, chunk_of(k < 1 ? 1 : k), e);
 }
 
+int cv_part_prepare_walk(cv_part *c, cv_curvature kind, int k, cv_err *e)
+{
+    if ((unsigned)kind >= CV_CURV_COUNT || cv_curvature_is_kron(kind))
+        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "not an exact curvature");
+    if ((kind == CV_CURV_HESSIAN && ensure_gy(c, e)) || ensure_output_samples(c, kind, e))
+        return -1;
+    return cv_part_pool_ensure(c, k < 1 ? 1 : k, e);
+}
+
 /* ---- quadratic forms ---------------------------------------------------------
  * x^T A x without the backward pass: with r_l the forward tangents and
  * s_l = R(g_l) the backward products, sum_l v_l . J_theta,l^T s_l telescopes
