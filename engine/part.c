@@ -297,7 +297,7 @@ int cv_part_ensure_gy(cv_part *c, cv_err *e) { return ensure_gy(c, e); }
 static int alloc_floats(float **p, size_t n)
 {
     free(*p);
-    *p = cv_big_malloc(sizeof(float) * (n ? n : 1));
+    *p = cv_big_malloc_populated(sizeof(float) * (n ? n : 1));
     return *p ? 0 : -1;
 }
 
