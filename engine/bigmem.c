@@ -31,7 +31,7 @@ void *cv_big_calloc(size_t count, size_t size)
     size_t bytes = count * size;
     if (bytes < CV_BIG_MIN)
         return calloc(count ? count : 1, size ? size : 1);
-    void *p = cv_big_malloc(bytes);
+    void *p = cv_big_malloc_populated(bytes); /* written whole right away */
     if (p)
         memset(p, 0, bytes);
     return p;

@@ -266,7 +266,8 @@ static int ensure_gy(cv_part *c, cv_err *e)
     /* not zeroed: the walk visits every layer and writes or clears its output's */
     for (int l = 0; l < c->L; l++)
         if (!c->gy[l])
-            ok &= (c->gy[l] = cv_big_malloc(sizeof(float) * ((size_t)c->cap * c->numel[l + 1] + 1))) !=
+            ok &= (c->gy[l] = cv_big_malloc_populated(sizeof(float) *
+                                                      ((size_t)c->cap * c->numel[l + 1] + 1))) !=
                   NULL;
     char active[CV_MAX_LAYERS] = {0}; /* cotangents only: no parameter gradients */
     cv_walk *w = ok ? calloc(1, sizeof *w) : NULL;
