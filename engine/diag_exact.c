@@ -253,7 +253,11 @@ static int residual_walks(cv_part *c, diag_job *j, const char *active, int l, cv
     if (!any)
         return 0;
     size_t U = c->numel[a], n = (size_t)c->n;
-    int chunk = c->wk < 1 ? 1 : c->wk;
+    /* the loss cotangents, and pooled buffers for chunk units (as many as
+     * the output factor has columns, at most 32) */
+    int chunk = c->C < 32 ? c->C : 32;
+    if (cv_part_ensure_gy(c, e) || cv_part_prepare_walk(c, CV_CURV_GGN, chunk, e))
+        return -1;
     for (int sign = 0; sign < 2; sign++) {
         j->into = sign ? j->neg : j->dl;
         for (size_t u0 = 0; u0 < U; u0 += (size_t)chunk) {
@@ -290,10 +294,6 @@ static int residual_walks(cv_part *c, diag_job *j, const char *active, int l, cv
 
 static int hessian_residuals(cv_part *c, diag_job *j, const char *active, cv_err *e)
 {
-    /* chunks of c->wk units: the workspace for the output factor's columns */
-    if (cv_part_prepare(c, CV_CURV_GGN, c->C, e) || cv_part_ensure_gy(c, e) ||
-        cv_part_pool_ensure(c, c->wk, e))
-        return -1;
     for (int l = 0; l < c->L; l++)
         if (c->ops[l] == &cv_activation_ops && residual_walks(c, j, active, l, e))
             return -1;

@@ -110,7 +110,7 @@ typedef int (*cv_part_kron_visit)(cv_part *c, int l, int k, const float *cot, vo
 int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, cv_part_kron_visit fn,
                       void *arg, int *columns, cv_err *e);
 /* The same walk with at most max_k vectors at a time (max_k >= 1; fewer
- * where the cotangent buffers would pass 8 MB as in cv_part_kron_walk),
+ * where a cotangent buffer would pass 8 MB; cv_part_kron_walk: up to 32),
  * sizing only what walks use (cv_part_prepare_walk): for visits whose
  * cost does not grow with the number of chunks (exact diagonal), small
  * chunks keep the buffers a walk touches small and in cache. */

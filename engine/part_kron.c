@@ -165,17 +165,15 @@ static int any_layer(const cv_part *c, const char *layers)
     return any;
 }
 
+/* Vectors per walk at most (as products take at most 32 at a time, part.c). */
+#define KRON_WALK_MAX_K 32
+
 int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, cv_part_kron_visit fn,
                       void *arg, int *columns, cv_err *e)
 {
     int ktot = output_columns(c, kind);
-    if (columns)
-        *columns = ktot;
-    if (!any_layer(c, layers))
-        return 0;
-    if (cv_part_prepare(c, kind, ktot, e) || cv_part_pool_ensure(c, c->wk, e))
-        return -1;
-    return walk_all(c, kind, layers, ktot, walk_chunk(c, c->wk), fn, arg, e);
+    return cv_part_kron_walk_k(c, kind, layers, ktot < KRON_WALK_MAX_K ? ktot : KRON_WALK_MAX_K,
+                               fn, arg, columns, e);
 }
 
 int cv_part_kron_walk_k(cv_part *c, cv_curvature kind, const char *layers, int max_k,
