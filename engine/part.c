@@ -514,9 +514,15 @@ int cv_part_prepare_walk(cv_part *c, cv_curvature kind, int k, cv_err *e)
 {
     if ((unsigned)kind >= CV_CURV_COUNT || cv_curvature_is_kron(kind))
         return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "not an exact curvature");
-    if ((kind == CV_CURV_HESSIAN && ensure_gy(c, e)) || ensure_output_samples(c, kind, e))
+    if ((kind == CV_CURV_HESSIAN && ensure_gy(c, e)) || ensure_output_samples(c, kind, e) ||
+        cv_part_pool_ensure(c, k < 1 ? 1 : k, e))
         return -1;
-    return cv_part_pool_ensure(c, k < 1 ? 1 : k, e);
+    /* the pool (and the layers' scratch) are sized for the workspace's samples: marked so
+     * that the next micro-batch takes them over (cv_part_take_workspace) instead of
+     * allocating its own (ensure_workspace sets the same when it sizes the products') */
+    if (!c->wk)
+        c->ws_n = (int)cv_part_ws_samples(c);
+    return 0;
 }
 
 /* ---- quadratic forms ---------------------------------------------------------
