@@ -3,8 +3,8 @@ jobs bench_ops times (trace: Hutchinson 100 probes, eigen5: Lanczos top-5 at tol
 density: SLQ 100 steps), run through `import curvd` (libcurvd.so via ctypes) on the same
 files, timed as the Python call's wall time (job parse, forward pass, estimator, result
 JSON, ctypes), best of --reps.  Prints one JSON line {op: seconds, op_matvecs: count}
-(the job's Lanczos start differs from bench_ops', so eigen5's step count may too: bench.py
-compares time per matvec).
+(bench_ops draws its probes and Lanczos start from the stream these seed-0 jobs use, so
+both sides do the same products; bench.py also prints the ratio per matvec).
 
 Usage: python3 bench/bench_inproc.py --case DIR --threads T [--reps 3] [--only trace,...]
 """

@@ -31,8 +31,20 @@ void *cv_big_calloc(size_t count, size_t size)
     size_t bytes = count * size;
     if (bytes < CV_BIG_MIN)
         return calloc(count ? count : 1, size ? size : 1);
-    void *p = cv_big_malloc(bytes);
+    void *p = cv_big_malloc_populated(bytes); /* written whole right away */
     if (p)
         memset(p, 0, bytes);
+    return p;
+}
+
+void *cv_big_malloc_populated(size_t bytes)
+{
+    void *p = cv_big_malloc(bytes);
+#ifdef MADV_POPULATE_WRITE
+    /* whole pages inside the buffer (madvise takes a page-aligned start) */
+    uintptr_t a = ((uintptr_t)p + 4095) & ~(uintptr_t)4095, end = ((uintptr_t)p + bytes) & ~(uintptr_t)4095;
+    if (p && end > a)
+        (void)madvise((void *)a, end - a, MADV_POPULATE_WRITE);
+#endif
     return p;
 }

@@ -20,5 +20,12 @@
 void *cv_big_malloc(size_t bytes);
 /* calloc(count, size) (zeroed; NULL on overflow or failure). */
 void *cv_big_calloc(size_t count, size_t size);
+/* cv_big_malloc for a buffer the caller writes whole right away (a
+ * product's workspace): its pages are populated in one call
+ * (MADV_POPULATE_WRITE, Linux 5.14) instead of one page fault each, which
+ * on virtual machines costs several microseconds a page; where the advice
+ * is unknown the pages fault in on first touch as usual.  Contents
+ * undefined (zero when freshly mapped). */
+void *cv_big_malloc_populated(size_t bytes);
 
 #endif

@@ -155,11 +155,29 @@ typedef struct {
     double *dl[CV_MAX_LAYERS];   /* per active layer: P doubles (per_sample: n x P) */
     double *neg[CV_MAX_LAYERS];  /* Hessian: the negative residual terms, as dl */
     double **into;               /* dl or neg: where diag_visit adds */
+    float *sq[CV_MAX_LAYERS];    /* layers with diag_sq_add (not per sample): n x out_numel */
 } diag_job;
+
+/* Floats one cotangent buffer of the output factor's walk may span (1 MB)
+ * when every active layer sums its squared cotangents over the walks
+ * (diag_sq_add): the number of walks then costs no products, and small
+ * chunks keep the walk's buffers in cache and the fresh pages it touches
+ * few (the bench MLP at N = 512: one vector per walk). */
+#define DIAG_WALK_FLOATS ((size_t)1 << 18)
 
 static int diag_visit(cv_part *c, int l, int k, const float *cot, void *arg, cv_err *e)
 {
     diag_job *j = arg;
+    if (j->sq[l] && j->into == j->dl) {
+        size_t m = c->numel[l + 1], n = (size_t)c->n;
+        for (size_t ji = 0; ji < (size_t)k * n; ji++) {
+            const float *g = cot + ji * m;
+            float *s = j->sq[l] + (ji % n) * m;
+            for (size_t q = 0; q < m; q++)
+                s[q] += g[q] * g[q];
+        }
+        return 0;
+    }
     if (c->ops[l]->diag_add(&c->ctx[l], k, cot, j->per_sample, j->into[l]))
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                           "exact diagonal of layers[%d] (scratch)", l);
@@ -235,7 +253,11 @@ static int residual_walks(cv_part *c, diag_job *j, const char *active, int l, cv
     if (!any)
         return 0;
     size_t U = c->numel[a], n = (size_t)c->n;
-    int chunk = c->wk < 1 ? 1 : c->wk;
+    /* the loss cotangents, and pooled buffers for chunk units (as many as
+     * the output factor has columns, at most 32) */
+    int chunk = c->C < 32 ? c->C : 32;
+    if (cv_part_ensure_gy(c, e) || cv_part_prepare_walk(c, CV_CURV_GGN, chunk, e))
+        return -1;
     for (int sign = 0; sign < 2; sign++) {
         j->into = sign ? j->neg : j->dl;
         for (size_t u0 = 0; u0 < U; u0 += (size_t)chunk) {
@@ -272,12 +294,51 @@ static int residual_walks(cv_part *c, diag_job *j, const char *active, int l, cv
 
 static int hessian_residuals(cv_part *c, diag_job *j, const char *active, cv_err *e)
 {
-    if (cv_part_ensure_gy(c, e) || cv_part_pool_ensure(c, c->wk, e))
-        return -1;
     for (int l = 0; l < c->L; l++)
         if (c->ops[l] == &cv_activation_ops && residual_walks(c, j, active, l, e))
             return -1;
     return 0;
+}
+
+/* 1 when active layer l's share can come from its summed squared cotangents. */
+static int sq_path(const cv_part *c, const diag_job *j, int l)
+{
+    const cv_layer_ops *o = c->ops[l];
+    return !j->per_sample && o->diag_sq_add && o->diag_sq_add(&c->ctx[l], NULL, NULL) == 0;
+}
+
+/* The output factor's walk: layers on the squared-cotangent path sum sq
+ * over every walk (then one diag_sq_add each), the walk then takes small
+ * chunks when all active layers are on it (the same sums, fewer bytes). */
+static int output_walk(cv_part *c, diag_job *j, const char *active, cv_err *e)
+{
+    int all = 1, rc = 0;
+    for (int l = 0; l < c->L && !rc; l++) {
+        j->sq[l] = NULL;
+        if (!active[l])
+            continue;
+        if (!sq_path(c, j, l))
+            all = 0;
+        else if (!(j->sq[l] = calloc((size_t)c->n * c->numel[l + 1] + 1, sizeof(float))))
+            rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "exact diagonal of layers[%d]",
+                            l);
+    }
+    cv_curvature kind = j->kind == CV_CURV_HESSIAN ? CV_CURV_GGN : j->kind;
+    size_t per = (size_t)c->n * c->max_numel;
+    int k = per >= DIAG_WALK_FLOATS ? 1 : (int)(DIAG_WALK_FLOATS / (per ? per : 1));
+    j->into = j->dl;
+    if (!rc)
+        rc = all ? cv_part_kron_walk_k(c, kind, active, k, diag_visit, j, NULL, e)
+                 : cv_part_kron_walk(c, kind, active, diag_visit, j, NULL, e);
+    for (int l = 0; l < c->L && !rc; l++)
+        if (j->sq[l] && c->ops[l]->diag_sq_add(&c->ctx[l], j->sq[l], j->dl[l]))
+            rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
+                            "exact diagonal of layers[%d] (scratch)", l);
+    for (int l = 0; l < c->L; l++) {
+        free(j->sq[l]);
+        j->sq[l] = NULL;
+    }
+    return rc;
 }
 
 static int diag_share(cv_part *c, void *arg, cv_err *e)
@@ -294,9 +355,8 @@ static int diag_share(cv_part *c, void *arg, cv_err *e)
             rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "exact diagonal of layers[%d]",
                             l);
     }
-    j->into = j->dl;
     if (!rc) /* the Hessian: the GGN part, then the activations' residual terms */
-        rc = cv_part_kron_walk(c, hess ? CV_CURV_GGN : j->kind, active, diag_visit, j, NULL, e);
+        rc = output_walk(c, j, active, e);
     if (!rc && hess)
         rc = hessian_residuals(c, j, active, e);
     if (!rc) {

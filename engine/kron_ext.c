@@ -264,7 +264,7 @@ static int kfra_share(cv_part *p, void *arg, cv_err *e)
     const kfra_job *j = arg;
     const cv_kron *k = j->k;
     int C = p->C;
-    if (cv_part_prepare(p, CV_CURV_GGN, 1, e))
+    if (cv_part_prepare_walk(p, CV_CURV_GGN, 1, e)) /* no products: no workspace */
         return -1;
     for (int f = 0; f < k->nfactors; f++) {
         const cv_kron_factor *kf = &k->factors[f];

@@ -128,6 +128,16 @@ typedef struct {
      * of scratch memory.  Optional: a layer without it has no
      * backpropagated diagonal. */
     int (*diag_add)(const cv_layer_ctx *c, int k, const float *gy, int per_sample, double *d);
+    /* The same from the squared cotangents alone, for layers whose
+     * per-sample parameter gradients are rank one in the cotangent (Linear
+     * with one row per sample: (g_ji[p])^2 = gy_ji[o]^2 a_i[q]^2), so that
+     * a caller can sum sq_i = sum_j gy_ji.^2 (n x out_numel floats) over
+     * all its vectors first and pay the layer's product once: d (P
+     * doubles, not per sample) += the diagonal of those sq.  sq NULL: only
+     * asks, 0 when the layer's shape allows it.  Returns 0, 1 when it does
+     * not apply (the caller uses diag_add), -1 out of scratch memory.
+     * Optional. */
+    int (*diag_sq_add)(const cv_layer_ctx *c, const float *sq, double *d);
 } cv_layer_ops;
 
 /* A diag_add from the layer's per_sample kernel (k calls of it on n x P

@@ -393,6 +393,35 @@ static int linear_ekfac_add(const cv_layer_ctx *c, int k, const float *gy, const
     return 0;
 }
 
+/* Exact diagonal from the summed squared cotangents (layer.h diag_sq_add):
+ * d_W += sq^T (x.^2), d_b += the column sums of sq; one row per sample only. */
+static int linear_diag_sq_add(const cv_layer_ctx *c, const float *sq, double *d)
+{
+    if (ROWS(c) > 1)
+        return 1;
+    if (!sq)
+        return 0;
+    int in = IN(c), out = OUT(c), n = c->n, bias = ATTR(c)->has_bias != 0;
+    size_t nw = (size_t)out * in;
+    float *x2 = malloc(sizeof(float) * ((size_t)n * in + nw));
+    if (!x2)
+        return -1;
+    float *w = x2 + (size_t)n * in;
+    for (size_t q = 0; q < (size_t)n * in; q++)
+        x2[q] = c->x[q] * c->x[q];
+    /* float32 GEMM of nonnegative terms: relative error ~ sqrt(n) eps, no cancellation */
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0f, sq, out, x2, in, 0.0f,
+                w, in);
+    for (size_t q = 0; q < nw; q++)
+        d[q] += w[q];
+    double *db = d + nw;
+    for (int i = 0; bias && i < n; i++)
+        for (int o = 0; o < out; o++)
+            db[o] += sq[(size_t)i * out + o];
+    free(x2);
+    return 0;
+}
+
 /* Exact diagonal (layer.h diag_add).  One row per sample: g_ji = gy_ji x_i^T
  * is rank one, so sum_j sum_i g_ji.^2 = s^T (x.^2) with s_i = sum_j gy_ji.^2
  * (one float GEMM over the samples, added to d in double); T rows (or per
@@ -401,7 +430,6 @@ static int linear_diag_add(const cv_layer_ctx *c, int k, const float *gy, int pe
                            double *d)
 {
     int in = IN(c), out = OUT(c), T = ROWS(c), n = c->n, bias = ATTR(c)->has_bias != 0;
-    double *db = d + (size_t)out * in;
     if (T > 1 || per_sample) {
         float *g = malloc(sizeof(float) * ((size_t)out * in + out));
         if (!g)
@@ -423,34 +451,23 @@ static int linear_diag_add(const cv_layer_ctx *c, int k, const float *gy, int pe
         free(g);
         return 0;
     }
-    size_t nw = (size_t)out * in;
-    float *sq = malloc(sizeof(float) * ((size_t)n * out + (size_t)n * in + nw));
+    float *sq = calloc((size_t)n * out, sizeof(float));
     if (!sq)
         return -1;
-    float *x2 = sq + (size_t)n * out, *w = x2 + (size_t)n * in;
-    memset(sq, 0, sizeof(float) * (size_t)n * out);
     for (size_t ji = 0; ji < (size_t)k * n; ji++) {
         const float *gj = gy + ji * out;
         float *si = sq + (ji % n) * out;
         for (int o = 0; o < out; o++)
             si[o] += gj[o] * gj[o];
     }
-    for (size_t q = 0; q < (size_t)n * in; q++)
-        x2[q] = c->x[q] * c->x[q];
-    /* float32 GEMM of nonnegative terms: relative error ~ sqrt(n) eps, no cancellation */
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out, in, n, 1.0f, sq, out, x2, in, 0.0f,
-                w, in);
-    for (size_t q = 0; q < nw; q++)
-        d[q] += w[q];
-    for (int i = 0; bias && i < n; i++)
-        for (int o = 0; o < out; o++)
-            db[o] += sq[(size_t)i * out + o];
+    int rc = linear_diag_sq_add(c, sq, d);
     free(sq);
-    return 0;
+    return rc;
 }
 
 static const cv_layer_ops linear_ops = {
     .diag_add = linear_diag_add,
+    .diag_sq_add = linear_diag_sq_add,
     .ekfac_add = linear_ekfac_add,
     .kron_dims = linear_kron_dims,
     .kron_a_add = linear_kron_a_add,

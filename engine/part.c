@@ -266,7 +266,8 @@ static int ensure_gy(cv_part *c, cv_err *e)
     /* not zeroed: the walk visits every layer and writes or clears its output's */
     for (int l = 0; l < c->L; l++)
         if (!c->gy[l])
-            ok &= (c->gy[l] = cv_big_malloc(sizeof(float) * ((size_t)c->cap * c->numel[l + 1] + 1))) !=
+            ok &= (c->gy[l] = cv_big_malloc_populated(sizeof(float) *
+                                                      ((size_t)c->cap * c->numel[l + 1] + 1))) !=
                   NULL;
     char active[CV_MAX_LAYERS] = {0}; /* cotangents only: no parameter gradients */
     cv_walk *w = ok ? calloc(1, sizeof *w) : NULL;
@@ -297,7 +298,7 @@ int cv_part_ensure_gy(cv_part *c, cv_err *e) { return ensure_gy(c, e); }
 static int alloc_floats(float **p, size_t n)
 {
     free(*p);
-    *p = cv_big_malloc(sizeof(float) * (n ? n : 1));
+    *p = cv_big_malloc_populated(sizeof(float) * (n ? n : 1));
     return *p ? 0 : -1;
 }
 
@@ -507,6 +508,21 @@ int cv_part_prepare(cv_part *c, cv_curvature kind, int k, cv_err *e)
     if ((kind == CV_CURV_HESSIAN && ensure_gy(c, e)) || ensure_output_samples(c, kind, e))
         return -1;
     return ensure_workspace(c, chunk_of(k < 1 ? 1 : k), e);
+}
+
+int cv_part_prepare_walk(cv_part *c, cv_curvature kind, int k, cv_err *e)
+{
+    if ((unsigned)kind >= CV_CURV_COUNT || cv_curvature_is_kron(kind))
+        return cv_err_set(e, CV_EINVAL, "invalid_curvature", "curvature", "not an exact curvature");
+    if ((kind == CV_CURV_HESSIAN && ensure_gy(c, e)) || ensure_output_samples(c, kind, e) ||
+        cv_part_pool_ensure(c, k < 1 ? 1 : k, e))
+        return -1;
+    /* the pool (and the layers' scratch) are sized for the workspace's samples: marked so
+     * that the next micro-batch takes them over (cv_part_take_workspace) instead of
+     * allocating its own (ensure_workspace sets the same when it sizes the products') */
+    if (!c->wk)
+        c->ws_n = (int)cv_part_ws_samples(c);
+    return 0;
 }
 
 /* ---- quadratic forms ---------------------------------------------------------

@@ -53,6 +53,10 @@ void cv_part_set_gram_budget(cv_part *c, size_t floats);
  * the loss cotangents (Hessian), the output samples (fisher_mc, ef) and the
  * workspace. */
 int cv_part_prepare(cv_part *c, cv_curvature kind, int k, cv_err *e);
+/* The same for backward walks alone (cv_part_kron_walk_k): the loss
+ * cotangents and output samples, and pooled cotangent buffers for k
+ * vectors, without the products' tangent and parameter buffers. */
+int cv_part_prepare_walk(cv_part *c, cv_curvature kind, int k, cv_err *e);
 
 /* g += this micro-batch's gradient on block b (the loss's cotangents it
  * computes are kept only when the part's curvature is the Hessian). */
@@ -105,6 +109,13 @@ typedef int (*cv_part_kron_visit)(cv_part *c, int l, int k, const float *cot, vo
                                   cv_err *e);
 int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, cv_part_kron_visit fn,
                       void *arg, int *columns, cv_err *e);
+/* The same walk with at most max_k vectors at a time (max_k >= 1; fewer
+ * where a cotangent buffer would pass 8 MB; cv_part_kron_walk: up to 32),
+ * sizing only what walks use (cv_part_prepare_walk): for visits whose
+ * cost does not grow with the number of chunks (exact diagonal), small
+ * chunks keep the buffers a walk touches small and in cache. */
+int cv_part_kron_walk_k(cv_part *c, cv_curvature kind, const char *layers, int max_k,
+                        cv_part_kron_visit fn, void *arg, int *columns, cv_err *e);
 
 /* For modules that add their own per-micro-batch shares (engine/kron.c):
  * out (len doubles, zeroed first) = the sum over micro-batches of what

@@ -81,17 +81,17 @@ static void fill_top(const cv_part *c, cv_curvature kind, const double *S, int j
  * factors in double. */
 #define KRON_WALK_FLOATS ((size_t)1 << 21)
 
-static int walk_chunk(const cv_part *c)
+static int walk_chunk(const cv_part *c, int wk)
 {
     size_t per = (size_t)c->n * c->max_numel;
-    int k = per > 0 && per * (size_t)c->wk > KRON_WALK_FLOATS ? (int)(KRON_WALK_FLOATS / per) : c->wk;
+    int k = per > 0 && per * (size_t)wk > KRON_WALK_FLOATS ? (int)(KRON_WALK_FLOATS / per) : wk;
     return k < 1 ? 1 : k;
 }
 
 static int walk_chunks(cv_part *c, cv_curvature kind, const char *layers, const char *live,
-                       int ktot, const double *S, cv_part_kron_visit fn, void *arg, cv_err *e)
+                       int ktot, int chunk, const double *S, cv_part_kron_visit fn, void *arg,
+                       cv_err *e)
 {
-    int chunk = walk_chunk(c);
     for (int j0 = 0; j0 < ktot; j0 += chunk) {
         int kk = ktot - j0 < chunk ? ktot - j0 : chunk;
         float *top = cv_part_pool_take(c);
@@ -135,18 +135,11 @@ int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *
     return cv_part_kron_walk(c, job->kind, job->layers, kron_b_visit, (void *)job, NULL, e);
 }
 
-int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, cv_part_kron_visit fn,
-                      void *arg, int *columns, cv_err *e)
+/* The walks of cv_part_kron_walk(_k) after the part is prepared: chunk
+ * vectors at a time. */
+static int walk_all(cv_part *c, cv_curvature kind, const char *layers, int ktot, int chunk,
+                    cv_part_kron_visit fn, void *arg, cv_err *e)
 {
-    int ktot = output_columns(c, kind), any = 0;
-    if (columns)
-        *columns = ktot;
-    for (int l = 0; l < c->L; l++)
-        any |= layers[l];
-    if (!any)
-        return 0;
-    if (cv_part_prepare(c, kind, ktot, e) || cv_part_pool_ensure(c, c->wk, e))
-        return -1;
     size_t C = (size_t)c->C;
     double *S = NULL;
     if (kind == CV_CURV_GGN) {
@@ -159,7 +152,40 @@ int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, cv_part
     }
     char live[CV_MAX_LAYERS];
     cv_part_live(c, layers, live);
-    int rc = walk_chunks(c, kind, layers, live, ktot, S, fn, arg, e);
+    int rc = walk_chunks(c, kind, layers, live, ktot, chunk, S, fn, arg, e);
     free(S);
     return rc;
+}
+
+static int any_layer(const cv_part *c, const char *layers)
+{
+    int any = 0;
+    for (int l = 0; l < c->L; l++)
+        any |= layers[l];
+    return any;
+}
+
+/* Vectors per walk at most (as products take at most 32 at a time, part.c). */
+#define KRON_WALK_MAX_K 32
+
+int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, cv_part_kron_visit fn,
+                      void *arg, int *columns, cv_err *e)
+{
+    int ktot = output_columns(c, kind);
+    return cv_part_kron_walk_k(c, kind, layers, ktot < KRON_WALK_MAX_K ? ktot : KRON_WALK_MAX_K,
+                               fn, arg, columns, e);
+}
+
+int cv_part_kron_walk_k(cv_part *c, cv_curvature kind, const char *layers, int max_k,
+                        cv_part_kron_visit fn, void *arg, int *columns, cv_err *e)
+{
+    int ktot = output_columns(c, kind);
+    if (columns)
+        *columns = ktot;
+    if (!any_layer(c, layers))
+        return 0;
+    int chunk = walk_chunk(c, max_k < 1 ? 1 : max_k < ktot ? max_k : ktot);
+    if (cv_part_prepare_walk(c, kind, chunk, e))
+        return -1;
+    return walk_all(c, kind, layers, ktot, chunk, fn, arg, e);
 }

