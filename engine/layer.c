@@ -4,6 +4,7 @@
  * helpers of the Kronecker-factor kernels, the diag_add kernel of the layers
  * that square their per_sample gradients. */
 #include "layer.h"
+#include "bigmem.h"
 
 #include <limits.h>
 #include <stdint.h>
@@ -58,10 +59,37 @@ void cv_kron_add_sym(int m, const float *S, double w, double *M, int ldm)
  * n = 3136), not n x n, and each panel is added while it is in cache. */
 #define KRON_PANEL 256
 
+/* Up to this many bytes of float scratch the Gram comes from one ssyrk (half
+ * the products of a GEMM, and one BLAS call: ~1.5-2x faster than the panels
+ * at n = 513-785, m = 512); larger Grams (im2col'd convolutions) use panels. */
+#define KRON_SYRK_MAX_BYTES ((size_t)8 << 20)
+
+static int gram_add_syrk(const float *X, size_t m, int n, double w, double *M, int ldm)
+{
+    float *S = cv_big_malloc_populated(sizeof(float) * (size_t)n * n); /* written whole */
+    if (!S)
+        return -1;
+    cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, n, (int)m, 1.0f, X, n, 0.0f, S, n);
+    for (int i = 0; i < n; i++) { /* S's lower triangle into both triangles of M */
+        const float *Si = S + (size_t)i * n;
+        double *Mi = M + (size_t)i * ldm;
+        for (int j = 0; j < i; j++) {
+            double v = w * Si[j];
+            Mi[j] += v;
+            M[(size_t)j * ldm + i] += v;
+        }
+        Mi[i] += w * Si[i];
+    }
+    free(S);
+    return 0;
+}
+
 int cv_kron_gram_add(const float *X, size_t m, int n, double w, double *M, int ldm)
 {
     if (n < 1 || m < 1)
         return 0;
+    if (sizeof(float) * (size_t)n * (size_t)n <= KRON_SYRK_MAX_BYTES && m <= (size_t)INT_MAX)
+        return gram_add_syrk(X, m, n, w, M, ldm);
     int pb = n < KRON_PANEL ? n : KRON_PANEL;
     float *P = malloc(sizeof(float) * (size_t)n * pb);
     if (!P)
