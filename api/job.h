@@ -206,8 +206,9 @@ double cv_job_result_numbers(const cv_job_spec *j, const cv_model *m, size_t n);
  * when the top-level "batch" object's "indices" is a plain array of
  * integers in [0, 2^31) (digits only), returns 1 with the numbers in *idx
  * (malloc'd, *count of them) and in *rest (malloc'd, NUL-terminated,
- * *rest_len bytes) the text with that array replaced by [0], to be parsed
- * as usual; the spec parsed from it then takes *idx (cv_job_spec_set_indices).
+ * *rest_len bytes) the text with that array replaced by a placeholder of
+ * the same length ("[0" + spaces + "]", so byte offsets in parse errors
+ * are the whole text's), to be parsed as usual; the spec parsed from it then takes *idx (cv_job_spec_set_indices).
  * 0 when there is no such array or it has another form (parse the text as
  * it is: the strict parser and cv_job_parse give the errors); -1 out of memory. */
 int cv_job_text_indices(const char *text, size_t len, char **rest, size_t *rest_len,

@@ -172,8 +172,8 @@ END_TEST
 /* ---- names and registry -------------------------------------------------------- */
 
 /* cv_job_text_indices: a plain index list is read into int32 and replaced
- * by [0]; anything else (not the top-level batch's, not plain integers) is
- * left to the strict parser. */
+ * by a placeholder of its length ("[0", spaces, "]"); anything else (not the
+ * top-level batch's, not plain integers) is left to the strict parser. */
 static void indices_case(const char *text, int want, size_t n, int32_t last, const char *rest)
 {
     char *r = NULL;
@@ -194,10 +194,11 @@ static void indices_case(const char *text, int want, size_t n, int32_t last, con
 START_TEST(job_indices_read_apart)
 {
     indices_case("{\"op\":\"loss\",\"batch\":{\"indices\":[1,2,3]}}", 1, 3, 3,
-                 "{\"op\":\"loss\",\"batch\":{\"indices\":[0]}}");
+                 "{\"op\":\"loss\",\"batch\":{\"indices\":[0    ]}}");
     indices_case("{ \"batch\" : { \"size\" : 2, \"indices\" : [ 7 , 2147483647 ] } , \"op\":\"x\"}",
                  1, 2, 2147483647,
-                 "{ \"batch\" : { \"size\" : 2, \"indices\" : [0] } , \"op\":\"x\"}");
+                 "{ \"batch\" : { \"size\" : 2, \"indices\" : [0               ] } , \"op\":\"x\"}");
+    indices_case("{\"batch\":{\"indices\":[5]}}", 1, 1, 5, "{\"batch\":{\"indices\":[0]}}");
     indices_case("{\"x\":\"\\\"batch\\\":{\\\"indices\\\":[5]}\",\"batch\":{\"offset\":1}}", 0, 0,
                  0, "");
     indices_case("{\"options\":{\"batch\":{\"indices\":[1]}}}", 0, 0, 0, "");
@@ -1365,6 +1366,91 @@ START_TEST(requests_without_a_socket)
 }
 END_TEST
 
+/* A job body of at least 4 KiB whose batch.indices start with `first`
+ * ("100": the compact reader takes the list; "1e2", the same value and
+ * length: it leaves the body to the tree parser), then `more`, then `rest`
+ * (what follows the index list's ']'). */
+static char *indices_body(const char *first, const char *more, const char *rest)
+{
+    size_t cap = 8192 + strlen(more) + strlen(rest);
+    char *b = malloc(cap);
+    ck_assert_ptr_nonnull(b);
+    int n = snprintf(b, cap, "{\"op\":\"loss\",\"model\":\"m\",\"dataset\":\"d\",\"batch\":"
+                             "{\"indices\":[%s", first);
+    for (int i = 0; i < 2100; i++)
+        n += snprintf(b + n, cap - (size_t)n, ",%d", i % 7);
+    snprintf(b + n, cap - (size_t)n, "%s]%s", more, rest);
+    return b;
+}
+
+/* POST /v1/jobs answers a large body whose indices the compact reader takes
+ * exactly as the tree parser answers the same document (status, code,
+ * field and message: byte offsets in syntax errors included). */
+static void same_answer(cv_http *h, const char *more, const char *rest)
+{
+    char *fast = indices_body("100", more, rest), *slow = indices_body("1e2", more, rest);
+    ck_assert_uint_eq(strlen(fast), strlen(slow));
+    ck_assert_uint_ge(strlen(fast), 4096);
+    char *r = NULL;
+    size_t rl, n;
+    int32_t *idx = NULL;
+    ck_assert_int_eq(cv_job_text_indices(fast, strlen(fast), &r, &rl, &idx, &n), 1);
+    free(r);
+    free(idx);
+    ck_assert_int_eq(cv_job_text_indices(slow, strlen(slow), &r, &rl, &idx, &n), 0);
+    cv_http_kv wait[] = {{"wait", "0"}};
+    cJSON *a, *b;
+    unsigned sa = handle(h, "POST", "/v1/jobs", wait, 1, NULL, 0, fast, &a);
+    unsigned sb = handle(h, "POST", "/v1/jobs", wait, 1, NULL, 0, slow, &b);
+    ck_assert_msg(sa == sb, "%s: %u vs %u", rest, sa, sb);
+    if (sa >= 400) {
+        ck_assert_str_eq(sfield(a, "error", "code"), sfield(b, "error", "code"));
+        ck_assert_str_eq(sfield(a, "error", "field"), sfield(b, "error", "field"));
+        ck_assert_str_eq(sfield(a, "error", "message"), sfield(b, "error", "message"));
+    } else {
+        ck_assert_str_eq(sfield(a, "status", NULL), sfield(b, "status", NULL));
+    }
+    cJSON_Delete(a);
+    cJSON_Delete(b);
+    free(fast);
+    free(slow);
+}
+
+START_TEST(job_indices_same_answers)
+{
+    jfx f;
+    jfx_make(&f, 1, 64, 0);
+    cv_jobs_free(f.jobs);
+    cv_jobs_config jc = {.max_queue = 64, .keep_s = 600, .max_kept = 100, .no_workers = 1};
+    cv_job_limits_default(&jc.limits);
+    cv_err e;
+    ck_assert_ptr_nonnull(f.jobs = cv_jobs_new(&jc, f.reg, &e));
+    cv_http_config c;
+    memset(&c, 0, sizeof c);
+    c.max_body = 1 << 20;
+    c.max_job_body = 1 << 20;
+    cv_http *h = cv_http_new_unbound(&c, f.reg, f.jobs, &e);
+    ck_assert_msg(h != NULL, "%s", e.message);
+    same_answer(h, "", "}}");                          /* queued */
+    same_answer(h, "", "}}  x");                       /* trailing data (byte N) */
+    same_answer(h, "", "}} \x01");                     /* control character (byte N) */
+    same_answer(h, "", "},\"options\":{} \"x\":1}");   /* not JSON (near byte N) */
+    same_answer(h, "", "},\"options\":{\"k\":01}}");   /* malformed number (byte N) */
+    same_answer(h, "", "},\"op\":\"a\tb\"}");          /* raw tab in a string (byte N) */
+    same_answer(h, "", "},\"batch\":\"all\"}");        /* duplicate key */
+    same_answer(h, "", ",\"indices\":[1]}}");          /* duplicate key in batch */
+    same_answer(h, "", ",\"size\":3}}");               /* indices and size */
+    same_answer(h, "", ",\"sizes\":3}}");              /* unknown batch field */
+    same_answer(h, ",300", "}}");                      /* beyond the dataset */
+    same_answer(h, ",2147483647", "}}");               /* far beyond it */
+    same_answer(h, "", "},\"model\":\"m\\u0000\"}");   /* NUL in a string, duplicate */
+    same_answer(h, "", "},\"b\\u0061tch\":1}");        /* unicode escape in a key */
+    same_answer(h, "", "}");                           /* the document ends early */
+    cv_http_stop(h);
+    jfx_free(&f);
+}
+END_TEST
+
 START_TEST(http_status_of_errors)
 {
     static const struct {
@@ -1554,6 +1640,11 @@ static Suite *server_suite(void)
     tcase_add_test(jobs, strict_requests_and_retry_after);
     tcase_add_test(jobs, requests_without_a_socket);
     suite_add_tcase(s, jobs);
+    /* --max-memory's review: the compact index reader, accounting on every path */
+    TCase *mem = tcase_create("memory");
+    tcase_set_timeout(mem, 120);
+    tcase_add_test(mem, job_indices_same_answers);
+    suite_add_tcase(s, mem);
     return s;
 }
 
