@@ -49,6 +49,8 @@ struct cv_job {
     int low;                         /* queued in the low-priority lane (monitors) */
     size_t doc_bytes;                /* --max-memory: its document, counted until it ends */
     size_t run_bytes;                /* and its engine + result estimate while it runs */
+    size_t result_bytes;             /* the result's part of run_bytes (the engine's goes
+                                      * when the engine returns) */
     int waited_memory;               /* counted in memory_waits_total */
     struct cv_job *qnext;            /* queue link */
     struct cv_job *prev, *next;      /* table links, creation order */
@@ -680,6 +682,18 @@ static cv_job *take_locked(cv_jobs *J)
     }
 }
 
+/* The engine returned: its part of j's estimate leaves the account (a
+ * posterior it made is counted by the registry once kept, not twice); the
+ * result's part stays until j finishes. */
+static void engine_done(cv_jobs *J, cv_job *j)
+{
+    pthread_mutex_lock(&J->mu);
+    cv_memory_sub(J->cfg.memory, CV_MEM_RUNNING, j->run_bytes - j->result_bytes);
+    j->run_bytes = j->result_bytes;
+    pthread_cond_broadcast(&J->work_cv); /* a job waiting for memory may fit now */
+    pthread_mutex_unlock(&J->mu);
+}
+
 static void *worker_main(void *arg)
 {
     cv_jobs *J = arg;
@@ -709,6 +723,7 @@ static void *worker_main(void *arg)
                                                   j->dsnap, &J->cfg.limits, &j->progress, &err)
                                   : cv_job_exec_store(j->spec, m, d, &J->cfg.limits,
                                                       &j->progress, &store, &err);
+        engine_done(J, j);
         if (res && store.out && keep_posterior(J, j, store.out, &err)) {
             cJSON_Delete(res); /* not kept: the job fails with the registry's error */
             res = NULL;
@@ -1036,18 +1051,25 @@ static int kept_posterior(cv_jobs *J, cv_job_spec *spec, const cv_snap *ms, cv_s
     return cv_lap_job_use(spec, p->backing, ms->model, e);
 }
 
-/* The job's cost to the service (j->doc_bytes, j->run_bytes) and the checks
- * that need no lock: 413 result_too_large when its result's text would
- * exceed --max-kept-bytes, 413 memory_limit when it cannot fit under
- * --max-memory beside the registry's current versions even alone. */
+/* The job's cost to the service (j->doc_bytes, j->run_bytes: the engine's
+ * plan, the posterior it keeps, built in the engine's memory, and the
+ * result) and the checks that need no lock: 413 result_too_large when its
+ * result's text would exceed --max-kept-bytes, 413 memory_limit when it
+ * cannot fit under --max-memory beside the registry's current versions
+ * even alone. */
 static int cost_job(cv_jobs *J, cv_job *j, const cv_curv_plan *plan, const cv_model *model,
                     size_t n, cv_err *e)
 {
     double numbers = cv_job_result_numbers(j->spec, model, n);
     size_t text = cv_memory_numbers(numbers, CV_MEM_RESULT_TEXT_BYTES);
     size_t build = cv_memory_numbers(numbers, CV_MEM_RESULT_BUILD_BYTES);
+    size_t keep = cv_lap_keep_bytes_min(j->spec, model);
+    size_t engine = plan->planned_bytes + keep;
+    if (engine < keep)
+        engine = SIZE_MAX;
     j->doc_bytes = cv_job_spec_bytes(j->spec) + sizeof *j;
-    j->run_bytes = plan->planned_bytes + build;
+    j->result_bytes = build;
+    j->run_bytes = engine + build;
     if (j->run_bytes < build)
         j->run_bytes = SIZE_MAX;
     if (J->cfg.max_kept_bytes && text > J->cfg.max_kept_bytes)
@@ -1066,12 +1088,13 @@ static int cost_job(cv_jobs *J, cv_job *j, const cv_curv_plan *plan, const cv_mo
     size_t reg = st.bytes + st.staged_bytes, need = j->doc_bytes + j->run_bytes;
     if (need < j->run_bytes || reg > m->limit || need > m->limit - reg)
         return cv_err_set(e, CV_ETOOLARGE, "memory_limit", "",
-                          "this job needs about %zu bytes (engine %zu, result while built %zu, "
-                          "document %zu) but --max-memory is %zu bytes and the registry holds "
+                          "this job needs about %zu bytes (engine %zu, kept posterior %zu, result "
+                          "while built %zu, document %zu) but --max-memory is %zu bytes and the "
+                          "registry holds "
                           "%zu (models, datasets, uploads in parts): it cannot run even alone; "
                           "use a smaller batch or micro_batch, a lower --job-memory, or raise "
                           "--max-memory",
-                          need, plan->planned_bytes, build, j->doc_bytes, m->limit, reg);
+                          need, plan->planned_bytes, keep, build, j->doc_bytes, m->limit, reg);
     return 0;
 }
 

@@ -1451,6 +1451,87 @@ START_TEST(job_indices_same_answers)
 }
 END_TEST
 
+/* The memory fixture: model m, dataset d (300 samples), workers, an
+ * account (limit 0 until a test sets it) shared by the registry and jobs. */
+static void mfx_make(jfx *f, cv_memory *mem, int workers, size_t max_kept_bytes)
+{
+    cv_err e;
+    f->reg = cv_registry_new((size_t)1 << 30);
+    cv_model *m = heap_model(1);
+    ck_assert_int_eq(cv_registry_add_dataset(f->reg, "d", heap_data(m, 300), "t", NULL, &e), 0);
+    ck_assert_int_eq(cv_registry_add_model(f->reg, "m", m, "t", NULL, &e), 0);
+    cv_memory_init(mem, 0);
+    cv_registry_set_memory(f->reg, mem);
+    cv_jobs_config c = {.workers = workers, .max_queue = 16, .keep_s = 600, .max_kept = 100,
+                        .max_kept_bytes = max_kept_bytes, .memory = mem};
+    cv_job_limits_default(&c.limits);
+    ck_assert_ptr_nonnull(f->jobs = cv_jobs_new(&c, f->reg, &e));
+}
+
+/* What job `text` needs (document + engine + result) by the 413 memory_limit
+ * answer to it under a limit that holds nothing beside the registry. */
+static size_t job_need(jfx *f, cv_memory *mem, const char *text)
+{
+    cv_jobs_stats st;
+    cv_jobs_stats_get(f->jobs, &st);
+    size_t old = mem->limit, need = 0;
+    mem->limit = st.memory_used[CV_MEM_REGISTRY] + 1;
+    cv_job *x;
+    cv_err e;
+    ck_assert_int_eq(submit(f, text, &x, &e), -1);
+    ck_assert_str_eq(e.code, "memory_limit");
+    ck_assert_int_eq(sscanf(e.message, "this job needs about %zu bytes", &need), 1);
+    mem->limit = old;
+    return need;
+}
+
+static void expect_account_empty(jfx *f)
+{
+    cv_jobs_stats st;
+    cv_jobs_stats_get(f->jobs, &st);
+    ck_assert_uint_eq(st.memory_used[CV_MEM_DOCUMENTS], 0);
+    ck_assert_uint_eq(st.memory_used[CV_MEM_RUNNING], 0);
+    ck_assert_uint_eq(st.memory_used[CV_MEM_KEPT], st.kept_bytes);
+}
+
+#define KEEP_JOB(name)                                                                           \
+    "{\"op\":\"laplace\",\"model\":\"m\",\"dataset\":\"d\","                                \
+    "\"options\":{\"keep\":\"" name "\",\"structure\":\"full\"}}"
+
+/* A job that was admitted alone (its need fits beside the registry) keeps
+ * its posterior when it ends alone: the posterior is made of the engine
+ * memory its estimate counted, not a second allocation beside it. */
+START_TEST(memory_posterior_kept_by_a_lone_job)
+{
+    jfx f;
+    cv_memory mem;
+    mfx_make(&f, &mem, 1, 0);
+    cv_err e;
+    cv_job *x;
+    /* a first posterior, with no limit */
+    ck_assert_msg(submit(&f, KEEP_JOB("p"), &x, &e) == 0, "%s", e.message);
+    ck_assert_int_eq(cv_jobs_wait(f.jobs, x, 30), 1);
+    expect_status(&f, x, "succeeded", NULL);
+    cv_job_unref(x);
+    cv_jobs_stats st;
+    cv_jobs_stats_get(f.jobs, &st);
+    size_t reg = st.memory_used[CV_MEM_REGISTRY]; /* models, dataset, posterior p */
+    size_t need = job_need(&f, &mem, KEEP_JOB("q"));
+    /* room for the job alone: its posterior q, made of memory its
+     * estimate counts, is not counted a second time when kept */
+    mem.limit = reg + need + 64;
+    ck_assert_msg(submit(&f, KEEP_JOB("q"), &x, &e) == 0, "%s", e.message);
+    ck_assert_int_eq(cv_jobs_wait(f.jobs, x, 30), 1);
+    cJSON *s = status_of(&f, x);
+    ck_assert_msg(strcmp(sfield(s, "status", NULL), "succeeded") == 0, "%s: %s",
+                  sfield(s, "error", "code"), sfield(s, "error", "message"));
+    cJSON_Delete(s);
+    cv_job_unref(x);
+    expect_account_empty(&f);
+    jfx_free(&f);
+}
+END_TEST
+
 START_TEST(http_status_of_errors)
 {
     static const struct {
@@ -1644,6 +1725,7 @@ static Suite *server_suite(void)
     TCase *mem = tcase_create("memory");
     tcase_set_timeout(mem, 120);
     tcase_add_test(mem, job_indices_same_answers);
+    tcase_add_test(mem, memory_posterior_kept_by_a_lone_job);
     suite_add_tcase(s, mem);
     return s;
 }
