@@ -1532,6 +1532,59 @@ START_TEST(memory_posterior_kept_by_a_lone_job)
 }
 END_TEST
 
+/* --max-kept-bytes holds for every op with a large result: kfac's factors
+ * and predict's per-point fields are estimated at submit too (413
+ * result_too_large), and what fits runs. */
+START_TEST(memory_result_estimates_kfac_predict)
+{
+    jfx f;
+    cv_memory mem;
+    mfx_make(&f, &mem, 1, 1024);
+    cv_err e;
+    cv_job *x;
+    static const char *const big[] = {
+        /* 4-5-3 MLP: factors 5x5, 5x5, 6x6, 3x3 (95 numbers) and their eigenvalues */
+        "{\"op\":\"kfac\",\"model\":\"m\",\"dataset\":\"d\"}",
+        /* 300 points x 3 outputs: mean, variance, probs, and covariance 3x3 */
+        "{\"op\":\"predict\",\"model\":\"m\",\"dataset\":\"d\",\"options\":"
+        "{\"structure\":\"diag\",\"return_covariance\":true}}",
+        "{\"op\":\"predict\",\"model\":\"m\",\"dataset\":\"d\",\"batch\":{\"size\":1},"
+        "\"options\":{\"structure\":\"diag\",\"x\":[" /* 100 points of 4 inputs */
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4]}}"};
+    for (size_t i = 0; i < sizeof big / sizeof big[0]; i++) {
+        int rc = submit(&f, big[i], &x, &e);
+        if (rc == 0) { /* show what it would have kept */
+            ck_assert_int_eq(cv_jobs_wait(f.jobs, x, 30), 1);
+            size_t len;
+            char *t = cv_job_status_text(f.jobs, x, &len);
+            ck_abort_msg("%s: accepted, status and result %zu bytes: %.300s", big[i], len, t);
+        }
+        ck_assert_str_eq(e.code, "result_too_large");
+    }
+    static const char *const small[] = {
+        "{\"op\":\"kfac\",\"model\":\"m\",\"dataset\":\"d\",\"options\":"
+        "{\"return_factors\":false,\"eigenvalues\":false}}",
+        "{\"op\":\"predict\",\"model\":\"m\",\"dataset\":\"d\",\"batch\":{\"size\":4},"
+        "\"options\":{\"structure\":\"diag\"}}"};
+    for (size_t i = 0; i < sizeof small / sizeof small[0]; i++) {
+        ck_assert_msg(submit(&f, small[i], &x, &e) == 0, "%s: %s", small[i], e.message);
+        ck_assert_int_eq(cv_jobs_wait(f.jobs, x, 30), 1);
+        expect_status(&f, x, "succeeded", NULL);
+        cv_job_unref(x);
+    }
+    jfx_free(&f);
+}
+END_TEST
+
 START_TEST(http_status_of_errors)
 {
     static const struct {
@@ -1726,6 +1779,7 @@ static Suite *server_suite(void)
     tcase_set_timeout(mem, 120);
     tcase_add_test(mem, job_indices_same_answers);
     tcase_add_test(mem, memory_posterior_kept_by_a_lone_job);
+    tcase_add_test(mem, memory_result_estimates_kfac_predict);
     suite_add_tcase(s, mem);
     return s;
 }
