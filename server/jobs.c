@@ -299,6 +299,7 @@ static cv_job *cancel_queued_locked(cv_jobs *J, cv_job *j, const char *code, con
 {
     if (unlink_queued_locked(J, j))
         return NULL;
+    pthread_cond_broadcast(&J->work_cv); /* it may have held the queue's head for memory */
     cv_err_set(&j->err, CV_ECANCELLED, code, "", "%s", msg);
     finish_locked(J, j, CV_JOB_CANCELLED);
     return j;
@@ -1360,6 +1361,7 @@ int cv_jobs_withdraw(cv_jobs *J, cv_job *j)
     }
     unlink_locked(J, j);
     j->prev = j->next = NULL;
+    pthread_cond_broadcast(&J->work_cv); /* it may have held the low lane's head for memory */
     J->submitted_total--; /* as if it had never been queued */
     release_doc_locked(J, j);
     cv_registry_release(J->reg, j->psnap);

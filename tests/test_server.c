@@ -1585,6 +1585,47 @@ START_TEST(memory_result_estimates_kfac_predict)
 }
 END_TEST
 
+/* A job waiting at the head of the queue for memory that is cancelled (or
+ * withdrawn) makes way at once: the job behind it, which fits, starts
+ * without waiting for the workers' next periodic look. */
+START_TEST(memory_cancel_of_a_waiting_job_wakes_the_queue)
+{
+    jfx f;
+    cv_memory mem;
+    mfx_make(&f, &mem, 2, 0);
+    cv_err e;
+    cv_job *a, *b, *c;
+    cv_jobs_stats st;
+    cv_jobs_stats_get(f.jobs, &st);
+    size_t reg = st.memory_used[CV_MEM_REGISTRY];
+    mem.limit = (size_t)1 << 40;
+    ck_assert_int_eq(submit(&f, LONG_JOB, &a, &e), 0);
+    wait_running(&f, a);
+    cv_jobs_stats_get(f.jobs, &st);
+    size_t doc = st.memory_used[CV_MEM_DOCUMENTS], run = st.memory_used[CV_MEM_RUNNING];
+    mem.limit = reg + 4 * doc + run + run / 2; /* another LONG_JOB waits, a small job fits */
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(submit(&f, LONG_JOB, &b, &e), 0);
+        ck_assert_int_eq(submit(&f, "{\"op\":\"loss\",\"model\":\"m\",\"dataset\":\"d\","
+                                    "\"batch\":{\"size\":1}}", &c, &e), 0);
+        struct timespec ts = {0, 100000000};
+        nanosleep(&ts, NULL);
+        expect_status(&f, b, "queued", NULL);
+        expect_status(&f, c, "queued", NULL); /* behind b */
+        cv_jobs_cancel(f.jobs, b, 0);
+        ck_assert_msg(cv_jobs_wait(f.jobs, c, 0.25) == 1, "try %d: the job behind a cancelled "
+                      "waiting job did not start within 0.25 s", i);
+        cv_job_unref(b);
+        cv_job_unref(c);
+    }
+    cv_jobs_cancel(f.jobs, a, 5);
+    ck_assert_int_eq(cv_jobs_wait(f.jobs, a, 10), 1);
+    cv_job_unref(a);
+    expect_account_empty(&f);
+    jfx_free(&f);
+}
+END_TEST
+
 START_TEST(http_status_of_errors)
 {
     static const struct {
@@ -1780,6 +1821,7 @@ static Suite *server_suite(void)
     tcase_add_test(mem, job_indices_same_answers);
     tcase_add_test(mem, memory_posterior_kept_by_a_lone_job);
     tcase_add_test(mem, memory_result_estimates_kfac_predict);
+    tcase_add_test(mem, memory_cancel_of_a_waiting_job_wakes_the_queue);
     suite_add_tcase(s, mem);
     return s;
 }
