@@ -1532,10 +1532,10 @@ START_TEST(memory_posterior_kept_by_a_lone_job)
 }
 END_TEST
 
-/* --max-kept-bytes holds for every op with a large result: kfac's factors
- * and predict's per-point fields are estimated at submit too (413
- * result_too_large), and what fits runs. */
-START_TEST(memory_result_estimates_kfac_predict)
+/* --max-kept-bytes holds for every op with a large result: kfac's factors,
+ * snr's per-sample values and predict's per-point fields are estimated at
+ * submit too (413 result_too_large), and what fits runs. */
+START_TEST(memory_result_estimates_kfac_snr_predict)
 {
     jfx f;
     cv_memory mem;
@@ -1545,6 +1545,9 @@ START_TEST(memory_result_estimates_kfac_predict)
     static const char *const big[] = {
         /* 4-5-3 MLP: factors 5x5, 5x5, 6x6, 3x3 (95 numbers) and their eigenvalues */
         "{\"op\":\"kfac\",\"model\":\"m\",\"dataset\":\"d\"}",
+        /* the per-sample gamma and lambda: 300 samples x 3 directions each */
+        "{\"op\":\"snr\",\"model\":\"m\",\"dataset\":\"d\",\"curvature\":\"ggn\","
+        "\"options\":{\"return_raw\":true}}",
         /* 300 points x 3 outputs: mean, variance, probs, and covariance 3x3 */
         "{\"op\":\"predict\",\"model\":\"m\",\"dataset\":\"d\",\"options\":"
         "{\"structure\":\"diag\",\"return_covariance\":true}}",
@@ -1573,6 +1576,8 @@ START_TEST(memory_result_estimates_kfac_predict)
     static const char *const small[] = {
         "{\"op\":\"kfac\",\"model\":\"m\",\"dataset\":\"d\",\"options\":"
         "{\"return_factors\":false,\"eigenvalues\":false}}",
+        "{\"op\":\"snr\",\"model\":\"m\",\"dataset\":\"d\",\"curvature\":\"ggn\","
+        "\"batch\":{\"size\":8}}",
         "{\"op\":\"predict\",\"model\":\"m\",\"dataset\":\"d\",\"batch\":{\"size\":4},"
         "\"options\":{\"structure\":\"diag\"}}"};
     for (size_t i = 0; i < sizeof small / sizeof small[0]; i++) {
@@ -1820,7 +1825,7 @@ static Suite *server_suite(void)
     tcase_set_timeout(mem, 120);
     tcase_add_test(mem, job_indices_same_answers);
     tcase_add_test(mem, memory_posterior_kept_by_a_lone_job);
-    tcase_add_test(mem, memory_result_estimates_kfac_predict);
+    tcase_add_test(mem, memory_result_estimates_kfac_snr_predict);
     tcase_add_test(mem, memory_cancel_of_a_waiting_job_wakes_the_queue);
     suite_add_tcase(s, mem);
     return s;
