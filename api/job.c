@@ -1080,12 +1080,14 @@ static double block_result_numbers(const cv_job_spec *j, double D, double n, dou
     }
     if (op == &cv_op_eigen)
         return opt_int(j, "return_vectors") ? (double)opt_int(j, "k") * D : 0;
+    if (op == &cv_op_density) /* the grid and the density on it */
+        return 2 * (double)opt_int(j, "grid_points");
     if (op == &cv_op_snr) { /* k directions (8 numbers each); raw: gamma n x k, lambda ns x k */
         double mc = opt_int(j, "mc_samples") > 1 ? opt_int(j, "mc_samples") : 1;
         double k = cv_opts_given(&j->opts, "k") ? opt_int(j, "k") : C;
         if (k > n * C * mc)
             k = n * C * mc; /* the rank bounds the directions */
-        return 8 * k + (opt_int(j, "return_raw") ? (n + n * C * mc) * k : 0);
+        return 8 * k + (opt_int(j, "return_raw") ? 2 * n * k : 0); /* ns <= n */
     }
     return 0;
 }

@@ -198,7 +198,8 @@ cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,
  * parameters (C: the model's outputs per sample): dense D^2,
  * per_sample_gradients n D, jacobian n C D, jvp n C, diag 2 D (+ n D with
  * per_sample), gradient, matvec, vjp, newton D, solve D per right-hand
- * side, eigen with return_vectors k D, snr k directions (return_raw: its
+ * side, eigen with return_vectors k D, density's grid (2 grid_points), snr
+ * k directions (return_raw: its
  * per-sample values), and once per job kfac's factors and
  * eigenvalues (as asked) and predict's per-point fields and posterior
  * samples; 0 for ops whose results are small. */

@@ -1532,9 +1532,9 @@ START_TEST(memory_posterior_kept_by_a_lone_job)
 }
 END_TEST
 
-/* --max-kept-bytes holds for every op with a large result: kfac's factors,
- * snr's per-sample values and predict's per-point fields are estimated at
- * submit too (413 result_too_large), and what fits runs. */
+/* --max-kept-bytes holds for every op with a large result: density's grid,
+ * kfac's factors, snr's per-sample values and predict's per-point fields
+ * are estimated at submit too (413 result_too_large), and what fits runs. */
 START_TEST(memory_result_estimates_kfac_snr_predict)
 {
     jfx f;
@@ -1545,6 +1545,9 @@ START_TEST(memory_result_estimates_kfac_snr_predict)
     static const char *const big[] = {
         /* 4-5-3 MLP: factors 5x5, 5x5, 6x6, 3x3 (95 numbers) and their eigenvalues */
         "{\"op\":\"kfac\",\"model\":\"m\",\"dataset\":\"d\"}",
+        /* a grid of 1000 points and the density on it */
+        "{\"op\":\"density\",\"model\":\"m\",\"dataset\":\"d\",\"curvature\":\"ggn\","
+        "\"options\":{\"grid_points\":1000}}",
         /* the per-sample gamma and lambda: 300 samples x 3 directions each */
         "{\"op\":\"snr\",\"model\":\"m\",\"dataset\":\"d\",\"curvature\":\"ggn\","
         "\"options\":{\"return_raw\":true}}",
