@@ -1068,7 +1068,8 @@ static int cost_job(cv_jobs *J, cv_job *j, const cv_curv_plan *plan, const cv_mo
     size_t engine = plan->planned_bytes + keep;
     if (engine < keep)
         engine = SIZE_MAX;
-    j->doc_bytes = cv_job_spec_bytes(j->spec) + sizeof *j;
+    /* under mpirun the document's text for the other ranks too */
+    j->doc_bytes = cv_job_spec_bytes(j->spec) + sizeof *j + (j->text ? strlen(j->text) + 1 : 0);
     j->result_bytes = build;
     j->run_bytes = engine + build;
     if (j->run_bytes < build)
@@ -1253,12 +1254,12 @@ static int submit(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t nidx, doubl
     snprintf(j->model, sizeof j->model, "%s", mname);
     snprintf(j->dataset, sizeof j->dataset, "%s", dname);
     j->spec = spec;
-    if (cost_job(J, j, &plan, ms->model, cv_job_batch_size(spec, ds->data->n), e)) {
-        j->spec = NULL; /* freed below */
-        goto fail;
-    }
     if (J->cfg.ranks && !(j->text = cJSON_PrintUnformatted(doc))) {
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+        goto fail;
+    }
+    if (cost_job(J, j, &plan, ms->model, cv_job_batch_size(spec, ds->data->n), e)) {
+        j->spec = NULL; /* freed below */
         goto fail;
     }
     j->msnap = ms;
