@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "api/op_kron.h"
+#include "api/op_laplace.h"
 #include "api/op_util.h"
 #include "api/ops.h"
 #include "api/ops_table.h"
@@ -1010,6 +1011,46 @@ static int opt_int(const cv_job_spec *j, const char *name)
     return 0;
 }
 
+/* The length of the job's list option `name` (0 when the op has none or it
+ * was not given). */
+static double opt_list_len(const cv_job_spec *j, const char *name)
+{
+    for (int i = 0; j->opts.specs && j->opts.specs[i].name; i++) {
+        const cv_opt_spec *s = &j->opts.specs[i];
+        if (strcmp(s->name, name) == 0 && s->type == CV_OPT_LIST)
+            return (double)((const cv_opt_list *)((const char *)j->opts.args + s->offset))->n;
+    }
+    return 0;
+}
+
+/* Numbers in the large fields of a result that is not blockwise, on n
+ * samples of C outputs each: kfac's factors and their eigenvalues (as
+ * asked), predict's per-point fields (mean, variance, for a classifier
+ * probs and with samples mc_probs: C each; covariance C^2) on the batch or
+ * options.x, and its posterior samples. */
+static double whole_result_numbers(const cv_job_spec *j, const cv_model *m, double n, double C)
+{
+    if (j->op == &cv_op_kfac) {
+        cv_kron_sizes ks;
+        cv_err ignored;
+        if (cv_kron_sizes_of(m, &ks, &ignored))
+            return 0;
+        return (opt_int(j, "return_factors") ? ks.square : 0) +
+               (opt_int(j, "eigenvalues") ? ks.linear : 0);
+    }
+    if (j->op == &cv_op_predict) {
+        double in = (double)cv_shape_numel(&m->input_shape), x = opt_list_len(j, "x");
+        double N = x > 0 && in > 0 ? x / in : n;
+        double post = opt_int(j, "return_posterior_samples")
+                          ? (double)opt_int(j, "samples") * (double)cv_lap_of(&j->opts)->post_dim
+                          : 0;
+        int cls = cv_loss_is_class(m->loss), mc = cls && cv_opts_given(&j->opts, "samples");
+        double per = (2 + cls + mc) * C + (opt_int(j, "return_covariance") ? C * C : 0);
+        return N * per + post;
+    }
+    return 0;
+}
+
 /* Numbers in one block's result of dimension D on n samples of C outputs each. */
 static double block_result_numbers(const cv_job_spec *j, double D, double n, double C)
 {
@@ -1039,12 +1080,22 @@ static double block_result_numbers(const cv_job_spec *j, double D, double n, dou
     }
     if (op == &cv_op_eigen)
         return opt_int(j, "return_vectors") ? (double)opt_int(j, "k") * D : 0;
+    if (op == &cv_op_density) /* the grid and the density on it */
+        return 2 * (double)opt_int(j, "grid_points");
+    if (op == &cv_op_snr) { /* k directions (8 numbers each); raw: gamma n x k, lambda ns x k */
+        double mc = opt_int(j, "mc_samples") > 1 ? opt_int(j, "mc_samples") : 1;
+        double k = cv_opts_given(&j->opts, "k") ? opt_int(j, "k") : C;
+        if (k > n * C * mc)
+            k = n * C * mc; /* the rank bounds the directions */
+        return 8 * k + (opt_int(j, "return_raw") ? 2 * n * k : 0); /* ns <= n */
+    }
     return 0;
 }
 
 double cv_job_result_numbers(const cv_job_spec *j, const cv_model *m, size_t n)
 {
-    double total = 0, C = (double)cv_model_output_dim(m);
+    double C = (double)cv_model_output_dim(m);
+    double total = whole_result_numbers(j, m, (double)n, C);
     for (int i = 0; i < j->blocks.nresolved; i++)
         total += block_result_numbers(j, (double)j->blocks.resolved[i].dim, (double)n, C);
     return total;

@@ -198,7 +198,11 @@ cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,
  * parameters (C: the model's outputs per sample): dense D^2,
  * per_sample_gradients n D, jacobian n C D, jvp n C, diag 2 D (+ n D with
  * per_sample), gradient, matvec, vjp, newton D, solve D per right-hand
- * side, eigen with return_vectors k D; 0 for ops whose results are small. */
+ * side, eigen with return_vectors k D, density's grid (2 grid_points), snr
+ * k directions (return_raw: its
+ * per-sample values), and once per job kfac's factors and
+ * eigenvalues (as asked) and predict's per-point fields and posterior
+ * samples; 0 for ops whose results are small. */
 size_t cv_job_spec_bytes(const cv_job_spec *j);
 double cv_job_result_numbers(const cv_job_spec *j, const cv_model *m, size_t n);
 
@@ -206,8 +210,9 @@ double cv_job_result_numbers(const cv_job_spec *j, const cv_model *m, size_t n);
  * when the top-level "batch" object's "indices" is a plain array of
  * integers in [0, 2^31) (digits only), returns 1 with the numbers in *idx
  * (malloc'd, *count of them) and in *rest (malloc'd, NUL-terminated,
- * *rest_len bytes) the text with that array replaced by [0], to be parsed
- * as usual; the spec parsed from it then takes *idx (cv_job_spec_set_indices).
+ * *rest_len bytes) the text with that array replaced by a placeholder of
+ * the same length ("[0" + spaces + "]", so byte offsets in parse errors
+ * are the whole text's), to be parsed as usual; the spec parsed from it then takes *idx (cv_job_spec_set_indices).
  * 0 when there is no such array or it has another form (parse the text as
  * it is: the strict parser and cv_job_parse give the errors); -1 out of memory. */
 int cv_job_text_indices(const char *text, size_t len, char **rest, size_t *rest_len,

@@ -176,19 +176,23 @@ int cv_job_text_indices(const char *text, size_t len, char **rest, size_t *rest_
     int rc = find_indices(&s, &a, &b, idx, count);
     if (rc != 1)
         return rc;
-    static const char placeholder[] = "[0]";
-    size_t pl = sizeof placeholder - 1, head = (size_t)(a - text), tail = len - (size_t)(b - text);
-    char *r = malloc(head + pl + tail + 1);
+    /* the placeholder "[0" + spaces + "]" is as long as the list it stands
+     * for, so every byte offset in the strict parser's messages is the one
+     * the whole text would give */
+    char *r = malloc(len + 1);
     if (!r) {
         free(*idx);
         *idx = NULL;
         return -1;
     }
-    memcpy(r, text, head);
-    memcpy(r + head, placeholder, pl);
-    memcpy(r + head + pl, b, tail);
-    r[head + pl + tail] = 0;
+    memcpy(r, text, len);
+    size_t head = (size_t)(a - text), span = (size_t)(b - a); /* at least "[d]" */
+    r[head] = '[';
+    r[head + 1] = '0';
+    memset(r + head + 2, ' ', span - 3);
+    r[head + span - 1] = ']';
+    r[len] = 0;
     *rest = r;
-    *rest_len = head + pl + tail;
+    *rest_len = len;
     return 1;
 }

@@ -49,6 +49,8 @@ struct cv_job {
     int low;                         /* queued in the low-priority lane (monitors) */
     size_t doc_bytes;                /* --max-memory: its document, counted until it ends */
     size_t run_bytes;                /* and its engine + result estimate while it runs */
+    size_t result_bytes;             /* the result's part of run_bytes (the engine's goes
+                                      * when the engine returns) */
     int waited_memory;               /* counted in memory_waits_total */
     struct cv_job *qnext;            /* queue link */
     struct cv_job *prev, *next;      /* table links, creation order */
@@ -297,6 +299,7 @@ static cv_job *cancel_queued_locked(cv_jobs *J, cv_job *j, const char *code, con
 {
     if (unlink_queued_locked(J, j))
         return NULL;
+    pthread_cond_broadcast(&J->work_cv); /* it may have held the queue's head for memory */
     cv_err_set(&j->err, CV_ECANCELLED, code, "", "%s", msg);
     finish_locked(J, j, CV_JOB_CANCELLED);
     return j;
@@ -680,6 +683,18 @@ static cv_job *take_locked(cv_jobs *J)
     }
 }
 
+/* The engine returned: its part of j's estimate leaves the account (a
+ * posterior it made is counted by the registry once kept, not twice); the
+ * result's part stays until j finishes. */
+static void engine_done(cv_jobs *J, cv_job *j)
+{
+    pthread_mutex_lock(&J->mu);
+    cv_memory_sub(J->cfg.memory, CV_MEM_RUNNING, j->run_bytes - j->result_bytes);
+    j->run_bytes = j->result_bytes;
+    pthread_cond_broadcast(&J->work_cv); /* a job waiting for memory may fit now */
+    pthread_mutex_unlock(&J->mu);
+}
+
 static void *worker_main(void *arg)
 {
     cv_jobs *J = arg;
@@ -709,6 +724,7 @@ static void *worker_main(void *arg)
                                                   j->dsnap, &J->cfg.limits, &j->progress, &err)
                                   : cv_job_exec_store(j->spec, m, d, &J->cfg.limits,
                                                       &j->progress, &store, &err);
+        engine_done(J, j);
         if (res && store.out && keep_posterior(J, j, store.out, &err)) {
             cJSON_Delete(res); /* not kept: the job fails with the registry's error */
             res = NULL;
@@ -1036,18 +1052,26 @@ static int kept_posterior(cv_jobs *J, cv_job_spec *spec, const cv_snap *ms, cv_s
     return cv_lap_job_use(spec, p->backing, ms->model, e);
 }
 
-/* The job's cost to the service (j->doc_bytes, j->run_bytes) and the checks
- * that need no lock: 413 result_too_large when its result's text would
- * exceed --max-kept-bytes, 413 memory_limit when it cannot fit under
- * --max-memory beside the registry's current versions even alone. */
+/* The job's cost to the service (j->doc_bytes, j->run_bytes: the engine's
+ * plan, the posterior it keeps, built in the engine's memory, and the
+ * result) and the checks that need no lock: 413 result_too_large when its
+ * result's text would exceed --max-kept-bytes, 413 memory_limit when it
+ * cannot fit under --max-memory beside the registry's current versions
+ * even alone. */
 static int cost_job(cv_jobs *J, cv_job *j, const cv_curv_plan *plan, const cv_model *model,
                     size_t n, cv_err *e)
 {
     double numbers = cv_job_result_numbers(j->spec, model, n);
     size_t text = cv_memory_numbers(numbers, CV_MEM_RESULT_TEXT_BYTES);
     size_t build = cv_memory_numbers(numbers, CV_MEM_RESULT_BUILD_BYTES);
-    j->doc_bytes = cv_job_spec_bytes(j->spec) + sizeof *j;
-    j->run_bytes = plan->planned_bytes + build;
+    size_t keep = cv_lap_keep_bytes_min(j->spec, model);
+    size_t engine = plan->planned_bytes + keep;
+    if (engine < keep)
+        engine = SIZE_MAX;
+    /* under mpirun the document's text for the other ranks too */
+    j->doc_bytes = cv_job_spec_bytes(j->spec) + sizeof *j + (j->text ? strlen(j->text) + 1 : 0);
+    j->result_bytes = build;
+    j->run_bytes = engine + build;
     if (j->run_bytes < build)
         j->run_bytes = SIZE_MAX;
     if (J->cfg.max_kept_bytes && text > J->cfg.max_kept_bytes)
@@ -1066,12 +1090,13 @@ static int cost_job(cv_jobs *J, cv_job *j, const cv_curv_plan *plan, const cv_mo
     size_t reg = st.bytes + st.staged_bytes, need = j->doc_bytes + j->run_bytes;
     if (need < j->run_bytes || reg > m->limit || need > m->limit - reg)
         return cv_err_set(e, CV_ETOOLARGE, "memory_limit", "",
-                          "this job needs about %zu bytes (engine %zu, result while built %zu, "
-                          "document %zu) but --max-memory is %zu bytes and the registry holds "
+                          "this job needs about %zu bytes (engine %zu, kept posterior %zu, result "
+                          "while built %zu, document %zu) but --max-memory is %zu bytes and the "
+                          "registry holds "
                           "%zu (models, datasets, uploads in parts): it cannot run even alone; "
                           "use a smaller batch or micro_batch, a lower --job-memory, or raise "
                           "--max-memory",
-                          need, plan->planned_bytes, build, j->doc_bytes, m->limit, reg);
+                          need, plan->planned_bytes, keep, build, j->doc_bytes, m->limit, reg);
     return 0;
 }
 
@@ -1229,12 +1254,12 @@ static int submit(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t nidx, doubl
     snprintf(j->model, sizeof j->model, "%s", mname);
     snprintf(j->dataset, sizeof j->dataset, "%s", dname);
     j->spec = spec;
-    if (cost_job(J, j, &plan, ms->model, cv_job_batch_size(spec, ds->data->n), e)) {
-        j->spec = NULL; /* freed below */
-        goto fail;
-    }
     if (J->cfg.ranks && !(j->text = cJSON_PrintUnformatted(doc))) {
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
+        goto fail;
+    }
+    if (cost_job(J, j, &plan, ms->model, cv_job_batch_size(spec, ds->data->n), e)) {
+        j->spec = NULL; /* freed below */
         goto fail;
     }
     j->msnap = ms;
@@ -1337,6 +1362,7 @@ int cv_jobs_withdraw(cv_jobs *J, cv_job *j)
     }
     unlink_locked(J, j);
     j->prev = j->next = NULL;
+    pthread_cond_broadcast(&J->work_cv); /* it may have held the low lane's head for memory */
     J->submitted_total--; /* as if it had never been queued */
     release_doc_locked(J, j);
     cv_registry_release(J->reg, j->psnap);

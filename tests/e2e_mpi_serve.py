@@ -273,8 +273,17 @@ def run(d, url1, three, tag):
         f.write(mb.export_dataset(x.repeat(500, 1), y.repeat(500)))
     check("the long jobs' 20000-row dataset registered",
           upload(url3, "/v1/datasets", "big", None, {"data": big}) == 201)
-    _, j = http(url3 + "/v1/jobs", "POST", dict(long_job(), model="m", dataset="big"))
+    # its 20000 indices: rank 0 holds the document's text for the other ranks
+    # as well as the int32 list, and --max-memory counts both
+    job = dict(long_job(), model="m", dataset="big",
+               batch={"indices": list(range(19999, -1, -1))})
+    _, j = http(url3 + "/v1/jobs", "POST", job)
     check("long job started", wait_running(url3, j["id"]))
+    _, h3 = http(url3 + "/v1/health")
+    docs = h3["memory"]["by_kind"]["job_documents"]
+    text = len(json.dumps(job, separators=(",", ":")))
+    check("the running job's document counts its text for the other ranks",
+          docs >= text + 4 * 20000, f"{docs} bytes counted; text {text} + indices {4 * 20000}")
     http(url3 + f"/v1/jobs/{j['id']}", "DELETE")
     check_stops(url3, j["id"], ("cancelled", "cancelled"), "cancel stops the job on every rank")
     st, j = http(url3 + "/v1/jobs?timeout=1", "POST", dict(long_job(), model="m", dataset="big"))

@@ -172,8 +172,8 @@ END_TEST
 /* ---- names and registry -------------------------------------------------------- */
 
 /* cv_job_text_indices: a plain index list is read into int32 and replaced
- * by [0]; anything else (not the top-level batch's, not plain integers) is
- * left to the strict parser. */
+ * by a placeholder of its length ("[0", spaces, "]"); anything else (not the
+ * top-level batch's, not plain integers) is left to the strict parser. */
 static void indices_case(const char *text, int want, size_t n, int32_t last, const char *rest)
 {
     char *r = NULL;
@@ -194,10 +194,11 @@ static void indices_case(const char *text, int want, size_t n, int32_t last, con
 START_TEST(job_indices_read_apart)
 {
     indices_case("{\"op\":\"loss\",\"batch\":{\"indices\":[1,2,3]}}", 1, 3, 3,
-                 "{\"op\":\"loss\",\"batch\":{\"indices\":[0]}}");
+                 "{\"op\":\"loss\",\"batch\":{\"indices\":[0    ]}}");
     indices_case("{ \"batch\" : { \"size\" : 2, \"indices\" : [ 7 , 2147483647 ] } , \"op\":\"x\"}",
                  1, 2, 2147483647,
-                 "{ \"batch\" : { \"size\" : 2, \"indices\" : [0] } , \"op\":\"x\"}");
+                 "{ \"batch\" : { \"size\" : 2, \"indices\" : [0               ] } , \"op\":\"x\"}");
+    indices_case("{\"batch\":{\"indices\":[5]}}", 1, 1, 5, "{\"batch\":{\"indices\":[0]}}");
     indices_case("{\"x\":\"\\\"batch\\\":{\\\"indices\\\":[5]}\",\"batch\":{\"offset\":1}}", 0, 0,
                  0, "");
     indices_case("{\"options\":{\"batch\":{\"indices\":[1]}}}", 0, 0, 0, "");
@@ -1365,6 +1366,274 @@ START_TEST(requests_without_a_socket)
 }
 END_TEST
 
+/* A job body of at least 4 KiB whose batch.indices start with `first`
+ * ("100": the compact reader takes the list; "1e2", the same value and
+ * length: it leaves the body to the tree parser), then `more`, then `rest`
+ * (what follows the index list's ']'). */
+static char *indices_body(const char *first, const char *more, const char *rest)
+{
+    size_t cap = 8192 + strlen(more) + strlen(rest);
+    char *b = malloc(cap);
+    ck_assert_ptr_nonnull(b);
+    int n = snprintf(b, cap, "{\"op\":\"loss\",\"model\":\"m\",\"dataset\":\"d\",\"batch\":"
+                             "{\"indices\":[%s", first);
+    for (int i = 0; i < 2100; i++)
+        n += snprintf(b + n, cap - (size_t)n, ",%d", i % 7);
+    snprintf(b + n, cap - (size_t)n, "%s]%s", more, rest);
+    return b;
+}
+
+/* POST /v1/jobs answers a large body whose indices the compact reader takes
+ * exactly as the tree parser answers the same document (status, code,
+ * field and message: byte offsets in syntax errors included). */
+static void same_answer(cv_http *h, const char *more, const char *rest)
+{
+    char *fast = indices_body("100", more, rest), *slow = indices_body("1e2", more, rest);
+    ck_assert_uint_eq(strlen(fast), strlen(slow));
+    ck_assert_uint_ge(strlen(fast), 4096);
+    char *r = NULL;
+    size_t rl, n;
+    int32_t *idx = NULL;
+    ck_assert_int_eq(cv_job_text_indices(fast, strlen(fast), &r, &rl, &idx, &n), 1);
+    free(r);
+    free(idx);
+    ck_assert_int_eq(cv_job_text_indices(slow, strlen(slow), &r, &rl, &idx, &n), 0);
+    cv_http_kv wait[] = {{"wait", "0"}};
+    cJSON *a, *b;
+    unsigned sa = handle(h, "POST", "/v1/jobs", wait, 1, NULL, 0, fast, &a);
+    unsigned sb = handle(h, "POST", "/v1/jobs", wait, 1, NULL, 0, slow, &b);
+    ck_assert_msg(sa == sb, "%s: %u vs %u", rest, sa, sb);
+    if (sa >= 400) {
+        ck_assert_str_eq(sfield(a, "error", "code"), sfield(b, "error", "code"));
+        ck_assert_str_eq(sfield(a, "error", "field"), sfield(b, "error", "field"));
+        ck_assert_str_eq(sfield(a, "error", "message"), sfield(b, "error", "message"));
+    } else {
+        ck_assert_str_eq(sfield(a, "status", NULL), sfield(b, "status", NULL));
+    }
+    cJSON_Delete(a);
+    cJSON_Delete(b);
+    free(fast);
+    free(slow);
+}
+
+START_TEST(job_indices_same_answers)
+{
+    jfx f;
+    jfx_make(&f, 1, 64, 0);
+    cv_jobs_free(f.jobs);
+    cv_jobs_config jc = {.max_queue = 64, .keep_s = 600, .max_kept = 100, .no_workers = 1};
+    cv_job_limits_default(&jc.limits);
+    cv_err e;
+    ck_assert_ptr_nonnull(f.jobs = cv_jobs_new(&jc, f.reg, &e));
+    cv_http_config c;
+    memset(&c, 0, sizeof c);
+    c.max_body = 1 << 20;
+    c.max_job_body = 1 << 20;
+    cv_http *h = cv_http_new_unbound(&c, f.reg, f.jobs, &e);
+    ck_assert_msg(h != NULL, "%s", e.message);
+    same_answer(h, "", "}}");                          /* queued */
+    same_answer(h, "", "}}  x");                       /* trailing data (byte N) */
+    same_answer(h, "", "}} \x01");                     /* control character (byte N) */
+    same_answer(h, "", "},\"options\":{} \"x\":1}");   /* not JSON (near byte N) */
+    same_answer(h, "", "},\"options\":{\"k\":01}}");   /* malformed number (byte N) */
+    same_answer(h, "", "},\"op\":\"a\tb\"}");          /* raw tab in a string (byte N) */
+    same_answer(h, "", "},\"batch\":\"all\"}");        /* duplicate key */
+    same_answer(h, "", ",\"indices\":[1]}}");          /* duplicate key in batch */
+    same_answer(h, "", ",\"size\":3}}");               /* indices and size */
+    same_answer(h, "", ",\"sizes\":3}}");              /* unknown batch field */
+    same_answer(h, ",300", "}}");                      /* beyond the dataset */
+    same_answer(h, ",2147483647", "}}");               /* far beyond it */
+    same_answer(h, "", "},\"model\":\"m\\u0000\"}");   /* NUL in a string, duplicate */
+    same_answer(h, "", "},\"b\\u0061tch\":1}");        /* unicode escape in a key */
+    same_answer(h, "", "}");                           /* the document ends early */
+    cv_http_stop(h);
+    jfx_free(&f);
+}
+END_TEST
+
+/* The memory fixture: model m, dataset d (300 samples), workers, an
+ * account (limit 0 until a test sets it) shared by the registry and jobs. */
+static void mfx_make(jfx *f, cv_memory *mem, int workers, size_t max_kept_bytes)
+{
+    cv_err e;
+    f->reg = cv_registry_new((size_t)1 << 30);
+    cv_model *m = heap_model(1);
+    ck_assert_int_eq(cv_registry_add_dataset(f->reg, "d", heap_data(m, 300), "t", NULL, &e), 0);
+    ck_assert_int_eq(cv_registry_add_model(f->reg, "m", m, "t", NULL, &e), 0);
+    cv_memory_init(mem, 0);
+    cv_registry_set_memory(f->reg, mem);
+    cv_jobs_config c = {.workers = workers, .max_queue = 16, .keep_s = 600, .max_kept = 100,
+                        .max_kept_bytes = max_kept_bytes, .memory = mem};
+    cv_job_limits_default(&c.limits);
+    ck_assert_ptr_nonnull(f->jobs = cv_jobs_new(&c, f->reg, &e));
+}
+
+/* What job `text` needs (document + engine + result) by the 413 memory_limit
+ * answer to it under a limit that holds nothing beside the registry. */
+static size_t job_need(jfx *f, cv_memory *mem, const char *text)
+{
+    cv_jobs_stats st;
+    cv_jobs_stats_get(f->jobs, &st);
+    size_t old = mem->limit, need = 0;
+    mem->limit = st.memory_used[CV_MEM_REGISTRY] + 1;
+    cv_job *x;
+    cv_err e;
+    ck_assert_int_eq(submit(f, text, &x, &e), -1);
+    ck_assert_str_eq(e.code, "memory_limit");
+    ck_assert_int_eq(sscanf(e.message, "this job needs about %zu bytes", &need), 1);
+    mem->limit = old;
+    return need;
+}
+
+static void expect_account_empty(jfx *f)
+{
+    cv_jobs_stats st;
+    cv_jobs_stats_get(f->jobs, &st);
+    ck_assert_uint_eq(st.memory_used[CV_MEM_DOCUMENTS], 0);
+    ck_assert_uint_eq(st.memory_used[CV_MEM_RUNNING], 0);
+    ck_assert_uint_eq(st.memory_used[CV_MEM_KEPT], st.kept_bytes);
+}
+
+#define KEEP_JOB(name)                                                                           \
+    "{\"op\":\"laplace\",\"model\":\"m\",\"dataset\":\"d\","                                \
+    "\"options\":{\"keep\":\"" name "\",\"structure\":\"full\"}}"
+
+/* A job that was admitted alone (its need fits beside the registry) keeps
+ * its posterior when it ends alone: the posterior is made of the engine
+ * memory its estimate counted, not a second allocation beside it. */
+START_TEST(memory_posterior_kept_by_a_lone_job)
+{
+    jfx f;
+    cv_memory mem;
+    mfx_make(&f, &mem, 1, 0);
+    cv_err e;
+    cv_job *x;
+    /* a first posterior, with no limit */
+    ck_assert_msg(submit(&f, KEEP_JOB("p"), &x, &e) == 0, "%s", e.message);
+    ck_assert_int_eq(cv_jobs_wait(f.jobs, x, 30), 1);
+    expect_status(&f, x, "succeeded", NULL);
+    cv_job_unref(x);
+    cv_jobs_stats st;
+    cv_jobs_stats_get(f.jobs, &st);
+    size_t reg = st.memory_used[CV_MEM_REGISTRY]; /* models, dataset, posterior p */
+    size_t need = job_need(&f, &mem, KEEP_JOB("q"));
+    /* room for the job alone: its posterior q, made of memory its
+     * estimate counts, is not counted a second time when kept */
+    mem.limit = reg + need + 64;
+    ck_assert_msg(submit(&f, KEEP_JOB("q"), &x, &e) == 0, "%s", e.message);
+    ck_assert_int_eq(cv_jobs_wait(f.jobs, x, 30), 1);
+    cJSON *s = status_of(&f, x);
+    ck_assert_msg(strcmp(sfield(s, "status", NULL), "succeeded") == 0, "%s: %s",
+                  sfield(s, "error", "code"), sfield(s, "error", "message"));
+    cJSON_Delete(s);
+    cv_job_unref(x);
+    expect_account_empty(&f);
+    jfx_free(&f);
+}
+END_TEST
+
+/* --max-kept-bytes holds for every op with a large result: density's grid,
+ * kfac's factors, snr's per-sample values and predict's per-point fields
+ * are estimated at submit too (413 result_too_large), and what fits runs. */
+START_TEST(memory_result_estimates_kfac_snr_predict)
+{
+    jfx f;
+    cv_memory mem;
+    mfx_make(&f, &mem, 1, 1024);
+    cv_err e;
+    cv_job *x;
+    static const char *const big[] = {
+        /* 4-5-3 MLP: factors 5x5, 5x5, 6x6, 3x3 (95 numbers) and their eigenvalues */
+        "{\"op\":\"kfac\",\"model\":\"m\",\"dataset\":\"d\"}",
+        /* a grid of 1000 points and the density on it */
+        "{\"op\":\"density\",\"model\":\"m\",\"dataset\":\"d\",\"curvature\":\"ggn\","
+        "\"options\":{\"grid_points\":1000}}",
+        /* the per-sample gamma and lambda: 300 samples x 3 directions each */
+        "{\"op\":\"snr\",\"model\":\"m\",\"dataset\":\"d\",\"curvature\":\"ggn\","
+        "\"options\":{\"return_raw\":true}}",
+        /* 300 points x 3 outputs: mean, variance, probs, and covariance 3x3 */
+        "{\"op\":\"predict\",\"model\":\"m\",\"dataset\":\"d\",\"options\":"
+        "{\"structure\":\"diag\",\"return_covariance\":true}}",
+        "{\"op\":\"predict\",\"model\":\"m\",\"dataset\":\"d\",\"batch\":{\"size\":1},"
+        "\"options\":{\"structure\":\"diag\",\"x\":[" /* 100 points of 4 inputs */
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,"
+        "1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4,1,2,3,4]}}"};
+    for (size_t i = 0; i < sizeof big / sizeof big[0]; i++) {
+        int rc = submit(&f, big[i], &x, &e);
+        if (rc == 0) { /* show what it would have kept */
+            ck_assert_int_eq(cv_jobs_wait(f.jobs, x, 30), 1);
+            size_t len;
+            char *t = cv_job_status_text(f.jobs, x, &len);
+            ck_abort_msg("%s: accepted, status and result %zu bytes: %.300s", big[i], len, t);
+        }
+        ck_assert_str_eq(e.code, "result_too_large");
+    }
+    static const char *const small[] = {
+        "{\"op\":\"kfac\",\"model\":\"m\",\"dataset\":\"d\",\"options\":"
+        "{\"return_factors\":false,\"eigenvalues\":false}}",
+        "{\"op\":\"snr\",\"model\":\"m\",\"dataset\":\"d\",\"curvature\":\"ggn\","
+        "\"batch\":{\"size\":8}}",
+        "{\"op\":\"predict\",\"model\":\"m\",\"dataset\":\"d\",\"batch\":{\"size\":4},"
+        "\"options\":{\"structure\":\"diag\"}}"};
+    for (size_t i = 0; i < sizeof small / sizeof small[0]; i++) {
+        ck_assert_msg(submit(&f, small[i], &x, &e) == 0, "%s: %s", small[i], e.message);
+        ck_assert_int_eq(cv_jobs_wait(f.jobs, x, 30), 1);
+        expect_status(&f, x, "succeeded", NULL);
+        cv_job_unref(x);
+    }
+    jfx_free(&f);
+}
+END_TEST
+
+/* A job waiting at the head of the queue for memory that is cancelled (or
+ * withdrawn) makes way at once: the job behind it, which fits, starts
+ * without waiting for the workers' next periodic look. */
+START_TEST(memory_cancel_of_a_waiting_job_wakes_the_queue)
+{
+    jfx f;
+    cv_memory mem;
+    mfx_make(&f, &mem, 2, 0);
+    cv_err e;
+    cv_job *a, *b, *c;
+    cv_jobs_stats st;
+    cv_jobs_stats_get(f.jobs, &st);
+    size_t reg = st.memory_used[CV_MEM_REGISTRY];
+    mem.limit = (size_t)1 << 40;
+    ck_assert_int_eq(submit(&f, LONG_JOB, &a, &e), 0);
+    wait_running(&f, a);
+    cv_jobs_stats_get(f.jobs, &st);
+    size_t doc = st.memory_used[CV_MEM_DOCUMENTS], run = st.memory_used[CV_MEM_RUNNING];
+    mem.limit = reg + 4 * doc + run + run / 2; /* another LONG_JOB waits, a small job fits */
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(submit(&f, LONG_JOB, &b, &e), 0);
+        ck_assert_int_eq(submit(&f, "{\"op\":\"loss\",\"model\":\"m\",\"dataset\":\"d\","
+                                    "\"batch\":{\"size\":1}}", &c, &e), 0);
+        struct timespec ts = {0, 100000000};
+        nanosleep(&ts, NULL);
+        expect_status(&f, b, "queued", NULL);
+        expect_status(&f, c, "queued", NULL); /* behind b */
+        cv_jobs_cancel(f.jobs, b, 0);
+        ck_assert_msg(cv_jobs_wait(f.jobs, c, 0.25) == 1, "try %d: the job behind a cancelled "
+                      "waiting job did not start within 0.25 s", i);
+        cv_job_unref(b);
+        cv_job_unref(c);
+    }
+    cv_jobs_cancel(f.jobs, a, 5);
+    ck_assert_int_eq(cv_jobs_wait(f.jobs, a, 10), 1);
+    cv_job_unref(a);
+    expect_account_empty(&f);
+    jfx_free(&f);
+}
+END_TEST
+
 START_TEST(http_status_of_errors)
 {
     static const struct {
@@ -1554,6 +1823,14 @@ static Suite *server_suite(void)
     tcase_add_test(jobs, strict_requests_and_retry_after);
     tcase_add_test(jobs, requests_without_a_socket);
     suite_add_tcase(s, jobs);
+    /* --max-memory's review: the compact index reader, accounting on every path */
+    TCase *mem = tcase_create("memory");
+    tcase_set_timeout(mem, 120);
+    tcase_add_test(mem, job_indices_same_answers);
+    tcase_add_test(mem, memory_posterior_kept_by_a_lone_job);
+    tcase_add_test(mem, memory_result_estimates_kfac_snr_predict);
+    tcase_add_test(mem, memory_cancel_of_a_waiting_job_wakes_the_queue);
+    suite_add_tcase(s, mem);
     return s;
 }
 
