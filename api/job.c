@@ -606,6 +606,17 @@ size_t cv_job_batch_size(const cv_job_spec *j, size_t dataset_n)
     return j->batch.count;
 }
 
+size_t cv_job_batch_copy_bytes(const cv_job_spec *j, const cv_dataset *d)
+{
+    if (j->batch.kind != CV_JOB_BATCH_INDICES)
+        return 0;
+    double per = 4.0 * (double)cv_shape_numel(&d->x_shape) +
+                 (d->y_is_index ? 8.0 : 4.0) * (double)cv_shape_numel(&d->y_shape) +
+                 (double)sizeof(size_t);
+    double b = per * (double)j->batch.count;
+    return b >= (double)SIZE_MAX ? SIZE_MAX : (size_t)b;
+}
+
 /* Samples [first, first + n) of the job's batch: a view of the dataset for
  * all or a range (no copy; cv_job_bind checked it), a gathered copy for
  * indices. */

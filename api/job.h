@@ -114,6 +114,10 @@ int cv_job_bind(cv_job_spec *j, const cv_model *m, const cv_dataset *d, cv_err *
 int cv_job_bind_model(cv_job_spec *j, const cv_model *m, cv_err *e);
 /* The number of samples N of j's batch on a dataset of dataset_n samples. */
 size_t cv_job_batch_size(const cv_job_spec *j, size_t dataset_n);
+/* Bytes the job's batch takes beside the dataset while it runs: an index
+ * batch is gathered into a copy of its samples (x, y and the index list);
+ * a whole or a range batch is a view (0). */
+size_t cv_job_batch_copy_bytes(const cv_job_spec *j, const cv_dataset *d);
 
 /* Plans the bound job's micro-batches under lim->job_memory (a probe of the
  * model on one and two samples): 0, or -1 with e filled ("job_memory", 400)

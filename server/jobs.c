@@ -1059,15 +1059,18 @@ static int kept_posterior(cv_jobs *J, cv_job_spec *spec, const cv_snap *ms, cv_s
  * cannot fit under --max-memory beside the registry's current versions
  * even alone. */
 static int cost_job(cv_jobs *J, cv_job *j, const cv_curv_plan *plan, const cv_model *model,
-                    size_t n, cv_err *e)
+                    const cv_dataset *data, cv_err *e)
 {
+    size_t n = cv_job_batch_size(j->spec, data->n), copy = cv_job_batch_copy_bytes(j->spec, data);
+    size_t engine = plan->planned_bytes + copy < copy ? SIZE_MAX : plan->planned_bytes + copy;
     double numbers = cv_job_result_numbers(j->spec, model, n);
     size_t text = cv_memory_numbers(numbers, CV_MEM_RESULT_TEXT_BYTES);
     size_t build = cv_memory_numbers(numbers, CV_MEM_RESULT_BUILD_BYTES);
     size_t keep = cv_lap_keep_bytes_min(j->spec, model);
-    size_t engine = plan->planned_bytes + keep;
-    if (engine < keep)
+    if (engine + keep < keep)
         engine = SIZE_MAX;
+    else
+        engine += keep;
     /* under mpirun the document's text for the other ranks too */
     j->doc_bytes = cv_job_spec_bytes(j->spec) + sizeof *j + (j->text ? strlen(j->text) + 1 : 0);
     j->result_bytes = build;
@@ -1090,13 +1093,13 @@ static int cost_job(cv_jobs *J, cv_job *j, const cv_curv_plan *plan, const cv_mo
     size_t reg = st.bytes + st.staged_bytes, need = j->doc_bytes + j->run_bytes;
     if (need < j->run_bytes || reg > m->limit || need > m->limit - reg)
         return cv_err_set(e, CV_ETOOLARGE, "memory_limit", "",
-                          "this job needs about %zu bytes (engine %zu, kept posterior %zu, result "
-                          "while built %zu, document %zu) but --max-memory is %zu bytes and the "
-                          "registry holds "
+                          "this job needs about %zu bytes (engine %zu, of which the gathered "
+                          "index batch %zu and the kept posterior %zu; result while built %zu; "
+                          "document %zu) but --max-memory is %zu bytes and the registry holds "
                           "%zu (models, datasets, uploads in parts): it cannot run even alone; "
                           "use a smaller batch or micro_batch, a lower --job-memory, or raise "
                           "--max-memory",
-                          need, plan->planned_bytes, keep, build, j->doc_bytes, m->limit, reg);
+                          need, engine, copy, keep, build, j->doc_bytes, m->limit, reg);
     return 0;
 }
 
@@ -1258,7 +1261,7 @@ static int submit(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t nidx, doubl
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "out of memory");
         goto fail;
     }
-    if (cost_job(J, j, &plan, ms->model, cv_job_batch_size(spec, ds->data->n), e)) {
+    if (cost_job(J, j, &plan, ms->model, ds->data, e)) {
         j->spec = NULL; /* freed below */
         goto fail;
     }

@@ -9,15 +9,19 @@ Three daemons (about 30-40 s in all on 2 cores):
   pair   --workers 2, the limit set from a probe so that one long trace job fits
          but two do not: the second waits in the queue while a worker is free
          (waits_total 1), then runs and succeeds once the first ends; an upload
-         that fits only once jobs end is 429 memory_busy with Retry-After; a 1M-index
+         that fits only once jobs end is 429 memory_busy with Retry-After; a 200k-index
          job document queued behind it is counted at its compact size (4 bytes an
          index, not a cJSON node each) and submitting it raises the daemon's peak
-         RSS by far less than a cJSON tree of it would (about 88 MB).
+         RSS by far less than a cJSON tree of it would (about 18 MB).
   burst  --workers 2 --max-memory 160M: eight large per_sample_gradients jobs and
          dataset uploads at once (some answered 429 memory_busy with Retry-After,
-         retried); every job succeeds and the peak RSS (VmHWM) stays under
+         retried), then 10 readers of one large result
+         (per-sample gradients of 400 samples, ~12 MB of JSON) at once; every
+         job succeeds, the readers read identical bytes, and the peak RSS (VmHWM) stays under
          --max-memory plus SLACK (the binary, libraries, thread stacks, request
          buffers and allocator slack, which the account does not count).
+  indices --max-memory 160M: six 1M-index job documents (3.6 MB each) at once, all
+         run; peak RSS under --max-memory plus SLACK.
 Standard library only; ends with 'N passed, M failed'.
 """
 import json
@@ -34,7 +38,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_lib import Daemon, check, summary  # noqa: E402
 
 SLACK = 80 << 20  # measured 178-200 MB peak against 160 MiB; 326-337 MB without the limit
-JOBS, UPLOADS = 8, 3  # the burst
+JOBS, UPLOADS, INDEX_JOBS = 8, 3, 6  # the burst
+# a loss job over a 1M-index batch (3.6 MB of text; a cJSON tree of it ~88 MB)
+INDEX_DOC = {"op": "loss", "model": "demo-regression", "dataset": "regression",
+             "batch": {"indices": [i % 256 for i in range(1000000)]}}
 LONG = {"op": "trace", "model": "demo-mlp", "dataset": "digits", "curvature": "hessian",
         "options": {"max_probes": 1000000, "tol": 0}}
 
@@ -152,7 +159,9 @@ def test_pair():
               and hd.get("Retry-After") is not None, (st, r, room))
         # a big index list queued behind it: counted compactly
         docs0 = h["memory"]["by_kind"]["job_documents"]
-        n = 1000000
+        # 200k indices: the gathered batch (32 bytes a sample: x, y and the index)
+        # counts in the job's engine memory and must fit beside the registry
+        n = 200000
         text = json.dumps({"op": "loss", "model": "demo-regression", "dataset": "regression",
                            "batch": {"indices": [i % 256 for i in range(n)]}},
                           separators=(",", ":")).encode()
@@ -161,7 +170,7 @@ def test_pair():
         grew = vm(d.p.pid, "VmHWM") - hwm0
         c = r.get("id", "")
         docs = memory(d)["by_kind"]["job_documents"] - docs0
-        check("a queued 1M-index document is counted at 4 bytes an index",
+        check("a queued 200k-index document is counted at 4 bytes an index",
               st == 202 and 4 * n <= docs < 4 * n + 65536, (st, docs, r if st != 202 else ""))
         check("submitting it raises peak RSS by less than 3x its text (a cJSON tree: ~25x)",
               grew < 3 * len(text), (grew, len(text)))
@@ -179,7 +188,7 @@ def test_pair():
 
 def test_burst():
     limit = 160 << 20
-    with Daemon("--workers", "2", "--max-memory", str(limit)) as d:
+    with Daemon("--workers", "2", "--max-memory", str(limit), "--job-memory", "32M") as d:
         base = vm(d.p.pid, "VmRSS")
         job = {"op": "per_sample_gradients", "model": "demo-mlp", "dataset": "digits",
                "batch": {"size": 400}}
@@ -217,6 +226,24 @@ def test_burst():
             t.start()
         for t in ts:
             t.join()
+        # a large result read by 10 clients at once: streamed from the one kept text
+        big = req(d.url + "/v1/jobs?wait=120", "POST", dict(job, batch={"size": 400}),
+                  raw=True)
+        bid = json.loads(big[1][:big[1].index(b',"op"')] + b"}")["id"] if big[0] == 200 else ""
+        bodies = []
+
+        def read_big():
+            bodies.append(req(d.url + "/v1/jobs/" + bid, raw=True)[1])
+
+        rs = [threading.Thread(target=read_big) for _ in range(10)]
+        for t in rs:
+            t.start()
+        for t in rs:
+            t.join()
+        check("10 readers of a large result read the same %d bytes" % len(big[1]),
+              big[0] == 200 and len(bodies) == 10 and len(big[1]) > (8 << 20)
+              and all(b == bodies[0] and len(b) >= len(big[1]) for b in bodies),
+              (big[0], [len(b) for b in bodies]))
         hwm = vm(d.p.pid, "VmHWM")
         jobs_ok = sum(1 for st, s in out if st == 200 and s == "succeeded")
         ups_ok = sum(1 for st, s in out if st in (200, 201) and s == "upload")
@@ -231,10 +258,45 @@ def test_burst():
               % (hwm / 1e6, limit / 1e6, SLACK >> 20, base / 1e6, busy[0], time.time() - t0))
 
 
+def test_indices():
+    """The queue-of-indices attack: INDEX_JOBS 1M-index documents posted at once."""
+    limit = 160 << 20
+    with Daemon("--workers", "1", "--max-memory", str(limit), "--job-memory", "32M") as d:
+        out, busy = [], [0]
+
+        def submit_indices():
+            for _ in range(600):
+                st, r, hd = req(d.url + "/v1/jobs", "POST", INDEX_DOC)
+                if st != 429:
+                    break
+                busy[0] += 1
+                time.sleep(0.2)
+            out.append((st, r))
+
+        ts = [threading.Thread(target=submit_indices) for _ in range(INDEX_JOBS)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        ids = [r["id"] for st, r in out if st == 202]
+        done = [wait_status(d, i, ("succeeded", "failed", "cancelled")) for i in ids]
+        hwm = vm(d.p.pid, "VmHWM")
+        check("every queued 1M-index job was taken and succeeded",
+              len(ids) == INDEX_JOBS and all(x.get("status") == "succeeded" for x in done),
+              [(st, str(r)[:120]) for st, r in out if st != 202][:3])
+        check("queue of 1M-index documents: peak RSS under --max-memory + %d MiB"
+              % (SLACK >> 20), hwm <= limit + SLACK,
+              "VmHWM %.1f MB, limit %.1f MB, %d retries after 429" % (hwm / 1e6, limit / 1e6,
+                                                                    busy[0]))
+        print("indices: %d documents of 1M indices, VmHWM %.1f MB under --max-memory %.1f MB; "
+              "%d retries after 429" % (INDEX_JOBS, hwm / 1e6, limit / 1e6, busy[0]))
+
+
 def main():
     test_small()
     test_pair()
     test_burst()
+    test_indices()
     return summary()
 
 
