@@ -34,7 +34,7 @@ import urllib.request
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_lib import ROOT, Daemon, check, skip, summary  # noqa: E402
+from e2e_lib import call, scaled_safetensors, ROOT, Daemon, check, skip, summary  # noqa: E402
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -52,32 +52,8 @@ SERIES = {"loss": ["loss"], "gradient_norm": ["gradient_norm"], "alpha": ["alpha
 
 # ---- HTTP API ---------------------------------------------------------------------
 
-def call(url, method="GET", body=None, ctype="application/json"):
-    data = None
-    if body is not None:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", ctype)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            raw, st = r.read(), r.status
-    except urllib.error.HTTPError as e:
-        raw, st = e.read(), e.code
-    try:
-        return st, json.loads(raw)
-    except ValueError:
-        return st, raw
 
 
-def perturbed(st_bytes, k):
-    """The safetensors file with every float32 scaled by (1 + 0.03 k)."""
-    import array
-    n = struct.unpack("<Q", st_bytes[:8])[0]
-    head, data = st_bytes[:8 + n], st_bytes[8 + n:]
-    a = array.array("f")
-    a.frombytes(data)
-    return head + array.array("f", [x * (1 + 0.03 * k) for x in a]).tobytes()
 
 
 # ---- WebDriver (chromedriver's HTTP protocol) ----------------------------------------
@@ -553,5 +529,11 @@ def main():
     return summary()
 
 
+def perturbed(st_bytes, k):
+    """The safetensors file with every float32 scaled by (1 + 0.03 k)."""
+    return scaled_safetensors(st_bytes, 1 + 0.03 * k)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -13,13 +13,20 @@ Daemon(*args, launcher=None)
                          not come up in 20 s
 readme_block(name)       the fenced block after <!-- test: name --> in README.md
 for_url(code, url)       code with the README's http://127.0.0.1:8080 / localhost:8080 -> url
+call(url, method, body, ctype, token)
+                         one HTTP request: (status, parsed JSON or the raw bytes)
+scaled_safetensors(b, s) a safetensors file with every float32 times s
 """
+import array
+import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,3 +124,33 @@ def readme_block(name, readme="README.md"):
 
 def for_url(code, url):
     return code.replace("http://127.0.0.1:8080", url).replace("localhost:8080", url[len("http://"):])
+
+
+def call(url, method="GET", body=None, ctype="application/json", token=None):
+    """One request: (status, the JSON answer parsed, or its raw bytes)."""
+    data = None
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", ctype)
+    if token:
+        req.add_header("Authorization", "Bearer " + token)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            raw, st = r.read(), r.status
+    except urllib.error.HTTPError as e:
+        raw, st = e.read(), e.code
+    try:
+        return st, json.loads(raw)
+    except ValueError:
+        return st, raw
+
+
+def scaled_safetensors(st_bytes, s):
+    """The safetensors file (float32 tensors only) with every value times s."""
+    n = struct.unpack("<Q", st_bytes[:8])[0]
+    head, data = st_bytes[:8 + n], st_bytes[8 + n:]
+    a = array.array("f")
+    a.frombytes(data)
+    return head + array.array("f", [x * s for x in a]).tobytes()

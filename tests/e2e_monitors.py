@@ -11,54 +11,24 @@ the curvd_instrument gauges; the errors; then a restart on the same state
 directory keeps the monitors and their histories and goes on counting; the
 roles (admin creates and deletes, read reads).
 """
-import array
 import json
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e_lib import Daemon, check, summary  # noqa: E402
+from e2e_lib import call, scaled_safetensors, Daemon, check, summary  # noqa: E402
 
 BATCH = {"offset": 0, "size": 64}
 OPTS = {"probes": 3, "lanczos_steps": 3, "bins": 8}
 CAP = 3
 
 
-def call(url, method="GET", body=None, ctype="application/json", token=None):
-    data = None
-    if body is not None:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method)
-    if data is not None:
-        req.add_header("Content-Type", ctype)
-    if token:
-        req.add_header("Authorization", "Bearer " + token)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            raw = r.read()
-            st = r.status
-    except urllib.error.HTTPError as e:
-        raw, st = e.read(), e.code
-    try:
-        return st, json.loads(raw)
-    except ValueError:
-        return st, raw
 
 
-def perturbed(st_bytes, k):
-    """The safetensors file with every float32 scaled by (1 + 0.01 k)."""
-    n = struct.unpack("<Q", st_bytes[:8])[0]
-    head, data = st_bytes[:8 + n], st_bytes[8 + n:]
-    a = array.array("f")
-    a.frombytes(data)
-    s = 1 + 0.01 * k
-    return head + array.array("f", [x * s for x in a]).tobytes()
 
 
 def push(u, params, k):
@@ -245,5 +215,11 @@ def main():
     return summary()
 
 
+def perturbed(st_bytes, k):
+    """The safetensors file with every float32 scaled by (1 + 0.01 k)."""
+    return scaled_safetensors(st_bytes, 1 + 0.01 * k)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+
