@@ -42,7 +42,7 @@ const cv_flag cv_serve_flags[] = {
              "included: an upload over it is 413 registry_full,\n"
              "429 registry_full if it fits once those jobs end"},
     {.name = "--max-memory", .arg = "BYTES", .kind = CV_FLAG_BYTES, .off = SERVE(max_memory),
-     .hi = POW2(50), .dflt = "75% of physical memory",
+     .hi = POW2(50), .dflt = "75% of physical memory, or of the cgroup memory limit when lower",
      .help = "memory the daemon may hold: registry + queued and\n"
              "running jobs' documents + running jobs' engine and\n"
              "result estimates + kept results; a job that can\n"

@@ -2,17 +2,47 @@
 #include "server/memory.h"
 
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <unistd.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
+
+/* The memory limit of the daemon's control group in bytes (cgroup v2
+ * memory.max, else v1 memory.limit_in_bytes), or 0 when there is none or it
+ * cannot be read ("max", or v1's huge "unlimited" value: not a limit). */
+size_t cv_memory_cgroup_limit(const char *v2_file, const char *v1_file)
+{
+    const char *files[2] = {v2_file, v1_file};
+    for (int i = 0; i < 2; i++) {
+        FILE *f = files[i] ? fopen(files[i], "r") : NULL;
+        if (!f)
+            continue;
+        char buf[64] = "";
+        int got = fgets(buf, sizeof buf, f) != NULL;
+        fclose(f);
+        char *end = NULL;
+        unsigned long long v = got ? strtoull(buf, &end, 10) : 0;
+        if (got && end != buf && v > 0 && v < (1ULL << 60))
+            return v >= SIZE_MAX ? SIZE_MAX : (size_t)v;
+    }
+    return 0;
+}
 
 size_t cv_memory_default_limit(void)
 {
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     if (pages <= 0 || page <= 0)
         return 0;
-    double b = 0.75 * (double)pages * (double)page;
+    double phys = (double)pages * (double)page;
+    /* in a container the group's limit, not the host's memory, is what the
+     * kernel enforces (an OOM kill past it) */
+    size_t cg = cv_memory_cgroup_limit("/sys/fs/cgroup/memory.max",
+                                       "/sys/fs/cgroup/memory/memory.limit_in_bytes");
+    if (cg && (double)cg < phys)
+        phys = (double)cg;
+    double b = 0.75 * phys;
     return b >= (double)SIZE_MAX ? SIZE_MAX : (size_t)b;
 }
 

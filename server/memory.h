@@ -46,8 +46,12 @@ typedef struct {
     atomic_size_t used[CV_MEM_KINDS];  /* CV_MEM_REGISTRY unused (the registry counts it) */
 } cv_memory;
 
-/* 75% of physical memory (sysconf), or 0 when it cannot be read. */
+/* 75% of physical memory (sysconf) or of the daemon's cgroup memory limit
+ * when that is lower (a container), or 0 when neither can be read. */
 size_t cv_memory_default_limit(void);
+/* The cgroup memory limit read from v2_file (memory.max) or else v1_file
+ * (memory.limit_in_bytes): 0 for none ("max", unlimited, unreadable). */
+size_t cv_memory_cgroup_limit(const char *v2_file, const char *v1_file);
 void cv_memory_init(cv_memory *m, size_t limit);
 void cv_memory_add(cv_memory *m, cv_mem_kind k, size_t bytes);
 void cv_memory_sub(cv_memory *m, cv_mem_kind k, size_t bytes);

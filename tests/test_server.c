@@ -881,6 +881,36 @@ START_TEST(jobs_time_limit_and_shutdown_cancel)
 }
 END_TEST
 
+/* The cgroup limit: v2 "max" is no limit (v1 is read then), a number is,
+ * v1's "unlimited" huge value is none; the default never exceeds 75% of it. */
+START_TEST(memory_cgroup_limit)
+{
+    char v2[] = "/tmp/cv_cg2_XXXXXX", v1[] = "/tmp/cv_cg1_XXXXXX";
+    int f2 = mkstemp(v2), f1 = mkstemp(v1);
+    ck_assert(f2 >= 0 && f1 >= 0);
+    ck_assert_int_eq(write(f2, "max\n", 4), 4);
+    ck_assert_int_eq(write(f1, "9223372036854771712\n", 20), 20);
+    ck_assert_uint_eq(cv_memory_cgroup_limit(v2, v1), 0);
+    ck_assert_int_eq(ftruncate(f1, 0), 0);
+    ck_assert_int_eq(pwrite(f1, "536870912\n", 10, 0), 10);
+    ck_assert_uint_eq(cv_memory_cgroup_limit(v2, v1), 536870912);
+    ck_assert_int_eq(ftruncate(f2, 0), 0);
+    ck_assert_int_eq(pwrite(f2, "1073741824\n", 11, 0), 11);
+    ck_assert_uint_eq(cv_memory_cgroup_limit(v2, v1), 1073741824);
+    ck_assert_uint_eq(cv_memory_cgroup_limit("/nonexistent/x", NULL), 0);
+    close(f2);
+    close(f1);
+    unlink(v2);
+    unlink(v1);
+    size_t lim = cv_memory_default_limit(),
+           cg = cv_memory_cgroup_limit("/sys/fs/cgroup/memory.max",
+                                       "/sys/fs/cgroup/memory/memory.limit_in_bytes");
+    ck_assert(lim > 0);
+    if (cg)
+        ck_assert(lim <= cg / 4 * 3 + 1);
+}
+END_TEST
+
 /* --max-memory (server/memory.h): what the account counts, 413 memory_limit
  * for a job that can never fit, 429 memory_busy when its document cannot be
  * held now, a job that fits only alone waits in the queue (a worker free)
@@ -1818,6 +1848,7 @@ static Suite *server_suite(void)
     tcase_add_test(jobs, jobs_time_limit_and_shutdown_cancel);
     tcase_add_test(jobs, jobs_micro_batches_progress_cancel_budget);
     tcase_add_test(jobs, finished_jobs_are_purged);
+    tcase_add_test(jobs, memory_cgroup_limit);
     tcase_add_test(jobs, memory_account_admission);
     tcase_add_test(jobs, json_bodies_end_with_newline);
     tcase_add_test(jobs, strict_requests_and_retry_after);
