@@ -31,6 +31,7 @@ typedef struct {
     int too_large;
     size_t declared;           /* a Content-Length over the limit (drained, then refused) */
     int oom;                   /* the body buffer could not grow */
+    size_t charged;            /* bytes of the body buffer in the memory account */
     int dispatched;
     char client[64];           /* req.client */
     int anonymous;             /* req.anonymous */
@@ -509,6 +510,17 @@ static int is_job_post(const char *method, const char *url)
            (strcmp(url, "/v1/jobs") == 0 || strcmp(url, "/v1/jobs/") == 0);
 }
 
+/* The body buffer's size (cap bytes) in the --max-memory account as
+ * request_bodies (server/memory.h): what it holds until the request ends. */
+static void body_charge(cv_http *h, conn_state *cs, size_t cap)
+{
+    if (cap > cs->charged)
+        cv_memory_add(h->cfg.memory, CV_MEM_REQUESTS, cap - cs->charged);
+    else
+        cv_memory_sub(h->cfg.memory, CV_MEM_REQUESTS, cs->charged - cap);
+    cs->charged = cap;
+}
+
 /* A body declared at most this far over its limit is read and dropped before
  * the 413 (see on_request); a larger one is refused at once. */
 #define BODY_DRAIN_MAX ((size_t)16 << 20)
@@ -594,6 +606,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             free(cs->body);
             cs->body = NULL;
             cs->len = cs->cap = 0;
+            body_charge(h, cs, 0);
             return MHD_YES;
         }
         if (cs->len + n > cs->cap) {
@@ -606,10 +619,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                 free(cs->body);
                 cs->body = NULL;
                 cs->len = cs->cap = 0;
+                body_charge(h, cs, 0);
                 return MHD_YES;
             }
             cs->body = nb;
             cs->cap = ncap;
+            body_charge(h, cs, ncap);
         }
         memcpy(cs->body + cs->len, upload_data, n);
         cs->len += n;
@@ -657,6 +672,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         cv_connguard_request_done(h->guard, x->slot);
     conn_state *cs = *con_cls;
     if (cs && cs != &oom_state) {
+        body_charge(h, cs, 0);
         free(cs->body);
         free(cs);
         *con_cls = NULL;

@@ -62,6 +62,8 @@ typedef struct {
     double idle_timeout;      /* seconds a connection may send nothing (0: max_wait + 60) */
     double header_timeout;    /* seconds to receive a request's headers (<= 0: no limit) */
     struct cv_monitors *monitors; /* training monitors (server/monitors.h); set by cv_serve */
+    cv_memory *memory;        /* --max-memory account: request bodies are counted in
+                               * it (server/memory.h; NULL: not counted) */
 } cv_http_config;
 
 typedef struct cv_http cv_http;

@@ -130,8 +130,7 @@ static size_t kept_cap_locked(cv_jobs *J, size_t reserve)
     size_t cap = J->cfg.max_kept_bytes ? J->cfg.max_kept_bytes : SIZE_MAX;
     const cv_memory *m = J->cfg.memory;
     if (m && m->limit) {
-        size_t busy = registry_used(J) + cv_memory_get(m, CV_MEM_DOCUMENTS) +
-                      cv_memory_get(m, CV_MEM_RUNNING) + reserve;
+        size_t busy = registry_used(J) + cv_memory_in_flight(m) + reserve;
         size_t left = busy < m->limit ? m->limit - busy : 0;
         cap = left < cap ? left : cap;
     }
@@ -632,8 +631,7 @@ static int may_start_locked(cv_jobs *J, const cv_job *j, int *kept_in_way)
     *kept_in_way = 0;
     if (!m || !m->limit)
         return 1;
-    size_t busy = registry_used(J) + cv_memory_get(m, CV_MEM_DOCUMENTS) +
-                  cv_memory_get(m, CV_MEM_RUNNING) + j->run_bytes;
+    size_t busy = registry_used(J) + cv_memory_in_flight(m) + j->run_bytes;
     if (busy + J->kept_bytes <= m->limit)
         return 1;
     *kept_in_way = J->kept_bytes > 0 && (busy <= m->limit || J->busy == 0);

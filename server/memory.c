@@ -73,7 +73,7 @@ size_t cv_memory_get(const cv_memory *m, cv_mem_kind k)
 const char *cv_memory_kind_name(cv_mem_kind k)
 {
     static const char *const names[CV_MEM_KINDS] = {"registry", "job_documents", "running_jobs",
-                                                    "kept_results"};
+                                                    "kept_results", "request_bodies"};
     return k >= 0 && k < CV_MEM_KINDS ? names[k] : "?";
 }
 
@@ -88,4 +88,10 @@ size_t cv_memory_numbers(double n, size_t b)
 {
     double t = n * (double)b;
     return t >= (double)SIZE_MAX ? SIZE_MAX : t > 0 ? (size_t)t : 0;
+}
+
+size_t cv_memory_in_flight(const cv_memory *m)
+{
+    return cv_memory_get(m, CV_MEM_DOCUMENTS) + cv_memory_get(m, CV_MEM_RUNNING) +
+           cv_memory_get(m, CV_MEM_REQUESTS);
 }

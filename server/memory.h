@@ -11,6 +11,8 @@
  *                  plus the result while it is built and printed
  *                  (CV_MEM_RESULT_BUILD_BYTES per number)
  *   kept_results   finished jobs' result text and records
+ *   request_bodies request bodies being received and not yet answered
+ *                  (server/http.c: the body buffer as it grows)
  * The job counters are atomics, so the registry reads them under its own
  * lock without taking the job table's (server/jobs.c takes the registry's
  * lock inside its own, never the other way round).
@@ -32,6 +34,7 @@ typedef enum {
     CV_MEM_DOCUMENTS,
     CV_MEM_RUNNING,
     CV_MEM_KEPT,
+    CV_MEM_REQUESTS,
     CV_MEM_KINDS
 } cv_mem_kind;
 
@@ -56,7 +59,11 @@ void cv_memory_init(cv_memory *m, size_t limit);
 void cv_memory_add(cv_memory *m, cv_mem_kind k, size_t bytes);
 void cv_memory_sub(cv_memory *m, cv_mem_kind k, size_t bytes);
 size_t cv_memory_get(const cv_memory *m, cv_mem_kind k);
-/* The gauge label of a kind: registry, job_documents, running_jobs, kept_results. */
+/* What the jobs and the requests hold beside the registry and the kept
+ * results: job documents + running jobs + request bodies. */
+size_t cv_memory_in_flight(const cv_memory *m);
+/* The gauge label of a kind: registry, job_documents, running_jobs, kept_results,
+ * request_bodies. */
 const char *cv_memory_kind_name(cv_mem_kind k);
 /* Gives freed heap pages back to the OS (glibc's malloc_trim; no-op elsewhere):
  * after a large cJSON tree of many small nodes was freed. */

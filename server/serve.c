@@ -206,6 +206,7 @@ int cv_serve(const cv_serve_config *c)
     cv_http_config hc = c->http;
     hc.state_dir = state != NULL;
     hc.monitors = monitors;
+    hc.memory = &memory;
     cv_http *http = cv_http_start(&hc, reg, jobs, &e);
     if (!http) {
         print_err("http", &e);

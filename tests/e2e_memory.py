@@ -22,6 +22,8 @@ Three daemons (about 30-40 s in all on 2 cores):
          buffers and allocator slack, which the account does not count).
   indices --max-memory 160M: six 1M-index job documents (3.6 MB each) at once, all
          run; peak RSS under --max-memory plus SLACK.
+  bodies  a request body half sent is counted as request_bodies, and leaves the
+         account when the client goes away.
 Standard library only; ends with 'N passed, M failed'.
 """
 import json
@@ -292,7 +294,33 @@ def test_indices():
               "%d retries after 429" % (INDEX_JOBS, hwm / 1e6, limit / 1e6, busy[0]))
 
 
+def test_request_bodies():
+    """A body being received is counted (request_bodies) until its request ends."""
+    import socket
+    with Daemon("--workers", "1") as d:
+        host, port = d.url.split("//")[1].split(":")
+        s = socket.create_connection((host, int(port)))
+        s.sendall(b"PUT /v1/datasets/slow HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Type: application/octet-stream\r\nContent-Length: 4000000\r\n\r\n")
+        s.sendall(b"\0" * 1500000)
+        held = 0
+        for _ in range(100):
+            held = memory(d)["by_kind"]["request_bodies"]
+            if held >= 1500000:
+                break
+            time.sleep(0.05)
+        check("a body being received is counted as request_bodies", held >= 1500000, held)
+        s.close()
+        for _ in range(100):
+            held = memory(d)["by_kind"]["request_bodies"]
+            if held == 0:
+                break
+            time.sleep(0.05)
+        check("... and leaves the account when its connection ends", held == 0, held)
+
+
 def main():
+    test_request_bodies()
     test_small()
     test_pair()
     test_burst()
