@@ -1088,16 +1088,18 @@ static int cost_job(cv_jobs *J, cv_job *j, const cv_curv_plan *plan, const cv_mo
         return 0;
     cv_registry_stats st;
     cv_registry_stats_get(J->reg, &st);
-    size_t reg = st.bytes + st.staged_bytes, need = j->doc_bytes + j->run_bytes;
+    size_t base = cv_memory_get(m, CV_MEM_BASELINE);
+    size_t reg = st.bytes + st.staged_bytes + base, need = j->doc_bytes + j->run_bytes;
     if (need < j->run_bytes || reg > m->limit || need > m->limit - reg)
         return cv_err_set(e, CV_ETOOLARGE, "memory_limit", "",
                           "this job needs about %zu bytes (engine %zu, of which the gathered "
                           "index batch %zu and the kept posterior %zu; result while built %zu; "
-                          "document %zu) but --max-memory is %zu bytes and the registry holds "
-                          "%zu (models, datasets, uploads in parts): it cannot run even alone; "
+                          "document %zu) but --max-memory is %zu bytes and the registry and the "
+                          "daemon's baseline hold %zu (models, datasets, uploads in parts; "
+                          "%zu of the process itself and its workers): it cannot run even alone; "
                           "use a smaller batch or micro_batch, a lower --job-memory, or raise "
                           "--max-memory",
-                          need, engine, copy, keep, build, j->doc_bytes, m->limit, reg);
+                          need, engine, copy, keep, build, j->doc_bytes, m->limit, reg, base);
     return 0;
 }
 
@@ -1109,15 +1111,17 @@ static int memory_room_locked(cv_jobs *J, const cv_job *j, cv_err *e)
     if (!m || !m->limit)
         return 0;
     size_t reg = registry_used(J), docs = cv_memory_get(m, CV_MEM_DOCUMENTS);
-    size_t run = cv_memory_get(m, CV_MEM_RUNNING), used = reg + docs + run;
+    size_t run = cv_memory_get(m, CV_MEM_RUNNING), base = cv_memory_get(m, CV_MEM_BASELINE);
+    size_t used = reg + docs + run + base; /* not request bodies: this one's is among them */
     if (used <= m->limit && j->doc_bytes <= m->limit - used)
         return 0;
     J->rejected_total++;
     return cv_err_set(e, CV_EBUSY, "memory_busy", "",
                       "this job's document needs %zu bytes but --max-memory is %zu bytes with "
                       "%zu in use (registry %zu, queued and running jobs' documents %zu, "
-                      "running jobs %zu); retry when queued jobs have run",
-                      j->doc_bytes, m->limit, used, reg, docs, run);
+                      "running jobs %zu, the daemon's baseline %zu); retry when queued jobs "
+                      "have run",
+                      j->doc_bytes, m->limit, used, reg, docs, run, base);
 }
 
 void cv_jobs_offer(cv_jobs *J, const cv_snap *s) { cv_ranks_offer(J->cfg.ranks, s); }

@@ -73,7 +73,8 @@ size_t cv_memory_get(const cv_memory *m, cv_mem_kind k)
 const char *cv_memory_kind_name(cv_mem_kind k)
 {
     static const char *const names[CV_MEM_KINDS] = {"registry", "job_documents", "running_jobs",
-                                                    "kept_results", "request_bodies"};
+                                                    "kept_results", "request_bodies",
+                                                    "baseline"};
     return k >= 0 && k < CV_MEM_KINDS ? names[k] : "?";
 }
 
@@ -92,6 +93,17 @@ size_t cv_memory_numbers(double n, size_t b)
 
 size_t cv_memory_in_flight(const cv_memory *m)
 {
-    return cv_memory_get(m, CV_MEM_DOCUMENTS) + cv_memory_get(m, CV_MEM_RUNNING) +
-           cv_memory_get(m, CV_MEM_REQUESTS);
+    return cv_memory_get(m, CV_MEM_BASELINE) + cv_memory_get(m, CV_MEM_DOCUMENTS) +
+           cv_memory_get(m, CV_MEM_RUNNING) + cv_memory_get(m, CV_MEM_REQUESTS);
+}
+
+size_t cv_memory_self_resident(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    unsigned long long size = 0, resident = 0;
+    int ok = f && fscanf(f, "%llu %llu", &size, &resident) == 2;
+    if (f)
+        fclose(f);
+    long page = sysconf(_SC_PAGESIZE);
+    return ok && page > 0 ? (size_t)resident * (size_t)page : 0;
 }

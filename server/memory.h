@@ -13,6 +13,9 @@
  *   kept_results   finished jobs' result text and records
  *   request_bodies request bodies being received and not yet answered
  *                  (server/http.c: the body buffer as it grows)
+ *   baseline       fixed at start (server/serve.c): the process's resident
+ *                  memory then (binary, libraries, demo data) and
+ *                  CV_MEM_WORKER_BYTES per worker thread
  * The job counters are atomics, so the registry reads them under its own
  * lock without taking the job table's (server/jobs.c takes the registry's
  * lock inside its own, never the other way round).
@@ -35,6 +38,7 @@ typedef enum {
     CV_MEM_RUNNING,
     CV_MEM_KEPT,
     CV_MEM_REQUESTS,
+    CV_MEM_BASELINE,
     CV_MEM_KINDS
 } cv_mem_kind;
 
@@ -59,11 +63,19 @@ void cv_memory_init(cv_memory *m, size_t limit);
 void cv_memory_add(cv_memory *m, cv_mem_kind k, size_t bytes);
 void cv_memory_sub(cv_memory *m, cv_mem_kind k, size_t bytes);
 size_t cv_memory_get(const cv_memory *m, cv_mem_kind k);
-/* What the jobs and the requests hold beside the registry and the kept
- * results: job documents + running jobs + request bodies. */
+/* Resident memory a worker thread keeps once it has run a job, beside
+ * what the account counts: OpenBLAS's packing buffers of the threads it
+ * calls from, its stack and its allocator arena (measured ~30 MB a worker
+ * on the bench machines: 43/74/135 MB resident with 1/2/4 workers after
+ * one trace job each, 13 MB at start). */
+#define CV_MEM_WORKER_BYTES ((size_t)32 << 20)
+/* What the daemon holds beside the registry and the kept results: its
+ * baseline + job documents + running jobs + request bodies. */
 size_t cv_memory_in_flight(const cv_memory *m);
+/* The process's resident memory now (/proc/self/statm), or 0. */
+size_t cv_memory_self_resident(void);
 /* The gauge label of a kind: registry, job_documents, running_jobs, kept_results,
- * request_bodies. */
+ * request_bodies, baseline. */
 const char *cv_memory_kind_name(cv_mem_kind k);
 /* Gives freed heap pages back to the OS (glibc's malloc_trim; no-op elsewhere):
  * after a large cJSON tree of many small nodes was freed. */

@@ -312,20 +312,23 @@ static int memory_check_locked(cv_registry *r, size_t need, size_t current, size
     const cv_memory *m = r->memory;
     if (!m || !m->limit)
         return 0;
-    if (current > m->limit || need > m->limit - current)
+    size_t base = cv_memory_get(m, CV_MEM_BASELINE), held = current + base;
+    if (held > m->limit || need > m->limit - held)
         return cv_err_set(e, CV_ETOOLARGE, "memory_limit", "",
                           "'%s' needs %zu bytes but --max-memory is %zu bytes and the registry "
-                          "holds %zu (models, datasets, uploads in parts); delete something or "
-                          "raise --max-memory", name, need, m->limit, current);
+                          "holds %zu (models, datasets, uploads in parts) beside the daemon's "
+                          "baseline %zu; delete something or raise --max-memory",
+                          name, need, m->limit, current, base);
     size_t docs = cv_memory_get(m, CV_MEM_DOCUMENTS), run = cv_memory_get(m, CV_MEM_RUNNING);
-    size_t used = current + pinned + docs + run;
+    size_t used = held + pinned + docs + run; /* not request bodies: this one's is among them */
     if (used <= m->limit && need <= m->limit - used)
         return 0;
     return cv_err_set(e, CV_EBUSY, "memory_busy", "",
                       "'%s' needs %zu bytes: --max-memory is %zu bytes with %zu in use "
                       "(registry %zu, old versions pinned by jobs %zu, queued and running jobs' "
-                      "documents %zu, running jobs %zu); retry when jobs have finished",
-                      name, need, m->limit, used, current, pinned, docs, run);
+                      "documents %zu, running jobs %zu, the daemon's baseline %zu); retry when "
+                      "jobs have finished",
+                      name, need, m->limit, used, current, pinned, docs, run, base);
 }
 
 /* freed: bytes that the operation gives back (a replaced version, its own

@@ -159,6 +159,18 @@ int cv_serve(const cv_serve_config *c)
     }
     cv_memory memory; /* --max-memory: lives as long as the daemon serves */
     cv_memory_init(&memory, c->max_memory);
+    /* what the process holds by itself: counted first, so that jobs and
+     * uploads get what is left of --max-memory */
+    int nworkers = c->ranks ? 1 : c->jobs.workers;
+    size_t baseline = cv_memory_self_resident() + (size_t)nworkers * CV_MEM_WORKER_BYTES;
+    cv_memory_add(&memory, CV_MEM_BASELINE, baseline);
+    if (c->max_memory && c->max_memory <= baseline) {
+        fprintf(stderr, "curvd: --max-memory %zu bytes is not above the daemon's own baseline "
+                "of %zu bytes (resident now, plus %zu per worker x %d workers): raise it or "
+                "use fewer --workers\n", c->max_memory, baseline, CV_MEM_WORKER_BYTES, nworkers);
+        cv_registry_free(reg);
+        return 2;
+    }
     cv_registry_set_memory(reg, &memory);
     cv_err e;
     cv_err_clear(&e);

@@ -39,7 +39,8 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e_lib import Daemon, check, summary  # noqa: E402
 
-SLACK = 80 << 20  # measured 178-200 MB peak against 160 MiB; 326-337 MB without the limit
+SLACK = 0  # the baseline kind counts the process itself: RSS stays under the limit
+BASE = {}  # the baseline kind by worker count (main)
 JOBS, UPLOADS, INDEX_JOBS = 8, 3, 6  # the burst
 # a loss job over a 1M-index batch (3.6 MB of text; a cJSON tree of it ~88 MB)
 INDEX_DOC = {"op": "loss", "model": "demo-regression", "dataset": "regression",
@@ -101,15 +102,23 @@ def need_of(err):
     return int(m.group(1)) if m else 0
 
 
+def baseline(workers):
+    """The daemon's baseline kind (its resident memory at start plus 32 MiB a
+    worker) as a daemon with that many workers reports it."""
+    with Daemon("--workers", str(workers)) as d:
+        return memory(d)["by_kind"]["baseline"]
+
+
 def test_small():
-    with Daemon("--workers", "1", "--max-memory", "3M", "--max-kept-bytes", "1M") as d:
+    small = BASE[1] + (3 << 20)  # 3 MiB beside the baseline
+    with Daemon("--workers", "1", "--max-memory", str(small), "--max-kept-bytes", "1M") as d:
         st, r, _ = req(d.url + "/v1/jobs", "POST", LONG)
         err = r.get("error", {}) if isinstance(r, dict) else {}
         check("a job that can never fit is 413 memory_limit",
               st == 413 and err.get("code") == "memory_limit", (st, r))
         check("the 413 names the need, the limit and the registry's part",
-              need_of(err) > 3 << 20 and str(3 << 20) in err.get("message", "")
-              and "registry holds" in err.get("message", ""), err)
+              need_of(err) > 3 << 20 and str(small) in err.get("message", "")
+              and "the registry and the daemon's baseline hold" in err.get("message", ""), err)
         st, r, _ = req(d.url + "/v1/jobs", "POST",
                        {"op": "per_sample_gradients", "model": "demo-mlp", "dataset": "digits"})
         err = r.get("error", {}) if isinstance(r, dict) else {}
@@ -122,11 +131,12 @@ def test_small():
               st == 413 and r.get("error", {}).get("code") == "memory_limit", (st, r))
         mem = memory(d)
         check("health: limit and used bytes by kind",
-              mem["limit_bytes"] == 3 << 20 and mem["by_kind"]["registry"] > 0
+              mem["limit_bytes"] == small and mem["by_kind"]["registry"] > 0
+              and mem["by_kind"]["baseline"] > 32 << 20
               and mem["used_bytes"] == sum(mem["by_kind"].values()), mem)
         text = req(d.url + "/metrics")[1].decode()
         check("metrics: curvd_memory_limit_bytes and curvd_memory_used_bytes by kind",
-              "curvd_memory_limit_bytes %d" % (3 << 20) in text
+              "curvd_memory_limit_bytes %d" % small in text
               and 'curvd_memory_used_bytes{kind="running_jobs"}' in text, text[-400:])
 
 
@@ -134,12 +144,14 @@ def test_pair():
     # the jobs' needs, from a daemon that cannot hold them (--job-memory bounds the
     # engine's plans, so that the index-list job fits too)
     second = dict(LONG, options={"max_probes": 64, "tol": 0})  # 32 vectors at a time, as LONG
-    with Daemon("--workers", "1", "--max-memory", "3M", "--job-memory", "16M") as d:
+    with Daemon("--workers", "1", "--max-memory", str(BASE[1] + (3 << 20)),
+                "--job-memory", "16M") as d:
         need = need_of(req(d.url + "/v1/jobs", "POST", LONG)[1]["error"])
         need2 = need_of(req(d.url + "/v1/jobs", "POST", second)[1]["error"])
         reg = memory(d)["by_kind"]["registry"]
     check("the two trace jobs need the same", need == need2 and need > 0, (need, need2))
-    limit = reg + need + need // 2 + (6 << 20)  # one long job and a 1M-index document
+    # one long job and a 200k-index document beside the registry and the baseline
+    limit = BASE[2] + reg + need + need // 2 + (6 << 20)
     with Daemon("--workers", "2", "--max-memory", str(limit), "--job-memory", "16M") as d:
         a = req(d.url + "/v1/jobs", "POST", LONG)[1]["id"]
         wait_status(d, a, ("running",))
@@ -189,7 +201,7 @@ def test_pair():
 
 
 def test_burst():
-    limit = 160 << 20
+    limit = BASE[2] + (160 << 20)
     with Daemon("--workers", "2", "--max-memory", str(limit), "--job-memory", "32M") as d:
         base = vm(d.p.pid, "VmRSS")
         job = {"op": "per_sample_gradients", "model": "demo-mlp", "dataset": "digits",
@@ -262,7 +274,7 @@ def test_burst():
 
 def test_indices():
     """The queue-of-indices attack: INDEX_JOBS 1M-index documents posted at once."""
-    limit = 160 << 20
+    limit = BASE[1] + (160 << 20)
     with Daemon("--workers", "1", "--max-memory", str(limit), "--job-memory", "32M") as d:
         out, busy = [], [0]
 
@@ -320,6 +332,9 @@ def test_request_bodies():
 
 
 def main():
+    BASE[1], BASE[2] = baseline(1), baseline(2)
+    check("the baseline: resident memory at start plus 32 MiB a worker",
+          BASE[2] - BASE[1] >= (32 << 20) - (2 << 20) and BASE[1] > 32 << 20, BASE)
     test_request_bodies()
     test_small()
     test_pair()
