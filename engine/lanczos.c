@@ -5,10 +5,12 @@
 #include <cblas.h>
 #include <float.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
+#include "bigmem.h"
 #include "est_util.h"
 #include "names.h"
 #include "reorth.h"
@@ -111,18 +113,53 @@ static void lz_free(lz_state *s)
     memset(s, 0, sizeof *s);
 }
 
+/* Pages of [p, p + bytes) advised huge (MADV_HUGEPAGE) and then populated
+ * in one call.  Populated 4 KiB pages are not enough: on the VMs this is
+ * measured on, the first user-space store to each still costs ~5 us (3 ms a
+ * 2.7 MB basis vector of the bench MLP, a third of a Lanczos step's vector
+ * work); with huge pages the store runs at cache speed.  Where either advice
+ * is unknown, a no-op (pages then fault in on first touch). */
+static void lz_populate(void *p, size_t bytes)
+{
+#ifdef MADV_HUGEPAGE
+    (void)madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+#ifdef MADV_POPULATE_WRITE
+    (void)madvise(p, bytes, MADV_POPULATE_WRITE);
+#endif
+}
+
 /* The ring mode's float32 basis, mapped with its pages populated in one
- * call: on virtual machines, faulting in hundreds of MB page by page as the
- * basis grows costs seconds.  Grown with lz_remap. */
+ * call (lz_populate): on virtual machines, faulting in hundreds of MB page
+ * by page as the basis grows costs seconds.  Grown with lz_remap. */
 static float *lz_prefaulted(lz_state *s, int cols, cv_err *e)
 {
     void *p = mmap(NULL, lz_vf_bytes(s, cols), PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED)
+        lz_populate(p, lz_vf_bytes(s, cols));
     if (p == MAP_FAILED) {
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                    "Lanczos basis of %d vectors of %zu floats: out of memory", cols, s->n);
         return NULL;
     }
+    return p;
+}
+
+/* count x size bytes for vectors that are written before they are read
+ * (basis, residual, float32 work): populated, huge-page advised pages
+ * (bigmem.h) without CV_EST_ALLOC's zeroing pass over tens of MB. */
+static void *lz_vectors(size_t count, size_t size, cv_err *e)
+{
+    if (count > SIZE_MAX / size) {
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "allocation of %zu x %zu bytes overflows",
+                   count, size);
+        return NULL;
+    }
+    size_t bytes = count * size;
+    void *p = cv_big_malloc_populated(bytes > 0 ? bytes : 1);
+    if (!p)
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "could not allocate %zu bytes", bytes);
     return p;
 }
 
@@ -139,17 +176,19 @@ static int lz_init(lz_state *s, const cv_linop *op, int cap, int max_cap, int ri
     s->cap = cap;
     s->max_cap = max_cap;
     s->ring = ring && s->n >= CV_LANCZOS_SHADOW_MIN;
-    s->V = CV_EST_ALLOC(s->n * (size_t)(s->ring ? 2 : cap), double, e);
+    s->V = lz_vectors(s->n * (size_t)(s->ring ? 2 : cap), sizeof(double), e);
     s->alpha = s->V ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
     s->beta = s->alpha ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
     s->h = s->beta ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
     s->tmp = s->h ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
-    s->w = s->tmp ? CV_EST_ALLOC(s->n, double, e) : NULL;
+    s->w = s->tmp ? lz_vectors(s->n, sizeof(double), e) : NULL;
     int ok = s->w != NULL;
     if (ok && s->n >= CV_LANCZOS_SHADOW_MIN) {
         s->Vf = s->ring ? lz_prefaulted(s, cap, e) : CV_EST_ALLOC(s->n * (size_t)cap, float, e);
-        s->fwork = s->Vf ? CV_EST_ALLOC(CV_REORTH_WORK(s->n, max_cap), float, e) : NULL;
+        s->fwork = s->Vf ? lz_vectors(CV_REORTH_WORK(s->n, max_cap), sizeof(float), e) : NULL;
         ok = s->fwork != NULL;
+        if (ok) /* sgemv's outputs (beta 0): no NaN from stale bytes, whatever BLAS does */
+            memset(s->fwork + s->n, 0, sizeof(float) * (CV_REORTH_WORK(s->n, max_cap) - s->n));
     }
     if (!ok) {
         lz_free(s);
@@ -166,9 +205,11 @@ static float *lz_remap(lz_state *s, int cap)
     void *p = mremap(s->Vf, old, bytes, MREMAP_MAYMOVE);
     if (p == MAP_FAILED)
         return NULL;
-#ifdef MADV_POPULATE_WRITE
-    madvise((char *)p + old, bytes - old, MADV_POPULATE_WRITE);
-#endif
+    /* madvise wants a page-aligned start: the new pages after old's page
+     * (the partial page there is populated already) */
+    size_t from = (old + 4095) & ~(size_t)4095;
+    if (from < bytes)
+        lz_populate((char *)p + from, bytes - from);
     return p;
 }
 
