@@ -76,6 +76,7 @@ typedef struct {
     double *V, *alpha, *beta, *w, *h, *tmp;
     float *Vf;              /* float32 shadow of V for the reorthogonalization, or NULL */
     float *fwork;           /* cv_reorth_cgs workspace */
+    int shadowed;           /* columns of Vf written (lz_next_vector writes its own) */
     double tnorm;           /* running estimate of ||T|| */
     long matvecs;
     int reorths;            /* steps that reorthogonalized */
@@ -299,8 +300,18 @@ static int lz_next_vector(lz_state *s, cv_err *e)
         return -1;
     double *v = lz_vec(s, j);
     if (!lz_invariant(s)) {
-        for (size_t i = 0; i < s->n; i++)
-            v[i] = s->w[i] / s->beta[j - 1];
+        double b = s->beta[j - 1];
+        if (s->Vf) { /* its float32 shadow in the same pass */
+            float *vf = s->Vf + (size_t)j * s->n;
+            for (size_t i = 0; i < s->n; i++) {
+                v[i] = s->w[i] / b;
+                vf[i] = (float)v[i];
+            }
+            s->shadowed = j + 1;
+        } else {
+            for (size_t i = 0; i < s->n; i++)
+                v[i] = s->w[i] / b;
+        }
         return 0;
     }
     if (lz_restart_vector(s, j, v))
@@ -322,6 +333,38 @@ static double lz_three_term(lz_state *s, int j)
     cblas_daxpy((int)s->n, -a, v, 1, s->w, 1);
     if (j > s->block_start && s->beta[j - 1] != 0.0)
         cblas_daxpy((int)s->n, -s->beta[j - 1], lz_vec(s, j - 1), 1, s->w, 1);
+    return a;
+}
+
+/* lz_three_term and the first pass of lz_reorth's Gram-Schmidt in one
+ * (full reorthogonalization against the float32 shadow): the update of w,
+ * its float32 copy for the projection and ||w||, one pass over w instead of
+ * four.  Returns alpha, *norm = ||w||. */
+static double lz_three_term_shadow(lz_state *s, int j, double *norm)
+{
+    const double *v = lz_vec(s, j);
+    double a = cv_est_dot(s->n, v, s->w), b = 0.0;
+    const double *u = v; /* v_(j-1) where the recurrence has one */
+    if (j > s->block_start && s->beta[j - 1] != 0.0) {
+        b = s->beta[j - 1];
+        u = lz_vec(s, j - 1);
+    }
+    double *w = s->w, s0 = 0, s1 = 0;
+    float *wf = s->fwork;
+    size_t i = 0, n = s->n;
+    for (; i + 2 <= n; i += 2) {
+        double t0 = (w[i] - a * v[i]) - b * u[i], t1 = (w[i + 1] - a * v[i + 1]) - b * u[i + 1];
+        w[i] = t0, w[i + 1] = t1;
+        wf[i] = (float)t0, wf[i + 1] = (float)t1;
+        s0 += t0 * t0, s1 += t1 * t1;
+    }
+    for (; i < n; i++) {
+        w[i] = (w[i] - a * v[i]) - b * u[i];
+        wf[i] = (float)w[i];
+        s0 += w[i] * w[i];
+    }
+    double ss = s0 + s1;
+    *norm = ss > 1e-280 && ss < 1e280 ? sqrt(ss) : cv_est_norm(n, w);
     return a;
 }
 
@@ -432,10 +475,20 @@ static int lz_step(lz_state *s, cv_err *e)
     if (cv_linop_apply(s->op, 1, v, s->w, e))
         return -1;
     s->matvecs++;
-    double a = lz_three_term(s, j);
-    if (s->Vf)
+    if (s->Vf && s->shadowed <= j) { /* v_0 or a restart vector */
         cv_reorth_shadow(s->n, v, s->Vf + (size_t)j * s->n);
-    double b = lz_orthogonalize(s, j, a);
+        s->shadowed = j + 1;
+    }
+    double a, b;
+    if (s->Vf && !s->partial) {
+        double norm;
+        a = lz_three_term_shadow(s, j, &norm);
+        s->reorths++;
+        b = cv_reorth_cgs_shadowed(s->n, j + 1, s->Vf, s->w, norm, s->h, s->fwork);
+    } else {
+        a = lz_three_term(s, j);
+        b = lz_orthogonalize(s, j, a);
+    }
     if (!isfinite(b) || !isfinite(a + s->h[j]))
         return cv_err_set(e, CV_EINVAL, "non_finite", "",
                           "the operator produced non-finite values (Lanczos step %d)", j + 1);
