@@ -8,7 +8,9 @@
  * FLOP count of the dense-layer work for the GEMM-bound products.
  * Ops: gradient (forward + backward, as a training step does), hvp, ggnvp
  * (one vector, forward cached), hvp16/ggnvp16 (16 vectors at once, per
- * vector), trace (Hutchinson, 100 probes), eigen5 (Lanczos top-5), power5
+ * vector), trace (Hutchinson, 100 probes), eigen5 (Lanczos top-5), eigen10
+ * (10 Lanczos steps for the top eigenvalue, tol 0: hessian_max_eigenvalue's
+ * work; against 10 x hvp it gives Lanczos' own per-step cost), power5
  * (PyHessian-style power iteration, top-5), density (SLQ, 100 steps).
  * diagggn, diagef, diaghessian: the exact GGN / empirical Fisher / Hessian
  * diagonal by backpropagation (engine/diag_exact.h; forward pass included, as
@@ -166,7 +168,7 @@ static double t_estimator(void *p)
     static const struct {
         const char *name;
         uint64_t salt;
-    } salts[] = {{"trace", 1}, {"eigen5", 3}, {"power5", 3}, {"density", 4}};
+    } salts[] = {{"trace", 1}, {"eigen5", 3}, {"eigen10", 3}, {"power5", 3}, {"density", 4}};
     uint64_t salt = 0;
     for (size_t i = 0; i < sizeof salts / sizeof salts[0]; i++)
         if (strcmp(o->which, salts[i].name) == 0)
@@ -185,7 +187,8 @@ static double t_estimator(void *p)
         rc = cv_trace_hutchinson(&op, &to, &r, &tr, &e);
         if (!rc)
             cv_trace_result_free(&tr);
-    } else if (strcmp(o->which, "eigen5") == 0 || strcmp(o->which, "power5") == 0) {
+    } else if (strcmp(o->which, "eigen5") == 0 || strcmp(o->which, "power5") == 0 ||
+               strcmp(o->which, "eigen10") == 0) {
         int power = o->which[0] == 'p';
         cv_eigen_options eo;
         if (power)
@@ -195,6 +198,11 @@ static double t_estimator(void *p)
         eo.k = 5;
         if (!power)
             eo.tol = 1e-3; /* PyHessian's tolerance, for like-for-like accuracy */
+        if (strcmp(o->which, "eigen10") == 0) {
+            eo.k = 1;
+            eo.max_iter = 10;
+            eo.tol = 0;
+        }
         cv_eigen_result er;
         rc = power ? cv_eigen_power(&op, &eo, &r, &er, &e) : cv_eigen_lanczos(&op, &eo, &r, &er, &e);
         if (!rc)
@@ -394,8 +402,8 @@ int main(int argc, char **argv)
         t_matvec(&o); /* warm-up: workspace allocation */
         printf(", \"%s\": %.6g", mv[i].name, best_of(a.reps, t_matvec, &o));
     }
-    const char *est[] = {"trace", "eigen5", "power5", "density"};
-    for (int i = 0; i < 4; i++) {
+    const char *est[] = {"trace", "eigen5", "eigen10", "power5", "density"};
+    for (int i = 0; i < 5; i++) {
         if (!wanted(&a, est[i]))
             continue;
         o.which = est[i];

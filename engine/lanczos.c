@@ -5,10 +5,12 @@
 #include <cblas.h>
 #include <float.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 
+#include "bigmem.h"
 #include "est_util.h"
 #include "names.h"
 #include "reorth.h"
@@ -74,6 +76,7 @@ typedef struct {
     double *V, *alpha, *beta, *w, *h, *tmp;
     float *Vf;              /* float32 shadow of V for the reorthogonalization, or NULL */
     float *fwork;           /* cv_reorth_cgs workspace */
+    int shadowed;           /* columns of Vf written (lz_next_vector writes its own) */
     double tnorm;           /* running estimate of ||T|| */
     long matvecs;
     int reorths;            /* steps that reorthogonalized */
@@ -111,18 +114,53 @@ static void lz_free(lz_state *s)
     memset(s, 0, sizeof *s);
 }
 
+/* Pages of [p, p + bytes) advised huge (MADV_HUGEPAGE) and then populated
+ * in one call.  Populated 4 KiB pages are not enough: on the VMs this is
+ * measured on, the first user-space store to each still costs ~5 us (3 ms a
+ * 2.7 MB basis vector of the bench MLP, a third of a Lanczos step's vector
+ * work); with huge pages the store runs at cache speed.  Where either advice
+ * is unknown, a no-op (pages then fault in on first touch). */
+static void lz_populate(void *p, size_t bytes)
+{
+#ifdef MADV_HUGEPAGE
+    (void)madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+#ifdef MADV_POPULATE_WRITE
+    (void)madvise(p, bytes, MADV_POPULATE_WRITE);
+#endif
+}
+
 /* The ring mode's float32 basis, mapped with its pages populated in one
- * call: on virtual machines, faulting in hundreds of MB page by page as the
- * basis grows costs seconds.  Grown with lz_remap. */
+ * call (lz_populate): on virtual machines, faulting in hundreds of MB page
+ * by page as the basis grows costs seconds.  Grown with lz_remap. */
 static float *lz_prefaulted(lz_state *s, int cols, cv_err *e)
 {
     void *p = mmap(NULL, lz_vf_bytes(s, cols), PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p != MAP_FAILED)
+        lz_populate(p, lz_vf_bytes(s, cols));
     if (p == MAP_FAILED) {
         cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                    "Lanczos basis of %d vectors of %zu floats: out of memory", cols, s->n);
         return NULL;
     }
+    return p;
+}
+
+/* count x size bytes for vectors that are written before they are read
+ * (basis, residual, float32 work): populated, huge-page advised pages
+ * (bigmem.h) without CV_EST_ALLOC's zeroing pass over tens of MB. */
+static void *lz_vectors(size_t count, size_t size, cv_err *e)
+{
+    if (count > SIZE_MAX / size) {
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "allocation of %zu x %zu bytes overflows",
+                   count, size);
+        return NULL;
+    }
+    size_t bytes = count * size;
+    void *p = cv_big_malloc_populated(bytes > 0 ? bytes : 1);
+    if (!p)
+        cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "could not allocate %zu bytes", bytes);
     return p;
 }
 
@@ -139,17 +177,19 @@ static int lz_init(lz_state *s, const cv_linop *op, int cap, int max_cap, int ri
     s->cap = cap;
     s->max_cap = max_cap;
     s->ring = ring && s->n >= CV_LANCZOS_SHADOW_MIN;
-    s->V = CV_EST_ALLOC(s->n * (size_t)(s->ring ? 2 : cap), double, e);
+    s->V = lz_vectors(s->n * (size_t)(s->ring ? 2 : cap), sizeof(double), e);
     s->alpha = s->V ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
     s->beta = s->alpha ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
     s->h = s->beta ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
     s->tmp = s->h ? CV_EST_ALLOC((size_t)max_cap, double, e) : NULL;
-    s->w = s->tmp ? CV_EST_ALLOC(s->n, double, e) : NULL;
+    s->w = s->tmp ? lz_vectors(s->n, sizeof(double), e) : NULL;
     int ok = s->w != NULL;
     if (ok && s->n >= CV_LANCZOS_SHADOW_MIN) {
         s->Vf = s->ring ? lz_prefaulted(s, cap, e) : CV_EST_ALLOC(s->n * (size_t)cap, float, e);
-        s->fwork = s->Vf ? CV_EST_ALLOC(CV_REORTH_WORK(s->n, max_cap), float, e) : NULL;
+        s->fwork = s->Vf ? lz_vectors(CV_REORTH_WORK(s->n, max_cap), sizeof(float), e) : NULL;
         ok = s->fwork != NULL;
+        if (ok) /* sgemv's outputs (beta 0): no NaN from stale bytes, whatever BLAS does */
+            memset(s->fwork + s->n, 0, sizeof(float) * (CV_REORTH_WORK(s->n, max_cap) - s->n));
     }
     if (!ok) {
         lz_free(s);
@@ -166,9 +206,11 @@ static float *lz_remap(lz_state *s, int cap)
     void *p = mremap(s->Vf, old, bytes, MREMAP_MAYMOVE);
     if (p == MAP_FAILED)
         return NULL;
-#ifdef MADV_POPULATE_WRITE
-    madvise((char *)p + old, bytes - old, MADV_POPULATE_WRITE);
-#endif
+    /* madvise wants a page-aligned start: the new pages after old's page
+     * (the partial page there is populated already) */
+    size_t from = (old + 4095) & ~(size_t)4095;
+    if (from < bytes)
+        lz_populate((char *)p + from, bytes - from);
     return p;
 }
 
@@ -258,8 +300,18 @@ static int lz_next_vector(lz_state *s, cv_err *e)
         return -1;
     double *v = lz_vec(s, j);
     if (!lz_invariant(s)) {
-        for (size_t i = 0; i < s->n; i++)
-            v[i] = s->w[i] / s->beta[j - 1];
+        double b = s->beta[j - 1];
+        if (s->Vf) { /* its float32 shadow in the same pass */
+            float *vf = s->Vf + (size_t)j * s->n;
+            for (size_t i = 0; i < s->n; i++) {
+                v[i] = s->w[i] / b;
+                vf[i] = (float)v[i];
+            }
+            s->shadowed = j + 1;
+        } else {
+            for (size_t i = 0; i < s->n; i++)
+                v[i] = s->w[i] / b;
+        }
         return 0;
     }
     if (lz_restart_vector(s, j, v))
@@ -281,6 +333,38 @@ static double lz_three_term(lz_state *s, int j)
     cblas_daxpy((int)s->n, -a, v, 1, s->w, 1);
     if (j > s->block_start && s->beta[j - 1] != 0.0)
         cblas_daxpy((int)s->n, -s->beta[j - 1], lz_vec(s, j - 1), 1, s->w, 1);
+    return a;
+}
+
+/* lz_three_term and the first pass of lz_reorth's Gram-Schmidt in one
+ * (full reorthogonalization against the float32 shadow): the update of w,
+ * its float32 copy for the projection and ||w||, one pass over w instead of
+ * four.  Returns alpha, *norm = ||w||. */
+static double lz_three_term_shadow(lz_state *s, int j, double *norm)
+{
+    const double *v = lz_vec(s, j);
+    double a = cv_est_dot(s->n, v, s->w), b = 0.0;
+    const double *u = v; /* v_(j-1) where the recurrence has one */
+    if (j > s->block_start && s->beta[j - 1] != 0.0) {
+        b = s->beta[j - 1];
+        u = lz_vec(s, j - 1);
+    }
+    double *w = s->w, s0 = 0, s1 = 0;
+    float *wf = s->fwork;
+    size_t i = 0, n = s->n;
+    for (; i + 2 <= n; i += 2) {
+        double t0 = (w[i] - a * v[i]) - b * u[i], t1 = (w[i + 1] - a * v[i + 1]) - b * u[i + 1];
+        w[i] = t0, w[i + 1] = t1;
+        wf[i] = (float)t0, wf[i + 1] = (float)t1;
+        s0 += t0 * t0, s1 += t1 * t1;
+    }
+    for (; i < n; i++) {
+        w[i] = (w[i] - a * v[i]) - b * u[i];
+        wf[i] = (float)w[i];
+        s0 += w[i] * w[i];
+    }
+    double ss = s0 + s1;
+    *norm = ss > 1e-280 && ss < 1e280 ? sqrt(ss) : cv_est_norm(n, w);
     return a;
 }
 
@@ -391,10 +475,20 @@ static int lz_step(lz_state *s, cv_err *e)
     if (cv_linop_apply(s->op, 1, v, s->w, e))
         return -1;
     s->matvecs++;
-    double a = lz_three_term(s, j);
-    if (s->Vf)
+    if (s->Vf && s->shadowed <= j) { /* v_0 or a restart vector */
         cv_reorth_shadow(s->n, v, s->Vf + (size_t)j * s->n);
-    double b = lz_orthogonalize(s, j, a);
+        s->shadowed = j + 1;
+    }
+    double a, b;
+    if (s->Vf && !s->partial) {
+        double norm;
+        a = lz_three_term_shadow(s, j, &norm);
+        s->reorths++;
+        b = cv_reorth_cgs_shadowed(s->n, j + 1, s->Vf, s->w, norm, s->h, s->fwork);
+    } else {
+        a = lz_three_term(s, j);
+        b = lz_orthogonalize(s, j, a);
+    }
     if (!isfinite(b) || !isfinite(a + s->h[j]))
         return cv_err_set(e, CV_EINVAL, "non_finite", "",
                           "the operator produced non-finite values (Lanczos step %d)", j + 1);

@@ -22,6 +22,12 @@
 
 double cv_reorth_cgs(size_t n, int j, const float *Vf, double *w, double *h, float *work);
 
+/* cv_reorth_cgs for a w whose float32 rounding the caller already wrote to
+ * work's first n floats and whose norm ||w|| it already knows (both from
+ * the pass that formed w: two passes over w fewer). */
+double cv_reorth_cgs_shadowed(size_t n, int j, const float *Vf, double *w, double norm,
+                              double *h, float *work);
+
 /* dst (n floats) = src rounded to float32. */
 void cv_reorth_shadow(size_t n, const double *src, float *dst);
 
