@@ -274,9 +274,10 @@ def timing():
     residuals (V y, V^T e, V V^T e); one Lanczos GGN matvec is a jvp plus a vjp
     (2 passes); the pass ratio (>= 3x) is the firm claim.  Wall time, the best of 3
     runs, varies by up to 2x on a shared 2-vCPU machine, so its floors leave room:
-    >= 2x for eigenvalues (measured 7-14x) and not slower with the 10 x 85002
-    eigenvectors in the result (measured 2.4-4x; their JSON costs as much as the
-    gram).  The benchmark proper lives in bench/."""
+    >= 1.3x for eigenvalues and not slower with the 10 x 85002 eigenvectors in the
+    result (their JSON costs as much as the gram).  Measured: 7-14x and 2.4-4x while
+    Lanczos' float32 basis faulted in 4 KiB pages; 1.85-2.0x and 1.6x since it is
+    populated in huge pages (2026-12-06), with the pass ratio unchanged at 3.6x.  The benchmark proper lives in bench/."""
     C, k = 10, 10
     model, x, y = make_case(torch.nn.Tanh, torch.nn.CrossEntropyLoss(), n=16, din=64,
                             hidden=(256, 256), C=C, seed=42)
@@ -284,7 +285,7 @@ def timing():
     D = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as d:
         tr.write_case(d, model, [64], loss_fn, x, y)
-        for vectors, floor in ((False, 2.0), (True, 1.0)):
+        for vectors, floor in ((False, 1.3), (True, 1.0)):
             opts = {"k": k, "return_vectors": vectors}
             tg, rg, pg = best_elapsed(d, dict(opts, method="gram"))
             tl, rl, pl = best_elapsed(d, dict(opts, method="lanczos"))
