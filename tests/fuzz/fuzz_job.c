@@ -2,7 +2,10 @@
  * /v1/jobs) through strict JSON parsing, cv_job_parse, cv_job_bind against
  * a small model and dataset ("model": "cnn" picks the convolutional one,
  * anything else the MLP) and the memory plan (cv_job_check_memory: a probe
- * on one and two samples).  The job never runs. */
+ * on one and two samples).  The job never runs.  Also differentially: the
+ * compact batch.indices reader (cv_job_text_indices, used for large POST
+ * /v1/jobs bodies) against the tree parser: the same indices, or the same
+ * parse error; a difference aborts. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,8 +31,42 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     return 0;
 }
 
+/* 1 when doc's batch.indices holds exactly idx[0..n). */
+static int same_indices(const cJSON *doc, const int32_t *idx, size_t n)
+{
+    const cJSON *b = cJSON_GetObjectItemCaseSensitive(doc, "batch");
+    const cJSON *a = b ? cJSON_GetObjectItemCaseSensitive(b, "indices") : NULL;
+    if (!cJSON_IsArray(a) || (size_t)cJSON_GetArraySize(a) != n)
+        return 0;
+    size_t i = 0;
+    for (const cJSON *x = a->child; x; x = x->next, i++)
+        if (!cJSON_IsNumber(x) || x->valuedouble != (double)idx[i])
+            return 0;
+    return 1;
+}
+
+static void check_indices_apart(const uint8_t *data, size_t size)
+{
+    char *rest = NULL;
+    size_t rest_len = 0, n = 0;
+    int32_t *idx = NULL;
+    if (cv_job_text_indices((const char *)data, size, &rest, &rest_len, &idx, &n) != 1)
+        return;
+    cv_err e1, e2;
+    cJSON *whole = cv_json_parse_strict((const char *)data, size, "the job", "", &e1);
+    cJSON *apart = cv_json_parse_strict(rest, rest_len, "the job", "", &e2);
+    if (!whole != !apart || (!whole && strcmp(e1.message, e2.message) != 0) ||
+        (whole && !same_indices(whole, idx, n)))
+        abort();
+    cJSON_Delete(whole);
+    cJSON_Delete(apart);
+    free(rest);
+    free(idx);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
+    check_indices_apart(data, size);
     cv_err e;
     cJSON *doc = cv_json_parse_strict((const char *)data, size, "the job", "", &e);
     if (!doc)
