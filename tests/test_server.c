@@ -1345,21 +1345,32 @@ static unsigned handle(cv_http *h, const char *method, const char *path, const c
     return st;
 }
 
-START_TEST(requests_without_a_socket)
+/* The fixture's registry behind a job table without workers (jobs stay
+ * queued) and an HTTP server without a socket (cv_http_handle); bodies up to
+ * 1 MiB, POST /v1/jobs up to max_job_body (0: its default). */
+static cv_http *socketless_http(jfx *f, size_t max_queue, size_t max_job_body)
 {
-    jfx f;
-    jfx_make(&f, 1, 8, 0);
-    cv_jobs_free(f.jobs);
-    cv_jobs_config jc = {.max_queue = 8, .keep_s = 600, .max_kept = 100, .no_workers = 1};
+    jfx_make(f, 1, max_queue, 0);
+    cv_jobs_free(f->jobs);
+    cv_jobs_config jc = {.max_queue = max_queue, .keep_s = 600, .max_kept = 100,
+                         .no_workers = 1};
     cv_job_limits_default(&jc.limits);
     cv_err e;
-    f.jobs = cv_jobs_new(&jc, f.reg, &e);
-    ck_assert_ptr_nonnull(f.jobs);
+    f->jobs = cv_jobs_new(&jc, f->reg, &e);
+    ck_assert_ptr_nonnull(f->jobs);
     cv_http_config c;
     memset(&c, 0, sizeof c);
     c.max_body = 1 << 20;
-    cv_http *h = cv_http_new_unbound(&c, f.reg, f.jobs, &e);
+    c.max_job_body = max_job_body;
+    cv_http *h = cv_http_new_unbound(&c, f->reg, f->jobs, &e);
     ck_assert_msg(h != NULL, "%s", e.message);
+    return h;
+}
+
+START_TEST(requests_without_a_socket)
+{
+    jfx f;
+    cv_http *h = socketless_http(&f, 8, 0);
     cJSON *j;
     ck_assert_uint_eq(handle(h, "HEAD", "/v1/models/m", NULL, 0, NULL, 0, NULL, &j), 200);
     ck_assert_str_eq(sfield(j, "name", NULL), "m");
@@ -1449,18 +1460,7 @@ static void same_answer(cv_http *h, const char *more, const char *rest)
 START_TEST(job_indices_same_answers)
 {
     jfx f;
-    jfx_make(&f, 1, 64, 0);
-    cv_jobs_free(f.jobs);
-    cv_jobs_config jc = {.max_queue = 64, .keep_s = 600, .max_kept = 100, .no_workers = 1};
-    cv_job_limits_default(&jc.limits);
-    cv_err e;
-    ck_assert_ptr_nonnull(f.jobs = cv_jobs_new(&jc, f.reg, &e));
-    cv_http_config c;
-    memset(&c, 0, sizeof c);
-    c.max_body = 1 << 20;
-    c.max_job_body = 1 << 20;
-    cv_http *h = cv_http_new_unbound(&c, f.reg, f.jobs, &e);
-    ck_assert_msg(h != NULL, "%s", e.message);
+    cv_http *h = socketless_http(&f, 64, 1 << 20);
     same_answer(h, "", "}}");                          /* queued */
     same_answer(h, "", "}}  x");                       /* trailing data (byte N) */
     same_answer(h, "", "}} \x01");                     /* control character (byte N) */
