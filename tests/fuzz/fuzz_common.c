@@ -74,3 +74,13 @@ char *cv_fz_strndup(const uint8_t *data, size_t size)
     s[size] = 0;
     return s;
 }
+
+void cv_fz_models(cv_model *mlp, cv_model *cnn, cv_dataset *mlp_data, cv_dataset *cnn_data)
+{
+    cv_fz_model(cv_fz_arch_mlp, mlp);
+    cv_fz_model(cv_fz_arch_cnn, cnn);
+    if (mlp_data)
+        cv_fz_data(mlp, 16, mlp_data);
+    if (cnn_data)
+        cv_fz_data(cnn, 8, cnn_data);
+}

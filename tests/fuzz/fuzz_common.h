@@ -18,6 +18,9 @@ extern const char *const cv_fz_arch_cnn; /* Conv2d-ReLU-Flatten-Linear, CrossEnt
 void cv_fz_model(const char *arch, cv_model *m);
 /* A dataset of n samples that fits m (deterministic). */
 void cv_fz_data(const cv_model *m, size_t n, cv_dataset *d);
+/* The harnesses' pair of models (cv_fz_arch_mlp, cv_fz_arch_cnn) and, when
+ * mlp_data and cnn_data are non-NULL, their datasets of 16 and 8 samples. */
+void cv_fz_models(cv_model *mlp, cv_model *cnn, cv_dataset *mlp_data, cv_dataset *cnn_data);
 
 /* A NUL-terminated copy of data[0..size) (free()). */
 char *cv_fz_strndup(const uint8_t *data, size_t size);

@@ -231,10 +231,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc;
     (void)argv;
-    cv_fz_model(cv_fz_arch_mlp, &mlp);
-    cv_fz_model(cv_fz_arch_cnn, &cnn);
-    cv_fz_data(&mlp, 16, &mlp_data);
-    cv_fz_data(&cnn, 8, &cnn_data);
+    cv_fz_models(&mlp, &cnn, &mlp_data, &cnn_data);
     trace = getenv("CV_FUZZ_TRACE") != NULL;
     make_data_dir();
     reg = cv_registry_new((size_t)64 << 20);

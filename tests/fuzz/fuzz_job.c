@@ -24,10 +24,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc;
     (void)argv;
-    cv_fz_model(cv_fz_arch_mlp, &mlp);
-    cv_fz_model(cv_fz_arch_cnn, &cnn);
-    cv_fz_data(&mlp, 16, &mlp_data);
-    cv_fz_data(&cnn, 8, &cnn_data);
+    cv_fz_models(&mlp, &cnn, &mlp_data, &cnn_data);
     return 0;
 }
 

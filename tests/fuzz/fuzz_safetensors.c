@@ -23,8 +23,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     (void)argc;
     (void)argv;
-    cv_fz_model(cv_fz_arch_mlp, &mlp);
-    cv_fz_model(cv_fz_arch_cnn, &cnn);
+    cv_fz_models(&mlp, &cnn, NULL, NULL);
     return 0;
 }
 
