@@ -23,7 +23,7 @@ static int masked_fill_forward(cv_layer_ctx *c, float *y, cv_err *e)
     size_t nx = c->in_numels[0], nm = c->in_numels[1], len = (size_t)c->n * nx;
     float value = (float)FILL(c->L)->value;
     cv_layer_ctx_release(c);
-    c->d1 = malloc(sizeof(float) * (len ? len : 1));
+    c->d1 = cv_layer_cache(c, sizeof(float) * len);
     if (!c->d1)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "masked_fill cache (%zu floats)",
                           len);

@@ -188,7 +188,7 @@ static int sm_forward(cv_layer_ctx *c, float *y, cv_err *e)
     cv_layer_ctx_release(c);
     if (c->L->cls == &cv_log_softmax_class) {
         size_t len = (size_t)c->n * c->in_numel;
-        c->d1 = malloc(sizeof(float) * len);
+        c->d1 = cv_layer_cache(c, sizeof(float) * len);
         if (!c->d1)
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                               "log_softmax cache (%zu floats)", len);

@@ -20,6 +20,15 @@ void cv_layer_ctx_release(cv_layer_ctx *c)
     free(c->idx);
     c->d1 = c->d2 = NULL;
     c->idx = NULL;
+    c->cache_bytes = 0;
+}
+
+void *cv_layer_cache(cv_layer_ctx *c, size_t bytes)
+{
+    void *p = cv_big_malloc(bytes ? bytes : 1);
+    if (p)
+        c->cache_bytes += bytes ? bytes : 1;
+    return p;
 }
 
 int cv_layer_diag_per_sample(const cv_layer_ctx *c, int k, const float *gy, int per_sample,

@@ -41,6 +41,7 @@ typedef struct {
     const float *y;            /* forward output, n * out_numel */
     float *d1, *d2;            /* cached first/second derivatives (activations) */
     int *idx;                  /* cached argmax (MaxPool2d) */
+    size_t cache_bytes;        /* bytes of d1, d2 and idx (cv_layer_cache) */
     size_t gram_budget;        /* floats a Gram kernel may buffer (0: its default) */
     float *work;               /* scratch owned by the caller, work_floats long */
     size_t work_floats;
@@ -168,6 +169,11 @@ void cv_kron_ekfac_rotate_add(int da, int db, const double *G, const double *qa,
 
 /* Release caches allocated by forward (d1, d2, idx). */
 void cv_layer_ctx_release(cv_layer_ctx *c);
+
+/* A forward cache (for d1, d2 or idx) of `bytes`, counted in c->cache_bytes
+ * (the bytes asked for: the memory accounting must not depend on what the
+ * allocator rounds them up to); NULL when out of memory. */
+void *cv_layer_cache(cv_layer_ctx *c, size_t bytes);
 
 /* ---- layer classes ---------------------------------------------------------
  * A layer class is everything about one layer type: its name as PyTorch

@@ -183,8 +183,8 @@ static int act_forward(cv_layer_ctx *c, float *y, cv_err *e)
     const cv_activation *act = c->L->cls->impl;
     int piecewise_linear = act->piecewise_linear;
     cv_layer_ctx_release(c);
-    c->d1 = cv_big_malloc(sizeof(float) * len);
-    c->d2 = piecewise_linear ? NULL : cv_big_malloc(sizeof(float) * len); /* NULL: phi'' = 0 */
+    c->d1 = cv_layer_cache(c, sizeof(float) * len);
+    c->d2 = piecewise_linear ? NULL : cv_layer_cache(c, sizeof(float) * len); /* NULL: phi'' = 0 */
     if (!c->d1 || (!piecewise_linear && !c->d2))
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "activation cache (%zu floats)",
                           2 * len);

@@ -38,7 +38,7 @@ static int bn_forward(cv_layer_ctx *c, float *y, cv_err *e)
     const float *var = c->buffers + ((ptrdiff_t)L->buffers[1].offset -
                                      (ptrdiff_t)L->buffers[0].offset);
     cv_layer_ctx_release(c);
-    c->d1 = malloc(sizeof(float) * 4 * (size_t)C);
+    c->d1 = cv_layer_cache(c, sizeof(float) * 4 * (size_t)C);
     if (!c->d1)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "BatchNorm cache");
     double eps = ATTR(c)->eps;

@@ -190,8 +190,8 @@ static int norm_forward(cv_layer_ctx *c, float *y, cv_err *e)
     norm_geom g = geom_of(c);
     size_t len = (size_t)c->n * c->in_numel, ng = (size_t)c->n * g.G;
     cv_layer_ctx_release(c);
-    c->d1 = malloc(sizeof(float) * len);
-    c->d2 = malloc(sizeof(float) * ng);
+    c->d1 = cv_layer_cache(c, sizeof(float) * len);
+    c->d2 = cv_layer_cache(c, sizeof(float) * ng);
     if (!c->d1 || !c->d2)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "normalization cache (%zu floats)",
                           len + ng);

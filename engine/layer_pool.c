@@ -166,7 +166,7 @@ static int maxpool_forward(cv_layer_ctx *c, float *y, cv_err *e)
     size_t planes = (size_t)c->n * C_(c), op = (size_t)OH_(c) * OW_(c),
            ip = (size_t)H_(c) * W_(c);
     cv_layer_ctx_release(c);
-    c->idx = cv_big_malloc(sizeof(int) * (planes * op + 1));
+    c->idx = cv_layer_cache(c, sizeof(int) * (planes * op + 1));
     if (!c->idx)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "MaxPool2d indices (%zu)",
                           planes * op);
@@ -279,7 +279,7 @@ static void avg_apply(const cv_layer_ctx *c, size_t planes, const float *x, floa
 static int avgpool_forward(cv_layer_ctx *c, float *y, cv_err *e)
 {
     cv_layer_ctx_release(c);
-    c->idx = malloc(sizeof(int) * 3 * (size_t)(OH_(c) + OW_(c)));
+    c->idx = cv_layer_cache(c, sizeof(int) * 3 * (size_t)(OH_(c) + OW_(c)));
     if (!c->idx)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "pooling windows");
     axis_windows(c->L, 0, H_(c), OH_(c), c->idx);

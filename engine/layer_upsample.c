@@ -51,7 +51,7 @@ static int up_forward(cv_layer_ctx *c, float *y, cv_err *e)
     double s = UP(c->L)->scale_factor;
     int OH = height(out), OW = width(out);
     cv_layer_ctx_release(c);
-    c->idx = malloc(sizeof(int) * (size_t)(OH + OW));
+    c->idx = cv_layer_cache(c, sizeof(int) * (size_t)(OH + OW));
     if (!c->idx)
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Upsample indices");
     for (int o = 0; o < OH; o++)

@@ -68,6 +68,7 @@ static int number_slots(cv_part *c, int l, cv_err *e)
     if (contiguous)
         return 0;
     c->theta_copy[l] = malloc(sizeof(float) * (at ? at : 1));
+    c->copy_bytes += sizeof(float) * (at ? at : 1);
     if (!c->theta_copy[l])
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "parameters of layer %d", l);
     for (int i = 0; i < L->nparams; i++)
@@ -164,6 +165,7 @@ cv_part *cv_part_new(const cv_model *m, const cv_batch *b, const cv_part_options
     int rc = setup_layers(c, e);
     if (!rc && !(c->bpos = malloc(sizeof(long) * (size_t)(c->nuid + 1))))
         rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "engine state");
+    c->copy_bytes += sizeof(long) * (size_t)(c->nuid + 1);
     if (rc || alloc_state(c, e) || run_forward(c, e)) {
         cv_part_free(c);
         return NULL;

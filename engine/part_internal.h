@@ -35,6 +35,7 @@ struct cv_part {
     size_t loc[CV_MAX_LAYERS][CV_MAX_LAYER_PARAMS];
     int nuid, tied;
     long *bpos;                      /* per uid: offset in the current block, or -1 */
+    size_t copy_bytes;               /* bytes of bpos and theta_copy */
     float *theta_copy[CV_MAX_LAYERS]; /* gathered parameters of non-contiguous layers */
     float *act[CV_MAX_LAYERS + 1];   /* act[0] = batch x (borrowed), act[l+1] = layer l's output */
     size_t max_numel;

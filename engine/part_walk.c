@@ -3,7 +3,6 @@
  * the backward walk that sums the cotangents of shared activations in pooled
  * buffers (a chain needs two), with each layer's vjp and second-order terms
  * (API in part_internal.h), and what the part's memory adds up to. */
-#include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -243,16 +242,18 @@ int cv_part_walk_from(cv_part *c, cv_walk *w, int a, float *top, cv_err *e)
 
 /* ---- memory ------------------------------------------------------------------ */
 
-static size_t heap_bytes(const void *p) { return p ? malloc_usable_size((void *)p) : 0; }
-
 size_t cv_part_state_bytes(const cv_part *c)
 {
     size_t f = (size_t)c->cap * c->C * 2; /* gh, and prob of the loss state */
-    size_t b = heap_bytes(c->mc_s) + heap_bytes(c->ef_s) + heap_bytes(c->bpos) + sizeof *c;
+    /* the sizes asked for, not malloc_usable_size: what the allocator rounds
+     * up to differs from run to run (arenas shared with other threads) */
+    size_t nC = (size_t)c->n * c->C;
+    size_t b = c->copy_bytes + sizeof *c;
+    f += c->mc_s ? nC * (size_t)c->opt.base.mc_samples : 0;
+    f += c->ef_s ? nC : 0;
     for (int l = 0; l < c->L; l++) {
         f += (size_t)c->cap * c->numel[l + 1] * (c->gy[l] ? 2 : 1);
-        b += heap_bytes(c->ctx[l].d1) + heap_bytes(c->ctx[l].d2) + heap_bytes(c->ctx[l].idx) +
-             heap_bytes(c->theta_copy[l]);
+        b += c->ctx[l].cache_bytes;
     }
     return b + sizeof(float) * f;
 }
