@@ -23,6 +23,8 @@
  * hessian_max_eigenvalue (10 Lanczos steps), instr_all every single-version instrument (hessian_trace and tic_* from 10
  * probes, hessian_max_eigenvalue from 10 Lanczos steps); issue 24's speed
  * targets are instr_fo <= 2x gradient and instr_tl <= 25x.
+ * kfac_t2, kfac_emp: op kfac's factors (fisher_type type-2 / empirical, eigenvalues
+ * false) as a job with `curvd run`'s default limits (issue 22 item 4).
  * --block B: probes per product in trace (default: the engine's choice).
  */
 #include <cblas.h>
@@ -117,6 +119,31 @@ static double t_instruments(void *p)
     cv_job_limits lim;
     cv_job_limits_default(&lim);
     lim.job_memory = 0;
+    cv_err e;
+    double t0 = cv_now_s();
+    cJSON *res = cv_job_run(j, o->m, o->d, &lim, NULL, &e);
+    double t = cv_now_s() - t0;
+    if (!res)
+        die(&e);
+    cJSON_Delete(res);
+    cJSON_Delete(j);
+    return t;
+}
+
+/* The factors-only kfac job o->which ("kfac_t2", "kfac_emp": fisher_type type-2 or
+ * empirical, eigenvalues false, return_factors false) with `curvd run`'s
+ * default limits (its 2 GiB job memory budget: the memory plan runs). */
+static double t_kfac(void *p)
+{
+    op_ctx *o = p;
+    char doc[160];
+    snprintf(doc, sizeof doc,
+             "{\"op\":\"kfac\",\"options\":{\"fisher_type\":\"%s\","
+             "\"return_factors\":false,\"eigenvalues\":false}}",
+             strcmp(o->which, "kfac_t2") == 0 ? "type-2" : "empirical");
+    cJSON *j = cJSON_Parse(doc);
+    cv_job_limits lim;
+    cv_job_limits_default(&lim);
     cv_err e;
     double t0 = cv_now_s();
     cJSON *res = cv_job_run(j, o->m, o->d, &lim, NULL, &e);
@@ -382,6 +409,13 @@ int main(int argc, char **argv)
             continue;
         o.which = instr[i];
         printf(", \"%s\": %.6g", instr[i], best_of(a.reps, t_instruments, &o));
+    }
+    const char *kf[] = {"kfac_t2", "kfac_emp"};
+    for (int i = 0; i < 2; i++) {
+        if (!wanted(&a, kf[i]))
+            continue;
+        o.which = kf[i];
+        printf(", \"%s\": %.6g", kf[i], best_of(a.reps, t_kfac, &o));
     }
     o.c = cv_curv_new(&m, &d, NULL, &e);
     if (!o.c)
