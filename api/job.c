@@ -820,7 +820,8 @@ int cv_job_check_memory_shard(const cv_job_spec *j, const cv_model *m, const cv_
 /* Runs bound job j on batch (this rank's shard when comm is active). */
 static cJSON *exec_batch(const cv_job_spec *j, const cv_model *m, const cv_batch *batch,
                          size_t n, const cv_comm *comm, const cv_job_limits *lim,
-                         cv_progress *p, cv_job_store *store, cv_err *e)
+                         const cv_curv_plan *plan, cv_progress *p, cv_job_store *store,
+                         cv_err *e)
 {
     double t0 = cv_now_s();
     if (!j->blocks.resolved) {
@@ -855,6 +856,7 @@ static cJSON *exec_batch(const cv_job_spec *j, const cv_model *m, const cv_batch
     cv_curv_options co;
     engine_options(j, m, n, lim, p, &co);
     co.comm = comm;
+    co.plan = plan;
     c.curv = cv_curv_new(m, batch, &co, e);
     if (!c.curv)
         return NULL;
@@ -966,10 +968,17 @@ cJSON *cv_job_exec_store(const cv_job_spec *j, const cv_model *m, const cv_datas
                          const cv_job_limits *lim, cv_progress *p, cv_job_store *store,
                          cv_err *e)
 {
+    return cv_job_exec_planned(j, m, d, lim, NULL, p, store, e);
+}
+
+cJSON *cv_job_exec_planned(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                           const cv_job_limits *lim, const cv_curv_plan *plan, cv_progress *p,
+                           cv_job_store *store, cv_err *e)
+{
     cv_batch batch;
     if (make_batch(j, d, &batch, e))
         return NULL;
-    cJSON *res = exec_batch(j, m, &batch, batch.n, NULL, lim, p, store, e);
+    cJSON *res = exec_batch(j, m, &batch, batch.n, NULL, lim, plan, p, store, e);
     cv_dataset_free(&batch);
     return res;
 }
@@ -978,7 +987,7 @@ cJSON *cv_job_exec_shard(const cv_job_spec *j, const cv_model *m, const cv_batch
                          size_t n, const cv_comm *comm, const cv_job_limits *lim,
                          cv_progress *p, cv_err *e)
 {
-    return exec_batch(j, m, shard, n, comm, lim, p, NULL, e);
+    return exec_batch(j, m, shard, n, comm, lim, NULL, p, NULL, e);
 }
 
 cJSON *cv_job_run(const cJSON *doc, const cv_model *m, const cv_dataset *d,

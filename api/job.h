@@ -147,6 +147,13 @@ cJSON *cv_job_exec(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
 cJSON *cv_job_exec_store(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
                          const cv_job_limits *lim, cv_progress *p, cv_job_store *store,
                          cv_err *e);
+/* cv_job_exec_store with the plan cv_job_check_memory made for this job, model,
+ * dataset and limits (NULL: none): the engine takes that split instead of
+ * probing the model a second time (the same plan; one probe of one and two
+ * samples per job instead of two). */
+cJSON *cv_job_exec_planned(const cv_job_spec *j, const cv_model *m, const cv_dataset *d,
+                           const cv_job_limits *lim, const cv_curv_plan *plan, cv_progress *p,
+                           cv_job_store *store, cv_err *e);
 
 /* ---- data-parallel jobs (engine/comm.h) --------------------------------------
  * Every rank of comm calls these in the same order with the same job and

@@ -1,7 +1,7 @@
 /* bench_ops.c - times curvd's engine on one model and batch, in process.
  *
  *   bench_ops --arch A.json --params P.safetensors --data D.safetensors
- *             [--threads T] [--reps R] [--only op,op] [--block B]
+ *             [--threads T] [--reps R] [--only op,op] [--block B] [--cpu-time]
  *   bench_ops --sgemm [--threads T]      measured sgemm peak (GFLOP/s)
  *
  * Prints one JSON object: seconds per op (best of R), matvecs, and the
@@ -23,6 +23,9 @@
  * hessian_max_eigenvalue (10 Lanczos steps), instr_all every single-version instrument (hessian_trace and tic_* from 10
  * probes, hessian_max_eigenvalue from 10 Lanczos steps); issue 24's speed
  * targets are instr_fo <= 2x gradient and instr_tl <= 25x.
+ * kfac_t2, kfac_emp: op kfac's factors (fisher_type type-2 / empirical, eigenvalues
+ * false) as `curvd run` runs the job (its memory check's probe included; issue 22
+ * item 4); --cpu-time: timed in process CPU time (load-robust at --threads 1).
  * --block B: probes per product in trace (default: the engine's choice).
  */
 #include <cblas.h>
@@ -31,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "api/arch.h"
 #include "api/job.h"
@@ -47,7 +51,7 @@ void openblas_set_num_threads(int);
 
 typedef struct {
     const char *arch, *params, *data, *only;
-    int threads, reps, sgemm, block;
+    int threads, reps, sgemm, block, cpu;
 } bench_args;
 
 static double best_of(int reps, double (*fn)(void *), void *ctx)
@@ -72,6 +76,7 @@ typedef struct {
     long matvecs, reorths;
     const char *which;
     int block; /* trace: probes per product, 0 = the engine's default */
+    int cpu;   /* kfac_*: the process's CPU time instead of the wall clock */
 } op_ctx;
 
 static void die(const cv_err *e)
@@ -124,6 +129,45 @@ static double t_instruments(void *p)
     if (!res)
         die(&e);
     cJSON_Delete(res);
+    cJSON_Delete(j);
+    return t;
+}
+
+static double cpu_now(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+/* The factors-only kfac job o->which ("kfac_t2", "kfac_emp": fisher_type type-2 or
+ * empirical, eigenvalues false, return_factors false) as `curvd run` runs it: bound,
+ * its memory checked under curvd run's default limits (2 GiB: the plan's probe),
+ * executed with that plan; timed whole (wall clock, or CPU time with --cpu-time). */
+static double t_kfac(void *p)
+{
+    op_ctx *o = p;
+    char doc[160];
+    snprintf(doc, sizeof doc,
+             "{\"op\":\"kfac\",\"options\":{\"fisher_type\":\"%s\","
+             "\"return_factors\":false,\"eigenvalues\":false}}",
+             strcmp(o->which, "kfac_t2") == 0 ? "type-2" : "empirical");
+    cJSON *j = cJSON_Parse(doc);
+    cv_job_limits lim;
+    cv_job_limits_default(&lim);
+    cv_err e;
+    cv_curv_plan plan;
+    double t0 = o->cpu ? cpu_now() : cv_now_s();
+    cv_job_spec *s = cv_job_parse(j, &e);
+    cJSON *res = s && !cv_job_bind(s, o->m, o->d, &e) &&
+                         !cv_job_check_memory(s, o->m, o->d, &lim, &plan, &e)
+                     ? cv_job_exec_planned(s, o->m, o->d, &lim, &plan, NULL, NULL, &e)
+                     : NULL;
+    double t = (o->cpu ? cpu_now() : cv_now_s()) - t0;
+    if (!res)
+        die(&e);
+    cJSON_Delete(res);
+    cv_job_spec_free(s);
     cJSON_Delete(j);
     return t;
 }
@@ -327,6 +371,8 @@ static void parse_args(int argc, char **argv, bench_args *a)
             a->only = argv[++i];
         else if (v && strcmp(argv[i], "--block") == 0)
             a->block = atoi(argv[++i]);
+        else if (strcmp(argv[i], "--cpu-time") == 0)
+            a->cpu = 1;
         else {
             fprintf(stderr, "bench_ops: unknown argument %s\n", argv[i]);
             exit(2);
@@ -350,7 +396,7 @@ int main(int argc, char **argv)
     if (cv_arch_load(a.arch, &m, &e) || cv_params_read(&m, a.params, &e) ||
         cv_datafile_read(a.data, &d, &e) || cv_dataset_check(&d, &m, &e))
         die(&e);
-    op_ctx o = {&m, &d, NULL, {0}, CV_CURV_HESSIAN, 1, NULL, NULL, 0, 0, NULL, a.block};
+    op_ctx o = {&m, &d, NULL, {0}, CV_CURV_HESSIAN, 1, NULL, NULL, 0, 0, NULL, a.block, a.cpu};
     cv_block_full(&m, &o.full);
     size_t D = o.full.dim;
     o.X = malloc(sizeof(double) * D * 16);
@@ -382,6 +428,13 @@ int main(int argc, char **argv)
             continue;
         o.which = instr[i];
         printf(", \"%s\": %.6g", instr[i], best_of(a.reps, t_instruments, &o));
+    }
+    const char *kf[] = {"kfac_t2", "kfac_emp"};
+    for (int i = 0; i < 2; i++) {
+        if (!wanted(&a, kf[i]))
+            continue;
+        o.which = kf[i];
+        printf(", \"%s\": %.6g", kf[i], best_of(a.reps, t_kfac, &o));
     }
     o.c = cv_curv_new(&m, &d, NULL, &e);
     if (!o.c)

@@ -280,8 +280,18 @@ static int forward_whole(cv_curv *c, int rc, cv_err *e)
     return cv_comm_agree(cm, rc, NULL, e);
 }
 
+/* Whether plan p (cv_curv_options.plan) splits this engine's batch. */
+static int plan_fits(const cv_curv *c, const cv_curv_plan *p)
+{
+    return p && !cv_comm_active(c->opt.comm) && p->micro_batch >= 1 &&
+           p->micro_batches == (c->nloc + p->micro_batch - 1) / p->micro_batch &&
+           p->cached <= p->micro_batches;
+}
+
 static int plan_split(cv_curv *c, cv_err *e)
 {
+    const cv_curv_plan *given = c->opt.plan;
+    c->opt.plan = NULL; /* not passed on: an engine on other samples plans for itself */
     if (c->nloc == 0 || (!c->opt.memory_budget && !c->opt.micro_batch)) {
         c->plan = (cv_curv_plan){0};
         c->plan.micro_batch = c->nloc < CV_CURV_MAX_MICRO ? c->nloc : CV_CURV_MAX_MICRO;
@@ -289,8 +299,12 @@ static int plan_split(cv_curv *c, cv_err *e)
             c->nloc ? (c->nloc + c->plan.micro_batch - 1) / c->plan.micro_batch : 0;
         return 0;
     }
-    if (cv_curv_plan_memory(c->m, c->b, &c->opt, &c->plan, e))
+    if (plan_fits(c, given)) {
+        c->plan = *given; /* the job's memory check probed this batch already */
+        c->plan.peak_bytes = 0;
+    } else if (cv_curv_plan_memory(c->m, c->b, &c->opt, &c->plan, e)) {
         return -1;
+    }
     if (c->plan.micro_batch > CV_CURV_MAX_MICRO || c->plan.micro_batches > CV_CURV_MAX_MICRO)
         return cv_err_set(e, CV_ETOOLARGE, "too_large", "batch",
                           "%zu micro-batches of %zu samples: at most 2^30 of 2^30 each",

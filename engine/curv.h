@@ -118,11 +118,18 @@ typedef struct {
                                * loss's cotangents too) */
     cv_progress *progress;    /* micro-batch progress and cancel/deadline (may be NULL) */
     const cv_comm *comm;      /* data-parallel ranks (NULL: one process; borrowed) */
+    /* The plan cv_curv_plan_memory already made for this batch and these options (the
+     * job's memory check): cv_curv_new takes its split as is instead of probing the
+     * model again (NULL: planned here when there is a budget or a micro_batch).  Read
+     * by cv_curv_new only (borrowed for that call; cv_curv_get_options returns NULL
+     * here, so engines built from a copy of the options plan for themselves).  Not with
+     * comm: a rank's shard is planned where it runs. */
+    const struct cv_curv_plan *plan;
 } cv_curv_options;
 
 /* How a batch is split and what it costs, from a probe of the model on one
  * and two samples (cv_curv_plan_memory) or as run (cv_curv_memory). */
-typedef struct {
+typedef struct cv_curv_plan {
     size_t micro_batch;        /* samples per micro-batch (the last may have fewer) */
     size_t micro_batches;
     size_t cached;             /* micro-batches whose forward state is kept */

@@ -73,22 +73,47 @@ void cv_kron_add_sym(int m, const float *S, double w, double *M, int ldm)
  * at n = 513-785, m = 512); larger Grams (im2col'd convolutions) use panels. */
 #define KRON_SYRK_MAX_BYTES ((size_t)8 << 20)
 
+/* Tile edge of the lower triangle's copy into M (add_lower_sym). */
+#define KRON_TILE 64
+
+/* M += w S for the n x n symmetric S given by its lower triangle (row-major):
+ * both triangles of M, every entry by the same single addition as a plain
+ * copy.  In tiles, each in two passes that write M along its rows: the lower
+ * part from S's rows, the upper from S's columns.  Writing M's upper part down
+ * its columns instead (one store per row of M) took 1.8 ms at n = 512, whose
+ * 4 KiB rows all map to one L1 set, against 0.1-0.3 ms now (0.5 ms vs 0.25
+ * ms at n = 785; the ssyrk itself: ~3.8 ms). */
+static void add_lower_sym(const float *S, int n, double w, double *M, int ldm)
+{
+    for (int i0 = 0; i0 < n; i0 += KRON_TILE) {
+        int i1 = n - i0 < KRON_TILE ? n : i0 + KRON_TILE;
+        for (int j0 = 0; j0 <= i0; j0 += KRON_TILE) {
+            int j1 = n - j0 < KRON_TILE ? n : j0 + KRON_TILE;
+            for (int i = i0; i < i1; i++) { /* lower part and diagonal: rows of S and M */
+                const float *Si = S + (size_t)i * n;
+                double *Mi = M + (size_t)i * ldm;
+                int je = j1 < i ? j1 : i;
+                for (int j = j0; j < je; j++)
+                    Mi[j] += w * Si[j];
+                if (i >= j0 && i < j1)
+                    Mi[i] += w * Si[i];
+            }
+            for (int j = j0; j < j1; j++) { /* upper part: M's row j from S's column j */
+                double *Mj = M + (size_t)j * ldm;
+                for (int i = i0 > j + 1 ? i0 : j + 1; i < i1; i++)
+                    Mj[i] += w * S[(size_t)i * n + j];
+            }
+        }
+    }
+}
+
 static int gram_add_syrk(const float *X, size_t m, int n, double w, double *M, int ldm)
 {
     float *S = cv_big_malloc_populated(sizeof(float) * (size_t)n * n); /* written whole */
     if (!S)
         return -1;
     cblas_ssyrk(CblasRowMajor, CblasLower, CblasTrans, n, (int)m, 1.0f, X, n, 0.0f, S, n);
-    for (int i = 0; i < n; i++) { /* S's lower triangle into both triangles of M */
-        const float *Si = S + (size_t)i * n;
-        double *Mi = M + (size_t)i * ldm;
-        for (int j = 0; j < i; j++) {
-            double v = w * Si[j];
-            Mi[j] += v;
-            M[(size_t)j * ldm + i] += v;
-        }
-        Mi[i] += w * Si[i];
-    }
+    add_lower_sym(S, n, w, M, ldm);
     free(S);
     return 0;
 }

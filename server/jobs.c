@@ -52,6 +52,8 @@ struct cv_job {
     size_t result_bytes;             /* the result's part of run_bytes (the engine's goes
                                       * when the engine returns) */
     int waited_memory;               /* counted in memory_waits_total */
+    cv_curv_plan plan;               /* the submit check's micro-batch plan, handed to */
+    int planned;                     /* the engine (one process only): no second probe */
     struct cv_job *qnext;            /* queue link */
     struct cv_job *prev, *next;      /* table links, creation order */
 };
@@ -720,8 +722,9 @@ static void *worker_main(void *arg)
         cv_job_store store = {j->psnap ? j->psnap->backing : NULL, NULL};
         cJSON *res = J->cfg.ranks ? cv_ranks_exec(J->cfg.ranks, j->spec, j->text, j->msnap,
                                                   j->dsnap, &J->cfg.limits, &j->progress, &err)
-                                  : cv_job_exec_store(j->spec, m, d, &J->cfg.limits,
-                                                      &j->progress, &store, &err);
+                                  : cv_job_exec_planned(j->spec, m, d, &J->cfg.limits,
+                                                        j->planned ? &j->plan : NULL,
+                                                        &j->progress, &store, &err);
         engine_done(J, j);
         if (res && store.out && keep_posterior(J, j, store.out, &err)) {
             cJSON_Delete(res); /* not kept: the job fails with the registry's error */
@@ -968,10 +971,21 @@ static uint64_t mix64(uint64_t x)
  * shard here; the others' differ by a sample at most and are checked when
  * the job runs). */
 static int check_memory(cv_jobs *J, const cv_job_spec *spec, const cv_snap *ms,
-                        const cv_snap *ds, cv_curv_plan *plan, cv_err *e)
+                        const cv_snap *ds, cv_curv_plan *plan, cv_curv_plan *engine,
+                        int *planned, cv_err *e)
 {
     int R = cv_ranks_alive(J->cfg.ranks);
     *plan = (cv_curv_plan){0};
+    *planned = 0;
+    if (R <= 1 && !J->cfg.ranks && (J->cfg.limits.job_memory || spec->micro_batch)) {
+        /* the plan the engine would make (it takes this one: one probe per job) */
+        if (cv_job_check_memory(spec, ms->model, ds->data, &J->cfg.limits, engine, e))
+            return -1;
+        *planned = 1;
+        if (J->cfg.memory && J->cfg.memory->limit)
+            *plan = *engine;
+        return 0;
+    }
     if (R <= 1)
         return cv_job_check_memory(spec, ms->model, ds->data, &J->cfg.limits,
                                    J->cfg.memory && J->cfg.memory->limit ? plan : NULL, e);
@@ -1230,8 +1244,8 @@ static int submit(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t nidx, doubl
     const char *mname = spec->model, *dname = spec->dataset;
     cv_snap *ms = NULL, *ds = NULL, *ps = NULL;
     cv_job *j = NULL;
-    int recorded = 0;
-    cv_curv_plan plan;
+    int recorded = 0, planned = 0;
+    cv_curv_plan plan, engine_plan;
     if (!mname) {
         cv_err_set(e, CV_EINVAL, "missing_field", "model",
                    "job needs \"model\": the name of a registered model");
@@ -1246,10 +1260,12 @@ static int submit(cv_jobs *J, const cJSON *doc, int32_t *idx, size_t nidx, doubl
         !(ds = cv_registry_acquire(J->reg, CV_REG_DATASET, dname, e)) ||
         cv_job_bind(spec, ms->model, ds->data, e) ||
         kept_posterior(J, spec, ms, &ps, e) ||
-        check_memory(J, spec, ms, ds, &plan, e))
+        check_memory(J, spec, ms, ds, &plan, &engine_plan, &planned, e))
         goto fail;
     if (!(j = cv_err_calloc(sizeof *j, "out of memory", e)))
         goto fail;
+    j->plan = engine_plan;
+    j->planned = planned;
     atomic_init(&j->refs, 1);
     atomic_init(&j->cancel, 0);
     cv_progress_init(&j->progress);

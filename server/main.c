@@ -127,10 +127,14 @@ static int run_load(run_ctx *r, const cv_run_args *a, cJSON *job, cv_err *e)
 static cJSON *run_job(run_ctx *r, const cv_job_limits *lim, cv_err *e)
 {
     if (!r->cl) {
+        /* the check's plan goes to the engine: the model is probed once */
+        cv_curv_plan plan;
+        int planned = lim->job_memory || r->spec->micro_batch;
         if (cv_job_bind(r->spec, r->m, &r->d, e) ||
-            cv_job_check_memory(r->spec, r->m, &r->d, lim, NULL, e))
+            cv_job_check_memory(r->spec, r->m, &r->d, lim, planned ? &plan : NULL, e))
             return NULL;
-        return cv_job_exec(r->spec, r->m, &r->d, lim, NULL, e);
+        return cv_job_exec_planned(r->spec, r->m, &r->d, lim, planned ? &plan : NULL, NULL,
+                                   NULL, e);
     }
     const cv_comm *comm = cv_cluster_comm(r->cl);
     size_t n = cv_job_batch_size(r->spec, r->d.n);

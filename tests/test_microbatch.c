@@ -5,7 +5,8 @@
  * equals the un-split engine's to float32 summation order, on an MLP with
  * ignored targets (the mean's 1/N counts every micro-batch), a CNN with
  * BatchNorm and max pooling, and a residual graph; the plan refuses a budget
- * below its minimum; cancel stops between micro-batches. */
+ * below its minimum; a plan given beforehand is taken as is; cancel stops between
+ * micro-batches. */
 #include "testutil.h"
 
 #include "api/arch.h"
@@ -290,6 +291,56 @@ START_TEST(budget_chooses_and_refuses)
 }
 END_TEST
 
+/* A plan made beforehand (the job's memory check, cv_curv_options.plan) is taken
+ * as is: the engine splits as that plan says even where its own budget would
+ * choose otherwise, gives equal results, and does not pass the plan on; a plan
+ * that does not split this batch is ignored (the engine plans itself). */
+START_TEST(given_plan_is_taken)
+{
+    cv_model m;
+    cv_dataset d;
+    build(1, &m, &d);
+    cv_curv_options o = {.mc_samples = 2, .seed = 9, .micro_batch = 5, .max_vectors = 3,
+                         .kind = CV_CURV_HESSIAN, .pairs = 1};
+    cv_curv_plan p, q;
+    cv_err e;
+    ck_assert_msg(cv_curv_plan_memory(&m, &d, &o, &p, &e) == 0, "%s", e.message);
+    size_t part = p.state_fixed + 5 * p.state_per_sample;
+    o.memory_budget = p.minimum_bytes + 2 * part + part / 2;
+    ck_assert(cv_curv_plan_memory(&m, &d, &o, &p, &e) == 0);
+    ck_assert_uint_eq(p.micro_batches, 5);
+    ck_assert_uint_eq(p.cached, 2);
+    /* the same plan under an ample budget with no micro_batch: one kept micro-batch if
+     * the engine planned itself */
+    o.micro_batch = 0;
+    o.memory_budget = (size_t)1 << 30;
+    o.plan = &p;
+    cv_curv *c = cv_curv_new(&m, &d, &o, &e);
+    ck_assert_msg(c != NULL, "%s", e.message);
+    cv_curv_memory(c, &q);
+    ck_assert_uint_eq(q.micro_batch, p.micro_batch);
+    ck_assert_uint_eq(q.micro_batches, 5);
+    ck_assert_uint_eq(q.cached, 2);
+    ck_assert_ptr_null(cv_curv_get_options(c)->plan);
+    cv_curv *ref = engine(&m, &d, 0, 0, CV_CURV_HESSIAN, 1);
+    compare(c, ref, &m, "given plan");
+    cv_curv_free(c);
+    /* a plan for another batch size: ignored */
+    cv_curv_plan other = p;
+    other.micro_batches = 2;
+    o.plan = &other;
+    c = cv_curv_new(&m, &d, &o, &e);
+    ck_assert_msg(c != NULL, "%s", e.message);
+    cv_curv_memory(c, &q);
+    ck_assert_uint_eq(q.micro_batches, 1);
+    ck_assert_uint_eq(q.cached, 1);
+    cv_curv_free(c);
+    cv_curv_free(ref);
+    cv_model_free(&m);
+    tu_data_free(&d);
+}
+END_TEST
+
 /* A set cancel flag stops a product between micro-batches; progress names
  * the micro-batches of the product. */
 START_TEST(cancel_between_micro_batches)
@@ -332,6 +383,7 @@ static Suite *microbatch_suite(void)
     suite_add_tcase(s, t);
     TCase *p = tcase_create("plan");
     tcase_add_test(p, budget_chooses_and_refuses);
+    tcase_add_test(p, given_plan_is_taken);
     tcase_add_test(p, cancel_between_micro_batches);
     suite_add_tcase(s, p);
     return s;
