@@ -328,8 +328,8 @@ static int output_walk(cv_part *c, diag_job *j, const char *active, cv_err *e)
     int k = per >= DIAG_WALK_FLOATS ? 1 : (int)(DIAG_WALK_FLOATS / (per ? per : 1));
     j->into = j->dl;
     if (!rc)
-        rc = all ? cv_part_kron_walk_k(c, kind, active, k, diag_visit, j, NULL, e)
-                 : cv_part_kron_walk(c, kind, active, diag_visit, j, NULL, e);
+        rc = all ? cv_part_kron_walk_k(c, kind, active, k, 1, diag_visit, j, NULL, e)
+                 : cv_part_kron_walk_k(c, kind, active, 32, 1, diag_visit, j, NULL, e);
     for (int l = 0; l < c->L && !rc; l++)
         if (j->sq[l] && c->ops[l]->diag_sq_add(&c->ctx[l], j->sq[l], j->dl[l]))
             rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
