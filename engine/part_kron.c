@@ -131,10 +131,10 @@ int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                               "Kronecker factor A of layers[%d]", l);
     if (job->acp)
-        return job->gmax ? cv_part_kron_walk(c, job->kind, job->layers, kron_max_visit,
+        return job->gmax ? cv_part_kron_walk(c, job->kind, job->layers, 0, kron_max_visit,
                                              (void *)job, NULL, e)
                          : 0;
-    return cv_part_kron_walk(c, job->kind, job->layers, kron_b_visit, (void *)job, NULL, e);
+    return cv_part_kron_walk(c, job->kind, job->layers, 0, kron_b_visit, (void *)job, NULL, e);
 }
 
 /* The walks of cv_part_kron_walk(_k) after the part is prepared: chunk
@@ -176,12 +176,13 @@ static int any_layer(const cv_part *c, const char *layers)
 /* Vectors per walk at most (as products take at most 32 at a time, part.c). */
 #define KRON_WALK_MAX_K 32
 
-int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, cv_part_kron_visit fn,
-                      void *arg, int *columns, cv_err *e)
+int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, int narrow,
+                      cv_part_kron_visit fn, void *arg, int *columns, cv_err *e)
 {
-    int ktot = output_columns(c, kind, 0);
-    return cv_part_kron_walk_k(c, kind, layers, ktot < KRON_WALK_MAX_K ? ktot : KRON_WALK_MAX_K,
-                               0, fn, arg, columns, e);
+    int ktot = output_columns(c, kind, narrow);
+    return cv_part_kron_walk_k(
+        c, kind, layers, walk_chunk(c, ktot < KRON_WALK_MAX_K ? ktot : KRON_WALK_MAX_K), narrow,
+        fn, arg, columns, e);
 }
 
 int cv_part_kron_walk_k(cv_part *c, cv_curvature kind, const char *layers, int max_k,
@@ -192,7 +193,7 @@ int cv_part_kron_walk_k(cv_part *c, cv_curvature kind, const char *layers, int m
         *columns = ktot;
     if (!any_layer(c, layers))
         return 0;
-    int chunk = walk_chunk(c, max_k < 1 ? 1 : max_k < ktot ? max_k : ktot);
+    int chunk = max_k < 1 ? 1 : max_k < ktot ? max_k : ktot;
     if (cv_part_prepare_walk(c, kind, chunk, e))
         return -1;
     return walk_all(c, kind, layers, ktot, chunk, fn, arg, e);
