@@ -17,9 +17,11 @@
 #endif
 
 #define LS_R 12      /* rows per register tile (24 accumulators) */
-#define LS_IB 32     /* inputs per tile (two zmm) */
 #define LS_GROUPS 16 /* row groups staged together */
 #define LS_PROBE 32  /* groups cv_lsparse_worth looks at */
+#ifndef LS_AHEAD
+#define LS_AHEAD 8   /* units ahead whose W row is prefetched */
+#endif
 
 static int cpu_has_avx512(void)
 {
@@ -84,43 +86,62 @@ typedef struct {
 } ls_group;
 
 #ifdef CV_LSPARSE_X86
-/* gx rows j0 .. j0+R-1 of group r, inputs ib .. ib+31 (masks m0, m1 for the
- * last, partial block): the sum over the group's units of gq x W's row. */
-__attribute__((always_inline, target("avx512f,fma"))) static inline void
-tile_k(const ls_job *q, const ls_group *g, int r, int j0, int ib, const int R)
+static __mmask16 lanes_from(int rest)
 {
-    int rest = q->in - ib;
-    __mmask16 m0 = rest >= 16 ? 0xFFFF : (__mmask16)((1u << rest) - 1);
-    __mmask16 m1 = rest >= 32 ? 0xFFFF : rest <= 16 ? 0 : (__mmask16)((1u << (rest - 16)) - 1);
-    __m512 a0[LS_R], a1[LS_R];
+    return rest >= 16 ? (__mmask16)0xFFFF : rest <= 0 ? (__mmask16)0 : (__mmask16)((1u << rest) - 1);
+}
+
+/* gx rows j0 .. j0+R-1 of group r, inputs ib .. ib+16 NB-1 (masked past
+ * in): the sum over the group's units of gq x W's row. */
+__attribute__((always_inline, target("avx512f,fma"))) static inline void
+tile_k(const ls_job *q, const ls_group *g, int r, int j0, int ib, const int R, const int NB)
+{
+    __mmask16 m[3];
+    __m512 a[LS_R][3];
+#pragma GCC unroll 3
+    for (int b = 0; b < NB; b++)
+        m[b] = lanes_from(q->in - ib - 16 * b);
 #pragma GCC unroll 12
     for (int j = 0; j < R; j++)
-        a0[j] = a1[j] = _mm512_setzero_ps();
+#pragma GCC unroll 3
+        for (int b = 0; b < NB; b++)
+            a[j][b] = _mm512_setzero_ps();
     for (int t = 0; t < g->m; t++) {
         const float *w = q->W + (size_t)g->idx[t] * q->in + ib;
-        __m512 w0 = _mm512_maskz_loadu_ps(m0, w), w1 = _mm512_maskz_loadu_ps(m1, w + 16);
+        if (t + LS_AHEAD < g->m) /* W's rows are scattered: no hardware prefetch */
+            _mm_prefetch((const char *)(q->W + (size_t)g->idx[t + LS_AHEAD] * q->in + ib),
+                         _MM_HINT_T0);
+        __m512 wv[3];
+#pragma GCC unroll 3
+        for (int b = 0; b < NB; b++)
+            wv[b] = _mm512_maskz_loadu_ps(m[b], w + 16 * b);
         const float *c = g->gq + (size_t)t * q->k + j0;
 #pragma GCC unroll 12
         for (int j = 0; j < R; j++) {
-            __m512 b = _mm512_set1_ps(c[j]);
-            a0[j] = _mm512_fmadd_ps(b, w0, a0[j]);
-            a1[j] = _mm512_fmadd_ps(b, w1, a1[j]);
+            __m512 x = _mm512_set1_ps(c[j]);
+#pragma GCC unroll 3
+            for (int b = 0; b < NB; b++)
+                a[j][b] = _mm512_fmadd_ps(x, wv[b], a[j][b]);
         }
     }
 #pragma GCC unroll 12
     for (int j = 0; j < R; j++) {
         float *o = q->gx + ((size_t)(j0 + j) * q->n + (size_t)r) * q->in + ib;
-        _mm512_mask_storeu_ps(o, m0, a0[j]);
-        _mm512_mask_storeu_ps(o + 16, m1, a1[j]);
+#pragma GCC unroll 3
+        for (int b = 0; b < NB; b++)
+            _mm512_mask_storeu_ps(o + 16 * b, m[b], a[j][b]);
     }
 }
 
+/* Tiles of R rows: three zmm of inputs up to 9 rows (27 accumulators), two
+ * above (24). */
+#define LS_NB(R) ((R) <= 9 ? 3 : 2)
 #define LS_TILE(R)                                                                     \
     __attribute__((target("avx512f,fma"))) static void tile_##R(const ls_job *q,      \
                                                                const ls_group *g,     \
                                                                int r, int j0, int ib) \
     {                                                                                  \
-        tile_k(q, g, r, j0, ib, R);                                                    \
+        tile_k(q, g, r, j0, ib, R, LS_NB(R));                                          \
     }
 LS_TILE(1)
 LS_TILE(2)
@@ -140,7 +161,8 @@ static const ls_tile_fn tiles[LS_R + 1] = {NULL,     tile_1, tile_2, tile_3,  ti
                                            tile_5,   tile_6, tile_7, tile_8,  tile_9,
                                            tile_10,  tile_11, tile_12};
 
-/* Stages groups g0 .. g0+G-1 and runs their tiles, 32 inputs at a time. */
+/* Stages groups g0 .. g0+G-1 and runs their tiles, R rows and 16 LS_NB(R)
+ * inputs at a time. */
 static void run_groups(const ls_job *q, int g0, int G, int *idx, float *gq)
 {
     ls_group grp[LS_GROUPS];
@@ -154,12 +176,12 @@ static void run_groups(const ls_job *q, int g0, int G, int *idx, float *gq)
                 c[(size_t)t * k + j] = q->gy[(j * q->n + (size_t)(g0 + g)) * out + ix[t]];
         grp[g] = (ls_group){ix, c, m};
     }
-    for (int ib = 0; ib < q->in; ib += LS_IB)
-        for (int j0 = 0; j0 < q->k; j0 += LS_R) {
-            int R = q->k - j0 < LS_R ? q->k - j0 : LS_R;
+    for (int j0 = 0; j0 < q->k; j0 += LS_R) {
+        int R = q->k - j0 < LS_R ? q->k - j0 : LS_R;
+        for (int ib = 0; ib < q->in; ib += 16 * LS_NB(R))
             for (int g = 0; g < G; g++)
                 tiles[R](q, &grp[g], g0 + g, j0, ib);
-        }
+    }
 }
 #endif
 
