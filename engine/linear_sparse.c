@@ -1,8 +1,9 @@
 /* linear_sparse.c - input cotangents of a Linear layer from row groups that
  * share their zeros (see linear_sparse.h): per group the units non-zero in
  * one of its k rows and their k coefficients are staged, then AVX-512
- * register tiles (up to 12 rows x 32 inputs) sum the listed rows of W;
- * LS_GROUPS groups are staged at a time so that a 32-column block of W is
+ * register tiles (up to 9 rows x 48 inputs, 12 x 32 for 10-12 rows) sum the
+ * listed rows of W;
+ * LS_GROUPS groups are staged at a time so that a 48- or 32-column block of W is
  * reused from cache across them. */
 #include "linear_sparse.h"
 

@@ -5,7 +5,7 @@
  * (those the ReLU switched off, about half): row r of every block j
  * (row j*n + r) only needs the rows of W of the units where one of the k
  * rows is non-zero.  Per row group (r), the non-zero units are listed once
- * and a register tile of up to 12 rows x 32 inputs sums W's rows of the
+ * and register tiles of up to 9 rows x 48 inputs (12 x 32) sum W's rows of the
  * listed units, in unit order (the same sums whatever the thread count). */
 #ifndef CV_LINEAR_SPARSE_H
 #define CV_LINEAR_SPARSE_H
