@@ -162,8 +162,24 @@ typedef struct {
  * when every active layer sums its squared cotangents over the walks
  * (diag_sq_add): the number of walks then costs no products, and small
  * chunks keep the walk's buffers in cache and the fresh pages it touches
- * few (the bench MLP at N = 512: one vector per walk). */
+ * few.  Up to DIAG_WALK_ALL_FLOATS (16 MB) all the output factor's vectors
+ * go in one walk instead, so that a Linear layer after a ReLU gets every
+ * vector of a sample at once and skips the units the ReLU switched off
+ * (engine/linear_sparse.h; the bench MLP at N = 512: 9 vectors). */
 #define DIAG_WALK_FLOATS ((size_t)1 << 18)
+#define DIAG_WALK_ALL_FLOATS ((size_t)1 << 22)
+
+/* Vectors per walk on the squared-cotangent path. */
+static int sq_walk_k(const cv_part *c, cv_curvature kind)
+{
+    size_t per = (size_t)c->n * c->max_numel, cols;
+    cols = kind == CV_CURV_FISHER_MC ? (size_t)(c->opt.base.mc_samples > 0 ? c->opt.base.mc_samples : 1)
+           : kind == CV_CURV_EF      ? 1
+                                     : (size_t)c->C;
+    if (per * cols <= DIAG_WALK_ALL_FLOATS)
+        return (int)cols;
+    return per >= DIAG_WALK_FLOATS ? 1 : (int)(DIAG_WALK_FLOATS / (per ? per : 1));
+}
 
 static int diag_visit(cv_part *c, int l, int k, const float *cot, void *arg, cv_err *e)
 {
@@ -324,12 +340,11 @@ static int output_walk(cv_part *c, diag_job *j, const char *active, cv_err *e)
                             l);
     }
     cv_curvature kind = j->kind == CV_CURV_HESSIAN ? CV_CURV_GGN : j->kind;
-    size_t per = (size_t)c->n * c->max_numel;
-    int k = per >= DIAG_WALK_FLOATS ? 1 : (int)(DIAG_WALK_FLOATS / (per ? per : 1));
+    int k = sq_walk_k(c, kind);
     j->into = j->dl;
     if (!rc)
-        rc = all ? cv_part_kron_walk_k(c, kind, active, k, diag_visit, j, NULL, e)
-                 : cv_part_kron_walk(c, kind, active, diag_visit, j, NULL, e);
+        rc = all ? cv_part_kron_walk_k(c, kind, active, k, 1, diag_visit, j, NULL, e)
+                 : cv_part_kron_walk(c, kind, active, 1, diag_visit, j, NULL, e);
     for (int l = 0; l < c->L && !rc; l++)
         if (j->sq[l] && c->ops[l]->diag_sq_add(&c->ctx[l], j->sq[l], j->dl[l]))
             rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "",

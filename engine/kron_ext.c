@@ -54,7 +54,7 @@ static int ekfac_visit(cv_part *c, int l, int k, const float *cot, void *arg, cv
 static int ekfac_share(cv_part *p, void *arg, cv_err *e)
 {
     ekfac_job *j = arg;
-    return cv_part_kron_walk(p, j->kind, j->layers, ekfac_visit, j, NULL, e);
+    return cv_part_kron_walk(p, j->kind, j->layers, 0, ekfac_visit, j, NULL, e);
 }
 
 /* The factors' eigenbases (kb[f], borrowed factors) and the offsets of

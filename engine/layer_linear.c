@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "im2col.h"
+#include "linear_sparse.h"
 
 #define ATTR(c) CV_LAYER_ATTR((c)->L, cv_linear_attr)
 #define IN(c) (ATTR(c)->in_features)
@@ -60,7 +61,9 @@ static void bias_grad(const cv_layer_ctx *c, const float *gy, float *gb)
 static void linear_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, float *gtheta)
 {
     int n = NR(c), in = IN(c), out = OUT(c);
-    if (gx)
+    if (gx && cv_lsparse_worth(k, n, out, gy))
+        cv_lsparse_vjp(k, n, out, in, gy, c->theta, gx);
+    else if (gx)
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, k * n, in, out, 1.0f, gy, out,
                     c->theta, in, 0.0f, gx, in);
     if (!gtheta)

@@ -57,7 +57,7 @@ typedef struct {
 static int factor_part(cv_part *p, void *arg, cv_err *e)
 {
     factor_share *s = arg;
-    return cv_part_kron_walk(p, CV_CURV_EF, s->layers, factor_visit, &s->job, NULL, e);
+    return cv_part_kron_walk(p, CV_CURV_EF, s->layers, 0, factor_visit, &s->job, NULL, e);
 }
 
 int cv_curv_linear_factors(cv_curv *c, const char *layers, const size_t *offset, double *out,

@@ -398,3 +398,63 @@ void cv_loss_hessian_sqrt(const cv_loss_state *s, int i, double *S)
             S[(size_t)a * C + a] = sc * sqrt(p[a] * (1.0 - p[a]));
     }
 }
+
+int cv_loss_factor_columns(const cv_loss_state *s)
+{
+    return cv_loss_is_class(s->type) && s->K >= 2 ? s->C - s->S : s->C;
+}
+
+/* Position p's columns of F (kf = C - S, position p's at p (K - 1) + a', a'
+ * the classes but k) from S's (block-diagonal: only the position's K rows
+ * are non-zero): x = sqrt(p) over its classes, v = x + |x| e_k,
+ * F_a = S_a - (2 v_a / v.v) S v for a != k.  w: 2K doubles. */
+static void position_factor(const cv_loss_state *s, int i, int p, const double *S, int kf,
+                            double *w, double *F)
+{
+    size_t C = (size_t)s->C, base = pos_off(s, p);
+    const float *pr = s->prob + (size_t)i * C;
+    int K = s->K, k = 0;
+    double *v = w, *Sv = w + K, nx = 0, vv = 0;
+    for (int a = 0; a < K; a++) {
+        v[a] = sqrt((double)pr[base + (size_t)a * s->cs]);
+        nx += v[a] * v[a];
+        k = v[a] > v[k] ? a : k;
+    }
+    v[k] += sqrt(nx);
+    for (int a = 0; a < K; a++)
+        vv += v[a] * v[a];
+    for (int r = 0; r < K; r++) {
+        const double *Sr = S + (base + (size_t)r * s->cs) * C + base;
+        Sv[r] = 0;
+        for (int b = 0; b < K; b++)
+            Sv[r] += Sr[(size_t)b * s->cs] * v[b];
+    }
+    for (int a = 0, col = p * (K - 1); a < K; a++) {
+        if (a == k)
+            continue;
+        double f = 2.0 * v[a] / vv;
+        size_t qa = base + (size_t)a * s->cs;
+        for (int r = 0; r < K; r++) {
+            size_t qr = base + (size_t)r * s->cs;
+            F[qr * (size_t)kf + (size_t)col] = S[qr * C + qa] - f * Sv[r];
+        }
+        col++;
+    }
+}
+
+int cv_loss_hessian_factor(const cv_loss_state *s, int i, double *S, double *F)
+{
+    int C = s->C, kf = cv_loss_factor_columns(s);
+    cv_loss_hessian_sqrt(s, i, kf == C ? F : S);
+    if (kf == C)
+        return 0;
+    double *w = malloc(sizeof(double) * 2 * (size_t)s->K);
+    if (!w)
+        return -1;
+    memset(F, 0, sizeof(double) * (size_t)C * kf);
+    for (int p = 0; p < s->S; p++)
+        if (!ignored(s, i, p))
+            position_factor(s, i, p, S, kf, w, F);
+    free(w);
+    return 0;
+}

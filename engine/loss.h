@@ -123,4 +123,17 @@ void cv_loss_outer_apply(const cv_loss_state *s, int mc, const float *S, double 
  * zero for ignored ones. */
 void cv_loss_hessian_sqrt(const cv_loss_state *s, int i, double *S);
 
+/* Columns of the narrowest factor cv_loss_hessian_factor writes: CE/NLL
+ * with K >= 2 classes: C - S (each position's block diag(p) - p p^T has the
+ * null vector 1, rank K - 1), otherwise C. */
+int cv_loss_factor_columns(const cv_loss_state *s);
+/* A factor of sample i's loss Hessian with kf = cv_loss_factor_columns(s)
+ * columns, C x kf row-major: F F^T = S_i S_i^T (cv_loss_hessian_sqrt, which
+ * it writes into S, C x C scratch, where kf < C), for uses that only sum the
+ * columns' outer products or squares (exact diagonals): CE/NLL drop, per
+ * position, the direction sqrt(p) of S_i's right null space (S_i sqrt(p) = 0)
+ * by a Householder reflection H with H sqrt(p) a multiple of e_k (k the
+ * largest p): F = the columns of S_i H but k.  Returns -1 when out of memory. */
+int cv_loss_hessian_factor(const cv_loss_state *s, int i, double *S, double *F);
+
 #endif

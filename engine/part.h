@@ -107,15 +107,18 @@ int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *
  * chunk; it returns 0 or -1 with e filled. */
 typedef int (*cv_part_kron_visit)(cv_part *c, int l, int k, const float *cot, void *arg,
                                   cv_err *e);
-int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, cv_part_kron_visit fn,
-                      void *arg, int *columns, cv_err *e);
-/* The same walk with at most max_k vectors at a time (max_k >= 1; fewer
- * where a cotangent buffer would pass 8 MB; cv_part_kron_walk: up to 32),
- * sizing only what walks use (cv_part_prepare_walk): for visits whose
- * cost does not grow with the number of chunks (exact diagonal), small
- * chunks keep the buffers a walk touches small and in cache. */
+int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, int narrow,
+                      cv_part_kron_visit fn, void *arg, int *columns, cv_err *e);
+/* The same walk with max_k vectors at a time (max_k >= 1; cv_part_kron_walk:
+ * up to 32, fewer where a cotangent buffer would pass 8 MB), sizing only
+ * what walks use (cv_part_prepare_walk): for visits whose cost does not grow
+ * with the number of chunks (exact diagonal), small chunks keep the buffers
+ * a walk touches small and in cache.  narrow (GGN): the loss Hessian's
+ * narrowest factor (cv_loss_hessian_factor: C - 1 columns for a flat CE/NLL
+ * output, not C), for visits whose result only depends on the sum over the
+ * vectors of their outer products or squares; 0: its C columns. */
 int cv_part_kron_walk_k(cv_part *c, cv_curvature kind, const char *layers, int max_k,
-                        cv_part_kron_visit fn, void *arg, int *columns, cv_err *e);
+                        int narrow, cv_part_kron_visit fn, void *arg, int *columns, cv_err *e);
 
 /* For modules that add their own per-micro-batch shares (engine/kron.c):
  * out (len doubles, zeroed first) = the sum over micro-batches of what

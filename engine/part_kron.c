@@ -45,18 +45,19 @@ static int kron_max_visit(cv_part *c, int l, int k, const float *cot, void *arg,
     return 0;
 }
 
-/* The vectors per sample the output factor of kind has. */
-static int output_columns(const cv_part *c, cv_curvature kind)
+/* The vectors per sample the output factor of kind has (narrow: the GGN's
+ * narrowest factor, cv_loss_hessian_factor). */
+static int output_columns(const cv_part *c, cv_curvature kind, int narrow)
 {
-    return kind == CV_CURV_GGN         ? c->C
+    return kind == CV_CURV_GGN         ? (narrow ? cv_loss_factor_columns(&c->ls) : c->C)
            : kind == CV_CURV_FISHER_MC ? c->opt.base.mc_samples
                                        : 1;
 }
 
 /* top (kk x n x C) = vectors [j0, j0 + kk) of the output factor; S holds
- * the loss Hessian's square roots (GGN: n C x C row-major blocks). */
-static void fill_top(const cv_part *c, cv_curvature kind, const double *S, int j0, int kk,
-                     float *top)
+ * the loss Hessian's factors (GGN: n C x ks row-major blocks). */
+static void fill_top(const cv_part *c, cv_curvature kind, const double *S, int ks, int j0,
+                     int kk, float *top)
 {
     size_t n = (size_t)c->n, C = (size_t)c->C;
     if (kind == CV_CURV_FISHER_MC) {
@@ -70,7 +71,8 @@ static void fill_top(const cv_part *c, cv_curvature kind, const double *S, int j
     for (int j = 0; j < kk; j++)
         for (size_t i = 0; i < n; i++)
             for (size_t q = 0; q < C; q++)
-                top[((size_t)j * n + i) * C + q] = (float)S[(i * C + q) * C + (size_t)(j0 + j)];
+                top[((size_t)j * n + i) * C + q] =
+                    (float)S[(i * C + q) * (size_t)ks + (size_t)(j0 + j)];
 }
 
 /* Floats one pooled cotangent buffer of a walk may span (8 MB): the walk
@@ -100,7 +102,7 @@ static int walk_chunks(cv_part *c, cv_curvature kind, const char *layers, const 
             cv_part_pool_give(c, top);
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Kronecker cotangents");
         }
-        fill_top(c, kind, S, j0, kk, top);
+        fill_top(c, kind, S, ktot, j0, kk, top);
         kron_walk kw = {fn, arg, kk};
         w->k = kk;
         w->active = layers;
@@ -121,7 +123,7 @@ int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *
     for (int l = 0; l < c->L; l++)
         any |= job->layers[l];
     if (columns)
-        *columns = output_columns(c, job->kind);
+        *columns = output_columns(c, job->kind, 0);
     if (!any)
         return 0;
     for (int l = 0; l < c->L; l++)
@@ -129,10 +131,10 @@ int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
                               "Kronecker factor A of layers[%d]", l);
     if (job->acp)
-        return job->gmax ? cv_part_kron_walk(c, job->kind, job->layers, kron_max_visit,
+        return job->gmax ? cv_part_kron_walk(c, job->kind, job->layers, 0, kron_max_visit,
                                              (void *)job, NULL, e)
                          : 0;
-    return cv_part_kron_walk(c, job->kind, job->layers, kron_b_visit, (void *)job, NULL, e);
+    return cv_part_kron_walk(c, job->kind, job->layers, 0, kron_b_visit, (void *)job, NULL, e);
 }
 
 /* The walks of cv_part_kron_walk(_k) after the part is prepared: chunk
@@ -140,15 +142,21 @@ int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *
 static int walk_all(cv_part *c, cv_curvature kind, const char *layers, int ktot, int chunk,
                     cv_part_kron_visit fn, void *arg, cv_err *e)
 {
-    size_t C = (size_t)c->C;
-    double *S = NULL;
+    size_t C = (size_t)c->C, ks = (size_t)ktot;
+    double *S = NULL, *tmp = NULL;
     if (kind == CV_CURV_GGN) {
-        S = malloc(sizeof(double) * (size_t)c->n * C * C);
-        if (!S)
+        S = malloc(sizeof(double) * (size_t)c->n * C * ks);
+        tmp = ks < C ? malloc(sizeof(double) * C * C) : NULL;
+        int bad = !S || (ks < C && !tmp);
+        for (int i = 0; i < c->n && !bad; i++)
+            bad = ks < C ? cv_loss_hessian_factor(&c->ls, i, tmp, S + (size_t)i * C * ks)
+                         : (cv_loss_hessian_sqrt(&c->ls, i, S + (size_t)i * C * C), 0);
+        free(tmp);
+        if (bad) {
+            free(S);
             return cv_err_set(e, CV_ENOMEM, "out_of_memory", "",
-                              "loss Hessian square roots (%d x %zu x %zu)", c->n, C, C);
-        for (int i = 0; i < c->n; i++)
-            cv_loss_hessian_sqrt(&c->ls, i, S + (size_t)i * C * C);
+                              "loss Hessian factors (%d x %zu x %zu)", c->n, C, ks);
+        }
     }
     char live[CV_MAX_LAYERS];
     cv_part_live(c, layers, live);
@@ -168,23 +176,24 @@ static int any_layer(const cv_part *c, const char *layers)
 /* Vectors per walk at most (as products take at most 32 at a time, part.c). */
 #define KRON_WALK_MAX_K 32
 
-int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, cv_part_kron_visit fn,
-                      void *arg, int *columns, cv_err *e)
+int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, int narrow,
+                      cv_part_kron_visit fn, void *arg, int *columns, cv_err *e)
 {
-    int ktot = output_columns(c, kind);
-    return cv_part_kron_walk_k(c, kind, layers, ktot < KRON_WALK_MAX_K ? ktot : KRON_WALK_MAX_K,
-                               fn, arg, columns, e);
+    int ktot = output_columns(c, kind, narrow);
+    return cv_part_kron_walk_k(
+        c, kind, layers, walk_chunk(c, ktot < KRON_WALK_MAX_K ? ktot : KRON_WALK_MAX_K), narrow,
+        fn, arg, columns, e);
 }
 
 int cv_part_kron_walk_k(cv_part *c, cv_curvature kind, const char *layers, int max_k,
-                        cv_part_kron_visit fn, void *arg, int *columns, cv_err *e)
+                        int narrow, cv_part_kron_visit fn, void *arg, int *columns, cv_err *e)
 {
-    int ktot = output_columns(c, kind);
+    int ktot = output_columns(c, kind, narrow);
     if (columns)
         *columns = ktot;
     if (!any_layer(c, layers))
         return 0;
-    int chunk = walk_chunk(c, max_k < 1 ? 1 : max_k < ktot ? max_k : ktot);
+    int chunk = max_k < 1 ? 1 : max_k < ktot ? max_k : ktot;
     if (cv_part_prepare_walk(c, kind, chunk, e))
         return -1;
     return walk_all(c, kind, layers, ktot, chunk, fn, arg, e);

@@ -24,6 +24,9 @@ Every job runs with --dense-max 10, where the identity-column path is refused:
     attention: no residual kernels) refused naming a layer above --dense-max, identity
     columns within; per_sample refused there, and with a Kronecker curvature or another
     method (400 invalid_option, options.per_sample);
+  - a ReLU MLP 6-96-80-6 (N = 10), wide enough for Linear's row-group kernel of ReLU
+    zeros (engine/linear_sparse.h, on CPUs with AVX-512): ggn, ggn per_sample and hessian
+    against torch's;
   - data-parallel: mpirun -np 2 gives the one-process diagonal (ggn, ef, ggn per_sample, hessian).
 Ends with 'N passed, M failed'.
 """
@@ -236,7 +239,28 @@ def refusals(d_tied):
               r.get("error", {}).get("field") == "options.per_sample", str(r)[:200])
 
 
+def relu_wide():
+    """A ReLU MLP wide enough for Linear's row-group kernel (engine/linear_sparse.h: the 80
+    units after the second ReLU, C - 1 = 5 vectors per sample in one walk): ggn, its
+    per_sample rows and hessian (= ggn: phi'' = 0) against torch's."""
+    model, x, y = tr.make_mlp_case(torch.nn.ReLU, torch.nn.CrossEntropyLoss(), n=10, din=6,
+                                   hidden=(96, 80), C=6, seed=4)
+    with tempfile.TemporaryDirectory() as d:
+        tr.write_case(d, model, [x.shape[1]], torch.nn.CrossEntropyLoss(), x, y)
+        ggn = torch_reference(model, x, y, curvd_order(d))[0]
+        for job in (diag_job("ggn"), diag_job("ggn", per_sample=True), diag_job("hessian")):
+            r = tr.curvd_run(CURVD, d, job, extra=SMALL)[1]
+            rows = job["options"].get("per_sample")
+            got = np.asarray(r.get("per_sample_diag" if rows else "diag", []))
+            want = ggn if rows else ggn.sum(0)
+            ok = got.shape == want.shape and r.get("backprop") is True and rel(got, want) < TOL
+            check(f"relu mlp 6-96-80-6 {job['curvature']}{' per_sample' if rows else ''}: "
+                  "backpropagated diagonal = torch's", ok,
+                  f"{got.shape} {rel(got, want) if got.shape == want.shape else ''}")
+
+
 def main():
+    relu_wide()
     model, x, y = tr.make_mlp_case(torch.nn.Tanh, torch.nn.CrossEntropyLoss(), n=12)
     with tempfile.TemporaryDirectory() as d:
         tr.write_case(d, model, [x.shape[1]], torch.nn.CrossEntropyLoss(), x, y)

@@ -237,6 +237,28 @@ static void check_first_order(lcase *t, cv_loss_state *s, const char *name)
 
 /* Hessian products (k = 2 stacked blocks) and the factor S S^T against the
  * dense reference Lambda_i. */
+/* cv_loss_hessian_factor: C - S columns for CE/NLL (one null direction per
+ * position dropped), C otherwise, and F F^T = Lambda_i as the square root's. */
+static void check_narrow_factor(const cv_loss_state *s, int i, const double *H, double hmax,
+                                const char *name)
+{
+    int C = s->C, kf = cv_loss_factor_columns(s);
+    ck_assert_int_eq(kf, cv_loss_is_class(s->type) && s->K >= 2 ? C - s->S : C);
+    double *F = malloc(sizeof(double) * C * C), *T = malloc(sizeof(double) * C * C);
+    ck_assert_int_eq(cv_loss_hessian_factor(s, i, T, F), 0);
+    for (int a = 0; a < C; a++)
+        for (int b = 0; b < C; b++) {
+            double v = 0;
+            for (int q = 0; q < kf; q++)
+                v += F[(size_t)a * kf + q] * F[(size_t)b * kf + q];
+            ck_assert_msg(fabs(v - H[(size_t)a * C + b]) <= 1e-5 * fmax(hmax, 1e-3),
+                          "%s: (F F^T)[%d][%d] = %g, Lambda %g (%d columns)", name, a, b, v,
+                          H[(size_t)a * C + b], kf);
+        }
+    free(F);
+    free(T);
+}
+
 static void check_second_order(lcase *t, const cv_loss_state *s, const char *name)
 {
     int C = t->C, n = t->n, k = 2;
@@ -271,6 +293,7 @@ static void check_second_order(lcase *t, const cv_loss_state *s, const char *nam
                               "%s: (S S^T)[%d][%d] = %g, Lambda %g", name, a, b, v,
                               H[(size_t)a * C + b]);
             }
+        check_narrow_factor(s, i, H, hmax, name);
     }
     free(r);
     free(out);
