@@ -431,6 +431,37 @@ static float *transposed(const float *X, size_t N, size_t w)
     return T;
 }
 
+typedef struct {
+    size_t N, in;
+    float *Gf;
+    const float *Q;
+    const char *zq, *zo;
+    double *gb, *md;
+} sums_job;
+
+/* Rows [o0, o1) of weight_sums' gb, md and Gf from the float sums; an entry
+ * whose variance cancels (GSNR_RECHECK) is left NaN in gb for the exact pass
+ * (a NaN sum too: the recheck of `!(variance > ...)`).  Entries of a dead
+ * input or output are exactly zero: no recheck. */
+static void sums_rows(void *arg, size_t o0, size_t o1)
+{
+    const sums_job *j = arg;
+    double inv = 1.0 / (double)j->N;
+    for (size_t o = o0; o < o1; o++) {
+        size_t base = o * j->in;
+        for (size_t q = 0; q < j->in; q++) {
+            double sum = j->Gf[base + q], ss = j->Q[base + q];
+            if (!(ss - sum * sum * inv > GSNR_RECHECK * ss) && !j->zq[q] && !j->zo[o]) {
+                j->gb[base + q] = NAN;
+                continue;
+            }
+            j->gb[base + q] = sum / (double)j->N;
+            j->md[base + q] = ss / (double)j->N;
+            j->Gf[base + q] = (float)j->gb[base + q];
+        }
+    }
+}
+
 /* Sums G = S^T A and Q = (S.*S)^T (A.*A) (out x in, float GEMMs) into gb = G/N
  * and md = Q/N (double), the entries whose variance cancels (GSNR_RECHECK)
  * recomputed in double; Gf gets gb in float (for the per-sample products).
@@ -466,16 +497,18 @@ static int weight_sums(size_t N, size_t in, size_t out, const float *A, const fl
     if (!rc)
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, (int)in, (int)N, 1.0f,
                     S2, (int)out, A2, (int)in, 0.0f, Q, (int)in);
+    sums_job sj = {N, in, Gf, Q, zq, zo, gb, md};
+    if (!rc)
+        cv_parallel_for(out, cv_parallel_grain(in), sums_rows, &sj);
     for (size_t j = 0; !rc && j < W; j++) {
-        double sum = Gf[j], ss = Q[j];
-        /* (entries of a dead input or output: exactly zero, no recheck) */
-        if (!(ss - sum * sum / (double)N > GSNR_RECHECK * ss) && !zq[j % in] && !zo[j / in]) {
-            if (!At && (!(At = transposed(A, N, in)) || !(St = transposed(S, N, out)))) {
-                rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "transposed factors");
-                break;
-            }
-            exact_sums(N, St + (j / in) * N, At + (j % in) * N, &sum, &ss);
+        if (!isnan(gb[j]))
+            continue;
+        double sum, ss;
+        if (!At && (!(At = transposed(A, N, in)) || !(St = transposed(S, N, out)))) {
+            rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "transposed factors");
+            break;
         }
+        exact_sums(N, St + (j / in) * N, At + (j % in) * N, &sum, &ss);
         gb[j] = sum / (double)N;
         md[j] = ss / (double)N;
         Gf[j] = (float)gb[j];
@@ -713,15 +746,16 @@ static size_t count_below(const sorted_row *r, double x)
         return r->n;
     double fb = (x - r->amin) * r->inv_step;
     size_t b = fb < HIST_BUCKETS - 1 ? (size_t)fb : HIST_BUCKETS - 1;
-    size_t lo = r->idx[b], hi = r->idx[b + 1];
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (r->a[mid] < x)
-            lo = mid + 1;
-        else
-            hi = mid;
+    const float *base = r->a + r->idx[b];
+    size_t len = r->idx[b + 1] - r->idx[b];
+    if (!len)
+        return r->idx[b];
+    while (len > 1) { /* branch-free halving (a conditional move) */
+        size_t half = len / 2;
+        base = base[half - 1] < x ? base + half : base;
+        len -= half;
     }
-    return lo;
+    return (size_t)(base - r->a) + (base[0] < x);
 }
 
 typedef struct {
@@ -772,23 +806,28 @@ static size_t run_end(const bin_rule *br, double so, const float *a, size_t n, s
  * equal bins is counted at once, its end found by run_end from the position of
  * the next bin edge in a (count_below): the counts are those of binning the
  * entries one by one. */
-static void row_bins(double so, const sorted_row *r, const bin_rule *br, double *counts)
+static void row_bins(double so, const sorted_row *r, const bin_rule *br, long k, long last,
+                     double *counts)
 {
     const float *a = r->a;
     size_t n = r->n, q = 0;
-    long last = bin_at(br, so, a[n - 1]);
-    while (q < n) {
-        long k = bin_at(br, so, a[q]);
-        if (k == last) {
-            counts[k] += (double)(n - q);
-            return;
-        }
-        /* bin k ends where s_o a crosses lo + (k + 1)/w (s_o > 0) or lo + k/w */
+    while (k != last) {
+        /* bin k ends where s_o a crosses lo + (k + 1)/w (s_o > 0) or lo + k/w;
+         * the guess g is the end when a[g - 1] is in bin k and a[g] is not */
         double edge = br->lo + (double)(so > 0 ? k + 1 : k) / br->w;
-        size_t end = run_end(br, so, a, n, q, k, count_below(r, edge / so));
+        size_t g = count_below(r, edge / so), end;
+        long next;
+        if (g > q && g < n && (next = bin_at(br, so, a[g])) != k && bin_at(br, so, a[g - 1]) == k) {
+            end = g;
+        } else {
+            end = run_end(br, so, a, n, q, k, g);
+            next = bin_at(br, so, a[end]); /* end < n: bin last follows */
+        }
         counts[k] += (double)(end - q);
         q = end;
+        k = next;
     }
+    counts[k] += (double)(n - q);
 }
 
 /* x[0..n) sorted ascending (LSD radix sort on the order-preserving integer
@@ -829,6 +868,57 @@ typedef struct {
     char *failed;   /* by chunk: could not allocate its scratch */
 } bins_job;
 
+/* The extremes of a[0..n), n > 0; 0 if some a is NaN (no extremes to bound
+ * the bins by). */
+static int extremes(const float *a, size_t n, float *amin, float *amax)
+{
+    float lo = a[0], hi = a[0];
+    int nan = 0;
+    for (size_t q = 0; q < n; q++) {
+        lo = a[q] < lo ? a[q] : lo;
+        hi = a[q] > hi ? a[q] : hi;
+        nan |= a[q] != a[q];
+    }
+    *amin = lo;
+    *amax = hi;
+    return !nan;
+}
+
+/* Bins of one sample's entries s_o a_q (and s_o, the bias).  The bins of a
+ * row are monotone in a_q (the products are exact in double), so a row whose
+ * extremes s_o amin and s_o amax share a bin (s_o = 0, small s_o) lies in
+ * that bin whole; the inputs are sorted (into as) once a row spans several
+ * bins, and row_bins counts its runs. */
+static void sample_bins(const bins_job *j, const bin_rule *br, const float *a, const float *s,
+                        float *as, uint32_t *key, sorted_row *row, double *counts)
+{
+    size_t in = j->in;
+    float amin = 0, amax = 0;
+    int sorted = 0, bounded = in && extremes(a, in, &amin, &amax);
+    for (size_t o = 0; o < j->out; o++) {
+        if (j->bias)
+            counts[bin_of(s[o], j->lo, j->w, j->bins)] += 1;
+        if (!in)
+            continue;
+        long k0 = bin_at(br, s[o], amin), k1 = bin_at(br, s[o], amax);
+        if (bounded && k0 == k1) {
+            counts[k0] += (double)in;
+            continue;
+        }
+        if (!sorted) {
+            memcpy(as, a, sizeof(float) * in);
+            sort_floats(as, in, key, key + in);
+            index_row(row, as, in);
+            sorted = 1;
+        }
+        if (!bounded) { /* the bins at the ends of the sorted inputs */
+            k0 = bin_at(br, s[o], as[0]);
+            k1 = bin_at(br, s[o], as[in - 1]);
+        }
+        row_bins(s[o], row, br, k0, k1, counts);
+    }
+}
+
 /* The samples of chunks [c0, c1) (cv_parallel_for): each chunk bins into its own row
  * of counts, so the chunks may run on different threads. */
 static void bins_range(void *arg, size_t c0, size_t c1)
@@ -845,20 +935,8 @@ static void bins_range(void *arg, size_t c0, size_t c1)
         c1 = c0;
     for (size_t c = c0; c < c1; c++) {
         double *counts = j->counts + c * (size_t)j->bins;
-        for (size_t i = j->N * c / j->chunks; i < j->N * (c + 1) / j->chunks; i++) {
-            const float *s = j->S + i * j->out;
-            memcpy(as, j->A + i * j->in, sizeof(float) * j->in);
-            if (j->in) {
-                sort_floats(as, j->in, key, key + in);
-                index_row(&row, as, j->in);
-            }
-            for (size_t o = 0; o < j->out; o++) {
-                if (j->in)
-                    row_bins(s[o], &row, &br, counts);
-                if (j->bias)
-                    counts[bin_of(s[o], j->lo, j->w, j->bins)] += 1;
-            }
-        }
+        for (size_t i = j->N * c / j->chunks; i < j->N * (c + 1) / j->chunks; i++)
+            sample_bins(j, &br, j->A + i * j->in, j->S + i * j->out, as, key, &row, counts);
     }
     free(as);
     free(key);
