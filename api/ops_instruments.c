@@ -338,6 +338,26 @@ static void factors_of(const first_pass *f, int l, const float **A, const float 
     *S = *A + f->N * *in;
 }
 
+typedef struct {
+    size_t out;
+    const float *S, *U;
+    const double *vb;
+    double *y;
+} rows_job;
+
+/* y_i = s_i^T (u_i + vb) for the samples [i0, i1). */
+static void rows_range(void *arg, size_t i0, size_t i1)
+{
+    const rows_job *j = arg;
+    for (size_t i = i0; i < i1; i++) {
+        double t = 0;
+        const float *s = j->S + i * j->out, *u = j->U + i * j->out;
+        for (size_t o = 0; o < j->out; o++)
+            t += (double)s[o] * ((double)u[o] + (j->vb ? j->vb[o] : 0));
+        j->y[i] = t;
+    }
+}
+
 /* y_n = s_n^T V a_n + s_n^T v_b for all n (V out x in in float, vb the bias
  * part or NULL): one float GEMM U = A V^T, the sums over o in double. */
 static int float_rows(size_t N, size_t in, size_t out, const float *A, const float *S,
@@ -348,13 +368,8 @@ static int float_rows(size_t N, size_t in, size_t out, const float *A, const flo
         return -1;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, (int)out, (int)in, 1.0f, A,
                 (int)in, V, (int)in, 0.0f, U, (int)out);
-    for (size_t i = 0; i < N; i++) {
-        double t = 0;
-        const float *s = S + i * out, *u = U + i * out;
-        for (size_t o = 0; o < out; o++)
-            t += (double)s[o] * ((double)u[o] + (vb ? vb[o] : 0));
-        y[i] = t;
-    }
+    rows_job j = {out, S, U, vb, y};
+    cv_parallel_for(N, cv_parallel_grain(2 * out), rows_range, &j);
     free(U);
     return 0;
 }
@@ -412,14 +427,52 @@ static void exact_sums(size_t N, const float *st, const float *at, double *sum, 
     *ss = s2;
 }
 
+/* The elementwise passes over the factors, on cv_parallel_for's threads:
+ * y = x * x (float), y = (float)xd, zero-column flags of an N x w X. */
+typedef struct {
+    const float *x;
+    const double *xd;
+    float *y;
+    size_t N, w;
+    char *zero;
+} map_job;
+
+static void square_range(void *arg, size_t lo, size_t hi)
+{
+    const map_job *j = arg;
+    for (size_t q = lo; q < hi; q++)
+        j->y[q] = j->x[q] * j->x[q];
+}
+
+static void narrow_range(void *arg, size_t lo, size_t hi)
+{
+    const map_job *j = arg;
+    for (size_t q = lo; q < hi; q++)
+        j->y[q] = (float)j->xd[q];
+}
+
+static void zero_range(void *arg, size_t q0, size_t q1)
+{
+    const map_job *j = arg;
+    for (size_t q = q0; q < q1; q++)
+        j->zero[q] = 1;
+    for (size_t i = 0; i < j->N; i++)
+        for (size_t q = q0; q < q1; q++)
+            j->zero[q] &= j->x[i * j->w + q] == 0;
+}
+
+/* y = x .* x over n floats. */
+static void squares(const float *x, size_t n, float *y)
+{
+    map_job j = {x, NULL, y, 0, 0, NULL};
+    cv_parallel_for(n, cv_parallel_grain(1), square_range, &j);
+}
+
 /* zero[q] = 1 when column q of X (N x w) is zero for every sample. */
 static void zero_columns(const float *X, size_t N, size_t w, char *zero)
 {
-    for (size_t q = 0; q < w; q++)
-        zero[q] = 1;
-    for (size_t i = 0; i < N; i++)
-        for (size_t q = 0; q < w; q++)
-            zero[q] &= X[i * w + q] == 0;
+    map_job j = {X, NULL, NULL, N, w, zero};
+    cv_parallel_for(w, cv_parallel_grain(N), zero_range, &j);
 }
 
 static float *transposed(const float *X, size_t N, size_t w)
@@ -490,10 +543,10 @@ static int weight_sums(size_t N, size_t in, size_t out, const float *A, const fl
         zero_columns(A, N, in, zq);
         zero_columns(S, N, out, zo);
     }
-    for (size_t q = 0; !rc && q < N * in; q++)
-        A2[q] = A[q] * A[q];
-    for (size_t q = 0; !rc && q < N * out; q++)
-        S2[q] = S[q] * S[q];
+    if (!rc) {
+        squares(A, N * in, A2);
+        squares(S, N * out, S2);
+    }
     if (!rc)
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, (int)in, (int)N, 1.0f,
                     S2, (int)out, A2, (int)in, 0.0f, Q, (int)in);
@@ -523,11 +576,20 @@ static int weight_sums(size_t N, size_t in, size_t out, const float *A, const fl
     return rc;
 }
 
-/* Sample n's ||g_n||^2 (into sq[n]) and the range of its entries (into *lo, *hi). */
-static void sample_norms(size_t N, size_t in, size_t out, int bias, const float *A,
-                         const float *S, double *sq, double *lo, double *hi)
+/* sample_norms over the samples [i0, i1): ||g_n||^2 and the extremes of g_n's entries. */
+typedef struct {
+    size_t in, out;
+    int bias;
+    const float *A, *S;
+    double *sq, *lo, *hi; /* by sample */
+} norms_job;
+
+static void norms_range(void *arg, size_t i0, size_t i1)
 {
-    for (size_t i = 0; i < N; i++) {
+    const norms_job *j = arg;
+    size_t in = j->in, out = j->out;
+    const float *A = j->A, *S = j->S;
+    for (size_t i = i0; i < i1; i++) {
         double a2 = 0, s2 = 0, amin = INFINITY, amax = -INFINITY, smin = INFINITY, smax = -INFINITY;
         for (size_t q = 0; q < in; q++) {
             double a = A[i * in + q];
@@ -541,13 +603,35 @@ static void sample_norms(size_t N, size_t in, size_t out, int bias, const float 
             smin = s < smin ? s : smin;
             smax = s > smax ? s : smax;
         }
-        sq[i] = s2 * (a2 + (bias ? 1 : 0));
+        j->sq[i] = s2 * (a2 + (j->bias ? 1 : 0));
         double ext[6] = {smin * amin, smin * amax, smax * amin, smax * amax, smin, smax};
-        for (int q = 0; q < (bias ? 6 : 4); q++) {
-            *lo = fmin(*lo, ext[q]);
-            *hi = fmax(*hi, ext[q]);
+        double lo = INFINITY, hi = -INFINITY;
+        for (int q = 0; q < (j->bias ? 6 : 4); q++) {
+            lo = fmin(lo, ext[q]);
+            hi = fmax(hi, ext[q]);
         }
+        j->lo[i] = lo;
+        j->hi[i] = hi;
     }
+}
+
+/* Sample n's ||g_n||^2 (into sq[n]) and the range of its entries (into *lo,
+ * *hi), the samples on cv_parallel_for's threads (minima and maxima: the same
+ * whatever the order).  -1: out of memory. */
+static int sample_norms(size_t N, size_t in, size_t out, int bias, const float *A,
+                        const float *S, double *sq, double *lo, double *hi)
+{
+    double *ext = malloc(sizeof(double) * 2 * nz(N));
+    if (!ext)
+        return -1;
+    norms_job j = {in, out, bias, A, S, sq, ext, ext + N};
+    cv_parallel_for(N, cv_parallel_grain(in + out), norms_range, &j);
+    for (size_t i = 0; i < N; i++) {
+        *lo = fmin(*lo, ext[i]);
+        *hi = fmax(*hi, ext[N + i]);
+    }
+    free(ext);
+    return 0;
 }
 
 /* dot[n] = g_n^T gbar of one Linear layer: float_rows, then double_rows for the
@@ -627,8 +711,8 @@ static int fast_stats(first_pass *f, int l, size_t off, cv_err *e)
     if (!rc && bias)
         bias_sums(N, out, S, gb + W, md + W);
     double g2 = norm2(gb, Dl);
-    if (!rc)
-        sample_norms(N, in, out, bias, A, S, sq, &f->lo, &f->hi);
+    if (!rc && sample_norms(N, in, out, bias, A, S, sq, &f->lo, &f->hi))
+        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "per-sample norms");
     for (size_t i = 0; !f->dots && i < N; i++)
         dot[i] = 0;
     if (!rc && ((f->dots && layer_dots(N, in, out, A, S, Gf, gb, bias, sq, g2, dot)) ||
@@ -676,8 +760,9 @@ static int get_factors(first_pass *f, cv_err *e)
     f->fac = malloc(sizeof(float) * len);
     int rc = d && f->fac ? cv_curv_linear_factors(f->curv, layers, f->fac_off, d, len, e)
                          : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Linear factors");
-    for (size_t q = 0; !rc && q < len; q++)
-        f->fac[q] = (float)d[q];
+    map_job j = {NULL, d, f->fac, 0, 0, NULL};
+    if (!rc)
+        cv_parallel_for(len, cv_parallel_grain(2), narrow_range, &j);
     free(d);
     return rc;
 }
