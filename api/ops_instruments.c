@@ -338,6 +338,26 @@ static void factors_of(const first_pass *f, int l, const float **A, const float 
     *S = *A + f->N * *in;
 }
 
+typedef struct {
+    size_t out;
+    const float *S, *U;
+    const double *vb;
+    double *y;
+} rows_job;
+
+/* y_i = s_i^T (u_i + vb) for the samples [i0, i1). */
+static void rows_range(void *arg, size_t i0, size_t i1)
+{
+    const rows_job *j = arg;
+    for (size_t i = i0; i < i1; i++) {
+        double t = 0;
+        const float *s = j->S + i * j->out, *u = j->U + i * j->out;
+        for (size_t o = 0; o < j->out; o++)
+            t += (double)s[o] * ((double)u[o] + (j->vb ? j->vb[o] : 0));
+        j->y[i] = t;
+    }
+}
+
 /* y_n = s_n^T V a_n + s_n^T v_b for all n (V out x in in float, vb the bias
  * part or NULL): one float GEMM U = A V^T, the sums over o in double. */
 static int float_rows(size_t N, size_t in, size_t out, const float *A, const float *S,
@@ -348,13 +368,8 @@ static int float_rows(size_t N, size_t in, size_t out, const float *A, const flo
         return -1;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)N, (int)out, (int)in, 1.0f, A,
                 (int)in, V, (int)in, 0.0f, U, (int)out);
-    for (size_t i = 0; i < N; i++) {
-        double t = 0;
-        const float *s = S + i * out, *u = U + i * out;
-        for (size_t o = 0; o < out; o++)
-            t += (double)s[o] * ((double)u[o] + (vb ? vb[o] : 0));
-        y[i] = t;
-    }
+    rows_job j = {out, S, U, vb, y};
+    cv_parallel_for(N, cv_parallel_grain(2 * out), rows_range, &j);
     free(U);
     return 0;
 }
@@ -412,14 +427,52 @@ static void exact_sums(size_t N, const float *st, const float *at, double *sum, 
     *ss = s2;
 }
 
+/* The elementwise passes over the factors, on cv_parallel_for's threads:
+ * y = x * x (float), y = (float)xd, zero-column flags of an N x w X. */
+typedef struct {
+    const float *x;
+    const double *xd;
+    float *y;
+    size_t N, w;
+    char *zero;
+} map_job;
+
+static void square_range(void *arg, size_t lo, size_t hi)
+{
+    const map_job *j = arg;
+    for (size_t q = lo; q < hi; q++)
+        j->y[q] = j->x[q] * j->x[q];
+}
+
+static void narrow_range(void *arg, size_t lo, size_t hi)
+{
+    const map_job *j = arg;
+    for (size_t q = lo; q < hi; q++)
+        j->y[q] = (float)j->xd[q];
+}
+
+static void zero_range(void *arg, size_t q0, size_t q1)
+{
+    const map_job *j = arg;
+    for (size_t q = q0; q < q1; q++)
+        j->zero[q] = 1;
+    for (size_t i = 0; i < j->N; i++)
+        for (size_t q = q0; q < q1; q++)
+            j->zero[q] &= j->x[i * j->w + q] == 0;
+}
+
+/* y = x .* x over n floats. */
+static void squares(const float *x, size_t n, float *y)
+{
+    map_job j = {x, NULL, y, 0, 0, NULL};
+    cv_parallel_for(n, cv_parallel_grain(1), square_range, &j);
+}
+
 /* zero[q] = 1 when column q of X (N x w) is zero for every sample. */
 static void zero_columns(const float *X, size_t N, size_t w, char *zero)
 {
-    for (size_t q = 0; q < w; q++)
-        zero[q] = 1;
-    for (size_t i = 0; i < N; i++)
-        for (size_t q = 0; q < w; q++)
-            zero[q] &= X[i * w + q] == 0;
+    map_job j = {X, NULL, NULL, N, w, zero};
+    cv_parallel_for(w, cv_parallel_grain(N), zero_range, &j);
 }
 
 static float *transposed(const float *X, size_t N, size_t w)
@@ -429,6 +482,37 @@ static float *transposed(const float *X, size_t N, size_t w)
         for (size_t q = 0; q < w; q++)
             T[q * N + i] = X[i * w + q];
     return T;
+}
+
+typedef struct {
+    size_t N, in;
+    float *Gf;
+    const float *Q;
+    const char *zq, *zo;
+    double *gb, *md;
+} sums_job;
+
+/* Rows [o0, o1) of weight_sums' gb, md and Gf from the float sums; an entry
+ * whose variance cancels (GSNR_RECHECK) is left NaN in gb for the exact pass
+ * (a NaN sum too: the recheck of `!(variance > ...)`).  Entries of a dead
+ * input or output are exactly zero: no recheck. */
+static void sums_rows(void *arg, size_t o0, size_t o1)
+{
+    const sums_job *j = arg;
+    double inv = 1.0 / (double)j->N;
+    for (size_t o = o0; o < o1; o++) {
+        size_t base = o * j->in;
+        for (size_t q = 0; q < j->in; q++) {
+            double sum = j->Gf[base + q], ss = j->Q[base + q];
+            if (!(ss - sum * sum * inv > GSNR_RECHECK * ss) && !j->zq[q] && !j->zo[o]) {
+                j->gb[base + q] = NAN;
+                continue;
+            }
+            j->gb[base + q] = sum / (double)j->N;
+            j->md[base + q] = ss / (double)j->N;
+            j->Gf[base + q] = (float)j->gb[base + q];
+        }
+    }
 }
 
 /* Sums G = S^T A and Q = (S.*S)^T (A.*A) (out x in, float GEMMs) into gb = G/N
@@ -459,23 +543,25 @@ static int weight_sums(size_t N, size_t in, size_t out, const float *A, const fl
         zero_columns(A, N, in, zq);
         zero_columns(S, N, out, zo);
     }
-    for (size_t q = 0; !rc && q < N * in; q++)
-        A2[q] = A[q] * A[q];
-    for (size_t q = 0; !rc && q < N * out; q++)
-        S2[q] = S[q] * S[q];
+    if (!rc) {
+        squares(A, N * in, A2);
+        squares(S, N * out, S2);
+    }
     if (!rc)
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, (int)out, (int)in, (int)N, 1.0f,
                     S2, (int)out, A2, (int)in, 0.0f, Q, (int)in);
+    sums_job sj = {N, in, Gf, Q, zq, zo, gb, md};
+    if (!rc)
+        cv_parallel_for(out, cv_parallel_grain(in), sums_rows, &sj);
     for (size_t j = 0; !rc && j < W; j++) {
-        double sum = Gf[j], ss = Q[j];
-        /* (entries of a dead input or output: exactly zero, no recheck) */
-        if (!(ss - sum * sum / (double)N > GSNR_RECHECK * ss) && !zq[j % in] && !zo[j / in]) {
-            if (!At && (!(At = transposed(A, N, in)) || !(St = transposed(S, N, out)))) {
-                rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "transposed factors");
-                break;
-            }
-            exact_sums(N, St + (j / in) * N, At + (j % in) * N, &sum, &ss);
+        if (!isnan(gb[j]))
+            continue;
+        double sum, ss;
+        if (!At && (!(At = transposed(A, N, in)) || !(St = transposed(S, N, out)))) {
+            rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "transposed factors");
+            break;
         }
+        exact_sums(N, St + (j / in) * N, At + (j % in) * N, &sum, &ss);
         gb[j] = sum / (double)N;
         md[j] = ss / (double)N;
         Gf[j] = (float)gb[j];
@@ -490,11 +576,20 @@ static int weight_sums(size_t N, size_t in, size_t out, const float *A, const fl
     return rc;
 }
 
-/* Sample n's ||g_n||^2 (into sq[n]) and the range of its entries (into *lo, *hi). */
-static void sample_norms(size_t N, size_t in, size_t out, int bias, const float *A,
-                         const float *S, double *sq, double *lo, double *hi)
+/* sample_norms over the samples [i0, i1): ||g_n||^2 and the extremes of g_n's entries. */
+typedef struct {
+    size_t in, out;
+    int bias;
+    const float *A, *S;
+    double *sq, *lo, *hi; /* by sample */
+} norms_job;
+
+static void norms_range(void *arg, size_t i0, size_t i1)
 {
-    for (size_t i = 0; i < N; i++) {
+    const norms_job *j = arg;
+    size_t in = j->in, out = j->out;
+    const float *A = j->A, *S = j->S;
+    for (size_t i = i0; i < i1; i++) {
         double a2 = 0, s2 = 0, amin = INFINITY, amax = -INFINITY, smin = INFINITY, smax = -INFINITY;
         for (size_t q = 0; q < in; q++) {
             double a = A[i * in + q];
@@ -508,13 +603,35 @@ static void sample_norms(size_t N, size_t in, size_t out, int bias, const float 
             smin = s < smin ? s : smin;
             smax = s > smax ? s : smax;
         }
-        sq[i] = s2 * (a2 + (bias ? 1 : 0));
+        j->sq[i] = s2 * (a2 + (j->bias ? 1 : 0));
         double ext[6] = {smin * amin, smin * amax, smax * amin, smax * amax, smin, smax};
-        for (int q = 0; q < (bias ? 6 : 4); q++) {
-            *lo = fmin(*lo, ext[q]);
-            *hi = fmax(*hi, ext[q]);
+        double lo = INFINITY, hi = -INFINITY;
+        for (int q = 0; q < (j->bias ? 6 : 4); q++) {
+            lo = fmin(lo, ext[q]);
+            hi = fmax(hi, ext[q]);
         }
+        j->lo[i] = lo;
+        j->hi[i] = hi;
     }
+}
+
+/* Sample n's ||g_n||^2 (into sq[n]) and the range of its entries (into *lo,
+ * *hi), the samples on cv_parallel_for's threads (minima and maxima: the same
+ * whatever the order).  -1: out of memory. */
+static int sample_norms(size_t N, size_t in, size_t out, int bias, const float *A,
+                        const float *S, double *sq, double *lo, double *hi)
+{
+    double *ext = malloc(sizeof(double) * 2 * nz(N));
+    if (!ext)
+        return -1;
+    norms_job j = {in, out, bias, A, S, sq, ext, ext + N};
+    cv_parallel_for(N, cv_parallel_grain(in + out), norms_range, &j);
+    for (size_t i = 0; i < N; i++) {
+        *lo = fmin(*lo, ext[i]);
+        *hi = fmax(*hi, ext[N + i]);
+    }
+    free(ext);
+    return 0;
 }
 
 /* dot[n] = g_n^T gbar of one Linear layer: float_rows, then double_rows for the
@@ -594,8 +711,8 @@ static int fast_stats(first_pass *f, int l, size_t off, cv_err *e)
     if (!rc && bias)
         bias_sums(N, out, S, gb + W, md + W);
     double g2 = norm2(gb, Dl);
-    if (!rc)
-        sample_norms(N, in, out, bias, A, S, sq, &f->lo, &f->hi);
+    if (!rc && sample_norms(N, in, out, bias, A, S, sq, &f->lo, &f->hi))
+        rc = cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "per-sample norms");
     for (size_t i = 0; !f->dots && i < N; i++)
         dot[i] = 0;
     if (!rc && ((f->dots && layer_dots(N, in, out, A, S, Gf, gb, bias, sq, g2, dot)) ||
@@ -643,8 +760,9 @@ static int get_factors(first_pass *f, cv_err *e)
     f->fac = malloc(sizeof(float) * len);
     int rc = d && f->fac ? cv_curv_linear_factors(f->curv, layers, f->fac_off, d, len, e)
                          : cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "Linear factors");
-    for (size_t q = 0; !rc && q < len; q++)
-        f->fac[q] = (float)d[q];
+    map_job j = {NULL, d, f->fac, 0, 0, NULL};
+    if (!rc)
+        cv_parallel_for(len, cv_parallel_grain(2), narrow_range, &j);
     free(d);
     return rc;
 }
@@ -713,15 +831,16 @@ static size_t count_below(const sorted_row *r, double x)
         return r->n;
     double fb = (x - r->amin) * r->inv_step;
     size_t b = fb < HIST_BUCKETS - 1 ? (size_t)fb : HIST_BUCKETS - 1;
-    size_t lo = r->idx[b], hi = r->idx[b + 1];
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (r->a[mid] < x)
-            lo = mid + 1;
-        else
-            hi = mid;
+    const float *base = r->a + r->idx[b];
+    size_t len = r->idx[b + 1] - r->idx[b];
+    if (!len)
+        return r->idx[b];
+    while (len > 1) { /* branch-free halving (a conditional move) */
+        size_t half = len / 2;
+        base = base[half - 1] < x ? base + half : base;
+        len -= half;
     }
-    return lo;
+    return (size_t)(base - r->a) + (base[0] < x);
 }
 
 typedef struct {
@@ -772,23 +891,28 @@ static size_t run_end(const bin_rule *br, double so, const float *a, size_t n, s
  * equal bins is counted at once, its end found by run_end from the position of
  * the next bin edge in a (count_below): the counts are those of binning the
  * entries one by one. */
-static void row_bins(double so, const sorted_row *r, const bin_rule *br, double *counts)
+static void row_bins(double so, const sorted_row *r, const bin_rule *br, long k, long last,
+                     double *counts)
 {
     const float *a = r->a;
     size_t n = r->n, q = 0;
-    long last = bin_at(br, so, a[n - 1]);
-    while (q < n) {
-        long k = bin_at(br, so, a[q]);
-        if (k == last) {
-            counts[k] += (double)(n - q);
-            return;
-        }
-        /* bin k ends where s_o a crosses lo + (k + 1)/w (s_o > 0) or lo + k/w */
+    while (k != last) {
+        /* bin k ends where s_o a crosses lo + (k + 1)/w (s_o > 0) or lo + k/w;
+         * the guess g is the end when a[g - 1] is in bin k and a[g] is not */
         double edge = br->lo + (double)(so > 0 ? k + 1 : k) / br->w;
-        size_t end = run_end(br, so, a, n, q, k, count_below(r, edge / so));
+        size_t g = count_below(r, edge / so), end;
+        long next;
+        if (g > q && g < n && (next = bin_at(br, so, a[g])) != k && bin_at(br, so, a[g - 1]) == k) {
+            end = g;
+        } else {
+            end = run_end(br, so, a, n, q, k, g);
+            next = bin_at(br, so, a[end]); /* end < n: bin last follows */
+        }
         counts[k] += (double)(end - q);
         q = end;
+        k = next;
     }
+    counts[k] += (double)(n - q);
 }
 
 /* x[0..n) sorted ascending (LSD radix sort on the order-preserving integer
@@ -829,6 +953,57 @@ typedef struct {
     char *failed;   /* by chunk: could not allocate its scratch */
 } bins_job;
 
+/* The extremes of a[0..n), n > 0; 0 if some a is NaN (no extremes to bound
+ * the bins by). */
+static int extremes(const float *a, size_t n, float *amin, float *amax)
+{
+    float lo = a[0], hi = a[0];
+    int nan = 0;
+    for (size_t q = 0; q < n; q++) {
+        lo = a[q] < lo ? a[q] : lo;
+        hi = a[q] > hi ? a[q] : hi;
+        nan |= a[q] != a[q];
+    }
+    *amin = lo;
+    *amax = hi;
+    return !nan;
+}
+
+/* Bins of one sample's entries s_o a_q (and s_o, the bias).  The bins of a
+ * row are monotone in a_q (the products are exact in double), so a row whose
+ * extremes s_o amin and s_o amax share a bin (s_o = 0, small s_o) lies in
+ * that bin whole; the inputs are sorted (into as) once a row spans several
+ * bins, and row_bins counts its runs. */
+static void sample_bins(const bins_job *j, const bin_rule *br, const float *a, const float *s,
+                        float *as, uint32_t *key, sorted_row *row, double *counts)
+{
+    size_t in = j->in;
+    float amin = 0, amax = 0;
+    int sorted = 0, bounded = in && extremes(a, in, &amin, &amax);
+    for (size_t o = 0; o < j->out; o++) {
+        if (j->bias)
+            counts[bin_of(s[o], j->lo, j->w, j->bins)] += 1;
+        if (!in)
+            continue;
+        long k0 = bin_at(br, s[o], amin), k1 = bin_at(br, s[o], amax);
+        if (bounded && k0 == k1) {
+            counts[k0] += (double)in;
+            continue;
+        }
+        if (!sorted) {
+            memcpy(as, a, sizeof(float) * in);
+            sort_floats(as, in, key, key + in);
+            index_row(row, as, in);
+            sorted = 1;
+        }
+        if (!bounded) { /* the bins at the ends of the sorted inputs */
+            k0 = bin_at(br, s[o], as[0]);
+            k1 = bin_at(br, s[o], as[in - 1]);
+        }
+        row_bins(s[o], row, br, k0, k1, counts);
+    }
+}
+
 /* The samples of chunks [c0, c1) (cv_parallel_for): each chunk bins into its own row
  * of counts, so the chunks may run on different threads. */
 static void bins_range(void *arg, size_t c0, size_t c1)
@@ -845,20 +1020,8 @@ static void bins_range(void *arg, size_t c0, size_t c1)
         c1 = c0;
     for (size_t c = c0; c < c1; c++) {
         double *counts = j->counts + c * (size_t)j->bins;
-        for (size_t i = j->N * c / j->chunks; i < j->N * (c + 1) / j->chunks; i++) {
-            const float *s = j->S + i * j->out;
-            memcpy(as, j->A + i * j->in, sizeof(float) * j->in);
-            if (j->in) {
-                sort_floats(as, j->in, key, key + in);
-                index_row(&row, as, j->in);
-            }
-            for (size_t o = 0; o < j->out; o++) {
-                if (j->in)
-                    row_bins(s[o], &row, &br, counts);
-                if (j->bias)
-                    counts[bin_of(s[o], j->lo, j->w, j->bins)] += 1;
-            }
-        }
+        for (size_t i = j->N * c / j->chunks; i < j->N * (c + 1) / j->chunks; i++)
+            sample_bins(j, &br, j->A + i * j->in, j->S + i * j->out, as, key, &row, counts);
     }
     free(as);
     free(key);

@@ -219,6 +219,36 @@ def cnn_case(cl):
     check_single("cnn", res, reference(model, lf, x, y, 4, 9), "exact", 9)
 
 
+def histogram_rows_case(cl):
+    """gradient_histogram of Linear layers (binned from the per-sample factors: sorted
+    inputs, runs of bins per row) against binning curvd's own per-sample gradient rows
+    (op per_sample_gradients, CE sum: c = 1) entry by entry as the op's bin rule does;
+    ReLU (zero inputs), N(0, 1) inputs (both signs), 7 to 400 bins (rows spanning many
+    bins).  The rows' float products may round an entry across a bin edge: at most
+    2 entries may differ (4 in counts), where a wrong run end would move whole runs."""
+    model, x, y = tr.make_mlp_case(torch.nn.ReLU, torch.nn.CrossEntropyLoss(reduction="sum"),
+                                   n=64, din=30, hidden=(40, 20), C=5, seed=5)
+    lf = torch.nn.CrossEntropyLoss(reduction="sum")
+    setup(cl, "hrows", model, (30,), lf, x, y)
+    rows = cl.run(op="per_sample_gradients", model="hrows", dataset="hrows",
+                  timeout=300)["per_sample_gradients"]
+    G = torch.tensor(rows, dtype=torch.float64).reshape(-1)
+    lo, hi = G.min().item(), G.max().item()
+    for bins in (7, 50, 400):
+        h = job(cl, "hrows", include=["gradient_histogram"], bins=bins)["gradient_histogram"]
+        w = bins / (hi - lo)
+        idx = ((G - lo) * w).trunc().long().clamp(0, bins - 1)
+        ref = torch.bincount(idx, minlength=bins).tolist()
+        got = h.get("counts") or []
+        diff = sum(abs(a - b) for a, b in zip(got, ref))
+        check("histogram rows, %d bins: counts as binning the rows" % bins,
+              len(got) == bins and sum(got) == len(G) and diff <= 4,
+              "L1 %s over %d entries: %s vs %s" % (diff, len(G), got, ref))
+        check("histogram rows, %d bins: range" % bins,
+              near(h["range"][0], lo, 1e-6, 1e-12) and near(h["range"][1], hi, 1e-6, 1e-12),
+              "%s vs %s" % (h["range"], (lo, hi)))
+
+
 def concentrated_case(cl):
     """Nearly equal samples (0.1% spread): per-sample gradients close to their mean, so
     GSNRs near 1e5 and ||g_i - gbar|| << ||gbar||.  The variances sum g^2 - n gbar^2
@@ -388,6 +418,7 @@ def main():
         wide_case(cl)
         cnn_case(cl)
         concentrated_case(cl)
+        histogram_rows_case(cl)
         cross_case(cl, model, x, y, lf)
         include_exclude(cl)
         subsets(cl)
