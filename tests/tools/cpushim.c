@@ -86,14 +86,12 @@ static atomic_int blas_set; /* 0: never set through the shim */
 void openblas_set_num_threads(int n)
 {
     typedef void set_fn(int);
-    set_fn *real = NULL;
-    void *h = dlopen("libopenblas.so.0", RTLD_NOW | RTLD_NOLOAD);
-    if (h) {
+    set_fn *real = (set_fn *)dlsym(RTLD_NEXT, "openblas_set_num_threads");
+    void *h = real ? NULL : dlopen("libopenblas.so.0", RTLD_NOW | RTLD_NOLOAD);
+    if (h) { /* (only then: ThreadSanitizer's dlopen hook rescans the libraries) */
         real = (set_fn *)dlsym(h, "openblas_set_num_threads");
         dlclose(h);
     }
-    if (!real)
-        real = (set_fn *)dlsym(RTLD_NEXT, "openblas_set_num_threads");
     atomic_store(&blas_set, n < 1 ? 1 : n);
     if (real)
         real(n);
