@@ -12,6 +12,8 @@
 #   make build-tests      build curvd, the suites and bench_ops, run nothing (-j friendly)
 #   make unit-portable    test_cnn once more, built without the AVX-512 direct kernels
 #   make e2e              the end-to-end scripts tests/e2e_*.sh and tests/e2e_*.py
+#   make e2e-manycore     the unit suites and e2e scripts with curvd seeing 16 CPUs (an
+#                         LD_PRELOAD shim, tests/tools/manycore.sh; not in `make test`)
 #   make python [PY=venv/bin/python]  install the Python packages curvd (in-process,
 #                         with build/libcurvd.so) and curvd_client into PY's environment
 #   make bench [BENCH_ARGS=...]  curvd vs PyTorch (bench/README.md)
@@ -119,7 +121,7 @@ MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null)
 MPI_LIBS   := $(shell pkg-config --libs ompi-c 2>/dev/null)
 MPI_PLUGIN := $(if $(shell pkg-config --exists ompi-c 2>/dev/null && echo y),$(B)/curvd-mpi.so)
 
-.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e run python bench bench-mpi bench-kfac bench-laplace soak crash-soak fuzz fuzz-bins clean
+.PHONY: all help deps depcheck build-tests test test-unit unit unit-portable e2e e2e-manycore run python bench bench-mpi bench-kfac bench-laplace soak crash-soak fuzz fuzz-bins clean
 all: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so
 
 build-tests: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so $(TEST_BIN) $(B)/bench_ops
@@ -216,6 +218,9 @@ e2e: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so $(B)/bench_ops
 	    $(SAN_ENV) sh $$t $(B)/curvd; echo "-- $$t: $$(( $$(date +%s) - s )) s"; done
 	@set -e; for t in $(E2E_PY); do echo "== $$t"; s=$$(date +%s); \
 	    $(SAN_ENV) $(PY) $$t $(B)/curvd; echo "-- $$t: $$(( $$(date +%s) - s )) s"; done
+
+e2e-manycore: build-tests
+	@tests/tools/manycore.sh -u
 
 test:
 	@scripts/deps.sh test
