@@ -205,13 +205,17 @@ test-unit: $(TEST_BIN)
 	    CK_DEFAULT_TIMEOUT=600 $(SAN_ENV) $$t; done
 unit: test-unit
 
-# Conv2d's im2col + sgemm path on every CPU: test_cnn once more, built without
-# the direct (AVX-512) kernels of engine/conv_direct.c.
+# The paths CPUs without AVX-512 take, on every CPU: test_cnn (Conv2d's
+# im2col + sgemm) and test_linear_sparse, test_diag_exact (Linear's input
+# cotangents by sgemm) once more, built without the AVX-512 kernels of
+# engine/conv_direct.c and engine/linear_sparse.c.
+PORTABLE_TESTS = test_cnn test_linear_sparse test_diag_exact
 unit-portable:
-	@$(MAKE) --no-print-directory B=$(B)/portable DEFS=-DCV_DCONV_PORTABLE \
-	    $(B)/portable/tests/test_cnn
-	@echo "== $(B)/portable/tests/test_cnn"; \
-	    CK_DEFAULT_TIMEOUT=600 $(SAN_ENV) $(B)/portable/tests/test_cnn
+	@$(MAKE) --no-print-directory B=$(B)/portable \
+	    DEFS="-DCV_DCONV_PORTABLE -DCV_LSPARSE_PORTABLE" \
+	    $(addprefix $(B)/portable/tests/,$(PORTABLE_TESTS))
+	@set -e; for t in $(PORTABLE_TESTS); do echo "== $(B)/portable/tests/$$t"; \
+	    CK_DEFAULT_TIMEOUT=600 $(SAN_ENV) $(B)/portable/tests/$$t; done
 
 e2e: $(B)/curvd $(MPI_PLUGIN) $(B)/libcurvd.so $(B)/bench_ops
 	@set -e; for t in $(E2E_SH); do echo "== $$t"; s=$$(date +%s); \

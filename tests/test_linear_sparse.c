@@ -35,9 +35,10 @@ static float *cotangents(int k, int n, int out, double on, uint64_t seed)
     return gy;
 }
 
+/* Whether the kernel can run: an AVX-512 CPU, in a build that has it. */
 static int has_avx512(void)
 {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(CV_LSPARSE_PORTABLE)
     return __builtin_cpu_supports("avx512f") != 0;
 #else
     return 0;
