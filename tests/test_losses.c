@@ -235,8 +235,21 @@ static void check_first_order(lcase *t, cv_loss_state *s, const char *name)
     free(gs);
 }
 
-/* Hessian products (k = 2 stacked blocks) and the factor S S^T against the
- * dense reference Lambda_i. */
+/* F F^T = Lambda_i (H, C x C) for a C x kf row-major factor F. */
+static void check_factor(const double *F, int C, int kf, const double *H, double hmax,
+                         const char *name, const char *what)
+{
+    for (int a = 0; a < C; a++)
+        for (int b = 0; b < C; b++) {
+            double v = 0;
+            for (int q = 0; q < kf; q++)
+                v += F[(size_t)a * kf + q] * F[(size_t)b * kf + q];
+            ck_assert_msg(fabs(v - H[(size_t)a * C + b]) <= 1e-5 * fmax(hmax, 1e-3),
+                          "%s: (%s)[%d][%d] = %g, Lambda %g (%d columns)", name, what, a, b, v,
+                          H[(size_t)a * C + b], kf);
+        }
+}
+
 /* cv_loss_hessian_factor: C - S columns for CE/NLL (one null direction per
  * position dropped), C otherwise, and F F^T = Lambda_i as the square root's. */
 static void check_narrow_factor(const cv_loss_state *s, int i, const double *H, double hmax,
@@ -246,18 +259,13 @@ static void check_narrow_factor(const cv_loss_state *s, int i, const double *H, 
     ck_assert_int_eq(kf, cv_loss_is_class(s->type) && s->K >= 2 ? C - s->S : C);
     double *F = malloc(sizeof(double) * C * C), *T = malloc(sizeof(double) * C * C);
     ck_assert_int_eq(cv_loss_hessian_factor(s, i, T, F), 0);
-    for (int a = 0; a < C; a++)
-        for (int b = 0; b < C; b++) {
-            double v = 0;
-            for (int q = 0; q < kf; q++)
-                v += F[(size_t)a * kf + q] * F[(size_t)b * kf + q];
-            ck_assert_msg(fabs(v - H[(size_t)a * C + b]) <= 1e-5 * fmax(hmax, 1e-3),
-                          "%s: (F F^T)[%d][%d] = %g, Lambda %g (%d columns)", name, a, b, v,
-                          H[(size_t)a * C + b], kf);
-        }
+    check_factor(F, C, kf, H, hmax, name, "F F^T");
     free(F);
     free(T);
 }
+
+/* Hessian products (k = 2 stacked blocks) and the factor S S^T against the
+ * dense reference Lambda_i. */
 
 static void check_second_order(lcase *t, const cv_loss_state *s, const char *name)
 {
@@ -284,15 +292,7 @@ static void check_second_order(lcase *t, const cv_loss_state *s, const char *nam
                               got, want);
             }
         cv_loss_hessian_sqrt(s, i, F);
-        for (int a = 0; a < C; a++)
-            for (int b = 0; b < C; b++) {
-                double v = 0;
-                for (int q = 0; q < C; q++)
-                    v += F[(size_t)a * C + q] * F[(size_t)b * C + q];
-                ck_assert_msg(fabs(v - H[(size_t)a * C + b]) <= 1e-5 * fmax(hmax, 1e-3),
-                              "%s: (S S^T)[%d][%d] = %g, Lambda %g", name, a, b, v,
-                              H[(size_t)a * C + b]);
-            }
+        check_factor(F, C, C, H, hmax, name, "S S^T");
         check_narrow_factor(s, i, H, hmax, name);
     }
     free(r);
