@@ -251,6 +251,30 @@ def setup(u):
     return m["id"], hist, jobs
 
 
+def aim(w, cell, timeout=10):
+    """Scrolls a cell's plot into view and waits until the layout has settled: the plot's box is
+    the same over three polls, its centre is inside the viewport and a hit test there lands in the
+    plot (cards loading above it after a page load can move it between a measure and a mouse
+    action). Returns the plot's box [left, top, width, height] in viewport pixels, or None."""
+    end, last, same = time.time() + timeout, None, 0
+    while time.time() < end:
+        r = w.js("""const c = document.querySelector('[data-cell="' + arguments[0] + '"]');
+          const s = c && c.querySelector('svg'); if (!s) return null;
+          let r = s.getBoundingClientRect();
+          if (r.top < 0 || r.bottom > window.innerHeight) {
+            c.scrollIntoView({block: 'center'}); r = s.getBoundingClientRect(); }
+          const x = r.left + r.width / 2, y = r.top + r.height / 2;
+          const hit = document.elementFromPoint(x, y);
+          return [r.left, r.top, r.width, r.height, !!(hit && s.contains(hit)),
+                  x >= 0 && x < window.innerWidth && y >= 0 && y < window.innerHeight];""", cell)
+        if r and r[4] and r[5] and last == r and same > 0:
+            return r[:4]
+        same = same + 1 if r and last == r else 0
+        last = r
+        time.sleep(0.2)
+    return None
+
+
 def cell_rect(w, cell):
     return w.js("""const s = document.querySelector('[data-cell="' + arguments[0] + '"] svg');
       if (!s) return null; const r = s.getBoundingClientRect();
@@ -312,7 +336,7 @@ def panel(w, u, mid, hist):
     # hover: the tooltip shows the history's values at the version under the mouse
     for cell, name in [("loss", "loss"), ("lmax", "hessian_max_eigenvalue"), ("tests", "norm_test")]:
         e = hist[2]
-        w.js("document.querySelector('[data-cell=\"%s\"]').scrollIntoView({block: 'center'})" % cell)
+        aim(w, cell)
         xy = point_xy(w, cell, name, e["version"])
         if not check("hover %s: the point of version %d is drawn" % (cell, e["version"]), xy, xy):
             continue
@@ -353,7 +377,7 @@ def panel(w, u, mid, hist):
 
     # zoom by dragging from the 2nd to the 4th version
     vs = [e["version"] for e in hist]
-    w.js("document.querySelector('[data-cell=\"loss\"]').scrollIntoView({block: 'center'})")
+    aim(w, "loss")
     a, b = point_xy(w, "loss", "loss", vs[1]), point_xy(w, "loss", "loss", vs[3])
     w.actions(("move", a[0], a[1]), ("down",), ("move", (a[0] + b[0]) / 2, a[1]),
               ("move", b[0], a[1]), ("up",))
@@ -381,6 +405,9 @@ def panel(w, u, mid, hist):
     w.get("about:blank")
     w.get(u + "/" + link)
     w.wait("return document.querySelectorAll('[data-cell=\"loss\"] circle.pt').length === 3", 20)
+    # a permalink load scrolls the monitor card into view 300 ms after DOMContentLoaded
+    # (monitor.js); the points can be drawn before that, so let it happen before aiming
+    time.sleep(0.6)
     v2 = view(w)
     d2 = drawn(w)
     check("permalink reopens the same view (model, monitor, lr, zoom, points, 2/eta)",
@@ -389,16 +416,25 @@ def panel(w, u, mid, hist):
           (v2, d2.get("loss")))
 
     # wheel: zoom out to everything, then in; reset
-    w.js("document.querySelector('[data-cell=\"loss\"]').scrollIntoView({block: 'center'})")
-    r = cell_rect(w, "loss")
-    w.actions(("wheel", r[0] + r[2] / 2, r[1] + r[3] / 2, 300))
+    def wheel(dy, changed):
+        """One wheel step over the loss plot's centre; retried (at most 3 times) only while the
+        view has not changed, so a step that landed elsewhere cannot pass or zoom twice."""
+        before = view(w)
+        for _ in range(3):
+            r = aim(w, "loss")
+            if not r:
+                return before
+            w.actions(("wheel", r[0] + r[2] / 2, r[1] + r[3] / 2, dy))
+            if w.wait("return document.querySelector('#monitor-card').getAttribute('data-view') !== "
+                      "arguments[0]", 3, json.dumps(before, separators=(",", ":"))) and changed(view(w)):
+                break
+        return before
+    wheel(300, lambda v: v["from"] is None)
     w.wait("return document.querySelectorAll('[data-cell=\"loss\"] circle.pt').length === %d"
            % VERSIONS, 5)
     check("wheel down: zoomed out to every version", view(w)["from"] is None and
           len(drawn(w)["loss"]["loss"]) == VERSIONS, view(w))
-    before = view(w)
-    r = cell_rect(w, "loss")
-    w.actions(("wheel", r[0] + r[2] / 2, r[1] + r[3] / 2, -300))
+    before = wheel(-300, lambda v: v["from"] is not None)
     time.sleep(0.3)
     v = view(w)
     n = len(drawn(w)["loss"]["loss"])
