@@ -254,9 +254,11 @@ def setup(u):
 def aim(w, cell, timeout=10):
     """Scrolls a cell's plot into view and waits until the layout has settled: the plot's box is
     the same over three polls, its centre is inside the viewport and a hit test there lands in the
-    plot (cards loading above it after a page load can move it between a measure and a mouse
-    action). Returns the plot's box [left, top, width, height] in viewport pixels, or None."""
+    plot (cards filling above it after a page load can move it between a measure and a mouse
+    action; data-ready says they have had their first fill). Returns the plot's box
+    [left, top, width, height] in viewport pixels, or None."""
     end, last, same = time.time() + timeout, None, 0
+    w.wait("return document.body.getAttribute('data-ready') === '1'", timeout)
     while time.time() < end:
         r = w.js("""const c = document.querySelector('[data-cell="' + arguments[0] + '"]');
           const s = c && c.querySelector('svg'); if (!s) return null;
@@ -348,7 +350,9 @@ def panel(w, u, mid, hist):
                      5, cell)
         rows = dict(tip["rows"]) if tip else {}
         if not tip:
-            tip = w.js("const t = document.querySelector('#mon-tip'); return [t.hidden, t.outerHTML]")
+            check("hover %s: tooltip shown" % cell, False,
+                  w.js("const t = document.querySelector('#mon-tip'); return [t.hidden, t.outerHTML]"))
+            continue
         check("hover %s: tooltip at version %d, %s = the history's (6 digits)" % (cell, e["version"], name),
               tip and tip["version"] == e["version"] and
               close(float(rows.get(name, "nan")), e["instruments"][name], 5e-6), (tip, e["instruments"][name]))

@@ -1068,12 +1068,13 @@
 
   // ---- start -----------------------------------------------------------------------
 
+  /* Runs fn now and then every ms (4x slower in a hidden tab); resolves after the first run. */
   function loop(fn, ms) {
     const run = async () => {
       try { await fn(); } catch (e) { /* shown where it matters */ }
       setTimeout(run, document.hidden ? ms * 4 : ms);
     };
-    run();
+    return run();
   }
 
   document.addEventListener('DOMContentLoaded', async () => {
@@ -1086,9 +1087,8 @@
     openJobFromHash();
     await loadOps();
     await refreshRegistry();
-    loop(refreshHealth, 2000);
-    loop(refreshRegistry, 5000);
-    loop(refreshJobs, 1000);
+    // data-ready: every card has had its first fill, so the layout has its loaded size
+    await Promise.all([loop(refreshHealth, 2000), loop(refreshRegistry, 5000), loop(refreshJobs, 1000)]);
     document.body.setAttribute('data-ready', '1');
   });
 
