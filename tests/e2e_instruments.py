@@ -423,8 +423,8 @@ def main():
         include_exclude(cl)
         subsets(cl)
         errors(cl)
-    summary()
+    return summary()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
