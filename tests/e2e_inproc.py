@@ -440,7 +440,9 @@ def check_readme():
 
 def check_install():
     """`make python`'s recipe in a fresh virtual environment (offline, Debian's setuptools):
-    the package with libcurvd.so copied in, imported from outside the clone."""
+    the package with libcurvd.so copied in, imported from outside the clone.  The venv is
+    made --without-pip and runs the system's pip through --system-site-packages: its own
+    pip would need ensurepip, which Debian ships only in python3-venv (not a test dep)."""
     import shutil
     with tempfile.TemporaryDirectory() as t:
         src = os.path.join(t, "python")
@@ -448,7 +450,7 @@ def check_install():
                         ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
         shutil.copy(os.environ["CURVD_LIB"], os.path.join(src, "curvd", "libcurvd.so"))
         venv = os.path.join(t, "venv")
-        steps = [[PY, "-m", "venv", "--system-site-packages", venv],
+        steps = [[PY, "-m", "venv", "--without-pip", "--system-site-packages", venv],
                  [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q",
                   "--no-build-isolation", "--no-deps", "--no-index", src]]
         out = ""
