@@ -6,8 +6,9 @@ J_n = d f(x_n) / d theta, f the model's output (before the loss), theta the job'
     the test-size transformer LM (graph form, [T, C] output per sample, N = 2):
     jacobian = torch's per-sample Jacobian (1e-5 relative), with output_shape; jvp with a
     vector = J v; jvp with probe_seed = J r (r the seeded Rademacher vector matvec uses);
-    vjp with cotangents = sum_n J_n^T c_n; vjp with cotangent_seed consistent with
-    jacobian; per-layer blocks = the full Jacobian's columns;
+    vjp with cotangents = sum_n J_n^T c_n; vjp with cotangent_seed = J^T c for a +-1
+    vector c (recovered by least squares where N C < D); per-layer blocks = the full
+    Jacobian's columns;
   - refusals: a vector of the wrong length (400 invalid_vector at submission), both or
     neither of vector / probe_seed, cotangents of the wrong length (invalid_vector), a
     Jacobian above --dense-max (too_large);
@@ -92,6 +93,13 @@ def check_case(name, d, J, shape, logits, extra=()):
     want = np.einsum("nc,ncd->d", c, J)
     check(f"{name} vjp cotangents = sum_n J_n^T c_n", rel(r["vjp"], want) < TOL,
           f"{rel(r['vjp'], want):.2e}")
+    if N * C < D:  # J^T has full column rank: the draws are recovered by least squares
+        g = np.asarray(tr.run(d, {"op": "vjp", "options": {"cotangent_seed": 3}})["vjp"])
+        Jt = J.reshape(N * C, D).T
+        cs = np.linalg.lstsq(Jt, g, rcond=None)[0]
+        check(f"{name} vjp cotangent_seed = J^T c for Rademacher c (+-1 entries)",
+              rel(Jt @ cs, g) < TOL and np.abs(np.abs(cs) - 1).max() < 1e-3,
+              f"residual {rel(Jt @ cs, g):.2e}, |c| - 1 up to {np.abs(np.abs(cs) - 1).max():.2e}")
     r = tr.curvd_run(CURVD, d, {"op": "jacobian", "blocks": "layer"}, extra=extra)[1]
     got = np.concatenate([np.asarray(b["jacobian"]) for b in r["blocks"]], axis=2)
     check(f"{name} per-layer jacobian blocks = the full Jacobian's columns", rel(got, J) < TOL)
