@@ -565,7 +565,21 @@ def test_errors(c, url):
     e = err(dead.health)
     check("unreachable -> CurvdError status 0 connection_failed", e and e.status == 0 and e.code == "connection_failed",
           repr(e))
-    check("CurvdError str", "unknown_field" in str(CurvdError(400, "unknown_field", "m", "f")))
+    # an answer cut mid-body (a daemon killed while it wrote: e2e_persist's crash loop)
+    import socket
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def cut():
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"status\":")
+        conn.close()
+    threading.Thread(target=cut, daemon=True).start()
+    e = err(Client("http://127.0.0.1:%d" % srv.getsockname()[1], timeout=5).health)
+    srv.close()
+    check("answer cut mid-body -> CurvdError status 0 connection_failed",
+          e and e.status == 0 and e.code == "connection_failed", repr(e))
 
 
 def test_pip_install(tmp):

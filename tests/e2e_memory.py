@@ -157,7 +157,12 @@ def test_pair():
         wait_status(d, a, ("running",))
         st, r, _ = req(d.url + "/v1/jobs", "POST", second)
         b = r.get("id", "")
-        time.sleep(0.5)
+        # the free worker's look at b (waits_total counts it; polled, not a fixed
+        # sleep, which a slow machine could outlast): then b must still be queued
+        for _ in range(200):
+            if memory(d)["waits_total"] >= 1:
+                break
+            time.sleep(0.05)
         s = req(d.url + "/v1/jobs/" + b)[1]
         h = req(d.url + "/v1/health")[1]
         check("a job that fits alone but not beside the running one waits in the queue",

@@ -52,6 +52,16 @@ def wait_entry(u, mid, version, timeout=30):
     return None
 
 
+def wait_status(u, jid, want, timeout=30):
+    """The job's status document once its status is one of want (or at the timeout)."""
+    end = time.time() + timeout
+    while True:
+        s = call(u + "/v1/jobs/" + jid)[1]
+        if not isinstance(s, dict) or s.get("status") in want or time.time() > end:
+            return s if isinstance(s, dict) else {}
+        time.sleep(0.02)
+
+
 def close(a, b):
     if a is None or b is None:
         return a is None and b is None
@@ -129,12 +139,19 @@ def run(u, params, state):
     mid2 = m2["id"]
     longjob = {"op": "trace", "model": "demo-mlp", "dataset": "digits", "curvature": "hessian",
                "options": {"max_probes": 1000000, "tol": 0}}
-    st, lj = call(u + "/v1/jobs?timeout=2", "POST", longjob)
+    # it holds the worker until it is cancelled below, once the pushes and the
+    # quick job are in (a 2 s time limit raced them on a slow or loaded machine)
+    st, lj = call(u + "/v1/jobs?timeout=300", "POST", longjob)
     check("long job accepted", st == 202, lj)
-    time.sleep(0.2)
+    s = wait_status(u, lj.get("id", ""), ("running",))
+    check("long job running", s.get("status") == "running", s)
     pushed = [push(u, params, 10 + k) for k in range(10)]
     st, quick = call(u + "/v1/jobs", "POST", {"op": "loss", "model": "demo-mlp",
                                                 "dataset": "digits", "batch": BATCH})
+    st, s = call(u + "/v1/jobs/" + lj.get("id", ""), "DELETE")
+    # cancelled (not ended otherwise): it held the only worker through the pushes
+    check("long job cancelled after the pushes and the quick job",
+          st == 200 and s.get("status") == "cancelled", (st, s))
     h2 = wait_entry(u, mid2, pushed[-1])
     check("coalesced: the newest version ran", h2 is not None, history(u, "?monitor=" + mid2))
     e2 = history(u, "?monitor=" + mid2)

@@ -967,8 +967,15 @@ START_TEST(memory_account_admission)
     /* room for its document, not for running beside a: it waits, a worker free */
     mem.limit = reg + 2 * doc + run + run / 2;
     ck_assert_int_eq(submit(&f, LONG_JOB, &b, &e), 0);
-    struct timespec ts = {0, 300000000};
-    nanosleep(&ts, NULL);
+    /* the free worker's look at b (memory_waits_total counts it; polled, not a
+     * fixed sleep, which a slow sanitizer run could outlast): b stays queued */
+    for (int i = 0; i < 1000; i++) {
+        cv_jobs_stats_get(f.jobs, &st);
+        if (st.memory_waits_total >= 1)
+            break;
+        struct timespec ts = {0, 10000000};
+        nanosleep(&ts, NULL);
+    }
     expect_status(&f, b, "queued", NULL);
     cv_jobs_stats_get(f.jobs, &st);
     ck_assert_int_eq(st.busy_workers, 1);

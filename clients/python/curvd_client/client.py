@@ -12,6 +12,7 @@ state, so one client may be shared by several threads.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import mmap
 import os
@@ -283,7 +284,9 @@ class Client:
         except (socket.timeout, TimeoutError):
             raise CurvdError(0, "client_timeout", "no answer from %s within %.3g s"
                              % (url, t)) from None
-        except (ConnectionError, OSError) as e:
+        except (ConnectionError, OSError, http.client.HTTPException) as e:
+            # HTTPException: the connection cut mid-answer (IncompleteRead: a daemon
+            # killed while it sent the body, BadStatusLine)
             raise CurvdError(0, "connection_failed", "connection to %s failed: %s"
                              % (self.base_url, e)) from None
 
