@@ -160,11 +160,17 @@ def check_stops(url, job_id, want, what):
     return st
 
 
-def wait_running(url, job_id):
-    for _ in range(100):
+def wait_running(url, job_id, timeout=60):
+    """Polls until the job runs and has done a matvec (the long jobs take minutes even on a
+    fast machine); False when it ended first or did not get there in `timeout` s (a loaded
+    machine: three ranks on two cores)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
         _, st = http(url + f"/v1/jobs/{job_id}")
         if st.get("status") == "running" and st["progress"]["matvecs_done"] > 0:
             return True
+        if st.get("status") not in ("queued", "running"):
+            return False
         time.sleep(0.05)
     return False
 
