@@ -88,7 +88,8 @@ class Daemon:
                     ready.set()
             ready.set()
 
-        threading.Thread(target=drain, daemon=True).start()
+        self._drain = threading.Thread(target=drain, daemon=True)
+        self._drain.start()
         deadline = time.time() + 20
         ready.wait(20)
         while self.url and not _healthy(self.url) and self.p.poll() is None and time.time() < deadline:
@@ -107,6 +108,7 @@ class Daemon:
         if self.p.poll() is None:
             self.p.kill()
             self.p.wait(10)
+        self._drain.join(5)  # .log then holds every line the daemon wrote before it exited
 
     def __enter__(self):
         return self
