@@ -24,6 +24,7 @@
 #include "layer_linear.h"
 #include "layer_passthrough.h"
 #include "layer_pool.h"
+#include "parallel.h"
 #include "part_internal.h"
 
 /* Names layer l for a refusal: its class and, in the graph form, its node. */
@@ -187,17 +188,34 @@ static int sq_walk_k(const cv_part *c, cv_curvature kind)
     return per >= DIAG_WALK_FLOATS ? 1 : (int)(DIAG_WALK_FLOATS / (per ? per : 1));
 }
 
+/* sq rows [lo, hi) += the squares of the k cotangents' rows (vector by vector,
+ * so every entry sums in the same order whatever the split) */
+typedef struct {
+    const float *cot;
+    float *sq;
+    size_t m, n;
+    int k;
+} sq_job;
+
+static void sq_range(void *p, size_t lo, size_t hi)
+{
+    const sq_job *q = p;
+    for (size_t i = lo; i < hi; i++) {
+        float *restrict s = q->sq + i * q->m;
+        for (int v = 0; v < q->k; v++) {
+            const float *restrict g = q->cot + ((size_t)v * q->n + i) * q->m;
+            for (size_t t = 0; t < q->m; t++)
+                s[t] += g[t] * g[t];
+        }
+    }
+}
+
 static int diag_visit(cv_part *c, int l, int k, const float *cot, void *arg, cv_err *e)
 {
     diag_job *j = arg;
     if (j->sq[l] && j->into == j->dl) {
-        size_t m = c->numel[l + 1], n = (size_t)c->n;
-        for (size_t ji = 0; ji < (size_t)k * n; ji++) {
-            const float *g = cot + ji * m;
-            float *s = j->sq[l] + (ji % n) * m;
-            for (size_t q = 0; q < m; q++)
-                s[q] += g[q] * g[q];
-        }
+        sq_job q = {cot, j->sq[l], c->numel[l + 1], (size_t)c->n, k};
+        cv_parallel_for(q.n, cv_parallel_grain(q.m * (size_t)k), sq_range, &q);
         return 0;
     }
     if (c->ops[l]->diag_add(&c->ctx[l], k, cot, j->per_sample, j->into[l]))

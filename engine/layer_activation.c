@@ -127,9 +127,11 @@ CV_ACTIVATION_FORWARD(hardswish_forward, hardswish_phi)
 typedef struct {
     cv_layer_ctx *c;
     const cv_activation *act;
-    const float *d, *a, *b; /* factors */
+    const float *d, *a, *b; /* factors: a and out hold k vectors of len floats, d and b one */
     float *out;
     int add;
+    int k;
+    size_t len;
 } act_job;
 
 /* ReLU, LeakyReLU (slope s for x <= 0): the hot path */
@@ -160,12 +162,12 @@ static void forward_range(void *p, size_t lo, size_t hi)
     q->act->forward(q->c, q->out, lo, hi);
 }
 
-/* out = (out +) d ⊙ a (⊙ b when b is set); restrict locals let GCC vectorize */
-static void scale_range(void *p, size_t lo, size_t hi)
+/* out_j = (out_j +) d ⊙ a_j (⊙ b when b is set) on [lo, hi) of each of the k
+ * vectors; restrict locals let GCC vectorize */
+static void scale_one(const act_job *q, int j, size_t lo, size_t hi)
 {
-    const act_job *q = p;
-    const float *restrict d = q->d, *restrict a = q->a, *restrict b = q->b;
-    float *restrict out = q->out;
+    const float *restrict d = q->d, *restrict a = q->a + (size_t)j * q->len, *restrict b = q->b;
+    float *restrict out = q->out + (size_t)j * q->len;
     if (b)
         for (size_t i = lo; i < hi; i++)
             out[i] += d[i] * a[i] * b[i];
@@ -175,6 +177,19 @@ static void scale_range(void *p, size_t lo, size_t hi)
     else
         for (size_t i = lo; i < hi; i++)
             out[i] = d[i] * a[i];
+}
+
+static void scale_range(void *p, size_t lo, size_t hi)
+{
+    const act_job *q = p;
+    for (int j = 0; j < q->k; j++)
+        scale_one(q, j, lo, hi);
+}
+
+/* the k-vector loop above as one fork-join over the positions */
+static void scale_vectors(act_job *q)
+{
+    cv_parallel_for(q->len, cv_parallel_grain((size_t)q->k), scale_range, q);
 }
 
 static int act_forward(cv_layer_ctx *c, float *y, cv_err *e)
@@ -188,7 +203,7 @@ static int act_forward(cv_layer_ctx *c, float *y, cv_err *e)
     if (!c->d1 || (!piecewise_linear && !c->d2))
         return cv_err_set(e, CV_ENOMEM, "out_of_memory", "", "activation cache (%zu floats)",
                           2 * len);
-    act_job q = {c, act, NULL, NULL, NULL, y, 0};
+    act_job q = {c, act, NULL, NULL, NULL, y, 0, 1, len};
     cv_parallel_for(len, CV_ACT_GRAIN, forward_range, &q);
     return 0;
 }
@@ -197,11 +212,8 @@ static int act_forward(cv_layer_ctx *c, float *y, cv_err *e)
 static void scale_stack(const cv_layer_ctx *c, int k, const float *d, const float *in,
                         float *out, int add)
 {
-    size_t len = (size_t)c->n * c->in_numel;
-    for (int j = 0; j < k; j++) {
-        act_job q = {NULL, NULL, d, in + (size_t)j * len, NULL, out + (size_t)j * len, add};
-        cv_parallel_for(len, CV_ACT_GRAIN, scale_range, &q);
-    }
+    act_job q = {NULL, NULL, d, in, NULL, out, add, k, (size_t)c->n * c->in_numel};
+    scale_vectors(&q);
 }
 
 static void act_vjp(const cv_layer_ctx *c, int k, const float *gy, float *gx, float *gtheta)
@@ -227,11 +239,8 @@ static void act_hvp_extra(const cv_layer_ctx *c, int k, const float *gy, const f
 {
     if (!gx_add || !rx || !c->d2)
         return;
-    size_t len = (size_t)c->n * c->in_numel;
-    for (int j = 0; j < k; j++) {
-        act_job q = {NULL, NULL, c->d2, rx + (size_t)j * len, gy, gx_add + (size_t)j * len, 1};
-        cv_parallel_for(len, CV_ACT_GRAIN, scale_range, &q);
-    }
+    act_job q = {NULL, NULL, c->d2, rx, gy, gx_add, 1, k, (size_t)c->n * c->in_numel};
+    scale_vectors(&q);
 }
 
 const cv_layer_ops cv_activation_ops = {
