@@ -171,18 +171,17 @@ typedef struct {
 #define DIAG_WALK_FLOATS ((size_t)1 << 18)
 #define DIAG_WALK_ALL_FLOATS ((size_t)1 << 22)
 
-/* Vectors per walk on the squared-cotangent path.  All of them in one walk
- * when they are at most as many as one product takes (max_vectors, set by a
- * job: its memory plan measured products of that many, so the walk's pooled
- * buffers are no larger than a product's; 0, an engine without a plan: no
- * bound), else chunks of at most DIAG_WALK_FLOATS. */
+/* Vectors per walk on the squared-cotangent path (the narrow factor's).
+ * All of them in one walk when they are at most as many as one product
+ * takes (max_vectors, set by a job: its memory plan measured products of
+ * that many, so the walk's pooled buffers are no larger than a product's; 0,
+ * an engine without a plan: no bound), else chunks of at most
+ * DIAG_WALK_FLOATS. */
 static int sq_walk_k(const cv_part *c, cv_curvature kind)
 {
-    size_t per = (size_t)c->n * c->max_numel, cols;
+    size_t per = (size_t)c->n * c->max_numel;
     size_t planned = c->opt.base.max_vectors > 0 ? (size_t)c->opt.base.max_vectors : SIZE_MAX;
-    cols = kind == CV_CURV_FISHER_MC ? (size_t)(c->opt.base.mc_samples > 0 ? c->opt.base.mc_samples : 1)
-           : kind == CV_CURV_EF      ? 1
-                                     : (size_t)c->C;
+    size_t cols = (size_t)cv_part_kron_columns(c, kind, 1);
     if (per * cols <= DIAG_WALK_ALL_FLOATS && cols <= planned)
         return (int)cols;
     return per >= DIAG_WALK_FLOATS ? 1 : (int)(DIAG_WALK_FLOATS / (per ? per : 1));

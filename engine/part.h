@@ -109,6 +109,10 @@ typedef int (*cv_part_kron_visit)(cv_part *c, int l, int k, const float *cot, vo
                                   cv_err *e);
 int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, int narrow,
                       cv_part_kron_visit fn, void *arg, int *columns, cv_err *e);
+/* The vectors per sample the walk's output factor of kind has: GGN C (narrow:
+ * cv_loss_factor_columns, C - 1 for a flat CE/NLL output), fisher_mc
+ * mc_samples, ef 1. */
+int cv_part_kron_columns(const cv_part *c, cv_curvature kind, int narrow);
 /* The same walk with max_k vectors at a time (max_k >= 1; cv_part_kron_walk:
  * up to 32, fewer where a cotangent buffer would pass 8 MB), sizing only
  * what walks use (cv_part_prepare_walk): for visits whose cost does not grow

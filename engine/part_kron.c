@@ -45,9 +45,7 @@ static int kron_max_visit(cv_part *c, int l, int k, const float *cot, void *arg,
     return 0;
 }
 
-/* The vectors per sample the output factor of kind has (narrow: the GGN's
- * narrowest factor, cv_loss_hessian_factor). */
-static int output_columns(const cv_part *c, cv_curvature kind, int narrow)
+int cv_part_kron_columns(const cv_part *c, cv_curvature kind, int narrow)
 {
     return kind == CV_CURV_GGN         ? (narrow ? cv_loss_factor_columns(&c->ls) : c->C)
            : kind == CV_CURV_FISHER_MC ? c->opt.base.mc_samples
@@ -123,7 +121,7 @@ int cv_part_kron_add(cv_part *c, const cv_part_kron *job, int *columns, cv_err *
     for (int l = 0; l < c->L; l++)
         any |= job->layers[l];
     if (columns)
-        *columns = output_columns(c, job->kind, 0);
+        *columns = cv_part_kron_columns(c, job->kind, 0);
     if (!any)
         return 0;
     for (int l = 0; l < c->L; l++)
@@ -179,7 +177,7 @@ static int any_layer(const cv_part *c, const char *layers)
 int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, int narrow,
                       cv_part_kron_visit fn, void *arg, int *columns, cv_err *e)
 {
-    int ktot = output_columns(c, kind, narrow);
+    int ktot = cv_part_kron_columns(c, kind, narrow);
     return cv_part_kron_walk_k(
         c, kind, layers, walk_chunk(c, ktot < KRON_WALK_MAX_K ? ktot : KRON_WALK_MAX_K), narrow,
         fn, arg, columns, e);
@@ -188,7 +186,7 @@ int cv_part_kron_walk(cv_part *c, cv_curvature kind, const char *layers, int nar
 int cv_part_kron_walk_k(cv_part *c, cv_curvature kind, const char *layers, int max_k,
                         int narrow, cv_part_kron_visit fn, void *arg, int *columns, cv_err *e)
 {
-    int ktot = output_columns(c, kind, narrow);
+    int ktot = cv_part_kron_columns(c, kind, narrow);
     if (columns)
         *columns = ktot;
     if (!any_layer(c, layers))
