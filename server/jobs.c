@@ -975,7 +975,7 @@ static int check_memory(cv_jobs *J, const cv_job_spec *spec, const cv_snap *ms,
                         int *planned, cv_err *e)
 {
     int R = cv_ranks_alive(J->cfg.ranks);
-    *plan = (cv_curv_plan){0};
+    *plan = *engine = (cv_curv_plan){0};
     *planned = 0;
     if (R <= 1 && !J->cfg.ranks && (J->cfg.limits.job_memory || spec->micro_batch)) {
         /* the plan the engine would make (it takes this one: one probe per job) */
